@@ -1,0 +1,138 @@
+//! ResNet-20 as used by CCAT (post-activation, 64/128/256 channels) and PreActResNet-18.
+
+use crate::layers::{batch_norm, conv, global_avg_pool, linear, BatchNorm, Conv, Linear};
+use crate::wrn::{preact_block, PreActBlock};
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// The original (post-activation) basic block: conv-BN-ReLU-conv-BN, plus shortcut, ReLU.
+/// The shortcut is a 1×1 convolution with BatchNorm when the shape changes.
+#[derive(Clone, Debug)]
+pub struct BasicBlock {
+    conv1: Conv,
+    bn1: BatchNorm,
+    conv2: Conv,
+    bn2: BatchNorm,
+    shortcut: Option<(Conv, BatchNorm)>,
+}
+
+fn basic_block(c_in: usize, c_out: usize, stride: usize, vb: VarBuilder) -> Result<BasicBlock> {
+    let shortcut = if c_in != c_out || stride != 1 {
+        Some((
+            conv(c_in, c_out, 1, stride, vb.pp("shortcut"))?,
+            batch_norm(c_out, vb.pp("shortcut_bn"))?,
+        ))
+    } else {
+        None
+    };
+    Ok(BasicBlock {
+        conv1: conv(c_in, c_out, 3, stride, vb.pp("conv1"))?,
+        bn1: batch_norm(c_out, vb.pp("bn1"))?,
+        conv2: conv(c_out, c_out, 3, 1, vb.pp("conv2"))?,
+        bn2: batch_norm(c_out, vb.pp("bn2"))?,
+        shortcut,
+    })
+}
+
+impl ModuleT for BasicBlock {
+    /// xs: (B, C_in, H, W) → (B, C_out, H/stride, W/stride).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.bn1.forward_t(&self.conv1.forward(xs)?, train)?.relu()?;
+        let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
+        let skip = match &self.shortcut {
+            Some((c, bn)) => bn.forward_t(&c.forward(xs)?, train)?,
+            None => xs.clone(),
+        };
+        (h + skip)?.relu()
+    }
+}
+
+/// ResNet-20 in the CCAT configuration: stem conv3x3 (64) + BN-ReLU, three stages of
+/// three basic blocks with 64, 128, 256 channels (strides 1, 2, 2), average pool, linear.
+#[derive(Clone, Debug)]
+pub struct ResNet20 {
+    stem: Conv,
+    stem_bn: BatchNorm,
+    blocks: Vec<BasicBlock>,
+    fc: Linear,
+}
+
+/// Builds ResNet-20 (CCAT widths) for `num_classes` classes.
+pub fn resnet20(in_channels: usize, num_classes: usize, vb: VarBuilder) -> Result<ResNet20> {
+    let widths = [64, 128, 256];
+    let mut blocks = Vec::with_capacity(9);
+    let mut c_in = 64;
+    for (s, &c_out) in widths.iter().enumerate() {
+        for b in 0..3 {
+            let stride = if b == 0 && s > 0 { 2 } else { 1 };
+            let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
+            blocks.push(basic_block(c_in, c_out, stride, vb_b)?);
+            c_in = c_out;
+        }
+    }
+    Ok(ResNet20 {
+        stem: conv(in_channels, 64, 3, 1, vb.pp("stem"))?,
+        stem_bn: batch_norm(64, vb.pp("stem_bn"))?,
+        blocks,
+        fc: linear(c_in, num_classes, vb.pp("fc"))?,
+    })
+}
+
+impl ModuleT for ResNet20 {
+    /// xs: (B, C, H, W), already normalised → logits (B, K).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = self.stem_bn.forward_t(&self.stem.forward(xs)?, train)?.relu()?;
+        for block in &self.blocks {
+            h = block.forward_t(&h, train)?;
+        }
+        self.fc.forward(&global_avg_pool(&h)?)
+    }
+}
+
+/// PreActResNet-18 (He et al. 2016; the fast-AT model): stem conv3x3 (64), four stages
+/// of two pre-activation blocks with 64, 128, 256, 512 channels (strides 1, 2, 2, 2),
+/// BN-ReLU, average pool, linear.
+#[derive(Clone, Debug)]
+pub struct PreActResNet18 {
+    stem: Conv,
+    blocks: Vec<PreActBlock>,
+    bn: BatchNorm,
+    fc: Linear,
+}
+
+/// Builds PreActResNet-18 for `num_classes` classes.
+pub fn preact_resnet18(
+    in_channels: usize,
+    num_classes: usize,
+    vb: VarBuilder,
+) -> Result<PreActResNet18> {
+    let widths = [64, 128, 256, 512];
+    let mut blocks = Vec::with_capacity(8);
+    let mut c_in = 64;
+    for (s, &c_out) in widths.iter().enumerate() {
+        for b in 0..2 {
+            let stride = if b == 0 && s > 0 { 2 } else { 1 };
+            let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
+            blocks.push(preact_block(c_in, c_out, stride, vb_b)?);
+            c_in = c_out;
+        }
+    }
+    Ok(PreActResNet18 {
+        stem: conv(in_channels, 64, 3, 1, vb.pp("stem"))?,
+        blocks,
+        bn: batch_norm(c_in, vb.pp("bn"))?,
+        fc: linear(c_in, num_classes, vb.pp("fc"))?,
+    })
+}
+
+impl ModuleT for PreActResNet18 {
+    /// xs: (B, C, H, W), already normalised → logits (B, K).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = self.stem.forward(xs)?;
+        for block in &self.blocks {
+            h = block.forward_t(&h, train)?;
+        }
+        let h = self.bn.forward_t(&h, train)?.relu()?;
+        self.fc.forward(&global_avg_pool(&h)?)
+    }
+}

@@ -1,0 +1,171 @@
+//! Architecture descriptions: what is saved in a model file's metadata.
+
+use crate::{ModelError, Result};
+use candle_core::ModuleT;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// The architectures Rampart builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case")]
+pub enum Arch {
+    /// Wide-ResNet WRN-`depth`-`widen` (pre-activation blocks).
+    Wrn {
+        /// Total depth; (depth − 4) must be a positive multiple of 6.
+        depth: usize,
+        /// Widening factor k (stage widths 16k, 32k, 64k).
+        widen: usize,
+    },
+    /// ResNet-20 with 64/128/256 channels, as in the CCAT paper.
+    Resnet20,
+    /// PreActResNet-18, the fast-AT model.
+    PreactResnet18,
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arch::Wrn { depth, widen } => write!(f, "wrn-{depth}-{widen}"),
+            Arch::Resnet20 => write!(f, "resnet20"),
+            Arch::PreactResnet18 => write!(f, "preact-resnet18"),
+        }
+    }
+}
+
+impl FromStr for Arch {
+    type Err = ModelError;
+
+    /// Parses `wrn-D-K`, `resnet20` or `preact-resnet18` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        let bad = || {
+            ModelError::InvalidSpec(format!(
+                "unknown architecture `{s}` (expected wrn-D-K such as wrn-28-10, resnet20 or preact-resnet18)"
+            ))
+        };
+        match lower.as_str() {
+            "resnet20" | "resnet-20" => Ok(Arch::Resnet20),
+            "preact-resnet18" | "preactresnet18" | "preact-resnet-18" => Ok(Arch::PreactResnet18),
+            other => {
+                let rest = other.strip_prefix("wrn-").ok_or_else(bad)?;
+                let (d, k) = rest.split_once('-').ok_or_else(bad)?;
+                let depth = d.parse().map_err(|_| bad())?;
+                let widen = k.parse().map_err(|_| bad())?;
+                let arch = Arch::Wrn { depth, widen };
+                arch.validate()?;
+                Ok(arch)
+            }
+        }
+    }
+}
+
+impl Arch {
+    fn validate(&self) -> Result<()> {
+        if let Arch::Wrn { depth, widen } = *self {
+            if depth < 10 || (depth - 4) % 6 != 0 {
+                return Err(ModelError::InvalidSpec(format!(
+                    "WRN depth {depth} invalid: (depth − 4) must be a positive multiple of 6 (10, 16, 22, 28, …)"
+                )));
+            }
+            if widen == 0 {
+                return Err(ModelError::InvalidSpec("WRN widen factor must be ≥ 1".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything needed to rebuild a model: architecture, classes, input shape,
+/// normalisation and input bounds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// The architecture.
+    pub arch: Arch,
+    /// Number of classes K (≥ 2).
+    pub num_classes: usize,
+    /// Input shape (C, H, W).
+    pub input_shape: [usize; 3],
+    /// Per-channel mean subtracted inside the model.
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation divided by inside the model (> 0).
+    pub std: Vec<f32>,
+    /// Bounds [lo, hi] of valid inputs.
+    pub bounds: [f32; 2],
+}
+
+/// CIFAR-10 per-channel mean of the training set.
+pub const CIFAR10_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+/// CIFAR-10 per-channel standard deviation of the training set.
+pub const CIFAR10_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+
+impl ModelSpec {
+    /// A spec for 32×32 RGB inputs in [0, 1] with CIFAR-10 normalisation.
+    pub fn cifar(arch: Arch, num_classes: usize) -> Self {
+        ModelSpec {
+            arch,
+            num_classes,
+            input_shape: [3, 32, 32],
+            mean: CIFAR10_MEAN.to_vec(),
+            std: CIFAR10_STD.to_vec(),
+            bounds: [0.0, 1.0],
+        }
+    }
+
+    /// WRN-`depth`-`widen` for CIFAR-shaped inputs.
+    pub fn wrn(depth: usize, widen: usize, num_classes: usize) -> Self {
+        Self::cifar(Arch::Wrn { depth, widen }, num_classes)
+    }
+
+    /// Checks every field; called by `Classifier::new` and on load.
+    pub fn validate(&self) -> Result<()> {
+        self.arch.validate()?;
+        if self.num_classes < 2 {
+            return Err(ModelError::InvalidSpec(format!(
+                "num_classes must be ≥ 2, got {}",
+                self.num_classes
+            )));
+        }
+        let [c, h, w] = self.input_shape;
+        if c == 0 || h == 0 || w == 0 {
+            return Err(ModelError::InvalidSpec(format!(
+                "input shape {:?} has a zero dimension",
+                self.input_shape
+            )));
+        }
+        if self.mean.len() != c || self.std.len() != c {
+            return Err(ModelError::InvalidSpec(format!(
+                "mean and std need {c} entries (one per channel), got {} and {}",
+                self.mean.len(),
+                self.std.len()
+            )));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || self.mean.iter().any(|m| !m.is_finite())
+        {
+            return Err(ModelError::InvalidSpec(
+                "std must be finite and > 0, mean finite".into(),
+            ));
+        }
+        let [lo, hi] = self.bounds;
+        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            return Err(ModelError::InvalidSpec(format!(
+                "bounds [{lo}, {hi}] must be finite with lo < hi"
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn build(&self, vb: VarBuilder) -> Result<Box<dyn ModuleT + Send + Sync>> {
+        let c = self.input_shape[0];
+        let k = self.num_classes;
+        Ok(match self.arch {
+            Arch::Wrn { depth, widen } => {
+                Box::new(crate::wrn::wide_resnet(depth, widen, c, k, vb)?)
+            }
+            Arch::Resnet20 => Box::new(crate::resnet::resnet20(c, k, vb)?),
+            Arch::PreactResnet18 => Box::new(crate::resnet::preact_resnet18(c, k, vb)?),
+        })
+    }
+}

@@ -1,0 +1,211 @@
+use super::*;
+use candle_core::{Device, ModuleT, Tensor};
+use std::collections::HashMap;
+
+fn input(b: usize, seed: u64) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..b * 3 * 32 * 32).map(|_| rng.gen::<f32>()).collect();
+    Tensor::from_vec(v, (b, 3, 32, 32), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn architectures_have_expected_shapes_and_sizes() {
+    let dev = Device::Cpu;
+    // Parameter counts of the reference implementations (WRN-28-10 ≈ 36.5 M,
+    // WRN-16-4 ≈ 2.75 M, PreActResNet-18 ≈ 11.17 M).
+    let cases = [
+        ("wrn-16-1", 0.17e6, 0.18e6),
+        ("wrn-16-4", 2.7e6, 2.8e6),
+        ("wrn-28-10", 36.4e6, 36.6e6),
+        ("resnet20", 4.2e6, 4.4e6),
+        ("preact-resnet18", 11.1e6, 11.2e6),
+    ];
+    for (name, lo, hi) in cases {
+        let arch: Arch = name.parse().unwrap();
+        let model = Classifier::new(ModelSpec::cifar(arch, 10), 0, &dev).unwrap();
+        let n = model.num_parameters() as f64;
+        assert!(n > lo && n < hi, "{name}: {n} parameters");
+        if name != "wrn-28-10" {
+            let out = model.forward_t(&input(2, 1), false).unwrap();
+            assert_eq!(out.dims(), &[2, 10], "{name}");
+        }
+    }
+    let big = Classifier::new(ModelSpec::wrn(28, 10, 100), 0, &dev).unwrap();
+    assert_eq!(big.forward_t(&input(1, 1), false).unwrap().dims(), &[1, 100]);
+}
+
+#[test]
+fn arch_names_round_trip_and_bad_ones_are_refused() {
+    for name in ["wrn-28-10", "wrn-16-4", "resnet20", "preact-resnet18"] {
+        assert_eq!(name.parse::<Arch>().unwrap().to_string(), name);
+    }
+    for bad in ["wrn-27-10", "wrn-16-0", "wrn-4-1", "vgg16", "wrn-16"] {
+        assert!(bad.parse::<Arch>().is_err(), "{bad}");
+    }
+    let mut spec = ModelSpec::wrn(16, 1, 10);
+    spec.num_classes = 1;
+    assert!(Classifier::new(spec, 0, &Device::Cpu).is_err());
+    let mut spec = ModelSpec::wrn(16, 1, 10);
+    spec.std[1] = 0.0;
+    assert!(Classifier::new(spec, 0, &Device::Cpu).is_err());
+}
+
+#[test]
+fn initialisation_is_seeded() {
+    let a = Classifier::new(ModelSpec::wrn(10, 1, 10), 7, &Device::Cpu).unwrap();
+    let b = Classifier::new(ModelSpec::wrn(10, 1, 10), 7, &Device::Cpu).unwrap();
+    let c = Classifier::new(ModelSpec::wrn(10, 1, 10), 8, &Device::Cpu).unwrap();
+    let x = input(3, 2);
+    let (ya, yb, yc) = (
+        a.forward_t(&x, false).unwrap(),
+        b.forward_t(&x, false).unwrap(),
+        c.forward_t(&x, false).unwrap(),
+    );
+    assert_eq!(max_abs_diff(&ya, &yb), 0.0);
+    assert!(max_abs_diff(&ya, &yc) > 1e-4);
+}
+
+#[test]
+fn wrong_input_shape_is_an_error() {
+    let m = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((2, 1, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = m.forward_t(&x, false).unwrap_err().to_string();
+    assert!(err.contains("expects inputs"), "{err}");
+}
+
+#[test]
+fn batch_norm_matches_candle_nn_in_train_and_eval() {
+    let dev = Device::Cpu;
+    let ours_map = candle_nn::VarMap::new();
+    let ours = layers::batch_norm(4, VarBuilder::from_varmap(&ours_map, DType::F32, &dev)).unwrap();
+    let theirs_map = candle_nn::VarMap::new();
+    let theirs = candle_nn::batch_norm(
+        4,
+        candle_nn::BatchNormConfig::default(),
+        VarBuilder::from_varmap(&theirs_map, DType::F32, &dev),
+    )
+    .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let v: Vec<f32> = (0..5 * 4 * 3 * 3).map(|_| rng.gen::<f32>() * 3.0 - 1.0).collect();
+    let x = Tensor::from_vec(v, (5, 4, 3, 3), &dev).unwrap();
+    for _ in 0..3 {
+        let a = ours.forward_t(&x, true).unwrap();
+        let b = theirs.forward_t(&x, true).unwrap();
+        assert!(max_abs_diff(&a, &b) < 1e-5);
+    }
+    let a = ours.forward_t(&x, false).unwrap();
+    let b = theirs.forward_t(&x, false).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5, "running statistics differ");
+}
+
+#[test]
+fn train_mode_updates_statistics_and_eval_is_deterministic() {
+    let m = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &Device::Cpu).unwrap();
+    let x = input(4, 5);
+    let before = m.forward_t(&x, false).unwrap();
+    assert_eq!(max_abs_diff(&before, &m.forward_t(&x, false).unwrap()), 0.0);
+    m.forward_t(&x, true).unwrap();
+    let after = m.forward_t(&x, false).unwrap();
+    assert!(max_abs_diff(&before, &after) > 1e-5, "train pass must move BN statistics");
+}
+
+#[test]
+fn save_load_round_trip_preserves_outputs_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    for arch in ["wrn-10-2", "resnet20"] {
+        let mut m = Classifier::new(ModelSpec::cifar(arch.parse().unwrap(), 10), 3, &Device::Cpu).unwrap();
+        m.forward_t(&input(4, 1), true).unwrap();
+        m.set_metadata("method", "normal").unwrap();
+        m.save(&path).unwrap();
+        let loaded = Classifier::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded.spec(), m.spec());
+        assert_eq!(loaded.metadata().get("method").map(String::as_str), Some("normal"));
+        let x = input(2, 9);
+        let d = max_abs_diff(&m.forward_t(&x, false).unwrap(), &loaded.forward_t(&x, false).unwrap());
+        assert_eq!(d, 0.0, "{arch}");
+        assert_eq!(Classifier::read_spec(&path).unwrap(), *m.spec());
+    }
+    assert!(!dir.path().join("m.safetensors.tmp").exists());
+}
+
+fn rewrite(
+    src: &Classifier,
+    edit: impl FnOnce(&mut Vec<(String, Tensor)>, &mut HashMap<String, String>),
+) -> Vec<u8> {
+    let mut tensors: Vec<(String, Tensor)> = src
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let mut meta = HashMap::new();
+    meta.insert("rampart.format".to_string(), "1".to_string());
+    meta.insert(METADATA_SPEC_KEY.to_string(), serde_json::to_string(src.spec()).unwrap());
+    edit(&mut tensors, &mut meta);
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta)).unwrap()
+}
+
+#[test]
+fn mismatched_files_give_clear_errors() {
+    let dev = Device::Cpu;
+    let m = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &dev).unwrap();
+    let p = std::path::Path::new("model.safetensors");
+    let load = |bytes: Vec<u8>| Classifier::from_bytes(&bytes, p, &dev).unwrap_err().to_string();
+
+    let e = load(rewrite(&m, |t, _| {
+        t.retain(|(n, _)| n != "fc.weight");
+    }));
+    assert!(e.contains("fc.weight") && e.contains("missing"), "{e}");
+
+    let e = load(rewrite(&m, |t, _| {
+        t.push(("extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()));
+    }));
+    assert!(e.contains("extra.weight") && e.contains("not part of"), "{e}");
+
+    // Metadata claims WRN-10-2 but the tensors are WRN-10-1's.
+    let e = load(rewrite(&m, |_, meta| {
+        let spec = ModelSpec::wrn(10, 2, 10);
+        meta.insert(METADATA_SPEC_KEY.into(), serde_json::to_string(&spec).unwrap());
+    }));
+    assert!(e.contains("wrn-10-2 expects"), "{e}");
+
+    let e = load(rewrite(&m, |_, meta| {
+        meta.remove("rampart.format");
+    }));
+    assert!(e.contains("not a model saved by Rampart"), "{e}");
+
+    let e = load(rewrite(&m, |_, meta| {
+        meta.insert(METADATA_SPEC_KEY.into(), "{\"arch\":{\"name\":\"vgg\"}}".into());
+    }));
+    assert!(e.contains("not a valid model spec"), "{e}");
+
+    let e = load(rewrite(&m, |t, _| {
+        for (n, v) in t.iter_mut() {
+            if n == "fc.bias" {
+                *v = Tensor::new(&[f32::NAN; 10], &Device::Cpu).unwrap();
+            }
+        }
+    }));
+    assert!(e.contains("non-finite"), "{e}");
+
+    let good = m.to_bytes().unwrap();
+    let e = load(good[..good.len() / 2].to_vec());
+    assert!(e.contains("not a readable safetensors file"), "{e}");
+    let e = load(b"garbage".to_vec());
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn copy_weights_requires_same_spec() {
+    let a = Classifier::new(ModelSpec::wrn(10, 1, 10), 1, &Device::Cpu).unwrap();
+    let b = Classifier::new(ModelSpec::wrn(10, 1, 10), 2, &Device::Cpu).unwrap();
+    b.copy_weights_from(&a).unwrap();
+    let x = input(2, 0);
+    assert_eq!(max_abs_diff(&a.forward_t(&x, false).unwrap(), &b.forward_t(&x, false).unwrap()), 0.0);
+    let c = Classifier::new(ModelSpec::wrn(10, 2, 10), 2, &Device::Cpu).unwrap();
+    assert!(c.copy_weights_from(&a).is_err());
+}

@@ -1,0 +1,98 @@
+//! Wide residual networks WRN-d-k (Zagoruyko & Komodakis 2016), pre-activation form.
+
+use crate::layers::{batch_norm, conv, global_avg_pool, linear, BatchNorm, Conv, Linear};
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// A pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut.
+/// When the shape changes the shortcut is a 1×1 convolution of the pre-activated input.
+#[derive(Clone, Debug)]
+pub struct PreActBlock {
+    bn1: BatchNorm,
+    conv1: Conv,
+    bn2: BatchNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+}
+
+/// A pre-activation block from `c_in` to `c_out` channels with the given stride.
+pub fn preact_block(c_in: usize, c_out: usize, stride: usize, vb: VarBuilder) -> Result<PreActBlock> {
+    let shortcut = if c_in != c_out || stride != 1 {
+        Some(conv(c_in, c_out, 1, stride, vb.pp("shortcut"))?)
+    } else {
+        None
+    };
+    Ok(PreActBlock {
+        bn1: batch_norm(c_in, vb.pp("bn1"))?,
+        conv1: conv(c_in, c_out, 3, stride, vb.pp("conv1"))?,
+        bn2: batch_norm(c_out, vb.pp("bn2"))?,
+        conv2: conv(c_out, c_out, 3, 1, vb.pp("conv2"))?,
+        shortcut,
+    })
+}
+
+impl ModuleT for PreActBlock {
+    /// xs: (B, C_in, H, W) → (B, C_out, H/stride, W/stride).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let pre = self.bn1.forward_t(xs, train)?.relu()?;
+        let skip = match &self.shortcut {
+            Some(sc) => sc.forward(&pre)?,
+            None => xs.clone(),
+        };
+        let h = self.conv1.forward(&pre)?;
+        let h = self.bn2.forward_t(&h, train)?.relu()?;
+        self.conv2.forward(&h)? + skip
+    }
+}
+
+/// WRN-`depth`-`widen`: a 3×3 stem with 16 channels, three stages of (depth−4)/6 blocks
+/// with widths 16k, 32k, 64k (strides 1, 2, 2), BN-ReLU, global average pooling, linear.
+#[derive(Clone, Debug)]
+pub struct WideResNet {
+    stem: Conv,
+    blocks: Vec<PreActBlock>,
+    bn: BatchNorm,
+    fc: Linear,
+}
+
+/// Builds WRN-`depth`-`widen` for `num_classes` classes and `in_channels` input channels.
+/// `depth` must satisfy (depth − 4) % 6 == 0 (checked by the caller's spec).
+pub fn wide_resnet(
+    depth: usize,
+    widen: usize,
+    in_channels: usize,
+    num_classes: usize,
+    vb: VarBuilder,
+) -> Result<WideResNet> {
+    let n = (depth - 4) / 6;
+    let widths = [16 * widen, 32 * widen, 64 * widen];
+    let stem = conv(in_channels, 16, 3, 1, vb.pp("stem"))?;
+    let mut blocks = Vec::with_capacity(3 * n);
+    let mut c_in = 16;
+    for (s, &c_out) in widths.iter().enumerate() {
+        for b in 0..n {
+            let stride = if b == 0 && s > 0 { 2 } else { 1 };
+            let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
+            blocks.push(preact_block(c_in, c_out, stride, vb_b)?);
+            c_in = c_out;
+        }
+    }
+    Ok(WideResNet {
+        stem,
+        blocks,
+        bn: batch_norm(c_in, vb.pp("bn"))?,
+        fc: linear(c_in, num_classes, vb.pp("fc"))?,
+    })
+}
+
+impl ModuleT for WideResNet {
+    /// xs: (B, C, H, W), already normalised → logits (B, K).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = self.stem.forward(xs)?;
+        for block in &self.blocks {
+            h = block.forward_t(&h, train)?;
+        }
+        let h = self.bn.forward_t(&h, train)?.relu()?;
+        self.fc.forward(&global_avg_pool(&h)?)
+    }
+}
