@@ -1,6 +1,9 @@
 //! Building blocks shared by the architectures: convolutions, BatchNorm, linear.
+//!
+//! Inside a network activations are NHWC, (B, H, W, C): the layout in which a
+//! convolution is one GEMM (see [`crate::im2col`]) and BatchNorm reduces over rows.
 
-use candle_core::{DType, Module, ModuleT, Result, Tensor, Var, D};
+use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 /// A bias-free 2-D convolution (every architecture here follows it with BatchNorm).
@@ -12,9 +15,9 @@ pub struct Conv {
 }
 
 impl Conv {
-    /// xs: (B, C_in, H, W) → (B, C_out, H', W').
+    /// xs: (B, H, W, C_in) → (B, H', W', C_out).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+        crate::im2col::conv2d_nhwc(xs, &self.weight, self.stride, self.padding)
     }
 }
 
@@ -28,10 +31,10 @@ pub fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) 
     })
 }
 
-/// Spatial BatchNorm over (B, C, H, W) with learnable scale and shift.
+/// Spatial BatchNorm over NHWC activations with learnable scale and shift.
 ///
 /// Written here rather than taken from candle-nn to cut the number of tensor copies
-/// in training (statistics are reduced over dims 0, 2, 3 directly) and to fold the
+/// in training (statistics are reduced over the rows of a (B·H·W, C) view) and to fold the
 /// normalisation into one scale-and-shift in eval mode. Running statistics use
 /// PyTorch's convention: momentum 0.1, unbiased variance for the running estimate.
 #[derive(Clone, Debug)]
@@ -62,34 +65,82 @@ pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
 }
 
 impl BatchNorm {
-    fn channel_shape(&self) -> Result<(usize, usize, usize, usize)> {
-        Ok((1, self.weight.dim(0)?, 1, 1))
+    /// BatchNorm followed by ReLU; xs: (B, H, W, C) → (B, H, W, C).
+    pub fn forward_relu(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(xs, train, true)
     }
-}
 
-impl ModuleT for BatchNorm {
-    /// xs: (B, C, H, W) → (B, C, H, W).
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let shape = self.channel_shape()?;
+    fn forward_impl(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            self.forward_fused(xs, train, relu)
+        } else {
+            let y = self.forward_reference(xs, train)?;
+            if relu {
+                y.relu()
+            } else {
+                Ok(y)
+            }
+        }
+    }
+
+    /// The fused CPU path (see [`crate::bn`]).
+    fn forward_fused(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let c = self.weight.dim(0)?;
+        let rows = xs.contiguous()?.reshape(((), c))?;
+        let (mean, var) = if train {
+            let stats = rows.apply_op1_no_bwd(&crate::bn::ChannelStats)?;
+            let n = rows.dim(0)? as f64;
+            let (mean, var) = (stats.get(0)?, stats.get(1)?);
+            self.update_running(&mean, &var, n)?;
+            (mean.to_vec1::<f32>()?, var.to_vec1::<f32>()?)
+        } else {
+            (
+                self.running_mean.as_tensor().to_vec1::<f32>()?,
+                self.running_var.as_tensor().to_vec1::<f32>()?,
+            )
+        };
+        let op = crate::bn::BnForward {
+            mean,
+            inv_std: var
+                .iter()
+                .map(|v| 1.0 / (v + self.eps as f32).sqrt())
+                .collect(),
+            relu,
+            batch_stats: train,
+        };
+        rows.apply_op3(&self.weight, &self.bias, op)?.reshape(dims)
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: f64) -> Result<()> {
+        let m = self.momentum;
+        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let new_mean =
+            ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+        let new_var = ((self.running_var.as_tensor() * (1.0 - m))?
+            + (var.detach().flatten_all()? * (m * unbiased))?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)
+    }
+
+    /// BatchNorm from candle's generic tensor operations: the path for non-CPU devices
+    /// and the reference the fused path is tested against.
+    pub fn forward_reference(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            let (b, _, h, w) = xs.dims4()?;
-            let n = (b * h * w) as f64;
-            let mean = xs.mean_keepdim((0, 2, 3))?;
-            let centred = xs.broadcast_sub(&mean)?;
-            let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+            let dims = xs.dims().to_vec();
+            let c = self.weight.dim(0)?;
+            let rows = xs.reshape(((), c))?;
+            let n = rows.dim(0)? as f64;
+            let mean = rows.mean_keepdim(0)?;
+            let centred = rows.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(0)?;
             let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
-            let scale = inv_std.broadcast_mul(&self.weight.reshape(shape)?)?;
+            let scale = inv_std.broadcast_mul(&self.weight)?;
             let out = centred
                 .broadcast_mul(&scale)?
-                .broadcast_add(&self.bias.reshape(shape)?)?;
-            let m = self.momentum;
-            let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))?
-                + (mean.detach().flatten_all()? * m)?)?;
-            let new_var = ((self.running_var.as_tensor() * (1.0 - m))?
-                + (var.detach().flatten_all()? * (m * unbiased))?)?;
-            self.running_mean.set(&new_mean)?;
-            self.running_var.set(&new_var)?;
+                .broadcast_add(&self.bias)?
+                .reshape(dims)?;
+            self.update_running(&mean, &var, n)?;
             Ok(out)
         } else {
             let inv_std = (self.running_var.as_detached_tensor() + self.eps)?
@@ -97,9 +148,15 @@ impl ModuleT for BatchNorm {
                 .recip()?;
             let scale = (&self.weight * &inv_std)?;
             let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-            xs.broadcast_mul(&scale.reshape(shape)?)?
-                .broadcast_add(&shift.reshape(shape)?)
+            xs.broadcast_mul(&scale)?.broadcast_add(&shift)
         }
+    }
+}
+
+impl ModuleT for BatchNorm {
+    /// xs: (B, H, W, C) → (B, H, W, C).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(xs, train, false)
     }
 }
 
@@ -125,9 +182,10 @@ impl Module for Linear {
     }
 }
 
-/// Global average pooling: (B, C, H, W) → (B, C).
+/// Global average pooling: (B, H, W, C) → (B, C).
 pub fn global_avg_pool(xs: &Tensor) -> Result<Tensor> {
-    xs.mean(D::Minus1)?.mean(D::Minus1)
+    let (b, h, w, c) = xs.dims4()?;
+    xs.reshape((b, h * w, c))?.mean(1)
 }
 
 /// Checks that a tensor is floating point before it enters a model.

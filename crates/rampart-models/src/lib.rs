@@ -10,6 +10,9 @@
 //! `candle_nn::ModuleT` whose `train` flag selects BatchNorm's batch statistics.
 #![warn(missing_docs)]
 
+pub mod bn;
+mod gemm;
+pub mod im2col;
 pub mod layers;
 pub mod resnet;
 mod spec;
@@ -105,7 +108,9 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 pub struct Classifier {
     spec: ModelSpec,
     varmap: VarMap,
+    /// The network proper: NHWC, normalised input → logits.
     net: Box<dyn ModuleT + Send + Sync>,
+    /// Per-channel mean (C,) and reciprocal std (C,).
     mean: Tensor,
     inv_std: Tensor,
     metadata: BTreeMap<String, String>,
@@ -131,10 +136,10 @@ impl Classifier {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net = spec.build(vb)?;
         let c = spec.input_shape[0];
-        let mean = Tensor::from_vec(spec.mean.clone(), (1, c, 1, 1), device)?;
+        let mean = Tensor::from_vec(spec.mean.clone(), c, device)?;
         let inv_std = Tensor::from_vec(
             spec.std.iter().map(|s| 1.0 / s).collect::<Vec<f32>>(),
-            (1, c, 1, 1),
+            c,
             device,
         )?;
         let model = Classifier {
@@ -224,7 +229,10 @@ impl Classifier {
 
     /// Number of trainable scalars.
     pub fn num_parameters(&self) -> usize {
-        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
+        self.trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     /// Copies every variable (parameters and statistics) from a model of the same spec.
@@ -245,6 +253,30 @@ impl Classifier {
     pub fn bounds(&self) -> (f32, f32) {
         (self.spec.bounds[0], self.spec.bounds[1])
     }
+}
+
+thread_local! {
+    static INPUT_GRADIENTS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (typically a `backward()` call) computing gradients for the model's
+/// *input* only: the fast CPU layers skip their kernel and BatchNorm parameter
+/// gradients (they come back as zeros), which attacks never use and which cost as
+/// much as the input gradient. Input gradients are identical to those of a full
+/// backward pass. The setting is per thread and restored when `f` returns.
+pub fn input_gradients_only<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INPUT_GRADIENTS_ONLY.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(INPUT_GRADIENTS_ONLY.with(|c| c.replace(true)));
+    f()
+}
+
+pub(crate) fn input_gradients_only_active() -> bool {
+    INPUT_GRADIENTS_ONLY.with(|c| c.get())
 }
 
 /// Whether a variable name denotes a BatchNorm running statistic (not trained by SGD).
@@ -274,7 +306,11 @@ impl ModuleT for Classifier {
                 xs.dims()
             );
         }
-        let xs = xs.broadcast_sub(&self.mean)?.broadcast_mul(&self.inv_std)?;
+        // Normalise while turning NCHW into the NHWC layout the layers work in.
+        let xs = xs
+            .permute((0, 2, 3, 1))?
+            .broadcast_sub(&self.mean)?
+            .broadcast_mul(&self.inv_std)?;
         self.net.forward_t(&xs, train)
     }
 }

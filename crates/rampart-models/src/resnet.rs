@@ -35,9 +35,9 @@ fn basic_block(c_in: usize, c_out: usize, stride: usize, vb: VarBuilder) -> Resu
 }
 
 impl ModuleT for BasicBlock {
-    /// xs: (B, C_in, H, W) → (B, C_out, H/stride, W/stride).
+    /// xs: (B, H, W, C_in) → (B, H/stride, W/stride, C_out).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward_t(&self.conv1.forward(xs)?, train)?.relu()?;
+        let h = self.bn1.forward_relu(&self.conv1.forward(xs)?, train)?;
         let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
         let skip = match &self.shortcut {
             Some((c, bn)) => bn.forward_t(&c.forward(xs)?, train)?,
@@ -79,9 +79,9 @@ pub fn resnet20(in_channels: usize, num_classes: usize, vb: VarBuilder) -> Resul
 }
 
 impl ModuleT for ResNet20 {
-    /// xs: (B, C, H, W), already normalised → logits (B, K).
+    /// xs: (B, H, W, C), already normalised → logits (B, K).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.stem_bn.forward_t(&self.stem.forward(xs)?, train)?.relu()?;
+        let mut h = self.stem_bn.forward_relu(&self.stem.forward(xs)?, train)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
@@ -126,13 +126,13 @@ pub fn preact_resnet18(
 }
 
 impl ModuleT for PreActResNet18 {
-    /// xs: (B, C, H, W), already normalised → logits (B, K).
+    /// xs: (B, H, W, C), already normalised → logits (B, K).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = self.stem.forward(xs)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
-        let h = self.bn.forward_t(&h, train)?.relu()?;
+        let h = self.bn.forward_relu(&h, train)?;
         self.fc.forward(&global_avg_pool(&h)?)
     }
 }

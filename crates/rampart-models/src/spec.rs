@@ -70,7 +70,9 @@ impl Arch {
                 )));
             }
             if widen == 0 {
-                return Err(ModelError::InvalidSpec("WRN widen factor must be ≥ 1".into()));
+                return Err(ModelError::InvalidSpec(
+                    "WRN widen factor must be ≥ 1".into(),
+                ));
             }
         }
         Ok(())

@@ -109,11 +109,13 @@ impl Classifier {
             }
         }
         for (name, var) in model.named_vars() {
-            let view = tensors.tensor(&name).map_err(|_| ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                arch: arch.clone(),
-            })?;
+            let view = tensors
+                .tensor(&name)
+                .map_err(|_| ModelError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    arch: arch.clone(),
+                })?;
             let mismatch = |found: String| ModelError::TensorMismatch {
                 path: path.to_path_buf(),
                 name: name.clone(),
@@ -128,7 +130,11 @@ impl Classifier {
             if t.dtype() != DType::F32 {
                 return Err(mismatch(format!("{:?}", t.dtype())));
             }
-            if t.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+            if t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .any(|v| !v.is_finite())
+            {
                 return Err(mismatch("non-finite values".into()));
             }
             var.set(&t)?;
@@ -167,8 +173,11 @@ fn parse_metadata(
     let spec_json = meta
         .get(METADATA_SPEC_KEY)
         .ok_or_else(|| bad("metadata lacks `rampart.spec` (the architecture)".into()))?;
-    let spec: ModelSpec = serde_json::from_str(spec_json)
-        .map_err(|e| bad(format!("metadata `rampart.spec` is not a valid model spec: {e}")))?;
+    let spec: ModelSpec = serde_json::from_str(spec_json).map_err(|e| {
+        bad(format!(
+            "metadata `rampart.spec` is not a valid model spec: {e}"
+        ))
+    })?;
     spec.validate().map_err(|e| bad(e.to_string()))?;
     let extra = meta
         .into_iter()

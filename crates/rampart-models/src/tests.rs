@@ -1,5 +1,5 @@
 use super::*;
-use candle_core::{Device, ModuleT, Tensor};
+use candle_core::{Device, ModuleT, Tensor, Var};
 use std::collections::HashMap;
 
 fn input(b: usize, seed: u64) -> Tensor {
@@ -9,7 +9,16 @@ fn input(b: usize, seed: u64) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -35,7 +44,10 @@ fn architectures_have_expected_shapes_and_sizes() {
         }
     }
     let big = Classifier::new(ModelSpec::wrn(28, 10, 100), 0, &dev).unwrap();
-    assert_eq!(big.forward_t(&input(1, 1), false).unwrap().dims(), &[1, 100]);
+    assert_eq!(
+        big.forward_t(&input(1, 1), false).unwrap().dims(),
+        &[1, 100]
+    );
 }
 
 #[test]
@@ -90,14 +102,23 @@ fn batch_norm_matches_candle_nn_in_train_and_eval() {
     )
     .unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let v: Vec<f32> = (0..5 * 4 * 3 * 3).map(|_| rng.gen::<f32>() * 3.0 - 1.0).collect();
+    let v: Vec<f32> = (0..5 * 4 * 3 * 3)
+        .map(|_| rng.gen::<f32>() * 3.0 - 1.0)
+        .collect();
     let x = Tensor::from_vec(v, (5, 4, 3, 3), &dev).unwrap();
+    let nhwc = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let ours_nchw = |train| {
+        ours.forward_t(&nhwc, train)
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+    };
     for _ in 0..3 {
-        let a = ours.forward_t(&x, true).unwrap();
+        let a = ours_nchw(true);
         let b = theirs.forward_t(&x, true).unwrap();
         assert!(max_abs_diff(&a, &b) < 1e-5);
     }
-    let a = ours.forward_t(&x, false).unwrap();
+    let a = ours_nchw(false);
     let b = theirs.forward_t(&x, false).unwrap();
     assert!(max_abs_diff(&a, &b) < 1e-5, "running statistics differ");
 }
@@ -110,7 +131,10 @@ fn train_mode_updates_statistics_and_eval_is_deterministic() {
     assert_eq!(max_abs_diff(&before, &m.forward_t(&x, false).unwrap()), 0.0);
     m.forward_t(&x, true).unwrap();
     let after = m.forward_t(&x, false).unwrap();
-    assert!(max_abs_diff(&before, &after) > 1e-5, "train pass must move BN statistics");
+    assert!(
+        max_abs_diff(&before, &after) > 1e-5,
+        "train pass must move BN statistics"
+    );
 }
 
 #[test]
@@ -118,15 +142,22 @@ fn save_load_round_trip_preserves_outputs_and_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
     for arch in ["wrn-10-2", "resnet20"] {
-        let mut m = Classifier::new(ModelSpec::cifar(arch.parse().unwrap(), 10), 3, &Device::Cpu).unwrap();
+        let mut m =
+            Classifier::new(ModelSpec::cifar(arch.parse().unwrap(), 10), 3, &Device::Cpu).unwrap();
         m.forward_t(&input(4, 1), true).unwrap();
         m.set_metadata("method", "normal").unwrap();
         m.save(&path).unwrap();
         let loaded = Classifier::load(&path, &Device::Cpu).unwrap();
         assert_eq!(loaded.spec(), m.spec());
-        assert_eq!(loaded.metadata().get("method").map(String::as_str), Some("normal"));
+        assert_eq!(
+            loaded.metadata().get("method").map(String::as_str),
+            Some("normal")
+        );
         let x = input(2, 9);
-        let d = max_abs_diff(&m.forward_t(&x, false).unwrap(), &loaded.forward_t(&x, false).unwrap());
+        let d = max_abs_diff(
+            &m.forward_t(&x, false).unwrap(),
+            &loaded.forward_t(&x, false).unwrap(),
+        );
         assert_eq!(d, 0.0, "{arch}");
         assert_eq!(Classifier::read_spec(&path).unwrap(), *m.spec());
     }
@@ -144,7 +175,10 @@ fn rewrite(
         .collect();
     let mut meta = HashMap::new();
     meta.insert("rampart.format".to_string(), "1".to_string());
-    meta.insert(METADATA_SPEC_KEY.to_string(), serde_json::to_string(src.spec()).unwrap());
+    meta.insert(
+        METADATA_SPEC_KEY.to_string(),
+        serde_json::to_string(src.spec()).unwrap(),
+    );
     edit(&mut tensors, &mut meta);
     safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta)).unwrap()
 }
@@ -154,7 +188,11 @@ fn mismatched_files_give_clear_errors() {
     let dev = Device::Cpu;
     let m = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &dev).unwrap();
     let p = std::path::Path::new("model.safetensors");
-    let load = |bytes: Vec<u8>| Classifier::from_bytes(&bytes, p, &dev).unwrap_err().to_string();
+    let load = |bytes: Vec<u8>| {
+        Classifier::from_bytes(&bytes, p, &dev)
+            .unwrap_err()
+            .to_string()
+    };
 
     let e = load(rewrite(&m, |t, _| {
         t.retain(|(n, _)| n != "fc.weight");
@@ -162,14 +200,23 @@ fn mismatched_files_give_clear_errors() {
     assert!(e.contains("fc.weight") && e.contains("missing"), "{e}");
 
     let e = load(rewrite(&m, |t, _| {
-        t.push(("extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()));
+        t.push((
+            "extra.weight".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        ));
     }));
-    assert!(e.contains("extra.weight") && e.contains("not part of"), "{e}");
+    assert!(
+        e.contains("extra.weight") && e.contains("not part of"),
+        "{e}"
+    );
 
     // Metadata claims WRN-10-2 but the tensors are WRN-10-1's.
     let e = load(rewrite(&m, |_, meta| {
         let spec = ModelSpec::wrn(10, 2, 10);
-        meta.insert(METADATA_SPEC_KEY.into(), serde_json::to_string(&spec).unwrap());
+        meta.insert(
+            METADATA_SPEC_KEY.into(),
+            serde_json::to_string(&spec).unwrap(),
+        );
     }));
     assert!(e.contains("wrn-10-2 expects"), "{e}");
 
@@ -179,7 +226,10 @@ fn mismatched_files_give_clear_errors() {
     assert!(e.contains("not a model saved by Rampart"), "{e}");
 
     let e = load(rewrite(&m, |_, meta| {
-        meta.insert(METADATA_SPEC_KEY.into(), "{\"arch\":{\"name\":\"vgg\"}}".into());
+        meta.insert(
+            METADATA_SPEC_KEY.into(),
+            "{\"arch\":{\"name\":\"vgg\"}}".into(),
+        );
     }));
     assert!(e.contains("not a valid model spec"), "{e}");
 
@@ -205,7 +255,102 @@ fn copy_weights_requires_same_spec() {
     let b = Classifier::new(ModelSpec::wrn(10, 1, 10), 2, &Device::Cpu).unwrap();
     b.copy_weights_from(&a).unwrap();
     let x = input(2, 0);
-    assert_eq!(max_abs_diff(&a.forward_t(&x, false).unwrap(), &b.forward_t(&x, false).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(
+            &a.forward_t(&x, false).unwrap(),
+            &b.forward_t(&x, false).unwrap()
+        ),
+        0.0
+    );
     let c = Classifier::new(ModelSpec::wrn(10, 2, 10), 2, &Device::Cpu).unwrap();
     assert!(c.copy_weights_from(&a).is_err());
+}
+
+/// The fused CPU BatchNorm(+ReLU) equals the reference built from candle ops: outputs,
+/// running statistics, and the gradients of x, γ and β, in train and eval mode.
+#[test]
+fn fused_batch_norm_matches_reference() {
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |shape: &[usize], lo: f32, hi: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(lo..hi)).collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let x = Var::from_tensor(&rand(&[3, 4, 5, 6], -2.0, 3.0)).unwrap();
+    let probe = rand(&[3, 4, 5, 6], -1.0, 1.0);
+    let gamma = rand(&[6], 0.5, 1.5);
+    let beta = rand(&[6], -0.5, 0.5);
+    for train in [true, false] {
+        for relu in [false, true] {
+            let make = || {
+                let map = candle_nn::VarMap::new();
+                let bn =
+                    layers::batch_norm(6, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
+                let named = |n: &str| map.data().lock().unwrap().get(n).unwrap().clone();
+                named("weight").set(&gamma).unwrap();
+                named("bias").set(&beta).unwrap();
+                named("running_mean").set(&rand_like(&[6], 0.3)).unwrap();
+                named("running_var").set(&rand_like(&[6], 1.7)).unwrap();
+                (bn, map)
+            };
+            let (fast, fast_map) = make();
+            let (slow, slow_map) = make();
+            let y_fast = if relu {
+                fast.forward_relu(&x, train)
+            } else {
+                fast.forward_t(&x, train)
+            }
+            .unwrap();
+            let y_slow = slow.forward_reference(&x, train).unwrap();
+            let y_slow = if relu { y_slow.relu().unwrap() } else { y_slow };
+            assert!(
+                max_abs_diff(&y_fast, &y_slow) < 1e-5,
+                "train={train} relu={relu}"
+            );
+            let g_fast = (&y_fast * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_slow = (&y_slow * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for name in ["weight", "bias"] {
+                let vf = fast_map.data().lock().unwrap().get(name).unwrap().clone();
+                let vs = slow_map.data().lock().unwrap().get(name).unwrap().clone();
+                let d = max_abs_diff(g_fast.get(&vf).unwrap(), g_slow.get(&vs).unwrap());
+                assert!(d < 1e-4, "grad {name} train={train} relu={relu}: {d}");
+            }
+            let dx = max_abs_diff(g_fast.get(&x).unwrap(), g_slow.get(&x).unwrap());
+            assert!(dx < 1e-4, "grad x train={train} relu={relu}: {dx}");
+            for name in ["running_mean", "running_var"] {
+                let vf = fast_map
+                    .data()
+                    .lock()
+                    .unwrap()
+                    .get(name)
+                    .unwrap()
+                    .as_tensor()
+                    .clone();
+                let vs = slow_map
+                    .data()
+                    .lock()
+                    .unwrap()
+                    .get(name)
+                    .unwrap()
+                    .as_tensor()
+                    .clone();
+                assert!(max_abs_diff(&vf, &vs) < 1e-5, "{name}");
+            }
+        }
+    }
+}
+
+fn rand_like(shape: &[usize], value: f32) -> Tensor {
+    Tensor::full(value, shape, &Device::Cpu).unwrap()
 }

@@ -16,7 +16,12 @@ pub struct PreActBlock {
 }
 
 /// A pre-activation block from `c_in` to `c_out` channels with the given stride.
-pub fn preact_block(c_in: usize, c_out: usize, stride: usize, vb: VarBuilder) -> Result<PreActBlock> {
+pub fn preact_block(
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<PreActBlock> {
     let shortcut = if c_in != c_out || stride != 1 {
         Some(conv(c_in, c_out, 1, stride, vb.pp("shortcut"))?)
     } else {
@@ -32,15 +37,15 @@ pub fn preact_block(c_in: usize, c_out: usize, stride: usize, vb: VarBuilder) ->
 }
 
 impl ModuleT for PreActBlock {
-    /// xs: (B, C_in, H, W) → (B, C_out, H/stride, W/stride).
+    /// xs: (B, H, W, C_in) → (B, H/stride, W/stride, C_out).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let pre = self.bn1.forward_t(xs, train)?.relu()?;
+        let pre = self.bn1.forward_relu(xs, train)?;
         let skip = match &self.shortcut {
             Some(sc) => sc.forward(&pre)?,
             None => xs.clone(),
         };
         let h = self.conv1.forward(&pre)?;
-        let h = self.bn2.forward_t(&h, train)?.relu()?;
+        let h = self.bn2.forward_relu(&h, train)?;
         self.conv2.forward(&h)? + skip
     }
 }
@@ -86,13 +91,13 @@ pub fn wide_resnet(
 }
 
 impl ModuleT for WideResNet {
-    /// xs: (B, C, H, W), already normalised → logits (B, K).
+    /// xs: (B, H, W, C), already normalised → logits (B, K).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = self.stem.forward(xs)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
-        let h = self.bn.forward_t(&h, train)?.relu()?;
+        let h = self.bn.forward_relu(&h, train)?;
         self.fc.forward(&global_avg_pool(&h)?)
     }
 }

@@ -1,0 +1,66 @@
+//! Data for Rampart: CIFAR-10/100 and image folders in memory, seeded batching and
+//! augmentation.
+//!
+//! This crate owns everything between files on disk and `(B, C, H, W)` tensors:
+//!
+//! - **Finding and reading data.** [`load`] detects which form a data set was placed
+//!   in (official binary `.tar.gz`, its extracted folder, an image folder or its
+//!   `.tar.gz`) and reads it with [`load_cifar_binary`], [`load_image_folder`] or
+//!   [`load_image_archive`]; [`download`] fetches and verifies the official archives.
+//!   Every failure is a typed [`DataError`] naming the file and the problem, and
+//!   missing data come with instructions on what to place where.
+//! - **Holding data.** [`ImageDataset`] keeps uint8 images C×H×W in memory with their
+//!   labels and class names; [`ImageDataset::batch_tensors`] makes f32 tensors in [0, 1].
+//! - **Feeding training.** [`Loader`] yields seeded, augmented ([`Augmentation`])
+//!   mini-batches prepared ahead on a background thread.
+//!
+//! **Invariants.** Binary data keep the official example order; image folders are
+//! ordered so every prefix and suffix is class-balanced. The order of an epoch depends
+//! only on (seed, epoch) and the augmentation of example i only on (seed, epoch, i).
+//! Pixels leave this crate in [0, 1]; normalisation belongs to the model.
+//!
+//! This crate knows nothing of models, attacks or metrics.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use std::sync::Arc;
+//!
+//! use candle_core::Device;
+//! use rampart_data::{load, DatasetKind, Loader, LoaderConfig};
+//!
+//! # fn main() -> rampart_data::Result<()> {
+//! let splits = load(DatasetKind::Cifar10, Path::new("data"))?;
+//! let loader = Loader::new(Arc::new(splits.train), LoaderConfig::train(128, 0), Device::Cpu)?;
+//! for batch in loader.epoch(0) {
+//!     let batch = batch?; // batch.images: (128, 3, 32, 32) f32 in [0, 1]
+//! #   let _ = batch;
+//! }
+//! let (x, y) = splits.test.batch_tensors(&[0, 1, 2], &Device::Cpu)?; // (3, 3, 32, 32), (3,)
+//! # let _ = (x, y);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod augment;
+mod cifar;
+mod dataset;
+mod download;
+mod error;
+mod folder;
+mod kind;
+mod load;
+mod loader;
+#[cfg(test)]
+mod testutil;
+
+pub use augment::{AugmentDraw, Augmentation, Cutout};
+pub use cifar::{load_cifar_binary, CIFAR_SHAPE};
+pub use dataset::{ImageDataset, Splits};
+pub use download::{download, verify_archive, verify_file};
+pub use error::{DataError, Result};
+pub use folder::{load_image_archive, load_image_folder};
+pub use kind::{Checksum, DatasetKind};
+pub use load::load;
+pub use loader::{Batch, EpochIter, Loader, LoaderConfig, PREFETCH};

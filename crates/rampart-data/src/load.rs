@@ -1,0 +1,187 @@
+//! [`load`]: finds a data set in a folder, whatever form it was placed in.
+
+use std::path::Path;
+
+use crate::cifar::load_cifar_binary;
+use crate::dataset::Splits;
+use crate::error::{DataError, Result};
+use crate::folder::{load_image_archive, load_image_folder};
+use crate::kind::DatasetKind;
+
+/// Loads `kind` from `dir`, trying in this order:
+///
+/// 1. the extracted official folder, `dir/cifar-10-batches-bin/` (CIFAR-100:
+///    `dir/cifar-100-binary/`), or `dir` itself when it holds `data_batch_1.bin`
+///    (CIFAR-100: `train.bin`);
+/// 2. the official archive `dir/cifar-10-binary.tar.gz` (`dir/cifar-100-binary.tar.gz`);
+/// 3. an image folder `ROOT/{train,test}/{class}/*.{png,jpg,jpeg}` with ROOT
+///    `dir/cifar10-jpeg` (`dir/cifar100-jpeg`) or `dir` itself;
+/// 4. that image folder packed as `dir/cifar10-jpeg.tar.gz` (`dir/cifar100-jpeg.tar.gz`).
+///
+/// Binary data keep the official order; image folders are ordered class-balanced
+/// (see [`load_image_folder`]) and must have exactly `kind.num_classes()` class folders.
+/// Nothing found gives [`DataError::Missing`] saying what to place where, the
+/// `--data-dir` to pass, and the download URL with its checksum.
+pub fn load(kind: DatasetKind, dir: &Path) -> Result<Splits> {
+    let binary_folder = dir.join(kind.binary_folder_name());
+    if binary_folder.is_dir() {
+        return load_cifar_binary(kind, &binary_folder);
+    }
+    if dir.join(kind.train_files()[0]).is_file() {
+        return load_cifar_binary(kind, dir);
+    }
+    let archive = dir.join(kind.archive_name());
+    if archive.is_file() {
+        return load_cifar_binary(kind, &archive);
+    }
+    let nested = dir.join(kind.image_folder_name());
+    for root in [nested.as_path(), dir] {
+        if root.join("train").is_dir() || root.join("test").is_dir() {
+            return check_classes(kind, root, load_image_folder(root)?);
+        }
+    }
+    let image_archive = dir.join(format!("{}.tar.gz", kind.image_folder_name()));
+    if image_archive.is_file() {
+        return check_classes(kind, &image_archive, load_image_archive(&image_archive)?);
+    }
+    Err(DataError::Missing {
+        path: dir.to_path_buf(),
+        help: missing_help(kind, dir),
+    })
+}
+
+/// An image folder must have as many classes as the data set it stands for.
+fn check_classes(kind: DatasetKind, source: &Path, splits: Splits) -> Result<Splits> {
+    let found = splits.train.num_classes();
+    if found != kind.num_classes() {
+        return Err(DataError::Layout {
+            path: source.to_path_buf(),
+            problem: format!(
+                "{found} class folders, but {} has {} classes",
+                kind.title(),
+                kind.num_classes()
+            ),
+        });
+    }
+    if splits
+        .train
+        .class_names()
+        .iter()
+        .map(String::as_str)
+        .ne(kind.class_names().iter().copied())
+    {
+        tracing::warn!(
+            source = %source.display(),
+            "class folder names differ from the official {} names; labels follow their alphabetical order",
+            kind.title()
+        );
+    }
+    Ok(splits)
+}
+
+/// What to place where when nothing was found in `dir`.
+fn missing_help(kind: DatasetKind, dir: &Path) -> String {
+    let d = dir.display();
+    let exists = if dir.is_dir() {
+        ""
+    } else {
+        " (the folder does not exist)"
+    };
+    let mut batches: Vec<&str> = kind.train_files().to_vec();
+    batches.push(kind.test_file());
+    format!(
+        "no {title} data found{exists}. Place one of these in {d}, or pass --data-dir with the folder that holds one:\n  \
+         1. {d}/{archive}, the official archive: {url} ({checksum})\n  \
+         2. that archive extracted: {d}/{folder}/{{{batches}}}\n  \
+         3. an image folder {d}/{images}/{{train,test}}/<class>/*.png|jpg|jpeg (class folders in alphabetical = label order), or it packed as {d}/{images}.tar.gz\n\
+         With network access, rampart_data::download({kind}, dir) fetches and verifies archive 1.",
+        title = kind.title(),
+        archive = kind.archive_name(),
+        url = kind.archive_url(),
+        checksum = kind.archive_checksum(),
+        folder = kind.binary_folder_name(),
+        batches = batches.join(","),
+        images = kind.image_folder_name(),
+        kind = match kind {
+            DatasetKind::Cifar10 => "DatasetKind::Cifar10",
+            DatasetKind::Cifar100 => "DatasetKind::Cifar100",
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{
+        write_cifar_folder, write_cifar_tarball, write_image_folder, ImageSpec, TestResult,
+    };
+
+    #[test]
+    fn missing_data_says_what_to_place_where() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let err = load(DatasetKind::Cifar10, dir.path()).err();
+        assert!(
+            matches!(&err, Some(DataError::Missing { path, .. }) if path == dir.path()),
+            "{err:?}"
+        );
+        let msg = err.map(|e| e.to_string()).unwrap_or_default();
+        for needle in [
+            "cifar-10-binary.tar.gz",
+            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+            "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+            "cifar-10-batches-bin",
+            "data_batch_5.bin",
+            "cifar10-jpeg",
+            "--data-dir",
+        ] {
+            assert!(msg.contains(needle), "message lacks {needle}: {msg}");
+        }
+        assert!(msg.contains(&dir.path().display().to_string()));
+        let msg100 = load(DatasetKind::Cifar100, &dir.path().join("nope"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg100.contains("does not exist")
+                && msg100.contains("03b5dce01913d631647c71ecec9e9cb8"),
+            "{msg100}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn finds_each_layout() -> TestResult {
+        // Extracted folder inside dir, and dir being that folder.
+        let dir = tempfile::tempdir()?;
+        let folder = write_cifar_folder(DatasetKind::Cifar10, dir.path(), 1)?;
+        assert_eq!(load(DatasetKind::Cifar10, dir.path())?.train.len(), 5);
+        assert_eq!(load(DatasetKind::Cifar10, &folder)?.test.len(), 1);
+
+        // Tarball inside dir.
+        let dir = tempfile::tempdir()?;
+        write_cifar_tarball(DatasetKind::Cifar100, dir.path(), 2)?;
+        assert_eq!(
+            load(DatasetKind::Cifar100, dir.path())?.train.num_classes(),
+            100
+        );
+
+        // Image folder at dir/cifar10-jpeg with the ten official classes.
+        let dir = tempfile::tempdir()?;
+        let specs: Vec<ImageSpec> = DatasetKind::Cifar10
+            .class_names()
+            .iter()
+            .flat_map(|c| ["train", "test"].map(|s| ImageSpec::rgb(s, c, "0000.png", 2, 2)))
+            .collect();
+        write_image_folder(&dir.path().join("cifar10-jpeg"), &specs)?;
+        let s = load(DatasetKind::Cifar10, dir.path())?;
+        assert_eq!(s.train.len(), 10);
+        assert_eq!(s.test.labels(), &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        // The same folder is not CIFAR-100.
+        let err = load(DatasetKind::Cifar100, &dir.path().join("cifar10-jpeg")).err();
+        assert!(
+            matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("10 class folders")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,485 @@
+//! Convolution in NHWC layout as im2col + GEMM, forward and backward, on the CPU.
+//!
+//! candle's CPU convolution computes its input gradient with a direct transposed
+//! convolution several times slower than its forward pass, and its kernel gradient
+//! through a second convolution with the batch as channels; both are always
+//! computed. Here a convolution of a block of images is `cols(x)·Wᵀ`, where `cols`
+//! gathers every k×k patch of an NHWC image into one row (patch order ky, kx, c):
+//!
+//! * forward: per block, `y = cols·Wᵀ`;
+//! * input gradient: per block, `dcols = dy·W`, scattered back by [`col2im`];
+//! * kernel gradient: `dW = Σ_blocks dyᵀ·cols`, skipped entirely inside
+//!   [`crate::input_gradients_only`] (what attacks need).
+//!
+//! Blocks are whole images, processed in parallel with rayon, each with its own
+//! small `cols` buffer, so no batch-sized patch matrix is ever materialised.
+
+use crate::gemm::{sgemm, MatRef};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Geometry of a square convolution window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Kernel side k.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl Window {
+    /// Output side for an input side `n`.
+    pub fn out_size(&self, n: usize) -> Result<usize> {
+        let padded = n + 2 * self.padding;
+        if padded < self.kernel || self.stride == 0 || self.kernel == 0 {
+            candle_core::bail!("window {self:?} does not fit an input of side {n}")
+        }
+        Ok((padded - self.kernel) / self.stride + 1)
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+}
+
+/// Image geometry of one convolution: input (H, W, C) and output (Ho, Wo).
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    window: Window,
+    h: usize,
+    w: usize,
+    c: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geometry {
+    fn new(window: Window, h: usize, w: usize, c: usize) -> Result<Self> {
+        Ok(Geometry {
+            window,
+            h,
+            w,
+            c,
+            ho: window.out_size(h)?,
+            wo: window.out_size(w)?,
+        })
+    }
+    fn row(&self) -> usize {
+        self.window.kernel * self.window.kernel * self.c
+    }
+    fn image_len(&self) -> usize {
+        self.h * self.w * self.c
+    }
+    fn out_pixels(&self) -> usize {
+        self.ho * self.wo
+    }
+    /// Images per parallel block: enough output rows (≥ 256) for an efficient GEMM.
+    fn images_per_block(&self) -> usize {
+        (256 / self.out_pixels().max(1)).max(1)
+    }
+}
+
+/// Gathers the patches of `images` (n images, each H·W·C) into `cols`
+/// (n·Ho·Wo rows of k·k·C), zero where the window overlaps the padding.
+fn im2col(g: &Geometry, images: &[f32], cols: &mut [f32]) {
+    let Window {
+        kernel: k,
+        stride: s,
+        padding: p,
+    } = g.window;
+    let row = g.row();
+    cols.fill(0.0);
+    for (img, out) in images
+        .chunks_exact(g.image_len())
+        .zip(cols.chunks_exact_mut(g.out_pixels() * row))
+    {
+        for oy in 0..g.ho {
+            for ox in 0..g.wo {
+                let dst_row = &mut out[(oy * g.wo + ox) * row..][..row];
+                for ky in 0..k {
+                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < g.h) else {
+                        continue;
+                    };
+                    for kx in 0..k {
+                        let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < g.w) else {
+                            continue;
+                        };
+                        let src = (iy * g.w + ix) * g.c;
+                        dst_row[(ky * k + kx) * g.c..][..g.c].copy_from_slice(&img[src..src + g.c]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds every patch row of `cols` back into `images`.
+fn col2im(g: &Geometry, cols: &[f32], images: &mut [f32]) {
+    let Window {
+        kernel: k,
+        stride: s,
+        padding: p,
+    } = g.window;
+    let row = g.row();
+    for (img, src_img) in images
+        .chunks_exact_mut(g.image_len())
+        .zip(cols.chunks_exact(g.out_pixels() * row))
+    {
+        for oy in 0..g.ho {
+            for ox in 0..g.wo {
+                let src_row = &src_img[(oy * g.wo + ox) * row..][..row];
+                for ky in 0..k {
+                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < g.h) else {
+                        continue;
+                    };
+                    for kx in 0..k {
+                        let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < g.w) else {
+                            continue;
+                        };
+                        let dst = (iy * g.w + ix) * g.c;
+                        let src = &src_row[(ky * k + kx) * g.c..][..g.c];
+                        for (d, v) in img[dst..dst + g.c].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(d) => d.as_slice(),
+        other => candle_core::bail!("{op}: only f32 is supported, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+/// y = conv(x, W): x (B, H, W, C_in), W (C_out, k·k·C_in) → y (B, Ho, Wo, C_out).
+#[derive(Clone, Copy, Debug)]
+struct ConvNhwc(Window);
+
+impl ConvNhwc {
+    fn geometry(&self, x: &Layout, w: &Layout) -> Result<(usize, Geometry, usize)> {
+        let (b, h, wd, c) = x.shape().dims4()?;
+        let g = Geometry::new(self.0, h, wd, c)?;
+        let (c_out, row) = w.shape().dims2()?;
+        if row != g.row() {
+            candle_core::bail!("conv: kernel rows {row} do not match k·k·C = {}", g.row())
+        }
+        Ok((b, g, c_out))
+    }
+}
+
+impl CustomOp2 for ConvNhwc {
+    fn name(&self) -> &'static str {
+        "conv2d-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let wt = f32_slice(s2, l2, self.name())?;
+        let (b, g, c_out) = self.geometry(l1, l2)?;
+        let ipb = g.images_per_block();
+        let mut y = vec![0f32; b * g.out_pixels() * c_out];
+        let w_t = MatRef::row_major(wt, c_out, g.row()).t();
+        y.par_chunks_mut(ipb * g.out_pixels() * c_out)
+            .zip(x.par_chunks(ipb * g.image_len()))
+            .for_each(|(yb, xb)| {
+                let rows = xb.len() / g.image_len() * g.out_pixels();
+                if g.window.is_pointwise() {
+                    sgemm(yb, MatRef::row_major(xb, rows, g.c), w_t, false);
+                } else {
+                    let mut cols = vec![0f32; rows * g.row()];
+                    im2col(&g, xb, &mut cols);
+                    sgemm(yb, MatRef::row_major(&cols, rows, g.row()), w_t, false);
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((b, g.ho, g.wo, c_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let weight_grad = !crate::input_gradients_only_active();
+        let op = ConvBackward {
+            window: self.0,
+            weight_grad,
+        };
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+        let nx = x.elem_count();
+        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        // candle's backward needs a gradient for every tracked argument: hand back
+        // zeros (a small tensor) when the kernel gradient was not computed.
+        let dw = if weight_grad {
+            packed.narrow(0, nx, w.elem_count())?.reshape(w.shape())?
+        } else {
+            w.zeros_like()?
+        };
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// (x, W, dy) → [dx | dW] packed (dW omitted when `weight_grad` is false).
+#[derive(Clone, Copy, Debug)]
+struct ConvBackward {
+    window: Window,
+    weight_grad: bool,
+}
+
+impl CustomOp3 for ConvBackward {
+    fn name(&self) -> &'static str {
+        "conv2d-nhwc-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let wt = f32_slice(s2, l2, self.name())?;
+        let dy = f32_slice(s3, l3, self.name())?;
+        let (b, g, c_out) = ConvNhwc(self.window).geometry(l1, l2)?;
+        if l3.shape().dims() != [b, g.ho, g.wo, c_out] {
+            candle_core::bail!("conv backward: gradient shape {:?}", l3.shape())
+        }
+        let ipb = g.images_per_block();
+        let out_block = ipb * g.out_pixels() * c_out;
+        let w_mat = MatRef::row_major(wt, c_out, g.row());
+        let n_w = if self.weight_grad { c_out * g.row() } else { 0 };
+        let mut out = vec![0f32; x.len() + n_w];
+        let (dx, dw) = out.split_at_mut(x.len());
+        // Input gradient: image blocks own disjoint slices of dx.
+        dx.par_chunks_mut(ipb * g.image_len())
+            .zip(dy.par_chunks(out_block))
+            .for_each(|(dxb, dyb)| {
+                let rows = dyb.len() / c_out;
+                if g.window.is_pointwise() {
+                    sgemm(dxb, MatRef::row_major(dyb, rows, c_out), w_mat, false);
+                } else {
+                    let mut dcols = vec![0f32; rows * g.row()];
+                    sgemm(
+                        &mut dcols,
+                        MatRef::row_major(dyb, rows, c_out),
+                        w_mat,
+                        false,
+                    );
+                    col2im(&g, &dcols, dxb);
+                }
+            });
+        if self.weight_grad {
+            // Kernel gradient: per-thread partial sums of dyᵀ·cols, then reduced.
+            let total = x
+                .par_chunks(ipb * g.image_len())
+                .zip(dy.par_chunks(out_block))
+                .fold(
+                    || vec![0f32; c_out * g.row()],
+                    |mut acc, (xb, dyb)| {
+                        let rows = dyb.len() / c_out;
+                        let dy_t = MatRef::row_major(dyb, rows, c_out).t();
+                        if g.window.is_pointwise() {
+                            sgemm(&mut acc, dy_t, MatRef::row_major(xb, rows, g.c), true);
+                        } else {
+                            let mut cols = vec![0f32; rows * g.row()];
+                            im2col(&g, xb, &mut cols);
+                            sgemm(
+                                &mut acc,
+                                dy_t,
+                                MatRef::row_major(&cols, rows, g.row()),
+                                true,
+                            );
+                        }
+                        acc
+                    },
+                )
+                .reduce(
+                    || vec![0f32; c_out * g.row()],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        a
+                    },
+                );
+            dw.copy_from_slice(&total);
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// 2-D convolution of NHWC input with an OIHW kernel.
+///
+/// xs: (B, H, W, C_in), weight: (C_out, C_in, k, k) → (B, Ho, Wo, C_out). On the CPU
+/// with f32 this is the blocked im2col + GEMM above; elsewhere candle's own
+/// convolution (with layout permutes), which is also the reference in tests.
+pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, _, _, c_in) = xs.dims4()?;
+    let (c_out, c_in_w, k, k2) = weight.dims4()?;
+    if c_in != c_in_w || k != k2 {
+        candle_core::bail!(
+            "conv2d_nhwc: input has {c_in} channels, kernel {:?}",
+            weight.dims()
+        )
+    }
+    if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
+        return conv2d_nhwc_reference(xs, weight, stride, padding);
+    }
+    let window = Window {
+        kernel: k,
+        stride,
+        padding,
+    };
+    // (C_out, k·k·C_in) with the patch order (ky, kx, c) of im2col.
+    let wmat = weight
+        .permute((0, 2, 3, 1))?
+        .reshape((c_out, k * k * c_in))?;
+    xs.contiguous()?.apply_op2(&wmat, ConvNhwc(window))
+}
+
+/// The same convolution through candle's NCHW `conv2d`.
+pub fn conv2d_nhwc_reference(
+    xs: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    xs.permute((0, 3, 1, 2))?
+        .conv2d(weight, padding, stride, 1, 1)?
+        .permute((0, 2, 3, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
+        Tensor::from_vec(rand_vec(shape.iter().product(), seed), shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Forward, input gradient and kernel gradient equal candle's own conv2d (the
+    /// reference path) for every geometry the architectures use, with batches that
+    /// split into several blocks.
+    #[test]
+    fn matches_candle_conv2d_forward_and_gradients() {
+        for (b, k, stride, pad, h, c_in, c_out) in [
+            (2, 3, 1, 1, 8, 3, 5),
+            (3, 3, 2, 1, 8, 4, 6),
+            (5, 1, 1, 0, 6, 4, 3),
+            (2, 1, 2, 0, 7, 4, 3),
+            (40, 3, 1, 1, 4, 2, 2),
+            (2, 5, 2, 2, 9, 2, 3),
+        ] {
+            let x = Var::from_tensor(&rand_tensor(&[b, h, h, c_in], 1)).unwrap();
+            let wt = Var::from_tensor(&rand_tensor(&[c_out, c_in, k, k], 2)).unwrap();
+            let reference = conv2d_nhwc_reference(&x, &wt, stride, pad).unwrap();
+            let ours = conv2d_nhwc(&x, &wt, stride, pad).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            assert!(
+                max_diff(&ours, &reference) < 1e-4,
+                "forward k={k} s={stride}"
+            );
+            let probe = rand_tensor(reference.dims(), 3);
+            let g_ref = (&reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_ours = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gx = max_diff(g_ref.get(&x).unwrap(), g_ours.get(&x).unwrap());
+            let gw = max_diff(g_ref.get(&wt).unwrap(), g_ours.get(&wt).unwrap());
+            assert!(
+                gx < 1e-4 && gw < 1e-4,
+                "k={k} s={stride}: grad x {gx}, grad w {gw}"
+            );
+            // Input-gradient-only mode: same dx, no kernel gradient at all.
+            let g_in = crate::input_gradients_only(|| {
+                (&conv2d_nhwc(&x, &wt, stride, pad).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+            })
+            .unwrap();
+            let gw_skipped = g_in.get(&wt).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(gw_skipped.to_scalar::<f32>().unwrap(), 0.0);
+            assert!(max_diff(g_ref.get(&x).unwrap(), g_in.get(&x).unwrap()) < 1e-4);
+        }
+    }
+
+    /// ⟨im2col(x), y⟩ = ⟨x, col2im(y)⟩: the gather and the scatter are adjoint.
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        let window = Window {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        };
+        let g = Geometry::new(window, 5, 5, 3).unwrap();
+        let x = rand_vec(2 * g.image_len(), 4);
+        let mut cols = vec![0f32; 2 * g.out_pixels() * g.row()];
+        im2col(&g, &x, &mut cols);
+        let y = rand_vec(cols.len(), 5);
+        let mut back = vec![0f32; x.len()];
+        col2im(&g, &y, &mut back);
+        let lhs: f32 = cols.iter().zip(&y).map(|(a, b)| a * b).sum();
+        let rhs: f32 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
+        assert!(
+            (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+            "{lhs} vs {rhs}"
+        );
+    }
+
+    #[test]
+    fn bad_geometry_is_an_error() {
+        let x = rand_tensor(&[1, 2, 2, 3], 0);
+        assert!(conv2d_nhwc(&x, &rand_tensor(&[4, 3, 5, 5], 0), 1, 0).is_err());
+        assert!(conv2d_nhwc(&x, &rand_tensor(&[4, 2, 3, 3], 0), 1, 1).is_err());
+    }
+}
