@@ -1,0 +1,86 @@
+//! `rampart`: train and evaluate image classifiers for robustness and calibration.
+//!
+//! Each subcommand parses its flags into a raw `…Args`, checks them into a `…Plan`
+//! (every value validated, presets and defaults resolved, the data folder found) and
+//! runs the plan. Every run writes its resolved configuration (`config.json`) and its
+//! command line (`command.txt`) beside its outputs. The training loop, the methods and
+//! evaluation live in `rampart-defenses`; this crate only connects them to the shell.
+
+mod common;
+mod eval;
+mod logging;
+mod preset;
+mod train;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use rampart_defenses::Progress;
+
+/// Train and evaluate image classifiers for adversarial robustness and calibration.
+#[derive(Parser, Debug)]
+#[command(name = "rampart", version, about, long_about = None)]
+struct Cli {
+    /// Worker threads for data preparation and tensor math [default: all cores].
+    /// Sets RAYON_NUM_THREADS before any work starts.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a classifier (checkpointed every epoch; --resume continues a run).
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a trained classifier on the test set.
+    Eval(eval::EvalArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if logging::is_active() {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        common::at_least_one("--threads", n)?;
+        // Before any thread pool exists: rayon and candle read it on first use.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let command = common::command_line();
+    let env_data_dir = common::data_dir_from_env();
+    match cli.command {
+        Command::Train(args) => {
+            let plan = args.plan(env_data_dir)?;
+            logging::init(Some(&plan.log_file()))?;
+            let summary = plan.run(&command, Progress::Bars)?;
+            println!("{}", summary.line(&plan.out));
+        }
+        Command::Eval(args) => {
+            let plan = args.plan(env_data_dir)?;
+            logging::init(Some(&plan.log_file()))?;
+            let results = plan.run(&command)?;
+            println!(
+                "clean accuracy {:.2} % (error {:.2} %) on {} test examples; results in {}",
+                100.0 * results.clean_accuracy,
+                100.0 * results.clean_error,
+                results.test_examples,
+                plan.out.display()
+            );
+        }
+    }
+    Ok(())
+}

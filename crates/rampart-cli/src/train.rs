@@ -1,0 +1,823 @@
+//! `rampart train`: flags → checked plan → a training run in one output folder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rampart_data::DatasetKind;
+use rampart_defenses::{
+    AugmentationConfig, DecayScope, Milestone, Normal, Progress, ScheduleKind, SgdConfig,
+    TrainConfig, Trainer, TrainingMethod, CHECKPOINT_FILE, MODEL_FILE,
+};
+use rampart_models::{Arch, Classifier, ModelSpec};
+use serde_json::json;
+
+use crate::common::{
+    at_least_one, create_out_dir, load_data, record_command, resolve_data_dir, write_json,
+    DeviceArg,
+};
+use crate::preset::{AugmentName, MethodName, Preset, PresetName, ScheduleName};
+
+/// Batch size when neither a flag nor a preset gives one.
+pub const DEFAULT_BATCH_SIZE: usize = 128;
+/// Learning rate when neither a flag nor a preset gives one.
+pub const DEFAULT_LR: f64 = 0.1;
+/// Momentum when neither a flag nor a preset gives one.
+pub const DEFAULT_MOMENTUM: f64 = 0.9;
+/// Weight decay when neither a flag nor a preset gives one.
+pub const DEFAULT_WEIGHT_DECAY: f64 = 5e-4;
+/// Batch size of the per-epoch evaluation.
+pub const DEFAULT_EVAL_BATCH_SIZE: usize = 256;
+/// Multistep milestones when --milestones is not given.
+pub const DEFAULT_MILESTONES: [&str; 2] = ["50%", "75%"];
+/// Multistep factor when --gamma is not given.
+pub const DEFAULT_MULTISTEP_GAMMA: f64 = 0.1;
+/// Exponential factor when --gamma is not given (CCAT's ×0.95 per epoch).
+pub const DEFAULT_EXPONENTIAL_GAMMA: f64 = 0.95;
+/// Cyclic peak when --peak is not given (fast AT).
+pub const DEFAULT_PEAK: f64 = 0.4;
+
+/// Flags of `rampart train`, as typed.
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Writes into --out: config.json (the resolved settings), command.txt (the \
+command line of every session), train.log, history.jsonl (one line per epoch), \
+checkpoint.safetensors (after every epoch) and model.safetensors (at the end)."
+)]
+pub struct TrainArgs {
+    /// Named published settings (architecture, epochs, optimiser, schedule,
+    /// augmentation); any flag given as well overrides the preset's value.
+    #[arg(long, value_enum)]
+    pub preset: Option<PresetName>,
+
+    /// Training method.
+    #[arg(long, value_enum)]
+    pub method: Option<MethodName>,
+
+    /// Architecture: wrn-D-K (e.g. wrn-28-10, wrn-16-4), resnet20 or preact-resnet18.
+    /// Required unless --preset gives it.
+    #[arg(long)]
+    pub arch: Option<String>,
+
+    /// Data set: cifar10 or cifar100.
+    #[arg(long, default_value = "cifar10")]
+    pub dataset: String,
+
+    /// Folder holding the data set (the official binary archive, its extracted folder,
+    /// or an image folder such as the unpacked cifar10-jpeg); defaults to
+    /// $RAMPART_DATA_DIR. See datasets/README.md.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+
+    /// Output folder of the run (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+
+    /// Number of epochs (passes over the training set). Required unless --preset gives it.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+
+    /// Training examples per SGD step [default: 128]. The last incomplete batch of
+    /// every epoch is dropped.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+
+    /// Base learning rate: the peak of cyclic schedules, the start of the others
+    /// [default: 0.1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+
+    /// SGD momentum in [0, 1) [default: 0.9].
+    #[arg(long, allow_negative_numbers = true)]
+    pub momentum: Option<f64>,
+
+    /// Use Nesterov momentum [the default].
+    #[arg(long, conflicts_with = "no_nesterov")]
+    pub nesterov: bool,
+
+    /// Use heavy-ball (non-Nesterov) momentum.
+    #[arg(long)]
+    pub no_nesterov: bool,
+
+    /// L2 weight decay added to the gradients [default: 5e-4].
+    #[arg(long, allow_negative_numbers = true)]
+    pub weight_decay: Option<f64>,
+
+    /// Which parameters weight decay applies to: all trainable parameters (BatchNorm
+    /// scale/shift and biases included, the common CIFAR recipe) or only convolution
+    /// and linear weights. BatchNorm running statistics are never decayed.
+    #[arg(long, value_enum, default_value = "all")]
+    pub decay_scope: DecayScopeArg,
+
+    /// Learning-rate schedule, evaluated every iteration [default: cosine].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleName>,
+
+    /// Multistep milestones, comma-separated: epochs (100,150) or percentages of the
+    /// run (50%,75%) [default: 50%,75%].
+    #[arg(long, value_delimiter = ',')]
+    pub milestones: Vec<String>,
+
+    /// Factor of the multistep (default 0.1) or exponential (default 0.95) schedule.
+    #[arg(long, allow_negative_numbers = true)]
+    pub gamma: Option<f64>,
+
+    /// Position of the cyclic schedule's peak as a fraction of the run, in (0, 1)
+    /// [default: 0.4].
+    #[arg(long, allow_negative_numbers = true)]
+    pub peak: Option<f64>,
+
+    /// Linear warm-up: the schedule is multiplied by min(1, epoch / warmup) [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub warmup_epochs: Option<f64>,
+
+    /// Training augmentation [default: standard].
+    #[arg(long, value_enum)]
+    pub augment: Option<AugmentName>,
+
+    /// Add Cutout: one square hole of this side in pixels (16 for CIFAR), after the
+    /// other augmentations.
+    #[arg(long)]
+    pub cutout: Option<usize>,
+
+    /// Label smoothing s in [0, 1) for normal training: targets (1 − s)·onehot + s·uniform.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub label_smoothing: f64,
+
+    /// Seed of the model's initialisation, the batch order, the augmentation and the
+    /// method's randomness.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Train on the first N training examples only (quick runs).
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+
+    /// Evaluate after each epoch on the first N test examples only; 0 skips the
+    /// per-epoch evaluation [default: the whole test set].
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+
+    /// Batch size of the per-epoch evaluation.
+    #[arg(long, default_value_t = DEFAULT_EVAL_BATCH_SIZE)]
+    pub eval_batch_size: usize,
+
+    /// Continue the run in --out from its last checkpoint (the result equals an
+    /// uninterrupted run); starts afresh when there is no checkpoint yet.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+/// `--decay-scope` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecayScopeArg {
+    /// Every trainable parameter.
+    All,
+    /// Convolution and linear weights only.
+    WeightsOnly,
+}
+
+/// The method with its settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MethodPlan {
+    /// Normal training.
+    Normal(Normal),
+}
+
+impl MethodPlan {
+    fn method(&self) -> &dyn TrainingMethod {
+        match self {
+            MethodPlan::Normal(m) => m,
+        }
+    }
+}
+
+/// A checked `train` invocation.
+#[derive(Clone, Debug)]
+pub struct TrainPlan {
+    /// The preset the settings started from.
+    pub preset: Option<Preset>,
+    /// The method.
+    pub method: MethodPlan,
+    /// The architecture.
+    pub arch: Arch,
+    /// The data set.
+    pub dataset: DatasetKind,
+    /// Its folder.
+    pub data_dir: PathBuf,
+    /// The output folder.
+    pub out: PathBuf,
+    /// The loop's configuration.
+    pub config: TrainConfig,
+    /// Training examples used (first N), or all.
+    pub train_limit: Option<usize>,
+    /// Per-epoch evaluation examples (first N), or all.
+    pub test_limit: Option<usize>,
+    /// Continue from the checkpoint.
+    pub resume: bool,
+    /// The device.
+    pub device: DeviceArg,
+}
+
+/// The first of a flag's and a preset's value, else the default.
+fn pick<T>(flag: Option<T>, preset: Option<T>, default: T) -> T {
+    flag.or(preset).unwrap_or(default)
+}
+
+fn positive(flag: &str, value: f64) -> Result<f64> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!("{flag} must be a finite number > 0, got {value}");
+    }
+    Ok(value)
+}
+
+impl TrainArgs {
+    /// Checks the flags into a plan; `env_data_dir` is $RAMPART_DATA_DIR.
+    pub fn plan(&self, env_data_dir: Option<PathBuf>) -> Result<TrainPlan> {
+        let preset = self.preset.map(PresetName::preset);
+        let p = preset.as_ref();
+        let method = pick(self.method, p.map(|p| p.method), MethodName::Normal);
+        let arch_name = self
+            .arch
+            .clone()
+            .or(p.map(|p| p.arch.to_string()))
+            .context("--arch is required unless --preset gives it (e.g. --arch wrn-16-4)")?;
+        let arch: Arch = arch_name.parse().context("--arch")?;
+        let dataset: DatasetKind = self.dataset.parse().context("--dataset")?;
+        let data_dir = resolve_data_dir(self.data_dir.clone(), env_data_dir)?;
+        let epochs = self
+            .epochs
+            .or(p.map(|p| p.epochs))
+            .context("--epochs is required unless --preset gives it")?;
+        let epochs = at_least_one("--epochs", epochs)?;
+        let batch_size = at_least_one(
+            "--batch-size",
+            pick(self.batch_size, p.map(|p| p.batch_size), DEFAULT_BATCH_SIZE),
+        )?;
+        let eval_batch_size = at_least_one("--eval-batch-size", self.eval_batch_size)?;
+        let lr = positive("--lr", pick(self.lr, p.map(|p| p.lr), DEFAULT_LR))?;
+        let momentum = pick(self.momentum, p.map(|p| p.momentum), DEFAULT_MOMENTUM);
+        if !(0.0..1.0).contains(&momentum) {
+            bail!("--momentum must lie in [0, 1), got {momentum}");
+        }
+        let flag_nesterov = match (self.nesterov, self.no_nesterov) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        let nesterov = pick(flag_nesterov, p.map(|p| p.nesterov), true) && momentum > 0.0;
+        if flag_nesterov == Some(true) && momentum == 0.0 {
+            bail!("--nesterov needs a --momentum > 0");
+        }
+        let weight_decay = pick(
+            self.weight_decay,
+            p.map(|p| p.weight_decay),
+            DEFAULT_WEIGHT_DECAY,
+        );
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            bail!("--weight-decay must be finite and ≥ 0, got {weight_decay}");
+        }
+        let schedule = self.schedule_kind(p)?;
+        let warmup_epochs = self.warmup_epochs.unwrap_or(0.0);
+        if !(warmup_epochs.is_finite() && warmup_epochs >= 0.0 && warmup_epochs <= epochs as f64) {
+            bail!("--warmup-epochs must lie in [0, --epochs], got {warmup_epochs}");
+        }
+        let augment = pick(self.augment, p.map(|p| p.augment), AugmentName::Standard);
+        let cutout = self.cutout.or(p.and_then(|p| p.cutout));
+        if cutout == Some(0) {
+            bail!("--cutout must be at least 1 pixel");
+        }
+        let augmentation = match augment {
+            AugmentName::Standard => AugmentationConfig {
+                crop_padding: 4,
+                flip: true,
+                cutout,
+            },
+            AugmentName::None => AugmentationConfig {
+                crop_padding: 0,
+                flip: false,
+                cutout,
+            },
+        };
+        let method = match method {
+            MethodName::Normal => MethodPlan::Normal(
+                Normal::with_label_smoothing(self.label_smoothing).context("--label-smoothing")?,
+            ),
+        };
+        if self.train_limit == Some(0) {
+            bail!("--train-limit must be at least 1");
+        }
+        let config = TrainConfig {
+            epochs,
+            batch_size,
+            lr,
+            schedule,
+            warmup_epochs,
+            sgd: SgdConfig {
+                momentum,
+                nesterov,
+                weight_decay,
+                decay_scope: match self.decay_scope {
+                    DecayScopeArg::All => DecayScope::All,
+                    DecayScopeArg::WeightsOnly => DecayScope::WeightsOnly,
+                },
+            },
+            augmentation,
+            seed: self.seed,
+            eval_batch_size,
+        };
+        config.validate().context("invalid training flags")?;
+        Ok(TrainPlan {
+            preset,
+            method,
+            arch,
+            dataset,
+            data_dir,
+            out: self.out.clone(),
+            config,
+            train_limit: self.train_limit,
+            test_limit: self.test_limit,
+            resume: self.resume,
+            device: self.device,
+        })
+    }
+
+    /// The schedule: parameters from flags, else from the preset when its schedule is
+    /// the one chosen, else the defaults. A parameter flag for another schedule is refused.
+    fn schedule_kind(&self, p: Option<&Preset>) -> Result<ScheduleKind> {
+        let name = pick(self.schedule, p.map(|p| p.schedule), ScheduleName::Cosine);
+        let same = p.filter(|p| p.schedule == name);
+        let refuse = |flag: &str, given: bool| -> Result<()> {
+            if given {
+                bail!(
+                    "{flag} does not apply to the {} schedule",
+                    format!("{name:?}").to_lowercase()
+                );
+            }
+            Ok(())
+        };
+        let kind = match name {
+            ScheduleName::Constant | ScheduleName::Cosine => {
+                refuse("--milestones", !self.milestones.is_empty())?;
+                refuse("--gamma", self.gamma.is_some())?;
+                refuse("--peak", self.peak.is_some())?;
+                if name == ScheduleName::Constant {
+                    ScheduleKind::Constant
+                } else {
+                    ScheduleKind::Cosine
+                }
+            }
+            ScheduleName::Multistep => {
+                refuse("--peak", self.peak.is_some())?;
+                let texts: Vec<String> = if !self.milestones.is_empty() {
+                    self.milestones.clone()
+                } else if let Some(p) = same.filter(|p| !p.milestones.is_empty()) {
+                    p.milestones.iter().map(|s| s.to_string()).collect()
+                } else {
+                    DEFAULT_MILESTONES.iter().map(|s| s.to_string()).collect()
+                };
+                let milestones = texts
+                    .iter()
+                    .map(|t| t.parse::<Milestone>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .context("--milestones")?;
+                let gamma = pick(
+                    self.gamma,
+                    same.and_then(|p| p.gamma),
+                    DEFAULT_MULTISTEP_GAMMA,
+                );
+                ScheduleKind::Multistep { milestones, gamma }
+            }
+            ScheduleName::Cyclic => {
+                refuse("--milestones", !self.milestones.is_empty())?;
+                refuse("--gamma", self.gamma.is_some())?;
+                ScheduleKind::Cyclic {
+                    peak: pick(self.peak, same.and_then(|p| p.peak), DEFAULT_PEAK),
+                }
+            }
+            ScheduleName::Exponential => {
+                refuse("--milestones", !self.milestones.is_empty())?;
+                refuse("--peak", self.peak.is_some())?;
+                ScheduleKind::Exponential {
+                    gamma: pick(
+                        self.gamma,
+                        same.and_then(|p| p.gamma),
+                        DEFAULT_EXPONENTIAL_GAMMA,
+                    ),
+                }
+            }
+        };
+        Ok(kind)
+    }
+}
+
+impl TrainPlan {
+    /// Where the log goes.
+    pub fn log_file(&self) -> PathBuf {
+        self.out.join("train.log")
+    }
+
+    /// The resolved settings as written to `config.json`.
+    pub fn to_json(&self, command: &str) -> serde_json::Value {
+        let method = self.method.method();
+        json!({
+            "command": "train",
+            "rampart_version": env!("CARGO_PKG_VERSION"),
+            "command_line": command,
+            "preset": self.preset.map(|p| p.name),
+            "method": method.name(),
+            "method_settings": method.settings(),
+            "arch": self.arch.to_string(),
+            "dataset": self.dataset.to_string(),
+            "data_dir": self.data_dir,
+            "out": self.out,
+            "train_limit": self.train_limit,
+            "test_limit": self.test_limit,
+            "resume": self.resume,
+            "device": self.device.to_string(),
+            "train": self.config,
+        })
+    }
+
+    /// Refuses to train into a folder that already holds a run, unless resuming; when
+    /// resuming, refuses a checkpoint of other settings before anything is written
+    /// (the trainer checks again, the training set's size included).
+    fn check_out_dir(&self) -> Result<()> {
+        let checkpoint = self.out.join(CHECKPOINT_FILE);
+        if self.resume {
+            if checkpoint.is_file() {
+                let meta = rampart_defenses::read_checkpoint_meta(&checkpoint)?;
+                let method = self.method.method();
+                let spec = ModelSpec::cifar(self.arch, self.dataset.num_classes());
+                let differs = |what: &str| {
+                    anyhow::anyhow!(
+                        "cannot resume {}: its checkpoint was written with another {what}; \
+                         resume with the same flags (see its config.json), or choose another --out",
+                        self.out.display()
+                    )
+                };
+                if meta.method != method.name() || meta.method_settings != method.settings() {
+                    return Err(differs("method or method settings"));
+                }
+                if meta.spec != spec {
+                    return Err(differs("architecture or data set"));
+                }
+                if meta.config != self.config {
+                    return Err(differs("training configuration"));
+                }
+            }
+            return Ok(());
+        }
+        for file in [CHECKPOINT_FILE, MODEL_FILE] {
+            if self.out.join(file).exists() {
+                bail!(
+                    "{} already holds a training run ({file}): pass --resume to continue it, \
+                     or choose another --out",
+                    self.out.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the plan; `command` is recorded beside the outputs.
+    pub fn run(&self, command: &str, progress: Progress) -> Result<TrainSummary> {
+        self.check_out_dir()?;
+        create_out_dir(&self.out)?;
+        record_command(&self.out, command)?;
+        write_json(&self.out.join("config.json"), &self.to_json(command))?;
+        let device = self.device.open()?;
+        let splits = load_data(self.dataset, &self.data_dir)?;
+        let train = match self.train_limit {
+            Some(n) => splits.train.take(n),
+            None => splits.train,
+        };
+        let test = match self.test_limit {
+            Some(n) => splits.test.take(n),
+            None => splits.test,
+        };
+        let spec = ModelSpec::cifar(self.arch, self.dataset.num_classes());
+        let mut model = Classifier::new(spec, self.config.seed, &device)?;
+        let mut trainer = Trainer::new(self.config.clone(), &self.out)?
+            .resume(self.resume)
+            .progress(progress)
+            .metadata("dataset", self.dataset.to_string());
+        if let Some(p) = &self.preset {
+            trainer = trainer.metadata("preset", p.name);
+        }
+        let train_examples = train.len();
+        let outcome = trainer.run(&mut model, self.method.method(), Arc::new(train), &test)?;
+        let last = outcome.history.last();
+        let summary = TrainSummary {
+            schema_version: SUMMARY_SCHEMA_VERSION,
+            method: self.method.method().name().to_string(),
+            arch: self.arch.to_string(),
+            dataset: self.dataset.to_string(),
+            preset: self.preset.map(|p| p.name.to_string()),
+            parameters: model.num_parameters(),
+            epochs: self.config.epochs,
+            seed: self.config.seed,
+            train_examples,
+            test_examples: last.map_or(0, |r| r.test_examples),
+            test_accuracy: last.and_then(|r| r.test_accuracy),
+            train_seconds: last.map_or(0.0, |r| r.elapsed_seconds),
+            model: outcome.model_path,
+        };
+        write_json(&self.out.join(SUMMARY_FILE), &summary)?;
+        Ok(summary)
+    }
+}
+
+/// Written by a finished `train` beside the model.
+pub const SUMMARY_FILE: &str = "summary.json";
+/// Version of [`SUMMARY_FILE`]'s layout.
+pub const SUMMARY_SCHEMA_VERSION: u32 = 1;
+
+/// What a finished `train` reports: `summary.json`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainSummary {
+    /// [`SUMMARY_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The method's short name.
+    pub method: String,
+    /// The architecture.
+    pub arch: String,
+    /// The data set.
+    pub dataset: String,
+    /// The preset the settings started from.
+    pub preset: Option<String>,
+    /// Trainable scalars of the model.
+    pub parameters: usize,
+    /// Epochs trained.
+    pub epochs: usize,
+    /// The seed.
+    pub seed: u64,
+    /// Training examples used.
+    pub train_examples: usize,
+    /// Size of the per-epoch evaluation set.
+    pub test_examples: usize,
+    /// Accuracy on it after the last epoch.
+    pub test_accuracy: Option<f64>,
+    /// Wall time of training and per-epoch evaluation, summed over resumed sessions.
+    pub train_seconds: f64,
+    /// The saved model.
+    pub model: PathBuf,
+}
+
+impl TrainSummary {
+    /// One line for the terminal.
+    pub fn line(&self, out: &Path) -> String {
+        let acc = match self.test_accuracy {
+            Some(a) => format!(
+                "test accuracy {:.2} % on {} examples",
+                100.0 * a,
+                self.test_examples
+            ),
+            None => "no per-epoch evaluation".to_string(),
+        };
+        format!(
+            "trained {} epochs in {:.0} s: {acc}; model saved to {} (outputs in {})",
+            self.epochs,
+            self.train_seconds,
+            self.model.display(),
+            out.display()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn plan(flags: &str) -> Result<TrainPlan> {
+        let argv = std::iter::once("train").chain(flags.split_whitespace());
+        Wrapper::try_parse_from(argv)?.args.plan(None)
+    }
+
+    fn error(flags: &str) -> String {
+        plan(flags)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    }
+
+    const BASE: &str = "--data-dir d --out o";
+
+    #[test]
+    fn defaults_fill_what_flags_leave_open() -> Result<()> {
+        let p = plan(&format!("{BASE} --arch wrn-16-4 --epochs 3"))?;
+        assert_eq!(p.arch.to_string(), "wrn-16-4");
+        assert_eq!(p.dataset, DatasetKind::Cifar10);
+        let c = &p.config;
+        assert_eq!((c.epochs, c.batch_size, c.lr, c.seed), (3, 128, 0.1, 0));
+        assert_eq!(
+            c.sgd,
+            SgdConfig {
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 5e-4,
+                decay_scope: DecayScope::All
+            }
+        );
+        assert_eq!(c.schedule, ScheduleKind::Cosine);
+        assert_eq!(
+            c.augmentation,
+            AugmentationConfig {
+                crop_padding: 4,
+                flip: true,
+                cutout: None
+            }
+        );
+        assert_eq!(p.method, MethodPlan::Normal(Normal::new()));
+        Ok(())
+    }
+
+    #[test]
+    fn preset_values_are_overridden_by_flags() -> Result<()> {
+        let p = plan(&format!("{BASE} --preset normal-wrn28-10"))?;
+        assert_eq!(p.arch.to_string(), "wrn-28-10");
+        assert_eq!(p.config.epochs, 200);
+        assert_eq!(
+            p.config.schedule,
+            ScheduleKind::Multistep {
+                milestones: vec![Milestone::Fraction(0.5), Milestone::Fraction(0.75)],
+                gamma: 0.1
+            }
+        );
+        // Fractions follow an overridden epoch count; other flags win over the preset.
+        let p = plan(&format!("{BASE} --preset normal-wrn28-10 --epochs 10 --arch wrn-16-1 --lr 0.05 --no-nesterov --cutout 16"))?;
+        assert_eq!(
+            (p.config.epochs, p.config.lr, p.config.sgd.nesterov),
+            (10, 0.05, false)
+        );
+        assert_eq!(p.arch.to_string(), "wrn-16-1");
+        assert_eq!(p.config.augmentation.cutout, Some(16));
+        assert!((p.config.lr_schedule()?.lr(5.5) - 0.005).abs() < 1e-12);
+        // Switching the schedule drops the preset's multistep parameters.
+        let p = plan(&format!(
+            "{BASE} --preset normal-wrn28-10 --schedule exponential"
+        ))?;
+        assert_eq!(p.config.schedule, ScheduleKind::Exponential { gamma: 0.95 });
+        let p = plan(&format!("{BASE} --preset normal-preact-resnet18"))?;
+        assert_eq!(p.config.schedule, ScheduleKind::Cyclic { peak: 0.4 });
+        assert_eq!(p.config.lr, 0.2);
+        Ok(())
+    }
+
+    #[test]
+    fn schedules_take_their_parameters() -> Result<()> {
+        let p = plan(&format!("{BASE} --arch resnet20 --epochs 200 --schedule multistep --milestones 100,150 --gamma 0.2 --warmup-epochs 5"))?;
+        assert_eq!(
+            p.config.schedule,
+            ScheduleKind::Multistep {
+                milestones: vec![Milestone::Epoch(100.0), Milestone::Epoch(150.0)],
+                gamma: 0.2
+            }
+        );
+        assert_eq!(p.config.warmup_epochs, 5.0);
+        let p = plan(&format!("{BASE} --arch resnet20 --epochs 200 --schedule exponential --lr 0.075 --batch-size 100"))?;
+        assert_eq!(p.config.schedule, ScheduleKind::Exponential { gamma: 0.95 });
+        let p = plan(&format!("{BASE} --arch resnet20 --epochs 4 --schedule cyclic --peak 0.25 --augment none --decay-scope weights-only --label-smoothing 0.1"))?;
+        assert_eq!(p.config.schedule, ScheduleKind::Cyclic { peak: 0.25 });
+        assert_eq!(
+            p.config.augmentation,
+            AugmentationConfig {
+                crop_padding: 0,
+                flip: false,
+                cutout: None
+            }
+        );
+        assert_eq!(p.config.sgd.decay_scope, DecayScope::WeightsOnly);
+        assert_eq!(
+            p.method,
+            MethodPlan::Normal(Normal {
+                label_smoothing: 0.1
+            })
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_get_clear_errors() {
+        let arch = "--arch wrn-16-4";
+        for (flags, needle) in [
+            (
+                format!("--out o {arch} --epochs 1"),
+                "--data-dir is required",
+            ),
+            (format!("{BASE} --epochs 1"), "--arch is required"),
+            (format!("{BASE} {arch}"), "--epochs is required"),
+            (
+                format!("{BASE} {arch} --epochs 0"),
+                "--epochs must be at least 1",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --batch-size 0"),
+                "--batch-size must be at least 1",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --lr 0"),
+                "--lr must be a finite number > 0",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --lr -0.1"),
+                "--lr must be a finite number > 0",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --lr nan"),
+                "--lr must be a finite number > 0",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --momentum 1"),
+                "--momentum must lie in [0, 1)",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --momentum 0 --nesterov"),
+                "--nesterov needs",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --weight-decay -1"),
+                "--weight-decay",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --gamma 0.5"),
+                "--gamma does not apply to the cosine schedule",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --schedule cyclic --milestones 50%"),
+                "--milestones does not apply",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 10 --schedule multistep --milestones soon"),
+                "milestone `soon`",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 10 --schedule multistep --milestones 12"),
+                "outside the run",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 10 --schedule multistep --gamma 2"),
+                "gamma must lie in (0, 1]",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 10 --schedule cyclic --peak 1"),
+                "peak must lie in (0, 1)",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 2 --warmup-epochs 3"),
+                "--warmup-epochs",
+            ),
+            (format!("{BASE} {arch} --epochs 1 --cutout 0"), "--cutout"),
+            (
+                format!("{BASE} {arch} --epochs 1 --train-limit 0"),
+                "--train-limit",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --eval-batch-size 0"),
+                "--eval-batch-size",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --label-smoothing 1"),
+                "label smoothing",
+            ),
+            (
+                format!("{BASE} --arch wrn-15-4 --epochs 1"),
+                "WRN depth 15 invalid",
+            ),
+            (
+                format!("{BASE} --arch vgg --epochs 1"),
+                "unknown architecture",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --dataset mnist"),
+                "unknown dataset",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --device tpu"),
+                "unknown device",
+            ),
+            (
+                format!("{BASE} {arch} --epochs 1 --nesterov --no-nesterov"),
+                "cannot be used with",
+            ),
+        ] {
+            let err = error(&flags);
+            assert!(
+                err.contains(needle),
+                "`{flags}`: expected `{needle}` in `{err}`"
+            );
+        }
+    }
+}

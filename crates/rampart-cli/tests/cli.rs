@@ -1,0 +1,349 @@
+//! The `rampart` binary end to end, on a tiny CIFAR-10 written in the official binary
+//! format.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn rampart(args: &[&str]) -> std::io::Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(args)
+        .env_remove("RAMPART_DATA_DIR")
+        .env("RUST_LOG", "warn")
+        .output()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `dir/cifar-10-batches-bin/` with `per_file` records in each of the five training
+/// batches and the test batch: label byte, then 3,072 pixel bytes (R, G, B planes).
+fn write_tiny_cifar10(dir: &Path, per_file: usize) -> std::io::Result<PathBuf> {
+    let folder = dir.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&folder)?;
+    let names = [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ];
+    for (f, name) in names.iter().enumerate() {
+        let mut bytes = Vec::new();
+        for r in 0..per_file {
+            let label = ((f * per_file + r) % 10) as u8;
+            bytes.push(label);
+            bytes.extend((0..3072).map(|p| ((p * 7 + usize::from(label) * 25 + r) % 256) as u8));
+        }
+        std::fs::write(folder.join(name), bytes)?;
+    }
+    Ok(folder)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+#[test]
+fn help_explains_every_flag() -> TestResult {
+    let out = rampart(&["train", "--help"])?;
+    assert!(out.status.success());
+    let help = text(&out);
+    for flag in [
+        "--preset",
+        "--method",
+        "--arch",
+        "--dataset",
+        "--data-dir",
+        "--out",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--momentum",
+        "--nesterov",
+        "--no-nesterov",
+        "--weight-decay",
+        "--decay-scope",
+        "--schedule",
+        "--milestones",
+        "--gamma",
+        "--peak",
+        "--warmup-epochs",
+        "--augment",
+        "--cutout",
+        "--label-smoothing",
+        "--seed",
+        "--train-limit",
+        "--test-limit",
+        "--eval-batch-size",
+        "--resume",
+        "--device",
+        "--threads",
+        "normal-wrn28-10",
+        "normal-preact-resnet18",
+        "RAMPART_DATA_DIR",
+        "history.jsonl",
+    ] {
+        assert!(help.contains(flag), "train --help lacks {flag}:\n{help}");
+    }
+    let help = text(&rampart(&["eval", "--help"])?);
+    for flag in [
+        "--model",
+        "--data-dir",
+        "--dataset",
+        "--test-limit",
+        "--batch-size",
+        "--suite",
+        "--out",
+        "predictions.json",
+    ] {
+        assert!(help.contains(flag), "eval --help lacks {flag}:\n{help}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_flags_and_missing_data_fail_clearly() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let out = s(dir.path());
+    let run = rampart(&[
+        "train",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "0",
+        "--data-dir",
+        out,
+        "--out",
+        out,
+    ])?;
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("--epochs must be at least 1"),
+        "{}",
+        text(&run)
+    );
+
+    let empty = dir.path().join("nothing-here");
+    let run = rampart(&[
+        "train",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--data-dir",
+        s(&empty),
+        "--out",
+        &format!("{out}/run"),
+    ])?;
+    assert!(!run.status.success());
+    let msg = text(&run);
+    assert!(
+        msg.contains("cifar-10-binary.tar.gz") && msg.contains("--data-dir"),
+        "{msg}"
+    );
+
+    let run = rampart(&[
+        "train",
+        "--threads",
+        "0",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--data-dir",
+        out,
+        "--out",
+        out,
+    ])?;
+    assert!(
+        text(&run).contains("--threads must be at least 1"),
+        "{}",
+        text(&run)
+    );
+    Ok(())
+}
+
+#[test]
+fn train_resume_and_eval_write_their_files() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    let run_dir = dir.path().join("run");
+    let train_args = [
+        "train",
+        "--threads",
+        "2",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--schedule",
+        "multistep",
+        "--milestones",
+        "50%",
+        "--cutout",
+        "8",
+        "--test-limit",
+        "4",
+        "--data-dir",
+        data,
+        "--out",
+        s(&run_dir),
+    ];
+    let run = rampart(&train_args)?;
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(
+        String::from_utf8_lossy(&run.stdout).contains("trained 2 epochs"),
+        "{}",
+        text(&run)
+    );
+    for file in [
+        "config.json",
+        "command.txt",
+        "model.safetensors",
+        "checkpoint.safetensors",
+        "history.jsonl",
+        "train.log",
+        "summary.json",
+    ] {
+        assert!(run_dir.join(file).is_file(), "{file} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json"))?)?;
+    assert_eq!(config["arch"], "wrn-10-1");
+    assert_eq!(config["method"], "normal");
+    assert_eq!(config["train"]["schedule"]["milestones"][0], "50%");
+    assert_eq!(config["train"]["augmentation"]["cutout"], 8);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json"))?)?;
+    assert_eq!(
+        (
+            summary["epochs"].as_u64(),
+            summary["train_examples"].as_u64(),
+            summary["test_examples"].as_u64()
+        ),
+        (Some(2), Some(40), Some(4))
+    );
+    assert_eq!(summary["parameters"], 77850);
+    let history = std::fs::read_to_string(run_dir.join("history.jsonl"))?;
+    assert_eq!(history.lines().count(), 2);
+    assert!(std::fs::read_to_string(run_dir.join("command.txt"))?.contains("--milestones 50%"));
+
+    // The same folder again: refused without --resume, a no-op with it.
+    let again = rampart(&train_args)?;
+    assert!(
+        !again.status.success() && text(&again).contains("--resume"),
+        "{}",
+        text(&again)
+    );
+    let mut resume_args = train_args.to_vec();
+    resume_args.push("--resume");
+    let resumed = rampart(&resume_args)?;
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("command.txt"))?
+            .lines()
+            .count(),
+        2
+    );
+    // A resumed run with other settings is refused.
+    let mut other = resume_args.clone();
+    other.extend(["--seed", "3"]);
+    let refused = rampart(&other)?;
+    assert!(
+        !refused.status.success() && text(&refused).contains("cannot resume"),
+        "{}",
+        text(&refused)
+    );
+    // ... before touching the run's files.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json"))?)?;
+    assert_eq!(config["train"]["seed"], 0);
+
+    let eval_dir = dir.path().join("eval");
+    let model = run_dir.join("model.safetensors");
+    let eval = rampart(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data-dir",
+        data,
+        "--out",
+        s(&eval_dir),
+        "--batch-size",
+        "3",
+    ])?;
+    assert!(eval.status.success(), "{}", text(&eval));
+    assert!(
+        String::from_utf8_lossy(&eval.stdout).contains("on 8 test examples"),
+        "{}",
+        text(&eval)
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("results.json"))?)?;
+    assert_eq!(results["schema_version"], 1);
+    assert_eq!(results["test_examples"], 8);
+    assert_eq!(results["dataset"], "cifar10");
+    assert_eq!(results["method"], "normal");
+    let acc = results["clean_accuracy"].as_f64().unwrap_or(-1.0);
+    let err = results["clean_error"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&acc) && (acc + err - 1.0).abs() < 1e-12);
+    let predictions: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("predictions.json"))?)?;
+    assert_eq!(predictions["labels"].as_array().map(Vec::len), Some(8));
+    assert_eq!(predictions["confidence"].as_array().map(Vec::len), Some(8));
+    for file in [
+        "results.md",
+        "probs.safetensors",
+        "config.json",
+        "command.txt",
+        "eval.log",
+    ] {
+        assert!(eval_dir.join(file).is_file(), "{file} missing");
+    }
+
+    // A model evaluated as another data set, and a file that is no model.
+    let wrong = rampart(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data-dir",
+        data,
+        "--dataset",
+        "cifar100",
+        "--out",
+        s(&eval_dir),
+    ])?;
+    assert!(
+        text(&wrong).contains("has 10 outputs but CIFAR-100 has 100 classes"),
+        "{}",
+        text(&wrong)
+    );
+    let not_model = rampart(&[
+        "eval",
+        "--model",
+        s(&run_dir.join("history.jsonl")),
+        "--data-dir",
+        data,
+        "--out",
+        s(&eval_dir),
+    ])?;
+    assert!(
+        !not_model.status.success() && text(&not_model).contains("history.jsonl"),
+        "{}",
+        text(&not_model)
+    );
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T> = std::result::Result<T, DefenseError>;
+
+/// Everything that can go wrong while configuring, running, checkpointing or
+/// evaluating training.
+#[derive(Debug, thiserror::Error)]
+pub enum DefenseError {
+    /// A configuration value that cannot be run (epochs 0, lr ≤ 0, …).
+    #[error("invalid training configuration: {0}")]
+    Config(String),
+
+    /// The loss stopped being a finite number.
+    #[error(
+        "training diverged: the loss is {value} at epoch {epoch}, batch {batch} \
+         (lower the learning rate or check the data)"
+    )]
+    Diverged {
+        /// Epoch (1-based).
+        epoch: usize,
+        /// Batch within the epoch (1-based).
+        batch: usize,
+        /// The loss value.
+        value: f32,
+    },
+
+    /// A checkpoint that cannot be resumed from.
+    #[error("{}: {message}", .path.display())]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// A filesystem error on a named file.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A model could not be built, saved or loaded (boxed: the error is large).
+    #[error(transparent)]
+    Model(Box<rampart_models::ModelError>),
+
+    /// Data could not be read or batched (boxed: the error is large).
+    #[error(transparent)]
+    Data(Box<rampart_data::DataError>),
+
+    /// A tensor computation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl From<rampart_models::ModelError> for DefenseError {
+    fn from(e: rampart_models::ModelError) -> Self {
+        Self::Model(Box::new(e))
+    }
+}
+
+impl From<rampart_data::DataError> for DefenseError {
+    fn from(e: rampart_data::DataError) -> Self {
+        Self::Data(Box::new(e))
+    }
+}
+
+impl DefenseError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

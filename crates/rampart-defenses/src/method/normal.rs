@@ -1,0 +1,116 @@
+//! Normal training: cross-entropy on the clean batch.
+
+use candle_core::{ModuleT, Tensor, D};
+use rampart_models::Classifier;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{BatchLoss, TrainingMethod};
+use crate::error::{DefenseError, Result};
+
+/// Cross-entropy on the clean, augmented batch with the model in training mode,
+/// optionally with label smoothing.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Normal {
+    /// Label smoothing s ∈ [0, 1): the target is (1 − s)·onehot(y) + s·uniform,
+    /// so the loss is (1 − s)·CE(y) + s·mean_k(−log p_k). 0 = plain cross-entropy.
+    pub label_smoothing: f64,
+}
+
+impl Normal {
+    /// Plain cross-entropy.
+    pub fn new() -> Self {
+        Self {
+            label_smoothing: 0.0,
+        }
+    }
+
+    /// Cross-entropy against smoothed labels; refuses s outside [0, 1).
+    pub fn with_label_smoothing(label_smoothing: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&label_smoothing) {
+            return Err(DefenseError::Config(format!(
+                "label smoothing must lie in [0, 1), got {label_smoothing}"
+            )));
+        }
+        Ok(Self { label_smoothing })
+    }
+}
+
+impl Default for Normal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Mean cross-entropy of logits (B, K) against labels (B,) u32, with label smoothing s.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> Result<Tensor> {
+    if label_smoothing == 0.0 {
+        return Ok(candle_nn::loss::cross_entropy(logits, labels)?);
+    }
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = log_p.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let uniform = log_p.mean(D::Minus1)?.neg()?;
+    let per_example = ((nll * (1.0 - label_smoothing))? + (uniform * label_smoothing)?)?;
+    Ok(per_example.mean_all()?)
+}
+
+impl TrainingMethod for Normal {
+    fn name(&self) -> &'static str {
+        "normal"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "label_smoothing": self.label_smoothing })
+    }
+
+    fn loss(
+        &self,
+        model: &Classifier,
+        images: &Tensor,
+        labels: &Tensor,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<BatchLoss> {
+        let logits = model.forward_t(images, true)?;
+        let loss = cross_entropy(&logits, labels, self.label_smoothing)?;
+        Ok(BatchLoss {
+            loss,
+            logits,
+            labels: labels.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    #[test]
+    fn cross_entropy_matches_hand_computation() -> TestResult {
+        // logits (0, ln 3): p = (1/4, 3/4).
+        let logits = Tensor::new(&[[0.0f32, 3f32.ln()], [0.0, 3f32.ln()]], &Device::Cpu)?;
+        let labels = Tensor::new(&[0u32, 1], &Device::Cpu)?;
+        let plain = cross_entropy(&logits, &labels, 0.0)?.to_scalar::<f32>()?;
+        let want = (-(0.25f64.ln()) - 0.75f64.ln()) / 2.0;
+        assert!((f64::from(plain) - want).abs() < 1e-6, "{plain} vs {want}");
+        // s = 0.2: (1 − s)·CE + s·(−(ln ¼ + ln ¾)/2), the same for both rows.
+        let smooth = cross_entropy(&logits, &labels, 0.2)?.to_scalar::<f32>()?;
+        let uniform = -(0.25f64.ln() + 0.75f64.ln()) / 2.0;
+        let want = 0.8 * want + 0.2 * uniform;
+        assert!(
+            (f64::from(smooth) - want).abs() < 1e-6,
+            "{smooth} vs {want}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_bad_smoothing() {
+        assert!(Normal::with_label_smoothing(1.0).is_err());
+        assert!(Normal::with_label_smoothing(-0.1).is_err());
+        assert!(Normal::with_label_smoothing(f64::NAN).is_err());
+        assert!(Normal::with_label_smoothing(0.1).is_ok());
+    }
+}

@@ -1,0 +1,327 @@
+//! End-to-end tests of the training loop on a tiny synthetic problem.
+
+use std::cell::Cell;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use rampart_data::ImageDataset;
+use rampart_models::{Arch, Classifier, ModelSpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::*;
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+/// `n` 3×8×8 images of two classes: class 0 dark, class 1 bright, with noise.
+fn toy_dataset(n: usize, seed: u64) -> ImageDataset {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut images = Vec::with_capacity(n * 192);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let label = (i % 2) as u32;
+        let base: i32 = if label == 0 { 70 } else { 170 };
+        images.extend((0..192).map(|_| (base + rng.gen_range(-60..=60)) as u8));
+        labels.push(label);
+    }
+    ImageDataset::new(
+        images,
+        labels,
+        (3, 8, 8),
+        vec!["dark".into(), "bright".into()],
+    )
+    .unwrap_or_else(|e| panic!("toy dataset: {e}"))
+}
+
+fn toy_spec() -> ModelSpec {
+    ModelSpec {
+        input_shape: [3, 8, 8],
+        ..ModelSpec::cifar(
+            Arch::Wrn {
+                depth: 10,
+                widen: 1,
+            },
+            2,
+        )
+    }
+}
+
+fn toy_config(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: 16,
+        lr: 0.05,
+        schedule: ScheduleKind::Cosine,
+        warmup_epochs: 0.0,
+        sgd: SgdConfig::cifar(),
+        augmentation: AugmentationConfig {
+            crop_padding: 1,
+            flip: true,
+            cutout: Some(2),
+        },
+        seed: 7,
+        eval_batch_size: 32,
+    }
+}
+
+/// Normal training that fails on its `fail_at`-th call, like a killed process.
+struct Crashing {
+    inner: Normal,
+    calls: Cell<usize>,
+    fail_at: usize,
+}
+
+impl TrainingMethod for Crashing {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn settings(&self) -> serde_json::Value {
+        self.inner.settings()
+    }
+    fn loss(
+        &self,
+        model: &Classifier,
+        images: &Tensor,
+        labels: &Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<BatchLoss> {
+        self.calls.set(self.calls.get() + 1);
+        if self.calls.get() == self.fail_at {
+            return Err(DefenseError::Config("simulated interruption".into()));
+        }
+        self.inner.loss(model, images, labels, rng)
+    }
+}
+
+type NamedValues = Vec<(String, Vec<f32>)>;
+
+fn weights(path: &std::path::Path) -> std::result::Result<NamedValues, Box<dyn std::error::Error>> {
+    let model = Classifier::load(path, &Device::Cpu)?;
+    model
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_its_files() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let train = Arc::new(toy_dataset(64, 1));
+    let test = toy_dataset(32, 2);
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    let before = predict(&model, &test, 32)?;
+    let outcome = Trainer::new(toy_config(4), dir.path())?
+        .progress(Progress::Hidden)
+        .metadata("dataset", "toy")
+        .run(&mut model, &Normal::new(), train, &test)?;
+    let h = &outcome.history;
+    assert_eq!(h.len(), 4);
+    assert!(h[3].train_loss < h[0].train_loss, "{h:?}");
+    let after = h[3].test_accuracy.unwrap_or(0.0);
+    assert!(
+        after >= 0.9,
+        "test accuracy {after} (before {})",
+        before.accuracy()
+    );
+    assert_eq!(h.iter().map(|r| r.epoch).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert!(h
+        .windows(2)
+        .all(|w| w[1].elapsed_seconds > w[0].elapsed_seconds));
+    // The cosine schedule ends at 0 on the last iteration.
+    assert!(h[3].lr.abs() < 1e-12);
+
+    assert_eq!(read_history(&dir.path().join(HISTORY_FILE))?, *h);
+    let meta = read_checkpoint_meta(&dir.path().join(CHECKPOINT_FILE))?;
+    assert_eq!(
+        (meta.epochs_done, meta.method.as_str(), meta.train_examples),
+        (4, "normal", 64)
+    );
+    let saved = Classifier::load(&outcome.model_path, &Device::Cpu)?;
+    let md = saved.metadata();
+    assert_eq!(md.get("method").map(String::as_str), Some("normal"));
+    assert_eq!(md.get("dataset").map(String::as_str), Some("toy"));
+    assert_eq!(md.get("epochs").map(String::as_str), Some("4"));
+    assert_eq!(md.get("seed").map(String::as_str), Some("7"));
+    // Evaluation of the saved model reproduces the last epoch's accuracy.
+    assert_eq!(
+        Some(predict(&saved, &test, 5)?.accuracy()),
+        h[3].test_accuracy
+    );
+    Ok(())
+}
+
+#[test]
+fn resumed_run_ends_with_the_weights_of_the_uninterrupted_run() -> TestResult {
+    let train = Arc::new(toy_dataset(48, 1));
+    let test = toy_dataset(8, 2);
+    let config = toy_config(2);
+    let batches_per_epoch = 48 / config.batch_size;
+
+    let straight = tempfile::tempdir()?;
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    Trainer::new(config.clone(), straight.path())?
+        .progress(Progress::Hidden)
+        .run(&mut model, &Normal::new(), Arc::clone(&train), &test)?;
+
+    // Interrupted in the middle of the second epoch: the checkpoint holds epoch 1.
+    let resumed = tempfile::tempdir()?;
+    let crashing = Crashing {
+        inner: Normal::new(),
+        calls: Cell::new(0),
+        fail_at: batches_per_epoch + 2,
+    };
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    let trainer = Trainer::new(config.clone(), resumed.path())?.progress(Progress::Hidden);
+    assert!(trainer
+        .run(&mut model, &crashing, Arc::clone(&train), &test)
+        .is_err());
+    assert_eq!(
+        read_checkpoint_meta(&resumed.path().join(CHECKPOINT_FILE))?.epochs_done,
+        1
+    );
+    assert!(!resumed.path().join(MODEL_FILE).exists());
+
+    // Without `resume` the folder is refused; with it, training continues. The model
+    // passed in is freshly initialised with another seed: the checkpoint overrides it.
+    let mut model = Classifier::new(toy_spec(), 99, &Device::Cpu)?;
+    assert!(matches!(
+        trainer.run(&mut model, &Normal::new(), Arc::clone(&train), &test),
+        Err(DefenseError::Config(_))
+    ));
+    let outcome =
+        trainer
+            .clone()
+            .resume(true)
+            .run(&mut model, &Normal::new(), Arc::clone(&train), &test)?;
+    assert_eq!(outcome.resumed_at, Some(1));
+    assert_eq!(outcome.history.len(), 2);
+
+    let a = weights(&straight.path().join(MODEL_FILE))?;
+    let b = weights(&resumed.path().join(MODEL_FILE))?;
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x, y, "variable {name} differs");
+    }
+    let ha = read_history(&straight.path().join(HISTORY_FILE))?;
+    let hb = read_history(&resumed.path().join(HISTORY_FILE))?;
+    for (ra, rb) in ha.iter().zip(&hb) {
+        assert_eq!(
+            (ra.train_loss, ra.train_accuracy, ra.test_accuracy, ra.lr),
+            (rb.train_loss, rb.train_accuracy, rb.test_accuracy, rb.lr)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn resume_refuses_a_different_run() -> TestResult {
+    let train = Arc::new(toy_dataset(32, 1));
+    let test = toy_dataset(4, 2);
+    let dir = tempfile::tempdir()?;
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    Trainer::new(toy_config(1), dir.path())?
+        .progress(Progress::Hidden)
+        .run(&mut model, &Normal::new(), Arc::clone(&train), &test)?;
+
+    let other_lr = TrainConfig {
+        lr: 0.1,
+        ..toy_config(1)
+    };
+    let err = Trainer::new(other_lr, dir.path())?
+        .resume(true)
+        .progress(Progress::Hidden)
+        .run(&mut model, &Normal::new(), Arc::clone(&train), &test)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("cannot resume") && err.contains("training configuration"),
+        "{err}"
+    );
+
+    let smoothing = Normal::with_label_smoothing(0.1)?;
+    let err = Trainer::new(toy_config(1), dir.path())?
+        .resume(true)
+        .progress(Progress::Hidden)
+        .run(&mut model, &smoothing, Arc::clone(&train), &test);
+    assert!(
+        matches!(err, Err(DefenseError::Checkpoint { .. })),
+        "{err:?}"
+    );
+
+    let fewer = Arc::new(toy_dataset(16, 1));
+    let err = Trainer::new(toy_config(1), dir.path())?
+        .resume(true)
+        .progress(Progress::Hidden)
+        .run(&mut model, &Normal::new(), fewer, &test);
+    assert!(
+        matches!(err, Err(DefenseError::Checkpoint { .. })),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn refuses_data_the_model_cannot_take() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut model = Classifier::new(
+        ModelSpec::cifar(
+            Arch::Wrn {
+                depth: 10,
+                widen: 1,
+            },
+            2,
+        ),
+        0,
+        &Device::Cpu,
+    )?;
+    let train = Arc::new(toy_dataset(32, 1));
+    let err = Trainer::new(toy_config(1), dir.path())?
+        .progress(Progress::Hidden)
+        .run(&mut model, &Normal::new(), train, &toy_dataset(4, 2));
+    assert!(matches!(err, Err(DefenseError::Config(m)) if m.contains("8×8")));
+
+    let mut model = Classifier::new(toy_spec(), 0, &Device::Cpu)?;
+    let big_batch = TrainConfig {
+        batch_size: 64,
+        ..toy_config(1)
+    };
+    let err = Trainer::new(big_batch, dir.path())?
+        .progress(Progress::Hidden)
+        .run(
+            &mut model,
+            &Normal::new(),
+            Arc::new(toy_dataset(32, 1)),
+            &toy_dataset(4, 2),
+        );
+    assert!(
+        matches!(err, Err(DefenseError::Config(m)) if m.contains("larger than the training set"))
+    );
+    Ok(())
+}
+
+#[test]
+fn predictions_are_deterministic_and_consistent() -> TestResult {
+    let model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
+    let data = toy_dataset(10, 3);
+    let a = predict(&model, &data, 3)?;
+    let b = predict(&model, &data, 10)?;
+    assert_eq!(a.predicted, b.predicted);
+    for (x, y) in a.confidence.iter().zip(&b.confidence) {
+        assert!((x - y).abs() < 1e-5);
+    }
+    assert_eq!(a.probs.len(), 20);
+    for (i, row) in a.probs.chunks(2).enumerate() {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        let (arg, max) = if row[0] >= row[1] {
+            (0, row[0])
+        } else {
+            (1, row[1])
+        };
+        assert_eq!(a.predicted[i], arg);
+        assert_eq!(a.confidence[i], max);
+    }
+    assert!(predict(&model, &data, 0).is_err());
+    Ok(())
+}

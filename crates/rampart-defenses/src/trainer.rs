@@ -1,0 +1,443 @@
+//! The training loop every method shares: batches, SGD steps on the method's loss,
+//! per-epoch evaluation, checkpoints and the final model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, D};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rampart_data::{ImageDataset, Loader, LoaderConfig};
+use rampart_models::Classifier;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::error::{DefenseError, Result};
+use crate::io::write_atomic;
+use crate::method::TrainingMethod;
+use crate::predict::predict;
+use crate::schedule::progress;
+use crate::sgd::Sgd;
+
+/// The checkpoint, rewritten after every epoch.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// One JSON [`EpochRecord`] per line, rewritten after every epoch.
+pub const HISTORY_FILE: &str = "history.jsonl";
+/// The trained model, written when the last epoch is done.
+pub const MODEL_FILE: &str = "model.safetensors";
+
+/// What happened in one epoch; one line of `history.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epochs completed, 1-based.
+    pub epoch: usize,
+    /// Learning rate of the epoch's last iteration.
+    pub lr: f64,
+    /// Mean of the batch losses.
+    pub train_loss: f64,
+    /// Accuracy on what the method trained on (augmented, possibly adversarial), in [0, 1].
+    pub train_accuracy: f64,
+    /// Clean accuracy on the evaluation set after the epoch, in [0, 1]; `null` when
+    /// the evaluation set is empty.
+    pub test_accuracy: Option<f64>,
+    /// Size of the evaluation set.
+    pub test_examples: usize,
+    /// Wall time of the epoch's training steps.
+    pub epoch_seconds: f64,
+    /// Wall time of the evaluation after the epoch.
+    pub eval_seconds: f64,
+    /// Training examples per second.
+    pub images_per_second: f64,
+    /// Wall time of training and evaluation so far, summed over resumed sessions.
+    pub elapsed_seconds: f64,
+}
+
+/// Whether to draw progress bars.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Epoch and batch bars on stderr (drawn only when stderr is a terminal).
+    Bars,
+    /// Nothing drawn; `tracing` logs only.
+    Hidden,
+}
+
+/// The result of [`Trainer::run`].
+#[derive(Clone, Debug)]
+pub struct TrainOutcome {
+    /// One record per epoch of the whole run, resumed sessions included.
+    pub history: Vec<EpochRecord>,
+    /// Epochs already done when this session resumed a checkpoint.
+    pub resumed_at: Option<usize>,
+    /// Where the final model was saved.
+    pub model_path: PathBuf,
+}
+
+/// The ChaCha8 stream a method draws from during `epoch` (0-based): a function of
+/// (seed, epoch) only, independent of the loader's streams.
+pub fn method_rng(seed: u64, epoch: usize) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&(epoch as u64).to_le_bytes());
+    key[16..24].copy_from_slice(b"training");
+    key[24..].copy_from_slice(b"method\0\0");
+    ChaCha8Rng::from_seed(key)
+}
+
+/// Runs a [`TrainingMethod`] under a [`TrainConfig`], writing into one output folder:
+/// [`CHECKPOINT_FILE`] and [`HISTORY_FILE`] after every epoch, [`MODEL_FILE`] at the end.
+///
+/// **Invariant:** a run interrupted after any epoch and resumed (`resume(true)`) ends
+/// with exactly the weights of the uninterrupted run: the checkpoint holds every
+/// variable and momentum buffer, and every random choice of epoch e derives from
+/// (seed, e).
+#[derive(Clone, Debug)]
+pub struct Trainer {
+    config: TrainConfig,
+    out_dir: PathBuf,
+    resume: bool,
+    progress: Progress,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Trainer {
+    /// A trainer writing into `out_dir`; refuses an invalid config.
+    pub fn new(config: TrainConfig, out_dir: impl Into<PathBuf>) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            out_dir: out_dir.into(),
+            resume: false,
+            progress: Progress::Bars,
+            metadata: BTreeMap::new(),
+        })
+    }
+
+    /// Continue from `out_dir`'s checkpoint if there is one (otherwise start afresh).
+    /// Without it, a folder that already holds a checkpoint is refused.
+    pub fn resume(mut self, resume: bool) -> Self {
+        self.resume = resume;
+        self
+    }
+
+    /// Progress bars or not.
+    pub fn progress(mut self, progress: Progress) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// A metadata entry for the final model file (e.g. `dataset`).
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The output folder.
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+
+    /// Trains `model` with `method` on `train`, evaluating on `eval` after each epoch,
+    /// and saves the final model with metadata `method`, `method_settings`, `epochs`,
+    /// `seed`, `train_examples`, `train_config` and the entries given to
+    /// [`Trainer::metadata`].
+    pub fn run(
+        &self,
+        model: &mut Classifier,
+        method: &dyn TrainingMethod,
+        train: Arc<ImageDataset>,
+        eval: &ImageDataset,
+    ) -> Result<TrainOutcome> {
+        let cfg = &self.config;
+        check_data(model, &train, "training")?;
+        check_data(model, eval, "evaluation")?;
+        let loader_config = LoaderConfig {
+            batch_size: cfg.batch_size,
+            shuffle: true,
+            drop_last: true,
+            augmentation: cfg.augmentation.to_augmentation(),
+            seed: cfg.seed,
+        };
+        let loader = Loader::new(Arc::clone(&train), loader_config, model.device().clone())?;
+        let batches = loader.batches_per_epoch();
+        if batches == 0 {
+            return Err(DefenseError::Config(format!(
+                "batch size {} is larger than the training set ({} examples)",
+                cfg.batch_size,
+                train.len()
+            )));
+        }
+        let schedule = cfg.lr_schedule()?;
+        let mut sgd = Sgd::new(model.trainable_vars(), cfg.sgd)?;
+        let ckpt_path = self.out_dir.join(CHECKPOINT_FILE);
+        let history_path = self.out_dir.join(HISTORY_FILE);
+        let expected = checkpoint::meta(0, cfg, method, model.spec(), train.len(), &[]);
+
+        let mut history = Vec::new();
+        let mut resumed_at = None;
+        if ckpt_path.is_file() {
+            if !self.resume {
+                return Err(DefenseError::Config(format!(
+                    "{} already holds a checkpoint: resume it, or train into another folder",
+                    self.out_dir.display()
+                )));
+            }
+            let meta = checkpoint::restore(&ckpt_path, &expected, model, &mut sgd)?;
+            tracing::info!(
+                checkpoint = %ckpt_path.display(),
+                epochs_done = meta.epochs_done,
+                epochs = cfg.epochs,
+                "resuming"
+            );
+            resumed_at = Some(meta.epochs_done);
+            history = meta.history;
+            write_history(&history_path, &history)?;
+        } else if self.resume {
+            tracing::info!(folder = %self.out_dir.display(), "no checkpoint to resume; starting afresh");
+        }
+        std::fs::create_dir_all(&self.out_dir).map_err(|e| DefenseError::io(&self.out_dir, e))?;
+        tracing::info!(
+            method = method.name(),
+            arch = %model.spec().arch,
+            parameters = model.num_parameters(),
+            train_examples = train.len(),
+            eval_examples = eval.len(),
+            batches_per_epoch = batches,
+            epochs = cfg.epochs,
+            "training"
+        );
+
+        let bars = Bars::new(self.progress, cfg.epochs, history.len());
+        for epoch in history.len()..cfg.epochs {
+            let mut rng = method_rng(cfg.seed, epoch);
+            let started = Instant::now();
+            bars.start_epoch(epoch, batches);
+            let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0f64, 0usize, 0usize, 0.0);
+            for (i, batch) in loader.epoch(epoch).enumerate() {
+                let batch = batch?;
+                lr = schedule.lr(progress(epoch, i, batches));
+                let out = method.loss(model, &batch.images, &batch.labels, &mut rng)?;
+                let value = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(DefenseError::Diverged {
+                        epoch: epoch + 1,
+                        batch: i + 1,
+                        value,
+                    });
+                }
+                let grads = out.loss.backward()?;
+                sgd.step(&grads, lr)?;
+                loss_sum += f64::from(value);
+                correct += count_correct(&out.logits, &out.labels)?;
+                seen += out.labels.dim(0)?;
+                let rate =
+                    batch.indices.len() as f64 * (i + 1) as f64 / started.elapsed().as_secs_f64();
+                bars.batch(format!(
+                    "loss {:.3} acc {:.1}% lr {:.4} {:.0} img/s",
+                    loss_sum / (i + 1) as f64,
+                    100.0 * correct as f64 / seen.max(1) as f64,
+                    lr,
+                    rate
+                ));
+                if (i + 1) % 50 == 0 {
+                    tracing::debug!(
+                        epoch = epoch + 1,
+                        batch = i + 1,
+                        loss = loss_sum / (i + 1) as f64,
+                        lr
+                    );
+                }
+            }
+            let epoch_seconds = started.elapsed().as_secs_f64();
+            let eval_started = Instant::now();
+            let test_accuracy = if eval.is_empty() {
+                None
+            } else {
+                Some(predict(model, eval, cfg.eval_batch_size)?.accuracy())
+            };
+            let eval_seconds = eval_started.elapsed().as_secs_f64();
+            let previous = history
+                .last()
+                .map_or(0.0, |r: &EpochRecord| r.elapsed_seconds);
+            let record = EpochRecord {
+                epoch: epoch + 1,
+                lr,
+                train_loss: loss_sum / batches as f64,
+                train_accuracy: correct as f64 / seen.max(1) as f64,
+                test_accuracy,
+                test_examples: eval.len(),
+                epoch_seconds,
+                eval_seconds,
+                images_per_second: (batches * cfg.batch_size) as f64 / epoch_seconds,
+                elapsed_seconds: previous + epoch_seconds + eval_seconds,
+            };
+            history.push(record.clone());
+            let meta =
+                checkpoint::meta(epoch + 1, cfg, method, model.spec(), train.len(), &history);
+            checkpoint::save(&ckpt_path, &meta, model, &sgd)?;
+            write_history(&history_path, &history)?;
+            bars.end_epoch(&record, cfg.epochs);
+        }
+        bars.finish();
+
+        model.set_metadata("method", method.name())?;
+        model.set_metadata("method_settings", method.settings().to_string())?;
+        model.set_metadata("epochs", cfg.epochs.to_string())?;
+        model.set_metadata("seed", cfg.seed.to_string())?;
+        model.set_metadata("train_examples", train.len().to_string())?;
+        model.set_metadata(
+            "train_config",
+            serde_json::to_string(cfg).map_err(|e| DefenseError::Config(e.to_string()))?,
+        )?;
+        for (k, v) in &self.metadata {
+            model.set_metadata(k.clone(), v.clone())?;
+        }
+        let model_path = self.out_dir.join(MODEL_FILE);
+        model.save(&model_path)?;
+        tracing::info!(model = %model_path.display(), "saved the trained model");
+        Ok(TrainOutcome {
+            history,
+            resumed_at,
+            model_path,
+        })
+    }
+}
+
+/// Refuses data whose images or labels the model cannot take.
+fn check_data(model: &Classifier, data: &ImageDataset, what: &str) -> Result<()> {
+    let (c, h, w) = data.shape();
+    let spec = model.spec();
+    if [c, h, w] != spec.input_shape {
+        return Err(DefenseError::Config(format!(
+            "the {what} images are {c}×{h}×{w}, but the model ({}) takes {:?}",
+            spec.arch, spec.input_shape
+        )));
+    }
+    if data.num_classes() > spec.num_classes {
+        return Err(DefenseError::Config(format!(
+            "the {what} set has {} classes, but the model ({}) has {} outputs",
+            data.num_classes(),
+            spec.arch,
+            spec.num_classes
+        )));
+    }
+    Ok(())
+}
+
+/// Number of rows of `logits` (M, K) whose arg-max equals `labels` (M,).
+fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
+    let hits = logits
+        .argmax(D::Minus1)?
+        .eq(labels)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()?;
+    Ok(hits as usize)
+}
+
+fn write_history(path: &Path, history: &[EpochRecord]) -> Result<()> {
+    let mut text = String::new();
+    for record in history {
+        let line =
+            serde_json::to_string(record).map_err(|e| DefenseError::Config(e.to_string()))?;
+        text.push_str(&line);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+/// Reads a `history.jsonl` written by the trainer.
+pub fn read_history(path: &Path) -> Result<Vec<EpochRecord>> {
+    let text = std::fs::read_to_string(path).map_err(|e| DefenseError::io(path, e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| DefenseError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
+
+/// The epoch and batch bars.
+struct Bars {
+    multi: MultiProgress,
+    epochs: ProgressBar,
+    batches: ProgressBar,
+}
+
+impl Bars {
+    fn new(progress: Progress, epochs: usize, done: usize) -> Self {
+        let target = match progress {
+            Progress::Bars => ProgressDrawTarget::stderr(),
+            Progress::Hidden => ProgressDrawTarget::hidden(),
+        };
+        let multi = MultiProgress::with_draw_target(target);
+        let style = |template: &str| {
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ")
+        };
+        let epochs_bar = multi.add(ProgressBar::new(epochs as u64));
+        epochs_bar.set_style(style(
+            "epochs  [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        ));
+        epochs_bar.set_position(done as u64);
+        let batches = multi.add(ProgressBar::new(0));
+        batches.set_style(style(
+            "{prefix:>7} [{bar:30}] {pos}/{len} {msg} (eta {eta})",
+        ));
+        Self {
+            multi,
+            epochs: epochs_bar,
+            batches,
+        }
+    }
+
+    fn start_epoch(&self, epoch: usize, batches: usize) {
+        self.batches.reset();
+        self.batches.set_length(batches as u64);
+        self.batches.set_prefix(format!("epoch {}", epoch + 1));
+    }
+
+    fn batch(&self, message: String) {
+        self.batches.set_message(message);
+        self.batches.inc(1);
+    }
+
+    fn end_epoch(&self, r: &EpochRecord, epochs: usize) {
+        let test = r
+            .test_accuracy
+            .map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
+        self.epochs.set_message(format!("test acc {test}"));
+        self.epochs.inc(1);
+        self.multi.suspend(|| {
+            tracing::info!(
+                "epoch {}/{epochs}: loss {:.4}, train acc {:.2}%, test acc {test} ({} examples), lr {:.5}, {:.0} img/s, {:.1} s + {:.1} s eval",
+                r.epoch,
+                r.train_loss,
+                100.0 * r.train_accuracy,
+                r.test_examples,
+                r.lr,
+                r.images_per_second,
+                r.epoch_seconds,
+                r.eval_seconds
+            );
+        });
+    }
+
+    fn finish(&self) {
+        self.batches.finish_and_clear();
+        self.epochs.finish();
+    }
+}

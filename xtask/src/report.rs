@@ -1,0 +1,403 @@
+//! The study's outputs: `results.json` (a stable interface, `docs/results-schema.md`)
+//! and `report.md` (for people), made from the files each `rampart` run wrote.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::reproduce::{eval_dir, model_dir, ModelRow};
+
+/// Version of `results.json`'s layout.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The study as a whole.
+#[derive(Clone, Debug)]
+pub struct Study {
+    /// Data set name, e.g. `cifar10`.
+    pub dataset: String,
+    /// Preset name.
+    pub preset: String,
+    /// What the preset approximates.
+    pub preset_about: String,
+    /// When this invocation started, ISO 8601 UTC.
+    pub created: String,
+    /// The `cargo xtask …` command line.
+    pub command: String,
+    /// Wall time of this invocation after the build.
+    pub wall_seconds: f64,
+    /// The command that built `rampart`.
+    pub build_command: String,
+}
+
+/// `summary.json` of a finished `rampart train`, the fields used here.
+#[derive(Debug, Deserialize)]
+struct TrainSummary {
+    method: String,
+    arch: String,
+    parameters: usize,
+    epochs: usize,
+    seed: u64,
+    train_examples: usize,
+    train_seconds: f64,
+}
+
+/// `results.json` of `rampart eval`, the fields used here.
+#[derive(Debug, Deserialize)]
+struct EvalResults {
+    test_examples: usize,
+    clean_accuracy: f64,
+    clean_error: f64,
+    eval_seconds: f64,
+}
+
+/// One trained and evaluated model.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelOutcome {
+    /// The method's short name.
+    pub method: String,
+    /// The architecture.
+    pub arch: String,
+    /// Trainable parameters.
+    pub parameters: usize,
+    /// Epochs trained.
+    pub epochs: usize,
+    /// Seed of the run.
+    pub seed: u64,
+    /// Training images used.
+    pub train_examples: usize,
+    /// Wall time of training, per-epoch evaluation included, over all sessions.
+    pub train_seconds: f64,
+    /// Wall time of the final evaluation's forward passes.
+    pub eval_seconds: f64,
+    /// Test images of the final evaluation.
+    pub test_examples: usize,
+    /// Fraction of them classified correctly.
+    pub clean_accuracy: f64,
+    /// Fraction misclassified.
+    pub clean_error: f64,
+    /// The model file, relative to the study folder.
+    pub model_file: String,
+    /// `rampart train` command lines (one per session), not in results.json.
+    #[serde(skip)]
+    pub train_commands: Vec<String>,
+    /// The `rampart eval` command line, not in results.json.
+    #[serde(skip)]
+    pub eval_command: String,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not what rampart writes", path.display()))
+}
+
+fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Reads the outputs of every row's runs in the study folder `out`.
+pub fn collect(out: &Path, rows: &[ModelRow]) -> Result<Vec<ModelOutcome>> {
+    rows.iter()
+        .map(|row| {
+            let dir = model_dir(out, row.method);
+            let eval = eval_dir(out, row.method);
+            let train: TrainSummary = read_json(&dir.join("summary.json"))?;
+            let results: EvalResults = read_json(&eval.join("results.json"))?;
+            Ok(ModelOutcome {
+                method: train.method,
+                arch: train.arch,
+                parameters: train.parameters,
+                epochs: train.epochs,
+                seed: train.seed,
+                train_examples: train.train_examples,
+                train_seconds: train.train_seconds,
+                eval_seconds: results.eval_seconds,
+                test_examples: results.test_examples,
+                clean_accuracy: results.clean_accuracy,
+                clean_error: results.clean_error,
+                model_file: format!("{}/model.safetensors", row.method),
+                train_commands: read_lines(&dir.join("command.txt"))?,
+                eval_command: read_lines(&eval.join("command.txt"))?
+                    .pop()
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// `results.json`.
+#[derive(Debug, Serialize)]
+struct ResultsFile<'a> {
+    schema_version: u32,
+    dataset: &'a str,
+    preset: &'a str,
+    created: &'a str,
+    command: &'a str,
+    rampart_version: &'a str,
+    wall_seconds: f64,
+    models: BTreeMap<&'a str, &'a ModelOutcome>,
+}
+
+/// The `results.json` document, keys in schema order.
+pub fn results_json(study: &Study, models: &[ModelOutcome]) -> Result<String> {
+    let file = ResultsFile {
+        schema_version: SCHEMA_VERSION,
+        dataset: &study.dataset,
+        preset: &study.preset,
+        created: &study.created,
+        command: &study.command,
+        rampart_version: env!("CARGO_PKG_VERSION"),
+        wall_seconds: study.wall_seconds,
+        models: models.iter().map(|m| (m.method.as_str(), m)).collect(),
+    };
+    let mut json = serde_json::to_string_pretty(&file)?;
+    json.push('\n');
+    Ok(json)
+}
+
+/// `report.md`.
+pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
+    let mut md = format!(
+        "# Rampart reproduction: {}, preset `{}`\n\n{}\n\n\
+         Run {} with `{}`; this invocation took {} after the build.\n\n\
+         ## Clean accuracy\n\n\
+         | model | arch | parameters | epochs | train images | train time | test images | clean accuracy | clean error |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        title(&study.dataset),
+        study.preset,
+        study.preset_about,
+        study.created,
+        study.command,
+        duration(study.wall_seconds),
+    );
+    for m in models {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} % | {:.2} % |\n",
+            m.method,
+            m.arch,
+            thousands(m.parameters),
+            m.epochs,
+            thousands(m.train_examples),
+            duration(m.train_seconds),
+            thousands(m.test_examples),
+            100.0 * m.clean_accuracy,
+            100.0 * m.clean_error,
+        ));
+    }
+    md.push_str(
+        "\nClean error is the fraction of test images misclassified (the model in eval mode, \
+         no augmentation). Train time is the wall time of training including the per-epoch \
+         evaluation, summed over resumed sessions. Figures are also in `results.json` \
+         (schema: `docs/results-schema.md`); each model's folder holds its resolved \
+         `config.json`, `history.jsonl` (one line per epoch), `train.log`, the model and, \
+         under `eval/`, per-example predictions.\n\n## Commands\n\n```sh\n",
+    );
+    md.push_str(&study.build_command);
+    md.push('\n');
+    for m in models {
+        for c in &m.train_commands {
+            md.push_str(c);
+            md.push('\n');
+        }
+        md.push_str(&m.eval_command);
+        md.push('\n');
+    }
+    md.push_str("```\n");
+    md
+}
+
+/// Writes `results.json` and `report.md` into `out`.
+pub fn write(out: &Path, study: &Study, models: &[ModelOutcome]) -> Result<()> {
+    let json = results_json(study, models)?;
+    let path = out.join("results.json");
+    std::fs::write(&path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    let path = out.join("report.md");
+    std::fs::write(&path, report_markdown(study, models))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn title(dataset: &str) -> &str {
+    match dataset {
+        "cifar10" => "CIFAR-10",
+        "cifar100" => "CIFAR-100",
+        other => other,
+    }
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let head = match digits.len() % 3 {
+        0 => 3.min(digits.len()),
+        r => r,
+    };
+    let (first, rest) = digits.split_at(head);
+    let mut out = first.to_string();
+    for group in rest.as_bytes().chunks(3) {
+        out.push(',');
+        out.push_str(&String::from_utf8_lossy(group));
+    }
+    out
+}
+
+/// Seconds for people: `42.0 s`, `12 min 05 s`, `3 h 07 min`.
+pub fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0);
+    if s < 60.0 {
+        return format!("{s:.1} s");
+    }
+    let total = s.round() as u64;
+    if total < 3600 {
+        format!("{} min {:02} s", total / 60, total % 60)
+    } else {
+        format!("{} h {:02} min", total / 3600, total % 3600 / 60)
+    }
+}
+
+/// Quotes `arg` for a POSIX shell when it holds anything but plain characters.
+pub fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,%+@".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reproduce::Preset;
+
+    /// Writes the files a `rampart train` + `rampart eval` of `method` leave behind.
+    fn fake_run(out: &Path, method: &str, accuracy: f64) -> Result<()> {
+        let dir = model_dir(out, method);
+        std::fs::create_dir_all(eval_dir(out, method))?;
+        std::fs::write(
+            dir.join("summary.json"),
+            format!(
+                r#"{{"schema_version":1,"method":"{method}","arch":"wrn-10-1","dataset":"cifar10","preset":null,
+                   "parameters":77850,"epochs":3,"seed":0,"train_examples":50000,"test_examples":1000,
+                   "test_accuracy":0.6,"train_seconds":754.25,"model":"x/model.safetensors"}}"#
+            ),
+        )?;
+        std::fs::write(
+            dir.join("command.txt"),
+            "rampart train --out x\nrampart train --out x --resume\n",
+        )?;
+        std::fs::write(
+            eval_dir(out, method).join("results.json"),
+            format!(
+                r#"{{"schema_version":1,"suite":"clean","model":"x","method":"{method}","arch":"wrn-10-1",
+                   "dataset":"cifar10","test_examples":10000,"clean_accuracy":{accuracy},
+                   "clean_error":{},"eval_seconds":21.5}}"#,
+                1.0 - accuracy
+            ),
+        )?;
+        std::fs::write(
+            eval_dir(out, method).join("command.txt"),
+            "rampart eval --model x\n",
+        )?;
+        Ok(())
+    }
+
+    fn study() -> Study {
+        Study {
+            dataset: "cifar10".into(),
+            preset: "smoke".into(),
+            preset_about: "A check.".into(),
+            created: "2026-01-02T03:04:05Z".into(),
+            command: "cargo xtask reproduce cifar10 --preset smoke --data-dir d".into(),
+            wall_seconds: 801.0,
+            build_command: "cargo build --release -p rampart-cli".into(),
+        }
+    }
+
+    #[test]
+    fn results_json_follows_the_schema() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        fake_run(dir.path(), "normal", 0.6875)?;
+        let models = collect(dir.path(), Preset::Smoke.models())?;
+        write(dir.path(), &study(), &models)?;
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json"))?)?;
+        assert_eq!(json["schema_version"], 1);
+        assert_eq!(json["dataset"], "cifar10");
+        assert_eq!(json["preset"], "smoke");
+        assert_eq!(json["created"], "2026-01-02T03:04:05Z");
+        assert_eq!(
+            json["command"],
+            "cargo xtask reproduce cifar10 --preset smoke --data-dir d"
+        );
+        let normal = &json["models"]["normal"];
+        assert_eq!(normal["clean_accuracy"], 0.6875);
+        assert_eq!(normal["clean_error"], 0.3125);
+        assert_eq!(normal["arch"], "wrn-10-1");
+        assert_eq!(normal["epochs"], 3);
+        assert_eq!(normal["train_seconds"], 754.25);
+        assert_eq!(normal["test_examples"], 10000);
+        assert_eq!(normal["train_examples"], 50000);
+        assert_eq!(normal["model_file"], "normal/model.safetensors");
+        assert!(normal.get("train_commands").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn report_has_the_table_and_the_commands() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        fake_run(dir.path(), "normal", 0.6875)?;
+        let models = collect(dir.path(), Preset::Smoke.models())?;
+        let md = report_markdown(&study(), &models);
+        assert!(
+            md.starts_with("# Rampart reproduction: CIFAR-10, preset `smoke`"),
+            "{md}"
+        );
+        assert!(md.contains("| normal | wrn-10-1 | 77,850 | 3 | 50,000 | 12 min 34 s | 10,000 | 68.75 % | 31.25 % |"), "{md}");
+        assert!(md.contains("this invocation took 13 min 21 s"), "{md}");
+        for line in [
+            "cargo build --release -p rampart-cli",
+            "rampart train --out x\n",
+            "rampart train --out x --resume\n",
+            "rampart eval --model x\n",
+        ] {
+            assert!(md.contains(line), "report lacks {line:?}:\n{md}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn missing_outputs_name_the_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let err = collect(dir.path(), Preset::Smoke.models())
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(err.contains("summary.json"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(36_479_194), "36,479,194");
+        assert_eq!(duration(42.04), "42.0 s");
+        assert_eq!(duration(725.0), "12 min 05 s");
+        assert_eq!(duration(11_220.0), "3 h 07 min");
+        assert_eq!(shell_quote("a b"), "'a b'");
+    }
+}
