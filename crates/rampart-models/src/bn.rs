@@ -34,17 +34,18 @@ fn rows_cols(l: &Layout, op: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// Sums per channel of `f(row_value, channel)` over all rows, in f64, in parallel.
-fn channel_sums(x: &[f32], c: usize, f: impl Fn(f32, usize) -> f64 + Sync) -> Vec<f64> {
+/// Sums per channel of `f(row_value, channel)` over all rows, in parallel: f32 within
+/// a chunk (at most `chunk_rows` terms, so it vectorises), f64 across chunks.
+fn channel_sums(x: &[f32], c: usize, f: impl Fn(f32, usize) -> f32 + Sync) -> Vec<f64> {
     x.par_chunks(chunk_rows(c) * c)
         .map(|chunk| {
-            let mut acc = vec![0f64; c];
+            let mut acc = vec![0f32; c];
             for row in chunk.chunks_exact(c) {
                 for (j, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
                     *a += f(v, j);
                 }
             }
-            acc
+            acc.into_iter().map(f64::from).collect::<Vec<f64>>()
         })
         .reduce(
             || vec![0f64; c],
@@ -70,15 +71,15 @@ impl CustomOp1 for ChannelStats {
         if n == 0 {
             candle_core::bail!("batch norm over an empty batch")
         }
-        let mean: Vec<f64> = channel_sums(x, c, |v, _| v as f64)
+        let mean: Vec<f32> = channel_sums(x, c, |v, _| v)
             .into_iter()
-            .map(|s| s / n as f64)
+            .map(|s| (s / n as f64) as f32)
             .collect();
         let var = channel_sums(x, c, |v, j| {
-            let d = v as f64 - mean[j];
+            let d = v - mean[j];
             d * d
         });
-        let mut out: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        let mut out = mean;
         out.extend(var.iter().map(|&v| (v / n as f64) as f32));
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
@@ -215,15 +216,15 @@ impl CustomOp2 for BnBackward {
             .par_chunks(rows)
             .zip(dy.par_chunks(rows))
             .map(|(xc, dc)| {
-                let mut acc = vec![0f64; 2 * c];
+                let mut acc = vec![0f32; 2 * c];
                 for (xr, dr) in xc.chunks_exact(c).zip(dc.chunks_exact(c)) {
                     for j in 0..c {
                         let (xhat, d) = masked(xr[j], dr[j], j);
-                        acc[j] += (d * xhat) as f64;
-                        acc[c + j] += d as f64;
+                        acc[j] += d * xhat;
+                        acc[c + j] += d;
                     }
                 }
-                acc
+                acc.into_iter().map(f64::from).collect::<Vec<f64>>()
             })
             .reduce(
                 || vec![0f64; 2 * c],

@@ -1,0 +1,291 @@
+//! The attack trait, its single result type, and the values every attack is given:
+//! input bounds, a success criterion and ε.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{ModuleT, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Box the inputs live in: every coordinate of a clean or adversarial input lies in
+/// `[lo, hi]`. A value of the data, passed with each call, never a hard-coded `[0, 1]`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Bounds {
+    /// Smallest value of a coordinate.
+    pub lo: f32,
+    /// Largest value of a coordinate.
+    pub hi: f32,
+}
+
+impl Bounds {
+    /// Images scaled to `[0, 1]`.
+    pub const UNIT: Bounds = Bounds { lo: 0.0, hi: 1.0 };
+
+    /// Bounds `[lo, hi]`; refused unless both are finite and `lo < hi`.
+    pub fn new(lo: f32, hi: f32) -> Result<Self> {
+        let bounds = Bounds { lo, hi };
+        bounds.validate()?;
+        Ok(bounds)
+    }
+
+    /// `hi − lo`.
+    pub fn width(&self) -> f32 {
+        self.hi - self.lo
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !(self.lo.is_finite() && self.hi.is_finite() && self.lo < self.hi) {
+            return Err(Error::Config(format!(
+                "bounds must be finite with lo < hi, got [{}, {}]",
+                self.lo, self.hi
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// When an adversarial input counts as a success. Judged on class probabilities
+/// (for a stochastic model, the mean probabilities over several forward passes).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Criterion {
+    /// The predicted class (first arg-max) differs from the label.
+    Misclassified,
+    /// The predicted class is this target class.
+    Targeted(u32),
+    /// Misclassified with confidence (max probability) at least τ.
+    ConfidentlyMisclassified(f32),
+    /// Confidence at least τ, whatever the class (distal examples: every class is
+    /// wrong for an input that is not an image of any class).
+    Confident(f32),
+}
+
+impl Criterion {
+    /// Whether an input with class probabilities `probs` (K,) and label `label` is a
+    /// success.
+    pub fn is_success(&self, probs: &[f32], label: u32) -> bool {
+        let (pred, conf) = argmax(probs);
+        match *self {
+            Criterion::Misclassified => pred != label,
+            Criterion::Targeted(t) => pred == t,
+            Criterion::ConfidentlyMisclassified(tau) => pred != label && conf >= tau,
+            Criterion::Confident(tau) => conf >= tau,
+        }
+    }
+
+    /// The target class of a targeted criterion.
+    pub fn target(&self) -> Option<u32> {
+        match *self {
+            Criterion::Targeted(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        match *self {
+            Criterion::ConfidentlyMisclassified(tau) | Criterion::Confident(tau)
+                if !(0.0..=1.0).contains(&tau) =>
+            {
+                Err(Error::Config(format!(
+                    "confidence threshold τ must lie in [0, 1], got {tau}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Criterion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Criterion::Misclassified => write!(f, "misclassified"),
+            Criterion::Targeted(t) => write!(f, "targeted:{t}"),
+            Criterion::ConfidentlyMisclassified(tau) => {
+                write!(f, "confidently-misclassified:{tau}")
+            }
+            Criterion::Confident(tau) => write!(f, "confident:{tau}"),
+        }
+    }
+}
+
+impl FromStr for Criterion {
+    type Err = Error;
+
+    /// `misclassified`, `targeted:<class>`, `confidently-misclassified:<τ>`,
+    /// `confident:<τ>`.
+    fn from_str(s: &str) -> Result<Self> {
+        const EXPECTED: &str =
+            "misclassified, targeted:<class>, confidently-misclassified:<tau>, confident:<tau>";
+        let unknown = || Error::UnknownName {
+            kind: "criterion",
+            name: s.to_string(),
+            expected: EXPECTED,
+        };
+        let lower = s.trim().to_ascii_lowercase();
+        let (name, arg) = match lower.split_once(':') {
+            Some((n, a)) => (n, Some(a)),
+            None => (lower.as_str(), None),
+        };
+        let criterion = match (name, arg) {
+            ("misclassified", None) => Criterion::Misclassified,
+            ("targeted", Some(a)) => Criterion::Targeted(a.parse().map_err(|_| unknown())?),
+            ("confidently-misclassified", Some(a)) => {
+                Criterion::ConfidentlyMisclassified(a.parse().map_err(|_| unknown())?)
+            }
+            ("confident", Some(a)) => Criterion::Confident(a.parse().map_err(|_| unknown())?),
+            _ => return Err(unknown()),
+        };
+        criterion.validate()?;
+        Ok(criterion)
+    }
+}
+
+/// First arg-max and the maximum of `probs`.
+pub(crate) fn argmax(probs: &[f32]) -> (u32, f32) {
+    let mut best = (0u32, f32::NEG_INFINITY);
+    for (k, &p) in probs.iter().enumerate() {
+        if p > best.1 {
+            best = (k as u32, p);
+        }
+    }
+    best
+}
+
+/// What an attack returns for one ε. Per-example vectors have length B.
+#[derive(Clone, Debug)]
+pub struct AttackResult {
+    /// (B, ...) the attack's raw output. The attacks in this crate keep every iterate
+    /// feasible, so it equals `clipped`; the field exists so that attacks whose raw
+    /// output may leave the threat model fit the same type.
+    pub adversarial: Tensor,
+    /// (B, ...) the adversarial inputs projected onto the ε-ball and the bounds:
+    /// ‖clipped − x‖_p ≤ ε and lo ≤ clipped ≤ hi hold exactly.
+    pub clipped: Tensor,
+    /// Per example: the criterion holds on `clipped` (judged on fresh forward passes).
+    pub success: Vec<bool>,
+    /// Per example: max softmax probability on `clipped`.
+    pub confidence: Vec<f32>,
+    /// Per example: predicted class on `clipped`.
+    pub predicted: Vec<u32>,
+    /// Per example: ‖clipped − x‖_p in the attack's norm (L0 counts changed values).
+    pub norm: Vec<f32>,
+    /// Per example: gradient steps taken, summed over restarts.
+    pub iterations: Vec<usize>,
+    /// The ε this result belongs to.
+    pub eps: f64,
+}
+
+/// An attack: a configuration that, given a model and a batch, returns one
+/// [`AttackResult`] per ε, in the order of `eps`.
+pub trait Attack {
+    /// Attacks `model` (always called as `forward_t(x, false)`, returning (B, K) logits).
+    ///
+    /// xs: (B, ...) clean inputs, every value in `bounds`, no NaN.
+    /// ys: (B,) integer labels in `[0, K)`.
+    /// eps: one or more budgets; each is attacked independently with the same seed.
+    fn run(
+        &self,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        eps: &[f64],
+        seed: u64,
+    ) -> Result<Vec<AttackResult>>;
+}
+
+/// Parses an ε given as a decimal (`0.5`) or a fraction (`8/255`). Negative, NaN and
+/// infinite values, and a zero denominator, are refused.
+pub fn parse_eps(s: &str) -> Result<f64> {
+    let refuse = |reason: &str| Error::Eps {
+        eps: s.to_string(),
+        reason: reason.to_string(),
+    };
+    let number = |t: &str| -> Result<f64> {
+        t.trim()
+            .parse::<f64>()
+            .map_err(|_| refuse("not a number or a fraction like 8/255"))
+    };
+    let value = match s.split_once('/') {
+        Some((num, den)) => {
+            let den = number(den)?;
+            if den == 0.0 {
+                return Err(refuse("zero denominator"));
+            }
+            number(num)? / den
+        }
+        None => number(s)?,
+    };
+    if value.is_nan() {
+        return Err(refuse("NaN"));
+    }
+    if !value.is_finite() {
+        return Err(refuse("infinite"));
+    }
+    if value < 0.0 {
+        return Err(refuse("negative"));
+    }
+    // `+ 0.0` turns a parsed "-0" into 0.
+    Ok(value + 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_eps_reads_fractions_and_decimals() -> Result<()> {
+        assert_eq!(parse_eps("8/255")?, 8.0 / 255.0);
+        assert!((parse_eps("8/255")? - 0.031_372_549).abs() < 1e-9);
+        assert_eq!(parse_eps("0.5")?, 0.5);
+        assert_eq!(parse_eps(" 12 ")?, 12.0);
+        assert_eq!(parse_eps("0")?, 0.0);
+        for bad in [
+            "-0.1", "NaN", "nan", "inf", "1/0", "abc", "", "8/", "-8/255",
+        ] {
+            assert!(parse_eps(bad).is_err(), "{bad} accepted");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn criteria_judge_probabilities() {
+        let p = [0.1, 0.7, 0.2];
+        assert!(Criterion::Misclassified.is_success(&p, 0));
+        assert!(!Criterion::Misclassified.is_success(&p, 1));
+        assert!(Criterion::Targeted(1).is_success(&p, 0));
+        assert!(!Criterion::Targeted(2).is_success(&p, 0));
+        assert!(Criterion::ConfidentlyMisclassified(0.6).is_success(&p, 0));
+        assert!(!Criterion::ConfidentlyMisclassified(0.8).is_success(&p, 0));
+        assert!(!Criterion::ConfidentlyMisclassified(0.6).is_success(&p, 1));
+        assert!(Criterion::Confident(0.7).is_success(&p, 1));
+        assert!(!Criterion::Confident(0.71).is_success(&p, 1));
+    }
+
+    #[test]
+    fn criterion_parses_and_displays() -> Result<()> {
+        for c in [
+            Criterion::Misclassified,
+            Criterion::Targeted(3),
+            Criterion::ConfidentlyMisclassified(0.9),
+            Criterion::Confident(0.5),
+        ] {
+            assert_eq!(c.to_string().parse::<Criterion>()?, c);
+        }
+        assert!("targeted".parse::<Criterion>().is_err());
+        assert!("confident:1.5".parse::<Criterion>().is_err());
+        assert!("fooled".parse::<Criterion>().is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn bounds_refuse_empty_or_nan_boxes() {
+        assert!(Bounds::new(0.0, 1.0).is_ok());
+        assert!(Bounds::new(-1.0, 2.0).is_ok());
+        assert!(Bounds::new(1.0, 1.0).is_err());
+        assert!(Bounds::new(1.0, 0.0).is_err());
+        assert!(Bounds::new(f32::NAN, 1.0).is_err());
+        assert!(Bounds::new(0.0, f32::INFINITY).is_err());
+    }
+}

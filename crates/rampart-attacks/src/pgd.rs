@@ -1,0 +1,264 @@
+//! Projected gradient descent (ascent on the objective): the configuration of the one
+//! attack loop and the named settings of the literature.
+
+use candle_core::{ModuleT, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::base::{Attack, AttackResult, Bounds, Criterion};
+use crate::engine;
+use crate::eot::Eot;
+use crate::error::{Error, Result};
+use crate::norm::{Init, Norm};
+use crate::objective::Objective;
+
+/// Step size of a gradient step (the multiplier of the normalised, momentum-averaged
+/// gradient).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StepSize {
+    /// A fixed step, whatever ε.
+    Absolute(f64),
+    /// A fraction of ε (e.g. 0.25 is 2/255 at ε = 8/255); scales with the budget when
+    /// one attack is run at several ε.
+    Relative(f64),
+}
+
+impl StepSize {
+    /// The step used at budget `eps`.
+    pub fn at(&self, eps: f64) -> f64 {
+        match *self {
+            StepSize::Absolute(a) => a,
+            StepSize::Relative(r) => r * eps,
+        }
+    }
+
+    fn value(&self) -> f64 {
+        match *self {
+            StepSize::Absolute(v) | StepSize::Relative(v) => v,
+        }
+    }
+}
+
+/// Restarts ("attempts"): `count` runs of the loop from fresh starts; the first uses
+/// `first`, the others `rest`. The per-example worst case over all of them is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restarts {
+    /// Number of runs (≥ 1).
+    pub count: usize,
+    /// Initialisation of the first run.
+    pub first: Init,
+    /// Initialisation of the other runs.
+    pub rest: Init,
+}
+
+impl Restarts {
+    /// `count` runs, all initialised with `init`.
+    pub fn same(count: usize, init: Init) -> Restarts {
+        Restarts {
+            count,
+            first: init,
+            rest: init,
+        }
+    }
+
+    /// The initialisation of run `r` (0-based).
+    pub fn init(&self, r: usize) -> Init {
+        if r == 0 {
+            self.first
+        } else {
+            self.rest
+        }
+    }
+}
+
+/// PGD with per-example momentum, backtracking, best-so-far tracking and restarts
+/// (the variant of Stutz et al., ICML 2020). See the crate documentation and
+/// `docs/attacks.md` for the loop.
+///
+/// Each gradient step, per example: g ← ∇_x objective (mean over EOT draws); entries
+/// that would push a coordinate already at a bound further out are zeroed; g is
+/// normalised by the [`Norm`]; ĝ ← β·ĝ + (1 − β)·g (ĝ starts at 0; β = 0 gives ĝ = g);
+/// the candidate x + δ + lr·ĝ is projected onto the bounds, the ε-ball and the bounds
+/// again. With backtracking the candidate replaces the iterate only if the objective did
+/// not decrease, otherwise that example's lr is divided by the factor. Every evaluated
+/// point (start included) competes for the returned worst case: a success beats a
+/// non-success, then a higher objective wins.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pgd {
+    /// Threat model.
+    pub norm: Norm,
+    /// Objective to maximise.
+    pub objective: Objective,
+    /// When an example counts as fooled.
+    pub criterion: Criterion,
+    /// Gradient steps per restart (≥ 1).
+    pub steps: usize,
+    /// Initial step size.
+    pub step_size: StepSize,
+    /// Momentum β in [0, 1).
+    pub momentum: f64,
+    /// Backtracking: the factor (> 1) a step size is divided by when a step would lower
+    /// the objective; `None` takes every step.
+    pub backtrack: Option<f64>,
+    /// Restarts and their initialisations.
+    pub restarts: Restarts,
+    /// Stop attacking an example once it is fooled (also skips it in later restarts).
+    /// Faster, but the returned point is then the first success, not the most confident
+    /// one; refused with the `conf` and `distal` objectives, whose point is confidence.
+    pub early_stop: bool,
+    /// Forward passes averaged for stochastic models.
+    pub eot: Eot,
+}
+
+impl Pgd {
+    /// Madry et al. (ICLR 2018), CIFAR-10 training attack: L∞, ε = 8/255, 7 steps of
+    /// 2/255, cross-entropy, uniform random start, one run.
+    pub fn madry_linf_cifar10() -> Pgd {
+        Pgd {
+            norm: Norm::Linf,
+            objective: Objective::CrossEntropy,
+            criterion: Criterion::Misclassified,
+            steps: 7,
+            step_size: StepSize::Absolute(2.0 / 255.0),
+            momentum: 0.0,
+            backtrack: None,
+            restarts: Restarts::same(1, Init::Uniform),
+            early_stop: false,
+            eot: Eot::OFF,
+        }
+    }
+
+    /// PGD-10 at ε = 8/255, step 2/255 (the training attack of Rice et al. 2020 and
+    /// most later L∞ adversarial training), otherwise as [`Pgd::madry_linf_cifar10`].
+    pub fn linf_pgd10() -> Pgd {
+        Pgd {
+            steps: 10,
+            ..Pgd::madry_linf_cifar10()
+        }
+    }
+
+    /// PGD-20 at ε = 8/255, step 2/255: the evaluation attack of Madry et al. (2018),
+    /// CIFAR-10.
+    pub fn linf_pgd20() -> Pgd {
+        Pgd {
+            steps: 20,
+            ..Pgd::madry_linf_cifar10()
+        }
+    }
+
+    /// CCAT evaluation with the conf objective (Stutz, Hein & Schiele, ICML 2020):
+    /// L∞ (ε = 0.03 in the paper), max_{k≠y} p_k, 1000 steps of 0.001, momentum 0.9,
+    /// backtracking 1.1, 11 runs: one zero initialisation and ten uniform-norm starts.
+    pub fn ccat_conf_eval() -> Pgd {
+        Pgd {
+            norm: Norm::Linf,
+            objective: Objective::Conf,
+            criterion: Criterion::Misclassified,
+            steps: 1000,
+            step_size: StepSize::Absolute(0.001),
+            momentum: 0.9,
+            backtrack: Some(1.1),
+            restarts: Restarts {
+                count: 11,
+                first: Init::Zero,
+                rest: Init::UniformNorm,
+            },
+            early_stop: false,
+            eot: Eot::OFF,
+        }
+    }
+
+    /// CCAT evaluation with cross-entropy: L∞ (ε = 0.03), 200 steps of 0.005, 50
+    /// uniform-norm restarts, momentum 0.9 and no backtracking (momentum and
+    /// initialisation as in the official code's CE evaluation).
+    pub fn ccat_ce_eval() -> Pgd {
+        Pgd {
+            norm: Norm::Linf,
+            objective: Objective::CrossEntropy,
+            criterion: Criterion::Misclassified,
+            steps: 200,
+            step_size: StepSize::Absolute(0.005),
+            momentum: 0.9,
+            backtrack: None,
+            restarts: Restarts::same(50, Init::UniformNorm),
+            early_stop: false,
+            eot: Eot::OFF,
+        }
+    }
+
+    /// CCAT training attack: L∞ ε = 0.03, conf objective, 40 steps of 0.005, momentum
+    /// 0.9, backtracking 1.5, one uniform-norm random start.
+    pub fn ccat_train() -> Pgd {
+        Pgd {
+            norm: Norm::Linf,
+            objective: Objective::Conf,
+            criterion: Criterion::Misclassified,
+            steps: 40,
+            step_size: StepSize::Absolute(0.005),
+            momentum: 0.9,
+            backtrack: Some(1.5),
+            restarts: Restarts::same(1, Init::UniformNorm),
+            early_stop: false,
+            eot: Eot::OFF,
+        }
+    }
+
+    /// Refuses an inconsistent configuration (before any forward pass).
+    pub fn validate(&self) -> Result<()> {
+        let refuse = |msg: String| Err(Error::Config(msg));
+        self.norm.validate()?;
+        self.criterion.validate()?;
+        self.eot.validate()?;
+        if self.steps == 0 {
+            return refuse("PGD needs at least one step".into());
+        }
+        let step = self.step_size.value();
+        if !(step.is_finite() && step > 0.0) {
+            return refuse(format!("step size must be finite and positive, got {step}"));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return refuse(format!(
+                "momentum must lie in [0, 1), got {}",
+                self.momentum
+            ));
+        }
+        if let Some(f) = self.backtrack {
+            if !(f.is_finite() && f > 1.0) {
+                return refuse(format!(
+                    "backtracking factor must be finite and > 1, got {f}"
+                ));
+            }
+        }
+        if self.restarts.count == 0 {
+            return refuse("at least one run (restarts.count ≥ 1) is needed".into());
+        }
+        if self.early_stop && matches!(self.objective, Objective::Conf | Objective::Distal) {
+            return refuse(format!(
+                "early stopping is refused with the `{}` objective: it would return the \
+                 first, least confident success",
+                self.objective
+            ));
+        }
+        if self.objective.is_targeted() && self.criterion.target().is_none() {
+            return refuse(format!(
+                "objective `{}` is targeted and needs Criterion::Targeted",
+                self.objective
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Attack for Pgd {
+    /// xs: (B, ...) in `bounds`; ys: (B,) labels. One result per ε.
+    fn run(
+        &self,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        eps: &[f64],
+        seed: u64,
+    ) -> Result<Vec<AttackResult>> {
+        engine::run(self, None, model, bounds, xs, ys, eps, seed)
+    }
+}
