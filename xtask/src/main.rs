@@ -2,10 +2,12 @@
 //!
 //! `cargo xtask reproduce cifar10 [--preset smoke|fast|paper]` builds the `rampart`
 //! command, trains and evaluates every model of the preset with it, and writes
-//! `report.md` and `results.json` (see `docs/results-schema.md`). The xtask only runs
+//! `report.md` and `results.json` (see `docs/results-schema.md`); `cargo xtask bench`
+//! times the hot steps (see `docs/performance.md`). The xtask only runs
 //! the `rampart` binary and reads the JSON files it writes; it links none of the
 //! library crates, so building it is quick.
 
+mod bench;
 mod report;
 mod reproduce;
 mod timestamp;
@@ -26,12 +28,15 @@ struct Cli {
 enum Command {
     /// Train and evaluate the models of a preset and write report.md and results.json.
     Reproduce(reproduce::ReproduceArgs),
+    /// Time forward, attack step and training step (optionally against PyTorch).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Reproduce(args) => reproduce::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

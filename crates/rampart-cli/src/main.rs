@@ -6,6 +6,7 @@
 //! command line (`command.txt`) beside its outputs. The training loop, the methods and
 //! evaluation live in `rampart-defenses`; this crate only connects them to the shell.
 
+mod bench;
 mod common;
 mod eval;
 mod logging;
@@ -19,6 +20,19 @@ use std::process::ExitCode;
 /// and zeroing. mimalloc keeps and reuses them (measured: ~2× faster training steps).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (option 15 in mimalloc 2 and 3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Tensors of one training step are freed and allocated again at the next: never
+/// returning freed memory to the kernel avoids re-faulting and re-zeroing it (measured
+/// on WRN-10-1 training: 6,006 → 344 huge-page faults, ≈20 % less CPU time).
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    // SAFETY: sets a documented process-wide allocator option to a valid value
+    // (-1 = never purge); called once at start-up before any worker thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -43,9 +57,12 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate a trained classifier on the test set.
     Eval(eval::EvalArgs),
+    /// Time forward, attack-step and training-step throughput (images/s).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,6 +86,9 @@ fn run(cli: Cli) -> Result<()> {
     let command = common::command_line();
     let env_data_dir = common::data_dir_from_env();
     match cli.command {
+        Command::Bench(args) => {
+            args.run()?;
+        }
         Command::Train(args) => {
             let plan = args.plan(env_data_dir)?;
             logging::init(Some(&plan.log_file()))?;
@@ -86,6 +106,9 @@ fn run(cli: Cli) -> Result<()> {
                 results.test_examples,
                 plan.out.display()
             );
+            if let (Some(acc), Some(n)) = (results.robust_accuracy, results.robust_examples) {
+                println!("robust accuracy {:.2} % on {n} attacked test examples", 100.0 * acc);
+            }
         }
     }
     Ok(())

@@ -155,14 +155,16 @@ impl CustomOp3 for BnForward {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c) = x.dims2()?;
+        let param_grads = !crate::input_gradients_only_active();
         let op = BnBackward {
             forward: self.clone(),
             gamma: gamma.to_vec1()?,
             beta: beta.to_vec1()?,
+            param_grads,
         };
         let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, n * c)?.reshape((n, c))?;
-        if crate::input_gradients_only_active() {
+        if !param_grads {
             return Ok((
                 Some(dx),
                 Some(gamma.zeros_like()?),
@@ -176,11 +178,16 @@ impl CustomOp3 for BnForward {
 }
 
 /// The backward of [`BnForward`]: (x, dy) → [dx (N·C) | dγ (C) | dβ (C)] packed.
+///
+/// With `param_grads` false (inside [`crate::input_gradients_only`]) and statistics
+/// that are not the batch's own (eval mode, as in attacks), dγ and dβ are not needed
+/// and the reduction pass is skipped: dx is then a single elementwise pass.
 #[derive(Clone, Debug)]
 pub struct BnBackward {
     forward: BnForward,
     gamma: Vec<f32>,
     beta: Vec<f32>,
+    param_grads: bool,
 }
 
 impl CustomOp2 for BnBackward {
@@ -203,36 +210,45 @@ impl CustomOp2 for BnBackward {
         }
         let f = &self.forward;
         f.check(c, &self.gamma, &self.beta)?;
-        let (mean, inv_std, g, b) = (&f.mean, &f.inv_std, &self.gamma, &self.beta);
+        let (mean, inv_std) = (&f.mean[..c], &f.inv_std[..c]);
+        // The ReLU is live where the pre-activation x·scale + shift is positive.
+        let scale: Vec<f32> = self.gamma.iter().zip(inv_std).map(|(g, s)| g * s).collect();
+        let shift: Vec<f32> = (0..c).map(|j| self.beta[j] - mean[j] * scale[j]).collect();
         let relu = f.relu;
-        // Gradient after the ReLU mask, as a function of (row, channel) values.
-        let masked = |xv: f32, dyv: f32, j: usize| -> (f32, f32) {
-            let xhat = (xv - mean[j]) * inv_std[j];
-            let live = !relu || xhat * g[j] + b[j] > 0.0;
-            (xhat, if live { dyv } else { 0.0 })
-        };
         let rows = chunk_rows(c) * c;
-        let sums = x
-            .par_chunks(rows)
-            .zip(dy.par_chunks(rows))
-            .map(|(xc, dc)| {
-                let mut acc = vec![0f32; 2 * c];
-                for (xr, dr) in xc.chunks_exact(c).zip(dc.chunks_exact(c)) {
-                    for j in 0..c {
-                        let (xhat, d) = masked(xr[j], dr[j], j);
-                        acc[j] += d * xhat;
-                        acc[c + j] += d;
+        let need_sums = f.batch_stats || self.param_grads;
+        let sums = if need_sums {
+            x.par_chunks(rows)
+                .zip(dy.par_chunks(rows))
+                .map(|(xc, dc)| {
+                    let mut acc = vec![0f32; 2 * c];
+                    let (dg, db) = acc.split_at_mut(c);
+                    for (xr, dr) in xc.chunks_exact(c).zip(dc.chunks_exact(c)) {
+                        for (((((&xv, &dv), g), b), (&m, &s)), (&sc, &sh)) in xr
+                            .iter()
+                            .zip(dr)
+                            .zip(dg.iter_mut())
+                            .zip(db.iter_mut())
+                            .zip(mean.iter().zip(inv_std))
+                            .zip(scale.iter().zip(&shift))
+                        {
+                            let d = if !relu || xv * sc + sh > 0.0 { dv } else { 0.0 };
+                            *g += d * (xv - m) * s;
+                            *b += d;
+                        }
                     }
-                }
-                acc.into_iter().map(f64::from).collect::<Vec<f64>>()
-            })
-            .reduce(
-                || vec![0f64; 2 * c],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+                    acc.into_iter().map(f64::from).collect::<Vec<f64>>()
+                })
+                .reduce(
+                    || vec![0f64; 2 * c],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        a
+                    },
+                )
+        } else {
+            vec![0f64; 2 * c]
+        };
         let (dgamma, dbeta) = sums.split_at(c);
         let inv_n = 1.0 / n as f64;
         let (mg, mb): (Vec<f32>, Vec<f32>) = if f.batch_stats {
@@ -243,7 +259,6 @@ impl CustomOp2 for BnBackward {
         } else {
             (vec![0.0; c], vec![0.0; c])
         };
-        let k: Vec<f32> = (0..c).map(|j| g[j] * inv_std[j]).collect();
         let mut out = vec![0f32; n * c + 2 * c];
         out[..n * c]
             .par_chunks_mut(rows)
@@ -254,9 +269,15 @@ impl CustomOp2 for BnBackward {
                     .zip(xc.chunks_exact(c))
                     .zip(dc.chunks_exact(c))
                 {
-                    for j in 0..c {
-                        let (xhat, d) = masked(xr[j], dr[j], j);
-                        or[j] = k[j] * (d - mb[j] - xhat * mg[j]);
+                    for ((((o, &xv), &dv), (&m, &s)), ((&sc, &sh), (&g_mean, &b_mean))) in or
+                        .iter_mut()
+                        .zip(xr)
+                        .zip(dr)
+                        .zip(mean.iter().zip(inv_std))
+                        .zip(scale.iter().zip(&shift).zip(mg.iter().zip(&mb)))
+                    {
+                        let d = if !relu || xv * sc + sh > 0.0 { dv } else { 0.0 };
+                        *o = sc * (d - b_mean - (xv - m) * s * g_mean);
                     }
                 }
             });

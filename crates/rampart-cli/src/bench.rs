@@ -1,0 +1,164 @@
+//! `rampart bench`: throughput of the three steps every experiment is made of.
+//!
+//! On a fixed network and batch (default WRN-16-4, batch 128, f32) it times
+//! * `forward`: logits in eval mode;
+//! * `pgd-step`: forward + gradient of the cross-entropy with respect to the input,
+//!   eval mode (one attack iteration, as `rampart-attacks` computes it);
+//! * `train-step`: forward in train mode + backward + one SGD (Nesterov) update.
+//!
+//! Each is run `--warmup` times untimed, then `--reps` times; the median wall time
+//! gives images/s. Results are printed as a table and, with `--json`, as one JSON
+//! object per line. Speed is measured here, never in tests.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, ModuleT, Tensor};
+use clap::Args;
+use rampart_attacks::{input_gradient, Objective};
+use rampart_defenses::{Sgd, SgdConfig};
+use rampart_models::{Arch, Classifier, ModelSpec};
+use serde::Serialize;
+
+/// Flags of `rampart bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Architecture to time (wrn-D-K, resnet20, preact-resnet18).
+    #[arg(long, default_value = "wrn-16-4")]
+    arch: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Timed repetitions per step (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Untimed repetitions before timing (allocator and caches warm up).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Which steps to time, comma-separated: forward, pgd-step, train-step.
+    #[arg(long, default_value = "forward,pgd-step,train-step", value_delimiter = ',')]
+    steps: Vec<String>,
+    /// Device: cpu or cuda[:N] (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Also print one JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One measured step.
+#[derive(Debug, Serialize)]
+pub struct BenchLine {
+    /// Step name (forward, pgd-step, train-step).
+    pub step: String,
+    /// Architecture.
+    pub arch: String,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Device description.
+    pub device: String,
+    /// Median seconds per batch.
+    pub seconds_per_batch: f64,
+    /// Images per second at the median.
+    pub images_per_second: f64,
+    /// Timed repetitions.
+    pub reps: usize,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let ordinal = match other.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("--device {other}: expected cuda or cuda:N"))?,
+                None => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+            };
+            Ok(Device::new_cuda(ordinal)?)
+        }
+    }
+}
+
+fn median_seconds(reps: usize, warmup: usize, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        dev.synchronize()?;
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+impl BenchArgs {
+    /// Runs the benchmark and prints its table (and JSON lines with `--json`).
+    pub fn run(&self) -> Result<Vec<BenchLine>> {
+        if self.batch_size == 0 || self.reps == 0 {
+            bail!("--batch-size and --reps must be at least 1");
+        }
+        let dev = device(&self.device)?;
+        let arch: Arch = self.arch.parse()?;
+        let model = Classifier::new(ModelSpec::cifar(arch, 10), 0, &dev)?;
+        let xs = Tensor::rand(0f32, 1f32, (self.batch_size, 3, 32, 32), &dev)?;
+        let labels: Vec<u32> = (0..self.batch_size as u32).map(|i| i % 10).collect();
+        let ys = Tensor::new(labels.as_slice(), &dev)?;
+        let threads = rayon::current_num_threads();
+        let mut lines = Vec::new();
+        for step in &self.steps {
+            let seconds = match step.as_str() {
+                "forward" => median_seconds(self.reps, self.warmup, &dev, || {
+                    model.forward_t(&xs, false)?.to_dtype(DType::F32)?;
+                    Ok(())
+                })?,
+                "pgd-step" => median_seconds(self.reps, self.warmup, &dev, || {
+                    input_gradient(&model, Objective::CrossEntropy, &xs, &ys, None)?;
+                    Ok(())
+                })?,
+                "train-step" => {
+                    let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::cifar())?;
+                    median_seconds(self.reps, self.warmup, &dev, || {
+                        let logits = model.forward_t(&xs, true)?;
+                        let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
+                        sgd.step(&loss.backward()?, 0.01)?;
+                        Ok(())
+                    })?
+                }
+                other => bail!("unknown step `{other}` (expected forward, pgd-step, train-step)"),
+            };
+            lines.push(BenchLine {
+                step: step.clone(),
+                arch: arch.to_string(),
+                batch_size: self.batch_size,
+                device: self.device.clone(),
+                seconds_per_batch: seconds,
+                images_per_second: self.batch_size as f64 / seconds,
+                reps: self.reps,
+                threads,
+            });
+        }
+        println!("| step | arch | batch | device | s/batch | images/s |");
+        println!("|---|---|---:|---|---:|---:|");
+        for l in &lines {
+            println!(
+                "| {} | {} | {} | {} | {:.3} | {:.1} |",
+                l.step, l.arch, l.batch_size, l.device, l.seconds_per_batch, l.images_per_second
+            );
+        }
+        if self.json {
+            for l in &lines {
+                println!("{}", serde_json::to_string(l)?);
+            }
+        }
+        Ok(lines)
+    }
+}

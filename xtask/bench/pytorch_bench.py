@@ -1,0 +1,120 @@
+"""The network of `rampart bench`, timed in PyTorch, for `cargo xtask bench --compare-pytorch`.
+
+Same architecture (pre-activation WRN-d-k as built by rampart-models: 16-channel stem,
+three stages, 1x1 shortcut on the pre-activated input, BN-ReLU, global average pool,
+linear; normalisation inside the model), same batch, same three steps, same timing
+rule (warm-up, then the median of the timed repetitions). Prints one JSON object per
+line with the fields of `rampart bench --json` plus "framework": "pytorch".
+Optional tooling: Rampart itself never needs Python.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if c_in != c_out or stride != 1:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        skip = self.shortcut(pre) if self.shortcut is not None else x
+        h = F.relu(self.bn2(self.conv1(pre)))
+        return self.conv2(h) + skip
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth, widen, classes=10):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16 * widen, 32 * widen, 64 * widen]
+        self.register_buffer("mean", torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1))
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        blocks, c_in = [], 16
+        for s, c_out in enumerate(widths):
+            for b in range(n):
+                blocks.append(Block(c_in, c_out, 2 if (b == 0 and s > 0) else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x):
+        h = self.blocks(self.stem((x - self.mean) / self.std))
+        h = F.relu(self.bn(h))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def median_seconds(fn, reps, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="wrn-16-4")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", default="forward,pgd-step,train-step")
+    args = p.parse_args()
+    _, depth, widen = args.arch.split("-")
+    torch.manual_seed(0)
+    model = WideResNet(int(depth), int(widen))
+    x = torch.rand(args.batch_size, 3, 32, 32)
+    y = torch.arange(args.batch_size) % 10
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    def pgd_step():
+        model.eval()
+        for q in model.parameters():
+            q.requires_grad_(False)
+        xv = x.clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xv), y, reduction="sum")
+        torch.autograd.grad(loss, xv)
+        for q in model.parameters():
+            q.requires_grad_(True)
+
+    def train_step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    fns = {"forward": forward, "pgd-step": pgd_step, "train-step": train_step}
+    for step in args.steps.split(","):
+        s = median_seconds(fns[step], args.reps, args.warmup)
+        print(json.dumps({
+            "framework": "pytorch", "torch_version": torch.__version__, "step": step,
+            "arch": args.arch, "batch_size": args.batch_size, "device": "cpu",
+            "seconds_per_batch": s, "images_per_second": args.batch_size / s,
+            "reps": args.reps, "threads": torch.get_num_threads(),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+//! `cargo xtask bench`: throughput of forward, attack step and training step.
+//!
+//! Builds `rampart` (with `--features cuda` when `--device cuda…`), runs
+//! `rampart bench --json` and prints its table and JSON lines. With
+//! `--compare-pytorch` it also runs `xtask/bench/pytorch_bench.py` (the identical
+//! network in PyTorch, when a Python with torch is available) and prints the ratio
+//! rampart images/s ÷ PyTorch images/s per step (> 1 means Rampart is faster).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+
+use crate::reproduce::{build_rampart, workspace_root};
+
+/// Flags of `cargo xtask bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Architecture to time.
+    #[arg(long, default_value = "wrn-16-4")]
+    arch: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Timed repetitions per step (median reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Device: cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Also time the identical network in PyTorch and print the ratios.
+    #[arg(long)]
+    compare_pytorch: bool,
+    /// The Python interpreter with torch installed (for --compare-pytorch).
+    #[arg(long, default_value = "python3")]
+    python: String,
+}
+
+fn json_lines(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn images_per_second(lines: &[Value], step: &str) -> Option<f64> {
+    lines
+        .iter()
+        .find(|l| l["step"] == step)
+        .and_then(|l| l["images_per_second"].as_f64())
+}
+
+/// Runs the benchmark.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let root = workspace_root();
+    let bin = build_rampart(&root, args.device.starts_with("cuda"))?;
+    let common = [
+        "--arch".to_string(),
+        args.arch.clone(),
+        "--batch-size".into(),
+        args.batch_size.to_string(),
+        "--reps".into(),
+        args.reps.to_string(),
+    ];
+    let out = Command::new(&bin)
+        .arg("bench")
+        .args(&common)
+        .args(["--device", &args.device, "--json"])
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        bail!("rampart bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    if !args.compare_pytorch {
+        return Ok(());
+    }
+    if args.device != "cpu" {
+        bail!("--compare-pytorch times the CPU only; pass --device cpu");
+    }
+    let ours = json_lines(&out.stdout);
+    let script = root.join("xtask").join("bench").join("pytorch_bench.py");
+    let torch = Command::new(&args.python)
+        .arg(&script)
+        .args(&common)
+        .output()
+        .with_context(|| format!("cannot run {} (set --python)", args.python))?;
+    if !torch.status.success() {
+        bail!(
+            "the PyTorch benchmark failed (is torch installed for {}?): {}",
+            args.python,
+            String::from_utf8_lossy(&torch.stderr)
+        );
+    }
+    print!("{}", String::from_utf8_lossy(&torch.stdout));
+    let theirs = json_lines(&torch.stdout);
+    println!("\n| step | rampart images/s | pytorch images/s | ratio |");
+    println!("|---|---:|---:|---:|");
+    for step in ["forward", "pgd-step", "train-step"] {
+        if let (Some(a), Some(b)) = (images_per_second(&ours, step), images_per_second(&theirs, step)) {
+            println!("| {step} | {a:.1} | {b:.1} | {:.2} |", a / b);
+            println!(
+                "{}",
+                serde_json::json!({"step": step, "arch": args.arch, "batch_size": args.batch_size,
+                    "rampart_images_per_second": a, "pytorch_images_per_second": b, "ratio": a / b})
+            );
+        }
+    }
+    Ok(())
+}
