@@ -45,6 +45,7 @@
 
 mod augment;
 mod cifar;
+pub mod corrupt;
 mod dataset;
 mod download;
 mod error;
@@ -57,6 +58,7 @@ mod testutil;
 
 pub use augment::{AugmentDraw, Augmentation, Cutout};
 pub use cifar::{load_cifar_binary, CIFAR_SHAPE};
+pub use corrupt::{corrupt, corrupt_with_parameter, CorruptError, Corruption};
 pub use dataset::{ImageDataset, Splits};
 pub use download::{download, verify_archive, verify_file};
 pub use error::{DataError, Result};

@@ -37,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+mod accepted;
 mod calibration;
 mod check;
 mod classification;
@@ -49,6 +50,7 @@ mod summary;
 mod temperature;
 mod thresholded;
 
+pub use accepted::fraction_accepted;
 pub use calibration::{
     brier, ece, ece_15, nll, Calibration, CalibrationAccumulator, ReliabilityBin, ECE_BINS,
     NLL_PROBABILITY_FLOOR,

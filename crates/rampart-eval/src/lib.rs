@@ -1,0 +1,71 @@
+//! The evaluation of Rampart: runs a suite of attacks, OOD sets and corruptions on a
+//! model, measures robustness and calibration with `rampart-metrics`, and writes the
+//! results (`results.json`, a Markdown table, PNG and SVG plots).
+//!
+//! This crate owns the *protocol*: which attacks make up a threat model ([`Suite`],
+//! [`SuitePlan`]), how the test split is cut (the last [`CCAT_HELD_OUT`] images pick
+//! τ at 99 % TPR and fit the temperature; the first `test_limit` of the rest are
+//! attacked), how per-example results are combined (worst case per example over every
+//! attack of a threat model) and how they are saved (one record per step under
+//! `OUT/per_example/`, written atomically when the step finishes and keyed by a digest
+//! of the clean logits and the step's configuration, so an interrupted evaluation
+//! resumes and metrics can be recomputed without re-attacking). It must not define
+//! metrics (they live in `rampart-metrics`), attacks (`rampart-attacks`), models or
+//! data formats; it only wires them together. `docs/evaluation.md` describes the
+//! suites and outputs.
+//!
+//! Entry points:
+//! * [`run_suite`] (a model file) and [`evaluate`] / [`evaluate_model`] (any
+//!   `candle_core::ModuleT`) evaluate one model into an [`EvalReport`];
+//! * [`compare_models`] writes the comparison tables and the combined
+//!   accuracy–perturbation chart of several reports; [`write_report`] returns the same
+//!   as a Markdown section for a study's `report.md`;
+//! * [`plot_accuracy_curves`], [`plot_reliability`], [`plot_confidence_histograms`]
+//!   draw single charts.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::path::Path;
+//! use rampart_eval::{run_suite, compare_models, EvalConfig, Suite, Effort};
+//!
+//! let splits = rampart_data::load(rampart_data::DatasetKind::Cifar10, Path::new("data"))?;
+//! let mut config = EvalConfig::new(Suite::Quick, "runs/normal/eval");
+//! config.test_limit = Some(1000);
+//! config.effort = Effort::new(1.0, 1.0)?;
+//! let normal = run_suite(Path::new("runs/normal/model.safetensors"), &splits.test, &config)?;
+//! compare_models(&[("normal", &normal)], Path::new("runs"))?;
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+mod compare;
+mod error;
+mod io;
+mod outputs;
+mod plot;
+mod records;
+mod report;
+mod runner;
+mod search;
+mod suite;
+
+pub use compare::{compare_models, comparison_tables, write_report};
+pub use error::{EvalError, Result};
+pub use plot::{plot_accuracy_curves, plot_confidence_histograms, plot_reliability};
+pub use records::{AttackRecord, DistalRecord, SearchRecord};
+pub use report::{
+    AttackSummary, ConfidenceHistograms, CorruptionReport, CurveReport, EvalReport, OodReport,
+    ThreatModelReport, EVAL_SCHEMA_VERSION, HISTOGRAM_BINS,
+};
+pub use runner::{
+    evaluate, evaluate_model, run_suite, EvalConfig, ModelInfo, CCAT_HELD_OUT,
+    CONFIDENCE_THRESHOLD_KEY,
+};
+pub use suite::{
+    threat_model_name, AttackKind, AttackPlan, CorruptionPlan, CurvePlan, DistalPlan, Effort,
+    Suite, SuitePlan, ThreatModel, DISTAL_EPS, HEADLINE_THREAT_MODEL,
+};
+
+#[cfg(test)]
+mod tests;

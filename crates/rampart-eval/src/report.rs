@@ -1,0 +1,841 @@
+//! The report of one evaluation: every number computed from the per-example records
+//! with `rampart-metrics`, its serde form (`results.json`) and its Markdown form.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use rampart_metrics::{self as metrics, AccuracyCurve, MetricsError, ReliabilityBin, WorstCase};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EvalError, Result};
+use crate::outputs::Outcomes;
+use crate::records::AttackRecord;
+use crate::suite::{CurvePlan, HEADLINE_THREAT_MODEL};
+
+/// Version of the `results.json` written by an evaluation (version 1 had the clean
+/// fields only; version 2 adds everything else, additively).
+pub const EVAL_SCHEMA_VERSION: u32 = 2;
+
+/// Bins of the confidence histograms (equal width on [0, 1]).
+pub const HISTOGRAM_BINS: usize = 20;
+
+/// Everything one evaluation measured. Fractions are in [0, 1]; `None` (JSON `null`)
+/// marks a number that is undefined on this input (e.g. no held-out example is
+/// correct, so there is no τ), never a silent 0.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// [`EVAL_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// `quick`, `ccat` or `full`.
+    pub suite: String,
+    /// The model file, when evaluated from one.
+    pub model: Option<PathBuf>,
+    /// Training method from the model's metadata.
+    pub method: Option<String>,
+    /// Architecture.
+    pub arch: Option<String>,
+    /// Data set name from the model's metadata.
+    pub dataset: Option<String>,
+    /// Attacked test examples (the first of the test split, the held-out part excluded).
+    pub test_examples: usize,
+    /// Held-out test examples (the last of the split), used only to pick τ and fit T.
+    pub held_out_examples: usize,
+    /// Clean accuracy on the attacked examples.
+    pub clean_accuracy: f64,
+    /// 1 − clean accuracy.
+    pub clean_error: f64,
+    /// τ: confidence threshold at 99 % TPR on the held-out correctly classified examples.
+    pub tau_at_tpr99: Option<f64>,
+    /// Fraction of the attacked split's correct examples accepted at τ (≈ 0.99).
+    pub test_tpr: Option<f64>,
+    /// Clean error among examples accepted at τ.
+    pub err_at_tpr99: Option<f64>,
+    /// RErr@τ of the headline threat model ([`HEADLINE_THREAT_MODEL`]).
+    pub rerr_at_tpr99: Option<f64>,
+    /// FPR@τ of the headline threat model.
+    pub fpr_at_tpr99: Option<f64>,
+    /// ROC AUC (clean correct vs successful adversarial) of the headline threat model.
+    pub roc_auc: Option<f64>,
+    /// The model's own threshold (`confidence_threshold` metadata), if it has one.
+    pub model_confidence_threshold: Option<f64>,
+    /// ECE with 15 equal-width bins on the attacked split.
+    pub ece: f64,
+    /// Multi-class Brier score, in [0, 2].
+    pub brier: f64,
+    /// Mean negative log-likelihood in nats.
+    pub nll: f64,
+    /// Temperature fitted on the held-out split (minimum NLL).
+    pub temperature: f64,
+    /// ECE after temperature scaling.
+    pub ece_temperature_scaled: f64,
+    /// NLL after temperature scaling.
+    pub nll_temperature_scaled: f64,
+    /// Brier score after temperature scaling.
+    pub brier_temperature_scaled: f64,
+    /// Reliability diagram of the clean predictions (15 bins).
+    pub reliability: Vec<ReliabilityBin>,
+    /// Area under the accuracy–perturbation curve (L∞), a fraction.
+    pub auac: Option<f64>,
+    /// The accuracy–perturbation curve and how it was found.
+    pub accuracy_curve: Option<CurveReport>,
+    /// Per threat model: robust error and the confidence-thresholded protocol.
+    pub threat_models: BTreeMap<String, ThreatModelReport>,
+    /// Out-of-distribution detection with confidence as the score: `distal`, `noise`,
+    /// `corrupted`.
+    pub ood: BTreeMap<String, OodReport>,
+    /// Error and calibration on corrupted copies of the attacked split.
+    pub corruptions: Vec<CorruptionReport>,
+    /// Confidence histograms (clean, adversarial, distal, noise) for the plots.
+    pub confidence_histograms: ConfidenceHistograms,
+    /// Wall time of the evaluation in seconds (steps loaded from disk cost ~0).
+    pub eval_seconds: f64,
+    /// Steps loaded from `per_example/` instead of recomputed.
+    pub resumed: Vec<String>,
+}
+
+/// One threat model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThreatModelReport {
+    /// `linf`, `l2`, `l1` or `l0`.
+    pub norm: String,
+    /// Budget.
+    pub eps: f64,
+    /// Per attack on its own.
+    pub attacks: BTreeMap<String, AttackSummary>,
+    /// Per-example worst case over the attacks: clean or any adversarial version wrong.
+    pub robust_error: f64,
+    /// RErr@τ with the worst case by highest wrong-class confidence.
+    pub rerr_at_tpr99: Option<f64>,
+    /// FPR@τ: successful adversarial examples accepted at τ.
+    pub fpr_at_tpr99: Option<f64>,
+    /// ROC AUC between clean-correct and successful adversarial confidences.
+    pub roc_auc: Option<f64>,
+    /// RErr at the model's own threshold, if it has one.
+    pub rerr_at_model_threshold: Option<f64>,
+}
+
+/// One attack alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttackSummary {
+    /// Robust error against this attack alone.
+    pub robust_error: f64,
+    /// Wall time of the attack.
+    pub seconds: f64,
+}
+
+/// One out-of-distribution set against the clean attacked split (the positives).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OodReport {
+    /// Out-of-distribution inputs.
+    pub examples: usize,
+    /// Their mean confidence.
+    pub mean_confidence: f64,
+    /// AUROC of clean vs these inputs by confidence (1 = perfectly separated).
+    pub auroc: f64,
+    /// Fraction of these inputs accepted at the τ that accepts 95 % of the clean split.
+    pub fpr_at_tpr95: f64,
+    /// Fraction accepted at the CCAT τ (99 % TPR on the held-out split).
+    pub fpr_at_tpr99: Option<f64>,
+}
+
+/// One corruption at one severity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CorruptionReport {
+    /// CIFAR-10-C name.
+    pub corruption: String,
+    /// 1 ..= 5.
+    pub severity: u8,
+    /// Error on the corrupted images.
+    pub error: f64,
+    /// Error among corrupted images accepted at τ.
+    pub err_at_tpr99: Option<f64>,
+    /// ECE (15 bins).
+    pub ece: f64,
+    /// Brier score.
+    pub brier: f64,
+    /// NLL in nats.
+    pub nll: f64,
+    /// Mean confidence.
+    pub mean_confidence: f64,
+    /// AUROC of clean vs corrupted confidences.
+    pub auroc: f64,
+}
+
+/// The accuracy–perturbation curve (L∞).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CurveReport {
+    /// ε grid (from 0) and accuracy (fraction) at each ε.
+    pub curve: AccuracyCurve,
+    /// Largest ε searched.
+    pub eps_max: f64,
+    /// Width of the last bisection bracket, ε_max / 2^rounds.
+    pub resolution: f64,
+    /// Fraction of examples not broken at ε_max.
+    pub unbroken: f64,
+}
+
+/// Histograms of confidences on [0, 1] in [`HISTOGRAM_BINS`] equal bins (a confidence
+/// of exactly 1 goes in the last bin).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfidenceHistograms {
+    /// Bin edges, `HISTOGRAM_BINS + 1` values from 0 to 1.
+    pub edges: Vec<f64>,
+    /// Clean attacked split.
+    pub clean: Vec<usize>,
+    /// Worst-case adversarial examples of the headline threat model.
+    pub adversarial: Option<Vec<usize>>,
+    /// Distal adversarial examples.
+    pub distal: Option<Vec<usize>>,
+    /// Uniform noise.
+    pub noise: Option<Vec<usize>>,
+    /// τ, drawn as a line.
+    pub tau: Option<f64>,
+}
+
+/// A threat model's records, as [`build_report`] takes them.
+pub(crate) struct ThreatModelInputs<'a> {
+    pub name: String,
+    pub norm: String,
+    pub eps: f64,
+    pub attacks: Vec<&'a AttackRecord>,
+}
+
+/// One corrupted copy's logits.
+pub(crate) struct CorruptionInputs<'a> {
+    pub name: String,
+    pub severity: u8,
+    pub logits: &'a [f32],
+}
+
+/// Everything [`build_report`] needs, all per example and aligned.
+pub(crate) struct ReportInputs<'a> {
+    pub suite: String,
+    pub num_classes: usize,
+    pub labels: &'a [u32],
+    pub logits: &'a [f32],
+    pub held_out_labels: &'a [u32],
+    pub held_out_logits: &'a [f32],
+    pub model_threshold: Option<f64>,
+    pub threat_models: Vec<ThreatModelInputs<'a>>,
+    pub noise_confidence: Option<&'a [f64]>,
+    pub distal_confidence: Option<&'a [f64]>,
+    pub curve: Option<(&'a CurvePlan, &'a [Option<f64>])>,
+    pub corruptions: Vec<CorruptionInputs<'a>>,
+}
+
+/// `Ok(None)` for a metric that is undefined on this input, other errors passed on.
+fn defined(r: metrics::Result<f64>, what: &str) -> Result<Option<f64>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MetricsError::Undefined { .. }) => Ok(None),
+        Err(e) => Err(EvalError::metric(what)(e)),
+    }
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+/// Counts of `values` in [`HISTOGRAM_BINS`] equal bins of [0, 1].
+pub(crate) fn histogram(values: &[f64]) -> Vec<usize> {
+    let mut counts = vec![0; HISTOGRAM_BINS];
+    for &v in values {
+        let b = ((v * HISTOGRAM_BINS as f64).floor().max(0.0) as usize).min(HISTOGRAM_BINS - 1);
+        counts[b] += 1;
+    }
+    counts
+}
+
+/// Computes every number of the report from per-example arrays (model fields, time and
+/// `resumed` are left empty for the caller).
+pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
+    let k = inp.num_classes;
+    let labels = inp.labels;
+    let clean = Outcomes::from_logits(inp.logits, labels, k)?;
+    let held = Outcomes::from_logits(inp.held_out_logits, inp.held_out_labels, k)?;
+    let clean_error =
+        metrics::clean_error(&clean.predicted, labels).map_err(EvalError::metric("clean error"))?;
+
+    let held_positive = metrics::confidences_of_correct(&held.correct, &held.confidence)
+        .map_err(EvalError::metric("held-out confidences"))?;
+    let tau = if held_positive.is_empty() {
+        tracing::warn!(
+            "no held-out example is classified correctly: τ and the numbers at τ are undefined"
+        );
+        None
+    } else {
+        Some(
+            metrics::threshold_at_tpr99(&held_positive)
+                .map_err(EvalError::metric("τ at 99 % TPR"))?,
+        )
+    };
+    let test_positive = metrics::confidences_of_correct(&clean.correct, &clean.confidence)
+        .map_err(EvalError::metric("test confidences"))?;
+    let test_tpr = match tau {
+        Some(t) if !test_positive.is_empty() => Some(
+            metrics::fraction_accepted(&test_positive, t).map_err(EvalError::metric("test TPR"))?,
+        ),
+        _ => None,
+    };
+    let err_at_tau = |correct: &[bool], conf: &[f64], what: &str| -> Result<Option<f64>> {
+        match tau {
+            Some(t) => defined(metrics::err_at_threshold(correct, conf, t), what),
+            None => Ok(None),
+        }
+    };
+    let err_at_tpr99 = err_at_tau(&clean.correct, &clean.confidence, "Err@τ")?;
+
+    // Calibration and the temperature-scaled baseline (T fitted on the held-out split).
+    let calibration =
+        metrics::ece_15(&clean.confidence, &clean.correct).map_err(EvalError::metric("ECE"))?;
+    let brier = metrics::brier(&clean.probs, labels, k).map_err(EvalError::metric("Brier"))?;
+    let nll = metrics::nll_with_temperature(inp.logits, labels, k, 1.0)
+        .map_err(EvalError::metric("NLL"))?;
+    let temperature = metrics::fit_temperature(inp.held_out_logits, inp.held_out_labels, k)
+        .map_err(EvalError::metric("temperature"))?;
+    let scaled = metrics::softmax_with_temperature(inp.logits, k, temperature)
+        .map_err(EvalError::metric("scaled softmax"))?;
+    let (scaled_pred, scaled_conf) = metrics::predictions_and_confidences(&scaled, k)
+        .map_err(EvalError::metric("scaled predictions"))?;
+    let scaled_correct: Vec<bool> = scaled_pred
+        .iter()
+        .zip(labels)
+        .map(|(p, l)| p == l)
+        .collect();
+    let ece_temperature_scaled = metrics::ece_15(&scaled_conf, &scaled_correct)
+        .map_err(EvalError::metric("scaled ECE"))?
+        .ece;
+    let nll_temperature_scaled = metrics::nll_with_temperature(inp.logits, labels, k, temperature)
+        .map_err(EvalError::metric("scaled NLL"))?;
+    let brier_temperature_scaled =
+        metrics::brier(&scaled, labels, k).map_err(EvalError::metric("scaled Brier"))?;
+
+    // Threat models: per-example worst case over the attacks.
+    let mut threat_models = BTreeMap::new();
+    let mut headline_adv_conf = None;
+    for tm in &inp.threat_models {
+        if tm.attacks.is_empty() {
+            continue;
+        }
+        let what = |m: &str| format!("{m} of {}", tm.name);
+        let mut worst =
+            WorstCase::new(&clean.correct).map_err(EvalError::metric(what("worst case")))?;
+        let mut attacks = BTreeMap::new();
+        for rec in &tm.attacks {
+            worst
+                .push(&rec.correct, &rec.confidence, &rec.wrong_class_confidence)
+                .map_err(EvalError::metric(what(&rec.attack)))?;
+            attacks.insert(
+                rec.attack.clone(),
+                AttackSummary {
+                    robust_error: metrics::robust_error(&clean.correct, &[&rec.correct])
+                        .map_err(EvalError::metric(what(&rec.attack)))?,
+                    seconds: rec.seconds,
+                },
+            );
+        }
+        let (adv_correct, adv_conf) = worst
+            .worst_correct_and_confidence()
+            .map_err(EvalError::metric(what("worst case")))?;
+        let (rerr, fpr) = match tau {
+            Some(t) => (
+                defined(
+                    metrics::rerr_at_threshold(
+                        &clean.correct,
+                        &clean.confidence,
+                        &adv_correct,
+                        &adv_conf,
+                        t,
+                    ),
+                    &what("RErr@τ"),
+                )?,
+                defined(
+                    metrics::fpr_at_threshold(&clean.correct, &adv_correct, &adv_conf, t),
+                    &what("FPR@τ"),
+                )?,
+            ),
+            None => (None, None),
+        };
+        let roc_auc = defined(
+            metrics::adversarial_roc_auc(
+                &clean.correct,
+                &clean.confidence,
+                &adv_correct,
+                &adv_conf,
+            ),
+            &what("ROC AUC"),
+        )?;
+        let rerr_at_model_threshold = match inp.model_threshold {
+            Some(t) => defined(
+                metrics::rerr_at_threshold(
+                    &clean.correct,
+                    &clean.confidence,
+                    &adv_correct,
+                    &adv_conf,
+                    t,
+                ),
+                &what("RErr at the model's threshold"),
+            )?,
+            None => None,
+        };
+        if tm.name == HEADLINE_THREAT_MODEL {
+            headline_adv_conf = Some(adv_conf.clone());
+        }
+        threat_models.insert(
+            tm.name.clone(),
+            ThreatModelReport {
+                norm: tm.norm.clone(),
+                eps: tm.eps,
+                attacks,
+                robust_error: worst.robust_error(),
+                rerr_at_tpr99: rerr,
+                fpr_at_tpr99: fpr,
+                roc_auc,
+                rerr_at_model_threshold,
+            },
+        );
+    }
+    let headline = threat_models.get(HEADLINE_THREAT_MODEL);
+
+    // Out-of-distribution detection, confidence as the score.
+    let in_scores = &clean.confidence;
+    let ood_report = |out: &[f64], what: &str| -> Result<OodReport> {
+        Ok(OodReport {
+            examples: out.len(),
+            mean_confidence: mean(out),
+            auroc: metrics::ood_auroc(in_scores, out)
+                .map_err(EvalError::metric(format!("AUROC of {what}")))?,
+            fpr_at_tpr95: metrics::fpr_at_tpr95(in_scores, out)
+                .map_err(EvalError::metric(format!("FPR@95 of {what}")))?,
+            fpr_at_tpr99: match tau {
+                Some(t) => Some(
+                    metrics::fraction_accepted(out, t)
+                        .map_err(EvalError::metric(format!("FPR@τ of {what}")))?,
+                ),
+                None => None,
+            },
+        })
+    };
+    let mut ood = BTreeMap::new();
+    if let Some(d) = inp.distal_confidence.filter(|d| !d.is_empty()) {
+        ood.insert("distal".to_string(), ood_report(d, "distal examples")?);
+    }
+    if let Some(n) = inp.noise_confidence.filter(|n| !n.is_empty()) {
+        ood.insert("noise".to_string(), ood_report(n, "uniform noise")?);
+    }
+
+    // Corruptions: error and calibration per severity; the most severe level of each
+    // corruption pooled is the `corrupted` OOD set.
+    let mut corruptions = Vec::new();
+    let mut most_severe: BTreeMap<&str, (u8, Vec<f64>)> = BTreeMap::new();
+    for c in &inp.corruptions {
+        let what = |m: &str| format!("{m} of {} at severity {}", c.name, c.severity);
+        let out = Outcomes::from_logits(c.logits, labels, k)?;
+        corruptions.push(CorruptionReport {
+            corruption: c.name.clone(),
+            severity: c.severity,
+            error: metrics::clean_error(&out.predicted, labels)
+                .map_err(EvalError::metric(what("error")))?,
+            err_at_tpr99: err_at_tau(&out.correct, &out.confidence, &what("Err@τ"))?,
+            ece: metrics::ece_15(&out.confidence, &out.correct)
+                .map_err(EvalError::metric(what("ECE")))?
+                .ece,
+            brier: metrics::brier(&out.probs, labels, k)
+                .map_err(EvalError::metric(what("Brier")))?,
+            nll: metrics::nll_with_temperature(c.logits, labels, k, 1.0)
+                .map_err(EvalError::metric(what("NLL")))?,
+            mean_confidence: mean(&out.confidence),
+            auroc: metrics::ood_auroc(in_scores, &out.confidence)
+                .map_err(EvalError::metric(what("AUROC")))?,
+        });
+        let entry = most_severe
+            .entry(c.name.as_str())
+            .or_insert((0, Vec::new()));
+        if c.severity > entry.0 {
+            *entry = (c.severity, out.confidence);
+        }
+    }
+    if !most_severe.is_empty() {
+        let pooled: Vec<f64> = most_severe.into_values().flat_map(|(_, v)| v).collect();
+        ood.insert(
+            "corrupted".to_string(),
+            ood_report(&pooled, "corrupted images")?,
+        );
+    }
+
+    // Accuracy–perturbation curve from the minimal ε of every attacked example.
+    let accuracy_curve = match inp.curve {
+        Some((plan, min_eps)) => {
+            let norms: Vec<f64> = min_eps.iter().map(|m| m.unwrap_or(f64::INFINITY)).collect();
+            let curve = AccuracyCurve::from_min_norms(&norms, &plan.grid())
+                .map_err(EvalError::metric("accuracy curve"))?;
+            Some(CurveReport {
+                curve,
+                eps_max: plan.eps_max,
+                resolution: plan.eps_max / 2f64.powi(plan.rounds as i32),
+                unbroken: min_eps.iter().filter(|m| m.is_none()).count() as f64
+                    / min_eps.len().max(1) as f64,
+            })
+        }
+        None => None,
+    };
+    let auac = match &accuracy_curve {
+        Some(c) => Some(c.curve.auac().map_err(EvalError::metric("AUAC"))?),
+        None => None,
+    };
+
+    let edges = (0..=HISTOGRAM_BINS)
+        .map(|i| i as f64 / HISTOGRAM_BINS as f64)
+        .collect();
+    Ok(EvalReport {
+        schema_version: EVAL_SCHEMA_VERSION,
+        suite: inp.suite.clone(),
+        model: None,
+        method: None,
+        arch: None,
+        dataset: None,
+        test_examples: labels.len(),
+        held_out_examples: inp.held_out_labels.len(),
+        clean_accuracy: 1.0 - clean_error,
+        clean_error,
+        tau_at_tpr99: tau,
+        test_tpr,
+        err_at_tpr99,
+        rerr_at_tpr99: headline.and_then(|h| h.rerr_at_tpr99),
+        fpr_at_tpr99: headline.and_then(|h| h.fpr_at_tpr99),
+        roc_auc: headline.and_then(|h| h.roc_auc),
+        model_confidence_threshold: inp.model_threshold,
+        ece: calibration.ece,
+        brier,
+        nll,
+        temperature,
+        ece_temperature_scaled,
+        nll_temperature_scaled,
+        brier_temperature_scaled,
+        reliability: calibration.bins,
+        auac,
+        accuracy_curve,
+        threat_models,
+        ood,
+        corruptions,
+        confidence_histograms: ConfidenceHistograms {
+            edges,
+            clean: histogram(&clean.confidence),
+            adversarial: headline_adv_conf.as_deref().map(histogram),
+            distal: inp
+                .distal_confidence
+                .filter(|d| !d.is_empty())
+                .map(histogram),
+            noise: inp
+                .noise_confidence
+                .filter(|d| !d.is_empty())
+                .map(histogram),
+            tau,
+        },
+        eval_seconds: 0.0,
+        resumed: Vec::new(),
+    })
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.2}", 100.0 * v)
+}
+
+fn opt_pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".to_string(), pct)
+}
+
+impl EvalReport {
+    /// The report as Markdown tables (percentages with two decimals; `–` = undefined).
+    /// `plots`: Markdown image links to embed after the tables, if any.
+    pub fn markdown(&self, title: &str, plots: &[(String, String)]) -> String {
+        let mut md = format!("# {title}\n\n");
+        md.push_str(&format!(
+            "Suite `{}`: {} attacked test images, {} held-out images for τ and temperature \
+             scaling. Errors, ECE, FPR and AUC in %; Brier in [0, 2]; NLL in nats.\n\n",
+            self.suite, self.test_examples, self.held_out_examples
+        ));
+        md.push_str("| clean err | Err@τ | RErr@τ (L∞ 8/255) | FPR@τ | ROC AUC | τ | ECE | Brier | NLL | T | ECE (T) | NLL (T) | AUAC |\n");
+        md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.3} | {} | {:.4} | {} |\n\n",
+            pct(self.clean_error),
+            opt_pct(self.err_at_tpr99),
+            opt_pct(self.rerr_at_tpr99),
+            opt_pct(self.fpr_at_tpr99),
+            opt_pct(self.roc_auc),
+            self.tau_at_tpr99.map_or("–".into(), |t| format!("{t:.4}")),
+            pct(self.ece),
+            self.brier,
+            self.nll,
+            self.temperature,
+            pct(self.ece_temperature_scaled),
+            self.nll_temperature_scaled,
+            opt_pct(self.auac),
+        ));
+        if !self.threat_models.is_empty() {
+            md.push_str("## Threat models\n\n| threat model | ε | robust err | RErr@τ | FPR@τ | ROC AUC | attacks (robust err alone, seconds) |\n|---|---:|---:|---:|---:|---:|---|\n");
+            for (name, tm) in &self.threat_models {
+                let attacks: Vec<String> = tm
+                    .attacks
+                    .iter()
+                    .map(|(a, s)| format!("{a} {} ({:.0} s)", pct(s.robust_error), s.seconds))
+                    .collect();
+                md.push_str(&format!(
+                    "| {name} | {:.4} | {} | {} | {} | {} | {} |\n",
+                    tm.eps,
+                    pct(tm.robust_error),
+                    opt_pct(tm.rerr_at_tpr99),
+                    opt_pct(tm.fpr_at_tpr99),
+                    opt_pct(tm.roc_auc),
+                    attacks.join(", ")
+                ));
+            }
+            md.push('\n');
+        }
+        if !self.ood.is_empty() {
+            md.push_str("## Out-of-distribution inputs\n\n| set | examples | mean conf | AUROC | FPR@95 %TPR | FPR@τ |\n|---|---:|---:|---:|---:|---:|\n");
+            for (name, o) in &self.ood {
+                md.push_str(&format!(
+                    "| {name} | {} | {} | {} | {} | {} |\n",
+                    o.examples,
+                    pct(o.mean_confidence),
+                    pct(o.auroc),
+                    pct(o.fpr_at_tpr95),
+                    opt_pct(o.fpr_at_tpr99)
+                ));
+            }
+            md.push('\n');
+        }
+        if !self.corruptions.is_empty() {
+            md.push_str("## Corruptions\n\n| corruption | severity | err | Err@τ | ECE | Brier | NLL | mean conf |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+            for c in &self.corruptions {
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {:.4} | {:.4} | {} |\n",
+                    c.corruption,
+                    c.severity,
+                    pct(c.error),
+                    opt_pct(c.err_at_tpr99),
+                    pct(c.ece),
+                    c.brier,
+                    c.nll,
+                    pct(c.mean_confidence)
+                ));
+            }
+            md.push('\n');
+        }
+        for (caption, link) in plots {
+            md.push_str(&format!("![{caption}]({link})\n\n"));
+        }
+        md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_attacks::Pgd;
+
+    fn rec(name: &str, correct: &[bool], conf: &[f64], wrong: &[f64]) -> AttackRecord {
+        AttackRecord {
+            key: String::new(),
+            threat_model: "linf_8_255".into(),
+            attack: name.into(),
+            eps: 8.0 / 255.0,
+            correct: correct.to_vec(),
+            confidence: conf.to_vec(),
+            wrong_class_confidence: wrong.to_vec(),
+            norm: vec![0.0; correct.len()],
+            seconds: 1.5,
+        }
+    }
+
+    /// Two-class logits [ln p, ln(1 − p)] give softmax (p, 1 − p) exactly enough.
+    fn logits_for(p0: &[f64]) -> Vec<f32> {
+        p0.iter()
+            .flat_map(|&p| [p.ln() as f32, (1.0 - p).ln() as f32])
+            .collect()
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-5
+    }
+
+    #[test]
+    fn hand_worked_report_on_six_examples() -> Result<()> {
+        // Six test examples, all of class 0, with p(class 0):
+        //   0.9, 0.8, 0.7, 0.58 (correct), 0.3, 0.45 (wrong: predicted 1, conf 0.7, 0.55).
+        let labels = [0u32; 6];
+        let logits = logits_for(&[0.9, 0.8, 0.7, 0.58, 0.3, 0.45]);
+        // Held out: four correct with confidences 0.95, 0.75, 0.65, 0.62.
+        // τ at 99 % TPR: k = ⌈0.99·4⌉ = 4 → the smallest, 0.62.
+        let held_labels = [0u32; 4];
+        let held_logits = logits_for(&[0.95, 0.75, 0.65, 0.62]);
+        // Attack A breaks example 1 (conf 0.85) and leaves the rest; attack B breaks
+        // example 2 with low confidence (0.55 < τ) and example 3 with 0.72.
+        let a = rec(
+            "a",
+            &[true, false, true, true, false, false],
+            &[0.9, 0.85, 0.7, 0.58, 0.7, 0.55],
+            &[0.1, 0.85, 0.3, 0.42, 0.7, 0.55],
+        );
+        let b = rec(
+            "b",
+            &[true, true, false, false, false, false],
+            &[0.9, 0.8, 0.55, 0.72, 0.7, 0.55],
+            &[0.1, 0.2, 0.55, 0.72, 0.7, 0.55],
+        );
+        let plan = crate::suite::CurvePlan {
+            pgd: Pgd::linf_pgd20(),
+            eps_max: 4.0,
+            rounds: 2,
+            grid_points: 5,
+        };
+        // Minimal ε: examples 4, 5 are clean mistakes (0); 0 unbroken; 1..3 at 1, 2, 3.
+        let min_eps = [None, Some(1.0), Some(2.0), Some(3.0), Some(0.0), Some(0.0)];
+        let noise = [0.5, 0.65, 0.99];
+        let inputs = ReportInputs {
+            suite: "quick".into(),
+            num_classes: 2,
+            labels: &labels,
+            logits: &logits,
+            held_out_labels: &held_labels,
+            held_out_logits: &held_logits,
+            model_threshold: Some(0.75),
+            threat_models: vec![ThreatModelInputs {
+                name: "linf_8_255".into(),
+                norm: "linf".into(),
+                eps: 8.0 / 255.0,
+                attacks: vec![&a, &b],
+            }],
+            noise_confidence: Some(&noise),
+            distal_confidence: None,
+            curve: Some((&plan, &min_eps)),
+            corruptions: vec![],
+        };
+        let r = build_report(&inputs)?;
+        assert!(close(r.clean_error, 2.0 / 6.0));
+        assert!(close(r.tau_at_tpr99.unwrap_or(f64::NAN), 0.62));
+        // Accepted at τ = 0.62: 0.9, 0.8, 0.7 (correct) and 0.7 (wrong) → Err@τ = 1/4.
+        assert!(close(r.err_at_tpr99.unwrap_or(f64::NAN), 0.25));
+        // Test TPR: 3 of the 4 correct (0.58 < τ) → 0.75.
+        assert!(close(r.test_tpr.unwrap_or(f64::NAN), 0.75));
+        let tm = &r.threat_models["linf_8_255"];
+        // Robust error: examples 1, 2, 3 broken, 4, 5 wrong clean → 5/6.
+        assert!(close(tm.robust_error, 5.0 / 6.0));
+        assert!(close(tm.attacks["a"].robust_error, 3.0 / 6.0));
+        assert!(close(tm.attacks["b"].robust_error, 4.0 / 6.0));
+        // Worst case by wrong-class confidence: ex 0 A (ties keep A: correct, 0.9);
+        // ex 1 A (wrong, 0.85); ex 2 B (wrong, 0.55); ex 3 B (wrong, 0.72);
+        // ex 4 A (wrong, 0.7); ex 5 A (wrong, 0.55).
+        // RErr@0.62 numerator: ex 1 (adv wrong 0.85 ≥ τ), ex 3 (0.72), ex 4 (clean wrong
+        // 0.7 ≥ τ) → 3; ex 2 has an accepted clean version (0.7) but its adversarial one
+        // is rejected, so it counts as correct. Denominator: ex 0, 1, 2, 3 (adv 0.72),
+        // 4 → 5; ex 5 (clean 0.55, adv 0.55) is rejected → RErr@τ = 3/5.
+        assert!(close(tm.rerr_at_tpr99.unwrap_or(f64::NAN), 0.6));
+        assert!(close(r.rerr_at_tpr99.unwrap_or(f64::NAN), 0.6));
+        // FPR@τ: negatives (clean correct, adv wrong) 1, 2, 3 with adv conf 0.85, 0.55,
+        // 0.72 → 2 of 3 accepted.
+        assert!(close(tm.fpr_at_tpr99.unwrap_or(f64::NAN), 2.0 / 3.0));
+        // ROC AUC: positives 0.9, 0.8, 0.7, 0.58 vs negatives 0.85, 0.55, 0.72:
+        // 0.9 beats 3; 0.8 beats 2; 0.7 beats 1; 0.58 beats 1 → 7 / 12.
+        assert!(close(tm.roc_auc.unwrap_or(f64::NAN), 7.0 / 12.0));
+        // At the model's own τ = 0.75 only ex 0 (clean 0.9) and ex 1 (clean 0.8, adv
+        // wrong 0.85) have an accepted version, and ex 1 is an error → 1/2.
+        assert!(close(tm.rerr_at_model_threshold.unwrap_or(f64::NAN), 0.5));
+        // ECE (15 bins of width 1/15): 0.9 alone (bin 13), 0.8 alone (on the edge
+        // 12/15: bin 11 or 12, alone either way), 0.7 ×2 (bin 10, one right, one
+        // wrong), 0.58 and 0.55 (bin 8, one right, one wrong). Gaps weighted by count:
+        // |1 − 0.9| + |1 − 0.8| + 2·|0.5 − 0.7| + 2·|0.5 − 0.565| = 0.1 + 0.2 + 0.4 + 0.13
+        // = 0.83 → ECE = 0.83 / 6.
+        assert!(close(r.ece, 0.83 / 6.0), "{}", r.ece);
+        // Brier: Σ 2·(1 − p_y)² / 6 with p_y = 0.9, 0.8, 0.7, 0.58, 0.3, 0.45.
+        let brier = [0.9f64, 0.8, 0.7, 0.58, 0.3, 0.45]
+            .iter()
+            .map(|p| 2.0 * (1.0 - p) * (1.0 - p))
+            .sum::<f64>()
+            / 6.0;
+        assert!(close(r.brier, brier));
+        let nll = [0.9f64, 0.8, 0.7, 0.58, 0.3, 0.45]
+            .iter()
+            .map(|p| -p.ln())
+            .sum::<f64>()
+            / 6.0;
+        assert!(close(r.nll, nll));
+        // Curve on ε = 0, 1, 2, 3, 4: accuracy = #(min ε > ε)/6 = 4/6, 3/6, 2/6, 1/6, 1/6;
+        // AUAC = (4/2 + 3 + 2 + 1 + 1/2)/6 / 4 = 8.5/24.
+        let curve = r
+            .accuracy_curve
+            .as_ref()
+            .map(|c| c.curve.accuracy.clone())
+            .unwrap_or_default();
+        let expected = [4.0 / 6.0, 3.0 / 6.0, 2.0 / 6.0, 1.0 / 6.0, 1.0 / 6.0];
+        assert!(
+            curve.iter().zip(expected).all(|(a, b)| close(*a, b)),
+            "{curve:?}"
+        );
+        assert!(close(r.auac.unwrap_or(f64::NAN), 8.5 / 24.0));
+        // Noise vs clean confidences 0.9, 0.8, 0.7, 0.58, 0.7, 0.55: 0.5 is below all
+        // 6, 0.65 below 4 of them, 0.99 below none → AUROC = 10/18.
+        let n = &r.ood["noise"];
+        assert!(close(n.auroc, 10.0 / 18.0));
+        // Accepted at τ = 0.62: 0.65 and 0.99 → 2/3.
+        assert!(close(n.fpr_at_tpr99.unwrap_or(f64::NAN), 2.0 / 3.0));
+        assert_eq!(r.confidence_histograms.clean.iter().sum::<usize>(), 6);
+        assert_eq!(
+            r.confidence_histograms
+                .adversarial
+                .as_ref()
+                .map(|h| h.iter().sum::<usize>()),
+            Some(6)
+        );
+        // The report survives a JSON round trip.
+        let json = serde_json::to_string(&r).map_err(|e| EvalError::Config(e.to_string()))?;
+        let back: EvalReport =
+            serde_json::from_str(&json).map_err(|e| EvalError::Config(e.to_string()))?;
+        assert_eq!(back, r);
+        Ok(())
+    }
+
+    #[test]
+    fn undefined_numbers_are_none_not_zero() -> Result<()> {
+        // Every held-out example is wrong: no τ, so nothing at τ is defined.
+        let labels = [0u32, 0];
+        let logits = logits_for(&[0.9, 0.8]);
+        let held_logits = logits_for(&[0.2, 0.3]);
+        let a = rec("a", &[true, true], &[0.9, 0.8], &[0.1, 0.2]);
+        let r = build_report(&ReportInputs {
+            suite: "quick".into(),
+            num_classes: 2,
+            labels: &labels,
+            logits: &logits,
+            held_out_labels: &labels,
+            held_out_logits: &held_logits,
+            model_threshold: None,
+            threat_models: vec![ThreatModelInputs {
+                name: "linf_8_255".into(),
+                norm: "linf".into(),
+                eps: 0.03,
+                attacks: vec![&a],
+            }],
+            noise_confidence: None,
+            distal_confidence: None,
+            curve: None,
+            corruptions: vec![],
+        })?;
+        assert_eq!(
+            (r.tau_at_tpr99, r.err_at_tpr99, r.rerr_at_tpr99),
+            (None, None, None)
+        );
+        // No attack succeeded: FPR and ROC AUC are undefined too.
+        let tm = &r.threat_models["linf_8_255"];
+        assert_eq!((tm.fpr_at_tpr99, tm.roc_auc), (None, None));
+        assert_eq!(tm.robust_error, 0.0);
+        assert_eq!((r.auac, r.accuracy_curve.is_none()), (None, true));
+        Ok(())
+    }
+}

@@ -1,0 +1,729 @@
+//! The evaluation pipeline: clean pass, attacks per threat model, distal examples and
+//! noise, the minimal-ε search, corruptions; per-example records saved after each step
+//! (resumable); then the report, its Markdown table and plots.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rampart_attacks::{Attack, Bounds, Criterion, Distal, Norm};
+use rampart_data::ImageDataset;
+use rampart_models::Classifier;
+use serde::Serialize;
+
+use crate::error::{EvalError, Result};
+use crate::io::{digest, load_keyed, write_atomic, write_json, Logits};
+use crate::outputs::{batch_logits, dataset_logits, Outcomes};
+use crate::plot;
+use crate::records::{AttackRecord, DistalRecord, SearchRecord};
+use crate::report::{build_report, CorruptionInputs, EvalReport, ReportInputs, ThreatModelInputs};
+use crate::search::minimal_eps;
+use crate::suite::{Effort, Suite, SuitePlan};
+
+/// Test images held out at the end of the test split to pick τ and fit the temperature
+/// (CCAT: the last 1,000).
+pub const CCAT_HELD_OUT: usize = 1000;
+
+/// Metadata key of a model's own confidence threshold (written by CCAT training).
+pub const CONFIDENCE_THRESHOLD_KEY: &str = "confidence_threshold";
+
+/// How to run an evaluation. Written to `OUT/config.json` (all but the device).
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalConfig {
+    /// The suite.
+    pub suite: Suite,
+    /// Budget multipliers of every attack ([`Effort::PAPER`] = as published).
+    pub effort: Effort,
+    /// Attack only the first N examples of the test split (after removing the held-out
+    /// part); `None`: all of them.
+    pub test_limit: Option<usize>,
+    /// Examples at the end of the test split held out for τ and temperature scaling;
+    /// they are never attacked. CCAT: 1,000.
+    pub held_out: usize,
+    /// Examples per forward pass and per attack batch.
+    pub batch_size: usize,
+    /// Seed of every random start, noise image and corruption.
+    pub seed: u64,
+    /// Output folder (`results.json`, `results.md`, `config.json`, `per_example/`,
+    /// `plots/`).
+    pub out_dir: PathBuf,
+    /// Input bounds of the model (data are in [0, 1]).
+    pub bounds: Bounds,
+    /// Show progress bars (they are hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+    /// Draw the plots.
+    pub plots: bool,
+    /// Device of the model and the batches.
+    #[serde(skip)]
+    pub device: Device,
+}
+
+impl EvalConfig {
+    /// Defaults: the paper budgets, the suite's default test limit (1,000 attacked images
+    /// for `quick`, all for `ccat` and `full`), 1,000 held out, batch 128, seed 0,
+    /// bounds [0, 1], progress bars and plots on, CPU.
+    pub fn new(suite: Suite, out_dir: impl Into<PathBuf>) -> Self {
+        EvalConfig {
+            suite,
+            effort: Effort::PAPER,
+            test_limit: suite.default_test_limit(),
+            held_out: CCAT_HELD_OUT,
+            batch_size: 128,
+            seed: 0,
+            out_dir: out_dir.into(),
+            bounds: Bounds::UNIT,
+            progress: true,
+            plots: true,
+            device: Device::Cpu,
+        }
+    }
+
+    fn validate(&self, test_len: usize) -> Result<()> {
+        self.effort.validate()?;
+        if self.batch_size == 0 {
+            return Err(EvalError::Config("batch size must be at least 1".into()));
+        }
+        if self.held_out == 0 {
+            return Err(EvalError::Config(
+                "at least one held-out example is needed to pick τ and the temperature".into(),
+            ));
+        }
+        if self.test_limit == Some(0) {
+            return Err(EvalError::Config("test_limit must be at least 1".into()));
+        }
+        if test_len <= self.held_out {
+            return Err(EvalError::Config(format!(
+                "the test split has {test_len} examples, not more than the {} held out: nothing is left to attack",
+                self.held_out
+            )));
+        }
+        if !(self.bounds.lo.is_finite()
+            && self.bounds.hi.is_finite()
+            && self.bounds.lo < self.bounds.hi)
+        {
+            return Err(EvalError::Config(format!(
+                "bounds must be finite with lo < hi, got [{}, {}]",
+                self.bounds.lo, self.bounds.hi
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What is known about the evaluated model, copied into the report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ModelInfo {
+    /// The model file.
+    pub model_file: Option<PathBuf>,
+    /// Training method.
+    pub method: Option<String>,
+    /// Architecture.
+    pub arch: Option<String>,
+    /// Data set it was trained on.
+    pub dataset: Option<String>,
+    /// Its own confidence threshold, if it carries one.
+    pub confidence_threshold: Option<f64>,
+}
+
+impl ModelInfo {
+    /// Reads what a [`Classifier`] knows about itself: `method` and `dataset` metadata,
+    /// and [`CONFIDENCE_THRESHOLD_KEY`], either a number or a JSON object with a
+    /// numeric `tau` (as CCAT training writes it); anything else is ignored with a
+    /// warning.
+    pub fn of(model: &Classifier, model_file: Option<&Path>) -> ModelInfo {
+        let meta = model.metadata();
+        let confidence_threshold = meta.get(CONFIDENCE_THRESHOLD_KEY).and_then(|v| {
+            let parsed = v.trim().parse::<f64>().ok().or_else(|| {
+                serde_json::from_str::<serde_json::Value>(v)
+                    .ok()
+                    .and_then(|j| j.get("tau").and_then(serde_json::Value::as_f64))
+            });
+            match parsed {
+                Some(t) if t.is_finite() => Some(t),
+                _ => {
+                    tracing::warn!(value = %v, "ignoring the model's unparsable `{CONFIDENCE_THRESHOLD_KEY}`");
+                    None
+                }
+            }
+        });
+        ModelInfo {
+            model_file: model_file.map(Path::to_path_buf),
+            method: meta.get("method").cloned(),
+            arch: Some(model.spec().arch.to_string()),
+            dataset: meta.get("dataset").cloned(),
+            confidence_threshold,
+        }
+    }
+}
+
+/// Loads the model at `model_path` (any `Classifier` file) and evaluates it on
+/// `test_set` (the whole test split: the last `config.held_out` images are held out).
+/// The model's bounds replace `config.bounds`. See [`evaluate_model`].
+pub fn run_suite(
+    model_path: &Path,
+    test_set: &ImageDataset,
+    config: &EvalConfig,
+) -> Result<EvalReport> {
+    let model = Classifier::load(model_path, &config.device)?;
+    let spec = model.spec();
+    if spec.num_classes != test_set.num_classes() {
+        return Err(EvalError::Config(format!(
+            "{} has {} outputs but the data set has {} classes",
+            model_path.display(),
+            spec.num_classes,
+            test_set.num_classes()
+        )));
+    }
+    let (c, h, w) = test_set.shape();
+    if spec.input_shape != [c, h, w] {
+        return Err(EvalError::Config(format!(
+            "{} takes inputs {:?} but the images are {:?}",
+            model_path.display(),
+            spec.input_shape,
+            [c, h, w]
+        )));
+    }
+    let config = EvalConfig {
+        bounds: Bounds {
+            lo: spec.bounds[0],
+            hi: spec.bounds[1],
+        },
+        ..config.clone()
+    };
+    let info = ModelInfo::of(&model, Some(model_path));
+    evaluate_model(&model, &info, test_set, &config)
+}
+
+/// Evaluates any model (`forward_t(x, false)` → (B, K) logits) without model metadata.
+/// See [`evaluate_model`].
+pub fn evaluate(
+    model: &dyn ModuleT,
+    test_set: &ImageDataset,
+    config: &EvalConfig,
+) -> Result<EvalReport> {
+    evaluate_model(model, &ModelInfo::default(), test_set, config)
+}
+
+/// Runs the suite and writes into `config.out_dir`: `config.json`, `per_example/`
+/// (one record per step, written when the step finishes), `results.json` (the
+/// report), `results.md` and `plots/`. Steps whose record already exists with the same
+/// key are loaded instead of recomputed, so an interrupted evaluation resumes.
+///
+/// The test split is cut in two: the last `held_out` images pick τ (99 % TPR) and fit
+/// the temperature; the first `test_limit` of the rest are attacked and measured.
+pub fn evaluate_model(
+    model: &dyn ModuleT,
+    info: &ModelInfo,
+    test_set: &ImageDataset,
+    config: &EvalConfig,
+) -> Result<EvalReport> {
+    let started = Instant::now();
+    config.validate(test_set.len())?;
+    let available = test_set.len() - config.held_out;
+    let attacked = test_set.take(config.test_limit.unwrap_or(available).min(available));
+    let held_out = test_set.tail(config.held_out);
+    let plan = config.suite.plan(config.effort, config.bounds);
+    let out = &config.out_dir;
+    let per_example = out.join("per_example");
+    write_json(
+        &out.join("config.json"),
+        &serde_json::json!({
+            "rampart_version": env!("CARGO_PKG_VERSION"),
+            "config": config,
+            "model": info,
+            "plan": plan,
+            "test_split": {"attacked": attacked.len(), "held_out": held_out.len(), "total": test_set.len()},
+        }),
+    )?;
+    tracing::info!(
+        suite = %config.suite,
+        attacked = attacked.len(),
+        held_out = held_out.len(),
+        "evaluation started"
+    );
+    let bar = |prefix: &str, len: usize| progress_bar(config.progress, prefix, len);
+
+    // Clean pass (always recomputed: it fingerprints the model and the data).
+    let pb = bar("clean", attacked.len() + held_out.len());
+    let (logits, k) = dataset_logits(model, &attacked, config.batch_size, &config.device, &pb)?;
+    let (held_logits, _) =
+        dataset_logits(model, &held_out, config.batch_size, &config.device, &pb)?;
+    pb.finish_and_clear();
+    let clean_bytes: Vec<u8> = logits
+        .iter()
+        .chain(&held_logits)
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let label_bytes: Vec<u8> = attacked
+        .labels()
+        .iter()
+        .chain(held_out.labels())
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let base_key = digest([
+        clean_bytes.as_slice(),
+        &label_bytes,
+        &(config.batch_size as u64).to_le_bytes(),
+        &config.seed.to_le_bytes(),
+        &config.bounds.lo.to_le_bytes(),
+        &config.bounds.hi.to_le_bytes(),
+    ]);
+    for (name, values, n) in [
+        ("clean", &logits, attacked.len()),
+        ("held_out", &held_logits, held_out.len()),
+    ] {
+        Logits {
+            key: base_key.clone(),
+            rows: n,
+            cols: k,
+            values: values.clone(),
+        }
+        .save(&per_example.join(format!("{name}.safetensors")))?;
+    }
+    let clean = Outcomes::from_logits(&logits, attacked.labels(), k)?;
+    let held = Outcomes::from_logits(&held_logits, held_out.labels(), k)?;
+    let tau = {
+        let positives: Vec<f64> = held
+            .confidence
+            .iter()
+            .zip(&held.correct)
+            .filter(|(_, &c)| c)
+            .map(|(&p, _)| p)
+            .collect();
+        if positives.is_empty() {
+            None
+        } else {
+            Some(rampart_metrics::threshold_at_tpr99(&positives).map_err(EvalError::metric("τ"))?)
+        }
+    };
+    tracing::info!(
+        clean_error = 1.0 - clean.correct.iter().filter(|&&c| c).count() as f64 / clean.correct.len() as f64,
+        tau = ?tau,
+        "clean pass done"
+    );
+
+    let run = Run {
+        model,
+        config,
+        plan: &plan,
+        data: &attacked,
+        clean: &clean,
+        base_key: &base_key,
+        per_example: &per_example,
+    };
+    let mut resumed = Vec::new();
+
+    // Threat models.
+    let mut records: Vec<(String, String, f64, Vec<AttackRecord>)> = Vec::new();
+    for tm in &plan.threat_models {
+        let mut recs = Vec::new();
+        for a in &tm.attacks {
+            let (rec, was_resumed) = run.attack(&tm.name, tm.eps, a)?;
+            if was_resumed {
+                resumed.push(format!("{}.{}", tm.name, a.name));
+            }
+            recs.push(rec);
+        }
+        records.push((tm.name.clone(), norm_name(tm.norm), tm.eps, recs));
+    }
+
+    // Uniform noise and distal examples.
+    let (distal, was_resumed) = run.distal(tau)?;
+    if was_resumed {
+        resumed.push("distal".into());
+    }
+
+    // Minimal-ε search for the accuracy–perturbation curve.
+    let (search, was_resumed) = run.search()?;
+    if was_resumed {
+        resumed.push("min_eps_linf".into());
+    }
+
+    // Corruptions.
+    let mut corrupted: Vec<(String, u8, Vec<f32>)> = Vec::new();
+    let pairs: usize = plan.corruptions.iter().map(|c| c.severities.len()).sum();
+    let pb = bar("corruptions", pairs * attacked.len());
+    for cp in &plan.corruptions {
+        for &severity in &cp.severities {
+            let name = format!("{}_{severity}", cp.corruption.name());
+            let path = per_example
+                .join("corruptions")
+                .join(format!("{name}.safetensors"));
+            let key = digest([base_key.as_bytes(), name.as_bytes()]);
+            let values = match Logits::load_keyed(&path, &key) {
+                Some(l) if l.rows == attacked.len() && l.cols == k => {
+                    resumed.push(format!("corruptions.{name}"));
+                    pb.inc(attacked.len() as u64);
+                    l.values
+                }
+                _ => {
+                    let ds =
+                        rampart_data::corrupt(&attacked, cp.corruption, severity, config.seed)?;
+                    let (values, _) =
+                        dataset_logits(model, &ds, config.batch_size, &config.device, &pb)?;
+                    Logits {
+                        key,
+                        rows: attacked.len(),
+                        cols: k,
+                        values: values.clone(),
+                    }
+                    .save(&path)?;
+                    values
+                }
+            };
+            corrupted.push((cp.corruption.name().to_string(), severity, values));
+        }
+    }
+    pb.finish_and_clear();
+
+    let mut report = build_report(&ReportInputs {
+        suite: config.suite.name().to_string(),
+        num_classes: k,
+        labels: attacked.labels(),
+        logits: &logits,
+        held_out_labels: held_out.labels(),
+        held_out_logits: &held_logits,
+        model_threshold: info.confidence_threshold,
+        threat_models: records
+            .iter()
+            .map(|(name, norm, eps, recs)| ThreatModelInputs {
+                name: name.clone(),
+                norm: norm.clone(),
+                eps: *eps,
+                attacks: recs.iter().collect(),
+            })
+            .collect(),
+        noise_confidence: Some(&distal.noise_confidence),
+        distal_confidence: Some(&distal.distal_confidence),
+        curve: Some((&plan.curve, &search.min_eps)),
+        corruptions: corrupted
+            .iter()
+            .map(|(name, severity, values)| CorruptionInputs {
+                name: name.clone(),
+                severity: *severity,
+                logits: values,
+            })
+            .collect(),
+    })?;
+    report.model = info.model_file.clone();
+    report.method = info.method.clone();
+    report.arch = info.arch.clone();
+    report.dataset = info.dataset.clone();
+    report.resumed = resumed;
+    report.eval_seconds = started.elapsed().as_secs_f64();
+
+    let plots = if config.plots {
+        write_model_plots(&report, "", &out.join("plots"), true)?
+    } else {
+        Vec::new()
+    };
+    let links: Vec<(String, String)> = plots
+        .iter()
+        .map(|(caption, path)| (caption.clone(), format!("plots/{}", file_name(path))))
+        .collect();
+    write_json(&out.join("results.json"), &report)?;
+    let title = match (&info.method, &info.model_file) {
+        (Some(m), _) => format!("Evaluation of `{m}`"),
+        (None, Some(f)) => format!("Evaluation of `{}`", f.display()),
+        (None, None) => "Evaluation".to_string(),
+    };
+    write_atomic(
+        &out.join("results.md"),
+        report.markdown(&title, &links).as_bytes(),
+    )?;
+    tracing::info!(
+        clean_error = report.clean_error,
+        robust_error = report
+            .threat_models
+            .get(crate::HEADLINE_THREAT_MODEL)
+            .map(|t| t.robust_error),
+        seconds = format!("{:.1}", report.eval_seconds),
+        "evaluation done"
+    );
+    Ok(report)
+}
+
+pub(crate) fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Draws a model's reliability diagram, confidence histograms and (with `with_curve`)
+/// accuracy curve into `dir`, file names prefixed by `prefix`; returns (caption, PNG
+/// path) of each.
+pub(crate) fn write_model_plots(
+    report: &EvalReport,
+    prefix: &str,
+    dir: &Path,
+    with_curve: bool,
+) -> Result<Vec<(String, PathBuf)>> {
+    let mut plots = Vec::new();
+    if let Some(c) = report.accuracy_curve.as_ref().filter(|_| with_curve) {
+        let name = report.method.as_deref().unwrap_or("model");
+        let paths = plot::plot_accuracy_curves(
+            &[(name, &c.curve)],
+            &dir.join(format!("{prefix}accuracy_curve")),
+        )?;
+        plots.push(("Accuracy–perturbation curve".to_string(), paths[0].clone()));
+    }
+    let paths = plot::plot_reliability(
+        &report.reliability,
+        report.ece,
+        "Reliability diagram",
+        &dir.join(format!("{prefix}reliability")),
+    )?;
+    plots.push(("Reliability diagram".to_string(), paths[0].clone()));
+    let paths = plot::plot_confidence_histograms(
+        &report.confidence_histograms,
+        "Confidence on clean, adversarial and distal inputs",
+        &dir.join(format!("{prefix}confidence_histogram")),
+    )?;
+    plots.push(("Confidence histograms".to_string(), paths[0].clone()));
+    Ok(plots)
+}
+
+fn norm_name(norm: Norm) -> String {
+    match norm {
+        Norm::Linf => "linf",
+        Norm::L2 => "l2",
+        Norm::L1 { .. } => "l1",
+        Norm::L0 => "l0",
+    }
+    .to_string()
+}
+
+fn progress_bar(enabled: bool, prefix: &str, len: usize) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:>24} [{bar:30}] {pos}/{len} images, {elapsed_precise} elapsed, eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+/// FNV-1a of a name: different attacks draw different random starts.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Seed of batch `batch` of step `name`: restarts add 0, 1, … to it (< 2^24 apart).
+fn batch_seed(seed: u64, name: &str, batch: usize) -> u64 {
+    (seed ^ name_hash(name)).wrapping_add((batch as u64) << 24)
+}
+
+/// The shared state of one evaluation's steps.
+struct Run<'a> {
+    model: &'a dyn ModuleT,
+    config: &'a EvalConfig,
+    plan: &'a SuitePlan,
+    data: &'a ImageDataset,
+    clean: &'a Outcomes,
+    base_key: &'a str,
+    per_example: &'a Path,
+}
+
+impl Run<'_> {
+    fn batches(&self) -> impl Iterator<Item = (usize, Vec<usize>)> + '_ {
+        let n = self.data.len();
+        let bs = self.config.batch_size;
+        (0..n.div_ceil(bs)).map(move |b| (b, (b * bs..((b + 1) * bs).min(n)).collect()))
+    }
+
+    /// One attack over the attacked split, or its saved record.
+    fn attack(
+        &self,
+        tm: &str,
+        eps: f64,
+        a: &crate::suite::AttackPlan,
+    ) -> Result<(AttackRecord, bool)> {
+        let name = format!("{tm}.{}", a.name);
+        let path = self.per_example.join(format!("{name}.json"));
+        let config_json =
+            serde_json::to_string(&a.attack).map_err(|e| EvalError::format(&path, e))?;
+        let key = digest([
+            self.base_key.as_bytes(),
+            name.as_bytes(),
+            config_json.as_bytes(),
+            &eps.to_le_bytes(),
+        ]);
+        if let Some(rec) = load_keyed::<AttackRecord>(&path, &key) {
+            if rec.correct.len() == self.data.len() {
+                tracing::info!(attack = %name, "loaded from {}", path.display());
+                return Ok((rec, true));
+            }
+        }
+        let started = Instant::now();
+        let pb = progress_bar(self.config.progress, &name, self.data.len());
+        let mut rec = AttackRecord {
+            key,
+            threat_model: tm.to_string(),
+            attack: a.name.clone(),
+            eps,
+            correct: Vec::new(),
+            confidence: Vec::new(),
+            wrong_class_confidence: Vec::new(),
+            norm: Vec::new(),
+            seconds: 0.0,
+        };
+        for (b, idx) in self.batches() {
+            let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
+            let res = a
+                .attack
+                .run(
+                    self.model,
+                    self.config.bounds,
+                    &xs,
+                    &ys,
+                    eps,
+                    batch_seed(self.config.seed, &name, b),
+                )
+                .map_err(EvalError::attack(&name))?;
+            let labels: Vec<u32> = idx.iter().map(|&i| self.data.labels()[i]).collect();
+            let (adv_logits, k) = batch_logits(self.model, &res.clipped)?;
+            let o = Outcomes::from_logits(&adv_logits, &labels, k)?;
+            rec.correct.extend(o.correct);
+            rec.confidence.extend(o.confidence);
+            rec.wrong_class_confidence.extend(o.wrong_class_confidence);
+            rec.norm.extend(res.norm.iter().map(|&v| f64::from(v)));
+            pb.inc(idx.len() as u64);
+        }
+        pb.finish_and_clear();
+        rec.seconds = started.elapsed().as_secs_f64();
+        write_json(&path, &rec)?;
+        let alone = rampart_metrics::robust_error(&self.clean.correct, &[&rec.correct])
+            .map_err(EvalError::metric(&name))?;
+        tracing::info!(attack = %name, robust_error = alone, seconds = format!("{:.1}", rec.seconds), "attack done");
+        Ok((rec, false))
+    }
+
+    /// Uniform noise (as many images as attacked ones) and, if the suite has them,
+    /// distal examples made from the same noise.
+    fn distal(&self, tau: Option<f64>) -> Result<(DistalRecord, bool)> {
+        let path = self.per_example.join("distal.json");
+        let plan_json =
+            serde_json::to_string(&self.plan.distal).map_err(|e| EvalError::format(&path, e))?;
+        let tau_bytes = tau.unwrap_or(f64::NAN).to_le_bytes();
+        let key = digest([
+            self.base_key.as_bytes(),
+            b"distal",
+            plan_json.as_bytes(),
+            &tau_bytes,
+        ]);
+        if let Some(rec) = load_keyed::<DistalRecord>(&path, &key) {
+            tracing::info!("distal examples loaded from {}", path.display());
+            return Ok((rec, true));
+        }
+        let started = Instant::now();
+        let pb = progress_bar(self.config.progress, "noise and distal", self.data.len());
+        let (c, h, w) = self.data.shape();
+        let mut rec = DistalRecord {
+            key,
+            noise_confidence: Vec::new(),
+            distal_confidence: Vec::new(),
+            seconds: 0.0,
+        };
+        // τ is only the attack's success flag; the report uses the confidences.
+        let criterion_tau = tau.unwrap_or(1.0).clamp(0.0, 1.0) as f32;
+        for (b, idx) in self.batches() {
+            let seed = batch_seed(self.config.seed, "distal", b);
+            let dev = &self.config.device;
+            let noise = Distal::noise((idx.len(), c, h, w), self.config.bounds, seed, dev)
+                .map_err(EvalError::attack("noise"))?;
+            let zeros = vec![0u32; idx.len()];
+            let (noise_logits, k) = batch_logits(self.model, &noise)?;
+            rec.noise_confidence
+                .extend(Outcomes::from_logits(&noise_logits, &zeros, k)?.confidence);
+            if let Some(d) = &self.plan.distal {
+                let attack = Distal {
+                    pgd: rampart_attacks::Pgd {
+                        criterion: Criterion::Confident(criterion_tau),
+                        ..d.pgd
+                    },
+                };
+                let ys = Tensor::zeros(idx.len(), DType::U32, dev)?;
+                let res = attack
+                    .run(self.model, self.config.bounds, &noise, &ys, &[d.eps], seed)
+                    .map_err(EvalError::attack("distal"))?;
+                let clipped = &res
+                    .first()
+                    .ok_or_else(|| {
+                        EvalError::Config("the distal attack returned no result".into())
+                    })?
+                    .clipped;
+                let (distal_logits, k) = batch_logits(self.model, clipped)?;
+                rec.distal_confidence
+                    .extend(Outcomes::from_logits(&distal_logits, &zeros, k)?.confidence);
+            }
+            pb.inc(idx.len() as u64);
+        }
+        pb.finish_and_clear();
+        rec.seconds = started.elapsed().as_secs_f64();
+        write_json(&path, &rec)?;
+        tracing::info!(
+            seconds = format!("{:.1}", rec.seconds),
+            "noise and distal examples done"
+        );
+        Ok((rec, false))
+    }
+
+    /// Minimal L∞ ε of every attacked example.
+    fn search(&self) -> Result<(SearchRecord, bool)> {
+        let path = self.per_example.join("min_eps_linf.json");
+        let curve = &self.plan.curve;
+        let plan_json = serde_json::to_string(curve).map_err(|e| EvalError::format(&path, e))?;
+        let key = digest([
+            self.base_key.as_bytes(),
+            b"min_eps_linf",
+            plan_json.as_bytes(),
+        ]);
+        if let Some(rec) = load_keyed::<SearchRecord>(&path, &key) {
+            if rec.min_eps.len() == self.data.len() {
+                tracing::info!("minimal ε loaded from {}", path.display());
+                return Ok((rec, true));
+            }
+        }
+        let started = Instant::now();
+        let pb = progress_bar(self.config.progress, "minimal ε (L∞)", self.data.len());
+        let mut min_eps = Vec::with_capacity(self.data.len());
+        for (b, idx) in self.batches() {
+            let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
+            let correct: Vec<bool> = idx.iter().map(|&i| self.clean.correct[i]).collect();
+            min_eps.extend(minimal_eps(
+                self.model,
+                self.config.bounds,
+                &curve.pgd,
+                &xs,
+                &ys,
+                &correct,
+                curve.eps_max,
+                curve.rounds,
+                batch_seed(self.config.seed, "min_eps_linf", b),
+                "min_eps_linf",
+            )?);
+            pb.inc(idx.len() as u64);
+        }
+        pb.finish_and_clear();
+        let rec = SearchRecord {
+            key,
+            eps_max: curve.eps_max,
+            rounds: curve.rounds,
+            min_eps,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        write_json(&path, &rec)?;
+        tracing::info!(
+            seconds = format!("{:.1}", rec.seconds),
+            "minimal-ε search done"
+        );
+        Ok((rec, false))
+    }
+}

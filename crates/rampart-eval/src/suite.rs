@@ -1,0 +1,561 @@
+//! Suites as values: which threat models, attacks, budgets, OOD sets and corruptions an
+//! evaluation runs. `docs/evaluation.md` lists each suite in a table.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{ModuleT, Tensor};
+use rampart_attacks::{
+    Attack, AttackResult, Bounds, Criterion, Frames, Init, Norm, Objective, Pgd, Restarts, StepSize,
+};
+use rampart_data::Corruption;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::error::{EvalError, Result};
+
+/// The threat model whose confidence-thresholded numbers are also reported at the top
+/// level of a report (`rerr_at_tpr99`, `fpr_at_tpr99`, `roc_auc`): L∞ at ε = 8/255,
+/// the threat model CCAT and adversarial training are trained against. Every suite has it.
+pub const HEADLINE_THREAT_MODEL: &str = "linf_8_255";
+
+/// A named evaluation suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Suite {
+    /// Minutes on a CPU: PGD-20 at L∞ 8/255, a 10-step distal attack, uniform noise, two
+    /// corruptions at five severities and a coarse accuracy–perturbation curve (PGD-7,
+    /// four bisection rounds: 1/255 resolution).
+    Quick,
+    /// The CCAT paper's L∞ evaluation: PGD-conf (1000 steps, 11 runs) and PGD-CE (200
+    /// steps, 50 runs) at 8/255 and 16/255, distal examples at the PGD-conf budget, all
+    /// corruptions and the curve.
+    Ccat,
+    /// Everything: the L∞ threat models with PGD-20 too, L2 0.5 and 2, L1 12 and 24, L0
+    /// 10, adversarial frames, distal, noise, all corruptions and a fine curve.
+    Full,
+}
+
+impl Suite {
+    /// All suites.
+    pub const ALL: [Suite; 3] = [Suite::Quick, Suite::Ccat, Suite::Full];
+
+    /// `quick`, `ccat` or `full`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Suite::Quick => "quick",
+            Suite::Ccat => "ccat",
+            Suite::Full => "full",
+        }
+    }
+
+    /// Attacked test images used when the caller sets no limit: 1,000 for `quick`
+    /// (minutes on a CPU), all of them (`None`) for `ccat` and `full`.
+    pub fn default_test_limit(&self) -> Option<usize> {
+        match self {
+            Suite::Quick => Some(1000),
+            Suite::Ccat | Suite::Full => None,
+        }
+    }
+
+    /// The resolved plan: every attack with its budget scaled by `effort`, for inputs in
+    /// `bounds` (frames are unconstrained within them).
+    pub fn plan(&self, effort: Effort, bounds: Bounds) -> SuitePlan {
+        let linf = |eps_255: u32, attacks: Vec<AttackPlan>| ThreatModel {
+            name: threat_model_name(Norm::Linf, f64::from(eps_255) / 255.0),
+            norm: Norm::Linf,
+            eps: f64::from(eps_255) / 255.0,
+            attacks,
+        };
+        let ccat_pair = |norm: Norm| -> Vec<AttackPlan> {
+            vec![
+                AttackPlan::pgd("pgd_conf", ccat_conf(norm)),
+                AttackPlan::pgd("pgd_ce", ccat_ce(norm)),
+            ]
+        };
+        let other = |norm: Norm, eps: f64| ThreatModel {
+            name: threat_model_name(norm, eps),
+            norm,
+            eps,
+            attacks: ccat_pair(norm),
+        };
+        let all_corruptions = || {
+            Corruption::ALL
+                .into_iter()
+                .map(|corruption| CorruptionPlan {
+                    corruption,
+                    severities: (1..=rampart_data::corrupt::SEVERITIES).collect(),
+                })
+                .collect()
+        };
+        let mut plan = match self {
+            Suite::Quick => SuitePlan {
+                suite: *self,
+                threat_models: vec![linf(
+                    8,
+                    vec![AttackPlan::pgd("pgd20_ce", Pgd::linf_pgd20())],
+                )],
+                distal: Some(DistalPlan {
+                    pgd: Pgd {
+                        steps: 10,
+                        step_size: StepSize::Absolute(0.01),
+                        restarts: Restarts::same(1, Init::Zero),
+                        ..distal_pgd()
+                    },
+                    eps: DISTAL_EPS,
+                }),
+                corruptions: [Corruption::GaussianNoise, Corruption::Contrast]
+                    .into_iter()
+                    .map(|corruption| CorruptionPlan {
+                        corruption,
+                        severities: (1..=rampart_data::corrupt::SEVERITIES).collect(),
+                    })
+                    .collect(),
+                curve: CurvePlan {
+                    pgd: curve_pgd(7),
+                    eps_max: 16.0 / 255.0,
+                    rounds: 4,
+                    grid_points: 65,
+                },
+            },
+            Suite::Ccat => SuitePlan {
+                suite: *self,
+                threat_models: vec![
+                    linf(8, ccat_pair(Norm::Linf)),
+                    linf(16, ccat_pair(Norm::Linf)),
+                ],
+                distal: Some(DistalPlan {
+                    pgd: distal_pgd(),
+                    eps: DISTAL_EPS,
+                }),
+                corruptions: all_corruptions(),
+                curve: CurvePlan {
+                    pgd: curve_pgd(20),
+                    eps_max: 16.0 / 255.0,
+                    rounds: 6,
+                    grid_points: 65,
+                },
+            },
+            Suite::Full => {
+                let linf_all = || {
+                    let mut attacks = vec![AttackPlan::pgd("pgd20_ce", Pgd::linf_pgd20())];
+                    attacks.extend(ccat_pair(Norm::Linf));
+                    attacks
+                };
+                SuitePlan {
+                    suite: *self,
+                    threat_models: vec![
+                        linf(8, linf_all()),
+                        linf(16, linf_all()),
+                        other(Norm::L2, 0.5),
+                        other(Norm::L2, 2.0),
+                        other(Norm::l1(), 12.0),
+                        other(Norm::l1(), 24.0),
+                        other(Norm::L0, 10.0),
+                        ThreatModel {
+                            name: "frames".into(),
+                            norm: Norm::Linf,
+                            eps: f64::from(bounds.width()),
+                            attacks: vec![AttackPlan {
+                                name: "frames_conf".into(),
+                                attack: AttackKind::Frames(Frames::ccat()),
+                            }],
+                        },
+                    ],
+                    distal: Some(DistalPlan {
+                        pgd: distal_pgd(),
+                        eps: DISTAL_EPS,
+                    }),
+                    corruptions: all_corruptions(),
+                    curve: CurvePlan {
+                        pgd: curve_pgd(20),
+                        eps_max: 16.0 / 255.0,
+                        rounds: 7,
+                        grid_points: 65,
+                    },
+                }
+            }
+        };
+        for tm in &mut plan.threat_models {
+            for a in &mut tm.attacks {
+                a.attack = a.attack.scaled(effort);
+            }
+        }
+        if let Some(d) = &mut plan.distal {
+            d.pgd = effort.apply(&d.pgd);
+        }
+        plan.curve.pgd = effort.apply(&plan.curve.pgd);
+        plan
+    }
+}
+
+impl fmt::Display for Suite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Suite {
+    type Err = EvalError;
+
+    /// `quick`, `ccat` or `full` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        Suite::ALL
+            .into_iter()
+            .find(|suite| suite.name() == lower)
+            .ok_or_else(|| {
+                EvalError::Config(format!("unknown suite `{s}`; expected quick, ccat or full"))
+            })
+    }
+}
+
+/// ε of distal examples around uniform noise (L∞), as in CCAT.
+pub const DISTAL_EPS: f64 = 0.03;
+
+/// Distal objective at the budget of [`Pgd::ccat_conf_eval`]; the criterion's τ is
+/// replaced at run time by the τ picked on the held-out split.
+fn distal_pgd() -> Pgd {
+    Pgd {
+        objective: Objective::Distal,
+        criterion: Criterion::Confident(1.0),
+        ..Pgd::ccat_conf_eval()
+    }
+}
+
+/// The conf attack of CCAT's evaluation in `norm`. L∞ is [`Pgd::ccat_conf_eval`]
+/// (1000 steps of 0.001). Other norms keep its loop and set the step to 0.03·ε, the
+/// same path length in units of ε (1000 · 0.03 = 30ε; L∞ 8/255: 1000 · 0.001 ≈ 32ε).
+fn ccat_conf(norm: Norm) -> Pgd {
+    match norm {
+        Norm::Linf => Pgd::ccat_conf_eval(),
+        _ => Pgd {
+            norm,
+            step_size: StepSize::Relative(0.03),
+            ..Pgd::ccat_conf_eval()
+        },
+    }
+}
+
+/// The cross-entropy attack of CCAT's evaluation in `norm`: [`Pgd::ccat_ce_eval`] for
+/// L∞ (200 steps of 0.005); other norms use a step of 0.15·ε (path length 30ε).
+fn ccat_ce(norm: Norm) -> Pgd {
+    match norm {
+        Norm::Linf => Pgd::ccat_ce_eval(),
+        _ => Pgd {
+            norm,
+            step_size: StepSize::Relative(0.15),
+            ..Pgd::ccat_ce_eval()
+        },
+    }
+}
+
+/// The attack under the minimal-ε search: L∞ PGD with cross-entropy, `steps` steps of
+/// ε/4 (the Madry ratio 2/255 : 8/255, so it scales with the ε being tried), uniform start.
+fn curve_pgd(steps: usize) -> Pgd {
+    Pgd {
+        steps,
+        step_size: StepSize::Relative(0.25),
+        ..Pgd::linf_pgd20()
+    }
+}
+
+/// `linf_8_255`, `linf_16_255` (L∞ at multiples of 1/255), `l2_0p5`, `l2_2`, `l1_12`,
+/// `l0_10`: the norm, then ε with `p` for the decimal point.
+pub fn threat_model_name(norm: Norm, eps: f64) -> String {
+    let norm_name = match norm {
+        Norm::Linf => "linf",
+        Norm::L2 => "l2",
+        Norm::L1 { .. } => "l1",
+        Norm::L0 => "l0",
+    };
+    let in_255 = eps * 255.0;
+    if norm == Norm::Linf && (in_255 - in_255.round()).abs() < 1e-9 && in_255.round() >= 1.0 {
+        return format!("{norm_name}_{}_255", in_255.round() as u64);
+    }
+    let eps_text = format!("{eps}").replace('.', "p");
+    format!("{norm_name}_{eps_text}")
+}
+
+/// How much of the paper budgets to spend: multipliers of every attack's steps and
+/// restarts (each rounded, at least 1). `Effort::PAPER` (1, 1) runs the suites as
+/// published; a smoke run on a CPU uses e.g. steps 0.02, restarts 0.1.
+///
+/// When steps shrink by a factor s < 1 the step size grows by 1/s (rounded steps
+/// accounted for), so the path an attack can travel stays the same; more steps keep
+/// the step size.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Effort {
+    /// Multiplier of the number of steps (> 0).
+    pub steps: f64,
+    /// Multiplier of the number of restarts (> 0).
+    pub restarts: f64,
+}
+
+impl Effort {
+    /// The published budgets.
+    pub const PAPER: Effort = Effort {
+        steps: 1.0,
+        restarts: 1.0,
+    };
+
+    /// Multipliers, refused unless finite and > 0.
+    pub fn new(steps: f64, restarts: f64) -> Result<Self> {
+        let effort = Effort { steps, restarts };
+        effort.validate()?;
+        Ok(effort)
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        for (what, v) in [("steps", self.steps), ("restarts", self.restarts)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(EvalError::Config(format!(
+                    "effort multiplier of {what} must be finite and > 0, got {v}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `pgd` with its steps and restarts scaled.
+    pub fn apply(&self, pgd: &Pgd) -> Pgd {
+        let steps = ((pgd.steps as f64 * self.steps).round() as usize).max(1);
+        let restarts = ((pgd.restarts.count as f64 * self.restarts).round() as usize).max(1);
+        let stretch = (pgd.steps as f64 / steps as f64).max(1.0);
+        let step_size = match pgd.step_size {
+            StepSize::Absolute(v) => StepSize::Absolute(v * stretch),
+            StepSize::Relative(v) => StepSize::Relative(v * stretch),
+        };
+        Pgd {
+            steps,
+            step_size,
+            restarts: Restarts {
+                count: restarts,
+                ..pgd.restarts
+            },
+            ..*pgd
+        }
+    }
+}
+
+impl Default for Effort {
+    fn default() -> Self {
+        Effort::PAPER
+    }
+}
+
+/// One attack of a threat model.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AttackPlan {
+    /// Name, unique within the threat model (`pgd20_ce`, `pgd_conf`, `pgd_ce`, `frames_conf`).
+    pub name: String,
+    /// Its configuration.
+    pub attack: AttackKind,
+}
+
+impl AttackPlan {
+    fn pgd(name: &str, pgd: Pgd) -> Self {
+        AttackPlan {
+            name: name.into(),
+            attack: AttackKind::Pgd(pgd),
+        }
+    }
+}
+
+/// The attacks a suite can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttackKind {
+    /// The PGD loop.
+    Pgd(Pgd),
+    /// Adversarial frames.
+    Frames(Frames),
+}
+
+impl AttackKind {
+    /// The attack with its budget scaled.
+    pub fn scaled(&self, effort: Effort) -> AttackKind {
+        match self {
+            AttackKind::Pgd(p) => AttackKind::Pgd(effort.apply(p)),
+            AttackKind::Frames(f) => AttackKind::Frames(Frames {
+                pgd: effort.apply(&f.pgd),
+                ..*f
+            }),
+        }
+    }
+
+    /// The underlying loop configuration.
+    pub fn pgd(&self) -> &Pgd {
+        match self {
+            AttackKind::Pgd(p) => p,
+            AttackKind::Frames(f) => &f.pgd,
+        }
+    }
+
+    pub(crate) fn run(
+        &self,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        eps: f64,
+        seed: u64,
+    ) -> rampart_attacks::Result<AttackResult> {
+        let mut results = match self {
+            AttackKind::Pgd(p) => p.run(model, bounds, xs, ys, &[eps], seed)?,
+            AttackKind::Frames(f) => f.run(model, bounds, xs, ys, &[eps], seed)?,
+        };
+        results.pop().ok_or_else(|| {
+            rampart_attacks::Error::Input("the attack returned no result for its ε".into())
+        })
+    }
+}
+
+/// A threat model: a norm ball and the attacks whose per-example worst case is reported.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ThreatModel {
+    /// Key in the report (`linf_8_255`, `l2_0p5`, `frames`, …).
+    pub name: String,
+    /// The norm.
+    pub norm: Norm,
+    /// The budget ε in that norm.
+    pub eps: f64,
+    /// The attacks, run in order.
+    pub attacks: Vec<AttackPlan>,
+}
+
+/// Distal adversarial examples (CCAT): L∞ ε around uniform noise, maximising the
+/// largest log-probability.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct DistalPlan {
+    /// The loop (objective `distal`; its criterion's τ is set at run time).
+    pub pgd: Pgd,
+    /// ε around the noise.
+    pub eps: f64,
+}
+
+/// The accuracy–perturbation curve: per-example minimal L∞ ε by bisection on top of PGD.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct CurvePlan {
+    /// The attack run at each trial ε (L∞).
+    pub pgd: Pgd,
+    /// Largest ε tried; examples not broken there have no minimal ε (+∞).
+    pub eps_max: f64,
+    /// Bisection rounds after the test at `eps_max`: the minimal ε is bracketed to
+    /// within eps_max / 2^rounds.
+    pub rounds: usize,
+    /// Points of the reported curve's ε grid, evenly spaced from 0 to `eps_max`.
+    pub grid_points: usize,
+}
+
+impl CurvePlan {
+    /// The ε grid of the reported curve: `grid_points` points from 0 to `eps_max`.
+    pub fn grid(&self) -> Vec<f64> {
+        let n = self.grid_points.max(2);
+        (0..n)
+            .map(|i| self.eps_max * i as f64 / (n - 1) as f64)
+            .collect()
+    }
+}
+
+/// Corruptions applied to the attacked split to measure calibration under shift.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CorruptionPlan {
+    /// The corruption (serialised by its CIFAR-10-C name).
+    #[serde(serialize_with = "serialize_corruption")]
+    pub corruption: Corruption,
+    /// Severities, each in 1 ..= 5.
+    pub severities: Vec<u8>,
+}
+
+fn serialize_corruption<S: Serializer>(
+    c: &Corruption,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(c.name())
+}
+
+/// A suite resolved into runnable pieces. Written to `config.json` beside the outputs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SuitePlan {
+    /// The suite it came from.
+    pub suite: Suite,
+    /// Threat models, in order.
+    pub threat_models: Vec<ThreatModel>,
+    /// Distal examples (uniform noise is always evaluated; it is the distal anchors).
+    pub distal: Option<DistalPlan>,
+    /// Corruptions and severities.
+    pub corruptions: Vec<CorruptionPlan>,
+    /// The minimal-ε search behind the accuracy–perturbation curve.
+    pub curve: CurvePlan,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suites_parse_and_name_their_threat_models() -> Result<()> {
+        for s in Suite::ALL {
+            assert_eq!(s.name().parse::<Suite>()?, s);
+            let plan = s.plan(Effort::PAPER, Bounds::UNIT);
+            assert_eq!(plan.threat_models[0].name, HEADLINE_THREAT_MODEL);
+            for tm in &plan.threat_models {
+                for a in &tm.attacks {
+                    a.attack
+                        .pgd()
+                        .validate()
+                        .map_err(EvalError::attack(&a.name))?;
+                }
+            }
+        }
+        assert!(" QUICK ".parse::<Suite>().is_ok());
+        assert!("paper".parse::<Suite>().is_err());
+        let full = Suite::Full.plan(Effort::PAPER, Bounds::UNIT);
+        let names: Vec<&str> = full.threat_models.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "linf_8_255",
+                "linf_16_255",
+                "l2_0p5",
+                "l2_2",
+                "l1_12",
+                "l1_24",
+                "l0_10",
+                "frames"
+            ]
+        );
+        assert_eq!(full.corruptions.len(), 8);
+        Ok(())
+    }
+
+    #[test]
+    fn effort_scales_steps_restarts_and_step_size() -> Result<()> {
+        let conf = Pgd::ccat_conf_eval();
+        let small = Effort::new(0.02, 0.1)?.apply(&conf);
+        assert_eq!(small.steps, 20);
+        assert_eq!(small.restarts.count, 1);
+        assert_eq!(small.restarts.first, Init::Zero);
+        // 1000 steps of 0.001 become 20 steps of 0.05: the same path length.
+        assert_eq!(small.step_size, StepSize::Absolute(0.001 * 50.0));
+        let big = Effort::new(2.0, 1.0)?.apply(&Pgd::linf_pgd20());
+        assert_eq!(
+            (big.steps, big.step_size),
+            (40, StepSize::Absolute(2.0 / 255.0))
+        );
+        let tiny = Effort::new(1e-6, 1e-6)?.apply(&conf);
+        assert_eq!((tiny.steps, tiny.restarts.count), (1, 1));
+        assert!(Effort::new(0.0, 1.0).is_err());
+        assert!(Effort::new(1.0, f64::NAN).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn threat_model_names() {
+        assert_eq!(threat_model_name(Norm::Linf, 8.0 / 255.0), "linf_8_255");
+        assert_eq!(threat_model_name(Norm::Linf, 0.03), "linf_0p03");
+        assert_eq!(threat_model_name(Norm::L2, 0.5), "l2_0p5");
+        assert_eq!(threat_model_name(Norm::l1(), 24.0), "l1_24");
+        assert_eq!(threat_model_name(Norm::L0, 10.0), "l0_10");
+    }
+}

@@ -1,0 +1,343 @@
+//! Pipeline tests on tiny models built here: files written, resumption, every attack
+//! kind of the full suite, model metadata and the comparison report.
+
+use std::path::Path;
+
+use candle_core::{Device, Module, Tensor};
+use rampart_data::ImageDataset;
+use rampart_models::{Classifier, ModelSpec};
+
+use crate::*;
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+const SHAPE: (usize, usize, usize) = (3, 8, 8);
+const CLASSES: usize = 10;
+
+/// A fixed two-layer perceptron on 3×8×8 inputs (weights from a deterministic formula).
+struct Mlp {
+    w1: Tensor,
+    w2: Tensor,
+}
+
+impl Mlp {
+    fn new() -> candle_core::Result<Mlp> {
+        let d = SHAPE.0 * SHAPE.1 * SHAPE.2;
+        let hidden = 32;
+        let w1: Vec<f32> = (0..hidden * d)
+            .map(|i| ((i as f32 * 0.7311).sin()) * 0.3)
+            .collect();
+        let w2: Vec<f32> = (0..CLASSES * hidden)
+            .map(|i| ((i as f32 * 1.913).cos()) * 0.8)
+            .collect();
+        Ok(Mlp {
+            w1: Tensor::from_vec(w1, (hidden, d), &Device::Cpu)?,
+            w2: Tensor::from_vec(w2, (CLASSES, hidden), &Device::Cpu)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    /// xs: (B, 3, 8, 8) in [0, 1] → logits (B, 10).
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let centred = (xs.flatten_from(1)? - 0.5)?;
+        centred.matmul(&self.w1.t()?)?.relu()?.matmul(&self.w2.t()?)
+    }
+}
+
+/// `n` pseudo-random images labelled with the model's own prediction, except every
+/// fifth, which gets the next class: most examples are correct, some are not.
+fn dataset(
+    model: &dyn candle_core::ModuleT,
+    n: usize,
+    shape: (usize, usize, usize),
+) -> Result<ImageDataset> {
+    let len = shape.0 * shape.1 * shape.2;
+    let mut state = 12345u64;
+    let images: Vec<u8> = (0..n * len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 56) as u8
+        })
+        .collect();
+    let names: Vec<String> = (0..CLASSES).map(|c| format!("c{c}")).collect();
+    let unlabelled = ImageDataset::new(images.clone(), vec![0; n], shape, names.clone())?;
+    let idx: Vec<usize> = (0..n).collect();
+    let (xs, _) = unlabelled.batch_tensors(&idx, &Device::Cpu)?;
+    let preds = model.forward_t(&xs, false)?.argmax(1)?.to_vec1::<u32>()?;
+    let labels = preds
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            if i % 5 == 4 {
+                (p + 1) % CLASSES as u32
+            } else {
+                p
+            }
+        })
+        .collect();
+    Ok(ImageDataset::new(images, labels, shape, names)?)
+}
+
+fn config(suite: Suite, out: &Path) -> Result<EvalConfig> {
+    let mut c = EvalConfig::new(suite, out);
+    c.effort = Effort::new(0.1, 0.1)?;
+    c.held_out = 16;
+    c.batch_size = 16;
+    c.progress = false;
+    Ok(c)
+}
+
+/// The report without what legitimately differs between runs.
+fn comparable(r: &EvalReport) -> EvalReport {
+    let mut r = r.clone();
+    r.eval_seconds = 0.0;
+    r.resumed.clear();
+    for tm in r.threat_models.values_mut() {
+        for a in tm.attacks.values_mut() {
+            a.seconds = 0.0;
+        }
+    }
+    r
+}
+
+#[test]
+fn quick_suite_writes_everything_and_resumes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("eval");
+    let model = Mlp::new()?;
+    let ds = dataset(&model, 48, SHAPE)?;
+    let cfg = config(Suite::Quick, &out)?;
+    let first = evaluate(&model, &ds, &cfg)?;
+
+    assert_eq!((first.test_examples, first.held_out_examples), (32, 16));
+    assert!(first.resumed.is_empty());
+    assert!(
+        (first.clean_error - 6.0 / 32.0).abs() < 1e-12,
+        "{}",
+        first.clean_error
+    );
+    let tm = &first.threat_models[HEADLINE_THREAT_MODEL];
+    assert!(tm.robust_error >= first.clean_error && tm.robust_error <= 1.0);
+    assert!(first.tau_at_tpr99.is_some() && first.err_at_tpr99.is_some());
+    for set in ["distal", "noise", "corrupted"] {
+        let o = &first.ood[set];
+        assert!((0.0..=1.0).contains(&o.auroc) && o.examples > 0, "{set}");
+    }
+    // Distal examples are more confident than the noise they start from.
+    assert!(first.ood["distal"].mean_confidence > first.ood["noise"].mean_confidence);
+    assert_eq!(first.corruptions.len(), 10);
+    let curve = first.accuracy_curve.as_ref().ok_or("no curve")?;
+    assert!((curve.curve.accuracy[0] - first.clean_accuracy).abs() < 1e-12);
+    assert!(curve.curve.accuracy.windows(2).all(|w| w[1] <= w[0]));
+    for f in [
+        "results.json",
+        "results.md",
+        "config.json",
+        "per_example/clean.safetensors",
+        "per_example/held_out.safetensors",
+        "per_example/linf_8_255.pgd20_ce.json",
+        "per_example/distal.json",
+        "per_example/min_eps_linf.json",
+        "per_example/corruptions/gaussian_noise_1.safetensors",
+        "per_example/corruptions/contrast_5.safetensors",
+        "plots/accuracy_curve.png",
+        "plots/accuracy_curve.svg",
+        "plots/reliability.png",
+        "plots/confidence_histogram.svg",
+    ] {
+        let len = std::fs::metadata(out.join(f))?.len();
+        assert!(len > 0, "{f} is empty");
+    }
+    let saved: EvalReport = serde_json::from_slice(&std::fs::read(out.join("results.json"))?)?;
+    assert_eq!(saved, first);
+    let md = std::fs::read_to_string(out.join("results.md"))?;
+    assert!(md.contains("linf_8_255") && md.contains("plots/reliability.png"));
+
+    // A second run loads every step and reports the same numbers.
+    let attack_file = out.join("per_example/linf_8_255.pgd20_ce.json");
+    let written = std::fs::read(&attack_file)?;
+    let second = evaluate(&model, &ds, &cfg)?;
+    assert_eq!(second.resumed.len(), 13, "{:?}", second.resumed);
+    assert!(second.resumed.contains(&"linf_8_255.pgd20_ce".to_string()));
+    assert_eq!(
+        std::fs::read(&attack_file)?,
+        written,
+        "a finished attack was rerun"
+    );
+    assert_eq!(comparable(&second), comparable(&first));
+
+    // An interrupted run (the attack's record missing) recomputes only that step, and
+    // the seeded attack gives the same numbers again.
+    std::fs::remove_file(&attack_file)?;
+    let third = evaluate(&model, &ds, &cfg)?;
+    assert_eq!(third.resumed.len(), 12);
+    assert!(!third.resumed.contains(&"linf_8_255.pgd20_ce".to_string()));
+    assert_eq!(comparable(&third), comparable(&first));
+
+    // Another seed changes every key: nothing is resumed.
+    let other = EvalConfig {
+        seed: 1,
+        ..cfg.clone()
+    };
+    assert!(evaluate(&model, &ds, &other)?.resumed.is_empty());
+    Ok(())
+}
+
+#[test]
+fn full_suite_runs_every_threat_model() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let model = Mlp::new()?;
+    let ds = dataset(&model, 40, SHAPE)?;
+    let mut cfg = config(Suite::Full, dir.path())?;
+    cfg.effort = Effort::new(0.005, 0.02)?;
+    cfg.plots = false;
+    let r = evaluate(&model, &ds, &cfg)?;
+    let names: Vec<&str> = r.threat_models.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "frames",
+            "l0_10",
+            "l1_12",
+            "l1_24",
+            "l2_0p5",
+            "l2_2",
+            "linf_16_255",
+            "linf_8_255"
+        ]
+    );
+    for (name, tm) in &r.threat_models {
+        assert!(
+            tm.robust_error >= r.clean_error && tm.robust_error <= 1.0,
+            "{name}"
+        );
+        for (attack, s) in &tm.attacks {
+            assert!(tm.robust_error >= s.robust_error, "{name}.{attack}");
+        }
+    }
+    // The larger budget is at least as strong where the attacks are the same.
+    assert!(
+        r.threat_models["linf_16_255"].robust_error >= r.threat_models["linf_8_255"].robust_error
+    );
+    assert_eq!(r.corruptions.len(), 40);
+    // Norms recorded per example stay within each budget.
+    for entry in std::fs::read_dir(dir.path().join("per_example"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json")
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".pgd"))
+        {
+            let rec: AttackRecord = serde_json::from_slice(&std::fs::read(&path)?)?;
+            assert!(
+                rec.norm.iter().all(|&n| n <= rec.eps * (1.0 + 1e-6) + 1e-6),
+                "{}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn run_suite_reads_the_model_file_and_compare_models_writes_the_report() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut wrn = Classifier::new(ModelSpec::wrn(10, 1, CLASSES), 7, &Device::Cpu)?;
+    wrn.set_metadata("method", "ccat")?;
+    wrn.set_metadata(CONFIDENCE_THRESHOLD_KEY, r#"{"tau": 0.05, "tpr": 0.99}"#)?;
+    let path = dir.path().join("model.safetensors");
+    wrn.save(&path)?;
+    let ds = dataset(&wrn, 24, (3, 32, 32))?;
+    let mut cfg = config(Suite::Quick, &dir.path().join("wrn"))?;
+    cfg.effort = Effort::new(0.05, 1.0)?;
+    cfg.held_out = 8;
+    cfg.batch_size = 8;
+    cfg.plots = false;
+    let r = run_suite(&path, &ds, &cfg)?;
+    assert_eq!(r.method.as_deref(), Some("ccat"));
+    assert_eq!(r.arch.as_deref(), Some("wrn-10-1"));
+    assert_eq!(r.model.as_deref(), Some(path.as_path()));
+    assert_eq!(r.model_confidence_threshold, Some(0.05));
+    assert!(r.threat_models[HEADLINE_THREAT_MODEL]
+        .rerr_at_model_threshold
+        .is_some());
+
+    let mlp = Mlp::new()?;
+    let mlp_ds = dataset(&mlp, 40, SHAPE)?;
+    let mut mlp_cfg = config(Suite::Quick, &dir.path().join("mlp"))?;
+    mlp_cfg.plots = false;
+    let m = evaluate(&mlp, &mlp_ds, &mlp_cfg)?;
+    let out = dir.path().join("study");
+    compare_models(&[("ccat", &r), ("mlp", &m)], &out)?;
+    let md = std::fs::read_to_string(out.join("comparison.md"))?;
+    assert!(md.contains("| ccat |") && md.contains("| mlp |"));
+    assert!(md.contains("![Accuracy–perturbation curves](plots/accuracy_curves.png)"));
+    for f in [
+        "accuracy_curves.png",
+        "accuracy_curves.svg",
+        "ccat_reliability.png",
+        "mlp_confidence_histogram.svg",
+    ] {
+        assert!(
+            std::fs::metadata(out.join("plots").join(f))?.len() > 1000,
+            "{f}"
+        );
+    }
+    // A model for other images or classes is refused before any work.
+    let small = dataset(&mlp, 40, SHAPE)?;
+    assert!(matches!(
+        run_suite(&path, &small, &cfg),
+        Err(EvalError::Config(_))
+    ));
+    Ok(())
+}
+
+#[test]
+fn model_threshold_metadata_is_a_number_or_a_json_object() -> TestResult {
+    let mut wrn = Classifier::new(ModelSpec::wrn(10, 1, CLASSES), 0, &Device::Cpu)?;
+    assert_eq!(ModelInfo::of(&wrn, None).confidence_threshold, None);
+    for (value, expected) in [
+        ("0.25", Some(0.25)),
+        (r#"{"tau": 0.5, "tpr": 0.99}"#, Some(0.5)),
+        ("high", None),
+        (r#"{"tpr": 0.99}"#, None),
+        ("NaN", None),
+    ] {
+        wrn.set_metadata(CONFIDENCE_THRESHOLD_KEY, value)?;
+        assert_eq!(
+            ModelInfo::of(&wrn, None).confidence_threshold,
+            expected,
+            "{value}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_configs_are_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let model = Mlp::new()?;
+    let ds = dataset(&model, 20, SHAPE)?;
+    let mut cfg = config(Suite::Quick, dir.path())?;
+    cfg.held_out = 20;
+    assert!(matches!(
+        evaluate(&model, &ds, &cfg),
+        Err(EvalError::Config(_))
+    ));
+    cfg.held_out = 4;
+    cfg.batch_size = 0;
+    assert!(matches!(
+        evaluate(&model, &ds, &cfg),
+        Err(EvalError::Config(_))
+    ));
+    cfg.batch_size = 4;
+    cfg.test_limit = Some(0);
+    assert!(matches!(
+        evaluate(&model, &ds, &cfg),
+        Err(EvalError::Config(_))
+    ));
+    Ok(())
+}
