@@ -43,13 +43,26 @@ struct TrainSummary {
     train_seconds: f64,
 }
 
-/// `results.json` of `rampart eval`, the fields used here.
+/// `results.json` of `rampart eval`, the fields used here (the robust ones only from
+/// an attack suite, the threshold only for a model saved with one).
 #[derive(Debug, Deserialize)]
 struct EvalResults {
     test_examples: usize,
     clean_accuracy: f64,
     clean_error: f64,
     eval_seconds: f64,
+    #[serde(default)]
+    attack: Option<String>,
+    #[serde(default)]
+    eps: Option<f64>,
+    #[serde(default)]
+    robust_examples: Option<usize>,
+    #[serde(default)]
+    robust_accuracy: Option<f64>,
+    #[serde(default)]
+    robust_error: Option<f64>,
+    #[serde(default)]
+    confidence_threshold: Option<f64>,
 }
 
 /// One trained and evaluated model.
@@ -77,6 +90,24 @@ pub struct ModelOutcome {
     pub clean_accuracy: f64,
     /// Fraction misclassified.
     pub clean_error: f64,
+    /// The attack of the robust evaluation (PGD-20, L∞, cross-entropy, uniform start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack: Option<String>,
+    /// Its L∞ budget ε.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+    /// Test images attacked (the first N).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub robust_examples: Option<usize>,
+    /// Fraction of them classified correctly, clean and under attack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub robust_accuracy: Option<f64>,
+    /// 1 − robust_accuracy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub robust_error: Option<f64>,
+    /// The confidence threshold τ saved with the model (99 % TPR on held-out images).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confidence_threshold: Option<f64>,
     /// The model file, relative to the study folder.
     pub model_file: String,
     /// `rampart train` command lines (one per session), not in results.json.
@@ -124,6 +155,12 @@ pub fn collect(out: &Path, rows: &[ModelRow]) -> Result<Vec<ModelOutcome>> {
                 test_examples: results.test_examples,
                 clean_accuracy: results.clean_accuracy,
                 clean_error: results.clean_error,
+                attack: results.attack,
+                eps: results.eps,
+                robust_examples: results.robust_examples,
+                robust_accuracy: results.robust_accuracy,
+                robust_error: results.robust_error,
+                confidence_threshold: results.confidence_threshold,
                 model_file: format!("{}/model.safetensors", row.method),
                 train_commands: read_lines(&dir.join("command.txt"))?,
                 eval_command: read_lines(&eval.join("command.txt"))?
@@ -192,6 +229,37 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
             100.0 * m.clean_accuracy,
             100.0 * m.clean_error,
         ));
+    }
+    if models.iter().any(|m| m.robust_error.is_some()) {
+        md.push_str(
+            "\n## Robustness\n\n\
+             | model | attack | attacked images | robust accuracy | robust error | τ (99 % TPR) |\n\
+             |---|---|---:|---:|---:|---:|\n",
+        );
+        for m in models {
+            let (Some(acc), Some(err), Some(n)) =
+                (m.robust_accuracy, m.robust_error, m.robust_examples)
+            else {
+                continue;
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.2} % | {:.2} % | {} |\n",
+                m.method,
+                m.attack.as_deref().unwrap_or("–"),
+                thousands(n),
+                100.0 * acc,
+                100.0 * err,
+                m.confidence_threshold
+                    .map_or("–".to_string(), |t| format!("{t:.4}")),
+            ));
+        }
+        md.push_str(
+            "\nRobust error counts a test image as wrong when it is misclassified clean or \
+             under the attack (untargeted PGD on the cross-entropy from a uniform random \
+             start, the best point of all iterations). τ is the confidence threshold saved \
+             with each model: 99 % of the correctly classified images among the last 1,000 \
+             test images have a confidence ≥ τ (the CCAT protocol).\n",
+        );
     }
     md.push_str(
         "\nClean error is the fraction of test images misclassified (the model in eval mode, \
@@ -301,9 +369,12 @@ mod tests {
         std::fs::write(
             eval_dir(out, method).join("results.json"),
             format!(
-                r#"{{"schema_version":1,"suite":"clean","model":"x","method":"{method}","arch":"wrn-10-1",
+                r#"{{"schema_version":1,"suite":"pgd20","model":"x","method":"{method}","arch":"wrn-10-1",
                    "dataset":"cifar10","test_examples":10000,"clean_accuracy":{accuracy},
-                   "clean_error":{},"eval_seconds":21.5}}"#,
+                   "clean_error":{},"eval_seconds":21.5,
+                   "attack":"pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start",
+                   "eps":0.03137254901960784,"robust_examples":1000,"robust_accuracy":0.25,
+                   "robust_error":0.75,"attack_seconds":30.0,"confidence_threshold":0.5}}"#,
                 1.0 - accuracy
             ),
         )?;
@@ -329,7 +400,9 @@ mod tests {
     #[test]
     fn results_json_follows_the_schema() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        fake_run(dir.path(), "normal", 0.6875)?;
+        for method in ["normal", "at", "ccat"] {
+            fake_run(dir.path(), method, 0.6875)?;
+        }
         let models = collect(dir.path(), Preset::Smoke.models())?;
         write(dir.path(), &study(), &models)?;
         let json: serde_json::Value =
@@ -352,15 +425,28 @@ mod tests {
         assert_eq!(normal["train_examples"], 50000);
         assert_eq!(normal["model_file"], "normal/model.safetensors");
         assert!(normal.get("train_commands").is_none());
+        let at = &json["models"]["at"];
+        assert_eq!(at["robust_accuracy"], 0.25);
+        assert_eq!(at["robust_error"], 0.75);
+        assert_eq!(at["robust_examples"], 1000);
+        assert_eq!(at["confidence_threshold"], 0.5);
+        assert_eq!(at["eps"], 8.0 / 255.0);
+        assert!(json["models"]["ccat"].is_object());
         Ok(())
     }
 
     #[test]
     fn report_has_the_table_and_the_commands() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        fake_run(dir.path(), "normal", 0.6875)?;
+        for method in ["normal", "at", "ccat"] {
+            fake_run(dir.path(), method, 0.6875)?;
+        }
         let models = collect(dir.path(), Preset::Smoke.models())?;
         let md = report_markdown(&study(), &models);
+        assert!(
+            md.contains("| at | pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start | 1,000 | 25.00 % | 75.00 % | 0.5000 |"),
+            "{md}"
+        );
         assert!(
             md.starts_with("# Rampart reproduction: CIFAR-10, preset `smoke`"),
             "{md}"

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use clap::{Args, ValueEnum};
-use rampart_data::DatasetKind;
-use rampart_defenses::predict;
+use rampart_attacks::{parse_eps, Attack, Bounds, Pgd, StepSize};
+use rampart_data::{DatasetKind, ImageDataset};
+use rampart_defenses::{predict, ConfidenceThreshold, Predictions};
 use rampart_models::Classifier;
 use serde::Serialize;
 use serde_json::json;
@@ -25,6 +27,49 @@ pub const EVAL_SCHEMA_VERSION: u32 = 1;
 pub enum Suite {
     /// Accuracy, predictions and confidences on the unmodified test images.
     Clean,
+    /// The clean suite, plus robust accuracy and error under PGD (L∞, cross-entropy,
+    /// uniform random start; by default 20 steps of 2/255 at ε = 8/255, as in Madry et
+    /// al. 2018) on the first --attack-limit test images.
+    #[value(name = "pgd20")]
+    #[serde(rename = "pgd20")]
+    Pgd20,
+    /// The evaluation protocol (see docs/evaluation.md): PGD-20 L∞ 8/255, distal
+    /// examples and noise, two corruptions, an L∞ accuracy–perturbation curve; on the
+    /// first --attack-limit images [default 1,000]; the last 1,000 test images pick τ.
+    Quick,
+    /// The CCAT evaluation: PGD-conf and PGD-CE with the paper's budgets at L∞ 8/255
+    /// and 16/255, distal examples, all corruptions, the curve.
+    Ccat,
+    /// Every threat model: L∞ 8/255 and 16/255, L2 0.5 and 2, L1 12 and 24, L0 10,
+    /// frames, distal, noise, all corruptions, the curve.
+    Full,
+}
+
+impl Suite {
+    fn name(self) -> &'static str {
+        match self {
+            Suite::Clean => "clean",
+            Suite::Pgd20 => "pgd20",
+            Suite::Quick => "quick",
+            Suite::Ccat => "ccat",
+            Suite::Full => "full",
+        }
+    }
+
+    /// The suite of the evaluation pipeline (`rampart-eval`) this names, if any.
+    fn protocol(self) -> Option<rampart_eval::Suite> {
+        match self {
+            Suite::Clean | Suite::Pgd20 => None,
+            Suite::Quick => Some(rampart_eval::Suite::Quick),
+            Suite::Ccat => Some(rampart_eval::Suite::Ccat),
+            Suite::Full => Some(rampart_eval::Suite::Full),
+        }
+    }
+}
+
+/// Parses an ε or step size flag: a decimal or a fraction such as `8/255`.
+fn parse_budget(s: &str) -> std::result::Result<f64, String> {
+    parse_eps(s).map_err(|e| e.to_string())
 }
 
 /// Flags of `rampart eval`, as typed.
@@ -59,6 +104,36 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "clean")]
     pub suite: Suite,
 
+    /// pgd20: L∞ budget ε, a decimal or a fraction [default: 8/255].
+    #[arg(long, value_parser = parse_budget, allow_negative_numbers = true)]
+    pub eps: Option<f64>,
+
+    /// pgd20: attack steps [default: 20].
+    #[arg(long)]
+    pub attack_steps: Option<usize>,
+
+    /// pgd20: absolute step size, a decimal or a fraction [default: 2/255].
+    #[arg(long, value_parser = parse_budget, allow_negative_numbers = true)]
+    pub attack_step_size: Option<f64>,
+
+    /// pgd20: attack only the first N evaluated test images (the robust figures are
+    /// over these; the clean ones over all) [default: all].
+    #[arg(long)]
+    pub attack_limit: Option<usize>,
+
+    /// pgd20: seed of the attack's random starts.
+    #[arg(long, default_value_t = 0)]
+    pub attack_seed: u64,
+
+    /// quick/ccat/full: multiply every attack's steps by this (step sizes grow so the
+    /// distance an attack can travel stays the same) [default: 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub steps_scale: f64,
+
+    /// quick/ccat/full: multiply every attack's restarts by this [default: 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub restarts_scale: f64,
+
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
@@ -83,10 +158,48 @@ pub struct EvalPlan {
     pub batch_size: usize,
     /// The suite.
     pub suite: Suite,
+    /// The attack of an attack suite, with its budget.
+    pub attack: Option<AttackPlan>,
+    /// quick/ccat/full: attacked images (the first N before the held-out tail).
+    pub protocol_limit: Option<usize>,
+    /// quick/ccat/full: seed of every attack.
+    pub protocol_seed: u64,
+    /// quick/ccat/full: (steps, restarts) multipliers.
+    pub effort: (f64, f64),
     /// The output folder.
     pub out: PathBuf,
     /// The device.
     pub device: DeviceArg,
+}
+
+/// The attack of the `pgd20` suite.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttackPlan {
+    /// The PGD configuration.
+    pub pgd: Pgd,
+    /// Its budget.
+    pub eps: f64,
+    /// Images attacked (the first N), or all.
+    pub limit: Option<usize>,
+    /// Seed of the random starts.
+    pub seed: u64,
+}
+
+/// ε of the `pgd20` suite when --eps is not given.
+pub const DEFAULT_ATTACK_EPS: f64 = 8.0 / 255.0;
+
+impl AttackPlan {
+    /// `pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start`.
+    fn describe(&self) -> String {
+        let step = match self.pgd.step_size {
+            StepSize::Absolute(a) => a,
+            StepSize::Relative(r) => r * self.eps,
+        };
+        format!(
+            "pgd-{} {} {}, step {step:.5}, eps {:.5}, {} start",
+            self.pgd.steps, self.pgd.norm, self.pgd.objective, self.eps, self.pgd.restarts.first
+        )
+    }
 }
 
 impl EvalArgs {
@@ -101,6 +214,61 @@ impl EvalArgs {
         if self.test_limit == Some(0) {
             bail!("--test-limit must be at least 1");
         }
+        if self.suite.protocol().is_none() && (self.steps_scale != 1.0 || self.restarts_scale != 1.0) {
+            bail!("--steps-scale and --restarts-scale apply to the quick, ccat and full suites");
+        }
+        let attack = match self.suite {
+            Suite::Quick | Suite::Ccat | Suite::Full => {
+                for (flag, given) in [
+                    ("--eps", self.eps.is_some()),
+                    ("--attack-steps", self.attack_steps.is_some()),
+                    ("--attack-step-size", self.attack_step_size.is_some()),
+                ] {
+                    if given {
+                        bail!("{flag} applies to --suite pgd20; quick/ccat/full use their own budgets (scale them with --steps-scale/--restarts-scale)");
+                    }
+                }
+                rampart_eval::Effort::new(self.steps_scale, self.restarts_scale)
+                    .context("--steps-scale/--restarts-scale")?;
+                if self.attack_limit == Some(0) {
+                    bail!("--attack-limit must be at least 1");
+                }
+                None
+            }
+            Suite::Clean => {
+                for (flag, given) in [
+                    ("--eps", self.eps.is_some()),
+                    ("--attack-steps", self.attack_steps.is_some()),
+                    ("--attack-step-size", self.attack_step_size.is_some()),
+                    ("--attack-limit", self.attack_limit.is_some()),
+                ] {
+                    if given {
+                        bail!("{flag} applies to attack suites only (e.g. --suite pgd20)");
+                    }
+                }
+                None
+            }
+            Suite::Pgd20 => {
+                let base = Pgd::linf_pgd20();
+                let pgd = Pgd {
+                    steps: at_least_one("--attack-steps", self.attack_steps.unwrap_or(base.steps))?,
+                    step_size: self
+                        .attack_step_size
+                        .map_or(base.step_size, StepSize::Absolute),
+                    ..base
+                };
+                pgd.validate().context("invalid attack flags")?;
+                if self.attack_limit == Some(0) {
+                    bail!("--attack-limit must be at least 1");
+                }
+                Some(AttackPlan {
+                    pgd,
+                    eps: self.eps.unwrap_or(DEFAULT_ATTACK_EPS),
+                    limit: self.attack_limit,
+                    seed: self.attack_seed,
+                })
+            }
+        };
         Ok(EvalPlan {
             model: self.model.clone(),
             data_dir: resolve_data_dir(self.data_dir.clone(), env_data_dir)?,
@@ -108,6 +276,10 @@ impl EvalArgs {
             test_limit: self.test_limit,
             batch_size: at_least_one("--batch-size", self.batch_size)?,
             suite: self.suite,
+            attack,
+            protocol_limit: self.attack_limit,
+            protocol_seed: self.attack_seed,
+            effort: (self.steps_scale, self.restarts_scale),
             out: self.out.clone(),
             device: self.device,
         })
@@ -137,11 +309,84 @@ pub struct EvalResults {
     pub clean_error: f64,
     /// Wall time of the evaluation (data loading excluded).
     pub eval_seconds: f64,
+    /// The attack of an attack suite (e.g. `pgd-20 linf ce, step 0.00784, eps 0.03137,
+    /// uniform start`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<String>,
+    /// Its L∞ budget ε.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+    /// Test images attacked (the first N evaluated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_examples: Option<usize>,
+    /// Fraction of them classified correctly both clean and under attack, in [0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_accuracy: Option<f64>,
+    /// 1 − robust_accuracy: wrong clean or under attack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_error: Option<f64>,
+    /// Wall time of the attack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack_seconds: Option<f64>,
+    /// The confidence threshold τ saved with the model (`confidence_threshold` metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence_threshold: Option<f64>,
+    /// Fraction of the evaluated clean images rejected (confidence < τ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_rejected: Option<f64>,
+    /// Err@τ: clean error among the accepted images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_err_at_threshold: Option<f64>,
+    /// RErr@τ under the attack, over the attacked images (REFERENCE §4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_err_at_threshold: Option<f64>,
+}
+
+/// Per-example outcomes of the attacked images.
+struct AttackOutcome {
+    /// Correct clean and under attack.
+    robust: Vec<bool>,
+    /// The adversarial image is classified correctly.
+    adversarial_correct: Vec<bool>,
+    /// Confidence on the adversarial image.
+    confidence: Vec<f64>,
+    seconds: f64,
 }
 
 impl EvalResults {
     /// A Markdown table of the figures.
     pub fn markdown(&self) -> String {
+        let mut md = self.clean_markdown();
+        if let (Some(attack), Some(n), Some(acc), Some(err)) = (
+            &self.attack,
+            self.robust_examples,
+            self.robust_accuracy,
+            self.robust_error,
+        ) {
+            md.push_str(&format!(
+                "\n| attack | attacked images | robust accuracy | robust error |\n\
+                 |---|---:|---:|---:|\n\
+                 | {attack} | {n} | {:.2} % | {:.2} % |\n",
+                100.0 * acc,
+                100.0 * err
+            ));
+        }
+        if let Some(tau) = self.confidence_threshold {
+            let pct =
+                |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.2} %", 100.0 * v));
+            md.push_str(&format!(
+                "\n| τ (99 % TPR, saved with the model) | clean rejected | Err@τ | RErr@τ |\n\
+                 |---:|---:|---:|---:|\n\
+                 | {tau:.4} | {} | {} | {} |\n",
+                pct(self.clean_rejected),
+                pct(self.clean_err_at_threshold),
+                pct(self.robust_err_at_threshold)
+            ));
+        }
+        md
+    }
+
+    fn clean_markdown(&self) -> String {
         format!(
             "# Evaluation of `{}`\n\n\
              | model | method | arch | dataset | suite | test examples | clean accuracy | clean error |\n\
@@ -164,6 +409,57 @@ impl EvalPlan {
     /// Where the log goes.
     pub fn log_file(&self) -> PathBuf {
         self.out.join("eval.log")
+    }
+
+    /// Runs a suite of the evaluation pipeline (`rampart-eval`): it writes
+    /// `results.json` (schema in docs/results-schema.md), `results.md`, plots and
+    /// per-example results into --out, and resumes a run interrupted there.
+    fn run_protocol(
+        &self,
+        suite: rampart_eval::Suite,
+        model: &Classifier,
+        method: &str,
+        dataset: DatasetKind,
+        test: &ImageDataset,
+        device: &candle_core::Device,
+    ) -> Result<EvalResults> {
+        let mut config = rampart_eval::EvalConfig::new(suite, &self.out);
+        config.effort = rampart_eval::Effort::new(self.effort.0, self.effort.1)?;
+        if self.protocol_limit.is_some() {
+            config.test_limit = self.protocol_limit;
+        }
+        config.seed = self.protocol_seed;
+        config.batch_size = self.batch_size;
+        config.device = device.clone();
+        let (lo, hi) = model.bounds();
+        config.bounds = Bounds::new(lo, hi)?;
+        let mut info = rampart_eval::ModelInfo::of(model, Some(&self.model));
+        info.dataset = Some(dataset.to_string());
+        let report = rampart_eval::evaluate_model(model, &info, test, &config)
+            .with_context(|| format!("evaluating {}", self.model.display()))?;
+        let linf = report.threat_models.get("linf_8_255");
+        Ok(EvalResults {
+            schema_version: report.schema_version,
+            suite: self.suite.name().into(),
+            model: self.model.clone(),
+            method: method.to_string(),
+            arch: model.spec().arch.to_string(),
+            dataset: dataset.to_string(),
+            test_examples: report.test_examples,
+            clean_accuracy: report.clean_accuracy,
+            clean_error: report.clean_error,
+            eval_seconds: report.eval_seconds,
+            attack: linf.map(|_| format!("{} suite, L∞ 8/255 worst case", self.suite.name())),
+            eps: linf.map(|t| t.eps),
+            robust_examples: linf.map(|_| report.test_examples),
+            robust_accuracy: linf.map(|t| 1.0 - t.robust_error),
+            robust_error: linf.map(|t| t.robust_error),
+            attack_seconds: None,
+            confidence_threshold: report.model_confidence_threshold,
+            clean_rejected: None,
+            clean_err_at_threshold: None,
+            robust_err_at_threshold: linf.and_then(|t| t.rerr_at_model_threshold),
+        })
     }
 
     /// Runs the plan; `command` is recorded beside the outputs.
@@ -211,6 +507,9 @@ impl EvalPlan {
                 "test_limit": self.test_limit,
                 "batch_size": self.batch_size,
                 "suite": self.suite,
+                "attack": self.attack.as_ref().map(AttackPlan::describe),
+                "attack_limit": self.attack.as_ref().and_then(|a| a.limit),
+                "attack_seed": self.attack.as_ref().map(|a| a.seed),
                 "device": self.device.to_string(),
             }),
         )?;
@@ -219,16 +518,63 @@ impl EvalPlan {
             Some(n) => splits.test.take(n),
             None => splits.test,
         };
+        if let Some(suite) = self.suite.protocol() {
+            return self.run_protocol(suite, &model, &method, dataset, &test, &device);
+        }
+        let threshold = ConfidenceThreshold::stored(&model)
+            .with_context(|| format!("cannot read {}", self.model.display()))?;
         let started = Instant::now();
-        let predictions = match self.suite {
-            Suite::Clean => predict(&model, &test, self.batch_size)?,
+        let predictions = predict(&model, &test, self.batch_size)?;
+        let attacked = match &self.attack {
+            Some(attack) => Some(self.attack(&model, attack, &test, &predictions)?),
+            None => None,
         };
         let eval_seconds = started.elapsed().as_secs_f64();
         predictions.save_json(&self.out.join("predictions.json"))?;
         predictions.save_probs(&self.out.join("probs.safetensors"))?;
+        let clean_correct: Vec<bool> = predictions
+            .labels
+            .iter()
+            .zip(&predictions.predicted)
+            .map(|(l, p)| l == p)
+            .collect();
+        let clean_confidence: Vec<f64> = predictions
+            .confidence
+            .iter()
+            .map(|&c| f64::from(c))
+            .collect();
+        let robust_accuracy = attacked
+            .as_ref()
+            .map(|a| a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64);
+        let tau = threshold.map(|t| t.tau);
+        let clean_rejected = tau.map(|tau| {
+            clean_confidence.iter().filter(|&&c| c < tau).count() as f64
+                / clean_confidence.len().max(1) as f64
+        });
+        let clean_err_at_threshold = match tau {
+            Some(tau) => rampart_metrics::err_at_threshold(&clean_correct, &clean_confidence, tau)
+                .map_err(|e| tracing::warn!("Err@τ: {e}"))
+                .ok(),
+            None => None,
+        };
+        let robust_err_at_threshold = match (tau, &attacked) {
+            (Some(tau), Some(a)) => {
+                let n = a.robust.len();
+                rampart_metrics::rerr_at_threshold(
+                    &clean_correct[..n],
+                    &clean_confidence[..n],
+                    &a.adversarial_correct,
+                    &a.confidence,
+                    tau,
+                )
+                .map_err(|e| tracing::warn!("RErr@τ: {e}"))
+                .ok()
+            }
+            _ => None,
+        };
         let results = EvalResults {
             schema_version: EVAL_SCHEMA_VERSION,
-            suite: "clean".into(),
+            suite: self.suite.name().into(),
             model: self.model.clone(),
             method,
             arch: model.spec().arch.to_string(),
@@ -237,6 +583,16 @@ impl EvalPlan {
             clean_accuracy: predictions.accuracy(),
             clean_error: predictions.error(),
             eval_seconds,
+            attack: self.attack.as_ref().map(AttackPlan::describe),
+            eps: self.attack.as_ref().map(|a| a.eps),
+            robust_examples: attacked.as_ref().map(|a| a.robust.len()),
+            robust_accuracy,
+            robust_error: robust_accuracy.map(|a| 1.0 - a),
+            attack_seconds: attacked.as_ref().map(|a| a.seconds),
+            confidence_threshold: tau,
+            clean_rejected,
+            clean_err_at_threshold,
+            robust_err_at_threshold,
         };
         write_json(&self.out.join("results.json"), &results)?;
         rampart_defenses::write_atomic(
@@ -250,5 +606,56 @@ impl EvalPlan {
             "evaluated"
         );
         Ok(results)
+    }
+}
+
+impl EvalPlan {
+    /// Attacks the first `attack.limit` images of `test` in batches; an image counts as
+    /// robust when it is classified correctly clean (`clean`) and under attack.
+    fn attack(
+        &self,
+        model: &Classifier,
+        attack: &AttackPlan,
+        test: &ImageDataset,
+        clean: &Predictions,
+    ) -> Result<AttackOutcome> {
+        let started = Instant::now();
+        let n = attack.limit.map_or(test.len(), |l| l.min(test.len()));
+        let (lo, hi) = model.bounds();
+        let bounds = Bounds::new(lo, hi)?;
+        let mut robust = Vec::with_capacity(n);
+        let mut adversarial_correct = Vec::with_capacity(n);
+        let mut confidence = Vec::with_capacity(n);
+        let indices: Vec<usize> = (0..n).collect();
+        for chunk in indices.chunks(self.batch_size) {
+            let (images, labels): (Tensor, Tensor) = test.batch_tensors(chunk, model.device())?;
+            let seed = attack.seed.wrapping_add(chunk[0] as u64);
+            let mut results = rampart_models::input_gradients_only(|| {
+                attack
+                    .pgd
+                    .run(model, bounds, &images, &labels, &[attack.eps], seed)
+            })?;
+            let result = results.pop().context("the attack returned no result")?;
+            for (j, &i) in chunk.iter().enumerate() {
+                let clean_ok = clean.predicted[i] == clean.labels[i];
+                robust.push(clean_ok && !result.success[j]);
+                adversarial_correct.push(!result.success[j]);
+                confidence.push(f64::from(result.confidence[j]));
+            }
+            tracing::info!(
+                attacked = chunk[chunk.len() - 1] + 1,
+                of = n,
+                robust = robust.iter().filter(|&&c| c).count(),
+                seconds = format!("{:.0}", started.elapsed().as_secs_f64()),
+                "{}",
+                attack.describe()
+            );
+        }
+        Ok(AttackOutcome {
+            robust,
+            adversarial_correct,
+            confidence,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 }

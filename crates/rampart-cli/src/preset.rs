@@ -9,6 +9,46 @@ use clap::ValueEnum;
 pub enum MethodName {
     /// Cross-entropy on clean, augmented images.
     Normal,
+    /// Adversarial training (Madry et al. 2018): cross-entropy on PGD examples
+    /// [default attack: L∞ 8/255, 7 steps of 2/255, uniform start, whole batch].
+    At,
+    /// Fast AT (Wong et al. 2020): FGSM from a uniform random start, step 1.25·ε
+    /// [default ε 8/255]; pair with a short cyclic schedule.
+    FastAt,
+    /// TRADES (Zhang et al. 2019): CE(clean) + β·KL(clean ‖ adversarial) [default
+    /// ε 0.031, 10 steps of 0.007, β 6].
+    Trades,
+    /// Confidence-calibrated AT (Stutz et al. 2020): half clean, half conf-attack
+    /// examples with soft targets [default ε 0.03, 40 steps of 0.005, momentum 0.9,
+    /// backtracking 1.5, ρ 10].
+    Ccat,
+}
+
+impl MethodName {
+    /// The name `--method` takes.
+    pub fn flag(self) -> &'static str {
+        match self {
+            MethodName::Normal => "normal",
+            MethodName::At => "at",
+            MethodName::FastAt => "fast-at",
+            MethodName::Trades => "trades",
+            MethodName::Ccat => "ccat",
+        }
+    }
+}
+
+/// A preset's training attack where it differs from the method's defaults (`None`
+/// fields keep the method's default).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct AttackSettings {
+    /// Budget ε (L∞).
+    pub eps: Option<f64>,
+    /// Attack steps.
+    pub steps: Option<usize>,
+    /// Absolute step size.
+    pub step_size: Option<f64>,
+    /// Adversarial fraction of each batch.
+    pub fraction: Option<f64>,
 }
 
 /// Shapes of the learning-rate schedule.
@@ -46,6 +86,27 @@ pub enum PresetName {
     /// 40 %), Nesterov 0.9, weight decay 5e-4, crop + flip (single GPU, minutes).
     #[value(name = "normal-preact-resnet18")]
     NormalPreactResnet18,
+    /// Adversarial training of WRN-28-10: PGD-10 with step 0.007 at L∞ ε = 0.03 on the
+    /// whole batch, 150 epochs, batch 128, lr 0.1 ×0.1 at 50 % and 75 %, Nesterov 0.9,
+    /// weight decay 5e-4, crop + flip.
+    #[value(name = "at-wrn28-10")]
+    AtWrn28_10,
+    /// Fast AT of PreActResNet-18 (Wong et al. 2020): FGSM-RS at 8/255 with step 10/255,
+    /// 15 epochs, batch 128, one-cycle lr 0 → 0.2 → 0 (peak at 40 %), momentum 0.9,
+    /// weight decay 5e-4, crop + flip.
+    #[value(name = "fast-at-preact-resnet18")]
+    FastAtPreactResnet18,
+    /// TRADES of WRN-34-10 (the official code's defaults): ε 0.031, 10 steps of 0.007,
+    /// β 6, 76 epochs, batch 128, lr 0.1 ×0.1 from epoch 75, momentum 0.9, weight decay
+    /// 2e-4, crop + flip.
+    #[value(name = "trades-wrn34-10")]
+    TradesWrn34_10,
+    /// CCAT of ResNet-20 (Stutz et al. 2020): half the batch adversarial from the conf
+    /// attack (ε 0.03, 40 steps of 0.005, momentum 0.9, backtracking 1.5), ρ 10, 200
+    /// epochs, batch 100, lr 0.075 ×0.95 per epoch, momentum 0.9, weight decay 5e-4,
+    /// crop + flip.
+    #[value(name = "ccat-resnet20")]
+    CcatResnet20,
 }
 
 /// Every training setting a preset fixes.
@@ -83,6 +144,8 @@ pub struct Preset {
     pub augment: AugmentName,
     /// Cutout hole side.
     pub cutout: Option<usize>,
+    /// The training attack, where it differs from the method's defaults.
+    pub attack: AttackSettings,
 }
 
 impl PresetName {
@@ -108,6 +171,7 @@ impl PresetName {
                 peak: None,
                 augment: AugmentName::Standard,
                 cutout: None,
+                attack: AttackSettings::default(),
             },
             PresetName::NormalPreactResnet18 => Preset {
                 name: "normal-preact-resnet18",
@@ -127,6 +191,99 @@ impl PresetName {
                 peak: Some(0.4),
                 augment: AugmentName::Standard,
                 cutout: None,
+                attack: AttackSettings::default(),
+            },
+            PresetName::AtWrn28_10 => Preset {
+                name: "at-wrn28-10",
+                about: "Adversarial training (Madry et al. 2018) of WRN-28-10 with the setting of \
+                        REFERENCE §3 (PGD-10, step 0.007, L∞ ε = 0.03, whole batch adversarial, \
+                        150 epochs); the step schedule (×0.1 at 50 % and 75 %) is this preset's \
+                        choice",
+                method: MethodName::At,
+                arch: "wrn-28-10",
+                epochs: 150,
+                batch_size: 128,
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 5e-4,
+                schedule: ScheduleName::Multistep,
+                milestones: &["50%", "75%"],
+                gamma: Some(0.1),
+                peak: None,
+                augment: AugmentName::Standard,
+                cutout: None,
+                attack: AttackSettings {
+                    eps: Some(0.03),
+                    steps: Some(10),
+                    step_size: Some(0.007),
+                    fraction: Some(1.0),
+                },
+            },
+            PresetName::FastAtPreactResnet18 => Preset {
+                name: "fast-at-preact-resnet18",
+                about: "Fast adversarial training (Wong, Rice & Kolter 2020) of PreActResNet-18: \
+                        FGSM with a uniform random start at ε = 8/255, step 10/255, 15 epochs, \
+                        one-cycle lr 0 → 0.2 → 0; the paper's mixed precision and early \
+                        stopping are not reproduced",
+                method: MethodName::FastAt,
+                arch: "preact-resnet18",
+                epochs: 15,
+                batch_size: 128,
+                lr: 0.2,
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 5e-4,
+                schedule: ScheduleName::Cyclic,
+                milestones: &[],
+                gamma: None,
+                peak: Some(0.4),
+                augment: AugmentName::Standard,
+                cutout: None,
+                attack: AttackSettings::default(),
+            },
+            PresetName::TradesWrn34_10 => Preset {
+                name: "trades-wrn34-10",
+                about: "TRADES (Zhang et al. 2019) of WRN-34-10 with the defaults of the official \
+                        CIFAR-10 script: ε 0.031, 10 steps of 0.007, β = 6, 76 epochs, lr 0.1 \
+                        ×0.1 from epoch 75, momentum 0.9, weight decay 2e-4",
+                method: MethodName::Trades,
+                arch: "wrn-34-10",
+                epochs: 76,
+                batch_size: 128,
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 2e-4,
+                schedule: ScheduleName::Multistep,
+                milestones: &["74"],
+                gamma: Some(0.1),
+                peak: None,
+                augment: AugmentName::Standard,
+                cutout: None,
+                attack: AttackSettings::default(),
+            },
+            PresetName::CcatResnet20 => Preset {
+                name: "ccat-resnet20",
+                about: "Confidence-calibrated adversarial training (Stutz, Hein & Schiele 2020) of \
+                        ResNet-20: half of each batch from the conf attack (ε 0.03, 40 steps of \
+                        0.005, momentum 0.9, backtracking 1.5), ρ = 10, 200 epochs, batch 100, \
+                        lr 0.075 ×0.95 per epoch, momentum 0.9, weight decay 5e-4",
+                method: MethodName::Ccat,
+                arch: "resnet20",
+                epochs: 200,
+                batch_size: 100,
+                lr: 0.075,
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 5e-4,
+                schedule: ScheduleName::Exponential,
+                milestones: &[],
+                gamma: Some(0.95),
+                peak: None,
+                augment: AugmentName::Standard,
+                cutout: None,
+                attack: AttackSettings::default(),
             },
         }
     }

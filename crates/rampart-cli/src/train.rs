@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use rampart_attacks::{parse_eps, StepSize};
 use rampart_data::DatasetKind;
 use rampart_defenses::{
-    AugmentationConfig, DecayScope, Milestone, Normal, Progress, ScheduleKind, SgdConfig,
-    TrainConfig, Trainer, TrainingMethod, CHECKPOINT_FILE, MODEL_FILE,
+    AdversarialTraining, AugmentationConfig, Ccat, ConfidenceThreshold, DecayScope, FastAt,
+    Milestone, Normal, Progress, ScheduleKind, SgdConfig, Trades, TrainConfig, Trainer,
+    TrainingMethod, CHECKPOINT_FILE, MODEL_FILE,
 };
 use rampart_models::{Arch, Classifier, ModelSpec};
 use serde_json::json;
@@ -17,7 +19,7 @@ use crate::common::{
     at_least_one, create_out_dir, load_data, record_command, resolve_data_dir, write_json,
     DeviceArg,
 };
-use crate::preset::{AugmentName, MethodName, Preset, PresetName, ScheduleName};
+use crate::preset::{AttackSettings, AugmentName, MethodName, Preset, PresetName, ScheduleName};
 
 /// Batch size when neither a flag nor a preset gives one.
 pub const DEFAULT_BATCH_SIZE: usize = 128;
@@ -37,13 +39,26 @@ pub const DEFAULT_MULTISTEP_GAMMA: f64 = 0.1;
 pub const DEFAULT_EXPONENTIAL_GAMMA: f64 = 0.95;
 /// Cyclic peak when --peak is not given (fast AT).
 pub const DEFAULT_PEAK: f64 = 0.4;
+/// Held-out test images the confidence threshold is picked on (the CCAT protocol: the
+/// last 1,000 test images).
+pub const DEFAULT_THRESHOLD_HELD_OUT: usize = 1000;
+/// True-positive rate of the confidence threshold: 99 % of the correctly classified
+/// held-out images are accepted.
+pub const THRESHOLD_TPR: f64 = rampart_metrics::TPR_99;
+
+/// Parses an ε or step size flag: a decimal or a fraction such as `8/255`.
+fn parse_budget(s: &str) -> std::result::Result<f64, String> {
+    parse_eps(s).map_err(|e| e.to_string())
+}
 
 /// Flags of `rampart train`, as typed.
 #[derive(Args, Debug, Clone)]
 #[command(
     after_help = "Writes into --out: config.json (the resolved settings), command.txt (the \
 command line of every session), train.log, history.jsonl (one line per epoch), \
-checkpoint.safetensors (after every epoch) and model.safetensors (at the end)."
+checkpoint.safetensors (after every epoch), model.safetensors (at the end; with its \
+confidence threshold, picked on the last --threshold-held-out test images, in the \
+metadata) and summary.json."
 )]
 pub struct TrainArgs {
     /// Named published settings (architecture, epochs, optimiser, schedule,
@@ -145,6 +160,45 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub label_smoothing: f64,
 
+    /// L∞ budget ε of the training attack (at, fast-at, trades, ccat): a decimal or a
+    /// fraction such as 8/255 [default: the method's or the preset's].
+    #[arg(long, value_parser = parse_budget, allow_negative_numbers = true)]
+    pub eps: Option<f64>,
+
+    /// Steps of the training attack (at, trades, ccat) [default: the method's].
+    #[arg(long)]
+    pub attack_steps: Option<usize>,
+
+    /// Step size of the training attack, absolute, e.g. 2/255 or 0.007 (fast-at: the
+    /// FGSM step α, default 1.25·ε) [default: the method's].
+    #[arg(long, value_parser = parse_budget, allow_negative_numbers = true)]
+    pub attack_step_size: Option<f64>,
+
+    /// Fraction of each batch made adversarial, in (0, 1] (at, fast-at, ccat)
+    /// [default: 1 for at and fast-at, 0.5 for ccat].
+    #[arg(long, allow_negative_numbers = true)]
+    pub adv_fraction: Option<f64>,
+
+    /// TRADES' weight β ≥ 0 of the KL term [default: 6].
+    #[arg(long, allow_negative_numbers = true)]
+    pub beta: Option<f64>,
+
+    /// CCAT's power ρ > 0 of λ = 1 − (1 − min(1, ‖δ‖∞/ε))^ρ [default: 10].
+    #[arg(long, allow_negative_numbers = true)]
+    pub rho: Option<f64>,
+
+    /// Keep an exponential moving average of the weights with this decay in [0, 1)
+    /// (e.g. 0.999), updated every step; the average is evaluated after each epoch and
+    /// saved as the final model.
+    #[arg(long, allow_negative_numbers = true)]
+    pub ema: Option<f64>,
+
+    /// After training, pick the confidence threshold τ (99 % of the correctly
+    /// classified held-out images accepted) on the last N test images and save it in
+    /// the model's metadata (`confidence_threshold`); 0 skips it.
+    #[arg(long, default_value_t = DEFAULT_THRESHOLD_HELD_OUT)]
+    pub threshold_held_out: usize,
+
     /// Seed of the model's initialisation, the batch order, the augmentation and the
     /// method's randomness.
     #[arg(long, default_value_t = 0)]
@@ -162,6 +216,12 @@ pub struct TrainArgs {
     /// Batch size of the per-epoch evaluation.
     #[arg(long, default_value_t = DEFAULT_EVAL_BATCH_SIZE)]
     pub eval_batch_size: usize,
+
+    /// Start from the weights of this model file (a `rampart train` model of the same
+    /// architecture and classes) instead of a fresh initialisation: fine-tuning, e.g.
+    /// adversarial fine-tuning of a normally trained model.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
 
     /// Continue the run in --out from its last checkpoint (the result equals an
     /// uninterrupted run); starts afresh when there is no checkpoint yet.
@@ -187,12 +247,24 @@ pub enum DecayScopeArg {
 pub enum MethodPlan {
     /// Normal training.
     Normal(Normal),
+    /// Adversarial training.
+    At(AdversarialTraining),
+    /// Fast AT.
+    FastAt(FastAt),
+    /// TRADES.
+    Trades(Trades),
+    /// CCAT.
+    Ccat(Ccat),
 }
 
 impl MethodPlan {
     fn method(&self) -> &dyn TrainingMethod {
         match self {
             MethodPlan::Normal(m) => m,
+            MethodPlan::At(m) => m,
+            MethodPlan::FastAt(m) => m,
+            MethodPlan::Trades(m) => m,
+            MethodPlan::Ccat(m) => m,
         }
     }
 }
@@ -218,6 +290,10 @@ pub struct TrainPlan {
     pub train_limit: Option<usize>,
     /// Per-epoch evaluation examples (first N), or all.
     pub test_limit: Option<usize>,
+    /// Held-out test images (the last N) the confidence threshold is picked on; 0: none.
+    pub threshold_held_out: usize,
+    /// The model whose weights training starts from, if not a fresh initialisation.
+    pub init_from: Option<PathBuf>,
     /// Continue from the checkpoint.
     pub resume: bool,
     /// The device.
@@ -304,11 +380,7 @@ impl TrainArgs {
                 cutout,
             },
         };
-        let method = match method {
-            MethodName::Normal => MethodPlan::Normal(
-                Normal::with_label_smoothing(self.label_smoothing).context("--label-smoothing")?,
-            ),
-        };
+        let method = self.method_plan(method, p.map(|p| p.attack).unwrap_or_default())?;
         if self.train_limit == Some(0) {
             bail!("--train-limit must be at least 1");
         }
@@ -330,6 +402,7 @@ impl TrainArgs {
             augmentation,
             seed: self.seed,
             eval_batch_size,
+            ema: self.ema,
         };
         config.validate().context("invalid training flags")?;
         Ok(TrainPlan {
@@ -342,8 +415,118 @@ impl TrainArgs {
             config,
             train_limit: self.train_limit,
             test_limit: self.test_limit,
+            threshold_held_out: self.threshold_held_out,
+            init_from: self.init_from.clone(),
             resume: self.resume,
             device: self.device,
+        })
+    }
+
+    /// The method with its settings: the method's published defaults, then the
+    /// preset's attack, then the flags. A flag the method does not use is refused.
+    fn method_plan(&self, name: MethodName, preset: AttackSettings) -> Result<MethodPlan> {
+        let method = name.flag();
+        let refuse = |flag: &str, given: bool| -> Result<()> {
+            if given {
+                bail!("{flag} does not apply to --method {method}");
+            }
+            Ok(())
+        };
+        refuse(
+            "--label-smoothing",
+            name != MethodName::Normal && self.label_smoothing != 0.0,
+        )?;
+        let eps = self.eps.or(preset.eps);
+        let steps = self.attack_steps.or(preset.steps);
+        let step_size = self.attack_step_size.or(preset.step_size);
+        let fraction = self.adv_fraction.or(preset.fraction);
+        if name != MethodName::Normal {
+            if let Some(s) = step_size.filter(|s| *s <= 0.0) {
+                bail!("--attack-step-size must be > 0, got {s}");
+            }
+        }
+        let context = || format!("invalid settings for --method {method}");
+        Ok(match name {
+            MethodName::Normal => {
+                refuse("--eps", self.eps.is_some())?;
+                refuse("--attack-steps", self.attack_steps.is_some())?;
+                refuse("--attack-step-size", self.attack_step_size.is_some())?;
+                refuse("--adv-fraction", self.adv_fraction.is_some())?;
+                refuse("--beta", self.beta.is_some())?;
+                refuse("--rho", self.rho.is_some())?;
+                MethodPlan::Normal(
+                    Normal::with_label_smoothing(self.label_smoothing)
+                        .context("--label-smoothing")?,
+                )
+            }
+            MethodName::At => {
+                refuse("--beta", self.beta.is_some())?;
+                refuse("--rho", self.rho.is_some())?;
+                let base = AdversarialTraining::madry_cifar10();
+                let mut attack = base.attack;
+                attack.steps = steps.unwrap_or(attack.steps);
+                if let Some(s) = step_size {
+                    attack.step_size = StepSize::Absolute(s);
+                }
+                MethodPlan::At(
+                    AdversarialTraining::new(
+                        attack,
+                        eps.unwrap_or(base.eps),
+                        fraction.unwrap_or(base.fraction),
+                    )
+                    .with_context(context)?,
+                )
+            }
+            MethodName::FastAt => {
+                refuse("--attack-steps", self.attack_steps.is_some())?;
+                refuse("--beta", self.beta.is_some())?;
+                refuse("--rho", self.rho.is_some())?;
+                let base = FastAt::wong_cifar10();
+                let mut attack = base.attack;
+                if let Some(s) = step_size {
+                    attack.step = StepSize::Absolute(s);
+                }
+                MethodPlan::FastAt(
+                    FastAt::new(
+                        attack,
+                        eps.unwrap_or(base.eps),
+                        fraction.unwrap_or(base.fraction),
+                    )
+                    .with_context(context)?,
+                )
+            }
+            MethodName::Trades => {
+                refuse("--adv-fraction", self.adv_fraction.is_some())?;
+                refuse("--rho", self.rho.is_some())?;
+                let base = Trades::zhang_cifar10();
+                MethodPlan::Trades(
+                    Trades::new(
+                        eps.unwrap_or(base.eps),
+                        steps.unwrap_or(base.steps),
+                        step_size.unwrap_or(base.step_size),
+                        self.beta.unwrap_or(base.beta),
+                    )
+                    .with_context(context)?,
+                )
+            }
+            MethodName::Ccat => {
+                refuse("--beta", self.beta.is_some())?;
+                let base = Ccat::stutz_cifar10();
+                let mut attack = base.attack;
+                attack.steps = steps.unwrap_or(attack.steps);
+                if let Some(s) = step_size {
+                    attack.step_size = StepSize::Absolute(s);
+                }
+                MethodPlan::Ccat(
+                    Ccat::new(
+                        attack,
+                        eps.unwrap_or(base.eps),
+                        self.rho.unwrap_or(base.rho),
+                        fraction.unwrap_or(base.fraction),
+                    )
+                    .with_context(context)?,
+                )
+            }
         })
     }
 
@@ -438,6 +621,9 @@ impl TrainPlan {
             "out": self.out,
             "train_limit": self.train_limit,
             "test_limit": self.test_limit,
+            "threshold_held_out": self.threshold_held_out,
+            "init_from": self.init_from,
+            "threshold_tpr": THRESHOLD_TPR,
             "resume": self.resume,
             "device": self.device.to_string(),
             "train": self.config,
@@ -497,12 +683,30 @@ impl TrainPlan {
             Some(n) => splits.train.take(n),
             None => splits.train,
         };
+        let held_out =
+            (self.threshold_held_out > 0).then(|| splits.test.tail(self.threshold_held_out));
         let test = match self.test_limit {
             Some(n) => splits.test.take(n),
             None => splits.test,
         };
         let spec = ModelSpec::cifar(self.arch, self.dataset.num_classes());
         let mut model = Classifier::new(spec, self.config.seed, &device)?;
+        if let Some(path) = &self.init_from {
+            let init = Classifier::load(path, &device)
+                .with_context(|| format!("--init-from: cannot load {}", path.display()))?;
+            if init.spec() != model.spec() {
+                bail!(
+                    "--init-from: {} is a {} with {} classes, this run trains a {} with {}",
+                    path.display(),
+                    init.spec().arch,
+                    init.spec().num_classes,
+                    model.spec().arch,
+                    model.spec().num_classes
+                );
+            }
+            model.copy_weights_from(&init)?;
+            tracing::info!(model = %path.display(), "starting from the weights of another model");
+        }
         let mut trainer = Trainer::new(self.config.clone(), &self.out)?
             .resume(self.resume)
             .progress(progress)
@@ -510,8 +714,15 @@ impl TrainPlan {
         if let Some(p) = &self.preset {
             trainer = trainer.metadata("preset", p.name);
         }
+        if let Some(path) = &self.init_from {
+            trainer = trainer.metadata("init_from", path.display().to_string());
+        }
         let train_examples = train.len();
         let outcome = trainer.run(&mut model, self.method.method(), Arc::new(train), &test)?;
+        let threshold = match &held_out {
+            Some(held_out) => self.store_threshold(&mut model, held_out, &outcome.model_path)?,
+            None => None,
+        };
         let last = outcome.history.last();
         let summary = TrainSummary {
             schema_version: SUMMARY_SCHEMA_VERSION,
@@ -527,9 +738,44 @@ impl TrainPlan {
             test_accuracy: last.and_then(|r| r.test_accuracy),
             train_seconds: last.map_or(0.0, |r| r.elapsed_seconds),
             model: outcome.model_path,
+            confidence_threshold: threshold.map(|t| t.tau),
         };
         write_json(&self.out.join(SUMMARY_FILE), &summary)?;
         Ok(summary)
+    }
+
+    /// Picks τ on `held_out` and rewrites the saved model with it in its metadata. A
+    /// model that classifies no held-out image correctly has no τ: that is logged and
+    /// the model is kept without one.
+    fn store_threshold(
+        &self,
+        model: &mut Classifier,
+        held_out: &rampart_data::ImageDataset,
+        path: &Path,
+    ) -> Result<Option<ConfidenceThreshold>> {
+        let threshold = match ConfidenceThreshold::fit_on(
+            model,
+            held_out,
+            self.config.eval_batch_size,
+            THRESHOLD_TPR,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("no confidence threshold saved: {e}");
+                return Ok(None);
+            }
+        };
+        threshold.store(model)?;
+        model
+            .save(path)
+            .with_context(|| format!("cannot rewrite {}", path.display()))?;
+        tracing::info!(
+            tau = threshold.tau,
+            held_out = threshold.held_out_examples,
+            correct = threshold.held_out_correct,
+            "confidence threshold at 99 % TPR saved with the model"
+        );
+        Ok(Some(threshold))
     }
 }
 
@@ -567,6 +813,9 @@ pub struct TrainSummary {
     pub train_seconds: f64,
     /// The saved model.
     pub model: PathBuf,
+    /// The confidence threshold τ saved with the model (`None`: not picked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confidence_threshold: Option<f64>,
 }
 
 impl TrainSummary {
@@ -707,6 +956,129 @@ mod tests {
             })
         );
         Ok(())
+    }
+
+    #[test]
+    fn methods_take_their_defaults_presets_and_flags() -> Result<()> {
+        let p = plan(&format!("{BASE} --arch wrn-16-4 --epochs 3 --method at"))?;
+        assert_eq!(
+            p.method,
+            MethodPlan::At(AdversarialTraining::madry_cifar10())
+        );
+        let p = plan(&format!(
+            "{BASE} --arch wrn-16-4 --epochs 3 --method at --eps 16/255 --attack-steps 3 --attack-step-size 4/255 --adv-fraction 0.5"
+        ))?;
+        let MethodPlan::At(at) = p.method else {
+            bail!("expected at, got {:?}", p.method)
+        };
+        assert_eq!(
+            (at.eps, at.attack.steps, at.fraction),
+            (16.0 / 255.0, 3, 0.5)
+        );
+        assert_eq!(at.attack.step_size, StepSize::Absolute(4.0 / 255.0));
+
+        let p = plan(&format!("{BASE} --preset at-wrn28-10"))?;
+        assert_eq!(
+            p.method,
+            MethodPlan::At(AdversarialTraining::pgd10_cifar10())
+        );
+        assert_eq!(
+            (p.config.epochs, p.arch.to_string().as_str()),
+            (150, "wrn-28-10")
+        );
+        // A flag overrides the preset's attack, the rest of it stays.
+        let p = plan(&format!("{BASE} --preset at-wrn28-10 --attack-steps 3"))?;
+        let MethodPlan::At(at) = p.method else {
+            bail!("expected at")
+        };
+        assert_eq!((at.attack.steps, at.eps), (3, 0.03));
+
+        let p = plan(&format!("{BASE} --preset ccat-resnet20"))?;
+        assert_eq!(p.method, MethodPlan::Ccat(Ccat::stutz_cifar10()));
+        let c = &p.config;
+        assert_eq!((c.epochs, c.batch_size, c.lr), (200, 100, 0.075));
+        assert_eq!(c.schedule, ScheduleKind::Exponential { gamma: 0.95 });
+        let p = plan(&format!(
+            "{BASE} --preset ccat-resnet20 --rho 4 --adv-fraction 1"
+        ))?;
+        let MethodPlan::Ccat(ccat) = p.method else {
+            bail!("expected ccat")
+        };
+        assert_eq!((ccat.rho, ccat.fraction, ccat.eps), (4.0, 1.0, 0.03));
+
+        let p = plan(&format!("{BASE} --preset fast-at-preact-resnet18"))?;
+        assert_eq!(p.method, MethodPlan::FastAt(FastAt::wong_cifar10()));
+        assert_eq!(p.config.schedule, ScheduleKind::Cyclic { peak: 0.4 });
+        assert!(!p.config.sgd.nesterov);
+        let p = plan(&format!(
+            "{BASE} --preset fast-at-preact-resnet18 --method at"
+        ))?;
+        assert_eq!(
+            p.method,
+            MethodPlan::At(AdversarialTraining::madry_cifar10())
+        );
+
+        let p = plan(&format!("{BASE} --preset trades-wrn34-10 --beta 1"))?;
+        let MethodPlan::Trades(t) = p.method else {
+            bail!("expected trades")
+        };
+        assert_eq!((t.beta, t.eps, t.steps), (1.0, 0.031, 10));
+        assert_eq!(p.config.sgd.weight_decay, 2e-4);
+        assert!((p.config.lr_schedule()?.lr(74.5) - 0.01).abs() < 1e-12);
+        assert!((p.config.lr_schedule()?.lr(73.5) - 0.1).abs() < 1e-12);
+
+        let p = plan(&format!(
+            "{BASE} --arch wrn-16-4 --epochs 3 --ema 0.999 --threshold-held-out 0"
+        ))?;
+        assert_eq!(p.config.ema, Some(0.999));
+        assert_eq!(p.threshold_held_out, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn method_flags_the_method_does_not_use_are_refused() {
+        let base = format!("{BASE} --arch wrn-16-4 --epochs 3");
+        for (flags, needle) in [
+            ("--eps 8/255", "--eps does not apply to --method normal"),
+            (
+                "--method at --beta 6",
+                "--beta does not apply to --method at",
+            ),
+            (
+                "--method at --rho 10",
+                "--rho does not apply to --method at",
+            ),
+            (
+                "--method trades --adv-fraction 0.5",
+                "--adv-fraction does not apply",
+            ),
+            (
+                "--method fast-at --attack-steps 3",
+                "--attack-steps does not apply",
+            ),
+            (
+                "--method ccat --label-smoothing 0.1",
+                "--label-smoothing does not apply",
+            ),
+            ("--method at --adv-fraction 0", "adversarial fraction"),
+            ("--method at --adv-fraction 1.5", "adversarial fraction"),
+            ("--method ccat --rho 0", "ρ must be"),
+            ("--method at --attack-steps 0", "at least one step"),
+            (
+                "--method at --attack-step-size 0",
+                "--attack-step-size must be > 0",
+            ),
+            ("--method at --eps -1", "--eps"),
+            ("--method at --eps x", "--eps"),
+            ("--method trades --beta -1", "β"),
+            ("--ema 1", "EMA decay"),
+        ] {
+            let err = error(&format!("{base} {flags}"));
+            assert!(
+                err.contains(needle),
+                "`{flags}`: expected `{needle}` in `{err}`"
+            );
+        }
     }
 
     #[test]

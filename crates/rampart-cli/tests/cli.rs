@@ -347,3 +347,158 @@ fn train_resume_and_eval_write_their_files() -> TestResult {
     );
     Ok(())
 }
+
+/// An attack-based method fine-tuned from a normal model, with an EMA, then the PGD
+/// suite: the files and fields the reproduction reads.
+#[test]
+fn adversarial_training_and_the_pgd_suite() -> TestResult {
+    let help = text(&rampart(&["train", "--help"])?);
+    for flag in [
+        "--eps",
+        "--attack-steps",
+        "--attack-step-size",
+        "--adv-fraction",
+        "--beta",
+        "--rho",
+        "--ema",
+        "--init-from",
+        "--threshold-held-out",
+        "fast-at",
+        "trades",
+        "ccat",
+        "at-wrn28-10",
+        "fast-at-preact-resnet18",
+        "trades-wrn34-10",
+        "ccat-resnet20",
+    ] {
+        assert!(help.contains(flag), "train --help lacks {flag}:\n{help}");
+    }
+    let help = text(&rampart(&["eval", "--help"])?);
+    for flag in ["pgd20", "--attack-limit", "--attack-steps", "--eps"] {
+        assert!(help.contains(flag), "eval --help lacks {flag}:\n{help}");
+    }
+
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    let common = [
+        "--threads",
+        "2",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--data-dir",
+        data,
+    ];
+    let normal = dir.path().join("normal");
+    let mut args = vec!["train"];
+    args.extend(common);
+    args.extend(["--out", s(&normal)]);
+    let run = rampart(&args)?;
+    assert!(run.status.success(), "{}", text(&run));
+
+    let ccat = dir.path().join("ccat");
+    let normal_model = normal.join("model.safetensors");
+    let mut args = vec!["train"];
+    args.extend(common);
+    args.extend([
+        "--method",
+        "ccat",
+        "--attack-steps",
+        "2",
+        "--attack-step-size",
+        "0.01",
+        "--ema",
+        "0.9",
+        "--init-from",
+        s(&normal_model),
+        "--threshold-held-out",
+        "8",
+        "--out",
+        s(&ccat),
+    ]);
+    let run = rampart(&args)?;
+    assert!(run.status.success(), "{}", text(&run));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ccat.join("config.json"))?)?;
+    assert_eq!(config["method"], "ccat");
+    assert_eq!(config["method_settings"]["attack"]["steps"], 2);
+    assert_eq!(config["method_settings"]["rho"], 10.0);
+    assert_eq!(config["train"]["ema"], 0.9);
+    assert_eq!(config["threshold_held_out"], 8);
+
+    // The method's flags are refused for a method that does not use them.
+    let elsewhere = dir.path().join("x");
+    let mut args = vec!["train"];
+    args.extend(common);
+    args.extend(["--method", "at", "--beta", "6", "--out", s(&elsewhere)]);
+    let refused = rampart(&args)?;
+    assert!(
+        !refused.status.success() && text(&refused).contains("--beta does not apply"),
+        "{}",
+        text(&refused)
+    );
+
+    let eval_dir = dir.path().join("eval");
+    let eval = rampart(&[
+        "eval",
+        "--model",
+        s(&ccat.join("model.safetensors")),
+        "--data-dir",
+        data,
+        "--suite",
+        "pgd20",
+        "--attack-steps",
+        "2",
+        "--attack-limit",
+        "5",
+        "--batch-size",
+        "4",
+        "--out",
+        s(&eval_dir),
+    ])?;
+    assert!(eval.status.success(), "{}", text(&eval));
+    assert!(
+        String::from_utf8_lossy(&eval.stdout).contains("on 5 attacked test examples"),
+        "{}",
+        text(&eval)
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("results.json"))?)?;
+    assert_eq!(results["suite"], "pgd20");
+    assert_eq!(results["method"], "ccat");
+    assert_eq!(results["test_examples"], 8);
+    assert_eq!(results["robust_examples"], 5);
+    assert_eq!(results["eps"], 8.0 / 255.0);
+    let robust = results["robust_accuracy"].as_f64().unwrap_or(-1.0);
+    let robust_err = results["robust_error"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&robust) && (robust + robust_err - 1.0).abs() < 1e-12);
+    assert!(results["attack"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("pgd-2 linf ce"));
+
+    // Attack flags belong to attack suites.
+    let clean = rampart(&[
+        "eval",
+        "--model",
+        s(&normal_model),
+        "--data-dir",
+        data,
+        "--attack-limit",
+        "5",
+        "--out",
+        s(&eval_dir),
+    ])?;
+    assert!(
+        !clean.status.success() && text(&clean).contains("--attack-limit applies to attack suites"),
+        "{}",
+        text(&clean)
+    );
+    Ok(())
+}

@@ -2,7 +2,8 @@
 //!
 //! A checkpoint is one safetensors file: the model's variables as `model/NAME`
 //! (BatchNorm statistics included), the optimiser's momentum buffers as
-//! `momentum/NAME`, and the JSON [`CheckpointMeta`] under the metadata key
+//! `momentum/NAME`, the weight average (if the run keeps one) as `ema/NAME`, and the
+//! JSON [`CheckpointMeta`] under the metadata key
 //! `rampart.checkpoint`. The randomness needs no state: the batch order, the
 //! augmentation and the method's RNG of epoch e derive from (seed, e) alone.
 
@@ -15,6 +16,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::ema::Ema;
 use crate::error::{DefenseError, Result};
 use crate::io::write_atomic;
 use crate::sgd::Sgd;
@@ -24,6 +26,7 @@ use crate::trainer::EpochRecord;
 pub const CHECKPOINT_KEY: &str = "rampart.checkpoint";
 const MODEL_PREFIX: &str = "model/";
 const MOMENTUM_PREFIX: &str = "momentum/";
+const EMA_PREFIX: &str = "ema/";
 
 /// What a checkpoint records besides tensors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -54,8 +57,17 @@ pub(crate) fn save(
     meta: &CheckpointMeta,
     model: &Classifier,
     sgd: &Sgd,
+    ema: Option<&Ema>,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    if let Some(ema) = ema {
+        for (name, var) in ema.model().named_vars() {
+            tensors.push((
+                format!("{EMA_PREFIX}{name}"),
+                var.as_tensor().to_device(&Device::Cpu)?,
+            ));
+        }
+    }
     for (name, var) in model.named_vars() {
         tensors.push((
             format!("{MODEL_PREFIX}{name}"),
@@ -145,6 +157,7 @@ pub(crate) fn restore(
     expected: &CheckpointMeta,
     model: &Classifier,
     sgd: &mut Sgd,
+    ema: Option<&Ema>,
 ) -> Result<CheckpointMeta> {
     let bytes = std::fs::read(path).map_err(|e| DefenseError::io(path, e))?;
     let meta = parse_meta(path, &bytes)?;
@@ -188,21 +201,15 @@ pub(crate) fn restore(
         ));
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-    for (name, var) in model.named_vars() {
-        let t = tensors
-            .get(&format!("{MODEL_PREFIX}{name}"))
-            .ok_or_else(|| checkpoint_error(path, format!("model variable `{name}` is missing")))?;
-        if t.dims() != var.dims() {
-            return Err(checkpoint_error(
-                path,
-                format!(
-                    "model variable `{name}` has shape {:?}, the model {:?}",
-                    t.dims(),
-                    var.dims()
-                ),
-            ));
-        }
-        var.set(&t.to_device(model.device())?)?;
+    load_vars(path, &tensors, MODEL_PREFIX, "model variable", model)?;
+    if let Some(ema) = ema {
+        load_vars(
+            path,
+            &tensors,
+            EMA_PREFIX,
+            "averaged (EMA) variable",
+            ema.model(),
+        )?;
     }
     let momentum: HashMap<String, Tensor> = tensors
         .iter()
@@ -214,6 +221,33 @@ pub(crate) fn restore(
     sgd.load_state(&momentum)
         .map_err(|e| checkpoint_error(path, format!("optimiser state: {e}")))?;
     Ok(meta)
+}
+
+/// Sets every variable of `model` from the tensor `PREFIX NAME` of a checkpoint.
+fn load_vars(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    what: &str,
+    model: &Classifier,
+) -> Result<()> {
+    for (name, var) in model.named_vars() {
+        let t = tensors
+            .get(&format!("{prefix}{name}"))
+            .ok_or_else(|| checkpoint_error(path, format!("{what} `{name}` is missing")))?;
+        if t.dims() != var.dims() {
+            return Err(checkpoint_error(
+                path,
+                format!(
+                    "{what} `{name}` has shape {:?}, the model {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.to_device(model.device())?)?;
+    }
+    Ok(())
 }
 
 /// Compact JSON of a value, for error messages.

@@ -65,6 +65,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Batch size of the per-epoch evaluation, ≥ 1.
     pub eval_batch_size: usize,
+    /// Exponential moving average of the weights with this decay in [0, 1), updated
+    /// after every optimiser step; when set, the per-epoch evaluation and the final
+    /// model use the averaged weights. `None`: no averaging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
 }
 
 impl TrainConfig {
@@ -82,6 +87,9 @@ impl TrainConfig {
             return Err(DefenseError::Config(
                 "a Cutout hole needs a side of at least 1 pixel".into(),
             ));
+        }
+        if let Some(decay) = self.ema {
+            crate::ema::Ema::check_decay(decay)?;
         }
         self.sgd.validate()?;
         self.lr_schedule().map(|_| ())

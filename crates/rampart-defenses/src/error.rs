@@ -54,6 +54,14 @@ pub enum DefenseError {
     #[error(transparent)]
     Data(Box<rampart_data::DataError>),
 
+    /// A training attack refused its configuration or inputs.
+    #[error("training attack: {0}")]
+    Attack(#[from] rampart_attacks::Error),
+
+    /// A metric (e.g. a confidence threshold) is undefined on the data given.
+    #[error(transparent)]
+    Metrics(#[from] rampart_metrics::MetricsError),
+
     /// A tensor computation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

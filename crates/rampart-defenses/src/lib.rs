@@ -1,12 +1,16 @@
 //! Training methods for Rampart and the one training loop they share.
 //!
 //! This crate owns how a classifier is trained: a [`TrainingMethod`] turns a batch into
-//! a loss ([`Normal`] cross-entropy now; adversarial methods run their attack with the
-//! model in eval mode and compute the loss in train mode), [`Sgd`] applies the
-//! gradients with (Nesterov) momentum and weight decay, an [`LrSchedule`] gives the
-//! learning rate of every iteration, and the [`Trainer`] runs epochs with progress
-//! bars, evaluates clean accuracy after each ([`predict`]), checkpoints atomically and
-//! resumes exactly. `docs/training.md` describes the semantics in full.
+//! a loss ([`Normal`] cross-entropy, Madry's [`AdversarialTraining`], [`FastAt`],
+//! [`Trades`] and [`Ccat`]; adversarial methods run their attack — from
+//! `rampart-attacks`, or TRADES' own KL ascent — with the model in eval mode and
+//! compute the loss in train mode), [`Sgd`] applies the gradients with (Nesterov)
+//! momentum and weight decay, an [`LrSchedule`] gives the learning rate of every
+//! iteration, an optional [`Ema`] averages the weights, and the [`Trainer`] runs epochs
+//! with progress bars, evaluates clean accuracy after each ([`predict`]), checkpoints
+//! atomically and resumes exactly. A [`ConfidenceThreshold`] picked on held-out data
+//! lets any classifier abstain at test time. `docs/training.md` describes the
+//! semantics in full.
 //!
 //! **Invariants.** BatchNorm running statistics are never touched by the optimiser.
 //! Every random choice of epoch e (batch order, augmentation, the method's RNG) derives
@@ -19,22 +23,30 @@
 
 mod checkpoint;
 mod config;
+mod ema;
 mod error;
 mod io;
 mod method;
 mod predict;
 mod schedule;
 mod sgd;
+mod threshold;
 mod trainer;
 
 pub use checkpoint::{read_meta as read_checkpoint_meta, CheckpointMeta, CHECKPOINT_KEY};
 pub use config::{AugmentationConfig, TrainConfig};
+pub use ema::Ema;
 pub use error::{DefenseError, Result};
 pub use io::write_atomic;
-pub use method::{cross_entropy, BatchLoss, Normal, TrainingMethod};
+pub use method::{
+    adversarial_count, attack_seed, ccat_lambda, ccat_soft_targets, cross_entropy, kl_divergence,
+    soft_cross_entropy, AdversarialTraining, BatchLoss, Ccat, FastAt, Normal, Trades,
+    TrainingMethod,
+};
 pub use predict::{predict, Predictions};
 pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};
 pub use sgd::{DecayScope, Sgd, SgdConfig};
+pub use threshold::{ConfidenceThreshold, Decision, CONFIDENCE_THRESHOLD_KEY};
 pub use trainer::{
     method_rng, read_history, EpochRecord, Progress, TrainOutcome, Trainer, CHECKPOINT_FILE,
     HISTORY_FILE, MODEL_FILE,

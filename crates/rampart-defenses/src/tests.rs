@@ -61,17 +61,18 @@ fn toy_config(epochs: usize) -> TrainConfig {
         },
         seed: 7,
         eval_batch_size: 32,
+        ema: None,
     }
 }
 
-/// Normal training that fails on its `fail_at`-th call, like a killed process.
-struct Crashing {
-    inner: Normal,
+/// A method that fails on its `fail_at`-th call, like a killed process.
+struct Crashing<M> {
+    inner: M,
     calls: Cell<usize>,
     fail_at: usize,
 }
 
-impl TrainingMethod for Crashing {
+impl<M: TrainingMethod> TrainingMethod for Crashing<M> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -323,5 +324,214 @@ fn predictions_are_deterministic_and_consistent() -> TestResult {
         assert_eq!(a.confidence[i], max);
     }
     assert!(predict(&model, &data, 0).is_err());
+    Ok(())
+}
+
+/// A method with a short attack, for the tests of adversarial methods.
+fn short_ccat() -> Ccat {
+    Ccat {
+        attack: rampart_attacks::Pgd {
+            steps: 3,
+            ..rampart_attacks::Pgd::ccat_train()
+        },
+        ..Ccat::stutz_cifar10()
+    }
+}
+
+#[test]
+fn every_method_lowers_its_loss_on_a_toy_problem() -> TestResult {
+    let train = Arc::new(toy_dataset(64, 1));
+    let test = toy_dataset(16, 2);
+    let pgd3 = rampart_attacks::Pgd {
+        steps: 3,
+        ..rampart_attacks::Pgd::madry_linf_cifar10()
+    };
+    let methods: Vec<Box<dyn TrainingMethod>> = vec![
+        Box::new(AdversarialTraining::new(pgd3, 8.0 / 255.0, 0.5)?),
+        Box::new(FastAt::wong_cifar10()),
+        Box::new(Trades {
+            steps: 3,
+            ..Trades::zhang_cifar10()
+        }),
+        Box::new(short_ccat()),
+    ];
+    for method in &methods {
+        let dir = tempfile::tempdir()?;
+        let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+        let outcome = Trainer::new(toy_config(4), dir.path())?
+            .progress(Progress::Hidden)
+            .run(&mut model, method.as_ref(), Arc::clone(&train), &test)?;
+        let h = &outcome.history;
+        assert!(
+            h[3].train_loss < h[0].train_loss,
+            "{}: losses {:?}",
+            method.name(),
+            h.iter().map(|r| r.train_loss).collect::<Vec<_>>()
+        );
+        let saved = Classifier::load(&outcome.model_path, &Device::Cpu)?;
+        assert_eq!(
+            saved.metadata().get("method").map(String::as_str),
+            Some(method.name())
+        );
+    }
+    Ok(())
+}
+
+/// Two classes told apart by a faint overall brightness difference (±0.06 around 0.5,
+/// which an L∞ perturbation of 0.1 erases) and by a 3×3 patch that is dark or bright
+/// (0.1 or 0.9, which it cannot). Per-pixel noise U(−0.2, 0.2).
+fn toy_robust_dataset(n: usize, seed: u64) -> ImageDataset {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut images = Vec::with_capacity(n * 192);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let label = (i % 2) as u32;
+        let sign = if label == 0 { -1.0 } else { 1.0 };
+        for c in 0..3 {
+            for r in 0..8 {
+                for col in 0..8 {
+                    let v: f64 = if c == 0 && r < 3 && col < 3 {
+                        0.5 + sign * 0.4 + rng.gen_range(-0.05..0.05)
+                    } else {
+                        0.5 + sign * 0.06 + rng.gen_range(-0.2..0.2)
+                    };
+                    images.push((v.clamp(0.0, 1.0) * 255.0).round() as u8);
+                }
+            }
+        }
+        labels.push(label);
+    }
+    ImageDataset::new(images, labels, (3, 8, 8), vec!["a".into(), "b".into()])
+        .unwrap_or_else(|e| panic!("toy dataset: {e}"))
+}
+
+/// Accuracy under PGD-10 (L∞, step ε/4, uniform start): an example counts as robust if
+/// it is classified correctly clean and adversarially.
+fn robust_accuracy(model: &Classifier, data: &ImageDataset, eps: f64) -> Result<f64> {
+    use rampart_attacks::{Attack, Bounds, Pgd, StepSize};
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let (x, y) = data.batch_tensors(&indices, &Device::Cpu)?;
+    let pgd = Pgd {
+        steps: 10,
+        step_size: StepSize::Relative(0.25),
+        ..Pgd::madry_linf_cifar10()
+    };
+    let clean = predict(model, data, 64)?;
+    let res =
+        rampart_models::input_gradients_only(|| pgd.run(model, Bounds::UNIT, &x, &y, &[eps], 1))?;
+    let robust = clean
+        .labels
+        .iter()
+        .zip(&clean.predicted)
+        .zip(&res[0].success)
+        .filter(|((l, p), s)| l == p && !**s)
+        .count();
+    Ok(robust as f64 / data.len() as f64)
+}
+
+#[test]
+fn adversarial_training_is_more_robust_than_normal_training() -> TestResult {
+    let train = Arc::new(toy_robust_dataset(128, 1));
+    let test = toy_robust_dataset(64, 2);
+    let eps = 0.1;
+    let config = TrainConfig {
+        lr: 0.05,
+        augmentation: AugmentationConfig {
+            crop_padding: 0,
+            flip: false,
+            cutout: None,
+        },
+        ..toy_config(6)
+    };
+    let at = AdversarialTraining::new(
+        rampart_attacks::Pgd {
+            steps: 5,
+            step_size: rampart_attacks::StepSize::Relative(0.4),
+            ..rampart_attacks::Pgd::madry_linf_cifar10()
+        },
+        eps,
+        1.0,
+    )?;
+    let mut accuracies = Vec::new();
+    for method in [&Normal::new() as &dyn TrainingMethod, &at] {
+        let dir = tempfile::tempdir()?;
+        let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+        let outcome = Trainer::new(config.clone(), dir.path())?
+            .progress(Progress::Hidden)
+            .run(&mut model, method, Arc::clone(&train), &test)?;
+        let clean = outcome.history.last().and_then(|r| r.test_accuracy);
+        accuracies.push((clean, robust_accuracy(&model, &test, eps)?));
+    }
+    let [(normal_clean, normal), (at_clean, at)] = accuracies[..] else {
+        return Err("two runs expected".into());
+    };
+    assert!(
+        at >= normal + 0.3 && at >= 0.6,
+        "robust accuracy: AT {at} (clean {at_clean:?}), normal {normal} (clean {normal_clean:?})"
+    );
+    Ok(())
+}
+
+/// With an attack-based method and an EMA, a run interrupted in its second epoch and
+/// resumed ends with the weights (the averaged ones) of the uninterrupted run.
+#[test]
+fn resume_is_exact_with_an_attack_and_an_average() -> TestResult {
+    let train = Arc::new(toy_dataset(48, 1));
+    let test = toy_dataset(8, 2);
+    let config = TrainConfig {
+        ema: Some(0.8),
+        ..toy_config(2)
+    };
+    let batches_per_epoch = 48 / config.batch_size;
+
+    let straight = tempfile::tempdir()?;
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    Trainer::new(config.clone(), straight.path())?
+        .progress(Progress::Hidden)
+        .run(&mut model, &short_ccat(), Arc::clone(&train), &test)?;
+
+    let resumed = tempfile::tempdir()?;
+    let crashing = Crashing {
+        inner: short_ccat(),
+        calls: Cell::new(0),
+        fail_at: batches_per_epoch + 2,
+    };
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    let trainer = Trainer::new(config.clone(), resumed.path())?.progress(Progress::Hidden);
+    assert!(trainer
+        .run(&mut model, &crashing, Arc::clone(&train), &test)
+        .is_err());
+    let mut model = Classifier::new(toy_spec(), 99, &Device::Cpu)?;
+    let outcome =
+        trainer
+            .clone()
+            .resume(true)
+            .run(&mut model, &short_ccat(), Arc::clone(&train), &test)?;
+    assert_eq!(outcome.resumed_at, Some(1));
+
+    let a = weights(&straight.path().join(MODEL_FILE))?;
+    let b = weights(&resumed.path().join(MODEL_FILE))?;
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x, y, "variable {name} differs");
+    }
+    let ha = read_history(&straight.path().join(HISTORY_FILE))?;
+    let hb = read_history(&resumed.path().join(HISTORY_FILE))?;
+    for (ra, rb) in ha.iter().zip(&hb) {
+        assert_eq!(
+            (ra.train_loss, ra.train_accuracy, ra.test_accuracy),
+            (rb.train_loss, rb.train_accuracy, rb.test_accuracy)
+        );
+    }
+    let saved = Classifier::load(straight.path().join(MODEL_FILE), &Device::Cpu)?;
+    assert_eq!(
+        saved.metadata().get("ema_decay").map(String::as_str),
+        Some("0.8")
+    );
+    // The saved model is the average, not the last iterate: its evaluation reproduces
+    // the last epoch's (EMA) test accuracy.
+    assert_eq!(
+        Some(predict(&saved, &test, 8)?.accuracy()),
+        ha[1].test_accuracy
+    );
     Ok(())
 }

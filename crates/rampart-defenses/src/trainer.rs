@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::config::TrainConfig;
+use crate::ema::Ema;
 use crate::error::{DefenseError, Result};
 use crate::io::write_atomic;
 use crate::method::TrainingMethod;
@@ -148,7 +149,8 @@ impl Trainer {
     /// Trains `model` with `method` on `train`, evaluating on `eval` after each epoch,
     /// and saves the final model with metadata `method`, `method_settings`, `epochs`,
     /// `seed`, `train_examples`, `train_config` and the entries given to
-    /// [`Trainer::metadata`].
+    /// [`Trainer::metadata`]. With an EMA (`TrainConfig::ema`) the evaluation uses the
+    /// averaged weights, and `model` ends holding them (saved with `ema_decay`).
     pub fn run(
         &self,
         model: &mut Classifier,
@@ -177,6 +179,7 @@ impl Trainer {
         }
         let schedule = cfg.lr_schedule()?;
         let mut sgd = Sgd::new(model.trainable_vars(), cfg.sgd)?;
+        let ema = cfg.ema.map(|decay| Ema::new(model, decay)).transpose()?;
         let ckpt_path = self.out_dir.join(CHECKPOINT_FILE);
         let history_path = self.out_dir.join(HISTORY_FILE);
         let expected = checkpoint::meta(0, cfg, method, model.spec(), train.len(), &[]);
@@ -190,7 +193,7 @@ impl Trainer {
                     self.out_dir.display()
                 )));
             }
-            let meta = checkpoint::restore(&ckpt_path, &expected, model, &mut sgd)?;
+            let meta = checkpoint::restore(&ckpt_path, &expected, model, &mut sgd, ema.as_ref())?;
             tracing::info!(
                 checkpoint = %ckpt_path.display(),
                 epochs_done = meta.epochs_done,
@@ -235,6 +238,9 @@ impl Trainer {
                 }
                 let grads = out.loss.backward()?;
                 sgd.step(&grads, lr)?;
+                if let Some(ema) = &ema {
+                    ema.update(model)?;
+                }
                 loss_sum += f64::from(value);
                 correct += count_correct(&out.logits, &out.labels)?;
                 seen += out.labels.dim(0)?;
@@ -258,10 +264,11 @@ impl Trainer {
             }
             let epoch_seconds = started.elapsed().as_secs_f64();
             let eval_started = Instant::now();
+            let evaluated = ema.as_ref().map_or(&*model, Ema::model);
             let test_accuracy = if eval.is_empty() {
                 None
             } else {
-                Some(predict(model, eval, cfg.eval_batch_size)?.accuracy())
+                Some(predict(evaluated, eval, cfg.eval_batch_size)?.accuracy())
             };
             let eval_seconds = eval_started.elapsed().as_secs_f64();
             let previous = history
@@ -282,12 +289,16 @@ impl Trainer {
             history.push(record.clone());
             let meta =
                 checkpoint::meta(epoch + 1, cfg, method, model.spec(), train.len(), &history);
-            checkpoint::save(&ckpt_path, &meta, model, &sgd)?;
+            checkpoint::save(&ckpt_path, &meta, model, &sgd, ema.as_ref())?;
             write_history(&history_path, &history)?;
             bars.end_epoch(&record, cfg.epochs);
         }
         bars.finish();
 
+        if let Some(ema) = &ema {
+            model.copy_weights_from(ema.model())?;
+            model.set_metadata("ema_decay", ema.decay().to_string())?;
+        }
         model.set_metadata("method", method.name())?;
         model.set_metadata("method_settings", method.settings().to_string())?;
         model.set_metadata("epochs", cfg.epochs.to_string())?;

@@ -5,16 +5,30 @@
 //! first (adversarial training, CCAT) runs its attack with `forward_t(x, false)` and
 //! computes the loss with `forward_t(x', true)`. The training loop owns everything
 //! else: batching, the optimiser step, the schedule, evaluation and checkpoints.
+//!
+//! Adversarial methods take one attack seed per batch from the method's RNG
+//! ([`attack_seed`]), so the adversarial examples of epoch e depend only on
+//! (seed, e) and the weights, and a resumed run repeats them exactly.
 
+mod adversarial;
+mod ccat;
+mod fast_at;
 mod normal;
+mod trades;
 
+pub use adversarial::AdversarialTraining;
+pub use ccat::{ccat_lambda, ccat_soft_targets, Ccat};
+pub use fast_at::FastAt;
 pub use normal::{cross_entropy, Normal};
+pub use trades::{kl_divergence, Trades};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, D};
+use rampart_attacks::{Attack, AttackResult, Bounds};
 use rampart_models::Classifier;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::Result;
+use crate::error::{DefenseError, Result};
 
 /// What a method made of one batch.
 #[derive(Debug)]
@@ -50,4 +64,193 @@ pub trait TrainingMethod {
         labels: &Tensor,
         rng: &mut ChaCha8Rng,
     ) -> Result<BatchLoss>;
+}
+
+/// The seed of one batch's attack, drawn from the method's RNG.
+pub fn attack_seed(rng: &mut ChaCha8Rng) -> u64 {
+    rng.gen()
+}
+
+/// Number of examples of a batch of `batch` that are attacked when a fraction
+/// `fraction` ∈ (0, 1] of it is adversarial: round(fraction·B), at least 1.
+pub fn adversarial_count(batch: usize, fraction: f64) -> usize {
+    ((fraction * batch as f64).round() as usize).clamp(1, batch.max(1))
+}
+
+/// Runs `attack` at budget `eps` on the model (which the attack calls in eval mode),
+/// computing input gradients only (the weights' gradients are neither needed nor
+/// computed). images: (M, C, H, W) in the model's bounds; labels: (M,).
+pub(crate) fn run_attack(
+    attack: &dyn Attack,
+    model: &Classifier,
+    images: &Tensor,
+    labels: &Tensor,
+    eps: f64,
+    seed: u64,
+) -> Result<AttackResult> {
+    let (lo, hi) = model.bounds();
+    let bounds = Bounds::new(lo, hi)?;
+    let mut results = rampart_models::input_gradients_only(|| {
+        attack.run(model, bounds, images, labels, &[eps], seed)
+    })?;
+    results
+        .pop()
+        .ok_or_else(|| DefenseError::Config("the attack returned no result".into()))
+}
+
+/// The batch an adversarial method trains on: the first `adversarial.dim(0)` examples
+/// replaced by their adversarial versions, the rest clean. images: (B, C, H, W);
+/// adversarial: (M, C, H, W) with M ≤ B.
+pub(crate) fn mixed_batch(images: &Tensor, adversarial: &Tensor) -> Result<Tensor> {
+    let (b, m) = (images.dim(0)?, adversarial.dim(0)?);
+    if m >= b {
+        return Ok(adversarial.clone());
+    }
+    Ok(Tensor::cat(
+        &[adversarial, &images.narrow(0, m, b - m)?],
+        0,
+    )?)
+}
+
+/// Mean cross-entropy against soft targets: mean_i −Σ_k t_ik·log softmax(f_i)_k.
+/// logits: (B, K); targets: (B, K), rows summing to 1.
+pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let targets = targets.to_dtype(log_p.dtype())?;
+    Ok((log_p * targets)?.sum(D::Minus1)?.neg()?.mean_all()?)
+}
+
+/// One-hot rows (B, K) f32 of labels (B,) u32.
+pub(crate) fn one_hot(labels: &[u32], classes: usize) -> Vec<f32> {
+    let mut out = vec![0f32; labels.len() * classes];
+    for (i, &y) in labels.iter().enumerate() {
+        if (y as usize) < classes {
+            out[i * classes + y as usize] = 1.0;
+        }
+    }
+    out
+}
+
+/// Refuses an ε that is negative, NaN or infinite.
+pub(crate) fn check_eps(eps: f64) -> Result<()> {
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(DefenseError::Config(format!(
+            "ε must be finite and ≥ 0, got {eps}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an adversarial fraction outside (0, 1].
+pub(crate) fn check_fraction(fraction: f64) -> Result<()> {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(DefenseError::Config(format!(
+            "the adversarial fraction of a batch must lie in (0, 1], got {fraction}"
+        )));
+    }
+    Ok(())
+}
+
+/// Labels (B,) as a host vector of u32.
+pub(crate) fn labels_vec(labels: &Tensor) -> Result<Vec<u32>> {
+    Ok(labels.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+}
+
+/// Settings of a serialisable method as JSON.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! A tiny classifier and batch shared by the methods' tests.
+
+    use candle_core::{Device, Tensor};
+    use rampart_models::{Arch, Classifier, ModelSpec};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// WRN-10-1 on 3×8×8 inputs with `classes` outputs.
+    pub fn tiny_model(classes: usize, seed: u64) -> Classifier {
+        let spec = ModelSpec {
+            input_shape: [3, 8, 8],
+            ..ModelSpec::cifar(
+                Arch::Wrn {
+                    depth: 10,
+                    widen: 1,
+                },
+                classes,
+            )
+        };
+        Classifier::new(spec, seed, &Device::Cpu).unwrap_or_else(|e| panic!("tiny model: {e}"))
+    }
+
+    /// `b` random images in [0, 1] and labels below `classes`.
+    pub fn batch(b: usize, classes: u32, seed: u64) -> (Tensor, Tensor) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let pixels: Vec<f32> = (0..b * 192).map(|_| rng.gen::<f32>()).collect();
+        let labels: Vec<u32> = (0..b).map(|i| i as u32 % classes).collect();
+        let images = Tensor::from_vec(pixels, (b, 3, 8, 8), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("images: {e}"));
+        let labels =
+            Tensor::from_vec(labels, b, &Device::Cpu).unwrap_or_else(|e| panic!("labels: {e}"));
+        (images, labels)
+    }
+
+    /// Rows of a (B, K) tensor as f64.
+    pub fn rows(t: &Tensor) -> Vec<Vec<f64>> {
+        t.to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.to_vec2::<f64>())
+            .unwrap_or_else(|e| panic!("rows: {e}"))
+    }
+
+    /// −log softmax(row)[k] in f64.
+    pub fn neg_log_softmax(row: &[f64], k: usize) -> f64 {
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        lse - row[k]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn adversarial_count_rounds_and_keeps_one() {
+        assert_eq!(adversarial_count(128, 1.0), 128);
+        assert_eq!(adversarial_count(128, 0.5), 64);
+        assert_eq!(adversarial_count(100, 0.5), 50);
+        assert_eq!(adversarial_count(8, 0.25), 2);
+        assert_eq!(adversarial_count(3, 0.01), 1);
+    }
+
+    #[test]
+    fn soft_cross_entropy_matches_hand_computation(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        // Logits (0, ln 3, 0, 0): p = (1/6, 1/2, 1/6, 1/6).
+        let l3 = 3f32.ln();
+        let logits = Tensor::new(&[[0.0f32, l3, 0.0, 0.0]], &Device::Cpu)?;
+        let targets = Tensor::new(&[[0.125f32, 0.625, 0.125, 0.125]], &Device::Cpu)?;
+        let got = soft_cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
+        let want = -(0.375 * (1.0f64 / 6.0).ln() + 0.625 * 0.5f64.ln());
+        assert!((f64::from(got) - want).abs() < 1e-6, "{got} vs {want}");
+        // One-hot targets give the ordinary cross-entropy.
+        let hot = Tensor::from_vec(one_hot(&[1], 4), (1, 4), &Device::Cpu)?;
+        let got = soft_cross_entropy(&logits, &hot)?.to_scalar::<f32>()?;
+        assert!((f64::from(got) - 2f64.ln()).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn fractions_and_eps_are_checked() {
+        assert!(check_fraction(0.0).is_err());
+        assert!(check_fraction(1.5).is_err());
+        assert!(check_fraction(f64::NAN).is_err());
+        assert!(check_fraction(0.5).is_ok());
+        assert!(check_eps(-0.1).is_err());
+        assert!(check_eps(f64::INFINITY).is_err());
+        assert!(check_eps(0.0).is_ok());
+    }
 }

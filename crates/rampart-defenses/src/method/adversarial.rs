@@ -1,0 +1,207 @@
+//! Adversarial training (Madry et al., ICLR 2018): cross-entropy on PGD examples made
+//! on the fly, optionally on only a fraction of each batch.
+
+use candle_core::{ModuleT, Tensor};
+use rampart_attacks::{Init, Pgd, Restarts, StepSize};
+use rampart_models::Classifier;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    adversarial_count, attack_seed, check_eps, check_fraction, cross_entropy, mixed_batch,
+    run_attack, to_json, BatchLoss, TrainingMethod,
+};
+use crate::error::Result;
+
+/// Adversarial training: the first m = round(fraction·B) examples of each (shuffled)
+/// batch are replaced by adversarial examples of `attack` at budget `eps`, made with
+/// the model in eval mode; the loss is the mean cross-entropy over the whole mixed
+/// batch in train mode, i.e. (m/B)·CE(adversarial) + (1 − m/B)·CE(clean).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdversarialTraining {
+    /// The training attack (its seed is drawn per batch from the method's RNG).
+    pub attack: Pgd,
+    /// The budget ε of the attack.
+    pub eps: f64,
+    /// Fraction of each batch made adversarial, in (0, 1] (1 = Madry's 100 %, 0.5 =
+    /// half clean, half adversarial).
+    pub fraction: f64,
+}
+
+impl AdversarialTraining {
+    /// Checks the settings.
+    pub fn new(attack: Pgd, eps: f64, fraction: f64) -> Result<Self> {
+        attack.validate()?;
+        check_eps(eps)?;
+        check_fraction(fraction)?;
+        Ok(Self {
+            attack,
+            eps,
+            fraction,
+        })
+    }
+
+    /// Madry et al. (ICLR 2018) on CIFAR-10: L∞ ε = 8/255, PGD-7 with step 2/255 from a
+    /// uniform random start, the whole batch adversarial.
+    pub fn madry_cifar10() -> Self {
+        Self {
+            attack: Pgd::madry_linf_cifar10(),
+            eps: 8.0 / 255.0,
+            fraction: 1.0,
+        }
+    }
+
+    /// The setting of the AT baseline in REFERENCE §3 (WRN-28-10 in the CCAT paper's
+    /// comparison): L∞ ε = 0.03, PGD-10 with step 0.007 from a uniform random start,
+    /// the whole batch adversarial.
+    pub fn pgd10_cifar10() -> Self {
+        Self {
+            attack: Pgd {
+                steps: 10,
+                step_size: StepSize::Absolute(0.007),
+                restarts: Restarts::same(1, Init::Uniform),
+                ..Pgd::madry_linf_cifar10()
+            },
+            eps: 0.03,
+            fraction: 1.0,
+        }
+    }
+}
+
+impl TrainingMethod for AdversarialTraining {
+    fn name(&self) -> &'static str {
+        "at"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        to_json(self)
+    }
+
+    fn loss(
+        &self,
+        model: &Classifier,
+        images: &Tensor,
+        labels: &Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<BatchLoss> {
+        adversarial_cross_entropy(
+            &self.attack,
+            self.eps,
+            self.fraction,
+            model,
+            images,
+            labels,
+            rng,
+        )
+    }
+}
+
+/// The loss shared by adversarial training and fast AT: cross-entropy in train mode on
+/// the batch whose first round(fraction·B) examples are replaced by `attack`'s.
+pub(crate) fn adversarial_cross_entropy(
+    attack: &dyn rampart_attacks::Attack,
+    eps: f64,
+    fraction: f64,
+    model: &Classifier,
+    images: &Tensor,
+    labels: &Tensor,
+    rng: &mut ChaCha8Rng,
+) -> Result<BatchLoss> {
+    let m = adversarial_count(images.dim(0)?, fraction);
+    let seed = attack_seed(rng);
+    let adv = run_attack(
+        attack,
+        model,
+        &images.narrow(0, 0, m)?,
+        &labels.narrow(0, 0, m)?,
+        eps,
+        seed,
+    )?;
+    let inputs = mixed_batch(images, &adv.clipped)?;
+    let logits = model.forward_t(&inputs, true)?;
+    let loss = cross_entropy(&logits, labels, 0.0)?;
+    Ok(BatchLoss {
+        loss,
+        logits,
+        labels: labels.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use rand::SeedableRng;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    /// The loss is (m/B)·CE(adversarial) + (1 − m/B)·CE(clean) with m = round(f·B): the
+    /// first m inputs are the attack's (same seed), the others untouched.
+    #[test]
+    fn loss_mixes_the_adversarial_fraction() -> TestResult {
+        let model = tiny_model(3, 1);
+        let (x, y) = batch(8, 3, 2);
+        for (fraction, m) in [(0.25, 2usize), (0.5, 4), (1.0, 8)] {
+            let method = AdversarialTraining::new(Pgd::madry_linf_cifar10(), 0.03, fraction)?;
+            // The expected adversarial examples first: the method's train-mode forward
+            // updates the BatchNorm statistics that the eval-mode attack uses.
+            let rng = ChaCha8Rng::seed_from_u64(5);
+            let seed = attack_seed(&mut rng.clone());
+            let adv = run_attack(
+                &method.attack,
+                &model,
+                &x.narrow(0, 0, m)?,
+                &y.narrow(0, 0, m)?,
+                0.03,
+                seed,
+            )?;
+            assert!(adv.norm.iter().all(|&n| f64::from(n) <= 0.03 + 1e-6));
+            let out = method.loss(&model, &x, &y, &mut rng.clone())?;
+            let inputs = mixed_batch(&x, &adv.clipped)?;
+            // The clean part is untouched, the adversarial part moved.
+            let diff = (&inputs - &x)?
+                .abs()?
+                .flatten_from(1)?
+                .max(1)?
+                .to_vec1::<f32>()?;
+            for (i, d) in diff.iter().enumerate() {
+                assert_eq!(*d > 0.0, i < m, "example {i}: max |δ| {d}");
+            }
+            let logits = rows(&model.forward_t(&inputs, true)?);
+            let labels = y.to_vec1::<u32>()?;
+            let ce = |range: std::ops::Range<usize>| -> f64 {
+                let n = range.len().max(1) as f64;
+                range
+                    .map(|i| neg_log_softmax(&logits[i], labels[i] as usize))
+                    .sum::<f64>()
+                    / n
+            };
+            let f = m as f64 / 8.0;
+            let want = f * ce(0..m) + (1.0 - f) * ce(m..8);
+            let got = f64::from(out.loss.to_scalar::<f32>()?);
+            assert!(
+                (got - want).abs() < 1e-5,
+                "fraction {fraction}: {got} vs {want}"
+            );
+            assert_eq!(out.logits.dims(), &[8, 3]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let pgd = Pgd::madry_linf_cifar10();
+        assert!(AdversarialTraining::new(pgd, -1.0, 1.0).is_err());
+        assert!(AdversarialTraining::new(pgd, 0.03, 0.0).is_err());
+        assert!(AdversarialTraining::new(Pgd { steps: 0, ..pgd }, 0.03, 1.0).is_err());
+        assert!(AdversarialTraining::new(pgd, 0.03, 0.5).is_ok());
+    }
+
+    #[test]
+    fn settings_round_trip() -> TestResult {
+        let at = AdversarialTraining::pgd10_cifar10();
+        let back: AdversarialTraining = serde_json::from_value(at.settings())?;
+        assert_eq!(back, at);
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! Confidence-calibrated adversarial training (Stutz, Hein & Schiele, ICML 2020).
+
+use candle_core::{ModuleT, Tensor};
+use rampart_attacks::Pgd;
+use rampart_models::Classifier;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    adversarial_count, attack_seed, check_eps, check_fraction, labels_vec, mixed_batch, one_hot,
+    run_attack, soft_cross_entropy, to_json, BatchLoss, TrainingMethod,
+};
+use crate::error::{DefenseError, Result};
+
+/// CCAT: the first m = round(fraction·B) examples of each batch are replaced by
+/// adversarial examples of the conf attack (maximising max_{k≠y} p_k, with momentum
+/// and backtracking), the rest stay clean. Adversarial examples are trained towards
+/// the soft target p̃ = (1 − λ)·onehot(y) + λ·uniform with
+/// λ(δ) = 1 − (1 − min(1, ‖δ‖∞/ε))^ρ ([`ccat_lambda`]), so the model learns to lower
+/// its confidence with the size of the perturbation. With fraction ½ the loss is
+/// ½·CE(clean, onehot) + ½·CE(adversarial, p̃), computed on one train-mode forward
+/// pass of the mixed batch; in general the weights are (1 − m/B) and m/B.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ccat {
+    /// The training attack (L∞; its seed is drawn per batch from the method's RNG).
+    pub attack: Pgd,
+    /// The budget ε of the attack and of λ.
+    pub eps: f64,
+    /// Power ρ > 0 of the transition.
+    pub rho: f64,
+    /// Fraction of each batch made adversarial, in (0, 1] (the paper: ½).
+    pub fraction: f64,
+}
+
+impl Ccat {
+    /// Checks the settings; the attack must be L∞ (λ measures ‖δ‖∞) and ε > 0.
+    pub fn new(attack: Pgd, eps: f64, rho: f64, fraction: f64) -> Result<Self> {
+        attack.validate()?;
+        check_eps(eps)?;
+        if eps == 0.0 {
+            return Err(DefenseError::Config(
+                "CCAT needs ε > 0 (λ divides by it)".into(),
+            ));
+        }
+        if attack.norm != rampart_attacks::Norm::Linf {
+            return Err(DefenseError::Config(format!(
+                "CCAT's λ measures ‖δ‖∞: its attack must be L∞, got {}",
+                attack.norm
+            )));
+        }
+        if !(rho.is_finite() && rho > 0.0) {
+            return Err(DefenseError::Config(format!(
+                "CCAT's ρ must be finite and > 0, got {rho}"
+            )));
+        }
+        check_fraction(fraction)?;
+        Ok(Self {
+            attack,
+            eps,
+            rho,
+            fraction,
+        })
+    }
+
+    /// The paper's CIFAR-10 setting: the conf attack of [`Pgd::ccat_train`] (40 steps of
+    /// 0.005, momentum 0.9, backtracking 1.5, one uniform-norm start) at ε = 0.03,
+    /// ρ = 10, half of each batch adversarial.
+    pub fn stutz_cifar10() -> Self {
+        Self {
+            attack: Pgd::ccat_train(),
+            eps: 0.03,
+            rho: 10.0,
+            fraction: 0.5,
+        }
+    }
+}
+
+/// λ(δ) = 1 − (1 − min(1, ‖δ‖∞/ε))^ρ: 0 for δ = 0, 1 from ‖δ‖∞ = ε on.
+pub fn ccat_lambda(norm: f64, eps: f64, rho: f64) -> f64 {
+    let r = (norm / eps).clamp(0.0, 1.0);
+    1.0 - (1.0 - r).powf(rho)
+}
+
+/// Soft targets (1 − λ_i)·onehot(y_i) + λ_i/K, row-major (B·K), for labels y (B,),
+/// perturbation norms ‖δ_i‖∞ (B,), ε and ρ.
+pub fn ccat_soft_targets(
+    labels: &[u32],
+    norms: &[f32],
+    eps: f64,
+    rho: f64,
+    classes: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(labels.len() * classes);
+    for (&y, &n) in labels.iter().zip(norms) {
+        let lambda = ccat_lambda(f64::from(n), eps, rho);
+        let uniform = lambda / classes as f64;
+        out.extend((0..classes).map(|k| {
+            let hot = if k == y as usize { 1.0 - lambda } else { 0.0 };
+            (hot + uniform) as f32
+        }));
+    }
+    out
+}
+
+impl TrainingMethod for Ccat {
+    fn name(&self) -> &'static str {
+        "ccat"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        to_json(self)
+    }
+
+    fn loss(
+        &self,
+        model: &Classifier,
+        images: &Tensor,
+        labels: &Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<BatchLoss> {
+        let b = images.dim(0)?;
+        let k = model.spec().num_classes;
+        let m = adversarial_count(b, self.fraction);
+        let seed = attack_seed(rng);
+        let adv = run_attack(
+            &self.attack,
+            model,
+            &images.narrow(0, 0, m)?,
+            &labels.narrow(0, 0, m)?,
+            self.eps,
+            seed,
+        )?;
+        let ys = labels_vec(labels)?;
+        let mut targets = ccat_soft_targets(&ys[..m], &adv.norm, self.eps, self.rho, k);
+        targets.extend(one_hot(&ys[m..], k));
+        let targets = Tensor::from_vec(targets, (b, k), images.device())?;
+        let inputs = mixed_batch(images, &adv.clipped)?;
+        let logits = model.forward_t(&inputs, true)?;
+        let loss = soft_cross_entropy(&logits, &targets)?;
+        Ok(BatchLoss {
+            loss,
+            logits,
+            labels: labels.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use rand::SeedableRng;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    #[test]
+    fn lambda_and_soft_targets_match_hand_computation() {
+        // ‖δ‖∞ = ε/2, ρ = 10: λ = 1 − ½¹⁰ = 1023/1024.
+        assert!((ccat_lambda(0.015, 0.03, 10.0) - 1023.0 / 1024.0).abs() < 1e-12);
+        assert_eq!(ccat_lambda(0.0, 0.03, 10.0), 0.0);
+        assert_eq!(ccat_lambda(0.03, 0.03, 10.0), 1.0);
+        assert_eq!(ccat_lambda(0.5, 0.03, 10.0), 1.0);
+        // ρ = 1 is linear: ‖δ‖∞ = 0.3ε → λ = 0.3.
+        assert!((ccat_lambda(0.009, 0.03, 1.0) - 0.3).abs() < 1e-12);
+
+        // K = 4, y = 1, λ = ½ (ρ = 1, ‖δ‖∞ = ε/2): (⅛, ⅝, ⅛, ⅛); δ = 0 gives one-hot.
+        let t = ccat_soft_targets(&[1, 2], &[0.015, 0.0], 0.03, 1.0, 4);
+        let want = [0.125, 0.625, 0.125, 0.125, 0.0, 0.0, 1.0, 0.0];
+        for (a, b) in t.iter().zip(want) {
+            assert!((f64::from(*a) - b).abs() < 1e-7, "{t:?}");
+        }
+    }
+
+    /// loss = (1 − m/B)·CE(clean) + (m/B)·CE(adversarial, p̃), p̃ from the returned
+    /// points' ‖δ‖∞, on the mixed batch of the seed drawn from the method's RNG.
+    #[test]
+    fn loss_is_half_clean_half_soft_adversarial() -> TestResult {
+        let model = tiny_model(4, 8);
+        let (x, y) = batch(8, 4, 9);
+        let method = Ccat {
+            attack: Pgd {
+                steps: 5,
+                ..Pgd::ccat_train()
+            },
+            ..Ccat::stutz_cifar10()
+        };
+        // The expected adversarial examples first: the method's train-mode forward
+        // updates the BatchNorm statistics that the eval-mode attack uses.
+        let rng = ChaCha8Rng::seed_from_u64(13);
+        let seed = attack_seed(&mut rng.clone());
+        let adv = run_attack(
+            &method.attack,
+            &model,
+            &x.narrow(0, 0, 4)?,
+            &y.narrow(0, 0, 4)?,
+            0.03,
+            seed,
+        )?;
+        let out = method.loss(&model, &x, &y, &mut rng.clone())?;
+        let logits = rows(&model.forward_t(&mixed_batch(&x, &adv.clipped)?, true)?);
+        let labels = y.to_vec1::<u32>()?;
+        let clean: f64 = (4..8)
+            .map(|i| neg_log_softmax(&logits[i], labels[i] as usize))
+            .sum::<f64>()
+            / 4.0;
+        let mut adversarial = 0.0;
+        for i in 0..4 {
+            let lambda = 1.0 - (1.0 - (f64::from(adv.norm[i]) / 0.03).min(1.0)).powi(10);
+            for k in 0..4 {
+                let target = if k == labels[i] as usize {
+                    1.0 - lambda
+                } else {
+                    0.0
+                } + lambda / 4.0;
+                adversarial += target * neg_log_softmax(&logits[i], k) / 4.0;
+            }
+        }
+        let want = 0.5 * clean + 0.5 * adversarial;
+        let got = f64::from(out.loss.to_scalar::<f32>()?);
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        assert!(adv.norm.iter().any(|&n| n > 0.0));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let pgd = Pgd::ccat_train();
+        assert!(Ccat::new(pgd, 0.0, 10.0, 0.5).is_err());
+        assert!(Ccat::new(pgd, 0.03, 0.0, 0.5).is_err());
+        assert!(Ccat::new(pgd, 0.03, 10.0, 0.0).is_err());
+        assert!(Ccat::new(
+            Pgd {
+                norm: rampart_attacks::Norm::L2,
+                ..pgd
+            },
+            0.03,
+            10.0,
+            0.5
+        )
+        .is_err());
+        assert!(Ccat::new(pgd, 0.03, 10.0, 0.5).is_ok());
+    }
+}
