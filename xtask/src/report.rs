@@ -285,13 +285,80 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
 
 /// Writes `results.json` and `report.md` into `out`.
 pub fn write(out: &Path, study: &Study, models: &[ModelOutcome]) -> Result<()> {
-    let json = results_json(study, models)?;
-    let path = out.join("results.json");
-    std::fs::write(&path, json).with_context(|| format!("cannot write {}", path.display()))?;
-    let path = out.join("report.md");
-    std::fs::write(&path, report_markdown(study, models))
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    write_atomic(&out.join("results.json"), &results_json(study, models)?)?;
+    write_atomic(&out.join("report.md"), &report_markdown(study, models))
+}
+
+/// Writes `text` to a temporary sibling, then renames it into place.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Metrics of the evaluation protocol copied into each model's `results.json` entry.
+pub const PROTOCOL_KEYS: &[&str] = &[
+    "ece",
+    "brier",
+    "nll",
+    "temperature",
+    "ece_temperature_scaled",
+    "nll_temperature_scaled",
+    "auac",
+    "err_at_tpr99",
+    "rerr_at_tpr99",
+    "fpr_at_tpr99",
+    "roc_auc",
+    "threat_models",
+    "ood",
+];
+
+/// Merges the evaluation protocol of every model (its `protocol/results.json`) into
+/// `OUT/results.json` (each model gains the [`PROTOCOL_KEYS`] and a `protocol` object
+/// naming the suite and the attacked images) and appends the comparison written by
+/// `rampart compare` (`OUT/comparison.md`, plots in `OUT/plots/`) to `OUT/report.md`.
+pub fn add_protocol(out: &Path, rows: &[ModelRow], suite: &str) -> Result<()> {
+    let results_path = out.join("results.json");
+    let text = std::fs::read_to_string(&results_path)
+        .with_context(|| format!("cannot read {}", results_path.display()))?;
+    let mut results: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", results_path.display()))?;
+    for row in rows {
+        let path = crate::reproduce::protocol_dir(out, row.method).join("results.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let protocol: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let Some(entry) = results["models"].get_mut(row.method).and_then(|e| e.as_object_mut())
+        else {
+            continue;
+        };
+        for key in PROTOCOL_KEYS {
+            if let Some(v) = protocol.get(*key) {
+                entry.insert((*key).to_string(), v.clone());
+            }
+        }
+        entry.insert(
+            "protocol".into(),
+            serde_json::json!({
+                "suite": suite,
+                "attacked_examples": protocol.get("test_examples"),
+                "held_out_examples": protocol.get("held_out_examples"),
+            }),
+        );
+    }
+    write_atomic(&results_path, &serde_json::to_string_pretty(&results)?)?;
+    let comparison = std::fs::read_to_string(out.join("comparison.md"))
+        .with_context(|| format!("cannot read {}", out.join("comparison.md").display()))?;
+    let body = comparison
+        .split_once('\n')
+        .map_or(comparison.as_str(), |(_, rest)| rest);
+    let mut report = std::fs::read_to_string(out.join("report.md"))?;
+    report.push_str(&format!(
+        "\n## Evaluation protocol (`rampart eval --suite {suite}`)\n\nFrom each model's \
+         `protocol/results.json`; see docs/evaluation.md for what the suite runs.\n{body}"
+    ));
+    write_atomic(&out.join("report.md"), &report)
 }
 
 fn title(dataset: &str) -> &str {

@@ -99,6 +99,10 @@ pub const SMOKE_CCAT_FLAGS: &[&str] = &["--attack-steps", "3", "--attack-step-si
 /// figures use all 10,000).
 pub const SMOKE_ROBUST_EXAMPLES: usize = 1000;
 
+/// Test images the smoke preset's evaluation protocol (`rampart eval --suite quick`)
+/// attacks per model; the last 1,000 test images pick τ and are never attacked.
+pub const SMOKE_PROTOCOL_EXAMPLES: usize = 200;
+
 /// The study presets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
@@ -222,6 +226,16 @@ impl Preset {
     }
 
     /// Test images attacked by PGD-20 (the first N), or all.
+    /// The evaluation protocol run on every model after training (see
+    /// docs/evaluation.md) and how many test images it attacks.
+    pub fn protocol(self) -> (&'static str, Option<usize>) {
+        match self {
+            Preset::Smoke => ("quick", Some(SMOKE_PROTOCOL_EXAMPLES)),
+            Preset::Fast => ("quick", None),
+            Preset::Paper => ("ccat", None),
+        }
+    }
+
     pub fn robust_examples(self) -> Option<usize> {
         match self {
             Preset::Smoke => Some(SMOKE_ROBUST_EXAMPLES),
@@ -320,6 +334,11 @@ pub fn workspace_root() -> PathBuf {
     manifest
         .parent()
         .map_or(manifest.clone(), Path::to_path_buf)
+}
+
+/// Where the evaluation protocol of one model writes (inside its run folder).
+pub fn protocol_dir(out: &Path, method: &str) -> PathBuf {
+    model_dir(out, method).join("protocol")
 }
 
 /// The folder of one model's run inside the study folder.
@@ -430,6 +449,36 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         run_child(eval, "rampart eval")?;
     }
 
+    // The evaluation protocol on every model, then one comparison (tables + plots).
+    let (suite, limit) = preset.protocol();
+    let mut compare = rampart_command(&rampart, args.threads);
+    compare.arg("compare").arg("--out").arg(&out);
+    for (i, row) in rows.iter().enumerate() {
+        let dir = protocol_dir(&out, row.method);
+        compare.arg(format!("{}={}", row.method, dir.join("results.json").display()));
+        if dir.join("results.json").exists() {
+            continue;
+        }
+        let mut eval = rampart_command(&rampart, args.threads);
+        eval.arg("eval")
+            .arg("--model")
+            .arg(model_dir(&out, row.method).join("model.safetensors"))
+            .args(["--dataset", &args.dataset, "--device", &device, "--suite", suite]);
+        if let Some(n) = limit {
+            eval.args(["--attack-limit", &n.to_string()]);
+        }
+        eval.arg("--data-dir").arg(&data_dir).arg("--out").arg(&dir);
+        eprintln!(
+            "==> [{}/{}] {}: evaluation protocol (--suite {suite})",
+            i + 1,
+            rows.len(),
+            row.method
+        );
+        run_child(eval, "rampart eval --suite")?;
+    }
+    eprintln!("==> comparing the models");
+    run_child(compare, "rampart compare")?;
+
     let study = Study {
         dataset: args.dataset.clone(),
         preset: preset.name().to_string(),
@@ -441,6 +490,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     };
     let models = report::collect(&out, rows)?;
     report::write(&out, &study, &models)?;
+    report::add_protocol(&out, rows, suite)?;
     eprintln!("==> report: {}", out.join("report.md").display());
     for m in &models {
         let robust = match (m.robust_accuracy, m.robust_examples) {

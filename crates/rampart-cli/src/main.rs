@@ -8,6 +8,7 @@
 
 mod bench;
 mod common;
+mod compare;
 mod eval;
 mod logging;
 mod preset;
@@ -59,6 +60,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Time forward, attack-step and training-step throughput (images/s).
     Bench(bench::BenchArgs),
+    /// Compare evaluated models: tables and plots from their results.json files.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => {
             args.run()?;
+        }
+        Command::Compare(args) => {
+            println!("comparison written to {}", args.run()?.display());
         }
         Command::Train(args) => {
             let plan = args.plan(env_data_dir)?;
