@@ -6,13 +6,14 @@
 //! gradient at the current point, and the best point so far. The model is only used
 //! for forward/backward passes on the (compacted) batch of examples still attacked.
 
-use candle_core::{DType, Device, ModuleT, Tensor, D};
+use candle_core::{DType, Device, ModuleT, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::base::{argmax, AttackResult, Bounds};
+use crate::batch::Batch;
 use crate::error::{Error, Result};
-use crate::objective::{check_labels, labels_to_vec, probe};
+use crate::objective::probe;
 use crate::pgd::Pgd;
 
 /// Runs `cfg` once per ε. `mask` (length D, entries 0 or 1) confines the perturbation
@@ -97,43 +98,8 @@ impl<'a> Problem<'a> {
         xs: &Tensor,
         ys: &Tensor,
     ) -> Result<Self> {
-        let dims = xs.dims().to_vec();
-        if dims.len() < 2 || dims.contains(&0) {
-            return Err(Error::Input(format!(
-                "inputs must have shape (B, ...) with B ≥ 1 and no empty dimension, got {dims:?}"
-            )));
-        }
-        let dtype = xs.dtype();
-        if !dtype.is_float() {
-            return Err(Error::Input(format!(
-                "inputs must be floating point, got {dtype:?}"
-            )));
-        }
-        let b = dims[0];
-        let d = dims[1..].iter().product();
-        let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(i) = x.iter().position(|v| v.is_nan()) {
-            return Err(Error::Input(format!(
-                "input value {i} (example {}) is NaN",
-                i / d
-            )));
-        }
-        if let Some(i) = x.iter().position(|v| *v < bounds.lo || *v > bounds.hi) {
-            return Err(Error::Input(format!(
-                "input value {} (example {}) lies outside the bounds [{}, {}]",
-                x[i],
-                i / d,
-                bounds.lo,
-                bounds.hi
-            )));
-        }
-        let labels = labels_to_vec(ys)?;
-        if labels.len() != b {
-            return Err(Error::Input(format!(
-                "{} labels for a batch of {b} inputs",
-                labels.len()
-            )));
-        }
+        let batch = Batch::new(model, bounds, xs, ys)?;
+        let d = batch.d;
         if let Some(m) = mask {
             if m.len() != d {
                 return Err(Error::Input(format!(
@@ -142,16 +108,7 @@ impl<'a> Problem<'a> {
                 )));
             }
         }
-        let logits = model.forward_t(&xs.narrow(0, 0, 1)?, false)?;
-        let classes = match logits.dims() {
-            [1, k] => *k,
-            other => {
-                return Err(Error::Input(format!(
-                    "the model must return (B, K) logits, got {other:?} for one input"
-                )))
-            }
-        };
-        check_labels(ys, b, classes)?;
+        let classes = batch.classes;
         cfg.objective
             .check_classes(classes, cfg.criterion.target())?;
         if let Some(t) = cfg.criterion.target() {
@@ -167,12 +124,12 @@ impl<'a> Problem<'a> {
             model,
             lo: bounds.lo,
             hi: bounds.hi,
-            x,
-            ys: labels,
-            dims,
+            x: batch.x,
+            ys: batch.ys,
+            dims: batch.dims,
             d,
-            dtype,
-            device: xs.device().clone(),
+            dtype: batch.dtype,
+            device: batch.device,
             classes,
         })
     }
@@ -422,15 +379,7 @@ impl<'a> Problem<'a> {
 
     /// Softmax of (M, K) logits as a flat vector; NaN outputs are an error.
     fn probabilities(&self, logits: &Tensor) -> Result<Vec<f32>> {
-        let probs = candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        if probs.iter().any(|p| p.is_nan()) {
-            return Err(Error::Input(
-                "the model produced NaN logits on a point inside the threat model".into(),
-            ));
-        }
-        Ok(probs)
+        crate::batch::probabilities(logits)
     }
 
     /// (M, ...) tensor in the input dtype from M flattened rows.
@@ -462,7 +411,7 @@ fn retain<T: Copy>(v: &mut Vec<T>, width: usize, keep: &[bool]) {
 }
 
 /// The f32 next to `a` in the direction of `x` (`a` itself when equal).
-fn next_toward(a: f32, x: f32) -> f32 {
+pub(crate) fn next_toward(a: f32, x: f32) -> f32 {
     if a == x || a.is_nan() {
         return a;
     }

@@ -1,6 +1,10 @@
 //! Adversarial attacks on image classifiers: one projected-gradient engine for the
 //! L∞, L2, L1 and L0 threat models, plus FGSM, distal adversarial examples,
-//! adversarial frames and expectation over transformation (EOT) for stochastic models.
+//! adversarial frames and expectation over transformation (EOT) for stochastic models;
+//! and the AutoAttack-grade evaluation: [`Apgd`] (CE, DLR, targeted DLR), [`Fab`]
+//! (FAB-T), [`Square`] (black-box), the [`AutoAttack`] ensemble (standard and `rand`
+//! versions, resumable through [`EnsembleState`]) and the trust checks of
+//! [`TrustReport`] (see `docs/autoattack.md`).
 //!
 //! The crate owns the attack loop and nothing else. A model is any
 //! [`candle_core::ModuleT`], always called as `forward_t(x, false)`: the attack never
@@ -31,25 +35,36 @@
 //!   batch composition and are reproducible on a deterministic model.
 #![warn(missing_docs)]
 
+mod apgd;
 mod base;
+mod batch;
+mod checks;
 mod distal;
 mod engine;
+mod ensemble;
 mod eot;
 mod error;
+mod fab;
 mod fgsm;
 mod frames;
 mod norm;
 mod objective;
 mod pgd;
+mod square;
 #[cfg(test)]
 mod testutil;
 
+pub use apgd::Apgd;
 pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion};
+pub use checks::{check_model, TrustReport, TrustWarning};
 pub use distal::Distal;
+pub use ensemble::{AutoAttack, EnsembleState, Evaluation, EvaluationReport, Stage, StageReport};
 pub use eot::Eot;
 pub use error::{Error, Result};
+pub use fab::Fab;
 pub use fgsm::Fgsm;
 pub use frames::Frames;
-pub use norm::{project_l1_ball, Init, Norm, L1_TOP_K};
+pub use norm::{project_l1_ball, project_l1_box, Init, Norm, L1_TOP_K};
 pub use objective::{input_gradient, Objective};
 pub use pgd::{Pgd, Restarts, StepSize};
+pub use square::Square;

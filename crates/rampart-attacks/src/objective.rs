@@ -104,6 +104,44 @@ impl Objective {
     pub fn values(&self, logits: &Tensor, ys: &Tensor, target: Option<u32>) -> Result<Tensor> {
         let (b, k) = logits.dims2()?;
         self.check_classes(k, target)?;
+        let targets = target
+            .map(|t| Tensor::full(t, b, logits.device()))
+            .transpose()?;
+        self.compute(logits, ys, targets.as_ref())
+    }
+
+    /// Per-example objective values with one target class per example (APGD-T attacks
+    /// each example towards its own k-th most likely class).
+    ///
+    /// logits: (B, K) float; ys: (B,) u32 labels; targets: (B,) u32 target classes
+    /// (used by targeted objectives, ignored otherwise). Returns (B,) as [`Self::values`].
+    pub fn values_per_example(
+        &self,
+        logits: &Tensor,
+        ys: &Tensor,
+        targets: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, k) = logits.dims2()?;
+        let list = labels_to_vec(targets)?;
+        if list.len() != b {
+            return Err(Error::Input(format!(
+                "{} targets for a batch of {b}",
+                list.len()
+            )));
+        }
+        let first = list.first().copied();
+        self.check_classes(k, first)?;
+        if let Some(t) = list.iter().find(|t| **t as usize >= k) {
+            return Err(Error::Input(format!(
+                "target class {t} is out of range for {k} classes"
+            )));
+        }
+        self.compute(logits, ys, Some(&targets.to_dtype(DType::U32)?))
+    }
+
+    /// The values; `targets` (B,) u32 is present whenever the objective is targeted.
+    fn compute(&self, logits: &Tensor, ys: &Tensor, targets: Option<&Tensor>) -> Result<Tensor> {
+        let (b, k) = logits.dims2()?;
         let dtype = match logits.dtype() {
             DType::F64 => DType::F64,
             _ => DType::F32,
@@ -121,8 +159,10 @@ impl Objective {
         let max_other =
             |t: &Tensor| -> Result<Tensor> { Ok((t - (&y_hot * EXCLUDE)?)?.max(D::Minus1)?) };
         let target_idx = || -> Result<Tensor> {
-            let t = target.unwrap_or(0);
-            Ok(Tensor::full(t, (b, 1), dev)?)
+            match targets {
+                Some(t) => Ok(t.unsqueeze(1)?),
+                None => Ok(Tensor::zeros((b, 1), DType::U32, dev)?),
+            }
         };
         let values = match self {
             Objective::CrossEntropy => {
@@ -170,6 +210,20 @@ pub(crate) fn probe(
     target: Option<u32>,
     want_grad: bool,
 ) -> Result<Probe> {
+    probe_with(model, xs, want_grad, |logits| {
+        check_labels(ys, xs.dim(0)?, logits.dim(1)?)?;
+        objective.values(logits, ys, target)
+    })
+}
+
+/// As [`probe`], with the per-example values computed from the (B, K) logits by
+/// `values` (which must return a (B,) tensor differentiable w.r.t. the logits).
+pub(crate) fn probe_with(
+    model: &dyn ModuleT,
+    xs: &Tensor,
+    want_grad: bool,
+    values: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Probe> {
     let batch = xs.dim(0)?;
     let (input, var) = if want_grad {
         let var = Var::from_tensor(xs)?;
@@ -178,7 +232,7 @@ pub(crate) fn probe(
         (xs.detach(), None)
     };
     let logits = model.forward_t(&input, false)?;
-    let (b, k) = logits.dims2().map_err(|_| {
+    let (b, _) = logits.dims2().map_err(|_| {
         Error::Input(format!(
             "the model must return (B, K) logits, got shape {:?}",
             logits.dims()
@@ -189,8 +243,7 @@ pub(crate) fn probe(
             "the model returned {b} rows of logits for a batch of {batch}"
         )));
     }
-    check_labels(ys, batch, k)?;
-    let values = objective.values(&logits, ys, target)?;
+    let values = values(&logits)?;
     let grad = match var {
         Some(var) => {
             // Only the input gradient is read: layers that support it skip their
@@ -342,6 +395,40 @@ mod tests {
             let got = objective.values(&logits, &ys, Some(3))?.to_vec1::<f32>()?[0] as f64;
             assert!((got - want).abs() < 1e-5, "{objective}: {got} vs {want}");
         }
+        Ok(())
+    }
+
+    /// One target per example gives, row by row, the values of that single target.
+    #[test]
+    fn per_example_targets_match_single_targets() -> Result<()> {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(
+            &[
+                [2f32, 1.0, 0.0, -1.0],
+                [0.5, -0.5, 3.0, 1.0],
+                [1.0, 1.0, 0.0, 2.0],
+            ],
+            &dev,
+        )?;
+        let ys = Tensor::new(&[0u32, 2, 3], &dev)?;
+        let targets = Tensor::new(&[3u32, 0, 1], &dev)?;
+        for objective in [Objective::DlrTargeted, Objective::CrossEntropyTargeted] {
+            let joint = objective
+                .values_per_example(&logits, &ys, &targets)?
+                .to_vec1::<f32>()?;
+            for (i, t) in [3u32, 0, 1].into_iter().enumerate() {
+                let single = objective.values(&logits, &ys, Some(t))?.to_vec1::<f32>()?[i];
+                assert_eq!(joint[i], single, "{objective}, row {i}");
+            }
+        }
+        let out_of_range = Tensor::new(&[3u32, 4, 1], &dev)?;
+        assert!(Objective::DlrTargeted
+            .values_per_example(&logits, &ys, &out_of_range)
+            .is_err());
+        let short = Tensor::new(&[3u32], &dev)?;
+        assert!(Objective::DlrTargeted
+            .values_per_example(&logits, &ys, &short)
+            .is_err());
         Ok(())
     }
 

@@ -172,3 +172,158 @@ fn the_trained_model_separates_the_blobs() -> Result<()> {
     assert!(accuracy(&t.model, &t.xs, &t.ys)? >= 0.95);
     Ok(())
 }
+
+/// A model behind a gradient-blocking op: the logits of `base` on a detached input.
+/// Its outputs are meaningful, its input gradients are exactly zero.
+pub struct Masked<'a>(pub &'a dyn Module);
+
+impl Module for Masked<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(&xs.detach())
+    }
+}
+
+/// √(x − stop_gradient(x)) summed per example: the value 0 with an infinite
+/// derivative, (B, 1).
+fn infinite_slope(xs: &Tensor) -> candle_core::Result<Tensor> {
+    (xs - xs.detach())?.flatten_from(1)?.sqrt()?.sum_keepdim(1)
+}
+
+/// Exact logits of `base`, NaN input gradients: 0·√(x − stop_gradient(x)) is added
+/// to every logit (0 · ∞ in the backward pass).
+pub struct NanGradient<'a>(pub &'a dyn Module);
+
+impl Module for NanGradient<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        // A product with a zero tensor, not `* 0.0`: candle prunes affine maps by 0
+        // from the backward graph.
+        let slope = infinite_slope(xs)?;
+        self.0
+            .forward(xs)?
+            .broadcast_add(&(&slope * slope.zeros_like()?)?)
+    }
+}
+
+/// Exact logits of `base`, infinite input gradients: √(x − stop_gradient(x)) is
+/// added to the logit of class 0.
+pub struct InfiniteGradient<'a>(pub &'a dyn Module);
+
+impl Module for InfiniteGradient<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = self.0.forward(xs)?;
+        let k = logits.dim(1)?;
+        let first = logits
+            .narrow(1, 0, 1)?
+            .broadcast_add(&infinite_slope(xs)?)?;
+        Tensor::cat(&[&first, &logits.narrow(1, 1, k - 1)?], 1)
+    }
+}
+
+/// The logits of `base` plus N(0, σ²) noise drawn on every forward pass.
+pub struct Noisy<'a> {
+    /// The deterministic model.
+    pub base: &'a dyn Module,
+    /// Noise standard deviation σ.
+    pub sigma: f64,
+    /// Noise source.
+    pub rng: std::sync::Mutex<ChaCha8Rng>,
+}
+
+impl<'a> Noisy<'a> {
+    /// Noise of standard deviation `sigma` from `seed`.
+    pub fn new(base: &'a dyn Module, sigma: f64, seed: u64) -> Noisy<'a> {
+        Noisy {
+            base,
+            sigma,
+            rng: std::sync::Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+        }
+    }
+}
+
+impl Module for Noisy<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = self.base.forward(xs)?;
+        let n = logits.elem_count();
+        let noise: Vec<f32> = {
+            let mut rng = self
+                .rng
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+            (0..n)
+                .map(|_| {
+                    let (u1, u2): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
+                    (self.sigma * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos())
+                        as f32
+                })
+                .collect()
+        };
+        let noise = Tensor::from_vec(noise, logits.dims(), logits.device())?;
+        logits + noise
+    }
+}
+
+/// The softmax of `base`: probabilities returned where logits are expected.
+pub struct SoftmaxOutput<'a>(pub &'a dyn Module);
+
+impl Module for SoftmaxOutput<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::softmax(&self.0.forward(xs)?, 1)
+    }
+}
+
+/// Fraction of examples whose first arg-max of `model(rows)` differs from the label,
+/// per example.
+pub fn misclassified(model: &dyn Module, xs: &Tensor, ys: &Tensor) -> Result<Vec<bool>> {
+    let pred = model.forward(xs)?.argmax(1)?.to_vec1::<u32>()?;
+    let ys = ys.to_vec1::<u32>()?;
+    Ok(pred.iter().zip(&ys).map(|(p, y)| p != y).collect())
+}
+
+/// The invariants of every result of an untargeted attack, checked from the outside:
+/// ‖clipped − x‖_p ≤ ε (exactly, in f64 from the returned f32 values), clipped inside
+/// the bounds, the reported norms match, and success / prediction hold when the model
+/// is run again on `clipped` (deterministic models).
+pub fn assert_invariants(
+    model: &dyn Module,
+    norm: crate::Norm,
+    bounds: crate::Bounds,
+    xs: &Tensor,
+    ys: &Tensor,
+    res: &crate::AttackResult,
+) -> Result<()> {
+    assert_eq!(res.clipped.dims(), xs.dims());
+    let adv = res.clipped.flatten_from(1)?.to_vec2::<f32>()?;
+    let clean = xs.flatten_from(1)?.to_vec2::<f32>()?;
+    for (i, (a, x)) in adv.iter().zip(&clean).enumerate() {
+        let delta: Vec<f64> = a
+            .iter()
+            .zip(x)
+            .map(|(a, x)| *a as f64 - *x as f64)
+            .collect();
+        let n = norm.measure(&delta);
+        assert!(
+            n <= res.eps,
+            "{norm}: example {i}: ‖δ‖ = {n} > ε = {}",
+            res.eps
+        );
+        assert!(
+            (n - res.norm[i] as f64).abs() <= 1e-5 * (1.0 + n),
+            "example {i}: reported norm {} vs measured {n}",
+            res.norm[i]
+        );
+        assert!(a.iter().all(|v| *v >= bounds.lo && *v <= bounds.hi));
+    }
+    let fooled = misclassified(model, &res.clipped, ys)?;
+    assert_eq!(
+        fooled, res.success,
+        "success does not hold on re-evaluation"
+    );
+    let pred = model.forward(&res.clipped)?.argmax(1)?.to_vec1::<u32>()?;
+    assert_eq!(pred, res.predicted);
+    Ok(())
+}
+
+/// Number of `true` entries.
+pub fn count(flags: &[bool]) -> usize {
+    flags.iter().filter(|f| **f).count()
+}

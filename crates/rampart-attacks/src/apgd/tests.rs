@@ -1,0 +1,229 @@
+//! APGD: schedule, invariants, strength and failure modes on small models.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{checkpoints, Apgd};
+use crate::testutil::{
+    assert_invariants, count, trained, Masked, Mlp, NanGradient, Noisy, CLASSES,
+};
+use crate::{
+    Attack, Bounds, Criterion, Eot, Error, Init, Norm, Objective, Pgd, Restarts, Result, StepSize,
+};
+
+fn quick(norm: Norm, objective: Objective) -> Apgd {
+    Apgd {
+        steps: 30,
+        ..match objective {
+            Objective::DlrTargeted => Apgd::dlr_targeted(norm),
+            Objective::Dlr => Apgd::dlr(norm),
+            _ => Apgd::ce(norm),
+        }
+    }
+}
+
+/// The published checkpoints of a 100-step run: 0.22, 0.41, 0.57, 0.70, 0.80, 0.87,
+/// 0.93, 0.99 (Croce & Hein 2020, Sec. 3.1).
+#[test]
+fn checkpoints_are_the_published_fractions() {
+    assert_eq!(checkpoints(100), vec![22, 41, 57, 70, 80, 87, 93, 99]);
+    assert_eq!(checkpoints(1), vec![1]);
+}
+
+#[test]
+fn results_are_feasible_and_successes_hold() -> Result<()> {
+    let t = trained();
+    for (norm, eps) in [(Norm::Linf, 0.08), (Norm::L2, 0.5), (Norm::l1(), 2.0)] {
+        for objective in [Objective::CrossEntropy, Objective::DlrTargeted] {
+            let apgd = quick(norm, objective);
+            let res = apgd.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[eps, eps / 4.0], 0)?;
+            for r in &res {
+                assert_invariants(&t.model, norm, Bounds::UNIT, &t.xs, &t.ys, r)?;
+            }
+            assert!(
+                count(&res[0].success) > count(&res[1].success),
+                "{norm} {objective}: {} at ε vs {} at ε/4",
+                count(&res[0].success),
+                count(&res[1].success)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// With the 3ε → 2ε → ε schedule the returned points still lie in the ε-ball.
+#[test]
+fn l1_schedule_returns_points_inside_the_final_ball() -> Result<()> {
+    let t = trained();
+    let apgd = Apgd {
+        steps: 20,
+        restarts: 2,
+        ..Apgd::ce(Norm::l1())
+    };
+    assert!(apgd.large_eps_warmup);
+    let res = apgd.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[1.0], 3)?;
+    assert_invariants(&t.model, Norm::l1(), Bounds::UNIT, &t.xs, &t.ys, &res[0])?;
+    Ok(())
+}
+
+/// APGD without a step size is at least as strong as a tuned PGD-20 and as PGD with
+/// 10 restarts, on the same model and budget.
+#[test]
+fn apgd_is_at_least_as_strong_as_pgd() -> Result<()> {
+    let t = trained();
+    let eps = 0.06;
+    let pgd = Pgd {
+        restarts: Restarts::same(5, Init::Uniform),
+        step_size: StepSize::Relative(0.25),
+        ..Pgd::linf_pgd20()
+    };
+    let pgd = count(&pgd.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[eps], 0)?[0].success);
+    let ce = count(
+        &Apgd::ce(Norm::Linf).run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[eps], 0)?[0].success,
+    );
+    let tg = count(
+        &Apgd::dlr_targeted(Norm::Linf).run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[eps], 0)?[0]
+            .success,
+    );
+    assert!(pgd > 0 && pgd < 64, "PGD fooled {pgd}/64: pick another ε");
+    assert!(
+        ce >= pgd && tg >= pgd,
+        "APGD-CE {ce}, APGD-T {tg}, PGD {pgd}"
+    );
+    Ok(())
+}
+
+#[test]
+fn same_seed_same_result() -> Result<()> {
+    let t = trained();
+    let apgd = quick(Norm::L2, Objective::DlrTargeted);
+    let a = apgd.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[0.4], 9)?;
+    let b = apgd.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[0.4], 9)?;
+    let rows = |r: &crate::AttackResult| r.clipped.flatten_all()?.to_vec1::<f32>();
+    assert_eq!(rows(&a[0])?, rows(&b[0])?);
+    assert_eq!(a[0].iterations, b[0].iterations);
+    Ok(())
+}
+
+/// An example is attacked on its own random numbers: attacking a subset gives the
+/// same points for the examples in it.
+#[test]
+fn examples_do_not_depend_on_the_batch() -> Result<()> {
+    let t = trained();
+    let apgd = quick(Norm::Linf, Objective::CrossEntropy);
+    let all = apgd.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[0.05], 1)?;
+    let all = all[0].clipped.flatten_from(1)?.to_vec2::<f32>()?;
+    let batch = crate::batch::Batch::new(&t.model, Bounds::UNIT, &t.xs, &t.ys)?;
+    let idx = [3usize, 10, 41];
+    let sub = apgd.attack_batch(&t.model, &batch.subset(&idx), 0.05, 1)?;
+    let sub = sub.clipped.flatten_from(1)?.to_vec2::<f32>()?;
+    for (r, &i) in idx.iter().enumerate() {
+        assert_eq!(sub[r], all[i]);
+    }
+    Ok(())
+}
+
+#[test]
+fn too_few_classes_and_bad_configs_are_refused() -> Result<()> {
+    let dev = Device::Cpu;
+    let three = Mlp::random(&[32, 3], 0, DType::F32)?;
+    let two = Mlp::random(&[32, 2], 0, DType::F32)?;
+    let xs = Tensor::full(0.5f32, (2, 2, 4, 4), &dev)?;
+    let ys = Tensor::new(&[0u32, 1], &dev)?;
+    let run = |apgd: Apgd, model: &Mlp| apgd.run(model, Bounds::UNIT, &xs, &ys, &[0.1], 0);
+    assert!(matches!(
+        run(Apgd::dlr_targeted(Norm::Linf), &three),
+        Err(Error::TooFewClasses {
+            needed: 4,
+            classes: 3,
+            ..
+        })
+    ));
+    assert!(matches!(
+        run(Apgd::dlr(Norm::Linf), &two),
+        Err(Error::TooFewClasses {
+            needed: 3,
+            classes: 2,
+            ..
+        })
+    ));
+    assert!(run(Apgd::dlr(Norm::Linf), &three).is_ok());
+    for bad in [
+        Apgd {
+            steps: 0,
+            ..Apgd::ce(Norm::Linf)
+        },
+        Apgd {
+            restarts: 0,
+            ..Apgd::ce(Norm::Linf)
+        },
+        Apgd {
+            rho: 0.0,
+            ..Apgd::ce(Norm::Linf)
+        },
+        Apgd {
+            alpha: 1.5,
+            ..Apgd::ce(Norm::Linf)
+        },
+        Apgd {
+            norm: Norm::L0,
+            ..Apgd::ce(Norm::Linf)
+        },
+        Apgd {
+            large_eps_warmup: true,
+            ..Apgd::ce(Norm::L2)
+        },
+        Apgd {
+            objective: Objective::Distal,
+            ..Apgd::ce(Norm::L2)
+        },
+        Apgd {
+            target_classes: 0,
+            ..Apgd::dlr_targeted(Norm::L2)
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?} accepted");
+    }
+    let _ = Criterion::Misclassified;
+    Ok(())
+}
+
+/// Zero and NaN gradients neither crash the attack nor leak NaN into its output.
+#[test]
+fn masked_and_nan_gradients_are_survived() -> Result<()> {
+    let t = trained();
+    fn check<M: candle_core::Module>(model: &M) -> Result<()> {
+        let t = trained();
+        let apgd = quick(Norm::L2, Objective::CrossEntropy);
+        let res = apgd.run(model, Bounds::UNIT, &t.xs, &t.ys, &[0.3], 0)?;
+        assert_invariants(model, Norm::L2, Bounds::UNIT, &t.xs, &t.ys, &res[0])
+    }
+    check(&Masked(&t.model))?;
+    check(&NanGradient(&t.model))
+}
+
+/// With EOT, success is judged on the mean probabilities of fresh draws: the noisy
+/// model fools no more points than its deterministic core allows.
+#[test]
+fn eot_runs_on_stochastic_models() -> Result<()> {
+    let t = trained();
+    let noisy = Noisy::new(&t.model, 0.5, 0);
+    let apgd = Apgd {
+        steps: 10,
+        eot: Eot::new(8, 32)?,
+        ..Apgd::dlr(Norm::Linf)
+    };
+    let res = apgd.run(&noisy, Bounds::UNIT, &t.xs, &t.ys, &[0.08], 0)?;
+    let core = crate::testutil::misclassified(&t.model, &res[0].clipped, &t.ys)?;
+    let agree = res[0]
+        .success
+        .iter()
+        .zip(&core)
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        agree >= 60,
+        "only {agree}/64 judgements agree with the noise-free model"
+    );
+    let _ = CLASSES;
+    Ok(())
+}

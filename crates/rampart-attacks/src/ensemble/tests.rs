@@ -1,0 +1,244 @@
+//! The ensemble: strength relative to its members, invariants, resume, versions,
+//! and the trust checks it reports.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{AutoAttack, EnsembleState, Stage};
+use crate::batch::Batch;
+use crate::testutil::{assert_invariants, count, trained, Masked, Mlp, Noisy};
+use crate::{Apgd, Attack, Bounds, Error, Fab, Norm, Pgd, Result, Square, TrustWarning};
+
+/// The standard ensemble with every budget cut, for fast tests.
+fn small(norm: Norm) -> AutoAttack {
+    let mut aa = AutoAttack::standard(norm);
+    for stage in &mut aa.stages {
+        match stage {
+            Stage::Apgd(a) => a.steps = 20,
+            Stage::Fab(f) => f.steps = 20,
+            Stage::Square(s) => s.queries = 300,
+        }
+    }
+    aa
+}
+
+fn json_error(e: serde_json::Error) -> Error {
+    Error::Config(e.to_string())
+}
+
+/// Point by point, the ensemble fools everything any of its stages fools when run
+/// alone (with the seed the ensemble gives that stage), and never less than PGD.
+#[test]
+fn the_standard_ensemble_is_never_weaker_than_a_member() -> Result<()> {
+    let t = trained();
+    let eps = 0.06;
+    let aa = AutoAttack::standard(Norm::Linf);
+    let eval = aa.evaluate(&t.model, Bounds::UNIT, &t.xs, &t.ys, eps, 7)?;
+    assert_invariants(
+        &t.model,
+        Norm::Linf,
+        Bounds::UNIT,
+        &t.xs,
+        &t.ys,
+        &eval.result,
+    )?;
+    let robust: Vec<bool> = eval.result.success.iter().map(|s| !s).collect();
+    let batch = Batch::new(&t.model, Bounds::UNIT, &t.xs, &t.ys)?;
+    for (s, stage) in aa.stages.iter().enumerate() {
+        let alone = stage.attack(&t.model, &batch, eps, AutoAttack::stage_seed(7, s))?;
+        for (i, (&fooled, &kept)) in alone.success.iter().zip(&robust).enumerate() {
+            assert!(!(fooled && kept), "{}: point {i}", stage.name());
+        }
+    }
+    let pgd = Pgd::linf_pgd20().run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[eps], 0)?;
+    assert!(count(&robust) <= 64 - count(&pgd[0].success));
+    // Stage reports: robust accuracy never rises, each stage attacks what is left.
+    let r = &eval.report;
+    assert_eq!(r.stages.len(), 4);
+    assert_eq!(r.stages[0].attacked, count(&eval.clean_correct));
+    for w in r.stages.windows(2) {
+        assert!(w[1].robust_accuracy <= w[0].robust_accuracy);
+        assert_eq!(w[1].attacked, w[0].attacked - w[0].broken);
+    }
+    assert_eq!(r.robust_accuracy, count(&robust) as f64 / 64.0);
+    assert!(
+        r.seconds > 0.0 && r.trust.passed(),
+        "{:?}",
+        r.trust.warnings
+    );
+    assert_eq!(r.trust.black_box_only, Some(r.stages[3].broken));
+    for (i, by) in eval.broken_by.iter().enumerate() {
+        assert_eq!(by.is_some(), eval.clean_correct[i] && !robust[i]);
+    }
+    Ok(())
+}
+
+/// Stopping after two stages, saving the state as JSON and resuming gives exactly the
+/// uninterrupted result.
+#[test]
+fn a_resumed_evaluation_equals_the_uninterrupted_one() -> Result<()> {
+    let t = trained();
+    let aa = small(Norm::L2);
+    let full = aa.evaluate(&t.model, Bounds::UNIT, &t.xs, &t.ys, 0.3, 11)?;
+
+    let mut state = aa.start(&t.model, Bounds::UNIT, &t.xs, &t.ys, 0.3, 11)?;
+    for _ in 0..2 {
+        assert!(aa
+            .run_stage(&t.model, Bounds::UNIT, &t.xs, &t.ys, &mut state)?
+            .is_some());
+    }
+    assert!(
+        aa.finish(&t.xs, &t.ys, &state).is_err(),
+        "an incomplete state was finished"
+    );
+    let saved = serde_json::to_string(&state).map_err(json_error)?;
+    let mut resumed: EnsembleState = serde_json::from_str(&saved).map_err(json_error)?;
+    assert_eq!(resumed, state);
+    let fresh = small(Norm::L2);
+    while fresh
+        .run_stage(&t.model, Bounds::UNIT, &t.xs, &t.ys, &mut resumed)?
+        .is_some()
+    {}
+    let again = fresh.finish(&t.xs, &t.ys, &resumed)?;
+    let rows = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    assert_eq!(rows(&again.result.clipped)?, rows(&full.result.clipped)?);
+    assert_eq!(again.broken_by, full.broken_by);
+    assert_eq!(again.result.iterations, full.result.iterations);
+    let accuracies = |e: &super::Evaluation| -> Vec<f64> {
+        e.report.stages.iter().map(|s| s.robust_accuracy).collect()
+    };
+    assert_eq!(accuracies(&again), accuracies(&full));
+
+    // A state belongs to its inputs and its ensemble.
+    let other_xs = (t.xs.clone() * 0.5)?;
+    assert!(fresh.finish(&other_xs, &t.ys, &resumed).is_err());
+    assert!(small(Norm::Linf).finish(&t.xs, &t.ys, &resumed).is_err());
+    Ok(())
+}
+
+#[test]
+fn same_seed_same_evaluation() -> Result<()> {
+    let t = trained();
+    let aa = small(Norm::l1());
+    let a = aa.evaluate(&t.model, Bounds::UNIT, &t.xs, &t.ys, 1.0, 3)?;
+    let b = aa.evaluate(&t.model, Bounds::UNIT, &t.xs, &t.ys, 1.0, 3)?;
+    assert_eq!(
+        a.result.clipped.flatten_all()?.to_vec1::<f32>()?,
+        b.result.clipped.flatten_all()?.to_vec1::<f32>()?
+    );
+    assert_invariants(&t.model, Norm::l1(), Bounds::UNIT, &t.xs, &t.ys, &a.result)?;
+    assert_eq!(a.report.stages.len(), 3, "L1 has no Square stage");
+    Ok(())
+}
+
+/// Behind a gradient-blocking op, the white-box stages fail, Square succeeds, and the
+/// report says why the evaluation cannot be trusted.
+#[test]
+fn a_masked_model_is_flagged_and_still_broken() -> Result<()> {
+    let t = trained();
+    let masked = Masked(&t.model);
+    let aa = small(Norm::Linf);
+    let eval = aa.evaluate(&masked, Bounds::UNIT, &t.xs, &t.ys, 0.08, 0)?;
+    let square = eval.report.stages[3].broken;
+    assert!(square >= 10, "Square fooled only {square}");
+    let warnings = &eval.report.trust.warnings;
+    assert!(warnings
+        .iter()
+        .any(|w| matches!(w, TrustWarning::ZeroGradients { .. })));
+    assert!(warnings.iter().any(
+        |w| matches!(w, TrustWarning::BlackBoxBeatsWhiteBox { points, .. } if *points == square)
+    ));
+    Ok(())
+}
+
+/// The `rand` version averages 20 draws: on a noisy model it runs, does not warn about
+/// randomness, and the standard version does.
+#[test]
+fn the_rand_version_handles_randomised_models() -> Result<()> {
+    let t = trained();
+    let noisy = Noisy::new(&t.model, 0.3, 1);
+    let mut rand = AutoAttack::rand(Norm::Linf);
+    assert_eq!(rand.stages.len(), 2);
+    for stage in &mut rand.stages {
+        if let Stage::Apgd(a) = stage {
+            assert_eq!(a.eot.grad_samples, 20);
+            a.steps = 5;
+        }
+    }
+    let eval = rand.evaluate(&noisy, Bounds::UNIT, &t.xs, &t.ys, 0.08, 0)?;
+    assert!(eval.report.trust.eot_in_use);
+    assert!(!eval
+        .report
+        .trust
+        .warnings
+        .iter()
+        .any(|w| matches!(w, TrustWarning::RandomOutputs { .. })));
+    assert!(eval.report.robust_accuracy < eval.report.clean_accuracy);
+    let state = small(Norm::Linf).start(&noisy, Bounds::UNIT, &t.xs, &t.ys, 0.08, 0)?;
+    assert!(state
+        .trust
+        .warnings
+        .iter()
+        .any(|w| matches!(w, TrustWarning::RandomOutputs { .. })));
+    Ok(())
+}
+
+#[test]
+fn too_few_classes_are_a_clear_error() -> Result<()> {
+    let dev = Device::Cpu;
+    let xs = Tensor::full(0.5f32, (2, 2, 4, 4), &dev)?;
+    let ys = Tensor::new(&[0u32, 1], &dev)?;
+    let three = Mlp::random(&[32, 3], 0, DType::F32)?;
+    let two = Mlp::random(&[32, 2], 0, DType::F32)?;
+    assert!(matches!(
+        AutoAttack::standard(Norm::Linf).evaluate(&three, Bounds::UNIT, &xs, &ys, 0.1, 0),
+        Err(Error::TooFewClasses {
+            needed: 4,
+            classes: 3,
+            ..
+        })
+    ));
+    assert!(matches!(
+        AutoAttack::rand(Norm::Linf).evaluate(&two, Bounds::UNIT, &xs, &ys, 0.1, 0),
+        Err(Error::TooFewClasses {
+            needed: 3,
+            classes: 2,
+            ..
+        })
+    ));
+    Ok(())
+}
+
+#[test]
+fn inconsistent_ensembles_are_refused() {
+    let mut twice = AutoAttack::standard(Norm::Linf);
+    twice.stages.push(Stage::Apgd(Apgd::ce(Norm::Linf)));
+    let mut mixed = AutoAttack::standard(Norm::Linf);
+    mixed.stages.push(Stage::Fab(Fab {
+        target_classes: 3,
+        ..Fab::targeted(Norm::L2)
+    }));
+    let mut empty = AutoAttack::standard(Norm::Linf);
+    empty.stages.clear();
+    let mut l1_square = AutoAttack::standard(Norm::l1());
+    l1_square
+        .stages
+        .push(Stage::Square(Square::autoattack(Norm::l1())));
+    for bad in [twice, mixed, empty, l1_square] {
+        assert!(bad.validate().is_err(), "{bad:?} accepted");
+    }
+    assert!(AutoAttack::standard(Norm::L0).validate().is_err());
+    assert!(AutoAttack::standard(Norm::L2).validate().is_ok());
+}
+
+/// Through the `Attack` trait: one result per ε, robust accuracy falling with ε.
+#[test]
+fn the_ensemble_is_an_attack() -> Result<()> {
+    let t = trained();
+    let res = small(Norm::Linf).run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[0.02, 0.08], 0)?;
+    assert_eq!(res.len(), 2);
+    for r in &res {
+        assert_invariants(&t.model, Norm::Linf, Bounds::UNIT, &t.xs, &t.ys, r)?;
+    }
+    assert!(count(&res[0].success) < count(&res[1].success));
+    Ok(())
+}
