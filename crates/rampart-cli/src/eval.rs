@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, ValueEnum};
-use rampart_attacks::{parse_eps, Attack, Bounds, Pgd, StepSize};
+use rampart_attacks::{parse_eps, Attack, AutoAttack, Bounds, Norm, Pgd, StepSize};
 use rampart_data::{DatasetKind, ImageDataset};
 use rampart_defenses::{predict, ConfidenceThreshold, Predictions};
 use rampart_models::Classifier;
@@ -43,6 +43,10 @@ pub enum Suite {
     /// Every threat model: L∞ 8/255 and 16/255, L2 0.5 and 2, L1 12 and 24, L0 10,
     /// frames, distal, noise, all corruptions, the curve.
     Full,
+    /// AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) at L∞ --eps
+    /// [default 8/255] on the first --attack-limit images [default 1,000], with the
+    /// trust checks (see docs/autoattack.md). Slow on a CPU.
+    Autoattack,
 }
 
 impl Suite {
@@ -53,13 +57,14 @@ impl Suite {
             Suite::Quick => "quick",
             Suite::Ccat => "ccat",
             Suite::Full => "full",
+            Suite::Autoattack => "autoattack",
         }
     }
 
     /// The suite of the evaluation pipeline (`rampart-eval`) this names, if any.
     fn protocol(self) -> Option<rampart_eval::Suite> {
         match self {
-            Suite::Clean | Suite::Pgd20 => None,
+            Suite::Clean | Suite::Pgd20 | Suite::Autoattack => None,
             Suite::Quick => Some(rampart_eval::Suite::Quick),
             Suite::Ccat => Some(rampart_eval::Suite::Ccat),
             Suite::Full => Some(rampart_eval::Suite::Full),
@@ -172,6 +177,9 @@ pub struct EvalPlan {
     pub device: DeviceArg,
 }
 
+/// Images attacked by `--suite autoattack` when --attack-limit is not given.
+const AUTOATTACK_DEFAULT_LIMIT: usize = 1000;
+
 /// The attack of the `pgd20` suite.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttackPlan {
@@ -218,6 +226,27 @@ impl EvalArgs {
             bail!("--steps-scale and --restarts-scale apply to the quick, ccat and full suites");
         }
         let attack = match self.suite {
+            Suite::Autoattack => {
+                for (flag, given) in [
+                    ("--attack-steps", self.attack_steps.is_some()),
+                    ("--attack-step-size", self.attack_step_size.is_some()),
+                ] {
+                    if given {
+                        bail!("{flag} does not apply to --suite autoattack (its budgets are fixed)");
+                    }
+                }
+                if self.attack_limit == Some(0) {
+                    bail!("--attack-limit must be at least 1");
+                }
+                let eps = self.eps.unwrap_or(DEFAULT_ATTACK_EPS);
+                Norm::Linf.check_eps(eps).context("--eps")?;
+                Some(AttackPlan {
+                    pgd: Pgd::linf_pgd20(),
+                    eps,
+                    limit: Some(self.attack_limit.unwrap_or(AUTOATTACK_DEFAULT_LIMIT)),
+                    seed: self.attack_seed,
+                })
+            }
             Suite::Quick | Suite::Ccat | Suite::Full => {
                 for (flag, given) in [
                     ("--eps", self.eps.is_some()),
@@ -411,6 +440,74 @@ impl EvalPlan {
         self.out.join("eval.log")
     }
 
+    /// Runs AutoAttack (standard, L∞) batch by batch over the first images and writes
+    /// `autoattack.json` (the per-batch reports: stages, runtimes, trust checks) and
+    /// `results.json`.
+    fn run_autoattack(
+        &self,
+        model: &Classifier,
+        method: &str,
+        dataset: DatasetKind,
+        test: &ImageDataset,
+    ) -> Result<EvalResults> {
+        let plan = self.attack.as_ref().context("autoattack needs its budget")?;
+        let n = plan.limit.unwrap_or(test.len()).min(test.len());
+        let (lo, hi) = model.bounds();
+        let bounds = Bounds::new(lo, hi)?;
+        let aa = AutoAttack::standard(Norm::Linf);
+        let started = Instant::now();
+        let (mut clean, mut robust) = (0usize, 0usize);
+        let mut reports = Vec::new();
+        let mut warnings = Vec::new();
+        let indices: Vec<usize> = (0..n).collect();
+        for chunk in indices.chunks(self.batch_size) {
+            let (xs, ys) = test.batch_tensors(chunk, model.device())?;
+            // A distinct seed per batch: each example's randomness then depends on its
+            // position in the test set, not in the batch.
+            let seed = plan.seed.wrapping_add(chunk[0] as u64);
+            let eval = aa.evaluate(model, bounds, &xs, &ys, plan.eps, seed)?;
+            clean += eval.clean_correct.iter().filter(|&&c| c).count();
+            robust += eval.result.success.iter().zip(&eval.clean_correct).filter(|(s, c)| **c && !**s).count();
+            warnings.extend(eval.report.trust.warnings.iter().map(|w| w.to_string()));
+            tracing::info!(done = chunk[chunk.len() - 1] + 1, of = n, robust, "autoattack batch");
+            reports.push(eval.report);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        write_json(
+            &self.out.join("autoattack.json"),
+            &json!({ "eps": plan.eps, "examples": n, "seconds": seconds,
+                     "robust_accuracy": robust as f64 / n as f64,
+                     "trust_warnings": warnings, "batches": reports }),
+        )?;
+        for w in &warnings {
+            tracing::warn!("trust check: {w}");
+        }
+        let results = EvalResults {
+            schema_version: EVAL_SCHEMA_VERSION,
+            suite: self.suite.name().into(),
+            model: self.model.clone(),
+            method: method.to_string(),
+            arch: model.spec().arch.to_string(),
+            dataset: dataset.to_string(),
+            test_examples: n,
+            clean_accuracy: clean as f64 / n as f64,
+            clean_error: 1.0 - clean as f64 / n as f64,
+            eval_seconds: seconds,
+            attack: Some(format!("autoattack standard linf, eps {:.5}", plan.eps)),
+            eps: Some(plan.eps),
+            robust_examples: Some(n),
+            robust_accuracy: Some(robust as f64 / n as f64),
+            robust_error: Some(1.0 - robust as f64 / n as f64),
+            attack_seconds: Some(seconds),
+            confidence_threshold: None,
+            clean_rejected: None,
+            clean_err_at_threshold: None,
+            robust_err_at_threshold: None,
+        };
+        write_json(&self.out.join("results.json"), &results)?;
+        Ok(results)
+    }
+
     /// Runs a suite of the evaluation pipeline (`rampart-eval`): it writes
     /// `results.json` (schema in docs/results-schema.md), `results.md`, plots and
     /// per-example results into --out, and resumes a run interrupted there.
@@ -520,6 +617,9 @@ impl EvalPlan {
         };
         if let Some(suite) = self.suite.protocol() {
             return self.run_protocol(suite, &model, &method, dataset, &test, &device);
+        }
+        if self.suite == Suite::Autoattack {
+            return self.run_autoattack(&model, &method, dataset, &test);
         }
         let threshold = ConfidenceThreshold::stored(&model)
             .with_context(|| format!("cannot read {}", self.model.display()))?;
