@@ -36,7 +36,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Which steps to time, comma-separated: forward, pgd-step, train-step.
-    #[arg(long, default_value = "forward,pgd-step,train-step", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "forward,pgd-step,train-step",
+        value_delimiter = ','
+    )]
     steps: Vec<String>,
     /// Device: cpu or cuda[:N] (cuda needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
@@ -84,7 +88,12 @@ fn device(name: &str) -> Result<Device> {
     }
 }
 
-fn median_seconds(reps: usize, warmup: usize, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn median_seconds(
+    reps: usize,
+    warmup: usize,
+    dev: &Device,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }

@@ -34,7 +34,8 @@ impl CompareArgs {
             if name.is_empty() {
                 bail!("`{spec}`: the model name is empty");
             }
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
             let report: EvalReport = serde_json::from_str(&text).with_context(|| {
                 format!("{path} is not the results.json of `rampart eval --suite quick|ccat|full`")
             })?;

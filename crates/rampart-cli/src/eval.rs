@@ -139,6 +139,11 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1.0)]
     pub restarts_scale: f64,
 
+    /// quick/ccat/full: the last N test images pick the confidence threshold τ and fit
+    /// the temperature; they are never attacked.
+    #[arg(long, default_value_t = 1000)]
+    pub held_out: usize,
+
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
@@ -169,6 +174,8 @@ pub struct EvalPlan {
     pub protocol_limit: Option<usize>,
     /// quick/ccat/full: seed of every attack.
     pub protocol_seed: u64,
+    /// quick/ccat/full: held-out test images (the last N).
+    pub held_out: usize,
     /// quick/ccat/full: (steps, restarts) multipliers.
     pub effort: (f64, f64),
     /// The output folder.
@@ -222,7 +229,9 @@ impl EvalArgs {
         if self.test_limit == Some(0) {
             bail!("--test-limit must be at least 1");
         }
-        if self.suite.protocol().is_none() && (self.steps_scale != 1.0 || self.restarts_scale != 1.0) {
+        if self.suite.protocol().is_none()
+            && (self.steps_scale != 1.0 || self.restarts_scale != 1.0)
+        {
             bail!("--steps-scale and --restarts-scale apply to the quick, ccat and full suites");
         }
         let attack = match self.suite {
@@ -232,7 +241,9 @@ impl EvalArgs {
                     ("--attack-step-size", self.attack_step_size.is_some()),
                 ] {
                     if given {
-                        bail!("{flag} does not apply to --suite autoattack (its budgets are fixed)");
+                        bail!(
+                            "{flag} does not apply to --suite autoattack (its budgets are fixed)"
+                        );
                     }
                 }
                 if self.attack_limit == Some(0) {
@@ -308,6 +319,7 @@ impl EvalArgs {
             attack,
             protocol_limit: self.attack_limit,
             protocol_seed: self.attack_seed,
+            held_out: at_least_one("--held-out", self.held_out)?,
             effort: (self.steps_scale, self.restarts_scale),
             out: self.out.clone(),
             device: self.device,
@@ -450,7 +462,10 @@ impl EvalPlan {
         dataset: DatasetKind,
         test: &ImageDataset,
     ) -> Result<EvalResults> {
-        let plan = self.attack.as_ref().context("autoattack needs its budget")?;
+        let plan = self
+            .attack
+            .as_ref()
+            .context("autoattack needs its budget")?;
         let n = plan.limit.unwrap_or(test.len()).min(test.len());
         let (lo, hi) = model.bounds();
         let bounds = Bounds::new(lo, hi)?;
@@ -467,9 +482,20 @@ impl EvalPlan {
             let seed = plan.seed.wrapping_add(chunk[0] as u64);
             let eval = aa.evaluate(model, bounds, &xs, &ys, plan.eps, seed)?;
             clean += eval.clean_correct.iter().filter(|&&c| c).count();
-            robust += eval.result.success.iter().zip(&eval.clean_correct).filter(|(s, c)| **c && !**s).count();
+            robust += eval
+                .result
+                .success
+                .iter()
+                .zip(&eval.clean_correct)
+                .filter(|(s, c)| **c && !**s)
+                .count();
             warnings.extend(eval.report.trust.warnings.iter().map(|w| w.to_string()));
-            tracing::info!(done = chunk[chunk.len() - 1] + 1, of = n, robust, "autoattack batch");
+            tracing::info!(
+                done = chunk[chunk.len() - 1] + 1,
+                of = n,
+                robust,
+                "autoattack batch"
+            );
             reports.push(eval.report);
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -526,6 +552,7 @@ impl EvalPlan {
             config.test_limit = self.protocol_limit;
         }
         config.seed = self.protocol_seed;
+        config.held_out = self.held_out;
         config.batch_size = self.batch_size;
         config.device = device.clone();
         let (lo, hi) = model.bounds();

@@ -6,6 +6,7 @@
 //! command line (`command.txt`) beside its outputs. The training loop, the methods and
 //! evaluation live in `rampart-defenses`; this crate only connects them to the shell.
 
+mod attack;
 mod bench;
 mod common;
 mod compare;
@@ -58,6 +59,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate a trained classifier on the test set.
     Eval(eval::EvalArgs),
+    /// Attack a trained model (PGD in L∞/L2/L1/L0, FGSM) and save the adversarial examples.
+    Attack(attack::AttackArgs),
     /// Time forward, attack-step and training-step throughput (images/s).
     Bench(bench::BenchArgs),
     /// Compare evaluated models: tables and plots from their results.json files.
@@ -92,6 +95,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => {
             args.run()?;
         }
+        Command::Attack(args) => {
+            logging::init(None)?;
+            args.run(&command, env_data_dir)?;
+        }
         Command::Compare(args) => {
             println!("comparison written to {}", args.run()?.display());
         }
@@ -113,7 +120,10 @@ fn run(cli: Cli) -> Result<()> {
                 plan.out.display()
             );
             if let (Some(acc), Some(n)) = (results.robust_accuracy, results.robust_examples) {
-                println!("robust accuracy {:.2} % on {n} attacked test examples", 100.0 * acc);
+                println!(
+                    "robust accuracy {:.2} % on {n} attacked test examples",
+                    100.0 * acc
+                );
             }
         }
     }

@@ -502,3 +502,116 @@ fn adversarial_training_and_the_pgd_suite() -> TestResult {
     );
     Ok(())
 }
+
+/// `rampart attack` writes adversarial examples within budget and a summary;
+/// `rampart eval --suite quick` and `rampart compare` write their reports; bad attack
+/// flags are refused with messages naming the flag.
+#[test]
+fn attack_quick_suite_and_compare() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    let model_dir = dir.path().join("m");
+    let run = rampart(&[
+        "--threads",
+        "2",
+        "train",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--data-dir",
+        data,
+        "--out",
+        s(&model_dir),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let model = model_dir.join("model.safetensors");
+
+    let out = dir.path().join("atk");
+    let run = rampart(&[
+        "attack",
+        "--model",
+        s(&model),
+        "--data-dir",
+        data,
+        "--eps",
+        "8/255,16/255",
+        "--steps",
+        "3",
+        "--test-limit",
+        "6",
+        "--out",
+        s(&out),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains("robust accuracy"), "{}", text(&run));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
+    assert_eq!(summary["results"].as_array().map(Vec::len), Some(2));
+    let tensors = candle_core::safetensors::load(
+        out.join("adversarial.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let (adv, norm) = (&tensors["adv_0"], &tensors["norm_0"]);
+    assert_eq!(adv.dims(), &[6, 3, 32, 32]);
+    let max_norm: f32 = norm.max(0)?.to_scalar()?;
+    assert!(
+        max_norm <= 8.0 / 255.0 + 1e-6,
+        "L∞ norm {max_norm} exceeds ε"
+    );
+    let (lo, hi): (f32, f32) = (adv.min_all()?.to_scalar()?, adv.max_all()?.to_scalar()?);
+    assert!(lo >= 0.0 && hi <= 1.0);
+
+    for (flags, needle) in [
+        (vec!["--norm", "l0", "--eps", "2.5"], "integer"),
+        (vec!["--eps", "-1"], "eps"),
+        (vec!["--norm", "l7"], "--norm"),
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--momentum", "1.5"], "momentum"),
+        (vec!["--attack", "cw"], "--attack"),
+    ] {
+        let mut args = vec![
+            "attack",
+            "--model",
+            s(&model),
+            "--data-dir",
+            data,
+            "--out",
+            s(&out),
+        ];
+        args.extend(flags.iter().copied());
+        let run = rampart(&args)?;
+        assert!(!run.status.success(), "{flags:?} was accepted");
+        assert!(text(&run).contains(needle), "{flags:?}: {}", text(&run));
+    }
+
+    let quick = dir.path().join("quick");
+    let run = rampart(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data-dir",
+        data,
+        "--suite",
+        "quick",
+        "--attack-limit",
+        "4",
+        "--held-out",
+        "4",
+        "--steps-scale",
+        "0.25",
+        "--out",
+        s(&quick),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(quick.join("results.json").is_file() && quick.join("results.md").is_file());
+    let cmp = dir.path().join("cmp");
+    let spec = format!("tiny={}", quick.join("results.json").display());
+    let run = rampart(&["compare", "--out", s(&cmp), &spec])?;
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(cmp.join("comparison.md").is_file());
+    Ok(())
+}

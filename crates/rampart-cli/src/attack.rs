@@ -1,0 +1,230 @@
+//! `rampart attack`: one configurable attack on a trained model.
+//!
+//! Builds a [`Pgd`] (or FGSM: `--attack fgsm`, one step of 1.25ε from a random start
+//! as in fast AT) from flags, attacks the first --test-limit test images batch by
+//! batch for every --eps, prints the robust accuracy per ε and writes, into --out,
+//! `adversarial.safetensors` (per ε: the clipped adversarial images `adv_<i>`, and
+//! `labels`, `success_<i>`, `norm_<i>`), `summary.json`, `config.json` and
+//! `command.txt`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use rampart_attacks::{
+    parse_eps, Attack, AttackResult, Bounds, Criterion, Eot, Init, Norm, Objective, Pgd, Restarts,
+    StepSize,
+};
+use rampart_data::DatasetKind;
+use rampart_models::Classifier;
+use serde_json::json;
+
+use crate::common::{
+    at_least_one, create_out_dir, load_data, record_command, resolve_data_dir, write_json,
+    DeviceArg,
+};
+
+fn parse_budget(s: &str) -> std::result::Result<f64, String> {
+    parse_eps(s).map_err(|e| e.to_string())
+}
+
+/// Flags of `rampart attack`.
+#[derive(Args, Debug)]
+pub struct AttackArgs {
+    /// Model file written by `rampart train`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Folder holding the data set; defaults to $RAMPART_DATA_DIR.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Data set: cifar10 or cifar100.
+    #[arg(long, default_value = "cifar10")]
+    dataset: String,
+    /// pgd (projected gradient, the engine of docs/attacks.md) or fgsm (one step of
+    /// 1.25·ε from a uniform random start).
+    #[arg(long, default_value = "pgd")]
+    attack: String,
+    /// Threat model: linf, l2, l1 (top-k sparse steps), l0 (ε = number of values).
+    #[arg(long, default_value = "linf")]
+    norm: String,
+    /// Budget(s) ε, comma-separated, decimals or fractions (e.g. 8/255,16/255).
+    #[arg(long, value_delimiter = ',', value_parser = parse_budget, allow_negative_numbers = true, default_value = "8/255")]
+    eps: Vec<f64>,
+    /// Gradient steps per restart.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Step size as a fraction of ε [default: max(2.5 / steps, 0.1)].
+    #[arg(long)]
+    step_size: Option<f64>,
+    /// Restarts; the per-example worst case is kept.
+    #[arg(long, default_value_t = 1)]
+    restarts: usize,
+    /// Objective: ce, ce-targeted, cw, dlr, conf, distal.
+    #[arg(long, default_value = "ce")]
+    objective: String,
+    /// Initialisation: zero, uniform, uniform-norm.
+    #[arg(long, default_value = "uniform")]
+    init: String,
+    /// Momentum β in [0, 1).
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f64,
+    /// Backtracking factor (> 1): shrink an example's step when the objective drops.
+    #[arg(long)]
+    backtrack: Option<f64>,
+    /// Attack the first N test images [default: all].
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Seed of the random starts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+impl AttackArgs {
+    fn build(&self) -> Result<Pgd> {
+        let norm: Norm = self.norm.parse().context("--norm")?;
+        let objective: Objective = self.objective.parse().context("--objective")?;
+        let init: Init = self.init.parse().context("--init")?;
+        let steps = at_least_one("--steps", self.steps)?;
+        let pgd = match self.attack.as_str() {
+            "pgd" => Pgd {
+                norm,
+                objective,
+                criterion: Criterion::Misclassified,
+                steps,
+                step_size: StepSize::Relative(
+                    self.step_size.unwrap_or((2.5 / steps as f64).max(0.1)),
+                ),
+                momentum: self.momentum,
+                backtrack: self.backtrack,
+                restarts: Restarts::same(at_least_one("--restarts", self.restarts)?, init),
+                early_stop: false,
+                eot: Eot::OFF,
+            },
+            "fgsm" => Pgd {
+                norm,
+                objective,
+                criterion: Criterion::Misclassified,
+                steps: 1,
+                step_size: StepSize::Relative(1.25),
+                momentum: 0.0,
+                backtrack: None,
+                restarts: Restarts::same(at_least_one("--restarts", self.restarts)?, Init::Uniform),
+                early_stop: false,
+                eot: Eot::OFF,
+            },
+            other => bail!("--attack {other}: expected pgd or fgsm"),
+        };
+        pgd.validate().context("invalid attack flags")?;
+        for &eps in &self.eps {
+            norm.check_eps(eps)
+                .with_context(|| format!("--eps {eps}"))?;
+        }
+        Ok(pgd)
+    }
+
+    /// Runs the attack; `command` is recorded beside the outputs.
+    pub fn run(&self, command: &str, env_data_dir: Option<PathBuf>) -> Result<()> {
+        let pgd = self.build()?;
+        if self.test_limit == Some(0) {
+            bail!("--test-limit must be at least 1");
+        }
+        at_least_one("--batch-size", self.batch_size)?;
+        let kind: DatasetKind = self.dataset.parse().context("--dataset")?;
+        let data_dir = resolve_data_dir(self.data_dir.clone(), env_data_dir)?;
+        let device = self.device.open()?;
+        let model = Classifier::load(&self.model, &device)
+            .with_context(|| format!("cannot load the model {}", self.model.display()))?;
+        let (lo, hi) = model.bounds();
+        let bounds = Bounds::new(lo, hi)?;
+        create_out_dir(&self.out)?;
+        record_command(&self.out, command)?;
+        write_json(
+            &self.out.join("config.json"),
+            &json!({"command": "attack", "model": self.model, "dataset": kind.to_string(),
+                    "data_dir": data_dir, "attack": pgd, "eps": self.eps, "test_limit": self.test_limit,
+                    "batch_size": self.batch_size, "seed": self.seed, "device": self.device.to_string()}),
+        )?;
+        let splits = load_data(kind, &data_dir)?;
+        let n = self
+            .test_limit
+            .unwrap_or(splits.test.len())
+            .min(splits.test.len());
+        let started = Instant::now();
+        let mut per_eps: Vec<Vec<AttackResult>> = vec![Vec::new(); self.eps.len()];
+        let mut labels = Vec::new();
+        let indices: Vec<usize> = (0..n).collect();
+        for chunk in indices.chunks(self.batch_size) {
+            let (xs, ys) = splits.test.batch_tensors(chunk, &device)?;
+            labels.push(ys.clone());
+            let seed = self.seed.wrapping_add(chunk[0] as u64);
+            for (i, r) in pgd
+                .run(&model, bounds, &xs, &ys, &self.eps, seed)?
+                .into_iter()
+                .enumerate()
+            {
+                per_eps[i].push(r);
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        tensors.insert(
+            "labels".into(),
+            Tensor::cat(&labels, 0)?.to_device(&Device::Cpu)?,
+        );
+        let mut summary = Vec::new();
+        for (i, (eps, results)) in self.eps.iter().zip(&per_eps).enumerate() {
+            let success: Vec<bool> = results
+                .iter()
+                .flat_map(|r| r.success.iter().copied())
+                .collect();
+            let norms: Vec<f32> = results
+                .iter()
+                .flat_map(|r| r.norm.iter().copied())
+                .collect();
+            let adv: Vec<Tensor> = results.iter().map(|r| r.clipped.clone()).collect();
+            tensors.insert(
+                format!("adv_{i}"),
+                Tensor::cat(&adv, 0)?.to_device(&Device::Cpu)?,
+            );
+            let s: Vec<u8> = success.iter().map(|&b| u8::from(b)).collect();
+            tensors.insert(
+                format!("success_{i}"),
+                Tensor::new(s.as_slice(), &Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("norm_{i}"),
+                Tensor::new(norms.as_slice(), &Device::Cpu)?,
+            );
+            let fooled = success.iter().filter(|&&b| b).count();
+            let robust_accuracy = 1.0 - fooled as f64 / n as f64;
+            println!(
+                "eps {eps:.5}: robust accuracy {:.2} % ({} of {n} images not fooled)",
+                100.0 * robust_accuracy,
+                n - fooled
+            );
+            summary.push(json!({"eps": eps, "index": i, "examples": n, "fooled": fooled,
+                                "robust_accuracy": robust_accuracy, "robust_error": 1.0 - robust_accuracy,
+                                "mean_norm": norms.iter().map(|&v| v as f64).sum::<f64>() / n.max(1) as f64}));
+        }
+        let tmp = self.out.join("adversarial.safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, self.out.join("adversarial.safetensors"))?;
+        write_json(
+            &self.out.join("summary.json"),
+            &json!({"model": self.model, "attack": pgd, "seconds": seconds, "results": summary}),
+        )?;
+        Ok(())
+    }
+}
