@@ -72,7 +72,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .with_context(|| format!("cannot run {}", bin.display()))?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
-        bail!("rampart bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "rampart bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     if !args.compare_pytorch {
         return Ok(());
@@ -99,7 +102,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!("\n| step | rampart images/s | pytorch images/s | ratio |");
     println!("|---|---:|---:|---:|");
     for step in ["forward", "pgd-step", "train-step"] {
-        if let (Some(a), Some(b)) = (images_per_second(&ours, step), images_per_second(&theirs, step)) {
+        if let (Some(a), Some(b)) = (
+            images_per_second(&ours, step),
+            images_per_second(&theirs, step),
+        ) {
             println!("| {step} | {a:.1} | {b:.1} | {:.2} |", a / b);
             println!(
                 "{}",

@@ -329,7 +329,9 @@ pub fn add_protocol(out: &Path, rows: &[ModelRow], suite: &str) -> Result<()> {
             .with_context(|| format!("cannot read {}", path.display()))?;
         let protocol: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
-        let Some(entry) = results["models"].get_mut(row.method).and_then(|e| e.as_object_mut())
+        let Some(entry) = results["models"]
+            .get_mut(row.method)
+            .and_then(|e| e.as_object_mut())
         else {
             continue;
         };

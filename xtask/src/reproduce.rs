@@ -455,7 +455,11 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     compare.arg("compare").arg("--out").arg(&out);
     for (i, row) in rows.iter().enumerate() {
         let dir = protocol_dir(&out, row.method);
-        compare.arg(format!("{}={}", row.method, dir.join("results.json").display()));
+        compare.arg(format!(
+            "{}={}",
+            row.method,
+            dir.join("results.json").display()
+        ));
         if dir.join("results.json").exists() {
             continue;
         }
@@ -463,7 +467,14 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         eval.arg("eval")
             .arg("--model")
             .arg(model_dir(&out, row.method).join("model.safetensors"))
-            .args(["--dataset", &args.dataset, "--device", &device, "--suite", suite]);
+            .args([
+                "--dataset",
+                &args.dataset,
+                "--device",
+                &device,
+                "--suite",
+                suite,
+            ]);
         if let Some(n) = limit {
             eval.args(["--attack-limit", &n.to_string()]);
         }

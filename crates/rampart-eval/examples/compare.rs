@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let refs: Vec<(&str, &EvalReport)> = reports.iter().map(|(n, r)| (n.as_str(), r)).collect();
     compare_models(&refs, Path::new(out))?;
-    println!("{}", std::fs::read_to_string(Path::new(out).join("comparison.md"))?);
+    println!(
+        "{}",
+        std::fs::read_to_string(Path::new(out).join("comparison.md"))?
+    );
     Ok(())
 }
