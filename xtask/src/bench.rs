@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Device: cpu or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Also time one PGD step per threat model with the attack engine (image·steps/s).
+    #[arg(long)]
+    attacks: bool,
     /// Also time the identical network in PyTorch and print the ratios.
     #[arg(long)]
     compare_pytorch: bool,
@@ -64,9 +67,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "--reps".into(),
         args.reps.to_string(),
     ];
+    let steps = if args.attacks {
+        "forward,pgd-step,train-step,attack-linf,attack-l2,attack-l1,attack-l0"
+    } else {
+        "forward,pgd-step,train-step"
+    };
     let out = Command::new(&bin)
         .arg("bench")
         .args(&common)
+        .args(["--steps", steps])
         .args(["--device", &args.device, "--json"])
         .output()
         .with_context(|| format!("cannot run {}", bin.display()))?;

@@ -4,7 +4,10 @@
 //! * `forward`: logits in eval mode;
 //! * `pgd-step`: forward + gradient of the cross-entropy with respect to the input,
 //!   eval mode (one attack iteration, as `rampart-attacks` computes it);
-//! * `train-step`: forward in train mode + backward + one SGD (Nesterov) update.
+//! * `train-step`: forward in train mode + backward + one SGD (Nesterov) update;
+//! * `attack-linf`, `attack-l2`, `attack-l1`, `attack-l0`: a 2-step PGD of
+//!   `rampart-attacks` (momentum 0.9, backtracking) at ε 8/255, 0.5, 12, 10, reported
+//!   in image·steps/s (the `images_per_second` field counts image·steps).
 //!
 //! Each is run `--warmup` times untimed, then `--reps` times; the median wall time
 //! gives images/s. Results are printed as a table and, with `--json`, as one JSON
@@ -15,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use clap::Args;
-use rampart_attacks::{input_gradient, Objective};
+use rampart_attacks::{input_gradient, Attack, Bounds, Norm, Objective, Pgd, StepSize};
 use rampart_defenses::{Sgd, SgdConfig};
 use rampart_models::{Arch, Classifier, ModelSpec};
 use serde::Serialize;
@@ -35,7 +38,8 @@ pub struct BenchArgs {
     /// Untimed repetitions before timing (allocator and caches warm up).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Which steps to time, comma-separated: forward, pgd-step, train-step.
+    /// Which steps to time, comma-separated: forward, pgd-step, train-step,
+    /// attack-linf, attack-l2, attack-l1, attack-l0 (the attacks: image·steps/s).
     #[arg(
         long,
         default_value = "forward,pgd-step,train-step",
@@ -49,6 +53,9 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
 }
+
+/// Gradient steps of the `attack-*` benchmarks (their time is reported per step).
+const ATTACK_STEPS: usize = 2;
 
 /// One measured step.
 #[derive(Debug, Serialize)]
@@ -142,7 +149,30 @@ impl BenchArgs {
                         Ok(())
                     })?
                 }
-                other => bail!("unknown step `{other}` (expected forward, pgd-step, train-step)"),
+                attack if attack.starts_with("attack-") => {
+                    let (norm, eps) = match &attack["attack-".len()..] {
+                        "linf" => (Norm::Linf, 8.0 / 255.0),
+                        "l2" => (Norm::L2, 0.5),
+                        "l1" => (Norm::l1(), 12.0),
+                        "l0" => (Norm::L0, 10.0),
+                        other => bail!("unknown attack norm `{other}` (linf, l2, l1, l0)"),
+                    };
+                    let pgd = Pgd {
+                        norm,
+                        steps: ATTACK_STEPS,
+                        step_size: StepSize::Relative(0.25),
+                        momentum: 0.9,
+                        backtrack: Some(1.5),
+                        ..Pgd::linf_pgd20()
+                    };
+                    median_seconds(self.reps, self.warmup, &dev, || {
+                        pgd.run(&model, Bounds::new(0.0, 1.0)?, &xs, &ys, &[eps], 0)?;
+                        Ok(())
+                    })? / ATTACK_STEPS as f64
+                }
+                other => bail!(
+                    "unknown step `{other}` (expected forward, pgd-step, train-step, attack-linf, attack-l2, attack-l1, attack-l0)"
+                ),
             };
             lines.push(BenchLine {
                 step: step.clone(),
