@@ -225,7 +225,6 @@ impl Preset {
         }
     }
 
-    /// Test images attacked by PGD-20 (the first N), or all.
     /// The evaluation protocol run on every model after training (see
     /// docs/evaluation.md) and how many test images it attacks.
     pub fn protocol(self) -> (&'static str, Option<usize>) {
@@ -236,6 +235,7 @@ impl Preset {
         }
     }
 
+    /// Test images attacked by PGD-20 (the first N), or all.
     pub fn robust_examples(self) -> Option<usize> {
         match self {
             Preset::Smoke => Some(SMOKE_ROBUST_EXAMPLES),
