@@ -7,24 +7,13 @@
 //! [`BnBackward`] that yields the input, scale and shift gradients together. The
 //! activations are viewed as a (N, C) matrix (N = B·H·W), rows split across threads.
 
-use candle_core::backend::BackendStorage;
+use crate::im2col::f32_slice;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per parallel work item, scaled so each item touches about 64 KiB.
 fn chunk_rows(c: usize) -> usize {
     (16_384 / c.max(1)).max(1)
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(d) => d.as_slice(),
-        other => candle_core::bail!("{op}: only f32 is supported, got {:?}", other.dtype()),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
 }
 
 fn rows_cols(l: &Layout, op: &str) -> Result<(usize, usize)> {
@@ -66,7 +55,7 @@ impl CustomOp1 for ChannelStats {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
+        let x = f32_slice(s, l, self.name())?;
         let (n, c) = rows_cols(l, self.name())?;
         if n == 0 {
             candle_core::bail!("batch norm over an empty batch")
@@ -124,9 +113,9 @@ impl CustomOp3 for BnForward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
-        let g = slice(s2, l2, self.name())?;
-        let b = slice(s3, l3, self.name())?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
         let (n, c) = rows_cols(l1, self.name())?;
         self.check(c, g, b)?;
         let scale: Vec<f32> = g.iter().zip(&self.inv_std).map(|(g, s)| g * s).collect();
@@ -202,8 +191,8 @@ impl CustomOp2 for BnBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
-        let dy = slice(s2, l2, self.name())?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let dy = f32_slice(s2, l2, self.name())?;
         let (n, c) = rows_cols(l1, self.name())?;
         if l2.shape().dims() != [n, c] {
             candle_core::bail!("batch norm backward: gradient shape {:?}", l2.shape())

@@ -151,7 +151,9 @@ fn col2im(g: &Geometry, cols: &[f32], images: &mut [f32]) {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The contiguous f32 data of a custom op's operand; other dtypes and strided layouts
+/// are refused with an error naming `op`.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d.as_slice(),
         other => candle_core::bail!("{op}: only f32 is supported, got {:?}", other.dtype()),
