@@ -17,10 +17,15 @@ pub mod layers;
 pub mod resnet;
 mod spec;
 mod store;
+pub mod variant;
 pub mod wrn;
 
 pub use spec::{Arch, ModelSpec};
 pub use store::METADATA_SPEC_KEY;
+pub use variant::{NoiseSpec, OatSpec};
+
+/// Name of the buffer holding an OAT model's λ codes (L, code_dim).
+pub const LAMBDA_CODES: &str = "lambda_codes";
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -28,6 +33,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 /// Errors from building, saving or loading models.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,12 @@ pub struct Classifier {
     inv_std: Tensor,
     metadata: BTreeMap<String, String>,
     device: Device,
+    /// State shared with the variant layers (λ condition, noise generator).
+    ctx: Arc<variant::Context>,
+    /// λ used by `forward_t` of an OAT model.
+    lambda: Mutex<f32>,
+    /// Held while a λ condition is installed in `ctx`.
+    forward_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -134,7 +146,18 @@ impl Classifier {
         spec.validate()?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let net = spec.build(vb)?;
+        let ctx = Arc::new(variant::Context::new(seed));
+        let opts = variant::NormOptions {
+            noise: spec.noise.is_some(),
+            oat: spec.oat.as_ref().map(|o| o.code_dim),
+            ctx: ctx.clone(),
+        };
+        let net = spec.build(vb, &opts)?;
+        let lambda = spec
+            .oat
+            .as_ref()
+            .and_then(|o| o.lambdas.last().copied())
+            .unwrap_or(0.0);
         let c = spec.input_shape[0];
         let mean = Tensor::from_vec(spec.mean.clone(), c, device)?;
         let inv_std = Tensor::from_vec(
@@ -150,6 +173,9 @@ impl Classifier {
             inv_std,
             metadata: BTreeMap::new(),
             device: device.clone(),
+            ctx,
+            lambda: Mutex::new(lambda),
+            forward_lock: Mutex::new(()),
         };
         model.initialise(seed)?;
         Ok(model)
@@ -160,7 +186,20 @@ impl Classifier {
         for (name, var) in self.named_vars() {
             let dims = var.dims().to_vec();
             let n: usize = dims.iter().product();
-            let values: Vec<f32> = if name.ends_with("running_var") {
+            let values: Vec<f32> = if name == LAMBDA_CODES {
+                variant::orthonormal_rows(dims[0], dims[1], &mut rng)
+            } else if name.ends_with("noise.alpha") {
+                let alpha = self.spec.noise.as_ref().map_or(0.0, |s| s.alpha);
+                vec![alpha; n]
+            } else if name.contains("film.fc2.") || name.ends_with("running_std") {
+                // FiLM starts as the identity; the noise scale estimate starts at 1.
+                let v = if name.ends_with("running_std") {
+                    1.0
+                } else {
+                    0.0
+                };
+                vec![v; n]
+            } else if name.ends_with("running_var") {
                 vec![1.0; n]
             } else if name.ends_with("running_mean") || name.ends_with("bias") {
                 vec![0.0; n]
@@ -255,6 +294,174 @@ impl Classifier {
     }
 }
 
+impl Classifier {
+    /// Normalises NCHW inputs while turning them into the NHWC layout the layers use.
+    fn normalise(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        xs.permute((0, 2, 3, 1))?
+            .broadcast_sub(&self.mean)?
+            .broadcast_mul(&self.inv_std)
+    }
+
+    fn forward_conditioned(
+        &self,
+        xs: &Tensor,
+        lambdas: &[f32],
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let Some(oat) = &self.spec.oat else {
+            candle_core::bail!("model {} is not λ-conditioned", self.spec.arch)
+        };
+        let codes_var = self
+            .named_vars()
+            .into_iter()
+            .find(|(n, _)| n == LAMBDA_CODES)
+            .map(|(_, v)| v)
+            .ok_or_else(|| candle_core::Error::Msg("the λ codes are missing".into()))?;
+        let codes = codes_var.as_tensor().to_vec2::<f32>()?;
+        let encoded = oat.encode(&codes, lambdas);
+        let codes = Tensor::from_vec(encoded, (lambdas.len(), oat.code_dim), &self.device)?;
+        let condition = variant::Condition::new(lambdas, codes)?;
+        let _guard = self.forward_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.ctx.set_condition(Some(condition));
+        let out = self.net.forward_t(xs, train);
+        self.ctx.set_condition(None);
+        out
+    }
+
+    /// Logits (B, K) of an OAT model with one λ per example: xs (B, C, H, W) in
+    /// bounds, `lambdas` B values in [0, 1]. Errors for a model that is not λ-conditioned.
+    pub fn forward_lambdas(
+        &self,
+        xs: &Tensor,
+        lambdas: &[f32],
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        layers::ensure_float(xs)?;
+        let b = xs.dim(0)?;
+        if lambdas.len() != b {
+            candle_core::bail!("{} λ values for a batch of {b}", lambdas.len())
+        }
+        if let Some(bad) = lambdas
+            .iter()
+            .find(|l| !(l.is_finite() && (0.0..=1.0).contains(*l)))
+        {
+            candle_core::bail!("λ must lie in [0, 1], got {bad}")
+        }
+        let xs = self.normalise(xs)?;
+        self.forward_conditioned(&xs, lambdas, train)
+    }
+
+    /// The λ `forward_t` uses, for a λ-conditioned (OAT) model; by default the largest
+    /// training λ (the most robust setting).
+    pub fn lambda(&self) -> Option<f32> {
+        self.spec
+            .oat
+            .as_ref()
+            .map(|_| *self.lambda.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Sets the λ `forward_t` uses; errors for a model that is not λ-conditioned or a
+    /// λ outside [0, 1].
+    pub fn set_lambda(&self, lambda: f32) -> Result<()> {
+        if self.spec.oat.is_none() {
+            return Err(ModelError::InvalidSpec(format!(
+                "λ applies only to once-for-all (OAT) models; this {} is not λ-conditioned",
+                self.spec.arch
+            )));
+        }
+        if !(lambda.is_finite() && (0.0..=1.0).contains(&lambda)) {
+            return Err(ModelError::InvalidSpec(format!(
+                "λ must lie in [0, 1], got {lambda}"
+            )));
+        }
+        *self.lambda.lock().unwrap_or_else(|p| p.into_inner()) = lambda;
+        Ok(())
+    }
+
+    /// Whether the model's output is random (a stochastic student with noise on).
+    pub fn is_stochastic(&self) -> bool {
+        self.spec.noise.is_some() && self.ctx.noise_scale() > 0.0
+    }
+
+    /// Multiplies every layer's injected noise by `scale` ≥ 0 (0 makes a stochastic
+    /// student deterministic; 1, the default, is the trained noise level).
+    pub fn set_noise_scale(&self, scale: f32) -> Result<()> {
+        if self.spec.noise.is_none() {
+            return Err(ModelError::InvalidSpec(
+                "a noise scale applies only to stochastic students (models with noise injection)"
+                    .into(),
+            ));
+        }
+        if !(scale.is_finite() && scale >= 0.0) {
+            return Err(ModelError::InvalidSpec(format!(
+                "the noise scale must be finite and ≥ 0, got {scale}"
+            )));
+        }
+        self.ctx.set_noise_scale(scale);
+        Ok(())
+    }
+
+    /// The current noise scale (1 unless changed; meaningless for deterministic models).
+    pub fn noise_scale(&self) -> f32 {
+        self.ctx.noise_scale()
+    }
+
+    /// Restarts the noise generator of a stochastic student from `seed`, so the
+    /// sequence of noise draws of the following forward passes is reproducible.
+    pub fn reseed_noise(&self, seed: u64) {
+        self.ctx.reseed(seed);
+    }
+
+    /// The learnable noise factors α of a stochastic student's layers, by variable name.
+    pub fn noise_alphas(&self) -> Result<Vec<(String, f32)>> {
+        let mut out = Vec::new();
+        for (name, var) in self.named_vars() {
+            if name.ends_with("noise.alpha") {
+                out.push((name, var.as_tensor().flatten_all()?.to_vec1::<f32>()?[0]));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Initialises this model from a teacher with the same architecture: every
+    /// variable of the teacher is copied into the variable of the same name here
+    /// (a stochastic student or an OAT model built on the teacher's architecture has
+    /// all of them). Returns the names of this model's variables the teacher lacks
+    /// (noise factors, FiLM, second BatchNorm), which keep their initial values.
+    pub fn init_from(&self, teacher: &Classifier) -> Result<Vec<String>> {
+        let strip = |s: &ModelSpec| ModelSpec {
+            noise: None,
+            oat: None,
+            ..s.clone()
+        };
+        if strip(&teacher.spec) != strip(&self.spec) {
+            return Err(ModelError::InvalidSpec(format!(
+                "cannot initialise a {} model from a {} teacher: architecture, classes, input or normalisation differ",
+                self.spec.arch, teacher.spec.arch
+            )));
+        }
+        let mine: BTreeMap<String, Var> = self.named_vars().into_iter().collect();
+        let mut copied = std::collections::BTreeSet::new();
+        for (name, src) in teacher.named_vars() {
+            let dst = mine.get(&name).ok_or_else(|| {
+                ModelError::InvalidSpec(format!(
+                    "the teacher's variable `{name}` has no counterpart in the student"
+                ))
+            })?;
+            if dst.dims() != src.dims() {
+                return Err(ModelError::InvalidSpec(format!(
+                    "variable `{name}`: teacher {:?} vs student {:?}",
+                    src.dims(),
+                    dst.dims()
+                )));
+            }
+            dst.set(&src.as_tensor().to_device(&self.device)?)?;
+            copied.insert(name);
+        }
+        Ok(mine.into_keys().filter(|n| !copied.contains(n)).collect())
+    }
+}
+
 thread_local! {
     static INPUT_GRADIENTS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -279,9 +486,13 @@ pub(crate) fn input_gradients_only_active() -> bool {
     INPUT_GRADIENTS_ONLY.with(|c| c.get())
 }
 
-/// Whether a variable name denotes a BatchNorm running statistic (not trained by SGD).
+/// Whether a variable name denotes a buffer, not trained by SGD: BatchNorm running
+/// statistics, the running noise scale of a stochastic student, OAT's λ codes.
 pub fn is_buffer(name: &str) -> bool {
-    name.ends_with("running_mean") || name.ends_with("running_var")
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("running_std")
+        || name == LAMBDA_CODES
 }
 
 fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
@@ -306,14 +517,18 @@ impl ModuleT for Classifier {
                 xs.dims()
             );
         }
-        // Normalise while turning NCHW into the NHWC layout the layers work in.
-        let xs = xs
-            .permute((0, 2, 3, 1))?
-            .broadcast_sub(&self.mean)?
-            .broadcast_mul(&self.inv_std)?;
-        self.net.forward_t(&xs, train)
+        let xs = self.normalise(xs)?;
+        match &self.spec.oat {
+            None => self.net.forward_t(&xs, train),
+            Some(_) => {
+                let lambdas = vec![self.lambda().unwrap_or(0.0); xs.dim(0)?];
+                self.forward_conditioned(&xs, &lambdas, train)
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod variant_tests;

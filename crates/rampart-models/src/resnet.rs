@@ -1,6 +1,7 @@
 //! ResNet-20 as used by CCAT (post-activation, 64/128/256 channels) and PreActResNet-18.
 
-use crate::layers::{batch_norm, conv, global_avg_pool, linear, BatchNorm, Conv, Linear};
+use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
+use crate::variant::{Norm, NormOptions};
 use crate::wrn::{preact_block, PreActBlock};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -10,26 +11,32 @@ use candle_nn::VarBuilder;
 #[derive(Clone, Debug)]
 pub struct BasicBlock {
     conv1: Conv,
-    bn1: BatchNorm,
+    bn1: Norm,
     conv2: Conv,
-    bn2: BatchNorm,
-    shortcut: Option<(Conv, BatchNorm)>,
+    bn2: Norm,
+    shortcut: Option<(Conv, Norm)>,
 }
 
-fn basic_block(c_in: usize, c_out: usize, stride: usize, vb: VarBuilder) -> Result<BasicBlock> {
+fn basic_block(
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+    vb: VarBuilder,
+    opts: &NormOptions,
+) -> Result<BasicBlock> {
     let shortcut = if c_in != c_out || stride != 1 {
         Some((
             conv(c_in, c_out, 1, stride, vb.pp("shortcut"))?,
-            batch_norm(c_out, vb.pp("shortcut_bn"))?,
+            opts.norm(c_out, vb.pp("shortcut_bn"))?,
         ))
     } else {
         None
     };
     Ok(BasicBlock {
         conv1: conv(c_in, c_out, 3, stride, vb.pp("conv1"))?,
-        bn1: batch_norm(c_out, vb.pp("bn1"))?,
+        bn1: opts.norm(c_out, vb.pp("bn1"))?,
         conv2: conv(c_out, c_out, 3, 1, vb.pp("conv2"))?,
-        bn2: batch_norm(c_out, vb.pp("bn2"))?,
+        bn2: opts.norm(c_out, vb.pp("bn2"))?,
         shortcut,
     })
 }
@@ -52,13 +59,18 @@ impl ModuleT for BasicBlock {
 #[derive(Clone, Debug)]
 pub struct ResNet20 {
     stem: Conv,
-    stem_bn: BatchNorm,
+    stem_bn: Norm,
     blocks: Vec<BasicBlock>,
     fc: Linear,
 }
 
 /// Builds ResNet-20 (CCAT widths) for `num_classes` classes.
-pub fn resnet20(in_channels: usize, num_classes: usize, vb: VarBuilder) -> Result<ResNet20> {
+pub fn resnet20(
+    in_channels: usize,
+    num_classes: usize,
+    vb: VarBuilder,
+    opts: &NormOptions,
+) -> Result<ResNet20> {
     let widths = [64, 128, 256];
     let mut blocks = Vec::with_capacity(9);
     let mut c_in = 64;
@@ -66,13 +78,13 @@ pub fn resnet20(in_channels: usize, num_classes: usize, vb: VarBuilder) -> Resul
         for b in 0..3 {
             let stride = if b == 0 && s > 0 { 2 } else { 1 };
             let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
-            blocks.push(basic_block(c_in, c_out, stride, vb_b)?);
+            blocks.push(basic_block(c_in, c_out, stride, vb_b, opts)?);
             c_in = c_out;
         }
     }
     Ok(ResNet20 {
         stem: conv(in_channels, 64, 3, 1, vb.pp("stem"))?,
-        stem_bn: batch_norm(64, vb.pp("stem_bn"))?,
+        stem_bn: opts.norm(64, vb.pp("stem_bn"))?,
         blocks,
         fc: linear(c_in, num_classes, vb.pp("fc"))?,
     })
@@ -96,7 +108,7 @@ impl ModuleT for ResNet20 {
 pub struct PreActResNet18 {
     stem: Conv,
     blocks: Vec<PreActBlock>,
-    bn: BatchNorm,
+    bn: Norm,
     fc: Linear,
 }
 
@@ -105,6 +117,7 @@ pub fn preact_resnet18(
     in_channels: usize,
     num_classes: usize,
     vb: VarBuilder,
+    opts: &NormOptions,
 ) -> Result<PreActResNet18> {
     let widths = [64, 128, 256, 512];
     let mut blocks = Vec::with_capacity(8);
@@ -113,14 +126,14 @@ pub fn preact_resnet18(
         for b in 0..2 {
             let stride = if b == 0 && s > 0 { 2 } else { 1 };
             let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
-            blocks.push(preact_block(c_in, c_out, stride, vb_b)?);
+            blocks.push(preact_block(c_in, c_out, stride, vb_b, opts)?);
             c_in = c_out;
         }
     }
     Ok(PreActResNet18 {
         stem: conv(in_channels, 64, 3, 1, vb.pp("stem"))?,
         blocks,
-        bn: batch_norm(c_in, vb.pp("bn"))?,
+        bn: opts.norm(c_in, vb.pp("bn"))?,
         fc: linear(c_in, num_classes, vb.pp("fc"))?,
     })
 }

@@ -95,6 +95,13 @@ pub struct ModelSpec {
     pub std: Vec<f32>,
     /// Bounds [lo, hi] of valid inputs.
     pub bounds: [f32; 2],
+    /// Adaptive noise injection after every BatchNorm: a stochastic student
+    /// (absent in files of deterministic models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<crate::variant::NoiseSpec>,
+    /// λ conditioning (FiLM + dual BatchNorm) of a once-for-all model (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oat: Option<crate::variant::OatSpec>,
 }
 
 /// CIFAR-10 per-channel mean of the training set.
@@ -112,6 +119,8 @@ impl ModelSpec {
             mean: CIFAR10_MEAN.to_vec(),
             std: CIFAR10_STD.to_vec(),
             bounds: [0.0, 1.0],
+            noise: None,
+            oat: None,
         }
     }
 
@@ -156,18 +165,40 @@ impl ModelSpec {
                 "bounds [{lo}, {hi}] must be finite with lo < hi"
             )));
         }
+        if let Some(noise) = &self.noise {
+            if !(noise.alpha.is_finite() && noise.alpha >= 0.0) {
+                return Err(ModelError::InvalidSpec(format!(
+                    "the noise factor α must be finite and ≥ 0, got {}",
+                    noise.alpha
+                )));
+            }
+        }
+        if let Some(oat) = &self.oat {
+            oat.validate().map_err(ModelError::InvalidSpec)?;
+        }
         Ok(())
     }
 
-    pub(crate) fn build(&self, vb: VarBuilder) -> Result<Box<dyn ModuleT + Send + Sync>> {
+    pub(crate) fn build(
+        &self,
+        vb: VarBuilder,
+        opts: &crate::variant::NormOptions,
+    ) -> Result<Box<dyn ModuleT + Send + Sync>> {
         let c = self.input_shape[0];
         let k = self.num_classes;
+        if let Some(oat) = &self.oat {
+            vb.get_with_hints(
+                (oat.lambdas.len(), oat.code_dim),
+                crate::LAMBDA_CODES,
+                candle_nn::Init::Const(0.0),
+            )?;
+        }
         Ok(match self.arch {
             Arch::Wrn { depth, widen } => {
-                Box::new(crate::wrn::wide_resnet(depth, widen, c, k, vb)?)
+                Box::new(crate::wrn::wide_resnet(depth, widen, c, k, vb, opts)?)
             }
-            Arch::Resnet20 => Box::new(crate::resnet::resnet20(c, k, vb)?),
-            Arch::PreactResnet18 => Box::new(crate::resnet::preact_resnet18(c, k, vb)?),
+            Arch::Resnet20 => Box::new(crate::resnet::resnet20(c, k, vb, opts)?),
+            Arch::PreactResnet18 => Box::new(crate::resnet::preact_resnet18(c, k, vb, opts)?),
         })
     }
 }

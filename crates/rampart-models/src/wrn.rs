@@ -1,6 +1,7 @@
 //! Wide residual networks WRN-d-k (Zagoruyko & Komodakis 2016), pre-activation form.
 
-use crate::layers::{batch_norm, conv, global_avg_pool, linear, BatchNorm, Conv, Linear};
+use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
+use crate::variant::{Norm, NormOptions};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -8,9 +9,9 @@ use candle_nn::VarBuilder;
 /// When the shape changes the shortcut is a 1×1 convolution of the pre-activated input.
 #[derive(Clone, Debug)]
 pub struct PreActBlock {
-    bn1: BatchNorm,
+    bn1: Norm,
     conv1: Conv,
-    bn2: BatchNorm,
+    bn2: Norm,
     conv2: Conv,
     shortcut: Option<Conv>,
 }
@@ -21,6 +22,7 @@ pub fn preact_block(
     c_out: usize,
     stride: usize,
     vb: VarBuilder,
+    opts: &NormOptions,
 ) -> Result<PreActBlock> {
     let shortcut = if c_in != c_out || stride != 1 {
         Some(conv(c_in, c_out, 1, stride, vb.pp("shortcut"))?)
@@ -28,9 +30,9 @@ pub fn preact_block(
         None
     };
     Ok(PreActBlock {
-        bn1: batch_norm(c_in, vb.pp("bn1"))?,
+        bn1: opts.norm(c_in, vb.pp("bn1"))?,
         conv1: conv(c_in, c_out, 3, stride, vb.pp("conv1"))?,
-        bn2: batch_norm(c_out, vb.pp("bn2"))?,
+        bn2: opts.norm(c_out, vb.pp("bn2"))?,
         conv2: conv(c_out, c_out, 3, 1, vb.pp("conv2"))?,
         shortcut,
     })
@@ -56,7 +58,7 @@ impl ModuleT for PreActBlock {
 pub struct WideResNet {
     stem: Conv,
     blocks: Vec<PreActBlock>,
-    bn: BatchNorm,
+    bn: Norm,
     fc: Linear,
 }
 
@@ -68,6 +70,7 @@ pub fn wide_resnet(
     in_channels: usize,
     num_classes: usize,
     vb: VarBuilder,
+    opts: &NormOptions,
 ) -> Result<WideResNet> {
     let n = (depth - 4) / 6;
     let widths = [16 * widen, 32 * widen, 64 * widen];
@@ -78,14 +81,14 @@ pub fn wide_resnet(
         for b in 0..n {
             let stride = if b == 0 && s > 0 { 2 } else { 1 };
             let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
-            blocks.push(preact_block(c_in, c_out, stride, vb_b)?);
+            blocks.push(preact_block(c_in, c_out, stride, vb_b, opts)?);
             c_in = c_out;
         }
     }
     Ok(WideResNet {
         stem,
         blocks,
-        bn: batch_norm(c_in, vb.pp("bn"))?,
+        bn: opts.norm(c_in, vb.pp("bn"))?,
         fc: linear(c_in, num_classes, vb.pp("fc"))?,
     })
 }

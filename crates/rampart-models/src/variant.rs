@@ -1,0 +1,437 @@
+//! Model variants built around the normalisation layers: the **stochastic student**
+//! (adaptive noise injection) and the **λ-conditioned once-for-all (OAT) model**
+//! (FiLM layers and dual BatchNorm).
+//!
+//! Every architecture builds its BatchNorms through [`NormOptions::norm`]; a plain
+//! model gets a [`Norm`] that is exactly the fused BatchNorm(+ReLU), a variant adds,
+//! in this order, after the BatchNorm and before the ReLU:
+//!
+//! 1. **dual BatchNorm** (OAT): examples conditioned on λ = 0 are normalised by the
+//!    layer's own BatchNorm (`bn…`), examples with λ > 0 by a second one
+//!    (`bn….adv`), each with its own batch statistics and running estimates;
+//! 2. **FiLM** (OAT): h ← h ⊙ (1 + γ) + β with (γ, β) = W₂·ReLU(W₁·e(λ) + b₁) + b₂,
+//!    an MLP code_dim → 2C → 2C of the example's λ code e(λ). W₂ and b₂ start at zero,
+//!    so an untrained FiLM is the identity;
+//! 3. **adaptive noise** (stochastic student): h ← h + s·α·σ ⊙ z, z ~ N(0, I) drawn
+//!    afresh for every element on every forward pass (training *and* evaluation: the
+//!    student is a random function), α a learnable scalar per layer, σ the per-channel
+//!    standard deviation of h: over the current mini-batch (B·H·W values per channel)
+//!    in training, where it is treated as a constant in the backward pass, and its
+//!    running average (momentum 0.1, like BatchNorm's) in evaluation, so a test
+//!    prediction never depends on the other images of its batch. s is the test-time
+//!    noise scale ([`crate::Classifier::set_noise_scale`], 1 by default).
+//!
+//! λ codes: one fixed random orthonormal vector of `code_dim` entries per training λ
+//! (a saved buffer, `lambda_codes`); a λ between two training values gets the linear
+//! interpolation of their codes, a λ outside their range is clamped to it.
+
+use crate::layers::{batch_norm, linear, BatchNorm, Linear};
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Adaptive noise injection after every BatchNorm (a stochastic student).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NoiseSpec {
+    /// Initial value of every layer's learnable noise factor α (≥ 0).
+    pub alpha: f32,
+}
+
+/// λ conditioning by FiLM and dual BatchNorm (once-for-all adversarial training).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OatSpec {
+    /// The λ values seen in training, strictly increasing, within [0, 1].
+    pub lambdas: Vec<f32>,
+    /// Length of each λ code (≥ number of λ values, so the codes can be orthonormal).
+    pub code_dim: usize,
+}
+
+impl OatSpec {
+    /// The published setting: λ ∈ {0, 0.1, 0.2, 0.3, 0.4, 1.0}, 128-d codes.
+    pub fn standard() -> Self {
+        OatSpec {
+            lambdas: vec![0.0, 0.1, 0.2, 0.3, 0.4, 1.0],
+            code_dim: 128,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        if self.lambdas.is_empty() {
+            return Err("OAT needs at least one λ value".into());
+        }
+        if self
+            .lambdas
+            .iter()
+            .any(|l| !(l.is_finite() && (0.0..=1.0).contains(l)))
+        {
+            return Err(format!(
+                "OAT λ values must lie in [0, 1], got {:?}",
+                self.lambdas
+            ));
+        }
+        if self.lambdas.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!(
+                "OAT λ values must be strictly increasing, got {:?}",
+                self.lambdas
+            ));
+        }
+        if self.code_dim < self.lambdas.len() {
+            return Err(format!(
+                "OAT code_dim {} is smaller than the number of λ values {}",
+                self.code_dim,
+                self.lambdas.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The code of each λ (rows of `codes`: (L, D), one per training λ), interpolated
+    /// linearly between neighbouring training values and clamped to their range.
+    pub fn encode(&self, codes: &[Vec<f32>], lambdas: &[f32]) -> Vec<f32> {
+        let d = self.code_dim;
+        let mut out = Vec::with_capacity(lambdas.len() * d);
+        for &lam in lambdas {
+            let ls = &self.lambdas;
+            let lam = lam.clamp(ls[0], ls[ls.len() - 1]);
+            let i = ls.iter().rposition(|&l| l <= lam).unwrap_or(0);
+            if i + 1 >= ls.len() || ls[i] == lam {
+                out.extend_from_slice(&codes[i]);
+            } else {
+                let w = (lam - ls[i]) / (ls[i + 1] - ls[i]);
+                out.extend(
+                    codes[i]
+                        .iter()
+                        .zip(&codes[i + 1])
+                        .map(|(a, b)| (1.0 - w) * a + w * b),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// The per-forward state the normalisation layers read: the λ condition of the
+/// current batch and the noise generator.
+#[derive(Debug)]
+pub(crate) struct Context {
+    condition: RwLock<Option<Condition>>,
+    noise: Mutex<NoiseState>,
+}
+
+#[derive(Debug)]
+struct NoiseState {
+    rng: ChaCha8Rng,
+    scale: f32,
+}
+
+/// The λ condition of one batch, as the layers need it.
+#[derive(Clone, Debug)]
+pub(crate) struct Condition {
+    /// λ codes (B, code_dim).
+    pub codes: Tensor,
+    /// Rows with λ = 0 and rows with λ > 0 (u32 index tensors) and the permutation
+    /// undoing their concatenation; `None` when all rows fall in one group.
+    pub split: Option<Split>,
+    /// Whether every row has λ = 0 (only meaningful when `split` is `None`).
+    pub all_clean: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Split {
+    clean: Tensor,
+    adv: Tensor,
+    inverse: Tensor,
+}
+
+impl Context {
+    pub(crate) fn new(seed: u64) -> Self {
+        Context {
+            condition: RwLock::new(None),
+            noise: Mutex::new(NoiseState {
+                rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6e6f_6973_6521),
+                scale: 1.0,
+            }),
+        }
+    }
+
+    fn noise_state(&self) -> std::sync::MutexGuard<'_, NoiseState> {
+        self.noise.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn reseed(&self, seed: u64) {
+        self.noise_state().rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6e6f_6973_6521);
+    }
+
+    pub(crate) fn set_noise_scale(&self, scale: f32) {
+        self.noise_state().scale = scale;
+    }
+
+    pub(crate) fn noise_scale(&self) -> f32 {
+        self.noise_state().scale
+    }
+
+    /// A fresh seed for one layer's noise, from the model's generator.
+    fn next_noise_seed(&self) -> (u64, f32) {
+        let mut st = self.noise_state();
+        let seed = st.rng.gen();
+        (seed, st.scale)
+    }
+
+    pub(crate) fn set_condition(&self, c: Option<Condition>) {
+        *self.condition.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    fn condition(&self) -> Option<Condition> {
+        self.condition
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Condition {
+    /// The condition of a batch with per-row λ (host values) and their codes (B, D).
+    pub(crate) fn new(lambdas: &[f32], codes: Tensor) -> Result<Self> {
+        let device = codes.device().clone();
+        let clean: Vec<u32> = (0..lambdas.len() as u32)
+            .filter(|&i| lambdas[i as usize] == 0.0)
+            .collect();
+        let adv: Vec<u32> = (0..lambdas.len() as u32)
+            .filter(|&i| lambdas[i as usize] != 0.0)
+            .collect();
+        let split = if clean.is_empty() || adv.is_empty() {
+            None
+        } else {
+            let mut inverse = vec![0u32; lambdas.len()];
+            for (pos, &row) in clean.iter().chain(&adv).enumerate() {
+                inverse[row as usize] = pos as u32;
+            }
+            Some(Split {
+                clean: Tensor::new(clean.as_slice(), &device)?,
+                adv: Tensor::new(adv.as_slice(), &device)?,
+                inverse: Tensor::new(inverse.as_slice(), &device)?,
+            })
+        };
+        Ok(Condition {
+            codes,
+            split,
+            all_clean: adv.is_empty(),
+        })
+    }
+}
+
+/// How the architectures build their normalisation layers.
+#[derive(Clone, Debug)]
+pub struct NormOptions {
+    pub(crate) noise: bool,
+    pub(crate) oat: Option<usize>,
+    pub(crate) ctx: Arc<Context>,
+}
+
+impl NormOptions {
+    /// Plain BatchNorm layers.
+    pub fn plain() -> Self {
+        NormOptions {
+            noise: false,
+            oat: None,
+            ctx: Arc::new(Context::new(0)),
+        }
+    }
+
+    /// A normalisation layer over `c` channels, its variables under `vb`.
+    pub fn norm(&self, c: usize, vb: VarBuilder) -> Result<Norm> {
+        let bn = batch_norm(c, vb.clone())?;
+        let (bn_adv, film) = match self.oat {
+            Some(code_dim) => (
+                Some(batch_norm(c, vb.pp("adv"))?),
+                Some(Film {
+                    fc1: linear(code_dim, 2 * c, vb.pp("film").pp("fc1"))?,
+                    fc2: linear(2 * c, 2 * c, vb.pp("film").pp("fc2"))?,
+                    c,
+                }),
+            ),
+            None => (None, None),
+        };
+        let noise = if self.noise {
+            let vb = vb.pp("noise");
+            let running = vb.get_with_hints(c, "running_std", candle_nn::Init::Const(1.0))?;
+            Some(Noise {
+                alpha: vb.get_with_hints(1, "alpha", candle_nn::Init::Const(0.0))?,
+                running_std: Var::from_tensor(&running)?,
+            })
+        } else {
+            None
+        };
+        Ok(Norm {
+            bn,
+            bn_adv,
+            film,
+            noise,
+            ctx: self.ctx.clone(),
+        })
+    }
+}
+
+/// A BatchNorm with the optional dual BatchNorm, FiLM and noise of the variants.
+#[derive(Clone, Debug)]
+pub struct Norm {
+    bn: BatchNorm,
+    bn_adv: Option<BatchNorm>,
+    film: Option<Film>,
+    noise: Option<Noise>,
+    ctx: Arc<Context>,
+}
+
+#[derive(Clone, Debug)]
+struct Film {
+    fc1: Linear,
+    fc2: Linear,
+    c: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Noise {
+    alpha: Tensor,
+    running_std: Var,
+}
+
+impl Norm {
+    fn is_plain(&self) -> bool {
+        self.bn_adv.is_none() && self.film.is_none() && self.noise.is_none()
+    }
+
+    /// Normalisation (and variant extras) followed by ReLU; xs: (B, H, W, C).
+    pub fn forward_relu(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if self.is_plain() {
+            self.bn.forward_relu(xs, train)
+        } else {
+            self.forward_full(xs, train)?.relu()
+        }
+    }
+
+    fn forward_full(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let cond = self.ctx.condition();
+        let h = match (&self.bn_adv, &cond) {
+            (Some(adv), Some(c)) => match &c.split {
+                Some(split) => {
+                    let clean = self.bn.forward_t(&xs.index_select(&split.clean, 0)?, train)?;
+                    let robust = adv.forward_t(&xs.index_select(&split.adv, 0)?, train)?;
+                    Tensor::cat(&[&clean, &robust], 0)?.index_select(&split.inverse, 0)?
+                }
+                None if c.all_clean => self.bn.forward_t(xs, train)?,
+                None => adv.forward_t(xs, train)?,
+            },
+            (Some(_), None) => candle_core::bail!(
+                "a λ-conditioned layer was called without a λ (use Classifier::forward_t or forward_lambdas)"
+            ),
+            (None, _) => self.bn.forward_t(xs, train)?,
+        };
+        let h = match (&self.film, &cond) {
+            (Some(film), Some(c)) => film.apply(&h, &c.codes)?,
+            _ => h,
+        };
+        match &self.noise {
+            Some(noise) => noise.apply(&h, train, &self.ctx),
+            None => Ok(h),
+        }
+    }
+
+    /// The layer's noise factor α, if it injects noise.
+    pub fn noise_alpha(&self) -> Result<Option<f32>> {
+        match &self.noise {
+            Some(n) => Ok(Some(n.alpha.flatten_all()?.to_vec1::<f32>()?[0])),
+            None => Ok(None),
+        }
+    }
+}
+
+impl ModuleT for Norm {
+    /// xs: (B, H, W, C) → (B, H, W, C), no ReLU.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if self.is_plain() {
+            self.bn.forward_t(xs, train)
+        } else {
+            self.forward_full(xs, train)
+        }
+    }
+}
+
+impl Film {
+    /// h: (B, H, W, C); codes: (B, D).
+    fn apply(&self, h: &Tensor, codes: &Tensor) -> Result<Tensor> {
+        let b = h.dim(0)?;
+        let p = self.fc2.forward(&self.fc1.forward(codes)?.relu()?)?;
+        let gamma = (p.narrow(1, 0, self.c)? + 1.0)?.reshape((b, 1, 1, self.c))?;
+        let beta = p.narrow(1, self.c, self.c)?.reshape((b, 1, 1, self.c))?;
+        h.broadcast_mul(&gamma)?.broadcast_add(&beta)
+    }
+}
+
+/// Momentum of the running noise-scale estimate.
+const NOISE_MOMENTUM: f64 = 0.1;
+
+impl Noise {
+    /// h + scale·α·σ ⊙ z; h: (B, H, W, C).
+    fn apply(&self, h: &Tensor, train: bool, ctx: &Context) -> Result<Tensor> {
+        let c = self.running_std.dim(0)?;
+        let sigma = if train {
+            let rows = h.detach().reshape(((), c))?;
+            let mean = rows.mean_keepdim(0)?;
+            let var = rows.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+            let sigma = (var + 1e-5)?.sqrt()?;
+            let updated = ((self.running_std.as_tensor() * (1.0 - NOISE_MOMENTUM))?
+                + (&sigma * NOISE_MOMENTUM)?)?;
+            self.running_std.set(&updated)?;
+            sigma
+        } else {
+            self.running_std.as_detached_tensor()
+        };
+        let (seed, scale) = ctx.next_noise_seed();
+        if scale == 0.0 {
+            return Ok(h.clone());
+        }
+        let z = standard_normal(seed, h.elem_count(), h.device())?.reshape(h.dims())?;
+        let std = (self.alpha.broadcast_mul(&sigma)? * f64::from(scale))?;
+        h + z.broadcast_mul(&std)?
+    }
+}
+
+/// `n` standard normal f32 values from `seed`, generated in parallel chunks, each its
+/// own ChaCha stream, so the values do not depend on the number of threads.
+pub(crate) fn standard_normal(seed: u64, n: usize, device: &Device) -> Result<Tensor> {
+    const CHUNK: usize = 1 << 15;
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(i as u64);
+            for v in chunk {
+                *v = rng.sample(StandardNormal);
+            }
+        });
+    Tensor::from_vec(out, n, device)?.to_dtype(DType::F32)
+}
+
+/// `rows` orthonormal vectors of length `dim` (rows ≤ dim): Gram–Schmidt on Gaussian
+/// draws from `rng`.
+pub(crate) fn orthonormal_rows(rows: usize, dim: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let mut basis: Vec<Vec<f64>> = Vec::with_capacity(rows);
+    while basis.len() < rows {
+        let mut v: Vec<f64> = (0..dim).map(|_| rng.sample(StandardNormal)).collect();
+        for u in &basis {
+            let dot: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
+            v.iter_mut().zip(u).for_each(|(a, b)| *a -= dot * b);
+        }
+        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        if norm > 1e-6 {
+            basis.push(v.into_iter().map(|a| a / norm).collect());
+        }
+    }
+    basis.into_iter().flatten().map(|a| a as f32).collect()
+}
