@@ -40,7 +40,7 @@ pub use error::{DefenseError, Result};
 pub use io::write_atomic;
 pub use method::{
     adversarial_count, attack_seed, ccat_lambda, ccat_soft_targets, cross_entropy, kl_divergence,
-    soft_cross_entropy, AdversarialTraining, BatchLoss, Ccat, FastAt, Normal, Trades,
+    soft_cross_entropy, AdversarialTraining, BatchLoss, Ccat, FastAt, Normal, Oat, Trades,
     TrainingMethod,
 };
 pub use predict::{predict, Predictions};

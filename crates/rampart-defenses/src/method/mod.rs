@@ -14,12 +14,14 @@ mod adversarial;
 mod ccat;
 mod fast_at;
 mod normal;
+mod oat;
 mod trades;
 
 pub use adversarial::AdversarialTraining;
 pub use ccat::{ccat_lambda, ccat_soft_targets, Ccat};
 pub use fast_at::FastAt;
 pub use normal::{cross_entropy, Normal};
+pub use oat::Oat;
 pub use trades::{kl_divergence, Trades};
 
 use candle_core::{DType, Tensor, D};
