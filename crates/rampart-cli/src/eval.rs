@@ -144,6 +144,27 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1000)]
     pub held_out: usize,
 
+    /// Once-for-all (OAT) models: the λ to evaluate at, in [0, 1] [default: the largest
+    /// training λ, the most robust setting].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lambda: Option<f32>,
+
+    /// Stochastic students: multiply the injected noise by this factor ≥ 0 (0 makes
+    /// the model deterministic) [default: 1, the trained level].
+    #[arg(long, allow_negative_numbers = true)]
+    pub noise_scale: Option<f32>,
+
+    /// pgd20 on a stochastic model: EOT samples, i.e. input gradients averaged per
+    /// attack step and forward passes whose mean probabilities judge success
+    /// [default: 10 for stochastic models, 1 otherwise].
+    #[arg(long)]
+    pub eot: Option<usize>,
+
+    /// clean/pgd20 on a stochastic model: independent noise draws the clean and robust
+    /// accuracy are measured on, reported as mean ± std.
+    #[arg(long, default_value_t = 5)]
+    pub draws: usize,
+
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
@@ -178,6 +199,14 @@ pub struct EvalPlan {
     pub held_out: usize,
     /// quick/ccat/full: (steps, restarts) multipliers.
     pub effort: (f64, f64),
+    /// OAT: the λ to evaluate at.
+    pub lambda: Option<f32>,
+    /// Stochastic students: the noise scale.
+    pub noise_scale: Option<f32>,
+    /// EOT samples for attacks on stochastic models.
+    pub eot: Option<usize>,
+    /// Noise draws of the clean and robust accuracy of stochastic models.
+    pub draws: usize,
     /// The output folder.
     pub out: PathBuf,
     /// The device.
@@ -321,6 +350,10 @@ impl EvalArgs {
             protocol_seed: self.attack_seed,
             held_out: at_least_one("--held-out", self.held_out)?,
             effort: (self.steps_scale, self.restarts_scale),
+            lambda: self.lambda,
+            noise_scale: self.noise_scale,
+            eot: self.eot.map(|e| at_least_one("--eot", e)).transpose()?,
+            draws: at_least_one("--draws", self.draws)?,
             out: self.out.clone(),
             device: self.device,
         })
@@ -381,6 +414,56 @@ pub struct EvalResults {
     /// RErr@τ under the attack, over the attacked images (REFERENCE §4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_err_at_threshold: Option<f64>,
+    /// The λ an OAT model was evaluated at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<f32>,
+    /// Figures over noise draws of a stochastic model (then `clean_accuracy` and
+    /// `robust_accuracy` above are their means).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stochastic: Option<StochasticFigures>,
+}
+
+/// How a stochastic model fared over independent noise draws.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct StochasticFigures {
+    /// The noise scale evaluated (1 = as trained).
+    pub noise_scale: f32,
+    /// Independent noise draws.
+    pub draws: usize,
+    /// EOT samples of the attack (gradients averaged per step; draws judging success).
+    pub eot_samples: usize,
+    /// Clean accuracy of each draw.
+    pub clean_accuracy_draws: Vec<f64>,
+    /// Their mean and standard deviation.
+    pub clean_accuracy_mean: f64,
+    /// Standard deviation (n − 1) over draws; 0 for one draw.
+    pub clean_accuracy_std: f64,
+    /// Robust accuracy of each draw: the attacked image is classified correctly clean
+    /// and adversarial within that draw.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub robust_accuracy_draws: Vec<f64>,
+    /// Their mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_accuracy_mean: Option<f64>,
+    /// Their standard deviation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_accuracy_std: Option<f64>,
+    /// Robust accuracy judged by the attack's own EOT rule (mean probabilities over
+    /// `eot_samples` draws).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_accuracy_eot: Option<f64>,
+}
+
+/// Mean and sample standard deviation.
+fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
 }
 
 /// Per-example outcomes of the attacked images.
@@ -391,6 +474,8 @@ struct AttackOutcome {
     adversarial_correct: Vec<bool>,
     /// Confidence on the adversarial image.
     confidence: Vec<f64>,
+    /// The adversarial images, batch by batch (kept for stochastic models only).
+    adversarial: Vec<(Vec<usize>, Tensor)>,
     seconds: f64,
 }
 
@@ -410,6 +495,32 @@ impl EvalResults {
                  | {attack} | {n} | {:.2} % | {:.2} % |\n",
                 100.0 * acc,
                 100.0 * err
+            ));
+        }
+        if let Some(lambda) = self.lambda {
+            md.push_str(&format!(
+                "\nOnce-for-all model evaluated at λ = {lambda}.\n"
+            ));
+        }
+        if let Some(st) = &self.stochastic {
+            let robust = match (st.robust_accuracy_mean, st.robust_accuracy_std) {
+                (Some(m), Some(s)) => format!("{:.2} ± {:.2} %", 100.0 * m, 100.0 * s),
+                _ => "–".into(),
+            };
+            let eot = st
+                .robust_accuracy_eot
+                .map_or("–".into(), |a| format!("{:.2} %", 100.0 * a));
+            md.push_str(&format!(
+                "\nStochastic model (noise scale {}): figures over {} independent noise draws \
+                 (mean ± std); attacks average {} EOT samples.\n\n\
+                 | clean accuracy | robust accuracy | robust accuracy, EOT success rule |\n\
+                 |---:|---:|---:|\n\
+                 | {:.2} ± {:.2} % | {robust} | {eot} |\n",
+                st.noise_scale,
+                st.draws,
+                st.eot_samples,
+                100.0 * st.clean_accuracy_mean,
+                100.0 * st.clean_accuracy_std,
             ));
         }
         if let Some(tau) = self.confidence_threshold {
@@ -469,7 +580,12 @@ impl EvalPlan {
         let n = plan.limit.unwrap_or(test.len()).min(test.len());
         let (lo, hi) = model.bounds();
         let bounds = Bounds::new(lo, hi)?;
-        let aa = AutoAttack::standard(Norm::Linf);
+        // A stochastic model gets the "rand" version (EOT over 20 draws, no FAB/Square).
+        let aa = if model.is_stochastic() {
+            AutoAttack::rand(Norm::Linf)
+        } else {
+            AutoAttack::standard(Norm::Linf)
+        };
         let started = Instant::now();
         let (mut clean, mut robust) = (0usize, 0usize);
         let mut reports = Vec::new();
@@ -529,6 +645,8 @@ impl EvalPlan {
             clean_rejected: None,
             clean_err_at_threshold: None,
             robust_err_at_threshold: None,
+            lambda: model.lambda(),
+            stochastic: None,
         };
         write_json(&self.out.join("results.json"), &results)?;
         Ok(results)
@@ -555,6 +673,10 @@ impl EvalPlan {
         config.held_out = self.held_out;
         config.batch_size = self.batch_size;
         config.device = device.clone();
+        if model.is_stochastic() || self.eot.is_some() {
+            let k = self.eot.unwrap_or(10);
+            config.eot = rampart_attacks::Eot::new(k, k)?;
+        }
         let (lo, hi) = model.bounds();
         config.bounds = Bounds::new(lo, hi)?;
         let mut info = rampart_eval::ModelInfo::of(model, Some(&self.model));
@@ -583,6 +705,8 @@ impl EvalPlan {
             clean_rejected: None,
             clean_err_at_threshold: None,
             robust_err_at_threshold: linf.and_then(|t| t.rerr_at_model_threshold),
+            lambda: model.lambda(),
+            stochastic: None,
         })
     }
 
@@ -591,6 +715,13 @@ impl EvalPlan {
         let device = self.device.open()?;
         let model = Classifier::load(&self.model, &device)
             .with_context(|| format!("cannot load the model {}", self.model.display()))?;
+        if let Some(lambda) = self.lambda {
+            model.set_lambda(lambda).context("--lambda")?;
+        }
+        if let Some(scale) = self.noise_scale {
+            model.set_noise_scale(scale).context("--noise-scale")?;
+        }
+        model.reseed_noise(self.protocol_seed);
         let dataset = match (self.dataset, model.metadata().get("dataset")) {
             (Some(d), _) => d,
             (None, Some(name)) => name.parse().with_context(|| {
@@ -634,6 +765,10 @@ impl EvalPlan {
                 "attack": self.attack.as_ref().map(AttackPlan::describe),
                 "attack_limit": self.attack.as_ref().and_then(|a| a.limit),
                 "attack_seed": self.attack.as_ref().map(|a| a.seed),
+                "lambda": model.lambda(),
+                "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale()),
+                "eot": self.eot,
+                "draws": model.is_stochastic().then_some(self.draws),
                 "device": self.device.to_string(),
             }),
         )?;
@@ -652,9 +787,24 @@ impl EvalPlan {
             .with_context(|| format!("cannot read {}", self.model.display()))?;
         let started = Instant::now();
         let predictions = predict(&model, &test, self.batch_size)?;
-        let attacked = match &self.attack {
+        let eot_samples = self
+            .eot
+            .unwrap_or(if model.is_stochastic() { 10 } else { 1 });
+        let attack_plan = self.attack.map(|mut a| {
+            a.pgd.eot = rampart_attacks::Eot {
+                grad_samples: eot_samples,
+                eval_samples: eot_samples,
+            };
+            a
+        });
+        let attacked = match &attack_plan {
             Some(attack) => Some(self.attack(&model, attack, &test, &predictions)?),
             None => None,
+        };
+        let stochastic = if model.is_stochastic() {
+            Some(self.over_draws(&model, &test, attacked.as_ref(), eot_samples)?)
+        } else {
+            None
         };
         let eval_seconds = started.elapsed().as_secs_f64();
         predictions.save_json(&self.out.join("predictions.json"))?;
@@ -670,9 +820,15 @@ impl EvalPlan {
             .iter()
             .map(|&c| f64::from(c))
             .collect();
-        let robust_accuracy = attacked
+        let robust_accuracy = match &stochastic {
+            Some(st) => st.robust_accuracy_mean,
+            None => attacked.as_ref().map(|a| {
+                a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64
+            }),
+        };
+        let clean_accuracy = stochastic
             .as_ref()
-            .map(|a| a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64);
+            .map_or(predictions.accuracy(), |st| st.clean_accuracy_mean);
         let tau = threshold.map(|t| t.tau);
         let clean_rejected = tau.map(|tau| {
             clean_confidence.iter().filter(|&&c| c < tau).count() as f64
@@ -707,10 +863,10 @@ impl EvalPlan {
             arch: model.spec().arch.to_string(),
             dataset: dataset.to_string(),
             test_examples: predictions.len(),
-            clean_accuracy: predictions.accuracy(),
-            clean_error: predictions.error(),
+            clean_accuracy,
+            clean_error: 1.0 - clean_accuracy,
             eval_seconds,
-            attack: self.attack.as_ref().map(AttackPlan::describe),
+            attack: attack_plan.as_ref().map(AttackPlan::describe),
             eps: self.attack.as_ref().map(|a| a.eps),
             robust_examples: attacked.as_ref().map(|a| a.robust.len()),
             robust_accuracy,
@@ -720,6 +876,8 @@ impl EvalPlan {
             clean_rejected,
             clean_err_at_threshold,
             robust_err_at_threshold,
+            lambda: model.lambda(),
+            stochastic,
         };
         write_json(&self.out.join("results.json"), &results)?;
         rampart_defenses::write_atomic(
@@ -737,6 +895,60 @@ impl EvalPlan {
 }
 
 impl EvalPlan {
+    /// Clean and robust accuracy of a stochastic model over `self.draws` independent
+    /// noise draws: each draw reseeds the noise, classifies every test image and, when
+    /// there was an attack, the attacked images clean and adversarial.
+    fn over_draws(
+        &self,
+        model: &Classifier,
+        test: &ImageDataset,
+        attacked: Option<&AttackOutcome>,
+        eot_samples: usize,
+    ) -> Result<StochasticFigures> {
+        let mut clean = Vec::with_capacity(self.draws);
+        let mut robust = Vec::new();
+        for draw in 0..self.draws {
+            model.reseed_noise(
+                self.protocol_seed
+                    .wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(draw as u64 + 1)),
+            );
+            let p = predict(model, test, self.batch_size)?;
+            clean.push(p.accuracy());
+            if let Some(a) = attacked {
+                let mut ok = 0usize;
+                for (rows, adv) in &a.adversarial {
+                    let predicted = candle_core::ModuleT::forward_t(model, adv, false)?
+                        .argmax(1)?
+                        .to_vec1::<u32>()?;
+                    for (&i, &pred) in rows.iter().zip(&predicted) {
+                        if p.predicted[i] == p.labels[i] && pred == p.labels[i] {
+                            ok += 1;
+                        }
+                    }
+                }
+                robust.push(ok as f64 / a.robust.len().max(1) as f64);
+            }
+            tracing::info!(draw, clean_accuracy = clean[draw], "noise draw");
+        }
+        let (clean_mean, clean_std) = mean_std(&clean);
+        let (robust_mean, robust_std) = mean_std(&robust);
+        let has_attack = attacked.is_some();
+        Ok(StochasticFigures {
+            noise_scale: model.noise_scale(),
+            draws: self.draws,
+            eot_samples,
+            clean_accuracy_draws: clean,
+            clean_accuracy_mean: clean_mean,
+            clean_accuracy_std: clean_std,
+            robust_accuracy_draws: robust,
+            robust_accuracy_mean: has_attack.then_some(robust_mean),
+            robust_accuracy_std: has_attack.then_some(robust_std),
+            robust_accuracy_eot: attacked.map(|a| {
+                a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64
+            }),
+        })
+    }
+
     /// Attacks the first `attack.limit` images of `test` in batches; an image counts as
     /// robust when it is classified correctly clean (`clean`) and under attack.
     fn attack(
@@ -753,6 +965,7 @@ impl EvalPlan {
         let mut robust = Vec::with_capacity(n);
         let mut adversarial_correct = Vec::with_capacity(n);
         let mut confidence = Vec::with_capacity(n);
+        let mut adversarial = Vec::new();
         let indices: Vec<usize> = (0..n).collect();
         for chunk in indices.chunks(self.batch_size) {
             let (images, labels): (Tensor, Tensor) = test.batch_tensors(chunk, model.device())?;
@@ -763,6 +976,9 @@ impl EvalPlan {
                     .run(model, bounds, &images, &labels, &[attack.eps], seed)
             })?;
             let result = results.pop().context("the attack returned no result")?;
+            if model.is_stochastic() {
+                adversarial.push((chunk.to_vec(), result.clipped.clone()));
+            }
             for (j, &i) in chunk.iter().enumerate() {
                 let clean_ok = clean.predicted[i] == clean.labels[i];
                 robust.push(clean_ok && !result.success[j]);
@@ -782,6 +998,7 @@ impl EvalPlan {
             robust,
             adversarial_correct,
             confidence,
+            adversarial,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -22,6 +22,10 @@ pub enum MethodName {
     /// examples with soft targets [default ε 0.03, 40 steps of 0.005, momentum 0.9,
     /// backtracking 1.5, ρ 10].
     Ccat,
+    /// Once-for-all AT (Wang et al. 2020): a λ-conditioned model (FiLM + dual
+    /// BatchNorm), loss (1−λ)·CE(clean) + λ·CE(adversarial) with λ per example from
+    /// {0, 0.1, 0.2, 0.3, 0.4, 1} [default attack: L∞ 8/255, 7 steps of 2/255].
+    Oat,
 }
 
 impl MethodName {
@@ -33,6 +37,7 @@ impl MethodName {
             MethodName::FastAt => "fast-at",
             MethodName::Trades => "trades",
             MethodName::Ccat => "ccat",
+            MethodName::Oat => "oat",
         }
     }
 }

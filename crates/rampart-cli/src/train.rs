@@ -9,10 +9,10 @@ use rampart_attacks::{parse_eps, StepSize};
 use rampart_data::DatasetKind;
 use rampart_defenses::{
     AdversarialTraining, AugmentationConfig, Ccat, ConfidenceThreshold, DecayScope, FastAt,
-    Milestone, Normal, Progress, ScheduleKind, SgdConfig, Trades, TrainConfig, Trainer,
+    Milestone, Normal, Oat, Progress, ScheduleKind, SgdConfig, Trades, TrainConfig, Trainer,
     TrainingMethod, CHECKPOINT_FILE, MODEL_FILE,
 };
-use rampart_models::{Arch, Classifier, ModelSpec};
+use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 use serde_json::json;
 
 use crate::common::{
@@ -223,6 +223,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub init_from: Option<PathBuf>,
 
+    /// Make the model a stochastic student: adaptive noise after every BatchNorm with
+    /// std α·σ (σ the channel's batch std), each layer's α learnable and starting at
+    /// this value. Combine with --init-from TEACHER to start from a trained network.
+    #[arg(long, allow_negative_numbers = true)]
+    pub noise: Option<f32>,
+
     /// Continue the run in --out from its last checkpoint (the result equals an
     /// uninterrupted run); starts afresh when there is no checkpoint yet.
     #[arg(long)]
@@ -255,6 +261,8 @@ pub enum MethodPlan {
     Trades(Trades),
     /// CCAT.
     Ccat(Ccat),
+    /// Once-for-all AT.
+    Oat(Oat),
 }
 
 impl MethodPlan {
@@ -265,6 +273,7 @@ impl MethodPlan {
             MethodPlan::FastAt(m) => m,
             MethodPlan::Trades(m) => m,
             MethodPlan::Ccat(m) => m,
+            MethodPlan::Oat(m) => m,
         }
     }
 }
@@ -294,6 +303,8 @@ pub struct TrainPlan {
     pub threshold_held_out: usize,
     /// The model whose weights training starts from, if not a fresh initialisation.
     pub init_from: Option<PathBuf>,
+    /// Initial noise factor α of a stochastic student (None: a deterministic model).
+    pub noise: Option<f32>,
     /// Continue from the checkpoint.
     pub resume: bool,
     /// The device.
@@ -417,6 +428,7 @@ impl TrainArgs {
             test_limit: self.test_limit,
             threshold_held_out: self.threshold_held_out,
             init_from: self.init_from.clone(),
+            noise: self.noise,
             resume: self.resume,
             device: self.device,
         })
@@ -527,6 +539,18 @@ impl TrainArgs {
                     .with_context(context)?,
                 )
             }
+            MethodName::Oat => {
+                refuse("--beta", self.beta.is_some())?;
+                refuse("--rho", self.rho.is_some())?;
+                refuse("--adv-fraction", self.adv_fraction.is_some())?;
+                let base = Oat::wang_cifar10();
+                let mut attack = base.attack;
+                attack.steps = steps.unwrap_or(attack.steps);
+                if let Some(s) = step_size {
+                    attack.step_size = StepSize::Absolute(s);
+                }
+                MethodPlan::Oat(Oat::new(attack, eps.unwrap_or(base.eps)).with_context(context)?)
+            }
         })
     }
 
@@ -600,6 +624,16 @@ impl TrainArgs {
 }
 
 impl TrainPlan {
+    /// The model trained: the architecture for the data set, λ-conditioned for OAT,
+    /// with noise injection for a stochastic student.
+    pub fn model_spec(&self) -> ModelSpec {
+        ModelSpec {
+            noise: self.noise.map(|alpha| NoiseSpec { alpha }),
+            oat: matches!(self.method, MethodPlan::Oat(_)).then(OatSpec::standard),
+            ..ModelSpec::cifar(self.arch, self.dataset.num_classes())
+        }
+    }
+
     /// Where the log goes.
     pub fn log_file(&self) -> PathBuf {
         self.out.join("train.log")
@@ -623,6 +657,7 @@ impl TrainPlan {
             "test_limit": self.test_limit,
             "threshold_held_out": self.threshold_held_out,
             "init_from": self.init_from,
+            "noise": self.noise,
             "threshold_tpr": THRESHOLD_TPR,
             "resume": self.resume,
             "device": self.device.to_string(),
@@ -639,7 +674,7 @@ impl TrainPlan {
             if checkpoint.is_file() {
                 let meta = rampart_defenses::read_checkpoint_meta(&checkpoint)?;
                 let method = self.method.method();
-                let spec = ModelSpec::cifar(self.arch, self.dataset.num_classes());
+                let spec = self.model_spec();
                 let differs = |what: &str| {
                     anyhow::anyhow!(
                         "cannot resume {}: its checkpoint was written with another {what}; \
@@ -689,23 +724,25 @@ impl TrainPlan {
             Some(n) => splits.test.take(n),
             None => splits.test,
         };
-        let spec = ModelSpec::cifar(self.arch, self.dataset.num_classes());
-        let mut model = Classifier::new(spec, self.config.seed, &device)?;
+        let mut model = Classifier::new(self.model_spec(), self.config.seed, &device)?;
         if let Some(path) = &self.init_from {
             let init = Classifier::load(path, &device)
                 .with_context(|| format!("--init-from: cannot load {}", path.display()))?;
-            if init.spec() != model.spec() {
-                bail!(
-                    "--init-from: {} is a {} with {} classes, this run trains a {} with {}",
+            let fresh = model.init_from(&init).with_context(|| {
+                format!(
+                    "--init-from: {} (a {} with {} classes) does not fit this run's {} with {} classes",
                     path.display(),
                     init.spec().arch,
                     init.spec().num_classes,
                     model.spec().arch,
                     model.spec().num_classes
-                );
-            }
-            model.copy_weights_from(&init)?;
-            tracing::info!(model = %path.display(), "starting from the weights of another model");
+                )
+            })?;
+            tracing::info!(
+                model = %path.display(),
+                new_variables = fresh.len(),
+                "starting from the weights of another model"
+            );
         }
         let mut trainer = Trainer::new(self.config.clone(), &self.out)?
             .resume(self.resume)

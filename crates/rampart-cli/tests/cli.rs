@@ -615,3 +615,140 @@ fn attack_quick_suite_and_compare() -> TestResult {
     assert!(cmp.join("comparison.md").is_file());
     Ok(())
 }
+
+#[test]
+fn oat_models_and_stochastic_students() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    let common = [
+        "--threads",
+        "2",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--threshold-held-out",
+        "0",
+        "--data-dir",
+        data,
+    ];
+    let train = |out: &Path, extra: &[&str]| -> TestResult {
+        let mut args = vec!["train"];
+        args.extend(common);
+        args.extend(extra);
+        args.extend(["--out", s(out)]);
+        let run = rampart(&args)?;
+        assert!(run.status.success(), "{}", text(&run));
+        Ok(())
+    };
+    let teacher = dir.path().join("teacher");
+    train(&teacher, &[])?;
+    let teacher_model = teacher.join("model.safetensors");
+    let student = dir.path().join("student");
+    train(
+        &student,
+        &[
+            "--method",
+            "at",
+            "--attack-steps",
+            "1",
+            "--init-from",
+            s(&teacher_model),
+            "--noise",
+            "0.1",
+        ],
+    )?;
+    let oat = dir.path().join("oat");
+    train(&oat, &["--method", "oat", "--attack-steps", "1"])?;
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("config.json"))?)?;
+    assert!((config["noise"].as_f64().unwrap_or(0.0) - 0.1).abs() < 1e-6);
+
+    let eval = |model: &Path, out: &Path, extra: &[&str]| -> std::io::Result<Output> {
+        let mut args = vec![
+            "eval",
+            "--threads",
+            "2",
+            "--model",
+            s(model),
+            "--data-dir",
+            data,
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        rampart(&args)
+    };
+    let results = |out: &Path| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(
+            out.join("results.json"),
+        )?)?)
+    };
+
+    // OAT: λ is a test-time parameter.
+    let oat_model = oat.join("model.safetensors");
+    let out = dir.path().join("oat-eval");
+    let run = eval(&oat_model, &out, &["--lambda", "0.3"])?;
+    assert!(run.status.success(), "{}", text(&run));
+    assert!((results(&out)?["lambda"].as_f64().unwrap_or(0.0) - 0.3).abs() < 1e-6);
+    let run = eval(&teacher_model, &dir.path().join("x"), &["--lambda", "0.3"])?;
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("only to once-for-all"),
+        "{}",
+        text(&run)
+    );
+    let run = eval(&oat_model, &dir.path().join("y"), &["--lambda", "1.5"])?;
+    assert!(!run.status.success());
+
+    // The student: attacks use EOT, figures are means over noise draws.
+    let student_model = student.join("model.safetensors");
+    let out = dir.path().join("student-eval");
+    let run = eval(
+        &student_model,
+        &out,
+        &[
+            "--suite",
+            "pgd20",
+            "--attack-steps",
+            "2",
+            "--attack-limit",
+            "8",
+            "--eot",
+            "2",
+            "--draws",
+            "3",
+        ],
+    )?;
+    assert!(run.status.success(), "{}", text(&run));
+    let r = results(&out)?;
+    let st = &r["stochastic"];
+    assert_eq!(st["draws"], 3);
+    assert_eq!(st["eot_samples"], 2);
+    let clean: Vec<f64> = serde_json::from_value(st["clean_accuracy_draws"].clone())?;
+    let robust: Vec<f64> = serde_json::from_value(st["robust_accuracy_draws"].clone())?;
+    assert_eq!((clean.len(), robust.len()), (3, 3));
+    let mean = clean.iter().sum::<f64>() / 3.0;
+    assert!((r["clean_accuracy"].as_f64().unwrap_or(-1.0) - mean).abs() < 1e-9);
+    assert!(robust.iter().all(|v| (0.0..=1.0).contains(v)));
+    assert!(st["robust_accuracy_eot"].is_number());
+    let md = std::fs::read_to_string(out.join("results.md"))?;
+    assert!(md.contains("independent noise draws"), "{md}");
+    // Without noise the student is deterministic: no draws.
+    let out = dir.path().join("student-quiet");
+    let run = eval(&student_model, &out, &["--noise-scale", "0"])?;
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(results(&out)?.get("stochastic").is_none());
+    let run = eval(
+        &student_model,
+        &dir.path().join("z"),
+        &["--noise-scale", "-1"],
+    )?;
+    assert!(!run.status.success());
+    Ok(())
+}

@@ -54,6 +54,10 @@ pub struct EvalConfig {
     pub progress: bool,
     /// Draw the plots.
     pub plots: bool,
+    /// Expectation over transformation for every attack of the suite: one sample
+    /// ([`Eot::OFF`]) for deterministic models; several for a stochastic model (the
+    /// `rampart eval` command uses 10 for those).
+    pub eot: rampart_attacks::Eot,
     /// Device of the model and the batches.
     #[serde(skip)]
     pub device: Device,
@@ -75,6 +79,7 @@ impl EvalConfig {
             bounds: Bounds::UNIT,
             progress: true,
             plots: true,
+            eot: rampart_attacks::Eot::OFF,
             device: Device::Cpu,
         }
     }
@@ -223,7 +228,8 @@ pub fn evaluate_model(
     let available = test_set.len() - config.held_out;
     let attacked = test_set.take(config.test_limit.unwrap_or(available).min(available));
     let held_out = test_set.tail(config.held_out);
-    let plan = config.suite.plan(config.effort, config.bounds);
+    let mut plan = config.suite.plan(config.effort, config.bounds);
+    plan.set_eot(config.eot);
     let out = &config.out_dir;
     let per_example = out.join("per_example");
     write_json(

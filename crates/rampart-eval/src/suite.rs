@@ -371,6 +371,24 @@ pub enum AttackKind {
     Frames(Frames),
 }
 
+impl SuitePlan {
+    /// Uses `eot` in every attack of the plan (stochastic models).
+    pub fn set_eot(&mut self, eot: rampart_attacks::Eot) {
+        for tm in &mut self.threat_models {
+            for a in &mut tm.attacks {
+                match &mut a.attack {
+                    AttackKind::Pgd(p) => p.eot = eot,
+                    AttackKind::Frames(f) => f.pgd.eot = eot,
+                }
+            }
+        }
+        if let Some(d) = &mut self.distal {
+            d.pgd.eot = eot;
+        }
+        self.curve.pgd.eot = eot;
+    }
+}
+
 impl AttackKind {
     /// The attack with its budget scaled.
     pub fn scaled(&self, effort: Effort) -> AttackKind {
