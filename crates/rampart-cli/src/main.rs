@@ -13,6 +13,7 @@ mod compare;
 mod eval;
 mod logging;
 mod preset;
+mod sweep;
 mod train;
 
 use std::process::ExitCode;
@@ -65,6 +66,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Compare evaluated models: tables and plots from their results.json files.
     Compare(compare::CompareArgs),
+    /// Evaluate one model over a range of λ (OAT) or noise scales (stochastic students).
+    Sweep(Box<sweep::SweepArgs>),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +104,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Compare(args) => {
             println!("comparison written to {}", args.run()?.display());
+        }
+        Command::Sweep(args) => {
+            std::fs::create_dir_all(&args.eval.out)?;
+            logging::init(Some(&args.log_file()))?;
+            let results = args.run(&command, env_data_dir)?;
+            println!(
+                "sweep of {} values written to {}",
+                results.points.len(),
+                args.eval.out.join("sweep.md").display()
+            );
         }
         Command::Train(args) => {
             let plan = args.plan(env_data_dir)?;

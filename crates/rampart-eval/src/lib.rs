@@ -52,7 +52,9 @@ mod suite;
 
 pub use compare::{compare_models, comparison_tables, write_report};
 pub use error::{EvalError, Result};
-pub use plot::{plot_accuracy_curves, plot_confidence_histograms, plot_reliability};
+pub use plot::{
+    plot_accuracy_curves, plot_confidence_histograms, plot_lines, plot_reliability, Series,
+};
 pub use records::{AttackRecord, DistalRecord, SearchRecord};
 pub use report::{
     AttackSummary, ConfidenceHistograms, CorruptionReport, CurveReport, EvalReport, OodReport,

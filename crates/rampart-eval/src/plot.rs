@@ -517,3 +517,116 @@ mod tests {
         Ok(())
     }
 }
+
+/// One series of [`plot_lines`]: a name, its points (x, y) and an optional label per
+/// point (drawn beside it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    /// Legend entry.
+    pub name: String,
+    /// The points, joined in order.
+    pub points: Vec<(f64, f64)>,
+    /// One label per point, or none.
+    pub labels: Vec<String>,
+    /// Draw the points only, unjoined (reference models beside a curve).
+    pub markers_only: bool,
+}
+
+/// A line chart with marked points: `series` on axes described by `x_desc` and
+/// `y_desc` (both ranges from the data, padded). Writes `stem.png` and `stem.svg`.
+pub fn plot_lines(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+    stem: &Path,
+) -> Result<Vec<PathBuf>> {
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.clone()).collect();
+    if all.is_empty() || all.iter().any(|(x, y)| !(x.is_finite() && y.is_finite())) {
+        return Err(EvalError::Plot {
+            path: stem.to_path_buf(),
+            message: "nothing finite to plot".into(),
+        });
+    }
+    render(
+        &LineChart {
+            title: title.to_string(),
+            x_desc: x_desc.to_string(),
+            y_desc: y_desc.to_string(),
+            series: series.to_vec(),
+        },
+        stem,
+    )
+}
+
+struct LineChart {
+    title: String,
+    x_desc: String,
+    y_desc: String,
+    series: Vec<Series>,
+}
+
+fn padded_range(values: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64> {
+    let lo = values.clone().fold(f64::INFINITY, f64::min);
+    let hi = values.fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.08).max(1e-3);
+    (lo - pad)..(hi + pad)
+}
+
+impl Chart for LineChart {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let pts = self.series.iter().flat_map(|s| s.points.iter().copied());
+        let x_range = padded_range(pts.clone().map(|p| p.0));
+        let y_range = padded_range(pts.map(|p| p.1));
+        let mut chart = ChartBuilder::on(root)
+            .caption(self.title.as_str(), (FAMILY, 26))
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_range, y_range)
+            .map_err(text)?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_desc.as_str())
+            .y_desc(self.y_desc.as_str())
+            .axis_desc_style((FAMILY, 18))
+            .label_style((FAMILY, 15))
+            .max_light_lines(1)
+            .light_line_style(RGBColor(240, 240, 240))
+            .draw()
+            .map_err(text)?;
+        for (i, s) in self.series.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            if !s.markers_only {
+                chart
+                    .draw_series(LineSeries::new(
+                        s.points.iter().copied(),
+                        color.stroke_width(3),
+                    ))
+                    .map_err(text)?;
+            }
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 5, color.filled())))
+                .map_err(text)?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| Circle::new((x + 12, y), 5, color.filled()));
+            chart
+                .draw_series(s.points.iter().zip(&s.labels).map(|(&p, label)| {
+                    Text::new(label.clone(), p, (FAMILY, 14).into_font().color(&BLACK))
+                }))
+                .map_err(text)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .label_font((FAMILY, 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(text)?;
+        Ok(())
+    }
+}
