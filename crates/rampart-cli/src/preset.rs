@@ -22,6 +22,18 @@ pub enum MethodName {
     /// examples with soft targets [default ε 0.03, 40 steps of 0.005, momentum 0.9,
     /// backtracking 1.5, ρ 10].
     Ccat,
+    /// RegMixup (Pinto et al. 2022): CE(clean) + CE(mixup of the batch), λ ~ Beta(α, α)
+    /// [default α 20].
+    #[value(name = "regmixup")]
+    RegMixup,
+    /// Sinkhorn AT: CE(adversarial) + β·Sinkhorn divergence between the clean and the
+    /// adversarial logits [default ε 8/255, 10 steps of 2/255, β 1].
+    Sat,
+    /// AR-AdaLS (Qin et al. 2021): label smoothing adapted per robustness group
+    /// (FGSM probe at ε/4, ε/2, ε) to the group's calibration gap [default ε 8/255,
+    /// initial smoothing 0.1].
+    #[value(name = "ar-adals")]
+    ArAdaLs,
 }
 
 impl MethodName {
@@ -33,6 +45,9 @@ impl MethodName {
             MethodName::FastAt => "fast-at",
             MethodName::Trades => "trades",
             MethodName::Ccat => "ccat",
+            MethodName::RegMixup => "regmixup",
+            MethodName::Sat => "sat",
+            MethodName::ArAdaLs => "ar-adals",
         }
     }
 }
