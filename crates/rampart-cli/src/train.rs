@@ -1123,7 +1123,10 @@ mod tests {
         let MethodPlan::Sat(sat) = p.method else {
             bail!("expected sat")
         };
-        assert_eq!((sat.eps, sat.beta, sat.attack.steps), (8.0 / 255.0, 1.0, 10));
+        assert_eq!(
+            (sat.eps, sat.beta, sat.attack.steps),
+            (8.0 / 255.0, 1.0, 10)
+        );
         assert_eq!(sat.attack.step_size, StepSize::Absolute(2.0 / 255.0));
         assert_eq!((sat.sinkhorn_eps, sat.sinkhorn_iters), (1.0, 50));
         let p = plan(&format!(
@@ -1217,7 +1220,10 @@ mod tests {
             ),
             ("--method regmixup --mixup-alpha 0", "α must be"),
             ("--method regmixup --mixup-alpha -2", "α must be"),
-            ("--method sat --adv-fraction 0.5", "--adv-fraction does not apply"),
+            (
+                "--method sat --adv-fraction 0.5",
+                "--adv-fraction does not apply",
+            ),
             ("--method sat --rho 10", "--rho does not apply"),
             (
                 "--method sat --label-smoothing 0.1",
@@ -1239,8 +1245,14 @@ mod tests {
                 "--method ar-adals --adv-fraction 1",
                 "--adv-fraction does not apply",
             ),
-            ("--method ar-adals --label-smoothing 0.6", "initial smoothing"),
-            ("--method ar-adals --label-smoothing -0.1", "initial smoothing"),
+            (
+                "--method ar-adals --label-smoothing 0.6",
+                "initial smoothing",
+            ),
+            (
+                "--method ar-adals --label-smoothing -0.1",
+                "initial smoothing",
+            ),
             ("--method ar-adals --eps -1", "--eps"),
             ("--ema 1", "EMA decay"),
         ] {

@@ -599,10 +599,11 @@ fn resume_is_exact_with_ar_adals_state() -> TestResult {
 
     let mut model = Classifier::new(toy_spec(), 99, &Device::Cpu)?;
     let method = adals()?;
-    let outcome = trainer
-        .clone()
-        .resume(true)
-        .run(&mut model, &method, Arc::clone(&train), &test)?;
+    let outcome =
+        trainer
+            .clone()
+            .resume(true)
+            .run(&mut model, &method, Arc::clone(&train), &test)?;
     assert_eq!(outcome.resumed_at, Some(1));
     assert_eq!(method.snapshot(), final_state);
 
@@ -628,12 +629,52 @@ fn resume_is_exact_with_ar_adals_state() -> TestResult {
     )?;
     assert_eq!(stored, final_state);
 
-    // A stateless method cannot resume a checkpoint that holds a state.
+    // The same method without its state cannot resume that checkpoint, and a
+    // checkpoint written without the state cannot be resumed by the stateful method.
     let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
-    let err = Trainer::new(toy_config(3), resumed.path())?
+    let forgetful = Forgetful(adals()?);
+    let err = trainer
+        .clone()
         .resume(true)
-        .progress(Progress::Hidden)
-        .run(&mut model, &Normal::new(), Arc::clone(&train), &test);
-    assert!(matches!(err, Err(DefenseError::Checkpoint { .. })), "{err:?}");
+        .run(&mut model, &forgetful, Arc::clone(&train), &test);
+    assert!(
+        matches!(&err, Err(DefenseError::Checkpoint { message, .. }) if message.contains("method state")),
+        "{err:?}"
+    );
+    let without = tempfile::tempdir()?;
+    let trainer = Trainer::new(toy_config(1), without.path())?.progress(Progress::Hidden);
+    trainer.run(&mut model, &forgetful, Arc::clone(&train), &test)?;
+    assert_eq!(
+        read_checkpoint_meta(&without.path().join(CHECKPOINT_FILE))?.method_state,
+        None
+    );
+    let err = trainer
+        .resume(true)
+        .run(&mut model, &adals()?, Arc::clone(&train), &test);
+    assert!(
+        matches!(&err, Err(DefenseError::Checkpoint { message, .. }) if message.contains("missing")),
+        "{err:?}"
+    );
     Ok(())
+}
+
+/// A method that hides the state of the one it wraps.
+struct Forgetful<M>(M);
+
+impl<M: TrainingMethod> TrainingMethod for Forgetful<M> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn settings(&self) -> serde_json::Value {
+        self.0.settings()
+    }
+    fn loss(
+        &self,
+        model: &Classifier,
+        images: &Tensor,
+        labels: &Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<BatchLoss> {
+        self.0.loss(model, images, labels, rng)
+    }
 }

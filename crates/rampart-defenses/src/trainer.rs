@@ -198,14 +198,8 @@ impl Trainer {
                     self.out_dir.display()
                 )));
             }
-            let meta = checkpoint::restore(
-                &ckpt_path,
-                &expected,
-                model,
-                &mut sgd,
-                ema.as_ref(),
-                method,
-            )?;
+            let meta =
+                checkpoint::restore(&ckpt_path, &expected, model, &mut sgd, ema.as_ref(), method)?;
             tracing::info!(
                 checkpoint = %ckpt_path.display(),
                 epochs_done = meta.epochs_done,

@@ -132,7 +132,11 @@ mod tests {
         let mut sum = 0.0;
         for _ in 0..n {
             let draw = method.draw(4, &mut rng)?;
-            assert!(draw.lambda > 0.0 && draw.lambda < 1.0, "λ = {}", draw.lambda);
+            assert!(
+                draw.lambda > 0.0 && draw.lambda < 1.0,
+                "λ = {}",
+                draw.lambda
+            );
             let mut sorted = draw.partner.clone();
             sorted.sort_unstable();
             assert_eq!(sorted, [0, 1, 2, 3]);
@@ -164,7 +168,9 @@ mod tests {
         let mut mixed = Vec::new();
         for (i, &j) in draw.partner.iter().enumerate() {
             for (p, q) in pixels[i].iter().zip(&pixels[j as usize]) {
-                mixed.push((draw.lambda * f64::from(*p) + (1.0 - draw.lambda) * f64::from(*q)) as f32);
+                mixed.push(
+                    (draw.lambda * f64::from(*p) + (1.0 - draw.lambda) * f64::from(*q)) as f32,
+                );
             }
         }
         let mixed = Tensor::from_vec(mixed, x.dims(), x.device())?;
@@ -172,7 +178,10 @@ mod tests {
         let labels = y.to_vec1::<u32>()?;
         let mut want = 0.0;
         for i in 0..6 {
-            let (yi, yj) = (labels[i] as usize, labels[draw.partner[i] as usize] as usize);
+            let (yi, yj) = (
+                labels[i] as usize,
+                labels[draw.partner[i] as usize] as usize,
+            );
             want += neg_log_softmax(&logits[i], yi) / 6.0;
             want += (draw.lambda * neg_log_softmax(&logits[6 + i], yi)
                 + (1.0 - draw.lambda) * neg_log_softmax(&logits[6 + i], yj))

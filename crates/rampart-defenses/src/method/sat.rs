@@ -8,7 +8,9 @@ use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{attack_seed, check_eps, cross_entropy, run_attack, to_json, BatchLoss, TrainingMethod};
+use super::{
+    attack_seed, check_eps, cross_entropy, run_attack, to_json, BatchLoss, TrainingMethod,
+};
 use crate::error::{DefenseError, Result};
 
 /// SAT: loss = CE(f(x'), y) + β·S_ε(f(x), f(x')), both forward passes in train mode.
@@ -135,7 +137,11 @@ pub fn entropic_ot(a: &Tensor, b: &Tensor, eps: f64, iters: usize) -> Result<Ten
     let (a_det, b_det) = (a.detach(), b.detach());
     let cost = squared_distances(&a_det, &b_det)?;
     let cost_t = cost.t()?.contiguous()?;
-    let largest = cost.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(eps);
+    let largest = cost
+        .max_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(eps);
     let mut f = Tensor::zeros(a.dim(0)?, a.dtype(), a.device())?;
     let mut g = Tensor::zeros(b.dim(0)?, a.dtype(), a.device())?;
     for e in annealing(eps, largest, iters) {
@@ -240,7 +246,9 @@ mod tests {
     /// `n` random logit vectors of dimension `k` with entries in (−s, s), f64.
     fn random_logits(n: usize, k: usize, s: f64, seed: u64) -> candle_core::Result<Tensor> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let v: Vec<f64> = (0..n * k).map(|_| s * (2.0 * rng.gen::<f64>() - 1.0)).collect();
+        let v: Vec<f64> = (0..n * k)
+            .map(|_| s * (2.0 * rng.gen::<f64>() - 1.0))
+            .collect();
         Tensor::from_vec(v, (n, k), &Device::Cpu)
     }
 
@@ -254,21 +262,17 @@ mod tests {
         let k = |i: usize, j: usize| (-c(i, j) / eps).exp();
         let (mut u, mut v) = ([1.0f64; 2], [1.0f64; 2]);
         for _ in 0..2000 {
-            for i in 0..2 {
-                u[i] = 0.5 / (k(i, 0) * v[0] + k(i, 1) * v[1]);
-            }
-            for j in 0..2 {
-                v[j] = 0.5 / (k(0, j) * u[0] + k(1, j) * u[1]);
-            }
+            u = [0, 1].map(|i| 0.5 / (k(i, 0) * v[0] + k(i, 1) * v[1]));
+            v = [0, 1].map(|j| 0.5 / (k(0, j) * u[0] + k(1, j) * u[1]));
         }
-        let mut value = 0.0;
-        for i in 0..2 {
-            for j in 0..2 {
+        let pairs = [(0, 0), (0, 1), (1, 0), (1, 1)];
+        pairs
+            .iter()
+            .map(|&(i, j)| {
                 let p = u[i] * k(i, j) * v[j];
-                value += p * c(i, j) + eps * p * (p / 0.25).ln();
-            }
-        }
-        value
+                p * c(i, j) + eps * p * (p / 0.25).ln()
+            })
+            .sum()
     }
 
     #[test]
@@ -286,8 +290,7 @@ mod tests {
     }
 
     #[test]
-    fn divergence_is_zero_on_identical_batches_symmetric_and_grows_with_a_shift(
-    ) -> TestResult {
+    fn divergence_is_zero_on_identical_batches_symmetric_and_grows_with_a_shift() -> TestResult {
         let a = random_logits(8, 5, 2.0, 1)?;
         let same = scalar(&sinkhorn_divergence(&a, &a, 1.0, 50)?)?;
         assert!(same.abs() < 1e-4, "S(a, a) = {same}");
@@ -306,7 +309,10 @@ mod tests {
             assert!((s - back).abs() < 1e-9 * s, "{s} vs {back}");
             // 50 iterations with ε-scaling are as good as 1,000.
             let converged = scalar(&sinkhorn_divergence(&a, &b, 1.0, 1000)?)?;
-            assert!((s - converged).abs() < 1e-4 * converged, "{s} vs {converged}");
+            assert!(
+                (s - converged).abs() < 1e-4 * converged,
+                "{s} vs {converged}"
+            );
             last = s;
         }
         // Unrelated batches of other sizes: still ≥ 0.
