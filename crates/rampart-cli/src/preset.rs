@@ -26,6 +26,18 @@ pub enum MethodName {
     /// BatchNorm), loss (1−λ)·CE(clean) + λ·CE(adversarial) with λ per example from
     /// {0, 0.1, 0.2, 0.3, 0.4, 1} [default attack: L∞ 8/255, 7 steps of 2/255].
     Oat,
+    /// RegMixup (Pinto et al. 2022): CE(clean) + CE(mixup of the batch), λ ~ Beta(α, α)
+    /// [default α 20].
+    #[value(name = "regmixup")]
+    RegMixup,
+    /// Sinkhorn AT: CE(adversarial) + β·Sinkhorn divergence between the clean and the
+    /// adversarial logits [default ε 8/255, 10 steps of 2/255, β 1].
+    Sat,
+    /// AR-AdaLS (Qin et al. 2021): label smoothing adapted per robustness group
+    /// (FGSM probe at ε/4, ε/2, ε) to the group's calibration gap [default ε 8/255,
+    /// initial smoothing 0.1].
+    #[value(name = "ar-adals")]
+    ArAdaLs,
 }
 
 impl MethodName {
@@ -38,6 +50,9 @@ impl MethodName {
             MethodName::Trades => "trades",
             MethodName::Ccat => "ccat",
             MethodName::Oat => "oat",
+            MethodName::RegMixup => "regmixup",
+            MethodName::Sat => "sat",
+            MethodName::ArAdaLs => "ar-adals",
         }
     }
 }

@@ -8,9 +8,9 @@ use clap::Args;
 use rampart_attacks::{parse_eps, StepSize};
 use rampart_data::DatasetKind;
 use rampart_defenses::{
-    AdversarialTraining, AugmentationConfig, Ccat, ConfidenceThreshold, DecayScope, FastAt,
-    Milestone, Normal, Oat, Progress, ScheduleKind, SgdConfig, Trades, TrainConfig, Trainer,
-    TrainingMethod, CHECKPOINT_FILE, MODEL_FILE,
+    AdversarialTraining, ArAdaLs, ArAdaLsConfig, AugmentationConfig, Ccat, ConfidenceThreshold,
+    DecayScope, FastAt, Milestone, Normal, Oat, Progress, RegMixup, Sat, ScheduleKind, SgdConfig,
+    Trades, TrainConfig, Trainer, TrainingMethod, CHECKPOINT_FILE, MODEL_FILE,
 };
 use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 use serde_json::json;
@@ -156,16 +156,19 @@ pub struct TrainArgs {
     #[arg(long)]
     pub cutout: Option<usize>,
 
-    /// Label smoothing s in [0, 1) for normal training: targets (1 − s)·onehot + s·uniform.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub label_smoothing: f64,
+    /// Label smoothing s: targets (1 − s)·onehot + s·uniform. normal: s in [0, 1)
+    /// [default: 0]; ar-adals: every group's initial smoothing, in [0, 0.5]
+    /// [default: 0.1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub label_smoothing: Option<f64>,
 
-    /// L∞ budget ε of the training attack (at, fast-at, trades, ccat): a decimal or a
-    /// fraction such as 8/255 [default: the method's or the preset's].
+    /// L∞ budget ε of the training attack (at, fast-at, trades, ccat, sat) or of the
+    /// robustness probe (ar-adals): a decimal or a fraction such as 8/255 [default: the
+    /// method's or the preset's].
     #[arg(long, value_parser = parse_budget, allow_negative_numbers = true)]
     pub eps: Option<f64>,
 
-    /// Steps of the training attack (at, trades, ccat) [default: the method's].
+    /// Steps of the training attack (at, trades, ccat, sat) [default: the method's].
     #[arg(long)]
     pub attack_steps: Option<usize>,
 
@@ -179,9 +182,14 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub adv_fraction: Option<f64>,
 
-    /// TRADES' weight β ≥ 0 of the KL term [default: 6].
+    /// Weight β ≥ 0 of the regulariser: TRADES' KL term [default: 6], SAT's Sinkhorn
+    /// divergence [default: 1].
     #[arg(long, allow_negative_numbers = true)]
     pub beta: Option<f64>,
+
+    /// RegMixup's α > 0: the mixing weight λ ~ Beta(α, α) [default: 20].
+    #[arg(long, allow_negative_numbers = true)]
+    pub mixup_alpha: Option<f64>,
 
     /// CCAT's power ρ > 0 of λ = 1 − (1 − min(1, ‖δ‖∞/ε))^ρ [default: 10].
     #[arg(long, allow_negative_numbers = true)]
@@ -263,18 +271,29 @@ pub enum MethodPlan {
     Ccat(Ccat),
     /// Once-for-all AT.
     Oat(Oat),
+    /// RegMixup.
+    RegMixup(RegMixup),
+    /// Sinkhorn AT.
+    Sat(Sat),
+    /// AR-AdaLS (its settings; the method, which keeps a state, is built per run).
+    ArAdaLs(ArAdaLsConfig),
 }
 
 impl MethodPlan {
-    fn method(&self) -> &dyn TrainingMethod {
-        match self {
-            MethodPlan::Normal(m) => m,
-            MethodPlan::At(m) => m,
-            MethodPlan::FastAt(m) => m,
-            MethodPlan::Trades(m) => m,
-            MethodPlan::Ccat(m) => m,
-            MethodPlan::Oat(m) => m,
-        }
+    /// A fresh method of these settings (stateful methods start from their initial
+    /// state).
+    fn method(&self) -> Result<Box<dyn TrainingMethod>> {
+        Ok(match *self {
+            MethodPlan::Normal(m) => Box::new(m),
+            MethodPlan::At(m) => Box::new(m),
+            MethodPlan::FastAt(m) => Box::new(m),
+            MethodPlan::Trades(m) => Box::new(m),
+            MethodPlan::Ccat(m) => Box::new(m),
+            MethodPlan::Oat(m) => Box::new(m),
+            MethodPlan::RegMixup(m) => Box::new(m),
+            MethodPlan::Sat(m) => Box::new(m),
+            MethodPlan::ArAdaLs(c) => Box::new(ArAdaLs::new(c).context("--method ar-adals")?),
+        })
     }
 }
 
@@ -446,13 +465,21 @@ impl TrainArgs {
         };
         refuse(
             "--label-smoothing",
-            name != MethodName::Normal && self.label_smoothing != 0.0,
+            !matches!(name, MethodName::Normal | MethodName::ArAdaLs)
+                && self.label_smoothing.is_some(),
+        )?;
+        refuse(
+            "--mixup-alpha",
+            name != MethodName::RegMixup && self.mixup_alpha.is_some(),
         )?;
         let eps = self.eps.or(preset.eps);
         let steps = self.attack_steps.or(preset.steps);
         let step_size = self.attack_step_size.or(preset.step_size);
         let fraction = self.adv_fraction.or(preset.fraction);
-        if name != MethodName::Normal {
+        if !matches!(
+            name,
+            MethodName::Normal | MethodName::RegMixup | MethodName::ArAdaLs
+        ) {
             if let Some(s) = step_size.filter(|s| *s <= 0.0) {
                 bail!("--attack-step-size must be > 0, got {s}");
             }
@@ -467,7 +494,7 @@ impl TrainArgs {
                 refuse("--beta", self.beta.is_some())?;
                 refuse("--rho", self.rho.is_some())?;
                 MethodPlan::Normal(
-                    Normal::with_label_smoothing(self.label_smoothing)
+                    Normal::with_label_smoothing(self.label_smoothing.unwrap_or(0.0))
                         .context("--label-smoothing")?,
                 )
             }
@@ -550,6 +577,52 @@ impl TrainArgs {
                     attack.step_size = StepSize::Absolute(s);
                 }
                 MethodPlan::Oat(Oat::new(attack, eps.unwrap_or(base.eps)).with_context(context)?)
+            }
+            MethodName::RegMixup => {
+                refuse("--eps", self.eps.is_some())?;
+                refuse("--attack-steps", self.attack_steps.is_some())?;
+                refuse("--attack-step-size", self.attack_step_size.is_some())?;
+                refuse("--adv-fraction", self.adv_fraction.is_some())?;
+                refuse("--beta", self.beta.is_some())?;
+                refuse("--rho", self.rho.is_some())?;
+                let base = RegMixup::pinto_cifar10();
+                MethodPlan::RegMixup(
+                    RegMixup::new(self.mixup_alpha.unwrap_or(base.alpha))
+                        .context("--mixup-alpha")?,
+                )
+            }
+            MethodName::Sat => {
+                refuse("--adv-fraction", self.adv_fraction.is_some())?;
+                refuse("--rho", self.rho.is_some())?;
+                let base = Sat::cifar10();
+                let mut attack = base.attack;
+                attack.steps = steps.unwrap_or(attack.steps);
+                if let Some(s) = step_size {
+                    attack.step_size = StepSize::Absolute(s);
+                }
+                MethodPlan::Sat(
+                    Sat::new(
+                        attack,
+                        eps.unwrap_or(base.eps),
+                        self.beta.unwrap_or(base.beta),
+                    )
+                    .with_context(context)?,
+                )
+            }
+            MethodName::ArAdaLs => {
+                refuse("--attack-steps", self.attack_steps.is_some())?;
+                refuse("--attack-step-size", self.attack_step_size.is_some())?;
+                refuse("--adv-fraction", self.adv_fraction.is_some())?;
+                refuse("--beta", self.beta.is_some())?;
+                refuse("--rho", self.rho.is_some())?;
+                let base = ArAdaLsConfig::qin_cifar10();
+                let config = ArAdaLsConfig {
+                    eps: eps.unwrap_or(base.eps),
+                    initial_smoothing: self.label_smoothing.unwrap_or(base.initial_smoothing),
+                    ..base
+                };
+                config.validate().with_context(context)?;
+                MethodPlan::ArAdaLs(config)
             }
         })
     }
@@ -640,9 +713,9 @@ impl TrainPlan {
     }
 
     /// The resolved settings as written to `config.json`.
-    pub fn to_json(&self, command: &str) -> serde_json::Value {
-        let method = self.method.method();
-        json!({
+    pub fn to_json(&self, command: &str) -> Result<serde_json::Value> {
+        let method = self.method.method()?;
+        Ok(json!({
             "command": "train",
             "rampart_version": env!("CARGO_PKG_VERSION"),
             "command_line": command,
@@ -662,7 +735,7 @@ impl TrainPlan {
             "resume": self.resume,
             "device": self.device.to_string(),
             "train": self.config,
-        })
+        }))
     }
 
     /// Refuses to train into a folder that already holds a run, unless resuming; when
@@ -673,7 +746,7 @@ impl TrainPlan {
         if self.resume {
             if checkpoint.is_file() {
                 let meta = rampart_defenses::read_checkpoint_meta(&checkpoint)?;
-                let method = self.method.method();
+                let method = self.method.method()?;
                 let spec = self.model_spec();
                 let differs = |what: &str| {
                     anyhow::anyhow!(
@@ -711,7 +784,7 @@ impl TrainPlan {
         self.check_out_dir()?;
         create_out_dir(&self.out)?;
         record_command(&self.out, command)?;
-        write_json(&self.out.join("config.json"), &self.to_json(command))?;
+        write_json(&self.out.join("config.json"), &self.to_json(command)?)?;
         let device = self.device.open()?;
         let splits = load_data(self.dataset, &self.data_dir)?;
         let train = match self.train_limit {
@@ -755,7 +828,8 @@ impl TrainPlan {
             trainer = trainer.metadata("init_from", path.display().to_string());
         }
         let train_examples = train.len();
-        let outcome = trainer.run(&mut model, self.method.method(), Arc::new(train), &test)?;
+        let method = self.method.method()?;
+        let outcome = trainer.run(&mut model, method.as_ref(), Arc::new(train), &test)?;
         let threshold = match &held_out {
             Some(held_out) => self.store_threshold(&mut model, held_out, &outcome.model_path)?,
             None => None,
@@ -763,7 +837,7 @@ impl TrainPlan {
         let last = outcome.history.last();
         let summary = TrainSummary {
             schema_version: SUMMARY_SCHEMA_VERSION,
-            method: self.method.method().name().to_string(),
+            method: method.name().to_string(),
             arch: self.arch.to_string(),
             dataset: self.dataset.to_string(),
             preset: self.preset.map(|p| p.name.to_string()),
@@ -1073,6 +1147,61 @@ mod tests {
     }
 
     #[test]
+    fn calibration_methods_take_their_defaults_and_flags() -> Result<()> {
+        let base = format!("{BASE} --arch wrn-16-4 --epochs 3");
+        let p = plan(&format!("{base} --method regmixup"))?;
+        assert_eq!(p.method, MethodPlan::RegMixup(RegMixup::pinto_cifar10()));
+        assert_eq!(RegMixup::pinto_cifar10().alpha, 20.0);
+        let p = plan(&format!("{base} --method regmixup --mixup-alpha 0.5"))?;
+        assert_eq!(p.method, MethodPlan::RegMixup(RegMixup { alpha: 0.5 }));
+
+        let p = plan(&format!("{base} --method sat"))?;
+        assert_eq!(p.method, MethodPlan::Sat(Sat::cifar10()));
+        let MethodPlan::Sat(sat) = p.method else {
+            bail!("expected sat")
+        };
+        assert_eq!(
+            (sat.eps, sat.beta, sat.attack.steps),
+            (8.0 / 255.0, 1.0, 10)
+        );
+        assert_eq!(sat.attack.step_size, StepSize::Absolute(2.0 / 255.0));
+        assert_eq!((sat.sinkhorn_eps, sat.sinkhorn_iters), (1.0, 50));
+        let p = plan(&format!(
+            "{base} --method sat --eps 4/255 --attack-steps 5 --attack-step-size 1/255 --beta 0.5"
+        ))?;
+        let MethodPlan::Sat(sat) = p.method else {
+            bail!("expected sat")
+        };
+        assert_eq!((sat.eps, sat.beta, sat.attack.steps), (4.0 / 255.0, 0.5, 5));
+        assert_eq!(sat.attack.step_size, StepSize::Absolute(1.0 / 255.0));
+        // A preset's attack carries over to sat like to at.
+        let p = plan(&format!("{BASE} --preset at-wrn28-10 --method sat"))?;
+        let MethodPlan::Sat(sat) = p.method else {
+            bail!("expected sat")
+        };
+        assert_eq!((sat.eps, sat.attack.steps), (0.03, 10));
+        assert_eq!(sat.attack.step_size, StepSize::Absolute(0.007));
+
+        let p = plan(&format!("{base} --method ar-adals"))?;
+        assert_eq!(p.method, MethodPlan::ArAdaLs(ArAdaLsConfig::qin_cifar10()));
+        let p = plan(&format!(
+            "{base} --method ar-adals --eps 4/255 --label-smoothing 0.2"
+        ))?;
+        let MethodPlan::ArAdaLs(c) = p.method else {
+            bail!("expected ar-adals")
+        };
+        assert_eq!((c.eps, c.initial_smoothing), (4.0 / 255.0, 0.2));
+        assert_eq!((c.max_smoothing, c.rate, c.momentum), (0.5, 0.1, 0.9));
+        // The plan's method is built fresh, with the names used in files.
+        assert_eq!(p.method.method()?.name(), "ar-adals");
+        assert!(p.method.method()?.state().is_some());
+        let json = p.to_json("rampart train")?;
+        assert_eq!(json["method"], "ar-adals");
+        assert_eq!(json["method_settings"]["initial_smoothing"], 0.2);
+        Ok(())
+    }
+
+    #[test]
     fn method_flags_the_method_does_not_use_are_refused() {
         let base = format!("{BASE} --arch wrn-16-4 --epochs 3");
         for (flags, needle) in [
@@ -1108,6 +1237,60 @@ mod tests {
             ("--method at --eps -1", "--eps"),
             ("--method at --eps x", "--eps"),
             ("--method trades --beta -1", "β"),
+            (
+                "--method at --label-smoothing 0",
+                "--label-smoothing does not apply",
+            ),
+            (
+                "--method normal --mixup-alpha 20",
+                "--mixup-alpha does not apply to --method normal",
+            ),
+            (
+                "--method sat --mixup-alpha 20",
+                "--mixup-alpha does not apply",
+            ),
+            ("--method regmixup --eps 8/255", "--eps does not apply"),
+            ("--method regmixup --beta 1", "--beta does not apply"),
+            (
+                "--method regmixup --label-smoothing 0.1",
+                "--label-smoothing does not apply",
+            ),
+            ("--method regmixup --mixup-alpha 0", "α must be"),
+            ("--method regmixup --mixup-alpha -2", "α must be"),
+            (
+                "--method sat --adv-fraction 0.5",
+                "--adv-fraction does not apply",
+            ),
+            ("--method sat --rho 10", "--rho does not apply"),
+            (
+                "--method sat --label-smoothing 0.1",
+                "--label-smoothing does not apply",
+            ),
+            ("--method sat --beta -1", "β must be"),
+            ("--method sat --eps -1", "--eps"),
+            (
+                "--method sat --attack-step-size 0",
+                "--attack-step-size must be > 0",
+            ),
+            ("--method sat --attack-steps 0", "at least one step"),
+            (
+                "--method ar-adals --attack-steps 3",
+                "--attack-steps does not apply",
+            ),
+            ("--method ar-adals --beta 1", "--beta does not apply"),
+            (
+                "--method ar-adals --adv-fraction 1",
+                "--adv-fraction does not apply",
+            ),
+            (
+                "--method ar-adals --label-smoothing 0.6",
+                "initial smoothing",
+            ),
+            (
+                "--method ar-adals --label-smoothing -0.1",
+                "initial smoothing",
+            ),
+            ("--method ar-adals --eps -1", "--eps"),
             ("--ema 1", "EMA decay"),
         ] {
             let err = error(&format!("{base} {flags}"));

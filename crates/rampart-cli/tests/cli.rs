@@ -752,3 +752,70 @@ fn oat_models_and_stochastic_students() -> TestResult {
     assert!(!run.status.success());
     Ok(())
 }
+
+#[test]
+fn calibration_methods_train_from_the_command_line() -> TestResult {
+    let help = text(&rampart(&["train", "--help"])?);
+    for flag in ["regmixup", "sat", "ar-adals", "--mixup-alpha"] {
+        assert!(help.contains(flag), "train --help lacks {flag}:\n{help}");
+    }
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    for (method, extra) in [
+        ("regmixup", vec!["--mixup-alpha", "2"]),
+        ("sat", vec!["--attack-steps", "2", "--beta", "0.5"]),
+        ("ar-adals", vec!["--label-smoothing", "0.2"]),
+    ] {
+        let out = dir.path().join(method);
+        let mut args = vec![
+            "train",
+            "--threads",
+            "2",
+            "--arch",
+            "wrn-10-1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.05",
+            "--threshold-held-out",
+            "0",
+            "--data-dir",
+            data,
+            "--method",
+            method,
+            "--out",
+            s(&out),
+        ];
+        args.extend(extra);
+        let run = rampart(&args)?;
+        assert!(run.status.success(), "{method}: {}", text(&run));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+        assert_eq!(config["method"], method);
+        let history = std::fs::read_to_string(out.join("history.jsonl"))?;
+        let record: serde_json::Value =
+            serde_json::from_str(history.lines().next().ok_or("one epoch recorded")?)?;
+        match method {
+            "regmixup" => assert_eq!(config["method_settings"]["alpha"], 2.0),
+            "sat" => assert_eq!(config["method_settings"]["beta"], 0.5),
+            _ => {
+                assert_eq!(config["method_settings"]["initial_smoothing"], 0.2);
+                // The per-group smoothing after the epoch is in the history.
+                let smoothing = record["method_state"]["smoothing"]
+                    .as_array()
+                    .ok_or("AR-AdaLS records its smoothing per epoch")?;
+                assert_eq!(smoothing.len(), 4);
+                assert!(smoothing
+                    .iter()
+                    .all(|v| v.as_f64().is_some_and(|v| (0.0..=0.5).contains(&v))));
+            }
+        }
+        if method != "ar-adals" {
+            assert!(record.get("method_state").is_none(), "{record}");
+        }
+    }
+    Ok(())
+}

@@ -4,8 +4,9 @@
 //! (BatchNorm statistics included), the optimiser's momentum buffers as
 //! `momentum/NAME`, the weight average (if the run keeps one) as `ema/NAME`, and the
 //! JSON [`CheckpointMeta`] under the metadata key
-//! `rampart.checkpoint`. The randomness needs no state: the batch order, the
-//! augmentation and the method's RNG of epoch e derive from (seed, e) alone.
+//! `rampart.checkpoint`, which includes the method's learnt state, if it keeps one.
+//! The randomness needs no state: the batch order, the augmentation and the method's
+//! RNG of epoch e derive from (seed, e) alone.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -47,6 +48,11 @@ pub struct CheckpointMeta {
     pub train_examples: usize,
     /// One record per completed epoch.
     pub history: Vec<EpochRecord>,
+    /// The method's state after the last completed epoch
+    /// ([`TrainingMethod::state`](crate::TrainingMethod::state)); absent for stateless
+    /// methods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method_state: Option<serde_json::Value>,
 }
 
 const FORMAT: u32 = 1;
@@ -147,17 +153,20 @@ pub(crate) fn meta(
         spec: spec.clone(),
         train_examples,
         history: history.to_vec(),
+        method_state: method.state(),
     }
 }
 
-/// Loads a checkpoint into `model` and `sgd` after checking that it belongs to the
-/// same run: `expected` must match it in everything but progress and history.
+/// Loads a checkpoint into `model`, `sgd` and `method`'s state after checking that it
+/// belongs to the same run: `expected` must match it in everything but progress,
+/// history and the method's state.
 pub(crate) fn restore(
     path: &Path,
     expected: &CheckpointMeta,
     model: &Classifier,
     sgd: &mut Sgd,
     ema: Option<&Ema>,
+    method: &dyn crate::TrainingMethod,
 ) -> Result<CheckpointMeta> {
     let bytes = std::fs::read(path).map_err(|e| DefenseError::io(path, e))?;
     let meta = parse_meta(path, &bytes)?;
@@ -199,6 +208,18 @@ pub(crate) fn restore(
             path,
             "inconsistent checkpoint: history and progress disagree".into(),
         ));
+    }
+    match (&meta.method_state, expected.method_state.is_some()) {
+        (Some(state), _) => method
+            .restore_state(state)
+            .map_err(|e| checkpoint_error(path, format!("method state: {e}")))?,
+        (None, true) => {
+            return Err(checkpoint_error(
+                path,
+                format!("the state of method {} is missing", meta.method),
+            ))
+        }
+        (None, _) => {}
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
     load_vars(path, &tensors, MODEL_PREFIX, "model variable", model)?;

@@ -1,10 +1,11 @@
 //! Training methods for Rampart and the one training loop they share.
 //!
 //! This crate owns how a classifier is trained: a [`TrainingMethod`] turns a batch into
-//! a loss ([`Normal`] cross-entropy, Madry's [`AdversarialTraining`], [`FastAt`],
-//! [`Trades`] and [`Ccat`]; adversarial methods run their attack — from
-//! `rampart-attacks`, or TRADES' own KL ascent — with the model in eval mode and
-//! compute the loss in train mode), [`Sgd`] applies the gradients with (Nesterov)
+//! a loss ([`Normal`] cross-entropy with optional label smoothing, Madry's
+//! [`AdversarialTraining`], [`FastAt`], [`Trades`], [`Ccat`], Sinkhorn AT [`Sat`], and
+//! the calibration-oriented [`RegMixup`] and [`ArAdaLs`]; adversarial methods run their
+//! attack — from `rampart-attacks`, or TRADES' own KL ascent — with the model in eval
+//! mode and compute the loss in train mode), [`Sgd`] applies the gradients with (Nesterov)
 //! momentum and weight decay, an [`LrSchedule`] gives the learning rate of every
 //! iteration, an optional [`Ema`] averages the weights, and the [`Trainer`] runs epochs
 //! with progress bars, evaluates clean accuracy after each ([`predict`]), checkpoints
@@ -14,8 +15,9 @@
 //!
 //! **Invariants.** BatchNorm running statistics are never touched by the optimiser.
 //! Every random choice of epoch e (batch order, augmentation, the method's RNG) derives
-//! from (seed, e), so a run resumed from its checkpoint ends with the weights of the
-//! uninterrupted run. Files are written to a temporary sibling and renamed into place.
+//! from (seed, e), and a method's learnt state is checkpointed with the weights, so a
+//! run resumed from its checkpoint ends with the weights of the uninterrupted run.
+//! Files are written to a temporary sibling and renamed into place.
 //!
 //! It knows nothing of the command line, of output formats beyond its own files, or
 //! of how metrics are computed from predictions.
@@ -39,9 +41,11 @@ pub use ema::Ema;
 pub use error::{DefenseError, Result};
 pub use io::write_atomic;
 pub use method::{
-    adversarial_count, attack_seed, ccat_lambda, ccat_soft_targets, cross_entropy, kl_divergence,
-    soft_cross_entropy, AdversarialTraining, BatchLoss, Ccat, FastAt, Normal, Oat, Trades,
-    TrainingMethod,
+    adals_targets, adversarial_count, attack_seed, calibration_gaps, ccat_lambda,
+    ccat_soft_targets, cross_entropy, entropic_ot, kl_divergence, mixup_images, mixup_targets,
+    robustness_group, robustness_groups, sinkhorn_divergence, soft_cross_entropy, AdaLsState,
+    AdversarialTraining, ArAdaLs, ArAdaLsConfig, BatchLoss, Ccat, FastAt, MixupDraw, Normal, Oat,
+    RegMixup, Sat, Trades, TrainingMethod, ADALS_GROUPS,
 };
 pub use predict::{predict, Predictions};
 pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};

@@ -79,6 +79,12 @@ impl<M: TrainingMethod> TrainingMethod for Crashing<M> {
     fn settings(&self) -> serde_json::Value {
         self.inner.settings()
     }
+    fn state(&self) -> Option<serde_json::Value> {
+        self.inner.state()
+    }
+    fn restore_state(&self, state: &serde_json::Value) -> Result<()> {
+        self.inner.restore_state(state)
+    }
     fn loss(
         &self,
         model: &Classifier,
@@ -354,6 +360,15 @@ fn every_method_lowers_its_loss_on_a_toy_problem() -> TestResult {
             ..Trades::zhang_cifar10()
         }),
         Box::new(short_ccat()),
+        Box::new(RegMixup::pinto_cifar10()),
+        Box::new(Sat {
+            attack: rampart_attacks::Pgd {
+                steps: 3,
+                ..rampart_attacks::Pgd::linf_pgd10()
+            },
+            ..Sat::cifar10()
+        }),
+        Box::new(ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?),
     ];
     for method in &methods {
         let dir = tempfile::tempdir()?;
@@ -534,4 +549,132 @@ fn resume_is_exact_with_an_attack_and_an_average() -> TestResult {
         ha[1].test_accuracy
     );
     Ok(())
+}
+
+/// AR-AdaLS learns a per-group smoothing while training: a run interrupted in its
+/// second epoch and resumed restores it from the checkpoint and ends with the weights
+/// and the smoothing of the uninterrupted run.
+#[test]
+fn resume_is_exact_with_ar_adals_state() -> TestResult {
+    let train = Arc::new(toy_dataset(48, 1));
+    let test = toy_dataset(8, 2);
+    let config = toy_config(2);
+    let batches_per_epoch = 48 / config.batch_size;
+    let adals = || ArAdaLs::new(ArAdaLsConfig::qin_cifar10());
+
+    let straight = tempfile::tempdir()?;
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    let method = adals()?;
+    let outcome = Trainer::new(config.clone(), straight.path())?
+        .progress(Progress::Hidden)
+        .run(&mut model, &method, Arc::clone(&train), &test)?;
+    let final_state = method.snapshot();
+    // The smoothing moved away from its start, and every epoch records it.
+    assert_ne!(final_state, AdaLsState::new(&method.config()));
+    assert!(outcome.history.iter().all(|r| r.method_state.is_some()));
+    assert_eq!(
+        outcome.history[1].method_state,
+        Some(serde_json::to_value(&final_state)?)
+    );
+
+    let resumed = tempfile::tempdir()?;
+    let crashing = Crashing {
+        inner: adals()?,
+        calls: Cell::new(0),
+        fail_at: batches_per_epoch + 2,
+    };
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    let trainer = Trainer::new(config.clone(), resumed.path())?.progress(Progress::Hidden);
+    assert!(trainer
+        .run(&mut model, &crashing, Arc::clone(&train), &test)
+        .is_err());
+    // The checkpoint holds the state after epoch 1, not the one of the crashed epoch.
+    let meta = read_checkpoint_meta(&resumed.path().join(CHECKPOINT_FILE))?;
+    assert_eq!(meta.epochs_done, 1);
+    assert_eq!(meta.method_state, meta.history[0].method_state);
+    assert_ne!(
+        meta.method_state,
+        Some(serde_json::to_value(crashing.inner.snapshot())?)
+    );
+
+    let mut model = Classifier::new(toy_spec(), 99, &Device::Cpu)?;
+    let method = adals()?;
+    let outcome =
+        trainer
+            .clone()
+            .resume(true)
+            .run(&mut model, &method, Arc::clone(&train), &test)?;
+    assert_eq!(outcome.resumed_at, Some(1));
+    assert_eq!(method.snapshot(), final_state);
+
+    let a = weights(&straight.path().join(MODEL_FILE))?;
+    let b = weights(&resumed.path().join(MODEL_FILE))?;
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x, y, "variable {name} differs");
+    }
+    let ha = read_history(&straight.path().join(HISTORY_FILE))?;
+    let hb = read_history(&resumed.path().join(HISTORY_FILE))?;
+    for (ra, rb) in ha.iter().zip(&hb) {
+        assert_eq!(
+            (ra.train_loss, ra.train_accuracy, &ra.method_state),
+            (rb.train_loss, rb.train_accuracy, &rb.method_state)
+        );
+    }
+    let saved = Classifier::load(resumed.path().join(MODEL_FILE), &Device::Cpu)?;
+    let stored: AdaLsState = serde_json::from_str(
+        saved
+            .metadata()
+            .get("method_state")
+            .ok_or("the model records the method's state")?,
+    )?;
+    assert_eq!(stored, final_state);
+
+    // The same method without its state cannot resume that checkpoint, and a
+    // checkpoint written without the state cannot be resumed by the stateful method.
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    let forgetful = Forgetful(adals()?);
+    let err = trainer
+        .clone()
+        .resume(true)
+        .run(&mut model, &forgetful, Arc::clone(&train), &test);
+    assert!(
+        matches!(&err, Err(DefenseError::Checkpoint { message, .. }) if message.contains("method state")),
+        "{err:?}"
+    );
+    let without = tempfile::tempdir()?;
+    let trainer = Trainer::new(toy_config(1), without.path())?.progress(Progress::Hidden);
+    trainer.run(&mut model, &forgetful, Arc::clone(&train), &test)?;
+    assert_eq!(
+        read_checkpoint_meta(&without.path().join(CHECKPOINT_FILE))?.method_state,
+        None
+    );
+    let err = trainer
+        .resume(true)
+        .run(&mut model, &adals()?, Arc::clone(&train), &test);
+    assert!(
+        matches!(&err, Err(DefenseError::Checkpoint { message, .. }) if message.contains("missing")),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+/// A method that hides the state of the one it wraps.
+struct Forgetful<M>(M);
+
+impl<M: TrainingMethod> TrainingMethod for Forgetful<M> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn settings(&self) -> serde_json::Value {
+        self.0.settings()
+    }
+    fn loss(
+        &self,
+        model: &Classifier,
+        images: &Tensor,
+        labels: &Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<BatchLoss> {
+        self.0.loss(model, images, labels, rng)
+    }
 }

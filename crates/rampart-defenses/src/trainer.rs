@@ -55,6 +55,10 @@ pub struct EpochRecord {
     pub images_per_second: f64,
     /// Wall time of training and evaluation so far, summed over resumed sessions.
     pub elapsed_seconds: f64,
+    /// The method's state after the epoch (e.g. AR-AdaLS's per-group smoothing);
+    /// absent for stateless methods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method_state: Option<serde_json::Value>,
 }
 
 /// Whether to draw progress bars.
@@ -147,7 +151,8 @@ impl Trainer {
     }
 
     /// Trains `model` with `method` on `train`, evaluating on `eval` after each epoch,
-    /// and saves the final model with metadata `method`, `method_settings`, `epochs`,
+    /// and saves the final model with metadata `method`, `method_settings`,
+    /// `method_state` (for a method that keeps one), `epochs`,
     /// `seed`, `train_examples`, `train_config` and the entries given to
     /// [`Trainer::metadata`]. With an EMA (`TrainConfig::ema`) the evaluation uses the
     /// averaged weights, and `model` ends holding them (saved with `ema_decay`).
@@ -193,7 +198,8 @@ impl Trainer {
                     self.out_dir.display()
                 )));
             }
-            let meta = checkpoint::restore(&ckpt_path, &expected, model, &mut sgd, ema.as_ref())?;
+            let meta =
+                checkpoint::restore(&ckpt_path, &expected, model, &mut sgd, ema.as_ref(), method)?;
             tracing::info!(
                 checkpoint = %ckpt_path.display(),
                 epochs_done = meta.epochs_done,
@@ -285,6 +291,7 @@ impl Trainer {
                 eval_seconds,
                 images_per_second: (batches * cfg.batch_size) as f64 / epoch_seconds,
                 elapsed_seconds: previous + epoch_seconds + eval_seconds,
+                method_state: method.state(),
             };
             history.push(record.clone());
             let meta =
@@ -301,6 +308,9 @@ impl Trainer {
         }
         model.set_metadata("method", method.name())?;
         model.set_metadata("method_settings", method.settings().to_string())?;
+        if let Some(state) = method.state() {
+            model.set_metadata("method_state", state.to_string())?;
+        }
         model.set_metadata("epochs", cfg.epochs.to_string())?;
         model.set_metadata("seed", cfg.seed.to_string())?;
         model.set_metadata("train_examples", train.len().to_string())?;
@@ -444,6 +454,9 @@ impl Bars {
                 r.epoch_seconds,
                 r.eval_seconds
             );
+            if let Some(state) = &r.method_state {
+                tracing::info!("epoch {}/{epochs}: method state {state}", r.epoch);
+            }
         });
     }
 

@@ -9,19 +9,33 @@
 //! Adversarial methods take one attack seed per batch from the method's RNG
 //! ([`attack_seed`]), so the adversarial examples of epoch e depend only on
 //! (seed, e) and the weights, and a resumed run repeats them exactly.
+//!
+//! A method that learns something while training besides the weights (AR-AdaLS's
+//! per-group smoothing) exposes it through [`TrainingMethod::state`]; the loop saves it
+//! in every checkpoint and hands it back through [`TrainingMethod::restore_state`] on
+//! resume.
 
 mod adversarial;
+mod ar_adals;
 mod ccat;
 mod fast_at;
 mod normal;
 mod oat;
+mod regmixup;
+mod sat;
 mod trades;
 
 pub use adversarial::AdversarialTraining;
+pub use ar_adals::{
+    adals_targets, calibration_gaps, robustness_group, robustness_groups, AdaLsState, ArAdaLs,
+    ArAdaLsConfig, ADALS_GROUPS,
+};
 pub use ccat::{ccat_lambda, ccat_soft_targets, Ccat};
 pub use fast_at::FastAt;
 pub use normal::{cross_entropy, Normal};
 pub use oat::Oat;
+pub use regmixup::{mixup_images, mixup_targets, MixupDraw, RegMixup};
+pub use sat::{entropic_ot, sinkhorn_divergence, Sat};
 pub use trades::{kl_divergence, Trades};
 
 use candle_core::{DType, Tensor, D};
@@ -66,6 +80,23 @@ pub trait TrainingMethod {
         labels: &Tensor,
         rng: &mut ChaCha8Rng,
     ) -> Result<BatchLoss>;
+
+    /// What the method has learnt so far besides the model's weights, as JSON, saved
+    /// in every checkpoint and in the final model's metadata; `None` (the default) for
+    /// a stateless method. The state after epoch e must depend only on the run's
+    /// settings, seed and the batches of epochs 0..=e, like the weights.
+    fn state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Sets the state from a value [`TrainingMethod::state`] returned (on resume).
+    /// The default refuses: a stateless method has nothing to restore.
+    fn restore_state(&self, state: &serde_json::Value) -> Result<()> {
+        Err(DefenseError::Config(format!(
+            "method {} keeps no state, but a state was given: {state}",
+            self.name()
+        )))
+    }
 }
 
 /// The seed of one batch's attack, drawn from the method's RNG.

@@ -1,0 +1,522 @@
+//! AR-AdaLS (Qin et al., NeurIPS 2021): label smoothing whose amount adapts per group
+//! of training examples ranked by adversarial robustness, to improve calibration.
+//!
+//! Simplification of the paper: the groups are computed on the fly for every batch
+//! from a three-level FGSM probe with the current model, and the smoothing of each
+//! group follows a running calibration gap measured on the training batches, instead
+//! of the paper's grouping by a PGD robustness radius and its validation-set updates.
+
+use std::sync::{Mutex, MutexGuard};
+
+use candle_core::{DType, ModuleT, Tensor, Var, D};
+use rampart_models::Classifier;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{check_eps, labels_vec, soft_cross_entropy, to_json, BatchLoss, TrainingMethod};
+use crate::error::{DefenseError, Result};
+
+/// Number of robustness groups: 0 = broken at ε/4 (or misclassified clean), 1 =
+/// broken first at ε/2, 2 = broken first at ε, 3 = not broken at ε.
+pub const ADALS_GROUPS: usize = 4;
+
+/// Settings of [`ArAdaLs`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArAdaLsConfig {
+    /// Largest budget ε of the L∞ FGSM probe; it also probes at ε/4 and ε/2.
+    pub eps: f64,
+    /// Smoothing of every group before training, in [0, `max_smoothing`].
+    pub initial_smoothing: f64,
+    /// Upper clip of the smoothing, in [0, 1).
+    pub max_smoothing: f64,
+    /// Adaptation rate η > 0: s_g ← clip(s_g + η·gap_g, 0, `max_smoothing`).
+    pub rate: f64,
+    /// Momentum m ∈ [0, 1) of the running gap: gap_g ← m·gap_g + (1 − m)·batch gap.
+    pub momentum: f64,
+}
+
+impl ArAdaLsConfig {
+    /// The CIFAR-10 setting: probe at 8/255 (and 2/255, 4/255), initial smoothing 0.1,
+    /// clip 0.5, η = 0.1, momentum 0.9.
+    pub fn qin_cifar10() -> Self {
+        Self {
+            eps: 8.0 / 255.0,
+            initial_smoothing: 0.1,
+            max_smoothing: 0.5,
+            rate: 0.1,
+            momentum: 0.9,
+        }
+    }
+
+    /// Refuses settings that cannot be run.
+    pub fn validate(&self) -> Result<()> {
+        check_eps(self.eps)?;
+        let bad =
+            |what: &str, v: f64| Err(DefenseError::Config(format!("AR-AdaLS {what}, got {v}")));
+        if !(0.0..1.0).contains(&self.max_smoothing) {
+            return bad("maximal smoothing must lie in [0, 1)", self.max_smoothing);
+        }
+        if !(0.0..=self.max_smoothing).contains(&self.initial_smoothing) {
+            return bad(
+                &format!("initial smoothing must lie in [0, {}]", self.max_smoothing),
+                self.initial_smoothing,
+            );
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0) {
+            return bad("adaptation rate must be finite and > 0", self.rate);
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad("momentum must lie in [0, 1)", self.momentum);
+        }
+        Ok(())
+    }
+}
+
+/// What AR-AdaLS learns during training, saved in every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdaLsState {
+    /// Current smoothing s_g of each group.
+    pub smoothing: [f64; ADALS_GROUPS],
+    /// Running calibration gap (mean confidence − accuracy) of each group.
+    pub gap: [f64; ADALS_GROUPS],
+    /// Training examples seen in each group so far.
+    pub examples: [u64; ADALS_GROUPS],
+}
+
+impl AdaLsState {
+    /// Every group at the initial smoothing, gaps 0.
+    pub fn new(config: &ArAdaLsConfig) -> Self {
+        Self {
+            smoothing: [config.initial_smoothing; ADALS_GROUPS],
+            gap: [0.0; ADALS_GROUPS],
+            examples: [0; ADALS_GROUPS],
+        }
+    }
+
+    /// One batch's update. For each group present in the batch (`stats[g]` = its
+    /// number of examples and batch gap): gap_g ← m·gap_g + (1 − m)·batch gap, then
+    /// s_g ← clip(s_g + η·gap_g, 0, max). Groups absent from the batch keep their
+    /// values.
+    pub fn update(&mut self, config: &ArAdaLsConfig, stats: &[Option<(u64, f64)>; ADALS_GROUPS]) {
+        for (g, stat) in stats.iter().enumerate() {
+            let Some((n, batch_gap)) = *stat else {
+                continue;
+            };
+            self.examples[g] += n;
+            self.gap[g] = config.momentum * self.gap[g] + (1.0 - config.momentum) * batch_gap;
+            self.smoothing[g] =
+                (self.smoothing[g] + config.rate * self.gap[g]).clamp(0.0, config.max_smoothing);
+        }
+    }
+
+    fn validate(&self, config: &ArAdaLsConfig) -> Result<()> {
+        let ok = self
+            .smoothing
+            .iter()
+            .all(|s| (0.0..=config.max_smoothing).contains(s))
+            && self.gap.iter().all(|g| g.is_finite() && g.abs() <= 1.0);
+        if !ok {
+            return Err(DefenseError::Config(format!(
+                "AR-AdaLS state out of range: smoothing {:?}, gaps {:?}",
+                self.smoothing, self.gap
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// AR-AdaLS: cross-entropy on the clean batch (train mode) against per-example
+/// smoothed targets (1 − s_g)·onehot(y) + s_g·uniform, g the example's robustness
+/// group ([`robustness_groups`]). After each batch, each group's calibration gap
+/// (mean max-softmax confidence − accuracy of the batch's train-mode predictions on
+/// its examples) updates its smoothing ([`AdaLsState::update`]): over-confident
+/// groups get more smoothing, under-confident ones less.
+///
+/// The state sits behind a mutex because [`TrainingMethod::loss`] takes `&self`; it is
+/// saved in every checkpoint ([`TrainingMethod::state`]) and restored on resume, so a
+/// resumed run repeats the uninterrupted one exactly. One value belongs to one run.
+#[derive(Debug)]
+pub struct ArAdaLs {
+    config: ArAdaLsConfig,
+    state: Mutex<AdaLsState>,
+}
+
+impl ArAdaLs {
+    /// Checks the settings; every group starts at the initial smoothing.
+    pub fn new(config: ArAdaLsConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            state: Mutex::new(AdaLsState::new(&config)),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> ArAdaLsConfig {
+        self.config
+    }
+
+    /// A copy of the current state.
+    pub fn snapshot(&self) -> AdaLsState {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AdaLsState> {
+        // The state is plain numbers, valid whatever a panicking holder left behind.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The group of one example from its correctness clean and at the probe budgets
+/// ε/4, ε/2 and ε: the index of the first budget that breaks it (0 when it is
+/// already misclassified clean), 3 when none does.
+pub fn robustness_group(clean_correct: bool, correct_at: [bool; 3]) -> usize {
+    if !clean_correct {
+        return 0;
+    }
+    correct_at.iter().position(|c| !c).unwrap_or(3)
+}
+
+/// Robustness groups of a batch: one FGSM direction sign(∇_x CE(f(x), y)) with the
+/// model in eval mode (input gradients only), then eval-mode predictions at
+/// clip(x + t·direction, lo, hi) for t ∈ {ε/4, ε/2, ε}, grouped by
+/// [`robustness_group`]. images: (B, C, H, W) within `bounds`; labels: (B,) u32.
+pub fn robustness_groups<M: ModuleT>(
+    model: &M,
+    bounds: (f32, f32),
+    images: &Tensor,
+    labels: &Tensor,
+    eps: f64,
+) -> Result<Vec<usize>> {
+    check_eps(eps)?;
+    let (lo, hi) = (f64::from(bounds.0), f64::from(bounds.1));
+    let b = images.dim(0)?;
+    let x = images.detach();
+    let var = Var::from_tensor(&x)?;
+    let logits = model.forward_t(var.as_tensor(), false)?;
+    let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+    let grads = rampart_models::input_gradients_only(|| loss.backward())?;
+    let direction = match grads.get(var.as_tensor()) {
+        Some(g) => g.sign()?,
+        None => x.zeros_like()?,
+    };
+    let probes = [eps / 4.0, eps / 2.0, eps]
+        .iter()
+        .map(|&t| Ok((&x + (&direction * t)?)?.clamp(lo, hi)?))
+        .collect::<Result<Vec<Tensor>>>()?;
+    let probe_logits = model.forward_t(&Tensor::cat(&probes, 0)?, false)?;
+    let ys = labels_vec(labels)?;
+    let clean = labels_vec(&logits.argmax(D::Minus1)?)?;
+    let probed = labels_vec(&probe_logits.argmax(D::Minus1)?)?;
+    Ok((0..b)
+        .map(|i| {
+            let at = |level: usize| probed[level * b + i] == ys[i];
+            robustness_group(clean[i] == ys[i], [at(0), at(1), at(2)])
+        })
+        .collect())
+}
+
+/// Per group: (number of examples, mean max-softmax confidence − accuracy) of the
+/// predictions `logits` (B, K) for the examples of that group; `None` for a group
+/// absent from the batch.
+pub fn calibration_gaps(
+    logits: &Tensor,
+    labels: &Tensor,
+    groups: &[usize],
+) -> Result<[Option<(u64, f64)>; ADALS_GROUPS]> {
+    let probs = candle_nn::ops::softmax(&logits.detach().to_dtype(DType::F32)?, D::Minus1)?;
+    let confidence = probs.max(D::Minus1)?.to_vec1::<f32>()?;
+    let predicted = labels_vec(&probs.argmax(D::Minus1)?)?;
+    let ys = labels_vec(labels)?;
+    let mut sums = [(0u64, 0.0f64); ADALS_GROUPS];
+    for (i, &g) in groups.iter().enumerate() {
+        let correct = if predicted[i] == ys[i] { 1.0 } else { 0.0 };
+        let entry = sums
+            .get_mut(g)
+            .ok_or_else(|| DefenseError::Config(format!("robustness group {g} out of range")))?;
+        entry.0 += 1;
+        entry.1 += f64::from(confidence[i]) - correct;
+    }
+    Ok(sums.map(|(n, sum)| (n > 0).then(|| (n, sum / n as f64))))
+}
+
+/// Soft targets (1 − s_g)·onehot(y_i) + s_g/K, g = group of example i, row-major (B·K).
+pub fn adals_targets(
+    labels: &[u32],
+    groups: &[usize],
+    smoothing: &[f64; ADALS_GROUPS],
+    classes: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(labels.len() * classes);
+    for (&y, &g) in labels.iter().zip(groups) {
+        let s = smoothing[g.min(ADALS_GROUPS - 1)];
+        out.extend((0..classes).map(|k| {
+            let hot = if k == y as usize { 1.0 - s } else { 0.0 };
+            (hot + s / classes as f64) as f32
+        }));
+    }
+    out
+}
+
+impl TrainingMethod for ArAdaLs {
+    fn name(&self) -> &'static str {
+        "ar-adals"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        to_json(&self.config)
+    }
+
+    fn state(&self) -> Option<serde_json::Value> {
+        Some(to_json(&*self.lock()))
+    }
+
+    fn restore_state(&self, state: &serde_json::Value) -> Result<()> {
+        let restored: AdaLsState = serde_json::from_value(state.clone())
+            .map_err(|e| DefenseError::Config(format!("unreadable AR-AdaLS state: {e}")))?;
+        restored.validate(&self.config)?;
+        *self.lock() = restored;
+        Ok(())
+    }
+
+    fn loss(
+        &self,
+        model: &Classifier,
+        images: &Tensor,
+        labels: &Tensor,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<BatchLoss> {
+        let b = images.dim(0)?;
+        let k = model.spec().num_classes;
+        let groups = robustness_groups(model, model.bounds(), images, labels, self.config.eps)?;
+        let smoothing = self.lock().smoothing;
+        let targets = adals_targets(&labels_vec(labels)?, &groups, &smoothing, k);
+        let targets = Tensor::from_vec(targets, (b, k), images.device())?;
+        let logits = model.forward_t(images, true)?;
+        let loss = soft_cross_entropy(&logits, &targets)?;
+        let stats = calibration_gaps(&logits, labels, &groups)?;
+        self.lock().update(&self.config, &stats);
+        Ok(BatchLoss {
+            loss,
+            logits,
+            labels: labels.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use candle_core::Device;
+    use rand::SeedableRng;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    /// Two classes, logits (0, Σ_d x_d − 2) of a 4-value input: the margin of an
+    /// example at x = 0.5 + t (every value) is 4|t|, and an L∞ step of size r along
+    /// the FGSM direction lowers it by 4r.
+    struct Linear;
+
+    impl ModuleT for Linear {
+        fn forward_t(&self, xs: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+            let score = (xs.flatten_from(1)?.sum_keepdim(1)? - 2.0)?;
+            Tensor::cat(&[&score.zeros_like()?, &score], 1)
+        }
+    }
+
+    #[test]
+    fn group_rule() {
+        assert_eq!(robustness_group(false, [true, true, true]), 0);
+        assert_eq!(robustness_group(true, [false, false, false]), 0);
+        assert_eq!(robustness_group(true, [true, false, false]), 1);
+        assert_eq!(robustness_group(true, [true, true, false]), 2);
+        assert_eq!(robustness_group(true, [true, true, true]), 3);
+    }
+
+    /// With ε = 0.4 (probes at 0.1, 0.2, 0.4) an example with margin 4|t| breaks at the
+    /// first probe r ≥ |t|.
+    #[test]
+    fn groups_follow_the_probe_budgets() -> TestResult {
+        // (t, label, expected group): t > 0 favours class 1.
+        let cases = [
+            (0.05f32, 1u32, 0usize),
+            (0.15, 1, 1),
+            (0.3, 1, 2),
+            (0.45, 1, 3),
+            (-0.1, 1, 0), // misclassified clean
+            (-0.15, 0, 1),
+            (-0.45, 0, 3),
+            (0.3, 0, 0), // misclassified clean
+        ];
+        let pixels: Vec<f32> = cases.iter().flat_map(|(t, _, _)| [0.5 + t; 4]).collect();
+        let images = Tensor::from_vec(pixels, (cases.len(), 1, 2, 2), &Device::Cpu)?;
+        let labels = Tensor::new(cases.map(|c| c.1).as_slice(), &Device::Cpu)?;
+        let groups = robustness_groups(&Linear, (0.0, 1.0), &images, &labels, 0.4)?;
+        assert_eq!(groups, cases.map(|c| c.2));
+        // ε = 0: only the clean prediction counts.
+        let groups = robustness_groups(&Linear, (0.0, 1.0), &images, &labels, 0.0)?;
+        assert_eq!(groups, [3, 3, 3, 3, 0, 3, 3, 0]);
+        // The bounds clip the probe: with bounds (0.7, 1) no input can be pushed below
+        // 0.7, where class 1 still wins by 0.8, so the first four examples (inputs
+        // clipped to ≥ 0.7) all stay correct although unclipped steps would break them.
+        let inside = images.narrow(0, 0, 4)?.clamp(0.7, 1.0)?;
+        let groups =
+            robustness_groups(&Linear, (0.7, 1.0), &inside, &labels.narrow(0, 0, 4)?, 0.4)?;
+        assert_eq!(groups, [3, 3, 3, 3]);
+        Ok(())
+    }
+
+    #[test]
+    fn smoothing_follows_the_calibration_gap_and_is_clipped() {
+        let config = ArAdaLsConfig::qin_cifar10();
+        let mut state = AdaLsState::new(&config);
+        // Group 0 over-confident (+0.5), group 1 under-confident (−0.4), group 2
+        // calibrated, group 3 absent.
+        let stats = [Some((8, 0.5)), Some((4, -0.4)), Some((2, 0.0)), None];
+        state.update(&config, &stats);
+        // gap = 0.1·batch gap; s = 0.1 + 0.1·gap.
+        assert!((state.gap[0] - 0.05).abs() < 1e-12);
+        assert!((state.smoothing[0] - 0.105).abs() < 1e-12);
+        assert!((state.smoothing[1] - 0.096).abs() < 1e-12);
+        assert_eq!(state.smoothing[2], 0.1);
+        assert_eq!(
+            (state.smoothing[3], state.gap[3], state.examples[3]),
+            (0.1, 0.0, 0)
+        );
+        assert_eq!(state.examples[..3], [8, 4, 2]);
+        // Persistently: up to the clip 0.5, down to 0.
+        for _ in 0..2000 {
+            state.update(&config, &stats);
+        }
+        assert_eq!(state.smoothing[0], 0.5);
+        assert_eq!(state.smoothing[1], 0.0);
+        assert_eq!(state.smoothing[2], 0.1);
+        // The running gap moves with the momentum: one opposite batch does not undo it.
+        let before = state.gap[0];
+        state.update(&config, &[Some((1, -0.5)), None, None, None]);
+        assert!((state.gap[0] - (0.9 * before - 0.05)).abs() < 1e-12);
+        assert_eq!(state.smoothing[0], 0.5);
+    }
+
+    #[test]
+    fn gaps_are_confidence_minus_accuracy_per_group() -> TestResult {
+        // Softmax of (0, ln 3) = (¼, ¾): confidence ¾, predicted class 1.
+        let l3 = 3f32.ln();
+        let logits = Tensor::new(
+            &[[0.0f32, l3], [0.0, l3], [l3, 0.0], [0.0, l3]],
+            &Device::Cpu,
+        )?;
+        let labels = Tensor::new(&[1u32, 0, 0, 1], &Device::Cpu)?;
+        let gaps = calibration_gaps(&logits, &labels, &[0, 0, 2, 3])?;
+        let close = |a: Option<(u64, f64)>, n: u64, g: f64| {
+            a.is_some_and(|(m, v)| m == n && (v - g).abs() < 1e-6)
+        };
+        assert!(close(gaps[0], 2, 0.75 - 0.5), "{gaps:?}");
+        assert!(gaps[1].is_none());
+        assert!(close(gaps[2], 1, 0.75 - 1.0), "{gaps:?}");
+        assert!(close(gaps[3], 1, -0.25), "{gaps:?}");
+        assert!(calibration_gaps(&logits, &labels, &[0, 0, 4, 0]).is_err());
+        Ok(())
+    }
+
+    /// The loss is the soft cross-entropy against the current per-group smoothing, and
+    /// the state moves after the batch.
+    #[test]
+    fn loss_uses_the_group_smoothing_and_updates_it() -> TestResult {
+        let model = tiny_model(3, 5);
+        let (x, y) = batch(8, 3, 6);
+        let method = ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?;
+        let smoothing = [0.05, 0.2, 0.3, 0.45];
+        method.restore_state(&serde_json::to_value(AdaLsState {
+            smoothing,
+            ..AdaLsState::new(&method.config())
+        })?)?;
+        // Groups first: the method's train-mode forward updates the BatchNorm
+        // statistics the eval-mode probe uses.
+        let groups = robustness_groups(&model, model.bounds(), &x, &y, 8.0 / 255.0)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let out = method.loss(&model, &x, &y, &mut rng)?;
+        let logits = rows(&model.forward_t(&x, true)?);
+        let labels = y.to_vec1::<u32>()?;
+        let mut want = 0.0;
+        for i in 0..8 {
+            let s = smoothing[groups[i]];
+            for k in 0..3 {
+                let t = if k == labels[i] as usize {
+                    1.0 - s
+                } else {
+                    0.0
+                } + s / 3.0;
+                want += t * neg_log_softmax(&logits[i], k) / 8.0;
+            }
+        }
+        let got = f64::from(out.loss.to_scalar::<f32>()?);
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        let after = method.snapshot();
+        assert_eq!(after.examples.iter().sum::<u64>(), 8);
+        for (g, &before) in smoothing.iter().enumerate() {
+            let present = groups.contains(&g);
+            assert_eq!(after.examples[g] > 0, present);
+            assert_eq!(after.smoothing[g] != before, present && after.gap[g] != 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_is_refused() -> TestResult {
+        let config = ArAdaLsConfig::qin_cifar10();
+        let a = ArAdaLs::new(config)?;
+        a.lock().update(
+            &config,
+            &[Some((3, 0.3)), Some((1, -0.2)), None, Some((2, 0.1))],
+        );
+        let saved = a.state().ok_or("AR-AdaLS has a state")?;
+        let text = serde_json::to_string(&saved)?;
+        let b = ArAdaLs::new(config)?;
+        assert_ne!(b.snapshot(), a.snapshot());
+        b.restore_state(&serde_json::from_str(&text)?)?;
+        assert_eq!(b.snapshot(), a.snapshot());
+        // Out of range or unreadable states are refused and leave the state alone.
+        let mut bad = a.snapshot();
+        bad.smoothing[2] = 0.7;
+        assert!(b.restore_state(&serde_json::to_value(&bad)?).is_err());
+        assert!(b
+            .restore_state(&serde_json::json!({ "smoothing": [0.1] }))
+            .is_err());
+        assert_eq!(b.snapshot(), a.snapshot());
+        Ok(())
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let base = ArAdaLsConfig::qin_cifar10();
+        for bad in [
+            ArAdaLsConfig { eps: -0.1, ..base },
+            ArAdaLsConfig {
+                initial_smoothing: 0.6,
+                ..base
+            },
+            ArAdaLsConfig {
+                initial_smoothing: -0.1,
+                ..base
+            },
+            ArAdaLsConfig {
+                max_smoothing: 1.0,
+                ..base
+            },
+            ArAdaLsConfig { rate: 0.0, ..base },
+            ArAdaLsConfig {
+                momentum: 1.0,
+                ..base
+            },
+            ArAdaLsConfig {
+                momentum: f64::NAN,
+                ..base
+            },
+        ] {
+            assert!(ArAdaLs::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(ArAdaLs::new(base).is_ok());
+    }
+}
