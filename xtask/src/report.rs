@@ -261,6 +261,38 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
              test images have a confidence ≥ τ (the CCAT protocol).\n",
         );
     }
+    let published_rows: Vec<String> = models
+        .iter()
+        .filter_map(|m| {
+            published(&m.method).map(|(clean, robust, setting)| {
+                format!(
+                    "| {} | {:.2} % | {:.2} % | {} | {} | {setting} |\n",
+                    m.method,
+                    100.0 * m.clean_error,
+                    100.0 * clean,
+                    m.robust_error
+                        .map_or("–".into(), |e| format!("{:.2} %", 100.0 * e)),
+                    robust.map_or("–".into(), |e| format!("{:.2} %", 100.0 * e)),
+                )
+            })
+        })
+        .collect();
+    if !published_rows.is_empty() {
+        md.push_str(
+            "\n## Beside the published figures\n\n\
+             | model | clean error (ours) | clean error (published) | robust error (ours) | \
+             robust error (published) | published setting |\n|---|---:|---:|---:|---:|---|\n",
+        );
+        for r in published_rows {
+            md.push_str(&r);
+        }
+        md.push_str(
+            "\nThe published figures belong to the full training budgets named beside them; \
+             a preset with a smaller budget is expected to be far from them. Methods without \
+             a figure in the project's reference (CCAT, OAT, SAT, AR-AdaLS, RegMixup, the \
+             student) have no row here.\n",
+        );
+    }
     md.push_str(
         "\nClean error is the fraction of test images misclassified (the model in eval mode, \
          no augmentation). Train time is the wall time of training including the per-epoch \
@@ -361,6 +393,80 @@ pub fn add_protocol(out: &Path, rows: &[ModelRow], suite: &str) -> Result<()> {
          `protocol/results.json`; see docs/evaluation.md for what the suite runs.\n{body}"
     ));
     write_atomic(&out.join("report.md"), &report)
+}
+
+/// Where a row's sweep (λ of OAT, noise of a student) writes.
+pub fn sweep_dir(out: &Path, method: &str) -> std::path::PathBuf {
+    model_dir(out, method).join("sweep")
+}
+
+/// Adds each sweep (`rampart sweep`'s `sweep.json`) to `OUT/results.json` under
+/// `sweeps.<row>` and its table and chart to `OUT/report.md`.
+pub fn add_sweeps(out: &Path, sweeps: &[(&str, &str, std::path::PathBuf)]) -> Result<()> {
+    if sweeps.is_empty() {
+        return Ok(());
+    }
+    let results_path = out.join("results.json");
+    let mut results: serde_json::Value = read_json(&results_path)?;
+    let mut report = std::fs::read_to_string(out.join("report.md"))
+        .with_context(|| format!("cannot read {}", out.join("report.md").display()))?;
+    report.push_str(
+        "
+## Test-time trade-offs
+",
+    );
+    let mut all = serde_json::Map::new();
+    for (method, over, dir) in sweeps {
+        let sweep: serde_json::Value = read_json(&dir.join("sweep.json"))?;
+        all.insert((*method).to_string(), sweep);
+        let md = std::fs::read_to_string(dir.join("sweep.md"))
+            .with_context(|| format!("cannot read {}", dir.join("sweep.md").display()))?;
+        let body = md.split_once('\n').map_or(md.as_str(), |(_, rest)| rest);
+        let rel = dir.strip_prefix(out).unwrap_or(dir).display().to_string();
+        let about = match *over {
+            "lambda" => format!(
+                "One once-for-all model (`{method}`) evaluated at every training λ (clean \
+                 accuracy on the first test images, PGD-20 L∞ 8/255 on the first of them), \
+                 beside the models trained at one fixed λ (normal: λ = 0, at: λ = 1; their \
+                 training budgets differ from the OAT row's, see the table above)."
+            ),
+            _ => format!(
+                "The stochastic student (`{method}`) with its trained noise multiplied by each \
+                 scale (0 = its deterministic network): clean accuracy, robust accuracy under \
+                 PGD-20 with EOT, and the attack's success rate, as means over noise draws."
+            ),
+        };
+        report.push_str(&format!(
+            "\n### `{method}` over {over}\n\n{about}\n{}",
+            body.replace("](plots/", &format!("]({rel}/plots/"))
+        ));
+    }
+    results["sweeps"] = serde_json::Value::Object(all);
+    write_atomic(&results_path, &serde_json::to_string_pretty(&results)?)?;
+    write_atomic(&out.join("report.md"), &report)
+}
+
+/// Published figures of a method (REFERENCE §3) for the report's comparison column:
+/// (clean error, robust error under PGD at 8/255 or 0.03, the setting they belong to).
+pub fn published(method: &str) -> Option<(f64, Option<f64>, &'static str)> {
+    match method {
+        "normal" => Some((
+            0.026,
+            None,
+            "WRN-28-10, 250 epochs, Cutout + AutoAugment (REFERENCE §3)",
+        )),
+        "at" => Some((
+            0.09,
+            Some(0.479),
+            "Madry AT, WRN-28-10, PGD-10 at 0.03, 150 epochs (REFERENCE §3)",
+        )),
+        "fast-at" => Some((
+            0.14,
+            Some(0.54),
+            "fast AT, PreActResNet-18, 15 epochs (REFERENCE §3)",
+        )),
+        _ => None,
+    }
 }
 
 fn title(dataset: &str) -> &str {
@@ -472,7 +578,10 @@ mod tests {
         for method in ["normal", "at", "ccat"] {
             fake_run(dir.path(), method, 0.6875)?;
         }
-        let models = collect(dir.path(), Preset::Smoke.models())?;
+        let models = collect(
+            dir.path(),
+            &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+        )?;
         write(dir.path(), &study(), &models)?;
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json"))?)?;
@@ -510,7 +619,10 @@ mod tests {
         for method in ["normal", "at", "ccat"] {
             fake_run(dir.path(), method, 0.6875)?;
         }
-        let models = collect(dir.path(), Preset::Smoke.models())?;
+        let models = collect(
+            dir.path(),
+            &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+        )?;
         let md = report_markdown(&study(), &models);
         assert!(
             md.contains("| at | pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start | 1,000 | 25.00 % | 75.00 % | 0.5000 |"),
@@ -522,6 +634,14 @@ mod tests {
         );
         assert!(md.contains("| normal | wrn-10-1 | 77,850 | 3 | 50,000 | 12 min 34 s | 10,000 | 68.75 % | 31.25 % |"), "{md}");
         assert!(md.contains("this invocation took 13 min 21 s"), "{md}");
+        assert!(
+            md.contains("| at | 31.25 % | 9.00 % | 75.00 % | 47.90 % | Madry AT"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("| ccat | 31.25 % |"),
+            "no published CCAT figure: {md}"
+        );
         for line in [
             "cargo build --release -p rampart-cli",
             "rampart train --out x\n",
@@ -534,12 +654,44 @@ mod tests {
     }
 
     #[test]
+    fn sweeps_join_results_and_report() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let out = dir.path();
+        std::fs::write(
+            out.join("results.json"),
+            r#"{"schema_version":1,"models":{}}"#,
+        )?;
+        std::fs::write(out.join("report.md"), "# Report\n")?;
+        let sweep = sweep_dir(out, "oat");
+        std::fs::create_dir_all(&sweep)?;
+        std::fs::write(
+            sweep.join("sweep.json"),
+            r#"{"schema_version":1,"over":"lambda","points":[{"value":0.0,"clean_accuracy":0.5}]}"#,
+        )?;
+        std::fs::write(
+            sweep.join("sweep.md"),
+            "# Sweep\n\n| λ |\n\n![sweep](plots/sweep.png)\n",
+        )?;
+        add_sweeps(out, &[("oat", "lambda", sweep.clone())])?;
+        let results: serde_json::Value = read_json(&out.join("results.json"))?;
+        assert_eq!(results["sweeps"]["oat"]["points"][0]["clean_accuracy"], 0.5);
+        let md = std::fs::read_to_string(out.join("report.md"))?;
+        assert!(md.contains("### `oat` over lambda"), "{md}");
+        assert!(md.contains("![sweep](oat/sweep/plots/sweep.png)"), "{md}");
+        assert!(!md.contains("# Sweep"), "{md}");
+        Ok(())
+    }
+
+    #[test]
     fn missing_outputs_name_the_file() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let err = collect(dir.path(), Preset::Smoke.models())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default();
+        let err = collect(
+            dir.path(),
+            &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+        )
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
         assert!(err.contains("summary.json"), "{err}");
         Ok(())
     }

@@ -13,13 +13,61 @@ use crate::report::{self, Study};
 /// short name in `results.json`.
 #[derive(Clone, Copy, Debug)]
 pub struct ModelRow {
-    /// The method's short name, as `rampart train --method` takes it.
+    /// The row's key in `results.json` and its folder: the method's short name, or a
+    /// variant of it (`ls` = normal training with label smoothing, `student` = a
+    /// stochastic student).
     pub method: &'static str,
+    /// The `rampart train --method` of the row.
+    pub train_method: &'static str,
     /// How `rampart train` is configured for this row.
     pub training: Training,
     /// Further `rampart train` flags of this row (the method's attack settings, or
     /// overrides of a preset), in order.
     pub extra_flags: &'static [&'static str],
+    /// The row whose trained model this one starts from (`--init-from`), if any.
+    pub teacher: Option<&'static str>,
+    /// Further `rampart eval` flags of this row's evaluations (e.g. EOT for a
+    /// stochastic model).
+    pub eval_extra: &'static [&'static str],
+    /// Whether the row belongs to the core study (normal, AT, CCAT) that
+    /// `--rows core` runs.
+    pub core: bool,
+}
+
+/// A core row trained with `--method method`.
+pub const fn row(
+    method: &'static str,
+    training: Training,
+    extra_flags: &'static [&'static str],
+) -> ModelRow {
+    ModelRow {
+        method,
+        train_method: method,
+        training,
+        extra_flags,
+        teacher: None,
+        eval_extra: &[],
+        core: true,
+    }
+}
+
+/// A row beyond the core study: the calibration-oriented methods, OAT and the
+/// stochastic student.
+pub const fn extended(
+    method: &'static str,
+    train_method: &'static str,
+    training: Training,
+    extra_flags: &'static [&'static str],
+) -> ModelRow {
+    ModelRow {
+        method,
+        train_method,
+        training,
+        extra_flags,
+        teacher: None,
+        eval_extra: &[],
+        core: false,
+    }
 }
 
 /// The training settings of a row.
@@ -95,6 +143,135 @@ pub const SMOKE_CCAT: Recipe = SMOKE_AT;
 /// `rampart train` flags of the smoke CCAT row.
 pub const SMOKE_CCAT_FLAGS: &[&str] = &["--attack-steps", "3", "--attack-step-size", "0.03"];
 
+/// The smoke preset's calibration-oriented rows (label smoothing, RegMixup, AR-AdaLS):
+/// the images, batch and schedule of [`SMOKE_AT`] (1 epoch on 25,600 images), so they
+/// compare with each other at one budget — not with the normal row, which trains 3
+/// epochs on all 50,000.
+pub const SMOKE_CALIBRATION: Recipe = SMOKE_AT;
+
+/// The smoke preset's stochastic student: fine-tunes the AT row's model with adaptive
+/// noise (α starting at 0.1) by the AT row's FGSM-RS adversarial training for 1 epoch
+/// on the first 12,800 images at a lower one-cycle peak (0.05).
+pub const SMOKE_STUDENT: Recipe = Recipe {
+    lr: 0.05,
+    train_limit: Some(12_800),
+    ..SMOKE_AT
+};
+
+/// `rampart train` flags of the smoke student row.
+pub const SMOKE_STUDENT_FLAGS: &[&str] = &[
+    "--attack-steps",
+    "1",
+    "--attack-step-size",
+    "10/255",
+    "--noise",
+    "0.1",
+];
+
+/// `rampart eval` flags of every stochastic student's evaluations: 3 EOT samples per
+/// attack step and success rule, figures over 3 noise draws.
+pub const STUDENT_EVAL_FLAGS: &[&str] = &["--eot", "3", "--draws", "3"];
+
+/// `rampart train` flags of label smoothing.
+pub const LS_FLAGS: &[&str] = &["--label-smoothing", "0.1"];
+
+/// The rows beyond the core study, for a preset whose adversarial rows use
+/// `adversarial` and whose calibration rows use `calibration` (flags `attack_flags`
+/// give the adversarial rows' attack), and whose student fine-tunes the `at` row with
+/// `student`.
+macro_rules! extended_rows {
+    ($calibration:expr, $adversarial:expr, $attack_flags:expr, $student:expr, $student_flags:expr) => {
+        [
+            extended("ls", "normal", $calibration, LS_FLAGS),
+            extended("regmixup", "regmixup", $calibration, &[]),
+            extended("ar-adals", "ar-adals", $calibration, &[]),
+            extended("sat", "sat", $adversarial, $attack_flags),
+            extended("oat", "oat", $adversarial, $attack_flags),
+            ModelRow {
+                teacher: Some("at"),
+                eval_extra: STUDENT_EVAL_FLAGS,
+                ..extended("student", "at", $student, $student_flags)
+            },
+        ]
+    };
+}
+
+const SMOKE_ROWS: [ModelRow; 9] = {
+    let [ls, regmixup, adals, sat, oat, student] = extended_rows!(
+        Training::Recipe(SMOKE_CALIBRATION),
+        Training::Recipe(SMOKE_AT),
+        SMOKE_AT_FLAGS,
+        Training::Recipe(SMOKE_STUDENT),
+        SMOKE_STUDENT_FLAGS
+    );
+    [
+        row("normal", Training::Recipe(SMOKE_NORMAL), &[]),
+        row("at", Training::Recipe(SMOKE_AT), SMOKE_AT_FLAGS),
+        row("ccat", Training::Recipe(SMOKE_CCAT), SMOKE_CCAT_FLAGS),
+        ls,
+        regmixup,
+        adals,
+        sat,
+        oat,
+        student,
+    ]
+};
+
+const FAST_ROWS: [ModelRow; 9] = {
+    let [ls, regmixup, adals, sat, oat, student] = extended_rows!(
+        Training::Preset("normal-preact-resnet18"),
+        Training::Preset("fast-at-preact-resnet18"),
+        &[],
+        Training::Preset("fast-at-preact-resnet18"),
+        &["--epochs", "5", "--noise", "0.1"]
+    );
+    [
+        row("normal", Training::Preset("normal-preact-resnet18"), &[]),
+        // PGD-7 adversarial training on the one-cycle schedule of fast AT.
+        row("at", Training::Preset("fast-at-preact-resnet18"), &[]),
+        // CCAT of ResNet-20 for 30 epochs with a 10-step conf attack.
+        row(
+            "ccat",
+            Training::Preset("ccat-resnet20"),
+            &[
+                "--epochs",
+                "30",
+                "--attack-steps",
+                "10",
+                "--attack-step-size",
+                "0.01",
+            ],
+        ),
+        ls,
+        regmixup,
+        adals,
+        sat,
+        oat,
+        student,
+    ]
+};
+
+const PAPER_ROWS: [ModelRow; 9] = {
+    let [ls, regmixup, adals, sat, oat, student] = extended_rows!(
+        Training::Preset("normal-wrn28-10"),
+        Training::Preset("at-wrn28-10"),
+        &[],
+        Training::Preset("at-wrn28-10"),
+        &["--epochs", "10", "--lr", "0.01", "--noise", "0.1"]
+    );
+    [
+        row("normal", Training::Preset("normal-wrn28-10"), &[]),
+        row("at", Training::Preset("at-wrn28-10"), &[]),
+        row("ccat", Training::Preset("ccat-resnet20"), &[]),
+        ls,
+        regmixup,
+        adals,
+        sat,
+        oat,
+        student,
+    ]
+};
+
 /// Test images attacked by PGD-20 in the smoke preset (the first 1,000; the clean
 /// figures use all 10,000).
 pub const SMOKE_ROBUST_EXAMPLES: usize = 1000;
@@ -159,69 +336,12 @@ impl Preset {
         }
     }
 
-    /// The models trained, in order.
+    /// The models trained, in order (a student after its teacher).
     pub fn models(self) -> &'static [ModelRow] {
         match self {
-            Preset::Smoke => &[
-                ModelRow {
-                    method: "normal",
-                    training: Training::Recipe(SMOKE_NORMAL),
-                    extra_flags: &[],
-                },
-                ModelRow {
-                    method: "at",
-                    training: Training::Recipe(SMOKE_AT),
-                    extra_flags: SMOKE_AT_FLAGS,
-                },
-                ModelRow {
-                    method: "ccat",
-                    training: Training::Recipe(SMOKE_CCAT),
-                    extra_flags: SMOKE_CCAT_FLAGS,
-                },
-            ],
-            Preset::Fast => &[
-                ModelRow {
-                    method: "normal",
-                    training: Training::Preset("normal-preact-resnet18"),
-                    extra_flags: &[],
-                },
-                // PGD-7 adversarial training on the one-cycle schedule of fast AT.
-                ModelRow {
-                    method: "at",
-                    training: Training::Preset("fast-at-preact-resnet18"),
-                    extra_flags: &[],
-                },
-                // CCAT of ResNet-20 for 30 epochs with a 10-step conf attack.
-                ModelRow {
-                    method: "ccat",
-                    training: Training::Preset("ccat-resnet20"),
-                    extra_flags: &[
-                        "--epochs",
-                        "30",
-                        "--attack-steps",
-                        "10",
-                        "--attack-step-size",
-                        "0.01",
-                    ],
-                },
-            ],
-            Preset::Paper => &[
-                ModelRow {
-                    method: "normal",
-                    training: Training::Preset("normal-wrn28-10"),
-                    extra_flags: &[],
-                },
-                ModelRow {
-                    method: "at",
-                    training: Training::Preset("at-wrn28-10"),
-                    extra_flags: &[],
-                },
-                ModelRow {
-                    method: "ccat",
-                    training: Training::Preset("ccat-resnet20"),
-                    extra_flags: &[],
-                },
-            ],
+            Preset::Smoke => &SMOKE_ROWS,
+            Preset::Fast => &FAST_ROWS,
+            Preset::Paper => &PAPER_ROWS,
         }
     }
 
@@ -232,6 +352,16 @@ impl Preset {
             Preset::Smoke => ("quick", Some(SMOKE_PROTOCOL_EXAMPLES)),
             Preset::Fast => ("quick", None),
             Preset::Paper => ("ccat", None),
+        }
+    }
+
+    /// Sweeps (λ of OAT, noise of the student): test images for the clean figures and
+    /// images attacked per value (the first N), or all.
+    pub fn sweep_limits(self) -> Option<(usize, usize)> {
+        match self {
+            Preset::Smoke => Some((1000, 200)),
+            Preset::Fast => Some((10_000, 1000)),
+            Preset::Paper => None,
         }
     }
 
@@ -254,7 +384,7 @@ impl Preset {
 impl ModelRow {
     /// The `rampart train` flags that select this row's settings.
     pub fn train_flags(&self) -> Vec<String> {
-        let mut flags = vec!["--method".to_string(), self.method.to_string()];
+        let mut flags = vec!["--method".to_string(), self.train_method.to_string()];
         match self.training {
             Training::Preset(name) => flags.extend(["--preset".to_string(), name.to_string()]),
             Training::Recipe(r) => {
@@ -321,6 +451,12 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
+    /// Which models to train: `all` (the default), `core` (normal, at, ccat: the
+    /// 15-minute smoke check) or a comma-separated list of row names (normal, at, ccat,
+    /// ls, regmixup, ar-adals, sat, oat, student; a student needs its teacher `at`).
+    #[arg(long, default_value = "all")]
+    pub rows: String,
+
     /// Device given to `rampart --device` (cpu, cuda, cuda:N) [default: cpu for
     /// smoke, cuda for fast and paper]. A CUDA device builds `rampart` with
     /// `--features cuda`.
@@ -358,6 +494,46 @@ pub fn is_finished(out: &Path, method: &str) -> bool {
         && eval_dir(out, method).join("results.json").is_file()
 }
 
+/// The rows `--rows` selects from a preset, in the preset's order.
+pub fn select_rows(preset: Preset, selection: &str) -> Result<Vec<ModelRow>> {
+    let all = preset.models();
+    let rows: Vec<ModelRow> = match selection.trim() {
+        "all" => all.to_vec(),
+        "core" => all.iter().filter(|r| r.core).copied().collect(),
+        list => {
+            let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
+            for w in &wanted {
+                if !all.iter().any(|r| r.method == *w) {
+                    let names: Vec<&str> = all.iter().map(|r| r.method).collect();
+                    bail!(
+                        "--rows: unknown row `{w}` (the {} preset has {})",
+                        preset.name(),
+                        names.join(", ")
+                    );
+                }
+            }
+            all.iter()
+                .filter(|r| wanted.contains(&r.method))
+                .copied()
+                .collect()
+        }
+    };
+    for r in &rows {
+        if let Some(t) = r.teacher {
+            if !rows.iter().any(|o| o.method == t) {
+                bail!(
+                    "--rows: `{}` starts from the `{t}` model; select `{t}` too",
+                    r.method
+                );
+            }
+        }
+    }
+    if rows.is_empty() {
+        bail!("--rows selects no model");
+    }
+    Ok(rows)
+}
+
 /// Runs the study.
 pub fn run(args: &ReproduceArgs) -> Result<()> {
     let started_at = crate::timestamp::now_utc();
@@ -383,8 +559,10 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         .device
         .clone()
         .unwrap_or_else(|| preset.default_device().to_string());
+    let rows = select_rows(preset, &args.rows)?;
+    let rows = rows.as_slice();
     if !args.resume {
-        for row in preset.models() {
+        for row in rows {
             let dir = model_dir(&out, row.method);
             if dir.join("checkpoint.safetensors").exists() || dir.join("model.safetensors").exists()
             {
@@ -400,7 +578,6 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
 
     let rampart = build_rampart(&root, device.starts_with("cuda"))?;
     let clock = Instant::now();
-    let rows = preset.models();
     for (i, row) in rows.iter().enumerate() {
         let step = format!("[{}/{}] {}", i + 1, rows.len(), row.method);
         if args.resume && is_finished(&out, row.method) {
@@ -422,6 +599,11 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             .arg(&data_dir)
             .arg("--out")
             .arg(&dir);
+        if let Some(teacher) = row.teacher {
+            train
+                .arg("--init-from")
+                .arg(model_dir(&out, teacher).join("model.safetensors"));
+        }
         if args.resume {
             train.arg("--resume");
         }
@@ -434,6 +616,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             .arg(dir.join("model.safetensors"))
             .args(["--dataset", &args.dataset, "--device", &device])
             .args(ModelRow::eval_flags(preset.robust_examples()))
+            .args(row.eval_extra)
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--out")
@@ -478,6 +661,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         if let Some(n) = limit {
             eval.args(["--attack-limit", &n.to_string()]);
         }
+        eval.args(row.eval_extra);
         eval.arg("--data-dir").arg(&data_dir).arg("--out").arg(&dir);
         eprintln!(
             "==> [{}/{}] {}: evaluation protocol (--suite {suite})",
@@ -489,6 +673,72 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     }
     eprintln!("==> comparing the models");
     run_child(compare, "rampart compare")?;
+
+    // The test-time trade-offs: OAT over λ beside the dedicated λ = 0 (normal) and
+    // λ = 1 (at) models, and the student over noise levels.
+    let mut sweeps = Vec::new();
+    let sweep_limits = preset.sweep_limits();
+    for row in rows {
+        let (over, extra): (&str, Vec<String>) = match row.train_method {
+            "oat" => {
+                let mut refs = Vec::new();
+                for (name, key) in [("normal (lambda 0)", "normal"), ("at (lambda 1)", "at")] {
+                    if rows.iter().any(|r| r.method == key) {
+                        refs.push("--reference".to_string());
+                        refs.push(format!(
+                            "{name}={}",
+                            eval_dir(&out, key).join("results.json").display()
+                        ));
+                    }
+                }
+                ("lambda", refs)
+            }
+            _ if row.extra_flags.contains(&"--noise") => (
+                "noise-scale",
+                ["--values", "0,0.5,1,2,4"]
+                    .iter()
+                    .chain(row.eval_extra)
+                    .map(|s| s.to_string())
+                    .collect(),
+            ),
+            _ => continue,
+        };
+        let dir = report::sweep_dir(&out, row.method);
+        sweeps.push((row.method, over, dir.clone()));
+        if dir.join("sweep.json").exists() {
+            continue;
+        }
+        let mut sweep = rampart_command(&rampart, args.threads);
+        sweep
+            .arg("sweep")
+            .args(["--over", over])
+            .arg("--model")
+            .arg(model_dir(&out, row.method).join("model.safetensors"))
+            .args([
+                "--dataset",
+                &args.dataset,
+                "--device",
+                &device,
+                "--suite",
+                "pgd20",
+            ])
+            .args(extra);
+        if let Some((test, attacked)) = sweep_limits {
+            sweep.args([
+                "--test-limit",
+                &test.to_string(),
+                "--attack-limit",
+                &attacked.to_string(),
+            ]);
+        }
+        sweep
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--out")
+            .arg(&dir);
+        eprintln!("==> {}: sweep over {over}", row.method);
+        run_child(sweep, "rampart sweep")?;
+    }
 
     let study = Study {
         dataset: args.dataset.clone(),
@@ -502,6 +752,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     let models = report::collect(&out, rows)?;
     report::write(&out, &study, &models)?;
     report::add_protocol(&out, rows, suite)?;
+    report::add_sweeps(&out, &sweeps)?;
     eprintln!("==> report: {}", out.join("report.md").display());
     for m in &models {
         let robust = match (m.robust_accuracy, m.robust_examples) {
@@ -609,9 +860,56 @@ mod tests {
         for preset in [Preset::Smoke, Preset::Fast, Preset::Paper] {
             let rows = preset.models();
             let names: Vec<&str> = rows.iter().map(|r| r.method).collect();
-            assert_eq!(names, ["normal", "at", "ccat"]);
+            assert_eq!(
+                names,
+                ["normal", "at", "ccat", "ls", "regmixup", "ar-adals", "sat", "oat", "student"]
+            );
             assert!(!preset.about().is_empty());
+            // Every teacher is trained before its student.
+            for (i, r) in rows.iter().enumerate() {
+                if let Some(t) = r.teacher {
+                    assert!(rows[..i].iter().any(|o| o.method == t), "{}", r.method);
+                }
+            }
         }
+    }
+
+    #[test]
+    fn rows_are_selected_by_name_or_group() -> Result<()> {
+        let core: Vec<&str> = select_rows(Preset::Smoke, "core")?
+            .iter()
+            .map(|r| r.method)
+            .collect();
+        assert_eq!(core, ["normal", "at", "ccat"]);
+        assert_eq!(select_rows(Preset::Smoke, "all")?.len(), 9);
+        let some: Vec<&str> = select_rows(Preset::Smoke, "oat, at")?
+            .iter()
+            .map(|r| r.method)
+            .collect();
+        assert_eq!(some, ["at", "oat"], "the preset's order is kept");
+        let err = select_rows(Preset::Smoke, "student")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("select `at` too"), "{err}");
+        assert!(select_rows(Preset::Smoke, "nope").is_err());
+        // Rows that vary a method train with the method's own name.
+        let smoke = Preset::Smoke.models();
+        let ls = smoke
+            .iter()
+            .find(|r| r.method == "ls")
+            .map(ModelRow::train_flags);
+        let ls = ls.unwrap_or_default().join(" ");
+        assert!(ls.starts_with("--method normal "), "{ls}");
+        assert!(ls.ends_with("--label-smoothing 0.1"), "{ls}");
+        let student = smoke
+            .iter()
+            .find(|r| r.method == "student")
+            .map(ModelRow::train_flags);
+        let student = student.unwrap_or_default().join(" ");
+        assert!(student.starts_with("--method at "), "{student}");
+        assert!(student.contains("--noise 0.1"), "{student}");
+        Ok(())
     }
 
     #[test]
