@@ -395,6 +395,111 @@ pub fn add_protocol(out: &Path, rows: &[ModelRow], suite: &str) -> Result<()> {
     write_atomic(&out.join("report.md"), &report)
 }
 
+/// Where a row's AutoAttack evaluation writes.
+pub fn autoattack_dir(out: &Path, method: &str) -> std::path::PathBuf {
+    model_dir(out, method).join("autoattack")
+}
+
+/// Where PGD-20 on the images AutoAttack attacked writes.
+pub fn autoattack_pgd_dir(out: &Path, method: &str) -> std::path::PathBuf {
+    model_dir(out, method).join("autoattack-pgd20")
+}
+
+/// Adds each AutoAttack evaluation to its model's entry in `OUT/results.json`
+/// (`autoattack`) and a table comparing it with PGD-20 on the same images to
+/// `OUT/report.md`.
+pub fn add_autoattack(out: &Path, methods: &[&str]) -> Result<()> {
+    if methods.is_empty() {
+        return Ok(());
+    }
+    let results_path = out.join("results.json");
+    let mut results: serde_json::Value = read_json(&results_path)?;
+    let mut report = std::fs::read_to_string(out.join("report.md"))
+        .with_context(|| format!("cannot read {}", out.join("report.md").display()))?;
+    report.push_str(
+        "\n## AutoAttack\n\nAutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; L∞ 8/255; the \
+         `rand` version with EOT for a stochastic model) beside PGD-20 on the very same test \
+         images. AutoAttack must not find fewer adversarial examples than PGD-20; the trust \
+         checks (docs/autoattack.md) flag gradient masking and randomness.\n\n\
+         | model | images | clean accuracy | PGD-20 robust accuracy | AutoAttack robust accuracy | \
+         fooled per stage | time | trust warnings |\n|---|---:|---:|---:|---:|---|---:|---|\n",
+    );
+    for method in methods {
+        let dir = autoattack_dir(out, method);
+        let aa: EvalResults = read_json(&dir.join("results.json"))?;
+        let pgd: EvalResults = read_json(&autoattack_pgd_dir(out, method).join("results.json"))?;
+        let detail: serde_json::Value = read_json(&dir.join("autoattack.json"))?;
+        let warnings: Vec<String> = detail["trust_warnings"]
+            .as_array()
+            .map(|w| {
+                w.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Fooled points and time per stage, summed over batches, in stage order.
+        let mut stages: Vec<(String, u64, f64)> = Vec::new();
+        for batch in detail["batches"].as_array().into_iter().flatten() {
+            for st in batch["stages"].as_array().into_iter().flatten() {
+                let name = st["name"].as_str().unwrap_or("?").to_string();
+                let fooled = st["broken"].as_u64().unwrap_or(0);
+                let secs = st["seconds"].as_f64().unwrap_or(0.0);
+                match stages.iter_mut().find(|s| s.0 == name) {
+                    Some(s) => {
+                        s.1 += fooled;
+                        s.2 += secs;
+                    }
+                    None => stages.push((name, fooled, secs)),
+                }
+            }
+        }
+        let pct = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.2} %", 100.0 * v));
+        let n = aa.robust_examples.unwrap_or(aa.test_examples);
+        report.push_str(&format!(
+            "| {method} | {} | {} | {} | {} | {} | {} | {} |\n",
+            thousands(n),
+            pct(Some(aa.clean_accuracy)),
+            pct(pgd.robust_accuracy),
+            pct(aa.robust_accuracy),
+            stages
+                .iter()
+                .map(|(name, fooled, _)| format!("{name} {fooled}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            duration(aa.eval_seconds),
+            if warnings.is_empty() {
+                "none".to_string()
+            } else {
+                warnings.join("; ")
+            },
+        ));
+        if let Some(entry) = results["models"]
+            .get_mut(*method)
+            .and_then(|e| e.as_object_mut())
+        {
+            entry.insert(
+                "autoattack".into(),
+                serde_json::json!({
+                    "attack": aa.attack,
+                    "eps": aa.eps,
+                    "attacked_examples": n,
+                    "clean_accuracy": aa.clean_accuracy,
+                    "robust_accuracy": aa.robust_accuracy,
+                    "robust_error": aa.robust_error,
+                    "pgd20_robust_accuracy": pgd.robust_accuracy,
+                    "seconds": aa.eval_seconds,
+                    "stages": stages.iter().map(|(name, fooled, secs)| serde_json::json!({
+                        "name": name, "fooled": fooled, "seconds": secs
+                    })).collect::<Vec<_>>(),
+                    "trust_warnings": warnings,
+                }),
+            );
+        }
+    }
+    write_atomic(&results_path, &serde_json::to_string_pretty(&results)?)?;
+    write_atomic(&out.join("report.md"), &report)
+}
+
 /// Where a row's sweep (λ of OAT, noise of a student) writes.
 pub fn sweep_dir(out: &Path, method: &str) -> std::path::PathBuf {
     model_dir(out, method).join("sweep")
@@ -679,6 +784,51 @@ mod tests {
         assert!(md.contains("### `oat` over lambda"), "{md}");
         assert!(md.contains("![sweep](oat/sweep/plots/sweep.png)"), "{md}");
         assert!(!md.contains("# Sweep"), "{md}");
+        Ok(())
+    }
+
+    #[test]
+    fn autoattack_joins_results_and_report() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let out = dir.path();
+        std::fs::write(
+            out.join("results.json"),
+            r#"{"schema_version":1,"models":{"at":{"method":"at"}}}"#,
+        )?;
+        std::fs::write(out.join("report.md"), "# Report\n")?;
+        let aa = autoattack_dir(out, "at");
+        let pgd = autoattack_pgd_dir(out, "at");
+        std::fs::create_dir_all(&aa)?;
+        std::fs::create_dir_all(&pgd)?;
+        let results = |acc: f64, attack: &str| {
+            format!(
+                r#"{{"test_examples":100,"clean_accuracy":0.4,"clean_error":0.6,"eval_seconds":90.0,
+                   "attack":"{attack}","eps":0.0313,"robust_examples":100,
+                   "robust_accuracy":{acc},"robust_error":{}}}"#,
+                1.0 - acc
+            )
+        };
+        std::fs::write(aa.join("results.json"), results(0.22, "autoattack standard linf"))?;
+        std::fs::write(pgd.join("results.json"), results(0.3, "pgd-20"))?;
+        std::fs::write(
+            aa.join("autoattack.json"),
+            r#"{"trust_warnings":[],"batches":[
+                 {"stages":[{"name":"apgd-ce","attacked":40,"broken":10,"robust_accuracy":0.3,"seconds":5.0},
+                            {"name":"apgd-t","attacked":30,"broken":8,"robust_accuracy":0.22,"seconds":7.0}]},
+                 {"stages":[{"name":"apgd-ce","attacked":1,"broken":1,"robust_accuracy":0.0,"seconds":1.0}]}]}"#,
+        )?;
+        add_autoattack(out, &["at"])?;
+        let r: serde_json::Value = read_json(&out.join("results.json"))?;
+        let entry = &r["models"]["at"]["autoattack"];
+        assert_eq!(entry["robust_accuracy"], 0.22);
+        assert_eq!(entry["pgd20_robust_accuracy"], 0.3);
+        assert_eq!(entry["stages"][0]["fooled"], 11, "summed over batches");
+        assert_eq!(entry["stages"][1]["name"], "apgd-t");
+        let md = std::fs::read_to_string(out.join("report.md"))?;
+        assert!(
+            md.contains("| at | 100 | 40.00 % | 30.00 % | 22.00 % | apgd-ce 11, apgd-t 8 | 1 min 30 s | none |"),
+            "{md}"
+        );
         Ok(())
     }
 

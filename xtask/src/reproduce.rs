@@ -272,6 +272,9 @@ const PAPER_ROWS: [ModelRow; 9] = {
     ]
 };
 
+/// Test images AutoAttack attacks in the smoke preset (the first N).
+pub const SMOKE_AUTOATTACK_EXAMPLES: usize = 100;
+
 /// Test images attacked by PGD-20 in the smoke preset (the first 1,000; the clean
 /// figures use all 10,000).
 pub const SMOKE_ROBUST_EXAMPLES: usize = 1000;
@@ -362,6 +365,18 @@ impl Preset {
             Preset::Smoke => Some((1000, 200)),
             Preset::Fast => Some((10_000, 1000)),
             Preset::Paper => None,
+        }
+    }
+
+    /// AutoAttack (standard, L∞ 8/255) after the protocol: the rows attacked and the
+    /// test images (the first N, or all). On a CPU it is the slowest evaluation by far
+    /// (minutes per 100 images of WRN-10-1), so the smoke preset runs it on the AT
+    /// model only.
+    pub fn autoattack(self) -> (&'static [&'static str], Option<usize>) {
+        match self {
+            Preset::Smoke => (&["at"], Some(SMOKE_AUTOATTACK_EXAMPLES)),
+            Preset::Fast => (&["at", "ccat", "sat", "oat"], Some(1000)),
+            Preset::Paper => (&["at", "ccat", "sat", "oat"], None),
         }
     }
 
@@ -749,10 +764,53 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         wall_seconds: clock.elapsed().as_secs_f64(),
         build_command: build_command_line(device.starts_with("cuda")),
     };
+    // AutoAttack on the preset's robust rows, with PGD-20 on the very same images.
+    let (aa_rows, aa_limit) = preset.autoattack();
+    let mut autoattacked = Vec::new();
+    for row in rows.iter().filter(|r| aa_rows.contains(&r.method)) {
+        let model = model_dir(&out, row.method).join("model.safetensors");
+        for (suite, dir) in [
+            ("autoattack", report::autoattack_dir(&out, row.method)),
+            ("pgd20", report::autoattack_pgd_dir(&out, row.method)),
+        ] {
+            if dir.join("results.json").exists() {
+                continue;
+            }
+            let mut eval = rampart_command(&rampart, args.threads);
+            eval.arg("eval").arg("--model").arg(&model).args([
+                "--dataset",
+                &args.dataset,
+                "--device",
+                &device,
+                "--suite",
+                suite,
+            ]);
+            if let Some(n) = aa_limit {
+                let n = n.to_string();
+                eval.args(["--attack-limit", &n]);
+                if suite == "pgd20" {
+                    eval.args(["--test-limit", &n]);
+                }
+            }
+            eval.args(row.eval_extra);
+            eval.arg("--data-dir").arg(&data_dir).arg("--out").arg(&dir);
+            eprintln!(
+                "==> {}: {suite} on {}",
+                row.method,
+                aa_limit.map_or("the whole test set".into(), |n| format!(
+                    "the first {n} test images"
+                ))
+            );
+            run_child(eval, "rampart eval")?;
+        }
+        autoattacked.push(row.method);
+    }
+
     let models = report::collect(&out, rows)?;
     report::write(&out, &study, &models)?;
     report::add_protocol(&out, rows, suite)?;
     report::add_sweeps(&out, &sweeps)?;
+    report::add_autoattack(&out, &autoattacked)?;
     eprintln!("==> report: {}", out.join("report.md").display());
     for m in &models {
         let robust = match (m.robust_accuracy, m.robust_examples) {

@@ -635,7 +635,15 @@ impl EvalPlan {
             clean_accuracy: clean as f64 / n as f64,
             clean_error: 1.0 - clean as f64 / n as f64,
             eval_seconds: seconds,
-            attack: Some(format!("autoattack standard linf, eps {:.5}", plan.eps)),
+            attack: Some(format!(
+                "autoattack {} linf, eps {:.5}",
+                if model.is_stochastic() {
+                    "rand"
+                } else {
+                    "standard"
+                },
+                plan.eps
+            )),
             eps: Some(plan.eps),
             robust_examples: Some(n),
             robust_accuracy: Some(robust as f64 / n as f64),
