@@ -808,7 +808,10 @@ mod tests {
                 1.0 - acc
             )
         };
-        std::fs::write(aa.join("results.json"), results(0.22, "autoattack standard linf"))?;
+        std::fs::write(
+            aa.join("results.json"),
+            results(0.22, "autoattack standard linf"),
+        )?;
         std::fs::write(pgd.join("results.json"), results(0.3, "pgd-20"))?;
         std::fs::write(
             aa.join("autoattack.json"),

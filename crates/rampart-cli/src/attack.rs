@@ -80,9 +80,19 @@ pub struct AttackArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
-    /// Seed of the random starts.
+    /// Seed of the random starts (and of a stochastic model's noise).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Once-for-all (OAT) models: the λ to attack at [default: the largest training λ].
+    #[arg(long, allow_negative_numbers = true)]
+    lambda: Option<f32>,
+    /// Stochastic students: the noise scale (0 = deterministic) [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    noise_scale: Option<f32>,
+    /// EOT samples (gradients averaged per step, draws judging success) [default: 10
+    /// for a stochastic model, 1 otherwise].
+    #[arg(long)]
+    eot: Option<usize>,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
@@ -136,7 +146,7 @@ impl AttackArgs {
 
     /// Runs the attack; `command` is recorded beside the outputs.
     pub fn run(&self, command: &str, env_data_dir: Option<PathBuf>) -> Result<()> {
-        let pgd = self.build()?;
+        let mut pgd = self.build()?;
         if self.test_limit == Some(0) {
             bail!("--test-limit must be at least 1");
         }
@@ -146,6 +156,19 @@ impl AttackArgs {
         let device = self.device.open()?;
         let model = Classifier::load(&self.model, &device)
             .with_context(|| format!("cannot load the model {}", self.model.display()))?;
+        if let Some(lambda) = self.lambda {
+            model.set_lambda(lambda).context("--lambda")?;
+        }
+        if let Some(scale) = self.noise_scale {
+            model.set_noise_scale(scale).context("--noise-scale")?;
+        }
+        model.reseed_noise(self.seed);
+        let samples = self
+            .eot
+            .map(|e| at_least_one("--eot", e))
+            .transpose()?
+            .unwrap_or(if model.is_stochastic() { 10 } else { 1 });
+        pgd.eot = Eot::new(samples, samples)?;
         let (lo, hi) = model.bounds();
         let bounds = Bounds::new(lo, hi)?;
         create_out_dir(&self.out)?;
@@ -154,7 +177,9 @@ impl AttackArgs {
             &self.out.join("config.json"),
             &json!({"command": "attack", "model": self.model, "dataset": kind.to_string(),
                     "data_dir": data_dir, "attack": pgd, "eps": self.eps, "test_limit": self.test_limit,
-                    "batch_size": self.batch_size, "seed": self.seed, "device": self.device.to_string()}),
+                    "batch_size": self.batch_size, "seed": self.seed, "device": self.device.to_string(),
+                    "lambda": model.lambda(), "eot_samples": samples,
+                    "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale())}),
         )?;
         let splits = load_data(kind, &data_dir)?;
         let n = self

@@ -705,6 +705,29 @@ fn oat_models_and_stochastic_students() -> TestResult {
     );
     let run = eval(&oat_model, &dir.path().join("y"), &["--lambda", "1.5"])?;
     assert!(!run.status.success());
+    let out = dir.path().join("oat-attack");
+    let run = rampart(&[
+        "attack",
+        "--threads",
+        "2",
+        "--model",
+        s(&oat_model),
+        "--data-dir",
+        data,
+        "--lambda",
+        "0.2",
+        "--steps",
+        "2",
+        "--test-limit",
+        "4",
+        "--out",
+        s(&out),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+    assert!((config["lambda"].as_f64().unwrap_or(0.0) - 0.2).abs() < 1e-6);
+    assert_eq!(config["eot_samples"], 1);
 
     // The student: attacks use EOT, figures are means over noise draws.
     let student_model = student.join("model.safetensors");
@@ -739,6 +762,27 @@ fn oat_models_and_stochastic_students() -> TestResult {
     assert!(st["robust_accuracy_eot"].is_number());
     let md = std::fs::read_to_string(out.join("results.md"))?;
     assert!(md.contains("independent noise draws"), "{md}");
+    // `rampart attack` on the student uses EOT by default.
+    let out = dir.path().join("student-attack");
+    let run = rampart(&[
+        "attack",
+        "--threads",
+        "2",
+        "--model",
+        s(&student_model),
+        "--data-dir",
+        data,
+        "--steps",
+        "1",
+        "--test-limit",
+        "2",
+        "--out",
+        s(&out),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+    assert_eq!(config["eot_samples"], 10);
     // Without noise the student is deterministic: no draws.
     let out = dir.path().join("student-quiet");
     let run = eval(&student_model, &out, &["--noise-scale", "0"])?;
