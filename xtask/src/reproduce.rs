@@ -172,6 +172,21 @@ pub const SMOKE_STUDENT_FLAGS: &[&str] = &[
 /// attack step and success rule, figures over 3 noise draws.
 pub const STUDENT_EVAL_FLAGS: &[&str] = &["--eot", "3", "--draws", "3"];
 
+/// `rampart train` flags of the smoke preset's dedicated fixed-λ model (`oat-fixed`:
+/// the OAT architecture and loss with λ = 0.3 for every example), the reference OAT's
+/// λ = 0.3 point is compared with.
+pub const SMOKE_OAT_FIXED_FLAGS: &[&str] = &[
+    "--attack-steps",
+    "1",
+    "--attack-step-size",
+    "10/255",
+    "--lambdas",
+    "0.3",
+];
+
+/// `rampart train` flags of the fast and paper presets' fixed-λ model.
+pub const OAT_FIXED_FLAGS: &[&str] = &["--lambdas", "0.3"];
+
 /// `rampart train` flags of label smoothing.
 pub const LS_FLAGS: &[&str] = &["--label-smoothing", "0.1"];
 
@@ -180,13 +195,14 @@ pub const LS_FLAGS: &[&str] = &["--label-smoothing", "0.1"];
 /// give the adversarial rows' attack), and whose student fine-tunes the `at` row with
 /// `student`.
 macro_rules! extended_rows {
-    ($calibration:expr, $adversarial:expr, $attack_flags:expr, $student:expr, $student_flags:expr) => {
+    ($calibration:expr, $adversarial:expr, $attack_flags:expr, $fixed_flags:expr, $student:expr, $student_flags:expr) => {
         [
             extended("ls", "normal", $calibration, LS_FLAGS),
             extended("regmixup", "regmixup", $calibration, &[]),
             extended("ar-adals", "ar-adals", $calibration, &[]),
             extended("sat", "sat", $adversarial, $attack_flags),
             extended("oat", "oat", $adversarial, $attack_flags),
+            extended("oat-fixed", "oat", $adversarial, $fixed_flags),
             ModelRow {
                 teacher: Some("at"),
                 eval_extra: STUDENT_EVAL_FLAGS,
@@ -196,11 +212,12 @@ macro_rules! extended_rows {
     };
 }
 
-const SMOKE_ROWS: [ModelRow; 9] = {
-    let [ls, regmixup, adals, sat, oat, student] = extended_rows!(
+const SMOKE_ROWS: [ModelRow; 10] = {
+    let [ls, regmixup, adals, sat, oat, fixed, student] = extended_rows!(
         Training::Recipe(SMOKE_CALIBRATION),
         Training::Recipe(SMOKE_AT),
         SMOKE_AT_FLAGS,
+        SMOKE_OAT_FIXED_FLAGS,
         Training::Recipe(SMOKE_STUDENT),
         SMOKE_STUDENT_FLAGS
     );
@@ -213,15 +230,17 @@ const SMOKE_ROWS: [ModelRow; 9] = {
         adals,
         sat,
         oat,
+        fixed,
         student,
     ]
 };
 
-const FAST_ROWS: [ModelRow; 9] = {
-    let [ls, regmixup, adals, sat, oat, student] = extended_rows!(
+const FAST_ROWS: [ModelRow; 10] = {
+    let [ls, regmixup, adals, sat, oat, fixed, student] = extended_rows!(
         Training::Preset("normal-preact-resnet18"),
         Training::Preset("fast-at-preact-resnet18"),
         &[],
+        OAT_FIXED_FLAGS,
         Training::Preset("fast-at-preact-resnet18"),
         &["--epochs", "5", "--noise", "0.1"]
     );
@@ -247,15 +266,17 @@ const FAST_ROWS: [ModelRow; 9] = {
         adals,
         sat,
         oat,
+        fixed,
         student,
     ]
 };
 
-const PAPER_ROWS: [ModelRow; 9] = {
-    let [ls, regmixup, adals, sat, oat, student] = extended_rows!(
+const PAPER_ROWS: [ModelRow; 10] = {
+    let [ls, regmixup, adals, sat, oat, fixed, student] = extended_rows!(
         Training::Preset("normal-wrn28-10"),
         Training::Preset("at-wrn28-10"),
         &[],
+        OAT_FIXED_FLAGS,
         Training::Preset("at-wrn28-10"),
         &["--epochs", "10", "--lr", "0.01", "--noise", "0.1"]
     );
@@ -268,6 +289,7 @@ const PAPER_ROWS: [ModelRow; 9] = {
         adals,
         sat,
         oat,
+        fixed,
         student,
     ]
 };
@@ -694,10 +716,14 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     let mut sweeps = Vec::new();
     let sweep_limits = preset.sweep_limits();
     for row in rows {
-        let (over, extra): (&str, Vec<String>) = match row.train_method {
+        let (over, extra): (&str, Vec<String>) = match row.method {
             "oat" => {
                 let mut refs = Vec::new();
-                for (name, key) in [("normal (lambda 0)", "normal"), ("at (lambda 1)", "at")] {
+                for (name, key) in [
+                    ("normal (lambda 0)", "normal"),
+                    ("oat-fixed (lambda 0.3)", "oat-fixed"),
+                    ("at (lambda 1)", "at"),
+                ] {
                     if rows.iter().any(|r| r.method == key) {
                         refs.push("--reference".to_string());
                         refs.push(format!(
@@ -920,7 +946,18 @@ mod tests {
             let names: Vec<&str> = rows.iter().map(|r| r.method).collect();
             assert_eq!(
                 names,
-                ["normal", "at", "ccat", "ls", "regmixup", "ar-adals", "sat", "oat", "student"]
+                [
+                    "normal",
+                    "at",
+                    "ccat",
+                    "ls",
+                    "regmixup",
+                    "ar-adals",
+                    "sat",
+                    "oat",
+                    "oat-fixed",
+                    "student"
+                ]
             );
             assert!(!preset.about().is_empty());
             // Every teacher is trained before its student.
@@ -939,7 +976,17 @@ mod tests {
             .map(|r| r.method)
             .collect();
         assert_eq!(core, ["normal", "at", "ccat"]);
-        assert_eq!(select_rows(Preset::Smoke, "all")?.len(), 9);
+        assert_eq!(select_rows(Preset::Smoke, "all")?.len(), 10);
+        let fixed = Preset::Smoke
+            .models()
+            .iter()
+            .find(|r| r.method == "oat-fixed");
+        let fixed = fixed
+            .map(ModelRow::train_flags)
+            .unwrap_or_default()
+            .join(" ");
+        assert!(fixed.starts_with("--method oat "), "{fixed}");
+        assert!(fixed.ends_with("--lambdas 0.3"), "{fixed}");
         let some: Vec<&str> = select_rows(Preset::Smoke, "oat, at")?
             .iter()
             .map(|r| r.method)

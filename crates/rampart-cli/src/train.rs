@@ -237,6 +237,12 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub noise: Option<f32>,
 
+    /// --method oat: the λ values the model is trained on, comma-separated, strictly
+    /// increasing in [0, 1] [default: 0,0.1,0.2,0.3,0.4,1]. One value trains a
+    /// dedicated model at that fixed λ (loss (1−λ)·CE(clean) + λ·CE(adversarial)).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub lambdas: Vec<f32>,
+
     /// Continue the run in --out from its last checkpoint (the result equals an
     /// uninterrupted run); starts afresh when there is no checkpoint yet.
     #[arg(long)]
@@ -324,6 +330,8 @@ pub struct TrainPlan {
     pub init_from: Option<PathBuf>,
     /// Initial noise factor α of a stochastic student (None: a deterministic model).
     pub noise: Option<f32>,
+    /// The λ values of an OAT model.
+    pub lambdas: Option<Vec<f32>>,
     /// Continue from the checkpoint.
     pub resume: bool,
     /// The device.
@@ -348,6 +356,7 @@ impl TrainArgs {
         let preset = self.preset.map(PresetName::preset);
         let p = preset.as_ref();
         let method = pick(self.method, p.map(|p| p.method), MethodName::Normal);
+        let lambdas = self.oat_lambdas(method)?;
         let arch_name = self
             .arch
             .clone()
@@ -448,9 +457,34 @@ impl TrainArgs {
             threshold_held_out: self.threshold_held_out,
             init_from: self.init_from.clone(),
             noise: self.noise,
+            lambdas,
             resume: self.resume,
             device: self.device,
         })
+    }
+
+    /// The λ values of an OAT model (`--lambdas`, checked), refused for other methods.
+    fn oat_lambdas(&self, method: MethodName) -> Result<Option<Vec<f32>>> {
+        if method != MethodName::Oat {
+            if !self.lambdas.is_empty() {
+                bail!("--lambdas applies to --method oat only");
+            }
+            return Ok(None);
+        }
+        let spec = if self.lambdas.is_empty() {
+            OatSpec::standard()
+        } else {
+            OatSpec {
+                lambdas: self.lambdas.clone(),
+                ..OatSpec::standard()
+            }
+        };
+        let probe = ModelSpec {
+            oat: Some(spec.clone()),
+            ..ModelSpec::wrn(10, 1, 10)
+        };
+        probe.validate().context("--lambdas")?;
+        Ok(Some(spec.lambdas))
     }
 
     /// The method with its settings: the method's published defaults, then the
@@ -702,7 +736,10 @@ impl TrainPlan {
     pub fn model_spec(&self) -> ModelSpec {
         ModelSpec {
             noise: self.noise.map(|alpha| NoiseSpec { alpha }),
-            oat: matches!(self.method, MethodPlan::Oat(_)).then(OatSpec::standard),
+            oat: self.lambdas.clone().map(|lambdas| OatSpec {
+                lambdas,
+                ..OatSpec::standard()
+            }),
             ..ModelSpec::cifar(self.arch, self.dataset.num_classes())
         }
     }
@@ -731,6 +768,7 @@ impl TrainPlan {
             "threshold_held_out": self.threshold_held_out,
             "init_from": self.init_from,
             "noise": self.noise,
+            "lambdas": self.lambdas,
             "threshold_tpr": THRESHOLD_TPR,
             "resume": self.resume,
             "device": self.device.to_string(),
@@ -1411,5 +1449,36 @@ mod tests {
                 "`{flags}`: expected `{needle}` in `{err}`"
             );
         }
+    }
+
+    #[test]
+    fn oat_lambdas_and_student_noise_shape_the_model() -> Result<()> {
+        let p = plan(&format!("{BASE} --arch wrn-10-1 --epochs 1 --method oat"))?;
+        assert_eq!(p.model_spec().oat, Some(OatSpec::standard()));
+        assert!(p.model_spec().noise.is_none());
+        let p = plan(&format!(
+            "{BASE} --arch wrn-10-1 --epochs 1 --method oat --lambdas 0.3"
+        ))?;
+        assert_eq!(p.model_spec().oat.map(|o| o.lambdas), Some(vec![0.3]));
+        let err = plan(&format!(
+            "{BASE} --arch wrn-10-1 --epochs 1 --method oat --lambdas 0.5,0.2"
+        ))
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+        assert!(err.contains("strictly increasing"), "{err}");
+        let err = plan(&format!(
+            "{BASE} --arch wrn-10-1 --epochs 1 --method at --lambdas 0.3"
+        ))
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+        assert!(err.contains("--method oat only"), "{err}");
+        let p = plan(&format!(
+            "{BASE} --arch wrn-10-1 --epochs 1 --method at --noise 0.1"
+        ))?;
+        assert_eq!(p.model_spec().noise, Some(NoiseSpec { alpha: 0.1 }));
+        assert!(p.model_spec().oat.is_none());
+        Ok(())
     }
 }
