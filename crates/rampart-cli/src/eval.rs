@@ -402,6 +402,10 @@ pub struct EvalResults {
     /// Wall time of the attack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attack_seconds: Option<f64>,
+    /// Clean accuracy on the attacked images alone (the mean over noise draws for a
+    /// stochastic model): 1 − robust_accuracy / this is the attack's success rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attacked_clean_accuracy: Option<f64>,
     /// The confidence threshold τ saved with the model (`confidence_threshold` metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence_threshold: Option<f64>,
@@ -448,6 +452,9 @@ pub struct StochasticFigures {
     /// Their standard deviation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_accuracy_std: Option<f64>,
+    /// Mean over draws of the clean accuracy on the attacked images alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attacked_clean_accuracy_mean: Option<f64>,
     /// Robust accuracy judged by the attack's own EOT rule (mean probabilities over
     /// `eot_samples` draws).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -649,6 +656,7 @@ impl EvalPlan {
             robust_accuracy: Some(robust as f64 / n as f64),
             robust_error: Some(1.0 - robust as f64 / n as f64),
             attack_seconds: Some(seconds),
+            attacked_clean_accuracy: Some(clean as f64 / n as f64),
             confidence_threshold: None,
             clean_rejected: None,
             clean_err_at_threshold: None,
@@ -709,6 +717,7 @@ impl EvalPlan {
             robust_accuracy: linf.map(|t| 1.0 - t.robust_error),
             robust_error: linf.map(|t| t.robust_error),
             attack_seconds: None,
+            attacked_clean_accuracy: None,
             confidence_threshold: report.model_confidence_threshold,
             clean_rejected: None,
             clean_err_at_threshold: None,
@@ -837,6 +846,17 @@ impl EvalPlan {
         let clean_accuracy = stochastic
             .as_ref()
             .map_or(predictions.accuracy(), |st| st.clean_accuracy_mean);
+        let attacked_clean_accuracy = match (&stochastic, &attacked) {
+            (Some(st), Some(_)) => st.attacked_clean_accuracy_mean,
+            (None, Some(a)) => {
+                let n = a.robust.len();
+                let ok = (0..n)
+                    .filter(|&i| predictions.predicted[i] == predictions.labels[i])
+                    .count();
+                Some(ok as f64 / n.max(1) as f64)
+            }
+            _ => None,
+        };
         let tau = threshold.map(|t| t.tau);
         let clean_rejected = tau.map(|tau| {
             clean_confidence.iter().filter(|&&c| c < tau).count() as f64
@@ -880,6 +900,7 @@ impl EvalPlan {
             robust_accuracy,
             robust_error: robust_accuracy.map(|a| 1.0 - a),
             attack_seconds: attacked.as_ref().map(|a| a.seconds),
+            attacked_clean_accuracy,
             confidence_threshold: tau,
             clean_rejected,
             clean_err_at_threshold,
@@ -915,6 +936,7 @@ impl EvalPlan {
     ) -> Result<StochasticFigures> {
         let mut clean = Vec::with_capacity(self.draws);
         let mut robust = Vec::new();
+        let mut attacked_clean = Vec::new();
         for draw in 0..self.draws {
             model.reseed_noise(
                 self.protocol_seed
@@ -935,6 +957,9 @@ impl EvalPlan {
                     }
                 }
                 robust.push(ok as f64 / a.robust.len().max(1) as f64);
+                let n = a.robust.len();
+                let clean_ok = (0..n).filter(|&i| p.predicted[i] == p.labels[i]).count();
+                attacked_clean.push(clean_ok as f64 / n.max(1) as f64);
             }
             tracing::info!(draw, clean_accuracy = clean[draw], "noise draw");
         }
@@ -951,6 +976,7 @@ impl EvalPlan {
             robust_accuracy_draws: robust,
             robust_accuracy_mean: has_attack.then_some(robust_mean),
             robust_accuracy_std: has_attack.then_some(robust_std),
+            attacked_clean_accuracy_mean: has_attack.then(|| mean_std(&attacked_clean).0),
             robust_accuracy_eot: attacked.map(|a| {
                 a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64
             }),

@@ -74,8 +74,8 @@ pub struct SweepPoint {
     /// Its standard deviation over noise draws.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_accuracy_std: Option<f64>,
-    /// 1 − robust/clean accuracy: the share of correctly classified images the attack
-    /// turns wrong.
+    /// 1 − robust accuracy / clean accuracy on the attacked images: the share of the
+    /// correctly classified attacked images the attack turns wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attack_success_rate: Option<f64>,
     /// The value's evaluation folder.
@@ -164,10 +164,10 @@ impl SweepArgs {
                 clean_accuracy_std: st.map(|s| s.clean_accuracy_std),
                 robust_accuracy: r.robust_accuracy,
                 robust_accuracy_std: st.and_then(|s| s.robust_accuracy_std),
-                attack_success_rate: r
-                    .robust_accuracy
-                    .filter(|_| r.clean_accuracy > 0.0)
-                    .map(|a| (1.0 - a / r.clean_accuracy).max(0.0)),
+                attack_success_rate: match (r.robust_accuracy, r.attacked_clean_accuracy) {
+                    (Some(a), Some(c)) if c > 0.0 => Some((1.0 - a / c).max(0.0)),
+                    _ => None,
+                },
                 results: args.out.join("results.json"),
             });
         }

@@ -760,6 +760,10 @@ fn oat_models_and_stochastic_students() -> TestResult {
     assert!((r["clean_accuracy"].as_f64().unwrap_or(-1.0) - mean).abs() < 1e-9);
     assert!(robust.iter().all(|v| (0.0..=1.0).contains(v)));
     assert!(st["robust_accuracy_eot"].is_number());
+    let attacked_clean = r["attacked_clean_accuracy"]
+        .as_f64()
+        .ok_or("no attacked clean")?;
+    assert!(attacked_clean + 1e-12 >= r["robust_accuracy"].as_f64().unwrap_or(2.0));
     let md = std::fs::read_to_string(out.join("results.md"))?;
     assert!(md.contains("independent noise draws"), "{md}");
     // `rampart attack` on the student uses EOT by default.
