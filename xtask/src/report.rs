@@ -68,7 +68,10 @@ struct EvalResults {
 /// One trained and evaluated model.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelOutcome {
-    /// The method's short name.
+    /// The row's name: the key in `results.json` (`ls`, `student`, … for variants).
+    #[serde(skip)]
+    pub key: String,
+    /// The `rampart train --method` it was trained with.
     pub method: String,
     /// The architecture.
     pub arch: String,
@@ -144,6 +147,7 @@ pub fn collect(out: &Path, rows: &[ModelRow]) -> Result<Vec<ModelOutcome>> {
             let train: TrainSummary = read_json(&dir.join("summary.json"))?;
             let results: EvalResults = read_json(&eval.join("results.json"))?;
             Ok(ModelOutcome {
+                key: row.method.to_string(),
                 method: train.method,
                 arch: train.arch,
                 parameters: train.parameters,
@@ -194,7 +198,7 @@ pub fn results_json(study: &Study, models: &[ModelOutcome]) -> Result<String> {
         command: &study.command,
         rampart_version: env!("CARGO_PKG_VERSION"),
         wall_seconds: study.wall_seconds,
-        models: models.iter().map(|m| (m.method.as_str(), m)).collect(),
+        models: models.iter().map(|m| (m.key.as_str(), m)).collect(),
     };
     let mut json = serde_json::to_string_pretty(&file)?;
     json.push('\n');
@@ -219,7 +223,7 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
     for m in models {
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.2} % | {:.2} % |\n",
-            m.method,
+            m.key,
             m.arch,
             thousands(m.parameters),
             m.epochs,
@@ -244,7 +248,7 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
             };
             md.push_str(&format!(
                 "| {} | {} | {} | {:.2} % | {:.2} % | {} |\n",
-                m.method,
+                m.key,
                 m.attack.as_deref().unwrap_or("–"),
                 thousands(n),
                 100.0 * acc,
@@ -264,10 +268,10 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
     let published_rows: Vec<String> = models
         .iter()
         .filter_map(|m| {
-            published(&m.method).map(|(clean, robust, setting)| {
+            published(&m.key).map(|(clean, robust, setting)| {
                 format!(
                     "| {} | {:.2} % | {:.2} % | {} | {} | {setting} |\n",
-                    m.method,
+                    m.key,
                     100.0 * m.clean_error,
                     100.0 * clean,
                     m.robust_error
@@ -755,6 +759,25 @@ mod tests {
         ] {
             assert!(md.contains(line), "report lacks {line:?}:\n{md}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn rows_are_keyed_by_row_name_not_method() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        fake_run(dir.path(), "at", 0.4)?;
+        fake_run(dir.path(), "student", 0.38)?;
+        let summary = model_dir(dir.path(), "student").join("summary.json");
+        let text = std::fs::read_to_string(&summary)?.replace("\"student\"", "\"at\"");
+        std::fs::write(&summary, text)?;
+        let rows = crate::reproduce::select_rows(Preset::Smoke, "at,student")?;
+        let models = collect(dir.path(), &rows)?;
+        let json: serde_json::Value = serde_json::from_str(&results_json(&study(), &models)?)?;
+        assert_eq!(json["models"]["at"]["clean_accuracy"], 0.4);
+        assert_eq!(json["models"]["student"]["clean_accuracy"], 0.38);
+        assert_eq!(json["models"]["student"]["method"], "at");
+        let md = report_markdown(&study(), &models);
+        assert!(md.contains("| student | wrn-10-1 |"), "{md}");
         Ok(())
     }
 

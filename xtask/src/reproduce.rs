@@ -845,7 +845,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         };
         println!(
             "{}: {} {} epochs, clean accuracy {:.2} % (error {:.2} %) on {} test images{robust}, trained in {}",
-            m.method,
+            m.key,
             m.arch,
             m.epochs,
             100.0 * m.clean_accuracy,
