@@ -331,14 +331,18 @@ impl Preset {
     pub fn about(self) -> &'static str {
         match self {
             Preset::Smoke => {
-                "A check that the whole pipeline works on real data within about 15 minutes on \
-                 a 2-core CPU: a small Wide-ResNet (WRN-10-1) trained normally for a few epochs \
-                 with a one-cycle learning rate; adversarially trained (FGSM with a random \
-                 start at 8/255) and CCAT-trained (a 3-step conf attack, half of each batch) \
-                 for one epoch on half of the training images; PGD-20 at 8/255 on the first \
-                 1,000 test images. It approximates no published model; expect errors far \
-                 above the published figures (a normally trained WRN-28-10 reaches about 4 % \
-                 clean error, adversarial training about 48 % robust error)."
+                "A check that the whole pipeline works on real data on a 2-core CPU: a small \
+                 Wide-ResNet (WRN-10-1) trained normally for 3 epochs with a one-cycle learning \
+                 rate; adversarially trained (FGSM with a random start at 8/255) and CCAT-trained \
+                 (a 3-step conf attack, half of each batch) for one epoch on half of the training \
+                 images — these three core rows (`--rows core`) take about 15 minutes; then, at \
+                 the one-epoch budget of the AT row, label smoothing, RegMixup and AR-AdaLS \
+                 (clean training), Sinkhorn AT, once-for-all AT and a dedicated OAT model at \
+                 λ = 0.3 (FGSM-RS attacks), and a stochastic student fine-tuned from the AT \
+                 model for half an epoch. PGD-20 at 8/255 on the first 1,000 test images. It \
+                 approximates no published model; expect errors far above the published \
+                 figures (a normally trained WRN-28-10 reaches about 4 % clean error, \
+                 adversarial training about 48 % robust error)."
             }
             Preset::Fast => {
                 "The single-GPU configuration (minutes to hours): PreActResNet-18 for 30 \

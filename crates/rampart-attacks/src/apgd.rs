@@ -187,26 +187,41 @@ impl Apgd {
         let ranks: Vec<Vec<u32>> = (0..b)
             .map(|i| ranked(&logits[i * k..(i + 1) * k]))
             .collect();
-        let mut run = 0u64;
-        for pass in 0..self.passes(k) {
-            for _ in 0..self.restarts {
-                let idx: Vec<usize> = (0..b).filter(|&i| !best.success[i]).collect();
-                if idx.is_empty() {
+        // Targeted passes (one per target class) run side by side: each still-robust
+        // example is copied once per target of a group, so the model sees batches of up
+        // to MERGED_ROWS rows instead of a few examples per pass (small batches are
+        // several times slower per example on a CPU). Every copy keeps the random start
+        // of the sequential order (run = pass·restarts + restart), and an example
+        // fooled by any target stops all its copies.
+        let passes = self.passes(k);
+        for restart in 0..self.restarts {
+            let mut pass = 0;
+            while pass < passes {
+                let live: Vec<usize> = (0..b).filter(|&i| !best.success[i]).collect();
+                if live.is_empty() {
                     break;
                 }
-                let targets: Option<Vec<u32>> = self
-                    .objective
-                    .is_targeted()
-                    .then(|| idx.iter().map(|&i| ranks[i][pass + 1]).collect());
+                let group = (MERGED_ROWS / live.len()).clamp(1, passes - pass);
+                let mut idx = Vec::with_capacity(group * live.len());
+                let mut targets = Vec::with_capacity(group * live.len());
+                let mut runs = Vec::with_capacity(group * live.len());
+                for p in pass..pass + group {
+                    for &i in &live {
+                        idx.push(i);
+                        targets.push(ranks[i][p + 1]);
+                        runs.push((p * self.restarts + restart) as u64);
+                    }
+                }
                 let ctx = Run {
                     cfg: self,
                     model,
                     batch,
                     idx: &idx,
-                    targets: targets.as_deref(),
+                    targets: self.objective.is_targeted().then_some(targets.as_slice()),
+                    runs: &runs,
                 };
-                ctx.run(eps, seed, run, &mut best, &mut iterations)?;
-                run += 1;
+                ctx.run(eps, seed, &mut best, &mut iterations)?;
+                pass += group;
             }
         }
         batch.result(
@@ -277,7 +292,12 @@ struct Run<'a> {
     idx: &'a [usize],
     /// Per attacked example: the target class of a targeted objective.
     targets: Option<&'a [u32]>,
+    /// Per attacked example: the run number its random start is drawn for.
+    runs: &'a [u64],
 }
+
+/// Rows (example × target copies) attacked together by the targeted passes.
+const MERGED_ROWS: usize = 256;
 
 /// The per-example state of one phase.
 struct State {
@@ -301,7 +321,6 @@ impl Run<'_> {
         &self,
         eps: f64,
         seed: u64,
-        run: u64,
         best: &mut Best,
         iterations: &mut [usize],
     ) -> Result<()> {
@@ -321,7 +340,7 @@ impl Run<'_> {
         let mut delta = vec![0f64; d];
         let (mut lower, mut upper) = (vec![0f64; d], vec![0f64; d]);
         for (j, &i) in self.idx.iter().enumerate() {
-            let mut rng = batch.rng(seed, run, i);
+            let mut rng = batch.rng(seed, self.runs[j], i);
             let e0 = phases[0].0;
             match cfg.norm {
                 Norm::Linf => {

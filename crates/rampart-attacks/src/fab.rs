@@ -114,27 +114,44 @@ impl Fab {
             norm: vec![f64::INFINITY; b],
         };
         let mut iterations = vec![0usize; b];
-        let mut run = 0u64;
-        for pass in 0..self.target_classes.min(k - 1) {
-            for r in 0..self.restarts {
-                let idx: Vec<usize> = (0..b)
+        // Target classes run side by side (each example still to attack copied once
+        // per target of a group, up to MERGED_ROWS rows): the model sees larger batches,
+        // which a CPU processes several times faster per example. Copies keep the
+        // random start of the sequential order (run = pass·restarts + restart) and the
+        // per-example minimum over all copies is kept.
+        let passes = self.target_classes.min(k - 1);
+        for r in 0..self.restarts {
+            let mut pass = 0;
+            while pass < passes {
+                let live: Vec<usize> = (0..b)
                     .filter(|&i| !fooled[i] && found.norm[i] > eps)
                     .collect();
-                if idx.is_empty() {
+                if live.is_empty() {
                     break;
                 }
-                let targets: Vec<u32> = idx.iter().map(|&i| ranks[i][pass + 1]).collect();
-                let random_start = (r > 0).then_some((seed, run, eps));
+                let group = (MERGED_ROWS / live.len()).clamp(1, passes - pass);
+                let mut idx = Vec::with_capacity(group * live.len());
+                let mut targets = Vec::with_capacity(group * live.len());
+                let mut runs = Vec::with_capacity(group * live.len());
+                for p in pass..pass + group {
+                    for &i in &live {
+                        idx.push(i);
+                        targets.push(ranks[i][p + 1]);
+                        runs.push((p * self.restarts + r) as u64);
+                    }
+                }
+                let random_start = (r > 0).then_some((seed, eps));
                 self.single_run(
                     model,
                     batch,
                     &idx,
                     &targets,
+                    &runs,
                     random_start,
                     &mut found,
                     &mut iterations,
                 )?;
-                run += 1;
+                pass += group;
             }
         }
         let mut clipped = found.point.clone();
@@ -168,7 +185,8 @@ impl Fab {
         batch: &Batch,
         idx: &[usize],
         targets: &[u32],
-        random_start: Option<(u64, u64, f64)>,
+        runs: &[u64],
+        random_start: Option<(u64, f64)>,
         found: &mut Found,
         iterations: &mut [usize],
     ) -> Result<()> {
@@ -180,8 +198,8 @@ impl Fab {
             let row = j * d..(j + 1) * d;
             match random_start {
                 None => x1[row].copy_from_slice(batch.row(i)),
-                Some((seed, run, eps)) => {
-                    let mut rng = batch.rng(seed, run, i);
+                Some((seed, eps)) => {
+                    let mut rng = batch.rng(seed, runs[j], i);
                     for v in delta.iter_mut() {
                         *v = match norm {
                             Norm::Linf => rng.gen_range(-1.0..=1.0),
@@ -360,6 +378,9 @@ fn box_room(batch: &Batch, i: usize, lower: &mut [f64], upper: &mut [f64]) {
 /// * L2: δ_i = clip(λ·w_i), the λ ≥ 0 found between the sorted saturation points;
 /// * L∞: δ_i = sign(c·w_i)·min(τ, room_i), τ found between the sorted rooms;
 /// * L1: coordinates filled to their room in decreasing |w_i| (a fractional knapsack).
+/// Rows (example × target copies) attacked together by the targeted passes.
+const MERGED_ROWS: usize = 256;
+
 pub(crate) fn project_hyperplane_box(
     norm: Norm,
     w: &[f64],
