@@ -317,13 +317,7 @@ struct State {
 }
 
 impl Run<'_> {
-    fn run(
-        &self,
-        eps: f64,
-        seed: u64,
-        best: &mut Best,
-        iterations: &mut [usize],
-    ) -> Result<()> {
+    fn run(&self, eps: f64, seed: u64, best: &mut Best, iterations: &mut [usize]) -> Result<()> {
         let (cfg, batch) = (self.cfg, self.batch);
         let (m, d) = (self.idx.len(), batch.d);
         let phases: Vec<(f64, usize)> = if cfg.large_eps_warmup {

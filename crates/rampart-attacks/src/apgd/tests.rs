@@ -227,3 +227,56 @@ fn eot_runs_on_stochastic_models() -> Result<()> {
     let _ = CLASSES;
     Ok(())
 }
+
+/// Records the largest batch a model is called with.
+struct BatchSizes<'a> {
+    base: &'a dyn candle_core::Module,
+    largest: std::sync::atomic::AtomicUsize,
+}
+
+impl candle_core::Module for BatchSizes<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.largest
+            .fetch_max(xs.dim(0)?, std::sync::atomic::Ordering::Relaxed);
+        self.base.forward(xs)
+    }
+}
+
+/// The targeted passes run side by side: 3 correctly classified examples attacked
+/// towards all K − 1 = 3 other classes reach the model as one batch of 9 rows.
+#[test]
+fn target_classes_are_attacked_side_by_side() -> Result<()> {
+    let t = trained();
+    // Three examples the model classifies correctly.
+    let predicted = candle_core::Module::forward(&t.model, &t.xs)?
+        .argmax(1)?
+        .to_vec1::<u32>()?;
+    let labels = t.ys.to_vec1::<u32>()?;
+    let rows: Vec<u32> = (0..labels.len() as u32)
+        .filter(|&i| predicted[i as usize] == labels[i as usize])
+        .take(3)
+        .collect();
+    assert_eq!(rows.len(), 3);
+    let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+    let xs = t.xs.index_select(&rows, 0)?;
+    let ys = t.ys.index_select(&rows, 0)?;
+    let model = BatchSizes {
+        base: &t.model,
+        largest: std::sync::atomic::AtomicUsize::new(0),
+    };
+    let apgd = Apgd {
+        steps: 10,
+        target_classes: 9,
+        ..Apgd::dlr_targeted(Norm::Linf)
+    };
+    let res = apgd.run(&model, Bounds::UNIT, &xs, &ys, &[0.02], 0)?;
+    assert_invariants(&t.model, Norm::Linf, Bounds::UNIT, &xs, &ys, &res[0])?;
+    let largest = model.largest.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        largest,
+        3 * (CLASSES - 1),
+        "the {} targets of 3 examples must form one batch",
+        CLASSES - 1
+    );
+    Ok(())
+}
