@@ -371,6 +371,9 @@ fn box_room(batch: &Batch, i: usize, lower: &mut [f64], upper: &mut [f64]) {
     }
 }
 
+/// Rows (example × target copies) attacked together by the targeted passes.
+const MERGED_ROWS: usize = 256;
+
 /// The minimal-norm δ with w·δ = c and lower ≤ δ ≤ upper (lower ≤ 0 ≤ upper), into
 /// `out`. When the box cannot reach the hyperplane, the box corner that gets closest
 /// (largest w·δ in the direction of c). Exact, by sorting (FAB's projection step):
@@ -378,9 +381,6 @@ fn box_room(batch: &Batch, i: usize, lower: &mut [f64], upper: &mut [f64]) {
 /// * L2: δ_i = clip(λ·w_i), the λ ≥ 0 found between the sorted saturation points;
 /// * L∞: δ_i = sign(c·w_i)·min(τ, room_i), τ found between the sorted rooms;
 /// * L1: coordinates filled to their room in decreasing |w_i| (a fractional knapsack).
-/// Rows (example × target copies) attacked together by the targeted passes.
-const MERGED_ROWS: usize = 256;
-
 pub(crate) fn project_hyperplane_box(
     norm: Norm,
     w: &[f64],
