@@ -168,6 +168,10 @@ pub const SMOKE_STUDENT_FLAGS: &[&str] = &[
     "0.1",
 ];
 
+/// `rampart train` flags of the smoke preset's normally trained student (fine-tuned
+/// from the normal row with clean cross-entropy, same recipe as [`SMOKE_STUDENT`]).
+pub const SMOKE_PLAIN_STUDENT_FLAGS: &[&str] = &["--noise", "0.1"];
+
 /// `rampart eval` flags of every stochastic student's evaluations: 3 EOT samples per
 /// attack step and success rule, figures over 3 noise draws.
 pub const STUDENT_EVAL_FLAGS: &[&str] = &["--eot", "3", "--draws", "3"];
@@ -195,7 +199,7 @@ pub const LS_FLAGS: &[&str] = &["--label-smoothing", "0.1"];
 /// give the adversarial rows' attack), and whose student fine-tunes the `at` row with
 /// `student`.
 macro_rules! extended_rows {
-    ($calibration:expr, $adversarial:expr, $attack_flags:expr, $fixed_flags:expr, $student:expr, $student_flags:expr) => {
+    ($calibration:expr, $adversarial:expr, $attack_flags:expr, $fixed_flags:expr, $student:expr, $student_flags:expr, $plain_student:expr, $plain_student_flags:expr) => {
         [
             extended("ls", "normal", $calibration, LS_FLAGS),
             extended("regmixup", "regmixup", $calibration, &[]),
@@ -208,18 +212,30 @@ macro_rules! extended_rows {
                 eval_extra: STUDENT_EVAL_FLAGS,
                 ..extended("student", "at", $student, $student_flags)
             },
+            ModelRow {
+                teacher: Some("normal"),
+                eval_extra: STUDENT_EVAL_FLAGS,
+                ..extended(
+                    "student-normal",
+                    "normal",
+                    $plain_student,
+                    $plain_student_flags,
+                )
+            },
         ]
     };
 }
 
-const SMOKE_ROWS: [ModelRow; 10] = {
-    let [ls, regmixup, adals, sat, oat, fixed, student] = extended_rows!(
+const SMOKE_ROWS: [ModelRow; 11] = {
+    let [ls, regmixup, adals, sat, oat, fixed, student, plain_student] = extended_rows!(
         Training::Recipe(SMOKE_CALIBRATION),
         Training::Recipe(SMOKE_AT),
         SMOKE_AT_FLAGS,
         SMOKE_OAT_FIXED_FLAGS,
         Training::Recipe(SMOKE_STUDENT),
-        SMOKE_STUDENT_FLAGS
+        SMOKE_STUDENT_FLAGS,
+        Training::Recipe(SMOKE_STUDENT),
+        SMOKE_PLAIN_STUDENT_FLAGS
     );
     [
         row("normal", Training::Recipe(SMOKE_NORMAL), &[]),
@@ -232,16 +248,19 @@ const SMOKE_ROWS: [ModelRow; 10] = {
         oat,
         fixed,
         student,
+        plain_student,
     ]
 };
 
-const FAST_ROWS: [ModelRow; 10] = {
-    let [ls, regmixup, adals, sat, oat, fixed, student] = extended_rows!(
+const FAST_ROWS: [ModelRow; 11] = {
+    let [ls, regmixup, adals, sat, oat, fixed, student, plain_student] = extended_rows!(
         Training::Preset("normal-preact-resnet18"),
         Training::Preset("fast-at-preact-resnet18"),
         &[],
         OAT_FIXED_FLAGS,
         Training::Preset("fast-at-preact-resnet18"),
+        &["--epochs", "5", "--noise", "0.1"],
+        Training::Preset("normal-preact-resnet18"),
         &["--epochs", "5", "--noise", "0.1"]
     );
     [
@@ -268,16 +287,19 @@ const FAST_ROWS: [ModelRow; 10] = {
         oat,
         fixed,
         student,
+        plain_student,
     ]
 };
 
-const PAPER_ROWS: [ModelRow; 10] = {
-    let [ls, regmixup, adals, sat, oat, fixed, student] = extended_rows!(
+const PAPER_ROWS: [ModelRow; 11] = {
+    let [ls, regmixup, adals, sat, oat, fixed, student, plain_student] = extended_rows!(
         Training::Preset("normal-wrn28-10"),
         Training::Preset("at-wrn28-10"),
         &[],
         OAT_FIXED_FLAGS,
         Training::Preset("at-wrn28-10"),
+        &["--epochs", "10", "--lr", "0.01", "--noise", "0.1"],
+        Training::Preset("normal-wrn28-10"),
         &["--epochs", "10", "--lr", "0.01", "--noise", "0.1"]
     );
     [
@@ -291,6 +313,7 @@ const PAPER_ROWS: [ModelRow; 10] = {
         oat,
         fixed,
         student,
+        plain_student,
     ]
 };
 
@@ -338,8 +361,9 @@ impl Preset {
                  images — these three core rows (`--rows core`) take about 15 minutes; then, at \
                  the one-epoch budget of the AT row, label smoothing, RegMixup and AR-AdaLS \
                  (clean training), Sinkhorn AT, once-for-all AT and a dedicated OAT model at \
-                 λ = 0.3 (FGSM-RS attacks), and a stochastic student fine-tuned from the AT \
-                 model for half an epoch. PGD-20 at 8/255 on the first 1,000 test images. It \
+                 λ = 0.3 (FGSM-RS attacks), and two stochastic students fine-tuned for half an \
+                 epoch: adversarially from the AT model, and with clean cross-entropy from \
+                 the normal model. PGD-20 at 8/255 on the first 1,000 test images. It \
                  approximates no published model; expect errors far above the published \
                  figures (a normally trained WRN-28-10 reaches about 4 % clean error, \
                  adversarial training about 48 % robust error)."
@@ -960,7 +984,8 @@ mod tests {
                     "sat",
                     "oat",
                     "oat-fixed",
-                    "student"
+                    "student",
+                    "student-normal"
                 ]
             );
             assert!(!preset.about().is_empty());
@@ -980,7 +1005,18 @@ mod tests {
             .map(|r| r.method)
             .collect();
         assert_eq!(core, ["normal", "at", "ccat"]);
-        assert_eq!(select_rows(Preset::Smoke, "all")?.len(), 10);
+        assert_eq!(select_rows(Preset::Smoke, "all")?.len(), 11);
+        let plain = Preset::Smoke
+            .models()
+            .iter()
+            .find(|r| r.method == "student-normal");
+        assert_eq!(plain.and_then(|r| r.teacher), Some("normal"));
+        let plain = plain
+            .map(ModelRow::train_flags)
+            .unwrap_or_default()
+            .join(" ");
+        assert!(plain.starts_with("--method normal "), "{plain}");
+        assert!(plain.ends_with("--noise 0.1"), "{plain}");
         let fixed = Preset::Smoke
             .models()
             .iter()
