@@ -580,6 +580,13 @@ impl Chart for LineChart {
     ) -> std::result::Result<(), String> {
         let pts = self.series.iter().flat_map(|s| s.points.iter().copied());
         let x_range = padded_range(pts.clone().map(|p| p.0));
+        // Room on the right for the labels drawn beside the points.
+        let labelled = self.series.iter().any(|s| !s.labels.is_empty());
+        let x_range = if labelled {
+            x_range.start..x_range.end + 0.15 * (x_range.end - x_range.start)
+        } else {
+            x_range
+        };
         let y_range = padded_range(pts.map(|p| p.1));
         let mut chart = ChartBuilder::on(root)
             .caption(self.title.as_str(), (FAMILY, 26))
