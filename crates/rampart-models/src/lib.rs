@@ -127,6 +127,8 @@ pub struct Classifier {
     lambda: Mutex<f32>,
     /// Held while a λ condition is installed in `ctx`.
     forward_lock: Mutex<()>,
+    /// The λ codes buffer of an OAT model (shares storage with the varmap's entry).
+    lambda_codes: Option<Var>,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -158,6 +160,12 @@ impl Classifier {
             .as_ref()
             .and_then(|o| o.lambdas.last().copied())
             .unwrap_or(0.0);
+        let lambda_codes = varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(LAMBDA_CODES)
+            .cloned();
         let c = spec.input_shape[0];
         let mean = Tensor::from_vec(spec.mean.clone(), c, device)?;
         let inv_std = Tensor::from_vec(
@@ -176,6 +184,7 @@ impl Classifier {
             ctx,
             lambda: Mutex::new(lambda),
             forward_lock: Mutex::new(()),
+            lambda_codes,
         };
         model.initialise(seed)?;
         Ok(model)
@@ -308,16 +317,10 @@ impl Classifier {
         lambdas: &[f32],
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let Some(oat) = &self.spec.oat else {
+        let (Some(oat), Some(codes)) = (&self.spec.oat, &self.lambda_codes) else {
             candle_core::bail!("model {} is not λ-conditioned", self.spec.arch)
         };
-        let codes_var = self
-            .named_vars()
-            .into_iter()
-            .find(|(n, _)| n == LAMBDA_CODES)
-            .map(|(_, v)| v)
-            .ok_or_else(|| candle_core::Error::Msg("the λ codes are missing".into()))?;
-        let codes = codes_var.as_tensor().to_vec2::<f32>()?;
+        let codes = codes.as_tensor().to_vec2::<f32>()?;
         let encoded = oat.encode(&codes, lambdas);
         let codes = Tensor::from_vec(encoded, (lambdas.len(), oat.code_dim), &self.device)?;
         let condition = variant::Condition::new(lambdas, codes)?;
