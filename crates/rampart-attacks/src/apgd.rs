@@ -9,7 +9,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::base::{Attack, AttackResult, Bounds};
-use crate::batch::{ranked, Batch, Best, Loss};
+use crate::batch::{ranked, target_group, Batch, Best, Loss};
 use crate::eot::Eot;
 use crate::error::{Error, Result};
 use crate::norm::{project_l1_box, standard_normal, Norm};
@@ -201,27 +201,20 @@ impl Apgd {
                 if live.is_empty() {
                     break;
                 }
-                let group = (MERGED_ROWS / live.len()).clamp(1, passes - pass);
-                let mut idx = Vec::with_capacity(group * live.len());
-                let mut targets = Vec::with_capacity(group * live.len());
-                let mut runs = Vec::with_capacity(group * live.len());
-                for p in pass..pass + group {
-                    for &i in &live {
-                        idx.push(i);
-                        targets.push(ranks[i][p + 1]);
-                        runs.push((p * self.restarts + restart) as u64);
-                    }
-                }
+                let group = target_group(&live, &ranks, pass, passes, restart, self.restarts);
                 let ctx = Run {
                     cfg: self,
                     model,
                     batch,
-                    idx: &idx,
-                    targets: self.objective.is_targeted().then_some(targets.as_slice()),
-                    runs: &runs,
+                    idx: &group.idx,
+                    targets: self
+                        .objective
+                        .is_targeted()
+                        .then_some(group.targets.as_slice()),
+                    runs: &group.runs,
                 };
                 ctx.run(eps, seed, &mut best, &mut iterations)?;
-                pass += group;
+                pass += group.passes;
             }
         }
         batch.result(
@@ -295,9 +288,6 @@ struct Run<'a> {
     /// Per attacked example: the run number its random start is drawn for.
     runs: &'a [u64],
 }
-
-/// Rows (example × target copies) attacked together by the targeted passes.
-const MERGED_ROWS: usize = 256;
 
 /// The per-example state of one phase.
 struct State {

@@ -431,6 +431,52 @@ fn accumulate(sum: &mut [f64], values: &[f32]) {
 }
 
 /// Class indices sorted by decreasing value of `row` (ties: lower index first).
+/// Rows (example × target copies) a targeted attack (APGD-T, FAB-T) runs together.
+pub(crate) const MERGED_ROWS: usize = 256;
+
+/// One group of target classes run side by side: the live examples copied once per
+/// target class.
+pub(crate) struct TargetGroup {
+    /// Target passes in the group.
+    pub passes: usize,
+    /// Batch index of each row.
+    pub idx: Vec<usize>,
+    /// Target class of each row.
+    pub targets: Vec<u32>,
+    /// Run number of each row's random start: pass·restarts + restart, the run the
+    /// sequential order (one pass per target class) would have given it.
+    pub runs: Vec<u64>,
+}
+
+/// The group of target passes starting at `pass` (of `passes`) for the examples
+/// `live`: as many passes as fit in [`MERGED_ROWS`] rows, at least one. `ranks[i]` is
+/// example i's classes by decreasing logit (pass p targets `ranks[i][p + 1]`).
+pub(crate) fn target_group(
+    live: &[usize],
+    ranks: &[Vec<u32>],
+    pass: usize,
+    passes: usize,
+    restart: usize,
+    restarts: usize,
+) -> TargetGroup {
+    let group = (MERGED_ROWS / live.len().max(1)).clamp(1, passes - pass);
+    let rows = group * live.len();
+    let mut g = TargetGroup {
+        passes: group,
+        idx: Vec::with_capacity(rows),
+        targets: Vec::with_capacity(rows),
+        runs: Vec::with_capacity(rows),
+    };
+    for p in pass..pass + group {
+        for &i in live {
+            g.idx.push(i);
+            g.targets.push(ranks[i][p + 1]);
+            g.runs.push((p * restarts + restart) as u64);
+        }
+    }
+    g
+}
+
 pub(crate) fn ranked(row: &[f32]) -> Vec<u32> {
     let mut order: Vec<u32> = (0..row.len() as u32).collect();
     order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));

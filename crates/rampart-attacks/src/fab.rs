@@ -8,7 +8,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::base::{Attack, AttackResult, Bounds};
-use crate::batch::{ranked, Batch, Loss};
+use crate::batch::{ranked, target_group, Batch, Loss};
 use crate::error::{Error, Result};
 use crate::norm::{project_l1_box, standard_normal, Norm};
 
@@ -129,29 +129,19 @@ impl Fab {
                 if live.is_empty() {
                     break;
                 }
-                let group = (MERGED_ROWS / live.len()).clamp(1, passes - pass);
-                let mut idx = Vec::with_capacity(group * live.len());
-                let mut targets = Vec::with_capacity(group * live.len());
-                let mut runs = Vec::with_capacity(group * live.len());
-                for p in pass..pass + group {
-                    for &i in &live {
-                        idx.push(i);
-                        targets.push(ranks[i][p + 1]);
-                        runs.push((p * self.restarts + r) as u64);
-                    }
-                }
+                let group = target_group(&live, &ranks, pass, passes, r, self.restarts);
                 let random_start = (r > 0).then_some((seed, eps));
                 self.single_run(
                     model,
                     batch,
-                    &idx,
-                    &targets,
-                    &runs,
+                    &group.idx,
+                    &group.targets,
+                    &group.runs,
                     random_start,
                     &mut found,
                     &mut iterations,
                 )?;
-                pass += group;
+                pass += group.passes;
             }
         }
         let mut clipped = found.point.clone();
@@ -370,9 +360,6 @@ fn box_room(batch: &Batch, i: usize, lower: &mut [f64], upper: &mut [f64]) {
         *u = hi - x as f64;
     }
 }
-
-/// Rows (example × target copies) attacked together by the targeted passes.
-const MERGED_ROWS: usize = 256;
 
 /// The minimal-norm δ with w·δ = c and lower ≤ δ ≤ upper (lower ≤ 0 ≤ upper), into
 /// `out`. When the box cannot reach the hyperplane, the box corner that gets closest
