@@ -461,16 +461,14 @@ pub struct StochasticFigures {
     pub robust_accuracy_eot: Option<f64>,
 }
 
-/// Mean and sample standard deviation.
-fn mean_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len().max(1) as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
+/// Mean and sample standard deviation ([`rampart_metrics::mean_std`]), with a standard
+/// deviation of 0 for a single value (one noise draw) and (0, 0) for none.
+fn mean_std(values: &[f64]) -> Result<(f64, f64)> {
+    Ok(match values {
+        [] => (0.0, 0.0),
+        [v] => (*v, 0.0),
+        _ => rampart_metrics::mean_std(values)?,
+    })
 }
 
 /// Per-example outcomes of the attacked images.
@@ -963,8 +961,9 @@ impl EvalPlan {
             }
             tracing::info!(draw, clean_accuracy = clean[draw], "noise draw");
         }
-        let (clean_mean, clean_std) = mean_std(&clean);
-        let (robust_mean, robust_std) = mean_std(&robust);
+        let (clean_mean, clean_std) = mean_std(&clean)?;
+        let (robust_mean, robust_std) = mean_std(&robust)?;
+        let (attacked_clean_mean, _) = mean_std(&attacked_clean)?;
         let has_attack = attacked.is_some();
         Ok(StochasticFigures {
             noise_scale: model.noise_scale(),
@@ -976,7 +975,7 @@ impl EvalPlan {
             robust_accuracy_draws: robust,
             robust_accuracy_mean: has_attack.then_some(robust_mean),
             robust_accuracy_std: has_attack.then_some(robust_std),
-            attacked_clean_accuracy_mean: has_attack.then(|| mean_std(&attacked_clean).0),
+            attacked_clean_accuracy_mean: has_attack.then_some(attacked_clean_mean),
             robust_accuracy_eot: attacked.map(|a| {
                 a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64
             }),

@@ -238,38 +238,24 @@ impl SweepArgs {
                 s
             }
             SweepOver::NoiseScale => {
-                let xs: Vec<f64> = r.points.iter().map(|p| f64::from(p.value)).collect();
-                let mut s = vec![Series {
-                    name: "clean accuracy (%)".into(),
-                    points: xs
+                let line = |name: &str, y: &dyn Fn(&SweepPoint) -> f64| Series {
+                    name: name.into(),
+                    points: r
+                        .points
                         .iter()
-                        .zip(&r.points)
-                        .map(|(&x, p)| (x, pct(p.clean_accuracy)))
+                        .map(|p| (f64::from(p.value), pct(y(p))))
                         .collect(),
                     labels: Vec::new(),
                     markers_only: false,
-                }];
+                };
+                let mut s = vec![line("clean accuracy (%)", &|p| p.clean_accuracy)];
                 if r.points.iter().all(|p| p.robust_accuracy.is_some()) {
-                    s.push(Series {
-                        name: "robust accuracy (%)".into(),
-                        points: xs
-                            .iter()
-                            .zip(&r.points)
-                            .map(|(&x, p)| (x, pct(p.robust_accuracy.unwrap_or(0.0))))
-                            .collect(),
-                        labels: Vec::new(),
-                        markers_only: false,
-                    });
-                    s.push(Series {
-                        name: "attack success rate (%)".into(),
-                        points: xs
-                            .iter()
-                            .zip(&r.points)
-                            .map(|(&x, p)| (x, pct(p.attack_success_rate.unwrap_or(0.0))))
-                            .collect(),
-                        labels: Vec::new(),
-                        markers_only: false,
-                    });
+                    s.push(line("robust accuracy (%)", &|p| {
+                        p.robust_accuracy.unwrap_or(0.0)
+                    }));
+                    s.push(line("attack success rate (%)", &|p| {
+                        p.attack_success_rate.unwrap_or(0.0)
+                    }));
                 }
                 s
             }
