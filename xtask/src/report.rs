@@ -416,10 +416,17 @@ pub fn add_autoattack(out: &Path, methods: &[&str]) -> Result<()> {
     if methods.is_empty() {
         return Ok(());
     }
-    let results_path = out.join("results.json");
-    let mut results: serde_json::Value = read_json(&results_path)?;
-    let mut report = std::fs::read_to_string(out.join("report.md"))
-        .with_context(|| format!("cannot read {}", out.join("report.md").display()))?;
+    amend_study(out, |results, report| {
+        add_autoattack_to(out, methods, results, report)
+    })
+}
+
+fn add_autoattack_to(
+    out: &Path,
+    methods: &[&str],
+    results: &mut serde_json::Value,
+    report: &mut String,
+) -> Result<()> {
     report.push_str(
         "\n## AutoAttack\n\nAutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; L∞ 8/255; the \
          `rand` version with EOT for a stochastic model) beside PGD-20 on the very same test \
@@ -500,8 +507,23 @@ pub fn add_autoattack(out: &Path, methods: &[&str]) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Reads `OUT/results.json` and `OUT/report.md`, lets `f` amend both, and writes them
+/// back atomically.
+fn amend_study(
+    out: &Path,
+    f: impl FnOnce(&mut serde_json::Value, &mut String) -> Result<()>,
+) -> Result<()> {
+    let results_path = out.join("results.json");
+    let report_path = out.join("report.md");
+    let mut results: serde_json::Value = read_json(&results_path)?;
+    let mut report = std::fs::read_to_string(&report_path)
+        .with_context(|| format!("cannot read {}", report_path.display()))?;
+    f(&mut results, &mut report)?;
     write_atomic(&results_path, &serde_json::to_string_pretty(&results)?)?;
-    write_atomic(&out.join("report.md"), &report)
+    write_atomic(&report_path, &report)
 }
 
 /// Where a row's sweep (λ of OAT, noise of a student) writes.
@@ -515,15 +537,18 @@ pub fn add_sweeps(out: &Path, sweeps: &[(&str, &str, std::path::PathBuf)]) -> Re
     if sweeps.is_empty() {
         return Ok(());
     }
-    let results_path = out.join("results.json");
-    let mut results: serde_json::Value = read_json(&results_path)?;
-    let mut report = std::fs::read_to_string(out.join("report.md"))
-        .with_context(|| format!("cannot read {}", out.join("report.md").display()))?;
-    report.push_str(
-        "
-## Test-time trade-offs
-",
-    );
+    amend_study(out, |results, report| {
+        report.push_str("\n## Test-time trade-offs\n");
+        add_sweeps_to(out, sweeps, results, report)
+    })
+}
+
+fn add_sweeps_to(
+    out: &Path,
+    sweeps: &[(&str, &str, std::path::PathBuf)],
+    results: &mut serde_json::Value,
+    report: &mut String,
+) -> Result<()> {
     let mut all = serde_json::Map::new();
     for (method, over, dir) in sweeps {
         let sweep: serde_json::Value = read_json(&dir.join("sweep.json"))?;
@@ -554,8 +579,7 @@ pub fn add_sweeps(out: &Path, sweeps: &[(&str, &str, std::path::PathBuf)]) -> Re
         ));
     }
     results["sweeps"] = serde_json::Value::Object(all);
-    write_atomic(&results_path, &serde_json::to_string_pretty(&results)?)?;
-    write_atomic(&out.join("report.md"), &report)
+    Ok(())
 }
 
 /// Published figures of a method (REFERENCE §3) for the report's comparison column:
