@@ -224,6 +224,18 @@ pub(crate) fn probe_with(
     want_grad: bool,
     values: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Probe> {
+    // Attacks never read parameter gradients: the forward pass as well as the
+    // backward pass run in `input_gradients_only`, which lets a `Classifier` take its
+    // fused eval path (see `rampart_models::input_gradients_only`).
+    rampart_models::input_gradients_only(|| probe_in_scope(model, xs, want_grad, values))
+}
+
+fn probe_in_scope(
+    model: &dyn ModuleT,
+    xs: &Tensor,
+    want_grad: bool,
+    values: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Probe> {
     let batch = xs.dim(0)?;
     let (input, var) = if want_grad {
         let var = Var::from_tensor(xs)?;
@@ -249,7 +261,7 @@ pub(crate) fn probe_with(
             // Only the input gradient is read: layers that support it skip their
             // parameter gradients (see `rampart_models::input_gradients_only`).
             let loss = values.sum_all()?;
-            let grads = rampart_models::input_gradients_only(|| loss.backward())?;
+            let grads = loss.backward()?;
             Some(match grads.get(var.as_tensor()) {
                 Some(g) => g.clone(),
                 // The output does not depend on the input: the gradient is zero.

@@ -133,7 +133,9 @@ impl BenchArgs {
         for step in &self.steps {
             let seconds = match step.as_str() {
                 "forward" => median_seconds(self.reps, self.warmup, &dev, || {
-                    model.forward_t(&xs, false)?.to_dtype(DType::F32)?;
+                    // As predictions run: no parameter gradients (the fused path).
+                    rampart_models::input_gradients_only(|| model.forward_t(&xs, false))?
+                        .to_dtype(DType::F32)?;
                     Ok(())
                 })?,
                 "pgd-step" => median_seconds(self.reps, self.warmup, &dev, || {

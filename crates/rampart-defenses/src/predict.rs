@@ -108,7 +108,7 @@ pub fn predict(
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(batch_size) {
         let (images, _) = dataset.batch_tensors(chunk, model.device())?;
-        let logits = model.forward_t(&images, false)?;
+        let logits = rampart_models::input_gradients_only(|| model.forward_t(&images, false))?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         out.predicted
             .extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);

@@ -92,7 +92,7 @@ impl ConfidenceThreshold {
     /// Classifies xs (B, C, H, W) with any classifier (called as `forward_t(xs, false)`,
     /// returning (B, K) logits), abstaining below τ.
     pub fn classify(&self, model: &dyn ModuleT, xs: &Tensor) -> Result<Vec<Decision>> {
-        let logits = model.forward_t(xs, false)?;
+        let logits = rampart_models::input_gradients_only(|| model.forward_t(xs, false))?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let confidence = probs.max(D::Minus1)?.to_vec1::<f32>()?;

@@ -19,6 +19,16 @@ impl Conv {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         crate::im2col::conv2d_nhwc(xs, &self.weight, self.stride, self.padding)
     }
+
+    /// Kernel (OIHW), stride and padding.
+    pub(crate) fn parts(&self) -> (&Tensor, usize, usize) {
+        (&self.weight, self.stride, self.padding)
+    }
+
+    /// This convolution's current kernel for the fused eval path.
+    pub(crate) fn fused(&self) -> Result<crate::fused::ConvLayer> {
+        crate::fused::ConvLayer::new(&self.weight, self.stride, self.padding)
+    }
 }
 
 /// A `k`×`k` convolution without bias; "same" padding for odd `k`.
@@ -112,6 +122,33 @@ impl BatchNorm {
         rows.apply_op3(&self.weight, &self.bias, op)?.reshape(dims)
     }
 
+    /// γ, β and eps.
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor, f32) {
+        (&self.weight, &self.bias, self.eps as f32)
+    }
+
+    /// Updates the running statistics from a batch's mean and biased variance over
+    /// `n` rows (as the layer-by-layer path does).
+    pub(crate) fn update_running_from(&self, mean: &[f32], var: &[f32], n: usize) -> Result<()> {
+        let dev = self.running_mean.device();
+        let dt = self.running_mean.dtype();
+        let mean = Tensor::from_slice(mean, mean.len(), dev)?.to_dtype(dt)?;
+        let var = Tensor::from_slice(var, var.len(), dev)?.to_dtype(dt)?;
+        self.update_running(&mean, &var, n as f64)
+    }
+
+    /// The eval-mode map of this layer (from its running statistics) for the fused path.
+    pub(crate) fn eval_affine(&self) -> Result<crate::fused::Affine> {
+        let v = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
+        Ok(crate::fused::Affine::from_batch_norm(
+            &v(&self.weight)?,
+            &v(&self.bias)?,
+            &v(self.running_mean.as_tensor())?,
+            &v(self.running_var.as_tensor())?,
+            self.eps as f32,
+        ))
+    }
+
     fn update_running(&self, mean: &Tensor, var: &Tensor, n: f64) -> Result<()> {
         let m = self.momentum;
         let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
@@ -173,6 +210,24 @@ pub fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
         weight: vb.get((d_out, d_in), "weight")?,
         bias: vb.get(d_out, "bias")?,
     })
+}
+
+impl Linear {
+    /// Weight (d_out, d_in) and bias.
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
+    /// Weight (d_out × d_in, row-major) and bias for the fused eval path.
+    pub(crate) fn fused(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((
+            self.weight
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        ))
+    }
 }
 
 impl Module for Linear {

@@ -11,6 +11,8 @@
 #![warn(missing_docs)]
 
 pub mod bn;
+mod fused;
+mod fused_train;
 mod gemm;
 pub mod im2col;
 pub mod layers;
@@ -115,7 +117,7 @@ pub struct Classifier {
     spec: ModelSpec,
     varmap: VarMap,
     /// The network proper: NHWC, normalised input → logits.
-    net: Box<dyn ModuleT + Send + Sync>,
+    net: Box<dyn Network>,
     /// Per-channel mean (C,) and reciprocal std (C,).
     mean: Tensor,
     inv_std: Tensor,
@@ -304,6 +306,76 @@ impl Classifier {
 }
 
 impl Classifier {
+    /// The fused eval-mode op for `xs` (NCHW, checked) when this model and input allow
+    /// it: CPU, f32, a plain (not stochastic, not λ-conditioned) network with a fused
+    /// form.
+    fn fused_eval(&self, xs: &Tensor) -> candle_core::Result<Option<fused::FusedEval>> {
+        if !xs.device().is_cpu()
+            || xs.dtype() != candle_core::DType::F32
+            || self.spec.noise.is_some()
+            || self.spec.oat.is_some()
+        {
+            return Ok(None);
+        }
+        let Some(mut program) = self.net.eval_program()? else {
+            return Ok(None);
+        };
+        program.mean = self
+            .mean
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        program.inv_std = self
+            .inv_std
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        program.input = self.spec.input_shape;
+        Ok(Some(fused::FusedEval::new(program, xs.track_op())))
+    }
+
+    /// Logits of a train-mode forward pass through the fused train path, when this
+    /// model and input allow it: CPU, f32, a plain network with a fused form, and an
+    /// input that needs no gradient. Updates the running statistics.
+    fn fused_train(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if !xs.device().is_cpu()
+            || xs.dtype() != candle_core::DType::F32
+            || xs.track_op()
+            || self.spec.noise.is_some()
+            || self.spec.oat.is_some()
+        {
+            return Ok(None);
+        }
+        let Some(net) = self.net.train_net() else {
+            return Ok(None);
+        };
+        let (layout, tensors, bns) = net.layout()?;
+        if tensors.iter().any(|t| t.dtype() != candle_core::DType::F32) {
+            return Ok(None);
+        }
+        let flat = Tensor::cat(&tensors, 0)?;
+        let (b, c, h, w) = xs.dims4()?;
+        let x = xs.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mean = self
+            .mean
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let inv_std = self
+            .inv_std
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let op = fused_train::FusedTrain::new(layout, &x, [b, c, h, w], &mean, &inv_std);
+        let stats = op.stats.clone();
+        let logits = flat.apply_op1(op)?;
+        let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+        for (bn, (m, v, rows)) in bns.iter().zip(stats.iter()) {
+            bn.update_running_from(m, v, *rows)?;
+        }
+        Ok(Some(logits))
+    }
+
     /// Normalises NCHW inputs while turning them into the NHWC layout the layers use.
     fn normalise(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         xs.permute((0, 2, 3, 1))?
@@ -465,15 +537,36 @@ impl Classifier {
     }
 }
 
+/// A network proper (NHWC, normalised input → logits), with its fused eval-mode
+/// program where the architecture has one (see [`fused`]).
+pub(crate) trait Network: ModuleT + Send + Sync {
+    /// The fused eval program with the current weights; None when this network (or
+    /// one of its layers) has no fused form.
+    fn eval_program(&self) -> candle_core::Result<Option<fused::Program>> {
+        Ok(None)
+    }
+
+    /// The parameters for the fused train path; None when this network has no
+    /// fused form.
+    fn train_net(&self) -> Option<fused_train::TrainNet<'_>> {
+        None
+    }
+}
+
 thread_local! {
     static INPUT_GRADIENTS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` (typically a `backward()` call) computing gradients for the model's
-/// *input* only: the fast CPU layers skip their kernel and BatchNorm parameter
-/// gradients (they come back as zeros), which attacks never use and which cost as
-/// much as the input gradient. Input gradients are identical to those of a full
-/// backward pass. The setting is per thread and restored when `f` returns.
+/// Runs `f` (an attack step, a prediction, or a `backward()` call) computing gradients
+/// for the model's *input* only. Backward passes inside the scope skip the kernel and
+/// BatchNorm parameter gradients of the fast CPU layers (they come back as zeros),
+/// which attacks never use and which cost as much as the input gradient. Eval-mode
+/// forward passes of a [`Classifier`] inside the scope may take the fused CPU path
+/// (the whole network as one operation, see `docs/performance.md`), whose backward
+/// pass yields the input gradient and nothing for the parameters: run a forward pass
+/// here only when its parameter gradients are not wanted. Input gradients and logits
+/// are those of the layer-by-layer path, to float rounding. The setting is per thread
+/// and restored when `f` returns.
 pub fn input_gradients_only<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
@@ -519,6 +612,16 @@ impl ModuleT for Classifier {
                 self.spec.input_shape[2],
                 xs.dims()
             );
+        }
+        if !train && input_gradients_only_active() {
+            if let Some(op) = self.fused_eval(xs)? {
+                return xs.apply_op1(op);
+            }
+        }
+        if train {
+            if let Some(logits) = self.fused_train(xs)? {
+                return Ok(logits);
+            }
         }
         let xs = self.normalise(xs)?;
         match &self.spec.oat {

@@ -90,6 +90,8 @@ pub fn resnet20(
     })
 }
 
+impl crate::Network for ResNet20 {}
+
 impl ModuleT for ResNet20 {
     /// xs: (B, H, W, C), already normalised → logits (B, K).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
@@ -136,6 +138,16 @@ pub fn preact_resnet18(
         bn: opts.norm(c_in, vb.pp("bn"))?,
         fc: linear(c_in, num_classes, vb.pp("fc"))?,
     })
+}
+
+impl crate::Network for PreActResNet18 {
+    fn eval_program(&self) -> Result<Option<crate::fused::Program>> {
+        crate::wrn::preact_program(&self.stem, &self.blocks, &self.bn, &self.fc)
+    }
+
+    fn train_net(&self) -> Option<crate::fused_train::TrainNet<'_>> {
+        crate::wrn::preact_train_net(&self.stem, &self.blocks, &self.bn, &self.fc)
+    }
 }
 
 impl ModuleT for PreActResNet18 {

@@ -1,7 +1,6 @@
 //! Architecture descriptions: what is saved in a model file's metadata.
 
 use crate::{ModelError, Result};
-use candle_core::ModuleT;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -183,7 +182,7 @@ impl ModelSpec {
         &self,
         vb: VarBuilder,
         opts: &crate::variant::NormOptions,
-    ) -> Result<Box<dyn ModuleT + Send + Sync>> {
+    ) -> Result<Box<dyn crate::Network>> {
         let c = self.input_shape[0];
         let k = self.num_classes;
         if let Some(oat) = &self.oat {

@@ -354,3 +354,246 @@ fn fused_batch_norm_matches_reference() {
 fn rand_like(shape: &[usize], value: f32) -> Tensor {
     Tensor::full(value, shape, &Device::Cpu).unwrap()
 }
+
+/// A model whose BatchNorms have non-trivial scale, shift and running statistics.
+fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
+    let m = Classifier::new(spec, seed, &Device::Cpu).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    let mut vars: Vec<(String, Var)> = m
+        .varmap
+        .data()
+        .lock()
+        .unwrap()
+        .clone()
+        .into_iter()
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in &vars {
+        if name.ends_with("bn1.weight") || name.ends_with("bn2.weight") || name == "bn.weight" {
+            let n = var.elem_count();
+            let v: Vec<f32> = (0..n).map(|_| 0.5 + rng.gen::<f32>()).collect();
+            var.set(&Tensor::from_vec(v, n, &Device::Cpu).unwrap())
+                .unwrap();
+        } else if name.ends_with(".bias") && !name.starts_with("fc") {
+            let n = var.elem_count();
+            let v: Vec<f32> = (0..n).map(|_| rng.gen::<f32>() - 0.5).collect();
+            var.set(&Tensor::from_vec(v, n, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    for seed in 0..2 {
+        m.forward_t(&input(8, 100 + seed), true).unwrap();
+    }
+    m
+}
+
+/// The fused eval path (inside `input_gradients_only`) gives the logits and the input
+/// gradient of the layer-by-layer path: identity and projected shortcuts, strides,
+/// a batch that splits into uneven chunks, WRN and PreAct ResNet-18.
+#[test]
+fn fused_eval_path_matches_layer_by_layer() {
+    for (spec, batch) in [
+        (ModelSpec::wrn(16, 1, 10), 5),
+        (ModelSpec::wrn(10, 2, 7), 3),
+        (ModelSpec::cifar(Arch::PreactResnet18, 10), 2),
+    ] {
+        let name = spec.arch.to_string();
+        let m = trained_looking(spec, 3);
+        assert!(m.fused_eval(&input(1, 0)).unwrap().is_some(), "{name}");
+        let x = Var::from_tensor(&input(batch, 7)).unwrap();
+        let reference = m
+            .net
+            .forward_t(&m.normalise(x.as_tensor()).unwrap(), false)
+            .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let pv: Vec<f32> = (0..reference.elem_count())
+            .map(|_| rng.gen::<f32>() - 0.5)
+            .collect();
+        let probe = Tensor::from_vec(pv, reference.dims(), &Device::Cpu).unwrap();
+        let g_ref = (&reference * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (fused, g_fused) = input_gradients_only(|| {
+            let logits = m.forward_t(x.as_tensor(), false).unwrap();
+            let g = (&logits * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (logits, g)
+        });
+        let scale = reference
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
+        let d = max_abs_diff(&fused, &reference);
+        assert!(
+            d < 1e-4 * scale,
+            "{name}: logits differ by {d} (scale {scale})"
+        );
+        let (gr, gf) = (
+            g_ref.get(x.as_tensor()).unwrap(),
+            g_fused.get(x.as_tensor()).unwrap(),
+        );
+        let gscale = gr.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let gscale = gscale.to_scalar::<f32>().unwrap();
+        assert!(gscale > 0.0, "{name}: zero reference gradient");
+        let d = max_abs_diff(gr, gf);
+        assert!(
+            d < 1e-4 * gscale,
+            "{name}: input gradients differ by {d} (scale {gscale})"
+        );
+        // Untracked inputs (plain predictions) take the same path.
+        let plain = input_gradients_only(|| m.forward_t(&x.as_tensor().detach(), false)).unwrap();
+        assert_eq!(max_abs_diff(&plain, &fused), 0.0, "{name}");
+    }
+}
+
+/// Outside the scope, and in train mode, parameters get gradients as before; inside,
+/// the fused pass hands back the input gradient once and refuses a second backward.
+#[test]
+fn fused_path_only_inside_the_scope() {
+    let m = trained_looking(ModelSpec::wrn(10, 1, 10), 4);
+    let x = Var::from_tensor(&input(2, 9)).unwrap();
+    let stem = m.varmap.data().lock().unwrap()["stem.weight"].clone();
+    let g = m
+        .forward_t(x.as_tensor(), false)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gw = g
+        .get(stem.as_tensor())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert!(
+        gw.to_scalar::<f32>().unwrap() > 0.0,
+        "eval-mode weight gradient outside the scope"
+    );
+    let loss = input_gradients_only(|| m.forward_t(x.as_tensor(), false))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap();
+    assert!(g.get(x.as_tensor()).is_some());
+    assert!(
+        g.get(stem.as_tensor()).is_none(),
+        "fused pass gives no parameter gradient"
+    );
+    let err = loss.backward().unwrap_err().to_string();
+    assert!(err.contains("already ran"), "{err}");
+}
+
+/// Models without a fused form keep the layer-by-layer path.
+#[test]
+fn variants_and_post_activation_resnet_are_not_fused() {
+    let x = input(1, 0);
+    let resnet = Classifier::new(ModelSpec::cifar(Arch::Resnet20, 10), 0, &Device::Cpu).unwrap();
+    assert!(resnet.fused_eval(&x).unwrap().is_none());
+    let mut spec = ModelSpec::wrn(10, 1, 10);
+    spec.noise = Some(NoiseSpec { alpha: 0.1 });
+    let student = Classifier::new(spec, 0, &Device::Cpu).unwrap();
+    assert!(student.fused_eval(&x).unwrap().is_none());
+    let plain = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &Device::Cpu).unwrap();
+    assert!(plain
+        .fused_eval(&x.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .is_none());
+}
+
+/// The fused train path (train mode, untracked input) gives the logits, every
+/// parameter gradient and the running statistics of the layer-by-layer path.
+#[test]
+fn fused_train_path_matches_layer_by_layer() {
+    for (spec, batch) in [
+        (ModelSpec::wrn(16, 1, 10), 5),
+        (ModelSpec::wrn(10, 2, 7), 3),
+    ] {
+        let name = spec.arch.to_string();
+        let (reference_model, fused_model) =
+            (trained_looking(spec.clone(), 5), trained_looking(spec, 5));
+        assert!(fused_model.net.train_net().is_some(), "{name}");
+        let x = input(batch, 13);
+        let reference = reference_model
+            .net
+            .forward_t(&reference_model.normalise(&x).unwrap(), true)
+            .unwrap();
+        let fused = fused_model.forward_t(&x, true).unwrap();
+        let scale = reference
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
+        let d = max_abs_diff(&fused, &reference);
+        assert!(d < 1e-4 * scale, "{name}: logits differ by {d}");
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let pv: Vec<f32> = (0..reference.elem_count())
+            .map(|_| rng.gen::<f32>() - 0.5)
+            .collect();
+        let probe = Tensor::from_vec(pv, reference.dims(), &Device::Cpu).unwrap();
+        let g_ref = (&reference * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_fused = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let ref_vars = reference_model.varmap.data().lock().unwrap().clone();
+        let fused_vars = fused_model.varmap.data().lock().unwrap().clone();
+        let mut checked = 0;
+        for (var_name, rv) in &ref_vars {
+            let fv = &fused_vars[var_name];
+            if is_buffer(var_name) {
+                let d = max_abs_diff(rv.as_tensor(), fv.as_tensor());
+                assert!(
+                    d < 1e-4,
+                    "{name} {var_name}: running statistics differ by {d}"
+                );
+                continue;
+            }
+            let gr = g_ref.get(rv.as_tensor()).expect("reference gradient");
+            let gf = g_fused
+                .get(fv.as_tensor())
+                .unwrap_or_else(|| panic!("{name} {var_name}: no fused gradient"));
+            let gscale = gr.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let gscale = gscale.to_scalar::<f32>().unwrap().max(1e-3);
+            let d = max_abs_diff(gr, gf);
+            assert!(
+                d < 2e-4 * gscale,
+                "{name} {var_name}: gradients differ by {d} (scale {gscale})"
+            );
+            checked += 1;
+        }
+        assert!(checked > 10, "{name}: {checked} parameters checked");
+        // A tracked input keeps the layer-by-layer path, so it gets its gradient.
+        let xv = Var::from_tensor(&x).unwrap();
+        let g = fused_model
+            .forward_t(xv.as_tensor(), true)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(xv.as_tensor()).is_some(), "{name}");
+    }
+}

@@ -305,6 +305,20 @@ impl Norm {
         self.bn_adv.is_none() && self.film.is_none() && self.noise.is_none()
     }
 
+    /// The BatchNorm of a plain layer (None for variant layers).
+    pub(crate) fn plain_bn(&self) -> Option<&BatchNorm> {
+        self.is_plain().then_some(&self.bn)
+    }
+
+    /// The eval-mode affine map of a plain BatchNorm (None for variant layers).
+    pub(crate) fn fused(&self) -> Result<Option<crate::fused::Affine>> {
+        if self.is_plain() {
+            self.bn.eval_affine().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Normalisation (and variant extras) followed by ReLU; xs: (B, H, W, C).
     pub fn forward_relu(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if self.is_plain() {

@@ -38,6 +38,79 @@ pub fn preact_block(
     })
 }
 
+impl PreActBlock {
+    /// This block for the fused eval path (None if a layer is a variant).
+    pub(crate) fn fused(&self) -> Result<Option<crate::fused::Block>> {
+        let (Some(bn1), Some(bn2)) = (self.bn1.fused()?, self.bn2.fused()?) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::fused::Block {
+            bn1,
+            conv1: self.conv1.fused()?,
+            bn2,
+            conv2: self.conv2.fused()?,
+            shortcut: self.shortcut.as_ref().map(Conv::fused).transpose()?,
+        }))
+    }
+}
+
+/// The fused eval program of a pre-activation network (stem, blocks, BN-ReLU, pooling,
+/// linear); its input normalisation is filled in by the classifier.
+pub(crate) fn preact_program(
+    stem: &Conv,
+    blocks: &[PreActBlock],
+    bn: &Norm,
+    fc: &Linear,
+) -> Result<Option<crate::fused::Program>> {
+    let Some(head) = bn.fused()? else {
+        return Ok(None);
+    };
+    let mut fused = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        match b.fused()? {
+            Some(f) => fused.push(f),
+            None => return Ok(None),
+        }
+    }
+    let (fc_w, fc_b) = fc.fused()?;
+    Ok(Some(crate::fused::Program {
+        mean: Vec::new(),
+        inv_std: Vec::new(),
+        input: [0; 3],
+        stem: stem.fused()?,
+        blocks: fused,
+        head,
+        fc_w,
+        fc_b,
+    }))
+}
+
+/// The parameters of a pre-activation network for the fused train path (None if a
+/// layer is a variant).
+pub(crate) fn preact_train_net<'a>(
+    stem: &'a Conv,
+    blocks: &'a [PreActBlock],
+    bn: &'a Norm,
+    fc: &'a Linear,
+) -> Option<crate::fused_train::TrainNet<'a>> {
+    let mut parts = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        parts.push((
+            b.bn1.plain_bn()?,
+            &b.conv1,
+            b.bn2.plain_bn()?,
+            &b.conv2,
+            b.shortcut.as_ref(),
+        ));
+    }
+    Some(crate::fused_train::TrainNet {
+        stem,
+        blocks: parts,
+        head: bn.plain_bn()?,
+        fc,
+    })
+}
+
 impl ModuleT for PreActBlock {
     /// xs: (B, H, W, C_in) → (B, H/stride, W/stride, C_out).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
@@ -91,6 +164,16 @@ pub fn wide_resnet(
         bn: opts.norm(c_in, vb.pp("bn"))?,
         fc: linear(c_in, num_classes, vb.pp("fc"))?,
     })
+}
+
+impl crate::Network for WideResNet {
+    fn eval_program(&self) -> Result<Option<crate::fused::Program>> {
+        preact_program(&self.stem, &self.blocks, &self.bn, &self.fc)
+    }
+
+    fn train_net(&self) -> Option<crate::fused_train::TrainNet<'_>> {
+        preact_train_net(&self.stem, &self.blocks, &self.bn, &self.fc)
+    }
 }
 
 impl ModuleT for WideResNet {

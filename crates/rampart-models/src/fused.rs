@@ -1,0 +1,625 @@
+//! The fused eval-mode path of pre-activation networks on the CPU: one custom op for
+//! the whole network, forward and input-gradient backward.
+//!
+//! An attack step is an eval-mode forward pass and a gradient with respect to the
+//! input. Through candle's autograd that is one graph node per layer, each with a fresh
+//! batch-sized allocation, and in the backward pass every node's gradient is added into
+//! a zero tensor: several full passes over memory per layer beside the arithmetic. In
+//! eval mode with no parameter gradients wanted nothing couples the images of a batch,
+//! so here the batch is cut into chunks of a few images and each thread runs its chunk
+//! through the whole network on plain slices:
+//!
+//! * convolutions gather a block of patch rows (≈1 MB, so it stays in cache) and
+//!   multiply it by the kernel (single-threaded GEMM, AVX-512 where the CPU has it);
+//! * the BatchNorm+ReLU after the first convolution of a block is applied to each
+//!   output block while it is still in cache, and the second convolution accumulates
+//!   directly onto the shortcut;
+//! * the backward pass keeps the post-ReLU activations of the forward pass (their sign
+//!   is the ReLU mask) and runs the transposed convolutions and masks in the same
+//!   chunks, writing the input gradient (through the input normalisation, in NCHW).
+//!
+//! [`crate::Classifier`] takes this path for eval-mode forward passes inside
+//! [`crate::input_gradients_only`] on plain (not stochastic, not λ-conditioned) WRN
+//! and pre-activation ResNet-18 models; tests hold it equal to the layer-by-layer path.
+
+use crate::gemm::{sgemm, MatRef};
+use crate::im2col::{f32_slice, Window};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Patch-matrix block size in floats (1 MiB): small enough to stay in a core's cache.
+const BLOCK_FLOATS: usize = 1 << 18;
+
+/// A bias-free convolution: kernel as (C_out, k·k·C_in), patch order (ky, kx, c).
+#[derive(Clone, Debug)]
+pub(crate) struct ConvLayer {
+    w: Vec<f32>,
+    window: Window,
+    c_in: usize,
+    c_out: usize,
+}
+
+impl ConvLayer {
+    /// From an OIHW kernel tensor.
+    pub(crate) fn new(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        let (c_out, c_in, k, k2) = weight.dims4()?;
+        if k != k2 {
+            candle_core::bail!("fused path: non-square kernel {:?}", weight.dims())
+        }
+        let w = weight
+            .permute((0, 2, 3, 1))?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        Ok(ConvLayer {
+            w,
+            window: Window {
+                kernel: k,
+                stride,
+                padding,
+            },
+            c_in,
+            c_out,
+        })
+    }
+
+    /// From a kernel already in (C_out, k·k·C_in) layout.
+    pub(crate) fn from_parts(
+        w: Vec<f32>,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        c_in: usize,
+        c_out: usize,
+    ) -> Self {
+        ConvLayer {
+            w,
+            window: Window {
+                kernel,
+                stride,
+                padding,
+            },
+            c_in,
+            c_out,
+        }
+    }
+
+    pub(crate) fn weight_len(&self) -> usize {
+        self.w.len()
+    }
+
+    fn row(&self) -> usize {
+        self.window.kernel * self.window.kernel * self.c_in
+    }
+
+    pub(crate) fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        Ok((self.window.out_size(h)?, self.window.out_size(w)?))
+    }
+
+    fn pointwise(&self) -> bool {
+        self.window.kernel == 1 && self.window.stride == 1 && self.window.padding == 0
+    }
+
+    /// Output rows per block for `total` rows.
+    fn block_rows(&self, total: usize) -> usize {
+        (BLOCK_FLOATS / self.row().max(1)).max(32).min(total.max(1))
+    }
+
+    /// Writes patch rows `r0 .. r0 + rows` of `input` (n images H×W×C_in) into `cols`.
+    fn gather(&self, input: &[f32], h: usize, w: usize, r0: usize, cols: &mut [f32]) {
+        let Window {
+            kernel: k,
+            stride: s,
+            padding: p,
+        } = self.window;
+        let (ho, wo) = (
+            self.window.out_size(h).unwrap_or(0),
+            self.window.out_size(w).unwrap_or(0),
+        );
+        let (c, row) = (self.c_in, self.row());
+        for (i, dst) in cols.chunks_exact_mut(row).enumerate() {
+            let pix = r0 + i;
+            let (img, q) = (pix / (ho * wo), pix % (ho * wo));
+            let (oy, ox) = (q / wo, q % wo);
+            let image = &input[img * h * w * c..][..h * w * c];
+            for ky in 0..k {
+                let iy = (oy * s + ky).checked_sub(p).filter(|&v| v < h);
+                for kx in 0..k {
+                    let slot = &mut dst[(ky * k + kx) * c..][..c];
+                    match (iy, (ox * s + kx).checked_sub(p).filter(|&v| v < w)) {
+                        (Some(iy), Some(ix)) => {
+                            slot.copy_from_slice(&image[(iy * w + ix) * c..][..c]);
+                        }
+                        _ => slot.fill(0.0),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds patch rows `r0 ..` of `cols` back into `grad` (n images H×W×C_in): the
+    /// adjoint of [`Self::gather`].
+    fn scatter(&self, cols: &[f32], h: usize, w: usize, r0: usize, grad: &mut [f32]) {
+        let Window {
+            kernel: k,
+            stride: s,
+            padding: p,
+        } = self.window;
+        let (ho, wo) = (
+            self.window.out_size(h).unwrap_or(0),
+            self.window.out_size(w).unwrap_or(0),
+        );
+        let (c, row) = (self.c_in, self.row());
+        for (i, src) in cols.chunks_exact(row).enumerate() {
+            let pix = r0 + i;
+            let (img, q) = (pix / (ho * wo), pix % (ho * wo));
+            let (oy, ox) = (q / wo, q % wo);
+            let image = &mut grad[img * h * w * c..][..h * w * c];
+            for ky in 0..k {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < h) else {
+                    continue;
+                };
+                for kx in 0..k {
+                    let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < w) else {
+                        continue;
+                    };
+                    let slot = &src[(ky * k + kx) * c..][..c];
+                    for (d, v) in image[(iy * w + ix) * c..][..c].iter_mut().zip(slot) {
+                        *d += v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out` (n·Ho·Wo × C_out) = conv(input) (`+= ` when `accumulate`), then
+    /// `relu(out·scale + shift)` per block when `epilogue` is given.
+    pub(crate) fn forward(
+        &self,
+        input: &[f32],
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+        accumulate: bool,
+        epilogue: Option<&Affine>,
+    ) {
+        let (row, c_out) = (self.row(), self.c_out);
+        let total = out.len() / c_out;
+        let wt = MatRef::row_major(&self.w, c_out, row).t();
+        let block = self.block_rows(total);
+        let mut cols = if self.pointwise() {
+            Vec::new()
+        } else {
+            vec![0f32; block * row]
+        };
+        for r0 in (0..total).step_by(block) {
+            let rows = block.min(total - r0);
+            let dst = &mut out[r0 * c_out..(r0 + rows) * c_out];
+            let a = if self.pointwise() {
+                MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row)
+            } else {
+                let cols = &mut cols[..rows * row];
+                self.gather(input, h, w, r0, cols);
+                MatRef::row_major(cols, rows, row)
+            };
+            sgemm(dst, a, wt, accumulate);
+            if let Some(affine) = epilogue {
+                affine.relu_in_place(dst);
+            }
+        }
+    }
+
+    /// Adds the input gradient of this convolution for output gradient `dy`
+    /// (n·Ho·Wo × C_out) into `grad` (n images H×W×C_in).
+    pub(crate) fn backward_input(&self, dy: &[f32], h: usize, w: usize, grad: &mut [f32]) {
+        let (row, c_out) = (self.row(), self.c_out);
+        let total = dy.len() / c_out;
+        let wm = MatRef::row_major(&self.w, c_out, row);
+        let block = self.block_rows(total);
+        if self.pointwise() {
+            for r0 in (0..total).step_by(block) {
+                let rows = block.min(total - r0);
+                let g = &mut grad[r0 * row..(r0 + rows) * row];
+                let d = MatRef::row_major(&dy[r0 * c_out..(r0 + rows) * c_out], rows, c_out);
+                sgemm(g, d, wm, true);
+            }
+            return;
+        }
+        let mut cols = vec![0f32; block * row];
+        for r0 in (0..total).step_by(block) {
+            let rows = block.min(total - r0);
+            let cols = &mut cols[..rows * row];
+            let d = MatRef::row_major(&dy[r0 * c_out..(r0 + rows) * c_out], rows, c_out);
+            sgemm(cols, d, wm, false);
+            self.scatter(cols, h, w, r0, grad);
+        }
+    }
+}
+
+impl ConvLayer {
+    /// Adds the kernel gradient Σ dyᵀ·cols(input) of n images (input H×W×C_in, `dy`
+    /// n·Ho·Wo × C_out) into `acc` (C_out × k·k·C_in).
+    pub(crate) fn backward_weight(
+        &self,
+        input: &[f32],
+        h: usize,
+        w: usize,
+        dy: &[f32],
+        acc: &mut [f32],
+    ) {
+        let (row, c_out) = (self.row(), self.c_out);
+        let total = dy.len() / c_out;
+        let block = self.block_rows(total);
+        let mut cols = if self.pointwise() {
+            Vec::new()
+        } else {
+            vec![0f32; block * row]
+        };
+        for r0 in (0..total).step_by(block) {
+            let rows = block.min(total - r0);
+            let d = MatRef::row_major(&dy[r0 * c_out..(r0 + rows) * c_out], rows, c_out).t();
+            let a = if self.pointwise() {
+                MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row)
+            } else {
+                let cols = &mut cols[..rows * row];
+                self.gather(input, h, w, r0, cols);
+                MatRef::row_major(cols, rows, row)
+            };
+            sgemm(acc, d, a, true);
+        }
+    }
+}
+
+/// An eval-mode BatchNorm as a per-channel affine map, followed by ReLU.
+#[derive(Clone, Debug)]
+pub(crate) struct Affine {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl Affine {
+    /// From γ, β and the running statistics: scale = γ/√(var + eps), shift = β − mean·scale.
+    pub(crate) fn from_batch_norm(
+        gamma: &[f32],
+        beta: &[f32],
+        mean: &[f32],
+        var: &[f32],
+        eps: f32,
+    ) -> Self {
+        let scale: Vec<f32> = gamma
+            .iter()
+            .zip(var)
+            .map(|(g, v)| g / (v + eps).sqrt())
+            .collect();
+        let shift = beta
+            .iter()
+            .zip(mean.iter().zip(&scale))
+            .map(|(b, (m, s))| b - m * s)
+            .collect();
+        Affine { scale, shift }
+    }
+
+    /// From a per-channel scale and shift.
+    pub(crate) fn from_scale_shift(scale: Vec<f32>, shift: Vec<f32>) -> Self {
+        Affine { scale, shift }
+    }
+
+    fn channels(&self) -> usize {
+        self.scale.len()
+    }
+
+    fn relu_in_place(&self, x: &mut [f32]) {
+        for row in x.chunks_exact_mut(self.channels()) {
+            for ((v, s), t) in row.iter_mut().zip(&self.scale).zip(&self.shift) {
+                *v = (*v * s + t).max(0.0);
+            }
+        }
+    }
+
+    pub(crate) fn relu_into(&self, x: &[f32], out: &mut [f32]) {
+        let c = self.channels();
+        for (o, xr) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for (((o, v), s), t) in o.iter_mut().zip(xr).zip(&self.scale).zip(&self.shift) {
+                *o = (v * s + t).max(0.0);
+            }
+        }
+    }
+
+    /// The backward pass of `relu(x·scale + shift)` given its output `y`: g ← g·scale
+    /// where y > 0, else 0.
+    fn backward_in_place(&self, g: &mut [f32], y: &[f32]) {
+        let c = self.channels();
+        for (gr, yr) in g.chunks_exact_mut(c).zip(y.chunks_exact(c)) {
+            for ((g, y), s) in gr.iter_mut().zip(yr).zip(&self.scale) {
+                *g = if *y > 0.0 { *g * s } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// A pre-activation block: BN-ReLU-conv-BN-ReLU-conv plus (projected) shortcut.
+#[derive(Clone, Debug)]
+pub(crate) struct Block {
+    pub(crate) bn1: Affine,
+    pub(crate) conv1: ConvLayer,
+    pub(crate) bn2: Affine,
+    pub(crate) conv2: ConvLayer,
+    pub(crate) shortcut: Option<ConvLayer>,
+}
+
+/// A pre-activation network frozen for evaluation: input normalisation, stem
+/// convolution, blocks, BN-ReLU, global average pooling, linear layer.
+#[derive(Clone, Debug)]
+pub(crate) struct Program {
+    pub(crate) mean: Vec<f32>,
+    pub(crate) inv_std: Vec<f32>,
+    /// Input (C, H, W).
+    pub(crate) input: [usize; 3],
+    pub(crate) stem: ConvLayer,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) head: Affine,
+    /// (K, C) row-major and (K,).
+    pub(crate) fc_w: Vec<f32>,
+    pub(crate) fc_b: Vec<f32>,
+}
+
+/// What the backward pass of one chunk needs from its forward pass.
+struct ChunkState {
+    images: usize,
+    /// Per block: input side (H, W), pre-activation relu(bn1(x)), relu(bn2(conv1)).
+    blocks: Vec<(usize, usize, Vec<f32>, Vec<f32>)>,
+    /// relu(bn(h)) before pooling, and its side.
+    head: Vec<f32>,
+    head_pixels: usize,
+}
+
+impl Program {
+    fn classes(&self) -> usize {
+        self.fc_b.len()
+    }
+
+    fn image_len(&self) -> usize {
+        self.input.iter().product()
+    }
+
+    /// Logits (n × K) of a chunk of n NCHW images; with `keep`, what its backward
+    /// pass needs.
+    fn forward_chunk(&self, x: &[f32], keep: bool) -> Result<(Vec<f32>, Option<ChunkState>)> {
+        let [c, mut h, mut w] = self.input;
+        let n = x.len() / self.image_len();
+        // Normalise into NHWC.
+        let mut a = vec![0f32; x.len()];
+        for (img, dst) in x.chunks_exact(c * h * w).zip(a.chunks_exact_mut(c * h * w)) {
+            for ch in 0..c {
+                let (m, s) = (self.mean[ch], self.inv_std[ch]);
+                for (p, v) in img[ch * h * w..(ch + 1) * h * w].iter().enumerate() {
+                    dst[p * c + ch] = (v - m) * s;
+                }
+            }
+        }
+        let (ho, wo) = self.stem.out_hw(h, w)?;
+        let mut cur = vec![0f32; n * ho * wo * self.stem.c_out];
+        self.stem.forward(&a, h, w, &mut cur, false, None);
+        (h, w) = (ho, wo);
+        let mut saved = Vec::with_capacity(if keep { self.blocks.len() } else { 0 });
+        for b in &self.blocks {
+            let mut pre = vec![0f32; cur.len()];
+            b.bn1.relu_into(&cur, &mut pre);
+            let (ho, wo) = b.conv1.out_hw(h, w)?;
+            let out_len = n * ho * wo * b.conv1.c_out;
+            let mut out = match &b.shortcut {
+                Some(sc) => {
+                    let mut o = vec![0f32; out_len];
+                    sc.forward(&pre, h, w, &mut o, false, None);
+                    o
+                }
+                None => cur,
+            };
+            let mut mid = vec![0f32; out_len];
+            b.conv1.forward(&pre, h, w, &mut mid, false, Some(&b.bn2));
+            b.conv2.forward(&mid, ho, wo, &mut out, true, None);
+            if keep {
+                saved.push((h, w, pre, mid));
+            }
+            cur = out;
+            (h, w) = (ho, wo);
+        }
+        let channels = self.head.channels();
+        let mut fin = vec![0f32; cur.len()];
+        self.head.relu_into(&cur, &mut fin);
+        drop(cur);
+        let pixels = h * w;
+        let mut pooled = vec![0f32; n * channels];
+        for (img, p) in fin
+            .chunks_exact(pixels * channels)
+            .zip(pooled.chunks_exact_mut(channels))
+        {
+            for row in img.chunks_exact(channels) {
+                p.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            p.iter_mut().for_each(|a| *a /= pixels as f32);
+        }
+        let k = self.classes();
+        let mut logits: Vec<f32> = (0..n).flat_map(|_| self.fc_b.iter().copied()).collect();
+        sgemm(
+            &mut logits,
+            MatRef::row_major(&pooled, n, channels),
+            MatRef::row_major(&self.fc_w, k, channels).t(),
+            true,
+        );
+        let state = keep.then(|| ChunkState {
+            images: n,
+            blocks: saved,
+            head: fin,
+            head_pixels: pixels,
+        });
+        Ok((logits, state))
+    }
+
+    /// The input gradient (n NCHW images) of a chunk for logit gradients `dlogits`.
+    fn backward_chunk(&self, st: &ChunkState, dlogits: &[f32]) -> Vec<f32> {
+        let n = st.images;
+        let (k, channels) = (self.classes(), self.head.channels());
+        let mut dpool = vec![0f32; n * channels];
+        sgemm(
+            &mut dpool,
+            MatRef::row_major(dlogits, n, k),
+            MatRef::row_major(&self.fc_w, k, channels),
+            false,
+        );
+        let pixels = st.head_pixels;
+        let mut d = vec![0f32; st.head.len()];
+        for (img, dp) in d
+            .chunks_exact_mut(pixels * channels)
+            .zip(dpool.chunks_exact(channels))
+        {
+            for row in img.chunks_exact_mut(channels) {
+                row.iter_mut()
+                    .zip(dp)
+                    .for_each(|(g, v)| *g = v / pixels as f32);
+            }
+        }
+        self.head.backward_in_place(&mut d, &st.head);
+        for (b, (h, w, pre, mid)) in self.blocks.iter().zip(&st.blocks).rev() {
+            let (ho, wo) = (
+                b.conv1.window.out_size(*h).unwrap_or(0),
+                b.conv1.window.out_size(*w).unwrap_or(0),
+            );
+            let mut dmid = vec![0f32; mid.len()];
+            b.conv2.backward_input(&d, ho, wo, &mut dmid);
+            b.bn2.backward_in_place(&mut dmid, mid);
+            let mut dpre = vec![0f32; pre.len()];
+            b.conv1.backward_input(&dmid, *h, *w, &mut dpre);
+            drop(dmid);
+            match &b.shortcut {
+                Some(sc) => {
+                    sc.backward_input(&d, *h, *w, &mut dpre);
+                    b.bn1.backward_in_place(&mut dpre, pre);
+                }
+                None => {
+                    b.bn1.backward_in_place(&mut dpre, pre);
+                    dpre.iter_mut().zip(&d).for_each(|(g, v)| *g += v);
+                }
+            }
+            d = dpre;
+        }
+        let [c, h, w] = self.input;
+        let mut dn = vec![0f32; n * h * w * c];
+        self.stem.backward_input(&d, h, w, &mut dn);
+        let mut dx = vec![0f32; dn.len()];
+        for (src, dst) in dn
+            .chunks_exact(h * w * c)
+            .zip(dx.chunks_exact_mut(c * h * w))
+        {
+            for ch in 0..c {
+                let s = self.inv_std[ch];
+                for (p, g) in dst[ch * h * w..(ch + 1) * h * w].iter_mut().enumerate() {
+                    *g = src[p * c + ch] * s;
+                }
+            }
+        }
+        dx
+    }
+}
+
+/// The whole network as one custom op on the NCHW input: logits forward, input
+/// gradient backward (parameters receive none).
+pub(crate) struct FusedEval {
+    program: Arc<Program>,
+    keep: bool,
+    saved: Mutex<Option<Vec<ChunkState>>>,
+}
+
+impl FusedEval {
+    /// `keep`: retain what the backward pass needs (when the input is tracked).
+    pub(crate) fn new(program: Program, keep: bool) -> Self {
+        FusedEval {
+            program: Arc::new(program),
+            keep,
+            saved: Mutex::new(None),
+        }
+    }
+
+    /// Images per chunk: at most 8, and enough chunks for every thread to have two.
+    fn chunk_images(batch: usize) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        batch.div_ceil(2 * threads).clamp(1, 8)
+    }
+}
+
+impl CustomOp1 for FusedEval {
+    fn name(&self) -> &'static str {
+        "fused-eval-network"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        if [c, h, w] != self.program.input {
+            candle_core::bail!(
+                "fused path: input {:?} does not match the network's {:?}",
+                l.shape(),
+                self.program.input
+            )
+        }
+        let k = self.program.classes();
+        if b == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from((0, k))));
+        }
+        let per = Self::chunk_images(b) * self.program.image_len();
+        let parts = x
+            .par_chunks(per)
+            .map(|xc| self.program.forward_chunk(xc, self.keep))
+            .collect::<Result<Vec<_>>>()?;
+        let mut logits = Vec::with_capacity(b * k);
+        let mut states = Vec::with_capacity(parts.len());
+        for (part, state) in parts {
+            logits.extend_from_slice(&part);
+            states.extend(state);
+        }
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(states);
+        }
+        Ok((CpuStorage::F32(logits), Shape::from((b, k))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let states = self
+            .saved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "fused eval path: the backward pass of this forward pass already ran (or its input was not tracked)".into(),
+                )
+            })?;
+        let k = self.program.classes();
+        let dlogits = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut offsets = Vec::with_capacity(states.len());
+        let mut row = 0;
+        for st in &states {
+            offsets.push(row);
+            row += st.images;
+        }
+        if row * k != dlogits.len() {
+            candle_core::bail!(
+                "fused path: gradient of {} values for {row} images",
+                dlogits.len()
+            )
+        }
+        let parts: Vec<Vec<f32>> = states
+            .par_iter()
+            .zip(offsets.par_iter())
+            .map(|(st, &r)| {
+                self.program
+                    .backward_chunk(st, &dlogits[r * k..(r + st.images) * k])
+            })
+            .collect();
+        let dx: Vec<f32> = parts.concat();
+        Ok(Some(
+            Tensor::from_vec(dx, arg.shape(), arg.device())?.to_dtype(arg.dtype())?,
+        ))
+    }
+}

@@ -1,0 +1,690 @@
+//! The fused train-mode path of pre-activation networks on the CPU: the whole network
+//! as one custom op on its flattened parameters.
+//!
+//! A training step through candle's autograd is one graph node per layer, and the
+//! backward pass adds every node's gradient into a fresh zero tensor. Here the
+//! forward pass (train-mode BatchNorm with batch statistics) and the backward pass
+//! (every parameter gradient) run layer by layer over plain slices, each layer
+//! parallel over chunks of images, with no intermediate tensors beyond those the
+//! backward pass reads. The op's single input is the concatenation of the network's
+//! parameters (candle routes the gradient back to each of them through the
+//! concatenation), its output the logits, so any loss can be put on top.
+//!
+//! [`crate::Classifier`] takes this path for train-mode forward passes on plain WRN
+//! and pre-activation ResNet-18 models when the input itself needs no gradient;
+//! running statistics are updated exactly as the layer-by-layer path does. Tests hold
+//! logits, running statistics and every parameter gradient equal to that path.
+
+use crate::fused::{Affine, ConvLayer};
+use crate::gemm::{sgemm, MatRef};
+use crate::im2col::f32_slice;
+use crate::layers::{BatchNorm, Conv, Linear};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Images per parallel work item.
+const IMAGES_PER_TASK: usize = 2;
+
+/// The parameters of a pre-activation network, in the order they are flattened.
+pub(crate) struct TrainNet<'a> {
+    pub(crate) stem: &'a Conv,
+    /// (bn1, conv1, bn2, conv2, shortcut) per block.
+    pub(crate) blocks: Vec<(
+        &'a BatchNorm,
+        &'a Conv,
+        &'a BatchNorm,
+        &'a Conv,
+        Option<&'a Conv>,
+    )>,
+    pub(crate) head: &'a BatchNorm,
+    pub(crate) fc: &'a Linear,
+}
+
+/// Where a convolution's OIHW kernel sits in the flat parameter vector.
+#[derive(Clone, Copy, Debug)]
+struct ConvAt {
+    offset: usize,
+    c_out: usize,
+    c_in: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl ConvAt {
+    fn len(&self) -> usize {
+        self.c_out * self.c_in * self.k * self.k
+    }
+
+    /// The kernel in the (C_out, k·k·C_in) layout of [`ConvLayer`].
+    fn layer(&self, flat: &[f32]) -> ConvLayer {
+        let (o, i, k) = (self.c_out, self.c_in, self.k);
+        let src = &flat[self.offset..self.offset + self.len()];
+        let mut w = vec![0f32; src.len()];
+        for oc in 0..o {
+            for ic in 0..i {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        w[((oc * k + ky) * k + kx) * i + ic] =
+                            src[((oc * i + ic) * k + ky) * k + kx];
+                    }
+                }
+            }
+        }
+        ConvLayer::from_parts(w, self.k, self.stride, self.padding, i, o)
+    }
+
+    /// Writes a (C_out, k·k·C_in) gradient back in OIHW order.
+    fn store_grad(&self, g: &[f32], flat: &mut [f32]) {
+        let (o, i, k) = (self.c_out, self.c_in, self.k);
+        let dst = &mut flat[self.offset..self.offset + self.len()];
+        for oc in 0..o {
+            for ic in 0..i {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        dst[((oc * i + ic) * k + ky) * k + kx] =
+                            g[((oc * k + ky) * k + kx) * i + ic];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a BatchNorm's γ and β sit (β right after γ).
+#[derive(Clone, Copy, Debug)]
+struct BnAt {
+    offset: usize,
+    c: usize,
+    eps: f32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct BlockAt {
+    bn1: BnAt,
+    conv1: ConvAt,
+    bn2: BnAt,
+    conv2: ConvAt,
+    shortcut: Option<ConvAt>,
+}
+
+/// The layout of the flat parameter vector.
+#[derive(Clone, Debug)]
+pub(crate) struct TrainLayout {
+    stem: ConvAt,
+    blocks: Vec<BlockAt>,
+    head: BnAt,
+    fc_w: usize,
+    fc_b: usize,
+    classes: usize,
+    features: usize,
+    total: usize,
+}
+
+impl TrainNet<'_> {
+    /// The layout, the parameter tensors in flattening order, and the BatchNorms in the
+    /// order their batch statistics are reported.
+    pub(crate) fn layout(&self) -> Result<(TrainLayout, Vec<Tensor>, Vec<&BatchNorm>)> {
+        let mut tensors = Vec::new();
+        let mut offset = 0;
+        let stem = push_conv(self.stem, &mut tensors, &mut offset)?;
+        let mut bns = Vec::new();
+        let mut blocks = Vec::new();
+        for (bn1, c1, bn2, c2, sc) in &self.blocks {
+            let b1 = push_bn(bn1, &mut tensors, &mut offset)?;
+            let conv1 = push_conv(c1, &mut tensors, &mut offset)?;
+            let b2 = push_bn(bn2, &mut tensors, &mut offset)?;
+            let conv2 = push_conv(c2, &mut tensors, &mut offset)?;
+            let shortcut = match sc {
+                Some(sc) => Some(push_conv(sc, &mut tensors, &mut offset)?),
+                None => None,
+            };
+            bns.push(*bn1);
+            bns.push(*bn2);
+            blocks.push(BlockAt {
+                bn1: b1,
+                conv1,
+                bn2: b2,
+                conv2,
+                shortcut,
+            });
+        }
+        let head = push_bn(self.head, &mut tensors, &mut offset)?;
+        bns.push(self.head);
+        let (fw, fb) = self.fc.parts();
+        let (classes, features) = fw.dims2()?;
+        let fc_w = offset;
+        offset += classes * features;
+        let fc_b = offset;
+        offset += classes;
+        tensors.push(fw.flatten_all()?);
+        tensors.push(fb.flatten_all()?);
+        Ok((
+            TrainLayout {
+                stem,
+                blocks,
+                head,
+                fc_w,
+                fc_b,
+                classes,
+                features,
+                total: offset,
+            },
+            tensors,
+            bns,
+        ))
+    }
+}
+
+fn push_bn(bn: &BatchNorm, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<BnAt> {
+    let (g, b, eps) = bn.parts();
+    let c = g.elem_count();
+    let at = BnAt {
+        offset: *offset,
+        c,
+        eps,
+    };
+    *offset += 2 * c;
+    tensors.push(g.flatten_all()?);
+    tensors.push(b.flatten_all()?);
+    Ok(at)
+}
+
+fn push_conv(c: &Conv, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<ConvAt> {
+    let (w, stride, padding) = c.parts();
+    let (c_out, c_in, k, _) = w.dims4()?;
+    let at = ConvAt {
+        offset: *offset,
+        c_out,
+        c_in,
+        k,
+        stride,
+        padding,
+    };
+    *offset += at.len();
+    tensors.push(w.flatten_all()?);
+    Ok(at)
+}
+
+/// Batch statistics of one BatchNorm: mean, biased variance, and 1/√(var + eps).
+#[derive(Clone, Debug)]
+struct Stats {
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+/// Per-channel sums over the rows of `x` (N × C) of `f(value, channel)`, in parallel
+/// (f32 within a task, f64 across).
+fn channel_sums(x: &[f32], c: usize, f: impl Fn(usize, f32) -> f32 + Sync) -> Vec<f64> {
+    let per = (16_384 / c.max(1)).max(1) * c;
+    x.par_chunks(per)
+        .map(|chunk| {
+            let mut acc = vec![0f32; c];
+            for row in chunk.chunks_exact(c) {
+                for (j, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
+                    *a += f(j, v);
+                }
+            }
+            acc.into_iter().map(f64::from).collect::<Vec<f64>>()
+        })
+        .reduce(
+            || vec![0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+fn batch_stats(x: &[f32], c: usize, eps: f32) -> Stats {
+    let n = (x.len() / c) as f64;
+    let mean: Vec<f32> = channel_sums(x, c, |_, v| v)
+        .into_iter()
+        .map(|s| (s / n) as f32)
+        .collect();
+    let var: Vec<f32> = channel_sums(x, c, |j, v| (v - mean[j]) * (v - mean[j]))
+        .into_iter()
+        .map(|s| (s / n) as f32)
+        .collect();
+    let inv_std = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    Stats { mean, var, inv_std }
+}
+
+/// relu(BN(x)) with batch statistics: returns the output and the statistics.
+fn bn_relu_forward(x: &[f32], at: BnAt, flat: &[f32]) -> (Vec<f32>, Stats) {
+    let stats = batch_stats(x, at.c, at.eps);
+    let (gamma, beta) = (
+        &flat[at.offset..][..at.c],
+        &flat[at.offset + at.c..][..at.c],
+    );
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(&stats.inv_std)
+        .map(|(g, s)| g * s)
+        .collect();
+    let shift: Vec<f32> = (0..at.c)
+        .map(|j| beta[j] - stats.mean[j] * scale[j])
+        .collect();
+    let affine = Affine::from_scale_shift(scale, shift);
+    let mut y = vec![0f32; x.len()];
+    let per = (16_384 / at.c).max(1) * at.c;
+    y.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .for_each(|(yc, xc)| affine.relu_into(xc, yc));
+    (y, stats)
+}
+
+/// Backward pass of y = relu(BN(x)) with batch statistics: `g` holds dL/dy and becomes
+/// dL/dx; dγ and dβ are written into `dflat`.
+fn bn_relu_backward(
+    g: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    st: &Stats,
+    at: BnAt,
+    flat: &[f32],
+    dflat: &mut [f32],
+) {
+    let c = at.c;
+    let n = (x.len() / c) as f32;
+    let gamma = &flat[at.offset..][..c];
+    // Mask by the ReLU, then the two channel reductions.
+    let per = (16_384 / c).max(1) * c;
+    g.par_chunks_mut(per)
+        .zip(y.par_chunks(per))
+        .for_each(|(gc, yc)| {
+            for (gv, yv) in gc.iter_mut().zip(yc) {
+                if *yv <= 0.0 {
+                    *gv = 0.0;
+                }
+            }
+        });
+    let dbeta = channel_sums_pair(g, x, c, |_, gv, _| gv);
+    let dgamma = channel_sums_pair(g, x, c, |j, gv, xv| gv * (xv - st.mean[j]) * st.inv_std[j]);
+    let dbeta: Vec<f32> = dbeta.iter().map(|&v| v as f32).collect();
+    let dgamma: Vec<f32> = dgamma.iter().map(|&v| v as f32).collect();
+    dflat[at.offset..][..c].copy_from_slice(&dgamma);
+    dflat[at.offset + c..][..c].copy_from_slice(&dbeta);
+    let k1: Vec<f32> = (0..c).map(|j| gamma[j] * st.inv_std[j]).collect();
+    let mb: Vec<f32> = dbeta.iter().map(|v| v / n).collect();
+    let mg: Vec<f32> = dgamma.iter().map(|v| v / n).collect();
+    g.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .for_each(|(gc, xc)| {
+            for (gr, xr) in gc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                for j in 0..c {
+                    let xhat = (xr[j] - st.mean[j]) * st.inv_std[j];
+                    gr[j] = k1[j] * (gr[j] - mb[j] - xhat * mg[j]);
+                }
+            }
+        });
+}
+
+fn channel_sums_pair(
+    a: &[f32],
+    b: &[f32],
+    c: usize,
+    f: impl Fn(usize, f32, f32) -> f32 + Sync,
+) -> Vec<f64> {
+    let per = (16_384 / c.max(1)).max(1) * c;
+    a.par_chunks(per)
+        .zip(b.par_chunks(per))
+        .map(|(ac, bc)| {
+            let mut acc = vec![0f32; c];
+            for (ar, br) in ac.chunks_exact(c).zip(bc.chunks_exact(c)) {
+                for j in 0..c {
+                    acc[j] += f(j, ar[j], br[j]);
+                }
+            }
+            acc.into_iter().map(f64::from).collect::<Vec<f64>>()
+        })
+        .reduce(
+            || vec![0f64; c],
+            |mut x, y| {
+                x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                x
+            },
+        )
+}
+
+/// Convolution over the whole batch, parallel over image chunks.
+fn conv_forward(
+    l: &ConvLayer,
+    input: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let in_img = input.len() / n;
+    let out_img = out.len() / n;
+    out.par_chunks_mut(IMAGES_PER_TASK * out_img)
+        .zip(input.par_chunks(IMAGES_PER_TASK * in_img))
+        .for_each(|(o, i)| l.forward(i, h, w, o, accumulate, None));
+}
+
+/// Adds the input gradient of a convolution into `grad`, parallel over image chunks.
+fn conv_backward_input(l: &ConvLayer, dy: &[f32], n: usize, h: usize, w: usize, grad: &mut [f32]) {
+    let g_img = grad.len() / n;
+    let dy_img = dy.len() / n;
+    grad.par_chunks_mut(IMAGES_PER_TASK * g_img)
+        .zip(dy.par_chunks(IMAGES_PER_TASK * dy_img))
+        .for_each(|(g, d)| l.backward_input(d, h, w, g));
+}
+
+/// The kernel gradient Σ dyᵀ·cols(input), (C_out, k·k·C_in), parallel over image chunks.
+fn conv_backward_weight(
+    l: &ConvLayer,
+    input: &[f32],
+    dy: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    let in_img = input.len() / n;
+    let dy_img = dy.len() / n;
+    let len = l.weight_len();
+    input
+        .par_chunks(IMAGES_PER_TASK * in_img)
+        .zip(dy.par_chunks(IMAGES_PER_TASK * dy_img))
+        .fold(
+            || vec![0f32; len],
+            |mut acc, (i, d)| {
+                l.backward_weight(i, h, w, d, &mut acc);
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f32; len],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+/// What a block's backward pass reads.
+struct BlockState {
+    h: usize,
+    w: usize,
+    conv1: ConvLayer,
+    conv2: ConvLayer,
+    shortcut: Option<ConvLayer>,
+    x: Vec<f32>,
+    pre: Vec<f32>,
+    st1: Stats,
+    c1: Vec<f32>,
+    mid: Vec<f32>,
+    st2: Stats,
+}
+
+struct TrainState {
+    n: usize,
+    stem: ConvLayer,
+    blocks: Vec<BlockState>,
+    last: Vec<f32>,
+    fin: Vec<f32>,
+    st_head: Stats,
+    pixels: usize,
+    pooled: Vec<f32>,
+}
+
+/// One BatchNorm's batch mean, biased variance and number of rows.
+pub(crate) type BnBatch = (Vec<f32>, Vec<f32>, usize);
+
+/// The whole network in train mode as one op on its flat parameter vector.
+pub(crate) struct FusedTrain {
+    layout: Arc<TrainLayout>,
+    /// Normalised NHWC input, (B, H, W, C).
+    input: Vec<f32>,
+    dims: [usize; 4],
+    saved: Mutex<Option<TrainState>>,
+    /// (mean, biased variance, rows) of every BatchNorm, filled by the forward pass.
+    pub(crate) stats: Arc<Mutex<Vec<BnBatch>>>,
+}
+
+impl FusedTrain {
+    /// `x`: NCHW input in bounds; `mean`/`inv_std`: the model's input normalisation.
+    pub(crate) fn new(
+        layout: TrainLayout,
+        x: &[f32],
+        dims: [usize; 4],
+        mean: &[f32],
+        inv_std: &[f32],
+    ) -> Self {
+        let [b, c, h, w] = dims;
+        let mut input = vec![0f32; x.len()];
+        input
+            .par_chunks_mut(c * h * w)
+            .zip(x.par_chunks(c * h * w))
+            .for_each(|(dst, img)| {
+                for ch in 0..c {
+                    for (p, v) in img[ch * h * w..(ch + 1) * h * w].iter().enumerate() {
+                        dst[p * c + ch] = (v - mean[ch]) * inv_std[ch];
+                    }
+                }
+            });
+        debug_assert_eq!(input.len(), b * c * h * w);
+        FusedTrain {
+            layout: Arc::new(layout),
+            input,
+            dims,
+            saved: Mutex::new(None),
+            stats: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn forward(&self, flat: &[f32]) -> Result<(Vec<f32>, TrainState)> {
+        let lay = &self.layout;
+        let [n, _, mut h, mut w] = self.dims;
+        let stem = lay.stem.layer(flat);
+        let (ho, wo) = stem.out_hw(h, w)?;
+        let mut cur = vec![0f32; n * ho * wo * lay.stem.c_out];
+        conv_forward(&stem, &self.input, n, h, w, &mut cur, false);
+        (h, w) = (ho, wo);
+        let mut blocks = Vec::with_capacity(lay.blocks.len());
+        let mut stats = Vec::new();
+        for b in &lay.blocks {
+            let conv1 = b.conv1.layer(flat);
+            let conv2 = b.conv2.layer(flat);
+            let shortcut = b.shortcut.map(|s| s.layer(flat));
+            let (pre, st1) = bn_relu_forward(&cur, b.bn1, flat);
+            let (ho, wo) = conv1.out_hw(h, w)?;
+            let out_len = n * ho * wo * b.conv1.c_out;
+            let mut out = match &shortcut {
+                Some(sc) => {
+                    let mut o = vec![0f32; out_len];
+                    conv_forward(sc, &pre, n, h, w, &mut o, false);
+                    o
+                }
+                None => cur.clone(),
+            };
+            let mut c1 = vec![0f32; out_len];
+            conv_forward(&conv1, &pre, n, h, w, &mut c1, false);
+            let (mid, st2) = bn_relu_forward(&c1, b.bn2, flat);
+            conv_forward(&conv2, &mid, n, ho, wo, &mut out, true);
+            stats.push((st1.mean.clone(), st1.var.clone(), cur.len() / b.bn1.c));
+            stats.push((st2.mean.clone(), st2.var.clone(), c1.len() / b.bn2.c));
+            blocks.push(BlockState {
+                h,
+                w,
+                conv1,
+                conv2,
+                shortcut,
+                x: std::mem::replace(&mut cur, out),
+                pre,
+                st1,
+                c1,
+                mid,
+                st2,
+            });
+            (h, w) = (ho, wo);
+        }
+        let (fin, st_head) = bn_relu_forward(&cur, lay.head, flat);
+        stats.push((
+            st_head.mean.clone(),
+            st_head.var.clone(),
+            cur.len() / lay.head.c,
+        ));
+        let (c, pixels) = (lay.features, h * w);
+        let mut pooled = vec![0f32; n * c];
+        pooled
+            .par_chunks_mut(c)
+            .zip(fin.par_chunks(pixels * c))
+            .for_each(|(p, img)| {
+                for row in img.chunks_exact(c) {
+                    p.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                }
+                p.iter_mut().for_each(|a| *a /= pixels as f32);
+            });
+        let k = lay.classes;
+        let bias = &flat[lay.fc_b..][..k];
+        let mut logits: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
+        sgemm(
+            &mut logits,
+            MatRef::row_major(&pooled, n, c),
+            MatRef::row_major(&flat[lay.fc_w..][..k * c], k, c).t(),
+            true,
+        );
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+        Ok((
+            logits,
+            TrainState {
+                n,
+                stem,
+                blocks,
+                last: cur,
+                fin,
+                st_head,
+                pixels,
+                pooled,
+            },
+        ))
+    }
+
+    fn backward(&self, st: TrainState, flat: &[f32], dlogits: &[f32]) -> Vec<f32> {
+        let lay = &self.layout;
+        let n = st.n;
+        let (k, c) = (lay.classes, lay.features);
+        let mut dflat = vec![0f32; lay.total];
+        // Linear layer.
+        let mut dfc = vec![0f32; k * c];
+        sgemm(
+            &mut dfc,
+            MatRef::row_major(dlogits, n, k).t(),
+            MatRef::row_major(&st.pooled, n, c),
+            false,
+        );
+        dflat[lay.fc_w..][..k * c].copy_from_slice(&dfc);
+        for row in dlogits.chunks_exact(k) {
+            for (d, v) in dflat[lay.fc_b..][..k].iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+        let mut dpool = vec![0f32; n * c];
+        sgemm(
+            &mut dpool,
+            MatRef::row_major(dlogits, n, k),
+            MatRef::row_major(&flat[lay.fc_w..][..k * c], k, c),
+            false,
+        );
+        let pixels = st.pixels;
+        let mut d = vec![0f32; st.fin.len()];
+        d.par_chunks_mut(pixels * c)
+            .zip(dpool.par_chunks(c))
+            .for_each(|(img, dp)| {
+                for row in img.chunks_exact_mut(c) {
+                    row.iter_mut()
+                        .zip(dp)
+                        .for_each(|(g, v)| *g = v / pixels as f32);
+                }
+            });
+        bn_relu_backward(
+            &mut d,
+            &st.last,
+            &st.fin,
+            &st.st_head,
+            lay.head,
+            flat,
+            &mut dflat,
+        );
+        for (b, s) in lay.blocks.iter().zip(&st.blocks).rev() {
+            let (ho, wo) = s.conv1.out_hw(s.h, s.w).unwrap_or((0, 0));
+            let dw2 = conv_backward_weight(&s.conv2, &s.mid, &d, n, ho, wo);
+            b.conv2.store_grad(&dw2, &mut dflat);
+            let mut dmid = vec![0f32; s.mid.len()];
+            conv_backward_input(&s.conv2, &d, n, ho, wo, &mut dmid);
+            bn_relu_backward(&mut dmid, &s.c1, &s.mid, &s.st2, b.bn2, flat, &mut dflat);
+            let dw1 = conv_backward_weight(&s.conv1, &s.pre, &dmid, n, s.h, s.w);
+            b.conv1.store_grad(&dw1, &mut dflat);
+            let mut dpre = vec![0f32; s.pre.len()];
+            conv_backward_input(&s.conv1, &dmid, n, s.h, s.w, &mut dpre);
+            drop(dmid);
+            if let (Some(sc), Some(at)) = (&s.shortcut, b.shortcut) {
+                let dws = conv_backward_weight(sc, &s.pre, &d, n, s.h, s.w);
+                at.store_grad(&dws, &mut dflat);
+                conv_backward_input(sc, &d, n, s.h, s.w, &mut dpre);
+            }
+            bn_relu_backward(&mut dpre, &s.x, &s.pre, &s.st1, b.bn1, flat, &mut dflat);
+            if s.shortcut.is_none() {
+                dpre.par_iter_mut()
+                    .zip(d.par_iter())
+                    .for_each(|(g, v)| *g += v);
+            }
+            d = dpre;
+        }
+        let [_, _, h, w] = self.dims;
+        let dws = conv_backward_weight(&st.stem, &self.input, &d, n, h, w);
+        lay.stem.store_grad(&dws, &mut dflat);
+        dflat
+    }
+}
+
+impl CustomOp1 for FusedTrain {
+    fn name(&self) -> &'static str {
+        "fused-train-network"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let flat = f32_slice(s, l, self.name())?;
+        if flat.len() != self.layout.total {
+            candle_core::bail!(
+                "fused train path: {} parameters, expected {}",
+                flat.len(),
+                self.layout.total
+            )
+        }
+        let (logits, state) = self.forward(flat)?;
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        Ok((
+            CpuStorage::F32(logits),
+            Shape::from((self.dims[0], self.layout.classes)),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let state = self
+            .saved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "fused train path: the backward pass of this forward pass already ran".into(),
+                )
+            })?;
+        let flat = arg.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let dlogits = grad
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if dlogits.len() != state.n * self.layout.classes {
+            candle_core::bail!("fused train path: gradient of {} values", dlogits.len())
+        }
+        let dflat = self.backward(state, &flat, &dlogits);
+        Ok(Some(Tensor::from_vec(dflat, arg.shape(), arg.device())?))
+    }
+}
