@@ -38,6 +38,10 @@ pub(crate) struct ConvLayer {
     window: Window,
     c_in: usize,
     c_out: usize,
+    /// For a stride-1 "same" convolution, the convolution whose forward pass is this
+    /// one's input gradient: kernel transposed (C_in ↔ C_out) and flipped. It replaces
+    /// the GEMM + scatter of the general backward pass by a gather + GEMM.
+    transposed: Option<Box<ConvLayer>>,
 }
 
 impl ConvLayer {
@@ -52,16 +56,7 @@ impl ConvLayer {
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
-        Ok(ConvLayer {
-            w,
-            window: Window {
-                kernel: k,
-                stride,
-                padding,
-            },
-            c_in,
-            c_out,
-        })
+        Ok(ConvLayer::from_parts(w, k, stride, padding, c_in, c_out))
     }
 
     /// From a kernel already in (C_out, k·k·C_in) layout.
@@ -73,6 +68,32 @@ impl ConvLayer {
         c_in: usize,
         c_out: usize,
     ) -> Self {
+        let transposed = (kernel > 1 && stride == 1 && 2 * padding + 1 == kernel).then(|| {
+            let k = kernel;
+            let mut t = vec![0f32; w.len()];
+            for co in 0..c_out {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let src = &w[co * k * k * c_in + (ky * k + kx) * c_in..][..c_in];
+                        let (fy, fx) = (k - 1 - ky, k - 1 - kx);
+                        for (ci, v) in src.iter().enumerate() {
+                            t[ci * k * k * c_out + (fy * k + fx) * c_out + co] = *v;
+                        }
+                    }
+                }
+            }
+            Box::new(ConvLayer {
+                w: t,
+                window: Window {
+                    kernel,
+                    stride,
+                    padding,
+                },
+                c_in: c_out,
+                c_out: c_in,
+                transposed: None,
+            })
+        });
         ConvLayer {
             w,
             window: Window {
@@ -82,7 +103,12 @@ impl ConvLayer {
             },
             c_in,
             c_out,
+            transposed,
         }
+    }
+
+    pub(crate) fn c_out(&self) -> usize {
+        self.c_out
     }
 
     pub(crate) fn weight_len(&self) -> usize {
@@ -213,6 +239,11 @@ impl ConvLayer {
     /// Adds the input gradient of this convolution for output gradient `dy`
     /// (n·Ho·Wo × C_out) into `grad` (n images H×W×C_in).
     pub(crate) fn backward_input(&self, dy: &[f32], h: usize, w: usize, grad: &mut [f32]) {
+        if let Some(t) = &self.transposed {
+            // Stride 1, same size: dx = conv(dy, flipped Wᵀ).
+            t.forward(dy, h, w, grad, true, None);
+            return;
+        }
         let (row, c_out) = (self.row(), self.c_out);
         let total = dy.len() / c_out;
         let wm = MatRef::row_major(&self.w, c_out, row);
@@ -250,7 +281,9 @@ impl ConvLayer {
     ) {
         let (row, c_out) = (self.row(), self.c_out);
         let total = dy.len() / c_out;
-        let block = self.block_rows(total);
+        // Long blocks: every GEMM call reads and writes the whole accumulator, so the
+        // inner dimension (rows) should be large.
+        let block = (2 * BLOCK_FLOATS / row.max(1)).max(256).min(total.max(1));
         let mut cols = if self.pointwise() {
             Vec::new()
         } else {
@@ -332,7 +365,8 @@ impl Affine {
         let c = self.channels();
         for (gr, yr) in g.chunks_exact_mut(c).zip(y.chunks_exact(c)) {
             for ((g, y), s) in gr.iter_mut().zip(yr).zip(&self.scale) {
-                *g = if *y > 0.0 { *g * s } else { 0.0 };
+                // Mask by multiplication (not a branch), so the loop vectorises.
+                *g *= s * f32::from(u8::from(*y > 0.0));
             }
         }
     }

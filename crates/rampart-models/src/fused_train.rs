@@ -23,8 +23,11 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-/// Images per parallel work item.
-const IMAGES_PER_TASK: usize = 2;
+/// Images per parallel work item: about 512 output rows, so that every GEMM call
+/// amortises the packing of its kernel.
+fn images_per_task(out_pixels: usize) -> usize {
+    (512 / out_pixels.max(1)).clamp(1, 16)
+}
 
 /// The parameters of a pre-activation network, in the order they are flattened.
 pub(crate) struct TrainNet<'a> {
@@ -215,16 +218,16 @@ struct Stats {
     inv_std: Vec<f32>,
 }
 
-/// Per-channel sums over the rows of `x` (N × C) of `f(value, channel)`, in parallel
+/// Per-channel sums over the rows of `x` (N × C), in parallel
 /// (f32 within a task, f64 across).
-fn channel_sums(x: &[f32], c: usize, f: impl Fn(usize, f32) -> f32 + Sync) -> Vec<f64> {
+fn channel_sums(x: &[f32], c: usize) -> Vec<f64> {
     let per = (16_384 / c.max(1)).max(1) * c;
     x.par_chunks(per)
         .map(|chunk| {
             let mut acc = vec![0f32; c];
             for row in chunk.chunks_exact(c) {
-                for (j, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
-                    *a += f(j, v);
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v;
                 }
             }
             acc.into_iter().map(f64::from).collect::<Vec<f64>>()
@@ -240,11 +243,29 @@ fn channel_sums(x: &[f32], c: usize, f: impl Fn(usize, f32) -> f32 + Sync) -> Ve
 
 fn batch_stats(x: &[f32], c: usize, eps: f32) -> Stats {
     let n = (x.len() / c) as f64;
-    let mean: Vec<f32> = channel_sums(x, c, |_, v| v)
+    let mean: Vec<f32> = channel_sums(x, c)
         .into_iter()
         .map(|s| (s / n) as f32)
         .collect();
-    let var: Vec<f32> = channel_sums(x, c, |j, v| (v - mean[j]) * (v - mean[j]))
+    let per = (16_384 / c.max(1)).max(1) * c;
+    let var: Vec<f32> = x
+        .par_chunks(per)
+        .map(|chunk| {
+            let mut acc = vec![0f32; c];
+            for row in chunk.chunks_exact(c) {
+                for ((a, v), m) in acc.iter_mut().zip(row).zip(&mean) {
+                    *a += (v - m) * (v - m);
+                }
+            }
+            acc.into_iter().map(f64::from).collect::<Vec<f64>>()
+        })
+        .reduce(
+            || vec![0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
         .into_iter()
         .map(|s| (s / n) as f32)
         .collect();
@@ -290,19 +311,40 @@ fn bn_relu_backward(
     let c = at.c;
     let n = (x.len() / c) as f32;
     let gamma = &flat[at.offset..][..c];
-    // Mask by the ReLU, then the two channel reductions.
     let per = (16_384 / c).max(1) * c;
-    g.par_chunks_mut(per)
-        .zip(y.par_chunks(per))
-        .for_each(|(gc, yc)| {
-            for (gv, yv) in gc.iter_mut().zip(yc) {
-                if *yv <= 0.0 {
-                    *gv = 0.0;
+    // One pass for both reductions, with the ReLU mask applied on the fly:
+    // dβ = Σ g·[y > 0], dγ = Σ g·[y > 0]·x̂.
+    let (dbeta, dgamma) = g
+        .par_chunks(per)
+        .zip(x.par_chunks(per).zip(y.par_chunks(per)))
+        .map(|(gc, (xc, yc))| {
+            let (mut sb, mut sg) = (vec![0f32; c], vec![0f32; c]);
+            for ((gr, xr), yr) in gc
+                .chunks_exact(c)
+                .zip(xc.chunks_exact(c))
+                .zip(yc.chunks_exact(c))
+            {
+                let stats = st.mean.iter().zip(&st.inv_std);
+                let acc = sb.iter_mut().zip(sg.iter_mut());
+                for (((b, g), ((gv, xv), yv)), (m, s)) in
+                    acc.zip(gr.iter().zip(xr).zip(yr)).zip(stats)
+                {
+                    let gv = gv * f32::from(u8::from(*yv > 0.0));
+                    *b += gv;
+                    *g += gv * (xv - m) * s;
                 }
             }
-        });
-    let dbeta = channel_sums_pair(g, x, c, |_, gv, _| gv);
-    let dgamma = channel_sums_pair(g, x, c, |j, gv, xv| gv * (xv - st.mean[j]) * st.inv_std[j]);
+            let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+            (widen(sb), widen(sg))
+        })
+        .reduce(
+            || (vec![0f64; c], vec![0f64; c]),
+            |(mut a, mut b), (p, q)| {
+                a.iter_mut().zip(p).for_each(|(u, v)| *u += v);
+                b.iter_mut().zip(q).for_each(|(u, v)| *u += v);
+                (a, b)
+            },
+        );
     let dbeta: Vec<f32> = dbeta.iter().map(|&v| v as f32).collect();
     let dgamma: Vec<f32> = dgamma.iter().map(|&v| v as f32).collect();
     dflat[at.offset..][..c].copy_from_slice(&dgamma);
@@ -310,43 +352,25 @@ fn bn_relu_backward(
     let k1: Vec<f32> = (0..c).map(|j| gamma[j] * st.inv_std[j]).collect();
     let mb: Vec<f32> = dbeta.iter().map(|v| v / n).collect();
     let mg: Vec<f32> = dgamma.iter().map(|v| v / n).collect();
+    // dx = γ·inv_std·(g·[y > 0] − dβ/N − x̂·dγ/N).
     g.par_chunks_mut(per)
-        .zip(x.par_chunks(per))
-        .for_each(|(gc, xc)| {
-            for (gr, xr) in gc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                for j in 0..c {
-                    let xhat = (xr[j] - st.mean[j]) * st.inv_std[j];
-                    gr[j] = k1[j] * (gr[j] - mb[j] - xhat * mg[j]);
+        .zip(x.par_chunks(per).zip(y.par_chunks(per)))
+        .for_each(|(gc, (xc, yc))| {
+            for ((gr, xr), yr) in gc
+                .chunks_exact_mut(c)
+                .zip(xc.chunks_exact(c))
+                .zip(yc.chunks_exact(c))
+            {
+                let coef = k1.iter().zip(&mb).zip(&mg);
+                let stats = st.mean.iter().zip(&st.inv_std);
+                for ((((gv, xv), yv), ((k, b), g)), (m, s)) in
+                    gr.iter_mut().zip(xr).zip(yr).zip(coef).zip(stats)
+                {
+                    let masked = *gv * f32::from(u8::from(*yv > 0.0));
+                    *gv = k * (masked - b - (xv - m) * s * g);
                 }
             }
         });
-}
-
-fn channel_sums_pair(
-    a: &[f32],
-    b: &[f32],
-    c: usize,
-    f: impl Fn(usize, f32, f32) -> f32 + Sync,
-) -> Vec<f64> {
-    let per = (16_384 / c.max(1)).max(1) * c;
-    a.par_chunks(per)
-        .zip(b.par_chunks(per))
-        .map(|(ac, bc)| {
-            let mut acc = vec![0f32; c];
-            for (ar, br) in ac.chunks_exact(c).zip(bc.chunks_exact(c)) {
-                for j in 0..c {
-                    acc[j] += f(j, ar[j], br[j]);
-                }
-            }
-            acc.into_iter().map(f64::from).collect::<Vec<f64>>()
-        })
-        .reduce(
-            || vec![0f64; c],
-            |mut x, y| {
-                x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
-                x
-            },
-        )
 }
 
 /// Convolution over the whole batch, parallel over image chunks.
@@ -361,8 +385,9 @@ fn conv_forward(
 ) {
     let in_img = input.len() / n;
     let out_img = out.len() / n;
-    out.par_chunks_mut(IMAGES_PER_TASK * out_img)
-        .zip(input.par_chunks(IMAGES_PER_TASK * in_img))
+    let per = images_per_task(out_img / l.c_out());
+    out.par_chunks_mut(per * out_img)
+        .zip(input.par_chunks(per * in_img))
         .for_each(|(o, i)| l.forward(i, h, w, o, accumulate, None));
 }
 
@@ -370,12 +395,14 @@ fn conv_forward(
 fn conv_backward_input(l: &ConvLayer, dy: &[f32], n: usize, h: usize, w: usize, grad: &mut [f32]) {
     let g_img = grad.len() / n;
     let dy_img = dy.len() / n;
-    grad.par_chunks_mut(IMAGES_PER_TASK * g_img)
-        .zip(dy.par_chunks(IMAGES_PER_TASK * dy_img))
+    let per = images_per_task(dy_img / l.c_out());
+    grad.par_chunks_mut(per * g_img)
+        .zip(dy.par_chunks(per * dy_img))
         .for_each(|(g, d)| l.backward_input(d, h, w, g));
 }
 
-/// The kernel gradient Σ dyᵀ·cols(input), (C_out, k·k·C_in), parallel over image chunks.
+/// The kernel gradient Σ dyᵀ·cols(input), (C_out, k·k·C_in): one contiguous share of
+/// the images per thread, each summed into its own accumulator, then added up.
 fn conv_backward_weight(
     l: &ConvLayer,
     input: &[f32],
@@ -386,24 +413,21 @@ fn conv_backward_weight(
 ) -> Vec<f32> {
     let in_img = input.len() / n;
     let dy_img = dy.len() / n;
-    let len = l.weight_len();
-    input
-        .par_chunks(IMAGES_PER_TASK * in_img)
-        .zip(dy.par_chunks(IMAGES_PER_TASK * dy_img))
-        .fold(
-            || vec![0f32; len],
-            |mut acc, (i, d)| {
-                l.backward_weight(i, h, w, d, &mut acc);
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; len],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+    let share = n.div_ceil(rayon::current_num_threads().max(1));
+    let mut parts: Vec<Vec<f32>> = input
+        .par_chunks(share * in_img)
+        .zip(dy.par_chunks(share * dy_img))
+        .map(|(i, d)| {
+            let mut acc = vec![0f32; l.weight_len()];
+            l.backward_weight(i, h, w, d, &mut acc);
+            acc
+        })
+        .collect();
+    let mut total = parts.pop().unwrap_or_else(|| vec![0f32; l.weight_len()]);
+    for p in parts {
+        total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    total
 }
 
 /// What a block's backward pass reads.
