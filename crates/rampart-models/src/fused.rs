@@ -32,6 +32,24 @@ use std::sync::{Arc, Mutex};
 /// measured best among 0.5–8 MiB on WRN-16-4).
 const BLOCK_FLOATS: usize = 1 << 19;
 
+thread_local! {
+    /// Each thread's patch-matrix buffer, kept between calls: a fresh multi-MiB
+    /// allocation per call costs page faults and zeroing.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch buffer of `len` floats (contents unspecified: callers
+/// overwrite every element they read).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|s| *s.borrow_mut() = buf);
+    out
+}
+
 /// A bias-free convolution: kernel as (C_out, k·k·C_in), patch order (ky, kx, c).
 #[derive(Clone, Debug)]
 pub(crate) struct ConvLayer {
@@ -150,15 +168,24 @@ impl ConvLayer {
             let (img, q) = (pix / (ho * wo), pix % (ho * wo));
             let (oy, ox) = (q / wo, q % wo);
             let image = &input[img * h * w * c..][..h * w * c];
+            // Columns ox·s − p + kx, kx < k: when all lie inside the image, the k
+            // pixels of a kernel row are adjacent in NHWC and copy as one run.
+            let x0 = (ox * s).checked_sub(p).filter(|&v| v + k <= w);
             for ky in 0..k {
                 let iy = (oy * s + ky).checked_sub(p).filter(|&v| v < h);
-                for kx in 0..k {
-                    let slot = &mut dst[(ky * k + kx) * c..][..c];
-                    match (iy, (ox * s + kx).checked_sub(p).filter(|&v| v < w)) {
-                        (Some(iy), Some(ix)) => {
-                            slot.copy_from_slice(&image[(iy * w + ix) * c..][..c]);
+                let run = &mut dst[ky * k * c..][..k * c];
+                match (iy, x0) {
+                    (None, _) => run.fill(0.0),
+                    (Some(iy), Some(x0)) => {
+                        run.copy_from_slice(&image[(iy * w + x0) * c..][..k * c]);
+                    }
+                    (Some(iy), None) => {
+                        for (kx, slot) in run.chunks_exact_mut(c).enumerate() {
+                            match (ox * s + kx).checked_sub(p).filter(|&v| v < w) {
+                                Some(ix) => slot.copy_from_slice(&image[(iy * w + ix) * c..][..c]),
+                                None => slot.fill(0.0),
+                            }
                         }
-                        _ => slot.fill(0.0),
                     }
                 }
             }
@@ -215,26 +242,24 @@ impl ConvLayer {
         let total = out.len() / c_out;
         let wt = MatRef::row_major(&self.w, c_out, row).t();
         let block = self.block_rows(total);
-        let mut cols = if self.pointwise() {
-            Vec::new()
-        } else {
-            vec![0f32; block * row]
-        };
-        for r0 in (0..total).step_by(block) {
-            let rows = block.min(total - r0);
-            let dst = &mut out[r0 * c_out..(r0 + rows) * c_out];
-            let a = if self.pointwise() {
-                MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row)
-            } else {
-                let cols = &mut cols[..rows * row];
-                self.gather(input, h, w, r0, cols);
-                MatRef::row_major(cols, rows, row)
-            };
-            sgemm(dst, a, wt, accumulate);
-            if let Some(affine) = epilogue {
-                affine.relu_in_place(dst);
+        let scratch = if self.pointwise() { 0 } else { block * row };
+        with_scratch(scratch, |cols| {
+            for r0 in (0..total).step_by(block) {
+                let rows = block.min(total - r0);
+                let dst = &mut out[r0 * c_out..(r0 + rows) * c_out];
+                let a = if self.pointwise() {
+                    MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row)
+                } else {
+                    let cols = &mut cols[..rows * row];
+                    self.gather(input, h, w, r0, cols);
+                    MatRef::row_major(cols, rows, row)
+                };
+                sgemm(dst, a, wt, accumulate);
+                if let Some(affine) = epilogue {
+                    affine.relu_in_place(dst);
+                }
             }
-        }
+        });
     }
 
     /// Adds the input gradient of this convolution for output gradient `dy`
@@ -258,14 +283,15 @@ impl ConvLayer {
             }
             return;
         }
-        let mut cols = vec![0f32; block * row];
-        for r0 in (0..total).step_by(block) {
-            let rows = block.min(total - r0);
-            let cols = &mut cols[..rows * row];
-            let d = MatRef::row_major(&dy[r0 * c_out..(r0 + rows) * c_out], rows, c_out);
-            sgemm(cols, d, wm, false);
-            self.scatter(cols, h, w, r0, grad);
-        }
+        with_scratch(block * row, |cols| {
+            for r0 in (0..total).step_by(block) {
+                let rows = block.min(total - r0);
+                let cols = &mut cols[..rows * row];
+                let d = MatRef::row_major(&dy[r0 * c_out..(r0 + rows) * c_out], rows, c_out);
+                sgemm(cols, d, wm, false);
+                self.scatter(cols, h, w, r0, grad);
+            }
+        });
     }
 }
 
@@ -285,23 +311,21 @@ impl ConvLayer {
         // Long blocks: every GEMM call reads and writes the whole accumulator, so the
         // inner dimension (rows) should be large.
         let block = (2 * BLOCK_FLOATS / row.max(1)).max(256).min(total.max(1));
-        let mut cols = if self.pointwise() {
-            Vec::new()
-        } else {
-            vec![0f32; block * row]
-        };
-        for r0 in (0..total).step_by(block) {
-            let rows = block.min(total - r0);
-            let d = MatRef::row_major(&dy[r0 * c_out..(r0 + rows) * c_out], rows, c_out).t();
-            let a = if self.pointwise() {
-                MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row)
-            } else {
-                let cols = &mut cols[..rows * row];
-                self.gather(input, h, w, r0, cols);
-                MatRef::row_major(cols, rows, row)
-            };
-            sgemm(acc, d, a, true);
-        }
+        let scratch = if self.pointwise() { 0 } else { block * row };
+        with_scratch(scratch, |cols| {
+            for r0 in (0..total).step_by(block) {
+                let rows = block.min(total - r0);
+                let d = MatRef::row_major(&dy[r0 * c_out..(r0 + rows) * c_out], rows, c_out).t();
+                let a = if self.pointwise() {
+                    MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row)
+                } else {
+                    let cols = &mut cols[..rows * row];
+                    self.gather(input, h, w, r0, cols);
+                    MatRef::row_major(cols, rows, row)
+                };
+                sgemm(acc, d, a, true);
+            }
+        });
     }
 }
 
