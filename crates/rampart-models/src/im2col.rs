@@ -345,7 +345,7 @@ pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
         )
     }
     if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
-        return conv2d_nhwc_reference(xs, weight, stride, padding);
+        return conv2d_nhwc_generic(xs, weight, stride, padding);
     }
     let window = Window {
         kernel: k,
@@ -357,6 +357,133 @@ pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
         .permute((0, 2, 3, 1))?
         .reshape((c_out, k * k * c_in))?;
     xs.contiguous()?.apply_op2(&wmat, ConvNhwc(window))
+}
+
+/// The convolution on devices without the CPU kernels above (CUDA) and for other
+/// dtypes: candle's NCHW `conv2d` forward (cuDNN when candle is built with its
+/// `cudnn` feature) with a backward pass of our own. candle's own backward computes
+/// the input gradient with `conv_transpose2d`, a naive kernel on CUDA; here the
+/// input gradient of a stride-1 "same" convolution is a forward `conv2d` of the output
+/// gradient with the transposed, flipped kernel (cuDNN again), other geometries keep
+/// `conv_transpose2d`, the kernel gradient is candle's (a `conv2d`), and inside
+/// [`crate::input_gradients_only`] the kernel gradient is skipped.
+pub fn conv2d_nhwc_generic(
+    xs: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let x = xs.permute((0, 3, 1, 2))?;
+    let y = x
+        .detach()
+        .conv2d(&weight.detach(), padding, stride, 1, 1)?
+        .contiguous()?;
+    let y = if x.track_op() || weight.track_op() {
+        x.apply_op2_arc(weight, std::sync::Arc::new(Box::new(GenericConv { y, stride, padding })))?
+    } else {
+        y
+    };
+    y.permute((0, 2, 3, 1))
+}
+
+/// Attaches the backward pass of [`conv2d_nhwc_generic`] to a convolution output
+/// computed without a graph: its forward pass hands back a copy of that output.
+struct GenericConv {
+    y: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl GenericConv {
+    fn output<S: BackendStorage>(
+        &self,
+        pick: impl FnOnce(&candle_core::Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let (storage, layout) = self.y.storage_and_layout();
+        let Some(s) = pick(&storage) else {
+            candle_core::bail!("conv2d: output on another device than its inputs")
+        };
+        if layout.start_offset() != 0 || !layout.is_contiguous() {
+            candle_core::bail!("conv2d: output is not a contiguous tensor")
+        }
+        Ok((s.try_clone(layout)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp2 for GenericConv {
+    fn name(&self) -> &'static str {
+        "conv2d-nhwc-generic"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.output(|s| match s {
+            candle_core::Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.output(|s| match s {
+            candle_core::Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (s, p) = (self.stride, self.padding);
+        let (_, _, k, k2) = w.dims4()?;
+        let dx = if s == 1 && k == k2 && 2 * p + 1 == k {
+            // dx = conv(dy, W̃), W̃[i, o, a, b] = W[o, i, k−1−a, k−1−b].
+            let rev: Vec<u32> = (0..k as u32).rev().collect();
+            let rev = Tensor::new(rev.as_slice(), w.device())?;
+            let flipped = w
+                .detach()
+                .transpose(0, 1)?
+                .contiguous()?
+                .index_select(&rev, 2)?
+                .index_select(&rev, 3)?;
+            grad.conv2d(&flipped, p, 1, 1, 1)?
+        } else {
+            let out_size = (grad.dim(2)? - 1) * s + (k - 1) + 1 - 2 * p;
+            let out_padding = x.dim(2)? - out_size;
+            grad.conv_transpose2d(&w.detach(), p, out_padding, s, 1)?
+        };
+        let dw = if crate::input_gradients_only_active() {
+            w.zeros_like()?
+        } else {
+            let g = x
+                .detach()
+                .transpose(0, 1)?
+                // The output gradient acts as a kernel dilated by the stride.
+                .conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?
+                .transpose(0, 1)?;
+            let (_, _, g0, g1) = g.dims4()?;
+            if g0 != k || g1 != k2 {
+                g.narrow(2, 0, k)?.narrow(3, 0, k2)?
+            } else {
+                g
+            }
+        };
+        Ok((Some(dx), Some(dw)))
+    }
 }
 
 /// The same convolution through candle's NCHW `conv2d`.
@@ -453,6 +580,46 @@ mod tests {
             assert_eq!(gw_skipped.to_scalar::<f32>().unwrap(), 0.0);
             assert!(max_diff(g_ref.get(&x).unwrap(), g_in.get(&x).unwrap()) < 1e-4);
         }
+    }
+
+    /// The generic (CUDA) path: forward, input and kernel gradients equal candle's own
+    /// conv2d, and input-gradient-only mode skips the kernel gradient.
+    #[test]
+    fn generic_path_matches_candle_conv2d() {
+        for (b, k, stride, pad, h, c_in, c_out) in [
+            (2, 3, 1, 1, 8, 3, 5),
+            (3, 3, 2, 1, 8, 4, 6),
+            (5, 1, 1, 0, 6, 4, 3),
+            (2, 1, 2, 0, 7, 4, 3),
+            (2, 5, 2, 2, 9, 2, 3),
+            (2, 5, 1, 2, 7, 3, 2),
+        ] {
+            let x = Var::from_tensor(&rand_tensor(&[b, h, h, c_in], 1)).unwrap();
+            let wt = Var::from_tensor(&rand_tensor(&[c_out, c_in, k, k], 2)).unwrap();
+            let reference = conv2d_nhwc_reference(&x, &wt, stride, pad).unwrap();
+            let ours = conv2d_nhwc_generic(&x, &wt, stride, pad).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            assert!(max_diff(&ours, &reference) < 1e-4, "forward k={k} s={stride}");
+            let probe = rand_tensor(reference.dims(), 3);
+            let loss = |t: &Tensor| (t * &probe).unwrap().sum_all().unwrap();
+            let g_ref = loss(&reference).backward().unwrap();
+            let g_ours = loss(&ours).backward().unwrap();
+            let gx = max_diff(g_ref.get(&x).unwrap(), g_ours.get(&x).unwrap());
+            let gw = max_diff(g_ref.get(&wt).unwrap(), g_ours.get(&wt).unwrap());
+            assert!(gx < 1e-4 && gw < 1e-4, "k={k} s={stride}: grad x {gx}, grad w {gw}");
+            let g_in = crate::input_gradients_only(|| {
+                loss(&conv2d_nhwc_generic(&x, &wt, stride, pad).unwrap()).backward()
+            })
+            .unwrap();
+            let skipped = g_in.get(&wt).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(skipped.to_scalar::<f32>().unwrap(), 0.0);
+            assert!(max_diff(g_ref.get(&x).unwrap(), g_in.get(&x).unwrap()) < 1e-4);
+        }
+        // Untracked inputs: a plain forward pass.
+        let x = rand_tensor(&[1, 5, 5, 2], 4);
+        let wt = rand_tensor(&[3, 2, 3, 3], 5);
+        let y = conv2d_nhwc_generic(&x, &wt, 1, 1).unwrap();
+        assert!(max_diff(&y, &conv2d_nhwc_reference(&x, &wt, 1, 1).unwrap()) < 1e-5);
     }
 
     /// ⟨im2col(x), y⟩ = ⟨x, col2im(y)⟩: the gather and the scatter are adjoint.
