@@ -379,7 +379,10 @@ pub fn conv2d_nhwc_generic(
         .conv2d(&weight.detach(), padding, stride, 1, 1)?
         .contiguous()?;
     let y = if x.track_op() || weight.track_op() {
-        x.apply_op2_arc(weight, std::sync::Arc::new(Box::new(GenericConv { y, stride, padding })))?
+        x.apply_op2_arc(
+            weight,
+            std::sync::Arc::new(Box::new(GenericConv { y, stride, padding })),
+        )?
     } else {
         y
     };
@@ -599,14 +602,20 @@ mod tests {
             let reference = conv2d_nhwc_reference(&x, &wt, stride, pad).unwrap();
             let ours = conv2d_nhwc_generic(&x, &wt, stride, pad).unwrap();
             assert_eq!(ours.dims(), reference.dims());
-            assert!(max_diff(&ours, &reference) < 1e-4, "forward k={k} s={stride}");
+            assert!(
+                max_diff(&ours, &reference) < 1e-4,
+                "forward k={k} s={stride}"
+            );
             let probe = rand_tensor(reference.dims(), 3);
             let loss = |t: &Tensor| (t * &probe).unwrap().sum_all().unwrap();
             let g_ref = loss(&reference).backward().unwrap();
             let g_ours = loss(&ours).backward().unwrap();
             let gx = max_diff(g_ref.get(&x).unwrap(), g_ours.get(&x).unwrap());
             let gw = max_diff(g_ref.get(&wt).unwrap(), g_ours.get(&wt).unwrap());
-            assert!(gx < 1e-4 && gw < 1e-4, "k={k} s={stride}: grad x {gx}, grad w {gw}");
+            assert!(
+                gx < 1e-4 && gw < 1e-4,
+                "k={k} s={stride}: grad x {gx}, grad w {gw}"
+            );
             let g_in = crate::input_gradients_only(|| {
                 loss(&conv2d_nhwc_generic(&x, &wt, stride, pad).unwrap()).backward()
             })

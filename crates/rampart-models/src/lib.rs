@@ -353,8 +353,12 @@ impl Classifier {
         if tensors.iter().any(|t| t.dtype() != candle_core::DType::F32) {
             return Ok(None);
         }
-        let flat = Tensor::cat(&tensors, 0)?;
         let (b, c, h, w) = xs.dims4()?;
+        if b == 0 {
+            // The layer-by-layer path refuses an empty batch with a clear error.
+            return Ok(None);
+        }
+        let flat = Tensor::cat(&tensors, 0)?;
         let x = xs.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mean = self
             .mean

@@ -597,3 +597,15 @@ fn fused_train_path_matches_layer_by_layer() {
         assert!(g.get(xv.as_tensor()).is_some(), "{name}");
     }
 }
+
+/// An empty batch: a clear error in train mode (no batch statistics), an empty
+/// result in eval mode, on the fused paths as on the layer-by-layer one.
+#[test]
+fn empty_batches() {
+    let m = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((0, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let err = m.forward_t(&x, true).unwrap_err().to_string();
+    assert!(err.contains("empty"), "{err}");
+    let eval = input_gradients_only(|| m.forward_t(&x, false)).unwrap();
+    assert_eq!(eval.dims(), &[0, 10]);
+}
