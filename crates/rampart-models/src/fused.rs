@@ -148,7 +148,9 @@ impl ConvLayer {
 
     /// Output rows per block for `total` rows.
     fn block_rows(&self, total: usize) -> usize {
-        (BLOCK_FLOATS / self.row().max(1)).max(32).min(total.max(1))
+        (BLOCK_FLOATS / self.row().max(1))
+            .max(512)
+            .min(total.max(1))
     }
 
     /// Writes patch rows `r0 .. r0 + rows` of `input` (n images H×W×C_in) into `cols`.
