@@ -358,7 +358,7 @@ impl Preset {
                  Wide-ResNet (WRN-10-1) trained normally for 3 epochs with a one-cycle learning \
                  rate; adversarially trained (FGSM with a random start at 8/255) and CCAT-trained \
                  (a 3-step conf attack, half of each batch) for one epoch on half of the training \
-                 images — these three core rows (`--rows core`) take about 15 minutes; then, at \
+                 images — these three core rows (`--rows core`) take about 5 minutes; then, at \
                  the one-epoch budget of the AT row, label smoothing, RegMixup and AR-AdaLS \
                  (clean training), Sinkhorn AT, once-for-all AT and a dedicated OAT model at \
                  λ = 0.3 (FGSM-RS attacks), and two stochastic students fine-tuned for half an \
@@ -420,7 +420,7 @@ impl Preset {
 
     /// AutoAttack (standard, L∞ 8/255) after the protocol: the rows attacked and the
     /// test images (the first N, or all). On a CPU it is the slowest evaluation by far
-    /// (minutes per 100 images of WRN-10-1), so the smoke preset runs it on the AT
+    /// (about a minute per 100 images of WRN-10-1), so the smoke preset runs it on the AT
     /// model only.
     pub fn autoattack(self) -> (&'static [&'static str], Option<usize>) {
         match self {
