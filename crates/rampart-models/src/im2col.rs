@@ -363,9 +363,9 @@ pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
 /// dtypes: candle's NCHW `conv2d` forward (cuDNN when candle is built with its
 /// `cudnn` feature) with a backward pass of our own. candle's own backward computes
 /// the input gradient with `conv_transpose2d`, a naive kernel on CUDA; here the
-/// input gradient of a stride-1 "same" convolution is a forward `conv2d` of the output
-/// gradient with the transposed, flipped kernel (cuDNN again), other geometries keep
-/// `conv_transpose2d`, the kernel gradient is candle's (a `conv2d`), and inside
+/// input gradient is a forward `conv2d` (cuDNN again) of the output gradient, dilated
+/// by the stride and padded, with the transposed, flipped kernel; the kernel gradient
+/// is candle's (a `conv2d`), and inside
 /// [`crate::input_gradients_only`] the kernel gradient is skipped.
 pub fn conv2d_nhwc_generic(
     xs: &Tensor,
@@ -453,8 +453,15 @@ impl CustomOp2 for GenericConv {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (s, p) = (self.stride, self.padding);
         let (_, _, k, k2) = w.dims4()?;
-        let dx = if s == 1 && k == k2 && 2 * p + 1 == k {
-            // dx = conv(dy, W̃), W̃[i, o, a, b] = W[o, i, k−1−a, k−1−b].
+        let out_size = |g: usize| (g - 1) * s + (k - 1) + 1 - 2 * p;
+        let (pad_h, pad_w) = (
+            x.dim(2)? - out_size(grad.dim(2)?),
+            x.dim(3)? - out_size(grad.dim(3)?),
+        );
+        let dx = if k == k2 && p < k {
+            // dx = conv(dilate_s(dy) padded by k−1−p (+ the output padding at the end),
+            // W̃) with W̃[i, o, a, b] = W[o, i, k−1−a, k−1−b]: a forward convolution,
+            // where candle would run conv_transpose2d.
             let rev: Vec<u32> = (0..k as u32).rev().collect();
             let rev = Tensor::new(rev.as_slice(), w.device())?;
             let flipped = w
@@ -463,11 +470,17 @@ impl CustomOp2 for GenericConv {
                 .contiguous()?
                 .index_select(&rev, 2)?
                 .index_select(&rev, 3)?;
-            grad.conv2d(&flipped, p, 1, 1, 1)?
+            let lo = k - 1 - p;
+            let dy = dilate(&dilate(grad, 2, s)?, 3, s)?;
+            if pad_h == 0 && pad_w == 0 {
+                dy.conv2d(&flipped, lo, 1, 1, 1)?
+            } else {
+                dy.pad_with_zeros(2, lo, lo + pad_h)?
+                    .pad_with_zeros(3, lo, lo + pad_w)?
+                    .conv2d(&flipped, 0, 1, 1, 1)?
+            }
         } else {
-            let out_size = (grad.dim(2)? - 1) * s + (k - 1) + 1 - 2 * p;
-            let out_padding = x.dim(2)? - out_size;
-            grad.conv_transpose2d(&w.detach(), p, out_padding, s, 1)?
+            grad.conv_transpose2d(&w.detach(), p, pad_h, s, 1)?
         };
         let dw = if crate::input_gradients_only_active() {
             w.zeros_like()?
@@ -487,6 +500,22 @@ impl CustomOp2 for GenericConv {
         };
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// Inserts `s − 1` zeros between consecutive entries of `t` along `dim`
+/// (n entries become (n − 1)·s + 1).
+fn dilate(t: &Tensor, dim: usize, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(t.clone());
+    }
+    let n = t.dim(dim)?;
+    let mut parts = vec![t.clone()];
+    parts.extend(std::iter::repeat_n(t.zeros_like()?, s - 1));
+    let mut dims = t.dims().to_vec();
+    dims[dim] = n * s;
+    Tensor::stack(&parts, dim + 1)?
+        .reshape(dims)?
+        .narrow(dim, 0, (n - 1) * s + 1)
 }
 
 /// The same convolution through candle's NCHW `conv2d`.
