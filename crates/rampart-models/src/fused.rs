@@ -509,7 +509,7 @@ impl Program {
             MatRef::row_major(&self.fc_w, k, channels).t(),
             true,
         );
-        let state = keep.then(|| ChunkState {
+        let state = keep.then_some(ChunkState {
             images: n,
             blocks: saved,
             head: fin,
