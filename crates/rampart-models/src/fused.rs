@@ -9,7 +9,7 @@
 //! so here the batch is cut into chunks of a few images and each thread runs its chunk
 //! through the whole network on plain slices:
 //!
-//! * convolutions gather a block of patch rows (≈1 MB, so it stays in cache) and
+//! * convolutions gather a block of patch rows (about 2 MiB, a core's L2 cache) and
 //!   multiply it by the kernel (single-threaded GEMM, AVX-512 where the CPU has it);
 //! * the BatchNorm+ReLU after the first convolution of a block is applied to each
 //!   output block while it is still in cache, and the second convolution accumulates
@@ -153,37 +153,39 @@ impl ConvLayer {
             .min(total.max(1))
     }
 
-    /// Writes patch rows `r0 .. r0 + rows` of `input` (n images H×W×C_in) into `cols`.
-    fn gather(&self, input: &[f32], h: usize, w: usize, r0: usize, cols: &mut [f32]) {
-        let Window {
-            kernel: k,
-            stride: s,
-            padding: p,
-        } = self.window;
+    /// For patch row `pix` of n images H×W: (image, top input row, left input column)
+    /// of its window, before the padding is subtracted.
+    fn window_origin(&self, h: usize, w: usize, pix: usize) -> (usize, usize, usize) {
+        let s = self.window.stride;
         let (ho, wo) = (
             self.window.out_size(h).unwrap_or(0),
             self.window.out_size(w).unwrap_or(0),
         );
+        let (img, q) = (pix / (ho * wo), pix % (ho * wo));
+        (img, (q / wo) * s, (q % wo) * s)
+    }
+
+    /// Writes patch rows `r0 .. r0 + rows` of `input` (n images H×W×C_in) into `cols`.
+    fn gather(&self, input: &[f32], h: usize, w: usize, r0: usize, cols: &mut [f32]) {
+        let (k, p) = (self.window.kernel, self.window.padding);
         let (c, row) = (self.c_in, self.row());
         for (i, dst) in cols.chunks_exact_mut(row).enumerate() {
-            let pix = r0 + i;
-            let (img, q) = (pix / (ho * wo), pix % (ho * wo));
-            let (oy, ox) = (q / wo, q % wo);
+            let (img, y0, x0) = self.window_origin(h, w, r0 + i);
             let image = &input[img * h * w * c..][..h * w * c];
             // Columns ox·s − p + kx, kx < k: when all lie inside the image, the k
             // pixels of a kernel row are adjacent in NHWC and copy as one run.
-            let x0 = (ox * s).checked_sub(p).filter(|&v| v + k <= w);
+            let first = x0.checked_sub(p).filter(|&v| v + k <= w);
             for ky in 0..k {
-                let iy = (oy * s + ky).checked_sub(p).filter(|&v| v < h);
+                let iy = (y0 + ky).checked_sub(p).filter(|&v| v < h);
                 let run = &mut dst[ky * k * c..][..k * c];
-                match (iy, x0) {
+                match (iy, first) {
                     (None, _) => run.fill(0.0),
                     (Some(iy), Some(x0)) => {
                         run.copy_from_slice(&image[(iy * w + x0) * c..][..k * c]);
                     }
                     (Some(iy), None) => {
                         for (kx, slot) in run.chunks_exact_mut(c).enumerate() {
-                            match (ox * s + kx).checked_sub(p).filter(|&v| v < w) {
+                            match (x0 + kx).checked_sub(p).filter(|&v| v < w) {
                                 Some(ix) => slot.copy_from_slice(&image[(iy * w + ix) * c..][..c]),
                                 None => slot.fill(0.0),
                             }
@@ -197,27 +199,17 @@ impl ConvLayer {
     /// Adds patch rows `r0 ..` of `cols` back into `grad` (n images H×W×C_in): the
     /// adjoint of [`Self::gather`].
     fn scatter(&self, cols: &[f32], h: usize, w: usize, r0: usize, grad: &mut [f32]) {
-        let Window {
-            kernel: k,
-            stride: s,
-            padding: p,
-        } = self.window;
-        let (ho, wo) = (
-            self.window.out_size(h).unwrap_or(0),
-            self.window.out_size(w).unwrap_or(0),
-        );
+        let (k, p) = (self.window.kernel, self.window.padding);
         let (c, row) = (self.c_in, self.row());
         for (i, src) in cols.chunks_exact(row).enumerate() {
-            let pix = r0 + i;
-            let (img, q) = (pix / (ho * wo), pix % (ho * wo));
-            let (oy, ox) = (q / wo, q % wo);
+            let (img, y0, x0) = self.window_origin(h, w, r0 + i);
             let image = &mut grad[img * h * w * c..][..h * w * c];
             for ky in 0..k {
-                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < h) else {
+                let Some(iy) = (y0 + ky).checked_sub(p).filter(|&v| v < h) else {
                     continue;
                 };
                 for kx in 0..k {
-                    let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < w) else {
+                    let Some(ix) = (x0 + kx).checked_sub(p).filter(|&v| v < w) else {
                         continue;
                     };
                     let slot = &src[(ky * k + kx) * c..][..c];
@@ -584,6 +576,15 @@ impl Program {
     }
 }
 
+/// Takes what a fused forward pass kept for its backward pass; `gone` explains why it
+/// may be missing (a backward pass runs once).
+pub(crate) fn take_saved<T>(slot: &Mutex<Option<T>>, gone: &str) -> Result<T> {
+    slot.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(gone.to_string()))
+}
+
 /// The whole network as one custom op on the NCHW input: logits forward, input
 /// gradient backward (parameters receive none).
 pub(crate) struct FusedEval {
@@ -646,16 +647,10 @@ impl CustomOp1 for FusedEval {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let states = self
-            .saved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg(
-                    "fused eval path: the backward pass of this forward pass already ran (or its input was not tracked)".into(),
-                )
-            })?;
+        let states = take_saved(
+            &self.saved,
+            "fused eval path: the backward pass of this forward pass already ran (or its input was not tracked)",
+        )?;
         let k = self.program.classes();
         let dlogits = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut offsets = Vec::with_capacity(states.len());

@@ -15,7 +15,7 @@
 //! running statistics are updated exactly as the layer-by-layer path does. Tests hold
 //! logits, running statistics and every parameter gradient equal to that path.
 
-use crate::fused::{Affine, ConvLayer};
+use crate::fused::{take_saved, Affine, ConvLayer};
 use crate::gemm::{sgemm, MatRef};
 use crate::im2col::f32_slice;
 use crate::layers::{BatchNorm, Conv, Linear};
@@ -60,38 +60,30 @@ impl ConvAt {
         self.c_out * self.c_in * self.k * self.k
     }
 
+    /// Every kernel entry as (OIHW index, index in the (C_out, k·k·C_in) layout of
+    /// [`ConvLayer`]).
+    fn layouts(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (i, k) = (self.c_in, self.k);
+        (0..self.len()).map(move |oihw| {
+            let (kx, rest) = (oihw % k, oihw / k);
+            let (ky, rest) = (rest % k, rest / k);
+            let (ic, oc) = (rest % i, rest / i);
+            (oihw, ((oc * k + ky) * k + kx) * i + ic)
+        })
+    }
+
     /// The kernel in the (C_out, k·k·C_in) layout of [`ConvLayer`].
     fn layer(&self, flat: &[f32]) -> ConvLayer {
-        let (o, i, k) = (self.c_out, self.c_in, self.k);
         let src = &flat[self.offset..self.offset + self.len()];
         let mut w = vec![0f32; src.len()];
-        for oc in 0..o {
-            for ic in 0..i {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        w[((oc * k + ky) * k + kx) * i + ic] =
-                            src[((oc * i + ic) * k + ky) * k + kx];
-                    }
-                }
-            }
-        }
-        ConvLayer::from_parts(w, self.k, self.stride, self.padding, i, o)
+        self.layouts().for_each(|(oihw, rows)| w[rows] = src[oihw]);
+        ConvLayer::from_parts(w, self.k, self.stride, self.padding, self.c_in, self.c_out)
     }
 
     /// Writes a (C_out, k·k·C_in) gradient back in OIHW order.
     fn store_grad(&self, g: &[f32], flat: &mut [f32]) {
-        let (o, i, k) = (self.c_out, self.c_in, self.k);
         let dst = &mut flat[self.offset..self.offset + self.len()];
-        for oc in 0..o {
-            for ic in 0..i {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        dst[((oc * i + ic) * k + ky) * k + kx] =
-                            g[((oc * k + ky) * k + kx) * i + ic];
-                    }
-                }
-            }
-        }
+        self.layouts().for_each(|(oihw, rows)| dst[oihw] = g[rows]);
     }
 }
 
@@ -690,16 +682,10 @@ impl CustomOp1 for FusedTrain {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let state = self
-            .saved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg(
-                    "fused train path: the backward pass of this forward pass already ran".into(),
-                )
-            })?;
+        let state = take_saved(
+            &self.saved,
+            "fused train path: the backward pass of this forward pass already ran",
+        )?;
         let flat = arg.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         let dlogits = grad
             .to_dtype(candle_core::DType::F32)?

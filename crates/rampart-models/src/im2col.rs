@@ -558,78 +558,21 @@ mod tests {
             .unwrap()
     }
 
-    /// Forward, input gradient and kernel gradient equal candle's own conv2d (the
-    /// reference path) for every geometry the architectures use, with batches that
-    /// split into several blocks.
-    #[test]
-    fn matches_candle_conv2d_forward_and_gradients() {
-        for (b, k, stride, pad, h, c_in, c_out) in [
-            (2, 3, 1, 1, 8, 3, 5),
-            (3, 3, 2, 1, 8, 4, 6),
-            (5, 1, 1, 0, 6, 4, 3),
-            (2, 1, 2, 0, 7, 4, 3),
-            (40, 3, 1, 1, 4, 2, 2),
-            (2, 5, 2, 2, 9, 2, 3),
-        ] {
-            let x = Var::from_tensor(&rand_tensor(&[b, h, h, c_in], 1)).unwrap();
-            let wt = Var::from_tensor(&rand_tensor(&[c_out, c_in, k, k], 2)).unwrap();
-            let reference = conv2d_nhwc_reference(&x, &wt, stride, pad).unwrap();
-            let ours = conv2d_nhwc(&x, &wt, stride, pad).unwrap();
-            assert_eq!(ours.dims(), reference.dims());
-            assert!(
-                max_diff(&ours, &reference) < 1e-4,
-                "forward k={k} s={stride}"
-            );
-            let probe = rand_tensor(reference.dims(), 3);
-            let g_ref = (&reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_ours = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gx = max_diff(g_ref.get(&x).unwrap(), g_ours.get(&x).unwrap());
-            let gw = max_diff(g_ref.get(&wt).unwrap(), g_ours.get(&wt).unwrap());
-            assert!(
-                gx < 1e-4 && gw < 1e-4,
-                "k={k} s={stride}: grad x {gx}, grad w {gw}"
-            );
-            // Input-gradient-only mode: same dx, no kernel gradient at all.
-            let g_in = crate::input_gradients_only(|| {
-                (&conv2d_nhwc(&x, &wt, stride, pad).unwrap() * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-            })
-            .unwrap();
-            let gw_skipped = g_in.get(&wt).unwrap().abs().unwrap().sum_all().unwrap();
-            assert_eq!(gw_skipped.to_scalar::<f32>().unwrap(), 0.0);
-            assert!(max_diff(g_ref.get(&x).unwrap(), g_in.get(&x).unwrap()) < 1e-4);
-        }
-    }
+    type ConvFn = fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>;
 
-    /// The generic (CUDA) path: forward, input and kernel gradients equal candle's own
-    /// conv2d, and input-gradient-only mode skips the kernel gradient.
-    #[test]
-    fn generic_path_matches_candle_conv2d() {
-        for (b, k, stride, pad, h, c_in, c_out) in [
-            (2, 3, 1, 1, 8, 3, 5),
-            (3, 3, 2, 1, 8, 4, 6),
-            (5, 1, 1, 0, 6, 4, 3),
-            (2, 1, 2, 0, 7, 4, 3),
-            (2, 5, 2, 2, 9, 2, 3),
-            (2, 5, 1, 2, 7, 3, 2),
-        ] {
+    /// Forward, input gradient and kernel gradient of `conv` equal candle's own conv2d
+    /// (the reference path) for each (batch, k, stride, padding, side, C_in, C_out),
+    /// and input-gradient-only mode gives the same input gradient and no kernel
+    /// gradient.
+    fn check_against_candle(
+        conv: ConvFn,
+        cases: &[(usize, usize, usize, usize, usize, usize, usize)],
+    ) {
+        for &(b, k, stride, pad, h, c_in, c_out) in cases {
             let x = Var::from_tensor(&rand_tensor(&[b, h, h, c_in], 1)).unwrap();
             let wt = Var::from_tensor(&rand_tensor(&[c_out, c_in, k, k], 2)).unwrap();
             let reference = conv2d_nhwc_reference(&x, &wt, stride, pad).unwrap();
-            let ours = conv2d_nhwc_generic(&x, &wt, stride, pad).unwrap();
+            let ours = conv(&x, &wt, stride, pad).unwrap();
             assert_eq!(ours.dims(), reference.dims());
             assert!(
                 max_diff(&ours, &reference) < 1e-4,
@@ -646,13 +589,48 @@ mod tests {
                 "k={k} s={stride}: grad x {gx}, grad w {gw}"
             );
             let g_in = crate::input_gradients_only(|| {
-                loss(&conv2d_nhwc_generic(&x, &wt, stride, pad).unwrap()).backward()
+                loss(&conv(&x, &wt, stride, pad).unwrap()).backward()
             })
             .unwrap();
             let skipped = g_in.get(&wt).unwrap().abs().unwrap().sum_all().unwrap();
             assert_eq!(skipped.to_scalar::<f32>().unwrap(), 0.0);
             assert!(max_diff(g_ref.get(&x).unwrap(), g_in.get(&x).unwrap()) < 1e-4);
         }
+    }
+
+    /// The CPU path, for every geometry the architectures use, with batches that split
+    /// into several blocks.
+    #[test]
+    fn matches_candle_conv2d_forward_and_gradients() {
+        check_against_candle(
+            conv2d_nhwc,
+            &[
+                (2, 3, 1, 1, 8, 3, 5),
+                (3, 3, 2, 1, 8, 4, 6),
+                (5, 1, 1, 0, 6, 4, 3),
+                (2, 1, 2, 0, 7, 4, 3),
+                (40, 3, 1, 1, 4, 2, 2),
+                (2, 5, 2, 2, 9, 2, 3),
+            ],
+        );
+    }
+
+    /// The generic (CUDA) path, whose backward pass avoids conv_transpose2d: stride 1
+    /// and 2, with and without output padding.
+    #[test]
+    fn generic_path_matches_candle_conv2d() {
+        check_against_candle(
+            conv2d_nhwc_generic,
+            &[
+                (2, 3, 1, 1, 8, 3, 5),
+                (3, 3, 2, 1, 8, 4, 6),
+                (2, 3, 2, 1, 7, 3, 4),
+                (5, 1, 1, 0, 6, 4, 3),
+                (2, 1, 2, 0, 7, 4, 3),
+                (2, 5, 2, 2, 9, 2, 3),
+                (2, 5, 1, 2, 7, 3, 2),
+            ],
+        );
         // Untracked inputs: a plain forward pass.
         let x = rand_tensor(&[1, 5, 5, 2], 4);
         let wt = rand_tensor(&[3, 2, 3, 3], 5);

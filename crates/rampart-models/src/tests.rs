@@ -355,6 +355,28 @@ fn rand_like(shape: &[usize], value: f32) -> Tensor {
     Tensor::full(value, shape, &Device::Cpu).unwrap()
 }
 
+/// max |t| over all entries.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The gradients of ⟨t, p⟩ for a fixed pseudo-random p with entries in [−½, ½).
+fn probe_grads(t: &Tensor, seed: u64) -> candle_core::backprop::GradStore {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let pv: Vec<f32> = (0..t.elem_count())
+        .map(|_| rng.gen::<f32>() - 0.5)
+        .collect();
+    let probe = Tensor::from_vec(pv, t.dims(), &Device::Cpu).unwrap();
+    (t * &probe).unwrap().sum_all().unwrap().backward().unwrap()
+}
+
 /// A model whose BatchNorms have non-trivial scale, shift and running statistics.
 fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
     let m = Classifier::new(spec, seed, &Device::Cpu).unwrap();
@@ -405,35 +427,13 @@ fn fused_eval_path_matches_layer_by_layer() {
             .net
             .forward_t(&m.normalise(x.as_tensor()).unwrap(), false)
             .unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let pv: Vec<f32> = (0..reference.elem_count())
-            .map(|_| rng.gen::<f32>() - 0.5)
-            .collect();
-        let probe = Tensor::from_vec(pv, reference.dims(), &Device::Cpu).unwrap();
-        let g_ref = (&reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ref = probe_grads(&reference, 11);
         let (fused, g_fused) = input_gradients_only(|| {
             let logits = m.forward_t(x.as_tensor(), false).unwrap();
-            let g = (&logits * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g = probe_grads(&logits, 11);
             (logits, g)
         });
-        let scale = reference
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
+        let scale = max_abs(&reference).max(1.0);
         let d = max_abs_diff(&fused, &reference);
         assert!(
             d < 1e-4 * scale,
@@ -443,8 +443,7 @@ fn fused_eval_path_matches_layer_by_layer() {
             g_ref.get(x.as_tensor()).unwrap(),
             g_fused.get(x.as_tensor()).unwrap(),
         );
-        let gscale = gr.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        let gscale = gscale.to_scalar::<f32>().unwrap();
+        let gscale = max_abs(gr);
         assert!(gscale > 0.0, "{name}: zero reference gradient");
         let d = max_abs_diff(gr, gf);
         assert!(
@@ -531,33 +530,11 @@ fn fused_train_path_matches_layer_by_layer() {
             .forward_t(&reference_model.normalise(&x).unwrap(), true)
             .unwrap();
         let fused = fused_model.forward_t(&x, true).unwrap();
-        let scale = reference
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
+        let scale = max_abs(&reference).max(1.0);
         let d = max_abs_diff(&fused, &reference);
         assert!(d < 1e-4 * scale, "{name}: logits differ by {d}");
-        let mut rng = ChaCha8Rng::seed_from_u64(17);
-        let pv: Vec<f32> = (0..reference.elem_count())
-            .map(|_| rng.gen::<f32>() - 0.5)
-            .collect();
-        let probe = Tensor::from_vec(pv, reference.dims(), &Device::Cpu).unwrap();
-        let g_ref = (&reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_fused = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ref = probe_grads(&reference, 17);
+        let g_fused = probe_grads(&fused, 17);
         let ref_vars = reference_model.varmap.data().lock().unwrap().clone();
         let fused_vars = fused_model.varmap.data().lock().unwrap().clone();
         let mut checked = 0;
@@ -575,8 +552,7 @@ fn fused_train_path_matches_layer_by_layer() {
             let gf = g_fused
                 .get(fv.as_tensor())
                 .unwrap_or_else(|| panic!("{name} {var_name}: no fused gradient"));
-            let gscale = gr.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            let gscale = gscale.to_scalar::<f32>().unwrap().max(1e-3);
+            let gscale = max_abs(gr).max(1e-3);
             let d = max_abs_diff(gr, gf);
             assert!(
                 d < 2e-4 * gscale,
