@@ -503,10 +503,19 @@ impl FusedTrain {
         (h, w) = (ho, wo);
         let mut blocks = Vec::with_capacity(lay.blocks.len());
         let mut stats = Vec::new();
-        for b in &lay.blocks {
-            let conv1 = b.conv1.layer(flat);
-            let conv2 = b.conv2.layer(flat);
-            let shortcut = b.shortcut.map(|s| s.layer(flat));
+        // The kernels in GEMM layout, every layer's in parallel.
+        let kernels: Vec<_> = lay
+            .blocks
+            .par_iter()
+            .map(|b| {
+                (
+                    b.conv1.layer(flat),
+                    b.conv2.layer(flat),
+                    b.shortcut.map(|s| s.layer(flat)),
+                )
+            })
+            .collect();
+        for (b, (conv1, conv2, shortcut)) in lay.blocks.iter().zip(kernels) {
             let (pre, st1) = bn_relu_forward(&cur, b.bn1, flat);
             let (ho, wo) = conv1.out_hw(h, w)?;
             let out_len = n * ho * wo * b.conv1.c_out;
