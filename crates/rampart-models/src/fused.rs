@@ -235,22 +235,41 @@ impl ConvLayer {
         let (row, c_out) = (self.row(), self.c_out);
         let total = out.len() / c_out;
         let wt = MatRef::row_major(&self.w, c_out, row).t();
-        let block = self.block_rows(total);
+        self.for_each_patch_block(input, h, w, total, self.block_rows(total), |r0, a| {
+            let dst = &mut out[r0 * c_out..(r0 + a.rows) * c_out];
+            sgemm(dst, a, wt, accumulate);
+            if let Some(affine) = epilogue {
+                affine.relu_in_place(dst);
+            }
+        });
+    }
+
+    /// Calls `f(r0, patches)` for consecutive blocks of at most `block` of the `total`
+    /// patch rows of `input` (n images H×W×C_in): the input itself for a pointwise
+    /// convolution, else the rows gathered into this thread's scratch buffer.
+    fn for_each_patch_block(
+        &self,
+        input: &[f32],
+        h: usize,
+        w: usize,
+        total: usize,
+        block: usize,
+        mut f: impl FnMut(usize, MatRef<'_>),
+    ) {
+        let row = self.row();
         let scratch = if self.pointwise() { 0 } else { block * row };
         with_scratch(scratch, |cols| {
             for r0 in (0..total).step_by(block) {
                 let rows = block.min(total - r0);
-                let dst = &mut out[r0 * c_out..(r0 + rows) * c_out];
-                let a = if self.pointwise() {
-                    MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row)
+                if self.pointwise() {
+                    f(
+                        r0,
+                        MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row),
+                    );
                 } else {
                     let cols = &mut cols[..rows * row];
                     self.gather(input, h, w, r0, cols);
-                    MatRef::row_major(cols, rows, row)
-                };
-                sgemm(dst, a, wt, accumulate);
-                if let Some(affine) = epilogue {
-                    affine.relu_in_place(dst);
+                    f(r0, MatRef::row_major(cols, rows, row));
                 }
             }
         });
@@ -305,20 +324,9 @@ impl ConvLayer {
         // Long blocks: every GEMM call reads and writes the whole accumulator, so the
         // inner dimension (rows) should be large.
         let block = (2 * BLOCK_FLOATS / row.max(1)).max(256).min(total.max(1));
-        let scratch = if self.pointwise() { 0 } else { block * row };
-        with_scratch(scratch, |cols| {
-            for r0 in (0..total).step_by(block) {
-                let rows = block.min(total - r0);
-                let d = MatRef::row_major(&dy[r0 * c_out..(r0 + rows) * c_out], rows, c_out).t();
-                let a = if self.pointwise() {
-                    MatRef::row_major(&input[r0 * row..(r0 + rows) * row], rows, row)
-                } else {
-                    let cols = &mut cols[..rows * row];
-                    self.gather(input, h, w, r0, cols);
-                    MatRef::row_major(cols, rows, row)
-                };
-                sgemm(acc, d, a, true);
-            }
+        self.for_each_patch_block(input, h, w, total, block, |r0, a| {
+            let d = MatRef::row_major(&dy[r0 * c_out..(r0 + a.rows) * c_out], a.rows, c_out);
+            sgemm(acc, d.t(), a, true);
         });
     }
 }

@@ -598,39 +598,30 @@ mod tests {
         }
     }
 
-    /// The CPU path, for every geometry the architectures use, with batches that split
-    /// into several blocks.
+    /// (batch, k, stride, padding, side, C_in, C_out): every geometry the
+    /// architectures use, strides with and without output padding, and a batch that
+    /// splits into several blocks.
+    const GEOMETRIES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
+        (2, 3, 1, 1, 8, 3, 5),
+        (3, 3, 2, 1, 8, 4, 6),
+        (2, 3, 2, 1, 7, 3, 4),
+        (5, 1, 1, 0, 6, 4, 3),
+        (2, 1, 2, 0, 7, 4, 3),
+        (40, 3, 1, 1, 4, 2, 2),
+        (2, 5, 2, 2, 9, 2, 3),
+        (2, 5, 1, 2, 7, 3, 2),
+    ];
+
+    /// The CPU path.
     #[test]
     fn matches_candle_conv2d_forward_and_gradients() {
-        check_against_candle(
-            conv2d_nhwc,
-            &[
-                (2, 3, 1, 1, 8, 3, 5),
-                (3, 3, 2, 1, 8, 4, 6),
-                (5, 1, 1, 0, 6, 4, 3),
-                (2, 1, 2, 0, 7, 4, 3),
-                (40, 3, 1, 1, 4, 2, 2),
-                (2, 5, 2, 2, 9, 2, 3),
-            ],
-        );
+        check_against_candle(conv2d_nhwc, GEOMETRIES);
     }
 
-    /// The generic (CUDA) path, whose backward pass avoids conv_transpose2d: stride 1
-    /// and 2, with and without output padding.
+    /// The generic (CUDA) path, whose backward pass avoids conv_transpose2d.
     #[test]
     fn generic_path_matches_candle_conv2d() {
-        check_against_candle(
-            conv2d_nhwc_generic,
-            &[
-                (2, 3, 1, 1, 8, 3, 5),
-                (3, 3, 2, 1, 8, 4, 6),
-                (2, 3, 2, 1, 7, 3, 4),
-                (5, 1, 1, 0, 6, 4, 3),
-                (2, 1, 2, 0, 7, 4, 3),
-                (2, 5, 2, 2, 9, 2, 3),
-                (2, 5, 1, 2, 7, 3, 2),
-            ],
-        );
+        check_against_candle(conv2d_nhwc_generic, GEOMETRIES);
         // Untracked inputs: a plain forward pass.
         let x = rand_tensor(&[1, 5, 5, 2], 4);
         let wt = rand_tensor(&[3, 2, 3, 3], 5);
