@@ -153,24 +153,24 @@ impl ConvLayer {
             .min(total.max(1))
     }
 
-    /// For patch row `pix` of n images H×W: (image, top input row, left input column)
-    /// of its window, before the padding is subtracted.
-    fn window_origin(&self, h: usize, w: usize, pix: usize) -> (usize, usize, usize) {
+    /// Maps patch row `pix` of n images with Ho×Wo outputs to (image, top input row,
+    /// left input column) of its window, before the padding is subtracted.
+    fn window_origins(&self, h: usize, w: usize) -> impl Fn(usize) -> (usize, usize, usize) {
         let s = self.window.stride;
-        let (ho, wo) = (
-            self.window.out_size(h).unwrap_or(0),
-            self.window.out_size(w).unwrap_or(0),
-        );
-        let (img, q) = (pix / (ho * wo), pix % (ho * wo));
-        (img, (q / wo) * s, (q % wo) * s)
+        let (ho, wo) = self.out_hw(h, w).unwrap_or((0, 0));
+        move |pix| {
+            let (img, q) = (pix / (ho * wo), pix % (ho * wo));
+            (img, (q / wo) * s, (q % wo) * s)
+        }
     }
 
     /// Writes patch rows `r0 .. r0 + rows` of `input` (n images H×W×C_in) into `cols`.
     fn gather(&self, input: &[f32], h: usize, w: usize, r0: usize, cols: &mut [f32]) {
         let (k, p) = (self.window.kernel, self.window.padding);
         let (c, row) = (self.c_in, self.row());
+        let origin = self.window_origins(h, w);
         for (i, dst) in cols.chunks_exact_mut(row).enumerate() {
-            let (img, y0, x0) = self.window_origin(h, w, r0 + i);
+            let (img, y0, x0) = origin(r0 + i);
             let image = &input[img * h * w * c..][..h * w * c];
             // Columns ox·s − p + kx, kx < k: when all lie inside the image, the k
             // pixels of a kernel row are adjacent in NHWC and copy as one run.
@@ -201,8 +201,9 @@ impl ConvLayer {
     fn scatter(&self, cols: &[f32], h: usize, w: usize, r0: usize, grad: &mut [f32]) {
         let (k, p) = (self.window.kernel, self.window.padding);
         let (c, row) = (self.c_in, self.row());
+        let origin = self.window_origins(h, w);
         for (i, src) in cols.chunks_exact(row).enumerate() {
-            let (img, y0, x0) = self.window_origin(h, w, r0 + i);
+            let (img, y0, x0) = origin(r0 + i);
             let image = &mut grad[img * h * w * c..][..h * w * c];
             for ky in 0..k {
                 let Some(iy) = (y0 + ky).checked_sub(p).filter(|&v| v < h) else {
