@@ -23,16 +23,15 @@ fn rows_cols(l: &Layout, op: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// Sums per channel of `f(row_value, channel)` over all rows, in parallel: f32 within
-/// a chunk (at most `chunk_rows` terms, so it vectorises), f64 across chunks.
-fn channel_sums(x: &[f32], c: usize, f: impl Fn(f32, usize) -> f32 + Sync) -> Vec<f64> {
+/// Per-channel sums over the rows of `x` (N × C), `add(row, acc)` adding one row's
+/// terms: in parallel, f32 within a chunk (at most `chunk_rows` rows, so it
+/// vectorises), f64 across chunks.
+fn channel_sums(x: &[f32], c: usize, add: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f64> {
     x.par_chunks(chunk_rows(c) * c)
         .map(|chunk| {
             let mut acc = vec![0f32; c];
             for row in chunk.chunks_exact(c) {
-                for (j, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
-                    *a += f(v, j);
-                }
+                add(row, &mut acc);
             }
             acc.into_iter().map(f64::from).collect::<Vec<f64>>()
         })
@@ -43,6 +42,27 @@ fn channel_sums(x: &[f32], c: usize, f: impl Fn(f32, usize) -> f32 + Sync) -> Ve
                 a
             },
         )
+}
+
+/// Per-channel mean and biased variance of the rows of `x` (N × C, N > 0): two passes,
+/// f64 accumulation across chunks.
+pub(crate) fn mean_var(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = (x.len() / c) as f64;
+    let mean: Vec<f32> = channel_sums(x, c, |row, acc| {
+        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v)
+    })
+    .into_iter()
+    .map(|s| (s / n) as f32)
+    .collect();
+    let var = channel_sums(x, c, |row, acc| {
+        for ((a, v), m) in acc.iter_mut().zip(row).zip(&mean) {
+            *a += (v - m) * (v - m);
+        }
+    })
+    .into_iter()
+    .map(|s| (s / n) as f32)
+    .collect();
+    (mean, var)
 }
 
 /// (N, C) → (2, C): per-channel mean and biased variance (two-pass, f64 accumulation).
@@ -60,16 +80,8 @@ impl CustomOp1 for ChannelStats {
         if n == 0 {
             candle_core::bail!("batch norm over an empty batch")
         }
-        let mean: Vec<f32> = channel_sums(x, c, |v, _| v)
-            .into_iter()
-            .map(|s| (s / n as f64) as f32)
-            .collect();
-        let var = channel_sums(x, c, |v, j| {
-            let d = v - mean[j];
-            d * d
-        });
-        let mut out = mean;
-        out.extend(var.iter().map(|&v| (v / n as f64) as f32));
+        let (mut out, var) = mean_var(x, c);
+        out.extend(var);
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
 }
@@ -97,6 +109,122 @@ impl BnForward {
         }
         Ok(())
     }
+
+    /// The per-channel affine map x·scale + shift of this normalisation with γ, β.
+    pub(crate) fn scale_shift(&self, gamma: &[f32], beta: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let scale: Vec<f32> = gamma
+            .iter()
+            .zip(&self.inv_std)
+            .map(|(g, s)| g * s)
+            .collect();
+        let shift = beta
+            .iter()
+            .zip(self.mean.iter().zip(&scale))
+            .map(|(b, (m, s))| b - m * s)
+            .collect();
+        (scale, shift)
+    }
+
+    /// The backward pass over rows `x` (N × C): `g` holds dL/dy and becomes dL/dx, in
+    /// place. Returns [dγ | dβ] (2·C, f64), computed when `sums` (zeros otherwise);
+    /// they are needed for the parameter gradients and, with batch statistics, for dx.
+    pub(crate) fn backward_in_place(
+        &self,
+        g: &mut [f32],
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        sums: bool,
+    ) -> Vec<f64> {
+        // One instance per ReLU setting, so that the inner loops carry no branch.
+        if self.relu {
+            self.backward_impl::<true>(g, x, gamma, beta, sums)
+        } else {
+            self.backward_impl::<false>(g, x, gamma, beta, sums)
+        }
+    }
+
+    fn backward_impl<const RELU: bool>(
+        &self,
+        g: &mut [f32],
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        sums: bool,
+    ) -> Vec<f64> {
+        let c = gamma.len();
+        let n = x.len() / c.max(1);
+        let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
+        let (scale, shift) = self.scale_shift(gamma, beta);
+        // dy where the ReLU is live (the pre-activation x·scale + shift is positive),
+        // by multiplication so that the loops vectorise.
+        let live = |xv: f32, sc: f32, sh: f32| {
+            if RELU {
+                f32::from(u8::from(xv * sc + sh > 0.0))
+            } else {
+                1.0
+            }
+        };
+        let rows = chunk_rows(c) * c;
+        let sums = if sums || self.batch_stats {
+            g.par_chunks(rows)
+                .zip(x.par_chunks(rows))
+                .map(|(gc, xc)| {
+                    let mut acc = vec![0f32; 2 * c];
+                    let (dg, db) = acc.split_at_mut(c);
+                    for (xr, gr) in xc.chunks_exact(c).zip(gc.chunks_exact(c)) {
+                        for (((((&xv, &dv), a), b), (&m, &s)), (&sc, &sh)) in xr
+                            .iter()
+                            .zip(gr)
+                            .zip(dg.iter_mut())
+                            .zip(db.iter_mut())
+                            .zip(mean.iter().zip(inv_std))
+                            .zip(scale.iter().zip(&shift))
+                        {
+                            let d = dv * live(xv, sc, sh);
+                            *a += d * (xv - m) * s;
+                            *b += d;
+                        }
+                    }
+                    acc.into_iter().map(f64::from).collect::<Vec<f64>>()
+                })
+                .reduce(
+                    || vec![0f64; 2 * c],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        a
+                    },
+                )
+        } else {
+            vec![0f64; 2 * c]
+        };
+        let (dgamma, dbeta) = sums.split_at(c);
+        let inv_n = 1.0 / n.max(1) as f64;
+        let (mg, mb): (Vec<f32>, Vec<f32>) = if self.batch_stats {
+            (
+                dgamma.iter().map(|v| (v * inv_n) as f32).collect(),
+                dbeta.iter().map(|v| (v * inv_n) as f32).collect(),
+            )
+        } else {
+            (vec![0.0; c], vec![0.0; c])
+        };
+        g.par_chunks_mut(rows)
+            .zip(x.par_chunks(rows))
+            .for_each(|(gc, xc)| {
+                for (gr, xr) in gc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                    for (((gv, &xv), (&m, &s)), ((&sc, &sh), (&g_mean, &b_mean))) in gr
+                        .iter_mut()
+                        .zip(xr)
+                        .zip(mean.iter().zip(inv_std))
+                        .zip(scale.iter().zip(&shift).zip(mg.iter().zip(&mb)))
+                    {
+                        let d = *gv * live(xv, sc, sh);
+                        *gv = sc * (d - b_mean - (xv - m) * s * g_mean);
+                    }
+                }
+            });
+        sums
+    }
 }
 
 impl CustomOp3 for BnForward {
@@ -118,17 +246,16 @@ impl CustomOp3 for BnForward {
         let b = f32_slice(s3, l3, self.name())?;
         let (n, c) = rows_cols(l1, self.name())?;
         self.check(c, g, b)?;
-        let scale: Vec<f32> = g.iter().zip(&self.inv_std).map(|(g, s)| g * s).collect();
-        let shift: Vec<f32> = (0..c).map(|j| b[j] - self.mean[j] * scale[j]).collect();
+        let (scale, shift) = self.scale_shift(g, b);
         let mut y = vec![0f32; n * c];
         let relu = self.relu;
         y.par_chunks_mut(chunk_rows(c) * c)
             .zip(x.par_chunks(chunk_rows(c) * c))
             .for_each(|(yc, xc)| {
                 for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                    for j in 0..c {
-                        let v = xr[j] * scale[j] + shift[j];
-                        yr[j] = if relu { v.max(0.0) } else { v };
+                    for ((y, x), (s, t)) in yr.iter_mut().zip(xr).zip(scale.iter().zip(&shift)) {
+                        let v = x * s + t;
+                        *y = if relu { v.max(0.0) } else { v };
                     }
                 }
             });
@@ -199,81 +326,10 @@ impl CustomOp2 for BnBackward {
         }
         let f = &self.forward;
         f.check(c, &self.gamma, &self.beta)?;
-        let (mean, inv_std) = (&f.mean[..c], &f.inv_std[..c]);
-        // The ReLU is live where the pre-activation x·scale + shift is positive.
-        let scale: Vec<f32> = self.gamma.iter().zip(inv_std).map(|(g, s)| g * s).collect();
-        let shift: Vec<f32> = (0..c).map(|j| self.beta[j] - mean[j] * scale[j]).collect();
-        let relu = f.relu;
-        let rows = chunk_rows(c) * c;
-        let need_sums = f.batch_stats || self.param_grads;
-        let sums = if need_sums {
-            x.par_chunks(rows)
-                .zip(dy.par_chunks(rows))
-                .map(|(xc, dc)| {
-                    let mut acc = vec![0f32; 2 * c];
-                    let (dg, db) = acc.split_at_mut(c);
-                    for (xr, dr) in xc.chunks_exact(c).zip(dc.chunks_exact(c)) {
-                        for (((((&xv, &dv), g), b), (&m, &s)), (&sc, &sh)) in xr
-                            .iter()
-                            .zip(dr)
-                            .zip(dg.iter_mut())
-                            .zip(db.iter_mut())
-                            .zip(mean.iter().zip(inv_std))
-                            .zip(scale.iter().zip(&shift))
-                        {
-                            let d = if !relu || xv * sc + sh > 0.0 { dv } else { 0.0 };
-                            *g += d * (xv - m) * s;
-                            *b += d;
-                        }
-                    }
-                    acc.into_iter().map(f64::from).collect::<Vec<f64>>()
-                })
-                .reduce(
-                    || vec![0f64; 2 * c],
-                    |mut a, b| {
-                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                        a
-                    },
-                )
-        } else {
-            vec![0f64; 2 * c]
-        };
-        let (dgamma, dbeta) = sums.split_at(c);
-        let inv_n = 1.0 / n as f64;
-        let (mg, mb): (Vec<f32>, Vec<f32>) = if f.batch_stats {
-            (
-                dgamma.iter().map(|v| (v * inv_n) as f32).collect(),
-                dbeta.iter().map(|v| (v * inv_n) as f32).collect(),
-            )
-        } else {
-            (vec![0.0; c], vec![0.0; c])
-        };
-        let mut out = vec![0f32; n * c + 2 * c];
-        out[..n * c]
-            .par_chunks_mut(rows)
-            .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
-            .for_each(|(oc, (xc, dc))| {
-                for ((or, xr), dr) in oc
-                    .chunks_exact_mut(c)
-                    .zip(xc.chunks_exact(c))
-                    .zip(dc.chunks_exact(c))
-                {
-                    for ((((o, &xv), &dv), (&m, &s)), ((&sc, &sh), (&g_mean, &b_mean))) in or
-                        .iter_mut()
-                        .zip(xr)
-                        .zip(dr)
-                        .zip(mean.iter().zip(inv_std))
-                        .zip(scale.iter().zip(&shift).zip(mg.iter().zip(&mb)))
-                    {
-                        let d = if !relu || xv * sc + sh > 0.0 { dv } else { 0.0 };
-                        *o = sc * (d - b_mean - (xv - m) * s * g_mean);
-                    }
-                }
-            });
-        for j in 0..c {
-            out[n * c + j] = dgamma[j] as f32;
-            out[n * c + c + j] = dbeta[j] as f32;
-        }
+        let mut out = Vec::with_capacity(n * c + 2 * c);
+        out.extend_from_slice(dy);
+        let sums = f.backward_in_place(&mut out, x, &self.gamma, &self.beta, self.param_grads);
+        out.extend(sums.iter().map(|&v| v as f32));
         Ok((CpuStorage::F32(out), Shape::from(n * c + 2 * c)))
     }
 }

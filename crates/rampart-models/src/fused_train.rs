@@ -15,6 +15,7 @@
 //! running statistics are updated exactly as the layer-by-layer path does. Tests hold
 //! logits, running statistics and every parameter gradient equal to that path.
 
+use crate::bn::BnForward;
 use crate::fused::{take_saved, Affine, ConvLayer};
 use crate::gemm::{sgemm, MatRef};
 use crate::im2col::f32_slice;
@@ -202,167 +203,58 @@ fn push_conv(c: &Conv, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<
     Ok(at)
 }
 
-/// Batch statistics of one BatchNorm: mean, biased variance, and 1/√(var + eps).
+/// Batch statistics of one BatchNorm: the normalisation (mean, 1/√(var + eps), ReLU)
+/// and the biased variance (for the running estimate).
 #[derive(Clone, Debug)]
 struct Stats {
-    mean: Vec<f32>,
+    bn: BnForward,
     var: Vec<f32>,
-    inv_std: Vec<f32>,
 }
 
-/// Per-channel sums over the rows of `x` (N × C), in parallel
-/// (f32 within a task, f64 across).
-fn channel_sums(x: &[f32], c: usize) -> Vec<f64> {
-    let per = (16_384 / c.max(1)).max(1) * c;
-    x.par_chunks(per)
-        .map(|chunk| {
-            let mut acc = vec![0f32; c];
-            for row in chunk.chunks_exact(c) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v;
-                }
-            }
-            acc.into_iter().map(f64::from).collect::<Vec<f64>>()
-        })
-        .reduce(
-            || vec![0f64; c],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
+impl BnAt {
+    fn gamma_beta<'a>(&self, flat: &'a [f32]) -> (&'a [f32], &'a [f32]) {
+        (
+            &flat[self.offset..][..self.c],
+            &flat[self.offset + self.c..][..self.c],
         )
-}
-
-fn batch_stats(x: &[f32], c: usize, eps: f32) -> Stats {
-    let n = (x.len() / c) as f64;
-    let mean: Vec<f32> = channel_sums(x, c)
-        .into_iter()
-        .map(|s| (s / n) as f32)
-        .collect();
-    let per = (16_384 / c.max(1)).max(1) * c;
-    let var: Vec<f32> = x
-        .par_chunks(per)
-        .map(|chunk| {
-            let mut acc = vec![0f32; c];
-            for row in chunk.chunks_exact(c) {
-                for ((a, v), m) in acc.iter_mut().zip(row).zip(&mean) {
-                    *a += (v - m) * (v - m);
-                }
-            }
-            acc.into_iter().map(f64::from).collect::<Vec<f64>>()
-        })
-        .reduce(
-            || vec![0f64; c],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
-        .into_iter()
-        .map(|s| (s / n) as f32)
-        .collect();
-    let inv_std = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    Stats { mean, var, inv_std }
+    }
 }
 
 /// relu(BN(x)) with batch statistics: returns the output and the statistics.
 fn bn_relu_forward(x: &[f32], at: BnAt, flat: &[f32]) -> (Vec<f32>, Stats) {
-    let stats = batch_stats(x, at.c, at.eps);
-    let (gamma, beta) = (
-        &flat[at.offset..][..at.c],
-        &flat[at.offset + at.c..][..at.c],
-    );
-    let scale: Vec<f32> = gamma
-        .iter()
-        .zip(&stats.inv_std)
-        .map(|(g, s)| g * s)
-        .collect();
-    let shift: Vec<f32> = (0..at.c)
-        .map(|j| beta[j] - stats.mean[j] * scale[j])
-        .collect();
+    let (mean, var) = crate::bn::mean_var(x, at.c);
+    let bn = BnForward {
+        inv_std: var.iter().map(|v| 1.0 / (v + at.eps).sqrt()).collect(),
+        mean,
+        relu: true,
+        batch_stats: true,
+    };
+    let (gamma, beta) = at.gamma_beta(flat);
+    let (scale, shift) = bn.scale_shift(gamma, beta);
     let affine = Affine::from_scale_shift(scale, shift);
     let mut y = vec![0f32; x.len()];
     let per = (16_384 / at.c).max(1) * at.c;
     y.par_chunks_mut(per)
         .zip(x.par_chunks(per))
         .for_each(|(yc, xc)| affine.relu_into(xc, yc));
-    (y, stats)
+    (y, Stats { bn, var })
 }
 
-/// Backward pass of y = relu(BN(x)) with batch statistics: `g` holds dL/dy and becomes
+/// Backward pass of relu(BN(x)) with batch statistics: `g` holds dL/dy and becomes
 /// dL/dx; dγ and dβ are written into `dflat`.
 fn bn_relu_backward(
     g: &mut [f32],
     x: &[f32],
-    y: &[f32],
     st: &Stats,
     at: BnAt,
     flat: &[f32],
     dflat: &mut [f32],
 ) {
-    let c = at.c;
-    let n = (x.len() / c) as f32;
-    let gamma = &flat[at.offset..][..c];
-    let per = (16_384 / c).max(1) * c;
-    // One pass for both reductions, with the ReLU mask applied on the fly:
-    // dβ = Σ g·[y > 0], dγ = Σ g·[y > 0]·x̂.
-    let (dbeta, dgamma) = g
-        .par_chunks(per)
-        .zip(x.par_chunks(per).zip(y.par_chunks(per)))
-        .map(|(gc, (xc, yc))| {
-            let (mut sb, mut sg) = (vec![0f32; c], vec![0f32; c]);
-            for ((gr, xr), yr) in gc
-                .chunks_exact(c)
-                .zip(xc.chunks_exact(c))
-                .zip(yc.chunks_exact(c))
-            {
-                let stats = st.mean.iter().zip(&st.inv_std);
-                let acc = sb.iter_mut().zip(sg.iter_mut());
-                for (((b, g), ((gv, xv), yv)), (m, s)) in
-                    acc.zip(gr.iter().zip(xr).zip(yr)).zip(stats)
-                {
-                    let gv = gv * f32::from(u8::from(*yv > 0.0));
-                    *b += gv;
-                    *g += gv * (xv - m) * s;
-                }
-            }
-            let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
-            (widen(sb), widen(sg))
-        })
-        .reduce(
-            || (vec![0f64; c], vec![0f64; c]),
-            |(mut a, mut b), (p, q)| {
-                a.iter_mut().zip(p).for_each(|(u, v)| *u += v);
-                b.iter_mut().zip(q).for_each(|(u, v)| *u += v);
-                (a, b)
-            },
-        );
-    let dbeta: Vec<f32> = dbeta.iter().map(|&v| v as f32).collect();
-    let dgamma: Vec<f32> = dgamma.iter().map(|&v| v as f32).collect();
-    dflat[at.offset..][..c].copy_from_slice(&dgamma);
-    dflat[at.offset + c..][..c].copy_from_slice(&dbeta);
-    let k1: Vec<f32> = (0..c).map(|j| gamma[j] * st.inv_std[j]).collect();
-    let mb: Vec<f32> = dbeta.iter().map(|v| v / n).collect();
-    let mg: Vec<f32> = dgamma.iter().map(|v| v / n).collect();
-    // dx = γ·inv_std·(g·[y > 0] − dβ/N − x̂·dγ/N).
-    g.par_chunks_mut(per)
-        .zip(x.par_chunks(per).zip(y.par_chunks(per)))
-        .for_each(|(gc, (xc, yc))| {
-            for ((gr, xr), yr) in gc
-                .chunks_exact_mut(c)
-                .zip(xc.chunks_exact(c))
-                .zip(yc.chunks_exact(c))
-            {
-                let coef = k1.iter().zip(&mb).zip(&mg);
-                let stats = st.mean.iter().zip(&st.inv_std);
-                for ((((gv, xv), yv), ((k, b), g)), (m, s)) in
-                    gr.iter_mut().zip(xr).zip(yr).zip(coef).zip(stats)
-                {
-                    let masked = *gv * f32::from(u8::from(*yv > 0.0));
-                    *gv = k * (masked - b - (xv - m) * s * g);
-                }
-            }
-        });
+    let (gamma, beta) = at.gamma_beta(flat);
+    let sums = st.bn.backward_in_place(g, x, gamma, beta, true);
+    for (d, v) in dflat[at.offset..][..2 * at.c].iter_mut().zip(sums) {
+        *d = v as f32;
+    }
 }
 
 /// Convolution over the whole batch, parallel over image chunks.
@@ -441,8 +333,8 @@ struct TrainState {
     n: usize,
     stem: ConvLayer,
     blocks: Vec<BlockState>,
+    /// The input of the head BatchNorm.
     last: Vec<f32>,
-    fin: Vec<f32>,
     st_head: Stats,
     pixels: usize,
     pooled: Vec<f32>,
@@ -531,8 +423,8 @@ impl FusedTrain {
             conv_forward(&conv1, &pre, n, h, w, &mut c1, false);
             let (mid, st2) = bn_relu_forward(&c1, b.bn2, flat);
             conv_forward(&conv2, &mid, n, ho, wo, &mut out, true);
-            stats.push((st1.mean.clone(), st1.var.clone(), cur.len() / b.bn1.c));
-            stats.push((st2.mean.clone(), st2.var.clone(), c1.len() / b.bn2.c));
+            stats.push((st1.bn.mean.clone(), st1.var.clone(), cur.len() / b.bn1.c));
+            stats.push((st2.bn.mean.clone(), st2.var.clone(), c1.len() / b.bn2.c));
             blocks.push(BlockState {
                 h,
                 w,
@@ -550,7 +442,7 @@ impl FusedTrain {
         }
         let (fin, st_head) = bn_relu_forward(&cur, lay.head, flat);
         stats.push((
-            st_head.mean.clone(),
+            st_head.bn.mean.clone(),
             st_head.var.clone(),
             cur.len() / lay.head.c,
         ));
@@ -582,7 +474,6 @@ impl FusedTrain {
                 stem,
                 blocks,
                 last: cur,
-                fin,
                 st_head,
                 pixels,
                 pooled,
@@ -617,7 +508,7 @@ impl FusedTrain {
             false,
         );
         let pixels = st.pixels;
-        let mut d = vec![0f32; st.fin.len()];
+        let mut d = vec![0f32; st.last.len()];
         d.par_chunks_mut(pixels * c)
             .zip(dpool.par_chunks(c))
             .for_each(|(img, dp)| {
@@ -627,22 +518,14 @@ impl FusedTrain {
                         .for_each(|(g, v)| *g = v / pixels as f32);
                 }
             });
-        bn_relu_backward(
-            &mut d,
-            &st.last,
-            &st.fin,
-            &st.st_head,
-            lay.head,
-            flat,
-            &mut dflat,
-        );
+        bn_relu_backward(&mut d, &st.last, &st.st_head, lay.head, flat, &mut dflat);
         for (b, s) in lay.blocks.iter().zip(&st.blocks).rev() {
             let (ho, wo) = s.conv1.out_hw(s.h, s.w).unwrap_or((0, 0));
             let dw2 = conv_backward_weight(&s.conv2, &s.mid, &d, n, ho, wo);
             b.conv2.store_grad(&dw2, &mut dflat);
             let mut dmid = vec![0f32; s.mid.len()];
             conv_backward_input(&s.conv2, &d, n, ho, wo, &mut dmid);
-            bn_relu_backward(&mut dmid, &s.c1, &s.mid, &s.st2, b.bn2, flat, &mut dflat);
+            bn_relu_backward(&mut dmid, &s.c1, &s.st2, b.bn2, flat, &mut dflat);
             let dw1 = conv_backward_weight(&s.conv1, &s.pre, &dmid, n, s.h, s.w);
             b.conv1.store_grad(&dw1, &mut dflat);
             let mut dpre = vec![0f32; s.pre.len()];
@@ -653,7 +536,7 @@ impl FusedTrain {
                 at.store_grad(&dws, &mut dflat);
                 conv_backward_input(sc, &d, n, s.h, s.w, &mut dpre);
             }
-            bn_relu_backward(&mut dpre, &s.x, &s.pre, &s.st1, b.bn1, flat, &mut dflat);
+            bn_relu_backward(&mut dpre, &s.x, &s.st1, b.bn1, flat, &mut dflat);
             if s.shortcut.is_none() {
                 dpre.par_iter_mut()
                     .zip(d.par_iter())
