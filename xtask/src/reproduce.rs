@@ -642,6 +642,13 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
 
     let rampart = build_rampart(&root, device.starts_with("cuda"))?;
+    let setup = EvalSetup {
+        rampart: &rampart,
+        threads: args.threads,
+        dataset: &args.dataset,
+        device: &device,
+        data_dir: &data_dir,
+    };
     let clock = Instant::now();
     for (i, row) in rows.iter().enumerate() {
         let step = format!("[{}/{}] {}", i + 1, rows.len(), row.method);
@@ -675,17 +682,12 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         eprintln!("==> {step}: training ({})", describe(row));
         run_child(train, "rampart train")?;
 
-        let mut eval = rampart_command(&rampart, args.threads);
-        eval.arg("eval")
-            .arg("--model")
-            .arg(dir.join("model.safetensors"))
-            .args(["--dataset", &args.dataset, "--device", &device])
-            .args(ModelRow::eval_flags(preset.robust_examples()))
-            .args(row.eval_extra)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--out")
-            .arg(eval_dir(&out, row.method));
+        let mut eval = setup.command(
+            &dir.join("model.safetensors"),
+            row,
+            &eval_dir(&out, row.method),
+        );
+        eval.args(ModelRow::eval_flags(preset.robust_examples()));
         eprintln!(
             "==> {step}: evaluating (clean: the whole test set; PGD-20 L∞ 8/255: {})",
             preset
@@ -711,23 +713,12 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         if dir.join("results.json").exists() {
             continue;
         }
-        let mut eval = rampart_command(&rampart, args.threads);
-        eval.arg("eval")
-            .arg("--model")
-            .arg(model_dir(&out, row.method).join("model.safetensors"))
-            .args([
-                "--dataset",
-                &args.dataset,
-                "--device",
-                &device,
-                "--suite",
-                suite,
-            ]);
+        let model = model_dir(&out, row.method).join("model.safetensors");
+        let mut eval = setup.command(&model, row, &dir);
+        eval.args(["--suite", suite]);
         if let Some(n) = limit {
             eval.args(["--attack-limit", &n.to_string()]);
         }
-        eval.args(row.eval_extra);
-        eval.arg("--data-dir").arg(&data_dir).arg("--out").arg(&dir);
         eprintln!(
             "==> [{}/{}] {}: evaluation protocol (--suite {suite})",
             i + 1,
@@ -830,15 +821,8 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             if dir.join("results.json").exists() {
                 continue;
             }
-            let mut eval = rampart_command(&rampart, args.threads);
-            eval.arg("eval").arg("--model").arg(&model).args([
-                "--dataset",
-                &args.dataset,
-                "--device",
-                &device,
-                "--suite",
-                suite,
-            ]);
+            let mut eval = setup.command(&model, row, &dir);
+            eval.args(["--suite", suite]);
             if let Some(n) = aa_limit {
                 let n = n.to_string();
                 eval.args(["--attack-limit", &n]);
@@ -846,8 +830,6 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                     eval.args(["--test-limit", &n]);
                 }
             }
-            eval.args(row.eval_extra);
-            eval.arg("--data-dir").arg(&data_dir).arg("--out").arg(&dir);
             eprintln!(
                 "==> {}: {suite} on {}",
                 row.method,
@@ -933,6 +915,33 @@ pub(crate) fn build_rampart(root: &Path, cuda: bool) -> Result<PathBuf> {
         bail!("the build succeeded but {} does not exist", bin.display());
     }
     Ok(bin)
+}
+
+/// Where `rampart eval` runs and what it reads: shared by every evaluation of a study.
+struct EvalSetup<'a> {
+    rampart: &'a Path,
+    threads: Option<usize>,
+    dataset: &'a str,
+    device: &'a str,
+    data_dir: &'a Path,
+}
+
+impl EvalSetup<'_> {
+    /// `rampart eval` of `model` (a row's) into `out`, with the row's extra flags;
+    /// the caller adds the suite and limits.
+    fn command(&self, model: &Path, row: &ModelRow, out: &Path) -> Command {
+        let mut eval = rampart_command(self.rampart, self.threads);
+        eval.arg("eval")
+            .arg("--model")
+            .arg(model)
+            .args(["--dataset", self.dataset, "--device", self.device])
+            .args(row.eval_extra)
+            .arg("--data-dir")
+            .arg(self.data_dir)
+            .arg("--out")
+            .arg(out);
+        eval
+    }
 }
 
 fn rampart_command(bin: &Path, threads: Option<usize>) -> Command {

@@ -1460,19 +1460,13 @@ mod tests {
             "{BASE} --arch wrn-10-1 --epochs 1 --method oat --lambdas 0.3"
         ))?;
         assert_eq!(p.model_spec().oat.map(|o| o.lambdas), Some(vec![0.3]));
-        let err = plan(&format!(
+        let err = error(&format!(
             "{BASE} --arch wrn-10-1 --epochs 1 --method oat --lambdas 0.5,0.2"
-        ))
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
+        ));
         assert!(err.contains("strictly increasing"), "{err}");
-        let err = plan(&format!(
+        let err = error(&format!(
             "{BASE} --arch wrn-10-1 --epochs 1 --method at --lambdas 0.3"
-        ))
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
+        ));
         assert!(err.contains("--method oat only"), "{err}");
         let p = plan(&format!(
             "{BASE} --arch wrn-10-1 --epochs 1 --method at --noise 0.1"

@@ -14,6 +14,11 @@ fn rampart(args: &[&str]) -> std::io::Result<Output> {
         .output()
 }
 
+/// A JSON file the run wrote.
+fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -220,14 +225,12 @@ fn train_resume_and_eval_write_their_files() -> TestResult {
     ] {
         assert!(run_dir.join(file).is_file(), "{file} missing");
     }
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json"))?)?;
+    let config = read_json(&run_dir.join("config.json"))?;
     assert_eq!(config["arch"], "wrn-10-1");
     assert_eq!(config["method"], "normal");
     assert_eq!(config["train"]["schedule"]["milestones"][0], "50%");
     assert_eq!(config["train"]["augmentation"]["cutout"], 8);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json"))?)?;
+    let summary = read_json(&run_dir.join("summary.json"))?;
     assert_eq!(
         (
             summary["epochs"].as_u64(),
@@ -268,8 +271,7 @@ fn train_resume_and_eval_write_their_files() -> TestResult {
         text(&refused)
     );
     // ... before touching the run's files.
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json"))?)?;
+    let config = read_json(&run_dir.join("config.json"))?;
     assert_eq!(config["train"]["seed"], 0);
 
     let eval_dir = dir.path().join("eval");
@@ -291,8 +293,7 @@ fn train_resume_and_eval_write_their_files() -> TestResult {
         "{}",
         text(&eval)
     );
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("results.json"))?)?;
+    let results = read_json(&eval_dir.join("results.json"))?;
     assert_eq!(results["schema_version"], 1);
     assert_eq!(results["test_examples"], 8);
     assert_eq!(results["dataset"], "cifar10");
@@ -300,8 +301,7 @@ fn train_resume_and_eval_write_their_files() -> TestResult {
     let acc = results["clean_accuracy"].as_f64().unwrap_or(-1.0);
     let err = results["clean_error"].as_f64().unwrap_or(-1.0);
     assert!((0.0..=1.0).contains(&acc) && (acc + err - 1.0).abs() < 1e-12);
-    let predictions: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("predictions.json"))?)?;
+    let predictions = read_json(&eval_dir.join("predictions.json"))?;
     assert_eq!(predictions["labels"].as_array().map(Vec::len), Some(8));
     assert_eq!(predictions["confidence"].as_array().map(Vec::len), Some(8));
     for file in [
@@ -424,8 +424,7 @@ fn adversarial_training_and_the_pgd_suite() -> TestResult {
     ]);
     let run = rampart(&args)?;
     assert!(run.status.success(), "{}", text(&run));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ccat.join("config.json"))?)?;
+    let config = read_json(&ccat.join("config.json"))?;
     assert_eq!(config["method"], "ccat");
     assert_eq!(config["method_settings"]["attack"]["steps"], 2);
     assert_eq!(config["method_settings"]["rho"], 10.0);
@@ -468,8 +467,7 @@ fn adversarial_training_and_the_pgd_suite() -> TestResult {
         "{}",
         text(&eval)
     );
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("results.json"))?)?;
+    let results = read_json(&eval_dir.join("results.json"))?;
     assert_eq!(results["suite"], "pgd20");
     assert_eq!(results["method"], "ccat");
     assert_eq!(results["test_examples"], 8);
@@ -548,8 +546,7 @@ fn attack_quick_suite_and_compare() -> TestResult {
     ])?;
     assert!(run.status.success(), "{}", text(&run));
     assert!(text(&run).contains("robust accuracy"), "{}", text(&run));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
+    let summary = read_json(&out.join("summary.json"))?;
     assert_eq!(summary["results"].as_array().map(Vec::len), Some(2));
     let tensors = candle_core::safetensors::load(
         out.join("adversarial.safetensors"),
@@ -665,8 +662,7 @@ fn oat_models_and_stochastic_students() -> TestResult {
     )?;
     let oat = dir.path().join("oat");
     train(&oat, &["--method", "oat", "--attack-steps", "1"])?;
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(student.join("config.json"))?)?;
+    let config = read_json(&student.join("config.json"))?;
     assert!((config["noise"].as_f64().unwrap_or(0.0) - 0.1).abs() < 1e-6);
 
     let eval = |model: &Path, out: &Path, extra: &[&str]| -> std::io::Result<Output> {
@@ -684,11 +680,7 @@ fn oat_models_and_stochastic_students() -> TestResult {
         args.extend(extra);
         rampart(&args)
     };
-    let results = |out: &Path| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-        Ok(serde_json::from_str(&std::fs::read_to_string(
-            out.join("results.json"),
-        )?)?)
-    };
+    let results = |out: &Path| read_json(&out.join("results.json"));
 
     // OAT: λ is a test-time parameter.
     let oat_model = oat.join("model.safetensors");
@@ -724,8 +716,7 @@ fn oat_models_and_stochastic_students() -> TestResult {
         s(&out),
     ])?;
     assert!(run.status.success(), "{}", text(&run));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+    let config = read_json(&out.join("config.json"))?;
     assert!((config["lambda"].as_f64().unwrap_or(0.0) - 0.2).abs() < 1e-6);
     assert_eq!(config["eot_samples"], 1);
 
@@ -784,8 +775,7 @@ fn oat_models_and_stochastic_students() -> TestResult {
         s(&out),
     ])?;
     assert!(run.status.success(), "{}", text(&run));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+    let config = read_json(&out.join("config.json"))?;
     assert_eq!(config["eot_samples"], 10);
     // Without noise the student is deterministic: no draws.
     let out = dir.path().join("student-quiet");
@@ -840,8 +830,7 @@ fn calibration_methods_train_from_the_command_line() -> TestResult {
         args.extend(extra);
         let run = rampart(&args)?;
         assert!(run.status.success(), "{method}: {}", text(&run));
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+        let config = read_json(&out.join("config.json"))?;
         assert_eq!(config["method"], method);
         let history = std::fs::read_to_string(out.join("history.jsonl"))?;
         let record: serde_json::Value =
