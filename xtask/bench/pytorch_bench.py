@@ -58,13 +58,19 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
-def median_seconds(fn, reps, warmup):
-    for _ in range(warmup):
+def median_seconds(fn, reps, warmup, sync, gpu):
+    # At least `warmup` calls, and on a GPU at least half a second of them (as
+    # `rampart bench`): a GPU leaves its idle clocks only under sustained load.
+    start, done = time.perf_counter(), 0
+    while done < warmup or (gpu and time.perf_counter() - start < 0.5):
         fn()
+        sync()
+        done += 1
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -76,12 +82,21 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", default="forward,pgd-step,train-step")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N], with +tf32 to allow TF32 (as `rampart bench`)")
     args = p.parse_args()
+    name, tf32 = (args.device[:-len("+tf32")], True) if args.device.endswith("+tf32") else (args.device, False)
+    dev = torch.device(name)
+    # The precision of `rampart bench --device` on the same string: full f32 unless
+    # +tf32 (PyTorch's own default allows TF32 in cuDNN convolutions).
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     _, depth, widen = args.arch.split("-")
     torch.manual_seed(0)
-    model = WideResNet(int(depth), int(widen))
-    x = torch.rand(args.batch_size, 3, 32, 32)
-    y = torch.arange(args.batch_size) % 10
+    model = WideResNet(int(depth), int(widen)).to(dev)
+    x = torch.rand(args.batch_size, 3, 32, 32).to(dev)
+    y = (torch.arange(args.batch_size) % 10).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def forward():
@@ -107,12 +122,14 @@ def main():
 
     fns = {"forward": forward, "pgd-step": pgd_step, "train-step": train_step}
     for step in args.steps.split(","):
-        s = median_seconds(fns[step], args.reps, args.warmup)
+        s = median_seconds(fns[step], args.reps, args.warmup, sync, dev.type == "cuda")
         print(json.dumps({
             "framework": "pytorch", "torch_version": torch.__version__, "step": step,
-            "arch": args.arch, "batch_size": args.batch_size, "device": "cpu",
+            "arch": args.arch, "batch_size": args.batch_size, "device": args.device,
             "seconds_per_batch": s, "images_per_second": args.batch_size / s,
             "reps": args.reps, "threads": torch.get_num_threads(),
+            "tf32_conv": dev.type == "cuda" and torch.backends.cudnn.allow_tf32,
+            "tf32_matmul": dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
         }), flush=True)
 
 

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: throughput of forward, attack step and training step.
 //!
-//! Builds `rampart` (with `--features cuda` when `--device cuda…`), runs
+//! Builds `rampart` (with `--features cudnn` when `--device cuda…`), runs
 //! `rampart bench --json` and prints its table and JSON lines. With
 //! `--compare-pytorch` it also runs `xtask/bench/pytorch_bench.py` (the identical
 //! network in PyTorch, when a Python with torch is available) and prints the ratio
@@ -26,13 +26,13 @@ pub struct BenchArgs {
     /// Timed repetitions per step (median reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
-    /// Device: cpu or cuda[:N].
+    /// Device: cpu, cuda or cuda:N, with +tf32 to allow TF32 tensor cores.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Also time one PGD step per threat model with the attack engine (image·steps/s).
     #[arg(long)]
     attacks: bool,
-    /// Also time the identical network in PyTorch and print the ratios.
+    /// Also time the identical network in PyTorch (on the same device) and print the ratios.
     #[arg(long)]
     compare_pytorch: bool,
     /// The Python interpreter with torch installed (for --compare-pytorch).
@@ -89,14 +89,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if !args.compare_pytorch {
         return Ok(());
     }
-    if args.device != "cpu" {
-        bail!("--compare-pytorch times the CPU only; pass --device cpu");
-    }
     let ours = json_lines(&out.stdout);
     let script = root.join("xtask").join("bench").join("pytorch_bench.py");
     let torch = Command::new(&args.python)
         .arg(&script)
         .args(&common)
+        .args(["--device", &args.device])
         .output()
         .with_context(|| format!("cannot run {} (set --python)", args.python))?;
     if !torch.status.success() {

@@ -522,9 +522,9 @@ pub struct ReproduceArgs {
     #[arg(long, default_value = "all")]
     pub rows: String,
 
-    /// Device given to `rampart --device` (cpu, cuda, cuda:N) [default: cpu for
-    /// smoke, cuda for fast and paper]. A CUDA device builds `rampart` with
-    /// `--features cuda`.
+    /// Device given to `rampart --device` (cpu, cuda, cuda:N, cuda+tf32) [default:
+    /// cpu for smoke, cuda for fast and paper]. A CUDA device builds `rampart` with
+    /// `--features cudnn` (CUDA and cuDNN).
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -884,7 +884,7 @@ fn describe(row: &ModelRow) -> String {
 fn build_command_line(cuda: bool) -> String {
     let mut line = "cargo build --release -p rampart-cli".to_string();
     if cuda {
-        line.push_str(" --features cuda");
+        line.push_str(" --features cudnn");
     }
     line
 }
@@ -898,7 +898,8 @@ pub(crate) fn build_rampart(root: &Path, cuda: bool) -> Result<PathBuf> {
         .current_dir(root)
         .args(["build", "--release", "-p", "rampart-cli"]);
     if cuda {
-        build.args(["--features", "cuda"]);
+        // CUDA with cuDNN: the fast path (docs/performance.md).
+        build.args(["--features", "cudnn"]);
     }
     run_child(build, "cargo build")?;
     let target =

@@ -96,7 +96,7 @@ pub struct AttackArgs {
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
-    /// Device: cpu, cuda or cuda:N.
+    /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores.
     #[arg(long, default_value = "cpu")]
     device: DeviceArg,
 }

@@ -15,12 +15,14 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use clap::Args;
 use rampart_attacks::{input_gradient, Attack, Bounds, Norm, Objective, Pgd, StepSize};
 use rampart_defenses::{Sgd, SgdConfig};
 use rampart_models::{Arch, Classifier, ModelSpec};
+
+use crate::common::DeviceArg;
 use serde::Serialize;
 
 /// Flags of `rampart bench`.
@@ -46,7 +48,7 @@ pub struct BenchArgs {
         value_delimiter = ','
     )]
     steps: Vec<String>,
-    /// Device: cpu or cuda[:N] (cuda needs a build with --features cuda).
+    /// Device: cpu, cuda or cuda:N, with +tf32 to allow TF32 tensor cores (cuda needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Also print one JSON object per line.
@@ -78,31 +80,20 @@ pub struct BenchLine {
     pub threads: usize,
 }
 
-fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        other => {
-            let ordinal = match other.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse().ok())
-                    .with_context(|| format!("--device {other}: expected cuda or cuda:N"))?,
-                None => bail!("--device {other}: expected cpu, cuda or cuda:N"),
-            };
-            Ok(Device::new_cuda(ordinal)?)
-        }
-    }
-}
-
 fn median_seconds(
     reps: usize,
     warmup: usize,
     dev: &Device,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
-    for _ in 0..warmup {
+    // At least `warmup` calls, and on a GPU at least half a second of them: a GPU
+    // leaves its idle clocks only under sustained load.
+    let start = Instant::now();
+    let mut done = 0;
+    while done < warmup || (!dev.is_cpu() && start.elapsed().as_secs_f64() < 0.5) {
         f()?;
+        dev.synchronize()?;
+        done += 1;
     }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -122,7 +113,11 @@ impl BenchArgs {
         if self.batch_size == 0 || self.reps == 0 {
             bail!("--batch-size and --reps must be at least 1");
         }
-        let dev = device(&self.device)?;
+        let dev = self
+            .device
+            .parse::<DeviceArg>()
+            .map_err(anyhow::Error::msg)?
+            .open()?;
         let arch: Arch = self.arch.parse()?;
         let model = Classifier::new(ModelSpec::cifar(arch, 10), 0, &dev)?;
         let xs = Tensor::rand(0f32, 1f32, (self.batch_size, 3, 32, 32), &dev)?;

@@ -11,28 +11,43 @@ use serde::Serialize;
 /// Environment variable naming the data folder when `--data-dir` is not given.
 pub const DATA_DIR_ENV: &str = "RAMPART_DATA_DIR";
 
-/// Where tensors live: `cpu`, or `cuda` / `cuda:N` (builds with the `cuda` feature).
+/// Where tensors live: `cpu`, or `cuda` / `cuda:N` (builds with the `cuda` feature),
+/// with `+tf32` to let f32 convolutions and matrix products use TF32 tensor cores
+/// (faster, 10-bit mantissa; the default is full f32, see docs/performance.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceArg {
     /// The CPU.
     Cpu,
-    /// CUDA device N.
-    Cuda(usize),
+    /// CUDA device `ordinal`.
+    Cuda {
+        /// Device number.
+        ordinal: usize,
+        /// TF32 tensor cores allowed for f32 work.
+        tf32: bool,
+    },
 }
 
 impl FromStr for DeviceArg {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "cpu" => Ok(DeviceArg::Cpu),
-            "cuda" | "gpu" => Ok(DeviceArg::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(DeviceArg::Cuda)
-                .ok_or_else(|| format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
-        }
+        let lower = s.trim().to_ascii_lowercase();
+        let (name, tf32) = match lower.strip_suffix("+tf32") {
+            Some(name) => (name, true),
+            None => (lower.as_str(), false),
+        };
+        let ordinal = match name {
+            "cpu" if !tf32 => return Ok(DeviceArg::Cpu),
+            "cuda" | "gpu" => Some(0),
+            other => other.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
+        };
+        ordinal
+            .map(|ordinal| DeviceArg::Cuda { ordinal, tf32 })
+            .ok_or_else(|| {
+                format!(
+                    "unknown device `{s}` (expected cpu, cuda, cuda:N, cuda+tf32 or cuda:N+tf32)"
+                )
+            })
     }
 }
 
@@ -40,19 +55,30 @@ impl std::fmt::Display for DeviceArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DeviceArg::Cpu => write!(f, "cpu"),
-            DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceArg::Cuda { ordinal, tf32 } => {
+                write!(f, "cuda:{ordinal}{}", if *tf32 { "+tf32" } else { "" })
+            }
         }
     }
 }
 
 impl DeviceArg {
-    /// Opens the device.
+    /// Opens the device (on CUDA: keeps freed memory pooled, sets the precision).
     pub fn open(self) -> Result<Device> {
         match self {
             DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda(n) => Device::new_cuda(n).with_context(|| {
-                format!("cannot open CUDA device {n} (is `rampart` built with `--features cuda`?)")
-            }),
+            DeviceArg::Cuda { ordinal, tf32 } => {
+                let dev = Device::new_cuda(ordinal).with_context(|| {
+                    format!(
+                        "cannot open CUDA device {ordinal} (is `rampart` built with `--features cuda`?)"
+                    )
+                })?;
+                #[cfg(feature = "cuda")]
+                rampart_models::cuda::prepare(&dev, tf32)?;
+                #[cfg(not(feature = "cuda"))]
+                let _ = tf32;
+                Ok(dev)
+            }
         }
     }
 }
@@ -151,10 +177,18 @@ mod tests {
     #[test]
     fn devices_parse() {
         assert_eq!("cpu".parse(), Ok(DeviceArg::Cpu));
-        assert_eq!("CUDA".parse(), Ok(DeviceArg::Cuda(0)));
-        assert_eq!("cuda:2".parse(), Ok(DeviceArg::Cuda(2)));
-        assert!("tpu".parse::<DeviceArg>().is_err());
-        assert!("cuda:x".parse::<DeviceArg>().is_err());
+        let cuda = |ordinal, tf32| DeviceArg::Cuda { ordinal, tf32 };
+        assert_eq!("CUDA".parse(), Ok(cuda(0, false)));
+        assert_eq!("cuda:2".parse(), Ok(cuda(2, false)));
+        assert_eq!("cuda+tf32".parse(), Ok(cuda(0, true)));
+        assert_eq!("cuda:1+TF32".parse(), Ok(cuda(1, true)));
+        for bad in ["tpu", "cuda:x", "cpu+tf32", "cuda+fp16", "cuda:+tf32"] {
+            assert!(bad.parse::<DeviceArg>().is_err(), "{bad}");
+        }
+        // The recorded form parses back to the same device.
+        for d in [DeviceArg::Cpu, cuda(0, false), cuda(3, true)] {
+            assert_eq!(d.to_string().parse(), Ok(d));
+        }
     }
 
     #[test]

@@ -169,7 +169,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub out: PathBuf,
 
-    /// Device: cpu, cuda or cuda:N.
+    /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
 }

@@ -92,6 +92,16 @@ fn run(cli: Cli) -> Result<()> {
         // Before any thread pool exists: rayon and candle read it on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    #[cfg(feature = "cuda")]
+    if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none()
+        && !std::env::args().any(|a| a.to_ascii_lowercase().ends_with("+tf32"))
+    {
+        // Full f32 on CUDA unless a device asks for TF32 (`--device cuda+tf32`).
+        // NVIDIA's switch, read by cuBLAS and cuDNN when they start (before any CUDA
+        // call here), is what measurably keeps both off reduced-precision kernels;
+        // see docs/performance.md.
+        std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+    }
     let command = common::command_line();
     let env_data_dir = common::data_dir_from_env();
     match cli.command {

@@ -248,7 +248,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
 
-    /// Device: cpu, cuda or cuda:N.
+    /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
 }

@@ -345,6 +345,10 @@ pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
         )
     }
     if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
+        #[cfg(feature = "cudnn")]
+        if xs.device().is_cuda() && xs.dtype() == candle_core::DType::F32 && xs.dim(0)? > 0 {
+            return crate::cudnn::conv2d_nhwc(xs, weight, stride, padding);
+        }
         return conv2d_nhwc_generic(xs, weight, stride, padding);
     }
     let window = Window {

@@ -84,6 +84,26 @@ impl BatchNorm {
         if xs.device().is_cpu() && xs.dtype() == DType::F32 {
             self.forward_fused(xs, train, relu)
         } else {
+            #[cfg(feature = "cudnn")]
+            if crate::cudnn::batch_norm_supported(xs, self.eps) {
+                let y = if train {
+                    let (y, mean, var) =
+                        crate::cudnn::batch_norm_train(xs, &self.weight, &self.bias, self.eps)?;
+                    let n = (xs.elem_count() / mean.elem_count()) as f64;
+                    self.update_running(&mean, &var, n)?;
+                    y
+                } else {
+                    crate::cudnn::batch_norm_eval(
+                        xs,
+                        &self.weight,
+                        &self.bias,
+                        self.running_mean.as_tensor(),
+                        self.running_var.as_tensor(),
+                        self.eps,
+                    )?
+                };
+                return if relu { y.relu() } else { Ok(y) };
+            }
             let y = self.forward_reference(xs, train)?;
             if relu {
                 y.relu()

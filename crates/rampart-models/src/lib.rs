@@ -11,6 +11,10 @@
 #![warn(missing_docs)]
 
 pub mod bn;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 mod fused;
 mod fused_train;
 mod gemm;

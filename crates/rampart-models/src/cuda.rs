@@ -1,0 +1,40 @@
+//! Settings of a CUDA device for Rampart's workloads (feature `cuda`).
+//!
+//! candle allocates every tensor with `cuMemAllocAsync` from the device's default
+//! memory pool, whose release threshold is 0: each synchronisation (reading a loss
+//! or a prediction back) hands the pool's memory back to the driver, and the next
+//! step maps it again. Measured on an H100, that made a synchronised WRN-16-4 forward
+//! pass 3–4× slower than a pipelined one. [`prepare`] keeps freed memory in the pool,
+//! as PyTorch's caching allocator does.
+#![allow(unsafe_code)]
+
+use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::{Device, Result};
+
+/// Keeps freed memory in `dev`'s pool, and sets whether f32 convolutions and matrix
+/// products may use TF32 tensor cores (`tf32`; see `docs/performance.md`). A no-op on
+/// the CPU.
+pub fn prepare(dev: &Device, tf32: bool) -> Result<()> {
+    let Device::Cuda(cuda) = dev else {
+        return Ok(());
+    };
+    let stream = cuda.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread()?;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: a valid device of a bound context; the attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
+    #[cfg(feature = "cudnn")]
+    crate::cudnn::set_tf32(tf32);
+    Ok(())
+}

@@ -1,0 +1,889 @@
+//! cuDNN convolutions on NHWC tensors: the CUDA hot path (feature `cudnn`).
+//!
+//! candle's own `conv2d` on CUDA takes NCHW input (so every layer of an NHWC model
+//! pays two transposing copies), asks cuDNN's heuristics for an algorithm on every
+//! call, and has no cuDNN backward pass. Measured on an H100 (WRN-16-4, batch 128),
+//! that made a training step 40× slower than PyTorch's. Here the three calls
+//! PyTorch makes, forward, backward-data and backward-filter, run on the NHWC layout
+//! the models keep (the layout cuDNN's tensor-core kernels want), with the kernel in
+//! KRSC order (a permuted copy of the OIHW parameter, a few hundred kilobytes), and
+//! the algorithm choice (cuDNN's heuristics, as PyTorch without
+//! `cudnn.benchmark`) and workspace size are cached per geometry and thread.
+//!
+//! Precision: full f32 (cuDNN's FMA math mode) unless [`set_tf32`] allows TF32
+//! tensor cores, PyTorch's default for convolutions. With TF32 an attack's input
+//! gradient on a WRN-16-2 moved by 5 % (relative L2) from the f32 one; without it,
+//! by 1e-6.
+//!
+//! Inside [`crate::input_gradients_only`] the backward pass skips the kernel
+//! gradient (zeros come back), as on the CPU.
+//!
+//! This is the one module of the workspace with `unsafe` code: the calls into cuDNN
+//! and the uninitialised output buffers cuDNN fills.
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::cudnn::safe::{
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, FilterDescriptor,
+    TensorDescriptor,
+};
+use std::ffi::c_void;
+
+use candle_core::cuda_backend::cudarc::cudnn::{result, sys, Cudnn};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::{CudaDevice, DeviceId};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// The sizes of one convolution: input (b, h, w, c_in), kernel (c_out, k, k, c_in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Geometry {
+    b: usize,
+    h: usize,
+    w: usize,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    fn out(&self) -> (usize, usize) {
+        let o = |n: usize| (n + 2 * self.padding - self.k) / self.stride + 1;
+        (o(self.h), o(self.w))
+    }
+
+    fn input_len(&self) -> usize {
+        self.b * self.h * self.w * self.c_in
+    }
+
+    fn output_len(&self) -> usize {
+        let (ho, wo) = self.out();
+        self.b * ho * wo * self.c_out
+    }
+
+    fn kernel_len(&self) -> usize {
+        self.c_out * self.k * self.k * self.c_in
+    }
+}
+
+/// The descriptors of one geometry and cuDNN's choice of algorithm for each pass.
+struct Plan {
+    conv: ConvDescriptor<f32>,
+    x: TensorDescriptor<f32>,
+    w: FilterDescriptor<f32>,
+    y: TensorDescriptor<f32>,
+    forward: (sys::cudnnConvolutionFwdAlgo_t, usize),
+    data: (sys::cudnnConvolutionBwdDataAlgo_t, usize),
+    filter: (sys::cudnnConvolutionBwdFilterAlgo_t, usize),
+}
+
+/// (device, sizes, TF32 allowed).
+type PlanKey = (DeviceId, Geometry, bool);
+
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Lets cuDNN convolutions use TF32 tensor cores (10-bit mantissa) on Ampere and
+/// newer GPUs, as PyTorch does by default; off, they compute in full f32 and agree
+/// with the CPU path to f32 rounding. Process-wide.
+pub fn set_tf32(on: bool) {
+    TF32.store(on, Ordering::Relaxed);
+}
+
+thread_local! {
+    // cuDNN handles are neither Send nor Sync: one per thread and device, as candle does.
+    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<PlanKey, Rc<Plan>>> = RefCell::new(HashMap::new());
+}
+
+fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
+    HANDLES.with(|h| {
+        if let Some(c) = h.borrow().get(&dev.id()) {
+            return Ok(c.clone());
+        }
+        let c = Cudnn::new(dev.cuda_stream())?;
+        h.borrow_mut().insert(dev.id(), c.clone());
+        Ok(c)
+    })
+}
+
+fn dims(n: usize, c: usize, h: usize, w: usize) -> [i32; 4] {
+    [n as i32, c as i32, h as i32, w as i32]
+}
+
+fn plan(dev: &CudaDevice, g: Geometry) -> Result<Rc<Plan>> {
+    let tf32 = TF32.load(Ordering::Relaxed);
+    let key = (dev.id(), g, tf32);
+    if let Some(p) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
+        return Ok(p);
+    }
+    let cudnn = handle(dev)?;
+    let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+    let (ho, wo) = g.out();
+    let (p, s) = (g.padding as i32, g.stride as i32);
+    let conv = cudnn.create_conv2d::<f32>(
+        [p, p],
+        [s, s],
+        [1, 1],
+        sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+    )?;
+    let x = cudnn.create_4d_tensor::<f32>(nhwc, dims(g.b, g.c_in, g.h, g.w))?;
+    let w = cudnn.create_4d_filter::<f32>(nhwc, dims(g.c_out, g.c_in, g.k, g.k))?;
+    let y = cudnn.create_4d_tensor::<f32>(nhwc, dims(g.b, g.c_out, ho, wo))?;
+    let forward = {
+        let op = ConvForward {
+            conv: &conv,
+            x: &x,
+            w: &w,
+            y: &y,
+        };
+        let algo = op.pick_algorithm()?;
+        (algo, op.get_workspace_size(algo)?)
+    };
+    let data = {
+        let op = ConvBackwardData {
+            conv: &conv,
+            dx: &x,
+            w: &w,
+            dy: &y,
+        };
+        let algo = op.pick_algorithm()?;
+        (algo, op.get_workspace_size(algo)?)
+    };
+    let filter = {
+        let op = ConvBackwardFilter {
+            conv: &conv,
+            x: &x,
+            dw: &w,
+            dy: &y,
+        };
+        let algo = op.pick_algorithm()?;
+        (algo, op.get_workspace_size(algo)?)
+    };
+    let plan = Rc::new(Plan {
+        conv,
+        x,
+        w,
+        y,
+        forward,
+        data,
+        filter,
+    });
+    PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
+    Ok(plan)
+}
+
+/// A contiguous f32 operand of `len` elements.
+fn view<'a>(s: &'a CudaStorage, l: &Layout, len: usize, what: &str) -> Result<CudaView<'a, f32>> {
+    if !l.is_contiguous() || l.shape().elem_count() != len {
+        candle_core::bail!(
+            "cuDNN convolution: {what} must be a contiguous tensor of {len} values, got {:?}",
+            l.shape()
+        )
+    }
+    let start = l.start_offset();
+    Ok(s.as_cuda_slice::<f32>()?.slice(start..start + len))
+}
+
+fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
+    if bytes == 0 {
+        return Ok(None);
+    }
+    // SAFETY: cuDNN only writes to its workspace before reading it.
+    Ok(Some(unsafe { dev.alloc::<u8>(bytes)? }))
+}
+
+fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("cuDNN convolution called on CPU tensors")
+}
+
+/// y = conv(x, w): x (b, h, w, c_in), w (c_out, k, k, c_in) → y (b, ho, wo, c_out).
+struct Forward(Geometry);
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "cudnn-conv2d-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = self.0;
+        let dev = &xs.device;
+        let x = view(xs, xl, g.input_len(), "input")?;
+        let w = view(ws, wl, g.kernel_len(), "kernel")?;
+        let p = plan(dev, g)?;
+        // SAFETY: beta = 0, so cuDNN writes every output value before anything reads it.
+        let mut y = unsafe { dev.alloc::<f32>(g.output_len())? };
+        let mut work = workspace(dev, p.forward.1)?;
+        let op = ConvForward {
+            conv: &p.conv,
+            x: &p.x,
+            w: &p.w,
+            y: &p.y,
+        };
+        // SAFETY: the descriptors of `p` describe these buffers (checked lengths, NHWC).
+        unsafe { op.launch(p.forward.0, work.as_mut(), (1.0, 0.0), &x, &w, &mut y) }?;
+        let (ho, wo) = g.out();
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from((g.b, ho, wo, g.c_out)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(w, &BackwardData(self.0))?;
+        let dw = if crate::input_gradients_only_active() {
+            w.zeros_like()?
+        } else {
+            x.apply_op2_no_bwd(&grad, &BackwardFilter(self.0))?
+        };
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// dx from dy (b, ho, wo, c_out) and w (c_out, k, k, c_in).
+struct BackwardData(Geometry);
+
+impl CustomOp2 for BackwardData {
+    fn name(&self) -> &'static str {
+        "cudnn-conv2d-nhwc-backward-data"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        dys: &CudaStorage,
+        dyl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = self.0;
+        let dev = &dys.device;
+        let dy = view(dys, dyl, g.output_len(), "output gradient")?;
+        let w = view(ws, wl, g.kernel_len(), "kernel")?;
+        let p = plan(dev, g)?;
+        // SAFETY: beta = 0: every value is written.
+        let mut dx = unsafe { dev.alloc::<f32>(g.input_len())? };
+        let mut work = workspace(dev, p.data.1)?;
+        let op = ConvBackwardData {
+            conv: &p.conv,
+            dx: &p.x,
+            w: &p.w,
+            dy: &p.y,
+        };
+        // SAFETY: as in the forward pass.
+        unsafe { op.launch(p.data.0, work.as_mut(), (1.0, 0.0), &mut dx, &w, &dy) }?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+            Shape::from((g.b, g.h, g.w, g.c_in)),
+        ))
+    }
+}
+
+/// dw (c_out, k, k, c_in) from x (b, h, w, c_in) and dy (b, ho, wo, c_out).
+struct BackwardFilter(Geometry);
+
+impl CustomOp2 for BackwardFilter {
+    fn name(&self) -> &'static str {
+        "cudnn-conv2d-nhwc-backward-filter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        dys: &CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = self.0;
+        let dev = &xs.device;
+        let x = view(xs, xl, g.input_len(), "input")?;
+        let dy = view(dys, dyl, g.output_len(), "output gradient")?;
+        let p = plan(dev, g)?;
+        // SAFETY: beta = 0: every value is written.
+        let mut dw = unsafe { dev.alloc::<f32>(g.kernel_len())? };
+        let mut work = workspace(dev, p.filter.1)?;
+        let op = ConvBackwardFilter {
+            conv: &p.conv,
+            x: &p.x,
+            dw: &p.w,
+            dy: &p.y,
+        };
+        // SAFETY: as in the forward pass.
+        unsafe { op.launch(p.filter.0, work.as_mut(), (1.0, 0.0), &x, &mut dw, &dy) }?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dw, dev.clone()),
+            Shape::from((g.c_out, g.k, g.k, g.c_in)),
+        ))
+    }
+}
+
+/// 2-D convolution of an NHWC f32 CUDA tensor with an OIHW kernel through cuDNN;
+/// gradients reach both (see the module documentation).
+pub(crate) fn conv2d_nhwc(
+    xs: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (b, h, w, c_in) = xs.dims4()?;
+    let (c_out, _, k, _) = weight.dims4()?;
+    if stride == 0 || h + 2 * padding < k || w + 2 * padding < k {
+        candle_core::bail!(
+            "conv2d: a {k}×{k} kernel with stride {stride} and padding {padding} does not fit a {h}×{w} input"
+        )
+    }
+    let g = Geometry {
+        b,
+        h,
+        w,
+        c_in,
+        c_out,
+        k,
+        stride,
+        padding,
+    };
+    let krsc = weight.permute((0, 2, 3, 1))?.contiguous()?;
+    xs.contiguous()?.apply_op2(&krsc, Forward(g))
+}
+
+// ---------------------------------------------------------------------------------
+// BatchNorm: cuDNN's spatial batch normalisation on NHWC tensors (one kernel for the
+// forward pass, one for the backward pass, where candle's generic operations take a
+// dozen broadcasting kernels each way).
+
+/// A raw cuDNN handle on the device's stream (the safe wrapper keeps its handle
+/// private, and BatchNorm has no safe wrapper).
+struct RawHandle(sys::cudnnHandle_t);
+
+impl Drop for RawHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_handle` and dropped once.
+        let _ = unsafe { result::destroy_handle(self.0) };
+    }
+}
+
+/// A 4-d f32 tensor descriptor.
+struct Desc(sys::cudnnTensorDescriptor_t);
+
+impl Desc {
+    fn new(format: sys::cudnnTensorFormat_t, d: [i32; 4]) -> Result<Self> {
+        let desc = Desc(result::create_tensor_descriptor()?);
+        // SAFETY: a freshly created descriptor.
+        unsafe {
+            result::set_tensor4d_descriptor(
+                desc.0,
+                format,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                d,
+            )
+        }?;
+        Ok(desc)
+    }
+}
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_tensor_descriptor` and dropped once.
+        let _ = unsafe { result::destroy_tensor_descriptor(self.0) };
+    }
+}
+
+/// The descriptors of one BatchNorm shape: the activations (NHWC) and the
+/// per-channel parameters (1, C, 1, 1).
+struct BnPlan {
+    x: Desc,
+    p: Desc,
+}
+
+type BnKey = (DeviceId, [usize; 4]);
+
+thread_local! {
+    static RAW: RefCell<HashMap<DeviceId, Rc<RawHandle>>> = RefCell::new(HashMap::new());
+    static BN_PLANS: RefCell<HashMap<BnKey, Rc<BnPlan>>> = RefCell::new(HashMap::new());
+}
+
+fn raw_handle(dev: &CudaDevice) -> Result<Rc<RawHandle>> {
+    if let Some(h) = RAW.with(|r| r.borrow().get(&dev.id()).cloned()) {
+        return Ok(h);
+    }
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread()?;
+    let h = RawHandle(result::create_handle()?);
+    // SAFETY: a live handle and the device's own stream, which outlives it.
+    unsafe { result::set_stream(h.0, stream.cu_stream() as sys::cudaStream_t) }?;
+    let h = Rc::new(h);
+    RAW.with(|r| r.borrow_mut().insert(dev.id(), h.clone()));
+    Ok(h)
+}
+
+fn bn_plan(dev: &CudaDevice, d: [usize; 4]) -> Result<Rc<BnPlan>> {
+    let key = (dev.id(), d);
+    if let Some(p) = BN_PLANS.with(|p| p.borrow().get(&key).cloned()) {
+        return Ok(p);
+    }
+    let [n, c, h, w] = d;
+    let plan = Rc::new(BnPlan {
+        x: Desc::new(
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+            dims(n, c, h, w),
+        )?,
+        p: Desc::new(
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            dims(1, c, 1, 1),
+        )?,
+    });
+    BN_PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
+    Ok(plan)
+}
+
+/// The smallest ε cuDNN's BatchNorm accepts (`CUDNN_BN_MIN_EPSILON` of cuDNN 7;
+/// later versions accept less, the models use 1e-5).
+const BN_MIN_EPSILON: f64 = 1e-5;
+
+const SPATIAL: sys::cudnnBatchNormMode_t = sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
+
+/// Train-mode BatchNorm (forward and backward): cuDNN's persistent NHWC kernels,
+/// measured 20 % faster on a WRN-16-4 training step than the plain spatial mode.
+const SPATIAL_PERSISTENT: sys::cudnnBatchNormMode_t =
+    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL_PERSISTENT;
+
+fn scalar(v: &f32) -> *const c_void {
+    (v as *const f32).cast()
+}
+
+/// The (n, c, h, w) of NHWC activations, or of (rows, C) as (rows, c, 1, 1).
+fn bn_dims(xs: &Tensor) -> Result<[usize; 4]> {
+    Ok(match xs.dims() {
+        [b, h, w, c] => [*b, *c, *h, *w],
+        [rows, c] => [*rows, *c, 1, 1],
+        other => candle_core::bail!("BatchNorm: expected (B, H, W, C) or (rows, C), got {other:?}"),
+    })
+}
+
+/// Train-mode BatchNorm: (x, γ, β) → one buffer holding y, then the batch mean and
+/// 1/√(var + ε) per channel (cuDNN's saved statistics, which the backward pass and
+/// the running-statistics update read).
+struct BnTrain {
+    dims: [usize; 4],
+    eps: f64,
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "cudnn-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let [n, c, h, w] = self.dims;
+        let len = n * c * h * w;
+        let dev = &xs.device;
+        let stream = dev.cuda_stream();
+        let x = view(xs, xl, len, "input")?;
+        let gamma = view(gs, gl, c, "scale")?;
+        let beta = view(bs, bl, c, "shift")?;
+        let plan = bn_plan(dev, self.dims)?;
+        let handle = raw_handle(dev)?;
+        // SAFETY: every value is written by cuDNN below.
+        let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
+        {
+            let (xp, _gx) = x.device_ptr(&stream);
+            let (gp, _gg) = gamma.device_ptr(&stream);
+            let (bp, _gb) = beta.device_ptr(&stream);
+            let (op, _go) = out.device_ptr_mut(&stream);
+            let mean = op + (4 * len) as u64;
+            let inv_std = mean + (4 * c) as u64;
+            // SAFETY: the descriptors match the checked lengths; the running
+            // statistics are not asked for (both null, factor 0).
+            unsafe {
+                sys::cudnnBatchNormalizationForwardTraining(
+                    handle.0,
+                    SPATIAL_PERSISTENT,
+                    scalar(&1.0),
+                    scalar(&0.0),
+                    plan.x.0,
+                    xp as *const c_void,
+                    plan.x.0,
+                    op as *mut c_void,
+                    plan.p.0,
+                    gp as *const c_void,
+                    bp as *const c_void,
+                    0.0,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    self.eps,
+                    mean as *mut c_void,
+                    inv_std as *mut c_void,
+                )
+            }
+            .result()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(len + 2 * c),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [n, c, h, w] = self.dims;
+        let len = n * c * h * w;
+        let grad = grad.contiguous()?;
+        let out = x.apply_op3_no_bwd(
+            &grad,
+            res,
+            &BnBackward {
+                dims: self.dims,
+                eps: self.eps,
+                gamma: gamma.clone(),
+            },
+        )?;
+        Ok((
+            Some(out.narrow(0, 0, len)?),
+            Some(out.narrow(0, len, c)?),
+            Some(out.narrow(0, len + c, c)?),
+        ))
+    }
+}
+
+/// The backward pass of [`BnTrain`]: (x, ∂/∂out, out) → dx, dγ, dβ in one buffer.
+struct BnBackward {
+    dims: [usize; 4],
+    eps: f64,
+    gamma: Tensor,
+}
+
+impl CustomOp3 for BnBackward {
+    fn name(&self) -> &'static str {
+        "cudnn-batch-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        dys: &CudaStorage,
+        dyl: &Layout,
+        rs: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let [n, c, h, w] = self.dims;
+        let len = n * c * h * w;
+        let dev = &xs.device;
+        let stream = dev.cuda_stream();
+        let x = view(xs, xl, len, "input")?;
+        let dy = view(dys, dyl, len + 2 * c, "output gradient")?;
+        let saved = view(rs, rl, len + 2 * c, "saved statistics")?;
+        let (gs, gl) = self.gamma.storage_and_layout();
+        let candle_core::Storage::Cuda(gs) = &*gs else {
+            candle_core::bail!("BatchNorm: scale on another device than the input")
+        };
+        let gamma = view(gs, gl, c, "scale")?;
+        let plan = bn_plan(dev, self.dims)?;
+        let handle = raw_handle(dev)?;
+        // SAFETY: every value is written by cuDNN below.
+        let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
+        {
+            let (xp, _gx) = x.device_ptr(&stream);
+            let (dyp, _gdy) = dy.device_ptr(&stream);
+            let (sp, _gs) = saved.device_ptr(&stream);
+            let (gp, _gg) = gamma.device_ptr(&stream);
+            let (op, _go) = out.device_ptr_mut(&stream);
+            let mean = sp + (4 * len) as u64;
+            let inv_std = mean + (4 * c) as u64;
+            let d_gamma = op + (4 * len) as u64;
+            let d_beta = d_gamma + (4 * c) as u64;
+            // SAFETY: as in the forward pass; the saved statistics are those the
+            // forward pass wrote for this x.
+            unsafe {
+                sys::cudnnBatchNormalizationBackward(
+                    handle.0,
+                    SPATIAL_PERSISTENT,
+                    scalar(&1.0),
+                    scalar(&0.0),
+                    scalar(&1.0),
+                    scalar(&0.0),
+                    plan.x.0,
+                    xp as *const c_void,
+                    plan.x.0,
+                    dyp as *const c_void,
+                    plan.x.0,
+                    op as *mut c_void,
+                    plan.p.0,
+                    gp as *const c_void,
+                    d_gamma as *mut c_void,
+                    d_beta as *mut c_void,
+                    self.eps,
+                    mean as *const c_void,
+                    inv_std as *const c_void,
+                )
+            }
+            .result()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(len + 2 * c),
+        ))
+    }
+}
+
+/// Whether cuDNN can run this BatchNorm (f32 on CUDA, ε at least cuDNN's minimum,
+/// a non-empty batch).
+pub(crate) fn batch_norm_supported(xs: &Tensor, eps: f64) -> bool {
+    xs.device().is_cuda()
+        && xs.dtype() == candle_core::DType::F32
+        && eps >= BN_MIN_EPSILON
+        && xs.elem_count() > 0
+}
+
+/// Train-mode BatchNorm of NHWC activations: the normalised output, and the batch
+/// mean and biased variance per channel (for the running statistics).
+pub(crate) fn batch_norm_train(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dims = bn_dims(xs)?;
+    let c = dims[1];
+    let len = xs.elem_count();
+    let out = xs.contiguous()?.flatten_all()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        BnTrain { dims, eps },
+    )?;
+    let y = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+    let stats = out.narrow(0, len, 2 * c)?.detach();
+    let mean = stats.narrow(0, 0, c)?;
+    let inv_std = stats.narrow(0, c, c)?;
+    let var = (inv_std.sqr()?.recip()? - eps)?;
+    Ok((y, mean, var))
+}
+
+/// Eval-mode BatchNorm from the running statistics: one cuDNN kernel forward; the
+/// backward pass is a per-channel scaling of the output gradient (and, outside
+/// [`crate::input_gradients_only`], the two parameter gradients).
+struct BnEval {
+    dims: [usize; 4],
+    eps: f64,
+    mean: Tensor,
+    var: Tensor,
+}
+
+impl CustomOp3 for BnEval {
+    fn name(&self) -> &'static str {
+        "cudnn-batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let [n, c, h, w] = self.dims;
+        let len = n * c * h * w;
+        let dev = &xs.device;
+        let stream = dev.cuda_stream();
+        let x = view(xs, xl, len, "input")?;
+        let gamma = view(gs, gl, c, "scale")?;
+        let beta = view(bs, bl, c, "shift")?;
+        let (ms, ml) = self.mean.storage_and_layout();
+        let (vs, vl) = self.var.storage_and_layout();
+        let (candle_core::Storage::Cuda(ms), candle_core::Storage::Cuda(vs)) = (&*ms, &*vs) else {
+            candle_core::bail!("BatchNorm: running statistics on another device than the input")
+        };
+        let mean = view(ms, ml, c, "running mean")?;
+        let var = view(vs, vl, c, "running variance")?;
+        let plan = bn_plan(dev, self.dims)?;
+        let handle = raw_handle(dev)?;
+        // SAFETY: every value is written by cuDNN below.
+        let mut y = unsafe { dev.alloc::<f32>(len)? };
+        {
+            let (xp, _gx) = x.device_ptr(&stream);
+            let (gp, _gg) = gamma.device_ptr(&stream);
+            let (bp, _gb) = beta.device_ptr(&stream);
+            let (mp, _gm) = mean.device_ptr(&stream);
+            let (vp, _gv) = var.device_ptr(&stream);
+            let (yp, _gy) = y.device_ptr_mut(&stream);
+            // SAFETY: the descriptors match the checked lengths.
+            unsafe {
+                sys::cudnnBatchNormalizationForwardInference(
+                    handle.0,
+                    SPATIAL,
+                    scalar(&1.0),
+                    scalar(&0.0),
+                    plan.x.0,
+                    xp as *const c_void,
+                    plan.x.0,
+                    yp as *mut c_void,
+                    plan.p.0,
+                    gp as *const c_void,
+                    bp as *const c_void,
+                    mp as *const c_void,
+                    vp as *const c_void,
+                    self.eps,
+                )
+            }
+            .result()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from(len),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = self.dims[1];
+        let inv_std = (&self.var + self.eps)?.sqrt()?.recip()?;
+        let rows = grad.reshape(((), c))?;
+        let dx = rows.broadcast_mul(&(gamma * &inv_std)?)?.flatten_all()?;
+        if crate::input_gradients_only_active() {
+            return Ok((
+                Some(dx),
+                Some(gamma.zeros_like()?),
+                Some(gamma.zeros_like()?),
+            ));
+        }
+        let x_hat = x
+            .reshape(((), c))?
+            .broadcast_sub(&self.mean)?
+            .broadcast_mul(&inv_std)?;
+        Ok((
+            Some(dx),
+            Some((rows.clone() * x_hat)?.sum(0)?),
+            Some(rows.sum(0)?),
+        ))
+    }
+}
+
+/// Eval-mode BatchNorm of NHWC activations from the running statistics.
+pub(crate) fn batch_norm_eval(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = bn_dims(xs)?;
+    xs.contiguous()?
+        .flatten_all()?
+        .apply_op3(
+            &gamma.contiguous()?,
+            &beta.contiguous()?,
+            BnEval {
+                dims,
+                eps,
+                mean: mean.detach().contiguous()?,
+                var: var.detach().contiguous()?,
+            },
+        )?
+        .reshape(xs.shape())
+}

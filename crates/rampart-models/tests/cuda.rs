@@ -1,0 +1,283 @@
+//! The CUDA path against the CPU path: convolutions (forward, input and kernel
+//! gradients) and whole networks (eval logits, attack input gradients, train-mode
+//! logits, every parameter gradient and the running statistics).
+//!
+//! Built only with `--features cuda` and run on a machine with an NVIDIA GPU:
+//! `cargo test --release -p rampart-models --features cuda --test cuda`. With the
+//! feature on and no GPU these tests fail, on purpose: the build claims CUDA.
+//!
+//! The models run in full f32 (`NVIDIA_TF32_OVERRIDE=0`, as the `rampart` binary
+//! sets it unless a device asks for TF32), so the tolerances are those of f32
+//! rounding through a deep network.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use rampart_models::{im2col::conv2d_nhwc, input_gradients_only, Arch, Classifier, ModelSpec};
+
+fn gpu() -> Device {
+    // Full f32, as `rampart` runs unless asked for TF32 (set before any CUDA call).
+    std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+    let dev = Device::new_cuda(0)
+        .expect("a CUDA device (this test binary was built with --features cuda)");
+    rampart_models::cuda::prepare(&dev, false).unwrap();
+    dev
+}
+
+/// Deterministic pseudo-random values in [−½, ½) (a 64-bit LCG; no RNG crate needed).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32) / ((1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::from_vec(values(shape.iter().product(), seed), shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// max |a − b| / max(max |a|, floor), with `a` the CPU reference.
+fn rel_diff(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
+    let b = b.to_device(&Device::Cpu).unwrap();
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a - &b).unwrap()) / max_abs(a).max(floor)
+}
+
+/// ‖a − b‖₂ / max(‖a‖₂, floor), with `a` the CPU reference. Whole networks are
+/// compared in this norm: a pre-activation within rounding of zero may take the
+/// other side of a ReLU on the GPU, which moves a few entries of a gradient by a lot
+/// and leaves the rest alone.
+fn rel_l2(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
+    let b = b.to_device(&Device::Cpu).unwrap();
+    assert_eq!(a.dims(), b.dims());
+    l2(&(a - &b).unwrap()) / l2(a).max(floor)
+}
+
+fn l2(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
+}
+
+/// ⟨t, p⟩ for a fixed probe p: a scalar whose gradient reaches every input.
+fn probe(t: &Tensor, seed: u64) -> Tensor {
+    let p = tensor(t.dims(), seed).to_device(t.device()).unwrap();
+    (t * &p).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn convolution_matches_cpu() {
+    let dev = gpu();
+    // (batch, size, c_in, c_out, kernel, stride, padding): WRN's 3×3 stride 1 and 2,
+    // the 1×1 projection, an odd size (output padding in the backward pass).
+    for (b, hw, ci, co, k, s, p) in [
+        (2, 8, 4, 6, 3, 1, 1),
+        (2, 8, 4, 6, 3, 2, 1),
+        (3, 7, 5, 3, 3, 2, 1),
+        (2, 8, 6, 4, 1, 2, 0),
+        (1, 9, 3, 5, 3, 1, 0),
+    ] {
+        let name = format!("b{b} {hw}² {ci}→{co} k{k} s{s} p{p}");
+        let x_cpu = Var::from_tensor(&tensor(&[b, hw, hw, ci], 1)).unwrap();
+        let w_cpu = Var::from_tensor(&tensor(&[co, ci, k, k], 2)).unwrap();
+        let y_cpu = conv2d_nhwc(x_cpu.as_tensor(), w_cpu.as_tensor(), s, p).unwrap();
+        let g_cpu = probe(&y_cpu, 3).backward().unwrap();
+
+        let x_gpu = Var::from_tensor(&x_cpu.as_tensor().to_device(&dev).unwrap()).unwrap();
+        let w_gpu = Var::from_tensor(&w_cpu.as_tensor().to_device(&dev).unwrap()).unwrap();
+        let y_gpu = conv2d_nhwc(x_gpu.as_tensor(), w_gpu.as_tensor(), s, p).unwrap();
+        let g_gpu = probe(&y_gpu, 3).backward().unwrap();
+
+        let tol = 1e-4;
+        let d = rel_diff(&y_cpu, &y_gpu, 1e-3);
+        assert!(d < tol, "{name}: outputs differ by {d}");
+        for (what, a, b) in [("input", &x_cpu, &x_gpu), ("kernel", &w_cpu, &w_gpu)] {
+            let ga = g_cpu.get(a.as_tensor()).unwrap();
+            let gb = g_gpu
+                .get(b.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no {what} gradient on CUDA"));
+            let d = rel_diff(ga, gb, 1e-3);
+            assert!(d < tol, "{name}: {what} gradients differ by {d}");
+        }
+        // Attack mode: the input gradient alone, the same as before.
+        let g_in = input_gradients_only(|| {
+            let y = conv2d_nhwc(x_gpu.as_tensor(), w_gpu.as_tensor(), s, p).unwrap();
+            probe(&y, 3).backward().unwrap()
+        });
+        let d = rel_diff(
+            g_cpu.get(x_cpu.as_tensor()).unwrap(),
+            g_in.get(x_gpu.as_tensor()).unwrap(),
+            1e-3,
+        );
+        assert!(d < tol, "{name}: input-only gradient differs by {d}");
+    }
+}
+
+/// A CPU model whose BatchNorms have non-trivial scale, shift and running statistics,
+/// and the same model on the GPU (through the safetensors bytes, as a user loads one).
+fn model_pair(spec: ModelSpec) -> (Classifier, Classifier) {
+    let cpu = Classifier::new(spec, 3, &Device::Cpu).unwrap();
+    for (seed, (name, var)) in (10..).zip(cpu.named_vars()) {
+        let n = var.elem_count();
+        let v = values(n, seed);
+        let t = if name.ends_with("bn1.weight")
+            || name.ends_with("bn2.weight")
+            || name == "bn.weight"
+        {
+            v.iter().map(|x| 1.0 + x).collect::<Vec<_>>()
+        } else if name.ends_with(".bias") && !name.starts_with("fc") {
+            v
+        } else {
+            continue;
+        };
+        var.set(&Tensor::from_vec(t, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    for s in 0..2 {
+        cpu.forward_t(&(tensor(&[8, 3, 32, 32], 100 + s) + 0.5).unwrap(), true)
+            .unwrap();
+    }
+    let bytes = cpu.to_bytes().unwrap();
+    let gpu =
+        Classifier::from_bytes(&bytes, std::path::Path::new("model.safetensors"), &gpu()).unwrap();
+    (cpu, gpu)
+}
+
+fn images(b: usize, seed: u64) -> Tensor {
+    (tensor(&[b, 3, 32, 32], seed) + 0.5).unwrap()
+}
+
+#[test]
+fn networks_match_cpu_in_eval_and_attack_mode() {
+    let dev = gpu();
+    for spec in [
+        ModelSpec::wrn(16, 2, 10),
+        ModelSpec::cifar(Arch::Resnet20, 10),
+        ModelSpec::cifar(Arch::PreactResnet18, 10),
+    ] {
+        let name = spec.arch.to_string();
+        let (cpu, gpu) = model_pair(spec);
+        let x = images(6, 7);
+        let logits_cpu = cpu.forward_t(&x, false).unwrap();
+        let logits_gpu = gpu.forward_t(&x.to_device(&dev).unwrap(), false).unwrap();
+        let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
+        eprintln!("{name}: eval logits differ by {d}");
+        assert!(d < 1e-4, "{name}: eval logits differ by {d}");
+
+        // The attack step: the input gradient inside the input-only scope.
+        let xc = Var::from_tensor(&x).unwrap();
+        let xg = Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
+        let gc = input_gradients_only(|| {
+            probe(&cpu.forward_t(xc.as_tensor(), false).unwrap(), 5)
+                .backward()
+                .unwrap()
+        });
+        let gg = input_gradients_only(|| {
+            probe(&gpu.forward_t(xg.as_tensor(), false).unwrap(), 5)
+                .backward()
+                .unwrap()
+        });
+        let (a, b) = (
+            gc.get(xc.as_tensor()).unwrap(),
+            gg.get(xg.as_tensor()).unwrap(),
+        );
+        assert!(max_abs(a) > 0.0, "{name}: zero reference gradient");
+        let d = rel_l2(a, b, 0.0);
+        eprintln!("{name}: input gradients differ by {d}");
+        assert!(d < 2e-3, "{name}: input gradients differ by {d}");
+
+        // Outside the scope, eval mode gives parameter gradients too.
+        let gc = probe(&cpu.forward_t(&x, false).unwrap(), 6)
+            .backward()
+            .unwrap();
+        let gg = probe(&logits_gpu, 6).backward().unwrap();
+        let gpu_vars: std::collections::HashMap<String, Var> =
+            gpu.named_vars().into_iter().collect();
+        for (var_name, vc) in cpu.named_vars() {
+            if rampart_models::is_buffer(&var_name) {
+                continue;
+            }
+            let a = gc.get(vc.as_tensor()).expect("CPU gradient");
+            let b = gg
+                .get(gpu_vars[&var_name].as_tensor())
+                .unwrap_or_else(|| panic!("{name} {var_name}: no eval-mode CUDA gradient"));
+            let d = rel_l2(a, b, 1e-3);
+            assert!(
+                d < 2e-3,
+                "{name} {var_name}: eval-mode gradients differ by {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn training_step_matches_cpu() {
+    let dev = gpu();
+    for spec in [
+        ModelSpec::wrn(10, 2, 10),
+        ModelSpec::cifar(Arch::Resnet20, 10),
+    ] {
+        let name = spec.arch.to_string();
+        let (cpu, gpu) = model_pair(spec);
+        let x = images(8, 21);
+        let logits_cpu = cpu.forward_t(&x, true).unwrap();
+        let logits_gpu = gpu.forward_t(&x.to_device(&dev).unwrap(), true).unwrap();
+        let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
+        eprintln!("{name}: train logits differ by {d}");
+        assert!(d < 1e-4, "{name}: train logits differ by {d}");
+        let gc = probe(&logits_cpu, 9).backward().unwrap();
+        let gg = probe(&logits_gpu, 9).backward().unwrap();
+        let gpu_vars: std::collections::HashMap<String, Var> =
+            gpu.named_vars().into_iter().collect();
+        let mut checked = 0;
+        for (var_name, vc) in cpu.named_vars() {
+            let vg = &gpu_vars[&var_name];
+            if rampart_models::is_buffer(&var_name) {
+                let d = rel_l2(vc.as_tensor(), vg.as_tensor(), 1e-2);
+                assert!(
+                    d < 1e-4,
+                    "{name} {var_name}: running statistics differ by {d}"
+                );
+                continue;
+            }
+            let a = gc.get(vc.as_tensor()).expect("CPU gradient");
+            let b = gg
+                .get(vg.as_tensor())
+                .unwrap_or_else(|| panic!("{name} {var_name}: no CUDA gradient"));
+            let d = rel_l2(a, b, 1e-3);
+            assert!(
+                d < 2e-3,
+                "{name} {var_name}: gradients differ by {d} (norm {})",
+                l2(a)
+            );
+            checked += 1;
+        }
+        assert!(checked > 10, "{name}: only {checked} parameters checked");
+        eprintln!("{name}: {checked} parameter gradients agree");
+    }
+}
