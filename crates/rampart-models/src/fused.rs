@@ -40,7 +40,7 @@ thread_local! {
 
 /// Runs `f` with a scratch buffer of `len` floats (contents unspecified: callers
 /// overwrite every element they read).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     if buf.len() < len {
         buf.resize(len, 0.0);
@@ -48,6 +48,26 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let out = f(&mut buf[..len]);
     SCRATCH.with(|s| *s.borrow_mut() = buf);
     out
+}
+
+/// Channels from which a 3×3 stride-1 convolution runs as Winograd F(2×2, 3×3): below,
+/// the transforms cost more than the multiply-adds they save.
+const WINOGRAD_MIN_CHANNELS: usize = 64;
+
+fn winograd_for(
+    w: &[f32],
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    c_in: usize,
+    c_out: usize,
+) -> Option<crate::winograd::Winograd> {
+    (kernel == 3
+        && stride == 1
+        && padding == 1
+        && c_in >= WINOGRAD_MIN_CHANNELS
+        && c_out >= WINOGRAD_MIN_CHANNELS)
+        .then(|| crate::winograd::Winograd::new(w, c_in, c_out))
 }
 
 /// A bias-free convolution: kernel as (C_out, k·k·C_in), patch order (ky, kx, c).
@@ -61,6 +81,9 @@ pub(crate) struct ConvLayer {
     /// one's input gradient: kernel transposed (C_in ↔ C_out) and flipped. It replaces
     /// the GEMM + scatter of the general backward pass by a gather + GEMM.
     transposed: Option<Box<ConvLayer>>,
+    /// For a 3×3 stride-1 padding-1 convolution with enough channels, the same
+    /// convolution in the Winograd domain (2.25× fewer multiply-adds).
+    winograd: Option<crate::winograd::Winograd>,
 }
 
 impl ConvLayer {
@@ -102,7 +125,6 @@ impl ConvLayer {
                 }
             }
             Box::new(ConvLayer {
-                w: t,
                 window: Window {
                     kernel,
                     stride,
@@ -110,10 +132,13 @@ impl ConvLayer {
                 },
                 c_in: c_out,
                 c_out: c_in,
+                winograd: winograd_for(&t, kernel, stride, padding, c_out, c_in),
+                w: t,
                 transposed: None,
             })
         });
         ConvLayer {
+            winograd: winograd_for(&w, kernel, stride, padding, c_in, c_out),
             w,
             window: Window {
                 kernel,
@@ -128,6 +153,15 @@ impl ConvLayer {
 
     pub(crate) fn c_out(&self) -> usize {
         self.c_out
+    }
+
+    /// The Winograd form, when this layer has one and it pays at this image size: with
+    /// fewer than 128 channels, only on images of at least 16×16 (measured on WRN-10-1,
+    /// whose 64-channel 8×8 layers train faster as im2col + GEMM, and WRN-16-4).
+    fn winograd_at(&self, h: usize, w: usize) -> Option<&crate::winograd::Winograd> {
+        self.winograd
+            .as_ref()
+            .filter(|_| self.c_in.min(self.c_out) >= 128 || h * w >= 256)
     }
 
     pub(crate) fn weight_len(&self) -> usize {
@@ -233,6 +267,10 @@ impl ConvLayer {
         accumulate: bool,
         epilogue: Option<&Affine>,
     ) {
+        if let Some(wg) = self.winograd_at(h, w) {
+            wg.forward(input, h, w, out, accumulate, epilogue);
+            return;
+        }
         let (row, c_out) = (self.row(), self.c_out);
         let total = out.len() / c_out;
         let wt = MatRef::row_major(&self.w, c_out, row).t();
@@ -320,6 +358,10 @@ impl ConvLayer {
         dy: &[f32],
         acc: &mut [f32],
     ) {
+        if let Some(wg) = self.winograd_at(h, w) {
+            wg.backward_weight(input, h, w, dy, acc);
+            return;
+        }
         let (row, c_out) = (self.row(), self.c_out);
         let total = dy.len() / c_out;
         // Long blocks: every GEMM call reads and writes the whole accumulator, so the
@@ -370,7 +412,7 @@ impl Affine {
         self.scale.len()
     }
 
-    fn relu_in_place(&self, x: &mut [f32]) {
+    pub(crate) fn relu_in_place(&self, x: &mut [f32]) {
         for row in x.chunks_exact_mut(self.channels()) {
             for ((v, s), t) in row.iter_mut().zip(&self.scale).zip(&self.shift) {
                 *v = (*v * s + t).max(0.0);

@@ -24,6 +24,7 @@ pub mod resnet;
 mod spec;
 mod store;
 pub mod variant;
+mod winograd;
 pub mod wrn;
 
 pub use spec::{Arch, ModelSpec};
