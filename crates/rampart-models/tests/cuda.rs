@@ -12,7 +12,9 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use rampart_models::{im2col::conv2d_nhwc, input_gradients_only, Arch, Classifier, ModelSpec};
+use rampart_models::{
+    im2col::conv2d_nhwc, input_gradients_only, Arch, Classifier, ModelSpec, NoiseSpec, OatSpec,
+};
 
 fn gpu() -> Device {
     // Full f32, as `rampart` runs unless asked for TF32 (set before any CUDA call).
@@ -168,6 +170,45 @@ fn model_pair(spec: ModelSpec) -> (Classifier, Classifier) {
     (cpu, gpu)
 }
 
+/// A stochastic student (its noise drawn on the host from the same seed on both
+/// devices, see [`fwd`]) and a λ-conditioned OAT model at λ = 0.3: the variants'
+/// noise, BatchNorm and FiLM plumbing on CUDA.
+fn variants() -> Vec<ModelSpec> {
+    let mut student = ModelSpec::wrn(10, 2, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.1 });
+    let mut oat = ModelSpec::wrn(10, 2, 10);
+    oat.oat = Some(OatSpec::standard());
+    vec![student, oat]
+}
+
+/// The architecture, and the variant if any.
+fn label(spec: &ModelSpec) -> String {
+    let variant = match (&spec.noise, &spec.oat) {
+        (Some(_), _) => " student",
+        (_, Some(_)) => " oat",
+        _ => "",
+    };
+    format!("{}{variant}", spec.arch)
+}
+
+/// Sets the OAT models' λ on both devices.
+fn settle(models: [&Classifier; 2]) {
+    for m in models {
+        if m.spec().oat.is_some() {
+            m.set_lambda(0.3).unwrap();
+        }
+    }
+}
+
+/// A forward pass; a stochastic student first restarts its noise generator, so the
+/// two devices draw the same noise.
+fn fwd(m: &Classifier, x: &Tensor, train: bool) -> Tensor {
+    if m.is_stochastic() {
+        m.reseed_noise(11);
+    }
+    m.forward_t(x, train).unwrap()
+}
+
 fn images(b: usize, seed: u64) -> Tensor {
     (tensor(&[b, 3, 32, 32], seed) + 0.5).unwrap()
 }
@@ -175,16 +216,19 @@ fn images(b: usize, seed: u64) -> Tensor {
 #[test]
 fn networks_match_cpu_in_eval_and_attack_mode() {
     let dev = gpu();
-    for spec in [
+    let mut specs = vec![
         ModelSpec::wrn(16, 2, 10),
         ModelSpec::cifar(Arch::Resnet20, 10),
         ModelSpec::cifar(Arch::PreactResnet18, 10),
-    ] {
-        let name = spec.arch.to_string();
+    ];
+    specs.extend(variants());
+    for spec in specs {
+        let name = label(&spec);
         let (cpu, gpu) = model_pair(spec);
+        settle([&cpu, &gpu]);
         let x = images(6, 7);
-        let logits_cpu = cpu.forward_t(&x, false).unwrap();
-        let logits_gpu = gpu.forward_t(&x.to_device(&dev).unwrap(), false).unwrap();
+        let logits_cpu = fwd(&cpu, &x, false);
+        let logits_gpu = fwd(&gpu, &x.to_device(&dev).unwrap(), false);
         let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
         eprintln!("{name}: eval logits differ by {d}");
         assert!(d < 1e-4, "{name}: eval logits differ by {d}");
@@ -193,12 +237,12 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
         let xc = Var::from_tensor(&x).unwrap();
         let xg = Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
         let gc = input_gradients_only(|| {
-            probe(&cpu.forward_t(xc.as_tensor(), false).unwrap(), 5)
+            probe(&fwd(&cpu, xc.as_tensor(), false), 5)
                 .backward()
                 .unwrap()
         });
         let gg = input_gradients_only(|| {
-            probe(&gpu.forward_t(xg.as_tensor(), false).unwrap(), 5)
+            probe(&fwd(&gpu, xg.as_tensor(), false), 5)
                 .backward()
                 .unwrap()
         });
@@ -212,9 +256,7 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
         assert!(d < 2e-3, "{name}: input gradients differ by {d}");
 
         // Outside the scope, eval mode gives parameter gradients too.
-        let gc = probe(&cpu.forward_t(&x, false).unwrap(), 6)
-            .backward()
-            .unwrap();
+        let gc = probe(&fwd(&cpu, &x, false), 6).backward().unwrap();
         let gg = probe(&logits_gpu, 6).backward().unwrap();
         let gpu_vars: std::collections::HashMap<String, Var> =
             gpu.named_vars().into_iter().collect();
@@ -222,9 +264,18 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
             if rampart_models::is_buffer(&var_name) {
                 continue;
             }
-            let a = gc.get(vc.as_tensor()).expect("CPU gradient");
+            let vg = gpu_vars[&var_name].as_tensor();
+            // Parameters off the path (the clean BatchNorms of an OAT model at λ > 0)
+            // have no gradient, on either device.
+            let Some(a) = gc.get(vc.as_tensor()) else {
+                assert!(
+                    gg.get(vg).is_none(),
+                    "{name} {var_name}: gradient on CUDA only"
+                );
+                continue;
+            };
             let b = gg
-                .get(gpu_vars[&var_name].as_tensor())
+                .get(vg)
                 .unwrap_or_else(|| panic!("{name} {var_name}: no eval-mode CUDA gradient"));
             let d = rel_l2(a, b, 1e-3);
             assert!(
@@ -238,15 +289,18 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
 #[test]
 fn training_step_matches_cpu() {
     let dev = gpu();
-    for spec in [
+    let mut specs = vec![
         ModelSpec::wrn(10, 2, 10),
         ModelSpec::cifar(Arch::Resnet20, 10),
-    ] {
-        let name = spec.arch.to_string();
+    ];
+    specs.extend(variants());
+    for spec in specs {
+        let name = label(&spec);
         let (cpu, gpu) = model_pair(spec);
+        settle([&cpu, &gpu]);
         let x = images(8, 21);
-        let logits_cpu = cpu.forward_t(&x, true).unwrap();
-        let logits_gpu = gpu.forward_t(&x.to_device(&dev).unwrap(), true).unwrap();
+        let logits_cpu = fwd(&cpu, &x, true);
+        let logits_gpu = fwd(&gpu, &x.to_device(&dev).unwrap(), true);
         let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
         eprintln!("{name}: train logits differ by {d}");
         assert!(d < 1e-4, "{name}: train logits differ by {d}");
@@ -265,7 +319,13 @@ fn training_step_matches_cpu() {
                 );
                 continue;
             }
-            let a = gc.get(vc.as_tensor()).expect("CPU gradient");
+            let Some(a) = gc.get(vc.as_tensor()) else {
+                assert!(
+                    gg.get(vg.as_tensor()).is_none(),
+                    "{name} {var_name}: gradient on CUDA only"
+                );
+                continue;
+            };
             let b = gg
                 .get(vg.as_tensor())
                 .unwrap_or_else(|| panic!("{name} {var_name}: no CUDA gradient"));
