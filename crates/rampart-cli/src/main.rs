@@ -39,6 +39,21 @@ fn keep_freed_memory() {
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+/// Whether a `--device` value of the command line asks for TF32 (`cuda+tf32`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn tf32_requested(args: impl IntoIterator<Item = String>) -> bool {
+    let mut after_flag = false;
+    args.into_iter().any(|a| {
+        let value = match a.strip_prefix("--device=") {
+            Some(v) => Some(v.to_string()),
+            None if after_flag => Some(a.clone()),
+            None => None,
+        };
+        after_flag = a == "--device";
+        value.is_some_and(|v| v.to_ascii_lowercase().ends_with("+tf32"))
+    })
+}
 use rampart_defenses::Progress;
 
 /// Train and evaluate image classifiers for adversarial robustness and calibration.
@@ -93,9 +108,7 @@ fn run(cli: Cli) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     #[cfg(feature = "cuda")]
-    if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none()
-        && !std::env::args().any(|a| a.to_ascii_lowercase().ends_with("+tf32"))
-    {
+    if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none() && !tf32_requested(std::env::args()) {
         // Full f32 on CUDA unless a device asks for TF32 (`--device cuda+tf32`).
         // NVIDIA's switch, read by cuBLAS and cuDNN when they start (before any CUDA
         // call here), is what measurably keeps both off reduced-precision kernels;
@@ -151,4 +164,22 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tf32_requested;
+
+    #[test]
+    fn tf32_only_from_a_device_value() {
+        let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert!(tf32_requested(args(
+            "rampart train --device cuda+tf32 --epochs 1"
+        )));
+        assert!(tf32_requested(args("rampart eval --device=CUDA:1+TF32")));
+        assert!(!tf32_requested(args(
+            "rampart train --device cuda --out runs/a+tf32"
+        )));
+        assert!(!tf32_requested(args("rampart train --out x+tf32")));
+    }
 }

@@ -202,12 +202,58 @@ fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("cuDNN convolution called on CPU tensors")
 }
 
-/// y = conv(x, w): x (b, h, w, c_in), w (c_out, k, k, c_in) → y (b, ho, wo, c_out).
-struct Forward(Geometry);
+/// Which of cuDNN's three convolution calls an op makes.
+#[derive(Clone, Copy, Debug)]
+enum Pass {
+    /// (x, w) → y: x (b, h, w, c_in), w (c_out, k, k, c_in), y (b, ho, wo, c_out).
+    Forward,
+    /// (dy, w) → dx.
+    Data,
+    /// (x, dy) → dw.
+    Filter,
+}
 
-impl CustomOp2 for Forward {
+/// One cuDNN convolution pass of a geometry. Only the forward pass has a backward
+/// pass of its own: the other two are its gradients.
+struct Conv(Geometry, Pass);
+
+impl Conv {
+    /// The lengths of the two operands and the result, and the result's shape.
+    fn sizes(&self) -> ([(usize, &'static str); 2], usize, Shape) {
+        let g = self.0;
+        let (ho, wo) = g.out();
+        let (input, kernel, output) = (
+            (g.input_len(), "input"),
+            (g.kernel_len(), "kernel"),
+            (g.output_len(), "output gradient"),
+        );
+        match self.1 {
+            Pass::Forward => (
+                [input, kernel],
+                g.output_len(),
+                Shape::from((g.b, ho, wo, g.c_out)),
+            ),
+            Pass::Data => (
+                [output, kernel],
+                g.input_len(),
+                Shape::from((g.b, g.h, g.w, g.c_in)),
+            ),
+            Pass::Filter => (
+                [input, output],
+                g.kernel_len(),
+                Shape::from((g.c_out, g.k, g.k, g.c_in)),
+            ),
+        }
+    }
+}
+
+impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
-        "cudnn-conv2d-nhwc"
+        match self.1 {
+            Pass::Forward => "cudnn-conv2d-nhwc",
+            Pass::Data => "cudnn-conv2d-nhwc-backward-data",
+            Pass::Filter => "cudnn-conv2d-nhwc-backward-filter",
+        }
     }
 
     fn cpu_fwd(
@@ -222,32 +268,53 @@ impl CustomOp2 for Forward {
 
     fn cuda_fwd(
         &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let g = self.0;
-        let dev = &xs.device;
-        let x = view(xs, xl, g.input_len(), "input")?;
-        let w = view(ws, wl, g.kernel_len(), "kernel")?;
-        let p = plan(dev, g)?;
+        let dev = &s1.device;
+        let ([(n1, what1), (n2, what2)], n_out, shape) = self.sizes();
+        let (a, b) = (view(s1, l1, n1, what1)?, view(s2, l2, n2, what2)?);
+        let p = plan(dev, self.0)?;
         // SAFETY: beta = 0, so cuDNN writes every output value before anything reads it.
-        let mut y = unsafe { dev.alloc::<f32>(g.output_len())? };
-        let mut work = workspace(dev, p.forward.1)?;
-        let op = ConvForward {
-            conv: &p.conv,
-            x: &p.x,
-            w: &p.w,
-            y: &p.y,
-        };
-        // SAFETY: the descriptors of `p` describe these buffers (checked lengths, NHWC).
-        unsafe { op.launch(p.forward.0, work.as_mut(), (1.0, 0.0), &x, &w, &mut y) }?;
-        let (ho, wo) = g.out();
-        Ok((
-            CudaStorage::wrap_cuda_slice(y, dev.clone()),
-            Shape::from((g.b, ho, wo, g.c_out)),
-        ))
+        let mut out = unsafe { dev.alloc::<f32>(n_out)? };
+        let ab = (1.0, 0.0);
+        // SAFETY (every launch): the descriptors of `p` describe these buffers
+        // (lengths checked above, NHWC, kernel KRSC).
+        match self.1 {
+            Pass::Forward => {
+                let mut work = workspace(dev, p.forward.1)?;
+                let op = ConvForward {
+                    conv: &p.conv,
+                    x: &p.x,
+                    w: &p.w,
+                    y: &p.y,
+                };
+                unsafe { op.launch(p.forward.0, work.as_mut(), ab, &a, &b, &mut out) }?;
+            }
+            Pass::Data => {
+                let mut work = workspace(dev, p.data.1)?;
+                let op = ConvBackwardData {
+                    conv: &p.conv,
+                    dx: &p.x,
+                    w: &p.w,
+                    dy: &p.y,
+                };
+                unsafe { op.launch(p.data.0, work.as_mut(), ab, &mut out, &b, &a) }?;
+            }
+            Pass::Filter => {
+                let mut work = workspace(dev, p.filter.1)?;
+                let op = ConvBackwardFilter {
+                    conv: &p.conv,
+                    x: &p.x,
+                    dw: &p.w,
+                    dy: &p.y,
+                };
+                unsafe { op.launch(p.filter.0, work.as_mut(), ab, &a, &mut out, &b) }?;
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
     }
 
     fn bwd(
@@ -257,110 +324,17 @@ impl CustomOp2 for Forward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !matches!(self.1, Pass::Forward) {
+            candle_core::bail!("cuDNN convolution gradients have no gradient of their own")
+        }
         let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(w, &BackwardData(self.0))?;
+        let dx = grad.apply_op2_no_bwd(w, &Conv(self.0, Pass::Data))?;
         let dw = if crate::input_gradients_only_active() {
             w.zeros_like()?
         } else {
-            x.apply_op2_no_bwd(&grad, &BackwardFilter(self.0))?
+            x.apply_op2_no_bwd(&grad, &Conv(self.0, Pass::Filter))?
         };
         Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// dx from dy (b, ho, wo, c_out) and w (c_out, k, k, c_in).
-struct BackwardData(Geometry);
-
-impl CustomOp2 for BackwardData {
-    fn name(&self) -> &'static str {
-        "cudnn-conv2d-nhwc-backward-data"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        dys: &CudaStorage,
-        dyl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let g = self.0;
-        let dev = &dys.device;
-        let dy = view(dys, dyl, g.output_len(), "output gradient")?;
-        let w = view(ws, wl, g.kernel_len(), "kernel")?;
-        let p = plan(dev, g)?;
-        // SAFETY: beta = 0: every value is written.
-        let mut dx = unsafe { dev.alloc::<f32>(g.input_len())? };
-        let mut work = workspace(dev, p.data.1)?;
-        let op = ConvBackwardData {
-            conv: &p.conv,
-            dx: &p.x,
-            w: &p.w,
-            dy: &p.y,
-        };
-        // SAFETY: as in the forward pass.
-        unsafe { op.launch(p.data.0, work.as_mut(), (1.0, 0.0), &mut dx, &w, &dy) }?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(dx, dev.clone()),
-            Shape::from((g.b, g.h, g.w, g.c_in)),
-        ))
-    }
-}
-
-/// dw (c_out, k, k, c_in) from x (b, h, w, c_in) and dy (b, ho, wo, c_out).
-struct BackwardFilter(Geometry);
-
-impl CustomOp2 for BackwardFilter {
-    fn name(&self) -> &'static str {
-        "cudnn-conv2d-nhwc-backward-filter"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        dys: &CudaStorage,
-        dyl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let g = self.0;
-        let dev = &xs.device;
-        let x = view(xs, xl, g.input_len(), "input")?;
-        let dy = view(dys, dyl, g.output_len(), "output gradient")?;
-        let p = plan(dev, g)?;
-        // SAFETY: beta = 0: every value is written.
-        let mut dw = unsafe { dev.alloc::<f32>(g.kernel_len())? };
-        let mut work = workspace(dev, p.filter.1)?;
-        let op = ConvBackwardFilter {
-            conv: &p.conv,
-            x: &p.x,
-            dw: &p.w,
-            dy: &p.y,
-        };
-        // SAFETY: as in the forward pass.
-        unsafe { op.launch(p.filter.0, work.as_mut(), (1.0, 0.0), &x, &mut dw, &dy) }?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(dw, dev.clone()),
-            Shape::from((g.c_out, g.k, g.k, g.c_in)),
-        ))
     }
 }
 
@@ -390,7 +364,7 @@ pub(crate) fn conv2d_nhwc(
         padding,
     };
     let krsc = weight.permute((0, 2, 3, 1))?.contiguous()?;
-    xs.contiguous()?.apply_op2(&krsc, Forward(g))
+    xs.contiguous()?.apply_op2(&krsc, Conv(g, Pass::Forward))
 }
 
 // ---------------------------------------------------------------------------------

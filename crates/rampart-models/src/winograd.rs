@@ -453,6 +453,29 @@ mod tests {
             .collect()
     }
 
+    /// Calls `f(output pixel, input pixel, tap ky·3 + kx)` for every tap of a 3×3
+    /// "same" window that lies inside the n images H×W (pixels as flat indices).
+    fn taps(n: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize, usize)) {
+        for img in 0..n {
+            for y in 0..h {
+                for x in 0..w {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (Some(iy), Some(ix)) =
+                                ((y + ky).checked_sub(1), (x + kx).checked_sub(1))
+                            else {
+                                continue;
+                            };
+                            if iy < h && ix < w {
+                                f((img * h + y) * w + x, (img * h + iy) * w + ix, ky * 3 + kx);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The direct 3×3 "same" cross-correlation, in f64.
     fn direct(
         input: &[f32],
@@ -464,32 +487,14 @@ mod tests {
         co: usize,
     ) -> Vec<f64> {
         let mut out = vec![0f64; n * h * wd * co];
-        for img in 0..n {
-            for y in 0..h {
-                for x in 0..wd {
-                    for o in 0..co {
-                        let mut acc = 0f64;
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let (Some(iy), Some(ix)) =
-                                    ((y + ky).checked_sub(1), (x + kx).checked_sub(1))
-                                else {
-                                    continue;
-                                };
-                                if iy >= h || ix >= wd {
-                                    continue;
-                                }
-                                for c in 0..ci {
-                                    acc += f64::from(input[((img * h + iy) * wd + ix) * ci + c])
-                                        * f64::from(w[o * 9 * ci + (ky * 3 + kx) * ci + c]);
-                                }
-                            }
-                        }
-                        out[((img * h + y) * wd + x) * co + o] = acc;
-                    }
+        taps(n, h, wd, |out_px, in_px, tap| {
+            for o in 0..co {
+                for c in 0..ci {
+                    out[out_px * co + o] +=
+                        f64::from(input[in_px * ci + c]) * f64::from(w[o * 9 * ci + tap * ci + c]);
                 }
             }
-        }
+        });
         out
     }
 
@@ -546,31 +551,15 @@ mod tests {
             let mut acc = start.clone();
             wg.backward_weight(&input, h, w, &dy, &mut acc);
             let mut reference: Vec<f64> = start.iter().map(|v| f64::from(*v)).collect();
-            for img in 0..n {
-                for y in 0..h {
-                    for x in 0..w {
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let (Some(iy), Some(ix)) =
-                                    ((y + ky).checked_sub(1), (x + kx).checked_sub(1))
-                                else {
-                                    continue;
-                                };
-                                if iy >= h || ix >= w {
-                                    continue;
-                                }
-                                for o in 0..co {
-                                    let g = f64::from(dy[((img * h + y) * w + x) * co + o]);
-                                    for c in 0..ci {
-                                        reference[o * 9 * ci + (ky * 3 + kx) * ci + c] += g
-                                            * f64::from(input[((img * h + iy) * w + ix) * ci + c]);
-                                    }
-                                }
-                            }
-                        }
+            taps(n, h, w, |out_px, in_px, tap| {
+                for o in 0..co {
+                    let g = f64::from(dy[out_px * co + o]);
+                    for c in 0..ci {
+                        reference[o * 9 * ci + tap * ci + c] +=
+                            g * f64::from(input[in_px * ci + c]);
                     }
                 }
-            }
+            });
             let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
             for (a, b) in acc.iter().zip(&reference) {
                 assert!(
