@@ -142,6 +142,19 @@ pub enum MetricsError {
     #[error("the number of bins must be at least 1")]
     ZeroBins,
 
+    /// A count of successes larger than the number of trials it is a count out of.
+    #[error("`{what}` = {count} exceeds `{total_what}` = {total}")]
+    CountExceedsTotal {
+        /// The count argument.
+        what: &'static str,
+        /// Its value.
+        count: usize,
+        /// The total argument.
+        total_what: &'static str,
+        /// Its value.
+        total: usize,
+    },
+
     /// A metric whose denominator is zero on this input (e.g. Err@τ when τ rejects everything).
     #[error("{what} is undefined: {reason}")]
     Undefined {

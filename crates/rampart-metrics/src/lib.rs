@@ -5,7 +5,11 @@
 //! protocol of CCAT (τ at 99 % TPR, Err@τ, RErr@τ, FPR@τ, ROC AUC), calibration
 //! (ECE with its reliability diagram, Brier, NLL, temperature scaling), the
 //! accuracy–perturbation curve and its area (AUAC), OOD detection (AUROC, FPR at
-//! 95 % TPR) and mean ± std over stochastic runs. `docs/metrics.md` states each
+//! 95 % TPR), mean ± std over stochastic runs, and the uncertainty of all of these:
+//! Wilson score intervals for errors and accuracies, a seeded percentile
+//! [`bootstrap`] for any per-example statistic, and tests of whether two numbers
+//! differ ([`proportion_differs`] by interval overlap, [`paired_differs`] by an
+//! exact McNemar test on the same examples). `docs/metrics.md` states each
 //! definition and convention exactly.
 //!
 //! It must not know about tensors, models, attacks, data sets or files: inputs are
@@ -43,6 +47,7 @@ mod check;
 mod classification;
 mod curve;
 mod error;
+mod interval;
 mod ood;
 mod probs;
 mod roc;
@@ -61,6 +66,10 @@ pub use classification::{
 };
 pub use curve::{accuracy_curve, auac, AccuracyCurve};
 pub use error::{MetricsError, Result};
+pub use interval::{
+    bootstrap, mcnemar_p, normal_quantile, paired_differs, proportion_differs, wilson, Interval,
+    BOOTSTRAP_RESAMPLES, CONFIDENCE_95,
+};
 pub use ood::{fpr_at_tpr, fpr_at_tpr95, ood_auroc};
 pub use probs::{predictions_and_confidences, wrong_class_confidences};
 pub use roc::{roc_auc, threshold_at_tpr, threshold_at_tpr99, TPR_95, TPR_99};
