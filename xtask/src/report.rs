@@ -29,6 +29,8 @@ pub struct Study {
     pub wall_seconds: f64,
     /// The command that built `rampart`.
     pub build_command: String,
+    /// The preset's evaluation budgets as a Markdown table.
+    pub budgets: String,
 }
 
 /// `summary.json` of a finished `rampart train`, the fields used here.
@@ -41,6 +43,17 @@ struct TrainSummary {
     seed: u64,
     train_examples: usize,
     train_seconds: f64,
+}
+
+/// Standard deviations over noise draws.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Spread {
+    /// Noise draws.
+    pub draws: usize,
+    /// Of the clean accuracy.
+    pub clean_accuracy_std: f64,
+    /// Of the robust accuracy.
+    pub robust_accuracy_std: Option<f64>,
 }
 
 /// `results.json` of `rampart eval`, the fields used here (the robust ones only from
@@ -63,6 +76,51 @@ struct EvalResults {
     robust_error: Option<f64>,
     #[serde(default)]
     confidence_threshold: Option<f64>,
+    #[serde(default)]
+    clean_accuracy_ci: Option<Interval>,
+    #[serde(default)]
+    robust_accuracy_ci: Option<Interval>,
+    #[serde(default)]
+    eot_samples: Option<usize>,
+    #[serde(default)]
+    stochastic: Option<Stochastic>,
+    #[serde(default)]
+    trust: Option<Trust>,
+}
+
+/// A 95 % interval in `results.json`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    /// Lower end.
+    pub lo: f64,
+    /// Upper end.
+    pub hi: f64,
+}
+
+/// The spread over noise draws of a stochastic model, the fields used here.
+#[derive(Clone, Debug, Default, Deserialize)]
+struct Stochastic {
+    #[serde(default)]
+    clean_accuracy_std: Option<f64>,
+    #[serde(default)]
+    robust_accuracy_std: Option<f64>,
+    #[serde(default)]
+    draws: Option<usize>,
+}
+
+/// The trust checks of an evaluation, the fields used here.
+#[derive(Clone, Debug, Default, Deserialize)]
+struct Trust {
+    #[serde(default)]
+    points: usize,
+    #[serde(default)]
+    issues: Vec<TrustIssue>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct TrustIssue {
+    check: String,
+    message: String,
 }
 
 /// One trained and evaluated model.
@@ -91,6 +149,9 @@ pub struct ModelOutcome {
     pub test_examples: usize,
     /// Fraction of them classified correctly.
     pub clean_accuracy: f64,
+    /// Its 95 % Wilson interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clean_accuracy_ci: Option<Interval>,
     /// Fraction misclassified.
     pub clean_error: f64,
     /// The attack of the robust evaluation (PGD-20, L∞, cross-entropy, uniform start).
@@ -105,9 +166,25 @@ pub struct ModelOutcome {
     /// Fraction of them classified correctly, clean and under attack.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub robust_accuracy: Option<f64>,
+    /// Its 95 % Wilson interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub robust_accuracy_ci: Option<Interval>,
     /// 1 − robust_accuracy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub robust_error: Option<f64>,
+    /// EOT samples of every attack (1 for a deterministic model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eot_samples: Option<usize>,
+    /// A stochastic model: standard deviations over noise draws of the clean and
+    /// robust accuracy (`draws` of them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Spread>,
+    /// Images the trust checks ran on (absent: none ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_checked: Option<usize>,
+    /// The trust checks that failed (`check: message`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trust_issues: Vec<String>,
     /// The confidence threshold τ saved with the model (99 % TPR on held-out images).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confidence_threshold: Option<f64>,
@@ -158,12 +235,30 @@ pub fn collect(out: &Path, rows: &[ModelRow]) -> Result<Vec<ModelOutcome>> {
                 eval_seconds: results.eval_seconds,
                 test_examples: results.test_examples,
                 clean_accuracy: results.clean_accuracy,
+                clean_accuracy_ci: results.clean_accuracy_ci,
                 clean_error: results.clean_error,
                 attack: results.attack,
                 eps: results.eps,
                 robust_examples: results.robust_examples,
                 robust_accuracy: results.robust_accuracy,
+                robust_accuracy_ci: results.robust_accuracy_ci,
                 robust_error: results.robust_error,
+                eot_samples: results.eot_samples,
+                spread: results.stochastic.as_ref().map(|st| Spread {
+                    draws: st.draws.unwrap_or(0),
+                    clean_accuracy_std: st.clean_accuracy_std.unwrap_or(0.0),
+                    robust_accuracy_std: st.robust_accuracy_std,
+                }),
+                trust_checked: results.trust.as_ref().map(|t| t.points),
+                trust_issues: results
+                    .trust
+                    .iter()
+                    .flat_map(|t| {
+                        t.issues
+                            .iter()
+                            .map(|i| format!("{}: {}", i.check, i.message))
+                    })
+                    .collect(),
                 confidence_threshold: results.confidence_threshold,
                 model_file: format!("{}/model.safetensors", row.method),
                 train_commands: read_lines(&dir.join("command.txt"))?,
@@ -210,6 +305,10 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
     let mut md = format!(
         "# Rampart reproduction: {}, preset `{}`\n\n{}\n\n\
          Run {} with `{}`; this invocation took {} after the build.\n\n\
+         ## Evaluation budgets\n\n{}\n\
+         Brackets are 95 % intervals: Wilson for accuracies and error rates, a seeded \
+         bootstrap over the attacked images for ECE, AUAC, RErr@τ and AUROC. For a \
+         stochastic model ± is the standard deviation over noise draws.\n\n\
          ## Clean accuracy\n\n\
          | model | arch | parameters | epochs | train images | train time | test images | clean accuracy | clean error |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -219,10 +318,11 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
         study.created,
         study.command,
         duration(study.wall_seconds),
+        study.budgets,
     );
     for m in models {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.2} % | {:.2} % |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} % |\n",
             m.key,
             m.arch,
             thousands(m.parameters),
@@ -230,15 +330,19 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
             thousands(m.train_examples),
             duration(m.train_seconds),
             thousands(m.test_examples),
-            100.0 * m.clean_accuracy,
+            with_spread(
+                m.clean_accuracy,
+                m.clean_accuracy_ci,
+                m.spread.as_ref().map(|s| s.clean_accuracy_std)
+            ),
             100.0 * m.clean_error,
         ));
     }
     if models.iter().any(|m| m.robust_error.is_some()) {
         md.push_str(
             "\n## Robustness\n\n\
-             | model | attack | attacked images | robust accuracy | robust error | τ (99 % TPR) |\n\
-             |---|---|---:|---:|---:|---:|\n",
+             | model | attack | attacked images | EOT | robust accuracy | robust error | τ (99 % TPR) | trust checks |\n\
+             |---|---|---:|---:|---:|---:|---:|---|\n",
         );
         for m in models {
             let (Some(acc), Some(err), Some(n)) =
@@ -246,12 +350,22 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
             else {
                 continue;
             };
+            let trust = match (m.trust_checked, m.trust_issues.is_empty()) {
+                (None, _) => "–".to_string(),
+                (Some(_), true) => "passed".to_string(),
+                (Some(_), false) => format!("**failed** ({})", m.trust_issues.len()),
+            };
             md.push_str(&format!(
-                "| {} | {} | {} | {:.2} % | {:.2} % | {} |\n",
+                "| {} | {} | {} | {} | {} | {:.2} % | {} | {trust} |\n",
                 m.key,
                 m.attack.as_deref().unwrap_or("–"),
                 thousands(n),
-                100.0 * acc,
+                m.eot_samples.unwrap_or(1),
+                with_spread(
+                    acc,
+                    m.robust_accuracy_ci,
+                    m.spread.as_ref().and_then(|s| s.robust_accuracy_std)
+                ),
                 100.0 * err,
                 m.confidence_threshold
                     .map_or("–".to_string(), |t| format!("{t:.4}")),
@@ -259,11 +373,24 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
         }
         md.push_str(
             "\nRobust error counts a test image as wrong when it is misclassified clean or \
-             under the attack (untargeted PGD on the cross-entropy from a uniform random \
-             start, the best point of all iterations). τ is the confidence threshold saved \
-             with each model: 99 % of the correctly classified images among the last 1,000 \
-             test images have a confidence ≥ τ (the CCAT protocol).\n",
+             under any of the attacks (untargeted PGD from a uniform random start on the \
+             cross-entropy, the C&W margin and the conf objective; per example the worst \
+             case, each attack's best point of all iterations). τ is the confidence \
+             threshold saved with each model: 99 % of the correctly classified images among \
+             the last 1,000 test images have a confidence ≥ τ (the CCAT protocol).\n",
         );
+        let failed: Vec<&ModelOutcome> = models
+            .iter()
+            .filter(|m| !m.trust_issues.is_empty())
+            .collect();
+        if !failed.is_empty() {
+            md.push_str("\n> **Warning: trust checks failed.** These robust figures may over-state the model:\n>\n");
+            for m in failed {
+                for issue in &m.trust_issues {
+                    md.push_str(&format!("> - **{}**: {issue}\n", m.key));
+                }
+            }
+        }
     }
     let published_rows: Vec<String> = models
         .iter()
@@ -319,6 +446,19 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
     md
 }
 
+/// `36.20 % [33.3, 39.2]`, with `± 0.40` (a standard deviation over noise draws)
+/// when given.
+fn with_spread(v: f64, ci: Option<Interval>, std: Option<f64>) -> String {
+    let mut text = format!("{:.2} %", 100.0 * v);
+    if let Some(s) = std {
+        text = format!("{:.2} ± {:.2} %", 100.0 * v, 100.0 * s);
+    }
+    if let Some(ci) = ci {
+        text.push_str(&format!(" [{:.1}, {:.1}]", 100.0 * ci.lo, 100.0 * ci.hi));
+    }
+    text
+}
+
 /// Writes `results.json` and `report.md` into `out`.
 pub fn write(out: &Path, study: &Study, models: &[ModelOutcome]) -> Result<()> {
     write_atomic(&out.join("results.json"), &results_json(study, models)?)?;
@@ -335,18 +475,24 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 /// Metrics of the evaluation protocol copied into each model's `results.json` entry.
 pub const PROTOCOL_KEYS: &[&str] = &[
     "ece",
+    "ece_ci",
     "brier",
     "nll",
     "temperature",
     "ece_temperature_scaled",
     "nll_temperature_scaled",
     "auac",
+    "auac_ci",
     "err_at_tpr99",
+    "err_at_tpr99_ci",
     "rerr_at_tpr99",
+    "rerr_at_tpr99_ci",
     "fpr_at_tpr99",
     "roc_auc",
     "threat_models",
     "ood",
+    "tau_tpr",
+    "ece_bins",
 ];
 
 /// Merges the evaluation protocol of every model (its `protocol/results.json`) into
@@ -382,6 +528,7 @@ pub fn add_protocol(out: &Path, rows: &[ModelRow], suite: &str) -> Result<()> {
                 "suite": suite,
                 "attacked_examples": protocol.get("test_examples"),
                 "held_out_examples": protocol.get("held_out_examples"),
+                "trust": protocol.get("trust"),
             }),
         );
     }
@@ -705,6 +852,7 @@ mod tests {
             command: "cargo xtask reproduce cifar10 --preset smoke --data-dir d".into(),
             wall_seconds: 801.0,
             build_command: "cargo build --release -p rampart-cli".into(),
+            budgets: crate::reproduce::Preset::Smoke.budgets().markdown(),
         }
     }
 
@@ -761,9 +909,11 @@ mod tests {
         )?;
         let md = report_markdown(&study(), &models);
         assert!(
-            md.contains("| at | pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start | 1,000 | 25.00 % | 75.00 % | 0.5000 |"),
+            md.contains("| at | pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start | 1,000 | 1 | 25.00 % | 75.00 % | 0.5000 | – |"),
             "{md}"
         );
+        assert!(md.contains("## Evaluation budgets"), "{md}");
+        assert!(md.contains("| protocol `--suite quick` | 1000 |"), "{md}");
         assert!(
             md.starts_with("# Rampart reproduction: CIFAR-10, preset `smoke`"),
             "{md}"

@@ -26,9 +26,9 @@ pub struct ModelRow {
     pub extra_flags: &'static [&'static str],
     /// The row whose trained model this one starts from (`--init-from`), if any.
     pub teacher: Option<&'static str>,
-    /// Further `rampart eval` flags of this row's evaluations (e.g. EOT for a
-    /// stochastic model).
-    pub eval_extra: &'static [&'static str],
+    /// The row's model is stochastic (a noise-injecting student): its evaluations take
+    /// the preset's stochastic budgets ([`EvalBudgets`]: EOT, noise draws).
+    pub stochastic: bool,
     /// Whether the row belongs to the core study (normal, AT, CCAT) that
     /// `--rows core` runs.
     pub core: bool,
@@ -46,7 +46,7 @@ pub const fn row(
         training,
         extra_flags,
         teacher: None,
-        eval_extra: &[],
+        stochastic: false,
         core: true,
     }
 }
@@ -65,7 +65,7 @@ pub const fn extended(
         training,
         extra_flags,
         teacher: None,
-        eval_extra: &[],
+        stochastic: false,
         core: false,
     }
 }
@@ -172,10 +172,6 @@ pub const SMOKE_STUDENT_FLAGS: &[&str] = &[
 /// from the normal row with clean cross-entropy, same recipe as [`SMOKE_STUDENT`]).
 pub const SMOKE_PLAIN_STUDENT_FLAGS: &[&str] = &["--noise", "0.1"];
 
-/// `rampart eval` flags of every stochastic student's evaluations: 3 EOT samples per
-/// attack step and success rule, figures over 3 noise draws.
-pub const STUDENT_EVAL_FLAGS: &[&str] = &["--eot", "3", "--draws", "3"];
-
 /// `rampart train` flags of the smoke preset's dedicated fixed-λ model (`oat-fixed`:
 /// the OAT architecture and loss with λ = 0.3 for every example), the reference OAT's
 /// λ = 0.3 point is compared with.
@@ -209,12 +205,12 @@ macro_rules! extended_rows {
             extended("oat-fixed", "oat", $adversarial, $fixed_flags),
             ModelRow {
                 teacher: Some("at"),
-                eval_extra: STUDENT_EVAL_FLAGS,
+                stochastic: true,
                 ..extended("student", "at", $student, $student_flags)
             },
             ModelRow {
                 teacher: Some("normal"),
-                eval_extra: STUDENT_EVAL_FLAGS,
+                stochastic: true,
                 ..extended(
                     "student-normal",
                     "normal",
@@ -317,16 +313,60 @@ const PAPER_ROWS: [ModelRow; 11] = {
     ]
 };
 
-/// Test images AutoAttack attacks in the smoke preset (the first N).
-pub const SMOKE_AUTOATTACK_EXAMPLES: usize = 100;
+/// EOT samples of every attack on a stochastic model: `rampart`'s default (AutoAttack's
+/// rand version, 20).
+pub const STOCHASTIC_EOT: usize = 20;
 
-/// Test images attacked by PGD-20 in the smoke preset (the first 1,000; the clean
-/// figures use all 10,000).
-pub const SMOKE_ROBUST_EXAMPLES: usize = 1000;
+/// Every evaluation budget of a preset, in one place ([`Preset::budgets`]); the
+/// study's `report.md` states them. Robust figures are always the per-example worst
+/// case of PGD with cross-entropy, C&W margin and conf (`rampart eval --suite pgd20`)
+/// at L∞ 8/255, with the trust checks; a stochastic model is attacked with EOT.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalBudgets {
+    /// PGD-20 worst case on deterministic rows: attacked images (the first N), or all.
+    pub robust_examples: Option<usize>,
+    /// The evaluation protocol run on every row: the suite and its attacked images
+    /// (the first N before the last 1,000, which pick τ), or all.
+    pub protocol: (&'static str, Option<usize>),
+    /// Stochastic rows: EOT samples of every PGD-20 attack (gradients averaged per step
+    /// and draws judging success).
+    pub stochastic_eot: usize,
+    /// Stochastic rows: independent noise draws of the mean ± std figures.
+    pub stochastic_draws: usize,
+    /// Stochastic rows: images attacked by PGD-20, or all.
+    pub stochastic_robust_examples: Option<usize>,
+    /// Stochastic rows: EOT samples, attacked images and trust-checked images of the
+    /// protocol and of the noise sweeps (their cost is the EOT times the attack steps).
+    pub stochastic_protocol: (usize, Option<usize>, usize),
+    /// Sweeps (λ of OAT, noise of the students): test images for the clean figures and
+    /// images attacked per value, or all.
+    pub sweep_limits: Option<(usize, usize)>,
+    /// AutoAttack (standard; `rand` for a stochastic row) at L∞ 8/255: the rows and the
+    /// images (the first N), or all.
+    pub autoattack: (&'static [&'static str], Option<usize>),
+}
 
-/// Test images the smoke preset's evaluation protocol (`rampart eval --suite quick`)
-/// attacks per model; the last 1,000 test images pick τ and are never attacked.
-pub const SMOKE_PROTOCOL_EXAMPLES: usize = 200;
+impl EvalBudgets {
+    /// A Markdown table of the budgets, for the report.
+    pub fn markdown(&self) -> String {
+        let n = |v: Option<usize>| v.map_or("all".to_string(), |n| n.to_string());
+        let (eot_p, n_p, trust_p) = self.stochastic_protocol;
+        format!(
+            "| evaluation | images | budget |\n|---|---:|---|\n             | clean accuracy | all | one forward pass (mean of {draws} noise draws for a stochastic row) |\n             | PGD-20 worst case (CE, margin, conf), L∞ 8/255, step 2/255 | {} | uniform start; trust checks on the first 100 |\n             | the same on stochastic rows | {} | EOT {} (gradients and success), {draws} noise draws |\n             | protocol `--suite {}` | {} | the suite's budgets (docs/evaluation.md), last 1,000 images pick τ |\n             | protocol and sweeps on stochastic rows | {} | EOT {eot_p}, trust checks on the first {trust_p} |\n             | sweeps (clean / attacked per value) | {} | PGD-20 worst case |\n             | AutoAttack on {} | {} | standard (rand with EOT 20 for stochastic rows) |\n",
+            n(self.robust_examples),
+            n(self.stochastic_robust_examples),
+            self.stochastic_eot,
+            self.protocol.0,
+            n(self.protocol.1),
+            n(n_p),
+            self.sweep_limits
+                .map_or("all".to_string(), |(c, a)| format!("{c} / {a}")),
+            self.autoattack.0.join(", "),
+            n(self.autoattack.1),
+            draws = self.stochastic_draws,
+        )
+    }
+}
 
 /// The study presets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -398,44 +438,65 @@ impl Preset {
         }
     }
 
+    /// Every evaluation budget of the preset.
+    ///
+    /// Smoke (2-core CPU): deterministic rows get PGD-20 on 1,000 images and the quick
+    /// protocol on 1,000 (the calibration and curve metrics need that many); the
+    /// stochastic students keep the layer-by-layer path, where an EOT-20 attack costs
+    /// 20 forward-backward passes per step, so their EOT-20 PGD-20 runs on the first 100
+    /// images and their protocol and sweeps at EOT 3 on 200. AutoAttack (a minute per
+    /// 100 images of WRN-10-1) runs on the AT model only.
+    pub fn budgets(self) -> EvalBudgets {
+        match self {
+            Preset::Smoke => EvalBudgets {
+                robust_examples: Some(1000),
+                protocol: ("quick", Some(1000)),
+                stochastic_eot: STOCHASTIC_EOT,
+                stochastic_draws: 5,
+                stochastic_robust_examples: Some(100),
+                stochastic_protocol: (3, Some(200), 50),
+                sweep_limits: Some((1000, 200)),
+                autoattack: (&["at"], Some(100)),
+            },
+            Preset::Fast => EvalBudgets {
+                robust_examples: None,
+                protocol: ("quick", None),
+                stochastic_eot: STOCHASTIC_EOT,
+                stochastic_draws: 5,
+                stochastic_robust_examples: Some(1000),
+                stochastic_protocol: (STOCHASTIC_EOT, Some(1000), 100),
+                sweep_limits: Some((10_000, 1000)),
+                autoattack: (&["at", "ccat", "sat", "oat", "student"], Some(1000)),
+            },
+            Preset::Paper => EvalBudgets {
+                robust_examples: None,
+                protocol: ("ccat", None),
+                stochastic_eot: STOCHASTIC_EOT,
+                stochastic_draws: 5,
+                stochastic_robust_examples: None,
+                stochastic_protocol: (STOCHASTIC_EOT, None, 100),
+                sweep_limits: None,
+                autoattack: (&["at", "ccat", "sat", "oat", "student"], None),
+            },
+        }
+    }
+
     /// The evaluation protocol run on every model after training (see
     /// docs/evaluation.md) and how many test images it attacks.
     pub fn protocol(self) -> (&'static str, Option<usize>) {
-        match self {
-            Preset::Smoke => ("quick", Some(SMOKE_PROTOCOL_EXAMPLES)),
-            Preset::Fast => ("quick", None),
-            Preset::Paper => ("ccat", None),
-        }
+        self.budgets().protocol
     }
 
     /// Sweeps (λ of OAT, noise of the student): test images for the clean figures and
     /// images attacked per value (the first N), or all.
     pub fn sweep_limits(self) -> Option<(usize, usize)> {
-        match self {
-            Preset::Smoke => Some((1000, 200)),
-            Preset::Fast => Some((10_000, 1000)),
-            Preset::Paper => None,
-        }
+        self.budgets().sweep_limits
     }
 
-    /// AutoAttack (standard, L∞ 8/255) after the protocol: the rows attacked and the
-    /// test images (the first N, or all). On a CPU it is the slowest evaluation by far
-    /// (about a minute per 100 images of WRN-10-1), so the smoke preset runs it on the AT
-    /// model only.
+    /// AutoAttack after the protocol: the rows attacked and the test images (the first
+    /// N, or all).
     pub fn autoattack(self) -> (&'static [&'static str], Option<usize>) {
-        match self {
-            Preset::Smoke => (&["at"], Some(SMOKE_AUTOATTACK_EXAMPLES)),
-            Preset::Fast => (&["at", "ccat", "sat", "oat"], Some(1000)),
-            Preset::Paper => (&["at", "ccat", "sat", "oat"], None),
-        }
-    }
-
-    /// Test images attacked by PGD-20 (the first N), or all.
-    pub fn robust_examples(self) -> Option<usize> {
-        match self {
-            Preset::Smoke => Some(SMOKE_ROBUST_EXAMPLES),
-            Preset::Fast | Preset::Paper => None,
-        }
+        self.budgets().autoattack
     }
 
     fn default_device(self) -> &'static str {
@@ -478,13 +539,42 @@ impl ModelRow {
     }
 
     /// The `rampart eval` flags of this row's evaluation: clean accuracy on the whole
-    /// test set and PGD-20 (L∞, ε = 8/255, step 2/255) on the first `robust_examples`.
-    pub fn eval_flags(robust_examples: Option<usize>) -> Vec<String> {
+    /// test set and the PGD-20 worst case (L∞, ε = 8/255, step 2/255) on the first
+    /// `robust_examples`; a stochastic row with its EOT, draws and images.
+    pub fn eval_flags(&self, budgets: &EvalBudgets) -> Vec<String> {
         let mut flags = vec!["--suite".to_string(), "pgd20".to_string()];
-        if let Some(n) = robust_examples {
+        let limit = if self.stochastic {
+            flags.extend([
+                "--eot".to_string(),
+                budgets.stochastic_eot.to_string(),
+                "--draws".to_string(),
+                budgets.stochastic_draws.to_string(),
+            ]);
+            budgets.stochastic_robust_examples
+        } else {
+            budgets.robust_examples
+        };
+        if let Some(n) = limit {
             flags.extend(["--attack-limit".to_string(), n.to_string()]);
         }
         flags
+    }
+
+    /// The `rampart eval`/`sweep` flags that give a stochastic row the preset's
+    /// protocol and sweep budget (none for a deterministic row).
+    pub fn stochastic_protocol_flags(&self, budgets: &EvalBudgets) -> Vec<String> {
+        if !self.stochastic {
+            return Vec::new();
+        }
+        let (eot, _, trust) = budgets.stochastic_protocol;
+        vec![
+            "--eot".to_string(),
+            eot.to_string(),
+            "--draws".to_string(),
+            budgets.stochastic_draws.to_string(),
+            "--trust-examples".to_string(),
+            trust.to_string(),
+        ]
     }
 }
 
@@ -650,6 +740,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         data_dir: &data_dir,
     };
     let clock = Instant::now();
+    let budgets = preset.budgets();
     for (i, row) in rows.iter().enumerate() {
         let step = format!("[{}/{}] {}", i + 1, rows.len(), row.method);
         if args.resume && is_finished(&out, row.method) {
@@ -682,19 +773,18 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         eprintln!("==> {step}: training ({})", describe(row));
         run_child(train, "rampart train")?;
 
-        let mut eval = setup.command(
-            &dir.join("model.safetensors"),
-            row,
-            &eval_dir(&out, row.method),
-        );
-        eval.args(ModelRow::eval_flags(preset.robust_examples()));
+        let mut eval = setup.command(&dir.join("model.safetensors"), &eval_dir(&out, row.method));
+        eval.args(row.eval_flags(&budgets));
         eprintln!(
-            "==> {step}: evaluating (clean: the whole test set; PGD-20 L∞ 8/255: {})",
-            preset
-                .robust_examples()
-                .map_or("the whole test set".to_string(), |n| format!(
-                    "the first {n} images"
-                ))
+            "==> {step}: evaluating (clean: the whole test set; PGD-20 worst case L∞ 8/255: {})",
+            if row.stochastic {
+                budgets.stochastic_robust_examples
+            } else {
+                budgets.robust_examples
+            }
+            .map_or("the whole test set".to_string(), |n| format!(
+                "the first {n} images"
+            ))
         );
         run_child(eval, "rampart eval")?;
     }
@@ -714,8 +804,14 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             continue;
         }
         let model = model_dir(&out, row.method).join("model.safetensors");
-        let mut eval = setup.command(&model, row, &dir);
+        let mut eval = setup.command(&model, &dir);
         eval.args(["--suite", suite]);
+        eval.args(row.stochastic_protocol_flags(&budgets));
+        let limit = if row.stochastic {
+            budgets.stochastic_protocol.1
+        } else {
+            limit
+        };
         if let Some(n) = limit {
             eval.args(["--attack-limit", &n.to_string()]);
         }
@@ -753,12 +849,12 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                 }
                 ("lambda", refs)
             }
-            _ if row.extra_flags.contains(&"--noise") => (
+            _ if row.stochastic => (
                 "noise-scale",
                 ["--values", "0,0.5,1,2,4"]
                     .iter()
-                    .chain(row.eval_extra)
                     .map(|s| s.to_string())
+                    .chain(row.stochastic_protocol_flags(&budgets))
                     .collect(),
             ),
             _ => continue,
@@ -808,6 +904,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         command: xtask_command_line(),
         wall_seconds: clock.elapsed().as_secs_f64(),
         build_command: build_command_line(device.starts_with("cuda")),
+        budgets: budgets.markdown(),
     };
     // AutoAttack on the preset's robust rows, with PGD-20 on the very same images.
     let (aa_rows, aa_limit) = preset.autoattack();
@@ -821,7 +918,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             if dir.join("results.json").exists() {
                 continue;
             }
-            let mut eval = setup.command(&model, row, &dir);
+            let mut eval = setup.command(&model, &dir);
             eval.args(["--suite", suite]);
             if let Some(n) = aa_limit {
                 let n = n.to_string();
@@ -928,15 +1025,14 @@ struct EvalSetup<'a> {
 }
 
 impl EvalSetup<'_> {
-    /// `rampart eval` of `model` (a row's) into `out`, with the row's extra flags;
-    /// the caller adds the suite and limits.
-    fn command(&self, model: &Path, row: &ModelRow, out: &Path) -> Command {
+    /// `rampart eval` of `model` (a row's) into `out`; the caller adds the suite, the
+    /// limits and a stochastic row's budget.
+    fn command(&self, model: &Path, out: &Path) -> Command {
         let mut eval = rampart_command(self.rampart, self.threads);
         eval.arg("eval")
             .arg("--model")
             .arg(model)
             .args(["--dataset", self.dataset, "--device", self.device])
-            .args(row.eval_extra)
             .arg("--data-dir")
             .arg(self.data_dir)
             .arg("--out")
@@ -1085,10 +1181,26 @@ mod tests {
             ccat.ends_with("--attack-steps 3 --attack-step-size 0.03"),
             "{ccat}"
         );
-        let eval = ModelRow::eval_flags(Preset::Smoke.robust_examples()).join(" ");
+        let smoke = Preset::Smoke.budgets();
+        let eval = Preset::Smoke.models()[0].eval_flags(&smoke).join(" ");
         assert_eq!(eval, "--suite pgd20 --attack-limit 1000");
-        let eval = ModelRow::eval_flags(Preset::Paper.robust_examples()).join(" ");
+        let student = Preset::Smoke
+            .models()
+            .iter()
+            .find(|r| r.method == "student");
+        let eval = student.map(|r| r.eval_flags(&smoke).join(" "));
+        assert_eq!(
+            eval.as_deref(),
+            Some("--suite pgd20 --eot 20 --draws 5 --attack-limit 100")
+        );
+        let eval = Preset::Paper.models()[0]
+            .eval_flags(&Preset::Paper.budgets())
+            .join(" ");
         assert_eq!(eval, "--suite pgd20");
+        // The protocol and calibration metrics see at least 1,000 images in every preset.
+        for p in [Preset::Smoke, Preset::Fast, Preset::Paper] {
+            assert!(p.budgets().protocol.1.is_none_or(|n| n >= 1000), "{p:?}");
+        }
         let ccat = Preset::Fast.models()[2].train_flags().join(" ");
         assert_eq!(
             ccat,

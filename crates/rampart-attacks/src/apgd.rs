@@ -220,7 +220,7 @@ impl Apgd {
         batch.result(
             model,
             self.norm,
-            best.adv.clone(),
+            None,
             best.adv,
             iterations,
             eps,

@@ -155,10 +155,11 @@ pub(crate) fn argmax(probs: &[f32]) -> (u32, f32) {
 /// What an attack returns for one ε. Per-example vectors have length B.
 #[derive(Clone, Debug)]
 pub struct AttackResult {
-    /// (B, ...) the attack's raw output. The attacks in this crate keep every iterate
-    /// feasible, so it equals `clipped`; the field exists so that attacks whose raw
-    /// output may leave the threat model fit the same type.
-    pub adversarial: Tensor,
+    /// (B, ...) the attack's own output where it may lie outside the threat model
+    /// (FAB: the smallest adversarial input found, of any norm), `None` for attacks
+    /// whose every iterate is feasible (PGD, APGD, Square, the ensemble), where it
+    /// would only repeat `clipped`.
+    pub unconstrained: Option<Tensor>,
     /// (B, ...) the adversarial inputs projected onto the ε-ball and the bounds:
     /// ‖clipped − x‖_p ≤ ε and lo ≤ clipped ≤ hi hold exactly.
     pub clipped: Tensor,

@@ -313,15 +313,16 @@ impl Batch {
         norm.measure(&delta)
     }
 
-    /// The result for budget `eps`: `raw` is the attack's output, `clipped` the
-    /// feasible points (both B·D); success, prediction and confidence come from the mean
+    /// The result for budget `eps`: `raw` is the attack's output where it may leave
+    /// the threat model (`None`: it is `clipped`), `clipped` the feasible points (both
+    /// B·D); success, prediction and confidence come from the mean
     /// probabilities of `eval_samples` fresh passes at `clipped`.
     #[allow(clippy::too_many_arguments)]
     pub fn result(
         &self,
         model: &dyn ModuleT,
         norm: Norm,
-        raw: Vec<f32>,
+        raw: Option<Vec<f32>>,
         clipped: Vec<f32>,
         iterations: Vec<usize>,
         eps: f64,
@@ -342,12 +343,13 @@ impl Batch {
         let norm = (0..b)
             .map(|i| self.distance(norm, i, &clipped[i * self.d..(i + 1) * self.d]) as f32)
             .collect();
-        let adversarial =
-            Tensor::from_vec(raw, self.dims.as_slice(), &self.device)?.to_dtype(self.dtype)?;
+        let unconstrained = raw
+            .map(|r| Tensor::from_vec(r, self.dims.as_slice(), &self.device)?.to_dtype(self.dtype))
+            .transpose()?;
         let clipped =
             Tensor::from_vec(clipped, self.dims.as_slice(), &self.device)?.to_dtype(self.dtype)?;
         Ok(AttackResult {
-            adversarial,
+            unconstrained,
             clipped,
             success,
             confidence,

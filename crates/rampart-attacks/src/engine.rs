@@ -233,7 +233,7 @@ impl<'a> Problem<'a> {
         let clipped =
             Tensor::from_vec(best.adv, self.dims.as_slice(), &self.device)?.to_dtype(self.dtype)?;
         Ok(AttackResult {
-            adversarial: clipped.clone(),
+            unconstrained: None,
             clipped,
             success,
             confidence,

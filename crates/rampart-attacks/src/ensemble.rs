@@ -365,7 +365,7 @@ impl AutoAttack {
         };
         Ok(Evaluation {
             result: AttackResult {
-                adversarial: clipped.clone(),
+                unconstrained: None,
                 clipped,
                 success: state.robust.iter().map(|r| !r).collect(),
                 confidence: state.confidence.clone(),

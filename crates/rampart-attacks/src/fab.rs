@@ -164,7 +164,15 @@ impl Fab {
                 batch.store(i, &delta, &mut clipped[row]);
             }
         }
-        batch.result(model, self.norm, found.point, clipped, iterations, eps, 1)
+        batch.result(
+            model,
+            self.norm,
+            Some(found.point),
+            clipped,
+            iterations,
+            eps,
+            1,
+        )
     }
 
     /// One run towards `targets` (per attacked example) on the examples `idx`.

@@ -56,7 +56,7 @@ mod testutil;
 
 pub use apgd::Apgd;
 pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion};
-pub use checks::{check_model, TrustReport, TrustWarning};
+pub use checks::{check_model, TrustReport, TrustWarning, BLACK_BOX_TOLERANCE};
 pub use distal::Distal;
 pub use ensemble::{AutoAttack, EnsembleState, Evaluation, EvaluationReport, Stage, StageReport};
 pub use eot::Eot;

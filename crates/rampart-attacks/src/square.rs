@@ -135,15 +135,7 @@ impl Square {
             };
             run.run(seed, r as u64, &mut best, &mut queries)?;
         }
-        batch.result(
-            model,
-            self.norm,
-            best.adv.clone(),
-            best.adv,
-            queries,
-            eps,
-            1,
-        )
+        batch.result(model, self.norm, None, best.adv, queries, eps, 1)
     }
 }
 

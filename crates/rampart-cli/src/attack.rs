@@ -4,8 +4,9 @@
 //! as in fast AT) from flags, attacks the first --test-limit test images batch by
 //! batch for every --eps, prints the robust accuracy per ε and writes, into --out,
 //! `adversarial.safetensors` (per ε: the clipped adversarial images `adv_<i>`, and
-//! `labels`, `success_<i>`, `norm_<i>`), `summary.json`, `config.json` and
-//! `command.txt`.
+//! `labels`, `success_<i>`, `norm_<i>`, `logits_<i>`), `summary.json` (robust accuracy
+//! per ε with its 95 % interval, and the trust checks at the first ε), `config.json`
+//! and `command.txt`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,6 +31,9 @@ use crate::common::{
 fn parse_budget(s: &str) -> std::result::Result<f64, String> {
     parse_eps(s).map_err(|e| e.to_string())
 }
+
+/// The default PGD step as a fraction of ε: ε/4 (2/255 at 8/255, as PGD-20).
+const DEFAULT_RELATIVE_STEP: f64 = 0.25;
 
 /// Flags of `rampart attack`.
 #[derive(Args, Debug)]
@@ -56,8 +60,10 @@ pub struct AttackArgs {
     /// Gradient steps per restart.
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Step size as a fraction of ε [default: max(2.5 / steps, 0.1)].
-    #[arg(long)]
+    /// Step size in input units (absolute, as `rampart eval --attack-step-size`), a
+    /// decimal or a fraction such as 2/255 [default: ε/4 at every ε, i.e. PGD-20's
+    /// 2/255 at 8/255].
+    #[arg(long, value_parser = parse_budget)]
     step_size: Option<f64>,
     /// Restarts; the per-example worst case is kept.
     #[arg(long, default_value_t = 1)]
@@ -89,10 +95,16 @@ pub struct AttackArgs {
     /// Stochastic students: the noise scale (0 = deterministic) [default: 1].
     #[arg(long, allow_negative_numbers = true)]
     noise_scale: Option<f32>,
-    /// EOT samples (gradients averaged per step, draws judging success) [default: 10
+    /// EOT samples (gradients averaged per step, draws judging success) [default: 20
     /// for a stochastic model, 1 otherwise].
     #[arg(long)]
     eot: Option<usize>,
+    /// Images the trust checks run on at the first ε (the first N; 0: none).
+    #[arg(long, default_value_t = rampart_eval::TRUST_EXAMPLES)]
+    trust_examples: usize,
+    /// Exit with an error when a trust check fails (after writing the results).
+    #[arg(long)]
+    strict_checks: bool,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
@@ -113,8 +125,9 @@ impl AttackArgs {
                 objective,
                 criterion: Criterion::Misclassified,
                 steps,
-                step_size: StepSize::Relative(
-                    self.step_size.unwrap_or((2.5 / steps as f64).max(0.1)),
+                step_size: self.step_size.map_or(
+                    StepSize::Relative(DEFAULT_RELATIVE_STEP),
+                    StepSize::Absolute,
                 ),
                 momentum: self.momentum,
                 backtrack: self.backtrack,
@@ -167,7 +180,11 @@ impl AttackArgs {
             .eot
             .map(|e| at_least_one("--eot", e))
             .transpose()?
-            .unwrap_or(if model.is_stochastic() { 10 } else { 1 });
+            .unwrap_or(if model.is_stochastic() {
+                rampart_eval::STOCHASTIC_EOT
+            } else {
+                1
+            });
         pgd.eot = Eot::new(samples, samples)?;
         let (lo, hi) = model.bounds();
         let bounds = Bounds::new(lo, hi)?;
@@ -188,6 +205,7 @@ impl AttackArgs {
             .min(splits.test.len());
         let started = Instant::now();
         let mut per_eps: Vec<Vec<AttackResult>> = vec![Vec::new(); self.eps.len()];
+        let mut per_eps_logits: Vec<Vec<Tensor>> = vec![Vec::new(); self.eps.len()];
         let mut labels = Vec::new();
         let indices: Vec<usize> = (0..n).collect();
         for chunk in indices.chunks(self.batch_size) {
@@ -199,10 +217,43 @@ impl AttackArgs {
                 .into_iter()
                 .enumerate()
             {
+                let logits = rampart_models::input_gradients_only(|| {
+                    candle_core::ModuleT::forward_t(&model, &r.clipped, false)
+                })?;
+                per_eps_logits[i].push(logits.to_device(&Device::Cpu)?);
                 per_eps[i].push(r);
             }
         }
         let seconds = started.elapsed().as_secs_f64();
+        let trust = match (self.eps.first(), per_eps.first()) {
+            (Some(&eps), Some(results)) if self.trust_examples > 0 && n > 0 => {
+                let t = self.trust_examples.min(n);
+                let robust: Vec<bool> = results
+                    .iter()
+                    .flat_map(|r| r.success.iter().map(|s| !s))
+                    .take(t)
+                    .collect();
+                let idx: Vec<usize> = (0..t).collect();
+                let (xs, ys) = splits.test.batch_tensors(&idx, &device)?;
+                let checks = rampart_eval::run_checks(
+                    &model,
+                    bounds,
+                    &xs,
+                    &ys,
+                    &robust,
+                    &pgd,
+                    eps,
+                    &rampart_eval::TrustConfig {
+                        examples: t,
+                        ..Default::default()
+                    },
+                    self.seed ^ 0x7472_7573_74,
+                )?;
+                checks.log("rampart attack");
+                Some(checks)
+            }
+            _ => None,
+        };
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         tensors.insert(
             "labels".into(),
@@ -232,6 +283,7 @@ impl AttackArgs {
                 format!("norm_{i}"),
                 Tensor::new(norms.as_slice(), &Device::Cpu)?,
             );
+            tensors.insert(format!("logits_{i}"), Tensor::cat(&per_eps_logits[i], 0)?);
             let fooled = success.iter().filter(|&&b| b).count();
             let robust_accuracy = 1.0 - fooled as f64 / n as f64;
             println!(
@@ -239,17 +291,26 @@ impl AttackArgs {
                 100.0 * robust_accuracy,
                 n - fooled
             );
+            let ci = crate::eval::wilson(n - fooled, n);
             summary.push(json!({"eps": eps, "index": i, "examples": n, "fooled": fooled,
-                                "robust_accuracy": robust_accuracy, "robust_error": 1.0 - robust_accuracy,
+                                "robust_accuracy": robust_accuracy, "robust_accuracy_ci": ci,
+                                "robust_error": 1.0 - robust_accuracy,
                                 "mean_norm": norms.iter().map(|&v| v as f64).sum::<f64>() / n.max(1) as f64}));
         }
-        let tmp = self.out.join("adversarial.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, self.out.join("adversarial.safetensors"))?;
+        crate::eval_run::save_safetensors(&tensors, &self.out.join("adversarial.safetensors"))?;
         write_json(
             &self.out.join("summary.json"),
-            &json!({"model": self.model, "attack": pgd, "seconds": seconds, "results": summary}),
+            &json!({"model": self.model, "attack": pgd, "seconds": seconds, "results": summary,
+                    "trust": trust}),
         )?;
+        if let Some(t) = &trust {
+            if !t.passed() {
+                eprintln!("{}", t.markdown());
+                if self.strict_checks {
+                    bail!("trust checks failed (--strict-checks); see summary.json");
+                }
+            }
+        }
         Ok(())
     }
 }

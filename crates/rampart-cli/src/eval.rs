@@ -1,22 +1,16 @@
 //! `rampart eval`: flags → checked plan → predictions and results of a saved model.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
 use clap::{Args, ValueEnum};
-use rampart_attacks::{parse_eps, Attack, AutoAttack, Bounds, Norm, Pgd, StepSize};
-use rampart_data::{DatasetKind, ImageDataset};
-use rampart_defenses::{predict, ConfidenceThreshold, Predictions};
-use rampart_models::Classifier;
+use rampart_attacks::{parse_eps, Norm, Objective, Pgd, StepSize};
+use rampart_data::DatasetKind;
+use rampart_eval::{TrustChecks, TrustConfig, WorstCase};
+use rampart_metrics::Interval;
 use serde::Serialize;
-use serde_json::json;
 
-use crate::common::{
-    at_least_one, create_out_dir, load_data, record_command, resolve_data_dir, write_json,
-    DeviceArg,
-};
+use crate::common::{at_least_one, resolve_data_dir, DeviceArg};
 
 /// Version of the `results.json` written by `rampart eval`.
 pub const EVAL_SCHEMA_VERSION: u32 = 1;
@@ -27,9 +21,10 @@ pub const EVAL_SCHEMA_VERSION: u32 = 1;
 pub enum Suite {
     /// Accuracy, predictions and confidences on the unmodified test images.
     Clean,
-    /// The clean suite, plus robust accuracy and error under PGD (L∞, cross-entropy,
-    /// uniform random start; by default 20 steps of 2/255 at ε = 8/255, as in Madry et
-    /// al. 2018) on the first --attack-limit test images.
+    /// The clean suite, plus robust accuracy and error under PGD (L∞, uniform random
+    /// start; by default 20 steps of 2/255 at ε = 8/255, as in Madry et al. 2018) on
+    /// the first --attack-limit test images: the per-example worst case over the
+    /// --objectives (cross-entropy, C&W margin and conf by default), with trust checks.
     #[value(name = "pgd20")]
     #[serde(rename = "pgd20")]
     Pgd20,
@@ -37,20 +32,21 @@ pub enum Suite {
     /// examples and noise, two corruptions, an L∞ accuracy–perturbation curve; on the
     /// first --attack-limit images [default 1,000]; the last 1,000 test images pick τ.
     Quick,
-    /// The CCAT evaluation: PGD-conf and PGD-CE with the paper's budgets at L∞ 8/255
-    /// and 16/255, distal examples, all corruptions, the curve.
+    /// The CCAT evaluation: PGD-conf, PGD-CE and PGD-margin with the paper's budgets
+    /// at L∞ 8/255 and 16/255, distal examples, all corruptions, the curve.
     Ccat,
     /// Every threat model: L∞ 8/255 and 16/255, L2 0.5 and 2, L1 12 and 24, L0 10,
     /// frames, distal, noise, all corruptions, the curve.
     Full,
-    /// AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) at L∞ --eps
-    /// [default 8/255] on the first --attack-limit images [default 1,000], with the
-    /// trust checks (see docs/autoattack.md). Slow on a CPU.
+    /// AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square; the rand version
+    /// for a stochastic model) in --norm at --eps [default: L∞ 8/255, L2 0.5, L1 12]
+    /// on the first --attack-limit images [default 1,000], with the trust checks (see
+    /// docs/autoattack.md); resumable. Slow on a CPU.
     Autoattack,
 }
 
 impl Suite {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Suite::Clean => "clean",
             Suite::Pgd20 => "pgd20",
@@ -62,7 +58,7 @@ impl Suite {
     }
 
     /// The suite of the evaluation pipeline (`rampart-eval`) this names, if any.
-    fn protocol(self) -> Option<rampart_eval::Suite> {
+    pub(crate) fn protocol(self) -> Option<rampart_eval::Suite> {
         match self {
             Suite::Clean | Suite::Pgd20 | Suite::Autoattack => None,
             Suite::Quick => Some(rampart_eval::Suite::Quick),
@@ -117,9 +113,19 @@ pub struct EvalArgs {
     #[arg(long)]
     pub attack_steps: Option<usize>,
 
-    /// pgd20: absolute step size, a decimal or a fraction [default: 2/255].
+    /// pgd20: step size in input units (absolute, not a fraction of ε), a decimal or
+    /// a fraction [default: 2/255, PGD-20's].
     #[arg(long, value_parser = parse_budget, allow_negative_numbers = true)]
     pub attack_step_size: Option<f64>,
+
+    /// pgd20: the objectives whose per-example worst case is reported, comma-separated
+    /// (ce, cw, dlr, conf) [default: ce,cw,conf].
+    #[arg(long, value_delimiter = ',')]
+    pub objectives: Option<Vec<String>>,
+
+    /// autoattack: threat model, linf, l2 or l1.
+    #[arg(long, default_value = "linf")]
+    pub norm: String,
 
     /// pgd20: attack only the first N evaluated test images (the robust figures are
     /// over these; the clean ones over all) [default: all].
@@ -154,11 +160,40 @@ pub struct EvalArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub noise_scale: Option<f32>,
 
-    /// pgd20 on a stochastic model: EOT samples, i.e. input gradients averaged per
+    /// Attacks on a stochastic model: EOT samples, i.e. input gradients averaged per
     /// attack step and forward passes whose mean probabilities judge success
-    /// [default: 10 for stochastic models, 1 otherwise].
+    /// [default: 20 for stochastic models, 1 otherwise].
     #[arg(long)]
     pub eot: Option<usize>,
+
+    /// Attacked images the trust checks run on (the first N; 0 switches them off).
+    #[arg(long, default_value_t = rampart_eval::TRUST_EXAMPLES)]
+    pub trust_examples: usize,
+
+    /// Exit with an error when a trust check fails (after writing the results).
+    #[arg(long)]
+    pub strict_checks: bool,
+
+    /// quick/ccat/full: equal-width bins of the ECE and the reliability diagram.
+    #[arg(long, default_value_t = rampart_metrics::ECE_BINS)]
+    pub ece_bins: usize,
+
+    /// quick/ccat/full: TPR on the held-out correct images that picks τ.
+    #[arg(long, default_value_t = rampart_metrics::TPR_99)]
+    pub tau_tpr: f64,
+
+    /// quick/ccat/full: points of the accuracy–perturbation curve's ε grid [default: 65].
+    #[arg(long)]
+    pub curve_points: Option<usize>,
+
+    /// Bootstrap resamples of the 95 % intervals of ECE, AUAC, RErr@τ and AUROC (0:
+    /// none; rates always get Wilson intervals).
+    #[arg(long, default_value_t = rampart_metrics::BOOTSTRAP_RESAMPLES)]
+    pub bootstrap_resamples: usize,
+
+    /// pgd20: also write every attack's adversarial images (adversarial.safetensors).
+    #[arg(long)]
+    pub save_adversarial: bool,
 
     /// clean/pgd20 on a stochastic model: independent noise draws the clean and robust
     /// accuracy are measured on, reported as mean ± std.
@@ -207,6 +242,18 @@ pub struct EvalPlan {
     pub eot: Option<usize>,
     /// Noise draws of the clean and robust accuracy of stochastic models.
     pub draws: usize,
+    /// pgd20: the objectives of the worst case.
+    pub objectives: Vec<Objective>,
+    /// Trust checks.
+    pub trust: TrustConfig,
+    /// A failed trust check is an error.
+    pub strict_checks: bool,
+    /// Metric parameters of the protocol suites.
+    pub metrics: rampart_eval::MetricSettings,
+    /// Curve grid points of the protocol suites.
+    pub curve_points: Option<usize>,
+    /// pgd20: write the adversarial images.
+    pub save_adversarial: bool,
     /// The output folder.
     pub out: PathBuf,
     /// The device.
@@ -216,7 +263,7 @@ pub struct EvalPlan {
 /// Images attacked by `--suite autoattack` when --attack-limit is not given.
 const AUTOATTACK_DEFAULT_LIMIT: usize = 1000;
 
-/// The attack of the `pgd20` suite.
+/// The attack of the `pgd20` and `autoattack` suites.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttackPlan {
     /// The PGD configuration.
@@ -233,15 +280,17 @@ pub struct AttackPlan {
 pub const DEFAULT_ATTACK_EPS: f64 = 8.0 / 255.0;
 
 impl AttackPlan {
-    /// `pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start`.
-    fn describe(&self) -> String {
-        let step = match self.pgd.step_size {
-            StepSize::Absolute(a) => a,
-            StepSize::Relative(r) => r * self.eps,
-        };
+    /// `pgd-20 linf, step 0.00784, eps 0.03137, uniform start, worst case of ce, cw, conf`.
+    pub(crate) fn describe(&self, objectives: &[Objective]) -> String {
+        let step = self.pgd.step_size.at(self.eps);
+        let names: Vec<&str> = objectives.iter().map(|o| o.name()).collect();
         format!(
-            "pgd-{} {} {}, step {step:.5}, eps {:.5}, {} start",
-            self.pgd.steps, self.pgd.norm, self.pgd.objective, self.eps, self.pgd.restarts.first
+            "pgd-{} {}, step {step:.5}, eps {:.5}, {} start, worst case of {}",
+            self.pgd.steps,
+            self.pgd.norm,
+            self.eps,
+            self.pgd.restarts.first,
+            names.join(", ")
         )
     }
 }
@@ -278,10 +327,19 @@ impl EvalArgs {
                 if self.attack_limit == Some(0) {
                     bail!("--attack-limit must be at least 1");
                 }
-                let eps = self.eps.unwrap_or(DEFAULT_ATTACK_EPS);
-                Norm::Linf.check_eps(eps).context("--eps")?;
+                let norm: Norm = self.norm.parse().context("--norm")?;
+                let eps = self.eps.unwrap_or(match norm {
+                    Norm::Linf => DEFAULT_ATTACK_EPS,
+                    Norm::L2 => 0.5,
+                    _ => 12.0,
+                });
+                norm.check_eps(eps).context("--eps")?;
                 Some(AttackPlan {
-                    pgd: Pgd::linf_pgd20(),
+                    pgd: Pgd {
+                        norm,
+                        step_size: StepSize::Relative(0.25),
+                        ..Pgd::linf_pgd20()
+                    },
                     eps,
                     limit: Some(self.attack_limit.unwrap_or(AUTOATTACK_DEFAULT_LIMIT)),
                     seed: self.attack_seed,
@@ -327,6 +385,9 @@ impl EvalArgs {
                     ..base
                 };
                 pgd.validate().context("invalid attack flags")?;
+                Norm::Linf
+                    .check_eps(self.eps.unwrap_or(DEFAULT_ATTACK_EPS))
+                    .context("--eps")?;
                 if self.attack_limit == Some(0) {
                     bail!("--attack-limit must be at least 1");
                 }
@@ -338,6 +399,42 @@ impl EvalArgs {
                 })
             }
         };
+        if self.suite != Suite::Autoattack && self.norm != "linf" {
+            bail!("--norm applies to --suite autoattack (pgd20 is L∞; the full suite has L2, L1 and L0)");
+        }
+        if self.suite != Suite::Pgd20 && (self.objectives.is_some() || self.save_adversarial) {
+            bail!("--objectives and --save-adversarial apply to --suite pgd20");
+        }
+        let objectives = match &self.objectives {
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    n.parse::<Objective>()
+                        .with_context(|| format!("--objectives {n}"))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => rampart_eval::WORST_CASE_OBJECTIVES.to_vec(),
+        };
+        for o in &objectives {
+            if o.is_targeted() || *o == Objective::Distal {
+                bail!(
+                    "--objectives: `{o}` needs a target or has no label; use ce, cw, dlr or conf"
+                );
+            }
+        }
+        if objectives.is_empty() {
+            bail!("--objectives needs at least one objective");
+        }
+        let metrics = rampart_eval::MetricSettings {
+            ece_bins: self.ece_bins,
+            tau_tpr: self.tau_tpr,
+            bootstrap_resamples: self.bootstrap_resamples,
+            seed: self.attack_seed,
+        };
+        metrics.validate().context("--ece-bins/--tau-tpr")?;
+        if self.curve_points.is_some_and(|p| p < 2) {
+            bail!("--curve-points must be at least 2");
+        }
         Ok(EvalPlan {
             model: self.model.clone(),
             data_dir: resolve_data_dir(self.data_dir.clone(), env_data_dir)?,
@@ -354,6 +451,15 @@ impl EvalArgs {
             noise_scale: self.noise_scale,
             eot: self.eot.map(|e| at_least_one("--eot", e)).transpose()?,
             draws: at_least_one("--draws", self.draws)?,
+            objectives,
+            trust: TrustConfig {
+                examples: self.trust_examples,
+                ..TrustConfig::default()
+            },
+            strict_checks: self.strict_checks,
+            metrics,
+            curve_points: self.curve_points,
+            save_adversarial: self.save_adversarial,
             out: self.out.clone(),
             device: self.device,
         })
@@ -379,33 +485,51 @@ pub struct EvalResults {
     pub test_examples: usize,
     /// Fraction of them classified correctly, in [0, 1].
     pub clean_accuracy: f64,
+    /// 95 % Wilson interval of `clean_accuracy` (for a stochastic model: of the first
+    /// noise draw's count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_accuracy_ci: Option<Interval>,
     /// 1 − clean_accuracy.
     pub clean_error: f64,
     /// Wall time of the evaluation (data loading excluded).
     pub eval_seconds: f64,
-    /// The attack of an attack suite (e.g. `pgd-20 linf ce, step 0.00784, eps 0.03137,
-    /// uniform start`).
+    /// The attack of an attack suite (e.g. `pgd-20 linf, step 0.00784, eps 0.03137,
+    /// uniform start, worst case of ce, cw, conf`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attack: Option<String>,
-    /// Its L∞ budget ε.
+    /// Its threat model (`linf`, `l2`, `l1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm: Option<String>,
+    /// Its budget ε.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eps: Option<f64>,
     /// Test images attacked (the first N evaluated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_examples: Option<usize>,
-    /// Fraction of them classified correctly both clean and under attack, in [0, 1].
+    /// Fraction of them classified correctly both clean and under every attack, in
+    /// [0, 1] (for a stochastic model the mean over noise draws).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_accuracy: Option<f64>,
+    /// 95 % Wilson interval of the robust accuracy (for a stochastic model: of the
+    /// count by the EOT success rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_accuracy_ci: Option<Interval>,
     /// 1 − robust_accuracy: wrong clean or under attack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_error: Option<f64>,
-    /// Wall time of the attack.
+    /// Wall time of the attacks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attack_seconds: Option<f64>,
     /// Clean accuracy on the attacked images alone (the mean over noise draws for a
     /// stochastic model): 1 − robust_accuracy / this is the attack's success rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attacked_clean_accuracy: Option<f64>,
+    /// Each attack of the worst case alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attacks: Vec<AttackFigure>,
+    /// EOT samples of every attack (1 for a deterministic model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eot_samples: Option<usize>,
     /// The confidence threshold τ saved with the model (`confidence_threshold` metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence_threshold: Option<f64>,
@@ -415,9 +539,13 @@ pub struct EvalResults {
     /// Err@τ: clean error among the accepted images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clean_err_at_threshold: Option<f64>,
-    /// RErr@τ under the attack, over the attacked images (REFERENCE §4).
+    /// RErr@τ under the attacks' CCAT worst case (the adversarial example with the
+    /// highest wrong-class confidence), over the attacked images (REFERENCE §4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_err_at_threshold: Option<f64>,
+    /// Its 95 % bootstrap interval (τ fixed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_err_at_threshold_ci: Option<Interval>,
     /// The λ an OAT model was evaluated at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lambda: Option<f32>,
@@ -425,6 +553,26 @@ pub struct EvalResults {
     /// `robust_accuracy` above are their means).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stochastic: Option<StochasticFigures>,
+    /// The trust checks of the attack (see docs/evaluation.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustChecks>,
+    /// AutoAttack's own trust warnings (gradient masking, randomness, softmax outputs,
+    /// the black-box attack beating the white-box ones), in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub autoattack_trust_warnings: Vec<String>,
+}
+
+/// One attack of a worst case, alone.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct AttackFigure {
+    /// Its name (`pgd20_ce`, `pgd20_margin`, `pgd20_conf`, `apgd-ce`, …).
+    pub name: String,
+    /// Robust accuracy against it alone.
+    pub robust_accuracy: f64,
+    /// Its 95 % Wilson interval.
+    pub robust_accuracy_ci: Option<Interval>,
+    /// Wall time.
+    pub seconds: f64,
 }
 
 /// How a stochastic model fared over independent noise draws.
@@ -443,7 +591,7 @@ pub struct StochasticFigures {
     /// Standard deviation (n − 1) over draws; 0 for one draw.
     pub clean_accuracy_std: f64,
     /// Robust accuracy of each draw: the attacked image is classified correctly clean
-    /// and adversarial within that draw.
+    /// and under every attack's adversarial example within that draw.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub robust_accuracy_draws: Vec<f64>,
     /// Their mean.
@@ -463,7 +611,7 @@ pub struct StochasticFigures {
 
 /// Mean and sample standard deviation ([`rampart_metrics::mean_std`]), with a standard
 /// deviation of 0 for a single value (one noise draw) and (0, 0) for none.
-fn mean_std(values: &[f64]) -> Result<(f64, f64)> {
+pub(crate) fn mean_std(values: &[f64]) -> Result<(f64, f64)> {
     Ok(match values {
         [] => (0.0, 0.0),
         [v] => (*v, 0.0),
@@ -471,21 +619,28 @@ fn mean_std(values: &[f64]) -> Result<(f64, f64)> {
     })
 }
 
-/// Per-example outcomes of the attacked images.
-struct AttackOutcome {
-    /// Correct clean and under attack.
-    robust: Vec<bool>,
-    /// The adversarial image is classified correctly.
-    adversarial_correct: Vec<bool>,
-    /// Confidence on the adversarial image.
-    confidence: Vec<f64>,
-    /// The adversarial images, batch by batch (kept for stochastic models only).
-    adversarial: Vec<(Vec<usize>, Tensor)>,
-    seconds: f64,
+/// 95 % Wilson interval of `k` of `n` (None for n = 0).
+pub(crate) fn wilson(k: usize, n: usize) -> Option<Interval> {
+    (n > 0)
+        .then(|| rampart_metrics::wilson(k, n, rampart_metrics::CONFIDENCE_95).ok())
+        .flatten()
+}
+
+/// `12.34 % [10.5, 14.4]`.
+fn pct_ci(v: f64, ci: Option<Interval>) -> String {
+    match ci {
+        Some(ci) => format!(
+            "{:.2} % [{:.1}, {:.1}]",
+            100.0 * v,
+            100.0 * ci.lo,
+            100.0 * ci.hi
+        ),
+        None => format!("{:.2} %", 100.0 * v),
+    }
 }
 
 impl EvalResults {
-    /// A Markdown table of the figures.
+    /// A Markdown table of the figures; brackets are 95 % intervals.
     pub fn markdown(&self) -> String {
         let mut md = self.clean_markdown();
         if let (Some(attack), Some(n), Some(acc), Some(err)) = (
@@ -497,10 +652,21 @@ impl EvalResults {
             md.push_str(&format!(
                 "\n| attack | attacked images | robust accuracy | robust error |\n\
                  |---|---:|---:|---:|\n\
-                 | {attack} | {n} | {:.2} % | {:.2} % |\n",
-                100.0 * acc,
+                 | {attack} | {n} | {} | {:.2} % |\n",
+                pct_ci(acc, self.robust_accuracy_ci),
                 100.0 * err
             ));
+            if self.attacks.len() > 1 {
+                md.push_str("\n| attack alone | robust accuracy | seconds |\n|---|---:|---:|\n");
+                for a in &self.attacks {
+                    md.push_str(&format!(
+                        "| {} | {} | {:.0} |\n",
+                        a.name,
+                        pct_ci(a.robust_accuracy, a.robust_accuracy_ci),
+                        a.seconds
+                    ));
+                }
+            }
         }
         if let Some(lambda) = self.lambda {
             md.push_str(&format!(
@@ -531,14 +697,29 @@ impl EvalResults {
         if let Some(tau) = self.confidence_threshold {
             let pct =
                 |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.2} %", 100.0 * v));
+            let rerr = match (
+                self.robust_err_at_threshold,
+                self.robust_err_at_threshold_ci,
+            ) {
+                (Some(v), ci) => pct_ci(v, ci),
+                (None, _) => "–".into(),
+            };
             md.push_str(&format!(
                 "\n| τ (99 % TPR, saved with the model) | clean rejected | Err@τ | RErr@τ |\n\
                  |---:|---:|---:|---:|\n\
-                 | {tau:.4} | {} | {} | {} |\n",
+                 | {tau:.4} | {} | {} | {rerr} |\n",
                 pct(self.clean_rejected),
                 pct(self.clean_err_at_threshold),
-                pct(self.robust_err_at_threshold)
             ));
+        }
+        if let Some(t) = &self.trust {
+            md.push_str(&t.markdown());
+        }
+        if !self.autoattack_trust_warnings.is_empty() {
+            md.push_str("\n> **Warning: AutoAttack's trust checks failed.**\n>\n");
+            for w in &self.autoattack_trust_warnings {
+                md.push_str(&format!("> - {w}\n"));
+            }
         }
         md
     }
@@ -548,7 +729,7 @@ impl EvalResults {
             "# Evaluation of `{}`\n\n\
              | model | method | arch | dataset | suite | test examples | clean accuracy | clean error |\n\
              |---|---|---|---|---|---:|---:|---:|\n\
-             | {} | {} | {} | {} | {} | {} | {:.2} % | {:.2} % |\n",
+             | {} | {} | {} | {} | {} | {} | {} | {:.2} % |\n",
             self.model.display(),
             self.model.display(),
             self.method,
@@ -556,483 +737,17 @@ impl EvalResults {
             self.dataset,
             self.suite,
             self.test_examples,
-            100.0 * self.clean_accuracy,
+            pct_ci(self.clean_accuracy, self.clean_accuracy_ci),
             100.0 * self.clean_error,
         )
     }
-}
 
-impl EvalPlan {
-    /// Where the log goes.
-    pub fn log_file(&self) -> PathBuf {
-        self.out.join("eval.log")
-    }
-
-    /// Runs AutoAttack (standard, L∞) batch by batch over the first images and writes
-    /// `autoattack.json` (the per-batch reports: stages, runtimes, trust checks) and
-    /// `results.json`.
-    fn run_autoattack(
-        &self,
-        model: &Classifier,
-        method: &str,
-        dataset: DatasetKind,
-        test: &ImageDataset,
-    ) -> Result<EvalResults> {
-        let plan = self
-            .attack
-            .as_ref()
-            .context("autoattack needs its budget")?;
-        let n = plan.limit.unwrap_or(test.len()).min(test.len());
-        let (lo, hi) = model.bounds();
-        let bounds = Bounds::new(lo, hi)?;
-        // A stochastic model gets the "rand" version (EOT over 20 draws, no FAB/Square).
-        let aa = if model.is_stochastic() {
-            AutoAttack::rand(Norm::Linf)
-        } else {
-            AutoAttack::standard(Norm::Linf)
-        };
-        let started = Instant::now();
-        let (mut clean, mut robust) = (0usize, 0usize);
-        let mut reports = Vec::new();
-        let mut warnings = Vec::new();
-        let indices: Vec<usize> = (0..n).collect();
-        for chunk in indices.chunks(self.batch_size) {
-            let (xs, ys) = test.batch_tensors(chunk, model.device())?;
-            // A distinct seed per batch: each example's randomness then depends on its
-            // position in the test set, not in the batch.
-            let seed = plan.seed.wrapping_add(chunk[0] as u64);
-            let eval = aa.evaluate(model, bounds, &xs, &ys, plan.eps, seed)?;
-            clean += eval.clean_correct.iter().filter(|&&c| c).count();
-            robust += eval
-                .result
-                .success
-                .iter()
-                .zip(&eval.clean_correct)
-                .filter(|(s, c)| **c && !**s)
-                .count();
-            warnings.extend(eval.report.trust.warnings.iter().map(|w| w.to_string()));
-            tracing::info!(
-                done = chunk[chunk.len() - 1] + 1,
-                of = n,
-                robust,
-                "autoattack batch"
-            );
-            reports.push(eval.report);
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        write_json(
-            &self.out.join("autoattack.json"),
-            &json!({ "eps": plan.eps, "examples": n, "seconds": seconds,
-                     "robust_accuracy": robust as f64 / n as f64,
-                     "trust_warnings": warnings, "batches": reports }),
-        )?;
-        for w in &warnings {
-            tracing::warn!("trust check: {w}");
-        }
-        let results = EvalResults {
-            schema_version: EVAL_SCHEMA_VERSION,
-            suite: self.suite.name().into(),
-            model: self.model.clone(),
-            method: method.to_string(),
-            arch: model.spec().arch.to_string(),
-            dataset: dataset.to_string(),
-            test_examples: n,
-            clean_accuracy: clean as f64 / n as f64,
-            clean_error: 1.0 - clean as f64 / n as f64,
-            eval_seconds: seconds,
-            attack: Some(format!(
-                "autoattack {} linf, eps {:.5}",
-                if model.is_stochastic() {
-                    "rand"
-                } else {
-                    "standard"
-                },
-                plan.eps
-            )),
-            eps: Some(plan.eps),
-            robust_examples: Some(n),
-            robust_accuracy: Some(robust as f64 / n as f64),
-            robust_error: Some(1.0 - robust as f64 / n as f64),
-            attack_seconds: Some(seconds),
-            attacked_clean_accuracy: Some(clean as f64 / n as f64),
-            confidence_threshold: None,
-            clean_rejected: None,
-            clean_err_at_threshold: None,
-            robust_err_at_threshold: None,
-            lambda: model.lambda(),
-            stochastic: None,
-        };
-        write_json(&self.out.join("results.json"), &results)?;
-        Ok(results)
-    }
-
-    /// Runs a suite of the evaluation pipeline (`rampart-eval`): it writes
-    /// `results.json` (schema in docs/results-schema.md), `results.md`, plots and
-    /// per-example results into --out, and resumes a run interrupted there.
-    fn run_protocol(
-        &self,
-        suite: rampart_eval::Suite,
-        model: &Classifier,
-        method: &str,
-        dataset: DatasetKind,
-        test: &ImageDataset,
-        device: &candle_core::Device,
-    ) -> Result<EvalResults> {
-        let mut config = rampart_eval::EvalConfig::new(suite, &self.out);
-        config.effort = rampart_eval::Effort::new(self.effort.0, self.effort.1)?;
-        if self.protocol_limit.is_some() {
-            config.test_limit = self.protocol_limit;
-        }
-        config.seed = self.protocol_seed;
-        config.held_out = self.held_out;
-        config.batch_size = self.batch_size;
-        config.device = device.clone();
-        if model.is_stochastic() || self.eot.is_some() {
-            let k = self.eot.unwrap_or(10);
-            config.eot = rampart_attacks::Eot::new(k, k)?;
-        }
-        let (lo, hi) = model.bounds();
-        config.bounds = Bounds::new(lo, hi)?;
-        let mut info = rampart_eval::ModelInfo::of(model, Some(&self.model));
-        info.dataset = Some(dataset.to_string());
-        let report = rampart_eval::evaluate_model(model, &info, test, &config)
-            .with_context(|| format!("evaluating {}", self.model.display()))?;
-        let linf = report.threat_models.get("linf_8_255");
-        Ok(EvalResults {
-            schema_version: report.schema_version,
-            suite: self.suite.name().into(),
-            model: self.model.clone(),
-            method: method.to_string(),
-            arch: model.spec().arch.to_string(),
-            dataset: dataset.to_string(),
-            test_examples: report.test_examples,
-            clean_accuracy: report.clean_accuracy,
-            clean_error: report.clean_error,
-            eval_seconds: report.eval_seconds,
-            attack: linf.map(|_| format!("{} suite, L∞ 8/255 worst case", self.suite.name())),
-            eps: linf.map(|t| t.eps),
-            robust_examples: linf.map(|_| report.test_examples),
-            robust_accuracy: linf.map(|t| 1.0 - t.robust_error),
-            robust_error: linf.map(|t| t.robust_error),
-            attack_seconds: None,
-            attacked_clean_accuracy: None,
-            confidence_threshold: report.model_confidence_threshold,
-            clean_rejected: None,
-            clean_err_at_threshold: None,
-            robust_err_at_threshold: linf.and_then(|t| t.rerr_at_model_threshold),
-            lambda: model.lambda(),
-            stochastic: None,
-        })
-    }
-
-    /// Runs the plan; `command` is recorded beside the outputs.
-    pub fn run(&self, command: &str) -> Result<EvalResults> {
-        let device = self.device.open()?;
-        let model = Classifier::load(&self.model, &device)
-            .with_context(|| format!("cannot load the model {}", self.model.display()))?;
-        if let Some(lambda) = self.lambda {
-            model.set_lambda(lambda).context("--lambda")?;
-        }
-        if let Some(scale) = self.noise_scale {
-            model.set_noise_scale(scale).context("--noise-scale")?;
-        }
-        model.reseed_noise(self.protocol_seed);
-        let dataset = match (self.dataset, model.metadata().get("dataset")) {
-            (Some(d), _) => d,
-            (None, Some(name)) => name.parse().with_context(|| {
-                format!(
-                    "{}: metadata `dataset` = `{name}` is not a known data set; pass --dataset",
-                    self.model.display()
-                )
-            })?,
-            (None, None) => DatasetKind::Cifar10,
-        };
-        let k = model.spec().num_classes;
-        if k != dataset.num_classes() {
-            bail!(
-                "{} has {k} outputs but {} has {} classes: pass the --dataset it was trained on",
-                self.model.display(),
-                dataset.title(),
-                dataset.num_classes()
-            );
-        }
-        let method = model
-            .metadata()
-            .get("method")
-            .cloned()
-            .unwrap_or_else(|| "unknown".into());
-        create_out_dir(&self.out)?;
-        record_command(&self.out, command)?;
-        write_json(
-            &self.out.join("config.json"),
-            &json!({
-                "command": "eval",
-                "rampart_version": env!("CARGO_PKG_VERSION"),
-                "command_line": command,
-                "model": self.model,
-                "method": method,
-                "arch": model.spec().arch.to_string(),
-                "dataset": dataset.to_string(),
-                "data_dir": self.data_dir,
-                "test_limit": self.test_limit,
-                "batch_size": self.batch_size,
-                "suite": self.suite,
-                "attack": self.attack.as_ref().map(AttackPlan::describe),
-                "attack_limit": self.attack.as_ref().and_then(|a| a.limit),
-                "attack_seed": self.attack.as_ref().map(|a| a.seed),
-                "lambda": model.lambda(),
-                "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale()),
-                "eot": self.eot,
-                "draws": model.is_stochastic().then_some(self.draws),
-                "device": self.device.to_string(),
-            }),
-        )?;
-        let splits = load_data(dataset, &self.data_dir)?;
-        let test = match self.test_limit {
-            Some(n) => splits.test.take(n),
-            None => splits.test,
-        };
-        if let Some(suite) = self.suite.protocol() {
-            return self.run_protocol(suite, &model, &method, dataset, &test, &device);
-        }
-        if self.suite == Suite::Autoattack {
-            return self.run_autoattack(&model, &method, dataset, &test);
-        }
-        let threshold = ConfidenceThreshold::stored(&model)
-            .with_context(|| format!("cannot read {}", self.model.display()))?;
-        let started = Instant::now();
-        let predictions = predict(&model, &test, self.batch_size)?;
-        let eot_samples = self
-            .eot
-            .unwrap_or(if model.is_stochastic() { 10 } else { 1 });
-        let attack_plan = self.attack.map(|mut a| {
-            a.pgd.eot = rampart_attacks::Eot {
-                grad_samples: eot_samples,
-                eval_samples: eot_samples,
-            };
-            a
-        });
-        let attacked = match &attack_plan {
-            Some(attack) => Some(self.attack(&model, attack, &test, &predictions)?),
-            None => None,
-        };
-        let stochastic = if model.is_stochastic() {
-            Some(self.over_draws(&model, &test, attacked.as_ref(), eot_samples)?)
-        } else {
-            None
-        };
-        let eval_seconds = started.elapsed().as_secs_f64();
-        predictions.save_json(&self.out.join("predictions.json"))?;
-        predictions.save_probs(&self.out.join("probs.safetensors"))?;
-        let clean_correct: Vec<bool> = predictions
-            .labels
-            .iter()
-            .zip(&predictions.predicted)
-            .map(|(l, p)| l == p)
-            .collect();
-        let clean_confidence: Vec<f64> = predictions
-            .confidence
-            .iter()
-            .map(|&c| f64::from(c))
-            .collect();
-        let robust_accuracy = match &stochastic {
-            Some(st) => st.robust_accuracy_mean,
-            None => attacked.as_ref().map(|a| {
-                a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64
-            }),
-        };
-        let clean_accuracy = stochastic
-            .as_ref()
-            .map_or(predictions.accuracy(), |st| st.clean_accuracy_mean);
-        let attacked_clean_accuracy = match (&stochastic, &attacked) {
-            (Some(st), Some(_)) => st.attacked_clean_accuracy_mean,
-            (None, Some(a)) => {
-                let n = a.robust.len();
-                let ok = (0..n)
-                    .filter(|&i| predictions.predicted[i] == predictions.labels[i])
-                    .count();
-                Some(ok as f64 / n.max(1) as f64)
-            }
-            _ => None,
-        };
-        let tau = threshold.map(|t| t.tau);
-        let clean_rejected = tau.map(|tau| {
-            clean_confidence.iter().filter(|&&c| c < tau).count() as f64
-                / clean_confidence.len().max(1) as f64
-        });
-        let clean_err_at_threshold = match tau {
-            Some(tau) => rampart_metrics::err_at_threshold(&clean_correct, &clean_confidence, tau)
-                .map_err(|e| tracing::warn!("Err@τ: {e}"))
-                .ok(),
-            None => None,
-        };
-        let robust_err_at_threshold = match (tau, &attacked) {
-            (Some(tau), Some(a)) => {
-                let n = a.robust.len();
-                rampart_metrics::rerr_at_threshold(
-                    &clean_correct[..n],
-                    &clean_confidence[..n],
-                    &a.adversarial_correct,
-                    &a.confidence,
-                    tau,
-                )
-                .map_err(|e| tracing::warn!("RErr@τ: {e}"))
-                .ok()
-            }
-            _ => None,
-        };
-        let results = EvalResults {
-            schema_version: EVAL_SCHEMA_VERSION,
-            suite: self.suite.name().into(),
-            model: self.model.clone(),
-            method,
-            arch: model.spec().arch.to_string(),
-            dataset: dataset.to_string(),
-            test_examples: predictions.len(),
-            clean_accuracy,
-            clean_error: 1.0 - clean_accuracy,
-            eval_seconds,
-            attack: attack_plan.as_ref().map(AttackPlan::describe),
-            eps: self.attack.as_ref().map(|a| a.eps),
-            robust_examples: attacked.as_ref().map(|a| a.robust.len()),
-            robust_accuracy,
-            robust_error: robust_accuracy.map(|a| 1.0 - a),
-            attack_seconds: attacked.as_ref().map(|a| a.seconds),
-            attacked_clean_accuracy,
-            confidence_threshold: tau,
-            clean_rejected,
-            clean_err_at_threshold,
-            robust_err_at_threshold,
-            lambda: model.lambda(),
-            stochastic,
-        };
-        write_json(&self.out.join("results.json"), &results)?;
-        rampart_defenses::write_atomic(
-            &self.out.join("results.md"),
-            results.markdown().as_bytes(),
-        )?;
-        tracing::info!(
-            accuracy = results.clean_accuracy,
-            examples = results.test_examples,
-            seconds = format!("{eval_seconds:.1}"),
-            "evaluated"
-        );
-        Ok(results)
+    /// Whether every trust check passed (no check: passed).
+    pub fn trusted(&self) -> bool {
+        self.trust.as_ref().is_none_or(TrustChecks::passed)
+            && self.autoattack_trust_warnings.is_empty()
     }
 }
 
-impl EvalPlan {
-    /// Clean and robust accuracy of a stochastic model over `self.draws` independent
-    /// noise draws: each draw reseeds the noise, classifies every test image and, when
-    /// there was an attack, the attacked images clean and adversarial.
-    fn over_draws(
-        &self,
-        model: &Classifier,
-        test: &ImageDataset,
-        attacked: Option<&AttackOutcome>,
-        eot_samples: usize,
-    ) -> Result<StochasticFigures> {
-        let mut clean = Vec::with_capacity(self.draws);
-        let mut robust = Vec::new();
-        let mut attacked_clean = Vec::new();
-        for draw in 0..self.draws {
-            model.reseed_noise(
-                self.protocol_seed
-                    .wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(draw as u64 + 1)),
-            );
-            let p = predict(model, test, self.batch_size)?;
-            clean.push(p.accuracy());
-            if let Some(a) = attacked {
-                let mut ok = 0usize;
-                for (rows, adv) in &a.adversarial {
-                    let predicted = candle_core::ModuleT::forward_t(model, adv, false)?
-                        .argmax(1)?
-                        .to_vec1::<u32>()?;
-                    for (&i, &pred) in rows.iter().zip(&predicted) {
-                        if p.predicted[i] == p.labels[i] && pred == p.labels[i] {
-                            ok += 1;
-                        }
-                    }
-                }
-                robust.push(ok as f64 / a.robust.len().max(1) as f64);
-                let n = a.robust.len();
-                let clean_ok = (0..n).filter(|&i| p.predicted[i] == p.labels[i]).count();
-                attacked_clean.push(clean_ok as f64 / n.max(1) as f64);
-            }
-            tracing::info!(draw, clean_accuracy = clean[draw], "noise draw");
-        }
-        let (clean_mean, clean_std) = mean_std(&clean)?;
-        let (robust_mean, robust_std) = mean_std(&robust)?;
-        let (attacked_clean_mean, _) = mean_std(&attacked_clean)?;
-        let has_attack = attacked.is_some();
-        Ok(StochasticFigures {
-            noise_scale: model.noise_scale(),
-            draws: self.draws,
-            eot_samples,
-            clean_accuracy_draws: clean,
-            clean_accuracy_mean: clean_mean,
-            clean_accuracy_std: clean_std,
-            robust_accuracy_draws: robust,
-            robust_accuracy_mean: has_attack.then_some(robust_mean),
-            robust_accuracy_std: has_attack.then_some(robust_std),
-            attacked_clean_accuracy_mean: has_attack.then_some(attacked_clean_mean),
-            robust_accuracy_eot: attacked.map(|a| {
-                a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64
-            }),
-        })
-    }
-
-    /// Attacks the first `attack.limit` images of `test` in batches; an image counts as
-    /// robust when it is classified correctly clean (`clean`) and under attack.
-    fn attack(
-        &self,
-        model: &Classifier,
-        attack: &AttackPlan,
-        test: &ImageDataset,
-        clean: &Predictions,
-    ) -> Result<AttackOutcome> {
-        let started = Instant::now();
-        let n = attack.limit.map_or(test.len(), |l| l.min(test.len()));
-        let (lo, hi) = model.bounds();
-        let bounds = Bounds::new(lo, hi)?;
-        let mut robust = Vec::with_capacity(n);
-        let mut adversarial_correct = Vec::with_capacity(n);
-        let mut confidence = Vec::with_capacity(n);
-        let mut adversarial = Vec::new();
-        let indices: Vec<usize> = (0..n).collect();
-        for chunk in indices.chunks(self.batch_size) {
-            let (images, labels): (Tensor, Tensor) = test.batch_tensors(chunk, model.device())?;
-            let seed = attack.seed.wrapping_add(chunk[0] as u64);
-            let mut results = rampart_models::input_gradients_only(|| {
-                attack
-                    .pgd
-                    .run(model, bounds, &images, &labels, &[attack.eps], seed)
-            })?;
-            let result = results.pop().context("the attack returned no result")?;
-            if model.is_stochastic() {
-                adversarial.push((chunk.to_vec(), result.clipped.clone()));
-            }
-            for (j, &i) in chunk.iter().enumerate() {
-                let clean_ok = clean.predicted[i] == clean.labels[i];
-                robust.push(clean_ok && !result.success[j]);
-                adversarial_correct.push(!result.success[j]);
-                confidence.push(f64::from(result.confidence[j]));
-            }
-            tracing::info!(
-                attacked = chunk[chunk.len() - 1] + 1,
-                of = n,
-                robust = robust.iter().filter(|&&c| c).count(),
-                seconds = format!("{:.0}", started.elapsed().as_secs_f64()),
-                "{}",
-                attack.describe()
-            );
-        }
-        Ok(AttackOutcome {
-            robust,
-            adversarial_correct,
-            confidence,
-            adversarial,
-            seconds: started.elapsed().as_secs_f64(),
-        })
-    }
-}
+/// The worst case of the pgd20 suite, with what the stochastic figures need.
+pub(crate) type AttackOutcome = WorstCase;

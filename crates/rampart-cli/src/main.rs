@@ -11,6 +11,7 @@ mod bench;
 mod common;
 mod compare;
 mod eval;
+mod eval_run;
 mod logging;
 mod preset;
 mod sweep;

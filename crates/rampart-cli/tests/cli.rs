@@ -476,10 +476,37 @@ fn adversarial_training_and_the_pgd_suite() -> TestResult {
     let robust = results["robust_accuracy"].as_f64().unwrap_or(-1.0);
     let robust_err = results["robust_error"].as_f64().unwrap_or(-1.0);
     assert!((0.0..=1.0).contains(&robust) && (robust + robust_err - 1.0).abs() < 1e-12);
-    assert!(results["attack"]
-        .as_str()
-        .unwrap_or_default()
-        .starts_with("pgd-2 linf ce"));
+    let attack = results["attack"].as_str().unwrap_or_default();
+    assert!(
+        attack.starts_with("pgd-2 linf") && attack.ends_with("worst case of ce, cw, conf"),
+        "{attack}"
+    );
+    // The worst case is over every objective, each reported alone, with intervals.
+    let attacks = results["attacks"].as_array().ok_or("no attacks")?;
+    let names: Vec<&str> = attacks.iter().filter_map(|a| a["name"].as_str()).collect();
+    assert_eq!(names, ["pgd2_ce", "pgd2_margin", "pgd2_conf"]);
+    for a in attacks {
+        let alone = a["robust_accuracy"].as_f64().unwrap_or(-1.0);
+        assert!(alone + 1e-12 >= robust, "{a}");
+    }
+    let ci = &results["robust_accuracy_ci"];
+    assert!(
+        ci["lo"].as_f64().unwrap_or(2.0) <= robust && robust <= ci["hi"].as_f64().unwrap_or(-1.0)
+    );
+    // Trust checks ran and per-example records exist for every attack.
+    assert!(
+        results["trust"]["points"].as_u64() == Some(5),
+        "{}",
+        results["trust"]
+    );
+    let record = read_json(&eval_dir.join("per_example/pgd.json"))?;
+    assert_eq!(record["fooled"].as_array().map(Vec::len), Some(3));
+    let logits = candle_core::safetensors::load(
+        eval_dir.join("per_example/logits.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    assert_eq!(logits["clean_logits"].dims(), &[8, 10]);
+    assert_eq!(logits["pgd2_conf.logits"].dims(), &[5, 10]);
 
     // Attack flags belong to attack suites.
     let clean = rampart(&[
@@ -776,7 +803,8 @@ fn oat_models_and_stochastic_students() -> TestResult {
     ])?;
     assert!(run.status.success(), "{}", text(&run));
     let config = read_json(&out.join("config.json"))?;
-    assert_eq!(config["eot_samples"], 10);
+    // 20 samples by default (AutoAttack's rand version, REFERENCE §2).
+    assert_eq!(config["eot_samples"], 20);
     // Without noise the student is deterministic: no draws.
     let out = dir.path().join("student-quiet");
     let run = eval(&student_model, &out, &["--noise-scale", "0"])?;

@@ -7,9 +7,10 @@ use std::path::Path;
 use crate::error::{EvalError, Result};
 use crate::io::write_atomic;
 use crate::plot;
-use crate::report::EvalReport;
+use crate::report::{pct_ci, EvalReport};
 use crate::runner::{file_name, write_model_plots};
 use crate::suite::HEADLINE_THREAT_MODEL;
+use rampart_metrics::Interval;
 
 fn pct(v: Option<f64>) -> String {
     v.map_or_else(|| "–".to_string(), |v| format!("{:.2}", 100.0 * v))
@@ -56,15 +57,19 @@ pub fn comparison_tables(reports: &[(&str, &EvalReport)]) -> String {
             "| {name} | {} | {} | {} |",
             r.suite,
             r.test_examples,
-            pct(Some(r.clean_error))
+            pct_ci(Some(r.clean_error), r.clean_error_ci)
         ));
         for t in &tms {
+            let tm = r.threat_models.get(t);
             md.push_str(&format!(
                 " {} |",
-                pct(r.threat_models.get(t).map(|x| x.robust_error))
+                pct_ci(
+                    tm.map(|x| x.robust_error),
+                    tm.and_then(|x| x.robust_error_ci)
+                )
             ));
         }
-        md.push_str(&format!(" {} |\n", pct(r.auac)));
+        md.push_str(&format!(" {} |\n", pct_ci(r.auac, r.auac_ci)));
     }
 
     md.push_str("\n### Confidence-thresholded (CCAT protocol, τ at 99 % TPR on the held-out images)\n\n| model | τ | Err@τ |");
@@ -80,12 +85,16 @@ pub fn comparison_tables(reports: &[(&str, &EvalReport)]) -> String {
         md.push_str(&format!(
             "| {name} | {} | {} |",
             r.tau_at_tpr99.map_or("–".into(), |t| format!("{t:.4}")),
-            pct(r.err_at_tpr99)
+            pct_ci(r.err_at_tpr99, r.err_at_tpr99_ci)
         ));
         for t in &tms {
+            let tm = r.threat_models.get(t);
             md.push_str(&format!(
                 " {} |",
-                pct(r.threat_models.get(t).and_then(|x| x.rerr_at_tpr99))
+                pct_ci(
+                    tm.and_then(|x| x.rerr_at_tpr99),
+                    tm.and_then(|x| x.rerr_at_tpr99_ci)
+                )
             ));
         }
         md.push_str(&format!(
@@ -100,7 +109,7 @@ pub fn comparison_tables(reports: &[(&str, &EvalReport)]) -> String {
         let ood = |set: &str| r.ood.get(set);
         md.push_str(&format!(
             "| {name} | {} | {:.4} | {:.4} | {:.3} | {} | {:.4} | {} | {} | {} | {} | {} | {} |\n",
-            pct(Some(r.ece)),
+            pct_ci(Some(r.ece), r.ece_ci),
             r.brier,
             r.nll,
             r.temperature,
@@ -112,6 +121,100 @@ pub fn comparison_tables(reports: &[(&str, &EvalReport)]) -> String {
             pct(ood("distal").map(|o| o.auroc)),
             pct(ood("noise").map(|o| o.auroc)),
             pct(ood("corrupted").map(|o| o.auroc)),
+        ));
+    }
+    md.push_str(&differences(reports, &tms));
+    md
+}
+
+/// Pairs of models whose 95 % intervals of a figure do not overlap: the differences
+/// between them that are outside the noise of the samples (a conservative rule:
+/// non-overlapping intervals imply p < 0.05, overlapping ones do not imply the
+/// opposite). Every trust-check failure is listed too.
+fn differences(reports: &[(&str, &EvalReport)], tms: &[String]) -> String {
+    type Figure = Box<dyn Fn(&EvalReport) -> Option<(f64, Interval)>>;
+    let mut figures: Vec<(String, Figure)> = vec![
+        (
+            "clean err".into(),
+            Box::new(|r: &EvalReport| r.clean_error_ci.map(|c| (r.clean_error, c))),
+        ),
+        (
+            "ECE".into(),
+            Box::new(|r: &EvalReport| r.ece_ci.map(|c| (r.ece, c))),
+        ),
+        (
+            "AUAC".into(),
+            Box::new(|r: &EvalReport| r.auac.zip(r.auac_ci)),
+        ),
+        (
+            "Err@τ".into(),
+            Box::new(|r: &EvalReport| r.err_at_tpr99.zip(r.err_at_tpr99_ci)),
+        ),
+    ];
+    for t in tms {
+        let (a, b) = (t.clone(), t.clone());
+        figures.push((
+            format!("robust err {t}"),
+            Box::new(move |r: &EvalReport| {
+                r.threat_models
+                    .get(&a)
+                    .and_then(|x| x.robust_error_ci.map(|c| (x.robust_error, c)))
+            }),
+        ));
+        figures.push((
+            format!("RErr@τ {t}"),
+            Box::new(move |r: &EvalReport| {
+                r.threat_models
+                    .get(&b)
+                    .and_then(|x| x.rerr_at_tpr99.zip(x.rerr_at_tpr99_ci))
+            }),
+        ));
+    }
+    let mut md = String::from(
+        "
+### Differences outside the noise
+
+For each figure, the pairs of models whose 95 %          intervals (Wilson for error rates, bootstrap otherwise) do not overlap, written          `lower < higher`; a pair not listed differs by less than the sampling noise can          resolve (a conservative rule).
+
+| figure | pairs outside the noise |
+|---|---|
+",
+    );
+    for (label, f) in &figures {
+        let mut pairs = Vec::new();
+        for (i, (na, ra)) in reports.iter().enumerate() {
+            for (nb, rb) in &reports[i + 1..] {
+                if let (Some((va, ca)), Some((vb, cb))) = (f(ra), f(rb)) {
+                    if !ca.overlaps(&cb) {
+                        pairs.push(if va < vb {
+                            format!("{na} < {nb}")
+                        } else {
+                            format!("{nb} < {na}")
+                        });
+                    }
+                }
+            }
+        }
+        let cell = if pairs.is_empty() {
+            "none".to_string()
+        } else {
+            pairs.join(", ")
+        };
+        md.push_str(&format!("| {label} | {cell} |\n"));
+    }
+    let failed: Vec<String> = reports
+        .iter()
+        .filter_map(|(name, r)| {
+            r.trust.as_ref().filter(|t| !t.passed()).map(|t| {
+                let checks: Vec<&str> = t.issues.iter().map(|i| i.check.as_str()).collect();
+                format!("**{name}**: {}", checks.join(", "))
+            })
+        })
+        .collect();
+    if !failed.is_empty() {
+        md.push_str(&format!(
+            "\n> **Warning: trust checks failed** (see each model's results.md): {}\n",
+            failed.join("; ")
         ));
     }
     md

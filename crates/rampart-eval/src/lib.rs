@@ -39,6 +39,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod autoattack;
 mod compare;
 mod error;
 mod io;
@@ -46,27 +47,42 @@ mod outputs;
 mod plot;
 mod records;
 mod report;
+mod robust;
 mod runner;
 mod search;
 mod suite;
+mod trust;
 
+pub use autoattack::{
+    run_autoattack, AutoAttackBatch, AutoAttackConfig, AutoAttackOutcome, AutoAttackState,
+};
 pub use compare::{compare_models, comparison_tables, write_report};
 pub use error::{EvalError, Result};
+pub use outputs::logits_of as dataset_logits;
 pub use plot::{
     plot_accuracy_curves, plot_confidence_histograms, plot_lines, plot_reliability, Series,
 };
-pub use records::{AttackRecord, DistalRecord, SearchRecord};
+pub use records::{AttackRecord, DistalRecord, SearchRecord, ThreatModelRecord, TrustRecord};
 pub use report::{
-    AttackSummary, ConfidenceHistograms, CorruptionReport, CurveReport, EvalReport, OodReport,
-    ThreatModelReport, EVAL_SCHEMA_VERSION, HISTOGRAM_BINS,
+    AttackSummary, ConfidenceHistograms, CorruptionReport, CurveReport, EvalReport, MetricSettings,
+    OodReport, ThreatModelReport, EVAL_SCHEMA_VERSION, HISTOGRAM_BINS,
+};
+pub use robust::{
+    objective_label, objective_variants, worst_case, NamedAttack, WorstCase, WorstCaseRecord,
+    WORST_CASE_OBJECTIVES,
 };
 pub use runner::{
     evaluate, evaluate_model, run_suite, EvalConfig, ModelInfo, CCAT_HELD_OUT,
-    CONFIDENCE_THRESHOLD_KEY,
+    CONFIDENCE_THRESHOLD_KEY, STOCHASTIC_EOT,
 };
 pub use suite::{
     threat_model_name, AttackKind, AttackPlan, CorruptionPlan, CurvePlan, DistalPlan, Effort,
     Suite, SuitePlan, ThreatModel, DISTAL_EPS, HEADLINE_THREAT_MODEL,
+};
+pub use trust::{
+    box_diameter, run_checks, EpsPoint, TrustChecks, TrustConfig, TrustIssue, BUDGET_FACTOR,
+    BUDGET_TOLERANCE, EPS_FACTORS, GROWTH_TOLERANCE, NOISE_SAMPLES, TRUST_EXAMPLES,
+    UNBOUNDED_TOLERANCE,
 };
 
 #[cfg(test)]

@@ -35,6 +35,17 @@ pub(crate) fn batch_logits(model: &dyn ModuleT, xs: &Tensor) -> Result<(Vec<f32>
     Ok((values, k))
 }
 
+/// Logits of every example of `ds` (N, K) row-major, in batches of `batch_size`; K.
+/// The model is called as `forward_t(xs, false)`.
+pub fn logits_of(
+    model: &dyn ModuleT,
+    ds: &ImageDataset,
+    batch_size: usize,
+    device: &Device,
+) -> Result<(Vec<f32>, usize)> {
+    dataset_logits(model, ds, batch_size, device, &ProgressBar::hidden())
+}
+
 /// Logits of every example of `ds` (N, K) row-major, in batches; K.
 pub(crate) fn dataset_logits(
     model: &dyn ModuleT,

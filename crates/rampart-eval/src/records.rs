@@ -4,9 +4,53 @@
 //! the batch size, the seed and the step's configuration. A record whose key differs
 //! from the one the current run would write is stale and is recomputed.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::io::Keyed;
+use crate::trust::TrustChecks;
+
+/// One threat model's per-example outcome over all its attacks
+/// (`per_example/<threat model>.worst.json`), for comparing a result image by image
+/// with another tool. Derived from the attack records; rewritten on every run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThreatModelRecord {
+    /// Threat model name.
+    pub threat_model: String,
+    /// Budget.
+    pub eps: f64,
+    /// The clean image is classified correctly.
+    pub clean_correct: Vec<bool>,
+    /// Correct clean and against every attack (the robust-accuracy numerator).
+    pub robust: Vec<bool>,
+    /// Per attack: the image was correct clean and its adversarial version is wrong.
+    pub fooled: BTreeMap<String, Vec<bool>>,
+    /// The attack whose adversarial example the CCAT worst case keeps (the highest
+    /// wrong-class confidence; ties keep the earlier attack).
+    pub worst_attack: Vec<Option<String>>,
+    /// That example is classified correctly.
+    pub worst_correct: Vec<bool>,
+    /// Its confidence max_k p_k.
+    pub worst_confidence: Vec<f64>,
+    /// Its wrong-class confidence max_{k≠y} p_k.
+    pub worst_wrong_class_confidence: Vec<f64>,
+}
+
+/// The trust checks of an evaluation (`per_example/trust.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrustRecord {
+    /// Fingerprint of what produced the record.
+    pub key: String,
+    /// The outcome.
+    pub checks: TrustChecks,
+}
+
+impl Keyed for TrustRecord {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
 
 /// One attack of one threat model, per attacked example (aligned with the test split).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -4,13 +4,16 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use rampart_metrics::{self as metrics, AccuracyCurve, MetricsError, ReliabilityBin, WorstCase};
+use rampart_metrics::{
+    self as metrics, AccuracyCurve, Interval, MetricsError, ReliabilityBin, WorstCase,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
 use crate::outputs::Outcomes;
 use crate::records::AttackRecord;
 use crate::suite::{CurvePlan, HEADLINE_THREAT_MODEL};
+use crate::trust::TrustChecks;
 
 /// Version of the `results.json` written by an evaluation (version 1 had the clean
 /// fields only; version 2 adds everything else, additively).
@@ -44,22 +47,48 @@ pub struct EvalReport {
     pub clean_accuracy: f64,
     /// 1 − clean accuracy.
     pub clean_error: f64,
-    /// τ: confidence threshold at 99 % TPR on the held-out correctly classified examples.
+    /// 95 % Wilson interval of `clean_error`.
+    #[serde(default)]
+    pub clean_error_ci: Option<Interval>,
+    /// Confidence level of every `*_ci` interval (0.95).
+    #[serde(default)]
+    pub interval_confidence: Option<f64>,
+    /// Bootstrap resamples behind the intervals of ECE, AUAC, RErr@τ, FPR@τ and AUROC.
+    #[serde(default)]
+    pub bootstrap_resamples: Option<usize>,
+    /// The TPR τ is picked at on the held-out split (0.99 as in CCAT; the `*_tpr99`
+    /// fields hold the figures at this TPR).
+    #[serde(default)]
+    pub tau_tpr: Option<f64>,
+    /// Equal-width bins of the ECE and the reliability diagram (15).
+    #[serde(default)]
+    pub ece_bins: Option<usize>,
+    /// τ: confidence threshold at `tau_tpr` (99 %) TPR on the held-out correctly
+    /// classified examples.
     pub tau_at_tpr99: Option<f64>,
     /// Fraction of the attacked split's correct examples accepted at τ (≈ 0.99).
     pub test_tpr: Option<f64>,
     /// Clean error among examples accepted at τ.
     pub err_at_tpr99: Option<f64>,
+    /// 95 % bootstrap interval of `err_at_tpr99` (τ held fixed).
+    #[serde(default)]
+    pub err_at_tpr99_ci: Option<Interval>,
     /// RErr@τ of the headline threat model ([`HEADLINE_THREAT_MODEL`]).
     pub rerr_at_tpr99: Option<f64>,
+    /// Its 95 % bootstrap interval.
+    #[serde(default)]
+    pub rerr_at_tpr99_ci: Option<Interval>,
     /// FPR@τ of the headline threat model.
     pub fpr_at_tpr99: Option<f64>,
     /// ROC AUC (clean correct vs successful adversarial) of the headline threat model.
     pub roc_auc: Option<f64>,
     /// The model's own threshold (`confidence_threshold` metadata), if it has one.
     pub model_confidence_threshold: Option<f64>,
-    /// ECE with 15 equal-width bins on the attacked split.
+    /// ECE with `ece_bins` (15) equal-width bins on the attacked split.
     pub ece: f64,
+    /// 95 % bootstrap interval of `ece`.
+    #[serde(default)]
+    pub ece_ci: Option<Interval>,
     /// Multi-class Brier score, in [0, 2].
     pub brier: f64,
     /// Mean negative log-likelihood in nats.
@@ -76,6 +105,9 @@ pub struct EvalReport {
     pub reliability: Vec<ReliabilityBin>,
     /// Area under the accuracy–perturbation curve (L∞), a fraction.
     pub auac: Option<f64>,
+    /// 95 % bootstrap interval of `auac`.
+    #[serde(default)]
+    pub auac_ci: Option<Interval>,
     /// The accuracy–perturbation curve and how it was found.
     pub accuracy_curve: Option<CurveReport>,
     /// Per threat model: robust error and the confidence-thresholded protocol.
@@ -91,6 +123,10 @@ pub struct EvalReport {
     pub eval_seconds: f64,
     /// Steps loaded from `per_example/` instead of recomputed.
     pub resumed: Vec<String>,
+    /// The trust checks (gradient masking, noise, ε growth, step budget) on the
+    /// headline threat model; `None` when they were switched off.
+    #[serde(default)]
+    pub trust: Option<TrustChecks>,
 }
 
 /// One threat model.
@@ -104,12 +140,24 @@ pub struct ThreatModelReport {
     pub attacks: BTreeMap<String, AttackSummary>,
     /// Per-example worst case over the attacks: clean or any adversarial version wrong.
     pub robust_error: f64,
+    /// 95 % Wilson interval of `robust_error`.
+    #[serde(default)]
+    pub robust_error_ci: Option<Interval>,
     /// RErr@τ with the worst case by highest wrong-class confidence.
     pub rerr_at_tpr99: Option<f64>,
+    /// Its 95 % bootstrap interval.
+    #[serde(default)]
+    pub rerr_at_tpr99_ci: Option<Interval>,
     /// FPR@τ: successful adversarial examples accepted at τ.
     pub fpr_at_tpr99: Option<f64>,
+    /// Its 95 % bootstrap interval.
+    #[serde(default)]
+    pub fpr_at_tpr99_ci: Option<Interval>,
     /// ROC AUC between clean-correct and successful adversarial confidences.
     pub roc_auc: Option<f64>,
+    /// Its 95 % bootstrap interval.
+    #[serde(default)]
+    pub roc_auc_ci: Option<Interval>,
     /// RErr at the model's own threshold, if it has one.
     pub rerr_at_model_threshold: Option<f64>,
 }
@@ -119,6 +167,9 @@ pub struct ThreatModelReport {
 pub struct AttackSummary {
     /// Robust error against this attack alone.
     pub robust_error: f64,
+    /// Its 95 % Wilson interval.
+    #[serde(default)]
+    pub robust_error_ci: Option<Interval>,
     /// Wall time of the attack.
     pub seconds: f64,
 }
@@ -132,6 +183,9 @@ pub struct OodReport {
     pub mean_confidence: f64,
     /// AUROC of clean vs these inputs by confidence (1 = perfectly separated).
     pub auroc: f64,
+    /// Its 95 % bootstrap interval (both sets resampled).
+    #[serde(default)]
+    pub auroc_ci: Option<Interval>,
     /// Fraction of these inputs accepted at the τ that accepts 95 % of the clean split.
     pub fpr_at_tpr95: f64,
     /// Fraction accepted at the CCAT τ (99 % TPR on the held-out split).
@@ -221,6 +275,88 @@ pub(crate) struct ReportInputs<'a> {
     pub distal_confidence: Option<&'a [f64]>,
     pub curve: Option<(&'a CurvePlan, &'a [Option<f64>])>,
     pub corruptions: Vec<CorruptionInputs<'a>>,
+    pub metrics: MetricSettings,
+}
+
+/// The parameters of the metrics that papers vary, recorded in the report.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricSettings {
+    /// Equal-width ECE bins.
+    pub ece_bins: usize,
+    /// TPR on the held-out correct examples that picks τ.
+    pub tau_tpr: f64,
+    /// Bootstrap resamples of the intervals (0 switches the bootstrap off).
+    pub bootstrap_resamples: usize,
+    /// Seed of the bootstrap.
+    pub seed: u64,
+}
+
+impl Default for MetricSettings {
+    fn default() -> Self {
+        MetricSettings {
+            ece_bins: metrics::ECE_BINS,
+            tau_tpr: metrics::TPR_99,
+            bootstrap_resamples: metrics::BOOTSTRAP_RESAMPLES,
+            seed: 0,
+        }
+    }
+}
+
+impl MetricSettings {
+    /// Refuses bins of 0 and a TPR outside (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if self.ece_bins == 0 {
+            return Err(EvalError::Config("ECE needs at least one bin".into()));
+        }
+        if !(self.tau_tpr > 0.0 && self.tau_tpr <= 1.0) {
+            return Err(EvalError::Config(format!(
+                "the TPR that picks τ must lie in (0, 1], got {}",
+                self.tau_tpr
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// 95 % Wilson interval of `errors` of `n` (None for n = 0).
+pub(crate) fn wilson(errors: usize, n: usize) -> Option<Interval> {
+    if n == 0 {
+        return None;
+    }
+    metrics::wilson(errors, n, metrics::CONFIDENCE_95).ok()
+}
+
+/// Seeded 95 % percentile-bootstrap interval of a statistic over `n` examples
+/// (None when switched off or undefined on too many resamples).
+fn bootstrap<F: FnMut(&[usize]) -> Option<f64>>(
+    settings: &MetricSettings,
+    salt: &str,
+    n: usize,
+    statistic: F,
+) -> Option<Interval> {
+    if settings.bootstrap_resamples < 2 || n == 0 {
+        return None;
+    }
+    let salt = salt.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    metrics::bootstrap(
+        n,
+        settings.bootstrap_resamples,
+        metrics::CONFIDENCE_95,
+        settings.seed ^ salt,
+        statistic,
+    )
+    .ok()
+    .flatten()
+}
+
+fn pick<T: Copy>(values: &[T], idx: &[usize]) -> Vec<T> {
+    idx.iter().map(|&i| values[i]).collect()
+}
+
+fn count_errors(correct: &[bool]) -> usize {
+    correct.iter().filter(|&&c| !c).count()
 }
 
 /// `Ok(None)` for a metric that is undefined on this input, other errors passed on.
@@ -269,8 +405,8 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
         None
     } else {
         Some(
-            metrics::threshold_at_tpr99(&held_positive)
-                .map_err(EvalError::metric("τ at 99 % TPR"))?,
+            metrics::threshold_at_tpr(&held_positive, inp.metrics.tau_tpr)
+                .map_err(EvalError::metric("τ at the chosen TPR"))?,
         )
     };
     let test_positive = metrics::confidences_of_correct(&clean.correct, &clean.confidence)
@@ -290,8 +426,28 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
     let err_at_tpr99 = err_at_tau(&clean.correct, &clean.confidence, "Err@τ")?;
 
     // Calibration and the temperature-scaled baseline (T fitted on the held-out split).
+    let settings = &inp.metrics;
+    settings.validate()?;
+    let bins = settings.ece_bins;
+    let n = labels.len();
     let calibration =
-        metrics::ece_15(&clean.confidence, &clean.correct).map_err(EvalError::metric("ECE"))?;
+        metrics::ece(&clean.confidence, &clean.correct, bins).map_err(EvalError::metric("ECE"))?;
+    let ece_ci = bootstrap(settings, "ece", n, |idx| {
+        metrics::ece(
+            &pick(&clean.confidence, idx),
+            &pick(&clean.correct, idx),
+            bins,
+        )
+        .ok()
+        .map(|c| c.ece)
+    });
+    let err_at_tpr99_ci = match tau {
+        Some(t) => bootstrap(settings, "err_at_tau", n, |idx| {
+            metrics::err_at_threshold(&pick(&clean.correct, idx), &pick(&clean.confidence, idx), t)
+                .ok()
+        }),
+        None => None,
+    };
     let brier = metrics::brier(&clean.probs, labels, k).map_err(EvalError::metric("Brier"))?;
     let nll = metrics::nll_with_temperature(inp.logits, labels, k, 1.0)
         .map_err(EvalError::metric("NLL"))?;
@@ -306,7 +462,7 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
         .zip(labels)
         .map(|(p, l)| p == l)
         .collect();
-    let ece_temperature_scaled = metrics::ece_15(&scaled_conf, &scaled_correct)
+    let ece_temperature_scaled = metrics::ece(&scaled_conf, &scaled_correct, bins)
         .map_err(EvalError::metric("scaled ECE"))?
         .ece;
     let nll_temperature_scaled = metrics::nll_with_temperature(inp.logits, labels, k, temperature)
@@ -329,11 +485,13 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
             worst
                 .push(&rec.correct, &rec.confidence, &rec.wrong_class_confidence)
                 .map_err(EvalError::metric(what(&rec.attack)))?;
+            let alone = metrics::robust_error(&clean.correct, &[&rec.correct])
+                .map_err(EvalError::metric(what(&rec.attack)))?;
             attacks.insert(
                 rec.attack.clone(),
                 AttackSummary {
-                    robust_error: metrics::robust_error(&clean.correct, &[&rec.correct])
-                        .map_err(EvalError::metric(what(&rec.attack)))?,
+                    robust_error: alone,
+                    robust_error_ci: wilson((alone * n as f64).round() as usize, n),
                     seconds: rec.seconds,
                 },
             );
@@ -382,19 +540,58 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
             )?,
             None => None,
         };
+        let salt = |m: &str| format!("{}.{m}", tm.name);
+        let (rerr_ci, fpr_ci) = match tau {
+            Some(t) => (
+                bootstrap(settings, &salt("rerr"), n, |idx| {
+                    metrics::rerr_at_threshold(
+                        &pick(&clean.correct, idx),
+                        &pick(&clean.confidence, idx),
+                        &pick(&adv_correct, idx),
+                        &pick(&adv_conf, idx),
+                        t,
+                    )
+                    .ok()
+                }),
+                bootstrap(settings, &salt("fpr"), n, |idx| {
+                    metrics::fpr_at_threshold(
+                        &pick(&clean.correct, idx),
+                        &pick(&adv_correct, idx),
+                        &pick(&adv_conf, idx),
+                        t,
+                    )
+                    .ok()
+                }),
+            ),
+            None => (None, None),
+        };
+        let roc_auc_ci = bootstrap(settings, &salt("roc_auc"), n, |idx| {
+            metrics::adversarial_roc_auc(
+                &pick(&clean.correct, idx),
+                &pick(&clean.confidence, idx),
+                &pick(&adv_correct, idx),
+                &pick(&adv_conf, idx),
+            )
+            .ok()
+        });
         if tm.name == HEADLINE_THREAT_MODEL {
             headline_adv_conf = Some(adv_conf.clone());
         }
+        let robust_error = worst.robust_error();
         threat_models.insert(
             tm.name.clone(),
             ThreatModelReport {
                 norm: tm.norm.clone(),
                 eps: tm.eps,
                 attacks,
-                robust_error: worst.robust_error(),
+                robust_error,
+                robust_error_ci: wilson((robust_error * n as f64).round() as usize, n),
                 rerr_at_tpr99: rerr,
+                rerr_at_tpr99_ci: rerr_ci,
                 fpr_at_tpr99: fpr,
+                fpr_at_tpr99_ci: fpr_ci,
                 roc_auc,
+                roc_auc_ci,
                 rerr_at_model_threshold,
             },
         );
@@ -404,11 +601,25 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
     // Out-of-distribution detection, confidence as the score.
     let in_scores = &clean.confidence;
     let ood_report = |out: &[f64], what: &str| -> Result<OodReport> {
+        // Both sets resampled: one index list over the concatenation, split again.
+        let m = in_scores.len();
+        let auroc_ci = bootstrap(settings, &format!("ood.{what}"), m + out.len(), |idx| {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for &i in idx {
+                if i < m {
+                    a.push(in_scores[i]);
+                } else {
+                    b.push(out[i - m]);
+                }
+            }
+            metrics::ood_auroc(&a, &b).ok()
+        });
         Ok(OodReport {
             examples: out.len(),
             mean_confidence: mean(out),
             auroc: metrics::ood_auroc(in_scores, out)
                 .map_err(EvalError::metric(format!("AUROC of {what}")))?,
+            auroc_ci,
             fpr_at_tpr95: metrics::fpr_at_tpr95(in_scores, out)
                 .map_err(EvalError::metric(format!("FPR@95 of {what}")))?,
             fpr_at_tpr99: match tau {
@@ -441,7 +652,7 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
             error: metrics::clean_error(&out.predicted, labels)
                 .map_err(EvalError::metric(what("error")))?,
             err_at_tpr99: err_at_tau(&out.correct, &out.confidence, &what("Err@τ"))?,
-            ece: metrics::ece_15(&out.confidence, &out.correct)
+            ece: metrics::ece(&out.confidence, &out.correct, bins)
                 .map_err(EvalError::metric(what("ECE")))?
                 .ece,
             brier: metrics::brier(&out.probs, labels, k)
@@ -487,6 +698,18 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
         Some(c) => Some(c.curve.auac().map_err(EvalError::metric("AUAC"))?),
         None => None,
     };
+    let auac_ci = match inp.curve {
+        Some((plan, min_eps)) if auac.is_some() => {
+            let grid = plan.grid();
+            let norms: Vec<f64> = min_eps.iter().map(|m| m.unwrap_or(f64::INFINITY)).collect();
+            bootstrap(settings, "auac", norms.len(), |idx| {
+                AccuracyCurve::from_min_norms(&pick(&norms, idx), &grid)
+                    .ok()
+                    .and_then(|c| c.auac().ok())
+            })
+        }
+        _ => None,
+    };
 
     let edges = (0..=HISTOGRAM_BINS)
         .map(|i| i as f64 / HISTOGRAM_BINS as f64)
@@ -502,14 +725,22 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
         held_out_examples: inp.held_out_labels.len(),
         clean_accuracy: 1.0 - clean_error,
         clean_error,
+        clean_error_ci: wilson(count_errors(&clean.correct), n),
+        interval_confidence: Some(metrics::CONFIDENCE_95),
+        bootstrap_resamples: Some(settings.bootstrap_resamples),
+        tau_tpr: Some(settings.tau_tpr),
+        ece_bins: Some(bins),
         tau_at_tpr99: tau,
         test_tpr,
         err_at_tpr99,
+        err_at_tpr99_ci,
         rerr_at_tpr99: headline.and_then(|h| h.rerr_at_tpr99),
+        rerr_at_tpr99_ci: headline.and_then(|h| h.rerr_at_tpr99_ci),
         fpr_at_tpr99: headline.and_then(|h| h.fpr_at_tpr99),
         roc_auc: headline.and_then(|h| h.roc_auc),
         model_confidence_threshold: inp.model_threshold,
         ece: calibration.ece,
+        ece_ci,
         brier,
         nll,
         temperature,
@@ -518,6 +749,7 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
         brier_temperature_scaled,
         reliability: calibration.bins,
         auac,
+        auac_ci,
         accuracy_curve,
         threat_models,
         ood,
@@ -538,6 +770,7 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
         },
         eval_seconds: 0.0,
         resumed: Vec::new(),
+        trust: None,
     })
 }
 
@@ -549,33 +782,65 @@ fn opt_pct(v: Option<f64>) -> String {
     v.map_or_else(|| "–".to_string(), pct)
 }
 
+/// `12.34 [10.5, 14.4]`: a percentage with its interval (one decimal), if any.
+pub(crate) fn pct_ci(v: Option<f64>, ci: Option<Interval>) -> String {
+    match (v, ci) {
+        (Some(v), Some(ci)) => format!("{} [{:.1}, {:.1}]", pct(v), 100.0 * ci.lo, 100.0 * ci.hi),
+        (v, _) => opt_pct(v),
+    }
+}
+
+fn headline_fpr_ci(r: &EvalReport) -> Option<Interval> {
+    r.threat_models
+        .get(HEADLINE_THREAT_MODEL)
+        .and_then(|t| t.fpr_at_tpr99_ci)
+}
+
+fn headline_auc_ci(r: &EvalReport) -> Option<Interval> {
+    r.threat_models
+        .get(HEADLINE_THREAT_MODEL)
+        .and_then(|t| t.roc_auc_ci)
+}
+
 impl EvalReport {
     /// The report as Markdown tables (percentages with two decimals; `–` = undefined).
     /// `plots`: Markdown image links to embed after the tables, if any.
     pub fn markdown(&self, title: &str, plots: &[(String, String)]) -> String {
         let mut md = format!("# {title}\n\n");
         md.push_str(&format!(
-            "Suite `{}`: {} attacked test images, {} held-out images for τ and temperature \
-             scaling. Errors, ECE, FPR and AUC in %; Brier in [0, 2]; NLL in nats.\n\n",
-            self.suite, self.test_examples, self.held_out_examples
+            "Suite `{}`: {} attacked test images, {} held-out images for τ (at {} % TPR) and \
+             temperature scaling, ECE with {} bins. Errors, ECE, FPR and AUC in %; Brier in \
+             [0, 2]; NLL in nats. Brackets: 95 % intervals (Wilson for error rates, a seeded \
+             bootstrap over the attacked images with {} resamples for ECE, Err@τ, RErr@τ, \
+             FPR@τ, AUC and AUAC; τ is held fixed).\n",
+            self.suite,
+            self.test_examples,
+            self.held_out_examples,
+            100.0 * self.tau_tpr.unwrap_or(metrics::TPR_99),
+            self.ece_bins.unwrap_or(metrics::ECE_BINS),
+            self.bootstrap_resamples.unwrap_or(0),
         ));
+        if let Some(t) = &self.trust {
+            md.push_str(&t.markdown());
+        }
+        md.push('\n');
         md.push_str("| clean err | Err@τ | RErr@τ (L∞ 8/255) | FPR@τ | ROC AUC | τ | ECE | Brier | NLL | T | ECE (T) | NLL (T) | AUAC |\n");
         md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.3} | {} | {:.4} | {} |\n\n",
-            pct(self.clean_error),
-            opt_pct(self.err_at_tpr99),
-            opt_pct(self.rerr_at_tpr99),
-            opt_pct(self.fpr_at_tpr99),
-            opt_pct(self.roc_auc),
+            pct_ci(Some(self.clean_error), self.clean_error_ci),
+            pct_ci(self.err_at_tpr99, self.err_at_tpr99_ci),
+            pct_ci(self.rerr_at_tpr99, self.rerr_at_tpr99_ci),
+            pct_ci(self.fpr_at_tpr99, headline_fpr_ci(self)),
+            pct_ci(self.roc_auc, headline_auc_ci(self)),
             self.tau_at_tpr99.map_or("–".into(), |t| format!("{t:.4}")),
-            pct(self.ece),
+            pct_ci(Some(self.ece), self.ece_ci),
             self.brier,
             self.nll,
             self.temperature,
             pct(self.ece_temperature_scaled),
             self.nll_temperature_scaled,
-            opt_pct(self.auac),
+            pct_ci(self.auac, self.auac_ci),
         ));
         if !self.threat_models.is_empty() {
             md.push_str("## Threat models\n\n| threat model | ε | robust err | RErr@τ | FPR@τ | ROC AUC | attacks (robust err alone, seconds) |\n|---|---:|---:|---:|---:|---:|---|\n");
@@ -588,10 +853,10 @@ impl EvalReport {
                 md.push_str(&format!(
                     "| {name} | {:.4} | {} | {} | {} | {} | {} |\n",
                     tm.eps,
-                    pct(tm.robust_error),
-                    opt_pct(tm.rerr_at_tpr99),
-                    opt_pct(tm.fpr_at_tpr99),
-                    opt_pct(tm.roc_auc),
+                    pct_ci(Some(tm.robust_error), tm.robust_error_ci),
+                    pct_ci(tm.rerr_at_tpr99, tm.rerr_at_tpr99_ci),
+                    pct_ci(tm.fpr_at_tpr99, tm.fpr_at_tpr99_ci),
+                    pct_ci(tm.roc_auc, tm.roc_auc_ci),
                     attacks.join(", ")
                 ));
             }
@@ -604,7 +869,7 @@ impl EvalReport {
                     "| {name} | {} | {} | {} | {} | {} |\n",
                     o.examples,
                     pct(o.mean_confidence),
-                    pct(o.auroc),
+                    pct_ci(Some(o.auroc), o.auroc_ci),
                     pct(o.fpr_at_tpr95),
                     opt_pct(o.fpr_at_tpr99)
                 ));
@@ -716,6 +981,7 @@ mod tests {
             distal_confidence: None,
             curve: Some((&plan, &min_eps)),
             corruptions: vec![],
+            metrics: MetricSettings::default(),
         };
         let r = build_report(&inputs)?;
         assert!(close(r.clean_error, 2.0 / 6.0));
@@ -826,6 +1092,7 @@ mod tests {
             distal_confidence: None,
             curve: None,
             corruptions: vec![],
+            metrics: MetricSettings::default(),
         })?;
         assert_eq!(
             (r.tau_at_tpr99, r.err_at_tpr99, r.rerr_at_tpr99),

@@ -16,10 +16,13 @@ use crate::error::{EvalError, Result};
 use crate::io::{digest, load_keyed, write_atomic, write_json, Logits};
 use crate::outputs::{batch_logits, dataset_logits, Outcomes};
 use crate::plot;
-use crate::records::{AttackRecord, DistalRecord, SearchRecord};
-use crate::report::{build_report, CorruptionInputs, EvalReport, ReportInputs, ThreatModelInputs};
+use crate::records::{AttackRecord, DistalRecord, SearchRecord, ThreatModelRecord, TrustRecord};
+use crate::report::{
+    build_report, CorruptionInputs, EvalReport, MetricSettings, ReportInputs, ThreatModelInputs,
+};
 use crate::search::minimal_eps;
-use crate::suite::{Effort, Suite, SuitePlan};
+use crate::suite::{AttackKind, Effort, Suite, SuitePlan, ThreatModel};
+use crate::trust::{run_checks, TrustConfig};
 
 /// Test images held out at the end of the test split to pick τ and fit the temperature
 /// (CCAT: the last 1,000).
@@ -27,6 +30,11 @@ pub const CCAT_HELD_OUT: usize = 1000;
 
 /// Metadata key of a model's own confidence threshold (written by CCAT training).
 pub const CONFIDENCE_THRESHOLD_KEY: &str = "confidence_threshold";
+
+/// EOT samples (gradient draws per step and draws judging success) of every attack on
+/// a stochastic model when the caller does not choose: 20, as AutoAttack's `rand`
+/// version (REFERENCE §2).
+pub const STOCHASTIC_EOT: usize = 20;
 
 /// How to run an evaluation. Written to `OUT/config.json` (all but the device).
 #[derive(Clone, Debug, Serialize)]
@@ -56,8 +64,16 @@ pub struct EvalConfig {
     pub plots: bool,
     /// Expectation over transformation for every attack of the suite: one sample
     /// ([`Eot::OFF`]) for deterministic models; several for a stochastic model (the
-    /// `rampart eval` command uses 10 for those).
+    /// `rampart eval` command uses [`STOCHASTIC_EOT`] for those).
     pub eot: rampart_attacks::Eot,
+    /// The trust checks run on the first attacked images ([`TrustConfig::examples`] = 0
+    /// switches them off).
+    pub trust: TrustConfig,
+    /// ECE bins, the TPR that picks τ and the bootstrap of the intervals.
+    pub metrics: MetricSettings,
+    /// Points of the reported accuracy–perturbation curve's ε grid (`None`: the
+    /// suite's, 65).
+    pub curve_points: Option<usize>,
     /// Device of the model and the batches.
     #[serde(skip)]
     pub device: Device,
@@ -80,12 +96,21 @@ impl EvalConfig {
             progress: true,
             plots: true,
             eot: rampart_attacks::Eot::OFF,
+            trust: TrustConfig::default(),
+            metrics: MetricSettings::default(),
+            curve_points: None,
             device: Device::Cpu,
         }
     }
 
     fn validate(&self, test_len: usize) -> Result<()> {
         self.effort.validate()?;
+        self.metrics.validate()?;
+        if self.curve_points.is_some_and(|p| p < 2) {
+            return Err(EvalError::Config(
+                "the accuracy curve needs at least 2 grid points".into(),
+            ));
+        }
         if self.batch_size == 0 {
             return Err(EvalError::Config("batch size must be at least 1".into()));
         }
@@ -230,6 +255,9 @@ pub fn evaluate_model(
     let held_out = test_set.tail(config.held_out);
     let mut plan = config.suite.plan(config.effort, config.bounds);
     plan.set_eot(config.eot);
+    if let Some(points) = config.curve_points {
+        plan.curve.grid_points = points;
+    }
     let out = &config.out_dir;
     let per_example = out.join("per_example");
     write_json(
@@ -300,7 +328,10 @@ pub fn evaluate_model(
         if positives.is_empty() {
             None
         } else {
-            Some(rampart_metrics::threshold_at_tpr99(&positives).map_err(EvalError::metric("τ"))?)
+            Some(
+                rampart_metrics::threshold_at_tpr(&positives, config.metrics.tau_tpr)
+                    .map_err(EvalError::metric("τ"))?,
+            )
         }
     };
     tracing::info!(
@@ -331,8 +362,21 @@ pub fn evaluate_model(
             }
             recs.push(rec);
         }
+        run.save_worst_case(tm, &recs)?;
         records.push((tm.name.clone(), norm_name(tm.norm), tm.eps, recs));
     }
+
+    // Trust checks on the headline threat model.
+    let trust = match run.trust(&records)? {
+        Some((t, was_resumed)) => {
+            if was_resumed {
+                resumed.push("trust".into());
+            }
+            t.checks.log(&format!("suite {}", config.suite));
+            Some(t.checks)
+        }
+        None => None,
+    };
 
     // Uniform noise and distal examples.
     let (distal, was_resumed) = run.distal(tau)?;
@@ -411,7 +455,12 @@ pub fn evaluate_model(
                 logits: values,
             })
             .collect(),
+        metrics: MetricSettings {
+            seed: config.seed,
+            ..config.metrics
+        },
     })?;
+    report.trust = trust;
     report.model = info.model_file.clone();
     report.method = info.method.clone();
     report.arch = info.arch.clone();
@@ -569,6 +618,8 @@ impl Run<'_> {
         }
         let started = Instant::now();
         let pb = progress_bar(self.config.progress, &name, self.data.len());
+        let mut all_logits: Vec<f32> = Vec::new();
+        let mut classes = 0;
         let mut rec = AttackRecord {
             key,
             threat_model: tm.to_string(),
@@ -596,6 +647,8 @@ impl Run<'_> {
             let labels: Vec<u32> = idx.iter().map(|&i| self.data.labels()[i]).collect();
             let (adv_logits, k) = batch_logits(self.model, &res.clipped)?;
             let o = Outcomes::from_logits(&adv_logits, &labels, k)?;
+            all_logits.extend_from_slice(&adv_logits);
+            classes = k;
             rec.correct.extend(o.correct);
             rec.confidence.extend(o.confidence);
             rec.wrong_class_confidence.extend(o.wrong_class_confidence);
@@ -604,6 +657,13 @@ impl Run<'_> {
         }
         pb.finish_and_clear();
         rec.seconds = started.elapsed().as_secs_f64();
+        Logits {
+            key: rec.key.clone(),
+            rows: self.data.len(),
+            cols: classes,
+            values: all_logits,
+        }
+        .save(&self.per_example.join(format!("{name}.logits.safetensors")))?;
         write_json(&path, &rec)?;
         let alone = rampart_metrics::robust_error(&self.clean.correct, &[&rec.correct])
             .map_err(EvalError::metric(&name))?;
@@ -679,6 +739,132 @@ impl Run<'_> {
             "noise and distal examples done"
         );
         Ok((rec, false))
+    }
+
+    /// `per_example/<threat model>.worst.json`: per example, which attacks fooled it
+    /// and the adversarial example the CCAT worst case keeps (highest wrong-class
+    /// confidence; ties keep the earlier attack).
+    fn save_worst_case(&self, tm: &ThreatModel, recs: &[AttackRecord]) -> Result<()> {
+        let n = self.data.len();
+        let mut worst_attack = Vec::with_capacity(n);
+        let mut worst_correct = Vec::with_capacity(n);
+        let mut worst_confidence = Vec::with_capacity(n);
+        let mut worst_wrong = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut best: Option<&AttackRecord> = None;
+            for r in recs {
+                if best.is_none_or(|b| r.wrong_class_confidence[i] > b.wrong_class_confidence[i]) {
+                    best = Some(r);
+                }
+            }
+            worst_attack.push(best.map(|b| b.attack.clone()));
+            worst_correct.push(best.is_none_or(|b| b.correct[i]));
+            worst_confidence.push(best.map_or(self.clean.confidence[i], |b| b.confidence[i]));
+            worst_wrong.push(best.map_or(self.clean.wrong_class_confidence[i], |b| {
+                b.wrong_class_confidence[i]
+            }));
+        }
+        let fooled = recs
+            .iter()
+            .map(|r| {
+                let f: Vec<bool> = (0..n)
+                    .map(|i| self.clean.correct[i] && !r.correct[i])
+                    .collect();
+                (r.attack.clone(), f)
+            })
+            .collect();
+        let robust = (0..n)
+            .map(|i| self.clean.correct[i] && recs.iter().all(|r| r.correct[i]))
+            .collect();
+        let rec = ThreatModelRecord {
+            threat_model: tm.name.clone(),
+            eps: tm.eps,
+            clean_correct: self.clean.correct.clone(),
+            robust,
+            fooled,
+            worst_attack,
+            worst_correct,
+            worst_confidence,
+            worst_wrong_class_confidence: worst_wrong,
+        };
+        write_json(
+            &self.per_example.join(format!("{}.worst.json", tm.name)),
+            &rec,
+        )
+    }
+
+    /// The trust checks on the first attacked images of the headline threat model (or
+    /// the first), repeating its first cross-entropy PGD attack (or its first PGD).
+    fn trust(
+        &self,
+        records: &[(String, String, f64, Vec<AttackRecord>)],
+    ) -> Result<Option<(TrustRecord, bool)>> {
+        let cfg = &self.config.trust;
+        let n = cfg.examples.min(self.data.len());
+        let tm = self
+            .plan
+            .threat_models
+            .iter()
+            .find(|t| t.name == crate::HEADLINE_THREAT_MODEL)
+            .or_else(|| self.plan.threat_models.first());
+        let (Some(tm), true) = (tm, n > 0) else {
+            return Ok(None);
+        };
+        let pgds: Vec<&rampart_attacks::Pgd> = tm
+            .attacks
+            .iter()
+            .filter_map(|a| match &a.attack {
+                AttackKind::Pgd(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let Some(attack) = pgds
+            .iter()
+            .find(|p| p.objective == rampart_attacks::Objective::CrossEntropy)
+            .or(pgds.first())
+            .copied()
+        else {
+            return Ok(None);
+        };
+        let recs = records
+            .iter()
+            .find(|r| r.0 == tm.name)
+            .map(|r| r.3.as_slice())
+            .unwrap_or(&[]);
+        let white_box_robust: Vec<bool> = (0..n)
+            .map(|i| self.clean.correct[i] && recs.iter().all(|r| r.correct[i]))
+            .collect();
+        let path = self.per_example.join("trust.json");
+        let attack_json = serde_json::to_string(attack).map_err(|e| EvalError::format(&path, e))?;
+        let cfg_json = serde_json::to_string(cfg).map_err(|e| EvalError::format(&path, e))?;
+        let robust_bytes: Vec<u8> = white_box_robust.iter().map(|&b| u8::from(b)).collect();
+        let key = digest([
+            self.base_key.as_bytes(),
+            b"trust",
+            attack_json.as_bytes(),
+            cfg_json.as_bytes(),
+            &robust_bytes,
+            &tm.eps.to_le_bytes(),
+        ]);
+        if let Some(rec) = load_keyed::<TrustRecord>(&path, &key) {
+            return Ok(Some((rec, true)));
+        }
+        let idx: Vec<usize> = (0..n).collect();
+        let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
+        let checks = run_checks(
+            self.model,
+            self.config.bounds,
+            &xs,
+            &ys,
+            &white_box_robust,
+            attack,
+            tm.eps,
+            cfg,
+            batch_seed(self.config.seed, "trust", 0),
+        )?;
+        let rec = TrustRecord { key, checks };
+        write_json(&path, &rec)?;
+        Ok(Some((rec, false)))
     }
 
     /// Minimal L∞ ε of every attacked example.

@@ -160,7 +160,7 @@ fn quick_suite_writes_everything_and_resumes() -> TestResult {
     let attack_file = out.join("per_example/linf_8_255.pgd20_ce.json");
     let written = std::fs::read(&attack_file)?;
     let second = evaluate(&model, &ds, &cfg)?;
-    assert_eq!(second.resumed.len(), 13, "{:?}", second.resumed);
+    assert_eq!(second.resumed.len(), 16, "{:?}", second.resumed);
     assert!(second.resumed.contains(&"linf_8_255.pgd20_ce".to_string()));
     assert_eq!(
         std::fs::read(&attack_file)?,
@@ -173,7 +173,7 @@ fn quick_suite_writes_everything_and_resumes() -> TestResult {
     // the seeded attack gives the same numbers again.
     std::fs::remove_file(&attack_file)?;
     let third = evaluate(&model, &ds, &cfg)?;
-    assert_eq!(third.resumed.len(), 12);
+    assert_eq!(third.resumed.len(), 15);
     assert!(!third.resumed.contains(&"linf_8_255.pgd20_ce".to_string()));
     assert_eq!(comparable(&third), comparable(&first));
 
@@ -339,5 +339,316 @@ fn bad_configs_are_refused() -> TestResult {
         evaluate(&model, &ds, &cfg),
         Err(EvalError::Config(_))
     ));
+    Ok(())
+}
+
+/// The MLP behind a gradient-blocking op: meaningful outputs, exactly zero input
+/// gradients (gradient masking).
+struct Masked(Mlp);
+
+impl Module for Masked {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(&xs.detach())
+    }
+}
+
+fn checked(
+    model: &dyn candle_core::ModuleT,
+    attack: &rampart_attacks::Pgd,
+    eps: f64,
+) -> std::result::Result<TrustChecks, Box<dyn std::error::Error>> {
+    let ds = dataset(model, 40, SHAPE)?;
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    let (xs, ys) = ds.batch_tensors(&idx, &Device::Cpu)?;
+    let clean: Vec<bool> = model
+        .forward_t(&xs, false)?
+        .argmax(1)?
+        .to_vec1::<u32>()?
+        .iter()
+        .zip(ds.labels())
+        .map(|(p, l)| p == l)
+        .collect();
+    // The pgd20 path: the worst case over the objectives, then the checks.
+    let attacks = objective_variants("pgd", attack, &WORST_CASE_OBJECTIVES);
+    let w = worst_case(
+        model,
+        rampart_attacks::Bounds::UNIT,
+        &ds,
+        ds.len(),
+        &attacks,
+        eps,
+        &clean,
+        16,
+        3,
+        &Device::Cpu,
+        false,
+    )?;
+    Ok(run_checks(
+        model,
+        rampart_attacks::Bounds::UNIT,
+        &xs,
+        &ys,
+        &w.robust,
+        attack,
+        eps,
+        &TrustConfig::default(),
+        5,
+    )?)
+}
+
+fn issue_kinds(t: &TrustChecks) -> Vec<&str> {
+    t.issues.iter().map(|i| i.check.as_str()).collect()
+}
+
+#[test]
+fn trust_checks_pass_on_a_plain_model_and_catch_masked_gradients() -> TestResult {
+    let pgd20 = rampart_attacks::Pgd::linf_pgd20();
+    let plain = checked(&Mlp::new()?, &pgd20, 8.0 / 255.0)?;
+    assert!(plain.passed(), "{:?}", plain.issues);
+    assert_eq!(plain.eps_growth.len(), 4, "ε, 2ε, 4ε and the whole box");
+    assert!(plain
+        .eps_growth
+        .windows(2)
+        .all(|w| w[1].robust_accuracy <= w[0].robust_accuracy));
+    assert!(plain.markdown().contains("Trust checks passed"));
+
+    // Masked gradients: zero gradients, and PGD from a zero start never moves, so
+    // noise beats it and robust accuracy does not fall even when the ball covers the box.
+    let zero_start = rampart_attacks::Pgd {
+        restarts: rampart_attacks::Restarts::same(1, rampart_attacks::Init::Zero),
+        ..pgd20
+    };
+    let masked = checked(&Masked(Mlp::new()?), &zero_start, 0.3)?;
+    let kinds = issue_kinds(&masked);
+    for kind in [
+        "zero-gradients",
+        "noise-beats-white-box",
+        "unbounded-attack-fails",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    assert!(masked.markdown().contains("Warning: trust checks failed"));
+
+    // One short step does not converge: five times the steps break much more.
+    let short = rampart_attacks::Pgd {
+        steps: 1,
+        step_size: rampart_attacks::StepSize::Relative(0.05),
+        ..zero_start
+    };
+    let weak = checked(&Mlp::new()?, &short, 16.0 / 255.0)?;
+    assert!(
+        issue_kinds(&weak).contains(&"larger-budget-finds-more"),
+        "{:?} {} vs {}",
+        weak.issues,
+        weak.robust_accuracy,
+        weak.stronger_robust_accuracy
+    );
+    Ok(())
+}
+
+#[test]
+fn the_protocol_reports_failed_trust_checks() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("eval");
+    let model = Masked(Mlp::new()?);
+    let ds = dataset(&model, 48, SHAPE)?;
+    let mut cfg = config(Suite::Quick, &out)?;
+    cfg.plots = false;
+    let r = evaluate(&model, &ds, &cfg)?;
+    let trust = r.trust.as_ref().ok_or("no trust checks")?;
+    assert!(issue_kinds(trust).contains(&"zero-gradients"));
+    let md = std::fs::read_to_string(out.join("results.md"))?;
+    assert!(md.contains("Warning: trust checks failed"), "{md}");
+    let saved: EvalReport = serde_json::from_slice(&std::fs::read(out.join("results.json"))?)?;
+    assert_eq!(saved.trust, r.trust);
+    // Switched off, no check runs.
+    cfg.trust.examples = 0;
+    cfg.out_dir = dir.path().join("off");
+    assert!(evaluate(&model, &ds, &cfg)?.trust.is_none());
+    Ok(())
+}
+
+/// Logits that flatten as the mean pixel rises: u(x) · exp(−k·(mean(x) − ½)) · c for
+/// the MLP's logits u, on images whose mean is exactly ½ (so the clean outputs are the
+/// MLP's). Cross-entropy is raised fastest by flattening, which makes unconfident
+/// mistakes that a confidence threshold rejects — as a CCAT model's outputs far from the
+/// data; the conf objective looks for confident mistakes instead.
+struct Flattening {
+    base: Mlp,
+    k: f64,
+    c: f64,
+}
+
+impl Module for Flattening {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let z = self.base.forward(xs)?;
+        let mean = xs.flatten_from(1)?.mean_keepdim(1)?;
+        let scale = ((mean - 0.5)? * -self.k)?.exp()?;
+        z.broadcast_mul(&scale)? * self.c
+    }
+}
+
+/// `n` images of mean exactly ½ (every value v paired with 255 − v, plus the midpoint
+/// correction), labelled with the model's prediction except every fifth.
+fn half_mean_dataset(model: &dyn candle_core::ModuleT, n: usize) -> Result<ImageDataset> {
+    let len = SHAPE.0 * SHAPE.1 * SHAPE.2;
+    let mut state = 777u64;
+    let mut images = Vec::with_capacity(n * len);
+    for _ in 0..n {
+        for _ in 0..len / 2 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = (state >> 56) as u8;
+            images.extend([v, 255 - v]);
+        }
+    }
+    let names: Vec<String> = (0..CLASSES).map(|c| format!("c{c}")).collect();
+    let unlabelled = ImageDataset::new(images.clone(), vec![0; n], SHAPE, names.clone())?;
+    let idx: Vec<usize> = (0..n).collect();
+    let (xs, _) = unlabelled.batch_tensors(&idx, &Device::Cpu)?;
+    let preds = model.forward_t(&xs, false)?.argmax(1)?.to_vec1::<u32>()?;
+    let labels = preds
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            if i % 5 == 4 {
+                (p + 1) % CLASSES as u32
+            } else {
+                p
+            }
+        })
+        .collect();
+    Ok(ImageDataset::new(images, labels, SHAPE, names)?)
+}
+
+fn rerr_ce_and_worst(
+    k: f64,
+    c: f64,
+) -> std::result::Result<(f64, f64), Box<dyn std::error::Error>> {
+    let model = Flattening {
+        base: Mlp::new()?,
+        k,
+        c,
+    };
+    let ds = half_mean_dataset(&model, 64)?;
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    let (xs, _) = ds.batch_tensors(&idx, &Device::Cpu)?;
+    let logits = candle_core::ModuleT::forward_t(&model, &xs, false)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+    let conf: Vec<f64> = probs
+        .max(1)?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&c| f64::from(c))
+        .collect();
+    let pred = probs.argmax(1)?.to_vec1::<u32>()?;
+    let clean: Vec<bool> = pred.iter().zip(ds.labels()).map(|(p, l)| p == l).collect();
+    let positives = rampart_metrics::confidences_of_correct(&clean, &conf)?;
+    let tau = rampart_metrics::threshold_at_tpr99(&positives)?;
+    let rerr = |objectives: &[rampart_attacks::Objective]| -> std::result::Result<f64, Box<dyn std::error::Error>> {
+        let attacks =
+            objective_variants("pgd20", &rampart_attacks::Pgd::linf_pgd20(), objectives);
+        let w = worst_case(
+            &model,
+            rampart_attacks::Bounds::UNIT,
+            &ds,
+            ds.len(),
+            &attacks,
+            8.0 / 255.0,
+            &clean,
+            32,
+            0,
+            &Device::Cpu,
+            false,
+        )?;
+        Ok(rampart_metrics::rerr_at_threshold(
+            &clean,
+            &conf,
+            &w.worst_correct,
+            &w.worst_confidence,
+            tau,
+        )?)
+    };
+    Ok((
+        rerr(&[rampart_attacks::Objective::CrossEntropy])?,
+        rerr(&WORST_CASE_OBJECTIVES)?,
+    ))
+}
+
+#[test]
+fn a_rejecting_model_is_attacked_harder_by_the_worst_case_than_by_cross_entropy() -> TestResult {
+    // Cross-entropy flattens the outputs (unconfident, rejected mistakes); conf finds
+    // confident ones: RErr@τ 0.64 against 1.00 when this test was written.
+    let (ce, worst) = rerr_ce_and_worst(200.0, 0.3)?;
+    assert!(
+        worst > ce + 0.2,
+        "RErr@τ: worst case {worst} vs cross-entropy alone {ce}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let model = Mlp::new()?;
+    let ds = dataset(&model, 24, SHAPE)?;
+    let config = AutoAttackConfig {
+        norm: rampart_attacks::Norm::L2,
+        eps: 0.5,
+        limit: 24,
+        batch_size: 8,
+        seed: 4,
+        rand: false,
+    };
+    let per_example = dir.path().join("per_example");
+    let whole = run_autoattack(
+        &model,
+        rampart_attacks::Bounds::UNIT,
+        &ds,
+        &config,
+        &per_example,
+        &Device::Cpu,
+    )?;
+    assert_eq!(
+        (whole.examples, whole.batches.len(), whole.resumed_batches),
+        (24, 3, 0)
+    );
+    assert!(whole.robust <= whole.clean_correct);
+    // A kill after the first batch: the state file holds one batch.
+    let path = per_example.join("autoattack.json");
+    let mut state: AutoAttackState = serde_json::from_slice(&std::fs::read(&path)?)?;
+    state.batches.truncate(1);
+    std::fs::write(&path, serde_json::to_vec(&state)?)?;
+    let resumed = run_autoattack(
+        &model,
+        rampart_attacks::Bounds::UNIT,
+        &ds,
+        &config,
+        &per_example,
+        &Device::Cpu,
+    )?;
+    assert_eq!(resumed.resumed_batches, 1);
+    assert_eq!(
+        (resumed.clean_correct, resumed.robust),
+        (whole.clean_correct, whole.robust)
+    );
+    for (a, b) in resumed.batches.iter().zip(&whole.batches) {
+        assert_eq!(
+            (&a.robust, &a.broken_by, &a.confidence),
+            (&b.robust, &b.broken_by, &b.confidence)
+        );
+    }
+    // Other settings are another run: nothing is resumed.
+    let other = AutoAttackConfig { seed: 5, ..config };
+    let fresh = run_autoattack(
+        &model,
+        rampart_attacks::Bounds::UNIT,
+        &ds,
+        &other,
+        &per_example,
+        &Device::Cpu,
+    )?;
+    assert_eq!(fresh.resumed_batches, 0);
     Ok(())
 }

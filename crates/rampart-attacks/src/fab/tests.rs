@@ -128,7 +128,9 @@ fn fab_finds_minimal_perturbations_of_a_linear_model() -> Result<()> {
         };
         let res = fab.run(&model, Bounds::UNIT, &xs, &ys, &[1e9], 0)?;
         let found = res[0]
-            .adversarial
+            .unconstrained
+            .as_ref()
+            .ok_or_else(|| crate::Error::Input("FAB returns its unconstrained point".into()))?
             .flatten_from(1)?
             .to_dtype(DType::F64)?
             .to_vec2::<f64>()?;
@@ -188,7 +190,11 @@ fn results_are_feasible_and_successes_hold() -> Result<()> {
         }
         assert!(count(&res[0].success) > count(&res[1].success));
         // The raw output is adversarial wherever the clipped one is.
-        let raw = crate::testutil::misclassified(&t.model, &res[0].adversarial, &t.ys)?;
+        let unconstrained = res[0]
+            .unconstrained
+            .as_ref()
+            .ok_or_else(|| crate::Error::Input("FAB returns its unconstrained point".into()))?;
+        let raw = crate::testutil::misclassified(&t.model, unconstrained, &t.ys)?;
         assert!(res[0].success.iter().zip(&raw).all(|(s, r)| !s || *r));
     }
     Ok(())

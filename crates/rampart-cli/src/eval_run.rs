@@ -1,0 +1,725 @@
+//! `rampart eval`: running a checked plan. The loops themselves live in
+//! `rampart-eval` (the protocol suites, the worst case of several attacks, resumable
+//! AutoAttack, the trust checks); this file connects them to the files of --out.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rampart_attacks::{Bounds, Eot, Norm};
+use rampart_data::{DatasetKind, ImageDataset};
+use rampart_defenses::{predict, ConfidenceThreshold, Predictions};
+use rampart_eval::{AutoAttackConfig, TrustChecks};
+use rampart_models::Classifier;
+use serde_json::json;
+
+use crate::common::{create_out_dir, load_data, record_command, write_json};
+use crate::eval::{
+    mean_std, wilson, AttackFigure, AttackOutcome, AttackPlan, EvalPlan, EvalResults,
+    StochasticFigures, Suite, EVAL_SCHEMA_VERSION,
+};
+
+impl EvalPlan {
+    /// Where the log goes.
+    pub fn log_file(&self) -> std::path::PathBuf {
+        self.out.join("eval.log")
+    }
+
+    /// EOT samples of every attack on `model`: --eot, else [`rampart_eval::STOCHASTIC_EOT`]
+    /// for a stochastic model and 1 otherwise.
+    fn eot_samples(&self, model: &Classifier) -> usize {
+        self.eot.unwrap_or(if model.is_stochastic() {
+            rampart_eval::STOCHASTIC_EOT
+        } else {
+            1
+        })
+    }
+
+    /// Runs AutoAttack (standard, or rand for a stochastic model) in the plan's norm
+    /// batch by batch over the first images, resumable through
+    /// `per_example/autoattack.json`, then the trust checks; writes `autoattack.json`
+    /// (the per-batch reports: stages, runtimes, trust checks) and `results.json`.
+    fn run_autoattack(
+        &self,
+        model: &Classifier,
+        method: &str,
+        dataset: DatasetKind,
+        test: &ImageDataset,
+        device: &Device,
+    ) -> Result<EvalResults> {
+        let plan = self
+            .attack
+            .as_ref()
+            .context("autoattack needs its budget")?;
+        let n = plan.limit.unwrap_or(test.len()).min(test.len());
+        let (lo, hi) = model.bounds();
+        let bounds = Bounds::new(lo, hi)?;
+        let config = AutoAttackConfig {
+            norm: plan.pgd.norm,
+            eps: plan.eps,
+            limit: n,
+            batch_size: self.batch_size,
+            seed: plan.seed,
+            rand: model.is_stochastic(),
+        };
+        let outcome = rampart_eval::run_autoattack(
+            model,
+            bounds,
+            test,
+            &config,
+            &self.out.join("per_example"),
+            device,
+        )?;
+        let robust: Vec<bool> = outcome
+            .batches
+            .iter()
+            .flat_map(|b| b.robust.iter().copied())
+            .collect();
+        let trust = self.trust_checks(model, bounds, test, &robust, &plan.pgd, plan.eps)?;
+        write_json(
+            &self.out.join("autoattack.json"),
+            &json!({ "norm": plan.pgd.norm.to_string(), "eps": plan.eps, "examples": n,
+                     "version": outcome.version, "seconds": outcome.seconds,
+                     "resumed_batches": outcome.resumed_batches,
+                     "robust_accuracy": outcome.robust as f64 / n as f64,
+                     "trust_warnings": outcome.trust_warnings,
+                     "batches": outcome.batches.iter().map(|b| &b.report).collect::<Vec<_>>() }),
+        )?;
+        for w in &outcome.trust_warnings {
+            tracing::warn!("trust check (AutoAttack): {w}");
+        }
+        let stages = outcome
+            .batches
+            .first()
+            .map(|b| {
+                b.report
+                    .stages
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let clean_accuracy = outcome.clean_correct as f64 / n as f64;
+        let robust_accuracy = outcome.robust as f64 / n as f64;
+        let attacks = stages
+            .iter()
+            .map(|stage| {
+                // Robust against this stage alone is not measured (later stages only
+                // attack what survived); report the accuracy after it.
+                let after: usize = outcome
+                    .batches
+                    .iter()
+                    .map(|b| {
+                        let idx = b.report.stages.iter().position(|s| &s.name == stage);
+                        idx.map_or(0, |j| {
+                            (b.report.stages[j].robust_accuracy * b.robust.len() as f64).round()
+                                as usize
+                        })
+                    })
+                    .sum();
+                AttackFigure {
+                    name: format!("after {stage}"),
+                    robust_accuracy: after as f64 / n as f64,
+                    robust_accuracy_ci: wilson(after, n),
+                    seconds: outcome
+                        .batches
+                        .iter()
+                        .flat_map(|b| b.report.stages.iter().filter(|s| &s.name == stage))
+                        .map(|s| s.seconds)
+                        .sum(),
+                }
+            })
+            .collect();
+        let results = EvalResults {
+            schema_version: EVAL_SCHEMA_VERSION,
+            suite: self.suite.name().into(),
+            model: self.model.clone(),
+            method: method.to_string(),
+            arch: model.spec().arch.to_string(),
+            dataset: dataset.to_string(),
+            test_examples: n,
+            clean_accuracy,
+            clean_accuracy_ci: wilson(outcome.clean_correct, n),
+            clean_error: 1.0 - clean_accuracy,
+            eval_seconds: outcome.seconds,
+            attack: Some(format!(
+                "autoattack {} {}, eps {:.5}",
+                outcome.version, plan.pgd.norm, plan.eps
+            )),
+            norm: Some(plan.pgd.norm.to_string()),
+            eps: Some(plan.eps),
+            robust_examples: Some(n),
+            robust_accuracy: Some(robust_accuracy),
+            robust_accuracy_ci: wilson(outcome.robust, n),
+            robust_error: Some(1.0 - robust_accuracy),
+            attack_seconds: Some(outcome.seconds),
+            attacked_clean_accuracy: Some(clean_accuracy),
+            attacks,
+            eot_samples: Some(if config.rand { 20 } else { 1 }),
+            confidence_threshold: None,
+            clean_rejected: None,
+            clean_err_at_threshold: None,
+            robust_err_at_threshold: None,
+            robust_err_at_threshold_ci: None,
+            lambda: model.lambda(),
+            stochastic: None,
+            trust,
+            autoattack_trust_warnings: outcome.trust_warnings.clone(),
+        };
+        self.finish(&results)?;
+        Ok(results)
+    }
+
+    /// Runs a suite of the evaluation pipeline (`rampart-eval`): it writes
+    /// `results.json` (schema in docs/results-schema.md), `results.md`, plots and
+    /// per-example results into --out, and resumes a run interrupted there.
+    fn run_protocol(
+        &self,
+        suite: rampart_eval::Suite,
+        model: &Classifier,
+        method: &str,
+        dataset: DatasetKind,
+        test: &ImageDataset,
+        device: &Device,
+    ) -> Result<EvalResults> {
+        let mut config = rampart_eval::EvalConfig::new(suite, &self.out);
+        config.effort = rampart_eval::Effort::new(self.effort.0, self.effort.1)?;
+        if self.protocol_limit.is_some() {
+            config.test_limit = self.protocol_limit;
+        }
+        config.seed = self.protocol_seed;
+        config.held_out = self.held_out;
+        config.batch_size = self.batch_size;
+        config.device = device.clone();
+        config.trust = self.trust;
+        config.metrics = self.metrics;
+        config.curve_points = self.curve_points;
+        let k = self.eot_samples(model);
+        if k > 1 {
+            config.eot = Eot::new(k, k)?;
+        }
+        let (lo, hi) = model.bounds();
+        config.bounds = Bounds::new(lo, hi)?;
+        let mut info = rampart_eval::ModelInfo::of(model, Some(&self.model));
+        info.dataset = Some(dataset.to_string());
+        let report = rampart_eval::evaluate_model(model, &info, test, &config)
+            .with_context(|| format!("evaluating {}", self.model.display()))?;
+        let linf = report
+            .threat_models
+            .get(rampart_eval::HEADLINE_THREAT_MODEL);
+        let results = EvalResults {
+            schema_version: report.schema_version,
+            suite: self.suite.name().into(),
+            model: self.model.clone(),
+            method: method.to_string(),
+            arch: model.spec().arch.to_string(),
+            dataset: dataset.to_string(),
+            test_examples: report.test_examples,
+            clean_accuracy: report.clean_accuracy,
+            clean_accuracy_ci: report.clean_error_ci.map(|c| rampart_metrics::Interval {
+                lo: 1.0 - c.hi,
+                hi: 1.0 - c.lo,
+            }),
+            clean_error: report.clean_error,
+            eval_seconds: report.eval_seconds,
+            attack: linf.map(|_| format!("{} suite, L∞ 8/255 worst case", self.suite.name())),
+            norm: linf.map(|t| t.norm.clone()),
+            eps: linf.map(|t| t.eps),
+            robust_examples: linf.map(|_| report.test_examples),
+            robust_accuracy: linf.map(|t| 1.0 - t.robust_error),
+            robust_accuracy_ci: linf.and_then(|t| t.robust_error_ci).map(|c| {
+                rampart_metrics::Interval {
+                    lo: 1.0 - c.hi,
+                    hi: 1.0 - c.lo,
+                }
+            }),
+            robust_error: linf.map(|t| t.robust_error),
+            attack_seconds: None,
+            attacked_clean_accuracy: None,
+            attacks: Vec::new(),
+            eot_samples: Some(k),
+            confidence_threshold: report.model_confidence_threshold,
+            clean_rejected: None,
+            clean_err_at_threshold: None,
+            robust_err_at_threshold: linf.and_then(|t| t.rerr_at_model_threshold),
+            robust_err_at_threshold_ci: None,
+            lambda: model.lambda(),
+            stochastic: None,
+            trust: report.trust.clone(),
+            autoattack_trust_warnings: Vec::new(),
+        };
+        if self.strict_checks && !results.trusted() {
+            bail!(
+                "trust checks failed (--strict-checks); see {}",
+                self.out.join("results.md").display()
+            );
+        }
+        Ok(results)
+    }
+
+    /// Writes `results.json` and `results.md`; with --strict-checks a failed trust
+    /// check is then an error.
+    fn finish(&self, results: &EvalResults) -> Result<()> {
+        write_json(&self.out.join("results.json"), results)?;
+        rampart_defenses::write_atomic(
+            &self.out.join("results.md"),
+            results.markdown().as_bytes(),
+        )?;
+        if self.strict_checks && !results.trusted() {
+            bail!(
+                "trust checks failed (--strict-checks); see {}",
+                self.out.join("results.md").display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The trust checks on the first attacked images, repeating `attack` at `eps`
+    /// (`robust[i]`: image i survived every attack of the evaluation).
+    fn trust_checks(
+        &self,
+        model: &Classifier,
+        bounds: Bounds,
+        test: &ImageDataset,
+        robust: &[bool],
+        attack: &rampart_attacks::Pgd,
+        eps: f64,
+    ) -> Result<Option<TrustChecks>> {
+        let n = self.trust.examples.min(robust.len());
+        if n == 0 {
+            return Ok(None);
+        }
+        let idx: Vec<usize> = (0..n).collect();
+        let (xs, ys) = test.batch_tensors(&idx, model.device())?;
+        let checks = rampart_eval::run_checks(
+            model,
+            bounds,
+            &xs,
+            &ys,
+            &robust[..n],
+            attack,
+            eps,
+            &self.trust,
+            self.protocol_seed ^ 0x7472_7573_74,
+        )?;
+        checks.log(&format!("suite {}", self.suite.name()));
+        Ok(Some(checks))
+    }
+
+    /// Runs the plan; `command` is recorded beside the outputs.
+    pub fn run(&self, command: &str) -> Result<EvalResults> {
+        let device = self.device.open()?;
+        let model = Classifier::load(&self.model, &device)
+            .with_context(|| format!("cannot load the model {}", self.model.display()))?;
+        if let Some(lambda) = self.lambda {
+            model.set_lambda(lambda).context("--lambda")?;
+        }
+        if let Some(scale) = self.noise_scale {
+            model.set_noise_scale(scale).context("--noise-scale")?;
+        }
+        model.reseed_noise(self.protocol_seed);
+        let dataset = match (self.dataset, model.metadata().get("dataset")) {
+            (Some(d), _) => d,
+            (None, Some(name)) => name.parse().with_context(|| {
+                format!(
+                    "{}: metadata `dataset` = `{name}` is not a known data set; pass --dataset",
+                    self.model.display()
+                )
+            })?,
+            (None, None) => DatasetKind::Cifar10,
+        };
+        let k = model.spec().num_classes;
+        if k != dataset.num_classes() {
+            bail!(
+                "{} has {k} outputs but {} has {} classes: pass the --dataset it was trained on",
+                self.model.display(),
+                dataset.title(),
+                dataset.num_classes()
+            );
+        }
+        let method = model
+            .metadata()
+            .get("method")
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
+        create_out_dir(&self.out)?;
+        record_command(&self.out, command)?;
+        let eot_samples = self.eot_samples(&model);
+        write_json(
+            &self.out.join("config.json"),
+            &json!({
+                "command": "eval",
+                "rampart_version": env!("CARGO_PKG_VERSION"),
+                "command_line": command,
+                "model": self.model,
+                "method": method,
+                "arch": model.spec().arch.to_string(),
+                "dataset": dataset.to_string(),
+                "data_dir": self.data_dir,
+                "test_limit": self.test_limit,
+                "batch_size": self.batch_size,
+                "suite": self.suite,
+                "attack": self.attack.as_ref().map(|a| a.describe(&self.objectives)),
+                "attack_limit": self.attack.as_ref().and_then(|a| a.limit),
+                "attack_seed": self.attack.as_ref().map(|a| a.seed),
+                "objectives": self.objectives.iter().map(|o| o.name()).collect::<Vec<_>>(),
+                "lambda": model.lambda(),
+                "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale()),
+                "eot": eot_samples,
+                "draws": model.is_stochastic().then_some(self.draws),
+                "trust": self.trust,
+                "strict_checks": self.strict_checks,
+                "metrics": self.metrics,
+                "curve_points": self.curve_points,
+                "device": self.device.to_string(),
+            }),
+        )?;
+        let splits = load_data(dataset, &self.data_dir)?;
+        let test = match self.test_limit {
+            Some(n) => splits.test.take(n),
+            None => splits.test,
+        };
+        if let Some(suite) = self.suite.protocol() {
+            return self.run_protocol(suite, &model, &method, dataset, &test, &device);
+        }
+        if self.suite == Suite::Autoattack {
+            return self.run_autoattack(&model, &method, dataset, &test, &device);
+        }
+        let threshold = ConfidenceThreshold::stored(&model)
+            .with_context(|| format!("cannot read {}", self.model.display()))?;
+        let started = Instant::now();
+        let predictions = predict(&model, &test, self.batch_size)?;
+        let clean_correct: Vec<bool> = predictions
+            .labels
+            .iter()
+            .zip(&predictions.predicted)
+            .map(|(l, p)| l == p)
+            .collect();
+        let attack_plan = self.attack.map(|mut a| {
+            a.pgd.eot = Eot {
+                grad_samples: eot_samples,
+                eval_samples: eot_samples,
+            };
+            a
+        });
+        let (lo, hi) = model.bounds();
+        let bounds = Bounds::new(lo, hi)?;
+        let attacked = match &attack_plan {
+            Some(attack) => Some(self.attack(&model, attack, &test, &clean_correct)?),
+            None => None,
+        };
+        let trust = match (&attack_plan, &attacked) {
+            (Some(a), Some(w)) => {
+                self.trust_checks(&model, bounds, &test, &w.robust, &a.pgd, a.eps)?
+            }
+            _ => None,
+        };
+        let stochastic = if model.is_stochastic() {
+            Some(self.over_draws(&model, &test, attacked.as_ref(), eot_samples)?)
+        } else {
+            None
+        };
+        let eval_seconds = started.elapsed().as_secs_f64();
+        predictions.save_json(&self.out.join("predictions.json"))?;
+        predictions.save_probs(&self.out.join("probs.safetensors"))?;
+        if let (Some(a), Some(w)) = (&attack_plan, &attacked) {
+            self.save_per_example(&model, &test, &predictions, &clean_correct, a, w)?;
+        }
+        let clean_confidence: Vec<f64> = predictions
+            .confidence
+            .iter()
+            .map(|&c| f64::from(c))
+            .collect();
+        let robust_count = attacked
+            .as_ref()
+            .map(|a| a.robust.iter().filter(|&&c| c).count());
+        let robust_accuracy = match &stochastic {
+            Some(st) => st.robust_accuracy_mean,
+            None => attacked
+                .as_ref()
+                .zip(robust_count)
+                .map(|(a, r)| r as f64 / a.robust.len().max(1) as f64),
+        };
+        let clean_accuracy = stochastic
+            .as_ref()
+            .map_or(predictions.accuracy(), |st| st.clean_accuracy_mean);
+        let attacked_clean_accuracy = match (&stochastic, &attacked) {
+            (Some(st), Some(_)) => st.attacked_clean_accuracy_mean,
+            (None, Some(a)) => {
+                let n = a.robust.len();
+                let ok = (0..n).filter(|&i| clean_correct[i]).count();
+                Some(ok as f64 / n.max(1) as f64)
+            }
+            _ => None,
+        };
+        let tau = threshold.map(|t| t.tau);
+        let clean_rejected = tau.map(|tau| {
+            clean_confidence.iter().filter(|&&c| c < tau).count() as f64
+                / clean_confidence.len().max(1) as f64
+        });
+        let clean_err_at_threshold = match tau {
+            Some(tau) => rampart_metrics::err_at_threshold(&clean_correct, &clean_confidence, tau)
+                .map_err(|e| tracing::warn!("Err@τ: {e}"))
+                .ok(),
+            None => None,
+        };
+        let (robust_err_at_threshold, robust_err_at_threshold_ci) = match (tau, &attacked) {
+            (Some(tau), Some(a)) => {
+                let n = a.robust.len();
+                let rerr = |idx: &[usize]| {
+                    let pick = |v: &[bool]| idx.iter().map(|&i| v[i]).collect::<Vec<_>>();
+                    let pickf = |v: &[f64]| idx.iter().map(|&i| v[i]).collect::<Vec<_>>();
+                    rampart_metrics::rerr_at_threshold(
+                        &pick(&clean_correct),
+                        &pickf(&clean_confidence),
+                        &pick(&a.worst_correct),
+                        &pickf(&a.worst_confidence),
+                        tau,
+                    )
+                };
+                let all: Vec<usize> = (0..n).collect();
+                let value = rerr(&all).map_err(|e| tracing::warn!("RErr@τ: {e}")).ok();
+                let ci = if self.metrics.bootstrap_resamples >= 2 {
+                    rampart_metrics::bootstrap(
+                        n,
+                        self.metrics.bootstrap_resamples,
+                        rampart_metrics::CONFIDENCE_95,
+                        self.protocol_seed,
+                        |idx| rerr(idx).ok(),
+                    )
+                    .ok()
+                    .flatten()
+                } else {
+                    None
+                };
+                (value, ci)
+            }
+            _ => (None, None),
+        };
+        let attacks = attacked
+            .as_ref()
+            .map(|w| {
+                (0..w.attacks.len())
+                    .map(|a| {
+                        let acc = w.robust_accuracy_of(a, &clean_correct);
+                        let n = w.robust.len();
+                        AttackFigure {
+                            name: w.attacks[a].clone(),
+                            robust_accuracy: acc,
+                            robust_accuracy_ci: wilson((acc * n as f64).round() as usize, n),
+                            seconds: w.seconds[a],
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let results = EvalResults {
+            schema_version: EVAL_SCHEMA_VERSION,
+            suite: self.suite.name().into(),
+            model: self.model.clone(),
+            method,
+            arch: model.spec().arch.to_string(),
+            dataset: dataset.to_string(),
+            test_examples: predictions.len(),
+            clean_accuracy,
+            clean_accuracy_ci: wilson(predictions.correct(), predictions.len()),
+            clean_error: 1.0 - clean_accuracy,
+            eval_seconds,
+            attack: attack_plan.as_ref().map(|a| a.describe(&self.objectives)),
+            norm: attack_plan.as_ref().map(|a| a.pgd.norm.to_string()),
+            eps: self.attack.as_ref().map(|a| a.eps),
+            robust_examples: attacked.as_ref().map(|a| a.robust.len()),
+            robust_accuracy,
+            robust_accuracy_ci: attacked
+                .as_ref()
+                .zip(robust_count)
+                .and_then(|(a, r)| wilson(r, a.robust.len())),
+            robust_error: robust_accuracy.map(|a| 1.0 - a),
+            attack_seconds: attacked.as_ref().map(|a| a.seconds.iter().sum()),
+            attacked_clean_accuracy,
+            attacks,
+            eot_samples: attack_plan.as_ref().map(|_| eot_samples),
+            confidence_threshold: tau,
+            clean_rejected,
+            clean_err_at_threshold,
+            robust_err_at_threshold,
+            robust_err_at_threshold_ci,
+            lambda: model.lambda(),
+            stochastic,
+            trust,
+            autoattack_trust_warnings: Vec::new(),
+        };
+        self.finish(&results)?;
+        tracing::info!(
+            accuracy = results.clean_accuracy,
+            examples = results.test_examples,
+            seconds = format!("{eval_seconds:.1}"),
+            "evaluated"
+        );
+        Ok(results)
+    }
+
+    /// `per_example/`: the clean logits of every evaluated image, the worst-case
+    /// record of the attacked ones (`pgd.json`: per attack whether it fooled the image,
+    /// the CCAT worst case's attack, correctness and confidence), every attack's
+    /// adversarial logits, and with --save-adversarial the adversarial images.
+    fn save_per_example(
+        &self,
+        model: &Classifier,
+        test: &ImageDataset,
+        predictions: &Predictions,
+        clean_correct: &[bool],
+        plan: &AttackPlan,
+        w: &AttackOutcome,
+    ) -> Result<()> {
+        let dir = self.out.join("per_example");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let (logits, k) =
+            rampart_eval::dataset_logits(model, test, self.batch_size, model.device())?;
+        let n = w.robust.len();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        tensors.insert(
+            "clean_logits".into(),
+            Tensor::from_vec(logits, (test.len(), k), &Device::Cpu)?,
+        );
+        tensors.insert(
+            "labels".into(),
+            Tensor::new(predictions.labels.as_slice(), &Device::Cpu)?,
+        );
+        for (a, name) in w.attacks.iter().enumerate() {
+            tensors.insert(
+                format!("{name}.logits"),
+                Tensor::from_vec(w.logits[a].clone(), (n, w.classes), &Device::Cpu)?,
+            );
+        }
+        save_safetensors(&tensors, &dir.join("logits.safetensors"))?;
+        write_json(
+            &dir.join("pgd.json"),
+            &w.record(plan.eps, &predictions.labels, clean_correct),
+        )?;
+        if self.save_adversarial {
+            let mut images: HashMap<String, Tensor> = HashMap::new();
+            for (a, name) in w.attacks.iter().enumerate() {
+                let parts: Vec<Tensor> = w.adversarial.iter().map(|(_, t)| t[a].clone()).collect();
+                images.insert(
+                    name.clone(),
+                    Tensor::cat(&parts, 0)?.to_device(&Device::Cpu)?,
+                );
+            }
+            save_safetensors(&images, &self.out.join("adversarial.safetensors"))?;
+        }
+        Ok(())
+    }
+
+    /// Clean and robust accuracy of a stochastic model over `self.draws` independent
+    /// noise draws: each draw reseeds the noise, classifies every test image and, when
+    /// there was an attack, the attacked images clean and under every attack's
+    /// adversarial example (robust in a draw: all of them right).
+    fn over_draws(
+        &self,
+        model: &Classifier,
+        test: &ImageDataset,
+        attacked: Option<&AttackOutcome>,
+        eot_samples: usize,
+    ) -> Result<StochasticFigures> {
+        let mut clean = Vec::with_capacity(self.draws);
+        let mut robust = Vec::new();
+        let mut attacked_clean = Vec::new();
+        for draw in 0..self.draws {
+            model.reseed_noise(
+                self.protocol_seed
+                    .wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(draw as u64 + 1)),
+            );
+            let p = predict(model, test, self.batch_size)?;
+            clean.push(p.accuracy());
+            if let Some(a) = attacked {
+                let mut ok = 0usize;
+                for (rows, advs) in &a.adversarial {
+                    let mut right = vec![true; rows.len()];
+                    for adv in advs {
+                        let predicted = candle_core::ModuleT::forward_t(model, adv, false)?
+                            .argmax(1)?
+                            .to_vec1::<u32>()?;
+                        for (j, (&i, &pred)) in rows.iter().zip(&predicted).enumerate() {
+                            right[j] &= pred == p.labels[i];
+                        }
+                    }
+                    for (j, &i) in rows.iter().enumerate() {
+                        if p.predicted[i] == p.labels[i] && right[j] {
+                            ok += 1;
+                        }
+                    }
+                }
+                robust.push(ok as f64 / a.robust.len().max(1) as f64);
+                let n = a.robust.len();
+                let clean_ok = (0..n).filter(|&i| p.predicted[i] == p.labels[i]).count();
+                attacked_clean.push(clean_ok as f64 / n.max(1) as f64);
+            }
+            tracing::info!(draw, clean_accuracy = clean[draw], "noise draw");
+        }
+        let (clean_mean, clean_std) = mean_std(&clean)?;
+        let (robust_mean, robust_std) = mean_std(&robust)?;
+        let (attacked_clean_mean, _) = mean_std(&attacked_clean)?;
+        let has_attack = attacked.is_some();
+        Ok(StochasticFigures {
+            noise_scale: model.noise_scale(),
+            draws: self.draws,
+            eot_samples,
+            clean_accuracy_draws: clean,
+            clean_accuracy_mean: clean_mean,
+            clean_accuracy_std: clean_std,
+            robust_accuracy_draws: robust,
+            robust_accuracy_mean: has_attack.then_some(robust_mean),
+            robust_accuracy_std: has_attack.then_some(robust_std),
+            attacked_clean_accuracy_mean: has_attack.then_some(attacked_clean_mean),
+            robust_accuracy_eot: attacked.map(|a| {
+                a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64
+            }),
+        })
+    }
+
+    /// Attacks the first `attack.limit` images of `test` with every objective of the
+    /// plan; an image counts as robust when it is classified correctly clean
+    /// (`clean_correct`) and no attack fooled it.
+    fn attack(
+        &self,
+        model: &Classifier,
+        attack: &AttackPlan,
+        test: &ImageDataset,
+        clean_correct: &[bool],
+    ) -> Result<AttackOutcome> {
+        let n = attack.limit.map_or(test.len(), |l| l.min(test.len()));
+        let (lo, hi) = model.bounds();
+        let bounds = Bounds::new(lo, hi)?;
+        let prefix = format!("pgd{}", attack.pgd.steps);
+        let attacks = rampart_eval::objective_variants(&prefix, &attack.pgd, &self.objectives);
+        if attack.pgd.norm != Norm::Linf {
+            bail!("the pgd20 suite is L∞");
+        }
+        Ok(rampart_eval::worst_case(
+            model,
+            bounds,
+            test,
+            n,
+            &attacks,
+            attack.eps,
+            clean_correct,
+            self.batch_size,
+            attack.seed,
+            model.device(),
+            model.is_stochastic() || self.save_adversarial,
+        )?)
+    }
+}
+
+/// Writes tensors as safetensors through a temporary sibling renamed into place.
+pub(crate) fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
