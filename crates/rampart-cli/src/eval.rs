@@ -539,8 +539,9 @@ pub struct EvalResults {
     /// Err@τ: clean error among the accepted images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clean_err_at_threshold: Option<f64>,
-    /// RErr@τ under the attacks' CCAT worst case (the adversarial example with the
-    /// highest wrong-class confidence), over the attacked images (REFERENCE §4).
+    /// RErr@τ under the attacks' worst case (per image a misclassified adversarial
+    /// example first, then the highest wrong-class confidence), over the attacked
+    /// images (REFERENCE §4, docs/metrics.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_err_at_threshold: Option<f64>,
     /// Its 95 % bootstrap interval (τ fixed).

@@ -59,6 +59,9 @@ pub struct AutoAttackBatch {
     /// Per image: confidence of the returned point (the clean input where every stage
     /// failed).
     pub confidence: Vec<f32>,
+    /// Raw logits (images × K, row-major) at the returned points (one forward pass).
+    #[serde(default)]
+    pub logits: Vec<f32>,
     /// The ensemble's report of the batch (stages, runtimes, trust checks).
     pub report: EvaluationReport,
 }
@@ -172,6 +175,7 @@ pub fn run_autoattack(
         let eval = ensemble
             .evaluate(model, bounds, &xs, &ys, config.eps, seed)
             .map_err(EvalError::attack("autoattack"))?;
+        let (logits, _) = batch_logits(model, &eval.result.clipped)?;
         let robust: Vec<bool> = eval
             .result
             .success
@@ -185,6 +189,7 @@ pub fn run_autoattack(
             robust,
             broken_by: eval.broken_by.clone(),
             confidence: eval.result.confidence.clone(),
+            logits,
             report: eval.report,
         });
         write_json(&path, &state)?;

@@ -26,8 +26,8 @@ pub struct ThreatModelRecord {
     pub robust: Vec<bool>,
     /// Per attack: the image was correct clean and its adversarial version is wrong.
     pub fooled: BTreeMap<String, Vec<bool>>,
-    /// The attack whose adversarial example the CCAT worst case keeps (the highest
-    /// wrong-class confidence; ties keep the earlier attack).
+    /// The attack whose adversarial example the worst case keeps (misclassified first,
+    /// then the highest wrong-class confidence; ties keep the earlier attack).
     pub worst_attack: Vec<Option<String>>,
     /// That example is classified correctly.
     pub worst_correct: Vec<bool>,

@@ -143,7 +143,8 @@ pub struct ThreatModelReport {
     /// 95 % Wilson interval of `robust_error`.
     #[serde(default)]
     pub robust_error_ci: Option<Interval>,
-    /// RErr@τ with the worst case by highest wrong-class confidence.
+    /// RErr@τ under the worst case (misclassified first, then the highest wrong-class
+    /// confidence: `rampart_metrics::WorstCase`).
     pub rerr_at_tpr99: Option<f64>,
     /// Its 95 % bootstrap interval.
     #[serde(default)]

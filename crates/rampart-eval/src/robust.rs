@@ -62,8 +62,9 @@ pub struct WorstCase {
     pub seconds: Vec<f64>,
     /// Per example: clean correct and no attack succeeded.
     pub robust: Vec<bool>,
-    /// Per example: the attack whose adversarial example the CCAT worst case keeps
-    /// (highest wrong-class confidence, ties keep the earlier attack).
+    /// Per example: the attack whose adversarial example the worst case keeps (a
+    /// misclassified example first, then the highest wrong-class confidence; ties keep
+    /// the earlier attack: `rampart_metrics::WorstCase`'s rule).
     pub worst_attack: Vec<usize>,
     /// That example is classified correctly (one forward pass).
     pub worst_correct: Vec<bool>,
@@ -152,10 +153,15 @@ pub fn worst_case(
             let base = out.fooled[0].len() - chunk.len();
             out.robust
                 .push(clean_correct[i] && (0..m).all(|a| !out.fooled[a][base + j]));
+            let outcome = |a: usize| rampart_metrics::AdversarialOutcome {
+                source: a,
+                correct: outcomes[a].correct[j],
+                confidence: outcomes[a].confidence[j],
+                wrong_class_confidence: outcomes[a].wrong_class_confidence[j],
+            };
             let mut best = 0;
             for a in 1..m {
-                if outcomes[a].wrong_class_confidence[j] > outcomes[best].wrong_class_confidence[j]
-                {
+                if outcome(a).is_worse_than(&outcome(best)) {
                     best = a;
                 }
             }
@@ -195,7 +201,7 @@ pub struct WorstCaseRecord {
     pub fooled: Vec<Vec<bool>>,
     /// Correct clean and against every attack.
     pub robust: Vec<bool>,
-    /// Name of the attack the CCAT worst case keeps.
+    /// Name of the attack whose example the worst case keeps.
     pub worst_attack: Vec<String>,
     /// Its adversarial example is classified correctly.
     pub worst_correct: Vec<bool>,

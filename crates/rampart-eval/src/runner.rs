@@ -742,8 +742,7 @@ impl Run<'_> {
     }
 
     /// `per_example/<threat model>.worst.json`: per example, which attacks fooled it
-    /// and the adversarial example the CCAT worst case keeps (highest wrong-class
-    /// confidence; ties keep the earlier attack).
+    /// and the adversarial example the worst case keeps (`WorstCase`'s rule).
     fn save_worst_case(&self, tm: &ThreatModel, recs: &[AttackRecord]) -> Result<()> {
         let n = self.data.len();
         let mut worst_attack = Vec::with_capacity(n);
@@ -751,9 +750,15 @@ impl Run<'_> {
         let mut worst_confidence = Vec::with_capacity(n);
         let mut worst_wrong = Vec::with_capacity(n);
         for i in 0..n {
+            let outcome = |r: &AttackRecord| rampart_metrics::AdversarialOutcome {
+                source: 0,
+                correct: r.correct[i],
+                confidence: r.confidence[i],
+                wrong_class_confidence: r.wrong_class_confidence[i],
+            };
             let mut best: Option<&AttackRecord> = None;
             for r in recs {
-                if best.is_none_or(|b| r.wrong_class_confidence[i] > b.wrong_class_confidence[i]) {
+                if best.is_none_or(|b| outcome(r).is_worse_than(&outcome(b))) {
                     best = Some(r);
                 }
             }

@@ -105,16 +105,32 @@ pub struct AdversarialOutcome {
     pub wrong_class_confidence: f64,
 }
 
+impl AdversarialOutcome {
+    /// Whether this example is a worse case than `other` for the model: misclassified
+    /// beats correctly classified, then the strictly higher wrong-class confidence.
+    pub fn is_worse_than(&self, other: &AdversarialOutcome) -> bool {
+        match (self.correct, other.correct) {
+            (false, true) => true,
+            (true, false) => false,
+            _ => self.wrong_class_confidence > other.wrong_class_confidence,
+        }
+    }
+}
+
 /// Merges per-example results of several attacks and restarts, incrementally.
 ///
 /// Keeps two things per example, independently:
 /// - **robust correctness**: the AND of clean correctness and every adversarial
 ///   correctness pushed (what [`robust_error`] counts);
-/// - **the worst adversarial example** for the confidence-thresholded protocol:
-///   the one with the highest max_{k≠y} p_k (ties keep the earlier push). Note the
-///   kept example need not be misclassified even when another push was: with K ≥ 3
-///   a correctly classified example can have a higher max_{k≠y} p_k than a
-///   misclassified one. Robust correctness is tracked separately for that reason.
+/// - **the worst adversarial example** for the confidence-thresholded protocol: a
+///   misclassified example beats a correctly classified one, and among equals the
+///   highest max_{k≠y} p_k wins (ties keep the earlier push) — the engine's own
+///   best-point rule. CCAT's literal rule (the highest max_{k≠y} p_k alone) can keep
+///   a correctly classified example over a misclassified one (with K ≥ 3 its
+///   wrong-class confidence can be higher), so that adding an attack lowers RErr@τ and
+///   RErr@τ at τ = −∞ falls below the robust error; the two rules keep the same
+///   misclassified example whenever one with confidence ≥ ½ exists, so RErr@τ's
+///   numerator agrees for every τ ≥ ½ (docs/metrics.md).
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorstCase {
     clean_correct: Vec<bool>,
@@ -203,9 +219,8 @@ impl WorstCase {
                 confidence: confidence[i],
                 wrong_class_confidence: wrong_class_confidence[i],
             };
-            match self.worst[i] {
-                Some(kept) if kept.wrong_class_confidence >= candidate.wrong_class_confidence => {}
-                _ => self.worst[i] = Some(candidate),
+            if self.worst[i].is_none_or(|kept| candidate.is_worse_than(&kept)) {
+                self.worst[i] = Some(candidate);
             }
         }
         self.pushes += 1;
@@ -370,9 +385,9 @@ mod tests {
         )?;
         // Restart 1: example 0 gets a higher wrong-class confidence while still
         // correct (replaces); example 1 a lower one (kept from restart 0); example 2
-        // is broken but with a lower wrong-class confidence than restart 0's correct
-        // example (K ≥ 3) → restart 0's example is kept, yet robust correctness drops;
-        // example 3 ties (earlier kept).
+        // is broken with a lower wrong-class confidence than restart 0's correct
+        // example (K ≥ 3): a misclassified example beats a correct one, so restart 1's
+        // replaces it; example 3 ties (earlier kept).
         wc.push(
             &[true, false, false, false],
             &[0.5, 0.5, 0.4, 0.7],
@@ -382,10 +397,16 @@ mod tests {
         assert_eq!(wc.robust_correct(), &[true, false, false, false]);
         assert_eq!(wc.robust_error(), 0.75);
         let sources: Vec<usize> = wc.worst().iter().flatten().map(|o| o.source).collect();
-        assert_eq!(sources, vec![1, 0, 0, 0]);
+        assert_eq!(sources, vec![1, 0, 1, 0]);
         let (correct, confidence) = wc.worst_correct_and_confidence()?;
-        assert_eq!(correct, vec![true, false, true, false]);
-        assert_eq!(confidence, vec![0.5, 0.6, 0.5, 0.7]);
+        assert_eq!(correct, vec![true, false, false, false]);
+        assert_eq!(confidence, vec![0.5, 0.6, 0.4, 0.7]);
+        // So RErr@τ at a τ below every confidence is the robust error.
+        let clean_conf = [0.95, 0.9, 0.8, 0.6];
+        assert_eq!(
+            crate::rerr_at_threshold(&clean, &clean_conf, &correct, &confidence, 0.0)?,
+            wc.robust_error()
+        );
         // Same answer as the pure function.
         let r0 = [true, false, true, false];
         let r1 = [true, false, false, false];
