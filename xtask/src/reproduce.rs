@@ -338,6 +338,11 @@ pub struct EvalBudgets {
     /// Stochastic rows: EOT samples, attacked images and trust-checked images of the
     /// protocol and of the noise sweeps (their cost is the EOT times the attack steps).
     pub stochastic_protocol: (usize, Option<usize>, usize),
+    /// Stochastic rows: images the trust checks of their PGD-20 evaluation run on (the
+    /// checks cost about three times PGD-20's worst case per image).
+    pub stochastic_trust_examples: usize,
+    /// Stochastic rows: images attacked per value of their noise sweep, or all.
+    pub stochastic_sweep_examples: Option<usize>,
     /// Sweeps (λ of OAT, noise of the students): test images for the clean figures and
     /// images attacked per value, or all.
     pub sweep_limits: Option<(usize, usize)>,
@@ -351,20 +356,53 @@ impl EvalBudgets {
     pub fn markdown(&self) -> String {
         let n = |v: Option<usize>| v.map_or("all".to_string(), |n| n.to_string());
         let (eot_p, n_p, trust_p) = self.stochastic_protocol;
-        format!(
-            "| evaluation | images | budget |\n|---|---:|---|\n             | clean accuracy | all | one forward pass (mean of {draws} noise draws for a stochastic row) |\n             | PGD-20 worst case (CE, margin, conf), L∞ 8/255, step 2/255 | {} | uniform start; trust checks on the first 100 |\n             | the same on stochastic rows | {} | EOT {} (gradients and success), {draws} noise draws |\n             | protocol `--suite {}` | {} | the suite's budgets (docs/evaluation.md), last 1,000 images pick τ |\n             | protocol and sweeps on stochastic rows | {} | EOT {eot_p}, trust checks on the first {trust_p} |\n             | sweeps (clean / attacked per value) | {} | PGD-20 worst case |\n             | AutoAttack on {} | {} | standard (rand with EOT 20 for stochastic rows) |\n",
-            n(self.robust_examples),
-            n(self.stochastic_robust_examples),
-            self.stochastic_eot,
-            self.protocol.0,
-            n(self.protocol.1),
-            n(n_p),
-            self.sweep_limits
-                .map_or("all".to_string(), |(c, a)| format!("{c} / {a}")),
-            self.autoattack.0.join(", "),
-            n(self.autoattack.1),
-            draws = self.stochastic_draws,
-        )
+        let draws = self.stochastic_draws;
+        let rows = [
+            (
+                "clean accuracy".to_string(),
+                "all".to_string(),
+                format!("one forward pass (mean of {draws} noise draws for a stochastic row)"),
+            ),
+            (
+                "PGD-20 worst case (CE, margin, conf), L∞ 8/255, step 2/255".to_string(),
+                n(self.robust_examples),
+                "uniform start; trust checks on the first 100".to_string(),
+            ),
+            (
+                "the same on stochastic rows".to_string(),
+                n(self.stochastic_robust_examples),
+                format!(
+                    "EOT {} (gradients and success), {draws} noise draws, trust checks on the first {}",
+                    self.stochastic_eot, self.stochastic_trust_examples
+                ),
+            ),
+            (
+                format!("protocol `--suite {}`", self.protocol.0),
+                n(self.protocol.1),
+                "the suite's budgets (docs/evaluation.md), last 1,000 images pick τ".to_string(),
+            ),
+            (
+                "protocol / sweeps on stochastic rows".to_string(),
+                format!("{} / {} per value", n(n_p), n(self.stochastic_sweep_examples)),
+                format!("EOT {eot_p}, trust checks on the first {trust_p}"),
+            ),
+            (
+                "sweeps (clean / attacked per value)".to_string(),
+                self.sweep_limits
+                    .map_or("all".to_string(), |(c, a)| format!("{c} / {a}")),
+                "PGD-20 worst case".to_string(),
+            ),
+            (
+                format!("AutoAttack on {}", self.autoattack.0.join(", ")),
+                n(self.autoattack.1),
+                "standard (rand with EOT 20 for stochastic rows)".to_string(),
+            ),
+        ];
+        let mut md = String::from("| evaluation | images | budget |\n|---|---:|---|\n");
+        for (what, images, budget) in rows {
+            md.push_str(&format!("| {what} | {images} | {budget} |\n"));
+        }
+        md
     }
 }
 
@@ -444,8 +482,9 @@ impl Preset {
     /// protocol on 1,000 (the calibration and curve metrics need that many); the
     /// stochastic students keep the layer-by-layer path, where an EOT-20 attack costs
     /// 20 forward-backward passes per step, so their EOT-20 PGD-20 runs on the first 100
-    /// images and their protocol and sweeps at EOT 3 on 200. AutoAttack (a minute per
-    /// 100 images of WRN-10-1) runs on the AT model only.
+    /// images (trust checks on 20), their protocol at EOT 3 on 200 and their noise
+    /// sweeps at EOT 3 on 100 per value. AutoAttack (a minute per 100 images of
+    /// WRN-10-1) runs on the AT model only.
     pub fn budgets(self) -> EvalBudgets {
         match self {
             Preset::Smoke => EvalBudgets {
@@ -454,7 +493,9 @@ impl Preset {
                 stochastic_eot: STOCHASTIC_EOT,
                 stochastic_draws: 5,
                 stochastic_robust_examples: Some(100),
-                stochastic_protocol: (3, Some(200), 50),
+                stochastic_protocol: (3, Some(200), 20),
+                stochastic_trust_examples: 20,
+                stochastic_sweep_examples: Some(100),
                 sweep_limits: Some((1000, 200)),
                 autoattack: (&["at"], Some(100)),
             },
@@ -465,6 +506,8 @@ impl Preset {
                 stochastic_draws: 5,
                 stochastic_robust_examples: Some(1000),
                 stochastic_protocol: (STOCHASTIC_EOT, Some(1000), 100),
+                stochastic_trust_examples: 100,
+                stochastic_sweep_examples: Some(1000),
                 sweep_limits: Some((10_000, 1000)),
                 autoattack: (&["at", "ccat", "sat", "oat", "student"], Some(1000)),
             },
@@ -475,6 +518,8 @@ impl Preset {
                 stochastic_draws: 5,
                 stochastic_robust_examples: None,
                 stochastic_protocol: (STOCHASTIC_EOT, None, 100),
+                stochastic_trust_examples: 100,
+                stochastic_sweep_examples: None,
                 sweep_limits: None,
                 autoattack: (&["at", "ccat", "sat", "oat", "student"], None),
             },
@@ -549,6 +594,8 @@ impl ModelRow {
                 budgets.stochastic_eot.to_string(),
                 "--draws".to_string(),
                 budgets.stochastic_draws.to_string(),
+                "--trust-examples".to_string(),
+                budgets.stochastic_trust_examples.to_string(),
             ]);
             budgets.stochastic_robust_examples
         } else {
@@ -880,6 +927,10 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             ])
             .args(extra);
         if let Some((test, attacked)) = sweep_limits {
+            let attacked = match (row.stochastic, budgets.stochastic_sweep_examples) {
+                (true, Some(n)) => n,
+                _ => attacked,
+            };
             sweep.args([
                 "--test-limit",
                 &test.to_string(),
@@ -1191,7 +1242,7 @@ mod tests {
         let eval = student.map(|r| r.eval_flags(&smoke).join(" "));
         assert_eq!(
             eval.as_deref(),
-            Some("--suite pgd20 --eot 20 --draws 5 --attack-limit 100")
+            Some("--suite pgd20 --eot 20 --draws 5 --trust-examples 20 --attack-limit 100")
         );
         let eval = Preset::Paper.models()[0]
             .eval_flags(&Preset::Paper.budgets())
