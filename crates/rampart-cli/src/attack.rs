@@ -226,31 +226,24 @@ impl AttackArgs {
         }
         let seconds = started.elapsed().as_secs_f64();
         let trust = match (self.eps.first(), per_eps.first()) {
-            (Some(&eps), Some(results)) if self.trust_examples > 0 && n > 0 => {
-                let t = self.trust_examples.min(n);
+            (Some(&eps), Some(results)) => {
                 let robust: Vec<bool> = results
                     .iter()
                     .flat_map(|r| r.success.iter().map(|s| !s))
-                    .take(t)
                     .collect();
-                let idx: Vec<usize> = (0..t).collect();
-                let (xs, ys) = splits.test.batch_tensors(&idx, &device)?;
-                let checks = rampart_eval::run_checks(
+                crate::eval_run::trust_checks(
                     &model,
                     bounds,
-                    &xs,
-                    &ys,
+                    &splits.test,
                     &robust,
-                    &pgd,
-                    eps,
+                    (&pgd, eps),
                     &rampart_eval::TrustConfig {
-                        examples: t,
+                        examples: self.trust_examples,
                         ..Default::default()
                     },
-                    self.seed ^ 0x7472_7573_74,
-                )?;
-                checks.log("rampart attack");
-                Some(checks)
+                    self.seed,
+                    "rampart attack",
+                )?
             }
             _ => None,
         };

@@ -287,25 +287,16 @@ impl EvalPlan {
         attack: &rampart_attacks::Pgd,
         eps: f64,
     ) -> Result<Option<TrustChecks>> {
-        let n = self.trust.examples.min(robust.len());
-        if n == 0 {
-            return Ok(None);
-        }
-        let idx: Vec<usize> = (0..n).collect();
-        let (xs, ys) = test.batch_tensors(&idx, model.device())?;
-        let checks = rampart_eval::run_checks(
+        trust_checks(
             model,
             bounds,
-            &xs,
-            &ys,
-            &robust[..n],
-            attack,
-            eps,
+            test,
+            robust,
+            (attack, eps),
             &self.trust,
-            self.protocol_seed ^ 0x7472_7573_74,
-        )?;
-        checks.log(&format!("suite {}", self.suite.name()));
-        Ok(Some(checks))
+            self.protocol_seed,
+            &format!("suite {}", self.suite.name()),
+        )
     }
 
     /// Runs the plan; `command` is recorded beside the outputs.
@@ -722,4 +713,39 @@ pub(crate) fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// The trust checks on the first `config.examples` images of `test`, repeating
+/// `attack` = (configuration, ε); `robust[i]`: image i survived every attack of the
+/// evaluation. Failed checks are logged as warnings naming `context`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn trust_checks(
+    model: &Classifier,
+    bounds: Bounds,
+    test: &ImageDataset,
+    robust: &[bool],
+    attack: (&rampart_attacks::Pgd, f64),
+    config: &rampart_eval::TrustConfig,
+    seed: u64,
+    context: &str,
+) -> Result<Option<TrustChecks>> {
+    let n = config.examples.min(robust.len());
+    if n == 0 {
+        return Ok(None);
+    }
+    let idx: Vec<usize> = (0..n).collect();
+    let (xs, ys) = test.batch_tensors(&idx, model.device())?;
+    let checks = rampart_eval::run_checks(
+        model,
+        bounds,
+        &xs,
+        &ys,
+        &robust[..n],
+        attack.0,
+        attack.1,
+        config,
+        seed ^ 0x7472_7573_74,
+    )?;
+    checks.log(context);
+    Ok(Some(checks))
 }

@@ -62,6 +62,17 @@ fn dataset(
             (state >> 56) as u8
         })
         .collect();
+    labelled(model, images, n, shape)
+}
+
+/// `images` (n of `shape`) labelled with the model's prediction, except every fifth,
+/// which gets the next class.
+fn labelled(
+    model: &dyn candle_core::ModuleT,
+    images: Vec<u8>,
+    n: usize,
+    shape: (usize, usize, usize),
+) -> Result<ImageDataset> {
     let names: Vec<String> = (0..CLASSES).map(|c| format!("c{c}")).collect();
     let unlabelled = ImageDataset::new(images.clone(), vec![0; n], shape, names.clone())?;
     let idx: Vec<usize> = (0..n).collect();
@@ -488,38 +499,20 @@ impl Module for Flattening {
     }
 }
 
-/// `n` images of mean exactly ½ (every value v paired with 255 − v, plus the midpoint
-/// correction), labelled with the model's prediction except every fifth.
+/// `n` images of mean exactly ½ (every value v paired with 255 − v), labelled with the
+/// model's prediction except every fifth.
 fn half_mean_dataset(model: &dyn candle_core::ModuleT, n: usize) -> Result<ImageDataset> {
     let len = SHAPE.0 * SHAPE.1 * SHAPE.2;
     let mut state = 777u64;
     let mut images = Vec::with_capacity(n * len);
-    for _ in 0..n {
-        for _ in 0..len / 2 {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let v = (state >> 56) as u8;
-            images.extend([v, 255 - v]);
-        }
+    for _ in 0..n * len / 2 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v = (state >> 56) as u8;
+        images.extend([v, 255 - v]);
     }
-    let names: Vec<String> = (0..CLASSES).map(|c| format!("c{c}")).collect();
-    let unlabelled = ImageDataset::new(images.clone(), vec![0; n], SHAPE, names.clone())?;
-    let idx: Vec<usize> = (0..n).collect();
-    let (xs, _) = unlabelled.batch_tensors(&idx, &Device::Cpu)?;
-    let preds = model.forward_t(&xs, false)?.argmax(1)?.to_vec1::<u32>()?;
-    let labels = preds
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| {
-            if i % 5 == 4 {
-                (p + 1) % CLASSES as u32
-            } else {
-                p
-            }
-        })
-        .collect();
-    Ok(ImageDataset::new(images, labels, SHAPE, names)?)
+    labelled(model, images, n, SHAPE)
 }
 
 fn rerr_ce_and_worst(
