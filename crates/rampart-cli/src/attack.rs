@@ -20,7 +20,6 @@ use rampart_attacks::{
     StepSize,
 };
 use rampart_data::DatasetKind;
-use rampart_models::Classifier;
 use serde_json::json;
 
 use crate::common::{
@@ -167,15 +166,13 @@ impl AttackArgs {
         let kind: DatasetKind = self.dataset.parse().context("--dataset")?;
         let data_dir = resolve_data_dir(self.data_dir.clone(), env_data_dir)?;
         let device = self.device.open()?;
-        let model = Classifier::load(&self.model, &device)
-            .with_context(|| format!("cannot load the model {}", self.model.display()))?;
-        if let Some(lambda) = self.lambda {
-            model.set_lambda(lambda).context("--lambda")?;
-        }
-        if let Some(scale) = self.noise_scale {
-            model.set_noise_scale(scale).context("--noise-scale")?;
-        }
-        model.reseed_noise(self.seed);
+        let model = crate::common::load_model(
+            &self.model,
+            &device,
+            self.lambda,
+            self.noise_scale,
+            self.seed,
+        )?;
         let samples = self
             .eot
             .map(|e| at_least_one("--eot", e))

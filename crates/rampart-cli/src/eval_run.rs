@@ -302,15 +302,13 @@ impl EvalPlan {
     /// Runs the plan; `command` is recorded beside the outputs.
     pub fn run(&self, command: &str) -> Result<EvalResults> {
         let device = self.device.open()?;
-        let model = Classifier::load(&self.model, &device)
-            .with_context(|| format!("cannot load the model {}", self.model.display()))?;
-        if let Some(lambda) = self.lambda {
-            model.set_lambda(lambda).context("--lambda")?;
-        }
-        if let Some(scale) = self.noise_scale {
-            model.set_noise_scale(scale).context("--noise-scale")?;
-        }
-        model.reseed_noise(self.protocol_seed);
+        let model = crate::common::load_model(
+            &self.model,
+            &device,
+            self.lambda,
+            self.noise_scale,
+            self.protocol_seed,
+        )?;
         let dataset = match (self.dataset, model.metadata().get("dataset")) {
             (Some(d), _) => d,
             (None, Some(name)) => name.parse().with_context(|| {
