@@ -171,6 +171,10 @@ pub struct AttackSummary {
     /// Its 95 % Wilson interval.
     #[serde(default)]
     pub robust_error_ci: Option<Interval>,
+    /// RErr@τ against this attack alone (its own adversarial examples judged at τ), so
+    /// that what each attack adds to the worst case can be read off.
+    #[serde(default)]
+    pub rerr_at_tpr99: Option<f64>,
     /// Wall time of the attack.
     pub seconds: f64,
 }
@@ -488,11 +492,25 @@ pub(crate) fn build_report(inp: &ReportInputs<'_>) -> Result<EvalReport> {
                 .map_err(EvalError::metric(what(&rec.attack)))?;
             let alone = metrics::robust_error(&clean.correct, &[&rec.correct])
                 .map_err(EvalError::metric(what(&rec.attack)))?;
+            let rerr_alone = match tau {
+                Some(t) => defined(
+                    metrics::rerr_at_threshold(
+                        &clean.correct,
+                        &clean.confidence,
+                        &rec.correct,
+                        &rec.confidence,
+                        t,
+                    ),
+                    &what(&format!("RErr@τ of {}", rec.attack)),
+                )?,
+                None => None,
+            };
             attacks.insert(
                 rec.attack.clone(),
                 AttackSummary {
                     robust_error: alone,
                     robust_error_ci: wilson((alone * n as f64).round() as usize, n),
+                    rerr_at_tpr99: rerr_alone,
                     seconds: rec.seconds,
                 },
             );
@@ -844,12 +862,20 @@ impl EvalReport {
             pct_ci(self.auac, self.auac_ci),
         ));
         if !self.threat_models.is_empty() {
-            md.push_str("## Threat models\n\n| threat model | ε | robust err | RErr@τ | FPR@τ | ROC AUC | attacks (robust err alone, seconds) |\n|---|---:|---:|---:|---:|---:|---|\n");
+            md.push_str("## Threat models\n\n| threat model | ε | robust err | RErr@τ | FPR@τ | ROC AUC | attacks (robust err / RErr@τ alone, seconds) |\n|---|---:|---:|---:|---:|---:|---|\n");
             for (name, tm) in &self.threat_models {
                 let attacks: Vec<String> = tm
                     .attacks
                     .iter()
-                    .map(|(a, s)| format!("{a} {} ({:.0} s)", pct(s.robust_error), s.seconds))
+                    .map(|(a, s)| match s.rerr_at_tpr99 {
+                        Some(r) => format!(
+                            "{a} {} / {} ({:.0} s)",
+                            pct(s.robust_error),
+                            pct(r),
+                            s.seconds
+                        ),
+                        None => format!("{a} {} ({:.0} s)", pct(s.robust_error), s.seconds),
+                    })
                     .collect();
                 md.push_str(&format!(
                     "| {name} | {:.4} | {} | {} | {} | {} | {} |\n",
@@ -1005,6 +1031,18 @@ mod tests {
         // 4 → 5; ex 5 (clean 0.55, adv 0.55) is rejected → RErr@τ = 3/5.
         assert!(close(tm.rerr_at_tpr99.unwrap_or(f64::NAN), 0.6));
         assert!(close(r.rerr_at_tpr99.unwrap_or(f64::NAN), 0.6));
+        // Each attack alone at τ = 0.62. A: accepted ex 0, 1, 2, 4 (ex 3 and 5 below τ
+        // both ways); wrong ex 1 (adv 0.85) and ex 4 (clean 0.7) → 2/4. B: accepted ex
+        // 0, 1, 2 (clean 0.7), 3 (adv 0.72), 4; wrong ex 3 and ex 4 → 2/5. Each is below
+        // the worst case's 3/5.
+        assert!(close(
+            tm.attacks["a"].rerr_at_tpr99.unwrap_or(f64::NAN),
+            0.5
+        ));
+        assert!(close(
+            tm.attacks["b"].rerr_at_tpr99.unwrap_or(f64::NAN),
+            0.4
+        ));
         // FPR@τ: negatives (clean correct, adv wrong) 1, 2, 3 with adv conf 0.85, 0.55,
         // 0.72 → 2 of 3 accepted.
         assert!(close(tm.fpr_at_tpr99.unwrap_or(f64::NAN), 2.0 / 3.0));
