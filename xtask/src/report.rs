@@ -465,11 +465,9 @@ pub fn write(out: &Path, study: &Study, models: &[ModelOutcome]) -> Result<()> {
     write_atomic(&out.join("report.md"), &report_markdown(study, models))
 }
 
-/// Writes `text` to a temporary sibling, then renames it into place.
+/// Writes `text` atomically (see `rampart_fs`).
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    Ok(rampart_fs::write_atomic(path, text.as_bytes())?)
 }
 
 /// Metrics of the evaluation protocol copied into each model's `results.json` entry.

@@ -71,7 +71,7 @@ fn pgd_throughput(c: &mut Criterion) {
         };
         group.bench_function(name, |b| {
             b.iter(
-                || match pgd.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 0) {
+                || match pgd.run(&model.frozen(), Bounds::UNIT, &xs, &ys, &[eps], 0) {
                     Ok(r) => r,
                     Err(e) => panic!("attack failed: {e}"),
                 },

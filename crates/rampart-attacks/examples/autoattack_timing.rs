@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let own = model.forward_t(&xs, false)?.argmax(1)?;
     let aa = AutoAttack::standard(Norm::Linf);
     for (name, ys) in [("random labels", random), ("own predictions", own)] {
-        let eval = aa.evaluate(&model, Bounds::UNIT, &xs, &ys, 8.0 / 255.0, 0)?;
+        let eval = aa.evaluate(&model.frozen(), Bounds::UNIT, &xs, &ys, 8.0 / 255.0, 0)?;
         let r = &eval.report;
         println!(
             "{name}: {n} images, clean {:.1} %, robust {:.1} %, {:.1} s (clean pass and checks {:.2} s)",

@@ -250,7 +250,7 @@ impl Batch {
         let mut logits = vec![0f64; m * k];
         let mut probs = vec![0f64; m * k];
         for _ in 0..samples {
-            let l = rampart_models::input_gradients_only(|| model.forward_t(&input, false))?;
+            let l = model.forward_t(&input, false)?;
             if l.dims() != [m, k] {
                 return Err(Error::Input(format!(
                     "the model returned logits of shape {:?} for a batch of {m}",

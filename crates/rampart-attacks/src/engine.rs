@@ -355,8 +355,7 @@ impl<'a> Problem<'a> {
         let samples = self.cfg.eot.eval_samples;
         let mut probs = vec![0f64; b * k];
         for _ in 0..samples {
-            let logits =
-                rampart_models::input_gradients_only(|| self.model.forward_t(&input, false))?;
+            let logits = self.model.forward_t(&input, false)?;
             if logits.dims() != [b, k] {
                 return Err(Error::Input(format!(
                     "the model returned logits of shape {:?} for a batch of {b}",

@@ -224,18 +224,6 @@ pub(crate) fn probe_with(
     want_grad: bool,
     values: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Probe> {
-    // Attacks never read parameter gradients: the forward pass as well as the
-    // backward pass run in `input_gradients_only`, which lets a `Classifier` take its
-    // fused eval path (see `rampart_models::input_gradients_only`).
-    rampart_models::input_gradients_only(|| probe_in_scope(model, xs, want_grad, values))
-}
-
-fn probe_in_scope(
-    model: &dyn ModuleT,
-    xs: &Tensor,
-    want_grad: bool,
-    values: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<Probe> {
     let batch = xs.dim(0)?;
     let (input, var) = if want_grad {
         let var = Var::from_tensor(xs)?;
@@ -258,8 +246,8 @@ fn probe_in_scope(
     let values = values(&logits)?;
     let grad = match var {
         Some(var) => {
-            // Only the input gradient is read: layers that support it skip their
-            // parameter gradients (see `rampart_models::input_gradients_only`).
+            // Only the input gradient is read: a model whose parameters are untracked
+            // (a frozen view, `rampart_models::Classifier::frozen`) computes no other.
             let loss = values.sum_all()?;
             let grads = loss.backward()?;
             Some(match grads.get(var.as_tensor()) {

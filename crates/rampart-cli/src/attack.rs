@@ -205,18 +205,17 @@ impl AttackArgs {
         let mut per_eps_logits: Vec<Vec<Tensor>> = vec![Vec::new(); self.eps.len()];
         let mut labels = Vec::new();
         let indices: Vec<usize> = (0..n).collect();
+        let frozen = model.frozen();
         for chunk in indices.chunks(self.batch_size) {
             let (xs, ys) = splits.test.batch_tensors(chunk, &device)?;
             labels.push(ys.clone());
             let seed = self.seed.wrapping_add(chunk[0] as u64);
             for (i, r) in pgd
-                .run(&model, bounds, &xs, &ys, &self.eps, seed)?
+                .run(&frozen, bounds, &xs, &ys, &self.eps, seed)?
                 .into_iter()
                 .enumerate()
             {
-                let logits = rampart_models::input_gradients_only(|| {
-                    candle_core::ModuleT::forward_t(&model, &r.clipped, false)
-                })?;
+                let logits = candle_core::ModuleT::forward_t(&frozen, &r.clipped, false)?;
                 per_eps_logits[i].push(logits.to_device(&Device::Cpu)?);
                 per_eps[i].push(r);
             }

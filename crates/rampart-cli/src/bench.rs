@@ -128,13 +128,12 @@ impl BenchArgs {
         for step in &self.steps {
             let seconds = match step.as_str() {
                 "forward" => median_seconds(self.reps, self.warmup, &dev, || {
-                    // As predictions run: no parameter gradients (the fused path).
-                    rampart_models::input_gradients_only(|| model.forward_t(&xs, false))?
-                        .to_dtype(DType::F32)?;
+                    // As predictions run: the frozen view (the fused path).
+                    model.frozen().forward_t(&xs, false)?.to_dtype(DType::F32)?;
                     Ok(())
                 })?,
                 "pgd-step" => median_seconds(self.reps, self.warmup, &dev, || {
-                    input_gradient(&model, Objective::CrossEntropy, &xs, &ys, None)?;
+                    input_gradient(&model.frozen(), Objective::CrossEntropy, &xs, &ys, None)?;
                     Ok(())
                 })?,
                 "train-step" => {
@@ -163,7 +162,7 @@ impl BenchArgs {
                         ..Pgd::linf_pgd20()
                     };
                     median_seconds(self.reps, self.warmup, &dev, || {
-                        pgd.run(&model, Bounds::new(0.0, 1.0)?, &xs, &ys, &[eps], 0)?;
+                        pgd.run(&model.frozen(), Bounds::new(0.0, 1.0)?, &xs, &ys, &[eps], 0)?;
                         Ok(())
                     })? / ATTACK_STEPS as f64
                 }

@@ -138,7 +138,7 @@ pub fn shell_quote(arg: &str) -> String {
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');
-    rampart_defenses::write_atomic(path, &bytes)?;
+    rampart_fs::write_atomic(path, &bytes)?;
     Ok(())
 }
 

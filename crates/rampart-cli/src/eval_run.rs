@@ -65,7 +65,7 @@ impl EvalPlan {
             rand: model.is_stochastic(),
         };
         let outcome = rampart_eval::run_autoattack(
-            model,
+            &model.frozen(),
             bounds,
             test,
             &config,
@@ -204,7 +204,7 @@ impl EvalPlan {
         config.bounds = Bounds::new(lo, hi)?;
         let mut info = rampart_eval::ModelInfo::of(model, Some(&self.model));
         info.dataset = Some(dataset.to_string());
-        let report = rampart_eval::evaluate_model(model, &info, test, &config)
+        let report = rampart_eval::evaluate_model(&model.frozen(), &info, test, &config)
             .with_context(|| format!("evaluating {}", self.model.display()))?;
         let linf = report
             .threat_models
@@ -263,10 +263,7 @@ impl EvalPlan {
     /// check is then an error.
     fn finish(&self, results: &EvalResults) -> Result<()> {
         write_json(&self.out.join("results.json"), results)?;
-        rampart_defenses::write_atomic(
-            &self.out.join("results.md"),
-            results.markdown().as_bytes(),
-        )?;
+        rampart_fs::write_atomic(&self.out.join("results.md"), results.markdown().as_bytes())?;
         if self.strict_checks && !results.trusted() {
             bail!(
                 "trust checks failed (--strict-checks); see {}",
@@ -567,7 +564,7 @@ impl EvalPlan {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let (logits, k) =
-            rampart_eval::dataset_logits(model, test, self.batch_size, model.device())?;
+            rampart_eval::dataset_logits(&model.frozen(), test, self.batch_size, model.device())?;
         let n = w.robust.len();
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         tensors.insert(
@@ -629,9 +626,10 @@ impl EvalPlan {
                 for (rows, advs) in &a.adversarial {
                     let mut right = vec![true; rows.len()];
                     for adv in advs {
-                        let predicted = candle_core::ModuleT::forward_t(model, adv, false)?
-                            .argmax(1)?
-                            .to_vec1::<u32>()?;
+                        let predicted =
+                            candle_core::ModuleT::forward_t(&model.frozen(), adv, false)?
+                                .argmax(1)?
+                                .to_vec1::<u32>()?;
                         for (j, (&i, &pred)) in rows.iter().zip(&predicted).enumerate() {
                             right[j] &= pred == p.labels[i];
                         }
@@ -689,7 +687,7 @@ impl EvalPlan {
             bail!("the pgd20 suite is L∞");
         }
         Ok(rampart_eval::worst_case(
-            model,
+            &model.frozen(),
             bounds,
             test,
             n,
@@ -704,12 +702,13 @@ impl EvalPlan {
     }
 }
 
-/// Writes tensors as safetensors through a temporary sibling renamed into place.
+/// Writes tensors as safetensors, atomically (see `rampart_fs`).
 pub(crate) fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let bytes = safetensors::serialize(sorted, None)
+        .with_context(|| format!("cannot serialise {}", path.display()))?;
+    rampart_fs::write_atomic(path, &bytes)?;
     Ok(())
 }
 
@@ -734,7 +733,7 @@ pub(crate) fn trust_checks(
     let idx: Vec<usize> = (0..n).collect();
     let (xs, ys) = test.batch_tensors(&idx, model.device())?;
     let checks = rampart_eval::run_checks(
-        model,
+        &model.frozen(),
         bounds,
         &xs,
         &ys,

@@ -181,7 +181,7 @@ impl SweepArgs {
         };
         write_json(&self.eval.out.join("sweep.json"), &results)?;
         self.plot(&results)?;
-        rampart_defenses::write_atomic(
+        rampart_fs::write_atomic(
             &self.eval.out.join("sweep.md"),
             results.markdown().as_bytes(),
         )?;

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::ema::Ema;
 use crate::error::{DefenseError, Result};
-use crate::io::write_atomic;
 use crate::sgd::Sgd;
 use crate::trainer::EpochRecord;
+use rampart_fs::write_atomic;
 
 /// Metadata key of the checkpoint description.
 pub const CHECKPOINT_KEY: &str = "rampart.checkpoint";
@@ -92,7 +92,7 @@ pub(crate) fn save(
     let bytes =
         safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
             .map_err(|e| checkpoint_error(path, format!("cannot serialise: {e}")))?;
-    write_atomic(path, &bytes)
+    Ok(write_atomic(path, &bytes)?)
 }
 
 fn checkpoint_error(path: &Path, message: String) -> DefenseError {

@@ -79,6 +79,12 @@ impl From<rampart_data::DataError> for DefenseError {
     }
 }
 
+impl From<rampart_fs::WriteError> for DefenseError {
+    fn from(e: rampart_fs::WriteError) -> Self {
+        Self::io(e.path, e.source)
+    }
+}
+
 impl DefenseError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {

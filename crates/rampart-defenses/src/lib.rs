@@ -27,7 +27,6 @@ mod checkpoint;
 mod config;
 mod ema;
 mod error;
-mod io;
 mod method;
 mod predict;
 mod schedule;
@@ -39,7 +38,6 @@ pub use checkpoint::{read_meta as read_checkpoint_meta, CheckpointMeta, CHECKPOI
 pub use config::{AugmentationConfig, TrainConfig};
 pub use ema::Ema;
 pub use error::{DefenseError, Result};
-pub use io::write_atomic;
 pub use method::{
     adals_targets, adversarial_count, attack_seed, calibration_gaps, ccat_lambda,
     ccat_soft_targets, cross_entropy, entropic_ot, kl_divergence, mixup_images, mixup_targets,

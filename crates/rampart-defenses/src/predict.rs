@@ -8,7 +8,7 @@ use rampart_models::Classifier;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DefenseError, Result};
-use crate::io::write_atomic;
+use rampart_fs::write_atomic;
 
 /// A model's outputs on a data set, in the data set's order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,7 +63,7 @@ impl Predictions {
     /// Writes `{num_classes, labels, predicted, confidence}` as JSON, atomically.
     pub fn save_json(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec(self).map_err(|e| DefenseError::Config(e.to_string()))?;
-        write_atomic(path, &json)
+        Ok(write_atomic(path, &json)?)
     }
 
     /// Writes the probabilities as safetensors, atomically: `probs` (N, K) f32 and
@@ -74,7 +74,7 @@ impl Predictions {
         let labels = Tensor::from_slice(&self.labels, self.len(), &cpu)?;
         let bytes = safetensors::serialize([("probs", &probs), ("labels", &labels)], None)
             .map_err(|e| DefenseError::Config(format!("cannot serialise probabilities: {e}")))?;
-        write_atomic(path, &bytes)
+        Ok(write_atomic(path, &bytes)?)
     }
 }
 
@@ -108,7 +108,7 @@ pub fn predict(
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(batch_size) {
         let (images, _) = dataset.batch_tensors(chunk, model.device())?;
-        let logits = rampart_models::input_gradients_only(|| model.forward_t(&images, false))?;
+        let logits = model.frozen().forward_t(&images, false)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         out.predicted
             .extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);

@@ -432,8 +432,7 @@ fn robust_accuracy(model: &Classifier, data: &ImageDataset, eps: f64) -> Result<
         ..Pgd::madry_linf_cifar10()
     };
     let clean = predict(model, data, 64)?;
-    let res =
-        rampart_models::input_gradients_only(|| pgd.run(model, Bounds::UNIT, &x, &y, &[eps], 1))?;
+    let res = pgd.run(&model.frozen(), Bounds::UNIT, &x, &y, &[eps], 1)?;
     let robust = clean
         .labels
         .iter()

@@ -90,9 +90,10 @@ impl ConfidenceThreshold {
     }
 
     /// Classifies xs (B, C, H, W) with any classifier (called as `forward_t(xs, false)`,
-    /// returning (B, K) logits), abstaining below τ.
+    /// returning (B, K) logits; a Rampart model is best passed as its frozen view,
+    /// `Classifier::frozen`), abstaining below τ.
     pub fn classify(&self, model: &dyn ModuleT, xs: &Tensor) -> Result<Vec<Decision>> {
-        let logits = rampart_models::input_gradients_only(|| model.forward_t(xs, false))?;
+        let logits = model.forward_t(xs, false)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let confidence = probs.max(D::Minus1)?.to_vec1::<f32>()?;
@@ -215,7 +216,7 @@ mod tests {
             held_out_examples: 0,
             held_out_correct: 0,
         };
-        let decisions = t.classify(&model, &x)?;
+        let decisions = t.classify(&model.frozen(), &x)?;
         for (d, c) in decisions.iter().zip(&conf) {
             assert_eq!(
                 *d == Decision::Abstain,

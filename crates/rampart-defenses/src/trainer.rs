@@ -18,11 +18,11 @@ use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::ema::Ema;
 use crate::error::{DefenseError, Result};
-use crate::io::write_atomic;
 use crate::method::TrainingMethod;
 use crate::predict::predict;
 use crate::schedule::progress;
 use crate::sgd::Sgd;
+use rampart_fs::write_atomic;
 
 /// The checkpoint, rewritten after every epoch.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -372,7 +372,7 @@ fn write_history(path: &Path, history: &[EpochRecord]) -> Result<()> {
         text.push_str(&line);
         text.push('\n');
     }
-    write_atomic(path, text.as_bytes())
+    Ok(write_atomic(path, text.as_bytes())?)
 }
 
 /// Reads a `history.jsonl` written by the trainer.

@@ -1,8 +1,7 @@
 //! Files: atomic writes, JSON records and logits matrices keyed by what produced them.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -10,21 +9,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{EvalError, Result};
 
-/// Writes `bytes` to `path` atomically (temporary sibling, fsync, rename), creating
-/// the parent folder. A reader never sees a half-written file.
+/// Writes `bytes` to `path` atomically (see `rampart_fs`), creating the parent
+/// folder. A reader never sees a half-written file.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| EvalError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| EvalError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| EvalError::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| EvalError::io(path, e))
+    rampart_fs::write_atomic(path, bytes).map_err(|e| EvalError::io(&e.path, e.source))
 }
 
 /// Pretty JSON, atomically.

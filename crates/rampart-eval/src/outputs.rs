@@ -10,8 +10,7 @@ use crate::error::{EvalError, Result};
 /// Logits (B, K) of `xs` (B, ...) as row-major f32 on the host, and K.
 /// The model is called as `forward_t(xs, false)`.
 pub(crate) fn batch_logits(model: &dyn ModuleT, xs: &Tensor) -> Result<(Vec<f32>, usize)> {
-    // A prediction: no parameter gradients, so the model may take its fused path.
-    let out = rampart_models::input_gradients_only(|| model.forward_t(xs, false))?;
+    let out = model.forward_t(xs, false)?;
     let (b, k) = out.dims2().map_err(|_| {
         EvalError::Config(format!(
             "the model must return (B, K) logits, got shape {:?}",

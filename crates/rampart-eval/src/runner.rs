@@ -222,7 +222,8 @@ pub fn run_suite(
         ..config.clone()
     };
     let info = ModelInfo::of(&model, Some(model_path));
-    evaluate_model(&model, &info, test_set, &config)
+    // Attacks and predictions read no parameter gradient: the frozen view.
+    evaluate_model(&model.frozen(), &info, test_set, &config)
 }
 
 /// Evaluates any model (`forward_t(x, false)` → (B, K) logits) without model metadata.

@@ -261,7 +261,7 @@ fn run_suite_reads_the_model_file_and_compare_models_writes_the_report() -> Test
     wrn.set_metadata(CONFIDENCE_THRESHOLD_KEY, r#"{"tau": 0.05, "tpr": 0.99}"#)?;
     let path = dir.path().join("model.safetensors");
     wrn.save(&path)?;
-    let ds = dataset(&wrn, 24, (3, 32, 32))?;
+    let ds = dataset(&wrn.frozen(), 24, (3, 32, 32))?;
     let mut cfg = config(Suite::Quick, &dir.path().join("wrn"))?;
     cfg.effort = Effort::new(0.05, 1.0)?;
     cfg.held_out = 8;

@@ -380,7 +380,7 @@ fn correct_under(
 ) -> Result<Vec<bool>> {
     let mut mean: Option<Tensor> = None;
     for _ in 0..samples.max(1) {
-        let logits = rampart_models::input_gradients_only(|| model.forward_t(xs, false))?;
+        let logits = model.forward_t(xs, false)?;
         let p = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
         mean = Some(match mean {
             Some(m) => (m + p)?,

@@ -271,7 +271,8 @@ impl CustomOp3 for BnForward {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c) = x.dims2()?;
-        let param_grads = !crate::input_gradients_only_active();
+        // Untracked γ and β (a frozen model's detached parameters) need no gradient.
+        let param_grads = gamma.track_op() || beta.track_op();
         let op = BnBackward {
             forward: self.clone(),
             gamma: gamma.to_vec1()?,
@@ -281,11 +282,7 @@ impl CustomOp3 for BnForward {
         let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, n * c)?.reshape((n, c))?;
         if !param_grads {
-            return Ok((
-                Some(dx),
-                Some(gamma.zeros_like()?),
-                Some(beta.zeros_like()?),
-            ));
+            return Ok((Some(dx), None, None));
         }
         let dgamma = packed.narrow(0, n * c, c)?;
         let dbeta = packed.narrow(0, n * c + c, c)?;
@@ -295,7 +292,7 @@ impl CustomOp3 for BnForward {
 
 /// The backward of [`BnForward`]: (x, dy) → [dx (N·C) | dγ (C) | dβ (C)] packed.
 ///
-/// With `param_grads` false (inside [`crate::input_gradients_only`]) and statistics
+/// With `param_grads` false (γ and β untracked, as in a [`crate::Frozen`] model) and statistics
 /// that are not the batch's own (eval mode, as in attacks), dγ and dβ are not needed
 /// and the reduction pass is skipped: dx is then a single elementwise pass.
 #[derive(Clone, Debug)]

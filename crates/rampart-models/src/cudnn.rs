@@ -15,8 +15,8 @@
 //! gradient on a WRN-16-2 moved by 5 % (relative L2) from the f32 one; without it,
 //! by 1e-6.
 //!
-//! Inside [`crate::input_gradients_only`] the backward pass skips the kernel
-//! gradient (zeros come back), as on the CPU.
+//! For an untracked kernel (a [`crate::Frozen`] model's detached weight) the backward
+//! pass skips the kernel gradient, as on the CPU.
 //!
 //! This is the one module of the workspace with `unsafe` code: the calls into cuDNN
 //! and the uninitialised output buffers cuDNN fills.
@@ -329,12 +329,12 @@ impl CustomOp2 for Conv {
         }
         let grad = grad.contiguous()?;
         let dx = grad.apply_op2_no_bwd(w, &Conv(self.0, Pass::Data))?;
-        let dw = if crate::input_gradients_only_active() {
-            w.zeros_like()?
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &Conv(self.0, Pass::Filter))?)
         } else {
-            x.apply_op2_no_bwd(&grad, &Conv(self.0, Pass::Filter))?
+            None
         };
-        Ok((Some(dx), Some(dw)))
+        Ok((Some(dx), dw))
     }
 }
 
@@ -719,8 +719,8 @@ pub(crate) fn batch_norm_train(
 }
 
 /// Eval-mode BatchNorm from the running statistics: one cuDNN kernel forward; the
-/// backward pass is a per-channel scaling of the output gradient (and, outside
-/// [`crate::input_gradients_only`], the two parameter gradients).
+/// backward pass is a per-channel scaling of the output gradient (and, for tracked γ
+/// and β, the two parameter gradients).
 struct BnEval {
     dims: [usize; 4],
     eps: f64,
@@ -810,7 +810,7 @@ impl CustomOp3 for BnEval {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -818,12 +818,8 @@ impl CustomOp3 for BnEval {
         let inv_std = (&self.var + self.eps)?.sqrt()?.recip()?;
         let rows = grad.reshape(((), c))?;
         let dx = rows.broadcast_mul(&(gamma * &inv_std)?)?.flatten_all()?;
-        if crate::input_gradients_only_active() {
-            return Ok((
-                Some(dx),
-                Some(gamma.zeros_like()?),
-                Some(gamma.zeros_like()?),
-            ));
+        if !(gamma.track_op() || beta.track_op()) {
+            return Ok((Some(dx), None, None));
         }
         let x_hat = x
             .reshape(((), c))?

@@ -18,9 +18,9 @@
 //!   is the ReLU mask) and runs the transposed convolutions and masks in the same
 //!   chunks, writing the input gradient (through the input normalisation, in NCHW).
 //!
-//! [`crate::Classifier`] takes this path for eval-mode forward passes inside
-//! [`crate::input_gradients_only`] on plain (not stochastic, not λ-conditioned) WRN
-//! and pre-activation ResNet-18 models; tests hold it equal to the layer-by-layer path.
+//! A [`crate::Frozen`] view of a plain (not stochastic, not λ-conditioned) WRN or
+//! pre-activation ResNet-18 takes this path for every forward pass; tests hold it
+//! equal to the layer-by-layer path.
 
 use crate::gemm::{sgemm, MatRef};
 use crate::im2col::{f32_slice, Window};

@@ -8,8 +8,8 @@
 //!
 //! * forward: per block, `y = cols·Wᵀ`;
 //! * input gradient: per block, `dcols = dy·W`, scattered back by [`col2im`];
-//! * kernel gradient: `dW = Σ_blocks dyᵀ·cols`, skipped entirely inside
-//!   [`crate::input_gradients_only`] (what attacks need).
+//! * kernel gradient: `dW = Σ_blocks dyᵀ·cols`, skipped entirely when the kernel is
+//!   untracked (a [`crate::Frozen`] model's detached weight: what attacks need).
 //!
 //! Blocks are whole images, processed in parallel with rayon, each with its own
 //! small `cols` buffer, so no batch-sized patch matrix is ever materialised.
@@ -220,7 +220,8 @@ impl CustomOp2 for ConvNhwc {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let weight_grad = !crate::input_gradients_only_active();
+        // An untracked kernel (a frozen model's detached weight) needs no gradient.
+        let weight_grad = w.track_op();
         let op = ConvBackward {
             window: self.0,
             weight_grad,
@@ -228,14 +229,12 @@ impl CustomOp2 for ConvNhwc {
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
         let nx = x.elem_count();
         let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
-        // candle's backward needs a gradient for every tracked argument: hand back
-        // zeros (a small tensor) when the kernel gradient was not computed.
         let dw = if weight_grad {
-            packed.narrow(0, nx, w.elem_count())?.reshape(w.shape())?
+            Some(packed.narrow(0, nx, w.elem_count())?.reshape(w.shape())?)
         } else {
-            w.zeros_like()?
+            None
         };
-        Ok((Some(dx), Some(dw)))
+        Ok((Some(dx), dw))
     }
 }
 
@@ -369,8 +368,8 @@ pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
 /// the input gradient with `conv_transpose2d`, a naive kernel on CUDA; here the
 /// input gradient is a forward `conv2d` (cuDNN again) of the output gradient, dilated
 /// by the stride and padded, with the transposed, flipped kernel; the kernel gradient
-/// is candle's (a `conv2d`), and inside
-/// [`crate::input_gradients_only`] the kernel gradient is skipped.
+/// is candle's (a `conv2d`), skipped for an untracked kernel (a [`crate::Frozen`]
+/// model's).
 pub fn conv2d_nhwc_generic(
     xs: &Tensor,
     weight: &Tensor,
@@ -486,8 +485,8 @@ impl CustomOp2 for GenericConv {
         } else {
             grad.conv_transpose2d(&w.detach(), p, pad_h, s, 1)?
         };
-        let dw = if crate::input_gradients_only_active() {
-            w.zeros_like()?
+        let dw = if !w.track_op() {
+            None
         } else {
             let g = x
                 .detach()
@@ -496,13 +495,13 @@ impl CustomOp2 for GenericConv {
                 .conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?
                 .transpose(0, 1)?;
             let (_, _, g0, g1) = g.dims4()?;
-            if g0 != k || g1 != k2 {
+            Some(if g0 != k || g1 != k2 {
                 g.narrow(2, 0, k)?.narrow(3, 0, k2)?
             } else {
                 g
-            }
+            })
         };
-        Ok((Some(dx), Some(dw)))
+        Ok((Some(dx), dw))
     }
 }
 
@@ -592,12 +591,11 @@ mod tests {
                 gx < 1e-4 && gw < 1e-4,
                 "k={k} s={stride}: grad x {gx}, grad w {gw}"
             );
-            let g_in = crate::input_gradients_only(|| {
-                loss(&conv(&x, &wt, stride, pad).unwrap()).backward()
-            })
-            .unwrap();
-            let skipped = g_in.get(&wt).unwrap().abs().unwrap().sum_all().unwrap();
-            assert_eq!(skipped.to_scalar::<f32>().unwrap(), 0.0);
+            // A detached kernel (a frozen model's) gets no gradient at all.
+            let g_in = loss(&conv(&x, &wt.detach(), stride, pad).unwrap())
+                .backward()
+                .unwrap();
+            assert!(g_in.get(&wt).is_none());
             assert!(max_diff(g_ref.get(&x).unwrap(), g_in.get(&x).unwrap()) < 1e-4);
         }
     }

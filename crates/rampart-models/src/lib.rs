@@ -123,6 +123,11 @@ pub struct Classifier {
     varmap: VarMap,
     /// The network proper: NHWC, normalised input → logits.
     net: Box<dyn Network>,
+    /// The same network on detached parameters (sharing their storage, so it always
+    /// sees the current weights) and the live buffers: what [`Classifier::frozen`]
+    /// runs. Its operations compute no parameter gradients because no parameter is
+    /// tracked.
+    frozen_net: Box<dyn Network>,
     /// Per-channel mean (C,) and reciprocal std (C,).
     mean: Tensor,
     inv_std: Tensor,
@@ -162,6 +167,7 @@ impl Classifier {
             ctx: ctx.clone(),
         };
         let net = spec.build(vb, &opts)?;
+        let frozen_net = spec.build(frozen_builder(&varmap, device)?, &opts)?;
         let lambda = spec
             .oat
             .as_ref()
@@ -184,6 +190,7 @@ impl Classifier {
             spec,
             varmap,
             net,
+            frozen_net,
             mean,
             inv_std,
             metadata: BTreeMap::new(),
@@ -394,6 +401,7 @@ impl Classifier {
 
     fn forward_conditioned(
         &self,
+        net: &dyn Network,
         xs: &Tensor,
         lambdas: &[f32],
         train: bool,
@@ -407,7 +415,7 @@ impl Classifier {
         let condition = variant::Condition::new(lambdas, codes)?;
         let _guard = self.forward_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.ctx.set_condition(Some(condition));
-        let out = self.net.forward_t(xs, train);
+        let out = net.forward_t(xs, train);
         self.ctx.set_condition(None);
         out
     }
@@ -432,7 +440,7 @@ impl Classifier {
             candle_core::bail!("λ must lie in [0, 1], got {bad}")
         }
         let xs = self.normalise(xs)?;
-        self.forward_conditioned(&xs, lambdas, train)
+        self.forward_conditioned(self.net.as_ref(), &xs, lambdas, train)
     }
 
     /// The λ `forward_t` uses, for a λ-conditioned (OAT) model; by default the largest
@@ -562,33 +570,65 @@ pub(crate) trait Network: ModuleT + Send + Sync {
     }
 }
 
-thread_local! {
-    static INPUT_GRADIENTS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// The variables of `varmap` for a frozen network: parameters detached (they share
+/// the variables' storage, so training updates are seen, but no operation tracks
+/// them), buffers (running statistics, λ codes) as they are.
+fn frozen_builder(varmap: &VarMap, device: &Device) -> candle_core::Result<VarBuilder<'static>> {
+    let data = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+    let tensors: std::collections::HashMap<String, Tensor> = data
+        .iter()
+        .map(|(name, var)| {
+            let t = if is_buffer(name) {
+                var.as_tensor().clone()
+            } else {
+                var.as_detached_tensor()
+            };
+            (name.clone(), t)
+        })
+        .collect();
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
 }
 
-/// Runs `f` (an attack step, a prediction, or a `backward()` call) computing gradients
-/// for the model's *input* only. Backward passes inside the scope skip the kernel and
-/// BatchNorm parameter gradients of the fast CPU layers (they come back as zeros),
-/// which attacks never use and which cost as much as the input gradient. Eval-mode
-/// forward passes of a [`Classifier`] inside the scope may take the fused CPU path
-/// (the whole network as one operation, see `docs/performance.md`), whose backward
-/// pass yields the input gradient and nothing for the parameters: run a forward pass
-/// here only when its parameter gradients are not wanted. Input gradients and logits
-/// are those of the layer-by-layer path, to float rounding. The setting is per thread
-/// and restored when `f` returns.
-pub fn input_gradients_only<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            INPUT_GRADIENTS_ONLY.with(|c| c.set(self.0));
-        }
+/// A frozen view of a [`Classifier`]: the model as an attack sees it, built by
+/// [`Classifier::frozen`].
+///
+/// It runs the classifier in eval mode (running BatchNorm statistics) on detached
+/// parameters, so a backward pass through it yields gradients for the input and for
+/// nothing else: the operations see untracked parameters and skip their parameter
+/// gradients, which attacks never read and which cost as much as the input gradient.
+/// On the CPU a plain pre-activation network (WRN, PreActResNet-18) runs as one fused
+/// operation here (see `docs/performance.md`). Logits and input gradients equal the
+/// classifier's own eval-mode ones, to float rounding. Which gradients are computed is
+/// thus a property of the value an attack is given, not of ambient state.
+///
+/// `forward_t(xs, true)` is refused: a frozen model does not train.
+#[derive(Clone, Copy, Debug)]
+pub struct Frozen<'a> {
+    model: &'a Classifier,
+}
+
+impl<'a> Frozen<'a> {
+    /// The classifier this view shows.
+    pub fn classifier(&self) -> &'a Classifier {
+        self.model
     }
-    let _restore = Restore(INPUT_GRADIENTS_ONLY.with(|c| c.replace(true)));
-    f()
 }
 
-pub(crate) fn input_gradients_only_active() -> bool {
-    INPUT_GRADIENTS_ONLY.with(|c| c.get())
+impl ModuleT for Frozen<'_> {
+    /// xs: (B, C, H, W) in the model's bounds → logits (B, K), eval mode.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train {
+            candle_core::bail!(
+                "a frozen view of a classifier runs in eval mode only (forward_t with train = false)"
+            )
+        }
+        let m = self.model;
+        m.check_input(xs)?;
+        if let Some(op) = m.fused_eval(xs)? {
+            return xs.apply_op1(op);
+        }
+        m.forward_network(m.frozen_net.as_ref(), xs, false)
+    }
 }
 
 /// Whether a variable name denotes a buffer, not trained by SGD: BatchNorm running
@@ -607,9 +647,15 @@ fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
-impl ModuleT for Classifier {
-    /// xs: (B, C, H, W) in the model's bounds → logits (B, K).
-    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl Classifier {
+    /// The frozen view attacks and predictions use: eval mode, gradients for the input
+    /// only (see [`Frozen`]).
+    pub fn frozen(&self) -> Frozen<'_> {
+        Frozen { model: self }
+    }
+
+    /// Checks that xs is a float (B, C, H, W) batch of this model's input shape.
+    fn check_input(&self, xs: &Tensor) -> candle_core::Result<()> {
         layers::ensure_float(xs)?;
         let (_, c, h, w) = xs.dims4()?;
         if [c, h, w] != self.spec.input_shape {
@@ -622,24 +668,39 @@ impl ModuleT for Classifier {
                 xs.dims()
             );
         }
-        if !train && input_gradients_only_active() {
-            if let Some(op) = self.fused_eval(xs)? {
-                return xs.apply_op1(op);
+        Ok(())
+    }
+
+    /// The layer-by-layer forward pass of `net` (this model's network or its frozen
+    /// twin) at the model's λ; xs checked by [`Classifier::check_input`].
+    fn forward_network(
+        &self,
+        net: &dyn Network,
+        xs: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let xs = self.normalise(xs)?;
+        match &self.spec.oat {
+            None => net.forward_t(&xs, train),
+            Some(_) => {
+                let lambdas = vec![self.lambda().unwrap_or(0.0); xs.dim(0)?];
+                self.forward_conditioned(net, &xs, &lambdas, train)
             }
         }
+    }
+}
+
+impl ModuleT for Classifier {
+    /// xs: (B, C, H, W) in the model's bounds → logits (B, K); gradients reach the
+    /// input and every parameter (attacks use [`Classifier::frozen`] instead).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.check_input(xs)?;
         if train {
             if let Some(logits) = self.fused_train(xs)? {
                 return Ok(logits);
             }
         }
-        let xs = self.normalise(xs)?;
-        match &self.spec.oat {
-            None => self.net.forward_t(&xs, train),
-            Some(_) => {
-                let lambdas = vec![self.lambda().unwrap_or(0.0); xs.dim(0)?];
-                self.forward_conditioned(&xs, &lambdas, train)
-            }
-        }
+        self.forward_network(self.net.as_ref(), xs, train)
     }
 }
 

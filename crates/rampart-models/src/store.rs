@@ -12,7 +12,6 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Device};
 use safetensors::SafeTensors;
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Metadata key holding the JSON [`ModelSpec`].
@@ -25,22 +24,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Writes `bytes` to `path` atomically: a temporary sibling, fsync, rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 impl Classifier {
@@ -69,7 +52,11 @@ impl Classifier {
 
     /// Saves the model to `path` atomically.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        write_atomic(path.as_ref(), &self.to_bytes()?)
+        let bytes = self.to_bytes()?;
+        rampart_fs::write_atomic(path.as_ref(), &bytes).map_err(|e| ModelError::Io {
+            path: e.path,
+            source: e.source,
+        })
     }
 
     /// Loads a model saved by [`Classifier::save`], rebuilding its architecture from the

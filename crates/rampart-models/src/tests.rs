@@ -400,7 +400,7 @@ fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
     m
 }
 
-/// The fused eval path (inside `input_gradients_only`) gives the logits and the input
+/// The fused eval path (of a frozen view) gives the logits and the input
 /// gradient of the layer-by-layer path: identity and projected shortcuts, strides,
 /// a batch that splits into uneven chunks, WRN and PreAct ResNet-18.
 #[test]
@@ -419,11 +419,11 @@ fn fused_eval_path_matches_layer_by_layer() {
             .forward_t(&m.normalise(x.as_tensor()).unwrap(), false)
             .unwrap();
         let g_ref = probe_grads(&reference, 11);
-        let (fused, g_fused) = input_gradients_only(|| {
-            let logits = m.forward_t(x.as_tensor(), false).unwrap();
+        let (fused, g_fused) = {
+            let logits = m.frozen().forward_t(x.as_tensor(), false).unwrap();
             let g = probe_grads(&logits, 11);
             (logits, g)
-        });
+        };
         let scale = max_abs(&reference).max(1.0);
         let d = max_abs_diff(&fused, &reference);
         assert!(
@@ -442,15 +442,19 @@ fn fused_eval_path_matches_layer_by_layer() {
             "{name}: input gradients differ by {d} (scale {gscale})"
         );
         // Untracked inputs (plain predictions) take the same path.
-        let plain = input_gradients_only(|| m.forward_t(&x.as_tensor().detach(), false)).unwrap();
+        let plain = m
+            .frozen()
+            .forward_t(&x.as_tensor().detach(), false)
+            .unwrap();
         assert_eq!(max_abs_diff(&plain, &fused), 0.0, "{name}");
     }
 }
 
-/// Outside the scope, and in train mode, parameters get gradients as before; inside,
-/// the fused pass hands back the input gradient once and refuses a second backward.
+/// The classifier itself, in eval and in train mode, gives parameters gradients; its
+/// frozen view takes the fused pass, which hands back the input gradient once and
+/// refuses a second backward.
 #[test]
-fn fused_path_only_inside_the_scope() {
+fn fused_path_only_in_the_frozen_view() {
     let m = trained_looking(ModelSpec::wrn(10, 1, 10), 4);
     let x = Var::from_tensor(&input(2, 9)).unwrap();
     let stem = m.varmap.data().lock().unwrap()["stem.weight"].clone();
@@ -470,9 +474,11 @@ fn fused_path_only_inside_the_scope() {
         .unwrap();
     assert!(
         gw.to_scalar::<f32>().unwrap() > 0.0,
-        "eval-mode weight gradient outside the scope"
+        "eval-mode weight gradient of the classifier itself"
     );
-    let loss = input_gradients_only(|| m.forward_t(x.as_tensor(), false))
+    let loss = m
+        .frozen()
+        .forward_t(x.as_tensor(), false)
         .unwrap()
         .sum_all()
         .unwrap();
@@ -573,6 +579,6 @@ fn empty_batches() {
     let x = Tensor::zeros((0, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
     let err = m.forward_t(&x, true).unwrap_err().to_string();
     assert!(err.contains("empty"), "{err}");
-    let eval = input_gradients_only(|| m.forward_t(&x, false)).unwrap();
+    let eval = m.frozen().forward_t(&x, false).unwrap();
     assert_eq!(eval.dims(), &[0, 10]);
 }

@@ -12,9 +12,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use rampart_models::{
-    im2col::conv2d_nhwc, input_gradients_only, Arch, Classifier, ModelSpec, NoiseSpec, OatSpec,
-};
+use rampart_models::{im2col::conv2d_nhwc, Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 
 fn gpu() -> Device {
     // Full f32, as `rampart` runs unless asked for TF32 (set before any CUDA call).
@@ -126,11 +124,16 @@ fn convolution_matches_cpu() {
             let d = rel_diff(ga, gb, 1e-3);
             assert!(d < tol, "{name}: {what} gradients differ by {d}");
         }
-        // Attack mode: the input gradient alone, the same as before.
-        let g_in = input_gradients_only(|| {
-            let y = conv2d_nhwc(x_gpu.as_tensor(), w_gpu.as_tensor(), s, p).unwrap();
+        // Attack mode (a detached kernel, as in a frozen model): the input gradient
+        // alone, the same as before, and none for the kernel.
+        let g_in = {
+            let y = conv2d_nhwc(x_gpu.as_tensor(), &w_gpu.as_tensor().detach(), s, p).unwrap();
             probe(&y, 3).backward().unwrap()
-        });
+        };
+        assert!(
+            g_in.get(w_gpu.as_tensor()).is_none(),
+            "{name}: kernel gradient in attack mode"
+        );
         let d = rel_diff(
             g_cpu.get(x_cpu.as_tensor()).unwrap(),
             g_in.get(x_gpu.as_tensor()).unwrap(),
@@ -209,6 +212,14 @@ fn fwd(m: &Classifier, x: &Tensor, train: bool) -> Tensor {
     m.forward_t(x, train).unwrap()
 }
 
+/// The frozen view's forward pass (what attacks run), noise reseeded as in [`fwd`].
+fn fwd_frozen(m: &Classifier, x: &Tensor) -> Tensor {
+    if m.is_stochastic() {
+        m.reseed_noise(11);
+    }
+    m.frozen().forward_t(x, false).unwrap()
+}
+
 fn images(b: usize, seed: u64) -> Tensor {
     (tensor(&[b, 3, 32, 32], seed) + 0.5).unwrap()
 }
@@ -233,19 +244,15 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
         eprintln!("{name}: eval logits differ by {d}");
         assert!(d < 1e-4, "{name}: eval logits differ by {d}");
 
-        // The attack step: the input gradient inside the input-only scope.
+        // The attack step: the input gradient through the frozen view.
         let xc = Var::from_tensor(&x).unwrap();
         let xg = Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
-        let gc = input_gradients_only(|| {
-            probe(&fwd(&cpu, xc.as_tensor(), false), 5)
-                .backward()
-                .unwrap()
-        });
-        let gg = input_gradients_only(|| {
-            probe(&fwd(&gpu, xg.as_tensor(), false), 5)
-                .backward()
-                .unwrap()
-        });
+        let gc = probe(&fwd_frozen(&cpu, xc.as_tensor()), 5)
+            .backward()
+            .unwrap();
+        let gg = probe(&fwd_frozen(&gpu, xg.as_tensor()), 5)
+            .backward()
+            .unwrap();
         let (a, b) = (
             gc.get(xc.as_tensor()).unwrap(),
             gg.get(xg.as_tensor()).unwrap(),
@@ -255,7 +262,7 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
         eprintln!("{name}: input gradients differ by {d}");
         assert!(d < 2e-3, "{name}: input gradients differ by {d}");
 
-        // Outside the scope, eval mode gives parameter gradients too.
+        // The classifier itself in eval mode gives parameter gradients too.
         let gc = probe(&fwd(&cpu, &x, false), 6).backward().unwrap();
         let gg = probe(&logits_gpu, 6).backward().unwrap();
         let gpu_vars: std::collections::HashMap<String, Var> =

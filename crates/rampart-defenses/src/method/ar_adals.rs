@@ -178,7 +178,8 @@ pub fn robustness_group(clean_correct: bool, correct_at: [bool; 3]) -> usize {
 }
 
 /// Robustness groups of a batch: one FGSM direction sign(∇_x CE(f(x), y)) with the
-/// model in eval mode (input gradients only), then eval-mode predictions at
+/// model in eval mode (pass a frozen view, `Classifier::frozen`, for input gradients
+/// only), then eval-mode predictions at
 /// clip(x + t·direction, lo, hi) for t ∈ {ε/4, ε/2, ε}, grouped by
 /// [`robustness_group`]. images: (B, C, H, W) within `bounds`; labels: (B,) u32.
 pub fn robustness_groups<M: ModuleT>(
@@ -195,7 +196,7 @@ pub fn robustness_groups<M: ModuleT>(
     let var = Var::from_tensor(&x)?;
     let logits = model.forward_t(var.as_tensor(), false)?;
     let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
-    let grads = rampart_models::input_gradients_only(|| loss.backward())?;
+    let grads = loss.backward()?;
     let direction = match grads.get(var.as_tensor()) {
         Some(g) => g.sign()?,
         None => x.zeros_like()?,
@@ -288,7 +289,13 @@ impl TrainingMethod for ArAdaLs {
     ) -> Result<BatchLoss> {
         let b = images.dim(0)?;
         let k = model.spec().num_classes;
-        let groups = robustness_groups(model, model.bounds(), images, labels, self.config.eps)?;
+        let groups = robustness_groups(
+            &model.frozen(),
+            model.bounds(),
+            images,
+            labels,
+            self.config.eps,
+        )?;
         let smoothing = self.lock().smoothing;
         let targets = adals_targets(&labels_vec(labels)?, &groups, &smoothing, k);
         let targets = Tensor::from_vec(targets, (b, k), images.device())?;
@@ -434,7 +441,7 @@ mod tests {
         })?)?;
         // Groups first: the method's train-mode forward updates the BatchNorm
         // statistics the eval-mode probe uses.
-        let groups = robustness_groups(&model, model.bounds(), &x, &y, 8.0 / 255.0)?;
+        let groups = robustness_groups(&model.frozen(), model.bounds(), &x, &y, 8.0 / 255.0)?;
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let out = method.loss(&model, &x, &y, &mut rng)?;
         let logits = rows(&model.forward_t(&x, true)?);

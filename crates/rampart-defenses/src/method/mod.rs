@@ -123,9 +123,7 @@ pub(crate) fn run_attack(
 ) -> Result<AttackResult> {
     let (lo, hi) = model.bounds();
     let bounds = Bounds::new(lo, hi)?;
-    let mut results = rampart_models::input_gradients_only(|| {
-        attack.run(model, bounds, images, labels, &[eps], seed)
-    })?;
+    let mut results = attack.run(&model.frozen(), bounds, images, labels, &[eps], seed)?;
     results
         .pop()
         .ok_or_else(|| DefenseError::Config("the attack returned no result".into()))

@@ -94,17 +94,19 @@ impl Trades {
         let lower = (&x - self.eps)?.clamp(lo, hi)?;
         let upper = (&x + self.eps)?.clamp(lo, hi)?;
         let project = |t: &Tensor| -> Result<Tensor> { Ok(t.maximum(&lower)?.minimum(&upper)?) };
+        // Input gradients only: the frozen view tracks no parameter.
+        let frozen = model.frozen();
         let log_p_clean =
-            candle_nn::ops::log_softmax(&model.forward_t(&x, false)?, D::Minus1)?.detach();
+            candle_nn::ops::log_softmax(&frozen.forward_t(&x, false)?, D::Minus1)?.detach();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let noise = gaussian(&mut rng, x.elem_count());
         let noise = Tensor::from_vec(noise, x.dims(), x.device())?.to_dtype(x.dtype())?;
         let mut adv = project(&(&x + (noise * self.init_std)?)?)?;
         for _ in 0..self.steps {
             let var = Var::from_tensor(&adv)?;
-            let logits = model.forward_t(var.as_tensor(), false)?;
+            let logits = frozen.forward_t(var.as_tensor(), false)?;
             let kl = kl_per_example(&log_p_clean, &logits)?.sum_all()?;
-            let grads = rampart_models::input_gradients_only(|| kl.backward())?;
+            let grads = kl.backward()?;
             let step = match grads.get(var.as_tensor()) {
                 Some(g) => (g.sign()? * self.step_size)?,
                 None => adv.zeros_like()?,
