@@ -763,6 +763,13 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         .unwrap_or_else(|| preset.default_device().to_string());
     let rows = select_rows(preset, &args.rows)?;
     let rows = rows.as_slice();
+    // One study per folder at a time; released when this process ends, however it ends.
+    let holder = format!(
+        "pid {}: {}",
+        std::process::id(),
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
+    let _lock = rampart_fs::OutputLock::acquire(&out, &holder)?;
     if !args.resume {
         for row in rows {
             let dir = model_dir(&out, row.method);
@@ -776,8 +783,6 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-
     let rampart = build_rampart(&root, device.starts_with("cuda"))?;
     let setup = EvalSetup {
         rampart: &rampart,

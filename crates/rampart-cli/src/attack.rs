@@ -106,7 +106,7 @@ pub struct AttackArgs {
     strict_checks: bool,
     /// Output folder.
     #[arg(long)]
-    out: PathBuf,
+    pub out: PathBuf,
     /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores.
     #[arg(long, default_value = "cpu")]
     device: DeviceArg,

@@ -156,6 +156,14 @@ pub fn record_command(out: &Path, command: &str) -> Result<()> {
     Ok(())
 }
 
+/// Locks the output folder `out` for this process (creating it), so that a second
+/// `rampart` writing there is refused with a clear error; released when the process
+/// ends, however it ends (see `rampart_fs::OutputLock`).
+pub fn lock_out_dir(out: &Path, command: &str) -> Result<rampart_fs::OutputLock> {
+    let holder = format!("pid {}: {command}", std::process::id());
+    Ok(rampart_fs::OutputLock::acquire(out, &holder)?)
+}
+
 /// Creates the output folder.
 pub fn create_out_dir(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)

@@ -123,6 +123,7 @@ fn run(cli: Cli) -> Result<()> {
             args.run()?;
         }
         Command::Attack(args) => {
+            let _lock = common::lock_out_dir(&args.out, &command)?;
             logging::init(None)?;
             args.run(&command, env_data_dir)?;
         }
@@ -130,7 +131,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("comparison written to {}", args.run()?.display());
         }
         Command::Sweep(args) => {
-            std::fs::create_dir_all(&args.eval.out)?;
+            let _lock = common::lock_out_dir(&args.eval.out, &command)?;
             logging::init(Some(&args.log_file()))?;
             let results = args.run(&command, env_data_dir)?;
             println!(
@@ -141,12 +142,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(args) => {
             let plan = args.plan(env_data_dir)?;
+            let _lock = common::lock_out_dir(&plan.out, &command)?;
             logging::init(Some(&plan.log_file()))?;
             let summary = plan.run(&command, Progress::Bars)?;
             println!("{}", summary.line(&plan.out));
         }
         Command::Eval(args) => {
             let plan = args.plan(env_data_dir)?;
+            let _lock = common::lock_out_dir(&plan.out, &command)?;
             logging::init(Some(&plan.log_file()))?;
             let results = plan.run(&command)?;
             println!(

@@ -176,6 +176,54 @@ fn bad_flags_and_missing_data_fail_clearly() -> TestResult {
     Ok(())
 }
 
+/// A folder another process writes into is refused by every long command, with the
+/// holder named, before anything is written; once the holder lets go it is free.
+#[test]
+fn an_output_folder_in_use_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 4)?;
+    let data = s(dir.path());
+    let out = dir.path().join("busy");
+    let lock = rampart_fs::OutputLock::acquire(&out, "pid 42: rampart train --out busy")?;
+    let model = dir.path().join("m.safetensors");
+    let eps = ["--eps", "8/255"];
+    for args in [
+        vec!["train", "--arch", "wrn-10-1", "--epochs", "1"],
+        vec!["eval", "--model", s(&model), "--suite", "clean"],
+        [vec!["attack", "--model", s(&model)], eps.to_vec()].concat(),
+        vec!["sweep", "--over", "lambda", "--model", s(&model)],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--data-dir", data, "--out", s(&out)]);
+        let run = rampart(&args)?;
+        assert!(!run.status.success(), "{args:?} ran in a locked folder");
+        let msg = text(&run);
+        assert!(
+            msg.contains("in use by another running process") && msg.contains("pid 42"),
+            "{args:?}: {msg}"
+        );
+    }
+    assert!(!out.join("config.json").exists() && !out.join("train.log").exists());
+    drop(lock);
+    let run = rampart(&[
+        "train",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--test-limit",
+        "4",
+        "--data-dir",
+        data,
+        "--out",
+        s(&out),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    Ok(())
+}
+
 #[test]
 fn train_resume_and_eval_write_their_files() -> TestResult {
     let dir = tempfile::tempdir()?;

@@ -7,6 +7,12 @@
 //! (a full disk, an unwritable folder) leaves the previous file as it was. Errors name
 //! the path that failed.
 //!
+//! A long run also holds an [`OutputLock`] on its output folder, so that a second
+//! process writing into the same folder is refused instead of interleaving its files
+//! with the first one's. The lock is the operating system's (an exclusive `flock` on
+//! `OUT/.rampart.lock`): it is released when the process ends, however it ends, so a
+//! crashed or killed run never leaves a stale lock behind.
+//!
 //! This crate knows nothing of models, data or formats: callers serialise, this crate
 //! puts bytes on disk. Every other crate uses it instead of writing files by hand.
 #![warn(missing_docs)]
@@ -68,9 +74,162 @@ pub fn write_atomic_with(
     std::fs::rename(&tmp, path).map_err(at(path))
 }
 
+/// The lock file inside a locked output folder.
+pub const LOCK_FILE: &str = ".rampart.lock";
+
+/// Why an output folder could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another live process holds the folder.
+    #[error(
+        "{} is in use by another running process ({holder}); wait for it to finish or choose another output folder",
+        dir.display()
+    )]
+    Busy {
+        /// The output folder.
+        dir: PathBuf,
+        /// What the holder wrote into the lock file (its process id and command), or
+        /// "unknown".
+        holder: String,
+    },
+    /// The folder or its lock file could not be created or locked.
+    #[error("cannot lock {}: {source}", path.display())]
+    Io {
+        /// The folder or lock file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An exclusive hold on an output folder for the life of this value (see the crate
+/// documentation). Dropping it, or the process ending in any way, releases it.
+#[derive(Debug)]
+pub struct OutputLock {
+    dir: PathBuf,
+    _file: std::fs::File,
+}
+
+impl OutputLock {
+    /// Creates `dir` if needed and locks it, recording `holder` (e.g. the process id
+    /// and command line) in the lock file for the message another process gets.
+    /// Fails at once with [`LockError::Busy`] when another process holds it.
+    pub fn acquire(dir: &Path, holder: &str) -> Result<Self, LockError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LockError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "unknown".into());
+                return Err(LockError::Busy {
+                    dir: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
+        // Ours now: replace what a previous holder wrote.
+        file.set_len(0).map_err(io(&path))?;
+        file.write_all(holder.as_bytes()).map_err(io(&path))?;
+        Ok(OutputLock {
+            dir: dir.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    /// The locked folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_until_the_first_lets_go() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let out = dir.path().join("run");
+        let first = OutputLock::acquire(&out, "pid 1: rampart train")?;
+        assert_eq!(first.dir(), out.as_path());
+        // A second open file description conflicts as another process's would.
+        match OutputLock::acquire(&out, "pid 2: rampart eval") {
+            Err(LockError::Busy { holder, .. }) => assert_eq!(holder, "pid 1: rampart train"),
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        let msg = OutputLock::acquire(&out, "x").unwrap_err().to_string();
+        assert!(msg.contains("in use by another running process"), "{msg}");
+        drop(first);
+        // Released with the file: nothing stale is left to clear by hand.
+        let again = OutputLock::acquire(&out, "pid 3: rampart eval")?;
+        assert_eq!(
+            std::fs::read_to_string(out.join(LOCK_FILE))?,
+            "pid 3: rampart eval"
+        );
+        drop(again);
+        Ok(())
+    }
+
+    /// Another process holds the lock (util-linux `flock`, the same kind of lock), is
+    /// killed with SIGKILL, and the folder is free again at once.
+    #[cfg(unix)]
+    #[test]
+    fn a_killed_holder_leaves_no_stale_lock() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let out = dir.path().join("run");
+        std::fs::create_dir_all(&out)?;
+        // `-o`: the lock is held by `flock` itself, not by the `sleep` it runs.
+        let mut child = std::process::Command::new("flock")
+            .arg("-o")
+            .arg(out.join(LOCK_FILE))
+            .args(["sleep", "20"])
+            .spawn()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match OutputLock::acquire(&out, "test") {
+                Err(LockError::Busy { .. }) => break,
+                Ok(lock) => drop(lock),
+                Err(e) => return Err(e.into()),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never took the lock"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let lock = loop {
+            match OutputLock::acquire(&out, "after the kill") {
+                Ok(lock) => break lock,
+                Err(LockError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        drop(lock);
+        Ok(())
+    }
 
     #[test]
     fn writes_creates_folders_and_replaces() -> Result<(), Box<dyn std::error::Error>> {
