@@ -15,11 +15,15 @@
 //!
 //! # Design
 //!
-//! * **One loop.** [`Pgd`] is the only iterative loop. A [`Norm`] contributes the three
-//!   norm-specific pieces (random start, gradient normalisation, projection onto the
-//!   ε-ball); every iterate is then projected onto the input [`Bounds`], a value given
-//!   with each call. [`Fgsm`], [`Distal`] and [`Frames`] are configurations of that
-//!   loop (a single step; a confidence objective around noise; a border mask).
+//! * **One PGD engine.** [`Pgd`] is the loop of every PGD-family attack. A [`Norm`]
+//!   contributes the three norm-specific pieces (random start, gradient normalisation,
+//!   projection onto the ε-ball); every iterate is then projected onto the input
+//!   [`Bounds`], a value given with each call. [`Fgsm`], [`Distal`] and [`Frames`] are
+//!   configurations of that loop (a single step; a confidence objective around noise;
+//!   a border mask). The AutoAttack members [`Apgd`], [`Fab`] and [`Square`] keep the
+//!   loops their papers define (step-size schedule with checkpoints, the minimum-norm
+//!   projection step, random square search), on the same norms, projections, objectives
+//!   and prepared batch.
 //! * **Per-example state.** Momentum, step size with backtracking, best-so-far
 //!   tracking (the start point included) and restarts are all per example; the result
 //!   is the per-example worst case over every evaluated point of every restart.
@@ -64,7 +68,7 @@ pub use error::{Error, Result};
 pub use fab::Fab;
 pub use fgsm::Fgsm;
 pub use frames::Frames;
-pub use norm::{project_l1_ball, project_l1_box, Init, Norm, L1_TOP_K};
+pub use norm::{project_l1_ball, project_l1_box, standard_normal, Init, Norm, L1_TOP_K};
 pub use objective::{input_gradient, Objective};
 pub use pgd::{Pgd, Restarts, StepSize};
 pub use square::Square;

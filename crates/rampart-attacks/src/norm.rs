@@ -301,8 +301,10 @@ pub fn project_l1_box(v: &mut [f64], eps: f64, lower: &[f64], upper: &[f64]) {
     shrink_into(Norm::l1(), v, eps);
 }
 
-/// A standard normal draw (Box–Muller).
-pub(crate) fn standard_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
+/// A standard normal draw (Box–Muller on 1 − U and U, U uniform on [0, 1)): the draw
+/// of every Gaussian random start, here and in training methods with their own ascent
+/// (TRADES), so that one seed gives one stream everywhere.
+pub fn standard_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
     let r = (-2.0 * uniform_open(rng).ln()).sqrt();
     r * (std::f64::consts::TAU * rng.gen::<f64>()).cos()
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{ModuleT, Tensor, Var, D};
 use rampart_models::Classifier;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -132,14 +132,10 @@ pub fn kl_divergence(logits_p: &Tensor, logits_q: &Tensor) -> Result<Tensor> {
     Ok(kl_per_example(&log_p, logits_q)?.mean_all()?)
 }
 
-/// `n` standard normal draws (Box–Muller).
+/// `n` standard normal draws ([`rampart_attacks::standard_normal`]).
 fn gaussian(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n)
-        .map(|_| {
-            let u1: f64 = 1.0 - rng.gen::<f64>();
-            let u2: f64 = rng.gen::<f64>();
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-        })
+        .map(|_| rampart_attacks::standard_normal(rng) as f32)
         .collect()
 }
 
