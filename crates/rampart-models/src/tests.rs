@@ -582,3 +582,66 @@ fn empty_batches() {
     let eval = m.frozen().forward_t(&x, false).unwrap();
     assert_eq!(eval.dims(), &[0, 10]);
 }
+
+/// The frozen view on the layer-by-layer path (a post-activation ResNet-20, a
+/// stochastic student, an OAT model): the classifier's eval-mode logits and input
+/// gradient, no gradient for any variable, and the current weights after an update
+/// and a BatchNorm-statistics change (it shares their storage).
+#[test]
+fn frozen_view_equals_eval_mode_and_follows_the_weights() {
+    let mut student = ModelSpec::wrn(10, 1, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.1 });
+    let mut oat = ModelSpec::wrn(10, 1, 10);
+    oat.oat = Some(OatSpec::standard());
+    for spec in [ModelSpec::cifar(Arch::Resnet20, 10), student, oat] {
+        let name = format!(
+            "{} noise={} oat={}",
+            spec.arch,
+            spec.noise.is_some(),
+            spec.oat.is_some()
+        );
+        let m = trained_looking(spec, 5);
+        let check = |when: &str| {
+            let x = Var::from_tensor(&input(3, 21)).unwrap();
+            m.reseed_noise(3);
+            let eval = m.forward_t(x.as_tensor(), false).unwrap();
+            let g_eval = probe_grads(&eval, 4);
+            m.reseed_noise(3);
+            let frozen = m.frozen().forward_t(x.as_tensor(), false).unwrap();
+            let g_frozen = probe_grads(&frozen, 4);
+            let d = max_abs_diff(&eval, &frozen);
+            assert!(
+                d < 1e-5 * max_abs(&eval).max(1.0),
+                "{name} {when}: logits differ by {d}"
+            );
+            let (ge, gf) = (
+                g_eval.get(x.as_tensor()).unwrap(),
+                g_frozen.get(x.as_tensor()).unwrap(),
+            );
+            let d = max_abs_diff(ge, gf);
+            assert!(
+                d < 1e-5 * max_abs(ge).max(1e-6),
+                "{name} {when}: input gradients differ by {d}"
+            );
+            for (var_name, v) in m.named_vars() {
+                assert!(
+                    g_frozen.get(v.as_tensor()).is_none(),
+                    "{name} {when}: the frozen view gave `{var_name}` a gradient"
+                );
+            }
+        };
+        check("as built");
+        // An SGD-like in-place update of every parameter, and new running statistics
+        // from a train-mode pass.
+        for (_, v) in m.trainable_vars() {
+            let t = v.as_tensor();
+            v.set(&t.affine(0.9, 0.01).unwrap()).unwrap();
+        }
+        m.forward_t(&input(8, 33), true).unwrap();
+        check("after an update");
+        assert!(
+            m.frozen().forward_t(&input(1, 0), true).is_err(),
+            "{name}: train mode"
+        );
+    }
+}
