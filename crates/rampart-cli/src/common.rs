@@ -178,6 +178,27 @@ pub fn at_least_one(flag: &str, value: usize) -> Result<usize> {
     Ok(value)
 }
 
+/// Loads a model file for evaluation or attack: the λ of a once-for-all model and the
+/// noise scale of a stochastic one set (when given), its noise reseeded with `seed`.
+pub fn load_model(
+    path: &Path,
+    device: &Device,
+    lambda: Option<f32>,
+    noise_scale: Option<f32>,
+    seed: u64,
+) -> Result<rampart_models::Classifier> {
+    let model = rampart_models::Classifier::load(path, device)
+        .with_context(|| format!("cannot load the model {}", path.display()))?;
+    if let Some(lambda) = lambda {
+        model.set_lambda(lambda).context("--lambda")?;
+    }
+    if let Some(scale) = noise_scale {
+        model.set_noise_scale(scale).context("--noise-scale")?;
+    }
+    model.reseed_noise(seed);
+    Ok(model)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,25 +248,4 @@ mod tests {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
     }
-}
-
-/// Loads a model file for evaluation or attack: the λ of a once-for-all model and the
-/// noise scale of a stochastic one set (when given), its noise reseeded with `seed`.
-pub fn load_model(
-    path: &Path,
-    device: &Device,
-    lambda: Option<f32>,
-    noise_scale: Option<f32>,
-    seed: u64,
-) -> Result<rampart_models::Classifier> {
-    let model = rampart_models::Classifier::load(path, device)
-        .with_context(|| format!("cannot load the model {}", path.display()))?;
-    if let Some(lambda) = lambda {
-        model.set_lambda(lambda).context("--lambda")?;
-    }
-    if let Some(scale) = noise_scale {
-        model.set_noise_scale(scale).context("--noise-scale")?;
-    }
-    model.reseed_noise(seed);
-    Ok(model)
 }

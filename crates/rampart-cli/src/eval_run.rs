@@ -741,7 +741,7 @@ pub(crate) fn trust_checks(
         attack.0,
         attack.1,
         config,
-        seed ^ 0x7472_7573_74,
+        seed ^ 0x0074_7275_7374,
     )?;
     checks.log(context);
     Ok(Some(checks))

@@ -61,7 +61,7 @@ impl SplitBuilder {
     fn push_batch(&mut self, bytes: &[u8], file: &Path) -> Result<()> {
         let label_bytes = self.kind.label_bytes();
         let record_size = label_bytes + PIXELS;
-        if bytes.is_empty() || bytes.len() % record_size != 0 {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(record_size) {
             return Err(DataError::TruncatedRecord {
                 file: file.to_path_buf(),
                 len: bytes.len() as u64,

@@ -123,7 +123,7 @@ pub(crate) fn whole_rows(
     if len == 0 {
         return Err(MetricsError::Empty { what });
     }
-    if len % num_classes != 0 {
+    if !len.is_multiple_of(num_classes) {
         return Err(MetricsError::RaggedRows {
             what,
             len,

@@ -658,7 +658,7 @@ mod tests {
             let mut r = 0usize;
             move |_: &[usize]| {
                 r += 1;
-                if r % valid_every == 0 {
+                if r.is_multiple_of(valid_every) {
                     Some(1.0)
                 } else {
                     Some(f64::INFINITY)
@@ -797,10 +797,10 @@ mod tests {
     fn pairs(b01: usize, b10: usize) -> (Vec<bool>, Vec<bool>) {
         let mut a = vec![true, false, true];
         let mut b = vec![true, false, true];
-        a.extend(std::iter::repeat(true).take(b01));
-        b.extend(std::iter::repeat(false).take(b01));
-        a.extend(std::iter::repeat(false).take(b10));
-        b.extend(std::iter::repeat(true).take(b10));
+        a.extend(std::iter::repeat_n(true, b01));
+        b.extend(std::iter::repeat_n(false, b01));
+        a.extend(std::iter::repeat_n(false, b10));
+        b.extend(std::iter::repeat_n(true, b10));
         (a, b)
     }
 
