@@ -1,0 +1,257 @@
+use super::*;
+use crate::reproduce::Preset;
+
+/// Writes the files a `rampart train` + `rampart eval` of `method` leave behind.
+fn fake_run(out: &Path, method: &str, accuracy: f64) -> Result<()> {
+    let dir = model_dir(out, method);
+    std::fs::create_dir_all(eval_dir(out, method))?;
+    std::fs::write(
+        dir.join("summary.json"),
+        format!(
+            r#"{{"schema_version":1,"method":"{method}","arch":"wrn-10-1","dataset":"cifar10","preset":null,
+               "parameters":77850,"epochs":3,"seed":0,"train_examples":50000,"test_examples":1000,
+               "test_accuracy":0.6,"train_seconds":754.25,"model":"x/model.safetensors"}}"#
+        ),
+    )?;
+    std::fs::write(
+        dir.join("command.txt"),
+        "rampart train --out x\nrampart train --out x --resume\n",
+    )?;
+    std::fs::write(
+        eval_dir(out, method).join("results.json"),
+        format!(
+            r#"{{"schema_version":1,"suite":"pgd20","model":"x","method":"{method}","arch":"wrn-10-1",
+               "dataset":"cifar10","test_examples":10000,"clean_accuracy":{accuracy},
+               "clean_error":{},"eval_seconds":21.5,
+               "attack":"pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start",
+               "eps":0.03137254901960784,"robust_examples":1000,"robust_accuracy":0.25,
+               "robust_error":0.75,"attack_seconds":30.0,"confidence_threshold":0.5}}"#,
+            1.0 - accuracy
+        ),
+    )?;
+    std::fs::write(
+        eval_dir(out, method).join("command.txt"),
+        "rampart eval --model x\n",
+    )?;
+    Ok(())
+}
+
+fn study() -> Study {
+    Study {
+        dataset: "cifar10".into(),
+        preset: "smoke".into(),
+        preset_about: "A check.".into(),
+        created: "2026-01-02T03:04:05Z".into(),
+        command: "cargo xtask reproduce cifar10 --preset smoke --data-dir d".into(),
+        wall_seconds: 801.0,
+        build_command: "cargo build --release -p rampart-cli".into(),
+        budgets: crate::reproduce::Preset::Smoke.budgets().markdown(),
+    }
+}
+
+#[test]
+fn results_json_follows_the_schema() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for method in ["normal", "at", "ccat"] {
+        fake_run(dir.path(), method, 0.6875)?;
+    }
+    let models = collect(
+        dir.path(),
+        &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+    )?;
+    write(dir.path(), &study(), &models)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json"))?)?;
+    assert_eq!(json["schema_version"], 1);
+    assert_eq!(json["dataset"], "cifar10");
+    assert_eq!(json["preset"], "smoke");
+    assert_eq!(json["created"], "2026-01-02T03:04:05Z");
+    assert_eq!(
+        json["command"],
+        "cargo xtask reproduce cifar10 --preset smoke --data-dir d"
+    );
+    let normal = &json["models"]["normal"];
+    assert_eq!(normal["clean_accuracy"], 0.6875);
+    assert_eq!(normal["clean_error"], 0.3125);
+    assert_eq!(normal["arch"], "wrn-10-1");
+    assert_eq!(normal["epochs"], 3);
+    assert_eq!(normal["train_seconds"], 754.25);
+    assert_eq!(normal["test_examples"], 10000);
+    assert_eq!(normal["train_examples"], 50000);
+    assert_eq!(normal["model_file"], "normal/model.safetensors");
+    assert!(normal.get("train_commands").is_none());
+    let at = &json["models"]["at"];
+    assert_eq!(at["robust_accuracy"], 0.25);
+    assert_eq!(at["robust_error"], 0.75);
+    assert_eq!(at["robust_examples"], 1000);
+    assert_eq!(at["confidence_threshold"], 0.5);
+    assert_eq!(at["eps"], 8.0 / 255.0);
+    assert!(json["models"]["ccat"].is_object());
+    Ok(())
+}
+
+#[test]
+fn report_has_the_table_and_the_commands() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for method in ["normal", "at", "ccat"] {
+        fake_run(dir.path(), method, 0.6875)?;
+    }
+    let models = collect(
+        dir.path(),
+        &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+    )?;
+    let md = report_markdown(&study(), &models);
+    assert!(
+        md.contains("| at | pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start | 1,000 | 1 | 25.00 % | 75.00 % | 0.5000 | – |"),
+        "{md}"
+    );
+    assert!(md.contains("## Evaluation budgets"), "{md}");
+    assert!(md.contains("| protocol `--suite quick` | 1000 |"), "{md}");
+    assert!(
+        md.starts_with("# Rampart reproduction: CIFAR-10, preset `smoke`"),
+        "{md}"
+    );
+    assert!(md.contains("| normal | wrn-10-1 | 77,850 | 3 | 50,000 | 12 min 34 s | 10,000 | 68.75 % | 31.25 % |"), "{md}");
+    assert!(md.contains("this invocation took 13 min 21 s"), "{md}");
+    assert!(
+        md.contains("| at | 31.25 % | 9.00 % | 75.00 % | 47.90 % | Madry AT"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("| ccat | 31.25 % |"),
+        "no published CCAT figure: {md}"
+    );
+    for line in [
+        "cargo build --release -p rampart-cli",
+        "rampart train --out x\n",
+        "rampart train --out x --resume\n",
+        "rampart eval --model x\n",
+    ] {
+        assert!(md.contains(line), "report lacks {line:?}:\n{md}");
+    }
+    Ok(())
+}
+
+#[test]
+fn rows_are_keyed_by_row_name_not_method() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    fake_run(dir.path(), "at", 0.4)?;
+    fake_run(dir.path(), "student", 0.38)?;
+    let summary = model_dir(dir.path(), "student").join("summary.json");
+    let text = std::fs::read_to_string(&summary)?.replace("\"student\"", "\"at\"");
+    std::fs::write(&summary, text)?;
+    let rows = crate::reproduce::select_rows(Preset::Smoke, "at,student")?;
+    let models = collect(dir.path(), &rows)?;
+    let json: serde_json::Value = serde_json::from_str(&results_json(&study(), &models)?)?;
+    assert_eq!(json["models"]["at"]["clean_accuracy"], 0.4);
+    assert_eq!(json["models"]["student"]["clean_accuracy"], 0.38);
+    assert_eq!(json["models"]["student"]["method"], "at");
+    let md = report_markdown(&study(), &models);
+    assert!(md.contains("| student | wrn-10-1 |"), "{md}");
+    Ok(())
+}
+
+#[test]
+fn sweeps_join_results_and_report() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path();
+    std::fs::write(
+        out.join("results.json"),
+        r#"{"schema_version":1,"models":{}}"#,
+    )?;
+    std::fs::write(out.join("report.md"), "# Report\n")?;
+    let sweep = sweep_dir(out, "oat");
+    std::fs::create_dir_all(&sweep)?;
+    std::fs::write(
+        sweep.join("sweep.json"),
+        r#"{"schema_version":1,"over":"lambda","points":[{"value":0.0,"clean_accuracy":0.5}]}"#,
+    )?;
+    std::fs::write(
+        sweep.join("sweep.md"),
+        "# Sweep\n\n| λ |\n\n![sweep](plots/sweep.png)\n",
+    )?;
+    add_sweeps(out, &[("oat", "lambda", sweep.clone())])?;
+    let results: serde_json::Value = read_json(&out.join("results.json"))?;
+    assert_eq!(results["sweeps"]["oat"]["points"][0]["clean_accuracy"], 0.5);
+    let md = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(md.contains("### `oat` over lambda"), "{md}");
+    assert!(md.contains("![sweep](oat/sweep/plots/sweep.png)"), "{md}");
+    assert!(!md.contains("# Sweep"), "{md}");
+    Ok(())
+}
+
+#[test]
+fn autoattack_joins_results_and_report() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path();
+    std::fs::write(
+        out.join("results.json"),
+        r#"{"schema_version":1,"models":{"at":{"method":"at"}}}"#,
+    )?;
+    std::fs::write(out.join("report.md"), "# Report\n")?;
+    let aa = autoattack_dir(out, "at");
+    let pgd = autoattack_pgd_dir(out, "at");
+    std::fs::create_dir_all(&aa)?;
+    std::fs::create_dir_all(&pgd)?;
+    let results = |acc: f64, attack: &str| {
+        format!(
+            r#"{{"test_examples":100,"clean_accuracy":0.4,"clean_error":0.6,"eval_seconds":90.0,
+               "attack":"{attack}","eps":0.0313,"robust_examples":100,
+               "robust_accuracy":{acc},"robust_error":{}}}"#,
+            1.0 - acc
+        )
+    };
+    std::fs::write(
+        aa.join("results.json"),
+        results(0.22, "autoattack standard linf"),
+    )?;
+    std::fs::write(pgd.join("results.json"), results(0.3, "pgd-20"))?;
+    std::fs::write(
+        aa.join("autoattack.json"),
+        r#"{"trust_warnings":[],"batches":[
+             {"stages":[{"name":"apgd-ce","attacked":40,"broken":10,"robust_accuracy":0.3,"seconds":5.0},
+                        {"name":"apgd-t","attacked":30,"broken":8,"robust_accuracy":0.22,"seconds":7.0}]},
+             {"stages":[{"name":"apgd-ce","attacked":1,"broken":1,"robust_accuracy":0.0,"seconds":1.0}]}]}"#,
+    )?;
+    add_autoattack(out, &["at"])?;
+    let r: serde_json::Value = read_json(&out.join("results.json"))?;
+    let entry = &r["models"]["at"]["autoattack"];
+    assert_eq!(entry["robust_accuracy"], 0.22);
+    assert_eq!(entry["pgd20_robust_accuracy"], 0.3);
+    assert_eq!(entry["stages"][0]["fooled"], 11, "summed over batches");
+    assert_eq!(entry["stages"][1]["name"], "apgd-t");
+    let md = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(
+        md.contains(
+            "| at | 100 | 40.00 % | 30.00 % | 22.00 % | apgd-ce 11, apgd-t 8 | 1 min 30 s | none |"
+        ),
+        "{md}"
+    );
+    Ok(())
+}
+
+#[test]
+fn missing_outputs_name_the_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let err = collect(
+        dir.path(),
+        &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+    )
+    .err()
+    .map(|e| format!("{e:#}"))
+    .unwrap_or_default();
+    assert!(err.contains("summary.json"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn formatting() {
+    assert_eq!(thousands(0), "0");
+    assert_eq!(thousands(999), "999");
+    assert_eq!(thousands(1000), "1,000");
+    assert_eq!(thousands(36_479_194), "36,479,194");
+    assert_eq!(duration(42.04), "42.0 s");
+    assert_eq!(duration(725.0), "12 min 05 s");
+    assert_eq!(duration(11_220.0), "3 h 07 min");
+    assert_eq!(shell_quote("a b"), "'a b'");
+}

@@ -1,0 +1,162 @@
+use super::*;
+
+#[test]
+fn every_preset_has_normal_at_and_ccat_rows() {
+    for preset in [Preset::Smoke, Preset::Fast, Preset::Paper] {
+        let rows = preset.models();
+        let names: Vec<&str> = rows.iter().map(|r| r.method).collect();
+        assert_eq!(
+            names,
+            [
+                "normal",
+                "at",
+                "ccat",
+                "ls",
+                "regmixup",
+                "ar-adals",
+                "sat",
+                "oat",
+                "oat-fixed",
+                "student",
+                "student-normal"
+            ]
+        );
+        assert!(!preset.about().is_empty());
+        // Every teacher is trained before its student.
+        for (i, r) in rows.iter().enumerate() {
+            if let Some(t) = r.teacher {
+                assert!(rows[..i].iter().any(|o| o.method == t), "{}", r.method);
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_are_selected_by_name_or_group() -> Result<()> {
+    let core: Vec<&str> = select_rows(Preset::Smoke, "core")?
+        .iter()
+        .map(|r| r.method)
+        .collect();
+    assert_eq!(core, ["normal", "at", "ccat"]);
+    assert_eq!(select_rows(Preset::Smoke, "all")?.len(), 11);
+    let plain = Preset::Smoke
+        .models()
+        .iter()
+        .find(|r| r.method == "student-normal");
+    assert_eq!(plain.and_then(|r| r.teacher), Some("normal"));
+    let plain = plain
+        .map(ModelRow::train_flags)
+        .unwrap_or_default()
+        .join(" ");
+    assert!(plain.starts_with("--method normal "), "{plain}");
+    assert!(plain.ends_with("--noise 0.1"), "{plain}");
+    let fixed = Preset::Smoke
+        .models()
+        .iter()
+        .find(|r| r.method == "oat-fixed");
+    let fixed = fixed
+        .map(ModelRow::train_flags)
+        .unwrap_or_default()
+        .join(" ");
+    assert!(fixed.starts_with("--method oat "), "{fixed}");
+    assert!(fixed.ends_with("--lambdas 0.3"), "{fixed}");
+    let some: Vec<&str> = select_rows(Preset::Smoke, "oat, at")?
+        .iter()
+        .map(|r| r.method)
+        .collect();
+    assert_eq!(some, ["at", "oat"], "the preset's order is kept");
+    let err = select_rows(Preset::Smoke, "student")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("select `at` too"), "{err}");
+    assert!(select_rows(Preset::Smoke, "nope").is_err());
+    // Rows that vary a method train with the method's own name.
+    let smoke = Preset::Smoke.models();
+    let ls = smoke
+        .iter()
+        .find(|r| r.method == "ls")
+        .map(ModelRow::train_flags);
+    let ls = ls.unwrap_or_default().join(" ");
+    assert!(ls.starts_with("--method normal "), "{ls}");
+    assert!(ls.ends_with("--label-smoothing 0.1"), "{ls}");
+    let student = smoke
+        .iter()
+        .find(|r| r.method == "student")
+        .map(ModelRow::train_flags);
+    let student = student.unwrap_or_default().join(" ");
+    assert!(student.starts_with("--method at "), "{student}");
+    assert!(student.contains("--noise 0.1"), "{student}");
+    Ok(())
+}
+
+#[test]
+fn smoke_rows_train_on_a_subset_and_attack_a_subset() {
+    let at = Preset::Smoke.models()[1].train_flags().join(" ");
+    assert!(
+        at.starts_with("--method at --arch wrn-10-1 --epochs 1 --batch-size 64"),
+        "{at}"
+    );
+    assert!(at.contains("--train-limit 25600"), "{at}");
+    assert!(
+        at.ends_with("--attack-steps 1 --attack-step-size 10/255"),
+        "{at}"
+    );
+    let ccat = Preset::Smoke.models()[2].train_flags().join(" ");
+    assert!(ccat.starts_with("--method ccat --arch wrn-10-1"), "{ccat}");
+    assert!(
+        ccat.ends_with("--attack-steps 3 --attack-step-size 0.03"),
+        "{ccat}"
+    );
+    let smoke = Preset::Smoke.budgets();
+    let eval = Preset::Smoke.models()[0].eval_flags(&smoke).join(" ");
+    assert_eq!(eval, "--suite pgd20 --attack-limit 1000");
+    let student = Preset::Smoke
+        .models()
+        .iter()
+        .find(|r| r.method == "student");
+    let eval = student.map(|r| r.eval_flags(&smoke).join(" "));
+    assert_eq!(
+        eval.as_deref(),
+        Some("--suite pgd20 --eot 20 --draws 5 --trust-examples 20 --attack-limit 100")
+    );
+    let eval = Preset::Paper.models()[0]
+        .eval_flags(&Preset::Paper.budgets())
+        .join(" ");
+    assert_eq!(eval, "--suite pgd20");
+    // The protocol and calibration metrics see at least 1,000 images in every preset.
+    for p in [Preset::Smoke, Preset::Fast, Preset::Paper] {
+        assert!(p.budgets().protocol.1.is_none_or(|n| n >= 1000), "{p:?}");
+    }
+    let ccat = Preset::Fast.models()[2].train_flags().join(" ");
+    assert_eq!(
+        ccat,
+        "--method ccat --preset ccat-resnet20 --epochs 30 --attack-steps 10 --attack-step-size 0.01"
+    );
+}
+
+#[test]
+fn rows_become_train_flags() {
+    let smoke = Preset::Smoke.models()[0].train_flags().join(" ");
+    assert!(smoke.starts_with("--method normal --arch "), "{smoke}");
+    assert!(smoke.contains(&format!("--epochs {}", SMOKE_NORMAL.epochs)));
+    assert!(smoke.contains(&format!("--schedule {}", SMOKE_NORMAL.schedule)));
+    let paper = Preset::Paper.models()[0].train_flags();
+    assert_eq!(paper, ["--method", "normal", "--preset", "normal-wrn28-10"]);
+}
+
+#[test]
+fn finished_means_model_summary_and_results() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    assert!(!is_finished(dir.path(), "normal"));
+    std::fs::create_dir_all(eval_dir(dir.path(), "normal"))?;
+    std::fs::write(
+        model_dir(dir.path(), "normal").join("model.safetensors"),
+        b"x",
+    )?;
+    std::fs::write(model_dir(dir.path(), "normal").join("summary.json"), b"{}")?;
+    assert!(!is_finished(dir.path(), "normal"));
+    std::fs::write(eval_dir(dir.path(), "normal").join("results.json"), b"{}")?;
+    assert!(is_finished(dir.path(), "normal"));
+    Ok(())
+}
