@@ -56,6 +56,8 @@ mod objective;
 mod pgd;
 mod square;
 #[cfg(test)]
+mod table_tests;
+#[cfg(test)]
 mod testutil;
 
 pub use apgd::Apgd;
