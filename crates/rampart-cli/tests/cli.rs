@@ -928,3 +928,140 @@ fn calibration_methods_train_from_the_command_line() -> TestResult {
     }
     Ok(())
 }
+
+/// `results.json` without what legitimately differs between two runs: wall times and
+/// which steps were loaded from disk.
+fn without_timings(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            map.retain(|k, _| !k.contains("seconds") && k != "resumed");
+            map.values_mut().for_each(without_timings);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(without_timings),
+        _ => {}
+    }
+}
+
+/// `rampart eval` killed with SIGKILL at several points and started again with the same
+/// command continues (the killed run's folder lock is gone with it) and ends with the
+/// results of an uninterrupted run.
+#[test]
+fn a_killed_evaluation_resumes_to_the_same_results() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    let model_dir = dir.path().join("m");
+    let run = rampart(&[
+        "--threads",
+        "2",
+        "train",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--data-dir",
+        data,
+        "--out",
+        s(&model_dir),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let model = model_dir.join("model.safetensors");
+    let eval = |out: &Path| -> Vec<String> {
+        [
+            "--threads",
+            "2",
+            "eval",
+            "--model",
+            s(&model),
+            "--data-dir",
+            data,
+            "--suite",
+            "quick",
+            "--attack-limit",
+            "8",
+            "--held-out",
+            "4",
+            "--steps-scale",
+            "0.5",
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let whole_dir = dir.path().join("whole");
+    let started = std::time::Instant::now();
+    let whole = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(eval(&whole_dir))
+        .env("RUST_LOG", "warn")
+        .output()?;
+    assert!(whole.status.success(), "{}", text(&whole));
+    let duration = started.elapsed();
+    let mut expected = read_json(&whole_dir.join("results.json"))?;
+    without_timings(&mut expected);
+    // Kill points: early (a fixed fraction of the uninterrupted run's time), and right
+    // after the first and after the third finished step of the run (its per-example
+    // records), so that some restarts must load finished steps.
+    let records = |out: &Path| {
+        std::fs::read_dir(out.join("per_example"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let mut resumed_steps = 0;
+    for (i, when) in ["early", "after 1 step", "after 3 steps"]
+        .into_iter()
+        .enumerate()
+    {
+        let out = dir.path().join(format!("killed-{i}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(eval(&out))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let steps = match i {
+            0 => 0,
+            1 => 1,
+            _ => 3,
+        };
+        if steps == 0 {
+            std::thread::sleep(duration.mul_f64(0.15));
+        } else {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while records(&out) < steps
+                && child.try_wait()?.is_none()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        let again = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(eval(&out))
+            .env("RUST_LOG", "warn")
+            .output()?;
+        assert!(again.status.success(), "kill {when}: {}", text(&again));
+        let mut got = read_json(&out.join("results.json"))?;
+        resumed_steps += got["resumed"].as_array().map_or(0, Vec::len);
+        without_timings(&mut got);
+        for key in ["model", "out", "command"] {
+            for v in [&mut got, &mut expected] {
+                if let Some(map) = v.as_object_mut() {
+                    map.remove(key);
+                }
+            }
+        }
+        assert_eq!(got, expected, "kill {when}");
+    }
+    // Some kill landed after finished steps, which the restart loaded, not recomputed.
+    assert!(resumed_steps > 0, "no restart resumed anything");
+    Ok(())
+}
