@@ -56,6 +56,28 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
 }
 
+/// Trains WRN-10-1 for one epoch (batch 8) on the tiny data set in `data` into `out`;
+/// the model file.
+fn train_tiny(data: &str, out: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let run = rampart(&[
+        "--threads",
+        "2",
+        "train",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--data-dir",
+        data,
+        "--out",
+        s(out),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    Ok(out.join("model.safetensors"))
+}
+
 #[test]
 fn help_explains_every_flag() -> TestResult {
     let out = rampart(&["train", "--help"])?;
@@ -580,24 +602,7 @@ fn attack_quick_suite_and_compare() -> TestResult {
     let dir = tempfile::tempdir()?;
     write_tiny_cifar10(dir.path(), 8)?;
     let data = s(dir.path());
-    let model_dir = dir.path().join("m");
-    let run = rampart(&[
-        "--threads",
-        "2",
-        "train",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--data-dir",
-        data,
-        "--out",
-        s(&model_dir),
-    ])?;
-    assert!(run.status.success(), "{}", text(&run));
-    let model = model_dir.join("model.safetensors");
+    let model = train_tiny(data, &dir.path().join("m"))?;
 
     let out = dir.path().join("atk");
     let run = rampart(&[
@@ -950,24 +955,7 @@ fn a_killed_evaluation_resumes_to_the_same_results() -> TestResult {
     let dir = tempfile::tempdir()?;
     write_tiny_cifar10(dir.path(), 8)?;
     let data = s(dir.path());
-    let model_dir = dir.path().join("m");
-    let run = rampart(&[
-        "--threads",
-        "2",
-        "train",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--data-dir",
-        data,
-        "--out",
-        s(&model_dir),
-    ])?;
-    assert!(run.status.success(), "{}", text(&run));
-    let model = model_dir.join("model.safetensors");
+    let model = train_tiny(data, &dir.path().join("m"))?;
     let eval = |out: &Path| -> Vec<String> {
         [
             "--threads",
