@@ -150,12 +150,8 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     let rows = select_rows(preset, &args.rows)?;
     let rows = rows.as_slice();
     // One study per folder at a time; released when this process ends, however it ends.
-    let holder = format!(
-        "pid {}: {}",
-        std::process::id(),
-        std::env::args().collect::<Vec<_>>().join(" ")
-    );
-    let _lock = rampart_fs::OutputLock::acquire(&out, &holder)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let _lock = rampart_fs::OutputLock::acquire_for(&out, &command)?;
     if !args.resume {
         for row in rows {
             let dir = model_dir(&out, row.method);

@@ -160,8 +160,7 @@ pub fn record_command(out: &Path, command: &str) -> Result<()> {
 /// `rampart` writing there is refused with a clear error; released when the process
 /// ends, however it ends (see `rampart_fs::OutputLock`).
 pub fn lock_out_dir(out: &Path, command: &str) -> Result<rampart_fs::OutputLock> {
-    let holder = format!("pid {}: {command}", std::process::id());
-    Ok(rampart_fs::OutputLock::acquire(out, &holder)?)
+    Ok(rampart_fs::OutputLock::acquire_for(out, command)?)
 }
 
 /// Creates the output folder.

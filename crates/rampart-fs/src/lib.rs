@@ -153,6 +153,12 @@ impl OutputLock {
         })
     }
 
+    /// [`OutputLock::acquire`] for this process running `command`: the holder recorded
+    /// is `pid N: command`.
+    pub fn acquire_for(dir: &Path, command: &str) -> Result<Self, LockError> {
+        Self::acquire(dir, &format!("pid {}: {command}", std::process::id()))
+    }
+
     /// The locked folder.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -607,13 +607,6 @@ pub struct Frozen<'a> {
     model: &'a Classifier,
 }
 
-impl<'a> Frozen<'a> {
-    /// The classifier this view shows.
-    pub fn classifier(&self) -> &'a Classifier {
-        self.model
-    }
-}
-
 impl ModuleT for Frozen<'_> {
     /// xs: (B, C, H, W) in the model's bounds → logits (B, K), eval mode.
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
