@@ -70,7 +70,7 @@ fn autoattack(norm: Norm) -> AutoAttack {
     let mut aa = AutoAttack::standard(norm);
     for stage in &mut aa.stages {
         match stage {
-            Stage::Apgd(a) => *a = apgd(a.clone()),
+            Stage::Apgd(a) => *a = apgd(*a),
             Stage::Fab(f) => *f = fab(f.norm),
             Stage::Square(s) => *s = square(s.norm),
         }
