@@ -1,8 +1,11 @@
 //! Building blocks shared by the architectures: convolutions, BatchNorm, linear.
 //!
 //! Inside a network activations are NHWC, (B, H, W, C): the layout in which a
-//! convolution is one GEMM (see [`crate::im2col`]) and BatchNorm reduces over rows.
+//! convolution is one GEMM (see [`crate::kernels::conv`]) and BatchNorm reduces over
+//! rows. The layers hold parameters and buffers; the computing is done by
+//! [`crate::kernels`].
 
+use crate::kernels::bn;
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
@@ -17,7 +20,7 @@ pub struct Conv {
 impl Conv {
     /// xs: (B, H, W, C_in) → (B, H', W', C_out).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::im2col::conv2d_nhwc(xs, &self.weight, self.stride, self.padding)
+        crate::kernels::conv::conv2d_nhwc(xs, &self.weight, self.stride, self.padding)
     }
 
     /// Kernel (OIHW), stride and padding.
@@ -26,8 +29,8 @@ impl Conv {
     }
 
     /// This convolution's current kernel for the fused eval path.
-    pub(crate) fn fused(&self) -> Result<crate::fused::ConvLayer> {
-        crate::fused::ConvLayer::new(&self.weight, self.stride, self.padding)
+    pub(crate) fn fused(&self) -> Result<crate::kernels::fused::ConvLayer> {
+        crate::kernels::fused::ConvLayer::new(&self.weight, self.stride, self.padding)
     }
 }
 
@@ -81,65 +84,21 @@ impl BatchNorm {
     }
 
     fn forward_impl(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-            self.forward_fused(xs, train, relu)
+        if train {
+            let (y, stats) = bn::train(xs, &self.weight, &self.bias, self.eps, relu)?;
+            self.update_running(&stats.mean, &stats.var, stats.rows as f64)?;
+            Ok(y)
         } else {
-            #[cfg(feature = "cudnn")]
-            if crate::cudnn::batch_norm_supported(xs, self.eps) {
-                let y = if train {
-                    let (y, mean, var) =
-                        crate::cudnn::batch_norm_train(xs, &self.weight, &self.bias, self.eps)?;
-                    let n = (xs.elem_count() / mean.elem_count()) as f64;
-                    self.update_running(&mean, &var, n)?;
-                    y
-                } else {
-                    crate::cudnn::batch_norm_eval(
-                        xs,
-                        &self.weight,
-                        &self.bias,
-                        self.running_mean.as_tensor(),
-                        self.running_var.as_tensor(),
-                        self.eps,
-                    )?
-                };
-                return if relu { y.relu() } else { Ok(y) };
-            }
-            let y = self.forward_reference(xs, train)?;
-            if relu {
-                y.relu()
-            } else {
-                Ok(y)
-            }
-        }
-    }
-
-    /// The fused CPU path (see [`crate::bn`]).
-    fn forward_fused(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let c = self.weight.dim(0)?;
-        let rows = xs.contiguous()?.reshape(((), c))?;
-        let (mean, var) = if train {
-            let stats = rows.apply_op1_no_bwd(&crate::bn::ChannelStats)?;
-            let n = rows.dim(0)? as f64;
-            let (mean, var) = (stats.get(0)?, stats.get(1)?);
-            self.update_running(&mean, &var, n)?;
-            (mean.to_vec1::<f32>()?, var.to_vec1::<f32>()?)
-        } else {
-            (
-                self.running_mean.as_tensor().to_vec1::<f32>()?,
-                self.running_var.as_tensor().to_vec1::<f32>()?,
+            bn::eval(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                self.eps,
+                relu,
             )
-        };
-        let op = crate::bn::BnForward {
-            mean,
-            inv_std: var
-                .iter()
-                .map(|v| 1.0 / (v + self.eps as f32).sqrt())
-                .collect(),
-            relu,
-            batch_stats: train,
-        };
-        rows.apply_op3(&self.weight, &self.bias, op)?.reshape(dims)
+        }
     }
 
     /// γ, β and eps.
@@ -158,9 +117,9 @@ impl BatchNorm {
     }
 
     /// The eval-mode map of this layer (from its running statistics) for the fused path.
-    pub(crate) fn eval_affine(&self) -> Result<crate::fused::Affine> {
+    pub(crate) fn eval_affine(&self) -> Result<crate::kernels::Affine> {
         let v = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
-        Ok(crate::fused::Affine::from_batch_norm(
+        Ok(crate::kernels::Affine::from_batch_norm(
             &v(&self.weight)?,
             &v(&self.bias)?,
             &v(self.running_mean.as_tensor())?,
@@ -180,32 +139,22 @@ impl BatchNorm {
         self.running_var.set(&new_var)
     }
 
-    /// BatchNorm from candle's generic tensor operations: the path for non-CPU devices
-    /// and the reference the fused path is tested against.
+    /// BatchNorm from candle's generic tensor operations ([`bn::reference_train`],
+    /// [`bn::reference_eval`]): the reference the kernels are tested against.
     pub fn forward_reference(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            let dims = xs.dims().to_vec();
-            let c = self.weight.dim(0)?;
-            let rows = xs.reshape(((), c))?;
-            let n = rows.dim(0)? as f64;
-            let mean = rows.mean_keepdim(0)?;
-            let centred = rows.broadcast_sub(&mean)?;
-            let var = centred.sqr()?.mean_keepdim(0)?;
-            let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
-            let scale = inv_std.broadcast_mul(&self.weight)?;
-            let out = centred
-                .broadcast_mul(&scale)?
-                .broadcast_add(&self.bias)?
-                .reshape(dims)?;
-            self.update_running(&mean, &var, n)?;
-            Ok(out)
+            let (y, stats) = bn::reference_train(xs, &self.weight, &self.bias, self.eps)?;
+            self.update_running(&stats.mean, &stats.var, stats.rows as f64)?;
+            Ok(y)
         } else {
-            let inv_std = (self.running_var.as_detached_tensor() + self.eps)?
-                .sqrt()?
-                .recip()?;
-            let scale = (&self.weight * &inv_std)?;
-            let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-            xs.broadcast_mul(&scale)?.broadcast_add(&shift)
+            bn::reference_eval(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                self.eps,
+            )
         }
     }
 }

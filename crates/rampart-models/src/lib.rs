@@ -10,22 +10,41 @@
 //! `candle_nn::ModuleT` whose `train` flag selects BatchNorm's batch statistics.
 #![warn(missing_docs)]
 
-pub mod bn;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(feature = "cudnn")]
-mod cudnn;
-mod fused;
-mod fused_train;
-mod gemm;
-pub mod im2col;
+/// Instantiates a test written once, `fn $body(dev: &Device)`, for every device of
+/// the build, as candle's `test_device!` does: `$cpu` always, and `$cuda` with the
+/// `cuda` feature (run on a machine with an NVIDIA GPU, in full f32). Used for the
+/// "fast path equals reference" tests, so that each kernel is held to its reference
+/// on the CPU and, where a GPU is present, on CUDA by the same code.
+#[cfg(test)]
+macro_rules! test_device {
+    ($body:ident, $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() {
+            $body(&candle_core::Device::Cpu)
+        }
+
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $cuda() {
+            // Full f32 (no TF32), set before the first CUDA call.
+            std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+            let dev = candle_core::Device::new_cuda(0)
+                .expect("a CUDA device (this test binary was built with the cuda feature)");
+            $body(&dev)
+        }
+    };
+}
+
+pub mod kernels;
 pub mod layers;
 pub mod resnet;
 mod spec;
 mod store;
 pub mod variant;
-mod winograd;
 pub mod wrn;
+
+#[cfg(feature = "cuda")]
+pub use kernels::cuda;
 
 pub use spec::{Arch, ModelSpec};
 pub use store::METADATA_SPEC_KEY;
@@ -36,6 +55,8 @@ pub const LAMBDA_CODES: &str = "lambda_codes";
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use kernels::fused::{FusedEval, Program, ProgramNet};
+use kernels::fused_train::TrainNet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -321,7 +342,7 @@ impl Classifier {
     /// The fused eval-mode op for `xs` (NCHW, checked) when this model and input allow
     /// it: CPU, f32, a plain (not stochastic, not λ-conditioned) network with a fused
     /// form.
-    fn fused_eval(&self, xs: &Tensor) -> candle_core::Result<Option<fused::FusedEval>> {
+    fn fused_eval(&self, xs: &Tensor) -> candle_core::Result<Option<FusedEval>> {
         if !xs.device().is_cpu()
             || xs.dtype() != candle_core::DType::F32
             || self.spec.noise.is_some()
@@ -329,21 +350,17 @@ impl Classifier {
         {
             return Ok(None);
         }
-        let Some(mut program) = self.net.eval_program()? else {
+        let Some(net) = self.net.eval_program()? else {
             return Ok(None);
         };
-        program.mean = self
-            .mean
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        program.inv_std = self
-            .inv_std
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        program.input = self.spec.input_shape;
-        Ok(Some(fused::FusedEval::new(program, xs.track_op())))
+        let as_vec = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        let program = Program::new(
+            net,
+            self.spec.input_shape,
+            as_vec(&self.mean)?,
+            as_vec(&self.inv_std)?,
+        );
+        Ok(Some(FusedEval::new(program, xs.track_op())))
     }
 
     /// Logits of a train-mode forward pass through the fused train path, when this
@@ -358,10 +375,10 @@ impl Classifier {
         {
             return Ok(None);
         }
-        let Some(net) = self.net.train_net() else {
+        let Some((net, bns)) = self.net.train_net() else {
             return Ok(None);
         };
-        let (layout, tensors, bns) = net.layout()?;
+        let (layout, tensors) = kernels::fused_train::layout(&net)?;
         if tensors.iter().any(|t| t.dtype() != candle_core::DType::F32) {
             return Ok(None);
         }
@@ -382,7 +399,7 @@ impl Classifier {
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1::<f32>()?;
-        let op = fused_train::FusedTrain::new(layout, &x, [b, c, h, w], &mean, &inv_std);
+        let op = kernels::fused_train::FusedTrain::new(layout, &x, [b, c, h, w], &mean, &inv_std);
         let stats = op.stats.clone();
         let logits = flat.apply_op1(op)?;
         let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -557,15 +574,16 @@ impl Classifier {
 /// A network proper (NHWC, normalised input → logits), with its fused eval-mode
 /// program where the architecture has one (see [`fused`]).
 pub(crate) trait Network: ModuleT + Send + Sync {
-    /// The fused eval program with the current weights; None when this network (or
-    /// one of its layers) has no fused form.
-    fn eval_program(&self) -> candle_core::Result<Option<fused::Program>> {
+    /// The network in the fused eval path's form, with the current weights; None
+    /// when this network (or one of its layers) has no fused form.
+    fn eval_program(&self) -> candle_core::Result<Option<ProgramNet>> {
         Ok(None)
     }
 
-    /// The parameters for the fused train path; None when this network has no
-    /// fused form.
-    fn train_net(&self) -> Option<fused_train::TrainNet<'_>> {
+    /// The parameters for the fused train path, and the BatchNorms whose running
+    /// statistics it reports (in [`kernels::preact::PreAct::norms`] order); None when
+    /// this network has no fused form.
+    fn train_net(&self) -> Option<(TrainNet<'_>, Vec<&layers::BatchNorm>)> {
         None
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
 use crate::variant::{Norm, NormOptions};
-use crate::wrn::{preact_block, PreActBlock};
+use crate::wrn::{preact_net, PreActNet};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -106,13 +106,7 @@ impl ModuleT for ResNet20 {
 /// PreActResNet-18 (He et al. 2016; the fast-AT model): stem conv3x3 (64), four stages
 /// of two pre-activation blocks with 64, 128, 256, 512 channels (strides 1, 2, 2, 2),
 /// BN-ReLU, average pool, linear.
-#[derive(Clone, Debug)]
-pub struct PreActResNet18 {
-    stem: Conv,
-    blocks: Vec<PreActBlock>,
-    bn: Norm,
-    fc: Linear,
-}
+pub type PreActResNet18 = PreActNet;
 
 /// Builds PreActResNet-18 for `num_classes` classes.
 pub fn preact_resnet18(
@@ -121,43 +115,13 @@ pub fn preact_resnet18(
     vb: VarBuilder,
     opts: &NormOptions,
 ) -> Result<PreActResNet18> {
-    let widths = [64, 128, 256, 512];
-    let mut blocks = Vec::with_capacity(8);
-    let mut c_in = 64;
-    for (s, &c_out) in widths.iter().enumerate() {
-        for b in 0..2 {
-            let stride = if b == 0 && s > 0 { 2 } else { 1 };
-            let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
-            blocks.push(preact_block(c_in, c_out, stride, vb_b, opts)?);
-            c_in = c_out;
-        }
-    }
-    Ok(PreActResNet18 {
-        stem: conv(in_channels, 64, 3, 1, vb.pp("stem"))?,
-        blocks,
-        bn: opts.norm(c_in, vb.pp("bn"))?,
-        fc: linear(c_in, num_classes, vb.pp("fc"))?,
-    })
-}
-
-impl crate::Network for PreActResNet18 {
-    fn eval_program(&self) -> Result<Option<crate::fused::Program>> {
-        crate::wrn::preact_program(&self.stem, &self.blocks, &self.bn, &self.fc)
-    }
-
-    fn train_net(&self) -> Option<crate::fused_train::TrainNet<'_>> {
-        crate::wrn::preact_train_net(&self.stem, &self.blocks, &self.bn, &self.fc)
-    }
-}
-
-impl ModuleT for PreActResNet18 {
-    /// xs: (B, H, W, C), already normalised → logits (B, K).
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.stem.forward(xs)?;
-        for block in &self.blocks {
-            h = block.forward_t(&h, train)?;
-        }
-        let h = self.bn.forward_relu(&h, train)?;
-        self.fc.forward(&global_avg_pool(&h)?)
-    }
+    preact_net(
+        in_channels,
+        num_classes,
+        64,
+        &[64, 128, 256, 512],
+        2,
+        vb,
+        opts,
+    )
 }

@@ -257,11 +257,11 @@ fn copy_weights_requires_same_spec() {
     assert!(c.copy_weights_from(&a).is_err());
 }
 
-/// The fused CPU BatchNorm(+ReLU) equals the reference built from candle ops: outputs,
-/// running statistics, and the gradients of x, γ and β, in train and eval mode.
-#[test]
-fn fused_batch_norm_matches_reference() {
-    let dev = Device::Cpu;
+/// The BatchNorm(+ReLU) kernels (fused CPU ops; cuDNN on CUDA) equal the reference
+/// built from candle ops: outputs, running statistics, and the gradients of x, γ and
+/// β, in train and eval mode.
+fn batch_norm_matches_reference(dev: &Device) {
+    let dev = dev.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut rand = |shape: &[usize], lo: f32, hi: f32| {
         let n: usize = shape.iter().product();
@@ -281,8 +281,9 @@ fn fused_batch_norm_matches_reference() {
                 let named = |n: &str| map.data().lock().unwrap().get(n).unwrap().clone();
                 named("weight").set(&gamma).unwrap();
                 named("bias").set(&beta).unwrap();
-                named("running_mean").set(&rand_like(&[6], 0.3)).unwrap();
-                named("running_var").set(&rand_like(&[6], 1.7)).unwrap();
+                let full = |v: f32| Tensor::full(v, 6, &dev).unwrap();
+                named("running_mean").set(&full(0.3)).unwrap();
+                named("running_var").set(&full(1.7)).unwrap();
                 (bn, map)
             };
             let (fast, fast_map) = make();
@@ -342,9 +343,11 @@ fn fused_batch_norm_matches_reference() {
     }
 }
 
-fn rand_like(shape: &[usize], value: f32) -> Tensor {
-    Tensor::full(value, shape, &Device::Cpu).unwrap()
-}
+test_device!(
+    batch_norm_matches_reference,
+    batch_norm_matches_reference_cpu,
+    batch_norm_matches_reference_cuda
+);
 
 /// max |t| over all entries.
 fn max_abs(t: &Tensor) -> f32 {

@@ -311,7 +311,7 @@ impl Norm {
     }
 
     /// The eval-mode affine map of a plain BatchNorm (None for variant layers).
-    pub(crate) fn fused(&self) -> Result<Option<crate::fused::Affine>> {
+    pub(crate) fn fused(&self) -> Result<Option<crate::kernels::Affine>> {
         if self.is_plain() {
             self.bn.eval_affine().map(Some)
         } else {

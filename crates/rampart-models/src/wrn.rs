@@ -1,20 +1,30 @@
-//! Wide residual networks WRN-d-k (Zagoruyko & Komodakis 2016), pre-activation form.
+//! Pre-activation networks: wide residual networks WRN-d-k (Zagoruyko & Komodakis
+//! 2016) and the network type they share with PreActResNet-18 ([`PreActNet`]).
+//!
+//! The topology is [`crate::kernels::preact::PreAct`], written once; this file
+//! instantiates it with this crate's layers, gives it its layer-by-layer forward
+//! pass (the reference the fused paths are tested against) and says how the
+//! fused paths read its layers.
 
-use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
+use crate::kernels::fused::ProgramNet;
+use crate::kernels::fused_train::TrainNet;
+use crate::kernels::preact::{self, PreAct};
+use crate::layers::{conv, global_avg_pool, linear, BatchNorm, Conv, Linear};
 use crate::variant::{Norm, NormOptions};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// A pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut.
-/// When the shape changes the shortcut is a 1×1 convolution of the pre-activated input.
-#[derive(Clone, Debug)]
-pub struct PreActBlock {
-    bn1: Norm,
-    conv1: Conv,
-    bn2: Norm,
-    conv2: Conv,
-    shortcut: Option<Conv>,
-}
+/// A pre-activation basic block of this crate's layers: BN-ReLU-conv3x3-BN-ReLU-conv3x3
+/// plus shortcut. When the shape changes the shortcut is a 1×1 convolution of the
+/// pre-activated input.
+pub type PreActBlock = preact::PreActBlock<Conv, Norm>;
+
+/// A pre-activation network of this crate's layers: stem, blocks, BN-ReLU, global
+/// average pooling, linear. WRN-d-k and PreActResNet-18 are both one.
+pub type PreActNet = PreAct<Conv, Norm, Linear>;
+
+/// WRN-d-k.
+pub type WideResNet = PreActNet;
 
 /// A pre-activation block from `c_in` to `c_out` channels with the given stride.
 pub fn preact_block(
@@ -38,77 +48,59 @@ pub fn preact_block(
     })
 }
 
-impl PreActBlock {
-    /// This block for the fused eval path (None if a layer is a variant).
-    pub(crate) fn fused(&self) -> Result<Option<crate::fused::Block>> {
-        let (Some(bn1), Some(bn2)) = (self.bn1.fused()?, self.bn2.fused()?) else {
-            return Ok(None);
-        };
-        Ok(Some(crate::fused::Block {
-            bn1,
-            conv1: self.conv1.fused()?,
-            bn2,
-            conv2: self.conv2.fused()?,
-            shortcut: self.shortcut.as_ref().map(Conv::fused).transpose()?,
-        }))
-    }
-}
-
-/// The fused eval program of a pre-activation network (stem, blocks, BN-ReLU, pooling,
-/// linear); its input normalisation is filled in by the classifier.
-pub(crate) fn preact_program(
-    stem: &Conv,
-    blocks: &[PreActBlock],
-    bn: &Norm,
-    fc: &Linear,
-) -> Result<Option<crate::fused::Program>> {
-    let Some(head) = bn.fused()? else {
-        return Ok(None);
-    };
-    let mut fused = Vec::with_capacity(blocks.len());
-    for b in blocks {
-        match b.fused()? {
-            Some(f) => fused.push(f),
-            None => return Ok(None),
+/// A pre-activation network with a 3×3 stem of `stem` channels and stages of
+/// `per_stage` blocks of the given widths (stride 1 for the first stage, 2 for the
+/// others).
+pub(crate) fn preact_net(
+    in_channels: usize,
+    num_classes: usize,
+    stem: usize,
+    widths: &[usize],
+    per_stage: usize,
+    vb: VarBuilder,
+    opts: &NormOptions,
+) -> Result<PreActNet> {
+    let stem_conv = conv(in_channels, stem, 3, 1, vb.pp("stem"))?;
+    let mut blocks = Vec::with_capacity(widths.len() * per_stage);
+    let mut c_in = stem;
+    for (s, &c_out) in widths.iter().enumerate() {
+        for b in 0..per_stage {
+            let stride = if b == 0 && s > 0 { 2 } else { 1 };
+            let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
+            blocks.push(preact_block(c_in, c_out, stride, vb_b, opts)?);
+            c_in = c_out;
         }
     }
-    let (fc_w, fc_b) = fc.fused()?;
-    Ok(Some(crate::fused::Program {
-        mean: Vec::new(),
-        inv_std: Vec::new(),
-        input: [0; 3],
-        stem: stem.fused()?,
-        blocks: fused,
-        head,
-        fc_w,
-        fc_b,
-    }))
+    Ok(PreAct {
+        stem: stem_conv,
+        blocks,
+        head: opts.norm(c_in, vb.pp("bn"))?,
+        fc: linear(c_in, num_classes, vb.pp("fc"))?,
+    })
 }
 
-/// The parameters of a pre-activation network for the fused train path (None if a
-/// layer is a variant).
-pub(crate) fn preact_train_net<'a>(
-    stem: &'a Conv,
-    blocks: &'a [PreActBlock],
-    bn: &'a Norm,
-    fc: &'a Linear,
-) -> Option<crate::fused_train::TrainNet<'a>> {
-    let mut parts = Vec::with_capacity(blocks.len());
-    for b in blocks {
-        parts.push((
-            b.bn1.plain_bn()?,
-            &b.conv1,
-            b.bn2.plain_bn()?,
-            &b.conv2,
-            b.shortcut.as_ref(),
-        ));
-    }
-    Some(crate::fused_train::TrainNet {
-        stem,
-        blocks: parts,
-        head: bn.plain_bn()?,
-        fc,
-    })
+/// Builds WRN-`depth`-`widen` for `num_classes` classes and `in_channels` input
+/// channels: a 3×3 stem with 16 channels, three stages of (depth−4)/6 blocks with
+/// widths 16k, 32k, 64k (strides 1, 2, 2), BN-ReLU, global average pooling, linear.
+/// `depth` must satisfy (depth − 4) % 6 == 0 (checked by the caller's spec).
+pub fn wide_resnet(
+    depth: usize,
+    widen: usize,
+    in_channels: usize,
+    num_classes: usize,
+    vb: VarBuilder,
+    opts: &NormOptions,
+) -> Result<WideResNet> {
+    let widths = [16 * widen, 32 * widen, 64 * widen];
+    preact_net(
+        in_channels,
+        num_classes,
+        16,
+        &widths,
+        (depth - 4) / 6,
+        vb,
+        opts,
+    )
 }
 
 impl ModuleT for PreActBlock {
@@ -125,65 +117,39 @@ impl ModuleT for PreActBlock {
     }
 }
 
-/// WRN-`depth`-`widen`: a 3×3 stem with 16 channels, three stages of (depth−4)/6 blocks
-/// with widths 16k, 32k, 64k (strides 1, 2, 2), BN-ReLU, global average pooling, linear.
-#[derive(Clone, Debug)]
-pub struct WideResNet {
-    stem: Conv,
-    blocks: Vec<PreActBlock>,
-    bn: Norm,
-    fc: Linear,
-}
-
-/// Builds WRN-`depth`-`widen` for `num_classes` classes and `in_channels` input channels.
-/// `depth` must satisfy (depth − 4) % 6 == 0 (checked by the caller's spec).
-pub fn wide_resnet(
-    depth: usize,
-    widen: usize,
-    in_channels: usize,
-    num_classes: usize,
-    vb: VarBuilder,
-    opts: &NormOptions,
-) -> Result<WideResNet> {
-    let n = (depth - 4) / 6;
-    let widths = [16 * widen, 32 * widen, 64 * widen];
-    let stem = conv(in_channels, 16, 3, 1, vb.pp("stem"))?;
-    let mut blocks = Vec::with_capacity(3 * n);
-    let mut c_in = 16;
-    for (s, &c_out) in widths.iter().enumerate() {
-        for b in 0..n {
-            let stride = if b == 0 && s > 0 { 2 } else { 1 };
-            let vb_b = vb.pp(format!("stage{}", s + 1)).pp(format!("block{b}"));
-            blocks.push(preact_block(c_in, c_out, stride, vb_b, opts)?);
-            c_in = c_out;
-        }
-    }
-    Ok(WideResNet {
-        stem,
-        blocks,
-        bn: opts.norm(c_in, vb.pp("bn"))?,
-        fc: linear(c_in, num_classes, vb.pp("fc"))?,
-    })
-}
-
-impl crate::Network for WideResNet {
-    fn eval_program(&self) -> Result<Option<crate::fused::Program>> {
-        preact_program(&self.stem, &self.blocks, &self.bn, &self.fc)
-    }
-
-    fn train_net(&self) -> Option<crate::fused_train::TrainNet<'_>> {
-        preact_train_net(&self.stem, &self.blocks, &self.bn, &self.fc)
-    }
-}
-
-impl ModuleT for WideResNet {
+impl ModuleT for PreActNet {
     /// xs: (B, H, W, C), already normalised → logits (B, K).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = self.stem.forward(xs)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
-        let h = self.bn.forward_relu(&h, train)?;
+        let h = self.head.forward_relu(&h, train)?;
         self.fc.forward(&global_avg_pool(&h)?)
+    }
+}
+
+impl crate::Network for PreActNet {
+    fn eval_program(&self) -> Result<Option<ProgramNet>> {
+        self.try_map(
+            |c| Ok(Some(c.fused()?)),
+            Norm::fused,
+            |fc| Ok(Some(fc.fused()?)),
+        )
+    }
+
+    fn train_net(&self) -> Option<(TrainNet<'_>, Vec<&BatchNorm>)> {
+        let net = self
+            .try_map(
+                |c| Ok(Some(c.parts())),
+                |n| Ok(n.plain_bn().map(BatchNorm::parts)),
+                |fc| Ok(Some(fc.parts())),
+            )
+            .ok()??;
+        let norms = self
+            .norms()
+            .map(Norm::plain_bn)
+            .collect::<Option<Vec<_>>>()?;
+        Some((net, norms))
     }
 }

@@ -12,7 +12,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use rampart_models::{im2col::conv2d_nhwc, Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
+use rampart_models::{kernels::conv::conv2d_nhwc, Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 
 fn gpu() -> Device {
     // Full f32, as `rampart` runs unless asked for TF32 (set before any CUDA call).

@@ -35,6 +35,6 @@ pub fn prepare(dev: &Device, tf32: bool) -> Result<()> {
     }
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
     #[cfg(feature = "cudnn")]
-    crate::cudnn::set_tf32(tf32);
+    super::cudnn::set_tf32(tf32);
     Ok(())
 }

@@ -15,11 +15,11 @@
 //! running statistics are updated exactly as the layer-by-layer path does. Tests hold
 //! logits, running statistics and every parameter gradient equal to that path.
 
-use crate::bn::BnForward;
-use crate::fused::{take_saved, Affine, ConvLayer};
-use crate::gemm::{sgemm, MatRef};
-use crate::im2col::f32_slice;
-use crate::layers::{BatchNorm, Conv, Linear};
+use super::bn::BnForward;
+use super::common::{f32_slice, take_saved, Affine};
+use super::fused::ConvLayer;
+use super::gemm::{sgemm, MatRef};
+use super::preact::{ConvParams, LinearParams, NormParams, PreAct};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -30,20 +30,8 @@ fn images_per_task(out_pixels: usize) -> usize {
     (512 / out_pixels.max(1)).clamp(1, 16)
 }
 
-/// The parameters of a pre-activation network, in the order they are flattened.
-pub(crate) struct TrainNet<'a> {
-    pub(crate) stem: &'a Conv,
-    /// (bn1, conv1, bn2, conv2, shortcut) per block.
-    pub(crate) blocks: Vec<(
-        &'a BatchNorm,
-        &'a Conv,
-        &'a BatchNorm,
-        &'a Conv,
-        Option<&'a Conv>,
-    )>,
-    pub(crate) head: &'a BatchNorm,
-    pub(crate) fc: &'a Linear,
-}
+/// The parameters of a pre-activation network, flattened in execution order.
+pub(crate) type TrainNet<'a> = PreAct<ConvParams<'a>, NormParams<'a>, LinearParams<'a>>;
 
 /// Where a convolution's OIHW kernel sits in the flat parameter vector.
 #[derive(Clone, Copy, Debug)]
@@ -118,63 +106,57 @@ pub(crate) struct TrainLayout {
     total: usize,
 }
 
-impl TrainNet<'_> {
-    /// The layout, the parameter tensors in flattening order, and the BatchNorms in the
-    /// order their batch statistics are reported.
-    pub(crate) fn layout(&self) -> Result<(TrainLayout, Vec<Tensor>, Vec<&BatchNorm>)> {
-        let mut tensors = Vec::new();
-        let mut offset = 0;
-        let stem = push_conv(self.stem, &mut tensors, &mut offset)?;
-        let mut bns = Vec::new();
-        let mut blocks = Vec::new();
-        for (bn1, c1, bn2, c2, sc) in &self.blocks {
-            let b1 = push_bn(bn1, &mut tensors, &mut offset)?;
-            let conv1 = push_conv(c1, &mut tensors, &mut offset)?;
-            let b2 = push_bn(bn2, &mut tensors, &mut offset)?;
-            let conv2 = push_conv(c2, &mut tensors, &mut offset)?;
-            let shortcut = match sc {
-                Some(sc) => Some(push_conv(sc, &mut tensors, &mut offset)?),
-                None => None,
-            };
-            bns.push(*bn1);
-            bns.push(*bn2);
-            blocks.push(BlockAt {
-                bn1: b1,
-                conv1,
-                bn2: b2,
-                conv2,
-                shortcut,
-            });
-        }
-        let head = push_bn(self.head, &mut tensors, &mut offset)?;
-        bns.push(self.head);
-        let (fw, fb) = self.fc.parts();
-        let (classes, features) = fw.dims2()?;
-        let fc_w = offset;
-        offset += classes * features;
-        let fc_b = offset;
-        offset += classes;
-        tensors.push(fw.flatten_all()?);
-        tensors.push(fb.flatten_all()?);
-        Ok((
-            TrainLayout {
-                stem,
-                blocks,
-                head,
-                fc_w,
-                fc_b,
-                classes,
-                features,
-                total: offset,
-            },
-            tensors,
-            bns,
-        ))
+/// The layout of `net`'s flat parameter vector, and the parameter tensors in
+/// flattening order (their concatenation is the fused op's input). BatchNorm
+/// statistics are reported in the order of [`PreAct::norms`].
+pub(crate) fn layout(net: &TrainNet<'_>) -> Result<(TrainLayout, Vec<Tensor>)> {
+    let mut tensors = Vec::new();
+    let mut offset = 0;
+    let stem = push_conv(net.stem, &mut tensors, &mut offset)?;
+    let mut blocks = Vec::new();
+    for b in &net.blocks {
+        let bn1 = push_bn(b.bn1, &mut tensors, &mut offset)?;
+        let conv1 = push_conv(b.conv1, &mut tensors, &mut offset)?;
+        let bn2 = push_bn(b.bn2, &mut tensors, &mut offset)?;
+        let conv2 = push_conv(b.conv2, &mut tensors, &mut offset)?;
+        let shortcut = match b.shortcut {
+            Some(sc) => Some(push_conv(sc, &mut tensors, &mut offset)?),
+            None => None,
+        };
+        blocks.push(BlockAt {
+            bn1,
+            conv1,
+            bn2,
+            conv2,
+            shortcut,
+        });
     }
+    let head = push_bn(net.head, &mut tensors, &mut offset)?;
+    let (fw, fb) = net.fc;
+    let (classes, features) = fw.dims2()?;
+    let fc_w = offset;
+    offset += classes * features;
+    let fc_b = offset;
+    offset += classes;
+    tensors.push(fw.flatten_all()?);
+    tensors.push(fb.flatten_all()?);
+    Ok((
+        TrainLayout {
+            stem,
+            blocks,
+            head,
+            fc_w,
+            fc_b,
+            classes,
+            features,
+            total: offset,
+        },
+        tensors,
+    ))
 }
 
-fn push_bn(bn: &BatchNorm, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<BnAt> {
-    let (g, b, eps) = bn.parts();
+fn push_bn(bn: NormParams<'_>, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<BnAt> {
+    let (g, b, eps) = bn;
     let c = g.elem_count();
     let at = BnAt {
         offset: *offset,
@@ -187,8 +169,8 @@ fn push_bn(bn: &BatchNorm, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Res
     Ok(at)
 }
 
-fn push_conv(c: &Conv, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<ConvAt> {
-    let (w, stride, padding) = c.parts();
+fn push_conv(c: ConvParams<'_>, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<ConvAt> {
+    let (w, stride, padding) = c;
     let (c_out, c_in, k, _) = w.dims4()?;
     let at = ConvAt {
         offset: *offset,
@@ -222,7 +204,7 @@ impl BnAt {
 
 /// relu(BN(x)) with batch statistics: returns the output and the statistics.
 fn bn_relu_forward(x: &[f32], at: BnAt, flat: &[f32]) -> (Vec<f32>, Stats) {
-    let (mean, var) = crate::bn::mean_var(x, at.c);
+    let (mean, var) = super::bn::mean_var(x, at.c);
     let bn = BnForward {
         inv_std: var.iter().map(|v| 1.0 / (v + at.eps).sqrt()).collect(),
         mean,

@@ -1,4 +1,5 @@
-//! cuDNN convolutions on NHWC tensors: the CUDA hot path (feature `cudnn`).
+//! cuDNN on NHWC tensors, the CUDA hot path (feature `cudnn`): the CUDA forward of
+//! the [`Conv2d`] op, and BatchNorm.
 //!
 //! candle's own `conv2d` on CUDA takes NCHW input (so every layer of an NHWC model
 //! pays two transposing copies), asks cuDNN's heuristics for an algorithm on every
@@ -34,43 +35,11 @@ use candle_core::cuda_backend::cudarc::cudnn::safe::{
 };
 use std::ffi::c_void;
 
+use super::conv::{Conv2d, ConvShape, Pass};
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys, Cudnn};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-
-/// The sizes of one convolution: input (b, h, w, c_in), kernel (c_out, k, k, c_in).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Geometry {
-    b: usize,
-    h: usize,
-    w: usize,
-    c_in: usize,
-    c_out: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-}
-
-impl Geometry {
-    fn out(&self) -> (usize, usize) {
-        let o = |n: usize| (n + 2 * self.padding - self.k) / self.stride + 1;
-        (o(self.h), o(self.w))
-    }
-
-    fn input_len(&self) -> usize {
-        self.b * self.h * self.w * self.c_in
-    }
-
-    fn output_len(&self) -> usize {
-        let (ho, wo) = self.out();
-        self.b * ho * wo * self.c_out
-    }
-
-    fn kernel_len(&self) -> usize {
-        self.c_out * self.k * self.k * self.c_in
-    }
-}
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// The descriptors of one geometry and cuDNN's choice of algorithm for each pass.
 struct Plan {
@@ -84,7 +53,7 @@ struct Plan {
 }
 
 /// (device, sizes, TF32 allowed).
-type PlanKey = (DeviceId, Geometry, bool);
+type PlanKey = (DeviceId, ConvShape, bool);
 
 static TF32: AtomicBool = AtomicBool::new(false);
 
@@ -116,7 +85,7 @@ fn dims(n: usize, c: usize, h: usize, w: usize) -> [i32; 4] {
     [n as i32, c as i32, h as i32, w as i32]
 }
 
-fn plan(dev: &CudaDevice, g: Geometry) -> Result<Rc<Plan>> {
+fn plan(dev: &CudaDevice, g: ConvShape) -> Result<Rc<Plan>> {
     let tf32 = TF32.load(Ordering::Relaxed);
     let key = (dev.id(), g, tf32);
     if let Some(p) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
@@ -198,173 +167,61 @@ fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
     Ok(Some(unsafe { dev.alloc::<u8>(bytes)? }))
 }
 
+/// One pass of a [`Conv2d`] on CUDA: the cuDNN call for its pass, on buffers the
+/// plan of its shape describes.
+pub(crate) fn conv2d(
+    op: &Conv2d,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s1.device;
+    let ([(n1, what1), (n2, what2)], shape) = op.sizes();
+    let (a, b) = (view(s1, l1, n1, what1)?, view(s2, l2, n2, what2)?);
+    let p = plan(dev, op.shape)?;
+    // SAFETY: beta = 0, so cuDNN writes every output value before anything reads it.
+    let mut out = unsafe { dev.alloc::<f32>(shape.elem_count())? };
+    let ab = (1.0, 0.0);
+    // SAFETY (every launch): the descriptors of `p` describe these buffers
+    // (lengths checked above, NHWC, kernel KRSC).
+    match op.pass {
+        Pass::Forward => {
+            let mut work = workspace(dev, p.forward.1)?;
+            let op = ConvForward {
+                conv: &p.conv,
+                x: &p.x,
+                w: &p.w,
+                y: &p.y,
+            };
+            unsafe { op.launch(p.forward.0, work.as_mut(), ab, &a, &b, &mut out) }?;
+        }
+        Pass::Data => {
+            let mut work = workspace(dev, p.data.1)?;
+            let op = ConvBackwardData {
+                conv: &p.conv,
+                dx: &p.x,
+                w: &p.w,
+                dy: &p.y,
+            };
+            unsafe { op.launch(p.data.0, work.as_mut(), ab, &mut out, &b, &a) }?;
+        }
+        Pass::Filter => {
+            let mut work = workspace(dev, p.filter.1)?;
+            let op = ConvBackwardFilter {
+                conv: &p.conv,
+                x: &p.x,
+                dw: &p.w,
+                dy: &p.y,
+            };
+            unsafe { op.launch(p.filter.0, work.as_mut(), ab, &a, &mut out, &b) }?;
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+}
+
 fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("cuDNN convolution called on CPU tensors")
-}
-
-/// Which of cuDNN's three convolution calls an op makes.
-#[derive(Clone, Copy, Debug)]
-enum Pass {
-    /// (x, w) → y: x (b, h, w, c_in), w (c_out, k, k, c_in), y (b, ho, wo, c_out).
-    Forward,
-    /// (dy, w) → dx.
-    Data,
-    /// (x, dy) → dw.
-    Filter,
-}
-
-/// One cuDNN convolution pass of a geometry. Only the forward pass has a backward
-/// pass of its own: the other two are its gradients.
-struct Conv(Geometry, Pass);
-
-impl Conv {
-    /// The lengths of the two operands and the result, and the result's shape.
-    fn sizes(&self) -> ([(usize, &'static str); 2], usize, Shape) {
-        let g = self.0;
-        let (ho, wo) = g.out();
-        let (input, kernel, output) = (
-            (g.input_len(), "input"),
-            (g.kernel_len(), "kernel"),
-            (g.output_len(), "output gradient"),
-        );
-        match self.1 {
-            Pass::Forward => (
-                [input, kernel],
-                g.output_len(),
-                Shape::from((g.b, ho, wo, g.c_out)),
-            ),
-            Pass::Data => (
-                [output, kernel],
-                g.input_len(),
-                Shape::from((g.b, g.h, g.w, g.c_in)),
-            ),
-            Pass::Filter => (
-                [input, output],
-                g.kernel_len(),
-                Shape::from((g.c_out, g.k, g.k, g.c_in)),
-            ),
-        }
-    }
-}
-
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        match self.1 {
-            Pass::Forward => "cudnn-conv2d-nhwc",
-            Pass::Data => "cudnn-conv2d-nhwc-backward-data",
-            Pass::Filter => "cudnn-conv2d-nhwc-backward-filter",
-        }
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = &s1.device;
-        let ([(n1, what1), (n2, what2)], n_out, shape) = self.sizes();
-        let (a, b) = (view(s1, l1, n1, what1)?, view(s2, l2, n2, what2)?);
-        let p = plan(dev, self.0)?;
-        // SAFETY: beta = 0, so cuDNN writes every output value before anything reads it.
-        let mut out = unsafe { dev.alloc::<f32>(n_out)? };
-        let ab = (1.0, 0.0);
-        // SAFETY (every launch): the descriptors of `p` describe these buffers
-        // (lengths checked above, NHWC, kernel KRSC).
-        match self.1 {
-            Pass::Forward => {
-                let mut work = workspace(dev, p.forward.1)?;
-                let op = ConvForward {
-                    conv: &p.conv,
-                    x: &p.x,
-                    w: &p.w,
-                    y: &p.y,
-                };
-                unsafe { op.launch(p.forward.0, work.as_mut(), ab, &a, &b, &mut out) }?;
-            }
-            Pass::Data => {
-                let mut work = workspace(dev, p.data.1)?;
-                let op = ConvBackwardData {
-                    conv: &p.conv,
-                    dx: &p.x,
-                    w: &p.w,
-                    dy: &p.y,
-                };
-                unsafe { op.launch(p.data.0, work.as_mut(), ab, &mut out, &b, &a) }?;
-            }
-            Pass::Filter => {
-                let mut work = workspace(dev, p.filter.1)?;
-                let op = ConvBackwardFilter {
-                    conv: &p.conv,
-                    x: &p.x,
-                    dw: &p.w,
-                    dy: &p.y,
-                };
-                unsafe { op.launch(p.filter.0, work.as_mut(), ab, &a, &mut out, &b) }?;
-            }
-        }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !matches!(self.1, Pass::Forward) {
-            candle_core::bail!("cuDNN convolution gradients have no gradient of their own")
-        }
-        let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(w, &Conv(self.0, Pass::Data))?;
-        let dw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&grad, &Conv(self.0, Pass::Filter))?)
-        } else {
-            None
-        };
-        Ok((Some(dx), dw))
-    }
-}
-
-/// 2-D convolution of an NHWC f32 CUDA tensor with an OIHW kernel through cuDNN;
-/// gradients reach both (see the module documentation).
-pub(crate) fn conv2d_nhwc(
-    xs: &Tensor,
-    weight: &Tensor,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
-    let (b, h, w, c_in) = xs.dims4()?;
-    let (c_out, _, k, _) = weight.dims4()?;
-    if stride == 0 || h + 2 * padding < k || w + 2 * padding < k {
-        candle_core::bail!(
-            "conv2d: a {k}×{k} kernel with stride {stride} and padding {padding} does not fit a {h}×{w} input"
-        )
-    }
-    let g = Geometry {
-        b,
-        h,
-        w,
-        c_in,
-        c_out,
-        k,
-        stride,
-        padding,
-    };
-    let krsc = weight.permute((0, 2, 3, 1))?.contiguous()?;
-    xs.contiguous()?.apply_op2(&krsc, Conv(g, Pass::Forward))
+    candle_core::bail!("cuDNN batch norm called on CPU tensors")
 }
 
 // ---------------------------------------------------------------------------------

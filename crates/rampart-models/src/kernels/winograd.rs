@@ -15,8 +15,8 @@
 // explicit index loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use crate::fused::{with_scratch, Affine};
-use crate::gemm::{sgemm, MatRef};
+use super::common::{with_scratch, Affine};
+use super::gemm::{sgemm, MatRef};
 
 /// Tiles per block, at most: the sixteen V and M matrices of a block stay within a
 /// few MiB.

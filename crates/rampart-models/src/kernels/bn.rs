@@ -7,8 +7,10 @@
 //! [`BnBackward`] that yields the input, scale and shift gradients together. The
 //! activations are viewed as a (N, C) matrix (N = B·H·W), rows split across threads.
 
-use crate::im2col::f32_slice;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use super::common::f32_slice;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// Rows per parallel work item, scaled so each item touches about 64 KiB.
@@ -329,4 +331,147 @@ impl CustomOp2 for BnBackward {
         out.extend(sums.iter().map(|&v| v as f32));
         Ok((CpuStorage::F32(out), Shape::from(n * c + 2 * c)))
     }
+}
+
+/// The batch statistics a train-mode BatchNorm normalised with, for the running
+/// estimates: per-channel mean and biased variance, over `rows` rows.
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    /// (C,) mean.
+    pub mean: Tensor,
+    /// (C,) biased variance.
+    pub var: Tensor,
+    /// Rows (B·H·W) the statistics are taken over.
+    pub rows: usize,
+}
+
+fn channels(gamma: &Tensor) -> Result<usize> {
+    gamma.dim(0)
+}
+
+fn relu_if(y: Tensor, relu: bool) -> Result<Tensor> {
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// Train-mode BatchNorm of NHWC activations `xs` (…, C) with batch statistics, then
+/// ReLU if `relu`: the fused CPU ops above for f32 on the CPU, cuDNN for f32 on CUDA
+/// (feature `cudnn`), [`reference_train`] otherwise. Returns the output and the
+/// statistics it used.
+pub fn train(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        let dims = xs.dims().to_vec();
+        let rows = xs.contiguous()?.reshape(((), channels(gamma)?))?;
+        let stats = rows.apply_op1_no_bwd(&ChannelStats)?;
+        let n = rows.dim(0)?;
+        let (mean, var) = (stats.get(0)?, stats.get(1)?);
+        let op = BnForward {
+            mean: mean.to_vec1::<f32>()?,
+            inv_std: var
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| 1.0 / (v + eps as f32).sqrt())
+                .collect(),
+            relu,
+            batch_stats: true,
+        };
+        let y = rows.apply_op3(gamma, beta, op)?.reshape(dims)?;
+        return Ok((y, BatchStats { mean, var, rows: n }));
+    }
+    #[cfg(feature = "cudnn")]
+    if super::cudnn::batch_norm_supported(xs, eps) {
+        let (y, mean, var) = super::cudnn::batch_norm_train(xs, gamma, beta, eps)?;
+        let rows = xs.elem_count() / mean.elem_count();
+        return Ok((relu_if(y, relu)?, BatchStats { mean, var, rows }));
+    }
+    let (y, stats) = reference_train(xs, gamma, beta, eps)?;
+    Ok((relu_if(y, relu)?, stats))
+}
+
+/// Eval-mode BatchNorm of NHWC activations `xs` (…, C) with the running `mean` and
+/// `var`, then ReLU if `relu`; dispatched as [`train`] is, with [`reference_eval`]
+/// as the fallback.
+pub fn eval(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        let dims = xs.dims().to_vec();
+        let rows = xs.contiguous()?.reshape(((), channels(gamma)?))?;
+        let op = BnForward {
+            mean: mean.to_vec1::<f32>()?,
+            inv_std: var
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| 1.0 / (v + eps as f32).sqrt())
+                .collect(),
+            relu,
+            batch_stats: false,
+        };
+        return rows.apply_op3(gamma, beta, op)?.reshape(dims);
+    }
+    #[cfg(feature = "cudnn")]
+    if super::cudnn::batch_norm_supported(xs, eps) {
+        let y = super::cudnn::batch_norm_eval(xs, gamma, beta, mean, var, eps)?;
+        return relu_if(y, relu);
+    }
+    relu_if(reference_eval(xs, gamma, beta, mean, var, eps)?, relu)
+}
+
+/// Train-mode BatchNorm from candle's generic tensor operations (no ReLU): the path
+/// for other devices and dtypes, and the reference the fused ops are tested against.
+pub fn reference_train(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BatchStats)> {
+    let dims = xs.dims().to_vec();
+    let rows = xs.reshape(((), channels(gamma)?))?;
+    let n = rows.dim(0)?;
+    let mean = rows.mean_keepdim(0)?;
+    let centred = rows.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(0)?;
+    let inv_std = (&var + eps)?.sqrt()?.recip()?;
+    let scale = inv_std.broadcast_mul(gamma)?;
+    let out = centred
+        .broadcast_mul(&scale)?
+        .broadcast_add(beta)?
+        .reshape(dims)?;
+    let stats = BatchStats {
+        mean: mean.flatten_all()?,
+        var: var.flatten_all()?,
+        rows: n,
+    };
+    Ok((out, stats))
+}
+
+/// Eval-mode BatchNorm from candle's generic tensor operations (no ReLU), the
+/// running statistics taken as constants.
+pub fn reference_eval(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let inv_std = (var.detach() + eps)?.sqrt()?.recip()?;
+    let scale = (gamma * &inv_std)?;
+    let shift = (beta - (mean.detach() * &scale)?)?;
+    xs.broadcast_mul(&scale)?.broadcast_add(&shift)
 }

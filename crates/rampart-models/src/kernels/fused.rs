@@ -22,8 +22,10 @@
 //! pre-activation ResNet-18 takes this path for every forward pass; tests hold it
 //! equal to the layer-by-layer path.
 
-use crate::gemm::{sgemm, MatRef};
-use crate::im2col::{f32_slice, Window};
+use super::common::{f32_slice, take_saved, with_scratch, Affine};
+use super::conv::Window;
+use super::gemm::{sgemm, MatRef};
+use super::preact::{PreAct, PreActBlock};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -31,24 +33,6 @@ use std::sync::{Arc, Mutex};
 /// Patch-matrix block size in floats (2 MiB, the size of a core's L2 cache here;
 /// measured best among 0.5–8 MiB on WRN-16-4).
 const BLOCK_FLOATS: usize = 1 << 19;
-
-thread_local! {
-    /// Each thread's patch-matrix buffer, kept between calls: a fresh multi-MiB
-    /// allocation per call costs page faults and zeroing.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a scratch buffer of `len` floats (contents unspecified: callers
-/// overwrite every element they read).
-pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let out = f(&mut buf[..len]);
-    SCRATCH.with(|s| *s.borrow_mut() = buf);
-    out
-}
 
 /// Channels from which a 3×3 stride-1 convolution runs as Winograd F(2×2, 3×3): below,
 /// the transforms cost more than the multiply-adds they save.
@@ -61,13 +45,13 @@ fn winograd_for(
     padding: usize,
     c_in: usize,
     c_out: usize,
-) -> Option<crate::winograd::Winograd> {
+) -> Option<super::winograd::Winograd> {
     (kernel == 3
         && stride == 1
         && padding == 1
         && c_in >= WINOGRAD_MIN_CHANNELS
         && c_out >= WINOGRAD_MIN_CHANNELS)
-        .then(|| crate::winograd::Winograd::new(w, c_in, c_out))
+        .then(|| super::winograd::Winograd::new(w, c_in, c_out))
 }
 
 /// A bias-free convolution: kernel as (C_out, k·k·C_in), patch order (ky, kx, c).
@@ -83,7 +67,7 @@ pub(crate) struct ConvLayer {
     transposed: Option<Box<ConvLayer>>,
     /// For a 3×3 stride-1 padding-1 convolution with enough channels, the same
     /// convolution in the Winograd domain (2.25× fewer multiply-adds).
-    winograd: Option<crate::winograd::Winograd>,
+    winograd: Option<super::winograd::Winograd>,
 }
 
 impl ConvLayer {
@@ -158,7 +142,7 @@ impl ConvLayer {
     /// The Winograd form, when this layer has one and it pays at this image size: with
     /// fewer than 128 channels, only on images of at least 16×16 (measured on WRN-10-1,
     /// whose 64-channel 8×8 layers train faster as im2col + GEMM, and WRN-16-4).
-    fn winograd_at(&self, h: usize, w: usize) -> Option<&crate::winograd::Winograd> {
+    fn winograd_at(&self, h: usize, w: usize) -> Option<&super::winograd::Winograd> {
         self.winograd
             .as_ref()
             .filter(|_| self.c_in.min(self.c_out) >= 128 || h * w >= 256)
@@ -374,83 +358,8 @@ impl ConvLayer {
     }
 }
 
-/// An eval-mode BatchNorm as a per-channel affine map, followed by ReLU.
-#[derive(Clone, Debug)]
-pub(crate) struct Affine {
-    scale: Vec<f32>,
-    shift: Vec<f32>,
-}
-
-impl Affine {
-    /// From γ, β and the running statistics: scale = γ/√(var + eps), shift = β − mean·scale.
-    pub(crate) fn from_batch_norm(
-        gamma: &[f32],
-        beta: &[f32],
-        mean: &[f32],
-        var: &[f32],
-        eps: f32,
-    ) -> Self {
-        let scale: Vec<f32> = gamma
-            .iter()
-            .zip(var)
-            .map(|(g, v)| g / (v + eps).sqrt())
-            .collect();
-        let shift = beta
-            .iter()
-            .zip(mean.iter().zip(&scale))
-            .map(|(b, (m, s))| b - m * s)
-            .collect();
-        Affine { scale, shift }
-    }
-
-    /// From a per-channel scale and shift.
-    pub(crate) fn from_scale_shift(scale: Vec<f32>, shift: Vec<f32>) -> Self {
-        Affine { scale, shift }
-    }
-
-    fn channels(&self) -> usize {
-        self.scale.len()
-    }
-
-    pub(crate) fn relu_in_place(&self, x: &mut [f32]) {
-        for row in x.chunks_exact_mut(self.channels()) {
-            for ((v, s), t) in row.iter_mut().zip(&self.scale).zip(&self.shift) {
-                *v = (*v * s + t).max(0.0);
-            }
-        }
-    }
-
-    pub(crate) fn relu_into(&self, x: &[f32], out: &mut [f32]) {
-        let c = self.channels();
-        for (o, xr) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-            for (((o, v), s), t) in o.iter_mut().zip(xr).zip(&self.scale).zip(&self.shift) {
-                *o = (v * s + t).max(0.0);
-            }
-        }
-    }
-
-    /// The backward pass of `relu(x·scale + shift)` given its output `y`: g ← g·scale
-    /// where y > 0, else 0.
-    fn backward_in_place(&self, g: &mut [f32], y: &[f32]) {
-        let c = self.channels();
-        for (gr, yr) in g.chunks_exact_mut(c).zip(y.chunks_exact(c)) {
-            for ((g, y), s) in gr.iter_mut().zip(yr).zip(&self.scale) {
-                // Mask by multiplication (not a branch), so the loop vectorises.
-                *g *= s * f32::from(u8::from(*y > 0.0));
-            }
-        }
-    }
-}
-
-/// A pre-activation block: BN-ReLU-conv-BN-ReLU-conv plus (projected) shortcut.
-#[derive(Clone, Debug)]
-pub(crate) struct Block {
-    pub(crate) bn1: Affine,
-    pub(crate) conv1: ConvLayer,
-    pub(crate) bn2: Affine,
-    pub(crate) conv2: ConvLayer,
-    pub(crate) shortcut: Option<ConvLayer>,
-}
+/// A pre-activation block of the fused path (see [`PreActBlock`]).
+pub(crate) type Block = PreActBlock<ConvLayer, Affine>;
 
 /// A pre-activation network frozen for evaluation: input normalisation, stem
 /// convolution, blocks, BN-ReLU, global average pooling, linear layer.
@@ -478,7 +387,37 @@ struct ChunkState {
     head_pixels: usize,
 }
 
+/// A pre-activation network in the form this path runs: kernels in GEMM layout,
+/// BatchNorms folded into affine maps, the linear layer as (K × C row-major, K).
+pub(crate) type ProgramNet = PreAct<ConvLayer, Affine, (Vec<f32>, Vec<f32>)>;
+
 impl Program {
+    /// The program of `net` for inputs of shape `input` (C, H, W), normalised by
+    /// (x − mean)·inv_std per channel inside the program.
+    pub(crate) fn new(
+        net: ProgramNet,
+        input: [usize; 3],
+        mean: Vec<f32>,
+        inv_std: Vec<f32>,
+    ) -> Self {
+        let PreAct {
+            stem,
+            blocks,
+            head,
+            fc: (fc_w, fc_b),
+        } = net;
+        Program {
+            mean,
+            inv_std,
+            input,
+            stem,
+            blocks,
+            head,
+            fc_w,
+            fc_b,
+        }
+    }
+
     fn classes(&self) -> usize {
         self.fc_b.len()
     }
@@ -625,15 +564,6 @@ impl Program {
         }
         dx
     }
-}
-
-/// Takes what a fused forward pass kept for its backward pass; `gone` explains why it
-/// may be missing (a backward pass runs once).
-pub(crate) fn take_saved<T>(slot: &Mutex<Option<T>>, gone: &str) -> Result<T> {
-    slot.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .ok_or_else(|| candle_core::Error::Msg(gone.to_string()))
 }
 
 /// The whole network as one custom op on the NCHW input: logits forward, input

@@ -14,9 +14,10 @@
 //! Blocks are whole images, processed in parallel with rayon, each with its own
 //! small `cols` buffer, so no batch-sized patch matrix is ever materialised.
 
-use crate::gemm::{sgemm, MatRef};
+use super::common::f32_slice;
+use super::gemm::{sgemm, MatRef};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of a square convolution window.
@@ -57,6 +58,7 @@ struct Geometry {
 }
 
 impl Geometry {
+    #[cfg(test)]
     fn new(window: Window, h: usize, w: usize, c: usize) -> Result<Self> {
         Ok(Geometry {
             window,
@@ -67,6 +69,7 @@ impl Geometry {
             wo: window.out_size(w)?,
         })
     }
+
     fn row(&self) -> usize {
         self.window.kernel * self.window.kernel * self.c
     }
@@ -151,52 +154,138 @@ fn col2im(g: &Geometry, cols: &[f32], images: &mut [f32]) {
     }
 }
 
-/// The contiguous f32 data of a custom op's operand; other dtypes and strided layouts
-/// are refused with an error naming `op`.
-pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(d) => d.as_slice(),
-        other => candle_core::bail!("{op}: only f32 is supported, got {:?}", other.dtype()),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
-    }
+/// The sizes of one convolution: input (b, h, w, c_in) and kernel (c_out, k, k, c_in)
+/// in KRSC order, which is the (C_out, k·k·C_in) patch layout of [`im2col`] and the
+/// layout cuDNN's NHWC kernels want.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ConvShape {
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) c_in: usize,
+    pub(crate) c_out: usize,
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
 }
 
-/// y = conv(x, W): x (B, H, W, C_in), W (C_out, k·k·C_in) → y (B, Ho, Wo, C_out).
-#[derive(Clone, Copy, Debug)]
-struct ConvNhwc(Window);
-
-impl ConvNhwc {
-    fn geometry(&self, x: &Layout, w: &Layout) -> Result<(usize, Geometry, usize)> {
-        let (b, h, wd, c) = x.shape().dims4()?;
-        let g = Geometry::new(self.0, h, wd, c)?;
-        let (c_out, row) = w.shape().dims2()?;
-        if row != g.row() {
-            candle_core::bail!("conv: kernel rows {row} do not match k·k·C = {}", g.row())
+impl ConvShape {
+    /// The shape of convolving `xs` (B, H, W, C_in) with an OIHW `weight`; refused
+    /// when the channels disagree, the kernel is not square or the window does not fit.
+    pub(crate) fn new(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        let (b, h, w, c_in) = xs.dims4()?;
+        let (c_out, c_in_w, k, k2) = weight.dims4()?;
+        if c_in != c_in_w || k != k2 {
+            candle_core::bail!(
+                "conv2d_nhwc: input has {c_in} channels, kernel {:?}",
+                weight.dims()
+            )
         }
-        Ok((b, g, c_out))
+        let window = Window {
+            kernel: k,
+            stride,
+            padding,
+        };
+        window.out_size(h)?;
+        window.out_size(w)?;
+        Ok(ConvShape {
+            b,
+            h,
+            w,
+            c_in,
+            c_out,
+            k,
+            stride,
+            padding,
+        })
+    }
+
+    fn window(&self) -> Window {
+        Window {
+            kernel: self.k,
+            stride: self.stride,
+            padding: self.padding,
+        }
+    }
+
+    /// Output side (Ho, Wo); the window fits (checked by [`ConvShape::new`]).
+    pub(crate) fn out(&self) -> (usize, usize) {
+        let o = |n: usize| (n + 2 * self.padding - self.k) / self.stride + 1;
+        (o(self.h), o(self.w))
+    }
+
+    pub(crate) fn input_len(&self) -> usize {
+        self.b * self.h * self.w * self.c_in
+    }
+
+    pub(crate) fn output_len(&self) -> usize {
+        let (ho, wo) = self.out();
+        self.b * ho * wo * self.c_out
+    }
+
+    pub(crate) fn kernel_len(&self) -> usize {
+        self.c_out * self.k * self.k * self.c_in
+    }
+
+    fn geometry(&self) -> Geometry {
+        let (ho, wo) = self.out();
+        Geometry {
+            window: self.window(),
+            h: self.h,
+            w: self.w,
+            c: self.c_in,
+            ho,
+            wo,
+        }
     }
 }
 
-impl CustomOp2 for ConvNhwc {
-    fn name(&self) -> &'static str {
-        "conv2d-nhwc"
+/// Which pass of a convolution an op computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pass {
+    /// (x, w) → y: x (b, h, w, c_in), w (c_out, k, k, c_in), y (b, ho, wo, c_out).
+    Forward,
+    /// (dy, w) → dx.
+    Data,
+    /// (x, dy) → dw.
+    Filter,
+}
+
+/// One pass of a 2-D convolution of NHWC activations with a KRSC kernel: the one op
+/// type behind every convolution of the layer-by-layer path, with its CPU forward
+/// (blocked im2col + GEMM, this module) and its CUDA forward (cuDNN, feature
+/// `cudnn`). Only the forward pass has a backward pass of its own: the other two are
+/// its gradients, and the kernel gradient is skipped for an untracked kernel (a
+/// [`crate::Frozen`] model's detached weight: what attacks need).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Conv2d {
+    pub(crate) shape: ConvShape,
+    pub(crate) pass: Pass,
+}
+
+impl Conv2d {
+    /// The lengths of the two operands (with their names, for errors) and the result's
+    /// shape.
+    pub(crate) fn sizes(&self) -> ([(usize, &'static str); 2], Shape) {
+        let g = self.shape;
+        let (ho, wo) = g.out();
+        let (input, kernel, output) = (
+            (g.input_len(), "input"),
+            (g.kernel_len(), "kernel"),
+            (g.output_len(), "output gradient"),
+        );
+        match self.pass {
+            Pass::Forward => ([input, kernel], Shape::from((g.b, ho, wo, g.c_out))),
+            Pass::Data => ([output, kernel], Shape::from((g.b, g.h, g.w, g.c_in))),
+            Pass::Filter => ([input, output], Shape::from((g.c_out, g.k, g.k, g.c_in))),
+        }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
-        let wt = f32_slice(s2, l2, self.name())?;
-        let (b, g, c_out) = self.geometry(l1, l2)?;
+    /// y = cols(x)·Wᵀ per block of images.
+    fn cpu_forward(&self, x: &[f32], wt: &[f32]) -> Vec<f32> {
+        let (g, c_out) = (self.shape.geometry(), self.shape.c_out);
         let ipb = g.images_per_block();
-        let mut y = vec![0f32; b * g.out_pixels() * c_out];
+        let mut y = vec![0f32; self.shape.output_len()];
         let w_t = MatRef::row_major(wt, c_out, g.row()).t();
         y.par_chunks_mut(ipb * g.out_pixels() * c_out)
             .zip(x.par_chunks(ipb * g.image_len()))
@@ -210,71 +299,17 @@ impl CustomOp2 for ConvNhwc {
                     sgemm(yb, MatRef::row_major(&cols, rows, g.row()), w_t, false);
                 }
             });
-        Ok((CpuStorage::F32(y), Shape::from((b, g.ho, g.wo, c_out))))
+        y
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // An untracked kernel (a frozen model's detached weight) needs no gradient.
-        let weight_grad = w.track_op();
-        let op = ConvBackward {
-            window: self.0,
-            weight_grad,
-        };
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
-        let nx = x.elem_count();
-        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dw = if weight_grad {
-            Some(packed.narrow(0, nx, w.elem_count())?.reshape(w.shape())?)
-        } else {
-            None
-        };
-        Ok((Some(dx), dw))
-    }
-}
-
-/// (x, W, dy) → [dx | dW] packed (dW omitted when `weight_grad` is false).
-#[derive(Clone, Copy, Debug)]
-struct ConvBackward {
-    window: Window,
-    weight_grad: bool,
-}
-
-impl CustomOp3 for ConvBackward {
-    fn name(&self) -> &'static str {
-        "conv2d-nhwc-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
-        let wt = f32_slice(s2, l2, self.name())?;
-        let dy = f32_slice(s3, l3, self.name())?;
-        let (b, g, c_out) = ConvNhwc(self.window).geometry(l1, l2)?;
-        if l3.shape().dims() != [b, g.ho, g.wo, c_out] {
-            candle_core::bail!("conv backward: gradient shape {:?}", l3.shape())
-        }
+    /// dx = col2im(dy·W) per block of images (blocks own disjoint slices of dx).
+    fn cpu_data(&self, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+        let (g, c_out) = (self.shape.geometry(), self.shape.c_out);
         let ipb = g.images_per_block();
-        let out_block = ipb * g.out_pixels() * c_out;
         let w_mat = MatRef::row_major(wt, c_out, g.row());
-        let n_w = if self.weight_grad { c_out * g.row() } else { 0 };
-        let mut out = vec![0f32; x.len() + n_w];
-        let (dx, dw) = out.split_at_mut(x.len());
-        // Input gradient: image blocks own disjoint slices of dx.
+        let mut dx = vec![0f32; self.shape.input_len()];
         dx.par_chunks_mut(ipb * g.image_len())
-            .zip(dy.par_chunks(out_block))
+            .zip(dy.par_chunks(ipb * g.out_pixels() * c_out))
             .for_each(|(dxb, dyb)| {
                 let rows = dyb.len() / c_out;
                 if g.window.is_pointwise() {
@@ -290,76 +325,138 @@ impl CustomOp3 for ConvBackward {
                     col2im(&g, &dcols, dxb);
                 }
             });
-        if self.weight_grad {
-            // Kernel gradient: per-thread partial sums of dyᵀ·cols, then reduced.
-            let total = x
-                .par_chunks(ipb * g.image_len())
-                .zip(dy.par_chunks(out_block))
-                .fold(
-                    || vec![0f32; c_out * g.row()],
-                    |mut acc, (xb, dyb)| {
-                        let rows = dyb.len() / c_out;
-                        let dy_t = MatRef::row_major(dyb, rows, c_out).t();
-                        if g.window.is_pointwise() {
-                            sgemm(&mut acc, dy_t, MatRef::row_major(xb, rows, g.c), true);
-                        } else {
-                            let mut cols = vec![0f32; rows * g.row()];
-                            im2col(&g, xb, &mut cols);
-                            sgemm(
-                                &mut acc,
-                                dy_t,
-                                MatRef::row_major(&cols, rows, g.row()),
-                                true,
-                            );
-                        }
-                        acc
-                    },
-                )
-                .reduce(
-                    || vec![0f32; c_out * g.row()],
-                    |mut a, b| {
-                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                        a
-                    },
-                );
-            dw.copy_from_slice(&total);
+        dx
+    }
+
+    /// dW = Σ_blocks dyᵀ·cols(x): per-thread partial sums, then reduced.
+    fn cpu_filter(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let (g, c_out) = (self.shape.geometry(), self.shape.c_out);
+        let ipb = g.images_per_block();
+        x.par_chunks(ipb * g.image_len())
+            .zip(dy.par_chunks(ipb * g.out_pixels() * c_out))
+            .fold(
+                || vec![0f32; c_out * g.row()],
+                |mut acc, (xb, dyb)| {
+                    let rows = dyb.len() / c_out;
+                    let dyt = MatRef::row_major(dyb, rows, c_out).t();
+                    if g.window.is_pointwise() {
+                        sgemm(&mut acc, dyt, MatRef::row_major(xb, rows, g.c), true);
+                    } else {
+                        let mut cols = vec![0f32; rows * g.row()];
+                        im2col(&g, xb, &mut cols);
+                        sgemm(&mut acc, dyt, MatRef::row_major(&cols, rows, g.row()), true);
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; c_out * g.row()],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            )
+    }
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        match self.pass {
+            Pass::Forward => "conv2d-nhwc",
+            Pass::Data => "conv2d-nhwc-backward-data",
+            Pass::Filter => "conv2d-nhwc-backward-filter",
         }
-        let len = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ([(n1, what1), (n2, what2)], shape) = self.sizes();
+        let operand = |s, l: &Layout, len: usize, what: &str| -> Result<&[f32]> {
+            let v = f32_slice(s, l, self.name())?;
+            if v.len() != len {
+                candle_core::bail!(
+                    "{}: the {what} has shape {:?}, expected {len} values",
+                    self.name(),
+                    l.shape()
+                )
+            }
+            Ok(v)
+        };
+        let (a, b) = (operand(s1, l1, n1, what1)?, operand(s2, l2, n2, what2)?);
+        let out = match self.pass {
+            Pass::Forward => self.cpu_forward(a, b),
+            Pass::Data => self.cpu_data(a, b),
+            Pass::Filter => self.cpu_filter(a, b),
+        };
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cudnn::conv2d(self, s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.pass != Pass::Forward {
+            candle_core::bail!(
+                "{}: convolution gradients have no gradient of their own",
+                self.name()
+            )
+        }
+        let grad = grad.contiguous()?;
+        let pass = |pass| Conv2d {
+            shape: self.shape,
+            pass,
+        };
+        let dx = grad.apply_op2_no_bwd(w, &pass(Pass::Data))?;
+        // An untracked kernel (a frozen model's detached weight) needs no gradient.
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &pass(Pass::Filter))?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
     }
 }
 
 /// 2-D convolution of NHWC input with an OIHW kernel.
 ///
-/// xs: (B, H, W, C_in), weight: (C_out, C_in, k, k) → (B, Ho, Wo, C_out). On the CPU
-/// with f32 this is the blocked im2col + GEMM above; elsewhere candle's own
-/// convolution (with layout permutes), which is also the reference in tests.
+/// xs: (B, H, W, C_in), weight: (C_out, C_in, k, k) → (B, Ho, Wo, C_out). f32 on the
+/// CPU, and f32 on CUDA with the `cudnn` feature, run the [`Conv2d`] op; other dtypes
+/// and devices take [`conv2d_nhwc_generic`].
 pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let (_, _, _, c_in) = xs.dims4()?;
-    let (c_out, c_in_w, k, k2) = weight.dims4()?;
-    if c_in != c_in_w || k != k2 {
-        candle_core::bail!(
-            "conv2d_nhwc: input has {c_in} channels, kernel {:?}",
-            weight.dims()
-        )
-    }
-    if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
-        #[cfg(feature = "cudnn")]
-        if xs.device().is_cuda() && xs.dtype() == candle_core::DType::F32 && xs.dim(0)? > 0 {
-            return crate::cudnn::conv2d_nhwc(xs, weight, stride, padding);
-        }
+    let shape = ConvShape::new(xs, weight, stride, padding)?;
+    let native = xs.dtype() == candle_core::DType::F32
+        && (xs.device().is_cpu()
+            || (cfg!(feature = "cudnn") && xs.device().is_cuda() && shape.b > 0));
+    if !native {
         return conv2d_nhwc_generic(xs, weight, stride, padding);
     }
-    let window = Window {
-        kernel: k,
-        stride,
-        padding,
-    };
-    // (C_out, k·k·C_in) with the patch order (ky, kx, c) of im2col.
-    let wmat = weight
-        .permute((0, 2, 3, 1))?
-        .reshape((c_out, k * k * c_in))?;
-    xs.contiguous()?.apply_op2(&wmat, ConvNhwc(window))
+    let krsc = weight.permute((0, 2, 3, 1))?.contiguous()?;
+    xs.contiguous()?.apply_op2(
+        &krsc,
+        Conv2d {
+            shape,
+            pass: Pass::Forward,
+        },
+    )
 }
 
 /// The convolution on devices without the CPU kernels above (CUDA) and for other
@@ -545,7 +642,11 @@ mod tests {
     }
 
     fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
-        Tensor::from_vec(rand_vec(shape.iter().product(), seed), shape, &Device::Cpu).unwrap()
+        rand_on(shape, seed, &Device::Cpu)
+    }
+
+    fn rand_on(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+        Tensor::from_vec(rand_vec(shape.iter().product(), seed), shape, dev).unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -570,10 +671,11 @@ mod tests {
     fn check_against_candle(
         conv: ConvFn,
         cases: &[(usize, usize, usize, usize, usize, usize, usize)],
+        dev: &Device,
     ) {
         for &(b, k, stride, pad, h, c_in, c_out) in cases {
-            let x = Var::from_tensor(&rand_tensor(&[b, h, h, c_in], 1)).unwrap();
-            let wt = Var::from_tensor(&rand_tensor(&[c_out, c_in, k, k], 2)).unwrap();
+            let x = Var::from_tensor(&rand_on(&[b, h, h, c_in], 1, dev)).unwrap();
+            let wt = Var::from_tensor(&rand_on(&[c_out, c_in, k, k], 2, dev)).unwrap();
             let reference = conv2d_nhwc_reference(&x, &wt, stride, pad).unwrap();
             let ours = conv(&x, &wt, stride, pad).unwrap();
             assert_eq!(ours.dims(), reference.dims());
@@ -581,7 +683,7 @@ mod tests {
                 max_diff(&ours, &reference) < 1e-4,
                 "forward k={k} s={stride}"
             );
-            let probe = rand_tensor(reference.dims(), 3);
+            let probe = rand_on(reference.dims(), 3, dev);
             let loss = |t: &Tensor| (t * &probe).unwrap().sum_all().unwrap();
             let g_ref = loss(&reference).backward().unwrap();
             let g_ours = loss(&ours).backward().unwrap();
@@ -614,16 +716,22 @@ mod tests {
         (2, 5, 1, 2, 7, 3, 2),
     ];
 
-    /// The CPU path.
-    #[test]
-    fn matches_candle_conv2d_forward_and_gradients() {
-        check_against_candle(conv2d_nhwc, GEOMETRIES);
+    /// The [`Conv2d`] op (im2col + GEMM on the CPU, cuDNN on CUDA).
+    fn conv2d_matches_candle(dev: &Device) {
+        check_against_candle(conv2d_nhwc, GEOMETRIES, dev);
     }
 
-    /// The generic (CUDA) path, whose backward pass avoids conv_transpose2d.
+    test_device!(
+        conv2d_matches_candle,
+        matches_candle_conv2d_forward_and_gradients,
+        matches_candle_conv2d_forward_and_gradients_cuda
+    );
+
+    /// The generic path (other dtypes and devices), whose backward pass avoids
+    /// conv_transpose2d.
     #[test]
     fn generic_path_matches_candle_conv2d() {
-        check_against_candle(conv2d_nhwc_generic, GEOMETRIES);
+        check_against_candle(conv2d_nhwc_generic, GEOMETRIES, &Device::Cpu);
         // Untracked inputs: a plain forward pass.
         let x = rand_tensor(&[1, 5, 5, 2], 4);
         let wt = rand_tensor(&[3, 2, 3, 3], 5);

@@ -1,0 +1,39 @@
+//! The kernels layer: how the networks of this crate are computed, below the
+//! architectures that describe them.
+//!
+//! An architecture file (`wrn.rs`, `resnet.rs`) says which layers a network has and
+//! in which order; the layers (`layers.rs`, `variant.rs`) hold parameters and call
+//! the operations here. Nothing in this module imports an architecture or a layer:
+//! the dependency runs one way, from the networks down to the kernels.
+//!
+//! * [`conv`]: the [`conv::Conv2d`] op, one type for a convolution's forward,
+//!   input-gradient and kernel-gradient passes, each with a CPU forward (blocked
+//!   im2col + GEMM) and a CUDA forward (cuDNN, feature `cudnn`), and the generic
+//!   fallback for other dtypes and devices.
+//! * [`bn`]: BatchNorm (+ ReLU) of NHWC activations in train and eval mode, as fused
+//!   CPU ops and cuDNN calls behind one pair of functions.
+//! * `preact`: the shape of a pre-activation network (stem, blocks, head), generic
+//!   over what stands for a convolution, a BatchNorm and the linear layer. The
+//!   architectures instantiate it with their layers; the fused paths below run it.
+//! * `fused` and `fused_train`: a whole pre-activation network as one CPU op, in
+//!   eval mode (forward and input gradient: attacks) and in train mode (forward and
+//!   every parameter gradient: training).
+//! * `winograd`, `gemm` and `common`: Winograd F(2×2, 3×3) convolutions, the GEMM
+//!   entry point and the small pieces the kernels share.
+//! * [`cuda`] (feature `cuda`): device preparation; `cudnn` (feature `cudnn`): the
+//!   cuDNN calls, the crate's only `unsafe` code.
+
+pub mod bn;
+mod common;
+pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cudnn")]
+mod cudnn;
+pub(crate) mod fused;
+pub(crate) mod fused_train;
+mod gemm;
+pub(crate) mod preact;
+mod winograd;
+
+pub(crate) use common::Affine;
