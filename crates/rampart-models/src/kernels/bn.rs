@@ -105,6 +105,26 @@ pub struct BnForward {
 }
 
 impl BnForward {
+    /// The normalisation by per-channel `mean` and variance `var` (f32 tensors, (C,)).
+    fn from_stats(
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f64,
+        relu: bool,
+        batch_stats: bool,
+    ) -> Result<Self> {
+        Ok(BnForward {
+            mean: mean.to_vec1::<f32>()?,
+            inv_std: var
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| 1.0 / (v + eps as f32).sqrt())
+                .collect(),
+            relu,
+            batch_stats,
+        })
+    }
+
     fn check(&self, c: usize, g: &[f32], b: &[f32]) -> Result<()> {
         if self.mean.len() != c || self.inv_std.len() != c || g.len() != c || b.len() != c {
             candle_core::bail!("batch norm: parameters do not match {c} channels")
@@ -374,16 +394,7 @@ pub fn train(
         let stats = rows.apply_op1_no_bwd(&ChannelStats)?;
         let n = rows.dim(0)?;
         let (mean, var) = (stats.get(0)?, stats.get(1)?);
-        let op = BnForward {
-            mean: mean.to_vec1::<f32>()?,
-            inv_std: var
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| 1.0 / (v + eps as f32).sqrt())
-                .collect(),
-            relu,
-            batch_stats: true,
-        };
+        let op = BnForward::from_stats(&mean, &var, eps, relu, true)?;
         let y = rows.apply_op3(gamma, beta, op)?.reshape(dims)?;
         return Ok((y, BatchStats { mean, var, rows: n }));
     }
@@ -412,16 +423,7 @@ pub fn eval(
     if xs.device().is_cpu() && xs.dtype() == DType::F32 {
         let dims = xs.dims().to_vec();
         let rows = xs.contiguous()?.reshape(((), channels(gamma)?))?;
-        let op = BnForward {
-            mean: mean.to_vec1::<f32>()?,
-            inv_std: var
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| 1.0 / (v + eps as f32).sqrt())
-                .collect(),
-            relu,
-            batch_stats: false,
-        };
+        let op = BnForward::from_stats(mean, var, eps, relu, false)?;
         return rows.apply_op3(gamma, beta, op)?.reshape(dims);
     }
     #[cfg(feature = "cudnn")]
