@@ -19,8 +19,8 @@
 //! For an untracked kernel (a [`crate::Frozen`] model's detached weight) the backward
 //! pass skips the kernel gradient, as on the CPU.
 //!
-//! This is the one module of the workspace with `unsafe` code: the calls into cuDNN
-//! and the uninitialised output buffers cuDNN fills.
+//! `unsafe` here covers the calls into cuDNN and the uninitialised output buffers
+//! cuDNN fills (the other places with `unsafe` are listed in `docs/ARCHITECTURE.md`).
 #![allow(unsafe_code)]
 
 use std::cell::RefCell;
