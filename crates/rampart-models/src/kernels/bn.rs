@@ -1,28 +1,22 @@
-//! Fused BatchNorm (+ optional ReLU) for NHWC activations on the CPU.
+//! BatchNorm (+ optional ReLU) of NHWC activations: the ops [`BatchNormTrain`] and
+//! [`BatchNormEval`], each one type with its CPU forward (here) and its CUDA forward
+//! (cuDNN, feature `cudnn`), the functions [`train`] and [`eval`] that pick the op or
+//! the reference, and the reference itself ([`reference_train`], [`reference_eval`]).
 //!
 //! Built from candle's primitives a training-mode BatchNorm is about a dozen tensor
 //! operations forward and as many backward, each a full pass over memory with a
-//! fresh allocation. Here it is three passes in total: [`ChannelStats`] (mean and
-//! variance per channel), the normalisation [`BnForward`], and one backward
-//! [`BnBackward`] that yields the input, scale and shift gradients together. The
-//! activations are viewed as a (N, C) matrix (N = B·H·W), rows split across threads.
+//! fresh allocation. On the CPU it is three passes in total here: the statistics
+//! (mean and variance per channel), the normalisation, and one backward pass that
+//! yields the input, scale and shift gradients together. The activations are viewed
+//! as a (N, C) matrix (N = B·H·W), rows split across threads.
 
 use super::common::f32_slice;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per parallel work item, scaled so each item touches about 64 KiB.
 fn chunk_rows(c: usize) -> usize {
     (16_384 / c.max(1)).max(1)
-}
-
-fn rows_cols(l: &Layout, op: &str) -> Result<(usize, usize)> {
-    match l.shape().dims() {
-        [n, c] => Ok((*n, *c)),
-        d => candle_core::bail!("{op}: expected a (N, C) matrix, got {d:?}"),
-    }
 }
 
 /// Per-channel sums over the rows of `x` (N × C), `add(row, acc)` adding one row's
@@ -65,27 +59,6 @@ pub(crate) fn mean_var(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
     .map(|s| (s / n) as f32)
     .collect();
     (mean, var)
-}
-
-/// (N, C) → (2, C): per-channel mean and biased variance (two-pass, f64 accumulation).
-#[derive(Clone, Copy, Debug)]
-pub struct ChannelStats;
-
-impl CustomOp1 for ChannelStats {
-    fn name(&self) -> &'static str {
-        "channel-stats"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, self.name())?;
-        let (n, c) = rows_cols(l, self.name())?;
-        if n == 0 {
-            candle_core::bail!("batch norm over an empty batch")
-        }
-        let (mut out, var) = mean_var(x, c);
-        out.extend(var);
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
-    }
 }
 
 /// y = (x − mean)·inv_std·γ + β, then ReLU if `relu`; x: (N, C), γ, β: (C,).
@@ -247,29 +220,12 @@ impl BnForward {
             });
         sums
     }
-}
-
-impl CustomOp3 for BnForward {
-    fn name(&self) -> &'static str {
-        "batch-norm-nhwc"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
-        let g = f32_slice(s2, l2, self.name())?;
-        let b = f32_slice(s3, l3, self.name())?;
-        let (n, c) = rows_cols(l1, self.name())?;
-        self.check(c, g, b)?;
-        let (scale, shift) = self.scale_shift(g, b);
-        let mut y = vec![0f32; n * c];
+    /// y = relu?((x − mean)·inv_std·γ + β) over the rows of `x` (N × C).
+    fn normalise(&self, x: &[f32], gamma: &[f32], beta: &[f32]) -> Result<Vec<f32>> {
+        let c = gamma.len();
+        self.check(c, gamma, beta)?;
+        let (scale, shift) = self.scale_shift(gamma, beta);
+        let mut y = vec![0f32; x.len()];
         let relu = self.relu;
         y.par_chunks_mut(chunk_rows(c) * c)
             .zip(x.par_chunks(chunk_rows(c) * c))
@@ -281,7 +237,283 @@ impl CustomOp3 for BnForward {
                     }
                 }
             });
-        Ok((CpuStorage::F32(y), Shape::from((n, c))))
+        Ok(y)
+    }
+}
+
+/// The shape of BatchNorm activations as (n, c, h, w): NHWC (B, H, W, C) as
+/// (B, C, H, W), a (rows, C) matrix as (rows, C, 1, 1).
+fn bn_dims(xs: &Tensor) -> Result<[usize; 4]> {
+    Ok(match xs.dims() {
+        [b, h, w, c] => [*b, *c, *h, *w],
+        [rows, c] => [*rows, *c, 1, 1],
+        other => candle_core::bail!("BatchNorm: expected (B, H, W, C) or (rows, C), got {other:?}"),
+    })
+}
+
+/// The flat operands of a BatchNorm op, checked: x (n·h·w·c), γ and β (c).
+fn operands<'a>(
+    name: &str,
+    dims: [usize; 4],
+    [(s1, l1), (s2, l2), (s3, l3)]: [(&'a CpuStorage, &Layout); 3],
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    let [n, c, h, w] = dims;
+    let (x, g, b) = (
+        f32_slice(s1, l1, name)?,
+        f32_slice(s2, l2, name)?,
+        f32_slice(s3, l3, name)?,
+    );
+    if x.len() != n * c * h * w || g.len() != c || b.len() != c {
+        candle_core::bail!("{name}: parameters do not match {c} channels")
+    }
+    Ok((x, g, b))
+}
+
+/// Train-mode BatchNorm (+ ReLU) with the batch's own statistics, as one op:
+/// (x, γ, β) → [y | mean | 1/√(var + ε)] in one flat buffer (the statistics are what
+/// the backward pass and the running estimates read). x is flat, `dims` its
+/// (n, c, h, w) shape (NHWC memory).
+///
+/// CPU forward: one statistics pass and one normalisation pass (this module); CUDA
+/// forward: cuDNN's persistent NHWC kernel (feature `cudnn`), which does not fuse the
+/// ReLU: on CUDA [`train`] builds the op with `relu` off and applies it after.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchNormTrain {
+    /// (n, c, h, w) of the activations.
+    pub dims: [usize; 4],
+    /// ε added to the variance.
+    pub eps: f64,
+    /// ReLU after the affine map (CPU forward only).
+    pub relu: bool,
+}
+
+impl BatchNormTrain {
+    fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, b) = operands(self.name(), self.dims, [(s1, l1), (s2, l2), (s3, l3)])?;
+        let c = self.dims[1];
+        if x.is_empty() {
+            candle_core::bail!("batch norm over an empty batch")
+        }
+        let (mean, var) = mean_var(x, c);
+        let eps = self.eps as f32;
+        let f = BnForward {
+            inv_std: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
+            mean,
+            relu: self.relu,
+            batch_stats: true,
+        };
+        let mut out = f.normalise(x, g, b)?;
+        out.extend_from_slice(&f.mean);
+        out.extend_from_slice(&f.inv_std);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.relu {
+            candle_core::bail!("batch-norm-train: the CUDA forward does not fuse the ReLU")
+        }
+        super::cudnn::batch_norm_train(self, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (len, c) = (self.len(), self.dims[1]);
+        // Untracked γ and β (a frozen model's detached parameters) need no gradient.
+        let param_grads = gamma.track_op() || beta.track_op();
+        let op = BatchNormTrainBackward {
+            forward: *self,
+            gamma: gamma.detach(),
+            beta: beta.detach(),
+            param_grads,
+        };
+        let out = x.apply_op3_no_bwd(&grad.contiguous()?, res, &op)?;
+        let dx = out.narrow(0, 0, len)?;
+        if !param_grads {
+            return Ok((Some(dx), None, None));
+        }
+        Ok((
+            Some(dx),
+            Some(out.narrow(0, len, c)?),
+            Some(out.narrow(0, len + c, c)?),
+        ))
+    }
+}
+
+/// The backward pass of [`BatchNormTrain`]: (x, ∂/∂[y | stats], [y | mean | inv_std])
+/// → [dx | dγ | dβ] in one buffer. CPU: one reduction pass and one elementwise pass
+/// (the reduction is needed for dx with batch statistics); CUDA: cuDNN.
+#[derive(Clone, Debug)]
+pub struct BatchNormTrainBackward {
+    forward: BatchNormTrain,
+    gamma: Tensor,
+    beta: Tensor,
+    param_grads: bool,
+}
+
+#[cfg(feature = "cudnn")]
+impl BatchNormTrainBackward {
+    /// The forward op this is the backward pass of.
+    pub(crate) fn forward(&self) -> &BatchNormTrain {
+        &self.forward
+    }
+
+    /// The scale γ.
+    pub(crate) fn gamma(&self) -> &Tensor {
+        &self.gamma
+    }
+}
+
+impl CustomOp3 for BatchNormTrainBackward {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (len, c) = (self.forward.len(), self.forward.dims[1]);
+        let x = f32_slice(s1, l1, self.name())?;
+        let dy = f32_slice(s2, l2, self.name())?;
+        let saved = f32_slice(s3, l3, self.name())?;
+        if x.len() != len || dy.len() != len + 2 * c || saved.len() != len + 2 * c {
+            candle_core::bail!(
+                "{}: operands do not match {:?}",
+                self.name(),
+                self.forward.dims
+            )
+        }
+        let gamma = self.gamma.to_vec1::<f32>()?;
+        let beta = self.beta.to_vec1::<f32>()?;
+        let f = BnForward {
+            mean: saved[len..len + c].to_vec(),
+            inv_std: saved[len + c..].to_vec(),
+            relu: self.forward.relu,
+            batch_stats: true,
+        };
+        f.check(c, &gamma, &beta)?;
+        let mut out = Vec::with_capacity(len + 2 * c);
+        out.extend_from_slice(&dy[..len]);
+        let sums = f.backward_in_place(&mut out, x, &gamma, &beta, self.param_grads);
+        out.extend(sums.iter().map(|&v| v as f32));
+        Ok((CpuStorage::F32(out), Shape::from(len + 2 * c)))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cudnn::batch_norm_backward(self, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// Eval-mode BatchNorm (+ ReLU) with the running statistics, as one op:
+/// (x, γ, β) → y, x and y flat with (n, c, h, w) shape `dims` (NHWC memory).
+///
+/// CPU forward: one pass (this module); CUDA forward: cuDNN (feature `cudnn`),
+/// without the ReLU, as for [`BatchNormTrain`]. The backward pass is a per-channel
+/// scaling of the output gradient (and, for tracked γ and β, the two parameter
+/// gradients): one CPU op, or candle's operations on other devices.
+#[derive(Clone, Debug)]
+pub struct BatchNormEval {
+    /// (n, c, h, w) of the activations.
+    pub dims: [usize; 4],
+    /// ε added to the variance.
+    pub eps: f64,
+    /// ReLU after the affine map (CPU forward only).
+    pub relu: bool,
+    /// Running mean (C,), detached.
+    pub mean: Tensor,
+    /// Running variance (C,), detached.
+    pub var: Tensor,
+}
+
+impl BatchNormEval {
+    /// The CPU normalisation of this op.
+    fn cpu(&self) -> Result<BnForward> {
+        BnForward::from_stats(&self.mean, &self.var, self.eps, self.relu, false)
+    }
+}
+
+impl CustomOp3 for BatchNormEval {
+    fn name(&self) -> &'static str {
+        "batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, b) = operands(self.name(), self.dims, [(s1, l1), (s2, l2), (s3, l3)])?;
+        let y = self.cpu()?.normalise(x, g, b)?;
+        let len = y.len();
+        Ok((CpuStorage::F32(y), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.relu {
+            candle_core::bail!("batch-norm-eval: the CUDA forward does not fuse the ReLU")
+        }
+        super::cudnn::batch_norm_eval(self, s1, l1, s2, l2, s3, l3)
     }
 
     fn bwd(
@@ -292,33 +524,52 @@ impl CustomOp3 for BnForward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c) = x.dims2()?;
+        let c = self.dims[1];
         // Untracked γ and β (a frozen model's detached parameters) need no gradient.
         let param_grads = gamma.track_op() || beta.track_op();
-        let op = BnBackward {
-            forward: self.clone(),
-            gamma: gamma.to_vec1()?,
-            beta: beta.to_vec1()?,
-            param_grads,
-        };
-        let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
-        let dx = packed.narrow(0, 0, n * c)?.reshape((n, c))?;
+        if x.device().is_cpu() {
+            let op = BnBackward {
+                forward: self.cpu()?,
+                gamma: gamma.to_vec1()?,
+                beta: beta.to_vec1()?,
+                param_grads,
+            };
+            let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+            let len = x.elem_count();
+            let dx = packed.narrow(0, 0, len)?;
+            if !param_grads {
+                return Ok((Some(dx), None, None));
+            }
+            return Ok((
+                Some(dx),
+                Some(packed.narrow(0, len, c)?),
+                Some(packed.narrow(0, len + c, c)?),
+            ));
+        }
+        let inv_std = (&self.var + self.eps)?.sqrt()?.recip()?;
+        let rows = grad.reshape(((), c))?;
+        let dx = rows.broadcast_mul(&(gamma * &inv_std)?)?.flatten_all()?;
         if !param_grads {
             return Ok((Some(dx), None, None));
         }
-        let dgamma = packed.narrow(0, n * c, c)?;
-        let dbeta = packed.narrow(0, n * c + c, c)?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        let x_hat = x
+            .reshape(((), c))?
+            .broadcast_sub(&self.mean)?
+            .broadcast_mul(&inv_std)?;
+        Ok((
+            Some(dx),
+            Some((rows.clone() * x_hat)?.sum(0)?),
+            Some(rows.sum(0)?),
+        ))
     }
 }
 
-/// The backward of [`BnForward`]: (x, dy) → [dx (N·C) | dγ (C) | dβ (C)] packed.
+/// The CPU backward pass of [`BatchNormEval`]: (x, dy) → [dx | dγ | dβ] packed.
 ///
-/// With `param_grads` false (γ and β untracked, as in a [`crate::Frozen`] model) and statistics
-/// that are not the batch's own (eval mode, as in attacks), dγ and dβ are not needed
-/// and the reduction pass is skipped: dx is then a single elementwise pass.
+/// With `param_grads` false (γ and β untracked, as in a [`crate::Frozen`] model) the
+/// reduction pass is skipped: dx is then a single elementwise pass.
 #[derive(Clone, Debug)]
-pub struct BnBackward {
+struct BnBackward {
     forward: BnForward,
     gamma: Vec<f32>,
     beta: Vec<f32>,
@@ -327,7 +578,7 @@ pub struct BnBackward {
 
 impl CustomOp2 for BnBackward {
     fn name(&self) -> &'static str {
-        "batch-norm-nhwc-backward"
+        "batch-norm-eval-backward"
     }
 
     fn cpu_fwd(
@@ -339,17 +590,18 @@ impl CustomOp2 for BnBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, self.name())?;
         let dy = f32_slice(s2, l2, self.name())?;
-        let (n, c) = rows_cols(l1, self.name())?;
-        if l2.shape().dims() != [n, c] {
+        if dy.len() != x.len() {
             candle_core::bail!("batch norm backward: gradient shape {:?}", l2.shape())
         }
+        let c = self.gamma.len();
         let f = &self.forward;
         f.check(c, &self.gamma, &self.beta)?;
-        let mut out = Vec::with_capacity(n * c + 2 * c);
+        let mut out = Vec::with_capacity(x.len() + 2 * c);
         out.extend_from_slice(dy);
         let sums = f.backward_in_place(&mut out, x, &self.gamma, &self.beta, self.param_grads);
         out.extend(sums.iter().map(|&v| v as f32));
-        Ok((CpuStorage::F32(out), Shape::from(n * c + 2 * c)))
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
@@ -365,10 +617,6 @@ pub struct BatchStats {
     pub rows: usize,
 }
 
-fn channels(gamma: &Tensor) -> Result<usize> {
-    gamma.dim(0)
-}
-
 fn relu_if(y: Tensor, relu: bool) -> Result<Tensor> {
     if relu {
         y.relu()
@@ -377,10 +625,27 @@ fn relu_if(y: Tensor, relu: bool) -> Result<Tensor> {
     }
 }
 
+/// Whether the [`BatchNormTrain`]/[`BatchNormEval`] ops run `xs` with this ε: f32 on
+/// the CPU, and f32 on CUDA with the `cudnn` feature (ε at least cuDNN's minimum, a
+/// non-empty batch).
+fn native(xs: &Tensor, eps: f64) -> bool {
+    if xs.dtype() != DType::F32 {
+        return false;
+    }
+    if xs.device().is_cpu() {
+        return true;
+    }
+    #[cfg(feature = "cudnn")]
+    if super::cudnn::batch_norm_supported(xs, eps) {
+        return true;
+    }
+    let _ = eps;
+    false
+}
+
 /// Train-mode BatchNorm of NHWC activations `xs` (…, C) with batch statistics, then
-/// ReLU if `relu`: the fused CPU ops above for f32 on the CPU, cuDNN for f32 on CUDA
-/// (feature `cudnn`), [`reference_train`] otherwise. Returns the output and the
-/// statistics it used.
+/// ReLU if `relu`: the [`BatchNormTrain`] op where [`native`], [`reference_train`]
+/// otherwise. Returns the output and the statistics it used.
 pub fn train(
     xs: &Tensor,
     gamma: &Tensor,
@@ -388,29 +653,37 @@ pub fn train(
     eps: f64,
     relu: bool,
 ) -> Result<(Tensor, BatchStats)> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        let dims = xs.dims().to_vec();
-        let rows = xs.contiguous()?.reshape(((), channels(gamma)?))?;
-        let stats = rows.apply_op1_no_bwd(&ChannelStats)?;
-        let n = rows.dim(0)?;
-        let (mean, var) = (stats.get(0)?, stats.get(1)?);
-        let op = BnForward::from_stats(&mean, &var, eps, relu, true)?;
-        let y = rows.apply_op3(gamma, beta, op)?.reshape(dims)?;
-        return Ok((y, BatchStats { mean, var, rows: n }));
+    if !native(xs, eps) {
+        let (y, stats) = reference_train(xs, gamma, beta, eps)?;
+        return Ok((relu_if(y, relu)?, stats));
     }
-    #[cfg(feature = "cudnn")]
-    if super::cudnn::batch_norm_supported(xs, eps) {
-        let (y, mean, var) = super::cudnn::batch_norm_train(xs, gamma, beta, eps)?;
-        let rows = xs.elem_count() / mean.elem_count();
-        return Ok((relu_if(y, relu)?, BatchStats { mean, var, rows }));
-    }
-    let (y, stats) = reference_train(xs, gamma, beta, eps)?;
-    Ok((relu_if(y, relu)?, stats))
+    let dims = bn_dims(xs)?;
+    let [n, c, h, w] = dims;
+    let (len, fuse_relu) = (n * c * h * w, relu && xs.device().is_cpu());
+    let op = BatchNormTrain {
+        dims,
+        eps,
+        relu: fuse_relu,
+    };
+    let out =
+        xs.contiguous()?
+            .flatten_all()?
+            .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let y = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+    let stats = out.narrow(0, len, 2 * c)?.detach();
+    let mean = stats.narrow(0, 0, c)?;
+    let var = (stats.narrow(0, c, c)?.sqr()?.recip()? - eps)?;
+    let stats = BatchStats {
+        mean,
+        var,
+        rows: n * h * w,
+    };
+    Ok((relu_if(y, relu && !fuse_relu)?, stats))
 }
 
 /// Eval-mode BatchNorm of NHWC activations `xs` (…, C) with the running `mean` and
-/// `var`, then ReLU if `relu`; dispatched as [`train`] is, with [`reference_eval`]
-/// as the fallback.
+/// `var`, then ReLU if `relu`: the [`BatchNormEval`] op where [`native`],
+/// [`reference_eval`] otherwise.
 pub fn eval(
     xs: &Tensor,
     gamma: &Tensor,
@@ -420,18 +693,23 @@ pub fn eval(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        let dims = xs.dims().to_vec();
-        let rows = xs.contiguous()?.reshape(((), channels(gamma)?))?;
-        let op = BnForward::from_stats(mean, var, eps, relu, false)?;
-        return rows.apply_op3(gamma, beta, op)?.reshape(dims);
+    if !native(xs, eps) {
+        return relu_if(reference_eval(xs, gamma, beta, mean, var, eps)?, relu);
     }
-    #[cfg(feature = "cudnn")]
-    if super::cudnn::batch_norm_supported(xs, eps) {
-        let y = super::cudnn::batch_norm_eval(xs, gamma, beta, mean, var, eps)?;
-        return relu_if(y, relu);
-    }
-    relu_if(reference_eval(xs, gamma, beta, mean, var, eps)?, relu)
+    let fuse_relu = relu && xs.device().is_cpu();
+    let op = BatchNormEval {
+        dims: bn_dims(xs)?,
+        eps,
+        relu: fuse_relu,
+        mean: mean.detach().contiguous()?,
+        var: var.detach().contiguous()?,
+    };
+    let y = xs
+        .contiguous()?
+        .flatten_all()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?
+        .reshape(xs.shape())?;
+    relu_if(y, relu && !fuse_relu)
 }
 
 /// Train-mode BatchNorm from candle's generic tensor operations (no ReLU): the path
@@ -443,7 +721,7 @@ pub fn reference_train(
     eps: f64,
 ) -> Result<(Tensor, BatchStats)> {
     let dims = xs.dims().to_vec();
-    let rows = xs.reshape(((), channels(gamma)?))?;
+    let rows = xs.reshape(((), gamma.dim(0)?))?;
     let n = rows.dim(0)?;
     let mean = rows.mean_keepdim(0)?;
     let centred = rows.broadcast_sub(&mean)?;

@@ -35,11 +35,12 @@ use candle_core::cuda_backend::cudarc::cudnn::safe::{
 };
 use std::ffi::c_void;
 
+use super::bn::{BatchNormEval, BatchNormTrain, BatchNormTrainBackward};
 use super::conv::{Conv2d, ConvShape, Pass};
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys, Cudnn};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
 /// The descriptors of one geometry and cuDNN's choice of algorithm for each pass.
 struct Plan {
@@ -220,10 +221,6 @@ pub(crate) fn conv2d(
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
 
-fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("cuDNN batch norm called on CPU tensors")
-}
-
 // ---------------------------------------------------------------------------------
 // BatchNorm: cuDNN's spatial batch normalisation on NHWC tensors (one kernel for the
 // forward pass, one for the backward pass, where candle's generic operations take a
@@ -329,217 +326,135 @@ fn scalar(v: &f32) -> *const c_void {
     (v as *const f32).cast()
 }
 
-/// The (n, c, h, w) of NHWC activations, or of (rows, C) as (rows, c, 1, 1).
-fn bn_dims(xs: &Tensor) -> Result<[usize; 4]> {
-    Ok(match xs.dims() {
-        [b, h, w, c] => [*b, *c, *h, *w],
-        [rows, c] => [*rows, *c, 1, 1],
-        other => candle_core::bail!("BatchNorm: expected (B, H, W, C) or (rows, C), got {other:?}"),
-    })
-}
-
-/// Train-mode BatchNorm: (x, γ, β) → one buffer holding y, then the batch mean and
-/// 1/√(var + ε) per channel (cuDNN's saved statistics, which the backward pass and
-/// the running-statistics update read).
-struct BnTrain {
-    dims: [usize; 4],
-    eps: f64,
-}
-
-impl CustomOp3 for BnTrain {
-    fn name(&self) -> &'static str {
-        "cudnn-batch-norm-train"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let [n, c, h, w] = self.dims;
-        let len = n * c * h * w;
-        let dev = &xs.device;
-        let stream = dev.cuda_stream();
-        let x = view(xs, xl, len, "input")?;
-        let gamma = view(gs, gl, c, "scale")?;
-        let beta = view(bs, bl, c, "shift")?;
-        let plan = bn_plan(dev, self.dims)?;
-        let handle = raw_handle(dev)?;
-        // SAFETY: every value is written by cuDNN below.
-        let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
-        {
-            let (xp, _gx) = x.device_ptr(&stream);
-            let (gp, _gg) = gamma.device_ptr(&stream);
-            let (bp, _gb) = beta.device_ptr(&stream);
-            let (op, _go) = out.device_ptr_mut(&stream);
-            let mean = op + (4 * len) as u64;
-            let inv_std = mean + (4 * c) as u64;
-            // SAFETY: the descriptors match the checked lengths; the running
-            // statistics are not asked for (both null, factor 0).
-            unsafe {
-                sys::cudnnBatchNormalizationForwardTraining(
-                    handle.0,
-                    SPATIAL_PERSISTENT,
-                    scalar(&1.0),
-                    scalar(&0.0),
-                    plan.x.0,
-                    xp as *const c_void,
-                    plan.x.0,
-                    op as *mut c_void,
-                    plan.p.0,
-                    gp as *const c_void,
-                    bp as *const c_void,
-                    0.0,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    self.eps,
-                    mean as *mut c_void,
-                    inv_std as *mut c_void,
-                )
-            }
-            .result()?;
+/// The CUDA forward of [`BatchNormTrain`]: cuDNN's training-mode forward, writing y,
+/// then the batch mean and 1/√(var + ε) per channel (cuDNN's saved statistics).
+pub(crate) fn batch_norm_train(
+    op: &BatchNormTrain,
+    xs: &CudaStorage,
+    xl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let [n, c, h, w] = op.dims;
+    let len = n * c * h * w;
+    let dev = &xs.device;
+    let stream = dev.cuda_stream();
+    let x = view(xs, xl, len, "input")?;
+    let gamma = view(gs, gl, c, "scale")?;
+    let beta = view(bs, bl, c, "shift")?;
+    let plan = bn_plan(dev, op.dims)?;
+    let handle = raw_handle(dev)?;
+    // SAFETY: every value is written by cuDNN below.
+    let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
+    {
+        let (xp, _gx) = x.device_ptr(&stream);
+        let (gp, _gg) = gamma.device_ptr(&stream);
+        let (bp, _gb) = beta.device_ptr(&stream);
+        let (outp, _go) = out.device_ptr_mut(&stream);
+        let mean = outp + (4 * len) as u64;
+        let inv_std = mean + (4 * c) as u64;
+        // SAFETY: the descriptors match the checked lengths; the running
+        // statistics are not asked for (both null, factor 0).
+        unsafe {
+            sys::cudnnBatchNormalizationForwardTraining(
+                handle.0,
+                SPATIAL_PERSISTENT,
+                scalar(&1.0),
+                scalar(&0.0),
+                plan.x.0,
+                xp as *const c_void,
+                plan.x.0,
+                outp as *mut c_void,
+                plan.p.0,
+                gp as *const c_void,
+                bp as *const c_void,
+                0.0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                op.eps,
+                mean as *mut c_void,
+                inv_std as *mut c_void,
+            )
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(len + 2 * c),
-        ))
+        .result()?;
     }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [n, c, h, w] = self.dims;
-        let len = n * c * h * w;
-        let grad = grad.contiguous()?;
-        let out = x.apply_op3_no_bwd(
-            &grad,
-            res,
-            &BnBackward {
-                dims: self.dims,
-                eps: self.eps,
-                gamma: gamma.clone(),
-            },
-        )?;
-        Ok((
-            Some(out.narrow(0, 0, len)?),
-            Some(out.narrow(0, len, c)?),
-            Some(out.narrow(0, len + c, c)?),
-        ))
-    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(len + 2 * c),
+    ))
 }
 
-/// The backward pass of [`BnTrain`]: (x, ∂/∂out, out) → dx, dγ, dβ in one buffer.
-struct BnBackward {
-    dims: [usize; 4],
-    eps: f64,
-    gamma: Tensor,
-}
-
-impl CustomOp3 for BnBackward {
-    fn name(&self) -> &'static str {
-        "cudnn-batch-norm-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        dys: &CudaStorage,
-        dyl: &Layout,
-        rs: &CudaStorage,
-        rl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let [n, c, h, w] = self.dims;
-        let len = n * c * h * w;
-        let dev = &xs.device;
-        let stream = dev.cuda_stream();
-        let x = view(xs, xl, len, "input")?;
-        let dy = view(dys, dyl, len + 2 * c, "output gradient")?;
-        let saved = view(rs, rl, len + 2 * c, "saved statistics")?;
-        let (gs, gl) = self.gamma.storage_and_layout();
-        let candle_core::Storage::Cuda(gs) = &*gs else {
-            candle_core::bail!("BatchNorm: scale on another device than the input")
-        };
-        let gamma = view(gs, gl, c, "scale")?;
-        let plan = bn_plan(dev, self.dims)?;
-        let handle = raw_handle(dev)?;
-        // SAFETY: every value is written by cuDNN below.
-        let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
-        {
-            let (xp, _gx) = x.device_ptr(&stream);
-            let (dyp, _gdy) = dy.device_ptr(&stream);
-            let (sp, _gs) = saved.device_ptr(&stream);
-            let (gp, _gg) = gamma.device_ptr(&stream);
-            let (op, _go) = out.device_ptr_mut(&stream);
-            let mean = sp + (4 * len) as u64;
-            let inv_std = mean + (4 * c) as u64;
-            let d_gamma = op + (4 * len) as u64;
-            let d_beta = d_gamma + (4 * c) as u64;
-            // SAFETY: as in the forward pass; the saved statistics are those the
-            // forward pass wrote for this x.
-            unsafe {
-                sys::cudnnBatchNormalizationBackward(
-                    handle.0,
-                    SPATIAL_PERSISTENT,
-                    scalar(&1.0),
-                    scalar(&0.0),
-                    scalar(&1.0),
-                    scalar(&0.0),
-                    plan.x.0,
-                    xp as *const c_void,
-                    plan.x.0,
-                    dyp as *const c_void,
-                    plan.x.0,
-                    op as *mut c_void,
-                    plan.p.0,
-                    gp as *const c_void,
-                    d_gamma as *mut c_void,
-                    d_beta as *mut c_void,
-                    self.eps,
-                    mean as *const c_void,
-                    inv_std as *const c_void,
-                )
-            }
-            .result()?;
+/// The CUDA forward of [`BatchNormTrainBackward`]: (x, ∂/∂out, out) → dx, dγ, dβ in
+/// one buffer, through cuDNN's backward pass.
+pub(crate) fn batch_norm_backward(
+    op: &BatchNormTrainBackward,
+    xs: &CudaStorage,
+    xl: &Layout,
+    dys: &CudaStorage,
+    dyl: &Layout,
+    rs: &CudaStorage,
+    rl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let forward = op.forward();
+    let [n, c, h, w] = forward.dims;
+    let len = n * c * h * w;
+    let dev = &xs.device;
+    let stream = dev.cuda_stream();
+    let x = view(xs, xl, len, "input")?;
+    let dy = view(dys, dyl, len + 2 * c, "output gradient")?;
+    let saved = view(rs, rl, len + 2 * c, "saved statistics")?;
+    let (gs, gl) = op.gamma().storage_and_layout();
+    let candle_core::Storage::Cuda(gs) = &*gs else {
+        candle_core::bail!("BatchNorm: scale on another device than the input")
+    };
+    let gamma = view(gs, gl, c, "scale")?;
+    let plan = bn_plan(dev, forward.dims)?;
+    let handle = raw_handle(dev)?;
+    // SAFETY: every value is written by cuDNN below.
+    let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
+    {
+        let (xp, _gx) = x.device_ptr(&stream);
+        let (dyp, _gdy) = dy.device_ptr(&stream);
+        let (sp, _gs) = saved.device_ptr(&stream);
+        let (gp, _gg) = gamma.device_ptr(&stream);
+        let (outp, _go) = out.device_ptr_mut(&stream);
+        let mean = sp + (4 * len) as u64;
+        let inv_std = mean + (4 * c) as u64;
+        let d_gamma = outp + (4 * len) as u64;
+        let d_beta = d_gamma + (4 * c) as u64;
+        // SAFETY: as in the forward pass; the saved statistics are those the
+        // forward pass wrote for this x.
+        unsafe {
+            sys::cudnnBatchNormalizationBackward(
+                handle.0,
+                SPATIAL_PERSISTENT,
+                scalar(&1.0),
+                scalar(&0.0),
+                scalar(&1.0),
+                scalar(&0.0),
+                plan.x.0,
+                xp as *const c_void,
+                plan.x.0,
+                dyp as *const c_void,
+                plan.x.0,
+                outp as *mut c_void,
+                plan.p.0,
+                gp as *const c_void,
+                d_gamma as *mut c_void,
+                d_beta as *mut c_void,
+                forward.eps,
+                mean as *const c_void,
+                inv_std as *const c_void,
+            )
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(len + 2 * c),
-        ))
+        .result()?;
     }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(len + 2 * c),
+    ))
 }
 
 /// Whether cuDNN can run this BatchNorm (f32 on CUDA, ε at least cuDNN's minimum,
@@ -551,166 +466,65 @@ pub(crate) fn batch_norm_supported(xs: &Tensor, eps: f64) -> bool {
         && xs.elem_count() > 0
 }
 
-/// Train-mode BatchNorm of NHWC activations: the normalised output, and the batch
-/// mean and biased variance per channel (for the running statistics).
-pub(crate) fn batch_norm_train(
-    xs: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let dims = bn_dims(xs)?;
-    let c = dims[1];
-    let len = xs.elem_count();
-    let out = xs.contiguous()?.flatten_all()?.apply_op3(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        BnTrain { dims, eps },
-    )?;
-    let y = out.narrow(0, 0, len)?.reshape(xs.shape())?;
-    let stats = out.narrow(0, len, 2 * c)?.detach();
-    let mean = stats.narrow(0, 0, c)?;
-    let inv_std = stats.narrow(0, c, c)?;
-    let var = (inv_std.sqr()?.recip()? - eps)?;
-    Ok((y, mean, var))
-}
-
-/// Eval-mode BatchNorm from the running statistics: one cuDNN kernel forward; the
-/// backward pass is a per-channel scaling of the output gradient (and, for tracked γ
-/// and β, the two parameter gradients).
-struct BnEval {
-    dims: [usize; 4],
-    eps: f64,
-    mean: Tensor,
-    var: Tensor,
-}
-
-impl CustomOp3 for BnEval {
-    fn name(&self) -> &'static str {
-        "cudnn-batch-norm-eval"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let [n, c, h, w] = self.dims;
-        let len = n * c * h * w;
-        let dev = &xs.device;
-        let stream = dev.cuda_stream();
-        let x = view(xs, xl, len, "input")?;
-        let gamma = view(gs, gl, c, "scale")?;
-        let beta = view(bs, bl, c, "shift")?;
-        let (ms, ml) = self.mean.storage_and_layout();
-        let (vs, vl) = self.var.storage_and_layout();
-        let (candle_core::Storage::Cuda(ms), candle_core::Storage::Cuda(vs)) = (&*ms, &*vs) else {
-            candle_core::bail!("BatchNorm: running statistics on another device than the input")
-        };
-        let mean = view(ms, ml, c, "running mean")?;
-        let var = view(vs, vl, c, "running variance")?;
-        let plan = bn_plan(dev, self.dims)?;
-        let handle = raw_handle(dev)?;
-        // SAFETY: every value is written by cuDNN below.
-        let mut y = unsafe { dev.alloc::<f32>(len)? };
-        {
-            let (xp, _gx) = x.device_ptr(&stream);
-            let (gp, _gg) = gamma.device_ptr(&stream);
-            let (bp, _gb) = beta.device_ptr(&stream);
-            let (mp, _gm) = mean.device_ptr(&stream);
-            let (vp, _gv) = var.device_ptr(&stream);
-            let (yp, _gy) = y.device_ptr_mut(&stream);
-            // SAFETY: the descriptors match the checked lengths.
-            unsafe {
-                sys::cudnnBatchNormalizationForwardInference(
-                    handle.0,
-                    SPATIAL,
-                    scalar(&1.0),
-                    scalar(&0.0),
-                    plan.x.0,
-                    xp as *const c_void,
-                    plan.x.0,
-                    yp as *mut c_void,
-                    plan.p.0,
-                    gp as *const c_void,
-                    bp as *const c_void,
-                    mp as *const c_void,
-                    vp as *const c_void,
-                    self.eps,
-                )
-            }
-            .result()?;
-        }
-        Ok((
-            CudaStorage::wrap_cuda_slice(y, dev.clone()),
-            Shape::from(len),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = self.dims[1];
-        let inv_std = (&self.var + self.eps)?.sqrt()?.recip()?;
-        let rows = grad.reshape(((), c))?;
-        let dx = rows.broadcast_mul(&(gamma * &inv_std)?)?.flatten_all()?;
-        if !(gamma.track_op() || beta.track_op()) {
-            return Ok((Some(dx), None, None));
-        }
-        let x_hat = x
-            .reshape(((), c))?
-            .broadcast_sub(&self.mean)?
-            .broadcast_mul(&inv_std)?;
-        Ok((
-            Some(dx),
-            Some((rows.clone() * x_hat)?.sum(0)?),
-            Some(rows.sum(0)?),
-        ))
-    }
-}
-
-/// Eval-mode BatchNorm of NHWC activations from the running statistics.
+/// The CUDA forward of [`BatchNormEval`]: cuDNN's inference kernel with the running
+/// statistics.
 pub(crate) fn batch_norm_eval(
-    xs: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    mean: &Tensor,
-    var: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    let dims = bn_dims(xs)?;
-    xs.contiguous()?
-        .flatten_all()?
-        .apply_op3(
-            &gamma.contiguous()?,
-            &beta.contiguous()?,
-            BnEval {
-                dims,
-                eps,
-                mean: mean.detach().contiguous()?,
-                var: var.detach().contiguous()?,
-            },
-        )?
-        .reshape(xs.shape())
+    op: &BatchNormEval,
+    xs: &CudaStorage,
+    xl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let [n, c, h, w] = op.dims;
+    let len = n * c * h * w;
+    let dev = &xs.device;
+    let stream = dev.cuda_stream();
+    let x = view(xs, xl, len, "input")?;
+    let gamma = view(gs, gl, c, "scale")?;
+    let beta = view(bs, bl, c, "shift")?;
+    let (ms, ml) = op.mean.storage_and_layout();
+    let (vs, vl) = op.var.storage_and_layout();
+    let (candle_core::Storage::Cuda(ms), candle_core::Storage::Cuda(vs)) = (&*ms, &*vs) else {
+        candle_core::bail!("BatchNorm: running statistics on another device than the input")
+    };
+    let mean = view(ms, ml, c, "running mean")?;
+    let var = view(vs, vl, c, "running variance")?;
+    let plan = bn_plan(dev, op.dims)?;
+    let handle = raw_handle(dev)?;
+    // SAFETY: every value is written by cuDNN below.
+    let mut y = unsafe { dev.alloc::<f32>(len)? };
+    {
+        let (xp, _gx) = x.device_ptr(&stream);
+        let (gp, _gg) = gamma.device_ptr(&stream);
+        let (bp, _gb) = beta.device_ptr(&stream);
+        let (mp, _gm) = mean.device_ptr(&stream);
+        let (vp, _gv) = var.device_ptr(&stream);
+        let (yp, _gy) = y.device_ptr_mut(&stream);
+        // SAFETY: the descriptors match the checked lengths.
+        unsafe {
+            sys::cudnnBatchNormalizationForwardInference(
+                handle.0,
+                SPATIAL,
+                scalar(&1.0),
+                scalar(&0.0),
+                plan.x.0,
+                xp as *const c_void,
+                plan.x.0,
+                yp as *mut c_void,
+                plan.p.0,
+                gp as *const c_void,
+                bp as *const c_void,
+                mp as *const c_void,
+                vp as *const c_void,
+                op.eps,
+            )
+        }
+        .result()?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        Shape::from(len),
+    ))
 }
