@@ -29,13 +29,7 @@ pub fn err_at_threshold(correct: &[bool], confidence: &[f64], tau: f64) -> Resul
             wrong += usize::from(!c);
         }
     }
-    if accepted == 0 {
-        return Err(MetricsError::Undefined {
-            what: "Err@τ",
-            reason: "τ rejects every example",
-        });
-    }
-    Ok(check::fraction(wrong, accepted))
+    accepted_rate(wrong, accepted, "Err@τ", "τ rejects every example")
 }
 
 /// RErr@τ, the robust error among accepted examples, in [0, 1]; exactly
@@ -72,11 +66,24 @@ pub fn rerr_at_threshold(
         wrong +=
             usize::from((!clean_correct[i] && clean_in) || (!adversarial_correct[i] && adv_in));
     }
+    accepted_rate(
+        wrong,
+        accepted,
+        "RErr@τ",
+        "τ rejects every clean and adversarial example",
+    )
+}
+
+/// `wrong / accepted`, or [`MetricsError::Undefined`] (`what`, `reason`) when nothing
+/// is accepted.
+fn accepted_rate(
+    wrong: usize,
+    accepted: usize,
+    what: &'static str,
+    reason: &'static str,
+) -> Result<f64> {
     if accepted == 0 {
-        return Err(MetricsError::Undefined {
-            what: "RErr@τ",
-            reason: "τ rejects every clean and adversarial example",
-        });
+        return Err(MetricsError::Undefined { what, reason });
     }
     Ok(check::fraction(wrong, accepted))
 }

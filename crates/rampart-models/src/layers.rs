@@ -89,16 +89,14 @@ impl BatchNorm {
             self.update_running(&stats.mean, &stats.var, stats.rows as f64)?;
             Ok(y)
         } else {
-            bn::eval(
-                xs,
-                &self.weight,
-                &self.bias,
-                self.running_mean.as_tensor(),
-                self.running_var.as_tensor(),
-                self.eps,
-                relu,
-            )
+            let (mean, var) = self.running();
+            bn::eval(xs, &self.weight, &self.bias, mean, var, self.eps, relu)
         }
+    }
+
+    /// The running mean and variance.
+    fn running(&self) -> (&Tensor, &Tensor) {
+        (self.running_mean.as_tensor(), self.running_var.as_tensor())
     }
 
     /// γ, β and eps.
@@ -147,14 +145,8 @@ impl BatchNorm {
             self.update_running(&stats.mean, &stats.var, stats.rows as f64)?;
             Ok(y)
         } else {
-            bn::reference_eval(
-                xs,
-                &self.weight,
-                &self.bias,
-                self.running_mean.as_tensor(),
-                self.running_var.as_tensor(),
-                self.eps,
-            )
+            let (mean, var) = self.running();
+            bn::reference_eval(xs, &self.weight, &self.bias, mean, var, self.eps)
         }
     }
 }

@@ -320,23 +320,17 @@ fn batch_norm_matches_reference(dev: &Device) {
             }
             let dx = max_abs_diff(g_fast.get(&x).unwrap(), g_slow.get(&x).unwrap());
             assert!(dx < 1e-4, "grad x train={train} relu={relu}: {dx}");
+            let buffer = |map: &candle_nn::VarMap, name: &str| {
+                map.data()
+                    .lock()
+                    .unwrap()
+                    .get(name)
+                    .unwrap()
+                    .as_tensor()
+                    .clone()
+            };
             for name in ["running_mean", "running_var"] {
-                let vf = fast_map
-                    .data()
-                    .lock()
-                    .unwrap()
-                    .get(name)
-                    .unwrap()
-                    .as_tensor()
-                    .clone();
-                let vs = slow_map
-                    .data()
-                    .lock()
-                    .unwrap()
-                    .get(name)
-                    .unwrap()
-                    .as_tensor()
-                    .clone();
+                let (vf, vs) = (buffer(&fast_map, name), buffer(&slow_map, name));
                 assert!(max_abs_diff(&vf, &vs) < 1e-5, "{name}");
             }
         }
