@@ -2,7 +2,7 @@
 //!
 //! Builds a [`Pgd`] (or FGSM: `--attack fgsm`, one step of 1.25ε from a random start
 //! as in fast AT) from flags, attacks the first --test-limit test images batch by
-//! batch for every --eps, prints the robust accuracy per ε and writes, into --out,
+//! batch for every --eps (`rampart_eval::attack_at_eps`), prints the robust accuracy per ε and writes, into --out,
 //! `adversarial.safetensors` (per ε: the clipped adversarial images `adv_<i>`, and
 //! `labels`, `success_<i>`, `norm_<i>`, `logits_<i>`), `summary.json` (robust accuracy
 //! per ε with its 95 % interval, and the trust checks at the first ε), `config.json`
@@ -10,14 +10,12 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use rampart_attacks::{
-    parse_eps, Attack, AttackResult, Bounds, Criterion, Eot, Init, Norm, Objective, Pgd, Restarts,
-    StepSize,
+    parse_eps, Bounds, Criterion, Eot, Init, Norm, Objective, Pgd, Restarts, StepSize,
 };
 use rampart_data::DatasetKind;
 use serde_json::json;
@@ -200,69 +198,45 @@ impl AttackArgs {
             .test_limit
             .unwrap_or(splits.test.len())
             .min(splits.test.len());
-        let started = Instant::now();
-        let mut per_eps: Vec<Vec<AttackResult>> = vec![Vec::new(); self.eps.len()];
-        let mut per_eps_logits: Vec<Vec<Tensor>> = vec![Vec::new(); self.eps.len()];
-        let mut labels = Vec::new();
-        let indices: Vec<usize> = (0..n).collect();
-        let frozen = model.frozen();
-        for chunk in indices.chunks(self.batch_size) {
-            let (xs, ys) = splits.test.batch_tensors(chunk, &device)?;
-            labels.push(ys.clone());
-            let seed = self.seed.wrapping_add(chunk[0] as u64);
-            for (i, r) in pgd
-                .run(&frozen, bounds, &xs, &ys, &self.eps, seed)?
-                .into_iter()
-                .enumerate()
-            {
-                let logits = candle_core::ModuleT::forward_t(&frozen, &r.clipped, false)?;
-                per_eps_logits[i].push(logits.to_device(&Device::Cpu)?);
-                per_eps[i].push(r);
-            }
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let trust = match (self.eps.first(), per_eps.first()) {
-            (Some(&eps), Some(results)) => {
-                let robust: Vec<bool> = results
-                    .iter()
-                    .flat_map(|r| r.success.iter().map(|s| !s))
-                    .collect();
-                crate::eval_run::trust_checks(
-                    &model,
+        let attacked = rampart_eval::attack_at_eps(
+            &model.frozen(),
+            bounds,
+            &splits.test,
+            n,
+            &pgd,
+            &self.eps,
+            self.batch_size,
+            self.seed,
+            &device,
+        )?;
+        let trust = match self.eps.first() {
+            Some(&eps) => {
+                let robust: Vec<bool> = attacked.success(0).iter().map(|s| !s).collect();
+                rampart_eval::check_first(
+                    &model.frozen(),
                     bounds,
                     &splits.test,
                     &robust,
-                    (&pgd, eps),
+                    &pgd,
+                    eps,
                     &rampart_eval::TrustConfig {
                         examples: self.trust_examples,
                         ..Default::default()
                     },
                     self.seed,
+                    model.device(),
                     "rampart attack",
                 )?
             }
-            _ => None,
+            None => None,
         };
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        tensors.insert(
-            "labels".into(),
-            Tensor::cat(&labels, 0)?.to_device(&Device::Cpu)?,
-        );
+        tensors.insert("labels".into(), attacked.labels()?);
         let mut summary = Vec::new();
-        for (i, (eps, results)) in self.eps.iter().zip(&per_eps).enumerate() {
-            let success: Vec<bool> = results
-                .iter()
-                .flat_map(|r| r.success.iter().copied())
-                .collect();
-            let norms: Vec<f32> = results
-                .iter()
-                .flat_map(|r| r.norm.iter().copied())
-                .collect();
-            let adv: Vec<Tensor> = results.iter().map(|r| r.clipped.clone()).collect();
-            tensors.insert(
-                format!("adv_{i}"),
-                Tensor::cat(&adv, 0)?.to_device(&Device::Cpu)?,
-            );
+        for (i, eps) in self.eps.iter().enumerate() {
+            let success = attacked.success(i);
+            let norms = attacked.norms(i);
+            tensors.insert(format!("adv_{i}"), attacked.adversarial(i)?);
             let s: Vec<u8> = success.iter().map(|&b| u8::from(b)).collect();
             tensors.insert(
                 format!("success_{i}"),
@@ -272,7 +246,7 @@ impl AttackArgs {
                 format!("norm_{i}"),
                 Tensor::new(norms.as_slice(), &Device::Cpu)?,
             );
-            tensors.insert(format!("logits_{i}"), Tensor::cat(&per_eps_logits[i], 0)?);
+            tensors.insert(format!("logits_{i}"), attacked.logits(i)?);
             let fooled = success.iter().filter(|&&b| b).count();
             let robust_accuracy = 1.0 - fooled as f64 / n as f64;
             println!(
@@ -289,7 +263,7 @@ impl AttackArgs {
         crate::eval_run::save_safetensors(&tensors, &self.out.join("adversarial.safetensors"))?;
         write_json(
             &self.out.join("summary.json"),
-            &json!({"model": self.model, "attack": pgd, "seconds": seconds, "results": summary,
+            &json!({"model": self.model, "attack": pgd, "seconds": attacked.seconds, "results": summary,
                     "trust": trust}),
         )?;
         if let Some(t) = &trust {

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rampart_attacks::{parse_eps, Norm, Objective, Pgd, StepSize};
 use rampart_data::DatasetKind;
+pub use rampart_eval::StochasticFigures;
 use rampart_eval::{TrustChecks, TrustConfig, WorstCase};
 use rampart_metrics::Interval;
 use serde::Serialize;
@@ -574,50 +575,6 @@ pub struct AttackFigure {
     pub robust_accuracy_ci: Option<Interval>,
     /// Wall time.
     pub seconds: f64,
-}
-
-/// How a stochastic model fared over independent noise draws.
-#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
-pub struct StochasticFigures {
-    /// The noise scale evaluated (1 = as trained).
-    pub noise_scale: f32,
-    /// Independent noise draws.
-    pub draws: usize,
-    /// EOT samples of the attack (gradients averaged per step; draws judging success).
-    pub eot_samples: usize,
-    /// Clean accuracy of each draw.
-    pub clean_accuracy_draws: Vec<f64>,
-    /// Their mean and standard deviation.
-    pub clean_accuracy_mean: f64,
-    /// Standard deviation (n − 1) over draws; 0 for one draw.
-    pub clean_accuracy_std: f64,
-    /// Robust accuracy of each draw: the attacked image is classified correctly clean
-    /// and under every attack's adversarial example within that draw.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub robust_accuracy_draws: Vec<f64>,
-    /// Their mean.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub robust_accuracy_mean: Option<f64>,
-    /// Their standard deviation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub robust_accuracy_std: Option<f64>,
-    /// Mean over draws of the clean accuracy on the attacked images alone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attacked_clean_accuracy_mean: Option<f64>,
-    /// Robust accuracy judged by the attack's own EOT rule (mean probabilities over
-    /// `eot_samples` draws).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub robust_accuracy_eot: Option<f64>,
-}
-
-/// Mean and sample standard deviation ([`rampart_metrics::mean_std`]), with a standard
-/// deviation of 0 for a single value (one noise draw) and (0, 0) for none.
-pub(crate) fn mean_std(values: &[f64]) -> Result<(f64, f64)> {
-    Ok(match values {
-        [] => (0.0, 0.0),
-        [v] => (*v, 0.0),
-        _ => rampart_metrics::mean_std(values)?,
-    })
 }
 
 /// 95 % Wilson interval of `k` of `n` (None for n = 0).

@@ -1,6 +1,7 @@
 //! `rampart eval`: running a checked plan. The loops themselves live in
 //! `rampart-eval` (the protocol suites, the worst case of several attacks, resumable
-//! AutoAttack, the trust checks); this file connects them to the files of --out.
+//! AutoAttack, a stochastic model's noise draws, the trust checks); this file calls
+//! them and connects their results to the files of --out.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,8 +18,8 @@ use serde_json::json;
 
 use crate::common::{create_out_dir, load_data, record_command, write_json};
 use crate::eval::{
-    mean_std, wilson, AttackFigure, AttackOutcome, AttackPlan, EvalPlan, EvalResults,
-    StochasticFigures, Suite, EVAL_SCHEMA_VERSION,
+    wilson, AttackFigure, AttackOutcome, AttackPlan, EvalPlan, EvalResults, Suite,
+    EVAL_SCHEMA_VERSION,
 };
 
 impl EvalPlan {
@@ -72,11 +73,7 @@ impl EvalPlan {
             &self.out.join("per_example"),
             device,
         )?;
-        let robust: Vec<bool> = outcome
-            .batches
-            .iter()
-            .flat_map(|b| b.robust.iter().copied())
-            .collect();
+        let robust = outcome.robust_images();
         let trust = self.trust_checks(model, bounds, test, &robust, &plan.pgd, plan.eps)?;
         write_json(
             &self.out.join("autoattack.json"),
@@ -90,46 +87,16 @@ impl EvalPlan {
         for w in &outcome.trust_warnings {
             tracing::warn!("trust check (AutoAttack): {w}");
         }
-        let stages = outcome
-            .batches
-            .first()
-            .map(|b| {
-                b.report
-                    .stages
-                    .iter()
-                    .map(|s| s.name.clone())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
         let clean_accuracy = outcome.clean_correct as f64 / n as f64;
         let robust_accuracy = outcome.robust as f64 / n as f64;
-        let attacks = stages
-            .iter()
-            .map(|stage| {
-                // Robust against this stage alone is not measured (later stages only
-                // attack what survived); report the accuracy after it.
-                let after: usize = outcome
-                    .batches
-                    .iter()
-                    .map(|b| {
-                        let idx = b.report.stages.iter().position(|s| &s.name == stage);
-                        idx.map_or(0, |j| {
-                            (b.report.stages[j].robust_accuracy * b.robust.len() as f64).round()
-                                as usize
-                        })
-                    })
-                    .sum();
-                AttackFigure {
-                    name: format!("after {stage}"),
-                    robust_accuracy: after as f64 / n as f64,
-                    robust_accuracy_ci: wilson(after, n),
-                    seconds: outcome
-                        .batches
-                        .iter()
-                        .flat_map(|b| b.report.stages.iter().filter(|s| &s.name == stage))
-                        .map(|s| s.seconds)
-                        .sum(),
-                }
+        let attacks = outcome
+            .stages()
+            .into_iter()
+            .map(|stage| AttackFigure {
+                name: format!("after {}", stage.name),
+                robust_accuracy: stage.robust_after as f64 / n as f64,
+                robust_accuracy_ci: wilson(stage.robust_after, n),
+                seconds: stage.seconds,
             })
             .collect();
         let results = EvalResults {
@@ -284,16 +251,18 @@ impl EvalPlan {
         attack: &rampart_attacks::Pgd,
         eps: f64,
     ) -> Result<Option<TrustChecks>> {
-        trust_checks(
-            model,
+        Ok(rampart_eval::check_first(
+            &model.frozen(),
             bounds,
             test,
             robust,
-            (attack, eps),
+            attack,
+            eps,
             &self.trust,
             self.protocol_seed,
+            model.device(),
             &format!("suite {}", self.suite.name()),
-        )
+        )?)
     }
 
     /// Runs the plan; `command` is recorded beside the outputs.
@@ -403,7 +372,18 @@ impl EvalPlan {
             _ => None,
         };
         let stochastic = if model.is_stochastic() {
-            Some(self.over_draws(&model, &test, attacked.as_ref(), eot_samples)?)
+            let draws = rampart_eval::NoiseDraws {
+                draws: self.draws,
+                batch_size: self.batch_size,
+                seed: self.protocol_seed,
+                eot_samples,
+            };
+            Some(rampart_eval::over_noise_draws(
+                &model,
+                &test,
+                attacked.as_ref(),
+                &draws,
+            )?)
         } else {
             None
         };
@@ -600,74 +580,6 @@ impl EvalPlan {
         Ok(())
     }
 
-    /// Clean and robust accuracy of a stochastic model over `self.draws` independent
-    /// noise draws: each draw reseeds the noise, classifies every test image and, when
-    /// there was an attack, the attacked images clean and under every attack's
-    /// adversarial example (robust in a draw: all of them right).
-    fn over_draws(
-        &self,
-        model: &Classifier,
-        test: &ImageDataset,
-        attacked: Option<&AttackOutcome>,
-        eot_samples: usize,
-    ) -> Result<StochasticFigures> {
-        let mut clean = Vec::with_capacity(self.draws);
-        let mut robust = Vec::new();
-        let mut attacked_clean = Vec::new();
-        for draw in 0..self.draws {
-            model.reseed_noise(
-                self.protocol_seed
-                    .wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(draw as u64 + 1)),
-            );
-            let p = predict(model, test, self.batch_size)?;
-            clean.push(p.accuracy());
-            if let Some(a) = attacked {
-                let mut ok = 0usize;
-                for (rows, advs) in &a.adversarial {
-                    let mut right = vec![true; rows.len()];
-                    for adv in advs {
-                        let predicted =
-                            candle_core::ModuleT::forward_t(&model.frozen(), adv, false)?
-                                .argmax(1)?
-                                .to_vec1::<u32>()?;
-                        for (j, (&i, &pred)) in rows.iter().zip(&predicted).enumerate() {
-                            right[j] &= pred == p.labels[i];
-                        }
-                    }
-                    for (j, &i) in rows.iter().enumerate() {
-                        if p.predicted[i] == p.labels[i] && right[j] {
-                            ok += 1;
-                        }
-                    }
-                }
-                robust.push(ok as f64 / a.robust.len().max(1) as f64);
-                let n = a.robust.len();
-                let clean_ok = (0..n).filter(|&i| p.predicted[i] == p.labels[i]).count();
-                attacked_clean.push(clean_ok as f64 / n.max(1) as f64);
-            }
-            tracing::info!(draw, clean_accuracy = clean[draw], "noise draw");
-        }
-        let (clean_mean, clean_std) = mean_std(&clean)?;
-        let (robust_mean, robust_std) = mean_std(&robust)?;
-        let (attacked_clean_mean, _) = mean_std(&attacked_clean)?;
-        let has_attack = attacked.is_some();
-        Ok(StochasticFigures {
-            noise_scale: model.noise_scale(),
-            draws: self.draws,
-            eot_samples,
-            clean_accuracy_draws: clean,
-            clean_accuracy_mean: clean_mean,
-            clean_accuracy_std: clean_std,
-            robust_accuracy_draws: robust,
-            robust_accuracy_mean: has_attack.then_some(robust_mean),
-            robust_accuracy_std: has_attack.then_some(robust_std),
-            attacked_clean_accuracy_mean: has_attack.then_some(attacked_clean_mean),
-            robust_accuracy_eot: attacked.map(|a| {
-                a.robust.iter().filter(|&&c| c).count() as f64 / a.robust.len().max(1) as f64
-            }),
-        })
-    }
-
     /// Attacks the first `attack.limit` images of `test` with every objective of the
     /// plan; an image counts as robust when it is classified correctly clean
     /// (`clean_correct`) and no attack fooled it.
@@ -710,39 +622,4 @@ pub(crate) fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -
         .with_context(|| format!("cannot serialise {}", path.display()))?;
     rampart_fs::write_atomic(path, &bytes)?;
     Ok(())
-}
-
-/// The trust checks on the first `config.examples` images of `test`, repeating
-/// `attack` = (configuration, ε); `robust[i]`: image i survived every attack of the
-/// evaluation. Failed checks are logged as warnings naming `context`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn trust_checks(
-    model: &Classifier,
-    bounds: Bounds,
-    test: &ImageDataset,
-    robust: &[bool],
-    attack: (&rampart_attacks::Pgd, f64),
-    config: &rampart_eval::TrustConfig,
-    seed: u64,
-    context: &str,
-) -> Result<Option<TrustChecks>> {
-    let n = config.examples.min(robust.len());
-    if n == 0 {
-        return Ok(None);
-    }
-    let idx: Vec<usize> = (0..n).collect();
-    let (xs, ys) = test.batch_tensors(&idx, model.device())?;
-    let checks = rampart_eval::run_checks(
-        &model.frozen(),
-        bounds,
-        &xs,
-        &ys,
-        &robust[..n],
-        attack.0,
-        attack.1,
-        config,
-        seed ^ 0x0074_7275_7374,
-    )?;
-    checks.log(context);
-    Ok(Some(checks))
 }

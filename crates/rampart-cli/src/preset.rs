@@ -3,6 +3,7 @@
 //! A preset fills every training flag; flags given on the command line override it.
 
 use clap::ValueEnum;
+use rampart_defenses::{MethodKind, Overrides};
 
 /// Training methods the command knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -41,18 +42,18 @@ pub enum MethodName {
 }
 
 impl MethodName {
-    /// The name `--method` takes.
-    pub fn flag(self) -> &'static str {
+    /// The training method of this name.
+    pub fn kind(self) -> MethodKind {
         match self {
-            MethodName::Normal => "normal",
-            MethodName::At => "at",
-            MethodName::FastAt => "fast-at",
-            MethodName::Trades => "trades",
-            MethodName::Ccat => "ccat",
-            MethodName::Oat => "oat",
-            MethodName::RegMixup => "regmixup",
-            MethodName::Sat => "sat",
-            MethodName::ArAdaLs => "ar-adals",
+            MethodName::Normal => MethodKind::Normal,
+            MethodName::At => MethodKind::At,
+            MethodName::FastAt => MethodKind::FastAt,
+            MethodName::Trades => MethodKind::Trades,
+            MethodName::Ccat => MethodKind::Ccat,
+            MethodName::Oat => MethodKind::Oat,
+            MethodName::RegMixup => MethodKind::RegMixup,
+            MethodName::Sat => MethodKind::Sat,
+            MethodName::ArAdaLs => MethodKind::ArAdaLs,
         }
     }
 }
@@ -69,6 +70,19 @@ pub struct AttackSettings {
     pub step_size: Option<f64>,
     /// Adversarial fraction of each batch.
     pub fraction: Option<f64>,
+}
+
+impl AttackSettings {
+    /// The values the method's settings fall back to when no flag gives them.
+    pub fn overrides(self) -> Overrides {
+        Overrides {
+            eps: self.eps,
+            attack_steps: self.steps,
+            attack_step_size: self.step_size,
+            adv_fraction: self.fraction,
+            ..Overrides::default()
+        }
+    }
 }
 
 /// Shapes of the learning-rate schedule.

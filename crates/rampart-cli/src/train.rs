@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rampart_attacks::{parse_eps, StepSize};
+use rampart_attacks::parse_eps;
 use rampart_data::DatasetKind;
 use rampart_defenses::{
-    AdversarialTraining, ArAdaLs, ArAdaLsConfig, AugmentationConfig, Ccat, ConfidenceThreshold,
-    DecayScope, FastAt, Milestone, Normal, Oat, Progress, RegMixup, Sat, ScheduleKind, SgdConfig,
-    Trades, TrainConfig, Trainer, TrainingMethod, CHECKPOINT_FILE, MODEL_FILE,
+    AugmentationConfig, ConfidenceThreshold, DecayScope, MethodConfig, Milestone, Overrides,
+    Progress, ScheduleKind, SgdConfig, TrainConfig, Trainer, TrainingMethod, CHECKPOINT_FILE,
+    MODEL_FILE,
 };
 use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 use serde_json::json;
@@ -263,45 +263,7 @@ pub enum DecayScopeArg {
 }
 
 /// The method with its settings.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum MethodPlan {
-    /// Normal training.
-    Normal(Normal),
-    /// Adversarial training.
-    At(AdversarialTraining),
-    /// Fast AT.
-    FastAt(FastAt),
-    /// TRADES.
-    Trades(Trades),
-    /// CCAT.
-    Ccat(Ccat),
-    /// Once-for-all AT.
-    Oat(Oat),
-    /// RegMixup.
-    RegMixup(RegMixup),
-    /// Sinkhorn AT.
-    Sat(Sat),
-    /// AR-AdaLS (its settings; the method, which keeps a state, is built per run).
-    ArAdaLs(ArAdaLsConfig),
-}
-
-impl MethodPlan {
-    /// A fresh method of these settings (stateful methods start from their initial
-    /// state).
-    fn method(&self) -> Result<Box<dyn TrainingMethod>> {
-        Ok(match *self {
-            MethodPlan::Normal(m) => Box::new(m),
-            MethodPlan::At(m) => Box::new(m),
-            MethodPlan::FastAt(m) => Box::new(m),
-            MethodPlan::Trades(m) => Box::new(m),
-            MethodPlan::Ccat(m) => Box::new(m),
-            MethodPlan::Oat(m) => Box::new(m),
-            MethodPlan::RegMixup(m) => Box::new(m),
-            MethodPlan::Sat(m) => Box::new(m),
-            MethodPlan::ArAdaLs(c) => Box::new(ArAdaLs::new(c).context("--method ar-adals")?),
-        })
-    }
-}
+pub type MethodPlan = MethodConfig;
 
 /// A checked `train` invocation.
 #[derive(Clone, Debug)]
@@ -488,177 +450,24 @@ impl TrainArgs {
     }
 
     /// The method with its settings: the method's published defaults, then the
-    /// preset's attack, then the flags. A flag the method does not use is refused.
+    /// preset's attack, then the flags, merged by the method's own configuration
+    /// ([`MethodConfig::merge`]), which refuses a flag the method does not use.
     fn method_plan(&self, name: MethodName, preset: AttackSettings) -> Result<MethodPlan> {
-        let method = name.flag();
-        let refuse = |flag: &str, given: bool| -> Result<()> {
-            if given {
-                bail!("{flag} does not apply to --method {method}");
-            }
-            Ok(())
+        let flags = Overrides {
+            label_smoothing: self.label_smoothing,
+            mixup_alpha: self.mixup_alpha,
+            eps: self.eps,
+            attack_steps: self.attack_steps,
+            attack_step_size: self.attack_step_size,
+            adv_fraction: self.adv_fraction,
+            beta: self.beta,
+            rho: self.rho,
         };
-        refuse(
-            "--label-smoothing",
-            !matches!(name, MethodName::Normal | MethodName::ArAdaLs)
-                && self.label_smoothing.is_some(),
-        )?;
-        refuse(
-            "--mixup-alpha",
-            name != MethodName::RegMixup && self.mixup_alpha.is_some(),
-        )?;
-        let eps = self.eps.or(preset.eps);
-        let steps = self.attack_steps.or(preset.steps);
-        let step_size = self.attack_step_size.or(preset.step_size);
-        let fraction = self.adv_fraction.or(preset.fraction);
-        if !matches!(
-            name,
-            MethodName::Normal | MethodName::RegMixup | MethodName::ArAdaLs
-        ) {
-            if let Some(s) = step_size.filter(|s| *s <= 0.0) {
-                bail!("--attack-step-size must be > 0, got {s}");
-            }
-        }
-        let context = || format!("invalid settings for --method {method}");
-        Ok(match name {
-            MethodName::Normal => {
-                refuse("--eps", self.eps.is_some())?;
-                refuse("--attack-steps", self.attack_steps.is_some())?;
-                refuse("--attack-step-size", self.attack_step_size.is_some())?;
-                refuse("--adv-fraction", self.adv_fraction.is_some())?;
-                refuse("--beta", self.beta.is_some())?;
-                refuse("--rho", self.rho.is_some())?;
-                MethodPlan::Normal(
-                    Normal::with_label_smoothing(self.label_smoothing.unwrap_or(0.0))
-                        .context("--label-smoothing")?,
-                )
-            }
-            MethodName::At => {
-                refuse("--beta", self.beta.is_some())?;
-                refuse("--rho", self.rho.is_some())?;
-                let base = AdversarialTraining::madry_cifar10();
-                let mut attack = base.attack;
-                attack.steps = steps.unwrap_or(attack.steps);
-                if let Some(s) = step_size {
-                    attack.step_size = StepSize::Absolute(s);
-                }
-                MethodPlan::At(
-                    AdversarialTraining::new(
-                        attack,
-                        eps.unwrap_or(base.eps),
-                        fraction.unwrap_or(base.fraction),
-                    )
-                    .with_context(context)?,
-                )
-            }
-            MethodName::FastAt => {
-                refuse("--attack-steps", self.attack_steps.is_some())?;
-                refuse("--beta", self.beta.is_some())?;
-                refuse("--rho", self.rho.is_some())?;
-                let base = FastAt::wong_cifar10();
-                let mut attack = base.attack;
-                if let Some(s) = step_size {
-                    attack.step = StepSize::Absolute(s);
-                }
-                MethodPlan::FastAt(
-                    FastAt::new(
-                        attack,
-                        eps.unwrap_or(base.eps),
-                        fraction.unwrap_or(base.fraction),
-                    )
-                    .with_context(context)?,
-                )
-            }
-            MethodName::Trades => {
-                refuse("--adv-fraction", self.adv_fraction.is_some())?;
-                refuse("--rho", self.rho.is_some())?;
-                let base = Trades::zhang_cifar10();
-                MethodPlan::Trades(
-                    Trades::new(
-                        eps.unwrap_or(base.eps),
-                        steps.unwrap_or(base.steps),
-                        step_size.unwrap_or(base.step_size),
-                        self.beta.unwrap_or(base.beta),
-                    )
-                    .with_context(context)?,
-                )
-            }
-            MethodName::Ccat => {
-                refuse("--beta", self.beta.is_some())?;
-                let base = Ccat::stutz_cifar10();
-                let mut attack = base.attack;
-                attack.steps = steps.unwrap_or(attack.steps);
-                if let Some(s) = step_size {
-                    attack.step_size = StepSize::Absolute(s);
-                }
-                MethodPlan::Ccat(
-                    Ccat::new(
-                        attack,
-                        eps.unwrap_or(base.eps),
-                        self.rho.unwrap_or(base.rho),
-                        fraction.unwrap_or(base.fraction),
-                    )
-                    .with_context(context)?,
-                )
-            }
-            MethodName::Oat => {
-                refuse("--beta", self.beta.is_some())?;
-                refuse("--rho", self.rho.is_some())?;
-                refuse("--adv-fraction", self.adv_fraction.is_some())?;
-                let base = Oat::wang_cifar10();
-                let mut attack = base.attack;
-                attack.steps = steps.unwrap_or(attack.steps);
-                if let Some(s) = step_size {
-                    attack.step_size = StepSize::Absolute(s);
-                }
-                MethodPlan::Oat(Oat::new(attack, eps.unwrap_or(base.eps)).with_context(context)?)
-            }
-            MethodName::RegMixup => {
-                refuse("--eps", self.eps.is_some())?;
-                refuse("--attack-steps", self.attack_steps.is_some())?;
-                refuse("--attack-step-size", self.attack_step_size.is_some())?;
-                refuse("--adv-fraction", self.adv_fraction.is_some())?;
-                refuse("--beta", self.beta.is_some())?;
-                refuse("--rho", self.rho.is_some())?;
-                let base = RegMixup::pinto_cifar10();
-                MethodPlan::RegMixup(
-                    RegMixup::new(self.mixup_alpha.unwrap_or(base.alpha))
-                        .context("--mixup-alpha")?,
-                )
-            }
-            MethodName::Sat => {
-                refuse("--adv-fraction", self.adv_fraction.is_some())?;
-                refuse("--rho", self.rho.is_some())?;
-                let base = Sat::cifar10();
-                let mut attack = base.attack;
-                attack.steps = steps.unwrap_or(attack.steps);
-                if let Some(s) = step_size {
-                    attack.step_size = StepSize::Absolute(s);
-                }
-                MethodPlan::Sat(
-                    Sat::new(
-                        attack,
-                        eps.unwrap_or(base.eps),
-                        self.beta.unwrap_or(base.beta),
-                    )
-                    .with_context(context)?,
-                )
-            }
-            MethodName::ArAdaLs => {
-                refuse("--attack-steps", self.attack_steps.is_some())?;
-                refuse("--attack-step-size", self.attack_step_size.is_some())?;
-                refuse("--adv-fraction", self.adv_fraction.is_some())?;
-                refuse("--beta", self.beta.is_some())?;
-                refuse("--rho", self.rho.is_some())?;
-                let base = ArAdaLsConfig::qin_cifar10();
-                let config = ArAdaLsConfig {
-                    eps: eps.unwrap_or(base.eps),
-                    initial_smoothing: self.label_smoothing.unwrap_or(base.initial_smoothing),
-                    ..base
-                };
-                config.validate().with_context(context)?;
-                MethodPlan::ArAdaLs(config)
-            }
-        })
+        Ok(MethodConfig::merge(
+            name.kind(),
+            &flags,
+            &preset.overrides(),
+        )?)
     }
 
     /// The schedule: parameters from flags, else from the preset when its schedule is
@@ -731,6 +540,13 @@ impl TrainArgs {
 }
 
 impl TrainPlan {
+    /// A fresh training method of the plan's settings.
+    fn training_method(&self) -> Result<Box<dyn TrainingMethod>> {
+        self.method
+            .method()
+            .with_context(|| format!("--method {}", self.method.name()))
+    }
+
     /// The model trained: the architecture for the data set, λ-conditioned for OAT,
     /// with noise injection for a stochastic student.
     pub fn model_spec(&self) -> ModelSpec {
@@ -751,7 +567,7 @@ impl TrainPlan {
 
     /// The resolved settings as written to `config.json`.
     pub fn to_json(&self, command: &str) -> Result<serde_json::Value> {
-        let method = self.method.method()?;
+        let method = self.training_method()?;
         Ok(json!({
             "command": "train",
             "rampart_version": env!("CARGO_PKG_VERSION"),
@@ -784,7 +600,7 @@ impl TrainPlan {
         if self.resume {
             if checkpoint.is_file() {
                 let meta = rampart_defenses::read_checkpoint_meta(&checkpoint)?;
-                let method = self.method.method()?;
+                let method = self.training_method()?;
                 let spec = self.model_spec();
                 let differs = |what: &str| {
                     anyhow::anyhow!(
@@ -866,7 +682,7 @@ impl TrainPlan {
             trainer = trainer.metadata("init_from", path.display().to_string());
         }
         let train_examples = train.len();
-        let method = self.method.method()?;
+        let method = self.training_method()?;
         let outcome = trainer.run(&mut model, method.as_ref(), Arc::new(train), &test)?;
         let threshold = match &held_out {
             Some(held_out) => self.store_threshold(&mut model, held_out, &outcome.model_path)?,

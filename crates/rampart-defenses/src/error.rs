@@ -13,6 +13,35 @@ pub enum DefenseError {
     #[error("invalid training configuration: {0}")]
     Config(String),
 
+    /// A value was given for a setting the training method does not have.
+    #[error("{setting} does not apply to --method {method}")]
+    NotApplicable {
+        /// The setting.
+        setting: crate::Setting,
+        /// The method's name.
+        method: &'static str,
+    },
+
+    /// A setting that must be positive is not.
+    #[error("{setting} must be > 0, got {value}")]
+    NonPositive {
+        /// The setting.
+        setting: crate::Setting,
+        /// Its value.
+        value: f64,
+    },
+
+    /// A training method refused its settings; `context` names the setting or the
+    /// method.
+    #[error("{context}")]
+    Invalid {
+        /// What was being set (`--mixup-alpha`, `invalid settings for --method at`).
+        context: String,
+        /// Why the method refused it.
+        #[source]
+        source: Box<DefenseError>,
+    },
+
     /// The loss stopped being a finite number.
     #[error(
         "training diverged: the loss is {value} at epoch {epoch}, batch {batch} \

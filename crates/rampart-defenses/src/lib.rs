@@ -19,8 +19,14 @@
 //! run resumed from its checkpoint ends with the weights of the uninterrupted run.
 //! Files are written to a temporary sibling and renamed into place.
 //!
-//! It knows nothing of the command line, of output formats beyond its own files, or
-//! of how metrics are computed from predictions.
+//! Each method's settings are a value that owns its defaults (the paper's, e.g.
+//! [`AdversarialTraining::madry_cifar10`]) and declares which [`Setting`]s a caller may
+//! override ([`MethodSettings`]); [`MethodConfig::merge`] lays optional values over a
+//! method's defaults generically and refuses a setting the method does not have,
+//! naming both. Settings are named like the `rampart train` flags that set them
+//! (`--eps`, `--beta`, …), so its errors read as the command's; beyond these names it
+//! knows nothing of the command line, of output formats beyond its own files, or of
+//! how metrics are computed from predictions.
 #![warn(missing_docs)]
 
 mod checkpoint;
@@ -40,10 +46,11 @@ pub use ema::Ema;
 pub use error::{DefenseError, Result};
 pub use method::{
     adals_targets, adversarial_count, attack_seed, calibration_gaps, ccat_lambda,
-    ccat_soft_targets, cross_entropy, entropic_ot, kl_divergence, mixup_images, mixup_targets,
-    robustness_group, robustness_groups, sinkhorn_divergence, soft_cross_entropy, AdaLsState,
-    AdversarialTraining, ArAdaLs, ArAdaLsConfig, BatchLoss, Ccat, FastAt, MixupDraw, Normal, Oat,
-    RegMixup, Sat, Trades, TrainingMethod, ADALS_GROUPS,
+    ccat_soft_targets, cross_entropy, entropic_ot, kl_divergence, merge, mixup_images,
+    mixup_targets, robustness_group, robustness_groups, sinkhorn_divergence, soft_cross_entropy,
+    AdaLsState, AdversarialTraining, ArAdaLs, ArAdaLsConfig, BatchLoss, Ccat, FastAt, MethodConfig,
+    MethodKind, MethodSettings, MixupDraw, Normal, Oat, Overrides, RegMixup, Sat, Setting, Trades,
+    TrainingMethod, ADALS_GROUPS,
 };
 pub use predict::{predict, Predictions};
 pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};

@@ -106,6 +106,67 @@ pub struct AutoAttackOutcome {
     pub batches: Vec<AutoAttackBatch>,
 }
 
+/// One stage of the ensemble (APGD-CE, APGD-T, …) over a whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageFigure {
+    /// The stage's name.
+    pub name: String,
+    /// Images still robust after it (later stages attack only these), summed over
+    /// batches.
+    pub robust_after: usize,
+    /// Its wall time, summed over batches.
+    pub seconds: f64,
+}
+
+impl AutoAttackOutcome {
+    /// Per attacked image, in order: correct clean and under every stage.
+    pub fn robust_images(&self) -> Vec<bool> {
+        self.batches
+            .iter()
+            .flat_map(|b| b.robust.iter().copied())
+            .collect()
+    }
+
+    /// The stages of the first batch's report, in order, each over every batch (a
+    /// batch without the stage counts 0 robust images for it). Robust accuracy
+    /// against a stage alone is not measured: later stages only attack what the
+    /// earlier ones left.
+    pub fn stages(&self) -> Vec<StageFigure> {
+        let names: Vec<String> = self
+            .batches
+            .first()
+            .map(|b| b.report.stages.iter().map(|s| s.name.clone()).collect())
+            .unwrap_or_default();
+        names
+            .into_iter()
+            .map(|name| {
+                let robust_after = self
+                    .batches
+                    .iter()
+                    .map(|b| {
+                        let idx = b.report.stages.iter().position(|s| s.name == name);
+                        idx.map_or(0, |j| {
+                            (b.report.stages[j].robust_accuracy * b.robust.len() as f64).round()
+                                as usize
+                        })
+                    })
+                    .sum();
+                let seconds = self
+                    .batches
+                    .iter()
+                    .flat_map(|b| b.report.stages.iter().filter(|s| s.name == name))
+                    .map(|s| s.seconds)
+                    .sum();
+                StageFigure {
+                    name,
+                    robust_after,
+                    seconds,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Runs (or resumes) AutoAttack on the first `config.limit` images of `data`, saving
 /// the state into `per_example` after every batch.
 pub fn run_autoattack(

@@ -23,6 +23,15 @@
 //! * [`plot_accuracy_curves`], [`plot_reliability`], [`plot_confidence_histograms`]
 //!   draw single charts.
 //!
+//! Beside the suites it owns the loops of every other evaluation path, so a caller
+//! (the `rampart` command) only builds configs, calls them and writes files:
+//! [`worst_case`] (several attacks at one ε, per-example worst case: `--suite pgd20`),
+//! [`run_autoattack`] (AutoAttack batch by batch, resumable, with
+//! [`AutoAttackOutcome::stages`]), [`over_noise_draws`] (a stochastic model's clean
+//! and robust accuracy over independent noise draws), [`attack_at_eps`] (one attack
+//! at several ε: `rampart attack`) and [`check_first`] (the trust checks on the first
+//! attacked images).
+//!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::path::Path;
@@ -41,6 +50,7 @@
 
 mod autoattack;
 mod compare;
+mod draws;
 mod error;
 mod io;
 mod outputs;
@@ -50,13 +60,16 @@ mod report;
 mod robust;
 mod runner;
 mod search;
+mod single;
 mod suite;
 mod trust;
 
 pub use autoattack::{
     run_autoattack, AutoAttackBatch, AutoAttackConfig, AutoAttackOutcome, AutoAttackState,
+    StageFigure,
 };
 pub use compare::{compare_models, comparison_tables, write_report};
+pub use draws::{over_noise_draws, NoiseDraws, StochasticFigures};
 pub use error::{EvalError, Result};
 pub use outputs::logits_of as dataset_logits;
 pub use plot::{
@@ -75,13 +88,14 @@ pub use runner::{
     evaluate, evaluate_model, run_suite, EvalConfig, ModelInfo, CCAT_HELD_OUT,
     CONFIDENCE_THRESHOLD_KEY, STOCHASTIC_EOT,
 };
+pub use single::{attack_at_eps, EpsResults};
 pub use suite::{
     threat_model_name, AttackKind, AttackPlan, CorruptionPlan, CurvePlan, DistalPlan, Effort,
     Suite, SuitePlan, ThreatModel, DISTAL_EPS, HEADLINE_THREAT_MODEL,
 };
 pub use trust::{
-    box_diameter, run_checks, EpsPoint, TrustChecks, TrustConfig, TrustIssue, BUDGET_FACTOR,
-    BUDGET_TOLERANCE, EPS_FACTORS, GROWTH_TOLERANCE, NOISE_SAMPLES, TRUST_EXAMPLES,
+    box_diameter, check_first, run_checks, EpsPoint, TrustChecks, TrustConfig, TrustIssue,
+    BUDGET_FACTOR, BUDGET_TOLERANCE, EPS_FACTORS, GROWTH_TOLERANCE, NOISE_SAMPLES, TRUST_EXAMPLES,
     UNBOUNDED_TOLERANCE,
 };
 

@@ -1,6 +1,6 @@
 //! The per-example worst case of several attacks at one ε over the first images of a
-//! data set, batch by batch: the robust figure of `rampart eval --suite pgd20` and of
-//! `rampart attack`. Each attack keeps its own per-example outcome, so a result can be
+//! data set, batch by batch: the robust figure of `rampart eval --suite pgd20`. Each
+//! attack keeps its own per-example outcome, so a result can be
 //! compared image by image with another tool.
 
 use std::time::Instant;

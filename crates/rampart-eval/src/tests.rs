@@ -643,5 +643,109 @@ fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
         &Device::Cpu,
     )?;
     assert_eq!(fresh.resumed_batches, 0);
+    // Stage by stage: robust images only fall, and the last stage leaves the result.
+    let stages = whole.stages();
+    assert!(!stages.is_empty());
+    assert!(stages
+        .windows(2)
+        .all(|w| w[1].robust_after <= w[0].robust_after));
+    assert_eq!(stages.last().map(|s| s.robust_after), Some(whole.robust));
+    assert_eq!(
+        whole.robust_images().iter().filter(|&&r| r).count(),
+        whole.robust
+    );
+    Ok(())
+}
+
+#[test]
+fn one_attack_at_several_eps_batch_by_batch() -> TestResult {
+    let model = Mlp::new()?;
+    let ds = dataset(&model, 20, SHAPE)?;
+    let pgd = rampart_attacks::Pgd {
+        steps: 5,
+        ..rampart_attacks::Pgd::linf_pgd20()
+    };
+    let eps = [2.0 / 255.0, 8.0 / 255.0];
+    let run = || {
+        attack_at_eps(
+            &model,
+            rampart_attacks::Bounds::UNIT,
+            &ds,
+            18,
+            &pgd,
+            &eps,
+            8,
+            3,
+            &Device::Cpu,
+        )
+    };
+    let r = run()?;
+    assert_eq!(
+        (r.results.len(), r.results[0].len(), r.labels.len()),
+        (2, 3, 3)
+    );
+    for (i, &e) in eps.iter().enumerate() {
+        assert_eq!(r.success(i).len(), 18);
+        assert!(r.norms(i).iter().all(|&n| f64::from(n) <= e + 1e-6));
+        assert_eq!(r.adversarial(i)?.dims(), &[18, 3, 8, 8]);
+        assert_eq!(r.logits(i)?.dims(), &[18, CLASSES]);
+    }
+    assert_eq!(r.labels()?.to_vec1::<u32>()?, ds.labels()[..18].to_vec());
+    // Deterministic: the same seed gives the same outcome.
+    assert_eq!(run()?.success(1), r.success(1));
+    Ok(())
+}
+
+#[test]
+fn a_stochastic_model_over_noise_draws() -> TestResult {
+    let spec = ModelSpec {
+        noise: Some(rampart_models::NoiseSpec { alpha: 0.5 }),
+        ..ModelSpec::wrn(10, 1, CLASSES)
+    };
+    let model = Classifier::new(spec, 3, &Device::Cpu)?;
+    let ds = dataset(&model.frozen(), 12, (3, 32, 32))?;
+    let clean: Vec<bool> = vec![true; 12];
+    let pgd = rampart_attacks::Pgd {
+        steps: 2,
+        ..rampart_attacks::Pgd::linf_pgd20()
+    };
+    let attacks = objective_variants("pgd2", &pgd, &[rampart_attacks::Objective::CrossEntropy]);
+    let attacked = worst_case(
+        &model.frozen(),
+        rampart_attacks::Bounds::UNIT,
+        &ds,
+        8,
+        &attacks,
+        8.0 / 255.0,
+        &clean,
+        4,
+        0,
+        &Device::Cpu,
+        true,
+    )?;
+    let config = NoiseDraws {
+        draws: 3,
+        batch_size: 5,
+        seed: 1,
+        eot_samples: 1,
+    };
+    let figures = over_noise_draws(&model, &ds, Some(&attacked), &config)?;
+    assert_eq!(figures.clean_accuracy_draws.len(), 3);
+    assert_eq!(figures.robust_accuracy_draws.len(), 3);
+    assert!(figures.clean_accuracy_std >= 0.0);
+    let robust = figures.robust_accuracy_mean.unwrap_or(f64::NAN);
+    let attacked_clean = figures.attacked_clean_accuracy_mean.unwrap_or(f64::NAN);
+    assert!(robust <= attacked_clean, "{figures:?}");
+    // Every draw reseeds the noise: the figures repeat exactly.
+    assert_eq!(
+        over_noise_draws(&model, &ds, Some(&attacked), &config)?,
+        figures
+    );
+    let clean_only = over_noise_draws(&model, &ds, None, &config)?;
+    assert_eq!(
+        clean_only.clean_accuracy_draws,
+        figures.clean_accuracy_draws
+    );
+    assert_eq!(clean_only.robust_accuracy_mean, None);
     Ok(())
 }

@@ -9,8 +9,9 @@
 
 use std::fmt;
 
-use candle_core::{DType, ModuleT, Tensor};
+use candle_core::{DType, Device, ModuleT, Tensor};
 use rampart_attacks::{check_model, Attack, Bounds, Init, Norm, Pgd, Restarts, StepSize};
+use rampart_data::ImageDataset;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -174,6 +175,44 @@ pub fn box_diameter(norm: Norm, bounds: Bounds, d: usize) -> f64 {
         Norm::L1 { .. } => w * d as f64,
         Norm::L0 => d as f64,
     }
+}
+
+/// [`run_checks`] on the first `config.examples` images of `data` (no more than were
+/// attacked: `white_box_robust` has one entry per attacked image, in order), with the
+/// seed `seed ^ 0x0074_7275_7374`; `None` when there is no image to check. Failed
+/// checks are logged as warnings naming `context` ([`TrustChecks::log`]).
+#[allow(clippy::too_many_arguments)]
+pub fn check_first(
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    data: &ImageDataset,
+    white_box_robust: &[bool],
+    attack: &Pgd,
+    eps: f64,
+    config: &TrustConfig,
+    seed: u64,
+    device: &Device,
+    context: &str,
+) -> Result<Option<TrustChecks>> {
+    let n = config.examples.min(white_box_robust.len());
+    if n == 0 {
+        return Ok(None);
+    }
+    let idx: Vec<usize> = (0..n).collect();
+    let (xs, ys) = data.batch_tensors(&idx, device)?;
+    let checks = run_checks(
+        model,
+        bounds,
+        &xs,
+        &ys,
+        &white_box_robust[..n],
+        attack,
+        eps,
+        config,
+        seed ^ 0x0074_7275_7374,
+    )?;
+    checks.log(context);
+    Ok(Some(checks))
 }
 
 /// Runs every check on the checked images `xs` (B, ...) with labels `ys` (B,):

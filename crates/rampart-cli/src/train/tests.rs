@@ -1,5 +1,7 @@
 use super::*;
 use clap::Parser;
+use rampart_attacks::StepSize;
+use rampart_defenses::{AdversarialTraining, ArAdaLsConfig, Ccat, FastAt, Normal, RegMixup, Sat};
 
 #[derive(Parser)]
 struct Wrapper {

@@ -7,6 +7,7 @@ use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
     adversarial_count, attack_seed, check_eps, check_fraction, cross_entropy, mixed_batch,
     run_attack, to_json, BatchLoss, TrainingMethod,
@@ -65,6 +66,34 @@ impl AdversarialTraining {
             eps: 0.03,
             fraction: 1.0,
         }
+    }
+}
+
+impl MethodSettings for AdversarialTraining {
+    const NAME: &'static str = "at";
+    const ACCEPTS: &'static [Setting] = &[
+        Setting::Eps,
+        Setting::AttackSteps,
+        Setting::AttackStepSize,
+        Setting::AdvFraction,
+    ];
+
+    /// [`AdversarialTraining::madry_cifar10`].
+    fn defaults() -> Self {
+        Self::madry_cifar10()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        let mut attack = self.attack;
+        attack.steps = values.attack_steps.unwrap_or(attack.steps);
+        if let Some(s) = values.attack_step_size {
+            attack.step_size = StepSize::Absolute(s);
+        }
+        Self::new(
+            attack,
+            values.eps.unwrap_or(self.eps),
+            values.adv_fraction.unwrap_or(self.fraction),
+        )
     }
 }
 

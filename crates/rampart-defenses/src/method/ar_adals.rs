@@ -13,6 +13,7 @@ use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{check_eps, labels_vec, soft_cross_entropy, to_json, BatchLoss, TrainingMethod};
 use crate::error::{DefenseError, Result};
 
@@ -257,6 +258,26 @@ pub fn adals_targets(
         }));
     }
     out
+}
+
+impl MethodSettings for ArAdaLsConfig {
+    const NAME: &'static str = "ar-adals";
+    const ACCEPTS: &'static [Setting] = &[Setting::LabelSmoothing, Setting::Eps];
+
+    /// [`ArAdaLsConfig::qin_cifar10`].
+    fn defaults() -> Self {
+        Self::qin_cifar10()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        let config = Self {
+            eps: values.eps.unwrap_or(self.eps),
+            initial_smoothing: values.label_smoothing.unwrap_or(self.initial_smoothing),
+            ..self
+        };
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 impl TrainingMethod for ArAdaLs {

@@ -1,11 +1,12 @@
 //! Confidence-calibrated adversarial training (Stutz, Hein & Schiele, ICML 2020).
 
 use candle_core::{ModuleT, Tensor};
-use rampart_attacks::Pgd;
+use rampart_attacks::{Pgd, StepSize};
 use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
     adversarial_count, attack_seed, check_eps, check_fraction, labels_vec, mixed_batch, one_hot,
     run_attack, soft_cross_entropy, to_json, BatchLoss, TrainingMethod,
@@ -100,6 +101,36 @@ pub fn ccat_soft_targets(
         }));
     }
     out
+}
+
+impl MethodSettings for Ccat {
+    const NAME: &'static str = "ccat";
+    const ACCEPTS: &'static [Setting] = &[
+        Setting::Eps,
+        Setting::AttackSteps,
+        Setting::AttackStepSize,
+        Setting::AdvFraction,
+        Setting::Rho,
+    ];
+
+    /// [`Ccat::stutz_cifar10`].
+    fn defaults() -> Self {
+        Self::stutz_cifar10()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        let mut attack = self.attack;
+        attack.steps = values.attack_steps.unwrap_or(attack.steps);
+        if let Some(s) = values.attack_step_size {
+            attack.step_size = StepSize::Absolute(s);
+        }
+        Self::new(
+            attack,
+            values.eps.unwrap_or(self.eps),
+            values.rho.unwrap_or(self.rho),
+            values.adv_fraction.unwrap_or(self.fraction),
+        )
+    }
 }
 
 impl TrainingMethod for Ccat {

@@ -2,12 +2,13 @@
 //! with a single FGSM step from a random start.
 
 use candle_core::Tensor;
-use rampart_attacks::Fgsm;
+use rampart_attacks::{Fgsm, StepSize};
 use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::adversarial::adversarial_cross_entropy;
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{check_eps, check_fraction, to_json, BatchLoss, TrainingMethod};
 use crate::error::Result;
 
@@ -50,6 +51,29 @@ impl FastAt {
             eps: 8.0 / 255.0,
             fraction: 1.0,
         }
+    }
+}
+
+impl MethodSettings for FastAt {
+    const NAME: &'static str = "fast-at";
+    const ACCEPTS: &'static [Setting] =
+        &[Setting::Eps, Setting::AttackStepSize, Setting::AdvFraction];
+
+    /// [`FastAt::wong_cifar10`].
+    fn defaults() -> Self {
+        Self::wong_cifar10()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        let mut attack = self.attack;
+        if let Some(s) = values.attack_step_size {
+            attack.step = StepSize::Absolute(s);
+        }
+        Self::new(
+            attack,
+            values.eps.unwrap_or(self.eps),
+            values.adv_fraction.unwrap_or(self.fraction),
+        )
     }
 }
 

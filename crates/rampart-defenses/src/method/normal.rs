@@ -5,6 +5,7 @@ use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{BatchLoss, TrainingMethod};
 use crate::error::{DefenseError, Result};
 
@@ -52,6 +53,20 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> 
     let uniform = log_p.mean(D::Minus1)?.neg()?;
     let per_example = ((nll * (1.0 - label_smoothing))? + (uniform * label_smoothing)?)?;
     Ok(per_example.mean_all()?)
+}
+
+impl MethodSettings for Normal {
+    const NAME: &'static str = "normal";
+    const ACCEPTS: &'static [Setting] = &[Setting::LabelSmoothing];
+
+    /// Plain cross-entropy.
+    fn defaults() -> Self {
+        Self::new()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        Self::with_label_smoothing(values.label_smoothing.unwrap_or(self.label_smoothing))
+    }
 }
 
 impl TrainingMethod for Normal {

@@ -2,12 +2,13 @@
 //! λ-conditioned model for a whole range of clean-vs-robust trade-offs.
 
 use candle_core::{Tensor, D};
-use rampart_attacks::Pgd;
+use rampart_attacks::{Pgd, StepSize};
 use rampart_models::Classifier;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{attack_seed, check_eps, run_attack, to_json, BatchLoss, TrainingMethod};
 use crate::error::{DefenseError, Result};
 
@@ -61,6 +62,26 @@ impl Drop for RestoreLambda<'_> {
 fn per_example_ce(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     Ok(log_p.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?)
+}
+
+impl MethodSettings for Oat {
+    const NAME: &'static str = "oat";
+    const ACCEPTS: &'static [Setting] =
+        &[Setting::Eps, Setting::AttackSteps, Setting::AttackStepSize];
+
+    /// [`Oat::wang_cifar10`].
+    fn defaults() -> Self {
+        Self::wang_cifar10()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        let mut attack = self.attack;
+        attack.steps = values.attack_steps.unwrap_or(attack.steps);
+        if let Some(s) = values.attack_step_size {
+            attack.step_size = StepSize::Absolute(s);
+        }
+        Self::new(attack, values.eps.unwrap_or(self.eps))
+    }
 }
 
 impl TrainingMethod for Oat {

@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution};
 use serde::{Deserialize, Serialize};
 
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{cross_entropy, labels_vec, one_hot, soft_cross_entropy, BatchLoss, TrainingMethod};
 use crate::error::{DefenseError, Result};
 
@@ -80,6 +81,20 @@ pub fn mixup_images(images: &Tensor, draw: &MixupDraw) -> Result<Tensor> {
     let index = Tensor::new(draw.partner.as_slice(), images.device())?;
     let partners = images.index_select(&index, 0)?;
     Ok(((images * draw.lambda)? + (partners * (1.0 - draw.lambda))?)?)
+}
+
+impl MethodSettings for RegMixup {
+    const NAME: &'static str = "regmixup";
+    const ACCEPTS: &'static [Setting] = &[Setting::MixupAlpha];
+
+    /// [`RegMixup::pinto_cifar10`].
+    fn defaults() -> Self {
+        Self::pinto_cifar10()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        Self::new(values.mixup_alpha.unwrap_or(self.alpha))
+    }
 }
 
 impl TrainingMethod for RegMixup {

@@ -3,11 +3,12 @@
 //! logits, seen as two uniform empirical measures.
 
 use candle_core::{DType, ModuleT, Tensor, D};
-use rampart_attacks::Pgd;
+use rampart_attacks::{Pgd, StepSize};
 use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
     attack_seed, check_eps, cross_entropy, run_attack, to_json, BatchLoss, TrainingMethod,
 };
@@ -192,6 +193,34 @@ pub fn sinkhorn_divergence(a: &Tensor, b: &Tensor, eps: f64, iters: usize) -> Re
     let aa = entropic_ot(a, a, eps, iters)?;
     let bb = entropic_ot(b, b, eps, iters)?;
     Ok((ab - ((aa + bb)? * 0.5)?)?)
+}
+
+impl MethodSettings for Sat {
+    const NAME: &'static str = "sat";
+    const ACCEPTS: &'static [Setting] = &[
+        Setting::Eps,
+        Setting::AttackSteps,
+        Setting::AttackStepSize,
+        Setting::Beta,
+    ];
+
+    /// [`Sat::cifar10`].
+    fn defaults() -> Self {
+        Self::cifar10()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        let mut attack = self.attack;
+        attack.steps = values.attack_steps.unwrap_or(attack.steps);
+        if let Some(s) = values.attack_step_size {
+            attack.step_size = StepSize::Absolute(s);
+        }
+        Self::new(
+            attack,
+            values.eps.unwrap_or(self.eps),
+            values.beta.unwrap_or(self.beta),
+        )
+    }
 }
 
 impl TrainingMethod for Sat {

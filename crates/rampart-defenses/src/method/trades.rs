@@ -8,6 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{attack_seed, check_eps, cross_entropy, to_json, BatchLoss, TrainingMethod};
 use crate::error::{DefenseError, Result};
 
@@ -137,6 +138,30 @@ fn gaussian(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| rampart_attacks::standard_normal(rng) as f32)
         .collect()
+}
+
+impl MethodSettings for Trades {
+    const NAME: &'static str = "trades";
+    const ACCEPTS: &'static [Setting] = &[
+        Setting::Eps,
+        Setting::AttackSteps,
+        Setting::AttackStepSize,
+        Setting::Beta,
+    ];
+
+    /// [`Trades::zhang_cifar10`].
+    fn defaults() -> Self {
+        Self::zhang_cifar10()
+    }
+
+    fn with_overrides(self, values: &Overrides) -> Result<Self> {
+        Self::new(
+            values.eps.unwrap_or(self.eps),
+            values.attack_steps.unwrap_or(self.steps),
+            values.attack_step_size.unwrap_or(self.step_size),
+            values.beta.unwrap_or(self.beta),
+        )
+    }
 }
 
 impl TrainingMethod for Trades {
