@@ -4,16 +4,18 @@
 //! Croce & Hein (ICML 2021, "Mind the box"): sparse sign steps whose sparsity adapts,
 //! the exact projection onto the L1 ball ∩ box, and an optional 3ε → 2ε → ε schedule.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::ModuleT;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Attack, AttackResult, Bounds};
-use crate::batch::{ranked, target_group, Batch, Best, Loss};
+use crate::base::Attack;
+use crate::batch::{ranked, Batch, Loss};
 use crate::eot::Eot;
 use crate::error::{Error, Result};
 use crate::norm::{project_l1_box, standard_normal, Norm};
 use crate::objective::Objective;
+use crate::problem::{Outcome, Problem};
+use crate::repeated::{repeat, Record, Rows, SingleRun, Start};
 
 /// Auto-PGD. Success is misclassification (first arg-max ≠ label), as in AutoAttack.
 ///
@@ -165,92 +167,73 @@ impl Apgd {
             1
         }
     }
-
-    /// The attack at one ε on a validated batch.
-    pub(crate) fn attack_batch(
-        &self,
-        model: &dyn ModuleT,
-        batch: &Batch,
-        eps: f64,
-        seed: u64,
-    ) -> Result<AttackResult> {
-        self.validate()?;
-        self.norm.check_eps(eps)?;
-        self.check_classes(batch.classes)?;
-        let (b, k) = (batch.len(), batch.classes);
-        let (logits, probs) = batch.forward(model, &batch.x, b, self.eot.eval_samples)?;
-        let fooled = (0..b)
-            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
-            .collect();
-        let mut best = Best::new(batch, fooled);
-        let mut iterations = vec![0usize; b];
-        let ranks: Vec<Vec<u32>> = (0..b)
-            .map(|i| ranked(&logits[i * k..(i + 1) * k]))
-            .collect();
-        // Targeted passes (one per target class) run side by side: each still-robust
-        // example is copied once per target of a group, so the model sees batches of up
-        // to MERGED_ROWS rows instead of a few examples per pass (small batches are
-        // several times slower per example on a CPU). Every copy keeps the random start
-        // of the sequential order (run = pass·restarts + restart), and an example
-        // fooled by any target stops all its copies.
-        let passes = self.passes(k);
-        for restart in 0..self.restarts {
-            let mut pass = 0;
-            while pass < passes {
-                let live: Vec<usize> = (0..b).filter(|&i| !best.success[i]).collect();
-                if live.is_empty() {
-                    break;
-                }
-                let group = target_group(&live, &ranks, pass, passes, restart, self.restarts);
-                let ctx = Run {
-                    cfg: self,
-                    model,
-                    batch,
-                    idx: &group.idx,
-                    targets: self
-                        .objective
-                        .is_targeted()
-                        .then_some(group.targets.as_slice()),
-                    runs: &group.runs,
-                };
-                ctx.run(eps, seed, &mut best, &mut iterations)?;
-                pass += group.passes;
-            }
-        }
-        batch.result(
-            model,
-            self.norm,
-            None,
-            best.adv,
-            iterations,
-            eps,
-            self.eot.eval_samples,
-        )
-    }
 }
 
 impl Attack for Apgd {
-    /// xs: (B, ...) in `bounds`; ys: (B,) labels. One result per ε.
-    fn run(
+    fn norm(&self) -> Norm {
+        self.norm
+    }
+
+    fn eval_samples(&self) -> usize {
+        self.eot.eval_samples
+    }
+
+    fn validate(&self) -> Result<()> {
+        Apgd::validate(self)
+    }
+
+    /// Refuses a model with too few classes for the objective.
+    fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        self.check_classes(problem.classes())
+    }
+
+    /// `restarts` runs (per target class), each on the examples still robust.
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome> {
+        repeat(self, self.restarts, problem, eps, seed)
+    }
+}
+
+impl SingleRun for Apgd {
+    /// Judges the clean inputs; targeted objectives target each example's 2nd, 3rd, …
+    /// most likely classes there.
+    fn begin(&self, problem: &Problem<'_>) -> Result<Start> {
+        let batch = &problem.batch;
+        let (b, k) = (batch.len(), batch.classes);
+        let (logits, probs) = batch.forward(problem.model, &batch.x, b, self.eot.eval_samples)?;
+        let fooled = (0..b)
+            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
+            .collect();
+        if !self.objective.is_targeted() {
+            return Ok(Start::untargeted(fooled));
+        }
+        let ranks = (0..b)
+            .map(|i| ranked(&logits[i * k..(i + 1) * k]))
+            .collect();
+        Ok(Start::targeted(fooled, ranks, self.passes(k)))
+    }
+
+    /// One run (all phases) on `rows`. Targeted passes run side by side: each
+    /// still-robust example is copied once per target of a group, so the model sees
+    /// batches of up to `MERGED_ROWS` rows instead of a few examples per pass (small
+    /// batches are several times slower per example on a CPU); an example fooled by
+    /// any target stops all its copies.
+    fn run_once(
         &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: &[f64],
+        problem: &Problem<'_>,
+        rows: &Rows,
+        eps: f64,
         seed: u64,
-    ) -> Result<Vec<AttackResult>> {
-        self.validate()?;
-        if eps.is_empty() {
-            return Err(Error::Config("no ε given".into()));
-        }
-        for &e in eps {
-            self.norm.check_eps(e)?;
-        }
-        let batch = Batch::new(model, bounds, xs, ys)?;
-        eps.iter()
-            .map(|&e| self.attack_batch(model, &batch, e, seed))
-            .collect()
+        record: &mut Record,
+    ) -> Result<()> {
+        let run = Run {
+            cfg: self,
+            model: problem.model,
+            batch: &problem.batch,
+            idx: rows.examples(),
+            targets: rows.targets(),
+            runs: rows.runs(),
+        };
+        run.run(eps, seed, record)
     }
 }
 
@@ -307,7 +290,7 @@ struct State {
 }
 
 impl Run<'_> {
-    fn run(&self, eps: f64, seed: u64, best: &mut Best, iterations: &mut [usize]) -> Result<()> {
+    fn run(&self, eps: f64, seed: u64, record: &mut Record) -> Result<()> {
         let (cfg, batch) = (self.cfg, self.batch);
         let (m, d) = (self.idx.len(), batch.d);
         let phases: Vec<(f64, usize)> = if cfg.large_eps_warmup {
@@ -349,7 +332,7 @@ impl Run<'_> {
                     delta
                         .iter_mut()
                         .for_each(|v| *v = standard_normal(&mut rng));
-                    self.box_room(i, &mut lower, &mut upper);
+                    batch.box_room(i, &mut lower, &mut upper);
                     project_l1_box(&mut delta, e0, &lower, &upper);
                 }
             }
@@ -362,28 +345,14 @@ impl Run<'_> {
                 for (j, &i) in self.idx.iter().enumerate() {
                     let row = j * d..(j + 1) * d;
                     batch.delta(i, &start[row.clone()], &mut delta);
-                    self.box_room(i, &mut lower, &mut upper);
+                    batch.box_room(i, &mut lower, &mut upper);
                     project_l1_box(&mut delta, e, &lower, &upper);
                     batch.store(i, &delta, &mut start[row]);
                 }
             }
-            let record = if p == last { Some(&mut *best) } else { None };
-            start = self.phase(start, e, steps, cfg.large_eps_warmup, record, iterations)?;
+            start = self.phase(start, e, steps, cfg.large_eps_warmup, p == last, record)?;
         }
         Ok(())
-    }
-
-    /// Room the box leaves around example `i`: [lo − x, hi − x].
-    fn box_room(&self, i: usize, lower: &mut [f64], upper: &mut [f64]) {
-        let (lo, hi) = (self.batch.bounds.lo as f64, self.batch.bounds.hi as f64);
-        for ((l, u), &x) in lower
-            .iter_mut()
-            .zip(upper.iter_mut())
-            .zip(self.batch.row(i))
-        {
-            *l = lo - x as f64;
-            *u = hi - x as f64;
-        }
     }
 
     /// Objective, success and gradient at the rows `points` of the attacked examples
@@ -419,23 +388,24 @@ impl Run<'_> {
     }
 
     /// One phase at budget `eps` from the feasible points `start` (rows of the attacked
-    /// examples); returns each example's highest-objective point. `record` (the last
-    /// phase) receives every evaluated point and enables early stopping.
+    /// examples); returns each example's highest-objective point. Steps are counted in
+    /// `record`; in the `last` phase it also receives every evaluated point and stops
+    /// the examples it holds as fooled.
     fn phase(
         &self,
         start: Vec<f32>,
         eps: f64,
         steps: usize,
         warm_start: bool,
-        mut record: Option<&mut Best>,
-        iterations: &mut [usize],
+        last: bool,
+        record: &mut Record,
     ) -> Result<Vec<f32>> {
         let (cfg, batch) = (self.cfg, self.batch);
         let (m, d) = (self.idx.len(), batch.d);
         let l1 = matches!(cfg.norm, Norm::L1 { .. });
         let step0 = if l1 { eps } else { 2.0 * eps };
         let mut live: Vec<usize> = (0..m)
-            .filter(|&j| !matches!(record.as_deref(), Some(b) if b.success[self.idx[j]]))
+            .filter(|&j| !(last && record.is_fooled(self.idx[j])))
             .collect();
         let (loss0, success0, grad0) = self.evaluate(&live, &start, true)?;
         let mut s = State {
@@ -456,8 +426,8 @@ impl Run<'_> {
         for (r, &j) in live.iter().enumerate() {
             s.loss[j] = loss0[r];
             s.grad[j * d..(j + 1) * d].copy_from_slice(&grad0[r * d..(r + 1) * d]);
-            if let Some(best) = record.as_deref_mut() {
-                best.offer(
+            if last {
+                record.offer(
                     self.idx[j],
                     &s.adv[j * d..(j + 1) * d],
                     success0[r],
@@ -485,8 +455,8 @@ impl Run<'_> {
         let mut delta = vec![0f64; d];
         let mut scratch = Scratch::new(d);
         for t in 0..steps {
-            if let Some(best) = record.as_deref() {
-                live.retain(|&j| !best.success[self.idx[j]]);
+            if last {
+                live.retain(|&j| !record.is_fooled(self.idx[j]));
             }
             if live.is_empty() {
                 break;
@@ -503,9 +473,9 @@ impl Run<'_> {
             for (r, &j) in live.iter().enumerate() {
                 let row = j * d..(j + 1) * d;
                 let i = self.idx[j];
-                iterations[i] += 1;
-                if let Some(best) = record.as_deref_mut() {
-                    best.offer(i, &s.adv[row.clone()], success[r], loss[r]);
+                record.count_step(i);
+                if last {
+                    record.offer(i, &s.adv[row.clone()], success[r], loss[r]);
                 }
                 if loss[r] > s.loss[j] {
                     s.increases[j] += 1;
@@ -622,7 +592,7 @@ impl Run<'_> {
             _ => {
                 // Coordinates already on a bound in the gradient's direction cannot move:
                 // they are left out of the top-k selection.
-                self.box_room(i, &mut sc.lower, &mut sc.upper);
+                batch.box_room(i, &mut sc.lower, &mut sc.upper);
                 for (((g, &cur), &lo), &hi) in sc
                     .grad
                     .iter_mut()

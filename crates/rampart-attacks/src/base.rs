@@ -1,5 +1,6 @@
-//! The attack trait, its single result type, and the values every attack is given:
-//! input bounds, a success criterion and ε.
+//! The attack trait (one ε written by each attack, the ε loop, validation, clipping
+//! and judgement written once), its single result type, and the values every attack
+//! is given: input bounds, a success criterion and ε.
 
 use std::fmt;
 use std::str::FromStr;
@@ -8,6 +9,8 @@ use candle_core::{ModuleT, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::norm::Norm;
+use crate::problem::{Outcome, Problem};
 
 /// Box the inputs live in: every coordinate of a clean or adversarial input lies in
 /// `[lo, hi]`. A value of the data, passed with each call, never a hard-coded `[0, 1]`.
@@ -178,8 +181,46 @@ pub struct AttackResult {
 }
 
 /// An attack: a configuration that, given a model and a batch, returns one
-/// [`AttackResult`] per ε, in the order of `eps`.
+/// [`AttackResult`] per ε, in the order of `eps` (foolbox's `FixedEpsilonAttack`).
+///
+/// An attack writes only the work of one ε, [`Attack::attack_eps`], and says how its
+/// results are measured and judged ([`Attack::norm`], [`Attack::criterion`],
+/// [`Attack::eval_samples`]). The provided [`Attack::run`] does the rest once for
+/// every attack: it validates the configuration, the bounds and every ε, prepares the
+/// [`Problem`] (inputs, labels and model output checked), then per ε calls
+/// `attack_eps`, projects any point outside the ε-ball onto the ε-ball ∩ box, and
+/// judges the points on fresh forward passes. Restarts are [`crate::Repeated`]'s.
 pub trait Attack {
+    /// The threat model: ε is a bound in this norm, and results are measured and
+    /// clipped in it.
+    fn norm(&self) -> Norm;
+
+    /// When an example counts as fooled (judged on the mean class probabilities of
+    /// [`Attack::eval_samples`] passes). Misclassification unless overridden.
+    fn criterion(&self) -> Criterion {
+        Criterion::Misclassified
+    }
+
+    /// Forward passes averaged to judge the returned points (several for stochastic
+    /// models, see [`crate::Eot`]). One unless overridden.
+    fn eval_samples(&self) -> usize {
+        1
+    }
+
+    /// Refuses an inconsistent configuration, before any forward pass.
+    fn validate(&self) -> Result<()>;
+
+    /// Refuses a problem the attack cannot work on (too few classes, inputs that are
+    /// not images, …), after the inputs were validated and before the first ε.
+    fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        let _ = problem;
+        Ok(())
+    }
+
+    /// The attack at one budget `eps` (already checked) on a validated problem: one
+    /// point per example. Runs with the same `seed` at every ε.
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome>;
+
     /// Attacks `model` (always called as `forward_t(x, false)`, returning (B, K) logits).
     ///
     /// xs: (B, ...) clean inputs, every value in `bounds`, no NaN.
@@ -193,7 +234,25 @@ pub trait Attack {
         ys: &Tensor,
         eps: &[f64],
         seed: u64,
-    ) -> Result<Vec<AttackResult>>;
+    ) -> Result<Vec<AttackResult>> {
+        self.validate()?;
+        self.criterion().validate()?;
+        bounds.validate()?;
+        if eps.is_empty() {
+            return Err(Error::Config("no ε given".into()));
+        }
+        for &e in eps {
+            self.norm().check_eps(e)?;
+        }
+        let problem = Problem::new(model, bounds, xs, ys)?;
+        self.check(&problem)?;
+        eps.iter()
+            .map(|&e| {
+                let outcome = self.attack_eps(&problem, e, seed)?;
+                problem.judge(self, outcome, e)
+            })
+            .collect()
+    }
 }
 
 /// Parses an ε given as a decimal (`0.5`) or a fraction (`8/255`). Negative, NaN and

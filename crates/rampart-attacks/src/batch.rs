@@ -1,14 +1,13 @@
 //! A validated batch of clean inputs held on the host, and the model calls shared by
-//! the attacks outside the PGD engine (APGD, FAB, Square, the AutoAttack ensemble):
-//! objective values and input gradients averaged over EOT draws, mean logits and
-//! probabilities, exact feasible storage of adversarial points and the final
-//! judgement.
+//! the attacks: objective values and input gradients averaged over EOT draws, mean
+//! logits and probabilities, exact feasible storage of adversarial points, and the
+//! per-example best point.
 
 use candle_core::{DType, Device, ModuleT, Tensor, D};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::base::{argmax, AttackResult, Bounds, Criterion};
+use crate::base::{Bounds, Criterion};
 use crate::engine::next_toward;
 use crate::error::{Error, Result};
 use crate::norm::Norm;
@@ -306,58 +305,20 @@ impl Batch {
         }
     }
 
+    /// Room the box leaves around example `i`: [lo − x_i, hi − x_i].
+    pub fn box_room(&self, i: usize, lower: &mut [f64], upper: &mut [f64]) {
+        let (lo, hi) = (self.bounds.lo as f64, self.bounds.hi as f64);
+        for ((l, u), &x) in lower.iter_mut().zip(upper.iter_mut()).zip(self.row(i)) {
+            *l = lo - x as f64;
+            *u = hi - x as f64;
+        }
+    }
+
     /// ‖point − x_i‖ in `norm`.
     pub fn distance(&self, norm: Norm, i: usize, point: &[f32]) -> f64 {
         let mut delta = vec![0f64; self.d];
         self.delta(i, point, &mut delta);
         norm.measure(&delta)
-    }
-
-    /// The result for budget `eps`: `raw` is the attack's output where it may leave
-    /// the threat model (`None`: it is `clipped`), `clipped` the feasible points (both
-    /// B·D); success, prediction and confidence come from the mean
-    /// probabilities of `eval_samples` fresh passes at `clipped`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn result(
-        &self,
-        model: &dyn ModuleT,
-        norm: Norm,
-        raw: Option<Vec<f32>>,
-        clipped: Vec<f32>,
-        iterations: Vec<usize>,
-        eps: f64,
-        eval_samples: usize,
-    ) -> Result<AttackResult> {
-        let (b, k) = (self.len(), self.classes);
-        let (_, probs) = self.forward(model, &clipped, b, eval_samples)?;
-        let mut predicted = Vec::with_capacity(b);
-        let mut confidence = Vec::with_capacity(b);
-        let mut success = Vec::with_capacity(b);
-        for i in 0..b {
-            let row = &probs[i * k..(i + 1) * k];
-            let (p, c) = argmax(row);
-            predicted.push(p);
-            confidence.push(c);
-            success.push(self.fooled(row, i));
-        }
-        let norm = (0..b)
-            .map(|i| self.distance(norm, i, &clipped[i * self.d..(i + 1) * self.d]) as f32)
-            .collect();
-        let unconstrained = raw
-            .map(|r| Tensor::from_vec(r, self.dims.as_slice(), &self.device)?.to_dtype(self.dtype))
-            .transpose()?;
-        let clipped =
-            Tensor::from_vec(clipped, self.dims.as_slice(), &self.device)?.to_dtype(self.dtype)?;
-        Ok(AttackResult {
-            unconstrained,
-            clipped,
-            success,
-            confidence,
-            predicted,
-            norm,
-            iterations,
-            eps,
-        })
     }
 }
 
@@ -433,52 +394,6 @@ fn accumulate(sum: &mut [f64], values: &[f32]) {
 }
 
 /// Class indices sorted by decreasing value of `row` (ties: lower index first).
-/// Rows (example × target copies) a targeted attack (APGD-T, FAB-T) runs together.
-pub(crate) const MERGED_ROWS: usize = 256;
-
-/// One group of target classes run side by side: the live examples copied once per
-/// target class.
-pub(crate) struct TargetGroup {
-    /// Target passes in the group.
-    pub passes: usize,
-    /// Batch index of each row.
-    pub idx: Vec<usize>,
-    /// Target class of each row.
-    pub targets: Vec<u32>,
-    /// Run number of each row's random start: pass·restarts + restart, the run the
-    /// sequential order (one pass per target class) would have given it.
-    pub runs: Vec<u64>,
-}
-
-/// The group of target passes starting at `pass` (of `passes`) for the examples
-/// `live`: as many passes as fit in [`MERGED_ROWS`] rows, at least one. `ranks[i]` is
-/// example i's classes by decreasing logit (pass p targets `ranks[i][p + 1]`).
-pub(crate) fn target_group(
-    live: &[usize],
-    ranks: &[Vec<u32>],
-    pass: usize,
-    passes: usize,
-    restart: usize,
-    restarts: usize,
-) -> TargetGroup {
-    let group = (MERGED_ROWS / live.len().max(1)).clamp(1, passes - pass);
-    let rows = group * live.len();
-    let mut g = TargetGroup {
-        passes: group,
-        idx: Vec::with_capacity(rows),
-        targets: Vec::with_capacity(rows),
-        runs: Vec::with_capacity(rows),
-    };
-    for p in pass..pass + group {
-        for &i in live {
-            g.idx.push(i);
-            g.targets.push(ranks[i][p + 1]);
-            g.runs.push((p * restarts + restart) as u64);
-        }
-    }
-    g
-}
-
 pub(crate) fn ranked(row: &[f32]) -> Vec<u32> {
     let mut order: Vec<u32> = (0..row.len() as u32).collect();
     order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));

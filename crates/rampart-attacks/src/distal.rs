@@ -9,11 +9,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::base::{Attack, AttackResult, Bounds, Criterion};
-use crate::engine;
 use crate::error::{Error, Result};
 use crate::norm::Norm;
 use crate::objective::Objective;
 use crate::pgd::Pgd;
+use crate::problem::{Outcome, Problem};
+use crate::repeated::{Record, Rows, SingleRun, Start};
 
 /// The distal attack: PGD on the `distal` objective max_k log p_k with the
 /// [`Criterion::Confident`] criterion, around given anchor points (the paper's anchors
@@ -75,7 +76,7 @@ impl Distal {
         self.run(model, bounds, &anchors, &labels, eps, seed)
     }
 
-    fn validate(&self) -> Result<()> {
+    fn check_setting(&self) -> Result<()> {
         if self.pgd.objective != Objective::Distal {
             return Err(Error::Config(format!(
                 "a distal attack maximises the `distal` objective, got `{}`",
@@ -99,19 +100,53 @@ impl Distal {
 }
 
 impl Attack for Distal {
+    fn norm(&self) -> Norm {
+        self.pgd.norm
+    }
+
+    fn criterion(&self) -> Criterion {
+        self.pgd.criterion
+    }
+
+    fn eval_samples(&self) -> usize {
+        self.pgd.eot.eval_samples
+    }
+
+    /// The distal setting (objective, criterion, norm), then the loop's configuration.
+    fn validate(&self) -> Result<()> {
+        self.check_setting()?;
+        self.pgd.validate()
+    }
+
+    fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        self.pgd.check(problem)
+    }
+
     /// xs: (B, ...) anchor points in `bounds` (uniform noise for the paper's setting);
-    /// ys: (B,) any labels in range (unused). One result per ε.
-    fn run(
+    /// ys: (B,) any labels in range (unused).
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome> {
+        self.pgd.attack_eps(problem, eps, seed)
+    }
+}
+
+impl SingleRun for Distal {
+    fn begin(&self, problem: &Problem<'_>) -> Result<Start> {
+        self.pgd.begin(problem)
+    }
+
+    fn run_once(
         &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: &[f64],
+        problem: &Problem<'_>,
+        rows: &Rows,
+        eps: f64,
         seed: u64,
-    ) -> Result<Vec<AttackResult>> {
-        self.validate()?;
-        engine::run(&self.pgd, None, model, bounds, xs, ys, eps, seed)
+        record: &mut Record,
+    ) -> Result<()> {
+        self.pgd.run_once(problem, rows, eps, seed, record)
+    }
+
+    fn skips_fooled(&self) -> bool {
+        self.pgd.skips_fooled()
     }
 }
 

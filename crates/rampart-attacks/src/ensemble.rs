@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::fab::Fab;
 use crate::norm::Norm;
 use crate::objective::{labels_to_vec, Objective};
+use crate::problem::{Outcome, Points, Problem};
 use crate::square::Square;
 
 /// One attack of an ensemble.
@@ -84,17 +85,17 @@ impl Stage {
         }
     }
 
-    fn attack(
+    /// The stage at one ε on a prepared problem, with the stage's own checks.
+    pub(crate) fn attack(
         &self,
-        model: &dyn ModuleT,
-        batch: &Batch,
+        problem: &Problem<'_>,
         eps: f64,
         seed: u64,
     ) -> Result<AttackResult> {
         match self {
-            Stage::Apgd(a) => a.attack_batch(model, batch, eps, seed),
-            Stage::Fab(f) => f.attack_batch(model, batch, eps, seed),
-            Stage::Square(s) => s.attack_batch(model, batch, eps, seed),
+            Stage::Apgd(a) => problem.attack(a, eps, seed),
+            Stage::Fab(f) => problem.attack(f, eps, seed),
+            Stage::Square(s) => problem.attack(s, eps, seed),
         }
     }
 }
@@ -279,8 +280,8 @@ impl AutoAttack {
         let idx: Vec<usize> = (0..state.points).filter(|&i| state.robust[i]).collect();
         let mut broken = 0;
         if !idx.is_empty() {
-            let sub = batch.subset(&idx);
-            let res = stage.attack(model, &sub, state.eps, Self::stage_seed(state.seed, s))?;
+            let sub = Problem::from_batch(model, batch.subset(&idx));
+            let res = stage.attack(&sub, state.eps, Self::stage_seed(state.seed, s))?;
             let rows = res
                 .clipped
                 .to_dtype(DType::F32)?
@@ -433,8 +434,51 @@ impl AutoAttack {
 }
 
 impl Attack for AutoAttack {
+    fn norm(&self) -> Norm {
+        self.norm
+    }
+
+    fn eval_samples(&self) -> usize {
+        self.eot.eval_samples
+    }
+
+    fn validate(&self) -> Result<()> {
+        AutoAttack::validate(self)
+    }
+
+    /// Refuses a model with too few classes for a stage.
+    fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        self.stages
+            .iter()
+            .try_for_each(|stage| stage.check_classes(problem.classes()))
+    }
+
+    /// [`AutoAttack::evaluate`] on the problem's inputs: per point the first stage's
+    /// adversarial input that fooled it.
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome> {
+        let batch = &problem.batch;
+        let xs = batch.tensor(&batch.x, batch.len())?;
+        let ys = Tensor::from_slice(&batch.ys, batch.len(), &batch.device)?;
+        let result = self
+            .evaluate(problem.model, batch.bounds, &xs, &ys, eps, seed)?
+            .result;
+        let points = result
+            .clipped
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Outcome {
+            points: Points::Feasible(points),
+            iterations: result.iterations,
+        })
+    }
+
     /// Runs [`AutoAttack::evaluate`] once per ε (the ensemble's trust report and stage
-    /// statistics are dropped; call `evaluate` to keep them).
+    /// statistics are dropped; call `evaluate` to keep them). Overrides the provided
+    /// ε loop because the ensemble judges its points itself, stage by stage on the
+    /// points still robust (the first success is kept, whatever later passes say;
+    /// `rand` versions average their own draws), and prepares its own batches so that
+    /// a run can be resumed from an [`EnsembleState`].
     fn run(
         &self,
         model: &dyn ModuleT,

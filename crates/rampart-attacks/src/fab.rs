@@ -3,14 +3,16 @@
 //! onto the linearised decision boundary towards one target class, biased towards the
 //! clean input.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::ModuleT;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Attack, AttackResult, Bounds};
-use crate::batch::{ranked, target_group, Batch, Loss};
+use crate::base::Attack;
+use crate::batch::{ranked, Batch, Loss};
 use crate::error::{Error, Result};
-use crate::norm::{project_l1_box, standard_normal, Norm};
+use crate::norm::{standard_normal, Norm};
+use crate::problem::{Outcome, Problem};
+use crate::repeated::{repeat, Record, Rows, SingleRun, Start};
 
 /// FAB-T: per example and target class t (the 2nd, 3rd, … most likely classes at the
 /// clean input x₀), `steps` iterations of
@@ -29,7 +31,7 @@ use crate::norm::{project_l1_box, standard_normal, Norm};
 /// examples without an adversarial of norm ≤ ε yet, restarts after the first start at a
 /// random point at distance ε/2, and only correctly classified examples are attacked.
 ///
-/// The result for ε: `adversarial` is the smallest adversarial input found (of any
+/// The result for ε: `unconstrained` is the smallest adversarial input found (of any
 /// norm; the clean input if none was found), `clipped` is that point if its norm is
 /// at most ε, otherwise its projection onto the ε-ball ∩ box; `success` is judged on
 /// `clipped`. Deterministic models only: FAB takes no EOT samples.
@@ -91,90 +93,6 @@ impl Fab {
         Ok(())
     }
 
-    /// The attack at one ε on a validated batch.
-    pub(crate) fn attack_batch(
-        &self,
-        model: &dyn ModuleT,
-        batch: &Batch,
-        eps: f64,
-        seed: u64,
-    ) -> Result<AttackResult> {
-        self.validate()?;
-        self.norm.check_eps(eps)?;
-        let (b, k, d) = (batch.len(), batch.classes, batch.d);
-        let (logits, probs) = batch.forward(model, &batch.x, b, 1)?;
-        let fooled: Vec<bool> = (0..b)
-            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
-            .collect();
-        let ranks: Vec<Vec<u32>> = (0..b)
-            .map(|i| ranked(&logits[i * k..(i + 1) * k]))
-            .collect();
-        let mut found = Found {
-            point: batch.x.clone(),
-            norm: vec![f64::INFINITY; b],
-        };
-        let mut iterations = vec![0usize; b];
-        // Target classes run side by side (each example still to attack copied once
-        // per target of a group, up to MERGED_ROWS rows): the model sees larger batches,
-        // which a CPU processes several times faster per example. Copies keep the
-        // random start of the sequential order (run = pass·restarts + restart) and the
-        // per-example minimum over all copies is kept.
-        let passes = self.target_classes.min(k - 1);
-        for r in 0..self.restarts {
-            let mut pass = 0;
-            while pass < passes {
-                let live: Vec<usize> = (0..b)
-                    .filter(|&i| !fooled[i] && found.norm[i] > eps)
-                    .collect();
-                if live.is_empty() {
-                    break;
-                }
-                let group = target_group(&live, &ranks, pass, passes, r, self.restarts);
-                let random_start = (r > 0).then_some((seed, eps));
-                self.single_run(
-                    model,
-                    batch,
-                    &group.idx,
-                    &group.targets,
-                    &group.runs,
-                    random_start,
-                    &mut found,
-                    &mut iterations,
-                )?;
-                pass += group.passes;
-            }
-        }
-        let mut clipped = found.point.clone();
-        let mut delta = vec![0f64; d];
-        let (mut lower, mut upper) = (vec![0f64; d], vec![0f64; d]);
-        for i in 0..b {
-            if found.norm[i].is_finite() && found.norm[i] > eps {
-                let row = i * d..(i + 1) * d;
-                batch.delta(i, &found.point[row.clone()], &mut delta);
-                match self.norm {
-                    Norm::L1 { .. } => {
-                        box_room(batch, i, &mut lower, &mut upper);
-                        project_l1_box(&mut delta, eps, &lower, &upper);
-                    }
-                    norm => {
-                        norm.project(&mut delta, eps);
-                        batch.clamp_box(i, &mut delta);
-                    }
-                }
-                batch.store(i, &delta, &mut clipped[row]);
-            }
-        }
-        batch.result(
-            model,
-            self.norm,
-            Some(found.point),
-            clipped,
-            iterations,
-            eps,
-            1,
-        )
-    }
-
     /// One run towards `targets` (per attacked example) on the examples `idx`.
     #[allow(clippy::too_many_arguments)]
     fn single_run(
@@ -185,8 +103,8 @@ impl Fab {
         targets: &[u32],
         runs: &[u64],
         random_start: Option<(u64, f64)>,
-        found: &mut Found,
-        iterations: &mut [usize],
+        eps: f64,
+        record: &mut Record,
     ) -> Result<()> {
         let (m, d) = (idx.len(), batch.d);
         let norm = self.norm;
@@ -247,7 +165,7 @@ impl Fab {
                 for c in 0..d {
                     shift += w[c] * (x0[c] as f64 - x1[j * d + c] as f64);
                 }
-                box_room(batch, i, &mut lower, &mut upper);
+                batch.box_room(i, &mut lower, &mut upper);
                 project_hyperplane_box(norm, &w, -df[j] - shift, &lower, &upper, &mut d2);
                 let a1 = norm.measure(&d1).max(1e-8);
                 let a2 = norm.measure(&d2).max(1e-8);
@@ -259,7 +177,7 @@ impl Fab {
                     delta[c] = next - x0[c] as f64;
                 }
                 batch.store(i, &delta, &mut x1[row]);
-                iterations[i] += 1;
+                record.count_step(i);
             }
             // Misclassified yet? An example whose last step ended adversarial will likely
             // be moved back again, so a forward pass suffices; the others also get the
@@ -280,11 +198,10 @@ impl Fab {
                     expect_adversarial[j] = adversarial[r];
                     valid[j] = false;
                     if adversarial[r] {
+                        // The smallest adversarial point wins: one within ε beats
+                        // any outside, then the smaller norm (−norm is the objective).
                         let dist = batch.distance(norm, i, &x1[row.clone()]);
-                        if dist < found.norm[i] {
-                            found.norm[i] = dist;
-                            found.point[i * d..(i + 1) * d].copy_from_slice(&x1[row.clone()]);
-                        }
+                        record.offer(i, &x1[row.clone()], dist <= eps, -dist);
                         batch.delta(i, &x1[row.clone()], &mut delta);
                         delta.iter_mut().for_each(|v| *v *= self.beta);
                         batch.store(i, &delta, &mut x1[row]);
@@ -330,42 +247,72 @@ impl Fab {
 }
 
 impl Attack for Fab {
-    /// xs: (B, ...) in `bounds`; ys: (B,) labels. One result per ε.
-    fn run(
-        &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: &[f64],
-        seed: u64,
-    ) -> Result<Vec<AttackResult>> {
-        self.validate()?;
-        if eps.is_empty() {
-            return Err(Error::Config("no ε given".into()));
-        }
-        for &e in eps {
-            self.norm.check_eps(e)?;
-        }
-        let batch = Batch::new(model, bounds, xs, ys)?;
-        eps.iter()
-            .map(|&e| self.attack_batch(model, &batch, e, seed))
-            .collect()
+    fn norm(&self) -> Norm {
+        self.norm
+    }
+
+    fn validate(&self) -> Result<()> {
+        Fab::validate(self)
+    }
+
+    /// `restarts` runs per target class, each on the examples without an adversarial
+    /// point within ε yet.
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome> {
+        repeat(self, self.restarts, problem, eps, seed)
     }
 }
 
-/// The smallest adversarial point found per example (B·D) and its norm (∞: none).
-struct Found {
-    point: Vec<f32>,
-    norm: Vec<f64>,
-}
+impl SingleRun for Fab {
+    /// Judges the clean inputs (only correctly classified examples are attacked) and
+    /// targets each example's 2nd, 3rd, … most likely classes there.
+    fn begin(&self, problem: &Problem<'_>) -> Result<Start> {
+        let batch = &problem.batch;
+        let (b, k) = (batch.len(), batch.classes);
+        let (logits, probs) = batch.forward(problem.model, &batch.x, b, 1)?;
+        let fooled = (0..b)
+            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
+            .collect();
+        let ranks = (0..b)
+            .map(|i| ranked(&logits[i * k..(i + 1) * k]))
+            .collect();
+        Ok(Start::targeted(
+            fooled,
+            ranks,
+            self.target_classes.min(k - 1),
+        ))
+    }
 
-/// Room the box leaves around example `i`: [lo − x, hi − x].
-fn box_room(batch: &Batch, i: usize, lower: &mut [f64], upper: &mut [f64]) {
-    let (lo, hi) = (batch.bounds.lo as f64, batch.bounds.hi as f64);
-    for ((l, u), &x) in lower.iter_mut().zip(upper.iter_mut()).zip(batch.row(i)) {
-        *l = lo - x as f64;
-        *u = hi - x as f64;
+    /// One run per row towards its target class; runs after the first restart start
+    /// at a random point at distance ε/2. Target classes run side by side (each
+    /// example copied once per target of a group, up to `MERGED_ROWS` rows): the model
+    /// sees larger batches, which a CPU processes several times faster per example.
+    fn run_once(
+        &self,
+        problem: &Problem<'_>,
+        rows: &Rows,
+        eps: f64,
+        seed: u64,
+        record: &mut Record,
+    ) -> Result<()> {
+        let targets = rows.targets().ok_or_else(|| {
+            Error::Config("FAB-T runs towards target classes, none were given".into())
+        })?;
+        let random_start = (rows.restart() > 0).then_some((seed, eps));
+        self.single_run(
+            problem.model,
+            &problem.batch,
+            rows.examples(),
+            targets,
+            rows.runs(),
+            random_start,
+            eps,
+            record,
+        )
+    }
+
+    /// The smallest adversarial point found, of any norm.
+    fn unconstrained(&self) -> bool {
+        true
     }
 }
 

@@ -1,16 +1,16 @@
 //! The fast gradient sign method, plain and with a random start: a single L∞ step of
 //! the PGD loop.
 
-use candle_core::{ModuleT, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Attack, AttackResult, Bounds, Criterion};
-use crate::engine;
+use crate::base::{Attack, Criterion};
 use crate::eot::Eot;
 use crate::error::Result;
 use crate::norm::{Init, Norm};
 use crate::objective::Objective;
 use crate::pgd::{Pgd, Restarts, StepSize};
+use crate::problem::{Outcome, Problem};
+use crate::repeated::{Record, Rows, SingleRun, Start};
 
 /// FGSM: δ = proj(δ₀ + α·sign(∇ objective(x + δ₀))). Like every attack here it returns
 /// the better (by criterion, then objective) of the start and the stepped point.
@@ -68,17 +68,50 @@ impl Fgsm {
 }
 
 impl Attack for Fgsm {
-    /// xs: (B, ...) in `bounds`; ys: (B,) labels. One result per ε (L∞).
-    fn run(
+    fn norm(&self) -> Norm {
+        Norm::Linf
+    }
+
+    fn criterion(&self) -> Criterion {
+        self.criterion
+    }
+
+    fn eval_samples(&self) -> usize {
+        self.eot.eval_samples
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.as_pgd().validate()
+    }
+
+    fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        self.as_pgd().check(problem)
+    }
+
+    /// The single step (L∞).
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome> {
+        self.as_pgd().attack_eps(problem, eps, seed)
+    }
+}
+
+impl SingleRun for Fgsm {
+    fn begin(&self, problem: &Problem<'_>) -> Result<Start> {
+        self.as_pgd().begin(problem)
+    }
+
+    fn run_once(
         &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: &[f64],
+        problem: &Problem<'_>,
+        rows: &Rows,
+        eps: f64,
         seed: u64,
-    ) -> Result<Vec<AttackResult>> {
-        engine::run(&self.as_pgd(), None, model, bounds, xs, ys, eps, seed)
+        record: &mut Record,
+    ) -> Result<()> {
+        self.as_pgd().run_once(problem, rows, eps, seed, record)
+    }
+
+    fn skips_fooled(&self) -> bool {
+        false
     }
 }
 
@@ -87,6 +120,7 @@ mod tests {
     use super::*;
     use crate::objective::input_gradient;
     use crate::testutil::trained;
+    use crate::Bounds;
 
     /// FGSM's point is x + ε·sign(∇ CE(x)) clipped to the bounds, computed here by hand;
     /// the attack returns it unless x itself has the higher loss.

@@ -2,13 +2,15 @@
 //! perturbation is confined to a border of `width` pixels and may take any value within
 //! the bounds there.
 
-use candle_core::{ModuleT, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Attack, AttackResult, Bounds};
-use crate::engine;
+use crate::base::{Attack, Criterion};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::norm::Norm;
 use crate::pgd::Pgd;
+use crate::problem::{Outcome, Problem};
+use crate::repeated::{Record, Rows, SingleRun, Start};
 
 /// The PGD loop with its perturbation masked to the image border. The ε of each run is
 /// the loop's norm bound *inside* the frame: with [`crate::Norm::Linf`] and ε ≥ hi − lo the
@@ -53,25 +55,81 @@ impl Frames {
     }
 }
 
+impl Frames {
+    /// The mask of the problem's images; refuses inputs that are not (B, C, H, W).
+    fn problem_mask(&self, problem: &Problem<'_>) -> Result<Vec<f64>> {
+        match *problem.dims() {
+            [_, c, h, w] => self.mask(c, h, w),
+            ref other => Err(Error::Input(format!(
+                "frames need images of shape (B, C, H, W), got {other:?}"
+            ))),
+        }
+    }
+}
+
 impl Attack for Frames {
-    /// xs: (B, C, H, W) in `bounds`; ys: (B,) labels. One result per ε.
-    fn run(
+    fn norm(&self) -> Norm {
+        self.pgd.norm
+    }
+
+    fn criterion(&self) -> Criterion {
+        self.pgd.criterion
+    }
+
+    fn eval_samples(&self) -> usize {
+        self.pgd.eot.eval_samples
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.width == 0 {
+            return Err(Error::Config(
+                "a frame needs a width of at least one pixel".into(),
+            ));
+        }
+        self.pgd.validate()
+    }
+
+    /// Refuses inputs that are not images (B, C, H, W), and what [`Pgd`] refuses.
+    fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        let mask = self.problem_mask(problem)?;
+        self.engine(&mask).check(problem)
+    }
+
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome> {
+        let mask = self.problem_mask(problem)?;
+        self.engine(&mask).attack_eps(problem, eps, seed)
+    }
+}
+
+impl SingleRun for Frames {
+    fn begin(&self, problem: &Problem<'_>) -> Result<Start> {
+        self.pgd.begin(problem)
+    }
+
+    fn run_once(
         &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: &[f64],
+        problem: &Problem<'_>,
+        rows: &Rows,
+        eps: f64,
         seed: u64,
-    ) -> Result<Vec<AttackResult>> {
-        let (_, c, h, w) = xs.dims4().map_err(|_| {
-            Error::Input(format!(
-                "frames need images of shape (B, C, H, W), got {:?}",
-                xs.dims()
-            ))
-        })?;
-        let mask = self.mask(c, h, w)?;
-        engine::run(&self.pgd, Some(&mask), model, bounds, xs, ys, eps, seed)
+        record: &mut Record,
+    ) -> Result<()> {
+        let mask = self.problem_mask(problem)?;
+        self.engine(&mask)
+            .run_once(problem, rows, eps, seed, record)
+    }
+
+    fn skips_fooled(&self) -> bool {
+        self.pgd.skips_fooled()
+    }
+}
+
+impl Frames {
+    fn engine<'a>(&'a self, mask: &'a [f64]) -> Engine<'a> {
+        Engine {
+            cfg: &self.pgd,
+            mask: Some(mask),
+        }
     }
 }
 
@@ -80,8 +138,10 @@ mod tests {
     use super::*;
     use crate::pgd::{Restarts, StepSize};
     use crate::testutil::{TinyConv, CLASSES};
+    use crate::Bounds;
     use crate::Init;
     use candle_core::Device;
+    use candle_core::{ModuleT, Tensor};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

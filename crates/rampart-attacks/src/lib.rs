@@ -6,7 +6,7 @@
 //! versions, resumable through [`EnsembleState`]) and the trust checks of
 //! [`TrustReport`] (see `docs/autoattack.md`).
 //!
-//! The crate owns the attack loop and nothing else. A model is any
+//! The crate owns the attacks and nothing else. A model is any
 //! [`candle_core::ModuleT`], always called as `forward_t(x, false)`: the attack never
 //! changes a train/eval state and never updates a weight (input gradients come from a
 //! [`candle_core::Var`] wrapped around the input; the gradient store is dropped).
@@ -15,15 +15,31 @@
 //!
 //! # Design
 //!
-//! * **One PGD engine.** [`Pgd`] is the loop of every PGD-family attack. A [`Norm`]
-//!   contributes the three norm-specific pieces (random start, gradient normalisation,
-//!   projection onto the ε-ball); every iterate is then projected onto the input
-//!   [`Bounds`], a value given with each call. [`Fgsm`], [`Distal`] and [`Frames`] are
-//!   configurations of that loop (a single step; a confidence objective around noise;
-//!   a border mask). The AutoAttack members [`Apgd`], [`Fab`] and [`Square`] keep the
-//!   loops their papers define (step-size schedule with checkpoints, the minimum-norm
-//!   projection step, random square search), on the same norms, projections, objectives
-//!   and prepared batch.
+//! * **One attack contract.** Like foolbox's `FixedEpsilonAttack`, an attack
+//!   implements [`Attack::attack_eps`], the work of *one* ε on a prepared [`Problem`],
+//!   returning one point per example ([`Outcome`]), and names its [`Norm`],
+//!   [`Criterion`] and EOT judgement samples. The provided [`Attack::run`] is written
+//!   once for all of them: it validates the configuration, the bounds and every ε,
+//!   checks inputs, labels and model output, loops over ε, projects any point outside
+//!   the ε-ball onto the ε-ball ∩ box (FAB's minimum-norm points, see [`Points`]) and
+//!   judges the points on fresh forward passes. Only the [`AutoAttack`] ensemble,
+//!   which judges stage by stage and resumes from a saved state, overrides `run`.
+//! * **One restarts loop.** [`Repeated`] (foolbox's `Repeated`) runs any
+//!   [`SingleRun`] attack from fresh starts: restart r attacks only the examples not
+//!   yet fooled, a targeted attack runs one pass per target class (passes side by
+//!   side in one batch where they fit), and the per-example worst case over every
+//!   run is kept in a [`Record`] (a success beats a non-success, then a higher
+//!   objective wins), so a later run never loses a success. [`Pgd`], [`Apgd`],
+//!   [`Fab`] and [`Square`] take their restarts from that loop.
+//! * **One PGD loop.** [`Pgd`] is the single run of every PGD-family attack. A
+//!   [`Norm`] contributes the three norm-specific pieces (random start, gradient
+//!   normalisation, projection onto the ε-ball); every iterate is then projected onto
+//!   the input [`Bounds`], a value given with each call. [`Fgsm`], [`Distal`] and
+//!   [`Frames`] are configurations of that loop (a single step; a confidence
+//!   objective around noise; a border mask). The AutoAttack members [`Apgd`], [`Fab`]
+//!   and [`Square`] keep the single runs their papers define (step-size schedule with
+//!   checkpoints, the minimum-norm projection step, random square search), on the
+//!   same norms, projections, objectives, restarts and prepared problem.
 //! * **Per-example state.** Momentum, step size with backtracking, best-so-far
 //!   tracking (the start point included) and restarts are all per example; the result
 //!   is the per-example worst case over every evaluated point of every restart.
@@ -34,9 +50,10 @@
 //! * **Exact feasibility.** Projections are computed in `f64` and the adversarial input
 //!   is rounded *towards* the clean input, so ‖x_adv − x‖_p ≤ ε and x_adv ∈ bounds hold
 //!   exactly for the returned `f32` values, not just up to rounding.
-//! * **Seeded.** Every attack takes a seed; restart `r` of example `i` draws its start
-//!   from ChaCha8 seeded with `seed + r` on stream `i`, so results do not depend on the
-//!   batch composition and are reproducible on a deterministic model.
+//! * **Seeded.** Every attack takes a seed; run `r` of example `i` draws its random
+//!   numbers from ChaCha8 seeded with `seed + r` on stream `i` (run r = pass·restarts +
+//!   restart for targeted passes), so results do not depend on the batch composition
+//!   and are reproducible on a deterministic model.
 #![warn(missing_docs)]
 
 mod apgd;
@@ -54,6 +71,8 @@ mod frames;
 mod norm;
 mod objective;
 mod pgd;
+mod problem;
+mod repeated;
 mod square;
 #[cfg(test)]
 mod table_tests;
@@ -73,4 +92,6 @@ pub use frames::Frames;
 pub use norm::{project_l1_ball, project_l1_box, standard_normal, Init, Norm, L1_TOP_K};
 pub use objective::{input_gradient, Objective};
 pub use pgd::{Pgd, Restarts, StepSize};
+pub use problem::{Outcome, Points, Problem};
+pub use repeated::{Record, Repeated, Rows, SingleRun, Start};
 pub use square::Square;

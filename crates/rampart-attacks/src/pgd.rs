@@ -1,15 +1,17 @@
-//! Projected gradient descent (ascent on the objective): the configuration of the one
-//! attack loop and the named settings of the literature.
+//! Projected gradient descent (ascent on the objective): the configuration of the PGD
+//! loop shared by FGSM, distal examples and frames, and the named settings of the
+//! literature.
 
-use candle_core::{ModuleT, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Attack, AttackResult, Bounds, Criterion};
-use crate::engine;
+use crate::base::{Attack, Criterion};
+use crate::engine::Engine;
 use crate::eot::Eot;
 use crate::error::{Error, Result};
 use crate::norm::{Init, Norm};
 use crate::objective::Objective;
+use crate::problem::{Outcome, Problem};
+use crate::repeated::{Record, Rows, SingleRun, Start};
 
 /// Step size of a gradient step (the multiplier of the normalised, momentum-averaged
 /// gradient).
@@ -39,7 +41,9 @@ impl StepSize {
 }
 
 /// Restarts ("attempts"): `count` runs of the loop from fresh starts; the first uses
-/// `first`, the others `rest`. The per-example worst case over all of them is kept.
+/// `first`, the others `rest`. The per-example worst case over all of them is kept
+/// (the runs are [`crate::Repeated`]'s: `Repeated { attack: pgd, restarts: n }` runs
+/// `n` times with these initialisations).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Restarts {
     /// Number of runs (≥ 1).
@@ -249,16 +253,61 @@ impl Pgd {
 }
 
 impl Attack for Pgd {
-    /// xs: (B, ...) in `bounds`; ys: (B,) labels. One result per ε.
-    fn run(
+    fn norm(&self) -> Norm {
+        self.norm
+    }
+
+    fn criterion(&self) -> Criterion {
+        self.criterion
+    }
+
+    fn eval_samples(&self) -> usize {
+        self.eot.eval_samples
+    }
+
+    fn validate(&self) -> Result<()> {
+        Pgd::validate(self)
+    }
+
+    /// Refuses too few classes for the objective and a target class out of range.
+    fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        self.engine().check(problem)
+    }
+
+    /// `restarts.count` runs of the loop ([`crate::Repeated`]'s restarts).
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome> {
+        self.engine().attack_eps(problem, eps, seed)
+    }
+}
+
+impl SingleRun for Pgd {
+    fn begin(&self, problem: &Problem<'_>) -> Result<Start> {
+        self.engine().begin(problem)
+    }
+
+    /// One run of the loop, started with `restarts.init(rows.restart())`.
+    fn run_once(
         &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: &[f64],
+        problem: &Problem<'_>,
+        rows: &Rows,
+        eps: f64,
         seed: u64,
-    ) -> Result<Vec<AttackResult>> {
-        engine::run(self, None, model, bounds, xs, ys, eps, seed)
+        record: &mut Record,
+    ) -> Result<()> {
+        self.engine().run_once(problem, rows, eps, seed, record)
+    }
+
+    /// Only with early stopping.
+    fn skips_fooled(&self) -> bool {
+        self.early_stop
+    }
+}
+
+impl Pgd {
+    fn engine(&self) -> Engine<'_> {
+        Engine {
+            cfg: self,
+            mask: None,
+        }
     }
 }

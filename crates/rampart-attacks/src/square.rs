@@ -3,15 +3,17 @@
 //! gradient masking does not stop it; AutoAttack runs it last as a sanity check of
 //! the white-box attacks.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::ModuleT;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Attack, AttackResult, Bounds};
-use crate::batch::{Batch, Best};
+use crate::base::Attack;
+use crate::batch::Batch;
 use crate::error::{Error, Result};
 use crate::norm::Norm;
+use crate::problem::{Outcome, Problem};
+use crate::repeated::{repeat, Record, Rows, SingleRun, Start};
 
 /// Square attack on images (B, C, H, W), untargeted, margin loss
 /// f_y − max_{k≠y} f_k (minimised). Per example, from a start on the ε-sphere
@@ -94,73 +96,59 @@ impl Square {
             .count();
         self.p_init / (1u32 << halvings) as f64
     }
-
-    /// The attack at one ε on a validated batch.
-    pub(crate) fn attack_batch(
-        &self,
-        model: &dyn ModuleT,
-        batch: &Batch,
-        eps: f64,
-        seed: u64,
-    ) -> Result<AttackResult> {
-        self.validate()?;
-        self.norm.check_eps(eps)?;
-        let shape = match batch.dims.as_slice() {
-            &[_, c, h, w] => Shape { c, h, w },
-            other => {
-                return Err(Error::Input(format!(
-                    "the Square attack needs images (B, C, H, W), got shape {other:?}"
-                )))
-            }
-        };
-        let (b, k) = (batch.len(), batch.classes);
-        let (_, probs) = batch.forward(model, &batch.x, b, 1)?;
-        let fooled = (0..b)
-            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
-            .collect();
-        let mut best = Best::new(batch, fooled);
-        let mut queries = vec![0usize; b];
-        for r in 0..self.restarts {
-            let idx: Vec<usize> = (0..b).filter(|&i| !best.success[i]).collect();
-            if idx.is_empty() {
-                break;
-            }
-            let run = Run {
-                cfg: self,
-                model,
-                batch,
-                idx: &idx,
-                shape,
-                eps,
-            };
-            run.run(seed, r as u64, &mut best, &mut queries)?;
-        }
-        batch.result(model, self.norm, None, best.adv, queries, eps, 1)
-    }
 }
 
 impl Attack for Square {
-    /// xs: (B, C, H, W) in `bounds`; ys: (B,) labels. One result per ε.
-    fn run(
+    fn norm(&self) -> Norm {
+        self.norm
+    }
+
+    fn validate(&self) -> Result<()> {
+        Square::validate(self)
+    }
+
+    /// Refuses inputs that are not images (B, C, H, W).
+    fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        Shape::of(problem).map(|_| ())
+    }
+
+    /// `restarts` runs, each on the examples still robust.
+    fn attack_eps(&self, problem: &Problem<'_>, eps: f64, seed: u64) -> Result<Outcome> {
+        repeat(self, self.restarts, problem, eps, seed)
+    }
+}
+
+impl SingleRun for Square {
+    /// Judges the clean inputs: misclassified examples are not attacked.
+    fn begin(&self, problem: &Problem<'_>) -> Result<Start> {
+        let batch = &problem.batch;
+        let (b, k) = (batch.len(), batch.classes);
+        let (_, probs) = batch.forward(problem.model, &batch.x, b, 1)?;
+        let fooled = (0..b)
+            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
+            .collect();
+        Ok(Start::untargeted(fooled))
+    }
+
+    /// One run of `queries` queries; `iterations` counts the queries.
+    fn run_once(
         &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: &[f64],
+        problem: &Problem<'_>,
+        rows: &Rows,
+        eps: f64,
         seed: u64,
-    ) -> Result<Vec<AttackResult>> {
-        self.validate()?;
-        if eps.is_empty() {
-            return Err(Error::Config("no ε given".into()));
-        }
-        for &e in eps {
-            self.norm.check_eps(e)?;
-        }
-        let batch = Batch::new(model, bounds, xs, ys)?;
-        eps.iter()
-            .map(|&e| self.attack_batch(model, &batch, e, seed))
-            .collect()
+        record: &mut Record,
+    ) -> Result<()> {
+        let run = Run {
+            cfg: self,
+            model: problem.model,
+            batch: &problem.batch,
+            idx: rows.examples(),
+            runs: rows.runs(),
+            shape: Shape::of(problem)?,
+            eps,
+        };
+        run.run(seed, record)
     }
 }
 
@@ -172,6 +160,15 @@ struct Shape {
 }
 
 impl Shape {
+    fn of(problem: &Problem<'_>) -> Result<Shape> {
+        match *problem.dims() {
+            [_, c, h, w] => Ok(Shape { c, h, w }),
+            ref other => Err(Error::Input(format!(
+                "the Square attack needs images (B, C, H, W), got shape {other:?}"
+            ))),
+        }
+    }
+
     fn at(&self, c: usize, y: usize, x: usize) -> usize {
         (c * self.h + y) * self.w + x
     }
@@ -189,18 +186,21 @@ struct Run<'a> {
     model: &'a dyn ModuleT,
     batch: &'a Batch,
     idx: &'a [usize],
+    /// Per attacked example: the run number its random numbers are drawn for.
+    runs: &'a [u64],
     shape: Shape,
     eps: f64,
 }
 
 impl Run<'_> {
-    fn run(&self, seed: u64, restart: u64, best: &mut Best, queries: &mut [usize]) -> Result<()> {
+    fn run(&self, seed: u64, record: &mut Record) -> Result<()> {
         let (batch, d) = (self.batch, self.batch.d);
         let m = self.idx.len();
         let mut rngs: Vec<ChaCha8Rng> = self
             .idx
             .iter()
-            .map(|&i| batch.rng(seed, restart, i))
+            .zip(self.runs)
+            .map(|(&i, &run)| batch.rng(seed, run, i))
             .collect();
         let mut current = vec![0f32; m * d];
         for (j, &i) in self.idx.iter().enumerate() {
@@ -209,8 +209,8 @@ impl Run<'_> {
         let all: Vec<usize> = (0..m).collect();
         let (mut margin, mut fooled) = self.query(&all, &current)?;
         for (j, &i) in self.idx.iter().enumerate() {
-            queries[i] += 1;
-            best.offer(i, &current[j * d..(j + 1) * d], fooled[j], -margin[j]);
+            record.count_step(i);
+            record.offer(i, &current[j * d..(j + 1) * d], fooled[j], -margin[j]);
         }
         let mut proposal = Vec::with_capacity(m * d);
         let mut scratch = Scratch::default();
@@ -234,12 +234,12 @@ impl Run<'_> {
             let (new_margin, new_fooled) = self.query(&live, &proposal)?;
             for (r, &j) in live.iter().enumerate() {
                 let i = self.idx[j];
-                queries[i] += 1;
+                record.count_step(i);
                 if new_margin[r] < margin[j] || new_fooled[r] {
                     margin[j] = new_margin[r];
                     fooled[j] = new_fooled[r];
                     current[j * d..(j + 1) * d].copy_from_slice(&proposal[r * d..(r + 1) * d]);
-                    best.offer(i, &current[j * d..(j + 1) * d], fooled[j], -margin[j]);
+                    record.offer(i, &current[j * d..(j + 1) * d], fooled[j], -margin[j]);
                 }
             }
         }

@@ -114,7 +114,7 @@ fn examples_do_not_depend_on_the_batch() -> Result<()> {
     let all = all[0].clipped.flatten_from(1)?.to_vec2::<f32>()?;
     let batch = crate::batch::Batch::new(&t.model, Bounds::UNIT, &t.xs, &t.ys)?;
     let idx = [3usize, 10, 41];
-    let sub = apgd.attack_batch(&t.model, &batch.subset(&idx), 0.05, 1)?;
+    let sub = crate::Problem::from_batch(&t.model, batch.subset(&idx)).attack(&apgd, 0.05, 1)?;
     let sub = sub.clipped.flatten_from(1)?.to_vec2::<f32>()?;
     for (r, &i) in idx.iter().enumerate() {
         assert_eq!(sub[r], all[i]);

@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{AutoAttack, EnsembleState, Stage};
-use crate::batch::Batch;
 use crate::testutil::{assert_invariants, count, trained, Masked, Mlp, Noisy};
+use crate::Problem;
 use crate::{Apgd, Attack, Bounds, Error, Fab, Norm, Pgd, Result, Square, TrustWarning};
 
 /// The standard ensemble with every budget cut, for fast tests.
@@ -42,9 +42,9 @@ fn the_standard_ensemble_is_never_weaker_than_a_member() -> Result<()> {
         &eval.result,
     )?;
     let robust: Vec<bool> = eval.result.success.iter().map(|s| !s).collect();
-    let batch = Batch::new(&t.model, Bounds::UNIT, &t.xs, &t.ys)?;
+    let problem = Problem::new(&t.model, Bounds::UNIT, &t.xs, &t.ys)?;
     for (s, stage) in aa.stages.iter().enumerate() {
-        let alone = stage.attack(&t.model, &batch, eps, AutoAttack::stage_seed(7, s))?;
+        let alone = stage.attack(&problem, eps, AutoAttack::stage_seed(7, s))?;
         for (i, (&fooled, &kept)) in alone.success.iter().zip(&robust).enumerate() {
             assert!(!(fooled && kept), "{}: point {i}", stage.name());
         }
