@@ -56,10 +56,22 @@ pub enum InteropError {
     Unsupported(String),
     /// Building the model failed.
     #[error(transparent)]
-    Model(#[from] rampart_models::ModelError),
+    Model(Box<rampart_models::ModelError>),
     /// A tensor operation failed.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<rampart_models::ModelError> for InteropError {
+    fn from(e: rampart_models::ModelError) -> Self {
+        InteropError::Model(Box::new(e))
+    }
+}
+
+impl From<candle_core::Error> for InteropError {
+    fn from(e: candle_core::Error) -> Self {
+        InteropError::Candle(Box::new(e))
+    }
 }
 
 /// Results of this crate.

@@ -400,7 +400,7 @@ impl<'a> Machine<'a> {
         match top {
             Value::List(list) => list.extend(items),
             Value::Dict(dict) => {
-                if items.len() % 2 != 0 {
+                if !items.len().is_multiple_of(2) {
                     return Err(PickleError::Malformed {
                         offset: at,
                         message: "a dict item without its value".into(),

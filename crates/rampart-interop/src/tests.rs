@@ -240,9 +240,9 @@ const ARCHS: [Arch; 3] = [
 fn torch_archives_and_exports_import_to_the_same_logits() {
     let x = images(3, 9);
     for (i, arch) in ARCHS.into_iter().enumerate() {
-        let model = random_model(arch.clone(), 40 + i as u64);
+        let model = random_model(arch, 40 + i as u64);
         let want = logits(&model, &x);
-        let options = ImportOptions::robustbench(arch.clone());
+        let options = ImportOptions::robustbench(arch);
         let archive = torch_archive(&torch_entries(&model, options.convention), None);
         let imported = import_file(&archive, &options).unwrap();
         assert_eq!(logits(&imported, &x), want, "{arch} from a torch archive");
@@ -350,7 +350,7 @@ fn checkpoints_and_data_parallel_names_are_understood() {
         depth: 10,
         widen: 1,
     };
-    let model = random_model(arch.clone(), 3);
+    let model = random_model(arch, 3);
     let x = images(2, 1);
     let mut entries = torch_entries(&model, Convention::Robustbench);
     for e in &mut entries {
@@ -500,7 +500,7 @@ fn state_dicts_that_do_not_fit_are_refused() {
         depth: 10,
         widen: 1,
     };
-    let options = ImportOptions::robustbench(arch.clone());
+    let options = ImportOptions::robustbench(arch);
     let mut entries = small_entries();
     let removed = entries.remove(3).name;
     let msg = import_file(&torch_archive(&entries, None), &options)

@@ -95,7 +95,7 @@ pub fn import_state_dict(dict: &StateDict, options: &ImportOptions) -> Result<Cl
         }
     };
     let spec = ModelSpec {
-        arch: options.arch.clone(),
+        arch: options.arch,
         num_classes: classes,
         input_shape: [channels, options.input_size, options.input_size],
         mean: options.mean.clone(),
