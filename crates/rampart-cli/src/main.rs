@@ -12,6 +12,7 @@ mod common;
 mod compare;
 mod eval;
 mod eval_run;
+mod interop;
 mod logging;
 mod preset;
 mod sweep;
@@ -84,6 +85,10 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Evaluate one model over a range of λ (OAT) or noise scales (stochastic students).
     Sweep(Box<sweep::SweepArgs>),
+    /// Turn a PyTorch state dict (torch.save or safetensors) into a Rampart model file.
+    Import(interop::ImportArgs),
+    /// Write a Rampart model's weights as a PyTorch state dict.
+    Export(interop::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -127,6 +132,8 @@ fn run(cli: Cli) -> Result<()> {
             logging::init(None)?;
             args.run(&command, env_data_dir)?;
         }
+        Command::Import(args) => println!("{}", args.run()?),
+        Command::Export(args) => println!("{}", args.run()?),
         Command::Compare(args) => {
             println!("comparison written to {}", args.run()?.display());
         }

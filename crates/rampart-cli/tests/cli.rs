@@ -1053,3 +1053,59 @@ fn a_killed_evaluation_resumes_to_the_same_results() -> TestResult {
     assert!(resumed_steps > 0, "no restart resumed anything");
     Ok(())
 }
+
+/// `rampart export` writes a PyTorch state dict under RobustBench's names;
+/// `rampart import` of that file (with the model's normalisation) gives a model whose
+/// per-example predictions equal the original's; a wrong architecture is refused.
+#[test]
+fn export_and_import_round_trip_through_a_pytorch_state_dict() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = write_tiny_cifar10(dir.path(), 20)?;
+    let data = s(&data);
+    let model = train_tiny(data, &dir.path().join("train"))?;
+    let exported = dir.path().join("wrn.safetensors");
+    let run = rampart(&["export", "--model", s(&model), "--out", s(&exported)])?;
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains("robustbench"), "{}", text(&run));
+
+    let imported = dir.path().join("imported.safetensors");
+    let import = |arch: &str, out: &Path| {
+        rampart(&[
+            "import",
+            s(&exported),
+            "--arch",
+            arch,
+            "--mean",
+            "0.4914,0.4822,0.4465",
+            "--std",
+            "0.2470,0.2435,0.2616",
+            "--out",
+            s(out),
+        ])
+    };
+    let run = import("wrn-10-1", &imported)?;
+    assert!(run.status.success(), "{}", text(&run));
+    let wrong = import("wrn-16-1", &dir.path().join("wrong.safetensors"))?;
+    assert!(!wrong.status.success());
+    assert!(text(&wrong).contains("missing"), "{}", text(&wrong));
+
+    let mut predictions = Vec::new();
+    for (name, m) in [("original", &model), ("imported", &imported)] {
+        let out = dir.path().join(name);
+        let run = rampart(&[
+            "eval",
+            "--model",
+            s(m),
+            "--suite",
+            "clean",
+            "--data-dir",
+            data,
+            "--out",
+            s(&out),
+        ])?;
+        assert!(run.status.success(), "{}", text(&run));
+        predictions.push(std::fs::read_to_string(out.join("predictions.json"))?);
+    }
+    assert_eq!(predictions[0], predictions[1]);
+    Ok(())
+}
