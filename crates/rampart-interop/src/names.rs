@@ -46,12 +46,14 @@ impl Convention {
             Arch::Wrn { .. } => Convention::Robustbench,
             Arch::PreactResnet18 => Convention::PreactResnet,
             Arch::Resnet20 => Convention::Ccat,
+            Arch::External => Convention::Rampart,
         }
     }
 
     /// Whether this convention names the tensors of `arch`.
     pub fn fits(self, arch: &Arch) -> bool {
-        self == Convention::Rampart || self == Convention::default_for(arch)
+        *arch != Arch::External
+            && (self == Convention::Rampart || self == Convention::default_for(arch))
     }
 
     /// The name of Rampart's tensor `ours` under this convention (None for a name

@@ -225,6 +225,44 @@ impl Classifier {
         Ok(model)
     }
 
+    /// A classifier around a network Rampart did not build: `spec` gives the input
+    /// shape, normalisation, bounds and classes (its `arch` must be
+    /// [`Arch::External`]). Such a model is evaluated and attacked like any other, in
+    /// eval mode; it cannot be trained, saved or made stochastic.
+    pub fn from_external(
+        spec: ModelSpec,
+        net: Arc<dyn ExternalNetwork>,
+        device: &Device,
+    ) -> Result<Self> {
+        spec.validate()?;
+        if spec.arch != Arch::External || spec.noise.is_some() || spec.oat.is_some() {
+            return Err(ModelError::InvalidSpec(
+                "an external network needs a plain spec with arch `external`".into(),
+            ));
+        }
+        let c = spec.input_shape[0];
+        let mean = Tensor::from_vec(spec.mean.clone(), c, device)?;
+        let inv_std = Tensor::from_vec(
+            spec.std.iter().map(|s| 1.0 / s).collect::<Vec<f32>>(),
+            c,
+            device,
+        )?;
+        Ok(Classifier {
+            spec,
+            varmap: VarMap::new(),
+            net: Box::new(External(net.clone())),
+            frozen_net: Box::new(External(net)),
+            mean,
+            inv_std,
+            metadata: BTreeMap::new(),
+            device: device.clone(),
+            ctx: Arc::new(variant::Context::new(0)),
+            lambda: Mutex::new(0.0),
+            forward_lock: Mutex::new(()),
+            lambda_codes: None,
+        })
+    }
+
     fn initialise(&self, seed: u64) -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         for (name, var) in self.named_vars() {
@@ -570,6 +608,27 @@ impl Classifier {
         Ok(mine.into_keys().filter(|n| !copied.contains(n)).collect())
     }
 }
+
+/// A network Rampart did not build, evaluated through [`Classifier::from_external`]
+/// (an ONNX graph, say). It computes logits (B, K) from NCHW inputs already
+/// normalised by the classifier (most external models normalise inside the graph
+/// and get mean 0, std 1). Gradients flow through whatever candle operations it runs;
+/// it has no parameters of its own to train.
+pub trait ExternalNetwork: Send + Sync {
+    /// xs: (B, C, H, W) → logits (B, K).
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// An [`ExternalNetwork`] in the place of a network proper: NHWC in, NCHW to it.
+struct External(Arc<dyn ExternalNetwork>);
+
+impl ModuleT for External {
+    fn forward_t(&self, xs: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+        self.0.forward(&xs.permute((0, 3, 1, 2))?)
+    }
+}
+
+impl Network for External {}
 
 /// A network proper (NHWC, normalised input → logits), with its fused eval-mode
 /// program where the architecture has one (see [`fused`]).

@@ -21,6 +21,9 @@ pub enum Arch {
     Resnet20,
     /// PreActResNet-18, the fast-AT model.
     PreactResnet18,
+    /// A network Rampart did not build (an ONNX graph, see `rampart-interop`): it is
+    /// evaluated and attacked like any model, never trained or saved.
+    External,
 }
 
 impl fmt::Display for Arch {
@@ -29,6 +32,7 @@ impl fmt::Display for Arch {
             Arch::Wrn { depth, widen } => write!(f, "wrn-{depth}-{widen}"),
             Arch::Resnet20 => write!(f, "resnet20"),
             Arch::PreactResnet18 => write!(f, "preact-resnet18"),
+            Arch::External => write!(f, "external"),
         }
     }
 }
@@ -198,6 +202,11 @@ impl ModelSpec {
             }
             Arch::Resnet20 => Box::new(crate::resnet::resnet20(c, k, vb, opts)?),
             Arch::PreactResnet18 => Box::new(crate::resnet::preact_resnet18(c, k, vb, opts)?),
+            Arch::External => {
+                return Err(ModelError::InvalidSpec(
+                    "an external network is built by its loader (Classifier::from_external), not from a spec".into(),
+                ))
+            }
         })
     }
 }

@@ -29,6 +29,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
 impl Classifier {
     /// Serialises the model (weights, statistics, spec and metadata) to safetensors bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        if self.spec.arch == crate::Arch::External {
+            return Err(ModelError::InvalidSpec(
+                "an external (ONNX) model is not saved as a Rampart model file: evaluate or attack its own file".into(),
+            ));
+        }
         let mut metadata: HashMap<String, String> = self
             .metadata
             .iter()
