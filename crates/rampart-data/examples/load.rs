@@ -1,7 +1,7 @@
 //! Loads a data set with auto-detection, reports what was found and how long it took,
 //! then times one augmented training epoch through the loader.
 //!
-//! `cargo run --release -p rampart-data --example load -- cifar10 DATA_DIR`
+//! `cargo run --release -p rampart-data --example load -- cifar10 DATA_DIR` (or `cifar100`, `mnist`, `svhn`)
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use rampart_data::{load, DatasetKind, Loader, LoaderConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: load <cifar10|cifar100> <DATA_DIR>";
+    let usage = "usage: load <cifar10|cifar100|mnist|svhn> <DATA_DIR>";
     let kind: DatasetKind = args.next().ok_or(usage)?.parse()?;
     let dir = PathBuf::from(args.next().ok_or(usage)?);
 

@@ -16,7 +16,7 @@ use flate2::read::GzDecoder;
 
 use crate::dataset::{ImageDataset, Splits};
 use crate::error::{member_path, DataError, Result};
-use crate::kind::DatasetKind;
+use crate::kind::{CifarLayout, DatasetKind};
 
 /// Channels, height and width of every CIFAR image.
 pub const CIFAR_SHAPE: (usize, usize, usize) = (3, 32, 32);
@@ -24,12 +24,14 @@ const PIXELS: usize = 3 * 32 * 32;
 
 /// Loads both splits of `kind` from the official binary tarball (`path` is a file)
 /// or from its extracted folder (`path` is that folder, or the folder holding it).
+/// A `kind` that is not CIFAR gives [`DataError::InvalidDataset`].
 pub fn load_cifar_binary(kind: DatasetKind, path: &Path) -> Result<Splits> {
+    let layout = cifar_layout(kind)?;
     let splits = if path.is_file() {
-        load_tarball(kind, path)?
+        load_tarball(kind, layout, path)?
     } else {
-        let nested = path.join(kind.binary_folder_name());
-        load_folder(kind, if nested.is_dir() { &nested } else { path })?
+        let nested = path.join(layout.binary_folder);
+        load_folder(kind, layout, if nested.is_dir() { &nested } else { path })?
     };
     tracing::info!(
         dataset = %kind,
@@ -41,17 +43,29 @@ pub fn load_cifar_binary(kind: DatasetKind, path: &Path) -> Result<Splits> {
     Ok(splits)
 }
 
+/// The CIFAR layout of `kind`, or an error saying it is not a CIFAR data set.
+pub(crate) fn cifar_layout(kind: DatasetKind) -> Result<&'static CifarLayout> {
+    kind.cifar_layout().ok_or_else(|| {
+        DataError::InvalidDataset(format!(
+            "{} is not a CIFAR data set: it has no CIFAR binary files",
+            kind.title()
+        ))
+    })
+}
+
 /// Accumulates records into one split.
 struct SplitBuilder {
     kind: DatasetKind,
+    layout: &'static CifarLayout,
     images: Vec<u8>,
     labels: Vec<u32>,
 }
 
 impl SplitBuilder {
-    fn new(kind: DatasetKind) -> Self {
+    fn new(kind: DatasetKind, layout: &'static CifarLayout) -> Self {
         Self {
             kind,
+            layout,
             images: Vec::new(),
             labels: Vec::new(),
         }
@@ -59,7 +73,7 @@ impl SplitBuilder {
 
     /// Appends the records of one batch file; `file` names it in errors.
     fn push_batch(&mut self, bytes: &[u8], file: &Path) -> Result<()> {
-        let label_bytes = self.kind.label_bytes();
+        let label_bytes = self.layout.label_bytes;
         let record_size = label_bytes + PIXELS;
         if bytes.is_empty() || !bytes.len().is_multiple_of(record_size) {
             return Err(DataError::TruncatedRecord {
@@ -98,7 +112,7 @@ impl SplitBuilder {
     }
 }
 
-fn load_folder(kind: DatasetKind, folder: &Path) -> Result<Splits> {
+fn load_folder(kind: DatasetKind, layout: &'static CifarLayout, folder: &Path) -> Result<Splits> {
     let read = |name: &str, split: &mut SplitBuilder| -> Result<()> {
         let file = folder.join(name);
         if !file.is_file() {
@@ -106,36 +120,36 @@ fn load_folder(kind: DatasetKind, folder: &Path) -> Result<Splits> {
                 path: file,
                 help: format!(
                     "the extracted {} folder must hold {} and {}; extract {} ({}) there again",
-                    kind.binary_folder_name(),
-                    kind.train_files().join(", "),
-                    kind.test_file(),
-                    kind.archive_name(),
-                    kind.archive_url(),
+                    layout.binary_folder,
+                    layout.train_files.join(", "),
+                    layout.test_file,
+                    layout.archive.name,
+                    layout.archive.url,
                 ),
             });
         }
         let bytes = std::fs::read(&file).map_err(|e| DataError::io(&file, e))?;
         split.push_batch(&bytes, &file)
     };
-    let mut train = SplitBuilder::new(kind);
-    for name in kind.train_files() {
+    let mut train = SplitBuilder::new(kind, layout);
+    for name in layout.train_files {
         read(name, &mut train)?;
     }
-    let mut test = SplitBuilder::new(kind);
-    read(kind.test_file(), &mut test)?;
+    let mut test = SplitBuilder::new(kind, layout);
+    read(layout.test_file, &mut test)?;
     Ok(Splits {
         train: train.finish()?,
         test: test.finish()?,
     })
 }
 
-fn load_tarball(kind: DatasetKind, archive: &Path) -> Result<Splits> {
+fn load_tarball(kind: DatasetKind, layout: &'static CifarLayout, archive: &Path) -> Result<Splits> {
     let file = File::open(archive).map_err(|e| DataError::io(archive, e))?;
     let mut tar = tar::Archive::new(GzDecoder::new(BufReader::new(file)));
-    let wanted: Vec<&str> = kind
-        .train_files()
+    let wanted: Vec<&str> = layout
+        .train_files
         .iter()
-        .chain([&kind.test_file()])
+        .chain([&layout.test_file])
         .copied()
         .collect();
     // File name → (member path, contents).
@@ -164,23 +178,23 @@ fn load_tarball(kind: DatasetKind, archive: &Path) -> Result<Splits> {
         let (shown, bytes) = found.remove(name).ok_or_else(|| DataError::Missing {
             path: member_path(
                 archive,
-                &format!("{}/{name}", kind.binary_folder_name()),
+                &format!("{}/{name}", layout.binary_folder),
             ),
             help: format!(
                 "the archive lacks this member, so it is not the official {}: download it again from {} ({})",
-                kind.archive_name(),
-                kind.archive_url(),
-                kind.archive_checksum(),
+                layout.archive.name,
+                layout.archive.url,
+                layout.archive.checksum,
             ),
         })?;
         split.push_batch(&bytes, &shown)
     };
-    let mut train = SplitBuilder::new(kind);
-    for name in kind.train_files() {
+    let mut train = SplitBuilder::new(kind, layout);
+    for name in layout.train_files {
         take(name, &mut train)?;
     }
-    let mut test = SplitBuilder::new(kind);
-    take(kind.test_file(), &mut test)?;
+    let mut test = SplitBuilder::new(kind, layout);
+    take(layout.test_file, &mut test)?;
     Ok(Splits {
         train: train.finish()?,
         test: test.finish()?,
@@ -191,6 +205,17 @@ fn load_tarball(kind: DatasetKind, archive: &Path) -> Result<Splits> {
 pub(crate) mod tests {
     use super::*;
     use crate::testutil::{record, write_cifar_folder, write_cifar_tarball, TestResult};
+
+    #[test]
+    fn refuses_a_kind_that_is_not_cifar() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let err = load_cifar_binary(DatasetKind::Mnist, dir.path()).err();
+        assert!(
+            matches!(&err, Some(DataError::InvalidDataset(m)) if m.contains("MNIST")),
+            "{err:?}"
+        );
+        Ok(())
+    }
 
     #[test]
     fn reads_cifar10_folder_in_official_order() -> TestResult {
@@ -300,7 +325,7 @@ pub(crate) mod tests {
     #[test]
     fn truncated_member_in_tarball_names_archive_and_member() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let archive = dir.path().join(DatasetKind::Cifar100.archive_name());
+        let archive = dir.path().join("cifar-100-binary.tar.gz");
         crate::testutil::write_tar_gz(
             &archive,
             &[

@@ -1,8 +1,9 @@
-//! Fetching and verifying the official CIFAR binary archives.
+//! Fetching and verifying the official files of each data set.
 //!
 //! The CIFAR-10 archive is checked against its SHA-256. For the CIFAR-100 archive the
-//! authors publish only an MD5 (`03b5dce01913d631647c71ecec9e9cb8`), so that is what is
-//! checked: it guards against truncated or corrupted downloads, not against tampering.
+//! authors publish only an MD5 (`03b5dce01913d631647c71ecec9e9cb8`), and MNIST's four
+//! `.gz` files and SVHN's two `.mat` files are checked against the MD5s torchvision
+//! uses: these guard against truncated or corrupted downloads, not against tampering.
 //!
 //! The HTTP client sits behind the cargo feature `download`, **off by default** because
 //! its TLS stack (ureq, rustls, ring) adds about 90 s of compile time on two cores;
@@ -17,40 +18,60 @@ use md5::Md5;
 use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
-use crate::kind::{Checksum, DatasetKind};
+use crate::kind::{Checksum, DatasetKind, OfficialFile};
 
-/// Downloads the official binary archive of `kind` to `dir/<archive name>` and returns
-/// its path. The body is written to `<archive name>.part`, verified, then renamed into
-/// place, so the final name only ever holds a verified file. An archive already there
-/// that verifies is kept without downloading.
-pub fn download(kind: DatasetKind, dir: &Path) -> Result<PathBuf> {
-    let dest = dir.join(kind.archive_name());
-    let checksum = kind.archive_checksum();
-    if dest.is_file() {
-        match verify_file(&dest, checksum) {
-            Ok(()) => {
-                tracing::info!(file = %dest.display(), "archive already present and verified");
-                return Ok(dest);
+/// Downloads the official files of `kind` ([`DatasetKind::official_files`]: the CIFAR
+/// archive, MNIST's four `.gz` IDX files, SVHN's two `.mat` files) into `dir` under
+/// their official names and returns their paths, in that order. Each body is written
+/// to `<name>.part`, verified, then renamed into place, so the final name only ever
+/// holds a verified file. A file already there that verifies is kept without
+/// downloading. [`load`](crate::load) finds the files where this puts them.
+pub fn download(kind: DatasetKind, dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::with_capacity(kind.official_files().len());
+    for file in kind.official_files() {
+        let dest = dir.join(file.name);
+        paths.push(dest.clone());
+        if dest.is_file() {
+            match verify_file(&dest, file.checksum) {
+                Ok(()) => {
+                    tracing::info!(file = %dest.display(), "already present and verified");
+                    continue;
+                }
+                Err(DataError::Checksum { .. }) => {
+                    tracing::warn!(file = %dest.display(), "present but fails its checksum; downloading it again");
+                }
+                Err(e) => return Err(e),
             }
-            Err(DataError::Checksum { .. }) => {
-                tracing::warn!(file = %dest.display(), "archive present but fails its checksum; downloading it again");
-            }
-            Err(e) => return Err(e),
         }
+        std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        fetch_verified(
+            file.url,
+            &dest,
+            file.checksum,
+            &manual_help(kind, dir, file),
+        )?;
     }
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    fetch_verified(
-        kind.archive_url(),
-        &dest,
-        checksum,
-        &manual_help(kind, &dest),
-    )?;
-    Ok(dest)
+    Ok(paths)
 }
 
-/// Checks the official archive of `kind` at `path` against its published digest.
+/// Checks the official file of `kind` at `path` against its published digest: the one
+/// whose name is `path`'s file name, or for CIFAR the archive whatever its name.
+/// A name that is none of `kind`'s official files gives [`DataError::NotOfficial`].
 pub fn verify_archive(kind: DatasetKind, path: &Path) -> Result<()> {
-    verify_file(path, kind.archive_checksum())
+    let files = kind.official_files();
+    let name = path.file_name().and_then(|n| n.to_str());
+    let official = match files {
+        [only] if kind.cifar_layout().is_some() => Some(only),
+        _ => files.iter().find(|f| Some(f.name) == name),
+    };
+    match official {
+        Some(file) => verify_file(path, file.checksum),
+        None => Err(DataError::NotOfficial {
+            file: path.to_path_buf(),
+            dataset: kind.title(),
+            names: files.iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
+        }),
+    }
 }
 
 /// Checks `path` against `checksum`, reading it in full.
@@ -69,17 +90,37 @@ pub fn verify_file(path: &Path, checksum: Checksum) -> Result<()> {
     hasher.check(path, checksum)
 }
 
-/// How to place the archive by hand.
-fn manual_help(kind: DatasetKind, dest: &Path) -> String {
-    format!(
-        "Without network access, fetch {url} on another machine, check its {checksum}, and place it at {dest} \
-         (or its extracted {folder}/ folder next to it), then pass --data-dir {dir}",
-        url = kind.archive_url(),
-        checksum = kind.archive_checksum(),
-        dest = dest.display(),
-        folder = kind.binary_folder_name(),
-        dir = dest.parent().map(|p| p.display().to_string()).unwrap_or_default(),
-    )
+/// How to place `file` of `kind` (and the others it comes with) in `dir` by hand.
+fn manual_help(kind: DatasetKind, dir: &Path, file: &OfficialFile) -> String {
+    let mut help = format!(
+        "Without network access, fetch {url} on another machine, check its {checksum}, and place it at {dest}",
+        url = file.url,
+        checksum = file.checksum,
+        dest = dir.join(file.name).display(),
+    );
+    if let Some(layout) = kind.cifar_layout() {
+        help += &format!(
+            " (or its extracted {}/ folder next to it)",
+            layout.binary_folder
+        );
+    }
+    let others: Vec<String> = kind
+        .official_files()
+        .iter()
+        .filter(|f| f.name != file.name)
+        .map(|f| {
+            format!(
+                "{} from {} ({})",
+                dir.join(f.name).display(),
+                f.url,
+                f.checksum
+            )
+        })
+        .collect();
+    if !others.is_empty() {
+        help += &format!("; {} also needs {}", kind.title(), others.join(", "));
+    }
+    help + &format!(", then pass --data-dir {}", dir.display())
 }
 
 /// A running digest of the kind named by a [`Checksum`].
@@ -304,20 +345,17 @@ mod tests {
             // A loopback port with nothing listening.
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let url = format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz");
-            let dest = dir.path().join(DatasetKind::Cifar10.archive_name());
-            let help = manual_help(DatasetKind::Cifar10, &dest);
-            let err =
-                fetch_verified(&url, &dest, DatasetKind::Cifar10.archive_checksum(), &help).err();
+            let official = &DatasetKind::Cifar10.official_files()[0];
+            let dest = dir.path().join(official.name);
+            let help = manual_help(DatasetKind::Cifar10, dir.path(), official);
+            let err = fetch_verified(&url, &dest, official.checksum, &help).err();
             assert!(matches!(err, Some(DataError::Download { .. })), "{err:?}");
             let msg = err.map(|e| e.to_string()).unwrap_or_default();
             assert!(
                 msg.contains(&dest.display().to_string()) && msg.contains("--data-dir"),
                 "{msg}"
             );
-            assert!(
-                msg.contains(DatasetKind::Cifar10.archive_checksum().hex()),
-                "{msg}"
-            );
+            assert!(msg.contains(official.checksum.hex()), "{msg}");
             assert!(!dest.exists());
             Ok(())
         }
@@ -333,21 +371,58 @@ mod tests {
         let dest = dir.path().join("cifar-10-binary.tar.gz");
         for needle in [
             "`download` feature",
-            DatasetKind::Cifar10.archive_url(),
-            DatasetKind::Cifar10.archive_checksum().hex(),
+            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+            "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
             &dest.display().to_string(),
+            "cifar-10-batches-bin/",
             "--data-dir",
         ] {
             assert!(msg.contains(needle), "message lacks {needle}: {msg}");
         }
         assert!(!dest.exists());
+
+        // MNIST: the first missing file is named, and every other file it needs is listed.
+        let err = download(DatasetKind::Mnist, dir.path()).err();
+        let msg = err.map(|e| e.to_string()).unwrap_or_default();
+        for file in DatasetKind::Mnist.official_files() {
+            for needle in [
+                file.url,
+                file.checksum.hex(),
+                &dir.path().join(file.name).display().to_string(),
+            ] {
+                assert!(msg.contains(needle), "message lacks {needle}: {msg}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn verify_archive_picks_the_official_file_by_name() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let f = dir.path().join("t10k-labels-idx1-ubyte.gz");
+        std::fs::write(&f, b"abc")?;
+        let err = verify_archive(DatasetKind::Mnist, &f).err();
+        assert!(
+            matches!(&err, Some(DataError::Checksum { expected, .. }) if expected == "ec29112dd5afa0611ce80d1b7f02629c"),
+            "{err:?}"
+        );
+        let other = dir.path().join("labels.gz");
+        std::fs::write(&other, b"abc")?;
+        let msg = verify_archive(DatasetKind::Mnist, &other)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("labels.gz") && msg.contains("t10k-labels-idx1-ubyte.gz"),
+            "{msg}"
+        );
         Ok(())
     }
 
     #[test]
     fn verify_archive_rejects_a_wrong_file() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let f = dir.path().join(DatasetKind::Cifar100.archive_name());
+        let f = dir.path().join("cifar-100-binary.tar.gz");
         std::fs::write(&f, b"not the archive")?;
         let err = verify_archive(DatasetKind::Cifar100, &f).err();
         assert!(

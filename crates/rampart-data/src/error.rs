@@ -65,6 +65,52 @@ pub enum DataError {
         source: image::ImageError,
     },
 
+    /// A file shorter than its own header or length fields say it must be.
+    #[error(
+        "{}: truncated {format} file: {what} needs {needed} bytes but only {available} remain",
+        .file.display()
+    )]
+    Truncated {
+        /// The file (a gzipped file is named as is; lengths count decompressed bytes).
+        file: PathBuf,
+        /// The file format, e.g. `"IDX"` or `"MAT v5"`.
+        format: &'static str,
+        /// The part being read, e.g. `"image data (10 images of 28x28)"`.
+        what: String,
+        /// Bytes that part needs.
+        needed: u64,
+        /// Bytes left in the file from where that part starts.
+        available: u64,
+    },
+
+    /// A file that is not a valid file of its format, or not the data set expected in it
+    /// (wrong magic number, wrong dimensions, missing variable, bad value).
+    #[error("{}: malformed {format} file: {problem}", .file.display())]
+    Malformed {
+        /// The file at fault.
+        file: PathBuf,
+        /// The file format, e.g. `"IDX"` or `"MAT v5"`.
+        format: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// An images file and a labels file (or variable) that disagree on the number of examples.
+    #[error(
+        "{} holds {images} images but {} holds {labels} labels; the two must come from the same split",
+        .images_file.display(), .labels_file.display()
+    )]
+    CountMismatch {
+        /// The file holding the images.
+        images_file: PathBuf,
+        /// Number of images it holds.
+        images: usize,
+        /// The file holding the labels (the same file for SVHN's `.mat`).
+        labels_file: PathBuf,
+        /// Number of labels it holds.
+        labels: usize,
+    },
+
     /// Expected data is not where it was looked for; `help` says what to place where.
     #[error("missing data at {}: {help}", .path.display())]
     Missing {
@@ -97,6 +143,21 @@ pub enum DataError {
         expected: String,
         /// The digest of the file, lowercase hex.
         actual: String,
+    },
+
+    /// A file checked against a data set's published digests whose name is none of that
+    /// data set's official files, so no digest applies.
+    #[error(
+        "{}: not one of the official {dataset} files ({names}), so no published checksum applies",
+        .file.display()
+    )]
+    NotOfficial {
+        /// The file to check.
+        file: PathBuf,
+        /// The data set's title, e.g. `"MNIST"`.
+        dataset: &'static str,
+        /// The official file names, comma-separated.
+        names: String,
     },
 
     /// A download that could not be done (no network, HTTP error, feature disabled).
@@ -143,8 +204,8 @@ pub enum DataError {
     #[error("loader background thread failed: {0}")]
     LoaderThread(String),
 
-    /// A data-set name that is neither `cifar10` nor `cifar100`.
-    #[error("unknown dataset `{0}`: expected `cifar10` or `cifar100`")]
+    /// A data-set name that is none of `cifar10`, `cifar100`, `mnist`, `svhn`.
+    #[error("unknown dataset `{0}`: expected `cifar10`, `cifar100`, `mnist` or `svhn`")]
     UnknownDataset(String),
 
     /// An error from candle while building tensors.

@@ -1,21 +1,29 @@
-//! Data for Rampart: CIFAR-10/100 and image folders in memory, seeded batching and
-//! augmentation.
+//! Data for Rampart: CIFAR-10/100, MNIST, SVHN and image folders in memory, seeded
+//! batching and augmentation.
 //!
 //! This crate owns everything between files on disk and `(B, C, H, W)` tensors:
 //!
-//! - **Finding and reading data.** [`load`] detects which form a data set was placed
-//!   in (official binary `.tar.gz`, its extracted folder, an image folder or its
-//!   `.tar.gz`) and reads it with [`load_cifar_binary`], [`load_image_folder`] or
-//!   [`load_image_archive`]; [`download`] fetches and verifies the official archives.
-//!   Every failure is a typed [`DataError`] naming the file and the problem, and
-//!   missing data come with instructions on what to place where.
+//! - **Finding and reading data.** [`load`] finds a [`DatasetKind`] in a data folder,
+//!   whatever form it was placed in. CIFAR: the official binary `.tar.gz`, its
+//!   extracted folder, an image folder or its `.tar.gz`, read with
+//!   [`load_cifar_binary`], [`load_image_folder`] or [`load_image_archive`]. MNIST: the
+//!   four IDX files, gzipped or not ([`load_mnist`], [`load_mnist_idx`]). SVHN: the
+//!   cropped-digit MATLAB files `train_32x32.mat` / `test_32x32.mat` ([`load_svhn`],
+//!   [`load_svhn_mat`]), read by a level-5 MAT-file reader written here (plain and
+//!   zlib-compressed elements, either byte order). [`download`] fetches the official
+//!   files ([`DatasetKind::official_files`]) and verifies their checksums. Every
+//!   failure is a typed [`DataError`] naming the file and the problem (a truncated or
+//!   inconsistent file is an error, never a panic, and a length field is checked
+//!   against the bytes present before anything is allocated for it), and missing data
+//!   come with instructions on what to place where.
 //! - **Holding data.** [`ImageDataset`] keeps uint8 images C×H×W in memory with their
 //!   labels and class names; [`ImageDataset::batch_tensors`] makes f32 tensors in [0, 1].
 //! - **Feeding training.** [`Loader`] yields seeded, augmented ([`Augmentation`])
 //!   mini-batches prepared ahead on a background thread.
 //!
-//! **Invariants.** Binary data keep the official example order; image folders are
-//! ordered so every prefix and suffix is class-balanced. The order of an epoch depends
+//! **Invariants.** Binary data (CIFAR, MNIST, SVHN) keep the official example order;
+//! MNIST and SVHN labels are the digits 0–9 (SVHN's label 10 is read as 0); image
+//! folders are ordered so every prefix and suffix is class-balanced. The order of an epoch depends
 //! only on (seed, epoch) and the augmentation of example i only on (seed, epoch, i).
 //! Pixels leave this crate in [0, 1]; normalisation belongs to the model.
 //!
@@ -53,6 +61,9 @@ mod folder;
 mod kind;
 mod load;
 mod loader;
+mod mat;
+mod mnist;
+mod svhn;
 #[cfg(test)]
 mod testutil;
 
@@ -63,6 +74,8 @@ pub use dataset::{ImageDataset, Splits};
 pub use download::{download, verify_archive, verify_file};
 pub use error::{DataError, Result};
 pub use folder::{load_image_archive, load_image_folder};
-pub use kind::{Checksum, DatasetKind};
+pub use kind::{Checksum, CifarLayout, DatasetKind, OfficialFile};
 pub use load::load;
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig, PREFETCH};
+pub use mnist::{load_mnist, load_mnist_idx, MNIST_SHAPE};
+pub use svhn::{load_svhn, load_svhn_mat, SVHN_SHAPE};

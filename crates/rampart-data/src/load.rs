@@ -2,13 +2,25 @@
 
 use std::path::Path;
 
-use crate::cifar::load_cifar_binary;
+use crate::cifar::{cifar_layout, load_cifar_binary};
 use crate::dataset::Splits;
 use crate::error::{DataError, Result};
 use crate::folder::{load_image_archive, load_image_folder};
-use crate::kind::DatasetKind;
+use crate::kind::{CifarLayout, DatasetKind};
+use crate::mnist::load_mnist;
+use crate::svhn::load_svhn;
 
-/// Loads `kind` from `dir`, trying in this order:
+/// Loads `kind` from `dir`.
+///
+/// **MNIST**: the four IDX files `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
+/// `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each gzipped (with `.gz`, as
+/// downloaded) or not, in `dir`, in torchvision's `dir/MNIST/raw/`, or in `dir/mnist/`
+/// (see [`load_mnist`]).
+///
+/// **SVHN**: `train_32x32.mat` and `test_32x32.mat` in `dir` or `dir/svhn/` (see
+/// [`load_svhn`]).
+///
+/// **CIFAR**, trying in this order:
 ///
 /// 1. the extracted official folder, `dir/cifar-10-batches-bin/` (CIFAR-100:
 ///    `dir/cifar-100-binary/`), or `dir` itself when it holds `data_batch_1.bin`
@@ -23,30 +35,44 @@ use crate::kind::DatasetKind;
 /// Nothing found gives [`DataError::Missing`] saying what to place where, the
 /// `--data-dir` to pass, and the download URL with its checksum.
 pub fn load(kind: DatasetKind, dir: &Path) -> Result<Splits> {
-    let binary_folder = dir.join(kind.binary_folder_name());
+    match kind {
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => load_cifar(kind, dir),
+        DatasetKind::Mnist => load_mnist(dir),
+        DatasetKind::Svhn => load_svhn(dir),
+    }
+}
+
+/// [`load`] for CIFAR-10 and CIFAR-100.
+fn load_cifar(kind: DatasetKind, dir: &Path) -> Result<Splits> {
+    let layout = cifar_layout(kind)?;
+    let binary_folder = dir.join(layout.binary_folder);
     if binary_folder.is_dir() {
         return load_cifar_binary(kind, &binary_folder);
     }
-    if dir.join(kind.train_files()[0]).is_file() {
+    if layout
+        .train_files
+        .first()
+        .is_some_and(|f| dir.join(f).is_file())
+    {
         return load_cifar_binary(kind, dir);
     }
-    let archive = dir.join(kind.archive_name());
+    let archive = dir.join(layout.archive.name);
     if archive.is_file() {
         return load_cifar_binary(kind, &archive);
     }
-    let nested = dir.join(kind.image_folder_name());
+    let nested = dir.join(layout.image_folder);
     for root in [nested.as_path(), dir] {
         if root.join("train").is_dir() || root.join("test").is_dir() {
             return check_classes(kind, root, load_image_folder(root)?);
         }
     }
-    let image_archive = dir.join(format!("{}.tar.gz", kind.image_folder_name()));
+    let image_archive = dir.join(format!("{}.tar.gz", layout.image_folder));
     if image_archive.is_file() {
         return check_classes(kind, &image_archive, load_image_archive(&image_archive)?);
     }
     Err(DataError::Missing {
         path: dir.to_path_buf(),
-        help: missing_help(kind, dir),
+        help: missing_help(kind, layout, dir),
     })
 }
 
@@ -79,16 +105,16 @@ fn check_classes(kind: DatasetKind, source: &Path, splits: Splits) -> Result<Spl
     Ok(splits)
 }
 
-/// What to place where when nothing was found in `dir`.
-fn missing_help(kind: DatasetKind, dir: &Path) -> String {
+/// What to place where when no CIFAR data were found in `dir`.
+fn missing_help(kind: DatasetKind, layout: &CifarLayout, dir: &Path) -> String {
     let d = dir.display();
     let exists = if dir.is_dir() {
         ""
     } else {
         " (the folder does not exist)"
     };
-    let mut batches: Vec<&str> = kind.train_files().to_vec();
-    batches.push(kind.test_file());
+    let mut batches: Vec<&str> = layout.train_files.to_vec();
+    batches.push(layout.test_file);
     format!(
         "no {title} data found{exists}. Place one of these in {d}, or pass --data-dir with the folder that holds one:\n  \
          1. {d}/{archive}, the official archive: {url} ({checksum})\n  \
@@ -96,16 +122,13 @@ fn missing_help(kind: DatasetKind, dir: &Path) -> String {
          3. an image folder {d}/{images}/{{train,test}}/<class>/*.png|jpg|jpeg (class folders in alphabetical = label order), or it packed as {d}/{images}.tar.gz\n\
          With network access, rampart_data::download({kind}, dir) fetches and verifies archive 1.",
         title = kind.title(),
-        archive = kind.archive_name(),
-        url = kind.archive_url(),
-        checksum = kind.archive_checksum(),
-        folder = kind.binary_folder_name(),
+        archive = layout.archive.name,
+        url = layout.archive.url,
+        checksum = layout.archive.checksum,
+        folder = layout.binary_folder,
         batches = batches.join(","),
-        images = kind.image_folder_name(),
-        kind = match kind {
-            DatasetKind::Cifar10 => "DatasetKind::Cifar10",
-            DatasetKind::Cifar100 => "DatasetKind::Cifar100",
-        },
+        images = layout.image_folder,
+        kind = kind.rust_name(),
     )
 }
 
