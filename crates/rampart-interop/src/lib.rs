@@ -10,6 +10,10 @@
 //!   shape, none left over.
 //! * [`export_state_dict`] writes a model's weights as a safetensors state dict that
 //!   the matching public module loads with `load_state_dict`.
+//! * With the `onnx` feature (on by default; its build needs `protoc`): `load_onnx`
+//!   turns an exported ONNX image classifier into a `Classifier` that every attack
+//!   and evaluation runs on, with input gradients, and `export_onnx` writes a
+//!   Rampart model as an ONNX graph.
 //!
 //! See `docs/interop.md` for the commands (`rampart import`, `rampart export`) and
 //! the Python side of both directions.
@@ -18,16 +22,27 @@
 use std::path::PathBuf;
 
 mod names;
+#[cfg(feature = "onnx")]
+mod onnx;
+#[cfg(feature = "onnx")]
+mod onnx_export;
 pub mod pickle;
 mod state_dict;
 mod torch;
 
 #[cfg(test)]
 mod tests;
+#[cfg(all(test, feature = "onnx"))]
+mod tests_onnx;
 
 pub use names::Convention;
 pub use state_dict::{read_state_dict, StateDict, TensorData, CHECKPOINT_KEYS};
 pub use torch::{export_state_dict, import_state_dict, metadata, ImportOptions};
+#[cfg(feature = "onnx")]
+pub use {
+    onnx::{load_onnx, OnnxOptions, SUPPORTED_OPS},
+    onnx_export::export_onnx,
+};
 
 /// Errors from reading, importing or exporting PyTorch weights.
 #[derive(Debug, thiserror::Error)]

@@ -176,7 +176,7 @@ fn torch_entries(model: &Classifier, convention: Convention) -> Vec<Entry> {
 }
 
 /// A model with random weights and non-trivial running statistics.
-fn random_model(arch: Arch, seed: u64) -> Classifier {
+pub(crate) fn random_model(arch: Arch, seed: u64) -> Classifier {
     let mut spec = ModelSpec::cifar(arch, 10);
     spec.mean = vec![0.0; 3];
     spec.std = vec![1.0; 3];
@@ -197,13 +197,13 @@ fn random_model(arch: Arch, seed: u64) -> Classifier {
     model
 }
 
-fn images(b: usize, seed: u64) -> Tensor {
+pub(crate) fn images(b: usize, seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let v: Vec<f32> = (0..b * 3 * 32 * 32).map(|_| rng.gen()).collect();
     Tensor::from_vec(v, (b, 3, 32, 32), &Device::Cpu).unwrap()
 }
 
-fn logits(model: &Classifier, x: &Tensor) -> Vec<f32> {
+pub(crate) fn logits(model: &Classifier, x: &Tensor) -> Vec<f32> {
     model
         .forward_t(x, false)
         .unwrap()
@@ -225,7 +225,7 @@ fn import_file(bytes: &[u8], options: &ImportOptions) -> Result<Classifier> {
     import_state_dict(&read_state_dict(&path)?, options)
 }
 
-const ARCHS: [Arch; 3] = [
+pub(crate) const ARCHS: [Arch; 3] = [
     Arch::Wrn {
         depth: 10,
         widen: 2,
