@@ -35,9 +35,11 @@ const DEFAULT_RELATIVE_STEP: f64 = 0.25;
 /// Flags of `rampart attack`.
 #[derive(Args, Debug)]
 pub struct AttackArgs {
-    /// Model file written by `rampart train`.
+    /// Model file written by `rampart train`, or an ONNX image classifier (.onnx).
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    onnx: crate::interop::OnnxInputArgs,
     /// Folder holding the data set; defaults to $RAMPART_DATA_DIR.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -170,6 +172,7 @@ impl AttackArgs {
             self.lambda,
             self.noise_scale,
             self.seed,
+            &self.onnx,
         )?;
         let samples = self
             .eot

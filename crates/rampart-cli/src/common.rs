@@ -177,7 +177,7 @@ pub fn at_least_one(flag: &str, value: usize) -> Result<usize> {
     Ok(value)
 }
 
-/// Loads a model file for evaluation or attack: the λ of a once-for-all model and the
+/// Loads a model file (or an ONNX graph) for evaluation or attack: the λ of a once-for-all model and the
 /// noise scale of a stochastic one set (when given), its noise reseeded with `seed`.
 pub fn load_model(
     path: &Path,
@@ -185,8 +185,9 @@ pub fn load_model(
     lambda: Option<f32>,
     noise_scale: Option<f32>,
     seed: u64,
+    onnx: &crate::interop::OnnxInputArgs,
 ) -> Result<rampart_models::Classifier> {
-    let model = rampart_models::Classifier::load(path, device)
+    let model = crate::interop::load_classifier(path, device, onnx)
         .with_context(|| format!("cannot load the model {}", path.display()))?;
     if let Some(lambda) = lambda {
         model.set_lambda(lambda).context("--lambda")?;

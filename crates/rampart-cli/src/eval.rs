@@ -82,9 +82,13 @@ predictions.json (per-example label, prediction and confidence), probs.safetenso
 (per-example softmax probabilities), config.json, command.txt and eval.log."
 )]
 pub struct EvalArgs {
-    /// Model file written by `rampart train` (model.safetensors).
+    /// Model file written by `rampart train` (model.safetensors), or an ONNX image
+    /// classifier (.onnx; see docs/interop.md).
     #[arg(long)]
     pub model: PathBuf,
+
+    #[command(flatten)]
+    pub onnx: crate::interop::OnnxInputArgs,
 
     /// Folder holding the data set; defaults to $RAMPART_DATA_DIR. See datasets/README.md.
     #[arg(long)]
@@ -215,6 +219,8 @@ pub struct EvalArgs {
 pub struct EvalPlan {
     /// The model file.
     pub model: PathBuf,
+    /// How an ONNX model's inputs look.
+    pub onnx: crate::interop::OnnxInputArgs,
     /// The data folder.
     pub data_dir: PathBuf,
     /// The data set, if given; otherwise taken from the model's metadata.
@@ -438,6 +444,7 @@ impl EvalArgs {
         }
         Ok(EvalPlan {
             model: self.model.clone(),
+            onnx: self.onnx.clone(),
             data_dir: resolve_data_dir(self.data_dir.clone(), env_data_dir)?,
             dataset,
             test_limit: self.test_limit,

@@ -274,6 +274,7 @@ impl EvalPlan {
             self.lambda,
             self.noise_scale,
             self.protocol_seed,
+            &self.onnx,
         )?;
         let dataset = match (self.dataset, model.metadata().get("dataset")) {
             (Some(d), _) => d,

@@ -97,11 +97,68 @@ impl ImportArgs {
     }
 }
 
+/// How an ONNX model's inputs look (`rampart eval` and `rampart attack`); the
+/// defaults are RobustBench's: inputs in [0, 1], normalisation inside the graph.
+#[derive(Args, Clone, Debug, Default, PartialEq)]
+pub struct OnnxInputArgs {
+    /// ONNX models only: per-channel mean Rampart subtracts before the graph
+    /// [default: none, the graph normalises].
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub onnx_mean: Option<Vec<f32>>,
+    /// ONNX models only: per-channel std Rampart divides by before the graph.
+    #[arg(long, value_delimiter = ',')]
+    pub onnx_std: Option<Vec<f32>>,
+    /// ONNX models only: bounds of valid inputs, lo,hi [default: 0,1].
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub onnx_bounds: Option<Vec<f32>>,
+}
+
+impl OnnxInputArgs {
+    fn given(&self) -> bool {
+        *self != OnnxInputArgs::default()
+    }
+}
+
+/// Whether `path` names an ONNX model (by its extension).
+pub fn is_onnx(path: &std::path::Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+}
+
+/// Loads `path`: an ONNX graph (`.onnx`) with `inputs`, or a Rampart model file.
+pub fn load_classifier(
+    path: &std::path::Path,
+    device: &candle_core::Device,
+    inputs: &OnnxInputArgs,
+) -> Result<Classifier> {
+    if !is_onnx(path) {
+        if inputs.given() {
+            bail!("--onnx-mean, --onnx-std and --onnx-bounds apply to ONNX models (.onnx) only");
+        }
+        return Ok(Classifier::load(path, device)?);
+    }
+    let bounds = match inputs.onnx_bounds.as_deref() {
+        None => [0.0, 1.0],
+        Some([lo, hi]) => [*lo, *hi],
+        Some(_) => bail!("--onnx-bounds takes two values, lo,hi"),
+    };
+    let options = rampart_interop::OnnxOptions {
+        mean: inputs.onnx_mean.clone(),
+        std: inputs.onnx_std.clone(),
+        bounds,
+        device: device.clone(),
+    };
+    Ok(rampart_interop::load_onnx(path, &options)?)
+}
+
 /// What `rampart export` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
     /// A PyTorch `state_dict` as safetensors (`safetensors.torch.load_file`).
     PytorchSafetensors,
+    /// An ONNX graph (opset 13) with the input normalisation inside: inputs in the
+    /// model's bounds, output the logits.
+    Onnx,
 }
 
 /// Flags of `rampart export`.
@@ -123,18 +180,26 @@ pub struct ExportArgs {
 }
 
 impl ExportArgs {
-    /// Writes the state dict; returns the line to print.
+    /// Writes the state dict or graph; returns the line to print.
     pub fn run(&self) -> Result<String> {
         let model = Classifier::load(&self.model, &candle_core::Device::Cpu)?;
         let arch = model.spec().arch;
         let names = self.names.unwrap_or_else(|| Convention::default_for(&arch));
         let bytes = match self.format {
-            ExportFormat::PytorchSafetensors => {
-                rampart_interop::export_state_dict(&model, names)
-                    .with_context(|| format!("exporting {}", self.model.display()))?
-            }
-        };
+            ExportFormat::PytorchSafetensors => rampart_interop::export_state_dict(&model, names),
+            ExportFormat::Onnx => rampart_interop::export_onnx(&model),
+        }
+        .with_context(|| format!("exporting {}", self.model.display()))?;
         rampart_fs::write_atomic(&self.out, &bytes)?;
+        if self.format == ExportFormat::Onnx {
+            return Ok(format!(
+                "exported the {arch} of {} as ONNX to {} (input `input`: images in [{}, {}], normalisation inside; output `logits`)",
+                self.model.display(),
+                self.out.display(),
+                model.spec().bounds[0],
+                model.spec().bounds[1]
+            ));
+        }
         Ok(format!(
             "exported the {arch} of {} as a PyTorch state dict with `{names}` names to {} (normalisation mean {:?}, std {:?}: apply it before the network, see docs/interop.md)",
             self.model.display(),

@@ -1109,3 +1109,90 @@ fn export_and_import_round_trip_through_a_pytorch_state_dict() -> TestResult {
     assert_eq!(predictions[0], predictions[1]);
     Ok(())
 }
+
+/// `rampart export --format onnx` writes a graph that `rampart eval` and `rampart
+/// attack` take as `--model x.onnx`: the same predictions as the Rampart model, an
+/// attack within ε; the ONNX-only input flags are refused for a Rampart model file.
+#[test]
+fn onnx_models_are_evaluated_and_attacked() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = write_tiny_cifar10(dir.path(), 12)?;
+    let data = s(&data);
+    let model = train_tiny(data, &dir.path().join("train"))?;
+    let onnx = dir.path().join("wrn.onnx");
+    let run = rampart(&[
+        "export",
+        "--model",
+        s(&model),
+        "--format",
+        "onnx",
+        "--out",
+        s(&onnx),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+
+    let mut predicted = Vec::new();
+    for (name, m) in [("rampart", &model), ("onnx", &onnx)] {
+        let out = dir.path().join(name);
+        let run = rampart(&[
+            "eval",
+            "--model",
+            s(m),
+            "--suite",
+            "clean",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            data,
+            "--out",
+            s(&out),
+        ])?;
+        assert!(run.status.success(), "{}", text(&run));
+        predicted.push(read_json(&out.join("predictions.json"))?["predicted"].clone());
+    }
+    assert_eq!(predicted[0], predicted[1]);
+
+    let out = dir.path().join("atk");
+    let run = rampart(&[
+        "attack",
+        "--model",
+        s(&onnx),
+        "--data-dir",
+        data,
+        "--eps",
+        "8/255",
+        "--steps",
+        "2",
+        "--test-limit",
+        "4",
+        "--out",
+        s(&out),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let tensors = candle_core::safetensors::load(
+        out.join("adversarial.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let max_norm: f32 = tensors["norm_0"].max(0)?.to_scalar()?;
+    assert!(
+        max_norm <= 8.0 / 255.0 + 1e-6,
+        "L∞ norm {max_norm} exceeds ε"
+    );
+
+    let run = rampart(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--onnx-mean",
+        "0.5,0.5,0.5",
+        "--suite",
+        "clean",
+        "--data-dir",
+        data,
+        "--out",
+        s(&dir.path().join("bad")),
+    ])?;
+    assert!(!run.status.success());
+    assert!(text(&run).contains("ONNX models"), "{}", text(&run));
+    Ok(())
+}
