@@ -44,8 +44,16 @@ pub enum DefenseError {
 
     /// The loss stopped being a finite number.
     #[error(
-        "training diverged: the loss is {value} at epoch {epoch}, batch {batch} \
-         (lower the learning rate or check the data)"
+        "training diverged: the loss is {value} at epoch {epoch}, batch {batch}; {} \
+         (lower the learning rate or check the data)",
+        match .checkpoint {
+            Some(path) => format!(
+                "the last good checkpoint is {} (after epoch {})",
+                path.display(),
+                epoch - 1
+            ),
+            None => "no epoch finished, so there is no checkpoint".to_string(),
+        }
     )]
     Diverged {
         /// Epoch (1-based).
@@ -54,6 +62,8 @@ pub enum DefenseError {
         batch: usize,
         /// The loss value.
         value: f32,
+        /// The checkpoint of the last finished epoch, if one was written.
+        checkpoint: Option<PathBuf>,
     },
 
     /// A checkpoint that cannot be resumed from.

@@ -677,3 +677,81 @@ impl<M: TrainingMethod> TrainingMethod for Forgetful<M> {
         self.0.loss(model, images, labels, rng)
     }
 }
+
+/// A method whose loss turns NaN on its `nan_at`-th call.
+struct Diverging {
+    inner: Normal,
+    calls: Cell<usize>,
+    nan_at: usize,
+}
+
+impl TrainingMethod for Diverging {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn settings(&self) -> serde_json::Value {
+        self.inner.settings()
+    }
+    fn loss(
+        &self,
+        model: &Classifier,
+        images: &Tensor,
+        labels: &Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<BatchLoss> {
+        self.calls.set(self.calls.get() + 1);
+        let mut out = self.inner.loss(model, images, labels, rng)?;
+        if self.calls.get() == self.nan_at {
+            out.loss = (out.loss * f64::NAN)?;
+        }
+        Ok(out)
+    }
+}
+
+/// A NaN loss stops training with its epoch and batch and names the last good
+/// checkpoint, which stays valid; in the first epoch it says there is none.
+#[test]
+fn divergence_names_the_last_good_checkpoint() -> TestResult {
+    let train = Arc::new(toy_dataset(64, 1));
+    let test = toy_dataset(16, 2);
+    for (nan_at, epoch, batch) in [(6, 2, 2), (2, 1, 2)] {
+        let dir = tempfile::tempdir()?;
+        let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+        let method = Diverging {
+            inner: Normal::new(),
+            calls: Cell::new(0),
+            nan_at,
+        };
+        let err = Trainer::new(toy_config(3), dir.path())?
+            .progress(Progress::Hidden)
+            .run(&mut model, &method, train.clone(), &test)
+            .err()
+            .ok_or("a NaN loss did not stop training")?;
+        let ckpt = dir.path().join(CHECKPOINT_FILE);
+        match &err {
+            DefenseError::Diverged {
+                epoch: e,
+                batch: b,
+                value,
+                checkpoint,
+            } => {
+                assert_eq!((*e, *b), (epoch, batch));
+                assert!(value.is_nan());
+                assert_eq!(checkpoint.as_deref(), (epoch > 1).then_some(ckpt.as_path()));
+            }
+            other => return Err(format!("unexpected error {other}").into()),
+        }
+        let msg = err.to_string();
+        if epoch > 1 {
+            assert!(
+                msg.contains(&ckpt.display().to_string()) && msg.contains("after epoch 1"),
+                "{msg}"
+            );
+            assert_eq!(read_checkpoint_meta(&ckpt)?.epochs_done, 1);
+        } else {
+            assert!(msg.contains("no checkpoint"), "{msg}");
+            assert!(!ckpt.exists());
+        }
+    }
+    Ok(())
+}

@@ -240,6 +240,7 @@ impl Trainer {
                         epoch: epoch + 1,
                         batch: i + 1,
                         value,
+                        checkpoint: ckpt_path.is_file().then(|| ckpt_path.clone()),
                     });
                 }
                 let grads = out.loss.backward()?;
