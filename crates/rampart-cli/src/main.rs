@@ -91,9 +91,26 @@ enum Command {
     Export(interop::ExportArgs),
 }
 
+/// Ctrl-C and SIGTERM ask the running command to stop after the batch at hand (it
+/// keeps what it wrote and says how to resume); a second one stops at once.
+fn stop_on_signals() {
+    let installed = ctrlc::set_handler(|| {
+        if rampart_fs::interrupt::requested() {
+            eprintln!("stopping now");
+            std::process::exit(130);
+        }
+        rampart_fs::interrupt::request();
+        eprintln!("stop requested: finishing the current batch (Ctrl-C again stops at once)");
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: Ctrl-C will stop at once (no handler: {e})");
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
+    stop_on_signals();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -101,6 +118,10 @@ fn main() -> ExitCode {
                 tracing::error!("{e:#}");
             } else {
                 eprintln!("error: {e:#}");
+            }
+            if rampart_fs::interrupt::requested() {
+                // 128 + SIGINT, as a shell reports an interrupted command.
+                return ExitCode::from(130);
             }
             ExitCode::FAILURE
         }

@@ -1196,3 +1196,153 @@ fn onnx_models_are_evaluated_and_attacked() -> TestResult {
     assert!(text(&run).contains("ONNX models"), "{}", text(&run));
     Ok(())
 }
+
+/// Sends `signal` (INT, TERM) to a child process.
+fn signal(child: &std::process::Child, signal: &str) -> std::io::Result<()> {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()?;
+    assert!(status.success(), "kill -{signal} failed");
+    Ok(())
+}
+
+/// Waits until `ready()` or the child exits (two minutes at most).
+fn wait_for(child: &mut std::process::Child, ready: impl Fn() -> bool) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !ready() && child.try_wait()?.is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Ctrl-C (SIGINT) stops `rampart train` after a finished batch with exit status 130
+/// and a line naming the checkpoint and `--resume`; resuming ends with the weights of
+/// the uninterrupted run. SIGTERM stops `rampart eval` the same way, and running it
+/// again ends with the uninterrupted results.
+#[test]
+fn sigint_and_sigterm_stop_cleanly_and_resume() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    let train = |out: &Path| -> Vec<String> {
+        [
+            "--threads",
+            "2",
+            "train",
+            "--arch",
+            "wrn-10-1",
+            "--epochs",
+            "40",
+            "--batch-size",
+            "8",
+            "--data-dir",
+            data,
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let straight = dir.path().join("straight");
+    let run = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(train(&straight))
+        .output()?;
+    assert!(run.status.success(), "{}", text(&run));
+
+    let out = dir.path().join("interrupted");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(train(&out))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let ckpt = out.join("checkpoint.safetensors");
+    wait_for(&mut child, || ckpt.is_file())?;
+    signal(&child, "INT")?;
+    let stopped = child.wait_with_output()?;
+    let msg = String::from_utf8_lossy(&stopped.stderr).to_string();
+    assert_eq!(stopped.status.code(), Some(130), "{msg}");
+    assert!(
+        msg.contains("interrupted at epoch") && msg.contains("--resume"),
+        "{msg}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+    let resumed = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args([train(&out), vec!["--resume".to_string()]].concat())
+        .output()?;
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let weights = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu);
+    let (a, b) = (
+        weights(&straight.join("model.safetensors"))?,
+        weights(&out.join("model.safetensors"))?,
+    );
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let diff: f32 = (t - &b[name])?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+        assert_eq!(diff, 0.0, "{name} differs after a resumed SIGINT");
+    }
+
+    let model = straight.join("model.safetensors");
+    let eval = |out: &Path| -> Vec<String> {
+        [
+            "--threads",
+            "2",
+            "eval",
+            "--model",
+            s(&model),
+            "--data-dir",
+            data,
+            "--suite",
+            "quick",
+            "--attack-limit",
+            "8",
+            "--held-out",
+            "4",
+            "--steps-scale",
+            "0.5",
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let whole = dir.path().join("whole");
+    let run = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(eval(&whole))
+        .output()?;
+    assert!(run.status.success(), "{}", text(&run));
+    let out = dir.path().join("eval-term");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(eval(&out))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let records = out.join("per_example");
+    wait_for(&mut child, || {
+        std::fs::read_dir(&records)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    })?;
+    signal(&child, "TERM")?;
+    let stopped = child.wait_with_output()?;
+    let msg = String::from_utf8_lossy(&stopped.stderr).to_string();
+    // A run that finished before the signal arrived is fine too.
+    eprintln!("eval after SIGTERM: {:?}", stopped.status.code());
+    if !stopped.status.success() {
+        assert_eq!(stopped.status.code(), Some(130), "{msg}");
+        assert!(msg.contains("run the same command again"), "{msg}");
+        let again = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(eval(&out))
+            .output()?;
+        assert!(again.status.success(), "{}", text(&again));
+    }
+    let mut expected = read_json(&whole.join("results.json"))?;
+    let mut got = read_json(&out.join("results.json"))?;
+    without_timings(&mut expected);
+    without_timings(&mut got);
+    assert_eq!(got, expected);
+    Ok(())
+}

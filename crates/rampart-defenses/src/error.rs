@@ -66,6 +66,27 @@ pub enum DefenseError {
         checkpoint: Option<PathBuf>,
     },
 
+    /// A stop was requested (Ctrl-C, SIGTERM): training ended after a finished batch.
+    #[error(
+        "interrupted at epoch {epoch}, batch {batch}; {}",
+        match .checkpoint {
+            Some(path) => format!(
+                "the checkpoint after epoch {} is {}: run the same command with --resume to continue from it",
+                epoch - 1,
+                path.display()
+            ),
+            None => "no epoch finished, so the run starts afresh when run again".to_string(),
+        }
+    )]
+    Interrupted {
+        /// Epoch (1-based).
+        epoch: usize,
+        /// The last finished batch of that epoch (1-based).
+        batch: usize,
+        /// The checkpoint of the last finished epoch, if one was written.
+        checkpoint: Option<PathBuf>,
+    },
+
     /// A checkpoint that cannot be resumed from.
     #[error("{}: {message}", .path.display())]
     Checkpoint {

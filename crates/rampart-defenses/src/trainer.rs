@@ -248,6 +248,13 @@ impl Trainer {
                 if let Some(ema) = &ema {
                     ema.update(model)?;
                 }
+                if rampart_fs::interrupt::requested() {
+                    return Err(DefenseError::Interrupted {
+                        epoch: epoch + 1,
+                        batch: i + 1,
+                        checkpoint: ckpt_path.is_file().then(|| ckpt_path.clone()),
+                    });
+                }
                 loss_sum += f64::from(value);
                 correct += count_correct(&out.logits, &out.labels)?;
                 seen += out.labels.dim(0)?;

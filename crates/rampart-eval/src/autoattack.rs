@@ -225,6 +225,7 @@ pub fn run_autoattack(
     };
     let resumed_batches = state.batches.len();
     for (b, chunk) in chunks.iter().enumerate() {
+        crate::error::check_interrupt()?;
         if let Some(done) = state.batches.get(b) {
             if done.start == chunk[0] && done.robust.len() == chunk.len() {
                 continue;

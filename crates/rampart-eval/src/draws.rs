@@ -82,6 +82,7 @@ fn predicted(model: &Classifier, data: &ImageDataset, batch_size: usize) -> Resu
     let indices: Vec<usize> = (0..data.len()).collect();
     let mut out = Vec::with_capacity(data.len());
     for chunk in indices.chunks(batch_size) {
+        crate::error::check_interrupt()?;
         let (images, _) = data.batch_tensors(chunk, model.device())?;
         let logits = model.frozen().forward_t(&images, false)?;
         out.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);

@@ -5,6 +5,11 @@ use std::path::{Path, PathBuf};
 /// Everything that can stop an evaluation. File errors name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
+    /// A stop was requested (Ctrl-C, SIGTERM) and honoured between batches.
+    #[error(
+        "interrupted; every finished step is saved: run the same command again to resume from it"
+    )]
+    Interrupted,
     /// A configuration that cannot be run (no examples to attack, batch size 0, …).
     #[error("invalid evaluation config: {0}")]
     Config(String),
@@ -103,3 +108,12 @@ impl EvalError {
 
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, EvalError>;
+
+/// Returns [`EvalError::Interrupted`] when a stop was requested
+/// ([`rampart_fs::interrupt`]): called between batches.
+pub(crate) fn check_interrupt() -> Result<()> {
+    if rampart_fs::interrupt::requested() {
+        return Err(EvalError::Interrupted);
+    }
+    Ok(())
+}

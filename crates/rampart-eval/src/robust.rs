@@ -125,6 +125,7 @@ pub fn worst_case(
     let started = Instant::now();
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
+        crate::error::check_interrupt()?;
         let (xs, ys) = data.batch_tensors(chunk, device)?;
         let labels: Vec<u32> = chunk.iter().map(|&i| data.labels()[i]).collect();
         let batch_seed = seed.wrapping_add(chunk[0] as u64);

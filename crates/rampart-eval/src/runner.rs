@@ -633,6 +633,7 @@ impl Run<'_> {
             seconds: 0.0,
         };
         for (b, idx) in self.batches() {
+            crate::error::check_interrupt()?;
             let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
             let res = a
                 .attack
@@ -701,6 +702,7 @@ impl Run<'_> {
         // τ is only the attack's success flag; the report uses the confidences.
         let criterion_tau = tau.unwrap_or(1.0).clamp(0.0, 1.0) as f32;
         for (b, idx) in self.batches() {
+            crate::error::check_interrupt()?;
             let seed = batch_seed(self.config.seed, "distal", b);
             let dev = &self.config.device;
             let noise = Distal::noise((idx.len(), c, h, w), self.config.bounds, seed, dev)
@@ -893,6 +895,7 @@ impl Run<'_> {
         let pb = progress_bar(self.config.progress, "minimal ε (L∞)", self.data.len());
         let mut min_eps = Vec::with_capacity(self.data.len());
         for (b, idx) in self.batches() {
+            crate::error::check_interrupt()?;
             let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
             let correct: Vec<bool> = idx.iter().map(|&i| self.clean.correct[i]).collect();
             min_eps.extend(minimal_eps(

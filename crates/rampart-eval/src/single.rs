@@ -88,6 +88,7 @@ pub fn attack_at_eps(
     };
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(batch_size) {
+        crate::error::check_interrupt()?;
         let (xs, ys) = data.batch_tensors(chunk, device)?;
         out.labels.push(ys.clone());
         let batch_seed = seed.wrapping_add(chunk[0] as u64);

@@ -13,12 +13,42 @@
 //! `OUT/.rampart.lock`): it is released when the process ends, however it ends, so a
 //! crashed or killed run never leaves a stale lock behind.
 //!
+//! A long run stops cleanly when asked to ([`interrupt`]): the `rampart` binary turns
+//! Ctrl-C and SIGTERM into a request the training and evaluation loops read between
+//! batches, so they finish the batch at hand, keep what is written and say how to
+//! resume.
+//!
 //! This crate knows nothing of models, data or formats: callers serialise, this crate
 //! puts bytes on disk. Every other crate uses it instead of writing files by hand.
 #![warn(missing_docs)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// A process-wide request to stop long work at the next batch boundary (Ctrl-C or
+/// SIGTERM, as the `rampart` binary installs them). Loops call [`interrupt::requested`]
+/// between batches and return their own "interrupted" error, leaving every file they
+/// wrote valid; nothing here touches signals itself.
+pub mod interrupt {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+    /// Asks every loop to stop at its next batch boundary.
+    pub fn request() {
+        REQUESTED.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was requested.
+    pub fn requested() -> bool {
+        REQUESTED.load(Ordering::SeqCst)
+    }
+
+    /// Withdraws the request (for tests and for a caller that handled it).
+    pub fn clear() {
+        REQUESTED.store(false, Ordering::SeqCst);
+    }
+}
 
 /// A file could not be written: the path and what the system said.
 #[derive(Debug, thiserror::Error)]
