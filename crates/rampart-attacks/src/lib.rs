@@ -72,6 +72,8 @@ mod norm;
 mod objective;
 mod pgd;
 mod problem;
+#[cfg(test)]
+mod prop_tests;
 mod repeated;
 mod square;
 #[cfg(test)]
