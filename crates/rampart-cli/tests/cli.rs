@@ -78,6 +78,33 @@ fn train_tiny(data: &str, out: &Path) -> Result<PathBuf, Box<dyn std::error::Err
     Ok(out.join("model.safetensors"))
 }
 
+/// The arguments of a small `quick`-suite evaluation of `model` into `out` (8
+/// attacked images, 4 held out, half the attack steps).
+fn quick_eval_args(model: &Path, data: &str, out: &Path) -> Vec<String> {
+    [
+        "--threads",
+        "2",
+        "eval",
+        "--model",
+        s(model),
+        "--data-dir",
+        data,
+        "--suite",
+        "quick",
+        "--attack-limit",
+        "8",
+        "--held-out",
+        "4",
+        "--steps-scale",
+        "0.5",
+        "--out",
+        s(out),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
 #[test]
 fn help_explains_every_flag() -> TestResult {
     let out = rampart(&["train", "--help"])?;
@@ -956,30 +983,7 @@ fn a_killed_evaluation_resumes_to_the_same_results() -> TestResult {
     write_tiny_cifar10(dir.path(), 8)?;
     let data = s(dir.path());
     let model = train_tiny(data, &dir.path().join("m"))?;
-    let eval = |out: &Path| -> Vec<String> {
-        [
-            "--threads",
-            "2",
-            "eval",
-            "--model",
-            s(&model),
-            "--data-dir",
-            data,
-            "--suite",
-            "quick",
-            "--attack-limit",
-            "8",
-            "--held-out",
-            "4",
-            "--steps-scale",
-            "0.5",
-            "--out",
-            s(out),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
+    let eval = |out: &Path| quick_eval_args(&model, data, out);
     let whole_dir = dir.path().join("whole");
     let started = std::time::Instant::now();
     let whole = Command::new(env!("CARGO_BIN_EXE_rampart"))
@@ -1284,30 +1288,7 @@ fn sigint_and_sigterm_stop_cleanly_and_resume() -> TestResult {
     }
 
     let model = straight.join("model.safetensors");
-    let eval = |out: &Path| -> Vec<String> {
-        [
-            "--threads",
-            "2",
-            "eval",
-            "--model",
-            s(&model),
-            "--data-dir",
-            data,
-            "--suite",
-            "quick",
-            "--attack-limit",
-            "8",
-            "--held-out",
-            "4",
-            "--steps-scale",
-            "0.5",
-            "--out",
-            s(out),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
+    let eval = |out: &Path| quick_eval_args(&model, data, out);
     let whole = dir.path().join("whole");
     let run = Command::new(env!("CARGO_BIN_EXE_rampart"))
         .args(eval(&whole))

@@ -59,63 +59,52 @@ impl Convention {
     /// The name of Rampart's tensor `ours` under this convention (None for a name
     /// outside the architecture's tree).
     pub fn rename(self, ours: &str) -> Option<String> {
+        // (Rampart's top-level layers, layers inside a block) → the public names.
+        let (heads, layers): (&[(&str, &str)], &[(&str, &str)]) = match self {
+            Convention::Rampart => return Some(ours.to_string()),
+            Convention::Robustbench => (
+                &[("stem", "conv1"), ("bn", "bn1"), ("fc", "fc")],
+                &[("shortcut", "convShortcut")],
+            ),
+            Convention::PreactResnet => (
+                &[("stem", "conv1"), ("bn", "bn"), ("fc", "linear")],
+                &[("shortcut", "shortcut.0")],
+            ),
+            Convention::Ccat => (
+                &[("stem", "conv1"), ("stem_bn", "norm1"), ("fc", "logits")],
+                &[
+                    ("bn1", "norm1"),
+                    ("bn2", "norm2"),
+                    ("shortcut", "downsample.0"),
+                    ("shortcut_bn", "downsample.1"),
+                ],
+            ),
+        };
+        let lookup = |table: &[(&str, &str)], key: &str| {
+            table
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        };
         let parts: Vec<&str> = ours.split('.').collect();
         let (head, rest) = parts.split_first()?;
-        let rest = rest.join(".");
-        let join = |prefix: String| -> String {
-            if rest.is_empty() {
-                prefix
-            } else {
-                format!("{prefix}.{rest}")
-            }
-        };
-        match self {
-            Convention::Rampart => Some(ours.to_string()),
-            Convention::Robustbench => match *head {
-                "stem" => Some(join("conv1".into())),
-                "bn" => Some(join("bn1".into())),
-                "fc" => Some(join("fc".into())),
-                _ => {
-                    let (s, b, layer, tail) = block(&parts)?;
-                    let layer = if layer == "shortcut" {
-                        "convShortcut"
-                    } else {
-                        layer
-                    };
-                    Some(format!("block{s}.layer.{b}.{layer}{tail}"))
-                }
-            },
-            Convention::PreactResnet => match *head {
-                "stem" => Some(join("conv1".into())),
-                "bn" => Some(join("bn".into())),
-                "fc" => Some(join("linear".into())),
-                _ => {
-                    let (s, b, layer, tail) = block(&parts)?;
-                    let layer = if layer == "shortcut" {
-                        "shortcut.0"
-                    } else {
-                        layer
-                    };
-                    Some(format!("layer{s}.{b}.{layer}{tail}"))
-                }
-            },
-            Convention::Ccat => match *head {
-                "stem" => Some(join("conv1".into())),
-                "stem_bn" => Some(join("norm1".into())),
-                "fc" => Some(join("logits".into())),
-                _ => {
-                    let (s, b, layer, tail) = block(&parts)?;
-                    let layer = match layer {
-                        "bn1" => "norm1",
-                        "bn2" => "norm2",
-                        "shortcut" => "downsample.0",
-                        "shortcut_bn" => "downsample.1",
-                        other => other,
-                    };
-                    Some(format!("block{}.{b}.{layer}{tail}", s.checked_sub(1)?))
-                }
-            },
+        if let Some(mapped) = lookup(heads, head) {
+            return Some(
+                [mapped.as_str()]
+                    .into_iter()
+                    .chain(rest.iter().copied())
+                    .collect::<Vec<_>>()
+                    .join("."),
+            );
         }
+        let (s, b, layer, tail) = block(&parts)?;
+        let layer = lookup(layers, layer).unwrap_or_else(|| layer.to_string());
+        let prefix = match self {
+            Convention::Robustbench => format!("block{s}.layer.{b}"),
+            Convention::PreactResnet => format!("layer{s}.{b}"),
+            _ => format!("block{}.{b}", s.checked_sub(1)?),
+        };
+        Some(format!("{prefix}.{layer}{tail}"))
     }
 }
 

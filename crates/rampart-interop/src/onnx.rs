@@ -343,61 +343,53 @@ fn tensor_of(t: &onnx::TensorProto) -> std::result::Result<Tensor, String> {
     if !t.external_data.is_empty() {
         return Err("weights in an external file are not supported; export with the weights inside the .onnx file".into());
     }
-    fn raw<const N: usize, T>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-        raw.chunks_exact(N)
-            .map(|c| {
-                let mut a = [0u8; N];
-                a.copy_from_slice(c);
-                f(a)
-            })
-            .collect()
+    /// The typed field if it is filled, else the raw little-endian bytes.
+    fn values<const N: usize, T: Clone>(
+        typed: &[T],
+        raw: &[u8],
+        f: impl Fn([u8; N]) -> T,
+        n: usize,
+    ) -> std::result::Result<Vec<T>, String> {
+        let v: Vec<T> = if typed.is_empty() {
+            raw.chunks_exact(N)
+                .map(|c| {
+                    let mut a = [0u8; N];
+                    a.copy_from_slice(c);
+                    f(a)
+                })
+                .collect()
+        } else {
+            typed.to_vec()
+        };
+        if v.len() != n {
+            return Err(format!("{} values for {n} elements", v.len()));
+        }
+        Ok(v)
     }
     let dt = DataType::try_from(t.data_type).map_err(|_| format!("data type {}", t.data_type))?;
+    let cpu = &Device::Cpu;
     let tensor = match dt {
-        DataType::Float => {
-            let v = if t.float_data.is_empty() {
-                raw(&t.raw_data, f32::from_le_bytes)
-            } else {
-                t.float_data.clone()
-            };
-            check_len(v.len(), n)?;
-            Tensor::from_vec(v, dims, &Device::Cpu)
-        }
-        DataType::Double => {
-            let v = if t.double_data.is_empty() {
-                raw(&t.raw_data, f64::from_le_bytes)
-            } else {
-                t.double_data.clone()
-            };
-            check_len(v.len(), n)?;
-            Tensor::from_vec(v, dims, &Device::Cpu).and_then(|t| t.to_dtype(DType::F32))
-        }
-        DataType::Int64 => {
-            let v = if t.int64_data.is_empty() {
-                raw(&t.raw_data, i64::from_le_bytes)
-            } else {
-                t.int64_data.clone()
-            };
-            check_len(v.len(), n)?;
-            Tensor::from_vec(v, dims, &Device::Cpu)
-        }
+        DataType::Float => Tensor::from_vec(
+            values(&t.float_data, &t.raw_data, f32::from_le_bytes, n)?,
+            dims,
+            cpu,
+        ),
+        DataType::Double => Tensor::from_vec(
+            values(&t.double_data, &t.raw_data, f64::from_le_bytes, n)?,
+            dims,
+            cpu,
+        )
+        .and_then(|t| t.to_dtype(DType::F32)),
+        DataType::Int64 => Tensor::from_vec(
+            values(&t.int64_data, &t.raw_data, i64::from_le_bytes, n)?,
+            dims,
+            cpu,
+        ),
         DataType::Int32 => {
-            let v: Vec<i64> = if t.int32_data.is_empty() {
-                raw(&t.raw_data, |b| i64::from(i32::from_le_bytes(b)))
-            } else {
-                t.int32_data.iter().map(|&x| i64::from(x)).collect()
-            };
-            check_len(v.len(), n)?;
-            Tensor::from_vec(v, dims, &Device::Cpu)
+            let v = values(&t.int32_data, &t.raw_data, i32::from_le_bytes, n)?;
+            Tensor::from_vec(v.into_iter().map(i64::from).collect::<Vec<_>>(), dims, cpu)
         }
         other => return Err(format!("data type {other:?} is not supported")),
     };
     tensor.map_err(|e| e.to_string())
-}
-
-fn check_len(got: usize, want: usize) -> std::result::Result<(), String> {
-    if got != want {
-        return Err(format!("{got} values for {want} elements"));
-    }
-    Ok(())
 }

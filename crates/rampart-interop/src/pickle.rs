@@ -82,21 +82,26 @@ pub enum StorageType {
     Bool,
 }
 
+/// The `torch.*Storage` class of each element type.
+const STORAGE_CLASSES: [(&str, StorageType); 10] = [
+    ("DoubleStorage", StorageType::F64),
+    ("FloatStorage", StorageType::F32),
+    ("HalfStorage", StorageType::F16),
+    ("BFloat16Storage", StorageType::BF16),
+    ("LongStorage", StorageType::I64),
+    ("IntStorage", StorageType::I32),
+    ("ShortStorage", StorageType::I16),
+    ("CharStorage", StorageType::I8),
+    ("ByteStorage", StorageType::U8),
+    ("BoolStorage", StorageType::Bool),
+];
+
 impl StorageType {
     fn from_class(name: &str) -> Option<Self> {
-        Some(match name {
-            "DoubleStorage" => Self::F64,
-            "FloatStorage" => Self::F32,
-            "HalfStorage" => Self::F16,
-            "BFloat16Storage" => Self::BF16,
-            "LongStorage" => Self::I64,
-            "IntStorage" => Self::I32,
-            "ShortStorage" => Self::I16,
-            "CharStorage" => Self::I8,
-            "ByteStorage" => Self::U8,
-            "BoolStorage" => Self::Bool,
-            _ => return None,
-        })
+        STORAGE_CLASSES
+            .iter()
+            .find(|(class, _)| *class == name)
+            .map(|(_, t)| *t)
     }
 
     /// Bytes per element.
