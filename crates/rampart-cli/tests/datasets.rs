@@ -437,8 +437,11 @@ fn download_without_the_feature_says_what_to_place_where() -> TestResult {
     Ok(())
 }
 
-/// Parses a version-1.0 `.npy` of a C-order array: (descr, shape, data).
-fn parse_npy(bytes: &[u8]) -> Result<(String, Vec<usize>, &[u8]), Box<dyn std::error::Error>> {
+/// A parsed `.npy`: dtype descriptor, shape, and the data bytes.
+type Npy<'a> = (String, Vec<usize>, &'a [u8]);
+
+/// Parses a version-1.0 `.npy` of a C-order array.
+fn parse_npy(bytes: &[u8]) -> Result<Npy<'_>, Box<dyn std::error::Error>> {
     if bytes.get(..8) != Some(b"\x93NUMPY\x01\x00".as_slice()) {
         return Err("not a version-1.0 .npy".into());
     }
