@@ -58,7 +58,7 @@ fn images_per_second(lines: &[Value], step: &str) -> Option<f64> {
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> Result<()> {
     let root = workspace_root();
-    let bin = build_rampart(&root, args.device.starts_with("cuda"))?;
+    let bin = build_rampart(&root, args.device.starts_with("cuda"), false)?;
     let common = [
         "--arch".to_string(),
         args.arch.clone(),

@@ -754,6 +754,8 @@ fn title(dataset: &str) -> &str {
     match dataset {
         "cifar10" => "CIFAR-10",
         "cifar100" => "CIFAR-100",
+        "mnist" => "MNIST",
+        "svhn" => "SVHN",
         other => other,
     }
 }

@@ -14,18 +14,30 @@ pub use crate::presets::*;
 /// Flags of `cargo xtask reproduce`.
 #[derive(Args, Debug, Clone)]
 pub struct ReproduceArgs {
-    /// Data set: cifar10 (the presets are tuned for it) or cifar100.
-    #[arg(value_parser = ["cifar10", "cifar100"])]
-    pub dataset: String,
+    /// Data set: cifar10 (the default; the presets are tuned for it), cifar100, mnist
+    /// or svhn, passed to every `rampart` command (the presets' budgets stay CIFAR-10's).
+    #[arg(value_parser = DATASETS, conflicts_with = "dataset_flag")]
+    pub dataset: Option<String>,
+
+    /// The data set, as a flag (same values as the positional argument).
+    #[arg(long = "dataset", value_parser = DATASETS)]
+    pub dataset_flag: Option<String>,
 
     /// Which study to run.
     #[arg(long, value_enum, default_value = "smoke")]
     pub preset: Preset,
 
     /// Folder holding the data set (e.g. the unpacked cifar10-jpeg, or the folder with
-    /// cifar-10-binary.tar.gz); defaults to $RAMPART_DATA_DIR. See datasets/README.md.
+    /// cifar-10-binary.tar.gz); defaults to $RAMPART_DATA_DIR, else the per-user cache
+    /// folder `rampart` uses (~/.cache/rampart/data), filled on first use. See
+    /// datasets/README.md.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+
+    /// Build `rampart` with `--features download`, so a data set missing from the
+    /// per-user cache folder is downloaded on first use.
+    #[arg(long)]
+    pub download: bool,
 
     /// Output folder [default: runs/DATASET-PRESET in the repository].
     #[arg(long)]
@@ -50,6 +62,19 @@ pub struct ReproduceArgs {
     /// `--features cudnn` (CUDA and cuDNN).
     #[arg(long)]
     pub device: Option<String>,
+}
+
+/// The data sets `reproduce` accepts.
+const DATASETS: [&str; 4] = ["cifar10", "cifar100", "mnist", "svhn"];
+
+impl ReproduceArgs {
+    /// The data set: the positional argument or `--dataset`, else cifar10.
+    pub fn dataset(&self) -> &str {
+        self.dataset
+            .as_deref()
+            .or(self.dataset_flag.as_deref())
+            .unwrap_or("cifar10")
+    }
 }
 
 /// The repository root (the xtask's parent folder).
@@ -126,22 +151,21 @@ pub fn select_rows(preset: Preset, selection: &str) -> Result<Vec<ModelRow>> {
 pub fn run(args: &ReproduceArgs) -> Result<()> {
     let started_at = crate::timestamp::now_utc();
     let root = workspace_root();
+    // Without a folder, `rampart` uses (and fills) its per-user cache folder.
     let data_dir = args
         .data_dir
         .clone()
         .or_else(|| std::env::var_os("RAMPART_DATA_DIR").map(PathBuf::from))
-        .filter(|d| !d.as_os_str().is_empty())
-        .context(
-            "--data-dir is required (or set RAMPART_DATA_DIR): the folder that holds the data \
-             set, e.g. the unpacked cifar10-jpeg folder (see datasets/README.md)",
-        )?;
+        .filter(|d| !d.as_os_str().is_empty());
+    let data_dir = data_dir.as_deref();
+    let dataset = args.dataset();
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
     let preset = args.preset;
     let out = args.out.clone().unwrap_or_else(|| {
         root.join("runs")
-            .join(format!("{}-{}", args.dataset, preset.name()))
+            .join(format!("{dataset}-{}", preset.name()))
     });
     let device = args
         .device
@@ -165,13 +189,13 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             }
         }
     }
-    let rampart = build_rampart(&root, device.starts_with("cuda"))?;
+    let rampart = build_rampart(&root, device.starts_with("cuda"), args.download)?;
     let setup = EvalSetup {
         rampart: &rampart,
         threads: args.threads,
-        dataset: &args.dataset,
+        dataset,
         device: &device,
-        data_dir: &data_dir,
+        data_dir,
     };
     let clock = Instant::now();
     let budgets = preset.budgets();
@@ -185,17 +209,14 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         let mut train = rampart_command(&rampart, args.threads);
         train.arg("train").args(row.train_flags()).args([
             "--dataset",
-            &args.dataset,
+            dataset,
             "--seed",
             "0",
             "--device",
             &device,
         ]);
-        train
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--out")
-            .arg(&dir);
+        data_dir_args(&mut train, data_dir);
+        train.arg("--out").arg(&dir);
         if let Some(teacher) = row.teacher {
             train
                 .arg("--init-from")
@@ -306,7 +327,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             .arg(model_dir(&out, row.method).join("model.safetensors"))
             .args([
                 "--dataset",
-                &args.dataset,
+                dataset,
                 "--device",
                 &device,
                 "--suite",
@@ -325,23 +346,20 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                 &attacked.to_string(),
             ]);
         }
-        sweep
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--out")
-            .arg(&dir);
+        data_dir_args(&mut sweep, data_dir);
+        sweep.arg("--out").arg(&dir);
         eprintln!("==> {}: sweep over {over}", row.method);
         run_child(sweep, "rampart sweep")?;
     }
 
     let study = Study {
-        dataset: args.dataset.clone(),
+        dataset: dataset.to_string(),
         preset: preset.name().to_string(),
         preset_about: preset.about().to_string(),
         created: started_at,
         command: xtask_command_line(),
         wall_seconds: clock.elapsed().as_secs_f64(),
-        build_command: build_command_line(device.starts_with("cuda")),
+        build_command: build_command_line(device.starts_with("cuda"), args.download),
         budgets: budgets.markdown(),
     };
     // AutoAttack on the preset's robust rows, with PGD-20 on the very same images.
@@ -416,25 +434,40 @@ fn describe(row: &ModelRow) -> String {
     text
 }
 
-fn build_command_line(cuda: bool) -> String {
-    let mut line = "cargo build --release -p rampart-cli".to_string();
+/// The features `rampart` is built with.
+fn features(cuda: bool, download: bool) -> Vec<&'static str> {
+    let mut features = Vec::new();
     if cuda {
-        line.push_str(" --features cudnn");
+        // CUDA with cuDNN: the fast path (docs/performance.md).
+        features.push("cudnn");
+    }
+    if download {
+        features.push("download");
+    }
+    features
+}
+
+fn build_command_line(cuda: bool, download: bool) -> String {
+    let mut line = "cargo build --release -p rampart-cli".to_string();
+    let features = features(cuda, download);
+    if !features.is_empty() {
+        line.push_str(&format!(" --features {}", features.join(",")));
     }
     line
 }
 
-/// Builds the `rampart` binary and returns its path.
-pub(crate) fn build_rampart(root: &Path, cuda: bool) -> Result<PathBuf> {
-    eprintln!("==> {}", build_command_line(cuda));
+/// Builds the `rampart` binary (with cuDNN when `cuda`, with downloads when
+/// `download`) and returns its path.
+pub(crate) fn build_rampart(root: &Path, cuda: bool, download: bool) -> Result<PathBuf> {
+    eprintln!("==> {}", build_command_line(cuda, download));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
     build
         .current_dir(root)
         .args(["build", "--release", "-p", "rampart-cli"]);
-    if cuda {
-        // CUDA with cuDNN: the fast path (docs/performance.md).
-        build.args(["--features", "cudnn"]);
+    let features = features(cuda, download);
+    if !features.is_empty() {
+        build.args(["--features", &features.join(",")]);
     }
     run_child(build, "cargo build")?;
     let target =
@@ -459,7 +492,7 @@ struct EvalSetup<'a> {
     threads: Option<usize>,
     dataset: &'a str,
     device: &'a str,
-    data_dir: &'a Path,
+    data_dir: Option<&'a Path>,
 }
 
 impl EvalSetup<'_> {
@@ -467,15 +500,23 @@ impl EvalSetup<'_> {
     /// limits and a stochastic row's budget.
     fn command(&self, model: &Path, out: &Path) -> Command {
         let mut eval = rampart_command(self.rampart, self.threads);
-        eval.arg("eval")
-            .arg("--model")
-            .arg(model)
-            .args(["--dataset", self.dataset, "--device", self.device])
-            .arg("--data-dir")
-            .arg(self.data_dir)
-            .arg("--out")
-            .arg(out);
+        eval.arg("eval").arg("--model").arg(model).args([
+            "--dataset",
+            self.dataset,
+            "--device",
+            self.device,
+        ]);
+        data_dir_args(&mut eval, self.data_dir);
+        eval.arg("--out").arg(out);
         eval
+    }
+}
+
+/// `--data-dir DIR` when a folder was named; without it `rampart` takes its per-user
+/// cache folder.
+fn data_dir_args(cmd: &mut Command, data_dir: Option<&Path>) {
+    if let Some(dir) = data_dir {
+        cmd.arg("--data-dir").arg(dir);
     }
 }
 

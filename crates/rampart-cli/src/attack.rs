@@ -21,8 +21,8 @@ use rampart_data::DatasetKind;
 use serde_json::json;
 
 use crate::common::{
-    at_least_one, create_out_dir, load_data, record_command, resolve_data_dir, write_json,
-    DeviceArg,
+    at_least_one, check_model_fits, create_out_dir, load_data, model_dataset, record_command,
+    write_json, DataDir, DeviceArg,
 };
 
 fn parse_budget(s: &str) -> std::result::Result<f64, String> {
@@ -40,12 +40,14 @@ pub struct AttackArgs {
     model: PathBuf,
     #[command(flatten)]
     onnx: crate::interop::OnnxInputArgs,
-    /// Folder holding the data set; defaults to $RAMPART_DATA_DIR.
+    /// Folder holding the data set; defaults to $RAMPART_DATA_DIR, else the per-user
+    /// cache folder (~/.cache/rampart/data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Data set: cifar10 or cifar100.
-    #[arg(long, default_value = "cifar10")]
-    dataset: String,
+    /// Data set: cifar10, cifar100, mnist or svhn [default: the one the model was
+    /// trained on].
+    #[arg(long)]
+    dataset: Option<String>,
     /// pgd (projected gradient, the engine of docs/attacks.md) or fgsm (one step of
     /// 1.25·ε from a uniform random start).
     #[arg(long, default_value = "pgd")]
@@ -157,14 +159,19 @@ impl AttackArgs {
     }
 
     /// Runs the attack; `command` is recorded beside the outputs.
-    pub fn run(&self, command: &str, env_data_dir: Option<PathBuf>) -> Result<()> {
+    pub fn run(&self, command: &str, data_fallback: Option<DataDir>) -> Result<()> {
         let mut pgd = self.build()?;
         if self.test_limit == Some(0) {
             bail!("--test-limit must be at least 1");
         }
         at_least_one("--batch-size", self.batch_size)?;
-        let kind: DatasetKind = self.dataset.parse().context("--dataset")?;
-        let data_dir = resolve_data_dir(self.data_dir.clone(), env_data_dir)?;
+        let kind = self
+            .dataset
+            .as_deref()
+            .map(str::parse::<DatasetKind>)
+            .transpose()
+            .context("--dataset")?;
+        let data_dir = DataDir::resolve(self.data_dir.clone(), data_fallback)?;
         let device = self.device.open()?;
         let model = crate::common::load_model(
             &self.model,
@@ -174,6 +181,8 @@ impl AttackArgs {
             self.seed,
             &self.onnx,
         )?;
+        let kind = model_dataset(kind, &model, &self.model)?;
+        check_model_fits(&model, &self.model, kind)?;
         let samples = self
             .eot
             .map(|e| at_least_one("--eot", e))
@@ -191,7 +200,7 @@ impl AttackArgs {
         write_json(
             &self.out.join("config.json"),
             &json!({"command": "attack", "model": self.model, "dataset": kind.to_string(),
-                    "data_dir": data_dir, "attack": pgd, "eps": self.eps, "test_limit": self.test_limit,
+                    "data_dir": data_dir.path, "attack": pgd, "eps": self.eps, "test_limit": self.test_limit,
                     "batch_size": self.batch_size, "seed": self.seed, "device": self.device.to_string(),
                     "lambda": model.lambda(), "eot_samples": samples,
                     "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale())}),

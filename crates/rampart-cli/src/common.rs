@@ -6,6 +6,7 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rampart_data::{DatasetKind, Splits};
+use rampart_models::{Arch, ModelSpec};
 use serde::Serialize;
 
 /// Environment variable naming the data folder when `--data-dir` is not given.
@@ -89,7 +90,8 @@ pub fn resolve_data_dir(flag: Option<PathBuf>, env: Option<PathBuf>) -> Result<P
         Some(dir) if !dir.as_os_str().is_empty() => Ok(dir),
         _ => bail!(
             "--data-dir is required (or set {DATA_DIR_ENV}): the folder that holds the data set, \
-             e.g. the unpacked cifar10-jpeg folder or cifar-10-binary.tar.gz (see datasets/README.md)"
+             e.g. the unpacked cifar10-jpeg folder or cifar-10-binary.tar.gz (see datasets/README.md); \
+             without either, the per-user cache folder is used, but neither XDG_CACHE_HOME nor HOME is set"
         ),
     }
 }
@@ -99,10 +101,102 @@ pub fn data_dir_from_env() -> Option<PathBuf> {
     std::env::var_os(DATA_DIR_ENV).map(PathBuf::from)
 }
 
-/// Loads both splits of `kind` from `dir`; the data crate's error says what to place where.
-pub fn load_data(kind: DatasetKind, dir: &Path) -> Result<Splits> {
+/// Where a data folder was named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataSource {
+    /// `--data-dir` (or `--dir`).
+    Flag,
+    /// The environment variable [`DATA_DIR_ENV`].
+    Env,
+    /// Nowhere: the per-user cache folder ([`rampart_data::user_data_dir`]), filled on
+    /// first use.
+    Cache,
+}
+
+/// A data folder and where it was named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataDir {
+    /// The folder.
+    pub path: PathBuf,
+    /// Where it was named.
+    pub source: DataSource,
+}
+
+impl DataDir {
+    /// The folder when no flag names one: [`DATA_DIR_ENV`], else the per-user cache
+    /// folder; `None` when neither is available.
+    pub fn fallback() -> Option<DataDir> {
+        Self::fallback_from(data_dir_from_env(), rampart_data::user_data_dir())
+    }
+
+    /// [`DataDir::fallback`] from the environment variable's value and the cache folder.
+    pub fn fallback_from(env: Option<PathBuf>, cache: Option<PathBuf>) -> Option<DataDir> {
+        match env.filter(|d| !d.as_os_str().is_empty()) {
+            Some(path) => Some(DataDir {
+                path,
+                source: DataSource::Env,
+            }),
+            None => cache.map(|path| DataDir {
+                path,
+                source: DataSource::Cache,
+            }),
+        }
+    }
+
+    /// The folder of a command: `flag` (`--data-dir`), else `fallback` (see
+    /// [`DataDir::fallback`]); an error saying what to pass when there is neither.
+    pub fn resolve(flag: Option<PathBuf>, fallback: Option<DataDir>) -> Result<DataDir> {
+        let flag = flag.filter(|d| !d.as_os_str().is_empty());
+        let source = match (&flag, &fallback) {
+            (Some(_), _) => DataSource::Flag,
+            (None, Some(f)) => f.source,
+            (None, None) => DataSource::Flag,
+        };
+        let path = resolve_data_dir(flag, fallback.map(|f| f.path))?;
+        Ok(DataDir { path, source })
+    }
+
+    /// How the folder was named, for messages.
+    pub fn describe(&self) -> String {
+        match self.source {
+            DataSource::Flag => format!("the data folder {}", self.path.display()),
+            DataSource::Env => format!("the data folder {} (${DATA_DIR_ENV})", self.path.display()),
+            DataSource::Cache => format!(
+                "the per-user data folder {} (neither --data-dir nor ${DATA_DIR_ENV} was given)",
+                self.path.display()
+            ),
+        }
+    }
+}
+
+/// Loads both splits of `kind` from `dir`; the data crate's error says what to place
+/// where. The per-user cache folder is filled on first use: when it lacks the data set,
+/// its official files are downloaded into it (builds with the `download` feature;
+/// without it, or offline, the error names each file, its URL and checksum, and where
+/// in that folder to place it).
+pub fn load_data(kind: DatasetKind, dir: &DataDir) -> Result<Splits> {
     let started = std::time::Instant::now();
-    let splits = rampart_data::load(kind, dir)?;
+    let splits = match rampart_data::load(kind, &dir.path) {
+        Err(rampart_data::DataError::Missing { .. }) if dir.source == DataSource::Cache => {
+            tracing::info!(
+                folder = %dir.path.display(),
+                "{} is not in the per-user data folder yet: downloading it",
+                kind.title()
+            );
+            rampart_data::download(kind, &dir.path).with_context(|| {
+                format!(
+                    "{} does not hold {} yet and it could not be fetched{}",
+                    dir.describe(),
+                    kind.title(),
+                    DOWNLOAD_HINT
+                )
+            })?;
+            rampart_data::load(kind, &dir.path)?
+        }
+        result => {
+            result.with_context(|| format!("loading {} from {}", kind.title(), dir.describe()))?
+        }
+    };
     tracing::info!(
         dataset = %kind,
         train = splits.train.len(),
@@ -112,6 +206,15 @@ pub fn load_data(kind: DatasetKind, dir: &Path) -> Result<Splits> {
     );
     Ok(splits)
 }
+
+/// How to get a build that downloads, when this one does not.
+pub const DOWNLOAD_HINT: &str = if cfg!(feature = "download") {
+    ""
+} else {
+    " (this `rampart` was built without the `download` feature: build it with \
+     `cargo build --release -p rampart-cli --features download` to fetch data sets, \
+     or place the files as said below)"
+};
 
 /// The command line of this process, shell-quoted, e.g. `rampart train --out 'my runs/a'`.
 pub fn command_line() -> String {
@@ -177,6 +280,67 @@ pub fn at_least_one(flag: &str, value: usize) -> Result<usize> {
     Ok(value)
 }
 
+/// The plain model of `arch` for `kind`: the data set's image shape and classes, and
+/// the per-channel normalisation of its training set, fixed published constants
+/// (CIFAR-10's for CIFAR-10 and CIFAR-100, MNIST's, SVHN's; see `rampart_models`).
+pub fn model_spec_for(arch: Arch, kind: DatasetKind) -> ModelSpec {
+    let (c, h, w) = kind.image_shape();
+    let (mean, std): (&[f32], &[f32]) = match kind {
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+            (&rampart_models::CIFAR10_MEAN, &rampart_models::CIFAR10_STD)
+        }
+        DatasetKind::Mnist => (&rampart_models::MNIST_MEAN, &rampart_models::MNIST_STD),
+        DatasetKind::Svhn => (&rampart_models::SVHN_MEAN, &rampart_models::SVHN_STD),
+    };
+    ModelSpec::for_input(arch, kind.num_classes(), [c, h, w], mean, std)
+}
+
+/// The data set a model is evaluated on: `flag` (`--dataset`), else the one its file
+/// says it was trained on, else CIFAR-10 (files of models trained elsewhere).
+pub fn model_dataset(
+    flag: Option<DatasetKind>,
+    model: &rampart_models::Classifier,
+    path: &Path,
+) -> Result<DatasetKind> {
+    Ok(match (flag, model.metadata().get("dataset")) {
+        (Some(d), _) => d,
+        (None, Some(name)) => name.parse().with_context(|| {
+            format!(
+                "{}: metadata `dataset` = `{name}` is not a known data set; pass --dataset",
+                path.display()
+            )
+        })?,
+        (None, None) => DatasetKind::Cifar10,
+    })
+}
+
+/// Refuses a model whose outputs or input shape do not fit `dataset`.
+pub fn check_model_fits(
+    model: &rampart_models::Classifier,
+    path: &Path,
+    dataset: DatasetKind,
+) -> Result<()> {
+    let k = model.spec().num_classes;
+    if k != dataset.num_classes() {
+        bail!(
+            "{} has {k} outputs but {} has {} classes: pass the --dataset it was trained on",
+            path.display(),
+            dataset.title(),
+            dataset.num_classes()
+        );
+    }
+    let (c, h, w) = dataset.image_shape();
+    let [mc, mh, mw] = model.spec().input_shape;
+    if [mc, mh, mw] != [c, h, w] {
+        bail!(
+            "{} takes {mc}×{mh}×{mw} images but {} has {c}×{h}×{w} images: pass the --dataset it was trained on",
+            path.display(),
+            dataset.title(),
+        );
+    }
+    Ok(())
+}
+
 /// Loads a model file (or an ONNX graph) for evaluation or attack: the λ of a once-for-all model and the
 /// noise scale of a stochastic one set (when given), its noise reseeded with `seed`.
 pub fn load_model(
@@ -238,6 +402,32 @@ mod tests {
             err.contains("--data-dir") && err.contains(DATA_DIR_ENV),
             "{err}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn data_dir_is_the_flag_then_the_environment_then_the_cache() -> Result<()> {
+        let cache = Some(PathBuf::from("/cache/rampart/data"));
+        let fallback =
+            |env: Option<&str>| DataDir::fallback_from(env.map(PathBuf::from), cache.clone());
+        let flag = DataDir::resolve(Some("a".into()), fallback(Some("b")))?;
+        assert_eq!(
+            (flag.path, flag.source),
+            (PathBuf::from("a"), DataSource::Flag)
+        );
+        let env = DataDir::resolve(None, fallback(Some("b")))?;
+        assert_eq!(
+            (env.path, env.source),
+            (PathBuf::from("b"), DataSource::Env)
+        );
+        let cached = DataDir::resolve(None, fallback(Some("")))?;
+        assert_eq!(cached.source, DataSource::Cache);
+        assert_eq!(Some(cached.path), cache);
+        let err = DataDir::resolve(None, DataDir::fallback_from(None, None))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--data-dir") && err.contains("HOME"), "{err}");
         Ok(())
     }
 

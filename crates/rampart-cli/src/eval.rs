@@ -11,7 +11,7 @@ use rampart_eval::{TrustChecks, TrustConfig, WorstCase};
 use rampart_metrics::Interval;
 use serde::Serialize;
 
-use crate::common::{at_least_one, resolve_data_dir, DeviceArg};
+use crate::common::{at_least_one, DataDir, DeviceArg};
 
 /// Version of the `results.json` written by `rampart eval`.
 pub const EVAL_SCHEMA_VERSION: u32 = 1;
@@ -90,11 +90,13 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub onnx: crate::interop::OnnxInputArgs,
 
-    /// Folder holding the data set; defaults to $RAMPART_DATA_DIR. See datasets/README.md.
+    /// Folder holding the data set; defaults to $RAMPART_DATA_DIR, else the per-user
+    /// cache folder (~/.cache/rampart/data), filled on first use. See datasets/README.md.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 
-    /// Data set: cifar10 or cifar100 [default: the one the model was trained on].
+    /// Data set: cifar10, cifar100, mnist or svhn [default: the one the model was
+    /// trained on].
     #[arg(long)]
     pub dataset: Option<String>,
 
@@ -222,7 +224,7 @@ pub struct EvalPlan {
     /// How an ONNX model's inputs look.
     pub onnx: crate::interop::OnnxInputArgs,
     /// The data folder.
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     /// The data set, if given; otherwise taken from the model's metadata.
     pub dataset: Option<DatasetKind>,
     /// Test examples used (first N), or all.
@@ -303,8 +305,9 @@ impl AttackPlan {
 }
 
 impl EvalArgs {
-    /// Checks the flags into a plan; `env_data_dir` is $RAMPART_DATA_DIR.
-    pub fn plan(&self, env_data_dir: Option<PathBuf>) -> Result<EvalPlan> {
+    /// Checks the flags into a plan; `data_fallback` is the data folder when
+    /// --data-dir is not given ([`DataDir::fallback`]).
+    pub fn plan(&self, data_fallback: Option<DataDir>) -> Result<EvalPlan> {
         let dataset = self
             .dataset
             .as_deref()
@@ -445,7 +448,7 @@ impl EvalArgs {
         Ok(EvalPlan {
             model: self.model.clone(),
             onnx: self.onnx.clone(),
-            data_dir: resolve_data_dir(self.data_dir.clone(), env_data_dir)?,
+            data_dir: DataDir::resolve(self.data_dir.clone(), data_fallback)?,
             dataset,
             test_limit: self.test_limit,
             batch_size: at_least_one("--batch-size", self.batch_size)?,

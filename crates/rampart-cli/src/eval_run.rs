@@ -276,25 +276,8 @@ impl EvalPlan {
             self.protocol_seed,
             &self.onnx,
         )?;
-        let dataset = match (self.dataset, model.metadata().get("dataset")) {
-            (Some(d), _) => d,
-            (None, Some(name)) => name.parse().with_context(|| {
-                format!(
-                    "{}: metadata `dataset` = `{name}` is not a known data set; pass --dataset",
-                    self.model.display()
-                )
-            })?,
-            (None, None) => DatasetKind::Cifar10,
-        };
-        let k = model.spec().num_classes;
-        if k != dataset.num_classes() {
-            bail!(
-                "{} has {k} outputs but {} has {} classes: pass the --dataset it was trained on",
-                self.model.display(),
-                dataset.title(),
-                dataset.num_classes()
-            );
-        }
+        let dataset = crate::common::model_dataset(self.dataset, &model, &self.model)?;
+        crate::common::check_model_fits(&model, &self.model, dataset)?;
         let method = model
             .metadata()
             .get("method")
@@ -313,7 +296,7 @@ impl EvalPlan {
                 "method": method,
                 "arch": model.spec().arch.to_string(),
                 "dataset": dataset.to_string(),
-                "data_dir": self.data_dir,
+                "data_dir": self.data_dir.path,
                 "test_limit": self.test_limit,
                 "batch_size": self.batch_size,
                 "suite": self.suite,

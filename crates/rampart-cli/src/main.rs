@@ -10,6 +10,7 @@ mod attack;
 mod bench;
 mod common;
 mod compare;
+mod data;
 mod eval;
 mod eval_run;
 mod interop;
@@ -89,6 +90,9 @@ enum Command {
     Import(interop::ImportArgs),
     /// Write a Rampart model's weights as a PyTorch state dict.
     Export(interop::ExportArgs),
+    /// Data sets: download the official files, or export a decoded split for PyTorch.
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 /// Ctrl-C and SIGTERM ask the running command to stop after the batch at hand (it
@@ -143,7 +147,9 @@ fn run(cli: Cli) -> Result<()> {
         std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
     }
     let command = common::command_line();
-    let env_data_dir = common::data_dir_from_env();
+    // The data folder when --data-dir is not given: $RAMPART_DATA_DIR, else the
+    // per-user cache folder.
+    let data_fallback = common::DataDir::fallback();
     match cli.command {
         Command::Bench(args) => {
             args.run()?;
@@ -151,9 +157,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Attack(args) => {
             let _lock = common::lock_out_dir(&args.out, &command)?;
             logging::init(None)?;
-            args.run(&command, env_data_dir)?;
+            args.run(&command, data_fallback)?;
         }
         Command::Import(args) => println!("{}", args.run()?),
+        Command::Data(cmd) => cmd.run(data_fallback)?,
         Command::Export(args) => println!("{}", args.run()?),
         Command::Compare(args) => {
             println!("comparison written to {}", args.run()?.display());
@@ -161,7 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sweep(args) => {
             let _lock = common::lock_out_dir(&args.eval.out, &command)?;
             logging::init(Some(&args.log_file()))?;
-            let results = args.run(&command, env_data_dir)?;
+            let results = args.run(&command, data_fallback)?;
             println!(
                 "sweep of {} values written to {}",
                 results.points.len(),
@@ -169,14 +176,14 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Train(args) => {
-            let plan = args.plan(env_data_dir)?;
+            let plan = args.plan(data_fallback)?;
             let _lock = common::lock_out_dir(&plan.out, &command)?;
             logging::init(Some(&plan.log_file()))?;
             let summary = plan.run(&command, Progress::Bars)?;
             println!("{}", summary.line(&plan.out));
         }
         Command::Eval(args) => {
-            let plan = args.plan(env_data_dir)?;
+            let plan = args.plan(data_fallback)?;
             let _lock = common::lock_out_dir(&plan.out, &command)?;
             logging::init(Some(&plan.log_file()))?;
             let results = plan.run(&command)?;

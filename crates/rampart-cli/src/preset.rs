@@ -105,6 +105,8 @@ pub enum ScheduleName {
 pub enum AugmentName {
     /// Random crop with 4-pixel zero padding and random horizontal flip.
     Standard,
+    /// Random crop with 4-pixel zero padding, no flip (digits must not be mirrored).
+    Crop,
     /// No augmentation.
     None,
 }

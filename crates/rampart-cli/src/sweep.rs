@@ -108,7 +108,11 @@ impl SweepArgs {
     }
 
     /// Runs the evaluation at every value and writes the table and the chart.
-    pub fn run(&self, command: &str, env_data_dir: Option<PathBuf>) -> Result<SweepResults> {
+    pub fn run(
+        &self,
+        command: &str,
+        data_fallback: Option<crate::common::DataDir>,
+    ) -> Result<SweepResults> {
         if self.eval.lambda.is_some() || self.eval.noise_scale.is_some() {
             bail!("--lambda and --noise-scale are set per value by --over/--values");
         }
@@ -151,7 +155,7 @@ impl SweepArgs {
                 SweepOver::Lambda => args.lambda = Some(value),
                 SweepOver::NoiseScale => args.noise_scale = Some(value),
             }
-            let plan = args.plan(env_data_dir.clone())?;
+            let plan = args.plan(data_fallback.clone())?;
             tracing::info!(value, "{} sweep", self.over.flag());
             let r = plan
                 .run(command)

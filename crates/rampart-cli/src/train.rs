@@ -16,7 +16,7 @@ use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 use serde_json::json;
 
 use crate::common::{
-    at_least_one, create_out_dir, load_data, record_command, resolve_data_dir, write_json,
+    at_least_one, create_out_dir, load_data, model_spec_for, record_command, write_json, DataDir,
     DeviceArg,
 };
 use crate::preset::{AttackSettings, AugmentName, MethodName, Preset, PresetName, ScheduleName};
@@ -75,13 +75,15 @@ pub struct TrainArgs {
     #[arg(long)]
     pub arch: Option<String>,
 
-    /// Data set: cifar10 or cifar100.
+    /// Data set: cifar10, cifar100, mnist or svhn. The model takes its images (MNIST:
+    /// 1×28×28) and is normalised with its training set's mean and std.
     #[arg(long, default_value = "cifar10")]
     pub dataset: String,
 
-    /// Folder holding the data set (the official binary archive, its extracted folder,
-    /// or an image folder such as the unpacked cifar10-jpeg); defaults to
-    /// $RAMPART_DATA_DIR. See datasets/README.md.
+    /// Folder holding the data set (the official files, the CIFAR archive's extracted
+    /// folder, or an image folder such as the unpacked cifar10-jpeg); defaults to
+    /// $RAMPART_DATA_DIR, else the per-user cache folder (~/.cache/rampart/data),
+    /// filled on first use. See datasets/README.md.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 
@@ -147,7 +149,8 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub warmup_epochs: Option<f64>,
 
-    /// Training augmentation [default: standard].
+    /// Training augmentation [default: standard; crop for mnist and svhn, whose digits
+    /// must not be mirrored].
     #[arg(long, value_enum)]
     pub augment: Option<AugmentName>,
 
@@ -277,7 +280,7 @@ pub struct TrainPlan {
     /// The data set.
     pub dataset: DatasetKind,
     /// Its folder.
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     /// The output folder.
     pub out: PathBuf,
     /// The loop's configuration.
@@ -313,8 +316,9 @@ fn positive(flag: &str, value: f64) -> Result<f64> {
 }
 
 impl TrainArgs {
-    /// Checks the flags into a plan; `env_data_dir` is $RAMPART_DATA_DIR.
-    pub fn plan(&self, env_data_dir: Option<PathBuf>) -> Result<TrainPlan> {
+    /// Checks the flags into a plan; `data_fallback` is the data folder when
+    /// --data-dir is not given ([`DataDir::fallback`]).
+    pub fn plan(&self, data_fallback: Option<DataDir>) -> Result<TrainPlan> {
         let preset = self.preset.map(PresetName::preset);
         let p = preset.as_ref();
         let method = pick(self.method, p.map(|p| p.method), MethodName::Normal);
@@ -326,7 +330,7 @@ impl TrainArgs {
             .context("--arch is required unless --preset gives it (e.g. --arch wrn-16-4)")?;
         let arch: Arch = arch_name.parse().context("--arch")?;
         let dataset: DatasetKind = self.dataset.parse().context("--dataset")?;
-        let data_dir = resolve_data_dir(self.data_dir.clone(), env_data_dir)?;
+        let data_dir = DataDir::resolve(self.data_dir.clone(), data_fallback)?;
         let epochs = self
             .epochs
             .or(p.map(|p| p.epochs))
@@ -364,7 +368,17 @@ impl TrainArgs {
         if !(warmup_epochs.is_finite() && warmup_epochs >= 0.0 && warmup_epochs <= epochs as f64) {
             bail!("--warmup-epochs must lie in [0, --epochs], got {warmup_epochs}");
         }
-        let augment = pick(self.augment, p.map(|p| p.augment), AugmentName::Standard);
+        let augment = self.augment.unwrap_or_else(|| {
+            match p.map_or(AugmentName::Standard, |p| p.augment) {
+                // Digits must not be mirrored.
+                AugmentName::Standard
+                    if matches!(dataset, DatasetKind::Mnist | DatasetKind::Svhn) =>
+                {
+                    AugmentName::Crop
+                }
+                other => other,
+            }
+        });
         let cutout = self.cutout.or(p.and_then(|p| p.cutout));
         if cutout == Some(0) {
             bail!("--cutout must be at least 1 pixel");
@@ -373,6 +387,11 @@ impl TrainArgs {
             AugmentName::Standard => AugmentationConfig {
                 crop_padding: 4,
                 flip: true,
+                cutout,
+            },
+            AugmentName::Crop => AugmentationConfig {
+                crop_padding: 4,
+                flip: false,
                 cutout,
             },
             AugmentName::None => AugmentationConfig {
@@ -556,7 +575,7 @@ impl TrainPlan {
                 lambdas,
                 ..OatSpec::standard()
             }),
-            ..ModelSpec::cifar(self.arch, self.dataset.num_classes())
+            ..model_spec_for(self.arch, self.dataset)
         }
     }
 
@@ -577,7 +596,7 @@ impl TrainPlan {
             "method_settings": method.settings(),
             "arch": self.arch.to_string(),
             "dataset": self.dataset.to_string(),
-            "data_dir": self.data_dir,
+            "data_dir": self.data_dir.path,
             "out": self.out,
             "train_limit": self.train_limit,
             "test_limit": self.test_limit,

@@ -15,7 +15,8 @@
 //!   failure is a typed [`DataError`] naming the file and the problem (a truncated or
 //!   inconsistent file is an error, never a panic, and a length field is checked
 //!   against the bytes present before anything is allocated for it), and missing data
-//!   come with instructions on what to place where.
+//!   come with instructions on what to place where. [`user_data_dir`] is the per-user
+//!   folder data go to when none is named.
 //! - **Holding data.** [`ImageDataset`] keeps uint8 images C×H×W in memory with their
 //!   labels and class names; [`ImageDataset::batch_tensors`] makes f32 tensors in [0, 1].
 //! - **Feeding training.** [`Loader`] yields seeded, augmented ([`Augmentation`])
@@ -52,6 +53,7 @@
 #![warn(missing_docs)]
 
 mod augment;
+mod cache;
 mod cifar;
 pub mod corrupt;
 mod dataset;
@@ -68,6 +70,7 @@ mod svhn;
 mod testutil;
 
 pub use augment::{AugmentDraw, Augmentation, Cutout};
+pub use cache::{user_data_dir, user_data_dir_from};
 pub use cifar::{load_cifar_binary, CIFAR_SHAPE};
 pub use corrupt::{corrupt, corrupt_with_parameter, CorruptError, Corruption};
 pub use dataset::{ImageDataset, Splits};

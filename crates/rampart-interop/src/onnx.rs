@@ -154,6 +154,8 @@ pub fn load_onnx(path: &Path, options: &OnnxOptions) -> Result<Classifier> {
         bounds: options.bounds,
         noise: None,
         oat: None,
+        // Unused: an external graph holds its own normalisation layers.
+        batch_norm: rampart_models::BatchNormSpec::default(),
     };
     let mut model = Classifier::from_external(spec, net, &options.device)?;
     let name = path

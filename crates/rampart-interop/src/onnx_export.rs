@@ -115,7 +115,7 @@ impl Graph {
         ))
     }
 
-    fn bn(&mut self, x: &str, prefix: &str) -> Result<String> {
+    fn bn(&mut self, x: &str, prefix: &str, eps: f32) -> Result<String> {
         let inputs = ["weight", "bias", "running_mean", "running_var"]
             .iter()
             .map(|p| self.weight(&format!("{prefix}.{p}")))
@@ -123,7 +123,7 @@ impl Graph {
         let eps = onnx::AttributeProto {
             name: "epsilon".into(),
             r#type: AttributeType::Float as i32,
-            f: 1e-5,
+            f: eps,
             ..Default::default()
         };
         Ok(self.node(
@@ -193,9 +193,10 @@ pub fn export_onnx(model: &Classifier) -> Result<Vec<u8>> {
     let x = g.node("Sub", vec!["input".into(), "input_mean".into()], Vec::new());
     let mut x = g.node("Div", vec![x, "input_std".into()], Vec::new());
     let post_activation = spec.arch == Arch::Resnet20;
+    let eps = spec.batch_norm.eps as f32;
     x = g.conv(&x, "stem", 1, 1)?;
     if post_activation {
-        x = g.bn(&x, "stem_bn")?;
+        x = g.bn(&x, "stem_bn", eps)?;
         x = g.relu(&x);
     }
     for (s, b) in blocks(&g.weights) {
@@ -204,20 +205,20 @@ pub fn export_onnx(model: &Classifier) -> Result<Vec<u8>> {
         let shortcut = g.has(&format!("{p}.shortcut.weight"));
         x = if post_activation {
             let mut h = g.conv(&x, &format!("{p}.conv1"), stride, 1)?;
-            h = g.bn(&h, &format!("{p}.bn1"))?;
+            h = g.bn(&h, &format!("{p}.bn1"), eps)?;
             h = g.relu(&h);
             h = g.conv(&h, &format!("{p}.conv2"), 1, 1)?;
-            h = g.bn(&h, &format!("{p}.bn2"))?;
+            h = g.bn(&h, &format!("{p}.bn2"), eps)?;
             let skip = if shortcut {
                 let sc = g.conv(&x, &format!("{p}.shortcut"), stride, 0)?;
-                g.bn(&sc, &format!("{p}.shortcut_bn"))?
+                g.bn(&sc, &format!("{p}.shortcut_bn"), eps)?
             } else {
                 x.clone()
             };
             let sum = g.add(&h, &skip);
             g.relu(&sum)
         } else {
-            let pre = g.bn(&x, &format!("{p}.bn1"))?;
+            let pre = g.bn(&x, &format!("{p}.bn1"), eps)?;
             let pre = g.relu(&pre);
             let skip = if shortcut {
                 g.conv(&pre, &format!("{p}.shortcut"), stride, 0)?
@@ -225,14 +226,14 @@ pub fn export_onnx(model: &Classifier) -> Result<Vec<u8>> {
                 x.clone()
             };
             let mut h = g.conv(&pre, &format!("{p}.conv1"), stride, 1)?;
-            h = g.bn(&h, &format!("{p}.bn2"))?;
+            h = g.bn(&h, &format!("{p}.bn2"), eps)?;
             h = g.relu(&h);
             h = g.conv(&h, &format!("{p}.conv2"), 1, 1)?;
             g.add(&h, &skip)
         };
     }
     if !post_activation {
-        x = g.bn(&x, "bn")?;
+        x = g.bn(&x, "bn", eps)?;
         x = g.relu(&x);
     }
     let pooled = g.node(

@@ -103,6 +103,7 @@ pub fn import_state_dict(dict: &StateDict, options: &ImportOptions) -> Result<Cl
         bounds: options.bounds,
         noise: None,
         oat: None,
+        batch_norm: rampart_models::BatchNormSpec::default(),
     };
     spec.validate()?;
     let model = Classifier::new(spec, 0, &Device::Cpu)?;

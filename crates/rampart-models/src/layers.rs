@@ -49,7 +49,9 @@ pub fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) 
 /// Written here rather than taken from candle-nn to cut the number of tensor copies
 /// in training (statistics are reduced over the rows of a (B·H·W, C) view) and to fold the
 /// normalisation into one scale-and-shift in eval mode. Running statistics use
-/// PyTorch's convention: momentum 0.1, unbiased variance for the running estimate.
+/// PyTorch's convention: `running = (1 − momentum)·running + momentum·batch`, unbiased
+/// variance for the running estimate; ε and momentum come from the model's
+/// [`BatchNormSpec`](crate::BatchNormSpec) (by default 1e-5 and 0.1).
 #[derive(Clone, Debug)]
 pub struct BatchNorm {
     weight: Tensor,
@@ -60,9 +62,15 @@ pub struct BatchNorm {
     momentum: f64,
 }
 
-/// A BatchNorm over `c` channels; parameters `weight`, `bias`, buffers
-/// `running_mean`, `running_var` under `vb`.
+/// A BatchNorm over `c` channels with the default constants (ε 1e-5, momentum 0.1);
+/// parameters `weight`, `bias`, buffers `running_mean`, `running_var` under `vb`.
 pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    batch_norm_with(c, crate::BatchNormSpec::default(), vb)
+}
+
+/// A BatchNorm over `c` channels with ε and momentum from `spec`; variables as
+/// [`batch_norm`].
+pub fn batch_norm_with(c: usize, spec: crate::BatchNormSpec, vb: VarBuilder) -> Result<BatchNorm> {
     let weight = vb.get_with_hints(c, "weight", candle_nn::Init::Const(1.0))?;
     let bias = vb.get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?;
     let running_mean = vb.get_with_hints(c, "running_mean", candle_nn::Init::Const(0.0))?;
@@ -72,8 +80,8 @@ pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
         bias,
         running_mean: Var::from_tensor(&running_mean)?,
         running_var: Var::from_tensor(&running_var)?,
-        eps: 1e-5,
-        momentum: 0.1,
+        eps: spec.eps,
+        momentum: spec.momentum,
     })
 }
 

@@ -46,7 +46,10 @@ pub mod wrn;
 #[cfg(feature = "cuda")]
 pub use kernels::cuda;
 
-pub use spec::{Arch, ModelSpec};
+pub use spec::{
+    Arch, BatchNormSpec, ModelSpec, CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, SVHN_MEAN,
+    SVHN_STD,
+};
 pub use store::METADATA_SPEC_KEY;
 pub use variant::{NoiseSpec, OatSpec};
 
@@ -185,6 +188,7 @@ impl Classifier {
         let opts = variant::NormOptions {
             noise: spec.noise.is_some(),
             oat: spec.oat.as_ref().map(|o| o.code_dim),
+            batch_norm: spec.batch_norm,
             ctx: ctx.clone(),
         };
         let net = spec.build(vb, &opts)?;

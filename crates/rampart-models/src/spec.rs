@@ -105,26 +105,95 @@ pub struct ModelSpec {
     /// λ conditioning (FiLM + dual BatchNorm) of a once-for-all model (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oat: Option<crate::variant::OatSpec>,
+    /// The ε and momentum of every BatchNorm layer. Always written; files written
+    /// before it was recorded load with PyTorch's defaults (1e-5, 0.1), which is what
+    /// those models were trained with.
+    #[serde(default)]
+    pub batch_norm: BatchNormSpec,
+}
+
+/// The constants of every BatchNorm layer of a model, as PyTorch's `nn.BatchNorm2d`
+/// takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchNormSpec {
+    /// Added to the variance before the square root (> 0).
+    pub eps: f64,
+    /// Weight of a new batch's statistics in the running averages, in [0, 1]
+    /// (PyTorch's convention: `running = (1 − momentum)·running + momentum·batch`).
+    pub momentum: f64,
+}
+
+impl Default for BatchNormSpec {
+    /// PyTorch's defaults: ε = 1e-5, momentum 0.1.
+    fn default() -> Self {
+        BatchNormSpec {
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+}
+
+impl BatchNormSpec {
+    /// Checks ε > 0 and momentum in [0, 1], both finite.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(ModelError::InvalidSpec(format!(
+                "BatchNorm eps must be finite and > 0, got {}",
+                self.eps
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(ModelError::InvalidSpec(format!(
+                "BatchNorm momentum must lie in [0, 1], got {}",
+                self.momentum
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// CIFAR-10 per-channel mean of the training set.
 pub const CIFAR10_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
 /// CIFAR-10 per-channel standard deviation of the training set.
 pub const CIFAR10_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+/// MNIST mean of the training set (the constant torchvision's examples use).
+pub const MNIST_MEAN: [f32; 1] = [0.1307];
+/// MNIST standard deviation of the training set (the constant torchvision's examples use).
+pub const MNIST_STD: [f32; 1] = [0.3081];
+/// SVHN per-channel mean of the training set (`train_32x32.mat`).
+pub const SVHN_MEAN: [f32; 3] = [0.4377, 0.4438, 0.4728];
+/// SVHN per-channel standard deviation of the training set (`train_32x32.mat`).
+pub const SVHN_STD: [f32; 3] = [0.1980, 0.2010, 0.1970];
 
 impl ModelSpec {
-    /// A spec for 32×32 RGB inputs in [0, 1] with CIFAR-10 normalisation.
-    pub fn cifar(arch: Arch, num_classes: usize) -> Self {
+    /// A plain model of `arch` with `num_classes` outputs for inputs of `input_shape`
+    /// (C, H, W) in [0, 1], normalised inside the model by the per-channel `mean` and
+    /// `std` (one entry per channel), with default BatchNorm constants. Every
+    /// architecture ends in global average pooling, so any H, W ≥ 1 works (MNIST's
+    /// 28×28 goes 28 → 14 → 7 through a WRN). [`ModelSpec::validate`] checks the values.
+    pub fn for_input(
+        arch: Arch,
+        num_classes: usize,
+        input_shape: [usize; 3],
+        mean: &[f32],
+        std: &[f32],
+    ) -> Self {
         ModelSpec {
             arch,
             num_classes,
-            input_shape: [3, 32, 32],
-            mean: CIFAR10_MEAN.to_vec(),
-            std: CIFAR10_STD.to_vec(),
+            input_shape,
+            mean: mean.to_vec(),
+            std: std.to_vec(),
             bounds: [0.0, 1.0],
             noise: None,
             oat: None,
+            batch_norm: BatchNormSpec::default(),
         }
+    }
+
+    /// A spec for 32×32 RGB inputs in [0, 1] with CIFAR-10 normalisation.
+    pub fn cifar(arch: Arch, num_classes: usize) -> Self {
+        Self::for_input(arch, num_classes, [3, 32, 32], &CIFAR10_MEAN, &CIFAR10_STD)
     }
 
     /// WRN-`depth`-`widen` for CIFAR-shaped inputs.
@@ -179,7 +248,7 @@ impl ModelSpec {
         if let Some(oat) = &self.oat {
             oat.validate().map_err(ModelError::InvalidSpec)?;
         }
-        Ok(())
+        self.batch_norm.validate()
     }
 
     pub(crate) fn build(

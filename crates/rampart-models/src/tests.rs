@@ -3,9 +3,15 @@ use candle_core::{Device, ModuleT, Tensor, Var};
 use std::collections::HashMap;
 
 fn input(b: usize, seed: u64) -> Tensor {
+    input_of(b, [3, 32, 32], seed)
+}
+
+/// `b` images of `shape` (C, H, W), uniform in [0, 1).
+fn input_of(b: usize, shape: [usize; 3], seed: u64) -> Tensor {
+    let [c, h, w] = shape;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..b * 3 * 32 * 32).map(|_| rng.gen::<f32>()).collect();
-    Tensor::from_vec(v, (b, 3, 32, 32), &Device::Cpu).unwrap()
+    let v: Vec<f32> = (0..b * c * h * w).map(|_| rng.gen::<f32>()).collect();
+    Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -392,7 +398,8 @@ fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
         }
     }
     for seed in 0..2 {
-        m.forward_t(&input(8, 100 + seed), true).unwrap();
+        m.forward_t(&input_of(8, m.spec().input_shape, 100 + seed), true)
+            .unwrap();
     }
     m
 }
@@ -640,5 +647,140 @@ fn frozen_view_equals_eval_mode_and_follows_the_weights() {
             m.frozen().forward_t(&input(1, 0), true).is_err(),
             "{name}: train mode"
         );
+    }
+}
+
+/// Every architecture runs on MNIST's 1×28×28 input (WRN and ResNet-20: 28 → 14 → 7;
+/// PreActResNet-18: 28 → 14 → 7 → 4; global average pooling after), in train and eval
+/// mode, and the fused paths (frozen view; fused training of the WRN) equal the
+/// layer-by-layer one on it.
+#[test]
+fn every_architecture_runs_on_single_channel_28x28_input() {
+    let shape = [1, 28, 28];
+    for arch in ["wrn-10-1", "wrn-16-2", "resnet20", "preact-resnet18"] {
+        let spec = ModelSpec::for_input(arch.parse().unwrap(), 10, shape, &MNIST_MEAN, &MNIST_STD);
+        let m = trained_looking(spec.clone(), 3);
+        let x = Var::from_tensor(&input_of(3, shape, 7)).unwrap();
+        let train = m.forward_t(x.as_tensor(), true).unwrap();
+        assert_eq!(train.dims(), &[3, 10], "{arch}");
+        let reference = m
+            .net
+            .forward_t(&m.normalise(x.as_tensor()).unwrap(), false)
+            .unwrap();
+        let frozen = m.frozen().forward_t(x.as_tensor(), false).unwrap();
+        assert_eq!(frozen.dims(), &[3, 10], "{arch}");
+        let scale = max_abs(&reference).max(1.0);
+        let d = max_abs_diff(&frozen, &reference);
+        assert!(d < 1e-4 * scale, "{arch}: logits differ by {d}");
+        let (g_ref, g_frozen) = (probe_grads(&reference, 11), probe_grads(&frozen, 11));
+        let (gr, gf) = (
+            g_ref.get(x.as_tensor()).unwrap(),
+            g_frozen.get(x.as_tensor()).unwrap(),
+        );
+        assert_eq!(gf.dims(), &[3, 1, 28, 28], "{arch}");
+        let d = max_abs_diff(gr, gf);
+        assert!(
+            d < 1e-3 * max_abs(gr),
+            "{arch}: input gradients differ by {d}"
+        );
+        // Fused training (where the architecture has it) equals layer by layer too.
+        let (a, b) = (trained_looking(spec.clone(), 5), trained_looking(spec, 5));
+        let x = input_of(4, shape, 13);
+        let fused = a.forward_t(&x, true).unwrap();
+        let layered = b.net.forward_t(&b.normalise(&x).unwrap(), true).unwrap();
+        let d = max_abs_diff(&fused, &layered);
+        assert!(
+            d < 1e-4 * max_abs(&layered).max(1.0),
+            "{arch}: train logits differ by {d}"
+        );
+        // CIFAR-shaped input is refused by a model built for MNIST.
+        assert!(m.forward_t(&input(1, 0), false).is_err(), "{arch}");
+    }
+}
+
+/// The BatchNorm ε and momentum of the spec are used (eval logits with ε = 1e-3 differ
+/// from those with 1e-5; a momentum of 0.5 moves the running statistics further), by
+/// the fused path as by the layer-by-layer one, and survive saving; a file written
+/// before they were recorded loads with PyTorch's defaults.
+#[test]
+fn batch_norm_constants_are_used_and_saved() {
+    let default = ModelSpec::wrn(10, 1, 10);
+    assert_eq!(
+        default.batch_norm,
+        BatchNormSpec {
+            eps: 1e-5,
+            momentum: 0.1
+        }
+    );
+    let wide_eps = ModelSpec {
+        batch_norm: BatchNormSpec {
+            eps: 1e-3,
+            momentum: 0.1,
+        },
+        ..default.clone()
+    };
+    let x = input(3, 9);
+    let eval = |spec: &ModelSpec| {
+        let m = trained_looking(spec.clone(), 3);
+        let layered = m.net.forward_t(&m.normalise(&x).unwrap(), false).unwrap();
+        let fused = m.frozen().forward_t(&x, false).unwrap();
+        let d = max_abs_diff(&fused, &layered);
+        assert!(
+            d < 1e-4 * max_abs(&layered).max(1.0),
+            "fused differs by {d}"
+        );
+        (m, fused)
+    };
+    let (_, base) = eval(&default);
+    let (m, wide) = eval(&wide_eps);
+    assert!(
+        max_abs_diff(&base, &wide) > 1e-6,
+        "eps 1e-3 changed nothing"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    m.save(&path).unwrap();
+    let loaded = Classifier::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(loaded.spec().batch_norm, wide_eps.batch_norm);
+    assert_eq!(
+        max_abs_diff(&loaded.frozen().forward_t(&x, false).unwrap(), &wide),
+        0.0
+    );
+
+    let running_mean = |momentum: f64| {
+        let spec = ModelSpec {
+            batch_norm: BatchNormSpec {
+                eps: 1e-5,
+                momentum,
+            },
+            ..default.clone()
+        };
+        let m = Classifier::new(spec, 0, &Device::Cpu).unwrap();
+        m.forward_t(&input(4, 1), true).unwrap();
+        let vars = m.varmap.data().lock().unwrap().clone();
+        vars["bn.running_mean"].as_tensor().clone()
+    };
+    let (slow, fast) = (running_mean(0.1), running_mean(0.5));
+    let d = max_abs_diff(&(slow * 5.0).unwrap(), &fast);
+    assert!(
+        d < 1e-4 * max_abs(&fast),
+        "momentum 0.5 is not 5 × 0.1: {d}"
+    );
+
+    let mut json: serde_json::Value = serde_json::to_value(&default).unwrap();
+    assert!(json["batch_norm"].is_object(), "{json}");
+    json.as_object_mut().unwrap().remove("batch_norm");
+    let old: ModelSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(old, default);
+    for bad in [(0.0, 0.1), (f64::NAN, 0.1), (1e-5, 1.5), (1e-5, -0.1)] {
+        let spec = ModelSpec {
+            batch_norm: BatchNormSpec {
+                eps: bad.0,
+                momentum: bad.1,
+            },
+            ..default.clone()
+        };
+        assert!(Classifier::new(spec, 0, &Device::Cpu).is_err(), "{bad:?}");
     }
 }

@@ -25,7 +25,7 @@
 //! (a saved buffer, `lambda_codes`); a λ between two training values gets the linear
 //! interpolation of their codes, a λ outside their range is clamped to it.
 
-use crate::layers::{batch_norm, linear, BatchNorm, Linear};
+use crate::layers::{batch_norm_with, linear, BatchNorm, Linear};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
@@ -230,6 +230,7 @@ impl Condition {
 pub struct NormOptions {
     pub(crate) noise: bool,
     pub(crate) oat: Option<usize>,
+    pub(crate) batch_norm: crate::BatchNormSpec,
     pub(crate) ctx: Arc<Context>,
 }
 
@@ -239,16 +240,17 @@ impl NormOptions {
         NormOptions {
             noise: false,
             oat: None,
+            batch_norm: crate::BatchNormSpec::default(),
             ctx: Arc::new(Context::new(0)),
         }
     }
 
     /// A normalisation layer over `c` channels, its variables under `vb`.
     pub fn norm(&self, c: usize, vb: VarBuilder) -> Result<Norm> {
-        let bn = batch_norm(c, vb.clone())?;
+        let bn = batch_norm_with(c, self.batch_norm, vb.clone())?;
         let (bn_adv, film) = match self.oat {
             Some(code_dim) => (
-                Some(batch_norm(c, vb.pp("adv"))?),
+                Some(batch_norm_with(c, self.batch_norm, vb.pp("adv"))?),
                 Some(Film {
                     fc1: linear(code_dim, 2 * c, vb.pp("film").pp("fc1"))?,
                     fc2: linear(2 * c, 2 * c, vb.pp("film").pp("fc2"))?,

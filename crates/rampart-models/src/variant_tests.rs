@@ -54,6 +54,7 @@ fn noise_scale_follows_the_batch_statistics() -> TestResult {
     let opts = NormOptions {
         noise: true,
         oat: None,
+        batch_norm: crate::BatchNormSpec::default(),
         ctx: Arc::new(variant::Context::new(7)),
     };
     let norm = opts.norm(2, vb)?;

@@ -443,7 +443,7 @@ fn bad_values_get_clear_errors() {
             "unknown architecture",
         ),
         (
-            format!("{BASE} {arch} --epochs 1 --dataset mnist"),
+            format!("{BASE} {arch} --epochs 1 --dataset imagenet"),
             "unknown dataset",
         ),
         (
