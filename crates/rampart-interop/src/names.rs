@@ -60,7 +60,7 @@ impl Convention {
     /// outside the architecture's tree).
     pub fn rename(self, ours: &str) -> Option<String> {
         // (Rampart's top-level layers, layers inside a block) → the public names.
-        let (heads, layers): (&[(&str, &str)], &[(&str, &str)]) = match self {
+        let (heads, layers): (Table, Table) = match self {
             Convention::Rampart => return Some(ours.to_string()),
             Convention::Robustbench => (
                 &[("stem", "conv1"), ("bn", "bn1"), ("fc", "fc")],
@@ -107,6 +107,9 @@ impl Convention {
         Some(format!("{prefix}.{layer}{tail}"))
     }
 }
+
+/// Rampart's names → public names.
+type Table = &'static [(&'static str, &'static str)];
 
 /// `stage{s}.block{b}.{layer}.…` → (s, b, layer, ".…").
 fn block<'a>(parts: &[&'a str]) -> Option<(usize, usize, &'a str, String)> {
