@@ -433,8 +433,11 @@ impl<'a> Machine<'a> {
 
     fn memo_put(&mut self, key: u64) -> Result<()> {
         match self.stack.last() {
-            Some(item @ Item::Value { .. }) => {
-                let item = item.clone();
+            Some(item @ Item::Value { nodes, .. }) => {
+                let (item, nodes) = (item.clone(), *nodes);
+                // The copy counts like any value built, so that memoizing a large
+                // value over and over cannot exhaust memory.
+                self.count(nodes)?;
                 self.memo.insert(key, item);
                 Ok(())
             }

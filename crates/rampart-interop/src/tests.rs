@@ -457,6 +457,21 @@ fn malformed_pickles_and_archives_are_errors() {
     deep.push(b'.');
     assert!(pickle::read(&deep).is_err());
     assert!(pickle::read(b"\x80\x02h\x05.").is_err());
+    // A 1,000-item list memoized 10,000 times: refused by the value budget.
+    let mut big = b"\x80\x02]".to_vec();
+    big.extend(
+        std::iter::repeat_n(b'N', 1000)
+            .chain([b'e'])
+            .collect::<Vec<_>>(),
+    );
+    big.insert(3, b'(');
+    for i in 0..10_000u32 {
+        big.push(b'r');
+        big.extend_from_slice(&(i % 64).to_le_bytes());
+    }
+    big.push(b'.');
+    let err = pickle::read(&big).unwrap_err().to_string();
+    assert!(err.contains("values"), "{err}");
 
     let archive = torch_archive(&entries, None);
     let mut rng = ChaCha8Rng::seed_from_u64(78);
