@@ -1201,6 +1201,16 @@ fn onnx_models_are_evaluated_and_attacked() -> TestResult {
     Ok(())
 }
 
+/// Starts `rampart args` in the background, its stderr piped.
+fn spawn_piped(args: &[String]) -> std::io::Result<std::process::Child> {
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+}
+
 /// Sends `signal` (INT, TERM) to a child process.
 fn signal(child: &std::process::Child, signal: &str) -> std::io::Result<()> {
     let status = Command::new("kill")
@@ -1255,12 +1265,7 @@ fn sigint_and_sigterm_stop_cleanly_and_resume() -> TestResult {
     assert!(run.status.success(), "{}", text(&run));
 
     let out = dir.path().join("interrupted");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(train(&out))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut child = spawn_piped(&train(&out))?;
     let ckpt = out.join("checkpoint.safetensors");
     wait_for(&mut child, || ckpt.is_file())?;
     signal(&child, "INT")?;
@@ -1295,12 +1300,7 @@ fn sigint_and_sigterm_stop_cleanly_and_resume() -> TestResult {
         .output()?;
     assert!(run.status.success(), "{}", text(&run));
     let out = dir.path().join("eval-term");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(eval(&out))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut child = spawn_piped(&eval(&out))?;
     let records = out.join("per_example");
     wait_for(&mut child, || {
         std::fs::read_dir(&records)

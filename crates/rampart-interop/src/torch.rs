@@ -133,29 +133,33 @@ pub fn import_state_dict(dict: &StateDict, options: &ImportOptions) -> Result<Cl
         )?)?;
         used.insert(theirs);
     }
-    if !missing.is_empty() {
-        return Err(InteropError::Mismatch(format!(
-            "{} tensors of a {} are missing from the file, e.g. {:?} (wrong architecture or `--names`?)",
-            missing.len(),
-            options.arch,
-            &missing[..missing.len().min(4)]
-        )));
-    }
+    refuse_names(
+        &missing,
+        &format!("tensors of a {} are missing from the file", options.arch),
+    )?;
     let unexpected: Vec<&str> = dict
         .tensors
         .iter()
         .map(|(n, _)| n.as_str())
         .filter(|n| !used.contains(*n) && !n.ends_with("num_batches_tracked"))
         .collect();
-    if !unexpected.is_empty() {
-        return Err(InteropError::Mismatch(format!(
-            "{} tensors of the file have no place in a {}, e.g. {:?} (wrong architecture or `--names`?)",
-            unexpected.len(),
-            options.arch,
-            &unexpected[..unexpected.len().min(4)]
-        )));
-    }
+    refuse_names(
+        &unexpected,
+        &format!("tensors of the file have no place in a {}", options.arch),
+    )?;
     Ok(model)
+}
+
+/// Refuses a non-empty list of tensor names: how many, `what`, and the first few.
+fn refuse_names(names: &[impl AsRef<str>], what: &str) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let first: Vec<&str> = names.iter().take(4).map(AsRef::as_ref).collect();
+    Err(InteropError::Mismatch(format!(
+        "{} {what}, e.g. {first:?} (wrong architecture or `--names`?)",
+        names.len()
+    )))
 }
 
 /// Metadata keys of an exported state dict.
