@@ -353,13 +353,7 @@ fn tensor_of(t: &onnx::TensorProto) -> std::result::Result<Tensor, String> {
         n: usize,
     ) -> std::result::Result<Vec<T>, String> {
         let v: Vec<T> = if typed.is_empty() {
-            raw.chunks_exact(N)
-                .map(|c| {
-                    let mut a = [0u8; N];
-                    a.copy_from_slice(c);
-                    f(a)
-                })
-                .collect()
+            crate::state_dict::le_elements(raw, f)
         } else {
             typed.to_vec()
         };

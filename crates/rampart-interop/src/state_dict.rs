@@ -265,25 +265,28 @@ fn tensor_values(t: &TensorRef, data: &[u8]) -> std::result::Result<Vec<f32>, St
 
 /// Little-endian elements of `dtype` as f32.
 fn to_f32(bytes: &[u8], dtype: StorageType) -> Vec<f32> {
-    fn each<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
-        bytes
-            .chunks_exact(N)
-            .map(|c| {
-                let mut a = [0u8; N];
-                a.copy_from_slice(c);
-                f(a)
-            })
-            .collect()
-    }
     match dtype {
-        StorageType::F64 => each(bytes, |b| f64::from_le_bytes(b) as f32),
-        StorageType::F32 => each(bytes, f32::from_le_bytes),
-        StorageType::F16 => each(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
-        StorageType::BF16 => each(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
-        StorageType::I64 => each(bytes, |b| i64::from_le_bytes(b) as f32),
-        StorageType::I32 => each(bytes, |b| i32::from_le_bytes(b) as f32),
-        StorageType::I16 => each(bytes, |b| f32::from(i16::from_le_bytes(b))),
-        StorageType::I8 => each(bytes, |b: [u8; 1]| f32::from(b[0] as i8)),
-        StorageType::U8 | StorageType::Bool => each(bytes, |b: [u8; 1]| f32::from(b[0])),
+        StorageType::F64 => le_elements(bytes, |b| f64::from_le_bytes(b) as f32),
+        StorageType::F32 => le_elements(bytes, f32::from_le_bytes),
+        StorageType::F16 => le_elements(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
+        StorageType::BF16 => le_elements(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
+        StorageType::I64 => le_elements(bytes, |b| i64::from_le_bytes(b) as f32),
+        StorageType::I32 => le_elements(bytes, |b| i32::from_le_bytes(b) as f32),
+        StorageType::I16 => le_elements(bytes, |b| f32::from(i16::from_le_bytes(b))),
+        StorageType::I8 => le_elements(bytes, |b: [u8; 1]| f32::from(b[0] as i8)),
+        StorageType::U8 | StorageType::Bool => le_elements(bytes, |b: [u8; 1]| f32::from(b[0])),
     }
+}
+
+/// The little-endian elements of `N` bytes in `bytes` (a trailing partial element is
+/// ignored; callers check lengths), each read by `f`.
+pub(crate) fn le_elements<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            f(a)
+        })
+        .collect()
 }
