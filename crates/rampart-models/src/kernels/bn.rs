@@ -361,15 +361,7 @@ impl CustomOp3 for BatchNormTrain {
             param_grads,
         };
         let out = x.apply_op3_no_bwd(&grad.contiguous()?, res, &op)?;
-        let dx = out.narrow(0, 0, len)?;
-        if !param_grads {
-            return Ok((Some(dx), None, None));
-        }
-        Ok((
-            Some(dx),
-            Some(out.narrow(0, len, c)?),
-            Some(out.narrow(0, len + c, c)?),
-        ))
+        unpack_grads(&out, len, c, param_grads)
     }
 }
 
@@ -535,16 +527,7 @@ impl CustomOp3 for BatchNormEval {
                 param_grads,
             };
             let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
-            let len = x.elem_count();
-            let dx = packed.narrow(0, 0, len)?;
-            if !param_grads {
-                return Ok((Some(dx), None, None));
-            }
-            return Ok((
-                Some(dx),
-                Some(packed.narrow(0, len, c)?),
-                Some(packed.narrow(0, len + c, c)?),
-            ));
+            return unpack_grads(&packed, x.elem_count(), c, param_grads);
         }
         let inv_std = (&self.var + self.eps)?.sqrt()?.recip()?;
         let rows = grad.reshape(((), c))?;
@@ -562,6 +545,22 @@ impl CustomOp3 for BatchNormEval {
             Some(rows.sum(0)?),
         ))
     }
+}
+
+/// (dx, dγ, dβ) from a packed [dx (len) | dγ (c) | dβ (c)] buffer; the parameter
+/// gradients only when they are wanted.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+fn unpack_grads(packed: &Tensor, len: usize, c: usize, param_grads: bool) -> Result<Grads3> {
+    let dx = packed.narrow(0, 0, len)?;
+    if !param_grads {
+        return Ok((Some(dx), None, None));
+    }
+    Ok((
+        Some(dx),
+        Some(packed.narrow(0, len, c)?),
+        Some(packed.narrow(0, len + c, c)?),
+    ))
 }
 
 /// The CPU backward pass of [`BatchNormEval`]: (x, dy) → [dx | dγ | dβ] packed.
