@@ -1,11 +1,18 @@
 """The network of `rampart bench`, timed in PyTorch, for `cargo xtask bench --compare-pytorch`.
 
-Same architecture (pre-activation WRN-d-k as built by rampart-models: 16-channel stem,
-three stages, 1x1 shortcut on the pre-activated input, BN-ReLU, global average pool,
-linear; normalisation inside the model), same batch, same three steps, same timing
-rule (warm-up, then the median of the timed repetitions). Prints one JSON object per
-line with the fields of `rampart bench --json` plus "framework": "pytorch".
-Optional tooling: Rampart itself never needs Python.
+Same architecture as built by rampart-models: the pre-activation WRN-d-k (16-channel
+stem, three stages, 1x1 shortcut on the pre-activated input, BN-ReLU, global average
+pool, linear) or CCAT's post-activation ResNet-20 (64/128/256 channels, 1x1
+convolution + BatchNorm shortcuts); normalisation inside the model. `--variant`
+gives the seeds' variants of the WRN: `student` (after every BatchNorm, noise
+α·σ·z with σ the per-channel standard deviation of the batch in training and its
+running estimate in evaluation, α = 0.1 learnable) and `oat` (dual BatchNorm routed
+per example by λ = 0 / λ > 0, FiLM from a 128-d λ code through a 2C-2C MLP;
+evaluated at λ = 1, trained on a batch cycling through the six published λ values).
+Same batch, same three steps, same timing rule (warm-up, then the median of the
+timed repetitions). Prints one JSON object per line with the fields of `rampart
+bench --json` plus "framework": "pytorch". Optional tooling: Rampart itself never
+needs Python.
 """
 import argparse
 import json
@@ -17,12 +24,63 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Block(nn.Module):
-    def __init__(self, c_in, c_out, stride):
+LAMBDAS = [0.0, 0.1, 0.2, 0.3, 0.4, 1.0]
+CODE_DIM = 128
+
+
+class Condition:
+    """The λ of every example of the current batch and their codes, shared by the layers."""
+    lambdas = None
+    codes = None
+
+
+class Norm(nn.Module):
+    """BatchNorm with the variant's extras, before the ReLU (as rampart-models' Norm)."""
+
+    def __init__(self, c, variant, cond):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
+        self.bn = nn.BatchNorm2d(c)
+        self.variant, self.cond = variant, cond
+        if variant == "student":
+            self.alpha = nn.Parameter(torch.tensor(0.1))
+            self.register_buffer("running_std", torch.ones(c))
+        if variant == "oat":
+            self.adv = nn.BatchNorm2d(c)
+            self.film = nn.Sequential(nn.Linear(CODE_DIM, 2 * c), nn.ReLU(), nn.Linear(2 * c, 2 * c))
+            nn.init.zeros_(self.film[2].weight)
+            nn.init.zeros_(self.film[2].bias)
+
+    def forward(self, x):
+        if self.variant == "oat":
+            lam = self.cond.lambdas
+            clean, adv = (lam == 0).nonzero().flatten(), (lam != 0).nonzero().flatten()
+            if len(adv) == 0:
+                h = self.bn(x)
+            elif len(clean) == 0:
+                h = self.adv(x)
+            else:
+                h = torch.empty_like(x)
+                h[clean] = self.bn(x[clean])
+                h[adv] = self.adv(x[adv])
+            gamma, beta = self.film(self.cond.codes).chunk(2, dim=1)
+            return h * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        h = self.bn(x)
+        if self.variant == "student":
+            if self.training:
+                sigma = (h.detach().var(dim=(0, 2, 3), unbiased=False) + 1e-5).sqrt()
+                self.running_std.mul_(0.9).add_(0.1 * sigma)
+            else:
+                sigma = self.running_std
+            h = h + self.alpha * sigma[None, :, None, None] * torch.randn_like(h)
+        return h
+
+
+class Block(nn.Module):
+    def __init__(self, c_in, c_out, stride, norm):
+        super().__init__()
+        self.bn1 = norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.shortcut = None
         if c_in != c_out or stride != 1:
@@ -36,8 +94,11 @@ class Block(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, depth, widen, classes=10):
+    def __init__(self, depth, widen, classes=10, variant="plain"):
         super().__init__()
+        self.cond = Condition()
+        self.register_buffer("codes", torch.linalg.qr(torch.randn(CODE_DIM, len(LAMBDAS)))[0].T.contiguous())
+        norm = lambda c: Norm(c, variant, self.cond)
         n = (depth - 4) // 6
         widths = [16 * widen, 32 * widen, 64 * widen]
         self.register_buffer("mean", torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1))
@@ -46,15 +107,59 @@ class WideResNet(nn.Module):
         blocks, c_in = [], 16
         for s, c_out in enumerate(widths):
             for b in range(n):
-                blocks.append(Block(c_in, c_out, 2 if (b == 0 and s > 0) else 1))
+                blocks.append(Block(c_in, c_out, 2 if (b == 0 and s > 0) else 1, norm))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(c_in)
+        self.bn = norm(c_in)
         self.fc = nn.Linear(c_in, classes)
 
-    def forward(self, x):
+    def forward(self, x, lambdas=None):
+        if lambdas is not None:
+            # The training values only (no interpolation needed for the benchmark).
+            self.cond.lambdas = lambdas
+            self.cond.codes = self.codes[torch.bucketize(lambdas, torch.tensor(LAMBDAS, device=lambdas.device))]
         h = self.blocks(self.stem((x - self.mean) / self.std))
         h = F.relu(self.bn(h))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """The post-activation block of CCAT's ResNet-20: conv-BN-ReLU-conv-BN + shortcut, ReLU."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = None
+        if c_in != c_out or stride != 1:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class ResNet20(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1))
+        self.stem = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(64)
+        blocks, c_in = [], 64
+        for s, c_out in enumerate([64, 128, 256]):
+            for b in range(3):
+                blocks.append(BasicBlock(c_in, c_out, 2 if (b == 0 and s > 0) else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x, lambdas=None):
+        h = F.relu(self.stem_bn(self.stem((x - self.mean) / self.std)))
+        h = self.blocks(h)
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
@@ -78,6 +183,7 @@ def median_seconds(fn, reps, warmup, sync, gpu):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="wrn-16-4")
+    p.add_argument("--variant", default="plain", choices=["plain", "student", "oat"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -92,24 +198,33 @@ def main():
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    _, depth, widen = args.arch.split("-")
     torch.manual_seed(0)
-    model = WideResNet(int(depth), int(widen)).to(dev)
+    if args.arch == "resnet20":
+        if args.variant != "plain":
+            raise SystemExit("the variants are built on the WRN only here")
+        model = ResNet20().to(dev)
+    else:
+        _, depth, widen = args.arch.split("-")
+        model = WideResNet(int(depth), int(widen), variant=args.variant).to(dev)
     x = torch.rand(args.batch_size, 3, 32, 32).to(dev)
     y = (torch.arange(args.batch_size) % 10).to(dev)
+    oat = args.variant == "oat"
+    # Evaluation at λ = 1; training on a batch cycling through the λ values.
+    eval_lambdas = torch.ones(args.batch_size, device=dev) if oat else None
+    train_lambdas = torch.tensor(LAMBDAS, device=dev).repeat(args.batch_size // len(LAMBDAS) + 1)[:args.batch_size] if oat else None
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def forward():
         model.eval()
         with torch.no_grad():
-            model(x)
+            model(x, eval_lambdas)
 
     def pgd_step():
         model.eval()
         for q in model.parameters():
             q.requires_grad_(False)
         xv = x.clone().requires_grad_(True)
-        loss = F.cross_entropy(model(xv), y, reduction="sum")
+        loss = F.cross_entropy(model(xv, eval_lambdas), y, reduction="sum")
         torch.autograd.grad(loss, xv)
         for q in model.parameters():
             q.requires_grad_(True)
@@ -117,7 +232,7 @@ def main():
     def train_step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x, train_lambdas), y).backward()
         opt.step()
 
     fns = {"forward": forward, "pgd-step": pgd_step, "train-step": train_step}
@@ -125,7 +240,7 @@ def main():
         s = median_seconds(fns[step], args.reps, args.warmup, sync, dev.type == "cuda")
         print(json.dumps({
             "framework": "pytorch", "torch_version": torch.__version__, "step": step,
-            "arch": args.arch, "batch_size": args.batch_size, "device": args.device,
+            "arch": args.arch, "variant": args.variant, "batch_size": args.batch_size, "device": args.device,
             "seconds_per_batch": s, "images_per_second": args.batch_size / s,
             "reps": args.reps, "threads": torch.get_num_threads(),
             "tf32_conv": dev.type == "cuda" and torch.backends.cudnn.allow_tf32,

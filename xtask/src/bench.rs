@@ -20,6 +20,10 @@ pub struct BenchArgs {
     /// Architecture to time.
     #[arg(long, default_value = "wrn-16-4")]
     arch: String,
+    /// Variant of the network: plain, student (noise after every BatchNorm) or oat
+    /// (FiLM and dual BatchNorm); see `rampart bench --help`.
+    #[arg(long, default_value = "plain")]
+    variant: String,
     /// Images per batch.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
@@ -62,6 +66,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let common = [
         "--arch".to_string(),
         args.arch.clone(),
+        "--variant".into(),
+        args.variant.clone(),
         "--batch-size".into(),
         args.batch_size.to_string(),
         "--reps".into(),
@@ -116,7 +122,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("| {step} | {a:.1} | {b:.1} | {:.2} |", a / b);
             println!(
                 "{}",
-                serde_json::json!({"step": step, "arch": args.arch, "batch_size": args.batch_size,
+                serde_json::json!({"step": step, "arch": args.arch, "variant": args.variant, "batch_size": args.batch_size,
                     "rampart_images_per_second": a, "pytorch_images_per_second": b, "ratio": a / b})
             );
         }

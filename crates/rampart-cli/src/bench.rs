@@ -20,7 +20,7 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use clap::Args;
 use rampart_attacks::{input_gradient, Attack, Bounds, Norm, Objective, Pgd, StepSize};
 use rampart_defenses::{Sgd, SgdConfig};
-use rampart_models::{Arch, Classifier, ModelSpec};
+use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 
 use crate::common::DeviceArg;
 use serde::Serialize;
@@ -31,6 +31,11 @@ pub struct BenchArgs {
     /// Architecture to time (wrn-D-K, resnet20, preact-resnet18).
     #[arg(long, default_value = "wrn-16-4")]
     arch: String,
+    /// The network's variant: plain, student (noise after every BatchNorm, α = 0.1)
+    /// or oat (FiLM and dual BatchNorm, the published λ values; evaluated at λ = 1,
+    /// trained on a batch whose examples cycle through the six λ values).
+    #[arg(long, default_value = "plain")]
+    variant: Variant,
     /// Images per batch.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
@@ -56,6 +61,27 @@ pub struct BenchArgs {
     json: bool,
 }
 
+/// The network variants `rampart bench` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variant {
+    /// The architecture as it is.
+    Plain,
+    /// A stochastic student (noise after every BatchNorm).
+    Student,
+    /// An OAT model (FiLM and dual BatchNorm).
+    Oat,
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Variant::Plain => "plain",
+            Variant::Student => "student",
+            Variant::Oat => "oat",
+        })
+    }
+}
+
 /// Gradient steps of the `attack-*` benchmarks (their time is reported per step).
 const ATTACK_STEPS: usize = 2;
 
@@ -66,6 +92,8 @@ pub struct BenchLine {
     pub step: String,
     /// Architecture.
     pub arch: String,
+    /// Variant (plain, student, oat).
+    pub variant: String,
     /// Batch size.
     pub batch_size: usize,
     /// Device description.
@@ -119,7 +147,17 @@ impl BenchArgs {
             .map_err(anyhow::Error::msg)?
             .open()?;
         let arch: Arch = self.arch.parse()?;
-        let model = Classifier::new(ModelSpec::cifar(arch, 10), 0, &dev)?;
+        let mut spec = ModelSpec::cifar(arch, 10);
+        match self.variant {
+            Variant::Plain => {}
+            Variant::Student => spec.noise = Some(NoiseSpec { alpha: 0.1 }),
+            Variant::Oat => spec.oat = Some(OatSpec::standard()),
+        }
+        let model = Classifier::new(spec, 0, &dev)?;
+        let train_lambdas: Vec<f32> = {
+            let values = OatSpec::standard().lambdas;
+            (0..self.batch_size).map(|i| values[i % values.len()]).collect()
+        };
         let xs = Tensor::rand(0f32, 1f32, (self.batch_size, 3, 32, 32), &dev)?;
         let labels: Vec<u32> = (0..self.batch_size as u32).map(|i| i % 10).collect();
         let ys = Tensor::new(labels.as_slice(), &dev)?;
@@ -139,7 +177,10 @@ impl BenchArgs {
                 "train-step" => {
                     let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::cifar())?;
                     median_seconds(self.reps, self.warmup, &dev, || {
-                        let logits = model.forward_t(&xs, true)?;
+                        let logits = match self.variant {
+                            Variant::Oat => model.forward_lambdas(&xs, &train_lambdas, true)?,
+                            _ => model.forward_t(&xs, true)?,
+                        };
                         let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
                         sgd.step(&loss.backward()?, 0.01)?;
                         Ok(())
@@ -173,6 +214,7 @@ impl BenchArgs {
             lines.push(BenchLine {
                 step: step.clone(),
                 arch: arch.to_string(),
+                variant: self.variant.to_string(),
                 batch_size: self.batch_size,
                 device: self.device.clone(),
                 seconds_per_batch: seconds,
@@ -181,12 +223,18 @@ impl BenchArgs {
                 threads,
             });
         }
-        println!("| step | arch | batch | device | s/batch | images/s |");
-        println!("|---|---|---:|---|---:|---:|");
+        println!("| step | arch | variant | batch | device | s/batch | images/s |");
+        println!("|---|---|---|---:|---|---:|---:|");
         for l in &lines {
             println!(
-                "| {} | {} | {} | {} | {:.3} | {:.1} |",
-                l.step, l.arch, l.batch_size, l.device, l.seconds_per_batch, l.images_per_second
+                "| {} | {} | {} | {} | {} | {:.3} | {:.1} |",
+                l.step,
+                l.arch,
+                l.variant,
+                l.batch_size,
+                l.device,
+                l.seconds_per_batch,
+                l.images_per_second
             );
         }
         if self.json {

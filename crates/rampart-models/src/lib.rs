@@ -382,17 +382,21 @@ impl Classifier {
 
 impl Classifier {
     /// The fused eval-mode op for `xs` (NCHW, checked) when this model and input allow
-    /// it: CPU, f32, a plain (not stochastic, not λ-conditioned) network with a fused
-    /// form.
+    /// it: CPU, f32, a network with a fused form. A student's noise seeds are drawn
+    /// from the model's generator as the layer-by-layer pass would draw them; an OAT
+    /// model runs at its λ.
     fn fused_eval(&self, xs: &Tensor) -> candle_core::Result<Option<FusedEval>> {
-        if !xs.device().is_cpu()
-            || xs.dtype() != candle_core::DType::F32
-            || self.spec.noise.is_some()
-            || self.spec.oat.is_some()
-        {
+        if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
             return Ok(None);
         }
-        let Some(net) = self.net.eval_program()? else {
+        let net = match &self.spec.oat {
+            None => self.net.eval_program()?,
+            Some(_) => {
+                let lambda = self.lambda().unwrap_or(0.0);
+                self.with_condition(&[lambda], || self.net.eval_program())?
+            }
+        };
+        let Some(net) = net else {
             return Ok(None);
         };
         let as_vec = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
@@ -465,6 +469,16 @@ impl Classifier {
         lambdas: &[f32],
         train: bool,
     ) -> candle_core::Result<Tensor> {
+        self.with_condition(lambdas, || net.forward_t(xs, train))
+    }
+
+    /// Runs `f` with the λ condition of rows `lambdas` installed for the variant
+    /// layers (an OAT model only).
+    fn with_condition<R>(
+        &self,
+        lambdas: &[f32],
+        f: impl FnOnce() -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
         let (Some(oat), Some(codes)) = (&self.spec.oat, &self.lambda_codes) else {
             candle_core::bail!("model {} is not λ-conditioned", self.spec.arch)
         };
@@ -474,7 +488,7 @@ impl Classifier {
         let condition = variant::Condition::new(lambdas, codes)?;
         let _guard = self.forward_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.ctx.set_condition(Some(condition));
-        let out = net.forward_t(xs, train);
+        let out = f();
         self.ctx.set_condition(None);
         out
     }

@@ -404,25 +404,75 @@ fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
     m
 }
 
-/// The fused eval path (of a frozen view) gives the logits and the input
-/// gradient of the layer-by-layer path: identity and projected shortcuts, strides,
-/// a batch that splits into uneven chunks, WRN and PreAct ResNet-18.
-#[test]
-fn fused_eval_path_matches_layer_by_layer() {
+/// Sets every variable whose name contains one of `parts` to uniform values in
+/// [centre − ½, centre + ½), so variant layers that start as the identity (FiLM's
+/// output layer, the second BatchNorm) do something.
+fn randomise(m: &Classifier, parts: &[&str], centre: f32, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut vars: Vec<(String, Var)> = m
+        .varmap
+        .data()
+        .lock()
+        .unwrap()
+        .clone()
+        .into_iter()
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in vars
+        .iter()
+        .filter(|(n, _)| parts.iter().any(|p| n.contains(p)))
+    {
+        let n = var.elem_count();
+        let v: Vec<f32> = (0..n).map(|_| centre + rng.gen::<f32>() - 0.5).collect();
+        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+/// The models the fused paths are held equal to the layer-by-layer path on: WRN and
+/// PreAct ResNet-18 (identity and projected shortcuts, strides, uneven chunks), a
+/// stochastic student and OAT models at λ = 0 (first BatchNorm), λ = 0.25 (a code
+/// between two training values, the second BatchNorm) and λ = 1, with `batch` images.
+fn fused_cases() -> Vec<(String, Classifier, usize)> {
+    let mut cases = Vec::new();
     for (spec, batch) in [
         (ModelSpec::wrn(16, 1, 10), 5),
         (ModelSpec::wrn(10, 2, 7), 3),
         (ModelSpec::cifar(Arch::PreactResnet18, 10), 2),
     ] {
-        let name = spec.arch.to_string();
-        let m = trained_looking(spec, 3);
+        cases.push((spec.arch.to_string(), trained_looking(spec, 3), batch));
+    }
+    let mut student = ModelSpec::wrn(10, 1, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.3 });
+    let m = trained_looking(student, 3);
+    randomise(&m, &["noise.alpha"], 0.4, 8);
+    cases.push(("student".into(), m, 5));
+    for lambda in [0.0, 0.25, 1.0] {
+        let mut oat = ModelSpec::wrn(10, 1, 10);
+        oat.oat = Some(OatSpec::standard());
+        let m = trained_looking(oat, 3);
+        randomise(&m, &["film.fc2", "adv.weight"], 0.0, 9);
+        randomise(&m, &["adv.running_var"], 1.0, 10);
+        m.set_lambda(lambda).unwrap();
+        cases.push((format!("oat at λ = {lambda}"), m, 5));
+    }
+    cases
+}
+
+/// The fused eval path (of a frozen view) gives the logits and the input gradient of
+/// the layer-by-layer path, on every model of [`fused_cases`]; a student's noise is
+/// the same value for value under the same seed.
+#[test]
+fn fused_eval_path_matches_layer_by_layer() {
+    for (name, m, batch) in fused_cases() {
         assert!(m.fused_eval(&input(1, 0)).unwrap().is_some(), "{name}");
         let x = Var::from_tensor(&input(batch, 7)).unwrap();
+        m.reseed_noise(21);
         let reference = m
-            .net
-            .forward_t(&m.normalise(x.as_tensor()).unwrap(), false)
+            .forward_network(m.net.as_ref(), x.as_tensor(), false)
             .unwrap();
         let g_ref = probe_grads(&reference, 11);
+        m.reseed_noise(21);
         let (fused, g_fused) = {
             let logits = m.frozen().forward_t(x.as_tensor(), false).unwrap();
             let g = probe_grads(&logits, 11);
@@ -446,11 +496,17 @@ fn fused_eval_path_matches_layer_by_layer() {
             "{name}: input gradients differ by {d} (scale {gscale})"
         );
         // Untracked inputs (plain predictions) take the same path.
+        m.reseed_noise(21);
         let plain = m
             .frozen()
             .forward_t(&x.as_tensor().detach(), false)
             .unwrap();
         assert_eq!(max_abs_diff(&plain, &fused), 0.0, "{name}");
+        if m.spec().noise.is_some() {
+            // The next draw is fresh noise, on both paths alike.
+            let again = m.frozen().forward_t(x.as_tensor(), false).unwrap();
+            assert!(max_abs_diff(&again, &fused) > 1e-3 * scale, "{name}");
+        }
     }
 }
 
@@ -498,14 +554,10 @@ fn fused_path_only_in_the_frozen_view() {
 
 /// Models without a fused form keep the layer-by-layer path.
 #[test]
-fn variants_and_post_activation_resnet_are_not_fused() {
+fn post_activation_resnet_and_f64_are_not_fused() {
     let x = input(1, 0);
     let resnet = Classifier::new(ModelSpec::cifar(Arch::Resnet20, 10), 0, &Device::Cpu).unwrap();
     assert!(resnet.fused_eval(&x).unwrap().is_none());
-    let mut spec = ModelSpec::wrn(10, 1, 10);
-    spec.noise = Some(NoiseSpec { alpha: 0.1 });
-    let student = Classifier::new(spec, 0, &Device::Cpu).unwrap();
-    assert!(student.fused_eval(&x).unwrap().is_none());
     let plain = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &Device::Cpu).unwrap();
     assert!(plain
         .fused_eval(&x.to_dtype(DType::F64).unwrap())

@@ -25,6 +25,7 @@
 //! (a saved buffer, `lambda_codes`); a λ between two training values gets the linear
 //! interpolation of their codes, a λ outside their range is clamped to it.
 
+use crate::kernels::{image_noise, EvalNorm, NoiseDraw};
 use crate::layers::{batch_norm_with, linear, BatchNorm, Linear};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -312,13 +313,55 @@ impl Norm {
         self.is_plain().then_some(&self.bn)
     }
 
-    /// The eval-mode affine map of a plain BatchNorm (None for variant layers).
-    pub(crate) fn fused(&self) -> Result<Option<crate::kernels::Affine>> {
-        if self.is_plain() {
-            self.bn.eval_affine().map(Some)
-        } else {
-            Ok(None)
+    /// The layer in the fused eval path's form: its eval-mode BatchNorm (the one of
+    /// the batch's λ group for an OAT model) with FiLM folded in, and a student's noise
+    /// with this forward pass's seed. None when the installed λ condition differs
+    /// between rows (the fused path needs one affine map per layer) or is missing.
+    /// A noisy layer draws its seed here, as its layer-by-layer forward pass would.
+    pub(crate) fn fused(&self) -> Result<Option<EvalNorm>> {
+        let cond = self.ctx.condition();
+        let bn = match (&self.bn_adv, &cond) {
+            (None, _) => &self.bn,
+            (Some(_), None) => return Ok(None),
+            (Some(adv), Some(c)) => match (&c.split, c.all_clean) {
+                (Some(_), _) => return Ok(None),
+                (None, true) => &self.bn,
+                (None, false) => adv,
+            },
+        };
+        let mut affine = bn.eval_affine()?;
+        if let Some(film) = &self.film {
+            let Some(c) = &cond else {
+                return Ok(None);
+            };
+            let Some((gamma, beta)) = film.uniform_params(&c.codes)? else {
+                return Ok(None);
+            };
+            // (h·s + t)·(1 + γ) + β.
+            for (((s, t), g), b) in affine
+                .scale
+                .iter_mut()
+                .zip(affine.shift.iter_mut())
+                .zip(&gamma)
+                .zip(&beta)
+            {
+                *s *= g;
+                *t = *t * g + b;
+            }
         }
+        let noise = match &self.noise {
+            None => None,
+            Some(n) => {
+                let (seed, scale) = self.ctx.next_noise_seed();
+                let alpha = n.alpha.flatten_all()?.to_vec1::<f32>()?[0];
+                let sigma = n.running_std.as_tensor().to_vec1::<f32>()?;
+                (scale != 0.0).then(|| NoiseDraw {
+                    seed,
+                    std: sigma.iter().map(|s| alpha * s * scale).collect(),
+                })
+            }
+        };
+        Ok(Some(EvalNorm { affine, noise }))
     }
 
     /// Normalisation (and variant extras) followed by ReLU; xs: (B, H, W, C).
@@ -378,6 +421,22 @@ impl ModuleT for Norm {
 }
 
 impl Film {
+    /// (1 + γ, β) of every row of `codes` (B, D), when all rows have the same code.
+    fn uniform_params(&self, codes: &Tensor) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let rows = codes.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        if rows.iter().any(|r| r != first) {
+            return Ok(None);
+        }
+        let code = codes.narrow(0, 0, 1)?;
+        let p = self.fc2.forward(&self.fc1.forward(&code)?.relu()?)?;
+        let p = p.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let gamma = p[..self.c].iter().map(|g| 1.0 + g).collect();
+        Ok(Some((gamma, p[self.c..2 * self.c].to_vec())))
+    }
+
     /// h: (B, H, W, C); codes: (B, D).
     fn apply(&self, h: &Tensor, codes: &Tensor) -> Result<Tensor> {
         let b = h.dim(0)?;
@@ -411,27 +470,27 @@ impl Noise {
         if scale == 0.0 {
             return Ok(h.clone());
         }
-        let z = standard_normal(seed, h.elem_count(), h.device())?.reshape(h.dims())?;
+        let z = layer_noise(seed, h.dims(), h.device())?;
         let std = (self.alpha.broadcast_mul(&sigma)? * f64::from(scale))?;
         h + z.broadcast_mul(&std)?
     }
 }
 
-/// `n` standard normal f32 values from `seed`, generated in parallel chunks, each its
-/// own ChaCha stream, so the values do not depend on the number of threads.
-pub(crate) fn standard_normal(seed: u64, n: usize, device: &Device) -> Result<Tensor> {
-    const CHUNK: usize = 1 << 15;
+/// The noise z of one noisy layer for activations of shape `dims` (B, …): image i's
+/// values are [`image_noise`]`(seed, i)`, generated in parallel over the images.
+fn layer_noise(seed: u64, dims: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let per = n / dims.first().copied().unwrap_or(1).max(1);
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(i, chunk)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(i as u64);
-            for v in chunk {
-                *v = rng.sample(StandardNormal);
-            }
+    if per > 0 {
+        out.par_chunks_mut(per).enumerate().for_each(|(i, image)| {
+            image
+                .iter_mut()
+                .zip(image_noise(seed, i))
+                .for_each(|(v, z)| *v = z);
         });
-    Tensor::from_vec(out, n, device)?.to_dtype(DType::F32)
+    }
+    Tensor::from_vec(out, dims, device)
 }
 
 /// `rows` orthonormal vectors of length `dim` (rows ≤ dim): Gram–Schmidt on Gaussian

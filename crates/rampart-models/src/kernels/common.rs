@@ -1,10 +1,25 @@
 //! Small pieces the kernels share: checked access to a custom op's f32 operand,
 //! per-thread scratch buffers, the eval-mode BatchNorm+ReLU as a per-channel affine
-//! map, and the hand-over of saved state from a forward pass to its backward pass.
+//! map (with the additive noise of a stochastic student), the noise generator itself,
+//! and the hand-over of saved state from a forward pass to its backward pass.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 use std::sync::Mutex;
+
+/// The standard normal values of one image of one noisy layer: ChaCha8 stream `image`
+/// of the layer's `seed`, in the order of the image's NHWC elements. Every path that
+/// injects a student's noise (layer by layer, fused) draws it here, so they agree
+/// value for value, and an image's noise depends on its place in the batch, never on
+/// how the batch is cut into chunks or threads.
+pub(crate) fn image_noise(seed: u64, image: usize) -> impl Iterator<Item = f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(image as u64);
+    std::iter::repeat_with(move || rng.sample(StandardNormal))
+}
 
 /// The contiguous f32 data of a custom op's operand; other dtypes and strided layouts
 /// are refused with an error naming `op`.
@@ -102,6 +117,71 @@ impl Affine {
                 *g *= s * f32::from(u8::from(*y > 0.0));
             }
         }
+    }
+}
+
+/// A student's noise at one layer in eval mode: the layer's seed and the standard
+/// deviation per channel (noise scale · α · running σ).
+#[derive(Clone, Debug)]
+pub(crate) struct NoiseDraw {
+    pub(crate) seed: u64,
+    pub(crate) std: Vec<f32>,
+}
+
+/// An eval-mode normalisation layer of the fused path: the per-channel affine map
+/// (BatchNorm, with an OAT model's FiLM of the batch's λ folded in), optionally the
+/// additive Gaussian noise of a stochastic student, then ReLU.
+#[derive(Clone, Debug)]
+pub(crate) struct EvalNorm {
+    pub(crate) affine: Affine,
+    pub(crate) noise: Option<NoiseDraw>,
+}
+
+impl EvalNorm {
+    pub(crate) fn channels(&self) -> usize {
+        self.affine.channels()
+    }
+
+    /// The affine map, when nothing else happens before the ReLU (so a convolution
+    /// can apply it to its output blocks while they are in cache).
+    pub(crate) fn epilogue(&self) -> Option<&Affine> {
+        self.noise.is_none().then_some(&self.affine)
+    }
+
+    /// `out = relu(x·scale + shift [+ std·z])` over n images of `pixels` pixels, the
+    /// first of them image `first` of the batch.
+    pub(crate) fn relu_into(&self, x: &[f32], out: &mut [f32], first: usize, pixels: usize) {
+        out.copy_from_slice(x);
+        self.relu_in_place(out, first, pixels);
+    }
+
+    /// [`Self::relu_into`] in place.
+    pub(crate) fn relu_in_place(&self, x: &mut [f32], first: usize, pixels: usize) {
+        let Some(noise) = &self.noise else {
+            self.affine.relu_in_place(x);
+            return;
+        };
+        let c = self.channels();
+        for (i, image) in x.chunks_exact_mut(pixels * c).enumerate() {
+            let mut z = image_noise(noise.seed, first + i);
+            for row in image.chunks_exact_mut(c) {
+                for (((v, s), t), sd) in row
+                    .iter_mut()
+                    .zip(&self.affine.scale)
+                    .zip(&self.affine.shift)
+                    .zip(&noise.std)
+                {
+                    let zv = z.next().unwrap_or(0.0);
+                    *v = (*v * s + t + sd * zv).max(0.0);
+                }
+            }
+        }
+    }
+
+    /// The backward pass given the layer's output `y` (the noise is additive, so it
+    /// changes only which units the ReLU lets through).
+    pub(crate) fn backward_in_place(&self, g: &mut [f32], y: &[f32]) {
+        self.affine.backward_in_place(g, y);
     }
 }
 

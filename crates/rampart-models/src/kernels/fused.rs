@@ -18,11 +18,13 @@
 //!   is the ReLU mask) and runs the transposed convolutions and masks in the same
 //!   chunks, writing the input gradient (through the input normalisation, in NCHW).
 //!
-//! A [`crate::Frozen`] view of a plain (not stochastic, not λ-conditioned) WRN or
-//! pre-activation ResNet-18 takes this path for every forward pass; tests hold it
-//! equal to the layer-by-layer path.
+//! A [`crate::Frozen`] view of a WRN or pre-activation ResNet-18 takes this path for
+//! every forward pass, plain or variant: an OAT model's FiLM and dual BatchNorm at the
+//! batch's λ fold into each BatchNorm's affine map, a stochastic student's noise is
+//! drawn per image inside the chunk (the same values as the layer-by-layer path).
+//! Tests hold it equal to the layer-by-layer path.
 
-use super::common::{f32_slice, take_saved, with_scratch, Affine};
+use super::common::{f32_slice, take_saved, with_scratch, Affine, EvalNorm};
 use super::conv::Window;
 use super::gemm::{sgemm, MatRef};
 use super::preact::{PreAct, PreActBlock};
@@ -359,7 +361,7 @@ impl ConvLayer {
 }
 
 /// A pre-activation block of the fused path (see [`PreActBlock`]).
-pub(crate) type Block = PreActBlock<ConvLayer, Affine>;
+pub(crate) type Block = PreActBlock<ConvLayer, EvalNorm>;
 
 /// A pre-activation network frozen for evaluation: input normalisation, stem
 /// convolution, blocks, BN-ReLU, global average pooling, linear layer.
@@ -371,7 +373,7 @@ pub(crate) struct Program {
     pub(crate) input: [usize; 3],
     pub(crate) stem: ConvLayer,
     pub(crate) blocks: Vec<Block>,
-    pub(crate) head: Affine,
+    pub(crate) head: EvalNorm,
     /// (K, C) row-major and (K,).
     pub(crate) fc_w: Vec<f32>,
     pub(crate) fc_b: Vec<f32>,
@@ -389,7 +391,7 @@ struct ChunkState {
 
 /// A pre-activation network in the form this path runs: kernels in GEMM layout,
 /// BatchNorms folded into affine maps, the linear layer as (K × C row-major, K).
-pub(crate) type ProgramNet = PreAct<ConvLayer, Affine, (Vec<f32>, Vec<f32>)>;
+pub(crate) type ProgramNet = PreAct<ConvLayer, EvalNorm, (Vec<f32>, Vec<f32>)>;
 
 impl Program {
     /// The program of `net` for inputs of shape `input` (C, H, W), normalised by
@@ -426,9 +428,15 @@ impl Program {
         self.input.iter().product()
     }
 
-    /// Logits (n × K) of a chunk of n NCHW images; with `keep`, what its backward
+    /// Logits (n × K) of a chunk of n NCHW images, the first of them image `first` of
+    /// the batch (a student's noise depends on it); with `keep`, what its backward
     /// pass needs.
-    fn forward_chunk(&self, x: &[f32], keep: bool) -> Result<(Vec<f32>, Option<ChunkState>)> {
+    fn forward_chunk(
+        &self,
+        x: &[f32],
+        first: usize,
+        keep: bool,
+    ) -> Result<(Vec<f32>, Option<ChunkState>)> {
         let [c, mut h, mut w] = self.input;
         let n = x.len() / self.image_len();
         // Normalise into NHWC.
@@ -448,7 +456,7 @@ impl Program {
         let mut saved = Vec::with_capacity(if keep { self.blocks.len() } else { 0 });
         for b in &self.blocks {
             let mut pre = vec![0f32; cur.len()];
-            b.bn1.relu_into(&cur, &mut pre);
+            b.bn1.relu_into(&cur, &mut pre, first, h * w);
             let (ho, wo) = b.conv1.out_hw(h, w)?;
             let out_len = n * ho * wo * b.conv1.c_out;
             let mut out = match &b.shortcut {
@@ -460,7 +468,11 @@ impl Program {
                 None => cur,
             };
             let mut mid = vec![0f32; out_len];
-            b.conv1.forward(&pre, h, w, &mut mid, false, Some(&b.bn2));
+            b.conv1
+                .forward(&pre, h, w, &mut mid, false, b.bn2.epilogue());
+            if b.bn2.epilogue().is_none() {
+                b.bn2.relu_in_place(&mut mid, first, ho * wo);
+            }
             b.conv2.forward(&mid, ho, wo, &mut out, true, None);
             if keep {
                 saved.push((h, w, pre, mid));
@@ -470,7 +482,7 @@ impl Program {
         }
         let channels = self.head.channels();
         let mut fin = vec![0f32; cur.len()];
-        self.head.relu_into(&cur, &mut fin);
+        self.head.relu_into(&cur, &mut fin, first, h * w);
         drop(cur);
         let pixels = h * w;
         let mut pooled = vec![0f32; n * channels];
@@ -610,10 +622,11 @@ impl CustomOp1 for FusedEval {
         if b == 0 {
             return Ok((CpuStorage::F32(Vec::new()), Shape::from((0, k))));
         }
-        let per = Self::chunk_images(b) * self.program.image_len();
+        let images = Self::chunk_images(b);
         let parts = x
-            .par_chunks(per)
-            .map(|xc| self.program.forward_chunk(xc, self.keep))
+            .par_chunks(images * self.program.image_len())
+            .enumerate()
+            .map(|(i, xc)| self.program.forward_chunk(xc, i * images, self.keep))
             .collect::<Result<Vec<_>>>()?;
         let mut logits = Vec::with_capacity(b * k);
         let mut states = Vec::with_capacity(parts.len());

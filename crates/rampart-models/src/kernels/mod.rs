@@ -36,4 +36,4 @@ mod gemm;
 pub(crate) mod preact;
 mod winograd;
 
-pub(crate) use common::Affine;
+pub(crate) use common::{image_noise, Affine, EvalNorm, NoiseDraw};
