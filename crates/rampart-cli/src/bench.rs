@@ -156,7 +156,9 @@ impl BenchArgs {
         let model = Classifier::new(spec, 0, &dev)?;
         let train_lambdas: Vec<f32> = {
             let values = OatSpec::standard().lambdas;
-            (0..self.batch_size).map(|i| values[i % values.len()]).collect()
+            (0..self.batch_size)
+                .map(|i| values[i % values.len()])
+                .collect()
         };
         let xs = Tensor::rand(0f32, 1f32, (self.batch_size, 3, 32, 32), &dev)?;
         let labels: Vec<u32> = (0..self.batch_size as u32).map(|i| i % 10).collect();

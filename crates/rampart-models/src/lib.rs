@@ -416,7 +416,6 @@ impl Classifier {
         if !xs.device().is_cpu()
             || xs.dtype() != candle_core::DType::F32
             || xs.track_op()
-            || self.spec.noise.is_some()
             || self.spec.oat.is_some()
         {
             return Ok(None);
@@ -445,12 +444,15 @@ impl Classifier {
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1::<f32>()?;
-        let op = kernels::fused_train::FusedTrain::new(layout, &x, [b, c, h, w], &mean, &inv_std);
+        // A student's noise seeds, drawn in the order the layer-by-layer pass draws them.
+        let noise = bns.iter().map(|n| n.draw_train_noise()).collect();
+        let op =
+            kernels::fused_train::FusedTrain::new(layout, &x, [b, c, h, w], &mean, &inv_std, noise);
         let stats = op.stats.clone();
         let logits = flat.apply_op1(op)?;
         let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
-        for (bn, (m, v, rows)) in bns.iter().zip(stats.iter()) {
-            bn.update_running_from(m, v, *rows)?;
+        for (bn, batch) in bns.iter().zip(stats.iter()) {
+            bn.update_running_from(batch)?;
         }
         Ok(Some(logits))
     }
@@ -660,7 +662,7 @@ pub(crate) trait Network: ModuleT + Send + Sync {
     /// The parameters for the fused train path, and the BatchNorms whose running
     /// statistics it reports (in [`kernels::preact::PreAct::norms`] order); None when
     /// this network has no fused form.
-    fn train_net(&self) -> Option<(TrainNet<'_>, Vec<&layers::BatchNorm>)> {
+    fn train_net(&self) -> Option<(TrainNet<'_>, Vec<&variant::Norm>)> {
         None
     }
 }

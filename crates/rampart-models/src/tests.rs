@@ -569,13 +569,20 @@ fn post_activation_resnet_and_f64_are_not_fused() {
 /// parameter gradient and the running statistics of the layer-by-layer path.
 #[test]
 fn fused_train_path_matches_layer_by_layer() {
+    let mut student = ModelSpec::wrn(10, 1, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.3 });
     for (spec, batch) in [
         (ModelSpec::wrn(16, 1, 10), 5),
         (ModelSpec::wrn(10, 2, 7), 3),
+        (student, 4),
     ] {
-        let name = spec.arch.to_string();
+        let name = format!("{} noise={}", spec.arch, spec.noise.is_some());
         let (reference_model, fused_model) =
             (trained_looking(spec.clone(), 5), trained_looking(spec, 5));
+        for m in [&reference_model, &fused_model] {
+            randomise(m, &["noise.alpha"], 0.4, 8);
+            m.reseed_noise(33);
+        }
         assert!(fused_model.net.train_net().is_some(), "{name}");
         let x = input(batch, 13);
         let reference = reference_model

@@ -25,6 +25,8 @@
 //! (a saved buffer, `lambda_codes`); a λ between two training values gets the linear
 //! interpolation of their codes, a λ outside their range is clamped to it.
 
+use crate::kernels::fused_train::BnBatch;
+use crate::kernels::preact::NormParams;
 use crate::kernels::{image_noise, EvalNorm, NoiseDraw};
 use crate::layers::{batch_norm_with, linear, BatchNorm, Linear};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
@@ -308,9 +310,37 @@ impl Norm {
         self.bn_adv.is_none() && self.film.is_none() && self.noise.is_none()
     }
 
-    /// The BatchNorm of a plain layer (None for variant layers).
-    pub(crate) fn plain_bn(&self) -> Option<&BatchNorm> {
-        self.is_plain().then_some(&self.bn)
+    /// The layer's parameters for the fused train path: a plain BatchNorm or a
+    /// student's noisy one (None for an OAT layer).
+    pub(crate) fn train_params(&self) -> Option<NormParams<'_>> {
+        if self.bn_adv.is_some() || self.film.is_some() {
+            return None;
+        }
+        let (gamma, beta, eps) = self.bn.parts();
+        Some(NormParams {
+            gamma,
+            beta,
+            eps,
+            alpha: self.noise.as_ref().map(|n| &n.alpha),
+        })
+    }
+
+    /// A noisy layer's seed and scale for one train-mode forward pass of the fused
+    /// path, drawn from the model's generator as [`Noise::apply`] draws it.
+    pub(crate) fn draw_train_noise(&self) -> Option<(u64, f32)> {
+        self.noise.as_ref().map(|_| self.ctx.next_noise_seed())
+    }
+
+    /// Updates the running estimates after a fused train-mode forward pass.
+    pub(crate) fn update_running_from(&self, batch: &BnBatch) -> Result<()> {
+        self.bn
+            .update_running_from(&batch.mean, &batch.var, batch.rows)?;
+        if let (Some(noise), Some(sigma)) = (&self.noise, &batch.sigma) {
+            let sigma = Tensor::from_slice(sigma, sigma.len(), noise.running_std.device())?
+                .to_dtype(noise.running_std.dtype())?;
+            noise.update_running(&sigma)?;
+        }
+        Ok(())
     }
 
     /// The layer in the fused eval path's form: its eval-mode BatchNorm (the one of
@@ -451,6 +481,13 @@ impl Film {
 const NOISE_MOMENTUM: f64 = 0.1;
 
 impl Noise {
+    /// running σ ← (1 − momentum)·running σ + momentum·σ.
+    fn update_running(&self, sigma: &Tensor) -> Result<()> {
+        let updated =
+            ((self.running_std.as_tensor() * (1.0 - NOISE_MOMENTUM))? + (sigma * NOISE_MOMENTUM)?)?;
+        self.running_std.set(&updated)
+    }
+
     /// h + scale·α·σ ⊙ z; h: (B, H, W, C).
     fn apply(&self, h: &Tensor, train: bool, ctx: &Context) -> Result<Tensor> {
         let c = self.running_std.dim(0)?;
@@ -459,9 +496,7 @@ impl Noise {
             let mean = rows.mean_keepdim(0)?;
             let var = rows.broadcast_sub(&mean)?.sqr()?.mean(0)?;
             let sigma = (var + 1e-5)?.sqrt()?;
-            let updated = ((self.running_std.as_tensor() * (1.0 - NOISE_MOMENTUM))?
-                + (&sigma * NOISE_MOMENTUM)?)?;
-            self.running_std.set(&updated)?;
+            self.update_running(&sigma)?;
             sigma
         } else {
             self.running_std.as_detached_tensor()

@@ -9,7 +9,7 @@
 use crate::kernels::fused::ProgramNet;
 use crate::kernels::fused_train::TrainNet;
 use crate::kernels::preact::{self, PreAct};
-use crate::layers::{conv, global_avg_pool, linear, BatchNorm, Conv, Linear};
+use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
 use crate::variant::{Norm, NormOptions};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -138,18 +138,14 @@ impl crate::Network for PreActNet {
         )
     }
 
-    fn train_net(&self) -> Option<(TrainNet<'_>, Vec<&BatchNorm>)> {
+    fn train_net(&self) -> Option<(TrainNet<'_>, Vec<&Norm>)> {
         let net = self
             .try_map(
                 |c| Ok(Some(c.parts())),
-                |n| Ok(n.plain_bn().map(BatchNorm::parts)),
+                |n| Ok(n.train_params()),
                 |fc| Ok(Some(fc.parts())),
             )
             .ok()??;
-        let norms = self
-            .norms()
-            .map(Norm::plain_bn)
-            .collect::<Option<Vec<_>>>()?;
-        Some((net, norms))
+        Some((net, self.norms().collect()))
     }
 }

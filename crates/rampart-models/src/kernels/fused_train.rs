@@ -10,13 +10,17 @@
 //! parameters (candle routes the gradient back to each of them through the
 //! concatenation), its output the logits, so any loss can be put on top.
 //!
-//! [`crate::Classifier`] takes this path for train-mode forward passes on plain WRN
-//! and pre-activation ResNet-18 models when the input itself needs no gradient;
-//! running statistics are updated exactly as the layer-by-layer path does. Tests hold
-//! logits, running statistics and every parameter gradient equal to that path.
+//! [`crate::Classifier`] takes this path for train-mode forward passes on WRN and
+//! pre-activation ResNet-18 models, plain or stochastic students, when the input
+//! itself needs no gradient; running statistics (and a student's running noise
+//! scale) are updated exactly as the layer-by-layer path does. A student's noise
+//! α·σ·z (σ the channel's standard deviation over the batch, a constant for the
+//! backward pass) is drawn per image from the same seeds and streams as that path,
+//! and α receives its gradient Σ dL/dh·σ·z. Tests hold logits, running statistics and
+//! every parameter gradient equal to that path.
 
 use super::bn::BnForward;
-use super::common::{f32_slice, take_saved, Affine};
+use super::common::{f32_slice, image_noise, take_saved, Affine};
 use super::fused::ConvLayer;
 use super::gemm::{sgemm, MatRef};
 use super::preact::{ConvParams, LinearParams, NormParams, PreAct};
@@ -76,12 +80,13 @@ impl ConvAt {
     }
 }
 
-/// Where a BatchNorm's γ and β sit (β right after γ).
+/// Where a BatchNorm's γ and β sit (β right after γ), and a noisy layer's α.
 #[derive(Clone, Copy, Debug)]
 struct BnAt {
     offset: usize,
     c: usize,
     eps: f32,
+    alpha: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -156,16 +161,24 @@ pub(crate) fn layout(net: &TrainNet<'_>) -> Result<(TrainLayout, Vec<Tensor>)> {
 }
 
 fn push_bn(bn: NormParams<'_>, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<BnAt> {
-    let (g, b, eps) = bn;
-    let c = g.elem_count();
-    let at = BnAt {
+    let c = bn.gamma.elem_count();
+    let mut at = BnAt {
         offset: *offset,
         c,
-        eps,
+        eps: bn.eps,
+        alpha: None,
     };
     *offset += 2 * c;
-    tensors.push(g.flatten_all()?);
-    tensors.push(b.flatten_all()?);
+    tensors.push(bn.gamma.flatten_all()?);
+    tensors.push(bn.beta.flatten_all()?);
+    if let Some(alpha) = bn.alpha {
+        if alpha.elem_count() != 1 {
+            candle_core::bail!("fused train path: a noise factor of {:?}", alpha.dims())
+        }
+        at.alpha = Some(*offset);
+        *offset += 1;
+        tensors.push(alpha.flatten_all()?);
+    }
     Ok(at)
 }
 
@@ -186,12 +199,28 @@ fn push_conv(c: ConvParams<'_>, tensors: &mut Vec<Tensor>, offset: &mut usize) -
 }
 
 /// Batch statistics of one BatchNorm: the normalisation (mean, 1/√(var + eps), ReLU)
-/// and the biased variance (for the running estimate).
+/// and the biased variance (for the running estimate); for a noisy layer, its noise.
 #[derive(Clone, Debug)]
 struct Stats {
     bn: BnForward,
     var: Vec<f32>,
+    noise: Option<LayerNoise>,
 }
+
+/// The noise α·σ·s·z of one layer in a training step.
+#[derive(Clone, Debug)]
+struct LayerNoise {
+    /// σ per channel: the standard deviation of the BatchNorm's output over the batch.
+    sigma: Vec<f32>,
+    /// The test-time scale s of the noise (1 unless changed).
+    scale: f32,
+    /// z, as the activations (B, H, W, C).
+    z: Vec<f32>,
+}
+
+/// The noise seed and scale of one layer's training step (drawn by the caller from the
+/// model's generator, in [`PreAct::norms`] order).
+pub(crate) type NoiseSeed = (u64, f32);
 
 impl BnAt {
     fn gamma_beta<'a>(&self, flat: &'a [f32]) -> (&'a [f32], &'a [f32]) {
@@ -202,36 +231,126 @@ impl BnAt {
     }
 }
 
-/// relu(BN(x)) with batch statistics: returns the output and the statistics.
-fn bn_relu_forward(x: &[f32], at: BnAt, flat: &[f32]) -> (Vec<f32>, Stats) {
+/// relu(BN(x) [+ α·σ·s·z]) with batch statistics over the n images of `x`: returns
+/// the output and the statistics. `noise`: the layer's seed and scale, for a noisy
+/// layer.
+fn bn_relu_forward(
+    x: &[f32],
+    n: usize,
+    at: BnAt,
+    flat: &[f32],
+    noise: Option<NoiseSeed>,
+) -> (Vec<f32>, Stats) {
     let (mean, var) = super::bn::mean_var(x, at.c);
     let bn = BnForward {
         inv_std: var.iter().map(|v| 1.0 / (v + at.eps).sqrt()).collect(),
         mean,
-        relu: true,
+        // A noisy layer masks the gradient by its own output (the ReLU sees the noise).
+        relu: noise.is_none(),
         batch_stats: true,
     };
     let (gamma, beta) = at.gamma_beta(flat);
     let (scale, shift) = bn.scale_shift(gamma, beta);
-    let affine = Affine::from_scale_shift(scale, shift);
     let mut y = vec![0f32; x.len()];
-    let per = (16_384 / at.c).max(1) * at.c;
-    y.par_chunks_mut(per)
-        .zip(x.par_chunks(per))
-        .for_each(|(yc, xc)| affine.relu_into(xc, yc));
-    (y, Stats { bn, var })
+    let (Some((seed, s)), Some(alpha_at)) = (noise, at.alpha) else {
+        let affine = Affine::from_scale_shift(scale, shift);
+        let per = (16_384 / at.c).max(1) * at.c;
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(yc, xc)| affine.relu_into(xc, yc));
+        return (
+            y,
+            Stats {
+                bn,
+                var,
+                noise: None,
+            },
+        );
+    };
+    // σ of BN(x) = scale·x + shift over the batch: |scale|·√var (as the layer-by-layer
+    // path measures it on the BatchNorm's output, with 1e-5 under the root).
+    let sigma: Vec<f32> = scale
+        .iter()
+        .zip(&var)
+        .map(|(sc, v)| (sc * sc * v + 1e-5).sqrt())
+        .collect();
+    let amp: Vec<f32> = sigma.iter().map(|sg| flat[alpha_at] * sg * s).collect();
+    let per_image = x.len() / n.max(1);
+    let mut z = vec![0f32; x.len()];
+    z.par_chunks_mut(per_image.max(1))
+        .zip(y.par_chunks_mut(per_image.max(1)))
+        .zip(x.par_chunks(per_image.max(1)))
+        .enumerate()
+        .for_each(|(i, ((zi, yi), xi))| {
+            zi.iter_mut()
+                .zip(image_noise(seed, i))
+                .for_each(|(d, v)| *d = v);
+            for ((yr, xr), zr) in yi
+                .chunks_exact_mut(at.c)
+                .zip(xi.chunks_exact(at.c))
+                .zip(zi.chunks_exact(at.c))
+            {
+                for (((((o, v), zv), sc), sh), a) in yr
+                    .iter_mut()
+                    .zip(xr)
+                    .zip(zr)
+                    .zip(&scale)
+                    .zip(&shift)
+                    .zip(&amp)
+                {
+                    *o = (v * sc + sh + a * zv).max(0.0);
+                }
+            }
+        });
+    (
+        y,
+        Stats {
+            bn,
+            var,
+            noise: Some(LayerNoise { sigma, scale: s, z }),
+        },
+    )
 }
 
-/// Backward pass of relu(BN(x)) with batch statistics: `g` holds dL/dy and becomes
-/// dL/dx; dγ and dβ are written into `dflat`.
+/// Backward pass of relu(BN(x) [+ noise]) with batch statistics: `g` holds dL/dy and
+/// becomes dL/dx; dγ and dβ (and a noisy layer's dα) are written into `dflat`. `y`:
+/// the forward pass's output (its sign is the ReLU mask of a noisy layer).
 fn bn_relu_backward(
     g: &mut [f32],
     x: &[f32],
+    y: &[f32],
     st: &Stats,
     at: BnAt,
     flat: &[f32],
     dflat: &mut [f32],
 ) {
+    if let (Some(noise), Some(alpha_at)) = (&st.noise, at.alpha) {
+        let c = at.c;
+        let per = (16_384 / c).max(1) * c;
+        let dalpha: f64 = g
+            .par_chunks_mut(per)
+            .zip(y.par_chunks(per))
+            .zip(noise.z.par_chunks(per))
+            .map(|((gc, yc), zc)| {
+                let mut acc = vec![0f32; c];
+                for ((gr, yr), zr) in gc
+                    .chunks_exact_mut(c)
+                    .zip(yc.chunks_exact(c))
+                    .zip(zc.chunks_exact(c))
+                {
+                    for (((gv, yv), zv), a) in gr.iter_mut().zip(yr).zip(zr).zip(acc.iter_mut()) {
+                        *gv *= f32::from(u8::from(*yv > 0.0));
+                        *a += *gv * zv;
+                    }
+                }
+                acc.iter()
+                    .zip(&noise.sigma)
+                    .map(|(a, sg)| f64::from(*a) * f64::from(*sg))
+                    .sum::<f64>()
+            })
+            .sum();
+        dflat[alpha_at] = (dalpha * f64::from(noise.scale)) as f32;
+    }
     let (gamma, beta) = at.gamma_beta(flat);
     let sums = st.bn.backward_in_place(g, x, gamma, beta, true);
     for (d, v) in dflat[at.offset..][..2 * at.c].iter_mut().zip(sums) {
@@ -318,12 +437,34 @@ struct TrainState {
     /// The input of the head BatchNorm.
     last: Vec<f32>,
     st_head: Stats,
+    /// The head's output, kept when its ReLU sees noise.
+    head_out: Vec<f32>,
     pixels: usize,
     pooled: Vec<f32>,
 }
 
-/// One BatchNorm's batch mean, biased variance and number of rows.
-pub(crate) type BnBatch = (Vec<f32>, Vec<f32>, usize);
+/// What one normalisation layer's running estimates are updated from.
+#[derive(Clone, Debug)]
+pub(crate) struct BnBatch {
+    /// The batch mean and biased variance of the BatchNorm's input.
+    pub(crate) mean: Vec<f32>,
+    pub(crate) var: Vec<f32>,
+    /// Rows (B·H·W) they are taken over.
+    pub(crate) rows: usize,
+    /// A noisy layer's σ (the standard deviation of the BatchNorm's output).
+    pub(crate) sigma: Option<Vec<f32>>,
+}
+
+impl BnBatch {
+    fn of(st: &Stats, rows: usize) -> Self {
+        BnBatch {
+            mean: st.bn.mean.clone(),
+            var: st.var.clone(),
+            rows,
+            sigma: st.noise.as_ref().map(|z| z.sigma.clone()),
+        }
+    }
+}
 
 /// The whole network in train mode as one op on its flat parameter vector.
 pub(crate) struct FusedTrain {
@@ -331,19 +472,24 @@ pub(crate) struct FusedTrain {
     /// Normalised NHWC input, (B, H, W, C).
     input: Vec<f32>,
     dims: [usize; 4],
+    /// Per normalisation layer in [`PreAct::norms`] order: its noise seed and scale.
+    noise: Vec<Option<NoiseSeed>>,
     saved: Mutex<Option<TrainState>>,
     /// (mean, biased variance, rows) of every BatchNorm, filled by the forward pass.
     pub(crate) stats: Arc<Mutex<Vec<BnBatch>>>,
 }
 
 impl FusedTrain {
-    /// `x`: NCHW input in bounds; `mean`/`inv_std`: the model's input normalisation.
+    /// `x`: NCHW input in bounds; `mean`/`inv_std`: the model's input normalisation;
+    /// `noise`: each normalisation layer's noise seed and scale (None for a plain one),
+    /// in [`PreAct::norms`] order.
     pub(crate) fn new(
         layout: TrainLayout,
         x: &[f32],
         dims: [usize; 4],
         mean: &[f32],
         inv_std: &[f32],
+        noise: Vec<Option<NoiseSeed>>,
     ) -> Self {
         let [b, c, h, w] = dims;
         let mut input = vec![0f32; x.len()];
@@ -362,6 +508,7 @@ impl FusedTrain {
             layout: Arc::new(layout),
             input,
             dims,
+            noise,
             saved: Mutex::new(None),
             stats: Arc::new(Mutex::new(Vec::new())),
         }
@@ -389,8 +536,9 @@ impl FusedTrain {
                 )
             })
             .collect();
-        for (b, (conv1, conv2, shortcut)) in lay.blocks.iter().zip(kernels) {
-            let (pre, st1) = bn_relu_forward(&cur, b.bn1, flat);
+        let noise = |i: usize| self.noise.get(i).copied().flatten();
+        for (i, (b, (conv1, conv2, shortcut))) in lay.blocks.iter().zip(kernels).enumerate() {
+            let (pre, st1) = bn_relu_forward(&cur, n, b.bn1, flat, noise(2 * i));
             let (ho, wo) = conv1.out_hw(h, w)?;
             let out_len = n * ho * wo * b.conv1.c_out;
             let mut out = match &shortcut {
@@ -403,10 +551,10 @@ impl FusedTrain {
             };
             let mut c1 = vec![0f32; out_len];
             conv_forward(&conv1, &pre, n, h, w, &mut c1, false);
-            let (mid, st2) = bn_relu_forward(&c1, b.bn2, flat);
+            let (mid, st2) = bn_relu_forward(&c1, n, b.bn2, flat, noise(2 * i + 1));
             conv_forward(&conv2, &mid, n, ho, wo, &mut out, true);
-            stats.push((st1.bn.mean.clone(), st1.var.clone(), cur.len() / b.bn1.c));
-            stats.push((st2.bn.mean.clone(), st2.var.clone(), c1.len() / b.bn2.c));
+            stats.push(BnBatch::of(&st1, cur.len() / b.bn1.c));
+            stats.push(BnBatch::of(&st2, c1.len() / b.bn2.c));
             blocks.push(BlockState {
                 h,
                 w,
@@ -422,12 +570,8 @@ impl FusedTrain {
             });
             (h, w) = (ho, wo);
         }
-        let (fin, st_head) = bn_relu_forward(&cur, lay.head, flat);
-        stats.push((
-            st_head.bn.mean.clone(),
-            st_head.var.clone(),
-            cur.len() / lay.head.c,
-        ));
+        let (fin, st_head) = bn_relu_forward(&cur, n, lay.head, flat, noise(2 * lay.blocks.len()));
+        stats.push(BnBatch::of(&st_head, cur.len() / lay.head.c));
         let (c, pixels) = (lay.features, h * w);
         let mut pooled = vec![0f32; n * c];
         pooled
@@ -456,6 +600,11 @@ impl FusedTrain {
                 stem,
                 blocks,
                 last: cur,
+                head_out: if st_head.noise.is_some() {
+                    fin
+                } else {
+                    Vec::new()
+                },
                 st_head,
                 pixels,
                 pooled,
@@ -500,14 +649,22 @@ impl FusedTrain {
                         .for_each(|(g, v)| *g = v / pixels as f32);
                 }
             });
-        bn_relu_backward(&mut d, &st.last, &st.st_head, lay.head, flat, &mut dflat);
+        bn_relu_backward(
+            &mut d,
+            &st.last,
+            &st.head_out,
+            &st.st_head,
+            lay.head,
+            flat,
+            &mut dflat,
+        );
         for (b, s) in lay.blocks.iter().zip(&st.blocks).rev() {
             let (ho, wo) = s.conv1.out_hw(s.h, s.w).unwrap_or((0, 0));
             let dw2 = conv_backward_weight(&s.conv2, &s.mid, &d, n, ho, wo);
             b.conv2.store_grad(&dw2, &mut dflat);
             let mut dmid = vec![0f32; s.mid.len()];
             conv_backward_input(&s.conv2, &d, n, ho, wo, &mut dmid);
-            bn_relu_backward(&mut dmid, &s.c1, &s.st2, b.bn2, flat, &mut dflat);
+            bn_relu_backward(&mut dmid, &s.c1, &s.mid, &s.st2, b.bn2, flat, &mut dflat);
             let dw1 = conv_backward_weight(&s.conv1, &s.pre, &dmid, n, s.h, s.w);
             b.conv1.store_grad(&dw1, &mut dflat);
             let mut dpre = vec![0f32; s.pre.len()];
@@ -518,7 +675,7 @@ impl FusedTrain {
                 at.store_grad(&dws, &mut dflat);
                 conv_backward_input(sc, &d, n, s.h, s.w, &mut dpre);
             }
-            bn_relu_backward(&mut dpre, &s.x, &s.st1, b.bn1, flat, &mut dflat);
+            bn_relu_backward(&mut dpre, &s.x, &s.pre, &s.st1, b.bn1, flat, &mut dflat);
             if s.shortcut.is_none() {
                 dpre.par_iter_mut()
                     .zip(d.par_iter())

@@ -104,8 +104,20 @@ impl<C, N, L> PreAct<C, N, L> {
 /// stride, padding.
 pub type ConvParams<'a> = (&'a Tensor, usize, usize);
 
-/// A BatchNorm's parameters as the fused train path reads them: γ, β, eps.
-pub type NormParams<'a> = (&'a Tensor, &'a Tensor, f32);
+/// A BatchNorm's parameters as the fused train path reads them: γ, β, eps, and a
+/// stochastic student's noise factor α (a one-element tensor) where the layer injects
+/// noise after the BatchNorm.
+#[derive(Clone, Copy, Debug)]
+pub struct NormParams<'a> {
+    /// Scale γ (C,).
+    pub gamma: &'a Tensor,
+    /// Shift β (C,).
+    pub beta: &'a Tensor,
+    /// The variance's ε.
+    pub eps: f32,
+    /// Noise factor α (1,), for a noisy layer.
+    pub alpha: Option<&'a Tensor>,
+}
 
 /// A linear layer's parameters: weight (K, C) and bias (K,).
 pub type LinearParams<'a> = (&'a Tensor, &'a Tensor);
