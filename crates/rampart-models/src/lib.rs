@@ -410,17 +410,42 @@ impl Classifier {
     }
 
     /// Logits of a train-mode forward pass through the fused train path, when this
-    /// model and input allow it: CPU, f32, a plain network with a fused form, and an
-    /// input that needs no gradient. Updates the running statistics.
-    fn fused_train(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if !xs.device().is_cpu()
-            || xs.dtype() != candle_core::DType::F32
-            || xs.track_op()
-            || self.spec.oat.is_some()
-        {
+    /// model and input allow it: CPU, f32, a network with a fused form, and an input
+    /// that needs no gradient. Updates the running statistics. An OAT model runs at
+    /// `lambdas` (one per row; its λ when None).
+    fn fused_train(
+        &self,
+        xs: &Tensor,
+        lambdas: Option<&[f32]>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 || xs.track_op() {
             return Ok(None);
         }
-        let Some((net, bns)) = self.net.train_net() else {
+        let b = xs.dim(0)?;
+        if b == 0 {
+            // The layer-by-layer path refuses an empty batch with a clear error.
+            return Ok(None);
+        }
+        match &self.spec.oat {
+            None => self.fused_train_on(xs, None),
+            Some(_) => {
+                let lambdas = match lambdas {
+                    Some(l) => l.to_vec(),
+                    None => vec![self.lambda().unwrap_or(0.0); b],
+                };
+                let second: Vec<bool> = lambdas.iter().map(|&l| l != 0.0).collect();
+                self.with_condition(&lambdas, || self.fused_train_on(xs, Some(&second)))
+            }
+        }
+    }
+
+    /// [`Classifier::fused_train`] once the λ condition (if any) is installed.
+    fn fused_train_on(
+        &self,
+        xs: &Tensor,
+        second: Option<&[bool]>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some((net, bns)) = self.net.train_net()? else {
             return Ok(None);
         };
         let (layout, tensors) = kernels::fused_train::layout(&net)?;
@@ -428,26 +453,25 @@ impl Classifier {
             return Ok(None);
         }
         let (b, c, h, w) = xs.dims4()?;
-        if b == 0 {
-            // The layer-by-layer path refuses an empty batch with a clear error.
-            return Ok(None);
-        }
         let flat = Tensor::cat(&tensors, 0)?;
         let x = xs.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mean = self
-            .mean
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        let inv_std = self
-            .inv_std
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
+        let as_vec = |t: &Tensor| {
+            t.flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()
+        };
+        let (mean, inv_std) = (as_vec(&self.mean)?, as_vec(&self.inv_std)?);
         // A student's noise seeds, drawn in the order the layer-by-layer pass draws them.
         let noise = bns.iter().map(|n| n.draw_train_noise()).collect();
-        let op =
-            kernels::fused_train::FusedTrain::new(layout, &x, [b, c, h, w], &mean, &inv_std, noise);
+        let op = kernels::fused_train::FusedTrain::new(
+            layout,
+            &x,
+            [b, c, h, w],
+            &mean,
+            &inv_std,
+            noise,
+            second,
+        );
         let stats = op.stats.clone();
         let logits = flat.apply_op1(op)?;
         let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -513,6 +537,11 @@ impl Classifier {
             .find(|l| !(l.is_finite() && (0.0..=1.0).contains(*l)))
         {
             candle_core::bail!("λ must lie in [0, 1], got {bad}")
+        }
+        if train {
+            if let Some(logits) = self.fused_train(xs, Some(lambdas))? {
+                return Ok(logits);
+            }
         }
         let xs = self.normalise(xs)?;
         self.forward_conditioned(self.net.as_ref(), &xs, lambdas, train)
@@ -662,8 +691,8 @@ pub(crate) trait Network: ModuleT + Send + Sync {
     /// The parameters for the fused train path, and the BatchNorms whose running
     /// statistics it reports (in [`kernels::preact::PreAct::norms`] order); None when
     /// this network has no fused form.
-    fn train_net(&self) -> Option<(TrainNet<'_>, Vec<&variant::Norm>)> {
-        None
+    fn train_net(&self) -> candle_core::Result<Option<(TrainNet<'_>, Vec<&variant::Norm>)>> {
+        Ok(None)
     }
 }
 
@@ -786,7 +815,7 @@ impl ModuleT for Classifier {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.check_input(xs)?;
         if train {
-            if let Some(logits) = self.fused_train(xs)? {
+            if let Some(logits) = self.fused_train(xs, None)? {
                 return Ok(logits);
             }
         }

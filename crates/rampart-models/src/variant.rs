@@ -310,19 +310,32 @@ impl Norm {
         self.bn_adv.is_none() && self.film.is_none() && self.noise.is_none()
     }
 
-    /// The layer's parameters for the fused train path: a plain BatchNorm or a
-    /// student's noisy one (None for an OAT layer).
-    pub(crate) fn train_params(&self) -> Option<NormParams<'_>> {
-        if self.bn_adv.is_some() || self.film.is_some() {
-            return None;
+    /// The layer's parameters for the fused train path: a plain BatchNorm, a student's
+    /// noisy one, or an OAT layer with the FiLM outputs of the installed condition's
+    /// rows (None for a layer with both noise and λ conditioning, or an OAT layer
+    /// called without a condition).
+    pub(crate) fn train_params(&self) -> Result<Option<NormParams<'_>>> {
+        let oat = self.bn_adv.is_some() || self.film.is_some();
+        if oat && self.noise.is_some() {
+            return Ok(None);
         }
+        let film = match (&self.film, self.ctx.condition()) {
+            (Some(film), Some(c)) => Some(film.params(&c.codes)?),
+            (Some(_), None) => return Ok(None),
+            (None, _) => None,
+        };
         let (gamma, beta, eps) = self.bn.parts();
-        Some(NormParams {
+        Ok(Some(NormParams {
             gamma,
             beta,
             eps,
             alpha: self.noise.as_ref().map(|n| &n.alpha),
-        })
+            adv: self.bn_adv.as_ref().map(|a| {
+                let (g, b, _) = a.parts();
+                (g, b)
+            }),
+            film,
+        }))
     }
 
     /// A noisy layer's seed and scale for one train-mode forward pass of the fused
@@ -333,8 +346,12 @@ impl Norm {
 
     /// Updates the running estimates after a fused train-mode forward pass.
     pub(crate) fn update_running_from(&self, batch: &BnBatch) -> Result<()> {
-        self.bn
-            .update_running_from(&batch.mean, &batch.var, batch.rows)?;
+        if let Some(own) = &batch.own {
+            self.bn.update_running_from(&own.mean, &own.var, own.rows)?;
+        }
+        if let (Some(adv), Some(bn)) = (&batch.adv, &self.bn_adv) {
+            bn.update_running_from(&adv.mean, &adv.var, adv.rows)?;
+        }
         if let (Some(noise), Some(sigma)) = (&self.noise, &batch.sigma) {
             let sigma = Tensor::from_slice(sigma, sigma.len(), noise.running_std.device())?
                 .to_dtype(noise.running_std.dtype())?;
@@ -460,17 +477,21 @@ impl Film {
         if rows.iter().any(|r| r != first) {
             return Ok(None);
         }
-        let code = codes.narrow(0, 0, 1)?;
-        let p = self.fc2.forward(&self.fc1.forward(&code)?.relu()?)?;
+        let p = self.params(&codes.narrow(0, 0, 1)?)?;
         let p = p.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let gamma = p[..self.c].iter().map(|g| 1.0 + g).collect();
         Ok(Some((gamma, p[self.c..2 * self.c].to_vec())))
     }
 
+    /// The FiLM outputs [γ | β] (B, 2C) of codes (B, D).
+    fn params(&self, codes: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(codes)?.relu()?)
+    }
+
     /// h: (B, H, W, C); codes: (B, D).
     fn apply(&self, h: &Tensor, codes: &Tensor) -> Result<Tensor> {
         let b = h.dim(0)?;
-        let p = self.fc2.forward(&self.fc1.forward(codes)?.relu()?)?;
+        let p = self.params(codes)?;
         let gamma = (p.narrow(1, 0, self.c)? + 1.0)?.reshape((b, 1, 1, self.c))?;
         let beta = p.narrow(1, self.c, self.c)?.reshape((b, 1, 1, self.c))?;
         h.broadcast_mul(&gamma)?.broadcast_add(&beta)

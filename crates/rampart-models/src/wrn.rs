@@ -138,14 +138,12 @@ impl crate::Network for PreActNet {
         )
     }
 
-    fn train_net(&self) -> Option<(TrainNet<'_>, Vec<&Norm>)> {
-        let net = self
-            .try_map(
-                |c| Ok(Some(c.parts())),
-                |n| Ok(n.train_params()),
-                |fc| Ok(Some(fc.parts())),
-            )
-            .ok()??;
-        Some((net, self.norms().collect()))
+    fn train_net(&self) -> Result<Option<(TrainNet<'_>, Vec<&Norm>)>> {
+        let net = self.try_map(
+            |c| Ok(Some(c.parts())),
+            Norm::train_params,
+            |fc| Ok(Some(fc.parts())),
+        )?;
+        Ok(net.map(|net| (net, self.norms().collect())))
     }
 }

@@ -19,11 +19,12 @@
 //! and α receives its gradient Σ dL/dh·σ·z. Tests hold logits, running statistics and
 //! every parameter gradient equal to that path.
 
-use super::bn::BnForward;
-use super::common::{f32_slice, image_noise, take_saved, Affine};
+use super::common::{f32_slice, take_saved};
 use super::fused::ConvLayer;
 use super::gemm::{sgemm, MatRef};
 use super::preact::{ConvParams, LinearParams, NormParams, PreAct};
+use super::train_norm::{self, push_norm, Batch, BnAt, Stats};
+pub(crate) use super::train_norm::{BnBatch, NoiseSeed};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -80,15 +81,6 @@ impl ConvAt {
     }
 }
 
-/// Where a BatchNorm's γ and β sit (β right after γ), and a noisy layer's α.
-#[derive(Clone, Copy, Debug)]
-struct BnAt {
-    offset: usize,
-    c: usize,
-    eps: f32,
-    alpha: Option<usize>,
-}
-
 #[derive(Clone, Copy, Debug)]
 struct BlockAt {
     bn1: BnAt,
@@ -120,9 +112,9 @@ pub(crate) fn layout(net: &TrainNet<'_>) -> Result<(TrainLayout, Vec<Tensor>)> {
     let stem = push_conv(net.stem, &mut tensors, &mut offset)?;
     let mut blocks = Vec::new();
     for b in &net.blocks {
-        let bn1 = push_bn(b.bn1, &mut tensors, &mut offset)?;
+        let bn1 = push_norm(&b.bn1, &mut tensors, &mut offset)?;
         let conv1 = push_conv(b.conv1, &mut tensors, &mut offset)?;
-        let bn2 = push_bn(b.bn2, &mut tensors, &mut offset)?;
+        let bn2 = push_norm(&b.bn2, &mut tensors, &mut offset)?;
         let conv2 = push_conv(b.conv2, &mut tensors, &mut offset)?;
         let shortcut = match b.shortcut {
             Some(sc) => Some(push_conv(sc, &mut tensors, &mut offset)?),
@@ -136,7 +128,7 @@ pub(crate) fn layout(net: &TrainNet<'_>) -> Result<(TrainLayout, Vec<Tensor>)> {
             shortcut,
         });
     }
-    let head = push_bn(net.head, &mut tensors, &mut offset)?;
+    let head = push_norm(&net.head, &mut tensors, &mut offset)?;
     let (fw, fb) = net.fc;
     let (classes, features) = fw.dims2()?;
     let fc_w = offset;
@@ -160,28 +152,6 @@ pub(crate) fn layout(net: &TrainNet<'_>) -> Result<(TrainLayout, Vec<Tensor>)> {
     ))
 }
 
-fn push_bn(bn: NormParams<'_>, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<BnAt> {
-    let c = bn.gamma.elem_count();
-    let mut at = BnAt {
-        offset: *offset,
-        c,
-        eps: bn.eps,
-        alpha: None,
-    };
-    *offset += 2 * c;
-    tensors.push(bn.gamma.flatten_all()?);
-    tensors.push(bn.beta.flatten_all()?);
-    if let Some(alpha) = bn.alpha {
-        if alpha.elem_count() != 1 {
-            candle_core::bail!("fused train path: a noise factor of {:?}", alpha.dims())
-        }
-        at.alpha = Some(*offset);
-        *offset += 1;
-        tensors.push(alpha.flatten_all()?);
-    }
-    Ok(at)
-}
-
 fn push_conv(c: ConvParams<'_>, tensors: &mut Vec<Tensor>, offset: &mut usize) -> Result<ConvAt> {
     let (w, stride, padding) = c;
     let (c_out, c_in, k, _) = w.dims4()?;
@@ -196,166 +166,6 @@ fn push_conv(c: ConvParams<'_>, tensors: &mut Vec<Tensor>, offset: &mut usize) -
     *offset += at.len();
     tensors.push(w.flatten_all()?);
     Ok(at)
-}
-
-/// Batch statistics of one BatchNorm: the normalisation (mean, 1/√(var + eps), ReLU)
-/// and the biased variance (for the running estimate); for a noisy layer, its noise.
-#[derive(Clone, Debug)]
-struct Stats {
-    bn: BnForward,
-    var: Vec<f32>,
-    noise: Option<LayerNoise>,
-}
-
-/// The noise α·σ·s·z of one layer in a training step.
-#[derive(Clone, Debug)]
-struct LayerNoise {
-    /// σ per channel: the standard deviation of the BatchNorm's output over the batch.
-    sigma: Vec<f32>,
-    /// The test-time scale s of the noise (1 unless changed).
-    scale: f32,
-    /// z, as the activations (B, H, W, C).
-    z: Vec<f32>,
-}
-
-/// The noise seed and scale of one layer's training step (drawn by the caller from the
-/// model's generator, in [`PreAct::norms`] order).
-pub(crate) type NoiseSeed = (u64, f32);
-
-impl BnAt {
-    fn gamma_beta<'a>(&self, flat: &'a [f32]) -> (&'a [f32], &'a [f32]) {
-        (
-            &flat[self.offset..][..self.c],
-            &flat[self.offset + self.c..][..self.c],
-        )
-    }
-}
-
-/// relu(BN(x) [+ α·σ·s·z]) with batch statistics over the n images of `x`: returns
-/// the output and the statistics. `noise`: the layer's seed and scale, for a noisy
-/// layer.
-fn bn_relu_forward(
-    x: &[f32],
-    n: usize,
-    at: BnAt,
-    flat: &[f32],
-    noise: Option<NoiseSeed>,
-) -> (Vec<f32>, Stats) {
-    let (mean, var) = super::bn::mean_var(x, at.c);
-    let bn = BnForward {
-        inv_std: var.iter().map(|v| 1.0 / (v + at.eps).sqrt()).collect(),
-        mean,
-        // A noisy layer masks the gradient by its own output (the ReLU sees the noise).
-        relu: noise.is_none(),
-        batch_stats: true,
-    };
-    let (gamma, beta) = at.gamma_beta(flat);
-    let (scale, shift) = bn.scale_shift(gamma, beta);
-    let mut y = vec![0f32; x.len()];
-    let (Some((seed, s)), Some(alpha_at)) = (noise, at.alpha) else {
-        let affine = Affine::from_scale_shift(scale, shift);
-        let per = (16_384 / at.c).max(1) * at.c;
-        y.par_chunks_mut(per)
-            .zip(x.par_chunks(per))
-            .for_each(|(yc, xc)| affine.relu_into(xc, yc));
-        return (
-            y,
-            Stats {
-                bn,
-                var,
-                noise: None,
-            },
-        );
-    };
-    // σ of BN(x) = scale·x + shift over the batch: |scale|·√var (as the layer-by-layer
-    // path measures it on the BatchNorm's output, with 1e-5 under the root).
-    let sigma: Vec<f32> = scale
-        .iter()
-        .zip(&var)
-        .map(|(sc, v)| (sc * sc * v + 1e-5).sqrt())
-        .collect();
-    let amp: Vec<f32> = sigma.iter().map(|sg| flat[alpha_at] * sg * s).collect();
-    let per_image = x.len() / n.max(1);
-    let mut z = vec![0f32; x.len()];
-    z.par_chunks_mut(per_image.max(1))
-        .zip(y.par_chunks_mut(per_image.max(1)))
-        .zip(x.par_chunks(per_image.max(1)))
-        .enumerate()
-        .for_each(|(i, ((zi, yi), xi))| {
-            zi.iter_mut()
-                .zip(image_noise(seed, i))
-                .for_each(|(d, v)| *d = v);
-            for ((yr, xr), zr) in yi
-                .chunks_exact_mut(at.c)
-                .zip(xi.chunks_exact(at.c))
-                .zip(zi.chunks_exact(at.c))
-            {
-                for (((((o, v), zv), sc), sh), a) in yr
-                    .iter_mut()
-                    .zip(xr)
-                    .zip(zr)
-                    .zip(&scale)
-                    .zip(&shift)
-                    .zip(&amp)
-                {
-                    *o = (v * sc + sh + a * zv).max(0.0);
-                }
-            }
-        });
-    (
-        y,
-        Stats {
-            bn,
-            var,
-            noise: Some(LayerNoise { sigma, scale: s, z }),
-        },
-    )
-}
-
-/// Backward pass of relu(BN(x) [+ noise]) with batch statistics: `g` holds dL/dy and
-/// becomes dL/dx; dγ and dβ (and a noisy layer's dα) are written into `dflat`. `y`:
-/// the forward pass's output (its sign is the ReLU mask of a noisy layer).
-fn bn_relu_backward(
-    g: &mut [f32],
-    x: &[f32],
-    y: &[f32],
-    st: &Stats,
-    at: BnAt,
-    flat: &[f32],
-    dflat: &mut [f32],
-) {
-    if let (Some(noise), Some(alpha_at)) = (&st.noise, at.alpha) {
-        let c = at.c;
-        let per = (16_384 / c).max(1) * c;
-        let dalpha: f64 = g
-            .par_chunks_mut(per)
-            .zip(y.par_chunks(per))
-            .zip(noise.z.par_chunks(per))
-            .map(|((gc, yc), zc)| {
-                let mut acc = vec![0f32; c];
-                for ((gr, yr), zr) in gc
-                    .chunks_exact_mut(c)
-                    .zip(yc.chunks_exact(c))
-                    .zip(zc.chunks_exact(c))
-                {
-                    for (((gv, yv), zv), a) in gr.iter_mut().zip(yr).zip(zr).zip(acc.iter_mut()) {
-                        *gv *= f32::from(u8::from(*yv > 0.0));
-                        *a += *gv * zv;
-                    }
-                }
-                acc.iter()
-                    .zip(&noise.sigma)
-                    .map(|(a, sg)| f64::from(*a) * f64::from(*sg))
-                    .sum::<f64>()
-            })
-            .sum();
-        dflat[alpha_at] = (dalpha * f64::from(noise.scale)) as f32;
-    }
-    let (gamma, beta) = at.gamma_beta(flat);
-    let sums = st.bn.backward_in_place(g, x, gamma, beta, true);
-    for (d, v) in dflat[at.offset..][..2 * at.c].iter_mut().zip(sums) {
-        *d = v as f32;
-    }
 }
 
 /// Convolution over the whole batch, parallel over image chunks.
@@ -437,33 +247,10 @@ struct TrainState {
     /// The input of the head BatchNorm.
     last: Vec<f32>,
     st_head: Stats,
-    /// The head's output, kept when its ReLU sees noise.
+    /// The head's output (its sign is the ReLU mask of a noisy or FiLM layer).
     head_out: Vec<f32>,
     pixels: usize,
     pooled: Vec<f32>,
-}
-
-/// What one normalisation layer's running estimates are updated from.
-#[derive(Clone, Debug)]
-pub(crate) struct BnBatch {
-    /// The batch mean and biased variance of the BatchNorm's input.
-    pub(crate) mean: Vec<f32>,
-    pub(crate) var: Vec<f32>,
-    /// Rows (B·H·W) they are taken over.
-    pub(crate) rows: usize,
-    /// A noisy layer's σ (the standard deviation of the BatchNorm's output).
-    pub(crate) sigma: Option<Vec<f32>>,
-}
-
-impl BnBatch {
-    fn of(st: &Stats, rows: usize) -> Self {
-        BnBatch {
-            mean: st.bn.mean.clone(),
-            var: st.var.clone(),
-            rows,
-            sigma: st.noise.as_ref().map(|z| z.sigma.clone()),
-        }
-    }
 }
 
 /// The whole network in train mode as one op on its flat parameter vector.
@@ -474,6 +261,8 @@ pub(crate) struct FusedTrain {
     dims: [usize; 4],
     /// Per normalisation layer in [`PreAct::norms`] order: its noise seed and scale.
     noise: Vec<Option<NoiseSeed>>,
+    /// The op's order of the caller's images (an OAT batch: λ = 0 first).
+    batch: Batch,
     saved: Mutex<Option<TrainState>>,
     /// (mean, biased variance, rows) of every BatchNorm, filled by the forward pass.
     pub(crate) stats: Arc<Mutex<Vec<BnBatch>>>,
@@ -482,7 +271,8 @@ pub(crate) struct FusedTrain {
 impl FusedTrain {
     /// `x`: NCHW input in bounds; `mean`/`inv_std`: the model's input normalisation;
     /// `noise`: each normalisation layer's noise seed and scale (None for a plain one),
-    /// in [`PreAct::norms`] order.
+    /// in [`PreAct::norms`] order; `second`: for an OAT model, which rows use each
+    /// layer's second BatchNorm (λ > 0).
     pub(crate) fn new(
         layout: TrainLayout,
         x: &[f32],
@@ -490,13 +280,27 @@ impl FusedTrain {
         mean: &[f32],
         inv_std: &[f32],
         noise: Vec<Option<NoiseSeed>>,
+        second: Option<&[bool]>,
     ) -> Self {
         let [b, c, h, w] = dims;
+        let batch = match second {
+            Some(adv) => {
+                let mut order: Vec<usize> = (0..b).filter(|&i| !adv[i]).collect();
+                let own = order.len();
+                order.extend((0..b).filter(|&i| adv[i]));
+                Batch { order, own }
+            }
+            None => Batch {
+                order: (0..b).collect(),
+                own: b,
+            },
+        };
         let mut input = vec![0f32; x.len()];
         input
             .par_chunks_mut(c * h * w)
-            .zip(x.par_chunks(c * h * w))
-            .for_each(|(dst, img)| {
+            .zip(batch.order.par_iter())
+            .for_each(|(dst, &row)| {
+                let img = &x[row * c * h * w..(row + 1) * c * h * w];
                 for ch in 0..c {
                     for (p, v) in img[ch * h * w..(ch + 1) * h * w].iter().enumerate() {
                         dst[p * c + ch] = (v - mean[ch]) * inv_std[ch];
@@ -509,6 +313,7 @@ impl FusedTrain {
             input,
             dims,
             noise,
+            batch,
             saved: Mutex::new(None),
             stats: Arc::new(Mutex::new(Vec::new())),
         }
@@ -538,7 +343,7 @@ impl FusedTrain {
             .collect();
         let noise = |i: usize| self.noise.get(i).copied().flatten();
         for (i, (b, (conv1, conv2, shortcut))) in lay.blocks.iter().zip(kernels).enumerate() {
-            let (pre, st1) = bn_relu_forward(&cur, n, b.bn1, flat, noise(2 * i));
+            let (pre, st1) = train_norm::forward(&cur, n, b.bn1, flat, noise(2 * i), &self.batch);
             let (ho, wo) = conv1.out_hw(h, w)?;
             let out_len = n * ho * wo * b.conv1.c_out;
             let mut out = match &shortcut {
@@ -551,10 +356,11 @@ impl FusedTrain {
             };
             let mut c1 = vec![0f32; out_len];
             conv_forward(&conv1, &pre, n, h, w, &mut c1, false);
-            let (mid, st2) = bn_relu_forward(&c1, n, b.bn2, flat, noise(2 * i + 1));
+            let (mid, st2) =
+                train_norm::forward(&c1, n, b.bn2, flat, noise(2 * i + 1), &self.batch);
             conv_forward(&conv2, &mid, n, ho, wo, &mut out, true);
-            stats.push(BnBatch::of(&st1, cur.len() / b.bn1.c));
-            stats.push(BnBatch::of(&st2, c1.len() / b.bn2.c));
+            stats.push(BnBatch::of(&st1, b.bn1, h * w));
+            stats.push(BnBatch::of(&st2, b.bn2, ho * wo));
             blocks.push(BlockState {
                 h,
                 w,
@@ -570,8 +376,15 @@ impl FusedTrain {
             });
             (h, w) = (ho, wo);
         }
-        let (fin, st_head) = bn_relu_forward(&cur, n, lay.head, flat, noise(2 * lay.blocks.len()));
-        stats.push(BnBatch::of(&st_head, cur.len() / lay.head.c));
+        let (fin, st_head) = train_norm::forward(
+            &cur,
+            n,
+            lay.head,
+            flat,
+            noise(2 * lay.blocks.len()),
+            &self.batch,
+        );
+        stats.push(BnBatch::of(&st_head, lay.head, h * w));
         let (c, pixels) = (lay.features, h * w);
         let mut pooled = vec![0f32; n * c];
         pooled
@@ -600,11 +413,7 @@ impl FusedTrain {
                 stem,
                 blocks,
                 last: cur,
-                head_out: if st_head.noise.is_some() {
-                    fin
-                } else {
-                    Vec::new()
-                },
+                head_out: fin,
                 st_head,
                 pixels,
                 pooled,
@@ -649,7 +458,7 @@ impl FusedTrain {
                         .for_each(|(g, v)| *g = v / pixels as f32);
                 }
             });
-        bn_relu_backward(
+        train_norm::backward(
             &mut d,
             &st.last,
             &st.head_out,
@@ -657,6 +466,7 @@ impl FusedTrain {
             lay.head,
             flat,
             &mut dflat,
+            &self.batch,
         );
         for (b, s) in lay.blocks.iter().zip(&st.blocks).rev() {
             let (ho, wo) = s.conv1.out_hw(s.h, s.w).unwrap_or((0, 0));
@@ -664,7 +474,16 @@ impl FusedTrain {
             b.conv2.store_grad(&dw2, &mut dflat);
             let mut dmid = vec![0f32; s.mid.len()];
             conv_backward_input(&s.conv2, &d, n, ho, wo, &mut dmid);
-            bn_relu_backward(&mut dmid, &s.c1, &s.mid, &s.st2, b.bn2, flat, &mut dflat);
+            train_norm::backward(
+                &mut dmid,
+                &s.c1,
+                &s.mid,
+                &s.st2,
+                b.bn2,
+                flat,
+                &mut dflat,
+                &self.batch,
+            );
             let dw1 = conv_backward_weight(&s.conv1, &s.pre, &dmid, n, s.h, s.w);
             b.conv1.store_grad(&dw1, &mut dflat);
             let mut dpre = vec![0f32; s.pre.len()];
@@ -675,7 +494,16 @@ impl FusedTrain {
                 at.store_grad(&dws, &mut dflat);
                 conv_backward_input(sc, &d, n, s.h, s.w, &mut dpre);
             }
-            bn_relu_backward(&mut dpre, &s.x, &s.pre, &s.st1, b.bn1, flat, &mut dflat);
+            train_norm::backward(
+                &mut dpre,
+                &s.x,
+                &s.pre,
+                &s.st1,
+                b.bn1,
+                flat,
+                &mut dflat,
+                &self.batch,
+            );
             if s.shortcut.is_none() {
                 dpre.par_iter_mut()
                     .zip(d.par_iter())
@@ -706,8 +534,14 @@ impl CustomOp1 for FusedTrain {
         }
         let (logits, state) = self.forward(flat)?;
         *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        // Back into the caller's order.
+        let k = self.layout.classes;
+        let mut out = vec![0f32; logits.len()];
+        for (j, &row) in self.batch.order.iter().enumerate() {
+            out[row * k..(row + 1) * k].copy_from_slice(&logits[j * k..(j + 1) * k]);
+        }
         Ok((
-            CpuStorage::F32(logits),
+            CpuStorage::F32(out),
             Shape::from((self.dims[0], self.layout.classes)),
         ))
     }
@@ -722,9 +556,17 @@ impl CustomOp1 for FusedTrain {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        if dlogits.len() != state.n * self.layout.classes {
+        let k = self.layout.classes;
+        if dlogits.len() != state.n * k || self.batch.order.len() != state.n {
             candle_core::bail!("fused train path: gradient of {} values", dlogits.len())
         }
+        // Into the op's order.
+        let dlogits: Vec<f32> = self
+            .batch
+            .order
+            .iter()
+            .flat_map(|&row| dlogits[row * k..(row + 1) * k].iter().copied())
+            .collect();
         let dflat = self.backward(state, &flat, &dlogits);
         Ok(Some(Tensor::from_vec(dflat, arg.shape(), arg.device())?))
     }

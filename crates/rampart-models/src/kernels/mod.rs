@@ -17,7 +17,8 @@
 //!   architectures instantiate it with their layers; the fused paths below run it.
 //! * `fused` and `fused_train`: a whole pre-activation network as one CPU op, in
 //!   eval mode (forward and input gradient: attacks) and in train mode (forward and
-//!   every parameter gradient: training).
+//!   every parameter gradient: training); `train_norm`: the train-mode normalisation
+//!   layers of the latter (plain, a student's noise, OAT's dual BatchNorm and FiLM).
 //! * `winograd`, `gemm` and `common`: Winograd F(2×2, 3×3) convolutions, the GEMM
 //!   entry point and the small pieces the kernels share.
 //! * [`cuda`] (feature `cuda`): device preparation; `cudnn` (feature `cudnn`): the
@@ -34,6 +35,7 @@ pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;
 pub(crate) mod preact;
+mod train_norm;
 mod winograd;
 
 pub(crate) use common::{image_noise, Affine, EvalNorm, NoiseDraw};

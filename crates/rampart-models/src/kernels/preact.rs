@@ -104,10 +104,11 @@ impl<C, N, L> PreAct<C, N, L> {
 /// stride, padding.
 pub type ConvParams<'a> = (&'a Tensor, usize, usize);
 
-/// A BatchNorm's parameters as the fused train path reads them: γ, β, eps, and a
-/// stochastic student's noise factor α (a one-element tensor) where the layer injects
-/// noise after the BatchNorm.
-#[derive(Clone, Copy, Debug)]
+/// A normalisation layer's parameters as the fused train path reads them: γ, β, eps;
+/// a stochastic student's noise factor α (a one-element tensor) where the layer injects
+/// noise after the BatchNorm; an OAT layer's second BatchNorm (γ, β) and the FiLM
+/// outputs of the batch, (B, 2C) = [γ_e | β_e] per example.
+#[derive(Clone, Debug)]
 pub struct NormParams<'a> {
     /// Scale γ (C,).
     pub gamma: &'a Tensor,
@@ -117,6 +118,10 @@ pub struct NormParams<'a> {
     pub eps: f32,
     /// Noise factor α (1,), for a noisy layer.
     pub alpha: Option<&'a Tensor>,
+    /// The second BatchNorm's γ and β, for an OAT layer.
+    pub adv: Option<(&'a Tensor, &'a Tensor)>,
+    /// The FiLM outputs of the batch's examples, for an OAT layer.
+    pub film: Option<Tensor>,
 }
 
 /// A linear layer's parameters: weight (K, C) and bias (K,).
