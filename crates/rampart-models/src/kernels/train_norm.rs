@@ -178,7 +178,7 @@ fn rows_per_task(c: usize) -> usize {
 }
 
 /// The FiLM factors (1 + γ_e, β_e) of the op's image j.
-fn film_of<'a>(flat: &'a [f32], film: usize, c: usize, row: usize) -> (&'a [f32], &'a [f32]) {
+fn film_of(flat: &[f32], film: usize, c: usize, row: usize) -> (&[f32], &[f32]) {
     let p = &flat[film + row * 2 * c..][..2 * c];
     (&p[..c], &p[c..])
 }
