@@ -58,7 +58,7 @@ pub const LAMBDA_CODES: &str = "lambda_codes";
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use kernels::fused::{FusedEval, Program, ProgramNet};
+use kernels::fused::{EvalNet, FusedEval, Program};
 use kernels::fused_train::TrainNet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -405,7 +405,7 @@ impl Classifier {
             self.spec.input_shape,
             as_vec(&self.mean)?,
             as_vec(&self.inv_std)?,
-        );
+        )?;
         Ok(Some(FusedEval::new(program, xs.track_op())))
     }
 
@@ -684,7 +684,7 @@ impl Network for External {}
 pub(crate) trait Network: ModuleT + Send + Sync {
     /// The network in the fused eval path's form, with the current weights; None
     /// when this network (or one of its layers) has no fused form.
-    fn eval_program(&self) -> candle_core::Result<Option<ProgramNet>> {
+    fn eval_program(&self) -> candle_core::Result<Option<EvalNet>> {
         Ok(None)
     }
 

@@ -1,5 +1,7 @@
 //! ResNet-20 as used by CCAT (post-activation, 64/128/256 channels) and PreActResNet-18.
 
+use crate::kernels::fused::EvalNet;
+use crate::kernels::postact::{PostAct, PostActBlock};
 use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
 use crate::variant::{Norm, NormOptions};
 use crate::wrn::{preact_net, PreActNet};
@@ -8,14 +10,7 @@ use candle_nn::VarBuilder;
 
 /// The original (post-activation) basic block: conv-BN-ReLU-conv-BN, plus shortcut, ReLU.
 /// The shortcut is a 1×1 convolution with BatchNorm when the shape changes.
-#[derive(Clone, Debug)]
-pub struct BasicBlock {
-    conv1: Conv,
-    bn1: Norm,
-    conv2: Conv,
-    bn2: Norm,
-    shortcut: Option<(Conv, Norm)>,
-}
+pub type BasicBlock = PostActBlock<Conv, Norm>;
 
 fn basic_block(
     c_in: usize,
@@ -56,13 +51,8 @@ impl ModuleT for BasicBlock {
 
 /// ResNet-20 in the CCAT configuration: stem conv3x3 (64) + BN-ReLU, three stages of
 /// three basic blocks with 64, 128, 256 channels (strides 1, 2, 2), average pool, linear.
-#[derive(Clone, Debug)]
-pub struct ResNet20 {
-    stem: Conv,
-    stem_bn: Norm,
-    blocks: Vec<BasicBlock>,
-    fc: Linear,
-}
+/// Its shape is [`PostAct`]'s, which the fused eval path also runs.
+pub type ResNet20 = PostAct<Conv, Norm, Linear>;
 
 /// Builds ResNet-20 (CCAT widths) for `num_classes` classes.
 pub fn resnet20(
@@ -90,7 +80,24 @@ pub fn resnet20(
     })
 }
 
-impl crate::Network for ResNet20 {}
+impl crate::Network for ResNet20 {
+    fn eval_program(&self) -> Result<Option<EvalNet>> {
+        // A student's noise sits before the sum of a block: not on this path (checked
+        // before any layer draws its noise seed).
+        if self.norms().any(Norm::has_noise) {
+            return Ok(None);
+        }
+        let net = self.try_map(
+            |c| {
+                let (w, s, p) = c.parts();
+                Ok(Some((w.clone(), s, p)))
+            },
+            Norm::fused,
+            |fc| Ok(Some(fc.fused()?)),
+        )?;
+        Ok(net.map(EvalNet::Post))
+    }
+}
 
 impl ModuleT for ResNet20 {
     /// xs: (B, H, W, C), already normalised → logits (B, K).

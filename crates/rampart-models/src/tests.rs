@@ -14,6 +14,19 @@ fn input_of(b: usize, shape: [usize; 3], seed: u64) -> Tensor {
     Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
 }
 
+/// ‖a − b‖ / ‖a‖.
+fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
+    let sq = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    (sq(&(a - b).unwrap()) / sq(a)).sqrt()
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
 }
@@ -439,9 +452,16 @@ fn fused_cases() -> Vec<(String, Classifier, usize)> {
         (ModelSpec::wrn(16, 1, 10), 5),
         (ModelSpec::wrn(10, 2, 7), 3),
         (ModelSpec::cifar(Arch::PreactResnet18, 10), 2),
+        (ModelSpec::cifar(Arch::Resnet20, 10), 3),
     ] {
         cases.push((spec.arch.to_string(), trained_looking(spec, 3), batch));
     }
+    let mut oat = ModelSpec::cifar(Arch::Resnet20, 10);
+    oat.oat = Some(OatSpec::standard());
+    let m = trained_looking(oat, 3);
+    randomise(&m, &["film.fc2", "adv.weight"], 0.0, 9);
+    m.set_lambda(0.3).unwrap();
+    cases.push(("oat resnet20 at λ = 0.3".into(), m, 3));
     let mut student = ModelSpec::wrn(10, 1, 10);
     student.noise = Some(NoiseSpec { alpha: 0.3 });
     let m = trained_looking(student, 3);
@@ -490,11 +510,24 @@ fn fused_eval_path_matches_layer_by_layer() {
         );
         let gscale = max_abs(gr);
         assert!(gscale > 0.0, "{name}: zero reference gradient");
-        let d = max_abs_diff(gr, gf);
-        assert!(
-            d < 1e-3 * gscale,
-            "{name}: input gradients differ by {d} (scale {gscale})"
-        );
+        if name.contains("resnet20") {
+            // Post-activation blocks rectify a sum whose BatchNorm is folded into the
+            // convolution on the fused path: a unit within rounding of zero may fall
+            // on the other side of the ReLU, and its whole receptive field then
+            // differs. Such flips leave the gradient equal in norm to within 0.5 %; a
+            // wrong scale or mask does not.
+            let rel = rel_l2(gr, gf);
+            assert!(
+                rel < 5e-3,
+                "{name}: input gradients differ by {rel} (relative L2)"
+            );
+        } else {
+            let d = max_abs_diff(gr, gf);
+            assert!(
+                d < 1e-3 * gscale,
+                "{name}: input gradients differ by {d} (scale {gscale})"
+            );
+        }
         // Untracked inputs (plain predictions) take the same path.
         m.reseed_noise(21);
         let plain = m
@@ -552,12 +585,15 @@ fn fused_path_only_in_the_frozen_view() {
     assert!(err.contains("already ran"), "{err}");
 }
 
-/// Models without a fused form keep the layer-by-layer path.
+/// Models without a fused form keep the layer-by-layer path: f64 inputs, and a
+/// post-activation student (its noise sits before a block's sum).
 #[test]
-fn post_activation_resnet_and_f64_are_not_fused() {
+fn post_activation_student_and_f64_are_not_fused() {
     let x = input(1, 0);
-    let resnet = Classifier::new(ModelSpec::cifar(Arch::Resnet20, 10), 0, &Device::Cpu).unwrap();
-    assert!(resnet.fused_eval(&x).unwrap().is_none());
+    let mut spec = ModelSpec::cifar(Arch::Resnet20, 10);
+    spec.noise = Some(NoiseSpec { alpha: 0.1 });
+    let student = Classifier::new(spec, 0, &Device::Cpu).unwrap();
+    assert!(student.fused_eval(&x).unwrap().is_none());
     let plain = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &Device::Cpu).unwrap();
     assert!(plain
         .fused_eval(&x.to_dtype(DType::F64).unwrap())

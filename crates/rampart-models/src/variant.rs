@@ -447,6 +447,11 @@ impl Norm {
         }
     }
 
+    /// Whether the layer injects noise (a stochastic student).
+    pub(crate) fn has_noise(&self) -> bool {
+        self.noise.is_some()
+    }
+
     /// The layer's noise factor α, if it injects noise.
     pub fn noise_alpha(&self) -> Result<Option<f32>> {
         match &self.noise {

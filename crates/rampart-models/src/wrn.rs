@@ -6,7 +6,7 @@
 //! pass (the reference the fused paths are tested against) and says how the
 //! fused paths read its layers.
 
-use crate::kernels::fused::ProgramNet;
+use crate::kernels::fused::EvalNet;
 use crate::kernels::fused_train::TrainNet;
 use crate::kernels::preact::{self, PreAct};
 use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
@@ -130,12 +130,14 @@ impl ModuleT for PreActNet {
 }
 
 impl crate::Network for PreActNet {
-    fn eval_program(&self) -> Result<Option<ProgramNet>> {
-        self.try_map(
-            |c| Ok(Some(c.fused()?)),
-            Norm::fused,
-            |fc| Ok(Some(fc.fused()?)),
-        )
+    fn eval_program(&self) -> Result<Option<EvalNet>> {
+        Ok(self
+            .try_map(
+                |c| Ok(Some(c.fused()?)),
+                Norm::fused,
+                |fc| Ok(Some(fc.fused()?)),
+            )?
+            .map(EvalNet::Pre))
     }
 
     fn train_net(&self) -> Result<Option<(TrainNet<'_>, Vec<&Norm>)>> {

@@ -75,15 +75,34 @@ pub(crate) struct ConvLayer {
 impl ConvLayer {
     /// From an OIHW kernel tensor.
     pub(crate) fn new(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        Self::new_scaled(weight, stride, padding, None)
+    }
+
+    /// From an OIHW kernel tensor whose output channel o is multiplied by `scale[o]`
+    /// (a BatchNorm folded into the convolution).
+    pub(crate) fn new_scaled(
+        weight: &Tensor,
+        stride: usize,
+        padding: usize,
+        scale: Option<&[f32]>,
+    ) -> Result<Self> {
         let (c_out, c_in, k, k2) = weight.dims4()?;
         if k != k2 {
             candle_core::bail!("fused path: non-square kernel {:?}", weight.dims())
         }
-        let w = weight
+        let mut w = weight
             .permute((0, 2, 3, 1))?
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
+        if let Some(scale) = scale {
+            if scale.len() != c_out {
+                candle_core::bail!("fused path: {} scales for {c_out} channels", scale.len())
+            }
+            for (row, s) in w.chunks_exact_mut(k * k * c_in).zip(scale) {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        }
         Ok(ConvLayer::from_parts(w, k, stride, padding, c_in, c_out))
     }
 
@@ -139,6 +158,10 @@ impl ConvLayer {
 
     pub(crate) fn c_out(&self) -> usize {
         self.c_out
+    }
+
+    pub(crate) fn c_in(&self) -> usize {
+        self.c_in
     }
 
     /// The Winograd form, when this layer has one and it pays at this image size: with
@@ -363,61 +386,84 @@ impl ConvLayer {
 /// A pre-activation block of the fused path (see [`PreActBlock`]).
 pub(crate) type Block = PreActBlock<ConvLayer, EvalNorm>;
 
-/// A pre-activation network frozen for evaluation: input normalisation, stem
-/// convolution, blocks, BN-ReLU, global average pooling, linear layer.
+/// A network frozen for evaluation: input normalisation, the body (a pre-activation
+/// or a post-activation ResNet), global average pooling, linear layer.
 #[derive(Clone, Debug)]
 pub(crate) struct Program {
     pub(crate) mean: Vec<f32>,
     pub(crate) inv_std: Vec<f32>,
     /// Input (C, H, W).
     pub(crate) input: [usize; 3],
-    pub(crate) stem: ConvLayer,
-    pub(crate) blocks: Vec<Block>,
-    pub(crate) head: EvalNorm,
+    body: Body,
     /// (K, C) row-major and (K,).
     pub(crate) fc_w: Vec<f32>,
     pub(crate) fc_b: Vec<f32>,
 }
 
+#[derive(Clone, Debug)]
+enum Body {
+    /// Stem convolution, pre-activation blocks, BN-ReLU head.
+    Pre {
+        stem: ConvLayer,
+        blocks: Vec<Block>,
+        head: EvalNorm,
+    },
+    Post(super::postact::PostBody),
+}
+
 /// What the backward pass of one chunk needs from its forward pass.
 struct ChunkState {
     images: usize,
-    /// Per block: input side (H, W), pre-activation relu(bn1(x)), relu(bn2(conv1)).
-    blocks: Vec<(usize, usize, Vec<f32>, Vec<f32>)>,
-    /// relu(bn(h)) before pooling, and its side.
+    body: BodyState,
+    /// The body's output (post-ReLU, its sign the last mask), and its side.
     head: Vec<f32>,
     head_pixels: usize,
+}
+
+enum BodyState {
+    Pre(PreState),
+    Post(super::postact::PostState),
 }
 
 /// A pre-activation network in the form this path runs: kernels in GEMM layout,
 /// BatchNorms folded into affine maps, the linear layer as (K × C row-major, K).
 pub(crate) type ProgramNet = PreAct<ConvLayer, EvalNorm, (Vec<f32>, Vec<f32>)>;
 
+/// A network in the form the fused eval path runs.
+pub(crate) enum EvalNet {
+    Pre(ProgramNet),
+    Post(super::postact::PostNet),
+}
+
 impl Program {
     /// The program of `net` for inputs of shape `input` (C, H, W), normalised by
     /// (x − mean)·inv_std per channel inside the program.
     pub(crate) fn new(
-        net: ProgramNet,
+        net: EvalNet,
         input: [usize; 3],
         mean: Vec<f32>,
         inv_std: Vec<f32>,
-    ) -> Self {
-        let PreAct {
-            stem,
-            blocks,
-            head,
-            fc: (fc_w, fc_b),
-        } = net;
-        Program {
+    ) -> Result<Self> {
+        let (body, (fc_w, fc_b)) = match net {
+            EvalNet::Pre(PreAct {
+                stem,
+                blocks,
+                head,
+                fc,
+            }) => (Body::Pre { stem, blocks, head }, fc),
+            EvalNet::Post(net) => {
+                let (body, fc) = super::postact::PostBody::new(net)?;
+                (Body::Post(body), fc)
+            }
+        };
+        Ok(Program {
             mean,
             inv_std,
             input,
-            stem,
-            blocks,
-            head,
+            body,
             fc_w,
             fc_b,
-        }
+        })
     }
 
     fn classes(&self) -> usize {
@@ -437,7 +483,7 @@ impl Program {
         first: usize,
         keep: bool,
     ) -> Result<(Vec<f32>, Option<ChunkState>)> {
-        let [c, mut h, mut w] = self.input;
+        let [c, h, w] = self.input;
         let n = x.len() / self.image_len();
         // Normalise into NHWC.
         let mut a = vec![0f32; x.len()];
@@ -449,41 +495,18 @@ impl Program {
                 }
             }
         }
-        let (ho, wo) = self.stem.out_hw(h, w)?;
-        let mut cur = vec![0f32; n * ho * wo * self.stem.c_out];
-        self.stem.forward(&a, h, w, &mut cur, false, None);
-        (h, w) = (ho, wo);
-        let mut saved = Vec::with_capacity(if keep { self.blocks.len() } else { 0 });
-        for b in &self.blocks {
-            let mut pre = vec![0f32; cur.len()];
-            b.bn1.relu_into(&cur, &mut pre, first, h * w);
-            let (ho, wo) = b.conv1.out_hw(h, w)?;
-            let out_len = n * ho * wo * b.conv1.c_out;
-            let mut out = match &b.shortcut {
-                Some(sc) => {
-                    let mut o = vec![0f32; out_len];
-                    sc.forward(&pre, h, w, &mut o, false, None);
-                    o
-                }
-                None => cur,
-            };
-            let mut mid = vec![0f32; out_len];
-            b.conv1
-                .forward(&pre, h, w, &mut mid, false, b.bn2.epilogue());
-            if b.bn2.epilogue().is_none() {
-                b.bn2.relu_in_place(&mut mid, first, ho * wo);
+        let (fin, (h, w), body) = match &self.body {
+            Body::Pre { stem, blocks, head } => {
+                let (fin, hw, saved) = pre_forward(stem, blocks, head, &a, h, w, first, keep)?;
+                (fin, hw, BodyState::Pre(saved))
             }
-            b.conv2.forward(&mid, ho, wo, &mut out, true, None);
-            if keep {
-                saved.push((h, w, pre, mid));
+            Body::Post(body) => {
+                let (fin, hw, saved) = body.forward(&a, h, w, keep)?;
+                (fin, hw, BodyState::Post(saved))
             }
-            cur = out;
-            (h, w) = (ho, wo);
-        }
-        let channels = self.head.channels();
-        let mut fin = vec![0f32; cur.len()];
-        self.head.relu_into(&cur, &mut fin, first, h * w);
-        drop(cur);
+        };
+        drop(a);
+        let channels = self.fc_w.len() / self.classes().max(1);
         let pixels = h * w;
         let mut pooled = vec![0f32; n * channels];
         for (img, p) in fin
@@ -505,7 +528,7 @@ impl Program {
         );
         let state = keep.then_some(ChunkState {
             images: n,
-            blocks: saved,
+            body,
             head: fin,
             head_pixels: pixels,
         });
@@ -513,9 +536,10 @@ impl Program {
     }
 
     /// The input gradient (n NCHW images) of a chunk for logit gradients `dlogits`.
-    fn backward_chunk(&self, st: &ChunkState, dlogits: &[f32]) -> Vec<f32> {
+    fn backward_chunk(&self, st: &ChunkState, dlogits: &[f32]) -> Result<Vec<f32>> {
         let n = st.images;
-        let (k, channels) = (self.classes(), self.head.channels());
+        let k = self.classes();
+        let channels = self.fc_w.len() / k.max(1);
         let mut dpool = vec![0f32; n * channels];
         sgemm(
             &mut dpool,
@@ -535,33 +559,14 @@ impl Program {
                     .for_each(|(g, v)| *g = v / pixels as f32);
             }
         }
-        self.head.backward_in_place(&mut d, &st.head);
-        for (b, (h, w, pre, mid)) in self.blocks.iter().zip(&st.blocks).rev() {
-            let (ho, wo) = (
-                b.conv1.window.out_size(*h).unwrap_or(0),
-                b.conv1.window.out_size(*w).unwrap_or(0),
-            );
-            let mut dmid = vec![0f32; mid.len()];
-            b.conv2.backward_input(&d, ho, wo, &mut dmid);
-            b.bn2.backward_in_place(&mut dmid, mid);
-            let mut dpre = vec![0f32; pre.len()];
-            b.conv1.backward_input(&dmid, *h, *w, &mut dpre);
-            drop(dmid);
-            match &b.shortcut {
-                Some(sc) => {
-                    sc.backward_input(&d, *h, *w, &mut dpre);
-                    b.bn1.backward_in_place(&mut dpre, pre);
-                }
-                None => {
-                    b.bn1.backward_in_place(&mut dpre, pre);
-                    dpre.iter_mut().zip(&d).for_each(|(g, v)| *g += v);
-                }
-            }
-            d = dpre;
-        }
         let [c, h, w] = self.input;
-        let mut dn = vec![0f32; n * h * w * c];
-        self.stem.backward_input(&d, h, w, &mut dn);
+        let dn = match (&self.body, &st.body) {
+            (Body::Pre { stem, blocks, head }, BodyState::Pre(saved)) => {
+                pre_backward(stem, blocks, head, saved, &st.head, d, n, h, w)
+            }
+            (Body::Post(body), BodyState::Post(saved)) => body.backward(saved, &st.head, d, h, w),
+            _ => candle_core::bail!("fused path: saved state of another network"),
+        };
         let mut dx = vec![0f32; dn.len()];
         for (src, dst) in dn
             .chunks_exact(h * w * c)
@@ -574,8 +579,102 @@ impl Program {
                 }
             }
         }
-        dx
+        Ok(dx)
     }
+}
+
+/// The body of a pre-activation network over a chunk of n normalised NHWC images
+/// (H×W), the first of them image `first` of the batch: the head's output (post-ReLU),
+/// its side, and with `keep` what the backward pass needs.
+#[allow(clippy::too_many_arguments)]
+fn pre_forward(
+    stem: &ConvLayer,
+    blocks: &[Block],
+    head: &EvalNorm,
+    a: &[f32],
+    mut h: usize,
+    mut w: usize,
+    first: usize,
+    keep: bool,
+) -> Result<(Vec<f32>, (usize, usize), PreState)> {
+    let n = a.len() / (h * w * stem.c_in).max(1);
+    let (ho, wo) = stem.out_hw(h, w)?;
+    let mut cur = vec![0f32; n * ho * wo * stem.c_out];
+    stem.forward(a, h, w, &mut cur, false, None);
+    (h, w) = (ho, wo);
+    let mut saved = Vec::with_capacity(if keep { blocks.len() } else { 0 });
+    for b in blocks {
+        let mut pre = vec![0f32; cur.len()];
+        b.bn1.relu_into(&cur, &mut pre, first, h * w);
+        let (ho, wo) = b.conv1.out_hw(h, w)?;
+        let out_len = n * ho * wo * b.conv1.c_out;
+        let mut out = match &b.shortcut {
+            Some(sc) => {
+                let mut o = vec![0f32; out_len];
+                sc.forward(&pre, h, w, &mut o, false, None);
+                o
+            }
+            None => cur,
+        };
+        let mut mid = vec![0f32; out_len];
+        b.conv1
+            .forward(&pre, h, w, &mut mid, false, b.bn2.epilogue());
+        if b.bn2.epilogue().is_none() {
+            b.bn2.relu_in_place(&mut mid, first, ho * wo);
+        }
+        b.conv2.forward(&mid, ho, wo, &mut out, true, None);
+        if keep {
+            saved.push((h, w, pre, mid));
+        }
+        cur = out;
+        (h, w) = (ho, wo);
+    }
+    let mut fin = vec![0f32; cur.len()];
+    head.relu_into(&cur, &mut fin, first, h * w);
+    Ok((fin, (h, w), saved))
+}
+
+/// Per block: input side (H, W), pre-activation relu(bn1(x)), relu(bn2(conv1)).
+type PreState = Vec<(usize, usize, Vec<f32>, Vec<f32>)>;
+
+/// The backward pass of [`pre_forward`]: from the gradient `d` of the head's output
+/// `fin` to that of the normalised input (n images H×W).
+#[allow(clippy::too_many_arguments)]
+fn pre_backward(
+    stem: &ConvLayer,
+    blocks: &[Block],
+    head: &EvalNorm,
+    saved: &PreState,
+    fin: &[f32],
+    mut d: Vec<f32>,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    head.backward_in_place(&mut d, fin);
+    for (b, (bh, bw, pre, mid)) in blocks.iter().zip(saved).rev() {
+        let (ho, wo) = b.conv1.out_hw(*bh, *bw).unwrap_or((0, 0));
+        let mut dmid = vec![0f32; mid.len()];
+        b.conv2.backward_input(&d, ho, wo, &mut dmid);
+        b.bn2.backward_in_place(&mut dmid, mid);
+        let mut dpre = vec![0f32; pre.len()];
+        b.conv1.backward_input(&dmid, *bh, *bw, &mut dpre);
+        drop(dmid);
+        match &b.shortcut {
+            Some(sc) => {
+                sc.backward_input(&d, *bh, *bw, &mut dpre);
+                b.bn1.backward_in_place(&mut dpre, pre);
+            }
+            None => {
+                b.bn1.backward_in_place(&mut dpre, pre);
+                dpre.iter_mut().zip(&d).for_each(|(g, v)| *g += v);
+            }
+        }
+        d = dpre;
+    }
+    let mut dn = vec![0f32; n * h * w * stem.c_in];
+    stem.backward_input(&d, h, w, &mut dn);
+    dn
 }
 
 /// The whole network as one custom op on the NCHW input: logits forward, input
@@ -666,7 +765,7 @@ impl CustomOp1 for FusedEval {
                 self.program
                     .backward_chunk(st, &dlogits[r * k..(r + st.images) * k])
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let dx: Vec<f32> = parts.concat();
         Ok(Some(
             Tensor::from_vec(dx, arg.shape(), arg.device())?.to_dtype(arg.dtype())?,

@@ -15,6 +15,9 @@
 //! * `preact`: the shape of a pre-activation network (stem, blocks, head), generic
 //!   over what stands for a convolution, a BatchNorm and the linear layer. The
 //!   architectures instantiate it with their layers; the fused paths below run it.
+//! * `postact`: the shape of a post-activation ResNet (ResNet-20), generic like
+//!   `preact`, and its body on the fused eval path (BatchNorms folded into the
+//!   kernels).
 //! * `fused` and `fused_train`: a whole pre-activation network as one CPU op, in
 //!   eval mode (forward and input gradient: attacks) and in train mode (forward and
 //!   every parameter gradient: training); `train_norm`: the train-mode normalisation
@@ -34,6 +37,7 @@ mod cudnn;
 pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;
+pub(crate) mod postact;
 pub(crate) mod preact;
 mod train_norm;
 mod winograd;
