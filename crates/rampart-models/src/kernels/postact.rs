@@ -107,8 +107,11 @@ impl<C, N, L> PostAct<C, N, L> {
 /// A convolution as the fused eval path takes it: OIHW kernel, stride, padding.
 pub(crate) type ConvWeights = (Tensor, usize, usize);
 
+/// A linear layer as the fused eval path takes it: weight (K × C row-major), bias.
+pub(crate) type LinearWeights = (Vec<f32>, Vec<f32>);
+
 /// A post-activation network in the form the fused eval path is built from.
-pub(crate) type PostNet = PostAct<ConvWeights, EvalNorm, (Vec<f32>, Vec<f32>)>;
+pub(crate) type PostNet = PostAct<ConvWeights, EvalNorm, LinearWeights>;
 
 /// A block of the fused body: the second convolution and the shortcut carry their
 /// BatchNorm folded in (kernel rows scaled, shift as a bias).
@@ -136,7 +139,7 @@ pub(crate) type PostState = Vec<(usize, usize, Vec<f32>, Vec<f32>)>;
 impl PostBody {
     /// The body of `net` (whose normalisation layers carry no noise: the caller
     /// checks) and its linear layer.
-    pub(crate) fn new(net: PostNet) -> Result<(Self, (Vec<f32>, Vec<f32>))> {
+    pub(crate) fn new(net: PostNet) -> Result<(Self, LinearWeights)> {
         if net.norms().any(|n| n.noise.is_some()) {
             candle_core::bail!("fused path: a post-activation network with noise layers")
         }
