@@ -59,7 +59,7 @@ pub const LAMBDA_CODES: &str = "lambda_codes";
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use kernels::fused::{EvalNet, FusedEval, Program};
-use kernels::fused_train::TrainNet;
+use kernels::fused_train::TrainNetwork;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -691,7 +691,7 @@ pub(crate) trait Network: ModuleT + Send + Sync {
     /// The parameters for the fused train path, and the BatchNorms whose running
     /// statistics it reports (in [`kernels::preact::PreAct::norms`] order); None when
     /// this network has no fused form.
-    fn train_net(&self) -> candle_core::Result<Option<(TrainNet<'_>, Vec<&variant::Norm>)>> {
+    fn train_net(&self) -> candle_core::Result<Option<(TrainNetwork<'_>, Vec<&variant::Norm>)>> {
         Ok(None)
     }
 }

@@ -1,6 +1,7 @@
 //! ResNet-20 as used by CCAT (post-activation, 64/128/256 channels) and PreActResNet-18.
 
 use crate::kernels::fused::EvalNet;
+use crate::kernels::fused_train::TrainNetwork;
 use crate::kernels::postact::{PostAct, PostActBlock};
 use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
 use crate::variant::{Norm, NormOptions};
@@ -96,6 +97,19 @@ impl crate::Network for ResNet20 {
             |fc| Ok(Some(fc.fused()?)),
         )?;
         Ok(net.map(EvalNet::Post))
+    }
+
+    fn train_net(&self) -> Result<Option<(TrainNetwork<'_>, Vec<&Norm>)>> {
+        // Plain layers only: a variant's extras would sit before a block's sum.
+        if !self.norms().all(Norm::is_plain) {
+            return Ok(None);
+        }
+        let net = self.try_map(
+            |c| Ok(Some(c.parts())),
+            Norm::train_params,
+            |fc| Ok(Some(fc.parts())),
+        )?;
+        Ok(net.map(|net| (TrainNetwork::Post(net), self.norms().collect())))
     }
 }
 

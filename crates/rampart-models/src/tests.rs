@@ -619,17 +619,32 @@ fn fused_train_path_matches_layer_by_layer() {
     for (spec, batch, lambdas) in [
         (ModelSpec::wrn(16, 1, 10), 5, None),
         (ModelSpec::wrn(10, 2, 7), 3, None),
+        (ModelSpec::cifar(Arch::Resnet20, 10), 3, None),
+        (ModelSpec::cifar(Arch::Resnet20, 10), 2, Some(vec![])),
         (student, 4, None),
         (oat.clone(), 5, Some(mixed)),
         (oat.clone(), 3, Some(vec![0.0; 3])),
         (oat, 3, None),
     ] {
-        let name = format!("{} noise={} λ={lambdas:?}", spec.arch, spec.noise.is_some());
+        // For ResNet-20, `Some([])` marks the variant with BatchNorm shifts near 3:
+        // its ReLUs are almost never within rounding of zero, so gradients must
+        // agree entry by entry (with shifts near 0, see below).
+        let shifted = lambdas.as_ref().is_some_and(Vec::is_empty);
+        let lambdas = lambdas.filter(|l| !l.is_empty());
+        let name = format!(
+            "{}{} noise={} λ={lambdas:?}",
+            spec.arch,
+            if shifted { " shifted" } else { "" },
+            spec.noise.is_some()
+        );
         let (reference_model, fused_model) =
             (trained_looking(spec.clone(), 5), trained_looking(spec, 5));
         for m in [&reference_model, &fused_model] {
             randomise(m, &["noise.alpha"], 0.4, 8);
             randomise(m, &["film.fc2", "adv.weight"], 0.0, 9);
+            if shifted {
+                randomise(m, &["bn1.bias", "bn2.bias", "stem_bn.bias"], 3.0, 19);
+            }
             m.reseed_noise(33);
         }
         let x = input(batch, 13);
@@ -675,12 +690,24 @@ fn fused_train_path_matches_layer_by_layer() {
             let gf = g_fused
                 .get(fv.as_tensor())
                 .unwrap_or_else(|| panic!("{name} {var_name}: no fused gradient"));
-            let gscale = max_abs(gr).max(1e-3);
-            let d = max_abs_diff(gr, gf);
-            assert!(
-                d < 2e-4 * gscale,
-                "{name} {var_name}: gradients differ by {d} (scale {gscale})"
-            );
+            if name.contains("resnet20") && !shifted {
+                // Post-activation: each block's sum of two BatchNorm outputs is dense
+                // around zero, where rounding may flip a ReLU (see
+                // `assert_input_grads_close`); measured up to 0.7 % here, > 100 % for
+                // a missing mask.
+                let rel = rel_l2(gr, gf);
+                assert!(
+                    rel < 2e-2,
+                    "{name} {var_name}: gradients differ by {rel} (relative L2)"
+                );
+            } else {
+                let gscale = max_abs(gr).max(1e-3);
+                let d = max_abs_diff(gr, gf);
+                assert!(
+                    d < 2e-4 * gscale,
+                    "{name} {var_name}: gradients differ by {d} (scale {gscale})"
+                );
+            }
             checked += 1;
         }
         assert!(checked > 10, "{name}: {checked} parameters checked");

@@ -306,7 +306,7 @@ struct Noise {
 }
 
 impl Norm {
-    fn is_plain(&self) -> bool {
+    pub(crate) fn is_plain(&self) -> bool {
         self.bn_adv.is_none() && self.film.is_none() && self.noise.is_none()
     }
 

@@ -7,7 +7,7 @@
 //! fused paths read its layers.
 
 use crate::kernels::fused::EvalNet;
-use crate::kernels::fused_train::TrainNet;
+use crate::kernels::fused_train::TrainNetwork;
 use crate::kernels::preact::{self, PreAct};
 use crate::layers::{conv, global_avg_pool, linear, Conv, Linear};
 use crate::variant::{Norm, NormOptions};
@@ -140,12 +140,12 @@ impl crate::Network for PreActNet {
             .map(EvalNet::Pre))
     }
 
-    fn train_net(&self) -> Result<Option<(TrainNet<'_>, Vec<&Norm>)>> {
+    fn train_net(&self) -> Result<Option<(TrainNetwork<'_>, Vec<&Norm>)>> {
         let net = self.try_map(
             |c| Ok(Some(c.parts())),
             Norm::train_params,
             |fc| Ok(Some(fc.parts())),
         )?;
-        Ok(net.map(|net| (net, self.norms().collect())))
+        Ok(net.map(|net| (TrainNetwork::Pre(net), self.norms().collect())))
     }
 }

@@ -107,6 +107,16 @@ impl Affine {
         }
     }
 
+    /// `out = x·scale + shift`, no ReLU.
+    pub(crate) fn apply_into(&self, x: &[f32], out: &mut [f32]) {
+        let c = self.channels();
+        for (o, xr) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for (((o, v), s), t) in o.iter_mut().zip(xr).zip(&self.scale).zip(&self.shift) {
+                *o = v * s + t;
+            }
+        }
+    }
+
     /// The backward pass of `relu(x·scale + shift)` given its output `y`: g ← g·scale
     /// where y > 0, else 0.
     pub(crate) fn backward_in_place(&self, g: &mut [f32], y: &[f32]) {

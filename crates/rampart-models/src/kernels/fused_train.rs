@@ -22,6 +22,7 @@
 use super::common::{f32_slice, take_saved};
 use super::fused::ConvLayer;
 use super::gemm::{sgemm, MatRef};
+use super::postact::PostAct;
 use super::preact::{ConvParams, LinearParams, NormParams, PreAct};
 use super::train_norm::{self, push_norm, Batch, BnAt, Stats};
 pub(crate) use super::train_norm::{BnBatch, NoiseSeed};
@@ -90,12 +91,33 @@ struct BlockAt {
     shortcut: Option<ConvAt>,
 }
 
+/// A post-activation block's parameters.
+#[derive(Clone, Copy, Debug)]
+struct PostBlockAt {
+    conv1: ConvAt,
+    bn1: BnAt,
+    conv2: ConvAt,
+    bn2: BnAt,
+    shortcut: Option<(ConvAt, BnAt)>,
+}
+
+/// The layers between the stem convolution and the pooling.
+#[derive(Clone, Debug)]
+enum BodyAt {
+    /// Pre-activation blocks and the BN-ReLU head.
+    Pre { blocks: Vec<BlockAt>, head: BnAt },
+    /// The stem's BN-ReLU and post-activation blocks.
+    Post {
+        stem_bn: BnAt,
+        blocks: Vec<PostBlockAt>,
+    },
+}
+
 /// The layout of the flat parameter vector.
 #[derive(Clone, Debug)]
 pub(crate) struct TrainLayout {
     stem: ConvAt,
-    blocks: Vec<BlockAt>,
-    head: BnAt,
+    body: BodyAt,
     fc_w: usize,
     fc_b: usize,
     classes: usize,
@@ -103,33 +125,73 @@ pub(crate) struct TrainLayout {
     total: usize,
 }
 
+/// The parameters of a post-activation network, flattened in execution order.
+pub(crate) type PostTrainNet<'a> = PostAct<ConvParams<'a>, NormParams<'a>, LinearParams<'a>>;
+
+/// A network's parameters as the fused train path takes them.
+pub(crate) enum TrainNetwork<'a> {
+    Pre(TrainNet<'a>),
+    Post(PostTrainNet<'a>),
+}
+
 /// The layout of `net`'s flat parameter vector, and the parameter tensors in
 /// flattening order (their concatenation is the fused op's input). BatchNorm
-/// statistics are reported in the order of [`PreAct::norms`].
-pub(crate) fn layout(net: &TrainNet<'_>) -> Result<(TrainLayout, Vec<Tensor>)> {
+/// statistics are reported in the order of the network's `norms()`.
+pub(crate) fn layout(net: &TrainNetwork<'_>) -> Result<(TrainLayout, Vec<Tensor>)> {
     let mut tensors = Vec::new();
     let mut offset = 0;
-    let stem = push_conv(net.stem, &mut tensors, &mut offset)?;
-    let mut blocks = Vec::new();
-    for b in &net.blocks {
-        let bn1 = push_norm(&b.bn1, &mut tensors, &mut offset)?;
-        let conv1 = push_conv(b.conv1, &mut tensors, &mut offset)?;
-        let bn2 = push_norm(&b.bn2, &mut tensors, &mut offset)?;
-        let conv2 = push_conv(b.conv2, &mut tensors, &mut offset)?;
-        let shortcut = match b.shortcut {
-            Some(sc) => Some(push_conv(sc, &mut tensors, &mut offset)?),
-            None => None,
-        };
-        blocks.push(BlockAt {
-            bn1,
-            conv1,
-            bn2,
-            conv2,
-            shortcut,
-        });
-    }
-    let head = push_norm(&net.head, &mut tensors, &mut offset)?;
-    let (fw, fb) = net.fc;
+    let (stem, body, fc) = match net {
+        TrainNetwork::Pre(net) => {
+            let stem = push_conv(net.stem, &mut tensors, &mut offset)?;
+            let mut blocks = Vec::new();
+            for b in &net.blocks {
+                let bn1 = push_norm(&b.bn1, &mut tensors, &mut offset)?;
+                let conv1 = push_conv(b.conv1, &mut tensors, &mut offset)?;
+                let bn2 = push_norm(&b.bn2, &mut tensors, &mut offset)?;
+                let conv2 = push_conv(b.conv2, &mut tensors, &mut offset)?;
+                let shortcut = match b.shortcut {
+                    Some(sc) => Some(push_conv(sc, &mut tensors, &mut offset)?),
+                    None => None,
+                };
+                blocks.push(BlockAt {
+                    bn1,
+                    conv1,
+                    bn2,
+                    conv2,
+                    shortcut,
+                });
+            }
+            let head = push_norm(&net.head, &mut tensors, &mut offset)?;
+            (stem, BodyAt::Pre { blocks, head }, net.fc)
+        }
+        TrainNetwork::Post(net) => {
+            let stem = push_conv(net.stem, &mut tensors, &mut offset)?;
+            let stem_bn = push_norm(&net.stem_bn, &mut tensors, &mut offset)?;
+            let mut blocks = Vec::new();
+            for b in &net.blocks {
+                let conv1 = push_conv(b.conv1, &mut tensors, &mut offset)?;
+                let bn1 = push_norm(&b.bn1, &mut tensors, &mut offset)?;
+                let conv2 = push_conv(b.conv2, &mut tensors, &mut offset)?;
+                let bn2 = push_norm(&b.bn2, &mut tensors, &mut offset)?;
+                let shortcut = match &b.shortcut {
+                    Some((c, bn)) => Some((
+                        push_conv(*c, &mut tensors, &mut offset)?,
+                        push_norm(bn, &mut tensors, &mut offset)?,
+                    )),
+                    None => None,
+                };
+                blocks.push(PostBlockAt {
+                    conv1,
+                    bn1,
+                    conv2,
+                    bn2,
+                    shortcut,
+                });
+            }
+            (stem, BodyAt::Post { stem_bn, blocks }, net.fc)
+        }
+    };
+    let (fw, fb) = fc;
     let (classes, features) = fw.dims2()?;
     let fc_w = offset;
     offset += classes * features;
@@ -140,8 +202,7 @@ pub(crate) fn layout(net: &TrainNet<'_>) -> Result<(TrainLayout, Vec<Tensor>)> {
     Ok((
         TrainLayout {
             stem,
-            blocks,
-            head,
+            body,
             fc_w,
             fc_b,
             classes,
@@ -240,15 +301,45 @@ struct BlockState {
     st2: Stats,
 }
 
+/// What a post-activation block's backward pass reads.
+struct PostBlockState {
+    h: usize,
+    w: usize,
+    conv1: ConvLayer,
+    conv2: ConvLayer,
+    shortcut: Option<ConvLayer>,
+    /// The block's input (the previous ReLU's output).
+    x: Vec<f32>,
+    c1: Vec<f32>,
+    st1: Stats,
+    mid: Vec<f32>,
+    c2: Vec<f32>,
+    st2: Stats,
+    /// The shortcut convolution's output and its BatchNorm's statistics.
+    cs: Option<(Vec<f32>, Stats)>,
+}
+
+enum BodyState {
+    Pre {
+        blocks: Vec<BlockState>,
+        /// The input of the head BatchNorm.
+        last: Vec<f32>,
+        st_head: Stats,
+    },
+    Post {
+        /// The stem convolution's output and its BatchNorm's statistics.
+        c0: Vec<f32>,
+        st_stem: Stats,
+        blocks: Vec<PostBlockState>,
+    },
+}
+
 struct TrainState {
     n: usize,
     stem: ConvLayer,
-    blocks: Vec<BlockState>,
-    /// The input of the head BatchNorm.
-    last: Vec<f32>,
-    st_head: Stats,
-    /// The head's output (its sign is the ReLU mask of a noisy or FiLM layer).
-    head_out: Vec<f32>,
+    body: BodyState,
+    /// The body's output (post-ReLU: its sign is the last ReLU's mask).
+    fin: Vec<f32>,
     pixels: usize,
     pooled: Vec<f32>,
 }
@@ -321,17 +412,70 @@ impl FusedTrain {
 
     fn forward(&self, flat: &[f32]) -> Result<(Vec<f32>, TrainState)> {
         let lay = &self.layout;
-        let [n, _, mut h, mut w] = self.dims;
+        let [n, _, h, w] = self.dims;
         let stem = lay.stem.layer(flat);
         let (ho, wo) = stem.out_hw(h, w)?;
         let mut cur = vec![0f32; n * ho * wo * lay.stem.c_out];
         conv_forward(&stem, &self.input, n, h, w, &mut cur, false);
-        (h, w) = (ho, wo);
-        let mut blocks = Vec::with_capacity(lay.blocks.len());
         let mut stats = Vec::new();
+        let (fin, (h, w), body) = match &lay.body {
+            BodyAt::Pre { blocks, head } => {
+                self.pre_forward(blocks, *head, cur, n, (ho, wo), flat, &mut stats)?
+            }
+            BodyAt::Post { stem_bn, blocks } => {
+                self.post_forward(*stem_bn, blocks, cur, n, (ho, wo), flat, &mut stats)?
+            }
+        };
+        let (c, pixels) = (lay.features, h * w);
+        let mut pooled = vec![0f32; n * c];
+        pooled
+            .par_chunks_mut(c)
+            .zip(fin.par_chunks(pixels * c))
+            .for_each(|(p, img)| {
+                for row in img.chunks_exact(c) {
+                    p.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                }
+                p.iter_mut().for_each(|a| *a /= pixels as f32);
+            });
+        let k = lay.classes;
+        let bias = &flat[lay.fc_b..][..k];
+        let mut logits: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
+        sgemm(
+            &mut logits,
+            MatRef::row_major(&pooled, n, c),
+            MatRef::row_major(&flat[lay.fc_w..][..k * c], k, c).t(),
+            true,
+        );
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+        Ok((
+            logits,
+            TrainState {
+                n,
+                stem,
+                body,
+                fin,
+                pixels,
+                pooled,
+            },
+        ))
+    }
+
+    /// The pre-activation body from the stem's output `cur` (n images of side `hw`):
+    /// the head's output, its side and the state of the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    fn pre_forward(
+        &self,
+        blocks_at: &[BlockAt],
+        head: BnAt,
+        mut cur: Vec<f32>,
+        n: usize,
+        (mut h, mut w): (usize, usize),
+        flat: &[f32],
+        stats: &mut Vec<BnBatch>,
+    ) -> Result<(Vec<f32>, (usize, usize), BodyState)> {
+        let mut blocks = Vec::with_capacity(blocks_at.len());
         // The kernels in GEMM layout, every layer's in parallel.
-        let kernels: Vec<_> = lay
-            .blocks
+        let kernels: Vec<_> = blocks_at
             .par_iter()
             .map(|b| {
                 (
@@ -342,7 +486,7 @@ impl FusedTrain {
             })
             .collect();
         let noise = |i: usize| self.noise.get(i).copied().flatten();
-        for (i, (b, (conv1, conv2, shortcut))) in lay.blocks.iter().zip(kernels).enumerate() {
+        for (i, (b, (conv1, conv2, shortcut))) in blocks_at.iter().zip(kernels).enumerate() {
             let (pre, st1) = train_norm::forward(&cur, n, b.bn1, flat, noise(2 * i), &self.batch);
             let (ho, wo) = conv1.out_hw(h, w)?;
             let out_len = n * ho * wo * b.conv1.c_out;
@@ -376,52 +520,98 @@ impl FusedTrain {
             });
             (h, w) = (ho, wo);
         }
-        let (fin, st_head) = train_norm::forward(
-            &cur,
-            n,
-            lay.head,
-            flat,
-            noise(2 * lay.blocks.len()),
-            &self.batch,
-        );
-        stats.push(BnBatch::of(&st_head, lay.head, h * w));
-        let (c, pixels) = (lay.features, h * w);
-        let mut pooled = vec![0f32; n * c];
-        pooled
-            .par_chunks_mut(c)
-            .zip(fin.par_chunks(pixels * c))
-            .for_each(|(p, img)| {
-                for row in img.chunks_exact(c) {
-                    p.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-                }
-                p.iter_mut().for_each(|a| *a /= pixels as f32);
-            });
-        let k = lay.classes;
-        let bias = &flat[lay.fc_b..][..k];
-        let mut logits: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
-        sgemm(
-            &mut logits,
-            MatRef::row_major(&pooled, n, c),
-            MatRef::row_major(&flat[lay.fc_w..][..k * c], k, c).t(),
-            true,
-        );
-        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+        let (fin, st_head) =
+            train_norm::forward(&cur, n, head, flat, noise(2 * blocks_at.len()), &self.batch);
+        stats.push(BnBatch::of(&st_head, head, h * w));
         Ok((
-            logits,
-            TrainState {
-                n,
-                stem,
+            fin,
+            (h, w),
+            BodyState::Pre {
                 blocks,
                 last: cur,
-                head_out: fin,
                 st_head,
-                pixels,
-                pooled,
             },
         ))
     }
 
-    fn backward(&self, st: TrainState, flat: &[f32], dlogits: &[f32]) -> Vec<f32> {
+    /// The post-activation body from the stem convolution's output `c0`.
+    #[allow(clippy::too_many_arguments)]
+    fn post_forward(
+        &self,
+        stem_bn: BnAt,
+        blocks_at: &[PostBlockAt],
+        c0: Vec<f32>,
+        n: usize,
+        (mut h, mut w): (usize, usize),
+        flat: &[f32],
+        stats: &mut Vec<BnBatch>,
+    ) -> Result<(Vec<f32>, (usize, usize), BodyState)> {
+        let (mut cur, st_stem) = train_norm::forward(&c0, n, stem_bn, flat, None, &self.batch);
+        stats.push(BnBatch::of(&st_stem, stem_bn, h * w));
+        let kernels: Vec<_> = blocks_at
+            .par_iter()
+            .map(|b| {
+                (
+                    b.conv1.layer(flat),
+                    b.conv2.layer(flat),
+                    b.shortcut.map(|(s, _)| s.layer(flat)),
+                )
+            })
+            .collect();
+        let mut blocks = Vec::with_capacity(blocks_at.len());
+        for (b, (conv1, conv2, shortcut)) in blocks_at.iter().zip(kernels) {
+            let (ho, wo) = conv1.out_hw(h, w)?;
+            let out_len = n * ho * wo * b.conv1.c_out;
+            let mut c1 = vec![0f32; out_len];
+            conv_forward(&conv1, &cur, n, h, w, &mut c1, false);
+            let (mid, st1) = train_norm::forward(&c1, n, b.bn1, flat, None, &self.batch);
+            let mut c2 = vec![0f32; out_len];
+            conv_forward(&conv2, &mid, n, ho, wo, &mut c2, false);
+            let (mut out, st2) = train_norm::forward_linear(&c2, n, b.bn2, flat, &self.batch);
+            stats.push(BnBatch::of(&st1, b.bn1, ho * wo));
+            stats.push(BnBatch::of(&st2, b.bn2, ho * wo));
+            let cs = match (&shortcut, b.shortcut) {
+                (Some(sc), Some((_, bn))) => {
+                    let mut cs = vec![0f32; out_len];
+                    conv_forward(sc, &cur, n, h, w, &mut cs, false);
+                    let (ys, sts) = train_norm::forward_linear(&cs, n, bn, flat, &self.batch);
+                    stats.push(BnBatch::of(&sts, bn, ho * wo));
+                    add_relu(&mut out, &ys);
+                    Some((cs, sts))
+                }
+                _ => {
+                    add_relu(&mut out, &cur);
+                    None
+                }
+            };
+            blocks.push(PostBlockState {
+                h,
+                w,
+                conv1,
+                conv2,
+                shortcut,
+                x: std::mem::replace(&mut cur, out),
+                c1,
+                st1,
+                mid,
+                c2,
+                st2,
+                cs,
+            });
+            (h, w) = (ho, wo);
+        }
+        Ok((
+            cur,
+            (h, w),
+            BodyState::Post {
+                c0,
+                st_stem,
+                blocks,
+            },
+        ))
+    }
+
+    fn backward(&self, st: TrainState, flat: &[f32], dlogits: &[f32]) -> Result<Vec<f32>> {
         let lay = &self.layout;
         let n = st.n;
         let (k, c) = (lay.classes, lay.features);
@@ -448,7 +638,7 @@ impl FusedTrain {
             false,
         );
         let pixels = st.pixels;
-        let mut d = vec![0f32; st.last.len()];
+        let mut d = vec![0f32; st.fin.len()];
         d.par_chunks_mut(pixels * c)
             .zip(dpool.par_chunks(c))
             .for_each(|(img, dp)| {
@@ -458,20 +648,55 @@ impl FusedTrain {
                         .for_each(|(g, v)| *g = v / pixels as f32);
                 }
             });
+        let d = match (&lay.body, &st.body) {
+            (BodyAt::Pre { blocks, head }, BodyState::Pre { .. }) => {
+                self.pre_backward(blocks, *head, &st, d, flat, &mut dflat)
+            }
+            (BodyAt::Post { stem_bn, blocks }, BodyState::Post { .. }) => {
+                self.post_backward(*stem_bn, blocks, &st, d, flat, &mut dflat)
+            }
+            _ => candle_core::bail!("fused train path: saved state of another network"),
+        };
+        let [_, _, h, w] = self.dims;
+        let dws = conv_backward_weight(&st.stem, &self.input, &d, n, h, w);
+        lay.stem.store_grad(&dws, &mut dflat);
+        Ok(dflat)
+    }
+
+    /// The backward pass of [`Self::pre_forward`]: from the gradient of the head's
+    /// output to that of the stem's output.
+    fn pre_backward(
+        &self,
+        blocks_at: &[BlockAt],
+        head: BnAt,
+        st: &TrainState,
+        mut d: Vec<f32>,
+        flat: &[f32],
+        dflat: &mut [f32],
+    ) -> Vec<f32> {
+        let BodyState::Pre {
+            blocks,
+            last,
+            st_head,
+        } = &st.body
+        else {
+            return d;
+        };
+        let n = st.n;
         train_norm::backward(
             &mut d,
-            &st.last,
-            &st.head_out,
-            &st.st_head,
-            lay.head,
+            last,
+            &st.fin,
+            st_head,
+            head,
             flat,
-            &mut dflat,
+            dflat,
             &self.batch,
         );
-        for (b, s) in lay.blocks.iter().zip(&st.blocks).rev() {
+        for (b, s) in blocks_at.iter().zip(blocks).rev() {
             let (ho, wo) = s.conv1.out_hw(s.h, s.w).unwrap_or((0, 0));
             let dw2 = conv_backward_weight(&s.conv2, &s.mid, &d, n, ho, wo);
-            b.conv2.store_grad(&dw2, &mut dflat);
+            b.conv2.store_grad(&dw2, dflat);
             let mut dmid = vec![0f32; s.mid.len()];
             conv_backward_input(&s.conv2, &d, n, ho, wo, &mut dmid);
             train_norm::backward(
@@ -481,17 +706,17 @@ impl FusedTrain {
                 &s.st2,
                 b.bn2,
                 flat,
-                &mut dflat,
+                dflat,
                 &self.batch,
             );
             let dw1 = conv_backward_weight(&s.conv1, &s.pre, &dmid, n, s.h, s.w);
-            b.conv1.store_grad(&dw1, &mut dflat);
+            b.conv1.store_grad(&dw1, dflat);
             let mut dpre = vec![0f32; s.pre.len()];
             conv_backward_input(&s.conv1, &dmid, n, s.h, s.w, &mut dpre);
             drop(dmid);
             if let (Some(sc), Some(at)) = (&s.shortcut, b.shortcut) {
                 let dws = conv_backward_weight(sc, &s.pre, &d, n, s.h, s.w);
-                at.store_grad(&dws, &mut dflat);
+                at.store_grad(&dws, dflat);
                 conv_backward_input(sc, &d, n, s.h, s.w, &mut dpre);
             }
             train_norm::backward(
@@ -501,7 +726,7 @@ impl FusedTrain {
                 &s.st1,
                 b.bn1,
                 flat,
-                &mut dflat,
+                dflat,
                 &self.batch,
             );
             if s.shortcut.is_none() {
@@ -511,11 +736,104 @@ impl FusedTrain {
             }
             d = dpre;
         }
-        let [_, _, h, w] = self.dims;
-        let dws = conv_backward_weight(&st.stem, &self.input, &d, n, h, w);
-        lay.stem.store_grad(&dws, &mut dflat);
-        dflat
+        d
     }
+
+    /// The backward pass of [`Self::post_forward`]: from the gradient of the last
+    /// block's output to that of the stem convolution's output.
+    fn post_backward(
+        &self,
+        stem_bn: BnAt,
+        blocks_at: &[PostBlockAt],
+        st: &TrainState,
+        mut d: Vec<f32>,
+        flat: &[f32],
+        dflat: &mut [f32],
+    ) -> Vec<f32> {
+        let BodyState::Post {
+            c0,
+            st_stem,
+            blocks,
+        } = &st.body
+        else {
+            return d;
+        };
+        let n = st.n;
+        for (i, (b, s)) in blocks_at.iter().zip(blocks).enumerate().rev() {
+            // The block's output: the next block's input, or the body's output.
+            let out = blocks
+                .get(i + 1)
+                .map_or(st.fin.as_slice(), |nb| nb.x.as_slice());
+            d.par_iter_mut()
+                .zip(out.par_iter())
+                .for_each(|(g, y)| *g *= f32::from(u8::from(*y > 0.0)));
+            let (ho, wo) = s.conv1.out_hw(s.h, s.w).unwrap_or((0, 0));
+            // The second convolution's branch.
+            let mut dc2 = d.clone();
+            train_norm::backward(
+                &mut dc2,
+                &s.c2,
+                &[],
+                &s.st2,
+                b.bn2,
+                flat,
+                dflat,
+                &self.batch,
+            );
+            let dw2 = conv_backward_weight(&s.conv2, &s.mid, &dc2, n, ho, wo);
+            b.conv2.store_grad(&dw2, dflat);
+            let mut dmid = vec![0f32; s.mid.len()];
+            conv_backward_input(&s.conv2, &dc2, n, ho, wo, &mut dmid);
+            drop(dc2);
+            train_norm::backward(
+                &mut dmid,
+                &s.c1,
+                &s.mid,
+                &s.st1,
+                b.bn1,
+                flat,
+                dflat,
+                &self.batch,
+            );
+            let dw1 = conv_backward_weight(&s.conv1, &s.x, &dmid, n, s.h, s.w);
+            b.conv1.store_grad(&dw1, dflat);
+            let mut dx = vec![0f32; s.x.len()];
+            conv_backward_input(&s.conv1, &dmid, n, s.h, s.w, &mut dx);
+            drop(dmid);
+            match (&s.shortcut, b.shortcut, &s.cs) {
+                (Some(sc), Some((at, bn)), Some((cs, sts))) => {
+                    train_norm::backward(&mut d, cs, &[], sts, bn, flat, dflat, &self.batch);
+                    let dws = conv_backward_weight(sc, &s.x, &d, n, s.h, s.w);
+                    at.store_grad(&dws, dflat);
+                    conv_backward_input(sc, &d, n, s.h, s.w, &mut dx);
+                }
+                _ => dx
+                    .par_iter_mut()
+                    .zip(d.par_iter())
+                    .for_each(|(g, v)| *g += v),
+            }
+            d = dx;
+        }
+        let stem_out = blocks.first().map_or(st.fin.as_slice(), |b| b.x.as_slice());
+        train_norm::backward(
+            &mut d,
+            c0,
+            stem_out,
+            st_stem,
+            stem_bn,
+            flat,
+            dflat,
+            &self.batch,
+        );
+        d
+    }
+}
+
+/// out ← relu(out + skip).
+fn add_relu(out: &mut [f32], skip: &[f32]) {
+    out.par_iter_mut()
+        .zip(skip.par_iter())
+        .for_each(|(o, s)| *o = (*o + s).max(0.0));
 }
 
 impl CustomOp1 for FusedTrain {
@@ -567,7 +885,7 @@ impl CustomOp1 for FusedTrain {
             .iter()
             .flat_map(|&row| dlogits[row * k..(row + 1) * k].iter().copied())
             .collect();
-        let dflat = self.backward(state, &flat, &dlogits);
+        let dflat = self.backward(state, &flat, &dlogits)?;
         Ok(Some(Tensor::from_vec(dflat, arg.shape(), arg.device())?))
     }
 }

@@ -194,6 +194,31 @@ pub(super) fn forward(
     noise: Option<NoiseSeed>,
     batch: &Batch,
 ) -> (Vec<f32>, Stats) {
+    forward_impl(x, n, at, flat, noise, batch, true)
+}
+
+/// BN(x) with batch statistics and no ReLU (a post-activation block's second
+/// BatchNorm and its shortcut's, whose ReLU follows the sum): plain layers.
+pub(super) fn forward_linear(
+    x: &[f32],
+    n: usize,
+    at: BnAt,
+    flat: &[f32],
+    batch: &Batch,
+) -> (Vec<f32>, Stats) {
+    forward_impl(x, n, at, flat, None, batch, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl(
+    x: &[f32],
+    n: usize,
+    at: BnAt,
+    flat: &[f32],
+    noise: Option<NoiseSeed>,
+    batch: &Batch,
+    relu: bool,
+) -> (Vec<f32>, Stats) {
     let c = at.c;
     let per_image = x.len() / n.max(1);
     let ranges = match at.adv {
@@ -211,7 +236,7 @@ pub(super) fn forward(
             mean,
             // Noise and FiLM sit between the BatchNorm and the ReLU: those layers mask
             // the gradient by their own output.
-            relu: plain,
+            relu: plain && relu,
             batch_stats: true,
         };
         let (gamma, beta) = BnAt::gamma_beta(flat, offset, c);
@@ -237,7 +262,13 @@ pub(super) fn forward(
                 let per = rows_per_task(c) * c;
                 ys.par_chunks_mut(per)
                     .zip(xs.par_chunks(per))
-                    .for_each(|(yc, xc)| affine.relu_into(xc, yc));
+                    .for_each(|(yc, xc)| {
+                        if relu {
+                            affine.relu_into(xc, yc)
+                        } else {
+                            affine.apply_into(xc, yc)
+                        }
+                    });
             }
         }
         groups.push(Group {
