@@ -8,6 +8,7 @@
 //! library crates, so building it is quick.
 
 mod bench;
+mod claims;
 mod presets;
 mod report;
 mod reproduce;

@@ -671,6 +671,24 @@ fn amend_study(
     write_atomic(&report_path, &report)
 }
 
+/// Checks the seed papers' claims against `OUT/results.json` ([`crate::claims`]):
+/// adds `claims` to it and the claims table to `OUT/report.md`, replacing those of an
+/// earlier invocation.
+pub fn add_claims(out: &Path) -> Result<()> {
+    amend_study(out, |results, report| {
+        let claims = crate::claims::evaluate(results, out);
+        results["claims"] = serde_json::to_value(&claims)?;
+        if let Some(start) = report.find("\n## Claims\n") {
+            let end = report[start + 1..]
+                .find("\n## ")
+                .map_or(report.len(), |e| start + 1 + e);
+            report.replace_range(start..end, "");
+        }
+        report.push_str(&crate::claims::markdown(&claims));
+        Ok(())
+    })
+}
+
 /// Where a row's sweep (λ of OAT, noise of a student) writes.
 pub fn sweep_dir(out: &Path, method: &str) -> std::path::PathBuf {
     model_dir(out, method).join("sweep")

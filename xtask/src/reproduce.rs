@@ -400,6 +400,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     report::add_protocol(&out, rows, suite)?;
     report::add_sweeps(&out, &sweeps)?;
     report::add_autoattack(&out, &autoattacked)?;
+    report::add_claims(&out)?;
     eprintln!("==> report: {}", out.join("report.md").display());
     for m in &models {
         let robust = match (m.robust_accuracy, m.robust_examples) {

@@ -67,8 +67,8 @@ pub use classification::{
 pub use curve::{accuracy_curve, auac, AccuracyCurve};
 pub use error::{MetricsError, Result};
 pub use interval::{
-    bootstrap, mcnemar_p, normal_quantile, paired_differs, proportion_differs, wilson, Interval,
-    BOOTSTRAP_RESAMPLES, CONFIDENCE_95,
+    bootstrap, difference_interval, mcnemar_p, normal_quantile, paired_differs, proportion_differs,
+    wilson, Interval, BOOTSTRAP_RESAMPLES, CONFIDENCE_95,
 };
 pub use ood::{fpr_at_tpr, fpr_at_tpr95, ood_auroc};
 pub use probs::{predictions_and_confidences, wrong_class_confidences};
