@@ -307,6 +307,22 @@ const PAPER_ROWS: [ModelRow; 11] = {
     ]
 };
 
+/// The `tiny` preset's training: WRN-10-1 for one epoch on the first 16 images.
+pub const TINY: Recipe = Recipe {
+    arch: "wrn-10-1",
+    epochs: 1,
+    batch_size: 8,
+    lr: 0.05,
+    schedule: "cyclic",
+    train_limit: Some(16),
+    per_epoch_test_limit: Some(8),
+};
+
+const TINY_ROWS: [ModelRow; 2] = [
+    row("normal", Training::Recipe(TINY), &[]),
+    row("at", Training::Recipe(TINY), SMOKE_AT_FLAGS),
+];
+
 /// EOT samples of every attack on a stochastic model: `rampart`'s default (AutoAttack's
 /// rand version, 20).
 pub const STOCHASTIC_EOT: usize = 20;
@@ -410,6 +426,9 @@ pub enum Preset {
     Fast,
     /// The published schedules: WRN-28-10, 200 epochs (default device: cuda).
     Paper,
+    /// Seconds: the whole pipeline on a handful of images (tests of the study itself).
+    #[value(hide = true)]
+    Tiny,
 }
 
 impl Preset {
@@ -419,6 +438,7 @@ impl Preset {
             Preset::Smoke => "smoke",
             Preset::Fast => "fast",
             Preset::Paper => "paper",
+            Preset::Tiny => "tiny",
         }
     }
 
@@ -458,6 +478,11 @@ impl Preset {
                  ResNet-20 with the paper's settings (200 epochs, lr 0.075 ×0.95 per epoch, \
                  batch 100). PGD-20 at 8/255 on the whole test set."
             }
+            Preset::Tiny => {
+                "The whole pipeline in seconds on a handful of images (normal and FGSM-RS \
+                 adversarial training of WRN-10-1 on 16 images, every evaluation on 8), to \
+                 test the study itself; its numbers mean nothing."
+            }
         }
     }
 
@@ -467,6 +492,7 @@ impl Preset {
             Preset::Smoke => &SMOKE_ROWS,
             Preset::Fast => &FAST_ROWS,
             Preset::Paper => &PAPER_ROWS,
+            Preset::Tiny => &TINY_ROWS,
         }
     }
 
@@ -519,6 +545,18 @@ impl Preset {
                 sweep_limits: None,
                 autoattack: (&["at", "ccat", "sat", "oat", "student"], None),
             },
+            Preset::Tiny => EvalBudgets {
+                robust_examples: Some(8),
+                protocol: ("quick", Some(8)),
+                stochastic_eot: 1,
+                stochastic_draws: 1,
+                stochastic_robust_examples: Some(8),
+                stochastic_protocol: (1, Some(8), 4),
+                stochastic_trust_examples: 4,
+                stochastic_sweep_examples: Some(8),
+                sweep_limits: Some((16, 8)),
+                autoattack: (&[], None),
+            },
         }
     }
 
@@ -542,7 +580,7 @@ impl Preset {
 
     pub(crate) fn default_device(self) -> &'static str {
         match self {
-            Preset::Smoke => "cpu",
+            Preset::Smoke | Preset::Tiny => "cpu",
             Preset::Fast | Preset::Paper => "cuda",
         }
     }

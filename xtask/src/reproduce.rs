@@ -43,9 +43,16 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
 
-    /// Skip models already trained and evaluated, and resume interrupted trainings.
+    /// Continue a study in --out: skip the models, evaluations and sweeps that
+    /// finished, and resume the interrupted one from its last checkpoint, batch or
+    /// sweep value. Refused when the study was started with another data set, preset
+    /// or device.
     #[arg(long)]
     pub resume: bool,
+
+    /// Run this `rampart` binary instead of building one.
+    #[arg(long)]
+    pub rampart_bin: Option<PathBuf>,
 
     /// Worker threads given to `rampart --threads` [default: all cores].
     #[arg(long)]
@@ -176,6 +183,11 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     // One study per folder at a time; released when this process ends, however it ends.
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let _lock = rampart_fs::OutputLock::acquire_for(&out, &command)?;
+    // A study folder holds one study: it continues only with its own settings.
+    let settings = rampart_fs::RunSettings::new("cargo xtask reproduce")
+        .with("--dataset", dataset)
+        .with("--preset", preset.name())
+        .with("--device", device.as_str());
     if !args.resume {
         for row in rows {
             let dir = model_dir(&out, row.method);
@@ -189,7 +201,11 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             }
         }
     }
-    let rampart = build_rampart(&root, device.starts_with("cuda"), args.download)?;
+    settings.begin(&out)?;
+    let rampart = match &args.rampart_bin {
+        Some(bin) => bin.clone(),
+        None => build_rampart(&root, device.starts_with("cuda"), args.download)?,
+    };
     let setup = EvalSetup {
         rampart: &rampart,
         threads: args.threads,

@@ -6,7 +6,8 @@
 //! `adversarial.safetensors` (per ε: the clipped adversarial images `adv_<i>`, and
 //! `labels`, `success_<i>`, `norm_<i>`, `logits_<i>`), `summary.json` (robust accuracy
 //! per ε with its 95 % interval, and the trust checks at the first ε), `config.json`
-//! and `command.txt`.
+//! and `command.txt`. Every finished batch is saved under `progress/` until the end, so
+//! the same command started again after a kill continues from the last one.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -196,6 +197,9 @@ impl AttackArgs {
         let (lo, hi) = model.bounds();
         let bounds = Bounds::new(lo, hi)?;
         create_out_dir(&self.out)?;
+        // An interrupted run here continues only with the same settings.
+        let settings = crate::common::run_settings();
+        settings.begin(&self.out)?;
         record_command(&self.out, command)?;
         write_json(
             &self.out.join("config.json"),
@@ -210,6 +214,17 @@ impl AttackArgs {
             .test_limit
             .unwrap_or(splits.test.len())
             .min(splits.test.len());
+        let key = rampart_eval::fingerprint(
+            &model.frozen(),
+            &splits.test,
+            n,
+            self.batch_size,
+            &format!("{settings:?}"),
+            &device,
+        )?;
+        let reseed = |seed| model.reseed_noise(seed);
+        let journal =
+            rampart_eval::BatchJournal::new(self.out.join("progress"), key).reseeding(&reseed);
         let attacked = rampart_eval::attack_at_eps(
             &model.frozen(),
             bounds,
@@ -220,10 +235,13 @@ impl AttackArgs {
             self.batch_size,
             self.seed,
             &device,
+            Some(&journal),
         )?;
         let trust = match self.eps.first() {
             Some(&eps) => {
                 let robust: Vec<bool> = attacked.success(0).iter().map(|s| !s).collect();
+                // The noise of a stochastic model from a fixed point, as after a resume.
+                model.reseed_noise(self.seed);
                 rampart_eval::check_first(
                     &model.frozen(),
                     bounds,
@@ -278,6 +296,8 @@ impl AttackArgs {
             &json!({"model": self.model, "attack": pgd, "seconds": attacked.seconds, "results": summary,
                     "trust": trust}),
         )?;
+        journal.remove()?;
+        rampart_fs::finish_run(&self.out)?;
         if let Some(t) = &trust {
             if !t.passed() {
                 eprintln!("{}", t.markdown());

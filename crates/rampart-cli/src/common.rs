@@ -245,6 +245,58 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
+/// The settings of this invocation of a long command (see `rampart_fs::RunSettings`):
+/// the subcommand and every flag given after it with its value as typed (a repeated
+/// flag's values joined by spaces), but --out and --threads, which change no result.
+/// Started again in the folder of an interrupted run, the command continues it only
+/// with the same settings.
+pub fn run_settings() -> rampart_fs::RunSettings {
+    settings_of(std::env::args().skip(1))
+}
+
+fn settings_of(args: impl IntoIterator<Item = String>) -> rampart_fs::RunSettings {
+    let args: Vec<String> = args.into_iter().collect();
+    let mut flags: Vec<(String, String)> = Vec::new();
+    let mut command = String::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        i += 1;
+        let Some(flag) = arg.strip_prefix("--") else {
+            if command.is_empty() {
+                command = format!("rampart {arg}");
+            }
+            continue;
+        };
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => match args.get(i) {
+                // A value: anything but another flag (negative numbers are values).
+                Some(next) if !next.starts_with("--") => {
+                    i += 1;
+                    (flag.to_string(), next.clone())
+                }
+                _ => (flag.to_string(), "true".to_string()),
+            },
+        };
+        if name == "out" || name == "threads" {
+            continue;
+        }
+        match flags.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => {
+                v.push(' ');
+                v.push_str(&value);
+            }
+            None => flags.push((name, value)),
+        }
+    }
+    flags
+        .into_iter()
+        .fold(rampart_fs::RunSettings::new(command), |s, (n, v)| {
+            s.with(format!("--{n}"), v)
+        })
+}
+
 /// Appends the command line to `OUT/command.txt` (one line per invocation, so a resumed
 /// run lists every session).
 pub fn record_command(out: &Path, command: &str) -> Result<()> {
@@ -382,6 +434,28 @@ mod tests {
         for d in [DeviceArg::Cpu, cuda(0, false), cuda(3, true)] {
             assert_eq!(d.to_string().parse(), Ok(d));
         }
+    }
+
+    #[test]
+    fn settings_are_the_flags_but_out_and_threads() {
+        let of = |line: &str| settings_of(line.split(' ').map(String::from));
+        let a =
+            of("--threads 2 attack --model m --eps 8/255 --lambda -0.5 --strict-checks --out a");
+        let same = of("attack --out=b --strict-checks --lambda -0.5 --eps 8/255 --model m");
+        assert_eq!(a, same);
+        assert_ne!(
+            a,
+            of("attack --model m --eps 16/255 --lambda -0.5 --strict-checks")
+        );
+        assert_ne!(
+            a,
+            of("eval --model m --eps 8/255 --lambda -0.5 --strict-checks")
+        );
+        // Repeated flags keep every value.
+        assert_ne!(
+            of("sweep --reference a=x --reference b=y"),
+            of("sweep --reference a=x")
+        );
     }
 
     #[test]

@@ -173,6 +173,7 @@ impl EvalPlan {
         info.dataset = Some(dataset.to_string());
         let report = rampart_eval::evaluate_model(&model.frozen(), &info, test, &config)
             .with_context(|| format!("evaluating {}", self.model.display()))?;
+        rampart_fs::finish_run(&self.out)?;
         let linf = report
             .threat_models
             .get(rampart_eval::HEADLINE_THREAT_MODEL);
@@ -226,11 +227,14 @@ impl EvalPlan {
         Ok(results)
     }
 
-    /// Writes `results.json` and `results.md`; with --strict-checks a failed trust
-    /// check is then an error.
+    /// Writes `results.json` and `results.md` and marks the run finished (its journal
+    /// of finished batches is removed); with --strict-checks a failed trust check is
+    /// then an error.
     fn finish(&self, results: &EvalResults) -> Result<()> {
         write_json(&self.out.join("results.json"), results)?;
         rampart_fs::write_atomic(&self.out.join("results.md"), results.markdown().as_bytes())?;
+        self.journal("").remove()?;
+        rampart_fs::finish_run(&self.out)?;
         if self.strict_checks && !results.trusted() {
             bail!(
                 "trust checks failed (--strict-checks); see {}",
@@ -251,6 +255,8 @@ impl EvalPlan {
         attack: &rampart_attacks::Pgd,
         eps: f64,
     ) -> Result<Option<TrustChecks>> {
+        // A stochastic model's noise from a fixed point: the same checks after a resume.
+        model.reseed_noise(self.protocol_seed);
         Ok(rampart_eval::check_first(
             &model.frozen(),
             bounds,
@@ -284,6 +290,9 @@ impl EvalPlan {
             .cloned()
             .unwrap_or_else(|| "unknown".into());
         create_out_dir(&self.out)?;
+        // An interrupted run here continues only with the same settings.
+        let settings = crate::common::run_settings();
+        settings.begin(&self.out)?;
         record_command(&self.out, command)?;
         let eot_samples = self.eot_samples(&model);
         write_json(
@@ -346,7 +355,10 @@ impl EvalPlan {
         let (lo, hi) = model.bounds();
         let bounds = Bounds::new(lo, hi)?;
         let attacked = match &attack_plan {
-            Some(attack) => Some(self.attack(&model, attack, &test, &clean_correct)?),
+            Some(attack) => {
+                let settings = format!("{settings:?}");
+                Some(self.attack(&model, attack, &test, &clean_correct, &settings)?)
+            }
             None => None,
         };
         let trust = match (&attack_plan, &attacked) {
@@ -564,15 +576,23 @@ impl EvalPlan {
         Ok(())
     }
 
+    /// The journal of the pgd20 suite's finished batches (`OUT/progress/`), for work
+    /// fingerprinted by `key`.
+    fn journal(&self, key: &str) -> rampart_eval::BatchJournal<'static> {
+        rampart_eval::BatchJournal::new(self.out.join("progress"), key)
+    }
+
     /// Attacks the first `attack.limit` images of `test` with every objective of the
     /// plan; an image counts as robust when it is classified correctly clean
-    /// (`clean_correct`) and no attack fooled it.
+    /// (`clean_correct`) and no attack fooled it. Every finished batch is saved, so a
+    /// run with the same `settings` continues from the last one.
     fn attack(
         &self,
         model: &Classifier,
         attack: &AttackPlan,
         test: &ImageDataset,
         clean_correct: &[bool],
+        settings: &str,
     ) -> Result<AttackOutcome> {
         let n = attack.limit.map_or(test.len(), |l| l.min(test.len()));
         let (lo, hi) = model.bounds();
@@ -582,6 +602,16 @@ impl EvalPlan {
         if attack.pgd.norm != Norm::Linf {
             bail!("the pgd20 suite is L∞");
         }
+        let key = rampart_eval::fingerprint(
+            &model.frozen(),
+            test,
+            n,
+            self.batch_size,
+            settings,
+            model.device(),
+        )?;
+        let reseed = |seed| model.reseed_noise(seed);
+        let journal = self.journal(&key).reseeding(&reseed);
         Ok(rampart_eval::worst_case(
             &model.frozen(),
             bounds,
@@ -594,6 +624,7 @@ impl EvalPlan {
             attack.seed,
             model.device(),
             model.is_stochastic() || self.save_adversarial,
+            Some(&journal),
         )?)
     }
 }

@@ -1,6 +1,8 @@
 //! `rampart sweep`: one model evaluated over a range of a test-time parameter — λ of a
 //! once-for-all (OAT) model, or the noise scale of a stochastic student — with a table
-//! and a chart of the trade-off.
+//! and a chart of the trade-off. The same command started again after a kill keeps
+//! the values whose evaluation finished and continues the interrupted one from its
+//! last finished batch.
 
 use std::path::PathBuf;
 
@@ -132,6 +134,9 @@ impl SweepArgs {
             references.push((name.to_string(), r.clean_accuracy, r.robust_accuracy));
         }
         create_out_dir(&self.eval.out)?;
+        // An interrupted sweep here continues only with the same settings.
+        let settings = crate::common::run_settings();
+        settings.begin(&self.eval.out)?;
         record_command(&self.eval.out, command)?;
         write_json(
             &self.eval.out.join("config.json"),
@@ -156,10 +161,17 @@ impl SweepArgs {
                 SweepOver::NoiseScale => args.noise_scale = Some(value),
             }
             let plan = args.plan(data_fallback.clone())?;
-            tracing::info!(value, "{} sweep", self.over.flag());
-            let r = plan
-                .run(command)
-                .with_context(|| format!("{} = {value}", self.over.flag()))?;
+            let r = match finished_point(&settings, &args.out) {
+                Some(r) => {
+                    tracing::info!(value, "{} sweep: loaded", self.over.flag());
+                    r
+                }
+                None => {
+                    tracing::info!(value, "{} sweep", self.over.flag());
+                    plan.run(command)
+                        .with_context(|| format!("{} = {value}", self.over.flag()))?
+                }
+            };
             attack = r.attack.clone();
             let st = r.stochastic.as_ref();
             points.push(SweepPoint {
@@ -189,6 +201,7 @@ impl SweepArgs {
             &self.eval.out.join("sweep.md"),
             results.markdown().as_bytes(),
         )?;
+        rampart_fs::finish_run(&self.eval.out)?;
         Ok(results)
     }
 
@@ -279,6 +292,19 @@ impl SweepArgs {
         rampart_eval::plot_lines(title, x, y, &series, &dir.join("sweep"))?;
         Ok(())
     }
+}
+
+/// The results of a value's evaluation that finished with these sweep `settings` (a
+/// killed sweep's finished points), if `dir` holds one.
+fn finished_point(
+    settings: &rampart_fs::RunSettings,
+    dir: &std::path::Path,
+) -> Option<EvalResults> {
+    if !settings.finished_in(dir) {
+        return None;
+    }
+    let text = std::fs::read_to_string(dir.join("results.json")).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 impl SweepResults {

@@ -974,88 +974,425 @@ fn without_timings(v: &mut serde_json::Value) {
     }
 }
 
-/// `rampart eval` killed with SIGKILL at several points and started again with the same
-/// command continues (the killed run's folder lock is gone with it) and ends with the
-/// results of an uninterrupted run.
+/// `RUST_LOG` of the kill tests: progress, and a line per batch saved or loaded.
+const PROGRESS_LOG: &str = "info,rampart_eval=debug";
+
+/// Lines that follow finished, saved work: a batch of an attack loop, an AutoAttack
+/// batch, a finished step of a protocol suite.
+fn is_progress(line: &str) -> bool {
+    ["batch saved", "autoattack batch", "attack done"]
+        .iter()
+        .any(|m| line.contains(m))
+}
+
+/// Lines of a run that continued saved work.
+fn shows_resume(text: &str) -> bool {
+    [
+        "batch loaded",
+        "loaded from",
+        "resumed from",
+        "sweep: loaded",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
+/// A seeded stream of kill points (splitmix64).
+struct KillPoints(u64);
+
+impl KillPoints {
+    /// A number in 1..=n (n ≥ 1).
+    fn pick(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        1 + ((z ^ (z >> 31)) % n.max(1) as u64) as usize
+    }
+}
+
+/// `rampart args` run to the end with progress lines on stderr.
+fn run_logged(args: &[String]) -> std::io::Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(args)
+        .env_remove("RAMPART_DATA_DIR")
+        .env("RUST_LOG", PROGRESS_LOG)
+        .output()
+}
+
+/// Starts `rampart args` and kills it with SIGKILL right after its `k`-th stderr line
+/// that `counts`, or when it ends first.
+fn kill_after_line(
+    args: &[String],
+    k: usize,
+    counts: impl Fn(&str) -> bool,
+) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(args)
+        .env_remove("RAMPART_DATA_DIR")
+        .env("RUST_LOG", PROGRESS_LOG)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or(std::io::ErrorKind::BrokenPipe)?;
+    let mut seen = 0;
+    for line in std::io::BufReader::new(stderr).lines() {
+        if counts(&line?) {
+            seen += 1;
+            if seen == k {
+                break;
+            }
+        }
+    }
+    let _ = child.kill(); // SIGKILL (an error: it had ended already)
+    child.wait()?;
+    Ok(())
+}
+
+/// Whether `out` holds a run that was stopped before it finished.
+fn interrupted(out: &Path) -> bool {
+    std::fs::read_to_string(out.join(rampart_fs::SETTINGS_FILE))
+        .is_ok_and(|s| s.lines().nth(1) == Some("running"))
+}
+
+/// A JSON output with what legitimately differs between two runs removed: wall times,
+/// which steps were loaded from disk, and the output folder's name.
+fn comparable_json(
+    path: &Path,
+    out: &Path,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(path)?.replace(s(out), "OUT");
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    without_timings(&mut v);
+    Ok(v)
+}
+
+/// The command `args(out)` run whole, then `kills` times killed with SIGKILL at a seeded
+/// random progress line (any line when the run prints none) and started again with the
+/// same command: the `files` each run leaves (JSON compared without timings, others
+/// byte for byte) equal the uninterrupted run's, and every restart of a run killed
+/// after saved work continued it.
+fn killed_runs_end_like_the_whole(
+    dir: &Path,
+    name: &str,
+    args: impl Fn(&Path) -> Vec<String>,
+    files: &[&str],
+    seed: u64,
+    kills: usize,
+) -> TestResult {
+    let whole = dir.join(format!("{name}-whole"));
+    let run = run_logged(&args(&whole))?;
+    assert!(run.status.success(), "{name}: {}", text(&run));
+    let log = String::from_utf8_lossy(&run.stderr).to_string();
+    let markers = log.lines().filter(|l| is_progress(l)).count();
+    let lines = log.lines().count();
+    let mut points = KillPoints(seed);
+    for i in 0..kills {
+        let out = dir.join(format!("{name}-killed-{i}"));
+        let k = if markers > 0 {
+            let k = points.pick(markers);
+            kill_after_line(&args(&out), k, is_progress)?;
+            k
+        } else {
+            let k = points.pick(lines.saturating_sub(1).max(1));
+            kill_after_line(&args(&out), k, |_| true)?;
+            0
+        };
+        let was_interrupted = interrupted(&out);
+        let again = run_logged(&args(&out))?;
+        let msg = text(&again);
+        assert!(again.status.success(), "{name}, kill {i}: {msg}");
+        if was_interrupted && k > 0 {
+            assert!(
+                shows_resume(&msg),
+                "{name}: killed after progress line {k} of {markers}, the restart continued nothing:\n{msg}"
+            );
+        }
+        for file in files {
+            let (a, b) = (whole.join(file), out.join(file));
+            if file.ends_with(".json") {
+                assert_eq!(
+                    comparable_json(&b, &out)?,
+                    comparable_json(&a, &whole)?,
+                    "{name}, kill {i} after line {k}: {file}"
+                );
+            } else {
+                assert!(
+                    std::fs::read(&b)? == std::fs::read(&a)?,
+                    "{name}, kill {i}: {file} differs"
+                );
+            }
+        }
+        assert!(
+            !out.join("progress").exists(),
+            "{name}: the journal is left behind"
+        );
+    }
+    Ok(())
+}
+
+/// `rampart eval` of every suite killed with SIGKILL at random points (after a seeded
+/// random number of finished batches) and started again with the same command ends
+/// with the uninterrupted run's results and per-example records.
 #[test]
-fn a_killed_evaluation_resumes_to_the_same_results() -> TestResult {
+fn every_eval_suite_killed_resumes_to_the_same_results() -> TestResult {
     let dir = tempfile::tempdir()?;
     write_tiny_cifar10(dir.path(), 8)?;
     let data = s(dir.path());
     let model = train_tiny(data, &dir.path().join("m"))?;
-    let eval = |out: &Path| quick_eval_args(&model, data, out);
-    let whole_dir = dir.path().join("whole");
-    let started = std::time::Instant::now();
-    let whole = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(eval(&whole_dir))
-        .env("RUST_LOG", "warn")
-        .output()?;
-    assert!(whole.status.success(), "{}", text(&whole));
-    let duration = started.elapsed();
-    let mut expected = read_json(&whole_dir.join("results.json"))?;
-    without_timings(&mut expected);
-    // Kill points: early (a fixed fraction of the uninterrupted run's time), and right
-    // after the first and after the third finished step of the run (its per-example
-    // records), so that some restarts must load finished steps.
-    let records = |out: &Path| {
-        std::fs::read_dir(out.join("per_example"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    let mut resumed_steps = 0;
-    for (i, when) in ["early", "after 1 step", "after 3 steps"]
-        .into_iter()
-        .enumerate()
-    {
-        let out = dir.path().join(format!("killed-{i}"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(eval(&out))
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let steps = match i {
-            0 => 0,
-            1 => 1,
-            _ => 3,
+    let protocol = [
+        "--held-out",
+        "2",
+        "--batch-size",
+        "2",
+        "--trust-examples",
+        "2",
+    ];
+    let suites: [(&str, Vec<&str>, Vec<&str>); 6] = [
+        ("clean", vec![], vec!["results.json", "predictions.json"]),
+        (
+            "pgd20",
+            vec![
+                "--attack-steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--trust-examples",
+                "2",
+            ],
+            vec![
+                "results.json",
+                "per_example/pgd.json",
+                "per_example/logits.safetensors",
+            ],
+        ),
+        (
+            "quick",
+            [
+                protocol.as_slice(),
+                &["--steps-scale", "0.25", "--curve-points", "5"],
+            ]
+            .concat(),
+            vec![
+                "results.json",
+                "per_example/linf_8_255.worst.json",
+                "per_example/min_eps_linf.json",
+            ],
+        ),
+        (
+            "ccat",
+            [
+                protocol.as_slice(),
+                &[
+                    "--steps-scale",
+                    "0.05",
+                    "--restarts-scale",
+                    "0.1",
+                    "--curve-points",
+                    "5",
+                ],
+            ]
+            .concat(),
+            vec!["results.json", "per_example/distal.json"],
+        ),
+        (
+            "full",
+            [
+                protocol.as_slice(),
+                &[
+                    "--steps-scale",
+                    "0.02",
+                    "--restarts-scale",
+                    "0.1",
+                    "--curve-points",
+                    "5",
+                ],
+            ]
+            .concat(),
+            vec!["results.json", "per_example/linf_8_255.worst.json"],
+        ),
+        (
+            "autoattack",
+            vec![
+                "--attack-limit",
+                "4",
+                "--batch-size",
+                "2",
+                "--trust-examples",
+                "2",
+            ],
+            vec!["results.json", "per_example/autoattack.json"],
+        ),
+    ];
+    for (i, (suite, extra, files)) in suites.iter().enumerate() {
+        let args = |out: &Path| -> Vec<String> {
+            let mut a: Vec<String> = [
+                "--threads",
+                "2",
+                "eval",
+                "--model",
+                s(&model),
+                "--data-dir",
+                data,
+                "--suite",
+                suite,
+            ]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect();
+            a.extend(["--out".to_string(), s(out).to_string()]);
+            a
         };
-        if steps == 0 {
-            std::thread::sleep(duration.mul_f64(0.15));
-        } else {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while records(&out) < steps
-                && child.try_wait()?.is_none()
-                && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-        }
-        child.kill()?; // SIGKILL
-        child.wait()?;
-        let again = Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(eval(&out))
-            .env("RUST_LOG", "warn")
-            .output()?;
-        assert!(again.status.success(), "kill {when}: {}", text(&again));
-        let mut got = read_json(&out.join("results.json"))?;
-        resumed_steps += got["resumed"].as_array().map_or(0, Vec::len);
-        without_timings(&mut got);
-        for key in ["model", "out", "command"] {
-            for v in [&mut got, &mut expected] {
-                if let Some(map) = v.as_object_mut() {
-                    map.remove(key);
-                }
-            }
-        }
-        assert_eq!(got, expected, "kill {when}");
+        killed_runs_end_like_the_whole(dir.path(), suite, args, files, 17 + i as u64, 1)?;
     }
-    // Some kill landed after finished steps, which the restart loaded, not recomputed.
-    assert!(resumed_steps > 0, "no restart resumed anything");
     Ok(())
+}
+
+/// `rampart attack` killed with SIGKILL after a random number of finished batches and
+/// started again ends with the uninterrupted run's adversarial examples and summary; a
+/// restart with other settings is refused, naming them.
+#[test]
+fn a_killed_attack_resumes_to_the_same_examples() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    let model = train_tiny(data, &dir.path().join("m"))?;
+    let args = |eps: &str, out: &Path| -> Vec<String> {
+        [
+            "--threads",
+            "2",
+            "attack",
+            "--model",
+            s(&model),
+            "--data-dir",
+            data,
+            "--eps",
+            eps,
+            "--steps",
+            "5",
+            "--batch-size",
+            "2",
+            "--trust-examples",
+            "2",
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let files = ["summary.json", "adversarial.safetensors"];
+    killed_runs_end_like_the_whole(
+        dir.path(),
+        "attack",
+        |o| args("4/255,8/255", o),
+        &files,
+        5,
+        2,
+    )?;
+
+    // A run stopped before it finished (its settings file says so), then started with
+    // another ε: refused by name, and nothing of it is overwritten.
+    let out = dir.path().join("other");
+    let run = rampart(
+        &args("8/255", &out)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    assert!(run.status.success(), "{}", text(&run));
+    let settings = out.join(rampart_fs::SETTINGS_FILE);
+    let written = std::fs::read_to_string(&settings)?.replacen("finished", "running", 1);
+    std::fs::write(&settings, &written)?;
+    assert!(interrupted(&out));
+    let summary = std::fs::read(out.join("summary.json"))?;
+    let refused = rampart(
+        &args("16/255", &out)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    let msg = text(&refused);
+    assert!(!refused.status.success(), "{msg}");
+    assert!(
+        msg.contains("other settings") && msg.contains("--eps: 8/255 → 16/255"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(out.join("summary.json"))?, summary);
+    assert_eq!(std::fs::read_to_string(&settings)?, written);
+    Ok(())
+}
+
+/// `rampart sweep` killed with SIGKILL at a random point and started again keeps the
+/// values that finished, continues the interrupted one and ends with the uninterrupted
+/// sweep.
+#[test]
+fn a_killed_sweep_resumes_to_the_same_points() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 8)?;
+    let data = s(dir.path());
+    let out = dir.path().join("student");
+    let run = rampart(&[
+        "--threads",
+        "2",
+        "train",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--noise",
+        "0.1",
+        "--data-dir",
+        data,
+        "--out",
+        s(&out),
+    ])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let model = out.join("model.safetensors");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "--threads",
+            "2",
+            "sweep",
+            "--over",
+            "noise-scale",
+            "--values",
+            "0,1",
+            "--model",
+            s(&model),
+            "--data-dir",
+            data,
+            "--suite",
+            "pgd20",
+            "--attack-steps",
+            "2",
+            "--attack-limit",
+            "4",
+            "--batch-size",
+            "2",
+            "--eot",
+            "2",
+            "--draws",
+            "2",
+            "--trust-examples",
+            "2",
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let files = [
+        "sweep.json",
+        "noise-scale-0/results.json",
+        "noise-scale-1/results.json",
+    ];
+    killed_runs_end_like_the_whole(dir.path(), "sweep", args, &files, 9, 2)
 }
 
 /// `rampart export` writes a PyTorch state dict under RobustBench's names;

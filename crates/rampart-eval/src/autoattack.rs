@@ -13,7 +13,8 @@ use rampart_data::ImageDataset;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
-use crate::io::{digest, load_keyed, write_json, Keyed};
+use crate::io::{load_keyed, write_json, Keyed};
+use crate::journal::fingerprint;
 use crate::outputs::batch_logits;
 
 /// How to run AutoAttack.
@@ -194,19 +195,12 @@ pub fn run_autoattack(
     let started = Instant::now();
     let indices: Vec<usize> = (0..n).collect();
     let chunks: Vec<&[usize]> = indices.chunks(config.batch_size).collect();
-    let first = chunks
-        .first()
-        .ok_or_else(|| EvalError::Config("no image to attack".into()))?;
-    let (x0, _) = data.batch_tensors(first, device)?;
-    let (logits0, _) = batch_logits(model, &x0)?;
+    if chunks.is_empty() {
+        return Err(EvalError::Config("no image to attack".into()));
+    }
     let config_json = serde_json::to_string(config)
         .map_err(|e| EvalError::Config(format!("AutoAttack settings: {e}")))?;
-    let logit_bytes: Vec<u8> = logits0.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let label_bytes: Vec<u8> = data.labels()[..n]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let key = digest([config_json.as_bytes(), &logit_bytes, &label_bytes]);
+    let key = fingerprint(model, data, n, config.batch_size, &config_json, device)?;
     let path = per_example.join("autoattack.json");
     let mut state = match load_keyed::<AutoAttackState>(&path, &key) {
         Some(s) => {

@@ -30,7 +30,8 @@
 //! [`AutoAttackOutcome::stages`]), [`over_noise_draws`] (a stochastic model's clean
 //! and robust accuracy over independent noise draws), [`attack_at_eps`] (one attack
 //! at several ε: `rampart attack`) and [`check_first`] (the trust checks on the first
-//! attacked images).
+//! attacked images). The loops that attack batch by batch save every finished batch
+//! ([`BatchJournal`]) so a killed run continues from the last one.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -53,6 +54,7 @@ mod compare;
 mod draws;
 mod error;
 mod io;
+mod journal;
 mod outputs;
 mod plot;
 mod records;
@@ -71,6 +73,7 @@ pub use autoattack::{
 pub use compare::{compare_models, comparison_tables, write_report};
 pub use draws::{over_noise_draws, NoiseDraws, StochasticFigures};
 pub use error::{EvalError, Result};
+pub use journal::{fingerprint, BatchJournal};
 pub use outputs::logits_of as dataset_logits;
 pub use plot::{
     plot_accuracy_curves, plot_confidence_histograms, plot_lines, plot_reliability, Series,

@@ -11,7 +11,20 @@ use rampart_data::ImageDataset;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
+use crate::journal::BatchJournal;
 use crate::outputs::{batch_logits, Outcomes};
+
+/// One finished batch of [`worst_case`] (its logits and adversarial images are saved
+/// as matrices beside it).
+#[derive(Serialize, Deserialize)]
+struct WorstCaseBatch {
+    /// Per attack: per example, the criterion holds.
+    fooled: Vec<Vec<bool>>,
+    /// Per attack: wall time.
+    seconds: Vec<f64>,
+    /// Classes K.
+    classes: usize,
+}
 
 /// An attack with the name its per-example outcome is reported under.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -84,6 +97,8 @@ pub struct WorstCase {
 /// Runs every attack on the first `n` images of `data` in batches of `batch_size`;
 /// `clean_correct[i]` is the clean outcome of image i (length ≥ n). Batch b of attack
 /// a uses the seed `seed + first index of the batch` (every attack the same starts).
+/// With a `journal`, every finished batch is saved there and batches already saved are
+/// loaded instead of attacked again (see [`BatchJournal`]).
 #[allow(clippy::too_many_arguments)]
 pub fn worst_case(
     model: &dyn ModuleT,
@@ -97,6 +112,7 @@ pub fn worst_case(
     seed: u64,
     device: &candle_core::Device,
     keep_adversarial: bool,
+    journal: Option<&BatchJournal<'_>>,
 ) -> Result<WorstCase> {
     let n = n.min(data.len());
     if clean_correct.len() < n {
@@ -124,31 +140,72 @@ pub fn worst_case(
     };
     let started = Instant::now();
     let indices: Vec<usize> = (0..n).collect();
-    for chunk in indices.chunks(batch_size.max(1)) {
-        crate::error::check_interrupt()?;
-        let (xs, ys) = data.batch_tensors(chunk, device)?;
+    let (c, h, w) = data.shape();
+    let matrices = if keep_adversarial { 2 * m } else { m };
+    for (b, chunk) in indices.chunks(batch_size.max(1)).enumerate() {
         let labels: Vec<u32> = chunk.iter().map(|&i| data.labels()[i]).collect();
-        let batch_seed = seed.wrapping_add(chunk[0] as u64);
-        let mut outcomes = Vec::with_capacity(m);
-        let mut kept = Vec::new();
-        for (a, attack) in attacks.iter().enumerate() {
-            let t = Instant::now();
-            let mut res = attack
-                .pgd
-                .run(model, bounds, &xs, &ys, &[eps], batch_seed)
-                .map_err(EvalError::attack(&attack.name))?;
-            let r = res
-                .pop()
-                .ok_or_else(|| EvalError::Config("the attack returned no result".into()))?;
-            let (logits, k) = batch_logits(model, &r.clipped)?;
-            out.classes = k;
-            outcomes.push(Outcomes::from_logits(&logits, &labels, k)?);
-            out.logits[a].extend_from_slice(&logits);
-            out.fooled[a].extend_from_slice(&r.success);
-            if keep_adversarial {
-                kept.push(r.clipped);
+        let saved = journal.and_then(|j| j.load::<WorstCaseBatch>(b, matrices));
+        let (batch, values) = match saved {
+            Some(s) => s,
+            None => {
+                crate::error::check_interrupt()?;
+                let (xs, ys) = data.batch_tensors(chunk, device)?;
+                let batch_seed = seed.wrapping_add(chunk[0] as u64);
+                if let Some(j) = journal {
+                    j.start(batch_seed);
+                }
+                let mut batch = WorstCaseBatch {
+                    fooled: Vec::with_capacity(m),
+                    seconds: Vec::with_capacity(m),
+                    classes: 0,
+                };
+                let mut logits = Vec::with_capacity(m);
+                let mut images = Vec::new();
+                for attack in attacks {
+                    let t = Instant::now();
+                    let mut res = attack
+                        .pgd
+                        .run(model, bounds, &xs, &ys, &[eps], batch_seed)
+                        .map_err(EvalError::attack(&attack.name))?;
+                    let r = res
+                        .pop()
+                        .ok_or_else(|| EvalError::Config("the attack returned no result".into()))?;
+                    let (l, k) = batch_logits(model, &r.clipped)?;
+                    batch.classes = k;
+                    logits.push(l);
+                    batch.fooled.push(r.success);
+                    if keep_adversarial {
+                        images.push(r.clipped.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    batch.seconds.push(t.elapsed().as_secs_f64());
+                }
+                logits.extend(images);
+                if let Some(j) = journal {
+                    let parts: Vec<(usize, &[f32])> =
+                        logits.iter().map(|v| (chunk.len(), v.as_slice())).collect();
+                    j.save(b, &batch, &parts)?;
+                }
+                (batch, logits)
             }
-            out.seconds[a] += t.elapsed().as_secs_f64();
+        };
+        if batch.fooled.len() != m || batch.seconds.len() != m {
+            return Err(EvalError::Config(format!(
+                "batch {b} holds {} attacks, not {m}",
+                batch.fooled.len()
+            )));
+        }
+        let k = batch.classes;
+        out.classes = k;
+        let mut outcomes = Vec::with_capacity(m);
+        for (a, logits) in values.iter().take(m).enumerate() {
+            outcomes.push(Outcomes::from_logits(logits, &labels, k)?);
+            out.logits[a].extend_from_slice(logits);
+            out.fooled[a].extend_from_slice(&batch.fooled[a]);
+            out.seconds[a] += batch.seconds[a];
+        }
+        let mut kept = Vec::new();
+        for v in values.iter().skip(m) {
+            kept.push(Tensor::from_slice(v, (chunk.len(), c, h, w), device)?);
         }
         for (j, &i) in chunk.iter().enumerate() {
             let base = out.fooled[0].len() - chunk.len();

@@ -1,6 +1,7 @@
 //! The evaluation pipeline: clean pass, attacks per threat model, distal examples and
 //! noise, the minimal-ε search, corruptions; per-example records saved after each step
-//! (resumable); then the report, its Markdown table and plots.
+//! and, within a step, every finished batch (resumable); then the report, its Markdown
+//! table and plots.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 use crate::error::{EvalError, Result};
 use crate::io::{digest, load_keyed, write_atomic, write_json, Logits};
+use crate::journal::BatchJournal;
 use crate::outputs::{batch_logits, dataset_logits, Outcomes};
 use crate::plot;
 use crate::records::{AttackRecord, DistalRecord, SearchRecord, ThreatModelRecord, TrustRecord};
@@ -479,6 +481,8 @@ pub fn evaluate_model(
         .map(|(caption, path)| (caption.clone(), format!("plots/{}", file_name(path))))
         .collect();
     write_json(&out.join("results.json"), &report)?;
+    // Every step removed its journal; their folder goes too (kept if anything is left).
+    let _ = std::fs::remove_dir(per_example.join("progress"));
     let title = match (&info.method, &info.model_file) {
         (Some(m), _) => format!("Evaluation of `{m}`"),
         (None, Some(f)) => format!("Evaluation of `{}`", f.display()),
@@ -588,6 +592,11 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// The journal of step `name`'s finished batches (`per_example/progress/NAME/`).
+    fn journal(&self, name: &str, key: &str) -> BatchJournal<'static> {
+        BatchJournal::new(self.per_example.join("progress").join(name), key)
+    }
+
     fn batches(&self) -> impl Iterator<Item = (usize, Vec<usize>)> + '_ {
         let n = self.data.len();
         let bs = self.config.batch_size;
@@ -632,29 +641,34 @@ impl Run<'_> {
             norm: Vec::new(),
             seconds: 0.0,
         };
+        let journal = self.journal(&name, &rec.key);
         for (b, idx) in self.batches() {
-            crate::error::check_interrupt()?;
-            let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
-            let res = a
-                .attack
-                .run(
-                    self.model,
-                    self.config.bounds,
-                    &xs,
-                    &ys,
-                    eps,
-                    batch_seed(self.config.seed, &name, b),
-                )
-                .map_err(EvalError::attack(&name))?;
+            let (norm, mut values) = match journal.load::<Vec<f64>>(b, 1) {
+                Some(saved) => saved,
+                None => {
+                    crate::error::check_interrupt()?;
+                    let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
+                    let seed = batch_seed(self.config.seed, &name, b);
+                    let res = a
+                        .attack
+                        .run(self.model, self.config.bounds, &xs, &ys, eps, seed)
+                        .map_err(EvalError::attack(&name))?;
+                    let (adv_logits, _) = batch_logits(self.model, &res.clipped)?;
+                    let norm: Vec<f64> = res.norm.iter().map(|&v| f64::from(v)).collect();
+                    journal.save(b, &norm, &[(idx.len(), &adv_logits)])?;
+                    (norm, vec![adv_logits])
+                }
+            };
+            let adv_logits = values.pop().unwrap_or_default();
             let labels: Vec<u32> = idx.iter().map(|&i| self.data.labels()[i]).collect();
-            let (adv_logits, k) = batch_logits(self.model, &res.clipped)?;
+            let k = adv_logits.len() / idx.len().max(1);
             let o = Outcomes::from_logits(&adv_logits, &labels, k)?;
             all_logits.extend_from_slice(&adv_logits);
             classes = k;
             rec.correct.extend(o.correct);
             rec.confidence.extend(o.confidence);
             rec.wrong_class_confidence.extend(o.wrong_class_confidence);
-            rec.norm.extend(res.norm.iter().map(|&v| f64::from(v)));
+            rec.norm.extend(norm);
             pb.inc(idx.len() as u64);
         }
         pb.finish_and_clear();
@@ -667,6 +681,7 @@ impl Run<'_> {
         }
         .save(&self.per_example.join(format!("{name}.logits.safetensors")))?;
         write_json(&path, &rec)?;
+        journal.remove()?;
         let alone = rampart_metrics::robust_error(&self.clean.correct, &[&rec.correct])
             .map_err(EvalError::metric(&name))?;
         tracing::info!(attack = %name, robust_error = alone, seconds = format!("{:.1}", rec.seconds), "attack done");
@@ -701,7 +716,15 @@ impl Run<'_> {
         };
         // τ is only the attack's success flag; the report uses the confidences.
         let criterion_tau = tau.unwrap_or(1.0).clamp(0.0, 1.0) as f32;
+        let journal = self.journal("distal", &rec.key);
         for (b, idx) in self.batches() {
+            if let Some(((noise, distal), _)) = journal.load::<(Vec<f64>, Vec<f64>)>(b, 0) {
+                rec.noise_confidence.extend(noise);
+                rec.distal_confidence.extend(distal);
+                pb.inc(idx.len() as u64);
+                continue;
+            }
+            let done = (rec.noise_confidence.len(), rec.distal_confidence.len());
             crate::error::check_interrupt()?;
             let seed = batch_seed(self.config.seed, "distal", b);
             let dev = &self.config.device;
@@ -732,11 +755,17 @@ impl Run<'_> {
                 rec.distal_confidence
                     .extend(Outcomes::from_logits(&distal_logits, &zeros, k)?.confidence);
             }
+            let batch = (
+                &rec.noise_confidence[done.0..],
+                &rec.distal_confidence[done.1..],
+            );
+            journal.save(b, batch, &[])?;
             pb.inc(idx.len() as u64);
         }
         pb.finish_and_clear();
         rec.seconds = started.elapsed().as_secs_f64();
         write_json(&path, &rec)?;
+        journal.remove()?;
         tracing::info!(
             seconds = format!("{:.1}", rec.seconds),
             "noise and distal examples done"
@@ -894,22 +923,31 @@ impl Run<'_> {
         let started = Instant::now();
         let pb = progress_bar(self.config.progress, "minimal ε (L∞)", self.data.len());
         let mut min_eps = Vec::with_capacity(self.data.len());
+        let journal = self.journal("min_eps_linf", &key);
         for (b, idx) in self.batches() {
-            crate::error::check_interrupt()?;
-            let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
-            let correct: Vec<bool> = idx.iter().map(|&i| self.clean.correct[i]).collect();
-            min_eps.extend(minimal_eps(
-                self.model,
-                self.config.bounds,
-                &curve.pgd,
-                &xs,
-                &ys,
-                &correct,
-                curve.eps_max,
-                curve.rounds,
-                batch_seed(self.config.seed, "min_eps_linf", b),
-                "min_eps_linf",
-            )?);
+            let found = match journal.load::<Vec<Option<f64>>>(b, 0) {
+                Some((found, _)) => found,
+                None => {
+                    crate::error::check_interrupt()?;
+                    let (xs, ys) = self.data.batch_tensors(&idx, &self.config.device)?;
+                    let correct: Vec<bool> = idx.iter().map(|&i| self.clean.correct[i]).collect();
+                    let found = minimal_eps(
+                        self.model,
+                        self.config.bounds,
+                        &curve.pgd,
+                        &xs,
+                        &ys,
+                        &correct,
+                        curve.eps_max,
+                        curve.rounds,
+                        batch_seed(self.config.seed, "min_eps_linf", b),
+                        "min_eps_linf",
+                    )?;
+                    journal.save(b, &found, &[])?;
+                    found
+                }
+            };
+            min_eps.extend(found);
             pb.inc(idx.len() as u64);
         }
         pb.finish_and_clear();
@@ -921,6 +959,7 @@ impl Run<'_> {
             seconds: started.elapsed().as_secs_f64(),
         };
         write_json(&path, &rec)?;
+        journal.remove()?;
         tracing::info!(
             seconds = format!("{:.1}", rec.seconds),
             "minimal-ε search done"

@@ -7,8 +7,22 @@ use std::time::Instant;
 use candle_core::{Device, ModuleT, Tensor};
 use rampart_attacks::{Attack, AttackResult, Bounds};
 use rampart_data::ImageDataset;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
+use crate::journal::BatchJournal;
+
+/// One ε of one finished batch of [`attack_at_eps`] (its adversarial images, logits
+/// and unconstrained outputs are saved as matrices beside it).
+#[derive(Serialize, Deserialize)]
+struct EpsBatch {
+    success: Vec<bool>,
+    confidence: Vec<f32>,
+    predicted: Vec<u32>,
+    norm: Vec<f32>,
+    iterations: Vec<usize>,
+    eps: f64,
+}
 
 /// What [`attack_at_eps`] returns.
 #[derive(Clone, Debug)]
@@ -61,7 +75,9 @@ impl EpsResults {
 }
 
 /// Runs `attack` at every budget of `eps` on the first `n` images of `data` in batches
-/// of `batch_size`; the batch starting at image j uses the seed `seed + j`.
+/// of `batch_size`; the batch starting at image j uses the seed `seed + j`. With a
+/// `journal`, every finished batch is saved there and batches already saved are loaded
+/// instead of attacked again (see [`BatchJournal`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attack_at_eps(
     model: &dyn ModuleT,
@@ -73,6 +89,7 @@ pub fn attack_at_eps(
     batch_size: usize,
     seed: u64,
     device: &Device,
+    journal: Option<&BatchJournal<'_>>,
 ) -> Result<EpsResults> {
     if batch_size == 0 {
         return Err(EvalError::Config("batch size must be at least 1".into()));
@@ -87,18 +104,73 @@ pub fn attack_at_eps(
         seconds: 0.0,
     };
     let indices: Vec<usize> = (0..n).collect();
-    for chunk in indices.chunks(batch_size) {
-        crate::error::check_interrupt()?;
-        let (xs, ys) = data.batch_tensors(chunk, device)?;
-        out.labels.push(ys.clone());
-        let batch_seed = seed.wrapping_add(chunk[0] as u64);
-        let results = attack
-            .run(model, bounds, &xs, &ys, eps, batch_seed)
-            .map_err(EvalError::attack("attack"))?;
-        for (i, r) in results.into_iter().enumerate() {
-            let logits = model.forward_t(&r.clipped, false)?;
-            out.logits[i].push(logits.to_device(&Device::Cpu)?);
-            out.results[i].push(r);
+    let (c, h, w) = data.shape();
+    for (b, chunk) in indices.chunks(batch_size).enumerate() {
+        let labels: Vec<u32> = chunk.iter().map(|&i| data.labels()[i]).collect();
+        out.labels
+            .push(Tensor::from_slice(&labels, chunk.len(), device)?);
+        let saved = journal.and_then(|j| {
+            let (batch, values) = j.load::<Vec<EpsBatch>>(b, 3 * eps.len())?;
+            (batch.len() == eps.len()).then_some((batch, values))
+        });
+        let (batch, values) = match saved {
+            Some(s) => s,
+            None => {
+                crate::error::check_interrupt()?;
+                let (xs, ys) = data.batch_tensors(chunk, device)?;
+                let batch_seed = seed.wrapping_add(chunk[0] as u64);
+                if let Some(j) = journal {
+                    j.start(batch_seed);
+                }
+                let results = attack
+                    .run(model, bounds, &xs, &ys, eps, batch_seed)
+                    .map_err(EvalError::attack("attack"))?;
+                let mut batch = Vec::with_capacity(eps.len());
+                let mut values = Vec::with_capacity(3 * eps.len());
+                for r in results {
+                    let logits = model.forward_t(&r.clipped, false)?;
+                    values.push(r.clipped.flatten_all()?.to_vec1::<f32>()?);
+                    values.push(logits.flatten_all()?.to_vec1::<f32>()?);
+                    values.push(match &r.unconstrained {
+                        Some(u) => u.flatten_all()?.to_vec1::<f32>()?,
+                        None => Vec::new(),
+                    });
+                    batch.push(EpsBatch {
+                        success: r.success,
+                        confidence: r.confidence,
+                        predicted: r.predicted,
+                        norm: r.norm,
+                        iterations: r.iterations,
+                        eps: r.eps,
+                    });
+                }
+                if let Some(j) = journal {
+                    let parts: Vec<(usize, &[f32])> =
+                        values.iter().map(|v| (chunk.len(), v.as_slice())).collect();
+                    j.save(b, &batch, &parts)?;
+                }
+                (batch, values)
+            }
+        };
+        let image = (chunk.len(), c, h, w);
+        for (i, (r, v)) in batch.into_iter().zip(values.chunks(3)).enumerate() {
+            let k = v[1].len() / chunk.len().max(1);
+            out.logits[i].push(Tensor::from_slice(&v[1], (chunk.len(), k), &Device::Cpu)?);
+            let unconstrained = if v[2].is_empty() {
+                None
+            } else {
+                Some(Tensor::from_slice(&v[2], image, device)?)
+            };
+            out.results[i].push(AttackResult {
+                unconstrained,
+                clipped: Tensor::from_slice(&v[0], image, device)?,
+                success: r.success,
+                confidence: r.confidence,
+                predicted: r.predicted,
+                norm: r.norm,
+                iterations: r.iterations,
+                eps: r.eps,
+            });
         }
     }
     out.seconds = started.elapsed().as_secs_f64();

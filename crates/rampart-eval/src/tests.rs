@@ -393,6 +393,7 @@ fn checked(
         3,
         &Device::Cpu,
         false,
+        None,
     )?;
     Ok(run_checks(
         model,
@@ -554,6 +555,7 @@ fn rerr_ce_and_worst(
             0,
             &Device::Cpu,
             false,
+            None,
         )?;
         Ok(rampart_metrics::rerr_at_threshold(
             &clean,
@@ -677,6 +679,7 @@ fn one_attack_at_several_eps_batch_by_batch() -> TestResult {
             8,
             3,
             &Device::Cpu,
+            None,
         )
     };
     let r = run()?;
@@ -722,6 +725,7 @@ fn a_stochastic_model_over_noise_draws() -> TestResult {
         0,
         &Device::Cpu,
         true,
+        None,
     )?;
     let config = NoiseDraws {
         draws: 3,
@@ -747,5 +751,123 @@ fn a_stochastic_model_over_noise_draws() -> TestResult {
         figures.clean_accuracy_draws
     );
     assert_eq!(clean_only.robust_accuracy_mean, None);
+    Ok(())
+}
+
+/// A journal of finished batches: a run that finds some batches saved (a killed run's)
+/// loads them and ends with the per-example outcomes of a run without one; batches saved
+/// under another key are attacked again.
+#[test]
+fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let model = Mlp::new()?;
+    let ds = dataset(&model, 20, SHAPE)?;
+    let pgd = rampart_attacks::Pgd {
+        steps: 3,
+        ..rampart_attacks::Pgd::linf_pgd20()
+    };
+    let clean = vec![true; 20];
+    let attacks = objective_variants("pgd3", &pgd, &WORST_CASE_OBJECTIVES);
+    let key = fingerprint(&model, &ds, 18, 8, "settings", &Device::Cpu)?;
+    assert_ne!(key, fingerprint(&model, &ds, 18, 8, "other", &Device::Cpu)?);
+    let journal = BatchJournal::new(dir.path().join("wc"), key.clone());
+    let worst = |j: Option<&BatchJournal>| {
+        worst_case(
+            &model,
+            rampart_attacks::Bounds::UNIT,
+            &ds,
+            18,
+            &attacks,
+            8.0 / 255.0,
+            &clean,
+            8,
+            3,
+            &Device::Cpu,
+            true,
+            j,
+        )
+    };
+    let plain = worst(None)?;
+    worst(Some(&journal))?;
+    // Killed after the second batch: the third batch's files are gone.
+    let third = |d: &Path| -> std::io::Result<()> {
+        for e in std::fs::read_dir(d)? {
+            let p = e?.path();
+            if p.to_string_lossy().contains("batch-000002") {
+                std::fs::remove_file(p)?;
+            }
+        }
+        Ok(())
+    };
+    third(journal.dir())?;
+    // Batch 0 is loaded, not attacked again: a mark in its saved record shows.
+    let mark = |d: &Path, pointer: &str, value: serde_json::Value| -> TestResult {
+        let path = d.join("batch-000000.json");
+        let mut saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        *saved.pointer_mut(pointer).ok_or("no such field")? = value;
+        std::fs::write(&path, serde_json::to_vec(&saved)?)?;
+        Ok(())
+    };
+    mark(journal.dir(), "/record/seconds/0", 1e9.into())?;
+    let resumed = worst(Some(&journal))?;
+    assert!(resumed.seconds[0] >= 1e9, "batch 0 was attacked again");
+    let record = |w: &WorstCase| w.record(8.0 / 255.0, ds.labels(), &clean);
+    assert_eq!(record(&resumed), record(&plain));
+    assert_eq!(resumed.logits, plain.logits);
+    for (a, b) in resumed.adversarial.iter().zip(&plain.adversarial) {
+        for (x, y) in a.1.iter().zip(&b.1) {
+            assert_eq!(
+                x.flatten_all()?.to_vec1::<f32>()?,
+                y.flatten_all()?.to_vec1::<f32>()?
+            );
+        }
+    }
+    // A journal of another key holds nothing: every batch is attacked again.
+    let stale = BatchJournal::new(journal.dir(), "another key");
+    assert_eq!(record(&worst(Some(&stale))?), record(&plain));
+
+    let single = BatchJournal::new(dir.path().join("single"), key);
+    let eps = [2.0 / 255.0, 8.0 / 255.0];
+    let run = |j: Option<&BatchJournal>| {
+        attack_at_eps(
+            &model,
+            rampart_attacks::Bounds::UNIT,
+            &ds,
+            18,
+            &pgd,
+            &eps,
+            8,
+            3,
+            &Device::Cpu,
+            j,
+        )
+    };
+    let plain = run(None)?;
+    run(Some(&single))?;
+    third(single.dir())?;
+    mark(single.dir(), "/record/0/iterations/0", 12345.into())?;
+    let resumed = run(Some(&single))?;
+    assert_eq!(
+        resumed.results[0][0].iterations[0], 12345,
+        "batch 0 was attacked again"
+    );
+    for i in 0..eps.len() {
+        assert_eq!(resumed.success(i), plain.success(i));
+        assert_eq!(resumed.norms(i), plain.norms(i));
+        assert_eq!(
+            resumed.adversarial(i)?.flatten_all()?.to_vec1::<f32>()?,
+            plain.adversarial(i)?.flatten_all()?.to_vec1::<f32>()?
+        );
+        assert_eq!(
+            resumed.logits(i)?.flatten_all()?.to_vec1::<f32>()?,
+            plain.logits(i)?.flatten_all()?.to_vec1::<f32>()?
+        );
+    }
+    assert_eq!(
+        resumed.labels()?.to_vec1::<u32>()?,
+        plain.labels()?.to_vec1::<u32>()?
+    );
+    single.remove()?;
+    assert!(!single.dir().exists());
     Ok(())
 }

@@ -18,12 +18,20 @@
 //! batches, so they finish the batch at hand, keep what is written and say how to
 //! resume.
 //!
+//! A long command also records the settings it runs with ([`RunSettings`]), so that
+//! the same command started again in the folder of an interrupted run continues it,
+//! and other settings are refused with the differences named.
+//!
 //! This crate knows nothing of models, data or formats: callers serialise, this crate
 //! puts bytes on disk. Every other crate uses it instead of writing files by hand.
 #![warn(missing_docs)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+mod settings;
+
+pub use settings::{finish_run, RunSettings, SettingsError, SETTINGS_FILE};
 
 /// A process-wide request to stop long work at the next batch boundary (Ctrl-C or
 /// SIGTERM, as the `rampart` binary installs them). Loops call [`interrupt::requested`]

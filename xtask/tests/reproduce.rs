@@ -1,0 +1,178 @@
+//! `cargo xtask reproduce` end to end on the hidden `tiny` preset and a tiny CIFAR-10
+//! written in the official binary format, with the `rampart` binary of this build.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// `dir/cifar-10-batches-bin/`: `train` records in each training batch, `test` in the
+/// test batch (label byte, then 3,072 pixel bytes).
+fn write_tiny_cifar10(dir: &Path, train: usize, test: usize) -> std::io::Result<()> {
+    let folder = dir.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&folder)?;
+    for (f, name) in [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let n = if f == 5 { test } else { train };
+        let mut bytes = Vec::with_capacity(n * 3073);
+        for r in 0..n {
+            let label = ((f * 7 + r) % 10) as u8;
+            bytes.push(label);
+            bytes.extend((0..3072).map(|p| ((p * 7 + usize::from(label) * 25 + r) % 256) as u8));
+        }
+        std::fs::write(folder.join(name), bytes)?;
+    }
+    Ok(())
+}
+
+/// The `rampart` binary built beside this xtask (`cargo test --workspace` builds both).
+fn rampart_bin() -> Result<PathBuf, String> {
+    let xtask = PathBuf::from(env!("CARGO_BIN_EXE_xtask"));
+    let bin = xtask.with_file_name(format!("rampart{}", std::env::consts::EXE_SUFFIX));
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} is missing: build it first (cargo build -p rampart-cli in the same profile)",
+            bin.display()
+        ))
+    }
+}
+
+/// The study's command with progress lines (a line per saved batch) on stderr.
+fn reproduce(data: &Path, out: &Path, resume: bool) -> Result<Command, String> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.args(["reproduce", "cifar10", "--preset", "tiny", "--threads", "2"])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .arg("--rampart-bin")
+        .arg(rampart_bin()?)
+        .env_remove("RAMPART_DATA_DIR")
+        .env("RUST_LOG", "warn,rampart_eval=debug");
+    if resume {
+        cmd.arg("--resume");
+    }
+    Ok(cmd)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn saved_batches(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("batch saved")).count()
+}
+
+/// `results.json` of a study without what differs between two runs: wall times,
+/// timestamps, command lines and the output folder's name.
+fn comparable(out: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(out.join("results.json"))?
+        .replace(out.to_str().ok_or("path")?, "OUT");
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.retain(|k, _| {
+                    !k.contains("seconds") && !k.contains("command") && k != "created"
+                });
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut v);
+    Ok(v)
+}
+
+/// The whole study (process group: the xtask and the `rampart` it runs) killed with
+/// SIGKILL after a seeded random number of saved batches and continued with `--resume`
+/// ends with the uninterrupted study's `results.json`, redoing none of the saved work;
+/// `--resume` with another preset is refused.
+#[cfg(unix)]
+#[test]
+fn a_killed_study_resumes_to_the_same_results() -> TestResult {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 4, 1010)?;
+    let whole_dir = dir.path().join("whole");
+    let whole = reproduce(dir.path(), &whole_dir, false)?.output()?;
+    assert!(whole.status.success(), "{}", text(&whole));
+    let whole_log = String::from_utf8_lossy(&whole.stderr).to_string();
+    let total = saved_batches(&whole_log);
+    assert!(total > 4, "{whole_log}");
+    // A seeded pick of the kill point: after batch k of the first half of the study's
+    // saved batches (the second half leaves the kill plenty of work to interrupt).
+    let k = 2 + (0x5eed_u64.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33) as usize % (total / 2 - 1);
+
+    let out = dir.path().join("killed");
+    let mut child = reproduce(dir.path(), &out, false)?
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let mut seen = 0;
+    for line in std::io::BufReader::new(stderr).lines() {
+        if line?.contains("batch saved") {
+            seen += 1;
+            if seen == k {
+                break;
+            }
+        }
+    }
+    // SIGKILL to the whole group, as a scheduler stops a job.
+    let status = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status()?;
+    assert!(status.success());
+    child.wait()?;
+    assert_eq!(seen, k, "the study ended before the kill");
+    assert!(
+        !out.join("results.json").exists(),
+        "the study finished before the kill"
+    );
+
+    // Without --resume the folder is refused; with another preset too.
+    let refused = reproduce(dir.path(), &out, false)?.output()?;
+    assert!(
+        !refused.status.success() && text(&refused).contains("--resume"),
+        "{}",
+        text(&refused)
+    );
+    let mut other = reproduce(dir.path(), &out, true)?;
+    other.args(["--device", "cuda"]);
+    let refused = other.output()?;
+    let msg = text(&refused);
+    assert!(
+        !refused.status.success() && msg.contains("--device: cpu → cuda"),
+        "{msg}"
+    );
+
+    let resumed = reproduce(dir.path(), &out, true)?.output()?;
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let redone = saved_batches(&String::from_utf8_lossy(&resumed.stderr));
+    assert!(
+        redone + k <= total,
+        "{redone} batches saved again after {k} of {total} were saved before the kill"
+    );
+    assert_eq!(comparable(&out)?, comparable(&whole_dir)?);
+    Ok(())
+}
