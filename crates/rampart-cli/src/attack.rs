@@ -6,7 +6,9 @@
 //! `adversarial.safetensors` (per ε: the clipped adversarial images `adv_<i>`, and
 //! `labels`, `success_<i>`, `norm_<i>`, `logits_<i>`), `summary.json` (robust accuracy
 //! per ε with its 95 % interval, and the trust checks at the first ε), `config.json`
-//! and `command.txt`.
+//! and `command.txt`. With `--shard I/N` it attacks that shard's images only (whole
+//! batches, the unsharded run's seeds) and adds `shard.json`; `rampart merge` joins
+//! the shards (docs/scale-out.md).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -212,6 +214,12 @@ impl AttackArgs {
             c.insert("shard".into(), json!(shard.to_string()));
         }
         write_json(&self.out.join("config.json"), &config)?;
+        // A manifest says the shard finished: an earlier run's must not outlive this start.
+        let manifest = self.out.join(rampart_eval::SHARD_MANIFEST);
+        if manifest.exists() {
+            std::fs::remove_file(&manifest)
+                .with_context(|| format!("cannot remove {}", manifest.display()))?;
+        }
         let splits = load_data(kind, &data_dir)?;
         let n = self
             .test_limit

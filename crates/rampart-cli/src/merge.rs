@@ -45,6 +45,12 @@ impl MergeArgs {
         }
         let shards = rampart_eval::read_shards(&self.shards)?;
         create_out_dir(&self.out)?;
+        // The merged folder is a whole run's, not a shard's.
+        let stale = self.out.join(rampart_eval::SHARD_MANIFEST);
+        if stale.exists() {
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("cannot remove {}", stale.display()))?;
+        }
         let (_, first) = &shards[0];
         match first.command.as_str() {
             "eval" => {

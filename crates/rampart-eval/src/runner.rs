@@ -269,6 +269,8 @@ pub fn evaluate_model(
     let plan = settings.plan();
     let out = &config.out_dir;
     let per_example = out.join("per_example");
+    // A manifest says the shard finished: an earlier run's must not outlive this start.
+    remove_manifest(out)?;
     write_json(
         &out.join("config.json"),
         &serde_json::json!({
@@ -521,6 +523,15 @@ pub fn evaluate_model(
         "evaluation done"
     );
     Ok(report)
+}
+
+/// Removes `out/shard.json` if it exists.
+fn remove_manifest(out: &Path) -> Result<()> {
+    let path = out.join(MANIFEST);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(EvalError::io(&path, e)),
+        _ => Ok(()),
+    }
 }
 
 fn progress_bar(enabled: bool, prefix: &str, len: usize) -> ProgressBar {
