@@ -7,7 +7,10 @@
 //! `labels`, `success_<i>`, `norm_<i>`, `logits_<i>`), `summary.json` (robust accuracy
 //! per ε with its 95 % interval, and the trust checks at the first ε), `config.json`
 //! and `command.txt`. Every finished batch is saved under `progress/` until the end, so
-//! the same command started again after a kill continues from the last one.
+//! the same command started again after a kill continues from the last one. With
+//! `--shard I/N` it attacks that shard's images only (whole batches, the unsharded
+//! run's seeds) and adds `shard.json`; `rampart merge` joins the shards
+//! (docs/scale-out.md).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -107,6 +110,11 @@ pub struct AttackArgs {
     /// Exit with an error when a trust check fails (after writing the results).
     #[arg(long)]
     strict_checks: bool,
+    /// Run shard I of N (0-based: 0/8 … 7/8) of the attacked images, cut into
+    /// contiguous runs of whole batches; `rampart merge` joins the shards' folders into
+    /// the unsharded run's outputs (see docs/scale-out.md).
+    #[arg(long, value_parser = crate::common::parse_shard)]
+    shard: Option<rampart_eval::Shard>,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -201,19 +209,37 @@ impl AttackArgs {
         let settings = crate::common::run_settings();
         settings.begin(&self.out)?;
         record_command(&self.out, command)?;
-        write_json(
-            &self.out.join("config.json"),
-            &json!({"command": "attack", "model": self.model, "dataset": kind.to_string(),
+        let shard = self.shard.unwrap_or(rampart_eval::Shard::WHOLE);
+        let mut config = json!({"command": "attack", "model": self.model, "dataset": kind.to_string(),
                     "data_dir": data_dir.path, "attack": pgd, "eps": self.eps, "test_limit": self.test_limit,
                     "batch_size": self.batch_size, "seed": self.seed, "device": self.device.to_string(),
                     "lambda": model.lambda(), "eot_samples": samples,
-                    "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale())}),
-        )?;
+                    "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale())});
+        if let (false, Some(c)) = (shard.is_whole(), config.as_object_mut()) {
+            c.insert("shard".into(), json!(shard.to_string()));
+        }
+        write_json(&self.out.join("config.json"), &config)?;
+        // A manifest says the shard finished: an earlier run's must not outlive this start.
+        let manifest = self.out.join(rampart_eval::SHARD_MANIFEST);
+        if manifest.exists() {
+            std::fs::remove_file(&manifest)
+                .with_context(|| format!("cannot remove {}", manifest.display()))?;
+        }
         let splits = load_data(kind, &data_dir)?;
         let n = self
             .test_limit
             .unwrap_or(splits.test.len())
             .min(splits.test.len());
+        let rows = shard.rows(n, self.batch_size)?;
+        let trust_examples = self.trust_examples.min(n);
+        if rows.start == 0 && rows.end < trust_examples {
+            bail!(
+                "shard {shard} holds the first {} images but the trust checks run on the first \
+                 {trust_examples}: use fewer shards, a larger --batch-size or fewer --trust-examples",
+                rows.end
+            );
+        }
+        let started = std::time::Instant::now();
         let key = rampart_eval::fingerprint(
             &model.frozen(),
             &splits.test,
@@ -229,7 +255,7 @@ impl AttackArgs {
             &model.frozen(),
             bounds,
             &splits.test,
-            n,
+            rows.range(),
             &pgd,
             &self.eps,
             self.batch_size,
@@ -237,7 +263,8 @@ impl AttackArgs {
             &device,
             Some(&journal),
         )?;
-        let trust = match self.eps.first() {
+        // The trust checks run on the first images, in the shard that holds them.
+        let trust = match self.eps.first().filter(|_| rows.start == 0) {
             Some(&eps) => {
                 let robust: Vec<bool> = attacked.success(0).iter().map(|s| !s).collect();
                 // The noise of a stochastic model from a fixed point, as after a resume.
@@ -262,40 +289,69 @@ impl AttackArgs {
         };
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         tensors.insert("labels".into(), attacked.labels()?);
-        let mut summary = Vec::new();
-        for (i, eps) in self.eps.iter().enumerate() {
-            let success = attacked.success(i);
-            let norms = attacked.norms(i);
+        let mut success = Vec::new();
+        let mut norms = Vec::new();
+        for i in 0..self.eps.len() {
             tensors.insert(format!("adv_{i}"), attacked.adversarial(i)?);
-            let s: Vec<u8> = success.iter().map(|&b| u8::from(b)).collect();
-            tensors.insert(
-                format!("success_{i}"),
-                Tensor::new(s.as_slice(), &Device::Cpu)?,
-            );
-            tensors.insert(
-                format!("norm_{i}"),
-                Tensor::new(norms.as_slice(), &Device::Cpu)?,
-            );
             tensors.insert(format!("logits_{i}"), attacked.logits(i)?);
-            let fooled = success.iter().filter(|&&b| b).count();
-            let robust_accuracy = 1.0 - fooled as f64 / n as f64;
-            println!(
-                "eps {eps:.5}: robust accuracy {:.2} % ({} of {n} images not fooled)",
-                100.0 * robust_accuracy,
-                n - fooled
-            );
-            let ci = crate::eval::wilson(n - fooled, n);
-            summary.push(json!({"eps": eps, "index": i, "examples": n, "fooled": fooled,
-                                "robust_accuracy": robust_accuracy, "robust_accuracy_ci": ci,
-                                "robust_error": 1.0 - robust_accuracy,
-                                "mean_norm": norms.iter().map(|&v| v as f64).sum::<f64>() / n.max(1) as f64}));
+            success.push(attacked.success(i));
+            norms.push(attacked.norms(i));
         }
+        let outcome = AttackOutcome {
+            eps: self.eps.clone(),
+            success,
+            norms,
+        };
+        outcome.insert_tensors(&mut tensors)?;
+        let prefix = if shard.is_whole() {
+            String::new()
+        } else {
+            format!("shard {shard}: ")
+        };
+        let results = outcome.summary(&prefix);
         crate::eval_run::save_safetensors(&tensors, &self.out.join("adversarial.safetensors"))?;
         write_json(
             &self.out.join("summary.json"),
-            &json!({"model": self.model, "attack": pgd, "seconds": attacked.seconds, "results": summary,
+            &json!({"model": self.model, "attack": pgd, "seconds": attacked.seconds, "results": results,
                     "trust": trust}),
         )?;
+        if !shard.is_whole() {
+            let examples = splits.test.take(n);
+            let labels: Vec<u8> = examples
+                .labels()
+                .iter()
+                .flat_map(|l| l.to_le_bytes())
+                .collect();
+            let model_bytes = std::fs::read(&self.model)
+                .with_context(|| format!("cannot read {}", self.model.display()))?;
+            let settings = json!({"attack": pgd, "eps": self.eps, "examples": n,
+                "batch_size": self.batch_size, "seed": self.seed, "eot_samples": samples,
+                "lambda": model.lambda(), "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale()),
+                "trust_examples": self.trust_examples, "dataset": kind.to_string(),
+                "onnx": format!("{:?}", self.onnx)});
+            let manifest = rampart_eval::ShardManifest {
+                command: "attack".into(),
+                shard,
+                rows,
+                total: n,
+                fingerprint: rampart_eval::Fingerprint {
+                    data: rampart_eval::fingerprint_digest([examples.images(), &labels]),
+                    model: rampart_eval::fingerprint_digest([model_bytes.as_slice()]),
+                    settings: rampart_eval::settings_digest(&settings),
+                },
+                settings,
+                details: serde_json::Value::Null,
+                seconds: started.elapsed().as_secs_f64(),
+                resumed: Vec::new(),
+            };
+            write_json(&self.out.join(rampart_eval::SHARD_MANIFEST), &manifest)?;
+            println!(
+                "shard {shard} (images {}..{}) written to {}; join every shard with `rampart merge`",
+                rows.start,
+                rows.end,
+                self.out.display()
+            );
+        }
         journal.remove()?;
         rampart_fs::finish_run(&self.out)?;
         if let Some(t) = &trust {
@@ -307,5 +363,57 @@ impl AttackArgs {
             }
         }
         Ok(())
+    }
+}
+
+/// Per ε, whether the attack succeeded on each attacked image and its distance: what
+/// `summary.json` is computed from (by `rampart attack` and by `rampart merge`).
+pub(crate) struct AttackOutcome {
+    /// The budgets, in the order given.
+    pub eps: Vec<f64>,
+    /// Per ε: success per image.
+    pub success: Vec<Vec<bool>>,
+    /// Per ε: ‖x_adv − x‖ per image.
+    pub norms: Vec<Vec<f32>>,
+}
+
+impl AttackOutcome {
+    /// Adds `success_<i>` (u8) and `norm_<i>` (f32) to `tensors`.
+    pub(crate) fn insert_tensors(&self, tensors: &mut HashMap<String, Tensor>) -> Result<()> {
+        for (i, (success, norms)) in self.success.iter().zip(&self.norms).enumerate() {
+            let s: Vec<u8> = success.iter().map(|&b| u8::from(b)).collect();
+            tensors.insert(
+                format!("success_{i}"),
+                Tensor::new(s.as_slice(), &Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("norm_{i}"),
+                Tensor::new(norms.as_slice(), &Device::Cpu)?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The `results` of `summary.json`, one entry per ε, each also printed as a line
+    /// (after `prefix`).
+    pub(crate) fn summary(&self, prefix: &str) -> Vec<serde_json::Value> {
+        let mut summary = Vec::new();
+        for (i, eps) in self.eps.iter().enumerate() {
+            let (success, norms) = (&self.success[i], &self.norms[i]);
+            let n = success.len();
+            let fooled = success.iter().filter(|&&b| b).count();
+            let robust_accuracy = 1.0 - fooled as f64 / n as f64;
+            println!(
+                "{prefix}eps {eps:.5}: robust accuracy {:.2} % ({} of {n} images not fooled)",
+                100.0 * robust_accuracy,
+                n - fooled
+            );
+            let ci = crate::eval::wilson(n - fooled, n);
+            summary.push(json!({"eps": eps, "index": i, "examples": n, "fooled": fooled,
+                                "robust_accuracy": robust_accuracy, "robust_accuracy_ci": ci,
+                                "robust_error": 1.0 - robust_accuracy,
+                                "mean_norm": norms.iter().map(|&v| v as f64).sum::<f64>() / n.max(1) as f64}));
+        }
+        summary
     }
 }

@@ -9,6 +9,12 @@ use rampart_data::{DatasetKind, Splits};
 use rampart_models::{Arch, ModelSpec};
 use serde::Serialize;
 
+/// Parses `--shard I/N` (0-based) into a checked shard.
+pub fn parse_shard(s: &str) -> std::result::Result<rampart_eval::Shard, String> {
+    s.parse()
+        .map_err(|e: rampart_eval::EvalError| e.to_string())
+}
+
 /// Environment variable naming the data folder when `--data-dir` is not given.
 pub const DATA_DIR_ENV: &str = "RAMPART_DATA_DIR";
 

@@ -207,6 +207,12 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 5)]
     pub draws: usize,
 
+    /// quick/ccat/full: run shard I of N (0-based: 0/8 … 7/8) of the attacked images,
+    /// cut into contiguous runs of whole batches; `rampart merge` joins the shards'
+    /// folders into the unsharded run's results (see docs/scale-out.md).
+    #[arg(long, value_parser = crate::common::parse_shard)]
+    pub shard: Option<rampart_eval::Shard>,
+
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
@@ -263,6 +269,8 @@ pub struct EvalPlan {
     pub curve_points: Option<usize>,
     /// pgd20: write the adversarial images.
     pub save_adversarial: bool,
+    /// Which shard of the attacked images to run (quick/ccat/full).
+    pub shard: rampart_eval::Shard,
     /// The output folder.
     pub out: PathBuf,
     /// The device.
@@ -445,6 +453,13 @@ impl EvalArgs {
         if self.curve_points.is_some_and(|p| p < 2) {
             bail!("--curve-points must be at least 2");
         }
+        let shard = self.shard.unwrap_or(rampart_eval::Shard::WHOLE);
+        if !shard.is_whole() && self.suite.protocol().is_none() {
+            bail!(
+                "--shard applies to --suite quick, ccat and full (and to `rampart attack`), not to --suite {}",
+                self.suite.name()
+            );
+        }
         Ok(EvalPlan {
             model: self.model.clone(),
             onnx: self.onnx.clone(),
@@ -471,6 +486,7 @@ impl EvalArgs {
             metrics,
             curve_points: self.curve_points,
             save_adversarial: self.save_adversarial,
+            shard,
             out: self.out.clone(),
             device: self.device,
         })

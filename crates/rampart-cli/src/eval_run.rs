@@ -163,6 +163,7 @@ impl EvalPlan {
         config.trust = self.trust;
         config.metrics = self.metrics;
         config.curve_points = self.curve_points;
+        config.shard = self.shard;
         let k = self.eot_samples(model);
         if k > 1 {
             config.eot = Eot::new(k, k)?;
@@ -321,6 +322,7 @@ impl EvalPlan {
                 "strict_checks": self.strict_checks,
                 "metrics": self.metrics,
                 "curve_points": self.curve_points,
+                "shard": (!self.shard.is_whole()).then(|| self.shard.to_string()),
                 "device": self.device.to_string(),
             }),
         )?;

@@ -15,6 +15,7 @@ mod eval;
 mod eval_run;
 mod interop;
 mod logging;
+mod merge;
 mod preset;
 mod sweep;
 mod train;
@@ -90,6 +91,9 @@ enum Command {
     Import(interop::ImportArgs),
     /// Write a Rampart model's weights as a PyTorch state dict.
     Export(interop::ExportArgs),
+    /// Join the output folders of the shards of one `eval` or `attack` run (--shard I/N)
+    /// into the unsharded run's results.
+    Merge(merge::MergeArgs),
     /// Data sets: download the official files, or export a decoded split for PyTorch.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -160,6 +164,11 @@ fn run(cli: Cli) -> Result<()> {
             args.run(&command, data_fallback)?;
         }
         Command::Import(args) => println!("{}", args.run()?),
+        Command::Merge(args) => {
+            let _lock = common::lock_out_dir(&args.out, &command)?;
+            logging::init(Some(&args.log_file()))?;
+            println!("{}", args.run(&command)?);
+        }
         Command::Data(cmd) => cmd.run(data_fallback)?,
         Command::Export(args) => println!("{}", args.run()?),
         Command::Compare(args) => {
@@ -187,6 +196,14 @@ fn run(cli: Cli) -> Result<()> {
             let _lock = common::lock_out_dir(&plan.out, &command)?;
             logging::init(Some(&plan.log_file()))?;
             let results = plan.run(&command)?;
+            if !plan.shard.is_whole() {
+                println!(
+                    "shard {} of the evaluation written to {}; join every shard with `rampart merge`",
+                    plan.shard,
+                    plan.out.display()
+                );
+                return Ok(());
+            }
             println!(
                 "clean accuracy {:.2} % (error {:.2} %) on {} test examples; results in {}",
                 100.0 * results.clean_accuracy,

@@ -115,6 +115,9 @@ impl SweepArgs {
         command: &str,
         data_fallback: Option<crate::common::DataDir>,
     ) -> Result<SweepResults> {
+        if self.eval.shard.is_some() {
+            anyhow::bail!("--shard applies to `rampart eval` and `rampart attack`, not to a sweep");
+        }
         if self.eval.lambda.is_some() || self.eval.noise_scale.is_some() {
             bail!("--lambda and --noise-scale are set per value by --over/--values");
         }

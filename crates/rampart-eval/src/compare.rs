@@ -7,8 +7,8 @@ use std::path::Path;
 use crate::error::{EvalError, Result};
 use crate::io::write_atomic;
 use crate::plot;
+use crate::publish::{file_name, write_model_plots};
 use crate::report::{pct_ci, EvalReport};
-use crate::runner::{file_name, write_model_plots};
 use crate::suite::HEADLINE_THREAT_MODEL;
 use rampart_metrics::Interval;
 

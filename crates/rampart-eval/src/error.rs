@@ -43,6 +43,9 @@ pub enum EvalError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A shard specification, or a set of shards to merge, that does not fit.
+    #[error("{0}")]
+    Shard(String),
     /// A file could not be read or written.
     #[error("{}: {source}", .path.display())]
     Io {

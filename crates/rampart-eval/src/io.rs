@@ -8,6 +8,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{EvalError, Result};
+use crate::shard::Rows;
 
 /// Writes `bytes` to `path` atomically (see `rampart_fs`), creating the parent
 /// folder. A reader never sees a half-written file.
@@ -63,12 +64,18 @@ pub(crate) fn load_keyed<T: DeserializeOwned + Keyed>(path: &Path, key: &str) ->
 }
 
 /// A row-major (rows × cols) f32 matrix with a key, saved as safetensors
-/// (`logits`, metadata `key`).
+/// (`logits`, metadata `key`, and `rows` = `start..end` for a shard's part).
 pub(crate) struct Logits {
     pub key: String,
     pub rows: usize,
     pub cols: usize,
     pub values: Vec<f32>,
+    /// The shard's rows of the whole matrix; `None` for the whole matrix.
+    pub part: Option<Rows>,
+}
+
+fn part_text(part: Option<Rows>) -> Option<String> {
+    part.map(|r| format!("{}..{}", r.start, r.end))
 }
 
 impl Logits {
@@ -80,51 +87,71 @@ impl Logits {
             &bytes,
         )
         .map_err(|e| EvalError::format(path, e))?;
-        let metadata: HashMap<String, String> = [("key".to_string(), self.key.clone())].into();
+        let mut metadata: HashMap<String, String> = [("key".to_string(), self.key.clone())].into();
+        if let Some(part) = part_text(self.part) {
+            metadata.insert("rows".to_string(), part);
+        }
         let out = safetensors::serialize([("logits", view)], Some(metadata))
             .map_err(|e| EvalError::format(path, e))?;
         write_atomic(path, &out)
     }
 
-    /// The matrix at `path` if it exists and carries `key`.
-    pub(crate) fn load_keyed(path: &Path, key: &str) -> Option<Logits> {
+    /// The matrix at `path`.
+    pub(crate) fn load(path: &Path) -> Result<Logits> {
+        let bytes = std::fs::read(path).map_err(|e| EvalError::io(path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| EvalError::format(path, e))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let file_key = meta.get("key").cloned().unwrap_or_default();
+        let part = match meta.get("rows") {
+            None => None,
+            Some(text) => {
+                let parsed = text
+                    .split_once("..")
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+                match parsed {
+                    Some((start, end)) => Some(Rows { start, end }),
+                    None => {
+                        return Err(EvalError::format(
+                            path,
+                            format!("metadata `rows` = `{text}` is not start..end"),
+                        ))
+                    }
+                }
+            }
+        };
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| EvalError::format(path, e))?;
+        let t = st
+            .tensor("logits")
+            .map_err(|e| EvalError::format(path, e))?;
+        let shape = t.shape().to_vec();
+        if t.dtype() != safetensors::Dtype::F32 || shape.len() != 2 {
+            return Err(EvalError::format(path, "`logits` is not a 2-D f32 tensor"));
+        }
+        let values = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(Logits {
+            key: file_key,
+            rows: shape[0],
+            cols: shape[1],
+            values,
+            part,
+        })
+    }
+
+    /// The matrix at `path` if it exists and carries `key` and covers `part`.
+    pub(crate) fn load_keyed(path: &Path, key: &str, part: Option<Rows>) -> Option<Logits> {
         if !path.exists() {
             return None;
         }
-        let loaded = (|| -> Result<Logits> {
-            let bytes = std::fs::read(path).map_err(|e| EvalError::io(path, e))?;
-            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-                .map_err(|e| EvalError::format(path, e))?;
-            let file_key = meta
-                .metadata()
-                .as_ref()
-                .and_then(|m| m.get("key").cloned())
-                .unwrap_or_default();
-            let st = safetensors::SafeTensors::deserialize(&bytes)
-                .map_err(|e| EvalError::format(path, e))?;
-            let t = st
-                .tensor("logits")
-                .map_err(|e| EvalError::format(path, e))?;
-            let shape = t.shape().to_vec();
-            if t.dtype() != safetensors::Dtype::F32 || shape.len() != 2 {
-                return Err(EvalError::format(path, "`logits` is not a 2-D f32 tensor"));
-            }
-            let values = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            Ok(Logits {
-                key: file_key,
-                rows: shape[0],
-                cols: shape[1],
-                values,
-            })
-        })();
-        match loaded {
-            Ok(l) if l.key == key => Some(l),
+        match Logits::load(path) {
+            Ok(l) if l.key == key && l.part == part => Some(l),
             Ok(_) => {
-                tracing::warn!(file = %path.display(), "saved logits were made with another model, data or config; recomputing");
+                tracing::warn!(file = %path.display(), "saved logits were made with another model, data, config or shard; recomputing");
                 None
             }
             Err(e) => {
@@ -148,16 +175,21 @@ mod tests {
             rows: 2,
             cols: 3,
             values: vec![1.0, -2.5, 3.0, 0.0, 1e-7, f32::MAX],
+            part: None,
         };
         l.save(&path)?;
-        let back = Logits::load_keyed(&path, "abc")
+        let back = Logits::load_keyed(&path, "abc", None)
             .ok_or_else(|| EvalError::Config("not loaded".into()))?;
         assert_eq!(
             (back.rows, back.cols, back.values),
             (2, 3, l.values.clone())
         );
-        assert!(Logits::load_keyed(&path, "other").is_none());
-        assert!(Logits::load_keyed(&dir.path().join("missing"), "abc").is_none());
+        assert!(Logits::load_keyed(&path, "other", None).is_none());
+        assert!(Logits::load_keyed(&dir.path().join("missing"), "abc", None).is_none());
+        let part = Some(Rows { start: 4, end: 6 });
+        Logits { part, ..l }.save(&path)?;
+        assert!(Logits::load_keyed(&path, "abc", None).is_none());
+        assert_eq!(Logits::load(&path)?.part, part);
         assert_ne!(
             digest([b"a".as_slice(), b"bc"]),
             digest([b"ab".as_slice(), b"c"])

@@ -94,7 +94,7 @@ impl<'a> BatchJournal<'a> {
         }
         let mut values = Vec::with_capacity(matrices);
         for m in 0..matrices {
-            values.push(Logits::load_keyed(&self.matrix_path(b, m), &self.key)?.values);
+            values.push(Logits::load_keyed(&self.matrix_path(b, m), &self.key, None)?.values);
         }
         tracing::debug!(batch = b, dir = %self.dir.display(), "batch loaded");
         Some((saved.record, values))
@@ -113,6 +113,7 @@ impl<'a> BatchJournal<'a> {
                 rows,
                 cols: values.len() / rows.max(1),
                 values: values.to_vec(),
+                part: None,
             }
             .save(&self.matrix_path(b, m))?;
         }

@@ -21,7 +21,9 @@
 //!   accuracy–perturbation chart of several reports; [`write_report`] returns the same
 //!   as a Markdown section for a study's `report.md`;
 //! * [`plot_accuracy_curves`], [`plot_reliability`], [`plot_confidence_histograms`]
-//!   draw single charts.
+//!   draw single charts;
+//! * [`Shard`] cuts an evaluation into shards (`EvalConfig::shard`) whose outputs
+//!   [`read_shards`] checks and [`merge_eval`] merges into exactly the unsharded run's.
 //!
 //! Beside the suites it owns the loops of every other evaluation path, so a caller
 //! (the `rampart` command) only builds configs, calls them and writes files:
@@ -55,13 +57,16 @@ mod draws;
 mod error;
 mod io;
 mod journal;
+mod merge;
 mod outputs;
 mod plot;
+mod publish;
 mod records;
 mod report;
 mod robust;
 mod runner;
 mod search;
+mod shard;
 mod single;
 mod suite;
 mod trust;
@@ -74,6 +79,7 @@ pub use compare::{compare_models, comparison_tables, write_report};
 pub use draws::{over_noise_draws, NoiseDraws, StochasticFigures};
 pub use error::{EvalError, Result};
 pub use journal::{fingerprint, BatchJournal};
+pub use merge::merge_eval;
 pub use outputs::logits_of as dataset_logits;
 pub use plot::{
     plot_accuracy_curves, plot_confidence_histograms, plot_lines, plot_reliability, Series,
@@ -90,6 +96,10 @@ pub use robust::{
 pub use runner::{
     evaluate, evaluate_model, run_suite, EvalConfig, ModelInfo, CCAT_HELD_OUT,
     CONFIDENCE_THRESHOLD_KEY, STOCHASTIC_EOT,
+};
+pub use shard::{
+    fingerprint_digest, read_shards, settings_digest, Fingerprint, Rows, Shard, ShardManifest,
+    MANIFEST as SHARD_MANIFEST,
 };
 pub use single::{attack_at_eps, EpsResults};
 pub use suite::{

@@ -82,6 +82,18 @@ pub(crate) struct Outcomes {
 }
 
 impl Outcomes {
+    /// The examples `rows` of these outcomes.
+    pub(crate) fn slice(&self, rows: std::ops::Range<usize>) -> Outcomes {
+        let k = self.probs.len() / self.correct.len().max(1);
+        Outcomes {
+            probs: self.probs[rows.start * k..rows.end * k].to_vec(),
+            predicted: self.predicted[rows.clone()].to_vec(),
+            correct: self.correct[rows.clone()].to_vec(),
+            confidence: self.confidence[rows.clone()].to_vec(),
+            wrong_class_confidence: self.wrong_class_confidence[rows].to_vec(),
+        }
+    }
+
     pub(crate) fn from_logits(logits: &[f32], labels: &[u32], k: usize) -> Result<Outcomes> {
         let probs = rampart_metrics::softmax_with_temperature(logits, k, 1.0)
             .map_err(EvalError::metric("softmax of the logits"))?;

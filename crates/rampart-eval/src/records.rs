@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::io::Keyed;
+use crate::outputs::Outcomes;
+use crate::shard::Rows;
 use crate::trust::TrustChecks;
 
 /// One threat model's per-example outcome over all its attacks
@@ -57,6 +59,10 @@ impl Keyed for TrustRecord {
 pub struct AttackRecord {
     /// Fingerprint of what produced the record.
     pub key: String,
+    /// A shard's rows of the attacked images (the vectors below hold these rows);
+    /// absent for the whole run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Rows>,
     /// Threat model name.
     pub threat_model: String,
     /// Attack name.
@@ -80,6 +86,10 @@ pub struct AttackRecord {
 pub struct DistalRecord {
     /// Fingerprint of what produced the record.
     pub key: String,
+    /// A shard's rows of the attacked images (the vectors below hold these rows);
+    /// absent for the whole run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Rows>,
     /// Confidence of the model on the uniform-noise anchors.
     pub noise_confidence: Vec<f64>,
     /// Confidence on the distal examples (empty when the suite has no distal attack).
@@ -93,6 +103,10 @@ pub struct DistalRecord {
 pub struct SearchRecord {
     /// Fingerprint of what produced the record.
     pub key: String,
+    /// A shard's rows of the attacked images (the vectors below hold these rows);
+    /// absent for the whole run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Rows>,
     /// Largest ε tried.
     pub eps_max: f64,
     /// Bisection rounds.
@@ -118,5 +132,63 @@ impl Keyed for DistalRecord {
 impl Keyed for SearchRecord {
     fn key(&self) -> &str {
         &self.key
+    }
+}
+
+/// The per-example worst case of one threat model over its attack records (aligned
+/// with `clean`): which attacks fooled each example and the adversarial example the
+/// worst case keeps (`WorstCase`'s rule: misclassified first, then the highest
+/// wrong-class confidence; ties keep the earlier attack).
+pub(crate) fn worst_case_record(
+    threat_model: &str,
+    eps: f64,
+    clean: &Outcomes,
+    recs: &[AttackRecord],
+) -> ThreatModelRecord {
+    let n = clean.correct.len();
+    let mut worst_attack = Vec::with_capacity(n);
+    let mut worst_correct = Vec::with_capacity(n);
+    let mut worst_confidence = Vec::with_capacity(n);
+    let mut worst_wrong = Vec::with_capacity(n);
+    for i in 0..n {
+        let outcome = |r: &AttackRecord| rampart_metrics::AdversarialOutcome {
+            source: 0,
+            correct: r.correct[i],
+            confidence: r.confidence[i],
+            wrong_class_confidence: r.wrong_class_confidence[i],
+        };
+        let mut best: Option<&AttackRecord> = None;
+        for r in recs {
+            if best.is_none_or(|b| outcome(r).is_worse_than(&outcome(b))) {
+                best = Some(r);
+            }
+        }
+        worst_attack.push(best.map(|b| b.attack.clone()));
+        worst_correct.push(best.is_none_or(|b| b.correct[i]));
+        worst_confidence.push(best.map_or(clean.confidence[i], |b| b.confidence[i]));
+        worst_wrong.push(best.map_or(clean.wrong_class_confidence[i], |b| {
+            b.wrong_class_confidence[i]
+        }));
+    }
+    let fooled = recs
+        .iter()
+        .map(|r| {
+            let f: Vec<bool> = (0..n).map(|i| clean.correct[i] && !r.correct[i]).collect();
+            (r.attack.clone(), f)
+        })
+        .collect();
+    let robust = (0..n)
+        .map(|i| clean.correct[i] && recs.iter().all(|r| r.correct[i]))
+        .collect();
+    ThreatModelRecord {
+        threat_model: threat_model.to_string(),
+        eps,
+        clean_correct: clean.correct.clone(),
+        robust,
+        fooled,
+        worst_attack,
+        worst_correct,
+        worst_confidence,
+        worst_wrong_class_confidence: worst_wrong,
     }
 }

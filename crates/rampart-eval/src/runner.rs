@@ -8,22 +8,22 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use rampart_attacks::{Attack, Bounds, Criterion, Distal, Norm};
+use rampart_attacks::{Attack, Bounds, Criterion, Distal};
 use rampart_data::ImageDataset;
 use rampart_models::Classifier;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
-use crate::io::{digest, load_keyed, write_atomic, write_json, Logits};
+use crate::io::{digest, load_keyed, write_json, Logits};
 use crate::journal::BatchJournal;
+use crate::merge::ShardDetails;
 use crate::outputs::{batch_logits, dataset_logits, Outcomes};
-use crate::plot;
-use crate::records::{AttackRecord, DistalRecord, SearchRecord, ThreatModelRecord, TrustRecord};
-use crate::report::{
-    build_report, CorruptionInputs, EvalReport, MetricSettings, ReportInputs, ThreatModelInputs,
-};
+use crate::publish::{files, norm_name, publish, Settings, Steps, ThreatModelRecords};
+use crate::records::{worst_case_record, AttackRecord, DistalRecord, SearchRecord, TrustRecord};
+use crate::report::{EvalReport, MetricSettings};
 use crate::search::minimal_eps;
-use crate::suite::{AttackKind, Effort, Suite, SuitePlan, ThreatModel};
+use crate::shard::{settings_digest, Fingerprint, Rows, Shard, ShardManifest, MANIFEST};
+use crate::suite::{AttackKind, Effort, Suite, SuitePlan};
 use crate::trust::{run_checks, TrustConfig};
 
 /// Test images held out at the end of the test split to pick τ and fit the temperature
@@ -76,6 +76,9 @@ pub struct EvalConfig {
     /// Points of the reported accuracy–perturbation curve's ε grid (`None`: the
     /// suite's, 65).
     pub curve_points: Option<usize>,
+    /// Which shard of the attacked images to run ([`Shard::WHOLE`]: all of them).
+    #[serde(skip_serializing_if = "Shard::is_whole")]
+    pub shard: Shard,
     /// Device of the model and the batches.
     #[serde(skip)]
     pub device: Device,
@@ -84,7 +87,7 @@ pub struct EvalConfig {
 impl EvalConfig {
     /// Defaults: the paper budgets, the suite's default test limit (1,000 attacked images
     /// for `quick`, all for `ccat` and `full`), 1,000 held out, batch 128, seed 0,
-    /// bounds [0, 1], progress bars and plots on, CPU.
+    /// bounds [0, 1], progress bars and plots on, unsharded, CPU.
     pub fn new(suite: Suite, out_dir: impl Into<PathBuf>) -> Self {
         EvalConfig {
             suite,
@@ -101,6 +104,7 @@ impl EvalConfig {
             trust: TrustConfig::default(),
             metrics: MetricSettings::default(),
             curve_points: None,
+            shard: Shard::WHOLE,
             device: Device::Cpu,
         }
     }
@@ -144,7 +148,7 @@ impl EvalConfig {
 }
 
 /// What is known about the evaluated model, copied into the report.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// The model file.
     pub model_file: Option<PathBuf>,
@@ -245,6 +249,12 @@ pub fn evaluate(
 ///
 /// The test split is cut in two: the last `held_out` images pick τ (99 % TPR) and fit
 /// the temperature; the first `test_limit` of the rest are attacked and measured.
+///
+/// With `config.shard` other than `0/1` only that shard's rows of the attacked images
+/// are attacked (see the `shard` module): the clean pass still covers every image (it
+/// fingerprints model and data, so every record's key is the unsharded run's), the
+/// trust checks run in shard 0, and instead of the report the folder gets
+/// `shard.json`, for `merge_shards`. The returned report then covers the shard's rows.
 pub fn evaluate_model(
     model: &dyn ModuleT,
     info: &ModelInfo,
@@ -256,13 +266,13 @@ pub fn evaluate_model(
     let available = test_set.len() - config.held_out;
     let attacked = test_set.take(config.test_limit.unwrap_or(available).min(available));
     let held_out = test_set.tail(config.held_out);
-    let mut plan = config.suite.plan(config.effort, config.bounds);
-    plan.set_eot(config.eot);
-    if let Some(points) = config.curve_points {
-        plan.curve.grid_points = points;
-    }
+    let rows = config.shard.rows(attacked.len(), config.batch_size)?;
+    let settings = Settings::of(config);
+    let plan = settings.plan();
     let out = &config.out_dir;
     let per_example = out.join("per_example");
+    // A manifest says the shard finished: an earlier run's must not outlive this start.
+    remove_manifest(out)?;
     write_json(
         &out.join("config.json"),
         &serde_json::json!({
@@ -277,11 +287,14 @@ pub fn evaluate_model(
         suite = %config.suite,
         attacked = attacked.len(),
         held_out = held_out.len(),
+        shard = %config.shard,
+        rows = ?rows.range(),
         "evaluation started"
     );
     let bar = |prefix: &str, len: usize| progress_bar(config.progress, prefix, len);
 
-    // Clean pass (always recomputed: it fingerprints the model and the data).
+    // Clean pass over every image, in every shard (it fingerprints the model and the
+    // data; always recomputed).
     let pb = bar("clean", attacked.len() + held_out.len());
     let (logits, k) = dataset_logits(model, &attacked, config.batch_size, &config.device, &pb)?;
     let (held_logits, _) =
@@ -306,17 +319,18 @@ pub fn evaluate_model(
         &config.bounds.lo.to_le_bytes(),
         &config.bounds.hi.to_le_bytes(),
     ]);
-    for (name, values, n) in [
-        ("clean", &logits, attacked.len()),
-        ("held_out", &held_logits, held_out.len()),
+    for (path, values, n) in [
+        (files::clean(&per_example), &logits, attacked.len()),
+        (files::held_out(&per_example), &held_logits, held_out.len()),
     ] {
         Logits {
             key: base_key.clone(),
             rows: n,
             cols: k,
             values: values.clone(),
+            part: None,
         }
-        .save(&per_example.join(format!("{name}.safetensors")))?;
+        .save(&path)?;
     }
     let clean = Outcomes::from_logits(&logits, attacked.labels(), k)?;
     let held = Outcomes::from_logits(&held_logits, held_out.labels(), k)?;
@@ -348,6 +362,7 @@ pub fn evaluate_model(
         config,
         plan: &plan,
         data: &attacked,
+        rows,
         clean: &clean,
         base_key: &base_key,
         per_example: &per_example,
@@ -355,7 +370,7 @@ pub fn evaluate_model(
     let mut resumed = Vec::new();
 
     // Threat models.
-    let mut records: Vec<(String, String, f64, Vec<AttackRecord>)> = Vec::new();
+    let mut threat_models = Vec::new();
     for tm in &plan.threat_models {
         let mut recs = Vec::new();
         for a in &tm.attacks {
@@ -365,12 +380,20 @@ pub fn evaluate_model(
             }
             recs.push(rec);
         }
-        run.save_worst_case(tm, &recs)?;
-        records.push((tm.name.clone(), norm_name(tm.norm), tm.eps, recs));
+        write_json(
+            &files::worst(&per_example, &tm.name),
+            &worst_case_record(&tm.name, tm.eps, &clean.slice(rows.range()), &recs),
+        )?;
+        threat_models.push(ThreatModelRecords {
+            name: tm.name.clone(),
+            norm: norm_name(tm.norm),
+            eps: tm.eps,
+            records: recs,
+        });
     }
 
     // Trust checks on the headline threat model.
-    let trust = match run.trust(&records)? {
+    let trust = match run.trust(&threat_models)? {
         Some((t, was_resumed)) => {
             if was_resumed {
                 resumed.push("trust".into());
@@ -393,33 +416,38 @@ pub fn evaluate_model(
         resumed.push("min_eps_linf".into());
     }
 
-    // Corruptions.
+    // Corruptions: image i of the attacked split is corrupted by stream i, so a shard
+    // corrupts the whole split and keeps its rows.
     let mut corrupted: Vec<(String, u8, Vec<f32>)> = Vec::new();
     let pairs: usize = plan.corruptions.iter().map(|c| c.severities.len()).sum();
-    let pb = bar("corruptions", pairs * attacked.len());
+    let pb = bar("corruptions", pairs * rows.len());
+    let part = run.part();
+    let row_indices: Vec<usize> = rows.range().collect();
     for cp in &plan.corruptions {
         for &severity in &cp.severities {
             let name = format!("{}_{severity}", cp.corruption.name());
-            let path = per_example
-                .join("corruptions")
-                .join(format!("{name}.safetensors"));
+            let path = files::corruption(&per_example, &name);
             let key = digest([base_key.as_bytes(), name.as_bytes()]);
-            let values = match Logits::load_keyed(&path, &key) {
-                Some(l) if l.rows == attacked.len() && l.cols == k => {
+            let values = match Logits::load_keyed(&path, &key, part) {
+                Some(l) if l.rows == rows.len() && l.cols == k => {
                     resumed.push(format!("corruptions.{name}"));
-                    pb.inc(attacked.len() as u64);
+                    pb.inc(rows.len() as u64);
                     l.values
                 }
                 _ => {
-                    let ds =
+                    let mut ds =
                         rampart_data::corrupt(&attacked, cp.corruption, severity, config.seed)?;
+                    if part.is_some() {
+                        ds = ds.select(&row_indices)?;
+                    }
                     let (values, _) =
                         dataset_logits(model, &ds, config.batch_size, &config.device, &pb)?;
                     Logits {
                         key,
-                        rows: attacked.len(),
+                        rows: rows.len(),
                         cols: k,
                         values: values.clone(),
+                        part,
                     }
                     .save(&path)?;
                     values
@@ -430,68 +458,65 @@ pub fn evaluate_model(
     }
     pb.finish_and_clear();
 
-    let mut report = build_report(&ReportInputs {
-        suite: config.suite.name().to_string(),
-        num_classes: k,
-        labels: attacked.labels(),
-        logits: &logits,
-        held_out_labels: held_out.labels(),
-        held_out_logits: &held_logits,
-        model_threshold: info.confidence_threshold,
-        threat_models: records
-            .iter()
-            .map(|(name, norm, eps, recs)| ThreatModelInputs {
-                name: name.clone(),
-                norm: norm.clone(),
-                eps: *eps,
-                attacks: recs.iter().collect(),
-            })
-            .collect(),
-        noise_confidence: Some(&distal.noise_confidence),
-        distal_confidence: Some(&distal.distal_confidence),
-        curve: Some((&plan.curve, &search.min_eps)),
-        corruptions: corrupted
-            .iter()
-            .map(|(name, severity, values)| CorruptionInputs {
-                name: name.clone(),
-                severity: *severity,
-                logits: values,
-            })
-            .collect(),
-        metrics: MetricSettings {
-            seed: config.seed,
-            ..config.metrics
-        },
-    })?;
-    report.trust = trust;
-    report.model = info.model_file.clone();
-    report.method = info.method.clone();
-    report.arch = info.arch.clone();
-    report.dataset = info.dataset.clone();
-    report.resumed = resumed;
-    report.eval_seconds = started.elapsed().as_secs_f64();
-
-    let plots = if config.plots {
-        write_model_plots(&report, "", &out.join("plots"), true)?
-    } else {
-        Vec::new()
+    let steps = Steps {
+        classes: k,
+        labels: attacked.labels()[rows.range()].to_vec(),
+        logits: logits[rows.start * k..rows.end * k].to_vec(),
+        held_out_labels: held_out.labels().to_vec(),
+        held_out_logits: held_logits,
+        threat_models,
+        trust,
+        distal,
+        search,
+        corrupted,
     };
-    let links: Vec<(String, String)> = plots
-        .iter()
-        .map(|(caption, path)| (caption.clone(), format!("plots/{}", file_name(path))))
-        .collect();
-    write_json(&out.join("results.json"), &report)?;
+    let report = steps.report(
+        &settings,
+        &plan,
+        info,
+        resumed.clone(),
+        started.elapsed().as_secs_f64(),
+    )?;
     // Every step removed its journal; their folder goes too (kept if anything is left).
     let _ = std::fs::remove_dir(per_example.join("progress"));
-    let title = match (&info.method, &info.model_file) {
-        (Some(m), _) => format!("Evaluation of `{m}`"),
-        (None, Some(f)) => format!("Evaluation of `{}`", f.display()),
-        (None, None) => "Evaluation".to_string(),
-    };
-    write_atomic(
-        &out.join("results.md"),
-        report.markdown(&title, &links).as_bytes(),
-    )?;
+    if let Some(part) = part {
+        let settings_json =
+            serde_json::to_value(&settings).map_err(|e| EvalError::format(out, e))?;
+        let data = digest([
+            attacked.images(),
+            &label_bytes,
+            held_out.images(),
+            &(attacked.len() as u64).to_le_bytes(),
+        ]);
+        let manifest = ShardManifest {
+            command: "eval".into(),
+            shard: config.shard,
+            rows: part,
+            total: attacked.len(),
+            fingerprint: Fingerprint {
+                data,
+                model: digest([clean_bytes.as_slice()]),
+                settings: settings_digest(&settings_json),
+            },
+            settings: settings_json,
+            details: serde_json::to_value(ShardDetails {
+                model: info.clone(),
+                labels: attacked.labels().to_vec(),
+                held_out_labels: held_out.labels().to_vec(),
+            })
+            .map_err(|e| EvalError::format(out, e))?,
+            seconds: report.eval_seconds,
+            resumed,
+        };
+        write_json(&out.join(MANIFEST), &manifest)?;
+        tracing::info!(
+            shard = %config.shard,
+            seconds = format!("{:.1}", report.eval_seconds),
+            "shard done; merge every shard's folder with `rampart merge`"
+        );
+        return Ok(report);
+    }
+    publish(&report, info, out, config.plots)?;
     tracing::info!(
         clean_error = report.clean_error,
         robust_error = report
@@ -504,54 +529,13 @@ pub fn evaluate_model(
     Ok(report)
 }
 
-pub(crate) fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// Draws a model's reliability diagram, confidence histograms and (with `with_curve`)
-/// accuracy curve into `dir`, file names prefixed by `prefix`; returns (caption, PNG
-/// path) of each.
-pub(crate) fn write_model_plots(
-    report: &EvalReport,
-    prefix: &str,
-    dir: &Path,
-    with_curve: bool,
-) -> Result<Vec<(String, PathBuf)>> {
-    let mut plots = Vec::new();
-    if let Some(c) = report.accuracy_curve.as_ref().filter(|_| with_curve) {
-        let name = report.method.as_deref().unwrap_or("model");
-        let paths = plot::plot_accuracy_curves(
-            &[(name, &c.curve)],
-            &dir.join(format!("{prefix}accuracy_curve")),
-        )?;
-        plots.push(("Accuracy–perturbation curve".to_string(), paths[0].clone()));
+/// Removes `out/shard.json` if it exists.
+fn remove_manifest(out: &Path) -> Result<()> {
+    let path = out.join(MANIFEST);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(EvalError::io(&path, e)),
+        _ => Ok(()),
     }
-    let paths = plot::plot_reliability(
-        &report.reliability,
-        report.ece,
-        "Reliability diagram",
-        &dir.join(format!("{prefix}reliability")),
-    )?;
-    plots.push(("Reliability diagram".to_string(), paths[0].clone()));
-    let paths = plot::plot_confidence_histograms(
-        &report.confidence_histograms,
-        "Confidence on clean, adversarial and distal inputs",
-        &dir.join(format!("{prefix}confidence_histogram")),
-    )?;
-    plots.push(("Confidence histograms".to_string(), paths[0].clone()));
-    Ok(plots)
-}
-
-fn norm_name(norm: Norm) -> String {
-    match norm {
-        Norm::Linf => "linf",
-        Norm::L2 => "l2",
-        Norm::L1 { .. } => "l1",
-        Norm::L0 => "l0",
-    }
-    .to_string()
 }
 
 fn progress_bar(enabled: bool, prefix: &str, len: usize) -> ProgressBar {
@@ -585,7 +569,11 @@ struct Run<'a> {
     model: &'a dyn ModuleT,
     config: &'a EvalConfig,
     plan: &'a SuitePlan,
+    /// The whole attacked split.
     data: &'a ImageDataset,
+    /// The rows this run attacks (all of them unless sharded).
+    rows: Rows,
+    /// Clean outcomes of the whole attacked split.
     clean: &'a Outcomes,
     base_key: &'a str,
     per_example: &'a Path,
@@ -597,10 +585,18 @@ impl Run<'_> {
         BatchJournal::new(self.per_example.join("progress").join(name), key)
     }
 
+    /// The shard's rows as records carry them: `None` for the whole run.
+    fn part(&self) -> Option<Rows> {
+        (!self.config.shard.is_whole()).then_some(self.rows)
+    }
+
+    /// The batches of this run's rows, numbered and indexed as in the whole split
+    /// (shards start on a batch boundary), so every seed is the unsharded run's.
     fn batches(&self) -> impl Iterator<Item = (usize, Vec<usize>)> + '_ {
-        let n = self.data.len();
+        let Rows { start, end } = self.rows;
         let bs = self.config.batch_size;
-        (0..n.div_ceil(bs)).map(move |b| (b, (b * bs..((b + 1) * bs).min(n)).collect()))
+        (start / bs..end.div_ceil(bs))
+            .map(move |b| (b, (b * bs..((b + 1) * bs).min(end)).collect()))
     }
 
     /// One attack over the attacked split, or its saved record.
@@ -611,7 +607,7 @@ impl Run<'_> {
         a: &crate::suite::AttackPlan,
     ) -> Result<(AttackRecord, bool)> {
         let name = format!("{tm}.{}", a.name);
-        let path = self.per_example.join(format!("{name}.json"));
+        let path = files::attack(self.per_example, &name);
         let config_json =
             serde_json::to_string(&a.attack).map_err(|e| EvalError::format(&path, e))?;
         let key = digest([
@@ -621,17 +617,18 @@ impl Run<'_> {
             &eps.to_le_bytes(),
         ]);
         if let Some(rec) = load_keyed::<AttackRecord>(&path, &key) {
-            if rec.correct.len() == self.data.len() {
+            if rec.correct.len() == self.rows.len() && rec.rows == self.part() {
                 tracing::info!(attack = %name, "loaded from {}", path.display());
                 return Ok((rec, true));
             }
         }
         let started = Instant::now();
-        let pb = progress_bar(self.config.progress, &name, self.data.len());
+        let pb = progress_bar(self.config.progress, &name, self.rows.len());
         let mut all_logits: Vec<f32> = Vec::new();
         let mut classes = 0;
         let mut rec = AttackRecord {
             key,
+            rows: self.part(),
             threat_model: tm.to_string(),
             attack: a.name.clone(),
             eps,
@@ -675,14 +672,16 @@ impl Run<'_> {
         rec.seconds = started.elapsed().as_secs_f64();
         Logits {
             key: rec.key.clone(),
-            rows: self.data.len(),
+            rows: self.rows.len(),
             cols: classes,
             values: all_logits,
+            part: self.part(),
         }
-        .save(&self.per_example.join(format!("{name}.logits.safetensors")))?;
+        .save(&files::attack_logits(self.per_example, &name))?;
         write_json(&path, &rec)?;
         journal.remove()?;
-        let alone = rampart_metrics::robust_error(&self.clean.correct, &[&rec.correct])
+        let clean_correct = &self.clean.correct[self.rows.range()];
+        let alone = rampart_metrics::robust_error(clean_correct, &[&rec.correct])
             .map_err(EvalError::metric(&name))?;
         tracing::info!(attack = %name, robust_error = alone, seconds = format!("{:.1}", rec.seconds), "attack done");
         Ok((rec, false))
@@ -691,7 +690,7 @@ impl Run<'_> {
     /// Uniform noise (as many images as attacked ones) and, if the suite has them,
     /// distal examples made from the same noise.
     fn distal(&self, tau: Option<f64>) -> Result<(DistalRecord, bool)> {
-        let path = self.per_example.join("distal.json");
+        let path = files::distal(self.per_example);
         let plan_json =
             serde_json::to_string(&self.plan.distal).map_err(|e| EvalError::format(&path, e))?;
         let tau_bytes = tau.unwrap_or(f64::NAN).to_le_bytes();
@@ -702,14 +701,17 @@ impl Run<'_> {
             &tau_bytes,
         ]);
         if let Some(rec) = load_keyed::<DistalRecord>(&path, &key) {
-            tracing::info!("distal examples loaded from {}", path.display());
-            return Ok((rec, true));
+            if rec.rows == self.part() && rec.noise_confidence.len() == self.rows.len() {
+                tracing::info!("distal examples loaded from {}", path.display());
+                return Ok((rec, true));
+            }
         }
         let started = Instant::now();
-        let pb = progress_bar(self.config.progress, "noise and distal", self.data.len());
+        let pb = progress_bar(self.config.progress, "noise and distal", self.rows.len());
         let (c, h, w) = self.data.shape();
         let mut rec = DistalRecord {
             key,
+            rows: self.part(),
             noise_confidence: Vec::new(),
             distal_confidence: Vec::new(),
             seconds: 0.0,
@@ -773,71 +775,23 @@ impl Run<'_> {
         Ok((rec, false))
     }
 
-    /// `per_example/<threat model>.worst.json`: per example, which attacks fooled it
-    /// and the adversarial example the worst case keeps (`WorstCase`'s rule).
-    fn save_worst_case(&self, tm: &ThreatModel, recs: &[AttackRecord]) -> Result<()> {
-        let n = self.data.len();
-        let mut worst_attack = Vec::with_capacity(n);
-        let mut worst_correct = Vec::with_capacity(n);
-        let mut worst_confidence = Vec::with_capacity(n);
-        let mut worst_wrong = Vec::with_capacity(n);
-        for i in 0..n {
-            let outcome = |r: &AttackRecord| rampart_metrics::AdversarialOutcome {
-                source: 0,
-                correct: r.correct[i],
-                confidence: r.confidence[i],
-                wrong_class_confidence: r.wrong_class_confidence[i],
-            };
-            let mut best: Option<&AttackRecord> = None;
-            for r in recs {
-                if best.is_none_or(|b| outcome(r).is_worse_than(&outcome(b))) {
-                    best = Some(r);
-                }
-            }
-            worst_attack.push(best.map(|b| b.attack.clone()));
-            worst_correct.push(best.is_none_or(|b| b.correct[i]));
-            worst_confidence.push(best.map_or(self.clean.confidence[i], |b| b.confidence[i]));
-            worst_wrong.push(best.map_or(self.clean.wrong_class_confidence[i], |b| {
-                b.wrong_class_confidence[i]
-            }));
-        }
-        let fooled = recs
-            .iter()
-            .map(|r| {
-                let f: Vec<bool> = (0..n)
-                    .map(|i| self.clean.correct[i] && !r.correct[i])
-                    .collect();
-                (r.attack.clone(), f)
-            })
-            .collect();
-        let robust = (0..n)
-            .map(|i| self.clean.correct[i] && recs.iter().all(|r| r.correct[i]))
-            .collect();
-        let rec = ThreatModelRecord {
-            threat_model: tm.name.clone(),
-            eps: tm.eps,
-            clean_correct: self.clean.correct.clone(),
-            robust,
-            fooled,
-            worst_attack,
-            worst_correct,
-            worst_confidence,
-            worst_wrong_class_confidence: worst_wrong,
-        };
-        write_json(
-            &self.per_example.join(format!("{}.worst.json", tm.name)),
-            &rec,
-        )
-    }
-
     /// The trust checks on the first attacked images of the headline threat model (or
     /// the first), repeating its first cross-entropy PGD attack (or its first PGD).
-    fn trust(
-        &self,
-        records: &[(String, String, f64, Vec<AttackRecord>)],
-    ) -> Result<Option<(TrustRecord, bool)>> {
+    /// A shard runs them only if it holds the first attacked image, and then it must
+    /// hold all the images they run on.
+    fn trust(&self, records: &[ThreatModelRecords]) -> Result<Option<(TrustRecord, bool)>> {
         let cfg = &self.config.trust;
         let n = cfg.examples.min(self.data.len());
+        if n > 0 && self.rows.start > 0 {
+            return Ok(None);
+        }
+        if n > self.rows.end {
+            return Err(EvalError::Shard(format!(
+                "shard {} holds the first {} attacked images but the trust checks run on the \
+                 first {n}: use fewer shards, a larger batch size or fewer trust examples",
+                self.config.shard, self.rows.end
+            )));
+        }
         let tm = self
             .plan
             .threat_models
@@ -865,13 +819,13 @@ impl Run<'_> {
         };
         let recs = records
             .iter()
-            .find(|r| r.0 == tm.name)
-            .map(|r| r.3.as_slice())
+            .find(|r| r.name == tm.name)
+            .map(|r| r.records.as_slice())
             .unwrap_or(&[]);
         let white_box_robust: Vec<bool> = (0..n)
             .map(|i| self.clean.correct[i] && recs.iter().all(|r| r.correct[i]))
             .collect();
-        let path = self.per_example.join("trust.json");
+        let path = files::trust(self.per_example);
         let attack_json = serde_json::to_string(attack).map_err(|e| EvalError::format(&path, e))?;
         let cfg_json = serde_json::to_string(cfg).map_err(|e| EvalError::format(&path, e))?;
         let robust_bytes: Vec<u8> = white_box_robust.iter().map(|&b| u8::from(b)).collect();
@@ -906,7 +860,7 @@ impl Run<'_> {
 
     /// Minimal L∞ ε of every attacked example.
     fn search(&self) -> Result<(SearchRecord, bool)> {
-        let path = self.per_example.join("min_eps_linf.json");
+        let path = files::search(self.per_example);
         let curve = &self.plan.curve;
         let plan_json = serde_json::to_string(curve).map_err(|e| EvalError::format(&path, e))?;
         let key = digest([
@@ -915,14 +869,14 @@ impl Run<'_> {
             plan_json.as_bytes(),
         ]);
         if let Some(rec) = load_keyed::<SearchRecord>(&path, &key) {
-            if rec.min_eps.len() == self.data.len() {
+            if rec.min_eps.len() == self.rows.len() && rec.rows == self.part() {
                 tracing::info!("minimal ε loaded from {}", path.display());
                 return Ok((rec, true));
             }
         }
         let started = Instant::now();
-        let pb = progress_bar(self.config.progress, "minimal ε (L∞)", self.data.len());
-        let mut min_eps = Vec::with_capacity(self.data.len());
+        let pb = progress_bar(self.config.progress, "minimal ε (L∞)", self.rows.len());
+        let mut min_eps = Vec::with_capacity(self.rows.len());
         let journal = self.journal("min_eps_linf", &key);
         for (b, idx) in self.batches() {
             let found = match journal.load::<Vec<Option<f64>>>(b, 0) {
@@ -953,6 +907,7 @@ impl Run<'_> {
         pb.finish_and_clear();
         let rec = SearchRecord {
             key,
+            rows: self.part(),
             eps_max: curve.eps_max,
             rounds: curve.rounds,
             min_eps,

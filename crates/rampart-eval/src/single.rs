@@ -74,8 +74,10 @@ impl EpsResults {
     }
 }
 
-/// Runs `attack` at every budget of `eps` on the first `n` images of `data` in batches
-/// of `batch_size`; the batch starting at image j uses the seed `seed + j`. With a
+/// Runs `attack` at every budget of `eps` on the images `rows` of `data` in batches of
+/// `batch_size` counted from `rows.start` (all of them: `0..n`; a shard's rows start on
+/// a batch boundary, see [`crate::Shard::rows`]); the batch starting at image j uses
+/// the seed `seed + j`, so a shard's batches are the unsharded run's. With a
 /// `journal`, every finished batch is saved there and batches already saved are loaded
 /// instead of attacked again (see [`BatchJournal`]).
 #[allow(clippy::too_many_arguments)]
@@ -83,7 +85,7 @@ pub fn attack_at_eps(
     model: &dyn ModuleT,
     bounds: Bounds,
     data: &ImageDataset,
-    n: usize,
+    rows: std::ops::Range<usize>,
     attack: &dyn Attack,
     eps: &[f64],
     batch_size: usize,
@@ -94,7 +96,7 @@ pub fn attack_at_eps(
     if batch_size == 0 {
         return Err(EvalError::Config("batch size must be at least 1".into()));
     }
-    let n = n.min(data.len());
+    let rows = rows.start.min(data.len())..rows.end.min(data.len());
     let started = Instant::now();
     let mut out = EpsResults {
         eps: eps.to_vec(),
@@ -103,7 +105,7 @@ pub fn attack_at_eps(
         labels: Vec::new(),
         seconds: 0.0,
     };
-    let indices: Vec<usize> = (0..n).collect();
+    let indices: Vec<usize> = rows.collect();
     let (c, h, w) = data.shape();
     for (b, chunk) in indices.chunks(batch_size).enumerate() {
         let labels: Vec<u32> = chunk.iter().map(|&i| data.labels()[i]).collect();

@@ -673,7 +673,7 @@ fn one_attack_at_several_eps_batch_by_batch() -> TestResult {
             &model,
             rampart_attacks::Bounds::UNIT,
             &ds,
-            18,
+            0..18,
             &pgd,
             &eps,
             8,
@@ -869,5 +869,156 @@ fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
     );
     single.remove()?;
     assert!(!single.dir().exists());
+    Ok(())
+}
+
+/// Every file under `root`, relative to it, sorted.
+fn files_under(root: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(rel) = path.strip_prefix(root) {
+                out.push(rel.to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// JSON without wall times, the steps loaded from disk and the output folder.
+fn json_without_timings(bytes: &[u8]) -> serde_json::Result<serde_json::Value> {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.retain(|k, _| !k.contains("seconds") && k != "resumed" && k != "out_dir");
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::from_slice(bytes)?;
+    strip(&mut v);
+    Ok(v)
+}
+
+/// Markdown with every `(N s)` wall time blanked.
+fn markdown_without_timings(text: &str) -> String {
+    text.split(" s)")
+        .map(|part| part.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.'))
+        .collect::<Vec<_>>()
+        .join(" s)")
+}
+
+/// An evaluation cut into 3 shards (of unequal size, one more than a batch) and
+/// merged writes the same files as the unsharded run: every per-example record,
+/// logits matrix and plot byte for byte, `results.json`, the records with a wall time
+/// and `config.json` equal but for wall times and the output folder.
+#[test]
+fn three_shards_merge_into_the_unsharded_evaluation() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let model = Mlp::new()?;
+    let ds = dataset(&model, 48, SHAPE)?;
+    let mut cfg = config(Suite::Quick, &dir.path().join("whole"))?;
+    cfg.batch_size = 8;
+    cfg.trust.examples = 8;
+    let whole = evaluate(&model, &ds, &cfg)?;
+    let mut shard_dirs = Vec::new();
+    for i in 0..3 {
+        let out = dir.path().join(format!("shard-{i}"));
+        let shard = Shard::new(i, 3)?;
+        let part = evaluate(
+            &model,
+            &ds,
+            &EvalConfig {
+                shard,
+                out_dir: out.clone(),
+                ..cfg.clone()
+            },
+        )?;
+        assert_eq!(part.test_examples, shard.rows(32, 8)?.len());
+        assert!(!out.join("results.json").exists());
+        shard_dirs.push(out);
+    }
+    // Any order of the folders.
+    shard_dirs.reverse();
+    let merged_dir = dir.path().join("merged");
+    let merged = merge_eval(&read_shards(&shard_dirs)?, &merged_dir)?;
+    assert_eq!(comparable(&merged), comparable(&whole));
+    let expected = files_under(&cfg.out_dir)?;
+    assert_eq!(files_under(&merged_dir)?, expected);
+    assert!(expected.len() > 20, "{expected:?}");
+    for f in &expected {
+        let a = std::fs::read(cfg.out_dir.join(f))?;
+        let b = std::fs::read(merged_dir.join(f))?;
+        let name = f.to_string_lossy();
+        if name.ends_with(".json") {
+            assert_eq!(
+                json_without_timings(&b)?,
+                json_without_timings(&a)?,
+                "{name}"
+            );
+        } else if name.ends_with(".md") {
+            assert_eq!(
+                markdown_without_timings(&String::from_utf8(b)?),
+                markdown_without_timings(&String::from_utf8(a)?),
+                "{name}"
+            );
+        } else {
+            assert!(a == b, "{name} differs");
+        }
+    }
+
+    // The same shards with one missing, one twice, or another seed are refused.
+    let refusal = |dirs: &[std::path::PathBuf]| {
+        read_shards(dirs)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(refusal(&shard_dirs[..2]).contains("shard 0/3 missing"));
+    let twice = [&shard_dirs[..], &shard_dirs[..1]].concat();
+    assert!(refusal(&twice).contains("given twice"));
+    let reseeded = dir.path().join("reseeded");
+    evaluate(
+        &model,
+        &ds,
+        &EvalConfig {
+            shard: Shard::new(1, 3)?,
+            seed: 1,
+            out_dir: reseeded.clone(),
+            ..cfg.clone()
+        },
+    )?;
+    let mixed = [shard_dirs[0].clone(), reseeded, shard_dirs[2].clone()];
+    assert!(
+        refusal(&mixed).contains("seed (0 vs 1)"),
+        "{}",
+        refusal(&mixed)
+    );
+    Ok(())
+}
+
+/// A shard that must hold the trust checks' images but does not is refused, as is a
+/// shard of a run with fewer batches than shards.
+#[test]
+fn shards_that_cannot_be_exact_are_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let model = Mlp::new()?;
+    let ds = dataset(&model, 48, SHAPE)?;
+    let mut cfg = config(Suite::Quick, &dir.path().join("s"))?;
+    cfg.batch_size = 8;
+    cfg.trust.examples = 16;
+    cfg.shard = Shard::new(0, 3)?;
+    let err = evaluate(&model, &ds, &cfg).err().map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.contains("trust checks run on the first 16")));
+    cfg.shard = Shard::new(4, 5)?;
+    let err = evaluate(&model, &ds, &cfg).err().map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.contains("only 4 batches")));
     Ok(())
 }

@@ -4,6 +4,7 @@ use rampart_attacks::Pgd;
 fn rec(name: &str, correct: &[bool], conf: &[f64], wrong: &[f64]) -> AttackRecord {
     AttackRecord {
         key: String::new(),
+        rows: None,
         threat_model: "linf_8_255".into(),
         attack: name.into(),
         eps: 8.0 / 255.0,
