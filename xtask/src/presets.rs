@@ -500,10 +500,11 @@ impl Preset {
     ///
     /// Smoke (2-core CPU): every row's quick protocol runs on 1,000 images (the
     /// calibration and curve metrics need that many) and deterministic rows get PGD-20
-    /// on 1,000; the stochastic students keep the layer-by-layer path, where an EOT-20
-    /// attack costs 20 forward-backward passes per step, so their EOT-20 PGD-20 runs on
-    /// the first 100 images (trust checks on 20), their protocol at EOT 3 (about 11
-    /// minutes per student) and their noise sweeps at EOT 3 on 100 per value. On the smoke student EOT 3 and EOT 20
+    /// on 1,000; an EOT-20 attack of a stochastic student costs 20 forward-backward
+    /// passes per step, so their EOT-20 PGD-20 runs on the first 100 images (trust
+    /// checks on 20), their protocol at EOT 3 (about 11 minutes per student when they
+    /// took the layer-by-layer path) and their noise sweeps at EOT 3 on 100 per value.
+    /// On the smoke student EOT 3 and EOT 20
     /// found the same PGD-20 robust accuracy (23 of 100 images, one image differing
     /// each way). AutoAttack (a minute per 100 images of WRN-10-1) runs on the AT
     /// model only.
