@@ -174,11 +174,15 @@ fn markdown_without_timings(text: &str) -> String {
 }
 
 /// The files of `whole` and `merged` are the same (apart from the logs, the command
-/// lines, the folder lock and timings); returns how many were compared.
+/// lines, the folder's lock and run settings, and timings); returns how many were
+/// compared.
 fn assert_same_outputs(whole: &Path, merged: &Path) -> Result<usize, Box<dyn std::error::Error>> {
     let differ_by_design = |f: &Path| {
         let name = f.to_string_lossy();
-        name.ends_with(".log") || name == "command.txt" || name == ".rampart.lock"
+        name.ends_with(".log")
+            || name == "command.txt"
+            || name == ".rampart.lock"
+            || name == ".rampart.settings"
     };
     let expected: Vec<PathBuf> = files_under(whole)?
         .into_iter()

@@ -6,18 +6,22 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use rand_xoshiro::Xoshiro256PlusPlus;
 use std::sync::Mutex;
 
-/// The standard normal values of one image of one noisy layer: ChaCha8 stream `image`
-/// of the layer's `seed`, in the order of the image's NHWC elements. Every path that
-/// injects a student's noise (layer by layer, fused) draws it here, so they agree
-/// value for value, and an image's noise depends on its place in the batch, never on
-/// how the batch is cut into chunks or threads.
+/// The standard normal values of one image of one noisy layer, in the order of the
+/// image's NHWC elements: a Xoshiro256++ stream seeded from the layer's `seed` and the
+/// image's index (through SplitMix64), sampled by the ziggurat method. Every path that
+/// injects a student's noise (layer by layer, fused) draws it here, so they agree value
+/// for value, and an image's noise depends on its place in the batch, never on how the
+/// batch is cut into chunks or threads. (Xoshiro rather than ChaCha: the noise is
+/// drawn afresh on every forward pass, and this halves its cost; it needs statistical
+/// quality, not unpredictability.)
 pub(crate) fn image_noise(seed: u64, image: usize) -> impl Iterator<Item = f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(image as u64);
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(
+        seed ^ (image as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
     std::iter::repeat_with(move || rng.sample(StandardNormal))
 }
 
