@@ -124,6 +124,11 @@ pub struct AttackArgs {
 }
 
 impl AttackArgs {
+    /// Images per batch.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
     fn build(&self) -> Result<Pgd> {
         let norm: Norm = self.norm.parse().context("--norm")?;
         let objective: Objective = self.objective.parse().context("--objective")?;

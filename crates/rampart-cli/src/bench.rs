@@ -136,6 +136,11 @@ fn median_seconds(
 }
 
 impl BenchArgs {
+    /// Images per batch.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
     /// Runs the benchmark and prints its table (and JSON lines with `--json`).
     pub fn run(&self) -> Result<Vec<BenchLine>> {
         if self.batch_size == 0 || self.reps == 0 {

@@ -115,17 +115,58 @@ fn stop_on_signals() {
     }
 }
 
+/// What to lower when a command runs out of device memory: its batch-size flags and
+/// their values (None for commands that hold no batches).
+fn batch_flags(command: &Command) -> Option<String> {
+    match command {
+        Command::Train(a) => Some(format!(
+            "--batch-size ({}) or --eval-batch-size ({})",
+            a.batch_size
+                .map_or_else(|| "the preset's".to_string(), |b| b.to_string()),
+            a.eval_batch_size
+        )),
+        Command::Eval(a) => Some(format!("--batch-size ({})", a.batch_size)),
+        Command::Sweep(a) => Some(format!("--batch-size ({})", a.eval.batch_size)),
+        Command::Attack(a) => Some(format!("--batch-size ({})", a.batch_size())),
+        Command::Bench(a) => Some(format!("--batch-size ({})", a.batch_size())),
+        _ => None,
+    }
+}
+
+/// The advice printed after an error that says a device ran out of memory.
+fn out_of_memory_advice(message: &str, flags: Option<&str>) -> Option<String> {
+    if !rampart_fs::is_out_of_memory(message) {
+        return None;
+    }
+    Some(match flags {
+        Some(f) => format!(
+            "the device ran out of memory: run the same command again with a smaller {f}, \
+             e.g. half; what finished is kept (batches, epochs) and the run continues from it"
+        ),
+        None => "the device ran out of memory".to_string(),
+    })
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
     stop_on_signals();
+    let flags = batch_flags(&cli.command);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let message = format!("{e:#}");
+            let advice = out_of_memory_advice(&message, flags.as_deref());
             if logging::is_active() {
-                tracing::error!("{e:#}");
+                tracing::error!("{message}");
+                if let Some(a) = &advice {
+                    tracing::error!("{a}");
+                }
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {message}");
+                if let Some(a) = &advice {
+                    eprintln!("{a}");
+                }
             }
             if rampart_fs::interrupt::requested() {
                 // 128 + SIGINT, as a shell reports an interrupted command.
@@ -224,7 +265,26 @@ fn run(cli: Cli) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::tf32_requested;
+    use super::{batch_flags, out_of_memory_advice, tf32_requested, Cli};
+    use clap::Parser;
+
+    /// An out-of-memory error names the command's batch-size flags with their values;
+    /// other errors get no advice.
+    #[test]
+    fn out_of_memory_names_the_batch_size_to_lower() {
+        let flags = |line: &str| batch_flags(&Cli::parse_from(line.split(' ')).command);
+        let eval = flags("rampart eval --model m.safetensors --out o --batch-size 512");
+        assert_eq!(eval.as_deref(), Some("--batch-size (512)"));
+        let train = flags("rampart train --method normal --out o --batch-size 64");
+        assert_eq!(
+            train.as_deref(),
+            Some("--batch-size (64) or --eval-batch-size (256)")
+        );
+        let oom = "training failed: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        let advice = out_of_memory_advice(oom, eval.as_deref()).unwrap();
+        assert!(advice.contains("smaller --batch-size (512)"), "{advice}");
+        assert!(out_of_memory_advice("shape mismatch", eval.as_deref()).is_none());
+    }
 
     #[test]
     fn tf32_only_from_a_device_value() {

@@ -58,6 +58,23 @@ pub mod interrupt {
     }
 }
 
+/// Whether an error's text (with its causes, e.g. `format!("{e:#}")`) says that a
+/// device ran out of memory: CUDA's driver and runtime errors, cuDNN's and cuBLAS's
+/// allocation failures, and the plain "out of memory" of allocators.
+pub fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "out of memory",
+        "out_of_memory",
+        "outofmemory",
+        "cudaerrormemoryallocation",
+        "cudnn_status_alloc_failed",
+        "cublas_status_alloc_failed",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
 /// A file could not be written: the path and what the system said.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write {}: {source}", path.display())]
@@ -205,6 +222,28 @@ impl OutputLock {
 
 #[cfg(test)]
 mod tests {
+    use super::is_out_of_memory;
+
+    #[test]
+    fn out_of_memory_is_recognised_in_the_forms_devices_report_it() {
+        for m in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "cuda error: CUDA_ERROR_OUT_OF_MEMORY",
+            "cudnn error: CUDNN_STATUS_ALLOC_FAILED",
+            "cublas: CUBLAS_STATUS_ALLOC_FAILED",
+            "runtime: cudaErrorMemoryAllocation",
+            "memory allocation of 1 bytes failed: Out of memory",
+        ] {
+            assert!(is_out_of_memory(m), "{m}");
+        }
+        for m in [
+            "shape mismatch in matmul",
+            "cannot write out/x: No space left on device",
+        ] {
+            assert!(!is_out_of_memory(m), "{m}");
+        }
+    }
+
     use super::*;
 
     #[test]
