@@ -833,7 +833,7 @@ fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
             &model,
             rampart_attacks::Bounds::UNIT,
             &ds,
-            18,
+            0..18,
             &pgd,
             &eps,
             8,
