@@ -217,14 +217,7 @@ impl SingleRun for Apgd {
     /// batches of up to `MERGED_ROWS` rows instead of a few examples per pass (small
     /// batches are several times slower per example on a CPU); an example fooled by
     /// any target stops all its copies.
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()> {
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
         let run = Run {
             cfg: self,
             model: problem.model,
@@ -233,7 +226,7 @@ impl SingleRun for Apgd {
             targets: rows.targets(),
             runs: rows.runs(),
         };
-        run.run(eps, seed, record)
+        run.run(rows.eps(), rows.seed(), record)
     }
 }
 

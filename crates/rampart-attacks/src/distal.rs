@@ -134,15 +134,8 @@ impl SingleRun for Distal {
         self.pgd.begin(problem)
     }
 
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()> {
-        self.pgd.run_once(problem, rows, eps, seed, record)
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
+        self.pgd.run_once(problem, rows, record)
     }
 
     fn skips_fooled(&self) -> bool {

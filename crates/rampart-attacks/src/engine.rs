@@ -78,21 +78,14 @@ impl SingleRun for Engine<'_> {
     }
 
     /// One run: the start of `cfg.restarts.init(restart)`, then `steps` steps.
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()> {
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
         let run = Run {
             cfg: self.cfg,
             mask: self.mask,
             problem,
             batch: &problem.batch,
         };
-        run.run(rows, eps, seed, record)
+        run.run(rows, record)
     }
 }
 
@@ -105,7 +98,8 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn run(&self, rows: &Rows, eps: f64, seed: u64, record: &mut Record) -> Result<()> {
+    fn run(&self, rows: &Rows, record: &mut Record) -> Result<()> {
+        let (eps, seed) = (rows.eps(), rows.seed());
         let (cfg, batch) = (self.cfg, self.batch);
         let d = batch.d;
         let width = batch.bounds.width() as f64;

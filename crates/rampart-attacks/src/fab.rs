@@ -286,18 +286,12 @@ impl SingleRun for Fab {
     /// at a random point at distance ε/2. Target classes run side by side (each
     /// example copied once per target of a group, up to `MERGED_ROWS` rows): the model
     /// sees larger batches, which a CPU processes several times faster per example.
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()> {
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
         let targets = rows.targets().ok_or_else(|| {
             Error::Config("FAB-T runs towards target classes, none were given".into())
         })?;
-        let random_start = (rows.restart() > 0).then_some((seed, eps));
+        let eps = rows.eps();
+        let random_start = (rows.restart() > 0).then_some((rows.seed(), eps));
         self.single_run(
             problem.model,
             &problem.batch,

@@ -99,15 +99,8 @@ impl SingleRun for Fgsm {
         self.as_pgd().begin(problem)
     }
 
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()> {
-        self.as_pgd().run_once(problem, rows, eps, seed, record)
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
+        self.as_pgd().run_once(problem, rows, record)
     }
 
     fn skips_fooled(&self) -> bool {

@@ -106,17 +106,9 @@ impl SingleRun for Frames {
         self.pgd.begin(problem)
     }
 
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()> {
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
         let mask = self.problem_mask(problem)?;
-        self.engine(&mask)
-            .run_once(problem, rows, eps, seed, record)
+        self.engine(&mask).run_once(problem, rows, record)
     }
 
     fn skips_fooled(&self) -> bool {

@@ -286,15 +286,8 @@ impl SingleRun for Pgd {
     }
 
     /// One run of the loop, started with `restarts.init(rows.restart())`.
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()> {
-        self.engine().run_once(problem, rows, eps, seed, record)
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
+        self.engine().run_once(problem, rows, record)
     }
 
     /// Only with early stopping.

@@ -23,15 +23,8 @@ pub trait SingleRun {
     /// The record and targets the runs start from (one clean judgement at most).
     fn begin(&self, problem: &Problem<'_>) -> Result<Start>;
 
-    /// One run on `rows` at budget `eps`.
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()>;
+    /// One run on `rows` at their budget ([`Rows::eps`]).
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()>;
 
     /// Whether a restart attacks only the examples not yet fooled (true unless
     /// overridden; PGD without early stopping goes on raising the objective of fooled
@@ -81,7 +74,7 @@ impl Start {
 }
 
 /// The rows of one run: live examples, copied once per target class of a group of
-/// targeted passes that run side by side.
+/// targeted passes that run side by side, with the run's budget ε and seed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rows {
     idx: Vec<usize>,
@@ -89,14 +82,25 @@ pub struct Rows {
     runs: Vec<u64>,
     restart: usize,
     passes: usize,
+    eps: f64,
+    seed: u64,
 }
 
 impl Rows {
     /// The group of passes starting at `pass` (of `start.passes`) for the examples
     /// `live`: as many passes as fit in [`MERGED_ROWS`] rows, at least one. Row
     /// (p, i) draws its random start for run p·restarts + restart, the run the
-    /// sequential order (one pass per target class) gives it.
-    fn group(live: &[usize], start: &Start, pass: usize, restart: usize, restarts: usize) -> Rows {
+    /// sequential order (one pass per target class) gives it. The run is at budget
+    /// `eps`, its random numbers drawn from `seed`.
+    fn group(
+        live: &[usize],
+        start: &Start,
+        pass: usize,
+        restart: usize,
+        restarts: usize,
+        eps: f64,
+        seed: u64,
+    ) -> Rows {
         let group = (MERGED_ROWS / live.len().max(1)).clamp(1, start.passes - pass);
         let n = group * live.len();
         let mut rows = Rows {
@@ -105,6 +109,8 @@ impl Rows {
             runs: Vec::with_capacity(n),
             restart,
             passes: group,
+            eps,
+            seed,
         };
         for p in pass..pass + group {
             for &i in live {
@@ -146,6 +152,16 @@ impl Rows {
     /// The restart (0-based) this run belongs to.
     pub fn restart(&self) -> usize {
         self.restart
+    }
+
+    /// The budget ε of the run.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The seed of the attack at this ε; each row adds its run number ([`Rows::runs`]).
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 }
 
@@ -249,8 +265,8 @@ pub(crate) fn repeat<A: SingleRun + ?Sized>(
             if live.is_empty() {
                 break 'restarts;
             }
-            let rows = Rows::group(&live, &start, pass, restart, restarts);
-            attack.run_once(problem, &rows, eps, seed, &mut record)?;
+            let rows = Rows::group(&live, &start, pass, restart, restarts, eps, seed);
+            attack.run_once(problem, &rows, &mut record)?;
             pass += rows.passes;
         }
     }

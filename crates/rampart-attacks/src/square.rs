@@ -131,14 +131,7 @@ impl SingleRun for Square {
     }
 
     /// One run of `queries` queries; `iterations` counts the queries.
-    fn run_once(
-        &self,
-        problem: &Problem<'_>,
-        rows: &Rows,
-        eps: f64,
-        seed: u64,
-        record: &mut Record,
-    ) -> Result<()> {
+    fn run_once(&self, problem: &Problem<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
         let run = Run {
             cfg: self,
             model: problem.model,
@@ -146,9 +139,9 @@ impl SingleRun for Square {
             idx: rows.examples(),
             runs: rows.runs(),
             shape: Shape::of(problem)?,
-            eps,
+            eps: rows.eps(),
         };
-        run.run(seed, record)
+        run.run(rows.seed(), record)
     }
 }
 

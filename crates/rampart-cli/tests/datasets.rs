@@ -8,7 +8,9 @@ use std::process::{Command, Output};
 
 use rampart_data::DatasetKind;
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+mod common;
+
+use common::{s, text, TestResult};
 
 /// The binary with no data folder in its environment and `home` as HOME and, when
 /// given, `xdg` as XDG_CACHE_HOME.
@@ -23,18 +25,6 @@ fn rampart_in(args: &[&str], home: &Path, xdg: Option<&Path>) -> std::io::Result
         cmd.env("XDG_CACHE_HOME", xdg);
     }
     cmd.output()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
 }
 
 /// The four MNIST IDX files (not gzipped) in `dir`: `train` and `test` images whose

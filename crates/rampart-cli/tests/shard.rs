@@ -3,127 +3,39 @@
 //! equals the unsharded run's, and sets of shards that are not one run are refused.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+mod common;
 
-fn rampart(args: &[&str]) -> std::io::Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(args)
-        .env_remove("RAMPART_DATA_DIR")
-        .env("RUST_LOG", "warn")
-        .output()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
-}
-
-/// `dir/cifar-10-batches-bin/` with `per_file` records in each training batch and the
-/// test batch (label byte, then 3,072 pixel bytes); `salt` changes every pixel.
-fn write_tiny_cifar10(dir: &Path, per_file: usize, salt: usize) -> std::io::Result<()> {
-    let folder = dir.join("cifar-10-batches-bin");
-    std::fs::create_dir_all(&folder)?;
-    for (f, name) in [
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-        "test_batch.bin",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mut bytes = Vec::new();
-        for r in 0..per_file {
-            let label = ((f * per_file + r) % 10) as u8;
-            bytes.push(label);
-            bytes.extend(
-                (0..3072).map(|p| ((p * 7 + usize::from(label) * 25 + r + salt) % 256) as u8),
-            );
-        }
-        std::fs::write(folder.join(name), bytes)?;
-    }
-    Ok(())
-}
-
-/// WRN-10-1 trained for one epoch with `seed`; the model file.
-fn train_tiny(data: &str, out: &Path, seed: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let run = rampart(&[
-        "--threads",
-        "2",
-        "train",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--seed",
-        seed,
-        "--data-dir",
-        data,
-        "--out",
-        s(out),
-    ])?;
-    assert!(run.status.success(), "{}", text(&run));
-    Ok(out.join("model.safetensors"))
-}
+use common::{
+    owned, quick_eval_args, refused, run_ok, s, train_tiny, without_timings, write_tiny_cifar10,
+    TestResult,
+};
 
 /// A `quick` evaluation of 12 attacked images in batches of 4 (3 batches), 4 held out.
 fn eval_args(model: &Path, data: &str, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--threads",
-        "2",
-        "eval",
-        "--model",
-        s(model),
-        "--data-dir",
-        data,
-        "--suite",
-        "quick",
-        "--held-out",
-        "4",
+    let mut flags = vec![
         "--batch-size",
         "4",
         "--trust-examples",
         "4",
-        "--steps-scale",
-        "0.5",
         "--restarts-scale",
         "0.5",
         "--bootstrap-resamples",
         "20",
-        "--out",
-        s(out),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    ];
+    flags.extend(extra);
+    quick_eval_args(model, data, out, &flags)
 }
 
-fn run_ok(args: &[String]) -> Result<String, Box<dyn std::error::Error>> {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = rampart(&refs)?;
-    assert!(out.status.success(), "{args:?}: {}", text(&out));
-    Ok(text(&out))
-}
-
-fn refused(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
-    let out = rampart(args)?;
-    assert!(!out.status.success(), "{args:?} was accepted");
-    Ok(text(&out))
+/// `rampart merge` of the `shards` into `out`, which must succeed.
+fn merge<'a>(
+    shards: impl Iterator<Item = &'a PathBuf>,
+    out: &Path,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let mut args = owned(&["merge"]);
+    args.extend(shards.map(|p| s(p).to_string()));
+    args.extend(owned(&["--out", s(out)]));
+    run_ok(&args)
 }
 
 /// Every file under `root`, relative to it, sorted.
@@ -147,21 +59,8 @@ fn files_under(root: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// JSON without what differs between two runs by design: wall times, the steps
 /// loaded from disk, the output folder and the command line.
 fn json_without_timings(bytes: &[u8]) -> serde_json::Result<serde_json::Value> {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(map) => {
-                map.retain(|k, _| {
-                    !k.contains("seconds")
-                        && !["resumed", "out_dir", "command_line"].contains(&k.as_str())
-                });
-                map.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
     let mut v = serde_json::from_slice(bytes)?;
-    strip(&mut v);
+    without_timings(&mut v, &["out_dir", "command_line"]);
     Ok(v)
 }
 
@@ -225,7 +124,7 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
     let dir = tempfile::tempdir()?;
     write_tiny_cifar10(dir.path(), 16, 0)?;
     let data = s(dir.path());
-    let model = train_tiny(data, &dir.path().join("m"), "0")?;
+    let model = train_tiny(data, &dir.path().join("m"), &["--seed", "0"])?;
 
     let whole = dir.path().join("whole");
     run_ok(&eval_args(&model, data, &whole, &[]))?;
@@ -239,11 +138,7 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
         assert!(out.join("shard.json").is_file() && !out.join("results.json").exists());
     }
     let merged = dir.path().join("merged");
-    let mut merge: Vec<&str> = vec!["merge"];
-    merge.extend(shards.iter().rev().map(|p| s(p)));
-    merge.extend(["--out", s(&merged)]);
-    let out = rampart(&merge)?;
-    assert!(out.status.success(), "{}", text(&out));
+    merge(shards.iter().rev(), &merged)?;
     let compared = assert_same_outputs(&whole, &merged)?;
     assert!(compared > 20, "only {compared} files");
 
@@ -266,7 +161,7 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
         said.contains("different settings") && said.contains("seed"),
         "{said}"
     );
-    let other_model = train_tiny(data, &dir.path().join("m2"), "1")?;
+    let other_model = train_tiny(data, &dir.path().join("m2"), &["--seed", "1"])?;
     let foreign = dir.path().join("other-model");
     run_ok(&eval_args(
         &other_model,
@@ -344,7 +239,7 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
 
     // `rampart attack`: 16 images in batches of 4, 2 ε, cut into 3 shards.
     let attack = |out: &Path, extra: &[&str]| {
-        let mut args: Vec<String> = [
+        let mut args = owned(&[
             "--threads",
             "2",
             "attack",
@@ -362,11 +257,8 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
             "4",
             "--out",
             s(out),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        args.extend(extra.iter().map(|a| a.to_string()));
+        ]);
+        args.extend(owned(extra));
         run_ok(&args)
     };
     let whole_attack = dir.path().join("attack-whole");
@@ -378,11 +270,7 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
         attack(out, &["--shard", &format!("{i}/3")])?;
     }
     let merged_attack = dir.path().join("attack-merged");
-    let mut merge: Vec<&str> = vec!["merge"];
-    merge.extend(attack_shards.iter().map(|p| s(p)));
-    merge.extend(["--out", s(&merged_attack)]);
-    let out = rampart(&merge)?;
-    assert!(out.status.success(), "{}", text(&out));
+    merge(attack_shards.iter(), &merged_attack)?;
     assert!(assert_same_outputs(&whole_attack, &merged_attack)? >= 3);
     let (a0, a2) = (s(&attack_shards[0]), s(&attack_shards[2]));
     assert!(refused(&["merge", a0, a2, "--out", t])?.contains("shard 1/3 missing"));

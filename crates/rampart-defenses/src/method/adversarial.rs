@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    adversarial_count, attack_seed, check_eps, check_fraction, cross_entropy, mixed_batch,
-    run_attack, to_json, BatchLoss, TrainingMethod,
+    adversarial_count, attack_first, check_eps, check_fraction, cross_entropy, mixed_batch,
+    to_json, BatchLoss, TrainingMethod,
 };
 use crate::error::Result;
 
@@ -84,13 +84,8 @@ impl MethodSettings for AdversarialTraining {
     }
 
     fn with_overrides(self, values: &Overrides) -> Result<Self> {
-        let mut attack = self.attack;
-        attack.steps = values.attack_steps.unwrap_or(attack.steps);
-        if let Some(s) = values.attack_step_size {
-            attack.step_size = StepSize::Absolute(s);
-        }
         Self::new(
-            attack,
+            values.pgd(self.attack),
             values.eps.unwrap_or(self.eps),
             values.adv_fraction.unwrap_or(self.fraction),
         )
@@ -99,7 +94,7 @@ impl MethodSettings for AdversarialTraining {
 
 impl TrainingMethod for AdversarialTraining {
     fn name(&self) -> &'static str {
-        "at"
+        Self::NAME
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -137,23 +132,11 @@ pub(crate) fn adversarial_cross_entropy(
     rng: &mut ChaCha8Rng,
 ) -> Result<BatchLoss> {
     let m = adversarial_count(images.dim(0)?, fraction);
-    let seed = attack_seed(rng);
-    let adv = run_attack(
-        attack,
-        model,
-        &images.narrow(0, 0, m)?,
-        &labels.narrow(0, 0, m)?,
-        eps,
-        seed,
-    )?;
+    let adv = attack_first(attack, model, images, labels, m, eps, rng)?;
     let inputs = mixed_batch(images, &adv.clipped)?;
     let logits = model.forward_t(&inputs, true)?;
     let loss = cross_entropy(&logits, labels, 0.0)?;
-    Ok(BatchLoss {
-        loss,
-        logits,
-        labels: labels.clone(),
-    })
+    Ok(BatchLoss::of_batch(loss, logits, labels))
 }
 
 #[cfg(test)]
@@ -175,15 +158,7 @@ mod tests {
             // The expected adversarial examples first: the method's train-mode forward
             // updates the BatchNorm statistics that the eval-mode attack uses.
             let rng = ChaCha8Rng::seed_from_u64(5);
-            let seed = attack_seed(&mut rng.clone());
-            let adv = run_attack(
-                &method.attack,
-                &model,
-                &x.narrow(0, 0, m)?,
-                &y.narrow(0, 0, m)?,
-                0.03,
-                seed,
-            )?;
+            let adv = attack_first(&method.attack, &model, &x, &y, m, 0.03, &mut rng.clone())?;
             assert!(adv.norm.iter().all(|&n| f64::from(n) <= 0.03 + 1e-6));
             let out = method.loss(&model, &x, &y, &mut rng.clone())?;
             let inputs = mixed_batch(&x, &adv.clipped)?;

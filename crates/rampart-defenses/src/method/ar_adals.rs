@@ -282,7 +282,7 @@ impl MethodSettings for ArAdaLsConfig {
 
 impl TrainingMethod for ArAdaLs {
     fn name(&self) -> &'static str {
-        "ar-adals"
+        ArAdaLsConfig::NAME
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -324,11 +324,7 @@ impl TrainingMethod for ArAdaLs {
         let loss = soft_cross_entropy(&logits, &targets)?;
         let stats = calibration_gaps(&logits, labels, &groups)?;
         self.lock().update(&self.config, &stats);
-        Ok(BatchLoss {
-            loss,
-            logits,
-            labels: labels.clone(),
-        })
+        Ok(BatchLoss::of_batch(loss, logits, labels))
     }
 }
 

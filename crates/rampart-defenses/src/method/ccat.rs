@@ -1,15 +1,15 @@
 //! Confidence-calibrated adversarial training (Stutz, Hein & Schiele, ICML 2020).
 
 use candle_core::{ModuleT, Tensor};
-use rampart_attacks::{Pgd, StepSize};
+use rampart_attacks::Pgd;
 use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    adversarial_count, attack_seed, check_eps, check_fraction, labels_vec, mixed_batch, one_hot,
-    run_attack, soft_cross_entropy, to_json, BatchLoss, TrainingMethod,
+    adversarial_count, attack_first, check_eps, check_fraction, labels_vec, mixed_batch, one_hot,
+    soft_cross_entropy, to_json, BatchLoss, TrainingMethod,
 };
 use crate::error::{DefenseError, Result};
 
@@ -119,13 +119,8 @@ impl MethodSettings for Ccat {
     }
 
     fn with_overrides(self, values: &Overrides) -> Result<Self> {
-        let mut attack = self.attack;
-        attack.steps = values.attack_steps.unwrap_or(attack.steps);
-        if let Some(s) = values.attack_step_size {
-            attack.step_size = StepSize::Absolute(s);
-        }
         Self::new(
-            attack,
+            values.pgd(self.attack),
             values.eps.unwrap_or(self.eps),
             values.rho.unwrap_or(self.rho),
             values.adv_fraction.unwrap_or(self.fraction),
@@ -135,7 +130,7 @@ impl MethodSettings for Ccat {
 
 impl TrainingMethod for Ccat {
     fn name(&self) -> &'static str {
-        "ccat"
+        Self::NAME
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -152,15 +147,7 @@ impl TrainingMethod for Ccat {
         let b = images.dim(0)?;
         let k = model.spec().num_classes;
         let m = adversarial_count(b, self.fraction);
-        let seed = attack_seed(rng);
-        let adv = run_attack(
-            &self.attack,
-            model,
-            &images.narrow(0, 0, m)?,
-            &labels.narrow(0, 0, m)?,
-            self.eps,
-            seed,
-        )?;
+        let adv = attack_first(&self.attack, model, images, labels, m, self.eps, rng)?;
         let ys = labels_vec(labels)?;
         let mut targets = ccat_soft_targets(&ys[..m], &adv.norm, self.eps, self.rho, k);
         targets.extend(one_hot(&ys[m..], k));
@@ -168,11 +155,7 @@ impl TrainingMethod for Ccat {
         let inputs = mixed_batch(images, &adv.clipped)?;
         let logits = model.forward_t(&inputs, true)?;
         let loss = soft_cross_entropy(&logits, &targets)?;
-        Ok(BatchLoss {
-            loss,
-            logits,
-            labels: labels.clone(),
-        })
+        Ok(BatchLoss::of_batch(loss, logits, labels))
     }
 }
 
@@ -218,15 +201,7 @@ mod tests {
         // The expected adversarial examples first: the method's train-mode forward
         // updates the BatchNorm statistics that the eval-mode attack uses.
         let rng = ChaCha8Rng::seed_from_u64(13);
-        let seed = attack_seed(&mut rng.clone());
-        let adv = run_attack(
-            &method.attack,
-            &model,
-            &x.narrow(0, 0, 4)?,
-            &y.narrow(0, 0, 4)?,
-            0.03,
-            seed,
-        )?;
+        let adv = attack_first(&method.attack, &model, &x, &y, 4, 0.03, &mut rng.clone())?;
         let out = method.loss(&model, &x, &y, &mut rng.clone())?;
         let logits = rows(&model.forward_t(&mixed_batch(&x, &adv.clipped)?, true)?);
         let labels = y.to_vec1::<u32>()?;

@@ -79,7 +79,7 @@ impl MethodSettings for FastAt {
 
 impl TrainingMethod for FastAt {
     fn name(&self) -> &'static str {
-        "fast-at"
+        Self::NAME
     }
 
     fn settings(&self) -> serde_json::Value {

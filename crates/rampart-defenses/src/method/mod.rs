@@ -61,6 +61,18 @@ pub struct BatchLoss {
     pub labels: Tensor,
 }
 
+impl BatchLoss {
+    /// The loss of a batch whose accuracy is measured on `logits` against the batch's
+    /// own `labels`.
+    pub(crate) fn of_batch(loss: Tensor, logits: Tensor, labels: &Tensor) -> BatchLoss {
+        BatchLoss {
+            loss,
+            logits,
+            labels: labels.clone(),
+        }
+    }
+}
+
 /// Turns a batch into a loss; one implementation per training method.
 ///
 /// **Invariant:** everything random a method does draws from `rng`, which the loop
@@ -129,6 +141,29 @@ pub(crate) fn run_attack(
     results
         .pop()
         .ok_or_else(|| DefenseError::Config("the attack returned no result".into()))
+}
+
+/// Runs `attack` at budget `eps` on the first `m` examples of the batch, with one seed
+/// drawn from the method's RNG ([`attack_seed`]). images: (B, C, H, W); labels: (B,);
+/// m ≤ B.
+pub(crate) fn attack_first(
+    attack: &dyn Attack,
+    model: &Classifier,
+    images: &Tensor,
+    labels: &Tensor,
+    m: usize,
+    eps: f64,
+    rng: &mut ChaCha8Rng,
+) -> Result<AttackResult> {
+    let seed = attack_seed(rng);
+    run_attack(
+        attack,
+        model,
+        &images.narrow(0, 0, m)?,
+        &labels.narrow(0, 0, m)?,
+        eps,
+        seed,
+    )
 }
 
 /// The batch an adversarial method trains on: the first `adversarial.dim(0)` examples

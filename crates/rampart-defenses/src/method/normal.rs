@@ -71,7 +71,7 @@ impl MethodSettings for Normal {
 
 impl TrainingMethod for Normal {
     fn name(&self) -> &'static str {
-        "normal"
+        Self::NAME
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -87,11 +87,7 @@ impl TrainingMethod for Normal {
     ) -> Result<BatchLoss> {
         let logits = model.forward_t(images, true)?;
         let loss = cross_entropy(&logits, labels, self.label_smoothing)?;
-        Ok(BatchLoss {
-            loss,
-            logits,
-            labels: labels.clone(),
-        })
+        Ok(BatchLoss::of_batch(loss, logits, labels))
     }
 }
 

@@ -2,7 +2,7 @@
 //! λ-conditioned model for a whole range of clean-vs-robust trade-offs.
 
 use candle_core::{Tensor, D};
-use rampart_attacks::{Pgd, StepSize};
+use rampart_attacks::Pgd;
 use rampart_models::Classifier;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -75,18 +75,13 @@ impl MethodSettings for Oat {
     }
 
     fn with_overrides(self, values: &Overrides) -> Result<Self> {
-        let mut attack = self.attack;
-        attack.steps = values.attack_steps.unwrap_or(attack.steps);
-        if let Some(s) = values.attack_step_size {
-            attack.step_size = StepSize::Absolute(s);
-        }
-        Self::new(attack, values.eps.unwrap_or(self.eps))
+        Self::new(values.pgd(self.attack), values.eps.unwrap_or(self.eps))
     }
 }
 
 impl TrainingMethod for Oat {
     fn name(&self) -> &'static str {
-        "oat"
+        Self::NAME
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -161,11 +156,7 @@ impl TrainingMethod for Oat {
             total = (total + adv_term)?;
         }
         let loss = (total / b as f64)?;
-        Ok(BatchLoss {
-            loss,
-            logits: clean_logits,
-            labels: labels.clone(),
-        })
+        Ok(BatchLoss::of_batch(loss, clean_logits, labels))
     }
 }
 

@@ -11,6 +11,8 @@
 
 use std::fmt;
 
+use rampart_attacks::{Pgd, StepSize};
+
 use super::{
     AdversarialTraining, ArAdaLs, ArAdaLsConfig, Ccat, FastAt, Normal, Oat, RegMixup, Sat, Trades,
     TrainingMethod,
@@ -108,6 +110,17 @@ impl Overrides {
             Setting::AdvFraction => self.adv_fraction.is_some(),
             Setting::Beta => self.beta.is_some(),
             Setting::Rho => self.rho.is_some(),
+        }
+    }
+
+    /// `attack` with the given attack steps and (absolute) step size in place.
+    pub(crate) fn pgd(&self, attack: Pgd) -> Pgd {
+        Pgd {
+            steps: self.attack_steps.unwrap_or(attack.steps),
+            step_size: self
+                .attack_step_size
+                .map_or(attack.step_size, StepSize::Absolute),
+            ..attack
         }
     }
 

@@ -99,7 +99,7 @@ impl MethodSettings for RegMixup {
 
 impl TrainingMethod for RegMixup {
     fn name(&self) -> &'static str {
-        "regmixup"
+        Self::NAME
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -123,11 +123,7 @@ impl TrainingMethod for RegMixup {
         let clean = logits.narrow(0, 0, b)?;
         let loss = (cross_entropy(&clean, labels, 0.0)?
             + soft_cross_entropy(&logits.narrow(0, b, b)?, &targets)?)?;
-        Ok(BatchLoss {
-            loss,
-            logits: clean,
-            labels: labels.clone(),
-        })
+        Ok(BatchLoss::of_batch(loss, clean, labels))
     }
 }
 

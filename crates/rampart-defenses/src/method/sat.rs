@@ -3,15 +3,13 @@
 //! logits, seen as two uniform empirical measures.
 
 use candle_core::{DType, ModuleT, Tensor, D};
-use rampart_attacks::{Pgd, StepSize};
+use rampart_attacks::Pgd;
 use rampart_models::Classifier;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{
-    attack_seed, check_eps, cross_entropy, run_attack, to_json, BatchLoss, TrainingMethod,
-};
+use super::{attack_first, check_eps, cross_entropy, to_json, BatchLoss, TrainingMethod};
 use crate::error::{DefenseError, Result};
 
 /// SAT: loss = CE(f(x'), y) + β·S_ε(f(x), f(x')), both forward passes in train mode.
@@ -210,13 +208,8 @@ impl MethodSettings for Sat {
     }
 
     fn with_overrides(self, values: &Overrides) -> Result<Self> {
-        let mut attack = self.attack;
-        attack.steps = values.attack_steps.unwrap_or(attack.steps);
-        if let Some(s) = values.attack_step_size {
-            attack.step_size = StepSize::Absolute(s);
-        }
         Self::new(
-            attack,
+            values.pgd(self.attack),
             values.eps.unwrap_or(self.eps),
             values.beta.unwrap_or(self.beta),
         )
@@ -225,7 +218,7 @@ impl MethodSettings for Sat {
 
 impl TrainingMethod for Sat {
     fn name(&self) -> &'static str {
-        "sat"
+        Self::NAME
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -239,8 +232,8 @@ impl TrainingMethod for Sat {
         labels: &Tensor,
         rng: &mut ChaCha8Rng,
     ) -> Result<BatchLoss> {
-        let seed = attack_seed(rng);
-        let adv = run_attack(&self.attack, model, images, labels, self.eps, seed)?;
+        let b = images.dim(0)?;
+        let adv = attack_first(&self.attack, model, images, labels, b, self.eps, rng)?;
         let clean_logits = model.forward_t(images, true)?;
         let adv_logits = model.forward_t(&adv.clipped, true)?;
         let robust = cross_entropy(&adv_logits, labels, 0.0)?;
@@ -251,11 +244,7 @@ impl TrainingMethod for Sat {
             self.sinkhorn_iters,
         )?;
         let loss = (robust + (divergence * self.beta)?)?;
-        Ok(BatchLoss {
-            loss,
-            logits: adv_logits,
-            labels: labels.clone(),
-        })
+        Ok(BatchLoss::of_batch(loss, adv_logits, labels))
     }
 }
 
@@ -439,8 +428,15 @@ mod tests {
         // The expected adversarial examples first: the method's train-mode forwards
         // update the BatchNorm statistics that the eval-mode attack uses.
         let rng = ChaCha8Rng::seed_from_u64(21);
-        let seed = attack_seed(&mut rng.clone());
-        let adv = run_attack(&method.attack, &model, &x, &y, method.eps, seed)?;
+        let adv = attack_first(
+            &method.attack,
+            &model,
+            &x,
+            &y,
+            6,
+            method.eps,
+            &mut rng.clone(),
+        )?;
         let delta = (&adv.clipped - &x)?
             .abs()?
             .flatten_all()?

@@ -166,7 +166,7 @@ impl MethodSettings for Trades {
 
 impl TrainingMethod for Trades {
     fn name(&self) -> &'static str {
-        "trades"
+        Self::NAME
     }
 
     fn settings(&self) -> serde_json::Value {
