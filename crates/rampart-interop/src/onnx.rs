@@ -128,7 +128,13 @@ pub fn load_onnx(path: &Path, options: &OnnxOptions) -> Result<Classifier> {
         path: path.to_path_buf(),
         source,
     })?;
-    let model = <ModelProto as prost::Message>::decode(bytes.as_slice())
+    decode_onnx(&bytes, path, options)
+}
+
+/// Reads an ONNX classifier held in memory, as [`load_onnx`] reads a file; `path`
+/// names the source in errors and in the model's `onnx.file` metadata.
+pub fn decode_onnx(bytes: &[u8], path: &Path, options: &OnnxOptions) -> Result<Classifier> {
+    let model = <ModelProto as prost::Message>::decode(bytes)
         .map_err(|e| bad(path, format!("not an ONNX model: {e}")))?;
     let (net, [c, h, w]) = prepare(model, &options.device).map_err(|m| bad(path, m))?;
     let net = Arc::new(net);

@@ -51,18 +51,24 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
         path: path.to_path_buf(),
         source,
     })?;
+    decode_state_dict(&bytes, path)
+}
+
+/// Reads a state dict held in memory, as [`read_state_dict`] reads a file; `path`
+/// only names the source in errors.
+pub fn decode_state_dict(bytes: &[u8], path: &Path) -> Result<StateDict> {
     let fail = |message: String| InteropError::File {
         path: path.to_path_buf(),
         message,
     };
     let dict = if bytes.starts_with(b"PK\x03\x04") {
-        read_archive(&bytes).map_err(fail)?
+        read_archive(bytes).map_err(fail)?
     } else if bytes.starts_with(&[0x80]) {
         return Err(fail(
             "a legacy torch.save file (PyTorch < 1.6, not a zip archive); load it in PyTorch and save it again with a current version".into(),
         ));
     } else {
-        read_safetensors(&bytes).map_err(|e| {
+        read_safetensors(bytes).map_err(|e| {
             fail(format!(
                 "neither a torch.save zip archive nor a safetensors file ({e})"
             ))
