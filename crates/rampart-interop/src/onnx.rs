@@ -20,6 +20,7 @@
 //! told otherwise ([`OnnxOptions`]): inputs in [0, 1], normalisation inside the graph.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -107,7 +108,24 @@ impl ExternalNetwork for OnnxNet {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let mut values = self.constants.clone();
         values.insert(self.input.clone(), xs.contiguous()?);
-        let mut out = candle_onnx::simple_eval(&self.model, values)?;
+        // candle-onnx indexes a node's inputs without checking how many the graph gave
+        // it (a Gemm with two inputs panics): a graph it cannot evaluate is an error of
+        // this model, not a crash of the process. The evaluation shares no state with
+        // anything outside this call.
+        let evaluated = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            candle_onnx::simple_eval(&self.model, values)
+        }));
+        let mut out = match evaluated {
+            Ok(out) => out?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                candle_core::bail!("the ONNX evaluator cannot run this graph: {why}")
+            }
+        };
         match out.remove(&self.output) {
             Some(t) => Ok(t),
             None => candle_core::bail!("the ONNX graph did not produce `{}`", self.output),

@@ -21,6 +21,11 @@ pub const CHECKPOINT_KEYS: [&str; 5] = ["state_dict", "model_state_dict", "model
 /// Largest archive member read into memory (a WRN-70-16 state dict is 1.1 GB).
 const MAX_MEMBER_BYTES: u64 = 8 << 30;
 
+/// Most bytes reserved up front for one member; beyond this the buffer grows with the
+/// bytes actually read, so a size field cannot make the reader allocate what the
+/// archive does not hold.
+const MAX_RESERVE: u64 = 64 << 20;
+
 /// One tensor of a state dict, as f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorData {
@@ -177,9 +182,16 @@ fn member<R: Read + std::io::Seek>(
             f.size()
         ));
     }
-    let mut out = Vec::with_capacity(usize::try_from(f.size()).unwrap_or(0));
+    let claimed = f.size();
+    let mut out = Vec::with_capacity(usize::try_from(claimed.min(MAX_RESERVE)).unwrap_or(0));
     f.read_to_end(&mut out)
         .map_err(|e| format!("archive member {name}: {e}"))?;
+    if out.len() as u64 != claimed {
+        return Err(format!(
+            "archive member {name} holds {} bytes, its header says {claimed}",
+            out.len()
+        ));
+    }
     Ok(out)
 }
 

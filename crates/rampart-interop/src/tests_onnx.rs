@@ -383,3 +383,20 @@ fn bad_graphs_are_refused_clearly() {
     let msg = err(&features);
     assert!(msg.contains("not the logits"), "{msg}");
 }
+
+/// Found by fuzzing (`onnx`): a `Gemm` node given two inputs instead of three made
+/// candle-onnx index past the node's inputs and panic during the probe batch.
+#[test]
+fn a_graph_the_evaluator_cannot_run_is_an_error() {
+    let bytes = include_bytes!("../tests/data/gemm_with_two_inputs.onnx");
+    let err = decode_onnx(
+        bytes,
+        std::path::Path::new("m.onnx"),
+        &OnnxOptions::default(),
+    );
+    let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("m.onnx") && msg.contains("the ONNX evaluator cannot run this graph"),
+        "{msg}"
+    );
+}
