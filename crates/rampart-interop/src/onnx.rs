@@ -71,6 +71,10 @@ pub const SUPPORTED_OPS: [&str; 32] = [
     "Unsqueeze",
 ];
 
+/// Most values one input image may have (C·H·W; 3×2048×2048 fits): the declared input
+/// shape sizes the probe batch, so it is checked before anything is allocated for it.
+const MAX_INPUT_VALUES: usize = 1 << 24;
+
 /// How the inputs of an ONNX model look; the defaults are RobustBench's.
 #[derive(Clone, Debug)]
 pub struct OnnxOptions {
@@ -303,6 +307,13 @@ fn image_shape(input: &mut onnx::ValueInfoProto) -> std::result::Result<[usize; 
                 ))
             }
         }
+    }
+    let values = chw.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if values.is_none_or(|n| n > MAX_INPUT_VALUES) {
+        return Err(format!(
+            "input `{name}` is {}×{}×{}, more than {MAX_INPUT_VALUES} values per image",
+            chw[0], chw[1], chw[2]
+        ));
     }
     dims[0].value = Some(tensor_shape_proto::dimension::Value::DimParam(
         "batch".into(),

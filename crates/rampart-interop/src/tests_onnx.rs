@@ -400,3 +400,17 @@ fn a_graph_the_evaluator_cannot_run_is_an_error() {
         "{msg}"
     );
 }
+
+/// An input declared as 1×10⁹×10⁹ is refused before the probe batch is allocated.
+#[test]
+fn an_enormous_declared_input_is_refused() {
+    let (bytes, ..) = small_cnn(None, false);
+    let mut model = <ModelProto as prost::Message>::decode(bytes.as_slice()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    graph.input = vec![info("x", &[1, 1, 1_000_000_000, 1_000_000_000])];
+    let msg = load(&prost::Message::encode_to_vec(&model))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("more than 16777216 values"), "{msg}");
+}
