@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
 
+use crate::archive::read_member;
 use crate::dataset::{ImageDataset, Splits};
 use crate::error::{member_path, DataError, Result};
 use crate::kind::{CifarLayout, DatasetKind};
@@ -41,6 +42,21 @@ pub fn load_cifar_binary(kind: DatasetKind, path: &Path) -> Result<Splits> {
         "loaded CIFAR binary data"
     );
     Ok(splits)
+}
+
+/// Decodes one CIFAR batch file held in memory (`data_batch_1.bin` … `test_batch.bin`,
+/// CIFAR-100's `train.bin` or `test.bin`): records of `kind`'s label bytes and 3,072
+/// pixel bytes. `file` only names the source in errors.
+pub fn decode_cifar_batch(kind: DatasetKind, bytes: &[u8], file: &Path) -> Result<ImageDataset> {
+    let mut split = SplitBuilder::new(kind, cifar_layout(kind)?);
+    split.push_batch(bytes, file)?;
+    split.finish()
+}
+
+/// Decodes the official CIFAR binary `.tar.gz` held in memory, as
+/// [`load_cifar_binary`] reads it from a file. `archive` only names the source in errors.
+pub fn decode_cifar_archive(kind: DatasetKind, bytes: &[u8], archive: &Path) -> Result<Splits> {
+    read_tarball(kind, cifar_layout(kind)?, bytes, archive)
 }
 
 /// The CIFAR layout of `kind`, or an error saying it is not a CIFAR data set.
@@ -145,7 +161,17 @@ fn load_folder(kind: DatasetKind, layout: &'static CifarLayout, folder: &Path) -
 
 fn load_tarball(kind: DatasetKind, layout: &'static CifarLayout, archive: &Path) -> Result<Splits> {
     let file = File::open(archive).map_err(|e| DataError::io(archive, e))?;
-    let mut tar = tar::Archive::new(GzDecoder::new(BufReader::new(file)));
+    read_tarball(kind, layout, BufReader::new(file), archive)
+}
+
+/// Reads the gzipped tar stream `gz` of the official archive; `archive` names it in errors.
+fn read_tarball(
+    kind: DatasetKind,
+    layout: &'static CifarLayout,
+    gz: impl Read,
+    archive: &Path,
+) -> Result<Splits> {
+    let mut tar = tar::Archive::new(GzDecoder::new(gz));
     let wanted: Vec<&str> = layout
         .train_files
         .iter()
@@ -168,10 +194,7 @@ fn load_tarball(kind: DatasetKind, layout: &'static CifarLayout, archive: &Path)
             continue;
         };
         let shown = member_path(archive, &member.to_string_lossy());
-        let mut bytes = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0));
-        entry
-            .read_to_end(&mut bytes)
-            .map_err(|e| DataError::io(&shown, e))?;
+        let bytes = read_member(&mut entry, &shown)?;
         found.insert(key, (shown, bytes));
     }
     let mut take = |name: &str, split: &mut SplitBuilder| -> Result<()> {
@@ -204,7 +227,9 @@ fn load_tarball(kind: DatasetKind, layout: &'static CifarLayout, archive: &Path)
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::testutil::{record, write_cifar_folder, write_cifar_tarball, TestResult};
+    use crate::testutil::{
+        record, tar_gz_claiming, write_cifar_folder, write_cifar_tarball, TestResult,
+    };
 
     #[test]
     fn refuses_a_kind_that_is_not_cifar() -> TestResult {
@@ -342,6 +367,39 @@ pub(crate) mod tests {
                 && msg.contains("3079 bytes"),
             "{msg}"
         );
+        Ok(())
+    }
+
+    /// A member whose tar header claims 2^62 bytes must not make the reader reserve that
+    /// much memory up front (which aborts the process).
+    #[test]
+    fn a_member_claiming_more_bytes_than_the_archive_holds_is_truncated() -> TestResult {
+        let archive = Path::new("cifar-10-binary.tar.gz");
+        for claimed in [1u64 << 62, 8 << 30, 3073 * 2] {
+            let bytes =
+                tar_gz_claiming("cifar-10-batches-bin/test_batch.bin", claimed, &[0; 3073])?;
+            let err = decode_cifar_archive(DatasetKind::Cifar10, &bytes, archive).err();
+            assert!(
+                matches!(&err, Some(DataError::Truncated { needed, available: 3073, .. }) if *needed == claimed),
+                "{claimed}: {err:?}"
+            );
+            let msg = err.map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                msg.contains("cifar-10-binary.tar.gz!/cifar-10-batches-bin/test_batch.bin"),
+                "{msg}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decodes_a_batch_held_in_memory() -> TestResult {
+        let bytes: Vec<u8> = (0..3)
+            .flat_map(|i| record(DatasetKind::Cifar10, i, i as u8 + 4))
+            .collect();
+        let ds = decode_cifar_batch(DatasetKind::Cifar10, &bytes, Path::new("mem.bin"))?;
+        assert_eq!(ds.labels(), &[4, 5, 6]);
+        assert_eq!(ds.image(2), &record(DatasetKind::Cifar10, 2, 6)[1..]);
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ use flate2::read::GzDecoder;
 use image::RgbImage;
 use rayon::prelude::*;
 
+use crate::archive::read_member;
 use crate::dataset::{ImageDataset, Splits};
 use crate::error::{member_path, DataError, Result};
 
@@ -114,7 +115,26 @@ pub fn load_image_folder(root: &Path) -> Result<Splits> {
 /// under one common `PREFIX` (e.g. `cifar10-jpeg`, or none); members elsewhere are skipped.
 pub fn load_image_archive(archive: &Path) -> Result<Splits> {
     let file = File::open(archive).map_err(|e| DataError::io(archive, e))?;
-    let mut tar = tar::Archive::new(GzDecoder::new(BufReader::new(file)));
+    let loaded = read_image_archive(BufReader::new(file), archive)?;
+    tracing::info!(
+        source = %archive.display(),
+        train = loaded.train.len(),
+        test = loaded.test.len(),
+        classes = loaded.train.num_classes(),
+        "loaded image archive"
+    );
+    Ok(loaded)
+}
+
+/// Decodes an image folder packed as a `.tar.gz` held in memory, as
+/// [`load_image_archive`] reads it from a file. `archive` only names the source in errors.
+pub fn decode_image_archive(bytes: &[u8], archive: &Path) -> Result<Splits> {
+    read_image_archive(bytes, archive)
+}
+
+/// Reads the gzipped tar stream `gz` of an image archive; `archive` names it in errors.
+fn read_image_archive(gz: impl Read, archive: &Path) -> Result<Splits> {
+    let mut tar = tar::Archive::new(GzDecoder::new(gz));
     let mut train = ClassFiles::new();
     let mut test = ClassFiles::new();
     let mut prefix: Option<PathBuf> = None;
@@ -155,10 +175,7 @@ pub fn load_image_archive(archive: &Path) -> Result<Splits> {
             Some(_) => {}
         }
         let shown = member_path(archive, &member.to_string_lossy());
-        let mut bytes = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0));
-        entry
-            .read_to_end(&mut bytes)
-            .map_err(|e| DataError::io(&shown, e))?;
+        let bytes = read_member(&mut entry, &shown)?;
         classes.entry((*class).to_owned()).or_default().push(Item {
             name: (*name).to_owned(),
             source: Source::Memory { shown, bytes },
@@ -174,15 +191,7 @@ pub fn load_image_archive(archive: &Path) -> Result<Splits> {
             });
         }
     }
-    let loaded = assemble(archive, train, test)?;
-    tracing::info!(
-        source = %archive.display(),
-        train = loaded.train.len(),
-        test = loaded.test.len(),
-        classes = loaded.train.num_classes(),
-        "loaded image archive"
-    );
-    Ok(loaded)
+    assemble(archive, train, test)
 }
 
 /// Lists `dir/{class}/*.{png,jpg,jpeg}`.

@@ -52,6 +52,7 @@
 
 #![warn(missing_docs)]
 
+mod archive;
 mod augment;
 mod cache;
 mod cifar;
@@ -71,14 +72,14 @@ mod testutil;
 
 pub use augment::{AugmentDraw, Augmentation, Cutout};
 pub use cache::{user_data_dir, user_data_dir_from};
-pub use cifar::{load_cifar_binary, CIFAR_SHAPE};
+pub use cifar::{decode_cifar_archive, decode_cifar_batch, load_cifar_binary, CIFAR_SHAPE};
 pub use corrupt::{corrupt, corrupt_with_parameter, CorruptError, Corruption};
 pub use dataset::{ImageDataset, Splits};
 pub use download::{download, verify_archive, verify_file};
 pub use error::{DataError, Result};
-pub use folder::{load_image_archive, load_image_folder};
+pub use folder::{decode_image_archive, load_image_archive, load_image_folder};
 pub use kind::{Checksum, CifarLayout, DatasetKind, OfficialFile};
 pub use load::load;
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig, PREFETCH};
-pub use mnist::{load_mnist, load_mnist_idx, MNIST_SHAPE};
-pub use svhn::{load_svhn, load_svhn_mat, SVHN_SHAPE};
+pub use mnist::{decode_mnist_idx, load_mnist, load_mnist_idx, MNIST_SHAPE};
+pub use svhn::{decode_svhn_mat, load_svhn, load_svhn_mat, SVHN_SHAPE};

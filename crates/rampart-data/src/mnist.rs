@@ -116,11 +116,13 @@ pub fn load_mnist(dir: &Path) -> Result<Splits> {
 /// different numbers of images and labels give an error naming the file.
 pub fn load_mnist_idx(images: &Path, labels: &Path) -> Result<ImageDataset> {
     let read = |path: &Path| std::fs::read(path).map_err(|e| DataError::io(path, e));
-    decode_split(&read(images)?, images, &read(labels)?, labels)
+    decode_mnist_idx(&read(images)?, images, &read(labels)?, labels)
 }
 
-/// Decodes one split from the raw contents of its two files; the paths name them in errors.
-pub(crate) fn decode_split(
+/// Decodes one split from the contents of its IDX images and labels files held in
+/// memory, either gzipped or plain, as [`load_mnist_idx`] reads them; the paths only
+/// name the sources in errors.
+pub fn decode_mnist_idx(
     images_raw: &[u8],
     images_file: &Path,
     labels_raw: &[u8],
@@ -437,9 +439,9 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    /// Runs `decode_split` on modified images / labels bytes.
+    /// Runs `decode_mnist_idx` on modified images / labels bytes.
     fn decode(images: &[u8], labels: &[u8]) -> Result<ImageDataset> {
-        decode_split(
+        decode_mnist_idx(
             images,
             Path::new("imgs-idx3-ubyte"),
             labels,

@@ -76,11 +76,12 @@ pub fn load_svhn(dir: &Path) -> Result<Splits> {
 /// naming the file.
 pub fn load_svhn_mat(path: &Path) -> Result<ImageDataset> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    decode_svhn(&bytes, path)
+    decode_svhn_mat(&bytes, path)
 }
 
-/// Decodes the contents of an SVHN `.mat` file; `file` names it in errors.
-pub(crate) fn decode_svhn(bytes: &[u8], file: &Path) -> Result<ImageDataset> {
+/// Decodes the contents of an SVHN `.mat` file held in memory, as [`load_svhn_mat`]
+/// reads it; `file` only names the source in errors.
+pub fn decode_svhn_mat(bytes: &[u8], file: &Path) -> Result<ImageDataset> {
     let malformed = |problem: String| DataError::Malformed {
         file: file.to_path_buf(),
         format: mat::FORMAT,
@@ -237,7 +238,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn decode(bytes: &[u8]) -> Result<ImageDataset> {
-        decode_svhn(bytes, Path::new("train_32x32.mat"))
+        decode_svhn_mat(bytes, Path::new("train_32x32.mat"))
     }
 
     fn message(bytes: &[u8]) -> String {

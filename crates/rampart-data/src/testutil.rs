@@ -106,6 +106,19 @@ pub fn write_tar_gz(path: &Path, members: &[(String, Vec<u8>)]) -> std::io::Resu
     tar.into_inner()?.finish()?.flush()
 }
 
+/// A gzipped tar with one member `name` whose header claims `claimed` bytes but which
+/// holds only `data` before the archive ends.
+pub fn tar_gz_claiming(name: &str, claimed: u64, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut header = tar::Header::new_gnu();
+    header.set_path(name)?;
+    header.set_size(claimed);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut tar = header.as_bytes().to_vec();
+    tar.extend_from_slice(data);
+    gzip(&tar)
+}
+
 /// Pixels of a test image.
 #[derive(Clone, Debug)]
 enum Pixels {

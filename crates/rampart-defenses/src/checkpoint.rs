@@ -105,10 +105,12 @@ fn checkpoint_error(path: &Path, message: String) -> DefenseError {
 /// Reads only the description of a checkpoint.
 pub fn read_meta(path: &Path) -> Result<CheckpointMeta> {
     let bytes = std::fs::read(path).map_err(|e| DefenseError::io(path, e))?;
-    parse_meta(path, &bytes)
+    decode_meta(&bytes, path)
 }
 
-fn parse_meta(path: &Path, bytes: &[u8]) -> Result<CheckpointMeta> {
+/// Reads the description of a checkpoint held in memory, as [`read_meta`] reads a
+/// file; `path` only names the source in errors.
+pub fn decode_meta(bytes: &[u8], path: &Path) -> Result<CheckpointMeta> {
     let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| checkpoint_error(path, format!("not a readable safetensors file: {e}")))?;
     let json = header
@@ -169,7 +171,7 @@ pub(crate) fn restore(
     method: &dyn crate::TrainingMethod,
 ) -> Result<CheckpointMeta> {
     let bytes = std::fs::read(path).map_err(|e| DefenseError::io(path, e))?;
-    let meta = parse_meta(path, &bytes)?;
+    let meta = decode_meta(&bytes, path)?;
     let differs = |what: &str, saved: String, now: String| {
         checkpoint_error(
             path,

@@ -40,7 +40,10 @@ mod sgd;
 mod threshold;
 mod trainer;
 
-pub use checkpoint::{read_meta as read_checkpoint_meta, CheckpointMeta, CHECKPOINT_KEY};
+pub use checkpoint::{
+    decode_meta as decode_checkpoint_meta, read_meta as read_checkpoint_meta, CheckpointMeta,
+    CHECKPOINT_KEY,
+};
 pub use config::{AugmentationConfig, TrainConfig};
 pub use ema::Ema;
 pub use error::{DefenseError, Result};

@@ -36,11 +36,11 @@ mod tests;
 mod tests_onnx;
 
 pub use names::Convention;
-pub use state_dict::{read_state_dict, StateDict, TensorData, CHECKPOINT_KEYS};
+pub use state_dict::{decode_state_dict, read_state_dict, StateDict, TensorData, CHECKPOINT_KEYS};
 pub use torch::{export_state_dict, import_state_dict, metadata, ImportOptions};
 #[cfg(feature = "onnx")]
 pub use {
-    onnx::{load_onnx, OnnxOptions, SUPPORTED_OPS},
+    onnx::{decode_onnx, load_onnx, OnnxOptions, SUPPORTED_OPS},
     onnx_export::export_onnx,
 };
 

@@ -20,6 +20,7 @@
 //! told otherwise ([`OnnxOptions`]): inputs in [0, 1], normalisation inside the graph.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -70,6 +71,10 @@ pub const SUPPORTED_OPS: [&str; 32] = [
     "Unsqueeze",
 ];
 
+/// Most values one input image may have (C·H·W; 3×2048×2048 fits): the declared input
+/// shape sizes the probe batch, so it is checked before anything is allocated for it.
+const MAX_INPUT_VALUES: usize = 1 << 24;
+
 /// How the inputs of an ONNX model look; the defaults are RobustBench's.
 #[derive(Clone, Debug)]
 pub struct OnnxOptions {
@@ -107,7 +112,24 @@ impl ExternalNetwork for OnnxNet {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let mut values = self.constants.clone();
         values.insert(self.input.clone(), xs.contiguous()?);
-        let mut out = candle_onnx::simple_eval(&self.model, values)?;
+        // candle-onnx indexes a node's inputs without checking how many the graph gave
+        // it (a Gemm with two inputs panics): a graph it cannot evaluate is an error of
+        // this model, not a crash of the process. The evaluation shares no state with
+        // anything outside this call.
+        let evaluated = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            candle_onnx::simple_eval(&self.model, values)
+        }));
+        let mut out = match evaluated {
+            Ok(out) => out?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                candle_core::bail!("the ONNX evaluator cannot run this graph: {why}")
+            }
+        };
         match out.remove(&self.output) {
             Some(t) => Ok(t),
             None => candle_core::bail!("the ONNX graph did not produce `{}`", self.output),
@@ -128,7 +150,13 @@ pub fn load_onnx(path: &Path, options: &OnnxOptions) -> Result<Classifier> {
         path: path.to_path_buf(),
         source,
     })?;
-    let model = <ModelProto as prost::Message>::decode(bytes.as_slice())
+    decode_onnx(&bytes, path, options)
+}
+
+/// Reads an ONNX classifier held in memory, as [`load_onnx`] reads a file; `path`
+/// names the source in errors and in the model's `onnx.file` metadata.
+pub fn decode_onnx(bytes: &[u8], path: &Path, options: &OnnxOptions) -> Result<Classifier> {
+    let model = <ModelProto as prost::Message>::decode(bytes)
         .map_err(|e| bad(path, format!("not an ONNX model: {e}")))?;
     let (net, [c, h, w]) = prepare(model, &options.device).map_err(|m| bad(path, m))?;
     let net = Arc::new(net);
@@ -279,6 +307,13 @@ fn image_shape(input: &mut onnx::ValueInfoProto) -> std::result::Result<[usize; 
                 ))
             }
         }
+    }
+    let values = chw.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if values.is_none_or(|n| n > MAX_INPUT_VALUES) {
+        return Err(format!(
+            "input `{name}` is {}×{}×{}, more than {MAX_INPUT_VALUES} values per image",
+            chw[0], chw[1], chw[2]
+        ));
     }
     dims[0].value = Some(tensor_shape_proto::dimension::Value::DimParam(
         "batch".into(),

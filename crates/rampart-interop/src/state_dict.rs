@@ -21,6 +21,11 @@ pub const CHECKPOINT_KEYS: [&str; 5] = ["state_dict", "model_state_dict", "model
 /// Largest archive member read into memory (a WRN-70-16 state dict is 1.1 GB).
 const MAX_MEMBER_BYTES: u64 = 8 << 30;
 
+/// Most bytes reserved up front for one member; beyond this the buffer grows with the
+/// bytes actually read, so a size field cannot make the reader allocate what the
+/// archive does not hold.
+const MAX_RESERVE: u64 = 64 << 20;
+
 /// One tensor of a state dict, as f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorData {
@@ -51,18 +56,24 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
         path: path.to_path_buf(),
         source,
     })?;
+    decode_state_dict(&bytes, path)
+}
+
+/// Reads a state dict held in memory, as [`read_state_dict`] reads a file; `path`
+/// only names the source in errors.
+pub fn decode_state_dict(bytes: &[u8], path: &Path) -> Result<StateDict> {
     let fail = |message: String| InteropError::File {
         path: path.to_path_buf(),
         message,
     };
     let dict = if bytes.starts_with(b"PK\x03\x04") {
-        read_archive(&bytes).map_err(fail)?
+        read_archive(bytes).map_err(fail)?
     } else if bytes.starts_with(&[0x80]) {
         return Err(fail(
             "a legacy torch.save file (PyTorch < 1.6, not a zip archive); load it in PyTorch and save it again with a current version".into(),
         ));
     } else {
-        read_safetensors(&bytes).map_err(|e| {
+        read_safetensors(bytes).map_err(|e| {
             fail(format!(
                 "neither a torch.save zip archive nor a safetensors file ({e})"
             ))
@@ -171,9 +182,16 @@ fn member<R: Read + std::io::Seek>(
             f.size()
         ));
     }
-    let mut out = Vec::with_capacity(usize::try_from(f.size()).unwrap_or(0));
+    let claimed = f.size();
+    let mut out = Vec::with_capacity(usize::try_from(claimed.min(MAX_RESERVE)).unwrap_or(0));
     f.read_to_end(&mut out)
         .map_err(|e| format!("archive member {name}: {e}"))?;
+    if out.len() as u64 != claimed {
+        return Err(format!(
+            "archive member {name} holds {} bytes, its header says {claimed}",
+            out.len()
+        ));
+    }
     Ok(out)
 }
 

@@ -559,3 +559,13 @@ fn state_dicts_that_do_not_fit_are_refused() {
     .to_string();
     assert!(msg.contains("shape"), "{msg}");
 }
+
+/// Found by fuzzing (`state_dict`): a zip member whose header claims 1.9 GB made the
+/// reader reserve that much memory before reading the few bytes the archive holds.
+#[test]
+fn a_member_claiming_more_than_the_archive_holds_is_refused() {
+    let bytes = include_bytes!("../tests/data/zip_member_claiming_1.9_gb.pt");
+    let err = decode_state_dict(bytes, std::path::Path::new("w.pt"));
+    let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("w.pt"), "{msg}");
+}

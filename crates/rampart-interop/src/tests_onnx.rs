@@ -383,3 +383,34 @@ fn bad_graphs_are_refused_clearly() {
     let msg = err(&features);
     assert!(msg.contains("not the logits"), "{msg}");
 }
+
+/// Found by fuzzing (`onnx`): a `Gemm` node given two inputs instead of three made
+/// candle-onnx index past the node's inputs and panic during the probe batch.
+#[test]
+fn a_graph_the_evaluator_cannot_run_is_an_error() {
+    let bytes = include_bytes!("../tests/data/gemm_with_two_inputs.onnx");
+    let err = decode_onnx(
+        bytes,
+        std::path::Path::new("m.onnx"),
+        &OnnxOptions::default(),
+    );
+    let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("m.onnx") && msg.contains("the ONNX evaluator cannot run this graph"),
+        "{msg}"
+    );
+}
+
+/// An input declared as 1×10⁹×10⁹ is refused before the probe batch is allocated.
+#[test]
+fn an_enormous_declared_input_is_refused() {
+    let (bytes, ..) = small_cnn(None, false);
+    let mut model = <ModelProto as prost::Message>::decode(bytes.as_slice()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    graph.input = vec![info("x", &[1, 1, 1_000_000_000, 1_000_000_000])];
+    let msg = load(&prost::Message::encode_to_vec(&model))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("more than 16777216 values"), "{msg}");
+}

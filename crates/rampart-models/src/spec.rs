@@ -251,6 +251,53 @@ impl ModelSpec {
         self.batch_norm.validate()
     }
 
+    /// A lower bound on the number of f32 values the model's variables hold, computed
+    /// from the spec alone (saturating; no model is built): the 3×3 convolutions of every
+    /// block at its output width, the stem, the classifier, and a λ-conditioned model's
+    /// codes and FiLM inputs. A file whose tensors hold fewer values cannot belong to
+    /// this spec, so loading refuses it before allocating the model: a small file cannot
+    /// make the loader build an enormous network.
+    pub fn min_parameters(&self) -> u64 {
+        let [c, _, _] = self.input_shape;
+        let k = self.num_classes as u64;
+        let c = c as u64;
+        // (stem width, block widths, blocks per stage); External has no variables here.
+        let (stem, widths, per_stage): (u64, Vec<u64>, u64) = match self.arch {
+            Arch::Wrn { depth, widen } => {
+                let w = widen as u64;
+                let widths = [16, 32, 64].map(|m: u64| m.saturating_mul(w)).to_vec();
+                (16, widths, (depth.saturating_sub(4) / 6) as u64)
+            }
+            Arch::Resnet20 => (64, vec![64, 128, 256], 3),
+            Arch::PreactResnet18 => (64, vec![64, 128, 256, 512], 2),
+            Arch::External => return 0,
+        };
+        let last = widths.last().copied().unwrap_or(0);
+        let convs = widths.iter().fold(0u64, |acc, &w| {
+            acc.saturating_add(
+                per_stage
+                    .saturating_mul(9)
+                    .saturating_mul(w.saturating_mul(w)),
+            )
+        });
+        let mut total = c
+            .saturating_mul(stem)
+            .saturating_mul(9)
+            .saturating_add(convs)
+            .saturating_add(k.saturating_mul(last));
+        if let Some(oat) = &self.oat {
+            // Every block's second BatchNorm (width w) has FiLM fc1: code_dim → 2w.
+            let film_in = widths.iter().fold(0u64, |acc, &w| {
+                acc.saturating_add(per_stage.saturating_mul(2).saturating_mul(w))
+            });
+            let code_dim = oat.code_dim as u64;
+            total = total
+                .saturating_add(code_dim.saturating_mul(oat.lambdas.len() as u64))
+                .saturating_add(code_dim.saturating_mul(film_in));
+        }
+        total
+    }
+
     pub(crate) fn build(
         &self,
         vb: VarBuilder,

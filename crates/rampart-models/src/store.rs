@@ -88,6 +88,21 @@ impl Classifier {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        let held: u64 = tensors
+            .tensors()
+            .iter()
+            .map(|(_, view)| (view.data().len() / 4) as u64)
+            .sum();
+        let needed = spec.min_parameters();
+        if held < needed {
+            return Err(ModelError::Metadata {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the spec describes a {} network of at least {needed} parameters, but the file's tensors hold {held} values: the spec does not belong to these weights",
+                    spec.arch
+                ),
+            });
+        }
         let mut model = Classifier::new(spec, 0, device)?;
         let arch = model.spec.arch.to_string();
         let expected: BTreeSet<String> = model.named_vars().into_iter().map(|(n, _)| n).collect();
@@ -176,4 +191,115 @@ fn parse_metadata(
         .filter(|(k, _)| !k.starts_with("rampart."))
         .collect();
     Ok((spec, extra))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::variant::{NoiseSpec, OatSpec};
+    use crate::Arch;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    fn values(model: &Classifier) -> u64 {
+        model
+            .named_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count() as u64)
+            .sum()
+    }
+
+    #[test]
+    fn min_parameters_never_exceeds_the_built_model() -> TestResult {
+        let mut specs = vec![
+            ModelSpec::wrn(10, 1, 10),
+            ModelSpec::wrn(16, 2, 100),
+            ModelSpec::cifar(Arch::Resnet20, 10),
+            ModelSpec::cifar(Arch::PreactResnet18, 10),
+            ModelSpec::for_input(
+                Arch::Wrn {
+                    depth: 10,
+                    widen: 1,
+                },
+                10,
+                [1, 28, 28],
+                &[0.1],
+                &[0.3],
+            ),
+        ];
+        for arch in [
+            Arch::Wrn {
+                depth: 10,
+                widen: 1,
+            },
+            Arch::Resnet20,
+            Arch::PreactResnet18,
+        ] {
+            let mut oat = ModelSpec::cifar(arch, 10);
+            oat.oat = Some(OatSpec::standard());
+            let mut noisy = ModelSpec::cifar(arch, 10);
+            noisy.noise = Some(NoiseSpec { alpha: 0.1 });
+            specs.extend([oat, noisy]);
+        }
+        for spec in specs {
+            let model = Classifier::new(spec.clone(), 0, &Device::Cpu)?;
+            let (bound, actual) = (spec.min_parameters(), values(&model));
+            assert!(bound <= actual, "{spec:?}: bound {bound} > {actual}");
+            assert!(
+                2 * bound >= actual / 4,
+                "{spec:?}: bound {bound} far below {actual}"
+            );
+        }
+        Ok(())
+    }
+
+    /// A small file whose spec names an enormous network must not make the loader
+    /// allocate and initialise that network before looking at the tensors.
+    #[test]
+    fn a_spec_larger_than_the_weights_is_refused_before_building() -> TestResult {
+        let model = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &Device::Cpu)?;
+        let huge = |edit: &dyn Fn(&mut ModelSpec)| -> Result<Vec<u8>> {
+            let mut copy = Classifier::new(ModelSpec::wrn(10, 1, 10), 0, &Device::Cpu)?;
+            copy.copy_weights_from(&model)?;
+            let mut spec = copy.spec.clone();
+            edit(&mut spec);
+            copy.spec = spec;
+            copy.to_bytes()
+        };
+        let edits: [&dyn Fn(&mut ModelSpec); 4] = [
+            &|s| {
+                s.arch = Arch::Wrn {
+                    depth: 10,
+                    widen: 1 << 40,
+                }
+            },
+            &|s| {
+                s.arch = Arch::Wrn {
+                    depth: 6_000_000_004,
+                    widen: 1,
+                }
+            },
+            &|s| s.num_classes = 1 << 50,
+            &|s| {
+                s.oat = Some(OatSpec {
+                    lambdas: vec![0.0],
+                    code_dim: 1 << 45,
+                })
+            },
+        ];
+        for edit in edits {
+            let bytes = huge(edit)?;
+            let err =
+                Classifier::from_bytes(&bytes, Path::new("m.safetensors"), &Device::Cpu).err();
+            let msg = err.map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                msg.contains("m.safetensors") && msg.contains("does not belong to these weights"),
+                "{msg}"
+            );
+        }
+        // The true spec still loads.
+        let back = Classifier::from_bytes(&model.to_bytes()?, Path::new("m"), &Device::Cpu)?;
+        assert_eq!(values(&back), values(&model));
+        Ok(())
+    }
 }

@@ -251,7 +251,10 @@ fn mismatched_files_give_clear_errors() {
             serde_json::to_string(&spec).unwrap(),
         );
     }));
-    assert!(e.contains("wrn-10-2 expects"), "{e}");
+    assert!(
+        e.contains("wrn-10-2") && e.contains("does not belong to these weights"),
+        "{e}"
+    );
 
     let e = load(rewrite(&m, |_, meta| {
         meta.remove("rampart.format");
