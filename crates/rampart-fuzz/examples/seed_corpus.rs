@@ -341,6 +341,7 @@ fn records(model: &Classifier) -> Result<Seeds> {
         wrong_class_confidence: vec![0.05, 0.6, 0.001],
         norm: vec![0.031, 0.031, 0.0],
         seconds: 1.5,
+        rows: None,
     };
     let search = rampart_eval::SearchRecord {
         key: "77".into(),
@@ -348,6 +349,7 @@ fn records(model: &Classifier) -> Result<Seeds> {
         rounds: 8,
         min_eps: vec![Some(0.01), None, Some(0.0)],
         seconds: 0.25,
+        rows: None,
     };
     let threshold = rampart_defenses::ConfidenceThreshold {
         tau: 0.7,
