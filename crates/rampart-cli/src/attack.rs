@@ -25,7 +25,7 @@ use rampart_data::DatasetKind;
 use serde_json::json;
 
 use crate::common::{
-    at_least_one, check_model_fits, create_out_dir, load_data, model_dataset, record_command,
+    at_least_one, check_model_fits, create_out_dir, load_test_data, model_dataset, record_command,
     write_json, DataDir, DeviceArg,
 };
 
@@ -230,11 +230,11 @@ impl AttackArgs {
             std::fs::remove_file(&manifest)
                 .with_context(|| format!("cannot remove {}", manifest.display()))?;
         }
-        let splits = load_data(kind, &data_dir)?;
+        let test = load_test_data(kind, &data_dir)?;
         let n = self
             .test_limit
-            .unwrap_or(splits.test.len())
-            .min(splits.test.len());
+            .unwrap_or(test.len())
+            .min(test.len());
         let rows = shard.rows(n, self.batch_size)?;
         let trust_examples = self.trust_examples.min(n);
         if rows.start == 0 && rows.end < trust_examples {
@@ -247,7 +247,7 @@ impl AttackArgs {
         let started = std::time::Instant::now();
         let key = rampart_eval::fingerprint(
             &model.frozen(),
-            &splits.test,
+            &test,
             n,
             self.batch_size,
             &format!("{settings:?}"),
@@ -259,7 +259,7 @@ impl AttackArgs {
         let attacked = rampart_eval::attack_at_eps(
             &model.frozen(),
             bounds,
-            &splits.test,
+            &test,
             rows.range(),
             &pgd,
             &self.eps,
@@ -277,7 +277,7 @@ impl AttackArgs {
                 rampart_eval::check_first(
                     &model.frozen(),
                     bounds,
-                    &splits.test,
+                    &test,
                     &robust,
                     &pgd,
                     eps,
@@ -321,7 +321,7 @@ impl AttackArgs {
                     "trust": trust}),
         )?;
         if !shard.is_whole() {
-            let examples = splits.test.take(n);
+            let examples = test.take(n);
             let labels: Vec<u8> = examples
                 .labels()
                 .iter()

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use rampart_data::{DatasetKind, Splits};
+use rampart_data::{DatasetKind, ImageDataset, Splits};
 use rampart_models::{Arch, ModelSpec};
 use serde::Serialize;
 
@@ -182,7 +182,39 @@ impl DataDir {
 /// in that folder to place it).
 pub fn load_data(kind: DatasetKind, dir: &DataDir) -> Result<Splits> {
     let started = std::time::Instant::now();
-    let splits = match rampart_data::load(kind, &dir.path) {
+    let splits = load_with(kind, dir, rampart_data::load)?;
+    tracing::info!(
+        dataset = %kind,
+        train = splits.train.len(),
+        test = splits.test.len(),
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "loaded data"
+    );
+    Ok(splits)
+}
+
+/// The test split of `kind` from `dir`, as [`load_data`] finds it (an image folder
+/// decodes its test images only): what evaluations and attacks read.
+pub fn load_test_data(kind: DatasetKind, dir: &DataDir) -> Result<ImageDataset> {
+    let started = std::time::Instant::now();
+    let test = load_with(kind, dir, rampart_data::load_test)?;
+    tracing::info!(
+        dataset = %kind,
+        test = test.len(),
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "loaded test data"
+    );
+    Ok(test)
+}
+
+/// `load` of `kind` from `dir`, filling the per-user cache folder first when that is
+/// where the data should be and they are missing.
+fn load_with<T>(
+    kind: DatasetKind,
+    dir: &DataDir,
+    load: impl Fn(DatasetKind, &std::path::Path) -> rampart_data::Result<T>,
+) -> Result<T> {
+    Ok(match load(kind, &dir.path) {
         Err(rampart_data::DataError::Missing { .. }) if dir.source == DataSource::Cache => {
             tracing::info!(
                 folder = %dir.path.display(),
@@ -197,20 +229,12 @@ pub fn load_data(kind: DatasetKind, dir: &DataDir) -> Result<Splits> {
                     DOWNLOAD_HINT
                 )
             })?;
-            rampart_data::load(kind, &dir.path)?
+            load(kind, &dir.path)?
         }
         result => {
             result.with_context(|| format!("loading {} from {}", kind.title(), dir.describe()))?
         }
-    };
-    tracing::info!(
-        dataset = %kind,
-        train = splits.train.len(),
-        test = splits.test.len(),
-        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-        "loaded data"
-    );
-    Ok(splits)
+    })
 }
 
 /// How to get a build that downloads, when this one does not.

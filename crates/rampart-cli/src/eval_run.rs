@@ -16,7 +16,7 @@ use rampart_eval::{AutoAttackConfig, TrustChecks};
 use rampart_models::Classifier;
 use serde_json::json;
 
-use crate::common::{create_out_dir, load_data, record_command, write_json};
+use crate::common::{create_out_dir, load_test_data, record_command, write_json};
 use crate::eval::{
     wilson, AttackFigure, AttackOutcome, AttackPlan, EvalPlan, EvalResults, Suite,
     EVAL_SCHEMA_VERSION,
@@ -326,10 +326,10 @@ impl EvalPlan {
                 "device": self.device.to_string(),
             }),
         )?;
-        let splits = load_data(dataset, &self.data_dir)?;
+        let test = load_test_data(dataset, &self.data_dir)?;
         let test = match self.test_limit {
-            Some(n) => splits.test.take(n),
-            None => splits.test,
+            Some(n) => test.take(n),
+            None => test,
         };
         if let Some(suite) = self.suite.protocol() {
             return self.run_protocol(suite, &model, &method, dataset, &test, &device);

@@ -85,6 +85,36 @@ type ClassFiles = BTreeMap<String, Vec<Item>>;
 
 /// Loads `root/train` and `root/test` (see the module docs for layout and order).
 pub fn load_image_folder(root: &Path) -> Result<Splits> {
+    let (train, test) = scan_image_folder(root)?;
+    let loaded = assemble(root, train, test)?;
+    tracing::info!(
+        source = %root.display(),
+        train = loaded.train.len(),
+        test = loaded.test.len(),
+        classes = loaded.train.num_classes(),
+        "loaded image folder"
+    );
+    Ok(loaded)
+}
+
+/// The test split of the image folder `root`, as [`load_image_folder`] gives it (the
+/// same checks of both splits' layout, labels and order), without decoding the
+/// training images: what an evaluation needs, in a sixth of the time for CIFAR.
+pub fn load_image_folder_test(root: &Path) -> Result<ImageDataset> {
+    let (train, test) = scan_image_folder(root)?;
+    let plan = Plan::new(root, train, test)?;
+    let test = decode_split(plan.test, plan.size, &plan.class_names)?;
+    tracing::info!(
+        source = %root.display(),
+        test = test.len(),
+        classes = test.num_classes(),
+        "loaded image folder (test split)"
+    );
+    Ok(test)
+}
+
+/// Lists `root/train` and `root/test`.
+fn scan_image_folder(root: &Path) -> Result<(ClassFiles, ClassFiles)> {
     let scan = |split: &str| {
         let dir = root.join(split);
         if !dir.is_dir() {
@@ -98,17 +128,7 @@ pub fn load_image_folder(root: &Path) -> Result<Splits> {
         }
         scan_split_dir(&dir)
     };
-    let train = scan("train")?;
-    let test = scan("test")?;
-    let loaded = assemble(root, train, test)?;
-    tracing::info!(
-        source = %root.display(),
-        train = loaded.train.len(),
-        test = loaded.test.len(),
-        classes = loaded.train.num_classes(),
-        "loaded image folder"
-    );
-    Ok(loaded)
+    Ok((scan("train")?, scan("test")?))
 }
 
 /// Loads an image folder packed as a `.tar.gz`: members `PREFIX/{train,test}/{class}/FILE`
@@ -238,6 +258,24 @@ fn read_dir_entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
 
 /// Checks the class lists, orders the files and decodes both splits.
 fn assemble(root: &Path, train: ClassFiles, test: ClassFiles) -> Result<Splits> {
+    let plan = Plan::new(root, train, test)?;
+    Ok(Splits {
+        train: decode_split(plan.train, plan.size, &plan.class_names)?,
+        test: decode_split(plan.test, plan.size, &plan.class_names)?,
+    })
+}
+
+/// Both splits checked and put in order, before decoding: the class names, the image
+/// size (of the first training image) and each split's (label, file) list.
+struct Plan {
+    class_names: Vec<String>,
+    size: (u32, u32),
+    train: Vec<(u32, Item)>,
+    test: Vec<(u32, Item)>,
+}
+
+impl Plan {
+fn new(root: &Path, train: ClassFiles, test: ClassFiles) -> Result<Plan> {
     let class_names: Vec<String> = train.keys().cloned().collect();
     let test_names: Vec<String> = test.keys().cloned().collect();
     if class_names.is_empty() {
@@ -277,10 +315,13 @@ fn assemble(root: &Path, train: ClassFiles, test: ClassFiles) -> Result<Splits> 
         });
     };
     let size = first.source.decode()?.dimensions();
-    Ok(Splits {
-        train: decode_split(train, size, &class_names)?,
-        test: decode_split(test, size, &class_names)?,
+    Ok(Plan {
+        class_names,
+        size,
+        train,
+        test,
     })
+}
 }
 
 /// Sorts each class's files by name (numbers by value) and interleaves classes

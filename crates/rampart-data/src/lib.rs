@@ -77,9 +77,11 @@ pub use corrupt::{corrupt, corrupt_with_parameter, CorruptError, Corruption};
 pub use dataset::{ImageDataset, Splits};
 pub use download::{download, verify_archive, verify_file};
 pub use error::{DataError, Result};
-pub use folder::{decode_image_archive, load_image_archive, load_image_folder};
+pub use folder::{
+    decode_image_archive, load_image_archive, load_image_folder, load_image_folder_test,
+};
 pub use kind::{Checksum, CifarLayout, DatasetKind, OfficialFile};
-pub use load::load;
+pub use load::{load, load_test};
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig, PREFETCH};
 pub use mnist::{decode_mnist_idx, load_mnist, load_mnist_idx, MNIST_SHAPE};
 pub use svhn::{decode_svhn_mat, load_svhn, load_svhn_mat, SVHN_SHAPE};

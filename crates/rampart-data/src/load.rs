@@ -3,9 +3,9 @@
 use std::path::Path;
 
 use crate::cifar::{cifar_layout, load_cifar_binary};
-use crate::dataset::Splits;
+use crate::dataset::{ImageDataset, Splits};
 use crate::error::{DataError, Result};
-use crate::folder::{load_image_archive, load_image_folder};
+use crate::folder::{load_image_archive, load_image_folder, load_image_folder_test};
 use crate::kind::{CifarLayout, DatasetKind};
 use crate::mnist::load_mnist;
 use crate::svhn::load_svhn;
@@ -40,6 +40,41 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<Splits> {
         DatasetKind::Mnist => load_mnist(dir),
         DatasetKind::Svhn => load_svhn(dir),
     }
+}
+
+/// The test split of `kind` in `dir`, found as [`load`] finds the data set. An image
+/// folder decodes its test images only; every other form is read whole (its files hold
+/// both splits, or the training split is cheap to read) and its test split returned.
+pub fn load_test(kind: DatasetKind, dir: &Path) -> Result<ImageDataset> {
+    if matches!(kind, DatasetKind::Cifar10 | DatasetKind::Cifar100) {
+        if let Some(root) = cifar_image_folder(kind, dir)? {
+            let test = load_image_folder_test(&root)?;
+            check_class_names(kind, &root, &test)?;
+            return Ok(test);
+        }
+    }
+    Ok(load(kind, dir)?.test)
+}
+
+/// The unpacked CIFAR image folder [`load`] would read from `dir`, if that is the form
+/// it finds first.
+fn cifar_image_folder(kind: DatasetKind, dir: &Path) -> Result<Option<std::path::PathBuf>> {
+    let layout = cifar_layout(kind)?;
+    let binary = dir.join(layout.binary_folder).is_dir()
+        || layout
+            .train_files
+            .first()
+            .is_some_and(|f| dir.join(f).is_file())
+        || dir.join(layout.archive.name).is_file();
+    if binary {
+        return Ok(None);
+    }
+    let nested = dir.join(layout.image_folder);
+    let found = [nested.as_path(), dir]
+        .into_iter()
+        .find(|root| root.join("train").is_dir() || root.join("test").is_dir())
+        .map(Path::to_path_buf);
+    Ok(found)
 }
 
 /// [`load`] for CIFAR-10 and CIFAR-100.
@@ -78,7 +113,13 @@ fn load_cifar(kind: DatasetKind, dir: &Path) -> Result<Splits> {
 
 /// An image folder must have as many classes as the data set it stands for.
 fn check_classes(kind: DatasetKind, source: &Path, splits: Splits) -> Result<Splits> {
-    let found = splits.train.num_classes();
+    check_class_names(kind, source, &splits.train)?;
+    Ok(splits)
+}
+
+/// The class folders of an image folder (seen in `split`, either) against `kind`.
+fn check_class_names(kind: DatasetKind, source: &Path, split: &ImageDataset) -> Result<()> {
+    let found = split.num_classes();
     if found != kind.num_classes() {
         return Err(DataError::Layout {
             path: source.to_path_buf(),
@@ -89,8 +130,7 @@ fn check_classes(kind: DatasetKind, source: &Path, splits: Splits) -> Result<Spl
             ),
         });
     }
-    if splits
-        .train
+    if split
         .class_names()
         .iter()
         .map(String::as_str)
@@ -102,7 +142,7 @@ fn check_classes(kind: DatasetKind, source: &Path, splits: Splits) -> Result<Spl
             kind.title()
         );
     }
-    Ok(splits)
+    Ok(())
 }
 
 /// What to place where when no CIFAR data were found in `dir`.
@@ -205,6 +245,51 @@ mod tests {
             matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("10 class folders")),
             "{err:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn the_test_split_alone_equals_the_full_loads() -> TestResult {
+        // Image folder, two images per class and split, distinct pixels: the test split
+        // decoded alone is the one `load` gives, in its order.
+        let dir = tempfile::tempdir()?;
+        let specs: Vec<ImageSpec> = DatasetKind::Cifar10
+            .class_names()
+            .iter()
+            .flat_map(|c| {
+                ["train", "test"].into_iter().flat_map(move |s| {
+                    ["0001.png", "0010.png"].map(|f| ImageSpec::rgb(s, c, f, 3, 2))
+                })
+            })
+            .collect();
+        write_image_folder(&dir.path().join("cifar10-jpeg"), &specs)?;
+        let full = load(DatasetKind::Cifar10, dir.path())?.test;
+        let test = load_test(DatasetKind::Cifar10, dir.path())?;
+        assert_eq!(test.len(), 20);
+        assert_eq!(test.labels(), full.labels());
+        assert_eq!(test.images(), full.images());
+        assert_eq!(test.class_names(), full.class_names());
+        // The layout checks still cover both splits: a class missing from train.
+        std::fs::remove_dir_all(dir.path().join("cifar10-jpeg/train/ship"))?;
+        let err = load_test(DatasetKind::Cifar10, dir.path()).err();
+        assert!(
+            matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("different class folders")),
+            "{err:?}"
+        );
+        // Not CIFAR-100: the class count is checked as `load` checks it.
+        std::fs::remove_dir_all(dir.path().join("cifar10-jpeg/test/ship"))?;
+        let err = load_test(DatasetKind::Cifar100, &dir.path().join("cifar10-jpeg")).err();
+        assert!(
+            matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("9 class folders")),
+            "{err:?}"
+        );
+        // Binary forms: the test split of the whole load.
+        let dir = tempfile::tempdir()?;
+        write_cifar_folder(DatasetKind::Cifar10, dir.path(), 1)?;
+        let full = load(DatasetKind::Cifar10, dir.path())?.test;
+        let test = load_test(DatasetKind::Cifar10, dir.path())?;
+        assert_eq!(test.images(), full.images());
+        assert_eq!(test.labels(), full.labels());
         Ok(())
     }
 }
