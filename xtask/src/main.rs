@@ -9,6 +9,7 @@
 
 mod bench;
 mod claims;
+mod jobs;
 mod presets;
 mod report;
 mod reproduce;

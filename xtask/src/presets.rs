@@ -94,41 +94,35 @@ pub struct Recipe {
     pub per_epoch_test_limit: Option<usize>,
 }
 
-/// The model of the `smoke` preset: the one setting tuned to its budget, which is
-/// 15 minutes of wall time on a 2-core CPU after the build, on real CIFAR-10 with the
-/// final evaluation on all 10,000 test images.
+/// The model of the `smoke` preset, normally trained: WRN-10-1 for 1 epoch on the
+/// first 12,800 training images, batch 64, one-cycle lr 0 → 0.2 → 0 — the budget of
+/// every row the smoke preset trains from scratch, so that rows compare at one budget
+/// (the calibration rows with the normal one, OAT with its fixed-λ model). The whole
+/// study has 15 minutes on a 2-core CPU after the build, with the final clean
+/// evaluation on all 10,000 test images.
 pub const SMOKE_NORMAL: Recipe = Recipe {
     arch: "wrn-10-1",
-    epochs: 3,
-    batch_size: 128,
-    lr: 0.2,
-    schedule: "cyclic",
-    train_limit: None,
-    per_epoch_test_limit: Some(1000),
-};
-
-/// The smoke preset's adversarial training, from scratch: 1 epoch on the first 25,600
-/// training images, batch 64, one-cycle lr 0 → 0.2 → 0, every example adversarial from
-/// FGSM with a uniform random start (ε = 8/255, α = 10/255, [`SMOKE_AT_FLAGS`]).
-/// Measured on this budget (WRN-10-1, PGD-20 on 1,000 test images): 1 epoch on 25,600
-/// or 50,000 images, batch 128 or 64, FGSM-RS or PGD-2, from scratch or fine-tuning the
-/// normal model all ended at 21–24 % robust accuracy; from scratch with batch 64 was
-/// the best per second.
-pub const SMOKE_AT: Recipe = Recipe {
-    arch: SMOKE_NORMAL.arch,
     epochs: 1,
     batch_size: 64,
     lr: 0.2,
     schedule: "cyclic",
-    train_limit: Some(25_600),
+    train_limit: Some(12_800),
     per_epoch_test_limit: Some(1000),
 };
+
+/// The smoke preset's adversarial training, from scratch at the budget of
+/// [`SMOKE_NORMAL`], every example adversarial from FGSM with a uniform random start
+/// (ε = 8/255, α = 10/255, [`SMOKE_AT_FLAGS`]). Measured before (WRN-10-1, PGD-20 on
+/// 1,000 test images): 1 epoch on 25,600 or 50,000 images, batch 128 or 64, FGSM-RS or
+/// PGD-2, from scratch or fine-tuning the normal model all ended at 21–24 % robust
+/// accuracy; from scratch with batch 64 was the best per second.
+pub const SMOKE_AT: Recipe = SMOKE_NORMAL;
 
 /// `rampart train` flags of the smoke AT row: PGD with one step of 10/255 from a
 /// uniform random start at ε = 8/255, i.e. the FGSM-RS step of fast AT.
 pub const SMOKE_AT_FLAGS: &[&str] = &["--attack-steps", "1", "--attack-step-size", "10/255"];
 
-/// The smoke preset's CCAT: the images, batch and schedule of [`SMOKE_AT`], half of
+/// The smoke preset's CCAT: the budget of [`SMOKE_AT`], half of
 /// each batch adversarial from the conf attack shortened to 3 steps of 0.03 (momentum
 /// 0.9, backtracking 1.5, uniform-norm start) at ε = 0.03, ρ = 10
 /// ([`SMOKE_CCAT_FLAGS`]); per image it costs about as much as the AT row.
@@ -138,17 +132,15 @@ pub const SMOKE_CCAT: Recipe = SMOKE_AT;
 pub const SMOKE_CCAT_FLAGS: &[&str] = &["--attack-steps", "3", "--attack-step-size", "0.03"];
 
 /// The smoke preset's calibration-oriented rows (label smoothing, RegMixup, AR-AdaLS):
-/// the images, batch and schedule of [`SMOKE_AT`] (1 epoch on 25,600 images), so they
-/// compare with each other at one budget — not with the normal row, which trains 3
-/// epochs on all 50,000.
+/// the budget of [`SMOKE_NORMAL`], so their ECE compares with the normal row's.
 pub const SMOKE_CALIBRATION: Recipe = SMOKE_AT;
 
 /// The smoke preset's stochastic student: fine-tunes the AT row's model with adaptive
 /// noise (α starting at 0.1) by the AT row's FGSM-RS adversarial training for 1 epoch
-/// on the first 12,800 images at a lower one-cycle peak (0.05).
+/// on the first 6,400 images at a lower one-cycle peak (0.05).
 pub const SMOKE_STUDENT: Recipe = Recipe {
     lr: 0.05,
-    train_limit: Some(12_800),
+    train_limit: Some(6_400),
     ..SMOKE_AT
 };
 
@@ -323,6 +315,9 @@ const TINY_ROWS: [ModelRow; 2] = [
     row("at", Training::Recipe(TINY), SMOKE_AT_FLAGS),
 ];
 
+/// The noise scales of a student's sweep in the fast and paper presets.
+pub const NOISE_VALUES: &str = "0,0.5,1,2,4";
+
 /// EOT samples of every attack on a stochastic model: `rampart`'s default (AutoAttack's
 /// rand version, 20).
 pub const STOCHASTIC_EOT: usize = 20;
@@ -333,11 +328,14 @@ pub const STOCHASTIC_EOT: usize = 20;
 /// at L∞ 8/255, with the trust checks; a stochastic model is attacked with EOT.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalBudgets {
-    /// PGD-20 worst case on deterministic rows: attacked images (the first N), or all.
+    /// PGD-20 worst case on deterministic rows: attacked images (the first N), or all;
+    /// unused where the protocol holds that figure ([`EvalBudgets::pgd20_in_protocol`]).
     pub robust_examples: Option<usize>,
     /// The evaluation protocol run on every row: the suite and its attacked images
     /// (the first N before the last 1,000, which pick τ), or all.
     pub protocol: (&'static str, Option<usize>),
+    /// Deterministic rows: images the protocol's trust checks run on (the first N).
+    pub trust_examples: usize,
     /// Stochastic rows: EOT samples of every PGD-20 attack (gradients averaged per step
     /// and draws judging success).
     pub stochastic_eot: usize,
@@ -353,15 +351,29 @@ pub struct EvalBudgets {
     pub stochastic_trust_examples: usize,
     /// Stochastic rows: images attacked per value of their noise sweep, or all.
     pub stochastic_sweep_examples: Option<usize>,
+    /// Stochastic rows: the noise scales of their sweep (`rampart sweep --values`).
+    pub noise_values: &'static str,
     /// Sweeps (λ of OAT, noise of the students): test images for the clean figures and
     /// images attacked per value, or all.
     pub sweep_limits: Option<(usize, usize)>,
+    /// Deterministic rows' sweeps: images the trust checks run on at every value.
+    pub sweep_trust_examples: usize,
     /// AutoAttack (standard; `rand` for a stochastic row) at L∞ 8/255: the rows and the
     /// images (the first N), or all.
     pub autoattack: (&'static [&'static str], Option<usize>),
 }
 
 impl EvalBudgets {
+    /// Whether the protocol holds the deterministic rows' PGD-20 figure: the `quick`
+    /// suite's L∞ 8/255 block is the PGD-20 worst case of cross-entropy, margin and conf
+    /// (step 2/255, uniform start) with the trust checks, on
+    /// the first N images of the test set — the evaluation `--suite pgd20` would repeat
+    /// on the same images. Such a row is not attacked twice: its figure is the
+    /// protocol's, on the protocol's attacked images, and `robust_examples` is unused.
+    pub fn pgd20_in_protocol(&self) -> bool {
+        self.protocol.0 == "quick"
+    }
+
     /// A Markdown table of the budgets, for the report.
     pub fn markdown(&self) -> String {
         let n = |v: Option<usize>| v.map_or("all".to_string(), |n| n.to_string());
@@ -373,11 +385,23 @@ impl EvalBudgets {
                 "all".to_string(),
                 format!("one forward pass (mean of {draws} noise draws for a stochastic row)"),
             ),
-            (
-                "PGD-20 worst case (CE, margin, conf), L∞ 8/255, step 2/255".to_string(),
-                n(self.robust_examples),
-                "uniform start; trust checks on the first 100".to_string(),
-            ),
+            if self.pgd20_in_protocol() {
+                (
+                    "PGD-20 worst case (CE, margin, conf), L∞ 8/255, step 2/255".to_string(),
+                    n(self.protocol.1),
+                    format!(
+                        "uniform start; trust checks on the first {}; the protocol's L∞ 8/255 \
+                         block (the same attacks on the same images, run once)",
+                        self.trust_examples
+                    ),
+                )
+            } else {
+                (
+                    "PGD-20 worst case (CE, margin, conf), L∞ 8/255, step 2/255".to_string(),
+                    n(self.robust_examples),
+                    "uniform start; trust checks on the first 100".to_string(),
+                )
+            },
             (
                 "the same on stochastic rows".to_string(),
                 n(self.stochastic_robust_examples),
@@ -394,13 +418,19 @@ impl EvalBudgets {
             (
                 "protocol / sweeps on stochastic rows".to_string(),
                 format!("{} / {} per value", n(n_p), n(self.stochastic_sweep_examples)),
-                format!("EOT {eot_p}, trust checks on the first {trust_p}"),
+                format!(
+                    "EOT {eot_p}, trust checks on the first {trust_p}; noise scales {}",
+                    self.noise_values
+                ),
             ),
             (
                 "sweeps (clean / attacked per value)".to_string(),
                 self.sweep_limits
                     .map_or("all".to_string(), |(c, a)| format!("{c} / {a}")),
-                "PGD-20 worst case".to_string(),
+                format!(
+                    "PGD-20 worst case, trust checks on the first {}",
+                    self.sweep_trust_examples
+                ),
             ),
             (
                 format!("AutoAttack on {}", self.autoattack.0.join(", ")),
@@ -446,16 +476,16 @@ impl Preset {
     pub fn about(self) -> &'static str {
         match self {
             Preset::Smoke => {
-                "A check that the whole pipeline works on real data on a 2-core CPU: a small \
-                 Wide-ResNet (WRN-10-1) trained normally for 3 epochs with a one-cycle learning \
-                 rate; adversarially trained (FGSM with a random start at 8/255) and CCAT-trained \
-                 (a 3-step conf attack, half of each batch) for one epoch on half of the training \
-                 images — these three core rows (`--rows core`) take about 5 minutes; then, at \
-                 the one-epoch budget of the AT row, label smoothing, RegMixup and AR-AdaLS \
-                 (clean training), Sinkhorn AT, once-for-all AT and a dedicated OAT model at \
-                 λ = 0.3 (FGSM-RS attacks), and two stochastic students fine-tuned for half an \
-                 epoch: adversarially from the AT model, and with clean cross-entropy from \
-                 the normal model. PGD-20 at 8/255 on the first 1,000 test images. It \
+                "A check that the whole pipeline works on real data on a 2-core CPU, in about \
+                 15 minutes: a small Wide-ResNet (WRN-10-1) trained for one epoch on the first \
+                 12,800 training images (batch 64, one-cycle learning rate) — normally; \
+                 adversarially (FGSM with a random start at 8/255); with CCAT (a 3-step conf \
+                 attack, half of each batch); with label smoothing, RegMixup and AR-AdaLS; with \
+                 Sinkhorn AT, once-for-all AT and a dedicated OAT model at λ = 0.3 (FGSM-RS \
+                 attacks) — and two stochastic students fine-tuned on 6,400 images: \
+                 adversarially from the AT model, and with clean cross-entropy from the normal \
+                 model. Every row is evaluated clean on all 10,000 test images and by the quick \
+                 protocol, whose PGD-20 worst case at 8/255 attacks the first 500. It \
                  approximates no published model; expect errors far above the published \
                  figures (a normally trained WRN-28-10 reaches about 4 % clean error, \
                  adversarial training about 48 % robust error)."
@@ -498,64 +528,76 @@ impl Preset {
 
     /// Every evaluation budget of the preset.
     ///
-    /// Smoke (2-core CPU): every row's quick protocol runs on 1,000 images (the
-    /// calibration and curve metrics need that many) and deterministic rows get PGD-20
-    /// on 1,000; an EOT-20 attack of a stochastic student costs 20 forward-backward
-    /// passes per step, so their EOT-20 PGD-20 runs on the first 100 images (trust
-    /// checks on 20), their protocol at EOT 3 (about 11 minutes per student when they
-    /// took the layer-by-layer path) and their noise sweeps at EOT 3 on 100 per value.
-    /// On the smoke student EOT 3 and EOT 20
-    /// found the same PGD-20 robust accuracy (23 of 100 images, one image differing
-    /// each way). AutoAttack (a minute per 100 images of WRN-10-1) runs on the AT
-    /// model only.
+    /// Smoke (2-core CPU, the whole study in about 15 minutes): the deterministic rows'
+    /// quick protocol, which holds their PGD-20 worst case, attacks the first 500 test
+    /// images (a rate's 95 % interval is then at most ±4.4 points; trust checks on the
+    /// first 50). An EOT-k attack of a stochastic student costs k forward-backward
+    /// passes per step, so a student's PGD-20 runs at EOT 5 on the first 100 images
+    /// (trust checks on 10, 3 noise draws), its protocol at EOT 2 on 200 and its noise
+    /// sweep (scales 0, 1, 4) at EOT 2 on 100 per value; on the smoke student EOT 3 and
+    /// EOT 20 found the same PGD-20 robust accuracy (23 of 100 images, one image
+    /// differing each way). The OAT sweep attacks 100 images per λ. AutoAttack (about a
+    /// minute per 100 images of WRN-10-1) runs on the AT model only.
     pub fn budgets(self) -> EvalBudgets {
         match self {
             Preset::Smoke => EvalBudgets {
-                robust_examples: Some(1000),
-                protocol: ("quick", Some(1000)),
-                stochastic_eot: STOCHASTIC_EOT,
-                stochastic_draws: 5,
+                robust_examples: Some(500),
+                protocol: ("quick", Some(500)),
+                trust_examples: 50,
+                stochastic_eot: 5,
+                stochastic_draws: 3,
                 stochastic_robust_examples: Some(100),
-                stochastic_protocol: (3, Some(1000), 20),
-                stochastic_trust_examples: 20,
+                stochastic_protocol: (2, Some(200), 10),
+                stochastic_trust_examples: 10,
                 stochastic_sweep_examples: Some(100),
-                sweep_limits: Some((1000, 200)),
+                noise_values: "0,1,4",
+                sweep_limits: Some((1000, 100)),
+                sweep_trust_examples: 20,
                 autoattack: (&["at"], Some(100)),
             },
             Preset::Fast => EvalBudgets {
                 robust_examples: None,
                 protocol: ("quick", None),
+                trust_examples: 100,
                 stochastic_eot: STOCHASTIC_EOT,
                 stochastic_draws: 5,
                 stochastic_robust_examples: Some(1000),
                 stochastic_protocol: (STOCHASTIC_EOT, Some(1000), 100),
                 stochastic_trust_examples: 100,
                 stochastic_sweep_examples: Some(1000),
+                noise_values: NOISE_VALUES,
                 sweep_limits: Some((10_000, 1000)),
+                sweep_trust_examples: 100,
                 autoattack: (&["at", "ccat", "sat", "oat", "student"], Some(1000)),
             },
             Preset::Paper => EvalBudgets {
                 robust_examples: None,
                 protocol: ("ccat", None),
+                trust_examples: 100,
                 stochastic_eot: STOCHASTIC_EOT,
                 stochastic_draws: 5,
                 stochastic_robust_examples: None,
                 stochastic_protocol: (STOCHASTIC_EOT, None, 100),
                 stochastic_trust_examples: 100,
                 stochastic_sweep_examples: None,
+                noise_values: NOISE_VALUES,
                 sweep_limits: None,
+                sweep_trust_examples: 100,
                 autoattack: (&["at", "ccat", "sat", "oat", "student"], None),
             },
             Preset::Tiny => EvalBudgets {
                 robust_examples: Some(8),
                 protocol: ("quick", Some(8)),
+                trust_examples: 4,
                 stochastic_eot: 1,
                 stochastic_draws: 1,
                 stochastic_robust_examples: Some(8),
                 stochastic_protocol: (1, Some(8), 4),
                 stochastic_trust_examples: 4,
                 stochastic_sweep_examples: Some(8),
+                noise_values: "0,1",
                 sweep_limits: Some((16, 8)),
+                sweep_trust_examples: 4,
                 autoattack: (&[], None),
             },
         }
@@ -618,10 +660,21 @@ impl ModelRow {
         flags
     }
 
+    /// Whether this row's PGD-20 figure is the protocol's ([`EvalBudgets::pgd20_in_protocol`]
+    /// and a deterministic model); its evaluation then is the clean pass alone.
+    pub fn robust_from_protocol(&self, budgets: &EvalBudgets) -> bool {
+        !self.stochastic && budgets.pgd20_in_protocol()
+    }
+
     /// The `rampart eval` flags of this row's evaluation: clean accuracy on the whole
     /// test set and the PGD-20 worst case (L∞, ε = 8/255, step 2/255) on the first
-    /// `robust_examples`; a stochastic row with its EOT, draws and images.
+    /// `robust_examples`; a stochastic row with its EOT, draws and images. A row whose
+    /// PGD-20 figure the protocol gives ([`ModelRow::robust_from_protocol`]) gets the
+    /// clean suite alone.
     pub fn eval_flags(&self, budgets: &EvalBudgets) -> Vec<String> {
+        if self.robust_from_protocol(budgets) {
+            return vec!["--suite".to_string(), "clean".to_string()];
+        }
         let mut flags = vec!["--suite".to_string(), "pgd20".to_string()];
         let limit = if self.stochastic {
             flags.extend([

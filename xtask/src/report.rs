@@ -7,7 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::reproduce::{eval_dir, model_dir, ModelRow};
+use crate::presets::EvalBudgets;
+use crate::reproduce::{eval_dir, model_dir, protocol_dir, ModelRow};
 
 /// Version of `results.json`'s layout.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -86,6 +87,56 @@ struct EvalResults {
     stochastic: Option<Stochastic>,
     #[serde(default)]
     trust: Option<Trust>,
+}
+
+/// `results.json` of a protocol suite (`rampart eval --suite quick`), the fields that
+/// hold the PGD-20 worst case of a deterministic row
+/// ([`EvalBudgets::pgd20_in_protocol`]).
+#[derive(Debug, Deserialize)]
+struct ProtocolResults {
+    test_examples: usize,
+    threat_models: BTreeMap<String, ProtocolThreatModel>,
+    #[serde(default)]
+    trust: Option<Trust>,
+}
+
+/// One threat model of a protocol's results, the fields used here.
+#[derive(Debug, Deserialize)]
+struct ProtocolThreatModel {
+    eps: f64,
+    attacks: BTreeMap<String, serde::de::IgnoredAny>,
+    robust_error: f64,
+    #[serde(default)]
+    robust_error_ci: Option<Interval>,
+}
+
+impl ProtocolResults {
+    /// Writes the protocol's L∞ 8/255 worst case into a clean evaluation's results: the
+    /// robust figures, the attack and the trust checks (the protocol's time stays in the
+    /// protocol's section).
+    fn fill_robust(self, results: &mut EvalResults) -> Result<()> {
+        let model = self
+            .threat_models
+            .get("linf_8_255")
+            .context("no linf_8_255 threat model")?;
+        let names: Vec<&str> = model.attacks.keys().map(String::as_str).collect();
+        results.attack = Some(format!(
+            "pgd-20 linf, step 0.00784, eps {:.5}, uniform start, worst case of {} (the protocol's)",
+            model.eps,
+            names.join(", ")
+        ));
+        results.eps = Some(model.eps);
+        results.robust_examples = Some(self.test_examples);
+        results.robust_accuracy = Some(1.0 - model.robust_error);
+        results.robust_error = Some(model.robust_error);
+        results.robust_accuracy_ci = model.robust_error_ci.map(|ci| Interval {
+            lo: 1.0 - ci.hi,
+            hi: 1.0 - ci.lo,
+        });
+        results.eot_samples = Some(1);
+        results.trust = self.trust;
+        Ok(())
+    }
 }
 
 /// A 95 % interval in `results.json`.
@@ -216,13 +267,20 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Reads the outputs of every row's runs in the study folder `out`.
-pub fn collect(out: &Path, rows: &[ModelRow]) -> Result<Vec<ModelOutcome>> {
+pub fn collect(out: &Path, rows: &[ModelRow], budgets: &EvalBudgets) -> Result<Vec<ModelOutcome>> {
     rows.iter()
         .map(|row| {
             let dir = model_dir(out, row.method);
             let eval = eval_dir(out, row.method);
             let train: TrainSummary = read_json(&dir.join("summary.json"))?;
-            let results: EvalResults = read_json(&eval.join("results.json"))?;
+            let mut results: EvalResults = read_json(&eval.join("results.json"))?;
+            if row.robust_from_protocol(budgets) {
+                let path = protocol_dir(out, row.method).join("results.json");
+                let protocol: ProtocolResults = read_json(&path)?;
+                protocol
+                    .fill_robust(&mut results)
+                    .with_context(|| format!("{} holds no PGD-20 worst case", path.display()))?;
+            }
             Ok(ModelOutcome {
                 key: row.method.to_string(),
                 method: train.method,

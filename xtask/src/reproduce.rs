@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::jobs::Jobs;
 use crate::report::{self, Study};
 
 pub use crate::presets::*;
@@ -54,12 +55,21 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub rampart_bin: Option<PathBuf>,
 
-    /// Worker threads given to `rampart --threads` [default: all cores].
+    /// Worker threads given to `rampart --threads` [default: all cores, shared out
+    /// between the runs that go side by side].
     #[arg(long)]
     pub threads: Option<usize>,
 
-    /// Which models to train: `all` (the default), `core` (normal, at, ccat: the
-    /// 15-minute smoke check) or a comma-separated list of row names (normal, at, ccat,
+    /// How many `rampart` runs go side by side, each as soon as the runs it reads have
+    /// finished [default: one per core on a CPU, each single-threaded; 1 on a GPU].
+    /// With more than one, each run's output goes to OUT/logs/. Results depend on the
+    /// threads a run used (floating-point sums are split per thread), so a study
+    /// resumed or repeated with other --jobs/--threads differs in the last digits.
+    #[arg(long)]
+    pub jobs: Option<usize>,
+
+    /// Which models to train: `all` (the default), `core` (normal, at, ccat: a
+    /// few minutes of the smoke preset) or a comma-separated list of row names (normal, at, ccat,
     /// ls, regmixup, ar-adals, sat, oat, student; a student needs its teacher `at`).
     #[arg(long, default_value = "all")]
     pub rows: String,
@@ -206,15 +216,29 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         Some(bin) => bin.clone(),
         None => build_rampart(&root, device.starts_with("cuda"), args.download)?,
     };
+    let clock = Instant::now();
+    let budgets = preset.budgets();
+    let parallel = args.jobs.unwrap_or_else(|| default_jobs(&device));
+    if parallel == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    // Side by side, each run gets its share of the cores (one thread each on a CPU
+    // unless --threads says otherwise).
+    let threads = args
+        .threads
+        .or_else(|| (parallel > 1).then(|| (available_cores() / parallel).max(1)));
     let setup = EvalSetup {
         rampart: &rampart,
-        threads: args.threads,
+        threads,
         dataset,
         device: &device,
         data_dir,
     };
-    let clock = Instant::now();
-    let budgets = preset.budgets();
+    let log = |row: &str, what: &str| out.join("logs").join(format!("{row}.{what}.log"));
+    let mut jobs = Jobs::default();
+    // Each row: training, then its evaluation (both skipped when finished and resumed).
+    let mut trained: Vec<Option<usize>> = vec![None; rows.len()];
+    let mut evaluated: Vec<Option<usize>> = vec![None; rows.len()];
     for (i, row) in rows.iter().enumerate() {
         let step = format!("[{}/{}] {}", i + 1, rows.len(), row.method);
         if args.resume && is_finished(&out, row.method) {
@@ -222,7 +246,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             continue;
         }
         let dir = model_dir(&out, row.method);
-        let mut train = rampart_command(&rampart, args.threads);
+        let mut train = rampart_command(&rampart, threads);
         train.arg("train").args(row.train_flags()).args([
             "--dataset",
             dataset,
@@ -233,37 +257,53 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         ]);
         data_dir_args(&mut train, data_dir);
         train.arg("--out").arg(&dir);
+        let mut after = Vec::new();
         if let Some(teacher) = row.teacher {
             train
                 .arg("--init-from")
                 .arg(model_dir(&out, teacher).join("model.safetensors"));
+            after.extend(job_of(rows, &trained, teacher));
         }
         if args.resume {
             train.arg("--resume");
         }
-        eprintln!("==> {step}: training ({})", describe(row));
-        run_child(train, "rampart train")?;
+        let t = jobs.add(
+            format!("{step}: training ({})", describe(row)),
+            train,
+            after,
+            log(row.method, "train"),
+        );
+        trained[i] = Some(t);
 
         let mut eval = setup.command(&dir.join("model.safetensors"), &eval_dir(&out, row.method));
         eval.args(row.eval_flags(&budgets));
-        eprintln!(
-            "==> {step}: evaluating (clean: the whole test set; PGD-20 worst case L∞ 8/255: {})",
+        let robust = if row.robust_from_protocol(&budgets) {
+            "in the protocol".to_string()
+        } else {
             if row.stochastic {
                 budgets.stochastic_robust_examples
             } else {
                 budgets.robust_examples
             }
-            .map_or("the whole test set".to_string(), |n| format!(
-                "the first {n} images"
-            ))
-        );
-        run_child(eval, "rampart eval")?;
+            .map_or("the whole test set".to_string(), |n| {
+                format!("the first {n} images")
+            })
+        };
+        evaluated[i] = Some(jobs.add(
+            format!(
+                "{step}: evaluation (clean: the whole test set; PGD-20 worst case L∞ 8/255: {robust})"
+            ),
+            eval,
+            [t],
+            log(row.method, "eval"),
+        ));
     }
 
     // The evaluation protocol on every model, then one comparison (tables + plots).
     let (suite, limit) = preset.protocol();
-    let mut compare = rampart_command(&rampart, args.threads);
+    let mut compare = rampart_command(&rampart, threads);
     compare.arg("compare").arg("--out").arg(&out);
+    let mut protocols: Vec<Option<usize>> = vec![None; rows.len()];
     for (i, row) in rows.iter().enumerate() {
         let dir = protocol_dir(&out, row.method);
         compare.arg(format!(
@@ -281,27 +321,37 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         let limit = if row.stochastic {
             budgets.stochastic_protocol.1
         } else {
+            eval.args(["--trust-examples", &budgets.trust_examples.to_string()]);
             limit
         };
         if let Some(n) = limit {
             eval.args(["--attack-limit", &n.to_string()]);
         }
-        eprintln!(
-            "==> [{}/{}] {}: evaluation protocol (--suite {suite})",
-            i + 1,
-            rows.len(),
-            row.method
-        );
-        run_child(eval, "rampart eval --suite")?;
+        protocols[i] = Some(jobs.add(
+            format!(
+                "[{}/{}] {}: evaluation protocol (--suite {suite})",
+                i + 1,
+                rows.len(),
+                row.method
+            ),
+            eval,
+            trained[i],
+            log(row.method, "protocol"),
+        ));
     }
-    eprintln!("==> comparing the models");
-    run_child(compare, "rampart compare")?;
+    jobs.add(
+        "comparing the models",
+        compare,
+        protocols.iter().flatten().copied().collect::<Vec<_>>(),
+        out.join("logs").join("compare.log"),
+    );
 
     // The test-time trade-offs: OAT over λ beside the dedicated λ = 0 (normal) and
     // λ = 1 (at) models, and the student over noise levels.
     let mut sweeps = Vec::new();
     let sweep_limits = preset.sweep_limits();
-    for row in rows {
+    for (i, row) in rows.iter().enumerate() {
+        let mut after: Vec<usize> = trained[i].into_iter().collect();
         let (over, extra): (&str, Vec<String>) = match row.method {
             "oat" => {
                 let mut refs = Vec::new();
@@ -310,19 +360,24 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                     ("oat-fixed (lambda 0.3)", "oat-fixed"),
                     ("at (lambda 1)", "at"),
                 ] {
-                    if rows.iter().any(|r| r.method == key) {
+                    if let Some(r) = rows.iter().position(|r| r.method == key) {
+                        // The robust figure is where the row's PGD-20 ran.
+                        let dir = if rows[r].robust_from_protocol(&budgets) {
+                            after.extend(protocols[r]);
+                            protocol_dir(&out, key)
+                        } else {
+                            after.extend(evaluated[r]);
+                            eval_dir(&out, key)
+                        };
                         refs.push("--reference".to_string());
-                        refs.push(format!(
-                            "{name}={}",
-                            eval_dir(&out, key).join("results.json").display()
-                        ));
+                        refs.push(format!("{name}={}", dir.join("results.json").display()));
                     }
                 }
                 ("lambda", refs)
             }
             _ if row.stochastic => (
                 "noise-scale",
-                ["--values", "0,0.5,1,2,4"]
+                ["--values", budgets.noise_values]
                     .iter()
                     .map(|s| s.to_string())
                     .chain(row.stochastic_protocol_flags(&budgets))
@@ -330,12 +385,21 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             ),
             _ => continue,
         };
+        let extra = if row.stochastic {
+            extra
+        } else {
+            let trust = budgets.sweep_trust_examples.to_string();
+            extra
+                .into_iter()
+                .chain(["--trust-examples".to_string(), trust])
+                .collect()
+        };
         let dir = report::sweep_dir(&out, row.method);
         sweeps.push((row.method, over, dir.clone()));
         if dir.join("sweep.json").exists() {
             continue;
         }
-        let mut sweep = rampart_command(&rampart, args.threads);
+        let mut sweep = rampart_command(&rampart, threads);
         sweep
             .arg("sweep")
             .args(["--over", over])
@@ -364,24 +428,21 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         }
         data_dir_args(&mut sweep, data_dir);
         sweep.arg("--out").arg(&dir);
-        eprintln!("==> {}: sweep over {over}", row.method);
-        run_child(sweep, "rampart sweep")?;
+        jobs.add(
+            format!("{}: sweep over {over}", row.method),
+            sweep,
+            after,
+            log(row.method, "sweep"),
+        );
     }
 
-    let study = Study {
-        dataset: dataset.to_string(),
-        preset: preset.name().to_string(),
-        preset_about: preset.about().to_string(),
-        created: started_at,
-        command: xtask_command_line(),
-        wall_seconds: clock.elapsed().as_secs_f64(),
-        build_command: build_command_line(device.starts_with("cuda"), args.download),
-        budgets: budgets.markdown(),
-    };
     // AutoAttack on the preset's robust rows, with PGD-20 on the very same images.
     let (aa_rows, aa_limit) = preset.autoattack();
     let mut autoattacked = Vec::new();
-    for row in rows.iter().filter(|r| aa_rows.contains(&r.method)) {
+    for (i, row) in rows.iter().enumerate() {
+        if !aa_rows.contains(&row.method) {
+            continue;
+        }
         let model = model_dir(&out, row.method).join("model.safetensors");
         for (suite, dir) in [
             ("autoattack", report::autoattack_dir(&out, row.method)),
@@ -399,19 +460,41 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                     eval.args(["--test-limit", &n]);
                 }
             }
-            eprintln!(
-                "==> {}: {suite} on {}",
-                row.method,
-                aa_limit.map_or("the whole test set".into(), |n| format!(
-                    "the first {n} test images"
-                ))
+            jobs.add(
+                format!(
+                    "{}: {suite} on {}",
+                    row.method,
+                    aa_limit.map_or("the whole test set".into(), |n| format!(
+                        "the first {n} test images"
+                    ))
+                ),
+                eval,
+                trained[i],
+                log(row.method, suite),
             );
-            run_child(eval, "rampart eval")?;
         }
         autoattacked.push(row.method);
     }
+    if parallel > 1 {
+        eprintln!(
+            "==> {parallel} runs at a time, {} thread(s) each; each run's output goes to {}",
+            threads.map_or("all".to_string(), |t| t.to_string()),
+            out.join("logs").display()
+        );
+    }
+    crate::jobs::run(jobs.into_vec(), parallel)?;
 
-    let models = report::collect(&out, rows)?;
+    let study = Study {
+        dataset: dataset.to_string(),
+        preset: preset.name().to_string(),
+        preset_about: preset.about().to_string(),
+        created: started_at,
+        command: xtask_command_line(),
+        wall_seconds: clock.elapsed().as_secs_f64(),
+        build_command: build_command_line(device.starts_with("cuda"), args.download),
+        budgets: budgets.markdown(),
+    };
+    let models = report::collect(&out, rows, &budgets)?;
     report::write(&out, &study, &models)?;
     report::add_protocol(&out, rows, suite)?;
     report::add_sweeps(&out, &sweeps)?;
@@ -554,6 +637,30 @@ fn run_child(mut cmd: Command, what: &str) -> Result<()> {
         bail!("{what} failed ({status}); its message is above");
     }
     Ok(())
+}
+
+/// The job that trains row `key` in this invocation (none when it was finished
+/// before and skipped).
+fn job_of(rows: &[ModelRow], jobs: &[Option<usize>], key: &str) -> Option<usize> {
+    rows.iter()
+        .position(|r| r.method == key)
+        .and_then(|i| jobs[i])
+}
+
+/// The cores this process may use.
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Runs side by side when `--jobs` is not given: on a CPU one per core (each
+/// single-threaded, which uses the cores better than one run on all of them); on a
+/// GPU one.
+fn default_jobs(device: &str) -> usize {
+    if device.starts_with("cuda") {
+        1
+    } else {
+        available_cores()
+    }
 }
 
 /// `cargo xtask` and this process's arguments, shell-quoted.

@@ -48,10 +48,17 @@ fn rampart_bin() -> Result<PathBuf, String> {
     }
 }
 
-/// The study's command with progress lines (a line per saved batch) on stderr.
+/// The study's command, one run at a time with progress lines (a line per saved
+/// batch) on stderr.
 fn reproduce(data: &Path, out: &Path, resume: bool) -> Result<Command, String> {
+    reproduce_jobs(data, out, resume, 1)
+}
+
+/// The study's command with `jobs` runs side by side.
+fn reproduce_jobs(data: &Path, out: &Path, resume: bool, jobs: usize) -> Result<Command, String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
     cmd.args(["reproduce", "cifar10", "--preset", "tiny", "--threads", "2"])
+        .args(["--jobs", &jobs.to_string()])
         .arg("--data-dir")
         .arg(data)
         .arg("--out")
@@ -117,6 +124,13 @@ fn a_killed_study_resumes_to_the_same_results() -> TestResult {
     assert!(whole.status.success(), "{}", text(&whole));
     let whole_log = String::from_utf8_lossy(&whole.stderr).to_string();
     let total = saved_batches(&whole_log);
+    // Runs side by side at the same threads per run: the same results, each run's
+    // output in OUT/logs/.
+    let side_dir = dir.path().join("side-by-side");
+    let side = reproduce_jobs(dir.path(), &side_dir, false, 2)?.output()?;
+    assert!(side.status.success(), "{}", text(&side));
+    assert_eq!(comparable(&side_dir)?, comparable(&whole_dir)?);
+    assert!(side_dir.join("logs/at.protocol.log").is_file());
     assert!(total > 4, "{whole_log}");
     // A seeded pick of the kill point: after batch k of the first half of the study's
     // saved batches (the second half leaves the kill plenty of work to interrupt).

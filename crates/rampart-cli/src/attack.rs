@@ -231,10 +231,7 @@ impl AttackArgs {
                 .with_context(|| format!("cannot remove {}", manifest.display()))?;
         }
         let test = load_test_data(kind, &data_dir)?;
-        let n = self
-            .test_limit
-            .unwrap_or(test.len())
-            .min(test.len());
+        let n = self.test_limit.unwrap_or(test.len()).min(test.len());
         let rows = shard.rows(n, self.batch_size)?;
         let trust_examples = self.trust_examples.min(n);
         if rows.start == 0 && rows.end < trust_examples {

@@ -132,9 +132,9 @@ impl SweepArgs {
                 .with_context(|| format!("--reference `{spec}`: expected NAME=results.json"))?;
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
-            let r: EvalResults = serde_json::from_str(&text)
+            let (clean, robust) = reference_accuracies(&text)
                 .with_context(|| format!("{path} is not the results.json of `rampart eval`"))?;
-            references.push((name.to_string(), r.clean_accuracy, r.robust_accuracy));
+            references.push((name.to_string(), clean, robust));
         }
         create_out_dir(&self.eval.out)?;
         // An interrupted sweep here continues only with the same settings.
@@ -297,6 +297,28 @@ impl SweepArgs {
     }
 }
 
+/// A reference model's clean and robust accuracy from the `results.json` of `rampart
+/// eval`: of a clean or `pgd20` run, or of a protocol suite (`quick`, `ccat`, `full`),
+/// whose robust accuracy is that of its headline threat model (L∞ 8/255, the worst
+/// case of its attacks) on its attacked images.
+fn reference_accuracies(text: &str) -> Result<(f64, Option<f64>)> {
+    let value: serde_json::Value = serde_json::from_str(text)?;
+    if let Some(models) = value.get("threat_models") {
+        let clean = value
+            .get("clean_accuracy")
+            .and_then(serde_json::Value::as_f64)
+            .context("no clean_accuracy")?;
+        let robust = models
+            .get(rampart_eval::HEADLINE_THREAT_MODEL)
+            .and_then(|m| m.get("robust_error"))
+            .and_then(serde_json::Value::as_f64)
+            .map(|e| 1.0 - e);
+        return Ok((clean, robust));
+    }
+    let r: EvalResults = serde_json::from_value(value)?;
+    Ok((r.clean_accuracy, r.robust_accuracy))
+}
+
 /// The results of a value's evaluation that finished with these sweep `settings` (a
 /// killed sweep's finished points), if `dir` holds one.
 fn finished_point(
@@ -351,5 +373,29 @@ impl SweepResults {
         }
         md.push_str("\n![sweep](plots/sweep.png)\n");
         md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_read_pgd20_and_protocol_results() -> Result<()> {
+        // `rampart eval --suite pgd20`: its own robust accuracy.
+        let head = r#""schema_version":1,"model":"m","method":"at","arch":"wrn-10-1",
+            "dataset":"cifar10","test_examples":10000,"clean_accuracy":0.6,"clean_error":0.4,
+            "eval_seconds":1.0"#;
+        let pgd = format!(r#"{{"suite":"pgd20",{head},"robust_accuracy":0.25}}"#);
+        assert_eq!(reference_accuracies(&pgd)?, (0.6, Some(0.25)));
+        // A clean run: no robust figure.
+        let clean = format!(r#"{{"suite":"clean",{head}}}"#);
+        assert_eq!(reference_accuracies(&clean)?, (0.6, None));
+        // A protocol: 1 − the headline threat model's worst-case robust error.
+        let protocol = r#"{"clean_accuracy":0.5,"threat_models":{
+            "linf_16_255":{"robust_error":0.99},"linf_8_255":{"robust_error":0.75}}}"#;
+        assert_eq!(reference_accuracies(protocol)?, (0.5, Some(0.25)));
+        assert!(reference_accuracies("{}").is_err());
+        Ok(())
     }
 }

@@ -275,20 +275,20 @@ struct Plan {
 }
 
 impl Plan {
-fn new(root: &Path, train: ClassFiles, test: ClassFiles) -> Result<Plan> {
-    let class_names: Vec<String> = train.keys().cloned().collect();
-    let test_names: Vec<String> = test.keys().cloned().collect();
-    if class_names.is_empty() {
-        return Err(DataError::Layout {
-            path: root.join("train"),
-            problem: "no class folders".into(),
-        });
-    }
-    if class_names != test_names {
-        let only = |a: &ClassFiles, b: &ClassFiles| -> Vec<String> {
-            a.keys().filter(|k| !b.contains_key(*k)).cloned().collect()
-        };
-        return Err(DataError::Layout {
+    fn new(root: &Path, train: ClassFiles, test: ClassFiles) -> Result<Plan> {
+        let class_names: Vec<String> = train.keys().cloned().collect();
+        let test_names: Vec<String> = test.keys().cloned().collect();
+        if class_names.is_empty() {
+            return Err(DataError::Layout {
+                path: root.join("train"),
+                problem: "no class folders".into(),
+            });
+        }
+        if class_names != test_names {
+            let only = |a: &ClassFiles, b: &ClassFiles| -> Vec<String> {
+                a.keys().filter(|k| !b.contains_key(*k)).cloned().collect()
+            };
+            return Err(DataError::Layout {
             path: root.to_path_buf(),
             problem: format!(
                 "train and test have different class folders: only in train {:?}, only in test {:?}",
@@ -296,32 +296,32 @@ fn new(root: &Path, train: ClassFiles, test: ClassFiles) -> Result<Plan> {
                 only(&test, &train)
             ),
         });
-    }
-    for (split, classes) in SPLITS.iter().zip([&train, &test]) {
-        if let Some((class, _)) = classes.iter().find(|(_, items)| items.is_empty()) {
-            return Err(DataError::Layout {
-                path: root.join(split).join(class),
-                problem: "class folder holds no .png, .jpg or .jpeg images".into(),
-            });
         }
+        for (split, classes) in SPLITS.iter().zip([&train, &test]) {
+            if let Some((class, _)) = classes.iter().find(|(_, items)| items.is_empty()) {
+                return Err(DataError::Layout {
+                    path: root.join(split).join(class),
+                    problem: "class folder holds no .png, .jpg or .jpeg images".into(),
+                });
+            }
+        }
+        let train = interleave(train);
+        let test = interleave(test);
+        // The first training image fixes the size every other image must have.
+        let Some((_, first)) = train.first() else {
+            return Err(DataError::Layout {
+                path: root.join("train"),
+                problem: "no images".into(),
+            });
+        };
+        let size = first.source.decode()?.dimensions();
+        Ok(Plan {
+            class_names,
+            size,
+            train,
+            test,
+        })
     }
-    let train = interleave(train);
-    let test = interleave(test);
-    // The first training image fixes the size every other image must have.
-    let Some((_, first)) = train.first() else {
-        return Err(DataError::Layout {
-            path: root.join("train"),
-            problem: "no images".into(),
-        });
-    };
-    let size = first.source.decode()?.dimensions();
-    Ok(Plan {
-        class_names,
-        size,
-        train,
-        test,
-    })
-}
 }
 
 /// Sorts each class's files by name (numbers by value) and interleaves classes

@@ -33,6 +33,24 @@ fn fake_run(out: &Path, method: &str, accuracy: f64) -> Result<()> {
         eval_dir(out, method).join("command.txt"),
         "rampart eval --model x\n",
     )?;
+    fake_protocol(out, method, 0.75)
+}
+
+/// Writes the `results.json` of a quick protocol of `method` whose L∞ 8/255 worst case
+/// has robust error `robust_error` on 1,000 attacked images.
+fn fake_protocol(out: &Path, method: &str, robust_error: f64) -> Result<()> {
+    let dir = protocol_dir(out, method);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("results.json"),
+        format!(
+            r#"{{"schema_version":2,"suite":"quick","test_examples":1000,"clean_accuracy":0.4,
+               "eval_seconds":70.0,"threat_models":{{"linf_8_255":{{"norm":"linf",
+               "eps":0.03137254901960784,"attacks":{{"pgd20_ce":{{}},"pgd20_conf":{{}},"pgd20_margin":{{}}}},
+               "robust_error":{robust_error},"robust_error_ci":{{"lo":0.7,"hi":0.8}}}}}},
+               "trust":{{"points":100,"issues":[]}}}}"#
+        ),
+    )?;
     Ok(())
 }
 
@@ -58,6 +76,7 @@ fn results_json_follows_the_schema() -> Result<()> {
     let models = collect(
         dir.path(),
         &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+        &Preset::Smoke.budgets(),
     )?;
     write(dir.path(), &study(), &models)?;
     let json: serde_json::Value =
@@ -99,14 +118,15 @@ fn report_has_the_table_and_the_commands() -> Result<()> {
     let models = collect(
         dir.path(),
         &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+        &Preset::Smoke.budgets(),
     )?;
     let md = report_markdown(&study(), &models);
     assert!(
-        md.contains("| at | pgd-20 linf ce, step 0.00784, eps 0.03137, uniform start | 1,000 | 1 | 25.00 % | 75.00 % | 0.5000 | – |"),
+        md.contains("| at | pgd-20 linf, step 0.00784, eps 0.03137, uniform start, worst case of pgd20_ce, pgd20_conf, pgd20_margin (the protocol's) | 1,000 | 1 | 25.00 % [20.0, 30.0] | 75.00 % | 0.5000 | passed |"),
         "{md}"
     );
     assert!(md.contains("## Evaluation budgets"), "{md}");
-    assert!(md.contains("| protocol `--suite quick` | 1000 |"), "{md}");
+    assert!(md.contains("| protocol `--suite quick` | 500 |"), "{md}");
     assert!(
         md.starts_with("# Rampart reproduction: CIFAR-10, preset `smoke`"),
         "{md}"
@@ -133,6 +153,35 @@ fn report_has_the_table_and_the_commands() -> Result<()> {
 }
 
 #[test]
+fn deterministic_rows_take_pgd20_from_the_quick_protocol() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    fake_run(dir.path(), "at", 0.4)?;
+    fake_run(dir.path(), "student", 0.38)?;
+    // The protocol's worst case differs from what the eval folder holds: the
+    // deterministic row reports the protocol's, the stochastic one its own EOT figure.
+    fake_protocol(dir.path(), "at", 0.8)?;
+    fake_protocol(dir.path(), "student", 0.9)?;
+    let rows = crate::reproduce::select_rows(Preset::Smoke, "at,student")?;
+    let models = collect(dir.path(), &rows, &Preset::Smoke.budgets())?;
+    let at = &models[0];
+    assert!((at.robust_accuracy.unwrap() - 0.2).abs() < 1e-12);
+    assert!((at.robust_error.unwrap() - 0.8).abs() < 1e-12);
+    assert_eq!(at.robust_examples, Some(1000));
+    let ci = at.robust_accuracy_ci.unwrap();
+    assert!((ci.lo - 0.2).abs() < 1e-12 && (ci.hi - 0.3).abs() < 1e-12);
+    assert_eq!(at.trust_checked, Some(100));
+    assert_eq!(models[1].robust_accuracy, Some(0.25));
+    // The paper preset's protocol (ccat) is not PGD-20: its rows keep their own run.
+    let paper = collect(dir.path(), &rows, &Preset::Paper.budgets())?;
+    assert_eq!(paper[0].robust_accuracy, Some(0.25));
+    // A deterministic smoke row without its protocol is an error that names the file.
+    std::fs::remove_file(protocol_dir(dir.path(), "at").join("results.json"))?;
+    let err = collect(dir.path(), &rows, &Preset::Smoke.budgets()).unwrap_err();
+    assert!(format!("{err:#}").contains("protocol"), "{err:#}");
+    Ok(())
+}
+
+#[test]
 fn rows_are_keyed_by_row_name_not_method() -> Result<()> {
     let dir = tempfile::tempdir()?;
     fake_run(dir.path(), "at", 0.4)?;
@@ -141,7 +190,7 @@ fn rows_are_keyed_by_row_name_not_method() -> Result<()> {
     let text = std::fs::read_to_string(&summary)?.replace("\"student\"", "\"at\"");
     std::fs::write(&summary, text)?;
     let rows = crate::reproduce::select_rows(Preset::Smoke, "at,student")?;
-    let models = collect(dir.path(), &rows)?;
+    let models = collect(dir.path(), &rows, &Preset::Smoke.budgets())?;
     let json: serde_json::Value = serde_json::from_str(&results_json(&study(), &models)?)?;
     assert_eq!(json["models"]["at"]["clean_accuracy"], 0.4);
     assert_eq!(json["models"]["student"]["clean_accuracy"], 0.38);
@@ -236,6 +285,7 @@ fn missing_outputs_name_the_file() -> Result<()> {
     let err = collect(
         dir.path(),
         &crate::reproduce::select_rows(Preset::Smoke, "core")?,
+        &Preset::Smoke.budgets(),
     )
     .err()
     .map(|e| format!("{e:#}"))

@@ -97,7 +97,7 @@ fn smoke_rows_train_on_a_subset_and_attack_a_subset() {
         at.starts_with("--method at --arch wrn-10-1 --epochs 1 --batch-size 64"),
         "{at}"
     );
-    assert!(at.contains("--train-limit 25600"), "{at}");
+    assert!(at.contains("--train-limit 12800"), "{at}");
     assert!(
         at.ends_with("--attack-steps 1 --attack-step-size 10/255"),
         "{at}"
@@ -110,7 +110,8 @@ fn smoke_rows_train_on_a_subset_and_attack_a_subset() {
     );
     let smoke = Preset::Smoke.budgets();
     let eval = Preset::Smoke.models()[0].eval_flags(&smoke).join(" ");
-    assert_eq!(eval, "--suite pgd20 --attack-limit 1000");
+    // A deterministic row's PGD-20 is the protocol's: its own evaluation is clean.
+    assert_eq!(eval, "--suite clean");
     let student = Preset::Smoke
         .models()
         .iter()
@@ -118,15 +119,20 @@ fn smoke_rows_train_on_a_subset_and_attack_a_subset() {
     let eval = student.map(|r| r.eval_flags(&smoke).join(" "));
     assert_eq!(
         eval.as_deref(),
-        Some("--suite pgd20 --eot 20 --draws 5 --trust-examples 20 --attack-limit 100")
+        Some("--suite pgd20 --eot 5 --draws 3 --trust-examples 10 --attack-limit 100")
     );
     let eval = Preset::Paper.models()[0]
         .eval_flags(&Preset::Paper.budgets())
         .join(" ");
     assert_eq!(eval, "--suite pgd20");
-    // The protocol and calibration metrics see at least 1,000 images in every preset.
-    for p in [Preset::Smoke, Preset::Fast, Preset::Paper] {
-        assert!(p.budgets().protocol.1.is_none_or(|n| n >= 1000), "{p:?}");
+    // The protocol and calibration metrics see at least 1,000 images in the GPU
+    // presets, and 500 (95 % intervals of at most ±4.4 points) in the 15-minute smoke.
+    for (p, least) in [
+        (Preset::Smoke, 500),
+        (Preset::Fast, 1000),
+        (Preset::Paper, 1000),
+    ] {
+        assert!(p.budgets().protocol.1.is_none_or(|n| n >= least), "{p:?}");
     }
     let ccat = Preset::Fast.models()[2].train_flags().join(" ");
     assert_eq!(

@@ -1,0 +1,284 @@
+//! The study's `rampart` runs as a graph of jobs, run one at a time with the terminal or
+//! several at once, each as soon as the runs it reads have finished.
+//!
+//! A 2-core CPU gets more from two single-threaded runs side by side than from one run
+//! on both cores (measured: two FGSM-RS trainings of WRN-10-1 took 28.4 s side by side
+//! with one thread each, 35.9 s one after the other with two), and a many-core machine
+//! can train and evaluate several rows at once. Jobs run in the order they were added
+//! whenever a slot is free and the jobs they wait for are done, so adding each row's
+//! runs in row order keeps the rows in order.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// One `rampart` run of the study.
+pub struct Job {
+    /// What it does, for the progress lines (`at: training`).
+    pub name: String,
+    /// The command.
+    pub command: Command,
+    /// The jobs (indices into the list) whose outputs it reads.
+    pub after: Vec<usize>,
+    /// Where its terminal output goes when jobs run side by side (its own log files
+    /// are written either way).
+    pub log: PathBuf,
+}
+
+/// Adds jobs to a list and hands out their indices.
+#[derive(Default)]
+pub struct Jobs {
+    jobs: Vec<Job>,
+}
+
+impl Jobs {
+    /// Adds `command` named `name`, to run after `after`; returns its index.
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        command: Command,
+        after: impl IntoIterator<Item = usize>,
+        log: PathBuf,
+    ) -> usize {
+        self.jobs.push(Job {
+            name: name.into(),
+            command,
+            after: after.into_iter().collect(),
+            log,
+        });
+        self.jobs.len() - 1
+    }
+
+    /// The jobs added, in order.
+    pub fn into_vec(self) -> Vec<Job> {
+        self.jobs
+    }
+}
+
+/// Runs `jobs`, at most `parallel` at a time (at least 1), each after the jobs it
+/// waits for. With `parallel` 1 each job has the terminal, so its progress bars show;
+/// otherwise its output goes to its log and a line marks its start and end. After a
+/// failure no job starts, the running ones finish, and the error names the failed job
+/// and its log.
+pub fn run(jobs: Vec<Job>, parallel: usize) -> Result<()> {
+    let parallel = parallel.max(1);
+    for (i, job) in jobs.iter().enumerate() {
+        if let Some(&bad) = job.after.iter().find(|&&j| j >= i) {
+            bail!(
+                "job `{}` waits for job {bad}, which is not before it (a bug in the study's plan)",
+                job.name
+            );
+        }
+    }
+    if parallel == 1 {
+        return run_in_order(jobs);
+    }
+    let mut jobs = jobs;
+    let total = jobs.len();
+    let mut started = vec![false; total];
+    let mut done = vec![false; total];
+    let mut running: Vec<(usize, Child, Instant)> = Vec::new();
+    let mut failed: Option<anyhow::Error> = None;
+    loop {
+        // Start every job whose inputs are ready, in order, while slots are free.
+        while failed.is_none() && running.len() < parallel {
+            let ready = (0..total).find(|&i| !started[i] && jobs[i].after.iter().all(|&j| done[j]));
+            let Some(i) = ready else { break };
+            started[i] = true;
+            match start(&mut jobs[i]) {
+                Ok(child) => {
+                    eprintln!(
+                        "==> started {} (log: {})",
+                        jobs[i].name,
+                        jobs[i].log.display()
+                    );
+                    running.push((i, child, Instant::now()));
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut k = 0;
+        while k < running.len() {
+            let status = running[k]
+                .1
+                .try_wait()
+                .context("cannot wait for a rampart run")?;
+            let Some(status) = status else {
+                k += 1;
+                continue;
+            };
+            let (i, _, since) = running.swap_remove(k);
+            let (name, log) = (&jobs[i].name, &jobs[i].log);
+            let seconds = since.elapsed().as_secs_f64();
+            if status.success() {
+                done[i] = true;
+                eprintln!("==> finished {name} in {seconds:.0} s");
+            } else {
+                eprintln!("==> FAILED {name} ({status}) after {seconds:.0} s; its output ends:");
+                eprint!("{}", log_tail(log));
+                if failed.is_none() {
+                    failed = Some(anyhow::anyhow!(
+                        "{name} failed ({status}); its output is in {}",
+                        log.display()
+                    ));
+                }
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None if done.iter().all(|&d| d) => Ok(()),
+        None => bail!("some of the study's runs never started (a bug in the study's plan)"),
+    }
+}
+
+/// One job after the other, each with the terminal.
+fn run_in_order(jobs: Vec<Job>) -> Result<()> {
+    for mut job in jobs {
+        eprintln!("==> {}", job.name);
+        let status = job.command.status().with_context(|| {
+            format!(
+                "cannot start {} ({:?})",
+                job.name,
+                job.command.get_program()
+            )
+        })?;
+        if !status.success() {
+            bail!("{} failed ({status}); its message is above", job.name);
+        }
+    }
+    Ok(())
+}
+
+/// Starts `job` with its output appended to its log.
+fn start(job: &mut Job) -> Result<Child> {
+    if let Some(dir) = job.log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(&job.log)
+        .with_context(|| format!("cannot open {}", job.log.display()))?;
+    let err = log
+        .try_clone()
+        .with_context(|| format!("cannot open {}", job.log.display()))?;
+    job.command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {} ({:?})",
+                job.name,
+                job.command.get_program()
+            )
+        })
+}
+
+/// The last lines of a log, for a failure.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(20)..];
+    let mut s = tail.join("\n");
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn jobs_wait_for_their_inputs_and_run_side_by_side() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display().to_string();
+        let mut jobs = Jobs::default();
+        // a and b run together (each waits for the other's file to appear, so they
+        // finish only side by side); c reads both.
+        let a = jobs.add(
+            "a",
+            shell(&format!(
+                "touch {d}/a; for i in $(seq 100); do [ -e {d}/b ] && exit 0; sleep 0.05; done; exit 1"
+            )),
+            [],
+            dir.path().join("a.log"),
+        );
+        let b = jobs.add(
+            "b",
+            shell(&format!(
+                "touch {d}/b; for i in $(seq 100); do [ -e {d}/a ] && exit 0; sleep 0.05; done; exit 1"
+            )),
+            [],
+            dir.path().join("b.log"),
+        );
+        jobs.add(
+            "c",
+            shell(&format!(
+                "[ -e {d}/a ] && [ -e {d}/b ] && echo seen > {d}/c"
+            )),
+            [a, b],
+            dir.path().join("c.log"),
+        );
+        run(jobs.into_vec(), 2)?;
+        assert_eq!(std::fs::read_to_string(dir.path().join("c"))?, "seen\n");
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_failure_stops_new_jobs_and_names_the_log() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display().to_string();
+        let mut jobs = Jobs::default();
+        let bad = jobs.add(
+            "bad",
+            shell("echo the reason >&2; exit 3"),
+            [],
+            dir.path().join("logs/bad.log"),
+        );
+        jobs.add(
+            "after",
+            shell(&format!("touch {d}/after")),
+            [bad],
+            dir.path().join("after.log"),
+        );
+        let err = run(jobs.into_vec(), 2).unwrap_err().to_string();
+        assert!(
+            err.contains("bad failed") && err.contains("bad.log"),
+            "{err}"
+        );
+        assert!(std::fs::read_to_string(dir.path().join("logs/bad.log"))?.contains("the reason"));
+        assert!(!dir.path().join("after").exists());
+        // One at a time: the same refusal, with the terminal.
+        let mut jobs = Jobs::default();
+        jobs.add("bad", shell("exit 3"), [], dir.path().join("x.log"));
+        assert!(run(jobs.into_vec(), 1).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_job_cannot_wait_for_a_later_one() {
+        let mut jobs = Jobs::default();
+        jobs.add("first", Command::new("true"), [1], PathBuf::from("x.log"));
+        jobs.add("second", Command::new("true"), [], PathBuf::from("y.log"));
+        let err = run(jobs.into_vec(), 2).unwrap_err().to_string();
+        assert!(err.contains("first"), "{err}");
+    }
+}
