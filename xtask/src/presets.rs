@@ -95,7 +95,7 @@ pub struct Recipe {
 }
 
 /// The model of the `smoke` preset, normally trained: WRN-10-1 for 1 epoch on the
-/// first 12,800 training images, batch 64, one-cycle lr 0 → 0.2 → 0 — the budget of
+/// first 10,240 training images, batch 64, one-cycle lr 0 → 0.2 → 0 — the budget of
 /// every row the smoke preset trains from scratch, so that rows compare at one budget
 /// (the calibration rows with the normal one, OAT with its fixed-λ model). The whole
 /// study has 15 minutes on a 2-core CPU after the build, with the final clean
@@ -106,7 +106,7 @@ pub const SMOKE_NORMAL: Recipe = Recipe {
     batch_size: 64,
     lr: 0.2,
     schedule: "cyclic",
-    train_limit: Some(12_800),
+    train_limit: Some(10_240),
     per_epoch_test_limit: Some(1000),
 };
 
@@ -137,10 +137,10 @@ pub const SMOKE_CALIBRATION: Recipe = SMOKE_AT;
 
 /// The smoke preset's stochastic student: fine-tunes the AT row's model with adaptive
 /// noise (α starting at 0.1) by the AT row's FGSM-RS adversarial training for 1 epoch
-/// on the first 6,400 images at a lower one-cycle peak (0.05).
+/// on the first 5,120 images at a lower one-cycle peak (0.05).
 pub const SMOKE_STUDENT: Recipe = Recipe {
     lr: 0.05,
-    train_limit: Some(6_400),
+    train_limit: Some(5_120),
     ..SMOKE_AT
 };
 
@@ -478,11 +478,11 @@ impl Preset {
             Preset::Smoke => {
                 "A check that the whole pipeline works on real data on a 2-core CPU, in about \
                  15 minutes: a small Wide-ResNet (WRN-10-1) trained for one epoch on the first \
-                 12,800 training images (batch 64, one-cycle learning rate) — normally; \
+                 10,240 training images (batch 64, one-cycle learning rate) — normally; \
                  adversarially (FGSM with a random start at 8/255); with CCAT (a 3-step conf \
                  attack, half of each batch); with label smoothing, RegMixup and AR-AdaLS; with \
                  Sinkhorn AT, once-for-all AT and a dedicated OAT model at λ = 0.3 (FGSM-RS \
-                 attacks) — and two stochastic students fine-tuned on 6,400 images: \
+                 attacks) — and two stochastic students fine-tuned on 5,120 images: \
                  adversarially from the AT model, and with clean cross-entropy from the normal \
                  model. Every row is evaluated clean on all 10,000 test images and by the quick \
                  protocol, whose PGD-20 worst case at 8/255 attacks the first 500. It \
@@ -531,28 +531,29 @@ impl Preset {
     /// Smoke (2-core CPU, the whole study in about 15 minutes): the deterministic rows'
     /// quick protocol, which holds their PGD-20 worst case, attacks the first 500 test
     /// images (a rate's 95 % interval is then at most ±4.4 points; trust checks on the
-    /// first 50). An EOT-k attack of a stochastic student costs k forward-backward
-    /// passes per step, so a student's PGD-20 runs at EOT 5 on the first 100 images
-    /// (trust checks on 10, 3 noise draws), its protocol at EOT 2 on 200 and its noise
-    /// sweep (scales 0, 1, 4) at EOT 2 on 100 per value; on the smoke student EOT 3 and
+    /// first 25). An EOT-k attack of a stochastic student costs k forward-backward
+    /// passes per step, so a student's PGD-20 runs at EOT 3 on the first 100 images
+    /// (trust checks on 10, 2 noise draws), its protocol at EOT 2 on 200 and its noise
+    /// sweep (scales 0, 1, 4) at EOT 2 on 50 per value; on the smoke student EOT 3 and
     /// EOT 20 found the same PGD-20 robust accuracy (23 of 100 images, one image
-    /// differing each way). The OAT sweep attacks 100 images per λ. AutoAttack (about a
-    /// minute per 100 images of WRN-10-1) runs on the AT model only.
+    /// differing each way). The OAT sweep attacks 100 images per λ (trust checks on 10).
+    /// AutoAttack (about a minute and a half per 100 images of WRN-10-1 on one core)
+    /// runs on the AT model only.
     pub fn budgets(self) -> EvalBudgets {
         match self {
             Preset::Smoke => EvalBudgets {
                 robust_examples: Some(500),
                 protocol: ("quick", Some(500)),
-                trust_examples: 50,
-                stochastic_eot: 5,
-                stochastic_draws: 3,
+                trust_examples: 25,
+                stochastic_eot: 3,
+                stochastic_draws: 2,
                 stochastic_robust_examples: Some(100),
                 stochastic_protocol: (2, Some(200), 10),
                 stochastic_trust_examples: 10,
-                stochastic_sweep_examples: Some(100),
+                stochastic_sweep_examples: Some(50),
                 noise_values: "0,1,4",
                 sweep_limits: Some((1000, 100)),
-                sweep_trust_examples: 20,
+                sweep_trust_examples: 10,
                 autoattack: (&["at"], Some(100)),
             },
             Preset::Fast => EvalBudgets {

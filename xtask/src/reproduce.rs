@@ -299,6 +299,47 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         ));
     }
 
+    // AutoAttack on the preset's robust rows, with PGD-20 on the very same images:
+    // listed before the protocols, so that this long run starts early rather than
+    // ending the study alone.
+    let (aa_rows, aa_limit) = preset.autoattack();
+    let mut autoattacked = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        if !aa_rows.contains(&row.method) {
+            continue;
+        }
+        let model = model_dir(&out, row.method).join("model.safetensors");
+        for (suite, dir) in [
+            ("autoattack", report::autoattack_dir(&out, row.method)),
+            ("pgd20", report::autoattack_pgd_dir(&out, row.method)),
+        ] {
+            if dir.join("results.json").exists() {
+                continue;
+            }
+            let mut eval = setup.command(&model, &dir);
+            eval.args(["--suite", suite]);
+            if let Some(n) = aa_limit {
+                let n = n.to_string();
+                eval.args(["--attack-limit", &n]);
+                if suite == "pgd20" {
+                    eval.args(["--test-limit", &n]);
+                }
+            }
+            jobs.add(
+                format!(
+                    "{}: {suite} on {}",
+                    row.method,
+                    aa_limit.map_or("the whole test set".into(), |n| format!(
+                        "the first {n} test images"
+                    ))
+                ),
+                eval,
+                trained[i],
+                log(row.method, suite),
+            );
+        }
+        autoattacked.push(row.method);
+    }
     // The evaluation protocol on every model, then one comparison (tables + plots).
     let (suite, limit) = preset.protocol();
     let mut compare = rampart_command(&rampart, threads);
@@ -436,45 +477,6 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         );
     }
 
-    // AutoAttack on the preset's robust rows, with PGD-20 on the very same images.
-    let (aa_rows, aa_limit) = preset.autoattack();
-    let mut autoattacked = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        if !aa_rows.contains(&row.method) {
-            continue;
-        }
-        let model = model_dir(&out, row.method).join("model.safetensors");
-        for (suite, dir) in [
-            ("autoattack", report::autoattack_dir(&out, row.method)),
-            ("pgd20", report::autoattack_pgd_dir(&out, row.method)),
-        ] {
-            if dir.join("results.json").exists() {
-                continue;
-            }
-            let mut eval = setup.command(&model, &dir);
-            eval.args(["--suite", suite]);
-            if let Some(n) = aa_limit {
-                let n = n.to_string();
-                eval.args(["--attack-limit", &n]);
-                if suite == "pgd20" {
-                    eval.args(["--test-limit", &n]);
-                }
-            }
-            jobs.add(
-                format!(
-                    "{}: {suite} on {}",
-                    row.method,
-                    aa_limit.map_or("the whole test set".into(), |n| format!(
-                        "the first {n} test images"
-                    ))
-                ),
-                eval,
-                trained[i],
-                log(row.method, suite),
-            );
-        }
-        autoattacked.push(row.method);
-    }
     if parallel > 1 {
         eprintln!(
             "==> {parallel} runs at a time, {} thread(s) each; each run's output goes to {}",

@@ -97,7 +97,7 @@ fn smoke_rows_train_on_a_subset_and_attack_a_subset() {
         at.starts_with("--method at --arch wrn-10-1 --epochs 1 --batch-size 64"),
         "{at}"
     );
-    assert!(at.contains("--train-limit 12800"), "{at}");
+    assert!(at.contains("--train-limit 10240"), "{at}");
     assert!(
         at.ends_with("--attack-steps 1 --attack-step-size 10/255"),
         "{at}"
@@ -119,7 +119,7 @@ fn smoke_rows_train_on_a_subset_and_attack_a_subset() {
     let eval = student.map(|r| r.eval_flags(&smoke).join(" "));
     assert_eq!(
         eval.as_deref(),
-        Some("--suite pgd20 --eot 5 --draws 3 --trust-examples 10 --attack-limit 100")
+        Some("--suite pgd20 --eot 3 --draws 2 --trust-examples 10 --attack-limit 100")
     );
     let eval = Preset::Paper.models()[0]
         .eval_flags(&Preset::Paper.budgets())
