@@ -783,10 +783,11 @@ fn add_sweeps_to(
                 "One once-for-all model (`{method}`) evaluated at every training λ (clean \
                  accuracy on the first test images, PGD-20 L∞ 8/255 on the first of them), \
                  beside the models trained at one fixed λ (normal: λ = 0, oat-fixed: λ = 0.3, \
-                 at: λ = 1; the normal row's training budget differs from the others', see \
-                 the table above). The reference figures come from each model's own \
-                 evaluation (clean on all test images, PGD-20 on the first 1,000), the \
-                 sweep's from the first images only (see the attack line)."
+                 at: λ = 1; their training budgets are in the table above). The reference \
+                 figures come from each model's own evaluation (clean accuracy of the \
+                 protocol's attacked images or of all test images, PGD-20 on the attacked \
+                 images of the budgets table), the sweep's from the first images only (see \
+                 the attack line)."
             ),
             _ => format!(
                 "The stochastic student (`{method}`) with its trained noise multiplied by each \
