@@ -125,7 +125,19 @@ pub fn is_finished(out: &Path, method: &str) -> bool {
 }
 
 /// The rows `--rows` selects from a preset, in the preset's order.
+#[cfg(test)]
 pub fn select_rows(preset: Preset, selection: &str) -> Result<Vec<ModelRow>> {
+    select_rows_in(preset, selection, &|_| false)
+}
+
+/// [`select_rows`] in a study folder where the rows for which `finished` holds are
+/// already trained and evaluated: a student may then be selected without its teacher
+/// when the teacher is one of them.
+pub fn select_rows_in(
+    preset: Preset,
+    selection: &str,
+    finished: &dyn Fn(&str) -> bool,
+) -> Result<Vec<ModelRow>> {
     let all = preset.models();
     let rows: Vec<ModelRow> = match selection.trim() {
         "all" => all.to_vec(),
@@ -150,9 +162,10 @@ pub fn select_rows(preset: Preset, selection: &str) -> Result<Vec<ModelRow>> {
     };
     for r in &rows {
         if let Some(t) = r.teacher {
-            if !rows.iter().any(|o| o.method == t) {
+            if !rows.iter().any(|o| o.method == t) && !finished(t) {
                 bail!(
-                    "--rows: `{}` starts from the `{t}` model; select `{t}` too",
+                    "--rows: `{}` starts from the `{t}` model; select `{t}` too (or run it \
+                     first into this --out and continue with --resume)",
                     r.method
                 );
             }
@@ -188,8 +201,19 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         .device
         .clone()
         .unwrap_or_else(|| preset.default_device().to_string());
-    let rows = select_rows(preset, &args.rows)?;
-    let rows = rows.as_slice();
+    // The rows this invocation runs, and the study's rows: those and every other row
+    // of the preset that an earlier invocation finished in this folder (--resume), so
+    // that rows run one invocation at a time end in one report.
+    let finished_before = |method: &str| args.resume && is_finished(&out, method);
+    let selected = select_rows_in(preset, &args.rows, &finished_before)?;
+    let study_rows: Vec<ModelRow> = preset
+        .models()
+        .iter()
+        .filter(|r| selected.iter().any(|s| s.method == r.method) || finished_before(r.method))
+        .copied()
+        .collect();
+    let rows = study_rows.as_slice();
+    let is_selected = |method: &str| selected.iter().any(|s| s.method == method);
     // One study per folder at a time; released when this process ends, however it ends.
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let _lock = rampart_fs::OutputLock::acquire_for(&out, &command)?;
@@ -199,7 +223,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         .with("--preset", preset.name())
         .with("--device", device.as_str());
     if !args.resume {
-        for row in rows {
+        for row in &selected {
             let dir = model_dir(&out, row.method);
             if dir.join("checkpoint.safetensors").exists() || dir.join("model.safetensors").exists()
             {
@@ -241,6 +265,10 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     let mut evaluated: Vec<Option<usize>> = vec![None; rows.len()];
     for (i, row) in rows.iter().enumerate() {
         let step = format!("[{}/{}] {}", i + 1, rows.len(), row.method);
+        if !is_selected(row.method) {
+            eprintln!("==> {step}: finished by an earlier invocation, kept in the study");
+            continue;
+        }
         if args.resume && is_finished(&out, row.method) {
             eprintln!("==> {step}: already trained and evaluated, skipped (--resume)");
             continue;

@@ -131,6 +131,24 @@ fn a_killed_study_resumes_to_the_same_results() -> TestResult {
     assert!(side.status.success(), "{}", text(&side));
     assert_eq!(comparable(&side_dir)?, comparable(&whole_dir)?);
     assert!(side_dir.join("logs/at.protocol.log").is_file());
+    // One row per invocation into one folder (as a GPU session runs a row per
+    // command): the second invocation, with --resume, keeps the first's row, and the
+    // study ends with the one-invocation results.
+    let rows_dir = dir.path().join("row-by-row");
+    let first = reproduce(dir.path(), &rows_dir, false)?
+        .args(["--rows", "normal"])
+        .output()?;
+    assert!(first.status.success(), "{}", text(&first));
+    let second = reproduce(dir.path(), &rows_dir, true)?
+        .args(["--rows", "at"])
+        .output()?;
+    assert!(second.status.success(), "{}", text(&second));
+    assert!(
+        text(&second).contains("normal: finished by an earlier invocation"),
+        "{}",
+        text(&second)
+    );
+    assert_eq!(comparable(&rows_dir)?, comparable(&whole_dir)?);
     assert!(total > 4, "{whole_log}");
     // A seeded pick of the kill point: after batch k of the first half of the study's
     // saved batches (the second half leaves the kill plenty of work to interrupt).

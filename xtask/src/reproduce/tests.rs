@@ -70,6 +70,13 @@ fn rows_are_selected_by_name_or_group() -> Result<()> {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("select `at` too"), "{err}");
+    // In a folder where `at` is finished, the student alone is a valid selection.
+    let alone = select_rows_in(Preset::Smoke, "student", &|m| m == "at")?;
+    assert_eq!(
+        alone.iter().map(|r| r.method).collect::<Vec<_>>(),
+        ["student"]
+    );
+    assert!(select_rows_in(Preset::Smoke, "student", &|m| m == "normal").is_err());
     assert!(select_rows(Preset::Smoke, "nope").is_err());
     // Rows that vary a method train with the method's own name.
     let smoke = Preset::Smoke.models();
