@@ -26,6 +26,9 @@ pub struct Job {
     /// Where its terminal output goes when jobs run side by side (its own log files
     /// are written either way).
     pub log: PathBuf,
+    /// Whether it computes on a device: it is then given `--device D`, D the device of
+    /// the slot it runs in.
+    pub on_device: bool,
 }
 
 /// Adds jobs to a list and hands out their indices.
@@ -35,7 +38,8 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Adds `command` named `name`, to run after `after`; returns its index.
+    /// Adds `command` named `name`, a run on a device, to run after `after`; returns
+    /// its index.
     pub fn add(
         &mut self,
         name: impl Into<String>,
@@ -43,11 +47,41 @@ impl Jobs {
         after: impl IntoIterator<Item = usize>,
         log: PathBuf,
     ) -> usize {
-        self.jobs.push(Job {
-            name: name.into(),
+        self.push(name.into(), command, after.into_iter().collect(), log, true)
+    }
+
+    /// [`Jobs::add`] for a run that computes nothing on a device (a merge, a
+    /// comparison): it takes a slot but no `--device`.
+    pub fn add_host(
+        &mut self,
+        name: impl Into<String>,
+        command: Command,
+        after: impl IntoIterator<Item = usize>,
+        log: PathBuf,
+    ) -> usize {
+        self.push(
+            name.into(),
             command,
-            after: after.into_iter().collect(),
+            after.into_iter().collect(),
             log,
+            false,
+        )
+    }
+
+    fn push(
+        &mut self,
+        name: String,
+        command: Command,
+        after: Vec<usize>,
+        log: PathBuf,
+        on_device: bool,
+    ) -> usize {
+        self.jobs.push(Job {
+            name,
+            command,
+            after,
+            log,
+            on_device,
         });
         self.jobs.len() - 1
     }
@@ -58,13 +92,17 @@ impl Jobs {
     }
 }
 
-/// Runs `jobs`, at most `parallel` at a time (at least 1), each after the jobs it
-/// waits for. With `parallel` 1 each job has the terminal, so its progress bars show;
-/// otherwise its output goes to its log and a line marks its start and end. After a
-/// failure no job starts, the running ones finish, and the error names the failed job
-/// and its log.
-pub fn run(jobs: Vec<Job>, parallel: usize) -> Result<()> {
-    let parallel = parallel.max(1);
+/// Runs `jobs` in `slots`, one job per slot at a time, each after the jobs it waits
+/// for; a job on a device gets `--device` of its slot (`slots` lists each slot's
+/// device, e.g. `cuda:0`, `cuda:1`, or `cpu` twice). With one slot each job has the
+/// terminal, so its progress bars show; otherwise its output goes to its log and a
+/// line marks its start and end. After a failure no job starts, the running ones
+/// finish, and the error names the failed job and its log.
+pub fn run(jobs: Vec<Job>, slots: &[String]) -> Result<()> {
+    if slots.is_empty() {
+        bail!("no slot to run the study's runs in");
+    }
+    let parallel = slots.len();
     for (i, job) in jobs.iter().enumerate() {
         if let Some(&bad) = job.after.iter().find(|&&j| j >= i) {
             bail!(
@@ -74,28 +112,37 @@ pub fn run(jobs: Vec<Job>, parallel: usize) -> Result<()> {
         }
     }
     if parallel == 1 {
-        return run_in_order(jobs);
+        return run_in_order(jobs, &slots[0]);
     }
     let mut jobs = jobs;
     let total = jobs.len();
     let mut started = vec![false; total];
     let mut done = vec![false; total];
-    let mut running: Vec<(usize, Child, Instant)> = Vec::new();
+    // (job, child, start, slot)
+    let mut running: Vec<(usize, Child, Instant, usize)> = Vec::new();
     let mut failed: Option<anyhow::Error> = None;
     loop {
         // Start every job whose inputs are ready, in order, while slots are free.
         while failed.is_none() && running.len() < parallel {
             let ready = (0..total).find(|&i| !started[i] && jobs[i].after.iter().all(|&j| done[j]));
             let Some(i) = ready else { break };
+            let Some(slot) = (0..parallel).find(|k| running.iter().all(|r| r.3 != *k)) else {
+                break;
+            };
             started[i] = true;
-            match start(&mut jobs[i]) {
+            let job = &mut jobs[i];
+            if job.on_device {
+                job.command.args(["--device", &slots[slot]]);
+            }
+            match start(job) {
                 Ok(child) => {
-                    eprintln!(
-                        "==> started {} (log: {})",
-                        jobs[i].name,
-                        jobs[i].log.display()
-                    );
-                    running.push((i, child, Instant::now()));
+                    let on = if job.on_device {
+                        format!(" on {}", slots[slot])
+                    } else {
+                        String::new()
+                    };
+                    eprintln!("==> started {}{on} (log: {})", job.name, job.log.display());
+                    running.push((i, child, Instant::now(), slot));
                 }
                 Err(e) => failed = Some(e),
             }
@@ -114,7 +161,7 @@ pub fn run(jobs: Vec<Job>, parallel: usize) -> Result<()> {
                 k += 1;
                 continue;
             };
-            let (i, _, since) = running.swap_remove(k);
+            let (i, _, since, _) = running.swap_remove(k);
             let (name, log) = (&jobs[i].name, &jobs[i].log);
             let seconds = since.elapsed().as_secs_f64();
             if status.success() {
@@ -139,9 +186,12 @@ pub fn run(jobs: Vec<Job>, parallel: usize) -> Result<()> {
     }
 }
 
-/// One job after the other, each with the terminal.
-fn run_in_order(jobs: Vec<Job>) -> Result<()> {
+/// One job after the other, each with the terminal, on `device`.
+fn run_in_order(jobs: Vec<Job>, device: &str) -> Result<()> {
     for mut job in jobs {
+        if job.on_device {
+            job.command.args(["--device", device]);
+        }
         eprintln!("==> {}", job.name);
         let status = job.command.status().with_context(|| {
             format!(
@@ -198,6 +248,46 @@ fn log_tail(path: &std::path::Path) -> String {
 mod tests {
     use super::*;
 
+    fn slots(n: usize) -> Vec<String> {
+        vec!["cpu".to_string(); n]
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn each_slot_gives_its_device_to_the_runs_on_a_device() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display().to_string();
+        let mut jobs = Jobs::default();
+        // `sh -c SCRIPT NAME ARGS…`: the appended `--device D` arrive as $1 $2. Two
+        // jobs that wait for each other run at once, so they hold both slots.
+        for (name, other) in [("a", "b"), ("b", "a")] {
+            let mut c = Command::new("sh");
+            c.args([
+                "-c",
+                &format!(
+                    "echo \"$@\" > {d}/{name}; for i in $(seq 100); do [ -e {d}/{other} ] && exit 0; sleep 0.05; done; exit 1"
+                ),
+                name,
+            ]);
+            jobs.add(name, c, [], dir.path().join(format!("{name}.log")));
+        }
+        let mut host = Command::new("sh");
+        host.args(["-c", &format!("echo \"$@\" > {d}/host"), "host"]);
+        jobs.add_host("host", host, [0, 1], dir.path().join("host.log"));
+        run(
+            jobs.into_vec(),
+            &["cuda:0".to_string(), "cuda:1".to_string()],
+        )?;
+        let mut seen: Vec<String> = ["a", "b"]
+            .iter()
+            .map(|n| std::fs::read_to_string(dir.path().join(n)).map(|s| s.trim().to_string()))
+            .collect::<std::io::Result<_>>()?;
+        seen.sort();
+        assert_eq!(seen, ["--device cuda:0", "--device cuda:1"]);
+        assert_eq!(std::fs::read_to_string(dir.path().join("host"))?.trim(), "");
+        Ok(())
+    }
+
     fn shell(script: &str) -> Command {
         let mut c = Command::new("sh");
         c.args(["-c", script]);
@@ -236,7 +326,7 @@ mod tests {
             [a, b],
             dir.path().join("c.log"),
         );
-        run(jobs.into_vec(), 2)?;
+        run(jobs.into_vec(), &slots(2))?;
         assert_eq!(std::fs::read_to_string(dir.path().join("c"))?, "seen\n");
         Ok(())
     }
@@ -259,7 +349,7 @@ mod tests {
             [bad],
             dir.path().join("after.log"),
         );
-        let err = run(jobs.into_vec(), 2).unwrap_err().to_string();
+        let err = run(jobs.into_vec(), &slots(2)).unwrap_err().to_string();
         assert!(
             err.contains("bad failed") && err.contains("bad.log"),
             "{err}"
@@ -269,7 +359,7 @@ mod tests {
         // One at a time: the same refusal, with the terminal.
         let mut jobs = Jobs::default();
         jobs.add("bad", shell("exit 3"), [], dir.path().join("x.log"));
-        assert!(run(jobs.into_vec(), 1).is_err());
+        assert!(run(jobs.into_vec(), &slots(1)).is_err());
         Ok(())
     }
 
@@ -278,7 +368,7 @@ mod tests {
         let mut jobs = Jobs::default();
         jobs.add("first", Command::new("true"), [1], PathBuf::from("x.log"));
         jobs.add("second", Command::new("true"), [], PathBuf::from("y.log"));
-        let err = run(jobs.into_vec(), 2).unwrap_err().to_string();
+        let err = run(jobs.into_vec(), &slots(2)).unwrap_err().to_string();
         assert!(err.contains("first"), "{err}");
     }
 }

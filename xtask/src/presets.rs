@@ -336,6 +336,9 @@ pub struct EvalBudgets {
     pub protocol: (&'static str, Option<usize>),
     /// Deterministic rows: images the protocol's trust checks run on (the first N).
     pub trust_examples: usize,
+    /// The protocol's batch size (`None`: `rampart eval`'s 128); the tiny preset's
+    /// small one gives its few images several batches, so they can be sharded.
+    pub protocol_batch_size: Option<usize>,
     /// Stochastic rows: EOT samples of every PGD-20 attack (gradients averaged per step
     /// and draws judging success).
     pub stochastic_eot: usize,
@@ -545,6 +548,7 @@ impl Preset {
                 robust_examples: Some(500),
                 protocol: ("quick", Some(500)),
                 trust_examples: 25,
+                protocol_batch_size: None,
                 stochastic_eot: 3,
                 stochastic_draws: 2,
                 stochastic_robust_examples: Some(100),
@@ -560,6 +564,7 @@ impl Preset {
                 robust_examples: None,
                 protocol: ("quick", None),
                 trust_examples: 100,
+                protocol_batch_size: None,
                 stochastic_eot: STOCHASTIC_EOT,
                 stochastic_draws: 5,
                 stochastic_robust_examples: Some(1000),
@@ -575,6 +580,7 @@ impl Preset {
                 robust_examples: None,
                 protocol: ("ccat", None),
                 trust_examples: 100,
+                protocol_batch_size: None,
                 stochastic_eot: STOCHASTIC_EOT,
                 stochastic_draws: 5,
                 stochastic_robust_examples: None,
@@ -590,6 +596,7 @@ impl Preset {
                 robust_examples: Some(8),
                 protocol: ("quick", Some(8)),
                 trust_examples: 4,
+                protocol_batch_size: Some(4),
                 stochastic_eot: 1,
                 stochastic_draws: 1,
                 stochastic_robust_examples: Some(8),

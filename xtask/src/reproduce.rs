@@ -60,6 +60,13 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
+    /// Cut every row's evaluation protocol into N shards, each a run of its own (on its
+    /// own device where --device lists several), merged with `rampart merge` into the
+    /// folder one run writes: the same results, sooner on several devices (see
+    /// docs/scale-out.md).
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+
     /// How many `rampart` runs go side by side, each as soon as the runs it reads have
     /// finished [default: one per core on a CPU, each single-threaded; 1 on a GPU].
     /// With more than one, each run's output goes to OUT/logs/. Results depend on the
@@ -75,8 +82,10 @@ pub struct ReproduceArgs {
     pub rows: String,
 
     /// Device given to `rampart --device` (cpu, cuda, cuda:N, cuda+tf32) [default:
-    /// cpu for smoke, cuda for fast and paper]. A CUDA device builds `rampart` with
-    /// `--features cudnn` (CUDA and cuDNN).
+    /// cpu for smoke, cuda for fast and paper], or several of one kind
+    /// (`cuda:0,cuda:1,…`): the study's runs then go side by side, one per device
+    /// (see --jobs). A CUDA device builds `rampart` with `--features cudnn` (CUDA and
+    /// cuDNN).
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -201,6 +210,10 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         .device
         .clone()
         .unwrap_or_else(|| preset.default_device().to_string());
+    // `--device` names one device or a list of one kind (cuda:0,cuda:1,…): the study
+    // is recorded with the kind, and each run goes to one of them.
+    let devices = device_list(&device)?;
+    let device = device_kind(&devices[0]);
     // The rows this invocation runs, and the study's rows: those and every other row
     // of the preset that an earlier invocation finished in this folder (--resume), so
     // that rows run one invocation at a time end in one report.
@@ -242,10 +255,23 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     };
     let clock = Instant::now();
     let budgets = preset.budgets();
-    let parallel = args.jobs.unwrap_or_else(|| default_jobs(&device));
+    let parallel = args.jobs.unwrap_or_else(|| {
+        if devices.len() > 1 {
+            devices.len()
+        } else {
+            default_jobs(&device)
+        }
+    });
     if parallel == 0 {
         bail!("--jobs must be at least 1");
     }
+    if args.shards == 0 {
+        bail!("--shards must be at least 1");
+    }
+    // Slot k runs on devices[k mod len].
+    let slots: Vec<String> = (0..parallel)
+        .map(|k| devices[k % devices.len()].clone())
+        .collect();
     // Side by side, each run gets its share of the cores (one thread each on a CPU
     // unless --threads says otherwise).
     let threads = args
@@ -255,7 +281,6 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         rampart: &rampart,
         threads,
         dataset,
-        device: &device,
         data_dir,
     };
     let log = |row: &str, what: &str| out.join("logs").join(format!("{row}.{what}.log"));
@@ -275,14 +300,10 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         }
         let dir = model_dir(&out, row.method);
         let mut train = rampart_command(&rampart, threads);
-        train.arg("train").args(row.train_flags()).args([
-            "--dataset",
-            dataset,
-            "--seed",
-            "0",
-            "--device",
-            &device,
-        ]);
+        train
+            .arg("train")
+            .args(row.train_flags())
+            .args(["--dataset", dataset, "--seed", "0"]);
         data_dir_args(&mut train, data_dir);
         train.arg("--out").arg(&dir);
         let mut after = Vec::new();
@@ -396,19 +417,52 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         if let Some(n) = limit {
             eval.args(["--attack-limit", &n.to_string()]);
         }
-        protocols[i] = Some(jobs.add(
-            format!(
-                "[{}/{}] {}: evaluation protocol (--suite {suite})",
-                i + 1,
-                rows.len(),
-                row.method
-            ),
-            eval,
-            trained[i],
-            log(row.method, "protocol"),
+        if let Some(b) = budgets.protocol_batch_size {
+            eval.args(["--batch-size", &b.to_string()]);
+        }
+        let name = format!(
+            "[{}/{}] {}: evaluation protocol (--suite {suite})",
+            i + 1,
+            rows.len(),
+            row.method
+        );
+        if args.shards == 1 {
+            protocols[i] = Some(jobs.add(name, eval, trained[i], log(row.method, "protocol")));
+            continue;
+        }
+        // Cut into shards (docs/scale-out.md), each a run of its own, then merged into
+        // the folder one run writes.
+        let mut merge = rampart_command(&rampart, threads);
+        merge.arg("merge");
+        let mut parts = Vec::new();
+        for k in 0..args.shards {
+            let part = dir.join(format!("shard-{k}"));
+            let mut shard = Command::new(eval.get_program());
+            shard.args(eval.get_args().map(|a| {
+                if a == dir.as_os_str() {
+                    part.as_os_str()
+                } else {
+                    a
+                }
+            }));
+            shard.args(["--shard", &format!("{k}/{}", args.shards)]);
+            parts.push(jobs.add(
+                format!("{name}, shard {k}/{}", args.shards),
+                shard,
+                trained[i],
+                log(row.method, &format!("protocol.shard-{k}")),
+            ));
+            merge.arg(&part);
+        }
+        merge.arg("--out").arg(&dir);
+        protocols[i] = Some(jobs.add_host(
+            format!("{name}: merging {} shards", args.shards),
+            merge,
+            parts,
+            log(row.method, "protocol.merge"),
         ));
     }
-    jobs.add(
+    jobs.add_host(
         "comparing the models",
         compare,
         protocols.iter().flatten().copied().collect::<Vec<_>>(),
@@ -474,14 +528,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             .args(["--over", over])
             .arg("--model")
             .arg(model_dir(&out, row.method).join("model.safetensors"))
-            .args([
-                "--dataset",
-                dataset,
-                "--device",
-                &device,
-                "--suite",
-                "pgd20",
-            ])
+            .args(["--dataset", dataset, "--suite", "pgd20"])
             .args(extra);
         if let Some((test, attacked)) = sweep_limits {
             let attacked = match (row.stochastic, budgets.stochastic_sweep_examples) {
@@ -507,12 +554,13 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
 
     if parallel > 1 {
         eprintln!(
-            "==> {parallel} runs at a time, {} thread(s) each; each run's output goes to {}",
+            "==> {parallel} runs at a time ({}), {} thread(s) each; each run's output goes to {}",
+            slots.join(", "),
             threads.map_or("all".to_string(), |t| t.to_string()),
             out.join("logs").display()
         );
     }
-    crate::jobs::run(jobs.into_vec(), parallel)?;
+    crate::jobs::run(jobs.into_vec(), &slots)?;
 
     let study = Study {
         dataset: dataset.to_string(),
@@ -621,21 +669,18 @@ struct EvalSetup<'a> {
     rampart: &'a Path,
     threads: Option<usize>,
     dataset: &'a str,
-    device: &'a str,
     data_dir: Option<&'a Path>,
 }
 
 impl EvalSetup<'_> {
     /// `rampart eval` of `model` (a row's) into `out`; the caller adds the suite, the
-    /// limits and a stochastic row's budget.
+    /// limits and a stochastic row's budget, the job runner the device.
     fn command(&self, model: &Path, out: &Path) -> Command {
         let mut eval = rampart_command(self.rampart, self.threads);
-        eval.arg("eval").arg("--model").arg(model).args([
-            "--dataset",
-            self.dataset,
-            "--device",
-            self.device,
-        ]);
+        eval.arg("eval")
+            .arg("--model")
+            .arg(model)
+            .args(["--dataset", self.dataset]);
         data_dir_args(&mut eval, self.data_dir);
         eval.arg("--out").arg(out);
         eval
@@ -675,6 +720,37 @@ fn job_of(rows: &[ModelRow], jobs: &[Option<usize>], key: &str) -> Option<usize>
     rows.iter()
         .position(|r| r.method == key)
         .and_then(|i| jobs[i])
+}
+
+/// `--device` as a list: one device, or several of one kind (`cuda:0,cuda:1`).
+fn device_list(device: &str) -> Result<Vec<String>> {
+    let devices: Vec<String> = device
+        .split(',')
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect();
+    let Some(first) = devices.first() else {
+        bail!("--device names no device");
+    };
+    let kind = device_kind(first);
+    if let Some(other) = devices.iter().find(|d| device_kind(d) != kind) {
+        bail!(
+            "--device lists devices of different kinds ({first} and {other}): one kind per study"
+        );
+    }
+    Ok(devices)
+}
+
+/// A device without its index: `cuda:1+tf32` → `cuda+tf32`; the kind a study is
+/// recorded with, so that it may continue on other devices of that kind.
+fn device_kind(device: &str) -> String {
+    match device.split_once(':') {
+        Some((kind, rest)) => {
+            let suffix = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+            format!("{kind}{suffix}")
+        }
+        None => device.to_string(),
+    }
 }
 
 /// The cores this process may use.

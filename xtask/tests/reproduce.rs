@@ -149,6 +149,16 @@ fn a_killed_study_resumes_to_the_same_results() -> TestResult {
         text(&second)
     );
     assert_eq!(comparable(&rows_dir)?, comparable(&whole_dir)?);
+    // Every protocol cut into 2 shards (runs of their own, side by side) and merged:
+    // the same study.
+    let shard_dir = dir.path().join("sharded");
+    let sharded = reproduce_jobs(dir.path(), &shard_dir, false, 2)?
+        .args(["--shards", "2"])
+        .output()?;
+    assert!(sharded.status.success(), "{}", text(&sharded));
+    assert!(shard_dir.join("at/protocol/shard-1/shard.json").is_file());
+    assert!(shard_dir.join("logs/at.protocol.merge.log").is_file());
+    assert_eq!(comparable(&shard_dir)?, comparable(&whole_dir)?);
     assert!(total > 4, "{whole_log}");
     // A seeded pick of the kill point: after batch k of the first half of the study's
     // saved batches (the second half leaves the kill plenty of work to interrupt).

@@ -173,3 +173,16 @@ fn finished_means_model_summary_and_results() -> Result<()> {
     assert!(is_finished(dir.path(), "normal"));
     Ok(())
 }
+
+#[test]
+fn device_lists_are_one_kind() -> Result<()> {
+    assert_eq!(device_list("cuda")?, ["cuda"]);
+    assert_eq!(device_list("cuda:0, cuda:1")?, ["cuda:0", "cuda:1"]);
+    assert_eq!(device_kind("cuda:1"), "cuda");
+    assert_eq!(device_kind("cuda:12+tf32"), "cuda+tf32");
+    assert_eq!(device_kind("cpu"), "cpu");
+    let err = device_list("cuda:0,cpu").unwrap_err().to_string();
+    assert!(err.contains("different kinds"), "{err}");
+    assert!(device_list(" , ").is_err());
+    Ok(())
+}
