@@ -68,7 +68,8 @@ pub struct ReproduceArgs {
     pub shards: usize,
 
     /// How many `rampart` runs go side by side, each as soon as the runs it reads have
-    /// finished [default: one per core on a CPU, each single-threaded; 1 on a GPU].
+    /// finished [default: one per core on a CPU, each single-threaded (with --threads T,
+    /// cores ÷ T of them); one per device on a GPU].
     /// With more than one, each run's output goes to OUT/logs/. Results depend on the
     /// threads a run used (floating-point sums are split per thread), so a study
     /// resumed or repeated with other --jobs/--threads differs in the last digits.
@@ -259,7 +260,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         if devices.len() > 1 {
             devices.len()
         } else {
-            default_jobs(&device)
+            default_jobs(&device, args.threads)
         }
     });
     if parallel == 0 {
@@ -759,13 +760,13 @@ fn available_cores() -> usize {
 }
 
 /// Runs side by side when `--jobs` is not given: on a CPU one per core (each
-/// single-threaded, which uses the cores better than one run on all of them); on a
-/// GPU one.
-fn default_jobs(device: &str) -> usize {
+/// single-threaded, which uses the cores better than one run on all of them), or as
+/// many as the cores hold at `--threads` each; on a GPU one.
+fn default_jobs(device: &str, threads: Option<usize>) -> usize {
     if device.starts_with("cuda") {
         1
     } else {
-        available_cores()
+        (available_cores() / threads.unwrap_or(1).max(1)).max(1)
     }
 }
 

@@ -186,3 +186,13 @@ fn device_lists_are_one_kind() -> Result<()> {
     assert!(device_list(" , ").is_err());
     Ok(())
 }
+
+#[test]
+fn default_jobs_fill_the_cores() {
+    let cores = available_cores();
+    assert_eq!(default_jobs("cpu", None), cores);
+    assert_eq!(default_jobs("cpu", Some(cores)), 1);
+    assert_eq!(default_jobs("cpu", Some(cores * 4)), 1);
+    assert_eq!(default_jobs("cuda", None), 1);
+    assert_eq!(default_jobs("cuda+tf32", Some(1)), 1);
+}
