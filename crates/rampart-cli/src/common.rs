@@ -254,18 +254,7 @@ pub fn command_line() -> String {
         .join(" ")
 }
 
-/// Quotes `arg` for a POSIX shell when it holds anything but plain characters.
-pub fn shell_quote(arg: &str) -> String {
-    let plain = !arg.is_empty()
-        && arg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,%+@".contains(c));
-    if plain {
-        arg.to_string()
-    } else {
-        format!("'{}'", arg.replace('\'', r"'\''"))
-    }
-}
+pub use rampart_fs::shell_quote;
 
 /// Writes `value` as pretty JSON, atomically.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {

@@ -58,6 +58,20 @@ pub mod interrupt {
     }
 }
 
+/// Quotes `arg` for a POSIX shell when it holds anything but plain characters, so
+/// that a recorded command line (`command.txt`, a report) can be pasted back.
+pub fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,%+@".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
 /// Whether an error's text (with its causes, e.g. `format!("{e:#}")`) says that a
 /// device ran out of memory: CUDA's driver and runtime errors, cuDNN's and cuBLAS's
 /// allocation failures, and the plain "out of memory" of allocators.
