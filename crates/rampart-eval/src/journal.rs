@@ -164,6 +164,27 @@ pub fn fingerprint(
     Ok(digest([settings.as_bytes(), &logit_bytes, &label_bytes]))
 }
 
+/// The images and labels of a batch that is computed afresh (not loaded from
+/// `journal`), with its seed: `seed` plus the index of its first image, so that a
+/// resumed run or a shard draws what an uninterrupted whole run draws. Stops first
+/// when an interrupt was requested, and tells the journal the batch starts (see
+/// [`BatchJournal::reseeding`]).
+pub(crate) fn fresh_batch(
+    data: &ImageDataset,
+    chunk: &[usize],
+    device: &candle_core::Device,
+    seed: u64,
+    journal: Option<&BatchJournal<'_>>,
+) -> Result<(candle_core::Tensor, candle_core::Tensor, u64)> {
+    crate::error::check_interrupt()?;
+    let (xs, ys) = data.batch_tensors(chunk, device)?;
+    let batch_seed = seed.wrapping_add(chunk.first().copied().unwrap_or(0) as u64);
+    if let Some(j) = journal {
+        j.start(batch_seed);
+    }
+    Ok((xs, ys, batch_seed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use rampart_data::ImageDataset;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
-use crate::journal::BatchJournal;
+use crate::journal::{fresh_batch, BatchJournal};
 use crate::outputs::{batch_logits, Outcomes};
 
 /// One finished batch of [`worst_case`] (its logits and adversarial images are saved
@@ -148,12 +148,7 @@ pub fn worst_case(
         let (batch, values) = match saved {
             Some(s) => s,
             None => {
-                crate::error::check_interrupt()?;
-                let (xs, ys) = data.batch_tensors(chunk, device)?;
-                let batch_seed = seed.wrapping_add(chunk[0] as u64);
-                if let Some(j) = journal {
-                    j.start(batch_seed);
-                }
+                let (xs, ys, batch_seed) = fresh_batch(data, chunk, device, seed, journal)?;
                 let mut batch = WorstCaseBatch {
                     fooled: Vec::with_capacity(m),
                     seconds: Vec::with_capacity(m),

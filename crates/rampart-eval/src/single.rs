@@ -10,7 +10,7 @@ use rampart_data::ImageDataset;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
-use crate::journal::BatchJournal;
+use crate::journal::{fresh_batch, BatchJournal};
 
 /// One ε of one finished batch of [`attack_at_eps`] (its adversarial images, logits
 /// and unconstrained outputs are saved as matrices beside it).
@@ -118,12 +118,7 @@ pub fn attack_at_eps(
         let (batch, values) = match saved {
             Some(s) => s,
             None => {
-                crate::error::check_interrupt()?;
-                let (xs, ys) = data.batch_tensors(chunk, device)?;
-                let batch_seed = seed.wrapping_add(chunk[0] as u64);
-                if let Some(j) = journal {
-                    j.start(batch_seed);
-                }
+                let (xs, ys, batch_seed) = fresh_batch(data, chunk, device, seed, journal)?;
                 let results = attack
                     .run(model, bounds, &xs, &ys, eps, batch_seed)
                     .map_err(EvalError::attack("attack"))?;
