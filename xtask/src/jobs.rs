@@ -262,13 +262,11 @@ mod tests {
         // jobs that wait for each other run at once, so they hold both slots.
         for (name, other) in [("a", "b"), ("b", "a")] {
             let mut c = Command::new("sh");
-            c.args([
-                "-c",
-                &format!(
-                    "echo \"$@\" > {d}/{name}; for i in $(seq 100); do [ -e {d}/{other} ] && exit 0; sleep 0.05; done; exit 1"
-                ),
-                name,
-            ]);
+            let script = format!(
+                "echo \"$@\" > {d}/{name}.args; {}",
+                rendezvous(&d, name, other)
+            );
+            c.args(["-c", &script, name]);
             jobs.add(name, c, [], dir.path().join(format!("{name}.log")));
         }
         let mut host = Command::new("sh");
@@ -278,7 +276,7 @@ mod tests {
             jobs.into_vec(),
             &["cuda:0".to_string(), "cuda:1".to_string()],
         )?;
-        let mut seen: Vec<String> = ["a", "b"]
+        let mut seen: Vec<String> = ["a.args", "b.args"]
             .iter()
             .map(|n| std::fs::read_to_string(dir.path().join(n)).map(|s| s.trim().to_string()))
             .collect::<std::io::Result<_>>()?;
@@ -294,6 +292,14 @@ mod tests {
         c
     }
 
+    /// A script that leaves the file `dir/me`, then succeeds once `dir/other` exists
+    /// (within 5 s): two such jobs finish only when they run side by side.
+    fn rendezvous(dir: &str, me: &str, other: &str) -> String {
+        format!(
+            "touch {dir}/{me}; for i in $(seq 100); do [ -e {dir}/{other} ] && exit 0; sleep 0.05; done; exit 1"
+        )
+    }
+
     #[cfg(unix)]
     #[test]
     fn jobs_wait_for_their_inputs_and_run_side_by_side() -> Result<()> {
@@ -304,17 +310,13 @@ mod tests {
         // finish only side by side); c reads both.
         let a = jobs.add(
             "a",
-            shell(&format!(
-                "touch {d}/a; for i in $(seq 100); do [ -e {d}/b ] && exit 0; sleep 0.05; done; exit 1"
-            )),
+            shell(&rendezvous(&d, "a", "b")),
             [],
             dir.path().join("a.log"),
         );
         let b = jobs.add(
             "b",
-            shell(&format!(
-                "touch {d}/b; for i in $(seq 100); do [ -e {d}/a ] && exit 0; sleep 0.05; done; exit 1"
-            )),
+            shell(&rendezvous(&d, "b", "a")),
             [],
             dir.path().join("b.log"),
         );
