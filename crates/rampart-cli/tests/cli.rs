@@ -1202,25 +1202,7 @@ fn a_killed_sweep_resumes_to_the_same_points() -> TestResult {
     let dir = tempfile::tempdir()?;
     write_tiny_cifar10(dir.path(), 8, 0)?;
     let data = s(dir.path());
-    let out = dir.path().join("student");
-    ok(&[
-        "--threads",
-        "2",
-        "train",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--noise",
-        "0.1",
-        "--data-dir",
-        data,
-        "--out",
-        s(&out),
-    ])?;
-    let model = out.join("model.safetensors");
+    let model = train_tiny(data, &dir.path().join("student"), &["--noise", "0.1"])?;
     let args = |out: &Path| -> Vec<String> {
         [
             "--threads",
