@@ -247,6 +247,7 @@ fn log_tail(path: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn slots(n: usize) -> Vec<String> {
         vec!["cpu".to_string(); n]
@@ -286,6 +287,16 @@ mod tests {
         Ok(())
     }
 
+    /// Adds the job `name` running `script` after `after`, logged to `logs/name.log`.
+    fn add_shell(jobs: &mut Jobs, logs: &Path, name: &str, script: &str, after: &[usize]) -> usize {
+        jobs.add(
+            name,
+            shell(script),
+            after.to_vec(),
+            logs.join(format!("{name}.log")),
+        )
+    }
+
     fn shell(script: &str) -> Command {
         let mut c = Command::new("sh");
         c.args(["-c", script]);
@@ -308,26 +319,10 @@ mod tests {
         let mut jobs = Jobs::default();
         // a and b run together (each waits for the other's file to appear, so they
         // finish only side by side); c reads both.
-        let a = jobs.add(
-            "a",
-            shell(&rendezvous(&d, "a", "b")),
-            [],
-            dir.path().join("a.log"),
-        );
-        let b = jobs.add(
-            "b",
-            shell(&rendezvous(&d, "b", "a")),
-            [],
-            dir.path().join("b.log"),
-        );
-        jobs.add(
-            "c",
-            shell(&format!(
-                "[ -e {d}/a ] && [ -e {d}/b ] && echo seen > {d}/c"
-            )),
-            [a, b],
-            dir.path().join("c.log"),
-        );
+        let a = add_shell(&mut jobs, dir.path(), "a", &rendezvous(&d, "a", "b"), &[]);
+        let b = add_shell(&mut jobs, dir.path(), "b", &rendezvous(&d, "b", "a"), &[]);
+        let both = format!("[ -e {d}/a ] && [ -e {d}/b ] && echo seen > {d}/c");
+        add_shell(&mut jobs, dir.path(), "c", &both, &[a, b]);
         run(jobs.into_vec(), &slots(2))?;
         assert_eq!(std::fs::read_to_string(dir.path().join("c"))?, "seen\n");
         Ok(())
@@ -339,17 +334,14 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let d = dir.path().display().to_string();
         let mut jobs = Jobs::default();
-        let bad = jobs.add(
-            "bad",
-            shell("echo the reason >&2; exit 3"),
-            [],
-            dir.path().join("logs/bad.log"),
-        );
-        jobs.add(
+        let logs = dir.path().join("logs");
+        let bad = add_shell(&mut jobs, &logs, "bad", "echo the reason >&2; exit 3", &[]);
+        add_shell(
+            &mut jobs,
+            &logs,
             "after",
-            shell(&format!("touch {d}/after")),
-            [bad],
-            dir.path().join("after.log"),
+            &format!("touch {d}/after"),
+            &[bad],
         );
         let err = run(jobs.into_vec(), &slots(2)).unwrap_err().to_string();
         assert!(

@@ -176,13 +176,16 @@ pub const OAT_FIXED_FLAGS: &[&str] = &["--lambdas", "0.3"];
 /// `rampart train` flags of label smoothing.
 pub const LS_FLAGS: &[&str] = &["--label-smoothing", "0.1"];
 
-/// The rows beyond the core study, for a preset whose adversarial rows use
-/// `adversarial` and whose calibration rows use `calibration` (flags `attack_flags`
-/// give the adversarial rows' attack), and whose student fine-tunes the `at` row with
-/// `student`.
-macro_rules! extended_rows {
-    ($calibration:expr, $adversarial:expr, $attack_flags:expr, $fixed_flags:expr, $student:expr, $student_flags:expr, $plain_student:expr, $plain_student_flags:expr) => {
+/// A preset's eleven rows: the core study (`normal`, `at`, `ccat`) and the rows beyond
+/// it, for a preset whose adversarial rows use `adversarial` and whose calibration rows
+/// use `calibration` (flags `attack_flags` give the adversarial rows' attack), and
+/// whose student fine-tunes the `at` row with `student`.
+macro_rules! study_rows {
+    ([$normal:expr, $at:expr, $ccat:expr $(,)?], $calibration:expr, $adversarial:expr, $attack_flags:expr, $fixed_flags:expr, $student:expr, $student_flags:expr, $plain_student:expr, $plain_student_flags:expr) => {
         [
+            $normal,
+            $at,
+            $ccat,
             extended("ls", "normal", $calibration, LS_FLAGS),
             extended("regmixup", "regmixup", $calibration, &[]),
             extended("ar-adals", "ar-adals", $calibration, &[]),
@@ -208,43 +211,23 @@ macro_rules! extended_rows {
     };
 }
 
-const SMOKE_ROWS: [ModelRow; 11] = {
-    let [ls, regmixup, adals, sat, oat, fixed, student, plain_student] = extended_rows!(
-        Training::Recipe(SMOKE_CALIBRATION),
-        Training::Recipe(SMOKE_AT),
-        SMOKE_AT_FLAGS,
-        SMOKE_OAT_FIXED_FLAGS,
-        Training::Recipe(SMOKE_STUDENT),
-        SMOKE_STUDENT_FLAGS,
-        Training::Recipe(SMOKE_STUDENT),
-        SMOKE_PLAIN_STUDENT_FLAGS
-    );
+const SMOKE_ROWS: [ModelRow; 11] = study_rows!(
     [
         row("normal", Training::Recipe(SMOKE_NORMAL), &[]),
         row("at", Training::Recipe(SMOKE_AT), SMOKE_AT_FLAGS),
         row("ccat", Training::Recipe(SMOKE_CCAT), SMOKE_CCAT_FLAGS),
-        ls,
-        regmixup,
-        adals,
-        sat,
-        oat,
-        fixed,
-        student,
-        plain_student,
-    ]
-};
+    ],
+    Training::Recipe(SMOKE_CALIBRATION),
+    Training::Recipe(SMOKE_AT),
+    SMOKE_AT_FLAGS,
+    SMOKE_OAT_FIXED_FLAGS,
+    Training::Recipe(SMOKE_STUDENT),
+    SMOKE_STUDENT_FLAGS,
+    Training::Recipe(SMOKE_STUDENT),
+    SMOKE_PLAIN_STUDENT_FLAGS
+);
 
-const FAST_ROWS: [ModelRow; 11] = {
-    let [ls, regmixup, adals, sat, oat, fixed, student, plain_student] = extended_rows!(
-        Training::Preset("normal-preact-resnet18"),
-        Training::Preset("fast-at-preact-resnet18"),
-        &[],
-        OAT_FIXED_FLAGS,
-        Training::Preset("fast-at-preact-resnet18"),
-        &["--epochs", "5", "--noise", "0.1"],
-        Training::Preset("normal-preact-resnet18"),
-        &["--epochs", "5", "--noise", "0.1"]
-    );
+const FAST_ROWS: [ModelRow; 11] = study_rows!(
     [
         row("normal", Training::Preset("normal-preact-resnet18"), &[]),
         // PGD-7 adversarial training on the one-cycle schedule of fast AT.
@@ -262,42 +245,32 @@ const FAST_ROWS: [ModelRow; 11] = {
                 "0.01",
             ],
         ),
-        ls,
-        regmixup,
-        adals,
-        sat,
-        oat,
-        fixed,
-        student,
-        plain_student,
-    ]
-};
+    ],
+    Training::Preset("normal-preact-resnet18"),
+    Training::Preset("fast-at-preact-resnet18"),
+    &[],
+    OAT_FIXED_FLAGS,
+    Training::Preset("fast-at-preact-resnet18"),
+    &["--epochs", "5", "--noise", "0.1"],
+    Training::Preset("normal-preact-resnet18"),
+    &["--epochs", "5", "--noise", "0.1"]
+);
 
-const PAPER_ROWS: [ModelRow; 11] = {
-    let [ls, regmixup, adals, sat, oat, fixed, student, plain_student] = extended_rows!(
-        Training::Preset("normal-wrn28-10"),
-        Training::Preset("at-wrn28-10"),
-        &[],
-        OAT_FIXED_FLAGS,
-        Training::Preset("at-wrn28-10"),
-        &["--epochs", "10", "--lr", "0.01", "--noise", "0.1"],
-        Training::Preset("normal-wrn28-10"),
-        &["--epochs", "10", "--lr", "0.01", "--noise", "0.1"]
-    );
+const PAPER_ROWS: [ModelRow; 11] = study_rows!(
     [
         row("normal", Training::Preset("normal-wrn28-10"), &[]),
         row("at", Training::Preset("at-wrn28-10"), &[]),
         row("ccat", Training::Preset("ccat-resnet20"), &[]),
-        ls,
-        regmixup,
-        adals,
-        sat,
-        oat,
-        fixed,
-        student,
-        plain_student,
-    ]
-};
+    ],
+    Training::Preset("normal-wrn28-10"),
+    Training::Preset("at-wrn28-10"),
+    &[],
+    OAT_FIXED_FLAGS,
+    Training::Preset("at-wrn28-10"),
+    &["--epochs", "10", "--lr", "0.01", "--noise", "0.1"],
+    Training::Preset("normal-wrn28-10"),
+    &["--epochs", "10", "--lr", "0.01", "--noise", "0.1"]
+);
 
 /// The `tiny` preset's training: WRN-10-1 for one epoch on the first 16 images.
 pub const TINY: Recipe = Recipe {

@@ -8,7 +8,7 @@ use crate::error::{EvalError, Result};
 use crate::io::write_atomic;
 use crate::plot;
 use crate::publish::{file_name, write_model_plots};
-use crate::report::{pct_ci, EvalReport};
+use crate::report::{pct_ci, EvalReport, ThreatModelReport};
 use crate::suite::HEADLINE_THREAT_MODEL;
 use rampart_metrics::Interval;
 
@@ -41,6 +41,21 @@ fn threat_model_columns(reports: &[(&str, &EvalReport)]) -> Vec<String> {
     cols
 }
 
+/// One Markdown cell per threat model in `tms`: the figure `of` picks, with its
+/// interval, in %, or a dash where the report lacks the threat model.
+fn threat_model_cells(
+    r: &EvalReport,
+    tms: &[String],
+    of: impl Fn(&ThreatModelReport) -> (Option<f64>, Option<Interval>),
+) -> String {
+    tms.iter()
+        .map(|t| {
+            let (value, ci) = r.threat_models.get(t).map_or((None, None), &of);
+            format!(" {} |", pct_ci(value, ci))
+        })
+        .collect()
+}
+
 /// The comparison tables (robustness, confidence-thresholded protocol, calibration and
 /// OOD), one row per model, numbers in % except Brier, NLL and T.
 pub fn comparison_tables(reports: &[(&str, &EvalReport)]) -> String {
@@ -59,16 +74,9 @@ pub fn comparison_tables(reports: &[(&str, &EvalReport)]) -> String {
             r.test_examples,
             pct_ci(Some(r.clean_error), r.clean_error_ci)
         ));
-        for t in &tms {
-            let tm = r.threat_models.get(t);
-            md.push_str(&format!(
-                " {} |",
-                pct_ci(
-                    tm.map(|x| x.robust_error),
-                    tm.and_then(|x| x.robust_error_ci)
-                )
-            ));
-        }
+        md.push_str(&threat_model_cells(r, &tms, |x| {
+            (Some(x.robust_error), x.robust_error_ci)
+        }));
         md.push_str(&format!(" {} |\n", pct_ci(r.auac, r.auac_ci)));
     }
 
@@ -87,16 +95,9 @@ pub fn comparison_tables(reports: &[(&str, &EvalReport)]) -> String {
             r.tau_at_tpr99.map_or("–".into(), |t| format!("{t:.4}")),
             pct_ci(r.err_at_tpr99, r.err_at_tpr99_ci)
         ));
-        for t in &tms {
-            let tm = r.threat_models.get(t);
-            md.push_str(&format!(
-                " {} |",
-                pct_ci(
-                    tm.and_then(|x| x.rerr_at_tpr99),
-                    tm.and_then(|x| x.rerr_at_tpr99_ci)
-                )
-            ));
-        }
+        md.push_str(&threat_model_cells(r, &tms, |x| {
+            (x.rerr_at_tpr99, x.rerr_at_tpr99_ci)
+        }));
         md.push_str(&format!(
             " {} | {} |\n",
             pct(r.fpr_at_tpr99),

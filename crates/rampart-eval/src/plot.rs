@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use plotters::chart::MeshStyle;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
@@ -49,6 +51,66 @@ fn register_font() -> std::result::Result<(), String> {
 
 fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
+}
+
+/// The chart every plot here draws on: f64 on both axes.
+type Plane<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A chart on `area` with the given caption (text and size), margin, label-area sizes
+/// (x, y) and ranges.
+fn plane<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: Option<(&str, u32)>,
+    margin: u32,
+    label_areas: (u32, u32),
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> std::result::Result<Plane<'a, DB>, String> {
+    let mut builder = ChartBuilder::on(area);
+    if let Some((caption, size)) = caption {
+        builder.caption(caption, (FAMILY, size));
+    }
+    builder
+        .margin(margin)
+        .x_label_area_size(label_areas.0)
+        .y_label_area_size(label_areas.1)
+        .build_cartesian_2d(x, y)
+        .map_err(text)
+}
+
+/// Draws a configured mesh in the house style: axis descriptions and labels at the
+/// given sizes, one light grid line between bold ones.
+fn draw_mesh<DB: DrawingBackend>(
+    mesh: &mut MeshStyle<'_, '_, RangedCoordf64, RangedCoordf64, DB>,
+    sizes: (u32, u32),
+) -> std::result::Result<(), String> {
+    mesh.axis_desc_style((FAMILY, sizes.0))
+        .label_style((FAMILY, sizes.1))
+        .max_light_lines(1)
+        .light_line_style(RGBColor(240, 240, 240))
+        .draw()
+        .map_err(text)
+}
+
+/// Draws the legend of the labelled series at `position`, in the house style.
+fn draw_legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Plane<'a, DB>,
+    position: SeriesLabelPosition,
+    size: u32,
+) -> std::result::Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FAMILY, size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(text)
+}
+
+/// A tick label without decimals.
+fn whole(v: &f64) -> String {
+    format!("{v:.0}")
 }
 
 /// Something drawable on any plotters backend.
@@ -143,25 +205,23 @@ impl Chart for CurveChart {
             .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
             .fold(0.0f64, f64::max)
             .max(1e-9);
-        let mut chart = ChartBuilder::on(root)
-            .caption("Accuracy under L∞ perturbations", (FAMILY, 26))
-            .margin(20)
-            .x_label_area_size(50)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_max, 0.0..100.0)
-            .map_err(text)?;
-        chart
-            .configure_mesh()
-            .x_desc("ε (× 1/255), minimal adversarial ε by PGD bisection")
-            .y_desc("accuracy (%)")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .axis_desc_style((FAMILY, 18))
-            .label_style((FAMILY, 15))
-            .max_light_lines(1)
-            .light_line_style(RGBColor(240, 240, 240))
-            .draw()
-            .map_err(text)?;
+        let mut chart = plane(
+            root,
+            Some(("Accuracy under L∞ perturbations", 26)),
+            20,
+            (50, 60),
+            0.0..x_max,
+            0.0..100.0,
+        )?;
+        draw_mesh(
+            chart
+                .configure_mesh()
+                .x_desc("ε (× 1/255), minimal adversarial ε by PGD bisection")
+                .y_desc("accuracy (%)")
+                .x_label_formatter(&whole)
+                .y_label_formatter(&whole),
+            (18, 15),
+        )?;
         for (i, (name, pts)) in self.series.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
             chart
@@ -172,14 +232,7 @@ impl Chart for CurveChart {
                     PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FAMILY, 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(text)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 16)?;
         Ok(())
     }
 }
@@ -213,22 +266,15 @@ impl Chart for ReliabilityChart {
         root: &DrawingArea<DB, Shift>,
     ) -> std::result::Result<(), String> {
         let (upper, lower) = root.split_vertically(SIZE.1 * 72 / 100);
-        let mut chart = ChartBuilder::on(&upper)
-            .caption(self.title.as_str(), (FAMILY, 24))
-            .margin(15)
-            .x_label_area_size(30)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..1.0, 0.0..1.0)
-            .map_err(text)?;
-        chart
-            .configure_mesh()
-            .y_desc("accuracy")
-            .axis_desc_style((FAMILY, 18))
-            .label_style((FAMILY, 14))
-            .max_light_lines(1)
-            .light_line_style(RGBColor(240, 240, 240))
-            .draw()
-            .map_err(text)?;
+        let mut chart = plane(
+            &upper,
+            Some((self.title.as_str(), 24)),
+            15,
+            (30, 60),
+            0.0..1.0,
+            0.0..1.0,
+        )?;
+        draw_mesh(chart.configure_mesh().y_desc("accuracy"), (18, 14))?;
         let blue = PALETTE[0];
         let red = PALETTE[3];
         chart
@@ -266,14 +312,7 @@ impl Chart for ReliabilityChart {
             .legend(|(x, y)| {
                 PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.6).stroke_width(2))
             });
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FAMILY, 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(text)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, 15)?;
 
         let total: usize = self.bins.iter().map(|b| b.count).sum();
         let shares: Vec<(f64, f64, f64)> = self
@@ -282,24 +321,16 @@ impl Chart for ReliabilityChart {
             .map(|b| (b.lo, b.hi, 100.0 * b.count as f64 / total.max(1) as f64))
             .collect();
         let y_max = shares.iter().map(|s| s.2).fold(1.0, f64::max) * 1.1;
-        let mut counts = ChartBuilder::on(&lower)
-            .margin(15)
-            .x_label_area_size(45)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..1.0, 0.0..y_max)
-            .map_err(text)?;
-        counts
-            .configure_mesh()
-            .x_desc("confidence (max softmax)")
-            .y_desc("examples (%)")
-            .axis_desc_style((FAMILY, 16))
-            .label_style((FAMILY, 13))
-            .y_labels(4)
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .max_light_lines(1)
-            .light_line_style(RGBColor(240, 240, 240))
-            .draw()
-            .map_err(text)?;
+        let mut counts = plane(&lower, None, 15, (45, 60), 0.0..1.0, 0.0..y_max)?;
+        draw_mesh(
+            counts
+                .configure_mesh()
+                .x_desc("confidence (max softmax)")
+                .y_desc("examples (%)")
+                .y_labels(4)
+                .y_label_formatter(&whole),
+            (16, 13),
+        )?;
         counts
             .draw_series(shares.iter().map(|&(lo, hi, s)| {
                 Rectangle::new([(lo, 0.0), (hi, s)], PALETTE[7].mix(0.7).filled())
@@ -371,24 +402,22 @@ impl Chart for HistogramChart {
             })
             .collect();
         let y_max = shares.iter().flatten().copied().fold(1.0, f64::max) * 1.1;
-        let mut chart = ChartBuilder::on(root)
-            .caption(self.title.as_str(), (FAMILY, 24))
-            .margin(20)
-            .x_label_area_size(50)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..1.0, 0.0..y_max)
-            .map_err(text)?;
-        chart
-            .configure_mesh()
-            .x_desc("confidence (max softmax)")
-            .y_desc("share of the set (%)")
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .axis_desc_style((FAMILY, 18))
-            .label_style((FAMILY, 15))
-            .max_light_lines(1)
-            .light_line_style(RGBColor(240, 240, 240))
-            .draw()
-            .map_err(text)?;
+        let mut chart = plane(
+            root,
+            Some((self.title.as_str(), 24)),
+            20,
+            (50, 60),
+            0.0..1.0,
+            0.0..y_max,
+        )?;
+        draw_mesh(
+            chart
+                .configure_mesh()
+                .x_desc("confidence (max softmax)")
+                .y_desc("share of the set (%)")
+                .y_label_formatter(&whole),
+            (18, 15),
+        )?;
         for ((name, _, color), share) in self.sets.iter().zip(&shares) {
             let color = *color;
             chart
@@ -442,14 +471,7 @@ impl Chart for HistogramChart {
         } else {
             SeriesLabelPosition::UpperLeft
         };
-        chart
-            .configure_series_labels()
-            .position(position)
-            .label_font((FAMILY, 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(text)?;
+        draw_legend(&mut chart, position, 15)?;
         Ok(())
     }
 }
@@ -588,23 +610,21 @@ impl Chart for LineChart {
             x_range
         };
         let y_range = padded_range(pts.map(|p| p.1));
-        let mut chart = ChartBuilder::on(root)
-            .caption(self.title.as_str(), (FAMILY, 26))
-            .margin(20)
-            .x_label_area_size(50)
-            .y_label_area_size(60)
-            .build_cartesian_2d(x_range, y_range)
-            .map_err(text)?;
-        chart
-            .configure_mesh()
-            .x_desc(self.x_desc.as_str())
-            .y_desc(self.y_desc.as_str())
-            .axis_desc_style((FAMILY, 18))
-            .label_style((FAMILY, 15))
-            .max_light_lines(1)
-            .light_line_style(RGBColor(240, 240, 240))
-            .draw()
-            .map_err(text)?;
+        let mut chart = plane(
+            root,
+            Some((self.title.as_str(), 26)),
+            20,
+            (50, 60),
+            x_range,
+            y_range,
+        )?;
+        draw_mesh(
+            chart
+                .configure_mesh()
+                .x_desc(self.x_desc.as_str())
+                .y_desc(self.y_desc.as_str()),
+            (18, 15),
+        )?;
         for (i, s) in self.series.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
             if !s.markers_only {
@@ -626,14 +646,7 @@ impl Chart for LineChart {
                 }))
                 .map_err(text)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .label_font((FAMILY, 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(text)?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerLeft, 16)?;
         Ok(())
     }
 }

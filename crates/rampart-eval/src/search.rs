@@ -155,18 +155,21 @@ mod tests {
             ..Pgd::linf_pgd20()
         };
         let (eps_max, rounds) = (0.05, 8);
-        let found = minimal_eps(
-            &model,
-            Bounds::UNIT,
-            &pgd,
-            &x,
-            &y,
-            &[true; 6],
-            eps_max,
-            rounds,
-            3,
-            "t",
-        )?;
+        let search = |clean_correct: &[bool]| {
+            minimal_eps(
+                &model,
+                Bounds::UNIT,
+                &pgd,
+                &x,
+                &y,
+                clean_correct,
+                eps_max,
+                rounds,
+                3,
+                "t",
+            )
+        };
+        let found = search(&[true; 6])?;
         let tol = eps_max / f64::from(1u32 << rounds) + 1e-6;
         for i in 0..5 {
             let f = found[i].ok_or_else(|| EvalError::Config(format!("example {i} unbroken")))?;
@@ -179,18 +182,7 @@ mod tests {
         // t = 0.2 needs ε = 0.2 > ε_max: never broken.
         assert_eq!(found[5], None);
         // A clean mistake has minimal ε 0 and is not attacked.
-        let found = minimal_eps(
-            &model,
-            Bounds::UNIT,
-            &pgd,
-            &x,
-            &y,
-            &[false; 6],
-            eps_max,
-            rounds,
-            3,
-            "t",
-        )?;
+        let found = search(&[false; 6])?;
         assert!(found.iter().all(|f| *f == Some(0.0)));
         Ok(())
     }

@@ -24,6 +24,34 @@ struct EpsBatch {
     eps: f64,
 }
 
+impl EpsBatch {
+    /// The per-example figures of `r`, without its tensors.
+    fn of(r: AttackResult) -> Self {
+        Self {
+            success: r.success,
+            confidence: r.confidence,
+            predicted: r.predicted,
+            norm: r.norm,
+            iterations: r.iterations,
+            eps: r.eps,
+        }
+    }
+
+    /// The attack's result again, with its tensors.
+    fn into_result(self, clipped: Tensor, unconstrained: Option<Tensor>) -> AttackResult {
+        AttackResult {
+            unconstrained,
+            clipped,
+            success: self.success,
+            confidence: self.confidence,
+            predicted: self.predicted,
+            norm: self.norm,
+            iterations: self.iterations,
+            eps: self.eps,
+        }
+    }
+}
+
 /// What [`attack_at_eps`] returns.
 #[derive(Clone, Debug)]
 pub struct EpsResults {
@@ -132,14 +160,7 @@ pub fn attack_at_eps(
                         Some(u) => u.flatten_all()?.to_vec1::<f32>()?,
                         None => Vec::new(),
                     });
-                    batch.push(EpsBatch {
-                        success: r.success,
-                        confidence: r.confidence,
-                        predicted: r.predicted,
-                        norm: r.norm,
-                        iterations: r.iterations,
-                        eps: r.eps,
-                    });
+                    batch.push(EpsBatch::of(r));
                 }
                 if let Some(j) = journal {
                     let parts: Vec<(usize, &[f32])> =
@@ -158,16 +179,8 @@ pub fn attack_at_eps(
             } else {
                 Some(Tensor::from_slice(&v[2], image, device)?)
             };
-            out.results[i].push(AttackResult {
-                unconstrained,
-                clipped: Tensor::from_slice(&v[0], image, device)?,
-                success: r.success,
-                confidence: r.confidence,
-                predicted: r.predicted,
-                norm: r.norm,
-                iterations: r.iterations,
-                eps: r.eps,
-            });
+            let clipped = Tensor::from_slice(&v[0], image, device)?;
+            out.results[i].push(r.into_result(clipped, unconstrained));
         }
     }
     out.seconds = started.elapsed().as_secs_f64();

@@ -111,9 +111,9 @@ impl Suite {
                         steps: 10,
                         step_size: StepSize::Absolute(0.01),
                         restarts: Restarts::same(1, Init::Zero),
-                        ..distal_pgd()
+                        ..ccat_distal().pgd
                     },
-                    eps: DISTAL_EPS,
+                    ..ccat_distal()
                 }),
                 corruptions: [Corruption::GaussianNoise, Corruption::Contrast]
                     .into_iter()
@@ -122,12 +122,7 @@ impl Suite {
                         severities: (1..=rampart_data::corrupt::SEVERITIES).collect(),
                     })
                     .collect(),
-                curve: CurvePlan {
-                    pgd: curve_pgd(7),
-                    eps_max: 16.0 / 255.0,
-                    rounds: 4,
-                    grid_points: 65,
-                },
+                curve: curve(7, 4),
             },
             Suite::Ccat => SuitePlan {
                 suite: *self,
@@ -135,17 +130,9 @@ impl Suite {
                     linf(8, ccat_pair(Norm::Linf)),
                     linf(16, ccat_pair(Norm::Linf)),
                 ],
-                distal: Some(DistalPlan {
-                    pgd: distal_pgd(),
-                    eps: DISTAL_EPS,
-                }),
+                distal: Some(ccat_distal()),
                 corruptions: all_corruptions(),
-                curve: CurvePlan {
-                    pgd: curve_pgd(20),
-                    eps_max: 16.0 / 255.0,
-                    rounds: 6,
-                    grid_points: 65,
-                },
+                curve: curve(20, 6),
             },
             Suite::Full => {
                 let linf_all = || {
@@ -173,17 +160,9 @@ impl Suite {
                             }],
                         },
                     ],
-                    distal: Some(DistalPlan {
-                        pgd: distal_pgd(),
-                        eps: DISTAL_EPS,
-                    }),
+                    distal: Some(ccat_distal()),
                     corruptions: all_corruptions(),
-                    curve: CurvePlan {
-                        pgd: curve_pgd(20),
-                        eps_max: 16.0 / 255.0,
-                        rounds: 7,
-                        grid_points: 65,
-                    },
+                    curve: curve(20, 7),
                 }
             }
         };
@@ -224,13 +203,17 @@ impl FromStr for Suite {
 /// ε of distal examples around uniform noise (L∞), as in CCAT.
 pub const DISTAL_EPS: f64 = 0.03;
 
-/// Distal objective at the budget of [`Pgd::ccat_conf_eval`]; the criterion's τ is
+/// CCAT's distal evaluation: the distal objective at the budget of
+/// [`Pgd::ccat_conf_eval`] within [`DISTAL_EPS`] of the noise; the criterion's τ is
 /// replaced at run time by the τ picked on the held-out split.
-fn distal_pgd() -> Pgd {
-    Pgd {
-        objective: Objective::Distal,
-        criterion: Criterion::Confident(1.0),
-        ..Pgd::ccat_conf_eval()
+fn ccat_distal() -> DistalPlan {
+    DistalPlan {
+        pgd: Pgd {
+            objective: Objective::Distal,
+            criterion: Criterion::Confident(1.0),
+            ..Pgd::ccat_conf_eval()
+        },
+        eps: DISTAL_EPS,
     }
 }
 
@@ -293,13 +276,20 @@ fn ccat_ce(norm: Norm) -> Pgd {
     }
 }
 
-/// The attack under the minimal-ε search: L∞ PGD with cross-entropy, `steps` steps of
-/// ε/4 (the Madry ratio 2/255 : 8/255, so it scales with the ε being tried), uniform start.
-fn curve_pgd(steps: usize) -> Pgd {
-    Pgd {
-        steps,
-        step_size: StepSize::Relative(0.25),
-        ..Pgd::linf_pgd20()
+/// The accuracy–perturbation curve up to L∞ 16/255 with `rounds` bisection rounds, on
+/// a 65-point grid. The attack under the minimal-ε search: L∞ PGD with cross-entropy,
+/// `steps` steps of ε/4 (the Madry ratio 2/255 : 8/255, so it scales with the ε being
+/// tried), uniform start.
+fn curve(steps: usize, rounds: usize) -> CurvePlan {
+    CurvePlan {
+        pgd: Pgd {
+            steps,
+            step_size: StepSize::Relative(0.25),
+            ..Pgd::linf_pgd20()
+        },
+        eps_max: 16.0 / 255.0,
+        rounds,
+        grid_points: 65,
     }
 }
 
