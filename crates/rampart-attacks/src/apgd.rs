@@ -12,7 +12,7 @@ use crate::base::Attack;
 use crate::batch::{ranked, Batch, Loss};
 use crate::eot::Eot;
 use crate::error::{Error, Result};
-use crate::norm::{project_l1_box, standard_normal, Norm};
+use crate::norm::{project_l1_box, sign, standard_normal, Norm};
 use crate::objective::Objective;
 use crate::problem::{Outcome, Problem};
 use crate::repeated::{repeat, Record, Rows, SingleRun, Start};
@@ -200,9 +200,7 @@ impl SingleRun for Apgd {
         let batch = &problem.batch;
         let (b, k) = (batch.len(), batch.classes);
         let (logits, probs) = batch.forward(problem.model, &batch.x, b, self.eot.eval_samples)?;
-        let fooled = (0..b)
-            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
-            .collect();
+        let fooled = batch.fooled_each(&probs, 0..b);
         if !self.objective.is_targeted() {
             return Ok(Start::untargeted(fooled));
         }
@@ -357,7 +355,7 @@ impl Run<'_> {
         want_grad: bool,
     ) -> Result<(Vec<f64>, Vec<bool>, Vec<f32>)> {
         let batch = self.batch;
-        let (d, k) = (batch.d, batch.classes);
+        let d = batch.d;
         let idx: Vec<usize> = live.iter().map(|&j| self.idx[j]).collect();
         let mut rows = Vec::with_capacity(live.len() * d);
         for &j in live {
@@ -372,11 +370,7 @@ impl Run<'_> {
             self.cfg.eot.grad_samples,
             want_grad,
         )?;
-        let success = idx
-            .iter()
-            .enumerate()
-            .map(|(r, &i)| batch.fooled(&p.probs[r * k..(r + 1) * k], i))
-            .collect();
+        let success = batch.fooled_each(&p.probs, idx.iter().copied());
         Ok((p.values, success, p.grad))
     }
 
@@ -640,16 +634,6 @@ impl Scratch {
             upper: vec![0.0; d],
             sorted: Vec::with_capacity(d),
         }
-    }
-}
-
-fn sign(v: f64) -> f64 {
-    if v > 0.0 {
-        1.0
-    } else if v < 0.0 {
-        -1.0
-    } else {
-        0.0
     }
 }
 

@@ -272,6 +272,20 @@ impl Batch {
         Criterion::Misclassified.is_success(probs, self.ys[i])
     }
 
+    /// Whether each of `examples` is misclassified, given `probs` with one row of K
+    /// class probabilities per listed example, in order.
+    pub fn fooled_each(
+        &self,
+        probs: &[f32],
+        examples: impl IntoIterator<Item = usize>,
+    ) -> Vec<bool> {
+        examples
+            .into_iter()
+            .zip(probs.chunks_exact(self.classes))
+            .map(|(i, row)| self.fooled(row, i))
+            .collect()
+    }
+
     /// Writes x_i + δ into `out`, each coordinate clamped to the bounds and rounded to
     /// f32 *towards* x_i, so that |out − x_i| ≤ |δ| coordinate-wise: a δ feasible in
     /// f64 stays feasible, exactly, in f32.

@@ -229,7 +229,7 @@ impl Fab {
         points: &[f32],
         want_grad: bool,
     ) -> Result<(Vec<f64>, Vec<f32>, Vec<bool>)> {
-        let (d, k) = (batch.d, batch.classes);
+        let d = batch.d;
         let sub: Vec<usize> = which.iter().map(|&j| idx[j]).collect();
         let t: Vec<u32> = which.iter().map(|&j| targets[j]).collect();
         let mut rows = Vec::with_capacity(which.len() * d);
@@ -237,11 +237,7 @@ impl Fab {
             rows.extend_from_slice(&points[j * d..(j + 1) * d]);
         }
         let p = batch.probe(model, &sub, &rows, Loss::TargetMargin(&t), 1, want_grad)?;
-        let adversarial = sub
-            .iter()
-            .enumerate()
-            .map(|(r, &i)| batch.fooled(&p.probs[r * k..(r + 1) * k], i))
-            .collect();
+        let adversarial = batch.fooled_each(&p.probs, sub.iter().copied());
         Ok((p.values, p.grad, adversarial))
     }
 }
@@ -269,9 +265,7 @@ impl SingleRun for Fab {
         let batch = &problem.batch;
         let (b, k) = (batch.len(), batch.classes);
         let (logits, probs) = batch.forward(problem.model, &batch.x, b, 1)?;
-        let fooled = (0..b)
-            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
-            .collect();
+        let fooled = batch.fooled_each(&probs, 0..b);
         let ranks = (0..b)
             .map(|i| ranked(&logits[i * k..(i + 1) * k]))
             .collect();

@@ -341,7 +341,8 @@ fn unit_l1(v: &mut [f64]) {
     }
 }
 
-fn sign(v: f64) -> f64 {
+/// The sign of `v`: −1, 0 or 1 (0 at ±0, unlike `f64::signum`).
+pub(crate) fn sign(v: f64) -> f64 {
     if v > 0.0 {
         1.0
     } else if v < 0.0 {

@@ -122,11 +122,9 @@ impl SingleRun for Square {
     /// Judges the clean inputs: misclassified examples are not attacked.
     fn begin(&self, problem: &Problem<'_>) -> Result<Start> {
         let batch = &problem.batch;
-        let (b, k) = (batch.len(), batch.classes);
+        let b = batch.len();
         let (_, probs) = batch.forward(problem.model, &batch.x, b, 1)?;
-        let fooled = (0..b)
-            .map(|i| batch.fooled(&probs[i * k..(i + 1) * k], i))
-            .collect();
+        let fooled = batch.fooled_each(&probs, 0..b);
         Ok(Start::untargeted(fooled))
     }
 

@@ -166,15 +166,15 @@ impl WorstCase {
         self.pushes
     }
 
+    /// Refuses a per-example array `name` whose length is not N.
+    fn check_len<T>(&self, name: &'static str, values: &[T]) -> Result<()> {
+        check::same_len("clean_correct", &self.clean_correct, name, values)
+    }
+
     /// Merges an attack that reports correctness only (no confidences).
     /// adversarial_correct: (N,). On error nothing changes.
     pub fn push_correct(&mut self, adversarial_correct: &[bool]) -> Result<()> {
-        check::same_len(
-            "clean_correct",
-            &self.clean_correct,
-            "adversarial_correct",
-            adversarial_correct,
-        )?;
+        self.check_len("adversarial_correct", adversarial_correct)?;
         for (r, &a) in self.robust_correct.iter_mut().zip(adversarial_correct) {
             *r &= a;
         }
@@ -190,24 +190,9 @@ impl WorstCase {
         confidence: &[f64],
         wrong_class_confidence: &[f64],
     ) -> Result<()> {
-        check::same_len(
-            "clean_correct",
-            &self.clean_correct,
-            "adversarial_correct",
-            adversarial_correct,
-        )?;
-        check::same_len(
-            "clean_correct",
-            &self.clean_correct,
-            "confidence",
-            confidence,
-        )?;
-        check::same_len(
-            "clean_correct",
-            &self.clean_correct,
-            "wrong_class_confidence",
-            wrong_class_confidence,
-        )?;
+        self.check_len("adversarial_correct", adversarial_correct)?;
+        self.check_len("confidence", confidence)?;
+        self.check_len("wrong_class_confidence", wrong_class_confidence)?;
         check::unit_interval("confidence", confidence)?;
         check::unit_interval("wrong_class_confidence", wrong_class_confidence)?;
         let source = self.pushes;
