@@ -72,9 +72,8 @@ impl Ema {
 mod tests {
     use super::*;
     use crate::method::testutil::tiny_model;
+    use crate::TestResult;
     use candle_core::Tensor;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
     fn values(model: &Classifier, name: &str) -> Vec<f32> {
         model

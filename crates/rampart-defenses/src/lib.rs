@@ -52,8 +52,8 @@ pub use method::{
     ccat_soft_targets, cross_entropy, entropic_ot, kl_divergence, merge, mixup_images,
     mixup_targets, robustness_group, robustness_groups, sinkhorn_divergence, soft_cross_entropy,
     AdaLsState, AdversarialTraining, ArAdaLs, ArAdaLsConfig, BatchLoss, Ccat, FastAt, MethodConfig,
-    MethodKind, MethodSettings, MixupDraw, Normal, Oat, Overrides, RegMixup, Sat, Setting, Trades,
-    TrainingMethod, ADALS_GROUPS,
+    MethodKind, MethodSettings, MixupDraw, Normal, Oat, Overrides, RegMixup, Sat, Setting,
+    StatelessMethod, Trades, TrainBatch, TrainingMethod, ADALS_GROUPS,
 };
 pub use predict::{predict, Predictions};
 pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};
@@ -63,6 +63,10 @@ pub use trainer::{
     method_rng, read_history, EpochRecord, Progress, TrainOutcome, Trainer, CHECKPOINT_FILE,
     HISTORY_FILE, MODEL_FILE,
 };
+
+/// What a test returns, so that `?` works on every error.
+#[cfg(test)]
+type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
 #[cfg(test)]
 mod tests;

@@ -247,11 +247,17 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12
+    }
+
+    /// Asserts that `s` gives the rate `want` at progress `t` for each (t, want).
+    fn assert_lrs(s: &LrSchedule, points: &[(f64, f64)]) {
+        for &(t, want) in points {
+            assert!(close(s.lr(t), want), "lr({t}) = {}, want {want}", s.lr(t));
+        }
     }
 
     #[test]
@@ -282,11 +288,9 @@ mod tests {
             gamma: 0.1,
         };
         let s = LrSchedule::new(0.1, 10, kind, 0.0)?;
-        // The last iteration of epoch 4 (0-based) ends at t = 5: still 0.1.
-        assert!(close(s.lr(5.0), 0.1));
-        // The first iteration of epoch 5 lies after the 50 % milestone.
-        assert!(close(s.lr(5.01), 0.01));
-        assert!(close(s.lr(8.0), 0.01));
+        // The last iteration of epoch 4 (0-based) ends at t = 5: still 0.1; the first
+        // iteration of epoch 5 lies after the 50 % milestone.
+        assert_lrs(&s, &[(5.0, 0.1), (5.01, 0.01), (8.0, 0.01)]);
         assert!((s.lr(8.5) - 0.001).abs() < 1e-15);
         Ok(())
     }
@@ -294,32 +298,34 @@ mod tests {
     #[test]
     fn cosine_values() -> TestResult {
         let s = LrSchedule::new(1.0, 10, ScheduleKind::Cosine, 0.0)?;
-        assert!(close(s.lr(0.0), 1.0));
-        assert!(close(s.lr(5.0), 0.5));
-        // ½(1 + cos(π/4)) = ½ + √2/4
-        assert!(close(s.lr(2.5), 0.5 + 2f64.sqrt() / 4.0));
-        assert!(close(s.lr(10.0), 0.0));
+        // ½(1 + cos(π/4)) = ½ + √2/4 at a quarter of the run.
+        let quarter = 0.5 + 2f64.sqrt() / 4.0;
+        assert_lrs(&s, &[(0.0, 1.0), (5.0, 0.5), (2.5, quarter), (10.0, 0.0)]);
         Ok(())
     }
 
     #[test]
     fn cyclic_goes_zero_peak_zero() -> TestResult {
         let s = LrSchedule::new(0.2, 10, ScheduleKind::Cyclic { peak: 0.4 }, 0.0)?;
-        assert!(close(s.lr(0.0), 0.0));
-        assert!(close(s.lr(2.0), 0.1));
-        assert!(close(s.lr(4.0), 0.2));
-        assert!(close(s.lr(7.0), 0.1));
-        assert!(close(s.lr(10.0), 0.0));
+        assert_lrs(
+            &s,
+            &[(0.0, 0.0), (2.0, 0.1), (4.0, 0.2), (7.0, 0.1), (10.0, 0.0)],
+        );
         Ok(())
     }
 
     #[test]
     fn exponential_multiplies_after_each_epoch() -> TestResult {
         let s = LrSchedule::new(0.075, 200, ScheduleKind::Exponential { gamma: 0.95 }, 0.0)?;
-        assert!(close(s.lr(0.5), 0.075));
-        assert!(close(s.lr(1.0), 0.075));
-        assert!(close(s.lr(1.01), 0.07125));
-        assert!(close(s.lr(3.0), 0.075 * 0.9025));
+        assert_lrs(
+            &s,
+            &[
+                (0.5, 0.075),
+                (1.0, 0.075),
+                (1.01, 0.07125),
+                (3.0, 0.075 * 0.9025),
+            ],
+        );
         Ok(())
     }
 

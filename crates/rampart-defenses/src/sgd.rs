@@ -208,9 +208,8 @@ impl Sgd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::TestResult;
     use candle_core::Device;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
     /// Runs two steps on loss = 0.5·w + (b − b) (gradient 0.5 for the rank-2 `w`, a
     /// zero gradient for the rank-1 `b`), both starting at 1; returns (w, b) after each.
@@ -236,6 +235,17 @@ mod tests {
         Ok(out)
     }
 
+    /// Momentum μ = 0.9 and weight decay λ = 0.1 on every parameter, the setting of the
+    /// hand computations below.
+    fn momentum_and_decay(nesterov: bool) -> SgdConfig {
+        SgdConfig {
+            momentum: 0.9,
+            nesterov,
+            weight_decay: 0.1,
+            decay_scope: DecayScope::All,
+        }
+    }
+
     fn close(got: f32, want: f64) -> bool {
         (f64::from(got) - want).abs() < 1e-6
     }
@@ -248,13 +258,7 @@ mod tests {
         //         d = 0.5886 + 1.01574 = 1.60434, w = 0.886 − 0.160434 = 0.725566
         // The bias (gradient 0) only decays: g = 0.1, b = 0.1, d = 0.19, w = 0.981;
         // g = 0.0981, b = 0.09 + 0.0981 = 0.1881, d = 0.0981 + 0.16929 = 0.26739, w = 0.954261
-        let config = SgdConfig {
-            momentum: 0.9,
-            nesterov: true,
-            weight_decay: 0.1,
-            decay_scope: DecayScope::All,
-        };
-        let steps = two_steps(config)?;
+        let steps = two_steps(momentum_and_decay(true))?;
         assert!(
             close(steps[0].0, 0.886) && close(steps[1].0, 0.725566),
             "{steps:?}"
@@ -269,13 +273,7 @@ mod tests {
     #[test]
     fn heavy_ball_momentum_matches_hand_computation() -> TestResult {
         // step 1: g = 0.6, b = 0.6, w = 0.94; step 2: g = 0.594, b = 1.134, w = 0.8266
-        let config = SgdConfig {
-            momentum: 0.9,
-            nesterov: false,
-            weight_decay: 0.1,
-            decay_scope: DecayScope::All,
-        };
-        let steps = two_steps(config)?;
+        let steps = two_steps(momentum_and_decay(false))?;
         assert!(
             close(steps[0].0, 0.94) && close(steps[1].0, 0.8266),
             "{steps:?}"
@@ -298,10 +296,8 @@ mod tests {
     #[test]
     fn weights_only_scope_leaves_rank_one_parameters_undecayed() -> TestResult {
         let config = SgdConfig {
-            momentum: 0.9,
-            nesterov: true,
-            weight_decay: 0.1,
             decay_scope: DecayScope::WeightsOnly,
+            ..momentum_and_decay(true)
         };
         let steps = two_steps(config)?;
         assert!(close(steps[1].0, 0.725566), "{steps:?}");

@@ -1,17 +1,16 @@
 //! End-to-end tests of the training loop on a tiny synthetic problem.
 
 use std::cell::Cell;
+use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rampart_data::ImageDataset;
 use rampart_models::{Arch, Classifier, ModelSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::*;
-
-type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
 /// `n` 3×8×8 images of two classes: class 0 dark, class 1 bright, with noise.
 fn toy_dataset(n: usize, seed: u64) -> ImageDataset {
@@ -85,18 +84,12 @@ impl<M: TrainingMethod> TrainingMethod for Crashing<M> {
     fn restore_state(&self, state: &serde_json::Value) -> Result<()> {
         self.inner.restore_state(state)
     }
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
+    fn loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         self.calls.set(self.calls.get() + 1);
         if self.calls.get() == self.fail_at {
             return Err(DefenseError::Config("simulated interruption".into()));
         }
-        self.inner.loss(model, images, labels, rng)
+        self.inner.loss(batch)
     }
 }
 
@@ -109,6 +102,44 @@ fn weights(path: &std::path::Path) -> std::result::Result<NamedValues, Box<dyn s
         .into_iter()
         .map(|(n, v)| Ok((n, v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
         .collect()
+}
+
+/// Asserts that the models saved in the folders `a` and `b` hold the same weights.
+fn assert_same_weights(a: &Path, b: &Path) -> TestResult {
+    let a = weights(&a.join(MODEL_FILE))?;
+    let b = weights(&b.join(MODEL_FILE))?;
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x, y, "variable {name} differs");
+    }
+    Ok(())
+}
+
+/// The training and test sets of the resume tests.
+fn resume_data() -> (Arc<ImageDataset>, ImageDataset) {
+    (Arc::new(toy_dataset(48, 1)), toy_dataset(8, 2))
+}
+
+/// Trains `method` under `config` into `dir` from the model of seed 3 and interrupts
+/// it in the middle of its second epoch, so that the checkpoint holds epoch 1; returns
+/// the trainer of `dir` and the interrupted method.
+fn interrupted_run<M: TrainingMethod>(
+    config: &TrainConfig,
+    dir: &Path,
+    method: M,
+    train: &Arc<ImageDataset>,
+    test: &ImageDataset,
+) -> std::result::Result<(Trainer, Crashing<M>), Box<dyn std::error::Error>> {
+    let crashing = Crashing {
+        inner: method,
+        calls: Cell::new(0),
+        fail_at: train.len() / config.batch_size + 2,
+    };
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    let trainer = Trainer::new(config.clone(), dir)?.progress(Progress::Hidden);
+    assert!(trainer
+        .run(&mut model, &crashing, Arc::clone(train), test)
+        .is_err());
+    Ok((trainer, crashing))
 }
 
 #[test]
@@ -160,10 +191,8 @@ fn training_lowers_the_loss_and_writes_its_files() -> TestResult {
 
 #[test]
 fn resumed_run_ends_with_the_weights_of_the_uninterrupted_run() -> TestResult {
-    let train = Arc::new(toy_dataset(48, 1));
-    let test = toy_dataset(8, 2);
+    let (train, test) = resume_data();
     let config = toy_config(2);
-    let batches_per_epoch = 48 / config.batch_size;
 
     let straight = tempfile::tempdir()?;
     let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
@@ -173,16 +202,7 @@ fn resumed_run_ends_with_the_weights_of_the_uninterrupted_run() -> TestResult {
 
     // Interrupted in the middle of the second epoch: the checkpoint holds epoch 1.
     let resumed = tempfile::tempdir()?;
-    let crashing = Crashing {
-        inner: Normal::new(),
-        calls: Cell::new(0),
-        fail_at: batches_per_epoch + 2,
-    };
-    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
-    let trainer = Trainer::new(config.clone(), resumed.path())?.progress(Progress::Hidden);
-    assert!(trainer
-        .run(&mut model, &crashing, Arc::clone(&train), &test)
-        .is_err());
+    let (trainer, _) = interrupted_run(&config, resumed.path(), Normal::new(), &train, &test)?;
     assert_eq!(
         read_checkpoint_meta(&resumed.path().join(CHECKPOINT_FILE))?.epochs_done,
         1
@@ -204,12 +224,11 @@ fn resumed_run_ends_with_the_weights_of_the_uninterrupted_run() -> TestResult {
     assert_eq!(outcome.resumed_at, Some(1));
     assert_eq!(outcome.history.len(), 2);
 
-    let a = weights(&straight.path().join(MODEL_FILE))?;
-    let b = weights(&resumed.path().join(MODEL_FILE))?;
-    assert_eq!(a.len(), b.len());
-    for ((name, x), (_, y)) in a.iter().zip(&b) {
-        assert_eq!(x, y, "variable {name} differs");
-    }
+    assert_eq!(
+        weights(&straight.path().join(MODEL_FILE))?.len(),
+        weights(&resumed.path().join(MODEL_FILE))?.len()
+    );
+    assert_same_weights(straight.path(), resumed.path())?;
     let ha = read_history(&straight.path().join(HISTORY_FILE))?;
     let hb = read_history(&resumed.path().join(HISTORY_FILE))?;
     for (ra, rb) in ha.iter().zip(&hb) {
@@ -490,13 +509,11 @@ fn adversarial_training_is_more_robust_than_normal_training() -> TestResult {
 /// resumed ends with the weights (the averaged ones) of the uninterrupted run.
 #[test]
 fn resume_is_exact_with_an_attack_and_an_average() -> TestResult {
-    let train = Arc::new(toy_dataset(48, 1));
-    let test = toy_dataset(8, 2);
+    let (train, test) = resume_data();
     let config = TrainConfig {
         ema: Some(0.8),
         ..toy_config(2)
     };
-    let batches_per_epoch = 48 / config.batch_size;
 
     let straight = tempfile::tempdir()?;
     let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
@@ -505,16 +522,7 @@ fn resume_is_exact_with_an_attack_and_an_average() -> TestResult {
         .run(&mut model, &short_ccat(), Arc::clone(&train), &test)?;
 
     let resumed = tempfile::tempdir()?;
-    let crashing = Crashing {
-        inner: short_ccat(),
-        calls: Cell::new(0),
-        fail_at: batches_per_epoch + 2,
-    };
-    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
-    let trainer = Trainer::new(config.clone(), resumed.path())?.progress(Progress::Hidden);
-    assert!(trainer
-        .run(&mut model, &crashing, Arc::clone(&train), &test)
-        .is_err());
+    let (trainer, _) = interrupted_run(&config, resumed.path(), short_ccat(), &train, &test)?;
     let mut model = Classifier::new(toy_spec(), 99, &Device::Cpu)?;
     let outcome =
         trainer
@@ -523,11 +531,7 @@ fn resume_is_exact_with_an_attack_and_an_average() -> TestResult {
             .run(&mut model, &short_ccat(), Arc::clone(&train), &test)?;
     assert_eq!(outcome.resumed_at, Some(1));
 
-    let a = weights(&straight.path().join(MODEL_FILE))?;
-    let b = weights(&resumed.path().join(MODEL_FILE))?;
-    for ((name, x), (_, y)) in a.iter().zip(&b) {
-        assert_eq!(x, y, "variable {name} differs");
-    }
+    assert_same_weights(straight.path(), resumed.path())?;
     let ha = read_history(&straight.path().join(HISTORY_FILE))?;
     let hb = read_history(&resumed.path().join(HISTORY_FILE))?;
     for (ra, rb) in ha.iter().zip(&hb) {
@@ -555,10 +559,8 @@ fn resume_is_exact_with_an_attack_and_an_average() -> TestResult {
 /// and the smoothing of the uninterrupted run.
 #[test]
 fn resume_is_exact_with_ar_adals_state() -> TestResult {
-    let train = Arc::new(toy_dataset(48, 1));
-    let test = toy_dataset(8, 2);
+    let (train, test) = resume_data();
     let config = toy_config(2);
-    let batches_per_epoch = 48 / config.batch_size;
     let adals = || ArAdaLs::new(ArAdaLsConfig::qin_cifar10());
 
     let straight = tempfile::tempdir()?;
@@ -577,16 +579,7 @@ fn resume_is_exact_with_ar_adals_state() -> TestResult {
     );
 
     let resumed = tempfile::tempdir()?;
-    let crashing = Crashing {
-        inner: adals()?,
-        calls: Cell::new(0),
-        fail_at: batches_per_epoch + 2,
-    };
-    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
-    let trainer = Trainer::new(config.clone(), resumed.path())?.progress(Progress::Hidden);
-    assert!(trainer
-        .run(&mut model, &crashing, Arc::clone(&train), &test)
-        .is_err());
+    let (trainer, crashing) = interrupted_run(&config, resumed.path(), adals()?, &train, &test)?;
     // The checkpoint holds the state after epoch 1, not the one of the crashed epoch.
     let meta = read_checkpoint_meta(&resumed.path().join(CHECKPOINT_FILE))?;
     assert_eq!(meta.epochs_done, 1);
@@ -606,11 +599,7 @@ fn resume_is_exact_with_ar_adals_state() -> TestResult {
     assert_eq!(outcome.resumed_at, Some(1));
     assert_eq!(method.snapshot(), final_state);
 
-    let a = weights(&straight.path().join(MODEL_FILE))?;
-    let b = weights(&resumed.path().join(MODEL_FILE))?;
-    for ((name, x), (_, y)) in a.iter().zip(&b) {
-        assert_eq!(x, y, "variable {name} differs");
-    }
+    assert_same_weights(straight.path(), resumed.path())?;
     let ha = read_history(&straight.path().join(HISTORY_FILE))?;
     let hb = read_history(&resumed.path().join(HISTORY_FILE))?;
     for (ra, rb) in ha.iter().zip(&hb) {
@@ -667,14 +656,8 @@ impl<M: TrainingMethod> TrainingMethod for Forgetful<M> {
     fn settings(&self) -> serde_json::Value {
         self.0.settings()
     }
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
-        self.0.loss(model, images, labels, rng)
+    fn loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        self.0.loss(batch)
     }
 }
 
@@ -692,15 +675,9 @@ impl TrainingMethod for Diverging {
     fn settings(&self) -> serde_json::Value {
         self.inner.settings()
     }
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
+    fn loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         self.calls.set(self.calls.get() + 1);
-        let mut out = self.inner.loss(model, images, labels, rng)?;
+        let mut out = self.inner.loss(batch)?;
         if self.calls.get() == self.nan_at {
             out.loss = (out.loss * f64::NAN)?;
         }

@@ -144,8 +144,7 @@ impl ConfidenceThreshold {
 mod tests {
     use super::*;
     use crate::method::testutil::{batch, tiny_model};
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     fn held_out() -> Predictions {
         // 100 correct examples with confidences 0.01 … 1.00 and 3 wrong, more confident

@@ -18,7 +18,7 @@ use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::ema::Ema;
 use crate::error::{DefenseError, Result};
-use crate::method::TrainingMethod;
+use crate::method::{TrainBatch, TrainingMethod};
 use crate::predict::predict;
 use crate::schedule::progress;
 use crate::sgd::Sgd;
@@ -233,7 +233,12 @@ impl Trainer {
             for (i, batch) in loader.epoch(epoch).enumerate() {
                 let batch = batch?;
                 lr = schedule.lr(progress(epoch, i, batches));
-                let out = method.loss(model, &batch.images, &batch.labels, &mut rng)?;
+                let out = method.loss(&mut TrainBatch::new(
+                    model,
+                    &batch.images,
+                    &batch.labels,
+                    &mut rng,
+                ))?;
                 let value = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     return Err(DefenseError::Diverged {

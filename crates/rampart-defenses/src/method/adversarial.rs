@@ -1,16 +1,14 @@
 //! Adversarial training (Madry et al., ICLR 2018): cross-entropy on PGD examples made
 //! on the fly, optionally on only a fraction of each batch.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::ModuleT;
 use rampart_attacks::{Init, Pgd, Restarts, StepSize};
-use rampart_models::Classifier;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
     adversarial_count, attack_first, check_eps, check_fraction, cross_entropy, mixed_batch,
-    to_json, BatchLoss, TrainingMethod,
+    BatchLoss, StatelessMethod, TrainBatch,
 };
 use crate::error::Result;
 
@@ -92,31 +90,9 @@ impl MethodSettings for AdversarialTraining {
     }
 }
 
-impl TrainingMethod for AdversarialTraining {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        to_json(self)
-    }
-
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
-        adversarial_cross_entropy(
-            &self.attack,
-            self.eps,
-            self.fraction,
-            model,
-            images,
-            labels,
-            rng,
-        )
+impl StatelessMethod for AdversarialTraining {
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        adversarial_cross_entropy(&self.attack, self.eps, self.fraction, batch)
     }
 }
 
@@ -126,41 +102,43 @@ pub(crate) fn adversarial_cross_entropy(
     attack: &dyn rampart_attacks::Attack,
     eps: f64,
     fraction: f64,
-    model: &Classifier,
-    images: &Tensor,
-    labels: &Tensor,
-    rng: &mut ChaCha8Rng,
+    batch: &mut TrainBatch<'_>,
 ) -> Result<BatchLoss> {
-    let m = adversarial_count(images.dim(0)?, fraction);
-    let adv = attack_first(attack, model, images, labels, m, eps, rng)?;
-    let inputs = mixed_batch(images, &adv.clipped)?;
-    let logits = model.forward_t(&inputs, true)?;
-    let loss = cross_entropy(&logits, labels, 0.0)?;
-    Ok(BatchLoss::of_batch(loss, logits, labels))
+    let m = adversarial_count(batch.images.dim(0)?, fraction);
+    let adv = attack_first(attack, batch, m, eps)?;
+    let inputs = mixed_batch(batch.images, &adv.clipped)?;
+    let logits = batch.model.forward_t(&inputs, true)?;
+    let loss = cross_entropy(&logits, batch.labels, 0.0)?;
+    Ok(BatchLoss::of_batch(loss, logits, batch.labels))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use crate::method::testutil::{neg_log_softmax, rows, tiny_problem};
+    use crate::method::TrainingMethod;
+    use crate::TestResult;
     use rand::SeedableRng;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use rand_chacha::ChaCha8Rng;
 
     /// The loss is (m/B)·CE(adversarial) + (1 − m/B)·CE(clean) with m = round(f·B): the
     /// first m inputs are the attack's (same seed), the others untouched.
     #[test]
     fn loss_mixes_the_adversarial_fraction() -> TestResult {
-        let model = tiny_model(3, 1);
-        let (x, y) = batch(8, 3, 2);
+        let (model, x, y) = tiny_problem(3, 8, 1);
         for (fraction, m) in [(0.25, 2usize), (0.5, 4), (1.0, 8)] {
             let method = AdversarialTraining::new(Pgd::madry_linf_cifar10(), 0.03, fraction)?;
             // The expected adversarial examples first: the method's train-mode forward
             // updates the BatchNorm statistics that the eval-mode attack uses.
             let rng = ChaCha8Rng::seed_from_u64(5);
-            let adv = attack_first(&method.attack, &model, &x, &y, m, 0.03, &mut rng.clone())?;
+            let adv = attack_first(
+                &method.attack,
+                &mut TrainBatch::new(&model, &x, &y, &mut rng.clone()),
+                m,
+                0.03,
+            )?;
             assert!(adv.norm.iter().all(|&n| f64::from(n) <= 0.03 + 1e-6));
-            let out = method.loss(&model, &x, &y, &mut rng.clone())?;
+            let out = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng.clone()))?;
             let inputs = mixed_batch(&x, &adv.clipped)?;
             // The clean part is untouched, the adversarial part moved.
             let diff = (&inputs - &x)?

@@ -9,12 +9,12 @@
 use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, ModuleT, Tensor, Var, D};
-use rampart_models::Classifier;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{check_eps, labels_vec, soft_cross_entropy, to_json, BatchLoss, TrainingMethod};
+use super::{
+    check_eps, labels_vec, soft_cross_entropy, to_json, BatchLoss, TrainBatch, TrainingMethod,
+};
 use crate::error::{DefenseError, Result};
 
 /// Number of robustness groups: 0 = broken at ε/4 (or misclassified clean), 1 =
@@ -301,15 +301,8 @@ impl TrainingMethod for ArAdaLs {
         Ok(())
     }
 
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        _rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
-        let b = images.dim(0)?;
-        let k = model.spec().num_classes;
+    fn loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        let (model, images, labels) = (batch.model, batch.images, batch.labels);
         let groups = robustness_groups(
             &model.frozen(),
             model.bounds(),
@@ -318,8 +311,8 @@ impl TrainingMethod for ArAdaLs {
             self.config.eps,
         )?;
         let smoothing = self.lock().smoothing;
-        let targets = adals_targets(&labels_vec(labels)?, &groups, &smoothing, k);
-        let targets = Tensor::from_vec(targets, (b, k), images.device())?;
+        let k = model.spec().num_classes;
+        let targets = batch.targets(adals_targets(&labels_vec(labels)?, &groups, &smoothing, k))?;
         let logits = model.forward_t(images, true)?;
         let loss = soft_cross_entropy(&logits, &targets)?;
         let stats = calibration_gaps(&logits, labels, &groups)?;
@@ -331,11 +324,12 @@ impl TrainingMethod for ArAdaLs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use crate::method::testutil::{rows, smoothed_nll, tiny_problem};
+    use crate::method::TrainingMethod;
+    use crate::TestResult;
     use candle_core::Device;
     use rand::SeedableRng;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use rand_chacha::ChaCha8Rng;
 
     /// Two classes, logits (0, Σ_d x_d − 2) of a 4-value input: the margin of an
     /// example at x = 0.5 + t (every value) is 4|t|, and an L∞ step of size r along
@@ -448,8 +442,7 @@ mod tests {
     /// the state moves after the batch.
     #[test]
     fn loss_uses_the_group_smoothing_and_updates_it() -> TestResult {
-        let model = tiny_model(3, 5);
-        let (x, y) = batch(8, 3, 6);
+        let (model, x, y) = tiny_problem(3, 8, 5);
         let method = ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?;
         let smoothing = [0.05, 0.2, 0.3, 0.45];
         method.restore_state(&serde_json::to_value(AdaLsState {
@@ -460,20 +453,13 @@ mod tests {
         // statistics the eval-mode probe uses.
         let groups = robustness_groups(&model.frozen(), model.bounds(), &x, &y, 8.0 / 255.0)?;
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let out = method.loss(&model, &x, &y, &mut rng)?;
+        let out = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng))?;
         let logits = rows(&model.forward_t(&x, true)?);
         let labels = y.to_vec1::<u32>()?;
         let mut want = 0.0;
         for i in 0..8 {
             let s = smoothing[groups[i]];
-            for k in 0..3 {
-                let t = if k == labels[i] as usize {
-                    1.0 - s
-                } else {
-                    0.0
-                } + s / 3.0;
-                want += t * neg_log_softmax(&logits[i], k) / 8.0;
-            }
+            want += smoothed_nll(&logits[i], labels[i] as usize, s) / 8.0;
         }
         let got = f64::from(out.loss.to_scalar::<f32>()?);
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");

@@ -1,15 +1,13 @@
 //! Confidence-calibrated adversarial training (Stutz, Hein & Schiele, ICML 2020).
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::ModuleT;
 use rampart_attacks::Pgd;
-use rampart_models::Classifier;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
     adversarial_count, attack_first, check_eps, check_fraction, labels_vec, mixed_batch, one_hot,
-    soft_cross_entropy, to_json, BatchLoss, TrainingMethod,
+    soft_cross_entropy, BatchLoss, StatelessMethod, TrainBatch,
 };
 use crate::error::{DefenseError, Result};
 
@@ -128,44 +126,29 @@ impl MethodSettings for Ccat {
     }
 }
 
-impl TrainingMethod for Ccat {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        to_json(self)
-    }
-
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
-        let b = images.dim(0)?;
-        let k = model.spec().num_classes;
-        let m = adversarial_count(b, self.fraction);
-        let adv = attack_first(&self.attack, model, images, labels, m, self.eps, rng)?;
-        let ys = labels_vec(labels)?;
+impl StatelessMethod for Ccat {
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        let k = batch.model.spec().num_classes;
+        let m = adversarial_count(batch.images.dim(0)?, self.fraction);
+        let adv = attack_first(&self.attack, batch, m, self.eps)?;
+        let ys = labels_vec(batch.labels)?;
         let mut targets = ccat_soft_targets(&ys[..m], &adv.norm, self.eps, self.rho, k);
         targets.extend(one_hot(&ys[m..], k));
-        let targets = Tensor::from_vec(targets, (b, k), images.device())?;
-        let inputs = mixed_batch(images, &adv.clipped)?;
-        let logits = model.forward_t(&inputs, true)?;
-        let loss = soft_cross_entropy(&logits, &targets)?;
-        Ok(BatchLoss::of_batch(loss, logits, labels))
+        let inputs = mixed_batch(batch.images, &adv.clipped)?;
+        let logits = batch.model.forward_t(&inputs, true)?;
+        let loss = soft_cross_entropy(&logits, &batch.targets(targets)?)?;
+        Ok(BatchLoss::of_batch(loss, logits, batch.labels))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use crate::method::testutil::{neg_log_softmax, rows, smoothed_nll, tiny_problem};
+    use crate::method::TrainingMethod;
+    use crate::TestResult;
     use rand::SeedableRng;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use rand_chacha::ChaCha8Rng;
 
     #[test]
     fn lambda_and_soft_targets_match_hand_computation() {
@@ -189,8 +172,7 @@ mod tests {
     /// points' ‖δ‖∞, on the mixed batch of the seed drawn from the method's RNG.
     #[test]
     fn loss_is_half_clean_half_soft_adversarial() -> TestResult {
-        let model = tiny_model(4, 8);
-        let (x, y) = batch(8, 4, 9);
+        let (model, x, y) = tiny_problem(4, 8, 8);
         let method = Ccat {
             attack: Pgd {
                 steps: 5,
@@ -201,8 +183,13 @@ mod tests {
         // The expected adversarial examples first: the method's train-mode forward
         // updates the BatchNorm statistics that the eval-mode attack uses.
         let rng = ChaCha8Rng::seed_from_u64(13);
-        let adv = attack_first(&method.attack, &model, &x, &y, 4, 0.03, &mut rng.clone())?;
-        let out = method.loss(&model, &x, &y, &mut rng.clone())?;
+        let adv = attack_first(
+            &method.attack,
+            &mut TrainBatch::new(&model, &x, &y, &mut rng.clone()),
+            4,
+            0.03,
+        )?;
+        let out = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng.clone()))?;
         let logits = rows(&model.forward_t(&mixed_batch(&x, &adv.clipped)?, true)?);
         let labels = y.to_vec1::<u32>()?;
         let clean: f64 = (4..8)
@@ -212,14 +199,7 @@ mod tests {
         let mut adversarial = 0.0;
         for i in 0..4 {
             let lambda = 1.0 - (1.0 - (f64::from(adv.norm[i]) / 0.03).min(1.0)).powi(10);
-            for k in 0..4 {
-                let target = if k == labels[i] as usize {
-                    1.0 - lambda
-                } else {
-                    0.0
-                } + lambda / 4.0;
-                adversarial += target * neg_log_softmax(&logits[i], k) / 4.0;
-            }
+            adversarial += smoothed_nll(&logits[i], labels[i] as usize, lambda) / 4.0;
         }
         let want = 0.5 * clean + 0.5 * adversarial;
         let got = f64::from(out.loss.to_scalar::<f32>()?);

@@ -1,15 +1,12 @@
 //! Fast adversarial training (Wong, Rice & Kolter, ICLR 2020): adversarial training
 //! with a single FGSM step from a random start.
 
-use candle_core::Tensor;
 use rampart_attacks::{Fgsm, StepSize};
-use rampart_models::Classifier;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::adversarial::adversarial_cross_entropy;
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{check_eps, check_fraction, to_json, BatchLoss, TrainingMethod};
+use super::{check_eps, check_fraction, BatchLoss, StatelessMethod, TrainBatch};
 use crate::error::Result;
 
 /// Fast AT: the whole batch (or `fraction` of it) replaced by FGSM examples with a
@@ -77,50 +74,28 @@ impl MethodSettings for FastAt {
     }
 }
 
-impl TrainingMethod for FastAt {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        to_json(self)
-    }
-
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
-        adversarial_cross_entropy(
-            &self.attack,
-            self.eps,
-            self.fraction,
-            model,
-            images,
-            labels,
-            rng,
-        )
+impl StatelessMethod for FastAt {
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        adversarial_cross_entropy(&self.attack, self.eps, self.fraction, batch)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::testutil::{batch, tiny_model};
+    use crate::method::testutil::tiny_problem;
+    use crate::method::TrainingMethod;
     use crate::method::{attack_seed, run_attack};
+    use crate::TestResult;
     use candle_core::ModuleT;
     use rand::SeedableRng;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use rand_chacha::ChaCha8Rng;
 
     /// The loss is the cross-entropy on the FGSM-RS examples of the batch's seed, all
     /// inside the ε-ball.
     #[test]
     fn loss_is_cross_entropy_on_fgsm_examples() -> TestResult {
-        let model = tiny_model(3, 4);
-        let (x, y) = batch(6, 3, 5);
+        let (model, x, y) = tiny_problem(3, 6, 4);
         let method = FastAt::wong_cifar10();
         // The expected adversarial examples first: the method's train-mode forward
         // updates the BatchNorm statistics that the eval-mode attack uses.
@@ -137,7 +112,7 @@ mod tests {
             .norm
             .iter()
             .all(|&n| f64::from(n) <= method.eps + 1e-6 && n > 0.0));
-        let out = method.loss(&model, &x, &y, &mut rng.clone())?;
+        let out = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng.clone()))?;
         let logits = model.forward_t(&adv.clipped, true)?;
         let want = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
         assert!((out.loss.to_scalar::<f32>()? - want).abs() < 1e-6);

@@ -1,7 +1,7 @@
 //! Training methods: how a batch becomes a loss.
 //!
-//! A [`TrainingMethod`] sees the model, a batch and a seeded RNG and returns a
-//! [`BatchLoss`]. It decides in which mode it calls the model: a method that attacks
+//! A [`TrainingMethod`] sees a [`TrainBatch`] (the model, a batch and a seeded RNG) and
+//! returns a [`BatchLoss`]. It decides in which mode it calls the model: a method that attacks
 //! first (adversarial training, CCAT) runs its attack with `forward_t(x, false)` and
 //! computes the loss with `forward_t(x', true)`. The training loop owns everything
 //! else: batching, the optimiser step, the schedule, evaluation and checkpoints.
@@ -73,10 +73,48 @@ impl BatchLoss {
     }
 }
 
+/// One batch as a [`TrainingMethod`] sees it: the model, the batch and the method's RNG.
+#[derive(Debug)]
+pub struct TrainBatch<'a> {
+    /// The model being trained.
+    pub model: &'a Classifier,
+    /// Images (B, C, H, W) within the model's bounds.
+    pub images: &'a Tensor,
+    /// Labels (B,) u32.
+    pub labels: &'a Tensor,
+    /// The method's RNG, which the loop seeds from (seed, epoch).
+    pub rng: &'a mut ChaCha8Rng,
+}
+
+impl<'a> TrainBatch<'a> {
+    /// The batch `images`, `labels` of `model`, drawing from `rng`.
+    pub fn new(
+        model: &'a Classifier,
+        images: &'a Tensor,
+        labels: &'a Tensor,
+        rng: &'a mut ChaCha8Rng,
+    ) -> Self {
+        Self {
+            model,
+            images,
+            labels,
+            rng,
+        }
+    }
+
+    /// Soft targets (B, K), K the model's classes, on the batch's device from their
+    /// rows, row-major (B·K).
+    pub(crate) fn targets(&self, rows: Vec<f32>) -> Result<Tensor> {
+        let shape = (self.images.dim(0)?, self.model.spec().num_classes);
+        Ok(Tensor::from_vec(rows, shape, self.images.device())?)
+    }
+}
+
 /// Turns a batch into a loss; one implementation per training method.
 ///
-/// **Invariant:** everything random a method does draws from `rng`, which the loop
-/// seeds from (seed, epoch), so a run resumed at an epoch boundary repeats exactly.
+/// **Invariant:** everything random a method does draws from the batch's `rng`, which
+/// the loop seeds from (seed, epoch), so a run resumed at an epoch boundary repeats
+/// exactly.
 pub trait TrainingMethod {
     /// Short name used in files and results (`"normal"`, `"at"`, `"ccat"`, …).
     fn name(&self) -> &'static str;
@@ -87,13 +125,7 @@ pub trait TrainingMethod {
 
     /// The loss of one batch: images (B, C, H, W) within the model's bounds, labels (B,)
     /// u32. Leaves the model's train/eval choice to each `forward_t` call.
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss>;
+    fn loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss>;
 
     /// What the method has learnt so far besides the model's weights, as JSON, saved
     /// in every checkpoint and in the final model's metadata; `None` (the default) for
@@ -110,6 +142,28 @@ pub trait TrainingMethod {
             "method {} keeps no state, but a state was given: {state}",
             self.name()
         )))
+    }
+}
+
+/// A stateless method whose settings value is the method itself: it writes only its
+/// loss, and is a [`TrainingMethod`] named [`MethodSettings::NAME`] whose settings are
+/// its own serialisation.
+pub trait StatelessMethod: MethodSettings + serde::Serialize {
+    /// The loss of one batch ([`TrainingMethod::loss`]).
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss>;
+}
+
+impl<M: StatelessMethod> TrainingMethod for M {
+    fn name(&self) -> &'static str {
+        M::NAME
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        to_json(self)
+    }
+
+    fn loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        self.batch_loss(batch)
     }
 }
 
@@ -144,23 +198,19 @@ pub(crate) fn run_attack(
 }
 
 /// Runs `attack` at budget `eps` on the first `m` examples of the batch, with one seed
-/// drawn from the method's RNG ([`attack_seed`]). images: (B, C, H, W); labels: (B,);
-/// m ≤ B.
+/// drawn from the batch's RNG ([`attack_seed`]); m ≤ B.
 pub(crate) fn attack_first(
     attack: &dyn Attack,
-    model: &Classifier,
-    images: &Tensor,
-    labels: &Tensor,
+    batch: &mut TrainBatch<'_>,
     m: usize,
     eps: f64,
-    rng: &mut ChaCha8Rng,
 ) -> Result<AttackResult> {
-    let seed = attack_seed(rng);
+    let seed = attack_seed(batch.rng);
     run_attack(
         attack,
-        model,
-        &images.narrow(0, 0, m)?,
-        &labels.narrow(0, 0, m)?,
+        batch.model,
+        &batch.images.narrow(0, 0, m)?,
+        &batch.labels.narrow(0, 0, m)?,
         eps,
         seed,
     )
@@ -265,6 +315,14 @@ pub(crate) mod testutil {
         (images, labels)
     }
 
+    /// A tiny model with `classes` outputs (seed `seed`) and a batch of `b` examples of
+    /// those classes (seed `seed + 1`).
+    pub fn tiny_problem(classes: usize, b: usize, seed: u64) -> (Classifier, Tensor, Tensor) {
+        let model = tiny_model(classes, seed);
+        let (images, labels) = batch(b, classes as u32, seed + 1);
+        (model, images, labels)
+    }
+
     /// Rows of a (B, K) tensor as f64.
     pub fn rows(t: &Tensor) -> Vec<Vec<f64>> {
         t.to_dtype(candle_core::DType::F64)
@@ -277,6 +335,18 @@ pub(crate) mod testutil {
         let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
         lse - row[k]
+    }
+
+    /// −Σ_k t_k·log softmax(row)_k against the smoothed target
+    /// t = (1 − s)·onehot(label) + s/K, K = row.len().
+    pub fn smoothed_nll(row: &[f64], label: usize, s: f64) -> f64 {
+        let classes = row.len();
+        (0..classes)
+            .map(|k| {
+                let t = if k == label { 1.0 - s } else { 0.0 } + s / classes as f64;
+                t * neg_log_softmax(row, k)
+            })
+            .sum()
     }
 }
 

@@ -1,12 +1,10 @@
 //! Normal training: cross-entropy on the clean batch.
 
 use candle_core::{ModuleT, Tensor, D};
-use rampart_models::Classifier;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{BatchLoss, TrainingMethod};
+use super::{BatchLoss, StatelessMethod, TrainBatch};
 use crate::error::{DefenseError, Result};
 
 /// Cross-entropy on the clean, augmented batch with the model in training mode,
@@ -69,34 +67,19 @@ impl MethodSettings for Normal {
     }
 }
 
-impl TrainingMethod for Normal {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::json!({ "label_smoothing": self.label_smoothing })
-    }
-
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        _rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
-        let logits = model.forward_t(images, true)?;
-        let loss = cross_entropy(&logits, labels, self.label_smoothing)?;
-        Ok(BatchLoss::of_batch(loss, logits, labels))
+impl StatelessMethod for Normal {
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        let logits = batch.model.forward_t(batch.images, true)?;
+        let loss = cross_entropy(&logits, batch.labels, self.label_smoothing)?;
+        Ok(BatchLoss::of_batch(loss, logits, batch.labels))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::TestResult;
     use candle_core::Device;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
     #[test]
     fn cross_entropy_matches_hand_computation() -> TestResult {

@@ -5,11 +5,10 @@ use candle_core::{Tensor, D};
 use rampart_attacks::Pgd;
 use rampart_models::Classifier;
 use rand::Rng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{attack_seed, check_eps, run_attack, to_json, BatchLoss, TrainingMethod};
+use super::{attack_seed, check_eps, run_attack, BatchLoss, StatelessMethod, TrainBatch};
 use crate::error::{DefenseError, Result};
 
 /// OAT: every example i of a batch draws λᵢ uniformly from the model's training λ
@@ -79,22 +78,9 @@ impl MethodSettings for Oat {
     }
 }
 
-impl TrainingMethod for Oat {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        to_json(self)
-    }
-
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
+impl StatelessMethod for Oat {
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        let (model, images, labels) = (batch.model, batch.images, batch.labels);
         let choices = model
             .spec()
             .oat
@@ -109,7 +95,7 @@ impl TrainingMethod for Oat {
             })?;
         let b = images.dim(0)?;
         let lambdas: Vec<f32> = (0..b)
-            .map(|_| choices[rng.gen_range(0..choices.len())])
+            .map(|_| choices[batch.rng.gen_range(0..choices.len())])
             .collect();
         let device = images.device();
         let saved = model.lambda().unwrap_or(1.0);
@@ -127,7 +113,7 @@ impl TrainingMethod for Oat {
             }
             let idx = Tensor::new(rows.as_slice(), device)?;
             model.set_lambda(lam)?;
-            let seed = attack_seed(rng);
+            let seed = attack_seed(batch.rng);
             let adv = run_attack(
                 &self.attack,
                 model,
@@ -164,11 +150,12 @@ impl TrainingMethod for Oat {
 mod tests {
     use super::*;
     use crate::method::testutil::{batch, neg_log_softmax, rows};
+    use crate::method::TrainingMethod;
+    use crate::TestResult;
     use candle_core::Device;
     use rampart_models::{Arch, ModelSpec, OatSpec};
     use rand::SeedableRng;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use rand_chacha::ChaCha8Rng;
 
     fn oat_model(seed: u64) -> Classifier {
         let spec = ModelSpec {
@@ -226,7 +213,7 @@ mod tests {
         // weights so the expected value uses the same state as the method.
         let snapshot = oat_model(1);
         snapshot.copy_weights_from(&model)?;
-        let out = method.loss(&model, &x, &y, &mut rng)?;
+        let out = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng))?;
         assert_eq!(model.lambda(), Some(0.2), "λ restored after the attacks");
 
         let labels = y.to_vec1::<u32>()?;
@@ -254,7 +241,12 @@ mod tests {
         let plain = crate::method::testutil::tiny_model(3, 0);
         let (x, y) = batch(4, 3, 0);
         let err = Oat::wang_cifar10()
-            .loss(&plain, &x, &y, &mut ChaCha8Rng::seed_from_u64(0))
+            .loss(&mut TrainBatch::new(
+                &plain,
+                &x,
+                &y,
+                &mut ChaCha8Rng::seed_from_u64(0),
+            ))
             .err()
             .ok_or("a plain model must be refused")?;
         assert!(err.to_string().contains("λ-conditioned"), "{err}");

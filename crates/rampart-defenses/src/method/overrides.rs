@@ -139,21 +139,26 @@ impl Overrides {
     }
 
     /// The values of the `accepted` settings only.
-    pub fn only(self, accepted: &[Setting]) -> Overrides {
-        let keep = |s: Setting| accepted.contains(&s);
-        Overrides {
-            label_smoothing: self
-                .label_smoothing
-                .filter(|_| keep(Setting::LabelSmoothing)),
-            mixup_alpha: self.mixup_alpha.filter(|_| keep(Setting::MixupAlpha)),
-            eps: self.eps.filter(|_| keep(Setting::Eps)),
-            attack_steps: self.attack_steps.filter(|_| keep(Setting::AttackSteps)),
-            attack_step_size: self
-                .attack_step_size
-                .filter(|_| keep(Setting::AttackStepSize)),
-            adv_fraction: self.adv_fraction.filter(|_| keep(Setting::AdvFraction)),
-            beta: self.beta.filter(|_| keep(Setting::Beta)),
-            rho: self.rho.filter(|_| keep(Setting::Rho)),
+    pub fn only(mut self, accepted: &[Setting]) -> Overrides {
+        for setting in Setting::ALL {
+            if !accepted.contains(&setting) {
+                self.clear(setting);
+            }
+        }
+        self
+    }
+
+    /// Drops the value of `setting`, if given.
+    fn clear(&mut self, setting: Setting) {
+        match setting {
+            Setting::LabelSmoothing => self.label_smoothing = None,
+            Setting::MixupAlpha => self.mixup_alpha = None,
+            Setting::Eps => self.eps = None,
+            Setting::AttackSteps => self.attack_steps = None,
+            Setting::AttackStepSize => self.attack_step_size = None,
+            Setting::AdvFraction => self.adv_fraction = None,
+            Setting::Beta => self.beta = None,
+            Setting::Rho => self.rho = None,
         }
     }
 }
@@ -393,8 +398,7 @@ mod tests {
     use rampart_attacks::StepSize;
 
     use super::*;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     /// `given` with one value of `setting`, valid for every method that accepts it.
     fn one(setting: Setting) -> Overrides {
@@ -446,40 +450,21 @@ mod tests {
     #[test]
     fn defaults_are_the_papers_settings() -> TestResult {
         let none = Overrides::default();
-        let merged = |kind| MethodConfig::merge(kind, &none, &none);
-        assert_eq!(
-            merged(MethodKind::Normal)?,
-            MethodConfig::Normal(Normal::new())
-        );
-        assert_eq!(
-            merged(MethodKind::At)?,
-            MethodConfig::At(AdversarialTraining::madry_cifar10())
-        );
-        assert_eq!(
-            merged(MethodKind::FastAt)?,
-            MethodConfig::FastAt(FastAt::wong_cifar10())
-        );
-        assert_eq!(
-            merged(MethodKind::Trades)?,
-            MethodConfig::Trades(Trades::zhang_cifar10())
-        );
-        assert_eq!(
-            merged(MethodKind::Ccat)?,
-            MethodConfig::Ccat(Ccat::stutz_cifar10())
-        );
-        assert_eq!(
-            merged(MethodKind::Oat)?,
-            MethodConfig::Oat(Oat::wang_cifar10())
-        );
-        assert_eq!(
-            merged(MethodKind::RegMixup)?,
-            MethodConfig::RegMixup(RegMixup::pinto_cifar10())
-        );
-        assert_eq!(merged(MethodKind::Sat)?, MethodConfig::Sat(Sat::cifar10()));
-        assert_eq!(
-            merged(MethodKind::ArAdaLs)?,
-            MethodConfig::ArAdaLs(ArAdaLsConfig::qin_cifar10())
-        );
+        // In the order of MethodKind::ALL.
+        let papers = [
+            MethodConfig::Normal(Normal::new()),
+            MethodConfig::At(AdversarialTraining::madry_cifar10()),
+            MethodConfig::FastAt(FastAt::wong_cifar10()),
+            MethodConfig::Trades(Trades::zhang_cifar10()),
+            MethodConfig::Ccat(Ccat::stutz_cifar10()),
+            MethodConfig::Oat(Oat::wang_cifar10()),
+            MethodConfig::RegMixup(RegMixup::pinto_cifar10()),
+            MethodConfig::Sat(Sat::cifar10()),
+            MethodConfig::ArAdaLs(ArAdaLsConfig::qin_cifar10()),
+        ];
+        for (kind, want) in MethodKind::ALL.into_iter().zip(papers) {
+            assert_eq!(MethodConfig::merge(kind, &none, &none)?, want);
+        }
         // The numbers of the papers, as the method constructors name them.
         let at = AdversarialTraining::madry_cifar10();
         assert_eq!(

@@ -3,14 +3,15 @@
 //! clean data.
 
 use candle_core::{ModuleT, Tensor};
-use rampart_models::Classifier;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution};
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{cross_entropy, labels_vec, one_hot, soft_cross_entropy, BatchLoss, TrainingMethod};
+use super::{
+    cross_entropy, labels_vec, one_hot, soft_cross_entropy, BatchLoss, StatelessMethod, TrainBatch,
+};
 use crate::error::{DefenseError, Result};
 
 /// RegMixup: loss = CE(f(x), y) + CE(f(x̃), ỹ) with x̃ = λ·x + (1 − λ)·x[π] and the
@@ -97,29 +98,17 @@ impl MethodSettings for RegMixup {
     }
 }
 
-impl TrainingMethod for RegMixup {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::json!({ "alpha": self.alpha })
-    }
-
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
+impl StatelessMethod for RegMixup {
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        let (images, labels) = (batch.images, batch.labels);
         let b = images.dim(0)?;
-        let k = model.spec().num_classes;
-        let draw = self.draw(b, rng)?;
+        let draw = self.draw(b, batch.rng)?;
         let mixed = mixup_images(images, &draw)?;
-        let targets = mixup_targets(&labels_vec(labels)?, &draw, k);
-        let targets = Tensor::from_vec(targets, (b, k), images.device())?;
-        let logits = model.forward_t(&Tensor::cat(&[images, &mixed], 0)?, true)?;
+        let k = batch.model.spec().num_classes;
+        let targets = batch.targets(mixup_targets(&labels_vec(labels)?, &draw, k))?;
+        let logits = batch
+            .model
+            .forward_t(&Tensor::cat(&[images, &mixed], 0)?, true)?;
         let clean = logits.narrow(0, 0, b)?;
         let loss = (cross_entropy(&clean, labels, 0.0)?
             + soft_cross_entropy(&logits.narrow(0, b, b)?, &targets)?)?;
@@ -130,10 +119,10 @@ impl TrainingMethod for RegMixup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use crate::method::testutil::{neg_log_softmax, rows, tiny_problem};
+    use crate::method::TrainingMethod;
+    use crate::TestResult;
     use rand::SeedableRng;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
     #[test]
     fn beta_20_concentrates_around_one_half() -> TestResult {
@@ -166,13 +155,12 @@ mod tests {
     /// and π drawn from the same seed, logits of the concatenated batch.
     #[test]
     fn loss_matches_hand_computation() -> TestResult {
-        let model = tiny_model(4, 2);
-        let (x, y) = batch(6, 4, 3);
+        let (model, x, y) = tiny_problem(4, 6, 2);
         let method = RegMixup::pinto_cifar10();
         let rng = ChaCha8Rng::seed_from_u64(17);
         let draw = method.draw(6, &mut rng.clone())?;
         assert!(draw.partner.iter().enumerate().any(|(i, &j)| i as u32 != j));
-        let out = method.loss(&model, &x, &y, &mut rng.clone())?;
+        let out = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng.clone()))?;
 
         // x̃_i = λ·x_i + (1 − λ)·x_π(i), built here pixel by pixel.
         let pixels = x.flatten_from(1)?.to_vec2::<f32>()?;

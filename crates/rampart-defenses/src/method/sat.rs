@@ -4,12 +4,10 @@
 
 use candle_core::{DType, ModuleT, Tensor, D};
 use rampart_attacks::Pgd;
-use rampart_models::Classifier;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{attack_first, check_eps, cross_entropy, to_json, BatchLoss, TrainingMethod};
+use super::{attack_first, check_eps, cross_entropy, BatchLoss, StatelessMethod, TrainBatch};
 use crate::error::{DefenseError, Result};
 
 /// SAT: loss = CE(f(x'), y) + β·S_ε(f(x), f(x')), both forward passes in train mode.
@@ -216,27 +214,13 @@ impl MethodSettings for Sat {
     }
 }
 
-impl TrainingMethod for Sat {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        to_json(self)
-    }
-
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
-        let b = images.dim(0)?;
-        let adv = attack_first(&self.attack, model, images, labels, b, self.eps, rng)?;
-        let clean_logits = model.forward_t(images, true)?;
-        let adv_logits = model.forward_t(&adv.clipped, true)?;
-        let robust = cross_entropy(&adv_logits, labels, 0.0)?;
+impl StatelessMethod for Sat {
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        let b = batch.images.dim(0)?;
+        let adv = attack_first(&self.attack, batch, b, self.eps)?;
+        let clean_logits = batch.model.forward_t(batch.images, true)?;
+        let adv_logits = batch.model.forward_t(&adv.clipped, true)?;
+        let robust = cross_entropy(&adv_logits, batch.labels, 0.0)?;
         let divergence = sinkhorn_divergence(
             &clean_logits,
             &adv_logits,
@@ -244,18 +228,19 @@ impl TrainingMethod for Sat {
             self.sinkhorn_iters,
         )?;
         let loss = (robust + (divergence * self.beta)?)?;
-        Ok(BatchLoss::of_batch(loss, adv_logits, labels))
+        Ok(BatchLoss::of_batch(loss, adv_logits, batch.labels))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use crate::method::testutil::{neg_log_softmax, rows, tiny_problem};
+    use crate::method::TrainingMethod;
+    use crate::TestResult;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+    use rand_chacha::ChaCha8Rng;
 
     fn scalar(t: &Tensor) -> std::result::Result<f64, Box<dyn std::error::Error>> {
         Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
@@ -415,8 +400,7 @@ mod tests {
     /// seed, which stay in the ε-ball and the bounds.
     #[test]
     fn loss_is_adversarial_ce_plus_beta_sinkhorn() -> TestResult {
-        let model = tiny_model(3, 4);
-        let (x, y) = batch(6, 3, 5);
+        let (model, x, y) = tiny_problem(3, 6, 4);
         let method = Sat {
             attack: Pgd {
                 steps: 3,
@@ -430,12 +414,9 @@ mod tests {
         let rng = ChaCha8Rng::seed_from_u64(21);
         let adv = attack_first(
             &method.attack,
-            &model,
-            &x,
-            &y,
+            &mut TrainBatch::new(&model, &x, &y, &mut rng.clone()),
             6,
             method.eps,
-            &mut rng.clone(),
         )?;
         let delta = (&adv.clipped - &x)?
             .abs()?
@@ -448,7 +429,7 @@ mod tests {
         let hi = adv.clipped.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!((0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi));
 
-        let out = method.loss(&model, &x, &y, &mut rng.clone())?;
+        let out = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng.clone()))?;
         let clean = model.forward_t(&x, true)?;
         let advl = model.forward_t(&adv.clipped, true)?;
         let labels = y.to_vec1::<u32>()?;

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{attack_seed, check_eps, cross_entropy, to_json, BatchLoss, TrainingMethod};
+use super::{attack_seed, check_eps, cross_entropy, BatchLoss, StatelessMethod, TrainBatch};
 use crate::error::{DefenseError, Result};
 
 /// TRADES: loss = CE(f(x), y) + β·mean_i KL(p(x_i) ‖ p(x'_i)), both terms in train mode.
@@ -164,24 +164,11 @@ impl MethodSettings for Trades {
     }
 }
 
-impl TrainingMethod for Trades {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        to_json(self)
-    }
-
-    fn loss(
-        &self,
-        model: &Classifier,
-        images: &Tensor,
-        labels: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<BatchLoss> {
-        let adv = self.adversarial(model, images, attack_seed(rng))?;
-        let clean_logits = model.forward_t(images, true)?;
+impl StatelessMethod for Trades {
+    fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        let (model, labels) = (batch.model, batch.labels);
+        let adv = self.adversarial(model, batch.images, attack_seed(batch.rng))?;
+        let clean_logits = model.forward_t(batch.images, true)?;
         let adv_logits = model.forward_t(&adv, true)?;
         let natural = cross_entropy(&clean_logits, labels, 0.0)?;
         let robust = kl_divergence(&clean_logits, &adv_logits)?;
@@ -197,10 +184,10 @@ impl TrainingMethod for Trades {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::testutil::{batch, neg_log_softmax, rows, tiny_model};
+    use crate::method::testutil::{neg_log_softmax, rows, tiny_problem};
+    use crate::method::TrainingMethod;
+    use crate::TestResult;
     use candle_core::Device;
-
-    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
     #[test]
     fn kl_matches_hand_computation() -> TestResult {
@@ -223,8 +210,7 @@ mod tests {
     /// seed, which stays in the ε-ball and raises the KL above that of the start.
     #[test]
     fn loss_is_clean_ce_plus_beta_kl() -> TestResult {
-        let model = tiny_model(3, 6);
-        let (x, y) = batch(6, 3, 7);
+        let (model, x, y) = tiny_problem(3, 6, 6);
         let method = Trades::zhang_cifar10();
         // The expected adversarial examples first: the method's train-mode forwards
         // update the BatchNorm statistics that the eval-mode attack uses.
@@ -245,7 +231,7 @@ mod tests {
         };
         // The inner maximisation raises the eval-mode KL over its random start.
         assert!(eval_kl(&adv)? > eval_kl(&start)?);
-        let out = method.loss(&model, &x, &y, &mut rng.clone())?;
+        let out = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng.clone()))?;
         let delta = (&adv - &x)?
             .abs()?
             .flatten_all()?
