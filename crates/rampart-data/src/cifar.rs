@@ -128,6 +128,25 @@ impl SplitBuilder {
     }
 }
 
+/// The train and test splits of `layout`, `add(name, split)` adding the batch file
+/// `name` to its split: the train files in their official order, then the test file.
+fn build_splits(
+    kind: DatasetKind,
+    layout: &'static CifarLayout,
+    mut add: impl FnMut(&str, &mut SplitBuilder) -> Result<()>,
+) -> Result<Splits> {
+    let mut train = SplitBuilder::new(kind, layout);
+    for name in layout.train_files {
+        add(name, &mut train)?;
+    }
+    let mut test = SplitBuilder::new(kind, layout);
+    add(layout.test_file, &mut test)?;
+    Ok(Splits {
+        train: train.finish()?,
+        test: test.finish()?,
+    })
+}
+
 fn load_folder(kind: DatasetKind, layout: &'static CifarLayout, folder: &Path) -> Result<Splits> {
     let read = |name: &str, split: &mut SplitBuilder| -> Result<()> {
         let file = folder.join(name);
@@ -147,16 +166,7 @@ fn load_folder(kind: DatasetKind, layout: &'static CifarLayout, folder: &Path) -
         let bytes = std::fs::read(&file).map_err(|e| DataError::io(&file, e))?;
         split.push_batch(&bytes, &file)
     };
-    let mut train = SplitBuilder::new(kind, layout);
-    for name in layout.train_files {
-        read(name, &mut train)?;
-    }
-    let mut test = SplitBuilder::new(kind, layout);
-    read(layout.test_file, &mut test)?;
-    Ok(Splits {
-        train: train.finish()?,
-        test: test.finish()?,
-    })
+    build_splits(kind, layout, read)
 }
 
 fn load_tarball(kind: DatasetKind, layout: &'static CifarLayout, archive: &Path) -> Result<Splits> {
@@ -197,7 +207,7 @@ fn read_tarball(
         let bytes = read_member(&mut entry, &shown)?;
         found.insert(key, (shown, bytes));
     }
-    let mut take = |name: &str, split: &mut SplitBuilder| -> Result<()> {
+    let take = |name: &str, split: &mut SplitBuilder| -> Result<()> {
         let (shown, bytes) = found.remove(name).ok_or_else(|| DataError::Missing {
             path: member_path(
                 archive,
@@ -212,33 +222,22 @@ fn read_tarball(
         })?;
         split.push_batch(&bytes, &shown)
     };
-    let mut train = SplitBuilder::new(kind, layout);
-    for name in layout.train_files {
-        take(name, &mut train)?;
-    }
-    let mut test = SplitBuilder::new(kind, layout);
-    take(layout.test_file, &mut test)?;
-    Ok(Splits {
-        train: train.finish()?,
-        test: test.finish()?,
-    })
+    build_splits(kind, layout, take)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::testutil::{
-        record, tar_gz_claiming, write_cifar_folder, write_cifar_tarball, TestResult,
+        assert_matches, assert_mentions, error_text, record, tar_gz_claiming, write_cifar_folder,
+        write_cifar_tarball, TestResult,
     };
 
     #[test]
     fn refuses_a_kind_that_is_not_cifar() -> TestResult {
         let dir = tempfile::tempdir()?;
         let err = load_cifar_binary(DatasetKind::Mnist, dir.path()).err();
-        assert!(
-            matches!(&err, Some(DataError::InvalidDataset(m)) if m.contains("MNIST")),
-            "{err:?}"
-        );
+        assert_matches!(&err, Some(DataError::InvalidDataset(m)) if m.contains("MNIST"));
         Ok(())
     }
 
@@ -301,15 +300,11 @@ pub(crate) mod tests {
         bytes.truncate(bytes.len() - 100);
         std::fs::write(&bad, bytes)?;
         let err = load_cifar_binary(DatasetKind::Cifar10, &folder).err();
-        assert!(
-            matches!(&err, Some(DataError::TruncatedRecord { file, record_size: 3073, .. }) if *file == bad),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::TruncatedRecord { file, record_size: 3073, .. }) if *file == bad
         );
-        let msg = err.map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            msg.contains("data_batch_3.bin") && msg.contains("truncated"),
-            "{msg}"
-        );
+        assert_mentions(&error_text(err), &["data_batch_3.bin", "truncated"]);
         Ok(())
     }
 
@@ -322,14 +317,12 @@ pub(crate) mod tests {
         bytes[3073] = 10; // label of record 1
         std::fs::write(&bad, bytes)?;
         let err = load_cifar_binary(DatasetKind::Cifar10, &folder).err();
-        assert!(
-            matches!(&err, Some(DataError::LabelOutOfRange { file, record: 1, label: 10, num_classes: 10 }) if *file == bad),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::LabelOutOfRange { file, record: 1, label: 10, num_classes: 10 })
+                if *file == bad
         );
-        assert!(err
-            .map(|e| e.to_string())
-            .unwrap_or_default()
-            .contains("test_batch.bin"));
+        assert!(error_text(err).contains("test_batch.bin"));
         Ok(())
     }
 
@@ -339,11 +332,7 @@ pub(crate) mod tests {
         let folder = write_cifar_folder(DatasetKind::Cifar10, dir.path(), 1)?;
         std::fs::remove_file(folder.join("data_batch_5.bin"))?;
         let err = load_cifar_binary(DatasetKind::Cifar10, &folder).err();
-        let msg = err.map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            msg.contains("data_batch_5.bin") && msg.contains("missing"),
-            "{msg}"
-        );
+        assert_mentions(&error_text(err), &["data_batch_5.bin", "missing"]);
         Ok(())
     }
 
@@ -358,14 +347,13 @@ pub(crate) mod tests {
                 ("cifar-100-binary/test.bin".into(), vec![0; 3074 + 5]),
             ],
         )?;
-        let msg = load_cifar_binary(DatasetKind::Cifar100, &archive)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg.contains("cifar-100-binary.tar.gz!/cifar-100-binary/test.bin")
-                && msg.contains("3079 bytes"),
-            "{msg}"
+        let msg = error_text(load_cifar_binary(DatasetKind::Cifar100, &archive).err());
+        assert_mentions(
+            &msg,
+            &[
+                "cifar-100-binary.tar.gz!/cifar-100-binary/test.bin",
+                "3079 bytes",
+            ],
         );
         Ok(())
     }
@@ -383,10 +371,9 @@ pub(crate) mod tests {
                 matches!(&err, Some(DataError::Truncated { needed, available: 3073, .. }) if *needed == claimed),
                 "{claimed}: {err:?}"
             );
-            let msg = err.map(|e| e.to_string()).unwrap_or_default();
-            assert!(
-                msg.contains("cifar-10-binary.tar.gz!/cifar-10-batches-bin/test_batch.bin"),
-                "{msg}"
+            assert_mentions(
+                &error_text(err),
+                &["cifar-10-binary.tar.gz!/cifar-10-batches-bin/test_batch.bin"],
             );
         }
         Ok(())

@@ -370,35 +370,47 @@ fn gaussian_blur(x: &[f64], (c, h, w): (usize, usize, usize), sigma: f64) -> Vec
         .collect();
     let total: f64 = kernel.iter().sum();
     kernel.iter_mut().for_each(|k| *k /= total);
-    let clamp = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
     let mut tmp = vec![0.0; x.len()];
     let mut out = vec![0.0; x.len()];
+    filter_axis(x, &mut tmp, (c, h, w), &kernel, false);
+    filter_axis(&tmp, &mut out, (c, h, w), &kernel, true);
+    out
+}
+
+/// One pass of a separable filter: `src` convolved with `kernel` (2·radius + 1 taps)
+/// along the rows of each h×w plane, or along its columns when `vertical`, edge values
+/// repeated (scipy's mode `nearest`), into `dst`.
+fn filter_axis(
+    src: &[f64],
+    dst: &mut [f64],
+    (c, h, w): (usize, usize, usize),
+    kernel: &[f64],
+    vertical: bool,
+) {
+    let radius = (kernel.len() / 2) as isize;
+    let clamp = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
+    // The axis length and the distance between neighbours along it.
+    let (n, step) = if vertical { (h, w) } else { (w, 1) };
     for ch in 0..c {
         let base = ch * h * w;
         for row in 0..h {
             for col in 0..w {
-                tmp[base + row * w + col] = kernel
+                // The position along the axis, and the index where the axis starts.
+                let (p, start) = if vertical {
+                    (row, base + col)
+                } else {
+                    (col, base + row * w)
+                };
+                dst[base + row * w + col] = kernel
                     .iter()
                     .enumerate()
                     .map(|(k, wt)| {
-                        wt * x[base + row * w + clamp(col as isize + k as isize - radius, w)]
-                    })
-                    .sum();
-            }
-        }
-        for row in 0..h {
-            for col in 0..w {
-                out[base + row * w + col] = kernel
-                    .iter()
-                    .enumerate()
-                    .map(|(k, wt)| {
-                        wt * tmp[base + clamp(row as isize + k as isize - radius, h) * w + col]
+                        wt * src[start + clamp(p as isize + k as isize - radius, n) * step]
                     })
                     .sum();
             }
         }
     }
-    out
 }
 
 /// V ← clip(V + c, 0, 1) in HSV, H and S kept: RGB scales by V'/V; black (V = 0, S = 0)

@@ -253,7 +253,7 @@ fn part_path(dest: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::TestResult;
+    use crate::testutil::{assert_matches, assert_mentions, error_text, TestResult};
 
     /// Digests of b"abc" from FIPS 180-2 (SHA-256) and RFC 1321 (MD5).
     const ABC_SHA256: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
@@ -267,9 +267,9 @@ mod tests {
         verify_file(&f, Checksum::Sha256(ABC_SHA256))?;
         verify_file(&f, Checksum::Md5(ABC_MD5))?;
         let err = verify_file(&f, Checksum::Md5(ABC_SHA256)).err();
-        assert!(
-            matches!(&err, Some(DataError::Checksum { algorithm: "md5", actual, .. }) if actual == ABC_MD5),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Checksum { algorithm: "md5", actual, .. }) if actual == ABC_MD5
         );
         Ok(())
     }
@@ -325,15 +325,12 @@ mod tests {
             let (url, server) = serve_once(b"abd")?;
             let err = fetch_verified(&url, &dest, Checksum::Md5(ABC_MD5), "help").err();
             let _ = server.join();
-            assert!(
-                matches!(
-                    err,
-                    Some(DataError::Checksum {
-                        algorithm: "md5",
-                        ..
-                    })
-                ),
-                "{err:?}"
+            assert_matches!(
+                &err,
+                Some(DataError::Checksum {
+                    algorithm: "md5",
+                    ..
+                })
             );
             assert!(!dest.exists() && !part_path(&dest).exists());
             Ok(())
@@ -349,12 +346,9 @@ mod tests {
             let dest = dir.path().join(official.name);
             let help = manual_help(DatasetKind::Cifar10, dir.path(), official);
             let err = fetch_verified(&url, &dest, official.checksum, &help).err();
-            assert!(matches!(err, Some(DataError::Download { .. })), "{err:?}");
-            let msg = err.map(|e| e.to_string()).unwrap_or_default();
-            assert!(
-                msg.contains(&dest.display().to_string()) && msg.contains("--data-dir"),
-                "{msg}"
-            );
+            assert_matches!(&err, Some(DataError::Download { .. }));
+            let msg = error_text(err);
+            assert_mentions(&msg, &[&dest.display().to_string(), "--data-dir"]);
             assert!(msg.contains(official.checksum.hex()), "{msg}");
             assert!(!dest.exists());
             Ok(())
@@ -366,32 +360,33 @@ mod tests {
     fn without_the_feature_download_says_where_to_place_the_file() -> TestResult {
         let dir = tempfile::tempdir()?;
         let err = download(DatasetKind::Cifar10, dir.path()).err();
-        assert!(matches!(&err, Some(DataError::Download { .. })), "{err:?}");
-        let msg = err.map(|e| e.to_string()).unwrap_or_default();
+        assert_matches!(&err, Some(DataError::Download { .. }));
         let dest = dir.path().join("cifar-10-binary.tar.gz");
-        for needle in [
-            "`download` feature",
-            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-            "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
-            &dest.display().to_string(),
-            "cifar-10-batches-bin/",
-            "--data-dir",
-        ] {
-            assert!(msg.contains(needle), "message lacks {needle}: {msg}");
-        }
+        assert_mentions(
+            &error_text(err),
+            &[
+                "`download` feature",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+                "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                &dest.display().to_string(),
+                "cifar-10-batches-bin/",
+                "--data-dir",
+            ],
+        );
         assert!(!dest.exists());
 
         // MNIST: the first missing file is named, and every other file it needs is listed.
         let err = download(DatasetKind::Mnist, dir.path()).err();
-        let msg = err.map(|e| e.to_string()).unwrap_or_default();
+        let msg = error_text(err);
         for file in DatasetKind::Mnist.official_files() {
-            for needle in [
-                file.url,
-                file.checksum.hex(),
-                &dir.path().join(file.name).display().to_string(),
-            ] {
-                assert!(msg.contains(needle), "message lacks {needle}: {msg}");
-            }
+            assert_mentions(
+                &msg,
+                &[
+                    file.url,
+                    file.checksum.hex(),
+                    &dir.path().join(file.name).display().to_string(),
+                ],
+            );
         }
         Ok(())
     }
@@ -402,19 +397,16 @@ mod tests {
         let f = dir.path().join("t10k-labels-idx1-ubyte.gz");
         std::fs::write(&f, b"abc")?;
         let err = verify_archive(DatasetKind::Mnist, &f).err();
-        assert!(
-            matches!(&err, Some(DataError::Checksum { expected, .. }) if expected == "ec29112dd5afa0611ce80d1b7f02629c"),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Checksum { expected, .. })
+                if expected == "ec29112dd5afa0611ce80d1b7f02629c"
         );
         let other = dir.path().join("labels.gz");
         std::fs::write(&other, b"abc")?;
-        let msg = verify_archive(DatasetKind::Mnist, &other)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg.contains("labels.gz") && msg.contains("t10k-labels-idx1-ubyte.gz"),
-            "{msg}"
+        assert_mentions(
+            &error_text(verify_archive(DatasetKind::Mnist, &other).err()),
+            &["labels.gz", "t10k-labels-idx1-ubyte.gz"],
         );
         Ok(())
     }
@@ -425,15 +417,12 @@ mod tests {
         let f = dir.path().join("cifar-100-binary.tar.gz");
         std::fs::write(&f, b"not the archive")?;
         let err = verify_archive(DatasetKind::Cifar100, &f).err();
-        assert!(
-            matches!(
-                err,
-                Some(DataError::Checksum {
-                    algorithm: "md5",
-                    ..
-                })
-            ),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Checksum {
+                algorithm: "md5",
+                ..
+            })
         );
         Ok(())
     }

@@ -87,14 +87,20 @@ type ClassFiles = BTreeMap<String, Vec<Item>>;
 pub fn load_image_folder(root: &Path) -> Result<Splits> {
     let (train, test) = scan_image_folder(root)?;
     let loaded = assemble(root, train, test)?;
+    log_loaded(&loaded, root, "image folder");
+    Ok(loaded)
+}
+
+/// Logs the sizes of the splits `loaded` from `source`, an image folder or archive
+/// (`what`).
+fn log_loaded(loaded: &Splits, source: &Path, what: &str) {
     tracing::info!(
-        source = %root.display(),
+        source = %source.display(),
         train = loaded.train.len(),
         test = loaded.test.len(),
         classes = loaded.train.num_classes(),
-        "loaded image folder"
+        "loaded {what}"
     );
-    Ok(loaded)
 }
 
 /// The test split of the image folder `root`, as [`load_image_folder`] gives it (the
@@ -136,13 +142,7 @@ fn scan_image_folder(root: &Path) -> Result<(ClassFiles, ClassFiles)> {
 pub fn load_image_archive(archive: &Path) -> Result<Splits> {
     let file = File::open(archive).map_err(|e| DataError::io(archive, e))?;
     let loaded = read_image_archive(BufReader::new(file), archive)?;
-    tracing::info!(
-        source = %archive.display(),
-        train = loaded.train.len(),
-        test = loaded.test.len(),
-        classes = loaded.train.num_classes(),
-        "loaded image archive"
-    );
+    log_loaded(&loaded, archive, "image archive");
     Ok(loaded)
 }
 
@@ -430,7 +430,10 @@ fn trim_zeros(digits: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{write_image_folder, write_tar_gz, ImageSpec, TestResult};
+    use crate::testutil::{
+        assert_matches, assert_mentions, error_text, write_image_folder, write_tar_gz, ImageSpec,
+        TestResult,
+    };
 
     #[test]
     fn natural_order_compares_numbers_by_value() {
@@ -547,14 +550,12 @@ mod tests {
         write_image_folder(dir.path(), &specs)?;
         let err = load_image_folder(dir.path()).err();
         let bad = dir.path().join("test/bee/7.png");
-        assert!(
-            matches!(&err, Some(DataError::WrongImageSize { file, expected: (4, 3), found: (5, 3) }) if *file == bad),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::WrongImageSize { file, expected: (4, 3), found: (5, 3) })
+                if *file == bad
         );
-        assert!(err
-            .map(|e| e.to_string())
-            .unwrap_or_default()
-            .contains("7.png"));
+        assert!(error_text(err).contains("7.png"));
         Ok(())
     }
 
@@ -565,12 +566,8 @@ mod tests {
         let bad = dir.path().join("train/cat/9.png");
         std::fs::write(&bad, b"\x89PNG\r\n\x1a\nthis is not a png")?;
         let err = load_image_folder(dir.path()).err();
-        assert!(
-            matches!(&err, Some(DataError::Image { file, .. }) if *file == bad),
-            "{err:?}"
-        );
-        let msg = err.map(|e| e.to_string()).unwrap_or_default();
-        assert!(msg.contains("9.png") && msg.contains("corrupt"), "{msg}");
+        assert_matches!(&err, Some(DataError::Image { file, .. }) if *file == bad);
+        assert_mentions(&error_text(err), &["9.png", "corrupt"]);
         Ok(())
     }
 
@@ -579,21 +576,14 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let only_train: Vec<_> = specs().into_iter().filter(|s| s.split == "train").collect();
         write_image_folder(dir.path(), &only_train)?;
-        let msg = load_image_folder(dir.path())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg.contains("missing data") && msg.contains("test"),
-            "{msg}"
+        assert_mentions(
+            &error_text(load_image_folder(dir.path()).err()),
+            &["missing data", "test"],
         );
 
         write_image_folder(dir.path(), &[ImageSpec::rgb("test", "dog", "0.png", 4, 3)])?;
         let err = load_image_folder(dir.path()).err();
-        assert!(
-            matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("dog")),
-            "{err:?}"
-        );
+        assert_matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("dog"));
         Ok(())
     }
 }

@@ -205,6 +205,26 @@ impl DatasetKind {
         }
     }
 
+    /// Where to fetch the official file whose name satisfies `is` and its digest,
+    /// `URL (digest)`; empty when there is none.
+    pub(crate) fn official_source(self, is: impl Fn(&str) -> bool) -> String {
+        self.official_files()
+            .iter()
+            .find(|f| is(f.name))
+            .map(|f| format!("{} ({})", f.url, f.checksum))
+            .unwrap_or_default()
+    }
+
+    /// One line per official file for a "no data found" message: where in `dir` to
+    /// place it, where to fetch it and its digest.
+    pub(crate) fn placement_lines(self, dir: &std::path::Path) -> String {
+        let d = dir.display();
+        self.official_files()
+            .iter()
+            .map(|f| format!("\n  {d}/{}  from {} ({})", f.name, f.url, f.checksum))
+            .collect()
+    }
+
     /// The CIFAR binary layout, or `None` for data sets that are not CIFAR.
     pub fn cifar_layout(self) -> Option<&'static CifarLayout> {
         match self {

@@ -145,14 +145,18 @@ fn check_class_names(kind: DatasetKind, source: &Path, split: &ImageDataset) -> 
     Ok(())
 }
 
-/// What to place where when no CIFAR data were found in `dir`.
-fn missing_help(kind: DatasetKind, layout: &CifarLayout, dir: &Path) -> String {
-    let d = dir.display();
-    let exists = if dir.is_dir() {
+/// The note a "no data found" message adds when the folder `dir` does not exist.
+pub(crate) fn absent_note(dir: &Path) -> &'static str {
+    if dir.is_dir() {
         ""
     } else {
         " (the folder does not exist)"
-    };
+    }
+}
+
+/// What to place where when no CIFAR data were found in `dir`.
+fn missing_help(kind: DatasetKind, layout: &CifarLayout, dir: &Path) -> String {
+    let (d, exists) = (dir.display(), absent_note(dir));
     let mut batches: Vec<&str> = layout.train_files.to_vec();
     batches.push(layout.test_file);
     format!(
@@ -176,38 +180,32 @@ fn missing_help(kind: DatasetKind, layout: &CifarLayout, dir: &Path) -> String {
 mod tests {
     use super::*;
     use crate::testutil::{
-        write_cifar_folder, write_cifar_tarball, write_image_folder, ImageSpec, TestResult,
+        assert_matches, assert_mentions, error_text, write_cifar_folder, write_cifar_tarball,
+        write_image_folder, ImageSpec, TestResult,
     };
 
     #[test]
     fn missing_data_says_what_to_place_where() -> TestResult {
         let dir = tempfile::tempdir()?;
         let err = load(DatasetKind::Cifar10, dir.path()).err();
-        assert!(
-            matches!(&err, Some(DataError::Missing { path, .. }) if path == dir.path()),
-            "{err:?}"
+        assert_matches!(&err, Some(DataError::Missing { path, .. }) if path == dir.path());
+        let msg = error_text(err);
+        assert_mentions(
+            &msg,
+            &[
+                "cifar-10-binary.tar.gz",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+                "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                "cifar-10-batches-bin",
+                "data_batch_5.bin",
+                "cifar10-jpeg",
+                "--data-dir",
+            ],
         );
-        let msg = err.map(|e| e.to_string()).unwrap_or_default();
-        for needle in [
-            "cifar-10-binary.tar.gz",
-            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-            "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
-            "cifar-10-batches-bin",
-            "data_batch_5.bin",
-            "cifar10-jpeg",
-            "--data-dir",
-        ] {
-            assert!(msg.contains(needle), "message lacks {needle}: {msg}");
-        }
         assert!(msg.contains(&dir.path().display().to_string()));
-        let msg100 = load(DatasetKind::Cifar100, &dir.path().join("nope"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg100.contains("does not exist")
-                && msg100.contains("03b5dce01913d631647c71ecec9e9cb8"),
-            "{msg100}"
+        assert_mentions(
+            &error_text(load(DatasetKind::Cifar100, &dir.path().join("nope")).err()),
+            &["does not exist", "03b5dce01913d631647c71ecec9e9cb8"],
         );
         Ok(())
     }
@@ -241,9 +239,9 @@ mod tests {
         assert_eq!(s.test.labels(), &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
         // The same folder is not CIFAR-100.
         let err = load(DatasetKind::Cifar100, &dir.path().join("cifar10-jpeg")).err();
-        assert!(
-            matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("10 class folders")),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Layout { problem, .. }) if problem.contains("10 class folders")
         );
         Ok(())
     }
@@ -272,16 +270,16 @@ mod tests {
         // The layout checks still cover both splits: a class missing from train.
         std::fs::remove_dir_all(dir.path().join("cifar10-jpeg/train/ship"))?;
         let err = load_test(DatasetKind::Cifar10, dir.path()).err();
-        assert!(
-            matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("different class folders")),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Layout { problem, .. }) if problem.contains("different class folders")
         );
         // Not CIFAR-100: the class count is checked as `load` checks it.
         std::fs::remove_dir_all(dir.path().join("cifar10-jpeg/test/ship"))?;
         let err = load_test(DatasetKind::Cifar100, &dir.path().join("cifar10-jpeg")).err();
-        assert!(
-            matches!(&err, Some(DataError::Layout { problem, .. }) if problem.contains("9 class folders")),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Layout { problem, .. }) if problem.contains("9 class folders")
         );
         // Binary forms: the test split of the whole load.
         let dir = tempfile::tempdir()?;

@@ -571,7 +571,9 @@ fn header_only(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{mat_v5, MatEndian, MatValues, MatVar, TestResult};
+    use crate::testutil::{
+        assert_mentions, error_text, mat_v5, MatEndian, MatValues, MatVar, TestResult,
+    };
 
     fn read<'a>(bytes: &'a [u8], wanted: &[&str]) -> Result<MatContents<'a>> {
         read_mat(bytes, Path::new("t.mat"), wanted)
@@ -626,12 +628,7 @@ mod tests {
     #[test]
     fn refuses_bad_headers_and_wanted_non_numeric_arrays() -> TestResult {
         let bytes = mat_v5(&vars(), MatEndian::Little, false)?;
-        let msg = |b: &[u8], wanted: &[&str]| {
-            read(b, wanted)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
-        };
+        let msg = |b: &[u8], wanted: &[&str]| error_text(read(b, wanted).err());
         assert!(msg(&bytes[..100], &[]).contains("128-byte header"));
         let mut v4 = bytes.clone();
         v4[126..128].copy_from_slice(b"XX");
@@ -642,11 +639,7 @@ mod tests {
         let mut hdf5 = b"MATLAB 7.3 MAT-file".to_vec();
         hdf5.resize(600, 0);
         assert!(msg(&hdf5, &[]).contains("v7.3 (HDF5)"));
-        let note = msg(&bytes, &["__note"]);
-        assert!(
-            note.contains("t.mat") && note.contains("`__note`") && note.contains("char"),
-            "{note}"
-        );
+        assert_mentions(&msg(&bytes, &["__note"]), &["t.mat", "`__note`", "char"]);
         Ok(())
     }
 }

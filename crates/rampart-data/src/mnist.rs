@@ -16,6 +16,7 @@ use flate2::read::GzDecoder;
 use crate::dataset::{ImageDataset, Splits};
 use crate::error::{DataError, Result};
 use crate::kind::DatasetKind;
+use crate::load::absent_note;
 
 /// Channels, height and width of every MNIST image.
 pub const MNIST_SHAPE: (usize, usize, usize) = (1, 28, 28);
@@ -296,12 +297,7 @@ fn find_folder(dir: &Path) -> Option<PathBuf> {
 
 /// Where to fetch the official `.gz` of `name` (given without `.gz`) and its digest.
 fn official(name: &str) -> String {
-    DatasetKind::Mnist
-        .official_files()
-        .iter()
-        .find(|f| f.name.strip_suffix(".gz") == Some(name))
-        .map(|f| format!("{} ({})", f.url, f.checksum))
-        .unwrap_or_default()
+    DatasetKind::Mnist.official_source(|f| f.strip_suffix(".gz") == Some(name))
 }
 
 /// What to place where when `name` is missing from `folder`, which holds some of the others.
@@ -327,17 +323,8 @@ fn all_names() -> String {
 
 /// What to place where when no MNIST file was found under `dir`.
 pub(crate) fn missing_help(dir: &Path) -> String {
-    let d = dir.display();
-    let exists = if dir.is_dir() {
-        ""
-    } else {
-        " (the folder does not exist)"
-    };
-    let files: String = DatasetKind::Mnist
-        .official_files()
-        .iter()
-        .map(|f| format!("\n  {d}/{}  from {} ({})", f.name, f.url, f.checksum))
-        .collect();
+    let (d, exists) = (dir.display(), absent_note(dir));
+    let files = DatasetKind::Mnist.placement_lines(dir);
     format!(
         "no MNIST data found{exists}. Place the four IDX files, gzipped as downloaded or \
          gunzipped, in {d} (or in {d}/MNIST/raw or {d}/mnist), or pass --data-dir with the \
@@ -349,7 +336,10 @@ pub(crate) fn missing_help(dir: &Path) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::testutil::{gzip, idx_images, idx_labels, mnist_pixel, TestResult};
+    use crate::testutil::{
+        assert_matches, assert_mentions, error_text, gzip, idx_images, idx_labels, mnist_pixel,
+        TestResult,
+    };
     use rand::{Rng, SeedableRng};
 
     /// Writes the four files of a small MNIST (3 train, 2 test examples) into `folder`,
@@ -414,27 +404,24 @@ pub(crate) mod tests {
     #[test]
     fn missing_files_say_what_to_place_where() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let msg = load_mnist(dir.path())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        for needle in [
-            "no MNIST data found",
-            "train-images-idx3-ubyte.gz",
-            "https://ossci-datasets.s3.amazonaws.com/mnist/t10k-labels-idx1-ubyte.gz",
-            "ec29112dd5afa0611ce80d1b7f02629c",
-            "--data-dir",
-        ] {
-            assert!(msg.contains(needle), "message lacks {needle}: {msg}");
-        }
+        assert_mentions(
+            &error_text(load_mnist(dir.path()).err()),
+            &[
+                "no MNIST data found",
+                "train-images-idx3-ubyte.gz",
+                "https://ossci-datasets.s3.amazonaws.com/mnist/t10k-labels-idx1-ubyte.gz",
+                "ec29112dd5afa0611ce80d1b7f02629c",
+                "--data-dir",
+            ],
+        );
         write_mnist(dir.path(), true)?;
         std::fs::remove_file(dir.path().join("t10k-images-idx3-ubyte.gz"))?;
         let err = load_mnist(dir.path()).err();
         let expected = dir.path().join("t10k-images-idx3-ubyte.gz");
-        assert!(
-            matches!(&err, Some(DataError::Missing { path, help })
-                if *path == expected && help.contains("9fb629c4189551a2d022fa330f9573f3")),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Missing { path, help })
+                if *path == expected && help.contains("9fb629c4189551a2d022fa330f9573f3")
         );
         Ok(())
     }
@@ -450,7 +437,7 @@ pub(crate) mod tests {
     }
 
     fn message(r: Result<ImageDataset>) -> String {
-        r.err().map(|e| e.to_string()).unwrap_or_default()
+        error_text(r.err())
     }
 
     #[test]
@@ -462,28 +449,22 @@ pub(crate) mod tests {
         let mut truncated = images.clone();
         truncated.truncate(images.len() - 1);
         let err = decode(&truncated, &labels).err();
-        assert!(
-            matches!(
-                &err,
-                Some(DataError::Truncated {
-                    needed: 1568,
-                    available: 1567,
-                    ..
-                })
-            ),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Truncated {
+                needed: 1568,
+                available: 1567,
+                ..
+            })
         );
         assert!(message(decode(&truncated, &labels)).contains("imgs-idx3-ubyte"));
         assert!(message(decode(&images[..10], &labels)).contains("header"));
         assert!(message(decode(&images[..2], &labels)).contains("magic number"));
 
         // Images and labels swapped: the magic number says which is which.
-        let msg = message(decode(&labels, &images));
-        assert!(
-            msg.contains("imgs-idx3-ubyte")
-                && msg.contains("0x00000801")
-                && msg.contains("images file"),
-            "{msg}"
+        assert_mentions(
+            &message(decode(&labels, &images)),
+            &["imgs-idx3-ubyte", "0x00000801", "images file"],
         );
         let mut bad_magic = images.clone();
         bad_magic[0] = 0x50; // e.g. a PNG or text file
@@ -500,9 +481,9 @@ pub(crate) mod tests {
         let mut huge = images.clone();
         huge[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
         let err = decode(&huge, &labels).err();
-        assert!(
-            matches!(&err, Some(DataError::Truncated { needed, .. }) if *needed == u64::from(u32::MAX) * 784),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Truncated { needed, .. }) if *needed == u64::from(u32::MAX) * 784
         );
 
         let mut trailing = images.clone();
@@ -510,29 +491,25 @@ pub(crate) mod tests {
         assert!(message(decode(&trailing, &labels)).contains("1 bytes after"));
 
         let err = decode(&images, &idx_labels(&[1, 2, 3])).err();
-        assert!(
-            matches!(
-                &err,
-                Some(DataError::CountMismatch {
-                    images: 2,
-                    labels: 3,
-                    ..
-                })
-            ),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::CountMismatch {
+                images: 2,
+                labels: 3,
+                ..
+            })
         );
         let err = decode(&images, &idx_labels(&[1, 10])).err();
-        assert!(
-            matches!(&err, Some(DataError::LabelOutOfRange { record: 1, label: 10, file, .. })
-                if file == Path::new("lbls-idx1-ubyte")),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::LabelOutOfRange { record: 1, label: 10, file, .. })
+                if file == Path::new("lbls-idx1-ubyte")
         );
 
         let gz = gzip(&images)?;
-        let msg = message(decode(&gz[..gz.len() / 2], &labels));
-        assert!(
-            msg.contains("imgs-idx3-ubyte") && msg.contains("gzip"),
-            "{msg}"
+        assert_mentions(
+            &message(decode(&gz[..gz.len() / 2], &labels)),
+            &["imgs-idx3-ubyte", "gzip"],
         );
         Ok(())
     }
@@ -544,9 +521,10 @@ pub(crate) mod tests {
         let bad = dir.path().join(TRAIN_FILES[1]);
         std::fs::write(&bad, idx_labels(&[1, 2]))?;
         let err = load_mnist(dir.path()).err();
-        assert!(
-            matches!(&err, Some(DataError::CountMismatch { labels_file, images: 3, labels: 2, .. }) if *labels_file == bad),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::CountMismatch { labels_file, images: 3, labels: 2, .. })
+                if *labels_file == bad
         );
         Ok(())
     }

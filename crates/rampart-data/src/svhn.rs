@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use crate::dataset::{ImageDataset, Splits};
 use crate::error::{DataError, Result};
 use crate::kind::DatasetKind;
+use crate::load::absent_note;
 use crate::mat::{self, read_mat, MatArray};
 
 /// Channels, height and width of every SVHN image.
@@ -203,27 +204,13 @@ fn transpose_images(
 
 /// Where to fetch `name` and its digest.
 fn official(name: &str) -> String {
-    DatasetKind::Svhn
-        .official_files()
-        .iter()
-        .find(|f| f.name == name)
-        .map(|f| format!("{} ({})", f.url, f.checksum))
-        .unwrap_or_default()
+    DatasetKind::Svhn.official_source(|f| f == name)
 }
 
 /// What to place where when no SVHN file was found under `dir`.
 pub(crate) fn missing_help(dir: &Path) -> String {
-    let d = dir.display();
-    let exists = if dir.is_dir() {
-        ""
-    } else {
-        " (the folder does not exist)"
-    };
-    let files: String = DatasetKind::Svhn
-        .official_files()
-        .iter()
-        .map(|f| format!("\n  {d}/{}  from {} ({})", f.name, f.url, f.checksum))
-        .collect();
+    let (d, exists) = (dir.display(), absent_note(dir));
+    let files = DatasetKind::Svhn.placement_lines(dir);
     format!(
         "no SVHN data found{exists}. Place the two cropped-digit MAT-files in {d} (or in \
          {d}/svhn), or pass --data-dir with the folder that holds them:{files}\n\
@@ -234,7 +221,10 @@ pub(crate) fn missing_help(dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{mat_v5, svhn_mat, svhn_pixel, MatEndian, MatValues, MatVar, TestResult};
+    use crate::testutil::{
+        assert_matches, assert_mentions, error_text, mat_v5, svhn_mat, svhn_pixel, MatEndian,
+        MatValues, MatVar, TestResult,
+    };
     use rand::{Rng, SeedableRng};
 
     fn decode(bytes: &[u8]) -> Result<ImageDataset> {
@@ -242,10 +232,7 @@ mod tests {
     }
 
     fn message(bytes: &[u8]) -> String {
-        decode(bytes)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default()
+        error_text(decode(bytes).err())
     }
 
     /// Expected C×H×W bytes of image `n`: pixel (ch, r, c) is svhn_pixel(r, c, ch, n).
@@ -289,19 +276,16 @@ mod tests {
     #[test]
     fn loads_from_a_data_folder_and_says_what_is_missing() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let msg = load_svhn(dir.path())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        for needle in [
-            "no SVHN data found",
-            "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
-            "e26dedcc434d2e4c54c9b2d4a06d8373",
-            "eb5a983be6a315427106f1b164d9cef3",
-            "--data-dir",
-        ] {
-            assert!(msg.contains(needle), "message lacks {needle}: {msg}");
-        }
+        assert_mentions(
+            &error_text(load_svhn(dir.path()).err()),
+            &[
+                "no SVHN data found",
+                "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+                "e26dedcc434d2e4c54c9b2d4a06d8373",
+                "eb5a983be6a315427106f1b164d9cef3",
+                "--data-dir",
+            ],
+        );
         let sub = dir.path().join("svhn");
         std::fs::create_dir_all(&sub)?;
         std::fs::write(
@@ -309,9 +293,9 @@ mod tests {
             svhn_mat(&[1, 2], MatEndian::Little, true, false)?,
         )?;
         let err = load_svhn(dir.path()).err();
-        assert!(
-            matches!(&err, Some(DataError::Missing { path, .. }) if *path == sub.join("test_32x32.mat")),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Missing { path, .. }) if *path == sub.join("test_32x32.mat")
         );
         std::fs::write(
             sub.join("test_32x32.mat"),
@@ -327,62 +311,42 @@ mod tests {
         let good = svhn_mat(&[1, 2], MatEndian::Little, false, false)?;
         decode(&good)?;
 
-        let truncated = message(&good[..good.len() - 10]);
-        assert!(
-            truncated.contains("train_32x32.mat") && truncated.contains("truncated"),
-            "{truncated}"
+        assert_mentions(
+            &message(&good[..good.len() - 10]),
+            &["train_32x32.mat", "truncated"],
         );
 
         // A huge byte count in the first element's tag: refused by length, not allocated.
         let mut huge = good.clone();
         huge[132..136].copy_from_slice(&u32::MAX.to_le_bytes());
         let err = decode(&huge).err();
-        assert!(
-            matches!(&err, Some(DataError::Truncated { needed, .. }) if *needed == u64::from(u32::MAX)),
-            "{err:?}"
+        assert_matches!(
+            &err,
+            Some(DataError::Truncated { needed, .. }) if *needed == u64::from(u32::MAX)
         );
         // The same inside a compressed element.
         let mut huge_z = svhn_mat(&[1, 2], MatEndian::Little, true, false)?;
         huge_z[132..136].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&huge_z).is_err());
 
-        let x_only = mat_v5(&[x_var(2)], MatEndian::Little, false)?;
-        let msg = message(&x_only);
-        assert!(
-            msg.contains("no numeric variable `y`") && msg.contains("[X]"),
-            "{msg}"
-        );
-        let y_only = mat_v5(&[y_var(&[1.0])], MatEndian::Little, false)?;
+        let x_only = plain_mat(&[x_var(2)])?;
+        assert_mentions(&message(&x_only), &["no numeric variable `y`", "[X]"]);
+        let y_only = plain_mat(&[y_var(&[1.0])])?;
         assert!(message(&y_only).contains("no numeric variable `X`"));
 
-        let err = decode(&mat_v5(
-            &[x_var(2), y_var(&[1.0, 2.0, 3.0])],
-            MatEndian::Little,
-            false,
-        )?)
-        .err();
-        assert!(
-            matches!(
-                &err,
-                Some(DataError::CountMismatch {
-                    images: 2,
-                    labels: 3,
-                    ..
-                })
-            ),
-            "{err:?}"
+        let err = decode(&plain_mat(&[x_var(2), y_var(&[1.0, 2.0, 3.0])])?).err();
+        assert_matches!(
+            &err,
+            Some(DataError::CountMismatch {
+                images: 2,
+                labels: 3,
+                ..
+            })
         );
 
         for bad in [0.0, 11.0, 2.5, -1.0] {
-            let msg = message(&mat_v5(
-                &[x_var(2), y_var(&[1.0, bad])],
-                MatEndian::Little,
-                false,
-            )?);
-            assert!(
-                msg.contains("`y` element 2") && msg.contains("1 to 10"),
-                "{msg}"
-            );
+            let msg = message(&plain_mat(&[x_var(2), y_var(&[1.0, bad])])?);
+            assert_mentions(&msg, &["`y` element 2", "1 to 10"]);
         }
 
         let wrong_dims = MatVar::new(
@@ -391,24 +355,13 @@ mod tests {
             vec![28, 28, 3, 1],
             MatValues::U8(vec![0; 28 * 28 * 3]),
         );
-        let msg = message(&mat_v5(
-            &[wrong_dims, y_var(&[1.0])],
-            MatEndian::Little,
-            false,
-        )?);
+        let msg = message(&plain_mat(&[wrong_dims, y_var(&[1.0])])?);
         assert!(msg.contains("[28, 28, 3, 1]"), "{msg}");
 
         // Dimensions that disagree with the data length.
         let short = MatVar::new("X", 9, vec![32, 32, 3, 2], MatValues::U8(vec![0; 3072]));
-        let msg = message(&mat_v5(
-            &[short, y_var(&[1.0, 2.0])],
-            MatEndian::Little,
-            false,
-        )?);
-        assert!(
-            msg.contains("need 6144 bytes") && msg.contains("`X`"),
-            "{msg}"
-        );
+        let msg = message(&plain_mat(&[short, y_var(&[1.0, 2.0])])?);
+        assert_mentions(&msg, &["need 6144 bytes", "`X`"]);
 
         // A uint8-valued X saved as double is accepted; a fractional one is not.
         let x_double = MatVar::new("X", 6, vec![32, 32, 3], MatValues::F64(vec![4.0; 3072]));
@@ -417,11 +370,13 @@ mod tests {
             4
         );
         let x_frac = MatVar::new("X", 6, vec![32, 32, 3], MatValues::F64(vec![0.5; 3072]));
-        assert!(
-            message(&mat_v5(&[x_frac, y_var(&[7.0])], MatEndian::Little, false)?)
-                .contains("not a byte value")
-        );
+        assert!(message(&plain_mat(&[x_frac, y_var(&[7.0])])?).contains("not a byte value"));
         Ok(())
+    }
+
+    /// A little-endian, uncompressed MAT-file of `vars`.
+    fn plain_mat(vars: &[MatVar]) -> std::io::Result<Vec<u8>> {
+        mat_v5(vars, MatEndian::Little, false)
     }
 
     fn x_var(n: usize) -> MatVar {

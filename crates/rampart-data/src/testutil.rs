@@ -10,6 +10,29 @@ use crate::kind::{CifarLayout, DatasetKind};
 
 pub type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
+/// Asserts that `value` matches `pattern` (with an optional `if` guard), printing
+/// `value` when it does not.
+macro_rules! assert_matches {
+    ($value:expr, $pattern:pat $(if $guard:expr)? $(,)?) => {{
+        let value = $value;
+        assert!(matches!(value, $pattern $(if $guard)?), "{value:?}");
+    }};
+}
+pub(crate) use assert_matches;
+
+/// The text of the error `err`; empty when there is none.
+pub fn error_text<E: std::fmt::Display>(err: Option<E>) -> String {
+    err.map(|e| e.to_string()).unwrap_or_default()
+}
+
+/// Asserts that the message `msg` contains every one of `needles`.
+#[track_caller]
+pub fn assert_mentions(msg: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(msg.contains(needle), "message lacks {needle}: {msg}");
+    }
+}
+
 /// One CIFAR binary record: label byte(s) then 3,072 pixels `(7·index + p) % 251`.
 /// CIFAR-100 records carry coarse label `index % 20` before the fine `label`.
 pub fn record(kind: DatasetKind, index: usize, label: u8) -> Vec<u8> {
@@ -406,48 +429,26 @@ fn mat_matrix(var: &MatVar, endian: MatEndian) -> Vec<u8> {
     let big = matches!(endian, MatEndian::Big);
     let (data_type, data): (u32, Vec<u8>) = match &var.values {
         MatValues::U8(v) => (2, v.clone()),
-        MatValues::U16(v) => (
-            4,
-            v.iter()
-                .flat_map(|x| {
-                    if big {
-                        x.to_be_bytes()
-                    } else {
-                        x.to_le_bytes()
-                    }
-                })
-                .collect(),
-        ),
-        MatValues::I32(v) => (
-            5,
-            v.iter()
-                .flat_map(|x| {
-                    if big {
-                        x.to_be_bytes()
-                    } else {
-                        x.to_le_bytes()
-                    }
-                })
-                .collect(),
-        ),
-        MatValues::F64(v) => (
-            9,
-            v.iter()
-                .flat_map(|x| {
-                    if big {
-                        x.to_be_bytes()
-                    } else {
-                        x.to_le_bytes()
-                    }
-                })
-                .collect(),
-        ),
+        MatValues::U16(v) => (4, mat_bytes(v, big, u16::to_be_bytes, u16::to_le_bytes)),
+        MatValues::I32(v) => (5, mat_bytes(v, big, i32::to_be_bytes, i32::to_le_bytes)),
+        MatValues::F64(v) => (9, mat_bytes(v, big, f64::to_be_bytes, f64::to_le_bytes)),
     };
     body.extend(mat_element(data_type, &data, endian));
     let mut m = mat_u32(14, endian).to_vec();
     m.extend(mat_u32(body.len() as u32, endian));
     m.extend(body);
     m
+}
+
+/// The bytes of `values`, each encoded by `be` when `big`, else by `le`.
+fn mat_bytes<T: Copy, const N: usize>(
+    values: &[T],
+    big: bool,
+    be: fn(T) -> [u8; N],
+    le: fn(T) -> [u8; N],
+) -> Vec<u8> {
+    let encode = if big { be } else { le };
+    values.iter().flat_map(|&x| encode(x)).collect()
 }
 
 /// Pixel X(r, c, ch, n) of a test SVHN file; differs when r and c swap.

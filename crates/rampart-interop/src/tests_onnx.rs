@@ -14,16 +14,7 @@ use crate::tests::{images, logits, random_model, ARCHS};
 use crate::*;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 fn max_abs(a: &Tensor) -> f32 {

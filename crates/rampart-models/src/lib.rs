@@ -204,13 +204,7 @@ impl Classifier {
             .unwrap_or_else(|p| p.into_inner())
             .get(LAMBDA_CODES)
             .cloned();
-        let c = spec.input_shape[0];
-        let mean = Tensor::from_vec(spec.mean.clone(), c, device)?;
-        let inv_std = Tensor::from_vec(
-            spec.std.iter().map(|s| 1.0 / s).collect::<Vec<f32>>(),
-            c,
-            device,
-        )?;
+        let (mean, inv_std) = normalisation(&spec, device)?;
         let model = Classifier {
             spec,
             varmap,
@@ -244,13 +238,7 @@ impl Classifier {
                 "an external network needs a plain spec with arch `external`".into(),
             ));
         }
-        let c = spec.input_shape[0];
-        let mean = Tensor::from_vec(spec.mean.clone(), c, device)?;
-        let inv_std = Tensor::from_vec(
-            spec.std.iter().map(|s| 1.0 / s).collect::<Vec<f32>>(),
-            c,
-            device,
-        )?;
+        let (mean, inv_std) = normalisation(&spec, device)?;
         Ok(Classifier {
             spec,
             varmap: VarMap::new(),
@@ -694,6 +682,18 @@ pub(crate) trait Network: ModuleT + Send + Sync {
     fn train_net(&self) -> candle_core::Result<Option<(TrainNetwork<'_>, Vec<&variant::Norm>)>> {
         Ok(None)
     }
+}
+
+/// The input normalisation of `spec` on `device`: per-channel mean and 1/std, (C,).
+fn normalisation(spec: &ModelSpec, device: &Device) -> Result<(Tensor, Tensor)> {
+    let c = spec.input_shape[0];
+    let mean = Tensor::from_vec(spec.mean.clone(), c, device)?;
+    let inv_std = Tensor::from_vec(
+        spec.std.iter().map(|s| 1.0 / s).collect::<Vec<f32>>(),
+        c,
+        device,
+    )?;
+    Ok((mean, inv_std))
 }
 
 /// The variables of `varmap` for a frozen network: parameters detached (they share

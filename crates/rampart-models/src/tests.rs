@@ -50,7 +50,8 @@ fn assert_input_grads_close(name: &str, reference: &Tensor, fused: &Tensor) {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+/// max |a − b| over all entries.
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
 }
 
@@ -345,18 +346,8 @@ fn batch_norm_matches_reference(dev: &Device) {
                 max_abs_diff(&y_fast, &y_slow) < 1e-5,
                 "train={train} relu={relu}"
             );
-            let g_fast = (&y_fast * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_slow = (&y_slow * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g_fast = grads_of_sum(&(&y_fast * &probe).unwrap());
+            let g_slow = grads_of_sum(&(&y_slow * &probe).unwrap());
             for name in ["weight", "bias"] {
                 let vf = fast_map.data().lock().unwrap().get(name).unwrap().clone();
                 let vs = slow_map.data().lock().unwrap().get(name).unwrap().clone();
@@ -389,7 +380,7 @@ test_device!(
 );
 
 /// max |t| over all entries.
-fn max_abs(t: &Tensor) -> f32 {
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
     t.abs()
         .unwrap()
         .flatten_all()
@@ -398,6 +389,11 @@ fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The gradients of the sum of `t`'s entries.
+fn grads_of_sum(t: &Tensor) -> candle_core::backprop::GradStore {
+    t.sum_all().unwrap().backward().unwrap()
 }
 
 /// The gradients of ⟨t, p⟩ for a fixed pseudo-random p with entries in [−½, ½).
@@ -410,10 +406,8 @@ fn probe_grads(t: &Tensor, seed: u64) -> candle_core::backprop::GradStore {
     (t * &probe).unwrap().sum_all().unwrap().backward().unwrap()
 }
 
-/// A model whose BatchNorms have non-trivial scale, shift and running statistics.
-fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
-    let m = Classifier::new(spec, seed, &Device::Cpu).unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+/// The variables of `m` with their names, sorted by name.
+fn sorted_vars(m: &Classifier) -> Vec<(String, Var)> {
     let mut vars: Vec<(String, Var)> = m
         .varmap
         .data()
@@ -423,6 +417,14 @@ fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
         .into_iter()
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// A model whose BatchNorms have non-trivial scale, shift and running statistics.
+fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
+    let m = Classifier::new(spec, seed, &Device::Cpu).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    let vars = sorted_vars(&m);
     for (name, var) in &vars {
         if name.ends_with("bn1.weight") || name.ends_with("bn2.weight") || name == "bn.weight" {
             let n = var.elem_count();
@@ -448,15 +450,7 @@ fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
 /// output layer, the second BatchNorm) do something.
 fn randomise(m: &Classifier, parts: &[&str], centre: f32, seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut vars: Vec<(String, Var)> = m
-        .varmap
-        .data()
-        .lock()
-        .unwrap()
-        .clone()
-        .into_iter()
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let vars = sorted_vars(m);
     for (name, var) in vars
         .iter()
         .filter(|(n, _)| parts.iter().any(|p| n.contains(p)))
@@ -560,13 +554,7 @@ fn fused_path_only_in_the_frozen_view() {
     let m = trained_looking(ModelSpec::wrn(10, 1, 10), 4);
     let x = Var::from_tensor(&input(2, 9)).unwrap();
     let stem = m.varmap.data().lock().unwrap()["stem.weight"].clone();
-    let g = m
-        .forward_t(x.as_tensor(), false)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g = grads_of_sum(&m.forward_t(x.as_tensor(), false).unwrap());
     let gw = g
         .get(stem.as_tensor())
         .unwrap()
@@ -716,13 +704,7 @@ fn fused_train_path_matches_layer_by_layer() {
         assert!(checked > 10, "{name}: {checked} parameters checked");
         // A tracked input keeps the layer-by-layer path, so it gets its gradient.
         let xv = Var::from_tensor(&x).unwrap();
-        let g = fused_model
-            .forward_t(xv.as_tensor(), true)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = grads_of_sum(&fused_model.forward_t(xv.as_tensor(), true).unwrap());
         assert!(g.get(xv.as_tensor()).is_some(), "{name}");
     }
 }

@@ -220,6 +220,24 @@ fn fwd_frozen(m: &Classifier, x: &Tensor) -> Tensor {
     m.frozen().forward_t(x, false).unwrap()
 }
 
+/// The logits of the CPU and GPU models `[cpu, gpu]` on `x` (a CPU tensor) in train
+/// or eval mode, asserted to agree to 1e-4 (relative L2).
+fn logits_agree(
+    name: &str,
+    [cpu, gpu]: [&Classifier; 2],
+    x: &Tensor,
+    dev: &Device,
+    train: bool,
+) -> (Tensor, Tensor) {
+    let mode = if train { "train" } else { "eval" };
+    let logits_cpu = fwd(cpu, x, train);
+    let logits_gpu = fwd(gpu, &x.to_device(dev).unwrap(), train);
+    let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
+    eprintln!("{name}: {mode} logits differ by {d}");
+    assert!(d < 1e-4, "{name}: {mode} logits differ by {d}");
+    (logits_cpu, logits_gpu)
+}
+
 fn images(b: usize, seed: u64) -> Tensor {
     (tensor(&[b, 3, 32, 32], seed) + 0.5).unwrap()
 }
@@ -238,11 +256,7 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
         let (cpu, gpu) = model_pair(spec);
         settle([&cpu, &gpu]);
         let x = images(6, 7);
-        let logits_cpu = fwd(&cpu, &x, false);
-        let logits_gpu = fwd(&gpu, &x.to_device(&dev).unwrap(), false);
-        let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
-        eprintln!("{name}: eval logits differ by {d}");
-        assert!(d < 1e-4, "{name}: eval logits differ by {d}");
+        let (_, logits_gpu) = logits_agree(&name, [&cpu, &gpu], &x, &dev, false);
 
         // The attack step: the input gradient through the frozen view.
         let xc = Var::from_tensor(&x).unwrap();
@@ -306,11 +320,7 @@ fn training_step_matches_cpu() {
         let (cpu, gpu) = model_pair(spec);
         settle([&cpu, &gpu]);
         let x = images(8, 21);
-        let logits_cpu = fwd(&cpu, &x, true);
-        let logits_gpu = fwd(&gpu, &x.to_device(&dev).unwrap(), true);
-        let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
-        eprintln!("{name}: train logits differ by {d}");
-        assert!(d < 1e-4, "{name}: train logits differ by {d}");
+        let (logits_cpu, logits_gpu) = logits_agree(&name, [&cpu, &gpu], &x, &dev, true);
         let gc = probe(&logits_cpu, 9).backward().unwrap();
         let gg = probe(&logits_gpu, 9).backward().unwrap();
         let gpu_vars: std::collections::HashMap<String, Var> =

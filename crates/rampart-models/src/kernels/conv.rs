@@ -85,23 +85,23 @@ impl Geometry {
     }
 }
 
-/// Gathers the patches of `images` (n images, each H·W·C) into `cols`
-/// (n·Ho·Wo rows of k·k·C), zero where the window overlaps the padding.
-fn im2col(g: &Geometry, images: &[f32], cols: &mut [f32]) {
+/// Calls `tap(col, pixel)` for every tap of the window that falls inside the image,
+/// over every output pixel of `n` images: `col` is the tap's offset in the patch
+/// matrix (n·Ho·Wo rows of k·k·C), `pixel` the offset of the input pixel it reads in
+/// the images (n of H·W·C); both address C consecutive values.
+#[inline]
+fn for_each_tap(g: &Geometry, n: usize, mut tap: impl FnMut(usize, usize)) {
     let Window {
         kernel: k,
         stride: s,
         padding: p,
     } = g.window;
     let row = g.row();
-    cols.fill(0.0);
-    for (img, out) in images
-        .chunks_exact(g.image_len())
-        .zip(cols.chunks_exact_mut(g.out_pixels() * row))
-    {
+    for i in 0..n {
+        let (img, cols) = (i * g.image_len(), i * g.out_pixels() * row);
         for oy in 0..g.ho {
             for ox in 0..g.wo {
-                let dst_row = &mut out[(oy * g.wo + ox) * row..][..row];
+                let patch = cols + (oy * g.wo + ox) * row;
                 for ky in 0..k {
                     let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < g.h) else {
                         continue;
@@ -110,8 +110,7 @@ fn im2col(g: &Geometry, images: &[f32], cols: &mut [f32]) {
                         let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < g.w) else {
                             continue;
                         };
-                        let src = (iy * g.w + ix) * g.c;
-                        dst_row[(ky * k + kx) * g.c..][..g.c].copy_from_slice(&img[src..src + g.c]);
+                        tap(patch + (ky * k + kx) * g.c, img + (iy * g.w + ix) * g.c);
                     }
                 }
             }
@@ -119,39 +118,26 @@ fn im2col(g: &Geometry, images: &[f32], cols: &mut [f32]) {
     }
 }
 
+/// Gathers the patches of `images` (n images, each H·W·C) into `cols`
+/// (n·Ho·Wo rows of k·k·C), zero where the window overlaps the padding.
+fn im2col(g: &Geometry, images: &[f32], cols: &mut [f32]) {
+    cols.fill(0.0);
+    let c = g.c;
+    let n = (images.len() / g.image_len()).min(cols.len() / (g.out_pixels() * g.row()));
+    for_each_tap(g, n, |col, pixel| {
+        cols[col..col + c].copy_from_slice(&images[pixel..pixel + c]);
+    });
+}
+
 /// The adjoint of [`im2col`]: adds every patch row of `cols` back into `images`.
 fn col2im(g: &Geometry, cols: &[f32], images: &mut [f32]) {
-    let Window {
-        kernel: k,
-        stride: s,
-        padding: p,
-    } = g.window;
-    let row = g.row();
-    for (img, src_img) in images
-        .chunks_exact_mut(g.image_len())
-        .zip(cols.chunks_exact(g.out_pixels() * row))
-    {
-        for oy in 0..g.ho {
-            for ox in 0..g.wo {
-                let src_row = &src_img[(oy * g.wo + ox) * row..][..row];
-                for ky in 0..k {
-                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < g.h) else {
-                        continue;
-                    };
-                    for kx in 0..k {
-                        let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < g.w) else {
-                            continue;
-                        };
-                        let dst = (iy * g.w + ix) * g.c;
-                        let src = &src_row[(ky * k + kx) * g.c..][..g.c];
-                        for (d, v) in img[dst..dst + g.c].iter_mut().zip(src) {
-                            *d += v;
-                        }
-                    }
-                }
-            }
+    let c = g.c;
+    let n = (images.len() / g.image_len()).min(cols.len() / (g.out_pixels() * g.row()));
+    for_each_tap(g, n, |col, pixel| {
+        for (d, v) in images[pixel..pixel + c].iter_mut().zip(&cols[col..col + c]) {
+            *d += v;
         }
-    }
+    });
 }
 
 /// The sizes of one convolution: input (b, h, w, c_in) and kernel (c_out, k, k, c_in)
@@ -633,6 +619,7 @@ pub fn conv2d_nhwc_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::max_abs_diff;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
@@ -647,19 +634,6 @@ mod tests {
 
     fn rand_on(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
         Tensor::from_vec(rand_vec(shape.iter().product(), seed), shape, dev).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     type ConvFn = fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>;
@@ -680,15 +654,15 @@ mod tests {
             let ours = conv(&x, &wt, stride, pad).unwrap();
             assert_eq!(ours.dims(), reference.dims());
             assert!(
-                max_diff(&ours, &reference) < 1e-4,
+                max_abs_diff(&ours, &reference) < 1e-4,
                 "forward k={k} s={stride}"
             );
             let probe = rand_on(reference.dims(), 3, dev);
             let loss = |t: &Tensor| (t * &probe).unwrap().sum_all().unwrap();
             let g_ref = loss(&reference).backward().unwrap();
             let g_ours = loss(&ours).backward().unwrap();
-            let gx = max_diff(g_ref.get(&x).unwrap(), g_ours.get(&x).unwrap());
-            let gw = max_diff(g_ref.get(&wt).unwrap(), g_ours.get(&wt).unwrap());
+            let gx = max_abs_diff(g_ref.get(&x).unwrap(), g_ours.get(&x).unwrap());
+            let gw = max_abs_diff(g_ref.get(&wt).unwrap(), g_ours.get(&wt).unwrap());
             assert!(
                 gx < 1e-4 && gw < 1e-4,
                 "k={k} s={stride}: grad x {gx}, grad w {gw}"
@@ -698,7 +672,7 @@ mod tests {
                 .backward()
                 .unwrap();
             assert!(g_in.get(&wt).is_none());
-            assert!(max_diff(g_ref.get(&x).unwrap(), g_in.get(&x).unwrap()) < 1e-4);
+            assert!(max_abs_diff(g_ref.get(&x).unwrap(), g_in.get(&x).unwrap()) < 1e-4);
         }
     }
 
@@ -736,7 +710,7 @@ mod tests {
         let x = rand_tensor(&[1, 5, 5, 2], 4);
         let wt = rand_tensor(&[3, 2, 3, 3], 5);
         let y = conv2d_nhwc_generic(&x, &wt, 1, 1).unwrap();
-        assert!(max_diff(&y, &conv2d_nhwc_reference(&x, &wt, 1, 1).unwrap()) < 1e-5);
+        assert!(max_abs_diff(&y, &conv2d_nhwc_reference(&x, &wt, 1, 1).unwrap()) < 1e-5);
     }
 
     /// ⟨im2col(x), y⟩ = ⟨x, col2im(y)⟩: the gather and the scatter are adjoint.

@@ -38,16 +38,55 @@ use std::ffi::c_void;
 use super::bn::{BatchNormEval, BatchNormTrain, BatchNormTrainBackward};
 use super::conv::{Conv2d, ConvShape, Pass};
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys, Cudnn};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+};
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
-/// The descriptors of one geometry and cuDNN's choice of algorithm for each pass.
-struct Plan {
+/// The cuDNN descriptors of one convolution geometry.
+struct Descriptors {
     conv: ConvDescriptor<f32>,
     x: TensorDescriptor<f32>,
     w: FilterDescriptor<f32>,
     y: TensorDescriptor<f32>,
+}
+
+impl Descriptors {
+    /// The forward pass: (x, w) → y.
+    fn forward(&self) -> ConvForward<'_, f32, f32, f32> {
+        ConvForward {
+            conv: &self.conv,
+            x: &self.x,
+            w: &self.w,
+            y: &self.y,
+        }
+    }
+
+    /// The input-gradient pass: (dy, w) → dx.
+    fn data(&self) -> ConvBackwardData<'_, f32, f32, f32> {
+        ConvBackwardData {
+            conv: &self.conv,
+            dx: &self.x,
+            w: &self.w,
+            dy: &self.y,
+        }
+    }
+
+    /// The kernel-gradient pass: (x, dy) → dw.
+    fn filter(&self) -> ConvBackwardFilter<'_, f32, f32, f32> {
+        ConvBackwardFilter {
+            conv: &self.conv,
+            x: &self.x,
+            dw: &self.w,
+            dy: &self.y,
+        }
+    }
+}
+
+/// The descriptors of one geometry and cuDNN's choice of algorithm for each pass.
+struct Plan {
+    desc: Descriptors,
     forward: (sys::cudnnConvolutionFwdAlgo_t, usize),
     data: (sys::cudnnConvolutionBwdDataAlgo_t, usize),
     filter: (sys::cudnnConvolutionBwdFilterAlgo_t, usize),
@@ -105,44 +144,20 @@ fn plan(dev: &CudaDevice, g: ConvShape) -> Result<Rc<Plan>> {
     let x = cudnn.create_4d_tensor::<f32>(nhwc, dims(g.b, g.c_in, g.h, g.w))?;
     let w = cudnn.create_4d_filter::<f32>(nhwc, dims(g.c_out, g.c_in, g.k, g.k))?;
     let y = cudnn.create_4d_tensor::<f32>(nhwc, dims(g.b, g.c_out, ho, wo))?;
-    let forward = {
-        let op = ConvForward {
-            conv: &conv,
-            x: &x,
-            w: &w,
-            y: &y,
-        };
-        let algo = op.pick_algorithm()?;
-        (algo, op.get_workspace_size(algo)?)
-    };
-    let data = {
-        let op = ConvBackwardData {
-            conv: &conv,
-            dx: &x,
-            w: &w,
-            dy: &y,
-        };
-        let algo = op.pick_algorithm()?;
-        (algo, op.get_workspace_size(algo)?)
-    };
-    let filter = {
-        let op = ConvBackwardFilter {
-            conv: &conv,
-            x: &x,
-            dw: &w,
-            dy: &y,
-        };
-        let algo = op.pick_algorithm()?;
-        (algo, op.get_workspace_size(algo)?)
-    };
+    let desc = Descriptors { conv, x, w, y };
+    // The algorithm cuDNN's heuristics pick for a pass, and its workspace size.
+    macro_rules! choose {
+        ($op:expr) => {{
+            let op = $op;
+            let algo = op.pick_algorithm()?;
+            (algo, op.get_workspace_size(algo)?)
+        }};
+    }
     let plan = Rc::new(Plan {
-        conv,
-        x,
-        w,
-        y,
-        forward,
-        data,
-        filter,
+        forward: choose!(desc.forward()),
+        data: choose!(desc.data()),
+        filter: choose!(desc.filter()),
+        desc,
     });
     PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
     Ok(plan)
@@ -189,32 +204,17 @@ pub(crate) fn conv2d(
     match op.pass {
         Pass::Forward => {
             let mut work = workspace(dev, p.forward.1)?;
-            let op = ConvForward {
-                conv: &p.conv,
-                x: &p.x,
-                w: &p.w,
-                y: &p.y,
-            };
+            let op = p.desc.forward();
             unsafe { op.launch(p.forward.0, work.as_mut(), ab, &a, &b, &mut out) }?;
         }
         Pass::Data => {
             let mut work = workspace(dev, p.data.1)?;
-            let op = ConvBackwardData {
-                conv: &p.conv,
-                dx: &p.x,
-                w: &p.w,
-                dy: &p.y,
-            };
+            let op = p.desc.data();
             unsafe { op.launch(p.data.0, work.as_mut(), ab, &mut out, &b, &a) }?;
         }
         Pass::Filter => {
             let mut work = workspace(dev, p.filter.1)?;
-            let op = ConvBackwardFilter {
-                conv: &p.conv,
-                x: &p.x,
-                dw: &p.w,
-                dy: &p.y,
-            };
+            let op = p.desc.filter();
             unsafe { op.launch(p.filter.0, work.as_mut(), ab, &a, &mut out, &b) }?;
         }
     }
@@ -326,6 +326,45 @@ fn scalar(v: &f32) -> *const c_void {
     (v as *const f32).cast()
 }
 
+/// What every BatchNorm call starts from: the device and its stream, the checked
+/// input `x` (n·c·h·w values, `len`) of shape `dims`, that shape's plan and the raw
+/// handle.
+struct BnCall<'a> {
+    dev: &'a CudaDevice,
+    stream: Arc<CudaStream>,
+    x: CudaView<'a, f32>,
+    len: usize,
+    c: usize,
+    plan: Rc<BnPlan>,
+    handle: Rc<RawHandle>,
+}
+
+impl<'a> BnCall<'a> {
+    fn new(xs: &'a CudaStorage, xl: &Layout, dims: [usize; 4]) -> Result<Self> {
+        let [n, c, h, w] = dims;
+        let len = n * c * h * w;
+        let dev = &xs.device;
+        Ok(BnCall {
+            dev,
+            stream: dev.cuda_stream(),
+            x: view(xs, xl, len, "input")?,
+            len,
+            c,
+            plan: bn_plan(dev, dims)?,
+            handle: raw_handle(dev)?,
+        })
+    }
+
+    /// The result of the call: `out`, written by cuDNN, as candle storage.
+    fn finish(&self, out: CudaSlice<f32>) -> (CudaStorage, Shape) {
+        let len = out.len();
+        (
+            CudaStorage::wrap_cuda_slice(out, self.dev.clone()),
+            Shape::from(len),
+        )
+    }
+}
+
 /// The CUDA forward of [`BatchNormTrain`]: cuDNN's training-mode forward, writing y,
 /// then the batch mean and 1/√(var + ε) per channel (cuDNN's saved statistics).
 pub(crate) fn batch_norm_train(
@@ -337,37 +376,32 @@ pub(crate) fn batch_norm_train(
     bs: &CudaStorage,
     bl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let [n, c, h, w] = op.dims;
-    let len = n * c * h * w;
-    let dev = &xs.device;
-    let stream = dev.cuda_stream();
-    let x = view(xs, xl, len, "input")?;
+    let call = BnCall::new(xs, xl, op.dims)?;
+    let (len, c) = (call.len, call.c);
     let gamma = view(gs, gl, c, "scale")?;
     let beta = view(bs, bl, c, "shift")?;
-    let plan = bn_plan(dev, op.dims)?;
-    let handle = raw_handle(dev)?;
     // SAFETY: every value is written by cuDNN below.
-    let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
+    let mut out = unsafe { call.dev.alloc::<f32>(len + 2 * c)? };
     {
-        let (xp, _gx) = x.device_ptr(&stream);
-        let (gp, _gg) = gamma.device_ptr(&stream);
-        let (bp, _gb) = beta.device_ptr(&stream);
-        let (outp, _go) = out.device_ptr_mut(&stream);
+        let (xp, _gx) = call.x.device_ptr(&call.stream);
+        let (gp, _gg) = gamma.device_ptr(&call.stream);
+        let (bp, _gb) = beta.device_ptr(&call.stream);
+        let (outp, _go) = out.device_ptr_mut(&call.stream);
         let mean = outp + (4 * len) as u64;
         let inv_std = mean + (4 * c) as u64;
         // SAFETY: the descriptors match the checked lengths; the running
         // statistics are not asked for (both null, factor 0).
         unsafe {
             sys::cudnnBatchNormalizationForwardTraining(
-                handle.0,
+                call.handle.0,
                 SPATIAL_PERSISTENT,
                 scalar(&1.0),
                 scalar(&0.0),
-                plan.x.0,
+                call.plan.x.0,
                 xp as *const c_void,
-                plan.x.0,
+                call.plan.x.0,
                 outp as *mut c_void,
-                plan.p.0,
+                call.plan.p.0,
                 gp as *const c_void,
                 bp as *const c_void,
                 0.0,
@@ -380,10 +414,7 @@ pub(crate) fn batch_norm_train(
         }
         .result()?;
     }
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, dev.clone()),
-        Shape::from(len + 2 * c),
-    ))
+    Ok(call.finish(out))
 }
 
 /// The CUDA forward of [`BatchNormTrainBackward`]: (x, ∂/∂out, out) → dx, dγ, dβ in
@@ -398,11 +429,8 @@ pub(crate) fn batch_norm_backward(
     rl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let forward = op.forward();
-    let [n, c, h, w] = forward.dims;
-    let len = n * c * h * w;
-    let dev = &xs.device;
-    let stream = dev.cuda_stream();
-    let x = view(xs, xl, len, "input")?;
+    let call = BnCall::new(xs, xl, forward.dims)?;
+    let (len, c) = (call.len, call.c);
     let dy = view(dys, dyl, len + 2 * c, "output gradient")?;
     let saved = view(rs, rl, len + 2 * c, "saved statistics")?;
     let (gs, gl) = op.gamma().storage_and_layout();
@@ -410,16 +438,14 @@ pub(crate) fn batch_norm_backward(
         candle_core::bail!("BatchNorm: scale on another device than the input")
     };
     let gamma = view(gs, gl, c, "scale")?;
-    let plan = bn_plan(dev, forward.dims)?;
-    let handle = raw_handle(dev)?;
     // SAFETY: every value is written by cuDNN below.
-    let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
+    let mut out = unsafe { call.dev.alloc::<f32>(len + 2 * c)? };
     {
-        let (xp, _gx) = x.device_ptr(&stream);
-        let (dyp, _gdy) = dy.device_ptr(&stream);
-        let (sp, _gs) = saved.device_ptr(&stream);
-        let (gp, _gg) = gamma.device_ptr(&stream);
-        let (outp, _go) = out.device_ptr_mut(&stream);
+        let (xp, _gx) = call.x.device_ptr(&call.stream);
+        let (dyp, _gdy) = dy.device_ptr(&call.stream);
+        let (sp, _gs) = saved.device_ptr(&call.stream);
+        let (gp, _gg) = gamma.device_ptr(&call.stream);
+        let (outp, _go) = out.device_ptr_mut(&call.stream);
         let mean = sp + (4 * len) as u64;
         let inv_std = mean + (4 * c) as u64;
         let d_gamma = outp + (4 * len) as u64;
@@ -428,19 +454,19 @@ pub(crate) fn batch_norm_backward(
         // forward pass wrote for this x.
         unsafe {
             sys::cudnnBatchNormalizationBackward(
-                handle.0,
+                call.handle.0,
                 SPATIAL_PERSISTENT,
                 scalar(&1.0),
                 scalar(&0.0),
                 scalar(&1.0),
                 scalar(&0.0),
-                plan.x.0,
+                call.plan.x.0,
                 xp as *const c_void,
-                plan.x.0,
+                call.plan.x.0,
                 dyp as *const c_void,
-                plan.x.0,
+                call.plan.x.0,
                 outp as *mut c_void,
-                plan.p.0,
+                call.plan.p.0,
                 gp as *const c_void,
                 d_gamma as *mut c_void,
                 d_beta as *mut c_void,
@@ -451,10 +477,7 @@ pub(crate) fn batch_norm_backward(
         }
         .result()?;
     }
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, dev.clone()),
-        Shape::from(len + 2 * c),
-    ))
+    Ok(call.finish(out))
 }
 
 /// Whether cuDNN can run this BatchNorm (f32 on CUDA, ε at least cuDNN's minimum,
@@ -477,11 +500,8 @@ pub(crate) fn batch_norm_eval(
     bs: &CudaStorage,
     bl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let [n, c, h, w] = op.dims;
-    let len = n * c * h * w;
-    let dev = &xs.device;
-    let stream = dev.cuda_stream();
-    let x = view(xs, xl, len, "input")?;
+    let call = BnCall::new(xs, xl, op.dims)?;
+    let (len, c) = (call.len, call.c);
     let gamma = view(gs, gl, c, "scale")?;
     let beta = view(bs, bl, c, "shift")?;
     let (ms, ml) = op.mean.storage_and_layout();
@@ -491,29 +511,27 @@ pub(crate) fn batch_norm_eval(
     };
     let mean = view(ms, ml, c, "running mean")?;
     let var = view(vs, vl, c, "running variance")?;
-    let plan = bn_plan(dev, op.dims)?;
-    let handle = raw_handle(dev)?;
     // SAFETY: every value is written by cuDNN below.
-    let mut y = unsafe { dev.alloc::<f32>(len)? };
+    let mut y = unsafe { call.dev.alloc::<f32>(len)? };
     {
-        let (xp, _gx) = x.device_ptr(&stream);
-        let (gp, _gg) = gamma.device_ptr(&stream);
-        let (bp, _gb) = beta.device_ptr(&stream);
-        let (mp, _gm) = mean.device_ptr(&stream);
-        let (vp, _gv) = var.device_ptr(&stream);
-        let (yp, _gy) = y.device_ptr_mut(&stream);
+        let (xp, _gx) = call.x.device_ptr(&call.stream);
+        let (gp, _gg) = gamma.device_ptr(&call.stream);
+        let (bp, _gb) = beta.device_ptr(&call.stream);
+        let (mp, _gm) = mean.device_ptr(&call.stream);
+        let (vp, _gv) = var.device_ptr(&call.stream);
+        let (yp, _gy) = y.device_ptr_mut(&call.stream);
         // SAFETY: the descriptors match the checked lengths.
         unsafe {
             sys::cudnnBatchNormalizationForwardInference(
-                handle.0,
+                call.handle.0,
                 SPATIAL,
                 scalar(&1.0),
                 scalar(&0.0),
-                plan.x.0,
+                call.plan.x.0,
                 xp as *const c_void,
-                plan.x.0,
+                call.plan.x.0,
                 yp as *mut c_void,
-                plan.p.0,
+                call.plan.p.0,
                 gp as *const c_void,
                 bp as *const c_void,
                 mp as *const c_void,
@@ -523,8 +541,5 @@ pub(crate) fn batch_norm_eval(
         }
         .result()?;
     }
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev.clone()),
-        Shape::from(len),
-    ))
+    Ok(call.finish(y))
 }

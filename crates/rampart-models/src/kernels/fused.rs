@@ -634,6 +634,26 @@ fn pre_forward(
     Ok((fin, (h, w), saved))
 }
 
+/// The input gradient of conv2(norm(conv1(x))) (`[conv1, conv2]`) from the gradient
+/// `d` of its output: x is `len` values, images `h`×`w`; `mid` is the saved output of
+/// `norm`.
+pub(crate) fn conv_norm_conv_backward(
+    [conv1, conv2]: [&ConvLayer; 2],
+    norm: &EvalNorm,
+    d: &[f32],
+    (h, w): (usize, usize),
+    mid: &[f32],
+    len: usize,
+) -> Vec<f32> {
+    let (ho, wo) = conv1.out_hw(h, w).unwrap_or((0, 0));
+    let mut dmid = vec![0f32; mid.len()];
+    conv2.backward_input(d, ho, wo, &mut dmid);
+    norm.backward_in_place(&mut dmid, mid);
+    let mut dx = vec![0f32; len];
+    conv1.backward_input(&dmid, h, w, &mut dx);
+    dx
+}
+
 /// Per block: input side (H, W), pre-activation relu(bn1(x)), relu(bn2(conv1)).
 type PreState = Vec<(usize, usize, Vec<f32>, Vec<f32>)>;
 
@@ -653,13 +673,8 @@ fn pre_backward(
 ) -> Vec<f32> {
     head.backward_in_place(&mut d, fin);
     for (b, (bh, bw, pre, mid)) in blocks.iter().zip(saved).rev() {
-        let (ho, wo) = b.conv1.out_hw(*bh, *bw).unwrap_or((0, 0));
-        let mut dmid = vec![0f32; mid.len()];
-        b.conv2.backward_input(&d, ho, wo, &mut dmid);
-        b.bn2.backward_in_place(&mut dmid, mid);
-        let mut dpre = vec![0f32; pre.len()];
-        b.conv1.backward_input(&dmid, *bh, *bw, &mut dpre);
-        drop(dmid);
+        let mut dpre =
+            conv_norm_conv_backward([&b.conv1, &b.conv2], &b.bn2, &d, (*bh, *bw), mid, pre.len());
         match &b.shortcut {
             Some(sc) => {
                 sc.backward_input(&d, *bh, *bw, &mut dpre);

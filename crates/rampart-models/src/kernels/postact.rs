@@ -12,7 +12,7 @@
 //! rectified once.
 
 use super::common::EvalNorm;
-use super::fused::ConvLayer;
+use super::fused::{conv_norm_conv_backward, ConvLayer};
 use candle_core::{Result, Tensor};
 
 /// A post-activation basic block: conv-BN-ReLU-conv-BN, plus the shortcut (a 1×1
@@ -244,13 +244,14 @@ impl PostBody {
             // The block's output: the next block's input, or the body's output.
             let out = saved.get(i + 1).map_or(fin, |s| s.2.as_slice());
             relu_mask(&mut d, out);
-            let (ho, wo) = b.conv1.out_hw(*bh, *bw).unwrap_or((0, 0));
-            let mut dmid = vec![0f32; mid.len()];
-            b.conv2.backward_input(&d, ho, wo, &mut dmid);
-            b.bn1.backward_in_place(&mut dmid, mid);
-            let mut dx = vec![0f32; input.len()];
-            b.conv1.backward_input(&dmid, *bh, *bw, &mut dx);
-            drop(dmid);
+            let mut dx = conv_norm_conv_backward(
+                [&b.conv1, &b.conv2],
+                &b.bn1,
+                &d,
+                (*bh, *bw),
+                mid,
+                input.len(),
+            );
             match &b.shortcut {
                 Some((sc, _)) => sc.backward_input(&d, *bh, *bw, &mut dx),
                 None => dx.iter_mut().zip(&d).for_each(|(g, v)| *g += v),
