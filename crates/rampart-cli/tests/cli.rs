@@ -7,8 +7,8 @@ use std::process::{Command, Output};
 mod common;
 
 use common::{
-    ok, quick_eval_args, rampart, read_json, refused, s, text, train_tiny, without_timings,
-    write_tiny_cifar10, TestResult,
+    ok, on_model, owned, quick_eval_args, rampart, rampart_command, read_json, refused, s, text,
+    tiny_cifar10_dir, tiny_train_args, train_tiny, without_timings, write_tiny_cifar10, TestResult,
 };
 
 #[test]
@@ -73,17 +73,19 @@ fn help_explains_every_flag() -> TestResult {
 fn bad_flags_and_missing_data_fail_clearly() -> TestResult {
     let dir = tempfile::tempdir()?;
     let out = s(dir.path());
-    let run = rampart(&[
-        "train",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "0",
-        "--data-dir",
-        out,
-        "--out",
-        out,
-    ])?;
+    let train = |epochs: &str, data: &str, to: &str, extra: &[&str]| {
+        let args = [
+            "train",
+            "--arch",
+            "wrn-10-1",
+            "--epochs",
+            epochs,
+            "--data-dir",
+            data,
+        ];
+        rampart(&[args.as_slice(), &["--out", to], extra].concat())
+    };
+    let run = train("0", out, out, &[])?;
     assert!(!run.status.success());
     assert!(
         text(&run).contains("--epochs must be at least 1"),
@@ -92,17 +94,7 @@ fn bad_flags_and_missing_data_fail_clearly() -> TestResult {
     );
 
     let empty = dir.path().join("nothing-here");
-    let run = rampart(&[
-        "train",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--data-dir",
-        s(&empty),
-        "--out",
-        &format!("{out}/run"),
-    ])?;
+    let run = train("1", s(&empty), &format!("{out}/run"), &[])?;
     assert!(!run.status.success());
     let msg = text(&run);
     assert!(
@@ -110,19 +102,7 @@ fn bad_flags_and_missing_data_fail_clearly() -> TestResult {
         "{msg}"
     );
 
-    let run = rampart(&[
-        "train",
-        "--threads",
-        "0",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--data-dir",
-        out,
-        "--out",
-        out,
-    ])?;
+    let run = train("1", out, out, &["--threads", "0"])?;
     assert!(
         text(&run).contains("--threads must be at least 1"),
         "{}",
@@ -135,30 +115,18 @@ fn bad_flags_and_missing_data_fail_clearly() -> TestResult {
 /// holder named, before anything is written; once the holder lets go it is free.
 #[test]
 fn an_output_folder_in_use_is_refused() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 4, 0)?;
+    let dir = tiny_cifar10_dir(4)?;
     let data = s(dir.path());
     let out = dir.path().join("busy");
     let lock = rampart_fs::OutputLock::acquire(&out, "pid 42: rampart train --out busy")?;
     let model = dir.path().join("m.safetensors");
-    let train = [
-        "train",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-    ];
-    let eps = ["--eps", "8/255"];
+    let train = tiny_train_args("1", &["--data-dir", data], &out);
     for args in [
-        train.to_vec(),
-        vec!["eval", "--model", s(&model), "--suite", "clean"],
-        [vec!["attack", "--model", s(&model)], eps.to_vec()].concat(),
-        vec!["sweep", "--over", "lambda", "--model", s(&model)],
+        train.clone(),
+        on_model("eval", &model, data, &["--suite", "clean"], &out),
+        on_model("attack", &model, data, &["--eps", "8/255"], &out),
+        on_model("sweep", &model, data, &["--over", "lambda"], &out),
     ] {
-        let mut args = args.clone();
-        args.extend(["--data-dir", data, "--out", s(&out)]);
         let run = rampart(&args)?;
         assert!(!run.status.success(), "{args:?} ran in a locked folder");
         let msg = text(&run);
@@ -169,16 +137,14 @@ fn an_output_folder_in_use_is_refused() -> TestResult {
     }
     assert!(!out.join("config.json").exists() && !out.join("train.log").exists());
     drop(lock);
-    let free = [train.as_slice(), &["--data-dir", data, "--out", s(&out)]].concat();
-    let run = rampart(&free)?;
+    let run = rampart(&train)?;
     assert!(run.status.success(), "{}", text(&run));
     Ok(())
 }
 
 #[test]
 fn train_resume_and_eval_write_their_files() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
     let run_dir = dir.path().join("run");
     let train_args = [
@@ -267,17 +233,13 @@ fn train_resume_and_eval_write_their_files() -> TestResult {
 
     let eval_dir = dir.path().join("eval");
     let model = run_dir.join("model.safetensors");
-    let eval = ok(&[
+    let eval = ok(&on_model(
         "eval",
-        "--model",
-        s(&model),
-        "--data-dir",
+        &model,
         data,
-        "--out",
-        s(&eval_dir),
-        "--batch-size",
-        "3",
-    ])?;
+        &["--batch-size", "3"],
+        &eval_dir,
+    ))?;
     assert!(
         String::from_utf8_lossy(&eval.stdout).contains("on 8 test examples"),
         "{}",
@@ -305,31 +267,15 @@ fn train_resume_and_eval_write_their_files() -> TestResult {
     }
 
     // A model evaluated as another data set, and a file that is no model.
-    let wrong = rampart(&[
-        "eval",
-        "--model",
-        s(&model),
-        "--data-dir",
-        data,
-        "--dataset",
-        "cifar100",
-        "--out",
-        s(&eval_dir),
-    ])?;
+    let cifar100 = ["--dataset", "cifar100"];
+    let wrong = rampart(&on_model("eval", &model, data, &cifar100, &eval_dir))?;
     assert!(
         text(&wrong).contains("has 10 outputs but CIFAR-100 has 100 classes"),
         "{}",
         text(&wrong)
     );
-    let said = refused(&[
-        "eval",
-        "--model",
-        s(&run_dir.join("history.jsonl")),
-        "--data-dir",
-        data,
-        "--out",
-        s(&eval_dir),
-    ])?;
+    let history = run_dir.join("history.jsonl");
+    let said = refused(&on_model("eval", &history, data, &[], &eval_dir))?;
     assert!(said.contains("history.jsonl"), "{said}");
     Ok(())
 }
@@ -364,52 +310,33 @@ fn adversarial_training_and_the_pgd_suite() -> TestResult {
         assert!(help.contains(flag), "eval --help lacks {flag}:\n{help}");
     }
 
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
-    let common = [
-        "--threads",
-        "2",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.05",
-        "--data-dir",
-        data,
-    ];
+    let common = ["--lr", "0.05", "--data-dir", data];
+    let train =
+        |extra: &[&str], out: &Path| owned(&tiny_train_args("1", &[&common, extra].concat(), out));
     let normal = dir.path().join("normal");
-    let mut args = vec!["train"];
-    args.extend(common);
-    args.extend(["--out", s(&normal)]);
-    let run = rampart(&args)?;
-    assert!(run.status.success(), "{}", text(&run));
+    ok(&train(&[], &normal))?;
 
     let ccat = dir.path().join("ccat");
     let normal_model = normal.join("model.safetensors");
-    let mut args = vec!["train"];
-    args.extend(common);
-    args.extend([
-        "--method",
-        "ccat",
-        "--attack-steps",
-        "2",
-        "--attack-step-size",
-        "0.01",
-        "--ema",
-        "0.9",
-        "--init-from",
-        s(&normal_model),
-        "--threshold-held-out",
-        "8",
-        "--out",
-        s(&ccat),
-    ]);
-    let run = rampart(&args)?;
-    assert!(run.status.success(), "{}", text(&run));
+    ok(&train(
+        &[
+            "--method",
+            "ccat",
+            "--attack-steps",
+            "2",
+            "--attack-step-size",
+            "0.01",
+            "--ema",
+            "0.9",
+            "--init-from",
+            s(&normal_model),
+            "--threshold-held-out",
+            "8",
+        ],
+        &ccat,
+    ))?;
     let config = read_json(&ccat.join("config.json"))?;
     assert_eq!(config["method"], "ccat");
     assert_eq!(config["method_settings"]["attack"]["steps"], 2);
@@ -419,30 +346,26 @@ fn adversarial_training_and_the_pgd_suite() -> TestResult {
 
     // The method's flags are refused for a method that does not use them.
     let elsewhere = dir.path().join("x");
-    let mut args = vec!["train"];
-    args.extend(common);
-    args.extend(["--method", "at", "--beta", "6", "--out", s(&elsewhere)]);
-    let said = refused(&args)?;
+    let said = refused(&train(&["--method", "at", "--beta", "6"], &elsewhere))?;
     assert!(said.contains("--beta does not apply"), "{said}");
 
     let eval_dir = dir.path().join("eval");
-    let eval = ok(&[
+    let eval = ok(&on_model(
         "eval",
-        "--model",
-        s(&ccat.join("model.safetensors")),
-        "--data-dir",
+        &ccat.join("model.safetensors"),
         data,
-        "--suite",
-        "pgd20",
-        "--attack-steps",
-        "2",
-        "--attack-limit",
-        "5",
-        "--batch-size",
-        "4",
-        "--out",
-        s(&eval_dir),
-    ])?;
+        &[
+            "--suite",
+            "pgd20",
+            "--attack-steps",
+            "2",
+            "--attack-limit",
+            "5",
+            "--batch-size",
+            "4",
+        ],
+        &eval_dir,
+    ))?;
     assert!(
         String::from_utf8_lossy(&eval.stdout).contains("on 5 attacked test examples"),
         "{}",
@@ -490,17 +413,8 @@ fn adversarial_training_and_the_pgd_suite() -> TestResult {
     assert_eq!(logits["pgd2_conf.logits"].dims(), &[5, 10]);
 
     // Attack flags belong to attack suites.
-    let said = refused(&[
-        "eval",
-        "--model",
-        s(&normal_model),
-        "--data-dir",
-        data,
-        "--attack-limit",
-        "5",
-        "--out",
-        s(&eval_dir),
-    ])?;
+    let limit = ["--attack-limit", "5"];
+    let said = refused(&on_model("eval", &normal_model, data, &limit, &eval_dir))?;
     assert!(
         said.contains("--attack-limit applies to attack suites"),
         "{said}"
@@ -513,27 +427,18 @@ fn adversarial_training_and_the_pgd_suite() -> TestResult {
 /// flags are refused with messages naming the flag.
 #[test]
 fn attack_quick_suite_and_compare() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
     let model = train_tiny(data, &dir.path().join("m"), &[])?;
 
     let out = dir.path().join("atk");
-    let run = ok(&[
+    let run = ok(&on_model(
         "attack",
-        "--model",
-        s(&model),
-        "--data-dir",
+        &model,
         data,
-        "--eps",
-        "8/255,16/255",
-        "--steps",
-        "3",
-        "--test-limit",
-        "6",
-        "--out",
-        s(&out),
-    ])?;
+        &["--eps", "8/255,16/255", "--steps", "3", "--test-limit", "6"],
+        &out,
+    ))?;
     assert!(text(&run).contains("robust accuracy"), "{}", text(&run));
     let summary = read_json(&out.join("summary.json"))?;
     assert_eq!(summary["results"].as_array().map(Vec::len), Some(2));
@@ -559,39 +464,28 @@ fn attack_quick_suite_and_compare() -> TestResult {
         (vec!["--momentum", "1.5"], "momentum"),
         (vec!["--attack", "cw"], "--attack"),
     ] {
-        let mut args = vec![
-            "attack",
-            "--model",
-            s(&model),
-            "--data-dir",
-            data,
-            "--out",
-            s(&out),
-        ];
-        args.extend(flags.iter().copied());
-        let run = rampart(&args)?;
+        let run = rampart(&on_model("attack", &model, data, &flags, &out))?;
         assert!(!run.status.success(), "{flags:?} was accepted");
         assert!(text(&run).contains(needle), "{flags:?}: {}", text(&run));
     }
 
     let quick = dir.path().join("quick");
-    ok(&[
+    ok(&on_model(
         "eval",
-        "--model",
-        s(&model),
-        "--data-dir",
+        &model,
         data,
-        "--suite",
-        "quick",
-        "--attack-limit",
-        "4",
-        "--held-out",
-        "4",
-        "--steps-scale",
-        "0.25",
-        "--out",
-        s(&quick),
-    ])?;
+        &[
+            "--suite",
+            "quick",
+            "--attack-limit",
+            "4",
+            "--held-out",
+            "4",
+            "--steps-scale",
+            "0.25",
+        ],
+        &quick,
+    ))?;
     assert!(quick.join("results.json").is_file() && quick.join("results.md").is_file());
     let cmp = dir.path().join("cmp");
     let spec = format!("tiny={}", quick.join("results.json").display());
@@ -602,18 +496,9 @@ fn attack_quick_suite_and_compare() -> TestResult {
 
 #[test]
 fn oat_models_and_stochastic_students() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
     let common = [
-        "--threads",
-        "2",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
         "--lr",
         "0.05",
         "--threshold-held-out",
@@ -622,12 +507,7 @@ fn oat_models_and_stochastic_students() -> TestResult {
         data,
     ];
     let train = |out: &Path, extra: &[&str]| -> TestResult {
-        let mut args = vec!["train"];
-        args.extend(common);
-        args.extend(extra);
-        args.extend(["--out", s(out)]);
-        let run = rampart(&args)?;
-        assert!(run.status.success(), "{}", text(&run));
+        ok(&tiny_train_args("1", &[&common, extra].concat(), out))?;
         Ok(())
     };
     let teacher = dir.path().join("teacher");
@@ -653,19 +533,12 @@ fn oat_models_and_stochastic_students() -> TestResult {
     assert!((config["noise"].as_f64().unwrap_or(0.0) - 0.1).abs() < 1e-6);
 
     let eval = |model: &Path, out: &Path, extra: &[&str]| -> std::io::Result<Output> {
-        let mut args = vec![
-            "eval",
-            "--threads",
-            "2",
-            "--model",
-            s(model),
-            "--data-dir",
-            data,
-            "--out",
-            s(out),
-        ];
-        args.extend(extra);
-        rampart(&args)
+        let flags = [&["--threads", "2"], extra].concat();
+        rampart(&on_model("eval", model, data, &flags, out))
+    };
+    let attack = |model: &Path, out: &Path, extra: &[&str]| {
+        let flags = [&["--threads", "2"], extra].concat();
+        ok(&on_model("attack", model, data, &flags, out))
     };
     let results = |out: &Path| read_json(&out.join("results.json"));
 
@@ -685,23 +558,8 @@ fn oat_models_and_stochastic_students() -> TestResult {
     let run = eval(&oat_model, &dir.path().join("y"), &["--lambda", "1.5"])?;
     assert!(!run.status.success());
     let out = dir.path().join("oat-attack");
-    ok(&[
-        "attack",
-        "--threads",
-        "2",
-        "--model",
-        s(&oat_model),
-        "--data-dir",
-        data,
-        "--lambda",
-        "0.2",
-        "--steps",
-        "2",
-        "--test-limit",
-        "4",
-        "--out",
-        s(&out),
-    ])?;
+    let flags = ["--lambda", "0.2", "--steps", "2", "--test-limit", "4"];
+    attack(&oat_model, &out, &flags)?;
     let config = read_json(&out.join("config.json"))?;
     assert!((config["lambda"].as_f64().unwrap_or(0.0) - 0.2).abs() < 1e-6);
     assert_eq!(config["eot_samples"], 1);
@@ -745,21 +603,7 @@ fn oat_models_and_stochastic_students() -> TestResult {
     assert!(md.contains("independent noise draws"), "{md}");
     // `rampart attack` on the student uses EOT by default.
     let out = dir.path().join("student-attack");
-    ok(&[
-        "attack",
-        "--threads",
-        "2",
-        "--model",
-        s(&student_model),
-        "--data-dir",
-        data,
-        "--steps",
-        "1",
-        "--test-limit",
-        "2",
-        "--out",
-        s(&out),
-    ])?;
+    attack(&student_model, &out, &["--steps", "1", "--test-limit", "2"])?;
     let config = read_json(&out.join("config.json"))?;
     // 20 samples by default (AutoAttack's rand version, REFERENCE §2).
     assert_eq!(config["eot_samples"], 20);
@@ -783,8 +627,7 @@ fn calibration_methods_train_from_the_command_line() -> TestResult {
     for flag in ["regmixup", "sat", "ar-adals", "--mixup-alpha"] {
         assert!(help.contains(flag), "train --help lacks {flag}:\n{help}");
     }
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
     for (method, extra) in [
         ("regmixup", vec!["--mixup-alpha", "2"]),
@@ -792,29 +635,16 @@ fn calibration_methods_train_from_the_command_line() -> TestResult {
         ("ar-adals", vec!["--label-smoothing", "0.2"]),
     ] {
         let out = dir.path().join(method);
-        let mut args = vec![
-            "train",
-            "--threads",
-            "2",
-            "--arch",
-            "wrn-10-1",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
+        let flags = [
             "--lr",
             "0.05",
             "--threshold-held-out",
             "0",
             "--data-dir",
             data,
-            "--method",
-            method,
-            "--out",
-            s(&out),
         ];
-        args.extend(extra);
-        let run = rampart(&args)?;
+        let method_flags = [flags.as_slice(), &["--method", method], &extra].concat();
+        let run = rampart(&tiny_train_args("1", &method_flags, &out))?;
         assert!(run.status.success(), "{method}: {}", text(&run));
         let config = read_json(&out.join("config.json"))?;
         assert_eq!(config["method"], method);
@@ -882,11 +712,15 @@ impl KillPoints {
 
 /// `rampart args` run to the end with progress lines on stderr.
 fn run_logged(args: &[String]) -> std::io::Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(args)
-        .env_remove("RAMPART_DATA_DIR")
-        .env("RUST_LOG", PROGRESS_LOG)
-        .output()
+    rampart_command(args, PROGRESS_LOG).output()
+}
+
+/// Starts `rampart args` in the background, logging at `log`, its stderr piped.
+fn spawn_piped(args: &[String], log: &str) -> std::io::Result<std::process::Child> {
+    rampart_command(args, log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
 }
 
 /// Starts `rampart args` and kills it with SIGKILL right after its `k`-th stderr line
@@ -897,13 +731,7 @@ fn kill_after_line(
     counts: impl Fn(&str) -> bool,
 ) -> std::io::Result<()> {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(args)
-        .env_remove("RAMPART_DATA_DIR")
-        .env("RUST_LOG", PROGRESS_LOG)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut child = spawn_piped(args, PROGRESS_LOG)?;
     let stderr = child.stderr.take().ok_or(std::io::ErrorKind::BrokenPipe)?;
     let mut seen = 0;
     for line in std::io::BufReader::new(stderr).lines() {
@@ -1006,8 +834,7 @@ fn killed_runs_end_like_the_whole(
 /// with the uninterrupted run's results and per-example records.
 #[test]
 fn every_eval_suite_killed_resumes_to_the_same_results() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
     let model = train_tiny(data, &dir.path().join("m"), &[])?;
     let protocol = [
@@ -1096,23 +923,8 @@ fn every_eval_suite_killed_resumes_to_the_same_results() -> TestResult {
     ];
     for (i, (suite, extra, files)) in suites.iter().enumerate() {
         let args = |out: &Path| -> Vec<String> {
-            let mut a: Vec<String> = [
-                "--threads",
-                "2",
-                "eval",
-                "--model",
-                s(&model),
-                "--data-dir",
-                data,
-                "--suite",
-                suite,
-            ]
-            .iter()
-            .chain(extra)
-            .map(|a| a.to_string())
-            .collect();
-            a.extend(["--out".to_string(), s(out).to_string()]);
-            a
+            let flags = [&["--threads", "2", "--suite", suite], extra.as_slice()].concat();
+            owned(&on_model("eval", &model, data, &flags, out))
         };
         killed_runs_end_like_the_whole(dir.path(), suite, args, files, 17 + i as u64, 1)?;
     }
@@ -1124,19 +936,13 @@ fn every_eval_suite_killed_resumes_to_the_same_results() -> TestResult {
 /// restart with other settings is refused, naming them.
 #[test]
 fn a_killed_attack_resumes_to_the_same_examples() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
     let model = train_tiny(data, &dir.path().join("m"), &[])?;
     let args = |eps: &str, out: &Path| -> Vec<String> {
-        [
+        let flags = [
             "--threads",
             "2",
-            "attack",
-            "--model",
-            s(&model),
-            "--data-dir",
-            data,
             "--eps",
             eps,
             "--steps",
@@ -1145,12 +951,8 @@ fn a_killed_attack_resumes_to_the_same_examples() -> TestResult {
             "2",
             "--trust-examples",
             "2",
-            "--out",
-            s(out),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
+        ];
+        owned(&on_model("attack", &model, data, &flags, out))
     };
     let files = ["summary.json", "adversarial.safetensors"];
     killed_runs_end_like_the_whole(
@@ -1165,24 +967,14 @@ fn a_killed_attack_resumes_to_the_same_examples() -> TestResult {
     // A run stopped before it finished (its settings file says so), then started with
     // another ε: refused by name, and nothing of it is overwritten.
     let out = dir.path().join("other");
-    let run = rampart(
-        &args("8/255", &out)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
+    let run = rampart(&args("8/255", &out))?;
     assert!(run.status.success(), "{}", text(&run));
     let settings = out.join(rampart_fs::SETTINGS_FILE);
     let written = std::fs::read_to_string(&settings)?.replacen("finished", "running", 1);
     std::fs::write(&settings, &written)?;
     assert!(interrupted(&out));
     let summary = std::fs::read(out.join("summary.json"))?;
-    let refused = rampart(
-        &args("16/255", &out)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
+    let refused = rampart(&args("16/255", &out))?;
     let msg = text(&refused);
     assert!(!refused.status.success(), "{msg}");
     assert!(
@@ -1199,23 +991,17 @@ fn a_killed_attack_resumes_to_the_same_examples() -> TestResult {
 /// sweep.
 #[test]
 fn a_killed_sweep_resumes_to_the_same_points() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
     let model = train_tiny(data, &dir.path().join("student"), &["--noise", "0.1"])?;
     let args = |out: &Path| -> Vec<String> {
-        [
+        let flags = [
             "--threads",
             "2",
-            "sweep",
             "--over",
             "noise-scale",
             "--values",
             "0,1",
-            "--model",
-            s(&model),
-            "--data-dir",
-            data,
             "--suite",
             "pgd20",
             "--attack-steps",
@@ -1230,12 +1016,8 @@ fn a_killed_sweep_resumes_to_the_same_points() -> TestResult {
             "2",
             "--trust-examples",
             "2",
-            "--out",
-            s(out),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
+        ];
+        owned(&on_model("sweep", &model, data, &flags, out))
     };
     let files = [
         "sweep.json",
@@ -1282,17 +1064,7 @@ fn export_and_import_round_trip_through_a_pytorch_state_dict() -> TestResult {
     let mut predictions = Vec::new();
     for (name, m) in [("original", &model), ("imported", &imported)] {
         let out = dir.path().join(name);
-        ok(&[
-            "eval",
-            "--model",
-            s(m),
-            "--suite",
-            "clean",
-            "--data-dir",
-            data,
-            "--out",
-            s(&out),
-        ])?;
+        ok(&on_model("eval", m, data, &["--suite", "clean"], &out))?;
         predictions.push(std::fs::read_to_string(out.join("predictions.json"))?);
     }
     assert_eq!(predictions[0], predictions[1]);
@@ -1322,39 +1094,15 @@ fn onnx_models_are_evaluated_and_attacked() -> TestResult {
     let mut predicted = Vec::new();
     for (name, m) in [("rampart", &model), ("onnx", &onnx)] {
         let out = dir.path().join(name);
-        ok(&[
-            "eval",
-            "--model",
-            s(m),
-            "--suite",
-            "clean",
-            "--dataset",
-            "cifar10",
-            "--data-dir",
-            data,
-            "--out",
-            s(&out),
-        ])?;
+        let flags = ["--suite", "clean", "--dataset", "cifar10"];
+        ok(&on_model("eval", m, data, &flags, &out))?;
         predicted.push(read_json(&out.join("predictions.json"))?["predicted"].clone());
     }
     assert_eq!(predicted[0], predicted[1]);
 
     let out = dir.path().join("atk");
-    ok(&[
-        "attack",
-        "--model",
-        s(&onnx),
-        "--data-dir",
-        data,
-        "--eps",
-        "8/255",
-        "--steps",
-        "2",
-        "--test-limit",
-        "4",
-        "--out",
-        s(&out),
-    ])?;
+    let flags = ["--eps", "8/255", "--steps", "2", "--test-limit", "4"];
+    ok(&on_model("attack", &onnx, data, &flags, &out))?;
     let tensors = candle_core::safetensors::load(
         out.join("adversarial.safetensors"),
         &candle_core::Device::Cpu,
@@ -1365,32 +1113,17 @@ fn onnx_models_are_evaluated_and_attacked() -> TestResult {
         "L∞ norm {max_norm} exceeds ε"
     );
 
-    let run = rampart(&[
+    let flags = ["--onnx-mean", "0.5,0.5,0.5", "--suite", "clean"];
+    let run = rampart(&on_model(
         "eval",
-        "--model",
-        s(&model),
-        "--onnx-mean",
-        "0.5,0.5,0.5",
-        "--suite",
-        "clean",
-        "--data-dir",
+        &model,
         data,
-        "--out",
-        s(&dir.path().join("bad")),
-    ])?;
+        &flags,
+        &dir.path().join("bad"),
+    ))?;
     assert!(!run.status.success());
     assert!(text(&run).contains("ONNX models"), "{}", text(&run));
     Ok(())
-}
-
-/// Starts `rampart args` in the background, its stderr piped.
-fn spawn_piped(args: &[String]) -> std::io::Result<std::process::Child> {
-    Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
 }
 
 /// Sends `signal` (INT, TERM) to a child process.
@@ -1417,37 +1150,15 @@ fn wait_for(child: &mut std::process::Child, ready: impl Fn() -> bool) -> std::i
 /// again ends with the uninterrupted results.
 #[test]
 fn sigint_and_sigterm_stop_cleanly_and_resume() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 8, 0)?;
+    let dir = tiny_cifar10_dir(8)?;
     let data = s(dir.path());
-    let train = |out: &Path| -> Vec<String> {
-        [
-            "--threads",
-            "2",
-            "train",
-            "--arch",
-            "wrn-10-1",
-            "--epochs",
-            "40",
-            "--batch-size",
-            "8",
-            "--data-dir",
-            data,
-            "--out",
-            s(out),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
+    let train = |out: &Path| owned(&tiny_train_args("40", &["--data-dir", data], out));
     let straight = dir.path().join("straight");
-    let run = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(train(&straight))
-        .output()?;
+    let run = rampart(&train(&straight))?;
     assert!(run.status.success(), "{}", text(&run));
 
     let out = dir.path().join("interrupted");
-    let mut child = spawn_piped(&train(&out))?;
+    let mut child = spawn_piped(&train(&out), "warn")?;
     let ckpt = out.join("checkpoint.safetensors");
     wait_for(&mut child, || ckpt.is_file())?;
     signal(&child, "INT")?;
@@ -1459,9 +1170,7 @@ fn sigint_and_sigterm_stop_cleanly_and_resume() -> TestResult {
         "{msg}"
     );
     assert!(!out.join("model.safetensors").exists());
-    let resumed = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args([train(&out), vec!["--resume".to_string()]].concat())
-        .output()?;
+    let resumed = rampart(&[train(&out), vec!["--resume".to_string()]].concat())?;
     assert!(resumed.status.success(), "{}", text(&resumed));
     let weights = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu);
     let (a, b) = (
@@ -1477,12 +1186,10 @@ fn sigint_and_sigterm_stop_cleanly_and_resume() -> TestResult {
     let model = straight.join("model.safetensors");
     let eval = |out: &Path| quick_eval_args(&model, data, out, &["--attack-limit", "8"]);
     let whole = dir.path().join("whole");
-    let run = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(eval(&whole))
-        .output()?;
+    let run = rampart(&eval(&whole))?;
     assert!(run.status.success(), "{}", text(&run));
     let out = dir.path().join("eval-term");
-    let mut child = spawn_piped(&eval(&out))?;
+    let mut child = spawn_piped(&eval(&out), "warn")?;
     let records = out.join("per_example");
     wait_for(&mut child, || {
         std::fs::read_dir(&records)
@@ -1497,9 +1204,7 @@ fn sigint_and_sigterm_stop_cleanly_and_resume() -> TestResult {
     if !stopped.status.success() {
         assert_eq!(stopped.status.code(), Some(130), "{msg}");
         assert!(msg.contains("run the same command again"), "{msg}");
-        let again = Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(eval(&out))
-            .output()?;
+        let again = rampart(&eval(&out))?;
         assert!(again.status.success(), "{}", text(&again));
     }
     let mut expected = read_json(&whole.join("results.json"))?;

@@ -4,23 +4,19 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use rampart_data::DatasetKind;
 
 mod common;
 
-use common::{s, text, TestResult};
+use common::{on_model, rampart_command, read_json, s, text, tiny_train_args, TestResult};
 
 /// The binary with no data folder in its environment and `home` as HOME and, when
 /// given, `xdg` as XDG_CACHE_HOME.
 fn rampart_in(args: &[&str], home: &Path, xdg: Option<&Path>) -> std::io::Result<Output> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
-    cmd.args(args)
-        .env_remove("RAMPART_DATA_DIR")
-        .env_remove("XDG_CACHE_HOME")
-        .env("HOME", home)
-        .env("RUST_LOG", "warn");
+    let mut cmd = rampart_command(args, "warn");
+    cmd.env_remove("XDG_CACHE_HOME").env("HOME", home);
     if let Some(xdg) = xdg {
         cmd.env("XDG_CACHE_HOME", xdg);
     }
@@ -109,8 +105,25 @@ fn write_tiny_svhn(dir: &Path, train: usize, test: usize) -> std::io::Result<()>
     Ok(())
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+/// `data export --dataset DATASET --split SPLIT --out OUT FLAGS…`.
+fn export_args<'a>(
+    dataset: &'a str,
+    split: &'a str,
+    out: &'a str,
+    flags: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "data",
+        "export",
+        "--dataset",
+        dataset,
+        "--split",
+        split,
+        "--out",
+        out,
+    ];
+    args.extend(flags);
+    args
 }
 
 /// Trains WRN-10-1 for one epoch on `dataset` in `data`, evaluates it (clean and PGD-20
@@ -119,27 +132,8 @@ fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error
 fn train_and_evaluate(dataset: &str, data: &Path, home: &Path) -> TestResult {
     let kind: DatasetKind = dataset.parse()?;
     let run = home.join(format!("run-{dataset}"));
-    let train = rampart_in(
-        &[
-            "--threads",
-            "2",
-            "train",
-            "--dataset",
-            dataset,
-            "--arch",
-            "wrn-10-1",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--data-dir",
-            s(data),
-            "--out",
-            s(&run),
-        ],
-        home,
-        None,
-    )?;
+    let flags = ["--dataset", dataset, "--data-dir", s(data)];
+    let train = rampart_in(&tiny_train_args("1", &flags, &run), home, None)?;
     assert!(train.status.success(), "{}", text(&train));
     let model = run.join("model.safetensors");
     let spec = rampart_models::Classifier::read_spec(&model)?;
@@ -155,21 +149,8 @@ fn train_and_evaluate(dataset: &str, data: &Path, home: &Path) -> TestResult {
 
     for (suite, extra) in [("clean", vec![]), ("pgd20", vec!["--attack-limit", "4"])] {
         let out = run.join(format!("eval-{suite}"));
-        let mut args = vec![
-            "--threads",
-            "2",
-            "eval",
-            "--model",
-            s(&model),
-            "--suite",
-            suite,
-            "--data-dir",
-            s(data),
-            "--out",
-            s(&out),
-        ];
-        args.extend(extra);
-        let eval = rampart_in(&args, home, None)?;
+        let flags = [&["--threads", "2", "--suite", suite], extra.as_slice()].concat();
+        let eval = rampart_in(&on_model("eval", &model, s(data), &flags, &out), home, None)?;
         assert!(eval.status.success(), "{dataset} {suite}: {}", text(&eval));
         let results = read_json(&out.join("results.json"))?;
         assert_eq!(results["dataset"], dataset, "{suite}");
@@ -179,22 +160,9 @@ fn train_and_evaluate(dataset: &str, data: &Path, home: &Path) -> TestResult {
         }
     }
     let out = run.join("attack");
+    let flags = ["--threads", "2", "--steps", "2", "--test-limit", "4"];
     let attack = rampart_in(
-        &[
-            "--threads",
-            "2",
-            "attack",
-            "--model",
-            s(&model),
-            "--steps",
-            "2",
-            "--test-limit",
-            "4",
-            "--data-dir",
-            s(data),
-            "--out",
-            s(&out),
-        ],
+        &on_model("attack", &model, s(data), &flags, &out),
         home,
         None,
     )?;
@@ -219,21 +187,9 @@ fn mnist_and_svhn_train_evaluate_and_attack() -> TestResult {
     let mnist_model = dir.path().join("run-mnist/model.safetensors");
     let out = dir.path().join("wrong");
     for (dataset, data) in [("svhn", &svhn), ("cifar10", &svhn)] {
-        let eval = rampart_in(
-            &[
-                "eval",
-                "--model",
-                s(&mnist_model),
-                "--dataset",
-                dataset,
-                "--data-dir",
-                s(data),
-                "--out",
-                s(&out),
-            ],
-            dir.path(),
-            None,
-        )?;
+        let flags = ["--dataset", dataset];
+        let args = on_model("eval", &mnist_model, s(data), &flags, &out);
+        let eval = rampart_in(&args, dir.path(), None)?;
         assert!(!eval.status.success());
         let msg = text(&eval);
         assert!(
@@ -252,18 +208,7 @@ fn export(
     home: &Path,
     xdg: Option<&Path>,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let mut all = vec![
-        "data",
-        "export",
-        "--dataset",
-        "mnist",
-        "--split",
-        "test",
-        "--out",
-        s(out),
-    ];
-    all.extend(args);
-    let run = rampart_in(&all, home, xdg)?;
+    let run = rampart_in(&export_args("mnist", "test", s(out), args), home, xdg)?;
     let msg = text(&run);
     if !run.status.success() {
         return Err(msg.into());
@@ -300,18 +245,9 @@ fn the_data_folder_is_the_flag_then_the_environment_then_the_cache() -> TestResu
             err.contains("per-user data folder") && err.contains("--features download"),
             "{err}"
         );
+        let r = dir.path().join("r");
         let train = rampart_in(
-            &[
-                "train",
-                "--dataset",
-                "mnist",
-                "--arch",
-                "wrn-10-1",
-                "--epochs",
-                "1",
-                "--out",
-                s(&dir.path().join("r")),
-            ],
+            &tiny_train_args("1", &["--dataset", "mnist"], &r),
             &home,
             None,
         )?;
@@ -341,17 +277,7 @@ fn the_data_folder_is_the_flag_then_the_environment_then_the_cache() -> TestResu
     }
     assert!(export(&[], &out, &home, None)?.contains("3 examples"));
     assert!(export(&[], &out, &home, Some(&xdg))?.contains("4 examples"));
-    let with_env = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args([
-            "data",
-            "export",
-            "--dataset",
-            "mnist",
-            "--split",
-            "test",
-            "--out",
-            s(&out),
-        ])
+    let with_env = rampart_command(&export_args("mnist", "test", s(&out), &[]), "warn")
         .env("HOME", &home)
         .env("XDG_CACHE_HOME", &xdg)
         .env("RAMPART_DATA_DIR", &env_data)
@@ -367,25 +293,8 @@ fn the_data_folder_is_the_flag_then_the_environment_then_the_cache() -> TestResu
 
     // Training without any data flag uses the cache folder and records it.
     let run = dir.path().join("run");
-    let train = rampart_in(
-        &[
-            "--threads",
-            "2",
-            "train",
-            "--dataset",
-            "mnist",
-            "--arch",
-            "wrn-10-1",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--out",
-            s(&run),
-        ],
-        &home,
-        Some(&xdg),
-    )?;
+    let args = tiny_train_args("1", &["--dataset", "mnist"], &run);
+    let train = rampart_in(&args, &home, Some(&xdg))?;
     assert!(train.status.success(), "{}", text(&train));
     let config = read_json(&run.join("config.json"))?;
     assert_eq!(config["data_dir"], s(&xdg_data));
@@ -480,23 +389,10 @@ fn export_writes_the_loaders_pixels_and_labels() -> TestResult {
 
             let st = dir.path().join(format!("{kind}-{split}.safetensors"));
             let npz = dir.path().join(format!("{kind}-{split}.npz"));
+            let name = kind.to_string();
             for out in [&st, &npz] {
-                let run = rampart_in(
-                    &[
-                        "data",
-                        "export",
-                        "--dataset",
-                        &kind.to_string(),
-                        "--split",
-                        split,
-                        "--data-dir",
-                        s(&data),
-                        "--out",
-                        s(out),
-                    ],
-                    dir.path(),
-                    None,
-                )?;
+                let args = export_args(&name, split, s(out), &["--data-dir", s(&data)]);
+                let run = rampart_in(&args, dir.path(), None)?;
                 assert!(run.status.success(), "{}", text(&run));
             }
 
@@ -546,22 +442,9 @@ fn export_writes_the_loaders_pixels_and_labels() -> TestResult {
             assert_eq!(read, labels);
         }
     }
-    let bad = rampart_in(
-        &[
-            "data",
-            "export",
-            "--dataset",
-            "mnist",
-            "--split",
-            "test",
-            "--data-dir",
-            s(&dir.path().join("mnist")),
-            "--out",
-            "x.csv",
-        ],
-        dir.path(),
-        None,
-    )?;
+    let mnist = dir.path().join("mnist");
+    let args = export_args("mnist", "test", "x.csv", &["--data-dir", s(&mnist)]);
+    let bad = rampart_in(&args, dir.path(), None)?;
     assert!(
         !bad.status.success() && text(&bad).contains(".safetensors or .npz"),
         "{}",

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use common::{
-    owned, quick_eval_args, refused, run_ok, s, train_tiny, without_timings, write_tiny_cifar10,
-    TestResult,
+    on_model, owned, quick_eval_args, refused, run_ok, s, tiny_cifar10_dir, train_tiny,
+    without_timings, write_tiny_cifar10, TestResult,
 };
 
 /// A `quick` evaluation of 12 attacked images in batches of 4 (3 batches), 4 held out.
@@ -121,8 +121,7 @@ fn assert_same_outputs(whole: &Path, merged: &Path) -> Result<usize, Box<dyn std
 /// repeated and foreign shards (another model, data set or seed) are refused by name.
 #[test]
 fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    write_tiny_cifar10(dir.path(), 16, 0)?;
+    let dir = tiny_cifar10_dir(16)?;
     let data = s(dir.path());
     let model = train_tiny(data, &dir.path().join("m"), &["--seed", "0"])?;
 
@@ -183,47 +182,18 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
     assert!(!to.join("results.json").exists());
 
     // Bad shard specifications.
-    let m = s(&model);
+    let eval_refused = |flags: &[&str]| refused(&on_model("eval", &model, data, flags, &to));
     for (spec, says) in [
         ("3/3", "numbered from 0 to 2"),
         ("1/0", "at least 1"),
         ("x", "I/N"),
     ] {
-        let said = refused(&[
-            "eval",
-            "--model",
-            m,
-            "--data-dir",
-            data,
-            "--suite",
-            "quick",
-            "--shard",
-            spec,
-            "--out",
-            t,
-        ])?;
+        let said = eval_refused(&["--suite", "quick", "--shard", spec])?;
         assert!(said.contains(says), "{spec}: {said}");
     }
-    let said = refused(&[
-        "eval",
-        "--model",
-        m,
-        "--data-dir",
-        data,
-        "--suite",
-        "pgd20",
-        "--shard",
-        "0/2",
-        "--out",
-        t,
-    ])?;
+    let said = eval_refused(&["--suite", "pgd20", "--shard", "0/2"])?;
     assert!(said.contains("--shard applies to --suite quick"), "{said}");
-    let said = refused(&[
-        "eval",
-        "--model",
-        m,
-        "--data-dir",
-        data,
+    let said = eval_refused(&[
         "--suite",
         "quick",
         "--held-out",
@@ -232,21 +202,14 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
         "4",
         "--shard",
         "0/4",
-        "--out",
-        t,
     ])?;
     assert!(said.contains("only 3 batches"), "{said}");
 
     // `rampart attack`: 16 images in batches of 4, 2 ε, cut into 3 shards.
     let attack = |out: &Path, extra: &[&str]| {
-        let mut args = owned(&[
+        let flags = [
             "--threads",
             "2",
-            "attack",
-            "--model",
-            m,
-            "--data-dir",
-            data,
             "--eps",
             "2/255,8/255",
             "--steps",
@@ -255,11 +218,14 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
             "4",
             "--trust-examples",
             "4",
-            "--out",
-            s(out),
-        ]);
-        args.extend(owned(extra));
-        run_ok(&args)
+        ];
+        run_ok(&on_model(
+            "attack",
+            &model,
+            data,
+            &[&flags, extra].concat(),
+            out,
+        ))
     };
     let whole_attack = dir.path().join("attack-whole");
     attack(&whole_attack, &[])?;

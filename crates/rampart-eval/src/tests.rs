@@ -9,7 +9,9 @@ use rampart_models::{Classifier, ModelSpec};
 
 use crate::*;
 
-type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+/// A test helper's result: any error fails the test.
+type Fallible<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+type TestResult = Fallible<()>;
 
 const SHAPE: (usize, usize, usize) = (3, 8, 8);
 const CLASSES: usize = 10;
@@ -92,6 +94,19 @@ fn labelled(
     Ok(ImageDataset::new(images, labels, shape, names)?)
 }
 
+/// The MLP and `n` images of [`dataset`] labelled by it.
+fn mlp_with_data(n: usize) -> Result<(Mlp, ImageDataset)> {
+    let model = Mlp::new()?;
+    let ds = dataset(&model, n, SHAPE)?;
+    Ok((model, ds))
+}
+
+/// A temporary output folder and [`mlp_with_data`].
+fn mlp_in_temp_dir(n: usize) -> Fallible<(tempfile::TempDir, Mlp, ImageDataset)> {
+    let (model, ds) = mlp_with_data(n)?;
+    Ok((tempfile::tempdir()?, model, ds))
+}
+
 fn config(suite: Suite, out: &Path) -> Result<EvalConfig> {
     let mut c = EvalConfig::new(suite, out);
     c.effort = Effort::new(0.1, 0.1)?;
@@ -116,10 +131,8 @@ fn comparable(r: &EvalReport) -> EvalReport {
 
 #[test]
 fn quick_suite_writes_everything_and_resumes() -> TestResult {
-    let dir = tempfile::tempdir()?;
+    let (dir, model, ds) = mlp_in_temp_dir(48)?;
     let out = dir.path().join("eval");
-    let model = Mlp::new()?;
-    let ds = dataset(&model, 48, SHAPE)?;
     let cfg = config(Suite::Quick, &out)?;
     let first = evaluate(&model, &ds, &cfg)?;
 
@@ -199,9 +212,7 @@ fn quick_suite_writes_everything_and_resumes() -> TestResult {
 
 #[test]
 fn full_suite_runs_every_threat_model() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let model = Mlp::new()?;
-    let ds = dataset(&model, 40, SHAPE)?;
+    let (dir, model, ds) = mlp_in_temp_dir(40)?;
     let mut cfg = config(Suite::Full, dir.path())?;
     cfg.effort = Effort::new(0.005, 0.02)?;
     cfg.plots = false;
@@ -329,9 +340,7 @@ fn model_threshold_metadata_is_a_number_or_a_json_object() -> TestResult {
 
 #[test]
 fn bad_configs_are_refused() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let model = Mlp::new()?;
-    let ds = dataset(&model, 20, SHAPE)?;
+    let (dir, model, ds) = mlp_in_temp_dir(20)?;
     let mut cfg = config(Suite::Quick, dir.path())?;
     cfg.held_out = 20;
     assert!(matches!(
@@ -585,9 +594,7 @@ fn a_rejecting_model_is_attacked_harder_by_the_worst_case_than_by_cross_entropy(
 
 #[test]
 fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let model = Mlp::new()?;
-    let ds = dataset(&model, 24, SHAPE)?;
+    let (dir, model, ds) = mlp_in_temp_dir(24)?;
     let config = AutoAttackConfig {
         norm: rampart_attacks::Norm::L2,
         eps: 0.5,
@@ -597,14 +604,11 @@ fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
         rand: false,
     };
     let per_example = dir.path().join("per_example");
-    let whole = run_autoattack(
-        &model,
-        rampart_attacks::Bounds::UNIT,
-        &ds,
-        &config,
-        &per_example,
-        &Device::Cpu,
-    )?;
+    let run = |config: &AutoAttackConfig| {
+        let bounds = rampart_attacks::Bounds::UNIT;
+        run_autoattack(&model, bounds, &ds, config, &per_example, &Device::Cpu)
+    };
+    let whole = run(&config)?;
     assert_eq!(
         (whole.examples, whole.batches.len(), whole.resumed_batches),
         (24, 3, 0)
@@ -615,14 +619,7 @@ fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
     let mut state: AutoAttackState = serde_json::from_slice(&std::fs::read(&path)?)?;
     state.batches.truncate(1);
     std::fs::write(&path, serde_json::to_vec(&state)?)?;
-    let resumed = run_autoattack(
-        &model,
-        rampart_attacks::Bounds::UNIT,
-        &ds,
-        &config,
-        &per_example,
-        &Device::Cpu,
-    )?;
+    let resumed = run(&config)?;
     assert_eq!(resumed.resumed_batches, 1);
     assert_eq!(
         (resumed.clean_correct, resumed.robust),
@@ -636,14 +633,7 @@ fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
     }
     // Other settings are another run: nothing is resumed.
     let other = AutoAttackConfig { seed: 5, ..config };
-    let fresh = run_autoattack(
-        &model,
-        rampart_attacks::Bounds::UNIT,
-        &ds,
-        &other,
-        &per_example,
-        &Device::Cpu,
-    )?;
+    let fresh = run(&other)?;
     assert_eq!(fresh.resumed_batches, 0);
     // Stage by stage: robust images only fall, and the last stage leaves the result.
     let stages = whole.stages();
@@ -659,29 +649,40 @@ fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
     Ok(())
 }
 
+/// The ε of [`pgd_at_two_eps`].
+const TWO_EPS: [f64; 2] = [2.0 / 255.0, 8.0 / 255.0];
+
+/// `pgd` at [`TWO_EPS`] on the first 18 images of `ds`, in batches of 8 (seed 3).
+fn pgd_at_two_eps(
+    model: &Mlp,
+    ds: &ImageDataset,
+    pgd: &rampart_attacks::Pgd,
+    journal: Option<&BatchJournal>,
+) -> Result<EpsResults> {
+    let bounds = rampart_attacks::Bounds::UNIT;
+    attack_at_eps(
+        model,
+        bounds,
+        ds,
+        0..18,
+        pgd,
+        &TWO_EPS,
+        8,
+        3,
+        &Device::Cpu,
+        journal,
+    )
+}
+
 #[test]
 fn one_attack_at_several_eps_batch_by_batch() -> TestResult {
-    let model = Mlp::new()?;
-    let ds = dataset(&model, 20, SHAPE)?;
+    let (model, ds) = mlp_with_data(20)?;
     let pgd = rampart_attacks::Pgd {
         steps: 5,
         ..rampart_attacks::Pgd::linf_pgd20()
     };
-    let eps = [2.0 / 255.0, 8.0 / 255.0];
-    let run = || {
-        attack_at_eps(
-            &model,
-            rampart_attacks::Bounds::UNIT,
-            &ds,
-            0..18,
-            &pgd,
-            &eps,
-            8,
-            3,
-            &Device::Cpu,
-            None,
-        )
-    };
+    let eps = TWO_EPS;
+    let run = || pgd_at_two_eps(&model, &ds, &pgd, None);
     let r = run()?;
     assert_eq!(
         (r.results.len(), r.results[0].len(), r.labels.len()),
@@ -759,9 +760,7 @@ fn a_stochastic_model_over_noise_draws() -> TestResult {
 /// under another key are attacked again.
 #[test]
 fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let model = Mlp::new()?;
-    let ds = dataset(&model, 20, SHAPE)?;
+    let (dir, model, ds) = mlp_in_temp_dir(20)?;
     let pgd = rampart_attacks::Pgd {
         steps: 3,
         ..rampart_attacks::Pgd::linf_pgd20()
@@ -827,21 +826,8 @@ fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
     assert_eq!(record(&worst(Some(&stale))?), record(&plain));
 
     let single = BatchJournal::new(dir.path().join("single"), key);
-    let eps = [2.0 / 255.0, 8.0 / 255.0];
-    let run = |j: Option<&BatchJournal>| {
-        attack_at_eps(
-            &model,
-            rampart_attacks::Bounds::UNIT,
-            &ds,
-            0..18,
-            &pgd,
-            &eps,
-            8,
-            3,
-            &Device::Cpu,
-            j,
-        )
-    };
+    let eps = TWO_EPS;
+    let run = |j: Option<&BatchJournal>| pgd_at_two_eps(&model, &ds, &pgd, j);
     let plain = run(None)?;
     run(Some(&single))?;
     third(single.dir())?;
@@ -915,18 +901,23 @@ fn markdown_without_timings(text: &str) -> String {
         .join(" s)")
 }
 
+/// The quick suite into `out` in batches of 8 (the unit of a shard), the trust checks
+/// on `trust_examples` images.
+fn sharded_quick(out: &Path, trust_examples: usize) -> Result<EvalConfig> {
+    let mut cfg = config(Suite::Quick, out)?;
+    cfg.batch_size = 8;
+    cfg.trust.examples = trust_examples;
+    Ok(cfg)
+}
+
 /// An evaluation cut into 3 shards (of unequal size, one more than a batch) and
 /// merged writes the same files as the unsharded run: every per-example record,
 /// logits matrix and plot byte for byte, `results.json`, the records with a wall time
 /// and `config.json` equal but for wall times and the output folder.
 #[test]
 fn three_shards_merge_into_the_unsharded_evaluation() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let model = Mlp::new()?;
-    let ds = dataset(&model, 48, SHAPE)?;
-    let mut cfg = config(Suite::Quick, &dir.path().join("whole"))?;
-    cfg.batch_size = 8;
-    cfg.trust.examples = 8;
+    let (dir, model, ds) = mlp_in_temp_dir(48)?;
+    let cfg = sharded_quick(&dir.path().join("whole"), 8)?;
     let whole = evaluate(&model, &ds, &cfg)?;
     let mut shard_dirs = Vec::new();
     for i in 0..3 {
@@ -1008,12 +999,8 @@ fn three_shards_merge_into_the_unsharded_evaluation() -> TestResult {
 /// shard of a run with fewer batches than shards.
 #[test]
 fn shards_that_cannot_be_exact_are_refused() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let model = Mlp::new()?;
-    let ds = dataset(&model, 48, SHAPE)?;
-    let mut cfg = config(Suite::Quick, &dir.path().join("s"))?;
-    cfg.batch_size = 8;
-    cfg.trust.examples = 16;
+    let (dir, model, ds) = mlp_in_temp_dir(48)?;
+    let mut cfg = sharded_quick(&dir.path().join("s"), 16)?;
     cfg.shard = Shard::new(0, 3)?;
     let err = evaluate(&model, &ds, &cfg).err().map(|e| e.to_string());
     assert!(err.is_some_and(|e| e.contains("trust checks run on the first 16")));

@@ -16,6 +16,7 @@ use candle_onnx::onnx::{
     OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use prost::Message;
+use rampart_data::DatasetKind;
 use rampart_defenses::{AugmentationConfig, CheckpointMeta, ScheduleKind, SgdConfig, TrainConfig};
 use rampart_fuzz::{join_two, stored_tar_gz};
 use rampart_models::{Arch, Classifier, ModelSpec};
@@ -59,32 +60,38 @@ fn cifar_batch() -> Seeds {
     ]
 }
 
+/// Every member of `kind`'s official binary archive (its path in the archive), each
+/// holding `record`.
+fn cifar_members(kind: DatasetKind, record: &[u8]) -> Result<Vec<(String, &[u8])>> {
+    let layout = kind.cifar_layout().context("a CIFAR data set")?;
+    Ok(layout
+        .train_files
+        .iter()
+        .chain([&layout.test_file])
+        .map(|n| (format!("{}/{n}", layout.binary_folder), record))
+        .collect())
+}
+
+/// Members with borrowed names, as `stored_tar_gz` takes them.
+fn borrowed<'a>(members: &'a [(String, &'a [u8])]) -> Vec<(&'a str, &'a [u8])> {
+    members.iter().map(|(n, b)| (n.as_str(), *b)).collect()
+}
+
 fn cifar_archive() -> Result<Seeds> {
     let record = cifar_records(1, 1);
-    let names = [
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-        "test_batch.bin",
-    ];
-    let members: Vec<(String, &[u8])> = names
-        .iter()
-        .map(|n| (format!("cifar-10-batches-bin/{n}"), record.as_slice()))
-        .collect();
-    let borrowed: Vec<(&str, &[u8])> = members.iter().map(|(n, b)| (n.as_str(), *b)).collect();
-    let ten = stored_tar_gz(&borrowed)?;
+    let members = cifar_members(DatasetKind::Cifar10, &record)?;
+    let ten = stored_tar_gz(&borrowed(&members))?;
     let record100 = cifar_records(1, 2);
-    let hundred = stored_tar_gz(&[
-        ("cifar-100-binary/train.bin", &record100),
-        ("cifar-100-binary/test.bin", &record100),
-    ])?;
+    let members100 = cifar_members(DatasetKind::Cifar100, &record100)?;
+    let hundred = stored_tar_gz(&borrowed(&members100))?;
     Ok(vec![
         ("cifar10.tar.gz", ten.clone()),
         ("cifar100.tar.gz", hundred),
         ("truncated.tar.gz", cut(&ten, ten.len() / 2)),
-        ("missing_member.tar.gz", stored_tar_gz(&borrowed[..2])?),
+        (
+            "missing_member.tar.gz",
+            stored_tar_gz(&borrowed(&members[..2]))?,
+        ),
     ])
 }
 

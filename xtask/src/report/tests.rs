@@ -54,6 +54,36 @@ fn fake_protocol(out: &Path, method: &str, robust_error: f64) -> Result<()> {
     Ok(())
 }
 
+/// What `collect` reads for the `selection` of rows of the smoke preset in `out`.
+fn collect_smoke(out: &Path, selection: &str) -> Result<Vec<ModelOutcome>> {
+    collect(
+        out,
+        &crate::reproduce::select_rows(Preset::Smoke, selection)?,
+        &Preset::Smoke.budgets(),
+    )
+}
+
+/// The core rows (normal, AT, CCAT) at clean accuracy 0.6875, collected from `out`.
+fn fake_core_runs(out: &Path) -> Result<Vec<ModelOutcome>> {
+    for method in ["normal", "at", "ccat"] {
+        fake_run(out, method, 0.6875)?;
+    }
+    collect_smoke(out, "core")
+}
+
+/// Runs of AT (clean accuracy 0.4) and the noisy student (0.38).
+fn fake_at_and_student(out: &Path) -> Result<()> {
+    fake_run(out, "at", 0.4)?;
+    fake_run(out, "student", 0.38)
+}
+
+/// A study folder's `results.json` (`results`) and a one-line `report.md`.
+fn fake_study_outputs(out: &Path, results: &str) -> Result<()> {
+    std::fs::write(out.join("results.json"), results)?;
+    std::fs::write(out.join("report.md"), "# Report\n")?;
+    Ok(())
+}
+
 fn study() -> Study {
     Study {
         dataset: "cifar10".into(),
@@ -70,14 +100,7 @@ fn study() -> Study {
 #[test]
 fn results_json_follows_the_schema() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    for method in ["normal", "at", "ccat"] {
-        fake_run(dir.path(), method, 0.6875)?;
-    }
-    let models = collect(
-        dir.path(),
-        &crate::reproduce::select_rows(Preset::Smoke, "core")?,
-        &Preset::Smoke.budgets(),
-    )?;
+    let models = fake_core_runs(dir.path())?;
     write(dir.path(), &study(), &models)?;
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json"))?)?;
@@ -112,14 +135,7 @@ fn results_json_follows_the_schema() -> Result<()> {
 #[test]
 fn report_has_the_table_and_the_commands() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    for method in ["normal", "at", "ccat"] {
-        fake_run(dir.path(), method, 0.6875)?;
-    }
-    let models = collect(
-        dir.path(),
-        &crate::reproduce::select_rows(Preset::Smoke, "core")?,
-        &Preset::Smoke.budgets(),
-    )?;
+    let models = fake_core_runs(dir.path())?;
     let md = report_markdown(&study(), &models);
     assert!(
         md.contains("| at | pgd-20 linf, step 0.00784, eps 0.03137, uniform start, worst case of pgd20_ce, pgd20_conf, pgd20_margin (the protocol's) | 1,000 | 1 | 25.00 % [20.0, 30.0] | 75.00 % | 0.5000 | passed |"),
@@ -155,8 +171,7 @@ fn report_has_the_table_and_the_commands() -> Result<()> {
 #[test]
 fn deterministic_rows_take_pgd20_from_the_quick_protocol() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    fake_run(dir.path(), "at", 0.4)?;
-    fake_run(dir.path(), "student", 0.38)?;
+    fake_at_and_student(dir.path())?;
     // The protocol's worst case differs from what the eval folder holds: the
     // deterministic row reports the protocol's, the stochastic one its own EOT figure.
     fake_protocol(dir.path(), "at", 0.8)?;
@@ -184,13 +199,11 @@ fn deterministic_rows_take_pgd20_from_the_quick_protocol() -> Result<()> {
 #[test]
 fn rows_are_keyed_by_row_name_not_method() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    fake_run(dir.path(), "at", 0.4)?;
-    fake_run(dir.path(), "student", 0.38)?;
+    fake_at_and_student(dir.path())?;
     let summary = model_dir(dir.path(), "student").join("summary.json");
     let text = std::fs::read_to_string(&summary)?.replace("\"student\"", "\"at\"");
     std::fs::write(&summary, text)?;
-    let rows = crate::reproduce::select_rows(Preset::Smoke, "at,student")?;
-    let models = collect(dir.path(), &rows, &Preset::Smoke.budgets())?;
+    let models = collect_smoke(dir.path(), "at,student")?;
     let json: serde_json::Value = serde_json::from_str(&results_json(&study(), &models)?)?;
     assert_eq!(json["models"]["at"]["clean_accuracy"], 0.4);
     assert_eq!(json["models"]["student"]["clean_accuracy"], 0.38);
@@ -204,11 +217,7 @@ fn rows_are_keyed_by_row_name_not_method() -> Result<()> {
 fn sweeps_join_results_and_report() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path();
-    std::fs::write(
-        out.join("results.json"),
-        r#"{"schema_version":1,"models":{}}"#,
-    )?;
-    std::fs::write(out.join("report.md"), "# Report\n")?;
+    fake_study_outputs(out, r#"{"schema_version":1,"models":{}}"#)?;
     let sweep = sweep_dir(out, "oat");
     std::fs::create_dir_all(&sweep)?;
     std::fs::write(
@@ -233,11 +242,10 @@ fn sweeps_join_results_and_report() -> Result<()> {
 fn autoattack_joins_results_and_report() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path();
-    std::fs::write(
-        out.join("results.json"),
+    fake_study_outputs(
+        out,
         r#"{"schema_version":1,"models":{"at":{"method":"at"}}}"#,
     )?;
-    std::fs::write(out.join("report.md"), "# Report\n")?;
     let aa = autoattack_dir(out, "at");
     let pgd = autoattack_pgd_dir(out, "at");
     std::fs::create_dir_all(&aa)?;
@@ -282,14 +290,10 @@ fn autoattack_joins_results_and_report() -> Result<()> {
 #[test]
 fn missing_outputs_name_the_file() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let err = collect(
-        dir.path(),
-        &crate::reproduce::select_rows(Preset::Smoke, "core")?,
-        &Preset::Smoke.budgets(),
-    )
-    .err()
-    .map(|e| format!("{e:#}"))
-    .unwrap_or_default();
+    let err = collect_smoke(dir.path(), "core")
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
     assert!(err.contains("summary.json"), "{err}");
     Ok(())
 }

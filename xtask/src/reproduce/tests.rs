@@ -1,5 +1,27 @@
 use super::*;
 
+/// The smoke preset's row `method`.
+fn smoke_row(method: &str) -> Option<&'static ModelRow> {
+    Preset::Smoke.models().iter().find(|r| r.method == method)
+}
+
+/// The training flags of the smoke preset's row `method`, joined by spaces (empty
+/// when there is no such row).
+fn smoke_train_flags(method: &str) -> String {
+    smoke_row(method)
+        .map(ModelRow::train_flags)
+        .unwrap_or_default()
+        .join(" ")
+}
+
+/// The methods of the smoke rows that `selection` picks, in order.
+fn selected_methods(selection: &str) -> Result<Vec<&'static str>> {
+    Ok(select_rows(Preset::Smoke, selection)?
+        .iter()
+        .map(|r| r.method)
+        .collect())
+}
+
 #[test]
 fn every_preset_has_normal_at_and_ccat_rows() {
     for preset in [Preset::Smoke, Preset::Fast, Preset::Paper] {
@@ -33,37 +55,12 @@ fn every_preset_has_normal_at_and_ccat_rows() {
 
 #[test]
 fn rows_are_selected_by_name_or_group() -> Result<()> {
-    let core: Vec<&str> = select_rows(Preset::Smoke, "core")?
-        .iter()
-        .map(|r| r.method)
-        .collect();
+    let core = selected_methods("core")?;
     assert_eq!(core, ["normal", "at", "ccat"]);
     assert_eq!(select_rows(Preset::Smoke, "all")?.len(), 11);
-    let plain = Preset::Smoke
-        .models()
-        .iter()
-        .find(|r| r.method == "student-normal");
+    let plain = smoke_row("student-normal");
     assert_eq!(plain.and_then(|r| r.teacher), Some("normal"));
-    let plain = plain
-        .map(ModelRow::train_flags)
-        .unwrap_or_default()
-        .join(" ");
-    assert!(plain.starts_with("--method normal "), "{plain}");
-    assert!(plain.ends_with("--noise 0.1"), "{plain}");
-    let fixed = Preset::Smoke
-        .models()
-        .iter()
-        .find(|r| r.method == "oat-fixed");
-    let fixed = fixed
-        .map(ModelRow::train_flags)
-        .unwrap_or_default()
-        .join(" ");
-    assert!(fixed.starts_with("--method oat "), "{fixed}");
-    assert!(fixed.ends_with("--lambdas 0.3"), "{fixed}");
-    let some: Vec<&str> = select_rows(Preset::Smoke, "oat, at")?
-        .iter()
-        .map(|r| r.method)
-        .collect();
+    let some = selected_methods("oat, at")?;
     assert_eq!(some, ["at", "oat"], "the preset's order is kept");
     let err = select_rows(Preset::Smoke, "student")
         .err()
@@ -79,19 +76,16 @@ fn rows_are_selected_by_name_or_group() -> Result<()> {
     assert!(select_rows_in(Preset::Smoke, "student", &|m| m == "normal").is_err());
     assert!(select_rows(Preset::Smoke, "nope").is_err());
     // Rows that vary a method train with the method's own name.
-    let smoke = Preset::Smoke.models();
-    let ls = smoke
-        .iter()
-        .find(|r| r.method == "ls")
-        .map(ModelRow::train_flags);
-    let ls = ls.unwrap_or_default().join(" ");
-    assert!(ls.starts_with("--method normal "), "{ls}");
-    assert!(ls.ends_with("--label-smoothing 0.1"), "{ls}");
-    let student = smoke
-        .iter()
-        .find(|r| r.method == "student")
-        .map(ModelRow::train_flags);
-    let student = student.unwrap_or_default().join(" ");
+    for (row, first, last) in [
+        ("student-normal", "--method normal ", "--noise 0.1"),
+        ("oat-fixed", "--method oat ", "--lambdas 0.3"),
+        ("ls", "--method normal ", "--label-smoothing 0.1"),
+    ] {
+        let flags = smoke_train_flags(row);
+        assert!(flags.starts_with(first), "{flags}");
+        assert!(flags.ends_with(last), "{flags}");
+    }
+    let student = smoke_train_flags("student");
     assert!(student.starts_with("--method at "), "{student}");
     assert!(student.contains("--noise 0.1"), "{student}");
     Ok(())
@@ -119,10 +113,7 @@ fn smoke_rows_train_on_a_subset_and_attack_a_subset() {
     let eval = Preset::Smoke.models()[0].eval_flags(&smoke).join(" ");
     // A deterministic row's PGD-20 is the protocol's: its own evaluation is clean.
     assert_eq!(eval, "--suite clean");
-    let student = Preset::Smoke
-        .models()
-        .iter()
-        .find(|r| r.method == "student");
+    let student = smoke_row("student");
     let eval = student.map(|r| r.eval_flags(&smoke).join(" "));
     assert_eq!(
         eval.as_deref(),

@@ -25,6 +25,11 @@ fn config(norm: Norm, objective: Objective, steps: usize, step: StepSize) -> Pgd
     }
 }
 
+/// [`config`] with the cross-entropy objective.
+fn ce_config(norm: Norm, steps: usize, step: StepSize) -> Pgd {
+    config(norm, Objective::CrossEntropy, steps, step)
+}
+
 fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(t.flatten_from(1)?.to_vec2::<f32>()?)
 }
@@ -201,12 +206,7 @@ fn invariants_hold_for_every_norm_and_model() -> Result<()> {
 #[test]
 fn each_eps_is_attacked_independently() -> Result<()> {
     let t = trained();
-    let mut cfg = config(
-        Norm::L2,
-        Objective::CrossEntropy,
-        5,
-        StepSize::Relative(0.3),
-    );
+    let mut cfg = ce_config(Norm::L2, 5, StepSize::Relative(0.3));
     cfg.restarts = Restarts::same(2, Init::Uniform);
     let both = cfg.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[0.5, 1.5], 4)?;
     let alone = cfg.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[1.5], 4)?;
@@ -222,12 +222,7 @@ fn each_eps_is_attacked_independently() -> Result<()> {
 fn restarts_keep_the_per_example_worst_case() -> Result<()> {
     let t = trained();
     let eps = [0.06];
-    let mut cfg = config(
-        Norm::Linf,
-        Objective::CrossEntropy,
-        5,
-        StepSize::Relative(0.25),
-    );
+    let mut cfg = ce_config(Norm::Linf, 5, StepSize::Relative(0.25));
     cfg.restarts = Restarts {
         count: 4,
         first: Init::Zero,
@@ -283,12 +278,7 @@ fn more_steps_never_lower_the_success_rate() -> Result<()> {
     let mut previous: Option<Vec<bool>> = None;
     let mut counts = Vec::new();
     for steps in [1, 3, 10, 30] {
-        let mut cfg = config(
-            Norm::Linf,
-            Objective::CrossEntropy,
-            steps,
-            StepSize::Absolute(0.01),
-        );
+        let mut cfg = ce_config(Norm::Linf, steps, StepSize::Absolute(0.01));
         cfg.momentum = 0.75;
         cfg.backtrack = Some(1.5);
         cfg.restarts = Restarts::same(1, Init::Uniform);
@@ -395,12 +385,7 @@ fn attacks_leave_the_weights_untouched() -> Result<()> {
 #[test]
 fn early_stop_saves_steps_without_losing_successes() -> Result<()> {
     let t = trained();
-    let mut cfg = config(
-        Norm::Linf,
-        Objective::CrossEntropy,
-        20,
-        StepSize::Relative(0.1),
-    );
+    let mut cfg = ce_config(Norm::Linf, 20, StepSize::Relative(0.1));
     let full = &cfg.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[0.1], 0)?[0];
     cfg.early_stop = true;
     let early = &cfg.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[0.1], 0)?[0];
@@ -424,12 +409,7 @@ fn early_stop_saves_steps_without_losing_successes() -> Result<()> {
 fn bad_configurations_are_refused() -> Result<()> {
     let t = trained();
     let run = |cfg: Pgd, eps: &[f64]| cfg.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, eps, 0);
-    let base = config(
-        Norm::Linf,
-        Objective::CrossEntropy,
-        3,
-        StepSize::Relative(0.25),
-    );
+    let base = ce_config(Norm::Linf, 3, StepSize::Relative(0.25));
     assert!(run(base, &[0.03]).is_ok());
     let bad = [
         Pgd { steps: 0, ..base },
@@ -510,12 +490,7 @@ fn bad_configurations_are_refused() -> Result<()> {
 #[test]
 fn bad_inputs_are_refused() -> Result<()> {
     let t = trained();
-    let cfg = config(
-        Norm::Linf,
-        Objective::CrossEntropy,
-        2,
-        StepSize::Relative(0.25),
-    );
+    let cfg = ce_config(Norm::Linf, 2, StepSize::Relative(0.25));
     let dev = Device::Cpu;
     let run = |model: &dyn ModuleT, xs: &Tensor, ys: &Tensor| {
         cfg.run(model, Bounds::UNIT, xs, ys, &[0.03], 0)

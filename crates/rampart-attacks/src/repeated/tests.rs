@@ -2,6 +2,7 @@
 //! `Repeated`'s, and more runs never lose a success.
 
 use crate::pgd::{Restarts, StepSize};
+use crate::repeated::SingleRun;
 use crate::testutil::{assert_invariants, trained};
 use crate::{
     Apgd, Attack, AttackResult, Bounds, Fab, Init, Norm, Objective, Pgd, Repeated, Result, Square,
@@ -32,6 +33,22 @@ fn assert_same(name: &str, a: &AttackResult, b: &AttackResult) -> Result<()> {
         assert_eq!(d, 0.0, "{name}: unconstrained points differ");
     }
     Ok(())
+}
+
+/// A run of an attack on a fixed batch: the attack and its ε.
+type RunOn<'a> = dyn Fn(&dyn Attack, &[f64]) -> Result<Vec<AttackResult>> + 'a;
+
+/// `run` of `attack` alone, then of `Repeated { attack, restarts }`.
+fn bare_and_repeated<A: Attack + SingleRun + Copy>(
+    run: &RunOn<'_>,
+    attack: A,
+    restarts: usize,
+    eps: &[f64],
+) -> Result<(Vec<AttackResult>, Vec<AttackResult>)> {
+    Ok((
+        run(&attack, eps)?,
+        run(&Repeated { attack, restarts }, eps)?,
+    ))
 }
 
 fn pgd(restarts: usize) -> Pgd {
@@ -67,28 +84,12 @@ fn one_run_is_the_bare_attack() -> Result<()> {
     let run = |a: &dyn Attack, eps: &[f64]| a.run(&t.model, Bounds::UNIT, &xs, &ys, eps, 3);
     let linf = [0.03, 0.08];
     for n in [1, 3] {
-        let p = pgd(n);
-        let bare = run(&p, &linf)?;
-        let rep = run(
-            &Repeated {
-                attack: p,
-                restarts: n,
-            },
-            &linf,
-        )?;
+        let (bare, rep) = bare_and_repeated(&run, pgd(n), n, &linf)?;
         for (a, b) in bare.iter().zip(&rep) {
             assert_same(&format!("pgd ×{n}"), a, b)?;
         }
         for objective in [Objective::CrossEntropy, Objective::DlrTargeted] {
-            let a = apgd(objective, n);
-            let bare = run(&a, &linf)?;
-            let rep = run(
-                &Repeated {
-                    attack: a,
-                    restarts: n,
-                },
-                &linf,
-            )?;
+            let (bare, rep) = bare_and_repeated(&run, apgd(objective, n), n, &linf)?;
             for (x, y) in bare.iter().zip(&rep) {
                 assert_same(&format!("apgd {objective} ×{n}"), x, y)?;
             }
@@ -103,30 +104,12 @@ fn one_run_is_the_bare_attack() -> Result<()> {
         queries: 40,
         ..Square::autoattack(Norm::Linf)
     };
-    let (bare, rep) = (
-        run(&fab, &[0.3, 1.0])?,
-        run(
-            &Repeated {
-                attack: fab,
-                restarts: 1,
-            },
-            &[0.3, 1.0],
-        )?,
-    );
+    let (bare, rep) = bare_and_repeated(&run, fab, 1, &[0.3, 1.0])?;
     for (a, b) in bare.iter().zip(&rep) {
         assert_same("fab", a, b)?;
         assert!(a.unconstrained.is_some());
     }
-    let (bare, rep) = (
-        run(&square, &linf)?,
-        run(
-            &Repeated {
-                attack: square,
-                restarts: 1,
-            },
-            &linf,
-        )?,
-    );
+    let (bare, rep) = bare_and_repeated(&run, square, 1, &linf)?;
     for (a, b) in bare.iter().zip(&rep) {
         assert_same("square", a, b)?;
     }

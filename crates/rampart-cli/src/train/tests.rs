@@ -9,13 +9,19 @@ struct Wrapper {
     args: TrainArgs,
 }
 
-fn plan(flags: &str) -> Result<TrainPlan> {
+/// The plan of `rampart train FLAGS`.
+fn parse(flags: &str) -> Result<TrainPlan> {
     let argv = std::iter::once("train").chain(flags.split_whitespace());
     Wrapper::try_parse_from(argv)?.args.plan(None)
 }
 
+/// The plan of `rampart train BASE FLAGS`.
+fn plan(flags: &str) -> Result<TrainPlan> {
+    parse(&format!("{BASE} {flags}"))
+}
+
 fn error(flags: &str) -> String {
-    plan(flags)
+    parse(flags)
         .err()
         .map(|e| format!("{e:#}"))
         .unwrap_or_default()
@@ -25,7 +31,7 @@ const BASE: &str = "--data-dir d --out o";
 
 #[test]
 fn defaults_fill_what_flags_leave_open() -> Result<()> {
-    let p = plan(&format!("{BASE} --arch wrn-16-4 --epochs 3"))?;
+    let p = plan("--arch wrn-16-4 --epochs 3")?;
     assert_eq!(p.arch.to_string(), "wrn-16-4");
     assert_eq!(p.dataset, DatasetKind::Cifar10);
     let c = &p.config;
@@ -54,7 +60,7 @@ fn defaults_fill_what_flags_leave_open() -> Result<()> {
 
 #[test]
 fn preset_values_are_overridden_by_flags() -> Result<()> {
-    let p = plan(&format!("{BASE} --preset normal-wrn28-10"))?;
+    let p = plan("--preset normal-wrn28-10")?;
     assert_eq!(p.arch.to_string(), "wrn-28-10");
     assert_eq!(p.config.epochs, 200);
     assert_eq!(
@@ -65,7 +71,9 @@ fn preset_values_are_overridden_by_flags() -> Result<()> {
         }
     );
     // Fractions follow an overridden epoch count; other flags win over the preset.
-    let p = plan(&format!("{BASE} --preset normal-wrn28-10 --epochs 10 --arch wrn-16-1 --lr 0.05 --no-nesterov --cutout 16"))?;
+    let p = plan(
+        "--preset normal-wrn28-10 --epochs 10 --arch wrn-16-1 --lr 0.05 --no-nesterov --cutout 16",
+    )?;
     assert_eq!(
         (p.config.epochs, p.config.lr, p.config.sgd.nesterov),
         (10, 0.05, false)
@@ -74,11 +82,9 @@ fn preset_values_are_overridden_by_flags() -> Result<()> {
     assert_eq!(p.config.augmentation.cutout, Some(16));
     assert!((p.config.lr_schedule()?.lr(5.5) - 0.005).abs() < 1e-12);
     // Switching the schedule drops the preset's multistep parameters.
-    let p = plan(&format!(
-        "{BASE} --preset normal-wrn28-10 --schedule exponential"
-    ))?;
+    let p = plan("--preset normal-wrn28-10 --schedule exponential")?;
     assert_eq!(p.config.schedule, ScheduleKind::Exponential { gamma: 0.95 });
-    let p = plan(&format!("{BASE} --preset normal-preact-resnet18"))?;
+    let p = plan("--preset normal-preact-resnet18")?;
     assert_eq!(p.config.schedule, ScheduleKind::Cyclic { peak: 0.4 });
     assert_eq!(p.config.lr, 0.2);
     Ok(())
@@ -86,7 +92,7 @@ fn preset_values_are_overridden_by_flags() -> Result<()> {
 
 #[test]
 fn schedules_take_their_parameters() -> Result<()> {
-    let p = plan(&format!("{BASE} --arch resnet20 --epochs 200 --schedule multistep --milestones 100,150 --gamma 0.2 --warmup-epochs 5"))?;
+    let p = plan("--arch resnet20 --epochs 200 --schedule multistep --milestones 100,150 --gamma 0.2 --warmup-epochs 5")?;
     assert_eq!(
         p.config.schedule,
         ScheduleKind::Multistep {
@@ -95,11 +101,10 @@ fn schedules_take_their_parameters() -> Result<()> {
         }
     );
     assert_eq!(p.config.warmup_epochs, 5.0);
-    let p = plan(&format!(
-        "{BASE} --arch resnet20 --epochs 200 --schedule exponential --lr 0.075 --batch-size 100"
-    ))?;
+    let p =
+        plan("--arch resnet20 --epochs 200 --schedule exponential --lr 0.075 --batch-size 100")?;
     assert_eq!(p.config.schedule, ScheduleKind::Exponential { gamma: 0.95 });
-    let p = plan(&format!("{BASE} --arch resnet20 --epochs 4 --schedule cyclic --peak 0.25 --augment none --decay-scope weights-only --label-smoothing 0.1"))?;
+    let p = plan("--arch resnet20 --epochs 4 --schedule cyclic --peak 0.25 --augment none --decay-scope weights-only --label-smoothing 0.1")?;
     assert_eq!(p.config.schedule, ScheduleKind::Cyclic { peak: 0.25 });
     assert_eq!(
         p.config.augmentation,
@@ -121,14 +126,12 @@ fn schedules_take_their_parameters() -> Result<()> {
 
 #[test]
 fn methods_take_their_defaults_presets_and_flags() -> Result<()> {
-    let p = plan(&format!("{BASE} --arch wrn-16-4 --epochs 3 --method at"))?;
+    let p = plan("--arch wrn-16-4 --epochs 3 --method at")?;
     assert_eq!(
         p.method,
         MethodPlan::At(AdversarialTraining::madry_cifar10())
     );
-    let p = plan(&format!(
-        "{BASE} --arch wrn-16-4 --epochs 3 --method at --eps 16/255 --attack-steps 3 --attack-step-size 4/255 --adv-fraction 0.5"
-    ))?;
+    let p = plan("--arch wrn-16-4 --epochs 3 --method at --eps 16/255 --attack-steps 3 --attack-step-size 4/255 --adv-fraction 0.5")?;
     let MethodPlan::At(at) = p.method else {
         bail!("expected at, got {:?}", p.method)
     };
@@ -138,7 +141,7 @@ fn methods_take_their_defaults_presets_and_flags() -> Result<()> {
     );
     assert_eq!(at.attack.step_size, StepSize::Absolute(4.0 / 255.0));
 
-    let p = plan(&format!("{BASE} --preset at-wrn28-10"))?;
+    let p = plan("--preset at-wrn28-10")?;
     assert_eq!(
         p.method,
         MethodPlan::At(AdversarialTraining::pgd10_cifar10())
@@ -148,38 +151,34 @@ fn methods_take_their_defaults_presets_and_flags() -> Result<()> {
         (150, "wrn-28-10")
     );
     // A flag overrides the preset's attack, the rest of it stays.
-    let p = plan(&format!("{BASE} --preset at-wrn28-10 --attack-steps 3"))?;
+    let p = plan("--preset at-wrn28-10 --attack-steps 3")?;
     let MethodPlan::At(at) = p.method else {
         bail!("expected at")
     };
     assert_eq!((at.attack.steps, at.eps), (3, 0.03));
 
-    let p = plan(&format!("{BASE} --preset ccat-resnet20"))?;
+    let p = plan("--preset ccat-resnet20")?;
     assert_eq!(p.method, MethodPlan::Ccat(Ccat::stutz_cifar10()));
     let c = &p.config;
     assert_eq!((c.epochs, c.batch_size, c.lr), (200, 100, 0.075));
     assert_eq!(c.schedule, ScheduleKind::Exponential { gamma: 0.95 });
-    let p = plan(&format!(
-        "{BASE} --preset ccat-resnet20 --rho 4 --adv-fraction 1"
-    ))?;
+    let p = plan("--preset ccat-resnet20 --rho 4 --adv-fraction 1")?;
     let MethodPlan::Ccat(ccat) = p.method else {
         bail!("expected ccat")
     };
     assert_eq!((ccat.rho, ccat.fraction, ccat.eps), (4.0, 1.0, 0.03));
 
-    let p = plan(&format!("{BASE} --preset fast-at-preact-resnet18"))?;
+    let p = plan("--preset fast-at-preact-resnet18")?;
     assert_eq!(p.method, MethodPlan::FastAt(FastAt::wong_cifar10()));
     assert_eq!(p.config.schedule, ScheduleKind::Cyclic { peak: 0.4 });
     assert!(!p.config.sgd.nesterov);
-    let p = plan(&format!(
-        "{BASE} --preset fast-at-preact-resnet18 --method at"
-    ))?;
+    let p = plan("--preset fast-at-preact-resnet18 --method at")?;
     assert_eq!(
         p.method,
         MethodPlan::At(AdversarialTraining::madry_cifar10())
     );
 
-    let p = plan(&format!("{BASE} --preset trades-wrn34-10 --beta 1"))?;
+    let p = plan("--preset trades-wrn34-10 --beta 1")?;
     let MethodPlan::Trades(t) = p.method else {
         bail!("expected trades")
     };
@@ -188,9 +187,7 @@ fn methods_take_their_defaults_presets_and_flags() -> Result<()> {
     assert!((p.config.lr_schedule()?.lr(74.5) - 0.01).abs() < 1e-12);
     assert!((p.config.lr_schedule()?.lr(73.5) - 0.1).abs() < 1e-12);
 
-    let p = plan(&format!(
-        "{BASE} --arch wrn-16-4 --epochs 3 --ema 0.999 --threshold-held-out 0"
-    ))?;
+    let p = plan("--arch wrn-16-4 --epochs 3 --ema 0.999 --threshold-held-out 0")?;
     assert_eq!(p.config.ema, Some(0.999));
     assert_eq!(p.threshold_held_out, 0);
     Ok(())
@@ -198,7 +195,7 @@ fn methods_take_their_defaults_presets_and_flags() -> Result<()> {
 
 #[test]
 fn calibration_methods_take_their_defaults_and_flags() -> Result<()> {
-    let base = format!("{BASE} --arch wrn-16-4 --epochs 3");
+    let base = "--arch wrn-16-4 --epochs 3";
     let p = plan(&format!("{base} --method regmixup"))?;
     assert_eq!(p.method, MethodPlan::RegMixup(RegMixup::pinto_cifar10()));
     assert_eq!(RegMixup::pinto_cifar10().alpha, 20.0);
@@ -225,7 +222,7 @@ fn calibration_methods_take_their_defaults_and_flags() -> Result<()> {
     assert_eq!((sat.eps, sat.beta, sat.attack.steps), (4.0 / 255.0, 0.5, 5));
     assert_eq!(sat.attack.step_size, StepSize::Absolute(1.0 / 255.0));
     // A preset's attack carries over to sat like to at.
-    let p = plan(&format!("{BASE} --preset at-wrn28-10 --method sat"))?;
+    let p = plan("--preset at-wrn28-10 --method sat")?;
     let MethodPlan::Sat(sat) = p.method else {
         bail!("expected sat")
     };
@@ -465,12 +462,10 @@ fn bad_values_get_clear_errors() {
 
 #[test]
 fn oat_lambdas_and_student_noise_shape_the_model() -> Result<()> {
-    let p = plan(&format!("{BASE} --arch wrn-10-1 --epochs 1 --method oat"))?;
+    let p = plan("--arch wrn-10-1 --epochs 1 --method oat")?;
     assert_eq!(p.model_spec().oat, Some(OatSpec::standard()));
     assert!(p.model_spec().noise.is_none());
-    let p = plan(&format!(
-        "{BASE} --arch wrn-10-1 --epochs 1 --method oat --lambdas 0.3"
-    ))?;
+    let p = plan("--arch wrn-10-1 --epochs 1 --method oat --lambdas 0.3")?;
     assert_eq!(p.model_spec().oat.map(|o| o.lambdas), Some(vec![0.3]));
     let err = error(&format!(
         "{BASE} --arch wrn-10-1 --epochs 1 --method oat --lambdas 0.5,0.2"
@@ -480,9 +475,7 @@ fn oat_lambdas_and_student_noise_shape_the_model() -> Result<()> {
         "{BASE} --arch wrn-10-1 --epochs 1 --method at --lambdas 0.3"
     ));
     assert!(err.contains("--method oat only"), "{err}");
-    let p = plan(&format!(
-        "{BASE} --arch wrn-10-1 --epochs 1 --method at --noise 0.1"
-    ))?;
+    let p = plan("--arch wrn-10-1 --epochs 1 --method at --noise 0.1")?;
     assert_eq!(p.model_spec().noise, Some(NoiseSpec { alpha: 0.1 }));
     assert!(p.model_spec().oat.is_none());
     Ok(())

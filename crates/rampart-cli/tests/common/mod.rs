@@ -5,19 +5,27 @@
 // Each test file uses a part of this module.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// A test's result: any error fails it.
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-/// The binary with no data folder in its environment, logging warnings only.
-pub fn rampart(args: &[&str]) -> std::io::Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(args)
+/// `rampart args`, not started, with no data folder in its environment and `RUST_LOG`
+/// set to `log`.
+pub fn rampart_command(args: &[impl AsRef<OsStr>], log: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    cmd.args(args)
         .env_remove("RAMPART_DATA_DIR")
-        .env("RUST_LOG", "warn")
-        .output()
+        .env("RUST_LOG", log);
+    cmd
+}
+
+/// The binary with no data folder in its environment, logging warnings only.
+pub fn rampart(args: &[impl AsRef<OsStr>]) -> std::io::Result<Output> {
+    rampart_command(args, "warn").output()
 }
 
 /// What a run printed: stdout, then stderr.
@@ -40,20 +48,19 @@ pub fn owned(args: &[&str]) -> Vec<String> {
 }
 
 /// Runs `rampart args`, which must succeed.
-pub fn ok(args: &[&str]) -> Result<Output, Box<dyn std::error::Error>> {
+pub fn ok(args: &[impl AsRef<OsStr> + Debug]) -> Result<Output, Box<dyn std::error::Error>> {
     let out = rampart(args)?;
     assert!(out.status.success(), "{args:?}: {}", text(&out));
     Ok(out)
 }
 
 /// Runs `rampart args`, which must succeed; what it printed.
-pub fn run_ok(args: &[String]) -> Result<String, Box<dyn std::error::Error>> {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ok(text(&ok(&refs)?))
+pub fn run_ok(args: &[impl AsRef<OsStr> + Debug]) -> Result<String, Box<dyn std::error::Error>> {
+    Ok(text(&ok(args)?))
 }
 
 /// Runs `rampart args`, which must fail; what it printed.
-pub fn refused(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
+pub fn refused(args: &[impl AsRef<OsStr> + Debug]) -> Result<String, Box<dyn std::error::Error>> {
     let out = rampart(args)?;
     assert!(!out.status.success(), "{args:?} was accepted");
     Ok(text(&out))
@@ -65,20 +72,16 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::E
 }
 
 /// `dir/cifar-10-batches-bin/` with `per_file` records in each of the five training
-/// batches and the test batch: label byte, then 3,072 pixel bytes (R, G, B planes);
-/// `salt` changes every pixel. Returns the folder.
+/// batches and the test batch (the files the loader reads): label byte, then 3,072
+/// pixel bytes (R, G, B planes); `salt` changes every pixel. Returns the folder.
 pub fn write_tiny_cifar10(dir: &Path, per_file: usize, salt: usize) -> std::io::Result<PathBuf> {
-    let folder = dir.join("cifar-10-batches-bin");
+    let layout = rampart_data::DatasetKind::Cifar10
+        .cifar_layout()
+        .ok_or_else(|| std::io::Error::other("CIFAR-10 has no binary layout"))?;
+    let folder = dir.join(layout.binary_folder);
     std::fs::create_dir_all(&folder)?;
-    let names = [
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-        "test_batch.bin",
-    ];
-    for (f, name) in names.iter().enumerate() {
+    let names = layout.train_files.iter().chain([&layout.test_file]);
+    for (f, name) in names.enumerate() {
         let mut bytes = Vec::new();
         for r in 0..per_file {
             let label = ((f * per_file + r) % 10) as u8;
@@ -92,6 +95,47 @@ pub fn write_tiny_cifar10(dir: &Path, per_file: usize, salt: usize) -> std::io::
     Ok(folder)
 }
 
+/// A temporary folder holding the tiny CIFAR-10 of [`write_tiny_cifar10`] with
+/// `per_file` records a file (no salt).
+pub fn tiny_cifar10_dir(per_file: usize) -> std::io::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), per_file, 0)?;
+    Ok(dir)
+}
+
+/// `--threads 2 train --arch wrn-10-1 --epochs EPOCHS --batch-size 8 FLAGS… --out OUT`:
+/// the smallest WRN in batches of 8.
+pub fn tiny_train_args<'a>(epochs: &'a str, flags: &[&'a str], out: &'a Path) -> Vec<&'a str> {
+    let mut args = vec![
+        "--threads",
+        "2",
+        "train",
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        epochs,
+        "--batch-size",
+        "8",
+    ];
+    args.extend(flags);
+    args.extend(["--out", s(out)]);
+    args
+}
+
+/// `COMMAND --model MODEL --data-dir DATA FLAGS… --out OUT`: a command run on a model.
+pub fn on_model<'a>(
+    command: &'a str,
+    model: &'a Path,
+    data: &'a str,
+    flags: &[&'a str],
+    out: &'a Path,
+) -> Vec<&'a str> {
+    let mut args = vec![command, "--model", s(model), "--data-dir", data];
+    args.extend(flags);
+    args.extend(["--out", s(out)]);
+    args
+}
+
 /// Trains WRN-10-1 for one epoch (batch 8) on the tiny data set in `data` into `out`,
 /// with the `extra` flags; the model file.
 pub fn train_tiny(
@@ -99,45 +143,32 @@ pub fn train_tiny(
     out: &Path,
     extra: &[&str],
 ) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let mut args = owned(&[
-        "--threads",
-        "2",
-        "train",
-        "--arch",
-        "wrn-10-1",
-        "--epochs",
+    ok(&tiny_train_args(
         "1",
-        "--batch-size",
-        "8",
-    ]);
-    args.extend(owned(extra));
-    args.extend(owned(&["--data-dir", data, "--out", s(out)]));
-    run_ok(&args)?;
+        &[extra, &["--data-dir", data]].concat(),
+        out,
+    ))?;
     Ok(out.join("model.safetensors"))
 }
 
 /// The arguments of a small `quick`-suite evaluation of `model` into `out` (4 held
 /// out, half the attack steps), with the `extra` flags.
 pub fn quick_eval_args(model: &Path, data: &str, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args = owned(&[
-        "--threads",
-        "2",
-        "eval",
-        "--model",
-        s(model),
-        "--data-dir",
-        data,
-        "--suite",
-        "quick",
-        "--held-out",
-        "4",
-        "--steps-scale",
-        "0.5",
-        "--out",
-        s(out),
-    ]);
-    args.extend(owned(extra));
-    args
+    let flags = [
+        &[
+            "--threads",
+            "2",
+            "--suite",
+            "quick",
+            "--held-out",
+            "4",
+            "--steps-scale",
+            "0.5",
+        ],
+        extra,
+    ]
+    .concat();
+    owned(&on_model("eval", model, data, &flags, out))
 }
 
 /// JSON without what differs between two runs by design: wall times (keys naming
