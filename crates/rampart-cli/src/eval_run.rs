@@ -22,6 +22,17 @@ use crate::eval::{
     EVAL_SCHEMA_VERSION,
 };
 
+/// What every suite of one `rampart eval` works on: the loaded model, its method, the
+/// data set and its test split, and the device.
+#[derive(Clone, Copy)]
+struct Loaded<'a> {
+    model: &'a Classifier,
+    method: &'a str,
+    dataset: DatasetKind,
+    test: &'a ImageDataset,
+    device: &'a Device,
+}
+
 impl EvalPlan {
     /// Where the log goes.
     pub fn log_file(&self) -> std::path::PathBuf {
@@ -42,20 +53,16 @@ impl EvalPlan {
     /// batch by batch over the first images, resumable through
     /// `per_example/autoattack.json`, then the trust checks; writes `autoattack.json`
     /// (the per-batch reports: stages, runtimes, trust checks) and `results.json`.
-    fn run_autoattack(
-        &self,
-        model: &Classifier,
-        method: &str,
-        dataset: DatasetKind,
-        test: &ImageDataset,
-        device: &Device,
-    ) -> Result<EvalResults> {
+    fn run_autoattack(&self, loaded: &Loaded<'_>) -> Result<EvalResults> {
         let plan = self
             .attack
             .as_ref()
             .context("autoattack needs its budget")?;
-        let n = plan.limit.unwrap_or(test.len()).min(test.len());
-        let (lo, hi) = model.bounds();
+        let n = plan
+            .limit
+            .unwrap_or(loaded.test.len())
+            .min(loaded.test.len());
+        let (lo, hi) = loaded.model.bounds();
         let bounds = Bounds::new(lo, hi)?;
         let config = AutoAttackConfig {
             norm: plan.pgd.norm,
@@ -63,18 +70,25 @@ impl EvalPlan {
             limit: n,
             batch_size: self.batch_size,
             seed: plan.seed,
-            rand: model.is_stochastic(),
+            rand: loaded.model.is_stochastic(),
         };
         let outcome = rampart_eval::run_autoattack(
-            &model.frozen(),
+            &loaded.model.frozen(),
             bounds,
-            test,
+            loaded.test,
             &config,
             &self.out.join("per_example"),
-            device,
+            loaded.device,
         )?;
         let robust = outcome.robust_images();
-        let trust = self.trust_checks(model, bounds, test, &robust, &plan.pgd, plan.eps)?;
+        let trust = self.trust_checks(
+            loaded.model,
+            bounds,
+            loaded.test,
+            &robust,
+            &plan.pgd,
+            plan.eps,
+        )?;
         write_json(
             &self.out.join("autoattack.json"),
             &json!({ "norm": plan.pgd.norm.to_string(), "eps": plan.eps, "examples": n,
@@ -103,9 +117,9 @@ impl EvalPlan {
             schema_version: EVAL_SCHEMA_VERSION,
             suite: self.suite.name().into(),
             model: self.model.clone(),
-            method: method.to_string(),
-            arch: model.spec().arch.to_string(),
-            dataset: dataset.to_string(),
+            method: loaded.method.to_string(),
+            arch: loaded.model.spec().arch.to_string(),
+            dataset: loaded.dataset.to_string(),
             test_examples: n,
             clean_accuracy,
             clean_accuracy_ci: wilson(outcome.clean_correct, n),
@@ -130,7 +144,7 @@ impl EvalPlan {
             clean_err_at_threshold: None,
             robust_err_at_threshold: None,
             robust_err_at_threshold_ci: None,
-            lambda: model.lambda(),
+            lambda: loaded.model.lambda(),
             stochastic: None,
             trust,
             autoattack_trust_warnings: outcome.trust_warnings.clone(),
@@ -142,15 +156,7 @@ impl EvalPlan {
     /// Runs a suite of the evaluation pipeline (`rampart-eval`): it writes
     /// `results.json` (schema in docs/results-schema.md), `results.md`, plots and
     /// per-example results into --out, and resumes a run interrupted there.
-    fn run_protocol(
-        &self,
-        suite: rampart_eval::Suite,
-        model: &Classifier,
-        method: &str,
-        dataset: DatasetKind,
-        test: &ImageDataset,
-        device: &Device,
-    ) -> Result<EvalResults> {
+    fn run_protocol(&self, suite: rampart_eval::Suite, loaded: &Loaded<'_>) -> Result<EvalResults> {
         let mut config = rampart_eval::EvalConfig::new(suite, &self.out);
         config.effort = rampart_eval::Effort::new(self.effort.0, self.effort.1)?;
         if self.protocol_limit.is_some() {
@@ -159,21 +165,22 @@ impl EvalPlan {
         config.seed = self.protocol_seed;
         config.held_out = self.held_out;
         config.batch_size = self.batch_size;
-        config.device = device.clone();
+        config.device = loaded.device.clone();
         config.trust = self.trust;
         config.metrics = self.metrics;
         config.curve_points = self.curve_points;
         config.shard = self.shard;
-        let k = self.eot_samples(model);
+        let k = self.eot_samples(loaded.model);
         if k > 1 {
             config.eot = Eot::new(k, k)?;
         }
-        let (lo, hi) = model.bounds();
+        let (lo, hi) = loaded.model.bounds();
         config.bounds = Bounds::new(lo, hi)?;
-        let mut info = rampart_eval::ModelInfo::of(model, Some(&self.model));
-        info.dataset = Some(dataset.to_string());
-        let report = rampart_eval::evaluate_model(&model.frozen(), &info, test, &config)
-            .with_context(|| format!("evaluating {}", self.model.display()))?;
+        let mut info = rampart_eval::ModelInfo::of(loaded.model, Some(&self.model));
+        info.dataset = Some(loaded.dataset.to_string());
+        let report =
+            rampart_eval::evaluate_model(&loaded.model.frozen(), &info, loaded.test, &config)
+                .with_context(|| format!("evaluating {}", self.model.display()))?;
         rampart_fs::finish_run(&self.out)?;
         let linf = report
             .threat_models
@@ -182,9 +189,9 @@ impl EvalPlan {
             schema_version: report.schema_version,
             suite: self.suite.name().into(),
             model: self.model.clone(),
-            method: method.to_string(),
-            arch: model.spec().arch.to_string(),
-            dataset: dataset.to_string(),
+            method: loaded.method.to_string(),
+            arch: loaded.model.spec().arch.to_string(),
+            dataset: loaded.dataset.to_string(),
             test_examples: report.test_examples,
             clean_accuracy: report.clean_accuracy,
             clean_accuracy_ci: report.clean_error_ci.map(|c| rampart_metrics::Interval {
@@ -214,7 +221,7 @@ impl EvalPlan {
             clean_err_at_threshold: None,
             robust_err_at_threshold: linf.and_then(|t| t.rerr_at_model_threshold),
             robust_err_at_threshold_ci: None,
-            lambda: model.lambda(),
+            lambda: loaded.model.lambda(),
             stochastic: None,
             trust: report.trust.clone(),
             autoattack_trust_warnings: Vec::new(),
@@ -331,11 +338,18 @@ impl EvalPlan {
             Some(n) => test.take(n),
             None => test,
         };
+        let loaded = Loaded {
+            model: &model,
+            method: &method,
+            dataset,
+            test: &test,
+            device: &device,
+        };
         if let Some(suite) = self.suite.protocol() {
-            return self.run_protocol(suite, &model, &method, dataset, &test, &device);
+            return self.run_protocol(suite, &loaded);
         }
         if self.suite == Suite::Autoattack {
-            return self.run_autoattack(&model, &method, dataset, &test, &device);
+            return self.run_autoattack(&loaded);
         }
         let threshold = ConfidenceThreshold::stored(&model)
             .with_context(|| format!("cannot read {}", self.model.display()))?;

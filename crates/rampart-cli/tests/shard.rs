@@ -2,6 +2,7 @@
 //! end, on a tiny CIFAR-10 written in the official binary format: the merged folder
 //! equals the unsharded run's, and sets of shards that are not one run are refused.
 
+use rampart_fs::files_under;
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -36,24 +37,6 @@ fn merge<'a>(
     args.extend(shards.map(|p| s(p).to_string()));
     args.extend(owned(&["--out", s(out)]));
     run_ok(&args)
-}
-
-/// Every file under `root`, relative to it, sorted.
-fn files_under(root: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(rel) = path.strip_prefix(root) {
-                out.push(rel.to_path_buf());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 /// JSON without what differs between two runs by design: wall times, the steps

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{Device, Module, Tensor};
 use rampart_data::ImageDataset;
+use rampart_fs::files_under;
 use rampart_models::{Classifier, ModelSpec};
 
 use crate::*;
@@ -856,24 +857,6 @@ fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
     single.remove()?;
     assert!(!single.dir().exists());
     Ok(())
-}
-
-/// Every file under `root`, relative to it, sorted.
-fn files_under(root: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(rel) = path.strip_prefix(root) {
-                out.push(rel.to_path_buf());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 /// JSON without wall times, the steps loaded from disk and the output folder.

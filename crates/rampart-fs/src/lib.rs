@@ -107,6 +107,25 @@ fn at(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
     }
 }
 
+/// Every file under `root` (links included, not followed), relative to it, sorted.
+pub fn files_under(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+            } else if let Ok(rel) = path.strip_prefix(root) {
+                out.push(rel.to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The temporary sibling [`write_atomic`] writes first: `PATH.tmp`.
 pub fn temporary_sibling(path: &Path) -> PathBuf {
     let mut tmp = path.as_os_str().to_owned();
@@ -236,7 +255,24 @@ impl OutputLock {
 
 #[cfg(test)]
 mod tests {
-    use super::is_out_of_memory;
+    use super::{files_under, is_out_of_memory};
+    use std::path::PathBuf;
+
+    #[test]
+    fn files_under_lists_every_file_relative_and_sorted() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("b/c"))?;
+        std::fs::create_dir_all(dir.path().join("empty"))?;
+        for f in ["z.txt", "b/a.json", "b/c/d.md"] {
+            std::fs::write(dir.path().join(f), f)?;
+        }
+        let want: Vec<PathBuf> = ["b/a.json", "b/c/d.md", "z.txt"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(files_under(dir.path())?, want);
+        Ok(())
+    }
 
     #[test]
     fn out_of_memory_is_recognised_in_the_forms_devices_report_it() {
