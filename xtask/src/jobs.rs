@@ -9,7 +9,7 @@
 //! runs in row order keeps the rows in order.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,9 +35,20 @@ pub struct Job {
 #[derive(Default)]
 pub struct Jobs {
     jobs: Vec<Job>,
+    /// The folder every job starts in, naming its files relative to it
+    /// ([`crate::portable::in_folder`]); `None`: as added.
+    folder: Option<PathBuf>,
 }
 
 impl Jobs {
+    /// A list whose jobs start in `folder` and name the files inside it relative to it.
+    pub fn in_folder(folder: &Path) -> Self {
+        Self {
+            jobs: Vec::new(),
+            folder: Some(folder.to_path_buf()),
+        }
+    }
+
     /// Adds `command` named `name`, a run on a device, to run after `after`; returns
     /// its index.
     pub fn add(
@@ -76,6 +87,10 @@ impl Jobs {
         log: PathBuf,
         on_device: bool,
     ) -> usize {
+        let command = match &self.folder {
+            Some(folder) => crate::portable::in_folder(&command, folder),
+            None => command,
+        };
         self.jobs.push(Job {
             name,
             command,
@@ -247,7 +262,6 @@ fn log_tail(path: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn slots(n: usize) -> Vec<String> {
         vec!["cpu".to_string(); n]

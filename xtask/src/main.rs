@@ -10,6 +10,7 @@
 mod bench;
 mod claims;
 mod jobs;
+mod portable;
 mod presets;
 mod report;
 mod reproduce;

@@ -241,6 +241,15 @@ pub struct ModelOutcome {
     pub confidence_threshold: Option<f64>,
     /// The model file, relative to the study folder.
     pub model_file: String,
+    /// Its size in bytes (`None`: neither the file nor its record is in the folder).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_bytes: Option<u64>,
+    /// Its SHA-256, in hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
+    /// Whether the file is in the study folder; `false` when it stayed on the machine
+    /// that trained it (its `model.json` record names it).
+    pub model_in_folder: bool,
     /// `rampart train` command lines (one per session), not in results.json.
     #[serde(skip)]
     pub train_commands: Vec<String>,
@@ -266,6 +275,50 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// What identifies a row's model file when the file itself is not at hand: its
+/// `model.json`, written beside the file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// The file's name in the row's folder.
+    pub file: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Its SHA-256, in hex.
+    pub sha256: String,
+}
+
+/// The name of a row's [`ModelRecord`].
+pub const MODEL_RECORD: &str = "model.json";
+
+/// The record of the model in the row folder `dir`: made from `model.safetensors` (and
+/// saved as `model.json`) when the file is there, else read from `model.json`; `None`
+/// when neither is.
+pub fn model_record(dir: &Path) -> Result<Option<ModelRecord>> {
+    let file = dir.join("model.safetensors");
+    let record_path = dir.join(MODEL_RECORD);
+    if file.is_file() {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        let mut reader = std::fs::File::open(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let bytes = std::io::copy(&mut reader, &mut hasher)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let digest = hasher.finalize();
+        let record = ModelRecord {
+            file: "model.safetensors".to_string(),
+            bytes,
+            sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        };
+        let text = serde_json::to_string_pretty(&record)?;
+        write_atomic(&record_path, &format!("{text}\n"))?;
+        Ok(Some(record))
+    } else if record_path.is_file() {
+        read_json(&record_path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 /// Reads the outputs of every row's runs in the study folder `out`.
 pub fn collect(out: &Path, rows: &[ModelRow], budgets: &EvalBudgets) -> Result<Vec<ModelOutcome>> {
     rows.iter()
@@ -281,6 +334,7 @@ pub fn collect(out: &Path, rows: &[ModelRow], budgets: &EvalBudgets) -> Result<V
                     .fill_robust(&mut results)
                     .with_context(|| format!("{} holds no PGD-20 worst case", path.display()))?;
             }
+            let model = model_record(&dir)?;
             Ok(ModelOutcome {
                 key: row.method.to_string(),
                 method: train.method,
@@ -319,6 +373,9 @@ pub fn collect(out: &Path, rows: &[ModelRow], budgets: &EvalBudgets) -> Result<V
                     .collect(),
                 confidence_threshold: results.confidence_threshold,
                 model_file: format!("{}/model.safetensors", row.method),
+                model_bytes: model.as_ref().map(|m| m.bytes),
+                model_sha256: model.as_ref().map(|m| m.sha256.clone()),
+                model_in_folder: dir.join("model.safetensors").is_file(),
                 train_commands: read_lines(&dir.join("command.txt"))?,
                 eval_command: read_lines(&eval.join("command.txt"))?
                     .pop()
@@ -488,7 +545,13 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
          evaluation, summed over resumed sessions. Figures are also in `results.json` \
          (schema: `docs/results-schema.md`); each model's folder holds its resolved \
          `config.json`, `history.jsonl` (one line per epoch), `train.log`, the model and, \
-         under `eval/`, per-example predictions.\n\n## Commands\n\n```sh\n",
+         under `eval/`, per-example predictions.\n",
+    );
+    md.push_str(&model_files_markdown(models));
+    md.push_str(
+        "\n## Commands\n\nThe runs start in this folder (DIR) and name its files relative to \
+         it; DATA is the data folder, which the runs reach through the link `data`, and BIN \
+         the `rampart` binary named by `--rampart-bin`.\n\n```sh\n",
     );
     md.push_str(&study.build_command);
     md.push('\n');
@@ -501,6 +564,31 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
         md.push('\n');
     }
     md.push_str("```\n");
+    md
+}
+
+/// The model files, each with its size and SHA-256, and whether it is in the folder.
+fn model_files_markdown(models: &[ModelOutcome]) -> String {
+    let mut md = String::from(
+        "\n## Model files\n\n| model | file | size | SHA-256 | in this folder |\n|---|---|---:|---|---|\n",
+    );
+    for m in models {
+        md.push_str(&format!(
+            "| {} | `{}` | {} | {} | {} |\n",
+            m.key,
+            m.model_file,
+            m.model_bytes
+                .map_or("–".to_string(), |b| format!("{:.1} MB", b as f64 / 1e6)),
+            m.model_sha256
+                .as_deref()
+                .map_or("–".to_string(), |h| format!("`{h}`")),
+            if m.model_in_folder {
+                "yes"
+            } else {
+                "no: it stayed on the machine that trained it"
+            },
+        ));
+    }
     md
 }
 
@@ -866,8 +954,6 @@ pub fn duration(seconds: f64) -> String {
         format!("{} h {:02} min", total / 3600, total % 3600 / 60)
     }
 }
-
-pub use rampart_fs::shell_quote;
 
 #[cfg(test)]
 mod tests;

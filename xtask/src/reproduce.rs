@@ -127,10 +127,13 @@ pub fn eval_dir(out: &Path, method: &str) -> PathBuf {
     model_dir(out, method).join("eval")
 }
 
-/// Whether a model was trained to the end and evaluated.
+/// Whether a model was trained to the end and evaluated: its summary and evaluation
+/// are in the folder, and its model file or, where the file stayed on the machine that
+/// trained it, the file's record (`model.json`).
 pub fn is_finished(out: &Path, method: &str) -> bool {
-    model_dir(out, method).join("summary.json").is_file()
-        && model_dir(out, method).join("model.safetensors").is_file()
+    let dir = model_dir(out, method);
+    dir.join("summary.json").is_file()
+        && (dir.join("model.safetensors").is_file() || dir.join(report::MODEL_RECORD).is_file())
         && eval_dir(out, method).join("results.json").is_file()
 }
 
@@ -207,6 +210,9 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         root.join("runs")
             .join(format!("{dataset}-{}", preset.name()))
     });
+    // Absolute, so that the runs started in it can name its files relative to it.
+    let out = std::path::absolute(&out)
+        .with_context(|| format!("cannot resolve --out {}", out.display()))?;
     let device = args
         .device
         .clone()
@@ -226,10 +232,23 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         .filter(|r| selected.iter().any(|s| s.method == r.method) || finished_before(r.method))
         .copied()
         .collect();
+    for row in &selected {
+        if let Some(t) = row.teacher {
+            let teacher = model_dir(&out, t).join("model.safetensors");
+            if !selected.iter().any(|s| s.method == t) && !teacher.is_file() {
+                bail!(
+                    "--rows: `{}` starts from the `{t}` model, and {} is not here (it stayed \
+                     on the machine that trained it): select `{t}` too, or bring the file back",
+                    row.method,
+                    teacher.display()
+                );
+            }
+        }
+    }
     let rows = study_rows.as_slice();
     let is_selected = |method: &str| selected.iter().any(|s| s.method == method);
     // One study per folder at a time; released when this process ends, however it ends.
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let command = xtask_command_line();
     let _lock = rampart_fs::OutputLock::acquire_for(&out, &command)?;
     // A study folder holds one study: it continues only with its own settings.
     let settings = rampart_fs::RunSettings::new("cargo xtask reproduce")
@@ -250,6 +269,12 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         }
     }
     settings.begin(&out)?;
+    // The runs reach the data folder through DIR/data, so that nothing they record
+    // names a folder outside the study.
+    let data_link = data_dir
+        .map(|d| crate::portable::data_folder(&out, d))
+        .transpose()?;
+    let data_dir = data_link.as_deref();
     let rampart = match &args.rampart_bin {
         Some(bin) => bin.clone(),
         None => build_rampart(&root, device.starts_with("cuda"), args.download)?,
@@ -285,7 +310,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         data_dir,
     };
     let log = |row: &str, what: &str| out.join("logs").join(format!("{row}.{what}.log"));
-    let mut jobs = Jobs::default();
+    let mut jobs = Jobs::in_folder(&out);
     // Each row: training, then its evaluation (both skipped when finished and resumed).
     let mut trained: Vec<Option<usize>> = vec![None; rows.len()];
     let mut evaluated: Vec<Option<usize>> = vec![None; rows.len()];
@@ -770,13 +795,11 @@ fn default_jobs(device: &str, threads: Option<usize>) -> usize {
     }
 }
 
-/// `cargo xtask` and this process's arguments, shell-quoted.
+/// `cargo xtask` and this process's arguments, shell-quoted, with the study folder
+/// written `DIR` and the data folder `DATA` ([`crate::portable::study_command`]).
 fn xtask_command_line() -> String {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .map(|a| report::shell_quote(&a))
-        .collect();
-    format!("cargo xtask {}", args.join(" "))
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    crate::portable::study_command(&args)
 }
 
 #[cfg(test)]

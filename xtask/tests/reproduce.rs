@@ -86,7 +86,8 @@ fn saved_batches(log: &str) -> usize {
 }
 
 /// `results.json` of a study without what differs between two runs: wall times,
-/// timestamps, command lines and the output folder's name.
+/// timestamps, command lines, the output folder's name and the model files' hashes
+/// (the files' metadata holds their training's wall times).
 fn comparable(out: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(out.join("results.json"))?
         .replace(out.to_str().ok_or("path")?, "OUT");
@@ -95,7 +96,10 @@ fn comparable(out: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error
         match v {
             serde_json::Value::Object(map) => {
                 map.retain(|k, _| {
-                    !k.contains("seconds") && !k.contains("command") && k != "created"
+                    !k.contains("seconds")
+                        && !k.contains("command")
+                        && k != "created"
+                        && k != "model_sha256"
                 });
                 map.values_mut().for_each(strip);
             }
@@ -105,6 +109,26 @@ fn comparable(out: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error
     }
     strip(&mut v);
     Ok(v)
+}
+
+/// The files of the study folder `out` (its links not followed) that name any of
+/// `paths`, each as `file: path`.
+fn names_of(out: &Path, paths: &[&Path]) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let mut found = Vec::new();
+    for file in rampart_fs::files_under(out)? {
+        let path = out.join(&file);
+        if std::fs::symlink_metadata(&path)?.file_type().is_symlink() {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        for p in paths {
+            let needle = p.to_str().ok_or("path")?.as_bytes();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(format!("{}: {}", file.display(), p.display()));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// The whole study (process group: the xtask and the `rampart` it runs) killed with
@@ -123,6 +147,15 @@ fn a_killed_study_resumes_to_the_same_results() -> TestResult {
     let whole = reproduce(dir.path(), &whole_dir, false)?.output()?;
     assert!(whole.status.success(), "{}", text(&whole));
     let whole_log = String::from_utf8_lossy(&whole.stderr).to_string();
+    // The study folder names nothing outside it: not the folder holding it and the
+    // data, not the binaries' folder.
+    let bin = rampart_bin()?;
+    let bin_dir = bin.parent().ok_or("the binary has no folder")?;
+    assert_eq!(
+        names_of(&whole_dir, &[dir.path(), bin_dir])?,
+        Vec::<String>::new()
+    );
+    assert!(whole_dir.join("normal/model.json").is_file());
     let total = saved_batches(&whole_log);
     // Runs side by side at the same threads per run: the same results, each run's
     // output in OUT/logs/.

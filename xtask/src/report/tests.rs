@@ -307,5 +307,5 @@ fn formatting() {
     assert_eq!(duration(42.04), "42.0 s");
     assert_eq!(duration(725.0), "12 min 05 s");
     assert_eq!(duration(11_220.0), "3 h 07 min");
-    assert_eq!(shell_quote("a b"), "'a b'");
+    assert_eq!(rampart_fs::shell_quote("a b"), "'a b'");
 }

@@ -165,6 +165,31 @@ fn finished_means_model_summary_and_results() -> Result<()> {
     Ok(())
 }
 
+/// A row whose model file stayed on the machine that trained it is finished by the
+/// file's record, which the report keeps naming it by.
+#[test]
+fn a_model_left_behind_is_named_by_its_record() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let row = model_dir(dir.path(), "at");
+    std::fs::create_dir_all(eval_dir(dir.path(), "at"))?;
+    std::fs::write(row.join("summary.json"), b"{}")?;
+    std::fs::write(eval_dir(dir.path(), "at").join("results.json"), b"{}")?;
+    assert_eq!(crate::report::model_record(&row)?, None);
+    assert!(!is_finished(dir.path(), "at"));
+    std::fs::write(row.join("model.safetensors"), b"abc")?;
+    let record = crate::report::model_record(&row)?.ok_or_else(|| anyhow::anyhow!("none"))?;
+    assert_eq!(record.bytes, 3);
+    // SHA-256 of "abc" (FIPS 180-2, appendix B.1).
+    assert_eq!(
+        record.sha256,
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    std::fs::remove_file(row.join("model.safetensors"))?;
+    assert!(is_finished(dir.path(), "at"));
+    assert_eq!(crate::report::model_record(&row)?, Some(record));
+    Ok(())
+}
+
 #[test]
 fn device_lists_are_one_kind() -> Result<()> {
     assert_eq!(device_list("cuda")?, ["cuda"]);
