@@ -400,17 +400,34 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                     eval.args(["--test-limit", &n]);
                 }
             }
-            jobs.add(
-                format!(
-                    "{}: {suite} on {}",
-                    row.method,
-                    aa_limit.map_or("the whole test set".into(), |n| format!(
-                        "the first {n} test images"
-                    ))
-                ),
-                eval,
-                trained[i],
-                log(row.method, suite),
+            let name = format!(
+                "{}: {suite} on {}",
+                row.method,
+                aa_limit.map_or("the whole test set".into(), |n| format!(
+                    "the first {n} test images"
+                ))
+            );
+            if suite == "pgd20" {
+                jobs.add(name, eval, trained[i], log(row.method, suite));
+                continue;
+            }
+            // AutoAttack, the longest run of a study, in shards of whole batches: at
+            // most one per batch.
+            eval.args(["--batch-size", &AUTOATTACK_BATCH.to_string()]);
+            let shards = aa_limit.map_or(args.shards, |n| {
+                args.shards.min(n.div_ceil(AUTOATTACK_BATCH))
+            });
+            add_sharded(
+                &mut jobs,
+                Sharded {
+                    name,
+                    eval,
+                    dir: &dir,
+                    shards,
+                    after: trained[i],
+                    merge: rampart_command(&rampart, threads),
+                },
+                |part| log(row.method, &format!("{suite}{part}")),
             );
         }
         autoattacked.push(row.method);
@@ -452,40 +469,17 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             rows.len(),
             row.method
         );
-        if args.shards == 1 {
-            protocols[i] = Some(jobs.add(name, eval, trained[i], log(row.method, "protocol")));
-            continue;
-        }
-        // Cut into shards (docs/scale-out.md), each a run of its own, then merged into
-        // the folder one run writes.
-        let mut merge = rampart_command(&rampart, threads);
-        merge.arg("merge");
-        let mut parts = Vec::new();
-        for k in 0..args.shards {
-            let part = dir.join(format!("shard-{k}"));
-            let mut shard = Command::new(eval.get_program());
-            shard.args(eval.get_args().map(|a| {
-                if a == dir.as_os_str() {
-                    part.as_os_str()
-                } else {
-                    a
-                }
-            }));
-            shard.args(["--shard", &format!("{k}/{}", args.shards)]);
-            parts.push(jobs.add(
-                format!("{name}, shard {k}/{}", args.shards),
-                shard,
-                trained[i],
-                log(row.method, &format!("protocol.shard-{k}")),
-            ));
-            merge.arg(&part);
-        }
-        merge.arg("--out").arg(&dir);
-        protocols[i] = Some(jobs.add_host(
-            format!("{name}: merging {} shards", args.shards),
-            merge,
-            parts,
-            log(row.method, "protocol.merge"),
+        protocols[i] = Some(add_sharded(
+            &mut jobs,
+            Sharded {
+                name,
+                eval,
+                dir: &dir,
+                shards: args.shards,
+                after: trained[i],
+                merge: rampart_command(&rampart, threads),
+            },
+            |part| log(row.method, &format!("protocol{part}")),
         ));
     }
     jobs.add_host(
@@ -688,6 +682,71 @@ pub(crate) fn build_rampart(root: &Path, cuda: bool, download: bool) -> Result<P
         bail!("the build succeeded but {} does not exist", bin.display());
     }
     Ok(bin)
+}
+
+/// Images per batch of the study's AutoAttack runs (and so the unit of its shards).
+const AUTOATTACK_BATCH: usize = 256;
+
+/// An evaluation to add as one run or cut into shards ([`add_sharded`]).
+struct Sharded<'a> {
+    /// What it does, for the progress lines.
+    name: String,
+    /// The `rampart eval` command, writing into `dir`.
+    eval: Command,
+    /// Its output folder.
+    dir: &'a Path,
+    /// Into how many shards to cut it (1: one run).
+    shards: usize,
+    /// The job it waits for (the model's training), if any.
+    after: Option<usize>,
+    /// `rampart` (with the study's threads), to merge the shards with.
+    merge: Command,
+}
+
+/// Adds `s.eval` as one job or, with `s.shards` > 1, as `--shard k/N` runs into
+/// `DIR/shard-k`, each a run of its own, and a `rampart merge` of them into `DIR`
+/// (docs/scale-out.md); `log(part)` names the log of each (`""`, `.shard-k`,
+/// `.merge`). Returns the job after which `DIR` holds the whole run's outputs.
+fn add_sharded(jobs: &mut Jobs, s: Sharded<'_>, log: impl Fn(&str) -> PathBuf) -> usize {
+    let Sharded {
+        name,
+        eval,
+        dir,
+        shards,
+        after,
+        mut merge,
+    } = s;
+    if shards <= 1 {
+        return jobs.add(name, eval, after, log(""));
+    }
+    merge.arg("merge");
+    let mut parts = Vec::new();
+    for k in 0..shards {
+        let part = dir.join(format!("shard-{k}"));
+        let mut shard = Command::new(eval.get_program());
+        shard.args(eval.get_args().map(|a| {
+            if a == dir.as_os_str() {
+                part.as_os_str()
+            } else {
+                a
+            }
+        }));
+        shard.args(["--shard", &format!("{k}/{shards}")]);
+        parts.push(jobs.add(
+            format!("{name}, shard {k}/{shards}"),
+            shard,
+            after,
+            log(&format!(".shard-{k}")),
+        ));
+        merge.arg(&part);
+    }
+    merge.arg("--out").arg(dir);
+    jobs.add_host(
+        format!("{name}: merging {shards} shards"),
+        merge,
+        parts,
+        log(".merge"),
+    )
 }
 
 /// Where `rampart eval` runs and what it reads: shared by every evaluation of a study.

@@ -318,14 +318,6 @@ impl AttackArgs {
                     "trust": trust}),
         )?;
         if !shard.is_whole() {
-            let examples = test.take(n);
-            let labels: Vec<u8> = examples
-                .labels()
-                .iter()
-                .flat_map(|l| l.to_le_bytes())
-                .collect();
-            let model_bytes = std::fs::read(&self.model)
-                .with_context(|| format!("cannot read {}", self.model.display()))?;
             let settings = json!({"attack": pgd, "eps": self.eps, "examples": n,
                 "batch_size": self.batch_size, "seed": self.seed, "eot_samples": samples,
                 "lambda": model.lambda(), "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale()),
@@ -336,11 +328,7 @@ impl AttackArgs {
                 shard,
                 rows,
                 total: n,
-                fingerprint: rampart_eval::Fingerprint {
-                    data: rampart_eval::fingerprint_digest([examples.images(), &labels]),
-                    model: rampart_eval::fingerprint_digest([model_bytes.as_slice()]),
-                    settings: rampart_eval::settings_digest(&settings),
-                },
+                fingerprint: crate::common::file_fingerprint(&test, n, &self.model, &settings)?,
                 settings,
                 details: serde_json::Value::Null,
                 seconds: started.elapsed().as_secs_f64(),

@@ -412,6 +412,30 @@ pub fn check_model_fits(
     Ok(())
 }
 
+/// What a shard of `rampart attack` or `rampart eval --suite autoattack` was made
+/// from: the first `n` images and labels of `test`, the model file at `model`, and
+/// `settings`.
+pub fn file_fingerprint(
+    test: &rampart_data::ImageDataset,
+    n: usize,
+    model: &Path,
+    settings: &serde_json::Value,
+) -> Result<rampart_eval::Fingerprint> {
+    let examples = test.take(n);
+    let labels: Vec<u8> = examples
+        .labels()
+        .iter()
+        .flat_map(|l| l.to_le_bytes())
+        .collect();
+    let model_bytes =
+        std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
+    Ok(rampart_eval::Fingerprint {
+        data: rampart_eval::fingerprint_digest([examples.images(), &labels]),
+        model: rampart_eval::fingerprint_digest([model_bytes.as_slice()]),
+        settings: rampart_eval::settings_digest(settings),
+    })
+}
+
 /// Loads a model file (or an ONNX graph) for evaluation or attack: the λ of a once-for-all model and the
 /// noise scale of a stochastic one set (when given), its noise reseeded with `seed`.
 pub fn load_model(

@@ -207,7 +207,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 5)]
     pub draws: usize,
 
-    /// quick/ccat/full: run shard I of N (0-based: 0/8 … 7/8) of the attacked images,
+    /// quick/ccat/full/autoattack: run shard I of N (0-based: 0/8 … 7/8) of the attacked images,
     /// cut into contiguous runs of whole batches; `rampart merge` joins the shards'
     /// folders into the unsharded run's results (see docs/scale-out.md).
     #[arg(long, value_parser = crate::common::parse_shard)]
@@ -269,7 +269,7 @@ pub struct EvalPlan {
     pub curve_points: Option<usize>,
     /// pgd20: write the adversarial images.
     pub save_adversarial: bool,
-    /// Which shard of the attacked images to run (quick/ccat/full).
+    /// Which shard of the attacked images to run (quick/ccat/full/autoattack).
     pub shard: rampart_eval::Shard,
     /// The output folder.
     pub out: PathBuf,
@@ -454,9 +454,10 @@ impl EvalArgs {
             bail!("--curve-points must be at least 2");
         }
         let shard = self.shard.unwrap_or(rampart_eval::Shard::WHOLE);
-        if !shard.is_whole() && self.suite.protocol().is_none() {
+        if !shard.is_whole() && self.suite.protocol().is_none() && self.suite != Suite::Autoattack {
             bail!(
-                "--shard applies to --suite quick, ccat and full (and to `rampart attack`), not to --suite {}",
+                "--shard applies to --suite quick, ccat, full and autoattack (and to `rampart \
+                 attack`), not to --suite {}",
                 self.suite.name()
             );
         }

@@ -50,9 +50,11 @@ impl EvalPlan {
     }
 
     /// Runs AutoAttack (standard, or rand for a stochastic model) in the plan's norm
-    /// batch by batch over the first images, resumable through
-    /// `per_example/autoattack.json`, then the trust checks; writes `autoattack.json`
-    /// (the per-batch reports: stages, runtimes, trust checks) and `results.json`.
+    /// batch by batch over the first images (with --shard, over the shard's rows),
+    /// resumable through `per_example/autoattack.json`, then the trust checks (in the
+    /// shard that holds the first images); writes `autoattack.json` (the per-batch
+    /// reports: stages, runtimes, trust checks) and `results.json`, or for a shard its
+    /// `shard.json`, which `rampart merge` joins into those.
     fn run_autoattack(&self, loaded: &Loaded<'_>) -> Result<EvalResults> {
         let plan = self
             .attack
@@ -72,84 +74,83 @@ impl EvalPlan {
             seed: plan.seed,
             rand: loaded.model.is_stochastic(),
         };
+        let shard = self.shard;
+        let rows = shard.rows(n, self.batch_size)?;
+        let trust_examples = self.trust.examples.min(n);
+        if rows.start == 0 && rows.end < trust_examples {
+            bail!(
+                "shard {shard} holds the first {} images but the trust checks run on the first \
+                 {trust_examples}: use fewer shards, a larger --batch-size or fewer --trust-examples",
+                rows.end
+            );
+        }
+        // A manifest says the shard finished: an earlier run's must not outlive this start.
+        let manifest = manifest_path(&self.out);
+        if manifest.exists() {
+            std::fs::remove_file(&manifest)
+                .with_context(|| format!("cannot remove {}", manifest.display()))?;
+        }
         let outcome = rampart_eval::run_autoattack(
             &loaded.model.frozen(),
             bounds,
             loaded.test,
             &config,
+            rows,
             &self.out.join("per_example"),
             loaded.device,
         )?;
-        let robust = outcome.robust_images();
-        let trust = self.trust_checks(
-            loaded.model,
-            bounds,
-            loaded.test,
-            &robust,
-            &plan.pgd,
-            plan.eps,
-        )?;
-        write_json(
-            &self.out.join("autoattack.json"),
-            &json!({ "norm": plan.pgd.norm.to_string(), "eps": plan.eps, "examples": n,
-                     "version": outcome.version, "seconds": outcome.seconds,
-                     "resumed_batches": outcome.resumed_batches,
-                     "robust_accuracy": outcome.robust as f64 / n as f64,
-                     "trust_warnings": outcome.trust_warnings,
-                     "batches": outcome.batches.iter().map(|b| &b.report).collect::<Vec<_>>() }),
-        )?;
-        for w in &outcome.trust_warnings {
-            tracing::warn!("trust check (AutoAttack): {w}");
-        }
-        let clean_accuracy = outcome.clean_correct as f64 / n as f64;
-        let robust_accuracy = outcome.robust as f64 / n as f64;
-        let attacks = outcome
-            .stages()
-            .into_iter()
-            .map(|stage| AttackFigure {
-                name: format!("after {}", stage.name),
-                robust_accuracy: stage.robust_after as f64 / n as f64,
-                robust_accuracy_ci: wilson(stage.robust_after, n),
-                seconds: stage.seconds,
-            })
-            .collect();
-        let results = EvalResults {
-            schema_version: EVAL_SCHEMA_VERSION,
-            suite: self.suite.name().into(),
+        // The trust checks run on the first images, in the shard that holds them.
+        let trust = if rows.start == 0 {
+            let robust = outcome.robust_images();
+            self.trust_checks(
+                loaded.model,
+                bounds,
+                loaded.test,
+                &robust,
+                &plan.pgd,
+                plan.eps,
+            )?
+        } else {
+            None
+        };
+        let info = AutoAttackModel {
             model: self.model.clone(),
             method: loaded.method.to_string(),
             arch: loaded.model.spec().arch.to_string(),
             dataset: loaded.dataset.to_string(),
-            test_examples: n,
-            clean_accuracy,
-            clean_accuracy_ci: wilson(outcome.clean_correct, n),
-            clean_error: 1.0 - clean_accuracy,
-            eval_seconds: outcome.seconds,
-            attack: Some(format!(
-                "autoattack {} {}, eps {:.5}",
-                outcome.version, plan.pgd.norm, plan.eps
-            )),
-            norm: Some(plan.pgd.norm.to_string()),
-            eps: Some(plan.eps),
-            robust_examples: Some(n),
-            robust_accuracy: Some(robust_accuracy),
-            robust_accuracy_ci: wilson(outcome.robust, n),
-            robust_error: Some(1.0 - robust_accuracy),
-            attack_seconds: Some(outcome.seconds),
-            attacked_clean_accuracy: Some(clean_accuracy),
-            attacks,
-            eot_samples: Some(if config.rand { 20 } else { 1 }),
-            confidence_threshold: None,
-            clean_rejected: None,
-            clean_err_at_threshold: None,
-            robust_err_at_threshold: None,
-            robust_err_at_threshold_ci: None,
             lambda: loaded.model.lambda(),
-            stochastic: None,
-            trust,
-            autoattack_trust_warnings: outcome.trust_warnings.clone(),
         };
-        self.finish(&results)?;
+        if shard.is_whole() {
+            let results = write_autoattack(&self.out, &info, &outcome, trust)?;
+            self.finish(&results)?;
+            return Ok(results);
+        }
+        let results = autoattack_results(&info, &outcome, trust.clone());
+        let settings = json!({"autoattack": config, "trust": self.trust,
+            "noise_scale": loaded.model.spec().noise.as_ref().map(|_| loaded.model.noise_scale()),
+            "lambda": info.lambda, "dataset": info.dataset, "onnx": format!("{:?}", self.onnx)});
+        let manifest = rampart_eval::ShardManifest {
+            command: "eval --suite autoattack".into(),
+            shard,
+            rows,
+            total: n,
+            fingerprint: crate::common::file_fingerprint(loaded.test, n, &self.model, &settings)?,
+            settings,
+            details: json!({"model": info, "trust": trust, "strict_checks": self.strict_checks}),
+            seconds: outcome.seconds,
+            resumed: (outcome.resumed_batches > 0)
+                .then(|| format!("{} AutoAttack batches", outcome.resumed_batches))
+                .into_iter()
+                .collect(),
+        };
+        write_json(&manifest_path(&self.out), &manifest)?;
+        rampart_fs::finish_run(&self.out)?;
+        println!(
+            "shard {shard} (images {}..{}) written to {}; join every shard with `rampart merge`",
+            rows.start,
+            rows.end,
+            self.out.display()
+        );
         Ok(results)
     }
 
@@ -646,6 +647,108 @@ impl EvalPlan {
 }
 
 /// Writes tensors as safetensors, atomically (see `rampart_fs`).
+fn manifest_path(out: &Path) -> std::path::PathBuf {
+    out.join(rampart_eval::SHARD_MANIFEST)
+}
+
+/// The model an AutoAttack run evaluated, as its results name it (kept in a shard's
+/// manifest for the merge).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct AutoAttackModel {
+    /// The model file.
+    pub model: std::path::PathBuf,
+    /// The training method it records.
+    pub method: String,
+    /// Its architecture.
+    pub arch: String,
+    /// The data set.
+    pub dataset: String,
+    /// λ of a once-for-all model.
+    pub lambda: Option<f32>,
+}
+
+/// The `results.json` of an AutoAttack run (`suite: autoattack`) from its outcome.
+pub(crate) fn autoattack_results(
+    info: &AutoAttackModel,
+    outcome: &rampart_eval::AutoAttackOutcome,
+    trust: Option<TrustChecks>,
+) -> EvalResults {
+    let config = outcome.config;
+    let n = outcome.examples;
+    let clean_accuracy = outcome.clean_correct as f64 / n as f64;
+    let robust_accuracy = outcome.robust as f64 / n as f64;
+    let attacks = outcome
+        .stages()
+        .into_iter()
+        .map(|stage| AttackFigure {
+            name: format!("after {}", stage.name),
+            robust_accuracy: stage.robust_after as f64 / n as f64,
+            robust_accuracy_ci: wilson(stage.robust_after, n),
+            seconds: stage.seconds,
+        })
+        .collect();
+    EvalResults {
+        schema_version: EVAL_SCHEMA_VERSION,
+        suite: Suite::Autoattack.name().into(),
+        model: info.model.clone(),
+        method: info.method.clone(),
+        arch: info.arch.clone(),
+        dataset: info.dataset.clone(),
+        test_examples: n,
+        clean_accuracy,
+        clean_accuracy_ci: wilson(outcome.clean_correct, n),
+        clean_error: 1.0 - clean_accuracy,
+        eval_seconds: outcome.seconds,
+        attack: Some(format!(
+            "autoattack {} {}, eps {:.5}",
+            outcome.version, config.norm, config.eps
+        )),
+        norm: Some(config.norm.to_string()),
+        eps: Some(config.eps),
+        robust_examples: Some(n),
+        robust_accuracy: Some(robust_accuracy),
+        robust_accuracy_ci: wilson(outcome.robust, n),
+        robust_error: Some(1.0 - robust_accuracy),
+        attack_seconds: Some(outcome.seconds),
+        attacked_clean_accuracy: Some(clean_accuracy),
+        attacks,
+        eot_samples: Some(if config.rand { 20 } else { 1 }),
+        confidence_threshold: None,
+        clean_rejected: None,
+        clean_err_at_threshold: None,
+        robust_err_at_threshold: None,
+        robust_err_at_threshold_ci: None,
+        lambda: info.lambda,
+        stochastic: None,
+        trust,
+        autoattack_trust_warnings: outcome.trust_warnings.clone(),
+    }
+}
+
+/// Writes `autoattack.json` (the per-batch reports: stages, runtimes, trust checks)
+/// of a whole run and returns its `results.json`.
+pub(crate) fn write_autoattack(
+    out: &Path,
+    info: &AutoAttackModel,
+    outcome: &rampart_eval::AutoAttackOutcome,
+    trust: Option<TrustChecks>,
+) -> Result<EvalResults> {
+    let (config, n) = (outcome.config, outcome.examples);
+    write_json(
+        &out.join("autoattack.json"),
+        &json!({ "norm": config.norm.to_string(), "eps": config.eps, "examples": n,
+                 "version": outcome.version, "seconds": outcome.seconds,
+                 "resumed_batches": outcome.resumed_batches,
+                 "robust_accuracy": outcome.robust as f64 / n as f64,
+                 "trust_warnings": outcome.trust_warnings,
+                 "batches": outcome.batches.iter().map(|b| &b.report).collect::<Vec<_>>() }),
+    )?;
+    for w in &outcome.trust_warnings {
+        tracing::warn!("trust check (AutoAttack): {w}");
+    }
+    Ok(autoattack_results(info, outcome, trust))
+}
+
 pub(crate) fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));

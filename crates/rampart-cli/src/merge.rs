@@ -1,8 +1,9 @@
 //! `rampart merge`: joins the output folders of the shards of one `rampart eval
 //! --shard I/N` or `rampart attack --shard I/N` run into the folder one unsharded run
 //! writes (see docs/scale-out.md). The checks (every shard once, the same data, model
-//! and settings) are `rampart_eval::read_shards`; an evaluation's merge is
-//! `rampart_eval::merge_eval`; an attack's is here (its files are this command's).
+//! and settings) are `rampart_eval::read_shards`; a protocol evaluation's merge is
+//! `rampart_eval::merge_eval`; an attack's and an AutoAttack evaluation's are here
+//! (their files are this command's).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -71,6 +72,17 @@ impl MergeArgs {
                     "{} shards of {} attacked images merged into {}",
                     shards.len(),
                     first.total,
+                    self.out.display()
+                ))
+            }
+            "eval --suite autoattack" => {
+                let results = merge_autoattack(&shards, &self.out)?;
+                record_command(&self.out, command)?;
+                Ok(format!(
+                    "{} AutoAttack shards merged: robust accuracy {:.2} % on {} images; results in {}",
+                    shards.len(),
+                    100.0 * results.robust_accuracy.unwrap_or(0.0),
+                    results.test_examples,
                     self.out.display()
                 ))
             }
@@ -162,6 +174,66 @@ fn merge_attack(shards: &[(PathBuf, rampart_eval::ShardManifest)], out: &Path) -
         c.remove("shard");
     }
     write_json(&out.join("config.json"), &config)
+}
+
+/// `rampart eval --suite autoattack` shards: their finished batches
+/// (`per_example/autoattack.json`) joined in row order into the whole run's state,
+/// `autoattack.json`, `results.json` and `results.md` computed from it as one run
+/// computes them (wall time: the shards' sum; trust checks: shard 0's), `config.json`
+/// of shard 0 with `shard` null.
+fn merge_autoattack(
+    shards: &[(PathBuf, rampart_eval::ShardManifest)],
+    out: &Path,
+) -> Result<crate::eval::EvalResults> {
+    let mut merged: Option<rampart_eval::AutoAttackState> = None;
+    let mut seconds = 0.0;
+    for (dir, m) in shards {
+        let path = dir.join("per_example").join("autoattack.json");
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let state: rampart_eval::AutoAttackState = serde_json::from_slice(&bytes)
+            .with_context(|| format!("cannot parse {}", path.display()))?;
+        let rows: Vec<usize> = state
+            .batches
+            .iter()
+            .flat_map(|b| b.start..b.start + b.robust.len())
+            .collect();
+        if rows != m.rows.range().collect::<Vec<_>>() {
+            bail!(
+                "{} does not hold the finished batches of shard {} (images {}..{})",
+                path.display(),
+                m.shard,
+                m.rows.start,
+                m.rows.end
+            );
+        }
+        seconds += m.seconds;
+        match &mut merged {
+            None => merged = Some(state),
+            Some(whole) => whole.batches.extend(state.batches),
+        }
+    }
+    let state = merged.context("no shard to merge")?;
+    let (first_dir, first) = &shards[0];
+    let info: crate::eval_run::AutoAttackModel =
+        serde_json::from_value(first.details["model"].clone())
+            .context("shard.json of shard 0: no model details")?;
+    let trust: Option<rampart_eval::TrustChecks> =
+        serde_json::from_value(first.details["trust"].clone())
+            .context("shard.json of shard 0: unreadable trust checks")?;
+    write_json(&out.join("per_example").join("autoattack.json"), &state)?;
+    let outcome =
+        rampart_eval::AutoAttackOutcome::from_batches(state.config, state.batches, 0, seconds);
+    let results = crate::eval_run::write_autoattack(out, &info, &outcome, trust)?;
+    write_json(&out.join("results.json"), &results)?;
+    rampart_fs::write_atomic(&out.join("results.md"), results.markdown().as_bytes())?;
+    // Shard 0's config.json, as the unsharded run writes it (`shard` null).
+    let mut config: serde_json::Value = read_json(&first_dir.join("config.json"))?;
+    if let Some(c) = config.as_object_mut() {
+        c.insert("shard".into(), serde_json::Value::Null);
+    }
+    write_json(&out.join("config.json"), &config)?;
+    Ok(results)
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {

@@ -189,34 +189,32 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
     assert!(said.contains("only 3 batches"), "{said}");
 
     // `rampart attack`: 16 images in batches of 4, 2 ε, cut into 3 shards.
-    let attack = |out: &Path, extra: &[&str]| {
-        let flags = [
+    // `command` on the model in batches of 4, trust checks on 4 images, with `flags`.
+    let on = |command: &str, flags: &[&str], out: &Path, extra: &[&str]| {
+        let small = [
             "--threads",
             "2",
-            "--eps",
-            "2/255,8/255",
-            "--steps",
-            "3",
             "--batch-size",
             "4",
             "--trust-examples",
             "4",
         ];
         run_ok(&on_model(
-            "attack",
+            command,
             &model,
             data,
-            &[&flags, extra].concat(),
+            &[&small, flags, extra].concat(),
             out,
         ))
     };
+    let attack = ["--eps", "2/255,8/255", "--steps", "3"];
     let whole_attack = dir.path().join("attack-whole");
-    attack(&whole_attack, &[])?;
+    on("attack", &attack, &whole_attack, &[])?;
     let attack_shards: Vec<PathBuf> = (0..3)
         .map(|i| dir.path().join(format!("attack-{i}")))
         .collect();
     for (i, out) in attack_shards.iter().enumerate() {
-        attack(out, &["--shard", &format!("{i}/3")])?;
+        on("attack", &attack, out, &["--shard", &format!("{i}/3")])?;
     }
     let merged_attack = dir.path().join("attack-merged");
     merge(attack_shards.iter(), &merged_attack)?;
@@ -224,5 +222,46 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
     let (a0, a2) = (s(&attack_shards[0]), s(&attack_shards[2]));
     assert!(refused(&["merge", a0, a2, "--out", t])?.contains("shard 1/3 missing"));
     assert!(refused(&["merge", a0, b, a2, "--out", t])?.contains("rampart eval"));
+
+    // `rampart eval --suite autoattack`: 16 images in batches of 4, cut into 2 shards.
+    let autoattack = ["--suite", "autoattack", "--attack-limit", "16"];
+    let whole_aa = dir.path().join("aa-whole");
+    on("eval", &autoattack, &whole_aa, &[])?;
+    let aa_shards: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("aa-{i}"))).collect();
+    for (i, out) in aa_shards.iter().enumerate() {
+        let said = on("eval", &autoattack, out, &["--shard", &format!("{i}/2")])?;
+        assert!(said.contains(&format!("shard {i}/2")), "{said}");
+        assert!(out.join("shard.json").is_file() && !out.join("results.json").exists());
+    }
+    let merged_aa = dir.path().join("aa-merged");
+    merge(aa_shards.iter().rev(), &merged_aa)?;
+    assert!(assert_same_outputs(&whole_aa, &merged_aa)? >= 5);
+    let (aa0, aa1) = (s(&aa_shards[0]), s(&aa_shards[1]));
+    assert!(refused(&["merge", aa1, "--out", t])?.contains("shard 0/2 missing"));
+    assert!(refused(&["merge", aa0, a2, "--out", t])?.contains("rampart eval --suite autoattack"));
+    // The trust checks run in the shard holding the first images: too few there is
+    // refused.
+    let said = refused(&on_model(
+        "eval",
+        &model,
+        data,
+        &[
+            "--suite",
+            "autoattack",
+            "--attack-limit",
+            "16",
+            "--batch-size",
+            "2",
+            "--trust-examples",
+            "4",
+            "--shard",
+            "0/8",
+        ],
+        &dir.path().join("aa-refused"),
+    ))?;
+    assert!(
+        said.contains("the trust checks run on the first 4"),
+        "{said}"
+    );
     Ok(())
 }

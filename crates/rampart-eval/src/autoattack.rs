@@ -16,6 +16,7 @@ use crate::error::{EvalError, Result};
 use crate::io::{load_keyed, write_json, Keyed};
 use crate::journal::fingerprint;
 use crate::outputs::batch_logits;
+use crate::shard::Rows;
 
 /// How to run AutoAttack.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,6 +121,37 @@ pub struct StageFigure {
 }
 
 impl AutoAttackOutcome {
+    /// The outcome of the finished `batches` of a run with `config` (of one shard, or
+    /// of every shard in row order): counts and trust warnings summed over them.
+    pub fn from_batches(
+        config: AutoAttackConfig,
+        batches: Vec<AutoAttackBatch>,
+        resumed_batches: usize,
+        seconds: f64,
+    ) -> Self {
+        let count = |f: fn(&AutoAttackBatch) -> &Vec<bool>| -> usize {
+            batches
+                .iter()
+                .map(|b| f(b).iter().filter(|&&v| v).count())
+                .sum()
+        };
+        let trust_warnings = batches
+            .iter()
+            .flat_map(|b| b.report.trust.warnings.iter().map(|w| w.to_string()))
+            .collect();
+        Self {
+            config,
+            version: config.ensemble().version,
+            examples: batches.iter().map(|b| b.robust.len()).sum(),
+            clean_correct: count(|b| &b.clean_correct),
+            robust: count(|b| &b.robust),
+            resumed_batches,
+            seconds,
+            trust_warnings,
+            batches,
+        }
+    }
+
     /// Per attacked image, in order: correct clean and under every stage.
     pub fn robust_images(&self) -> Vec<bool> {
         self.batches
@@ -168,13 +200,16 @@ impl AutoAttackOutcome {
     }
 }
 
-/// Runs (or resumes) AutoAttack on the first `config.limit` images of `data`, saving
-/// the state into `per_example` after every batch.
+/// Runs (or resumes) AutoAttack on the rows `rows` of the first `config.limit` images
+/// of `data` (all of them: [`crate::Shard::WHOLE`]'s rows; a shard's start on a batch
+/// boundary, so its batches, seeds and results are the unsharded run's), saving the
+/// state into `per_example` after every batch.
 pub fn run_autoattack(
     model: &dyn ModuleT,
     bounds: Bounds,
     data: &ImageDataset,
     config: &AutoAttackConfig,
+    rows: Rows,
     per_example: &Path,
     device: &candle_core::Device,
 ) -> Result<AutoAttackOutcome> {
@@ -192,8 +227,14 @@ pub fn run_autoattack(
         ));
     }
     let n = config.limit.min(data.len());
+    if rows.end > n || !rows.start.is_multiple_of(config.batch_size) {
+        return Err(EvalError::Shard(format!(
+            "rows {}..{} are not whole batches of {} of the {n} attacked images",
+            rows.start, rows.end, config.batch_size
+        )));
+    }
     let started = Instant::now();
-    let indices: Vec<usize> = (0..n).collect();
+    let indices: Vec<usize> = rows.range().collect();
     let chunks: Vec<&[usize]> = indices.chunks(config.batch_size).collect();
     if chunks.is_empty() {
         return Err(EvalError::Config("no image to attack".into()));
@@ -261,27 +302,10 @@ pub fn run_autoattack(
             "autoattack batch"
         );
     }
-    let count = |f: fn(&AutoAttackBatch) -> &Vec<bool>| -> usize {
-        state
-            .batches
-            .iter()
-            .map(|b| f(b).iter().filter(|&&v| v).count())
-            .sum()
-    };
-    let trust_warnings = state
-        .batches
-        .iter()
-        .flat_map(|b| b.report.trust.warnings.iter().map(|w| w.to_string()))
-        .collect();
-    Ok(AutoAttackOutcome {
-        config: *config,
-        version: ensemble.version.clone(),
-        examples: n,
-        clean_correct: count(|b| &b.clean_correct),
-        robust: count(|b| &b.robust),
+    Ok(AutoAttackOutcome::from_batches(
+        *config,
+        state.batches,
         resumed_batches,
-        seconds: started.elapsed().as_secs_f64(),
-        trust_warnings,
-        batches: state.batches,
-    })
+        started.elapsed().as_secs_f64(),
+    ))
 }

@@ -154,7 +154,7 @@ pub struct Fingerprint {
 /// `shard.json`: what one shard ran and what it was made from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShardManifest {
-    /// The command that wrote it: `eval` or `attack`.
+    /// The command that wrote it: `eval`, `eval --suite autoattack` or `attack`.
     pub command: String,
     /// Which shard.
     pub shard: Shard,

@@ -605,10 +605,12 @@ fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
         rand: false,
     };
     let per_example = dir.path().join("per_example");
-    let run = |config: &AutoAttackConfig| {
-        let bounds = rampart_attacks::Bounds::UNIT;
-        run_autoattack(&model, bounds, &ds, config, &per_example, &Device::Cpu)
+    let bounds = rampart_attacks::Bounds::UNIT;
+    let run_rows = |config: &AutoAttackConfig, rows: Rows, per_example: &Path| {
+        run_autoattack(&model, bounds, &ds, config, rows, per_example, &Device::Cpu)
     };
+    let run =
+        |config: &AutoAttackConfig| run_rows(config, Rows { start: 0, end: 24 }, &per_example);
     let whole = run(&config)?;
     assert_eq!(
         (whole.examples, whole.batches.len(), whole.resumed_batches),
@@ -647,6 +649,42 @@ fn an_interrupted_autoattack_resumes_to_the_same_numbers() -> TestResult {
         whole.robust_images().iter().filter(|&&r| r).count(),
         whole.robust
     );
+    // Two shards (batches 0–1 and 2), each in its own folder: their batches in row
+    // order are the whole run's, and so are the counts.
+    let mut batches = Vec::new();
+    for (k, rows) in [Rows { start: 0, end: 16 }, Rows { start: 16, end: 24 }]
+        .into_iter()
+        .enumerate()
+    {
+        let shard = run_rows(&config, rows, &dir.path().join(format!("shard-{k}")))?;
+        assert_eq!(shard.examples, rows.len());
+        batches.extend(shard.batches);
+    }
+    let merged = AutoAttackOutcome::from_batches(config, batches, 0, 0.0);
+    let outcomes = |o: &AutoAttackOutcome| -> Vec<_> {
+        o.batches
+            .iter()
+            .map(|b| {
+                let b = b.clone();
+                (
+                    b.start,
+                    b.clean_correct,
+                    b.robust,
+                    b.broken_by,
+                    b.confidence,
+                    b.logits,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(outcomes(&merged), outcomes(&whole));
+    assert_eq!(
+        (merged.examples, merged.clean_correct, merged.robust),
+        (whole.examples, whole.clean_correct, whole.robust)
+    );
+    // Rows that do not start on a batch boundary are refused.
+    let err = run_rows(&config, Rows { start: 4, end: 24 }, &per_example).unwrap_err();
+    assert!(err.to_string().contains("whole batches"), "{err}");
     Ok(())
 }
 
