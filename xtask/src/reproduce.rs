@@ -60,6 +60,13 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
+    /// Train every selected row for N epochs instead of its preset's: a shortened
+    /// schedule (learning-rate schedules scale to it), e.g. to fit a row into a time
+    /// limit. Each row records the epochs it ran (the report's epochs column, its train
+    /// command); rows run by other invocations keep theirs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+
     /// Cut every row's evaluation protocol into N shards, each a run of its own (on its
     /// own device where --device lists several), merged with `rampart merge` into the
     /// folder one run writes: the same results, sooner on several devices (see
@@ -294,6 +301,9 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     if args.shards == 0 {
         bail!("--shards must be at least 1");
     }
+    if args.epochs == Some(0) {
+        bail!("--epochs must be at least 1");
+    }
     // Slot k runs on devices[k mod len].
     let slots: Vec<String> = (0..parallel)
         .map(|k| devices[k % devices.len()].clone())
@@ -328,7 +338,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         let mut train = rampart_command(&rampart, threads);
         train
             .arg("train")
-            .args(row.train_flags())
+            .args(with_epochs(row.train_flags(), args.epochs))
             .args(["--dataset", dataset, "--seed", "0"]);
         data_dir_args(&mut train, data_dir);
         train.arg("--out").arg(&dir);
@@ -682,6 +692,25 @@ pub(crate) fn build_rampart(root: &Path, cuda: bool, download: bool) -> Result<P
         bail!("the build succeeded but {} does not exist", bin.display());
     }
     Ok(bin)
+}
+
+/// `flags` with the value of every `--epochs` set to `epochs` (added when there is
+/// none); unchanged for `None`.
+pub fn with_epochs(mut flags: Vec<String>, epochs: Option<usize>) -> Vec<String> {
+    let Some(epochs) = epochs else {
+        return flags;
+    };
+    let mut found = false;
+    for i in 1..flags.len() {
+        if flags[i - 1] == "--epochs" {
+            flags[i] = epochs.to_string();
+            found = true;
+        }
+    }
+    if !found {
+        flags.extend(["--epochs".to_string(), epochs.to_string()]);
+    }
+    flags
 }
 
 /// Images per batch of the study's AutoAttack runs (and so the unit of its shards).

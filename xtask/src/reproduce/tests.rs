@@ -190,6 +190,41 @@ fn a_model_left_behind_is_named_by_its_record() -> Result<()> {
     Ok(())
 }
 
+/// `--epochs` replaces a row's epochs wherever its flags give them, and adds them to
+/// a preset row that gives none.
+#[test]
+fn a_shortened_schedule_sets_every_rows_epochs() {
+    let flags = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let recipe = flags(&["--method", "at", "--epochs", "1", "--lr", "0.2"]);
+    assert_eq!(with_epochs(recipe.clone(), None), recipe);
+    assert_eq!(
+        with_epochs(recipe, Some(3)),
+        flags(&["--method", "at", "--epochs", "3", "--lr", "0.2"])
+    );
+    // A preset row, and one whose extra flags name epochs (the fast preset's CCAT).
+    let preset = flags(&["--method", "at", "--preset", "fast-at-preact-resnet18"]);
+    assert_eq!(
+        with_epochs(preset, Some(5)),
+        flags(&[
+            "--method",
+            "at",
+            "--preset",
+            "fast-at-preact-resnet18",
+            "--epochs",
+            "5"
+        ])
+    );
+    for row in Preset::Fast.models() {
+        let got = with_epochs(row.train_flags(), Some(2));
+        let values: Vec<&String> = got
+            .windows(2)
+            .filter(|w| w[0] == "--epochs")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(values, [&"2".to_string()], "{}: {got:?}", row.method);
+    }
+}
+
 #[test]
 fn device_lists_are_one_kind() -> Result<()> {
     assert_eq!(device_list("cuda")?, ["cuda"]);
