@@ -58,47 +58,27 @@ impl Jobs {
         after: impl IntoIterator<Item = usize>,
         log: PathBuf,
     ) -> usize {
-        self.push(name.into(), command, after.into_iter().collect(), log, true)
-    }
-
-    /// [`Jobs::add`] for a run that computes nothing on a device (a merge, a
-    /// comparison): it takes a slot but no `--device`.
-    pub fn add_host(
-        &mut self,
-        name: impl Into<String>,
-        command: Command,
-        after: impl IntoIterator<Item = usize>,
-        log: PathBuf,
-    ) -> usize {
-        self.push(
-            name.into(),
-            command,
-            after.into_iter().collect(),
-            log,
-            false,
-        )
-    }
-
-    fn push(
-        &mut self,
-        name: String,
-        command: Command,
-        after: Vec<usize>,
-        log: PathBuf,
-        on_device: bool,
-    ) -> usize {
         let command = match &self.folder {
             Some(folder) => crate::portable::in_folder(&command, folder),
             None => command,
         };
         self.jobs.push(Job {
-            name,
+            name: name.into(),
             command,
-            after,
+            after: after.into_iter().collect(),
             log,
-            on_device,
+            on_device: true,
         });
         self.jobs.len() - 1
+    }
+
+    /// Marks job `index` as a run that computes nothing on a device (a merge, a
+    /// comparison): it takes a slot but no `--device`. Returns `index`.
+    pub fn on_host(&mut self, index: usize) -> usize {
+        if let Some(job) = self.jobs.get_mut(index) {
+            job.on_device = false;
+        }
+        index
     }
 
     /// The jobs added, in order.
@@ -263,6 +243,13 @@ fn log_tail(path: &std::path::Path) -> String {
 mod tests {
     use super::*;
 
+    /// A temporary folder, its path as text (for scripts), and an empty job list.
+    fn fixture() -> Result<(tempfile::TempDir, String, Jobs)> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display().to_string();
+        Ok((dir, d, Jobs::default()))
+    }
+
     fn slots(n: usize) -> Vec<String> {
         vec!["cpu".to_string(); n]
     }
@@ -270,9 +257,7 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn each_slot_gives_its_device_to_the_runs_on_a_device() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let d = dir.path().display().to_string();
-        let mut jobs = Jobs::default();
+        let (dir, d, mut jobs) = fixture()?;
         // `sh -c SCRIPT NAME ARGS…`: the appended `--device D` arrive as $1 $2. Two
         // jobs that wait for each other run at once, so they hold both slots.
         for (name, other) in [("a", "b"), ("b", "a")] {
@@ -286,7 +271,8 @@ mod tests {
         }
         let mut host = Command::new("sh");
         host.args(["-c", &format!("echo \"$@\" > {d}/host"), "host"]);
-        jobs.add_host("host", host, [0, 1], dir.path().join("host.log"));
+        let h = jobs.add("host", host, [0, 1], dir.path().join("host.log"));
+        jobs.on_host(h);
         run(
             jobs.into_vec(),
             &["cuda:0".to_string(), "cuda:1".to_string()],
@@ -328,9 +314,7 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn jobs_wait_for_their_inputs_and_run_side_by_side() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let d = dir.path().display().to_string();
-        let mut jobs = Jobs::default();
+        let (dir, d, mut jobs) = fixture()?;
         // a and b run together (each waits for the other's file to appear, so they
         // finish only side by side); c reads both.
         let a = add_shell(&mut jobs, dir.path(), "a", &rendezvous(&d, "a", "b"), &[]);
@@ -345,9 +329,7 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn a_failure_stops_new_jobs_and_names_the_log() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let d = dir.path().display().to_string();
-        let mut jobs = Jobs::default();
+        let (dir, d, mut jobs) = fixture()?;
         let logs = dir.path().join("logs");
         let bad = add_shell(&mut jobs, &logs, "bad", "echo the reason >&2; exit 3", &[]);
         add_shell(

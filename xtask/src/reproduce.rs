@@ -492,12 +492,13 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             |part| log(row.method, &format!("protocol{part}")),
         ));
     }
-    jobs.add_host(
+    let compared = jobs.add(
         "comparing the models",
         compare,
         protocols.iter().flatten().copied().collect::<Vec<_>>(),
         out.join("logs").join("compare.log"),
     );
+    jobs.on_host(compared);
 
     // The test-time trade-offs: OAT over λ beside the dedicated λ = 0 (normal) and
     // λ = 1 (at) models, and the student over noise levels.
@@ -770,12 +771,13 @@ fn add_sharded(jobs: &mut Jobs, s: Sharded<'_>, log: impl Fn(&str) -> PathBuf) -
         merge.arg(&part);
     }
     merge.arg("--out").arg(dir);
-    jobs.add_host(
+    let merged = jobs.add(
         format!("{name}: merging {shards} shards"),
         merge,
         parts,
         log(".merge"),
-    )
+    );
+    jobs.on_host(merged)
 }
 
 /// Where `rampart eval` runs and what it reads: shared by every evaluation of a study.
