@@ -163,6 +163,15 @@ impl Overrides {
     }
 }
 
+/// The settings of a method trained on a multi-step attack with a β-weighted
+/// regulariser (TRADES, SAT): the attack's budget, steps and step size, and β.
+pub(crate) const ATTACK_AND_BETA: &[Setting] = &[
+    Setting::Eps,
+    Setting::AttackSteps,
+    Setting::AttackStepSize,
+    Setting::Beta,
+];
+
 /// A training method's settings as a value: its name, its published defaults, the
 /// [`Setting`]s a caller may override and how they apply. Implemented by every
 /// method's configuration type, next to the method.

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::overrides::{MethodSettings, Overrides, Setting};
+use super::overrides::{MethodSettings, Overrides, Setting, ATTACK_AND_BETA};
 use super::{attack_seed, check_eps, cross_entropy, BatchLoss, StatelessMethod, TrainBatch};
 use crate::error::{DefenseError, Result};
 
@@ -142,12 +142,7 @@ fn gaussian(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
 
 impl MethodSettings for Trades {
     const NAME: &'static str = "trades";
-    const ACCEPTS: &'static [Setting] = &[
-        Setting::Eps,
-        Setting::AttackSteps,
-        Setting::AttackStepSize,
-        Setting::Beta,
-    ];
+    const ACCEPTS: &'static [Setting] = ATTACK_AND_BETA;
 
     /// [`Trades::zhang_cifar10`].
     fn defaults() -> Self {
