@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use rampart_attacks::{parse_eps, Norm, Objective, Pgd, StepSize};
+use rampart_attacks::{parse_eps, Norm, Objective, Pgd, Restarts, StepSize};
 use rampart_data::DatasetKind;
 pub use rampart_eval::StochasticFigures;
 use rampart_eval::{TrustChecks, TrustConfig, WorstCase};
@@ -124,6 +124,12 @@ pub struct EvalArgs {
     /// a fraction [default: 2/255, PGD-20's].
     #[arg(long, value_parser = parse_budget, allow_negative_numbers = true)]
     pub attack_step_size: Option<f64>,
+
+    /// pgd20: runs of each objective's attack from fresh random starts, each on the
+    /// images still robust, the first success kept (Wong et al.'s PGD-50-10:
+    /// --attack-steps 50 --restarts 10 --objectives ce) [default: 1].
+    #[arg(long)]
+    pub restarts: Option<usize>,
 
     /// pgd20: the objectives whose per-example worst case is reported, comma-separated
     /// (ce, cw, dlr, conf) [default: ce,cw,conf].
@@ -297,12 +303,17 @@ pub struct AttackPlan {
 pub const DEFAULT_ATTACK_EPS: f64 = 8.0 / 255.0;
 
 impl AttackPlan {
-    /// `pgd-20 linf, step 0.00784, eps 0.03137, uniform start, worst case of ce, cw, conf`.
+    /// `pgd-20 linf, step 0.00784, eps 0.03137, uniform start, worst case of ce, cw, conf`
+    /// (`…, uniform start, 10 restarts, …` with restarts).
     pub(crate) fn describe(&self, objectives: &[Objective]) -> String {
         let step = self.pgd.step_size.at(self.eps);
         let names: Vec<&str> = objectives.iter().map(|o| o.name()).collect();
+        let restarts = match self.pgd.restarts.count {
+            1 => String::new(),
+            n => format!(", {n} restarts"),
+        };
         format!(
-            "pgd-{} {}, step {step:.5}, eps {:.5}, {} start, worst case of {}",
+            "pgd-{} {}, step {step:.5}, eps {:.5}, {} start{restarts}, worst case of {}",
             self.pgd.steps,
             self.pgd.norm,
             self.eps,
@@ -335,6 +346,7 @@ impl EvalArgs {
                 for (flag, given) in [
                     ("--attack-steps", self.attack_steps.is_some()),
                     ("--attack-step-size", self.attack_step_size.is_some()),
+                    ("--restarts", self.restarts.is_some()),
                 ] {
                     if given {
                         bail!(
@@ -368,6 +380,7 @@ impl EvalArgs {
                     ("--eps", self.eps.is_some()),
                     ("--attack-steps", self.attack_steps.is_some()),
                     ("--attack-step-size", self.attack_step_size.is_some()),
+                    ("--restarts", self.restarts.is_some()),
                 ] {
                     if given {
                         bail!("{flag} applies to --suite pgd20; quick/ccat/full use their own budgets (scale them with --steps-scale/--restarts-scale)");
@@ -386,6 +399,7 @@ impl EvalArgs {
                     ("--attack-steps", self.attack_steps.is_some()),
                     ("--attack-step-size", self.attack_step_size.is_some()),
                     ("--attack-limit", self.attack_limit.is_some()),
+                    ("--restarts", self.restarts.is_some()),
                 ] {
                     if given {
                         bail!("{flag} applies to attack suites only (e.g. --suite pgd20)");
@@ -395,11 +409,16 @@ impl EvalArgs {
             }
             Suite::Pgd20 => {
                 let base = Pgd::linf_pgd20();
+                let restarts = self.restarts.unwrap_or(base.restarts.count);
                 let pgd = Pgd {
                     steps: at_least_one("--attack-steps", self.attack_steps.unwrap_or(base.steps))?,
                     step_size: self
                         .attack_step_size
                         .map_or(base.step_size, StepSize::Absolute),
+                    restarts: Restarts::same(
+                        at_least_one("--restarts", restarts)?,
+                        base.restarts.first,
+                    ),
                     ..base
                 };
                 pgd.validate().context("invalid attack flags")?;
@@ -736,3 +755,55 @@ impl EvalResults {
 
 /// The worst case of the pgd20 suite, with what the stochastic figures need.
 pub(crate) type AttackOutcome = WorstCase;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: EvalArgs,
+    }
+
+    /// The plan of `rampart eval --model m --data-dir d --out o FLAGS`.
+    fn plan(flags: &str) -> Result<EvalPlan> {
+        let argv = ["eval", "--model", "m", "--data-dir", "d", "--out", "o"]
+            .into_iter()
+            .chain(flags.split_whitespace());
+        Wrapper::try_parse_from(argv)?.args.plan(None)
+    }
+
+    /// Wong et al.'s PGD-50-10: 50 steps, 10 runs from fresh uniform starts, named in
+    /// the attack's description; one run unless asked, and refused outside pgd20.
+    #[test]
+    fn pgd_takes_restarts() -> Result<()> {
+        let wong = plan("--suite pgd20 --attack-steps 50 --restarts 10 --objectives ce")?;
+        let attack = wong.attack.context("no attack")?;
+        assert_eq!((attack.pgd.steps, attack.pgd.restarts.count), (50, 10));
+        assert_eq!(attack.pgd.restarts.first, attack.pgd.restarts.rest);
+        let text = attack.describe(&wong.objectives);
+        assert!(
+            text.contains("uniform start, 10 restarts, worst case of ce"),
+            "{text}"
+        );
+        let plain = plan("--suite pgd20")?;
+        let attack = plain.attack.context("no attack")?;
+        assert_eq!(attack.pgd.restarts, Pgd::linf_pgd20().restarts);
+        assert!(!attack.describe(&plain.objectives).contains("restarts"));
+        for (flags, says) in [
+            ("--suite pgd20 --restarts 0", "--restarts"),
+            ("--suite clean --restarts 2", "attack suites only"),
+            ("--suite quick --restarts 2", "applies to --suite pgd20"),
+            ("--suite autoattack --restarts 2", "does not apply"),
+        ] {
+            let err = plan(flags)
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+            assert!(err.contains(says), "{flags}: {err}");
+        }
+        Ok(())
+    }
+}

@@ -646,7 +646,7 @@ impl EvalPlan {
     }
 }
 
-/// Writes tensors as safetensors, atomically (see `rampart_fs`).
+/// The shard manifest of the output folder `out`.
 fn manifest_path(out: &Path) -> std::path::PathBuf {
     out.join(rampart_eval::SHARD_MANIFEST)
 }
@@ -749,6 +749,7 @@ pub(crate) fn write_autoattack(
     Ok(autoattack_results(info, outcome, trust))
 }
 
+/// Writes tensors as safetensors, atomically (see `rampart_fs`).
 pub(crate) fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
