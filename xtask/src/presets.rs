@@ -337,6 +337,9 @@ pub struct EvalBudgets {
     /// AutoAttack (standard; `rand` for a stochastic row) at L∞ 8/255: the rows and the
     /// images (the first N), or all.
     pub autoattack: (&'static [&'static str], Option<usize>),
+    /// Wong et al.'s PGD-50-10 (cross-entropy, 50 steps of 2/255, 10 restarts, L∞
+    /// 8/255) on every deterministic row: the images (the first N); `None`: not run.
+    pub pgd50_10: Option<usize>,
 }
 
 impl EvalBudgets {
@@ -414,8 +417,15 @@ impl EvalBudgets {
                 "standard (rand with EOT 20 for stochastic rows)".to_string(),
             ),
         ];
+        let wong = self.pgd50_10.map(|images| {
+            (
+                "PGD-50-10 (CE), L∞ 8/255, step 2/255, on deterministic rows".to_string(),
+                images.to_string(),
+                "10 runs from fresh uniform starts (Wong et al. 2020)".to_string(),
+            )
+        });
         let mut md = String::from("| evaluation | images | budget |\n|---|---:|---|\n");
-        for (what, images, budget) in rows {
+        for (what, images, budget) in rows.into_iter().chain(wong) {
             md.push_str(&format!("| {what} | {images} | {budget} |\n"));
         }
         md
@@ -472,7 +482,8 @@ impl Preset {
                  (Wong et al. 2020), batch 128, Nesterov momentum 0.9, weight decay 5e-4, \
                  crop + flip; adversarial training with PGD-7 (2/255, ε = 8/255) on the \
                  15-epoch schedule of fast AT; CCAT of ResNet-20 for 30 epochs with a \
-                 10-step conf attack. PGD-20 at 8/255 on the whole test set."
+                 10-step conf attack. PGD-20 at 8/255 on the whole test set, and Wong et \
+                 al.'s PGD-50-10 on the first 1,000 images of every deterministic row."
             }
             Preset::Paper => {
                 "The published schedule: WRN-28-10 for 200 epochs, batch 128, lr 0.1 multiplied \
@@ -532,6 +543,7 @@ impl Preset {
                 sweep_limits: Some((1000, 100)),
                 sweep_trust_examples: 10,
                 autoattack: (&["at"], Some(100)),
+                pgd50_10: None,
             },
             Preset::Fast => EvalBudgets {
                 robust_examples: None,
@@ -548,6 +560,7 @@ impl Preset {
                 sweep_limits: Some((10_000, 1000)),
                 sweep_trust_examples: 100,
                 autoattack: (&["at", "ccat", "sat", "oat", "student"], Some(1000)),
+                pgd50_10: Some(1000),
             },
             Preset::Paper => EvalBudgets {
                 robust_examples: None,
@@ -564,6 +577,7 @@ impl Preset {
                 sweep_limits: None,
                 sweep_trust_examples: 100,
                 autoattack: (&["at", "ccat", "sat", "oat", "student"], None),
+                pgd50_10: None,
             },
             Preset::Tiny => EvalBudgets {
                 robust_examples: Some(8),
@@ -580,6 +594,7 @@ impl Preset {
                 sweep_limits: Some((16, 8)),
                 sweep_trust_examples: 4,
                 autoattack: (&[], None),
+                pgd50_10: Some(8),
             },
         }
     }

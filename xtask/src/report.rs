@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::presets::EvalBudgets;
@@ -239,6 +239,9 @@ pub struct ModelOutcome {
     /// The confidence threshold τ saved with the model (99 % TPR on held-out images).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confidence_threshold: Option<f64>,
+    /// Wong et al.'s PGD-50-10 (`OUT/<row>/pgd50-10`), where the preset runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pgd50_10: Option<RobustFigure>,
     /// The model file, relative to the study folder.
     pub model_file: String,
     /// Its size in bytes (`None`: neither the file nor its record is in the folder).
@@ -273,6 +276,35 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)
         .collect())
+}
+
+/// A robust accuracy on the first images of the test set.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RobustFigure {
+    /// The images attacked.
+    pub examples: usize,
+    /// The fraction classified correctly clean and under the attack.
+    pub robust_accuracy: f64,
+    /// Its 95 % Wilson interval.
+    pub robust_accuracy_ci: Option<Interval>,
+}
+
+/// The robust figure of the `rampart eval --suite pgd20` results in `dir`, if that
+/// run finished there.
+fn robust_figure(dir: &Path) -> Result<Option<RobustFigure>> {
+    let path = dir.join("results.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let results: EvalResults = read_json(&path)?;
+    match (results.robust_examples, results.robust_accuracy) {
+        (Some(examples), Some(robust_accuracy)) => Ok(Some(RobustFigure {
+            examples,
+            robust_accuracy,
+            robust_accuracy_ci: results.robust_accuracy_ci,
+        })),
+        _ => bail!("{} holds no robust accuracy", path.display()),
+    }
 }
 
 /// What identifies a row's model file when the file itself is not at hand: its
@@ -372,6 +404,7 @@ pub fn collect(out: &Path, rows: &[ModelRow], budgets: &EvalBudgets) -> Result<V
                     })
                     .collect(),
                 confidence_threshold: results.confidence_threshold,
+                pgd50_10: robust_figure(&pgd50_10_dir(out, row.method))?,
                 model_file: format!("{}/model.safetensors", row.method),
                 model_bytes: model.as_ref().map(|m| m.bytes),
                 model_sha256: model.as_ref().map(|m| m.sha256.clone()),
@@ -505,6 +538,27 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
                     md.push_str(&format!("> - **{}**: {issue}\n", m.key));
                 }
             }
+        }
+    }
+    let wong: Vec<(&ModelOutcome, RobustFigure)> = models
+        .iter()
+        .filter_map(|m| m.pgd50_10.map(|f| (m, f)))
+        .collect();
+    if !wong.is_empty() {
+        md.push_str(
+            "\n## PGD-50-10 (Wong et al.'s protocol)\n\nCross-entropy PGD, 50 steps of 2/255 \
+             at L∞ 8/255, 10 runs from fresh uniform starts (each on the images still robust), \
+             on the first test images of every deterministic row.\n\n\
+             | model | attacked images | robust accuracy | robust error |\n|---|---:|---:|---:|\n",
+        );
+        for (m, f) in wong {
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.2} % |\n",
+                m.key,
+                thousands(f.examples),
+                with_spread(f.robust_accuracy, f.robust_accuracy_ci, None),
+                100.0 * (1.0 - f.robust_accuracy),
+            ));
         }
     }
     let published_rows: Vec<String> = models
@@ -693,6 +747,11 @@ pub fn add_protocol(out: &Path, rows: &[ModelRow], suite: &str) -> Result<()> {
 /// Where a row's AutoAttack evaluation writes.
 pub fn autoattack_dir(out: &Path, method: &str) -> std::path::PathBuf {
     model_dir(out, method).join("autoattack")
+}
+
+/// Where Wong et al.'s PGD-50-10 of a row writes.
+pub fn pgd50_10_dir(out: &Path, method: &str) -> std::path::PathBuf {
+    model_dir(out, method).join("pgd50-10")
 }
 
 /// Where PGD-20 on the images AutoAttack attacked writes.

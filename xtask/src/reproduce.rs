@@ -442,6 +442,27 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         }
         autoattacked.push(row.method);
     }
+    // Wong et al.'s PGD-50-10 on every deterministic row.
+    if let Some(n) = budgets.pgd50_10 {
+        for (i, row) in rows.iter().enumerate() {
+            let dir = report::pgd50_10_dir(&out, row.method);
+            if row.stochastic || dir.join("results.json").exists() {
+                continue;
+            }
+            let model = model_dir(&out, row.method).join("model.safetensors");
+            let mut eval = setup.command(&model, &dir);
+            let n = n.to_string();
+            eval.args(["--suite", "pgd20", "--objectives", "ce"])
+                .args(["--attack-steps", "50", "--restarts", "10"])
+                .args(["--attack-limit", &n, "--test-limit", &n]);
+            jobs.add(
+                format!("{}: PGD-50-10 on the first {n} test images", row.method),
+                eval,
+                trained[i],
+                log(row.method, "pgd50-10"),
+            );
+        }
+    }
     // The evaluation protocol on every model, then one comparison (tables + plots).
     let (suite, limit) = preset.protocol();
     let mut compare = rampart_command(&rampart, threads);

@@ -156,6 +156,12 @@ fn a_killed_study_resumes_to_the_same_results() -> TestResult {
         Vec::<String>::new()
     );
     assert!(whole_dir.join("normal/model.json").is_file());
+    // PGD-50-10 ran on both rows and joined the study's results.
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(whole_dir.join("results.json"))?)?;
+    for row in ["normal", "at"] {
+        assert_eq!(results["models"][row]["pgd50_10"]["examples"], 8, "{row}");
+    }
     let total = saved_batches(&whole_log);
     // Runs side by side at the same threads per run: the same results, each run's
     // output in OUT/logs/.

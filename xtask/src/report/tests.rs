@@ -309,3 +309,37 @@ fn formatting() {
     assert_eq!(duration(11_220.0), "3 h 07 min");
     assert_eq!(rampart_fs::shell_quote("a b"), "'a b'");
 }
+
+/// A row's PGD-50-10 run (`OUT/<row>/pgd50-10`) joins its results and the report; a
+/// row without one has none.
+#[test]
+fn pgd50_10_joins_results_and_report() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    fake_core_runs(dir.path())?;
+    let wong = pgd50_10_dir(dir.path(), "at");
+    std::fs::create_dir_all(&wong)?;
+    std::fs::write(
+        wong.join("results.json"),
+        r#"{"schema_version":1,"suite":"pgd20","model":"x","method":"at","arch":"wrn-10-1",
+           "dataset":"cifar10","test_examples":1000,"clean_accuracy":0.8,"clean_error":0.2,
+           "eval_seconds":9.0,"robust_examples":1000,"robust_accuracy":0.431,
+           "robust_accuracy_ci":{"lo":0.4,"hi":0.46},"robust_error":0.569}"#,
+    )?;
+    let models = collect_smoke(dir.path(), "core")?;
+    let at = models.iter().find(|m| m.key == "at").context("no at")?;
+    assert_eq!(
+        at.pgd50_10.map(|f| (f.examples, f.robust_accuracy)),
+        Some((1000, 0.431))
+    );
+    assert!(models.iter().all(|m| m.key == "at" || m.pgd50_10.is_none()));
+    let md = report_markdown(&study(), &models);
+    assert!(md.contains("## PGD-50-10 (Wong et al.'s protocol)"), "{md}");
+    assert!(
+        md.contains("| at | 1,000 | 43.10 % [40.0, 46.0] | 56.90 % |"),
+        "{md}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&results_json(&study(), &models)?)?;
+    assert_eq!(json["models"]["at"]["pgd50_10"]["robust_accuracy"], 0.431);
+    assert!(json["models"]["normal"].get("pgd50_10").is_none());
+    Ok(())
+}

@@ -190,6 +190,15 @@ fn a_model_left_behind_is_named_by_its_record() -> Result<()> {
     Ok(())
 }
 
+/// Wong et al.'s PGD-50-10 runs on 1,000 images of the fast preset's deterministic
+/// rows; the smoke preset does without it.
+#[test]
+fn the_fast_preset_runs_pgd50_10() {
+    assert_eq!(Preset::Fast.budgets().pgd50_10, Some(1000));
+    assert_eq!(Preset::Smoke.budgets().pgd50_10, None);
+    assert!(Preset::Fast.budgets().markdown().contains("PGD-50-10 (CE)"));
+}
+
 /// `--epochs` replaces a row's epochs wherever its flags give them, and adds them to
 /// a preset row that gives none.
 #[test]
