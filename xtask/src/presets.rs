@@ -227,7 +227,7 @@ const SMOKE_ROWS: [ModelRow; 11] = study_rows!(
     SMOKE_PLAIN_STUDENT_FLAGS
 );
 
-const FAST_ROWS: [ModelRow; 11] = study_rows!(
+const FAST_STUDY: [ModelRow; 11] = study_rows!(
     [
         row("normal", Training::Preset("normal-preact-resnet18"), &[]),
         // PGD-7 adversarial training on the one-cycle schedule of fast AT.
@@ -255,6 +255,39 @@ const FAST_ROWS: [ModelRow; 11] = study_rows!(
     Training::Preset("normal-preact-resnet18"),
     &["--epochs", "5", "--noise", "0.1"]
 );
+
+/// The fast preset's rows: the study's eleven, then the two published on fast AT's
+/// schedule: fast AT itself (FGSM with a uniform random start, Wong et al. 2020) and
+/// TRADES (its own 10-step KL attack, β = 6).
+const FAST_ROWS: [ModelRow; 13] = {
+    let [normal, at, ccat, ls, regmixup, adals, sat, oat, fixed, student, plain_student] =
+        FAST_STUDY;
+    [
+        normal,
+        at,
+        ccat,
+        ls,
+        regmixup,
+        adals,
+        sat,
+        oat,
+        fixed,
+        student,
+        plain_student,
+        extended(
+            "fast-at",
+            "fast-at",
+            Training::Preset("fast-at-preact-resnet18"),
+            &[],
+        ),
+        extended(
+            "trades",
+            "trades",
+            Training::Preset("fast-at-preact-resnet18"),
+            &[],
+        ),
+    ]
+};
 
 const PAPER_ROWS: [ModelRow; 11] = study_rows!(
     [
@@ -482,8 +515,9 @@ impl Preset {
                  (Wong et al. 2020), batch 128, Nesterov momentum 0.9, weight decay 5e-4, \
                  crop + flip; adversarial training with PGD-7 (2/255, ε = 8/255) on the \
                  15-epoch schedule of fast AT; CCAT of ResNet-20 for 30 epochs with a \
-                 10-step conf attack. PGD-20 at 8/255 on the whole test set, and Wong et \
-                 al.'s PGD-50-10 on the first 1,000 images of every deterministic row."
+                 10-step conf attack; fast AT as published (FGSM with a random start) and \
+                 TRADES on the same schedule. PGD-20 at 8/255 on the whole test set, and Wong \
+                 et al.'s PGD-50-10 on the first 1,000 images of every deterministic row."
             }
             Preset::Paper => {
                 "The published schedule: WRN-28-10 for 200 epochs, batch 128, lr 0.1 multiplied \
@@ -559,7 +593,10 @@ impl Preset {
                 noise_values: NOISE_VALUES,
                 sweep_limits: Some((10_000, 1000)),
                 sweep_trust_examples: 100,
-                autoattack: (&["at", "ccat", "sat", "oat", "student"], Some(1000)),
+                autoattack: (
+                    &["at", "ccat", "sat", "oat", "student", "fast-at", "trades"],
+                    Some(1000),
+                ),
                 pgd50_10: Some(1000),
             },
             Preset::Paper => EvalBudgets {

@@ -480,3 +480,18 @@ fn oat_lambdas_and_student_noise_shape_the_model() -> Result<()> {
     assert!(p.model_spec().oat.is_none());
     Ok(())
 }
+
+/// The fast reproduce preset's rows on fast AT's schedule: PGD-7 AT, fast AT as
+/// published and TRADES each keep their own method's attack.
+#[test]
+fn fast_at_schedule_takes_each_methods_attack() -> Result<()> {
+    let p = plan("--preset fast-at-preact-resnet18 --method fast-at")?;
+    assert_eq!(p.method, MethodPlan::FastAt(FastAt::wong_cifar10()));
+    let p = plan("--preset fast-at-preact-resnet18 --method trades")?;
+    assert_eq!(
+        p.method,
+        MethodPlan::Trades(rampart_defenses::Trades::zhang_cifar10())
+    );
+    assert_eq!(p.config.epochs, 15);
+    Ok(())
+}
