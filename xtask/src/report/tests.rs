@@ -343,3 +343,32 @@ fn pgd50_10_joins_results_and_report() -> Result<()> {
     assert!(json["models"]["normal"].get("pgd50_10").is_none());
     Ok(())
 }
+
+/// Fast AT's published robust error is Wong et al.'s PGD-50-10: the row meets it with
+/// its own PGD-50-10 where that ran, else with its PGD-20 worst case.
+#[test]
+fn fast_at_meets_its_published_figure_under_pgd50_10() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    fake_run(dir.path(), "fast-at", 0.6875)?;
+    let rows = crate::reproduce::select_rows(Preset::Fast, "fast-at")?;
+    let budgets = Preset::Fast.budgets();
+    let md = report_markdown(&study(), &collect(dir.path(), &rows, &budgets)?);
+    assert!(
+        md.contains("| fast-at | 31.25 % | 14.00 % | 75.00 % | 54.00 % | fast AT"),
+        "{md}"
+    );
+    let wong = pgd50_10_dir(dir.path(), "fast-at");
+    std::fs::create_dir_all(&wong)?;
+    std::fs::write(
+        wong.join("results.json"),
+        r#"{"schema_version":1,"suite":"pgd20","model":"x","method":"fast-at","arch":"x",
+           "dataset":"cifar10","test_examples":1000,"clean_accuracy":0.8,"clean_error":0.2,
+           "eval_seconds":9.0,"robust_examples":1000,"robust_accuracy":0.431,"robust_error":0.569}"#,
+    )?;
+    let md = report_markdown(&study(), &collect(dir.path(), &rows, &budgets)?);
+    assert!(
+        md.contains("| fast-at | 31.25 % | 14.00 % | 56.90 % (PGD-50-10) | 54.00 % | fast AT"),
+        "{md}"
+    );
+    Ok(())
+}
