@@ -83,6 +83,8 @@ pub struct Loader {
     dataset: Arc<ImageDataset>,
     config: LoaderConfig,
     device: Device,
+    /// (rank, workers): this worker's part of every batch, see [`Loader::shard`].
+    shard: (usize, usize),
 }
 
 impl Loader {
@@ -97,7 +99,31 @@ impl Loader {
             dataset,
             config,
             device,
+            shard: (0, 1),
         })
+    }
+
+    /// Data-parallel training: this loader yields only worker `rank`'s part of every
+    /// batch of `workers` (the examples `rank·b/workers .. (rank+1)·b/workers` of a
+    /// batch of b), so the parts of one step, taken together, are exactly the batch a
+    /// single loader yields: the order depends only on (seed, epoch) and an example's
+    /// augmentation only on (seed, epoch, index). Refuses a batch size that does not
+    /// split evenly, since the workers' mean gradients are averaged with equal weights.
+    pub fn shard(mut self, rank: usize, workers: usize) -> Result<Self> {
+        if workers == 0 || rank >= workers {
+            return Err(DataError::InvalidConfig(format!(
+                "worker {rank} of {workers} does not exist"
+            )));
+        }
+        if self.config.batch_size % workers != 0 {
+            return Err(DataError::InvalidConfig(format!(
+                "the batch of {} examples does not split evenly over {workers} workers; \
+                 choose a batch size that is a multiple of {workers}",
+                self.config.batch_size
+            )));
+        }
+        self.shard = (rank, workers);
+        Ok(self)
     }
 
     /// The data set.
@@ -138,11 +164,14 @@ impl Loader {
         let (tx, rx) = sync_channel(PREFETCH);
         let dataset = Arc::clone(&self.dataset);
         let config = self.config;
+        let (rank, workers) = self.shard;
         let worker = std::thread::Builder::new()
             .name(format!("rampart-loader-epoch-{epoch}"))
             .spawn(move || {
                 for indices in order.chunks(config.batch_size) {
-                    let batch = prepare(&dataset, &config, epoch, indices.to_vec());
+                    let n = indices.len();
+                    let part = &indices[rank * n / workers..(rank + 1) * n / workers];
+                    let batch = prepare(&dataset, &config, epoch, part.to_vec());
                     if tx.send(batch).is_err() {
                         break; // the consumer hung up
                     }
@@ -390,6 +419,51 @@ mod tests {
         assert_ne!(a.order(3), a.order(4));
         let other = Loader::new(dataset(40)?, LoaderConfig { seed: 43, ..cfg }, Device::Cpu)?;
         assert_ne!(a.order(3), other.order(3));
+        Ok(())
+    }
+
+    /// The workers' parts of a step, joined in rank order, are the single loader's
+    /// batch, pixels (augmentation) included; an uneven split is refused.
+    #[test]
+    fn shards_of_a_batch_join_into_the_unsharded_batch() -> TestResult {
+        let train = LoaderConfig::train(8, 9);
+        let cfg = LoaderConfig {
+            drop_last: true,
+            augmentation: train.augmentation.with_cutout(2),
+            ..train
+        };
+        let whole = collect(&Loader::new(dataset(40)?, cfg, Device::Cpu)?, 2)?;
+        let parts = (0..4)
+            .map(|rank| {
+                collect(
+                    &Loader::new(dataset(40)?, cfg, Device::Cpu)?.shard(rank, 4)?,
+                    2,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(whole.len(), 5);
+        for (step, batch) in whole.iter().enumerate() {
+            let mut joined: Plain = (Vec::new(), Vec::new(), Vec::new());
+            for part in &parts {
+                assert_eq!(part[step].0.len(), 2);
+                joined.0.extend(&part[step].0);
+                joined.1.extend(&part[step].1);
+                joined.2.extend(&part[step].2);
+            }
+            assert_eq!(&joined, batch);
+        }
+        let err = Loader::new(dataset(40)?, cfg, Device::Cpu)?
+            .shard(0, 3)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("does not split evenly over 3 workers"),
+            "{err}"
+        );
+        assert!(Loader::new(dataset(40)?, cfg, Device::Cpu)?
+            .shard(4, 4)
+            .is_err());
         Ok(())
     }
 

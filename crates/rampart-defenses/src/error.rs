@@ -9,6 +9,10 @@ pub type Result<T> = std::result::Result<T, DefenseError>;
 /// evaluating training.
 #[derive(Debug, thiserror::Error)]
 pub enum DefenseError {
+    /// Data-parallel training's workers could not join or lost each other.
+    #[error("data-parallel training: {0}")]
+    Parallel(String),
+
     /// A configuration value that cannot be run (epochs 0, lr ≤ 0, …).
     #[error("invalid training configuration: {0}")]
     Config(String),

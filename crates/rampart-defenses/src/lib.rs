@@ -34,6 +34,7 @@ mod config;
 mod ema;
 mod error;
 mod method;
+pub mod parallel;
 mod predict;
 mod schedule;
 mod sgd;

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::*;
 
 /// `n` 3×8×8 images of two classes: class 0 dark, class 1 bright, with noise.
-fn toy_dataset(n: usize, seed: u64) -> ImageDataset {
+pub(crate) fn toy_dataset(n: usize, seed: u64) -> ImageDataset {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut images = Vec::with_capacity(n * 192);
     let mut labels = Vec::with_capacity(n);
@@ -32,7 +32,7 @@ fn toy_dataset(n: usize, seed: u64) -> ImageDataset {
     .unwrap_or_else(|e| panic!("toy dataset: {e}"))
 }
 
-fn toy_spec() -> ModelSpec {
+pub(crate) fn toy_spec() -> ModelSpec {
     ModelSpec {
         input_shape: [3, 8, 8],
         ..ModelSpec::cifar(
@@ -45,7 +45,7 @@ fn toy_spec() -> ModelSpec {
     }
 }
 
-fn toy_config(epochs: usize) -> TrainConfig {
+pub(crate) fn toy_config(epochs: usize) -> TrainConfig {
     TrainConfig {
         epochs,
         batch_size: 16,
@@ -65,10 +65,10 @@ fn toy_config(epochs: usize) -> TrainConfig {
 }
 
 /// A method that fails on its `fail_at`-th call, like a killed process.
-struct Crashing<M> {
-    inner: M,
-    calls: Cell<usize>,
-    fail_at: usize,
+pub(crate) struct Crashing<M> {
+    pub(crate) inner: M,
+    pub(crate) calls: Cell<usize>,
+    pub(crate) fail_at: usize,
 }
 
 impl<M: TrainingMethod> TrainingMethod for Crashing<M> {
@@ -95,7 +95,9 @@ impl<M: TrainingMethod> TrainingMethod for Crashing<M> {
 
 type NamedValues = Vec<(String, Vec<f32>)>;
 
-fn weights(path: &std::path::Path) -> std::result::Result<NamedValues, Box<dyn std::error::Error>> {
+pub(crate) fn weights(
+    path: &std::path::Path,
+) -> std::result::Result<NamedValues, Box<dyn std::error::Error>> {
     let model = Classifier::load(path, &Device::Cpu)?;
     model
         .named_vars()
@@ -105,7 +107,7 @@ fn weights(path: &std::path::Path) -> std::result::Result<NamedValues, Box<dyn s
 }
 
 /// Asserts that the models saved in the folders `a` and `b` hold the same weights.
-fn assert_same_weights(a: &Path, b: &Path) -> TestResult {
+pub(crate) fn assert_same_weights(a: &Path, b: &Path) -> TestResult {
     let a = weights(&a.join(MODEL_FILE))?;
     let b = weights(&b.join(MODEL_FILE))?;
     for ((name, x), (_, y)) in a.iter().zip(&b) {

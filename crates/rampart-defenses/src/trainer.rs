@@ -19,6 +19,7 @@ use crate::config::TrainConfig;
 use crate::ema::Ema;
 use crate::error::{DefenseError, Result};
 use crate::method::{TrainBatch, TrainingMethod};
+use crate::parallel::{self, Collective};
 use crate::predict::predict;
 use crate::schedule::progress;
 use crate::sgd::Sgd;
@@ -59,6 +60,10 @@ pub struct EpochRecord {
     /// absent for stateless methods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method_state: Option<serde_json::Value>,
+    /// Data-parallel workers that trained the epoch (see `parallel`); absent for one
+    /// process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
 }
 
 /// Whether to draw progress bars.
@@ -106,6 +111,7 @@ pub struct Trainer {
     resume: bool,
     progress: Progress,
     metadata: BTreeMap<String, String>,
+    collective: Option<Arc<dyn Collective>>,
 }
 
 impl Trainer {
@@ -118,6 +124,7 @@ impl Trainer {
             resume: false,
             progress: Progress::Bars,
             metadata: BTreeMap::new(),
+            collective: None,
         })
     }
 
@@ -131,6 +138,14 @@ impl Trainer {
     /// Progress bars or not.
     pub fn progress(mut self, progress: Progress) -> Self {
         self.progress = progress;
+        self
+    }
+
+    /// Data-parallel training: this process is one worker of `collective` (see
+    /// [`crate::parallel`]). Worker 0 alone evaluates and writes files; the others
+    /// return its history without writing anything.
+    pub fn parallel(mut self, collective: Arc<dyn Collective>) -> Self {
+        self.collective = Some(collective);
         self
     }
 
@@ -166,6 +181,12 @@ impl Trainer {
         let cfg = &self.config;
         check_data(model, &train, "training")?;
         check_data(model, eval, "evaluation")?;
+        let group = self.collective.as_deref();
+        let (rank, workers) = group.map_or((0, 1), |g| (g.rank(), g.workers()));
+        let leader = rank == 0;
+        if let Some(group) = group {
+            parallel::check_method(group, method)?;
+        }
         let loader_config = LoaderConfig {
             batch_size: cfg.batch_size,
             shuffle: true,
@@ -173,7 +194,8 @@ impl Trainer {
             augmentation: cfg.augmentation.to_augmentation(),
             seed: cfg.seed,
         };
-        let loader = Loader::new(Arc::clone(&train), loader_config, model.device().clone())?;
+        let loader = Loader::new(Arc::clone(&train), loader_config, model.device().clone())?
+            .shard(rank, workers)?;
         let batches = loader.batches_per_epoch();
         if batches == 0 {
             return Err(DefenseError::Config(format!(
@@ -208,11 +230,33 @@ impl Trainer {
             );
             resumed_at = Some(meta.epochs_done);
             history = meta.history;
-            write_history(&history_path, &history)?;
+            if leader {
+                write_history(&history_path, &history)?;
+            }
         } else if self.resume {
             tracing::info!(folder = %self.out_dir.display(), "no checkpoint to resume; starting afresh");
         }
-        std::fs::create_dir_all(&self.out_dir).map_err(|e| DefenseError::io(&self.out_dir, e))?;
+        if leader {
+            std::fs::create_dir_all(&self.out_dir)
+                .map_err(|e| DefenseError::io(&self.out_dir, e))?;
+        }
+        let trainable = model.trainable_vars();
+        let buffers: Vec<_> = model
+            .named_vars()
+            .into_iter()
+            .filter(|(name, _)| rampart_models::is_buffer(name))
+            .collect();
+        if let Some(group) = group {
+            // Every worker starts from worker 0's weights and statistics.
+            parallel::broadcast_vars(group, &model.named_vars())?;
+            tracing::info!(
+                rank,
+                workers,
+                backend = group.backend(),
+                local_batch = cfg.batch_size / workers,
+                "data-parallel worker joined"
+            );
+        }
         tracing::info!(
             method = method.name(),
             arch = %model.spec().arch,
@@ -224,15 +268,23 @@ impl Trainer {
             "training"
         );
 
-        let bars = Bars::new(self.progress, cfg.epochs, history.len());
+        let progress_kind = if leader {
+            self.progress
+        } else {
+            Progress::Hidden
+        };
+        let bars = Bars::new(progress_kind, cfg.epochs, history.len());
         for epoch in history.len()..cfg.epochs {
-            let mut rng = method_rng(cfg.seed, epoch);
+            let mut rng = parallel::worker_rng(cfg.seed, epoch, rank);
             let started = Instant::now();
             bars.start_epoch(epoch, batches);
             let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0f64, 0usize, 0usize, 0.0);
             for (i, batch) in loader.epoch(epoch).enumerate() {
                 let batch = batch?;
                 lr = schedule.lr(progress(epoch, i, batches));
+                if let Some(group) = group {
+                    parallel::broadcast_vars(group, &buffers)?;
+                }
                 let out = method.loss(&mut TrainBatch::new(
                     model,
                     &batch.images,
@@ -248,7 +300,10 @@ impl Trainer {
                         checkpoint: ckpt_path.is_file().then(|| ckpt_path.clone()),
                     });
                 }
-                let grads = out.loss.backward()?;
+                let mut grads = out.loss.backward()?;
+                if let Some(group) = group {
+                    parallel::average_gradients(group, &trainable, &mut grads)?;
+                }
                 sgd.step(&grads, lr)?;
                 if let Some(ema) = &ema {
                     ema.update(model)?;
@@ -263,8 +318,8 @@ impl Trainer {
                 loss_sum += f64::from(value);
                 correct += count_correct(&out.logits, &out.labels)?;
                 seen += out.labels.dim(0)?;
-                let rate =
-                    batch.indices.len() as f64 * (i + 1) as f64 / started.elapsed().as_secs_f64();
+                let rate = (batch.indices.len() * workers) as f64 * (i + 1) as f64
+                    / started.elapsed().as_secs_f64();
                 bars.batch(format!(
                     "loss {:.3} acc {:.1}% lr {:.4} {:.0} img/s",
                     loss_sum / (i + 1) as f64,
@@ -281,10 +336,19 @@ impl Trainer {
                     );
                 }
             }
+            if let Some(group) = group {
+                let sums = parallel::sum_scalars(
+                    group,
+                    &[loss_sum, correct as f64, seen as f64],
+                    model.device(),
+                )?;
+                loss_sum = sums[0] / workers as f64;
+                (correct, seen) = (sums[1] as usize, sums[2] as usize);
+            }
             let epoch_seconds = started.elapsed().as_secs_f64();
             let eval_started = Instant::now();
             let evaluated = ema.as_ref().map_or(&*model, Ema::model);
-            let test_accuracy = if eval.is_empty() {
+            let test_accuracy = if eval.is_empty() || !leader {
                 None
             } else {
                 Some(predict(evaluated, eval, cfg.eval_batch_size)?.accuracy())
@@ -305,13 +369,16 @@ impl Trainer {
                 images_per_second: (batches * cfg.batch_size) as f64 / epoch_seconds,
                 elapsed_seconds: previous + epoch_seconds + eval_seconds,
                 method_state: method.state(),
+                workers: (workers > 1).then_some(workers),
             };
             history.push(record.clone());
-            let meta =
-                checkpoint::meta(epoch + 1, cfg, method, model.spec(), train.len(), &history);
-            checkpoint::save(&ckpt_path, &meta, model, &sgd, ema.as_ref())?;
-            write_history(&history_path, &history)?;
-            bars.end_epoch(&record, cfg.epochs);
+            if leader {
+                let meta =
+                    checkpoint::meta(epoch + 1, cfg, method, model.spec(), train.len(), &history);
+                checkpoint::save(&ckpt_path, &meta, model, &sgd, ema.as_ref())?;
+                write_history(&history_path, &history)?;
+                bars.end_epoch(&record, cfg.epochs);
+            }
         }
         bars.finish();
 
@@ -335,8 +402,10 @@ impl Trainer {
             model.set_metadata(k.clone(), v.clone())?;
         }
         let model_path = self.out_dir.join(MODEL_FILE);
-        model.save(&model_path)?;
-        tracing::info!(model = %model_path.display(), "saved the trained model");
+        if leader {
+            model.save(&model_path)?;
+            tracing::info!(model = %model_path.display(), "saved the trained model");
+        }
         Ok(TrainOutcome {
             history,
             resumed_at,

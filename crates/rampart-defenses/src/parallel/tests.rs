@@ -1,0 +1,317 @@
+//! Data-parallel training on CPU workers (threads joined by a [`TcpGroup`]).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::ModuleT;
+use rampart_data::{ImageDataset, Loader, LoaderConfig};
+use rampart_models::Classifier;
+
+use super::*;
+use crate::tests::{assert_same_weights, toy_config, toy_dataset, toy_spec, Crashing};
+use crate::{ArAdaLs, ArAdaLsConfig, Normal, TestResult, Trainer, HISTORY_FILE, MODEL_FILE};
+
+const JOIN: Duration = Duration::from_secs(120);
+
+/// Runs `work` on `workers` threads joined by one [`TcpGroup`]; their results in rank
+/// order.
+fn on_workers<T: Send>(
+    workers: usize,
+    work: impl Fn(Arc<TcpGroup>) -> Result<T> + Sync,
+) -> std::result::Result<Vec<Result<T>>, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let rendezvous = dir.path().join("rendezvous");
+    Ok(std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|rank| {
+                let (rendezvous, work) = (&rendezvous, &work);
+                s.spawn(move || work(Arc::new(TcpGroup::join(rank, workers, rendezvous, JOIN)?)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(DefenseError::Parallel("a worker panicked".into())))
+            })
+            .collect()
+    }))
+}
+
+fn all_ok<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    results.into_iter().collect()
+}
+
+#[test]
+fn tcp_group_adds_in_rank_order_and_broadcasts_worker_0() -> TestResult {
+    let out = all_ok(on_workers(3, |g| {
+        let r = g.rank() as f32;
+        let cpu = &Device::Cpu;
+        let sum = g.all_reduce_sum(&Tensor::new(&[r, 1.0, 0.1 * r], cpu)?)?;
+        let wide = g.all_reduce_sum(&Tensor::new(&[1e12f64 + f64::from(r)], cpu)?)?;
+        let root = g.broadcast(&Tensor::new(&[r + 5.0, 2.0 * r], cpu)?)?;
+        Ok((
+            sum.to_vec1::<f32>()?,
+            wide.to_vec1::<f64>()?,
+            root.to_vec1::<f32>()?,
+        ))
+    })?)?;
+    let third = (0.0f32 + 0.1 * 1.0) + 0.1 * 2.0;
+    for (sum, wide, root) in &out {
+        assert_eq!(sum, &vec![3.0, 3.0, third]);
+        assert_eq!(wide, &vec![3e12 + 3.0]);
+        assert_eq!(root, &vec![5.0, 0.0]);
+    }
+    Ok(())
+}
+
+#[test]
+fn workers_out_of_step_fail_with_a_clear_error() -> TestResult {
+    let out = on_workers(2, |g| {
+        let n = 3 - g.rank(); // worker 0 sends 3 values, worker 1 two
+        g.all_reduce_sum(&Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu)?)
+    })?;
+    let errors: Vec<String> = out
+        .into_iter()
+        .map(|r| r.err().map(|e| e.to_string()).unwrap_or_default())
+        .collect();
+    assert!(errors[0].contains("worker 1 is out of step"), "{errors:?}");
+    assert!(errors[1].contains("lost worker 0"), "{errors:?}");
+    // Nobody listening: a worker gives up after the time limit, naming the file.
+    let dir = tempfile::tempdir()?;
+    let lonely = TcpGroup::join(1, 2, &dir.path().join("nobody"), Duration::from_millis(200));
+    let err = lonely.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("found no worker 0 through"), "{err}");
+    Ok(())
+}
+
+/// A variable reached on one worker only counts as zero on the other; one reached
+/// nowhere keeps no gradient.
+#[test]
+fn a_gradient_missing_on_one_worker_counts_as_zero() -> TestResult {
+    let out = all_ok(on_workers(2, |g| {
+        let cpu = &Device::Cpu;
+        let vars: Vec<(String, Var)> = ["a", "b", "c"]
+            .iter()
+            .map(|n| Ok((n.to_string(), Var::new(&[1f32, 2.0], cpu)?)))
+            .collect::<Result<_>>()?;
+        let (a, b) = (vars[0].1.as_tensor(), vars[1].1.as_tensor());
+        let loss = if g.rank() == 0 {
+            (a * 2.0)?.sum_all()?
+        } else {
+            (a + b)?.sum_all()?
+        };
+        let mut grads = loss.backward()?;
+        average_gradients(g.as_ref(), &vars, &mut grads)?;
+        let grad = |i: usize| -> Result<Option<Vec<f32>>> {
+            Ok(match grads.get(vars[i].1.as_tensor()) {
+                Some(t) => Some(t.to_vec1::<f32>()?),
+                None => None,
+            })
+        };
+        Ok((grad(0)?, grad(1)?, grad(2)?))
+    })?)?;
+    for (a, b, c) in out {
+        assert_eq!(a, Some(vec![1.5, 1.5]));
+        assert_eq!(b, Some(vec![0.5, 0.5]));
+        assert_eq!(c, None);
+    }
+    Ok(())
+}
+
+/// The global batch of eight toy images, as the trainer's loader would give it.
+fn global_batch(data: ImageDataset) -> Result<(Tensor, Tensor)> {
+    let loader = Loader::new(Arc::new(data), LoaderConfig::eval(8), Device::Cpu)?;
+    let batch = loader
+        .epoch(0)
+        .next()
+        .ok_or_else(|| DefenseError::Config("empty toy set".into()))??;
+    Ok((batch.images, batch.labels))
+}
+
+/// The gradient of every trainable variable of the toy model at seed 11 for the mean
+/// cross-entropy over `images`, averaged over the workers when `group` is given.
+fn gradients(
+    images: &Tensor,
+    labels: &Tensor,
+    group: Option<&dyn Collective>,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let model = Classifier::new(toy_spec(), 11, &Device::Cpu)?;
+    // Inference mode: BatchNorm uses its running statistics, so every example's
+    // logits depend on that example alone, as the identity requires.
+    let logits = model.forward_t(images, false)?;
+    let loss = crate::cross_entropy(&logits, labels, 0.0)?;
+    let mut grads = loss.backward()?;
+    let vars = model.trainable_vars();
+    if let Some(group) = group {
+        average_gradients(group, &vars, &mut grads)?;
+    }
+    vars.iter()
+        .map(|(name, var)| {
+            let g = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| DefenseError::Config(format!("{name} has no gradient")))?;
+            Ok((name.clone(), g.flatten_all()?.to_vec1::<f32>()?))
+        })
+        .collect()
+}
+
+/// The identity: the mean of the workers' gradients on their parts of a batch
+/// is the single-process gradient of the whole batch.
+#[test]
+fn averaged_gradients_equal_the_gradient_of_the_global_batch() -> TestResult {
+    let (images, labels) = global_batch(toy_dataset(8, 3))?;
+    let single = gradients(&images, &labels, None)?;
+    for workers in [2, 4] {
+        let per_worker = all_ok(on_workers(workers, |g| {
+            let part = 8 / workers;
+            let rows = g.rank() * part;
+            gradients(
+                &images.narrow(0, rows, part)?,
+                &labels.narrow(0, rows, part)?,
+                Some(g.as_ref()),
+            )
+        })?)?;
+        for averaged in &per_worker {
+            assert_eq!(
+                averaged, &per_worker[0],
+                "the workers got different gradients"
+            );
+            for ((name, a), (_, s)) in averaged.iter().zip(&single) {
+                let scale = s.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                let worst = a.iter().zip(s).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    worst <= 1e-5 * scale,
+                    "{workers} workers, {name}: differs by {worst} (scale {scale})"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every variable the model holds, flattened.
+fn values(model: &Classifier) -> Result<Vec<(String, Vec<f32>)>> {
+    model
+        .trainable_vars()
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
+        .collect()
+}
+
+fn train_as_worker(
+    group: Arc<TcpGroup>,
+    out: &Path,
+    epochs: usize,
+    method: &dyn crate::TrainingMethod,
+) -> Result<(Vec<(String, Vec<f32>)>, Vec<crate::EpochRecord>)> {
+    let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
+    let outcome = Trainer::new(toy_config(epochs), out)?
+        .progress(crate::Progress::Hidden)
+        .parallel(group)
+        .run(
+            &mut model,
+            method,
+            Arc::new(toy_dataset(48, 1)),
+            &toy_dataset(8, 2),
+        )?;
+    Ok((values(&model)?, outcome.history))
+}
+
+/// Two workers end with the same weights, and worker 0 alone writes.
+#[test]
+fn two_workers_stay_identical_and_worker_0_alone_writes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (first, second) = (dir.path().join("worker0"), dir.path().join("worker1"));
+    let out = all_ok(on_workers(2, |g| {
+        let out = if g.rank() == 0 { &first } else { &second };
+        train_as_worker(g, out, 2, &Normal::new())
+    })?)?;
+    assert_eq!(out[0].0, out[1].0, "the workers' weights drifted apart");
+    assert!(!second.exists(), "worker 1 wrote files");
+    let history = crate::read_history(&first.join(HISTORY_FILE))?;
+    assert_eq!(history.len(), 2);
+    assert!(history.iter().all(|r| r.workers == Some(2)));
+    assert!(history[1].train_loss.is_finite() && history[1].test_accuracy.is_some());
+    // Accuracy over the global batches: 3 steps of 16 examples.
+    let correct = history[1].train_accuracy * 48.0;
+    assert!((correct - correct.round()).abs() < 1e-9, "{correct}");
+    assert!(first.join(MODEL_FILE).is_file());
+    Ok(())
+}
+
+/// A run of two workers stopped in its third epoch resumes in a single process from
+/// worker 0's checkpoint.
+#[test]
+fn a_checkpoint_of_two_workers_resumes_in_one_process() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let out = on_workers(2, |g| {
+        let crashing = Crashing {
+            inner: Normal::new(),
+            calls: std::cell::Cell::new(0),
+            fail_at: 3 * 2 + 1, // the first step of epoch 3
+        };
+        train_as_worker(g, dir.path(), 3, &crashing)
+    })?;
+    assert!(out.iter().all(|r| r.is_err()));
+    let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
+    let resumed = Trainer::new(toy_config(3), dir.path())?
+        .progress(crate::Progress::Hidden)
+        .resume(true)
+        .run(
+            &mut model,
+            &Normal::new(),
+            Arc::new(toy_dataset(48, 1)),
+            &toy_dataset(8, 2),
+        )?;
+    assert_eq!(resumed.resumed_at, Some(2));
+    assert_eq!(resumed.history.len(), 3);
+    assert_eq!(resumed.history[1].workers, Some(2));
+    assert_eq!(resumed.history[2].workers, None);
+    Ok(())
+}
+
+/// One worker of a group takes the collective path and trains bit for bit like a
+/// single process.
+#[test]
+fn one_worker_trains_exactly_like_a_single_process() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (plain, grouped) = (dir.path().join("plain"), dir.path().join("grouped"));
+    let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
+    Trainer::new(toy_config(2), &plain)?
+        .progress(crate::Progress::Hidden)
+        .run(
+            &mut model,
+            &Normal::new(),
+            Arc::new(toy_dataset(48, 1)),
+            &toy_dataset(8, 2),
+        )?;
+    all_ok(on_workers(1, |g| {
+        train_as_worker(g, &grouped, 2, &Normal::new())
+    })?)?;
+    assert_same_weights(&plain, &grouped)
+}
+
+#[test]
+fn a_method_with_learnt_state_is_refused_with_several_workers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let out = on_workers(2, |g| {
+        let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
+        Trainer::new(toy_config(1), dir.path().join(g.rank().to_string()))?
+            .progress(crate::Progress::Hidden)
+            .parallel(g)
+            .run(
+                &mut model,
+                &ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?,
+                Arc::new(toy_dataset(48, 1)),
+                &toy_dataset(8, 2),
+            )
+    })?;
+    for r in out {
+        let err = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("ar-adals learns a state"), "{err}");
+    }
+    Ok(())
+}
