@@ -254,6 +254,21 @@ pub fn command_line() -> String {
         .join(" ")
 }
 
+/// [`command_line`] without the flags `flags` and their values: what the user typed,
+/// as seen by a process its launcher started with extra flags.
+pub fn command_line_without(flags: &[&str]) -> String {
+    let mut out = Vec::new();
+    let mut args = std::env::args();
+    while let Some(a) = args.next() {
+        if flags.contains(&a.as_str()) {
+            args.next();
+            continue;
+        }
+        out.push(shell_quote(&a));
+    }
+    out.join(" ")
+}
+
 pub use rampart_fs::shell_quote;
 
 /// Writes `value` as pretty JSON, atomically.

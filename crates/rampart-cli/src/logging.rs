@@ -21,7 +21,14 @@ pub fn is_active() -> bool {
 /// Installs the global subscriber; `log_file` (appended to) gets the same lines
 /// without colours. Its folder is created.
 pub fn init(log_file: Option<&Path>) -> Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_at(log_file, "info")
+}
+
+/// [`init`] with another default level than `info` (`RUST_LOG` still wins): the
+/// data-parallel workers other than worker 0 log warnings and errors only.
+pub fn init_at(log_file: Option<&Path>, default_level: &str) -> Result<()> {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let stderr = fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

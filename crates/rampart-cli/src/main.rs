@@ -227,10 +227,32 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(args) => {
             let plan = args.plan(data_fallback)?;
-            let _lock = common::lock_out_dir(&plan.out, &command)?;
-            logging::init(Some(&plan.log_file()))?;
-            let summary = plan.run(&command, Progress::Bars)?;
-            println!("{}", summary.line(&plan.out));
+            match &plan.workers {
+                train::Workers::Single => {
+                    let _lock = common::lock_out_dir(&plan.out, &command)?;
+                    logging::init(Some(&plan.log_file()))?;
+                    let summary = plan.run(&command, Progress::Bars)?;
+                    println!("{}", summary.line(&plan.out));
+                }
+                train::Workers::Launcher { workers } => {
+                    // The launcher holds the folder while its workers train in it.
+                    let _lock = common::lock_out_dir(&plan.out, &command)?;
+                    logging::init(None)?;
+                    plan.check_out_dir()?;
+                    common::create_out_dir(&plan.out)?;
+                    train::workers::launch(*workers, &plan.out, plan.device)?;
+                }
+                train::Workers::Worker { .. } => {
+                    let command = common::command_line_without(&["--worker-rank", "--rendezvous"]);
+                    let leader = plan.workers.leads();
+                    let log_file = leader.then(|| plan.log_file());
+                    logging::init_at(log_file.as_deref(), if leader { "info" } else { "warn" })?;
+                    let summary = plan.run(&command, Progress::Bars)?;
+                    if leader {
+                        println!("{}", summary.line(&plan.out));
+                    }
+                }
+            }
         }
         Command::Eval(args) => {
             let plan = args.plan(data_fallback)?;

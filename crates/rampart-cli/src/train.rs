@@ -21,6 +21,9 @@ use crate::common::{
 };
 use crate::preset::{AttackSettings, AugmentName, MethodName, Preset, PresetName, ScheduleName};
 
+pub mod workers;
+pub use workers::Workers;
+
 /// Batch size when neither a flag nor a preset gives one.
 pub const DEFAULT_BATCH_SIZE: usize = 128;
 /// Learning rate when neither a flag nor a preset gives one.
@@ -254,6 +257,22 @@ pub struct TrainArgs {
     /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
+
+    /// Data-parallel training on N workers (alias --gpus): one process per GPU
+    /// (cuda:0 … cuda:N−1, NCCL; needs a build with `--features nccl`), or N CPU
+    /// processes with --device cpu. --batch-size is the global batch, split evenly;
+    /// worker 0 writes every file, and a checkpoint resumes on any number of workers.
+    /// See docs/scale-out.md.
+    #[arg(long, alias = "gpus", default_value_t = 1)]
+    pub workers: usize,
+
+    /// Set by the launcher of --workers: this worker's rank.
+    #[arg(long, hide = true)]
+    pub worker_rank: Option<usize>,
+
+    /// Set by the launcher of --workers: the file the workers meet through.
+    #[arg(long, hide = true)]
+    pub rendezvous: Option<PathBuf>,
 }
 
 /// `--decay-scope` values.
@@ -301,6 +320,8 @@ pub struct TrainPlan {
     pub resume: bool,
     /// The device.
     pub device: DeviceArg,
+    /// One process, a launcher of workers, or one worker.
+    pub workers: Workers,
 }
 
 /// The first of a flag's and a preset's value, else the default.
@@ -425,6 +446,13 @@ impl TrainArgs {
             ema: self.ema,
         };
         config.validate().context("invalid training flags")?;
+        let (workers, device) = Workers::plan(
+            self.workers,
+            self.worker_rank,
+            self.rendezvous.as_deref(),
+            self.device,
+            config.batch_size,
+        )?;
         Ok(TrainPlan {
             preset,
             method,
@@ -440,7 +468,8 @@ impl TrainArgs {
             noise: self.noise,
             lambdas,
             resume: self.resume,
-            device: self.device,
+            device,
+            workers,
         })
     }
 
@@ -607,6 +636,7 @@ impl TrainPlan {
             "threshold_tpr": THRESHOLD_TPR,
             "resume": self.resume,
             "device": self.device.to_string(),
+            "workers": self.workers.count(),
             "train": self.config,
         }))
     }
@@ -614,7 +644,7 @@ impl TrainPlan {
     /// Refuses to train into a folder that already holds a run, unless resuming; when
     /// resuming, refuses a checkpoint of other settings before anything is written
     /// (the trainer checks again, the training set's size included).
-    fn check_out_dir(&self) -> Result<()> {
+    pub fn check_out_dir(&self) -> Result<()> {
         let checkpoint = self.out.join(CHECKPOINT_FILE);
         if self.resume {
             if checkpoint.is_file() {
@@ -653,12 +683,18 @@ impl TrainPlan {
     }
 
     /// Runs the plan; `command` is recorded beside the outputs.
+    /// A data-parallel worker other than worker 0 writes nothing and returns the
+    /// summary worker 0 writes, without the confidence threshold.
     pub fn run(&self, command: &str, progress: Progress) -> Result<TrainSummary> {
-        self.check_out_dir()?;
-        create_out_dir(&self.out)?;
-        record_command(&self.out, command)?;
-        write_json(&self.out.join("config.json"), &self.to_json(command)?)?;
+        let leader = self.workers.leads();
+        if leader {
+            self.check_out_dir()?;
+            create_out_dir(&self.out)?;
+            record_command(&self.out, command)?;
+            write_json(&self.out.join("config.json"), &self.to_json(command)?)?;
+        }
         let device = self.device.open()?;
+        let group = self.workers.join(&device)?;
         let splits = load_data(self.dataset, &self.data_dir)?;
         let train = match self.train_limit {
             Some(n) => splits.train.take(n),
@@ -700,12 +736,17 @@ impl TrainPlan {
         if let Some(path) = &self.init_from {
             trainer = trainer.metadata("init_from", path.display().to_string());
         }
+        if let Some(group) = group {
+            trainer = trainer.parallel(group);
+        }
         let train_examples = train.len();
         let method = self.training_method()?;
         let outcome = trainer.run(&mut model, method.as_ref(), Arc::new(train), &test)?;
         let threshold = match &held_out {
-            Some(held_out) => self.store_threshold(&mut model, held_out, &outcome.model_path)?,
-            None => None,
+            Some(held_out) if leader => {
+                self.store_threshold(&mut model, held_out, &outcome.model_path)?
+            }
+            _ => None,
         };
         let last = outcome.history.last();
         let summary = TrainSummary {
@@ -724,7 +765,9 @@ impl TrainPlan {
             model: outcome.model_path,
             confidence_threshold: threshold.map(|t| t.tau),
         };
-        write_json(&self.out.join(SUMMARY_FILE), &summary)?;
+        if leader {
+            write_json(&self.out.join(SUMMARY_FILE), &summary)?;
+        }
         Ok(summary)
     }
 

@@ -70,10 +70,12 @@ impl NcclGroup {
                         }
                         break Id::uninit(internal);
                     }
-                    _ if Instant::now() > deadline => return Err(fail(format!(
+                    _ if Instant::now() > deadline => {
+                        return Err(fail(format!(
                         "worker {rank} found no NCCL id from worker 0 in {} within the time limit",
                         rendezvous.display()
-                    ))),
+                    )))
+                    }
                     _ => std::thread::sleep(Duration::from_millis(50)),
                 }
             }
