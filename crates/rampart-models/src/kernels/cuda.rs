@@ -20,18 +20,21 @@ pub fn prepare(dev: &Device, tf32: bool) -> Result<()> {
     };
     let stream = cuda.cuda_stream();
     let ctx = stream.context();
-    ctx.bind_to_thread()?;
+    ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
     let mut pool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
     // SAFETY: a valid device of a bound context; the attribute takes a u64.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(candle_core::Error::wrap)?;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             (&mut threshold as *mut u64).cast(),
         )
-        .result()?;
+        .result()
+        .map_err(candle_core::Error::wrap)?;
     }
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
     #[cfg(feature = "cudnn")]
