@@ -29,6 +29,10 @@ pub struct Job {
     /// Whether it computes on a device: it is then given `--device D`, D the device of
     /// the slot it runs in.
     pub on_device: bool,
+    /// How many slots, on distinct devices, it holds at once: more than one for a
+    /// data-parallel training (`rampart train --workers N`), which is then given the
+    /// devices' kind (`--device cuda`) and, on GPUs, `CUDA_VISIBLE_DEVICES`.
+    pub width: usize,
 }
 
 /// Adds jobs to a list and hands out their indices.
@@ -68,8 +72,18 @@ impl Jobs {
             after: after.into_iter().collect(),
             log,
             on_device: true,
+            width: 1,
         });
         self.jobs.len() - 1
+    }
+
+    /// Makes job `index` hold `width` slots on distinct devices at once (see
+    /// [`Job::width`]). Returns `index`.
+    pub fn wide(&mut self, index: usize, width: usize) -> usize {
+        if let Some(job) = self.jobs.get_mut(index) {
+            job.width = width.max(1);
+        }
+        index
     }
 
     /// Marks job `index` as a run that computes nothing on a device (a merge, a
@@ -98,6 +112,9 @@ pub fn run(jobs: Vec<Job>, slots: &[String]) -> Result<()> {
         bail!("no slot to run the study's runs in");
     }
     let parallel = slots.len();
+    let mut distinct = slots.to_vec();
+    distinct.sort();
+    distinct.dedup();
     for (i, job) in jobs.iter().enumerate() {
         if let Some(&bad) = job.after.iter().find(|&&j| j >= i) {
             bail!(
@@ -105,39 +122,65 @@ pub fn run(jobs: Vec<Job>, slots: &[String]) -> Result<()> {
                 job.name
             );
         }
+        let devices = if slots[0] == "cpu" {
+            parallel
+        } else {
+            distinct.len()
+        };
+        if job.width > devices {
+            bail!(
+                "{} needs {} devices at once, but the study has {devices} ({}); list more with \
+                 --device (and --jobs)",
+                job.name,
+                job.width,
+                slots.join(",")
+            );
+        }
     }
     if parallel == 1 {
         return run_in_order(jobs, &slots[0]);
     }
+    let free_slots = |running: &[(usize, Child, Instant, Vec<usize>)], width: usize| {
+        let mut picked: Vec<usize> = Vec::new();
+        for k in 0..parallel {
+            let busy = running.iter().any(|r| r.3.contains(&k));
+            let same_device = slots[k] != "cpu" && picked.iter().any(|&p| slots[p] == slots[k]);
+            if !busy && !same_device && picked.len() < width {
+                picked.push(k);
+            }
+        }
+        (picked.len() == width).then_some(picked)
+    };
     let mut jobs = jobs;
     let total = jobs.len();
     let mut started = vec![false; total];
     let mut done = vec![false; total];
-    // (job, child, start, slot)
-    let mut running: Vec<(usize, Child, Instant, usize)> = Vec::new();
+    // (job, child, start, slots)
+    let mut running: Vec<(usize, Child, Instant, Vec<usize>)> = Vec::new();
     let mut failed: Option<anyhow::Error> = None;
     loop {
         // Start every job whose inputs are ready, in order, while slots are free.
         while failed.is_none() && running.len() < parallel {
             let ready = (0..total).find(|&i| !started[i] && jobs[i].after.iter().all(|&j| done[j]));
             let Some(i) = ready else { break };
-            let Some(slot) = (0..parallel).find(|k| running.iter().all(|r| r.3 != *k)) else {
+            let Some(taken) = free_slots(&running, jobs[i].width) else {
                 break;
             };
             started[i] = true;
             let job = &mut jobs[i];
+            let devices: Vec<&str> = taken.iter().map(|&k| slots[k].as_str()).collect();
             if job.on_device {
-                job.command.args(["--device", &slots[slot]]);
+                give_devices(&mut job.command, &devices);
             }
             match start(job) {
                 Ok(child) => {
                     let on = if job.on_device {
-                        format!(" on {}", slots[slot])
+                        format!(" on {}", devices.join(","))
                     } else {
                         String::new()
                     };
                     eprintln!("==> started {}{on} (log: {})", job.name, job.log.display());
-                    running.push((i, child, Instant::now(), slot));
+                    running.push((i, child, Instant::now(), taken));
                 }
                 Err(e) => failed = Some(e),
             }
@@ -178,6 +221,43 @@ pub fn run(jobs: Vec<Job>, slots: &[String]) -> Result<()> {
         Some(e) => Err(e),
         None if done.iter().all(|&d| d) => Ok(()),
         None => bail!("some of the study's runs never started (a bug in the study's plan)"),
+    }
+}
+
+/// Tells a run on a device which devices it has: `--device D` for one; for several
+/// (a data-parallel training), their kind (`--device cuda`, `cuda+tf32`, `cpu`) and on
+/// GPUs `CUDA_VISIBLE_DEVICES` naming them, translated through this process's own
+/// `CUDA_VISIBLE_DEVICES` when it has one.
+fn give_devices(command: &mut Command, devices: &[&str]) {
+    if let [one] = devices {
+        command.args(["--device", one]);
+        return;
+    }
+    let kind = crate::reproduce::device_kind(devices[0]);
+    command.args(["--device", &kind]);
+    if kind.starts_with("cuda") {
+        let inherited: Option<Vec<String>> = std::env::var("CUDA_VISIBLE_DEVICES")
+            .ok()
+            .map(|v| v.split(',').map(|d| d.trim().to_string()).collect());
+        let visible: Vec<String> = devices
+            .iter()
+            .map(|d| {
+                let ordinal: usize = d
+                    .split_once(':')
+                    .map(|(_, rest)| {
+                        rest.chars()
+                            .take_while(char::is_ascii_digit)
+                            .collect::<String>()
+                    })
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                inherited
+                    .as_ref()
+                    .and_then(|list| list.get(ordinal).cloned())
+                    .unwrap_or_else(|| ordinal.to_string())
+            })
+            .collect();
+        command.env("CUDA_VISIBLE_DEVICES", visible.join(","));
     }
 }
 
@@ -284,6 +364,36 @@ mod tests {
         seen.sort();
         assert_eq!(seen, ["--device cuda:0", "--device cuda:1"]);
         assert_eq!(std::fs::read_to_string(dir.path().join("host"))?.trim(), "");
+        Ok(())
+    }
+
+    /// A data-parallel training holds two GPUs at once: the devices' kind and
+    /// `CUDA_VISIBLE_DEVICES`; one that needs more devices than the study has is refused.
+    #[cfg(unix)]
+    #[test]
+    fn a_wide_job_holds_several_devices_at_once() -> Result<()> {
+        let (dir, d, mut jobs) = fixture()?;
+        let mut c = Command::new("sh");
+        let script = format!("echo \"$@ $CUDA_VISIBLE_DEVICES\" > {d}/wide.args");
+        c.args(["-c", &script, "wide"]);
+        let w = jobs.add("wide", c, [], dir.path().join("wide.log"));
+        jobs.wide(w, 2);
+        let two = ["cuda:0+tf32".to_string(), "cuda:1+tf32".to_string()];
+        run(jobs.into_vec(), &two)?;
+        let seen = std::fs::read_to_string(dir.path().join("wide.args"))?;
+        let words: Vec<&str> = seen.split_whitespace().collect();
+        assert_eq!(&words[..2], ["--device", "cuda+tf32"], "{seen}");
+        assert_eq!(words[2].split(',').count(), 2, "{seen}");
+        let mut jobs = Jobs::default();
+        let w = jobs.add(
+            "too wide",
+            Command::new("true"),
+            [],
+            dir.path().join("x.log"),
+        );
+        jobs.wide(w, 3);
+        let err = run(jobs.into_vec(), &two).unwrap_err().to_string();
+        assert!(err.contains("needs 3 devices at once"), "{err}");
         Ok(())
     }
 

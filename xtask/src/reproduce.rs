@@ -74,6 +74,13 @@ pub struct ReproduceArgs {
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
 
+    /// Train every selected row on N data-parallel workers (`rampart train --workers
+    /// N`): N GPUs of --device's list at once (`--device cuda:0,…,cuda:7`), or N CPU
+    /// processes. BatchNorm statistics are per worker (DDP's default), so the weights
+    /// differ from one device's; the study records N (see docs/scale-out.md).
+    #[arg(long, default_value_t = 1)]
+    pub train_workers: usize,
+
     /// How many `rampart` runs go side by side, each as soon as the runs it reads have
     /// finished [default: one per core on a CPU, each single-threaded (with --threads T,
     /// cores ÷ T of them); one per device on a GPU].
@@ -258,10 +265,17 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     let command = xtask_command_line();
     let _lock = rampart_fs::OutputLock::acquire_for(&out, &command)?;
     // A study folder holds one study: it continues only with its own settings.
-    let settings = rampart_fs::RunSettings::new("cargo xtask reproduce")
+    let mut settings = rampart_fs::RunSettings::new("cargo xtask reproduce")
         .with("--dataset", dataset)
         .with("--preset", preset.name())
         .with("--device", device.as_str());
+    if args.train_workers == 0 {
+        bail!("--train-workers must be at least 1");
+    }
+    if args.train_workers > 1 {
+        // Data-parallel training changes the weights: a study keeps its choice.
+        settings = settings.with("--train-workers", args.train_workers.to_string());
+    }
     if !args.resume {
         for row in &selected {
             let dir = model_dir(&out, row.method);
@@ -352,12 +366,16 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         if args.resume {
             train.arg("--resume");
         }
+        if args.train_workers > 1 {
+            train.args(["--workers", &args.train_workers.to_string()]);
+        }
         let t = jobs.add(
             format!("{step}: training ({})", describe(row)),
             train,
             after,
             log(row.method, "train"),
         );
+        jobs.wide(t, args.train_workers);
         trained[i] = Some(t);
 
         let mut eval = setup.command(&dir.join("model.safetensors"), &eval_dir(&out, row.method));
@@ -880,7 +898,7 @@ fn device_list(device: &str) -> Result<Vec<String>> {
 
 /// A device without its index: `cuda:1+tf32` → `cuda+tf32`; the kind a study is
 /// recorded with, so that it may continue on other devices of that kind.
-fn device_kind(device: &str) -> String {
+pub(crate) fn device_kind(device: &str) -> String {
     match device.split_once(':') {
         Some((kind, rest)) => {
             let suffix = rest.trim_start_matches(|c: char| c.is_ascii_digit());

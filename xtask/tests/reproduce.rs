@@ -198,6 +198,18 @@ fn a_killed_study_resumes_to_the_same_results() -> TestResult {
     assert!(shard_dir.join("at/protocol/shard-1/shard.json").is_file());
     assert!(shard_dir.join("logs/at.protocol.merge.log").is_file());
     assert_eq!(comparable(&shard_dir)?, comparable(&whole_dir)?);
+    // A row trained by two data-parallel workers (CPU processes here, GPUs with
+    // --device cuda:0,cuda:1), recorded as such.
+    let dp_dir = dir.path().join("data-parallel");
+    let dp = reproduce_jobs(dir.path(), &dp_dir, false, 2)?
+        .args(["--train-workers", "2", "--rows", "normal"])
+        .output()?;
+    assert!(dp.status.success(), "{}", text(&dp));
+    let history = std::fs::read_to_string(dp_dir.join("normal/history.jsonl"))?;
+    assert!(
+        history.lines().all(|l| l.contains("\"workers\":2")),
+        "{history}"
+    );
     assert!(total > 4, "{whole_log}");
     // A seeded pick of the kill point: after batch k of the first half of the study's
     // saved batches (the second half leaves the kill plenty of work to interrupt).

@@ -115,7 +115,7 @@ impl Loader {
                 "worker {rank} of {workers} does not exist"
             )));
         }
-        if self.config.batch_size % workers != 0 {
+        if !self.config.batch_size.is_multiple_of(workers) {
             return Err(DataError::InvalidConfig(format!(
                 "the batch of {} examples does not split evenly over {workers} workers; \
                  choose a batch size that is a multiple of {workers}",

@@ -52,7 +52,7 @@ impl Workers {
         if workers == 0 {
             bail!("--workers must be at least 1");
         }
-        if workers > 1 && batch_size % workers != 0 {
+        if workers > 1 && !batch_size.is_multiple_of(workers) {
             bail!(
                 "--batch-size {batch_size} is the global batch and must split evenly over \
                  --workers {workers}; choose a multiple of {workers}"

@@ -64,7 +64,7 @@ impl TcpGroup {
     fn listen(workers: usize, rendezvous: &Path, deadline: Instant) -> Result<Vec<TcpStream>> {
         let listener =
             TcpListener::bind("127.0.0.1:0").map_err(|e| fail(format!("cannot listen: {e}")))?;
-        let addr = listener.local_addr().map_err(|e| fail(e))?;
+        let addr = listener.local_addr().map_err(fail)?;
         rampart_fs::write_atomic(rendezvous, addr.to_string().as_bytes())?;
         listener.set_nonblocking(true).map_err(fail)?;
         let mut links: Vec<Option<TcpStream>> = (1..workers).map(|_| None).collect();

@@ -192,6 +192,9 @@ fn averaged_gradients_equal_the_gradient_of_the_global_batch() -> TestResult {
     Ok(())
 }
 
+/// Variables by name, flattened.
+type Named = Vec<(String, Vec<f32>)>;
+
 /// Every variable the model holds, flattened.
 fn values(model: &Classifier) -> Result<Vec<(String, Vec<f32>)>> {
     model
@@ -206,7 +209,7 @@ fn train_as_worker(
     out: &Path,
     epochs: usize,
     method: &dyn crate::TrainingMethod,
-) -> Result<(Vec<(String, Vec<f32>)>, Vec<crate::EpochRecord>)> {
+) -> Result<(Named, Vec<crate::EpochRecord>)> {
     let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
     let outcome = Trainer::new(toy_config(epochs), out)?
         .progress(crate::Progress::Hidden)
