@@ -435,12 +435,8 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                     "the first {n} test images"
                 ))
             );
-            if suite == "pgd20" {
-                jobs.add(name, eval, trained[i], log(row.method, suite));
-                continue;
-            }
-            // AutoAttack, the longest run of a study, in shards of whole batches: at
-            // most one per batch.
+            // AutoAttack, the longest run of a study, and PGD-20 on its images, in
+            // shards of whole batches: at most one per batch.
             eval.args(["--batch-size", &AUTOATTACK_BATCH.to_string()]);
             let shards = aa_limit.map_or(args.shards, |n| {
                 args.shards.min(n.div_ceil(AUTOATTACK_BATCH))
@@ -453,7 +449,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                     dir: &dir,
                     shards,
                     after: trained[i],
-                    merge: rampart_command(&rampart, threads),
+                    merge: (suite == "autoattack").then(|| rampart_command(&rampart, threads)),
                 },
                 |part| log(row.method, &format!("{suite}{part}")),
             );
@@ -472,12 +468,22 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             let n = n.to_string();
             eval.args(["--suite", "pgd20", "--objectives", "ce"])
                 .args(["--attack-steps", "50", "--restarts", "10"])
-                .args(["--attack-limit", &n, "--test-limit", &n]);
-            jobs.add(
-                format!("{}: PGD-50-10 on the first {n} test images", row.method),
-                eval,
-                trained[i],
-                log(row.method, "pgd50-10"),
+                .args(["--attack-limit", &n, "--test-limit", &n])
+                .args(["--batch-size", &AUTOATTACK_BATCH.to_string()]);
+            let shards = args
+                .shards
+                .min(n.parse::<usize>().unwrap_or(1).div_ceil(AUTOATTACK_BATCH));
+            add_sharded(
+                &mut jobs,
+                Sharded {
+                    name: format!("{}: PGD-50-10 on the first {n} test images", row.method),
+                    eval,
+                    dir: &dir,
+                    shards,
+                    after: trained[i],
+                    merge: None,
+                },
+                |part| log(row.method, &format!("pgd50-10{part}")),
             );
         }
     }
@@ -526,7 +532,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                 dir: &dir,
                 shards: args.shards,
                 after: trained[i],
-                merge: rampart_command(&rampart, threads),
+                merge: Some(rampart_command(&rampart, threads)),
             },
             |part| log(row.method, &format!("protocol{part}")),
         ));
@@ -768,14 +774,17 @@ struct Sharded<'a> {
     shards: usize,
     /// The job it waits for (the model's training), if any.
     after: Option<usize>,
-    /// `rampart` (with the study's threads), to merge the shards with.
-    merge: Command,
+    /// `rampart` (with the study's threads), to merge the shards with; `None` for a
+    /// pgd20 run, whose shards the unsharded command joins with `--merge`.
+    merge: Option<Command>,
 }
 
 /// Adds `s.eval` as one job or, with `s.shards` > 1, as `--shard k/N` runs into
-/// `DIR/shard-k`, each a run of its own, and a `rampart merge` of them into `DIR`
-/// (docs/scale-out.md); `log(part)` names the log of each (`""`, `.shard-k`,
-/// `.merge`). Returns the job after which `DIR` holds the whole run's outputs.
+/// `DIR/shard-k`, each a run of its own, and a `rampart merge` of them into `DIR` (a
+/// pgd20 run: `s.eval` itself with `--merge DIR/shard-0 …`, on a device, since it
+/// reruns the clean pass and the trust checks; docs/scale-out.md); `log(part)` names
+/// the log of each (`""`, `.shard-k`, `.merge`). Returns the job after which `DIR`
+/// holds the whole run's outputs.
 fn add_sharded(jobs: &mut Jobs, s: Sharded<'_>, log: impl Fn(&str) -> PathBuf) -> usize {
     let Sharded {
         name,
@@ -788,7 +797,19 @@ fn add_sharded(jobs: &mut Jobs, s: Sharded<'_>, log: impl Fn(&str) -> PathBuf) -
     if shards <= 1 {
         return jobs.add(name, eval, after, log(""));
     }
-    merge.arg("merge");
+    let rerun = merge.is_none();
+    let mut merge = match merge.take() {
+        Some(mut merge) => {
+            merge.arg("merge");
+            merge
+        }
+        None => {
+            let mut joined = Command::new(eval.get_program());
+            joined.args(eval.get_args());
+            joined.arg("--merge");
+            joined
+        }
+    };
     let mut parts = Vec::new();
     for k in 0..shards {
         let part = dir.join(format!("shard-{k}"));
@@ -809,14 +830,20 @@ fn add_sharded(jobs: &mut Jobs, s: Sharded<'_>, log: impl Fn(&str) -> PathBuf) -
         ));
         merge.arg(&part);
     }
-    merge.arg("--out").arg(dir);
+    if !rerun {
+        merge.arg("--out").arg(dir);
+    }
     let merged = jobs.add(
         format!("{name}: merging {shards} shards"),
         merge,
         parts,
         log(".merge"),
     );
-    jobs.on_host(merged)
+    if rerun {
+        merged
+    } else {
+        jobs.on_host(merged)
+    }
 }
 
 /// Where `rampart eval` runs and what it reads: shared by every evaluation of a study.

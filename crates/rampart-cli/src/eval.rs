@@ -213,11 +213,19 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 5)]
     pub draws: usize,
 
-    /// quick/ccat/full/autoattack: run shard I of N (0-based: 0/8 … 7/8) of the attacked images,
-    /// cut into contiguous runs of whole batches; `rampart merge` joins the shards'
-    /// folders into the unsharded run's results (see docs/scale-out.md).
+    /// quick/ccat/full/autoattack/pgd20: run shard I of N (0-based: 0/8 … 7/8) of the
+    /// attacked images, cut into contiguous runs of whole batches; `rampart merge` joins
+    /// the shards' folders into the unsharded run's results (pgd20: --merge, below; see
+    /// docs/scale-out.md).
     #[arg(long, value_parser = crate::common::parse_shard)]
     pub shard: Option<rampart_eval::Shard>,
+
+    /// pgd20: the folders of this command's shards (run with --shard I/N): their
+    /// attacked batches are taken instead of attacked again, and this run writes what
+    /// the unsharded run writes (it needs the model and data, for the clean pass and
+    /// the trust checks). Every shard must be given, each once.
+    #[arg(long, num_args = 1.., value_name = "SHARD_DIR")]
+    pub merge: Vec<PathBuf>,
 
     /// Output folder (created if missing).
     #[arg(long)]
@@ -275,8 +283,10 @@ pub struct EvalPlan {
     pub curve_points: Option<usize>,
     /// pgd20: write the adversarial images.
     pub save_adversarial: bool,
-    /// Which shard of the attacked images to run (quick/ccat/full/autoattack).
+    /// Which shard of the attacked images to run (quick/ccat/full/autoattack/pgd20).
     pub shard: rampart_eval::Shard,
+    /// pgd20: the shard folders whose batches this run takes.
+    pub merge: Vec<PathBuf>,
     /// The output folder.
     pub out: PathBuf,
     /// The device.
@@ -473,12 +483,20 @@ impl EvalArgs {
             bail!("--curve-points must be at least 2");
         }
         let shard = self.shard.unwrap_or(rampart_eval::Shard::WHOLE);
-        if !shard.is_whole() && self.suite.protocol().is_none() && self.suite != Suite::Autoattack {
+        if !shard.is_whole() && self.suite == Suite::Clean {
             bail!(
-                "--shard applies to --suite quick, ccat, full and autoattack (and to `rampart \
-                 attack`), not to --suite {}",
-                self.suite.name()
+                "--shard applies to the suites that attack (quick, ccat, full, autoattack, \
+                 pgd20) and to `rampart attack`; --suite clean attacks nothing"
             );
+        }
+        if !self.merge.is_empty() && self.suite != Suite::Pgd20 {
+            bail!(
+                "--merge applies to --suite pgd20; join the shards of the other suites with \
+                 `rampart merge`"
+            );
+        }
+        if !self.merge.is_empty() && !shard.is_whole() {
+            bail!("--merge joins the shards into the unsharded run: it takes no --shard");
         }
         Ok(EvalPlan {
             model: self.model.clone(),
@@ -507,6 +525,7 @@ impl EvalArgs {
             curve_points: self.curve_points,
             save_adversarial: self.save_adversarial,
             shard,
+            merge: self.merge.clone(),
             out: self.out.clone(),
             device: self.device,
         })

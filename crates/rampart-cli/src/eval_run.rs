@@ -4,7 +4,7 @@
 //! them and connects their results to the files of --out.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -298,9 +298,26 @@ impl EvalPlan {
             .get("method")
             .cloned()
             .unwrap_or_else(|| "unknown".into());
+        let test = load_test_data(dataset, &self.data_dir)?;
+        let test = match self.test_limit {
+            Some(n) => test.take(n),
+            None => test,
+        };
+        let settings = crate::common::run_settings();
+        // What the attacked batches depend on: not on the shard a run is cut into, nor on
+        // the shards a run merges, so every shard's batches are the whole run's.
+        let work = settings.clone().without(&["--shard", "--merge"]);
+        // The shards to merge are checked before anything is written.
+        let merged_shards = match &self.attack {
+            Some(attack) if !self.merge.is_empty() => {
+                let n = attack.limit.map_or(test.len(), |l| l.min(test.len()));
+                let key = self.journal_key(&model, &test, n, &work)?;
+                Some(self.check_shards(&key, n)?)
+            }
+            _ => None,
+        };
         create_out_dir(&self.out)?;
         // An interrupted run here continues only with the same settings.
-        let settings = crate::common::run_settings();
         settings.begin(&self.out)?;
         record_command(&self.out, command)?;
         let eot_samples = self.eot_samples(&model);
@@ -334,11 +351,6 @@ impl EvalPlan {
                 "device": self.device.to_string(),
             }),
         )?;
-        let test = load_test_data(dataset, &self.data_dir)?;
-        let test = match self.test_limit {
-            Some(n) => test.take(n),
-            None => test,
-        };
         let loaded = Loaded {
             model: &model,
             method: &method,
@@ -371,10 +383,32 @@ impl EvalPlan {
         });
         let (lo, hi) = model.bounds();
         let bounds = Bounds::new(lo, hi)?;
+        let sharded = !self.shard.is_whole();
         let attacked = match &attack_plan {
             Some(attack) => {
-                let settings = format!("{settings:?}");
-                Some(self.attack(&model, attack, &test, &clean_correct, &settings)?)
+                let n = attack.limit.map_or(test.len(), |l| l.min(test.len()));
+                let key = self.journal_key(&model, &test, n, &work)?;
+                if let Some(shards) = &merged_shards {
+                    self.take_shards(&key, shards)?;
+                }
+                let rows = self.shard.rows(n, self.batch_size)?;
+                if sharded {
+                    // A manifest says the shard finished: an earlier run's must not
+                    // outlive this start.
+                    let manifest = manifest_path(&self.out);
+                    if manifest.exists() {
+                        std::fs::remove_file(&manifest)
+                            .with_context(|| format!("cannot remove {}", manifest.display()))?;
+                    }
+                }
+                let outcome =
+                    self.attack(&model, attack, &test, &clean_correct, &key, rows.range())?;
+                if sharded {
+                    self.write_pgd20_manifest(&test, n, rows, &key, &work, &outcome)?;
+                    None
+                } else {
+                    Some(outcome)
+                }
             }
             None => None,
         };
@@ -384,7 +418,7 @@ impl EvalPlan {
             }
             _ => None,
         };
-        let stochastic = if model.is_stochastic() {
+        let stochastic = if model.is_stochastic() && !sharded {
             let draws = rampart_eval::NoiseDraws {
                 draws: self.draws,
                 batch_size: self.batch_size,
@@ -401,8 +435,10 @@ impl EvalPlan {
             None
         };
         let eval_seconds = started.elapsed().as_secs_f64();
-        predictions.save_json(&self.out.join("predictions.json"))?;
-        predictions.save_probs(&self.out.join("probs.safetensors"))?;
+        if !sharded {
+            predictions.save_json(&self.out.join("predictions.json"))?;
+            predictions.save_probs(&self.out.join("probs.safetensors"))?;
+        }
         if let (Some(a), Some(w)) = (&attack_plan, &attacked) {
             self.save_per_example(&model, &test, &predictions, &clean_correct, a, w)?;
         }
@@ -530,6 +566,11 @@ impl EvalPlan {
             trust,
             autoattack_trust_warnings: Vec::new(),
         };
+        if sharded {
+            // Its attacked batches (`progress/`) and `shard.json` are the shard's output.
+            rampart_fs::finish_run(&self.out)?;
+            return Ok(results);
+        }
         self.finish(&results)?;
         tracing::info!(
             accuracy = results.clean_accuracy,
@@ -599,19 +640,20 @@ impl EvalPlan {
         rampart_eval::BatchJournal::new(self.out.join("progress"), key)
     }
 
-    /// Attacks the first `attack.limit` images of `test` with every objective of the
-    /// plan; an image counts as robust when it is classified correctly clean
-    /// (`clean_correct`) and no attack fooled it. Every finished batch is saved, so a
-    /// run with the same `settings` continues from the last one.
+    /// Attacks the images `rows` of the first `attack.limit` of `test` (all of them, or
+    /// a shard's) with every objective of the plan; an image counts as robust when it
+    /// is classified correctly clean (`clean_correct`) and no attack fooled it. Every
+    /// finished batch is saved in the journal of `key`, so a run of the same work
+    /// continues from the last one.
     fn attack(
         &self,
         model: &Classifier,
         attack: &AttackPlan,
         test: &ImageDataset,
         clean_correct: &[bool],
-        settings: &str,
+        key: &str,
+        rows: std::ops::Range<usize>,
     ) -> Result<AttackOutcome> {
-        let n = attack.limit.map_or(test.len(), |l| l.min(test.len()));
         let (lo, hi) = model.bounds();
         let bounds = Bounds::new(lo, hi)?;
         let prefix = format!("pgd{}", attack.pgd.steps);
@@ -619,21 +661,13 @@ impl EvalPlan {
         if attack.pgd.norm != Norm::Linf {
             bail!("the pgd20 suite is L∞");
         }
-        let key = rampart_eval::fingerprint(
-            &model.frozen(),
-            test,
-            n,
-            self.batch_size,
-            settings,
-            model.device(),
-        )?;
         let reseed = |seed| model.reseed_noise(seed);
-        let journal = self.journal(&key).reseeding(&reseed);
+        let journal = self.journal(key).reseeding(&reseed);
         Ok(rampart_eval::worst_case(
             &model.frozen(),
             bounds,
             test,
-            n,
+            rows,
             &attacks,
             attack.eps,
             clean_correct,
@@ -643,6 +677,128 @@ impl EvalPlan {
             model.is_stochastic() || self.save_adversarial,
             Some(&journal),
         )?)
+    }
+}
+
+/// The command a pgd20 shard's manifest names.
+pub(crate) const PGD20_SHARD: &str = "eval --suite pgd20";
+
+impl EvalPlan {
+    /// `shard.json` of a pgd20 shard: its rows, what they were made from, and the key
+    /// of its attacked batches (`progress/`), which `--merge` takes.
+    fn write_pgd20_manifest(
+        &self,
+        test: &ImageDataset,
+        n: usize,
+        rows: rampart_eval::Rows,
+        key: &str,
+        work: &rampart_fs::RunSettings,
+        outcome: &AttackOutcome,
+    ) -> Result<()> {
+        let settings = serde_json::Value::Object(
+            work.values()
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect(),
+        );
+        let manifest = rampart_eval::ShardManifest {
+            command: PGD20_SHARD.into(),
+            shard: self.shard,
+            rows,
+            total: n,
+            fingerprint: crate::common::file_fingerprint(test, n, &self.model, &settings)?,
+            settings,
+            details: json!({ "journal_key": key }),
+            seconds: outcome.seconds.iter().sum(),
+            resumed: Vec::new(),
+        };
+        write_json(&manifest_path(&self.out), &manifest)?;
+        Ok(())
+    }
+
+    /// The key of the pgd20 suite's attacked batches over the first `n` images: the
+    /// model's logits, the labels and the settings that shape the batches (`work`).
+    fn journal_key(
+        &self,
+        model: &Classifier,
+        test: &ImageDataset,
+        n: usize,
+        work: &rampart_fs::RunSettings,
+    ) -> Result<String> {
+        Ok(rampart_eval::fingerprint(
+            &model.frozen(),
+            test,
+            n,
+            self.batch_size,
+            &format!("{work:?}"),
+            model.device(),
+        )?)
+    }
+
+    /// `--merge`: checks that the shards are this run's (`key`), every shard once, cut
+    /// into whole batches that tile its `n` attacked images.
+    fn check_shards(
+        &self,
+        key: &str,
+        n: usize,
+    ) -> Result<Vec<(PathBuf, rampart_eval::ShardManifest)>> {
+        let shards = rampart_eval::read_shards(&self.merge)?;
+        for (dir, m) in &shards {
+            if m.command != PGD20_SHARD {
+                bail!(
+                    "{} holds a shard of `rampart {}`, not of `rampart {PGD20_SHARD}`",
+                    dir.display(),
+                    m.command
+                );
+            }
+            if m.total != n || m.details["journal_key"].as_str() != Some(key) {
+                bail!(
+                    "{} is a shard of another run: its model, data or settings differ from this \
+                     command's (run every shard with this command and --shard I/N instead of \
+                     --merge)",
+                    dir.display()
+                );
+            }
+        }
+        Ok(shards)
+    }
+
+    /// Copies the attacked batches of the checked `shards` into this run's journal of
+    /// `key`, so that the run loads them instead of attacking again.
+    fn take_shards(
+        &self,
+        key: &str,
+        shards: &[(PathBuf, rampart_eval::ShardManifest)],
+    ) -> Result<()> {
+        let into = self.journal(key).dir().to_path_buf();
+        std::fs::create_dir_all(&into)
+            .with_context(|| format!("cannot create {}", into.display()))?;
+        for (dir, m) in shards {
+            let from = dir.join("progress");
+            for b in m.rows.start / self.batch_size..m.rows.end.div_ceil(self.batch_size) {
+                let prefix = format!("batch-{b:06}.");
+                let mut record = false;
+                for entry in std::fs::read_dir(&from)
+                    .with_context(|| format!("cannot read {}", from.display()))?
+                {
+                    let entry = entry?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(&prefix) {
+                        std::fs::copy(entry.path(), into.join(&name))
+                            .with_context(|| format!("cannot copy {}", entry.path().display()))?;
+                        record |= name.ends_with(".json");
+                    }
+                }
+                if !record {
+                    bail!(
+                        "{} lacks its attacked batch {b}: run the shard again to finish it",
+                        dir.display()
+                    );
+                }
+            }
+        }
+        tracing::info!(shards = shards.len(), "took the shards' attacked batches");
+        Ok(())
     }
 }
 

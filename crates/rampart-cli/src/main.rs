@@ -260,8 +260,13 @@ fn run(cli: Cli) -> Result<()> {
             logging::init(Some(&plan.log_file()))?;
             let results = plan.run(&command)?;
             if !plan.shard.is_whole() {
+                let join = if plan.suite == eval::Suite::Pgd20 {
+                    "this command with --merge and every shard's folder"
+                } else {
+                    "`rampart merge`"
+                };
                 println!(
-                    "shard {} of the evaluation written to {}; join every shard with `rampart merge`",
+                    "shard {} of the evaluation written to {}; join every shard with {join}",
                     plan.shard,
                     plan.out.display()
                 );

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::attack::AttackOutcome;
 use crate::common::{create_out_dir, record_command, write_json};
+use crate::eval_run::PGD20_SHARD;
 
 /// Flags of `rampart merge`.
 #[derive(Args, Debug)]
@@ -45,6 +46,18 @@ impl MergeArgs {
             }
         }
         let shards = rampart_eval::read_shards(&self.shards)?;
+        if shards[0].1.command == PGD20_SHARD {
+            bail!(
+                "shards of `rampart eval --suite pgd20` are joined by the unsharded command with \
+                 --merge {}: it reruns the clean pass and the trust checks on the model and takes \
+                 the shards' attacked batches",
+                self.shards
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
         create_out_dir(&self.out)?;
         // The merged folder is a whole run's, not a shard's.
         let stale = self.out.join(rampart_eval::SHARD_MANIFEST);

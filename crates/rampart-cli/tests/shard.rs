@@ -174,8 +174,10 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
         let said = eval_refused(&["--suite", "quick", "--shard", spec])?;
         assert!(said.contains(says), "{spec}: {said}");
     }
-    let said = eval_refused(&["--suite", "pgd20", "--shard", "0/2"])?;
-    assert!(said.contains("--shard applies to --suite quick"), "{said}");
+    let said = eval_refused(&["--suite", "clean", "--shard", "0/2"])?;
+    assert!(said.contains("--suite clean attacks nothing"), "{said}");
+    let said = eval_refused(&["--suite", "quick", "--merge", s(&whole)])?;
+    assert!(said.contains("--merge applies to --suite pgd20"), "{said}");
     let said = eval_refused(&[
         "--suite",
         "quick",
@@ -263,5 +265,65 @@ fn sharded_runs_merge_into_the_unsharded_outputs() -> TestResult {
         said.contains("the trust checks run on the first 4"),
         "{said}"
     );
+    Ok(())
+}
+
+/// `rampart eval --suite pgd20` in 2 shards, joined by the unsharded command with
+/// `--merge`, writes the unsharded run's files; foreign or missing shards are refused.
+#[test]
+fn pgd20_shards_join_into_the_unsharded_outputs() -> TestResult {
+    let dir = tiny_cifar10_dir(16)?;
+    let data = s(dir.path());
+    let model = train_tiny(data, &dir.path().join("m"), &["--seed", "0"])?;
+    // 12 attacked images in batches of 4: shard 0/2 holds batch 0, shard 1/2 batches 1-2.
+    let pgd20 = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let flags = [
+            &[
+                "--threads",
+                "2",
+                "--suite",
+                "pgd20",
+                "--attack-limit",
+                "12",
+                "--attack-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--trust-examples",
+                "4",
+            ],
+            extra,
+        ]
+        .concat();
+        owned(&on_model("eval", &model, data, &flags, out))
+    };
+    let whole = dir.path().join("whole");
+    run_ok(&pgd20(&whole, &[]))?;
+    let shards: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("shard-{i}")))
+        .collect();
+    for (i, out) in shards.iter().enumerate() {
+        let said = run_ok(&pgd20(out, &["--shard", &format!("{i}/2")]))?;
+        assert!(said.contains("--merge"), "{said}");
+        assert!(out.join("shard.json").is_file() && !out.join("results.json").exists());
+    }
+    let (a, b) = (s(&shards[0]), s(&shards[1]));
+    let merged = dir.path().join("merged");
+    let said = run_ok(&pgd20(&merged, &["--merge", b, a]))?;
+    assert!(said.contains("robust accuracy"), "{said}");
+    assert!(assert_same_outputs(&whole, &merged)? >= 5);
+
+    let to = dir.path().join("refused");
+    let t = s(&to);
+    assert!(refused(&pgd20(&to, &["--merge", a]))?.contains("shard 1/2 missing"));
+    let reseeded = dir.path().join("reseeded");
+    run_ok(&pgd20(&reseeded, &["--shard", "1/2", "--attack-seed", "7"]))?;
+    let said = refused(&pgd20(&to, &["--merge", a, s(&reseeded)]))?;
+    assert!(said.contains("different settings"), "{said}");
+    let said = refused(&pgd20(&to, &["--attack-seed", "7", "--merge", a, b]))?;
+    assert!(said.contains("a shard of another run"), "{said}");
+    let said = refused(&["merge", a, b, "--out", t])?;
+    assert!(said.contains("--merge"), "{said}");
+    assert!(!to.join("results.json").exists());
     Ok(())
 }

@@ -94,17 +94,19 @@ pub struct WorstCase {
     pub adversarial: Vec<(Vec<usize>, Vec<Tensor>)>,
 }
 
-/// Runs every attack on the first `n` images of `data` in batches of `batch_size`;
-/// `clean_correct[i]` is the clean outcome of image i (length ≥ n). Batch b of attack
-/// a uses the seed `seed + first index of the batch` (every attack the same starts).
-/// With a `journal`, every finished batch is saved there and batches already saved are
-/// loaded instead of attacked again (see [`BatchJournal`]).
+/// Runs every attack on the images `rows` of `data` (the first n: `0..n`; a shard's:
+/// a run of whole batches, `rows.start` a multiple of `batch_size`) in batches of
+/// `batch_size`; `clean_correct[i]` is the clean outcome of image i (length ≥
+/// `rows.end`). Batch b (counted from image 0) uses the seed `seed + first index of
+/// the batch` (every attack the same starts), so a shard's batches are the whole
+/// run's. With a `journal`, every finished batch is saved there as batch b and batches
+/// already saved are loaded instead of attacked again (see [`BatchJournal`]).
 #[allow(clippy::too_many_arguments)]
 pub fn worst_case(
     model: &dyn ModuleT,
     bounds: Bounds,
     data: &ImageDataset,
-    n: usize,
+    rows: std::ops::Range<usize>,
     attacks: &[NamedAttack],
     eps: f64,
     clean_correct: &[bool],
@@ -114,11 +116,19 @@ pub fn worst_case(
     keep_adversarial: bool,
     journal: Option<&BatchJournal<'_>>,
 ) -> Result<WorstCase> {
-    let n = n.min(data.len());
-    if clean_correct.len() < n {
+    let end = rows.end.min(data.len());
+    let start = rows.start.min(end);
+    let n = end - start;
+    let batch_size = batch_size.max(1);
+    if clean_correct.len() < end {
         return Err(EvalError::Config(format!(
-            "{} clean outcomes for {n} attacked images",
+            "{} clean outcomes for images up to {end}",
             clean_correct.len()
+        )));
+    }
+    if !start.is_multiple_of(batch_size) {
+        return Err(EvalError::Config(format!(
+            "attacked rows start at image {start}, inside a batch of {batch_size}"
         )));
     }
     if attacks.is_empty() {
@@ -139,10 +149,11 @@ pub fn worst_case(
         adversarial: Vec::new(),
     };
     let started = Instant::now();
-    let indices: Vec<usize> = (0..n).collect();
+    let indices: Vec<usize> = (start..end).collect();
     let (c, h, w) = data.shape();
     let matrices = if keep_adversarial { 2 * m } else { m };
-    for (b, chunk) in indices.chunks(batch_size.max(1)).enumerate() {
+    for (local, chunk) in indices.chunks(batch_size).enumerate() {
+        let b = start / batch_size + local;
         let labels: Vec<u32> = chunk.iter().map(|&i| data.labels()[i]).collect();
         let saved = journal.and_then(|j| j.load::<WorstCaseBatch>(b, matrices));
         let (batch, values) = match saved {
@@ -229,7 +240,7 @@ pub fn worst_case(
         }
         tracing::info!(
             attacked = chunk[chunk.len() - 1] + 1,
-            of = n,
+            of = end,
             robust = out.robust.iter().filter(|&&r| r).count(),
             seconds = format!("{:.0}", started.elapsed().as_secs_f64()),
             "worst case over {}",

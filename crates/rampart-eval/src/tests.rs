@@ -395,7 +395,7 @@ fn checked(
         model,
         rampart_attacks::Bounds::UNIT,
         &ds,
-        ds.len(),
+        0..ds.len(),
         &attacks,
         eps,
         &clean,
@@ -557,7 +557,7 @@ fn rerr_ce_and_worst(
             &model,
             rampart_attacks::Bounds::UNIT,
             &ds,
-            ds.len(),
+            0..ds.len(),
             &attacks,
             8.0 / 255.0,
             &clean,
@@ -757,7 +757,7 @@ fn a_stochastic_model_over_noise_draws() -> TestResult {
         &model.frozen(),
         rampart_attacks::Bounds::UNIT,
         &ds,
-        8,
+        0..8,
         &attacks,
         8.0 / 255.0,
         &clean,
@@ -814,7 +814,7 @@ fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
             &model,
             rampart_attacks::Bounds::UNIT,
             &ds,
-            18,
+            0..18,
             &attacks,
             8.0 / 255.0,
             &clean,
@@ -1028,5 +1028,52 @@ fn shards_that_cannot_be_exact_are_refused() -> TestResult {
     cfg.shard = Shard::new(4, 5)?;
     let err = evaluate(&model, &ds, &cfg).err().map(|e| e.to_string());
     assert!(err.is_some_and(|e| e.contains("only 4 batches")));
+    Ok(())
+}
+
+/// A shard's rows (whole batches) give the whole run's outcomes for those rows: the
+/// seeds and journal batches are counted from image 0. A start inside a batch is refused.
+#[test]
+fn worst_case_over_shards_of_rows_equals_the_whole() -> TestResult {
+    let (_dir, model, ds) = mlp_in_temp_dir(20)?;
+    let pgd = rampart_attacks::Pgd {
+        steps: 3,
+        ..rampart_attacks::Pgd::linf_pgd20()
+    };
+    let clean = vec![true; 20];
+    let attacks = objective_variants("pgd3", &pgd, &WORST_CASE_OBJECTIVES);
+    let run = |rows: std::ops::Range<usize>| {
+        worst_case(
+            &model,
+            rampart_attacks::Bounds::UNIT,
+            &ds,
+            rows,
+            &attacks,
+            8.0 / 255.0,
+            &clean,
+            8,
+            3,
+            &Device::Cpu,
+            false,
+            None,
+        )
+    };
+    let whole = run(0..18)?;
+    let (a, b) = (run(0..8)?, run(8..18)?);
+    let join = |x: &[bool], y: &[bool]| [x, y].concat();
+    assert_eq!(whole.robust, join(&a.robust, &b.robust));
+    for k in 0..attacks.len() {
+        assert_eq!(whole.fooled[k], join(&a.fooled[k], &b.fooled[k]));
+        assert_eq!(
+            whole.logits[k],
+            [a.logits[k].as_slice(), &b.logits[k]].concat()
+        );
+    }
+    assert_eq!(
+        whole.worst_confidence,
+        [a.worst_confidence, b.worst_confidence].concat()
+    );
+    let err = run(4..18).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("inside a batch of 8"), "{err}");
     Ok(())
 }

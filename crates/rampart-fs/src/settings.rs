@@ -78,6 +78,18 @@ impl RunSettings {
         self
     }
 
+    /// These settings without the named ones (e.g. `--shard`, which changes where the
+    /// work runs, never its numbers).
+    pub fn without(mut self, names: &[&str]) -> Self {
+        self.values.retain(|(n, _)| !names.contains(&n.as_str()));
+        self
+    }
+
+    /// The `(name, value)` pairs, sorted by name.
+    pub fn values(&self) -> &[(String, String)] {
+        &self.values
+    }
+
     fn render(&self, state: &str) -> String {
         let mut text = format!("{}\n{state}\n", self.command);
         for (name, value) in &self.values {

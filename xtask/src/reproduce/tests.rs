@@ -264,3 +264,59 @@ fn default_jobs_fill_the_cores() {
     assert_eq!(default_jobs("cuda", None), 1);
     assert_eq!(default_jobs("cuda+tf32", Some(1)), 1);
 }
+
+/// A pgd20 run cut into shards is joined by its own command with `--merge` (on a
+/// device: it reruns the clean pass); other runs by `rampart merge`, on the host.
+#[test]
+fn pgd20_shards_are_joined_by_the_unsharded_command() {
+    let dir = Path::new("study/at/pgd50-10");
+    let mut eval = Command::new("rampart");
+    eval.args(["eval", "--suite", "pgd20", "--out"]).arg(dir);
+    let mut jobs = Jobs::default();
+    let last = add_sharded(
+        &mut jobs,
+        Sharded {
+            name: "at: PGD-50-10".into(),
+            eval,
+            dir,
+            shards: 2,
+            after: None,
+            merge: None,
+        },
+        |part| PathBuf::from(format!("at.pgd50-10{part}.log")),
+    );
+    let jobs = jobs.into_vec();
+    assert_eq!((jobs.len(), last), (3, 2));
+    let args = |j: &crate::jobs::Job| -> Vec<String> {
+        j.command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(
+        args(&jobs[1]),
+        [
+            "eval",
+            "--suite",
+            "pgd20",
+            "--out",
+            "study/at/pgd50-10/shard-1",
+            "--shard",
+            "1/2"
+        ]
+    );
+    assert_eq!(
+        args(&jobs[2]),
+        [
+            "eval",
+            "--suite",
+            "pgd20",
+            "--out",
+            "study/at/pgd50-10",
+            "--merge",
+            "study/at/pgd50-10/shard-0",
+            "study/at/pgd50-10/shard-1"
+        ]
+    );
+    assert!(jobs[2].on_device && jobs[2].after == [0, 1]);
+}
