@@ -93,7 +93,7 @@ fn train(
         Arc::new(toy(48, 1)?),
         &toy(8, 2)?,
     )?;
-    let saved = Classifier::load(&out.join(MODEL_FILE), &Device::Cpu)?;
+    let saved = Classifier::load(out.join(MODEL_FILE), &Device::Cpu)?;
     Ok(saved
         .named_vars()
         .into_iter()
