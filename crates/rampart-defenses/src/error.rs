@@ -48,8 +48,13 @@ pub enum DefenseError {
 
     /// The loss stopped being a finite number.
     #[error(
-        "training diverged: the loss is {value} at epoch {epoch}, batch {batch}; {} \
+        "training diverged: the loss is {value} at epoch {epoch}, {}; {} \
          (lower the learning rate or check the data)",
+        if .first_batch == .batch {
+            format!("batch {batch}")
+        } else {
+            format!("in batches {first_batch}–{batch}")
+        },
         match .checkpoint {
             Some(path) => format!(
                 "the last good checkpoint is {} (after epoch {})",
@@ -62,9 +67,13 @@ pub enum DefenseError {
     Diverged {
         /// Epoch (1-based).
         epoch: usize,
-        /// Batch within the epoch (1-based).
+        /// Batch within the epoch (1-based) at which it was seen.
         batch: usize,
-        /// The loss value.
+        /// The first batch of the steps whose losses were read together (on a GPU the
+        /// loss is read once per interval, see `Trainer::sync_every`); `batch` when
+        /// read every step.
+        first_batch: usize,
+        /// The loss value (the sum over those batches).
         value: f32,
         /// The checkpoint of the last finished epoch, if one was written.
         checkpoint: Option<PathBuf>,

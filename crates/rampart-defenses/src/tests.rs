@@ -713,6 +713,7 @@ fn divergence_names_the_last_good_checkpoint() -> TestResult {
                 batch: b,
                 value,
                 checkpoint,
+                ..
             } => {
                 assert_eq!((*e, *b), (epoch, batch));
                 assert!(value.is_nan());
@@ -732,5 +733,56 @@ fn divergence_names_the_last_good_checkpoint() -> TestResult {
             assert!(!ckpt.exists());
         }
     }
+    Ok(())
+}
+
+/// Reading the loss every few steps (as on a GPU) trains the same weights and counts
+/// the same accuracy; a NaN is reported with the batches read together.
+#[test]
+fn reading_the_loss_every_few_steps_changes_only_its_last_digits() -> TestResult {
+    let (train, test) = resume_data();
+    let dir = tempfile::tempdir()?;
+    let run = |folder: &str,
+               every: usize|
+     -> std::result::Result<Vec<EpochRecord>, Box<dyn std::error::Error>> {
+        let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+        Ok(Trainer::new(toy_config(2), dir.path().join(folder))?
+            .progress(Progress::Hidden)
+            .sync_every(every)
+            .run(&mut model, &Normal::new(), Arc::clone(&train), &test)?
+            .history)
+    };
+    let (each, pairs) = (run("each", 1)?, run("pairs", 2)?);
+    assert_same_weights(&dir.path().join("each"), &dir.path().join("pairs"))?;
+    for (a, b) in each.iter().zip(&pairs) {
+        assert_eq!(a.train_accuracy, b.train_accuracy);
+        assert_eq!(a.test_accuracy, b.test_accuracy);
+        assert!((a.train_loss - b.train_loss).abs() <= 1e-12 * a.train_loss.abs());
+    }
+    let method = Diverging {
+        inner: Normal::new(),
+        calls: Cell::new(0),
+        nan_at: 2,
+    };
+    let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+    let err = Trainer::new(toy_config(2), dir.path().join("nan"))?
+        .progress(Progress::Hidden)
+        .sync_every(2)
+        .run(&mut model, &method, Arc::clone(&train), &test)
+        .err()
+        .ok_or("a NaN loss did not stop training")?;
+    assert!(
+        matches!(
+            err,
+            DefenseError::Diverged {
+                epoch: 1,
+                batch: 2,
+                first_batch: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("in batches 1–2"), "{err}");
     Ok(())
 }

@@ -27,6 +27,10 @@ use rampart_fs::write_atomic;
 
 /// The checkpoint, rewritten after every epoch.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// Steps between two reads of the loss and accuracy on a GPU (on the CPU: every step,
+/// which costs nothing there): reading a device value waits for the device, so the
+/// running figures stay on it in between (see [`Trainer::sync_every`]).
+pub const SYNC_EVERY_GPU: usize = 50;
 /// One JSON [`EpochRecord`] per line, rewritten after every epoch.
 pub const HISTORY_FILE: &str = "history.jsonl";
 /// The trained model, written when the last epoch is done.
@@ -112,6 +116,7 @@ pub struct Trainer {
     progress: Progress,
     metadata: BTreeMap<String, String>,
     collective: Option<Arc<dyn Collective>>,
+    sync_every: Option<usize>,
 }
 
 impl Trainer {
@@ -125,6 +130,7 @@ impl Trainer {
             progress: Progress::Bars,
             metadata: BTreeMap::new(),
             collective: None,
+            sync_every: None,
         })
     }
 
@@ -146,6 +152,17 @@ impl Trainer {
     /// return its history without writing anything.
     pub fn parallel(mut self, collective: Arc<dyn Collective>) -> Self {
         self.collective = Some(collective);
+        self
+    }
+
+    /// Read the running loss and accuracy from the device every `steps` steps (and at
+    /// the end of an epoch) instead of every step [default: every step on the CPU,
+    /// [`SYNC_EVERY_GPU`] on a GPU]. In between, nothing in a step waits for the
+    /// device; a non-finite loss is then noticed at the next read and reported with
+    /// the batches read together. Results do not depend on it, but the last digits of
+    /// the history's `train_loss` (a sum in another order).
+    pub fn sync_every(mut self, steps: usize) -> Self {
+        self.sync_every = Some(steps.max(1));
         self
     }
 
@@ -274,11 +291,19 @@ impl Trainer {
             Progress::Hidden
         };
         let bars = Bars::new(progress_kind, cfg.epochs, history.len());
+        let sync_every = self.sync_every.unwrap_or(if model.device().is_cuda() {
+            SYNC_EVERY_GPU
+        } else {
+            1
+        });
         for epoch in history.len()..cfg.epochs {
             let mut rng = parallel::worker_rng(cfg.seed, epoch, rank);
             let started = Instant::now();
             bars.start_epoch(epoch, batches);
             let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0f64, 0usize, 0usize, 0.0);
+            // (loss sum, correct count) of the steps since the last read, on the device.
+            let mut pending: Option<Tensor> = None;
+            let mut window_start = 0;
             for (i, batch) in loader.epoch(epoch).enumerate() {
                 let batch = batch?;
                 lr = schedule.lr(progress(epoch, i, batches));
@@ -291,15 +316,17 @@ impl Trainer {
                     &batch.labels,
                     &mut rng,
                 ))?;
-                let value = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    return Err(DefenseError::Diverged {
-                        epoch: epoch + 1,
-                        batch: i + 1,
-                        value,
-                        checkpoint: ckpt_path.is_file().then(|| ckpt_path.clone()),
-                    });
-                }
+                let stats = Tensor::stack(
+                    &[
+                        out.loss.detach().to_dtype(DType::F64)?,
+                        correct_of(&out.logits, &out.labels)?,
+                    ],
+                    0,
+                )?;
+                pending = Some(match pending.take() {
+                    Some(p) => (p + stats)?,
+                    None => stats,
+                });
                 let mut grads = out.loss.backward()?;
                 if let Some(group) = group {
                     parallel::average_gradients(group, &trainable, &mut grads)?;
@@ -315,12 +342,31 @@ impl Trainer {
                         checkpoint: ckpt_path.is_file().then(|| ckpt_path.clone()),
                     });
                 }
-                loss_sum += f64::from(value);
-                correct += count_correct(&out.logits, &out.labels)?;
                 seen += out.labels.dim(0)?;
+                bars.step();
+                if (i + 1) % sync_every != 0 && i + 1 != batches {
+                    continue;
+                }
+                // The one wait for the device in `sync_every` steps.
+                let read = match pending.take() {
+                    Some(p) => p.to_vec1::<f64>()?,
+                    None => vec![0.0, 0.0],
+                };
+                if !read[0].is_finite() {
+                    return Err(DefenseError::Diverged {
+                        epoch: epoch + 1,
+                        batch: i + 1,
+                        first_batch: window_start + 1,
+                        value: read[0] as f32,
+                        checkpoint: ckpt_path.is_file().then(|| ckpt_path.clone()),
+                    });
+                }
+                loss_sum += read[0];
+                correct += read[1] as usize;
+                window_start = i + 1;
                 let rate = (batch.indices.len() * workers) as f64 * (i + 1) as f64
                     / started.elapsed().as_secs_f64();
-                bars.batch(format!(
+                bars.message(format!(
                     "loss {:.3} acc {:.1}% lr {:.4} {:.0} img/s",
                     loss_sum / (i + 1) as f64,
                     100.0 * correct as f64 / seen.max(1) as f64,
@@ -435,15 +481,14 @@ fn check_data(model: &Classifier, data: &ImageDataset, what: &str) -> Result<()>
     Ok(())
 }
 
-/// Number of rows of `logits` (M, K) whose arg-max equals `labels` (M,).
-fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
-    let hits = logits
+/// The number of rows of `logits` (M, K) whose arg-max equals `labels` (M,), as an f64
+/// scalar on the device (not read).
+fn correct_of(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    Ok(logits
         .argmax(D::Minus1)?
         .eq(labels)?
-        .to_dtype(DType::U32)?
-        .sum_all()?
-        .to_scalar::<u32>()?;
-    Ok(hits as usize)
+        .to_dtype(DType::F64)?
+        .sum_all()?)
 }
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> Result<()> {
@@ -513,9 +558,12 @@ impl Bars {
         self.batches.set_prefix(format!("epoch {}", epoch + 1));
     }
 
-    fn batch(&self, message: String) {
-        self.batches.set_message(message);
+    fn step(&self) {
         self.batches.inc(1);
+    }
+
+    fn message(&self, message: String) {
+        self.batches.set_message(message);
     }
 
     fn end_epoch(&self, r: &EpochRecord, epochs: usize) {
