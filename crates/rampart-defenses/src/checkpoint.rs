@@ -80,7 +80,7 @@ pub(crate) fn save(
             var.as_tensor().to_device(&Device::Cpu)?,
         ));
     }
-    for (name, buf) in sgd.state() {
+    for (name, buf) in sgd.state()? {
         tensors.push((
             format!("{MOMENTUM_PREFIX}{name}"),
             buf.to_device(&Device::Cpu)?,

@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DefenseError, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+mod fused;
+
+use fused::{Factors, MomentumUpdate, WeightUpdate};
+
 /// Which trainable parameters weight decay applies to. BatchNorm running statistics
 /// are never parameters of the optimiser, so they are never decayed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,43 +142,55 @@ impl Sgd {
         &self.config
     }
 
-    /// One update with learning rate `lr` from the gradients of the last backward pass.
+    /// One update with learning rate `lr` from the gradients of the last backward pass:
+    /// two in-place kernels per f32 parameter on the CPU and (built with `cuda`) on a
+    /// GPU, equal bit for bit to [`Sgd::step_reference`] (see `sgd/fused.rs`); other
+    /// parameters take the reference path.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let SgdConfig {
-            momentum: mu,
-            nesterov,
-            weight_decay,
-            ..
-        } = self.config;
+        let config = self.config;
         for p in &mut self.params {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let w = p.var.as_detached_tensor();
-            let mut g = grad.detach();
-            if p.decay && weight_decay != 0.0 {
-                g = (g + w.affine(weight_decay, 0.0)?)?;
+            if !fused_applies(p, grad) {
+                reference_update(p, grad, &config, lr)?;
+                continue;
             }
-            let direction = if mu != 0.0 {
-                p.momentum = (p.momentum.affine(mu, 0.0)? + &g)?;
-                if nesterov {
-                    (g + p.momentum.affine(mu, 0.0)?)?
-                } else {
-                    p.momentum.clone()
-                }
-            } else {
-                g
+            let f = Factors {
+                mu: config.momentum as f32,
+                decay: (p.decay && config.weight_decay != 0.0)
+                    .then_some(config.weight_decay as f32),
+                nesterov: config.nesterov,
+                lr: lr as f32,
             };
-            p.var.set(&(w - direction.affine(lr, 0.0)?)?)?;
+            let grad = grad.detach().contiguous()?;
+            let w = p.var.as_tensor();
+            if config.momentum != 0.0 {
+                p.momentum.inplace_op3(&grad, w, &MomentumUpdate(f))?;
+            }
+            w.inplace_op3(&grad, &p.momentum, &WeightUpdate(f))?;
+        }
+        Ok(())
+    }
+
+    /// [`Sgd::step`] as plain tensor operations, parameter by parameter: the reference
+    /// the fused kernels are tested against.
+    pub fn step_reference(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let config = self.config;
+        for p in &mut self.params {
+            if let Some(grad) = grads.get(p.var.as_tensor()) {
+                reference_update(p, grad, &config, lr)?;
+            }
         }
         Ok(())
     }
 
     /// The momentum buffers by parameter name, for a checkpoint.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
+    /// (Copies: the live buffers are updated in place.)
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
         self.params
             .iter()
-            .map(|p| (p.name.clone(), p.momentum.clone()))
+            .map(|p| Ok((p.name.clone(), p.momentum.copy()?)))
             .collect()
     }
 
@@ -199,10 +217,55 @@ impl Sgd {
                     p.var.dims()
                 )));
             }
-            p.momentum = buf.to_device(p.var.device())?.to_dtype(p.var.dtype())?;
+            // A copy: the buffer is updated in place, the caller's tensor must not be.
+            p.momentum = buf
+                .to_device(p.var.device())?
+                .to_dtype(p.var.dtype())?
+                .copy()?;
         }
         Ok(())
     }
+}
+
+/// One parameter's update as plain tensor operations (see [`Sgd`]).
+fn reference_update(p: &mut Param, grad: &Tensor, config: &SgdConfig, lr: f64) -> Result<()> {
+    let SgdConfig {
+        momentum: mu,
+        nesterov,
+        weight_decay,
+        ..
+    } = *config;
+    let w = p.var.as_detached_tensor();
+    let mut g = grad.detach();
+    if p.decay && weight_decay != 0.0 {
+        g = (g + w.affine(weight_decay, 0.0)?)?;
+    }
+    let direction = if mu != 0.0 {
+        p.momentum = (p.momentum.affine(mu, 0.0)? + &g)?;
+        if nesterov {
+            (g + p.momentum.affine(mu, 0.0)?)?
+        } else {
+            p.momentum.clone()
+        }
+    } else {
+        g
+    };
+    p.var.set(&(w - direction.affine(lr, 0.0)?)?)?;
+    Ok(())
+}
+
+/// Whether the fused kernels take this parameter: f32 weights, gradient and buffer of
+/// one shape, on the CPU or (built with `cuda`) a GPU.
+fn fused_applies(p: &Param, grad: &Tensor) -> bool {
+    let w = p.var.as_tensor();
+    let on = w.device().is_cpu() || (cfg!(feature = "cuda") && w.device().is_cuda());
+    on && w.is_contiguous()
+        && p.momentum.is_contiguous()
+        && [w.dtype(), grad.dtype(), p.momentum.dtype()]
+            .iter()
+            .all(|&d| d == candle_core::DType::F32)
+        && grad.shape() == w.shape()
+        && p.momentum.shape() == w.shape()
 }
 
 #[cfg(test)]
@@ -233,6 +296,87 @@ mod tests {
             ));
         }
         Ok(out)
+    }
+
+    /// The fused kernels equal the reference operations bit for bit: every momentum
+    /// kind, decay scope and weight decay, over several steps, on tensors small and
+    /// large enough for the parallel chunks.
+    #[test]
+    fn fused_step_equals_the_reference_bit_for_bit() -> TestResult {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let shapes: [&[usize]; 3] = [&[7], &[5, 3, 3, 3], &[3, 40_000]];
+        let values = |rng: &mut rand_chacha::ChaCha8Rng, n: usize| -> Vec<f32> {
+            (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+        };
+        let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        for (momentum, nesterov) in [(0.9, true), (0.9, false), (0.0, false)] {
+            for (weight_decay, decay_scope) in [
+                (5e-4, DecayScope::All),
+                (5e-4, DecayScope::WeightsOnly),
+                (0.0, DecayScope::All),
+            ] {
+                let config = SgdConfig {
+                    momentum,
+                    nesterov,
+                    weight_decay,
+                    decay_scope,
+                };
+                let start: Vec<Vec<f32>> = shapes
+                    .iter()
+                    .map(|s| values(&mut rng, s.iter().product()))
+                    .collect();
+                let vars = || -> candle_core::Result<Vec<(String, Var)>> {
+                    shapes
+                        .iter()
+                        .zip(&start)
+                        .enumerate()
+                        .map(|(i, (s, v))| {
+                            Ok((format!("p{i}"), Var::from_vec(v.clone(), *s, &Device::Cpu)?))
+                        })
+                        .collect()
+                };
+                let (fused_vars, reference_vars) = (vars()?, vars()?);
+                let mut fused = Sgd::new(fused_vars.clone(), config)?;
+                let mut reference = Sgd::new(reference_vars.clone(), config)?;
+                for step in 0..3 {
+                    let targets: Vec<Tensor> = shapes
+                        .iter()
+                        .map(|s| {
+                            Tensor::from_vec(values(&mut rng, s.iter().product()), *s, &Device::Cpu)
+                        })
+                        .collect::<candle_core::Result<_>>()?;
+                    // loss = Σ (w·t + w²/2): gradient t + w, a function of the weights.
+                    let loss = |vars: &[(String, Var)]| -> candle_core::Result<Tensor> {
+                        let mut total = Tensor::new(0f32, &Device::Cpu)?;
+                        for ((_, v), t) in vars.iter().zip(&targets) {
+                            let w = v.as_tensor();
+                            total = (total + ((w * t)? + (w.sqr()? * 0.5)?)?.sum_all()?)?;
+                        }
+                        Ok(total)
+                    };
+                    let lr = 0.1 / (step + 1) as f64;
+                    fused.step(&loss(&fused_vars)?.backward()?, lr)?;
+                    reference.step_reference(&loss(&reference_vars)?.backward()?, lr)?;
+                }
+                for ((name, a), (_, b)) in fused_vars.iter().zip(&reference_vars) {
+                    assert!(
+                        bits(a.as_tensor())? == bits(b.as_tensor())?,
+                        "{name} differs ({config:?})"
+                    );
+                }
+                for ((name, a), (_, b)) in fused.state()?.iter().zip(&reference.state()?) {
+                    assert!(bits(a)? == bits(b)?, "buffer {name} differs ({config:?})");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Momentum μ = 0.9 and weight decay λ = 0.1 on every parameter, the setting of the
@@ -343,11 +487,11 @@ mod tests {
         let mut sgd = Sgd::new(vec![("w".into(), w.clone())], SgdConfig::cifar())?;
         let loss = w.as_tensor().sum_all()?;
         sgd.step(&loss.backward()?, 0.1)?;
-        let state: HashMap<String, Tensor> = sgd.state().into_iter().collect();
+        let state: HashMap<String, Tensor> = sgd.state()?.into_iter().collect();
         let mut fresh = Sgd::new(vec![("w".into(), w.clone())], SgdConfig::cifar())?;
         fresh.load_state(&state)?;
         assert_eq!(
-            fresh.state()[0].1.flatten_all()?.to_vec1::<f32>()?,
+            fresh.state()?[0].1.flatten_all()?.to_vec1::<f32>()?,
             state["w"].flatten_all()?.to_vec1::<f32>()?
         );
         let wrong: HashMap<String, Tensor> = [(
