@@ -7,6 +7,16 @@ use criterion::{criterion_group, Criterion, Throughput};
 use rampart_defenses::{Sgd, SgdConfig};
 use rampart_models::{Classifier, ModelSpec};
 
+/// Σ (w²/2 + w) over the variables.
+fn quadratic(vars: &[(String, candle_core::Var)]) -> candle_core::Result<Tensor> {
+    let mut total = Tensor::new(0f32, &Device::Cpu)?;
+    for (_, v) in vars {
+        let w = v.as_tensor();
+        total = (total + ((w.sqr()? * 0.5)? + w)?.sum_all()?)?;
+    }
+    Ok(total)
+}
+
 fn sgd_step(c: &mut Criterion) {
     let model = match Classifier::new(ModelSpec::wrn(16, 4, 10), 0, &Device::Cpu) {
         Ok(m) => m,
@@ -15,16 +25,7 @@ fn sgd_step(c: &mut Criterion) {
     let vars = model.trainable_vars();
     let values: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     // A loss whose gradient is every weight plus 1: one backward pass gives a full store.
-    let loss = vars
-        .iter()
-        .try_fold(Tensor::new(0f32, &Device::Cpu).ok(), |acc, (_, v)| {
-            let w = v.as_tensor();
-            let term = (w.sqr().ok()? * 0.5).ok()?.sum_all().ok()?;
-            let term = (term + w.sum_all().ok()?).ok()?;
-            Some(acc.map(|a| (a + term).ok()).flatten())
-        })
-        .flatten()
-        .unwrap_or_else(|| panic!("building the loss failed"));
+    let loss = quadratic(&vars).unwrap_or_else(|e| panic!("building the loss failed: {e}"));
     let grads = match loss.backward() {
         Ok(g) => g,
         Err(e) => panic!("backward failed: {e}"),
