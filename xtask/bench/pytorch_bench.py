@@ -237,7 +237,11 @@ def main():
 
     fns = {"forward": forward, "pgd-step": pgd_step, "train-step": train_step}
     for step in args.steps.split(","):
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         s = median_seconds(fns[step], args.reps, args.warmup, sync, dev.type == "cuda")
+        # The most memory the step's tensors held at once, as `rampart bench` reports it.
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         print(json.dumps({
             "framework": "pytorch", "torch_version": torch.__version__, "step": step,
             "arch": args.arch, "variant": args.variant, "batch_size": args.batch_size, "device": args.device,
@@ -245,6 +249,7 @@ def main():
             "reps": args.reps, "threads": torch.get_num_threads(),
             "tf32_conv": dev.type == "cuda" and torch.backends.cudnn.allow_tf32,
             "tf32_matmul": dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
+            **({"peak_memory_bytes": peak} if peak is not None else {}),
         }), flush=True)
 
 

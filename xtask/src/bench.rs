@@ -53,10 +53,20 @@ fn json_lines(stdout: &[u8]) -> Vec<Value> {
 }
 
 fn images_per_second(lines: &[Value], step: &str) -> Option<f64> {
+    field(lines, step, "images_per_second")
+}
+
+/// `key` of the line of `step`, as a number.
+fn field(lines: &[Value], step: &str, key: &str) -> Option<f64> {
     lines
         .iter()
         .find(|l| l["step"] == step)
-        .and_then(|l| l["images_per_second"].as_f64())
+        .and_then(|l| l[key].as_f64())
+}
+
+/// Bytes as MiB, or `-` when not measured (the CPU).
+fn mib(bytes: Option<f64>) -> String {
+    bytes.map_or("-".to_string(), |b| format!("{:.0}", b / 1048576.0))
 }
 
 /// Runs the benchmark.
@@ -112,18 +122,30 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     print!("{}", String::from_utf8_lossy(&torch.stdout));
     let theirs = json_lines(&torch.stdout);
-    println!("\n| step | rampart images/s | pytorch images/s | ratio |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "\n| step | rampart images/s | pytorch images/s | ratio (rampart ÷ pytorch) | rampart peak MiB | pytorch peak MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for step in ["forward", "pgd-step", "train-step"] {
         if let (Some(a), Some(b)) = (
             images_per_second(&ours, step),
             images_per_second(&theirs, step),
         ) {
-            println!("| {step} | {a:.1} | {b:.1} | {:.2} |", a / b);
+            let (ma, mb) = (
+                field(&ours, step, "peak_memory_bytes"),
+                field(&theirs, step, "peak_memory_bytes"),
+            );
+            println!(
+                "| {step} | {a:.1} | {b:.1} | {:.2} | {} | {} |",
+                a / b,
+                mib(ma),
+                mib(mb)
+            );
             println!(
                 "{}",
                 serde_json::json!({"step": step, "arch": args.arch, "variant": args.variant, "batch_size": args.batch_size,
-                    "rampart_images_per_second": a, "pytorch_images_per_second": b, "ratio": a / b})
+                    "rampart_images_per_second": a, "pytorch_images_per_second": b, "ratio": a / b,
+                    "rampart_peak_memory_bytes": ma, "pytorch_peak_memory_bytes": mb})
             );
         }
     }

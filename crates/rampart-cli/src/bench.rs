@@ -106,6 +106,29 @@ pub struct BenchLine {
     pub reps: usize,
     /// Worker threads.
     pub threads: usize,
+    /// On a GPU: the most memory the step's tensors held at once (the pool's
+    /// high-water mark over warm-up and timed repetitions), in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// Starts a new high-water mark of GPU memory (nothing on the CPU).
+fn reset_peak(dev: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    rampart_models::cuda::reset_peak_memory(dev)?;
+    let _ = dev;
+    Ok(())
+}
+
+/// The GPU memory high-water mark since [`reset_peak`] (None on the CPU).
+fn peak(dev: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    return Ok(rampart_models::cuda::peak_memory(dev)?);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        Ok(None)
+    }
 }
 
 fn median_seconds(
@@ -171,6 +194,7 @@ impl BenchArgs {
         let threads = rayon::current_num_threads();
         let mut lines = Vec::new();
         for step in &self.steps {
+            reset_peak(&dev)?;
             let seconds = match step.as_str() {
                 "forward" => median_seconds(self.reps, self.warmup, &dev, || {
                     // As predictions run: the frozen view (the fused path).
@@ -228,20 +252,23 @@ impl BenchArgs {
                 images_per_second: self.batch_size as f64 / seconds,
                 reps: self.reps,
                 threads,
+                peak_memory_bytes: peak(&dev)?,
             });
         }
-        println!("| step | arch | variant | batch | device | s/batch | images/s |");
-        println!("|---|---|---|---:|---|---:|---:|");
+        println!("| step | arch | variant | batch | device | s/batch | images/s | peak MiB |");
+        println!("|---|---|---|---:|---|---:|---:|---:|");
         for l in &lines {
             println!(
-                "| {} | {} | {} | {} | {} | {:.3} | {:.1} |",
+                "| {} | {} | {} | {} | {} | {:.3} | {:.1} | {} |",
                 l.step,
                 l.arch,
                 l.variant,
                 l.batch_size,
                 l.device,
                 l.seconds_per_batch,
-                l.images_per_second
+                l.images_per_second,
+                l.peak_memory_bytes
+                    .map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0))
             );
         }
         if self.json {

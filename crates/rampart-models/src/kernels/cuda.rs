@@ -41,3 +41,64 @@ pub fn prepare(dev: &Device, tf32: bool) -> Result<()> {
     super::cudnn::set_tf32(tf32);
     Ok(())
 }
+
+/// The device's default memory pool, from which candle allocates every tensor.
+fn default_pool(dev: &Device) -> Result<Option<sys::CUmemoryPool>> {
+    let Device::Cuda(cuda) = dev else {
+        return Ok(None);
+    };
+    let stream = cuda.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: a valid device of a bound context.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(Some(pool))
+}
+
+/// The most memory `dev`'s tensors held at once since the last
+/// [`reset_peak_memory`] (the pool's high-water mark of memory in use, as PyTorch's
+/// `max_memory_allocated`; libraries' own workspaces, cuBLAS's, are not in it), in
+/// bytes; `None` on the CPU.
+pub fn peak_memory(dev: &Device) -> Result<Option<u64>> {
+    let Some(pool) = default_pool(dev)? else {
+        return Ok(None);
+    };
+    dev.synchronize()?;
+    let mut bytes = 0u64;
+    // SAFETY: the attribute is a u64 (cuuint64_t).
+    unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut bytes as *mut u64).cast(),
+        )
+        .result()
+        .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(Some(bytes))
+}
+
+/// Starts a new high-water mark for [`peak_memory`] (a no-op on the CPU).
+pub fn reset_peak_memory(dev: &Device) -> Result<()> {
+    let Some(pool) = default_pool(dev)? else {
+        return Ok(());
+    };
+    dev.synchronize()?;
+    let mut zero = 0u64;
+    // SAFETY: the attribute is a u64 and may only be set to zero.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut zero as *mut u64).cast(),
+        )
+        .result()
+        .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(())
+}
