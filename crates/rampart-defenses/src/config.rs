@@ -73,6 +73,28 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// A short run on tiny images, for tests and examples: `epochs` epochs of batch 16
+    /// at lr 0.05 (cosine, no warm-up), the CIFAR SGD recipe, crop padding 1, flips and
+    /// cutout 2, seed 7, evaluation in batches of 32, no averaging.
+    pub fn tiny(epochs: usize) -> Self {
+        Self {
+            epochs,
+            batch_size: 16,
+            lr: 0.05,
+            schedule: ScheduleKind::Cosine,
+            warmup_epochs: 0.0,
+            sgd: SgdConfig::cifar(),
+            augmentation: AugmentationConfig {
+                crop_padding: 1,
+                flip: true,
+                cutout: Some(2),
+            },
+            seed: 7,
+            eval_batch_size: 32,
+            ema: None,
+        }
+    }
+
     /// Checks every field.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {

@@ -41,10 +41,16 @@ pub use tcp::TcpGroup;
 /// The collective operations data-parallel training needs. Every worker must call
 /// the same operations in the same order with tensors of the same shape.
 pub trait Collective: Send + Sync + fmt::Debug {
+    /// This worker's rank, in `0..workers`, and the number of workers.
+    fn place(&self) -> (usize, usize);
     /// This worker's rank, in `0..workers()`.
-    fn rank(&self) -> usize;
+    fn rank(&self) -> usize {
+        self.place().0
+    }
     /// The number of workers.
-    fn workers(&self) -> usize;
+    fn workers(&self) -> usize {
+        self.place().1
+    }
     /// What carries the numbers (`tcp`, `nccl`), for logs and records.
     fn backend(&self) -> &'static str;
     /// The element-wise sum over the workers of a one-dimensional f32 or f64 tensor,

@@ -14,7 +14,7 @@ use crate::error::{DefenseError, Result};
 mod cuda;
 mod fused;
 
-use fused::{Factors, MomentumUpdate, WeightUpdate};
+use fused::{Factors, Kernel, SgdUpdate};
 
 /// Which trainable parameters weight decay applies to. BatchNorm running statistics
 /// are never parameters of the optimiser, so they are never decayed.
@@ -166,9 +166,10 @@ impl Sgd {
             let grad = grad.detach().contiguous()?;
             let w = p.var.as_tensor();
             if config.momentum != 0.0 {
-                p.momentum.inplace_op3(&grad, w, &MomentumUpdate(f))?;
+                p.momentum
+                    .inplace_op3(&grad, w, &SgdUpdate(Kernel::Momentum, f))?;
             }
-            w.inplace_op3(&grad, &p.momentum, &WeightUpdate(f))?;
+            w.inplace_op3(&grad, &p.momentum, &SgdUpdate(Kernel::Weight, f))?;
         }
         Ok(())
     }

@@ -46,22 +46,7 @@ pub(crate) fn toy_spec() -> ModelSpec {
 }
 
 pub(crate) fn toy_config(epochs: usize) -> TrainConfig {
-    TrainConfig {
-        epochs,
-        batch_size: 16,
-        lr: 0.05,
-        schedule: ScheduleKind::Cosine,
-        warmup_epochs: 0.0,
-        sgd: SgdConfig::cifar(),
-        augmentation: AugmentationConfig {
-            crop_padding: 1,
-            flip: true,
-            cutout: Some(2),
-        },
-        seed: 7,
-        eval_batch_size: 32,
-        ema: None,
-    }
+    TrainConfig::tiny(epochs)
 }
 
 /// A method that fails on its `fail_at`-th call, like a killed process.

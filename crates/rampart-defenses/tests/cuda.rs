@@ -13,17 +13,11 @@ use rampart_defenses::{DecayScope, Sgd, SgdConfig};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-/// Deterministic values in [−1, 1) (a 64-bit LCG).
+/// Seeded values in [−1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32) / ((1u64 << 23) as f32) - 1.0
-        })
-        .collect()
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
 }
 
 const SHAPES: [&[usize]; 3] = [&[7], &[16, 3, 3, 3], &[3, 50_000]];

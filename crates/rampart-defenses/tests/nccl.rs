@@ -13,9 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::CudaContext;
 use candle_core::{Device, Tensor};
 use rampart_data::ImageDataset;
 use rampart_defenses::parallel::{Collective, NcclGroup};
-use rampart_defenses::{
-    AugmentationConfig, Normal, Progress, ScheduleKind, SgdConfig, TrainConfig, Trainer, MODEL_FILE,
-};
+use rampart_defenses::{Normal, Progress, TrainConfig, Trainer, MODEL_FILE};
 use rampart_models::{Arch, Classifier, ModelSpec};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -34,36 +32,14 @@ fn toy(n: usize, salt: usize) -> Result<ImageDataset, Box<dyn std::error::Error>
     Ok(ImageDataset::new(images, labels, (3, 8, 8), names)?)
 }
 
+/// WRN-10-1 for 3×8×8 images of two classes.
 fn spec() -> ModelSpec {
-    ModelSpec {
-        input_shape: [3, 8, 8],
-        ..ModelSpec::cifar(
-            Arch::Wrn {
-                depth: 10,
-                widen: 1,
-            },
-            2,
-        )
-    }
-}
-
-fn config() -> TrainConfig {
-    TrainConfig {
-        epochs: 2,
-        batch_size: 16,
-        lr: 0.05,
-        schedule: ScheduleKind::Cosine,
-        warmup_epochs: 0.0,
-        sgd: SgdConfig::cifar(),
-        augmentation: AugmentationConfig {
-            crop_padding: 1,
-            flip: true,
-            cutout: Some(2),
-        },
-        seed: 7,
-        eval_batch_size: 32,
-        ema: None,
-    }
+    let wrn = Arch::Wrn {
+        depth: 10,
+        widen: 1,
+    };
+    let (mean, std) = (rampart_models::CIFAR10_MEAN, rampart_models::CIFAR10_STD);
+    ModelSpec::for_input(wrn, 2, [3, 8, 8], &mean, &std)
 }
 
 fn gpu(ordinal: usize) -> Device {
@@ -83,7 +59,7 @@ fn train(
     group: Option<Arc<dyn Collective>>,
 ) -> Result<Weights, Box<dyn std::error::Error>> {
     let mut model = Classifier::new(spec(), 5, dev)?;
-    let mut trainer = Trainer::new(config(), out)?.progress(Progress::Hidden);
+    let mut trainer = Trainer::new(TrainConfig::tiny(2), out)?.progress(Progress::Hidden);
     if let Some(group) = group {
         trainer = trainer.parallel(group);
     }

@@ -800,31 +800,10 @@ fn a_stochastic_model_over_noise_draws() -> TestResult {
 #[test]
 fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
     let (dir, model, ds) = mlp_in_temp_dir(20)?;
-    let pgd = rampart_attacks::Pgd {
-        steps: 3,
-        ..rampart_attacks::Pgd::linf_pgd20()
-    };
-    let clean = vec![true; 20];
-    let attacks = objective_variants("pgd3", &pgd, &WORST_CASE_OBJECTIVES);
     let key = fingerprint(&model, &ds, 18, 8, "settings", &Device::Cpu)?;
     assert_ne!(key, fingerprint(&model, &ds, 18, 8, "other", &Device::Cpu)?);
     let journal = BatchJournal::new(dir.path().join("wc"), key.clone());
-    let worst = |j: Option<&BatchJournal>| {
-        worst_case(
-            &model,
-            rampart_attacks::Bounds::UNIT,
-            &ds,
-            0..18,
-            &attacks,
-            8.0 / 255.0,
-            &clean,
-            8,
-            3,
-            &Device::Cpu,
-            true,
-            j,
-        )
-    };
+    let worst = |j: Option<&BatchJournal>| pgd3_worst_case(&model, &ds, 0..18, true, j);
     let plain = worst(None)?;
     worst(Some(&journal))?;
     // Killed after the second batch: the third batch's files are gone.
@@ -849,6 +828,7 @@ fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
     mark(journal.dir(), "/record/seconds/0", 1e9.into())?;
     let resumed = worst(Some(&journal))?;
     assert!(resumed.seconds[0] >= 1e9, "batch 0 was attacked again");
+    let clean = vec![true; ds.len()];
     let record = |w: &WorstCase| w.record(8.0 / 255.0, ds.labels(), &clean);
     assert_eq!(record(&resumed), record(&plain));
     assert_eq!(resumed.logits, plain.logits);
@@ -866,6 +846,10 @@ fn journaled_loops_resume_to_the_uninterrupted_outcomes() -> TestResult {
 
     let single = BatchJournal::new(dir.path().join("single"), key);
     let eps = TWO_EPS;
+    let pgd = rampart_attacks::Pgd {
+        steps: 3,
+        ..rampart_attacks::Pgd::linf_pgd20()
+    };
     let run = |j: Option<&BatchJournal>| pgd_at_two_eps(&model, &ds, &pgd, j);
     let plain = run(None)?;
     run(Some(&single))?;
@@ -1031,38 +1015,48 @@ fn shards_that_cannot_be_exact_are_refused() -> TestResult {
     Ok(())
 }
 
+/// The worst case of PGD-3 under every objective (ε = 8/255, batches of 8, seed 3) over
+/// `rows` of `ds`, every image counted clean-correct.
+fn pgd3_worst_case(
+    model: &dyn candle_core::ModuleT,
+    ds: &ImageDataset,
+    rows: std::ops::Range<usize>,
+    keep_adversarial: bool,
+    journal: Option<&BatchJournal>,
+) -> crate::Result<WorstCase> {
+    let pgd = rampart_attacks::Pgd {
+        steps: 3,
+        ..rampart_attacks::Pgd::linf_pgd20()
+    };
+    let attacks = objective_variants("pgd3", &pgd, &WORST_CASE_OBJECTIVES);
+    let clean = vec![true; ds.len()];
+    worst_case(
+        model,
+        rampart_attacks::Bounds::UNIT,
+        ds,
+        rows,
+        &attacks,
+        8.0 / 255.0,
+        &clean,
+        8,
+        3,
+        &Device::Cpu,
+        keep_adversarial,
+        journal,
+    )
+}
+
 /// A shard's rows (whole batches) give the whole run's outcomes for those rows: the
 /// seeds and journal batches are counted from image 0. A start inside a batch is refused.
 #[test]
 fn worst_case_over_shards_of_rows_equals_the_whole() -> TestResult {
     let (_dir, model, ds) = mlp_in_temp_dir(20)?;
-    let pgd = rampart_attacks::Pgd {
-        steps: 3,
-        ..rampart_attacks::Pgd::linf_pgd20()
-    };
-    let clean = vec![true; 20];
-    let attacks = objective_variants("pgd3", &pgd, &WORST_CASE_OBJECTIVES);
-    let run = |rows: std::ops::Range<usize>| {
-        worst_case(
-            &model,
-            rampart_attacks::Bounds::UNIT,
-            &ds,
-            rows,
-            &attacks,
-            8.0 / 255.0,
-            &clean,
-            8,
-            3,
-            &Device::Cpu,
-            false,
-            None,
-        )
-    };
+    let run = |rows: std::ops::Range<usize>| pgd3_worst_case(&model, &ds, rows, false, None);
     let whole = run(0..18)?;
     let (a, b) = (run(0..8)?, run(8..18)?);
     let join = |x: &[bool], y: &[bool]| [x, y].concat();
     assert_eq!(whole.robust, join(&a.robust, &b.robust));
-    for k in 0..attacks.len() {
+    for k in 0..whole.attacks.len() {
         assert_eq!(whole.fooled[k], join(&a.fooled[k], &b.fooled[k]));
         assert_eq!(
             whole.logits[k],

@@ -17,7 +17,7 @@ use candle_onnx::onnx::{
 };
 use prost::Message;
 use rampart_data::DatasetKind;
-use rampart_defenses::{AugmentationConfig, CheckpointMeta, ScheduleKind, SgdConfig, TrainConfig};
+use rampart_defenses::{CheckpointMeta, TrainConfig};
 use rampart_fuzz::{join_two, stored_tar_gz};
 use rampart_models::{Arch, Classifier, ModelSpec};
 
@@ -292,20 +292,8 @@ fn checkpoint_meta(model: &Classifier) -> CheckpointMeta {
         format: 1,
         epochs_done: 0,
         config: TrainConfig {
-            epochs: 2,
-            batch_size: 16,
-            lr: 0.05,
-            schedule: ScheduleKind::Cosine,
-            warmup_epochs: 0.0,
-            sgd: SgdConfig::cifar(),
-            augmentation: AugmentationConfig {
-                crop_padding: 1,
-                flip: true,
-                cutout: Some(2),
-            },
-            seed: 7,
-            eval_batch_size: 32,
             ema: Some(0.999),
+            ..TrainConfig::tiny(2)
         },
         method: "normal".into(),
         method_settings: serde_json::json!({ "label_smoothing": 0.0 }),

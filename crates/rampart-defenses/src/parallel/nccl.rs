@@ -109,12 +109,8 @@ impl NcclGroup {
 }
 
 impl Collective for NcclGroup {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn workers(&self) -> usize {
-        self.workers
+    fn place(&self) -> (usize, usize) {
+        (self.rank, self.workers)
     }
 
     fn backend(&self) -> &'static str {

@@ -177,16 +177,12 @@ impl TcpGroup {
 }
 
 impl Collective for TcpGroup {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn workers(&self) -> usize {
-        self.workers
-    }
-
     fn backend(&self) -> &'static str {
         "tcp"
+    }
+
+    fn place(&self) -> (usize, usize) {
+        (self.rank, self.workers)
     }
 
     fn all_reduce_sum(&self, values: &Tensor) -> Result<Tensor> {
@@ -217,60 +213,60 @@ fn encode(values: &Tensor) -> Result<(Vec<u8>, DType)> {
             values.shape()
         )));
     }
-    Ok(match values.dtype() {
-        DType::F32 => (
-            values
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::F32,
-        ),
-        DType::F64 => (
-            values
-                .to_vec1::<f64>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::F64,
-        ),
+    let bytes: Vec<u8> = match values.dtype() {
+        DType::F32 => values
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F64 => values
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         other => return Err(fail(format!("collectives take f32 or f64, got {other:?}"))),
-    })
+    };
+    Ok((bytes, values.dtype()))
 }
 
 fn decode(bytes: &[u8], dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
     match dtype {
-        DType::F64 => {
-            let v: Vec<f64> = bytes
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()))
-                .collect();
-            Tensor::new(v.as_slice(), device)
-        }
-        _ => {
-            let v: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
-                .collect();
-            Tensor::new(v.as_slice(), device)
-        }
+        DType::F64 => Tensor::new(le_values(bytes, f64::from_le_bytes).as_slice(), device),
+        _ => Tensor::new(le_values(bytes, f32::from_le_bytes).as_slice(), device),
     }
+}
+
+/// The little-endian values of `N` bytes each in `bytes`.
+fn le_values<const N: usize, T>(bytes: &[u8], from: impl Fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| from(c.try_into().unwrap_or([0; N])))
+        .collect()
 }
 
 /// `acc += theirs`, element-wise, in `dtype`.
 fn add_into(acc: &mut [u8], theirs: &[u8], dtype: DType) {
+    fn add<const N: usize>(
+        acc: &mut [u8],
+        theirs: &[u8],
+        sum: impl Fn([u8; N], [u8; N]) -> [u8; N],
+    ) {
+        for (a, b) in acc.chunks_exact_mut(N).zip(theirs.chunks_exact(N)) {
+            let s = sum(
+                a.try_into().unwrap_or([0; N]),
+                b.try_into().unwrap_or([0; N]),
+            );
+            a.copy_from_slice(&s);
+        }
+    }
     if dtype == DType::F64 {
-        for (a, b) in acc.chunks_exact_mut(8).zip(theirs.chunks_exact(8)) {
-            let sum = f64::from_le_bytes(a.try_into().unwrap_or_default())
-                + f64::from_le_bytes(b.try_into().unwrap_or_default());
-            a.copy_from_slice(&sum.to_le_bytes());
-        }
+        add(acc, theirs, |a, b| {
+            (f64::from_le_bytes(a) + f64::from_le_bytes(b)).to_le_bytes()
+        });
     } else {
-        for (a, b) in acc.chunks_exact_mut(4).zip(theirs.chunks_exact(4)) {
-            let sum = f32::from_le_bytes(a.try_into().unwrap_or_default())
-                + f32::from_le_bytes(b.try_into().unwrap_or_default());
-            a.copy_from_slice(&sum.to_le_bytes());
-        }
+        add(acc, theirs, |a, b| {
+            (f32::from_le_bytes(a) + f32::from_le_bytes(b)).to_le_bytes()
+        });
     }
 }
 

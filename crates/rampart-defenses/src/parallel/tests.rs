@@ -204,23 +204,29 @@ fn values(model: &Classifier) -> Result<Vec<(String, Vec<f32>)>> {
         .collect()
 }
 
-fn train_as_worker(
-    group: Arc<TcpGroup>,
+/// Trains the toy model (seed 5) for `epochs` into `out` with `method`, as a worker of
+/// `group` if given, resuming `out`'s checkpoint if asked; its weights and outcome.
+fn train_toy(
+    group: Option<Arc<TcpGroup>>,
     out: &Path,
     epochs: usize,
     method: &dyn crate::TrainingMethod,
-) -> Result<(Named, Vec<crate::EpochRecord>)> {
+    resume: bool,
+) -> Result<(Named, crate::TrainOutcome)> {
     let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
-    let outcome = Trainer::new(toy_config(epochs), out)?
+    let mut trainer = Trainer::new(toy_config(epochs), out)?
         .progress(crate::Progress::Hidden)
-        .parallel(group)
-        .run(
-            &mut model,
-            method,
-            Arc::new(toy_dataset(48, 1)),
-            &toy_dataset(8, 2),
-        )?;
-    Ok((values(&model)?, outcome.history))
+        .resume(resume);
+    if let Some(group) = group {
+        trainer = trainer.parallel(group);
+    }
+    let outcome = trainer.run(
+        &mut model,
+        method,
+        Arc::new(toy_dataset(48, 1)),
+        &toy_dataset(8, 2),
+    )?;
+    Ok((values(&model)?, outcome))
 }
 
 /// Two workers end with the same weights, and worker 0 alone writes.
@@ -230,7 +236,7 @@ fn two_workers_stay_identical_and_worker_0_alone_writes() -> TestResult {
     let (first, second) = (dir.path().join("worker0"), dir.path().join("worker1"));
     let out = all_ok(on_workers(2, |g| {
         let out = if g.rank() == 0 { &first } else { &second };
-        train_as_worker(g, out, 2, &Normal::new())
+        train_toy(Some(g), out, 2, &Normal::new(), false)
     })?)?;
     assert_eq!(out[0].0, out[1].0, "the workers' weights drifted apart");
     assert!(!second.exists(), "worker 1 wrote files");
@@ -256,19 +262,10 @@ fn a_checkpoint_of_two_workers_resumes_in_one_process() -> TestResult {
             calls: std::cell::Cell::new(0),
             fail_at: 3 * 2 + 1, // the first step of epoch 3
         };
-        train_as_worker(g, dir.path(), 3, &crashing)
+        train_toy(Some(g), dir.path(), 3, &crashing, false)
     })?;
     assert!(out.iter().all(|r| r.is_err()));
-    let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
-    let resumed = Trainer::new(toy_config(3), dir.path())?
-        .progress(crate::Progress::Hidden)
-        .resume(true)
-        .run(
-            &mut model,
-            &Normal::new(),
-            Arc::new(toy_dataset(48, 1)),
-            &toy_dataset(8, 2),
-        )?;
+    let (_, resumed) = train_toy(None, dir.path(), 3, &Normal::new(), true)?;
     assert_eq!(resumed.resumed_at, Some(2));
     assert_eq!(resumed.history.len(), 3);
     assert_eq!(resumed.history[1].workers, Some(2));
@@ -282,17 +279,9 @@ fn a_checkpoint_of_two_workers_resumes_in_one_process() -> TestResult {
 fn one_worker_trains_exactly_like_a_single_process() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (plain, grouped) = (dir.path().join("plain"), dir.path().join("grouped"));
-    let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
-    Trainer::new(toy_config(2), &plain)?
-        .progress(crate::Progress::Hidden)
-        .run(
-            &mut model,
-            &Normal::new(),
-            Arc::new(toy_dataset(48, 1)),
-            &toy_dataset(8, 2),
-        )?;
+    train_toy(None, &plain, 2, &Normal::new(), false)?;
     all_ok(on_workers(1, |g| {
-        train_as_worker(g, &grouped, 2, &Normal::new())
+        train_toy(Some(g), &grouped, 2, &Normal::new(), false)
     })?)?;
     assert_same_weights(&plain, &grouped)
 }
@@ -301,16 +290,9 @@ fn one_worker_trains_exactly_like_a_single_process() -> TestResult {
 fn a_method_with_learnt_state_is_refused_with_several_workers() -> TestResult {
     let dir = tempfile::tempdir()?;
     let out = on_workers(2, |g| {
-        let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
-        Trainer::new(toy_config(1), dir.path().join(g.rank().to_string()))?
-            .progress(crate::Progress::Hidden)
-            .parallel(g)
-            .run(
-                &mut model,
-                &ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?,
-                Arc::new(toy_dataset(48, 1)),
-                &toy_dataset(8, 2),
-            )
+        let out = dir.path().join(g.rank().to_string());
+        let adals = ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?;
+        train_toy(Some(g), &out, 1, &adals, false)
     })?;
     for r in out {
         let err = r.err().map(|e| e.to_string()).unwrap_or_default();

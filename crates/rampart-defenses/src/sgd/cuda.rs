@@ -10,7 +10,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::{CudaStorage, Layout, Result};
 
-use super::fused::Factors;
+use super::fused::{Factors, Kernel};
 
 const MODULE: &str = "rampart_sgd";
 
@@ -39,15 +39,6 @@ extern "C" __global__ void sgd_weight(float* w, const float* g, const float* b,
     w[i] = __fsub_rn(wi, __fadd_rn(__fmul_rn(d, lr), 0.0f));
 }
 "#;
-
-/// Which of the two kernels.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Kernel {
-    /// `b ← (b·μ + 0) + g'` in place on the momentum buffer; sources g, w.
-    Momentum,
-    /// `w ← w − (d·lr + 0)` in place on the weights; sources g, b.
-    Weight,
-}
 
 /// The PTX of [`SOURCE`], compiled on first use.
 fn ptx() -> Result<&'static str> {

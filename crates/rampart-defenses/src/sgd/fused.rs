@@ -1,6 +1,7 @@
-//! SGD's update as two in-place operations per parameter instead of about seven tensor
-//! operations and a copy: [`MomentumUpdate`] writes the momentum buffer, then
-//! [`WeightUpdate`] the weights. Each has a CPU and (feature `cuda`) a CUDA kernel;
+//! SGD's update as two in-place operations per parameter instead of nine tensor
+//! operations (with Nesterov momentum and weight decay): [`SgdUpdate`] with
+//! [`Kernel::Momentum`] writes the momentum buffer, then with [`Kernel::Weight`] the
+//! weights. Each has a CPU and (feature `cuda`) a CUDA kernel;
 //! both do the reference path's float operations in its order, never fused into an
 //! FMA, so the result is the reference's bit for bit:
 //!
@@ -111,75 +112,53 @@ fn update(
     Ok(())
 }
 
-/// In place on the momentum buffer b, from the gradient g and the weights w:
-/// `b ← (b·μ + 0) + g'`.
-pub(crate) struct MomentumUpdate(pub Factors);
-
-/// In place on the weights w, from the gradient g and the momentum buffer b already
-/// updated: `w ← w − (d·lr + 0)`.
-pub(crate) struct WeightUpdate(pub Factors);
-
-impl InplaceOp3 for MomentumUpdate {
-    fn name(&self) -> &'static str {
-        "sgd-momentum"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<()> {
-        let f = self.0;
-        let b = values_mut(dst, dst_l, "momentum buffer")?;
-        let (g, w) = (values(g, gl, "gradient")?, values(w, wl, "weight")?);
-        update(b, g, w, |b, g, w| f.momentum(b, g, w))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dst_l: &Layout,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        super::cuda::launch(
-            super::cuda::Kernel::Momentum,
-            self.0,
-            dst,
-            dst_l,
-            [(s1, l1), (s2, l2)],
-        )
-    }
+/// Which of the two in-place updates.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kernel {
+    /// `b ← (b·μ + 0) + g'` in place on the momentum buffer b; sources g and w.
+    Momentum,
+    /// `w ← w − (d·lr + 0)` in place on the weights w; sources g and the momentum
+    /// buffer b already updated.
+    Weight,
 }
 
-impl InplaceOp3 for WeightUpdate {
+/// One of the two updates with the factors of a step, as an in-place candle op on its
+/// destination with its two sources.
+pub(crate) struct SgdUpdate(pub Kernel, pub Factors);
+
+impl InplaceOp3 for SgdUpdate {
     fn name(&self) -> &'static str {
-        "sgd-weight"
+        match self.0 {
+            Kernel::Momentum => "sgd-momentum",
+            Kernel::Weight => "sgd-weight",
+        }
     }
 
     fn cpu_fwd(
         &self,
         dst: &mut CpuStorage,
         dst_l: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> Result<()> {
-        let f = self.0;
-        let w = values_mut(dst, dst_l, "weight")?;
-        let (g, b) = (
-            values(g, gl, "gradient")?,
-            values(b, bl, "momentum buffer")?,
-        );
-        update(w, g, b, |w, g, b| f.weight(w, g, b))
+        let f = self.1;
+        let g = values(s1, l1, "gradient")?;
+        match self.0 {
+            Kernel::Momentum => {
+                let b = values_mut(dst, dst_l, "momentum buffer")?;
+                update(b, g, values(s2, l2, "weight")?, |b, g, w| {
+                    f.momentum(b, g, w)
+                })
+            }
+            Kernel::Weight => {
+                let w = values_mut(dst, dst_l, "weight")?;
+                update(w, g, values(s2, l2, "momentum buffer")?, |w, g, b| {
+                    f.weight(w, g, b)
+                })
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -192,12 +171,6 @@ impl InplaceOp3 for WeightUpdate {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        super::cuda::launch(
-            super::cuda::Kernel::Weight,
-            self.0,
-            dst,
-            dst_l,
-            [(s1, l1), (s2, l2)],
-        )
+        super::cuda::launch(self.0, self.1, dst, dst_l, [(s1, l1), (s2, l2)])
     }
 }

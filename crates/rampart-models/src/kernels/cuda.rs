@@ -15,19 +15,12 @@ use candle_core::{Device, Result};
 /// products may use TF32 tensor cores (`tf32`; see `docs/performance.md`). A no-op on
 /// the CPU.
 pub fn prepare(dev: &Device, tf32: bool) -> Result<()> {
-    let Device::Cuda(cuda) = dev else {
+    let Some(pool) = default_pool(dev)? else {
         return Ok(());
     };
-    let stream = cuda.cuda_stream();
-    let ctx = stream.context();
-    ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
-    let mut pool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
-    // SAFETY: a valid device of a bound context; the attribute takes a u64.
+    // SAFETY: a valid pool; the attribute takes a u64.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .map_err(candle_core::Error::wrap)?;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -65,40 +58,32 @@ fn default_pool(dev: &Device) -> Result<Option<sys::CUmemoryPool>> {
 /// `max_memory_allocated`; libraries' own workspaces, cuBLAS's, are not in it), in
 /// bytes; `None` on the CPU.
 pub fn peak_memory(dev: &Device) -> Result<Option<u64>> {
-    let Some(pool) = default_pool(dev)? else {
-        return Ok(None);
-    };
-    dev.synchronize()?;
-    let mut bytes = 0u64;
-    // SAFETY: the attribute is a u64 (cuuint64_t).
-    unsafe {
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut bytes as *mut u64).cast(),
-        )
-        .result()
-        .map_err(candle_core::Error::wrap)?;
-    }
-    Ok(Some(bytes))
+    used_memory_high(dev, None)
 }
 
 /// Starts a new high-water mark for [`peak_memory`] (a no-op on the CPU).
 pub fn reset_peak_memory(dev: &Device) -> Result<()> {
+    used_memory_high(dev, Some(0)).map(|_| ())
+}
+
+/// Reads the pool's high-water mark of memory in use, or sets it (to zero: the only
+/// value the driver accepts), after the device's queued work.
+fn used_memory_high(dev: &Device, set: Option<u64>) -> Result<Option<u64>> {
     let Some(pool) = default_pool(dev)? else {
-        return Ok(());
+        return Ok(None);
     };
     dev.synchronize()?;
-    let mut zero = 0u64;
-    // SAFETY: the attribute is a u64 and may only be set to zero.
+    let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    let mut bytes = set.unwrap_or(0);
+    let value = (&mut bytes as *mut u64).cast();
+    // SAFETY: the attribute is a u64 (cuuint64_t) of a valid pool.
     unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut zero as *mut u64).cast(),
-        )
+        match set {
+            Some(_) => sys::cuMemPoolSetAttribute(pool, attribute, value),
+            None => sys::cuMemPoolGetAttribute(pool, attribute, value),
+        }
         .result()
         .map_err(candle_core::Error::wrap)?;
     }
-    Ok(())
+    Ok(Some(bytes))
 }
