@@ -97,6 +97,9 @@ struct Param {
 pub struct Sgd {
     params: Vec<Param>,
     config: SgdConfig,
+    /// Whether the fused kernels run on the parameters' device; checked at the first
+    /// step (on a GPU: their NVRTC compilation and loading).
+    fused: Option<bool>,
 }
 
 impl std::fmt::Debug for Sgd {
@@ -134,7 +137,11 @@ impl Sgd {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { params, config })
+        Ok(Self {
+            params,
+            config,
+            fused: None,
+        })
     }
 
     /// The configuration.
@@ -145,14 +152,20 @@ impl Sgd {
     /// One update with learning rate `lr` from the gradients of the last backward pass:
     /// two in-place kernels per f32 parameter on the CPU and (built with `cuda`) on a
     /// GPU, equal bit for bit to [`Sgd::step_reference`] (see `sgd/fused.rs`); other
-    /// parameters take the reference path.
+    /// parameters take the reference path, and so does every parameter when the GPU
+    /// kernels cannot be compiled or loaded (logged once).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let config = self.config;
+        let fused = *self.fused.get_or_insert_with(|| {
+            self.params
+                .first()
+                .is_none_or(|p| fused_ready(p.var.device()))
+        });
         for p in &mut self.params {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            if !fused_applies(p, grad) {
+            if !fused || !fused_applies(p, grad) {
                 reference_update(p, grad, &config, lr)?;
                 continue;
             }
@@ -253,6 +266,21 @@ fn reference_update(p: &mut Param, grad: &Tensor, config: &SgdConfig, lr: f64) -
     };
     p.var.set(&(w - direction.affine(lr, 0.0)?)?)?;
     Ok(())
+}
+
+/// Whether the fused kernels can run on `device`: always on the CPU; on a GPU when
+/// their kernels compile and load (otherwise a warning says the reference operations
+/// run instead).
+fn fused_ready(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Err(e) = cuda::ready(device) {
+        tracing::warn!(
+            "the fused SGD kernels are unavailable ({e}); SGD runs as plain tensor operations"
+        );
+        return false;
+    }
+    let _ = device;
+    true
 }
 
 /// Whether the fused kernels take this parameter: f32 weights, gradient and buffer of

@@ -59,6 +59,17 @@ fn contiguous(l: &Layout, n: usize, what: &str) -> Result<usize> {
     }
 }
 
+/// Compiles and loads both kernels on `dev` (nothing on the CPU), so that a GPU whose
+/// driver cannot take them is known before the first update.
+pub(crate) fn ready(dev: &candle_core::Device) -> Result<()> {
+    if let candle_core::Device::Cuda(cuda) = dev {
+        for name in ["sgd_momentum", "sgd_weight"] {
+            cuda.get_or_load_custom_func(name, MODULE, ptx()?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Launches `kernel` in place on `dst` from the two sources (see [`Kernel`]).
 pub(crate) fn launch(
     kernel: Kernel,
