@@ -26,6 +26,37 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     }
 }
 
+/// The same safetensors bytes with the header's keys in sorted order. The format
+/// crate writes the metadata in a hash map's order, which changes from run to run, so
+/// equal models would give files of different digests (`model.json`'s SHA-256);
+/// sorted, equal models give equal bytes. The header keeps its length (the same
+/// entries, serialised alike), so every data offset stays valid.
+fn with_sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let broken = |message: String| ModelError::Format {
+        path: PathBuf::from("<memory>"),
+        message,
+    };
+    let len = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+        .filter(|&n| bytes.len() >= 8 + n)
+        .ok_or_else(|| broken("serialised model without a header".into()))?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len])
+        .map_err(|e| broken(format!("unreadable header: {e}")))?;
+    // serde_json's maps are sorted by key.
+    let mut sorted =
+        serde_json::to_vec(&header).map_err(|e| broken(format!("cannot write the header: {e}")))?;
+    if sorted.len() > len {
+        return Err(broken(
+            "the sorted header is longer than the written one".into(),
+        ));
+    }
+    sorted.resize(len, b' ');
+    bytes[8..8 + len].copy_from_slice(&sorted);
+    Ok(bytes)
+}
+
 impl Classifier {
     /// Serialises the model (weights, statistics, spec and metadata) to safetensors bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -48,11 +79,13 @@ impl Classifier {
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
-        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-            .map_err(|e| ModelError::Format {
-                path: PathBuf::from("<memory>"),
-                message: e.to_string(),
-            })
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+                .map_err(|e| ModelError::Format {
+                    path: PathBuf::from("<memory>"),
+                    message: e.to_string(),
+                })?;
+        with_sorted_header(bytes)
     }
 
     /// Saves the model to `path` atomically.

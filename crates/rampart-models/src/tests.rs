@@ -198,6 +198,33 @@ fn save_load_round_trip_preserves_outputs_and_metadata() {
     assert!(!dir.path().join("m.safetensors.tmp").exists());
 }
 
+/// Equal models give equal files, whatever order their metadata was set in: the
+/// header's keys are sorted (its digest identifies the model in a study's records).
+#[test]
+fn equal_models_save_to_equal_bytes() {
+    let keys: Vec<String> = (0..12).map(|i| format!("key-{i:02}")).collect();
+    let model = |order: &[String]| {
+        let mut m = Classifier::new(ModelSpec::wrn(10, 1, 10), 3, &Device::Cpu).unwrap();
+        for k in order {
+            m.set_metadata(k.clone(), format!("value of {k}")).unwrap();
+        }
+        m
+    };
+    let reversed: Vec<String> = keys.iter().rev().cloned().collect();
+    let (a, b) = (model(&keys), model(&reversed));
+    let bytes = a.to_bytes().unwrap();
+    assert!(bytes == b.to_bytes().unwrap() && bytes == a.to_bytes().unwrap());
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + len]).unwrap();
+    let at = |k: &str| header.find(&format!("\"{k}\"")).unwrap();
+    assert!(keys.windows(2).all(|w| at(&w[0]) < at(&w[1])), "{header}");
+    let loaded = Classifier::from_bytes(&bytes, std::path::Path::new("m"), &Device::Cpu).unwrap();
+    assert_eq!(
+        loaded.metadata().get("key-07").map(String::as_str),
+        Some("value of key-07")
+    );
+}
+
 fn rewrite(
     src: &Classifier,
     edit: impl FnOnce(&mut Vec<(String, Tensor)>, &mut HashMap<String, String>),
