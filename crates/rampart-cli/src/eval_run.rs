@@ -775,19 +775,18 @@ impl EvalPlan {
             .with_context(|| format!("cannot create {}", into.display()))?;
         for (dir, m) in shards {
             let from = dir.join("progress");
+            // The folder is listed once; each batch takes its files from the list.
+            let names: Vec<String> = std::fs::read_dir(&from)
+                .with_context(|| format!("cannot read {}", from.display()))?
+                .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<_>>()?;
             for b in m.rows.start / self.batch_size..m.rows.end.div_ceil(self.batch_size) {
                 let prefix = format!("batch-{b:06}.");
                 let mut record = false;
-                for entry in std::fs::read_dir(&from)
-                    .with_context(|| format!("cannot read {}", from.display()))?
-                {
-                    let entry = entry?;
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if name.starts_with(&prefix) {
-                        std::fs::copy(entry.path(), into.join(&name))
-                            .with_context(|| format!("cannot copy {}", entry.path().display()))?;
-                        record |= name.ends_with(".json");
-                    }
+                for name in names.iter().filter(|n| n.starts_with(&prefix)) {
+                    std::fs::copy(from.join(name), into.join(name))
+                        .with_context(|| format!("cannot copy {}", from.join(name).display()))?;
+                    record |= name.ends_with(".json");
                 }
                 if !record {
                     bail!(
