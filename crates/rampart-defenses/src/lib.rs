@@ -58,6 +58,8 @@ pub use method::{
 };
 pub use predict::{predict, Predictions};
 pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};
+#[cfg(feature = "cuda")]
+pub use sgd::sgd_kernels_ptx;
 pub use sgd::{DecayScope, Sgd, SgdConfig};
 pub use threshold::{ConfidenceThreshold, Decision, CONFIDENCE_THRESHOLD_KEY};
 pub use trainer::{

@@ -14,6 +14,10 @@ use crate::error::{DefenseError, Result};
 mod cuda;
 mod fused;
 
+/// The PTX of the fused SGD kernels, compiled by NVRTC (no GPU needed).
+#[cfg(feature = "cuda")]
+pub use cuda::ptx as sgd_kernels_ptx;
+
 use fused::{Factors, Kernel, SgdUpdate};
 
 /// Which trainable parameters weight decay applies to. BatchNorm running statistics

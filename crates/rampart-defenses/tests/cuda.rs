@@ -100,3 +100,15 @@ fn fused_sgd_on_the_gpu_equals_the_cpu() -> TestResult {
     }
     Ok(())
 }
+
+/// The fused SGD kernels compile with NVRTC. Needs the CUDA libraries, not a GPU.
+#[test]
+fn sgd_kernels_compile_with_nvrtc() {
+    let ptx = rampart_defenses::sgd_kernels_ptx().expect("NVRTC compiles the SGD kernels");
+    for k in ["sgd_momentum", "sgd_weight"] {
+        assert!(
+            ptx.contains(&format!(".entry {k}")),
+            "no kernel {k} in the PTX"
+        );
+    }
+}

@@ -94,7 +94,7 @@ impl BatchNorm {
     fn forward_impl(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if train {
             let (y, stats) = bn::train(xs, &self.weight, &self.bias, self.eps, relu)?;
-            self.update_running(&stats.mean, &stats.var, stats.rows as f64)?;
+            stats.update_running(&self.running_mean, &self.running_var, self.momentum)?;
             Ok(y)
         } else {
             let (mean, var) = self.running();
@@ -119,7 +119,11 @@ impl BatchNorm {
         let dt = self.running_mean.dtype();
         let mean = Tensor::from_slice(mean, mean.len(), dev)?.to_dtype(dt)?;
         let var = Tensor::from_slice(var, var.len(), dev)?.to_dtype(dt)?;
-        self.update_running(&mean, &var, n as f64)
+        bn::BatchStats::new(mean, var, n).update_running(
+            &self.running_mean,
+            &self.running_var,
+            self.momentum,
+        )
     }
 
     /// The eval-mode map of this layer (from its running statistics) for the fused path.
@@ -134,23 +138,12 @@ impl BatchNorm {
         ))
     }
 
-    fn update_running(&self, mean: &Tensor, var: &Tensor, n: f64) -> Result<()> {
-        let m = self.momentum;
-        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-        let new_mean =
-            ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
-        let new_var = ((self.running_var.as_tensor() * (1.0 - m))?
-            + (var.detach().flatten_all()? * (m * unbiased))?)?;
-        self.running_mean.set(&new_mean)?;
-        self.running_var.set(&new_var)
-    }
-
     /// BatchNorm from candle's generic tensor operations ([`bn::reference_train`],
     /// [`bn::reference_eval`]): the reference the kernels are tested against.
     pub fn forward_reference(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             let (y, stats) = bn::reference_train(xs, &self.weight, &self.bias, self.eps)?;
-            self.update_running(&stats.mean, &stats.var, stats.rows as f64)?;
+            stats.update_running(&self.running_mean, &self.running_var, self.momentum)?;
             Ok(y)
         } else {
             let (mean, var) = self.running();

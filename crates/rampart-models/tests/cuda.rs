@@ -358,3 +358,122 @@ fn training_step_matches_cpu() {
         eprintln!("{name}: {checked} parameter gradients agree");
     }
 }
+
+/// Every kernel of `ops.cu` compiles with NVRTC. Needs the CUDA libraries, not a GPU:
+/// `cargo test --release -p rampart-models --features cuda --test cuda compile`.
+#[test]
+fn kernels_compile_with_nvrtc() {
+    let ptx = rampart_models::kernels::pointwise::ops_ptx().expect("NVRTC compiles ops.cu");
+    for k in rampart_models::kernels::pointwise::KERNELS {
+        assert!(
+            ptx.contains(&format!(".entry {k}")),
+            "no kernel {k} in the PTX"
+        );
+    }
+}
+
+/// The kernels between the convolutions against their CPU twins: the ReLU's mask, the
+/// eval-mode input gradient and the running-statistics update bit for bit; the
+/// cross-entropy (labels, smoothed labels, soft targets; K = 10 and 1000) to f32
+/// rounding, loss and gradient.
+#[test]
+fn pointwise_and_cross_entropy_kernels_match_cpu() {
+    use candle_core::{CustomOp2, InplaceOp2};
+    use rampart_models::kernels::pointwise::{BnEvalBackward, ReluMask, RunningUpdate, Stat};
+    use rampart_models::kernels::xent::{cross_entropy, Targets};
+    let dev = gpu();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+        v.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| (x + 0.0).to_bits())
+            .collect()
+    };
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
+    let _ = ReluMask.name();
+
+    // ReLU mask and the eval-mode input gradient (c = 24 channels).
+    let c = 24;
+    let dy = tensor(&[4096 * c], 1);
+    let y = tensor(&[4096 * c], 2).relu().unwrap();
+    let mask = |d: &Tensor, y: &Tensor| d.apply_op2_no_bwd(y, &ReluMask).unwrap();
+    assert_eq!(bits(&mask(&dy, &y)), bits(&mask(&on(&dy), &on(&y))));
+    let gamma = (tensor(&[c], 3) + 1.0).unwrap();
+    let var = (tensor(&[c], 4).abs().unwrap() + 0.2).unwrap();
+    for relu in [false, true] {
+        let op = |var: Tensor| BnEvalBackward {
+            var,
+            eps: 1e-5,
+            relu,
+            c,
+        };
+        let cpu = dy.apply_op3_no_bwd(&y, &gamma, &op(var.clone())).unwrap();
+        let gpu = on(&dy)
+            .apply_op3_no_bwd(&on(&y), &on(&gamma), &op(on(&var)))
+            .unwrap();
+        assert_eq!(bits(&cpu), bits(&gpu), "eval backward, relu {relu}");
+    }
+
+    // Running statistics from saved [mean | inv_std].
+    let saved = (tensor(&[2 * c], 5).abs().unwrap() + 0.5).unwrap();
+    for stat in [Stat::Mean, Stat::Var] {
+        let op = RunningUpdate {
+            stat,
+            keep: 0.9,
+            take: 0.1 * 1.0001,
+            neg_eps: -1e-5,
+        };
+        let start = tensor(&[c], 6);
+        let (cpu, gpu) = (start.copy().unwrap(), on(&start));
+        cpu.inplace_op2(&saved, &op).unwrap();
+        gpu.inplace_op2(&on(&saved), &op).unwrap();
+        assert_eq!(bits(&cpu), bits(&gpu), "running {stat:?}");
+        let _ = InplaceOp2::name(&op);
+    }
+
+    // Cross-entropy.
+    for (b, k) in [(128, 10), (37, 1000)] {
+        let x = (tensor(&[b, k], 7) * 8.0).unwrap();
+        let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % k as u32).collect();
+        let labels = Tensor::from_vec(labels, b, &Device::Cpu).unwrap();
+        let soft = tensor(&[b, k], 8).abs().unwrap();
+        let soft = soft.broadcast_div(&soft.sum_keepdim(1).unwrap()).unwrap();
+        for (name, smoothing, use_soft) in [
+            ("labels", 0.0, false),
+            ("smoothed", 0.1, false),
+            ("soft", 0.0, true),
+        ] {
+            let run = |x: &Tensor, labels: &Tensor, soft: &Tensor| {
+                let v = Var::from_tensor(x).unwrap();
+                let t = if use_soft {
+                    Targets::Soft(soft)
+                } else {
+                    Targets::Labels { labels, smoothing }
+                };
+                let loss = cross_entropy(v.as_tensor(), t).unwrap();
+                let g = (&loss * 2.0).unwrap().backward().unwrap();
+                let g = g
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap();
+                (
+                    loss.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                    g,
+                )
+            };
+            let (lc, gc) = run(&x, &labels, &soft);
+            let (lg, gg) = run(&on(&x), &on(&labels), &on(&soft));
+            assert!(
+                (lc - lg).abs() <= 1e-5 * lc.abs().max(1.0),
+                "{name} {b}×{k}: loss {lc} vs {lg}"
+            );
+            let d = rel_diff(&gc, &gg, 1e-6);
+            assert!(d < 1e-5, "{name} {b}×{k}: gradient differs by {d}");
+        }
+    }
+}

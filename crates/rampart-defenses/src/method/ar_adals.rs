@@ -196,7 +196,7 @@ pub fn robustness_groups<M: ModuleT>(
     let x = images.detach();
     let var = Var::from_tensor(&x)?;
     let logits = model.forward_t(var.as_tensor(), false)?;
-    let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+    let loss = super::normal::cross_entropy(&logits, labels, 0.0)?;
     let grads = loss.backward()?;
     let direction = match grads.get(var.as_tensor()) {
         Some(g) => g.sign()?,

@@ -40,7 +40,7 @@ pub use regmixup::{mixup_images, mixup_targets, MixupDraw, RegMixup};
 pub use sat::{entropic_ot, sinkhorn_divergence, Sat};
 pub use trades::{kl_divergence, Trades};
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use rampart_attacks::{Attack, AttackResult, Bounds};
 use rampart_models::Classifier;
 use rand::Rng;
@@ -232,10 +232,11 @@ pub(crate) fn mixed_batch(images: &Tensor, adversarial: &Tensor) -> Result<Tenso
 
 /// Mean cross-entropy against soft targets: mean_i −Σ_k t_ik·log softmax(f_i)_k.
 /// logits: (B, K); targets: (B, K), rows summing to 1.
+/// One fused op each way for f32 logits ([`rampart_models::kernels::xent`]); the
+/// targets are constants.
 pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let targets = targets.to_dtype(log_p.dtype())?;
-    Ok((log_p * targets)?.sum(D::Minus1)?.neg()?.mean_all()?)
+    use rampart_models::kernels::xent;
+    Ok(xent::cross_entropy(logits, xent::Targets::Soft(targets))?)
 }
 
 /// One-hot rows (B, K) f32 of labels (B,) u32.

@@ -1,6 +1,7 @@
 //! Normal training: cross-entropy on the clean batch.
 
-use candle_core::{ModuleT, Tensor, D};
+use candle_core::{ModuleT, Tensor};
+use rampart_models::kernels::xent;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
@@ -41,16 +42,16 @@ impl Default for Normal {
     }
 }
 
-/// Mean cross-entropy of logits (B, K) against labels (B,) u32, with label smoothing s.
+/// Mean cross-entropy of logits (B, K) against labels (B,) u32, with label smoothing s:
+/// one fused op each way for f32 logits ([`rampart_models::kernels::xent`]).
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> Result<Tensor> {
-    if label_smoothing == 0.0 {
-        return Ok(candle_nn::loss::cross_entropy(logits, labels)?);
-    }
-    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let nll = log_p.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-    let uniform = log_p.mean(D::Minus1)?.neg()?;
-    let per_example = ((nll * (1.0 - label_smoothing))? + (uniform * label_smoothing)?)?;
-    Ok(per_example.mean_all()?)
+    Ok(xent::cross_entropy(
+        logits,
+        xent::Targets::Labels {
+            labels,
+            smoothing: label_smoothing,
+        },
+    )?)
 }
 
 impl MethodSettings for Normal {

@@ -1,14 +1,12 @@
-//! The CUDA kernels of the fused SGD update ([`super::fused`]), compiled once per
-//! process with NVRTC (which candle's CUDA stack links) and loaded once per device.
+//! The CUDA kernels of the fused SGD update ([`super::fused`]), a [`Module`] compiled
+//! once per process with NVRTC and loaded once per device.
 //! `__fmul_rn` and `__fadd_rn` are never contracted into an FMA, so a kernel does the
 //! CPU kernel's float operations exactly.
 #![allow(unsafe_code)]
 
-use std::sync::OnceLock;
-
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{CudaStorage, Layout, Result};
+use rampart_models::cuda::{contiguous, elementwise, f32_view, launch_error, Module};
 
 use super::fused::{Factors, Kernel};
 
@@ -40,34 +38,19 @@ extern "C" __global__ void sgd_weight(float* w, const float* g, const float* b,
 }
 "#;
 
-/// The PTX of [`SOURCE`], compiled on first use.
-fn ptx() -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx(SOURCE)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("{e:?}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(format!("fused SGD: NVRTC: {e}")))
-}
-
-fn contiguous(l: &Layout, n: usize, what: &str) -> Result<usize> {
-    match l.contiguous_offsets() {
-        Some((a, b)) if b - a == n => Ok(a),
-        _ => candle_core::bail!("fused SGD: the {what} is not a contiguous tensor of {n} values"),
-    }
-}
+/// The module of both kernels.
+static SGD: Module = Module::new(MODULE, SOURCE);
 
 /// Compiles and loads both kernels on `dev` (nothing on the CPU), so that a GPU whose
 /// driver cannot take them is known before the first update.
 pub(crate) fn ready(dev: &candle_core::Device) -> Result<()> {
-    if let candle_core::Device::Cuda(cuda) = dev {
-        for name in ["sgd_momentum", "sgd_weight"] {
-            cuda.get_or_load_custom_func(name, MODULE, ptx()?)?;
-        }
-    }
-    Ok(())
+    SGD.ready(dev, &["sgd_momentum", "sgd_weight"])
+}
+
+/// The PTX of the fused SGD kernels, compiled by NVRTC (no GPU needed): a check that
+/// the source compiles.
+pub fn ptx() -> Result<&'static str> {
+    SGD.ptx()
 }
 
 /// Launches `kernel` in place on `dst` from the two sources (see [`Kernel`]).
@@ -79,23 +62,18 @@ pub(crate) fn launch(
     [(s1, l1), (s2, l2)]: [(&CudaStorage, &Layout); 2],
 ) -> Result<()> {
     let n = dst_l.shape().elem_count();
-    let (d0, a0, b0) = (
-        contiguous(dst_l, n, "destination")?,
-        contiguous(l1, n, "gradient")?,
-        contiguous(l2, n, "second source")?,
-    );
+    let a = f32_view(s1, l1, n, "fused SGD: gradient")?;
+    let b = f32_view(s2, l2, n, "fused SGD: second source")?;
+    let d0 = contiguous(dst_l, n, "fused SGD: destination")?;
     let dev = dst.device.clone();
     let name = match kernel {
         Kernel::Momentum => "sgd_momentum",
         Kernel::Weight => "sgd_weight",
     };
-    let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
-    let a = s1.as_cuda_slice::<f32>()?.slice(a0..a0 + n);
-    let b = s2.as_cuda_slice::<f32>()?.slice(b0..b0 + n);
+    let func = SGD.func(&dev, name)?;
     let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d0 + n);
     let (decay, wd) = (i32::from(f.decay.is_some()), f.decay.unwrap_or(0.0));
-    let count = u32::try_from(n)
-        .map_err(|_| candle_core::Error::Msg(format!("fused SGD: {n} values are too many")))?;
+    let (cfg, count) = elementwise(n, "fused SGD")?;
     let mut builder = func.builder();
     builder
         .arg(&mut out)
@@ -111,7 +89,6 @@ pub(crate) fn launch(
     builder.arg(&count);
     // SAFETY: the kernel reads `n` values of each source and writes `n` of the
     // destination, all checked above to be contiguous f32 runs of that length.
-    unsafe { builder.launch(LaunchConfig::for_num_elems(count)) }
-        .map_err(|e| candle_core::Error::Msg(format!("fused SGD: launch: {e:?}")))?;
+    unsafe { builder.launch(cfg) }.map_err(|e| launch_error("fused SGD", e))?;
     Ok(())
 }

@@ -11,7 +11,7 @@
 //! as a (N, C) matrix (N = B·H·W), rows split across threads.
 
 use super::common::f32_slice;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use rayon::prelude::*;
 
 /// Rows per parallel work item, scaled so each item touches about 64 KiB.
@@ -275,15 +275,15 @@ fn operands<'a>(
 /// (n, c, h, w) shape (NHWC memory).
 ///
 /// CPU forward: one statistics pass and one normalisation pass (this module); CUDA
-/// forward: cuDNN's persistent NHWC kernel (feature `cudnn`), which does not fuse the
-/// ReLU: on CUDA [`train`] builds the op with `relu` off and applies it after.
+/// forward: cuDNN's persistent NHWC kernel (feature `cudnn`), then the ReLU in place
+/// on its output (one more kernel, no tensor operation of its own).
 #[derive(Clone, Copy, Debug)]
 pub struct BatchNormTrain {
     /// (n, c, h, w) of the activations.
     pub dims: [usize; 4],
     /// ε added to the variance.
     pub eps: f64,
-    /// ReLU after the affine map (CPU forward only).
+    /// ReLU after the affine map.
     pub relu: bool,
 }
 
@@ -337,10 +337,11 @@ impl CustomOp3 for BatchNormTrain {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (mut out, shape) = super::cudnn::batch_norm_train(self, s1, l1, s2, l2, s3, l3)?;
         if self.relu {
-            candle_core::bail!("batch-norm-train: the CUDA forward does not fuse the ReLU")
+            super::pointwise::relu_in_place(&mut out, self.len())?;
         }
-        super::cudnn::batch_norm_train(self, s1, l1, s2, l2, s3, l3)
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -440,24 +441,36 @@ impl CustomOp3 for BatchNormTrainBackward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cudnn::batch_norm_backward(self, s1, l1, s2, l2, s3, l3)
+        let (len, c) = (self.forward.len(), self.forward.dims[1]);
+        let grad = super::cuda::f32_view(s2, l2, len + 2 * c, "BatchNorm: output gradient")?;
+        if !self.forward.relu {
+            return super::cudnn::batch_norm_backward(self, s1, l1, &grad.slice(..len), s3, l3);
+        }
+        // The gradient through the ReLU (whose output is the saved y), then cuDNN's.
+        let y = super::cuda::f32_view(s3, l3, len + 2 * c, "BatchNorm: saved output")?;
+        let masked =
+            super::pointwise::relu_mask_cuda(&s1.device, &grad.slice(..len), &y.slice(..len))?;
+        super::cudnn::batch_norm_backward(self, s1, l1, &masked.slice(..), s3, l3)
     }
 }
 
 /// Eval-mode BatchNorm (+ ReLU) with the running statistics, as one op:
 /// (x, γ, β) → y, x and y flat with (n, c, h, w) shape `dims` (NHWC memory).
 ///
-/// CPU forward: one pass (this module); CUDA forward: cuDNN (feature `cudnn`),
-/// without the ReLU, as for [`BatchNormTrain`]. The backward pass is a per-channel
+/// CPU forward: one pass (this module); CUDA forward: cuDNN (feature `cudnn`), then
+/// the ReLU in place, as for [`BatchNormTrain`]. The backward pass is a per-channel
 /// scaling of the output gradient (and, for tracked γ and β, the two parameter
-/// gradients): one CPU op, or candle's operations on other devices.
+/// gradients): one CPU op; on CUDA one kernel ([`BnEvalBackward`]) for frozen γ and
+/// β (an attack's case), else the ReLU's mask and candle's operations.
+///
+/// [`BnEvalBackward`]: super::pointwise::BnEvalBackward
 #[derive(Clone, Debug)]
 pub struct BatchNormEval {
     /// (n, c, h, w) of the activations.
     pub dims: [usize; 4],
     /// ε added to the variance.
     pub eps: f64,
-    /// ReLU after the affine map (CPU forward only).
+    /// ReLU after the affine map.
     pub relu: bool,
     /// Running mean (C,), detached.
     pub mean: Tensor,
@@ -502,10 +515,11 @@ impl CustomOp3 for BatchNormEval {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (mut y, shape) = super::cudnn::batch_norm_eval(self, s1, l1, s2, l2, s3, l3)?;
         if self.relu {
-            candle_core::bail!("batch-norm-eval: the CUDA forward does not fuse the ReLU")
+            super::pointwise::relu_in_place(&mut y, self.dims.iter().product())?;
         }
-        super::cudnn::batch_norm_eval(self, s1, l1, s2, l2, s3, l3)
+        Ok((y, shape))
     }
 
     fn bwd(
@@ -513,7 +527,7 @@ impl CustomOp3 for BatchNormEval {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = self.dims[1];
@@ -529,12 +543,24 @@ impl CustomOp3 for BatchNormEval {
             let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
             return unpack_grads(&packed, x.elem_count(), c, param_grads);
         }
+        if !param_grads {
+            let op = super::pointwise::BnEvalBackward {
+                var: self.var.clone(),
+                eps: self.eps as f32,
+                relu: self.relu,
+                c,
+            };
+            let dx = grad.contiguous()?.apply_op3_no_bwd(res, gamma, &op)?;
+            return Ok((Some(dx), None, None));
+        }
+        let grad = if self.relu {
+            super::pointwise::relu_mask(grad, res)?
+        } else {
+            grad.clone()
+        };
         let inv_std = (&self.var + self.eps)?.sqrt()?.recip()?;
         let rows = grad.reshape(((), c))?;
         let dx = rows.broadcast_mul(&(gamma * &inv_std)?)?.flatten_all()?;
-        if !param_grads {
-            return Ok((Some(dx), None, None));
-        }
         let x_hat = x
             .reshape(((), c))?
             .broadcast_sub(&self.mean)?
@@ -605,15 +631,85 @@ impl CustomOp2 for BnBackward {
 }
 
 /// The batch statistics a train-mode BatchNorm normalised with, for the running
-/// estimates: per-channel mean and biased variance, over `rows` rows.
+/// estimates, over `rows` rows: per-channel mean and biased variance, either as
+/// tensors or as the op's saved [mean | 1/√(var + ε)].
 #[derive(Clone, Debug)]
 pub struct BatchStats {
-    /// (C,) mean.
-    pub mean: Tensor,
-    /// (C,) biased variance.
-    pub var: Tensor,
     /// Rows (B·H·W) the statistics are taken over.
     pub rows: usize,
+    kind: StatsKind,
+}
+
+#[derive(Clone, Debug)]
+enum StatsKind {
+    /// Mean and biased variance, (C,) each.
+    Plain { mean: Tensor, var: Tensor },
+    /// The [`BatchNormTrain`] op's saved [mean | 1/√(var + ε)] (2C, f32).
+    Saved { stats: Tensor, eps: f64 },
+}
+
+impl BatchStats {
+    /// Statistics given as a mean and a biased variance ((C,) each) over `rows` rows.
+    pub fn new(mean: Tensor, var: Tensor, rows: usize) -> Self {
+        BatchStats {
+            rows,
+            kind: StatsKind::Plain { mean, var },
+        }
+    }
+
+    /// The per-channel mean and biased variance, (C,) each (for the saved form, the
+    /// variance is 1/s² − ε from s = 1/√(var + ε), by tensor operations).
+    pub fn mean_var(&self) -> Result<(Tensor, Tensor)> {
+        match &self.kind {
+            StatsKind::Plain { mean, var } => Ok((mean.clone(), var.clone())),
+            StatsKind::Saved { stats, eps } => {
+                let c = stats.dim(0)? / 2;
+                let var = (stats.narrow(0, c, c)?.sqr()?.recip()? - *eps)?;
+                Ok((stats.narrow(0, 0, c)?, var))
+            }
+        }
+    }
+
+    /// Updates `running_mean` and `running_var` (f32 or other dtypes, (C,)) in place
+    /// with PyTorch's rule: running = (1 − momentum)·running + momentum·batch, the
+    /// variance unbiased (·n/(n − 1)). From saved f32 statistics into f32 running
+    /// statistics this is one [`RunningUpdate`] kernel each; otherwise tensor
+    /// operations. The two give the same bits.
+    ///
+    /// [`RunningUpdate`]: super::pointwise::RunningUpdate
+    pub fn update_running(
+        &self,
+        running_mean: &Var,
+        running_var: &Var,
+        momentum: f64,
+    ) -> Result<()> {
+        let n = self.rows as f64;
+        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        if let StatsKind::Saved { stats, eps } = &self.kind {
+            let f32s = [running_mean.as_tensor(), running_var.as_tensor(), stats]
+                .iter()
+                .all(|t| t.dtype() == DType::F32);
+            if f32s && (stats.device().is_cpu() || cfg!(feature = "cuda")) {
+                use super::pointwise::{RunningUpdate, Stat};
+                let update = |stat, take: f64| RunningUpdate {
+                    stat,
+                    keep: (1.0 - momentum) as f32,
+                    take: take as f32,
+                    neg_eps: (-eps) as f32,
+                };
+                let stats = stats.contiguous()?;
+                running_mean.inplace_op2(&stats, &update(Stat::Mean, momentum))?;
+                return running_var.inplace_op2(&stats, &update(Stat::Var, momentum * unbiased));
+            }
+        }
+        let (mean, var) = self.mean_var()?;
+        let new_mean = ((running_mean.as_tensor() * (1.0 - momentum))?
+            + (mean.detach().flatten_all()? * momentum)?)?;
+        let new_var = ((running_var.as_tensor() * (1.0 - momentum))?
+            + (var.detach().flatten_all()? * (momentum * unbiased))?)?;
+        running_mean.set(&new_mean)?;
+        running_var.set(&new_var)
+    }
 }
 
 fn relu_if(y: Tensor, relu: bool) -> Result<Tensor> {
@@ -658,26 +754,21 @@ pub fn train(
     }
     let dims = bn_dims(xs)?;
     let [n, c, h, w] = dims;
-    let (len, fuse_relu) = (n * c * h * w, relu && xs.device().is_cpu());
-    let op = BatchNormTrain {
-        dims,
-        eps,
-        relu: fuse_relu,
-    };
+    let len = n * c * h * w;
+    let op = BatchNormTrain { dims, eps, relu };
     let out =
         xs.contiguous()?
             .flatten_all()?
             .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
     let y = out.narrow(0, 0, len)?.reshape(xs.shape())?;
-    let stats = out.narrow(0, len, 2 * c)?.detach();
-    let mean = stats.narrow(0, 0, c)?;
-    let var = (stats.narrow(0, c, c)?.sqr()?.recip()? - eps)?;
     let stats = BatchStats {
-        mean,
-        var,
         rows: n * h * w,
+        kind: StatsKind::Saved {
+            stats: out.narrow(0, len, 2 * c)?.detach(),
+            eps,
+        },
     };
-    Ok((relu_if(y, relu && !fuse_relu)?, stats))
+    Ok((y, stats))
 }
 
 /// Eval-mode BatchNorm of NHWC activations `xs` (…, C) with the running `mean` and
@@ -695,20 +786,17 @@ pub fn eval(
     if !native(xs, eps) {
         return relu_if(reference_eval(xs, gamma, beta, mean, var, eps)?, relu);
     }
-    let fuse_relu = relu && xs.device().is_cpu();
     let op = BatchNormEval {
         dims: bn_dims(xs)?,
         eps,
-        relu: fuse_relu,
+        relu,
         mean: mean.detach().contiguous()?,
         var: var.detach().contiguous()?,
     };
-    let y = xs
-        .contiguous()?
+    xs.contiguous()?
         .flatten_all()?
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?
-        .reshape(xs.shape())?;
-    relu_if(y, relu && !fuse_relu)
+        .reshape(xs.shape())
 }
 
 /// Train-mode BatchNorm from candle's generic tensor operations (no ReLU): the path
@@ -732,9 +820,11 @@ pub fn reference_train(
         .broadcast_add(beta)?
         .reshape(dims)?;
     let stats = BatchStats {
-        mean: mean.flatten_all()?,
-        var: var.flatten_all()?,
         rows: n,
+        kind: StatsKind::Plain {
+            mean: mean.flatten_all()?,
+            var: var.flatten_all()?,
+        },
     };
     Ok((out, stats))
 }

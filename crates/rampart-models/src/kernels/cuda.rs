@@ -1,4 +1,5 @@
-//! Settings of a CUDA device for Rampart's workloads (feature `cuda`).
+//! Settings of a CUDA device for Rampart's workloads (feature `cuda`), and the
+//! [`Module`]s of Rampart's own kernels (CUDA C compiled by NVRTC at first use).
 //!
 //! candle allocates every tensor with `cuMemAllocAsync` from the device's default
 //! memory pool, whose release threshold is 0: each synchronisation (reading a loss
@@ -8,8 +9,124 @@
 //! as PyTorch's caching allocator does.
 #![allow(unsafe_code)]
 
-use candle_core::cuda_backend::cudarc::driver::sys;
-use candle_core::{Device, Result};
+use std::sync::OnceLock;
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig,
+};
+use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{CudaStorage, Device, Layout, Result};
+
+/// A module of CUDA kernels written in CUDA C: compiled to PTX by NVRTC (which
+/// candle's CUDA stack links) once per process, on first use, and loaded once per
+/// device. No GPU is needed to compile ([`Module::ptx`]), so the sources are checked
+/// on any machine with the CUDA libraries.
+pub struct Module {
+    name: &'static str,
+    source: &'static str,
+    ptx: OnceLock<std::result::Result<String, String>>,
+}
+
+impl Module {
+    /// The module `name` (unique in the process) of CUDA C `source`.
+    pub const fn new(name: &'static str, source: &'static str) -> Self {
+        Module {
+            name,
+            source,
+            ptx: OnceLock::new(),
+        }
+    }
+
+    /// The module's PTX, compiled on first use (default NVRTC options: IEEE division
+    /// and square root, multiply-adds contracted only where the source allows it).
+    pub fn ptx(&self) -> Result<&str> {
+        self.ptx
+            .get_or_init(|| {
+                nvrtc::compile_ptx(self.source)
+                    .map(|p| p.to_src())
+                    .map_err(|e| format!("{e:?}"))
+            })
+            .as_deref()
+            .map_err(|e| candle_core::Error::Msg(format!("{}: NVRTC: {e}", self.name)))
+    }
+
+    /// The kernel `kernel` of this module on `dev`, loading the module there first.
+    pub fn func(&self, dev: &CudaDevice, kernel: &str) -> Result<Kernel> {
+        let func = dev.get_or_load_custom_func(kernel, self.name, self.ptx()?)?;
+        Ok(Kernel {
+            func: func.into_cuda_function(),
+            stream: dev.cuda_stream(),
+        })
+    }
+
+    /// Compiles and loads `kernels` on `dev` (nothing on the CPU), so that a GPU whose
+    /// driver cannot take them is known before they are needed.
+    pub fn ready(&self, dev: &Device, kernels: &[&str]) -> Result<()> {
+        if let Device::Cuda(cuda) = dev {
+            for k in kernels {
+                self.func(cuda, k)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A loaded kernel and the device's stream it runs on.
+pub struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// A launch of this kernel on the device's stream, arguments to be pushed.
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// The launch shape of one thread per element over `n` elements, `n` checked to fit
+/// a kernel's `unsigned int` count.
+pub fn elementwise(n: usize, what: &str) -> Result<(LaunchConfig, u32)> {
+    let count = u32::try_from(n)
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: {n} values are too many")))?;
+    Ok((LaunchConfig::for_num_elems(count.max(1)), count))
+}
+
+/// A launch's error, named after the kernel.
+pub fn launch_error(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{what}: launch: {e:?}"))
+}
+
+/// The `n` f32 values of a contiguous operand (its layout's offset applied), or an
+/// error naming `what`.
+pub fn f32_view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    n: usize,
+    what: &str,
+) -> Result<CudaView<'a, f32>> {
+    let a = contiguous(l, n, what)?;
+    Ok(s.as_cuda_slice::<f32>()?.slice(a..a + n))
+}
+
+/// The offset of a contiguous run of `n` values described by `l`, or an error naming
+/// `what`.
+pub fn contiguous(l: &Layout, n: usize, what: &str) -> Result<usize> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b - a == n => Ok(a),
+        _ => candle_core::bail!("{what}: not a contiguous tensor of {n} values"),
+    }
+}
+
+/// A fresh f32 buffer of `n` values on `dev`, every one of which the caller's kernel
+/// writes before anything reads it.
+pub(crate) fn uninit(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: the callers' kernels write all `n` values before any is read.
+    unsafe { dev.alloc::<f32>(n) }
+}
 
 /// Keeps freed memory in `dev`'s pool, and sets whether f32 convolutions and matrix
 /// products may use TF32 tensor cores (`tf32`; see `docs/performance.md`). A no-op on

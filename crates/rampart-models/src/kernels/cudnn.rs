@@ -417,21 +417,26 @@ pub(crate) fn batch_norm_train(
     Ok(call.finish(out))
 }
 
-/// The CUDA forward of [`BatchNormTrainBackward`]: (x, ∂/∂out, out) → dx, dγ, dβ in
-/// one buffer, through cuDNN's backward pass.
+/// The CUDA forward of [`BatchNormTrainBackward`]: (x, ∂/∂y, saved [y | mean |
+/// inv_std]) → dx, dγ, dβ in one buffer, through cuDNN's backward pass. `dy` is the
+/// gradient of the normalised output (already through the ReLU, if any).
 pub(crate) fn batch_norm_backward(
     op: &BatchNormTrainBackward,
     xs: &CudaStorage,
     xl: &Layout,
-    dys: &CudaStorage,
-    dyl: &Layout,
+    dy: &CudaView<'_, f32>,
     rs: &CudaStorage,
     rl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let forward = op.forward();
     let call = BnCall::new(xs, xl, forward.dims)?;
     let (len, c) = (call.len, call.c);
-    let dy = view(dys, dyl, len + 2 * c, "output gradient")?;
+    if dy.len() != len {
+        candle_core::bail!(
+            "BatchNorm backward: {} gradients for {len} values",
+            dy.len()
+        )
+    }
     let saved = view(rs, rl, len + 2 * c, "saved statistics")?;
     let (gs, gl) = op.gamma().storage_and_layout();
     let candle_core::Storage::Cuda(gs) = &*gs else {

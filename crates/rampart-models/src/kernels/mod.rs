@@ -24,8 +24,15 @@
 //!   layers of the latter (plain, a student's noise, OAT's dual BatchNorm and FiLM).
 //! * `winograd`, `gemm` and `common`: Winograd F(2×2, 3×3) convolutions, the GEMM
 //!   entry point and the small pieces the kernels share.
-//! * [`cuda`] (feature `cuda`): device preparation; `cudnn` (feature `cudnn`): the
-//!   cuDNN calls, the crate's only `unsafe` code.
+//! * [`xent`]: softmax cross-entropy (labels with smoothing, or soft targets) as one
+//!   op each way; [`pointwise`]: the small operations around cuDNN's BatchNorm (the
+//!   ReLU's mask, the eval-mode input gradient, the running statistics), each one
+//!   CUDA kernel with its CPU twin. Their CUDA source is `ops.cu`.
+//! * [`cuda`] (feature `cuda`): device preparation and the NVRTC-compiled kernel
+//!   modules; `cudnn` (feature `cudnn`): the
+//!   cuDNN calls. Unsafe code is
+//!   there, in `cuda`, and in the kernel launches of `pointwise` and `xent` (each
+//!   marked, with its safety argument).
 
 pub mod bn;
 mod common;
@@ -37,9 +44,11 @@ mod cudnn;
 pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;
+pub mod pointwise;
 pub(crate) mod postact;
 pub(crate) mod preact;
 mod train_norm;
 mod winograd;
+pub mod xent;
 
 pub(crate) use common::{image_noise, Affine, EvalNorm, NoiseDraw};
