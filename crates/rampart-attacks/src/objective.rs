@@ -153,11 +153,12 @@ impl Objective {
             Ok(classes.broadcast_eq(&idx.unsqueeze(1)?)?.to_dtype(dtype)?)
         };
         let ys = ys.to_dtype(DType::U32)?;
-        let y_hot = one_hot(&ys)?;
         let pick =
             |t: &Tensor| -> Result<Tensor> { Ok(t.gather(&ys.unsqueeze(1)?, 1)?.squeeze(1)?) };
-        let max_other =
-            |t: &Tensor| -> Result<Tensor> { Ok((t - (&y_hot * EXCLUDE)?)?.max(D::Minus1)?) };
+        let max_other = |t: &Tensor| -> Result<Tensor> {
+            Ok((t - (one_hot(&ys)? * EXCLUDE)?)?.max(D::Minus1)?)
+        };
+        // The one-hot rows are built only by the objectives that use them.
         let target_idx = || -> Result<Tensor> {
             match targets {
                 Some(t) => Ok(t.unsqueeze(1)?),

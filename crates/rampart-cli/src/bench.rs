@@ -212,7 +212,8 @@ impl BenchArgs {
                             Variant::Oat => model.forward_lambdas(&xs, &train_lambdas, true)?,
                             _ => model.forward_t(&xs, true)?,
                         };
-                        let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
+                        // The training methods' loss (one fused op each way).
+                        let loss = rampart_defenses::cross_entropy(&logits, &ys, 0.0)?;
                         sgd.step(&loss.backward()?, 0.01)?;
                         Ok(())
                     })?

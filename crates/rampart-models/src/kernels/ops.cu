@@ -106,11 +106,31 @@ extern "C" __global__ void xent_forward(float* loss, const float* x, const unsig
     }
 }
 
-// The gradient of xent_forward's mean loss: dx_ij = (g/rows)·(softmax_ij·T_i − t_ij),
-// T_i = Σ_j t_ij, g = grad[0] read on the device; one warp per row.
+// Each row's softmax cross-entropy (as xent_forward, without the mean), one warp per
+// row.
+extern "C" __global__ void xent_rows(float* loss, const float* x, const unsigned int* y,
+                                     const float* soft, float on, float off,
+                                     unsigned int rows, unsigned int k) {
+    unsigned int lane = threadIdx.x & 31;
+    unsigned int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (i >= rows) return;
+    const float* r = x + (size_t)i * k;
+    float lse = row_lse(r, k, lane);
+    float l = 0.0f;
+    for (unsigned int j = lane; j < k; j += 32) l += target(y, soft, on, off, i, j, k) * (lse - r[j]);
+    l = warp_sum(l);
+    if (!soft && y[i] >= k) l = __int_as_float(0x7fc00000);
+    if (lane == 0) loss[i] = l;
+}
+
+// The gradient of xent_forward's mean loss, dx_ij = (g/rows)·(softmax_ij·T_i − t_ij)
+// with g = grad[0], or (per_row) of xent_rows' losses, dx_ij = g_i·(softmax_ij·T_i −
+// t_ij) with g_i = grad[i]; T_i = Σ_j t_ij; the gradient is read on the device. One
+// warp per row.
 extern "C" __global__ void xent_backward(float* dx, const float* x, const unsigned int* y,
-                                         const float* soft, const float* grad, float on,
-                                         float off, unsigned int rows, unsigned int k) {
+                                         const float* soft, const float* grad, int per_row,
+                                         float on, float off, unsigned int rows,
+                                         unsigned int k) {
     unsigned int lane = threadIdx.x & 31;
     unsigned int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (i >= rows) return;
@@ -122,7 +142,7 @@ extern "C" __global__ void xent_backward(float* dx, const float* x, const unsign
         for (unsigned int j = lane; j < k; j += 32) t += soft[(size_t)i * k + j];
         total = warp_sum(t);
     }
-    float g = grad[0] / (float)rows;
+    float g = per_row ? grad[i] : grad[0] / (float)rows;
     bool bad = !soft && y[i] >= k;
     for (unsigned int j = lane; j < k; j += 32) {
         float d = g * (expf(r[j] - lse) * total - target(y, soft, on, off, i, j, k));

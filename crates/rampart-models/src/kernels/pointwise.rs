@@ -29,12 +29,13 @@ pub(crate) static OPS: Module = Module::new("rampart_ops", include_str!("ops.cu"
 
 /// Every kernel of [`OPS`] (for [`Module::ready`] and the compile check).
 #[cfg(feature = "cuda")]
-pub const KERNELS: [&str; 6] = [
+pub const KERNELS: [&str; 7] = [
     "relu_inplace",
     "relu_mask",
     "bn_eval_backward",
     "bn_running",
     "xent_forward",
+    "xent_rows",
     "xent_backward",
 ];
 
@@ -325,7 +326,7 @@ impl InplaceOp2 for RunningUpdate {
 }
 
 /// The ReLU of the first `n` values of `s`, in place (after cuDNN wrote them).
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cudnn")]
 #[allow(unsafe_code)]
 pub(crate) fn relu_in_place(s: &mut CudaStorage, n: usize) -> Result<()> {
     let dev = s.device.clone();

@@ -44,6 +44,16 @@ pub enum Targets<'a> {
 /// otherwise. A label outside 0..K is an error on the CPU; on CUDA, where checking
 /// would wait for the device, it makes the loss NaN.
 pub fn cross_entropy(logits: &Tensor, targets: Targets<'_>) -> Result<Tensor> {
+    apply(logits, targets, false)
+}
+
+/// Each row's softmax cross-entropy, (B,), as [`cross_entropy`] without the mean (an
+/// attack's per-example objective).
+pub fn cross_entropy_rows(logits: &Tensor, targets: Targets<'_>) -> Result<Tensor> {
+    apply(logits, targets, true)
+}
+
+fn apply(logits: &Tensor, targets: Targets<'_>, per_row: bool) -> Result<Tensor> {
     let (b, k) = logits.dims2()?;
     if b == 0 || k == 0 {
         candle_core::bail!("cross-entropy of {b} rows of {k} logits")
@@ -60,6 +70,7 @@ pub fn cross_entropy(logits: &Tensor, targets: Targets<'_>) -> Result<Tensor> {
                 on: (1.0 - smoothing) as f32,
                 off: (smoothing / k as f64) as f32,
                 soft: false,
+                per_row,
             };
             (labels.to_dtype(DType::U32)?, op)
         }
@@ -74,6 +85,7 @@ pub fn cross_entropy(logits: &Tensor, targets: Targets<'_>) -> Result<Tensor> {
                 on: 1.0,
                 off: 0.0,
                 soft: true,
+                per_row,
             };
             (t.detach().to_dtype(DType::F32)?, op)
         }
@@ -94,46 +106,54 @@ fn native(logits: &Tensor) -> bool {
 
 /// The same loss from candle's operations (log-softmax, then the targets' weighted
 /// sum): the path for other dtypes and devices, and the reference of the tests.
-pub fn reference_cross_entropy(logits: &Tensor, targets: Targets<'_>) -> Result<Tensor> {
+/// With `per_row`, each row's loss (B,) instead of the mean.
+pub fn reference_cross_entropy(
+    logits: &Tensor,
+    targets: Targets<'_>,
+    per_row: bool,
+) -> Result<Tensor> {
     let k = logits.dim(D::Minus1)?;
-    match targets {
-        Targets::Labels { labels, smoothing } => reference(
-            logits,
-            labels,
-            Xent {
-                on: (1.0 - smoothing) as f32,
-                off: (smoothing / k as f64) as f32,
-                soft: false,
-            },
+    let (targets, on, off, soft) = match targets {
+        Targets::Labels { labels, smoothing } => (
+            labels.clone(),
+            (1.0 - smoothing) as f32,
+            (smoothing / k as f64) as f32,
+            false,
         ),
-        Targets::Soft(t) => reference(
-            logits,
-            &t.detach(),
-            Xent {
-                on: 1.0,
-                off: 0.0,
-                soft: true,
-            },
-        ),
-    }
+        Targets::Soft(t) => (t.detach(), 1.0, 0.0, true),
+    };
+    let op = Xent {
+        on,
+        off,
+        soft,
+        per_row,
+    };
+    reference(logits, &targets, op)
 }
 
 fn reference(logits: &Tensor, targets: &Tensor, op: Xent) -> Result<Tensor> {
     let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    if op.soft {
+    let rows = if op.soft {
         let t = targets.to_dtype(log_p.dtype())?;
-        return (log_p * t)?.sum(D::Minus1)?.neg()?.mean_all();
+        (log_p * t)?.sum(D::Minus1)?.neg()?
+    } else {
+        let nll = log_p.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        if op.off == 0.0 {
+            nll
+        } else {
+            let uniform = log_p.sum(D::Minus1)?.neg()?;
+            ((nll * f64::from(op.on))? + (uniform * f64::from(op.off))?)?
+        }
+    };
+    if op.per_row {
+        Ok(rows)
+    } else {
+        rows.mean_all()
     }
-    let nll = log_p.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-    if op.off == 0.0 {
-        return nll.mean_all();
-    }
-    let uniform = log_p.sum(D::Minus1)?.neg()?;
-    ((nll * f64::from(op.on))? + (uniform * f64::from(op.off))?)?.mean_all()
 }
 
 /// The fused op: (logits (B, K) f32, targets: labels (B,) u32 or weights (B, K) f32)
-/// → the mean loss, shape ().
+/// → the mean loss, shape (), or each row's loss (B,).
 #[derive(Clone, Copy, Debug)]
 struct Xent {
     /// A label's weight beyond `off` (1 − s), or 1 for soft targets.
@@ -142,6 +162,8 @@ struct Xent {
     off: f32,
     /// The targets are weights (B, K), not labels.
     soft: bool,
+    /// Each row's loss, not their mean.
+    per_row: bool,
 }
 
 /// The CPU operands: the logits' rows and each row's targets.
@@ -259,14 +281,19 @@ impl CustomOp2 for Xent {
         let (b, k) = l1.shape().dims2()?;
         let x = f32_view(s1, l1, b * k, "cross-entropy: logits")?;
         let dev = &s1.device;
-        let mut loss = uninit(dev, 1)?;
         let (rows, classes) = (count(b)?, count(k)?);
+        // The mean: one block of eight warps; each row's loss: one warp per row.
+        let (outputs, blocks, name, shape) = match self.per_row {
+            false => (1, 1, "xent_forward", Shape::from(())),
+            true => (b, rows.div_ceil(8), "xent_rows", Shape::from(b)),
+        };
+        let mut loss = uninit(dev, outputs)?;
         let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
+            grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let kernel = OPS.func(dev, "xent_forward")?;
+        let kernel = OPS.func(dev, name)?;
         let mut builder = kernel.builder();
         builder.arg(&mut loss).arg(&x);
         let null = 0u64;
@@ -285,12 +312,9 @@ impl CustomOp2 for Xent {
             .arg(&rows)
             .arg(&classes);
         // SAFETY: b·k logits, b labels or b·k targets, all checked contiguous; one
-        // value written.
+        // value written, or one per row.
         unsafe { builder.launch(cfg) }.map_err(|e| launch_error(self.name(), e))?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(loss, dev.clone()),
-            Shape::from(()),
-        ))
+        Ok((CudaStorage::wrap_cuda_slice(loss, dev.clone()), shape))
     }
 
     fn bwd(
@@ -305,7 +329,8 @@ impl CustomOp2 for Xent {
     }
 }
 
-/// The backward pass of [`Xent`]: (logits, targets, ∂L/∂loss (shape ())) → ∂L/∂logits.
+/// The backward pass of [`Xent`]: (logits, targets, ∂L/∂loss (shape (), or (B,) per
+/// row)) → ∂L/∂logits.
 #[derive(Clone, Copy, Debug)]
 struct XentBackward(Xent);
 
@@ -325,15 +350,21 @@ impl CustomOp3 for XentBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
         let rows = op.rows(s1, l1, s2, l2)?;
-        let g = match f32_slice(s3, l3, self.name())? {
-            [g] => *g as f64,
-            other => candle_core::bail!("{}: a gradient of {} values", self.name(), other.len()),
-        };
         let k = rows.k;
         let b = rows.x.len() / k;
-        let scale = g / b as f64;
+        let g = f32_slice(s3, l3, self.name())?;
+        let scale = |i: usize| match (op.per_row, g) {
+            (false, [g]) => Ok(f64::from(*g) / b as f64),
+            (true, g) if g.len() == b => Ok(f64::from(g[i])),
+            _ => Err(candle_core::Error::Msg(format!(
+                "{}: a gradient of {} values for {b} rows",
+                self.name(),
+                g.len()
+            ))),
+        };
         let mut dx = Vec::with_capacity(rows.x.len());
         for (i, r) in rows.x.chunks_exact(k).enumerate() {
+            let scale = scale(i)?;
             let lse = lse(r);
             let total: f64 = (0..k).map(|j| f64::from(op.target(&rows, i, j))).sum();
             dx.extend(r.iter().enumerate().map(|(j, &v)| {
@@ -358,7 +389,12 @@ impl CustomOp3 for XentBackward {
         let op = &self.0;
         let (b, k) = l1.shape().dims2()?;
         let x = f32_view(s1, l1, b * k, "cross-entropy backward: logits")?;
-        let g = f32_view(s3, l3, 1, "cross-entropy backward: gradient")?;
+        let g = f32_view(
+            s3,
+            l3,
+            if op.per_row { b } else { 1 },
+            "cross-entropy backward: gradient",
+        )?;
         let dev = &s1.device;
         let mut dx = uninit(dev, b * k)?;
         let (rows, classes) = (count(b)?, count(k)?);
@@ -381,8 +417,10 @@ impl CustomOp3 for XentBackward {
             labels = u32_view(s2, l2, b)?;
             builder.arg(&labels).arg(&null);
         }
+        let per_row = i32::from(op.per_row);
         builder
             .arg(&g)
+            .arg(&per_row)
             .arg(&op.on)
             .arg(&op.off)
             .arg(&rows)

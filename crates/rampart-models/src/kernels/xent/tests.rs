@@ -108,7 +108,7 @@ fn cross_entropy_matches_the_reference() -> Result<()> {
         ];
         for targets in cases {
             let (got, g_got) = loss_and_grad(|x| cross_entropy(x, targets), &x)?;
-            let (want, g_want) = loss_and_grad(|x| reference_cross_entropy(x, targets), &x)?;
+            let (want, g_want) = loss_and_grad(|x| reference_cross_entropy(x, targets, false), &x)?;
             assert!(
                 (got - want).abs() <= 2e-6 * want.abs().max(1.0),
                 "{b}×{k}: {got} vs {want}"
@@ -215,5 +215,42 @@ fn other_dtypes_take_the_reference_path() -> Result<()> {
     let a = cross_entropy(&x, targets)?.to_scalar::<f32>()?;
     let b = cross_entropy(&x.to_dtype(DType::F64)?, targets)?.to_scalar::<f64>()?;
     assert!((f64::from(a) - b).abs() < 1e-6, "{a} vs {b}");
+    Ok(())
+}
+
+/// Each row's loss, and the gradient of a weighted sum of them, equal the reference's.
+#[test]
+fn per_row_losses_match_the_reference() -> Result<()> {
+    let (b, k) = (9, 10);
+    let x = rand_tensor(&[b, k], 4.0, 21);
+    let y = labels(b, k as u32, 22);
+    let t = soft(b, k, 23);
+    let w = rand_tensor(&[b], 1.0, 24);
+    for targets in [
+        Targets::Labels {
+            labels: &y,
+            smoothing: 0.1,
+        },
+        Targets::Soft(&t),
+    ] {
+        let run = |per_row: bool| -> Result<(Tensor, Tensor)> {
+            let v = Var::from_tensor(&x)?;
+            let rows = if per_row {
+                cross_entropy_rows(v.as_tensor(), targets)?
+            } else {
+                reference_cross_entropy(v.as_tensor(), targets, true)?
+            };
+            let g = (&rows * &w)?.sum_all()?.backward()?;
+            Ok((rows, g.get(&v).expect("a gradient").clone()))
+        };
+        let (got, g_got) = run(true)?;
+        let (want, g_want) = run(false)?;
+        assert_eq!(got.dims(), &[b]);
+        assert!(max_rel(&got, &want) < 2e-6);
+        assert!(max_rel(&g_got, &g_want) < 1e-5);
+        let mean = cross_entropy(&x, targets)?.to_scalar::<f32>()?;
+        let from_rows = got.mean_all()?.to_scalar::<f32>()?;
+        assert!((mean - from_rows).abs() < 1e-6);
+    }
     Ok(())
 }
