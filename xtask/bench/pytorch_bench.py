@@ -93,18 +93,22 @@ class Block(nn.Module):
         return self.conv2(h) + skip
 
 
-class WideResNet(nn.Module):
-    def __init__(self, depth, widen, classes=10, variant="plain"):
+class PreActNet(nn.Module):
+    """The pre-activation network of rampart-models' `preact_net`: a 3×3 stem, stages of
+    `per_stage` pre-activation blocks (the first of each later stage with stride 2),
+    BN-ReLU, average pool, linear. WRN-d-k: stem 16, widths 16k, 32k, 64k, (d − 4)/6
+    blocks per stage; PreActResNet-18: stem 64, widths 64, 128, 256, 512, 2 per stage."""
+
+    def __init__(self, stem, widths, per_stage, classes=10, variant="plain"):
         super().__init__()
         self.cond = Condition()
         self.register_buffer("codes", torch.linalg.qr(torch.randn(CODE_DIM, len(LAMBDAS)))[0].T.contiguous())
         norm = lambda c: Norm(c, variant, self.cond)
-        n = (depth - 4) // 6
-        widths = [16 * widen, 32 * widen, 64 * widen]
+        n = per_stage
         self.register_buffer("mean", torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1))
-        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        blocks, c_in = [], 16
+        self.stem = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        blocks, c_in = [], stem
         for s, c_out in enumerate(widths):
             for b in range(n):
                 blocks.append(Block(c_in, c_out, 2 if (b == 0 and s > 0) else 1, norm))
@@ -199,13 +203,20 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = tf32
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
+    # PyTorch at its fastest: cuDNN times its algorithms once per geometry (`rampart
+    # bench` takes cuDNN's heuristic choice, cached per geometry).
+    torch.backends.cudnn.benchmark = True
     if args.arch == "resnet20":
         if args.variant != "plain":
-            raise SystemExit("the variants are built on the WRN only here")
+            raise SystemExit("the variants are built on the pre-activation networks only here")
         model = ResNet20().to(dev)
+    elif args.arch == "preact-resnet18":
+        model = PreActNet(64, [64, 128, 256, 512], 2, variant=args.variant).to(dev)
     else:
         _, depth, widen = args.arch.split("-")
-        model = WideResNet(int(depth), int(widen), variant=args.variant).to(dev)
+        widen = int(widen)
+        model = PreActNet(16, [16 * widen, 32 * widen, 64 * widen], (int(depth) - 4) // 6,
+                          variant=args.variant).to(dev)
     x = torch.rand(args.batch_size, 3, 32, 32).to(dev)
     y = (torch.arange(args.batch_size) % 10).to(dev)
     oat = args.variant == "oat"

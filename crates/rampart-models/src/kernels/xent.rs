@@ -251,18 +251,18 @@ impl CustomOp2 for Xent {
         let rows = self.rows(s1, l1, s2, l2)?;
         let k = rows.k;
         let b = rows.x.len() / k;
-        let total: f64 = rows
-            .x
-            .chunks_exact(k)
-            .enumerate()
-            .map(|(i, r)| {
-                let lse = lse(r);
-                r.iter()
-                    .enumerate()
-                    .map(|(j, &v)| f64::from(self.target(&rows, i, j)) * (lse - f64::from(v)))
-                    .sum::<f64>()
-            })
-            .sum();
+        let losses = rows.x.chunks_exact(k).enumerate().map(|(i, r)| {
+            let lse = lse(r);
+            r.iter()
+                .enumerate()
+                .map(|(j, &v)| f64::from(self.target(&rows, i, j)) * (lse - f64::from(v)))
+                .sum::<f64>()
+        });
+        if self.per_row {
+            let v: Vec<f32> = losses.map(|l| l as f32).collect();
+            return Ok((CpuStorage::F32(v), Shape::from(b)));
+        }
+        let total: f64 = losses.sum();
         Ok((
             CpuStorage::F32(vec![(total / b as f64) as f32]),
             Shape::from(()),

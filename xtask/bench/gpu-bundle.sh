@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds what gpu-suite.sh runs, on any machine with the CUDA toolkit (no GPU is
+# needed), into BUNDLE: the `rampart` binary (features $FEATURES, default nccl:
+# cuDNN and NCCL) and the CUDA test binaries, stripped and xz-compressed.
+#
+#   xtask/bench/gpu-bundle.sh BUNDLE
+#
+# test-models-cuda     rampart-models' tests/cuda.rs (kernels, networks vs the CPU)
+# test-defenses-cuda   rampart-defenses' tests/cuda.rs (fused SGD vs the CPU)
+# test-defenses-nccl   rampart-defenses' tests/nccl.rs (NCCL with every visible GPU)
+set -eu
+BUNDLE=${1:?usage: gpu-bundle.sh BUNDLE}
+FEATURES=${FEATURES:-nccl}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+mkdir -p "$BUNDLE"
+cargo build --release -p rampart-cli --features "$FEATURES"
+TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+cp "$TARGET/release/rampart" "$BUNDLE/rampart"
+
+# test_binary NAME CARGO-ARGS...: builds one test target and copies its executable.
+test_binary() {
+  local name=$1
+  shift
+  local exe
+  exe=$(cargo test --release "$@" --no-run --message-format=json \
+    | python3 -c 'import json, sys
+exes = [m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]]
+print(exes[-1])')
+  cp "$exe" "$BUNDLE/$name"
+}
+test_binary test-models-cuda -p rampart-models --features cudnn --test cuda
+test_binary test-defenses-cuda -p rampart-defenses --features cuda --test cuda
+if [[ "$FEATURES" == *nccl* ]]; then
+  test_binary test-defenses-nccl -p rampart-defenses --features nccl --test nccl
+fi
+for f in "$BUNDLE"/rampart "$BUNDLE"/test-*; do
+  [[ "$f" == *.xz ]] && continue
+  strip "$f"
+  xz -T0 -9 -f "$f"
+done
+ls -la "$BUNDLE"

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of Rampart, from prebuilt binaries, on a machine
+# that has an NVIDIA GPU, PyTorch and no Rust toolchain. Build the bundle first on
+# any machine with the CUDA toolkit (`xtask/bench/gpu-bundle.sh BUNDLE`), copy it
+# over, then:
+#
+#   xtask/bench/gpu-suite.sh BUNDLE OUT [DATA]
+#
+# BUNDLE  the folder gpu-bundle.sh wrote (rampart, the CUDA test binaries);
+# OUT     where every result goes (created);
+# DATA    optional: a folder holding CIFAR-10 as `rampart train --data-dir` takes it
+#         (cifar10-jpeg/, or the archive cifar10-jpeg.tar.gz) for the fast-AT epoch.
+#
+# In order of importance, each step with its own time limit so that one slow step
+# cannot starve the rest:
+#   1. OUT/gpu.txt: the GPU, its driver, the CUDA and PyTorch versions;
+#   2. OUT/tests-*.txt: the CUDA test binaries (kernels against the CPU);
+#   3. OUT/bench.jsonl: `rampart bench` and xtask/bench/pytorch_bench.py, alternating,
+#      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
+#      BATCHES (environment variables; defaults below);
+#   4. OUT/fast-at-epoch/: one epoch of `rampart train --preset
+#      fast-at-preact-resnet18` (its epoch time is in history.jsonl);
+#   5. OUT/bench.md: the table of step 3 (ratio = Rampart ÷ PyTorch images/s, > 1
+#      means Rampart is faster), from bench-table.py.
+# A step that fails or runs out of time is recorded in OUT/steps.txt and the suite
+# goes on.
+set -u
+BUNDLE=$(cd "${1:?usage: gpu-suite.sh BUNDLE OUT [DATA]}" && pwd)
+OUT=${2:?usage: gpu-suite.sh BUNDLE OUT [DATA]}
+DATA=${3:-}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python3}
+ARCHS=${ARCHS:-"wrn-16-4 preact-resnet18 wrn-28-10"}
+DEVICES=${DEVICES:-"cuda cuda+tf32"}
+BATCHES=${BATCHES:-"128 512"}
+REPS=${REPS:-20}
+ROUNDS=${ROUNDS:-2}
+EPOCH_DEVICE=${EPOCH_DEVICE:-cuda+tf32}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+STEPS="$OUT/steps.txt"
+: > "$STEPS"
+
+# The CUDA libraries PyTorch brings (cuBLAS, cuRAND, NVRTC, cuDNN, NCCL), for the
+# binaries' dynamic linking.
+NV=$("$PYTHON" -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d, "lib"))))' 2>/dev/null)
+export LD_LIBRARY_PATH="${NV:+$NV:}${LD_LIBRARY_PATH:-}"
+
+# step NAME SECONDS COMMAND...: runs and records one step.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - start))" >> "$STEPS"
+  return 0
+}
+
+for f in "$BUNDLE"/*.xz; do
+  [ -e "$f" ] || continue
+  [ -e "${f%.xz}" ] || xz -dk "$f" 2>/dev/null \
+    || "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], "wb"))' "$f"
+done
+chmod +x "$BUNDLE"/rampart "$BUNDLE"/test-* 2>/dev/null
+RAMPART="$BUNDLE/rampart"
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  nvidia-smi | head -4
+  "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
+  "$RAMPART" --version
+} > "$OUT/gpu.txt" 2>&1
+
+for t in "$BUNDLE"/test-*; do
+  [ -x "$t" ] || continue
+  n=$(basename "$t")
+  step "$n" 240 "$t" --test-threads=1 > "$OUT/tests-$n.txt" 2>&1
+done
+
+: > "$OUT/bench.jsonl"
+for arch in $ARCHS; do
+  for batch in $BATCHES; do
+    for dev in $DEVICES; do
+      for round in $(seq "$ROUNDS"); do
+        common=(--arch "$arch" --batch-size "$batch" --reps "$REPS" --device "$dev")
+        mark() { printf '{"run": {"framework": "%s", "arch": "%s", "batch_size": %s, "device": "%s", "round": %s}}\n' "$1" "$arch" "$batch" "$dev" "$round" >> "$OUT/bench.jsonl"; }
+        mark rampart
+        step "rampart-bench $arch $batch $dev round $round" 120 \
+          "$RAMPART" bench "${common[@]}" --steps forward,pgd-step,train-step --json \
+          >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log"
+        mark pytorch
+        step "pytorch-bench $arch $batch $dev round $round" 120 \
+          "$PYTHON" "$HERE/pytorch_bench.py" "${common[@]}" \
+          >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log"
+      done
+    done
+  done
+done
+step "bench-table" 30 "$PYTHON" "$HERE/bench-table.py" "$OUT/bench.jsonl" > "$OUT/bench.md"
+
+if [ -n "$DATA" ]; then
+  step "fast-at-epoch" 300 "$RAMPART" train --preset fast-at-preact-resnet18 --epochs 1 \
+    --device "$EPOCH_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch" --seed 0 \
+    > "$OUT/fast-at-epoch.log" 2>&1
+  rm -f "$OUT"/fast-at-epoch/*.safetensors
+fi
+cat "$STEPS"
