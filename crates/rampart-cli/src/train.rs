@@ -266,6 +266,14 @@ pub struct TrainArgs {
     #[arg(long, alias = "gpus", default_value_t = 1)]
     pub workers: usize,
 
+    /// With --workers: synchronised BatchNorm (PyTorch's SyncBatchNorm). Every
+    /// train-mode BatchNorm normalises with the whole global batch's statistics and
+    /// reduces its gradient sums over the workers, so a step equals one process's on
+    /// the global batch; without it each worker normalises with its own rows (DDP's
+    /// default). Plain BatchNorm layers only (not --noise or --method oat).
+    #[arg(long)]
+    pub sync_bn: bool,
+
     /// Set by the launcher of --workers: this worker's rank.
     #[arg(long, hide = true)]
     pub worker_rank: Option<usize>,
@@ -322,6 +330,8 @@ pub struct TrainPlan {
     pub device: DeviceArg,
     /// One process, a launcher of workers, or one worker.
     pub workers: Workers,
+    /// Synchronised BatchNorm over the workers (`--sync-bn`).
+    pub sync_bn: bool,
 }
 
 /// The first of a flag's and a preset's value, else the default.
@@ -446,6 +456,9 @@ impl TrainArgs {
             ema: self.ema,
         };
         config.validate().context("invalid training flags")?;
+        if self.sync_bn && self.workers < 2 {
+            bail!("--sync-bn synchronises the BatchNorm of --workers N (N ≥ 2) only");
+        }
         let (workers, device) = Workers::plan(
             self.workers,
             self.worker_rank,
@@ -470,6 +483,7 @@ impl TrainArgs {
             resume: self.resume,
             device,
             workers,
+            sync_bn: self.sync_bn,
         })
     }
 
@@ -637,6 +651,7 @@ impl TrainPlan {
             "resume": self.resume,
             "device": self.device.to_string(),
             "workers": self.workers.count(),
+            "sync_batch_norm": self.sync_bn,
             "train": self.config,
         }))
     }
@@ -737,7 +752,7 @@ impl TrainPlan {
             trainer = trainer.metadata("init_from", path.display().to_string());
         }
         if let Some(group) = group {
-            trainer = trainer.parallel(group);
+            trainer = trainer.parallel(group).sync_batch_norm(self.sync_bn);
         }
         let train_examples = train.len();
         let method = self.training_method()?;

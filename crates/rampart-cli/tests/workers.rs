@@ -67,7 +67,33 @@ fn bad_worker_settings_are_refused_before_anything_runs() -> TestResult {
     assert!(gpu.contains("CUDA_VISIBLE_DEVICES"), "{gpu}");
     let hidden = with(&["--worker-rank", "0"])?;
     assert!(hidden.contains("set together, by the launcher"), "{hidden}");
+    let alone = with(&["--sync-bn"])?;
+    assert!(alone.contains("--sync-bn synchronises"), "{alone}");
     assert!(!run.exists(), "a refused run wrote {}", run.display());
+    Ok(())
+}
+
+/// Two CPU workers train with synchronised BatchNorm, recorded in config.json.
+#[test]
+fn two_cpu_workers_train_with_synchronised_batch_norm() -> TestResult {
+    let data = tiny_cifar10_dir(8)?;
+    let out = tempfile::tempdir()?;
+    let run = out.path().join("run");
+    let flags = [
+        "--workers",
+        "2",
+        "--sync-bn",
+        "--data-dir",
+        s(data.path()),
+        "--test-limit",
+        "8",
+    ];
+    run_ok(&tiny_train_args("1", &flags, &run))?;
+    let config = read_json(&run.join("config.json"))?;
+    assert_eq!(config["sync_batch_norm"], true);
+    assert_eq!(config["workers"], 2);
+    let history = std::fs::read_to_string(run.join("history.jsonl"))?;
+    assert_eq!(history.lines().count(), 1, "{history}");
     Ok(())
 }
 

@@ -26,6 +26,7 @@ mod tcp;
 mod nccl;
 
 use std::fmt;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -153,6 +154,33 @@ pub fn sum_scalars(
     Ok(collective
         .all_reduce_sum(&Tensor::new(values, on)?)?
         .to_vec1::<f64>()?)
+}
+
+/// A [`Collective`] as the per-channel sum of synchronised BatchNorm
+/// ([`rampart_models::ChannelSum`]).
+#[derive(Debug)]
+pub struct CollectiveSum(pub Arc<dyn Collective>);
+
+impl rampart_models::ChannelSum for CollectiveSum {
+    fn sum(&self, values: &Tensor) -> candle_core::Result<Tensor> {
+        self.0
+            .all_reduce_sum(values)
+            .map_err(|e| candle_core::Error::Msg(format!("synchronised BatchNorm: {e}")))
+    }
+}
+
+/// Refuses synchronised BatchNorm where it cannot be exact: a model whose
+/// normalisation layers are not plain BatchNorm (a stochastic student's noise, OAT's
+/// dual BatchNorm and FiLM compute further batch-dependent terms per worker).
+pub(crate) fn check_sync_batch_norm(model: &rampart_models::Classifier) -> Result<()> {
+    let spec = model.spec();
+    if spec.noise.is_some() || spec.oat.is_some() {
+        return Err(DefenseError::Config(
+            "--sync-bn needs plain BatchNorm layers; a stochastic student's or an OAT              model's normalisation is not synchronised"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a method that learns state from its batches (AR-AdaLS): each worker would

@@ -117,6 +117,7 @@ pub struct Trainer {
     metadata: BTreeMap<String, String>,
     collective: Option<Arc<dyn Collective>>,
     sync_every: Option<usize>,
+    sync_batch_norm: bool,
 }
 
 impl Trainer {
@@ -131,6 +132,7 @@ impl Trainer {
             metadata: BTreeMap::new(),
             collective: None,
             sync_every: None,
+            sync_batch_norm: false,
         })
     }
 
@@ -152,6 +154,16 @@ impl Trainer {
     /// return its history without writing anything.
     pub fn parallel(mut self, collective: Arc<dyn Collective>) -> Self {
         self.collective = Some(collective);
+        self
+    }
+
+    /// Synchronised BatchNorm for data-parallel training: every train-mode BatchNorm
+    /// normalises with the whole global batch's statistics and reduces its gradient
+    /// sums over the workers (see [`rampart_models::kernels::sync_bn`]), as PyTorch's
+    /// `SyncBatchNorm`; without it each worker normalises with its own rows (DDP's
+    /// default). Needs [`Trainer::parallel`] and plain BatchNorm layers.
+    pub fn sync_batch_norm(mut self, on: bool) -> Self {
+        self.sync_batch_norm = on;
         self
     }
 
@@ -204,6 +216,18 @@ impl Trainer {
         if let Some(group) = group {
             parallel::check_method(group, method)?;
         }
+        let sync_bn = match (&self.collective, self.sync_batch_norm) {
+            (_, false) => None,
+            (None, true) => {
+                return Err(DefenseError::Config(
+                    "synchronised BatchNorm needs data-parallel workers".into(),
+                ))
+            }
+            (Some(group), true) => {
+                parallel::check_sync_batch_norm(model)?;
+                Some(Arc::new(parallel::CollectiveSum(Arc::clone(group))))
+            }
+        };
         let loader_config = LoaderConfig {
             batch_size: cfg.batch_size,
             shuffle: true,
@@ -297,6 +321,11 @@ impl Trainer {
             1
         });
         for epoch in history.len()..cfg.epochs {
+            // Train-mode BatchNorm on this thread synchronised for the epoch's steps
+            // (the evaluation after it runs in eval mode, untouched).
+            let sync_scope = sync_bn.clone().map(|sum| {
+                rampart_models::SyncScope::new(sum as Arc<dyn rampart_models::ChannelSum>)
+            });
             let mut rng = parallel::worker_rng(cfg.seed, epoch, rank);
             let started = Instant::now();
             bars.start_epoch(epoch, batches);
@@ -391,6 +420,7 @@ impl Trainer {
                 loss_sum = sums[0] / workers as f64;
                 (correct, seen) = (sums[1] as usize, sums[2] as usize);
             }
+            drop(sync_scope);
             let epoch_seconds = started.elapsed().as_secs_f64();
             let eval_started = Instant::now();
             let evaluated = ema.as_ref().map_or(&*model, Ema::model);

@@ -93,7 +93,17 @@ impl BatchNorm {
 
     fn forward_impl(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if train {
-            let (y, stats) = bn::train(xs, &self.weight, &self.bias, self.eps, relu)?;
+            let (y, stats) = match crate::kernels::sync_bn::current() {
+                Some(sum) => crate::kernels::sync_bn::train(
+                    xs,
+                    &self.weight,
+                    &self.bias,
+                    self.eps,
+                    relu,
+                    &sum,
+                )?,
+                None => bn::train(xs, &self.weight, &self.bias, self.eps, relu)?,
+            };
             stats.update_running(&self.running_mean, &self.running_var, self.momentum)?;
             Ok(y)
         } else {

@@ -45,6 +45,7 @@ pub mod wrn;
 
 #[cfg(feature = "cuda")]
 pub use kernels::cuda;
+pub use kernels::sync_bn::{ChannelSum, SyncScope};
 
 pub use spec::{
     Arch, BatchNormSpec, ModelSpec, CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, SVHN_MEAN,
@@ -407,6 +408,10 @@ impl Classifier {
         lambdas: Option<&[f32]>,
     ) -> candle_core::Result<Option<Tensor>> {
         if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 || xs.track_op() {
+            return Ok(None);
+        }
+        if kernels::sync_bn::current().is_some() {
+            // Synchronised BatchNorm runs layer by layer (its reductions cross workers).
             return Ok(None);
         }
         let b = xs.dim(0)?;

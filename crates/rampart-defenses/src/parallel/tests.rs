@@ -300,3 +300,179 @@ fn a_method_with_learnt_state_is_refused_with_several_workers() -> TestResult {
     }
     Ok(())
 }
+
+/// Every trainable variable's gradient (mean cross-entropy over `images`, train mode)
+/// and the running statistics after the step, of the toy model at seed 11; with
+/// `group`, synchronised BatchNorm and the gradients averaged over the workers.
+fn train_mode_step(
+    images: &Tensor,
+    labels: &Tensor,
+    group: Option<Arc<TcpGroup>>,
+) -> Result<(Named, Named)> {
+    let model = Classifier::new(toy_spec(), 11, &Device::Cpu)?;
+    let _scope = group
+        .clone()
+        .map(|g| rampart_models::SyncScope::new(Arc::new(CollectiveSum(g as Arc<dyn Collective>))));
+    let logits = model.forward_t(images, true)?;
+    let loss = crate::cross_entropy(&logits, labels, 0.0)?;
+    let mut grads = loss.backward()?;
+    let vars = model.trainable_vars();
+    if let Some(group) = &group {
+        average_gradients(group.as_ref(), &vars, &mut grads)?;
+    }
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let grads = vars
+        .iter()
+        .map(|(name, var)| {
+            let g = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| DefenseError::Config(format!("{name} has no gradient")))?;
+            Ok((name.clone(), flat(g)?))
+        })
+        .collect::<Result<Named>>()?;
+    let buffers = model
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| rampart_models::is_buffer(n))
+        .map(|(n, v)| Ok((n, flat(v.as_tensor())?)))
+        .collect::<Result<Named>>()?;
+    Ok((grads, buffers))
+}
+
+/// The largest difference of two sets of named values, relative to the reference's
+/// largest magnitude per variable.
+fn worst_relative(got: &Named, want: &Named) -> f32 {
+    got.iter()
+        .zip(want)
+        .map(|((name, a), (other, s))| {
+            assert_eq!(name, other);
+            let scale = s.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            a.iter().zip(s).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+        })
+        .fold(0f32, f32::max)
+}
+
+/// With synchronised BatchNorm the identity holds in train mode: the workers'
+/// averaged gradients equal the single-process gradient of the whole batch (which
+/// runs the fused CPU train path), and every worker's running statistics are the
+/// single process's. Without it they are not (DDP's per-worker BatchNorm), which the
+/// test checks too, so that it can fail.
+#[test]
+fn synchronised_batch_norm_gives_the_global_batch_in_train_mode() -> TestResult {
+    let (images, labels) = global_batch(toy_dataset(8, 3))?;
+    let (single, single_buffers) = train_mode_step(&images, &labels, None)?;
+    for workers in [2, 4] {
+        let part = 8 / workers;
+        let rows = |t: &Tensor, rank: usize| t.narrow(0, rank * part, part);
+        let synced = all_ok(on_workers(workers, |g| {
+            let r = g.rank();
+            train_mode_step(&rows(&images, r)?, &rows(&labels, r)?, Some(g))
+        })?)?;
+        for (grads, buffers) in &synced {
+            assert_eq!(grads, &synced[0].0, "the workers got different gradients");
+            let d = worst_relative(grads, &single);
+            eprintln!("{workers} synchronised workers: gradients within {d:.1e} (relative)");
+            assert!(d < 1e-4, "{workers} workers: gradients differ by {d}");
+            let d = worst_relative(buffers, &single_buffers);
+            assert!(
+                d < 1e-5,
+                "{workers} workers: running statistics differ by {d}"
+            );
+        }
+        // Per-worker BatchNorm: the same step without synchronisation.
+        let plain = all_ok(on_workers(workers, |g| {
+            let r = g.rank();
+            let (images, labels) = (rows(&images, r)?, rows(&labels, r)?);
+            let model = Classifier::new(toy_spec(), 11, &Device::Cpu)?;
+            let loss = crate::cross_entropy(&model.forward_t(&images, true)?, &labels, 0.0)?;
+            let mut grads = loss.backward()?;
+            let vars = model.trainable_vars();
+            average_gradients(g.as_ref(), &vars, &mut grads)?;
+            vars.iter()
+                .map(|(n, v)| {
+                    Ok((
+                        n.clone(),
+                        grads
+                            .get(v.as_tensor())
+                            .unwrap()
+                            .flatten_all()?
+                            .to_vec1::<f32>()?,
+                    ))
+                })
+                .collect::<Result<Named>>()
+        })?)?;
+        let d = worst_relative(&plain[0], &single);
+        eprintln!("{workers} workers, per-worker BatchNorm: gradients {d:.1e} apart");
+        assert!(
+            d > 1e-2,
+            "{workers} workers without synchronisation: only {d} apart"
+        );
+    }
+    Ok(())
+}
+
+/// Two workers train with synchronised BatchNorm and stay identical; synchronised
+/// BatchNorm without workers, or on a stochastic student, is refused.
+#[test]
+fn trainer_runs_synchronised_batch_norm_and_refuses_it_where_it_cannot_hold() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let out = all_ok(on_workers(2, |g| {
+        let out = dir.path().join(format!("worker{}", g.rank()));
+        let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
+        let outcome = Trainer::new(toy_config(1), &out)?
+            .progress(crate::Progress::Hidden)
+            .parallel(g)
+            .sync_batch_norm(true)
+            .run(
+                &mut model,
+                &Normal::new(),
+                Arc::new(toy_dataset(48, 1)),
+                &toy_dataset(8, 2),
+            )?;
+        Ok((values(&model)?, outcome))
+    })?)?;
+    assert_eq!(out[0].0, out[1].0, "the workers' weights drifted apart");
+    assert!(out[0].1.history[0].train_loss.is_finite());
+
+    let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
+    let err = Trainer::new(toy_config(1), dir.path().join("alone"))?
+        .progress(crate::Progress::Hidden)
+        .sync_batch_norm(true)
+        .run(
+            &mut model,
+            &Normal::new(),
+            Arc::new(toy_dataset(16, 1)),
+            &toy_dataset(8, 2),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("needs data-parallel workers"),
+        "{err}"
+    );
+
+    let student = rampart_models::ModelSpec {
+        noise: Some(rampart_models::NoiseSpec { alpha: 0.1 }),
+        ..toy_spec()
+    };
+    let errors = on_workers(2, |g| {
+        let mut model = Classifier::new(student.clone(), 5, &Device::Cpu)?;
+        Trainer::new(
+            toy_config(1),
+            dir.path().join(format!("student{}", g.rank())),
+        )?
+        .progress(crate::Progress::Hidden)
+        .parallel(g)
+        .sync_batch_norm(true)
+        .run(
+            &mut model,
+            &Normal::new(),
+            Arc::new(toy_dataset(16, 1)),
+            &toy_dataset(8, 2),
+        )
+    })?;
+    for e in errors {
+        let e = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("needs plain BatchNorm"), "{e}");
+    }
+    Ok(())
+}

@@ -243,7 +243,7 @@ impl BnForward {
 
 /// The shape of BatchNorm activations as (n, c, h, w): NHWC (B, H, W, C) as
 /// (B, C, H, W), a (rows, C) matrix as (rows, C, 1, 1).
-fn bn_dims(xs: &Tensor) -> Result<[usize; 4]> {
+pub(crate) fn bn_dims(xs: &Tensor) -> Result<[usize; 4]> {
     Ok(match xs.dims() {
         [b, h, w, c] => [*b, *c, *h, *w],
         [rows, c] => [*rows, *c, 1, 1],
@@ -723,7 +723,7 @@ fn relu_if(y: Tensor, relu: bool) -> Result<Tensor> {
 /// Whether the [`BatchNormTrain`]/[`BatchNormEval`] ops run `xs` with this ε: f32 on
 /// the CPU, and f32 on CUDA with the `cudnn` feature (ε at least cuDNN's minimum, a
 /// non-empty batch).
-fn native(xs: &Tensor, eps: f64) -> bool {
+pub(crate) fn native(xs: &Tensor, eps: f64) -> bool {
     if xs.dtype() != DType::F32 {
         return false;
     }

@@ -28,6 +28,9 @@
 //!   op each way; [`pointwise`]: the small operations around cuDNN's BatchNorm (the
 //!   ReLU's mask, the eval-mode input gradient, the running statistics), each one
 //!   CUDA kernel with its CPU twin. Their CUDA source is `ops.cu`.
+//! * [`sync_bn`]: synchronised BatchNorm for data-parallel training (statistics and
+//!   gradient sums over every worker, through a [`sync_bn::ChannelSum`] installed
+//!   for the thread by a [`sync_bn::SyncScope`]).
 //! * [`cuda`] (feature `cuda`): device preparation and the NVRTC-compiled kernel
 //!   modules; `cudnn` (feature `cudnn`): the
 //!   cuDNN calls. Unsafe code is
@@ -47,6 +50,7 @@ mod gemm;
 pub mod pointwise;
 pub(crate) mod postact;
 pub(crate) mod preact;
+pub mod sync_bn;
 mod train_norm;
 mod winograd;
 pub mod xent;
