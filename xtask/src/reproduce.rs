@@ -81,6 +81,13 @@ pub struct ReproduceArgs {
     #[arg(long, default_value_t = 1)]
     pub train_workers: usize,
 
+    /// With --train-workers N > 1: synchronised BatchNorm (`rampart train --sync-bn`)
+    /// for every row with plain BatchNorm layers, which then train like one device on
+    /// the global batch; the stochastic students and OAT rows keep per-worker
+    /// BatchNorm (their extra layers are not synchronised). Recorded with the study.
+    #[arg(long)]
+    pub sync_bn: bool,
+
     /// How many `rampart` runs go side by side, each as soon as the runs it reads have
     /// finished [default: one per core on a CPU, each single-threaded (with --threads T,
     /// cores ÷ T of them); one per device on a GPU].
@@ -276,6 +283,12 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         // Data-parallel training changes the weights: a study keeps its choice.
         settings = settings.with("--train-workers", args.train_workers.to_string());
     }
+    if args.sync_bn {
+        if args.train_workers < 2 {
+            bail!("--sync-bn synchronises the BatchNorm of --train-workers N (N ≥ 2) only");
+        }
+        settings = settings.with("--sync-bn", "on");
+    }
     if !args.resume {
         for row in &selected {
             let dir = model_dir(&out, row.method);
@@ -366,9 +379,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         if args.resume {
             train.arg("--resume");
         }
-        if args.train_workers > 1 {
-            train.args(["--workers", &args.train_workers.to_string()]);
-        }
+        train.args(worker_flags(args.train_workers, args.sync_bn, row));
         let t = jobs.add(
             format!("{step}: training ({})", describe(row)),
             train,
@@ -956,6 +967,23 @@ fn default_jobs(device: &str, threads: Option<usize>) -> usize {
 fn xtask_command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();
     crate::portable::study_command(&args)
+}
+
+/// The data-parallel flags of `row`'s `rampart train`: `--workers N` for N > 1, and
+/// `--sync-bn` with it when asked and the row's BatchNorm layers are plain (not a
+/// stochastic student's, not OAT's).
+fn worker_flags(workers: usize, sync_bn: bool, row: &ModelRow) -> Vec<String> {
+    if workers < 2 {
+        return Vec::new();
+    }
+    let mut flags = vec!["--workers".to_string(), workers.to_string()];
+    let plain = !row.stochastic
+        && row.train_method != "oat"
+        && !row.train_flags().iter().any(|f| f == "--noise");
+    if sync_bn && plain {
+        flags.push("--sync-bn".to_string());
+    }
+    flags
 }
 
 #[cfg(test)]
