@@ -1,5 +1,6 @@
 //! Benchmarks of the attacks; one file per benchmark.
 
+mod engine;
 mod pgd;
 
-criterion::criterion_main!(pgd::benches);
+criterion::criterion_main!(pgd::benches, engine::benches);

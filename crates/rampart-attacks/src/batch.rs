@@ -290,8 +290,15 @@ impl Batch {
     /// f32 *towards* x_i, so that |out − x_i| ≤ |δ| coordinate-wise: a δ feasible in
     /// f64 stays feasible, exactly, in f32.
     pub fn store(&self, i: usize, delta: &[f64], out: &mut [f32]) {
+        // The value of `store_value` per coordinate, written without branches so
+        // that the loop vectorises: x + δ rounded to the nearest f32 and clamped, and
+        // where that rounding went past |δ| (about half the coordinates of a step),
+        // the f32 next to it towards x (`next_toward` as bit arithmetic).
+        let (lo, hi) = (self.bounds.lo, self.bounds.hi);
         for ((o, &xc), &dc) in out.iter_mut().zip(self.row(i)).zip(delta) {
-            *o = self.store_value(xc, dc);
+            let a = clamp_f32((xc as f64 + dc) as f32, lo, hi);
+            let past = (a as f64 - xc as f64).abs() > dc.abs();
+            *o = if past { step_toward(a, xc) } else { a };
         }
     }
 
@@ -315,7 +322,16 @@ impl Batch {
     pub fn clamp_box(&self, i: usize, delta: &mut [f64]) {
         let (lo, hi) = (self.bounds.lo as f64, self.bounds.hi as f64);
         for (v, &xc) in delta.iter_mut().zip(self.row(i)) {
-            *v = v.clamp(lo - xc as f64, hi - xc as f64);
+            let (l, h) = (lo - xc as f64, hi - xc as f64);
+            // `f64::clamp` (NaN stays NaN), without its per-call check that l ≤ h
+            // (x lies in the bounds), so that the loop vectorises.
+            *v = if *v < l {
+                l
+            } else if *v > h {
+                h
+            } else {
+                *v
+            };
         }
     }
 
@@ -333,6 +349,35 @@ impl Batch {
         let mut delta = vec![0f64; self.d];
         self.delta(i, point, &mut delta);
         norm.measure(&delta)
+    }
+}
+
+/// [`next_toward`] for a ≠ x and a not NaN (where [`Batch::store`] calls it), as
+/// selects rather than branches: the bits one step from a towards x, or the smallest
+/// subnormal of x's side from zero.
+#[inline(always)]
+fn step_toward(a: f32, x: f32) -> f32 {
+    let up = x > a;
+    let away_from_zero = (a > 0.0) == up;
+    let bits = a.to_bits();
+    let moved = if away_from_zero {
+        bits.wrapping_add(1)
+    } else {
+        bits.wrapping_sub(1)
+    };
+    let tiny = if up { 1u32 } else { 0x8000_0001 };
+    f32::from_bits(if a == 0.0 { tiny } else { moved })
+}
+
+/// `f32::clamp(a, lo, hi)` for lo ≤ hi (NaN stays NaN), branch-free.
+#[inline(always)]
+fn clamp_f32(a: f32, lo: f32, hi: f32) -> f32 {
+    if a < lo {
+        lo
+    } else if a > hi {
+        hi
+    } else {
+        a
     }
 }
 
@@ -445,6 +490,62 @@ mod tests {
         for ((&o, &x), &dc) in out.iter().zip(batch.row(5)).zip(&delta) {
             assert!((o as f64 - x as f64).abs() <= dc.abs());
             assert!((0.0..=1.0).contains(&o));
+        }
+        Ok(())
+    }
+
+    /// The two-pass `store` equals `store_value` coordinate by coordinate, bit for bit,
+    /// and the vectorised `clamp_box` equals `f64::clamp`, on deltas that push past
+    /// the box, round past |δ|, are tiny, zero, negative zero and NaN.
+    #[test]
+    fn fast_store_and_clamp_equal_the_per_coordinate_rule() -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let t = trained();
+        let batch = Batch::new(&t.model, Bounds::UNIT, &t.xs, &t.ys)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let specials = [0.0, -0.0, f64::NAN, 1e-12, -1e-12, 2.0, -2.0, 1e-8];
+        for i in [0, 5, 17] {
+            let delta: Vec<f64> = (0..batch.d)
+                .map(|c| match c % 11 {
+                    0..=7 => specials[c % 8],
+                    8 => rng.gen_range(-0.05..0.05),
+                    9 => rng.gen_range(-1.5..1.5),
+                    _ => rng.gen_range(-1e-7..1e-7),
+                })
+                .collect();
+            let mut out = vec![0f32; batch.d];
+            batch.store(i, &delta, &mut out);
+            for ((&o, &x), &dc) in out.iter().zip(batch.row(i)).zip(&delta) {
+                assert_eq!(
+                    o.to_bits(),
+                    batch.store_value(x, dc).to_bits(),
+                    "x {x}, δ {dc}"
+                );
+            }
+            let values = [
+                0.0f32,
+                -0.0,
+                1.0,
+                -1.0,
+                0.5,
+                1e-40,
+                -1e-40,
+                f32::MIN_POSITIVE,
+                3e38,
+            ];
+            for &a in &values {
+                for &x in &values {
+                    if a != x {
+                        assert_eq!(step_toward(a, x).to_bits(), next_toward(a, x).to_bits());
+                    }
+                }
+            }
+            let mut clamped = delta.clone();
+            batch.clamp_box(i, &mut clamped);
+            for ((&v, &x), &dc) in clamped.iter().zip(batch.row(i)).zip(&delta) {
+                let want = dc.clamp(0.0 - x as f64, 1.0 - x as f64);
+                assert_eq!(v.to_bits(), want.to_bits(), "x {x}, δ {dc}");
+            }
         }
         Ok(())
     }

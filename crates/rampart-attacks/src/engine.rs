@@ -3,13 +3,16 @@
 //! perturbation. [`crate::Repeated`]'s loop gives it its restarts, and
 //! [`crate::Attack::run`] its ε loop and final judgement.
 //!
-//! State lives on the host, per example: the current adversarial input (f32, exactly
+//! The per-example arithmetic of a start and of a step runs on the host's threads,
+//! examples in parallel (each on its own rows and streams, so the result does not
+//! depend on the threads). State lives on the host, per example: the current adversarial input (f32, exactly
 //! what the model sees), the momentum buffer, the step size, the cached objective and
 //! gradient at the current point; the best point so far is the run's [`Record`]. The
 //! model is only used for forward/backward passes on the (compacted) batch of examples
 //! still attacked.
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::batch::Batch;
 use crate::error::{Error, Result};
@@ -103,16 +106,23 @@ impl Run<'_> {
         let (cfg, batch) = (self.cfg, self.batch);
         let d = batch.d;
         let width = batch.bounds.width() as f64;
-        let mut delta = vec![0f64; d];
-        let mut g = vec![0f64; d];
         let init = cfg.restarts.init(rows.restart());
         let mut active: Vec<usize> = rows.examples().to_vec();
         let mut adv = vec![0f32; active.len() * d];
-        for (j, &i) in active.iter().enumerate() {
-            let mut rng = batch.rng(seed, rows.runs()[j], i);
-            cfg.norm.sample(init, eps, width, &mut rng, &mut delta);
-            self.finish(i, &mut delta, eps, &mut adv[j * d..(j + 1) * d]);
-        }
+        let update = self.update();
+        let per_task = rows_per_task(d);
+        // Each example's start from its own stream, examples in parallel.
+        adv.par_chunks_mut(d)
+            .zip(active.par_iter().zip(rows.runs().par_iter()))
+            .with_min_len(per_task)
+            .for_each_init(
+                || vec![0f64; d],
+                |delta, (out, (&i, &run))| {
+                    let mut rng = batch.rng(seed, run, i);
+                    cfg.norm.sample(init, eps, width, &mut rng, delta);
+                    update.finish(i, delta, eps, out);
+                },
+            );
         let mut cur = self.evaluate(&active, &adv, true)?;
         offer(record, &active, &adv, &cur, d);
         let mut lr = vec![cfg.step_size.at(eps); active.len()];
@@ -133,19 +143,29 @@ impl Run<'_> {
                 break;
             }
             let mut candidate = vec![0f32; active.len() * d];
-            for (j, &i) in active.iter().enumerate() {
-                let rows = j * d..(j + 1) * d;
-                self.direction(&cur.grad[rows.clone()], &adv[rows.clone()], &mut g);
-                let m = &mut momentum[rows.clone()];
-                for (mc, gc) in m.iter_mut().zip(&g) {
-                    *mc = cfg.momentum * *mc + (1.0 - cfg.momentum) * gc;
-                }
-                let x = batch.row(i);
-                for c in 0..d {
-                    delta[c] = (adv[j * d + c] as f64 - x[c] as f64) + lr[j] * m[c];
-                }
-                self.finish(i, &mut delta, eps, &mut candidate[rows]);
-            }
+            // Each example's step (direction, momentum, projection) on its own rows,
+            // examples in parallel: the same arithmetic whatever the threads.
+            let beta = cfg.momentum;
+            candidate
+                .par_chunks_mut(d)
+                .zip(momentum.par_chunks_mut(d))
+                .zip(cur.grad.par_chunks(d).zip(adv.par_chunks(d)))
+                .zip(active.par_iter().zip(lr.par_iter()))
+                .with_min_len(per_task)
+                .for_each_init(
+                    || (vec![0f64; d], vec![0f64; d]),
+                    |(delta, g), (((out, m), (grad, a)), (&i, &lr))| {
+                        update.direction(grad, a, g);
+                        for (mc, gc) in m.iter_mut().zip(g.iter()) {
+                            *mc = beta * *mc + (1.0 - beta) * gc;
+                        }
+                        let x = batch.row(i);
+                        for c in 0..d {
+                            delta[c] = (a[c] as f64 - x[c] as f64) + lr * m[c];
+                        }
+                        update.finish(i, delta, eps, out);
+                    },
+                );
             let want_grad = t + 1 < cfg.steps;
             let next = self.evaluate(&active, &candidate, want_grad)?;
             offer(record, &active, &candidate, &next, d);
@@ -170,40 +190,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The normalised ascent direction at `adv` from the raw gradient `grad` (one
-    /// example): non-finite entries and masked coordinates are zeroed, as are entries
-    /// pushing a coordinate that sits on a bound further out (their step would be
-    /// clipped away, and for sparse L1 steps would waste the step's budget).
-    fn direction(&self, grad: &[f32], adv: &[f32], out: &mut [f64]) {
-        let (lo, hi) = (self.batch.bounds.lo, self.batch.bounds.hi);
-        for (c, o) in out.iter_mut().enumerate() {
-            let mut v = grad[c] as f64;
-            if !v.is_finite() {
-                v = 0.0;
-            }
-            if let Some(mask) = self.mask {
-                v *= mask[c];
-            }
-            if (adv[c] >= hi && v > 0.0) || (adv[c] <= lo && v < 0.0) {
-                v = 0.0;
-            }
-            *o = v;
+    /// The per-example arithmetic of this run, for the worker threads.
+    fn update(&self) -> Update<'_> {
+        Update {
+            cfg: self.cfg,
+            mask: self.mask,
+            batch: self.batch,
         }
-        self.cfg.norm.normalize(out);
-    }
-
-    /// Makes `delta` feasible for example `i` and writes x + δ into `out`: mask, box,
-    /// ε-ball, box; then rounds each coordinate to f32 *towards* x, so that the stored
-    /// point satisfies |x_adv − x| ≤ |δ| coordinate-wise and every norm bound holds
-    /// exactly for the f32 values.
-    fn finish(&self, i: usize, delta: &mut [f64], eps: f64, out: &mut [f32]) {
-        if let Some(mask) = self.mask {
-            delta.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
-        }
-        self.batch.clamp_box(i, delta);
-        self.cfg.norm.project(delta, eps);
-        self.batch.clamp_box(i, delta);
-        self.batch.store(i, delta, out);
     }
 
     /// Forward (and backward) passes at the points `adv` of the examples `active`,
@@ -261,6 +254,59 @@ impl Run<'_> {
             grad,
         })
     }
+}
+
+/// The per-example arithmetic of a step, without the model: what the worker threads
+/// share.
+#[derive(Clone, Copy)]
+struct Update<'a> {
+    cfg: &'a Pgd,
+    mask: Option<&'a [f64]>,
+    batch: &'a Batch,
+}
+
+impl Update<'_> {
+    /// The normalised ascent direction at `adv` from the raw gradient `grad` (one
+    /// example): non-finite entries and masked coordinates are zeroed, as are entries
+    /// pushing a coordinate that sits on a bound further out (their step would be
+    /// clipped away, and for sparse L1 steps would waste the step's budget).
+    fn direction(&self, grad: &[f32], adv: &[f32], out: &mut [f64]) {
+        let (lo, hi) = (self.batch.bounds.lo, self.batch.bounds.hi);
+        for (c, o) in out.iter_mut().enumerate() {
+            let mut v = grad[c] as f64;
+            if !v.is_finite() {
+                v = 0.0;
+            }
+            if let Some(mask) = self.mask {
+                v *= mask[c];
+            }
+            if (adv[c] >= hi && v > 0.0) || (adv[c] <= lo && v < 0.0) {
+                v = 0.0;
+            }
+            *o = v;
+        }
+        self.cfg.norm.normalize(out);
+    }
+
+    /// Makes `delta` feasible for example `i` and writes x + δ into `out`: mask, box,
+    /// ε-ball, box; then rounds each coordinate to f32 *towards* x, so that the stored
+    /// point satisfies |x_adv − x| ≤ |δ| coordinate-wise and every norm bound holds
+    /// exactly for the f32 values.
+    fn finish(&self, i: usize, delta: &mut [f64], eps: f64, out: &mut [f32]) {
+        if let Some(mask) = self.mask {
+            delta.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
+        }
+        self.batch.clamp_box(i, delta);
+        self.cfg.norm.project(delta, eps);
+        self.batch.clamp_box(i, delta);
+        self.batch.store(i, delta, out);
+    }
+}
+
+/// Examples per parallel task: about 32,768 coordinates each, so that a small problem
+/// (few examples, small inputs) stays on one thread.
+fn rows_per_task(d: usize) -> usize {
+    ((1usize << 15) / d.max(1)).max(1)
 }
 
 /// Offers each point of `evaluated` to the record (NaN objectives arrive as −∞).

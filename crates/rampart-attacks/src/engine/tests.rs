@@ -617,3 +617,59 @@ fn rounding_helpers() {
     retain(&mut v, 2, &[true, false, true]);
     assert_eq!(v, vec![1, 2, 5, 6]);
 }
+
+/// Starts and steps run examples in parallel (tasks of about 32,768 coordinates):
+/// with inputs of 3,072 values and 40 examples the work is cut into four tasks, and
+/// the outcome is the same bits on one thread as on four, for every norm.
+#[test]
+fn outcome_does_not_depend_on_the_threads() -> Result<()> {
+    let (b, d) = (40, 3 * 32 * 32);
+    let model = Mlp::random(&[d, 8, 10], 3, DType::F32)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let x: Vec<f32> = (0..b * d).map(|_| rng.gen()).collect();
+    let xs = Tensor::from_vec(x, (b, 3, 32, 32), &Device::Cpu)?;
+    let ys = Tensor::from_vec(
+        (0..b as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        b,
+        &Device::Cpu,
+    )?;
+    let pool = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::Input(e.to_string()))
+    };
+    let (one, four) = (pool(1)?, pool(4)?);
+    for (norm, eps) in [
+        (Norm::Linf, 8.0 / 255.0),
+        (Norm::L2, 0.5),
+        (Norm::l1(), 12.0),
+        (Norm::L0, 10.0),
+    ] {
+        let cfg = Pgd {
+            momentum: 0.75,
+            backtrack: Some(1.5),
+            restarts: Restarts::same(2, Init::Uniform),
+            ..ce_config(norm, 4, StepSize::Relative(0.25))
+        };
+        let run = || cfg.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 9);
+        let (a, b) = (one.install(run)?, four.install(run)?);
+        let bits = |r: &[AttackResult]| -> Result<Vec<u32>> {
+            Ok(r[0]
+                .clipped
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        assert_eq!(bits(&a)?, bits(&b)?, "{norm:?}: adversarial inputs");
+        assert_eq!(a[0].success, b[0].success, "{norm:?}");
+        assert_eq!(a[0].iterations, b[0].iterations, "{norm:?}");
+        assert!(
+            a[0].success.iter().any(|s| *s),
+            "{norm:?}: nothing fooled, a weak check"
+        );
+    }
+    Ok(())
+}
