@@ -98,7 +98,7 @@ pub fn train(
     let first = Tensor::cat(&[column_sums(&rows)?, Tensor::new(&[local_rows], dev)?], 0)?;
     let first = sum.sum(&first)?;
     let count = first.narrow(0, c, 1)?.to_vec1::<f64>()?[0];
-    if !(count >= 1.0) {
+    if count.is_nan() || count < 1.0 {
         candle_core::bail!("synchronised BatchNorm over {count} rows")
     }
     let mean = (first.narrow(0, 0, c)? / count)?;

@@ -37,6 +37,15 @@ impl ChannelSum for ThreadSum {
     }
 }
 
+/// What one BatchNorm computes for a probe loss Σ p·BN(x) (+ ReLU).
+struct Out {
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+    stats: BatchStats,
+}
+
 /// y, dx, dγ, dβ of a probe loss Σ p·BN(x) (+ ReLU) over `x`.
 fn outputs(
     x: &Tensor,
@@ -45,7 +54,7 @@ fn outputs(
     beta: &Var,
     relu: bool,
     sum: Option<Arc<dyn ChannelSum>>,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, BatchStats)> {
+) -> Result<Out> {
     let xv = Var::from_tensor(x)?;
     let (y, stats) = match sum {
         Some(sum) => train(xv.as_tensor(), gamma, beta, 1e-5, relu, &sum)?,
@@ -54,7 +63,13 @@ fn outputs(
     let grads = (&y * probe)?.sum_all()?.backward()?;
     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
     let g = |v: &Var| flat(grads.get(v.as_tensor()).expect("a gradient"));
-    Ok((flat(&y)?, g(&xv)?, g(gamma)?, g(beta)?, stats))
+    Ok(Out {
+        y: flat(&y)?,
+        dx: g(&xv)?,
+        dgamma: g(gamma)?,
+        dbeta: g(beta)?,
+        stats,
+    })
 }
 
 fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
@@ -79,9 +94,9 @@ fn two_synchronised_halves_equal_the_whole_batch() -> Result<()> {
     let gamma = Var::from_tensor(&(rand_tensor(&[c], 3) + 1.0)?)?;
     let beta = Var::from_tensor(&rand_tensor(&[c], 4))?;
     for relu in [false, true] {
-        let (y, dx, dg, db, stats) = outputs(&x, &probe, &gamma, &beta, relu, None)?;
+        let whole = outputs(&x, &probe, &gamma, &beta, relu, None)?;
         let shared = Arc::new((Barrier::new(2), Mutex::new(vec![Vec::new(); 2])));
-        let halves: Vec<_> = std::thread::scope(|s| {
+        let halves: Vec<Result<Out>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..2)
                 .map(|rank| {
                     let shared = shared.clone();
@@ -95,32 +110,29 @@ fn two_synchronised_halves_equal_the_whole_batch() -> Result<()> {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let halves = halves.into_iter().collect::<Result<Vec<_>>>()?;
-        let joined =
-            |f: &dyn Fn(&(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, BatchStats)) -> Vec<f32>| {
-                halves.iter().flat_map(f).collect::<Vec<f32>>()
-            };
-        close(&joined(&|h| h.0.clone()), &y, 1e-5, "outputs");
-        close(&joined(&|h| h.1.clone()), &dx, 1e-4, "input gradient");
-        let summed = |i: usize| -> Vec<f32> {
-            let pick = |h: &(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, BatchStats)| {
-                if i == 2 {
-                    h.2.clone()
-                } else {
-                    h.3.clone()
-                }
-            };
-            pick(&halves[0])
+        let halves = halves.into_iter().collect::<Result<Vec<Out>>>()?;
+        let joined = |f: fn(&Out) -> &Vec<f32>| -> Vec<f32> {
+            halves.iter().flat_map(|h| f(h).clone()).collect()
+        };
+        close(&joined(|h| &h.y), &whole.y, 1e-5, "outputs");
+        close(&joined(|h| &h.dx), &whole.dx, 1e-4, "input gradient");
+        let summed = |f: fn(&Out) -> &Vec<f32>| -> Vec<f32> {
+            f(&halves[0])
                 .iter()
-                .zip(pick(&halves[1]))
+                .zip(f(&halves[1]))
                 .map(|(a, b)| a + b)
                 .collect()
         };
-        close(&summed(2), &dg, 1e-4, "scale gradient");
-        close(&summed(3), &db, 1e-5, "shift gradient");
-        let (m, v) = stats.mean_var()?;
+        close(
+            &summed(|h| &h.dgamma),
+            &whole.dgamma,
+            1e-4,
+            "scale gradient",
+        );
+        close(&summed(|h| &h.dbeta), &whole.dbeta, 1e-5, "shift gradient");
+        let (m, v) = whole.stats.mean_var()?;
         for h in &halves {
-            let (hm, hv) = h.4.mean_var()?;
+            let (hm, hv) = h.stats.mean_var()?;
             close(&hm.to_vec1::<f32>()?, &m.to_vec1::<f32>()?, 1e-5, "mean");
             close(
                 &hv.to_vec1::<f32>()?,
@@ -128,7 +140,7 @@ fn two_synchronised_halves_equal_the_whole_batch() -> Result<()> {
                 1e-5,
                 "variance",
             );
-            assert_eq!(h.4.rows, stats.rows);
+            assert_eq!(h.stats.rows, whole.stats.rows);
         }
     }
     Ok(())
@@ -158,8 +170,8 @@ fn the_scope_is_per_thread_and_ends_with_its_guard() -> Result<()> {
         let beta = Var::from_tensor(&rand_tensor(&[3], 8))?;
         let sync = outputs(&x, &probe, &gamma, &beta, true, Some(Arc::new(Alone)))?;
         let plain = outputs(&x, &probe, &gamma, &beta, true, None)?;
-        close(&sync.0, &plain.0, 1e-5, "outputs");
-        close(&sync.1, &plain.1, 1e-4, "input gradient");
+        close(&sync.y, &plain.y, 1e-5, "outputs");
+        close(&sync.dx, &plain.dx, 1e-4, "input gradient");
     }
     assert!(current().is_none());
     Ok(())
