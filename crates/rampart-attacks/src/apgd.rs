@@ -6,10 +6,12 @@
 
 use candle_core::ModuleT;
 use rand::Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::base::Attack;
 use crate::batch::{ranked, Batch, Loss};
+use crate::engine::rows_per_task;
 use crate::eot::Eot;
 use crate::error::{Error, Result};
 use crate::norm::{project_l1_box, sign, standard_normal, Norm};
@@ -439,8 +441,13 @@ impl Run<'_> {
         };
         let mut next_mark = 0;
         let mut last_mark = 0;
-        let mut delta = vec![0f64; d];
-        let mut scratch = Scratch::new(d);
+        let proposer = Proposer {
+            cfg,
+            batch,
+            idx: self.idx,
+        };
+        let mut next = vec![0f32; m * d];
+        let mut is_live = vec![false; m];
         for t in 0..steps {
             if last {
                 live.retain(|&j| !record.is_fooled(self.idx[j]));
@@ -449,11 +456,27 @@ impl Run<'_> {
                 break;
             }
             let a = if t == 0 { 1.0 } else { cfg.alpha };
+            // Every live example's proposal from the current state, examples in
+            // parallel (each reads and writes its own rows only); then the current
+            // points become the old ones and the proposals the current ones.
+            is_live.iter_mut().for_each(|l| *l = false);
+            live.iter().for_each(|&j| is_live[j] = true);
+            next.par_chunks_mut(d)
+                .enumerate()
+                .with_min_len(rows_per_task(d))
+                .for_each_init(
+                    || (Scratch::new(d), vec![0f64; d]),
+                    |(scratch, delta), (j, out)| {
+                        if is_live[j] {
+                            proposer.propose(j, &s, eps, a, scratch, delta);
+                            batch.store(self.idx[j], delta, out);
+                        }
+                    },
+                );
             for &j in &live {
                 let row = j * d..(j + 1) * d;
-                self.propose(j, &s, eps, a, &mut scratch, &mut delta);
                 s.old[row.clone()].copy_from_slice(&s.adv[row.clone()]);
-                batch.store(self.idx[j], &delta, &mut s.adv[row]);
+                s.adv[row.clone()].copy_from_slice(&next[row]);
             }
             let want_grad = t + 1 < steps;
             let (loss, success, grad) = self.evaluate(&live, &s.adv, want_grad)?;
@@ -541,7 +564,18 @@ impl Run<'_> {
             .filter(|(a, x)| a != x)
             .count() as f64
     }
+}
 
+/// What a proposal needs besides the state, shared by the worker threads (the model
+/// is not).
+struct Proposer<'a> {
+    cfg: &'a Apgd,
+    batch: &'a Batch,
+    /// Batch indices of the examples attacked.
+    idx: &'a [usize],
+}
+
+impl Proposer<'_> {
     /// The next feasible perturbation of example `j` into `out`.
     fn propose(&self, j: usize, s: &State, eps: f64, a: f64, sc: &mut Scratch, out: &mut [f64]) {
         let batch = self.batch;

@@ -305,7 +305,7 @@ impl Update<'_> {
 
 /// Examples per parallel task: about 32,768 coordinates each, so that a small problem
 /// (few examples, small inputs) stays on one thread.
-fn rows_per_task(d: usize) -> usize {
+pub(crate) fn rows_per_task(d: usize) -> usize {
     ((1usize << 15) / d.max(1)).max(1)
 }
 
