@@ -4,6 +4,7 @@
 //! so that the timings are those of the binary and not of the system allocator's
 //! page faults on the engine's multi-megabyte buffers.
 
+mod common;
 mod engine;
 mod pgd;
 

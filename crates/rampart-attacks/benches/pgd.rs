@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
-use rampart_attacks::{
-    Attack, Bounds, Criterion as Goal, Eot, Init, Norm, Objective, Pgd, Restarts, StepSize,
-};
+use rampart_attacks::{Attack, Bounds};
 use rampart_models::{Classifier, ModelSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -50,25 +48,8 @@ fn pgd_throughput(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(1))
         .throughput(Throughput::Elements((batch * steps) as u64));
-    let norms = [
-        ("linf", Norm::Linf, 8.0 / 255.0, StepSize::Relative(0.25)),
-        ("l2", Norm::L2, 0.5, StepSize::Relative(0.25)),
-        ("l1", Norm::l1(), 12.0, StepSize::Relative(0.25)),
-        ("l0", Norm::L0, 10.0, StepSize::Absolute(1.0)),
-    ];
-    for (name, norm, eps, step_size) in norms {
-        let pgd = Pgd {
-            norm,
-            objective: Objective::CrossEntropy,
-            criterion: Goal::Misclassified,
-            steps,
-            step_size,
-            momentum: 0.9,
-            backtrack: Some(1.5),
-            restarts: Restarts::same(1, Init::Uniform),
-            early_stop: false,
-            eot: Eot::OFF,
-        };
+    for (name, norm, eps, step_size) in crate::common::threat_models() {
+        let pgd = crate::common::pgd(norm, steps, step_size);
         group.bench_function(name, |b| {
             b.iter(
                 || match pgd.run(&model.frozen(), Bounds::UNIT, &xs, &ys, &[eps], 0) {

@@ -327,3 +327,44 @@ pub fn assert_invariants(
 pub fn count(flags: &[bool]) -> usize {
     flags.iter().filter(|f| **f).count()
 }
+
+/// `b` CIFAR-shaped inputs (3×32×32 in [0, 1), seed 4), labels i mod 10, and an MLP
+/// (3,072 → 8 → 10, seed 3) on them: with 40 examples the engines' parallel tasks of
+/// about 32,768 coordinates split the work four ways.
+pub fn wide_batch(b: usize) -> Result<(Mlp, Tensor, Tensor)> {
+    let d = 3 * 32 * 32;
+    let model = Mlp::random(&[d, 8, 10], 3, DType::F32)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let x: Vec<f32> = (0..b * d).map(|_| rng.gen()).collect();
+    let xs = Tensor::from_vec(x, (b, 3, 32, 32), &Device::Cpu)?;
+    let labels: Vec<u32> = (0..b as u32).map(|i| i % 10).collect();
+    let ys = Tensor::from_vec(labels, b, &Device::Cpu)?;
+    Ok((model, xs, ys))
+}
+
+/// Runs `attack` on one thread and on four; asserts the same adversarial inputs (bit
+/// for bit), successes and step counts, and that something was fooled.
+pub fn assert_thread_independent(
+    what: &str,
+    attack: impl Fn() -> Result<Vec<crate::AttackResult>> + Send + Sync,
+) -> Result<()> {
+    let pool = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| crate::Error::Input(e.to_string()))
+    };
+    let (a, b) = (pool(1)?.install(&attack)?, pool(4)?.install(&attack)?);
+    let bits = |r: &[crate::AttackResult]| -> Result<Vec<u32>> {
+        let v = r[0].clipped.flatten_all()?.to_vec1::<f32>()?;
+        Ok(v.iter().map(|v| v.to_bits()).collect())
+    };
+    assert_eq!(bits(&a)?, bits(&b)?, "{what}: adversarial inputs");
+    assert_eq!(a[0].success, b[0].success, "{what}");
+    assert_eq!(a[0].iterations, b[0].iterations, "{what}");
+    assert!(
+        a[0].success.iter().any(|s| *s),
+        "{what}: nothing fooled, a weak check"
+    );
+    Ok(())
+}

@@ -286,21 +286,7 @@ fn target_classes_are_attacked_side_by_side() -> Result<()> {
 /// thread as on four, for L∞, L2 and L1 (the last with its warm-up phases).
 #[test]
 fn outcome_does_not_depend_on_the_threads() -> Result<()> {
-    use rand::{Rng, SeedableRng};
-    let (b, d) = (40, 3 * 32 * 32);
-    let model = Mlp::random(&[d, 8, 10], 3, DType::F32)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
-    let x: Vec<f32> = (0..b * d).map(|_| rng.gen()).collect();
-    let xs = Tensor::from_vec(x, (b, 3, 32, 32), &Device::Cpu)?;
-    let labels: Vec<u32> = (0..b as u32).map(|i| i % 10).collect();
-    let ys = Tensor::from_vec(labels, b, &Device::Cpu)?;
-    let pool = |n: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(|e| Error::Input(e.to_string()))
-    };
-    let (one, four) = (pool(1)?, pool(4)?);
+    let (model, xs, ys) = crate::testutil::wide_batch(40)?;
     for (norm, eps) in [
         (Norm::Linf, 8.0 / 255.0),
         (Norm::L2, 0.5),
@@ -310,18 +296,9 @@ fn outcome_does_not_depend_on_the_threads() -> Result<()> {
             steps: 12,
             ..Apgd::ce(norm)
         };
-        let run = || apgd.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 5);
-        let (a, c) = (one.install(run)?, four.install(run)?);
-        let bits = |r: &[crate::AttackResult]| -> Result<Vec<u32>> {
-            let v = r[0].clipped.flatten_all()?.to_vec1::<f32>()?;
-            Ok(v.iter().map(|v| v.to_bits()).collect())
-        };
-        assert_eq!(bits(&a)?, bits(&c)?, "{norm:?}: adversarial inputs");
-        assert_eq!(a[0].success, c[0].success, "{norm:?}");
-        assert!(
-            a[0].success.iter().any(|s| *s),
-            "{norm:?}: nothing fooled, a weak check"
-        );
+        crate::testutil::assert_thread_independent(&format!("{norm:?}"), || {
+            apgd.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 5)
+        })?;
     }
     Ok(())
 }

@@ -623,23 +623,7 @@ fn rounding_helpers() {
 /// the outcome is the same bits on one thread as on four, for every norm.
 #[test]
 fn outcome_does_not_depend_on_the_threads() -> Result<()> {
-    let (b, d) = (40, 3 * 32 * 32);
-    let model = Mlp::random(&[d, 8, 10], 3, DType::F32)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let x: Vec<f32> = (0..b * d).map(|_| rng.gen()).collect();
-    let xs = Tensor::from_vec(x, (b, 3, 32, 32), &Device::Cpu)?;
-    let ys = Tensor::from_vec(
-        (0..b as u32).map(|i| i % 10).collect::<Vec<_>>(),
-        b,
-        &Device::Cpu,
-    )?;
-    let pool = |n: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(|e| Error::Input(e.to_string()))
-    };
-    let (one, four) = (pool(1)?, pool(4)?);
+    let (model, xs, ys) = crate::testutil::wide_batch(40)?;
     for (norm, eps) in [
         (Norm::Linf, 8.0 / 255.0),
         (Norm::L2, 0.5),
@@ -652,24 +636,9 @@ fn outcome_does_not_depend_on_the_threads() -> Result<()> {
             restarts: Restarts::same(2, Init::Uniform),
             ..ce_config(norm, 4, StepSize::Relative(0.25))
         };
-        let run = || cfg.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 9);
-        let (a, b) = (one.install(run)?, four.install(run)?);
-        let bits = |r: &[AttackResult]| -> Result<Vec<u32>> {
-            Ok(r[0]
-                .clipped
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect())
-        };
-        assert_eq!(bits(&a)?, bits(&b)?, "{norm:?}: adversarial inputs");
-        assert_eq!(a[0].success, b[0].success, "{norm:?}");
-        assert_eq!(a[0].iterations, b[0].iterations, "{norm:?}");
-        assert!(
-            a[0].success.iter().any(|s| *s),
-            "{norm:?}: nothing fooled, a weak check"
-        );
+        crate::testutil::assert_thread_independent(&format!("{norm:?}"), || {
+            cfg.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 9)
+        })?;
     }
     Ok(())
 }

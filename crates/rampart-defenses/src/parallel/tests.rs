@@ -411,64 +411,51 @@ fn synchronised_batch_norm_gives_the_global_batch_in_train_mode() -> TestResult 
     Ok(())
 }
 
+/// One epoch of normal training of a toy model (`spec`, seed 5) on 48 images into
+/// `out`, with synchronised BatchNorm, as a worker of `group` if given.
+fn train_synchronised(
+    spec: rampart_models::ModelSpec,
+    out: &Path,
+    group: Option<Arc<TcpGroup>>,
+) -> Result<(Named, crate::TrainOutcome)> {
+    let mut model = Classifier::new(spec, 5, &Device::Cpu)?;
+    let mut trainer = Trainer::new(toy_config(1), out)?.progress(crate::Progress::Hidden);
+    if let Some(g) = group {
+        trainer = trainer.parallel(g);
+    }
+    let outcome = trainer.sync_batch_norm(true).run(
+        &mut model,
+        &Normal::new(),
+        Arc::new(toy_dataset(48, 1)),
+        &toy_dataset(8, 2),
+    )?;
+    Ok((values(&model)?, outcome))
+}
+
 /// Two workers train with synchronised BatchNorm and stay identical; synchronised
 /// BatchNorm without workers, or on a stochastic student, is refused.
 #[test]
 fn trainer_runs_synchronised_batch_norm_and_refuses_it_where_it_cannot_hold() -> TestResult {
     let dir = tempfile::tempdir()?;
+    let worker = |name: &str, g: &Arc<TcpGroup>| dir.path().join(format!("{name}{}", g.rank()));
     let out = all_ok(on_workers(2, |g| {
-        let out = dir.path().join(format!("worker{}", g.rank()));
-        let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
-        let outcome = Trainer::new(toy_config(1), &out)?
-            .progress(crate::Progress::Hidden)
-            .parallel(g)
-            .sync_batch_norm(true)
-            .run(
-                &mut model,
-                &Normal::new(),
-                Arc::new(toy_dataset(48, 1)),
-                &toy_dataset(8, 2),
-            )?;
-        Ok((values(&model)?, outcome))
+        train_synchronised(toy_spec(), &worker("worker", &g), Some(g))
     })?)?;
     assert_eq!(out[0].0, out[1].0, "the workers' weights drifted apart");
     assert!(out[0].1.history[0].train_loss.is_finite());
 
-    let mut model = Classifier::new(toy_spec(), 5, &Device::Cpu)?;
-    let err = Trainer::new(toy_config(1), dir.path().join("alone"))?
-        .progress(crate::Progress::Hidden)
-        .sync_batch_norm(true)
-        .run(
-            &mut model,
-            &Normal::new(),
-            Arc::new(toy_dataset(16, 1)),
-            &toy_dataset(8, 2),
-        )
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("needs data-parallel workers"),
-        "{err}"
-    );
+    let err = train_synchronised(toy_spec(), &dir.path().join("alone"), None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("needs data-parallel workers"), "{err}");
 
     let student = rampart_models::ModelSpec {
         noise: Some(rampart_models::NoiseSpec { alpha: 0.1 }),
         ..toy_spec()
     };
     let errors = on_workers(2, |g| {
-        let mut model = Classifier::new(student.clone(), 5, &Device::Cpu)?;
-        Trainer::new(
-            toy_config(1),
-            dir.path().join(format!("student{}", g.rank())),
-        )?
-        .progress(crate::Progress::Hidden)
-        .parallel(g)
-        .sync_batch_norm(true)
-        .run(
-            &mut model,
-            &Normal::new(),
-            Arc::new(toy_dataset(16, 1)),
-            &toy_dataset(8, 2),
-        )
+        train_synchronised(student.clone(), &worker("student", &g), Some(g))
     })?;
     for e in errors {
         let e = e.err().map(|e| e.to_string()).unwrap_or_default();

@@ -79,6 +79,19 @@ __device__ __forceinline__ float target(const unsigned int* y, const float* soft
     return (j == y[i] ? on : 0.0f) + off;
 }
 
+// Σ_j t_ij·(lse_i − x_ij), the softmax cross-entropy of row i, by the 32 lanes of one
+// warp (every lane gets it); NaN for a label ≥ k.
+__device__ __forceinline__ float row_loss(const float* x, const unsigned int* y,
+                                          const float* soft, float on, float off,
+                                          unsigned int i, unsigned int k, unsigned int lane) {
+    const float* r = x + (size_t)i * k;
+    float lse = row_lse(r, k, lane);
+    float l = 0.0f;
+    for (unsigned int j = lane; j < k; j += 32) l += target(y, soft, on, off, i, j, k) * (lse - r[j]);
+    l = warp_sum(l);
+    return (!soft && y[i] >= k) ? __int_as_float(0x7fc00000) : l;
+}
+
 // Mean softmax cross-entropy of rows × k logits against their targets, in one block:
 // each warp takes rows warp, warp + warps, …; the rows' losses are added in f64 in
 // a fixed order, so the result does not depend on scheduling. A label ≥ k gives NaN.
@@ -88,15 +101,7 @@ extern "C" __global__ void xent_forward(float* loss, const float* x, const unsig
     __shared__ double part[32];
     unsigned int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     double acc = 0.0;
-    for (unsigned int i = warp; i < rows; i += warps) {
-        const float* r = x + (size_t)i * k;
-        float lse = row_lse(r, k, lane);
-        float l = 0.0f;
-        for (unsigned int j = lane; j < k; j += 32) l += target(y, soft, on, off, i, j, k) * (lse - r[j]);
-        l = warp_sum(l);
-        if (!soft && y[i] >= k) l = __int_as_float(0x7fc00000);
-        acc += (double)l;
-    }
+    for (unsigned int i = warp; i < rows; i += warps) acc += (double)row_loss(x, y, soft, on, off, i, k, lane);
     if (lane == 0) part[warp] = acc;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -114,12 +119,7 @@ extern "C" __global__ void xent_rows(float* loss, const float* x, const unsigned
     unsigned int lane = threadIdx.x & 31;
     unsigned int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (i >= rows) return;
-    const float* r = x + (size_t)i * k;
-    float lse = row_lse(r, k, lane);
-    float l = 0.0f;
-    for (unsigned int j = lane; j < k; j += 32) l += target(y, soft, on, off, i, j, k) * (lse - r[j]);
-    l = warp_sum(l);
-    if (!soft && y[i] >= k) l = __int_as_float(0x7fc00000);
+    float l = row_loss(x, y, soft, on, off, i, k, lane);
     if (lane == 0) loss[i] = l;
 }
 

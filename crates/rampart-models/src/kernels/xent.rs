@@ -21,7 +21,9 @@ use super::cuda::{f32_view, launch_error, uninit};
 #[cfg(feature = "cuda")]
 use super::pointwise::OPS;
 #[cfg(feature = "cuda")]
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
@@ -294,18 +296,11 @@ impl CustomOp2 for Xent {
             shared_mem_bytes: 0,
         };
         let kernel = OPS.func(dev, name)?;
+        let targets = TargetView::new(self, s2, l2, b, k)?;
+        let null = 0u64;
         let mut builder = kernel.builder();
         builder.arg(&mut loss).arg(&x);
-        let null = 0u64;
-        let labels;
-        let soft;
-        if self.soft {
-            soft = f32_view(s2, l2, b * k, "cross-entropy: targets")?;
-            builder.arg(&null).arg(&soft);
-        } else {
-            labels = u32_view(s2, l2, b)?;
-            builder.arg(&labels).arg(&null);
-        }
+        targets.push(&mut builder, &null);
         builder
             .arg(&self.on)
             .arg(&self.off)
@@ -405,18 +400,11 @@ impl CustomOp3 for XentBackward {
             shared_mem_bytes: 0,
         };
         let kernel = OPS.func(dev, "xent_backward")?;
+        let targets = TargetView::new(op, s2, l2, b, k)?;
+        let null = 0u64;
         let mut builder = kernel.builder();
         builder.arg(&mut dx).arg(&x);
-        let null = 0u64;
-        let labels;
-        let soft;
-        if op.soft {
-            soft = f32_view(s2, l2, b * k, "cross-entropy backward: targets")?;
-            builder.arg(&null).arg(&soft);
-        } else {
-            labels = u32_view(s2, l2, b)?;
-            builder.arg(&labels).arg(&null);
-        }
+        targets.push(&mut builder, &null);
         let per_row = i32::from(op.per_row);
         builder
             .arg(&g)
@@ -440,14 +428,39 @@ fn count(n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("cross-entropy: {n} is too many")))
 }
 
+/// The targets operand of a kernel: labels or soft targets.
 #[cfg(feature = "cuda")]
-fn u32_view<'a>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    n: usize,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>> {
-    let a = super::cuda::contiguous(l, n, "cross-entropy: labels")?;
-    Ok(s.as_cuda_slice::<u32>()?.slice(a..a + n))
+enum TargetView<'a> {
+    Labels(CudaView<'a, u32>),
+    Soft(CudaView<'a, f32>),
+}
+
+#[cfg(feature = "cuda")]
+impl<'a> TargetView<'a> {
+    /// The `b` labels or `b`·`k` soft targets of `op`, checked contiguous.
+    fn new(op: &Xent, s: &'a CudaStorage, l: &Layout, b: usize, k: usize) -> Result<Self> {
+        if op.soft {
+            return Ok(TargetView::Soft(f32_view(
+                s,
+                l,
+                b * k,
+                "cross-entropy: targets",
+            )?));
+        }
+        let a = super::cuda::contiguous(l, b, "cross-entropy: labels")?;
+        Ok(TargetView::Labels(
+            s.as_cuda_slice::<u32>()?.slice(a..a + b),
+        ))
+    }
+
+    /// Pushes the kernels' (labels, soft) pair of arguments, the absent one as a null
+    /// pointer (`null` holds 0).
+    fn push<'b>(&'b self, builder: &mut LaunchArgs<'b>, null: &'b u64) {
+        match self {
+            TargetView::Labels(v) => builder.arg(v).arg(null),
+            TargetView::Soft(v) => builder.arg(null).arg(v),
+        };
+    }
 }
 
 #[cfg(test)]
