@@ -344,3 +344,13 @@ fn sync_bn_goes_to_the_rows_with_plain_batch_norm() {
         }
     }
 }
+
+/// The fast preset runs AutoAttack on every one of its rows (the published protocol),
+/// and its list names no row the preset does not have.
+#[test]
+fn the_fast_preset_runs_autoattack_on_every_row() {
+    let (rows, limit) = Preset::Fast.autoattack();
+    let methods: Vec<&str> = Preset::Fast.models().iter().map(|r| r.method).collect();
+    assert_eq!(rows, methods.as_slice());
+    assert_eq!(limit, Some(1000));
+}
