@@ -183,16 +183,17 @@ pub(crate) fn check_sync_batch_norm(model: &rampart_models::Classifier) -> Resul
     Ok(())
 }
 
-/// Refuses a method that learns state from its batches (AR-AdaLS): each worker would
-/// learn it from its own part, and the workers' states would drift apart.
+/// Refuses a method that learns state from its batches without summing what it
+/// learns over the workers ([`crate::TrainingMethod::synchronises_state`]): each worker
+/// would learn it from its own part, and the workers' states would drift apart.
 pub(crate) fn check_method(
     collective: &dyn Collective,
     method: &dyn crate::TrainingMethod,
 ) -> Result<()> {
-    if collective.workers() > 1 && method.state().is_some() {
+    if collective.workers() > 1 && method.state().is_some() && !method.synchronises_state() {
         return Err(DefenseError::Config(format!(
-            "--method {} learns a state from every batch, which data-parallel training does \
-             not synchronise yet; train it with one worker",
+            "--method {} learns a state from every batch without synchronising it over \
+             data-parallel workers; train it with one worker",
             method.name()
         )));
     }

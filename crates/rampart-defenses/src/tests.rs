@@ -66,6 +66,9 @@ impl<M: TrainingMethod> TrainingMethod for Crashing<M> {
     fn state(&self) -> Option<serde_json::Value> {
         self.inner.state()
     }
+    fn synchronises_state(&self) -> bool {
+        self.inner.synchronises_state()
+    }
     fn restore_state(&self, state: &serde_json::Value) -> Result<()> {
         self.inner.restore_state(state)
     }

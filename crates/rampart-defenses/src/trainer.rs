@@ -339,12 +339,12 @@ impl Trainer {
                 if let Some(group) = group {
                     parallel::broadcast_vars(group, &buffers)?;
                 }
-                let out = method.loss(&mut TrainBatch::new(
-                    model,
-                    &batch.images,
-                    &batch.labels,
-                    &mut rng,
-                ))?;
+                let mut train_batch =
+                    TrainBatch::new(model, &batch.images, &batch.labels, &mut rng);
+                if let Some(group) = group {
+                    train_batch = train_batch.across(group);
+                }
+                let out = method.loss(&mut train_batch)?;
                 let stats = Tensor::stack(
                     &[
                         out.loss.detach().to_dtype(DType::F64)?,

@@ -5,6 +5,8 @@
 //! from a three-level FGSM probe with the current model, and the smoothing of each
 //! group follows a running calibration gap measured on the training batches, instead
 //! of the paper's grouping by a PGD robustness radius and its validation-set updates.
+//! In data-parallel training the gaps are those of the global batch: the workers add
+//! their per-group sums before the update, so every worker holds the same state.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -226,20 +228,37 @@ pub fn calibration_gaps(
     labels: &Tensor,
     groups: &[usize],
 ) -> Result<[Option<(u64, f64)>; ADALS_GROUPS]> {
+    Ok(gaps_of_sums(&calibration_sums(logits, labels, groups)?))
+}
+
+/// Per group, the number of examples and the sum of their max-softmax confidence −
+/// correctness, flattened as [n₀, sum₀, n₁, sum₁, …] so that data-parallel workers can
+/// add theirs ([`TrainBatch::sum_over_workers`]).
+fn calibration_sums(logits: &Tensor, labels: &Tensor, groups: &[usize]) -> Result<Vec<f64>> {
     let probs = candle_nn::ops::softmax(&logits.detach().to_dtype(DType::F32)?, D::Minus1)?;
     let confidence = probs.max(D::Minus1)?.to_vec1::<f32>()?;
     let predicted = labels_vec(&probs.argmax(D::Minus1)?)?;
     let ys = labels_vec(labels)?;
-    let mut sums = [(0u64, 0.0f64); ADALS_GROUPS];
+    let mut sums = vec![0.0f64; 2 * ADALS_GROUPS];
     for (i, &g) in groups.iter().enumerate() {
+        if g >= ADALS_GROUPS {
+            return Err(DefenseError::Config(format!(
+                "robustness group {g} out of range"
+            )));
+        }
         let correct = if predicted[i] == ys[i] { 1.0 } else { 0.0 };
-        let entry = sums
-            .get_mut(g)
-            .ok_or_else(|| DefenseError::Config(format!("robustness group {g} out of range")))?;
-        entry.0 += 1;
-        entry.1 += f64::from(confidence[i]) - correct;
+        sums[2 * g] += 1.0;
+        sums[2 * g + 1] += f64::from(confidence[i]) - correct;
     }
-    Ok(sums.map(|(n, sum)| (n > 0).then(|| (n, sum / n as f64))))
+    Ok(sums)
+}
+
+/// The groups' (examples, mean gap) from [`calibration_sums`]' values.
+fn gaps_of_sums(sums: &[f64]) -> [Option<(u64, f64)>; ADALS_GROUPS] {
+    std::array::from_fn(|g| {
+        let (n, sum) = (sums[2 * g], sums[2 * g + 1]);
+        (n > 0.0).then(|| (n as u64, sum / n))
+    })
 }
 
 /// Soft targets (1 − s_g)·onehot(y_i) + s_g/K, g = group of example i, row-major (B·K).
@@ -293,6 +312,11 @@ impl TrainingMethod for ArAdaLs {
         Some(to_json(&*self.lock()))
     }
 
+    /// The calibration sums go through [`TrainBatch::sum_over_workers`].
+    fn synchronises_state(&self) -> bool {
+        true
+    }
+
     fn restore_state(&self, state: &serde_json::Value) -> Result<()> {
         let restored: AdaLsState = serde_json::from_value(state.clone())
             .map_err(|e| DefenseError::Config(format!("unreadable AR-AdaLS state: {e}")))?;
@@ -315,8 +339,10 @@ impl TrainingMethod for ArAdaLs {
         let targets = batch.targets(adals_targets(&labels_vec(labels)?, &groups, &smoothing, k))?;
         let logits = model.forward_t(images, true)?;
         let loss = soft_cross_entropy(&logits, &targets)?;
-        let stats = calibration_gaps(&logits, labels, &groups)?;
-        self.lock().update(&self.config, &stats);
+        // Summed over data-parallel workers, so that every worker learns the state of
+        // the global batch.
+        let sums = batch.sum_over_workers(&calibration_sums(&logits, labels, &groups)?)?;
+        self.lock().update(&self.config, &gaps_of_sums(&sums));
         Ok(BatchLoss::of_batch(loss, logits, labels))
     }
 }

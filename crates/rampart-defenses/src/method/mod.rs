@@ -47,6 +47,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{DefenseError, Result};
+use crate::parallel::Collective;
 
 /// What a method made of one batch.
 #[derive(Debug)]
@@ -84,6 +85,8 @@ pub struct TrainBatch<'a> {
     pub labels: &'a Tensor,
     /// The method's RNG, which the loop seeds from (seed, epoch).
     pub rng: &'a mut ChaCha8Rng,
+    /// The data-parallel workers this batch is one part of (`None`: a single process).
+    workers: Option<&'a dyn Collective>,
 }
 
 impl<'a> TrainBatch<'a> {
@@ -99,6 +102,27 @@ impl<'a> TrainBatch<'a> {
             images,
             labels,
             rng,
+            workers: None,
+        }
+    }
+
+    /// The same batch as one worker's part of the global batch of `workers`
+    /// (data-parallel training): [`TrainBatch::sum_over_workers`] then sums over them.
+    pub fn across(mut self, workers: &'a dyn Collective) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// The sum over the data-parallel workers of a few per-batch numbers (in f64, in
+    /// rank order on the CPU), so that a method whose state follows its batches learns
+    /// it from the global batch, identically on every worker; the numbers themselves
+    /// in a single process.
+    pub fn sum_over_workers(&self, values: &[f64]) -> Result<Vec<f64>> {
+        match self.workers {
+            Some(group) if group.workers() > 1 => {
+                crate::parallel::sum_scalars(group, values, self.images.device())
+            }
+            _ => Ok(values.to_vec()),
         }
     }
 
@@ -133,6 +157,14 @@ pub trait TrainingMethod {
     /// settings, seed and the batches of epochs 0..=e, like the weights.
     fn state(&self) -> Option<serde_json::Value> {
         None
+    }
+
+    /// Whether the state stays the same on every data-parallel worker: the method
+    /// learns it from sums over the workers ([`TrainBatch::sum_over_workers`]), so that
+    /// it is the state of the global batch. Data-parallel training refuses a stateful
+    /// method that answers `false` (the default), whose workers would drift apart.
+    fn synchronises_state(&self) -> bool {
+        false
     }
 
     /// Sets the state from a value [`TrainingMethod::state`] returned (on resume).

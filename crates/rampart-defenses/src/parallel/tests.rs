@@ -286,17 +286,123 @@ fn one_worker_trains_exactly_like_a_single_process() -> TestResult {
     assert_same_weights(&plain, &grouped)
 }
 
+/// A stateful method that does not synchronise its state: AR-AdaLS with its sums
+/// kept per worker.
+#[derive(Debug)]
+struct PerWorkerState(ArAdaLs);
+
+impl crate::TrainingMethod for PerWorkerState {
+    fn name(&self) -> &'static str {
+        "per-worker"
+    }
+    fn settings(&self) -> serde_json::Value {
+        self.0.settings()
+    }
+    fn state(&self) -> Option<serde_json::Value> {
+        self.0.state()
+    }
+    fn loss(&self, batch: &mut crate::TrainBatch<'_>) -> Result<crate::BatchLoss> {
+        let mut alone = crate::TrainBatch::new(batch.model, batch.images, batch.labels, batch.rng);
+        self.0.loss(&mut alone)
+    }
+}
+
+fn adals() -> Result<ArAdaLs> {
+    ArAdaLs::new(ArAdaLsConfig::qin_cifar10())
+}
+
+/// Two workers train AR-AdaLS and end with the same weights and the same learnt
+/// smoothing; a stateful method that keeps its state per worker is refused.
 #[test]
-fn a_method_with_learnt_state_is_refused_with_several_workers() -> TestResult {
+fn ar_adals_trains_on_several_workers_and_unsynchronised_state_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let out = on_workers(2, |g| {
-        let out = dir.path().join(g.rank().to_string());
-        let adals = ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?;
-        train_toy(Some(g), &out, 1, &adals, false)
+    let out = all_ok(on_workers(2, |g| {
+        let out = dir.path().join(format!("adals{}", g.rank()));
+        let method = adals()?;
+        let (weights, outcome) = train_toy(Some(g), &out, 2, &method, false)?;
+        Ok((weights, outcome, method.snapshot()))
+    })?)?;
+    assert_eq!(out[0].0, out[1].0, "the workers' weights drifted apart");
+    assert_eq!(
+        out[0].2, out[1].2,
+        "the workers' AR-AdaLS states drifted apart"
+    );
+    // Every example of the 2 epochs × 48 images is counted once, over both workers.
+    assert_eq!(out[0].2.examples.iter().sum::<u64>(), 96);
+    assert!(out[0].1.history[1].train_loss.is_finite());
+
+    let refused = on_workers(2, |g| {
+        let out = dir.path().join(format!("per-worker{}", g.rank()));
+        train_toy(Some(g), &out, 1, &PerWorkerState(adals()?), false)
     })?;
-    for r in out {
+    for r in refused {
         let err = r.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("ar-adals learns a state"), "{err}");
+        assert!(
+            err.contains("per-worker learns a state from every batch without synchronising"),
+            "{err}"
+        );
+    }
+    Ok(())
+}
+
+/// AR-AdaLS's state after one batch of the toy model at seed 11 (train mode), as one
+/// worker of `group` with synchronised BatchNorm if given; with `sum` false the
+/// worker keeps its calibration sums to itself.
+fn adals_step(
+    images: &Tensor,
+    labels: &Tensor,
+    group: Option<Arc<TcpGroup>>,
+    sum: bool,
+) -> Result<crate::AdaLsState> {
+    use rand::SeedableRng;
+    let model = Classifier::new(toy_spec(), 11, &Device::Cpu)?;
+    let _scope = group
+        .clone()
+        .map(|g| rampart_models::SyncScope::new(Arc::new(CollectiveSum(g as Arc<dyn Collective>))));
+    let method = adals()?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut batch = crate::TrainBatch::new(&model, images, labels, &mut rng);
+    if let (Some(g), true) = (&group, sum) {
+        batch = batch.across(g.as_ref());
+    }
+    crate::TrainingMethod::loss(&method, &mut batch)?;
+    Ok(method.snapshot())
+}
+
+/// With synchronised BatchNorm, the workers' AR-AdaLS update is the single process's
+/// on the global batch: the same examples per group, gaps and smoothing to rounding.
+/// Without the sum each worker counts only its own part, which the test checks too.
+#[test]
+fn ar_adals_learns_the_global_batch_state_on_every_worker() -> TestResult {
+    let (images, labels) = global_batch(toy_dataset(8, 3))?;
+    let single = adals_step(&images, &labels, None, false)?;
+    assert_eq!(single.examples.iter().sum::<u64>(), 8);
+    for workers in [2, 4] {
+        let part = 8 / workers;
+        let rows = |t: &Tensor, rank: usize| t.narrow(0, rank * part, part);
+        let step = |sum: bool| -> std::result::Result<_, Box<dyn std::error::Error>> {
+            Ok(all_ok(on_workers(workers, |g| {
+                let r = g.rank();
+                adals_step(&rows(&images, r)?, &rows(&labels, r)?, Some(g), sum)
+            })?)?)
+        };
+        let synced = step(true)?;
+        for state in &synced {
+            assert_eq!(state, &synced[0], "the workers learnt different states");
+            assert_eq!(state.examples, single.examples, "{workers} workers");
+            for g in 0..crate::ADALS_GROUPS {
+                let (gap, s) = (
+                    state.gap[g] - single.gap[g],
+                    state.smoothing[g] - single.smoothing[g],
+                );
+                assert!(
+                    gap.abs() < 1e-6 && s.abs() < 1e-6,
+                    "{workers} workers, group {g}: {state:?} against {single:?}"
+                );
+            }
+        }
+        let apart = step(false)?;
+        assert_eq!(apart[0].examples.iter().sum::<u64>(), part as u64);
     }
     Ok(())
 }
