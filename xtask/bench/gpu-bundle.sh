@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds what gpu-suite.sh runs, on any machine with the CUDA toolkit (no GPU is
 # needed), into BUNDLE: the `rampart` binary (features $FEATURES, default nccl:
-# cuDNN and NCCL) and the CUDA test binaries, stripped and xz-compressed.
+# cuDNN and NCCL), the `xtask` study driver (for gpu-rows.sh) and the CUDA test
+# binaries, stripped and xz-compressed.
 #
 #   xtask/bench/gpu-bundle.sh BUNDLE
 #
@@ -17,6 +18,9 @@ mkdir -p "$BUNDLE"
 cargo build --release -p rampart-cli --features "$FEATURES"
 TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$TARGET/release/rampart" "$BUNDLE/rampart"
+# The study driver, for gpu-rows.sh (it runs `rampart` from the bundle, no cargo).
+cargo build --release -p xtask
+cp "$TARGET/release/xtask" "$BUNDLE/xtask"
 
 # test_binary NAME CARGO-ARGS...: builds one test target and copies its executable.
 test_binary() {
@@ -34,7 +38,7 @@ test_binary test-defenses-cuda -p rampart-defenses --features cuda --test cuda
 if [[ "$FEATURES" == *nccl* ]]; then
   test_binary test-defenses-nccl -p rampart-defenses --features nccl --test nccl
 fi
-for f in "$BUNDLE"/rampart "$BUNDLE"/test-*; do
+for f in "$BUNDLE"/rampart "$BUNDLE"/xtask "$BUNDLE"/test-*; do
   [[ "$f" == *.xz ]] && continue
   strip "$f"
   xz -T0 -9 -f "$f"

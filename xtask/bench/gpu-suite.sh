@@ -41,38 +41,11 @@ OUT=$(cd "$OUT" && pwd)
 STEPS="$OUT/steps.txt"
 : > "$STEPS"
 
-# The CUDA libraries PyTorch brings (cuBLAS, cuRAND, NVRTC, cuDNN, NCCL), for the
-# binaries' dynamic linking.
-NV=$("$PYTHON" -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d, "lib"))))' 2>/dev/null)
-export LD_LIBRARY_PATH="${NV:+$NV:}${LD_LIBRARY_PATH:-}"
-
-# step NAME SECONDS COMMAND...: runs and records one step.
-step() {
-  local name=$1 limit=$2
-  shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@"
-  local rc=$?
-  echo "$name rc=$rc seconds=$((SECONDS - start))" >> "$STEPS"
-  return 0
-}
-
-for f in "$BUNDLE"/*.xz; do
-  [ -e "$f" ] || continue
-  [ -e "${f%.xz}" ] || xz -dk "$f" 2>/dev/null \
-    || "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], "wb"))' "$f"
-done
-for f in "$BUNDLE"/rampart "$BUNDLE"/test-*; do
-  [[ "$f" == *.xz ]] || chmod +x "$f" 2>/dev/null
-done
+. "$HERE/gpu-common.sh"
+unpack_bundle
 RAMPART="$BUNDLE/rampart"
 
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  nvidia-smi | head -4
-  "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
-  "$RAMPART" --version
-} > "$OUT/gpu.txt" 2>&1
+machine_facts > "$OUT/gpu.txt" 2>&1
 
 for t in "$BUNDLE"/test-*; do
   [[ "$t" == *.xz ]] && continue

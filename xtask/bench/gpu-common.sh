@@ -1,0 +1,44 @@
+# Shared by gpu-suite.sh and gpu-rows.sh (sourced, not run): the bundle's binaries
+# unpacked, the CUDA libraries PyTorch brings on the library path, the machine's facts
+# and a step runner that records each step's exit status and seconds in $STEPS.
+# Expects BUNDLE (absolute), OUT (absolute, created), STEPS and PYTHON.
+
+# The CUDA libraries PyTorch brings (cuBLAS, cuRAND, NVRTC, cuDNN, NCCL), for the
+# binaries' dynamic linking.
+NV=$("$PYTHON" -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d, "lib"))))' 2>/dev/null)
+export LD_LIBRARY_PATH="${NV:+$NV:}${LD_LIBRARY_PATH:-}"
+
+# step NAME SECONDS COMMAND...: runs and records one step; never fails the script.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - start))" >> "$STEPS"
+  return 0
+}
+
+# Every *.xz of the bundle decompressed beside it (xz, else Python's lzma), and the
+# binaries made executable.
+unpack_bundle() {
+  local f
+  for f in "$BUNDLE"/*.xz; do
+    [ -e "$f" ] || continue
+    [ -e "${f%.xz}" ] || xz -dk "$f" 2>/dev/null \
+      || "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], "wb"))' "$f"
+  done
+  for f in "$BUNDLE"/rampart "$BUNDLE"/xtask "$BUNDLE"/test-*; do
+    [ -e "$f" ] || continue
+    [[ "$f" == *.xz ]] || chmod +x "$f" 2>/dev/null
+  done
+}
+
+# The GPU, its driver, the CUDA and PyTorch versions and the binary's version.
+machine_facts() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  nvidia-smi | head -4
+  "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
+  nproc
+  "$BUNDLE/rampart" --version
+}

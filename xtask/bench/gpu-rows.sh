@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Rows of a study preset (`cargo xtask reproduce`) on a GPU machine that has no Rust
+# toolchain, from the prebuilt binaries of `xtask/bench/gpu-bundle.sh` (which packs
+# the `xtask` binary beside `rampart`):
+#
+#   xtask/bench/gpu-rows.sh BUNDLE OUT DATA ROWS [REPRODUCE FLAGS...]
+#
+# BUNDLE  the folder gpu-bundle.sh wrote;
+# OUT     where the results go (created): OUT/study is the study folder, so that the
+#         rows of several invocations (here or on other GPU machines, their OUT/study
+#         copied together) merge into one report.md and results.json with --resume;
+# DATA    the folder holding CIFAR-10 as `rampart --data-dir` takes it (cifar10-jpeg/,
+#         or the archive cifar10-jpeg.tar.gz);
+# ROWS    the rows, as `cargo xtask reproduce --rows` takes them (at, normal,at, …);
+# FLAGS   further flags of `xtask reproduce` (e.g. --epochs 10 for a shortened
+#         schedule, which the rows record).
+#
+# Environment: PRESET (default fast), DEVICE (default cuda), LIMIT (seconds the
+# reproduce run may take, default 570; timeout stops the driver and its runs), KEEP (where model files of 16 MiB or more
+# move to, outside OUT, default ~/rampart-models: such files stay on this machine,
+# and the rows' results say their model is not in the folder once the report is
+# made again elsewhere).
+# Writes OUT/gpu.txt (the machine), OUT/reproduce.log (the run's output),
+# OUT/steps.txt (exit status and seconds) and OUT/study (report.md, results.json,
+# every row's history, logs and plots).
+set -u
+usage="usage: gpu-rows.sh BUNDLE OUT DATA ROWS [REPRODUCE FLAGS...]"
+BUNDLE=$(cd "${1:?$usage}" && pwd)
+OUT=${2:?$usage}
+DATA=$(cd "${3:?$usage}" && pwd)
+ROWS=${4:?$usage}
+shift 4
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python3}
+PRESET=${PRESET:-fast}
+DEVICE=${DEVICE:-cuda}
+LIMIT=${LIMIT:-570}
+KEEP=${KEEP:-$HOME/rampart-models}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+STEPS="$OUT/steps.txt"
+touch "$STEPS"
+
+. "$HERE/gpu-common.sh"
+unpack_bundle
+machine_facts > "$OUT/gpu.txt" 2>&1
+
+step "reproduce $PRESET $ROWS" "$LIMIT" "$BUNDLE/xtask" reproduce cifar10 \
+  --preset "$PRESET" --device "$DEVICE" --rampart-bin "$BUNDLE/rampart" \
+  --data-dir "$DATA" --rows "$ROWS" --out "$OUT/study" --resume "$@" \
+  >> "$OUT/reproduce.log" 2>&1
+
+# Model files too large to bring back stay on this machine, under KEEP.
+find "$OUT/study" -type f -size +16383k -print0 | while IFS= read -r -d '' f; do
+  rel=${f#"$OUT/study/"}
+  mkdir -p "$KEEP/$(dirname "$rel")"
+  mv -f "$f" "$KEEP/$rel"
+  echo "kept on this machine: $rel ($KEEP)" >> "$STEPS"
+done
+cat "$STEPS"
