@@ -160,6 +160,15 @@ impl TrustReport {
     }
 }
 
+/// What [`check_model`] costs per image: the input gradients of cross-entropy and
+/// the C&W margin, and the repeated forward passes of the randomness check.
+pub fn check_model_cost() -> crate::Passes {
+    crate::Passes {
+        gradient: 2.0,
+        forward: RANDOMNESS_PASSES as f64,
+    }
+}
+
 /// Runs the checks that need only the model and the clean batch: input gradients of
 /// cross-entropy and of the margin at every point (zero, NaN, infinite),
 /// [`RANDOMNESS_PASSES`] identical forward passes (randomness matters only when

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use rampart_attacks::{Attack, Bounds, Criterion, Distal};
+use rampart_attacks::{Attack, Bounds, Criterion, Distal, Passes};
 use rampart_data::ImageDataset;
 use rampart_models::Classifier;
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ use crate::records::{worst_case_record, AttackRecord, DistalRecord, SearchRecord
 use crate::report::{EvalReport, MetricSettings};
 use crate::search::minimal_eps;
 use crate::shard::{settings_digest, Fingerprint, Rows, Shard, ShardManifest, MANIFEST};
-use crate::suite::{AttackKind, Effort, Suite, SuitePlan};
+use crate::suite::{Effort, Suite, SuitePlan};
 use crate::trust::{run_checks, TrustConfig};
 
 /// Test images held out at the end of the test split to pick τ and fit the temperature
@@ -107,6 +107,34 @@ impl EvalConfig {
             shard: Shard::WHOLE,
             device: Device::Cpu,
         }
+    }
+
+    /// The suite resolved with this configuration's effort, bounds, EOT and curve grid:
+    /// what [`evaluate`] runs.
+    pub fn plan(&self) -> SuitePlan {
+        Settings::of(self).plan()
+    }
+
+    /// What [`evaluate`] costs on a test set of `test_images` images, in network passes
+    /// (totals, not per image): the clean pass over the attacked and held-out images,
+    /// the plan on this shard's attacked images ([`SuitePlan::cost`]) and the trust
+    /// checks on theirs ([`SuitePlan::trust_cost`]). Upper bounds, as the attacks'
+    /// counts are.
+    pub fn cost(&self, test_images: usize) -> Result<Passes> {
+        self.validate(test_images)?;
+        let available = test_images - self.held_out;
+        let attacked = self.test_limit.unwrap_or(available).min(available);
+        let rows = self.shard.rows(attacked, self.batch_size)?;
+        let plan = self.plan();
+        let trusted = if rows.range().start == 0 {
+            self.trust.examples.min(attacked).min(rows.range().end)
+        } else {
+            0
+        };
+        let clean = attacked + self.held_out;
+        Ok(Passes::forward(clean as f64)
+            + plan.cost() * rows.len() as f64
+            + plan.trust_cost(&self.trust) * trusted as f64)
     }
 
     fn validate(&self, test_len: usize) -> Result<()> {
@@ -792,29 +820,7 @@ impl Run<'_> {
                 self.config.shard, self.rows.end
             )));
         }
-        let tm = self
-            .plan
-            .threat_models
-            .iter()
-            .find(|t| t.name == crate::HEADLINE_THREAT_MODEL)
-            .or_else(|| self.plan.threat_models.first());
-        let (Some(tm), true) = (tm, n > 0) else {
-            return Ok(None);
-        };
-        let pgds: Vec<&rampart_attacks::Pgd> = tm
-            .attacks
-            .iter()
-            .filter_map(|a| match &a.attack {
-                AttackKind::Pgd(p) => Some(p),
-                _ => None,
-            })
-            .collect();
-        let Some(attack) = pgds
-            .iter()
-            .find(|p| p.objective == rampart_attacks::Objective::CrossEntropy)
-            .or(pgds.first())
-            .copied()
-        else {
+        let (Some((tm, attack)), true) = (self.plan.trust_attack(), n > 0) else {
             return Ok(None);
         };
         let recs = records

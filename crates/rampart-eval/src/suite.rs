@@ -6,8 +6,8 @@ use std::str::FromStr;
 
 use candle_core::{ModuleT, Tensor};
 use rampart_attacks::{
-    Apgd, Attack, AttackResult, Bounds, Criterion, Fab, Frames, Init, Norm, Objective, Pgd,
-    Restarts, StepSize,
+    Apgd, Attack, AttackResult, Bounds, Criterion, Fab, Frames, Init, Norm, Objective, Passes,
+    Pgd, Restarts, StepSize,
 };
 use rampart_data::Corruption;
 use serde::{Deserialize, Serialize, Serializer};
@@ -449,7 +449,73 @@ impl SuitePlan {
     }
 }
 
+impl SuitePlan {
+    /// What the plan costs per attacked image ([`rampart_attacks::Passes`]): every
+    /// attack of every threat model and the forward pass judging its points, the
+    /// uniform noise image and its distal attack, the minimal-ε search (a run at
+    /// `eps_max` and one per bisection round, an upper bound: examples leave the search
+    /// as their ε is found) and a forward pass per corruption and severity. The trust
+    /// checks come on top, on their own images ([`SuitePlan::trust_cost`]).
+    pub fn cost(&self) -> Passes {
+        let judged = |p: Passes| p + Passes::forward(1.0);
+        let mut total = Passes::NONE;
+        for tm in &self.threat_models {
+            for a in &tm.attacks {
+                total += judged(a.attack.cost());
+            }
+        }
+        total += Passes::forward(1.0);
+        if let Some(d) = &self.distal {
+            total += judged(d.pgd.cost());
+        }
+        total += self.curve.pgd.cost() * (self.curve.rounds + 1) as f64;
+        let corrupted: usize = self.corruptions.iter().map(|c| c.severities.len()).sum();
+        total + Passes::forward(corrupted as f64)
+    }
+
+    /// The headline threat model (or the first) and the PGD attack the trust checks
+    /// repeat: its cross-entropy PGD, else its first PGD.
+    pub fn trust_attack(&self) -> Option<(&ThreatModel, &Pgd)> {
+        let tm = self
+            .threat_models
+            .iter()
+            .find(|t| t.name == crate::HEADLINE_THREAT_MODEL)
+            .or_else(|| self.threat_models.first())?;
+        let pgds: Vec<&Pgd> = tm
+            .attacks
+            .iter()
+            .filter_map(|a| match &a.attack {
+                AttackKind::Pgd(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let attack = pgds
+            .iter()
+            .find(|p| p.objective == rampart_attacks::Objective::CrossEntropy)
+            .or(pgds.first())
+            .copied()?;
+        Some((tm, attack))
+    }
+
+    /// What the trust checks cost per checked image ([`crate::trust::trust_cost`] of
+    /// [`SuitePlan::trust_attack`]); nothing when the plan has no PGD to check.
+    pub fn trust_cost(&self, config: &crate::TrustConfig) -> Passes {
+        self.trust_attack()
+            .map_or(Passes::NONE, |(_, pgd)| crate::trust::trust_cost(pgd, config))
+    }
+}
+
 impl AttackKind {
+    /// What one run of the attack costs per image.
+    pub fn cost(&self) -> Passes {
+        match self {
+            AttackKind::Pgd(p) => p.cost(),
+            AttackKind::Frames(f) => f.cost(),
+            AttackKind::Apgd(a) => a.cost(),
+            AttackKind::Fab(f) => f.cost(),
+        }
+    }
+
     /// The attack with its budget scaled.
     pub fn scaled(&self, effort: Effort) -> AttackKind {
         match self {

@@ -211,6 +211,57 @@ fn quick_suite_writes_everything_and_resumes() -> TestResult {
     Ok(())
 }
 
+/// Counts the rows the model sees, with and without a gradient to the input.
+struct Counting<'a> {
+    model: &'a dyn Module,
+    rows: std::sync::Mutex<rampart_attacks::Passes>,
+}
+
+impl Module for Counting<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let n = xs.dim(0)? as f64;
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        if xs.track_op() || xs.is_variable() {
+            rows.gradient += n;
+        } else {
+            rows.forward += n;
+        }
+        self.model.forward(xs)
+    }
+}
+
+/// `EvalConfig::cost` bounds what an evaluation makes the model do, and is not far
+/// above it: every suite, and a shard.
+#[test]
+fn the_cost_of_an_evaluation_bounds_the_passes_the_model_sees() -> TestResult {
+    let (dir, model, ds) = mlp_in_temp_dir(48)?;
+    for (suite, shard) in [
+        (Suite::Quick, "0/1"),
+        (Suite::Quick, "1/2"),
+        (Suite::Ccat, "0/1"),
+        (Suite::Full, "0/1"),
+    ] {
+        let mut cfg = config(suite, &dir.path().join(format!("{suite}-{}", &shard[..1])))?;
+        cfg.effort = Effort::new(0.02, 0.1)?;
+        cfg.plots = false;
+        cfg.trust.examples = 8;
+        cfg.shard = shard.parse()?;
+        let counting = Counting {
+            model: &model,
+            rows: Default::default(),
+        };
+        evaluate(&counting, &ds, &cfg)?;
+        let seen = *counting.rows.lock().unwrap_or_else(|e| e.into_inner());
+        let want = cfg.cost(ds.len())?;
+        eprintln!("{suite} {shard}: seen {seen:?}, counted {want:?}");
+        let (s, w) = (seen.gradient + seen.forward, want.gradient + want.forward);
+        assert!(seen.gradient <= want.gradient, "{suite} {shard}: {seen:?} against {want:?}");
+        assert!(s <= w + 64.0, "{suite} {shard}: {seen:?} against {want:?}");
+        assert!(s >= 0.7 * w, "{suite} {shard}: {seen:?} against {want:?}");
+    }
+    Ok(())
+}
+
 #[test]
 fn full_suite_runs_every_threat_model() -> TestResult {
     let (dir, model, ds) = mlp_in_temp_dir(40)?;

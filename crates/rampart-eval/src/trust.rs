@@ -397,6 +397,30 @@ pub fn run_checks(
     })
 }
 
+/// What [`run_checks`] costs per checked image with `attack` and `config`: the model
+/// checks, the clean and noisy judgements, one run of the attack (its first restart)
+/// at ε, at each multiple of [`EPS_FACTORS`] and at the box's diameter (an upper
+/// bound: multiples past the diameter are skipped), and the run with
+/// `budget_factor` times its steps.
+pub fn trust_cost(attack: &Pgd, config: &TrustConfig) -> rampart_attacks::Passes {
+    let single = Pgd {
+        restarts: Restarts {
+            count: 1,
+            ..attack.restarts
+        },
+        ..*attack
+    };
+    let stronger = Pgd {
+        steps: single.steps * config.budget_factor.max(1),
+        ..single
+    };
+    let judgements = (1 + config.noise_samples) * attack.eot.eval_samples.max(1);
+    rampart_attacks::check_model_cost()
+        + rampart_attacks::Passes::forward(judgements as f64)
+        + single.cost() * (EPS_FACTORS.len() + 2) as f64
+        + stronger.cost()
+}
+
 fn warning_kind(w: &rampart_attacks::TrustWarning) -> &'static str {
     use rampart_attacks::TrustWarning as W;
     match w {
