@@ -54,7 +54,7 @@ pub use method::{
     mixup_targets, robustness_group, robustness_groups, sinkhorn_divergence, soft_cross_entropy,
     AdaLsState, AdversarialTraining, ArAdaLs, ArAdaLsConfig, BatchLoss, Ccat, FastAt, MethodConfig,
     MethodKind, MethodSettings, MixupDraw, Normal, Oat, Overrides, RegMixup, Sat, Setting,
-    StatelessMethod, Trades, TrainBatch, TrainingMethod, ADALS_GROUPS,
+    StatelessMethod, StepCost, Trades, TrainBatch, TrainingMethod, ADALS_GROUPS,
 };
 pub use predict::{predict, Predictions};
 pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};

@@ -6,8 +6,8 @@ use std::str::FromStr;
 
 use candle_core::{ModuleT, Tensor};
 use rampart_attacks::{
-    Apgd, Attack, AttackResult, Bounds, Criterion, Fab, Frames, Init, Norm, Objective, Passes,
-    Pgd, Restarts, StepSize,
+    Apgd, Attack, AttackResult, Bounds, Criterion, Fab, Frames, Init, Norm, Objective, Passes, Pgd,
+    Restarts, StepSize,
 };
 use rampart_data::Corruption;
 use serde::{Deserialize, Serialize, Serializer};
@@ -500,8 +500,9 @@ impl SuitePlan {
     /// What the trust checks cost per checked image ([`crate::trust::trust_cost`] of
     /// [`SuitePlan::trust_attack`]); nothing when the plan has no PGD to check.
     pub fn trust_cost(&self, config: &crate::TrustConfig) -> Passes {
-        self.trust_attack()
-            .map_or(Passes::NONE, |(_, pgd)| crate::trust::trust_cost(pgd, config))
+        self.trust_attack().map_or(Passes::NONE, |(_, pgd)| {
+            crate::trust::trust_cost(pgd, config)
+        })
     }
 }
 

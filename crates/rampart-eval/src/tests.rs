@@ -255,7 +255,10 @@ fn the_cost_of_an_evaluation_bounds_the_passes_the_model_sees() -> TestResult {
         let want = cfg.cost(ds.len())?;
         eprintln!("{suite} {shard}: seen {seen:?}, counted {want:?}");
         let (s, w) = (seen.gradient + seen.forward, want.gradient + want.forward);
-        assert!(seen.gradient <= want.gradient, "{suite} {shard}: {seen:?} against {want:?}");
+        assert!(
+            seen.gradient <= want.gradient,
+            "{suite} {shard}: {seen:?} against {want:?}"
+        );
         assert!(s <= w + 64.0, "{suite} {shard}: {seen:?} against {want:?}");
         assert!(s >= 0.7 * w, "{suite} {shard}: {seen:?} against {want:?}");
     }

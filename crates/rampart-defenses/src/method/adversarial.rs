@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
     adversarial_count, attack_first, check_eps, check_fraction, cross_entropy, mixed_batch,
-    BatchLoss, StatelessMethod, TrainBatch,
+    BatchLoss, StatelessMethod, StepCost, TrainBatch,
 };
 use crate::error::Result;
 
@@ -91,6 +91,11 @@ impl MethodSettings for AdversarialTraining {
 }
 
 impl StatelessMethod for AdversarialTraining {
+    /// The PGD attack on the adversarial fraction, then one train-mode pass.
+    fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
+        StepCost::adversarial(self.attack.cost(), self.fraction)
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         adversarial_cross_entropy(&self.attack, self.eps, self.fraction, batch)
     }

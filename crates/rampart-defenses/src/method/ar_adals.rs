@@ -312,6 +312,18 @@ impl TrainingMethod for ArAdaLs {
         Some(to_json(&*self.lock()))
     }
 
+    /// The probe (one input gradient, then the three budgets' predictions), then one
+    /// train-mode pass.
+    fn step_cost(&self, _spec: &rampart_models::ModelSpec) -> super::StepCost {
+        super::StepCost {
+            train: 1.0,
+            attack: rampart_attacks::Passes {
+                gradient: 1.0,
+                forward: 3.0,
+            },
+        }
+    }
+
     /// The calibration sums go through [`TrainBatch::sum_over_workers`].
     fn synchronises_state(&self) -> bool {
         true

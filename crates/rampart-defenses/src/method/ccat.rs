@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
     adversarial_count, attack_first, check_eps, check_fraction, labels_vec, mixed_batch, one_hot,
-    soft_cross_entropy, BatchLoss, StatelessMethod, TrainBatch,
+    soft_cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
 };
 use crate::error::{DefenseError, Result};
 
@@ -127,6 +127,11 @@ impl MethodSettings for Ccat {
 }
 
 impl StatelessMethod for Ccat {
+    /// The conf attack on the adversarial fraction, then one train-mode pass.
+    fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
+        StepCost::adversarial(self.attack.cost(), self.fraction)
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let k = batch.model.spec().num_classes;
         let m = adversarial_count(batch.images.dim(0)?, self.fraction);

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adversarial::adversarial_cross_entropy;
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{check_eps, check_fraction, BatchLoss, StatelessMethod, TrainBatch};
+use super::{check_eps, check_fraction, BatchLoss, StatelessMethod, StepCost, TrainBatch};
 use crate::error::Result;
 
 /// Fast AT: the whole batch (or `fraction` of it) replaced by FGSM examples with a
@@ -75,6 +75,11 @@ impl MethodSettings for FastAt {
 }
 
 impl StatelessMethod for FastAt {
+    /// The FGSM step on the adversarial fraction, then one train-mode pass.
+    fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
+        StepCost::adversarial(self.attack.as_pgd().cost(), self.fraction)
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         adversarial_cross_entropy(&self.attack, self.eps, self.fraction, batch)
     }

@@ -159,6 +159,12 @@ pub trait TrainingMethod {
         None
     }
 
+    /// What one training example of a model `spec` costs per step, in network passes
+    /// ([`StepCost`]); the default is one train-mode pass of the clean example.
+    fn step_cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
+        StepCost::CLEAN
+    }
+
     /// Whether the state stays the same on every data-parallel worker: the method
     /// learns it from sums over the workers ([`TrainBatch::sum_over_workers`]), so that
     /// it is the state of the global batch. Data-parallel training refuses a stateful
@@ -177,12 +183,48 @@ pub trait TrainingMethod {
     }
 }
 
+/// What one training example costs a method in one step, in network passes of that
+/// example: `train` train-mode passes of the loss (forward, backward and the update's
+/// share: `rampart bench`'s `train-step` per image) and the `attack` passes around it
+/// (the attacks' input gradients and eval-mode forward passes, counted as
+/// [`rampart_attacks::Passes`]). What `rampart train --dry-run` reports and `cargo
+/// xtask reproduce --estimate` turns into time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepCost {
+    /// Train-mode forward + backward passes of the loss.
+    pub train: f64,
+    /// Passes of the attacks (and probes) that make the batch.
+    pub attack: rampart_attacks::Passes,
+}
+
+impl StepCost {
+    /// One train-mode pass of the clean example.
+    pub const CLEAN: StepCost = StepCost {
+        train: 1.0,
+        attack: rampart_attacks::Passes::NONE,
+    };
+
+    /// One train-mode pass after an attack of cost `attack` on a `fraction` of the
+    /// batch.
+    pub fn adversarial(attack: rampart_attacks::Passes, fraction: f64) -> StepCost {
+        StepCost {
+            train: 1.0,
+            attack: attack * fraction,
+        }
+    }
+}
+
 /// A stateless method whose settings value is the method itself: it writes only its
 /// loss, and is a [`TrainingMethod`] named [`MethodSettings::NAME`] whose settings are
 /// its own serialisation.
 pub trait StatelessMethod: MethodSettings + serde::Serialize {
     /// The loss of one batch ([`TrainingMethod::loss`]).
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss>;
+
+    /// What one example costs per step ([`TrainingMethod::step_cost`]).
+    fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
+        StepCost::CLEAN
+    }
 }
 
 impl<M: StatelessMethod> TrainingMethod for M {
@@ -196,6 +238,10 @@ impl<M: StatelessMethod> TrainingMethod for M {
 
     fn loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         self.batch_loss(batch)
+    }
+
+    fn step_cost(&self, spec: &rampart_models::ModelSpec) -> StepCost {
+        self.cost(spec)
     }
 }
 
@@ -387,6 +433,59 @@ pub(crate) mod testutil {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Each method's step cost, worked by hand from its settings.
+    #[test]
+    fn step_costs_count_the_attacks_and_the_train_passes() -> Result<()> {
+        use rampart_attacks::{Passes, Pgd};
+        use rampart_models::{Arch, ModelSpec, OatSpec};
+        let spec = ModelSpec::cifar(
+            Arch::Wrn {
+                depth: 10,
+                widen: 1,
+            },
+            10,
+        );
+        let pgd10 = Pgd {
+            steps: 10,
+            ..Pgd::madry_linf_cifar10()
+        };
+        let cost = |m: &dyn TrainingMethod, spec: &ModelSpec| m.step_cost(spec);
+        assert_eq!(cost(&Normal::new(), &spec), StepCost::CLEAN);
+        // PGD-10 on half the batch: 5 gradients and (10 × 1 start evaluation + 1
+        // judgement) / 2 forward passes per example.
+        let at = AdversarialTraining::new(pgd10, 8.0 / 255.0, 0.5)?;
+        let want = Passes {
+            gradient: 5.0,
+            forward: 1.0,
+        };
+        assert_eq!(
+            cost(&at, &spec),
+            StepCost {
+                train: 1.0,
+                attack: want
+            }
+        );
+        assert_eq!(cost(&FastAt::wong_cifar10(), &spec).attack.gradient, 1.0);
+        let trades = Trades::new(8.0 / 255.0, 10, 2.0 / 255.0, 6.0)?;
+        assert_eq!(cost(&trades, &spec).train, 2.0);
+        assert_eq!(cost(&trades, &spec).attack.gradient, 10.0);
+        assert_eq!(cost(&RegMixup::new(1.0)?, &spec).train, 2.0);
+        // OAT's standard λ values: five of six are > 0.
+        let oat_spec = ModelSpec {
+            oat: Some(OatSpec::standard()),
+            ..spec.clone()
+        };
+        let oat = cost(&Oat::new(pgd10, 8.0 / 255.0)?, &oat_spec);
+        assert!((oat.train - 11.0 / 6.0).abs() < 1e-12);
+        assert!((oat.attack.gradient - 50.0 / 6.0).abs() < 1e-12);
+        let adals = cost(&ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?, &spec);
+        assert_eq!(
+            (adals.train, adals.attack.gradient, adals.attack.forward),
+            (1.0, 1.0, 3.0)
+        );
+        Ok(())
+    }
 
     #[test]
     fn adversarial_count_rounds_and_keeps_one() {

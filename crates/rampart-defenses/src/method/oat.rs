@@ -8,7 +8,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{attack_seed, check_eps, run_attack, BatchLoss, StatelessMethod, TrainBatch};
+use super::{attack_seed, check_eps, run_attack, BatchLoss, StatelessMethod, StepCost, TrainBatch};
 use crate::error::{DefenseError, Result};
 
 /// OAT: every example i of a batch draws λᵢ uniformly from the model's training λ
@@ -79,6 +79,18 @@ impl MethodSettings for Oat {
 }
 
 impl StatelessMethod for Oat {
+    /// The attack on the examples drawn with λ > 0 (their share of the model's λ
+    /// values), then the clean pass of every example and the adversarial pass of those.
+    fn cost(&self, spec: &rampart_models::ModelSpec) -> StepCost {
+        let share = spec.oat.as_ref().map_or(1.0, |o| {
+            o.lambdas.iter().filter(|&&l| l > 0.0).count() as f64 / o.lambdas.len().max(1) as f64
+        });
+        StepCost {
+            train: 1.0 + share,
+            ..StepCost::adversarial(self.attack.cost(), share)
+        }
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let (model, images, labels) = (batch.model, batch.images, batch.labels);
         let choices = model

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    cross_entropy, labels_vec, one_hot, soft_cross_entropy, BatchLoss, StatelessMethod, TrainBatch,
+    cross_entropy, labels_vec, one_hot, soft_cross_entropy, BatchLoss, StatelessMethod, StepCost,
+    TrainBatch,
 };
 use crate::error::{DefenseError, Result};
 
@@ -99,6 +100,14 @@ impl MethodSettings for RegMixup {
 }
 
 impl StatelessMethod for RegMixup {
+    /// The clean and the mixed example in one train-mode batch.
+    fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
+        StepCost {
+            train: 2.0,
+            ..StepCost::CLEAN
+        }
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let (images, labels) = (batch.images, batch.labels);
         let b = images.dim(0)?;

@@ -7,7 +7,9 @@ use rampart_attacks::Pgd;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting, ATTACK_AND_BETA};
-use super::{attack_first, check_eps, cross_entropy, BatchLoss, StatelessMethod, TrainBatch};
+use super::{
+    attack_first, check_eps, cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
+};
 use crate::error::{DefenseError, Result};
 
 /// SAT: loss = CE(f(x'), y) + β·S_ε(f(x), f(x')), both forward passes in train mode.
@@ -210,6 +212,15 @@ impl MethodSettings for Sat {
 }
 
 impl StatelessMethod for Sat {
+    /// The attack on every example, then the loss on the clean and the adversarial
+    /// batch (two train-mode passes).
+    fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
+        StepCost {
+            train: 2.0,
+            ..StepCost::adversarial(self.attack.cost(), 1.0)
+        }
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let b = batch.images.dim(0)?;
         let adv = attack_first(&self.attack, batch, b, self.eps)?;

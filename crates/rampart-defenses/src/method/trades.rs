@@ -9,7 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting, ATTACK_AND_BETA};
-use super::{attack_seed, check_eps, cross_entropy, BatchLoss, StatelessMethod, TrainBatch};
+use super::{
+    attack_seed, check_eps, cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
+};
 use crate::error::{DefenseError, Result};
 
 /// TRADES: loss = CE(f(x), y) + β·mean_i KL(p(x_i) ‖ p(x'_i)), both terms in train mode.
@@ -160,6 +162,18 @@ impl MethodSettings for Trades {
 }
 
 impl StatelessMethod for Trades {
+    /// The clean prediction and one KL gradient per step of its attack, then the
+    /// loss on the clean and the adversarial example (two train-mode passes).
+    fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
+        StepCost {
+            train: 2.0,
+            attack: rampart_attacks::Passes {
+                gradient: self.steps as f64,
+                forward: 1.0,
+            },
+        }
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let (model, labels) = (batch.model, batch.labels);
         let adv = self.adversarial(model, batch.images, attack_seed(batch.rng))?;
