@@ -187,6 +187,12 @@ pub struct EvalArgs {
     #[arg(long)]
     pub strict_checks: bool,
 
+    /// Print what the evaluation would make the network do (gradient and forward
+    /// passes, upper bounds) as one JSON line, and exit without reading data or
+    /// writing anything; needs --dataset (see docs/scale-out.md, wall-time estimates).
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// quick/ccat/full: equal-width bins of the ECE and the reliability diagram.
     #[arg(long, default_value_t = rampart_metrics::ECE_BINS)]
     pub ece_bins: usize,

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rampart_attacks::{Bounds, Eot, Norm};
+use rampart_attacks::{Bounds, Eot, Norm, Passes};
 use rampart_data::{DatasetKind, ImageDataset};
 use rampart_defenses::{predict, ConfidenceThreshold, Predictions};
 use rampart_eval::{AutoAttackConfig, TrustChecks};
@@ -157,7 +157,13 @@ impl EvalPlan {
     /// Runs a suite of the evaluation pipeline (`rampart-eval`): it writes
     /// `results.json` (schema in docs/results-schema.md), `results.md`, plots and
     /// per-example results into --out, and resumes a run interrupted there.
-    fn run_protocol(&self, suite: rampart_eval::Suite, loaded: &Loaded<'_>) -> Result<EvalResults> {
+    /// The protocol suite's configuration with `eot` samples per attack step and
+    /// judgement (1: none).
+    fn protocol_config(
+        &self,
+        suite: rampart_eval::Suite,
+        eot: usize,
+    ) -> Result<rampart_eval::EvalConfig> {
         let mut config = rampart_eval::EvalConfig::new(suite, &self.out);
         config.effort = rampart_eval::Effort::new(self.effort.0, self.effort.1)?;
         if self.protocol_limit.is_some() {
@@ -166,15 +172,74 @@ impl EvalPlan {
         config.seed = self.protocol_seed;
         config.held_out = self.held_out;
         config.batch_size = self.batch_size;
-        config.device = loaded.device.clone();
         config.trust = self.trust;
         config.metrics = self.metrics;
         config.curve_points = self.curve_points;
         config.shard = self.shard;
-        let k = self.eot_samples(loaded.model);
-        if k > 1 {
-            config.eot = Eot::new(k, k)?;
+        if eot > 1 {
+            config.eot = Eot::new(eot, eot)?;
         }
+        Ok(config)
+    }
+
+    /// What the plan costs on a test set of `test_images` images for a model that is
+    /// `stochastic` or not, in network passes (totals; upper bounds as the attacks'
+    /// counts are, see `rampart_attacks::Passes`): the clean predictions, the attacks,
+    /// the trust checks and a stochastic model's noise draws.
+    pub fn cost(&self, test_images: usize, stochastic: bool) -> Result<Passes> {
+        let test = self.test_limit.map_or(test_images, |l| l.min(test_images));
+        let eot = self.eot.unwrap_or(if stochastic {
+            rampart_eval::STOCHASTIC_EOT
+        } else {
+            1
+        });
+        if let Some(suite) = self.suite.protocol() {
+            return Ok(self.protocol_config(suite, eot)?.cost(test)?);
+        }
+        let clean = Passes::forward(test as f64);
+        let Some(attack) = &self.attack else {
+            let draws = if stochastic { self.draws.max(1) } else { 1 };
+            return Ok(clean * draws as f64);
+        };
+        let n = attack.limit.map_or(test, |l| l.min(test));
+        let rows = self.shard.rows(n, self.batch_size)?;
+        let trusted = if rows.start == 0 {
+            self.trust.examples.min(n)
+        } else {
+            0
+        };
+        let pgd = rampart_attacks::Pgd {
+            eot: Eot {
+                grad_samples: eot,
+                eval_samples: eot,
+            },
+            ..attack.pgd
+        };
+        let trust = rampart_eval::trust_cost(&pgd, &self.trust) * trusted as f64;
+        if self.suite == Suite::Autoattack {
+            let ensemble = if stochastic {
+                rampart_attacks::AutoAttack::rand(attack.pgd.norm)
+            } else {
+                rampart_attacks::AutoAttack::standard(attack.pgd.norm)
+            };
+            return Ok(ensemble.cost() * rows.len() as f64 + trust);
+        }
+        // The worst case: every objective's PGD and the judgement of its points.
+        let objectives = self.objectives.len().max(1) as f64;
+        let worst = (pgd.cost() + Passes::forward(1.0)) * objectives;
+        let draws = if stochastic && self.shard.is_whole() {
+            // Per draw: every image clean, and every attacked one under each attack.
+            Passes::forward((test as f64 + n as f64 * objectives) * self.draws as f64)
+        } else {
+            Passes::NONE
+        };
+        Ok(clean + worst * rows.len() as f64 + trust + draws)
+    }
+
+    fn run_protocol(&self, suite: rampart_eval::Suite, loaded: &Loaded<'_>) -> Result<EvalResults> {
+        let k = self.eot_samples(loaded.model);
+        let mut config = self.protocol_config(suite, k)?;
+        config.device = loaded.device.clone();
         let (lo, hi) = loaded.model.bounds();
         config.bounds = Bounds::new(lo, hi)?;
         let mut info = rampart_eval::ModelInfo::of(loaded.model, Some(&self.model));

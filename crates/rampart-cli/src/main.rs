@@ -11,6 +11,7 @@ mod bench;
 mod common;
 mod compare;
 mod data;
+mod dry_run;
 mod eval;
 mod eval_run;
 mod interop;
@@ -215,6 +216,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Compare(args) => {
             println!("comparison written to {}", args.run()?.display());
         }
+        Command::Sweep(args) if args.eval.dry_run => {
+            dry_run::print(&dry_run::sweep(&args, &args.eval.plan(data_fallback)?)?)?;
+        }
         Command::Sweep(args) => {
             let _lock = common::lock_out_dir(&args.eval.out, &command)?;
             logging::init(Some(&args.log_file()))?;
@@ -224,6 +228,9 @@ fn run(cli: Cli) -> Result<()> {
                 results.points.len(),
                 args.eval.out.join("sweep.md").display()
             );
+        }
+        Command::Train(args) if args.dry_run => {
+            dry_run::print(&dry_run::train(&args.plan(data_fallback)?)?)?;
         }
         Command::Train(args) => {
             let plan = args.plan(data_fallback)?;
@@ -253,6 +260,9 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+        }
+        Command::Eval(args) if args.dry_run => {
+            dry_run::print(&dry_run::eval(&args.plan(data_fallback)?)?)?;
         }
         Command::Eval(args) => {
             let plan = args.plan(data_fallback)?;

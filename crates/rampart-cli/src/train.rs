@@ -254,6 +254,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
 
+    /// Print what the run would make the network do (steps, train-mode and attack
+    /// passes, evaluation passes) as one JSON line, and exit without reading data or
+    /// writing anything (see docs/scale-out.md, wall-time estimates).
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
@@ -603,7 +609,7 @@ impl TrainArgs {
 
 impl TrainPlan {
     /// A fresh training method of the plan's settings.
-    fn training_method(&self) -> Result<Box<dyn TrainingMethod>> {
+    pub(crate) fn training_method(&self) -> Result<Box<dyn TrainingMethod>> {
         self.method
             .method()
             .with_context(|| format!("--method {}", self.method.name()))

@@ -158,6 +158,16 @@ const SVHN_FILES: [OfficialFile; 2] = [
 ];
 
 impl DatasetKind {
+    /// The official split sizes (train, test): 50,000 + 10,000 for CIFAR-10 and
+    /// CIFAR-100, 60,000 + 10,000 for MNIST, 73,257 + 26,032 for SVHN.
+    pub fn split_sizes(self) -> (usize, usize) {
+        match self {
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => (50_000, 10_000),
+            DatasetKind::Mnist => (60_000, 10_000),
+            DatasetKind::Svhn => (73_257, 26_032),
+        }
+    }
+
     /// Every data set, in the order they are listed in messages.
     pub const ALL: [DatasetKind; 4] = [Self::Cifar10, Self::Cifar100, Self::Mnist, Self::Svhn];
 

@@ -107,9 +107,9 @@ pub use suite::{
     Suite, SuitePlan, ThreatModel, DISTAL_EPS, HEADLINE_THREAT_MODEL,
 };
 pub use trust::{
-    box_diameter, check_first, run_checks, EpsPoint, TrustChecks, TrustConfig, TrustIssue,
-    BUDGET_FACTOR, BUDGET_TOLERANCE, EPS_FACTORS, GROWTH_TOLERANCE, NOISE_SAMPLES, TRUST_EXAMPLES,
-    UNBOUNDED_TOLERANCE,
+    box_diameter, check_first, run_checks, trust_cost, EpsPoint, TrustChecks, TrustConfig,
+    TrustIssue, BUDGET_FACTOR, BUDGET_TOLERANCE, EPS_FACTORS, GROWTH_TOLERANCE, NOISE_SAMPLES,
+    TRUST_EXAMPLES, UNBOUNDED_TOLERANCE,
 };
 
 #[cfg(test)]
