@@ -200,7 +200,7 @@ mod tests {
     #[derive(Parser)]
     enum Wrapper {
         Train(Box<crate::train::TrainArgs>),
-        Eval(crate::eval::EvalArgs),
+        Eval(Box<crate::eval::EvalArgs>),
         Sweep(Box<SweepArgs>),
     }
 
