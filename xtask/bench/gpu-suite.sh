@@ -21,7 +21,10 @@
 #   4. OUT/fast-at-epoch/: one epoch of `rampart train --preset
 #      fast-at-preact-resnet18` (its epoch time is in history.jsonl);
 #   5. OUT/bench.md: the table of step 3 (ratio = Rampart ÷ PyTorch images/s, > 1
-#      means Rampart is faster), from bench-table.py.
+#      means Rampart is faster), from bench-table.py;
+#   6. OUT/estimate-fast.md and OUT/estimate-paper.md (and .json): the wall time of
+#      every row of those studies on 1, 4 and 8 GPUs of $EPOCH_DEVICE, from step 3's
+#      step times (`xtask reproduce --estimate`).
 # A step that fails or runs out of time is recorded in OUT/steps.txt and the suite
 # goes on.
 set -u
@@ -74,6 +77,17 @@ for arch in $ARCHS; do
   done
 done
 step "bench-table" 30 "$PYTHON" "$HERE/bench-table.py" "$OUT/bench.jsonl" > "$OUT/bench.md"
+
+# Wall-time estimates of the fast and paper studies on 1, 4 and 8 GPUs from these
+# step times (`xtask reproduce --estimate`; nothing runs).
+if [ -x "$BUNDLE/xtask" ]; then
+  for preset in fast paper; do
+    step "estimate-$preset" 120 "$BUNDLE/xtask" reproduce cifar10 --preset "$preset" \
+      --device "$EPOCH_DEVICE" --rampart-bin "$RAMPART" ${DATA:+--data-dir "$DATA"} \
+      --estimate "$OUT/bench.jsonl" --estimate-json "$OUT/estimate-$preset.json" \
+      > "$OUT/estimate-$preset.md" 2>> "$OUT/estimate.log"
+  done
+fi
 
 if [ -n "$DATA" ]; then
   step "fast-at-epoch" 300 "$RAMPART" train --preset fast-at-preact-resnet18 --epochs 1 \

@@ -9,6 +9,7 @@
 
 mod bench;
 mod claims;
+mod estimate;
 mod jobs;
 mod portable;
 mod presets;

@@ -55,6 +55,27 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub rampart_bin: Option<PathBuf>,
 
+    /// Run nothing: estimate the wall time of every selected row with 1, 4, 8 … GPUs
+    /// (--estimate-gpus) from the step times in this file (the JSON lines of `rampart
+    /// bench --json`, or the GPU suite's bench.jsonl, measured on --device), each run's
+    /// work counted by `rampart … --dry-run`; prints a Markdown table (see
+    /// docs/scale-out.md). Writes nothing into --out.
+    #[arg(long, value_name = "STEP_TIMES")]
+    pub estimate: Option<PathBuf>,
+
+    /// With --estimate: the numbers of GPUs to estimate for.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    pub estimate_gpus: Vec<usize>,
+
+    /// With --estimate: the all-reduce bus bandwidth between GPUs, GB/s (NVLink
+    /// machines reach 100–400, PCIe about 10–25).
+    #[arg(long, default_value_t = 100.0)]
+    pub bus_bandwidth: f64,
+
+    /// With --estimate: also write the estimate as JSON to this file.
+    #[arg(long)]
+    pub estimate_json: Option<PathBuf>,
+
     /// Worker threads given to `rampart --threads` [default: all cores, shared out
     /// between the runs that go side by side].
     #[arg(long)]
@@ -227,10 +248,19 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         bail!("--threads must be at least 1");
     }
     let preset = args.preset;
-    let out = args.out.clone().unwrap_or_else(|| {
-        root.join("runs")
-            .join(format!("{dataset}-{}", preset.name()))
-    });
+    // An estimate runs nothing and writes nothing into the study: its runs are asked
+    // for their work in a scratch folder.
+    let scratch = match &args.estimate {
+        Some(_) => Some(check_estimate(args)?),
+        None => None,
+    };
+    let out = match &scratch {
+        Some(dir) => dir.clone(),
+        None => args.out.clone().unwrap_or_else(|| {
+            root.join("runs")
+                .join(format!("{dataset}-{}", preset.name()))
+        }),
+    };
     // Absolute, so that the runs started in it can name its files relative to it.
     let out = std::path::absolute(&out)
         .with_context(|| format!("cannot resolve --out {}", out.display()))?;
@@ -310,8 +340,15 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         .transpose()?;
     let data_dir = data_link.as_deref();
     let rampart = match &args.rampart_bin {
-        Some(bin) => bin.clone(),
-        None => build_rampart(&root, device.starts_with("cuda"), args.download)?,
+        // Absolute: the runs start in the study folder.
+        Some(bin) => std::path::absolute(bin)
+            .with_context(|| format!("cannot resolve --rampart-bin {}", bin.display()))?,
+        // A dry run needs no GPU: the CPU build counts the work of a CUDA study.
+        None => build_rampart(
+            &root,
+            device.starts_with("cuda") && scratch.is_none(),
+            args.download,
+        )?,
     };
     let clock = Instant::now();
     let budgets = preset.budgets();
@@ -639,13 +676,19 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         );
     }
 
-    if parallel > 1 {
+    if parallel > 1 && scratch.is_none() {
         eprintln!(
             "==> {parallel} runs at a time ({}), {} thread(s) each; each run's output goes to {}",
             slots.join(", "),
             threads.map_or("all".to_string(), |t| t.to_string()),
             out.join("logs").display()
         );
+    }
+    if let (Some(times), Some(dir)) = (&args.estimate, &scratch) {
+        let result = print_estimate(args, times, &device, &jobs.into_vec());
+        // The scratch folder goes, whatever the estimate gave.
+        let _ = std::fs::remove_dir_all(dir);
+        return result;
     }
     crate::jobs::run(jobs.into_vec(), &slots)?;
 
@@ -681,6 +724,64 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             m.test_examples,
             report::duration(m.train_seconds)
         );
+    }
+    Ok(())
+}
+
+/// Refuses what an estimate cannot model and gives it a scratch folder.
+fn check_estimate(args: &ReproduceArgs) -> Result<PathBuf> {
+    if args.train_workers > 1 || args.shards > 1 || args.resume {
+        bail!(
+            "--estimate models several GPUs itself (--estimate-gpus): leave out \
+             --train-workers, --shards and --resume"
+        );
+    }
+    if args.estimate_gpus.is_empty() || args.estimate_gpus.contains(&0) {
+        bail!("--estimate-gpus takes numbers of GPUs, each at least 1");
+    }
+    if !(args.bus_bandwidth.is_finite() && args.bus_bandwidth > 0.0) {
+        bail!("--bus-bandwidth must be a positive number of GB/s");
+    }
+    let dir = std::env::temp_dir().join(format!("rampart-estimate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the scratch folder {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Prints (and with --estimate-json writes) the estimate of the study's `jobs`.
+fn print_estimate(
+    args: &ReproduceArgs,
+    times: &Path,
+    device: &str,
+    jobs: &[crate::jobs::Job],
+) -> Result<()> {
+    let step_times = crate::estimate::StepTimes::read(times)?;
+    let assume = crate::estimate::Assumptions {
+        bus_bytes_per_second: args.bus_bandwidth * 1e9,
+    };
+    let (estimates, notes) =
+        crate::estimate::estimate(jobs, device, &args.estimate_gpus, &step_times, assume)?;
+    println!(
+        "{}",
+        crate::estimate::markdown(
+            &estimates,
+            &args.estimate_gpus,
+            device,
+            &times.display().to_string(),
+            assume,
+            &notes
+        )
+    );
+    if let Some(path) = &args.estimate_json {
+        let json = serde_json::json!({
+            "device": device,
+            "step_times": times,
+            "gpus": args.estimate_gpus,
+            "bus_bandwidth_gb_per_s": args.bus_bandwidth,
+            "runs": estimates,
+            "notes": notes,
+        });
+        rampart_fs::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
 }

@@ -42,6 +42,9 @@ pub struct Work {
     pub eval_batch_size: usize,
     /// Training: data-parallel workers sharing each step's batch.
     pub workers: usize,
+    /// Training: the model's trainable values (what data-parallel workers all-reduce
+    /// every step); 0 otherwise.
+    pub parameters: usize,
     /// Training: optimiser steps over the whole run.
     pub steps: usize,
     /// Training: train-mode passes (forward, backward, update) over the whole run.
@@ -94,6 +97,8 @@ pub fn train(plan: &TrainPlan) -> Result<Work> {
         batch_size: cfg.batch_size,
         eval_batch_size: cfg.eval_batch_size,
         workers: plan.workers.count(),
+        parameters: rampart_models::Classifier::new(spec.clone(), 0, &candle_core::Device::Cpu)?
+            .num_parameters(),
         steps,
         train: cost.train * trained,
         attack: cost.attack * trained,
@@ -146,6 +151,7 @@ fn eval_work(
         batch_size: plan.batch_size,
         eval_batch_size: plan.batch_size,
         workers: 1,
+        parameters: 0,
         steps: 0,
         train: 0.0,
         attack: Passes::NONE,

@@ -1,0 +1,523 @@
+//! `cargo xtask reproduce … --estimate STEP_TIMES`: the wall time of every row of a
+//! study on 1, 4, 8 … GPUs (or on the CPU), before running it, from measured step
+//! times.
+//!
+//! Each run of the study (`rampart train`, `eval`, `sweep`) is asked what it would do
+//! (`--dry-run`: training steps, train-mode passes, attack and evaluation passes, each
+//! counted in images), and every count is multiplied by the measured time per image of
+//! that kind of pass (`rampart bench`'s `train-step`, `pgd-step` and `forward`) for the
+//! run's architecture, variant, device and batch size. With N GPUs:
+//!
+//! - a training run is data-parallel (`rampart train --workers N`): each GPU does 1/N
+//!   of every pass at the per-GPU batch B/N (its time per image at B/N), and each step
+//!   all-reduces the gradients (2(N − 1)/N · 4 bytes per parameter at the assumed bus
+//!   bandwidth); the per-epoch evaluation runs on worker 0 alone;
+//! - an evaluation is cut into N shards (`--shards N`), each on its own GPU: 1/N of
+//!   its passes; a sweep is not sharded (its values run one after the other).
+//!
+//! What it leaves out, so that measured times run above it: loading data and the
+//! model, the host work between passes (the attacks' per-example updates), the last,
+//! smaller batch of an epoch, and a row's runs waiting for each other. What makes it
+//! high: the attacks' counts are upper bounds (early stopping, AutoAttack's later
+//! stages on the points left robust). Checked against a study's measured run times in
+//! docs/scale-out.md.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::jobs::Job;
+
+/// Network passes in images, as `rampart … --dry-run` counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize, Serialize)]
+pub struct Passes {
+    pub gradient: f64,
+    pub forward: f64,
+}
+
+/// One run's work, as `rampart … --dry-run` prints it.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct Work {
+    pub command: String,
+    pub arch: Option<String>,
+    pub variant: Option<String>,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub parameters: usize,
+    pub steps: usize,
+    pub train: f64,
+    pub attack: Passes,
+    pub eval: Passes,
+}
+
+/// The per-image times of one (step, architecture, variant, device): batch size →
+/// seconds per image, the median of the measurements.
+type Curve = BTreeMap<usize, f64>;
+
+/// Measured step times: `rampart bench --json` lines (PyTorch's lines of the GPU
+/// suite's `bench.jsonl`, and everything that is not a step line, are skipped).
+#[derive(Debug, Default)]
+pub struct StepTimes {
+    curves: BTreeMap<(String, String, String, String), Curve>,
+}
+
+impl StepTimes {
+    /// Reads the JSON lines of `path`.
+    pub fn read(path: &Path) -> Result<StepTimes> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the step times {}", path.display()))?;
+        let times = Self::parse(&text);
+        if times.curves.is_empty() {
+            bail!(
+                "{} holds no step times: expected the JSON lines of `rampart bench --json`",
+                path.display()
+            );
+        }
+        Ok(times)
+    }
+
+    /// The step lines of `text`.
+    pub fn parse(text: &str) -> StepTimes {
+        let mut samples: BTreeMap<(String, String, String, String), BTreeMap<usize, Vec<f64>>> =
+            BTreeMap::new();
+        for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if v.get("framework").is_some_and(|f| f != "rampart") {
+                continue;
+            }
+            let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+            let (Some(step), Some(arch), Some(device)) = (text("step"), text("arch"), text("device"))
+            else {
+                continue;
+            };
+            let variant = text("variant").unwrap_or_else(|| "plain".into());
+            let (Some(batch), Some(seconds)) = (
+                v.get("batch_size").and_then(Value::as_u64),
+                v.get("seconds_per_batch").and_then(Value::as_f64),
+            ) else {
+                continue;
+            };
+            if batch == 0 || !(seconds.is_finite() && seconds > 0.0) {
+                continue;
+            }
+            samples
+                .entry((step, arch, variant, device))
+                .or_default()
+                .entry(batch as usize)
+                .or_default()
+                .push(seconds / batch as f64);
+        }
+        let curves = samples
+            .into_iter()
+            .map(|(key, batches)| {
+                let curve = batches
+                    .into_iter()
+                    .map(|(b, mut v)| {
+                        v.sort_by(f64::total_cmp);
+                        (b, v[v.len() / 2])
+                    })
+                    .collect();
+                (key, curve)
+            })
+            .collect();
+        StepTimes { curves }
+    }
+
+    /// Seconds per image of `step` for the architecture, variant and device at batch
+    /// `batch`: the measurement at that batch, else interpolated linearly in log(batch)
+    /// between the nearest measured batches, else the nearest one's (noted). A variant
+    /// that was not timed is timed as `plain` (noted).
+    pub fn per_image(
+        &self,
+        step: &str,
+        arch: &str,
+        variant: &str,
+        device: &str,
+        batch: usize,
+        notes: &mut Vec<String>,
+    ) -> Result<f64> {
+        let key = |v: &str| (step.to_string(), arch.to_string(), v.to_string(), device.to_string());
+        let curve = match self.curves.get(&key(variant)) {
+            Some(c) => c,
+            None => {
+                let plain = self.curves.get(&key("plain")).with_context(|| {
+                    format!("no `{step}` time for {arch} on {device} among the step times")
+                })?;
+                note(notes, format!("{arch} {variant}: timed as plain (not measured)"));
+                plain
+            }
+        };
+        let below = curve.range(..=batch).next_back();
+        let above = curve.range(batch..).next();
+        Ok(match (below, above) {
+            (Some((&b0, &t0)), Some((&b1, &t1))) if b0 != b1 => {
+                let w = ((batch as f64).ln() - (b0 as f64).ln()) / ((b1 as f64).ln() - (b0 as f64).ln());
+                t0 + w * (t1 - t0)
+            }
+            (Some((_, &t)), Some(_)) => t,
+            (Some((&b, &t)), None) | (None, Some((&b, &t))) => {
+                note(
+                    notes,
+                    format!("{arch} {variant} {step} at batch {batch}: the time at batch {b}"),
+                );
+                t
+            }
+            (None, None) => bail!("no `{step}` time for {arch} on {device}"),
+        })
+    }
+}
+
+fn note(notes: &mut Vec<String>, text: String) {
+    if !notes.contains(&text) {
+        notes.push(text);
+    }
+}
+
+/// How the estimate models several GPUs.
+#[derive(Clone, Copy, Debug)]
+pub struct Assumptions {
+    /// All-reduce bus bandwidth between GPUs, bytes per second.
+    pub bus_bytes_per_second: f64,
+}
+
+/// A run of the study and its work.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobEstimate {
+    /// The run's name, as the study prints it.
+    pub name: String,
+    /// The row (the method's key).
+    pub row: String,
+    /// What the run would do.
+    pub work: Work,
+    /// Estimated seconds with each number of GPUs.
+    pub seconds: BTreeMap<usize, f64>,
+}
+
+/// The row of a run: its log file is `<row>.<what>.log`.
+fn row_of(job: &Job) -> String {
+    let stem = job
+        .log
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    stem.split('.').next().unwrap_or_default().to_string()
+}
+
+/// `job`'s command with `--dry-run`: its work, or `None` for a run that is not a
+/// training, evaluation or sweep (comparisons, merges).
+fn dry_run(job: &Job) -> Result<Option<Work>> {
+    let args: Vec<_> = job.command.get_args().collect();
+    let Some(sub) = args.iter().find_map(|a| a.to_str()).map(str::to_string) else {
+        return Ok(None);
+    };
+    let sub = args
+        .iter()
+        .filter_map(|a| a.to_str())
+        .find(|a| matches!(*a, "train" | "eval" | "sweep" | "attack" | "compare" | "merge"))
+        .unwrap_or(&sub)
+        .to_string();
+    if !matches!(sub.as_str(), "train" | "eval" | "sweep") {
+        return Ok(None);
+    }
+    let mut cmd = Command::new(job.command.get_program());
+    cmd.args(&args).arg("--dry-run");
+    if let Some(dir) = job.command.get_current_dir() {
+        cmd.current_dir(dir);
+    }
+    for (k, v) in job.command.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {:?}", job.command.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` --dry-run failed: {}",
+            job.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("{\"dry_run\""))
+        .with_context(|| format!("`{}` --dry-run printed no work", job.name))?;
+    let v: Value = serde_json::from_str(line)?;
+    Ok(Some(serde_json::from_value(v["dry_run"].clone())?))
+}
+
+/// The seconds of one run's `work` with `gpus` GPUs of `device`.
+pub fn seconds(
+    work: &Work,
+    arch: &str,
+    variant: &str,
+    device: &str,
+    gpus: usize,
+    times: &StepTimes,
+    assume: Assumptions,
+    notes: &mut Vec<String>,
+) -> Result<f64> {
+    let n = gpus.max(1) as f64;
+    let t = |step: &str, batch: usize, images: f64, notes: &mut Vec<String>| -> Result<f64> {
+        if images == 0.0 {
+            return Ok(0.0);
+        }
+        Ok(images * times.per_image(step, arch, variant, device, batch.max(1), notes)?)
+    };
+    let eval = t("pgd-step", work.eval_batch_size, work.eval.gradient, notes)?
+        + t("forward", work.eval_batch_size, work.eval.forward, notes)?;
+    if work.command != "train" {
+        // Evaluations are cut into shards, one per GPU; sweeps run value by value.
+        let share = if work.command == "eval" { n } else { 1.0 };
+        return Ok(eval / share);
+    }
+    let per_gpu = (work.batch_size / gpus.max(1)).max(1);
+    let training = t("train-step", per_gpu, work.train / n, notes)?
+        + t("pgd-step", per_gpu, work.attack.gradient / n, notes)?
+        + t("forward", per_gpu, work.attack.forward / n, notes)?;
+    let all_reduce = if gpus > 1 {
+        let bytes = 4.0 * work.parameters as f64 * 2.0 * (n - 1.0) / n;
+        work.steps as f64 * bytes / assume.bus_bytes_per_second
+    } else {
+        0.0
+    };
+    Ok(training + all_reduce + eval)
+}
+
+/// The estimate of every run of `jobs` with each number of `gpus`.
+pub fn estimate(
+    jobs: &[Job],
+    device: &str,
+    gpus: &[usize],
+    times: &StepTimes,
+    assume: Assumptions,
+) -> Result<(Vec<JobEstimate>, Vec<String>)> {
+    let mut works = Vec::new();
+    for job in jobs {
+        if let Some(work) = dry_run(job)? {
+            works.push((job, work));
+        }
+    }
+    // A run on a model that does not exist yet takes its architecture from the row's
+    // training.
+    let trained: BTreeMap<String, (String, String)> = works
+        .iter()
+        .filter(|(_, w)| w.command == "train")
+        .filter_map(|(j, w)| {
+            Some((row_of(j), (w.arch.clone()?, w.variant.clone().unwrap_or("plain".into()))))
+        })
+        .collect();
+    let mut notes = Vec::new();
+    let mut out = Vec::new();
+    for (job, work) in works {
+        let row = row_of(job);
+        let (arch, variant) = match (&work.arch, trained.get(&row)) {
+            (Some(a), _) => (a.clone(), work.variant.clone().unwrap_or("plain".into())),
+            (None, Some((a, v))) => (a.clone(), v.clone()),
+            (None, None) => bail!("`{}`: the architecture of its model is unknown", job.name),
+        };
+        let mut seconds_by = BTreeMap::new();
+        for &g in gpus {
+            let s = seconds(&work, &arch, &variant, device, g, times, assume, &mut notes)?;
+            seconds_by.insert(g, s);
+        }
+        out.push(JobEstimate {
+            name: job.name.clone(),
+            row,
+            work,
+            seconds: seconds_by,
+        });
+    }
+    Ok((out, notes))
+}
+
+/// Seconds as `1 h 02 min`, `3 min 05 s` or `41 s`.
+pub fn duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {:02} s", s / 60, s % 60),
+        _ if s < 48 * 3600 => format!("{} h {:02} min", s / 3600, (s % 3600) / 60),
+        _ => format!("{:.1} days", s as f64 / 86_400.0),
+    }
+}
+
+/// The Markdown report: per row, training and evaluation with each number of GPUs;
+/// then every run with one GPU.
+pub fn markdown(
+    estimates: &[JobEstimate],
+    gpus: &[usize],
+    device: &str,
+    source: &str,
+    assume: Assumptions,
+    notes: &[String],
+) -> String {
+    let mut rows: Vec<String> = Vec::new();
+    for e in estimates {
+        if !rows.contains(&e.row) {
+            rows.push(e.row.clone());
+        }
+    }
+    let sum = |row: &str, train: bool, g: usize| -> f64 {
+        estimates
+            .iter()
+            .filter(|e| e.row == row && (e.work.command == "train") == train)
+            .map(|e| e.seconds[&g])
+            .sum()
+    };
+    let mut md = format!(
+        "# Wall-time estimate\n\nFrom the step times in `{source}` on `{device}`; each run's \
+         work from `rampart … --dry-run`. With N GPUs a training is data-parallel over N \
+         (all-reduce at {:.0} GB/s) and an evaluation is cut into N shards; a sweep runs on \
+         one. Not counted: loading, the host work between passes, runs waiting for each \
+         other (see docs/scale-out.md).\n\n| row |",
+        assume.bus_bytes_per_second / 1e9
+    );
+    let unit = if device.starts_with("cuda") { "GPU" } else { "CPU" };
+    for &g in gpus {
+        md += &format!(" train, {g} {unit} | eval, {g} {unit} | total, {g} {unit} |");
+    }
+    md += "\n|---|";
+    md += &"---:|".repeat(3 * gpus.len());
+    md += "\n";
+    let mut totals = vec![0.0; gpus.len()];
+    for row in &rows {
+        md += &format!("| {row} |");
+        for (i, &g) in gpus.iter().enumerate() {
+            let (t, e) = (sum(row, true, g), sum(row, false, g));
+            totals[i] += t + e;
+            md += &format!(" {} | {} | {} |", duration(t), duration(e), duration(t + e));
+        }
+        md += "\n";
+    }
+    md += "| **all rows, one after the other** |";
+    for total in &totals {
+        md += &format!(" | | **{}** |", duration(*total));
+    }
+    let first = gpus.first().copied().unwrap_or(1);
+    md += &format!(
+        "\n\n## Every run ({first} {unit})\n\n| run | gradient passes | forward passes | train passes | estimate |\n|---|---:|---:|---:|---:|\n"
+    );
+    for e in estimates {
+        let w = &e.work;
+        md += &format!(
+            "| {} | {:.3e} | {:.3e} | {:.3e} | {} |\n",
+            e.name,
+            w.eval.gradient + w.attack.gradient,
+            w.eval.forward + w.attack.forward,
+            w.train,
+            duration(e.seconds[&first])
+        );
+    }
+    md += "\nAutoAttack's runs are upper bounds: the count runs every stage on every image, \
+           while the ensemble attacks only the correctly classified images and each later \
+           stage only those still robust (with clean accuracy c and robust accuracy r, about \
+           c × APGD-CE + r × the rest).\n";
+    if !notes.is_empty() {
+        md += "\nNotes:\n";
+        for n in notes {
+            md += &format!("- {n}\n");
+        }
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINES: &str = r#"
+{"run": {"framework": "rampart"}}
+{"step":"train-step","arch":"a","variant":"plain","batch_size":100,"device":"cuda","seconds_per_batch":1.0,"images_per_second":100.0}
+{"step":"train-step","arch":"a","variant":"plain","batch_size":100,"device":"cuda","seconds_per_batch":3.0,"images_per_second":33.3}
+{"step":"train-step","arch":"a","variant":"plain","batch_size":100,"device":"cuda","seconds_per_batch":2.0,"images_per_second":50.0}
+{"step":"train-step","arch":"a","variant":"plain","batch_size":400,"device":"cuda","seconds_per_batch":4.0,"images_per_second":100.0}
+{"framework":"pytorch","step":"train-step","arch":"a","variant":"plain","batch_size":100,"device":"cuda","seconds_per_batch":0.1}
+{"step":"pgd-step","arch":"a","variant":"plain","batch_size":100,"device":"cuda","seconds_per_batch":0.5}
+{"step":"forward","arch":"a","variant":"plain","batch_size":100,"device":"cuda","seconds_per_batch":0.2}
+"#;
+
+    #[test]
+    fn step_times_take_the_median_and_interpolate_in_log_batch() -> Result<()> {
+        let t = StepTimes::parse(LINES);
+        let mut notes = Vec::new();
+        // Median of 1, 3, 2 s for 100 images; PyTorch's line is skipped.
+        assert_eq!(t.per_image("train-step", "a", "plain", "cuda", 100, &mut notes)?, 0.02);
+        // Halfway in log(batch) between 100 (0.02) and 400 (0.01).
+        let mid = t.per_image("train-step", "a", "plain", "cuda", 200, &mut notes)?;
+        assert!((mid - 0.015).abs() < 1e-12, "{mid}");
+        assert!(notes.is_empty());
+        // Outside the measured batches: the nearest, noted; an unmeasured variant as plain.
+        assert_eq!(t.per_image("train-step", "a", "student", "cuda", 25, &mut notes)?, 0.02);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(t.per_image("train-step", "b", "plain", "cuda", 100, &mut notes).is_err());
+        assert!(t.per_image("train-step", "a", "plain", "cpu", 100, &mut notes).is_err());
+        Ok(())
+    }
+
+    /// Worked by hand: 10 steps of 100 images, 2 train passes and 4 gradient passes
+    /// per image, 1,000 evaluation forward passes at batch 100, 1e6 parameters.
+    #[test]
+    fn a_run_is_timed_from_its_passes_on_one_and_several_gpus() -> Result<()> {
+        let t = StepTimes::parse(LINES);
+        let work = Work {
+            command: "train".into(),
+            arch: Some("a".into()),
+            variant: Some("plain".into()),
+            batch_size: 100,
+            eval_batch_size: 100,
+            parameters: 1_000_000,
+            steps: 10,
+            train: 2000.0,
+            attack: Passes {
+                gradient: 4000.0,
+                forward: 0.0,
+            },
+            eval: Passes {
+                gradient: 0.0,
+                forward: 1000.0,
+            },
+        };
+        let assume = Assumptions {
+            bus_bytes_per_second: 1e9,
+        };
+        let mut notes = Vec::new();
+        let one = seconds(&work, "a", "plain", "cuda", 1, &t, assume, &mut notes)?;
+        // 2000 × 0.02 + 4000 × 0.005 + 1000 × 0.002.
+        assert!((one - (40.0 + 20.0 + 2.0)).abs() < 1e-9, "{one}");
+        // Two GPUs: half the passes at batch 50 (the time at 100, noted), and 10
+        // all-reduces of 2·(1/2)·4e6 bytes at 1 GB/s; the evaluation on one GPU.
+        let two = seconds(&work, "a", "plain", "cuda", 2, &t, assume, &mut notes)?;
+        assert!((two - (20.0 + 10.0 + 0.04 + 2.0)).abs() < 1e-9, "{two}");
+        assert!(!notes.is_empty());
+        // An evaluation is sharded, a sweep is not.
+        let eval = Work {
+            command: "eval".into(),
+            ..work.clone()
+        };
+        let sweep = Work {
+            command: "sweep".into(),
+            ..work
+        };
+        assert!((seconds(&eval, "a", "plain", "cuda", 4, &t, assume, &mut notes)? - 0.5).abs() < 1e-9);
+        assert!((seconds(&sweep, "a", "plain", "cuda", 4, &t, assume, &mut notes)? - 2.0).abs() < 1e-9);
+        Ok(())
+    }
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(duration(41.4), "41 s");
+        assert_eq!(duration(185.0), "3 min 05 s");
+        assert_eq!(duration(3720.0), "1 h 02 min");
+        assert_eq!(duration(3.0 * 86_400.0), "3.0 days");
+    }
+}
