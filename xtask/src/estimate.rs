@@ -58,11 +58,14 @@ pub struct Work {
 /// seconds per image, the median of the measurements.
 type Curve = BTreeMap<usize, f64>;
 
+/// (step, architecture, variant, device).
+type Key = (String, String, String, String);
+
 /// Measured step times: `rampart bench --json` lines (PyTorch's lines of the GPU
 /// suite's `bench.jsonl`, and everything that is not a step line, are skipped).
 #[derive(Debug, Default)]
 pub struct StepTimes {
-    curves: BTreeMap<(String, String, String, String), Curve>,
+    curves: BTreeMap<Key, Curve>,
 }
 
 impl StepTimes {
@@ -82,8 +85,7 @@ impl StepTimes {
 
     /// The step lines of `text`.
     pub fn parse(text: &str) -> StepTimes {
-        let mut samples: BTreeMap<(String, String, String, String), BTreeMap<usize, Vec<f64>>> =
-            BTreeMap::new();
+        let mut samples: BTreeMap<Key, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
         for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
             let Ok(v) = serde_json::from_str::<Value>(line) else {
                 continue;
@@ -92,7 +94,8 @@ impl StepTimes {
                 continue;
             }
             let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-            let (Some(step), Some(arch), Some(device)) = (text("step"), text("arch"), text("device"))
+            let (Some(step), Some(arch), Some(device)) =
+                (text("step"), text("arch"), text("device"))
             else {
                 continue;
             };
@@ -142,14 +145,24 @@ impl StepTimes {
         batch: usize,
         notes: &mut Vec<String>,
     ) -> Result<f64> {
-        let key = |v: &str| (step.to_string(), arch.to_string(), v.to_string(), device.to_string());
+        let key = |v: &str| {
+            (
+                step.to_string(),
+                arch.to_string(),
+                v.to_string(),
+                device.to_string(),
+            )
+        };
         let curve = match self.curves.get(&key(variant)) {
             Some(c) => c,
             None => {
                 let plain = self.curves.get(&key("plain")).with_context(|| {
                     format!("no `{step}` time for {arch} on {device} among the step times")
                 })?;
-                note(notes, format!("{arch} {variant}: timed as plain (not measured)"));
+                note(
+                    notes,
+                    format!("{arch} {variant}: timed as plain (not measured)"),
+                );
                 plain
             }
         };
@@ -157,7 +170,8 @@ impl StepTimes {
         let above = curve.range(batch..).next();
         Ok(match (below, above) {
             (Some((&b0, &t0)), Some((&b1, &t1))) if b0 != b1 => {
-                let w = ((batch as f64).ln() - (b0 as f64).ln()) / ((b1 as f64).ln() - (b0 as f64).ln());
+                let w = ((batch as f64).ln() - (b0 as f64).ln())
+                    / ((b1 as f64).ln() - (b0 as f64).ln());
                 t0 + w * (t1 - t0)
             }
             (Some((_, &t)), Some(_)) => t,
@@ -219,7 +233,12 @@ fn dry_run(job: &Job) -> Result<Option<Work>> {
     let sub = args
         .iter()
         .filter_map(|a| a.to_str())
-        .find(|a| matches!(*a, "train" | "eval" | "sweep" | "attack" | "compare" | "merge"))
+        .find(|a| {
+            matches!(
+                *a,
+                "train" | "eval" | "sweep" | "attack" | "compare" | "merge"
+            )
+        })
         .unwrap_or(&sub)
         .to_string();
     if !matches!(sub.as_str(), "train" | "eval" | "sweep") {
@@ -255,12 +274,18 @@ fn dry_run(job: &Job) -> Result<Option<Work>> {
     Ok(Some(serde_json::from_value(v["dry_run"].clone())?))
 }
 
-/// The seconds of one run's `work` with `gpus` GPUs of `device`.
+/// What a run's passes are timed as: its network on a device.
+#[derive(Clone, Copy, Debug)]
+pub struct Network<'a> {
+    pub arch: &'a str,
+    pub variant: &'a str,
+    pub device: &'a str,
+}
+
+/// The seconds of one run's `work` with `gpus` GPUs of the network's device.
 pub fn seconds(
     work: &Work,
-    arch: &str,
-    variant: &str,
-    device: &str,
+    on: Network<'_>,
     gpus: usize,
     times: &StepTimes,
     assume: Assumptions,
@@ -271,7 +296,7 @@ pub fn seconds(
         if images == 0.0 {
             return Ok(0.0);
         }
-        Ok(images * times.per_image(step, arch, variant, device, batch.max(1), notes)?)
+        Ok(images * times.per_image(step, on.arch, on.variant, on.device, batch.max(1), notes)?)
     };
     let eval = t("pgd-step", work.eval_batch_size, work.eval.gradient, notes)?
         + t("forward", work.eval_batch_size, work.eval.forward, notes)?;
@@ -313,7 +338,10 @@ pub fn estimate(
         .iter()
         .filter(|(_, w)| w.command == "train")
         .filter_map(|(j, w)| {
-            Some((row_of(j), (w.arch.clone()?, w.variant.clone().unwrap_or("plain".into()))))
+            Some((
+                row_of(j),
+                (w.arch.clone()?, w.variant.clone().unwrap_or("plain".into())),
+            ))
         })
         .collect();
     let mut notes = Vec::new();
@@ -327,7 +355,12 @@ pub fn estimate(
         };
         let mut seconds_by = BTreeMap::new();
         for &g in gpus {
-            let s = seconds(&work, &arch, &variant, device, g, times, assume, &mut notes)?;
+            let on = Network {
+                arch: &arch,
+                variant: &variant,
+                device,
+            };
+            let s = seconds(&work, on, g, times, assume, &mut notes)?;
             seconds_by.insert(g, s);
         }
         out.push(JobEstimate {
@@ -382,7 +415,11 @@ pub fn markdown(
          other (see docs/scale-out.md).\n\n| row |",
         assume.bus_bytes_per_second / 1e9
     );
-    let unit = if device.starts_with("cuda") { "GPU" } else { "CPU" };
+    let unit = if device.starts_with("cuda") {
+        "GPU"
+    } else {
+        "CPU"
+    };
     for &g in gpus {
         md += &format!(" train, {g} {unit} | eval, {g} {unit} | total, {g} {unit} |");
     }
@@ -435,6 +472,12 @@ pub fn markdown(
 mod tests {
     use super::*;
 
+    const ON: Network<'static> = Network {
+        arch: "a",
+        variant: "plain",
+        device: "cuda",
+    };
+
     const LINES: &str = r#"
 {"run": {"framework": "rampart"}}
 {"step":"train-step","arch":"a","variant":"plain","batch_size":100,"device":"cuda","seconds_per_batch":1.0,"images_per_second":100.0}
@@ -451,16 +494,26 @@ mod tests {
         let t = StepTimes::parse(LINES);
         let mut notes = Vec::new();
         // Median of 1, 3, 2 s for 100 images; PyTorch's line is skipped.
-        assert_eq!(t.per_image("train-step", "a", "plain", "cuda", 100, &mut notes)?, 0.02);
+        assert_eq!(
+            t.per_image("train-step", "a", "plain", "cuda", 100, &mut notes)?,
+            0.02
+        );
         // Halfway in log(batch) between 100 (0.02) and 400 (0.01).
         let mid = t.per_image("train-step", "a", "plain", "cuda", 200, &mut notes)?;
         assert!((mid - 0.015).abs() < 1e-12, "{mid}");
         assert!(notes.is_empty());
         // Outside the measured batches: the nearest, noted; an unmeasured variant as plain.
-        assert_eq!(t.per_image("train-step", "a", "student", "cuda", 25, &mut notes)?, 0.02);
+        assert_eq!(
+            t.per_image("train-step", "a", "student", "cuda", 25, &mut notes)?,
+            0.02
+        );
         assert_eq!(notes.len(), 2, "{notes:?}");
-        assert!(t.per_image("train-step", "b", "plain", "cuda", 100, &mut notes).is_err());
-        assert!(t.per_image("train-step", "a", "plain", "cpu", 100, &mut notes).is_err());
+        assert!(t
+            .per_image("train-step", "b", "plain", "cuda", 100, &mut notes)
+            .is_err());
+        assert!(t
+            .per_image("train-step", "a", "plain", "cpu", 100, &mut notes)
+            .is_err());
         Ok(())
     }
 
@@ -491,12 +544,12 @@ mod tests {
             bus_bytes_per_second: 1e9,
         };
         let mut notes = Vec::new();
-        let one = seconds(&work, "a", "plain", "cuda", 1, &t, assume, &mut notes)?;
+        let one = seconds(&work, ON, 1, &t, assume, &mut notes)?;
         // 2000 × 0.02 + 4000 × 0.005 + 1000 × 0.002.
         assert!((one - (40.0 + 20.0 + 2.0)).abs() < 1e-9, "{one}");
         // Two GPUs: half the passes at batch 50 (the time at 100, noted), and 10
         // all-reduces of 2·(1/2)·4e6 bytes at 1 GB/s; the evaluation on one GPU.
-        let two = seconds(&work, "a", "plain", "cuda", 2, &t, assume, &mut notes)?;
+        let two = seconds(&work, ON, 2, &t, assume, &mut notes)?;
         assert!((two - (20.0 + 10.0 + 0.04 + 2.0)).abs() < 1e-9, "{two}");
         assert!(!notes.is_empty());
         // An evaluation is sharded, a sweep is not.
@@ -508,8 +561,8 @@ mod tests {
             command: "sweep".into(),
             ..work
         };
-        assert!((seconds(&eval, "a", "plain", "cuda", 4, &t, assume, &mut notes)? - 0.5).abs() < 1e-9);
-        assert!((seconds(&sweep, "a", "plain", "cuda", 4, &t, assume, &mut notes)? - 2.0).abs() < 1e-9);
+        assert!((seconds(&eval, ON, 4, &t, assume, &mut notes)? - 0.5).abs() < 1e-9);
+        assert!((seconds(&sweep, ON, 4, &t, assume, &mut notes)? - 2.0).abs() < 1e-9);
         Ok(())
     }
 
