@@ -52,6 +52,12 @@ pub struct Work {
     pub train: f64,
     pub attack: Passes,
     pub eval: Passes,
+    /// The part of `eval` that runs only on the correctly classified images.
+    #[serde(default)]
+    pub eval_on_correct: Passes,
+    /// The part of `eval` that runs only on the images still robust.
+    #[serde(default)]
+    pub eval_on_robust: Passes,
 }
 
 /// The per-image times of one (step, architecture, variant, device): batch size →
@@ -198,6 +204,10 @@ fn note(notes: &mut Vec<String>, text: String) {
 pub struct Assumptions {
     /// All-reduce bus bandwidth between GPUs, bytes per second.
     pub bus_bytes_per_second: f64,
+    /// The models' clean and robust accuracy, for the parts of an evaluation that run
+    /// only on the correctly classified or the robust images (AutoAttack's stages);
+    /// `None`: every image (the upper bound).
+    pub accuracy: Option<(f64, f64)>,
 }
 
 /// A run of the study and its work.
@@ -298,8 +308,16 @@ pub fn seconds(
         }
         Ok(images * times.per_image(step, on.arch, on.variant, on.device, batch.max(1), notes)?)
     };
-    let eval = t("pgd-step", work.eval_batch_size, work.eval.gradient, notes)?
-        + t("forward", work.eval_batch_size, work.eval.forward, notes)?;
+    let timed = |p: Passes, notes: &mut Vec<String>| -> Result<f64> {
+        Ok(t("pgd-step", work.eval_batch_size, p.gradient, notes)?
+            + t("forward", work.eval_batch_size, p.forward, notes)?)
+    };
+    let mut eval = timed(work.eval, notes)?;
+    if let Some((clean, robust)) = assume.accuracy {
+        // Those parts run on a share of the images only.
+        eval -= (1.0 - clean) * timed(work.eval_on_correct, notes)?
+            + (1.0 - robust) * timed(work.eval_on_robust, notes)?;
+    }
     if work.command != "train" {
         // Evaluations are cut into shards, one per GPU; sweeps run value by value.
         let share = if work.command == "eval" { n } else { 1.0 };
@@ -455,10 +473,19 @@ pub fn markdown(
             duration(e.seconds[&first])
         );
     }
-    md += "\nAutoAttack's runs are upper bounds: the count runs every stage on every image, \
-           while the ensemble attacks only the correctly classified images and each later \
-           stage only those still robust (with clean accuracy c and robust accuracy r, about \
-           c × APGD-CE + r × the rest).\n";
+    md += &match assume.accuracy {
+        None => "\nAutoAttack's runs are upper bounds: the count runs every stage on every \
+                 image, while the ensemble attacks only the correctly classified images and \
+                 each later stage only those still robust (`--assume-accuracy CLEAN,ROBUST` \
+                 times them on those shares).\n"
+            .to_string(),
+        Some((c, r)) => format!(
+            "\nAutoAttack's first stage is timed on {:.0} % of its images (the assumed clean \
+             accuracy) and its later stages on {:.0} % (the assumed robust accuracy).\n",
+            100.0 * c,
+            100.0 * r
+        ),
+    };
     if !notes.is_empty() {
         md += "\nNotes:\n";
         for n in notes {
@@ -539,9 +566,15 @@ mod tests {
                 gradient: 0.0,
                 forward: 1000.0,
             },
+            eval_on_correct: Passes::default(),
+            eval_on_robust: Passes {
+                gradient: 0.0,
+                forward: 500.0,
+            },
         };
         let assume = Assumptions {
             bus_bytes_per_second: 1e9,
+            accuracy: None,
         };
         let mut notes = Vec::new();
         let one = seconds(&work, ON, 1, &t, assume, &mut notes)?;
@@ -563,6 +596,14 @@ mod tests {
         };
         assert!((seconds(&eval, ON, 4, &t, assume, &mut notes)? - 0.5).abs() < 1e-9);
         assert!((seconds(&sweep, ON, 4, &t, assume, &mut notes)? - 2.0).abs() < 1e-9);
+        // Half the evaluation runs on the robust images only: with 40 % robust, 60 %
+        // of that half is not run.
+        let assumed = Assumptions {
+            accuracy: Some((0.9, 0.4)),
+            ..assume
+        };
+        let cut = seconds(&eval, ON, 1, &t, assumed, &mut notes)?;
+        assert!((cut - (2.0 - 0.6 * 1.0)).abs() < 1e-9, "{cut}");
         Ok(())
     }
 

@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train and evaluate the models of a preset and write report.md and results.json.
-    Reproduce(reproduce::ReproduceArgs),
+    Reproduce(Box<reproduce::ReproduceArgs>),
     /// Time forward, attack step and training step (optionally against PyTorch).
     Bench(bench::BenchArgs),
 }

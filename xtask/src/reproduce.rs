@@ -72,6 +72,12 @@ pub struct ReproduceArgs {
     #[arg(long, default_value_t = 100.0)]
     pub bus_bandwidth: f64,
 
+    /// With --estimate: time AutoAttack's first stage on this share of the images
+    /// (the models' clean accuracy) and its later stages on this share (their robust
+    /// accuracy), e.g. 0.85,0.45, instead of on every image (the upper bound).
+    #[arg(long, value_name = "CLEAN,ROBUST", value_delimiter = ',', num_args = 2)]
+    pub assume_accuracy: Option<Vec<f64>>,
+
     /// With --estimate: also write the estimate as JSON to this file.
     #[arg(long)]
     pub estimate_json: Option<PathBuf>,
@@ -742,6 +748,14 @@ fn check_estimate(args: &ReproduceArgs) -> Result<PathBuf> {
     if !(args.bus_bandwidth.is_finite() && args.bus_bandwidth > 0.0) {
         bail!("--bus-bandwidth must be a positive number of GB/s");
     }
+    if let Some(a) = &args.assume_accuracy {
+        if a.len() != 2 || !a.iter().all(|v| (0.0..=1.0).contains(v)) || a[1] > a[0] {
+            bail!(
+                "--assume-accuracy takes CLEAN,ROBUST, two fractions in [0, 1] with ROBUST ≤ \
+                 CLEAN, e.g. 0.85,0.45"
+            );
+        }
+    }
     let dir = std::env::temp_dir().join(format!("rampart-estimate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the scratch folder {}", dir.display()))?;
@@ -758,6 +772,7 @@ fn print_estimate(
     let step_times = crate::estimate::StepTimes::read(times)?;
     let assume = crate::estimate::Assumptions {
         bus_bytes_per_second: args.bus_bandwidth * 1e9,
+        accuracy: args.assume_accuracy.as_ref().map(|a| (a[0], a[1])),
     };
     let (estimates, notes) =
         crate::estimate::estimate(jobs, device, &args.estimate_gpus, &step_times, assume)?;
@@ -778,6 +793,7 @@ fn print_estimate(
             "step_times": times,
             "gpus": args.estimate_gpus,
             "bus_bandwidth_gb_per_s": args.bus_bandwidth,
+            "assumed_accuracy": args.assume_accuracy,
             "runs": estimates,
             "notes": notes,
         });

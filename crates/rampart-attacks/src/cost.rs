@@ -141,15 +141,41 @@ impl Stage {
     }
 }
 
+/// What an AutoAttack ensemble costs per image, by the images each part runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleCost {
+    /// On every image: the clean judgement.
+    pub every: Passes,
+    /// On the correctly classified images: the first stage.
+    pub correct: Passes,
+    /// On the images every earlier stage left robust: the later stages.
+    pub robust: Passes,
+}
+
+impl EnsembleCost {
+    /// Every part on every image: the upper bound.
+    pub fn total(&self) -> Passes {
+        self.every + self.correct + self.robust
+    }
+}
+
 impl AutoAttack {
     /// Every stage on every image (the upper bound: the ensemble runs a stage only on
     /// the points the earlier ones left robust), plus the clean judgement.
     pub fn cost(&self) -> Passes {
-        let stages = self
-            .stages
-            .iter()
-            .fold(Passes::NONE, |sum, s| sum + s.cost());
-        stages + Passes::forward(self.eot.eval_samples.max(1) as f64)
+        self.cost_by_images().total()
+    }
+
+    /// The cost split by the images each part runs on: the clean judgement on every
+    /// image, the first stage on the correctly classified ones, the later stages on
+    /// those still robust.
+    pub fn cost_by_images(&self) -> EnsembleCost {
+        let mut stages = self.stages.iter().map(Stage::cost);
+        EnsembleCost {
+            every: Passes::forward(self.eot.eval_samples.max(1) as f64),
+            correct: stages.next().unwrap_or_default(),
+            robust: stages.fold(Passes::NONE, |sum, s| sum + s),
+        }
     }
 }
 
@@ -296,6 +322,13 @@ mod tests {
         // 5000 queries.
         assert_eq!(p.gradient, 100.0 + 900.0 + 1800.0);
         assert_eq!(p.forward, 3.0 + 11.0 + 9.0 * 101.0 + 5003.0 + 1.0);
+        let split = aa.cost_by_images();
+        assert_eq!(split.total(), p);
+        assert_eq!(
+            split.correct,
+            Stage::Apgd(crate::Apgd::ce(Norm::Linf)).cost()
+        );
+        assert_eq!(split.every, Passes::forward(1.0));
         let rand = AutoAttack::rand(Norm::Linf);
         // APGD-CE and APGD-DLR, 100 steps, 20 gradient draws each.
         assert_eq!(rand.cost().gradient, 2.0 * 100.0 * 20.0);

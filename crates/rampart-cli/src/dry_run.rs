@@ -21,6 +21,7 @@ use rampart_models::{ModelSpec, OatSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::EvalPlan;
+use crate::eval_run::EvalCost;
 use crate::sweep::{SweepArgs, SweepOver};
 use crate::train::TrainPlan;
 
@@ -52,8 +53,15 @@ pub struct Work {
     /// Training: the passes of the attacks inside the steps (at `batch_size`).
     pub attack: Passes,
     /// Eval-mode passes outside the training steps (at `eval_batch_size` for train,
-    /// `batch_size` otherwise): evaluations, attacks, trust checks.
+    /// `batch_size` otherwise): evaluations, attacks, trust checks; every attack on
+    /// every attacked image, an upper bound.
     pub eval: Passes,
+    /// The part of `eval` that runs only on the correctly classified images
+    /// (AutoAttack's first stage).
+    pub eval_on_correct: Passes,
+    /// The part of `eval` that runs only on the images still robust (AutoAttack's
+    /// later stages).
+    pub eval_on_robust: Passes,
 }
 
 /// The variant of a model specification.
@@ -103,6 +111,8 @@ pub fn train(plan: &TrainPlan) -> Result<Work> {
         train: cost.train * trained,
         attack: cost.attack * trained,
         eval,
+        eval_on_correct: Passes::NONE,
+        eval_on_robust: Passes::NONE,
     })
 }
 
@@ -141,7 +151,7 @@ fn eval_work(
     plan: &EvalPlan,
     spec: Option<&ModelSpec>,
     stochastic: bool,
-    eval: Passes,
+    eval: EvalCost,
 ) -> Work {
     Work {
         command: command.into(),
@@ -155,7 +165,9 @@ fn eval_work(
         steps: 0,
         train: 0.0,
         attack: Passes::NONE,
-        eval,
+        eval: eval.total,
+        eval_on_correct: eval.on_correct,
+        eval_on_robust: eval.on_robust,
     }
 }
 
@@ -177,7 +189,7 @@ pub fn sweep(args: &SweepArgs, plan: &EvalPlan) -> Result<Work> {
         }
     };
     let images = test_images(plan)?;
-    let mut eval = Passes::NONE;
+    let mut eval = EvalCost::default();
     let mut any_stochastic = false;
     for &value in &values {
         let stochastic = match args.over {
@@ -187,7 +199,10 @@ pub fn sweep(args: &SweepArgs, plan: &EvalPlan) -> Result<Work> {
             .as_ref()
             .map_or(plan.eot.is_some_and(|k| k > 1), |s| s.noise.is_some());
         any_stochastic |= stochastic;
-        eval += plan.cost(images, stochastic)?;
+        let cost = plan.cost(images, stochastic)?;
+        eval.total += cost.total;
+        eval.on_correct += cost.on_correct;
+        eval.on_robust += cost.on_robust;
     }
     Ok(eval_work(
         "sweep",
@@ -285,6 +300,17 @@ mod tests {
         )?;
         assert_eq!(sweep.eval.gradient, 2.0 * s.eval.gradient);
         assert!(sweep.stochastic);
+        // AutoAttack: every stage on every image in `eval`, and apart the first stage
+        // (correctly classified images) and the later ones (robust images).
+        let aa = work(
+            "eval --model absent.safetensors --dataset cifar10 --suite autoattack \
+             --attack-limit 100 --trust-examples 0 --data-dir d --out o --dry-run",
+        )?;
+        let split =
+            rampart_attacks::AutoAttack::standard(rampart_attacks::Norm::Linf).cost_by_images();
+        assert_eq!(aa.eval, split.total() * 100.0);
+        assert_eq!(aa.eval_on_correct, split.correct * 100.0);
+        assert_eq!(aa.eval_on_robust, split.robust * 100.0);
         let err = work("eval --model m --suite clean --data-dir d --out o --dry-run")
             .err()
             .map(|e| e.to_string())

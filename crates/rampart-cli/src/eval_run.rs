@@ -33,6 +33,17 @@ struct Loaded<'a> {
     device: &'a Device,
 }
 
+/// What an evaluation costs ([`EvalPlan::cost`]), in network passes of one image.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EvalCost {
+    /// Everything, every attack on every attacked image: the upper bound.
+    pub total: Passes,
+    /// The part of `total` that runs only on the correctly classified images.
+    pub on_correct: Passes,
+    /// The part of `total` that runs only on the images still robust.
+    pub on_robust: Passes,
+}
+
 impl EvalPlan {
     /// Where the log goes.
     pub fn log_file(&self) -> std::path::PathBuf {
@@ -185,8 +196,26 @@ impl EvalPlan {
     /// What the plan costs on a test set of `test_images` images for a model that is
     /// `stochastic` or not, in network passes (totals; upper bounds as the attacks'
     /// counts are, see `rampart_attacks::Passes`): the clean predictions, the attacks,
-    /// the trust checks and a stochastic model's noise draws.
-    pub fn cost(&self, test_images: usize, stochastic: bool) -> Result<Passes> {
+    /// the trust checks and a stochastic model's noise draws; AutoAttack's parts that
+    /// run only on the correctly classified or the robust images are also given apart.
+    pub fn cost(&self, test_images: usize, stochastic: bool) -> Result<EvalCost> {
+        let mut on_correct = Passes::NONE;
+        let mut on_robust = Passes::NONE;
+        let total = self.total_cost(test_images, stochastic, &mut on_correct, &mut on_robust)?;
+        Ok(EvalCost {
+            total,
+            on_correct,
+            on_robust,
+        })
+    }
+
+    fn total_cost(
+        &self,
+        test_images: usize,
+        stochastic: bool,
+        on_correct: &mut Passes,
+        on_robust: &mut Passes,
+    ) -> Result<Passes> {
         let test = self.test_limit.map_or(test_images, |l| l.min(test_images));
         let eot = self.eot.unwrap_or(if stochastic {
             rampart_eval::STOCHASTIC_EOT
@@ -222,6 +251,9 @@ impl EvalPlan {
             } else {
                 rampart_attacks::AutoAttack::standard(attack.pgd.norm)
             };
+            let split = ensemble.cost_by_images();
+            *on_correct = split.correct * rows.len() as f64;
+            *on_robust = split.robust * rows.len() as f64;
             return Ok(ensemble.cost() * rows.len() as f64 + trust);
         }
         // The worst case: every objective's PGD and the judgement of its points.
