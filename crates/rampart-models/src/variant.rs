@@ -27,14 +27,13 @@
 
 use crate::kernels::fused_train::BnBatch;
 use crate::kernels::preact::NormParams;
-use crate::kernels::{image_noise, EvalNorm, NoiseDraw};
+use crate::kernels::{EvalNorm, NoiseDraw};
 use crate::layers::{batch_norm_with, linear, BatchNorm, Linear};
-use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
+use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -531,27 +530,13 @@ impl Noise {
         if scale == 0.0 {
             return Ok(h.clone());
         }
-        let z = layer_noise(seed, h.dims(), h.device())?;
+        // Drawn where the activations are (one kernel on a GPU), no gradient.
+        let z = h
+            .detach()
+            .apply_op1_no_bwd(&crate::kernels::noise::LayerNoise { seed })?;
         let std = (self.alpha.broadcast_mul(&sigma)? * f64::from(scale))?;
         h + z.broadcast_mul(&std)?
     }
-}
-
-/// The noise z of one noisy layer for activations of shape `dims` (B, …): image i's
-/// values are [`image_noise`]`(seed, i)`, generated in parallel over the images.
-fn layer_noise(seed: u64, dims: &[usize], device: &Device) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let per = n / dims.first().copied().unwrap_or(1).max(1);
-    let mut out = vec![0f32; n];
-    if per > 0 {
-        out.par_chunks_mut(per).enumerate().for_each(|(i, image)| {
-            image
-                .iter_mut()
-                .zip(image_noise(seed, i))
-                .for_each(|(v, z)| *v = z);
-        });
-    }
-    Tensor::from_vec(out, dims, device)
 }
 
 /// `rows` orthonormal vectors of length `dim` (rows ≤ dim): Gram–Schmidt on Gaussian

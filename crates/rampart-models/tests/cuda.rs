@@ -372,6 +372,41 @@ fn kernels_compile_with_nvrtc() {
     }
 }
 
+/// A stochastic student's noise drawn on the GPU is the CPU's, bit for bit (the same
+/// f32 operations in the same order on both), for an even and an odd image size.
+#[test]
+fn student_noise_is_drawn_on_the_gpu_as_on_the_cpu() {
+    use rampart_models::kernels::noise::LayerNoise;
+    for dims in [[4usize, 8, 8, 16], [3, 5, 5, 3]] {
+        let cpu = Tensor::zeros(&dims[..], candle_core::DType::F32, &Device::Cpu).unwrap();
+        let gpu_x = cpu.to_device(&gpu()).unwrap();
+        for seed in [0u64, 7, u64::MAX] {
+            let want = cpu.apply_op1_no_bwd(&LayerNoise { seed }).unwrap();
+            let got = gpu_x.apply_op1_no_bwd(&LayerNoise { seed }).unwrap();
+            let (want, got) = (
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                got.to_device(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            let differ = want
+                .iter()
+                .zip(&got)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differ,
+                0,
+                "{dims:?}, seed {seed}: {differ} of {} values differ",
+                want.len()
+            );
+        }
+    }
+}
+
 /// The kernels between the convolutions against their CPU twins: the ReLU's mask, the
 /// eval-mode input gradient and the running-statistics update bit for bit; the
 /// cross-entropy (labels, smoothed labels, soft targets; K = 10 and 1000) to f32

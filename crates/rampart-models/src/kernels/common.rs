@@ -1,29 +1,13 @@
 //! Small pieces the kernels share: checked access to a custom op's f32 operand,
 //! per-thread scratch buffers, the eval-mode BatchNorm+ReLU as a per-channel affine
-//! map (with the additive noise of a stochastic student), the noise generator itself,
-//! and the hand-over of saved state from a forward pass to its backward pass.
+//! map (with the additive noise of a stochastic student, drawn by `noise.rs`), and
+//! the hand-over of saved state from a forward pass to its backward pass.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
-use rand_xoshiro::Xoshiro256PlusPlus;
 use std::sync::Mutex;
 
-/// The standard normal values of one image of one noisy layer, in the order of the
-/// image's NHWC elements: a Xoshiro256++ stream seeded from the layer's `seed` and the
-/// image's index (through SplitMix64), sampled by the ziggurat method. Every path that
-/// injects a student's noise (layer by layer, fused) draws it here, so they agree value
-/// for value, and an image's noise depends on its place in the batch, never on how the
-/// batch is cut into chunks or threads. (Xoshiro rather than ChaCha: the noise is
-/// drawn afresh on every forward pass, and this halves its cost; it needs statistical
-/// quality, not unpredictability.)
-pub(crate) fn image_noise(seed: u64, image: usize) -> impl Iterator<Item = f32> {
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(
-        seed ^ (image as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-    );
-    std::iter::repeat_with(move || rng.sample(StandardNormal))
-}
+use super::noise::fill_image;
 
 /// The contiguous f32 data of a custom op's operand; other dtypes and strided layouts
 /// are refused with an error naming `op`.
@@ -176,16 +160,17 @@ impl EvalNorm {
             return;
         };
         let c = self.channels();
+        let mut z = vec![0f32; pixels * c];
         for (i, image) in x.chunks_exact_mut(pixels * c).enumerate() {
-            let mut z = image_noise(noise.seed, first + i);
-            for row in image.chunks_exact_mut(c) {
-                for (((v, s), t), sd) in row
+            fill_image(noise.seed, first + i, &mut z);
+            for (row, zr) in image.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
+                for ((((v, s), t), sd), zv) in row
                     .iter_mut()
                     .zip(&self.affine.scale)
                     .zip(&self.affine.shift)
                     .zip(&noise.std)
+                    .zip(zr)
                 {
-                    let zv = z.next().unwrap_or(0.0);
                     *v = (*v * s + t + sd * zv).max(0.0);
                 }
             }

@@ -47,6 +47,7 @@ mod cudnn;
 pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;
+pub mod noise;
 pub mod pointwise;
 pub(crate) mod postact;
 pub(crate) mod preact;
@@ -55,4 +56,4 @@ mod train_norm;
 mod winograd;
 pub mod xent;
 
-pub(crate) use common::{image_noise, Affine, EvalNorm, NoiseDraw};
+pub(crate) use common::{Affine, EvalNorm, NoiseDraw};

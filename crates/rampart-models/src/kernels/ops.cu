@@ -149,3 +149,80 @@ extern "C" __global__ void xent_backward(float* dx, const float* x, const unsign
         dx[(size_t)i * k + j] = bad ? __int_as_float(0x7fc00000) : d;
     }
 }
+
+// ---------------------------------------------------------------------------------
+// A stochastic student's noise (noise.rs): value j of image i of a layer seeded s is
+// a Box–Muller pair of SplitMix64 bits, with the logarithm, cosine and sine as
+// polynomials in the same f32 operations as the CPU's (no contraction), so both
+// devices draw the same bits. The constants are the CPU's bit patterns.
+#define RP_LN2 __uint_as_float(0x3f317218u)
+#define RP_SQRT2 __uint_as_float(0x3fb504f3u)
+#define RP_TAU __uint_as_float(0x40c90fdbu)
+#define RP_C3 __uint_as_float(0x3eaaaaabu)
+#define RP_C5 __uint_as_float(0x3e4ccccdu)
+#define RP_C7 __uint_as_float(0x3e124925u)
+#define RP_C9 __uint_as_float(0x3de38e39u)
+#define RP_C24 __uint_as_float(0x3d2aaaabu)
+#define RP_C720 __uint_as_float(0xbab60b61u)
+#define RP_C40320 __uint_as_float(0x37d00d01u)
+#define RP_S6 __uint_as_float(0xbe2aaaabu)
+#define RP_S120 __uint_as_float(0x3c088889u)
+#define RP_S5040 __uint_as_float(0xb9500d01u)
+#define RP_S362880 __uint_as_float(0x3638ef1du)
+
+__device__ __forceinline__ unsigned long long rp_splitmix64(unsigned long long z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ float rp_ln(float x) {
+    unsigned int bits = __float_as_uint(x);
+    float m = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);
+    unsigned int big = m > RP_SQRT2 ? 1u : 0u;
+    m = __uint_as_float(__float_as_uint(m) - (big << 23));  // m·0.5 when big
+    int e = (int)((bits >> 23) & 0xffu) - 127 + (int)big;
+    float s = __fdiv_rn(__fsub_rn(m, 1.0f), __fadd_rn(m, 1.0f));
+    float s2 = __fmul_rn(s, s);
+    float p = __fadd_rn(1.0f, __fmul_rn(s2, __fadd_rn(RP_C3, __fmul_rn(s2,
+        __fadd_rn(RP_C5, __fmul_rn(s2, __fadd_rn(RP_C7, __fmul_rn(s2, RP_C9))))))));
+    return __fadd_rn(__fmul_rn((float)e, RP_LN2), __fmul_rn(__fadd_rn(s, s), p));
+}
+
+__device__ __forceinline__ void rp_cos_sin_turns(float t, float* cs, float* sn) {
+    unsigned int qi = (unsigned int)__fadd_rn(__fmul_rn(t, 4.0f), 0.5f);
+    float a = __fmul_rn(__fsub_rn(t, __fmul_rn((float)qi, 0.25f)), RP_TAU);
+    float a2 = __fmul_rn(a, a);
+    float c = __fadd_rn(1.0f, __fmul_rn(a2, __fadd_rn(-0.5f, __fmul_rn(a2,
+        __fadd_rn(RP_C24, __fmul_rn(a2, __fadd_rn(RP_C720, __fmul_rn(a2, RP_C40320))))))));
+    float s = __fmul_rn(a, __fadd_rn(1.0f, __fmul_rn(a2, __fadd_rn(RP_S6, __fmul_rn(a2,
+        __fadd_rn(RP_S120, __fmul_rn(a2, __fadd_rn(RP_S5040, __fmul_rn(a2, RP_S362880)))))))));
+    switch (qi & 3u) {
+        case 0: *cs = c; *sn = s; break;
+        case 1: *cs = -s; *sn = c; break;
+        case 2: *cs = -c; *sn = -s; break;
+        default: *cs = s; *sn = -c; break;
+    }
+}
+
+// Thread p writes values 2k and 2k + 1 (k = p mod half; the second only below
+// per_image) of image p / half.
+extern "C" __global__ void layer_noise(float* out, unsigned long long seed,
+                                       unsigned long long per_image,
+                                       unsigned long long half, unsigned int pairs) {
+    unsigned int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= pairs) return;
+    unsigned long long image = p / half, k = p % half;
+    unsigned long long key = rp_splitmix64(seed ^ ((image + 1ULL) * 0x9e3779b97f4a7c15ULL));
+    unsigned long long h = rp_splitmix64(key ^ (k * 0xd1342543de82ef95ULL));
+    float u = __fmul_rn((float)((h >> 40) + 1ULL), 5.9604644775390625e-8f);
+    float t = __fmul_rn((float)((h >> 16) & 0xffffffULL), 5.9604644775390625e-8f);
+    float r = __fsqrt_rn(__fmul_rn(-2.0f, rp_ln(u)));
+    float c, s;
+    rp_cos_sin_turns(t, &c, &s);
+    float* row = out + image * per_image;
+    unsigned long long j = 2ULL * k;
+    row[j] = __fmul_rn(r, c);
+    if (j + 1ULL < per_image) row[j + 1ULL] = __fmul_rn(r, s);
+}

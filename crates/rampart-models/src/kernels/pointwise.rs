@@ -29,7 +29,7 @@ pub(crate) static OPS: Module = Module::new("rampart_ops", include_str!("ops.cu"
 
 /// Every kernel of [`OPS`] (for [`Module::ready`] and the compile check).
 #[cfg(feature = "cuda")]
-pub const KERNELS: [&str; 7] = [
+pub const KERNELS: [&str; 8] = [
     "relu_inplace",
     "relu_mask",
     "bn_eval_backward",
@@ -37,6 +37,7 @@ pub const KERNELS: [&str; 7] = [
     "xent_forward",
     "xent_rows",
     "xent_backward",
+    "layer_noise",
 ];
 
 /// The PTX of Rampart's CUDA kernels between the convolutions, compiled by NVRTC

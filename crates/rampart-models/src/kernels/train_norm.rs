@@ -5,7 +5,7 @@
 //! * **Plain**: relu(BN(x)).
 //! * **Student**: relu(BN(x) + α·σ·s·z): σ the channel's standard deviation of BN(x)
 //!   over the batch (a constant for the backward pass, as in the layer-by-layer
-//!   path), z drawn per image by [`image_noise`] from the layer's seed, s the noise
+//!   path), z drawn per image by [`fill_image`] from the layer's seed, s the noise
 //!   scale; α receives Σ dL/dh·σ·s·z.
 //! * **OAT**: relu(BN_g(x)·(1 + γ_e) + β_e): the batch arrives sorted so that the
 //!   examples of λ = 0 come first and use the layer's own BatchNorm, the others its
@@ -14,7 +14,8 @@
 //!   gradient flows back into the FiLM network outside the op.
 
 use super::bn::BnForward;
-use super::common::{image_noise, Affine};
+use super::common::Affine;
+use super::noise::fill_image;
 use super::preact::NormParams;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -324,9 +325,7 @@ fn add_noise(
         .zip(x.par_chunks(per))
         .enumerate()
         .for_each(|(i, ((zi, yi), xi))| {
-            zi.iter_mut()
-                .zip(image_noise(seed, i))
-                .for_each(|(d, v)| *d = v);
+            fill_image(seed, i, zi);
             for ((yr, xr), zr) in yi
                 .chunks_exact_mut(c)
                 .zip(xi.chunks_exact(c))
