@@ -75,7 +75,7 @@ pub struct ReproduceArgs {
     /// With --estimate: time AutoAttack's first stage on this share of the images
     /// (the models' clean accuracy) and its later stages on this share (their robust
     /// accuracy), e.g. 0.85,0.45, instead of on every image (the upper bound).
-    #[arg(long, value_name = "CLEAN,ROBUST", value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_name = "CLEAN,ROBUST", value_delimiter = ',')]
     pub assume_accuracy: Option<Vec<f64>>,
 
     /// With --estimate: also write the estimate as JSON to this file.
