@@ -31,7 +31,11 @@ def main(path):
             if "run" in value:
                 run = value["run"]
                 continue
-            if run is None or "images_per_second" not in value:
+            # Only the comparison's runs (the estimates' extra Rampart runs are marked
+            # with another framework name).
+            if run is None or run["framework"] not in ("rampart", "pytorch"):
+                continue
+            if "images_per_second" not in value:
                 continue
             key = (run["arch"], run["batch_size"], run["device"], value["step"], run["framework"])
             speed[key].append(value["images_per_second"])

@@ -9,9 +9,19 @@ NV=$("$PYTHON" -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") f
 export LD_LIBRARY_PATH="${NV:+$NV:}${LD_LIBRARY_PATH:-}"
 
 # step NAME SECONDS COMMAND...: runs and records one step; never fails the script.
+# With DEADLINE set (a value of $SECONDS), the step's limit is cut to the time left,
+# and a step with under 10 seconds left is skipped (recorded as such).
 step() {
   local name=$1 limit=$2
   shift 2
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 10 ]; then
+      echo "$name skipped: the suite's time budget is spent" >> "$STEPS"
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   local start=$SECONDS
   timeout "$limit" "$@"
   local rc=$?

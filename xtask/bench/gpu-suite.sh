@@ -19,14 +19,17 @@
 #      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
 #      BATCHES (environment variables; defaults below);
 #   4. OUT/fast-at-epoch/: one epoch of `rampart train --preset
-#      fast-at-preact-resnet18` (its epoch time is in history.jsonl);
+#      fast-at-preact-resnet18` (its epoch time is in history.jsonl), then Rampart's
+#      step times that only the estimates use (ESTIMATE_ARCHS at batch 128 and
+#      EXTRA_BATCHES, student and OAT variants);
 #   5. OUT/bench.md: the table of step 3 (ratio = Rampart ÷ PyTorch images/s, > 1
 #      means Rampart is faster), from bench-table.py;
 #   6. OUT/estimate-fast.md and OUT/estimate-paper.md (and .json): the wall time of
 #      every row of those studies on 1, 4 and 8 GPUs of $EPOCH_DEVICE, from step 3's
 #      step times (`xtask reproduce --estimate`).
 # A step that fails or runs out of time is recorded in OUT/steps.txt and the suite
-# goes on.
+# goes on. BUDGET (seconds, default 570) bounds the whole suite: later steps are cut
+# or skipped to fit it, and the tables and estimates always run at the end.
 set -u
 BUNDLE=$(cd "${1:?usage: gpu-suite.sh BUNDLE OUT [DATA]}" && pwd)
 OUT=${2:?usage: gpu-suite.sh BUNDLE OUT [DATA]}
@@ -39,6 +42,15 @@ BATCHES=${BATCHES:-"128 512"}
 REPS=${REPS:-20}
 ROUNDS=${ROUNDS:-2}
 EPOCH_DEVICE=${EPOCH_DEVICE:-cuda+tf32}
+# Rampart-only step times the estimates also need, on $EPOCH_DEVICE: these
+# architectures at batch 128 and EXTRA_BATCHES (the per-GPU batches of 4 and 8 GPUs),
+# and the student and OAT variants at batch 128.
+ESTIMATE_ARCHS=${ESTIMATE_ARCHS:-"resnet20 preact-resnet18 wrn-28-10"}
+EXTRA_BATCHES=${EXTRA_BATCHES:-"32"}
+# The whole suite's wall time in seconds: steps are cut or skipped to fit, and the
+# last 45 seconds are kept for the tables and estimates.
+BUDGET=${BUDGET:-570}
+DEADLINE=$((SECONDS + BUDGET - 45))
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 STEPS="$OUT/steps.txt"
@@ -76,23 +88,38 @@ for arch in $ARCHS; do
     done
   done
 done
-step "bench-table" 30 "$PYTHON" "$HERE/bench-table.py" "$OUT/bench.jsonl" > "$OUT/bench.md"
-
-# Wall-time estimates of the fast and paper studies on 1, 4 and 8 GPUs from these
-# step times (`xtask reproduce --estimate`; nothing runs).
-if [ -x "$BUNDLE/xtask" ]; then
-  for preset in fast paper; do
-    step "estimate-$preset" 120 "$BUNDLE/xtask" reproduce cifar10 --preset "$preset" \
-      --device "$EPOCH_DEVICE" --rampart-bin "$RAMPART" ${DATA:+--data-dir "$DATA"} \
-      --estimate "$OUT/bench.jsonl" --estimate-json "$OUT/estimate-$preset.json" \
-      > "$OUT/estimate-$preset.md" 2>> "$OUT/estimate.log"
-  done
-fi
-
 if [ -n "$DATA" ]; then
   step "fast-at-epoch" 300 "$RAMPART" train --preset fast-at-preact-resnet18 --epochs 1 \
     --device "$EPOCH_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch" --seed 0 \
     > "$OUT/fast-at-epoch.log" 2>&1
   rm -f "$OUT"/fast-at-epoch/*.safetensors
+fi
+
+# Step times for the estimates only (Rampart alone).
+for arch in $ESTIMATE_ARCHS; do
+  for spec in "plain 128" $(for b in $EXTRA_BATCHES; do echo "plain:$b"; done) "student 128" "oat 128"; do
+    variant=${spec%%[ :]*}
+    batch=${spec##*[ :]}
+    printf '{"run": {"framework": "rampart-estimates", "arch": "%s", "variant": "%s", "batch_size": %s, "device": "%s"}}\n' \
+      "$arch" "$variant" "$batch" "$EPOCH_DEVICE" >> "$OUT/bench.jsonl"
+    step "rampart-bench $arch $variant $batch $EPOCH_DEVICE (estimates)" 90 \
+      "$RAMPART" bench --arch "$arch" --variant "$variant" --batch-size "$batch" \
+      --reps "$REPS" --device "$EPOCH_DEVICE" --steps forward,pgd-step,train-step --json \
+      >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log"
+  done
+done
+
+# The tables, whatever the budget left: the comparison (the estimates' extra runs,
+# marked `rampart-estimates`, stay out of it) and
+# the wall-time estimates of the fast and paper studies on 1, 4 and 8 GPUs from these
+# step times (`xtask reproduce --estimate`; nothing runs).
+DEADLINE= step "bench-table" 30 "$PYTHON" "$HERE/bench-table.py" "$OUT/bench.jsonl" > "$OUT/bench.md"
+if [ -x "$BUNDLE/xtask" ]; then
+  for preset in fast paper; do
+    DEADLINE= step "estimate-$preset" 20 "$BUNDLE/xtask" reproduce cifar10 --preset "$preset" \
+      --device "$EPOCH_DEVICE" --rampart-bin "$RAMPART" ${DATA:+--data-dir "$DATA"} \
+      --estimate "$OUT/bench.jsonl" --estimate-json "$OUT/estimate-$preset.json" \
+      > "$OUT/estimate-$preset.md" 2>> "$OUT/estimate.log"
+  done
 fi
 cat "$STEPS"
