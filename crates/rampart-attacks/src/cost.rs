@@ -179,6 +179,44 @@ impl AutoAttack {
     }
 }
 
+/// A model that counts the images it is given, as forward passes or (when the input
+/// tracks a gradient) gradient passes: what an attack or evaluation makes a model do,
+/// to check a [`Passes`] count against.
+pub struct PassCounter<'a> {
+    model: &'a dyn candle_core::Module,
+    seen: std::sync::Mutex<Passes>,
+}
+
+impl<'a> PassCounter<'a> {
+    /// Counts what passes through `model`.
+    pub fn new(model: &'a dyn candle_core::Module) -> Self {
+        Self {
+            model,
+            seen: std::sync::Mutex::new(Passes::NONE),
+        }
+    }
+
+    /// The passes counted so far.
+    pub fn passes(&self) -> Passes {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl candle_core::Module for PassCounter<'_> {
+    fn forward(&self, xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        let n = xs.dim(0)? as f64;
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if xs.track_op() || xs.is_variable() {
+                seen.gradient += n;
+            } else {
+                seen.forward += n;
+            }
+        }
+        self.model.forward(xs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,25 +248,6 @@ mod tests {
         );
     }
 
-    /// Counts the rows the model sees, with and without a gradient to the input.
-    struct Counting<'a> {
-        model: &'a dyn candle_core::Module,
-        rows: std::sync::Mutex<Passes>,
-    }
-
-    impl candle_core::Module for Counting<'_> {
-        fn forward(&self, xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-            let n = xs.dim(0)? as f64;
-            let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-            if xs.track_op() || xs.is_variable() {
-                rows.gradient += n;
-            } else {
-                rows.forward += n;
-            }
-            self.model.forward(xs)
-        }
-    }
-
     /// The count is what the engine does: every pass the model sees, on a problem
     /// where no example is fooled early, equals the cost times the images.
     #[test]
@@ -237,10 +256,7 @@ mod tests {
         let t = crate::testutil::trained();
         let b = t.xs.dim(0)? as f64;
         for (restarts, eot) in [(1, Eot::OFF), (3, Eot::new(2, 3)?)] {
-            let counting = Counting {
-                model: &t.model,
-                rows: Default::default(),
-            };
+            let counting = PassCounter::new(&t.model);
             let pgd = Pgd {
                 steps: 7,
                 restarts: Restarts::same(restarts, Init::Uniform),
@@ -249,7 +265,7 @@ mod tests {
                 ..Pgd::linf_pgd20()
             };
             pgd.run(&counting, Bounds::new(0.0, 1.0)?, &t.xs, &t.ys, &[1e-3], 0)?;
-            let seen = *counting.rows.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = counting.passes();
             let want = pgd.cost() * b;
             // Every pass runs the forward pass; those with a gradient also go back.
             // Exactly the counted gradient passes; one more forward pass of a single
@@ -266,12 +282,9 @@ mod tests {
                 target_classes: 3,
                 ..apgd
             };
-            let counting = Counting {
-                model: &t.model,
-                rows: Default::default(),
-            };
+            let counting = PassCounter::new(&t.model);
             apgd.run(&counting, Bounds::new(0.0, 1.0)?, &t.xs, &t.ys, &[1e-3], 0)?;
-            let seen = *counting.rows.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = counting.passes();
             let want = apgd.cost() * b;
             assert_eq!(seen.gradient, want.gradient, "{apgd:?}");
             assert!(
@@ -292,17 +305,14 @@ mod tests {
             }),
         ];
         for stage in stages {
-            let counting = Counting {
-                model: &t.model,
-                rows: Default::default(),
-            };
+            let counting = PassCounter::new(&t.model);
             let bounds = Bounds::new(0.0, 1.0)?;
             match &stage {
                 Stage::Fab(f) => f.run(&counting, bounds, &t.xs, &t.ys, &[0.05], 0)?,
                 Stage::Square(q) => q.run(&counting, bounds, &t.xs, &t.ys, &[0.05], 0)?,
                 Stage::Apgd(a) => a.run(&counting, bounds, &t.xs, &t.ys, &[0.05], 0)?,
             };
-            let seen = *counting.rows.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = counting.passes();
             let want = stage.cost() * b;
             assert!(
                 seen.gradient <= want.gradient && seen.forward <= want.forward + 1.0,

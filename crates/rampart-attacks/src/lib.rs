@@ -85,7 +85,7 @@ mod testutil;
 pub use apgd::Apgd;
 pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion};
 pub use checks::{check_model, check_model_cost, TrustReport, TrustWarning, BLACK_BOX_TOLERANCE};
-pub use cost::{EnsembleCost, Passes};
+pub use cost::{EnsembleCost, PassCounter, Passes};
 pub use distal::Distal;
 pub use ensemble::{AutoAttack, EnsembleState, Evaluation, EvaluationReport, Stage, StageReport};
 pub use eot::Eot;

@@ -211,25 +211,6 @@ fn quick_suite_writes_everything_and_resumes() -> TestResult {
     Ok(())
 }
 
-/// Counts the rows the model sees, with and without a gradient to the input.
-struct Counting<'a> {
-    model: &'a dyn Module,
-    rows: std::sync::Mutex<rampart_attacks::Passes>,
-}
-
-impl Module for Counting<'_> {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let n = xs.dim(0)? as f64;
-        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-        if xs.track_op() || xs.is_variable() {
-            rows.gradient += n;
-        } else {
-            rows.forward += n;
-        }
-        self.model.forward(xs)
-    }
-}
-
 /// `EvalConfig::cost` bounds what an evaluation makes the model do, and is not far
 /// above it: every suite, and a shard.
 #[test]
@@ -246,12 +227,9 @@ fn the_cost_of_an_evaluation_bounds_the_passes_the_model_sees() -> TestResult {
         cfg.plots = false;
         cfg.trust.examples = 8;
         cfg.shard = shard.parse()?;
-        let counting = Counting {
-            model: &model,
-            rows: Default::default(),
-        };
+        let counting = rampart_attacks::PassCounter::new(&model);
         evaluate(&counting, &ds, &cfg)?;
-        let seen = *counting.rows.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = counting.passes();
         let want = cfg.cost(ds.len())?;
         eprintln!("{suite} {shard}: seen {seen:?}, counted {want:?}");
         let (s, w) = (seen.gradient + seen.forward, want.gradient + want.forward);
