@@ -139,9 +139,13 @@ impl StepTimes {
     }
 
     /// Seconds per image of `step` for the architecture, variant and device at batch
-    /// `batch`: the measurement at that batch, else interpolated linearly in log(batch)
-    /// between the nearest measured batches, else the nearest one's (noted). A variant
-    /// that was not timed is timed as `plain` (noted).
+    /// `batch`. A batch's time is modelled as a fixed cost plus a cost per image
+    /// (T(b) = α + β·b, what launch overhead and arithmetic make of a GPU step): the
+    /// measurement at that batch; else T interpolated linearly between the nearest
+    /// measured batches; else extrapolated along the line through the two nearest
+    /// (noted), or, with a single measured batch or a line that is not a cost (α < 0 or
+    /// β ≤ 0), that batch's time per image (noted). A variant that was not timed is
+    /// timed as `plain` (noted).
     pub fn per_image(
         &self,
         step: &str,
@@ -172,24 +176,55 @@ impl StepTimes {
                 plain
             }
         };
-        let below = curve.range(..=batch).next_back();
-        let above = curve.range(batch..).next();
-        Ok(match (below, above) {
-            (Some((&b0, &t0)), Some((&b1, &t1))) if b0 != b1 => {
-                let w = ((batch as f64).ln() - (b0 as f64).ln())
-                    / ((b1 as f64).ln() - (b0 as f64).ln());
-                t0 + w * (t1 - t0)
+        let batch_seconds = |(&b, &t): (&usize, &f64)| (b as f64, t * b as f64);
+        let b = batch as f64;
+        if let Some(&t) = curve.get(&batch) {
+            return Ok(t);
+        }
+        let below: Vec<_> = curve
+            .range(..batch)
+            .rev()
+            .take(2)
+            .map(batch_seconds)
+            .collect();
+        let above: Vec<_> = curve.range(batch..).take(2).map(batch_seconds).collect();
+        let line = match (below.first(), above.first()) {
+            (Some(&p0), Some(&p1)) => {
+                let (t0, t1) = (p0.1, p1.1);
+                let w = (b - p0.0) / (p1.0 - p0.0);
+                return Ok((t0 + w * (t1 - t0)) / b);
             }
-            (Some((_, &t)), Some(_)) => t,
-            (Some((&b, &t)), None) | (None, Some((&b, &t))) => {
+            (None, Some(_)) => above.get(1).map(|&p1| (above[0], p1)),
+            (Some(_), None) => below.get(1).map(|&p0| (p0, below[0])),
+            (None, None) => bail!("no `{step}` time for {arch} on {device}"),
+        };
+        let nearest = above
+            .first()
+            .or(below.first())
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("no `{step}` time for {arch} on {device}"))?;
+        if let Some(((b0, t0), (b1, t1))) = line {
+            let beta = (t1 - t0) / (b1 - b0);
+            let alpha = t0 - beta * b0;
+            if beta > 0.0 && alpha >= 0.0 {
                 note(
                     notes,
-                    format!("{arch} {variant} {step} at batch {batch}: the time at batch {b}"),
+                    format!(
+                        "{arch} {variant} {step} at batch {batch}: extrapolated from batches \
+                         {b0} and {b1}"
+                    ),
                 );
-                t
+                return Ok((alpha + beta * b) / b);
             }
-            (None, None) => bail!("no `{step}` time for {arch} on {device}"),
-        })
+        }
+        note(
+            notes,
+            format!(
+                "{arch} {variant} {step} at batch {batch}: the time per image at batch {}",
+                nearest.0
+            ),
+        );
+        Ok(nearest.1 / nearest.0)
     }
 }
 
@@ -525,16 +560,21 @@ mod tests {
             t.per_image("train-step", "a", "plain", "cuda", 100, &mut notes)?,
             0.02
         );
-        // Halfway in log(batch) between 100 (0.02) and 400 (0.01).
+        // Batch times 2 s at 100 and 4 s at 400: at 200, 2 + 2·(100/300) s.
         let mid = t.per_image("train-step", "a", "plain", "cuda", 200, &mut notes)?;
-        assert!((mid - 0.015).abs() < 1e-12, "{mid}");
+        assert!((mid - (2.0 + 2.0 / 3.0) / 200.0).abs() < 1e-12, "{mid}");
         assert!(notes.is_empty());
-        // Outside the measured batches: the nearest, noted; an unmeasured variant as plain.
-        assert_eq!(
-            t.per_image("train-step", "a", "student", "cuda", 25, &mut notes)?,
-            0.02
-        );
+        // Below: along T(b) = 4/3 + b/150 s, so 1.5 s at 25 (noted); an unmeasured
+        // variant as plain (noted).
+        let low = t.per_image("train-step", "a", "student", "cuda", 25, &mut notes)?;
+        assert!((low - 1.5 / 25.0).abs() < 1e-12, "{low}");
         assert_eq!(notes.len(), 2, "{notes:?}");
+        // One measured batch: its time per image (noted).
+        assert_eq!(
+            t.per_image("pgd-step", "a", "plain", "cuda", 50, &mut notes)?,
+            0.005
+        );
+        assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(t
             .per_image("train-step", "b", "plain", "cuda", 100, &mut notes)
             .is_err());
@@ -580,10 +620,12 @@ mod tests {
         let one = seconds(&work, ON, 1, &t, assume, &mut notes)?;
         // 2000 × 0.02 + 4000 × 0.005 + 1000 × 0.002.
         assert!((one - (40.0 + 20.0 + 2.0)).abs() < 1e-9, "{one}");
-        // Two GPUs: half the passes at batch 50 (the time at 100, noted), and 10
-        // all-reduces of 2·(1/2)·4e6 bytes at 1 GB/s; the evaluation on one GPU.
+        // Two GPUs: half the passes at batch 50 (train step 5/3 s per batch on the
+        // line through 100 and 400, the PGD step at 100's time per image, noted), and
+        // 10 all-reduces of 2·(1/2)·4e6 bytes at 1 GB/s; the evaluation on one GPU.
         let two = seconds(&work, ON, 2, &t, assume, &mut notes)?;
-        assert!((two - (20.0 + 10.0 + 0.04 + 2.0)).abs() < 1e-9, "{two}");
+        let want = 1000.0 * (5.0 / 3.0) / 50.0 + 10.0 + 0.04 + 2.0;
+        assert!((two - want).abs() < 1e-9, "{two} vs {want}");
         assert!(!notes.is_empty());
         // An evaluation is sharded, a sweep is not.
         let eval = Work {
