@@ -1,0 +1,5 @@
+//! Benchmarks of the models' kernels; one file per benchmark.
+
+mod noise;
+
+criterion::criterion_main!(noise::benches);
