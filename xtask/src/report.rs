@@ -194,6 +194,14 @@ pub struct ModelOutcome {
     pub train_examples: usize,
     /// Wall time of training, per-epoch evaluation included, over all sessions.
     pub train_seconds: f64,
+    /// The preset's epochs for this row, when it trained another number (a shortened
+    /// schedule, `--epochs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule_epochs: Option<usize>,
+    /// The preset's schedule's training time at this row's measured time per epoch:
+    /// `schedule_epochs` × `train_seconds` ÷ `epochs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule_train_seconds: Option<f64>,
     /// Wall time of the final evaluation's forward passes.
     pub eval_seconds: f64,
     /// Test images of the final evaluation.
@@ -351,6 +359,19 @@ pub fn model_record(dir: &Path) -> Result<Option<ModelRecord>> {
     }
 }
 
+impl ModelOutcome {
+    /// Records the preset's `epochs` for this row: when the row trained another number,
+    /// the preset's schedule and its training time at the row's measured time per
+    /// epoch.
+    pub fn set_schedule(&mut self, epochs: usize) {
+        if epochs != self.epochs && self.epochs > 0 {
+            self.schedule_epochs = Some(epochs);
+            self.schedule_train_seconds =
+                Some(epochs as f64 * self.train_seconds / self.epochs as f64);
+        }
+    }
+}
+
 /// Reads the outputs of every row's runs in the study folder `out`.
 pub fn collect(out: &Path, rows: &[ModelRow], budgets: &EvalBudgets) -> Result<Vec<ModelOutcome>> {
     rows.iter()
@@ -376,6 +397,8 @@ pub fn collect(out: &Path, rows: &[ModelRow], budgets: &EvalBudgets) -> Result<V
                 seed: train.seed,
                 train_examples: train.train_examples,
                 train_seconds: train.train_seconds,
+                schedule_epochs: None,
+                schedule_train_seconds: None,
                 eval_seconds: results.eval_seconds,
                 test_examples: results.test_examples,
                 clean_accuracy: results.clean_accuracy,
@@ -485,6 +508,26 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
             ),
             100.0 * m.clean_error,
         ));
+    }
+    if models.iter().any(|m| m.schedule_epochs.is_some()) {
+        md.push_str(
+            "\nRows trained on another schedule than the preset's (`--epochs`): the preset's \
+             training time, projected from the row's measured time per epoch (per-epoch \
+             evaluation included).\n\n\
+             | model | epochs trained | train time | the preset's epochs | its train time, projected |\n\
+             |---|---:|---:|---:|---:|\n",
+        );
+        for m in models {
+            if let (Some(e), Some(t)) = (m.schedule_epochs, m.schedule_train_seconds) {
+                md.push_str(&format!(
+                    "| {} | {} | {} | {e} | ≈ {} |\n",
+                    m.key,
+                    m.epochs,
+                    duration(m.train_seconds),
+                    duration(t)
+                ));
+            }
+        }
     }
     if models.iter().any(|m| m.robust_error.is_some()) {
         md.push_str(

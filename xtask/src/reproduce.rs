@@ -708,7 +708,17 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         build_command: build_command_line(device.starts_with("cuda"), args.download),
         budgets: budgets.markdown(),
     };
-    let models = report::collect(&out, rows, &budgets)?;
+    let mut models = report::collect(&out, rows, &budgets)?;
+    for (m, row) in models.iter_mut().zip(rows) {
+        // A row trained on another schedule (--epochs) says what the preset's takes.
+        match preset_epochs(&rampart, row, dataset) {
+            Ok(epochs) => m.set_schedule(epochs),
+            Err(e) => eprintln!(
+                "==> {}: the preset's schedule is unknown: {e:#}",
+                row.method
+            ),
+        }
+    }
     report::write(&out, &study, &models)?;
     report::add_protocol(&out, rows, suite)?;
     report::add_sweeps(&out, &sweeps)?;
@@ -732,6 +742,32 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The epochs of `row`'s training as the preset has it (`rampart train --dry-run`
+/// of its flags, without --epochs).
+fn preset_epochs(rampart: &Path, row: &ModelRow, dataset: &str) -> Result<usize> {
+    let scratch = std::env::temp_dir().join("rampart-schedule");
+    let out = Command::new(rampart)
+        .arg("train")
+        .args(row.train_flags())
+        .args(["--dataset", dataset, "--dry-run", "--out"])
+        .arg(&scratch)
+        .output()
+        .with_context(|| format!("cannot start {}", rampart.display()))?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("{\"dry_run\""))
+        .context("the dry run printed no work")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    v["dry_run"]["epochs"]
+        .as_u64()
+        .map(|e| e as usize)
+        .context("the dry run gave no epochs")
 }
 
 /// Refuses what an estimate cannot model and gives it a scratch folder.

@@ -46,6 +46,8 @@ pub struct Work {
     /// Training: the model's trainable values (what data-parallel workers all-reduce
     /// every step); 0 otherwise.
     pub parameters: usize,
+    /// Training: epochs of the run.
+    pub epochs: usize,
     /// Training: optimiser steps over the whole run.
     pub steps: usize,
     /// Training: train-mode passes (forward, backward, update) over the whole run.
@@ -107,6 +109,7 @@ pub fn train(plan: &TrainPlan) -> Result<Work> {
         workers: plan.workers.count(),
         parameters: rampart_models::Classifier::new(spec.clone(), 0, &candle_core::Device::Cpu)?
             .num_parameters(),
+        epochs: cfg.epochs,
         steps,
         train: cost.train * trained,
         attack: cost.attack * trained,
@@ -162,6 +165,7 @@ fn eval_work(
         eval_batch_size: plan.batch_size,
         workers: 1,
         parameters: 0,
+        epochs: 0,
         steps: 0,
         train: 0.0,
         attack: Passes::NONE,
@@ -247,7 +251,10 @@ mod tests {
             (w.arch.as_deref(), w.variant.as_deref()),
             (Some("wrn-16-4"), Some("plain"))
         );
-        assert_eq!((w.steps, w.batch_size, w.workers), (20, 100, 1));
+        assert_eq!(
+            (w.epochs, w.steps, w.batch_size, w.workers),
+            (2, 20, 100, 1)
+        );
         assert_eq!(w.train, 2000.0);
         // Per image and step: 7 gradients; 1 start evaluation + 1 judgement.
         assert_eq!(

@@ -38,7 +38,9 @@ fn layer_noise(c: &mut Criterion) {
                 let mut rng = Xoshiro256PlusPlus::seed_from_u64(
                     seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
                 );
-                image.iter_mut().for_each(|v| *v = rng.sample(StandardNormal));
+                image
+                    .iter_mut()
+                    .for_each(|v| *v = rng.sample(StandardNormal));
             });
             Tensor::from_vec(out, SHAPE, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"))
         })

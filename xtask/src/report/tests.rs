@@ -132,6 +132,35 @@ fn results_json_follows_the_schema() -> Result<()> {
     Ok(())
 }
 
+/// A row trained on a shortened schedule says the preset's and projects its time from
+/// the measured time per epoch; a row on the preset's schedule says nothing more.
+#[test]
+fn a_shortened_schedule_is_reported_with_the_presets_projected_time() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut models = fake_core_runs(dir.path())?;
+    models[0].set_schedule(15);
+    let same = models[1].epochs;
+    models[1].set_schedule(same);
+    let normal = &models[0];
+    assert_eq!(normal.schedule_epochs, Some(15));
+    // 3 epochs in 754.25 s: 15 take five times as long.
+    assert_eq!(normal.schedule_train_seconds, Some(5.0 * 754.25));
+    assert_eq!(models[1].schedule_epochs, None);
+    let md = report_markdown(&study(), &models);
+    assert!(
+        md.contains("| normal | 3 | 12 min 34 s | 15 | ≈ 1 h 02 min |"),
+        "{md}"
+    );
+    assert!(!md.contains("| at | 3 | 12 min 34 s | 3 |"), "{md}");
+    write(dir.path(), &study(), &models)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json"))?)?;
+    assert_eq!(json["models"]["normal"]["schedule_epochs"], 15);
+    assert_eq!(json["models"]["normal"]["schedule_train_seconds"], 3771.25);
+    assert!(json["models"]["at"].get("schedule_epochs").is_none());
+    Ok(())
+}
+
 #[test]
 fn report_has_the_table_and_the_commands() -> Result<()> {
     let dir = tempfile::tempdir()?;
