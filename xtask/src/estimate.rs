@@ -52,6 +52,9 @@ pub struct Work {
     pub train: f64,
     pub attack: Passes,
     pub eval: Passes,
+    /// Training: epochs of the run.
+    #[serde(default)]
+    pub epochs: usize,
     /// The part of `eval` that runs only on the correctly classified images.
     #[serde(default)]
     pub eval_on_correct: Passes,
@@ -426,6 +429,21 @@ pub fn estimate(
     Ok((out, notes))
 }
 
+/// The most epochs (at most `epochs`) of a training that took `train_seconds` for
+/// `epochs` epochs that fit, with an evaluation of `eval_seconds`, into
+/// `budget_seconds`; 0 when not even the evaluation fits.
+pub fn fit_epochs(train_seconds: f64, epochs: usize, eval_seconds: f64, budget: f64) -> usize {
+    if epochs == 0 || train_seconds <= 0.0 {
+        return epochs;
+    }
+    let per_epoch = train_seconds / epochs as f64;
+    let left = budget - eval_seconds;
+    if left <= 0.0 {
+        return 0;
+    }
+    ((left / per_epoch).floor() as usize).min(epochs)
+}
+
 /// Seconds as `1 h 02 min`, `3 min 05 s` or `41 s`.
 pub fn duration(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
@@ -445,6 +463,7 @@ pub fn markdown(
     device: &str,
     source: &str,
     assume: Assumptions,
+    fit_minutes: Option<f64>,
     notes: &[String],
 ) -> String {
     let mut rows: Vec<String> = Vec::new();
@@ -494,6 +513,46 @@ pub fn markdown(
         md += &format!(" | | **{}** |", duration(*total));
     }
     let first = gpus.first().copied().unwrap_or(1);
+    if let Some(minutes) = fit_minutes {
+        md += &format!(
+            "\n\n## Rows within {minutes} minutes on {first} {unit}\n\nThe most epochs of \
+             each row's schedule whose training, with the row's whole evaluation, fits \
+             (`cargo xtask reproduce --rows ROW --epochs N`); training time scales with the \
+             epochs, the evaluation does not.\n\n| row | epochs | total | epochs that fit \
+             | total with them |\n|---|---:|---:|---:|---:|\n"
+        );
+        for row in &rows {
+            let epochs: usize = estimates
+                .iter()
+                .filter(|e| &e.row == row && e.work.command == "train")
+                .map(|e| e.work.epochs)
+                .max()
+                .unwrap_or(0);
+            let (t, e) = (sum(row, true, first), sum(row, false, first));
+            let fit = fit_epochs(t, epochs, e, minutes * 60.0);
+            let with_fit = if epochs > 0 {
+                e + t * fit as f64 / epochs as f64
+            } else {
+                e
+            };
+            let cell = match fit {
+                0 if e >= minutes * 60.0 => {
+                    format!("none (the evaluation alone takes {})", duration(e))
+                }
+                0 => format!(
+                    "none (an epoch takes {}, {} are left after the evaluation)",
+                    duration(t / epochs.max(1) as f64),
+                    duration(minutes * 60.0 - e)
+                ),
+                n => n.to_string(),
+            };
+            md += &format!(
+                "| {row} | {epochs} | {} | {cell} | {} |\n",
+                duration(t + e),
+                duration(with_fit)
+            );
+        }
+    }
     md += &format!(
         "\n\n## Every run ({first} {unit})\n\n| run | gradient passes | forward passes | train passes | estimate |\n|---|---:|---:|---:|---:|\n"
     );
@@ -647,6 +706,16 @@ mod tests {
         let cut = seconds(&eval, ON, 1, &t, assumed, &mut notes)?;
         assert!((cut - (2.0 - 0.6 * 1.0)).abs() < 1e-9, "{cut}");
         Ok(())
+    }
+
+    #[test]
+    fn the_epochs_that_fit_a_budget() {
+        // 15 epochs in 600 s (40 s each), evaluation 100 s: 380 s leave 9 epochs.
+        assert_eq!(fit_epochs(600.0, 15, 100.0, 480.0), 9);
+        // Everything fits: the schedule itself.
+        assert_eq!(fit_epochs(60.0, 15, 100.0, 480.0), 15);
+        // The evaluation alone is over the budget.
+        assert_eq!(fit_epochs(600.0, 15, 500.0, 480.0), 0);
     }
 
     #[test]

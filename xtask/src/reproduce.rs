@@ -78,6 +78,12 @@ pub struct ReproduceArgs {
     #[arg(long, value_name = "CLEAN,ROBUST", value_delimiter = ',')]
     pub assume_accuracy: Option<Vec<f64>>,
 
+    /// With --estimate: also give, per row, the most epochs of its schedule that fit
+    /// this many minutes on one GPU with its evaluation (to run a row within a time
+    /// limit with --epochs).
+    #[arg(long, value_name = "MINUTES")]
+    pub fit_minutes: Option<f64>,
+
     /// With --estimate: also write the estimate as JSON to this file.
     #[arg(long)]
     pub estimate_json: Option<PathBuf>,
@@ -781,6 +787,12 @@ fn check_estimate(args: &ReproduceArgs) -> Result<PathBuf> {
     if args.estimate_gpus.is_empty() || args.estimate_gpus.contains(&0) {
         bail!("--estimate-gpus takes numbers of GPUs, each at least 1");
     }
+    if args
+        .fit_minutes
+        .is_some_and(|m| !(m.is_finite() && m > 0.0))
+    {
+        bail!("--fit-minutes must be a positive number of minutes");
+    }
     if !(args.bus_bandwidth.is_finite() && args.bus_bandwidth > 0.0) {
         bail!("--bus-bandwidth must be a positive number of GB/s");
     }
@@ -820,6 +832,7 @@ fn print_estimate(
             device,
             &times.display().to_string(),
             assume,
+            args.fit_minutes,
             &notes
         )
     );
