@@ -665,6 +665,7 @@ mod tests {
                 gradient: 0.0,
                 forward: 1000.0,
             },
+            epochs: 1,
             eval_on_correct: Passes::default(),
             eval_on_robust: Passes {
                 gradient: 0.0,
