@@ -275,21 +275,14 @@ fn row_of(job: &Job) -> String {
 /// training, evaluation or sweep (comparisons, merges).
 fn dry_run(job: &Job) -> Result<Option<Work>> {
     let args: Vec<_> = job.command.get_args().collect();
-    let Some(sub) = args.iter().find_map(|a| a.to_str()).map(str::to_string) else {
-        return Ok(None);
-    };
-    let sub = args
-        .iter()
-        .filter_map(|a| a.to_str())
-        .find(|a| {
-            matches!(
-                *a,
-                "train" | "eval" | "sweep" | "attack" | "compare" | "merge"
-            )
-        })
-        .unwrap_or(&sub)
-        .to_string();
-    if !matches!(sub.as_str(), "train" | "eval" | "sweep") {
+    // The subcommand is the first of these words (global flags may come before it).
+    let sub = args.iter().filter_map(|a| a.to_str()).find(|a| {
+        matches!(
+            *a,
+            "train" | "eval" | "sweep" | "attack" | "compare" | "merge"
+        )
+    });
+    if !matches!(sub, Some("train" | "eval" | "sweep")) {
         return Ok(None);
     }
     let mut cmd = Command::new(job.command.get_program());

@@ -199,23 +199,10 @@ impl EvalPlan {
     /// the trust checks and a stochastic model's noise draws; AutoAttack's parts that
     /// run only on the correctly classified or the robust images are also given apart.
     pub fn cost(&self, test_images: usize, stochastic: bool) -> Result<EvalCost> {
-        let mut on_correct = Passes::NONE;
-        let mut on_robust = Passes::NONE;
-        let total = self.total_cost(test_images, stochastic, &mut on_correct, &mut on_robust)?;
-        Ok(EvalCost {
+        let all = |total: Passes| EvalCost {
             total,
-            on_correct,
-            on_robust,
-        })
-    }
-
-    fn total_cost(
-        &self,
-        test_images: usize,
-        stochastic: bool,
-        on_correct: &mut Passes,
-        on_robust: &mut Passes,
-    ) -> Result<Passes> {
+            ..EvalCost::default()
+        };
         let test = self.test_limit.map_or(test_images, |l| l.min(test_images));
         let eot = self.eot.unwrap_or(if stochastic {
             rampart_eval::STOCHASTIC_EOT
@@ -223,12 +210,12 @@ impl EvalPlan {
             1
         });
         if let Some(suite) = self.suite.protocol() {
-            return Ok(self.protocol_config(suite, eot)?.cost(test)?);
+            return Ok(all(self.protocol_config(suite, eot)?.cost(test)?));
         }
         let clean = Passes::forward(test as f64);
         let Some(attack) = &self.attack else {
             let draws = if stochastic { self.draws.max(1) } else { 1 };
-            return Ok(clean * draws as f64);
+            return Ok(all(clean * draws as f64));
         };
         let n = attack.limit.map_or(test, |l| l.min(test));
         let rows = self.shard.rows(n, self.batch_size)?;
@@ -251,10 +238,12 @@ impl EvalPlan {
             } else {
                 rampart_attacks::AutoAttack::standard(attack.pgd.norm)
             };
-            let split = ensemble.cost_by_images();
-            *on_correct = split.correct * rows.len() as f64;
-            *on_robust = split.robust * rows.len() as f64;
-            return Ok(ensemble.cost() * rows.len() as f64 + trust);
+            let (split, images) = (ensemble.cost_by_images(), rows.len() as f64);
+            return Ok(EvalCost {
+                total: split.total() * images + trust,
+                on_correct: split.correct * images,
+                on_robust: split.robust * images,
+            });
         }
         // The worst case: every objective's PGD and the judgement of its points.
         let objectives = self.objectives.len().max(1) as f64;
@@ -265,7 +254,7 @@ impl EvalPlan {
         } else {
             Passes::NONE
         };
-        Ok(clean + worst * rows.len() as f64 + trust + draws)
+        Ok(all(clean + worst * rows.len() as f64 + trust + draws))
     }
 
     fn run_protocol(&self, suite: rampart_eval::Suite, loaded: &Loaded<'_>) -> Result<EvalResults> {
