@@ -115,9 +115,9 @@ pub struct ReproduceArgs {
     pub train_workers: usize,
 
     /// With --train-workers N > 1: synchronised BatchNorm (`rampart train --sync-bn`)
-    /// for every row with plain BatchNorm layers, which then train like one device on
-    /// the global batch; the stochastic students and OAT rows keep per-worker
-    /// BatchNorm (their extra layers are not synchronised). Recorded with the study.
+    /// for every row but OAT, which then train like one device on the global batch
+    /// (a stochastic student's noise σ too); the OAT rows keep per-worker BatchNorm
+    /// (their dual BatchNorm is not synchronised). Recorded with the study.
     #[arg(long)]
     pub sync_bn: bool,
 
@@ -1136,17 +1136,14 @@ fn xtask_command_line() -> String {
 }
 
 /// The data-parallel flags of `row`'s `rampart train`: `--workers N` for N > 1, and
-/// `--sync-bn` with it when asked and the row's BatchNorm layers are plain (not a
-/// stochastic student's, not OAT's).
+/// `--sync-bn` with it when asked, for every row but OAT (whose dual BatchNorm is not
+/// synchronised).
 fn worker_flags(workers: usize, sync_bn: bool, row: &ModelRow) -> Vec<String> {
     if workers < 2 {
         return Vec::new();
     }
     let mut flags = vec!["--workers".to_string(), workers.to_string()];
-    let plain = !row.stochastic
-        && row.train_method != "oat"
-        && !row.train_flags().iter().any(|f| f == "--noise");
-    if sync_bn && plain {
+    if sync_bn && row.train_method != "oat" {
         flags.push("--sync-bn".to_string());
     }
     flags

@@ -12,8 +12,14 @@
 //!   mode normalises each worker's part with that part's statistics (DDP's default);
 //!   the running statistics are worker 0's, broadcast to every worker before each step
 //!   (DDP's `broadcast_buffers`).
+//!   With `--sync-bn` ([`crate::Trainer::sync_batch_norm`]) every BatchNorm uses the
+//!   global batch's statistics instead (PyTorch's `SyncBatchNorm`), and so does a
+//!   stochastic student's noise σ; OAT models are refused.
 //! - A method's random draws (attack starts, mixup, λ) come from a per-worker stream,
-//!   worker 0's being the single-process stream ([`worker_rng`]).
+//!   worker 0's being the single-process stream ([`worker_rng`]). A stochastic
+//!   student's noise is indexed by the image's row in the global batch
+//!   ([`rampart_models::Classifier::set_batch_offset`]): worker r's row j draws the
+//!   noise of row r·B/W + j, so no two workers inject the same noise.
 //! - Worker 0 evaluates, writes the checkpoint, the history and the model; a
 //!   checkpoint resumes on any number of workers.
 //!
@@ -169,14 +175,18 @@ impl rampart_models::ChannelSum for CollectiveSum {
     }
 }
 
-/// Refuses synchronised BatchNorm where it cannot be exact: a model whose
-/// normalisation layers are not plain BatchNorm (a stochastic student's noise, OAT's
-/// dual BatchNorm and FiLM compute further batch-dependent terms per worker).
+/// Refuses synchronised BatchNorm where it cannot hold: an OAT model. Its dual
+/// BatchNorm normalises the λ = 0 rows and the λ > 0 rows of a batch separately, and
+/// a worker whose part has no row of one group would skip that layer's collective
+/// sums that the other workers wait for (forward and backward). Plain BatchNorm and a
+/// stochastic student's (whose noise σ is summed over the workers too) are
+/// synchronised.
 pub(crate) fn check_sync_batch_norm(model: &rampart_models::Classifier) -> Result<()> {
-    let spec = model.spec();
-    if spec.noise.is_some() || spec.oat.is_some() {
+    if model.spec().oat.is_some() {
         return Err(DefenseError::Config(
-            "--sync-bn needs plain BatchNorm layers; a stochastic student's or an OAT              model's normalisation is not synchronised"
+            "--sync-bn is not available for OAT models: their dual BatchNorm normalises \
+             the λ = 0 and λ > 0 rows separately, and a worker without rows of one group \
+             cannot take part in that group's sums; train OAT with per-worker BatchNorm"
                 .into(),
         ));
     }

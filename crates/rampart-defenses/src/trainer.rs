@@ -161,7 +161,9 @@ impl Trainer {
     /// normalises with the whole global batch's statistics and reduces its gradient
     /// sums over the workers (see [`rampart_models::kernels::sync_bn`]), as PyTorch's
     /// `SyncBatchNorm`; without it each worker normalises with its own rows (DDP's
-    /// default). Needs [`Trainer::parallel`] and plain BatchNorm layers.
+    /// default). A stochastic student's noise layers measure their σ on the global
+    /// batch too. Needs [`Trainer::parallel`]; refused for OAT models (see
+    /// [`crate::parallel`]).
     pub fn sync_batch_norm(mut self, on: bool) -> Self {
         self.sync_batch_norm = on;
         self
@@ -326,6 +328,9 @@ impl Trainer {
             let sync_scope = sync_bn.clone().map(|sum| {
                 rampart_models::SyncScope::new(sum as Arc<dyn rampart_models::ChannelSum>)
             });
+            // This worker's rows start at rank·B/N of each global batch: a student
+            // draws their noise as the single process draws it for those rows.
+            model.set_batch_offset(rank * (cfg.batch_size / workers));
             let mut rng = parallel::worker_rng(cfg.seed, epoch, rank);
             let started = Instant::now();
             bars.start_epoch(epoch, batches);
@@ -421,6 +426,7 @@ impl Trainer {
                 (correct, seen) = (sums[1] as usize, sums[2] as usize);
             }
             drop(sync_scope);
+            model.set_batch_offset(0);
             let epoch_seconds = started.elapsed().as_secs_f64();
             let eval_started = Instant::now();
             let evaluated = ema.as_ref().map_or(&*model, Ema::model);

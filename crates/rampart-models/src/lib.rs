@@ -595,6 +595,20 @@ impl Classifier {
         self.ctx.noise_scale()
     }
 
+    /// Makes the batches this model sees rows `first..` of a larger global batch (a
+    /// data-parallel worker's part of each step's batch): a stochastic student then
+    /// draws the noise of its image i as that of image `first + i`, so that the
+    /// workers' draws, taken together, are one process's on the whole batch. 0 (the
+    /// default) in a single process; no effect on a deterministic model.
+    pub fn set_batch_offset(&self, first: usize) {
+        self.ctx.set_first_image(first);
+    }
+
+    /// The offset set by [`Classifier::set_batch_offset`] (0 unless changed).
+    pub fn batch_offset(&self) -> usize {
+        self.ctx.first_image()
+    }
+
     /// Restarts the noise generator of a stochastic student from `seed`, so the
     /// sequence of noise draws of the following forward passes is reproducible.
     pub fn reseed_noise(&self, seed: u64) {

@@ -664,6 +664,8 @@ fn fused_train_path_matches_layer_by_layer() {
                 randomise(m, &["bn1.bias", "bn2.bias", "stem_bn.bias"], 3.0, 19);
             }
             m.reseed_noise(33);
+            // A worker's part of a global batch: both paths draw the noise of rows 3…
+            m.set_batch_offset(3);
         }
         let x = input(batch, 13);
         let normalised = reference_model.normalise(&x).unwrap();
@@ -734,6 +736,50 @@ fn fused_train_path_matches_layer_by_layer() {
         let g = grads_of_sum(&fused_model.forward_t(xv.as_tensor(), true).unwrap());
         assert!(g.get(xv.as_tensor()).is_some(), "{name}");
     }
+}
+
+/// With a batch offset k (a data-parallel worker's part), a student draws the noise of
+/// rows k… of the global batch: its logits on rows k… equal those of the whole batch
+/// under the same seed, on the fused eval path and layer by layer; offset 0 gives
+/// other noise.
+#[test]
+fn a_batch_offset_draws_the_noise_of_the_global_rows() {
+    let mut spec = ModelSpec::wrn(10, 1, 10);
+    spec.noise = Some(NoiseSpec { alpha: 0.3 });
+    let m = trained_looking(spec, 3);
+    randomise(&m, &["noise.alpha"], 0.4, 8);
+    let x = input(6, 4);
+    let part = x.narrow(0, 2, 4).unwrap();
+    type Forward<'a> = Box<dyn Fn(&Tensor) -> Tensor + 'a>;
+    let paths: [(&str, Forward); 2] = [
+        (
+            "fused",
+            Box::new(|x: &Tensor| m.frozen().forward_t(x, false).unwrap()),
+        ),
+        (
+            "layer by layer",
+            Box::new(|x: &Tensor| m.forward_network(m.net.as_ref(), x, false).unwrap()),
+        ),
+    ];
+    for (name, forward) in paths {
+        let draw = |x: &Tensor, offset: usize| {
+            m.set_batch_offset(offset);
+            m.reseed_noise(5);
+            forward(x)
+        };
+        let whole = draw(&x, 0).narrow(0, 2, 4).unwrap();
+        let worker = draw(&part, 2);
+        // Equal up to the rounding of another batch size's blocking.
+        let d = max_abs_diff(&worker, &whole);
+        assert!(d < 1e-5, "{name}: rows differ by {d}");
+        let local = draw(&part, 0);
+        assert!(
+            max_abs_diff(&local, &whole) > 1e-3,
+            "{name}: offset ignored"
+        );
+    }
+    m.set_batch_offset(0);
+    assert_eq!(m.batch_offset(), 0);
 }
 
 /// An empty batch: a clear error in train mode (no batch statistics), an empty

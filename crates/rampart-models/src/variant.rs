@@ -25,7 +25,7 @@
 //! (a saved buffer, `lambda_codes`); a λ between two training values gets the linear
 //! interpolation of their codes, a λ outside their range is clamped to it.
 
-use crate::kernels::fused_train::BnBatch;
+use crate::kernels::fused_train::{BnBatch, NoiseSeed};
 use crate::kernels::preact::NormParams;
 use crate::kernels::{EvalNorm, NoiseDraw};
 use crate::layers::{batch_norm_with, linear, BatchNorm, Linear};
@@ -129,6 +129,9 @@ pub(crate) struct Context {
 struct NoiseState {
     rng: ChaCha8Rng,
     scale: f32,
+    /// Index in the global batch of each batch's first image (a data-parallel
+    /// worker's offset; 0 in a single process).
+    first: usize,
 }
 
 /// The λ condition of one batch, as the layers need it.
@@ -157,6 +160,7 @@ impl Context {
             noise: Mutex::new(NoiseState {
                 rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6e6f_6973_6521),
                 scale: 1.0,
+                first: 0,
             }),
         }
     }
@@ -177,11 +181,24 @@ impl Context {
         self.noise_state().scale
     }
 
-    /// A fresh seed for one layer's noise, from the model's generator.
-    fn next_noise_seed(&self) -> (u64, f32) {
+    pub(crate) fn set_first_image(&self, first: usize) {
+        self.noise_state().first = first;
+    }
+
+    pub(crate) fn first_image(&self) -> usize {
+        self.noise_state().first
+    }
+
+    /// A fresh seed for one layer's noise, from the model's generator, with the scale
+    /// and the batch's place in the global batch.
+    fn next_noise_seed(&self) -> NoiseSeed {
         let mut st = self.noise_state();
         let seed = st.rng.gen();
-        (seed, st.scale)
+        NoiseSeed {
+            seed,
+            first: st.first,
+            scale: st.scale,
+        }
     }
 
     pub(crate) fn set_condition(&self, c: Option<Condition>) {
@@ -339,7 +356,7 @@ impl Norm {
 
     /// A noisy layer's seed and scale for one train-mode forward pass of the fused
     /// path, drawn from the model's generator as [`Noise::apply`] draws it.
-    pub(crate) fn draw_train_noise(&self) -> Option<(u64, f32)> {
+    pub(crate) fn draw_train_noise(&self) -> Option<NoiseSeed> {
         self.noise.as_ref().map(|_| self.ctx.next_noise_seed())
     }
 
@@ -398,11 +415,12 @@ impl Norm {
         let noise = match &self.noise {
             None => None,
             Some(n) => {
-                let (seed, scale) = self.ctx.next_noise_seed();
+                let NoiseSeed { seed, first, scale } = self.ctx.next_noise_seed();
                 let alpha = n.alpha.flatten_all()?.to_vec1::<f32>()?[0];
                 let sigma = n.running_std.as_tensor().to_vec1::<f32>()?;
                 (scale != 0.0).then(|| NoiseDraw {
                     seed,
+                    first,
                     std: sigma.iter().map(|s| alpha * s * scale).collect(),
                 })
             }
@@ -505,6 +523,9 @@ impl Film {
 /// Momentum of the running noise-scale estimate.
 const NOISE_MOMENTUM: f64 = 0.1;
 
+/// Added to the variance under the root of a noise layer's σ.
+const NOISE_STD_EPS: f64 = 1e-5;
+
 impl Noise {
     /// running σ ← (1 − momentum)·running σ + momentum·σ.
     fn update_running(&self, sigma: &Tensor) -> Result<()> {
@@ -518,22 +539,34 @@ impl Noise {
         let c = self.running_std.dim(0)?;
         let sigma = if train {
             let rows = h.detach().reshape(((), c))?;
-            let mean = rows.mean_keepdim(0)?;
-            let var = rows.broadcast_sub(&mean)?.sqr()?.mean(0)?;
-            let sigma = (var + 1e-5)?.sqrt()?;
+            let sigma = match crate::kernels::sync_bn::current() {
+                // Synchronised BatchNorm: σ over every worker's rows, as one process
+                // measures it on the global batch.
+                Some(sum) => crate::kernels::sync_bn::global_std(&rows, NOISE_STD_EPS, &sum)?
+                    .to_dtype(rows.dtype())?,
+                None => {
+                    let mean = rows.mean_keepdim(0)?;
+                    let var = rows.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+                    (var + NOISE_STD_EPS)?.sqrt()?
+                }
+            };
             self.update_running(&sigma)?;
             sigma
         } else {
             self.running_std.as_detached_tensor()
         };
-        let (seed, scale) = ctx.next_noise_seed();
+        let NoiseSeed { seed, first, scale } = ctx.next_noise_seed();
         if scale == 0.0 {
             return Ok(h.clone());
         }
-        // Drawn where the activations are (one kernel on a GPU), no gradient.
+        // Drawn where the activations are (one kernel on a GPU), no gradient; image i
+        // of the batch is image first + i of the global batch.
         let z = h
             .detach()
-            .apply_op1_no_bwd(&crate::kernels::noise::LayerNoise { seed })?;
+            .apply_op1_no_bwd(&crate::kernels::noise::LayerNoise {
+                seed,
+                first: first as u64,
+            })?;
         let std = (self.alpha.broadcast_mul(&sigma)? * f64::from(scale))?;
         h + z.broadcast_mul(&std)?
     }

@@ -415,7 +415,21 @@ fn train_mode_step(
     labels: &Tensor,
     group: Option<Arc<TcpGroup>>,
 ) -> Result<(Named, Named)> {
-    let model = Classifier::new(toy_spec(), 11, &Device::Cpu)?;
+    spec_train_mode_step(toy_spec(), images, labels, group)
+}
+
+/// [`train_mode_step`] of a model of `spec`; a worker's part starts at row
+/// rank·B/W of the global batch ([`Classifier::set_batch_offset`]).
+fn spec_train_mode_step(
+    spec: rampart_models::ModelSpec,
+    images: &Tensor,
+    labels: &Tensor,
+    group: Option<Arc<TcpGroup>>,
+) -> Result<(Named, Named)> {
+    let model = Classifier::new(spec, 11, &Device::Cpu)?;
+    if let Some(g) = &group {
+        model.set_batch_offset(g.rank() * images.dim(0)?);
+    }
     let _scope = group
         .clone()
         .map(|g| rampart_models::SyncScope::new(Arc::new(CollectiveSum(g as Arc<dyn Collective>))));
@@ -517,6 +531,78 @@ fn synchronised_batch_norm_gives_the_global_batch_in_train_mode() -> TestResult 
     Ok(())
 }
 
+/// A stochastic student with synchronised BatchNorm: the noise σ of every layer is
+/// measured on the global batch and each worker draws the noise of its rows of the
+/// global batch, so the workers' averaged gradients and their running statistics
+/// (running σ included) are the single process's. Without the shared σ and the row
+/// offset they are not, which the test also checks.
+#[test]
+fn a_synchronised_student_trains_on_the_global_batch() -> TestResult {
+    let student = rampart_models::ModelSpec {
+        noise: Some(rampart_models::NoiseSpec { alpha: 0.5 }),
+        ..toy_spec()
+    };
+    let (images, labels) = global_batch(toy_dataset(8, 3))?;
+    let (single, single_buffers) = spec_train_mode_step(student.clone(), &images, &labels, None)?;
+    assert!(
+        single_buffers.iter().any(|(n, _)| n.contains("noise")),
+        "no running noise scale among {:?}",
+        single_buffers.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    let rows = |t: &Tensor, rank: usize, part: usize| t.narrow(0, rank * part, part);
+    for workers in [2, 4] {
+        let part = 8 / workers;
+        let synced = all_ok(on_workers(workers, |g| {
+            let r = g.rank();
+            spec_train_mode_step(
+                student.clone(),
+                &rows(&images, r, part)?,
+                &rows(&labels, r, part)?,
+                Some(g),
+            )
+        })?)?;
+        for (grads, buffers) in &synced {
+            assert_eq!(grads, &synced[0].0, "the workers got different gradients");
+            let d = worst_relative(grads, &single);
+            eprintln!("{workers} synchronised student workers: gradients within {d:.1e}");
+            assert!(d < 1e-4, "{workers} workers: gradients differ by {d}");
+            let d = worst_relative(buffers, &single_buffers);
+            assert!(
+                d < 1e-5,
+                "{workers} workers: running statistics differ by {d}"
+            );
+        }
+    }
+    // Each worker drawing its rows as a batch of its own (offset 0): other noise.
+    let apart = all_ok(on_workers(2, |g| {
+        let r = g.rank();
+        let model = Classifier::new(student.clone(), 11, &Device::Cpu)?;
+        let _scope = rampart_models::SyncScope::new(Arc::new(CollectiveSum(
+            Arc::clone(&g) as Arc<dyn Collective>
+        )));
+        let (x, y) = (rows(&images, r, 4)?, rows(&labels, r, 4)?);
+        let loss = crate::cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
+        let mut grads = loss.backward()?;
+        let vars = model.trainable_vars();
+        average_gradients(g.as_ref(), &vars, &mut grads)?;
+        vars.iter()
+            .map(|(n, v)| {
+                Ok((
+                    n.clone(),
+                    grads
+                        .get(v.as_tensor())
+                        .unwrap()
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                ))
+            })
+            .collect::<Result<Named>>()
+    })?)?;
+    let d = worst_relative(&apart[0], &single);
+    assert!(d > 1e-3, "the row offset made no difference ({d})");
+    Ok(())
+}
+
 /// One epoch of normal training of a toy model (`spec`, seed 5) on 48 images into
 /// `out`, with synchronised BatchNorm, as a worker of `group` if given.
 fn train_synchronised(
@@ -538,8 +624,9 @@ fn train_synchronised(
     Ok((values(&model)?, outcome))
 }
 
-/// Two workers train with synchronised BatchNorm and stay identical; synchronised
-/// BatchNorm without workers, or on a stochastic student, is refused.
+/// Two workers train with synchronised BatchNorm and stay identical, a stochastic
+/// student's too; synchronised BatchNorm without workers, or on an OAT model, is
+/// refused.
 #[test]
 fn trainer_runs_synchronised_batch_norm_and_refuses_it_where_it_cannot_hold() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -560,12 +647,25 @@ fn trainer_runs_synchronised_batch_norm_and_refuses_it_where_it_cannot_hold() ->
         noise: Some(rampart_models::NoiseSpec { alpha: 0.1 }),
         ..toy_spec()
     };
-    let errors = on_workers(2, |g| {
+    let out = all_ok(on_workers(2, |g| {
         train_synchronised(student.clone(), &worker("student", &g), Some(g))
+    })?)?;
+    assert_eq!(
+        out[0].0, out[1].0,
+        "the student workers' weights drifted apart"
+    );
+    assert!(out[0].1.history[0].train_loss.is_finite());
+
+    let oat = rampart_models::ModelSpec {
+        oat: Some(rampart_models::OatSpec::standard()),
+        ..toy_spec()
+    };
+    let errors = on_workers(2, |g| {
+        train_synchronised(oat.clone(), &worker("oat", &g), Some(g))
     })?;
     for e in errors {
         let e = e.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("needs plain BatchNorm"), "{e}");
+        assert!(e.contains("not available for OAT models"), "{e}");
     }
     Ok(())
 }

@@ -118,11 +118,13 @@ impl Affine {
     }
 }
 
-/// A student's noise at one layer in eval mode: the layer's seed and the standard
-/// deviation per channel (noise scale · α · running σ).
+/// A student's noise at one layer in eval mode: the layer's seed, the index in the
+/// global batch of the batch's first image, and the standard deviation per channel
+/// (noise scale · α · running σ).
 #[derive(Clone, Debug)]
 pub(crate) struct NoiseDraw {
     pub(crate) seed: u64,
+    pub(crate) first: usize,
     pub(crate) std: Vec<f32>,
 }
 
@@ -162,7 +164,7 @@ impl EvalNorm {
         let c = self.channels();
         let mut z = vec![0f32; pixels * c];
         for (i, image) in x.chunks_exact_mut(pixels * c).enumerate() {
-            fill_image(noise.seed, first + i, &mut z);
+            fill_image(noise.seed, noise.first + first + i, &mut z);
             for (row, zr) in image.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
                 for ((((v, s), t), sd), zv) in row
                     .iter_mut()

@@ -154,6 +154,9 @@ pub(crate) fn image_noise(seed: u64, image: usize) -> impl Iterator<Item = f32> 
 pub struct LayerNoise {
     /// The layer's seed for this forward pass.
     pub seed: u64,
+    /// The index in the global batch of the operand's first image: image i draws the
+    /// values of image `first + i` (a data-parallel worker's part of a batch).
+    pub first: u64,
 }
 
 impl LayerNoise {
@@ -178,7 +181,7 @@ impl CustomOp1 for LayerNoise {
         if per > 0 {
             out.par_chunks_mut(per)
                 .enumerate()
-                .for_each(|(i, image)| fill_image(self.seed, i, image));
+                .for_each(|(i, image)| fill_image(self.seed, self.first as usize + i, image));
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -207,11 +210,13 @@ impl CustomOp1 for LayerNoise {
             let mut b = k.builder();
             b.arg(&mut out)
                 .arg(&self.seed)
+                .arg(&self.first)
                 .arg(&per_image)
                 .arg(&half)
                 .arg(&count);
             // SAFETY: thread p < count writes values 2k, 2k + 1 (k = p mod half, the
-            // second only below per_image) of image p / half: within the n values.
+            // second only below per_image) of image p / half: within the n values
+            // (`first` only changes which values, not where they go).
             unsafe { b.launch(cfg) }.map_err(|e| launch_error("layer-noise", e))?;
         }
         Ok((
@@ -320,7 +325,7 @@ mod tests {
     #[test]
     fn the_layer_op_matches_the_per_image_stream() -> Result<()> {
         let x = Tensor::zeros((3, 5, 3), candle_core::DType::F32, &Device::Cpu)?;
-        let z = x.apply_op1_no_bwd(&LayerNoise { seed: 9 })?;
+        let z = x.apply_op1_no_bwd(&LayerNoise { seed: 9, first: 0 })?;
         let rows = z.reshape((3, 15))?.to_vec2::<f32>()?;
         for (i, row) in rows.iter().enumerate() {
             let want: Vec<f32> = image_noise(9, i).take(15).collect();
@@ -330,8 +335,13 @@ mod tests {
             assert_eq!(row, &filled);
         }
         assert_ne!(rows[0], rows[1]);
-        let other = x.apply_op1_no_bwd(&LayerNoise { seed: 10 })?;
+        let other = x.apply_op1_no_bwd(&LayerNoise { seed: 10, first: 0 })?;
         assert_ne!(other.reshape((3, 15))?.to_vec2::<f32>()?[0], rows[0]);
+        // A batch whose first image is image 1 of the global batch draws its rows.
+        let part = x
+            .narrow(0, 0, 2)?
+            .apply_op1_no_bwd(&LayerNoise { seed: 9, first: 1 })?;
+        assert_eq!(part.reshape((2, 15))?.to_vec2::<f32>()?, rows[1..].to_vec());
         Ok(())
     }
 }

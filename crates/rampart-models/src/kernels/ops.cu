@@ -209,12 +209,14 @@ __device__ __forceinline__ void rp_cos_sin_turns(float t, float* cs, float* sn) 
 // Thread p writes values 2k and 2k + 1 (k = p mod half; the second only below
 // per_image) of image p / half.
 extern "C" __global__ void layer_noise(float* out, unsigned long long seed,
+                                       unsigned long long first,
                                        unsigned long long per_image,
                                        unsigned long long half, unsigned int pairs) {
     unsigned int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= pairs) return;
     unsigned long long image = p / half, k = p % half;
-    unsigned long long key = rp_splitmix64(seed ^ ((image + 1ULL) * 0x9e3779b97f4a7c15ULL));
+    unsigned long long global = first + image;
+    unsigned long long key = rp_splitmix64(seed ^ ((global + 1ULL) * 0x9e3779b97f4a7c15ULL));
     unsigned long long h = rp_splitmix64(key ^ (k * 0xd1342543de82ef95ULL));
     float u = __fmul_rn((float)((h >> 40) + 1ULL), 5.9604644775390625e-8f);
     float t = __fmul_rn((float)((h >> 16) & 0xffffffULL), 5.9604644775390625e-8f);

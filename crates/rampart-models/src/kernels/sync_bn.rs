@@ -70,6 +70,25 @@ fn column_sums(rows: &Tensor) -> Result<Tensor> {
     rows.to_dtype(DType::F64)?.sum(0)
 }
 
+/// The per-channel standard deviation √(var + eps) (C,) in f64 of the rows (N, C) of
+/// every worker together, summed through `sum`: the σ a stochastic student's noise
+/// layer measures on the global batch (two passes, as [`train`]).
+pub fn global_std(rows: &Tensor, eps: f64, sum: &Arc<dyn ChannelSum>) -> Result<Tensor> {
+    let c = rows.dim(1)?;
+    let dev = rows.device();
+    let local_rows = rows.dim(0)? as f64;
+    let first = Tensor::cat(&[column_sums(rows)?, Tensor::new(&[local_rows], dev)?], 0)?;
+    let first = sum.sum(&first)?;
+    let count = first.narrow(0, c, 1)?.to_vec1::<f64>()?[0];
+    if count.is_nan() || count < 1.0 {
+        candle_core::bail!("synchronised noise scale over {count} rows")
+    }
+    let mean = (first.narrow(0, 0, c)? / count)?;
+    let centred = rows.to_dtype(DType::F64)?.broadcast_sub(&mean)?;
+    let var = (sum.sum(&centred.sqr()?.sum(0)?)? / count)?;
+    (var + eps)?.sqrt()
+}
+
 /// Train-mode BatchNorm (+ ReLU) of NHWC activations `xs` (…, C) with the statistics
 /// of every worker's rows, summed through `sum`. Returns the output and the global
 /// statistics (for the running estimates). Needs f32 activations on the CPU, or on

@@ -95,9 +95,16 @@ pub(super) fn push_norm(
     })
 }
 
-/// The noise seed and scale of one layer's training step (drawn by the caller from the
-/// model's generator, in [`super::preact::PreAct::norms`] order).
-pub(crate) type NoiseSeed = (u64, f32);
+/// The noise of one layer in one forward pass: its seed and scale, drawn by the caller
+/// from the model's generator (in [`super::preact::PreAct::norms`] order), and the
+/// index in the global batch of the batch's first image (nonzero on a data-parallel
+/// worker: image i of its part draws the values of global image `first + i`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct NoiseSeed {
+    pub(crate) seed: u64,
+    pub(crate) first: usize,
+    pub(crate) scale: f32,
+}
 
 /// How the images of a batch are ordered inside the op: `order[j]` is the caller's
 /// row of the op's image j; the first `own` images use each layer's own BatchNorm, the
@@ -280,16 +287,9 @@ fn forward_impl(
         });
     }
     let noise = match (noise, at.alpha, groups.first()) {
-        (Some((seed, s)), Some(alpha_at), Some(g)) => Some(add_noise(
-            x,
-            &mut y,
-            per_image,
-            c,
-            g,
-            flat,
-            alpha_at,
-            (seed, s),
-        )),
+        (Some(noise), Some(alpha_at), Some(g)) => {
+            Some(add_noise(x, &mut y, per_image, c, g, flat, alpha_at, noise))
+        }
         _ => None,
     };
     (y, Stats { groups, noise })
@@ -306,8 +306,9 @@ fn add_noise(
     g: &Group,
     flat: &[f32],
     alpha_at: usize,
-    (seed, s): NoiseSeed,
+    noise: NoiseSeed,
 ) -> LayerNoise {
+    let (seed, s) = (noise.seed, noise.scale);
     let (gamma, beta) = BnAt::gamma_beta(flat, g.offset, c);
     let (scale, shift) = g.bn.scale_shift(gamma, beta);
     // σ of BN(x) = scale·x + shift over the batch: |scale|·√var (the layer-by-layer
@@ -325,7 +326,7 @@ fn add_noise(
         .zip(x.par_chunks(per))
         .enumerate()
         .for_each(|(i, ((zi, yi), xi))| {
-            fill_image(seed, i, zi);
+            fill_image(seed, noise.first + i, zi);
             for ((yr, xr), zr) in yi
                 .chunks_exact_mut(c)
                 .zip(xi.chunks_exact(c))
