@@ -180,6 +180,21 @@ pub struct AttackResult {
     pub eps: f64,
 }
 
+/// What [`Attack::perturb`] returns for one ε: the points of [`AttackResult`] without
+/// its judgement. Per-example vectors have length B.
+#[derive(Clone, Debug)]
+pub struct Perturbed {
+    /// (B, ...) the adversarial inputs projected onto the ε-ball and the bounds, the
+    /// very values [`Attack::run`] returns as `clipped` for the same seed.
+    pub clipped: Tensor,
+    /// Per example: ‖clipped − x‖_p in the attack's norm (L0 counts changed values).
+    pub norm: Vec<f32>,
+    /// Per example: gradient steps taken, summed over restarts.
+    pub iterations: Vec<usize>,
+    /// The ε these points belong to.
+    pub eps: f64,
+}
+
 /// An attack: a configuration that, given a model and a batch, returns one
 /// [`AttackResult`] per ε, in the order of `eps` (foolbox's `FixedEpsilonAttack`).
 ///
@@ -252,6 +267,31 @@ pub trait Attack {
                 problem.judge(self, outcome, e)
             })
             .collect()
+    }
+
+    /// The points of [`Attack::run`] at one budget `eps`, without its judgement: the
+    /// same `clipped` inputs (bit for bit, for the same seed), their distances and the
+    /// steps taken, but no success, prediction or confidence, and so without the
+    /// final forward pass over the batch (`eval_samples` passes per image) that
+    /// computes them. What adversarial training needs of its attack. The same checks
+    /// as `run`.
+    fn perturb(
+        &self,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        eps: f64,
+        seed: u64,
+    ) -> Result<Perturbed> {
+        self.validate()?;
+        self.criterion().validate()?;
+        bounds.validate()?;
+        self.norm().check_eps(eps)?;
+        let problem = Problem::new(model, bounds, xs, ys)?;
+        self.check(&problem)?;
+        let outcome = self.attack_eps(&problem, eps, seed)?;
+        problem.points(self.norm(), outcome, eps)
     }
 }
 

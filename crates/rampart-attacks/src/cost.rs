@@ -79,6 +79,16 @@ impl Pgd {
             forward: runs * draws + self.eot.eval_samples.max(1) as f64,
         }
     }
+    /// The cost of [`crate::Attack::perturb`]: [`Pgd::cost`] without the final
+    /// judgement's forward passes (what an adversarial training step pays).
+    pub fn perturb_cost(&self) -> Passes {
+        let runs = self.restarts.count.max(1) as f64;
+        let draws = self.eot.grad_samples.max(1) as f64;
+        Passes {
+            gradient: runs * self.steps as f64 * draws,
+            forward: runs * draws,
+        }
+    }
 }
 
 impl Frames {
@@ -246,6 +256,83 @@ mod tests {
                 forward: 35.0
             }
         );
+    }
+
+    /// `perturb` returns `run`'s points, distances and steps bit for bit, and saves
+    /// exactly the judgement: the model sees `perturb_cost` passes per image (plus
+    /// the single-row probe), one forward pass per image (per evaluation draw) fewer
+    /// than `run`.
+    #[test]
+    fn perturb_returns_the_points_of_run_without_the_judgement() -> crate::Result<()> {
+        use crate::{Attack, Bounds, Fgsm, Init, Restarts};
+        let t = crate::testutil::trained();
+        let b = t.xs.dim(0)? as f64;
+        let bounds = Bounds::new(0.0, 1.0)?;
+        let pgd = Pgd {
+            steps: 3,
+            restarts: Restarts::same(2, Init::Uniform),
+            momentum: 0.5,
+            backtrack: Some(1.5),
+            ..Pgd::linf_pgd20()
+        };
+        for (name, pgd) in [
+            ("pgd", pgd),
+            ("fast-at fgsm", Fgsm::fast_at().as_pgd()),
+            (
+                "eot",
+                Pgd {
+                    eot: Eot::new(2, 3)?,
+                    ..pgd
+                },
+            ),
+            (
+                "l2",
+                Pgd {
+                    norm: Norm::L2,
+                    ..pgd
+                },
+            ),
+        ] {
+            let eps = if pgd.norm == Norm::L2 {
+                0.5
+            } else {
+                8.0 / 255.0
+            };
+            let run = PassCounter::new(&t.model);
+            let judged = pgd.run(&run, bounds, &t.xs, &t.ys, &[eps], 3)?.remove(0);
+            let perturbing = PassCounter::new(&t.model);
+            let points = pgd.perturb(&perturbing, bounds, &t.xs, &t.ys, eps, 3)?;
+            let flat = |x: &candle_core::Tensor| -> crate::Result<Vec<f32>> {
+                Ok(x.flatten_all()?.to_vec1::<f32>()?)
+            };
+            assert_eq!(flat(&points.clipped)?, flat(&judged.clipped)?, "{name}");
+            assert_eq!(points.norm, judged.norm, "{name}");
+            assert_eq!(points.iterations, judged.iterations, "{name}");
+            assert_eq!(points.eps, eps);
+            let (seen, judged_seen) = (perturbing.passes(), run.passes());
+            let want = pgd.perturb_cost() * b;
+            assert_eq!(seen.gradient, want.gradient, "{name}");
+            assert!(
+                (0.0..=1.0).contains(&(seen.forward - want.forward)),
+                "{name}: {seen:?} against {want:?}"
+            );
+            assert_eq!(
+                judged_seen.forward - seen.forward,
+                pgd.eot.eval_samples.max(1) as f64 * b,
+                "{name}: the judgement's passes"
+            );
+            assert_eq!(
+                pgd.cost().forward - pgd.perturb_cost().forward,
+                pgd.eot.eval_samples.max(1) as f64
+            );
+        }
+        // The same refusals as `run`.
+        let bad = Pgd { steps: 0, ..pgd };
+        assert!(bad.perturb(&t.model, bounds, &t.xs, &t.ys, 0.1, 0).is_err());
+        assert!(pgd
+            .perturb(&t.model, bounds, &t.xs, &t.ys, -0.1, 0)
+            .is_err());
+        Ok(())
     }
 
     /// The count is what the engine does: every pass the model sees, on a problem

@@ -83,7 +83,7 @@ mod table_tests;
 mod testutil;
 
 pub use apgd::Apgd;
-pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion};
+pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion, Perturbed};
 pub use checks::{check_model, check_model_cost, TrustReport, TrustWarning, BLACK_BOX_TOLERANCE};
 pub use cost::{EnsembleCost, PassCounter, Passes};
 pub use distal::Distal;

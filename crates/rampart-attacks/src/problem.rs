@@ -5,7 +5,7 @@
 
 use candle_core::{ModuleT, Tensor};
 
-use crate::base::{argmax, Attack, AttackResult, Bounds};
+use crate::base::{argmax, Attack, AttackResult, Bounds, Perturbed};
 use crate::batch::Batch;
 use crate::error::Result;
 use crate::norm::{project_l1_box, Norm};
@@ -112,16 +112,7 @@ impl<'a> Problem<'a> {
         let batch = &self.batch;
         let (b, k, d) = (batch.len(), batch.classes, batch.d);
         let (norm, criterion) = (attack.norm(), attack.criterion());
-        let (raw, clipped) = match outcome.points {
-            Points::Feasible(points) => {
-                let clipped = self.clip(norm, &points, eps);
-                (None, clipped)
-            }
-            Points::Unconstrained(points) => {
-                let clipped = self.clip(norm, &points, eps);
-                (Some(points), clipped)
-            }
-        };
+        let (raw, clipped) = self.clipped(norm, outcome.points, eps);
         let (_, probs) = batch.forward(self.model, &clipped, b, attack.eval_samples())?;
         let mut predicted = Vec::with_capacity(b);
         let mut confidence = Vec::with_capacity(b);
@@ -148,6 +139,35 @@ impl<'a> Problem<'a> {
             iterations: outcome.iterations,
             eps,
         })
+    }
+
+    /// The points of `outcome` at budget `eps` as [`Problem::judge`] clips and
+    /// measures them, without judging them (no forward pass).
+    pub(crate) fn points(&self, norm: Norm, outcome: Outcome, eps: f64) -> Result<Perturbed> {
+        let batch = &self.batch;
+        let (b, d) = (batch.len(), batch.d);
+        let (_, clipped) = self.clipped(norm, outcome.points, eps);
+        let measured = (0..b)
+            .map(|i| batch.distance(norm, i, &clipped[i * d..(i + 1) * d]) as f32)
+            .collect();
+        Ok(Perturbed {
+            clipped: batch.tensor(&clipped, b)?,
+            norm: measured,
+            iterations: outcome.iterations,
+            eps,
+        })
+    }
+
+    /// The unconstrained points (FAB's; `None` for feasible ones) and the clipped
+    /// points of an outcome.
+    fn clipped(&self, norm: Norm, points: Points, eps: f64) -> (Option<Vec<f32>>, Vec<f32>) {
+        match points {
+            Points::Feasible(points) => (None, self.clip(norm, &points, eps)),
+            Points::Unconstrained(points) => {
+                let clipped = self.clip(norm, &points, eps);
+                (Some(points), clipped)
+            }
+        }
     }
 
     /// `points` with every example farther than ε from its clean input projected onto

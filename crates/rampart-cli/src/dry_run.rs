@@ -256,12 +256,13 @@ mod tests {
             (2, 20, 100, 1)
         );
         assert_eq!(w.train, 2000.0);
-        // Per image and step: 7 gradients; 1 start evaluation + 1 judgement.
+        // Per image and step: 7 gradients (the start's and six steps'), 1 forward
+        // pass (the last step's point); a training attack is not judged.
         assert_eq!(
             w.attack,
             Passes {
                 gradient: 14_000.0,
-                forward: 4_000.0
+                forward: 2_000.0
             }
         );
         assert_eq!(w.eval, Passes::forward(1_000.0));

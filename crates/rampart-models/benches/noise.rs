@@ -25,7 +25,7 @@ fn layer_noise(c: &mut Criterion) {
     group.bench_function("counter_box_muller", |b| {
         b.iter(|| {
             seed += 1;
-            x.apply_op1_no_bwd(&LayerNoise { seed })
+            x.apply_op1_no_bwd(&LayerNoise { seed, first: 0 })
                 .unwrap_or_else(|e| panic!("{e}"))
         })
     });

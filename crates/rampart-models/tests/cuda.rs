@@ -373,16 +373,18 @@ fn kernels_compile_with_nvrtc() {
 }
 
 /// A stochastic student's noise drawn on the GPU is the CPU's, bit for bit (the same
-/// f32 operations in the same order on both), for an even and an odd image size.
+/// f32 operations in the same order on both), for an even and an odd image size, and
+/// for a batch that starts at image 5 of a global batch.
 #[test]
 fn student_noise_is_drawn_on_the_gpu_as_on_the_cpu() {
     use rampart_models::kernels::noise::LayerNoise;
     for dims in [[4usize, 8, 8, 16], [3, 5, 5, 3]] {
         let cpu = Tensor::zeros(&dims[..], candle_core::DType::F32, &Device::Cpu).unwrap();
         let gpu_x = cpu.to_device(&gpu()).unwrap();
-        for seed in [0u64, 7, u64::MAX] {
-            let want = cpu.apply_op1_no_bwd(&LayerNoise { seed }).unwrap();
-            let got = gpu_x.apply_op1_no_bwd(&LayerNoise { seed }).unwrap();
+        for (seed, first) in [(0u64, 0u64), (7, 0), (u64::MAX, 0), (7, 5)] {
+            let op = LayerNoise { seed, first };
+            let want = cpu.apply_op1_no_bwd(&op).unwrap();
+            let got = gpu_x.apply_op1_no_bwd(&op).unwrap();
             let (want, got) = (
                 want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 got.to_device(&Device::Cpu)

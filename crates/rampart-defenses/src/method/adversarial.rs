@@ -93,7 +93,7 @@ impl MethodSettings for AdversarialTraining {
 impl StatelessMethod for AdversarialTraining {
     /// The PGD attack on the adversarial fraction, then one train-mode pass.
     fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
-        StepCost::adversarial(self.attack.cost(), self.fraction)
+        StepCost::adversarial(self.attack.perturb_cost(), self.fraction)
     }
 
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {

@@ -129,7 +129,7 @@ impl MethodSettings for Ccat {
 impl StatelessMethod for Ccat {
     /// The conf attack on the adversarial fraction, then one train-mode pass.
     fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
-        StepCost::adversarial(self.attack.cost(), self.fraction)
+        StepCost::adversarial(self.attack.perturb_cost(), self.fraction)
     }
 
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {

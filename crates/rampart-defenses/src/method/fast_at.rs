@@ -77,7 +77,7 @@ impl MethodSettings for FastAt {
 impl StatelessMethod for FastAt {
     /// The FGSM step on the adversarial fraction, then one train-mode pass.
     fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
-        StepCost::adversarial(self.attack.as_pgd().cost(), self.fraction)
+        StepCost::adversarial(self.attack.as_pgd().perturb_cost(), self.fraction)
     }
 
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {

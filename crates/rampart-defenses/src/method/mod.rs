@@ -41,7 +41,7 @@ pub use sat::{entropic_ot, sinkhorn_divergence, Sat};
 pub use trades::{kl_divergence, Trades};
 
 use candle_core::{DType, Tensor};
-use rampart_attacks::{Attack, AttackResult, Bounds};
+use rampart_attacks::{Attack, Bounds, Perturbed};
 use rampart_models::Classifier;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -258,7 +258,9 @@ pub fn adversarial_count(batch: usize, fraction: f64) -> usize {
 
 /// Runs `attack` at budget `eps` on the model (which the attack calls in eval mode),
 /// computing input gradients only (the weights' gradients are neither needed nor
-/// computed). images: (M, C, H, W) in the model's bounds; labels: (M,).
+/// computed), and returns its points without judging them ([`Attack::perturb`]: a
+/// training step needs the points, not a last forward pass to classify them).
+/// images: (M, C, H, W) in the model's bounds; labels: (M,).
 pub(crate) fn run_attack(
     attack: &dyn Attack,
     model: &Classifier,
@@ -266,13 +268,10 @@ pub(crate) fn run_attack(
     labels: &Tensor,
     eps: f64,
     seed: u64,
-) -> Result<AttackResult> {
+) -> Result<Perturbed> {
     let (lo, hi) = model.bounds();
     let bounds = Bounds::new(lo, hi)?;
-    let mut results = attack.run(&model.frozen(), bounds, images, labels, &[eps], seed)?;
-    results
-        .pop()
-        .ok_or_else(|| DefenseError::Config("the attack returned no result".into()))
+    Ok(attack.perturb(&model.frozen(), bounds, images, labels, eps, seed)?)
 }
 
 /// Runs `attack` at budget `eps` on the first `m` examples of the batch, with one seed
@@ -282,7 +281,7 @@ pub(crate) fn attack_first(
     batch: &mut TrainBatch<'_>,
     m: usize,
     eps: f64,
-) -> Result<AttackResult> {
+) -> Result<Perturbed> {
     let seed = attack_seed(batch.rng);
     run_attack(
         attack,
@@ -452,12 +451,12 @@ mod tests {
         };
         let cost = |m: &dyn TrainingMethod, spec: &ModelSpec| m.step_cost(spec);
         assert_eq!(cost(&Normal::new(), &spec), StepCost::CLEAN);
-        // PGD-10 on half the batch: 5 gradients and (10 × 1 start evaluation + 1
-        // judgement) / 2 forward passes per example.
+        // PGD-10 on half the batch: 10 gradients (the start's and nine steps') and one
+        // forward pass (the last step's point; no judgement), halved, per example.
         let at = AdversarialTraining::new(pgd10, 8.0 / 255.0, 0.5)?;
         let want = Passes {
             gradient: 5.0,
-            forward: 1.0,
+            forward: 0.5,
         };
         assert_eq!(
             cost(&at, &spec),
@@ -466,7 +465,14 @@ mod tests {
                 attack: want
             }
         );
-        assert_eq!(cost(&FastAt::wong_cifar10(), &spec).attack.gradient, 1.0);
+        // FGSM: the start's gradient and the stepped point's forward pass.
+        assert_eq!(
+            cost(&FastAt::wong_cifar10(), &spec).attack,
+            Passes {
+                gradient: 1.0,
+                forward: 1.0
+            }
+        );
         let trades = Trades::new(8.0 / 255.0, 10, 2.0 / 255.0, 6.0)?;
         assert_eq!(cost(&trades, &spec).train, 2.0);
         assert_eq!(cost(&trades, &spec).attack.gradient, 10.0);

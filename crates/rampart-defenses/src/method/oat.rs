@@ -87,7 +87,7 @@ impl StatelessMethod for Oat {
         });
         StepCost {
             train: 1.0 + share,
-            ..StepCost::adversarial(self.attack.cost(), share)
+            ..StepCost::adversarial(self.attack.perturb_cost(), share)
         }
     }
 

@@ -217,7 +217,7 @@ impl StatelessMethod for Sat {
     fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
         StepCost {
             train: 2.0,
-            ..StepCost::adversarial(self.attack.cost(), 1.0)
+            ..StepCost::adversarial(self.attack.perturb_cost(), 1.0)
         }
     }
 
