@@ -19,9 +19,11 @@
 #      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
 #      BATCHES (environment variables; defaults below);
 #   4. OUT/fast-at-epoch/: one epoch of `rampart train --preset
-#      fast-at-preact-resnet18` (its epoch time is in history.jsonl), then Rampart's
-#      step times that only the estimates use (ESTIMATE_ARCHS at batch 128 and
-#      EXTRA_BATCHES, student and OAT variants);
+#      fast-at-preact-resnet18` (its epoch time is in history.jsonl); OUT/bf16.md:
+#      PGD-20 on that model's first 1,000 test images in full f32 and in bf16
+#      (`--device cuda+bf16`), on the same images; OUT/fast-at-epoch-bf16/: the same
+#      epoch in bf16; then Rampart's step times that only the estimates use
+#      (ESTIMATE_ARCHS at batch 128 and EXTRA_BATCHES, student and OAT variants);
 #   5. OUT/bench.md: the table of step 3 (ratio = Rampart ÷ PyTorch images/s, > 1
 #      means Rampart is faster), from bench-table.py;
 #   6. OUT/estimate-fast.md and OUT/estimate-paper.md (and .json): the wall time of
@@ -37,11 +39,14 @@ DATA=${3:-}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python3}
 ARCHS=${ARCHS:-"wrn-16-4 preact-resnet18 wrn-28-10"}
-DEVICES=${DEVICES:-"cuda cuda+tf32"}
+DEVICES=${DEVICES:-"cuda cuda+tf32 cuda+bf16"}
 BATCHES=${BATCHES:-"128 512"}
 REPS=${REPS:-20}
 ROUNDS=${ROUNDS:-2}
 EPOCH_DEVICE=${EPOCH_DEVICE:-cuda+tf32}
+# The two devices the bf16 check compares (full f32 and bf16).
+F32_DEVICE=${F32_DEVICE:-cuda}
+BF16_DEVICE=${BF16_DEVICE:-cuda+bf16}
 # Rampart-only step times the estimates also need, on $EPOCH_DEVICE: these
 # architectures at batch 128 and EXTRA_BATCHES (the per-GPU batches of 4 and 8 GPUs),
 # and the student and OAT variants at batch 128.
@@ -92,7 +97,22 @@ if [ -n "$DATA" ]; then
   step "fast-at-epoch" 300 "$RAMPART" train --preset fast-at-preact-resnet18 --epochs 1 \
     --device "$EPOCH_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch" --seed 0 \
     > "$OUT/fast-at-epoch.log" 2>&1
+  # bf16 against f32 on a trained model: PGD-20 on the same 1,000 test images.
+  if [ -f "$OUT/fast-at-epoch/model.safetensors" ]; then
+    for pair in "f32 $F32_DEVICE" "bf16 $BF16_DEVICE"; do
+      set -- $pair
+      step "pgd20 $2" 90 "$RAMPART" eval --model "$OUT/fast-at-epoch/model.safetensors" \
+        --dataset cifar10 --data-dir "$DATA" --suite pgd20 --test-limit 1000 \
+        --attack-limit 1000 --device "$2" --out "$OUT/pgd20-$1" > "$OUT/pgd20-$1.log" 2>&1
+    done
+    DEADLINE= step "bf16-table" 10 "$PYTHON" "$HERE/bf16-table.py" "$OUT/pgd20-f32" \
+      "$OUT/pgd20-bf16" > "$OUT/bf16.md"
+  fi
   rm -f "$OUT"/fast-at-epoch/*.safetensors
+  step "fast-at-epoch-bf16" 200 "$RAMPART" train --preset fast-at-preact-resnet18 \
+    --epochs 1 --device "$BF16_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch-bf16" \
+    --seed 0 > "$OUT/fast-at-epoch-bf16.log" 2>&1
+  rm -f "$OUT"/fast-at-epoch-bf16/*.safetensors
 fi
 
 # Step times for the estimates only (Rampart alone).

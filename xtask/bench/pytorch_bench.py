@@ -15,6 +15,7 @@ bench --json` plus "framework": "pytorch". Optional tooling: Rampart itself neve
 needs Python.
 """
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -193,14 +194,23 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", default="forward,pgd-step,train-step")
     p.add_argument("--device", default="cpu",
-                   help="cpu or cuda[:N], with +tf32 to allow TF32 (as `rampart bench`)")
+                   help="cpu or cuda[:N], with +tf32 to allow TF32 or +bf16 for bf16 autocast "
+                        "(as `rampart bench`)")
     args = p.parse_args()
-    name, tf32 = (args.device[:-len("+tf32")], True) if args.device.endswith("+tf32") else (args.device, False)
+    name, precision = args.device, "f32"
+    for suffix in ("+tf32", "+bf16"):
+        if name.endswith(suffix):
+            name, precision = name[:-len(suffix)], suffix[1:]
+    tf32 = precision == "tf32"
     dev = torch.device(name)
     # The precision of `rampart bench --device` on the same string: full f32 unless
-    # +tf32 (PyTorch's own default allows TF32 in cuDNN convolutions).
+    # +tf32 (PyTorch's own default allows TF32 in cuDNN convolutions); +bf16 runs the
+    # steps under torch.autocast(dtype=torch.bfloat16) (f32 weights and optimiser,
+    # bf16 convolutions), otherwise in full f32.
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" \
+        else contextlib.nullcontext
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     # PyTorch at its fastest: cuDNN times its algorithms once per geometry (`rampart
@@ -227,7 +237,7 @@ def main():
 
     def forward():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x, eval_lambdas)
 
     def pgd_step():
@@ -235,7 +245,8 @@ def main():
         for q in model.parameters():
             q.requires_grad_(False)
         xv = x.clone().requires_grad_(True)
-        loss = F.cross_entropy(model(xv, eval_lambdas), y, reduction="sum")
+        with autocast():
+            loss = F.cross_entropy(model(xv, eval_lambdas), y, reduction="sum")
         torch.autograd.grad(loss, xv)
         for q in model.parameters():
             q.requires_grad_(True)
@@ -243,7 +254,9 @@ def main():
     def train_step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x, train_lambdas), y).backward()
+        with autocast():
+            loss = F.cross_entropy(model(x, train_lambdas), y)
+        loss.backward()
         opt.step()
 
     fns = {"forward": forward, "pgd-step": pgd_step, "train-step": train_step}
@@ -260,6 +273,7 @@ def main():
             "reps": args.reps, "threads": torch.get_num_threads(),
             "tf32_conv": dev.type == "cuda" and torch.backends.cudnn.allow_tf32,
             "tf32_matmul": dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
+            "autocast": "bf16" if precision == "bf16" else None,
             **({"peak_memory_bytes": peak} if peak is not None else {}),
         }), flush=True)
 

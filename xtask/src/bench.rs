@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// Timed repetitions per step (median reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
-    /// Device: cpu, cuda or cuda:N, with +tf32 to allow TF32 tensor cores.
+    /// Device: cpu, cuda or cuda:N, with +tf32 to allow TF32 tensor cores or +bf16 for
+    /// bf16 convolutions (PyTorch then runs under bf16 autocast).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Also time one PGD step per threat model with the attack engine (image·steps/s).

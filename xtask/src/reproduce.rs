@@ -136,7 +136,7 @@ pub struct ReproduceArgs {
     #[arg(long, default_value = "all")]
     pub rows: String,
 
-    /// Device given to `rampart --device` (cpu, cuda, cuda:N, cuda+tf32) [default:
+    /// Device given to `rampart --device` (cpu, cuda, cuda:N, cuda+tf32, cuda+bf16) [default:
     /// cpu for smoke, cuda for fast and paper], or several of one kind
     /// (`cuda:0,cuda:1,…`): the study's runs then go side by side, one per device
     /// (see --jobs). A CUDA device builds `rampart` with `--features cudnn` (CUDA and

@@ -118,7 +118,8 @@ pub struct AttackArgs {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
-    /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores.
+    /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores,
+    /// or +bf16 (cuda+bf16) for bf16 convolutions with f32 accumulation.
     #[arg(long, default_value = "cpu")]
     device: DeviceArg,
 }

@@ -53,7 +53,7 @@ pub struct BenchArgs {
         value_delimiter = ','
     )]
     steps: Vec<String>,
-    /// Device: cpu, cuda or cuda:N, with +tf32 to allow TF32 tensor cores (cuda needs a build with --features cuda).
+    /// Device: cpu, cuda or cuda:N, with +tf32 to allow TF32 tensor cores or +bf16 for bf16 convolutions (cuda needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Also print one JSON object per line.

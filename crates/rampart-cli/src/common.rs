@@ -6,7 +6,7 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rampart_data::{DatasetKind, ImageDataset, Splits};
-use rampart_models::{Arch, ModelSpec};
+use rampart_models::{Arch, ModelSpec, Precision};
 use serde::Serialize;
 
 /// Parses `--shard I/N` (0-based) into a checked shard.
@@ -20,7 +20,8 @@ pub const DATA_DIR_ENV: &str = "RAMPART_DATA_DIR";
 
 /// Where tensors live: `cpu`, or `cuda` / `cuda:N` (builds with the `cuda` feature),
 /// with `+tf32` to let f32 convolutions and matrix products use TF32 tensor cores
-/// (faster, 10-bit mantissa; the default is full f32, see docs/performance.md).
+/// (faster, 10-bit mantissa) or `+bf16` for bf16 convolutions with f32 accumulation
+/// (the default is full f32, see docs/performance.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceArg {
     /// The CPU.
@@ -29,8 +30,8 @@ pub enum DeviceArg {
     Cuda {
         /// Device number.
         ordinal: usize,
-        /// TF32 tensor cores allowed for f32 work.
-        tf32: bool,
+        /// The arithmetic of the convolutions and matrix products.
+        precision: Precision,
     },
 }
 
@@ -39,20 +40,24 @@ impl FromStr for DeviceArg {
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let lower = s.trim().to_ascii_lowercase();
-        let (name, tf32) = match lower.strip_suffix("+tf32") {
-            Some(name) => (name, true),
-            None => (lower.as_str(), false),
+        let (name, precision) = if let Some(name) = lower.strip_suffix("+tf32") {
+            (name, Precision::Tf32)
+        } else if let Some(name) = lower.strip_suffix("+bf16") {
+            (name, Precision::Bf16)
+        } else {
+            (lower.as_str(), Precision::F32)
         };
         let ordinal = match name {
-            "cpu" if !tf32 => return Ok(DeviceArg::Cpu),
+            "cpu" if precision == Precision::F32 => return Ok(DeviceArg::Cpu),
             "cuda" | "gpu" => Some(0),
             other => other.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
         };
         ordinal
-            .map(|ordinal| DeviceArg::Cuda { ordinal, tf32 })
+            .map(|ordinal| DeviceArg::Cuda { ordinal, precision })
             .ok_or_else(|| {
                 format!(
-                    "unknown device `{s}` (expected cpu, cuda, cuda:N, cuda+tf32 or cuda:N+tf32)"
+                    "unknown device `{s}` (expected cpu, cuda or cuda:N, the latter two \
+                     optionally with +tf32 or +bf16)"
                 )
             })
     }
@@ -62,8 +67,13 @@ impl std::fmt::Display for DeviceArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DeviceArg::Cpu => write!(f, "cpu"),
-            DeviceArg::Cuda { ordinal, tf32 } => {
-                write!(f, "cuda:{ordinal}{}", if *tf32 { "+tf32" } else { "" })
+            DeviceArg::Cuda { ordinal, precision } => {
+                let suffix = match precision {
+                    Precision::F32 => "",
+                    Precision::Tf32 => "+tf32",
+                    Precision::Bf16 => "+bf16",
+                };
+                write!(f, "cuda:{ordinal}{suffix}")
             }
         }
     }
@@ -74,16 +84,16 @@ impl DeviceArg {
     pub fn open(self) -> Result<Device> {
         match self {
             DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda { ordinal, tf32 } => {
+            DeviceArg::Cuda { ordinal, precision } => {
                 let dev = Device::new_cuda(ordinal).with_context(|| {
                     format!(
                         "cannot open CUDA device {ordinal} (is `rampart` built with `--features cuda`?)"
                     )
                 })?;
                 #[cfg(feature = "cuda")]
-                rampart_models::cuda::prepare(&dev, tf32)?;
+                rampart_models::cuda::prepare(&dev, precision)?;
                 #[cfg(not(feature = "cuda"))]
-                let _ = tf32;
+                let _ = precision;
                 Ok(dev)
             }
         }
@@ -480,16 +490,27 @@ mod tests {
     #[test]
     fn devices_parse() {
         assert_eq!("cpu".parse(), Ok(DeviceArg::Cpu));
-        let cuda = |ordinal, tf32| DeviceArg::Cuda { ordinal, tf32 };
-        assert_eq!("CUDA".parse(), Ok(cuda(0, false)));
-        assert_eq!("cuda:2".parse(), Ok(cuda(2, false)));
-        assert_eq!("cuda+tf32".parse(), Ok(cuda(0, true)));
-        assert_eq!("cuda:1+TF32".parse(), Ok(cuda(1, true)));
-        for bad in ["tpu", "cuda:x", "cpu+tf32", "cuda+fp16", "cuda:+tf32"] {
+        use Precision::{Bf16, Tf32, F32};
+        let cuda = |ordinal, precision| DeviceArg::Cuda { ordinal, precision };
+        assert_eq!("CUDA".parse(), Ok(cuda(0, F32)));
+        assert_eq!("cuda:2".parse(), Ok(cuda(2, F32)));
+        assert_eq!("cuda+tf32".parse(), Ok(cuda(0, Tf32)));
+        assert_eq!("cuda:1+TF32".parse(), Ok(cuda(1, Tf32)));
+        assert_eq!("cuda+bf16".parse(), Ok(cuda(0, Bf16)));
+        assert_eq!("cuda:3+BF16".parse(), Ok(cuda(3, Bf16)));
+        for bad in [
+            "tpu",
+            "cuda:x",
+            "cpu+tf32",
+            "cpu+bf16",
+            "cuda+fp16",
+            "cuda:+tf32",
+            "cuda+tf32+bf16",
+        ] {
             assert!(bad.parse::<DeviceArg>().is_err(), "{bad}");
         }
         // The recorded form parses back to the same device.
-        for d in [DeviceArg::Cpu, cuda(0, false), cuda(3, true)] {
+        for d in [DeviceArg::Cpu, cuda(0, F32), cuda(3, Tf32), cuda(1, Bf16)] {
             assert_eq!(d.to_string().parse(), Ok(d));
         }
     }

@@ -334,5 +334,7 @@ mod tests {
             "rampart train --device cuda --out runs/a+tf32"
         )));
         assert!(!tf32_requested(args("rampart train --out x+tf32")));
+        // bf16 convolutions keep the f32 work in full f32.
+        assert!(!tf32_requested(args("rampart train --device cuda+bf16")));
     }
 }

@@ -260,7 +260,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores.
+    /// Device: cpu, cuda or cuda:N; append +tf32 (cuda+tf32) to allow TF32 tensor cores,
+    /// or +bf16 (cuda+bf16) for bf16 convolutions with f32 accumulation.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
 

@@ -46,7 +46,7 @@ fn gpu(ordinal: usize) -> Device {
     // Full f32, as `rampart` runs unless asked for TF32 (set before any CUDA call).
     std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
     let dev = Device::new_cuda(ordinal).expect("a CUDA device (built with --features nccl)");
-    rampart_models::cuda::prepare(&dev, false).expect("CUDA set-up");
+    rampart_models::cuda::prepare(&dev, rampart_models::Precision::F32).expect("CUDA set-up");
     dev
 }
 

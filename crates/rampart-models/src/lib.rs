@@ -54,6 +54,23 @@ pub use spec::{
 pub use store::METADATA_SPEC_KEY;
 pub use variant::{NoiseSpec, OatSpec};
 
+/// The arithmetic of a GPU's convolutions (`--device cuda`, `cuda+tf32`,
+/// `cuda+bf16`; set by [`cuda::prepare`]). The CPU always computes in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// Full f32 (the default): the CPU's results up to f32 rounding.
+    #[default]
+    F32,
+    /// TF32 tensor cores for f32 convolutions and matrix products (10-bit mantissa),
+    /// PyTorch's default for convolutions.
+    Tf32,
+    /// bf16 convolutions on tensor cores with f32 accumulation: each convolution's
+    /// operands are rounded to bf16 and its output widened to f32; the weights, the
+    /// BatchNorm statistics, the loss, the matrix products and an attack's
+    /// perturbation and input gradient stay f32 (PyTorch's `autocast` to bf16).
+    Bf16,
+}
+
 /// Name of the buffer holding an OAT model's λ codes (L, code_dim).
 pub const LAMBDA_CODES: &str = "lambda_codes";
 

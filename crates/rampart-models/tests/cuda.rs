@@ -19,7 +19,7 @@ fn gpu() -> Device {
     std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
     let dev = Device::new_cuda(0)
         .expect("a CUDA device (this test binary was built with --features cuda)");
-    rampart_models::cuda::prepare(&dev, false).unwrap();
+    rampart_models::cuda::prepare(&dev, rampart_models::Precision::F32).unwrap();
     dev
 }
 

@@ -248,6 +248,7 @@ fn device_lists_are_one_kind() -> Result<()> {
     assert_eq!(device_list("cuda:0, cuda:1")?, ["cuda:0", "cuda:1"]);
     assert_eq!(device_kind("cuda:1"), "cuda");
     assert_eq!(device_kind("cuda:12+tf32"), "cuda+tf32");
+    assert_eq!(device_kind("cuda:3+bf16"), "cuda+bf16");
     assert_eq!(device_kind("cpu"), "cpu");
     let err = device_list("cuda:0,cpu").unwrap_err().to_string();
     assert!(err.contains("different kinds"), "{err}");

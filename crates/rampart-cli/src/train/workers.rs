@@ -80,9 +80,9 @@ impl Workers {
             (None, None) => (Workers::Launcher { workers }, device),
             (Some(rank), Some(path)) if rank < workers => {
                 let device = match device {
-                    DeviceArg::Cuda { tf32, .. } => DeviceArg::Cuda {
+                    DeviceArg::Cuda { precision, .. } => DeviceArg::Cuda {
                         ordinal: rank,
-                        tf32,
+                        precision,
                     },
                     DeviceArg::Cpu => DeviceArg::Cpu,
                 };

@@ -128,10 +128,10 @@ pub(crate) fn uninit(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
     unsafe { dev.alloc::<f32>(n) }
 }
 
-/// Keeps freed memory in `dev`'s pool, and sets whether f32 convolutions and matrix
-/// products may use TF32 tensor cores (`tf32`; see `docs/performance.md`). A no-op on
-/// the CPU.
-pub fn prepare(dev: &Device, tf32: bool) -> Result<()> {
+/// Keeps freed memory in `dev`'s pool, and sets the arithmetic of the convolutions and
+/// matrix products (`precision`: full f32, TF32 tensor cores, or bf16 convolutions;
+/// see `docs/performance.md`). A no-op on the CPU.
+pub fn prepare(dev: &Device, precision: crate::Precision) -> Result<()> {
     let Some(pool) = default_pool(dev)? else {
         return Ok(());
     };
@@ -146,9 +146,13 @@ pub fn prepare(dev: &Device, tf32: bool) -> Result<()> {
         .result()
         .map_err(candle_core::Error::wrap)?;
     }
-    candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(precision == crate::Precision::Tf32);
     #[cfg(feature = "cudnn")]
-    super::cudnn::set_tf32(tf32);
+    super::cudnn::set_precision(precision);
+    #[cfg(not(feature = "cudnn"))]
+    if precision == crate::Precision::Bf16 {
+        candle_core::bail!("bf16 convolutions need a build with the `cudnn` feature")
+    }
     Ok(())
 }
 

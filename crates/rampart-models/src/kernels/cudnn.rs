@@ -11,10 +11,13 @@
 //! the algorithm choice (cuDNN's heuristics, as PyTorch without
 //! `cudnn.benchmark`) and workspace size are cached per geometry and thread.
 //!
-//! Precision: full f32 (cuDNN's FMA math mode) unless [`set_tf32`] allows TF32
+//! Precision: full f32 (cuDNN's FMA math mode) unless [`set_precision`] allows TF32
 //! tensor cores, PyTorch's default for convolutions. With TF32 an attack's input
 //! gradient on a WRN-16-2 moved by 5 % (relative L2) from the f32 one; without it,
-//! by 1e-6.
+//! by 1e-6. With bf16 ([`crate::Precision::Bf16`]) each pass rounds its two f32
+//! operands to bf16 (one kernel each, [`super::bf16`]), runs cuDNN on bf16 tensors
+//! with f32 accumulation (tensor cores), and widens the bf16 result to f32 (one
+//! kernel): the op still takes and returns f32.
 //!
 //! For an untracked kernel (a [`crate::Frozen`] model's detached weight) the backward
 //! pass skips the kernel gradient, as on the CPU.
@@ -26,7 +29,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::cudnn::safe::{
@@ -37,24 +40,26 @@ use std::ffi::c_void;
 
 use super::bn::{BatchNormEval, BatchNormTrain, BatchNormTrainBackward};
 use super::conv::{Conv2d, ConvShape, Pass};
-use candle_core::cuda_backend::cudarc::cudnn::{result, sys, Cudnn};
+use crate::Precision;
+use candle_core::cuda_backend::cudarc::cudnn::{result, sys, Cudnn, CudnnDataType};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
 };
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
-/// The cuDNN descriptors of one convolution geometry.
-struct Descriptors {
+/// The cuDNN descriptors of one convolution geometry, on data of type `T` (f32, or
+/// bf16) with f32 accumulation.
+struct Descriptors<T: CudnnDataType> {
     conv: ConvDescriptor<f32>,
-    x: TensorDescriptor<f32>,
-    w: FilterDescriptor<f32>,
-    y: TensorDescriptor<f32>,
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
 }
 
-impl Descriptors {
+impl<T: CudnnDataType> Descriptors<T> {
     /// The forward pass: (x, w) → y.
-    fn forward(&self) -> ConvForward<'_, f32, f32, f32> {
+    fn forward(&self) -> ConvForward<'_, T, f32, T> {
         ConvForward {
             conv: &self.conv,
             x: &self.x,
@@ -64,7 +69,7 @@ impl Descriptors {
     }
 
     /// The input-gradient pass: (dy, w) → dx.
-    fn data(&self) -> ConvBackwardData<'_, f32, f32, f32> {
+    fn data(&self) -> ConvBackwardData<'_, T, f32, T> {
         ConvBackwardData {
             conv: &self.conv,
             dx: &self.x,
@@ -74,7 +79,7 @@ impl Descriptors {
     }
 
     /// The kernel-gradient pass: (x, dy) → dw.
-    fn filter(&self) -> ConvBackwardFilter<'_, f32, f32, f32> {
+    fn filter(&self) -> ConvBackwardFilter<'_, T, f32, T> {
         ConvBackwardFilter {
             conv: &self.conv,
             x: &self.x,
@@ -85,29 +90,74 @@ impl Descriptors {
 }
 
 /// The descriptors of one geometry and cuDNN's choice of algorithm for each pass.
-struct Plan {
-    desc: Descriptors,
+struct Plan<T: CudnnDataType> {
+    desc: Descriptors<T>,
     forward: (sys::cudnnConvolutionFwdAlgo_t, usize),
     data: (sys::cudnnConvolutionBwdDataAlgo_t, usize),
     filter: (sys::cudnnConvolutionBwdFilterAlgo_t, usize),
 }
 
-/// (device, sizes, TF32 allowed).
-type PlanKey = (DeviceId, ConvShape, bool);
+/// (device, sizes, precision).
+type PlanKey = (DeviceId, ConvShape, Precision);
 
-static TF32: AtomicBool = AtomicBool::new(false);
+/// The [`Precision`] of the convolutions, process-wide (0 f32, 1 TF32, 2 bf16).
+static PRECISION: AtomicU8 = AtomicU8::new(0);
 
-/// Lets cuDNN convolutions use TF32 tensor cores (10-bit mantissa) on Ampere and
-/// newer GPUs, as PyTorch does by default; off, they compute in full f32 and agree
-/// with the CPU path to f32 rounding. Process-wide.
-pub fn set_tf32(on: bool) {
-    TF32.store(on, Ordering::Relaxed);
+/// Sets the arithmetic of the cuDNN convolutions, process-wide: full f32 (they agree
+/// with the CPU path to f32 rounding), TF32 tensor cores (10-bit mantissa, Ampere and
+/// newer; PyTorch's default), or bf16 operands with f32 accumulation.
+pub fn set_precision(precision: Precision) {
+    let code = match precision {
+        Precision::F32 => 0,
+        Precision::Tf32 => 1,
+        Precision::Bf16 => 2,
+    };
+    PRECISION.store(code, Ordering::Relaxed);
 }
+
+/// The precision [`set_precision`] set.
+pub fn precision() -> Precision {
+    match PRECISION.load(Ordering::Relaxed) {
+        1 => Precision::Tf32,
+        2 => Precision::Bf16,
+        _ => Precision::F32,
+    }
+}
+
+/// The plans of one data type, per thread (descriptors are not Send).
+type Plans<T> = RefCell<HashMap<PlanKey, Rc<Plan<T>>>>;
 
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per thread and device, as candle does.
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-    static PLANS: RefCell<HashMap<PlanKey, Rc<Plan>>> = RefCell::new(HashMap::new());
+    static PLANS: Plans<f32> = RefCell::new(HashMap::new());
+    static PLANS_BF16: Plans<half::bf16> = RefCell::new(HashMap::new());
+}
+
+/// A data type of the convolutions: its cache of plans, and the scaling factors 1
+/// and 0 (cuDNN's α and β) in it.
+trait PlanCache:
+    CudnnDataType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + Copy + 'static
+{
+    const ONE: Self;
+    const ZERO: Self;
+    fn plans() -> &'static std::thread::LocalKey<Plans<Self>>;
+}
+
+impl PlanCache for f32 {
+    const ONE: f32 = 1.0;
+    const ZERO: f32 = 0.0;
+    fn plans() -> &'static std::thread::LocalKey<Plans<f32>> {
+        &PLANS
+    }
+}
+
+impl PlanCache for half::bf16 {
+    const ONE: half::bf16 = half::bf16::ONE;
+    const ZERO: half::bf16 = half::bf16::ZERO;
+    fn plans() -> &'static std::thread::LocalKey<Plans<half::bf16>> {
+        &PLANS_BF16
+    }
 }
 
 fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -125,10 +175,9 @@ fn dims(n: usize, c: usize, h: usize, w: usize) -> [i32; 4] {
     [n as i32, c as i32, h as i32, w as i32]
 }
 
-fn plan(dev: &CudaDevice, g: ConvShape) -> Result<Rc<Plan>> {
-    let tf32 = TF32.load(Ordering::Relaxed);
-    let key = (dev.id(), g, tf32);
-    if let Some(p) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
+fn plan<T: PlanCache>(dev: &CudaDevice, g: ConvShape) -> Result<Rc<Plan<T>>> {
+    let key = (dev.id(), g, precision());
+    if let Some(p) = T::plans().with(|p| p.borrow().get(&key).cloned()) {
         return Ok(p);
     }
     let cudnn = handle(dev)?;
@@ -141,9 +190,9 @@ fn plan(dev: &CudaDevice, g: ConvShape) -> Result<Rc<Plan>> {
         [1, 1],
         sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
     )?;
-    let x = cudnn.create_4d_tensor::<f32>(nhwc, dims(g.b, g.c_in, g.h, g.w))?;
-    let w = cudnn.create_4d_filter::<f32>(nhwc, dims(g.c_out, g.c_in, g.k, g.k))?;
-    let y = cudnn.create_4d_tensor::<f32>(nhwc, dims(g.b, g.c_out, ho, wo))?;
+    let x = cudnn.create_4d_tensor::<T>(nhwc, dims(g.b, g.c_in, g.h, g.w))?;
+    let w = cudnn.create_4d_filter::<T>(nhwc, dims(g.c_out, g.c_in, g.k, g.k))?;
+    let y = cudnn.create_4d_tensor::<T>(nhwc, dims(g.b, g.c_out, ho, wo))?;
     let desc = Descriptors { conv, x, w, y };
     // The algorithm cuDNN's heuristics pick for a pass, and its workspace size.
     macro_rules! choose {
@@ -159,7 +208,7 @@ fn plan(dev: &CudaDevice, g: ConvShape) -> Result<Rc<Plan>> {
         filter: choose!(desc.filter()),
         desc,
     });
-    PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
+    T::plans().with(|p| p.borrow_mut().insert(key, plan.clone()));
     Ok(plan)
 }
 
@@ -195,30 +244,52 @@ pub(crate) fn conv2d(
     let dev = &s1.device;
     let ([(n1, what1), (n2, what2)], shape) = op.sizes();
     let (a, b) = (view(s1, l1, n1, what1)?, view(s2, l2, n2, what2)?);
-    let p = plan(dev, op.shape)?;
+    if precision() == Precision::Bf16 {
+        // bf16 operands, f32 accumulation, the result widened to f32.
+        use super::bf16::cuda::{to_bf16, to_f32};
+        let (a, b) = (to_bf16(dev, &a)?, to_bf16(dev, &b)?);
+        let (a, b) = (a.slice(0..n1), b.slice(0..n2));
+        let out = run::<half::bf16>(op, dev, &a, &b, shape.elem_count())?;
+        let out = to_f32(dev, &out)?;
+        return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape));
+    }
+    let out = run::<f32>(op, dev, &a, &b, shape.elem_count())?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+}
+
+/// The cuDNN call of `op`'s pass on operands of type `T`, into a fresh buffer of
+/// `len` values.
+fn run<T: PlanCache>(
+    op: &Conv2d,
+    dev: &CudaDevice,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    let p = plan::<T>(dev, op.shape)?;
     // SAFETY: beta = 0, so cuDNN writes every output value before anything reads it.
-    let mut out = unsafe { dev.alloc::<f32>(shape.elem_count())? };
-    let ab = (1.0, 0.0);
+    let mut out = unsafe { dev.alloc::<T>(len)? };
+    let ab = (T::ONE, T::ZERO);
     // SAFETY (every launch): the descriptors of `p` describe these buffers
     // (lengths checked above, NHWC, kernel KRSC).
     match op.pass {
         Pass::Forward => {
             let mut work = workspace(dev, p.forward.1)?;
             let op = p.desc.forward();
-            unsafe { op.launch(p.forward.0, work.as_mut(), ab, &a, &b, &mut out) }?;
+            unsafe { op.launch(p.forward.0, work.as_mut(), ab, a, b, &mut out) }?;
         }
         Pass::Data => {
             let mut work = workspace(dev, p.data.1)?;
             let op = p.desc.data();
-            unsafe { op.launch(p.data.0, work.as_mut(), ab, &mut out, &b, &a) }?;
+            unsafe { op.launch(p.data.0, work.as_mut(), ab, &mut out, b, a) }?;
         }
         Pass::Filter => {
             let mut work = workspace(dev, p.filter.1)?;
             let op = p.desc.filter();
-            unsafe { op.launch(p.filter.0, work.as_mut(), ab, &a, &mut out, &b) }?;
+            unsafe { op.launch(p.filter.0, work.as_mut(), ab, a, &mut out, b) }?;
         }
     }
-    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------

@@ -28,6 +28,8 @@
 //!   op each way; [`pointwise`]: the small operations around cuDNN's BatchNorm (the
 //!   ReLU's mask, the eval-mode input gradient, the running statistics), each one
 //!   CUDA kernel with its CPU twin. Their CUDA source is `ops.cu`.
+//! * [`bf16`]: the f32 ↔ bf16 conversions of the bf16 convolutions
+//!   (`--device cuda+bf16`), kernels with their CPU twins.
 //! * [`sync_bn`]: synchronised BatchNorm for data-parallel training (statistics and
 //!   gradient sums over every worker, through a [`sync_bn::ChannelSum`] installed
 //!   for the thread by a [`sync_bn::SyncScope`]).
@@ -37,6 +39,7 @@
 //!   there, in `cuda`, and in the kernel launches of `pointwise` and `xent` (each
 //!   marked, with its safety argument).
 
+pub mod bf16;
 pub mod bn;
 mod common;
 pub mod conv;

@@ -228,3 +228,23 @@ extern "C" __global__ void layer_noise(float* out, unsigned long long seed,
     row[j] = __fmul_rn(r, c);
     if (j + 1ULL < per_image) row[j + 1ULL] = __fmul_rn(r, s);
 }
+
+// bf16 <-> f32 for the bf16 convolutions (`bf16.rs`, the CPU twin): round to nearest,
+// ties to even, on the bits (no header needed); a NaN stays a (quiet) NaN.
+extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* x, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int u = __float_as_uint(x[i]);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        out[i] = (unsigned short)((u >> 16) | 0x0040u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    out[i] = (unsigned short)(u >> 16);
+}
+
+extern "C" __global__ void bf16_to_f32(float* out, const unsigned short* x, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = __uint_as_float(((unsigned int)x[i]) << 16);
+}

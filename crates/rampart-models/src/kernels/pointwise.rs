@@ -29,7 +29,7 @@ pub(crate) static OPS: Module = Module::new("rampart_ops", include_str!("ops.cu"
 
 /// Every kernel of [`OPS`] (for [`Module::ready`] and the compile check).
 #[cfg(feature = "cuda")]
-pub const KERNELS: [&str; 8] = [
+pub const KERNELS: [&str; 10] = [
     "relu_inplace",
     "relu_mask",
     "bn_eval_backward",
@@ -38,6 +38,8 @@ pub const KERNELS: [&str; 8] = [
     "xent_rows",
     "xent_backward",
     "layer_noise",
+    "f32_to_bf16",
+    "bf16_to_f32",
 ];
 
 /// The PTX of Rampart's CUDA kernels between the convolutions, compiled by NVRTC
