@@ -115,9 +115,9 @@ pub struct ReproduceArgs {
     pub train_workers: usize,
 
     /// With --train-workers N > 1: synchronised BatchNorm (`rampart train --sync-bn`)
-    /// for every row but OAT, which then train like one device on the global batch
-    /// (a stochastic student's noise σ too); the OAT rows keep per-worker BatchNorm
-    /// (their dual BatchNorm is not synchronised). Recorded with the study.
+    /// for every row, which then trains like one device on the global batch (a
+    /// stochastic student's noise σ and an OAT model's dual BatchNorms too). Recorded
+    /// with the study.
     #[arg(long)]
     pub sync_bn: bool,
 
@@ -428,7 +428,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         if args.resume {
             train.arg("--resume");
         }
-        train.args(worker_flags(args.train_workers, args.sync_bn, row));
+        train.args(worker_flags(args.train_workers, args.sync_bn));
         let t = jobs.add(
             format!("{step}: training ({})", describe(row)),
             train,
@@ -1136,14 +1136,13 @@ fn xtask_command_line() -> String {
 }
 
 /// The data-parallel flags of `row`'s `rampart train`: `--workers N` for N > 1, and
-/// `--sync-bn` with it when asked, for every row but OAT (whose dual BatchNorm is not
-/// synchronised).
-fn worker_flags(workers: usize, sync_bn: bool, row: &ModelRow) -> Vec<String> {
+/// `--sync-bn` with it when asked.
+fn worker_flags(workers: usize, sync_bn: bool) -> Vec<String> {
     if workers < 2 {
         return Vec::new();
     }
     let mut flags = vec!["--workers".to_string(), workers.to_string()];
-    if sync_bn && row.train_method != "oat" {
+    if sync_bn {
         flags.push("--sync-bn".to_string());
     }
     flags

@@ -277,8 +277,8 @@ pub struct TrainArgs {
     /// train-mode BatchNorm normalises with the whole global batch's statistics and
     /// reduces its gradient sums over the workers, so a step equals one process's on
     /// the global batch; without it each worker normalises with its own rows (DDP's
-    /// default). A stochastic student's noise σ is measured on the global batch too.
-    /// Not for OAT models (their dual BatchNorm is refused).
+    /// default). A stochastic student's noise σ and an OAT model's dual BatchNorms are
+    /// synchronised too.
     #[arg(long)]
     pub sync_bn: bool,
 

@@ -13,8 +13,9 @@
 //!   the running statistics are worker 0's, broadcast to every worker before each step
 //!   (DDP's `broadcast_buffers`).
 //!   With `--sync-bn` ([`crate::Trainer::sync_batch_norm`]) every BatchNorm uses the
-//!   global batch's statistics instead (PyTorch's `SyncBatchNorm`), and so does a
-//!   stochastic student's noise σ; OAT models are refused.
+//!   global batch's statistics instead (PyTorch's `SyncBatchNorm`), and so do a
+//!   stochastic student's noise σ and each of an OAT model's dual BatchNorms (a worker
+//!   without rows of one λ group takes part in that group's sums with none).
 //! - A method's random draws (attack starts, mixup, λ) come from a per-worker stream,
 //!   worker 0's being the single-process stream ([`worker_rng`]). A stochastic
 //!   student's noise is indexed by the image's row in the global batch
@@ -173,24 +174,6 @@ impl rampart_models::ChannelSum for CollectiveSum {
             .all_reduce_sum(values)
             .map_err(|e| candle_core::Error::Msg(format!("synchronised BatchNorm: {e}")))
     }
-}
-
-/// Refuses synchronised BatchNorm where it cannot hold: an OAT model. Its dual
-/// BatchNorm normalises the λ = 0 rows and the λ > 0 rows of a batch separately, and
-/// a worker whose part has no row of one group would skip that layer's collective
-/// sums that the other workers wait for (forward and backward). Plain BatchNorm and a
-/// stochastic student's (whose noise σ is summed over the workers too) are
-/// synchronised.
-pub(crate) fn check_sync_batch_norm(model: &rampart_models::Classifier) -> Result<()> {
-    if model.spec().oat.is_some() {
-        return Err(DefenseError::Config(
-            "--sync-bn is not available for OAT models: their dual BatchNorm normalises \
-             the λ = 0 and λ > 0 rows separately, and a worker without rows of one group \
-             cannot take part in that group's sums; train OAT with per-worker BatchNorm"
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 /// Refuses a method that learns state from its batches without summing what it

@@ -162,8 +162,8 @@ impl Trainer {
     /// sums over the workers (see [`rampart_models::kernels::sync_bn`]), as PyTorch's
     /// `SyncBatchNorm`; without it each worker normalises with its own rows (DDP's
     /// default). A stochastic student's noise layers measure their σ on the global
-    /// batch too. Needs [`Trainer::parallel`]; refused for OAT models (see
-    /// [`crate::parallel`]).
+    /// batch too, and an OAT model's dual BatchNorms each normalise their λ group of
+    /// the global batch. Needs [`Trainer::parallel`].
     pub fn sync_batch_norm(mut self, on: bool) -> Self {
         self.sync_batch_norm = on;
         self
@@ -225,10 +225,7 @@ impl Trainer {
                     "synchronised BatchNorm needs data-parallel workers".into(),
                 ))
             }
-            (Some(group), true) => {
-                parallel::check_sync_batch_norm(model)?;
-                Some(Arc::new(parallel::CollectiveSum(Arc::clone(group))))
-            }
+            (Some(group), true) => Some(Arc::new(parallel::CollectiveSum(Arc::clone(group)))),
         };
         let loader_config = LoaderConfig {
             batch_size: cfg.batch_size,

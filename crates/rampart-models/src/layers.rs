@@ -102,9 +102,14 @@ impl BatchNorm {
                     relu,
                     &sum,
                 )?,
-                None => bn::train(xs, &self.weight, &self.bias, self.eps, relu)?,
+                None => {
+                    let (y, stats) = bn::train(xs, &self.weight, &self.bias, self.eps, relu)?;
+                    (y, Some(stats))
+                }
             };
-            stats.update_running(&self.running_mean, &self.running_var, self.momentum)?;
+            if let Some(stats) = stats {
+                stats.update_running(&self.running_mean, &self.running_var, self.momentum)?;
+            }
             Ok(y)
         } else {
             let (mean, var) = self.running();

@@ -213,6 +213,26 @@ impl Context {
     }
 }
 
+impl Split {
+    /// The split of `b` rows that all fall in one group (the clean one if `clean`),
+    /// the other group empty.
+    fn one_group(b: usize, clean: bool, device: &candle_core::Device) -> Result<Split> {
+        let all: Vec<u32> = (0..b as u32).collect();
+        let all = Tensor::new(all.as_slice(), device)?;
+        let none = Tensor::new(&[] as &[u32], device)?;
+        let (clean, adv) = if clean {
+            (all.clone(), none)
+        } else {
+            (none, all.clone())
+        };
+        Ok(Split {
+            clean,
+            adv,
+            inverse: all,
+        })
+    }
+}
+
 impl Condition {
     /// The condition of a batch with per-row λ (host values) and their codes (B, D).
     pub(crate) fn new(lambdas: &[f32], codes: Tensor) -> Result<Self> {
@@ -439,15 +459,19 @@ impl Norm {
 
     fn forward_full(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let cond = self.ctx.condition();
+        // Synchronised BatchNorm: every worker calls both BatchNorms of a dual layer
+        // (one with no row where its part has none of a group), so that all take part
+        // in both layers' sums.
+        let synchronised = train && crate::kernels::sync_bn::current().is_some();
         let h = match (&self.bn_adv, &cond) {
-            (Some(adv), Some(c)) => match &c.split {
-                Some(split) => {
-                    let clean = self.bn.forward_t(&xs.index_select(&split.clean, 0)?, train)?;
-                    let robust = adv.forward_t(&xs.index_select(&split.adv, 0)?, train)?;
-                    Tensor::cat(&[&clean, &robust], 0)?.index_select(&split.inverse, 0)?
+            (Some(adv), Some(c)) => match (&c.split, synchronised) {
+                (Some(split), _) => Self::dual(&self.bn, adv, xs, split, train)?,
+                (None, true) => {
+                    let split = Split::one_group(xs.dim(0)?, c.all_clean, xs.device())?;
+                    Self::dual(&self.bn, adv, xs, &split, train)?
                 }
-                None if c.all_clean => self.bn.forward_t(xs, train)?,
-                None => adv.forward_t(xs, train)?,
+                (None, false) if c.all_clean => self.bn.forward_t(xs, train)?,
+                (None, false) => adv.forward_t(xs, train)?,
             },
             (Some(_), None) => candle_core::bail!(
                 "a λ-conditioned layer was called without a λ (use Classifier::forward_t or forward_lambdas)"
@@ -462,6 +486,20 @@ impl Norm {
             Some(noise) => noise.apply(&h, train, &self.ctx),
             None => Ok(h),
         }
+    }
+
+    /// Dual BatchNorm: the rows of `split.clean` through `bn`, those of `split.adv`
+    /// through `adv`, back in the batch's order.
+    fn dual(
+        bn: &BatchNorm,
+        adv: &BatchNorm,
+        xs: &Tensor,
+        split: &Split,
+        train: bool,
+    ) -> Result<Tensor> {
+        let clean = bn.forward_t(&xs.index_select(&split.clean, 0)?, train)?;
+        let robust = adv.forward_t(&xs.index_select(&split.adv, 0)?, train)?;
+        Tensor::cat(&[&clean, &robust], 0)?.index_select(&split.inverse, 0)
     }
 
     /// Whether the layer injects noise (a stochastic student).

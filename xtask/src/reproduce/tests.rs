@@ -322,25 +322,19 @@ fn pgd20_shards_are_joined_by_the_unsharded_command() {
     assert!(jobs[2].on_device && jobs[2].after == [0, 1]);
 }
 
-/// `--train-workers N --sync-bn` gives `--sync-bn` to every row but OAT (the
-/// stochastic students included), `--workers N` to every row, and nothing with one
-/// worker.
+/// `--train-workers N --sync-bn` gives `--sync-bn` and `--workers N` to every row
+/// (the stochastic students and OAT included), and nothing with one worker.
 #[test]
-fn sync_bn_goes_to_every_row_but_oat() {
+fn sync_bn_goes_to_every_row() {
     for preset in [Preset::Smoke, Preset::Fast] {
         let rows = preset.models();
         assert!(rows.iter().any(|r| r.stochastic) && rows.iter().any(|r| r.train_method == "oat"));
         for row in rows {
-            let flags = worker_flags(4, true, row).join(" ");
+            let flags = worker_flags(4, true).join(" ");
             assert!(flags.starts_with("--workers 4"), "{flags}");
-            assert_eq!(
-                flags.contains("--sync-bn"),
-                row.train_method != "oat",
-                "{}: {flags}",
-                row.method
-            );
-            assert!(!worker_flags(4, false, row).contains(&"--sync-bn".to_string()));
-            assert!(worker_flags(1, true, row).is_empty());
+            assert!(flags.contains("--sync-bn"), "{}: {flags}", row.method);
+            assert!(!worker_flags(4, false).contains(&"--sync-bn".to_string()));
+            assert!(worker_flags(1, true).is_empty());
         }
     }
 }

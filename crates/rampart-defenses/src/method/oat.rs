@@ -143,8 +143,20 @@ impl StatelessMethod for Oat {
         let clean_weights: Vec<f32> = lambdas.iter().map(|l| 1.0 - l).collect();
         let clean_weights = Tensor::new(clean_weights.as_slice(), device)?;
         let mut total = (per_example_ce(&clean_logits, labels)? * clean_weights)?.sum_all()?;
-        if !adv_parts.is_empty() {
-            let adv_inputs = Tensor::cat(&adv_parts, 0)?;
+        // With synchronised BatchNorm every worker runs the adversarial pass whenever
+        // one has adversarial rows (a worker without any runs it on none), so that
+        // all take part in its BatchNorms' sums.
+        let adversarial_pass = if rampart_models::SyncScope::active() {
+            batch.sum_over_workers(&[adv_rows.len() as f64])?[0] > 0.0
+        } else {
+            !adv_parts.is_empty()
+        };
+        if adversarial_pass {
+            let adv_inputs = if adv_parts.is_empty() {
+                images.narrow(0, 0, 0)?
+            } else {
+                Tensor::cat(&adv_parts, 0)?
+            };
             let adv_lambdas: Vec<f32> = adv_rows.iter().map(|&i| lambdas[i as usize]).collect();
             let idx = Tensor::new(adv_rows.as_slice(), device)?;
             let adv_labels = labels.index_select(&idx, 0)?;

@@ -415,15 +415,17 @@ fn train_mode_step(
     labels: &Tensor,
     group: Option<Arc<TcpGroup>>,
 ) -> Result<(Named, Named)> {
-    spec_train_mode_step(toy_spec(), images, labels, group)
+    spec_train_mode_step(toy_spec(), images, labels, None, group)
 }
 
-/// [`train_mode_step`] of a model of `spec`; a worker's part starts at row
-/// rank·B/W of the global batch ([`Classifier::set_batch_offset`]).
+/// [`train_mode_step`] of a model of `spec`, an OAT model's at one λ per row
+/// (`lambdas`); a worker's part starts at row rank·B/W of the global batch
+/// ([`Classifier::set_batch_offset`]).
 fn spec_train_mode_step(
     spec: rampart_models::ModelSpec,
     images: &Tensor,
     labels: &Tensor,
+    lambdas: Option<&[f32]>,
     group: Option<Arc<TcpGroup>>,
 ) -> Result<(Named, Named)> {
     let model = Classifier::new(spec, 11, &Device::Cpu)?;
@@ -433,7 +435,10 @@ fn spec_train_mode_step(
     let _scope = group
         .clone()
         .map(|g| rampart_models::SyncScope::new(Arc::new(CollectiveSum(g as Arc<dyn Collective>))));
-    let logits = model.forward_t(images, true)?;
+    let logits = match lambdas {
+        Some(l) => model.forward_lambdas(images, l, true)?,
+        None => model.forward_t(images, true)?,
+    };
     let loss = crate::cross_entropy(&logits, labels, 0.0)?;
     let mut grads = loss.backward()?;
     let vars = model.trainable_vars();
@@ -543,7 +548,8 @@ fn a_synchronised_student_trains_on_the_global_batch() -> TestResult {
         ..toy_spec()
     };
     let (images, labels) = global_batch(toy_dataset(8, 3))?;
-    let (single, single_buffers) = spec_train_mode_step(student.clone(), &images, &labels, None)?;
+    let (single, single_buffers) =
+        spec_train_mode_step(student.clone(), &images, &labels, None, None)?;
     assert!(
         single_buffers.iter().any(|(n, _)| n.contains("noise")),
         "no running noise scale among {:?}",
@@ -558,6 +564,7 @@ fn a_synchronised_student_trains_on_the_global_batch() -> TestResult {
                 student.clone(),
                 &rows(&images, r, part)?,
                 &rows(&labels, r, part)?,
+                None,
                 Some(g),
             )
         })?)?;
@@ -603,10 +610,144 @@ fn a_synchronised_student_trains_on_the_global_batch() -> TestResult {
     Ok(())
 }
 
+/// An OAT model with synchronised BatchNorm: each dual BatchNorm normalises its λ
+/// group of the global batch, a worker whose part has no row of a group taking part
+/// in that group's sums with none (here worker 0 of 2 has no λ = 0 row), so the
+/// workers' averaged gradients and their running statistics are the single
+/// process's.
+#[test]
+fn a_synchronised_oat_model_trains_on_the_global_batch() -> TestResult {
+    let oat = rampart_models::ModelSpec {
+        oat: Some(rampart_models::OatSpec::standard()),
+        ..toy_spec()
+    };
+    let (images, labels) = global_batch(toy_dataset(8, 3))?;
+    let lambdas = [0.3f32, 1.0, 0.1, 0.4, 0.0, 0.2, 0.0, 1.0];
+    let (single, single_buffers) =
+        spec_train_mode_step(oat.clone(), &images, &labels, Some(&lambdas), None)?;
+    for workers in [2, 4] {
+        let part = 8 / workers;
+        let synced = all_ok(on_workers(workers, |g| {
+            let r = g.rank();
+            spec_train_mode_step(
+                oat.clone(),
+                &images.narrow(0, r * part, part)?,
+                &labels.narrow(0, r * part, part)?,
+                Some(&lambdas[r * part..(r + 1) * part]),
+                Some(g),
+            )
+        })?)?;
+        for (grads, buffers) in &synced {
+            assert_eq!(grads, &synced[0].0, "the workers got different gradients");
+            let d = worst_relative(grads, &single);
+            eprintln!("{workers} synchronised OAT workers: gradients within {d:.1e}");
+            assert!(d < 1e-4, "{workers} workers: gradients differ by {d}");
+            let d = worst_relative(buffers, &single_buffers);
+            assert!(
+                d < 1e-5,
+                "{workers} workers: running statistics differ by {d}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A worker with no row at all for a synchronised pass (an OAT batch whose part has
+/// no adversarial row) runs it on an empty batch and takes part in every sum: the
+/// others get the gradients and statistics of their rows alone.
+#[test]
+fn a_worker_without_rows_takes_part_in_the_synchronised_sums() -> TestResult {
+    let oat = rampart_models::ModelSpec {
+        oat: Some(rampart_models::OatSpec::standard()),
+        ..toy_spec()
+    };
+    let (images, labels) = global_batch(toy_dataset(4, 3))?;
+    let lambdas = [0.3f32, 1.0, 0.1, 0.4];
+    let step = |images: &Tensor, labels: &Tensor, lambdas: &[f32], group: Option<Arc<TcpGroup>>| {
+        let model = Classifier::new(oat.clone(), 11, &Device::Cpu)?;
+        let _scope = group.clone().map(|g| {
+            rampart_models::SyncScope::new(Arc::new(CollectiveSum(g as Arc<dyn Collective>)))
+        });
+        let logits = model.forward_lambdas(images, lambdas, true)?;
+        // A sum over the rows, so that an empty part adds nothing (but its graph
+        // still reaches every layer, whose backward sums it takes part in).
+        let loss = match images.dim(0)? {
+            0 => logits.sum_all()?,
+            n => (crate::cross_entropy(&logits, labels, 0.0)? * n as f64)?,
+        };
+        let mut grads = loss.backward()?;
+        let vars = model.trainable_vars();
+        if let Some(g) = &group {
+            average_gradients(g.as_ref(), &vars, &mut grads)?;
+        }
+        let named = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let grads = vars
+            .iter()
+            .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+            .map(|(n, g)| Ok((n, named(&g)?)))
+            .collect::<Result<Named>>()?;
+        let buffers = model
+            .named_vars()
+            .into_iter()
+            .filter(|(n, _)| rampart_models::is_buffer(n))
+            .map(|(n, v)| Ok((n, named(v.as_tensor())?)))
+            .collect::<Result<Named>>()?;
+        Ok::<_, DefenseError>((grads, buffers))
+    };
+    let (single, single_buffers) = step(&images, &labels, &lambdas, None)?;
+    let out = all_ok(on_workers(2, |g| {
+        let (x, y, l) = if g.rank() == 0 {
+            (
+                images.narrow(0, 0, 0)?,
+                labels.narrow(0, 0, 0)?,
+                &lambdas[..0],
+            )
+        } else {
+            (images.clone(), labels.clone(), &lambdas[..])
+        };
+        step(&x, &y, l, Some(g))
+    })?)?;
+    // Averaged over 2 workers, one of which had nothing: half the single gradient.
+    // The clean BatchNorms have no row anywhere: no gradient on the workers, a zero
+    // one in the single process (its fused path gives every parameter one).
+    let (grads, buffers) = &out[1];
+    let (mut doubled, mut want) = (Named::new(), Named::new());
+    for (n, v) in &single {
+        match grads.iter().find(|(g, _)| g == n) {
+            Some((_, g)) => {
+                doubled.push((n.clone(), g.iter().map(|x| 2.0 * x).collect()));
+                want.push((n.clone(), v.clone()));
+            }
+            None => assert!(v.iter().all(|&x| x == 0.0), "{n}: only the single moved"),
+        }
+    }
+    assert!(doubled.len() > 10, "{} gradients compared", doubled.len());
+    assert_eq!(
+        doubled.len(),
+        grads.len(),
+        "a worker's gradient the single lacks"
+    );
+    let d = worst_relative(&doubled, &want);
+    assert!(d < 1e-4, "gradients differ by {d}");
+    assert!(worst_relative(buffers, &single_buffers) < 1e-5);
+    assert_eq!(out[0].1, out[1].1, "the empty worker's statistics differ");
+    Ok(())
+}
+
 /// One epoch of normal training of a toy model (`spec`, seed 5) on 48 images into
 /// `out`, with synchronised BatchNorm, as a worker of `group` if given.
 fn train_synchronised(
     spec: rampart_models::ModelSpec,
+    out: &Path,
+    group: Option<Arc<TcpGroup>>,
+) -> Result<(Named, crate::TrainOutcome)> {
+    train_synchronised_with(spec, &Normal::new(), out, group)
+}
+
+/// [`train_synchronised`] with `method`.
+fn train_synchronised_with(
+    spec: rampart_models::ModelSpec,
+    method: &dyn crate::TrainingMethod,
     out: &Path,
     group: Option<Arc<TcpGroup>>,
 ) -> Result<(Named, crate::TrainOutcome)> {
@@ -617,7 +758,7 @@ fn train_synchronised(
     }
     let outcome = trainer.sync_batch_norm(true).run(
         &mut model,
-        &Normal::new(),
+        method,
         Arc::new(toy_dataset(48, 1)),
         &toy_dataset(8, 2),
     )?;
@@ -625,7 +766,7 @@ fn train_synchronised(
 }
 
 /// Two workers train with synchronised BatchNorm and stay identical, a stochastic
-/// student's too; synchronised BatchNorm without workers, or on an OAT model, is
+/// student's and an OAT model's too; synchronised BatchNorm without workers is
 /// refused.
 #[test]
 fn trainer_runs_synchronised_batch_norm_and_refuses_it_where_it_cannot_hold() -> TestResult {
@@ -660,12 +801,19 @@ fn trainer_runs_synchronised_batch_norm_and_refuses_it_where_it_cannot_hold() ->
         oat: Some(rampart_models::OatSpec::standard()),
         ..toy_spec()
     };
-    let errors = on_workers(2, |g| {
+    let out = all_ok(on_workers(2, |g| {
         train_synchronised(oat.clone(), &worker("oat", &g), Some(g))
-    })?;
-    for e in errors {
-        let e = e.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("not available for OAT models"), "{e}");
-    }
+    })?)?;
+    assert_eq!(out[0].0, out[1].0, "the OAT workers' weights drifted apart");
+    // Once-for-all training itself: λ per example, clean and adversarial passes.
+    let method = crate::Oat::new(rampart_attacks::Fgsm::fast_at().as_pgd(), 8.0 / 255.0)?;
+    let out = all_ok(on_workers(2, |g| {
+        train_synchronised_with(oat.clone(), &method, &worker("oat-method", &g), Some(g))
+    })?)?;
+    assert_eq!(
+        out[0].0, out[1].0,
+        "the OAT-trained workers' weights drifted apart"
+    );
+    assert!(out[0].1.history[0].train_loss.is_finite());
     Ok(())
 }

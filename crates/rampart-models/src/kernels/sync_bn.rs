@@ -51,6 +51,11 @@ impl SyncScope {
         let previous = SCOPE.with(|s| s.borrow_mut().replace(sum));
         SyncScope { previous }
     }
+
+    /// Whether a scope is alive on this thread (train-mode BatchNorm synchronised).
+    pub fn active() -> bool {
+        current().is_some()
+    }
 }
 
 impl Drop for SyncScope {
@@ -93,6 +98,13 @@ pub fn global_std(rows: &Tensor, eps: f64, sum: &Arc<dyn ChannelSum>) -> Result<
 /// of every worker's rows, summed through `sum`. Returns the output and the global
 /// statistics (for the running estimates). Needs f32 activations on the CPU, or on
 /// CUDA with cuDNN (the eval-mode op's devices); others are refused.
+///
+/// A worker may bring no row (`xs` empty: its part of a batch has none of the rows
+/// this layer normalises, as an OAT model's λ groups may leave it): it still takes
+/// part in every sum, forward and backward, so that the other workers' statistics
+/// and gradients are those of the rows they have together. When no worker has a row,
+/// the layer does nothing (no statistics: `None`, the running estimates untouched),
+/// as a single process that never calls it.
 pub fn train(
     xs: &Tensor,
     gamma: &Tensor,
@@ -100,7 +112,7 @@ pub fn train(
     eps: f64,
     relu: bool,
     sum: &Arc<dyn ChannelSum>,
-) -> Result<(Tensor, BatchStats)> {
+) -> Result<(Tensor, Option<BatchStats>)> {
     if !super::bn::native(xs, eps) {
         candle_core::bail!(
             "synchronised BatchNorm needs f32 activations on the CPU or on CUDA with cuDNN, \
@@ -117,8 +129,12 @@ pub fn train(
     let first = Tensor::cat(&[column_sums(&rows)?, Tensor::new(&[local_rows], dev)?], 0)?;
     let first = sum.sum(&first)?;
     let count = first.narrow(0, c, 1)?.to_vec1::<f64>()?[0];
-    if count.is_nan() || count < 1.0 {
+    if count.is_nan() || count < 0.0 {
         candle_core::bail!("synchronised BatchNorm over {count} rows")
+    }
+    if count == 0.0 {
+        // No worker has a row: every worker sees the same count and stops here.
+        return Ok((xs.clone(), None));
     }
     let mean = (first.narrow(0, 0, c)? / count)?;
     let centred = rows.to_dtype(DType::F64)?.broadcast_sub(&mean)?;
@@ -140,7 +156,7 @@ pub fn train(
         .flatten_all()?
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?
         .reshape(xs.shape())?;
-    Ok((y, BatchStats::new(mean, var, count as usize)))
+    Ok((y, Some(BatchStats::new(mean, var, count as usize))))
 }
 
 /// (x, γ, β) → relu?((x − mean)·γ/√(var + ε) + β) with the global statistics; its
@@ -177,6 +193,10 @@ impl CustomOp3 for SyncBatchNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape().elem_count() == 0 {
+            // This worker brings no row: nothing to normalise.
+            return Ok((CpuStorage::F32(Vec::new()), l1.shape().clone()));
+        }
         self.eval.cpu_fwd(s1, l1, s2, l2, s3, l3)
     }
 
@@ -190,6 +210,11 @@ impl CustomOp3 for SyncBatchNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape().elem_count() == 0 {
+            // This worker brings no row: nothing to normalise (an empty copy).
+            use candle_core::backend::BackendStorage;
+            return Ok((s1.try_clone(l1)?, l1.shape().clone()));
+        }
         self.eval.cuda_fwd(s1, l1, s2, l2, s3, l3)
     }
 

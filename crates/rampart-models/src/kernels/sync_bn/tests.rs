@@ -57,7 +57,10 @@ fn outputs(
 ) -> Result<Out> {
     let xv = Var::from_tensor(x)?;
     let (y, stats) = match sum {
-        Some(sum) => train(xv.as_tensor(), gamma, beta, 1e-5, relu, &sum)?,
+        Some(sum) => {
+            let (y, stats) = train(xv.as_tensor(), gamma, beta, 1e-5, relu, &sum)?;
+            (y, stats.expect("statistics of a batch with rows"))
+        }
         None => bn::train(xv.as_tensor(), gamma, beta, 1e-5, relu)?,
     };
     let grads = (&y * probe)?.sum_all()?.backward()?;
