@@ -250,17 +250,7 @@ pub trait Attack {
         eps: &[f64],
         seed: u64,
     ) -> Result<Vec<AttackResult>> {
-        self.validate()?;
-        self.criterion().validate()?;
-        bounds.validate()?;
-        if eps.is_empty() {
-            return Err(Error::Config("no ε given".into()));
-        }
-        for &e in eps {
-            self.norm().check_eps(e)?;
-        }
-        let problem = Problem::new(model, bounds, xs, ys)?;
-        self.check(&problem)?;
+        let problem = checked_problem(self, model, bounds, xs, ys, eps)?;
         eps.iter()
             .map(|&e| {
                 let outcome = self.attack_eps(&problem, e, seed)?;
@@ -284,15 +274,35 @@ pub trait Attack {
         eps: f64,
         seed: u64,
     ) -> Result<Perturbed> {
-        self.validate()?;
-        self.criterion().validate()?;
-        bounds.validate()?;
-        self.norm().check_eps(eps)?;
-        let problem = Problem::new(model, bounds, xs, ys)?;
-        self.check(&problem)?;
+        let problem = checked_problem(self, model, bounds, xs, ys, &[eps])?;
         let outcome = self.attack_eps(&problem, eps, seed)?;
         problem.points(self.norm(), outcome, eps)
     }
+}
+
+/// The checks [`Attack::run`] and [`Attack::perturb`] make before their first ε: the
+/// configuration, the criterion, the bounds and every ε (at least one); then the
+/// problem (inputs, labels, model output) and the attack's own [`Attack::check`].
+fn checked_problem<'m, A: Attack + ?Sized>(
+    attack: &A,
+    model: &'m dyn ModuleT,
+    bounds: Bounds,
+    xs: &Tensor,
+    ys: &Tensor,
+    eps: &[f64],
+) -> Result<Problem<'m>> {
+    attack.validate()?;
+    attack.criterion().validate()?;
+    bounds.validate()?;
+    if eps.is_empty() {
+        return Err(Error::Config("no ε given".into()));
+    }
+    for &e in eps {
+        attack.norm().check_eps(e)?;
+    }
+    let problem = Problem::new(model, bounds, xs, ys)?;
+    attack.check(&problem)?;
+    Ok(problem)
 }
 
 /// Parses an ε given as a decimal (`0.5`) or a fraction (`8/255`). Negative, NaN and

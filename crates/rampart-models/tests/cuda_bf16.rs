@@ -8,6 +8,9 @@
 //! GPU: `cargo test --release -p rampart-models --features cudnn --test cuda_bf16`.
 #![cfg(feature = "cudnn")]
 
+mod common;
+use common::{probe, rel_diff, rel_l2, tensor};
+
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use rampart_models::kernels::bf16::RoundBf16;
 use rampart_models::{kernels::conv::conv2d_nhwc, Classifier, ModelSpec, Precision};
@@ -20,74 +23,8 @@ fn gpu() -> Device {
     dev
 }
 
-/// Deterministic pseudo-random values in [−½, ½) (a 64-bit LCG).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32) / ((1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
-
-fn tensor(shape: &[usize], seed: u64) -> Tensor {
-    Tensor::from_vec(values(shape.iter().product(), seed), shape, &Device::Cpu).unwrap()
-}
-
-fn cpu(t: &Tensor) -> Tensor {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    cpu(t)
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// max |a − b| / max(max |a|, floor), `a` the reference.
-fn rel_diff(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
-    let (a, b) = (cpu(a), cpu(b));
-    assert_eq!(a.dims(), b.dims());
-    max_abs(&(&a - &b).unwrap()) / max_abs(&a).max(floor)
-}
-
-/// ‖a − b‖₂ / ‖a‖₂, `a` the reference.
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    let (a, b) = (cpu(a), cpu(b));
-    let l2 = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt()
-    };
-    l2(&(&a - &b).unwrap()) / l2(&a).max(1e-6)
-}
-
 fn round(t: &Tensor) -> Tensor {
     t.apply_op1_no_bwd(&RoundBf16).unwrap()
-}
-
-/// ⟨t, p⟩ for a fixed probe p.
-fn probe(t: &Tensor, seed: u64) -> Tensor {
-    let p = tensor(t.dims(), seed).to_device(t.device()).unwrap();
-    (t * &p).unwrap().sum_all().unwrap()
 }
 
 /// The GPU's f32 → bf16 → f32 round trip is the CPU twin's, bit for bit, on random
@@ -211,7 +148,7 @@ fn networks_in_bf16_stay_close_to_f32() {
     let xg = Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
     let lc = cpu_model.frozen().forward_t(xc.as_tensor(), false).unwrap();
     let lg = gpu_model.frozen().forward_t(xg.as_tensor(), false).unwrap();
-    let d = rel_l2(&lc, &lg);
+    let d = rel_l2(&lc, &lg, 1e-6);
     eprintln!("WRN-16-2 bf16: eval logits {d:.1e}");
     assert!(d < 3e-2, "eval logits differ by {d}");
     let (gc, gg) = (
@@ -221,6 +158,7 @@ fn networks_in_bf16_stay_close_to_f32() {
     let d = rel_l2(
         gc.get(xc.as_tensor()).unwrap(),
         gg.get(xg.as_tensor()).unwrap(),
+        1e-6,
     );
     eprintln!("WRN-16-2 bf16: input gradient {d:.1e}");
     assert!(d < 1e-1, "input gradients differ by {d}");
@@ -239,6 +177,7 @@ fn networks_in_bf16_stay_close_to_f32() {
         let d = rel_l2(
             gc.get(a.as_tensor()).unwrap(),
             gg.get(b.as_tensor()).unwrap(),
+            1e-6,
         );
         assert!(d < 2e-1, "{name}: gradients differ by {d}");
         worst = worst.max(d);

@@ -464,6 +464,75 @@ fn spec_train_mode_step(
     Ok((grads, buffers))
 }
 
+/// Every trainable variable's gradient of the mean cross-entropy over `images` (train
+/// mode), averaged over the workers of `group`.
+fn worker_gradients(
+    model: &Classifier,
+    images: &Tensor,
+    labels: &Tensor,
+    group: &Arc<TcpGroup>,
+) -> Result<Named> {
+    let loss = crate::cross_entropy(&model.forward_t(images, true)?, labels, 0.0)?;
+    let mut grads = loss.backward()?;
+    let vars = model.trainable_vars();
+    average_gradients(group.as_ref(), &vars, &mut grads)?;
+    vars.iter()
+        .map(|(n, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .ok_or_else(|| DefenseError::Config(format!("{n} has no gradient")))?;
+            Ok((n.clone(), g.flatten_all()?.to_vec1::<f32>()?))
+        })
+        .collect()
+}
+
+/// With synchronised BatchNorm, 2 and 4 workers of a `spec` model (an OAT model at
+/// `lambdas`, one per row) on their parts of the global batch get the single
+/// process's gradients (averaged; within 1e-4 of each variable's largest entry) and
+/// running statistics (within 1e-5), all workers the same.
+fn synchronised_workers_match_one_process(
+    spec: &rampart_models::ModelSpec,
+    images: &Tensor,
+    labels: &Tensor,
+    lambdas: Option<&[f32]>,
+) -> TestResult {
+    let name = spec.arch.to_string();
+    let (single, single_buffers) =
+        spec_train_mode_step(spec.clone(), images, labels, lambdas, None)?;
+    let b = images.dim(0)?;
+    for workers in [2, 4] {
+        let part = b / workers;
+        let synced = all_ok(on_workers(workers, |g| {
+            let r = g.rank();
+            spec_train_mode_step(
+                spec.clone(),
+                &images.narrow(0, r * part, part)?,
+                &labels.narrow(0, r * part, part)?,
+                lambdas.map(|l| &l[r * part..(r + 1) * part]),
+                Some(g),
+            )
+        })?)?;
+        for (grads, buffers) in &synced {
+            assert_eq!(
+                grads, &synced[0].0,
+                "{name}: the workers got different gradients"
+            );
+            let d = worst_relative(grads, &single);
+            eprintln!("{name}, {workers} synchronised workers: gradients within {d:.1e}");
+            assert!(
+                d < 1e-4,
+                "{name}, {workers} workers: gradients differ by {d}"
+            );
+            let d = worst_relative(buffers, &single_buffers);
+            assert!(
+                d < 1e-5,
+                "{name}, {workers} workers: running statistics differ by {d}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The largest difference of two sets of named values, relative to the reference's
 /// largest magnitude per variable.
 fn worst_relative(got: &Named, want: &Named) -> f32 {
@@ -507,24 +576,8 @@ fn synchronised_batch_norm_gives_the_global_batch_in_train_mode() -> TestResult 
         // Per-worker BatchNorm: the same step without synchronisation.
         let plain = all_ok(on_workers(workers, |g| {
             let r = g.rank();
-            let (images, labels) = (rows(&images, r)?, rows(&labels, r)?);
             let model = Classifier::new(toy_spec(), 11, &Device::Cpu)?;
-            let loss = crate::cross_entropy(&model.forward_t(&images, true)?, &labels, 0.0)?;
-            let mut grads = loss.backward()?;
-            let vars = model.trainable_vars();
-            average_gradients(g.as_ref(), &vars, &mut grads)?;
-            vars.iter()
-                .map(|(n, v)| {
-                    Ok((
-                        n.clone(),
-                        grads
-                            .get(v.as_tensor())
-                            .unwrap()
-                            .flatten_all()?
-                            .to_vec1::<f32>()?,
-                    ))
-                })
-                .collect::<Result<Named>>()
+            worker_gradients(&model, &rows(&images, r)?, &rows(&labels, r)?, &g)
         })?)?;
         let d = worst_relative(&plain[0], &single);
         eprintln!("{workers} workers, per-worker BatchNorm: gradients {d:.1e} apart");
@@ -555,31 +608,8 @@ fn a_synchronised_student_trains_on_the_global_batch() -> TestResult {
         "no running noise scale among {:?}",
         single_buffers.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
+    synchronised_workers_match_one_process(&student, &images, &labels, None)?;
     let rows = |t: &Tensor, rank: usize, part: usize| t.narrow(0, rank * part, part);
-    for workers in [2, 4] {
-        let part = 8 / workers;
-        let synced = all_ok(on_workers(workers, |g| {
-            let r = g.rank();
-            spec_train_mode_step(
-                student.clone(),
-                &rows(&images, r, part)?,
-                &rows(&labels, r, part)?,
-                None,
-                Some(g),
-            )
-        })?)?;
-        for (grads, buffers) in &synced {
-            assert_eq!(grads, &synced[0].0, "the workers got different gradients");
-            let d = worst_relative(grads, &single);
-            eprintln!("{workers} synchronised student workers: gradients within {d:.1e}");
-            assert!(d < 1e-4, "{workers} workers: gradients differ by {d}");
-            let d = worst_relative(buffers, &single_buffers);
-            assert!(
-                d < 1e-5,
-                "{workers} workers: running statistics differ by {d}"
-            );
-        }
-    }
     // Each worker drawing its rows as a batch of its own (offset 0): other noise.
     let apart = all_ok(on_workers(2, |g| {
         let r = g.rank();
@@ -587,23 +617,7 @@ fn a_synchronised_student_trains_on_the_global_batch() -> TestResult {
         let _scope = rampart_models::SyncScope::new(Arc::new(CollectiveSum(
             Arc::clone(&g) as Arc<dyn Collective>
         )));
-        let (x, y) = (rows(&images, r, 4)?, rows(&labels, r, 4)?);
-        let loss = crate::cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
-        let mut grads = loss.backward()?;
-        let vars = model.trainable_vars();
-        average_gradients(g.as_ref(), &vars, &mut grads)?;
-        vars.iter()
-            .map(|(n, v)| {
-                Ok((
-                    n.clone(),
-                    grads
-                        .get(v.as_tensor())
-                        .unwrap()
-                        .flatten_all()?
-                        .to_vec1::<f32>()?,
-                ))
-            })
-            .collect::<Result<Named>>()
+        worker_gradients(&model, &rows(&images, r, 4)?, &rows(&labels, r, 4)?, &g)
     })?)?;
     let d = worst_relative(&apart[0], &single);
     assert!(d > 1e-3, "the row offset made no difference ({d})");
@@ -623,32 +637,7 @@ fn a_synchronised_oat_model_trains_on_the_global_batch() -> TestResult {
     };
     let (images, labels) = global_batch(toy_dataset(8, 3))?;
     let lambdas = [0.3f32, 1.0, 0.1, 0.4, 0.0, 0.2, 0.0, 1.0];
-    let (single, single_buffers) =
-        spec_train_mode_step(oat.clone(), &images, &labels, Some(&lambdas), None)?;
-    for workers in [2, 4] {
-        let part = 8 / workers;
-        let synced = all_ok(on_workers(workers, |g| {
-            let r = g.rank();
-            spec_train_mode_step(
-                oat.clone(),
-                &images.narrow(0, r * part, part)?,
-                &labels.narrow(0, r * part, part)?,
-                Some(&lambdas[r * part..(r + 1) * part]),
-                Some(g),
-            )
-        })?)?;
-        for (grads, buffers) in &synced {
-            assert_eq!(grads, &synced[0].0, "the workers got different gradients");
-            let d = worst_relative(grads, &single);
-            eprintln!("{workers} synchronised OAT workers: gradients within {d:.1e}");
-            assert!(d < 1e-4, "{workers} workers: gradients differ by {d}");
-            let d = worst_relative(buffers, &single_buffers);
-            assert!(
-                d < 1e-5,
-                "{workers} workers: running statistics differ by {d}"
-            );
-        }
-    }
+    synchronised_workers_match_one_process(&oat, &images, &labels, Some(&lambdas))?;
     Ok(())
 }
 
