@@ -5,6 +5,10 @@
 //! the last iterate and one to judge the result, so the figure includes the loop's
 //! fixed costs. `RAMPART_BENCH_BATCH` and `RAMPART_BENCH_STEPS` override the defaults
 //! for a quicker run.
+//!
+//! `training-attack/…`: fast AT's FGSM step with a random start as a training step
+//! makes it, `perturb` (the points only), against `run` (the points judged by one more
+//! forward pass), in images per second.
 
 use std::time::Duration;
 
@@ -59,6 +63,33 @@ fn pgd_throughput(c: &mut Criterion) {
             )
         });
     }
+    group.finish();
+
+    let fgsm = rampart_attacks::Fgsm::fast_at().as_pgd();
+    let eps = 8.0 / 255.0;
+    let mut group = c.benchmark_group(format!("training-attack/wrn-16-4/batch{batch}/fgsm-rs"));
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(batch as u64));
+    group.bench_function("run", |b| {
+        b.iter(
+            || match fgsm.run(&model.frozen(), Bounds::UNIT, &xs, &ys, &[eps], 0) {
+                Ok(r) => r.len(),
+                Err(e) => panic!("attack failed: {e}"),
+            },
+        )
+    });
+    group.bench_function("perturb", |b| {
+        b.iter(
+            || match fgsm.perturb(&model.frozen(), Bounds::UNIT, &xs, &ys, eps, 0) {
+                Ok(r) => r.norm.len(),
+                Err(e) => panic!("attack failed: {e}"),
+            },
+        )
+    });
     group.finish();
 }
 
