@@ -14,7 +14,7 @@
 mod common;
 use common::{l2, max_abs, probe, rel_diff, rel_l2, tensor, values};
 
-use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_core::{Device, ModuleT, Tensor, Var};
 use rampart_models::{kernels::conv::conv2d_nhwc, Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 
 fn gpu() -> Device {
