@@ -26,5 +26,6 @@ pub fn pgd(norm: Norm, steps: usize, step_size: StepSize) -> Pgd {
         restarts: Restarts::same(1, Init::Uniform),
         early_stop: false,
         eot: Eot::OFF,
+        last_iterate: false,
     }
 }

@@ -403,6 +403,14 @@ impl Best {
         }
     }
 
+    /// Makes `point` example `i`'s result, whatever it was.
+    pub fn set(&mut self, i: usize, point: &[f32], success: bool, objective: f64) {
+        let d = point.len();
+        self.success[i] = success;
+        self.objective[i] = objective;
+        self.adv[i * d..(i + 1) * d].copy_from_slice(point);
+    }
+
     /// Offers `point` as example `i`'s result.
     pub fn offer(&mut self, i: usize, point: &[f32], success: bool, objective: f64) {
         let better = (success && !self.success[i])

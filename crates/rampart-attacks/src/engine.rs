@@ -136,6 +136,7 @@ impl Run<'_> {
                     retain(&mut momentum, d, &keep);
                     retain(&mut lr, 1, &keep);
                     retain(&mut cur.objective, 1, &keep);
+                    retain(&mut cur.success, 1, &keep);
                     retain(&mut cur.grad, d, &keep);
                 }
             }
@@ -179,12 +180,24 @@ impl Run<'_> {
                     let rows = j * d..(j + 1) * d;
                     adv[rows.clone()].copy_from_slice(&candidate[rows.clone()]);
                     cur.objective[j] = next.objective[j];
+                    cur.success[j] = next.success[j];
                     if want_grad {
                         cur.grad[rows.clone()].copy_from_slice(&next.grad[rows]);
                     }
                 } else if let Some(factor) = cfg.backtrack {
                     lr[j] /= factor;
                 }
+            }
+        }
+        if cfg.last_iterate {
+            // The current iterate of every example, better than the best or not.
+            for (j, &i) in active.iter().enumerate() {
+                record.set(
+                    i,
+                    &adv[j * d..(j + 1) * d],
+                    cur.success[j],
+                    cur.objective[j],
+                );
             }
         }
         Ok(())

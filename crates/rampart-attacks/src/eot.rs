@@ -175,6 +175,7 @@ mod tests {
             restarts: Restarts::same(1, Init::Zero),
             early_stop: false,
             eot: Eot::OFF,
+            last_iterate: false,
         };
         let fooled = |grad_samples: usize| -> Result<usize> {
             let model = RandomGradient {

@@ -26,6 +26,10 @@ pub struct Fgsm {
     pub step: StepSize,
     /// Forward passes averaged for stochastic models.
     pub eot: Eot,
+    /// Return the stepped point, not the better of the start and the stepped point
+    /// (Wong et al.'s training code; [`Pgd::last_iterate`]).
+    #[serde(default)]
+    pub last_iterate: bool,
 }
 
 impl Fgsm {
@@ -37,6 +41,7 @@ impl Fgsm {
             init: Init::Zero,
             step: StepSize::Relative(1.0),
             eot: Eot::OFF,
+            last_iterate: false,
         }
     }
 
@@ -63,6 +68,7 @@ impl Fgsm {
             restarts: Restarts::same(1, self.init),
             early_stop: false,
             eot: self.eot,
+            last_iterate: self.last_iterate,
         }
     }
 }

@@ -111,6 +111,13 @@ pub struct Pgd {
     pub early_stop: bool,
     /// Forward passes averaged for stochastic models.
     pub eot: Eot,
+    /// Return each example's last iterate instead of the best evaluated point, as the
+    /// training code of Madry et al. (PGD-AT) and Wong et al. (fast AT) does; for
+    /// training attacks only (an evaluation wants the worst case). Needs one run and
+    /// no early stopping. Off unless set (and in configurations written before it
+    /// existed).
+    #[serde(default)]
+    pub last_iterate: bool,
 }
 
 impl Pgd {
@@ -128,6 +135,7 @@ impl Pgd {
             restarts: Restarts::same(1, Init::Uniform),
             early_stop: false,
             eot: Eot::OFF,
+            last_iterate: false,
         }
     }
 
@@ -168,6 +176,7 @@ impl Pgd {
             },
             early_stop: false,
             eot: Eot::OFF,
+            last_iterate: false,
         }
     }
 
@@ -186,6 +195,7 @@ impl Pgd {
             restarts: Restarts::same(50, Init::UniformNorm),
             early_stop: false,
             eot: Eot::OFF,
+            last_iterate: false,
         }
     }
 
@@ -203,6 +213,7 @@ impl Pgd {
             restarts: Restarts::same(1, Init::UniformNorm),
             early_stop: false,
             eot: Eot::OFF,
+            last_iterate: false,
         }
     }
 
@@ -234,6 +245,19 @@ impl Pgd {
         }
         if self.restarts.count == 0 {
             return refuse("at least one run (restarts.count ≥ 1) is needed".into());
+        }
+        if self.last_iterate && self.restarts.count > 1 {
+            return refuse(format!(
+                "the last iterate is one run's; {} restarts have several (use one run)",
+                self.restarts.count
+            ));
+        }
+        if self.last_iterate && self.early_stop {
+            return refuse(
+                "early stopping returns the first success, not the last iterate; use one \
+                 or the other"
+                    .into(),
+            );
         }
         if self.early_stop && matches!(self.objective, Objective::Conf | Objective::Distal) {
             return refuse(format!(

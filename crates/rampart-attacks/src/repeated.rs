@@ -180,6 +180,12 @@ impl Record {
         self.best.offer(i, point, success, objective);
     }
 
+    /// Makes `point` example `i`'s result, better or not (a run that returns its last
+    /// iterate, [`crate::Pgd::last_iterate`]).
+    pub fn set(&mut self, i: usize, point: &[f32], success: bool, objective: f64) {
+        self.best.set(i, point, success, objective);
+    }
+
     /// Whether example `i`'s best point is a success.
     pub fn is_fooled(&self, i: usize) -> bool {
         self.best.success[i]

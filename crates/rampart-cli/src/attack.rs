@@ -150,6 +150,7 @@ impl AttackArgs {
                 restarts: Restarts::same(at_least_one("--restarts", self.restarts)?, init),
                 early_stop: false,
                 eot: Eot::OFF,
+                last_iterate: false,
             },
             "fgsm" => Pgd {
                 norm,
@@ -162,6 +163,7 @@ impl AttackArgs {
                 restarts: Restarts::same(at_least_one("--restarts", self.restarts)?, Init::Uniform),
                 early_stop: false,
                 eot: Eot::OFF,
+                last_iterate: false,
             },
             other => bail!("--attack {other}: expected pgd or fgsm"),
         };

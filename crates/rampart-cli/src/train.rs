@@ -183,6 +183,12 @@ pub struct TrainArgs {
     #[arg(long, value_parser = parse_budget, allow_negative_numbers = true)]
     pub attack_step_size: Option<f64>,
 
+    /// The training attack returns its last iterate instead of its best evaluated
+    /// point, as Madry et al.'s (at) and Wong et al.'s (fast-at) training code does
+    /// (at, fast-at, ccat, sat, oat) [default: the best point].
+    #[arg(long)]
+    pub attack_last_iterate: bool,
+
     /// Fraction of each batch made adversarial, in (0, 1] (at, fast-at, ccat)
     /// [default: 1 for at and fast-at, 0.5 for ccat].
     #[arg(long, allow_negative_numbers = true)]
@@ -532,6 +538,7 @@ impl TrainArgs {
             adv_fraction: self.adv_fraction,
             beta: self.beta,
             rho: self.rho,
+            attack_last_iterate: self.attack_last_iterate.then_some(true),
         };
         Ok(MethodConfig::merge(
             name.kind(),

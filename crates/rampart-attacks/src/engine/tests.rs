@@ -22,6 +22,7 @@ fn config(norm: Norm, objective: Objective, steps: usize, step: StepSize) -> Pgd
         restarts: Restarts::same(1, Init::Zero),
         early_stop: false,
         eot: Eot::OFF,
+        last_iterate: false,
     }
 }
 
@@ -641,4 +642,101 @@ fn outcome_does_not_depend_on_the_threads() -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// With `last_iterate` FGSM from the clean input returns the stepped point for every
+/// example: each coordinate moved by ε (to within one f32 step, rounded towards x) in
+/// the gradient's sign direction, or held at a bound, or left where the gradient is
+/// zero. The best-point rule may return the clean input instead.
+#[test]
+fn last_iterate_fgsm_returns_the_stepped_point() -> Result<()> {
+    let t = trained();
+    let eps = 0.05;
+    let fgsm = Fgsm {
+        last_iterate: true,
+        ..Fgsm::goodfellow()
+    };
+    let got = &fgsm.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &[eps], 0)?[0];
+    let (_, grad) = crate::input_gradient(&t.model, Objective::CrossEntropy, &t.xs, &t.ys, None)?;
+    let (x, g, a) = (rows(&t.xs)?, rows(&grad)?, rows(&got.clipped)?);
+    let mut moved = 0;
+    for ((xr, gr), ar) in x.iter().zip(&g).zip(&a) {
+        for ((&xc, &gc), &ac) in xr.iter().zip(gr).zip(ar) {
+            let dir = if gc > 0.0 && xc < 1.0 {
+                1.0
+            } else if gc < 0.0 && xc > 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            let want = (f64::from(xc) + dir * eps).clamp(0.0, 1.0);
+            let step = f64::from(f32::EPSILON) * want.abs().max(1e-30);
+            assert!(
+                (f64::from(ac) - want).abs() <= step,
+                "x {xc}, gradient {gc}: got {ac}, want {want}"
+            );
+            assert!((f64::from(ac) - f64::from(xc)).abs() <= eps);
+            moved += usize::from(dir != 0.0);
+        }
+    }
+    assert!(moved > 0);
+    Ok(())
+}
+
+/// With `last_iterate` a PGD run with an oversized step returns where it ended: the
+/// objective at its points is never above the best-point rule's (which returns the
+/// best point evaluated), and below it for some examples.
+#[test]
+fn last_iterate_returns_the_last_point_not_the_best() -> Result<()> {
+    let t = trained();
+    let eps = [0.1];
+    let best = Pgd {
+        steps: 5,
+        step_size: StepSize::Relative(1.5),
+        restarts: Restarts::same(1, Init::Uniform),
+        ..ce_config(Norm::Linf, 5, StepSize::Relative(1.5))
+    };
+    let last = Pgd {
+        last_iterate: true,
+        ..best
+    };
+    let ce = |res: &AttackResult| -> Result<Vec<f32>> {
+        let (values, _) =
+            crate::input_gradient(&t.model, Objective::CrossEntropy, &res.clipped, &t.ys, None)?;
+        Ok(values.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    };
+    let b = &best.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &eps, 3)?[0];
+    let l = &last.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &eps, 3)?[0];
+    let (cb, cl) = (ce(b)?, ce(l)?);
+    let mut lower = 0;
+    for (i, (vb, vl)) in cb.iter().zip(&cl).enumerate() {
+        // The best rule puts successes first, so compare where both agree on success.
+        if b.success[i] == l.success[i] {
+            assert!(vl <= &(vb + 1e-5), "example {i}: last {vl} above best {vb}");
+            lower += usize::from(vl < &(vb - 1e-4));
+        }
+    }
+    assert!(lower > 0, "the last iterate was the best point everywhere");
+    check_result(&t.model, &last, Bounds::UNIT, &t.xs, &t.ys, l)?;
+    Ok(())
+}
+
+/// The last iterate of several runs, or with early stopping, is refused.
+#[test]
+fn last_iterate_needs_one_run_without_early_stopping() {
+    let base = Pgd {
+        last_iterate: true,
+        ..Pgd::linf_pgd20()
+    };
+    assert!(base.validate().is_ok());
+    let restarts = Pgd {
+        restarts: Restarts::same(2, Init::Uniform),
+        ..base
+    };
+    assert!(restarts.validate().is_err());
+    let early = Pgd {
+        early_stop: true,
+        ..base
+    };
+    assert!(early.validate().is_err());
 }

@@ -141,11 +141,28 @@ fn methods_take_their_defaults_presets_and_flags() -> Result<()> {
     );
     assert_eq!(at.attack.step_size, StepSize::Absolute(4.0 / 255.0));
 
+    // The preset trains on the attack's last iterate, as Madry et al.'s code does.
     let p = plan("--preset at-wrn28-10")?;
+    let pgd10 = AdversarialTraining::pgd10_cifar10();
     assert_eq!(
         p.method,
-        MethodPlan::At(AdversarialTraining::pgd10_cifar10())
+        MethodPlan::At(AdversarialTraining {
+            attack: rampart_attacks::Pgd {
+                last_iterate: true,
+                ..pgd10.attack
+            },
+            ..pgd10
+        })
     );
+    let q = plan("--arch wrn-16-4 --epochs 3 --method at --attack-last-iterate")?;
+    let MethodPlan::At(at) = q.method else {
+        bail!("expected at")
+    };
+    assert!(at.attack.last_iterate);
+    let err = error(&format!(
+        "{BASE} --arch wrn-16-4 --epochs 3 --method trades --attack-last-iterate"
+    ));
+    assert!(err.contains("--attack-last-iterate"), "{err}");
     assert_eq!(
         (p.config.epochs, p.arch.to_string().as_str()),
         (150, "wrn-28-10")
@@ -168,14 +185,23 @@ fn methods_take_their_defaults_presets_and_flags() -> Result<()> {
     };
     assert_eq!((ccat.rho, ccat.fraction, ccat.eps), (4.0, 1.0, 0.03));
 
+    // Fast AT's preset trains on the stepped point (the last iterate), PGD-7 too.
+    let last = |mut m: MethodPlan| {
+        match &mut m {
+            MethodPlan::FastAt(f) => f.attack.last_iterate = true,
+            MethodPlan::At(a) => a.attack.last_iterate = true,
+            _ => {}
+        }
+        m
+    };
     let p = plan("--preset fast-at-preact-resnet18")?;
-    assert_eq!(p.method, MethodPlan::FastAt(FastAt::wong_cifar10()));
+    assert_eq!(p.method, last(MethodPlan::FastAt(FastAt::wong_cifar10())));
     assert_eq!(p.config.schedule, ScheduleKind::Cyclic { peak: 0.4 });
     assert!(!p.config.sgd.nesterov);
     let p = plan("--preset fast-at-preact-resnet18 --method at")?;
     assert_eq!(
         p.method,
-        MethodPlan::At(AdversarialTraining::madry_cifar10())
+        last(MethodPlan::At(AdversarialTraining::madry_cifar10()))
     );
 
     let p = plan("--preset trades-wrn34-10 --beta 1")?;
@@ -482,11 +508,26 @@ fn oat_lambdas_and_student_noise_shape_the_model() -> Result<()> {
 }
 
 /// The fast reproduce preset's rows on fast AT's schedule: PGD-7 AT, fast AT as
-/// published and TRADES each keep their own method's attack.
+/// published and TRADES each keep their own method's attack; the preset trains on the
+/// attack's last iterate (the stepped point), as Wong et al.'s code does, where the
+/// method accepts it.
 #[test]
 fn fast_at_schedule_takes_each_methods_attack() -> Result<()> {
     let p = plan("--preset fast-at-preact-resnet18 --method fast-at")?;
-    assert_eq!(p.method, MethodPlan::FastAt(FastAt::wong_cifar10()));
+    let wong = FastAt::wong_cifar10();
+    let stepped = FastAt {
+        attack: rampart_attacks::Fgsm {
+            last_iterate: true,
+            ..wong.attack
+        },
+        ..wong
+    };
+    assert_eq!(p.method, MethodPlan::FastAt(stepped));
+    let p = plan("--preset fast-at-preact-resnet18 --method at")?;
+    let MethodPlan::At(at) = p.method else {
+        panic!("not at: {:?}", p.method)
+    };
+    assert!(at.attack.last_iterate);
     let p = plan("--preset fast-at-preact-resnet18 --method trades")?;
     assert_eq!(
         p.method,

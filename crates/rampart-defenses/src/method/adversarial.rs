@@ -74,6 +74,7 @@ impl MethodSettings for AdversarialTraining {
         Setting::AttackSteps,
         Setting::AttackStepSize,
         Setting::AdvFraction,
+        Setting::AttackLastIterate,
     ];
 
     /// [`AdversarialTraining::madry_cifar10`].

@@ -109,6 +109,7 @@ impl MethodSettings for Ccat {
         Setting::AttackStepSize,
         Setting::AdvFraction,
         Setting::Rho,
+        Setting::AttackLastIterate,
     ];
 
     /// [`Ccat::stutz_cifar10`].

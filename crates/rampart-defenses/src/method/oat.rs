@@ -65,8 +65,12 @@ fn per_example_ce(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 
 impl MethodSettings for Oat {
     const NAME: &'static str = "oat";
-    const ACCEPTS: &'static [Setting] =
-        &[Setting::Eps, Setting::AttackSteps, Setting::AttackStepSize];
+    const ACCEPTS: &'static [Setting] = &[
+        Setting::Eps,
+        Setting::AttackSteps,
+        Setting::AttackStepSize,
+        Setting::AttackLastIterate,
+    ];
 
     /// [`Oat::wang_cifar10`].
     fn defaults() -> Self {

@@ -39,11 +39,14 @@ pub enum Setting {
     Beta,
     /// CCAT's power ρ of the soft targets' λ.
     Rho,
+    /// The training attack returns its last iterate, not its best point
+    /// ([`Pgd::last_iterate`]: Madry et al.'s and Wong et al.'s training code).
+    AttackLastIterate,
 }
 
 impl Setting {
     /// Every setting.
-    pub const ALL: [Setting; 8] = [
+    pub const ALL: [Setting; 9] = [
         Setting::LabelSmoothing,
         Setting::MixupAlpha,
         Setting::Eps,
@@ -52,6 +55,7 @@ impl Setting {
         Setting::AdvFraction,
         Setting::Beta,
         Setting::Rho,
+        Setting::AttackLastIterate,
     ];
 
     /// The setting's name, also the `rampart train` flag without its dashes
@@ -66,6 +70,7 @@ impl Setting {
             Setting::AdvFraction => "adv-fraction",
             Setting::Beta => "beta",
             Setting::Rho => "rho",
+            Setting::AttackLastIterate => "attack-last-iterate",
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct Overrides {
     pub beta: Option<f64>,
     /// [`Setting::Rho`].
     pub rho: Option<f64>,
+    /// [`Setting::AttackLastIterate`].
+    pub attack_last_iterate: Option<bool>,
 }
 
 impl Overrides {
@@ -110,16 +117,19 @@ impl Overrides {
             Setting::AdvFraction => self.adv_fraction.is_some(),
             Setting::Beta => self.beta.is_some(),
             Setting::Rho => self.rho.is_some(),
+            Setting::AttackLastIterate => self.attack_last_iterate.is_some(),
         }
     }
 
-    /// `attack` with the given attack steps and (absolute) step size in place.
+    /// `attack` with the given attack steps, (absolute) step size and last-iterate
+    /// rule in place.
     pub(crate) fn pgd(&self, attack: Pgd) -> Pgd {
         Pgd {
             steps: self.attack_steps.unwrap_or(attack.steps),
             step_size: self
                 .attack_step_size
                 .map_or(attack.step_size, StepSize::Absolute),
+            last_iterate: self.attack_last_iterate.unwrap_or(attack.last_iterate),
             ..attack
         }
     }
@@ -135,6 +145,7 @@ impl Overrides {
             adv_fraction: self.adv_fraction.or(fallback.adv_fraction),
             beta: self.beta.or(fallback.beta),
             rho: self.rho.or(fallback.rho),
+            attack_last_iterate: self.attack_last_iterate.or(fallback.attack_last_iterate),
         }
     }
 
@@ -159,6 +170,7 @@ impl Overrides {
             Setting::AdvFraction => self.adv_fraction = None,
             Setting::Beta => self.beta = None,
             Setting::Rho => self.rho = None,
+            Setting::AttackLastIterate => self.attack_last_iterate = None,
         }
     }
 }
@@ -421,6 +433,7 @@ mod tests {
             Setting::AdvFraction => o.adv_fraction = Some(0.5),
             Setting::Beta => o.beta = Some(2.0),
             Setting::Rho => o.rho = Some(4.0),
+            Setting::AttackLastIterate => o.attack_last_iterate = Some(true),
         }
         o
     }

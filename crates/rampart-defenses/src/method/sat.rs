@@ -6,7 +6,7 @@ use candle_core::{DType, ModuleT, Tensor, D};
 use rampart_attacks::Pgd;
 use serde::{Deserialize, Serialize};
 
-use super::overrides::{MethodSettings, Overrides, Setting, ATTACK_AND_BETA};
+use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
     attack_first, check_eps, cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
 };
@@ -195,7 +195,13 @@ pub fn sinkhorn_divergence(a: &Tensor, b: &Tensor, eps: f64, iters: usize) -> Re
 
 impl MethodSettings for Sat {
     const NAME: &'static str = "sat";
-    const ACCEPTS: &'static [Setting] = ATTACK_AND_BETA;
+    const ACCEPTS: &'static [Setting] = &[
+        Setting::Eps,
+        Setting::AttackSteps,
+        Setting::AttackStepSize,
+        Setting::Beta,
+        Setting::AttackLastIterate,
+    ];
 
     /// [`Sat::cifar10`].
     fn defaults() -> Self {

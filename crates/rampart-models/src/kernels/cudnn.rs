@@ -184,12 +184,16 @@ fn plan<T: PlanCache>(dev: &CudaDevice, g: ConvShape) -> Result<Rc<Plan<T>>> {
     let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
     let (ho, wo) = g.out();
     let (p, s) = (g.padding as i32, g.stride as i32);
-    let conv = cudnn.create_conv2d::<f32>(
+    let mut conv = cudnn.create_conv2d::<f32>(
         [p, p],
         [s, s],
         [1, 1],
         sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
     )?;
+    if T::DATA_TYPE == sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16 {
+        // bf16 operands, f32 accumulation: on tensor cores.
+        conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
+    }
     let x = cudnn.create_4d_tensor::<T>(nhwc, dims(g.b, g.c_in, g.h, g.w))?;
     let w = cudnn.create_4d_filter::<T>(nhwc, dims(g.c_out, g.c_in, g.k, g.k))?;
     let y = cudnn.create_4d_tensor::<T>(nhwc, dims(g.b, g.c_out, ho, wo))?;
