@@ -72,12 +72,7 @@ impl Pgd {
     /// gradient at all but the last, each averaged over the EOT gradient draws; then
     /// the final judgement over the EOT evaluation draws.
     pub fn cost(&self) -> Passes {
-        let runs = self.restarts.count.max(1) as f64;
-        let draws = self.eot.grad_samples.max(1) as f64;
-        Passes {
-            gradient: runs * self.steps as f64 * draws,
-            forward: runs * draws + self.eot.eval_samples.max(1) as f64,
-        }
+        self.perturb_cost() + Passes::forward(self.eot.eval_samples.max(1) as f64)
     }
     /// The cost of [`crate::Attack::perturb`]: [`Pgd::cost`] without the final
     /// judgement's forward passes (what an adversarial training step pays).

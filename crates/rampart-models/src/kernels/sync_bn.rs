@@ -79,19 +79,41 @@ fn column_sums(rows: &Tensor) -> Result<Tensor> {
 /// every worker together, summed through `sum`: the σ a stochastic student's noise
 /// layer measures on the global batch (two passes, as [`train`]).
 pub fn global_std(rows: &Tensor, eps: f64, sum: &Arc<dyn ChannelSum>) -> Result<Tensor> {
+    match global_moments(rows, sum)? {
+        Some((_, _, var)) => (var + eps)?.sqrt(),
+        None => candle_core::bail!("synchronised noise scale over no row"),
+    }
+}
+
+/// The row count, per-channel mean and biased variance (C,), in f64, of the rows
+/// (N, C) of every worker together: [Σx | rows] summed through `sum`, then
+/// Σ(x − mean)² (two passes, so no cancellation). `None` when no worker has a row
+/// (every worker sees the same count).
+fn global_moments(
+    rows: &Tensor,
+    sum: &Arc<dyn ChannelSum>,
+) -> Result<Option<(f64, Tensor, Tensor)>> {
     let c = rows.dim(1)?;
-    let dev = rows.device();
     let local_rows = rows.dim(0)? as f64;
-    let first = Tensor::cat(&[column_sums(rows)?, Tensor::new(&[local_rows], dev)?], 0)?;
+    let first = Tensor::cat(
+        &[
+            column_sums(rows)?,
+            Tensor::new(&[local_rows], rows.device())?,
+        ],
+        0,
+    )?;
     let first = sum.sum(&first)?;
     let count = first.narrow(0, c, 1)?.to_vec1::<f64>()?[0];
-    if count.is_nan() || count < 1.0 {
-        candle_core::bail!("synchronised noise scale over {count} rows")
+    if count.is_nan() || count < 0.0 {
+        candle_core::bail!("synchronised statistics over {count} rows")
+    }
+    if count == 0.0 {
+        return Ok(None);
     }
     let mean = (first.narrow(0, 0, c)? / count)?;
     let centred = rows.to_dtype(DType::F64)?.broadcast_sub(&mean)?;
     let var = (sum.sum(&centred.sqr()?.sum(0)?)? / count)?;
-    (var + eps)?.sqrt()
+    Ok(Some((count, mean, var)))
 }
 
 /// Train-mode BatchNorm (+ ReLU) of NHWC activations `xs` (…, C) with the statistics
@@ -122,23 +144,11 @@ pub fn train(
         )
     }
     let dims = bn_dims(xs)?;
-    let c = dims[1];
-    let rows = xs.detach().reshape(((), c))?;
-    let local_rows = rows.dim(0)? as f64;
-    let dev = xs.device();
-    let first = Tensor::cat(&[column_sums(&rows)?, Tensor::new(&[local_rows], dev)?], 0)?;
-    let first = sum.sum(&first)?;
-    let count = first.narrow(0, c, 1)?.to_vec1::<f64>()?[0];
-    if count.is_nan() || count < 0.0 {
-        candle_core::bail!("synchronised BatchNorm over {count} rows")
-    }
-    if count == 0.0 {
+    let rows = xs.detach().reshape(((), dims[1]))?;
+    let Some((count, mean, var)) = global_moments(&rows, sum)? else {
         // No worker has a row: every worker sees the same count and stops here.
         return Ok((xs.clone(), None));
-    }
-    let mean = (first.narrow(0, 0, c)? / count)?;
-    let centred = rows.to_dtype(DType::F64)?.broadcast_sub(&mean)?;
-    let var = (sum.sum(&centred.sqr()?.sum(0)?)? / count)?;
+    };
     let (mean, var) = (mean.to_dtype(DType::F32)?, var.to_dtype(DType::F32)?);
     let op = SyncBatchNorm {
         eval: BatchNormEval {
