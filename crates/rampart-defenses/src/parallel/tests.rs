@@ -489,13 +489,14 @@ fn worker_gradients(
 /// With synchronised BatchNorm, 2 and 4 workers of a `spec` model (an OAT model at
 /// `lambdas`, one per row) on their parts of the global batch get the single
 /// process's gradients (averaged; within 1e-4 of each variable's largest entry) and
-/// running statistics (within 1e-5), all workers the same.
+/// running statistics (within 1e-5), all workers the same. Returns the single
+/// process's gradients and buffers.
 fn synchronised_workers_match_one_process(
     spec: &rampart_models::ModelSpec,
     images: &Tensor,
     labels: &Tensor,
     lambdas: Option<&[f32]>,
-) -> TestResult {
+) -> std::result::Result<(Named, Named), Box<dyn std::error::Error>> {
     let name = spec.arch.to_string();
     let (single, single_buffers) =
         spec_train_mode_step(spec.clone(), images, labels, lambdas, None)?;
@@ -530,7 +531,7 @@ fn synchronised_workers_match_one_process(
             );
         }
     }
-    Ok(())
+    Ok((single, single_buffers))
 }
 
 /// The largest difference of two sets of named values, relative to the reference's
@@ -602,13 +603,12 @@ fn a_synchronised_student_trains_on_the_global_batch() -> TestResult {
     };
     let (images, labels) = global_batch(toy_dataset(8, 3))?;
     let (single, single_buffers) =
-        spec_train_mode_step(student.clone(), &images, &labels, None, None)?;
+        synchronised_workers_match_one_process(&student, &images, &labels, None)?;
     assert!(
         single_buffers.iter().any(|(n, _)| n.contains("noise")),
         "no running noise scale among {:?}",
         single_buffers.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
-    synchronised_workers_match_one_process(&student, &images, &labels, None)?;
     let rows = |t: &Tensor, rank: usize, part: usize| t.narrow(0, rank * part, part);
     // Each worker drawing its rows as a batch of its own (offset 0): other noise.
     let apart = all_ok(on_workers(2, |g| {
