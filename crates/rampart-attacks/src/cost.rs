@@ -69,8 +69,9 @@ impl Mul<f64> for Passes {
 
 impl Pgd {
     /// Per image: every restart evaluates its start and each step's point, with the
-    /// gradient at all but the last, each averaged over the EOT gradient draws; then
-    /// the final judgement over the EOT evaluation draws.
+    /// gradient at all but the last, each averaged over the EOT gradient draws (a
+    /// last-iterate run without backtracking skips the last point); then the final
+    /// judgement over the EOT evaluation draws.
     pub fn cost(&self) -> Passes {
         self.perturb_cost() + Passes::forward(self.eot.eval_samples.max(1) as f64)
     }
@@ -79,9 +80,14 @@ impl Pgd {
     pub fn perturb_cost(&self) -> Passes {
         let runs = self.restarts.count.max(1) as f64;
         let draws = self.eot.grad_samples.max(1) as f64;
+        let last_point = if self.last_iterate && self.backtrack.is_none() {
+            0.0
+        } else {
+            1.0
+        };
         Passes {
             gradient: runs * self.steps as f64 * draws,
-            forward: runs * draws,
+            forward: runs * draws * last_point,
         }
     }
 }
@@ -273,6 +279,31 @@ mod tests {
         for (name, pgd) in [
             ("pgd", pgd),
             ("fast-at fgsm", Fgsm::fast_at().as_pgd()),
+            (
+                "fast-at fgsm, last iterate",
+                Fgsm {
+                    last_iterate: true,
+                    ..Fgsm::fast_at()
+                }
+                .as_pgd(),
+            ),
+            (
+                "pgd, last iterate",
+                Pgd {
+                    restarts: Restarts::same(1, Init::Uniform),
+                    backtrack: None,
+                    last_iterate: true,
+                    ..pgd
+                },
+            ),
+            (
+                "backtracking pgd, last iterate",
+                Pgd {
+                    restarts: Restarts::same(1, Init::Uniform),
+                    last_iterate: true,
+                    ..pgd
+                },
+            ),
             (
                 "eot",
                 Pgd {

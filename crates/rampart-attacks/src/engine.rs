@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::batch::Batch;
 use crate::error::{Error, Result};
-use crate::objective::probe;
+use crate::objective::probe_with;
 use crate::pgd::Pgd;
 use crate::problem::{Outcome, Problem};
 use crate::repeated::{repeat, Record, Rows, SingleRun, Start};
@@ -167,7 +167,17 @@ impl Run<'_> {
                         update.finish(i, delta, eps, out);
                     },
                 );
-            let want_grad = t + 1 < cfg.steps;
+            let last = t + 1 == cfg.steps;
+            if last && cfg.last_iterate && cfg.backtrack.is_none() {
+                // The last iterate is the result whatever its objective: nothing
+                // compares it with another point, so it is not evaluated.
+                for &i in &active {
+                    record.count_step(i);
+                }
+                adv = candidate;
+                break;
+            }
+            let want_grad = !last;
             let next = self.evaluate(&active, &candidate, want_grad)?;
             offer(record, &active, &candidate, &next, d);
             for (j, &i) in active.iter().enumerate() {
@@ -192,12 +202,7 @@ impl Run<'_> {
         if cfg.last_iterate {
             // The current iterate of every example, better than the best or not.
             for (j, &i) in active.iter().enumerate() {
-                record.set(
-                    i,
-                    &adv[j * d..(j + 1) * d],
-                    cur.success[j],
-                    cur.objective[j],
-                );
+                record.set(i, &adv[j * d..(j + 1) * d]);
             }
         }
         Ok(())
@@ -228,15 +233,20 @@ impl Run<'_> {
         } else {
             Vec::new()
         };
+        let (objective_fn, target) = (self.cfg.objective, self.cfg.criterion.target());
         for _ in 0..samples {
-            let p = probe(
-                self.problem.model,
-                self.cfg.objective,
-                &input,
-                &ys,
-                self.cfg.criterion.target(),
-                want_grad,
-            )?;
+            // The labels are the checked problem's: checking them again would read them
+            // back from the device, a wait in the middle of every step.
+            let p = probe_with(self.problem.model, &input, want_grad, |logits| {
+                if logits.dims() != [m, k] {
+                    return Err(Error::Input(format!(
+                        "the model returned logits of shape {:?} for a batch of {m} \
+                         ({k} classes expected)",
+                        logits.dims()
+                    )));
+                }
+                objective_fn.values(logits, &ys, target)
+            })?;
             accumulate(&mut probs, &crate::batch::probabilities(&p.logits)?);
             let values = p.values.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             for (o, v) in objective.iter_mut().zip(values) {

@@ -181,9 +181,12 @@ impl Record {
     }
 
     /// Makes `point` example `i`'s result, better or not (a run that returns its last
-    /// iterate, [`crate::Pgd::last_iterate`]).
-    pub fn set(&mut self, i: usize, point: &[f32], success: bool, objective: f64) {
-        self.best.set(i, point, success, objective);
+    /// iterate, [`crate::Pgd::last_iterate`]). Its success and objective count as
+    /// unknown: such a run is the only one (no restarts, no early stop), so nothing
+    /// compares them with another point, and [`crate::Attack::run`] judges the point
+    /// afresh.
+    pub fn set(&mut self, i: usize, point: &[f32]) {
+        self.best.set(i, point, false, f64::NEG_INFINITY);
     }
 
     /// Whether example `i`'s best point is a success.

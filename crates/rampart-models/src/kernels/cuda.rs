@@ -9,25 +9,28 @@
 //! as PyTorch's caching allocator does.
 #![allow(unsafe_code)]
 
-use std::sync::OnceLock;
-
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig,
 };
 use candle_core::cuda_backend::cudarc::nvrtc;
-use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{CudaStorage, Device, Layout, Result};
 
 /// A module of CUDA kernels written in CUDA C: compiled to PTX by NVRTC (which
 /// candle's CUDA stack links) once per process, on first use, and loaded once per
 /// device. No GPU is needed to compile ([`Module::ptx`]), so the sources are checked
 /// on any machine with the CUDA libraries.
+///
+/// Each kernel's function handle is looked up once per device and kept: candle's
+/// lookup asks the driver by name (a C string built and `cuModuleGetFunction`) on
+/// every launch.
 pub struct Module {
     name: &'static str,
     source: &'static str,
     ptx: OnceLock<std::result::Result<String, String>>,
+    funcs: Mutex<Vec<(DeviceId, &'static str, CudaFunction)>>,
 }
 
 impl Module {
@@ -37,6 +40,7 @@ impl Module {
             name,
             source,
             ptx: OnceLock::new(),
+            funcs: Mutex::new(Vec::new()),
         }
     }
 
@@ -54,17 +58,35 @@ impl Module {
     }
 
     /// The kernel `kernel` of this module on `dev`, loading the module there first.
-    pub fn func(&self, dev: &CudaDevice, kernel: &str) -> Result<Kernel> {
-        let func = dev.get_or_load_custom_func(kernel, self.name, self.ptx()?)?;
-        Ok(Kernel {
-            func: func.into_cuda_function(),
-            stream: dev.cuda_stream(),
-        })
+    pub fn func(&self, dev: &CudaDevice, kernel: &'static str) -> Result<Kernel> {
+        let stream = dev.cuda_stream();
+        let id = dev.id();
+        let known = |funcs: &[(DeviceId, &str, CudaFunction)]| {
+            funcs
+                .iter()
+                .find(|(d, k, _)| *d == id && *k == kernel)
+                .map(|(_, _, f)| f.clone())
+        };
+        // A poisoned lock only means another thread panicked while pushing a handle:
+        // the list itself is still valid.
+        let funcs = self.funcs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(func) = known(&funcs) {
+            return Ok(Kernel { func, stream });
+        }
+        drop(funcs);
+        let func = dev
+            .get_or_load_custom_func(kernel, self.name, self.ptx()?)?
+            .into_cuda_function();
+        let mut funcs = self.funcs.lock().unwrap_or_else(|e| e.into_inner());
+        if known(&funcs).is_none() {
+            funcs.push((id, kernel, func.clone()));
+        }
+        Ok(Kernel { func, stream })
     }
 
     /// Compiles and loads `kernels` on `dev` (nothing on the CPU), so that a GPU whose
     /// driver cannot take them is known before they are needed.
-    pub fn ready(&self, dev: &Device, kernels: &[&str]) -> Result<()> {
+    pub fn ready(&self, dev: &Device, kernels: &[&'static str]) -> Result<()> {
         if let Device::Cuda(cuda) = dev {
             for k in kernels {
                 self.func(cuda, k)?;
@@ -128,13 +150,28 @@ pub(crate) fn uninit(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
     unsafe { dev.alloc::<f32>(n) }
 }
 
-/// Keeps freed memory in `dev`'s pool, and sets the arithmetic of the convolutions and
-/// matrix products (`precision`: full f32, TF32 tensor cores, or bf16 convolutions;
-/// see `docs/performance.md`). A no-op on the CPU.
+/// Keeps freed memory in `dev`'s pool, stops the per-buffer event bookkeeping of
+/// candle's CUDA stack, and sets the arithmetic of the convolutions and matrix
+/// products (`precision`: full f32, TF32 tensor cores, or bf16 convolutions; see
+/// `docs/performance.md`). A no-op on the CPU. Call it before the device holds
+/// anything but its handles.
+///
+/// cudarc gives every buffer it allocates two CUDA events (created with the buffer,
+/// destroyed with it: four driver calls per tensor), which only order work between
+/// several streams. Everything here runs on the device's one stream (candle's, which
+/// cuDNN, cuBLAS and NCCL are also given), so the events never order anything;
+/// buffers allocated after this call have none.
 pub fn prepare(dev: &Device, precision: crate::Precision) -> Result<()> {
     let Some(pool) = default_pool(dev)? else {
         return Ok(());
     };
+    if let Device::Cuda(cuda) = dev {
+        if std::env::var_os(EVENTS_ENV).is_none() {
+            // SAFETY: one stream (see above): no buffer is used on a stream other
+            // than the one that allocates and frees it.
+            unsafe { cuda.disable_event_tracking() };
+        }
+    }
     let mut threshold = u64::MAX;
     // SAFETY: a valid pool; the attribute takes a u64.
     unsafe {
@@ -155,6 +192,10 @@ pub fn prepare(dev: &Device, precision: crate::Precision) -> Result<()> {
     }
     Ok(())
 }
+
+/// Set (to anything), this environment variable keeps cudarc's per-buffer events
+/// ([`prepare`]): a diagnostic, for measuring what they cost.
+pub const EVENTS_ENV: &str = "RAMPART_CUDA_EVENTS";
 
 /// The device's default memory pool, from which candle allocates every tensor.
 fn default_pool(dev: &Device) -> Result<Option<sys::CUmemoryPool>> {
