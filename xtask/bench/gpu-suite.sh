@@ -15,6 +15,9 @@
 # cannot starve the rest:
 #   1. OUT/gpu.txt: the GPU, its driver, the CUDA and PyTorch versions;
 #   2. OUT/tests-*.txt: the CUDA test binaries (kernels against the CPU);
+#   2b. OUT/ab.jsonl and OUT/ab.md: `rampart bench` of AB_ARCHS at batch 128 on
+#      $EPOCH_DEVICE under each host-overhead switch (the fused eval program, the
+#      per-buffer events), alternating, two rounds (ratio = setting ÷ default);
 #   3. OUT/bench.jsonl: `rampart bench` and xtask/bench/pytorch_bench.py, alternating,
 #      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
 #      BATCHES (environment variables; defaults below);
@@ -52,6 +55,8 @@ BF16_DEVICE=${BF16_DEVICE:-cuda+bf16}
 # and the student and OAT variants at batch 128.
 ESTIMATE_ARCHS=${ESTIMATE_ARCHS:-"resnet20 preact-resnet18 wrn-28-10"}
 EXTRA_BATCHES=${EXTRA_BATCHES:-"32"}
+# The architectures of the A/B runs of the host-overhead switches (OUT/ab.md).
+AB_ARCHS=${AB_ARCHS:-"wrn-16-4 preact-resnet18"}
 # The whole suite's wall time in seconds: steps are cut or skipped to fit, and the
 # last 45 seconds are kept for the tables and estimates.
 BUDGET=${BUDGET:-570}
@@ -73,6 +78,24 @@ for t in "$BUNDLE"/test-*; do
   n=$(basename "$t")
   step "$n" 240 "$t" --test-threads=1 > "$OUT/tests-$n.txt" 2>&1
 done
+
+# The host-overhead switches, A/B on whole steps (Rampart alone, settings alternating,
+# two rounds): the default, the fused eval program on the GPU
+# (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps), and cudarc's per-buffer events
+# kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off).
+: > "$OUT/ab.jsonl"
+for arch in $AB_ARCHS; do
+  for round in 1 2; do
+    for setting in RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_EVENTS=1; do
+      printf '{"run": {"setting": "%s", "arch": "%s", "batch_size": 128, "device": "%s", "round": %s}}\n' \
+        "${setting#RAMPART_AB=}" "$arch" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
+      step "ab $arch $setting round $round" 60 env "$setting" "$RAMPART" bench --arch "$arch" \
+        --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
+        --steps forward,pgd-step,train-step --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
+    done
+  done
+done
+DEADLINE= step "ab-table" 10 "$PYTHON" "$HERE/ab-table.py" "$OUT/ab.jsonl" > "$OUT/ab.md"
 
 : > "$OUT/bench.jsonl"
 for arch in $ARCHS; do

@@ -28,6 +28,15 @@ impl Conv {
         (&self.weight, self.stride, self.padding)
     }
 
+    /// This convolution for the fused eval path on a GPU (its kernel tensor, shared).
+    pub(crate) fn device(&self) -> crate::kernels::device_eval::DConv {
+        crate::kernels::device_eval::DConv {
+            weight: self.weight.clone(),
+            stride: self.stride,
+            padding: self.padding,
+        }
+    }
+
     /// This convolution's current kernel for the fused eval path.
     pub(crate) fn fused(&self) -> Result<crate::kernels::fused::ConvLayer> {
         crate::kernels::fused::ConvLayer::new(&self.weight, self.stride, self.padding)
@@ -141,6 +150,17 @@ impl BatchNorm {
         )
     }
 
+    /// This layer in eval mode for the fused eval path on a GPU (its tensors, shared).
+    pub(crate) fn device(&self) -> crate::kernels::device_eval::DNorm {
+        crate::kernels::device_eval::DNorm {
+            gamma: self.weight.clone(),
+            beta: self.bias.clone(),
+            mean: self.running_mean.as_tensor().clone(),
+            var: self.running_var.as_tensor().clone(),
+            eps: self.eps as f32,
+        }
+    }
+
     /// The eval-mode map of this layer (from its running statistics) for the fused path.
     pub(crate) fn eval_affine(&self) -> Result<crate::kernels::Affine> {
         let v = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
@@ -193,6 +213,11 @@ impl Linear {
     /// Weight (d_out, d_in) and bias.
     pub(crate) fn parts(&self) -> (&Tensor, &Tensor) {
         (&self.weight, &self.bias)
+    }
+
+    /// Weight (d_out, d_in) and bias (d_out,) for the fused eval path on a GPU.
+    pub(crate) fn device(&self) -> (Tensor, Tensor) {
+        (self.weight.clone(), self.bias.clone())
     }
 
     /// Weight (d_out × d_in, row-major) and bias for the fused eval path.

@@ -76,6 +76,7 @@ pub const LAMBDA_CODES: &str = "lambda_codes";
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use kernels::device_eval::DeviceEval;
 use kernels::fused::{EvalNet, FusedEval, Program};
 use kernels::fused_train::TrainNetwork;
 use rand::{Rng, SeedableRng};
@@ -415,6 +416,48 @@ impl Classifier {
         Ok(Some(FusedEval::new(program, xs.track_op())))
     }
 
+    /// The fused eval op of the GPU for `xs` when this model and input allow it: a
+    /// CUDA f32 input, a plain pre-activation network, convolutions not in bf16, and
+    /// the path turned on (`RAMPART_CUDA_FUSED_EVAL`, [`kernels::device_eval::enabled`]).
+    fn device_eval(&self, xs: &Tensor) -> candle_core::Result<Option<DeviceEval>> {
+        if !xs.device().is_cuda() || xs.dtype() != DType::F32 || !kernels::device_eval::usable() {
+            return Ok(None);
+        }
+        self.device_eval_op(xs.track_op())
+    }
+
+    /// Eval-mode logits of `xs` (B, C, H, W) through the GPU's fused eval program
+    /// (`kernels::device_eval`), whatever `RAMPART_CUDA_FUSED_EVAL` says, with the
+    /// frozen view's gradients (the input's only); None for a network without that
+    /// form (ResNet-20, a student, an OAT model). On the CPU the program runs on its
+    /// kernels' twins. For tests and benchmarks of the path.
+    pub fn fused_gpu_eval(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.check_input(xs)?;
+        match self.device_eval_op(xs.track_op())? {
+            Some(op) => Ok(Some(xs.to_dtype(DType::F32)?.apply_op1(op)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The fused eval op of the GPU's program for this model's frozen network on its
+    /// device (any device: on the CPU it runs the kernels' twins), or None when the
+    /// network has no such form.
+    pub(crate) fn device_eval_op(&self, keep: bool) -> candle_core::Result<Option<DeviceEval>> {
+        if self.spec.oat.is_some() {
+            return Ok(None);
+        }
+        let Some(net) = self.frozen_net.device_net()? else {
+            return Ok(None);
+        };
+        let program = kernels::device_eval::DeviceProgram::new(
+            net,
+            self.spec.input_shape,
+            self.mean.to_dtype(DType::F32)?,
+            self.inv_std.to_dtype(DType::F32)?,
+        )?;
+        Ok(Some(DeviceEval::new(program, keep)))
+    }
+
     /// Logits of a train-mode forward pass through the fused train path, when this
     /// model and input allow it: CPU, f32, a network with a fused form, and an input
     /// that needs no gradient. Updates the running statistics. An OAT model runs at
@@ -712,6 +755,12 @@ pub(crate) trait Network: ModuleT + Send + Sync {
         Ok(None)
     }
 
+    /// The network's tensors for the fused eval path on a GPU; None when this
+    /// network (or one of its layers) has no such form.
+    fn device_net(&self) -> candle_core::Result<Option<kernels::device_eval::DeviceNet>> {
+        Ok(None)
+    }
+
     /// The parameters for the fused train path, and the BatchNorms whose running
     /// statistics it reports (in [`kernels::preact::PreAct::norms`] order); None when
     /// this network has no fused form.
@@ -780,6 +829,9 @@ impl ModuleT for Frozen<'_> {
         let m = self.model;
         m.check_input(xs)?;
         if let Some(op) = m.fused_eval(xs)? {
+            return xs.apply_op1(op);
+        }
+        if let Some(op) = m.device_eval(xs)? {
             return xs.apply_op1(op);
         }
         m.forward_network(m.frozen_net.as_ref(), xs, false)

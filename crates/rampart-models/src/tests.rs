@@ -573,6 +573,61 @@ fn fused_eval_path_matches_layer_by_layer() {
     }
 }
 
+/// The GPU's fused eval program, run on the CPU by its kernels' twins, gives the
+/// logits and the input gradient of the layer-by-layer path (WRN with identity and
+/// projected shortcuts, strides, PreAct ResNet-18); untracked inputs keep nothing for
+/// a backward pass, a second backward pass is refused, and networks without a plain
+/// form (a student, an OAT model, ResNet-20) have no such program.
+#[test]
+fn gpu_fused_eval_program_matches_layer_by_layer_on_the_cpu() {
+    for (name, m, batch) in fused_cases() {
+        let plain =
+            m.spec().noise.is_none() && m.spec().oat.is_none() && m.spec().arch != Arch::Resnet20;
+        let op = m.device_eval_op(true).unwrap();
+        assert_eq!(op.is_some(), plain, "{name}");
+        let Some(op) = op else { continue };
+        let x = Var::from_tensor(&input(batch, 7)).unwrap();
+        let reference = m
+            .forward_network(m.frozen_net.as_ref(), x.as_tensor(), false)
+            .unwrap();
+        let g_ref = probe_grads(&reference, 11);
+        let logits = x.as_tensor().apply_op1(op).unwrap();
+        let g = probe_grads(&logits, 11);
+        let scale = max_abs(&reference).max(1.0);
+        let d = max_abs_diff(&logits, &reference);
+        assert!(
+            d < 1e-4 * scale,
+            "{name}: logits differ by {d} (scale {scale})"
+        );
+        let (gr, gf) = (
+            g_ref.get(x.as_tensor()).unwrap(),
+            g.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_abs(gr) > 0.0, "{name}: zero reference gradient");
+        assert_input_grads_close(&name, gr, gf);
+        // The same logits for an untracked input, which keeps nothing.
+        let op = m.device_eval_op(false).unwrap().unwrap();
+        let untracked = x.as_tensor().detach().apply_op1(op).unwrap();
+        assert_eq!(max_abs_diff(&untracked, &logits), 0.0, "{name}");
+        let loss = x
+            .as_tensor()
+            .apply_op1(m.device_eval_op(true).unwrap().unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        loss.backward().unwrap();
+        let err = loss.backward().unwrap_err().to_string();
+        assert!(err.contains("already ran"), "{name}: {err}");
+        // An input of another shape is refused with an error.
+        let other = input_of(1, [3, 16, 16], 1);
+        let err = other
+            .apply_op1(m.device_eval_op(false).unwrap().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not match"), "{name}: {err}");
+    }
+}
+
 /// The classifier itself, in eval and in train mode, gives parameters gradients; its
 /// frozen view takes the fused pass, which hands back the input gradient once and
 /// refuses a second backward.

@@ -396,6 +396,13 @@ impl Norm {
         Ok(())
     }
 
+    /// This layer for the fused eval path on a GPU: a plain BatchNorm only (no noise,
+    /// no λ conditioning).
+    pub(crate) fn device(&self) -> Result<Option<crate::kernels::device_eval::DNorm>> {
+        let plain = self.bn_adv.is_none() && self.film.is_none() && self.noise.is_none();
+        Ok(plain.then(|| self.bn.device()))
+    }
+
     /// The layer in the fused eval path's form: its eval-mode BatchNorm (the one of
     /// the batch's λ group for an OAT model) with FiLM folded in, and a student's noise
     /// with this forward pass's seed. None when the installed λ condition differs

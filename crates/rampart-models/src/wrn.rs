@@ -140,6 +140,14 @@ impl crate::Network for PreActNet {
             .map(EvalNet::Pre))
     }
 
+    fn device_net(&self) -> Result<Option<crate::kernels::device_eval::DeviceNet>> {
+        self.try_map(
+            |c| Ok(Some(c.device())),
+            Norm::device,
+            |fc| Ok(Some(fc.device())),
+        )
+    }
+
     fn train_net(&self) -> Result<Option<(TrainNetwork<'_>, Vec<&Norm>)>> {
         let net = self.try_map(
             |c| Ok(Some(c.parts())),

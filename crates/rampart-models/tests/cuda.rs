@@ -243,6 +243,56 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
     }
 }
 
+/// The GPU's fused eval program (the network as one op: `kernels::device_eval`,
+/// taken by frozen views under `RAMPART_CUDA_FUSED_EVAL`) against the CPU's frozen
+/// view and the GPU's layer-by-layer one: logits and the attack's input gradient, for
+/// a WRN (identity and projected shortcuts) and PreAct ResNet-18.
+#[test]
+fn fused_eval_program_matches_cpu() {
+    let dev = gpu();
+    for spec in [
+        ModelSpec::wrn(16, 2, 10),
+        ModelSpec::cifar(Arch::PreactResnet18, 10),
+    ] {
+        let name = label(&spec);
+        let (cpu, gpu) = model_pair(spec);
+        let x = images(6, 7);
+        let xc = Var::from_tensor(&x).unwrap();
+        let xg = Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
+        let lc = fwd_frozen(&cpu, xc.as_tensor());
+        let lg = gpu
+            .fused_gpu_eval(xg.as_tensor())
+            .unwrap()
+            .expect("a plain pre-activation network has the program");
+        let d = rel_l2(&lc, &lg, 1.0);
+        eprintln!("{name}: fused GPU logits differ from the CPU's by {d}");
+        assert!(d < 1e-4, "{name}: fused GPU logits differ by {d}");
+        let layers = fwd_frozen(&gpu, xg.as_tensor());
+        let d = rel_l2(&layers, &lg, 1.0);
+        assert!(
+            d < 1e-4,
+            "{name}: fused and layer-by-layer GPU logits differ by {d}"
+        );
+        let gc = probe(&lc, 5).backward().unwrap();
+        let gg = probe(&lg, 5).backward().unwrap();
+        let (a, b) = (
+            gc.get(xc.as_tensor()).unwrap(),
+            gg.get(xg.as_tensor()).unwrap(),
+        );
+        assert!(max_abs(a) > 0.0, "{name}: zero reference gradient");
+        let d = rel_l2(a, b, 0.0);
+        eprintln!("{name}: fused GPU input gradients differ from the CPU's by {d}");
+        assert!(d < 2e-3, "{name}: fused GPU input gradients differ by {d}");
+        // An untracked input (a prediction) gives the same logits.
+        let plain = gpu
+            .fused_gpu_eval(&x.to_device(&dev).unwrap())
+            .unwrap()
+            .unwrap();
+        let d = rel_l2(&lg, &plain, 1.0);
+        assert!(d < 1e-6, "{name}: untracked fused logits differ by {d}");
+    }
+}
+
 #[test]
 fn training_step_matches_cpu() {
     let dev = gpu();
@@ -305,6 +355,17 @@ fn kernels_compile_with_nvrtc() {
             ptx.contains(&format!(".entry {k}")),
             "no kernel {k} in the PTX"
         );
+    }
+    #[cfg(feature = "cudnn")]
+    {
+        let ptx =
+            rampart_models::kernels::device_eval::ptx().expect("NVRTC compiles device_eval.cu");
+        for k in rampart_models::kernels::device_eval::KERNELS {
+            assert!(
+                ptx.contains(&format!(".entry {k}")),
+                "no kernel {k} in the PTX"
+            );
+        }
     }
 }
 

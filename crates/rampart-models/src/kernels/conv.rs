@@ -167,6 +167,20 @@ impl ConvShape {
                 weight.dims()
             )
         }
+        Self::from_dims(b, (h, w), c_in, c_out, k, stride, padding)
+    }
+
+    /// The shape of convolving `b` NHWC images `h`×`w` of `c_in` channels with a
+    /// square `k`×`k` kernel to `c_out` channels; refused when the window does not fit.
+    pub(crate) fn from_dims(
+        b: usize,
+        (h, w): (usize, usize),
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let window = Window {
             kernel: k,
             stride,
@@ -268,7 +282,7 @@ impl Conv2d {
     }
 
     /// y = cols(x)·Wᵀ per block of images.
-    fn cpu_forward(&self, x: &[f32], wt: &[f32]) -> Vec<f32> {
+    pub(crate) fn cpu_forward(&self, x: &[f32], wt: &[f32]) -> Vec<f32> {
         let (g, c_out) = (self.shape.geometry(), self.shape.c_out);
         let ipb = g.images_per_block();
         let mut y = vec![0f32; self.shape.output_len()];
@@ -289,7 +303,7 @@ impl Conv2d {
     }
 
     /// dx = col2im(dy·W) per block of images (blocks own disjoint slices of dx).
-    fn cpu_data(&self, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    pub(crate) fn cpu_data(&self, dy: &[f32], wt: &[f32]) -> Vec<f32> {
         let (g, c_out) = (self.shape.geometry(), self.shape.c_out);
         let ipb = g.images_per_block();
         let w_mat = MatRef::row_major(wt, c_out, g.row());

@@ -261,6 +261,39 @@ pub(crate) fn conv2d(
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
 
+/// The forward pass (x, kernel) or the input-gradient pass (dy, kernel) of the f32
+/// convolution `g` into `out` (its length checked by the caller), added to what
+/// `out` holds when `accumulate` (cuDNN's β = 1), else overwriting it (β = 0: cuDNN
+/// does not read `out`). For the fused eval path.
+pub(crate) fn conv_into(
+    dev: &CudaDevice,
+    g: ConvShape,
+    pass: Pass,
+    a: &CudaView<'_, f32>,
+    kernel: &CudaView<'_, f32>,
+    out: &mut CudaSlice<f32>,
+    accumulate: bool,
+) -> Result<()> {
+    let p = plan::<f32>(dev, g)?;
+    let ab = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+    // SAFETY (both launches): the descriptors of `p` describe these buffers (lengths
+    // checked by the caller, NHWC, kernel KRSC).
+    match pass {
+        Pass::Forward => {
+            let mut work = workspace(dev, p.forward.1)?;
+            let op = p.desc.forward();
+            unsafe { op.launch(p.forward.0, work.as_mut(), ab, a, kernel, out) }?;
+        }
+        Pass::Data => {
+            let mut work = workspace(dev, p.data.1)?;
+            let op = p.desc.data();
+            unsafe { op.launch(p.data.0, work.as_mut(), ab, out, kernel, a) }?;
+        }
+        Pass::Filter => candle_core::bail!("conv_into: the kernel gradient is not supported"),
+    }
+    Ok(())
+}
+
 /// The cuDNN call of `op`'s pass on operands of type `T`, into a fresh buffer of
 /// `len` values.
 fn run<T: PlanCache>(

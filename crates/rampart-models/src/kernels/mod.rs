@@ -18,6 +18,9 @@
 //! * `postact`: the shape of a post-activation ResNet (ResNet-20), generic like
 //!   `preact`, and its body on the fused eval path (BatchNorms folded into the
 //!   kernels).
+//! * [`device_eval`]: a whole pre-activation network as one op on a GPU in eval
+//!   mode (forward and input gradient), written once over an executor: cuDNN and
+//!   CUDA kernels (`device_eval.cu`), or those kernels' CPU twins, which test it.
 //! * `fused` and `fused_train`: a whole pre-activation network as one CPU op, in
 //!   eval mode (forward and input gradient: attacks) and in train mode (forward and
 //!   every parameter gradient: training); `train_norm`: the train-mode normalisation
@@ -47,6 +50,7 @@ pub mod conv;
 pub mod cuda;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+pub mod device_eval;
 pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;

@@ -1,0 +1,125 @@
+// The CUDA kernels of the fused eval path on a GPU (kernels/device_eval.rs holds their
+// CPU twins, in the same float operations, and the launches). Compiled by NVRTC at
+// first use; no header is included. Activations are NHWC with c channels; every
+// kernel takes one thread per output value. Written with __fmul_rn/__fadd_rn/
+// __fsub_rn/__frcp_rn/__fsqrt_rn, never contracted into an FMA, so that each equals
+// its twin bit for bit.
+
+// The eval-mode BatchNorm scale of channel ch: γ·(1/√(var + ε)).
+__device__ __forceinline__ float de_scale(const float* gamma, const float* var, float eps,
+                                          unsigned int ch) {
+    return __fmul_rn(gamma[ch], __frcp_rn(__fsqrt_rn(__fadd_rn(var[ch], eps))));
+}
+
+// max(0, x·s + (β − μ·s)), s = de_scale.
+__device__ __forceinline__ float de_bn_relu(float x, const float* gamma, const float* beta,
+                                            const float* mean, const float* var, float eps,
+                                            unsigned int ch) {
+    float s = de_scale(gamma, var, eps, ch);
+    float shift = __fsub_rn(beta[ch], __fmul_rn(mean[ch], s));
+    float v = __fadd_rn(__fmul_rn(x, s), shift);
+    return v > 0.0f ? v : 0.0f;
+}
+
+// y = relu(bn(x)), eval mode.
+extern "C" __global__ void de_bn_relu_into(float* y, const float* x, const float* gamma,
+                                           const float* beta, const float* mean,
+                                           const float* var, float eps, unsigned int c,
+                                           unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = de_bn_relu(x[i], gamma, beta, mean, var, eps, i % c);
+}
+
+// y ← relu(bn(y)), eval mode, in place.
+extern "C" __global__ void de_bn_relu_inplace(float* y, const float* gamma, const float* beta,
+                                              const float* mean, const float* var, float eps,
+                                              unsigned int c, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = de_bn_relu(y[i], gamma, beta, mean, var, eps, i % c);
+}
+
+// d ← s·(d·[y > 0]) (+ r when has_r): the input gradient of relu(bn(·)) whose output
+// is y, in place, plus a residual gradient r.
+extern "C" __global__ void de_bn_relu_backward(float* d, const float* y, const float* gamma,
+                                               const float* var, float eps, const float* r,
+                                               int has_r, unsigned int c, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = de_scale(gamma, var, eps, i % c);
+    float v = __fmul_rn(s, __fmul_rn(d[i], y[i] > 0.0f ? 1.0f : 0.0f));
+    if (has_r) v = __fadd_rn(v, r[i]);
+    d[i] = v;
+}
+
+// out[(b·hw + p)·c + ch] = (x[(b·c + ch)·hw + p] − mean[ch])·inv_std[ch]: the input
+// normalisation, NCHW in, NHWC out.
+extern "C" __global__ void de_normalise(float* out, const float* x, const float* mean,
+                                        const float* inv_std, unsigned int c,
+                                        unsigned int hw, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int ch = i % c, rest = i / c;
+    unsigned int p = rest % hw, b = rest / hw;
+    out[i] = __fmul_rn(__fsub_rn(x[(b * c + ch) * hw + p], mean[ch]), inv_std[ch]);
+}
+
+// dx[(b·c + ch)·hw + p] = dn[(b·hw + p)·c + ch]·inv_std[ch]: the normalisation's
+// backward pass, NHWC in, NCHW out (one thread per output value).
+extern "C" __global__ void de_denormalise(float* dx, const float* dn, const float* inv_std,
+                                          unsigned int c, unsigned int hw, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int p = i % hw, rest = i / hw;
+    unsigned int ch = rest % c, b = rest / c;
+    dx[i] = __fmul_rn(dn[(b * hw + p) * c + ch], inv_std[ch]);
+}
+
+// out[((o·kk) + q)·ci + i] = w[(o·ci + i)·kk + q]: an OIHW kernel in OHWI (KRSC) order,
+// kk = k·k.
+extern "C" __global__ void de_oihw_to_ohwi(float* out, const float* w, unsigned int ci,
+                                           unsigned int kk, unsigned int n) {
+    unsigned int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    unsigned int i = j % ci, rest = j / ci;
+    unsigned int q = rest % kk, o = rest / kk;
+    out[j] = w[(o * ci + i) * kk + q];
+}
+
+// out[b·c + ch] = (Σ_p x[(b·hw + p)·c + ch], p in order)·(1/hw): global average
+// pooling.
+extern "C" __global__ void de_avg_pool(float* out, const float* x, unsigned int hw,
+                                       unsigned int c, unsigned int n) {
+    unsigned int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    unsigned int ch = j % c, b = j / c;
+    const float* row = x + (unsigned long long)b * hw * c + ch;
+    float s = 0.0f;
+    for (unsigned int p = 0; p < hw; ++p) s = __fadd_rn(s, row[(unsigned long long)p * c]);
+    out[j] = __fmul_rn(s, __frcp_rn((float)hw));
+}
+
+// out[b·k + j] = bias[j] + Σ_ch w[j·c + ch]·x[b·c + ch] (the sum in channel order,
+// then the bias): the linear layer.
+extern "C" __global__ void de_linear(float* out, const float* x, const float* w,
+                                     const float* bias, unsigned int c, unsigned int k,
+                                     unsigned int n) {
+    unsigned int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    unsigned int j = t % k, b = t / k;
+    float s = 0.0f;
+    for (unsigned int ch = 0; ch < c; ++ch) s = __fadd_rn(s, __fmul_rn(w[j * c + ch], x[b * c + ch]));
+    out[t] = __fadd_rn(s, bias[j]);
+}
+
+// d[(b·hw + p)·c + ch] = (Σ_j dl[b·k + j]·w[j·c + ch])·(1/hw): the linear layer's and
+// the pooling's input gradient in one.
+extern "C" __global__ void de_linear_pool_backward(float* d, const float* dl, const float* w,
+                                                   unsigned int c, unsigned int k,
+                                                   unsigned int hw, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int ch = i % c, b = i / (c * hw);
+    float s = 0.0f;
+    for (unsigned int j = 0; j < k; ++j) s = __fadd_rn(s, __fmul_rn(dl[b * k + j], w[j * c + ch]));
+    d[i] = __fmul_rn(s, __frcp_rn((float)hw));
+}

@@ -1,0 +1,1050 @@
+//! The fused eval path of pre-activation networks on a GPU: the whole network as one
+//! op, forward and input gradient, written once over an executor ([`Exec`]).
+//!
+//! Through candle's autograd an attack step on a GPU is one graph node per layer
+//! operation: each allocates its output and launches its kernels from the host, and
+//! the backward pass adds every node's gradient into a fresh zero tensor (a fill and
+//! an addition, each a kernel and a pass over the activation). Here the network runs
+//! as one op ([`DeviceEval`]) whose forward pass launches, per pre-activation block,
+//! two BatchNorm+ReLU kernels and the block's cuDNN convolutions (the second
+//! convolution accumulates onto the shortcut, cuDNN's β = 1), and whose backward pass
+//! ([`DeviceEvalBackward`]) launches the convolutions' input-gradient passes (a
+//! projection shortcut's accumulating) and one kernel per BatchNorm+ReLU (mask,
+//! scale and the residual gradient together); nothing is filled with zeros and no
+//! intermediate gradient is allocated twice.
+//!
+//! The program is written once, generic over [`Exec`]: the CUDA executor (feature
+//! `cudnn`: cuDNN and the kernels of `device_eval.cu`) and a CPU executor, whose
+//! operations are the CUDA kernels' twins (the same float operations, in the same
+//! order) and the CPU convolution passes. The CPU executor exists so that the
+//! program itself is tested on any machine against the layer-by-layer path; the
+//! CPU's own fast path stays [`super::fused::FusedEval`].
+//!
+//! Plain networks only (a WRN or pre-activation ResNet-18 in f32 or TF32): a
+//! student's noise, OAT's λ-conditioned layers and bf16 convolutions run layer by
+//! layer. On a GPU the path is taken when `RAMPART_CUDA_FUSED_EVAL` is set (see
+//! [`enabled`]): it has not yet run on a GPU, and becomes the default once
+//! `tests/cuda.rs` has held it to the layer-by-layer path there.
+
+use super::common::f32_slice;
+use super::conv::{Conv2d, ConvShape, Pass};
+use super::preact::PreAct;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// The environment variable that turns the fused eval path on for CUDA models
+/// (any value but `0`).
+pub const ENABLE_ENV: &str = "RAMPART_CUDA_FUSED_EVAL";
+
+/// Whether [`ENABLE_ENV`] asks for the fused eval path on a GPU.
+pub fn enabled() -> bool {
+    std::env::var_os(ENABLE_ENV).is_some_and(|v| v != "0")
+}
+
+/// Whether a GPU model may take the path: a build with cuDNN, the path
+/// [`enabled`], and convolutions not in bf16.
+pub(crate) fn usable() -> bool {
+    #[cfg(feature = "cudnn")]
+    {
+        enabled() && super::cudnn::precision() != crate::Precision::Bf16
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        false
+    }
+}
+
+/// A convolution: its OIHW kernel, stride and padding.
+#[derive(Clone, Debug)]
+pub(crate) struct DConv {
+    pub(crate) weight: Tensor,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
+}
+
+/// An eval-mode BatchNorm followed by ReLU: γ, β, the running mean and variance, ε.
+#[derive(Clone, Debug)]
+pub(crate) struct DNorm {
+    pub(crate) gamma: Tensor,
+    pub(crate) beta: Tensor,
+    pub(crate) mean: Tensor,
+    pub(crate) var: Tensor,
+    pub(crate) eps: f32,
+}
+
+/// The network, its tensors on the device the op runs on; the linear layer as
+/// (weight (K, C), bias (K,)).
+pub(crate) type DeviceNet = PreAct<DConv, DNorm, (Tensor, Tensor)>;
+
+/// A network and its input: (C, H, W) and the normalisation's per-channel mean and
+/// 1/std.
+pub(crate) struct DeviceProgram {
+    net: DeviceNet,
+    input: [usize; 3],
+    mean: Tensor,
+    inv_std: Tensor,
+}
+
+impl DeviceProgram {
+    /// Refuses tensors that are not f32 or not where the input normalisation is.
+    pub(crate) fn new(
+        net: DeviceNet,
+        input: [usize; 3],
+        mean: Tensor,
+        inv_std: Tensor,
+    ) -> Result<Self> {
+        let device = mean.device().clone();
+        let mut tensors: Vec<&Tensor> = vec![&mean, &inv_std, &net.stem.weight];
+        for b in &net.blocks {
+            tensors.extend([&b.conv1.weight, &b.conv2.weight]);
+            if let Some(s) = &b.shortcut {
+                tensors.push(&s.weight);
+            }
+        }
+        for n in net.norms() {
+            tensors.extend([&n.gamma, &n.beta, &n.mean, &n.var]);
+        }
+        tensors.extend([&net.fc.0, &net.fc.1]);
+        for t in tensors {
+            if t.dtype() != DType::F32 || !t.device().same_device(&device) {
+                candle_core::bail!(
+                    "fused eval path: every tensor must be f32 on {device:?}, got {:?} on {:?}",
+                    t.dtype(),
+                    t.device()
+                )
+            }
+        }
+        Ok(DeviceProgram {
+            net,
+            input,
+            mean,
+            inv_std,
+        })
+    }
+
+    fn classes(&self) -> Result<usize> {
+        self.net.fc.0.dim(0)
+    }
+
+    /// The input's (B, C, H, W), checked against the network's.
+    fn batch(&self, shape: &Shape) -> Result<usize> {
+        let (b, c, h, w) = shape.dims4()?;
+        if [c, h, w] != self.input {
+            candle_core::bail!(
+                "fused eval path: input {shape:?} does not match the network's {:?}",
+                self.input
+            )
+        }
+        Ok(b)
+    }
+}
+
+/// The operations the program is written in. Activations are NHWC; `c` is their
+/// channel count.
+pub(crate) trait Exec {
+    /// A buffer of f32 values on the executor's device.
+    type Buf;
+
+    /// A buffer of `n` values, each written before it is read.
+    fn buffer(&self, n: usize) -> Result<Self::Buf>;
+    /// Values in `b`.
+    fn len(b: &Self::Buf) -> usize;
+    /// An OIHW kernel in OHWI (KRSC) order, the order of the convolution passes.
+    fn kernel(&self, w: &Tensor) -> Result<Self::Buf>;
+    /// The forward pass (x, kernel) → y, or the input-gradient pass (dy, kernel) → dx,
+    /// of the convolution `g` into `out`, added to it when `accumulate`.
+    fn conv(
+        &self,
+        pass: Pass,
+        g: &ConvShape,
+        a: &Self::Buf,
+        kernel: &Self::Buf,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// y = relu(bn(x)).
+    fn bn_relu(&self, n: &DNorm, x: &Self::Buf, y: &mut Self::Buf, c: usize) -> Result<()>;
+    /// y ← relu(bn(y)).
+    fn bn_relu_in_place(&self, n: &DNorm, y: &mut Self::Buf, c: usize) -> Result<()>;
+    /// d ← the input gradient of relu(bn(·)) whose output is `y`, from its output
+    /// gradient d, plus `residual`.
+    fn bn_relu_backward(
+        &self,
+        n: &DNorm,
+        d: &mut Self::Buf,
+        y: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        c: usize,
+    ) -> Result<()>;
+    /// The logits (B, K) of global average pooling (`hw` pixels per image) and the
+    /// linear layer `fc`.
+    fn pool_linear(
+        &self,
+        x: &Self::Buf,
+        fc: &(Tensor, Tensor),
+        hw: usize,
+        c: usize,
+    ) -> Result<Self::Buf>;
+    /// The input gradient (B, hw, C) of [`Exec::pool_linear`] from that of the
+    /// logits.
+    fn linear_pool_backward(
+        &self,
+        dl: &Self::Buf,
+        fc: &(Tensor, Tensor),
+        hw: usize,
+        c: usize,
+    ) -> Result<Self::Buf>;
+}
+
+/// The shape of convolution `conv` on a batch of `b` NHWC images h×w with `c`
+/// channels (refused when the kernel does not take `c` channels).
+fn shape(conv: &DConv, b: usize, (h, w): (usize, usize), c: usize) -> Result<ConvShape> {
+    let (c_out, c_in, k, k2) = conv.weight.dims4()?;
+    if c_in != c || k != k2 {
+        candle_core::bail!(
+            "fused eval path: a kernel {:?} for activations of {c} channels",
+            conv.weight.dims()
+        )
+    }
+    ConvShape::from_dims(b, (h, w), c, c_out, k, conv.stride, conv.padding)
+}
+
+/// What the backward pass of one block reads: the block's input side, relu(bn1(x)),
+/// relu(bn2(conv1(·))) and the three kernels in OHWI order.
+struct SavedBlock<B> {
+    side: (usize, usize),
+    pre: B,
+    mid: B,
+    k1: B,
+    k2: B,
+    shortcut: Option<B>,
+}
+
+/// What the backward pass reads: per block [`SavedBlock`], the head's output (its
+/// side and channels) and the stem's kernel.
+pub(crate) struct Saved<B> {
+    b: usize,
+    blocks: Vec<SavedBlock<B>>,
+    fin: B,
+    side: (usize, usize),
+    c: usize,
+    stem: B,
+}
+
+/// The logits of a forward pass and, when asked for, what its backward pass reads.
+type Forward<B> = (B, Option<Saved<B>>);
+
+/// Logits of the normalised NHWC input `a` (B images), and with `keep` what the
+/// backward pass needs.
+fn forward<E: Exec>(
+    e: &E,
+    p: &DeviceProgram,
+    a: E::Buf,
+    b: usize,
+    keep: bool,
+) -> Result<Forward<E::Buf>> {
+    let net = &p.net;
+    let [c_in, h0, w0] = p.input;
+    let g = shape(&net.stem, b, (h0, w0), c_in)?;
+    let stem = e.kernel(&net.stem.weight)?;
+    let mut cur = e.buffer(g.output_len())?;
+    e.conv(Pass::Forward, &g, &a, &stem, &mut cur, false)?;
+    drop(a);
+    let (mut side, mut c) = (g.out(), g.c_out);
+    let mut blocks = Vec::with_capacity(if keep { net.blocks.len() } else { 0 });
+    for blk in &net.blocks {
+        let mut pre = e.buffer(E::len(&cur))?;
+        e.bn_relu(&blk.bn1, &cur, &mut pre, c)?;
+        let g1 = shape(&blk.conv1, b, side, c)?;
+        let g2 = shape(&blk.conv2, b, g1.out(), g1.c_out)?;
+        let (mut out, shortcut) = match &blk.shortcut {
+            Some(sc) => {
+                let gs = shape(sc, b, side, c)?;
+                let ks = e.kernel(&sc.weight)?;
+                let mut o = e.buffer(gs.output_len())?;
+                e.conv(Pass::Forward, &gs, &pre, &ks, &mut o, false)?;
+                (o, Some(ks))
+            }
+            None => (cur, None),
+        };
+        if E::len(&out) != g2.output_len() {
+            candle_core::bail!(
+                "fused eval path: a shortcut of {} values for a block output of {}",
+                E::len(&out),
+                g2.output_len()
+            )
+        }
+        let k1 = e.kernel(&blk.conv1.weight)?;
+        let mut mid = e.buffer(g1.output_len())?;
+        e.conv(Pass::Forward, &g1, &pre, &k1, &mut mid, false)?;
+        e.bn_relu_in_place(&blk.bn2, &mut mid, g1.c_out)?;
+        let k2 = e.kernel(&blk.conv2.weight)?;
+        e.conv(Pass::Forward, &g2, &mid, &k2, &mut out, true)?;
+        if keep {
+            blocks.push(SavedBlock {
+                side,
+                pre,
+                mid,
+                k1,
+                k2,
+                shortcut,
+            });
+        }
+        cur = out;
+        (side, c) = (g2.out(), g2.c_out);
+    }
+    let mut fin = e.buffer(E::len(&cur))?;
+    e.bn_relu(&net.head, &cur, &mut fin, c)?;
+    drop(cur);
+    let logits = e.pool_linear(&fin, &net.fc, side.0 * side.1, c)?;
+    let saved = keep.then_some(Saved {
+        b,
+        blocks,
+        fin,
+        side,
+        c,
+        stem,
+    });
+    Ok((logits, saved))
+}
+
+/// The gradient of the normalised NHWC input from that of the logits `dl`.
+fn backward<E: Exec>(e: &E, p: &DeviceProgram, s: &Saved<E::Buf>, dl: &E::Buf) -> Result<E::Buf> {
+    let net = &p.net;
+    let b = s.b;
+    let mut d = e.linear_pool_backward(dl, &net.fc, s.side.0 * s.side.1, s.c)?;
+    e.bn_relu_backward(&net.head, &mut d, &s.fin, None, s.c)?;
+    for (blk, sb) in net.blocks.iter().zip(&s.blocks).rev() {
+        let c = blk.conv1.weight.dim(1)?;
+        let g1 = shape(&blk.conv1, b, sb.side, c)?;
+        let g2 = shape(&blk.conv2, b, g1.out(), g1.c_out)?;
+        let mut dmid = e.buffer(g2.input_len())?;
+        e.conv(Pass::Data, &g2, &d, &sb.k2, &mut dmid, false)?;
+        e.bn_relu_backward(&blk.bn2, &mut dmid, &sb.mid, None, g1.c_out)?;
+        let mut dpre = e.buffer(g1.input_len())?;
+        e.conv(Pass::Data, &g1, &dmid, &sb.k1, &mut dpre, false)?;
+        drop(dmid);
+        match (&blk.shortcut, &sb.shortcut) {
+            (Some(sc), Some(ks)) => {
+                let gs = shape(sc, b, sb.side, c)?;
+                e.conv(Pass::Data, &gs, &d, ks, &mut dpre, true)?;
+                e.bn_relu_backward(&blk.bn1, &mut dpre, &sb.pre, None, c)?;
+            }
+            (None, None) => e.bn_relu_backward(&blk.bn1, &mut dpre, &sb.pre, Some(&d), c)?,
+            _ => candle_core::bail!("fused eval path: saved state of another network"),
+        }
+        d = dpre;
+    }
+    let [c_in, h0, w0] = p.input;
+    let g = shape(&net.stem, b, (h0, w0), c_in)?;
+    let mut dn = e.buffer(g.input_len())?;
+    e.conv(Pass::Data, &g, &d, &s.stem, &mut dn, false)?;
+    Ok(dn)
+}
+
+/// The saved state of a forward pass, on the device it ran on.
+enum SavedOn {
+    Cpu(Saved<Vec<f32>>),
+    #[cfg(feature = "cudnn")]
+    Cuda(Saved<cuda::Slice>),
+}
+
+/// The whole network as one op on the NCHW input: logits forward, the input gradient
+/// backward ([`DeviceEvalBackward`]); parameters receive none.
+pub(crate) struct DeviceEval {
+    program: Arc<DeviceProgram>,
+    keep: bool,
+    saved: Mutex<Option<SavedOn>>,
+}
+
+impl DeviceEval {
+    /// `keep`: retain what the backward pass needs (when the input is tracked).
+    pub(crate) fn new(program: DeviceProgram, keep: bool) -> Self {
+        DeviceEval {
+            program: Arc::new(program),
+            keep,
+            saved: Mutex::new(None),
+        }
+    }
+
+    fn store(&self, saved: Option<SavedOn>) {
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = saved;
+        }
+    }
+}
+
+impl CustomOp1 for DeviceEval {
+    fn name(&self) -> &'static str {
+        "device-eval-network"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = &self.program;
+        let b = p.batch(l.shape())?;
+        let x = f32_slice(s, l, self.name())?;
+        let e = CpuExec;
+        let a = normalise(x, &e.values(&p.mean)?, &e.values(&p.inv_std)?, p.input);
+        let (logits, saved) = forward(&e, p, a, b, self.keep)?;
+        self.store(saved.map(SavedOn::Cpu));
+        Ok((CpuStorage::F32(logits), Shape::from((b, p.classes()?))))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let p = &self.program;
+        let b = p.batch(l.shape())?;
+        let e = cuda::CudaExec::new(&s.device);
+        let a = e.normalise(s, l, p)?;
+        let (logits, saved) = forward(&e, p, a, b, self.keep)?;
+        self.store(saved.map(SavedOn::Cuda));
+        Ok((e.storage(logits), Shape::from((b, p.classes()?))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let saved = super::common::take_saved(
+            &self.saved,
+            "fused eval path: the backward pass of this forward pass already ran (or its input was not tracked)",
+        )?;
+        let op = DeviceEvalBackward {
+            program: self.program.clone(),
+            saved: Mutex::new(Some(saved)),
+            input: arg.shape().clone(),
+        };
+        let dl = grad.to_dtype(DType::F32)?.contiguous()?;
+        Ok(Some(dl.apply_op1_no_bwd(&op)?.to_dtype(arg.dtype())?))
+    }
+}
+
+/// The backward pass of a [`DeviceEval`]: the gradient of the logits (B, K) → that
+/// of the NCHW input.
+struct DeviceEvalBackward {
+    program: Arc<DeviceProgram>,
+    saved: Mutex<Option<SavedOn>>,
+    input: Shape,
+}
+
+impl DeviceEvalBackward {
+    fn saved(&self) -> Result<SavedOn> {
+        super::common::take_saved(
+            &self.saved,
+            "fused eval path: the backward pass already ran",
+        )
+    }
+
+    fn check(&self, l: &Layout, b: usize) -> Result<()> {
+        let k = self.program.classes()?;
+        if l.shape().dims() != [b, k] {
+            candle_core::bail!(
+                "fused eval path: a logit gradient of shape {:?} for {b} images of {k} classes",
+                l.shape()
+            )
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for DeviceEvalBackward {
+    fn name(&self) -> &'static str {
+        "device-eval-network-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // Irrefutable without the `cudnn` feature.
+        #[allow(irrefutable_let_patterns)]
+        let SavedOn::Cpu(saved) = self.saved()?
+        else {
+            candle_core::bail!("fused eval path: the forward pass ran on another device")
+        };
+        self.check(l, saved.b)?;
+        let dl = f32_slice(s, l, self.name())?.to_vec();
+        let p = &self.program;
+        let e = CpuExec;
+        let dn = backward(&e, p, &saved, &dl)?;
+        let dx = denormalise(&dn, &e.values(&p.inv_std)?, p.input);
+        Ok((CpuStorage::F32(dx), self.input.clone()))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let SavedOn::Cuda(saved) = self.saved()? else {
+            candle_core::bail!("fused eval path: the forward pass ran on another device")
+        };
+        self.check(l, saved.b)?;
+        let e = cuda::CudaExec::new(&s.device);
+        let dl = e.copy_of(s, l)?;
+        let p = &self.program;
+        let dn = backward(&e, p, &saved, &dl)?;
+        let dx = e.denormalise(&dn, p)?;
+        Ok((e.storage(dx), self.input.clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The CPU executor: the twins of the CUDA kernels (the same float operations, in the
+// same order) and the CPU convolution passes.
+
+/// The CPU executor (for tests of the program; the CPU's fast path is
+/// [`super::fused::FusedEval`]).
+pub(crate) struct CpuExec;
+
+impl CpuExec {
+    fn values(&self, t: &Tensor) -> Result<Vec<f32>> {
+        t.flatten_all()?.to_vec1::<f32>()
+    }
+
+    /// (γ, β, mean, var) of a BatchNorm.
+    fn norm(&self, n: &DNorm) -> Result<[Vec<f32>; 4]> {
+        Ok([
+            self.values(&n.gamma)?,
+            self.values(&n.beta)?,
+            self.values(&n.mean)?,
+            self.values(&n.var)?,
+        ])
+    }
+}
+
+/// γ·(1/√(var + ε)), the twin of `de_scale`.
+fn bn_scale(gamma: f32, var: f32, eps: f32) -> f32 {
+    gamma * (1.0 / (var + eps).sqrt())
+}
+
+/// The twin of `de_bn_relu`.
+fn bn_relu_value(x: f32, [g, b, m, v]: [f32; 4], eps: f32) -> f32 {
+    let s = bn_scale(g, v, eps);
+    let shift = b - m * s;
+    let y = x * s + shift;
+    if y > 0.0 {
+        y
+    } else {
+        0.0
+    }
+}
+
+/// The twin of `de_normalise`: NCHW in, normalised NHWC out.
+fn normalise(x: &[f32], mean: &[f32], inv_std: &[f32], [c, h, w]: [usize; 3]) -> Vec<f32> {
+    let hw = h * w;
+    let mut out = vec![0f32; x.len()];
+    for (i, o) in out.iter_mut().enumerate() {
+        let (ch, rest) = (i % c, i / c);
+        let (p, b) = (rest % hw, rest / hw);
+        *o = (x[(b * c + ch) * hw + p] - mean[ch]) * inv_std[ch];
+    }
+    out
+}
+
+/// The twin of `de_denormalise`: NHWC gradient in, NCHW out, scaled by 1/std.
+fn denormalise(dn: &[f32], inv_std: &[f32], [c, h, w]: [usize; 3]) -> Vec<f32> {
+    let hw = h * w;
+    let mut dx = vec![0f32; dn.len()];
+    for (i, o) in dx.iter_mut().enumerate() {
+        let (p, rest) = (i % hw, i / hw);
+        let (ch, b) = (rest % c, rest / c);
+        *o = dn[(b * hw + p) * c + ch] * inv_std[ch];
+    }
+    dx
+}
+
+/// The twin of `de_oihw_to_ohwi`.
+fn oihw_to_ohwi(w: &[f32], ci: usize, kk: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (j, o) in out.iter_mut().enumerate() {
+        let (i, rest) = (j % ci, j / ci);
+        let (q, oc) = (rest % kk, rest / kk);
+        *o = w[(oc * ci + i) * kk + q];
+    }
+    out
+}
+
+impl Exec for CpuExec {
+    type Buf = Vec<f32>;
+
+    fn buffer(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0f32; n])
+    }
+
+    fn len(b: &Vec<f32>) -> usize {
+        b.len()
+    }
+
+    fn kernel(&self, w: &Tensor) -> Result<Vec<f32>> {
+        let (_, ci, k, _) = w.dims4()?;
+        Ok(oihw_to_ohwi(&self.values(w)?, ci, k * k))
+    }
+
+    fn conv(
+        &self,
+        pass: Pass,
+        g: &ConvShape,
+        a: &Vec<f32>,
+        kernel: &Vec<f32>,
+        out: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let op = Conv2d { shape: *g, pass };
+        let r = match pass {
+            Pass::Forward => op.cpu_forward(a, kernel),
+            Pass::Data => op.cpu_data(a, kernel),
+            Pass::Filter => candle_core::bail!("fused eval path: no kernel gradients"),
+        };
+        if r.len() != out.len() {
+            candle_core::bail!(
+                "fused eval path: a convolution of {} values into {}",
+                r.len(),
+                out.len()
+            )
+        }
+        if accumulate {
+            out.iter_mut().zip(&r).for_each(|(o, v)| *o += v);
+        } else {
+            *out = r;
+        }
+        Ok(())
+    }
+
+    fn bn_relu(&self, n: &DNorm, x: &Vec<f32>, y: &mut Vec<f32>, c: usize) -> Result<()> {
+        let [g, b, m, v] = self.norm(n)?;
+        for (i, (o, &xv)) in y.iter_mut().zip(x).enumerate() {
+            let ch = i % c;
+            *o = bn_relu_value(xv, [g[ch], b[ch], m[ch], v[ch]], n.eps);
+        }
+        Ok(())
+    }
+
+    fn bn_relu_in_place(&self, n: &DNorm, y: &mut Vec<f32>, c: usize) -> Result<()> {
+        let [g, b, m, v] = self.norm(n)?;
+        for (i, o) in y.iter_mut().enumerate() {
+            let ch = i % c;
+            *o = bn_relu_value(*o, [g[ch], b[ch], m[ch], v[ch]], n.eps);
+        }
+        Ok(())
+    }
+
+    fn bn_relu_backward(
+        &self,
+        n: &DNorm,
+        d: &mut Vec<f32>,
+        y: &Vec<f32>,
+        residual: Option<&Vec<f32>>,
+        c: usize,
+    ) -> Result<()> {
+        let (g, v) = (self.values(&n.gamma)?, self.values(&n.var)?);
+        for (i, (dv, &yv)) in d.iter_mut().zip(y).enumerate() {
+            let ch = i % c;
+            let live = if yv > 0.0 { 1.0 } else { 0.0 };
+            let mut r = bn_scale(g[ch], v[ch], n.eps) * (*dv * live);
+            if let Some(res) = residual {
+                r += res[i];
+            }
+            *dv = r;
+        }
+        Ok(())
+    }
+
+    fn pool_linear(
+        &self,
+        x: &Vec<f32>,
+        fc: &(Tensor, Tensor),
+        hw: usize,
+        c: usize,
+    ) -> Result<Vec<f32>> {
+        let (w, bias) = (self.values(&fc.0)?, self.values(&fc.1)?);
+        let k = bias.len();
+        let b = x.len() / (hw * c).max(1);
+        // The twin of `de_avg_pool`.
+        let mut pooled = vec![0f32; b * c];
+        for (j, o) in pooled.iter_mut().enumerate() {
+            let (ch, img) = (j % c, j / c);
+            let mut s = 0f32;
+            for p in 0..hw {
+                s += x[(img * hw + p) * c + ch];
+            }
+            *o = s * (1.0 / hw as f32);
+        }
+        // The twin of `de_linear`.
+        let mut logits = vec![0f32; b * k];
+        for (t, o) in logits.iter_mut().enumerate() {
+            let (j, img) = (t % k, t / k);
+            let mut s = 0f32;
+            for ch in 0..c {
+                s += w[j * c + ch] * pooled[img * c + ch];
+            }
+            *o = s + bias[j];
+        }
+        Ok(logits)
+    }
+
+    fn linear_pool_backward(
+        &self,
+        dl: &Vec<f32>,
+        fc: &(Tensor, Tensor),
+        hw: usize,
+        c: usize,
+    ) -> Result<Vec<f32>> {
+        let w = self.values(&fc.0)?;
+        let k = fc.0.dim(0)?;
+        let b = dl.len() / k.max(1);
+        // The twin of `de_linear_pool_backward`.
+        let mut d = vec![0f32; b * hw * c];
+        for (i, o) in d.iter_mut().enumerate() {
+            let (ch, img) = (i % c, i / (c * hw));
+            let mut s = 0f32;
+            for j in 0..k {
+                s += dl[img * k + j] * w[j * c + ch];
+            }
+            *o = s * (1.0 / hw as f32);
+        }
+        Ok(d)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The CUDA executor.
+
+#[cfg(feature = "cudnn")]
+#[allow(unsafe_code)]
+mod cuda {
+    use super::super::conv::{ConvShape, Pass};
+    use super::super::cuda::{elementwise, f32_view, launch_error, uninit, Module};
+    use super::{DNorm, DeviceProgram, Exec};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
+
+    pub(crate) type Slice = CudaSlice<f32>;
+
+    /// The kernels of `device_eval.cu`.
+    pub(crate) static KERNELS_MODULE: Module =
+        Module::new("rampart_device_eval", include_str!("device_eval.cu"));
+
+    /// The CUDA executor on one device.
+    pub(crate) struct CudaExec {
+        dev: CudaDevice,
+    }
+
+    /// The `n` f32 values (contiguous, on a GPU) of a tensor through its storage's
+    /// read guard and its layout (`Tensor::storage_and_layout`).
+    fn view<'a, G: std::ops::Deref<Target = Storage>>(
+        g: &'a (G, &Layout),
+        n: usize,
+        what: &str,
+    ) -> Result<CudaView<'a, f32>> {
+        let Storage::Cuda(s) = &*g.0 else {
+            candle_core::bail!("fused eval path: {what} is not on the GPU")
+        };
+        f32_view(s, g.1, n, what)
+    }
+
+    impl CudaExec {
+        pub(crate) fn new(dev: &CudaDevice) -> Self {
+            CudaExec { dev: dev.clone() }
+        }
+
+        /// `out` as candle storage.
+        pub(crate) fn storage(&self, out: Slice) -> CudaStorage {
+            CudaStorage::wrap_cuda_slice(out, self.dev.clone())
+        }
+
+        /// A copy of a contiguous f32 operand.
+        pub(crate) fn copy_of(&self, s: &CudaStorage, l: &Layout) -> Result<Slice> {
+            let n = l.shape().elem_count();
+            let v = f32_view(s, l, n, "fused eval path: logit gradient")?;
+            let mut out = uninit(&self.dev, n)?;
+            self.dev.memcpy_dtod(&v, &mut out)?;
+            Ok(out)
+        }
+
+        /// The normalised NHWC input from the NCHW operand.
+        pub(crate) fn normalise(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+            p: &DeviceProgram,
+        ) -> Result<Slice> {
+            let [c, h, w] = p.input;
+            let n = l.shape().elem_count();
+            let x = f32_view(s, l, n, "fused eval path: input")?;
+            let (gm, gs) = (p.mean.storage_and_layout(), p.inv_std.storage_and_layout());
+            let (mean, inv_std) = (view(&gm, c, "mean")?, view(&gs, c, "1/std")?);
+            let mut out = uninit(&self.dev, n)?;
+            let (cfg, count) = elementwise(n, "fused eval path: normalise")?;
+            let (c, hw) = (c as u32, (h * w) as u32);
+            let k = KERNELS_MODULE.func(&self.dev, "de_normalise")?;
+            let mut b = k.builder();
+            b.arg(&mut out)
+                .arg(&x)
+                .arg(&mean)
+                .arg(&inv_std)
+                .arg(&c)
+                .arg(&hw)
+                .arg(&count);
+            // SAFETY: n values in and out, c of the statistics; indices stay below n.
+            unsafe { b.launch(cfg) }.map_err(|e| launch_error("de_normalise", e))?;
+            Ok(out)
+        }
+
+        /// The NCHW input gradient from that of the normalised NHWC input.
+        pub(crate) fn denormalise(&self, dn: &Slice, p: &DeviceProgram) -> Result<Slice> {
+            let [c, h, w] = p.input;
+            let n = dn.len();
+            let gs = p.inv_std.storage_and_layout();
+            let inv_std = view(&gs, c, "1/std")?;
+            let mut out = uninit(&self.dev, n)?;
+            let (cfg, count) = elementwise(n, "fused eval path: denormalise")?;
+            let (c, hw) = (c as u32, (h * w) as u32);
+            let k = KERNELS_MODULE.func(&self.dev, "de_denormalise")?;
+            let mut b = k.builder();
+            b.arg(&mut out)
+                .arg(dn)
+                .arg(&inv_std)
+                .arg(&c)
+                .arg(&hw)
+                .arg(&count);
+            // SAFETY: n values in and out, c of 1/std; indices stay below n.
+            unsafe { b.launch(cfg) }.map_err(|e| launch_error("de_denormalise", e))?;
+            Ok(out)
+        }
+    }
+
+    /// Launches BatchNorm kernel `$name` over `$len` values: the leading buffer
+    /// arguments `$lead`, then BatchNorm `$bn`'s γ, β, running mean and variance
+    /// (`$c` each), ε, the channel count and the value count.
+    macro_rules! launch_bn {
+        ($exec:expr, $name:literal, $bn:expr, $c:expr, $len:expr, [$($lead:expr),+]) => {{
+            let bn: &DNorm = $bn;
+            let guards = [
+                bn.gamma.storage_and_layout(),
+                bn.beta.storage_and_layout(),
+                bn.mean.storage_and_layout(),
+                bn.var.storage_and_layout(),
+            ];
+            let g = view(&guards[0], $c, "BatchNorm scale")?;
+            let b = view(&guards[1], $c, "BatchNorm shift")?;
+            let m = view(&guards[2], $c, "running mean")?;
+            let v = view(&guards[3], $c, "running variance")?;
+            let (cfg, count) = elementwise($len, $name)?;
+            let channels = $c as u32;
+            let f = KERNELS_MODULE.func(&$exec.dev, $name)?;
+            let mut args = f.builder();
+            $(args.arg($lead);)+
+            args.arg(&g)
+                .arg(&b)
+                .arg(&m)
+                .arg(&v)
+                .arg(&bn.eps)
+                .arg(&channels)
+                .arg(&count);
+            // SAFETY: the leading buffers hold `$len` values (checked by the callers),
+            // the four vectors `$c`; the channel index i % c stays below c.
+            unsafe { args.launch(cfg) }.map_err(|e| launch_error($name, e))?;
+            Ok(())
+        }};
+    }
+
+    fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
+        if a != b {
+            candle_core::bail!("fused eval path: {what}: {a} values against {b}")
+        }
+        Ok(())
+    }
+
+    impl Exec for CudaExec {
+        type Buf = Slice;
+
+        fn buffer(&self, n: usize) -> Result<Slice> {
+            uninit(&self.dev, n)
+        }
+
+        fn len(b: &Slice) -> usize {
+            b.len()
+        }
+
+        fn kernel(&self, w: &Tensor) -> Result<Slice> {
+            let (_, ci, k, _) = w.dims4()?;
+            let n = w.elem_count();
+            let gw = w.storage_and_layout();
+            let src = view(&gw, n, "convolution kernel")?;
+            let mut out = uninit(&self.dev, n)?;
+            let (cfg, count) = elementwise(n, "fused eval path: kernel order")?;
+            let (ci, kk) = (ci as u32, (k * k) as u32);
+            let f = KERNELS_MODULE.func(&self.dev, "de_oihw_to_ohwi")?;
+            let mut b = f.builder();
+            b.arg(&mut out).arg(&src).arg(&ci).arg(&kk).arg(&count);
+            // SAFETY: n values in and out; every index computed stays below n.
+            unsafe { b.launch(cfg) }.map_err(|e| launch_error("de_oihw_to_ohwi", e))?;
+            Ok(out)
+        }
+
+        fn conv(
+            &self,
+            pass: Pass,
+            g: &ConvShape,
+            a: &Slice,
+            kernel: &Slice,
+            out: &mut Slice,
+            accumulate: bool,
+        ) -> Result<()> {
+            let (a_len, out_len) = match pass {
+                Pass::Forward => (g.input_len(), g.output_len()),
+                Pass::Data => (g.output_len(), g.input_len()),
+                Pass::Filter => candle_core::bail!("fused eval path: no kernel gradients"),
+            };
+            same_len(a.len(), a_len, "convolution operand")?;
+            same_len(kernel.len(), g.kernel_len(), "convolution kernel")?;
+            same_len(out.len(), out_len, "convolution result")?;
+            super::super::cudnn::conv_into(
+                &self.dev,
+                *g,
+                pass,
+                &a.slice(..),
+                &kernel.slice(..),
+                out,
+                accumulate,
+            )
+        }
+
+        fn bn_relu(&self, n: &DNorm, x: &Slice, y: &mut Slice, c: usize) -> Result<()> {
+            same_len(x.len(), y.len(), "BatchNorm")?;
+            let len = x.len();
+            launch_bn!(self, "de_bn_relu_into", n, c, len, [y, x])
+        }
+
+        fn bn_relu_in_place(&self, n: &DNorm, y: &mut Slice, c: usize) -> Result<()> {
+            let len = y.len();
+            launch_bn!(self, "de_bn_relu_inplace", n, c, len, [y])
+        }
+
+        fn bn_relu_backward(
+            &self,
+            n: &DNorm,
+            d: &mut Slice,
+            y: &Slice,
+            residual: Option<&Slice>,
+            c: usize,
+        ) -> Result<()> {
+            let len = d.len();
+            same_len(y.len(), len, "BatchNorm gradient")?;
+            if let Some(r) = residual {
+                same_len(r.len(), len, "residual gradient")?;
+            }
+            let gg = n.gamma.storage_and_layout();
+            let gv = n.var.storage_and_layout();
+            let (g, v) = (
+                view(&gg, c, "BatchNorm scale")?,
+                view(&gv, c, "running variance")?,
+            );
+            let (cfg, count) = elementwise(len, "de_bn_relu_backward")?;
+            let (channels, has_r, null) = (c as u32, i32::from(residual.is_some()), 0u64);
+            let k = KERNELS_MODULE.func(&self.dev, "de_bn_relu_backward")?;
+            let mut b = k.builder();
+            b.arg(d).arg(y).arg(&g).arg(&v).arg(&n.eps);
+            match residual {
+                Some(r) => b.arg(r),
+                None => b.arg(&null),
+            };
+            b.arg(&has_r).arg(&channels).arg(&count);
+            // SAFETY: d, y (and the residual, when has_r) hold len values, γ and var
+            // c; the null residual is never read.
+            unsafe { b.launch(cfg) }.map_err(|e| launch_error("de_bn_relu_backward", e))?;
+            Ok(())
+        }
+
+        fn pool_linear(
+            &self,
+            x: &Slice,
+            fc: &(Tensor, Tensor),
+            hw: usize,
+            c: usize,
+        ) -> Result<Slice> {
+            let (k, c_w) = fc.0.dims2()?;
+            same_len(c_w, c, "linear layer")?;
+            let b = x.len() / (hw * c).max(1);
+            same_len(x.len(), b * hw * c, "pooling")?;
+            let mut pooled = uninit(&self.dev, b * c)?;
+            let (cfg, count) = elementwise(b * c, "de_avg_pool")?;
+            let (hw32, c32, k32) = (hw as u32, c as u32, k as u32);
+            let f = KERNELS_MODULE.func(&self.dev, "de_avg_pool")?;
+            let mut a = f.builder();
+            a.arg(&mut pooled).arg(x).arg(&hw32).arg(&c32).arg(&count);
+            // SAFETY: b·hw·c values in, b·c out.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_avg_pool", e))?;
+            let (gw, gb) = (fc.0.storage_and_layout(), fc.1.storage_and_layout());
+            let (w, bias) = (
+                view(&gw, k * c, "linear weight")?,
+                view(&gb, k, "linear bias")?,
+            );
+            let mut logits = uninit(&self.dev, b * k)?;
+            let (cfg, count) = elementwise(b * k, "de_linear")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_linear")?;
+            let mut a = f.builder();
+            a.arg(&mut logits)
+                .arg(&pooled)
+                .arg(&w)
+                .arg(&bias)
+                .arg(&c32)
+                .arg(&k32)
+                .arg(&count);
+            // SAFETY: b·c pooled values, k·c weights, k biases, b·k logits.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear", e))?;
+            Ok(logits)
+        }
+
+        fn linear_pool_backward(
+            &self,
+            dl: &Slice,
+            fc: &(Tensor, Tensor),
+            hw: usize,
+            c: usize,
+        ) -> Result<Slice> {
+            let (k, c_w) = fc.0.dims2()?;
+            same_len(c_w, c, "linear layer")?;
+            let b = dl.len() / k.max(1);
+            same_len(dl.len(), b * k, "logit gradient")?;
+            let n = b * hw * c;
+            let gw = fc.0.storage_and_layout();
+            let w = view(&gw, k * c, "linear weight")?;
+            let mut d = uninit(&self.dev, n)?;
+            let (cfg, count) = elementwise(n, "de_linear_pool_backward")?;
+            let (c32, k32, hw32) = (c as u32, k as u32, hw as u32);
+            let f = KERNELS_MODULE.func(&self.dev, "de_linear_pool_backward")?;
+            let mut a = f.builder();
+            a.arg(&mut d)
+                .arg(dl)
+                .arg(&w)
+                .arg(&c32)
+                .arg(&k32)
+                .arg(&hw32)
+                .arg(&count);
+            // SAFETY: b·k logit gradients, k·c weights, b·hw·c outputs.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_pool_backward", e))?;
+            Ok(d)
+        }
+    }
+}
+
+/// Every kernel of `device_eval.cu` (for the compile check).
+pub const KERNELS: [&str; 9] = [
+    "de_bn_relu_into",
+    "de_bn_relu_inplace",
+    "de_bn_relu_backward",
+    "de_normalise",
+    "de_denormalise",
+    "de_oihw_to_ohwi",
+    "de_avg_pool",
+    "de_linear",
+    "de_linear_pool_backward",
+];
+
+/// The PTX of `device_eval.cu` (NVRTC; no GPU needed).
+#[cfg(feature = "cudnn")]
+pub fn ptx() -> Result<&'static str> {
+    cuda::KERNELS_MODULE.ptx()
+}
