@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""The Markdown table of a gpu-suite.sh benchmark log (bench.jsonl): for each
-architecture, batch size, device string and step, the median images/s over the
-rounds of Rampart and of PyTorch, their ratio (Rampart ÷ PyTorch images/s: > 1 means
-Rampart is faster), and each one's peak GPU memory (the largest over the rounds).
-
-Each `{"run": {...}}` line names the framework, architecture, batch size and device
-of the measurement lines that follow it, up to the next such line.
+"""The Markdown tables of gpu-suite.sh's benchmark logs.
 
     python3 bench-table.py bench.jsonl > bench.md
+    python3 bench-table.py --ab ab.jsonl > ab.md
+
+bench.jsonl: for each architecture, batch size, device string and step, the median
+images/s over the rounds of Rampart and of PyTorch, their ratio (Rampart ÷ PyTorch
+images/s: > 1 means Rampart is faster), and each one's peak GPU memory (the largest
+over the rounds).
+
+ab.jsonl (`--ab`): Rampart alone under each setting (an environment variable, or
+`default`), alternating over the rounds: for each architecture, step and setting,
+the median images/s and its ratio to the default's (setting ÷ default images/s: > 1
+means the setting is faster), and the peak GPU memory.
+
+Each `{"run": {...}}` line names the framework (or setting), architecture, batch
+size and device of the measurement lines that follow it, up to the next such line.
 """
 import json
 import statistics
@@ -15,7 +23,9 @@ import sys
 from collections import defaultdict
 
 
-def main(path):
+def measurements(path, label, keep=lambda run: True):
+    """Images/s and peak bytes per (arch, batch, device, step, run[label]) of the
+    measurement lines whose run passes `keep`."""
     speed = defaultdict(list)
     memory = defaultdict(list)
     run = None
@@ -31,16 +41,34 @@ def main(path):
             if "run" in value:
                 run = value["run"]
                 continue
-            # Only the comparison's runs (the estimates' extra Rampart runs are marked
-            # with another framework name).
-            if run is None or run["framework"] not in ("rampart", "pytorch"):
+            if run is None or not keep(run) or "images_per_second" not in value:
                 continue
-            if "images_per_second" not in value:
-                continue
-            key = (run["arch"], run["batch_size"], run["device"], value["step"], run["framework"])
+            key = (run["arch"], run["batch_size"], run["device"], value["step"], run[label])
             speed[key].append(value["images_per_second"])
             if value.get("peak_memory_bytes") is not None:
                 memory[key].append(value["peak_memory_bytes"])
+    return speed, memory
+
+
+def ab_table(path):
+    speed, memory = measurements(path, "setting")
+    print("| arch | batch | device | step | setting | img/s | ratio (setting ÷ default) | peak MiB | rounds |")
+    print("|---|---:|---|---|---|---:|---:|---:|---:|")
+    for key in sorted(speed):
+        arch, batch, device, step, setting = key
+        a = statistics.median(speed[key])
+        base = speed.get((arch, batch, device, step, "default"))
+        ratio = f"{a / statistics.median(base):.2f}" if base else "-"
+        mib = f"{max(memory[key]) / 2**20:.0f}" if memory.get(key) else "-"
+        print(f"| {arch} | {batch} | {device} | {step} | {setting} | {a:,.0f} | {ratio} | {mib} | {len(speed[key])} |")
+
+
+def main(path):
+    # Only the comparison's runs (the estimates' extra Rampart runs are marked with
+    # another framework name).
+    speed, memory = measurements(
+        path, "framework", lambda run: run.get("framework") in ("rampart", "pytorch")
+    )
     rows = sorted({k[:4] for k in speed})
     print("| arch | batch | device | step | Rampart img/s | PyTorch img/s | ratio (Rampart ÷ PyTorch) | Rampart peak MiB | PyTorch peak MiB | rounds |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
@@ -57,4 +85,7 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) == 3 and sys.argv[1] == "--ab":
+        ab_table(sys.argv[2])
+    else:
+        main(sys.argv[1])

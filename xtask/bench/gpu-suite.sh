@@ -95,7 +95,7 @@ for arch in $AB_ARCHS; do
     done
   done
 done
-DEADLINE= step "ab-table" 10 "$PYTHON" "$HERE/ab-table.py" "$OUT/ab.jsonl" > "$OUT/ab.md"
+DEADLINE= step "ab-table" 10 "$PYTHON" "$HERE/bench-table.py" --ab "$OUT/ab.jsonl" > "$OUT/ab.md"
 
 : > "$OUT/bench.jsonl"
 for arch in $ARCHS; do

@@ -856,6 +856,13 @@ mod cuda {
         Ok(())
     }
 
+    /// The classes K of a linear layer (K, C) on `c` features (checked).
+    fn classes(fc: &(Tensor, Tensor), c: usize) -> Result<usize> {
+        let (k, c_w) = fc.0.dims2()?;
+        same_len(c_w, c, "linear layer")?;
+        Ok(k)
+    }
+
     impl Exec for CudaExec {
         type Buf = Slice;
 
@@ -964,8 +971,7 @@ mod cuda {
             hw: usize,
             c: usize,
         ) -> Result<Slice> {
-            let (k, c_w) = fc.0.dims2()?;
-            same_len(c_w, c, "linear layer")?;
+            let k = classes(fc, c)?;
             let b = x.len() / (hw * c).max(1);
             same_len(x.len(), b * hw * c, "pooling")?;
             let mut pooled = uninit(&self.dev, b * c)?;
@@ -1004,8 +1010,7 @@ mod cuda {
             hw: usize,
             c: usize,
         ) -> Result<Slice> {
-            let (k, c_w) = fc.0.dims2()?;
-            same_len(c_w, c, "linear layer")?;
+            let k = classes(fc, c)?;
             let b = dl.len() / k.max(1);
             same_len(dl.len(), b * k, "logit gradient")?;
             let n = b * hw * c;
