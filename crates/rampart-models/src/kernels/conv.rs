@@ -243,15 +243,44 @@ impl ConvShape {
 /// Which pass of a convolution an op computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pass {
-    /// (x, w) → y: x (b, h, w, c_in), w (c_out, k, k, c_in), y (b, ho, wo, c_out).
+    /// (x, w) → y: x (b, h, w, c_in), w (c_out, c_in, k, k), y (b, ho, wo, c_out).
     Forward,
     /// (dy, w) → dx.
     Data,
-    /// (x, dy) → dw.
+    /// (x, dy) → dw, (c_out, c_in, k, k).
     Filter,
 }
 
-/// One pass of a 2-D convolution of NHWC activations with a KRSC kernel: the one op
+/// An OIHW kernel of `ci` input channels and `kk` = k·k taps per channel in OHWI
+/// (KRSC) order: the twin of the CUDA kernel `oihw_to_ohwi` (`ops.cu`).
+pub(crate) fn oihw_to_ohwi(w: &[f32], ci: usize, kk: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (src, dst) in w.chunks_exact(ci * kk).zip(out.chunks_exact_mut(ci * kk)) {
+        for (i, taps) in src.chunks_exact(kk).enumerate() {
+            for (q, &v) in taps.iter().enumerate() {
+                dst[q * ci + i] = v;
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`oihw_to_ohwi`]: the twin of `ohwi_to_oihw`.
+pub(crate) fn ohwi_to_oihw(w: &[f32], ci: usize, kk: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (src, dst) in w.chunks_exact(ci * kk).zip(out.chunks_exact_mut(ci * kk)) {
+        for (i, taps) in dst.chunks_exact_mut(kk).enumerate() {
+            for (q, t) in taps.iter_mut().enumerate() {
+                *t = src[q * ci + i];
+            }
+        }
+    }
+    out
+}
+
+/// One pass of a 2-D convolution of NHWC activations with an OIHW kernel (PyTorch's
+/// order, the model's; put in KRSC order inside the op, which is what the passes
+/// compute in): the one op
 /// type behind every convolution of the layer-by-layer path, with its CPU forward
 /// (blocked im2col + GEMM, this module) and its CUDA forward (cuDNN, feature
 /// `cudnn`). Only the forward pass has a backward pass of its own: the other two are
@@ -277,7 +306,7 @@ impl Conv2d {
         match self.pass {
             Pass::Forward => ([input, kernel], Shape::from((g.b, ho, wo, g.c_out))),
             Pass::Data => ([output, kernel], Shape::from((g.b, g.h, g.w, g.c_in))),
-            Pass::Filter => ([input, output], Shape::from((g.c_out, g.k, g.k, g.c_in))),
+            Pass::Filter => ([input, output], Shape::from((g.c_out, g.c_in, g.k, g.k))),
         }
     }
 
@@ -388,10 +417,11 @@ impl CustomOp2 for Conv2d {
             Ok(v)
         };
         let (a, b) = (operand(s1, l1, n1, what1)?, operand(s2, l2, n2, what2)?);
+        let (ci, kk) = (self.shape.c_in, self.shape.k * self.shape.k);
         let out = match self.pass {
-            Pass::Forward => self.cpu_forward(a, b),
-            Pass::Data => self.cpu_data(a, b),
-            Pass::Filter => self.cpu_filter(a, b),
+            Pass::Forward => self.cpu_forward(a, &oihw_to_ohwi(b, ci, kk)),
+            Pass::Data => self.cpu_data(a, &oihw_to_ohwi(b, ci, kk)),
+            Pass::Filter => ohwi_to_oihw(&self.cpu_filter(a, b), ci, kk),
         };
         Ok((CpuStorage::F32(out), shape))
     }
@@ -449,9 +479,8 @@ pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
     if !native {
         return conv2d_nhwc_generic(xs, weight, stride, padding);
     }
-    let krsc = weight.permute((0, 2, 3, 1))?.contiguous()?;
     xs.contiguous()?.apply_op2(
-        &krsc,
+        &weight.contiguous()?,
         Conv2d {
             shape,
             pass: Pass::Forward,
@@ -748,6 +777,24 @@ mod tests {
             (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
             "{lhs} vs {rhs}"
         );
+    }
+
+    /// The kernel orders the op converts between: OHWI is candle's permute (0, 2, 3,
+    /// 1) of OIHW, and the two conversions undo each other.
+    #[test]
+    fn kernel_orders_match_candle_permute_and_invert() {
+        let w = rand_tensor(&[4, 3, 3, 3], 6);
+        let flat = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ohwi = oihw_to_ohwi(&flat, 3, 9);
+        let want = w
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(ohwi, want);
+        assert_eq!(ohwi_to_oihw(&ohwi, 3, 9), flat);
     }
 
     #[test]

@@ -237,7 +237,8 @@ fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
 }
 
 /// One pass of a [`Conv2d`] on CUDA: the cuDNN call for its pass, on buffers the
-/// plan of its shape describes.
+/// plan of its shape describes. The op's OIHW kernel is put in KRSC order first (one
+/// kernel), and a kernel gradient, computed in KRSC order, is put back in OIHW order.
 pub(crate) fn conv2d(
     op: &Conv2d,
     s1: &CudaStorage,
@@ -245,19 +246,34 @@ pub(crate) fn conv2d(
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
+    use super::pointwise::permute_kernel;
     let dev = &s1.device;
     let ([(n1, what1), (n2, what2)], shape) = op.sizes();
     let (a, b) = (view(s1, l1, n1, what1)?, view(s2, l2, n2, what2)?);
-    if precision() == Precision::Bf16 {
+    let (ci, kk) = (op.shape.c_in, op.shape.k * op.shape.k);
+    // The kernel operand (forward and input-gradient passes) in KRSC order.
+    let krsc = match op.pass {
+        Pass::Forward | Pass::Data => Some(permute_kernel(dev, &b, ci, kk, true)?),
+        Pass::Filter => None,
+    };
+    let b = match &krsc {
+        Some(k) => k.slice(0..n2),
+        None => b,
+    };
+    let out = if precision() == Precision::Bf16 {
         // bf16 operands, f32 accumulation, the result widened to f32.
         use super::bf16::cuda::{to_bf16, to_f32};
         let (a, b) = (to_bf16(dev, &a)?, to_bf16(dev, &b)?);
         let (a, b) = (a.slice(0..n1), b.slice(0..n2));
         let out = run::<half::bf16>(op, dev, &a, &b, shape.elem_count())?;
-        let out = to_f32(dev, &out)?;
-        return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape));
-    }
-    let out = run::<f32>(op, dev, &a, &b, shape.elem_count())?;
+        to_f32(dev, &out)?
+    } else {
+        run::<f32>(op, dev, &a, &b, shape.elem_count())?
+    };
+    let out = match op.pass {
+        Pass::Filter => permute_kernel(dev, &out.slice(..), ci, kk, false)?,
+        Pass::Forward | Pass::Data => out,
+    };
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
 

@@ -74,17 +74,6 @@ extern "C" __global__ void de_denormalise(float* dx, const float* dn, const floa
     dx[i] = __fmul_rn(dn[(b * hw + p) * c + ch], inv_std[ch]);
 }
 
-// out[((o·kk) + q)·ci + i] = w[(o·ci + i)·kk + q]: an OIHW kernel in OHWI (KRSC) order,
-// kk = k·k.
-extern "C" __global__ void de_oihw_to_ohwi(float* out, const float* w, unsigned int ci,
-                                           unsigned int kk, unsigned int n) {
-    unsigned int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= n) return;
-    unsigned int i = j % ci, rest = j / ci;
-    unsigned int q = rest % kk, o = rest / kk;
-    out[j] = w[(o * ci + i) * kk + q];
-}
-
 // out[b·c + ch] = (Σ_p x[(b·hw + p)·c + ch], p in order)·(1/hw): global average
 // pooling.
 extern "C" __global__ void de_avg_pool(float* out, const float* x, unsigned int hw,

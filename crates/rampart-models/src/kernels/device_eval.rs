@@ -553,17 +553,6 @@ fn denormalise(dn: &[f32], inv_std: &[f32], [c, h, w]: [usize; 3]) -> Vec<f32> {
     dx
 }
 
-/// The twin of `de_oihw_to_ohwi`.
-fn oihw_to_ohwi(w: &[f32], ci: usize, kk: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
-    for (j, o) in out.iter_mut().enumerate() {
-        let (i, rest) = (j % ci, j / ci);
-        let (q, oc) = (rest % kk, rest / kk);
-        *o = w[(oc * ci + i) * kk + q];
-    }
-    out
-}
-
 impl Exec for CpuExec {
     type Buf = Vec<f32>;
 
@@ -577,7 +566,7 @@ impl Exec for CpuExec {
 
     fn kernel(&self, w: &Tensor) -> Result<Vec<f32>> {
         let (_, ci, k, _) = w.dims4()?;
-        Ok(oihw_to_ohwi(&self.values(w)?, ci, k * k))
+        Ok(super::conv::oihw_to_ohwi(&self.values(w)?, ci, k * k))
     }
 
     fn conv(
@@ -876,18 +865,9 @@ mod cuda {
 
         fn kernel(&self, w: &Tensor) -> Result<Slice> {
             let (_, ci, k, _) = w.dims4()?;
-            let n = w.elem_count();
             let gw = w.storage_and_layout();
-            let src = view(&gw, n, "convolution kernel")?;
-            let mut out = uninit(&self.dev, n)?;
-            let (cfg, count) = elementwise(n, "fused eval path: kernel order")?;
-            let (ci, kk) = (ci as u32, (k * k) as u32);
-            let f = KERNELS_MODULE.func(&self.dev, "de_oihw_to_ohwi")?;
-            let mut b = f.builder();
-            b.arg(&mut out).arg(&src).arg(&ci).arg(&kk).arg(&count);
-            // SAFETY: n values in and out; every index computed stays below n.
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error("de_oihw_to_ohwi", e))?;
-            Ok(out)
+            let src = view(&gw, w.elem_count(), "convolution kernel")?;
+            super::super::pointwise::permute_kernel(&self.dev, &src, ci, k * k, true)
         }
 
         fn conv(
@@ -1036,13 +1016,12 @@ mod cuda {
 }
 
 /// Every kernel of `device_eval.cu` (for the compile check).
-pub const KERNELS: [&str; 9] = [
+pub const KERNELS: [&str; 8] = [
     "de_bn_relu_into",
     "de_bn_relu_inplace",
     "de_bn_relu_backward",
     "de_normalise",
     "de_denormalise",
-    "de_oihw_to_ohwi",
     "de_avg_pool",
     "de_linear",
     "de_linear_pool_backward",

@@ -248,3 +248,25 @@ extern "C" __global__ void bf16_to_f32(float* out, const unsigned short* x, unsi
     if (i >= n) return;
     out[i] = __uint_as_float(((unsigned int)x[i]) << 16);
 }
+
+// A convolution kernel between PyTorch's OIHW order and the OHWI (KRSC) order of the
+// NHWC convolutions, kk = k·k (kernels/conv.rs holds the CPU twins).
+// out[((o·kk) + q)·ci + i] = w[(o·ci + i)·kk + q]
+extern "C" __global__ void oihw_to_ohwi(float* out, const float* w, unsigned int ci,
+                                        unsigned int kk, unsigned int n) {
+    unsigned int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    unsigned int i = j % ci, rest = j / ci;
+    unsigned int q = rest % kk, o = rest / kk;
+    out[j] = w[(o * ci + i) * kk + q];
+}
+
+// out[(o·ci + i)·kk + q] = w[((o·kk) + q)·ci + i]
+extern "C" __global__ void ohwi_to_oihw(float* out, const float* w, unsigned int ci,
+                                        unsigned int kk, unsigned int n) {
+    unsigned int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    unsigned int q = j % kk, rest = j / kk;
+    unsigned int i = rest % ci, o = rest / ci;
+    out[j] = w[(o * kk + q) * ci + i];
+}

@@ -29,7 +29,7 @@ pub(crate) static OPS: Module = Module::new("rampart_ops", include_str!("ops.cu"
 
 /// Every kernel of [`OPS`] (for [`Module::ready`] and the compile check).
 #[cfg(feature = "cuda")]
-pub const KERNELS: [&str; 10] = [
+pub const KERNELS: [&str; 12] = [
     "relu_inplace",
     "relu_mask",
     "bn_eval_backward",
@@ -40,6 +40,8 @@ pub const KERNELS: [&str; 10] = [
     "layer_noise",
     "f32_to_bf16",
     "bf16_to_f32",
+    "oihw_to_ohwi",
+    "ohwi_to_oihw",
 ];
 
 /// The PTX of Rampart's CUDA kernels between the convolutions, compiled by NVRTC
@@ -341,6 +343,39 @@ pub(crate) fn relu_in_place(s: &mut CudaStorage, n: usize) -> Result<()> {
     // SAFETY: the first n values of a buffer of at least n.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error("relu", e))?;
     Ok(())
+}
+
+/// A convolution kernel of `c_in` input channels and `kk` = k·k taps per channel,
+/// from OIHW to OHWI (KRSC) order (`to_ohwi`) or back, into a fresh buffer: the
+/// kernels `oihw_to_ohwi` and `ohwi_to_oihw`, whose CPU twins are
+/// [`super::conv::oihw_to_ohwi`] and [`super::conv::ohwi_to_oihw`].
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub(crate) fn permute_kernel(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    w: &CudaView<'_, f32>,
+    c_in: usize,
+    kk: usize,
+    to_ohwi: bool,
+) -> Result<CudaSlice<f32>> {
+    let n = w.len();
+    if c_in == 0 || kk == 0 || n % (c_in * kk) != 0 {
+        candle_core::bail!("kernel order: {n} values are not kernels of {c_in}×{kk}")
+    }
+    let name = if to_ohwi {
+        "oihw_to_ohwi"
+    } else {
+        "ohwi_to_oihw"
+    };
+    let mut out = uninit(dev, n)?;
+    let (cfg, count) = elementwise(n, name)?;
+    let (ci, kk) = (c_in as u32, kk as u32);
+    let k = OPS.func(dev, name)?;
+    let mut b = k.builder();
+    b.arg(&mut out).arg(w).arg(&ci).arg(&kk).arg(&count);
+    // SAFETY: n values in and out; every index computed stays below n.
+    unsafe { b.launch(cfg) }.map_err(|e| launch_error(name, e))?;
+    Ok(out)
 }
 
 /// `dy·[y > 0]` as a tensor, without a backward pass (see [`ReluMask`]).
