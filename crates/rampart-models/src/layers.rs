@@ -150,6 +150,16 @@ impl BatchNorm {
         )
     }
 
+    /// Updates the running statistics from a train-mode op's saved [mean |
+    /// 1/√(var + ε)] (2C) over `rows` rows (as the layer-by-layer path does).
+    pub(crate) fn update_running_saved(&self, stats: &Tensor, rows: usize) -> Result<()> {
+        bn::BatchStats::saved(stats.clone(), self.eps, rows).update_running(
+            &self.running_mean,
+            &self.running_var,
+            self.momentum,
+        )
+    }
+
     /// This layer in eval mode for the fused eval path on a GPU (its tensors, shared).
     pub(crate) fn device(&self) -> crate::kernels::device_eval::DNorm {
         crate::kernels::device_eval::DNorm {

@@ -439,6 +439,49 @@ impl Classifier {
         }
     }
 
+    /// Train-mode logits of `xs` (B, C, H, W) through the GPU's fused train program
+    /// (`kernels::device_train`), whatever `RAMPART_CUDA_FUSED_TRAIN` says: gradients
+    /// reach every parameter, and the running statistics are updated, as by the
+    /// layer-by-layer path. None for a network without that form (ResNet-20, a
+    /// student, an OAT model), under synchronised BatchNorm, for an empty batch or a
+    /// tracked input (whose gradient the program does not compute). On the CPU the
+    /// program runs on its kernels' twins. For tests and benchmarks of the path.
+    pub fn fused_gpu_train(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.check_input(xs)?;
+        if self.spec.oat.is_some()
+            || xs.track_op()
+            || xs.dim(0)? == 0
+            || kernels::sync_bn::current().is_some()
+        {
+            return Ok(None);
+        }
+        let Some((net, norms)) = self.net.device_train_net()? else {
+            return Ok(None);
+        };
+        let (program, tensors) = kernels::device_train::TrainProgram::new(
+            &net,
+            self.spec.input_shape,
+            self.mean.clone(),
+            self.inv_std.clone(),
+        )?;
+        let rows = program.norm_rows(xs.dim(0)?)?;
+        let flat = Tensor::cat(&tensors, 0)?;
+        let op = kernels::device_train::DeviceTrain::new(
+            program,
+            xs.to_dtype(DType::F32)?.contiguous()?,
+        )?;
+        let layout = op.output_layout()?;
+        let out = flat.apply_op1(op)?;
+        let (logits, stats) = layout.split(&out)?;
+        if stats.len() != norms.len() || rows.len() != norms.len() {
+            candle_core::bail!("fused train path: statistics of another network")
+        }
+        for ((norm, st), r) in norms.iter().zip(&stats).zip(rows) {
+            norm.update_running_saved(st, r)?;
+        }
+        Ok(Some(logits))
+    }
+
     /// The fused eval op of the GPU's program for this model's frozen network on its
     /// device (any device: on the CPU it runs the kernels' twins), or None when the
     /// network has no such form.
@@ -761,6 +804,16 @@ pub(crate) trait Network: ModuleT + Send + Sync {
         Ok(None)
     }
 
+    /// The network's tensors for the fused train path on a GPU (its live parameters)
+    /// and its BatchNorms in [`kernels::preact::PreAct::norms`] order; None when this
+    /// network has no such form.
+    #[allow(clippy::type_complexity)]
+    fn device_train_net(
+        &self,
+    ) -> candle_core::Result<Option<(kernels::device_eval::DeviceNet, Vec<&variant::Norm>)>> {
+        Ok(None)
+    }
+
     /// The parameters for the fused train path, and the BatchNorms whose running
     /// statistics it reports (in [`kernels::preact::PreAct::norms`] order); None when
     /// this network has no fused form.
@@ -905,6 +958,11 @@ impl ModuleT for Classifier {
         if train {
             if let Some(logits) = self.fused_train(xs, None)? {
                 return Ok(logits);
+            }
+            if xs.device().is_cuda() && kernels::device_train::usable() {
+                if let Some(logits) = self.fused_gpu_train(xs)? {
+                    return Ok(logits);
+                }
             }
         }
         self.forward_network(self.net.as_ref(), xs, train)

@@ -628,6 +628,78 @@ fn gpu_fused_eval_program_matches_layer_by_layer_on_the_cpu() {
     }
 }
 
+/// The GPU's fused train program, run on the CPU by its kernels' twins, gives the
+/// logits, every parameter gradient and the running statistics of the layer-by-layer
+/// path (WRN with identity and projected shortcuts, strides, PreAct ResNet-18); a
+/// tracked input, a student, an OAT model and ResNet-20 have no such program.
+#[test]
+fn gpu_fused_train_program_matches_layer_by_layer_on_the_cpu() {
+    let mut student = ModelSpec::wrn(10, 1, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.3 });
+    let mut oat = ModelSpec::wrn(10, 1, 10);
+    oat.oat = Some(OatSpec::standard());
+    for spec in [student, oat, ModelSpec::cifar(Arch::Resnet20, 10)] {
+        let m = trained_looking(spec, 5);
+        assert!(m.fused_gpu_train(&input(2, 1)).unwrap().is_none());
+    }
+    for (spec, batch) in [
+        (ModelSpec::wrn(16, 1, 10), 5),
+        (ModelSpec::wrn(10, 2, 7), 3),
+        (ModelSpec::cifar(Arch::PreactResnet18, 10), 2),
+    ] {
+        let name = spec.arch.to_string();
+        let (reference_model, fused_model) =
+            (trained_looking(spec.clone(), 5), trained_looking(spec, 5));
+        let x = input(batch, 13);
+        let reference = reference_model
+            .forward_network(reference_model.net.as_ref(), &x, true)
+            .unwrap();
+        let fused = fused_model
+            .fused_gpu_train(&x)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: no fused GPU train program"));
+        let scale = max_abs(&reference).max(1.0);
+        let d = max_abs_diff(&fused, &reference);
+        assert!(d < 1e-4 * scale, "{name}: logits differ by {d}");
+        let g_ref = probe_grads(&reference, 17);
+        let g_fused = probe_grads(&fused, 17);
+        let ref_vars = reference_model.varmap.data().lock().unwrap().clone();
+        let fused_vars = fused_model.varmap.data().lock().unwrap().clone();
+        let mut checked = 0;
+        for (var_name, rv) in &ref_vars {
+            let fv = &fused_vars[var_name];
+            if is_buffer(var_name) {
+                let d = max_abs_diff(rv.as_tensor(), fv.as_tensor());
+                assert!(
+                    d < 1e-4,
+                    "{name} {var_name}: running statistics differ by {d}"
+                );
+                continue;
+            }
+            let gr = g_ref
+                .get(rv.as_tensor())
+                .unwrap_or_else(|| panic!("{name} {var_name}: no reference gradient"));
+            let gf = g_fused
+                .get(fv.as_tensor())
+                .unwrap_or_else(|| panic!("{name} {var_name}: no fused gradient"));
+            let gscale = max_abs(gr).max(1e-3);
+            let d = max_abs_diff(gr, gf);
+            assert!(
+                d < 2e-4 * gscale,
+                "{name} {var_name}: gradients differ by {d} (scale {gscale})"
+            );
+            checked += 1;
+        }
+        assert!(checked > 10, "{name}: {checked} parameters checked");
+        // A tracked input keeps the layer-by-layer path.
+        let xv = Var::from_tensor(&x).unwrap();
+        assert!(fused_model
+            .fused_gpu_train(xv.as_tensor())
+            .unwrap()
+            .is_none());
+    }
+}
+
 /// The classifier itself, in eval and in train mode, gives parameters gradients; its
 /// frozen view takes the fused pass, which hands back the input gradient once and
 /// refuses a second backward.

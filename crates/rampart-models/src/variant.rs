@@ -396,6 +396,12 @@ impl Norm {
         Ok(())
     }
 
+    /// Updates a plain layer's running statistics after a fused train-mode forward
+    /// pass on a GPU (see [`crate::kernels::device_train`]).
+    pub(crate) fn update_running_saved(&self, stats: &Tensor, rows: usize) -> Result<()> {
+        self.bn.update_running_saved(stats, rows)
+    }
+
     /// This layer for the fused eval path on a GPU: a plain BatchNorm only (no noise,
     /// no λ conditioning).
     pub(crate) fn device(&self) -> Result<Option<crate::kernels::device_eval::DNorm>> {

@@ -148,6 +148,12 @@ impl crate::Network for PreActNet {
         )
     }
 
+    fn device_train_net(
+        &self,
+    ) -> Result<Option<(crate::kernels::device_eval::DeviceNet, Vec<&Norm>)>> {
+        Ok(crate::Network::device_net(self)?.map(|net| (net, self.norms().collect())))
+    }
+
     fn train_net(&self) -> Result<Option<(TrainNetwork<'_>, Vec<&Norm>)>> {
         let net = self.try_map(
             |c| Ok(Some(c.parts())),

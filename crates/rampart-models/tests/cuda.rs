@@ -345,6 +345,62 @@ fn training_step_matches_cpu() {
     }
 }
 
+/// The GPU's fused train program (the network in train mode as one op on its flat
+/// parameters: `kernels::device_train`, taken under `RAMPART_CUDA_FUSED_TRAIN`)
+/// against the CPU's layer-by-layer training step: logits, every parameter gradient
+/// and the running statistics, for a WRN (identity and projected shortcuts) and
+/// PreAct ResNet-18.
+#[test]
+fn fused_train_program_matches_cpu() {
+    let dev = gpu();
+    for spec in [
+        ModelSpec::wrn(16, 2, 10),
+        ModelSpec::cifar(Arch::PreactResnet18, 10),
+    ] {
+        let name = label(&spec);
+        let (cpu, gpu) = model_pair(spec);
+        let x = images(8, 21);
+        let logits_cpu = fwd(&cpu, &x, true);
+        let logits_gpu = gpu
+            .fused_gpu_train(&x.to_device(&dev).unwrap())
+            .unwrap()
+            .expect("a plain pre-activation network has the program");
+        let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
+        eprintln!("{name}: fused GPU train logits differ from the CPU's by {d}");
+        assert!(d < 1e-4, "{name}: fused GPU train logits differ by {d}");
+        let gc = probe(&logits_cpu, 9).backward().unwrap();
+        let gg = probe(&logits_gpu, 9).backward().unwrap();
+        let gpu_vars: std::collections::HashMap<String, Var> =
+            gpu.named_vars().into_iter().collect();
+        let mut checked = 0;
+        for (var_name, vc) in cpu.named_vars() {
+            let vg = &gpu_vars[&var_name];
+            if rampart_models::is_buffer(&var_name) {
+                let d = rel_l2(vc.as_tensor(), vg.as_tensor(), 1e-2);
+                assert!(
+                    d < 1e-4,
+                    "{name} {var_name}: running statistics differ by {d}"
+                );
+                continue;
+            }
+            let a = gc
+                .get(vc.as_tensor())
+                .unwrap_or_else(|| panic!("{name} {var_name}: no CPU gradient"));
+            let b = gg
+                .get(vg.as_tensor())
+                .unwrap_or_else(|| panic!("{name} {var_name}: no fused GPU gradient"));
+            let d = rel_l2(a, b, 1e-3);
+            assert!(
+                d < 2e-3,
+                "{name} {var_name}: fused GPU gradients differ by {d}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 10, "{name}: only {checked} parameters checked");
+        eprintln!("{name}: {checked} fused GPU parameter gradients agree");
+    }
+}
+
 /// Every kernel of `ops.cu` compiles with NVRTC. Needs the CUDA libraries, not a GPU:
 /// `cargo test --release -p rampart-models --features cuda --test cuda compile`.
 #[test]

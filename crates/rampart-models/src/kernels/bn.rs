@@ -221,7 +221,7 @@ impl BnForward {
         sums
     }
     /// y = relu?((x − mean)·inv_std·γ + β) over the rows of `x` (N × C).
-    fn normalise(&self, x: &[f32], gamma: &[f32], beta: &[f32]) -> Result<Vec<f32>> {
+    pub(crate) fn normalise(&self, x: &[f32], gamma: &[f32], beta: &[f32]) -> Result<Vec<f32>> {
         let c = gamma.len();
         self.check(c, gamma, beta)?;
         let (scale, shift) = self.scale_shift(gamma, beta);
@@ -654,6 +654,15 @@ impl BatchStats {
         BatchStats {
             rows,
             kind: StatsKind::Plain { mean, var },
+        }
+    }
+
+    /// Statistics given as a train-mode op's saved [mean | 1/√(var + ε)] (2C, f32)
+    /// over `rows` rows.
+    pub(crate) fn saved(stats: Tensor, eps: f64, rows: usize) -> Self {
+        BatchStats {
+            rows,
+            kind: StatsKind::Saved { stats, eps },
         }
     }
 

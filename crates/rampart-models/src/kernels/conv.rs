@@ -358,7 +358,7 @@ impl Conv2d {
     }
 
     /// dW = Σ_blocks dyᵀ·cols(x): per-thread partial sums, then reduced.
-    fn cpu_filter(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    pub(crate) fn cpu_filter(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let (g, c_out) = (self.shape.geometry(), self.shape.c_out);
         let ipb = g.images_per_block();
         x.par_chunks(ipb * g.image_len())

@@ -43,7 +43,7 @@ use super::conv::{Conv2d, ConvShape, Pass};
 use crate::Precision;
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys, Cudnn, CudnnDataType};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
 };
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
@@ -277,10 +277,11 @@ pub(crate) fn conv2d(
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
 
-/// The forward pass (x, kernel) or the input-gradient pass (dy, kernel) of the f32
-/// convolution `g` into `out` (its length checked by the caller), added to what
-/// `out` holds when `accumulate` (cuDNN's β = 1), else overwriting it (β = 0: cuDNN
-/// does not read `out`). For the fused eval path.
+/// The forward pass (x, kernel), the input-gradient pass (dy, kernel) or the
+/// kernel-gradient pass (x, dy: `kernel` holds dy, `out` gets the KRSC gradient) of
+/// the f32 convolution `g` into `out` (its length checked by the caller), added to
+/// what `out` holds when `accumulate` (cuDNN's β = 1), else overwriting it (β = 0:
+/// cuDNN does not read `out`). For the fused GPU paths.
 pub(crate) fn conv_into(
     dev: &CudaDevice,
     g: ConvShape,
@@ -305,7 +306,12 @@ pub(crate) fn conv_into(
             let op = p.desc.data();
             unsafe { op.launch(p.data.0, work.as_mut(), ab, out, kernel, a) }?;
         }
-        Pass::Filter => candle_core::bail!("conv_into: the kernel gradient is not supported"),
+        Pass::Filter => {
+            // (x, dy) → the KRSC kernel gradient: `kernel` holds dy here.
+            let mut work = workspace(dev, p.filter.1)?;
+            let op = p.desc.filter();
+            unsafe { op.launch(p.filter.0, work.as_mut(), ab, a, out, kernel) }?;
+        }
     }
     Ok(())
 }
@@ -450,9 +456,8 @@ fn scalar(v: &f32) -> *const c_void {
     (v as *const f32).cast()
 }
 
-/// What every BatchNorm call starts from: the device and its stream, the checked
-/// input `x` (n·c·h·w values, `len`) of shape `dims`, that shape's plan and the raw
-/// handle.
+/// What every BatchNorm call starts from: the device and its stream, the input `x`
+/// (n·c·h·w values, `len`) of shape `dims`, that shape's plan and the raw handle.
 struct BnCall<'a> {
     dev: &'a CudaDevice,
     stream: Arc<CudaStream>,
@@ -464,14 +469,16 @@ struct BnCall<'a> {
 }
 
 impl<'a> BnCall<'a> {
-    fn new(xs: &'a CudaStorage, xl: &Layout, dims: [usize; 4]) -> Result<Self> {
+    fn new(dev: &'a CudaDevice, x: CudaView<'a, f32>, dims: [usize; 4]) -> Result<Self> {
         let [n, c, h, w] = dims;
         let len = n * c * h * w;
-        let dev = &xs.device;
+        if x.len() != len {
+            candle_core::bail!("BatchNorm: {} values for activations {dims:?}", x.len())
+        }
         Ok(BnCall {
             dev,
             stream: dev.cuda_stream(),
-            x: view(xs, xl, len, "input")?,
+            x,
             len,
             c,
             plan: bn_plan(dev, dims)?,
@@ -479,7 +486,7 @@ impl<'a> BnCall<'a> {
         })
     }
 
-    /// The result of the call: `out`, written by cuDNN, as candle storage.
+    /// `out`, written by cuDNN, as candle storage.
     fn finish(&self, out: CudaSlice<f32>) -> (CudaStorage, Shape) {
         let len = out.len();
         (
@@ -500,45 +507,83 @@ pub(crate) fn batch_norm_train(
     bs: &CudaStorage,
     bl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let call = BnCall::new(xs, xl, op.dims)?;
-    let (len, c) = (call.len, call.c);
-    let gamma = view(gs, gl, c, "scale")?;
-    let beta = view(bs, bl, c, "shift")?;
+    let len = op.dims.iter().product();
+    let c = op.dims[1];
+    let x = view(xs, xl, len, "input")?;
+    let call = BnCall::new(&xs.device, x, op.dims)?;
     // SAFETY: every value is written by cuDNN below.
     let mut out = unsafe { call.dev.alloc::<f32>(len + 2 * c)? };
     {
-        let (xp, _gx) = call.x.device_ptr(&call.stream);
-        let (gp, _gg) = gamma.device_ptr(&call.stream);
-        let (bp, _gb) = beta.device_ptr(&call.stream);
-        let (outp, _go) = out.device_ptr_mut(&call.stream);
-        let mean = outp + (4 * len) as u64;
-        let inv_std = mean + (4 * c) as u64;
-        // SAFETY: the descriptors match the checked lengths; the running
-        // statistics are not asked for (both null, factor 0).
-        unsafe {
-            sys::cudnnBatchNormalizationForwardTraining(
-                call.handle.0,
-                SPATIAL_PERSISTENT,
-                scalar(&1.0),
-                scalar(&0.0),
-                call.plan.x.0,
-                xp as *const c_void,
-                call.plan.x.0,
-                outp as *mut c_void,
-                call.plan.p.0,
-                gp as *const c_void,
-                bp as *const c_void,
-                0.0,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                op.eps,
-                mean as *mut c_void,
-                inv_std as *mut c_void,
-            )
-        }
-        .result()?;
+        let (mut y, mut stats) = out.split_at_mut(len);
+        let (g, b) = (view(gs, gl, c, "scale")?, view(bs, bl, c, "shift")?);
+        bn_train(&call, &g, &b, op.eps, &mut y, &mut stats)?;
     }
     Ok(call.finish(out))
+}
+
+/// cuDNN's training-mode forward of the activations `x` (NHWC, `dims` as (n, c, h,
+/// w)) with γ and β, into `y` (n·c·h·w values) and `stats` ([mean | 1/√(var + ε)],
+/// 2C).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batch_norm_train_into(
+    dev: &CudaDevice,
+    x: CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    dims: [usize; 4],
+    eps: f64,
+    y: &mut CudaViewMut<'_, f32>,
+    stats: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    bn_train(&BnCall::new(dev, x, dims)?, gamma, beta, eps, y, stats)
+}
+
+fn bn_train(
+    call: &BnCall<'_>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    eps: f64,
+    y: &mut CudaViewMut<'_, f32>,
+    stats: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (len, c) = (call.len, call.c);
+    if gamma.len() != c || beta.len() != c || y.len() != len || stats.len() != 2 * c {
+        candle_core::bail!(
+            "BatchNorm: γ, β, y and the statistics must hold {c}, {c}, {len} and {} values",
+            2 * c
+        )
+    }
+    let (xp, _gx) = call.x.device_ptr(&call.stream);
+    let (gp, _gg) = gamma.device_ptr(&call.stream);
+    let (bp, _gb) = beta.device_ptr(&call.stream);
+    let (yp, _gy) = y.device_ptr_mut(&call.stream);
+    let (mean, _gs) = stats.device_ptr_mut(&call.stream);
+    let inv_std = mean + (4 * c) as u64;
+    // SAFETY: the descriptors match the checked lengths; the running statistics are
+    // not asked for (both null, factor 0).
+    unsafe {
+        sys::cudnnBatchNormalizationForwardTraining(
+            call.handle.0,
+            SPATIAL_PERSISTENT,
+            scalar(&1.0),
+            scalar(&0.0),
+            call.plan.x.0,
+            xp as *const c_void,
+            call.plan.x.0,
+            yp as *mut c_void,
+            call.plan.p.0,
+            gp as *const c_void,
+            bp as *const c_void,
+            0.0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            eps,
+            mean as *mut c_void,
+            inv_std as *mut c_void,
+        )
+    }
+    .result()?;
+    Ok(())
 }
 
 /// The CUDA forward of [`BatchNormTrainBackward`]: (x, ∂/∂y, saved [y | mean |
@@ -553,14 +598,9 @@ pub(crate) fn batch_norm_backward(
     rl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let forward = op.forward();
-    let call = BnCall::new(xs, xl, forward.dims)?;
-    let (len, c) = (call.len, call.c);
-    if dy.len() != len {
-        candle_core::bail!(
-            "BatchNorm backward: {} gradients for {len} values",
-            dy.len()
-        )
-    }
+    let len: usize = forward.dims.iter().product();
+    let c = forward.dims[1];
+    let call = BnCall::new(&xs.device, view(xs, xl, len, "input")?, forward.dims)?;
     let saved = view(rs, rl, len + 2 * c, "saved statistics")?;
     let (gs, gl) = op.gamma().storage_and_layout();
     let candle_core::Storage::Cuda(gs) = &*gs else {
@@ -570,43 +610,90 @@ pub(crate) fn batch_norm_backward(
     // SAFETY: every value is written by cuDNN below.
     let mut out = unsafe { call.dev.alloc::<f32>(len + 2 * c)? };
     {
-        let (xp, _gx) = call.x.device_ptr(&call.stream);
-        let (dyp, _gdy) = dy.device_ptr(&call.stream);
-        let (sp, _gs) = saved.device_ptr(&call.stream);
-        let (gp, _gg) = gamma.device_ptr(&call.stream);
-        let (outp, _go) = out.device_ptr_mut(&call.stream);
-        let mean = sp + (4 * len) as u64;
-        let inv_std = mean + (4 * c) as u64;
-        let d_gamma = outp + (4 * len) as u64;
-        let d_beta = d_gamma + (4 * c) as u64;
-        // SAFETY: as in the forward pass; the saved statistics are those the
-        // forward pass wrote for this x.
-        unsafe {
-            sys::cudnnBatchNormalizationBackward(
-                call.handle.0,
-                SPATIAL_PERSISTENT,
-                scalar(&1.0),
-                scalar(&0.0),
-                scalar(&1.0),
-                scalar(&0.0),
-                call.plan.x.0,
-                xp as *const c_void,
-                call.plan.x.0,
-                dyp as *const c_void,
-                call.plan.x.0,
-                outp as *mut c_void,
-                call.plan.p.0,
-                gp as *const c_void,
-                d_gamma as *mut c_void,
-                d_beta as *mut c_void,
-                forward.eps,
-                mean as *const c_void,
-                inv_std as *const c_void,
-            )
-        }
-        .result()?;
+        let (mut dx, mut dgb) = out.split_at_mut(len);
+        let stats = saved.slice(len..len + 2 * c);
+        bn_backward(&call, dy, &gamma, &stats, forward.eps, &mut dx, &mut dgb)?;
     }
     Ok(call.finish(out))
+}
+
+/// cuDNN's training-mode backward pass of the activations `x` (NHWC, `dims`) from
+/// the gradient `dy` of the normalised output, γ, and the forward pass's saved
+/// [mean | 1/√(var + ε)] (2C): dx into `dx`, [dγ | dβ] into `dgb`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batch_norm_backward_into(
+    dev: &CudaDevice,
+    x: CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    stats: &CudaView<'_, f32>,
+    dims: [usize; 4],
+    eps: f64,
+    dx: &mut CudaViewMut<'_, f32>,
+    dgb: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    bn_backward(&BnCall::new(dev, x, dims)?, dy, gamma, stats, eps, dx, dgb)
+}
+
+fn bn_backward(
+    call: &BnCall<'_>,
+    dy: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    stats: &CudaView<'_, f32>,
+    eps: f64,
+    dx: &mut CudaViewMut<'_, f32>,
+    dgb: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (len, c) = (call.len, call.c);
+    if dy.len() != len || dx.len() != len {
+        candle_core::bail!(
+            "BatchNorm backward: {} gradients and {} outputs for {len} values",
+            dy.len(),
+            dx.len()
+        )
+    }
+    if gamma.len() != c || stats.len() != 2 * c || dgb.len() != 2 * c {
+        candle_core::bail!(
+            "BatchNorm backward: γ, the statistics and [dγ | dβ] must hold {c}, {} and {} values",
+            2 * c,
+            2 * c
+        )
+    }
+    let (xp, _gx) = call.x.device_ptr(&call.stream);
+    let (dyp, _gdy) = dy.device_ptr(&call.stream);
+    let (sp, _gs) = stats.device_ptr(&call.stream);
+    let (gp, _gg) = gamma.device_ptr(&call.stream);
+    let (dxp, _gdx) = dx.device_ptr_mut(&call.stream);
+    let (d_gamma, _gdgb) = dgb.device_ptr_mut(&call.stream);
+    let (mean, inv_std) = (sp, sp + (4 * c) as u64);
+    let d_beta = d_gamma + (4 * c) as u64;
+    // SAFETY: as in the forward pass; the saved statistics are those the forward pass
+    // wrote for this x.
+    unsafe {
+        sys::cudnnBatchNormalizationBackward(
+            call.handle.0,
+            SPATIAL_PERSISTENT,
+            scalar(&1.0),
+            scalar(&0.0),
+            scalar(&1.0),
+            scalar(&0.0),
+            call.plan.x.0,
+            xp as *const c_void,
+            call.plan.x.0,
+            dyp as *const c_void,
+            call.plan.x.0,
+            dxp as *mut c_void,
+            call.plan.p.0,
+            gp as *const c_void,
+            d_gamma as *mut c_void,
+            d_beta as *mut c_void,
+            eps,
+            mean as *const c_void,
+            inv_std as *const c_void,
+        )
+    }
+    .result()?;
+    Ok(())
 }
 
 /// Whether cuDNN can run this BatchNorm (f32 on CUDA, ε at least cuDNN's minimum,
@@ -629,8 +716,9 @@ pub(crate) fn batch_norm_eval(
     bs: &CudaStorage,
     bl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let call = BnCall::new(xs, xl, op.dims)?;
-    let (len, c) = (call.len, call.c);
+    let len: usize = op.dims.iter().product();
+    let call = BnCall::new(&xs.device, view(xs, xl, len, "input")?, op.dims)?;
+    let c = call.c;
     let gamma = view(gs, gl, c, "scale")?;
     let beta = view(bs, bl, c, "shift")?;
     let (ms, ml) = op.mean.storage_and_layout();

@@ -112,3 +112,36 @@ extern "C" __global__ void de_linear_pool_backward(float* d, const float* dl, co
     for (unsigned int j = 0; j < k; ++j) s = __fadd_rn(s, __fmul_rn(dl[b * k + j], w[j * c + ch]));
     d[i] = __fmul_rn(s, __frcp_rn((float)hw));
 }
+
+// The train program's kernels (kernels/device_train.rs holds their twins).
+
+// d ← d·[y > 0]: the gradient through a ReLU whose output is y, in place.
+extern "C" __global__ void de_relu_mask_inplace(float* d, const float* y, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) d[i] = __fmul_rn(d[i], y[i] > 0.0f ? 1.0f : 0.0f);
+}
+
+// d ← d + r.
+extern "C" __global__ void de_add_inplace(float* d, const float* r, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) d[i] = __fadd_rn(d[i], r[i]);
+}
+
+// The linear layer's parameter gradients from the logits' gradient dl (B, K) and its
+// input x (B, C): out[j·c + ch] = Σ_b dl[b·k + j]·x[b·c + ch] (t < k·c), then
+// out[k·c + j] = Σ_b dl[b·k + j]; the images in order.
+extern "C" __global__ void de_linear_param_grads(float* out, const float* dl, const float* x,
+                                                 unsigned int b, unsigned int c,
+                                                 unsigned int k, unsigned int n) {
+    unsigned int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    float s = 0.0f;
+    if (t < k * c) {
+        unsigned int j = t / c, ch = t % c;
+        for (unsigned int i = 0; i < b; ++i) s = __fadd_rn(s, __fmul_rn(dl[i * k + j], x[i * c + ch]));
+    } else {
+        unsigned int j = t - k * c;
+        for (unsigned int i = 0; i < b; ++i) s = __fadd_rn(s, dl[i * k + j]);
+    }
+    out[t] = s;
+}

@@ -530,7 +530,12 @@ fn bn_relu_value(x: f32, [g, b, m, v]: [f32; 4], eps: f32) -> f32 {
 }
 
 /// The twin of `de_normalise`: NCHW in, normalised NHWC out.
-fn normalise(x: &[f32], mean: &[f32], inv_std: &[f32], [c, h, w]: [usize; 3]) -> Vec<f32> {
+pub(crate) fn normalise(
+    x: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    [c, h, w]: [usize; 3],
+) -> Vec<f32> {
     let hw = h * w;
     let mut out = vec![0f32; x.len()];
     for (i, o) in out.iter_mut().enumerate() {
@@ -648,27 +653,7 @@ impl Exec for CpuExec {
         let (w, bias) = (self.values(&fc.0)?, self.values(&fc.1)?);
         let k = bias.len();
         let b = x.len() / (hw * c).max(1);
-        // The twin of `de_avg_pool`.
-        let mut pooled = vec![0f32; b * c];
-        for (j, o) in pooled.iter_mut().enumerate() {
-            let (ch, img) = (j % c, j / c);
-            let mut s = 0f32;
-            for p in 0..hw {
-                s += x[(img * hw + p) * c + ch];
-            }
-            *o = s * (1.0 / hw as f32);
-        }
-        // The twin of `de_linear`.
-        let mut logits = vec![0f32; b * k];
-        for (t, o) in logits.iter_mut().enumerate() {
-            let (j, img) = (t % k, t / k);
-            let mut s = 0f32;
-            for ch in 0..c {
-                s += w[j * c + ch] * pooled[img * c + ch];
-            }
-            *o = s + bias[j];
-        }
-        Ok(logits)
+        Ok(linear(&avg_pool(x, hw, c), &w, &bias, b, c, k))
     }
 
     fn linear_pool_backward(
@@ -681,18 +666,59 @@ impl Exec for CpuExec {
         let w = self.values(&fc.0)?;
         let k = fc.0.dim(0)?;
         let b = dl.len() / k.max(1);
-        // The twin of `de_linear_pool_backward`.
-        let mut d = vec![0f32; b * hw * c];
-        for (i, o) in d.iter_mut().enumerate() {
-            let (ch, img) = (i % c, i / (c * hw));
-            let mut s = 0f32;
-            for j in 0..k {
-                s += dl[img * k + j] * w[j * c + ch];
-            }
-            *o = s * (1.0 / hw as f32);
-        }
-        Ok(d)
+        Ok(linear_pool_input_grad(dl, &w, b, hw, c, k))
     }
+}
+
+/// The twin of `de_avg_pool`: (B, hw, C) → (B, C).
+pub(crate) fn avg_pool(x: &[f32], hw: usize, c: usize) -> Vec<f32> {
+    let b = x.len() / (hw * c).max(1);
+    let mut pooled = vec![0f32; b * c];
+    for (j, o) in pooled.iter_mut().enumerate() {
+        let (ch, img) = (j % c, j / c);
+        let mut s = 0f32;
+        for p in 0..hw {
+            s += x[(img * hw + p) * c + ch];
+        }
+        *o = s * (1.0 / hw as f32);
+    }
+    pooled
+}
+
+/// The twin of `de_linear`: (B, C) → (B, K) with weight (K, C) and bias (K,).
+pub(crate) fn linear(x: &[f32], w: &[f32], bias: &[f32], b: usize, c: usize, k: usize) -> Vec<f32> {
+    let mut logits = vec![0f32; b * k];
+    for (t, o) in logits.iter_mut().enumerate() {
+        let (j, img) = (t % k, t / k);
+        let mut s = 0f32;
+        for ch in 0..c {
+            s += w[j * c + ch] * x[img * c + ch];
+        }
+        *o = s + bias[j];
+    }
+    logits
+}
+
+/// The twin of `de_linear_pool_backward`: the gradient (B, hw, C) of the pooled
+/// activations from that of the logits (B, K).
+pub(crate) fn linear_pool_input_grad(
+    dl: &[f32],
+    w: &[f32],
+    b: usize,
+    hw: usize,
+    c: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut d = vec![0f32; b * hw * c];
+    for (i, o) in d.iter_mut().enumerate() {
+        let (ch, img) = (i % c, i / (c * hw));
+        let mut s = 0f32;
+        for j in 0..k {
+            s += dl[img * k + j] * w[j * c + ch];
+        }
+        *o = s * (1.0 / hw as f32);
+    }
+    d
 }
 
 // ---------------------------------------------------------------------------------
@@ -700,7 +726,7 @@ impl Exec for CpuExec {
 
 #[cfg(feature = "cudnn")]
 #[allow(unsafe_code)]
-mod cuda {
+pub(crate) mod cuda {
     use super::super::conv::{ConvShape, Pass};
     use super::super::cuda::{elementwise, f32_view, launch_error, uninit, Module};
     use super::{DNorm, DeviceProgram, Exec};
@@ -716,12 +742,12 @@ mod cuda {
 
     /// The CUDA executor on one device.
     pub(crate) struct CudaExec {
-        dev: CudaDevice,
+        pub(crate) dev: CudaDevice,
     }
 
     /// The `n` f32 values (contiguous, on a GPU) of a tensor through its storage's
     /// read guard and its layout (`Tensor::storage_and_layout`).
-    fn view<'a, G: std::ops::Deref<Target = Storage>>(
+    pub(crate) fn view<'a, G: std::ops::Deref<Target = Storage>>(
         g: &'a (G, &Layout),
         n: usize,
         what: &str,
@@ -758,10 +784,23 @@ mod cuda {
             l: &Layout,
             p: &DeviceProgram,
         ) -> Result<Slice> {
-            let [c, h, w] = p.input;
+            self.normalise_with(s, l, p.input, &p.mean, &p.inv_std)
+        }
+
+        /// The NCHW images of `s` (each of shape `input`) normalised by `mean` and
+        /// `inv_std`, NHWC.
+        pub(crate) fn normalise_with(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+            input: [usize; 3],
+            mean: &Tensor,
+            inv_std: &Tensor,
+        ) -> Result<Slice> {
+            let [c, h, w] = input;
             let n = l.shape().elem_count();
             let x = f32_view(s, l, n, "fused eval path: input")?;
-            let (gm, gs) = (p.mean.storage_and_layout(), p.inv_std.storage_and_layout());
+            let (gm, gs) = (mean.storage_and_layout(), inv_std.storage_and_layout());
             let (mean, inv_std) = (view(&gm, c, "mean")?, view(&gs, c, "1/std")?);
             let mut out = uninit(&self.dev, n)?;
             let (cfg, count) = elementwise(n, "fused eval path: normalise")?;
@@ -838,7 +877,7 @@ mod cuda {
         }};
     }
 
-    fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
+    pub(crate) fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
         if a != b {
             candle_core::bail!("fused eval path: {what}: {a} values against {b}")
         }
@@ -1015,8 +1054,9 @@ mod cuda {
     }
 }
 
-/// Every kernel of `device_eval.cu` (for the compile check).
-pub const KERNELS: [&str; 8] = [
+/// Every kernel of `device_eval.cu`, the eval program's and the train program's (for
+/// the compile check).
+pub const KERNELS: [&str; 11] = [
     "de_bn_relu_into",
     "de_bn_relu_inplace",
     "de_bn_relu_backward",
@@ -1025,6 +1065,9 @@ pub const KERNELS: [&str; 8] = [
     "de_avg_pool",
     "de_linear",
     "de_linear_pool_backward",
+    "de_relu_mask_inplace",
+    "de_add_inplace",
+    "de_linear_param_grads",
 ];
 
 /// The PTX of `device_eval.cu` (NVRTC; no GPU needed).

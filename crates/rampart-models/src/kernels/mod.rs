@@ -51,6 +51,7 @@ pub mod cuda;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 pub mod device_eval;
+pub mod device_train;
 pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;

@@ -1,0 +1,1062 @@
+//! The fused train path of pre-activation networks on a GPU: the whole network in
+//! train mode as one op on its flattened parameters, forward (logits, batch
+//! statistics) and backward (every parameter gradient), written once over an
+//! executor ([`TrainExec`]), like the eval path of [`super::device_eval`].
+//!
+//! Layer by layer, a training step on a GPU is one candle node per operation, and the
+//! backward pass adds every node's gradient into a fresh zero tensor. Here the op's
+//! input is the concatenation of the network's parameters (candle routes each part of
+//! its gradient back to its variable), its output the logits followed by each
+//! BatchNorm's batch statistics [mean | 1/√(var + ε)] (from which the caller updates
+//! the running estimates, as the layer-by-layer path does). Per pre-activation block
+//! the forward pass runs two cuDNN train-mode BatchNorms (each followed by a ReLU in
+//! place) and the block's convolutions, the second accumulating onto the shortcut;
+//! the backward pass runs, per convolution, its kernel-gradient and input-gradient
+//! passes, per BatchNorm a ReLU mask and cuDNN's backward pass, and writes every
+//! parameter gradient into one buffer.
+//!
+//! The CPU executor (the kernels' twins, the CPU convolution passes and the CPU
+//! BatchNorm) tests the program against the layer-by-layer path on any machine; the
+//! CPU's own fast path stays [`super::fused_train`]. Plain networks only (a WRN or
+//! pre-activation ResNet-18 in f32 or TF32, no synchronised BatchNorm, an input that
+//! needs no gradient). On a GPU the path is taken when `RAMPART_CUDA_FUSED_TRAIN` is
+//! set ([`enabled`]): it has not yet run on a GPU.
+
+use super::common::f32_slice;
+use super::conv::{ohwi_to_oihw, oihw_to_ohwi, Conv2d, ConvShape, Pass};
+use super::device_eval::{CpuExec, Exec};
+use super::preact::PreAct;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// The environment variable that turns the fused train path on for CUDA models (any
+/// value but `0`).
+pub const ENABLE_ENV: &str = "RAMPART_CUDA_FUSED_TRAIN";
+
+/// Whether [`ENABLE_ENV`] asks for the fused train path on a GPU.
+pub fn enabled() -> bool {
+    std::env::var_os(ENABLE_ENV).is_some_and(|v| v != "0")
+}
+
+/// Whether a GPU model may take the path: a build with cuDNN, the path [`enabled`],
+/// and convolutions not in bf16.
+pub(crate) fn usable() -> bool {
+    #[cfg(feature = "cudnn")]
+    {
+        enabled() && super::cudnn::precision() != crate::Precision::Bf16
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        false
+    }
+}
+
+/// A convolution: where its OIHW kernel starts in the flat parameters, its shape,
+/// stride and padding.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TConv {
+    at: usize,
+    c_out: usize,
+    c_in: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+}
+
+/// A BatchNorm (+ ReLU): where γ and β start, the channels and ε.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TNorm {
+    gamma: usize,
+    beta: usize,
+    c: usize,
+    eps: f64,
+}
+
+/// The linear layer: where its weight (K, C) and bias (K,) start.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TFc {
+    w: usize,
+    b: usize,
+    k: usize,
+    c: usize,
+}
+
+/// A network's parameters laid out in one flat vector.
+pub(crate) type TrainNet = PreAct<TConv, TNorm, TFc>;
+
+/// A network's layout, the tensors it was laid out from (in order), and its input.
+pub(crate) struct TrainProgram {
+    net: TrainNet,
+    params: usize,
+    input: [usize; 3],
+    mean: Tensor,
+    inv_std: Tensor,
+}
+
+impl TrainProgram {
+    /// The layout of `net` (whose BatchNorms carry their ε) and the parameter tensors
+    /// in layout order, to be concatenated (each flattened) into the op's input.
+    pub(crate) fn new(
+        net: &super::device_eval::DeviceNet,
+        input: [usize; 3],
+        mean: Tensor,
+        inv_std: Tensor,
+    ) -> Result<(Self, Vec<Tensor>)> {
+        // The tensors placed so far and the length they take (`try_map` takes `Fn`
+        // closures, so the placement state sits in a cell).
+        let placed = std::cell::RefCell::new((Vec::<Tensor>::new(), 0usize));
+        let place = |t: &Tensor| -> Result<usize> {
+            if t.dtype() != DType::F32 {
+                candle_core::bail!(
+                    "fused train path: parameters must be f32, got {:?}",
+                    t.dtype()
+                )
+            }
+            let mut p = placed.borrow_mut();
+            let start = p.1;
+            p.1 += t.elem_count();
+            p.0.push(t.flatten_all()?);
+            Ok(start)
+        };
+        let layout = net.try_map(
+            |c| {
+                let (c_out, c_in, k, k2) = c.weight.dims4()?;
+                if k != k2 {
+                    return Ok(None);
+                }
+                Ok(Some(TConv {
+                    at: place(&c.weight)?,
+                    c_out,
+                    c_in,
+                    k,
+                    stride: c.stride,
+                    padding: c.padding,
+                }))
+            },
+            |n| {
+                let c = n.gamma.elem_count();
+                Ok(Some(TNorm {
+                    gamma: place(&n.gamma)?,
+                    beta: place(&n.beta)?,
+                    c,
+                    eps: f64::from(n.eps),
+                }))
+            },
+            |(w, b)| {
+                let (k, c) = w.dims2()?;
+                Ok(Some(TFc {
+                    w: place(w)?,
+                    b: place(b)?,
+                    k,
+                    c,
+                }))
+            },
+        )?;
+        let Some(net) = layout else {
+            candle_core::bail!("fused train path: a convolution with a non-square kernel")
+        };
+        let (tensors, params) = placed.into_inner();
+        Ok((
+            TrainProgram {
+                net,
+                params,
+                input,
+                mean: mean.to_dtype(DType::F32)?,
+                inv_std: inv_std.to_dtype(DType::F32)?,
+            },
+            tensors,
+        ))
+    }
+
+    /// The number of BatchNorm statistics values after the logits: 2C per BatchNorm.
+    fn stats_len(&self) -> usize {
+        self.net.norms().map(|n| 2 * n.c).sum()
+    }
+
+    /// Each BatchNorm's channel count, in [`PreAct::norms`] order.
+    pub(crate) fn norm_channels(&self) -> Vec<usize> {
+        self.net.norms().map(|n| n.c).collect()
+    }
+
+    /// The rows (images × pixels) each BatchNorm normalises over for a batch of `b`
+    /// images, in [`PreAct::norms`] order.
+    pub(crate) fn norm_rows(&self, b: usize) -> Result<Vec<usize>> {
+        let [_, h0, w0] = self.input;
+        let mut side = shape(&self.net.stem, b, (h0, w0))?.out();
+        let mut rows = Vec::new();
+        for blk in &self.net.blocks {
+            rows.push(b * side.0 * side.1);
+            let g1 = shape(&blk.conv1, b, side)?;
+            let (ho, wo) = g1.out();
+            rows.push(b * ho * wo);
+            side = shape(&blk.conv2, b, (ho, wo))?.out();
+        }
+        rows.push(b * side.0 * side.1);
+        Ok(rows)
+    }
+}
+
+/// Where the parts of a [`DeviceTrain`] op's output are: the logits (B, K), then each
+/// BatchNorm's statistics.
+pub(crate) struct OutputLayout {
+    b: usize,
+    k: usize,
+    channels: Vec<usize>,
+}
+
+impl OutputLayout {
+    /// The logits (B, K) and each BatchNorm's statistics [mean | 1/√(var + ε)] (2C,
+    /// [`PreAct::norms`] order, detached) of the op's output.
+    pub(crate) fn split(&self, out: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let (b, k) = (self.b, self.k);
+        let logits = out.narrow(0, 0, b * k)?.reshape((b, k))?;
+        let mut at = b * k;
+        let mut stats = Vec::new();
+        for &c in &self.channels {
+            stats.push(out.narrow(0, at, 2 * c)?.detach());
+            at += 2 * c;
+        }
+        Ok((logits, stats))
+    }
+}
+
+/// The operations the train program adds to [`Exec`]'s. `p` is the flat parameter
+/// vector; activations are NHWC.
+pub(crate) trait TrainExec: Exec {
+    /// A copy of `x`.
+    fn copy(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// `dst[at..at + src.len()] = src`.
+    fn put(&self, dst: &mut Self::Buf, at: usize, src: &Self::Buf) -> Result<()>;
+    /// `d += r`.
+    fn add_in_place(&self, d: &mut Self::Buf, r: &Self::Buf) -> Result<()>;
+    /// The normalised NHWC input of the NCHW images `x`.
+    fn input(&self, x: &Tensor, p: &TrainProgram) -> Result<Self::Buf>;
+    /// The KRSC kernel of `conv` from the OIHW one in `p`.
+    fn kernel_at(&self, p: &Self::Buf, conv: &TConv) -> Result<Self::Buf>;
+    /// The kernel gradient of convolution `g` from its input `x` and output gradient
+    /// `dy`, written in OIHW order at `at` of `grad`.
+    fn filter_into(
+        &self,
+        g: &ConvShape,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        grad: &mut Self::Buf,
+        at: usize,
+    ) -> Result<()>;
+    /// relu(bn(x)) with x's batch statistics, and those statistics
+    /// [mean | 1/√(var + ε)] (2C).
+    fn bn_relu_train(
+        &self,
+        x: &Self::Buf,
+        p: &Self::Buf,
+        n: &TNorm,
+        rows: usize,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// The input gradient of relu(bn(x)) (output `y`, statistics `stats`) from the
+    /// output gradient `d`, into `d`; [dγ | dβ] (2C) returned.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_relu_train_backward(
+        &self,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        d: &mut Self::Buf,
+        p: &Self::Buf,
+        n: &TNorm,
+        stats: &Self::Buf,
+        rows: usize,
+    ) -> Result<Self::Buf>;
+    /// Global average pooling (`hw` pixels) and the linear layer of `p`: (pooled
+    /// (B, C), logits (B, K)).
+    fn pool_linear_at(
+        &self,
+        x: &Self::Buf,
+        p: &Self::Buf,
+        fc: &TFc,
+        hw: usize,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// From the logits' gradient: the linear layer's weight and bias gradients,
+    /// written at their places in `grad`, and the gradient (B, hw, C) of the pooled
+    /// activations.
+    fn linear_pool_backward_at(
+        &self,
+        dl: &Self::Buf,
+        pooled: &Self::Buf,
+        p: &Self::Buf,
+        fc: &TFc,
+        hw: usize,
+        grad: &mut Self::Buf,
+    ) -> Result<Self::Buf>;
+}
+
+/// A convolution's shape on `b` images of side `side`.
+fn shape(conv: &TConv, b: usize, side: (usize, usize)) -> Result<ConvShape> {
+    ConvShape::from_dims(
+        b,
+        side,
+        conv.c_in,
+        conv.c_out,
+        conv.k,
+        conv.stride,
+        conv.padding,
+    )
+}
+
+/// One block's saved state: its input and side, the first BatchNorm's output (and
+/// statistics), the first convolution's output, the second BatchNorm's output (and
+/// statistics), the KRSC kernels.
+struct BlockState<B> {
+    side: (usize, usize),
+    x: B,
+    stats1: B,
+    pre: B,
+    h: B,
+    stats2: B,
+    mid: B,
+    k1: B,
+    k2: B,
+    shortcut: Option<B>,
+}
+
+/// What the backward pass reads.
+pub(crate) struct TrainState<B> {
+    b: usize,
+    params: B,
+    a0: B,
+    blocks: Vec<BlockState<B>>,
+    head_x: B,
+    head_stats: B,
+    fin: B,
+    pooled: B,
+    side: (usize, usize),
+}
+
+/// The forward pass: logits followed by every BatchNorm's statistics (in
+/// [`PreAct::norms`] order), and the state of the backward pass.
+fn forward<E: TrainExec>(
+    e: &E,
+    prog: &TrainProgram,
+    params: E::Buf,
+    x: &Tensor,
+) -> Result<(E::Buf, TrainState<E::Buf>)> {
+    let net = &prog.net;
+    let b = x.dim(0)?;
+    let [_, h0, w0] = prog.input;
+    let a0 = e.input(x, prog)?;
+    let g = shape(&net.stem, b, (h0, w0))?;
+    let stem = e.kernel_at(&params, &net.stem)?;
+    let mut cur = e.buffer(g.output_len())?;
+    e.conv(Pass::Forward, &g, &a0, &stem, &mut cur, false)?;
+    drop(stem);
+    let mut side = g.out();
+    let mut blocks = Vec::with_capacity(net.blocks.len());
+    let mut stats_all: Vec<E::Buf> = Vec::new();
+    for blk in &net.blocks {
+        let rows = b * side.0 * side.1;
+        let (pre, stats1) = e.bn_relu_train(&cur, &params, &blk.bn1, rows)?;
+        let g1 = shape(&blk.conv1, b, side)?;
+        let g2 = shape(&blk.conv2, b, g1.out())?;
+        let (mut out, shortcut) = match &blk.shortcut {
+            Some(sc) => {
+                let gs = shape(sc, b, side)?;
+                let ks = e.kernel_at(&params, sc)?;
+                let mut o = e.buffer(gs.output_len())?;
+                e.conv(Pass::Forward, &gs, &pre, &ks, &mut o, false)?;
+                (o, Some(ks))
+            }
+            // The block's input stays for the first BatchNorm's backward pass.
+            None => (e.copy(&cur)?, None),
+        };
+        if E::len(&out) != g2.output_len() {
+            candle_core::bail!("fused train path: a shortcut of the wrong size")
+        }
+        let k1 = e.kernel_at(&params, &blk.conv1)?;
+        let mut h = e.buffer(g1.output_len())?;
+        e.conv(Pass::Forward, &g1, &pre, &k1, &mut h, false)?;
+        let (ho, wo) = g1.out();
+        let (mid, stats2) = e.bn_relu_train(&h, &params, &blk.bn2, b * ho * wo)?;
+        let k2 = e.kernel_at(&params, &blk.conv2)?;
+        e.conv(Pass::Forward, &g2, &mid, &k2, &mut out, true)?;
+        stats_all.push(e.copy(&stats1)?);
+        stats_all.push(e.copy(&stats2)?);
+        blocks.push(BlockState {
+            side,
+            x: cur,
+            stats1,
+            pre,
+            h,
+            stats2,
+            mid,
+            k1,
+            k2,
+            shortcut,
+        });
+        cur = out;
+        side = g2.out();
+    }
+    let hw = side.0 * side.1;
+    let (fin, head_stats) = e.bn_relu_train(&cur, &params, &net.head, b * hw)?;
+    let (pooled, logits) = e.pool_linear_at(&fin, &params, &net.fc, hw)?;
+    stats_all.push(e.copy(&head_stats)?);
+    // The output: logits, then every BatchNorm's statistics.
+    let total = E::len(&logits) + prog.stats_len();
+    let mut out = e.buffer(total)?;
+    e.put(&mut out, 0, &logits)?;
+    let mut at = E::len(&logits);
+    for s in &stats_all {
+        e.put(&mut out, at, s)?;
+        at += E::len(s);
+    }
+    Ok((
+        out,
+        TrainState {
+            b,
+            params,
+            a0,
+            blocks,
+            head_x: cur,
+            head_stats,
+            fin,
+            pooled,
+            side,
+        },
+    ))
+}
+
+/// The backward pass: every parameter's gradient, in the flat layout, from the
+/// logits' gradient `dl` (B, K).
+fn backward<E: TrainExec>(
+    e: &E,
+    prog: &TrainProgram,
+    s: &TrainState<E::Buf>,
+    dl: &E::Buf,
+) -> Result<E::Buf> {
+    let net = &prog.net;
+    let b = s.b;
+    let mut grad = e.buffer(prog.params)?;
+    let hw = s.side.0 * s.side.1;
+    let mut d = e.linear_pool_backward_at(dl, &s.pooled, &s.params, &net.fc, hw, &mut grad)?;
+    let dgb = e.bn_relu_train_backward(
+        &s.head_x,
+        &s.fin,
+        &mut d,
+        &s.params,
+        &net.head,
+        &s.head_stats,
+        b * hw,
+    )?;
+    put_norm_grads(e, &mut grad, &net.head, &dgb)?;
+    for (blk, st) in net.blocks.iter().zip(&s.blocks).rev() {
+        let g1 = shape(&blk.conv1, b, st.side)?;
+        let g2 = shape(&blk.conv2, b, g1.out())?;
+        e.filter_into(&g2, &st.mid, &d, &mut grad, blk.conv2.at)?;
+        let mut dmid = e.buffer(g2.input_len())?;
+        e.conv(Pass::Data, &g2, &d, &st.k2, &mut dmid, false)?;
+        let (ho, wo) = g1.out();
+        let dgb = e.bn_relu_train_backward(
+            &st.h,
+            &st.mid,
+            &mut dmid,
+            &s.params,
+            &blk.bn2,
+            &st.stats2,
+            b * ho * wo,
+        )?;
+        put_norm_grads(e, &mut grad, &blk.bn2, &dgb)?;
+        e.filter_into(&g1, &st.pre, &dmid, &mut grad, blk.conv1.at)?;
+        let mut dpre = e.buffer(g1.input_len())?;
+        e.conv(Pass::Data, &g1, &dmid, &st.k1, &mut dpre, false)?;
+        drop(dmid);
+        if let (Some(sc), Some(ks)) = (&blk.shortcut, &st.shortcut) {
+            let gs = shape(sc, b, st.side)?;
+            e.filter_into(&gs, &st.pre, &d, &mut grad, sc.at)?;
+            e.conv(Pass::Data, &gs, &d, ks, &mut dpre, true)?;
+        }
+        let rows = b * st.side.0 * st.side.1;
+        let dgb = e.bn_relu_train_backward(
+            &st.x, &st.pre, &mut dpre, &s.params, &blk.bn1, &st.stats1, rows,
+        )?;
+        put_norm_grads(e, &mut grad, &blk.bn1, &dgb)?;
+        if blk.shortcut.is_none() {
+            e.add_in_place(&mut dpre, &d)?;
+        }
+        d = dpre;
+    }
+    let [_, h0, w0] = prog.input;
+    let g = shape(&net.stem, b, (h0, w0))?;
+    e.filter_into(&g, &s.a0, &d, &mut grad, net.stem.at)?;
+    Ok(grad)
+}
+
+/// Writes [dγ | dβ] at the BatchNorm's places in `grad`.
+fn put_norm_grads<E: TrainExec>(e: &E, grad: &mut E::Buf, n: &TNorm, dgb: &E::Buf) -> Result<()> {
+    if n.beta != n.gamma + n.c {
+        candle_core::bail!("fused train path: β does not follow γ in the layout")
+    }
+    e.put(grad, n.gamma, dgb)
+}
+
+/// The saved state of a forward pass, on the device it ran on.
+enum StateOn {
+    Cpu(TrainState<Vec<f32>>),
+    #[cfg(feature = "cudnn")]
+    Cuda(TrainState<super::device_eval::cuda::Slice>),
+}
+
+/// The network in train mode as one op on its flat parameters (see the module
+/// docs): output [logits (B·K) | statistics], backward every parameter gradient.
+pub(crate) struct DeviceTrain {
+    program: Arc<TrainProgram>,
+    x: Tensor,
+    saved: Mutex<Option<StateOn>>,
+}
+
+impl DeviceTrain {
+    /// The op for the images `x` (B, C, H, W), untracked.
+    pub(crate) fn new(program: TrainProgram, x: Tensor) -> Result<Self> {
+        let (_, c, h, w) = x.dims4()?;
+        if [c, h, w] != program.input || x.dtype() != DType::F32 {
+            candle_core::bail!(
+                "fused train path: input {:?} ({:?}) does not match the network's {:?}",
+                x.shape(),
+                x.dtype(),
+                program.input
+            )
+        }
+        Ok(DeviceTrain {
+            program: Arc::new(program),
+            x: x.detach(),
+            saved: Mutex::new(None),
+        })
+    }
+
+    fn out_shape(&self) -> Result<Shape> {
+        let b = self.x.dim(0)?;
+        Ok(Shape::from(
+            b * self.program.net.fc.k + self.program.stats_len(),
+        ))
+    }
+
+    fn store(&self, st: StateOn) {
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
+    }
+
+    /// Where the parts of this op's output are.
+    pub(crate) fn output_layout(&self) -> Result<OutputLayout> {
+        Ok(OutputLayout {
+            b: self.x.dim(0)?,
+            k: self.program.net.fc.k,
+            channels: self.program.norm_channels(),
+        })
+    }
+}
+
+impl CustomOp1 for DeviceTrain {
+    fn name(&self) -> &'static str {
+        "device-train-network"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let params = f32_slice(s, l, self.name())?;
+        if params.len() != self.program.params {
+            candle_core::bail!(
+                "fused train path: {} parameters for a layout of {}",
+                params.len(),
+                self.program.params
+            )
+        }
+        let (out, st) = forward(&CpuExec, &self.program, params.to_vec(), &self.x)?;
+        self.store(StateOn::Cpu(st));
+        Ok((CpuStorage::F32(out), self.out_shape()?))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let e = super::device_eval::cuda::CudaExec::new(&s.device);
+        let params = e.copy_of(s, l)?;
+        if params.len() != self.program.params {
+            candle_core::bail!(
+                "fused train path: {} parameters for a layout of {}",
+                params.len(),
+                self.program.params
+            )
+        }
+        let (out, st) = forward(&e, &self.program, params, &self.x)?;
+        self.store(StateOn::Cuda(st));
+        Ok((e.storage(out), self.out_shape()?))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let st = super::common::take_saved(
+            &self.saved,
+            "fused train path: the backward pass of this forward pass already ran",
+        )?;
+        let (b, k) = (self.x.dim(0)?, self.program.net.fc.k);
+        let dl = grad
+            .narrow(0, 0, b * k)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let op = DeviceTrainBackward {
+            program: self.program.clone(),
+            saved: Mutex::new(Some(st)),
+        };
+        Ok(Some(dl.apply_op1_no_bwd(&op)?.to_dtype(arg.dtype())?))
+    }
+}
+
+/// The backward pass of a [`DeviceTrain`]: the logits' gradient (B·K) → every
+/// parameter's, flat.
+struct DeviceTrainBackward {
+    program: Arc<TrainProgram>,
+    saved: Mutex<Option<StateOn>>,
+}
+
+impl DeviceTrainBackward {
+    fn state(&self) -> Result<StateOn> {
+        super::common::take_saved(
+            &self.saved,
+            "fused train path: the backward pass already ran",
+        )
+    }
+}
+
+impl CustomOp1 for DeviceTrainBackward {
+    fn name(&self) -> &'static str {
+        "device-train-network-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // Irrefutable without the `cudnn` feature.
+        #[allow(irrefutable_let_patterns)]
+        let StateOn::Cpu(st) = self.state()?
+        else {
+            candle_core::bail!("fused train path: the forward pass ran on another device")
+        };
+        let dl = f32_slice(s, l, self.name())?.to_vec();
+        let grad = backward(&CpuExec, &self.program, &st, &dl)?;
+        Ok((CpuStorage::F32(grad), Shape::from(self.program.params)))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let StateOn::Cuda(st) = self.state()? else {
+            candle_core::bail!("fused train path: the forward pass ran on another device")
+        };
+        let e = super::device_eval::cuda::CudaExec::new(&s.device);
+        let dl = e.copy_of(s, l)?;
+        let grad = backward(&e, &self.program, &st, &dl)?;
+        Ok((e.storage(grad), Shape::from(self.program.params)))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The CPU executor's train operations.
+
+impl TrainExec for CpuExec {
+    fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn put(&self, dst: &mut Vec<f32>, at: usize, src: &Vec<f32>) -> Result<()> {
+        let Some(slot) = dst.get_mut(at..at + src.len()) else {
+            candle_core::bail!("fused train path: a write past the end of a buffer")
+        };
+        slot.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn add_in_place(&self, d: &mut Vec<f32>, r: &Vec<f32>) -> Result<()> {
+        d.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn input(&self, x: &Tensor, p: &TrainProgram) -> Result<Vec<f32>> {
+        let v = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (x, mean, inv_std) = (v(x)?, v(&p.mean)?, v(&p.inv_std)?);
+        Ok(super::device_eval::normalise(&x, &mean, &inv_std, p.input))
+    }
+
+    fn kernel_at(&self, p: &Vec<f32>, conv: &TConv) -> Result<Vec<f32>> {
+        let n = conv.c_out * conv.c_in * conv.k * conv.k;
+        Ok(oihw_to_ohwi(
+            &p[conv.at..conv.at + n],
+            conv.c_in,
+            conv.k * conv.k,
+        ))
+    }
+
+    fn filter_into(
+        &self,
+        g: &ConvShape,
+        x: &Vec<f32>,
+        dy: &Vec<f32>,
+        grad: &mut Vec<f32>,
+        at: usize,
+    ) -> Result<()> {
+        let op = Conv2d {
+            shape: *g,
+            pass: Pass::Filter,
+        };
+        let dw = ohwi_to_oihw(&op.cpu_filter(x, dy), g.c_in, g.k * g.k);
+        self.put(grad, at, &dw)
+    }
+
+    fn bn_relu_train(
+        &self,
+        x: &Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        _rows: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let c = n.c;
+        let (mean, var) = super::bn::mean_var(x, c);
+        let inv_std: Vec<f32> = var
+            .iter()
+            .map(|v| 1.0 / (v + n.eps as f32).sqrt())
+            .collect();
+        let f = super::bn::BnForward {
+            mean: mean.clone(),
+            inv_std: inv_std.clone(),
+            relu: true,
+            batch_stats: true,
+        };
+        let y = f.normalise(x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c])?;
+        Ok((y, [mean, inv_std].concat()))
+    }
+
+    fn bn_relu_train_backward(
+        &self,
+        x: &Vec<f32>,
+        _y: &Vec<f32>,
+        d: &mut Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        stats: &Vec<f32>,
+        _rows: usize,
+    ) -> Result<Vec<f32>> {
+        let c = n.c;
+        let f = super::bn::BnForward {
+            mean: stats[..c].to_vec(),
+            inv_std: stats[c..2 * c].to_vec(),
+            relu: true,
+            batch_stats: true,
+        };
+        let sums =
+            f.backward_in_place(d, x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c], true);
+        Ok(sums.into_iter().map(|v| v as f32).collect())
+    }
+
+    fn pool_linear_at(
+        &self,
+        x: &Vec<f32>,
+        p: &Vec<f32>,
+        fc: &TFc,
+        hw: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (k, c) = (fc.k, fc.c);
+        let b = x.len() / (hw * c).max(1);
+        let pooled = super::device_eval::avg_pool(x, hw, c);
+        let (w, bias) = (&p[fc.w..fc.w + k * c], &p[fc.b..fc.b + k]);
+        let logits = super::device_eval::linear(&pooled, w, bias, b, c, k);
+        Ok((pooled, logits))
+    }
+
+    fn linear_pool_backward_at(
+        &self,
+        dl: &Vec<f32>,
+        pooled: &Vec<f32>,
+        p: &Vec<f32>,
+        fc: &TFc,
+        hw: usize,
+        grad: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let (k, c) = (fc.k, fc.c);
+        let b = dl.len() / k.max(1);
+        // The twin of `de_linear_param_grads`: dW[j·c + ch] = Σ_b dl·x (images in
+        // order), then db[j] = Σ_b dl.
+        let mut dwb = vec![0f32; k * c + k];
+        for (t, o) in dwb.iter_mut().enumerate() {
+            let mut s = 0f32;
+            if t < k * c {
+                let (j, ch) = (t / c, t % c);
+                for img in 0..b {
+                    s += dl[img * k + j] * pooled[img * c + ch];
+                }
+            } else {
+                let j = t - k * c;
+                for img in 0..b {
+                    s += dl[img * k + j];
+                }
+            }
+            *o = s;
+        }
+        if fc.b != fc.w + k * c {
+            candle_core::bail!("fused train path: the bias does not follow the weight")
+        }
+        self.put(grad, fc.w, &dwb)?;
+        Ok(super::device_eval::linear_pool_input_grad(
+            dl,
+            &p[fc.w..fc.w + k * c],
+            b,
+            hw,
+            c,
+            k,
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The CUDA executor's train operations.
+
+#[cfg(feature = "cudnn")]
+#[allow(unsafe_code)]
+mod cuda {
+    use super::super::conv::ConvShape;
+    use super::super::cuda::{elementwise, launch_error, uninit};
+    use super::super::device_eval::cuda::{same_len, CudaExec, Slice, KERNELS_MODULE};
+    use super::{TConv, TFc, TNorm, TrainExec, TrainProgram};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{Result, Storage, Tensor};
+
+    /// The activations' (n, c, h, w) for cuDNN's BatchNorm from the rows (n·h·w) and
+    /// channels: the rows as n, h = w = 1 (the same NHWC bytes, the same per-channel
+    /// statistics).
+    fn bn_dims(rows: usize, c: usize) -> [usize; 4] {
+        [rows, c, 1, 1]
+    }
+
+    impl TrainExec for CudaExec {
+        fn copy(&self, x: &Slice) -> Result<Slice> {
+            let mut out = uninit(&self.dev, x.len())?;
+            self.dev.memcpy_dtod(x, &mut out)?;
+            Ok(out)
+        }
+
+        fn put(&self, dst: &mut Slice, at: usize, src: &Slice) -> Result<()> {
+            if at + src.len() > dst.len() {
+                candle_core::bail!("fused train path: a write past the end of a buffer")
+            }
+            let mut slot = dst.slice_mut(at..at + src.len());
+            self.dev.memcpy_dtod(src, &mut slot)?;
+            Ok(())
+        }
+
+        fn add_in_place(&self, d: &mut Slice, r: &Slice) -> Result<()> {
+            same_len(d.len(), r.len(), "residual gradient")?;
+            let (cfg, count) = elementwise(d.len(), "de_add_inplace")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_add_inplace")?;
+            let mut a = f.builder();
+            a.arg(d).arg(r).arg(&count);
+            // SAFETY: n values each.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_add_inplace", e))?;
+            Ok(())
+        }
+
+        fn input(&self, x: &Tensor, p: &TrainProgram) -> Result<Slice> {
+            let (s, l) = x.storage_and_layout();
+            let Storage::Cuda(s) = &*s else {
+                candle_core::bail!("fused train path: the images are not on the GPU")
+            };
+            self.normalise_with(s, l, p.input, &p.mean, &p.inv_std)
+        }
+
+        fn kernel_at(&self, p: &Slice, conv: &TConv) -> Result<Slice> {
+            let n = conv.c_out * conv.c_in * conv.k * conv.k;
+            let src = p.slice(conv.at..conv.at + n);
+            super::super::pointwise::permute_kernel(
+                &self.dev,
+                &src,
+                conv.c_in,
+                conv.k * conv.k,
+                true,
+            )
+        }
+
+        fn filter_into(
+            &self,
+            g: &ConvShape,
+            x: &Slice,
+            dy: &Slice,
+            grad: &mut Slice,
+            at: usize,
+        ) -> Result<()> {
+            same_len(x.len(), g.input_len(), "kernel gradient: input")?;
+            same_len(dy.len(), g.output_len(), "kernel gradient: output gradient")?;
+            let mut krsc = uninit(&self.dev, g.kernel_len())?;
+            super::super::cudnn::conv_into(
+                &self.dev,
+                *g,
+                super::super::conv::Pass::Filter,
+                &x.slice(..),
+                &dy.slice(..),
+                &mut krsc,
+                false,
+            )?;
+            let oihw = super::super::pointwise::permute_kernel(
+                &self.dev,
+                &krsc.slice(..),
+                g.c_in,
+                g.k * g.k,
+                false,
+            )?;
+            self.put(grad, at, &oihw)
+        }
+
+        fn bn_relu_train(
+            &self,
+            x: &Slice,
+            p: &Slice,
+            n: &TNorm,
+            rows: usize,
+        ) -> Result<(Slice, Slice)> {
+            let c = n.c;
+            same_len(x.len(), rows * c, "BatchNorm input")?;
+            let mut y = uninit(&self.dev, x.len())?;
+            let mut stats = uninit(&self.dev, 2 * c)?;
+            super::super::cudnn::batch_norm_train_into(
+                &self.dev,
+                x.slice(..),
+                &p.slice(n.gamma..n.gamma + c),
+                &p.slice(n.beta..n.beta + c),
+                bn_dims(rows, c),
+                n.eps,
+                &mut y.slice_mut(..),
+                &mut stats.slice_mut(..),
+            )?;
+            let (cfg, count) = elementwise(y.len(), "relu")?;
+            let f = super::super::pointwise::OPS.func(&self.dev, "relu_inplace")?;
+            let mut a = f.builder();
+            a.arg(&mut y).arg(&count);
+            // SAFETY: the n values of y.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("relu", e))?;
+            Ok((y, stats))
+        }
+
+        fn bn_relu_train_backward(
+            &self,
+            x: &Slice,
+            y: &Slice,
+            d: &mut Slice,
+            p: &Slice,
+            n: &TNorm,
+            stats: &Slice,
+            rows: usize,
+        ) -> Result<Slice> {
+            let c = n.c;
+            same_len(d.len(), y.len(), "BatchNorm gradient")?;
+            same_len(x.len(), rows * c, "BatchNorm input")?;
+            let (cfg, count) = elementwise(d.len(), "de_relu_mask_inplace")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_relu_mask_inplace")?;
+            let mut a = f.builder();
+            a.arg(&mut *d).arg(y).arg(&count);
+            // SAFETY: n values each.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_relu_mask_inplace", e))?;
+            let mut dx = uninit(&self.dev, x.len())?;
+            let mut dgb = uninit(&self.dev, 2 * c)?;
+            super::super::cudnn::batch_norm_backward_into(
+                &self.dev,
+                x.slice(..),
+                &d.slice(..),
+                &p.slice(n.gamma..n.gamma + c),
+                &stats.slice(..),
+                bn_dims(rows, c),
+                n.eps,
+                &mut dx.slice_mut(..),
+                &mut dgb.slice_mut(..),
+            )?;
+            *d = dx;
+            Ok(dgb)
+        }
+
+        fn pool_linear_at(
+            &self,
+            x: &Slice,
+            p: &Slice,
+            fc: &TFc,
+            hw: usize,
+        ) -> Result<(Slice, Slice)> {
+            let (k, c) = (fc.k, fc.c);
+            let b = x.len() / (hw * c).max(1);
+            same_len(x.len(), b * hw * c, "pooling")?;
+            let mut pooled = uninit(&self.dev, b * c)?;
+            let (cfg, count) = elementwise(b * c, "de_avg_pool")?;
+            let (hw32, c32, k32) = (hw as u32, c as u32, k as u32);
+            let f = KERNELS_MODULE.func(&self.dev, "de_avg_pool")?;
+            let mut a = f.builder();
+            a.arg(&mut pooled).arg(x).arg(&hw32).arg(&c32).arg(&count);
+            // SAFETY: b·hw·c values in, b·c out.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_avg_pool", e))?;
+            let (w, bias) = (p.slice(fc.w..fc.w + k * c), p.slice(fc.b..fc.b + k));
+            let mut logits = uninit(&self.dev, b * k)?;
+            let (cfg, count) = elementwise(b * k, "de_linear")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_linear")?;
+            let mut a = f.builder();
+            a.arg(&mut logits)
+                .arg(&pooled)
+                .arg(&w)
+                .arg(&bias)
+                .arg(&c32)
+                .arg(&k32)
+                .arg(&count);
+            // SAFETY: b·c pooled values, k·c weights, k biases, b·k logits.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear", e))?;
+            Ok((pooled, logits))
+        }
+
+        fn linear_pool_backward_at(
+            &self,
+            dl: &Slice,
+            pooled: &Slice,
+            p: &Slice,
+            fc: &TFc,
+            hw: usize,
+            grad: &mut Slice,
+        ) -> Result<Slice> {
+            let (k, c) = (fc.k, fc.c);
+            let b = dl.len() / k.max(1);
+            same_len(dl.len(), b * k, "logit gradient")?;
+            same_len(pooled.len(), b * c, "pooled activations")?;
+            if fc.b != fc.w + k * c {
+                candle_core::bail!("fused train path: the bias does not follow the weight")
+            }
+            let (b32, c32, k32, hw32) = (b as u32, c as u32, k as u32, hw as u32);
+            let mut dwb = uninit(&self.dev, k * c + k)?;
+            let (cfg, count) = elementwise(k * c + k, "de_linear_param_grads")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_linear_param_grads")?;
+            let mut a = f.builder();
+            a.arg(&mut dwb)
+                .arg(dl)
+                .arg(pooled)
+                .arg(&b32)
+                .arg(&c32)
+                .arg(&k32)
+                .arg(&count);
+            // SAFETY: b·k gradients, b·c inputs, k·c + k outputs.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_param_grads", e))?;
+            self.put(grad, fc.w, &dwb)?;
+            let w = p.slice(fc.w..fc.w + k * c);
+            let n = b * hw * c;
+            let mut d = uninit(&self.dev, n)?;
+            let (cfg, count) = elementwise(n, "de_linear_pool_backward")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_linear_pool_backward")?;
+            let mut a = f.builder();
+            a.arg(&mut d)
+                .arg(dl)
+                .arg(&w)
+                .arg(&c32)
+                .arg(&k32)
+                .arg(&hw32)
+                .arg(&count);
+            // SAFETY: b·k logit gradients, k·c weights, b·hw·c outputs.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_pool_backward", e))?;
+            Ok(d)
+        }
+    }
+}
