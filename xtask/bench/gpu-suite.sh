@@ -16,16 +16,18 @@
 #   1. OUT/gpu.txt: the GPU, its driver, the CUDA and PyTorch versions;
 #   2. OUT/tests-*.txt: the CUDA test binaries (kernels against the CPU);
 #   2b. OUT/ab.jsonl and OUT/ab.md: `rampart bench` of AB_ARCHS at batch 128 on
-#      $EPOCH_DEVICE under each host-overhead switch (the fused eval program, the
-#      per-buffer events), alternating, two rounds (ratio = setting ÷ default);
+#      $EPOCH_DEVICE under each setting of AB_SETTINGS (the fused eval and train
+#      programs, the per-buffer events), alternating, two rounds (ratio = setting ÷
+#      default);
 #   3. OUT/bench.jsonl: `rampart bench` and xtask/bench/pytorch_bench.py, alternating,
 #      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
 #      BATCHES (environment variables; defaults below);
 #   4. OUT/fast-at-epoch/: one epoch of `rampart train --preset
 #      fast-at-preact-resnet18` (its epoch time is in history.jsonl); OUT/bf16.md:
 #      PGD-20 on that model's first 1,000 test images in full f32 and in bf16
-#      (`--device cuda+bf16`), on the same images; OUT/fast-at-epoch-bf16/: the same
-#      epoch in bf16; then Rampart's step times that only the estimates use
+#      (`--device cuda+bf16`), on the same images; OUT/fast-at-epoch-fused/: the same
+#      epoch on the fused GPU programs; OUT/fast-at-epoch-bf16/: the same epoch in
+#      bf16; then Rampart's step times that only the estimates use
 #      (ESTIMATE_ARCHS at batch 128 and EXTRA_BATCHES, student and OAT variants);
 #   5. OUT/bench.md: the table of step 3 (ratio = Rampart ÷ PyTorch images/s, > 1
 #      means Rampart is faster), from bench-table.py;
@@ -80,16 +82,19 @@ for t in "$BUNDLE"/test-*; do
 done
 
 # The host-overhead switches, A/B on whole steps (Rampart alone, settings alternating,
-# two rounds): the default, the fused eval program on the GPU
-# (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps), and cudarc's per-buffer events
-# kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off).
+# two rounds): the default; the fused eval program on the GPU
+# (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps); the fused train program
+# (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; and cudarc's per-buffer events
+# kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off). A setting
+# is one or more VAR=value words (`+` between them).
+AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_EVENTS=1"}
 : > "$OUT/ab.jsonl"
 for arch in $AB_ARCHS; do
   for round in 1 2; do
-    for setting in RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_EVENTS=1; do
+    for setting in $AB_SETTINGS; do
       printf '{"run": {"setting": "%s", "arch": "%s", "batch_size": 128, "device": "%s", "round": %s}}\n' \
         "${setting#RAMPART_AB=}" "$arch" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
-      step "ab $arch $setting round $round" 60 env "$setting" "$RAMPART" bench --arch "$arch" \
+      step "ab $arch $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
         --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
         --steps forward,pgd-step,train-step --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
     done
@@ -132,6 +137,12 @@ if [ -n "$DATA" ]; then
       "$OUT/pgd20-bf16" > "$OUT/bf16.md"
   fi
   rm -f "$OUT"/fast-at-epoch/*.safetensors
+  # The same epoch on the fused GPU programs (attack and training step).
+  step "fast-at-epoch-fused" 200 env RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 \
+    "$RAMPART" train --preset fast-at-preact-resnet18 --epochs 1 --device "$EPOCH_DEVICE" \
+    --data-dir "$DATA" --out "$OUT/fast-at-epoch-fused" --seed 0 \
+    > "$OUT/fast-at-epoch-fused.log" 2>&1
+  rm -f "$OUT"/fast-at-epoch-fused/*.safetensors
   step "fast-at-epoch-bf16" 200 "$RAMPART" train --preset fast-at-preact-resnet18 \
     --epochs 1 --device "$BF16_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch-bf16" \
     --seed 0 > "$OUT/fast-at-epoch-bf16.log" 2>&1
