@@ -628,6 +628,57 @@ fn gpu_fused_eval_program_matches_layer_by_layer_on_the_cpu() {
     }
 }
 
+/// After a train-mode pass of two equal models `[reference, fused]` with logits
+/// `[lr, lf]`: their running statistics agree to 1e-4, and `check` compares the
+/// gradients (of one probe of the logits) of every parameter the reference pass
+/// used; a parameter it did not use (the other BatchNorm of an OAT layer) has no
+/// gradient, or a zero one, on the fused path. Returns the parameters compared.
+fn params_agree(
+    name: &str,
+    [reference, fused]: [&Classifier; 2],
+    [lr, lf]: [&Tensor; 2],
+    check: impl Fn(&str, &Tensor, &Tensor),
+) -> usize {
+    let g_ref = probe_grads(lr, 17);
+    let g_fused = probe_grads(lf, 17);
+    let ref_vars = reference.varmap.data().lock().unwrap().clone();
+    let fused_vars = fused.varmap.data().lock().unwrap().clone();
+    let mut checked = 0;
+    for (var_name, rv) in &ref_vars {
+        let fv = &fused_vars[var_name];
+        if is_buffer(var_name) {
+            let d = max_abs_diff(rv.as_tensor(), fv.as_tensor());
+            assert!(
+                d < 1e-4,
+                "{name} {var_name}: running statistics differ by {d}"
+            );
+            continue;
+        }
+        let Some(gr) = g_ref.get(rv.as_tensor()) else {
+            if let Some(gf) = g_fused.get(fv.as_tensor()) {
+                assert_eq!(max_abs(gf), 0.0, "{name} {var_name}: unused but moved");
+            }
+            continue;
+        };
+        let gf = g_fused
+            .get(fv.as_tensor())
+            .unwrap_or_else(|| panic!("{name} {var_name}: no fused gradient"));
+        check(var_name, gr, gf);
+        checked += 1;
+    }
+    checked
+}
+
+/// Gradients equal entry by entry within 2e-4 of the reference's largest entry.
+fn close_in_max(name: &str, var_name: &str, gr: &Tensor, gf: &Tensor) {
+    let gscale = max_abs(gr).max(1e-3);
+    let d = max_abs_diff(gr, gf);
+    assert!(
+        d < 2e-4 * gscale,
+        "{name} {var_name}: gradients differ by {d} (scale {gscale})"
+    );
+}
+
 /// The GPU's fused train program, run on the CPU by its kernels' twins, gives the
 /// logits, every parameter gradient and the running statistics of the layer-by-layer
 /// path (WRN with identity and projected shortcuts, strides, PreAct ResNet-18); a
@@ -661,35 +712,12 @@ fn gpu_fused_train_program_matches_layer_by_layer_on_the_cpu() {
         let scale = max_abs(&reference).max(1.0);
         let d = max_abs_diff(&fused, &reference);
         assert!(d < 1e-4 * scale, "{name}: logits differ by {d}");
-        let g_ref = probe_grads(&reference, 17);
-        let g_fused = probe_grads(&fused, 17);
-        let ref_vars = reference_model.varmap.data().lock().unwrap().clone();
-        let fused_vars = fused_model.varmap.data().lock().unwrap().clone();
-        let mut checked = 0;
-        for (var_name, rv) in &ref_vars {
-            let fv = &fused_vars[var_name];
-            if is_buffer(var_name) {
-                let d = max_abs_diff(rv.as_tensor(), fv.as_tensor());
-                assert!(
-                    d < 1e-4,
-                    "{name} {var_name}: running statistics differ by {d}"
-                );
-                continue;
-            }
-            let gr = g_ref
-                .get(rv.as_tensor())
-                .unwrap_or_else(|| panic!("{name} {var_name}: no reference gradient"));
-            let gf = g_fused
-                .get(fv.as_tensor())
-                .unwrap_or_else(|| panic!("{name} {var_name}: no fused gradient"));
-            let gscale = max_abs(gr).max(1e-3);
-            let d = max_abs_diff(gr, gf);
-            assert!(
-                d < 2e-4 * gscale,
-                "{name} {var_name}: gradients differ by {d} (scale {gscale})"
-            );
-            checked += 1;
-        }
+        let checked = params_agree(
+            &name,
+            [&reference_model, &fused_model],
+            [&reference, &fused],
+            |var_name, gr, gf| close_in_max(&name, var_name, gr, gf),
+        );
         assert!(checked > 10, "{name}: {checked} parameters checked");
         // A tracked input keeps the layer-by-layer path.
         let xv = Var::from_tensor(&x).unwrap();
@@ -811,52 +839,26 @@ fn fused_train_path_matches_layer_by_layer() {
         let scale = max_abs(&reference).max(1.0);
         let d = max_abs_diff(&fused, &reference);
         assert!(d < 1e-4 * scale, "{name}: logits differ by {d}");
-        let g_ref = probe_grads(&reference, 17);
-        let g_fused = probe_grads(&fused, 17);
-        let ref_vars = reference_model.varmap.data().lock().unwrap().clone();
-        let fused_vars = fused_model.varmap.data().lock().unwrap().clone();
-        let mut checked = 0;
-        for (var_name, rv) in &ref_vars {
-            let fv = &fused_vars[var_name];
-            if is_buffer(var_name) {
-                let d = max_abs_diff(rv.as_tensor(), fv.as_tensor());
-                assert!(
-                    d < 1e-4,
-                    "{name} {var_name}: running statistics differ by {d}"
-                );
-                continue;
-            }
-            let Some(gr) = g_ref.get(rv.as_tensor()) else {
-                // Unused by this batch (the other BatchNorm of an OAT layer): no
-                // gradient, or a zero one.
-                if let Some(gf) = g_fused.get(fv.as_tensor()) {
-                    assert_eq!(max_abs(gf), 0.0, "{name} {var_name}: unused but moved");
+        let checked = params_agree(
+            &name,
+            [&reference_model, &fused_model],
+            [&reference, &fused],
+            |var_name, gr, gf| {
+                if name.contains("resnet20") && !shifted {
+                    // Post-activation: each block's sum of two BatchNorm outputs is
+                    // dense around zero, where rounding may flip a ReLU (see
+                    // `assert_input_grads_close`); measured up to 0.7 % here, > 100 %
+                    // for a missing mask.
+                    let rel = rel_l2(gr, gf);
+                    assert!(
+                        rel < 2e-2,
+                        "{name} {var_name}: gradients differ by {rel} (relative L2)"
+                    );
+                } else {
+                    close_in_max(&name, var_name, gr, gf);
                 }
-                continue;
-            };
-            let gf = g_fused
-                .get(fv.as_tensor())
-                .unwrap_or_else(|| panic!("{name} {var_name}: no fused gradient"));
-            if name.contains("resnet20") && !shifted {
-                // Post-activation: each block's sum of two BatchNorm outputs is dense
-                // around zero, where rounding may flip a ReLU (see
-                // `assert_input_grads_close`); measured up to 0.7 % here, > 100 % for
-                // a missing mask.
-                let rel = rel_l2(gr, gf);
-                assert!(
-                    rel < 2e-2,
-                    "{name} {var_name}: gradients differ by {rel} (relative L2)"
-                );
-            } else {
-                let gscale = max_abs(gr).max(1e-3);
-                let d = max_abs_diff(gr, gf);
-                assert!(
-                    d < 2e-4 * gscale,
-                    "{name} {var_name}: gradients differ by {d} (scale {gscale})"
-                );
-            }
-            checked += 1;
-        }
+            },
+        );
         assert!(checked > 10, "{name}: {checked} parameters checked");
         // A tracked input keeps the layer-by-layer path, so it gets its gradient.
         let xv = Var::from_tensor(&x).unwrap();

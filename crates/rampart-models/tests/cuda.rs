@@ -307,41 +307,7 @@ fn training_step_matches_cpu() {
         settle([&cpu, &gpu]);
         let x = images(8, 21);
         let (logits_cpu, logits_gpu) = logits_agree(&name, [&cpu, &gpu], &x, &dev, true);
-        let gc = probe(&logits_cpu, 9).backward().unwrap();
-        let gg = probe(&logits_gpu, 9).backward().unwrap();
-        let gpu_vars: std::collections::HashMap<String, Var> =
-            gpu.named_vars().into_iter().collect();
-        let mut checked = 0;
-        for (var_name, vc) in cpu.named_vars() {
-            let vg = &gpu_vars[&var_name];
-            if rampart_models::is_buffer(&var_name) {
-                let d = rel_l2(vc.as_tensor(), vg.as_tensor(), 1e-2);
-                assert!(
-                    d < 1e-4,
-                    "{name} {var_name}: running statistics differ by {d}"
-                );
-                continue;
-            }
-            let Some(a) = gc.get(vc.as_tensor()) else {
-                assert!(
-                    gg.get(vg.as_tensor()).is_none(),
-                    "{name} {var_name}: gradient on CUDA only"
-                );
-                continue;
-            };
-            let b = gg
-                .get(vg.as_tensor())
-                .unwrap_or_else(|| panic!("{name} {var_name}: no CUDA gradient"));
-            let d = rel_l2(a, b, 1e-3);
-            assert!(
-                d < 2e-3,
-                "{name} {var_name}: gradients differ by {d} (norm {})",
-                l2(a)
-            );
-            checked += 1;
-        }
-        assert!(checked > 10, "{name}: only {checked} parameters checked");
-        eprintln!("{name}: {checked} parameter gradients agree");
+        train_step_agrees(&name, [&cpu, &gpu], [&logits_cpu, &logits_gpu]);
     }
 }
 
@@ -368,37 +334,57 @@ fn fused_train_program_matches_cpu() {
         let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
         eprintln!("{name}: fused GPU train logits differ from the CPU's by {d}");
         assert!(d < 1e-4, "{name}: fused GPU train logits differ by {d}");
-        let gc = probe(&logits_cpu, 9).backward().unwrap();
-        let gg = probe(&logits_gpu, 9).backward().unwrap();
-        let gpu_vars: std::collections::HashMap<String, Var> =
-            gpu.named_vars().into_iter().collect();
-        let mut checked = 0;
-        for (var_name, vc) in cpu.named_vars() {
-            let vg = &gpu_vars[&var_name];
-            if rampart_models::is_buffer(&var_name) {
-                let d = rel_l2(vc.as_tensor(), vg.as_tensor(), 1e-2);
-                assert!(
-                    d < 1e-4,
-                    "{name} {var_name}: running statistics differ by {d}"
-                );
-                continue;
-            }
-            let a = gc
-                .get(vc.as_tensor())
-                .unwrap_or_else(|| panic!("{name} {var_name}: no CPU gradient"));
-            let b = gg
-                .get(vg.as_tensor())
-                .unwrap_or_else(|| panic!("{name} {var_name}: no fused GPU gradient"));
-            let d = rel_l2(a, b, 1e-3);
-            assert!(
-                d < 2e-3,
-                "{name} {var_name}: fused GPU gradients differ by {d}"
-            );
-            checked += 1;
-        }
-        assert!(checked > 10, "{name}: only {checked} parameters checked");
-        eprintln!("{name}: {checked} fused GPU parameter gradients agree");
+        train_step_agrees(
+            &format!("{name} fused"),
+            [&cpu, &gpu],
+            [&logits_cpu, &logits_gpu],
+        );
     }
+}
+
+/// After a train-mode forward pass of the CPU and GPU models `[cpu, gpu]` with logits
+/// `[logits_cpu, logits_gpu]`: their running statistics agree to 1e-4 and every
+/// parameter gradient (of the same probe of the logits) to 2e-3 (relative L2); a
+/// parameter off the path has a gradient on neither device.
+fn train_step_agrees(
+    name: &str,
+    [cpu, gpu]: [&Classifier; 2],
+    [logits_cpu, logits_gpu]: [&Tensor; 2],
+) {
+    let gc = probe(logits_cpu, 9).backward().unwrap();
+    let gg = probe(logits_gpu, 9).backward().unwrap();
+    let gpu_vars: std::collections::HashMap<String, Var> = gpu.named_vars().into_iter().collect();
+    let mut checked = 0;
+    for (var_name, vc) in cpu.named_vars() {
+        let vg = &gpu_vars[&var_name];
+        if rampart_models::is_buffer(&var_name) {
+            let d = rel_l2(vc.as_tensor(), vg.as_tensor(), 1e-2);
+            assert!(
+                d < 1e-4,
+                "{name} {var_name}: running statistics differ by {d}"
+            );
+            continue;
+        }
+        let Some(a) = gc.get(vc.as_tensor()) else {
+            assert!(
+                gg.get(vg.as_tensor()).is_none(),
+                "{name} {var_name}: gradient on CUDA only"
+            );
+            continue;
+        };
+        let b = gg
+            .get(vg.as_tensor())
+            .unwrap_or_else(|| panic!("{name} {var_name}: no CUDA gradient"));
+        let d = rel_l2(a, b, 1e-3);
+        assert!(
+            d < 2e-3,
+            "{name} {var_name}: gradients differ by {d} (norm {})",
+            l2(a)
+        );
+        checked += 1;
+    }
+    assert!(checked > 10, "{name}: only {checked} parameters checked");
+    eprintln!("{name}: {checked} parameter gradients agree");
 }
 
 /// Every kernel of `ops.cu` compiles with NVRTC. Needs the CUDA libraries, not a GPU:

@@ -38,20 +38,31 @@ pub const ENABLE_ENV: &str = "RAMPART_CUDA_FUSED_EVAL";
 
 /// Whether [`ENABLE_ENV`] asks for the fused eval path on a GPU.
 pub fn enabled() -> bool {
-    std::env::var_os(ENABLE_ENV).is_some_and(|v| v != "0")
+    switched_on(ENABLE_ENV)
 }
 
-/// Whether a GPU model may take the path: a build with cuDNN, the path
-/// [`enabled`], and convolutions not in bf16.
-pub(crate) fn usable() -> bool {
+/// Whether the environment variable `var` is set to anything but `0`.
+pub(crate) fn switched_on(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| v != "0")
+}
+
+/// Whether a GPU model may take a fused GPU path switched on by `on`: a build with
+/// cuDNN, the path on, and convolutions not in bf16.
+pub(crate) fn usable_if(on: bool) -> bool {
     #[cfg(feature = "cudnn")]
     {
-        enabled() && super::cudnn::precision() != crate::Precision::Bf16
+        on && super::cudnn::precision() != crate::Precision::Bf16
     }
     #[cfg(not(feature = "cudnn"))]
     {
+        let _ = on;
         false
     }
+}
+
+/// Whether a GPU model may take the fused eval path ([`usable_if`] [`enabled`]).
+pub(crate) fn usable() -> bool {
+    usable_if(enabled())
 }
 
 /// A convolution: its OIHW kernel, stride and padding.
@@ -842,6 +853,78 @@ pub(crate) mod cuda {
         }
     }
 
+    impl CudaExec {
+        /// Global average pooling of `x` (B, hw, C) and the linear layer (weight
+        /// (K, C), bias (K,)): (pooled (B, C), logits (B, K)).
+        pub(crate) fn pool_linear_views(
+            &self,
+            x: &Slice,
+            w: &CudaView<'_, f32>,
+            bias: &CudaView<'_, f32>,
+            hw: usize,
+            c: usize,
+            k: usize,
+        ) -> Result<(Slice, Slice)> {
+            let b = x.len() / (hw * c).max(1);
+            same_len(x.len(), b * hw * c, "pooling")?;
+            same_len(w.len(), k * c, "linear weight")?;
+            same_len(bias.len(), k, "linear bias")?;
+            let mut pooled = uninit(&self.dev, b * c)?;
+            let (cfg, count) = elementwise(b * c, "de_avg_pool")?;
+            let (hw32, c32, k32) = (hw as u32, c as u32, k as u32);
+            let f = KERNELS_MODULE.func(&self.dev, "de_avg_pool")?;
+            let mut a = f.builder();
+            a.arg(&mut pooled).arg(x).arg(&hw32).arg(&c32).arg(&count);
+            // SAFETY: b·hw·c values in, b·c out.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_avg_pool", e))?;
+            let mut logits = uninit(&self.dev, b * k)?;
+            let (cfg, count) = elementwise(b * k, "de_linear")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_linear")?;
+            let mut a = f.builder();
+            a.arg(&mut logits)
+                .arg(&pooled)
+                .arg(w)
+                .arg(bias)
+                .arg(&c32)
+                .arg(&k32)
+                .arg(&count);
+            // SAFETY: b·c pooled values, k·c weights, k biases, b·k logits.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear", e))?;
+            Ok((pooled, logits))
+        }
+
+        /// The gradient (B, hw, C) of the pooled activations from that of the logits
+        /// `dl` (B, K) through the linear layer's weight `w` (K, C).
+        pub(crate) fn linear_pool_backward_view(
+            &self,
+            dl: &Slice,
+            w: &CudaView<'_, f32>,
+            hw: usize,
+            c: usize,
+            k: usize,
+        ) -> Result<Slice> {
+            let b = dl.len() / k.max(1);
+            same_len(dl.len(), b * k, "logit gradient")?;
+            same_len(w.len(), k * c, "linear weight")?;
+            let n = b * hw * c;
+            let mut d = uninit(&self.dev, n)?;
+            let (cfg, count) = elementwise(n, "de_linear_pool_backward")?;
+            let (c32, k32, hw32) = (c as u32, k as u32, hw as u32);
+            let f = KERNELS_MODULE.func(&self.dev, "de_linear_pool_backward")?;
+            let mut a = f.builder();
+            a.arg(&mut d)
+                .arg(dl)
+                .arg(w)
+                .arg(&c32)
+                .arg(&k32)
+                .arg(&hw32)
+                .arg(&count);
+            // SAFETY: b·k logit gradients, k·c weights, b·hw·c outputs.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_pool_backward", e))?;
+            Ok(d)
+        }
+    }
+
     /// Launches BatchNorm kernel `$name` over `$len` values: the leading buffer
     /// arguments `$lead`, then BatchNorm `$bn`'s γ, β, running mean and variance
     /// (`$c` each), ε, the channel count and the value count.
@@ -991,35 +1074,12 @@ pub(crate) mod cuda {
             c: usize,
         ) -> Result<Slice> {
             let k = classes(fc, c)?;
-            let b = x.len() / (hw * c).max(1);
-            same_len(x.len(), b * hw * c, "pooling")?;
-            let mut pooled = uninit(&self.dev, b * c)?;
-            let (cfg, count) = elementwise(b * c, "de_avg_pool")?;
-            let (hw32, c32, k32) = (hw as u32, c as u32, k as u32);
-            let f = KERNELS_MODULE.func(&self.dev, "de_avg_pool")?;
-            let mut a = f.builder();
-            a.arg(&mut pooled).arg(x).arg(&hw32).arg(&c32).arg(&count);
-            // SAFETY: b·hw·c values in, b·c out.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_avg_pool", e))?;
             let (gw, gb) = (fc.0.storage_and_layout(), fc.1.storage_and_layout());
             let (w, bias) = (
                 view(&gw, k * c, "linear weight")?,
                 view(&gb, k, "linear bias")?,
             );
-            let mut logits = uninit(&self.dev, b * k)?;
-            let (cfg, count) = elementwise(b * k, "de_linear")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_linear")?;
-            let mut a = f.builder();
-            a.arg(&mut logits)
-                .arg(&pooled)
-                .arg(&w)
-                .arg(&bias)
-                .arg(&c32)
-                .arg(&k32)
-                .arg(&count);
-            // SAFETY: b·c pooled values, k·c weights, k biases, b·k logits.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear", e))?;
-            Ok(logits)
+            Ok(self.pool_linear_views(x, &w, &bias, hw, c, k)?.1)
         }
 
         fn linear_pool_backward(
@@ -1030,26 +1090,9 @@ pub(crate) mod cuda {
             c: usize,
         ) -> Result<Slice> {
             let k = classes(fc, c)?;
-            let b = dl.len() / k.max(1);
-            same_len(dl.len(), b * k, "logit gradient")?;
-            let n = b * hw * c;
             let gw = fc.0.storage_and_layout();
             let w = view(&gw, k * c, "linear weight")?;
-            let mut d = uninit(&self.dev, n)?;
-            let (cfg, count) = elementwise(n, "de_linear_pool_backward")?;
-            let (c32, k32, hw32) = (c as u32, k as u32, hw as u32);
-            let f = KERNELS_MODULE.func(&self.dev, "de_linear_pool_backward")?;
-            let mut a = f.builder();
-            a.arg(&mut d)
-                .arg(dl)
-                .arg(&w)
-                .arg(&c32)
-                .arg(&k32)
-                .arg(&hw32)
-                .arg(&count);
-            // SAFETY: b·k logit gradients, k·c weights, b·hw·c outputs.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_pool_backward", e))?;
-            Ok(d)
+            self.linear_pool_backward_view(dl, &w, hw, c, k)
         }
     }
 }

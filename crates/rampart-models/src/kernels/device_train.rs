@@ -35,20 +35,13 @@ pub const ENABLE_ENV: &str = "RAMPART_CUDA_FUSED_TRAIN";
 
 /// Whether [`ENABLE_ENV`] asks for the fused train path on a GPU.
 pub fn enabled() -> bool {
-    std::env::var_os(ENABLE_ENV).is_some_and(|v| v != "0")
+    super::device_eval::switched_on(ENABLE_ENV)
 }
 
 /// Whether a GPU model may take the path: a build with cuDNN, the path [`enabled`],
 /// and convolutions not in bf16.
 pub(crate) fn usable() -> bool {
-    #[cfg(feature = "cudnn")]
-    {
-        enabled() && super::cudnn::precision() != crate::Precision::Bf16
-    }
-    #[cfg(not(feature = "cudnn"))]
-    {
-        false
-    }
+    super::device_eval::usable_if(enabled())
 }
 
 /// A convolution: where its OIHW kernel starts in the flat parameters, its shape,
@@ -983,31 +976,8 @@ mod cuda {
             hw: usize,
         ) -> Result<(Slice, Slice)> {
             let (k, c) = (fc.k, fc.c);
-            let b = x.len() / (hw * c).max(1);
-            same_len(x.len(), b * hw * c, "pooling")?;
-            let mut pooled = uninit(&self.dev, b * c)?;
-            let (cfg, count) = elementwise(b * c, "de_avg_pool")?;
-            let (hw32, c32, k32) = (hw as u32, c as u32, k as u32);
-            let f = KERNELS_MODULE.func(&self.dev, "de_avg_pool")?;
-            let mut a = f.builder();
-            a.arg(&mut pooled).arg(x).arg(&hw32).arg(&c32).arg(&count);
-            // SAFETY: b·hw·c values in, b·c out.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_avg_pool", e))?;
             let (w, bias) = (p.slice(fc.w..fc.w + k * c), p.slice(fc.b..fc.b + k));
-            let mut logits = uninit(&self.dev, b * k)?;
-            let (cfg, count) = elementwise(b * k, "de_linear")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_linear")?;
-            let mut a = f.builder();
-            a.arg(&mut logits)
-                .arg(&pooled)
-                .arg(&w)
-                .arg(&bias)
-                .arg(&c32)
-                .arg(&k32)
-                .arg(&count);
-            // SAFETY: b·c pooled values, k·c weights, k biases, b·k logits.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear", e))?;
-            Ok((pooled, logits))
+            self.pool_linear_views(x, &w, &bias, hw, c, k)
         }
 
         fn linear_pool_backward_at(
@@ -1026,7 +996,7 @@ mod cuda {
             if fc.b != fc.w + k * c {
                 candle_core::bail!("fused train path: the bias does not follow the weight")
             }
-            let (b32, c32, k32, hw32) = (b as u32, c as u32, k as u32, hw as u32);
+            let (b32, c32, k32) = (b as u32, c as u32, k as u32);
             let mut dwb = uninit(&self.dev, k * c + k)?;
             let (cfg, count) = elementwise(k * c + k, "de_linear_param_grads")?;
             let f = KERNELS_MODULE.func(&self.dev, "de_linear_param_grads")?;
@@ -1041,22 +1011,7 @@ mod cuda {
             // SAFETY: b·k gradients, b·c inputs, k·c + k outputs.
             unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_param_grads", e))?;
             self.put(grad, fc.w, &dwb)?;
-            let w = p.slice(fc.w..fc.w + k * c);
-            let n = b * hw * c;
-            let mut d = uninit(&self.dev, n)?;
-            let (cfg, count) = elementwise(n, "de_linear_pool_backward")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_linear_pool_backward")?;
-            let mut a = f.builder();
-            a.arg(&mut d)
-                .arg(dl)
-                .arg(&w)
-                .arg(&c32)
-                .arg(&k32)
-                .arg(&hw32)
-                .arg(&count);
-            // SAFETY: b·k logit gradients, k·c weights, b·hw·c outputs.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_pool_backward", e))?;
-            Ok(d)
+            self.linear_pool_backward_view(dl, &p.slice(fc.w..fc.w + k * c), hw, c, k)
         }
     }
 }
