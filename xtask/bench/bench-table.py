@@ -11,8 +11,9 @@ over the rounds).
 
 ab.jsonl (`--ab`): Rampart alone under each setting (an environment variable, or
 `default`), alternating over the rounds: for each architecture, step and setting,
-the median images/s and its ratio to the default's (setting ÷ default images/s: > 1
-means the setting is faster), and the peak GPU memory.
+the path the step took (`fused` or `layers`, from `rampart bench`), the median
+images/s and its ratio to the default's (setting ÷ default images/s: > 1 means the
+setting is faster), and the peak GPU memory.
 
 Each `{"run": {...}}` line names the framework (or setting), architecture, batch
 size and device of the measurement lines that follow it, up to the next such line.
@@ -24,10 +25,12 @@ from collections import defaultdict
 
 
 def measurements(path, label, keep=lambda run: True):
-    """Images/s and peak bytes per (arch, batch, device, step, run[label]) of the
-    measurement lines whose run passes `keep`."""
+    """Images/s, peak bytes and the GPU paths seen (`fused` or `layers`) per (arch,
+    batch, device, step, run[label]) of the measurement lines whose run passes
+    `keep`."""
     speed = defaultdict(list)
     memory = defaultdict(list)
+    paths = defaultdict(set)
     run = None
     with open(path) as f:
         for line in f:
@@ -47,26 +50,29 @@ def measurements(path, label, keep=lambda run: True):
             speed[key].append(value["images_per_second"])
             if value.get("peak_memory_bytes") is not None:
                 memory[key].append(value["peak_memory_bytes"])
-    return speed, memory
+            if value.get("path"):
+                paths[key].add(value["path"])
+    return speed, memory, paths
 
 
 def ab_table(path):
-    speed, memory = measurements(path, "setting")
-    print("| arch | batch | device | step | setting | img/s | ratio (setting ÷ default) | peak MiB | rounds |")
-    print("|---|---:|---|---|---|---:|---:|---:|---:|")
+    speed, memory, paths = measurements(path, "setting")
+    print("| arch | batch | device | step | setting | path | img/s | ratio (setting ÷ default) | peak MiB | rounds |")
+    print("|---|---:|---|---|---|---|---:|---:|---:|---:|")
     for key in sorted(speed):
         arch, batch, device, step, setting = key
         a = statistics.median(speed[key])
         base = speed.get((arch, batch, device, step, "default"))
         ratio = f"{a / statistics.median(base):.2f}" if base else "-"
         mib = f"{max(memory[key]) / 2**20:.0f}" if memory.get(key) else "-"
-        print(f"| {arch} | {batch} | {device} | {step} | {setting} | {a:,.0f} | {ratio} | {mib} | {len(speed[key])} |")
+        seen = "/".join(sorted(paths.get(key, ()))) or "-"
+        print(f"| {arch} | {batch} | {device} | {step} | {setting} | {seen} | {a:,.0f} | {ratio} | {mib} | {len(speed[key])} |")
 
 
 def main(path):
     # Only the comparison's runs (the estimates' extra Rampart runs are marked with
     # another framework name).
-    speed, memory = measurements(
+    speed, memory, _ = measurements(
         path, "framework", lambda run: run.get("framework") in ("rampart", "pytorch")
     )
     rows = sorted({k[:4] for k in speed})

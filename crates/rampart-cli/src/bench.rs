@@ -110,6 +110,11 @@ pub struct BenchLine {
     /// high-water mark over warm-up and timed repetitions), in bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
+    /// On a GPU, for the forward, PGD and training steps: `fused` when the step ran
+    /// on a fused GPU program (`RAMPART_CUDA_FUSED_EVAL`, `RAMPART_CUDA_FUSED_TRAIN`),
+    /// else `layers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// Starts a new high-water mark of GPU memory (nothing on the CPU).
@@ -254,6 +259,13 @@ impl BenchArgs {
                 reps: self.reps,
                 threads,
                 peak_memory_bytes: peak(&dev)?,
+                path: match step.as_str() {
+                    "forward" | "pgd-step" | "train-step" if dev.is_cuda() => {
+                        let fused = model.takes_fused_gpu_path(step == "train-step")?;
+                        Some(if fused { "fused" } else { "layers" }.to_string())
+                    }
+                    _ => None,
+                },
             });
         }
         println!("| step | arch | variant | batch | device | s/batch | images/s | peak MiB |");

@@ -439,6 +439,24 @@ impl Classifier {
         }
     }
 
+    /// Whether this model's passes on its GPU take the fused GPU programs now: the
+    /// train program (`train`: training steps, an untracked input) or the eval program
+    /// (attacks and predictions). False on the CPU (whose own fused paths are another
+    /// matter) and where a program does not apply or is not switched on. For
+    /// benchmarks, which report the path they measured.
+    pub fn takes_fused_gpu_path(&self, train: bool) -> candle_core::Result<bool> {
+        if !self.device.is_cuda() || self.spec.oat.is_some() {
+            return Ok(false);
+        }
+        Ok(if train {
+            kernels::device_train::usable()
+                && kernels::sync_bn::current().is_none()
+                && self.net.device_train_net()?.is_some()
+        } else {
+            kernels::device_eval::usable() && self.frozen_net.device_net()?.is_some()
+        })
+    }
+
     /// Train-mode logits of `xs` (B, C, H, W) through the GPU's fused train program
     /// (`kernels::device_train`), whatever `RAMPART_CUDA_FUSED_TRAIN` says: gradients
     /// reach every parameter, and the running statistics are updated, as by the
