@@ -342,13 +342,21 @@ fn forward<E: TrainExec>(
     drop(stem);
     let mut side = g.out();
     let mut blocks = Vec::with_capacity(net.blocks.len());
-    let mut stats_all: Vec<E::Buf> = Vec::new();
+    // The output: the logits, then every BatchNorm's statistics as they come.
+    let logits_len = b * net.fc.k;
+    let mut out = e.buffer(logits_len + prog.stats_len())?;
+    let mut at = logits_len;
+    let mut put_stats = |out: &mut E::Buf, stats: &E::Buf| -> Result<()> {
+        e.put(out, at, stats)?;
+        at += E::len(stats);
+        Ok(())
+    };
     for blk in &net.blocks {
         let rows = b * side.0 * side.1;
         let (pre, stats1) = e.bn_relu_train(&cur, &params, &blk.bn1, rows)?;
         let g1 = shape(&blk.conv1, b, side)?;
         let g2 = shape(&blk.conv2, b, g1.out())?;
-        let (mut out, shortcut) = match &blk.shortcut {
+        let (mut sum, shortcut) = match &blk.shortcut {
             Some(sc) => {
                 let gs = shape(sc, b, side)?;
                 let ks = e.kernel_at(&params, sc)?;
@@ -359,7 +367,7 @@ fn forward<E: TrainExec>(
             // The block's input stays for the first BatchNorm's backward pass.
             None => (e.copy(&cur)?, None),
         };
-        if E::len(&out) != g2.output_len() {
+        if E::len(&sum) != g2.output_len() {
             candle_core::bail!("fused train path: a shortcut of the wrong size")
         }
         let k1 = e.kernel_at(&params, &blk.conv1)?;
@@ -368,9 +376,9 @@ fn forward<E: TrainExec>(
         let (ho, wo) = g1.out();
         let (mid, stats2) = e.bn_relu_train(&h, &params, &blk.bn2, b * ho * wo)?;
         let k2 = e.kernel_at(&params, &blk.conv2)?;
-        e.conv(Pass::Forward, &g2, &mid, &k2, &mut out, true)?;
-        stats_all.push(e.copy(&stats1)?);
-        stats_all.push(e.copy(&stats2)?);
+        e.conv(Pass::Forward, &g2, &mid, &k2, &mut sum, true)?;
+        put_stats(&mut out, &stats1)?;
+        put_stats(&mut out, &stats2)?;
         blocks.push(BlockState {
             side,
             x: cur,
@@ -383,22 +391,14 @@ fn forward<E: TrainExec>(
             k2,
             shortcut,
         });
-        cur = out;
+        cur = sum;
         side = g2.out();
     }
     let hw = side.0 * side.1;
     let (fin, head_stats) = e.bn_relu_train(&cur, &params, &net.head, b * hw)?;
+    put_stats(&mut out, &head_stats)?;
     let (pooled, logits) = e.pool_linear_at(&fin, &params, &net.fc, hw)?;
-    stats_all.push(e.copy(&head_stats)?);
-    // The output: logits, then every BatchNorm's statistics.
-    let total = E::len(&logits) + prog.stats_len();
-    let mut out = e.buffer(total)?;
     e.put(&mut out, 0, &logits)?;
-    let mut at = E::len(&logits);
-    for s in &stats_all {
-        e.put(&mut out, at, s)?;
-        at += E::len(s);
-    }
     Ok((
         out,
         TrainState {
