@@ -476,6 +476,9 @@ impl Classifier {
         let Some((net, norms)) = self.net.device_train_net()? else {
             return Ok(None);
         };
+        if net.stem.weight.dtype() != DType::F32 {
+            return Ok(None);
+        }
         let (program, tensors) = kernels::device_train::TrainProgram::new(
             &net,
             self.spec.input_shape,
@@ -510,6 +513,10 @@ impl Classifier {
         let Some(net) = self.frozen_net.device_net()? else {
             return Ok(None);
         };
+        if net.stem.weight.dtype() != DType::F32 {
+            // The programs compute in f32; other dtypes run layer by layer.
+            return Ok(None);
+        }
         let program = kernels::device_eval::DeviceProgram::new(
             net,
             self.spec.input_shape,
