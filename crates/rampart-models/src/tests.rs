@@ -489,6 +489,25 @@ fn randomise(m: &Classifier, parts: &[&str], centre: f32, seed: u64) {
     }
 }
 
+/// Eval-mode logits `fused` of the input `x` equal `reference` within 1e-4 of its
+/// scale, and the input gradients of one probe of each agree
+/// ([`assert_input_grads_close`]), the reference's not zero.
+fn assert_eval_pass_close(name: &str, x: &Var, reference: &Tensor, fused: &Tensor) {
+    let scale = max_abs(reference).max(1.0);
+    let d = max_abs_diff(fused, reference);
+    assert!(
+        d < 1e-4 * scale,
+        "{name}: logits differ by {d} (scale {scale})"
+    );
+    let (g_ref, g_fused) = (probe_grads(reference, 11), probe_grads(fused, 11));
+    let (gr, gf) = (
+        g_ref.get(x.as_tensor()).unwrap(),
+        g_fused.get(x.as_tensor()).unwrap(),
+    );
+    assert!(max_abs(gr) > 0.0, "{name}: zero reference gradient");
+    assert_input_grads_close(name, gr, gf);
+}
+
 /// The models the fused paths are held equal to the layer-by-layer path on: WRN and
 /// PreAct ResNet-18 (identity and projected shortcuts, strides, uneven chunks), a
 /// stochastic student and OAT models at λ = 0 (first BatchNorm), λ = 0.25 (a code
@@ -538,26 +557,10 @@ fn fused_eval_path_matches_layer_by_layer() {
         let reference = m
             .forward_network(m.net.as_ref(), x.as_tensor(), false)
             .unwrap();
-        let g_ref = probe_grads(&reference, 11);
         m.reseed_noise(21);
-        let (fused, g_fused) = {
-            let logits = m.frozen().forward_t(x.as_tensor(), false).unwrap();
-            let g = probe_grads(&logits, 11);
-            (logits, g)
-        };
+        let fused = m.frozen().forward_t(x.as_tensor(), false).unwrap();
+        assert_eval_pass_close(&name, &x, &reference, &fused);
         let scale = max_abs(&reference).max(1.0);
-        let d = max_abs_diff(&fused, &reference);
-        assert!(
-            d < 1e-4 * scale,
-            "{name}: logits differ by {d} (scale {scale})"
-        );
-        let (gr, gf) = (
-            g_ref.get(x.as_tensor()).unwrap(),
-            g_fused.get(x.as_tensor()).unwrap(),
-        );
-        let gscale = max_abs(gr);
-        assert!(gscale > 0.0, "{name}: zero reference gradient");
-        assert_input_grads_close(&name, gr, gf);
         // Untracked inputs (plain predictions) take the same path.
         m.reseed_noise(21);
         let plain = m
@@ -590,21 +593,8 @@ fn gpu_fused_eval_program_matches_layer_by_layer_on_the_cpu() {
         let reference = m
             .forward_network(m.frozen_net.as_ref(), x.as_tensor(), false)
             .unwrap();
-        let g_ref = probe_grads(&reference, 11);
         let logits = x.as_tensor().apply_op1(op).unwrap();
-        let g = probe_grads(&logits, 11);
-        let scale = max_abs(&reference).max(1.0);
-        let d = max_abs_diff(&logits, &reference);
-        assert!(
-            d < 1e-4 * scale,
-            "{name}: logits differ by {d} (scale {scale})"
-        );
-        let (gr, gf) = (
-            g_ref.get(x.as_tensor()).unwrap(),
-            g.get(x.as_tensor()).unwrap(),
-        );
-        assert!(max_abs(gr) > 0.0, "{name}: zero reference gradient");
-        assert_input_grads_close(&name, gr, gf);
+        assert_eval_pass_close(&name, &x, &reference, &logits);
         // The same logits for an untracked input, which keeps nothing.
         let op = m.device_eval_op(false).unwrap().unwrap();
         let untracked = x.as_tensor().detach().apply_op1(op).unwrap();
