@@ -168,6 +168,7 @@ impl BatchNorm {
             mean: self.running_mean.as_tensor().clone(),
             var: self.running_var.as_tensor().clone(),
             eps: self.eps as f32,
+            noise: None,
         }
     }
 

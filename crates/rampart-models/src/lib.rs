@@ -417,7 +417,8 @@ impl Classifier {
     }
 
     /// The fused eval op of the GPU for `xs` when this model and input allow it: a
-    /// CUDA f32 input, a plain pre-activation network, convolutions not in bf16, and
+    /// CUDA f32 input, a pre-activation network (plain, student or OAT), convolutions
+    /// not in bf16, and
     /// the path turned on (`RAMPART_CUDA_FUSED_EVAL`, [`kernels::device_eval::enabled`]).
     fn device_eval(&self, xs: &Tensor) -> candle_core::Result<Option<DeviceEval>> {
         if !xs.device().is_cuda() || xs.dtype() != DType::F32 || !kernels::device_eval::usable() {
@@ -429,8 +430,9 @@ impl Classifier {
     /// Eval-mode logits of `xs` (B, C, H, W) through the GPU's fused eval program
     /// (`kernels::device_eval`), whatever `RAMPART_CUDA_FUSED_EVAL` says, with the
     /// frozen view's gradients (the input's only); None for a network without that
-    /// form (ResNet-20, a student, an OAT model). On the CPU the program runs on its
-    /// kernels' twins. For tests and benchmarks of the path.
+    /// form (ResNet-20). A student draws its noise as the layer-by-layer pass would; an
+    /// OAT model runs at its λ. On the CPU the program runs on its kernels' twins. For
+    /// tests and benchmarks of the path.
     pub fn fused_gpu_eval(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
         self.check_input(xs)?;
         match self.device_eval_op(xs.track_op())? {
@@ -445,15 +447,22 @@ impl Classifier {
     /// matter) and where a program does not apply or is not switched on. For
     /// benchmarks, which report the path they measured.
     pub fn takes_fused_gpu_path(&self, train: bool) -> candle_core::Result<bool> {
-        if !self.device.is_cuda() || self.spec.oat.is_some() {
+        if !self.device.is_cuda() {
             return Ok(false);
         }
         Ok(if train {
-            kernels::device_train::usable()
+            self.spec.oat.is_none()
+                && kernels::device_train::usable()
                 && kernels::sync_bn::current().is_none()
                 && self.net.device_train_net()?.is_some()
         } else {
-            kernels::device_eval::usable() && self.frozen_net.device_net()?.is_some()
+            // Building the program draws a student's noise seeds: put the generator
+            // back, so that asking does not change the passes that follow.
+            kernels::device_eval::usable()
+                && self
+                    .ctx
+                    .keeping_noise_state(|| self.device_eval_net())?
+                    .is_some()
         })
     }
 
@@ -507,16 +516,13 @@ impl Classifier {
     /// device (any device: on the CPU it runs the kernels' twins), or None when the
     /// network has no such form.
     pub(crate) fn device_eval_op(&self, keep: bool) -> candle_core::Result<Option<DeviceEval>> {
-        if self.spec.oat.is_some() {
-            return Ok(None);
-        }
-        let Some(net) = self.frozen_net.device_net()? else {
+        // The programs compute in f32; other dtypes run layer by layer.
+        let net = self.ctx.drawing_only_if_some(|| {
+            Ok(self.device_eval_net()?.filter(|n| n.dtype() == DType::F32))
+        })?;
+        let Some(net) = net else {
             return Ok(None);
         };
-        if net.stem.weight.dtype() != DType::F32 {
-            // The programs compute in f32; other dtypes run layer by layer.
-            return Ok(None);
-        }
         let program = kernels::device_eval::DeviceProgram::new(
             net,
             self.spec.input_shape,
@@ -524,6 +530,18 @@ impl Classifier {
             self.inv_std.to_dtype(DType::F32)?,
         )?;
         Ok(Some(DeviceEval::new(program, keep)))
+    }
+
+    /// The frozen network's tensors for the GPU's eval program, an OAT model's at its
+    /// λ; a student's noise seeds are drawn as the layer-by-layer pass would draw them.
+    fn device_eval_net(&self) -> candle_core::Result<Option<kernels::device_eval::DeviceArch>> {
+        match &self.spec.oat {
+            None => self.frozen_net.device_net(),
+            Some(_) => {
+                let lambda = self.lambda().unwrap_or(0.0);
+                self.with_condition(&[lambda], || self.frozen_net.device_net())
+            }
+        }
     }
 
     /// Logits of a train-mode forward pass through the fused train path, when this
@@ -825,7 +843,7 @@ pub(crate) trait Network: ModuleT + Send + Sync {
 
     /// The network's tensors for the fused eval path on a GPU; None when this
     /// network (or one of its layers) has no such form.
-    fn device_net(&self) -> candle_core::Result<Option<kernels::device_eval::DeviceNet>> {
+    fn device_net(&self) -> candle_core::Result<Option<kernels::device_eval::DeviceArch>> {
         Ok(None)
     }
 

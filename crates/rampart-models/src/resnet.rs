@@ -99,6 +99,20 @@ impl crate::Network for ResNet20 {
         Ok(net.map(EvalNet::Post))
     }
 
+    fn device_net(&self) -> Result<Option<crate::kernels::device_eval::DeviceArch>> {
+        // As on the CPU, a student's noise (before a block's sum) is not on this path
+        // (checked before any layer draws its noise seed).
+        if self.norms().any(Norm::has_noise) {
+            return Ok(None);
+        }
+        let net = self.try_map(
+            |c| Ok(Some(c.device())),
+            Norm::device,
+            |fc| Ok(Some(fc.device())),
+        )?;
+        Ok(net.map(crate::kernels::device_eval::DeviceArch::Post))
+    }
+
     fn train_net(&self) -> Result<Option<(TrainNetwork<'_>, Vec<&Norm>)>> {
         // Plain layers only: a variant's extras would sit before a block's sum.
         if !self.norms().all(Norm::is_plain) {

@@ -578,27 +578,67 @@ fn fused_eval_path_matches_layer_by_layer() {
 
 /// The GPU's fused eval program, run on the CPU by its kernels' twins, gives the
 /// logits and the input gradient of the layer-by-layer path (WRN with identity and
-/// projected shortcuts, strides, PreAct ResNet-18); untracked inputs keep nothing for
-/// a backward pass, a second backward pass is refused, and networks without a plain
-/// form (a student, an OAT model, ResNet-20) have no such program.
+/// projected shortcuts, strides, PreAct ResNet-18, ResNet-20 plain and OAT, a
+/// stochastic student with its noise value for value under the same seed, OAT models
+/// at λ = 0, between two training values and at 1); untracked inputs keep nothing for
+/// a backward pass, a second backward pass is refused. A post-activation student
+/// (noise before a block's sum) has no such program.
 #[test]
 fn gpu_fused_eval_program_matches_layer_by_layer_on_the_cpu() {
+    let mut post_student = ModelSpec::cifar(Arch::Resnet20, 10);
+    post_student.noise = Some(NoiseSpec { alpha: 0.1 });
+    let post_student = Classifier::new(post_student, 1, &Device::Cpu).unwrap();
+    assert!(post_student.device_eval_op(true).unwrap().is_none());
     for (name, m, batch) in fused_cases() {
-        let plain =
-            m.spec().noise.is_none() && m.spec().oat.is_none() && m.spec().arch != Arch::Resnet20;
-        let op = m.device_eval_op(true).unwrap();
-        assert_eq!(op.is_some(), plain, "{name}");
-        let Some(op) = op else { continue };
+        m.reseed_noise(21);
+        let op = m
+            .device_eval_op(true)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: no program"));
         let x = Var::from_tensor(&input(batch, 7)).unwrap();
+        m.reseed_noise(21);
         let reference = m
             .forward_network(m.frozen_net.as_ref(), x.as_tensor(), false)
             .unwrap();
         let logits = x.as_tensor().apply_op1(op).unwrap();
         assert_eval_pass_close(&name, &x, &reference, &logits);
         // The same logits for an untracked input, which keeps nothing.
+        m.reseed_noise(21);
         let op = m.device_eval_op(false).unwrap().unwrap();
         let untracked = x.as_tensor().detach().apply_op1(op).unwrap();
         assert_eq!(max_abs_diff(&untracked, &logits), 0.0, "{name}");
+        if m.spec().noise.is_some() {
+            // The next program draws fresh noise; the test-time scale 0 draws none.
+            let again = x
+                .as_tensor()
+                .apply_op1(m.device_eval_op(false).unwrap().unwrap())
+                .unwrap();
+            let scale = max_abs(&reference).max(1.0);
+            assert!(max_abs_diff(&again, &logits) > 1e-3 * scale, "{name}");
+            m.set_noise_scale(0.0).unwrap();
+            let quiet = m
+                .forward_network(m.frozen_net.as_ref(), x.as_tensor(), false)
+                .unwrap();
+            let fused = x
+                .as_tensor()
+                .apply_op1(m.device_eval_op(false).unwrap().unwrap())
+                .unwrap();
+            assert!(max_abs_diff(&quiet, &fused) < 1e-4 * scale, "{name}");
+            m.set_noise_scale(1.0).unwrap();
+            // A data-parallel worker's part of a batch draws the noise of its place.
+            m.set_batch_offset(3);
+            m.reseed_noise(5);
+            let part = m
+                .forward_network(m.frozen_net.as_ref(), x.as_tensor(), false)
+                .unwrap();
+            m.reseed_noise(5);
+            let fused = x
+                .as_tensor()
+                .apply_op1(m.device_eval_op(false).unwrap().unwrap())
+                .unwrap();
+            assert!(max_abs_diff(&part, &fused) < 1e-4 * scale, "{name}");
+            m.set_batch_offset(0);
+        }
         let loss = x
             .as_tensor()
             .apply_op1(m.device_eval_op(true).unwrap().unwrap())

@@ -25,6 +25,7 @@
 //! (a saved buffer, `lambda_codes`); a λ between two training values gets the linear
 //! interpolation of their codes, a λ outside their range is clamped to it.
 
+use crate::kernels::device_eval::{DNoise, DNorm};
 use crate::kernels::fused_train::{BnBatch, NoiseSeed};
 use crate::kernels::preact::NormParams;
 use crate::kernels::{EvalNorm, NoiseDraw};
@@ -179,6 +180,30 @@ impl Context {
 
     pub(crate) fn noise_scale(&self) -> f32 {
         self.noise_state().scale
+    }
+
+    /// Runs `f` and puts the noise generator back as it was before (for a check that
+    /// builds a program without running it).
+    pub(crate) fn keeping_noise_state<R>(&self, f: impl FnOnce() -> R) -> R {
+        let rng = self.noise_state().rng.clone();
+        let out = f();
+        self.noise_state().rng = rng;
+        out
+    }
+
+    /// Runs `f`, which may draw noise seeds for a program; when it yields no program
+    /// (None or an error), puts the noise generator back, so that the layer-by-layer
+    /// pass run instead draws the seeds it would have drawn.
+    pub(crate) fn drawing_only_if_some<R>(
+        &self,
+        f: impl FnOnce() -> Result<Option<R>>,
+    ) -> Result<Option<R>> {
+        let rng = self.noise_state().rng.clone();
+        let out = f();
+        if !matches!(out, Ok(Some(_))) {
+            self.noise_state().rng = rng;
+        }
+        out
     }
 
     pub(crate) fn set_first_image(&self, first: usize) {
@@ -402,11 +427,57 @@ impl Norm {
         self.bn.update_running_saved(stats, rows)
     }
 
-    /// This layer for the fused eval path on a GPU: a plain BatchNorm only (no noise,
+    /// This layer for the fused train path on a GPU: a plain BatchNorm only (no noise,
     /// no λ conditioning).
-    pub(crate) fn device(&self) -> Result<Option<crate::kernels::device_eval::DNorm>> {
-        let plain = self.bn_adv.is_none() && self.film.is_none() && self.noise.is_none();
-        Ok(plain.then(|| self.bn.device()))
+    pub(crate) fn device_plain(&self) -> Result<Option<DNorm>> {
+        Ok(self.is_plain().then(|| self.bn.device()))
+    }
+
+    /// This layer for the fused eval path on a GPU: its eval-mode BatchNorm (the one
+    /// of the pass's λ group for an OAT model) with FiLM folded into γ and β, and a
+    /// student's noise with this forward pass's seed (drawn here, as its
+    /// layer-by-layer forward pass would draw it). Everything stays on the device:
+    /// FiLM's outputs and the noise's scale are tensor operations, nothing is read
+    /// back. None for an OAT layer without a condition of one row (the program needs
+    /// one affine map per layer; [`crate::Classifier`] installs the model's λ).
+    pub(crate) fn device(&self) -> Result<Option<DNorm>> {
+        let cond = self.ctx.condition();
+        let bn = match (&self.bn_adv, &cond) {
+            (None, _) => &self.bn,
+            (Some(_), None) => return Ok(None),
+            (Some(adv), Some(c)) => match (&c.split, c.all_clean) {
+                (Some(_), _) => return Ok(None),
+                (None, true) => &self.bn,
+                (None, false) => adv,
+            },
+        };
+        let mut d = bn.device();
+        if let Some(film) = &self.film {
+            let Some(c) = cond
+                .as_ref()
+                .filter(|c| c.codes.dim(0).is_ok_and(|r| r == 1))
+            else {
+                return Ok(None);
+            };
+            // (h·s + t)·(1 + γ_f) + β_f folds into γ·(1 + γ_f) and β·(1 + γ_f) + β_f.
+            let p = film.params(&c.codes)?.flatten_all()?;
+            let g = (p.narrow(0, 0, film.c)? + 1.0)?;
+            let b = p.narrow(0, film.c, film.c)?;
+            d.gamma = (&d.gamma * &g)?;
+            d.beta = ((&d.beta * &g)? + b)?;
+        }
+        if let Some(n) = &self.noise {
+            let NoiseSeed { seed, first, scale } = self.ctx.next_noise_seed();
+            if scale != 0.0 {
+                let sigma = n.running_std.as_detached_tensor();
+                d.noise = Some(DNoise {
+                    seed,
+                    first: first as u64,
+                    std: (n.alpha.detach().broadcast_mul(&sigma)? * f64::from(scale))?,
+                });
+            }
+        }
+        Ok(Some(d))
     }
 
     /// The layer in the fused eval path's form: its eval-mode BatchNorm (the one of

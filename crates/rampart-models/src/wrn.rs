@@ -140,18 +140,24 @@ impl crate::Network for PreActNet {
             .map(EvalNet::Pre))
     }
 
-    fn device_net(&self) -> Result<Option<crate::kernels::device_eval::DeviceNet>> {
-        self.try_map(
+    fn device_net(&self) -> Result<Option<crate::kernels::device_eval::DeviceArch>> {
+        let net = self.try_map(
             |c| Ok(Some(c.device())),
             Norm::device,
             |fc| Ok(Some(fc.device())),
-        )
+        )?;
+        Ok(net.map(crate::kernels::device_eval::DeviceArch::Pre))
     }
 
     fn device_train_net(
         &self,
     ) -> Result<Option<(crate::kernels::device_eval::DeviceNet, Vec<&Norm>)>> {
-        Ok(crate::Network::device_net(self)?.map(|net| (net, self.norms().collect())))
+        let net = self.try_map(
+            |c| Ok(Some(c.device())),
+            Norm::device_plain,
+            |fc| Ok(Some(fc.device())),
+        )?;
+        Ok(net.map(|net| (net, self.norms().collect())))
     }
 
     fn train_net(&self) -> Result<Option<(TrainNetwork<'_>, Vec<&Norm>)>> {

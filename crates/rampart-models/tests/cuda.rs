@@ -246,24 +246,35 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
 /// The GPU's fused eval program (the network as one op: `kernels::device_eval`,
 /// taken by frozen views under `RAMPART_CUDA_FUSED_EVAL`) against the CPU's frozen
 /// view and the GPU's layer-by-layer one: logits and the attack's input gradient, for
-/// a WRN (identity and projected shortcuts) and PreAct ResNet-18.
+/// a WRN (identity and projected shortcuts), PreAct ResNet-18, ResNet-20
+/// (post-activation), a stochastic student (its noise drawn from the same seed on both
+/// devices) and an OAT model at λ = 0.3.
 #[test]
 fn fused_eval_program_matches_cpu() {
     let dev = gpu();
-    for spec in [
+    let mut specs = vec![
         ModelSpec::wrn(16, 2, 10),
         ModelSpec::cifar(Arch::PreactResnet18, 10),
-    ] {
+        ModelSpec::cifar(Arch::Resnet20, 10),
+    ];
+    specs.extend(variants());
+    for spec in specs {
         let name = label(&spec);
         let (cpu, gpu) = model_pair(spec);
+        settle([&cpu, &gpu]);
         let x = images(6, 7);
         let xc = Var::from_tensor(&x).unwrap();
         let xg = Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
         let lc = fwd_frozen(&cpu, xc.as_tensor());
-        let lg = gpu
-            .fused_gpu_eval(xg.as_tensor())
-            .unwrap()
-            .expect("a plain pre-activation network has the program");
+        let fused = |x: &Tensor| {
+            if gpu.is_stochastic() {
+                gpu.reseed_noise(11);
+            }
+            gpu.fused_gpu_eval(x)
+                .unwrap()
+                .expect("every network here has the program")
+        };
+        let lg = fused(xg.as_tensor());
         let d = rel_l2(&lc, &lg, 1.0);
         eprintln!("{name}: fused GPU logits differ from the CPU's by {d}");
         assert!(d < 1e-4, "{name}: fused GPU logits differ by {d}");
@@ -284,10 +295,7 @@ fn fused_eval_program_matches_cpu() {
         eprintln!("{name}: fused GPU input gradients differ from the CPU's by {d}");
         assert!(d < 2e-3, "{name}: fused GPU input gradients differ by {d}");
         // An untracked input (a prediction) gives the same logits.
-        let plain = gpu
-            .fused_gpu_eval(&x.to_device(&dev).unwrap())
-            .unwrap()
-            .unwrap();
+        let plain = fused(&x.to_device(&dev).unwrap());
         let d = rel_l2(&lg, &plain, 1.0);
         assert!(d < 1e-6, "{name}: untracked fused logits differ by {d}");
     }

@@ -11,13 +11,30 @@ __device__ __forceinline__ float de_scale(const float* gamma, const float* var, 
     return __fmul_rn(gamma[ch], __frcp_rn(__fsqrt_rn(__fadd_rn(var[ch], eps))));
 }
 
-// max(0, x·s + (β − μ·s)), s = de_scale.
+// x·s + (β − μ·s), s = de_scale.
+__device__ __forceinline__ float de_bn(float x, const float* gamma, const float* beta,
+                                       const float* mean, const float* var, float eps,
+                                       unsigned int ch) {
+    float s = de_scale(gamma, var, eps, ch);
+    float shift = __fsub_rn(beta[ch], __fmul_rn(mean[ch], s));
+    return __fadd_rn(__fmul_rn(x, s), shift);
+}
+
+// max(0, de_bn).
 __device__ __forceinline__ float de_bn_relu(float x, const float* gamma, const float* beta,
                                             const float* mean, const float* var, float eps,
                                             unsigned int ch) {
-    float s = de_scale(gamma, var, eps, ch);
-    float shift = __fsub_rn(beta[ch], __fmul_rn(mean[ch], s));
-    float v = __fadd_rn(__fmul_rn(x, s), shift);
+    float v = de_bn(x, gamma, beta, mean, var, eps, ch);
+    return v > 0.0f ? v : 0.0f;
+}
+
+// max(0, de_bn + z·std[ch]): a stochastic student's BatchNorm, its noise z drawn by
+// `layer_noise` (ops.cu) and scaled per channel.
+__device__ __forceinline__ float de_bn_noise_relu(float x, const float* gamma,
+                                                  const float* beta, const float* mean,
+                                                  const float* var, float eps, float z,
+                                                  const float* std, unsigned int ch) {
+    float v = __fadd_rn(de_bn(x, gamma, beta, mean, var, eps, ch), __fmul_rn(z, std[ch]));
     return v > 0.0f ? v : 0.0f;
 }
 
@@ -36,6 +53,58 @@ extern "C" __global__ void de_bn_relu_inplace(float* y, const float* gamma, cons
                                               unsigned int c, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = de_bn_relu(y[i], gamma, beta, mean, var, eps, i % c);
+}
+
+// y = relu(bn(x) + z·std), eval mode, with a student's noise.
+extern "C" __global__ void de_bn_noise_relu_into(float* y, const float* x, const float* z,
+                                                 const float* std, const float* gamma,
+                                                 const float* beta, const float* mean,
+                                                 const float* var, float eps, unsigned int c,
+                                                 unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = de_bn_noise_relu(x[i], gamma, beta, mean, var, eps, z[i], std, i % c);
+}
+
+// y ← relu(bn(y) + z·std), eval mode, in place, with a student's noise.
+extern "C" __global__ void de_bn_noise_relu_inplace(float* y, const float* z, const float* std,
+                                                    const float* gamma, const float* beta,
+                                                    const float* mean, const float* var,
+                                                    float eps, unsigned int c, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = de_bn_noise_relu(y[i], gamma, beta, mean, var, eps, z[i], std, i % c);
+}
+
+// out ← relu(bn(out) + k), k = bn_s(skip) when has_sn (a projection shortcut and its
+// BatchNorm), else skip (the block's input): the end of a post-activation block.
+extern "C" __global__ void de_bn_add_relu(float* out, const float* skip, const float* gamma,
+                                          const float* beta, const float* mean,
+                                          const float* var, float eps, const float* s_gamma,
+                                          const float* s_beta, const float* s_mean,
+                                          const float* s_var, float s_eps, int has_sn,
+                                          unsigned int c, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int ch = i % c;
+    float v = de_bn(out[i], gamma, beta, mean, var, eps, ch);
+    float k = has_sn ? de_bn(skip[i], s_gamma, s_beta, s_mean, s_var, s_eps, ch) : skip[i];
+    float t = __fadd_rn(v, k);
+    out[i] = t > 0.0f ? t : 0.0f;
+}
+
+// The backward pass of de_bn_add_relu whose output is y: g = d·[y > 0]; d2 = s·g (the
+// second convolution's output gradient), d ← s_s·g when has_sn, else g (the
+// shortcut's).
+extern "C" __global__ void de_add_relu_backward(float* d2, float* d, const float* y,
+                                                const float* gamma, const float* var,
+                                                float eps, const float* s_gamma,
+                                                const float* s_var, float s_eps, int has_sn,
+                                                unsigned int c, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int ch = i % c;
+    float g = __fmul_rn(d[i], y[i] > 0.0f ? 1.0f : 0.0f);
+    d2[i] = __fmul_rn(de_scale(gamma, var, eps, ch), g);
+    d[i] = has_sn ? __fmul_rn(de_scale(s_gamma, s_var, s_eps, ch), g) : g;
 }
 
 // d ← s·(d·[y > 0]) (+ r when has_r): the input gradient of relu(bn(·)) whose output

@@ -20,14 +20,18 @@
 //! program itself is tested on any machine against the layer-by-layer path; the
 //! CPU's own fast path stays [`super::fused::FusedEval`].
 //!
-//! Plain networks only (a WRN or pre-activation ResNet-18 in f32 or TF32): a
-//! student's noise, OAT's λ-conditioned layers and bf16 convolutions run layer by
+//! Pre-activation networks (a WRN or pre-activation ResNet-18 in f32 or TF32), plain
+//! or variant: a stochastic student's noise is drawn by `layer_noise` (the values of
+//! the layer-by-layer path, from the same seeds) and added in the BatchNorm+ReLU
+//! kernel; an OAT model's FiLM at the pass's λ is folded into γ and β on the device,
+//! its dual BatchNorm chosen by the λ. ResNet-20 and bf16 convolutions run layer by
 //! layer. On a GPU the path is taken when `RAMPART_CUDA_FUSED_EVAL` is set (see
 //! [`enabled`]): it has not yet run on a GPU, and becomes the default once
 //! `tests/cuda.rs` has held it to the layer-by-layer path there.
 
 use super::common::f32_slice;
 use super::conv::{Conv2d, ConvShape, Pass};
+use super::postact::PostAct;
 use super::preact::PreAct;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
@@ -73,7 +77,9 @@ pub(crate) struct DConv {
     pub(crate) padding: usize,
 }
 
-/// An eval-mode BatchNorm followed by ReLU: γ, β, the running mean and variance, ε.
+/// An eval-mode BatchNorm followed by ReLU: γ, β, the running mean and variance, ε,
+/// and a stochastic student's noise added before the ReLU. An OAT layer comes with
+/// its FiLM at the batch's λ folded into γ and β (see `Norm::device`).
 #[derive(Clone, Debug)]
 pub(crate) struct DNorm {
     pub(crate) gamma: Tensor,
@@ -81,16 +87,83 @@ pub(crate) struct DNorm {
     pub(crate) mean: Tensor,
     pub(crate) var: Tensor,
     pub(crate) eps: f32,
+    pub(crate) noise: Option<DNoise>,
 }
 
-/// The network, its tensors on the device the op runs on; the linear layer as
-/// (weight (K, C), bias (K,)).
+/// A stochastic student's noise after one BatchNorm in one forward pass: y =
+/// relu(bn(x) + std ⊙ z), z of image i drawn as image `first + i` of the layer seeded
+/// `seed` ([`super::noise::fill_image`]), `std` = s·α·σ per channel (C,), σ the
+/// layer's running estimate and s the test-time noise scale.
+#[derive(Clone, Debug)]
+pub(crate) struct DNoise {
+    pub(crate) seed: u64,
+    pub(crate) first: u64,
+    pub(crate) std: Tensor,
+}
+
+/// A pre-activation network, its tensors on the device the op runs on; the linear
+/// layer as (weight (K, C), bias (K,)).
 pub(crate) type DeviceNet = PreAct<DConv, DNorm, (Tensor, Tensor)>;
+
+/// A post-activation network (CCAT's ResNet-20) in the same terms.
+pub(crate) type DevicePostNet = PostAct<DConv, DNorm, (Tensor, Tensor)>;
+
+/// The network of an eval program.
+pub(crate) enum DeviceArch {
+    Pre(DeviceNet),
+    Post(DevicePostNet),
+}
+
+impl DeviceArch {
+    /// The dtype of the parameters (the stem's kernel's).
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            DeviceArch::Pre(n) => n.stem.weight.dtype(),
+            DeviceArch::Post(n) => n.stem.weight.dtype(),
+        }
+    }
+
+    /// The linear layer.
+    fn fc(&self) -> &(Tensor, Tensor) {
+        match self {
+            DeviceArch::Pre(n) => &n.fc,
+            DeviceArch::Post(n) => &n.fc,
+        }
+    }
+
+    /// The convolution kernels, in execution order.
+    fn convs(&self) -> Vec<&DConv> {
+        match self {
+            DeviceArch::Pre(n) => std::iter::once(&n.stem)
+                .chain(
+                    n.blocks
+                        .iter()
+                        .flat_map(|b| [&b.conv1, &b.conv2].into_iter().chain(b.shortcut.as_ref())),
+                )
+                .collect(),
+            DeviceArch::Post(n) => std::iter::once(&n.stem)
+                .chain(n.blocks.iter().flat_map(|b| {
+                    [&b.conv1, &b.conv2]
+                        .into_iter()
+                        .chain(b.shortcut.as_ref().map(|(c, _)| c))
+                }))
+                .collect(),
+        }
+    }
+
+    /// The BatchNorms, in execution order.
+    fn norms(&self) -> Vec<&DNorm> {
+        match self {
+            DeviceArch::Pre(n) => n.norms().collect(),
+            DeviceArch::Post(n) => n.norms().collect(),
+        }
+    }
+}
 
 /// A network and its input: (C, H, W) and the normalisation's per-channel mean and
 /// 1/std.
 pub(crate) struct DeviceProgram {
-    net: DeviceNet,
+    net: DeviceArch,
     input: [usize; 3],
     mean: Tensor,
     inv_std: Tensor,
@@ -99,23 +172,25 @@ pub(crate) struct DeviceProgram {
 impl DeviceProgram {
     /// Refuses tensors that are not f32 or not where the input normalisation is.
     pub(crate) fn new(
-        net: DeviceNet,
+        net: DeviceArch,
         input: [usize; 3],
         mean: Tensor,
         inv_std: Tensor,
     ) -> Result<Self> {
         let device = mean.device().clone();
-        let mut tensors: Vec<&Tensor> = vec![&mean, &inv_std, &net.stem.weight];
-        for b in &net.blocks {
-            tensors.extend([&b.conv1.weight, &b.conv2.weight]);
-            if let Some(s) = &b.shortcut {
-                tensors.push(&s.weight);
-            }
-        }
+        let mut tensors: Vec<&Tensor> = vec![&mean, &inv_std];
+        tensors.extend(net.convs().into_iter().map(|c| &c.weight));
         for n in net.norms() {
             tensors.extend([&n.gamma, &n.beta, &n.mean, &n.var]);
+            tensors.extend(n.noise.as_ref().map(|z| &z.std));
         }
-        tensors.extend([&net.fc.0, &net.fc.1]);
+        if let DeviceArch::Post(n) = &net {
+            if n.norms().any(|n| n.noise.is_some()) {
+                candle_core::bail!("fused eval path: a post-activation network with noise")
+            }
+        }
+        let fc = net.fc();
+        tensors.extend([&fc.0, &fc.1]);
         for t in tensors {
             if t.dtype() != DType::F32 || !t.device().same_device(&device) {
                 candle_core::bail!(
@@ -134,7 +209,7 @@ impl DeviceProgram {
     }
 
     fn classes(&self) -> Result<usize> {
-        self.net.fc.0.dim(0)
+        self.net.fc().0.dim(0)
     }
 
     /// The input's (B, C, H, W), checked against the network's.
@@ -173,10 +248,49 @@ pub(crate) trait Exec {
         out: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()>;
-    /// y = relu(bn(x)).
-    fn bn_relu(&self, n: &DNorm, x: &Self::Buf, y: &mut Self::Buf, c: usize) -> Result<()>;
-    /// y ← relu(bn(y)).
-    fn bn_relu_in_place(&self, n: &DNorm, y: &mut Self::Buf, c: usize) -> Result<()>;
+    /// A noisy BatchNorm's z for `len` values of `images` images (image i's values are
+    /// those of image `first + i`, [`super::noise::fill_image`]).
+    fn draw_noise(&self, n: &DNoise, images: usize, len: usize) -> Result<Self::Buf>;
+    /// y = relu(bn(x) + std ⊙ z), `z` (from [`Exec::draw_noise`]) for a noisy
+    /// BatchNorm and only for one.
+    fn bn_relu(
+        &self,
+        n: &DNorm,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        c: usize,
+        z: Option<&Self::Buf>,
+    ) -> Result<()>;
+    /// y ← relu(bn(y) + std ⊙ z), as [`Exec::bn_relu`].
+    fn bn_relu_in_place(
+        &self,
+        n: &DNorm,
+        y: &mut Self::Buf,
+        c: usize,
+        z: Option<&Self::Buf>,
+    ) -> Result<()>;
+    /// out ← relu(bn(out) + s), s = `skip_norm`(skip) for a projection shortcut, the
+    /// block's input `skip` itself for an identity one: a post-activation block's end.
+    fn bn_add_relu(
+        &self,
+        n: &DNorm,
+        out: &mut Self::Buf,
+        skip: &Self::Buf,
+        skip_norm: Option<&DNorm>,
+        c: usize,
+    ) -> Result<()>;
+    /// The backward pass of [`Exec::bn_add_relu`] whose output is `y`, from its output
+    /// gradient d: returns the gradient of the second convolution's output, and d
+    /// becomes the shortcut's (before its BatchNorm's scale when there is none, after
+    /// it when there is).
+    fn add_relu_backward(
+        &self,
+        n: &DNorm,
+        d: &mut Self::Buf,
+        y: &Self::Buf,
+        skip_norm: Option<&DNorm>,
+        c: usize,
+    ) -> Result<Self::Buf>;
     /// d ← the input gradient of relu(bn(·)) whose output is `y`, from its output
     /// gradient d, plus `residual`.
     fn bn_relu_backward(
@@ -207,6 +321,26 @@ pub(crate) trait Exec {
     ) -> Result<Self::Buf>;
 }
 
+/// The noise z of BatchNorm `n` (None for a plain one) on `len` values of `b` images.
+fn noise_of<E: Exec>(e: &E, n: &DNorm, b: usize, len: usize) -> Result<Option<E::Buf>> {
+    n.noise
+        .as_ref()
+        .map(|z| e.draw_noise(z, b, len))
+        .transpose()
+}
+
+/// The standard deviations (C values) of a noisy BatchNorm with z given, None for a
+/// plain one without; refuses the two mixed.
+fn noise_std<'a, 'b, B>(n: &'a DNorm, z: Option<&'b B>) -> Result<Option<(&'a Tensor, &'b B)>> {
+    match (&n.noise, z) {
+        (None, None) => Ok(None),
+        (Some(nz), Some(z)) => Ok(Some((&nz.std, z))),
+        _ => candle_core::bail!(
+            "fused eval path: noise for a BatchNorm without, or none for one with"
+        ),
+    }
+}
+
 /// The shape of convolution `conv` on a batch of `b` NHWC images h×w with `c`
 /// channels (refused when the kernel does not take `c` channels).
 fn shape(conv: &DConv, b: usize, (h, w): (usize, usize), c: usize) -> Result<ConvShape> {
@@ -231,15 +365,53 @@ struct SavedBlock<B> {
     shortcut: Option<B>,
 }
 
-/// What the backward pass reads: per block [`SavedBlock`], the head's output (its
-/// side and channels) and the stem's kernel.
-pub(crate) struct Saved<B> {
+/// What the backward pass of a pre-activation network reads: per block
+/// [`SavedBlock`], the head's output (its side and channels) and the stem's kernel.
+pub(crate) struct SavedPre<B> {
     b: usize,
     blocks: Vec<SavedBlock<B>>,
     fin: B,
     side: (usize, usize),
     c: usize,
     stem: B,
+}
+
+/// What the backward pass of a post-activation network reads: the stem's kernel,
+/// the outputs of the stem's ReLU and of every block (`acts`, each the next block's
+/// input) and per block [`SavedPostBlock`].
+pub(crate) struct SavedPost<B> {
+    b: usize,
+    stem: B,
+    acts: Vec<B>,
+    blocks: Vec<SavedPostBlock<B>>,
+    side: (usize, usize),
+    c: usize,
+}
+
+/// One post-activation block's saved state: its input side, relu(bn1(conv1(x))) and
+/// the kernels in OHWI order.
+struct SavedPostBlock<B> {
+    side: (usize, usize),
+    h1: B,
+    k1: B,
+    k2: B,
+    shortcut: Option<B>,
+}
+
+/// What the backward pass reads, per architecture.
+pub(crate) enum Saved<B> {
+    Pre(SavedPre<B>),
+    Post(SavedPost<B>),
+}
+
+impl<B> Saved<B> {
+    /// The images of the pass.
+    fn b(&self) -> usize {
+        match self {
+            Saved::Pre(s) => s.b,
+            Saved::Post(s) => s.b,
+        }
+    }
 }
 
 /// The logits of a forward pass and, when asked for, what its backward pass reads.
@@ -254,8 +426,37 @@ fn forward<E: Exec>(
     b: usize,
     keep: bool,
 ) -> Result<Forward<E::Buf>> {
-    let net = &p.net;
-    let [c_in, h0, w0] = p.input;
+    Ok(match &p.net {
+        DeviceArch::Pre(net) => {
+            let (l, s) = forward_pre(e, net, p.input, a, b, keep)?;
+            (l, s.map(Saved::Pre))
+        }
+        DeviceArch::Post(net) => {
+            let (l, s) = forward_post(e, net, p.input, a, b, keep)?;
+            (l, s.map(Saved::Post))
+        }
+    })
+}
+
+/// The gradient of the normalised NHWC input from that of the logits `dl`.
+fn backward<E: Exec>(e: &E, p: &DeviceProgram, s: &Saved<E::Buf>, dl: &E::Buf) -> Result<E::Buf> {
+    match (&p.net, s) {
+        (DeviceArch::Pre(net), Saved::Pre(s)) => backward_pre(e, net, p.input, s, dl),
+        (DeviceArch::Post(net), Saved::Post(s)) => backward_post(e, net, p.input, s, dl),
+        _ => candle_core::bail!("fused eval path: saved state of another network"),
+    }
+}
+
+/// [`forward`] of a pre-activation network.
+fn forward_pre<E: Exec>(
+    e: &E,
+    net: &DeviceNet,
+    input: [usize; 3],
+    a: E::Buf,
+    b: usize,
+    keep: bool,
+) -> Result<(E::Buf, Option<SavedPre<E::Buf>>)> {
+    let [c_in, h0, w0] = input;
     let g = shape(&net.stem, b, (h0, w0), c_in)?;
     let stem = e.kernel(&net.stem.weight)?;
     let mut cur = e.buffer(g.output_len())?;
@@ -265,7 +466,9 @@ fn forward<E: Exec>(
     let mut blocks = Vec::with_capacity(if keep { net.blocks.len() } else { 0 });
     for blk in &net.blocks {
         let mut pre = e.buffer(E::len(&cur))?;
-        e.bn_relu(&blk.bn1, &cur, &mut pre, c)?;
+        let z = noise_of(e, &blk.bn1, b, E::len(&cur))?;
+        e.bn_relu(&blk.bn1, &cur, &mut pre, c, z.as_ref())?;
+        drop(z);
         let g1 = shape(&blk.conv1, b, side, c)?;
         let g2 = shape(&blk.conv2, b, g1.out(), g1.c_out)?;
         let (mut out, shortcut) = match &blk.shortcut {
@@ -288,7 +491,9 @@ fn forward<E: Exec>(
         let k1 = e.kernel(&blk.conv1.weight)?;
         let mut mid = e.buffer(g1.output_len())?;
         e.conv(Pass::Forward, &g1, &pre, &k1, &mut mid, false)?;
-        e.bn_relu_in_place(&blk.bn2, &mut mid, g1.c_out)?;
+        let z = noise_of(e, &blk.bn2, b, E::len(&mid))?;
+        e.bn_relu_in_place(&blk.bn2, &mut mid, g1.c_out, z.as_ref())?;
+        drop(z);
         let k2 = e.kernel(&blk.conv2.weight)?;
         e.conv(Pass::Forward, &g2, &mid, &k2, &mut out, true)?;
         if keep {
@@ -305,10 +510,12 @@ fn forward<E: Exec>(
         (side, c) = (g2.out(), g2.c_out);
     }
     let mut fin = e.buffer(E::len(&cur))?;
-    e.bn_relu(&net.head, &cur, &mut fin, c)?;
+    let z = noise_of(e, &net.head, b, E::len(&cur))?;
+    e.bn_relu(&net.head, &cur, &mut fin, c, z.as_ref())?;
+    drop(z);
     drop(cur);
     let logits = e.pool_linear(&fin, &net.fc, side.0 * side.1, c)?;
-    let saved = keep.then_some(Saved {
+    let saved = keep.then_some(SavedPre {
         b,
         blocks,
         fin,
@@ -319,9 +526,14 @@ fn forward<E: Exec>(
     Ok((logits, saved))
 }
 
-/// The gradient of the normalised NHWC input from that of the logits `dl`.
-fn backward<E: Exec>(e: &E, p: &DeviceProgram, s: &Saved<E::Buf>, dl: &E::Buf) -> Result<E::Buf> {
-    let net = &p.net;
+/// [`backward`] of a pre-activation network.
+fn backward_pre<E: Exec>(
+    e: &E,
+    net: &DeviceNet,
+    input: [usize; 3],
+    s: &SavedPre<E::Buf>,
+    dl: &E::Buf,
+) -> Result<E::Buf> {
     let b = s.b;
     let mut d = e.linear_pool_backward(dl, &net.fc, s.side.0 * s.side.1, s.c)?;
     e.bn_relu_backward(&net.head, &mut d, &s.fin, None, s.c)?;
@@ -346,7 +558,132 @@ fn backward<E: Exec>(e: &E, p: &DeviceProgram, s: &Saved<E::Buf>, dl: &E::Buf) -
         }
         d = dpre;
     }
-    let [c_in, h0, w0] = p.input;
+    let [c_in, h0, w0] = input;
+    let g = shape(&net.stem, b, (h0, w0), c_in)?;
+    let mut dn = e.buffer(g.input_len())?;
+    e.conv(Pass::Data, &g, &d, &s.stem, &mut dn, false)?;
+    Ok(dn)
+}
+
+/// [`forward`] of a post-activation network: per block conv1, BatchNorm+ReLU in
+/// place, conv2 (and the shortcut's convolution), then one kernel for the second
+/// BatchNorm, the shortcut's (or the identity), the sum and the ReLU.
+fn forward_post<E: Exec>(
+    e: &E,
+    net: &DevicePostNet,
+    input: [usize; 3],
+    a: E::Buf,
+    b: usize,
+    keep: bool,
+) -> Result<(E::Buf, Option<SavedPost<E::Buf>>)> {
+    let [c_in, h0, w0] = input;
+    let g = shape(&net.stem, b, (h0, w0), c_in)?;
+    let stem = e.kernel(&net.stem.weight)?;
+    let mut cur = e.buffer(g.output_len())?;
+    e.conv(Pass::Forward, &g, &a, &stem, &mut cur, false)?;
+    drop(a);
+    let (mut side, mut c) = (g.out(), g.c_out);
+    e.bn_relu_in_place(&net.stem_bn, &mut cur, c, None)?;
+    // The stem's output and every block's (all kept for the backward pass, else the
+    // last only).
+    let mut acts = vec![cur];
+    let mut blocks = Vec::with_capacity(if keep { net.blocks.len() } else { 0 });
+    for blk in &net.blocks {
+        let Some(x) = acts.last() else {
+            candle_core::bail!("fused eval path: no block input")
+        };
+        let g1 = shape(&blk.conv1, b, side, c)?;
+        let g2 = shape(&blk.conv2, b, g1.out(), g1.c_out)?;
+        let k1 = e.kernel(&blk.conv1.weight)?;
+        let mut h1 = e.buffer(g1.output_len())?;
+        e.conv(Pass::Forward, &g1, x, &k1, &mut h1, false)?;
+        e.bn_relu_in_place(&blk.bn1, &mut h1, g1.c_out, None)?;
+        let k2 = e.kernel(&blk.conv2.weight)?;
+        let mut out = e.buffer(g2.output_len())?;
+        e.conv(Pass::Forward, &g2, &h1, &k2, &mut out, false)?;
+        let shortcut = match &blk.shortcut {
+            Some((sc, sn)) => {
+                let gs = shape(sc, b, side, c)?;
+                let ks = e.kernel(&sc.weight)?;
+                let mut skip = e.buffer(gs.output_len())?;
+                e.conv(Pass::Forward, &gs, x, &ks, &mut skip, false)?;
+                e.bn_add_relu(&blk.bn2, &mut out, &skip, Some(sn), g2.c_out)?;
+                Some(ks)
+            }
+            None => {
+                e.bn_add_relu(&blk.bn2, &mut out, x, None, g2.c_out)?;
+                None
+            }
+        };
+        if keep {
+            blocks.push(SavedPostBlock {
+                side,
+                h1,
+                k1,
+                k2,
+                shortcut,
+            });
+        } else {
+            acts.clear();
+        }
+        acts.push(out);
+        (side, c) = (g2.out(), g2.c_out);
+    }
+    let Some(last) = acts.last() else {
+        candle_core::bail!("fused eval path: no network output")
+    };
+    let logits = e.pool_linear(last, &net.fc, side.0 * side.1, c)?;
+    let saved = keep.then_some(SavedPost {
+        b,
+        stem,
+        acts,
+        blocks,
+        side,
+        c,
+    });
+    Ok((logits, saved))
+}
+
+/// [`backward`] of a post-activation network.
+fn backward_post<E: Exec>(
+    e: &E,
+    net: &DevicePostNet,
+    input: [usize; 3],
+    s: &SavedPost<E::Buf>,
+    dl: &E::Buf,
+) -> Result<E::Buf> {
+    let b = s.b;
+    let mut d = e.linear_pool_backward(dl, &net.fc, s.side.0 * s.side.1, s.c)?;
+    if s.acts.len() != s.blocks.len() + 1 || s.blocks.len() != net.blocks.len() {
+        candle_core::bail!("fused eval path: saved state of another network")
+    }
+    for (i, (blk, sb)) in net.blocks.iter().zip(&s.blocks).enumerate().rev() {
+        let c = blk.conv1.weight.dim(1)?;
+        let g1 = shape(&blk.conv1, b, sb.side, c)?;
+        let g2 = shape(&blk.conv2, b, g1.out(), g1.c_out)?;
+        // d becomes the shortcut's gradient, d2 the second convolution's.
+        let shortcut_norm = blk.shortcut.as_ref().map(|(_, n)| n);
+        let d2 = e.add_relu_backward(&blk.bn2, &mut d, &s.acts[i + 1], shortcut_norm, g2.c_out)?;
+        let mut dh1 = e.buffer(g2.input_len())?;
+        e.conv(Pass::Data, &g2, &d2, &sb.k2, &mut dh1, false)?;
+        drop(d2);
+        e.bn_relu_backward(&blk.bn1, &mut dh1, &sb.h1, None, g1.c_out)?;
+        let mut dx = match (&blk.shortcut, &sb.shortcut) {
+            (Some((sc, _)), Some(ks)) => {
+                let gs = shape(sc, b, sb.side, c)?;
+                let mut dx = e.buffer(gs.input_len())?;
+                e.conv(Pass::Data, &gs, &d, ks, &mut dx, false)?;
+                dx
+            }
+            (None, None) => d,
+            _ => candle_core::bail!("fused eval path: saved state of another network"),
+        };
+        e.conv(Pass::Data, &g1, &dh1, &sb.k1, &mut dx, true)?;
+        d = dx;
+    }
+    let c = net.stem.weight.dim(0)?;
+    e.bn_relu_backward(&net.stem_bn, &mut d, &s.acts[0], None, c)?;
+    let [c_in, h0, w0] = input;
     let g = shape(&net.stem, b, (h0, w0), c_in)?;
     let mut dn = e.buffer(g.input_len())?;
     e.conv(Pass::Data, &g, &d, &s.stem, &mut dn, false)?;
@@ -471,7 +808,7 @@ impl CustomOp1 for DeviceEvalBackward {
         else {
             candle_core::bail!("fused eval path: the forward pass ran on another device")
         };
-        self.check(l, saved.b)?;
+        self.check(l, saved.b())?;
         let dl = f32_slice(s, l, self.name())?.to_vec();
         let p = &self.program;
         let e = CpuExec;
@@ -489,7 +826,7 @@ impl CustomOp1 for DeviceEvalBackward {
         let SavedOn::Cuda(saved) = self.saved()? else {
             candle_core::bail!("fused eval path: the forward pass ran on another device")
         };
-        self.check(l, saved.b)?;
+        self.check(l, saved.b())?;
         let e = cuda::CudaExec::new(&s.device);
         let dl = e.copy_of(s, l)?;
         let p = &self.program;
@@ -528,16 +865,59 @@ fn bn_scale(gamma: f32, var: f32, eps: f32) -> f32 {
     gamma * (1.0 / (var + eps).sqrt())
 }
 
-/// The twin of `de_bn_relu`.
-fn bn_relu_value(x: f32, [g, b, m, v]: [f32; 4], eps: f32) -> f32 {
+/// The twin of `de_bn`: x·s + (β − μ·s).
+fn bn_value(x: f32, [g, b, m, v]: [f32; 4], eps: f32) -> f32 {
     let s = bn_scale(g, v, eps);
     let shift = b - m * s;
-    let y = x * s + shift;
-    if y > 0.0 {
-        y
+    x * s + shift
+}
+
+/// max(0, v) as the kernels write it.
+fn relu(v: f32) -> f32 {
+    if v > 0.0 {
+        v
     } else {
         0.0
     }
+}
+
+/// The twins of `de_bn_relu_into`/`_inplace` (no noise) and
+/// `de_bn_noise_relu_into`/`_inplace` (noise std·z added before the ReLU): y[i] =
+/// relu(bn(x[i]) (+ z[i]·std[ch])), x = y in place.
+fn cpu_bn_relu(
+    e: &CpuExec,
+    n: &DNorm,
+    x: Option<&[f32]>,
+    y: &mut [f32],
+    c: usize,
+    z: Option<&Vec<f32>>,
+) -> Result<()> {
+    let [g, b, m, v] = e.norm(n)?;
+    let std = noise_std(n, z)?.map(|(t, _)| e.values(t)).transpose()?;
+    if let Some(x) = x {
+        same_len(x.len(), y.len(), "BatchNorm")?;
+    }
+    if let Some(z) = z {
+        same_len(z.len(), y.len(), "BatchNorm noise")?;
+    }
+    for i in 0..y.len() {
+        let ch = i % c;
+        let xv = x.map_or(y[i], |x| x[i]);
+        let mut t = bn_value(xv, [g[ch], b[ch], m[ch], v[ch]], n.eps);
+        if let (Some(z), Some(std)) = (z, &std) {
+            t += z[i] * std[ch];
+        }
+        y[i] = relu(t);
+    }
+    Ok(())
+}
+
+/// Refuses two buffers of different lengths that must match.
+pub(crate) fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
+    if a != b {
+        candle_core::bail!("fused eval path: {what}: {a} values against {b}")
+    }
+    Ok(())
 }
 
 /// The twin of `de_normalise`: NCHW in, normalised NHWC out.
@@ -615,22 +995,91 @@ impl Exec for CpuExec {
         Ok(())
     }
 
-    fn bn_relu(&self, n: &DNorm, x: &Vec<f32>, y: &mut Vec<f32>, c: usize) -> Result<()> {
+    fn draw_noise(&self, n: &DNoise, images: usize, len: usize) -> Result<Vec<f32>> {
+        let mut z = vec![0f32; len];
+        if images > 0 && len % images != 0 {
+            candle_core::bail!("fused eval path: {len} noise values for {images} images")
+        }
+        let per = len / images.max(1);
+        if per > 0 {
+            for (i, zi) in z.chunks_exact_mut(per).enumerate() {
+                super::noise::fill_image(n.seed, n.first as usize + i, zi);
+            }
+        }
+        Ok(z)
+    }
+
+    fn bn_relu(
+        &self,
+        n: &DNorm,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        c: usize,
+        z: Option<&Vec<f32>>,
+    ) -> Result<()> {
+        cpu_bn_relu(self, n, Some(x), y, c, z)
+    }
+
+    fn bn_relu_in_place(
+        &self,
+        n: &DNorm,
+        y: &mut Vec<f32>,
+        c: usize,
+        z: Option<&Vec<f32>>,
+    ) -> Result<()> {
+        cpu_bn_relu(self, n, None, y, c, z)
+    }
+
+    fn bn_add_relu(
+        &self,
+        n: &DNorm,
+        out: &mut Vec<f32>,
+        skip: &Vec<f32>,
+        skip_norm: Option<&DNorm>,
+        c: usize,
+    ) -> Result<()> {
+        same_len(skip.len(), out.len(), "shortcut")?;
         let [g, b, m, v] = self.norm(n)?;
-        for (i, (o, &xv)) in y.iter_mut().zip(x).enumerate() {
+        let sn = skip_norm.map(|sn| self.norm(sn)).transpose()?;
+        for (i, (o, &k)) in out.iter_mut().zip(skip).enumerate() {
             let ch = i % c;
-            *o = bn_relu_value(xv, [g[ch], b[ch], m[ch], v[ch]], n.eps);
+            let main = bn_value(*o, [g[ch], b[ch], m[ch], v[ch]], n.eps);
+            let side = match (&sn, skip_norm) {
+                (Some([sg, sb, sm, sv]), Some(sn)) => {
+                    bn_value(k, [sg[ch], sb[ch], sm[ch], sv[ch]], sn.eps)
+                }
+                _ => k,
+            };
+            *o = relu(main + side);
         }
         Ok(())
     }
 
-    fn bn_relu_in_place(&self, n: &DNorm, y: &mut Vec<f32>, c: usize) -> Result<()> {
-        let [g, b, m, v] = self.norm(n)?;
-        for (i, o) in y.iter_mut().enumerate() {
+    fn add_relu_backward(
+        &self,
+        n: &DNorm,
+        d: &mut Vec<f32>,
+        y: &Vec<f32>,
+        skip_norm: Option<&DNorm>,
+        c: usize,
+    ) -> Result<Vec<f32>> {
+        same_len(y.len(), d.len(), "block gradient")?;
+        let (g, v) = (self.values(&n.gamma)?, self.values(&n.var)?);
+        let sn = skip_norm
+            .map(|sn| -> Result<_> { Ok((self.values(&sn.gamma)?, self.values(&sn.var)?, sn.eps)) })
+            .transpose()?;
+        let mut d2 = vec![0f32; d.len()];
+        for (i, (dv, &yv)) in d.iter_mut().zip(y).enumerate() {
             let ch = i % c;
-            *o = bn_relu_value(*o, [g[ch], b[ch], m[ch], v[ch]], n.eps);
+            let live = if yv > 0.0 { 1.0 } else { 0.0 };
+            let gsum = *dv * live;
+            d2[i] = bn_scale(g[ch], v[ch], n.eps) * gsum;
+            *dv = match &sn {
+                Some((sg, sv, eps)) => bn_scale(sg[ch], sv[ch], *eps) * gsum,
+                None => gsum,
+            };
         }
-        Ok(())
+        Ok(d2)
     }
 
     fn bn_relu_backward(
@@ -740,7 +1189,7 @@ pub(crate) fn linear_pool_input_grad(
 pub(crate) mod cuda {
     use super::super::conv::{ConvShape, Pass};
     use super::super::cuda::{elementwise, f32_view, launch_error, uninit, Module};
-    use super::{DNorm, DeviceProgram, Exec};
+    use super::{noise_std, same_len, DNoise, DNorm, DeviceProgram, Exec};
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
@@ -960,11 +1409,28 @@ pub(crate) mod cuda {
         }};
     }
 
-    pub(crate) fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
-        if a != b {
-            candle_core::bail!("fused eval path: {what}: {a} values against {b}")
-        }
-        Ok(())
+    /// The read guards of a BatchNorm's γ, β, running mean and variance.
+    #[allow(clippy::type_complexity)]
+    fn norm_guards(n: &DNorm) -> [(std::sync::RwLockReadGuard<'_, Storage>, &Layout); 4] {
+        [
+            n.gamma.storage_and_layout(),
+            n.beta.storage_and_layout(),
+            n.mean.storage_and_layout(),
+            n.var.storage_and_layout(),
+        ]
+    }
+
+    /// The views (c values each) of [`norm_guards`].
+    fn norm_views<'a>(
+        g: &'a [(std::sync::RwLockReadGuard<'_, Storage>, &Layout); 4],
+        c: usize,
+    ) -> Result<[CudaView<'a, f32>; 4]> {
+        Ok([
+            view(&g[0], c, "BatchNorm scale")?,
+            view(&g[1], c, "BatchNorm shift")?,
+            view(&g[2], c, "running mean")?,
+            view(&g[3], c, "running variance")?,
+        ])
     }
 
     /// The classes K of a linear layer (K, C) on `c` features (checked).
@@ -1020,15 +1486,129 @@ pub(crate) mod cuda {
             )
         }
 
-        fn bn_relu(&self, n: &DNorm, x: &Slice, y: &mut Slice, c: usize) -> Result<()> {
-            same_len(x.len(), y.len(), "BatchNorm")?;
-            let len = x.len();
-            launch_bn!(self, "de_bn_relu_into", n, c, len, [y, x])
+        fn draw_noise(&self, n: &DNoise, images: usize, len: usize) -> Result<Slice> {
+            if images > 0 && len % images != 0 {
+                candle_core::bail!("fused eval path: {len} noise values for {images} images")
+            }
+            let mut z = uninit(&self.dev, len.max(1))?;
+            let per = len / images.max(1);
+            super::super::noise::fill_cuda(&self.dev, &mut z, n.seed, n.first, per, images)?;
+            Ok(z)
         }
 
-        fn bn_relu_in_place(&self, n: &DNorm, y: &mut Slice, c: usize) -> Result<()> {
+        fn bn_relu(
+            &self,
+            n: &DNorm,
+            x: &Slice,
+            y: &mut Slice,
+            c: usize,
+            z: Option<&Slice>,
+        ) -> Result<()> {
+            same_len(x.len(), y.len(), "BatchNorm")?;
+            let len = x.len();
+            match noise_std(n, z)? {
+                None => launch_bn!(self, "de_bn_relu_into", n, c, len, [y, x]),
+                Some((std, z)) => {
+                    same_len(z.len().min(len), len, "BatchNorm noise")?;
+                    let gs = std.storage_and_layout();
+                    let std = view(&gs, c, "noise scale")?;
+                    launch_bn!(self, "de_bn_noise_relu_into", n, c, len, [y, x, z, &std])
+                }
+            }
+        }
+
+        fn bn_relu_in_place(
+            &self,
+            n: &DNorm,
+            y: &mut Slice,
+            c: usize,
+            z: Option<&Slice>,
+        ) -> Result<()> {
             let len = y.len();
-            launch_bn!(self, "de_bn_relu_inplace", n, c, len, [y])
+            match noise_std(n, z)? {
+                None => launch_bn!(self, "de_bn_relu_inplace", n, c, len, [y]),
+                Some((std, z)) => {
+                    same_len(z.len().min(len), len, "BatchNorm noise")?;
+                    let gs = std.storage_and_layout();
+                    let std = view(&gs, c, "noise scale")?;
+                    launch_bn!(self, "de_bn_noise_relu_inplace", n, c, len, [y, z, &std])
+                }
+            }
+        }
+
+        fn bn_add_relu(
+            &self,
+            n: &DNorm,
+            out: &mut Slice,
+            skip: &Slice,
+            skip_norm: Option<&DNorm>,
+            c: usize,
+        ) -> Result<()> {
+            let len = out.len();
+            same_len(skip.len(), len, "shortcut")?;
+            let guards = norm_guards(n);
+            let [g, b, m, v] = norm_views(&guards, c)?;
+            let skip_guards = skip_norm.map(norm_guards);
+            let skip_views = skip_guards
+                .as_ref()
+                .map(|sg| norm_views(sg, c))
+                .transpose()?;
+            let (cfg, count) = elementwise(len, "de_bn_add_relu")?;
+            let (channels, has_sn, null) = (c as u32, i32::from(skip_norm.is_some()), 0u64);
+            let s_eps = skip_norm.map_or(0f32, |sn| sn.eps);
+            let k = KERNELS_MODULE.func(&self.dev, "de_bn_add_relu")?;
+            let mut a = k.builder();
+            a.arg(out)
+                .arg(skip)
+                .arg(&g)
+                .arg(&b)
+                .arg(&m)
+                .arg(&v)
+                .arg(&n.eps);
+            match &skip_views {
+                Some([sg, sb, sm, sv]) => a.arg(sg).arg(sb).arg(sm).arg(sv),
+                None => a.arg(&null).arg(&null).arg(&null).arg(&null),
+            };
+            a.arg(&s_eps).arg(&has_sn).arg(&channels).arg(&count);
+            // SAFETY: out and skip hold len values, the BatchNorm vectors c; the null
+            // shortcut vectors are never read (has_sn = 0).
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_bn_add_relu", e))?;
+            Ok(())
+        }
+
+        fn add_relu_backward(
+            &self,
+            n: &DNorm,
+            d: &mut Slice,
+            y: &Slice,
+            skip_norm: Option<&DNorm>,
+            c: usize,
+        ) -> Result<Slice> {
+            let len = d.len();
+            same_len(y.len(), len, "block gradient")?;
+            let guards = norm_guards(n);
+            let [g, _, _, v] = norm_views(&guards, c)?;
+            let skip_guards = skip_norm.map(norm_guards);
+            let skip_views = skip_guards
+                .as_ref()
+                .map(|sg| norm_views(sg, c))
+                .transpose()?;
+            let mut d2 = uninit(&self.dev, len.max(1))?;
+            let (cfg, count) = elementwise(len, "de_add_relu_backward")?;
+            let (channels, has_sn, null) = (c as u32, i32::from(skip_norm.is_some()), 0u64);
+            let s_eps = skip_norm.map_or(0f32, |sn| sn.eps);
+            let k = KERNELS_MODULE.func(&self.dev, "de_add_relu_backward")?;
+            let mut a = k.builder();
+            a.arg(&mut d2).arg(d).arg(y).arg(&g).arg(&v).arg(&n.eps);
+            match &skip_views {
+                Some([sg, _, _, sv]) => a.arg(sg).arg(sv),
+                None => a.arg(&null).arg(&null),
+            };
+            a.arg(&s_eps).arg(&has_sn).arg(&channels).arg(&count);
+            // SAFETY: d2, d and y hold len values, the BatchNorm vectors c; the null
+            // shortcut vectors are never read (has_sn = 0).
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_add_relu_backward", e))?;
+            Ok(d2)
         }
 
         fn bn_relu_backward(
@@ -1099,9 +1679,13 @@ pub(crate) mod cuda {
 
 /// Every kernel of `device_eval.cu`, the eval program's and the train program's (for
 /// the compile check).
-pub const KERNELS: [&str; 11] = [
+pub const KERNELS: [&str; 15] = [
+    "de_bn_add_relu",
+    "de_add_relu_backward",
     "de_bn_relu_into",
     "de_bn_relu_inplace",
+    "de_bn_noise_relu_into",
+    "de_bn_noise_relu_inplace",
     "de_bn_relu_backward",
     "de_normalise",
     "de_denormalise",

@@ -813,7 +813,8 @@ impl TrainExec for CpuExec {
 mod cuda {
     use super::super::conv::ConvShape;
     use super::super::cuda::{elementwise, launch_error, uninit};
-    use super::super::device_eval::cuda::{same_len, CudaExec, Slice, KERNELS_MODULE};
+    use super::super::device_eval::cuda::{CudaExec, Slice, KERNELS_MODULE};
+    use super::super::device_eval::same_len;
     use super::{TConv, TFc, TNorm, TrainExec, TrainProgram};
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{Result, Storage, Tensor};

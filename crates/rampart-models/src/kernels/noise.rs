@@ -187,43 +187,66 @@ impl CustomOp1 for LayerNoise {
     }
 
     #[cfg(feature = "cuda")]
-    #[allow(unsafe_code)]
     fn cuda_fwd(
         &self,
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, launch_error, uninit};
-        use super::pointwise::OPS;
+        use super::cuda::uninit;
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         let dev = s.device().clone();
         let n = l.shape().elem_count();
         let (per, images) = Self::split(l.shape());
         let mut out = uninit(&dev, n.max(1))?;
-        let pairs_per_image = per.div_ceil(2);
-        let pairs = pairs_per_image * images;
-        if per > 0 {
-            let (cfg, count) = elementwise(pairs, "layer-noise")?;
-            let (per_image, half) = (per as u64, pairs_per_image as u64);
-            let k = OPS.func(&dev, "layer_noise")?;
-            let mut b = k.builder();
-            b.arg(&mut out)
-                .arg(&self.seed)
-                .arg(&self.first)
-                .arg(&per_image)
-                .arg(&half)
-                .arg(&count);
-            // SAFETY: thread p < count writes values 2k, 2k + 1 (k = p mod half, the
-            // second only below per_image) of image p / half: within the n values
-            // (`first` only changes which values, not where they go).
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error("layer-noise", e))?;
-        }
+        fill_cuda(&dev, &mut out, self.seed, self.first, per, images)?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             l.shape().clone(),
         ))
     }
+}
+
+/// Writes the noise of `images` images of `per` values each into `out` (at least
+/// `per`·`images` values) on a GPU: image i's values are those [`fill_image`] writes for
+/// (seed, first + i). One kernel (`layer_noise` in `ops.cu`).
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub(crate) fn fill_cuda(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    seed: u64,
+    first: u64,
+    per: usize,
+    images: usize,
+) -> Result<()> {
+    use super::cuda::{elementwise, launch_error};
+    use super::pointwise::OPS;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    if per == 0 || images == 0 {
+        return Ok(());
+    }
+    if out.len() < per * images {
+        candle_core::bail!(
+            "layer-noise: {} values for {images} images of {per}",
+            out.len()
+        )
+    }
+    let pairs_per_image = per.div_ceil(2);
+    let (cfg, count) = elementwise(pairs_per_image * images, "layer-noise")?;
+    let (per_image, half) = (per as u64, pairs_per_image as u64);
+    let k = OPS.func(dev, "layer_noise")?;
+    let mut b = k.builder();
+    b.arg(out)
+        .arg(&seed)
+        .arg(&first)
+        .arg(&per_image)
+        .arg(&half)
+        .arg(&count);
+    // SAFETY: thread p < count writes values 2k, 2k + 1 (k = p mod half, the second
+    // only below per_image) of image p / half: within the per·images values checked
+    // above (`first` only changes which values, not where they go).
+    unsafe { b.launch(cfg) }.map_err(|e| launch_error("layer-noise", e))?;
+    Ok(())
 }
 
 #[cfg(test)]
