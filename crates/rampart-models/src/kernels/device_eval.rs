@@ -415,7 +415,7 @@ impl<B> Saved<B> {
 }
 
 /// The logits of a forward pass and, when asked for, what its backward pass reads.
-type Forward<B> = (B, Option<Saved<B>>);
+type Forward<B, S = Saved<B>> = (B, Option<S>);
 
 /// Logits of the normalised NHWC input `a` (B images), and with `keep` what the
 /// backward pass needs.
@@ -455,7 +455,7 @@ fn forward_pre<E: Exec>(
     a: E::Buf,
     b: usize,
     keep: bool,
-) -> Result<(E::Buf, Option<SavedPre<E::Buf>>)> {
+) -> Result<Forward<E::Buf, SavedPre<E::Buf>>> {
     let [c_in, h0, w0] = input;
     let g = shape(&net.stem, b, (h0, w0), c_in)?;
     let stem = e.kernel(&net.stem.weight)?;
@@ -575,7 +575,7 @@ fn forward_post<E: Exec>(
     a: E::Buf,
     b: usize,
     keep: bool,
-) -> Result<(E::Buf, Option<SavedPost<E::Buf>>)> {
+) -> Result<Forward<E::Buf, SavedPost<E::Buf>>> {
     let [c_in, h0, w0] = input;
     let g = shape(&net.stem, b, (h0, w0), c_in)?;
     let stem = e.kernel(&net.stem.weight)?;
@@ -997,7 +997,7 @@ impl Exec for CpuExec {
 
     fn draw_noise(&self, n: &DNoise, images: usize, len: usize) -> Result<Vec<f32>> {
         let mut z = vec![0f32; len];
-        if images > 0 && len % images != 0 {
+        if images > 0 && !len.is_multiple_of(images) {
             candle_core::bail!("fused eval path: {len} noise values for {images} images")
         }
         let per = len / images.max(1);
@@ -1410,8 +1410,7 @@ pub(crate) mod cuda {
     }
 
     /// The read guards of a BatchNorm's γ, β, running mean and variance.
-    #[allow(clippy::type_complexity)]
-    fn norm_guards(n: &DNorm) -> [(std::sync::RwLockReadGuard<'_, Storage>, &Layout); 4] {
+    fn norm_guards(n: &DNorm) -> [(impl std::ops::Deref<Target = Storage> + '_, &Layout); 4] {
         [
             n.gamma.storage_and_layout(),
             n.beta.storage_and_layout(),
@@ -1421,8 +1420,8 @@ pub(crate) mod cuda {
     }
 
     /// The views (c values each) of [`norm_guards`].
-    fn norm_views<'a>(
-        g: &'a [(std::sync::RwLockReadGuard<'_, Storage>, &Layout); 4],
+    fn norm_views<'a, G: std::ops::Deref<Target = Storage>>(
+        g: &'a [(G, &Layout); 4],
         c: usize,
     ) -> Result<[CudaView<'a, f32>; 4]> {
         Ok([
@@ -1487,7 +1486,7 @@ pub(crate) mod cuda {
         }
 
         fn draw_noise(&self, n: &DNoise, images: usize, len: usize) -> Result<Slice> {
-            if images > 0 && len % images != 0 {
+            if images > 0 && !len.is_multiple_of(images) {
                 candle_core::bail!("fused eval path: {len} noise values for {images} images")
             }
             let mut z = uninit(&self.dev, len.max(1))?;
