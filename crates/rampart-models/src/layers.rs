@@ -160,6 +160,11 @@ impl BatchNorm {
         )
     }
 
+    /// The channels C.
+    pub(crate) fn channels(&self) -> Result<usize> {
+        self.weight.dim(0)
+    }
+
     /// This layer in eval mode for the fused eval path on a GPU (its tensors, shared).
     pub(crate) fn device(&self) -> crate::kernels::device_eval::DNorm {
         crate::kernels::device_eval::DNorm {
@@ -169,6 +174,7 @@ impl BatchNorm {
             var: self.running_var.as_tensor().clone(),
             eps: self.eps as f32,
             noise: None,
+            train_noise: None,
         }
     }
 

@@ -454,7 +454,10 @@ impl Classifier {
             self.spec.oat.is_none()
                 && kernels::device_train::usable()
                 && kernels::sync_bn::current().is_none()
-                && self.net.device_train_net()?.is_some()
+                && self
+                    .ctx
+                    .keeping_noise_state(|| self.net.device_train_net())?
+                    .is_some()
         } else {
             // Building the program draws a student's noise seeds: put the generator
             // back, so that asking does not change the passes that follow.
@@ -469,8 +472,9 @@ impl Classifier {
     /// Train-mode logits of `xs` (B, C, H, W) through the GPU's fused train program
     /// (`kernels::device_train`), whatever `RAMPART_CUDA_FUSED_TRAIN` says: gradients
     /// reach every parameter, and the running statistics are updated, as by the
-    /// layer-by-layer path. None for a network without that form (ResNet-20, a
-    /// student, an OAT model), under synchronised BatchNorm, for an empty batch or a
+    /// layer-by-layer path (a student's noise drawn from the same seeds, its running
+    /// noise scale updated). None for a network without that form (ResNet-20, an OAT
+    /// model), under synchronised BatchNorm, for an empty batch or a
     /// tracked input (whose gradient the program does not compute). On the CPU the
     /// program runs on its kernels' twins. For tests and benchmarks of the path.
     pub fn fused_gpu_train(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -482,12 +486,17 @@ impl Classifier {
         {
             return Ok(None);
         }
-        let Some((net, norms)) = self.net.device_train_net()? else {
+        // A student's noise seeds are drawn as the network is laid out; put back when
+        // the program does not apply (the layer-by-layer pass then draws them).
+        let net = self.ctx.drawing_only_if_some(|| {
+            Ok(self
+                .net
+                .device_train_net()?
+                .filter(|(net, _)| net.stem.weight.dtype() == DType::F32))
+        })?;
+        let Some((net, norms)) = net else {
             return Ok(None);
         };
-        if net.stem.weight.dtype() != DType::F32 {
-            return Ok(None);
-        }
         let (program, tensors) = kernels::device_train::TrainProgram::new(
             &net,
             self.spec.input_shape,
@@ -507,7 +516,12 @@ impl Classifier {
             candle_core::bail!("fused train path: statistics of another network")
         }
         for ((norm, st), r) in norms.iter().zip(&stats).zip(rows) {
-            norm.update_running_saved(st, r)?;
+            // [mean | 1/√(var + ε)], then a noisy layer's batch σ.
+            let c = norm.channels()?;
+            norm.update_running_saved(&st.narrow(0, 0, 2 * c)?, r)?;
+            if st.dim(0)? == 3 * c {
+                norm.update_noise_running(&st.narrow(0, 2 * c, c)?)?;
+            }
         }
         Ok(Some(logits))
     }

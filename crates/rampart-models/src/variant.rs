@@ -25,7 +25,7 @@
 //! (a saved buffer, `lambda_codes`); a λ between two training values gets the linear
 //! interpolation of their codes, a λ outside their range is clamped to it.
 
-use crate::kernels::device_eval::{DNoise, DNorm};
+use crate::kernels::device_eval::{DNoise, DNorm, DTrainNoise};
 use crate::kernels::fused_train::{BnBatch, NoiseSeed};
 use crate::kernels::preact::NormParams;
 use crate::kernels::{EvalNorm, NoiseDraw};
@@ -427,10 +427,38 @@ impl Norm {
         self.bn.update_running_saved(stats, rows)
     }
 
-    /// This layer for the fused train path on a GPU: a plain BatchNorm only (no noise,
-    /// no λ conditioning).
-    pub(crate) fn device_plain(&self) -> Result<Option<DNorm>> {
-        Ok(self.is_plain().then(|| self.bn.device()))
+    /// This layer for the fused train path on a GPU: a plain BatchNorm, or a
+    /// student's noisy one with its α and this pass's seed (drawn here, in the order
+    /// the layer-by-layer pass draws it); None for an OAT layer.
+    pub(crate) fn device_train(&self) -> Result<Option<DNorm>> {
+        if self.bn_adv.is_some() || self.film.is_some() {
+            return Ok(None);
+        }
+        let mut d = self.bn.device();
+        if let Some(n) = &self.noise {
+            let NoiseSeed { seed, first, scale } = self.ctx.next_noise_seed();
+            d.train_noise = Some(DTrainNoise {
+                alpha: n.alpha.clone(),
+                seed,
+                first: first as u64,
+                scale,
+            });
+        }
+        Ok(Some(d))
+    }
+
+    /// The layer's channels.
+    pub(crate) fn channels(&self) -> Result<usize> {
+        self.bn.channels()
+    }
+
+    /// Updates a student's running noise scale from a fused train-mode pass's batch
+    /// σ (C); nothing for a layer without noise.
+    pub(crate) fn update_noise_running(&self, sigma: &Tensor) -> Result<()> {
+        match &self.noise {
+            Some(n) => n.update_running(&sigma.to_dtype(n.running_std.dtype())?),
+            None => Ok(()),
+        }
     }
 
     /// This layer for the fused eval path on a GPU: its eval-mode BatchNorm (the one

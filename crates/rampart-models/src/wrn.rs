@@ -154,7 +154,7 @@ impl crate::Network for PreActNet {
     ) -> Result<Option<(crate::kernels::device_eval::DeviceNet, Vec<&Norm>)>> {
         let net = self.try_map(
             |c| Ok(Some(c.device())),
-            Norm::device_plain,
+            Norm::device_train,
             |fc| Ok(Some(fc.device())),
         )?;
         Ok(net.map(|net| (net, self.norms().collect())))

@@ -322,23 +322,30 @@ fn training_step_matches_cpu() {
 /// The GPU's fused train program (the network in train mode as one op on its flat
 /// parameters: `kernels::device_train`, taken under `RAMPART_CUDA_FUSED_TRAIN`)
 /// against the CPU's layer-by-layer training step: logits, every parameter gradient
-/// and the running statistics, for a WRN (identity and projected shortcuts) and
-/// PreAct ResNet-18.
+/// and the running statistics, for a WRN (identity and projected shortcuts),
+/// PreAct ResNet-18 and a stochastic student (its noise from the same seed on both
+/// devices, α's gradient, the running noise scale).
 #[test]
 fn fused_train_program_matches_cpu() {
     let dev = gpu();
+    let mut student = ModelSpec::wrn(10, 2, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.1 });
     for spec in [
         ModelSpec::wrn(16, 2, 10),
         ModelSpec::cifar(Arch::PreactResnet18, 10),
+        student,
     ] {
         let name = label(&spec);
         let (cpu, gpu) = model_pair(spec);
         let x = images(8, 21);
         let logits_cpu = fwd(&cpu, &x, true);
+        if gpu.is_stochastic() {
+            gpu.reseed_noise(11);
+        }
         let logits_gpu = gpu
             .fused_gpu_train(&x.to_device(&dev).unwrap())
             .unwrap()
-            .expect("a plain pre-activation network has the program");
+            .expect("a pre-activation network has the program");
         let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
         eprintln!("{name}: fused GPU train logits differ from the CPU's by {d}");
         assert!(d < 1e-4, "{name}: fused GPU train logits differ by {d}");

@@ -214,3 +214,57 @@ extern "C" __global__ void de_linear_param_grads(float* out, const float* dl, co
     }
     out[t] = s;
 }
+
+// A stochastic student's noisy BatchNorm in the train program (kernels/device_train.rs
+// holds the twins).
+
+// σ[ch] = √(max(γ²·(1 − (ε·r)·r), 0) + 1e-5), r = stats[c + ch] = 1/√(var + ε): the
+// batch standard deviation per channel of h = γ·(x − μ)·r + β.
+extern "C" __global__ void dt_noise_sigma(float* sigma, const float* gamma, const float* stats,
+                                          float eps, unsigned int c) {
+    unsigned int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    float r = stats[c + ch], g = gamma[ch];
+    float v = __fmul_rn(__fmul_rn(g, g), __fsub_rn(1.0f, __fmul_rn(__fmul_rn(eps, r), r)));
+    v = v > 0.0f ? v : 0.0f;
+    sigma[ch] = __fsqrt_rn(__fadd_rn(v, 1e-5f));
+}
+
+// y ← relu(y + z·((α·σ[ch])·s)), α = alpha[0].
+extern "C" __global__ void dt_noise_relu_inplace(float* y, const float* z, const float* sigma,
+                                                 const float* alpha, float scale,
+                                                 unsigned int c, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = __fmul_rn(__fmul_rn(alpha[0], sigma[i % c]), scale);
+    float v = __fadd_rn(y[i], __fmul_rn(z[i], s));
+    y[i] = v > 0.0f ? v : 0.0f;
+}
+
+// partial[b] = Σ d[i]·z[i]·σ[i mod c] over block b's share: thread t of block b sums
+// i = b·256 + t, b·256 + t + stride, … (stride = blocks·256) in order, then the block
+// adds its threads' sums by halving. 256 threads per block.
+extern "C" __global__ void dt_noise_dot(float* partial, const float* d, const float* z,
+                                        const float* sigma, unsigned int c, unsigned int n) {
+    __shared__ float v[256];
+    unsigned int t = threadIdx.x, b = blockIdx.x, stride = gridDim.x * 256u;
+    float s = 0.0f;
+    for (unsigned int i = b * 256u + t; i < n; i += stride)
+        s = __fadd_rn(s, __fmul_rn(__fmul_rn(d[i], z[i]), sigma[i % c]));
+    v[t] = s;
+    __syncthreads();
+    for (unsigned int h = 128u; h > 0u; h >>= 1) {
+        if (t < h) v[t] = __fadd_rn(v[t], v[t + h]);
+        __syncthreads();
+    }
+    if (t == 0u) partial[b] = v[0];
+}
+
+// out[0] = (Σ_b partial[b], in order)·scale: α's gradient.
+extern "C" __global__ void dt_noise_alpha_grad(float* out, const float* partial,
+                                               unsigned int blocks, float scale) {
+    if (blockIdx.x != 0u || threadIdx.x != 0u) return;
+    float s = 0.0f;
+    for (unsigned int b = 0; b < blocks; ++b) s = __fadd_rn(s, partial[b]);
+    out[0] = __fmul_rn(s, scale);
+}

@@ -88,6 +88,19 @@ pub(crate) struct DNorm {
     pub(crate) var: Tensor,
     pub(crate) eps: f32,
     pub(crate) noise: Option<DNoise>,
+    /// For the train program: a student's noise factor α (one value, the live
+    /// parameter) and the layer's seed for the pass.
+    pub(crate) train_noise: Option<DTrainNoise>,
+}
+
+/// A stochastic student's noise after one BatchNorm in a training step: α, the seed,
+/// the index of the batch's first image in the global batch, the noise scale s.
+#[derive(Clone, Debug)]
+pub(crate) struct DTrainNoise {
+    pub(crate) alpha: Tensor,
+    pub(crate) seed: u64,
+    pub(crate) first: u64,
+    pub(crate) scale: f32,
 }
 
 /// A stochastic student's noise after one BatchNorm in one forward pass: y =
@@ -248,9 +261,10 @@ pub(crate) trait Exec {
         out: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()>;
-    /// A noisy BatchNorm's z for `len` values of `images` images (image i's values are
-    /// those of image `first + i`, [`super::noise::fill_image`]).
-    fn draw_noise(&self, n: &DNoise, images: usize, len: usize) -> Result<Self::Buf>;
+    /// A noisy BatchNorm's z for `len` values of `images` images of the layer seeded
+    /// `seed` (image i's values are those of image `first + i`,
+    /// [`super::noise::fill_image`]).
+    fn draw_noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Self::Buf>;
     /// y = relu(bn(x) + std ⊙ z), `z` (from [`Exec::draw_noise`]) for a noisy
     /// BatchNorm and only for one.
     fn bn_relu(
@@ -325,7 +339,7 @@ pub(crate) trait Exec {
 fn noise_of<E: Exec>(e: &E, n: &DNorm, b: usize, len: usize) -> Result<Option<E::Buf>> {
     n.noise
         .as_ref()
-        .map(|z| e.draw_noise(z, b, len))
+        .map(|z| e.draw_noise(z.seed, z.first, b, len))
         .transpose()
 }
 
@@ -995,7 +1009,7 @@ impl Exec for CpuExec {
         Ok(())
     }
 
-    fn draw_noise(&self, n: &DNoise, images: usize, len: usize) -> Result<Vec<f32>> {
+    fn draw_noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Vec<f32>> {
         let mut z = vec![0f32; len];
         if images > 0 && !len.is_multiple_of(images) {
             candle_core::bail!("fused eval path: {len} noise values for {images} images")
@@ -1003,7 +1017,7 @@ impl Exec for CpuExec {
         let per = len / images.max(1);
         if per > 0 {
             for (i, zi) in z.chunks_exact_mut(per).enumerate() {
-                super::noise::fill_image(n.seed, n.first as usize + i, zi);
+                super::noise::fill_image(seed, first as usize + i, zi);
             }
         }
         Ok(z)
@@ -1189,7 +1203,7 @@ pub(crate) fn linear_pool_input_grad(
 pub(crate) mod cuda {
     use super::super::conv::{ConvShape, Pass};
     use super::super::cuda::{elementwise, f32_view, launch_error, uninit, Module};
-    use super::{noise_std, same_len, DNoise, DNorm, DeviceProgram, Exec};
+    use super::{noise_std, same_len, DNorm, DeviceProgram, Exec};
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
@@ -1485,13 +1499,13 @@ pub(crate) mod cuda {
             )
         }
 
-        fn draw_noise(&self, n: &DNoise, images: usize, len: usize) -> Result<Slice> {
+        fn draw_noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Slice> {
             if images > 0 && !len.is_multiple_of(images) {
                 candle_core::bail!("fused eval path: {len} noise values for {images} images")
             }
             let mut z = uninit(&self.dev, len.max(1))?;
             let per = len / images.max(1);
-            super::super::noise::fill_cuda(&self.dev, &mut z, n.seed, n.first, per, images)?;
+            super::super::noise::fill_cuda(&self.dev, &mut z, seed, first, per, images)?;
             Ok(z)
         }
 
@@ -1678,7 +1692,11 @@ pub(crate) mod cuda {
 
 /// Every kernel of `device_eval.cu`, the eval program's and the train program's (for
 /// the compile check).
-pub const KERNELS: [&str; 15] = [
+pub const KERNELS: [&str; 19] = [
+    "dt_noise_sigma",
+    "dt_noise_relu_inplace",
+    "dt_noise_dot",
+    "dt_noise_alpha_grad",
     "de_bn_add_relu",
     "de_add_relu_backward",
     "de_bn_relu_into",

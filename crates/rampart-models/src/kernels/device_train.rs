@@ -17,9 +17,14 @@
 //!
 //! The CPU executor (the kernels' twins, the CPU convolution passes and the CPU
 //! BatchNorm) tests the program against the layer-by-layer path on any machine; the
-//! CPU's own fast path stays [`super::fused_train`]. Plain networks only (a WRN or
+//! CPU's own fast path stays [`super::fused_train`]. Pre-activation networks (a WRN or
 //! pre-activation ResNet-18 in f32 or TF32, no synchronised BatchNorm, an input that
-//! needs no gradient). On a GPU the path is taken when `RAMPART_CUDA_FUSED_TRAIN` is
+//! needs no gradient), plain or stochastic students: a noisy layer's z is drawn by
+//! `layer_noise` from the seed the layer-by-layer pass would draw, σ (the batch
+//! standard deviation of the BatchNorm's output, a constant for the gradient) comes
+//! from the batch statistics, and its output carries σ for the running estimate; α's
+//! gradient is a deterministic two-kernel sum. OAT models and ResNet-20 train layer by
+//! layer. On a GPU the path is taken when `RAMPART_CUDA_FUSED_TRAIN` is
 //! set ([`enabled`]): it has not yet run on a GPU.
 
 use super::common::f32_slice;
@@ -56,14 +61,30 @@ pub(crate) struct TConv {
     padding: usize,
 }
 
-/// A BatchNorm (+ ReLU): where γ and β start, the channels and ε.
+/// A BatchNorm (+ ReLU): where γ and β start, the channels and ε, and a student's
+/// noise.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct TNorm {
     gamma: usize,
     beta: usize,
     c: usize,
     eps: f64,
+    noise: Option<TNoise>,
 }
+
+/// A student's noise after a BatchNorm in one pass: where α is, the layer's seed, the
+/// batch's first image in the global batch, the noise scale s.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TNoise {
+    alpha: usize,
+    seed: u64,
+    first: u64,
+    scale: f32,
+}
+
+/// Added to the batch variance under the root of a noisy layer's σ (as
+/// `variant::Noise` does).
+pub(crate) const NOISE_STD_EPS: f32 = 1e-5;
 
 /// The linear layer: where its weight (K, C) and bias (K,) start.
 #[derive(Clone, Copy, Debug)]
@@ -127,12 +148,34 @@ impl TrainProgram {
                 }))
             },
             |n| {
+                if n.noise.is_some() {
+                    candle_core::bail!("fused train path: an eval-mode noisy layer")
+                }
                 let c = n.gamma.elem_count();
+                let (gamma, beta) = (place(&n.gamma)?, place(&n.beta)?);
+                let noise = match &n.train_noise {
+                    Some(z) => {
+                        if z.alpha.elem_count() != 1 {
+                            candle_core::bail!(
+                                "fused train path: a noise factor of {:?}",
+                                z.alpha.dims()
+                            )
+                        }
+                        Some(TNoise {
+                            alpha: place(&z.alpha)?,
+                            seed: z.seed,
+                            first: z.first,
+                            scale: z.scale,
+                        })
+                    }
+                    None => None,
+                };
                 Ok(Some(TNorm {
-                    gamma: place(&n.gamma)?,
-                    beta: place(&n.beta)?,
+                    gamma,
+                    beta,
                     c,
                     eps: f64::from(n.eps),
+                    noise,
                 }))
             },
             |(w, b)| {
@@ -161,14 +204,15 @@ impl TrainProgram {
         ))
     }
 
-    /// The number of BatchNorm statistics values after the logits: 2C per BatchNorm.
+    /// The number of BatchNorm statistics values after the logits: 2C per BatchNorm,
+    /// C more for a noisy one (its batch σ).
     fn stats_len(&self) -> usize {
-        self.net.norms().map(|n| 2 * n.c).sum()
+        self.net.norms().map(stats_len).sum()
     }
 
-    /// Each BatchNorm's channel count, in [`PreAct::norms`] order.
-    pub(crate) fn norm_channels(&self) -> Vec<usize> {
-        self.net.norms().map(|n| n.c).collect()
+    /// Each BatchNorm's statistics length in the output, in [`PreAct::norms`] order.
+    pub(crate) fn norm_stats_lens(&self) -> Vec<usize> {
+        self.net.norms().map(stats_len).collect()
     }
 
     /// The rows (images × pixels) each BatchNorm normalises over for a batch of `b`
@@ -189,25 +233,36 @@ impl TrainProgram {
     }
 }
 
+/// A BatchNorm's statistics in the op's output: [mean | 1/√(var + ε)], and a noisy
+/// one's batch σ after them.
+fn stats_len(n: &TNorm) -> usize {
+    if n.noise.is_some() {
+        3 * n.c
+    } else {
+        2 * n.c
+    }
+}
+
 /// Where the parts of a [`DeviceTrain`] op's output are: the logits (B, K), then each
 /// BatchNorm's statistics.
 pub(crate) struct OutputLayout {
     b: usize,
     k: usize,
-    channels: Vec<usize>,
+    lens: Vec<usize>,
 }
 
 impl OutputLayout {
-    /// The logits (B, K) and each BatchNorm's statistics [mean | 1/√(var + ε)] (2C,
-    /// [`PreAct::norms`] order, detached) of the op's output.
+    /// The logits (B, K) and each BatchNorm's statistics [mean | 1/√(var + ε)] (2C)
+    /// with a noisy one's batch σ (C) after them ([`PreAct::norms`] order, detached)
+    /// of the op's output.
     pub(crate) fn split(&self, out: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let (b, k) = (self.b, self.k);
         let logits = out.narrow(0, 0, b * k)?.reshape((b, k))?;
         let mut at = b * k;
         let mut stats = Vec::new();
-        for &c in &self.channels {
-            stats.push(out.narrow(0, at, 2 * c)?.detach());
-            at += 2 * c;
+        for &len in &self.lens {
+            stats.push(out.narrow(0, at, len)?.detach());
+            at += len;
         }
         Ok((logits, stats))
     }
@@ -258,6 +313,35 @@ pub(crate) trait TrainExec: Exec {
         stats: &Self::Buf,
         rows: usize,
     ) -> Result<Self::Buf>;
+    /// A student's noisy BatchNorm: h = bn(x) with x's batch statistics, σ the
+    /// per-channel standard deviation of h over the batch (√(γ²·(1 − ε·r²) + 1e-5),
+    /// r = 1/√(var + ε), the variance of γ·(x − μ)·r + β), y = relu(h + (α·σ)·s ⊙ z);
+    /// returns (y, the statistics [mean | r], σ).
+    fn bn_noise_relu_train(
+        &self,
+        x: &Self::Buf,
+        p: &Self::Buf,
+        n: &TNorm,
+        noise: &TNoise,
+        rows: usize,
+        z: &Self::Buf,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// The backward pass of [`TrainExec::bn_noise_relu_train`] (σ a constant, as on
+    /// the layer-by-layer path): d ← d·[y > 0], α's gradient (Σ d·z·σ)·s written at its
+    /// place in `grad`, then d ← the BatchNorm's input gradient; [dγ | dβ] returned.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_noise_relu_train_backward(
+        &self,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        d: &mut Self::Buf,
+        p: &Self::Buf,
+        n: &TNorm,
+        noise: &TNoise,
+        saved: (&Self::Buf, &Self::Buf, &Self::Buf),
+        rows: usize,
+        grad: &mut Self::Buf,
+    ) -> Result<Self::Buf>;
     /// Global average pooling (`hw` pixels) and the linear layer of `p`: (pooled
     /// (B, C), logits (B, K)).
     fn pool_linear_at(
@@ -300,10 +384,10 @@ fn shape(conv: &TConv, b: usize, side: (usize, usize)) -> Result<ConvShape> {
 struct BlockState<B> {
     side: (usize, usize),
     x: B,
-    stats1: B,
+    stats1: NormState<B>,
     pre: B,
     h: B,
-    stats2: B,
+    stats2: NormState<B>,
     mid: B,
     k1: B,
     k2: B,
@@ -317,10 +401,63 @@ pub(crate) struct TrainState<B> {
     a0: B,
     blocks: Vec<BlockState<B>>,
     head_x: B,
-    head_stats: B,
+    head_stats: NormState<B>,
     fin: B,
     pooled: B,
     side: (usize, usize),
+}
+
+/// A BatchNorm's saved statistics [mean | 1/√(var + ε)], and a noisy one's z and σ.
+struct NormState<B> {
+    stats: B,
+    noise: Option<(B, B)>,
+}
+
+/// relu(bn(x)) of BatchNorm `n` over `rows` rows of `b` images in train mode, with a
+/// student's noise (z drawn here).
+fn norm_forward<E: TrainExec>(
+    e: &E,
+    x: &E::Buf,
+    p: &E::Buf,
+    n: &TNorm,
+    rows: usize,
+    b: usize,
+) -> Result<(E::Buf, NormState<E::Buf>)> {
+    match &n.noise {
+        None => {
+            let (y, stats) = e.bn_relu_train(x, p, n, rows)?;
+            Ok((y, NormState { stats, noise: None }))
+        }
+        Some(nz) => {
+            let z = e.draw_noise(nz.seed, nz.first, b, E::len(x))?;
+            let (y, stats, sigma) = e.bn_noise_relu_train(x, p, n, nz, rows, &z)?;
+            let noise = Some((z, sigma));
+            Ok((y, NormState { stats, noise }))
+        }
+    }
+}
+
+/// The backward pass of [`norm_forward`]: d ← the input gradient; [dγ | dβ] returned,
+/// a noisy layer's dα written into `grad`.
+#[allow(clippy::too_many_arguments)]
+fn norm_backward<E: TrainExec>(
+    e: &E,
+    x: &E::Buf,
+    y: &E::Buf,
+    d: &mut E::Buf,
+    p: &E::Buf,
+    n: &TNorm,
+    st: &NormState<E::Buf>,
+    rows: usize,
+    grad: &mut E::Buf,
+) -> Result<E::Buf> {
+    match (&n.noise, &st.noise) {
+        (None, None) => e.bn_relu_train_backward(x, y, d, p, n, &st.stats, rows),
+        (Some(nz), Some((z, sigma))) => {
+            e.bn_noise_relu_train_backward(x, y, d, p, n, nz, (&st.stats, z, sigma), rows, grad)
+        }
+        _ => candle_core::bail!("fused train path: saved state of another network"),
+    }
 }
 
 /// The forward pass: logits followed by every BatchNorm's statistics (in
@@ -346,14 +483,18 @@ fn forward<E: TrainExec>(
     let logits_len = b * net.fc.k;
     let mut out = e.buffer(logits_len + prog.stats_len())?;
     let mut at = logits_len;
-    let mut put_stats = |out: &mut E::Buf, stats: &E::Buf| -> Result<()> {
-        e.put(out, at, stats)?;
-        at += E::len(stats);
+    let mut put_stats = |out: &mut E::Buf, st: &NormState<E::Buf>| -> Result<()> {
+        e.put(out, at, &st.stats)?;
+        at += E::len(&st.stats);
+        if let Some((_, sigma)) = &st.noise {
+            e.put(out, at, sigma)?;
+            at += E::len(sigma);
+        }
         Ok(())
     };
     for blk in &net.blocks {
         let rows = b * side.0 * side.1;
-        let (pre, stats1) = e.bn_relu_train(&cur, &params, &blk.bn1, rows)?;
+        let (pre, stats1) = norm_forward(e, &cur, &params, &blk.bn1, rows, b)?;
         let g1 = shape(&blk.conv1, b, side)?;
         let g2 = shape(&blk.conv2, b, g1.out())?;
         let (mut sum, shortcut) = match &blk.shortcut {
@@ -374,7 +515,7 @@ fn forward<E: TrainExec>(
         let mut h = e.buffer(g1.output_len())?;
         e.conv(Pass::Forward, &g1, &pre, &k1, &mut h, false)?;
         let (ho, wo) = g1.out();
-        let (mid, stats2) = e.bn_relu_train(&h, &params, &blk.bn2, b * ho * wo)?;
+        let (mid, stats2) = norm_forward(e, &h, &params, &blk.bn2, b * ho * wo, b)?;
         let k2 = e.kernel_at(&params, &blk.conv2)?;
         e.conv(Pass::Forward, &g2, &mid, &k2, &mut sum, true)?;
         put_stats(&mut out, &stats1)?;
@@ -395,7 +536,7 @@ fn forward<E: TrainExec>(
         side = g2.out();
     }
     let hw = side.0 * side.1;
-    let (fin, head_stats) = e.bn_relu_train(&cur, &params, &net.head, b * hw)?;
+    let (fin, head_stats) = norm_forward(e, &cur, &params, &net.head, b * hw, b)?;
     put_stats(&mut out, &head_stats)?;
     let (pooled, logits) = e.pool_linear_at(&fin, &params, &net.fc, hw)?;
     e.put(&mut out, 0, &logits)?;
@@ -428,7 +569,8 @@ fn backward<E: TrainExec>(
     let mut grad = e.buffer(prog.params)?;
     let hw = s.side.0 * s.side.1;
     let mut d = e.linear_pool_backward_at(dl, &s.pooled, &s.params, &net.fc, hw, &mut grad)?;
-    let dgb = e.bn_relu_train_backward(
+    let dgb = norm_backward(
+        e,
         &s.head_x,
         &s.fin,
         &mut d,
@@ -436,6 +578,7 @@ fn backward<E: TrainExec>(
         &net.head,
         &s.head_stats,
         b * hw,
+        &mut grad,
     )?;
     put_norm_grads(e, &mut grad, &net.head, &dgb)?;
     for (blk, st) in net.blocks.iter().zip(&s.blocks).rev() {
@@ -445,7 +588,8 @@ fn backward<E: TrainExec>(
         let mut dmid = e.buffer(g2.input_len())?;
         e.conv(Pass::Data, &g2, &d, &st.k2, &mut dmid, false)?;
         let (ho, wo) = g1.out();
-        let dgb = e.bn_relu_train_backward(
+        let dgb = norm_backward(
+            e,
             &st.h,
             &st.mid,
             &mut dmid,
@@ -453,6 +597,7 @@ fn backward<E: TrainExec>(
             &blk.bn2,
             &st.stats2,
             b * ho * wo,
+            &mut grad,
         )?;
         put_norm_grads(e, &mut grad, &blk.bn2, &dgb)?;
         e.filter_into(&g1, &st.pre, &dmid, &mut grad, blk.conv1.at)?;
@@ -465,8 +610,8 @@ fn backward<E: TrainExec>(
             e.conv(Pass::Data, &gs, &d, ks, &mut dpre, true)?;
         }
         let rows = b * st.side.0 * st.side.1;
-        let dgb = e.bn_relu_train_backward(
-            &st.x, &st.pre, &mut dpre, &s.params, &blk.bn1, &st.stats1, rows,
+        let dgb = norm_backward(
+            e, &st.x, &st.pre, &mut dpre, &s.params, &blk.bn1, &st.stats1, rows, &mut grad,
         )?;
         put_norm_grads(e, &mut grad, &blk.bn1, &dgb)?;
         if blk.shortcut.is_none() {
@@ -490,9 +635,9 @@ fn put_norm_grads<E: TrainExec>(e: &E, grad: &mut E::Buf, n: &TNorm, dgb: &E::Bu
 
 /// The saved state of a forward pass, on the device it ran on.
 enum StateOn {
-    Cpu(TrainState<Vec<f32>>),
+    Cpu(Box<TrainState<Vec<f32>>>),
     #[cfg(feature = "cudnn")]
-    Cuda(TrainState<super::device_eval::cuda::Slice>),
+    Cuda(Box<TrainState<super::device_eval::cuda::Slice>>),
 }
 
 /// The network in train mode as one op on its flat parameters (see the module
@@ -538,7 +683,7 @@ impl DeviceTrain {
         Ok(OutputLayout {
             b: self.x.dim(0)?,
             k: self.program.net.fc.k,
-            channels: self.program.norm_channels(),
+            lens: self.program.norm_stats_lens(),
         })
     }
 }
@@ -558,7 +703,7 @@ impl CustomOp1 for DeviceTrain {
             )
         }
         let (out, st) = forward(&CpuExec, &self.program, params.to_vec(), &self.x)?;
-        self.store(StateOn::Cpu(st));
+        self.store(StateOn::Cpu(Box::new(st)));
         Ok((CpuStorage::F32(out), self.out_shape()?))
     }
 
@@ -578,7 +723,7 @@ impl CustomOp1 for DeviceTrain {
             )
         }
         let (out, st) = forward(&e, &self.program, params, &self.x)?;
-        self.store(StateOn::Cuda(st));
+        self.store(StateOn::Cuda(Box::new(st)));
         Ok((e.storage(out), self.out_shape()?))
     }
 
@@ -651,6 +796,67 @@ impl CustomOp1 for DeviceTrainBackward {
 
 // ---------------------------------------------------------------------------------
 // The CPU executor's train operations.
+
+/// Threads per block of `dt_noise_dot`.
+const DOT_THREADS: usize = 256;
+
+/// The blocks `dt_noise_dot` runs on for `n` values (the sum's order depends on it).
+pub(crate) fn dot_blocks(n: usize) -> usize {
+    n.div_ceil(DOT_THREADS).clamp(1, 1024)
+}
+
+/// The twin of `dt_noise_sigma`: σ = √(max(γ²·(1 − (ε·r)·r), 0) + 1e-5) per channel.
+fn noise_sigma(gamma: &[f32], inv_std: &[f32], eps: f32) -> Vec<f32> {
+    gamma
+        .iter()
+        .zip(inv_std)
+        .map(|(&g, &r)| {
+            let v = (g * g) * (1.0 - (eps * r) * r);
+            let v = if v > 0.0 { v } else { 0.0 };
+            (v + NOISE_STD_EPS).sqrt()
+        })
+        .collect()
+}
+
+/// The twin of `dt_noise_relu_inplace`: y ← relu(y + z·((α·σ)·s)).
+fn noise_relu(y: &mut [f32], z: &[f32], sigma: &[f32], alpha: f32, scale: f32, c: usize) {
+    for (i, (yv, &zv)) in y.iter_mut().zip(z).enumerate() {
+        let std = (alpha * sigma[i % c]) * scale;
+        let v = *yv + zv * std;
+        *yv = if v > 0.0 { v } else { 0.0 };
+    }
+}
+
+/// The twin of `dt_noise_dot` and `dt_noise_alpha_grad`: Σ d·z·σ in the kernels'
+/// order (per block, each thread's strided sum, then the block's halving tree; the
+/// blocks in order).
+fn noise_dot(d: &[f32], z: &[f32], sigma: &[f32], c: usize) -> f32 {
+    let n = d.len();
+    let blocks = dot_blocks(n);
+    let stride = blocks * DOT_THREADS;
+    let mut total = 0f32;
+    for b in 0..blocks {
+        let mut v = [0f32; DOT_THREADS];
+        for (t, vt) in v.iter_mut().enumerate() {
+            let mut s = 0f32;
+            let mut i = b * DOT_THREADS + t;
+            while i < n {
+                s += (d[i] * z[i]) * sigma[i % c];
+                i += stride;
+            }
+            *vt = s;
+        }
+        let mut h = DOT_THREADS / 2;
+        while h > 0 {
+            for t in 0..h {
+                v[t] += v[t + h];
+            }
+            h /= 2;
+        }
+        total += v[0];
+    }
+    total
+}
 
 impl TrainExec for CpuExec {
     fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
@@ -746,6 +952,68 @@ impl TrainExec for CpuExec {
         Ok(sums.into_iter().map(|v| v as f32).collect())
     }
 
+    fn bn_noise_relu_train(
+        &self,
+        x: &Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        noise: &TNoise,
+        _rows: usize,
+        z: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let c = n.c;
+        super::device_eval::same_len(z.len(), x.len(), "BatchNorm noise")?;
+        let (mean, var) = super::bn::mean_var(x, c);
+        let inv_std: Vec<f32> = var
+            .iter()
+            .map(|v| 1.0 / (v + n.eps as f32).sqrt())
+            .collect();
+        let f = super::bn::BnForward {
+            mean: mean.clone(),
+            inv_std: inv_std.clone(),
+            relu: false,
+            batch_stats: true,
+        };
+        let gamma = &p[n.gamma..n.gamma + c];
+        let mut y = f.normalise(x, gamma, &p[n.beta..n.beta + c])?;
+        let sigma = noise_sigma(gamma, &inv_std, n.eps as f32);
+        noise_relu(&mut y, z, &sigma, p[noise.alpha], noise.scale, c);
+        Ok((y, [mean, inv_std].concat(), sigma))
+    }
+
+    fn bn_noise_relu_train_backward(
+        &self,
+        x: &Vec<f32>,
+        y: &Vec<f32>,
+        d: &mut Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        noise: &TNoise,
+        (stats, z, sigma): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
+        _rows: usize,
+        grad: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let c = n.c;
+        super::device_eval::same_len(d.len(), y.len(), "BatchNorm gradient")?;
+        super::device_eval::same_len(z.len(), y.len(), "BatchNorm noise")?;
+        for (dv, &yv) in d.iter_mut().zip(y) {
+            *dv *= if yv > 0.0 { 1.0 } else { 0.0 };
+        }
+        let Some(slot) = grad.get_mut(noise.alpha) else {
+            candle_core::bail!("fused train path: a noise factor past the parameters")
+        };
+        *slot = noise_dot(d, z, sigma, c) * noise.scale;
+        let f = super::bn::BnForward {
+            mean: stats[..c].to_vec(),
+            inv_std: stats[c..2 * c].to_vec(),
+            relu: false,
+            batch_stats: true,
+        };
+        let sums =
+            f.backward_in_place(d, x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c], true);
+        Ok(sums.into_iter().map(|v| v as f32).collect())
+    }
+
     fn pool_linear_at(
         &self,
         x: &Vec<f32>,
@@ -815,8 +1083,8 @@ mod cuda {
     use super::super::cuda::{elementwise, launch_error, uninit};
     use super::super::device_eval::cuda::{CudaExec, Slice, KERNELS_MODULE};
     use super::super::device_eval::same_len;
-    use super::{TConv, TFc, TNorm, TrainExec, TrainProgram};
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use super::{TConv, TFc, TNoise, TNorm, TrainExec, TrainProgram};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{Result, Storage, Tensor};
 
     /// The activations' (n, c, h, w) for cuDNN's BatchNorm from the rows (n·h·w) and
@@ -952,6 +1220,138 @@ mod cuda {
             a.arg(&mut *d).arg(y).arg(&count);
             // SAFETY: n values each.
             unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_relu_mask_inplace", e))?;
+            let mut dx = uninit(&self.dev, x.len())?;
+            let mut dgb = uninit(&self.dev, 2 * c)?;
+            super::super::cudnn::batch_norm_backward_into(
+                &self.dev,
+                x.slice(..),
+                &d.slice(..),
+                &p.slice(n.gamma..n.gamma + c),
+                &stats.slice(..),
+                bn_dims(rows, c),
+                n.eps,
+                &mut dx.slice_mut(..),
+                &mut dgb.slice_mut(..),
+            )?;
+            *d = dx;
+            Ok(dgb)
+        }
+
+        fn bn_noise_relu_train(
+            &self,
+            x: &Slice,
+            p: &Slice,
+            n: &TNorm,
+            noise: &TNoise,
+            rows: usize,
+            z: &Slice,
+        ) -> Result<(Slice, Slice, Slice)> {
+            let c = n.c;
+            same_len(x.len(), rows * c, "BatchNorm input")?;
+            same_len(z.len(), x.len(), "BatchNorm noise")?;
+            let mut y = uninit(&self.dev, x.len())?;
+            let mut stats = uninit(&self.dev, 2 * c)?;
+            super::super::cudnn::batch_norm_train_into(
+                &self.dev,
+                x.slice(..),
+                &p.slice(n.gamma..n.gamma + c),
+                &p.slice(n.beta..n.beta + c),
+                bn_dims(rows, c),
+                n.eps,
+                &mut y.slice_mut(..),
+                &mut stats.slice_mut(..),
+            )?;
+            let mut sigma = uninit(&self.dev, c)?;
+            let (eps, c32) = (n.eps as f32, c as u32);
+            let (cfg, _) = elementwise(c, "dt_noise_sigma")?;
+            let f = KERNELS_MODULE.func(&self.dev, "dt_noise_sigma")?;
+            let mut a = f.builder();
+            let gamma = p.slice(n.gamma..n.gamma + c);
+            a.arg(&mut sigma)
+                .arg(&gamma)
+                .arg(&stats)
+                .arg(&eps)
+                .arg(&c32);
+            // SAFETY: c values of σ and γ, 2c statistics.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_noise_sigma", e))?;
+            if noise.alpha >= p.len() {
+                candle_core::bail!("fused train path: a noise factor past the parameters")
+            }
+            let alpha = p.slice(noise.alpha..noise.alpha + 1);
+            let (cfg, count) = elementwise(y.len(), "dt_noise_relu_inplace")?;
+            let f = KERNELS_MODULE.func(&self.dev, "dt_noise_relu_inplace")?;
+            let mut a = f.builder();
+            a.arg(&mut y)
+                .arg(z)
+                .arg(&sigma)
+                .arg(&alpha)
+                .arg(&noise.scale)
+                .arg(&c32)
+                .arg(&count);
+            // SAFETY: y and z hold count values, σ c, α one.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_noise_relu_inplace", e))?;
+            Ok((y, stats, sigma))
+        }
+
+        fn bn_noise_relu_train_backward(
+            &self,
+            x: &Slice,
+            y: &Slice,
+            d: &mut Slice,
+            p: &Slice,
+            n: &TNorm,
+            noise: &TNoise,
+            (stats, z, sigma): (&Slice, &Slice, &Slice),
+            rows: usize,
+            grad: &mut Slice,
+        ) -> Result<Slice> {
+            let c = n.c;
+            same_len(d.len(), y.len(), "BatchNorm gradient")?;
+            same_len(z.len(), y.len(), "BatchNorm noise")?;
+            same_len(x.len(), rows * c, "BatchNorm input")?;
+            if noise.alpha >= grad.len() {
+                candle_core::bail!("fused train path: a noise factor past the parameters")
+            }
+            let (cfg, count) = elementwise(d.len(), "de_relu_mask_inplace")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_relu_mask_inplace")?;
+            let mut a = f.builder();
+            a.arg(&mut *d).arg(y).arg(&count);
+            // SAFETY: n values each.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_relu_mask_inplace", e))?;
+            let blocks = super::dot_blocks(d.len());
+            let mut partial = uninit(&self.dev, blocks)?;
+            let dot_cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (super::DOT_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let c32 = c as u32;
+            let f = KERNELS_MODULE.func(&self.dev, "dt_noise_dot")?;
+            let mut a = f.builder();
+            a.arg(&mut partial)
+                .arg(&*d)
+                .arg(z)
+                .arg(sigma)
+                .arg(&c32)
+                .arg(&count);
+            // SAFETY: d and z hold count values, σ c; `blocks` partial sums, one per
+            // block of 256 threads (the kernel's static shared array).
+            unsafe { a.launch(dot_cfg) }.map_err(|e| launch_error("dt_noise_dot", e))?;
+            let blocks32 = blocks as u32;
+            let mut slot = grad.slice_mut(noise.alpha..noise.alpha + 1);
+            let f = KERNELS_MODULE.func(&self.dev, "dt_noise_alpha_grad")?;
+            let mut a = f.builder();
+            a.arg(&mut slot)
+                .arg(&partial)
+                .arg(&blocks32)
+                .arg(&noise.scale);
+            let one = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: one value written, `blocks` partial sums read.
+            unsafe { a.launch(one) }.map_err(|e| launch_error("dt_noise_alpha_grad", e))?;
             let mut dx = uninit(&self.dev, x.len())?;
             let mut dgb = uninit(&self.dev, 2 * c)?;
             super::super::cudnn::batch_norm_backward_into(
