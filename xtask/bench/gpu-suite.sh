@@ -15,10 +15,10 @@
 # cannot starve the rest:
 #   1. OUT/gpu.txt: the GPU, its driver, the CUDA and PyTorch versions;
 #   2. OUT/tests-*.txt: the CUDA test binaries (kernels against the CPU);
-#   2b. OUT/ab.jsonl and OUT/ab.md: `rampart bench` of AB_ARCHS at batch 128 on
-#      $EPOCH_DEVICE under each setting of AB_SETTINGS (the fused eval and train
-#      programs, the per-buffer events), alternating, two rounds (ratio = setting ÷
-#      default);
+#   2b. OUT/ab.jsonl and OUT/ab.md: `rampart bench` of AB_ARCHS (ARCH or
+#      ARCH:VARIANT) at batch 128 on $EPOCH_DEVICE under each setting of
+#      AB_SETTINGS (the fused eval and train programs), alternating, AB_ROUNDS rounds
+#      (ratio = setting ÷ default);
 #   3. OUT/bench.jsonl: `rampart bench` and xtask/bench/pytorch_bench.py, alternating,
 #      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
 #      BATCHES (environment variables; defaults below);
@@ -57,8 +57,11 @@ BF16_DEVICE=${BF16_DEVICE:-cuda+bf16}
 # and the student and OAT variants at batch 128.
 ESTIMATE_ARCHS=${ESTIMATE_ARCHS:-"resnet20 preact-resnet18 wrn-28-10"}
 EXTRA_BATCHES=${EXTRA_BATCHES:-"32"}
-# The architectures of the A/B runs of the host-overhead switches (OUT/ab.md).
-AB_ARCHS=${AB_ARCHS:-"wrn-16-4 preact-resnet18"}
+# The architectures of the A/B runs of the host-overhead switches (OUT/ab.md), each
+# ARCH or ARCH:VARIANT (plain, student, oat: `rampart bench --variant`).
+AB_ARCHS=${AB_ARCHS:-"wrn-16-4 preact-resnet18 resnet20 preact-resnet18:student"}
+# The A/B runs' rounds (settings alternating within each).
+AB_ROUNDS=${AB_ROUNDS:-2}
 # The whole suite's wall time in seconds: steps are cut or skipped to fit, and the
 # last 45 seconds are kept for the tables and estimates.
 BUDGET=${BUDGET:-570}
@@ -85,17 +88,21 @@ done
 # two rounds): the default; the fused eval program on the GPU
 # (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps); the fused train program
 # (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; and cudarc's per-buffer events
-# kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off). A setting
-# is one or more VAR=value words (`+` between them).
-AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_EVENTS=1"}
+# kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off; a
+# diagnostic, add it to AB_SETTINGS to measure it). A setting is one or more
+# VAR=value words (`+` between them).
+AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1"}
 : > "$OUT/ab.jsonl"
-for arch in $AB_ARCHS; do
-  for round in 1 2; do
+for spec in $AB_ARCHS; do
+  arch=${spec%%:*}
+  variant=plain
+  [ "$spec" != "$arch" ] && variant=${spec#*:}
+  for round in $(seq "$AB_ROUNDS"); do
     for setting in $AB_SETTINGS; do
       printf '{"run": {"setting": "%s", "arch": "%s", "batch_size": 128, "device": "%s", "round": %s}}\n' \
-        "${setting#RAMPART_AB=}" "$arch" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
-      step "ab $arch $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
-        --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
+        "${setting#RAMPART_AB=}" "$spec" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
+      step "ab $spec $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
+        --variant "$variant" --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
         --steps forward,pgd-step,train-step --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
     done
   done
