@@ -473,8 +473,8 @@ impl Classifier {
     /// (`kernels::device_train`), whatever `RAMPART_CUDA_FUSED_TRAIN` says: gradients
     /// reach every parameter, and the running statistics are updated, as by the
     /// layer-by-layer path (a student's noise drawn from the same seeds, its running
-    /// noise scale updated). None for a network without that form (ResNet-20, an OAT
-    /// model), under synchronised BatchNorm, for an empty batch or a
+    /// noise scale updated). None for a network without that form (an OAT model, a
+    /// post-activation student), under synchronised BatchNorm, for an empty batch or a
     /// tracked input (whose gradient the program does not compute). On the CPU the
     /// program runs on its kernels' twins. For tests and benchmarks of the path.
     pub fn fused_gpu_train(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -492,7 +492,7 @@ impl Classifier {
             Ok(self
                 .net
                 .device_train_net()?
-                .filter(|(net, _)| net.stem.weight.dtype() == DType::F32))
+                .filter(|(net, _)| net.dtype() == DType::F32))
         })?;
         let Some((net, norms)) = net else {
             return Ok(None);
@@ -867,7 +867,7 @@ pub(crate) trait Network: ModuleT + Send + Sync {
     #[allow(clippy::type_complexity)]
     fn device_train_net(
         &self,
-    ) -> candle_core::Result<Option<(kernels::device_eval::DeviceNet, Vec<&variant::Norm>)>> {
+    ) -> candle_core::Result<Option<(kernels::device_eval::DeviceArch, Vec<&variant::Norm>)>> {
         Ok(None)
     }
 

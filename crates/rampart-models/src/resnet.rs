@@ -113,6 +113,28 @@ impl crate::Network for ResNet20 {
         Ok(net.map(crate::kernels::device_eval::DeviceArch::Post))
     }
 
+    #[allow(clippy::type_complexity)]
+    fn device_train_net(
+        &self,
+    ) -> Result<Option<(crate::kernels::device_eval::DeviceArch, Vec<&Norm>)>> {
+        // Plain layers only, as on the CPU: a variant's extras would sit before a
+        // block's sum.
+        if !self.norms().all(Norm::is_plain) {
+            return Ok(None);
+        }
+        let net = self.try_map(
+            |c| Ok(Some(c.device())),
+            Norm::device_train,
+            |fc| Ok(Some(fc.device())),
+        )?;
+        Ok(net.map(|net| {
+            (
+                crate::kernels::device_eval::DeviceArch::Post(net),
+                self.norms().collect(),
+            )
+        }))
+    }
+
     fn train_net(&self) -> Result<Option<(TrainNetwork<'_>, Vec<&Norm>)>> {
         // Plain layers only: a variant's extras would sit before a block's sum.
         if !self.norms().all(Norm::is_plain) {

@@ -711,14 +711,19 @@ fn close_in_max(name: &str, var_name: &str, gr: &Tensor, gf: &Tensor) {
 
 /// The GPU's fused train program, run on the CPU by its kernels' twins, gives the
 /// logits, every parameter gradient and the running statistics of the layer-by-layer
-/// path (WRN with identity and projected shortcuts, strides, PreAct ResNet-18, a
-/// stochastic student: its noise from the same seeds, α's gradient, the running noise
-/// scale); a tracked input, an OAT model and ResNet-20 have no such program.
+/// path (WRN with identity and projected shortcuts, strides, PreAct ResNet-18,
+/// ResNet-20, a stochastic student: its noise from the same seeds, α's gradient, the
+/// running noise scale); a tracked input, OAT models and a post-activation student
+/// have no such program.
 #[test]
 fn gpu_fused_train_program_matches_layer_by_layer_on_the_cpu() {
     let mut oat = ModelSpec::wrn(10, 1, 10);
     oat.oat = Some(OatSpec::standard());
-    for spec in [oat, ModelSpec::cifar(Arch::Resnet20, 10)] {
+    let mut post_oat = ModelSpec::cifar(Arch::Resnet20, 10);
+    post_oat.oat = Some(OatSpec::standard());
+    let mut post_student = ModelSpec::cifar(Arch::Resnet20, 10);
+    post_student.noise = Some(NoiseSpec { alpha: 0.1 });
+    for spec in [oat, post_oat, post_student] {
         let m = trained_looking(spec, 5);
         assert!(m.fused_gpu_train(&input(2, 1)).unwrap().is_none());
     }
@@ -728,6 +733,7 @@ fn gpu_fused_train_program_matches_layer_by_layer_on_the_cpu() {
         (ModelSpec::wrn(16, 1, 10), 5),
         (ModelSpec::wrn(10, 2, 7), 3),
         (ModelSpec::cifar(Arch::PreactResnet18, 10), 2),
+        (ModelSpec::cifar(Arch::Resnet20, 10), 3),
         (student, 4),
     ] {
         let name = format!(

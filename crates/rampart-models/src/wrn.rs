@@ -151,13 +151,18 @@ impl crate::Network for PreActNet {
 
     fn device_train_net(
         &self,
-    ) -> Result<Option<(crate::kernels::device_eval::DeviceNet, Vec<&Norm>)>> {
+    ) -> Result<Option<(crate::kernels::device_eval::DeviceArch, Vec<&Norm>)>> {
         let net = self.try_map(
             |c| Ok(Some(c.device())),
             Norm::device_train,
             |fc| Ok(Some(fc.device())),
         )?;
-        Ok(net.map(|net| (net, self.norms().collect())))
+        Ok(net.map(|net| {
+            (
+                crate::kernels::device_eval::DeviceArch::Pre(net),
+                self.norms().collect(),
+            )
+        }))
     }
 
     fn train_net(&self) -> Result<Option<(TrainNetwork<'_>, Vec<&Norm>)>> {

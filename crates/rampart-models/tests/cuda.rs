@@ -323,8 +323,8 @@ fn training_step_matches_cpu() {
 /// parameters: `kernels::device_train`, taken under `RAMPART_CUDA_FUSED_TRAIN`)
 /// against the CPU's layer-by-layer training step: logits, every parameter gradient
 /// and the running statistics, for a WRN (identity and projected shortcuts),
-/// PreAct ResNet-18 and a stochastic student (its noise from the same seed on both
-/// devices, α's gradient, the running noise scale).
+/// PreAct ResNet-18, ResNet-20 (post-activation) and a stochastic student (its noise
+/// from the same seed on both devices, α's gradient, the running noise scale).
 #[test]
 fn fused_train_program_matches_cpu() {
     let dev = gpu();
@@ -333,6 +333,7 @@ fn fused_train_program_matches_cpu() {
     for spec in [
         ModelSpec::wrn(16, 2, 10),
         ModelSpec::cifar(Arch::PreactResnet18, 10),
+        ModelSpec::cifar(Arch::Resnet20, 10),
         student,
     ] {
         let name = label(&spec);
@@ -345,7 +346,7 @@ fn fused_train_program_matches_cpu() {
         let logits_gpu = gpu
             .fused_gpu_train(&x.to_device(&dev).unwrap())
             .unwrap()
-            .expect("a pre-activation network has the program");
+            .expect("every network here has the program");
         let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
         eprintln!("{name}: fused GPU train logits differ from the CPU's by {d}");
         assert!(d < 1e-4, "{name}: fused GPU train logits differ by {d}");

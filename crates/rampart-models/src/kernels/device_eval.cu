@@ -190,6 +190,14 @@ extern "C" __global__ void de_relu_mask_inplace(float* d, const float* y, unsign
     if (i < n) d[i] = __fmul_rn(d[i], y[i] > 0.0f ? 1.0f : 0.0f);
 }
 
+// y ← relu(y + r): the end of a post-activation block in the train program.
+extern "C" __global__ void dt_add_relu_inplace(float* y, const float* r, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = __fadd_rn(y[i], r[i]);
+    y[i] = v > 0.0f ? v : 0.0f;
+}
+
 // d ← d + r.
 extern "C" __global__ void de_add_inplace(float* d, const float* r, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;

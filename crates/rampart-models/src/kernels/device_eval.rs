@@ -1692,7 +1692,8 @@ pub(crate) mod cuda {
 
 /// Every kernel of `device_eval.cu`, the eval program's and the train program's (for
 /// the compile check).
-pub const KERNELS: [&str; 19] = [
+pub const KERNELS: [&str; 20] = [
+    "dt_add_relu_inplace",
     "dt_noise_sigma",
     "dt_noise_relu_inplace",
     "dt_noise_dot",

@@ -1,4 +1,4 @@
-//! The fused train path of pre-activation networks on a GPU: the whole network in
+//! The fused train path of WRN, PreActResNet-18 and ResNet-20 on a GPU: the whole network in
 //! train mode as one op on its flattened parameters, forward (logits, batch
 //! statistics) and backward (every parameter gradient), written once over an
 //! executor ([`TrainExec`]), like the eval path of [`super::device_eval`].
@@ -23,13 +23,15 @@
 //! `layer_noise` from the seed the layer-by-layer pass would draw, σ (the batch
 //! standard deviation of the BatchNorm's output, a constant for the gradient) comes
 //! from the batch statistics, and its output carries σ for the running estimate; α's
-//! gradient is a deterministic two-kernel sum. OAT models and ResNet-20 train layer by
+//! gradient is a deterministic two-kernel sum. Post-activation networks (ResNet-20,
+//! plain) have a form of their own ([`forward_post`]). OAT models train layer by
 //! layer. On a GPU the path is taken when `RAMPART_CUDA_FUSED_TRAIN` is
 //! set ([`enabled`]): it has not yet run on a GPU.
 
 use super::common::f32_slice;
 use super::conv::{ohwi_to_oihw, oihw_to_ohwi, Conv2d, ConvShape, Pass};
 use super::device_eval::{CpuExec, Exec};
+use super::postact::PostAct;
 use super::preact::PreAct;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
@@ -95,12 +97,39 @@ pub(crate) struct TFc {
     c: usize,
 }
 
-/// A network's parameters laid out in one flat vector.
+/// A pre-activation network's parameters laid out in one flat vector.
 pub(crate) type TrainNet = PreAct<TConv, TNorm, TFc>;
+
+/// A post-activation network's (ResNet-20's) in the same terms.
+pub(crate) type TrainPostNet = PostAct<TConv, TNorm, TFc>;
+
+/// The network of a train program.
+pub(crate) enum TrainArch {
+    Pre(TrainNet),
+    Post(TrainPostNet),
+}
+
+impl TrainArch {
+    /// The BatchNorms in execution order ([`PreAct::norms`], [`PostAct::norms`]).
+    fn norms(&self) -> Vec<&TNorm> {
+        match self {
+            TrainArch::Pre(n) => n.norms().collect(),
+            TrainArch::Post(n) => n.norms().collect(),
+        }
+    }
+
+    /// The linear layer.
+    fn fc(&self) -> &TFc {
+        match self {
+            TrainArch::Pre(n) => &n.fc,
+            TrainArch::Post(n) => &n.fc,
+        }
+    }
+}
 
 /// A network's layout, the tensors it was laid out from (in order), and its input.
 pub(crate) struct TrainProgram {
-    net: TrainNet,
+    net: TrainArch,
     params: usize,
     input: [usize; 3],
     mean: Tensor,
@@ -111,7 +140,7 @@ impl TrainProgram {
     /// The layout of `net` (whose BatchNorms carry their ε) and the parameter tensors
     /// in layout order, to be concatenated (each flattened) into the op's input.
     pub(crate) fn new(
-        net: &super::device_eval::DeviceNet,
+        net: &super::device_eval::DeviceArch,
         input: [usize; 3],
         mean: Tensor,
         inv_std: Tensor,
@@ -132,62 +161,68 @@ impl TrainProgram {
             p.0.push(t.flatten_all()?);
             Ok(start)
         };
-        let layout = net.try_map(
-            |c| {
-                let (c_out, c_in, k, k2) = c.weight.dims4()?;
-                if k != k2 {
-                    return Ok(None);
-                }
-                Ok(Some(TConv {
-                    at: place(&c.weight)?,
-                    c_out,
-                    c_in,
-                    k,
-                    stride: c.stride,
-                    padding: c.padding,
-                }))
-            },
-            |n| {
-                if n.noise.is_some() {
-                    candle_core::bail!("fused train path: an eval-mode noisy layer")
-                }
-                let c = n.gamma.elem_count();
-                let (gamma, beta) = (place(&n.gamma)?, place(&n.beta)?);
-                let noise = match &n.train_noise {
-                    Some(z) => {
-                        if z.alpha.elem_count() != 1 {
-                            candle_core::bail!(
-                                "fused train path: a noise factor of {:?}",
-                                z.alpha.dims()
-                            )
-                        }
-                        Some(TNoise {
-                            alpha: place(&z.alpha)?,
-                            seed: z.seed,
-                            first: z.first,
-                            scale: z.scale,
-                        })
+        let conv = |c: &super::device_eval::DConv| {
+            let (c_out, c_in, k, k2) = c.weight.dims4()?;
+            if k != k2 {
+                return Ok(None);
+            }
+            Ok(Some(TConv {
+                at: place(&c.weight)?,
+                c_out,
+                c_in,
+                k,
+                stride: c.stride,
+                padding: c.padding,
+            }))
+        };
+        let norm = |n: &super::device_eval::DNorm| {
+            if n.noise.is_some() {
+                candle_core::bail!("fused train path: an eval-mode noisy layer")
+            }
+            let c = n.gamma.elem_count();
+            let (gamma, beta) = (place(&n.gamma)?, place(&n.beta)?);
+            let noise = match &n.train_noise {
+                Some(z) => {
+                    if z.alpha.elem_count() != 1 {
+                        candle_core::bail!(
+                            "fused train path: a noise factor of {:?}",
+                            z.alpha.dims()
+                        )
                     }
-                    None => None,
-                };
-                Ok(Some(TNorm {
-                    gamma,
-                    beta,
-                    c,
-                    eps: f64::from(n.eps),
-                    noise,
-                }))
-            },
-            |(w, b)| {
-                let (k, c) = w.dims2()?;
-                Ok(Some(TFc {
-                    w: place(w)?,
-                    b: place(b)?,
-                    k,
-                    c,
-                }))
-            },
-        )?;
+                    Some(TNoise {
+                        alpha: place(&z.alpha)?,
+                        seed: z.seed,
+                        first: z.first,
+                        scale: z.scale,
+                    })
+                }
+                None => None,
+            };
+            Ok(Some(TNorm {
+                gamma,
+                beta,
+                c,
+                eps: f64::from(n.eps),
+                noise,
+            }))
+        };
+        let fc = |(w, b): &(Tensor, Tensor)| {
+            let (k, c) = w.dims2()?;
+            Ok(Some(TFc {
+                w: place(w)?,
+                b: place(b)?,
+                k,
+                c,
+            }))
+        };
+        let layout = match net {
+            super::device_eval::DeviceArch::Pre(n) => {
+                n.try_map(conv, norm, fc)?.map(TrainArch::Pre)
+            }
+            super::device_eval::DeviceArch::Post(n) => {
+                n.try_map(conv, norm, fc)?.map(TrainArch::Post)
+            }
+        };
         let Some(net) = layout else {
             candle_core::bail!("fused train path: a convolution with a non-square kernel")
         };
@@ -207,28 +242,46 @@ impl TrainProgram {
     /// The number of BatchNorm statistics values after the logits: 2C per BatchNorm,
     /// C more for a noisy one (its batch σ).
     fn stats_len(&self) -> usize {
-        self.net.norms().map(stats_len).sum()
+        self.net.norms().into_iter().map(stats_len).sum()
     }
 
     /// Each BatchNorm's statistics length in the output, in [`PreAct::norms`] order.
     pub(crate) fn norm_stats_lens(&self) -> Vec<usize> {
-        self.net.norms().map(stats_len).collect()
+        self.net.norms().into_iter().map(stats_len).collect()
     }
 
     /// The rows (images × pixels) each BatchNorm normalises over for a batch of `b`
     /// images, in [`PreAct::norms`] order.
     pub(crate) fn norm_rows(&self, b: usize) -> Result<Vec<usize>> {
         let [_, h0, w0] = self.input;
-        let mut side = shape(&self.net.stem, b, (h0, w0))?.out();
         let mut rows = Vec::new();
-        for blk in &self.net.blocks {
-            rows.push(b * side.0 * side.1);
-            let g1 = shape(&blk.conv1, b, side)?;
-            let (ho, wo) = g1.out();
-            rows.push(b * ho * wo);
-            side = shape(&blk.conv2, b, (ho, wo))?.out();
+        match &self.net {
+            TrainArch::Pre(net) => {
+                let mut side = shape(&net.stem, b, (h0, w0))?.out();
+                for blk in &net.blocks {
+                    rows.push(b * side.0 * side.1);
+                    let g1 = shape(&blk.conv1, b, side)?;
+                    let (ho, wo) = g1.out();
+                    rows.push(b * ho * wo);
+                    side = shape(&blk.conv2, b, (ho, wo))?.out();
+                }
+                rows.push(b * side.0 * side.1);
+            }
+            TrainArch::Post(net) => {
+                let mut side = shape(&net.stem, b, (h0, w0))?.out();
+                rows.push(b * side.0 * side.1);
+                for blk in &net.blocks {
+                    let g1 = shape(&blk.conv1, b, side)?;
+                    let (ho, wo) = g1.out();
+                    rows.push(b * ho * wo);
+                    side = shape(&blk.conv2, b, (ho, wo))?.out();
+                    rows.push(b * side.0 * side.1);
+                    if blk.shortcut.is_some() {
+                        rows.push(b * side.0 * side.1);
+                    }
+                }
+            }
         }
-        rows.push(b * side.0 * side.1);
         Ok(rows)
     }
 }
@@ -313,6 +366,30 @@ pub(crate) trait TrainExec: Exec {
         stats: &Self::Buf,
         rows: usize,
     ) -> Result<Self::Buf>;
+    /// bn(x) with x's batch statistics (no ReLU), and those statistics
+    /// [mean | 1/√(var + ε)] (2C).
+    fn bn_train(
+        &self,
+        x: &Self::Buf,
+        p: &Self::Buf,
+        n: &TNorm,
+        rows: usize,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// The input gradient of [`TrainExec::bn_train`] from its output gradient d, into
+    /// d; [dγ | dβ] (2C) returned.
+    fn bn_train_backward(
+        &self,
+        x: &Self::Buf,
+        d: &mut Self::Buf,
+        p: &Self::Buf,
+        n: &TNorm,
+        stats: &Self::Buf,
+        rows: usize,
+    ) -> Result<Self::Buf>;
+    /// d ← d·[y > 0].
+    fn relu_mask(&self, d: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
+    /// y ← relu(y + r).
+    fn add_relu_in_place(&self, y: &mut Self::Buf, r: &Self::Buf) -> Result<()>;
     /// A student's noisy BatchNorm: h = bn(x) with x's batch statistics, σ the
     /// per-channel standard deviation of h over the batch (√(γ²·(1 − ε·r²) + 1e-5),
     /// r = 1/√(var + ε), the variance of γ·(x − μ)·r + β), y = relu(h + (α·σ)·s ⊙ z);
@@ -394,8 +471,44 @@ struct BlockState<B> {
     shortcut: Option<B>,
 }
 
-/// What the backward pass reads.
-pub(crate) struct TrainState<B> {
+/// What the backward pass reads, per architecture.
+pub(crate) enum TrainState<B> {
+    Pre(PreState<B>),
+    Post(PostState<B>),
+}
+
+/// One post-activation block's saved state: its input side, conv1's output, bn1's
+/// statistics, relu(bn1(·)), conv2's output, bn2's statistics, the shortcut's
+/// convolution output, statistics and kernel, the KRSC kernels.
+struct PostBlockState<B> {
+    side: (usize, usize),
+    h1: B,
+    stats1: NormState<B>,
+    a1: B,
+    c2: B,
+    stats2: B,
+    shortcut: Option<(B, B, B)>,
+    k1: B,
+    k2: B,
+}
+
+/// What the backward pass of a post-activation network reads: the input, the stem's
+/// convolution output and statistics, every block's input and the last block's
+/// output (`acts`), the blocks' states, the pooled features.
+pub(crate) struct PostState<B> {
+    b: usize,
+    params: B,
+    a0: B,
+    h0: B,
+    stats0: NormState<B>,
+    acts: Vec<B>,
+    blocks: Vec<PostBlockState<B>>,
+    pooled: B,
+    side: (usize, usize),
+}
+
+/// What the backward pass of a pre-activation network reads.
+pub(crate) struct PreState<B> {
     b: usize,
     params: B,
     a0: B,
@@ -460,15 +573,82 @@ fn norm_backward<E: TrainExec>(
     }
 }
 
-/// The forward pass: logits followed by every BatchNorm's statistics (in
-/// [`PreAct::norms`] order), and the state of the backward pass.
+/// The forward pass: logits followed by every BatchNorm's statistics (in the
+/// network's `norms` order), and the state of the backward pass.
 fn forward<E: TrainExec>(
     e: &E,
     prog: &TrainProgram,
     params: E::Buf,
     x: &Tensor,
 ) -> Result<(E::Buf, TrainState<E::Buf>)> {
-    let net = &prog.net;
+    Ok(match &prog.net {
+        TrainArch::Pre(net) => {
+            let (out, st) = forward_pre(e, prog, net, params, x)?;
+            (out, TrainState::Pre(st))
+        }
+        TrainArch::Post(net) => {
+            let (out, st) = forward_post(e, prog, net, params, x)?;
+            (out, TrainState::Post(st))
+        }
+    })
+}
+
+/// The backward pass: every parameter's gradient, in the flat layout, from the
+/// logits' gradient `dl` (B, K).
+fn backward<E: TrainExec>(
+    e: &E,
+    prog: &TrainProgram,
+    s: &TrainState<E::Buf>,
+    dl: &E::Buf,
+) -> Result<E::Buf> {
+    match (&prog.net, s) {
+        (TrainArch::Pre(net), TrainState::Pre(s)) => backward_pre(e, prog, net, s, dl),
+        (TrainArch::Post(net), TrainState::Post(s)) => backward_post(e, prog, net, s, dl),
+        _ => candle_core::bail!("fused train path: saved state of another network"),
+    }
+}
+
+/// The output buffer of a forward pass (logits, then the statistics) and a writer of
+/// the statistics in order.
+struct Output<B> {
+    out: B,
+    at: usize,
+}
+
+impl<B> Output<B> {
+    fn new<E: TrainExec<Buf = B>>(e: &E, prog: &TrainProgram, b: usize) -> Result<Self> {
+        let logits_len = b * prog.net.fc().k;
+        Ok(Output {
+            out: e.buffer(logits_len + prog.stats_len())?,
+            at: logits_len,
+        })
+    }
+
+    /// Appends a BatchNorm's statistics (and a noisy one's σ).
+    fn stats<E: TrainExec<Buf = B>>(&mut self, e: &E, st: &NormState<B>) -> Result<()> {
+        self.raw(e, &st.stats)?;
+        if let Some((_, sigma)) = &st.noise {
+            self.raw(e, sigma)?;
+        }
+        Ok(())
+    }
+
+    /// Appends `v`.
+    fn raw<E: TrainExec<Buf = B>>(&mut self, e: &E, v: &B) -> Result<()> {
+        e.put(&mut self.out, self.at, v)?;
+        self.at += E::len(v);
+        Ok(())
+    }
+}
+
+/// [`forward`] of a pre-activation network.
+fn forward_pre<E: TrainExec>(
+    e: &E,
+    prog: &TrainProgram,
+    net: &TrainNet,
+    params: E::Buf,
+    x: &Tensor,
+) -> Result<(E::Buf, PreState<E::Buf>)> {
     let b = x.dim(0)?;
     let [_, h0, w0] = prog.input;
     let a0 = e.input(x, prog)?;
@@ -480,18 +660,7 @@ fn forward<E: TrainExec>(
     let mut side = g.out();
     let mut blocks = Vec::with_capacity(net.blocks.len());
     // The output: the logits, then every BatchNorm's statistics as they come.
-    let logits_len = b * net.fc.k;
-    let mut out = e.buffer(logits_len + prog.stats_len())?;
-    let mut at = logits_len;
-    let mut put_stats = |out: &mut E::Buf, st: &NormState<E::Buf>| -> Result<()> {
-        e.put(out, at, &st.stats)?;
-        at += E::len(&st.stats);
-        if let Some((_, sigma)) = &st.noise {
-            e.put(out, at, sigma)?;
-            at += E::len(sigma);
-        }
-        Ok(())
-    };
+    let mut out = Output::new(e, prog, b)?;
     for blk in &net.blocks {
         let rows = b * side.0 * side.1;
         let (pre, stats1) = norm_forward(e, &cur, &params, &blk.bn1, rows, b)?;
@@ -518,8 +687,8 @@ fn forward<E: TrainExec>(
         let (mid, stats2) = norm_forward(e, &h, &params, &blk.bn2, b * ho * wo, b)?;
         let k2 = e.kernel_at(&params, &blk.conv2)?;
         e.conv(Pass::Forward, &g2, &mid, &k2, &mut sum, true)?;
-        put_stats(&mut out, &stats1)?;
-        put_stats(&mut out, &stats2)?;
+        out.stats(e, &stats1)?;
+        out.stats(e, &stats2)?;
         blocks.push(BlockState {
             side,
             x: cur,
@@ -537,12 +706,13 @@ fn forward<E: TrainExec>(
     }
     let hw = side.0 * side.1;
     let (fin, head_stats) = norm_forward(e, &cur, &params, &net.head, b * hw, b)?;
-    put_stats(&mut out, &head_stats)?;
+    out.stats(e, &head_stats)?;
     let (pooled, logits) = e.pool_linear_at(&fin, &params, &net.fc, hw)?;
+    let mut out = out.out;
     e.put(&mut out, 0, &logits)?;
     Ok((
         out,
-        TrainState {
+        PreState {
             b,
             params,
             a0,
@@ -556,15 +726,14 @@ fn forward<E: TrainExec>(
     ))
 }
 
-/// The backward pass: every parameter's gradient, in the flat layout, from the
-/// logits' gradient `dl` (B, K).
-fn backward<E: TrainExec>(
+/// [`backward`] of a pre-activation network.
+fn backward_pre<E: TrainExec>(
     e: &E,
     prog: &TrainProgram,
-    s: &TrainState<E::Buf>,
+    net: &TrainNet,
+    s: &PreState<E::Buf>,
     dl: &E::Buf,
 ) -> Result<E::Buf> {
-    let net = &prog.net;
     let b = s.b;
     let mut grad = e.buffer(prog.params)?;
     let hw = s.side.0 * s.side.1;
@@ -625,6 +794,174 @@ fn backward<E: TrainExec>(
     Ok(grad)
 }
 
+/// [`forward`] of a post-activation network: the stem's convolution and
+/// BatchNorm+ReLU; per block conv1, BatchNorm+ReLU, conv2, BatchNorm, the shortcut's
+/// convolution and BatchNorm (or the identity), then the sum and the ReLU in one
+/// kernel.
+fn forward_post<E: TrainExec>(
+    e: &E,
+    prog: &TrainProgram,
+    net: &TrainPostNet,
+    params: E::Buf,
+    x: &Tensor,
+) -> Result<(E::Buf, PostState<E::Buf>)> {
+    let b = x.dim(0)?;
+    let [_, h0, w0] = prog.input;
+    if net.norms().any(|n| n.noise.is_some()) {
+        candle_core::bail!("fused train path: a post-activation network with noise")
+    }
+    let a0 = e.input(x, prog)?;
+    let g = shape(&net.stem, b, (h0, w0))?;
+    let stem = e.kernel_at(&params, &net.stem)?;
+    let mut hs = e.buffer(g.output_len())?;
+    e.conv(Pass::Forward, &g, &a0, &stem, &mut hs, false)?;
+    drop(stem);
+    let mut side = g.out();
+    let mut out = Output::new(e, prog, b)?;
+    let (y0, stats0) = norm_forward(e, &hs, &params, &net.stem_bn, b * side.0 * side.1, b)?;
+    out.stats(e, &stats0)?;
+    let mut acts = vec![y0];
+    let mut blocks = Vec::with_capacity(net.blocks.len());
+    for blk in &net.blocks {
+        let Some(x) = acts.last() else {
+            candle_core::bail!("fused train path: no block input")
+        };
+        let g1 = shape(&blk.conv1, b, side)?;
+        let g2 = shape(&blk.conv2, b, g1.out())?;
+        let k1 = e.kernel_at(&params, &blk.conv1)?;
+        let mut h1 = e.buffer(g1.output_len())?;
+        e.conv(Pass::Forward, &g1, x, &k1, &mut h1, false)?;
+        let (o1, o2) = g1.out();
+        let (a1, stats1) = norm_forward(e, &h1, &params, &blk.bn1, b * o1 * o2, b)?;
+        let k2 = e.kernel_at(&params, &blk.conv2)?;
+        let mut c2 = e.buffer(g2.output_len())?;
+        e.conv(Pass::Forward, &g2, &a1, &k2, &mut c2, false)?;
+        let rows2 = b * g2.out().0 * g2.out().1;
+        let (mut y, stats2) = e.bn_train(&c2, &params, &blk.bn2, rows2)?;
+        out.stats(e, &stats1)?;
+        out.raw(e, &stats2)?;
+        let shortcut = match &blk.shortcut {
+            Some((sc, sn)) => {
+                let gs = shape(sc, b, side)?;
+                let ks = e.kernel_at(&params, sc)?;
+                let mut cs = e.buffer(gs.output_len())?;
+                e.conv(Pass::Forward, &gs, x, &ks, &mut cs, false)?;
+                let (ys, stats_s) = e.bn_train(&cs, &params, sn, rows2)?;
+                e.add_relu_in_place(&mut y, &ys)?;
+                out.raw(e, &stats_s)?;
+                Some((cs, stats_s, ks))
+            }
+            None => {
+                e.add_relu_in_place(&mut y, x)?;
+                None
+            }
+        };
+        blocks.push(PostBlockState {
+            side,
+            h1,
+            stats1,
+            a1,
+            c2,
+            stats2,
+            shortcut,
+            k1,
+            k2,
+        });
+        acts.push(y);
+        side = g2.out();
+    }
+    let Some(last) = acts.last() else {
+        candle_core::bail!("fused train path: no network output")
+    };
+    let (pooled, logits) = e.pool_linear_at(last, &params, &net.fc, side.0 * side.1)?;
+    let mut out = out.out;
+    e.put(&mut out, 0, &logits)?;
+    Ok((
+        out,
+        PostState {
+            b,
+            params,
+            a0,
+            h0: hs,
+            stats0,
+            acts,
+            blocks,
+            pooled,
+            side,
+        },
+    ))
+}
+
+/// [`backward`] of a post-activation network.
+fn backward_post<E: TrainExec>(
+    e: &E,
+    prog: &TrainProgram,
+    net: &TrainPostNet,
+    s: &PostState<E::Buf>,
+    dl: &E::Buf,
+) -> Result<E::Buf> {
+    let b = s.b;
+    if s.acts.len() != s.blocks.len() + 1 || s.blocks.len() != net.blocks.len() {
+        candle_core::bail!("fused train path: saved state of another network")
+    }
+    let mut grad = e.buffer(prog.params)?;
+    let hw = s.side.0 * s.side.1;
+    let mut d = e.linear_pool_backward_at(dl, &s.pooled, &s.params, &net.fc, hw, &mut grad)?;
+    for (i, (blk, st)) in net.blocks.iter().zip(&s.blocks).enumerate().rev() {
+        let (x, y) = (&s.acts[i], &s.acts[i + 1]);
+        let g1 = shape(&blk.conv1, b, st.side)?;
+        let g2 = shape(&blk.conv2, b, g1.out())?;
+        let rows1 = b * g1.out().0 * g1.out().1;
+        let rows2 = b * g2.out().0 * g2.out().1;
+        // d: the sum's gradient; both branches read it.
+        e.relu_mask(&mut d, y)?;
+        let mut dc2 = e.copy(&d)?;
+        let dgb = e.bn_train_backward(&st.c2, &mut dc2, &s.params, &blk.bn2, &st.stats2, rows2)?;
+        put_norm_grads(e, &mut grad, &blk.bn2, &dgb)?;
+        e.filter_into(&g2, &st.a1, &dc2, &mut grad, blk.conv2.at)?;
+        let mut da1 = e.buffer(g2.input_len())?;
+        e.conv(Pass::Data, &g2, &dc2, &st.k2, &mut da1, false)?;
+        drop(dc2);
+        let dgb = norm_backward(
+            e, &st.h1, &st.a1, &mut da1, &s.params, &blk.bn1, &st.stats1, rows1, &mut grad,
+        )?;
+        put_norm_grads(e, &mut grad, &blk.bn1, &dgb)?;
+        e.filter_into(&g1, x, &da1, &mut grad, blk.conv1.at)?;
+        let mut dx = match (&blk.shortcut, &st.shortcut) {
+            (Some((sc, sn)), Some((cs, stats_s, ks))) => {
+                let gs = shape(sc, b, st.side)?;
+                let dgb = e.bn_train_backward(cs, &mut d, &s.params, sn, stats_s, rows2)?;
+                put_norm_grads(e, &mut grad, sn, &dgb)?;
+                e.filter_into(&gs, x, &d, &mut grad, sc.at)?;
+                let mut dx = e.buffer(gs.input_len())?;
+                e.conv(Pass::Data, &gs, &d, ks, &mut dx, false)?;
+                dx
+            }
+            (None, None) => d,
+            _ => candle_core::bail!("fused train path: saved state of another network"),
+        };
+        e.conv(Pass::Data, &g1, &da1, &st.k1, &mut dx, true)?;
+        d = dx;
+    }
+    let [_, h0, w0] = prog.input;
+    let g = shape(&net.stem, b, (h0, w0))?;
+    let rows0 = b * g.out().0 * g.out().1;
+    let dgb = norm_backward(
+        e,
+        &s.h0,
+        &s.acts[0],
+        &mut d,
+        &s.params,
+        &net.stem_bn,
+        &s.stats0,
+        rows0,
+        &mut grad,
+    )?;
+    put_norm_grads(e, &mut grad, &net.stem_bn, &dgb)?;
+    e.filter_into(&g, &s.a0, &d, &mut grad, net.stem.at)?;
+    Ok(grad)
+}
+
 /// Writes [dγ | dβ] at the BatchNorm's places in `grad`.
 fn put_norm_grads<E: TrainExec>(e: &E, grad: &mut E::Buf, n: &TNorm, dgb: &E::Buf) -> Result<()> {
     if n.beta != n.gamma + n.c {
@@ -670,7 +1007,7 @@ impl DeviceTrain {
     fn out_shape(&self) -> Result<Shape> {
         let b = self.x.dim(0)?;
         Ok(Shape::from(
-            b * self.program.net.fc.k + self.program.stats_len(),
+            b * self.program.net.fc().k + self.program.stats_len(),
         ))
     }
 
@@ -682,7 +1019,7 @@ impl DeviceTrain {
     pub(crate) fn output_layout(&self) -> Result<OutputLayout> {
         Ok(OutputLayout {
             b: self.x.dim(0)?,
-            k: self.program.net.fc.k,
+            k: self.program.net.fc().k,
             lens: self.program.norm_stats_lens(),
         })
     }
@@ -732,7 +1069,7 @@ impl CustomOp1 for DeviceTrain {
             &self.saved,
             "fused train path: the backward pass of this forward pass already ran",
         )?;
-        let (b, k) = (self.x.dim(0)?, self.program.net.fc.k);
+        let (b, k) = (self.x.dim(0)?, self.program.net.fc().k);
         let dl = grad
             .narrow(0, 0, b * k)?
             .to_dtype(DType::F32)?
@@ -950,6 +1287,68 @@ impl TrainExec for CpuExec {
         let sums =
             f.backward_in_place(d, x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c], true);
         Ok(sums.into_iter().map(|v| v as f32).collect())
+    }
+
+    fn bn_train(
+        &self,
+        x: &Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        _rows: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let c = n.c;
+        let (mean, var) = super::bn::mean_var(x, c);
+        let inv_std: Vec<f32> = var
+            .iter()
+            .map(|v| 1.0 / (v + n.eps as f32).sqrt())
+            .collect();
+        let f = super::bn::BnForward {
+            mean: mean.clone(),
+            inv_std: inv_std.clone(),
+            relu: false,
+            batch_stats: true,
+        };
+        let y = f.normalise(x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c])?;
+        Ok((y, [mean, inv_std].concat()))
+    }
+
+    fn bn_train_backward(
+        &self,
+        x: &Vec<f32>,
+        d: &mut Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        stats: &Vec<f32>,
+        _rows: usize,
+    ) -> Result<Vec<f32>> {
+        let c = n.c;
+        super::device_eval::same_len(d.len(), x.len(), "BatchNorm gradient")?;
+        let f = super::bn::BnForward {
+            mean: stats[..c].to_vec(),
+            inv_std: stats[c..2 * c].to_vec(),
+            relu: false,
+            batch_stats: true,
+        };
+        let sums =
+            f.backward_in_place(d, x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c], true);
+        Ok(sums.into_iter().map(|v| v as f32).collect())
+    }
+
+    fn relu_mask(&self, d: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+        super::device_eval::same_len(d.len(), y.len(), "ReLU gradient")?;
+        for (dv, &yv) in d.iter_mut().zip(y) {
+            *dv *= if yv > 0.0 { 1.0 } else { 0.0 };
+        }
+        Ok(())
+    }
+
+    fn add_relu_in_place(&self, y: &mut Vec<f32>, r: &Vec<f32>) -> Result<()> {
+        super::device_eval::same_len(y.len(), r.len(), "shortcut")?;
+        for (yv, &rv) in y.iter_mut().zip(r) {
+            let v = *yv + rv;
+            *yv = if v > 0.0 { v } else { 0.0 };
+        }
+        Ok(())
     }
 
     fn bn_noise_relu_train(
@@ -1235,6 +1634,75 @@ mod cuda {
             )?;
             *d = dx;
             Ok(dgb)
+        }
+
+        fn bn_train(&self, x: &Slice, p: &Slice, n: &TNorm, rows: usize) -> Result<(Slice, Slice)> {
+            let c = n.c;
+            same_len(x.len(), rows * c, "BatchNorm input")?;
+            let mut y = uninit(&self.dev, x.len())?;
+            let mut stats = uninit(&self.dev, 2 * c)?;
+            super::super::cudnn::batch_norm_train_into(
+                &self.dev,
+                x.slice(..),
+                &p.slice(n.gamma..n.gamma + c),
+                &p.slice(n.beta..n.beta + c),
+                bn_dims(rows, c),
+                n.eps,
+                &mut y.slice_mut(..),
+                &mut stats.slice_mut(..),
+            )?;
+            Ok((y, stats))
+        }
+
+        fn bn_train_backward(
+            &self,
+            x: &Slice,
+            d: &mut Slice,
+            p: &Slice,
+            n: &TNorm,
+            stats: &Slice,
+            rows: usize,
+        ) -> Result<Slice> {
+            let c = n.c;
+            same_len(x.len(), rows * c, "BatchNorm input")?;
+            same_len(d.len(), x.len(), "BatchNorm gradient")?;
+            let mut dx = uninit(&self.dev, x.len())?;
+            let mut dgb = uninit(&self.dev, 2 * c)?;
+            super::super::cudnn::batch_norm_backward_into(
+                &self.dev,
+                x.slice(..),
+                &d.slice(..),
+                &p.slice(n.gamma..n.gamma + c),
+                &stats.slice(..),
+                bn_dims(rows, c),
+                n.eps,
+                &mut dx.slice_mut(..),
+                &mut dgb.slice_mut(..),
+            )?;
+            *d = dx;
+            Ok(dgb)
+        }
+
+        fn relu_mask(&self, d: &mut Slice, y: &Slice) -> Result<()> {
+            same_len(d.len(), y.len(), "ReLU gradient")?;
+            let (cfg, count) = elementwise(d.len(), "de_relu_mask_inplace")?;
+            let f = KERNELS_MODULE.func(&self.dev, "de_relu_mask_inplace")?;
+            let mut a = f.builder();
+            a.arg(d).arg(y).arg(&count);
+            // SAFETY: n values each.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_relu_mask_inplace", e))?;
+            Ok(())
+        }
+
+        fn add_relu_in_place(&self, y: &mut Slice, r: &Slice) -> Result<()> {
+            same_len(y.len(), r.len(), "shortcut")?;
+            let (cfg, count) = elementwise(y.len(), "dt_add_relu_inplace")?;
+            let f = KERNELS_MODULE.func(&self.dev, "dt_add_relu_inplace")?;
+            let mut a = f.builder();
+            a.arg(y).arg(r).arg(&count);
+            // SAFETY: n values each.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_add_relu_inplace", e))?;
+            Ok(())
         }
 
         fn bn_noise_relu_train(
