@@ -417,9 +417,7 @@ impl Classifier {
     }
 
     /// The fused eval op of the GPU for `xs` when this model and input allow it: a
-    /// CUDA f32 input, a pre-activation network (plain, student or OAT), convolutions
-    /// not in bf16, and
-    /// the path turned on (`RAMPART_CUDA_FUSED_EVAL`, [`kernels::device_eval::enabled`]).
+    /// CUDA f32 input, a network with the program's form, and the path turned on (`RAMPART_CUDA_FUSED_EVAL`, [`kernels::device_eval::enabled`]).
     fn device_eval(&self, xs: &Tensor) -> candle_core::Result<Option<DeviceEval>> {
         if !xs.device().is_cuda() || xs.dtype() != DType::F32 || !kernels::device_eval::usable() {
             return Ok(None);

@@ -90,6 +90,33 @@ pub(crate) mod cuda {
     }
 
     /// bf16 values widened to f32 (one kernel) into a fresh buffer.
+    /// out = widen(x) (or out += widen(x) when `accumulate`, an f32 addition), the
+    /// first `out.len()` values of `x` (at least as many): one kernel
+    /// (`bf16_widen_into`; `tests/cuda_bf16.rs` holds the fused programs that use it
+    /// to the layer-by-layer path, which widens with `bf16_to_f32` and adds with
+    /// candle).
+    pub(crate) fn widen_into(
+        dev: &CudaDevice,
+        x: &CudaSlice<half::bf16>,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let n = out.len();
+        if x.len() < n {
+            candle_core::bail!("bf16 widening: {} values into {n}", x.len())
+        }
+        if n > 0 {
+            let (cfg, count) = elementwise(n, "bf16-widen-into")?;
+            let acc = i32::from(accumulate);
+            let k = OPS.func(dev, "bf16_widen_into")?;
+            let mut b = k.builder();
+            b.arg(out).arg(x).arg(&acc).arg(&count);
+            // SAFETY: n values written, n of x read (checked above).
+            unsafe { b.launch(cfg) }.map_err(|e| launch_error("bf16-widen-into", e))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn to_f32(dev: &CudaDevice, x: &CudaSlice<half::bf16>) -> Result<CudaSlice<f32>> {
         let n = x.len();
         let mut out = uninit(dev, n.max(1))?;

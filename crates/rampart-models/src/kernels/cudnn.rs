@@ -279,9 +279,13 @@ pub(crate) fn conv2d(
 
 /// The forward pass (x, kernel), the input-gradient pass (dy, kernel) or the
 /// kernel-gradient pass (x, dy: `kernel` holds dy, `out` gets the KRSC gradient) of
-/// the f32 convolution `g` into `out` (its length checked by the caller), added to
-/// what `out` holds when `accumulate` (cuDNN's β = 1), else overwriting it (β = 0:
-/// cuDNN does not read `out`). For the fused GPU paths.
+/// the convolution `g` on f32 buffers into `out` (its length checked by the caller),
+/// added to what `out` holds when `accumulate`, else overwriting it. In f32 or TF32
+/// the sum is cuDNN's β = 1 (β = 0: cuDNN does not read `out`). In bf16
+/// ([`Precision::Bf16`]) the operands are rounded to bf16, the pass runs on them with
+/// f32 accumulation into a bf16 result, which is widened to f32 into `out` or added
+/// to it: the roundings of the layer-by-layer path, whose sums are f32 too. For the
+/// fused GPU paths.
 pub(crate) fn conv_into(
     dev: &CudaDevice,
     g: ConvShape,
@@ -291,9 +295,41 @@ pub(crate) fn conv_into(
     out: &mut CudaSlice<f32>,
     accumulate: bool,
 ) -> Result<()> {
-    let p = plan::<f32>(dev, g)?;
+    if precision() == Precision::Bf16 {
+        use super::bf16::cuda::{to_bf16, widen_into};
+        let (n_a, n_k) = (a.len(), kernel.len());
+        let (a, kernel) = (to_bf16(dev, a)?, to_bf16(dev, kernel)?);
+        // SAFETY: β = 0, so cuDNN writes every value of the result before it is read.
+        let mut narrow = unsafe { dev.alloc::<half::bf16>(out.len().max(1))? };
+        let ab = (half::bf16::ONE, half::bf16::ZERO);
+        launch_into::<half::bf16>(
+            dev,
+            g,
+            pass,
+            &a.slice(0..n_a),
+            &kernel.slice(0..n_k),
+            &mut narrow,
+            ab,
+        )?;
+        return widen_into(dev, &narrow, out, accumulate);
+    }
     let ab = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-    // SAFETY (both launches): the descriptors of `p` describe these buffers (lengths
+    launch_into::<f32>(dev, g, pass, a, kernel, out, ab)
+}
+
+/// One cuDNN pass of the convolution `g` on operands of type `T` into `out`, scaled
+/// as cuDNN's (α, β) `ab` say.
+fn launch_into<T: PlanCache>(
+    dev: &CudaDevice,
+    g: ConvShape,
+    pass: Pass,
+    a: &CudaView<'_, T>,
+    kernel: &CudaView<'_, T>,
+    out: &mut CudaSlice<T>,
+    ab: (T, T),
+) -> Result<()> {
+    let p = plan::<T>(dev, g)?;
+    // SAFETY (every launch): the descriptors of `p` describe these buffers (lengths
     // checked by the caller, NHWC, kernel KRSC).
     match pass {
         Pass::Forward => {

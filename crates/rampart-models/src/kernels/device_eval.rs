@@ -20,12 +20,14 @@
 //! program itself is tested on any machine against the layer-by-layer path; the
 //! CPU's own fast path stays [`super::fused::FusedEval`].
 //!
-//! Pre-activation networks (a WRN or pre-activation ResNet-18 in f32 or TF32), plain
-//! or variant: a stochastic student's noise is drawn by `layer_noise` (the values of
-//! the layer-by-layer path, from the same seeds) and added in the BatchNorm+ReLU
-//! kernel; an OAT model's FiLM at the pass's λ is folded into γ and β on the device,
-//! its dual BatchNorm chosen by the λ. ResNet-20 and bf16 convolutions run layer by
-//! layer. On a GPU the path is taken when `RAMPART_CUDA_FUSED_EVAL` is set (see
+//! Pre-activation networks (a WRN or pre-activation ResNet-18), plain or variant: a
+//! stochastic student's noise is drawn by `layer_noise` (the values of the
+//! layer-by-layer path, from the same seeds) and added in the BatchNorm+ReLU kernel;
+//! an OAT model's FiLM at the pass's λ is folded into γ and β on the device, its dual
+//! BatchNorm chosen by the λ. Post-activation networks (ResNet-20, plain or OAT) have
+//! a form of their own ([`forward_post`]). In f32, TF32 or bf16 (the convolution
+//! passes round their operands as the layer-by-layer path does, `cudnn::conv_into`).
+//! On a GPU the path is taken when `RAMPART_CUDA_FUSED_EVAL` is set (see
 //! [`enabled`]): it has not yet run on a GPU, and becomes the default once
 //! `tests/cuda.rs` has held it to the layer-by-layer path there.
 
@@ -51,11 +53,12 @@ pub(crate) fn switched_on(var: &str) -> bool {
 }
 
 /// Whether a GPU model may take a fused GPU path switched on by `on`: a build with
-/// cuDNN, the path on, and convolutions not in bf16.
+/// cuDNN and the path on (in any precision: the convolution passes round to bf16
+/// under `cuda+bf16` as the layer-by-layer path does).
 pub(crate) fn usable_if(on: bool) -> bool {
     #[cfg(feature = "cudnn")]
     {
-        on && super::cudnn::precision() != crate::Precision::Bf16
+        on
     }
     #[cfg(not(feature = "cudnn"))]
     {

@@ -18,8 +18,8 @@
 //! The CPU executor (the kernels' twins, the CPU convolution passes and the CPU
 //! BatchNorm) tests the program against the layer-by-layer path on any machine; the
 //! CPU's own fast path stays [`super::fused_train`]. Pre-activation networks (a WRN or
-//! pre-activation ResNet-18 in f32 or TF32, no synchronised BatchNorm, an input that
-//! needs no gradient), plain or stochastic students: a noisy layer's z is drawn by
+//! pre-activation ResNet-18 in f32, TF32 or bf16 convolutions, no synchronised
+//! BatchNorm, an input that needs no gradient), plain or stochastic students: a noisy layer's z is drawn by
 //! `layer_noise` from the seed the layer-by-layer pass would draw, σ (the batch
 //! standard deviation of the BatchNorm's output, a constant for the gradient) comes
 //! from the batch statistics, and its output carries σ for the running estimate; α's
@@ -45,8 +45,8 @@ pub fn enabled() -> bool {
     super::device_eval::switched_on(ENABLE_ENV)
 }
 
-/// Whether a GPU model may take the path: a build with cuDNN, the path [`enabled`],
-/// and convolutions not in bf16.
+/// Whether a GPU model may take the path: a build with cuDNN and the path
+/// [`enabled`] (in any precision).
 pub(crate) fn usable() -> bool {
     super::device_eval::usable_if(enabled())
 }

@@ -249,6 +249,16 @@ extern "C" __global__ void bf16_to_f32(float* out, const unsigned short* x, unsi
     out[i] = __uint_as_float(((unsigned int)x[i]) << 16);
 }
 
+// out = widen(x), or out + widen(x) when accumulate: a bf16 convolution's result into
+// the fused GPU programs' f32 buffers (bf16_to_f32, then an f32 addition).
+extern "C" __global__ void bf16_widen_into(float* out, const unsigned short* x, int accumulate,
+                                           unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = __uint_as_float(((unsigned int)x[i]) << 16);
+    out[i] = accumulate ? __fadd_rn(out[i], v) : v;
+}
+
 // A convolution kernel between PyTorch's OIHW order and the OHWI (KRSC) order of the
 // NHWC convolutions, kk = k·k (kernels/conv.rs holds the CPU twins).
 // out[((o·kk) + q)·ci + i] = w[(o·ci + i)·kk + q]

@@ -29,7 +29,8 @@ pub(crate) static OPS: Module = Module::new("rampart_ops", include_str!("ops.cu"
 
 /// Every kernel of [`OPS`] (for [`Module::ready`] and the compile check).
 #[cfg(feature = "cuda")]
-pub const KERNELS: [&str; 12] = [
+pub const KERNELS: [&str; 13] = [
+    "bf16_widen_into",
     "relu_inplace",
     "relu_mask",
     "bn_eval_backward",
