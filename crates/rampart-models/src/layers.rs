@@ -175,6 +175,7 @@ impl BatchNorm {
             eps: self.eps as f32,
             noise: None,
             train_noise: None,
+            train_oat: None,
         }
     }
 

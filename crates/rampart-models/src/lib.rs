@@ -449,13 +449,14 @@ impl Classifier {
             return Ok(false);
         }
         Ok(if train {
-            self.spec.oat.is_none()
-                && kernels::device_train::usable()
+            let has_program =
+                || -> candle_core::Result<bool> { Ok(self.net.device_train_net()?.is_some()) };
+            kernels::device_train::usable()
                 && kernels::sync_bn::current().is_none()
-                && self
-                    .ctx
-                    .keeping_noise_state(|| self.net.device_train_net())?
-                    .is_some()
+                && self.ctx.keeping_noise_state(|| match &self.spec.oat {
+                    None => has_program(),
+                    Some(_) => self.with_condition(&[self.lambda().unwrap_or(0.0)], has_program),
+                })?
         } else {
             // Building the program draws a student's noise seeds: put the generator
             // back, so that asking does not change the passes that follow.
@@ -471,19 +472,89 @@ impl Classifier {
     /// (`kernels::device_train`), whatever `RAMPART_CUDA_FUSED_TRAIN` says: gradients
     /// reach every parameter, and the running statistics are updated, as by the
     /// layer-by-layer path (a student's noise drawn from the same seeds, its running
-    /// noise scale updated). None for a network without that form (an OAT model, a
-    /// post-activation student), under synchronised BatchNorm, for an empty batch or a
-    /// tracked input (whose gradient the program does not compute). On the CPU the
-    /// program runs on its kernels' twins. For tests and benchmarks of the path.
+    /// noise scale updated; an OAT model at its λ). None for a network without that
+    /// form (a post-activation student or OAT model), under synchronised BatchNorm,
+    /// for an empty batch or a tracked input (whose gradient the program does not
+    /// compute). On the CPU the program runs on its kernels' twins. For tests and
+    /// benchmarks of the path.
     pub fn fused_gpu_train(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.fused_gpu_train_at(xs, None)
+    }
+
+    /// [`Classifier::fused_gpu_train`] of an OAT model at λ `lambdas` per row (what
+    /// [`Classifier::forward_lambdas`] takes in train mode on a GPU when the path is
+    /// on). For tests and benchmarks of the path.
+    pub fn fused_gpu_train_lambdas(
+        &self,
+        xs: &Tensor,
+        lambdas: &[f32],
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.fused_gpu_train_at(xs, Some(lambdas))
+    }
+
+    /// [`Classifier::fused_gpu_train`] with an OAT model's λ per row (its λ when
+    /// None). The program normalises each BatchNorm group over contiguous rows, so the
+    /// rows with λ = 0 go first (a permutation of the untracked input) and the logits
+    /// are put back in the batch's order.
+    fn fused_gpu_train_at(
+        &self,
+        xs: &Tensor,
+        lambdas: Option<&[f32]>,
+    ) -> candle_core::Result<Option<Tensor>> {
         self.check_input(xs)?;
-        if self.spec.oat.is_some()
-            || xs.track_op()
-            || xs.dim(0)? == 0
-            || kernels::sync_bn::current().is_some()
-        {
+        let b = xs.dim(0)?;
+        if xs.track_op() || b == 0 || kernels::sync_bn::current().is_some() {
             return Ok(None);
         }
+        if self.spec.oat.is_none() {
+            return self.device_train_on(xs, None);
+        }
+        let lambdas = match lambdas {
+            Some(l) => l.to_vec(),
+            None => vec![self.lambda().unwrap_or(0.0); b],
+        };
+        if lambdas.len() != b {
+            candle_core::bail!("{} λ values for a batch of {b}", lambdas.len())
+        }
+        let rows = 0..b as u32;
+        let order: Vec<u32> = rows
+            .clone()
+            .filter(|&i| lambdas[i as usize] == 0.0)
+            .chain(rows.filter(|&i| lambdas[i as usize] != 0.0))
+            .collect();
+        let clean = lambdas.iter().filter(|&&l| l == 0.0).count();
+        let sorted: Vec<f32> = order.iter().map(|&i| lambdas[i as usize]).collect();
+        let identity = order.iter().zip(0u32..).all(|(&i, k)| i == k);
+        let device = xs.device();
+        let xs_sorted = if identity {
+            xs.clone()
+        } else {
+            xs.index_select(&Tensor::new(order.as_slice(), device)?, 0)?
+        };
+        let logits =
+            self.with_condition(&sorted, || self.device_train_on(&xs_sorted, Some(clean)))?;
+        match logits {
+            Some(l) if !identity => {
+                let mut inverse = vec![0u32; b];
+                for (k, &i) in order.iter().enumerate() {
+                    inverse[i as usize] = k as u32;
+                }
+                Ok(Some(l.index_select(
+                    &Tensor::new(inverse.as_slice(), device)?,
+                    0,
+                )?))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The fused train program on `xs` (an OAT model's condition installed, its rows
+    /// with λ = 0, `clean` of them, first).
+    fn device_train_on(
+        &self,
+        xs: &Tensor,
+        clean: Option<usize>,
+    ) -> candle_core::Result<Option<Tensor>> {
         // A student's noise seeds are drawn as the network is laid out; put back when
         // the program does not apply (the layer-by-layer pass then draws them).
         let net = self.ctx.drawing_only_if_some(|| {
@@ -495,13 +566,19 @@ impl Classifier {
         let Some((net, norms)) = net else {
             return Ok(None);
         };
+        let b = xs.dim(0)?;
         let (program, tensors) = kernels::device_train::TrainProgram::new(
             &net,
             self.spec.input_shape,
             self.mean.clone(),
             self.inv_std.clone(),
         )?;
-        let rows = program.norm_rows(xs.dim(0)?)?;
+        let groups = clean.map(|c| (b, c));
+        let program = match groups {
+            Some((b, c)) => program.with_groups(b, c)?,
+            None => program,
+        };
+        let rows = program.norm_rows(b)?;
         let flat = Tensor::cat(&tensors, 0)?;
         let op = kernels::device_train::DeviceTrain::new(
             program,
@@ -514,12 +591,7 @@ impl Classifier {
             candle_core::bail!("fused train path: statistics of another network")
         }
         for ((norm, st), r) in norms.iter().zip(&stats).zip(rows) {
-            // [mean | 1/√(var + ε)], then a noisy layer's batch σ.
-            let c = norm.channels()?;
-            norm.update_running_saved(&st.narrow(0, 0, 2 * c)?, r)?;
-            if st.dim(0)? == 3 * c {
-                norm.update_noise_running(&st.narrow(0, 2 * c, c)?)?;
-            }
+            norm.update_running_device(st, r, groups)?;
         }
         Ok(Some(logits))
     }
@@ -692,6 +764,11 @@ impl Classifier {
         if train {
             if let Some(logits) = self.fused_train(xs, Some(lambdas))? {
                 return Ok(logits);
+            }
+            if xs.device().is_cuda() && kernels::device_train::usable() {
+                if let Some(logits) = self.fused_gpu_train_at(xs, Some(lambdas))? {
+                    return Ok(logits);
+                }
             }
         }
         let xs = self.normalise(xs)?;

@@ -25,7 +25,7 @@
 //! (a saved buffer, `lambda_codes`); a λ between two training values gets the linear
 //! interpolation of their codes, a λ outside their range is clamped to it.
 
-use crate::kernels::device_eval::{DNoise, DNorm, DTrainNoise};
+use crate::kernels::device_eval::{DNoise, DNorm, DTrainNoise, DTrainOat};
 use crate::kernels::fused_train::{BnBatch, NoiseSeed};
 use crate::kernels::preact::NormParams;
 use crate::kernels::{EvalNorm, NoiseDraw};
@@ -421,20 +421,33 @@ impl Norm {
         Ok(())
     }
 
-    /// Updates a plain layer's running statistics after a fused train-mode forward
-    /// pass on a GPU (see [`crate::kernels::device_train`]).
-    pub(crate) fn update_running_saved(&self, stats: &Tensor, rows: usize) -> Result<()> {
-        self.bn.update_running_saved(stats, rows)
-    }
-
-    /// This layer for the fused train path on a GPU: a plain BatchNorm, or a
-    /// student's noisy one with its α and this pass's seed (drawn here, in the order
-    /// the layer-by-layer pass draws it); None for an OAT layer.
+    /// This layer for the fused train path on a GPU: a plain BatchNorm, a student's
+    /// noisy one with its α and this pass's seed (drawn here, in the order the
+    /// layer-by-layer pass draws it), or an OAT layer (dual BatchNorm and FiLM) with
+    /// the FiLM outputs of the installed condition's rows.
     pub(crate) fn device_train(&self) -> Result<Option<DNorm>> {
-        if self.bn_adv.is_some() || self.film.is_some() {
-            return Ok(None);
-        }
         let mut d = self.bn.device();
+        match (&self.bn_adv, &self.film) {
+            (None, None) => {}
+            (Some(adv), Some(film)) => {
+                // The batch's rows in the program's order (λ = 0 first), installed by
+                // the classifier; FiLM's outputs are tensor operations on the live
+                // MLP, so their gradients reach it.
+                let Some(c) = self.ctx.condition() else {
+                    return Ok(None);
+                };
+                if self.noise.is_some() {
+                    return Ok(None);
+                }
+                let (g, b, _) = adv.parts();
+                d.train_oat = Some(DTrainOat {
+                    adv: (g.clone(), b.clone()),
+                    film: film.params(&c.codes)?,
+                });
+                return Ok(Some(d));
+            }
+            _ => return Ok(None),
+        }
         if let Some(n) = &self.noise {
             let NoiseSeed { seed, first, scale } = self.ctx.next_noise_seed();
             d.train_noise = Some(DTrainNoise {
@@ -450,6 +463,43 @@ impl Norm {
     /// The layer's channels.
     pub(crate) fn channels(&self) -> Result<usize> {
         self.bn.channels()
+    }
+
+    /// Updates the running estimates after a train-mode pass of the GPU's fused
+    /// program, from this layer's part `st` of its output: [mean | 1/√(var + ε)] over
+    /// `rows` rows, a student's batch σ after it; an OAT layer's per group of an OAT
+    /// pass (`groups`: the batch's images and its clean ones, first), the clean
+    /// images' for its own BatchNorm, the others' for the second.
+    pub(crate) fn update_running_device(
+        &self,
+        st: &Tensor,
+        rows: usize,
+        groups: Option<(usize, usize)>,
+    ) -> Result<()> {
+        let c = self.channels()?;
+        match (&self.bn_adv, groups) {
+            (Some(adv), Some((b, clean))) => {
+                let per = rows / b.max(1);
+                let mut at = 0;
+                if clean > 0 {
+                    self.bn
+                        .update_running_saved(&st.narrow(0, at, 2 * c)?, clean * per)?;
+                    at += 2 * c;
+                }
+                if b > clean {
+                    adv.update_running_saved(&st.narrow(0, at, 2 * c)?, (b - clean) * per)?;
+                }
+                Ok(())
+            }
+            _ => {
+                self.bn
+                    .update_running_saved(&st.narrow(0, 0, 2 * c)?, rows)?;
+                if st.dim(0)? == 3 * c {
+                    self.update_noise_running(&st.narrow(0, 2 * c, c)?)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Updates a student's running noise scale from a fused train-mode pass's batch

@@ -323,21 +323,22 @@ fn training_step_matches_cpu() {
 /// parameters: `kernels::device_train`, taken under `RAMPART_CUDA_FUSED_TRAIN`)
 /// against the CPU's layer-by-layer training step: logits, every parameter gradient
 /// and the running statistics, for a WRN (identity and projected shortcuts),
-/// PreAct ResNet-18, ResNet-20 (post-activation) and a stochastic student (its noise
-/// from the same seed on both devices, α's gradient, the running noise scale).
+/// PreAct ResNet-18, ResNet-20 (post-activation), a stochastic student (its noise
+/// from the same seed on both devices, α's gradient, the running noise scale) and an
+/// OAT model at λ = 0.3 (then at per-row λ, mixed, in `oat_fused_train_matches_cpu`).
 #[test]
 fn fused_train_program_matches_cpu() {
     let dev = gpu();
-    let mut student = ModelSpec::wrn(10, 2, 10);
-    student.noise = Some(NoiseSpec { alpha: 0.1 });
-    for spec in [
+    let mut specs = vec![
         ModelSpec::wrn(16, 2, 10),
         ModelSpec::cifar(Arch::PreactResnet18, 10),
         ModelSpec::cifar(Arch::Resnet20, 10),
-        student,
-    ] {
+    ];
+    specs.extend(variants());
+    for spec in specs {
         let name = label(&spec);
         let (cpu, gpu) = model_pair(spec);
+        settle([&cpu, &gpu]);
         let x = images(8, 21);
         let logits_cpu = fwd(&cpu, &x, true);
         if gpu.is_stochastic() {
@@ -356,6 +357,33 @@ fn fused_train_program_matches_cpu() {
             [&logits_cpu, &logits_gpu],
         );
     }
+}
+
+/// The GPU's fused train program of an OAT model at per-row λ (λ = 0 and λ > 0 rows
+/// mixed and out of order: both BatchNorm groups, the rows sorted and the logits put
+/// back) against the CPU's train pass at the same λ: logits, every parameter gradient,
+/// both BatchNorms' running statistics.
+#[test]
+fn oat_fused_train_matches_cpu() {
+    let dev = gpu();
+    let mut spec = ModelSpec::wrn(10, 2, 10);
+    spec.oat = Some(OatSpec::standard());
+    let (cpu, gpu) = model_pair(spec);
+    let x = images(8, 21);
+    let lambdas = [0.3, 0.0, 1.0, 0.0, 0.5, 0.0, 0.1, 1.0];
+    let logits_cpu = cpu.forward_lambdas(&x, &lambdas, true).unwrap();
+    let logits_gpu = gpu
+        .fused_gpu_train_lambdas(&x.to_device(&dev).unwrap(), &lambdas)
+        .unwrap()
+        .expect("an OAT pre-activation network has the program");
+    let d = rel_l2(&logits_cpu, &logits_gpu, 1.0);
+    eprintln!("oat: fused GPU train logits at mixed λ differ from the CPU's by {d}");
+    assert!(d < 1e-4, "oat: fused GPU train logits differ by {d}");
+    train_step_agrees(
+        "oat fused, mixed λ",
+        [&cpu, &gpu],
+        [&logits_cpu, &logits_gpu],
+    );
 }
 
 /// After a train-mode forward pass of the CPU and GPU models `[cpu, gpu]` with logits

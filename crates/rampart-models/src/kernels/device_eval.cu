@@ -276,3 +276,43 @@ extern "C" __global__ void dt_noise_alpha_grad(float* out, const float* partial,
     for (unsigned int b = 0; b < blocks; ++b) s = __fadd_rn(s, partial[b]);
     out[0] = __fmul_rn(s, scale);
 }
+
+// An OAT layer's FiLM in the train program (kernels/device_train.rs holds the twins):
+// image i's [γ_f | β_f] at f + 2c·i, `per` values per image.
+
+// y = relu(h·(γ_f + 1) + β_f).
+extern "C" __global__ void dt_film_relu(float* y, const float* h, const float* f,
+                                        unsigned int c, unsigned int per, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int img = i / per, ch = i % c;
+    const float* fi = f + (unsigned long long)img * 2u * c;
+    float v = __fadd_rn(__fmul_rn(h[i], __fadd_rn(fi[ch], 1.0f)), fi[c + ch]);
+    y[i] = v > 0.0f ? v : 0.0f;
+}
+
+// df[img·2c + j] = Σ over the image's pixels in order of d·h (j < c) or d (j ≥ c),
+// channel j mod c: the FiLM outputs' gradients.
+extern "C" __global__ void dt_film_grads(float* df, const float* d, const float* h,
+                                         unsigned int c, unsigned int per, unsigned int n) {
+    unsigned int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    unsigned int img = t / (2u * c), j = t % (2u * c), ch = j % c, hw = per / c;
+    const float* di = d + (unsigned long long)img * per + ch;
+    const float* hi = h + (unsigned long long)img * per + ch;
+    float s = 0.0f;
+    for (unsigned int p = 0; p < hw; ++p) {
+        unsigned long long k = (unsigned long long)p * c;
+        s = __fadd_rn(s, j < c ? __fmul_rn(di[k], hi[k]) : di[k]);
+    }
+    df[t] = s;
+}
+
+// d ← d·(γ_f + 1).
+extern "C" __global__ void dt_film_scale(float* d, const float* f, unsigned int c,
+                                         unsigned int per, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int img = i / per, ch = i % c;
+    d[i] = __fmul_rn(d[i], __fadd_rn(f[(unsigned long long)img * 2u * c + ch], 1.0f));
+}

@@ -94,6 +94,18 @@ pub(crate) struct DNorm {
     /// For the train program: a student's noise factor α (one value, the live
     /// parameter) and the layer's seed for the pass.
     pub(crate) train_noise: Option<DTrainNoise>,
+    /// For the train program: an OAT layer's second BatchNorm (γ, β) and the FiLM
+    /// outputs of the pass's images.
+    pub(crate) train_oat: Option<DTrainOat>,
+}
+
+/// An OAT layer in a training step: its second BatchNorm's γ and β (the live
+/// parameters) and its FiLM outputs [γ_f | β_f] (B, 2C) of the batch's images, in the
+/// order the program sees them (λ = 0 first).
+#[derive(Clone, Debug)]
+pub(crate) struct DTrainOat {
+    pub(crate) adv: (Tensor, Tensor),
+    pub(crate) film: Tensor,
 }
 
 /// A stochastic student's noise after one BatchNorm in a training step: α, the seed,
@@ -970,7 +982,9 @@ impl Exec for CpuExec {
     type Buf = Vec<f32>;
 
     fn buffer(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0f32; n])
+        // NaN, like the GPU's uninitialised memory at its worst: a value the programs
+        // read before writing shows in their results (the tests compare them).
+        Ok(vec![f32::NAN; n])
     }
 
     fn len(b: &Vec<f32>) -> usize {
@@ -1695,7 +1709,10 @@ pub(crate) mod cuda {
 
 /// Every kernel of `device_eval.cu`, the eval program's and the train program's (for
 /// the compile check).
-pub const KERNELS: [&str; 20] = [
+pub const KERNELS: [&str; 23] = [
+    "dt_film_relu",
+    "dt_film_grads",
+    "dt_film_scale",
     "dt_add_relu_inplace",
     "dt_noise_sigma",
     "dt_noise_relu_inplace",

@@ -23,9 +23,11 @@
 //! `layer_noise` from the seed the layer-by-layer pass would draw, σ (the batch
 //! standard deviation of the BatchNorm's output, a constant for the gradient) comes
 //! from the batch statistics, and its output carries σ for the running estimate; α's
-//! gradient is a deterministic two-kernel sum. Post-activation networks (ResNet-20,
-//! plain) have a form of their own ([`forward_post`]). OAT models train layer by
-//! layer. On a GPU the path is taken when `RAMPART_CUDA_FUSED_TRAIN` is
+//! gradient is a deterministic two-kernel sum. OAT models: the batch comes with its
+//! λ = 0 rows first ([`TrainProgram::with_groups`]), each dual BatchNorm runs on its
+//! two row ranges, and FiLM's per-image outputs are inputs like the parameters.
+//! Post-activation networks (ResNet-20, plain) have a form of their own
+//! ([`forward_post`]). On a GPU the path is taken when `RAMPART_CUDA_FUSED_TRAIN` is
 //! set ([`enabled`]): it has not yet run on a GPU.
 
 use super::common::f32_slice;
@@ -72,6 +74,15 @@ pub(crate) struct TNorm {
     c: usize,
     eps: f64,
     noise: Option<TNoise>,
+    oat: Option<TOat>,
+}
+
+/// An OAT layer: where its second BatchNorm's γ and β are, and its FiLM outputs
+/// [γ_f | β_f] of every image of the batch ((B, 2C), in the batch's order).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TOat {
+    adv: (usize, usize),
+    film: usize,
 }
 
 /// A student's noise after a BatchNorm in one pass: where α is, the layer's seed, the
@@ -130,6 +141,9 @@ impl TrainArch {
 /// A network's layout, the tensors it was laid out from (in order), and its input.
 pub(crate) struct TrainProgram {
     net: TrainArch,
+    /// An OAT pass's batch: its images and how many of them come first with λ = 0
+    /// (the first BatchNorm's group; the others go through the second).
+    groups: Option<(usize, usize)>,
     params: usize,
     input: [usize; 3],
     mean: Tensor,
@@ -181,6 +195,22 @@ impl TrainProgram {
             }
             let c = n.gamma.elem_count();
             let (gamma, beta) = (place(&n.gamma)?, place(&n.beta)?);
+            let oat = match &n.train_oat {
+                Some(o) => {
+                    let adv = (place(&o.adv.0)?, place(&o.adv.1)?);
+                    let (rows, two_c) = o.film.dims2()?;
+                    if two_c != 2 * c || n.train_noise.is_some() {
+                        candle_core::bail!(
+                            "fused train path: FiLM outputs ({rows}, {two_c}) for {c} channels, or noise with λ"
+                        )
+                    }
+                    Some(TOat {
+                        adv,
+                        film: place(&o.film)?,
+                    })
+                }
+                None => None,
+            };
             let noise = match &n.train_noise {
                 Some(z) => {
                     if z.alpha.elem_count() != 1 {
@@ -204,6 +234,7 @@ impl TrainProgram {
                 c,
                 eps: f64::from(n.eps),
                 noise,
+                oat,
             }))
         };
         let fc = |(w, b): &(Tensor, Tensor)| {
@@ -230,6 +261,7 @@ impl TrainProgram {
         Ok((
             TrainProgram {
                 net,
+                groups: None,
                 params,
                 input,
                 mean: mean.to_dtype(DType::F32)?,
@@ -239,15 +271,57 @@ impl TrainProgram {
         ))
     }
 
-    /// The number of BatchNorm statistics values after the logits: 2C per BatchNorm,
-    /// C more for a noisy one (its batch σ).
-    fn stats_len(&self) -> usize {
-        self.net.norms().into_iter().map(stats_len).sum()
+    /// An OAT pass of `b` images whose first `clean` have λ = 0 (its rows ordered so:
+    /// see `Classifier::fused_gpu_train`).
+    pub(crate) fn with_groups(mut self, b: usize, clean: usize) -> Result<Self> {
+        if clean > b {
+            candle_core::bail!("fused train path: {clean} clean images in a batch of {b}")
+        }
+        self.groups = Some((b, clean));
+        Ok(self)
     }
 
-    /// Each BatchNorm's statistics length in the output, in [`PreAct::norms`] order.
-    pub(crate) fn norm_stats_lens(&self) -> Vec<usize> {
-        self.net.norms().into_iter().map(stats_len).collect()
+    /// The groups a BatchNorm normalises separately, for a batch of `b` images: (first
+    /// image, images, where γ and β are), the empty ones left out; an OAT layer's
+    /// clean images through its own BatchNorm, the others through the second.
+    #[allow(clippy::type_complexity)]
+    fn norm_groups(&self, n: &TNorm, b: usize) -> Result<Vec<(usize, usize, (usize, usize))>> {
+        let own = (n.gamma, n.beta);
+        let Some(o) = &n.oat else {
+            return Ok(vec![(0, b, own)]);
+        };
+        let Some((gb, clean)) = self.groups else {
+            candle_core::bail!("fused train path: an OAT layer without the batch's λ groups")
+        };
+        if gb != b {
+            candle_core::bail!("fused train path: λ groups of {gb} images for a batch of {b}")
+        }
+        Ok([(0, clean, own), (clean, b - clean, o.adv)]
+            .into_iter()
+            .filter(|g| g.1 > 0)
+            .collect())
+    }
+
+    /// A BatchNorm's statistics in the op's output for `b` images: [mean |
+    /// 1/√(var + ε)] per group, a noisy one's batch σ after them.
+    fn norm_stats_len(&self, n: &TNorm, b: usize) -> Result<usize> {
+        let noise = if n.noise.is_some() { n.c } else { 0 };
+        Ok(2 * n.c * self.norm_groups(n, b)?.len() + noise)
+    }
+
+    /// The number of BatchNorm statistics values after the logits for `b` images.
+    fn stats_len(&self, b: usize) -> Result<usize> {
+        Ok(self.norm_stats_lens(b)?.iter().sum())
+    }
+
+    /// Each BatchNorm's statistics length in the output for `b` images, in the
+    /// network's `norms` order.
+    pub(crate) fn norm_stats_lens(&self, b: usize) -> Result<Vec<usize>> {
+        self.net
+            .norms()
+            .into_iter()
+            .map(|n| self.norm_stats_len(n, b))
+            .collect()
     }
 
     /// The rows (images × pixels) each BatchNorm normalises over for a batch of `b`
@@ -283,16 +357,6 @@ impl TrainProgram {
             }
         }
         Ok(rows)
-    }
-}
-
-/// A BatchNorm's statistics in the op's output: [mean | 1/√(var + ε)], and a noisy
-/// one's batch σ after them.
-fn stats_len(n: &TNorm) -> usize {
-    if n.noise.is_some() {
-        3 * n.c
-    } else {
-        2 * n.c
     }
 }
 
@@ -388,6 +452,58 @@ pub(crate) trait TrainExec: Exec {
     ) -> Result<Self::Buf>;
     /// d ← d·[y > 0].
     fn relu_mask(&self, d: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
+    /// A buffer of `n` zeros.
+    fn buffer_zeroed(&self, n: usize) -> Result<Self::Buf>;
+    /// bn(x) with the batch statistics of rows `first..first + rows` of x (C values
+    /// each), written to the same rows of `y`, with the γ and β at `at` of `p`; the
+    /// statistics [mean | 1/√(var + ε)] returned. One group of an OAT layer.
+    fn bn_train_part(
+        &self,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        part: (usize, usize),
+        p: &Self::Buf,
+        n: &TNorm,
+        at: (usize, usize),
+    ) -> Result<Self::Buf>;
+    /// The backward pass of [`TrainExec::bn_train_part`] on those rows: their input
+    /// gradient into the same rows of `dx` from the output gradient `d`; [dγ | dβ].
+    #[allow(clippy::too_many_arguments)]
+    fn bn_train_part_backward(
+        &self,
+        x: &Self::Buf,
+        d: &Self::Buf,
+        dx: &mut Self::Buf,
+        part: (usize, usize),
+        p: &Self::Buf,
+        n: &TNorm,
+        at: (usize, usize),
+        stats: &Self::Buf,
+    ) -> Result<Self::Buf>;
+    /// FiLM and ReLU: y = relu(h·(1 + γ_f) + β_f), image i's [γ_f | β_f] (2C) at
+    /// `film` + 2C·i of `p`, `per` values per image.
+    fn film_relu(
+        &self,
+        h: &Self::Buf,
+        p: &Self::Buf,
+        film: usize,
+        c: usize,
+        per: usize,
+    ) -> Result<Self::Buf>;
+    /// The backward pass of FiLM from d = the gradient of h·(1 + γ_f) + β_f: the FiLM
+    /// outputs' gradients (image i's [Σ d·h | Σ d] over its pixels) written at
+    /// `film` of `grad`, and d ← d·(1 + γ_f).
+    #[allow(clippy::too_many_arguments)]
+    fn film_backward(
+        &self,
+        d: &mut Self::Buf,
+        h: &Self::Buf,
+        p: &Self::Buf,
+        film: usize,
+        c: usize,
+        per: usize,
+        grad: &mut Self::Buf,
+    ) -> Result<()>;
     /// y ← relu(y + r).
     fn add_relu_in_place(&self, y: &mut Self::Buf, r: &Self::Buf) -> Result<()>;
     /// A student's noisy BatchNorm: h = bn(x) with x's batch statistics, σ the
@@ -520,57 +636,99 @@ pub(crate) struct PreState<B> {
     side: (usize, usize),
 }
 
-/// A BatchNorm's saved statistics [mean | 1/√(var + ε)], and a noisy one's z and σ.
-struct NormState<B> {
-    stats: B,
-    noise: Option<(B, B)>,
+/// A BatchNorm's saved state: its statistics [mean | 1/√(var + ε)]; a noisy one's z
+/// and σ too; an OAT layer's per group, with the BatchNorms' output before FiLM.
+enum NormState<B> {
+    Plain { stats: B },
+    Noisy { stats: B, z: B, sigma: B },
+    Oat { h: B, stats: Vec<B> },
 }
 
 /// relu(bn(x)) of BatchNorm `n` over `rows` rows of `b` images in train mode, with a
-/// student's noise (z drawn here).
+/// student's noise (z drawn here) or an OAT layer's groups and FiLM.
+#[allow(clippy::too_many_arguments)]
 fn norm_forward<E: TrainExec>(
     e: &E,
+    prog: &TrainProgram,
     x: &E::Buf,
     p: &E::Buf,
     n: &TNorm,
     rows: usize,
     b: usize,
 ) -> Result<(E::Buf, NormState<E::Buf>)> {
-    match &n.noise {
-        None => {
+    match (&n.noise, &n.oat) {
+        (None, None) => {
             let (y, stats) = e.bn_relu_train(x, p, n, rows)?;
-            Ok((y, NormState { stats, noise: None }))
+            Ok((y, NormState::Plain { stats }))
         }
-        Some(nz) => {
+        (Some(nz), None) => {
             let z = e.draw_noise(nz.seed, nz.first, b, E::len(x))?;
             let (y, stats, sigma) = e.bn_noise_relu_train(x, p, n, nz, rows, &z)?;
-            let noise = Some((z, sigma));
-            Ok((y, NormState { stats, noise }))
+            Ok((y, NormState::Noisy { stats, z, sigma }))
         }
+        (None, Some(o)) => {
+            let per = rows / b.max(1);
+            let mut h = e.buffer(E::len(x))?;
+            let mut stats = Vec::new();
+            for (first, images, at) in prog.norm_groups(n, b)? {
+                stats.push(e.bn_train_part(x, &mut h, (first * per, images * per), p, n, at)?);
+            }
+            let y = e.film_relu(&h, p, o.film, n.c, per * n.c)?;
+            Ok((y, NormState::Oat { h, stats }))
+        }
+        (Some(_), Some(_)) => candle_core::bail!("fused train path: noise and λ in one layer"),
     }
 }
 
-/// The backward pass of [`norm_forward`]: d ← the input gradient; [dγ | dβ] returned,
-/// a noisy layer's dα written into `grad`.
+/// The backward pass of [`norm_forward`]: d ← the input gradient; the layer's
+/// parameter gradients (γ and β; a noisy layer's α; an OAT layer's second γ and β,
+/// zero for an empty group, and its FiLM outputs') written into `grad`.
 #[allow(clippy::too_many_arguments)]
 fn norm_backward<E: TrainExec>(
     e: &E,
-    x: &E::Buf,
-    y: &E::Buf,
+    prog: &TrainProgram,
+    (x, y): (&E::Buf, &E::Buf),
     d: &mut E::Buf,
     p: &E::Buf,
     n: &TNorm,
     st: &NormState<E::Buf>,
     rows: usize,
+    b: usize,
     grad: &mut E::Buf,
-) -> Result<E::Buf> {
-    match (&n.noise, &st.noise) {
-        (None, None) => e.bn_relu_train_backward(x, y, d, p, n, &st.stats, rows),
-        (Some(nz), Some((z, sigma))) => {
-            e.bn_noise_relu_train_backward(x, y, d, p, n, nz, (&st.stats, z, sigma), rows, grad)
+) -> Result<()> {
+    let dgb = match (&n.noise, &n.oat, st) {
+        (None, None, NormState::Plain { stats }) => {
+            e.bn_relu_train_backward(x, y, d, p, n, stats, rows)?
+        }
+        (Some(nz), None, NormState::Noisy { stats, z, sigma }) => {
+            e.bn_noise_relu_train_backward(x, y, d, p, n, nz, (stats, z, sigma), rows, grad)?
+        }
+        (None, Some(o), NormState::Oat { h, stats }) => {
+            let per = rows / b.max(1);
+            e.relu_mask(d, y)?;
+            e.film_backward(d, h, p, o.film, n.c, per * n.c, grad)?;
+            let mut dx = e.buffer(E::len(d))?;
+            let groups = prog.norm_groups(n, b)?;
+            if groups.len() != stats.len() {
+                candle_core::bail!("fused train path: saved state of another network")
+            }
+            for ((first, images, at), st) in groups.iter().zip(stats) {
+                let part = (first * per, images * per);
+                let dgb = e.bn_train_part_backward(x, d, &mut dx, part, p, n, *at, st)?;
+                put_grads_at(e, grad, *at, n.c, &dgb)?;
+            }
+            // A BatchNorm no image went through has zero gradients.
+            for at in [(n.gamma, n.beta), o.adv] {
+                if !groups.iter().any(|g| g.2 == at) {
+                    put_grads_at(e, grad, at, n.c, &e.buffer_zeroed(2 * n.c)?)?;
+                }
+            }
+            *d = dx;
+            return Ok(());
         }
         _ => candle_core::bail!("fused train path: saved state of another network"),
-    }
+    };
+    put_norm_grads(e, grad, n, &dgb)
 }
 
 /// The forward pass: logits followed by every BatchNorm's statistics (in the
@@ -619,18 +777,21 @@ impl<B> Output<B> {
     fn new<E: TrainExec<Buf = B>>(e: &E, prog: &TrainProgram, b: usize) -> Result<Self> {
         let logits_len = b * prog.net.fc().k;
         Ok(Output {
-            out: e.buffer(logits_len + prog.stats_len())?,
+            out: e.buffer(logits_len + prog.stats_len(b)?)?,
             at: logits_len,
         })
     }
 
     /// Appends a BatchNorm's statistics (and a noisy one's σ).
     fn stats<E: TrainExec<Buf = B>>(&mut self, e: &E, st: &NormState<B>) -> Result<()> {
-        self.raw(e, &st.stats)?;
-        if let Some((_, sigma)) = &st.noise {
-            self.raw(e, sigma)?;
+        match st {
+            NormState::Plain { stats } => self.raw(e, stats),
+            NormState::Noisy { stats, sigma, .. } => {
+                self.raw(e, stats)?;
+                self.raw(e, sigma)
+            }
+            NormState::Oat { stats, .. } => stats.iter().try_for_each(|s| self.raw(e, s)),
         }
-        Ok(())
     }
 
     /// Appends `v`.
@@ -663,7 +824,7 @@ fn forward_pre<E: TrainExec>(
     let mut out = Output::new(e, prog, b)?;
     for blk in &net.blocks {
         let rows = b * side.0 * side.1;
-        let (pre, stats1) = norm_forward(e, &cur, &params, &blk.bn1, rows, b)?;
+        let (pre, stats1) = norm_forward(e, prog, &cur, &params, &blk.bn1, rows, b)?;
         let g1 = shape(&blk.conv1, b, side)?;
         let g2 = shape(&blk.conv2, b, g1.out())?;
         let (mut sum, shortcut) = match &blk.shortcut {
@@ -684,7 +845,7 @@ fn forward_pre<E: TrainExec>(
         let mut h = e.buffer(g1.output_len())?;
         e.conv(Pass::Forward, &g1, &pre, &k1, &mut h, false)?;
         let (ho, wo) = g1.out();
-        let (mid, stats2) = norm_forward(e, &h, &params, &blk.bn2, b * ho * wo, b)?;
+        let (mid, stats2) = norm_forward(e, prog, &h, &params, &blk.bn2, b * ho * wo, b)?;
         let k2 = e.kernel_at(&params, &blk.conv2)?;
         e.conv(Pass::Forward, &g2, &mid, &k2, &mut sum, true)?;
         out.stats(e, &stats1)?;
@@ -705,7 +866,7 @@ fn forward_pre<E: TrainExec>(
         side = g2.out();
     }
     let hw = side.0 * side.1;
-    let (fin, head_stats) = norm_forward(e, &cur, &params, &net.head, b * hw, b)?;
+    let (fin, head_stats) = norm_forward(e, prog, &cur, &params, &net.head, b * hw, b)?;
     out.stats(e, &head_stats)?;
     let (pooled, logits) = e.pool_linear_at(&fin, &params, &net.fc, hw)?;
     let mut out = out.out;
@@ -738,18 +899,18 @@ fn backward_pre<E: TrainExec>(
     let mut grad = e.buffer(prog.params)?;
     let hw = s.side.0 * s.side.1;
     let mut d = e.linear_pool_backward_at(dl, &s.pooled, &s.params, &net.fc, hw, &mut grad)?;
-    let dgb = norm_backward(
+    norm_backward(
         e,
-        &s.head_x,
-        &s.fin,
+        prog,
+        (&s.head_x, &s.fin),
         &mut d,
         &s.params,
         &net.head,
         &s.head_stats,
         b * hw,
+        b,
         &mut grad,
     )?;
-    put_norm_grads(e, &mut grad, &net.head, &dgb)?;
     for (blk, st) in net.blocks.iter().zip(&s.blocks).rev() {
         let g1 = shape(&blk.conv1, b, st.side)?;
         let g2 = shape(&blk.conv2, b, g1.out())?;
@@ -757,18 +918,18 @@ fn backward_pre<E: TrainExec>(
         let mut dmid = e.buffer(g2.input_len())?;
         e.conv(Pass::Data, &g2, &d, &st.k2, &mut dmid, false)?;
         let (ho, wo) = g1.out();
-        let dgb = norm_backward(
+        norm_backward(
             e,
-            &st.h,
-            &st.mid,
+            prog,
+            (&st.h, &st.mid),
             &mut dmid,
             &s.params,
             &blk.bn2,
             &st.stats2,
             b * ho * wo,
+            b,
             &mut grad,
         )?;
-        put_norm_grads(e, &mut grad, &blk.bn2, &dgb)?;
         e.filter_into(&g1, &st.pre, &dmid, &mut grad, blk.conv1.at)?;
         let mut dpre = e.buffer(g1.input_len())?;
         e.conv(Pass::Data, &g1, &dmid, &st.k1, &mut dpre, false)?;
@@ -779,10 +940,18 @@ fn backward_pre<E: TrainExec>(
             e.conv(Pass::Data, &gs, &d, ks, &mut dpre, true)?;
         }
         let rows = b * st.side.0 * st.side.1;
-        let dgb = norm_backward(
-            e, &st.x, &st.pre, &mut dpre, &s.params, &blk.bn1, &st.stats1, rows, &mut grad,
+        norm_backward(
+            e,
+            prog,
+            (&st.x, &st.pre),
+            &mut dpre,
+            &s.params,
+            &blk.bn1,
+            &st.stats1,
+            rows,
+            b,
+            &mut grad,
         )?;
-        put_norm_grads(e, &mut grad, &blk.bn1, &dgb)?;
         if blk.shortcut.is_none() {
             e.add_in_place(&mut dpre, &d)?;
         }
@@ -818,7 +987,7 @@ fn forward_post<E: TrainExec>(
     drop(stem);
     let mut side = g.out();
     let mut out = Output::new(e, prog, b)?;
-    let (y0, stats0) = norm_forward(e, &hs, &params, &net.stem_bn, b * side.0 * side.1, b)?;
+    let (y0, stats0) = norm_forward(e, prog, &hs, &params, &net.stem_bn, b * side.0 * side.1, b)?;
     out.stats(e, &stats0)?;
     let mut acts = vec![y0];
     let mut blocks = Vec::with_capacity(net.blocks.len());
@@ -832,7 +1001,7 @@ fn forward_post<E: TrainExec>(
         let mut h1 = e.buffer(g1.output_len())?;
         e.conv(Pass::Forward, &g1, x, &k1, &mut h1, false)?;
         let (o1, o2) = g1.out();
-        let (a1, stats1) = norm_forward(e, &h1, &params, &blk.bn1, b * o1 * o2, b)?;
+        let (a1, stats1) = norm_forward(e, prog, &h1, &params, &blk.bn1, b * o1 * o2, b)?;
         let k2 = e.kernel_at(&params, &blk.conv2)?;
         let mut c2 = e.buffer(g2.output_len())?;
         e.conv(Pass::Forward, &g2, &a1, &k2, &mut c2, false)?;
@@ -922,10 +1091,18 @@ fn backward_post<E: TrainExec>(
         let mut da1 = e.buffer(g2.input_len())?;
         e.conv(Pass::Data, &g2, &dc2, &st.k2, &mut da1, false)?;
         drop(dc2);
-        let dgb = norm_backward(
-            e, &st.h1, &st.a1, &mut da1, &s.params, &blk.bn1, &st.stats1, rows1, &mut grad,
+        norm_backward(
+            e,
+            prog,
+            (&st.h1, &st.a1),
+            &mut da1,
+            &s.params,
+            &blk.bn1,
+            &st.stats1,
+            rows1,
+            b,
+            &mut grad,
         )?;
-        put_norm_grads(e, &mut grad, &blk.bn1, &dgb)?;
         e.filter_into(&g1, x, &da1, &mut grad, blk.conv1.at)?;
         let mut dx = match (&blk.shortcut, &st.shortcut) {
             (Some((sc, sn)), Some((cs, stats_s, ks))) => {
@@ -946,28 +1123,39 @@ fn backward_post<E: TrainExec>(
     let [_, h0, w0] = prog.input;
     let g = shape(&net.stem, b, (h0, w0))?;
     let rows0 = b * g.out().0 * g.out().1;
-    let dgb = norm_backward(
+    norm_backward(
         e,
-        &s.h0,
-        &s.acts[0],
+        prog,
+        (&s.h0, &s.acts[0]),
         &mut d,
         &s.params,
         &net.stem_bn,
         &s.stats0,
         rows0,
+        b,
         &mut grad,
     )?;
-    put_norm_grads(e, &mut grad, &net.stem_bn, &dgb)?;
     e.filter_into(&g, &s.a0, &d, &mut grad, net.stem.at)?;
     Ok(grad)
 }
 
 /// Writes [dγ | dβ] at the BatchNorm's places in `grad`.
 fn put_norm_grads<E: TrainExec>(e: &E, grad: &mut E::Buf, n: &TNorm, dgb: &E::Buf) -> Result<()> {
-    if n.beta != n.gamma + n.c {
+    put_grads_at(e, grad, (n.gamma, n.beta), n.c, dgb)
+}
+
+/// Writes [dγ | dβ] (2C) at (γ's place, β's place) in `grad`.
+fn put_grads_at<E: TrainExec>(
+    e: &E,
+    grad: &mut E::Buf,
+    (gamma, beta): (usize, usize),
+    c: usize,
+    dgb: &E::Buf,
+) -> Result<()> {
+    if beta != gamma + c {
         candle_core::bail!("fused train path: β does not follow γ in the layout")
     }
-    e.put(grad, n.gamma, dgb)
+    e.put(grad, gamma, dgb)
 }
 
 /// The saved state of a forward pass, on the device it ran on.
@@ -1007,7 +1195,7 @@ impl DeviceTrain {
     fn out_shape(&self) -> Result<Shape> {
         let b = self.x.dim(0)?;
         Ok(Shape::from(
-            b * self.program.net.fc().k + self.program.stats_len(),
+            b * self.program.net.fc().k + self.program.stats_len(b)?,
         ))
     }
 
@@ -1020,7 +1208,7 @@ impl DeviceTrain {
         Ok(OutputLayout {
             b: self.x.dim(0)?,
             k: self.program.net.fc().k,
-            lens: self.program.norm_stats_lens(),
+            lens: self.program.norm_stats_lens(self.x.dim(0)?)?,
         })
     }
 }
@@ -1338,6 +1526,136 @@ impl TrainExec for CpuExec {
         super::device_eval::same_len(d.len(), y.len(), "ReLU gradient")?;
         for (dv, &yv) in d.iter_mut().zip(y) {
             *dv *= if yv > 0.0 { 1.0 } else { 0.0 };
+        }
+        Ok(())
+    }
+
+    fn buffer_zeroed(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0f32; n])
+    }
+
+    fn bn_train_part(
+        &self,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        (first, rows): (usize, usize),
+        p: &Vec<f32>,
+        n: &TNorm,
+        (g, b): (usize, usize),
+    ) -> Result<Vec<f32>> {
+        let c = n.c;
+        let range = first * c..(first + rows) * c;
+        let (Some(xs), true) = (x.get(range.clone()), y.len() == x.len()) else {
+            candle_core::bail!("fused train path: BatchNorm rows past the activations")
+        };
+        let (mean, var) = super::bn::mean_var(xs, c);
+        let inv_std: Vec<f32> = var
+            .iter()
+            .map(|v| 1.0 / (v + n.eps as f32).sqrt())
+            .collect();
+        let f = super::bn::BnForward {
+            mean: mean.clone(),
+            inv_std: inv_std.clone(),
+            relu: false,
+            batch_stats: true,
+        };
+        let part = f.normalise(xs, &p[g..g + c], &p[b..b + c])?;
+        y[range].copy_from_slice(&part);
+        Ok([mean, inv_std].concat())
+    }
+
+    fn bn_train_part_backward(
+        &self,
+        x: &Vec<f32>,
+        d: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        (first, rows): (usize, usize),
+        p: &Vec<f32>,
+        n: &TNorm,
+        (g, b): (usize, usize),
+        stats: &Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let c = n.c;
+        let range = first * c..(first + rows) * c;
+        let (Some(xs), Some(ds), true) = (
+            x.get(range.clone()),
+            d.get(range.clone()),
+            dx.len() == x.len(),
+        ) else {
+            candle_core::bail!("fused train path: BatchNorm rows past the activations")
+        };
+        let f = super::bn::BnForward {
+            mean: stats[..c].to_vec(),
+            inv_std: stats[c..2 * c].to_vec(),
+            relu: false,
+            batch_stats: true,
+        };
+        let mut part = ds.to_vec();
+        let sums = f.backward_in_place(&mut part, xs, &p[g..g + c], &p[b..b + c], true);
+        dx[range].copy_from_slice(&part);
+        Ok(sums.into_iter().map(|v| v as f32).collect())
+    }
+
+    fn film_relu(
+        &self,
+        h: &Vec<f32>,
+        p: &Vec<f32>,
+        film: usize,
+        c: usize,
+        per: usize,
+    ) -> Result<Vec<f32>> {
+        let images = h.len() / per.max(1);
+        let Some(f) = p.get(film..film + images * 2 * c) else {
+            candle_core::bail!("fused train path: FiLM outputs past the parameters")
+        };
+        Ok(h.iter()
+            .enumerate()
+            .map(|(i, &hv)| {
+                let (img, ch) = (i / per, i % c);
+                let v = hv * (f[img * 2 * c + ch] + 1.0) + f[img * 2 * c + c + ch];
+                if v > 0.0 {
+                    v
+                } else {
+                    0.0
+                }
+            })
+            .collect())
+    }
+
+    fn film_backward(
+        &self,
+        d: &mut Vec<f32>,
+        h: &Vec<f32>,
+        p: &Vec<f32>,
+        film: usize,
+        c: usize,
+        per: usize,
+        grad: &mut Vec<f32>,
+    ) -> Result<()> {
+        super::device_eval::same_len(d.len(), h.len(), "FiLM gradient")?;
+        let images = h.len() / per.max(1);
+        let Some(f) = p.get(film..film + images * 2 * c) else {
+            candle_core::bail!("fused train path: FiLM outputs past the parameters")
+        };
+        // The twin of `dt_film_grads`: per (image, j < 2C) the sum over its pixels in
+        // order of d·h (j < C, γ_f's) or d (β_f's).
+        let hw = per / c.max(1);
+        let mut df = vec![0f32; images * 2 * c];
+        for (t, o) in df.iter_mut().enumerate() {
+            let (img, j) = (t / (2 * c), t % (2 * c));
+            let ch = j % c;
+            let mut sum = 0f32;
+            for px in 0..hw {
+                let i = img * per + px * c + ch;
+                sum += if j < c { d[i] * h[i] } else { d[i] };
+            }
+            *o = sum;
+        }
+        self.put(grad, film, &df)?;
+        // The twin of `dt_film_scale`.
+        for (i, dv) in d.iter_mut().enumerate() {
+            let (img, ch) = (i / per, i % c);
+            *dv *= f[img * 2 * c + ch] + 1.0;
         }
         Ok(())
     }
@@ -1691,6 +2009,139 @@ mod cuda {
             a.arg(d).arg(y).arg(&count);
             // SAFETY: n values each.
             unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_relu_mask_inplace", e))?;
+            Ok(())
+        }
+
+        fn buffer_zeroed(&self, n: usize) -> Result<Slice> {
+            self.dev.alloc_zeros::<f32>(n)
+        }
+
+        fn bn_train_part(
+            &self,
+            x: &Slice,
+            y: &mut Slice,
+            (first, rows): (usize, usize),
+            p: &Slice,
+            n: &TNorm,
+            (g, b): (usize, usize),
+        ) -> Result<Slice> {
+            let c = n.c;
+            let range = first * c..(first + rows) * c;
+            if range.end > x.len() || y.len() != x.len() {
+                candle_core::bail!("fused train path: BatchNorm rows past the activations")
+            }
+            let mut stats = uninit(&self.dev, 2 * c)?;
+            super::super::cudnn::batch_norm_train_into(
+                &self.dev,
+                x.slice(range.clone()),
+                &p.slice(g..g + c),
+                &p.slice(b..b + c),
+                bn_dims(rows, c),
+                n.eps,
+                &mut y.slice_mut(range),
+                &mut stats.slice_mut(..),
+            )?;
+            Ok(stats)
+        }
+
+        fn bn_train_part_backward(
+            &self,
+            x: &Slice,
+            d: &Slice,
+            dx: &mut Slice,
+            (first, rows): (usize, usize),
+            p: &Slice,
+            n: &TNorm,
+            (g, _): (usize, usize),
+            stats: &Slice,
+        ) -> Result<Slice> {
+            let c = n.c;
+            let range = first * c..(first + rows) * c;
+            if range.end > x.len() || d.len() != x.len() || dx.len() != x.len() {
+                candle_core::bail!("fused train path: BatchNorm rows past the activations")
+            }
+            let mut dgb = uninit(&self.dev, 2 * c)?;
+            super::super::cudnn::batch_norm_backward_into(
+                &self.dev,
+                x.slice(range.clone()),
+                &d.slice(range.clone()),
+                &p.slice(g..g + c),
+                &stats.slice(..),
+                bn_dims(rows, c),
+                n.eps,
+                &mut dx.slice_mut(range),
+                &mut dgb.slice_mut(..),
+            )?;
+            Ok(dgb)
+        }
+
+        fn film_relu(
+            &self,
+            h: &Slice,
+            p: &Slice,
+            film: usize,
+            c: usize,
+            per: usize,
+        ) -> Result<Slice> {
+            let images = h.len() / per.max(1);
+            if film + images * 2 * c > p.len() {
+                candle_core::bail!("fused train path: FiLM outputs past the parameters")
+            }
+            let f = p.slice(film..film + images * 2 * c);
+            let mut y = uninit(&self.dev, h.len())?;
+            let (c32, per32) = (c as u32, per as u32);
+            let (cfg, count) = elementwise(h.len(), "dt_film_relu")?;
+            let k = KERNELS_MODULE.func(&self.dev, "dt_film_relu")?;
+            let mut a = k.builder();
+            a.arg(&mut y)
+                .arg(h)
+                .arg(&f)
+                .arg(&c32)
+                .arg(&per32)
+                .arg(&count);
+            // SAFETY: y and h hold count values, f 2C per image.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_film_relu", e))?;
+            Ok(y)
+        }
+
+        fn film_backward(
+            &self,
+            d: &mut Slice,
+            h: &Slice,
+            p: &Slice,
+            film: usize,
+            c: usize,
+            per: usize,
+            grad: &mut Slice,
+        ) -> Result<()> {
+            same_len(d.len(), h.len(), "FiLM gradient")?;
+            let images = h.len() / per.max(1);
+            let len = images * 2 * c;
+            if film + len > p.len() || film + len > grad.len() {
+                candle_core::bail!("fused train path: FiLM outputs past the parameters")
+            }
+            let (c32, per32) = (c as u32, per as u32);
+            {
+                let mut df = grad.slice_mut(film..film + len);
+                let (cfg, count) = elementwise(len, "dt_film_grads")?;
+                let k = KERNELS_MODULE.func(&self.dev, "dt_film_grads")?;
+                let mut a = k.builder();
+                a.arg(&mut df)
+                    .arg(&*d)
+                    .arg(h)
+                    .arg(&c32)
+                    .arg(&per32)
+                    .arg(&count);
+                // SAFETY: 2C values per image written, d and h read within the images.
+                unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_film_grads", e))?;
+            }
+            let f = p.slice(film..film + len);
+            let (cfg, count) = elementwise(d.len(), "dt_film_scale")?;
+            let k = KERNELS_MODULE.func(&self.dev, "dt_film_scale")?;
+            let mut a = k.builder();
+            a.arg(d).arg(&f).arg(&c32).arg(&per32).arg(&count);
+            // SAFETY: d holds count values, f 2C per image.
+            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_film_scale", e))?;
             Ok(())
         }
 
