@@ -165,12 +165,20 @@ impl Sgd {
                 .first()
                 .is_none_or(|p| fused_ready(p.var.device()))
         });
-        for p in &mut self.params {
+        // Parameters on a GPU: updated together, in one launch, after the loop.
+        #[cfg(feature = "cuda")]
+        let mut on_gpu: Vec<(usize, Tensor)> = Vec::new();
+        for (_i, p) in self.params.iter_mut().enumerate() {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
             if !fused || !fused_applies(p, grad) {
                 reference_update(p, grad, &config, lr)?;
+                continue;
+            }
+            #[cfg(feature = "cuda")]
+            if p.var.device().is_cuda() {
+                on_gpu.push((_i, grad.detach().contiguous()?));
                 continue;
             }
             let f = Factors {
@@ -187,6 +195,29 @@ impl Sgd {
                     .inplace_op3(&grad, w, &SgdUpdate(Kernel::Momentum, f))?;
             }
             w.inplace_op3(&grad, &p.momentum, &SgdUpdate(Kernel::Weight, f))?;
+        }
+        #[cfg(feature = "cuda")]
+        if !on_gpu.is_empty() {
+            let decays = config.weight_decay != 0.0;
+            let entries: Vec<cuda::Entry<'_>> = on_gpu
+                .iter()
+                .map(|(i, g)| {
+                    let p = &self.params[*i];
+                    cuda::Entry {
+                        w: p.var.as_tensor(),
+                        g,
+                        b: &p.momentum,
+                        decay: p.decay && decays,
+                    }
+                })
+                .collect();
+            cuda::launch_multi(
+                &entries,
+                config.momentum as f32,
+                config.weight_decay as f32,
+                config.nesterov,
+                lr as f32,
+            )?;
         }
         Ok(())
     }

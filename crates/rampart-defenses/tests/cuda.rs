@@ -1,4 +1,6 @@
-//! The fused SGD kernels on a GPU against the CPU: the kernels do the same float
+//! The fused SGD kernels on a GPU (every parameter in one multi-tensor launch,
+//! `sgd_multi`: tensors of one, several and many 4,096-element blocks, decayed and not)
+//! against the CPU: the kernels do the same float
 //! operations (no FMA), so weights and momentum buffers agree to within what the
 //! gradients (candle's, on each device) differ by; and with candle's own operations on
 //! the GPU (which may fuse a multiply and an add) to 1e-6.
@@ -105,7 +107,7 @@ fn fused_sgd_on_the_gpu_equals_the_cpu() -> TestResult {
 #[test]
 fn sgd_kernels_compile_with_nvrtc() {
     let ptx = rampart_defenses::sgd_kernels_ptx().expect("NVRTC compiles the SGD kernels");
-    for k in ["sgd_momentum", "sgd_weight"] {
+    for k in ["sgd_momentum", "sgd_weight", "sgd_multi"] {
         assert!(
             ptx.contains(&format!(".entry {k}")),
             "no kernel {k} in the PTX"

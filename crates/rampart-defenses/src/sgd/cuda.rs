@@ -1,11 +1,13 @@
 //! The CUDA kernels of the fused SGD update ([`super::fused`]), a [`Module`] compiled
-//! once per process with NVRTC and loaded once per device.
+//! once per process with NVRTC and loaded once per device: per parameter
+//! (`sgd_momentum`, `sgd_weight`) and for all of them in one launch (`sgd_multi`,
+//! what [`crate::Sgd::step`] runs on a GPU).
 //! `__fmul_rn` and `__fadd_rn` are never contracted into an FMA, so a kernel does the
 //! CPU kernel's float operations exactly.
 #![allow(unsafe_code)]
 
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-use candle_core::{CudaStorage, Layout, Result};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 use rampart_models::cuda::{contiguous, elementwise, f32_view, launch_error, Module};
 
 use super::fused::{Factors, Kernel};
@@ -36,6 +38,38 @@ extern "C" __global__ void sgd_weight(float* w, const float* g, const float* b,
     else d = b[i];
     w[i] = __fsub_rn(wi, __fadd_rn(__fmul_rn(d, lr), 0.0f));
 }
+
+// Every parameter's update in one launch (multi-tensor): meta holds, per tensor,
+// [weights, gradient, momentum buffer (device addresses), n, decayed], then per block
+// [tensor, first element]; block k updates elements first..first + chunk of its
+// tensor. Per element the momentum kernel's then the weight kernel's float operations,
+// as sgd_momentum and sgd_weight do them.
+extern "C" __global__ void sgd_multi(const unsigned long long* meta, unsigned int tensors,
+                                     float mu, float wd, int nesterov, float lr,
+                                     unsigned int chunk) {
+    const unsigned long long* blk = meta + 5ull * tensors + 2ull * blockIdx.x;
+    const unsigned long long* e = meta + 5ull * blk[0];
+    float* w = (float*)e[0];
+    const float* g = (const float*)e[1];
+    float* b = (float*)e[2];
+    unsigned long long n = e[3], start = blk[1];
+    int decay = (int)e[4];
+    unsigned long long end = start + chunk < n ? start + chunk : n;
+    for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float wi = w[i];
+        float gi = g[i];
+        if (decay) gi = __fadd_rn(gi, __fadd_rn(__fmul_rn(wi, wd), 0.0f));
+        float d;
+        if (mu == 0.0f) {
+            d = gi;
+        } else {
+            float bi = __fadd_rn(__fadd_rn(__fmul_rn(b[i], mu), 0.0f), gi);
+            b[i] = bi;
+            d = nesterov ? __fadd_rn(gi, __fadd_rn(__fmul_rn(bi, mu), 0.0f)) : bi;
+        }
+        w[i] = __fsub_rn(wi, __fadd_rn(__fmul_rn(d, lr), 0.0f));
+    }
+}
 "#;
 
 /// The module of both kernels.
@@ -44,7 +78,7 @@ static SGD: Module = Module::new(MODULE, SOURCE);
 /// Compiles and loads both kernels on `dev` (nothing on the CPU), so that a GPU whose
 /// driver cannot take them is known before the first update.
 pub(crate) fn ready(dev: &candle_core::Device) -> Result<()> {
-    SGD.ready(dev, &["sgd_momentum", "sgd_weight"])
+    SGD.ready(dev, &["sgd_momentum", "sgd_weight", "sgd_multi"])
 }
 
 /// The PTX of the fused SGD kernels, compiled by NVRTC (no GPU needed): a check that
@@ -90,5 +124,101 @@ pub(crate) fn launch(
     // SAFETY: the kernel reads `n` values of each source and writes `n` of the
     // destination, all checked above to be contiguous f32 runs of that length.
     unsafe { builder.launch(cfg) }.map_err(|e| launch_error("fused SGD", e))?;
+    Ok(())
+}
+
+/// Elements per block of `sgd_multi`, and its threads per block.
+const MULTI_CHUNK: usize = 4096;
+const MULTI_THREADS: u32 = 256;
+
+/// One parameter of a multi-tensor update: its weights, gradient and momentum buffer
+/// (f32, contiguous, one shape, on one GPU) and whether it is decayed.
+pub(crate) struct Entry<'a> {
+    pub w: &'a Tensor,
+    pub g: &'a Tensor,
+    pub b: &'a Tensor,
+    pub decay: bool,
+}
+
+/// Every parameter of `entries` updated in one launch (`sgd_multi`): the factors of
+/// the step (momentum μ, weight decay λ, Nesterov, learning rate) and a table of the
+/// tensors' device addresses, copied to the GPU (one small copy). The same float
+/// operations as [`launch`]'s two kernels per parameter.
+pub(crate) fn launch_multi(
+    entries: &[Entry<'_>],
+    mu: f32,
+    wd: f32,
+    nesterov: bool,
+    lr: f32,
+) -> Result<()> {
+    let Some(first) = entries.first() else {
+        return Ok(());
+    };
+    let candle_core::Device::Cuda(dev) = first.w.device() else {
+        candle_core::bail!("fused SGD: a multi-tensor update off the GPU")
+    };
+    let stream = dev.cuda_stream();
+    // The storages' read guards keep every buffer (and its address) alive until the
+    // launch is queued; the kernel writes the weights and momentum buffers in place on
+    // the device's one stream, after every operation queued before it.
+    let guards: Vec<_> = entries
+        .iter()
+        .flat_map(|e| [e.w, e.g, e.b])
+        .map(|t| t.storage_and_layout())
+        .collect();
+    let mut table: Vec<u64> = Vec::with_capacity(5 * entries.len());
+    let mut blocks: Vec<u64> = Vec::new();
+    let mut syncs = Vec::with_capacity(guards.len());
+    for (t, (e, g)) in entries.iter().zip(guards.chunks_exact(3)).enumerate() {
+        let n = e.w.elem_count();
+        let mut ptrs = [0u64; 3];
+        for (k, (storage, layout)) in g.iter().enumerate() {
+            let Storage::Cuda(s) = &**storage else {
+                candle_core::bail!("fused SGD: a tensor of the update is not on the GPU")
+            };
+            let offset = contiguous(layout, n, "fused SGD: multi-tensor operand")?;
+            let (ptr, sync) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            syncs.push(sync);
+            ptrs[k] = ptr + (offset * std::mem::size_of::<f32>()) as u64;
+        }
+        table.extend([ptrs[0], ptrs[1], ptrs[2], n as u64, u64::from(e.decay)]);
+        for start in (0..n).step_by(MULTI_CHUNK) {
+            blocks.extend([t as u64, start as u64]);
+        }
+    }
+    let n_blocks = blocks.len() / 2;
+    if n_blocks == 0 {
+        return Ok(());
+    }
+    table.extend(blocks);
+    let meta = dev.clone_htod(&table)?;
+    let func = SGD.func(dev, "sgd_multi")?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            u32::try_from(n_blocks).map_err(candle_core::Error::wrap)?,
+            1,
+            1,
+        ),
+        block_dim: (MULTI_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let tensors = u32::try_from(entries.len()).map_err(candle_core::Error::wrap)?;
+    let (nest, chunk) = (i32::from(nesterov), MULTI_CHUNK as u32);
+    let mut builder = func.builder();
+    builder
+        .arg(&meta)
+        .arg(&tensors)
+        .arg(&mu)
+        .arg(&wd)
+        .arg(&nest)
+        .arg(&lr)
+        .arg(&chunk);
+    // SAFETY: the table holds 5 values per tensor then 2 per block, as the kernel
+    // reads them; each address is that of a live, contiguous f32 run of n values
+    // (checked above), and block k touches elements first..min(first + chunk, n) of
+    // its tensor only.
+    unsafe { builder.launch(cfg) }.map_err(|e| launch_error("fused SGD (multi-tensor)", e))?;
+    drop(syncs);
+    drop(guards);
     Ok(())
 }

@@ -89,12 +89,12 @@ pub(crate) mod cuda {
         Ok(out)
     }
 
-    /// bf16 values widened to f32 (one kernel) into a fresh buffer.
     /// out = widen(x) (or out += widen(x) when `accumulate`, an f32 addition), the
     /// first `out.len()` values of `x` (at least as many): one kernel
     /// (`bf16_widen_into`; `tests/cuda_bf16.rs` holds the fused programs that use it
     /// to the layer-by-layer path, which widens with `bf16_to_f32` and adds with
     /// candle).
+    #[cfg(feature = "cudnn")]
     pub(crate) fn widen_into(
         dev: &CudaDevice,
         x: &CudaSlice<half::bf16>,
@@ -117,6 +117,7 @@ pub(crate) mod cuda {
         Ok(())
     }
 
+    /// bf16 values widened to f32 (one kernel) into a fresh buffer.
     pub(crate) fn to_f32(dev: &CudaDevice, x: &CudaSlice<half::bf16>) -> Result<CudaSlice<f32>> {
         let n = x.len();
         let mut out = uninit(dev, n.max(1))?;

@@ -350,7 +350,7 @@ pub(crate) fn relu_in_place(s: &mut CudaStorage, n: usize) -> Result<()> {
 /// from OIHW to OHWI (KRSC) order (`to_ohwi`) or back, into a fresh buffer: the
 /// kernels `oihw_to_ohwi` and `ohwi_to_oihw`, whose CPU twins are
 /// [`super::conv::oihw_to_ohwi`] and [`super::conv::ohwi_to_oihw`].
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cudnn")]
 #[allow(unsafe_code)]
 pub(crate) fn permute_kernel(
     dev: &candle_core::cuda_backend::CudaDevice,
