@@ -515,8 +515,8 @@ impl Norm {
     /// of the pass's λ group for an OAT model) with FiLM folded into γ and β, and a
     /// student's noise with this forward pass's seed (drawn here, as its
     /// layer-by-layer forward pass would draw it). Everything stays on the device:
-    /// FiLM's outputs and the noise's scale are tensor operations, nothing is read
-    /// back. None for an OAT layer without a condition of one row (the program needs
+    /// FiLM's outputs are tensor operations, the noise's scale is computed in the
+    /// kernel, nothing is read back. None for an OAT layer without a condition of one row (the program needs
     /// one affine map per layer; [`crate::Classifier`] installs the model's λ).
     pub(crate) fn device(&self) -> Result<Option<DNorm>> {
         let cond = self.ctx.condition();
@@ -547,11 +547,12 @@ impl Norm {
         if let Some(n) = &self.noise {
             let NoiseSeed { seed, first, scale } = self.ctx.next_noise_seed();
             if scale != 0.0 {
-                let sigma = n.running_std.as_detached_tensor();
                 d.noise = Some(DNoise {
                     seed,
                     first: first as u64,
-                    std: (n.alpha.detach().broadcast_mul(&sigma)? * f64::from(scale))?,
+                    alpha: n.alpha.detach(),
+                    sigma: n.running_std.as_detached_tensor(),
+                    scale,
                 });
             }
         }

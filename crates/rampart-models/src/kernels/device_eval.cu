@@ -28,13 +28,15 @@ __device__ __forceinline__ float de_bn_relu(float x, const float* gamma, const f
     return v > 0.0f ? v : 0.0f;
 }
 
-// max(0, de_bn + z·std[ch]): a stochastic student's BatchNorm, its noise z drawn by
-// `layer_noise` (ops.cu) and scaled per channel.
+// max(0, de_bn + z·((α·σ[ch])·s)): a stochastic student's BatchNorm, its noise z drawn
+// by `layer_noise` (ops.cu), scaled per channel as the layer-by-layer path scales it.
 __device__ __forceinline__ float de_bn_noise_relu(float x, const float* gamma,
                                                   const float* beta, const float* mean,
                                                   const float* var, float eps, float z,
-                                                  const float* std, unsigned int ch) {
-    float v = __fadd_rn(de_bn(x, gamma, beta, mean, var, eps, ch), __fmul_rn(z, std[ch]));
+                                                  const float* alpha, const float* sigma,
+                                                  float scale, unsigned int ch) {
+    float std = __fmul_rn(__fmul_rn(alpha[0], sigma[ch]), scale);
+    float v = __fadd_rn(de_bn(x, gamma, beta, mean, var, eps, ch), __fmul_rn(z, std));
     return v > 0.0f ? v : 0.0f;
 }
 
@@ -55,23 +57,29 @@ extern "C" __global__ void de_bn_relu_inplace(float* y, const float* gamma, cons
     if (i < n) y[i] = de_bn_relu(y[i], gamma, beta, mean, var, eps, i % c);
 }
 
-// y = relu(bn(x) + z·std), eval mode, with a student's noise.
+// y = relu(bn(x) + z·((α·σ)·s)), eval mode, with a student's noise.
 extern "C" __global__ void de_bn_noise_relu_into(float* y, const float* x, const float* z,
-                                                 const float* std, const float* gamma,
+                                                 const float* alpha, const float* sigma,
+                                                 float scale, const float* gamma,
                                                  const float* beta, const float* mean,
                                                  const float* var, float eps, unsigned int c,
                                                  unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = de_bn_noise_relu(x[i], gamma, beta, mean, var, eps, z[i], std, i % c);
+    if (i < n)
+        y[i] = de_bn_noise_relu(x[i], gamma, beta, mean, var, eps, z[i], alpha, sigma, scale,
+                                i % c);
 }
 
-// y ← relu(bn(y) + z·std), eval mode, in place, with a student's noise.
-extern "C" __global__ void de_bn_noise_relu_inplace(float* y, const float* z, const float* std,
+// y ← relu(bn(y) + z·((α·σ)·s)), eval mode, in place, with a student's noise.
+extern "C" __global__ void de_bn_noise_relu_inplace(float* y, const float* z, const float* alpha,
+                                                    const float* sigma, float scale,
                                                     const float* gamma, const float* beta,
                                                     const float* mean, const float* var,
                                                     float eps, unsigned int c, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = de_bn_noise_relu(y[i], gamma, beta, mean, var, eps, z[i], std, i % c);
+    if (i < n)
+        y[i] = de_bn_noise_relu(y[i], gamma, beta, mean, var, eps, z[i], alpha, sigma, scale,
+                                i % c);
 }
 
 // out ← relu(bn(out) + k), k = bn_s(skip) when has_sn (a projection shortcut and its

@@ -119,14 +119,18 @@ pub(crate) struct DTrainNoise {
 }
 
 /// A stochastic student's noise after one BatchNorm in one forward pass: y =
-/// relu(bn(x) + std ⊙ z), z of image i drawn as image `first + i` of the layer seeded
-/// `seed` ([`super::noise::fill_image`]), `std` = s·α·σ per channel (C,), σ the
-/// layer's running estimate and s the test-time noise scale.
+/// relu(bn(x) + z·((α·σ)·s)), z of image i drawn as image `first + i` of the layer
+/// seeded `seed` ([`super::noise::fill_image`]), α the layer's noise factor (one
+/// value), σ its running estimate (C,) and s the test-time noise scale; the kernel
+/// computes (α·σ)·s per channel (the layer-by-layer path's float operations), so no
+/// tensor operation runs for it.
 #[derive(Clone, Debug)]
 pub(crate) struct DNoise {
     pub(crate) seed: u64,
     pub(crate) first: u64,
-    pub(crate) std: Tensor,
+    pub(crate) alpha: Tensor,
+    pub(crate) sigma: Tensor,
+    pub(crate) scale: f32,
 }
 
 /// A pre-activation network, its tensors on the device the op runs on; the linear
@@ -210,7 +214,12 @@ impl DeviceProgram {
         tensors.extend(net.convs().into_iter().map(|c| &c.weight));
         for n in net.norms() {
             tensors.extend([&n.gamma, &n.beta, &n.mean, &n.var]);
-            tensors.extend(n.noise.as_ref().map(|z| &z.std));
+            if let Some(z) = &n.noise {
+                if z.alpha.elem_count() != 1 {
+                    candle_core::bail!("fused eval path: a noise factor of {:?}", z.alpha.dims())
+                }
+                tensors.extend([&z.alpha, &z.sigma]);
+            }
         }
         if let DeviceArch::Post(n) = &net {
             if n.norms().any(|n| n.noise.is_some()) {
@@ -358,12 +367,12 @@ fn noise_of<E: Exec>(e: &E, n: &DNorm, b: usize, len: usize) -> Result<Option<E:
         .transpose()
 }
 
-/// The standard deviations (C values) of a noisy BatchNorm with z given, None for a
-/// plain one without; refuses the two mixed.
-fn noise_std<'a, 'b, B>(n: &'a DNorm, z: Option<&'b B>) -> Result<Option<(&'a Tensor, &'b B)>> {
+/// A noisy BatchNorm's noise with z given, None for a plain one without; refuses the
+/// two mixed.
+fn noise_std<'a, 'b, B>(n: &'a DNorm, z: Option<&'b B>) -> Result<Option<(&'a DNoise, &'b B)>> {
     match (&n.noise, z) {
         (None, None) => Ok(None),
-        (Some(nz), Some(z)) => Ok(Some((&nz.std, z))),
+        (Some(nz), Some(z)) => Ok(Some((nz, z))),
         _ => candle_core::bail!(
             "fused eval path: noise for a BatchNorm without, or none for one with"
         ),
@@ -922,7 +931,16 @@ fn cpu_bn_relu(
     z: Option<&Vec<f32>>,
 ) -> Result<()> {
     let [g, b, m, v] = e.norm(n)?;
-    let std = noise_std(n, z)?.map(|(t, _)| e.values(t)).transpose()?;
+    // (α·σ)·s per channel, as the kernels compute it.
+    let std = noise_std(n, z)?
+        .map(|(nz, _)| -> Result<Vec<f32>> {
+            let alpha = e.values(&nz.alpha)?[0];
+            Ok(e.values(&nz.sigma)?
+                .iter()
+                .map(|&sg| (alpha * sg) * nz.scale)
+                .collect())
+        })
+        .transpose()?;
     if let Some(x) = x {
         same_len(x.len(), y.len(), "BatchNorm")?;
     }
@@ -1538,11 +1556,19 @@ pub(crate) mod cuda {
             let len = x.len();
             match noise_std(n, z)? {
                 None => launch_bn!(self, "de_bn_relu_into", n, c, len, [y, x]),
-                Some((std, z)) => {
+                Some((nz, z)) => {
                     same_len(z.len().min(len), len, "BatchNorm noise")?;
-                    let gs = std.storage_and_layout();
-                    let std = view(&gs, c, "noise scale")?;
-                    launch_bn!(self, "de_bn_noise_relu_into", n, c, len, [y, x, z, &std])
+                    let (ga, gs) = (nz.alpha.storage_and_layout(), nz.sigma.storage_and_layout());
+                    let alpha = view(&ga, 1, "noise factor")?;
+                    let sigma = view(&gs, c, "running noise scale")?;
+                    launch_bn!(
+                        self,
+                        "de_bn_noise_relu_into",
+                        n,
+                        c,
+                        len,
+                        [y, x, z, &alpha, &sigma, &nz.scale]
+                    )
                 }
             }
         }
@@ -1557,11 +1583,19 @@ pub(crate) mod cuda {
             let len = y.len();
             match noise_std(n, z)? {
                 None => launch_bn!(self, "de_bn_relu_inplace", n, c, len, [y]),
-                Some((std, z)) => {
+                Some((nz, z)) => {
                     same_len(z.len().min(len), len, "BatchNorm noise")?;
-                    let gs = std.storage_and_layout();
-                    let std = view(&gs, c, "noise scale")?;
-                    launch_bn!(self, "de_bn_noise_relu_inplace", n, c, len, [y, z, &std])
+                    let (ga, gs) = (nz.alpha.storage_and_layout(), nz.sigma.storage_and_layout());
+                    let alpha = view(&ga, 1, "noise factor")?;
+                    let sigma = view(&gs, c, "running noise scale")?;
+                    launch_bn!(
+                        self,
+                        "de_bn_noise_relu_inplace",
+                        n,
+                        c,
+                        len,
+                        [y, z, &alpha, &sigma, &nz.scale]
+                    )
                 }
             }
         }
