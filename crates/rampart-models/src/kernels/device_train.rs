@@ -1383,6 +1383,61 @@ fn noise_dot(d: &[f32], z: &[f32], sigma: &[f32], c: usize) -> f32 {
     total
 }
 
+/// The CPU executor's train-mode BatchNorm (the CPU BatchNorm) on rows `x` (C
+/// values each) with the γ and β at `(g, b)` of `p`: the output, rectified when
+/// `relu`, and [mean | 1/√(var + ε)].
+fn cpu_bn_train(
+    x: &[f32],
+    p: &[f32],
+    (g, b): (usize, usize),
+    n: &TNorm,
+    relu: bool,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let c = n.c;
+    let (Some(gamma), Some(beta)) = (p.get(g..g + c), p.get(b..b + c)) else {
+        candle_core::bail!("fused train path: BatchNorm parameters past the parameters")
+    };
+    let (mean, var) = super::bn::mean_var(x, c);
+    let inv_std: Vec<f32> = var
+        .iter()
+        .map(|v| 1.0 / (v + n.eps as f32).sqrt())
+        .collect();
+    let f = super::bn::BnForward {
+        mean: mean.clone(),
+        inv_std: inv_std.clone(),
+        relu,
+        batch_stats: true,
+    };
+    let y = f.normalise(x, gamma, beta)?;
+    Ok((y, [mean, inv_std].concat()))
+}
+
+/// The backward pass of [`cpu_bn_train`] (its statistics `stats`): d ← the input
+/// gradient (through the ReLU, recomputed from x, when `relu`); [dγ | dβ] returned.
+fn cpu_bn_train_backward(
+    d: &mut [f32],
+    x: &[f32],
+    p: &[f32],
+    (g, b): (usize, usize),
+    n: &TNorm,
+    stats: &[f32],
+    relu: bool,
+) -> Result<Vec<f32>> {
+    let c = n.c;
+    super::device_eval::same_len(d.len(), x.len(), "BatchNorm gradient")?;
+    let (Some(gamma), Some(beta)) = (p.get(g..g + c), p.get(b..b + c)) else {
+        candle_core::bail!("fused train path: BatchNorm parameters past the parameters")
+    };
+    let f = super::bn::BnForward {
+        mean: stats[..c].to_vec(),
+        inv_std: stats[c..2 * c].to_vec(),
+        relu,
+        batch_stats: true,
+    };
+    let sums = f.backward_in_place(d, x, gamma, beta, true);
+    Ok(sums.into_iter().map(|v| v as f32).collect())
+}
+
 impl TrainExec for CpuExec {
     fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(x.clone())
@@ -1439,20 +1494,7 @@ impl TrainExec for CpuExec {
         n: &TNorm,
         _rows: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let c = n.c;
-        let (mean, var) = super::bn::mean_var(x, c);
-        let inv_std: Vec<f32> = var
-            .iter()
-            .map(|v| 1.0 / (v + n.eps as f32).sqrt())
-            .collect();
-        let f = super::bn::BnForward {
-            mean: mean.clone(),
-            inv_std: inv_std.clone(),
-            relu: true,
-            batch_stats: true,
-        };
-        let y = f.normalise(x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c])?;
-        Ok((y, [mean, inv_std].concat()))
+        cpu_bn_train(x, p, (n.gamma, n.beta), n, true)
     }
 
     fn bn_relu_train_backward(
@@ -1465,16 +1507,7 @@ impl TrainExec for CpuExec {
         stats: &Vec<f32>,
         _rows: usize,
     ) -> Result<Vec<f32>> {
-        let c = n.c;
-        let f = super::bn::BnForward {
-            mean: stats[..c].to_vec(),
-            inv_std: stats[c..2 * c].to_vec(),
-            relu: true,
-            batch_stats: true,
-        };
-        let sums =
-            f.backward_in_place(d, x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c], true);
-        Ok(sums.into_iter().map(|v| v as f32).collect())
+        cpu_bn_train_backward(d, x, p, (n.gamma, n.beta), n, stats, true)
     }
 
     fn bn_train(
@@ -1484,20 +1517,7 @@ impl TrainExec for CpuExec {
         n: &TNorm,
         _rows: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let c = n.c;
-        let (mean, var) = super::bn::mean_var(x, c);
-        let inv_std: Vec<f32> = var
-            .iter()
-            .map(|v| 1.0 / (v + n.eps as f32).sqrt())
-            .collect();
-        let f = super::bn::BnForward {
-            mean: mean.clone(),
-            inv_std: inv_std.clone(),
-            relu: false,
-            batch_stats: true,
-        };
-        let y = f.normalise(x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c])?;
-        Ok((y, [mean, inv_std].concat()))
+        cpu_bn_train(x, p, (n.gamma, n.beta), n, false)
     }
 
     fn bn_train_backward(
@@ -1509,17 +1529,7 @@ impl TrainExec for CpuExec {
         stats: &Vec<f32>,
         _rows: usize,
     ) -> Result<Vec<f32>> {
-        let c = n.c;
-        super::device_eval::same_len(d.len(), x.len(), "BatchNorm gradient")?;
-        let f = super::bn::BnForward {
-            mean: stats[..c].to_vec(),
-            inv_std: stats[c..2 * c].to_vec(),
-            relu: false,
-            batch_stats: true,
-        };
-        let sums =
-            f.backward_in_place(d, x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c], true);
-        Ok(sums.into_iter().map(|v| v as f32).collect())
+        cpu_bn_train_backward(d, x, p, (n.gamma, n.beta), n, stats, false)
     }
 
     fn relu_mask(&self, d: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
@@ -1541,27 +1551,15 @@ impl TrainExec for CpuExec {
         (first, rows): (usize, usize),
         p: &Vec<f32>,
         n: &TNorm,
-        (g, b): (usize, usize),
+        at: (usize, usize),
     ) -> Result<Vec<f32>> {
-        let c = n.c;
-        let range = first * c..(first + rows) * c;
+        let range = first * n.c..(first + rows) * n.c;
         let (Some(xs), true) = (x.get(range.clone()), y.len() == x.len()) else {
             candle_core::bail!("fused train path: BatchNorm rows past the activations")
         };
-        let (mean, var) = super::bn::mean_var(xs, c);
-        let inv_std: Vec<f32> = var
-            .iter()
-            .map(|v| 1.0 / (v + n.eps as f32).sqrt())
-            .collect();
-        let f = super::bn::BnForward {
-            mean: mean.clone(),
-            inv_std: inv_std.clone(),
-            relu: false,
-            batch_stats: true,
-        };
-        let part = f.normalise(xs, &p[g..g + c], &p[b..b + c])?;
+        let (part, stats) = cpu_bn_train(xs, p, at, n, false)?;
         y[range].copy_from_slice(&part);
-        Ok([mean, inv_std].concat())
+        Ok(stats)
     }
 
     fn bn_train_part_backward(
@@ -1572,11 +1570,10 @@ impl TrainExec for CpuExec {
         (first, rows): (usize, usize),
         p: &Vec<f32>,
         n: &TNorm,
-        (g, b): (usize, usize),
+        at: (usize, usize),
         stats: &Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let c = n.c;
-        let range = first * c..(first + rows) * c;
+        let range = first * n.c..(first + rows) * n.c;
         let (Some(xs), Some(ds), true) = (
             x.get(range.clone()),
             d.get(range.clone()),
@@ -1584,16 +1581,10 @@ impl TrainExec for CpuExec {
         ) else {
             candle_core::bail!("fused train path: BatchNorm rows past the activations")
         };
-        let f = super::bn::BnForward {
-            mean: stats[..c].to_vec(),
-            inv_std: stats[c..2 * c].to_vec(),
-            relu: false,
-            batch_stats: true,
-        };
         let mut part = ds.to_vec();
-        let sums = f.backward_in_place(&mut part, xs, &p[g..g + c], &p[b..b + c], true);
+        let dgb = cpu_bn_train_backward(&mut part, xs, p, at, n, stats, false)?;
         dx[range].copy_from_slice(&part);
-        Ok(sums.into_iter().map(|v| v as f32).collect())
+        Ok(dgb)
     }
 
     fn film_relu(
@@ -1680,22 +1671,10 @@ impl TrainExec for CpuExec {
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let c = n.c;
         super::device_eval::same_len(z.len(), x.len(), "BatchNorm noise")?;
-        let (mean, var) = super::bn::mean_var(x, c);
-        let inv_std: Vec<f32> = var
-            .iter()
-            .map(|v| 1.0 / (v + n.eps as f32).sqrt())
-            .collect();
-        let f = super::bn::BnForward {
-            mean: mean.clone(),
-            inv_std: inv_std.clone(),
-            relu: false,
-            batch_stats: true,
-        };
-        let gamma = &p[n.gamma..n.gamma + c];
-        let mut y = f.normalise(x, gamma, &p[n.beta..n.beta + c])?;
-        let sigma = noise_sigma(gamma, &inv_std, n.eps as f32);
+        let (mut y, stats) = cpu_bn_train(x, p, (n.gamma, n.beta), n, false)?;
+        let sigma = noise_sigma(&p[n.gamma..n.gamma + c], &stats[c..2 * c], n.eps as f32);
         noise_relu(&mut y, z, &sigma, p[noise.alpha], noise.scale, c);
-        Ok((y, [mean, inv_std].concat(), sigma))
+        Ok((y, stats, sigma))
     }
 
     fn bn_noise_relu_train_backward(
@@ -1710,25 +1689,13 @@ impl TrainExec for CpuExec {
         _rows: usize,
         grad: &mut Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let c = n.c;
-        super::device_eval::same_len(d.len(), y.len(), "BatchNorm gradient")?;
         super::device_eval::same_len(z.len(), y.len(), "BatchNorm noise")?;
-        for (dv, &yv) in d.iter_mut().zip(y) {
-            *dv *= if yv > 0.0 { 1.0 } else { 0.0 };
-        }
+        self.relu_mask(d, y)?;
         let Some(slot) = grad.get_mut(noise.alpha) else {
             candle_core::bail!("fused train path: a noise factor past the parameters")
         };
-        *slot = noise_dot(d, z, sigma, c) * noise.scale;
-        let f = super::bn::BnForward {
-            mean: stats[..c].to_vec(),
-            inv_std: stats[c..2 * c].to_vec(),
-            relu: false,
-            batch_stats: true,
-        };
-        let sums =
-            f.backward_in_place(d, x, &p[n.gamma..n.gamma + c], &p[n.beta..n.beta + c], true);
-        Ok(sums.into_iter().map(|v| v as f32).collect())
+        *slot = noise_dot(d, z, sigma, n.c) * noise.scale;
+        cpu_bn_train_backward(d, x, p, (n.gamma, n.beta), n, stats, false)
     }
 
     fn pool_linear_at(
@@ -1895,20 +1862,7 @@ mod cuda {
             n: &TNorm,
             rows: usize,
         ) -> Result<(Slice, Slice)> {
-            let c = n.c;
-            same_len(x.len(), rows * c, "BatchNorm input")?;
-            let mut y = uninit(&self.dev, x.len())?;
-            let mut stats = uninit(&self.dev, 2 * c)?;
-            super::super::cudnn::batch_norm_train_into(
-                &self.dev,
-                x.slice(..),
-                &p.slice(n.gamma..n.gamma + c),
-                &p.slice(n.beta..n.beta + c),
-                bn_dims(rows, c),
-                n.eps,
-                &mut y.slice_mut(..),
-                &mut stats.slice_mut(..),
-            )?;
+            let (mut y, stats) = self.bn_train(x, p, n, rows)?;
             let (cfg, count) = elementwise(y.len(), "relu")?;
             let f = super::super::pointwise::OPS.func(&self.dev, "relu_inplace")?;
             let mut a = f.builder();
@@ -1928,47 +1882,14 @@ mod cuda {
             stats: &Slice,
             rows: usize,
         ) -> Result<Slice> {
-            let c = n.c;
-            same_len(d.len(), y.len(), "BatchNorm gradient")?;
-            same_len(x.len(), rows * c, "BatchNorm input")?;
-            let (cfg, count) = elementwise(d.len(), "de_relu_mask_inplace")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_relu_mask_inplace")?;
-            let mut a = f.builder();
-            a.arg(&mut *d).arg(y).arg(&count);
-            // SAFETY: n values each.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_relu_mask_inplace", e))?;
-            let mut dx = uninit(&self.dev, x.len())?;
-            let mut dgb = uninit(&self.dev, 2 * c)?;
-            super::super::cudnn::batch_norm_backward_into(
-                &self.dev,
-                x.slice(..),
-                &d.slice(..),
-                &p.slice(n.gamma..n.gamma + c),
-                &stats.slice(..),
-                bn_dims(rows, c),
-                n.eps,
-                &mut dx.slice_mut(..),
-                &mut dgb.slice_mut(..),
-            )?;
-            *d = dx;
-            Ok(dgb)
+            self.relu_mask(d, y)?;
+            self.bn_train_backward(x, d, p, n, stats, rows)
         }
 
         fn bn_train(&self, x: &Slice, p: &Slice, n: &TNorm, rows: usize) -> Result<(Slice, Slice)> {
-            let c = n.c;
-            same_len(x.len(), rows * c, "BatchNorm input")?;
+            same_len(x.len(), rows * n.c, "BatchNorm input")?;
             let mut y = uninit(&self.dev, x.len())?;
-            let mut stats = uninit(&self.dev, 2 * c)?;
-            super::super::cudnn::batch_norm_train_into(
-                &self.dev,
-                x.slice(..),
-                &p.slice(n.gamma..n.gamma + c),
-                &p.slice(n.beta..n.beta + c),
-                bn_dims(rows, c),
-                n.eps,
-                &mut y.slice_mut(..),
-                &mut stats.slice_mut(..),
-            )?;
+            let stats = self.bn_train_part(x, &mut y, (0, rows), p, n, (n.gamma, n.beta))?;
             Ok((y, stats))
         }
 
@@ -1981,22 +1902,10 @@ mod cuda {
             stats: &Slice,
             rows: usize,
         ) -> Result<Slice> {
-            let c = n.c;
-            same_len(x.len(), rows * c, "BatchNorm input")?;
-            same_len(d.len(), x.len(), "BatchNorm gradient")?;
+            same_len(x.len(), rows * n.c, "BatchNorm input")?;
             let mut dx = uninit(&self.dev, x.len())?;
-            let mut dgb = uninit(&self.dev, 2 * c)?;
-            super::super::cudnn::batch_norm_backward_into(
-                &self.dev,
-                x.slice(..),
-                &d.slice(..),
-                &p.slice(n.gamma..n.gamma + c),
-                &stats.slice(..),
-                bn_dims(rows, c),
-                n.eps,
-                &mut dx.slice_mut(..),
-                &mut dgb.slice_mut(..),
-            )?;
+            let at = (n.gamma, n.beta);
+            let dgb = self.bn_train_part_backward(x, d, &mut dx, (0, rows), p, n, at, stats)?;
             *d = dx;
             Ok(dgb)
         }
@@ -2166,20 +2075,8 @@ mod cuda {
             z: &Slice,
         ) -> Result<(Slice, Slice, Slice)> {
             let c = n.c;
-            same_len(x.len(), rows * c, "BatchNorm input")?;
             same_len(z.len(), x.len(), "BatchNorm noise")?;
-            let mut y = uninit(&self.dev, x.len())?;
-            let mut stats = uninit(&self.dev, 2 * c)?;
-            super::super::cudnn::batch_norm_train_into(
-                &self.dev,
-                x.slice(..),
-                &p.slice(n.gamma..n.gamma + c),
-                &p.slice(n.beta..n.beta + c),
-                bn_dims(rows, c),
-                n.eps,
-                &mut y.slice_mut(..),
-                &mut stats.slice_mut(..),
-            )?;
+            let (mut y, stats) = self.bn_train(x, p, n, rows)?;
             let mut sigma = uninit(&self.dev, c)?;
             let (eps, c32) = (n.eps as f32, c as u32);
             let (cfg, _) = elementwise(c, "dt_noise_sigma")?;
@@ -2224,19 +2121,12 @@ mod cuda {
             rows: usize,
             grad: &mut Slice,
         ) -> Result<Slice> {
-            let c = n.c;
-            same_len(d.len(), y.len(), "BatchNorm gradient")?;
             same_len(z.len(), y.len(), "BatchNorm noise")?;
-            same_len(x.len(), rows * c, "BatchNorm input")?;
             if noise.alpha >= grad.len() {
                 candle_core::bail!("fused train path: a noise factor past the parameters")
             }
-            let (cfg, count) = elementwise(d.len(), "de_relu_mask_inplace")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_relu_mask_inplace")?;
-            let mut a = f.builder();
-            a.arg(&mut *d).arg(y).arg(&count);
-            // SAFETY: n values each.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_relu_mask_inplace", e))?;
+            self.relu_mask(d, y)?;
+            let count = u32::try_from(d.len()).map_err(candle_core::Error::wrap)?;
             let blocks = super::dot_blocks(d.len());
             let mut partial = uninit(&self.dev, blocks)?;
             let dot_cfg = LaunchConfig {
@@ -2244,7 +2134,7 @@ mod cuda {
                 block_dim: (super::DOT_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let c32 = c as u32;
+            let c32 = n.c as u32;
             let f = KERNELS_MODULE.func(&self.dev, "dt_noise_dot")?;
             let mut a = f.builder();
             a.arg(&mut partial)
@@ -2271,21 +2161,7 @@ mod cuda {
             };
             // SAFETY: one value written, `blocks` partial sums read.
             unsafe { a.launch(one) }.map_err(|e| launch_error("dt_noise_alpha_grad", e))?;
-            let mut dx = uninit(&self.dev, x.len())?;
-            let mut dgb = uninit(&self.dev, 2 * c)?;
-            super::super::cudnn::batch_norm_backward_into(
-                &self.dev,
-                x.slice(..),
-                &d.slice(..),
-                &p.slice(n.gamma..n.gamma + c),
-                &stats.slice(..),
-                bn_dims(rows, c),
-                n.eps,
-                &mut dx.slice_mut(..),
-                &mut dgb.slice_mut(..),
-            )?;
-            *d = dx;
-            Ok(dgb)
+            self.bn_train_backward(x, d, p, n, stats, rows)
         }
 
         fn pool_linear_at(
