@@ -87,11 +87,12 @@ done
 # The host-overhead switches, A/B on whole steps (Rampart alone, settings alternating,
 # two rounds): the default; the fused eval program on the GPU
 # (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps); the fused train program
-# (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; and cudarc's per-buffer events
+# (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; both with cuDNN's measured
+# algorithms (RAMPART_CUDNN_BENCHMARK=1); and cudarc's per-buffer events
 # kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off; a
 # diagnostic, add it to AB_SETTINGS to measure it). A setting is one or more
 # VAR=value words (`+` between them).
-AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1"}
+AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1+RAMPART_CUDNN_BENCHMARK=1"}
 : > "$OUT/ab.jsonl"
 for spec in $AB_ARCHS; do
   arch=${spec%%:*}

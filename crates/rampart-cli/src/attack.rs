@@ -221,6 +221,7 @@ impl AttackArgs {
         let mut config = json!({"command": "attack", "model": self.model, "dataset": kind.to_string(),
                     "data_dir": data_dir.path, "attack": pgd, "eps": self.eps, "test_limit": self.test_limit,
                     "batch_size": self.batch_size, "seed": self.seed, "device": self.device.to_string(),
+                    "gpu_switches": crate::common::gpu_switches(&self.device),
                     "lambda": model.lambda(), "eot_samples": samples,
                     "noise_scale": model.spec().noise.as_ref().map(|_| model.noise_scale())});
         if let (false, Some(c)) = (shard.is_whole(), config.as_object_mut()) {

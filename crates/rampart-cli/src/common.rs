@@ -100,6 +100,21 @@ impl DeviceArg {
     }
 }
 
+/// The GPU paths' environment switches that are set, name → value (`config.json`'s
+/// `gpu_switches`, [`rampart_models::kernels::GPU_SWITCHES`]): on a GPU they decide
+/// which paths a run takes; empty on the CPU, where they change nothing.
+pub fn gpu_switches(device: &DeviceArg) -> serde_json::Value {
+    let mut set = serde_json::Map::new();
+    if let DeviceArg::Cuda { .. } = device {
+        for name in rampart_models::kernels::GPU_SWITCHES {
+            if let Some(v) = std::env::var_os(name) {
+                set.insert(name.into(), v.to_string_lossy().into());
+            }
+        }
+    }
+    serde_json::Value::Object(set)
+}
+
 /// The data folder: `--data-dir`, else the environment variable [`DATA_DIR_ENV`].
 pub fn resolve_data_dir(flag: Option<PathBuf>, env: Option<PathBuf>) -> Result<PathBuf> {
     match flag.or(env) {
@@ -535,6 +550,29 @@ mod tests {
             of("sweep --reference a=x --reference b=y"),
             of("sweep --reference a=x")
         );
+    }
+
+    /// A GPU run records the GPU switches that are set, with their values; a CPU run
+    /// none.
+    #[test]
+    fn gpu_switches_are_recorded_for_gpu_runs_only() {
+        // The benchmark switch only acts inside cuDNN plans, which no test here builds.
+        std::env::set_var(rampart_models::kernels::CUDNN_BENCHMARK_ENV, "1");
+        let gpu = DeviceArg::Cuda {
+            ordinal: 0,
+            precision: Precision::Bf16,
+        };
+        let set = gpu_switches(&gpu);
+        assert_eq!(set[rampart_models::kernels::CUDNN_BENCHMARK_ENV], "1");
+        for name in rampart_models::kernels::GPU_SWITCHES {
+            assert_eq!(
+                set.get(name).is_some(),
+                std::env::var_os(name).is_some(),
+                "{name}"
+            );
+        }
+        assert_eq!(gpu_switches(&DeviceArg::Cpu), serde_json::json!({}));
+        std::env::remove_var(rampart_models::kernels::CUDNN_BENCHMARK_ENV);
     }
 
     #[test]

@@ -435,6 +435,7 @@ impl EvalPlan {
                 "curve_points": self.curve_points,
                 "shard": (!self.shard.is_whole()).then(|| self.shard.to_string()),
                 "device": self.device.to_string(),
+                "gpu_switches": crate::common::gpu_switches(&self.device),
             }),
         )?;
         let loaded = Loaded {

@@ -665,6 +665,7 @@ impl TrainPlan {
             "threshold_tpr": THRESHOLD_TPR,
             "resume": self.resume,
             "device": self.device.to_string(),
+            "gpu_switches": crate::common::gpu_switches(&self.device),
             "workers": self.workers.count(),
             "sync_batch_norm": self.sync_bn,
             "train": self.config,

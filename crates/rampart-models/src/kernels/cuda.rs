@@ -195,7 +195,7 @@ pub fn prepare(dev: &Device, precision: crate::Precision) -> Result<()> {
 
 /// Set (to anything), this environment variable keeps cudarc's per-buffer events
 /// ([`prepare`]): a diagnostic, for measuring what they cost.
-pub const EVENTS_ENV: &str = "RAMPART_CUDA_EVENTS";
+pub const EVENTS_ENV: &str = super::CUDA_EVENTS_ENV;
 
 /// The device's default memory pool, from which candle allocates every tensor.
 fn default_pool(dev: &Device) -> Result<Option<sys::CUmemoryPool>> {

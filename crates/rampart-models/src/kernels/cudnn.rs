@@ -8,8 +8,10 @@
 //! PyTorch makes, forward, backward-data and backward-filter, run on the NHWC layout
 //! the models keep (the layout cuDNN's tensor-core kernels want), with the kernel in
 //! KRSC order (a permuted copy of the OIHW parameter, a few hundred kilobytes), and
-//! the algorithm choice (cuDNN's heuristics, as PyTorch without
-//! `cudnn.benchmark`) and workspace size are cached per geometry and thread.
+//! the algorithm choice (cuDNN's heuristics, as PyTorch without `cudnn.benchmark`;
+//! cuDNN's measurement of deterministic algorithms under
+//! [`super::CUDNN_BENCHMARK_ENV`]) and workspace size are cached per geometry and
+//! thread.
 //!
 //! Precision: full f32 (cuDNN's FMA math mode) unless [`set_precision`] allows TF32
 //! tensor cores, PyTorch's default for convolutions. With TF32 an attack's input
@@ -198,22 +200,185 @@ fn plan<T: PlanCache>(dev: &CudaDevice, g: ConvShape) -> Result<Rc<Plan<T>>> {
     let w = cudnn.create_4d_filter::<T>(nhwc, dims(g.c_out, g.c_in, g.k, g.k))?;
     let y = cudnn.create_4d_tensor::<T>(nhwc, dims(g.b, g.c_out, ho, wo))?;
     let desc = Descriptors { conv, x, w, y };
-    // The algorithm cuDNN's heuristics pick for a pass, and its workspace size.
+    // With the benchmark switch, the algorithms cuDNN measures fastest (when the
+    // measurement works and the safe wrapper accepts them), else the heuristics'.
+    let measured = if benchmark() {
+        match measure(dev, g, T::DATA_TYPE) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("cuDNN benchmark of {g:?} failed ({e}); heuristics instead");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // A pass's algorithm (measured, or cuDNN's heuristic pick) and its workspace size.
     macro_rules! choose {
-        ($op:expr) => {{
+        ($op:expr, $measured:expr) => {{
             let op = $op;
-            let algo = op.pick_algorithm()?;
-            (algo, op.get_workspace_size(algo)?)
+            let fast = $measured.and_then(|a| op.get_workspace_size(a).ok().map(|w| (a, w)));
+            match fast {
+                Some(chosen) => chosen,
+                None => {
+                    let algo = op.pick_algorithm()?;
+                    (algo, op.get_workspace_size(algo)?)
+                }
+            }
         }};
     }
     let plan = Rc::new(Plan {
-        forward: choose!(desc.forward()),
-        data: choose!(desc.data()),
-        filter: choose!(desc.filter()),
+        forward: choose!(desc.forward(), measured.and_then(|m| m.0)),
+        data: choose!(desc.data(), measured.and_then(|m| m.1)),
+        filter: choose!(desc.filter(), measured.and_then(|m| m.2)),
         desc,
     });
     T::plans().with(|p| p.borrow_mut().insert(key, plan.clone()));
     Ok(plan)
+}
+
+/// Whether [`super::CUDNN_BENCHMARK_ENV`] asks for cuDNN's measured algorithms
+/// (read once). Only deterministic algorithms are taken, so a run stays reproducible
+/// on its GPU.
+pub fn benchmark() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(super::CUDNN_BENCHMARK_ENV).is_some_and(|v| v != "0"))
+}
+
+/// Workspace a measured algorithm may take (PyTorch caps it by free memory; this is a
+/// fixed bound well below a GPU's).
+const BENCHMARK_WORKSPACE: usize = 1 << 30;
+
+/// The measured algorithms of the three passes: forward, input gradient, kernel
+/// gradient (None where no deterministic one within the workspace bound succeeded).
+type Measured = (
+    Option<sys::cudnnConvolutionFwdAlgo_t>,
+    Option<sys::cudnnConvolutionBwdDataAlgo_t>,
+    Option<sys::cudnnConvolutionBwdFilterAlgo_t>,
+);
+
+/// Raw descriptors of one geometry for cuDNN's measurement calls (the safe wrapper's
+/// are private), destroyed on drop.
+struct RawConv {
+    x: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+}
+
+impl Drop for RawConv {
+    fn drop(&mut self) {
+        // SAFETY: each created once by `measure` and destroyed once here.
+        unsafe {
+            let _ = result::destroy_tensor_descriptor(self.x);
+            let _ = result::destroy_filter_descriptor(self.w);
+            let _ = result::destroy_tensor_descriptor(self.y);
+            let _ = result::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+/// cuDNN's measurement (`cudnnFind…Algorithm`: every algorithm run and timed, on
+/// memory cuDNN allocates itself) of the three passes of `g` on data of type `data`
+/// with f32 accumulation, as [`plan`] describes them: the fastest deterministic
+/// algorithm of each that succeeded within [`BENCHMARK_WORKSPACE`].
+fn measure(dev: &CudaDevice, g: ConvShape, data: sys::cudnnDataType_t) -> Result<Measured> {
+    let raw = raw_handle(dev)?;
+    let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+    let (ho, wo) = g.out();
+    let d = RawConv {
+        x: result::create_tensor_descriptor()?,
+        w: result::create_filter_descriptor()?,
+        y: result::create_tensor_descriptor()?,
+        conv: result::create_convolution_descriptor()?,
+    };
+    let (p, s) = (g.padding as i32, g.stride as i32);
+    // SAFETY: freshly created descriptors, set once.
+    unsafe {
+        result::set_tensor4d_descriptor(d.x, nhwc, data, dims(g.b, g.c_in, g.h, g.w))?;
+        result::set_filter4d_descriptor(d.w, data, nhwc, dims(g.c_out, g.c_in, g.k, g.k))?;
+        result::set_tensor4d_descriptor(d.y, nhwc, data, dims(g.b, g.c_out, ho, wo))?;
+        result::set_convolution2d_descriptor(
+            d.conv,
+            p,
+            p,
+            s,
+            s,
+            1,
+            1,
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        )?;
+        if data == sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16 {
+            result::set_convolution_math_type(d.conv, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
+        }
+    }
+    let ok = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+    let deterministic = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
+    let mut n = 0i32;
+    // SAFETY (the three calls): live handle and descriptors; the result arrays hold
+    // as many entries as requested; cuDNN writes `n` of them.
+    let mut fwd = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 8];
+    unsafe {
+        sys::cudnnFindConvolutionForwardAlgorithm(
+            raw.0,
+            d.x,
+            d.w,
+            d.conv,
+            d.y,
+            fwd.len() as i32,
+            &mut n,
+            fwd.as_mut_ptr(),
+        )
+        .result()?;
+    }
+    let forward = fwd[..n.clamp(0, 8) as usize]
+        .iter()
+        .find(|r| {
+            r.status == ok && r.determinism == deterministic && r.memory <= BENCHMARK_WORKSPACE
+        })
+        .map(|r| r.algo);
+    let mut bwd = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>() }; 6];
+    unsafe {
+        sys::cudnnFindConvolutionBackwardDataAlgorithm(
+            raw.0,
+            d.w,
+            d.y,
+            d.conv,
+            d.x,
+            bwd.len() as i32,
+            &mut n,
+            bwd.as_mut_ptr(),
+        )
+        .result()?;
+    }
+    let data_algo = bwd[..n.clamp(0, 6) as usize]
+        .iter()
+        .find(|r| {
+            r.status == ok && r.determinism == deterministic && r.memory <= BENCHMARK_WORKSPACE
+        })
+        .map(|r| r.algo);
+    let mut flt = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>() }; 7];
+    unsafe {
+        sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+            raw.0,
+            d.x,
+            d.y,
+            d.conv,
+            d.w,
+            flt.len() as i32,
+            &mut n,
+            flt.as_mut_ptr(),
+        )
+        .result()?;
+    }
+    let filter = flt[..n.clamp(0, 7) as usize]
+        .iter()
+        .find(|r| {
+            r.status == ok && r.determinism == deterministic && r.memory <= BENCHMARK_WORKSPACE
+        })
+        .map(|r| r.algo);
+    Ok((forward, data_algo, filter))
 }
 
 /// A contiguous f32 operand of `len` elements.

@@ -65,3 +65,23 @@ mod winograd;
 pub mod xent;
 
 pub(crate) use common::{Affine, EvalNorm, NoiseDraw};
+
+/// The environment variable that keeps cudarc's per-buffer CUDA events (see
+/// `cuda::prepare`; a diagnostic).
+pub const CUDA_EVENTS_ENV: &str = "RAMPART_CUDA_EVENTS";
+
+/// The environment variable that asks for cuDNN's measured choice of convolution
+/// algorithms (PyTorch's `cudnn.benchmark = True`; any value but `0`): each geometry
+/// and precision is measured once per process and thread, the first time it runs,
+/// and only deterministic algorithms are taken.
+pub const CUDNN_BENCHMARK_ENV: &str = "RAMPART_CUDNN_BENCHMARK";
+
+/// The environment switches of the GPU paths (the fused eval and train programs,
+/// cudarc's per-buffer events, cuDNN's measured algorithms), which a run on a GPU
+/// records in its `config.json`.
+pub const GPU_SWITCHES: [&str; 4] = [
+    device_eval::ENABLE_ENV,
+    device_train::ENABLE_ENV,
+    CUDA_EVENTS_ENV,
+    CUDNN_BENCHMARK_ENV,
+];
