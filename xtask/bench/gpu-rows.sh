@@ -19,7 +19,9 @@
 # reproduce run may take, default 570; timeout stops the driver and its runs), KEEP (where model files of 16 MiB or more
 # move to, outside OUT, default ~/rampart-models: such files stay on this machine,
 # and the rows' results say their model is not in the folder once the report is
-# made again elsewhere).
+# made again elsewhere). The GPU switches (RAMPART_CUDA_FUSED_EVAL,
+# RAMPART_CUDA_FUSED_TRAIN, RAMPART_CUDNN_BENCHMARK, …) pass through to every run,
+# whose config.json records them (`gpu_switches`).
 # Writes OUT/gpu.txt (the machine), OUT/reproduce.log (the run's output),
 # OUT/steps.txt (exit status and seconds) and OUT/study (report.md, results.json,
 # every row's history, logs and plots).
