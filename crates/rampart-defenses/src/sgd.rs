@@ -168,6 +168,8 @@ impl Sgd {
         // Parameters on a GPU: updated together, in one launch, after the loop.
         #[cfg(feature = "cuda")]
         let mut on_gpu: Vec<(usize, Tensor)> = Vec::new();
+        // (The index names a parameter for the GPU's update only.)
+        #[cfg_attr(not(feature = "cuda"), allow(clippy::unused_enumerate_index))]
         for (_i, p) in self.params.iter_mut().enumerate() {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
