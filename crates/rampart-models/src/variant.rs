@@ -516,18 +516,13 @@ impl Norm {
     /// student's noise with this forward pass's seed (drawn here, as its
     /// layer-by-layer forward pass would draw it). Everything stays on the device:
     /// FiLM's outputs are tensor operations, the noise's scale is computed in the
-    /// kernel, nothing is read back. None for an OAT layer without a condition of one row (the program needs
-    /// one affine map per layer; [`crate::Classifier`] installs the model's λ).
+    /// kernel, nothing is read back. None for an OAT layer without a condition of one
+    /// row (the program needs one affine map per layer; [`crate::Classifier`] installs
+    /// the model's λ).
     pub(crate) fn device(&self) -> Result<Option<DNorm>> {
         let cond = self.ctx.condition();
-        let bn = match (&self.bn_adv, &cond) {
-            (None, _) => &self.bn,
-            (Some(_), None) => return Ok(None),
-            (Some(adv), Some(c)) => match (&c.split, c.all_clean) {
-                (Some(_), _) => return Ok(None),
-                (None, true) => &self.bn,
-                (None, false) => adv,
-            },
+        let Some(bn) = self.batch_norm_of(cond.as_ref()) else {
+            return Ok(None);
         };
         let mut d = bn.device();
         if let Some(film) = &self.film {
@@ -559,6 +554,21 @@ impl Norm {
         Ok(Some(d))
     }
 
+    /// The BatchNorm the rows of condition `cond` go through when they all fall in one
+    /// λ group: the layer's own one (λ = 0, or a layer without a second), else the
+    /// second; None for rows of both groups, or an OAT layer without a condition.
+    fn batch_norm_of(&self, cond: Option<&Condition>) -> Option<&BatchNorm> {
+        match (&self.bn_adv, cond) {
+            (None, _) => Some(&self.bn),
+            (Some(_), None) => None,
+            (Some(adv), Some(c)) => match (&c.split, c.all_clean) {
+                (Some(_), _) => None,
+                (None, true) => Some(&self.bn),
+                (None, false) => Some(adv),
+            },
+        }
+    }
+
     /// The layer in the fused eval path's form: its eval-mode BatchNorm (the one of
     /// the batch's λ group for an OAT model) with FiLM folded in, and a student's noise
     /// with this forward pass's seed. None when the installed λ condition differs
@@ -566,14 +576,8 @@ impl Norm {
     /// A noisy layer draws its seed here, as its layer-by-layer forward pass would.
     pub(crate) fn fused(&self) -> Result<Option<EvalNorm>> {
         let cond = self.ctx.condition();
-        let bn = match (&self.bn_adv, &cond) {
-            (None, _) => &self.bn,
-            (Some(_), None) => return Ok(None),
-            (Some(adv), Some(c)) => match (&c.split, c.all_clean) {
-                (Some(_), _) => return Ok(None),
-                (None, true) => &self.bn,
-                (None, false) => adv,
-            },
+        let Some(bn) = self.batch_norm_of(cond.as_ref()) else {
+            return Ok(None);
         };
         let mut affine = bn.eval_affine()?;
         if let Some(film) = &self.film {
