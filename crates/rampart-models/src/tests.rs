@@ -658,6 +658,19 @@ fn gpu_fused_eval_program_matches_layer_by_layer_on_the_cpu() {
     }
 }
 
+/// A fused train-mode pass of `fused_model` (logits `fused`) agrees with the
+/// layer-by-layer pass of its twin (logits `reference`): logits within 1e-4 of their
+/// scale, and [`params_agree`] with [`close_in_max`] on more than ten parameters.
+fn assert_train_pass_close(name: &str, models: [&Classifier; 2], [reference, fused]: [&Tensor; 2]) {
+    let scale = max_abs(reference).max(1.0);
+    let d = max_abs_diff(fused, reference);
+    assert!(d < 1e-4 * scale, "{name}: logits differ by {d}");
+    let checked = params_agree(name, models, [reference, fused], |var_name, gr, gf| {
+        close_in_max(name, var_name, gr, gf)
+    });
+    assert!(checked > 10, "{name}: {checked} parameters checked");
+}
+
 /// The GPU's fused train program of an OAT model, on the CPU twins, against the
 /// layer-by-layer path at per-row λ: rows with λ = 0 and λ > 0 mixed and out of order
 /// (the program sorts them and puts the logits back), all clean, all adversarial;
@@ -690,16 +703,11 @@ fn gpu_fused_train_program_matches_layer_by_layer_for_oat() {
             .fused_gpu_train_at(&x, Some(&lambdas))
             .unwrap()
             .unwrap_or_else(|| panic!("{name}: no fused GPU train program"));
-        let scale = max_abs(&reference).max(1.0);
-        let d = max_abs_diff(&fused, &reference);
-        assert!(d < 1e-4 * scale, "{name}: logits differ by {d}");
-        let checked = params_agree(
+        assert_train_pass_close(
             &name,
             [&reference_model, &fused_model],
             [&reference, &fused],
-            |var_name, gr, gf| close_in_max(&name, var_name, gr, gf),
         );
-        assert!(checked > 10, "{name}: {checked} parameters checked");
     }
 }
 
@@ -800,16 +808,11 @@ fn gpu_fused_train_program_matches_layer_by_layer_on_the_cpu() {
             .fused_gpu_train(&x)
             .unwrap()
             .unwrap_or_else(|| panic!("{name}: no fused GPU train program"));
-        let scale = max_abs(&reference).max(1.0);
-        let d = max_abs_diff(&fused, &reference);
-        assert!(d < 1e-4 * scale, "{name}: logits differ by {d}");
-        let checked = params_agree(
+        assert_train_pass_close(
             &name,
             [&reference_model, &fused_model],
             [&reference, &fused],
-            |var_name, gr, gf| close_in_max(&name, var_name, gr, gf),
         );
-        assert!(checked > 10, "{name}: {checked} parameters checked");
         // A tracked input keeps the layer-by-layer path.
         let xv = Var::from_tensor(&x).unwrap();
         assert!(fused_model
