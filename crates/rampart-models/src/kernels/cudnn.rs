@@ -313,9 +313,21 @@ fn measure(dev: &CudaDevice, g: ConvShape, data: sys::cudnnDataType_t) -> Result
             result::set_convolution_math_type(d.conv, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
         }
     }
-    let ok = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
-    let deterministic = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
     let mut n = 0i32;
+    // The fastest (cuDNN sorts them) deterministic algorithm that succeeded within
+    // the workspace bound, among the `n` results cuDNN wrote.
+    macro_rules! fastest {
+        ($results:expr) => {
+            $results[..usize::try_from(n).unwrap_or(0).min($results.len())]
+                .iter()
+                .find(|r| {
+                    r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                        && r.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+                        && r.memory <= BENCHMARK_WORKSPACE
+                })
+                .map(|r| r.algo)
+        };
+    }
     // SAFETY (the three calls): live handle and descriptors; the result arrays hold
     // as many entries as requested; cuDNN writes `n` of them.
     let mut fwd = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 8];
@@ -332,12 +344,7 @@ fn measure(dev: &CudaDevice, g: ConvShape, data: sys::cudnnDataType_t) -> Result
         )
         .result()?;
     }
-    let forward = fwd[..n.clamp(0, 8) as usize]
-        .iter()
-        .find(|r| {
-            r.status == ok && r.determinism == deterministic && r.memory <= BENCHMARK_WORKSPACE
-        })
-        .map(|r| r.algo);
+    let forward = fastest!(fwd);
     let mut bwd = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>() }; 6];
     unsafe {
         sys::cudnnFindConvolutionBackwardDataAlgorithm(
@@ -352,12 +359,7 @@ fn measure(dev: &CudaDevice, g: ConvShape, data: sys::cudnnDataType_t) -> Result
         )
         .result()?;
     }
-    let data_algo = bwd[..n.clamp(0, 6) as usize]
-        .iter()
-        .find(|r| {
-            r.status == ok && r.determinism == deterministic && r.memory <= BENCHMARK_WORKSPACE
-        })
-        .map(|r| r.algo);
+    let data_algo = fastest!(bwd);
     let mut flt = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>() }; 7];
     unsafe {
         sys::cudnnFindConvolutionBackwardFilterAlgorithm(
@@ -372,12 +374,7 @@ fn measure(dev: &CudaDevice, g: ConvShape, data: sys::cudnnDataType_t) -> Result
         )
         .result()?;
     }
-    let filter = flt[..n.clamp(0, 7) as usize]
-        .iter()
-        .find(|r| {
-            r.status == ok && r.determinism == deterministic && r.memory <= BENCHMARK_WORKSPACE
-        })
-        .map(|r| r.algo);
+    let filter = fastest!(flt);
     Ok((forward, data_algo, filter))
 }
 
