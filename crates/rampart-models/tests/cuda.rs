@@ -120,6 +120,18 @@ fn variants() -> Vec<ModelSpec> {
     vec![student, oat]
 }
 
+/// Every architecture (a WRN with identity and projected shortcuts, PreAct
+/// ResNet-18, ResNet-20) and the two variants.
+fn every_network() -> Vec<ModelSpec> {
+    let mut specs = vec![
+        ModelSpec::wrn(16, 2, 10),
+        ModelSpec::cifar(Arch::PreactResnet18, 10),
+        ModelSpec::cifar(Arch::Resnet20, 10),
+    ];
+    specs.extend(variants());
+    specs
+}
+
 /// The architecture, and the variant if any.
 fn label(spec: &ModelSpec) -> String {
     let variant = match (&spec.noise, &spec.oat) {
@@ -181,13 +193,7 @@ fn images(b: usize, seed: u64) -> Tensor {
 #[test]
 fn networks_match_cpu_in_eval_and_attack_mode() {
     let dev = gpu();
-    let mut specs = vec![
-        ModelSpec::wrn(16, 2, 10),
-        ModelSpec::cifar(Arch::Resnet20, 10),
-        ModelSpec::cifar(Arch::PreactResnet18, 10),
-    ];
-    specs.extend(variants());
-    for spec in specs {
+    for spec in every_network() {
         let name = label(&spec);
         let (cpu, gpu) = model_pair(spec);
         settle([&cpu, &gpu]);
@@ -252,13 +258,7 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
 #[test]
 fn fused_eval_program_matches_cpu() {
     let dev = gpu();
-    let mut specs = vec![
-        ModelSpec::wrn(16, 2, 10),
-        ModelSpec::cifar(Arch::PreactResnet18, 10),
-        ModelSpec::cifar(Arch::Resnet20, 10),
-    ];
-    specs.extend(variants());
-    for spec in specs {
+    for spec in every_network() {
         let name = label(&spec);
         let (cpu, gpu) = model_pair(spec);
         settle([&cpu, &gpu]);
@@ -329,13 +329,7 @@ fn training_step_matches_cpu() {
 #[test]
 fn fused_train_program_matches_cpu() {
     let dev = gpu();
-    let mut specs = vec![
-        ModelSpec::wrn(16, 2, 10),
-        ModelSpec::cifar(Arch::PreactResnet18, 10),
-        ModelSpec::cifar(Arch::Resnet20, 10),
-    ];
-    specs.extend(variants());
-    for spec in specs {
+    for spec in every_network() {
         let name = label(&spec);
         let (cpu, gpu) = model_pair(spec);
         settle([&cpu, &gpu]);
