@@ -447,11 +447,14 @@ pub(crate) fn probabilities(logits: &Tensor) -> Result<Vec<f32>> {
         .flatten_all()?
         .to_vec1::<f32>()?;
     if probs.iter().any(|p| p.is_nan()) {
-        return Err(Error::Input(
-            "the model produced NaN logits on a point inside the threat model".into(),
-        ));
+        return Err(nan_logits());
     }
     Ok(probs)
+}
+
+/// The error of NaN logits at an attacked point.
+pub(crate) fn nan_logits() -> Error {
+    Error::Input("the model produced NaN logits on a point inside the threat model".into())
 }
 
 fn accumulate(sum: &mut [f64], values: &[f32]) {

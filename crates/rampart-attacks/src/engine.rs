@@ -102,27 +102,15 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn run(&self, rows: &Rows, record: &mut Record) -> Result<()> {
-        let (eps, seed) = (rows.eps(), rows.seed());
-        let (cfg, batch) = (self.cfg, self.batch);
-        let d = batch.d;
-        let width = batch.bounds.width() as f64;
-        let init = cfg.restarts.init(rows.restart());
+        if let Some(exec) = device::resident(self) {
+            return device::run(exec, self, rows, record);
+        }
+        let (eps, cfg, d) = (rows.eps(), self.cfg, self.batch.d);
         let mut active: Vec<usize> = rows.examples().to_vec();
-        let mut adv = vec![0f32; active.len() * d];
+        let mut adv = self.starts(rows);
         let update = self.update();
         let per_task = rows_per_task(d);
-        // Each example's start from its own stream, examples in parallel.
-        adv.par_chunks_mut(d)
-            .zip(active.par_iter().zip(rows.runs().par_iter()))
-            .with_min_len(per_task)
-            .for_each_init(
-                || vec![0f64; d],
-                |delta, (out, (&i, &run))| {
-                    let mut rng = batch.rng(seed, run, i);
-                    cfg.norm.sample(init, eps, width, &mut rng, delta);
-                    update.finish(i, delta, eps, out);
-                },
-            );
+        let batch = self.batch;
         let mut cur = self.evaluate(&active, &adv, true)?;
         offer(record, &active, &adv, &cur, d);
         let mut lr = vec![cfg.step_size.at(eps); active.len()];
@@ -206,6 +194,30 @@ impl Run<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The start of every row of `rows`, each from its example's stream, examples in
+    /// parallel: (rows × D) f32.
+    fn starts(&self, rows: &Rows) -> Vec<f32> {
+        let (eps, seed) = (rows.eps(), rows.seed());
+        let (cfg, batch) = (self.cfg, self.batch);
+        let d = batch.d;
+        let width = batch.bounds.width() as f64;
+        let init = cfg.restarts.init(rows.restart());
+        let update = self.update();
+        let mut adv = vec![0f32; rows.len() * d];
+        adv.par_chunks_mut(d)
+            .zip(rows.examples().par_iter().zip(rows.runs().par_iter()))
+            .with_min_len(rows_per_task(d))
+            .for_each_init(
+                || vec![0f64; d],
+                |delta, (out, (&i, &run))| {
+                    let mut rng = batch.rng(seed, run, i);
+                    cfg.norm.sample(init, eps, width, &mut rng, delta);
+                    update.finish(i, delta, eps, out);
+                },
+            );
+        adv
     }
 
     /// The per-example arithmetic of this run, for the worker threads.
@@ -379,5 +391,14 @@ pub(crate) fn next_toward(a: f32, x: f32) -> f32 {
     f32::from_bits(if away_from_zero { bits + 1 } else { bits - 1 })
 }
 
+mod device;
+#[cfg(feature = "cuda")]
+mod device_cuda;
+
+pub use device::with_device_resident_pgd;
+#[cfg(feature = "cuda")]
+pub use device_cuda::ptx as device_kernels_ptx;
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 mod tests;

@@ -87,6 +87,9 @@ pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion, Perturbed};
 pub use checks::{check_model, check_model_cost, TrustReport, TrustWarning, BLACK_BOX_TOLERANCE};
 pub use cost::{EnsembleCost, PassCounter, Passes};
 pub use distal::Distal;
+#[cfg(feature = "cuda")]
+pub use engine::device_kernels_ptx;
+pub use engine::with_device_resident_pgd;
 pub use ensemble::{AutoAttack, EnsembleState, Evaluation, EvaluationReport, Stage, StageReport};
 pub use eot::Eot;
 pub use error::{Error, Result};

@@ -76,12 +76,19 @@ pub const CUDA_EVENTS_ENV: &str = "RAMPART_CUDA_EVENTS";
 /// and only deterministic algorithms are taken.
 pub const CUDNN_BENCHMARK_ENV: &str = "RAMPART_CUDNN_BENCHMARK";
 
+/// The environment variable that keeps the state of PGD's loop (iterates, momentum,
+/// best points, step sizes) on the GPU, updated by one kernel per step, for the
+/// L∞ configurations without early stopping (`rampart-attacks`, feature `cuda`; any
+/// value but `0`). Off by default until verified on a GPU.
+pub const DEVICE_ATTACK_ENV: &str = "RAMPART_CUDA_DEVICE_ATTACK";
+
 /// The environment switches of the GPU paths (the fused eval and train programs,
-/// cudarc's per-buffer events, cuDNN's measured algorithms), which a run on a GPU
-/// records in its `config.json`.
-pub const GPU_SWITCHES: [&str; 4] = [
+/// PGD's device-resident loop, cudarc's per-buffer events, cuDNN's measured
+/// algorithms), which a run on a GPU records in its `config.json`.
+pub const GPU_SWITCHES: [&str; 5] = [
     device_eval::ENABLE_ENV,
     device_train::ENABLE_ENV,
+    DEVICE_ATTACK_ENV,
     CUDA_EVENTS_ENV,
     CUDNN_BENCHMARK_ENV,
 ];

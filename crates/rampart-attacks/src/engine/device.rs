@@ -1,0 +1,605 @@
+//! PGD's loop with its state on the model's device: the iterates, the momentum, the
+//! step sizes, the objective and success at the current point and the best point so
+//! far live in tensors beside the model, and a step is the model's passes plus three
+//! launches (EOT accumulation, judgement, update) with nothing read back until the
+//! run ends. The host loop ([`super::Run::run`]) reads the objective, probabilities and
+//! gradient of every step and updates on its threads; on a GPU each of those reads
+//! waits for the device and keeps the host from queueing the next pass.
+//!
+//! **Same result, bit for bit.** Every kernel does the host loop's f64 (and f32)
+//! arithmetic in its order (`__dadd_rn`, `__dmul_rn`, … never contracted): the sign
+//! step, the momentum, the box, ε-ball and box projections, the f32 rounding towards
+//! the clean input, the EOT means, the first-arg-max judgement, the best-point rule
+//! (a success beats a non-success, then a strictly higher objective; ties keep the
+//! earlier point) and the backtracking. The run's best point is offered to the
+//! [`Record`] once at the end; since the rule is a total preorder that keeps the earlier
+//! point on ties, that equals offering every point in turn. NaN probabilities are
+//! flagged on the device and refused when the run ends (the host loop refuses them at
+//! once; the error is the same).
+//!
+//! **Where it runs.** L∞ configurations without early stopping (every training attack
+//! and the L∞ evaluations: PGD, FGSM, frames, CCAT's attack); the other norms need a
+//! sort or a reduction per example and stay on the host. On a GPU with the `cuda`
+//! feature it is taken when `RAMPART_CUDA_DEVICE_ATTACK` is set (off by default
+//! until verified on a GPU). [`with_device_resident_pgd`] takes it on any device, the
+//! CPU included, where the kernels' twins in this file run: the loop's tests hold it
+//! to the host loop there, and `tests/cuda.rs` holds the CUDA kernels to the same.
+
+use std::cell::Cell;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::Run;
+use crate::base::Criterion;
+use crate::error::{Error, Result};
+use crate::norm::Norm;
+use crate::objective::probe_with;
+use crate::repeated::{Record, Rows};
+
+/// Values per row of [`State::rows`].
+pub(crate) const ROW: usize = 6;
+/// The row's step size.
+pub(crate) const LR: usize = 0;
+/// Objective at the current iterate (−∞ for NaN).
+pub(crate) const CUR_OBJ: usize = 1;
+/// Whether the current iterate is a success (0 or 1).
+pub(crate) const CUR_SUCCESS: usize = 2;
+/// Objective at the best point of the run.
+pub(crate) const BEST_OBJ: usize = 3;
+/// Whether the best point is a success.
+pub(crate) const BEST_SUCCESS: usize = 4;
+/// Set when a judged point's mean probabilities held a NaN.
+pub(crate) const NAN: usize = 5;
+
+thread_local! {
+    static FORCED: Cell<bool> = const { Cell::new(false) };
+    /// Device-resident runs on this thread (the tests check that the loop ran).
+    #[cfg(test)]
+    pub(super) static RUNS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Runs `f` with PGD's device-resident loop taken on this thread wherever it applies
+/// (L∞, no early stopping), whatever the device and the environment: on the CPU the
+/// kernels' twins run. For tests and benchmarks of the loop against the host loop;
+/// the results are the same bit for bit.
+pub fn with_device_resident_pgd<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED.with(|c| c.replace(true)));
+    f()
+}
+
+/// Who runs the kernels of the device-resident loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Executor {
+    /// The kernels' CPU twins (tensors read, updated on the host, written back).
+    Twin,
+    /// The CUDA kernels, in place on the GPU.
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+/// The executor of `run`'s device-resident loop, if it takes one.
+pub(super) fn resident(run: &Run<'_>) -> Option<Executor> {
+    if !matches!(run.cfg.norm, Norm::Linf) || run.cfg.early_stop {
+        return None;
+    }
+    let on_gpu = matches!(run.batch.device, Device::Cuda(_));
+    if FORCED.with(Cell::get) {
+        return Some(if on_gpu { gpu() } else { Executor::Twin });
+    }
+    #[cfg(feature = "cuda")]
+    if on_gpu && switched_on() {
+        return Some(Executor::Cuda);
+    }
+    None
+}
+
+#[cfg(feature = "cuda")]
+fn gpu() -> Executor {
+    Executor::Cuda
+}
+
+/// Without CUDA there is no GPU tensor to run on.
+#[cfg(not(feature = "cuda"))]
+fn gpu() -> Executor {
+    Executor::Twin
+}
+
+#[cfg(feature = "cuda")]
+fn switched_on() -> bool {
+    std::env::var_os(rampart_models::kernels::DEVICE_ATTACK_ENV).is_some_and(|v| v != "0")
+}
+
+/// The loop's state, flat contiguous tensors on the batch's device: M rows (the run's
+/// examples) of D values, K classes.
+pub(super) struct State {
+    pub m: usize,
+    pub d: usize,
+    pub k: usize,
+    /// (M·D) f32 clean inputs.
+    pub x: Tensor,
+    /// (M·D) f32 current iterate.
+    pub adv: Tensor,
+    /// (M·D) f32 the point evaluated next: the start, then each step's candidate.
+    pub cand: Tensor,
+    /// (M·D) f32 mean gradient at the current iterate.
+    pub grad: Tensor,
+    /// (M·D) f32 best point of the run.
+    pub best: Tensor,
+    /// (M·D) f64 momentum.
+    pub mom: Tensor,
+    /// (M·ROW) f64 per-row scalars ([`LR`], [`CUR_OBJ`], …).
+    pub rows: Tensor,
+    /// (M) f64 EOT sum of the objective (each value divided by the draws).
+    pub acc_obj: Tensor,
+    /// (M·K) f64 EOT sum of the probabilities.
+    pub acc_probs: Tensor,
+    /// (M·D) f32 EOT sum of the gradient (each divided by the draws).
+    pub acc_grad: Tensor,
+    /// (M) u32 labels.
+    pub labels: Tensor,
+    /// (D) f64 mask of the perturbed coordinates.
+    pub mask: Option<Tensor>,
+}
+
+/// How a judgement treats the point just evaluated ([`State::cand`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Judge {
+    /// 0 misclassified, 1 targeted, 2 confidently misclassified, 3 confident.
+    pub criterion: i32,
+    pub target: u32,
+    pub tau: f32,
+    /// EOT draws per point.
+    pub samples: usize,
+    /// The run's start: the point becomes the best and the current iterate.
+    pub first: bool,
+    /// Whether the accumulated gradient is taken with the point.
+    pub want_grad: bool,
+    /// Backtracking factor, 0 for none (every candidate is accepted).
+    pub backtrack: f64,
+}
+
+/// The constants of a step.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Step {
+    pub eps: f64,
+    pub beta: f64,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl Executor {
+    /// Adds one EOT draw (values (M) f64, probabilities (M·K) f32, gradient (M·D) f32)
+    /// to the sums, starting them when `first`.
+    fn accumulate(
+        self,
+        s: &mut State,
+        values: &Tensor,
+        probs: &Tensor,
+        grad: Option<&Tensor>,
+        samples: usize,
+        first: bool,
+    ) -> Result<()> {
+        match self {
+            Executor::Twin => {
+                let mut obj = s.acc_obj.to_vec1::<f64>()?;
+                let mut sum = s.acc_probs.to_vec1::<f64>()?;
+                let mut acc = s.acc_grad.to_vec1::<f32>()?;
+                let g = grad.map(|g| g.to_vec1::<f32>()).transpose()?;
+                twin::accumulate(
+                    &mut obj,
+                    &mut sum,
+                    &mut acc,
+                    &values.to_vec1::<f64>()?,
+                    &probs.to_vec1::<f32>()?,
+                    g.as_deref(),
+                    samples,
+                    first,
+                );
+                let dev = s.x.device().clone();
+                s.acc_obj = Tensor::from_vec(obj, s.m, &dev)?;
+                s.acc_probs = Tensor::from_vec(sum, s.m * s.k, &dev)?;
+                s.acc_grad = Tensor::from_vec(acc, s.m * s.d, &dev)?;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Executor::Cuda => Ok(super::device_cuda::accumulate(
+                s, values, probs, grad, samples, first,
+            )?),
+        }
+    }
+
+    /// Judges the point [`State::cand`] from the sums: offers it to the run's best,
+    /// accepts it as the current iterate (or shrinks the step size).
+    fn judge(self, s: &mut State, j: Judge) -> Result<()> {
+        match self {
+            Executor::Twin => {
+                let mut rows = s.rows.to_vec1::<f64>()?;
+                let mut best = s.best.to_vec1::<f32>()?;
+                let mut adv = s.adv.to_vec1::<f32>()?;
+                let mut grad = s.grad.to_vec1::<f32>()?;
+                twin::judge(
+                    &mut rows,
+                    &mut best,
+                    &mut adv,
+                    &mut grad,
+                    &s.cand.to_vec1::<f32>()?,
+                    &s.acc_grad.to_vec1::<f32>()?,
+                    &s.acc_obj.to_vec1::<f64>()?,
+                    &s.acc_probs.to_vec1::<f64>()?,
+                    &s.labels.to_vec1::<u32>()?,
+                    (s.k, s.d),
+                    j,
+                );
+                let dev = s.x.device().clone();
+                s.rows = Tensor::from_vec(rows, s.m * ROW, &dev)?;
+                s.best = Tensor::from_vec(best, s.m * s.d, &dev)?;
+                s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
+                s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Executor::Cuda => Ok(super::device_cuda::judge(s, j)?),
+        }
+    }
+
+    /// One L∞ step from the current iterate into [`State::cand`].
+    fn step(self, s: &mut State, p: Step) -> Result<()> {
+        match self {
+            Executor::Twin => {
+                let mut cand = s.cand.to_vec1::<f32>()?;
+                let mut mom = s.mom.to_vec1::<f64>()?;
+                let mask = s.mask.as_ref().map(|m| m.to_vec1::<f64>()).transpose()?;
+                twin::step_linf(
+                    &mut cand,
+                    &mut mom,
+                    &s.adv.to_vec1::<f32>()?,
+                    &s.x.to_vec1::<f32>()?,
+                    &s.grad.to_vec1::<f32>()?,
+                    &s.rows.to_vec1::<f64>()?,
+                    mask.as_deref(),
+                    s.d,
+                    p,
+                );
+                let dev = s.x.device().clone();
+                s.cand = Tensor::from_vec(cand, s.m * s.d, &dev)?;
+                s.mom = Tensor::from_vec(mom, s.m * s.d, &dev)?;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Executor::Cuda => Ok(super::device_cuda::step_linf(s, p)?),
+        }
+    }
+}
+
+/// The run of [`Run::run`] with its state on the device (see the module documentation).
+pub(super) fn run(exec: Executor, r: &Run<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
+    #[cfg(test)]
+    RUNS.with(|c| c.set(c.get() + 1));
+    let (cfg, batch) = (r.cfg, r.batch);
+    let (m, d, k) = (rows.len(), batch.d, batch.classes);
+    let dev = &batch.device;
+    let active = rows.examples();
+    let eps = rows.eps();
+    let start = r.starts(rows);
+    let mut x = Vec::with_capacity(m * d);
+    for &i in active {
+        x.extend_from_slice(batch.row(i));
+    }
+    let labels: Vec<u32> = active.iter().map(|&i| batch.ys[i]).collect();
+    let mut scalars = vec![0f64; m * ROW];
+    for row in scalars.chunks_mut(ROW) {
+        row[LR] = cfg.step_size.at(eps);
+        row[CUR_OBJ] = f64::NEG_INFINITY;
+        row[BEST_OBJ] = f64::NEG_INFINITY;
+    }
+    let mut s = State {
+        m,
+        d,
+        k,
+        x: Tensor::from_slice(&x, m * d, dev)?,
+        adv: Tensor::from_slice(&start, m * d, dev)?,
+        cand: Tensor::from_slice(&start, m * d, dev)?,
+        grad: Tensor::zeros(m * d, DType::F32, dev)?,
+        best: Tensor::zeros(m * d, DType::F32, dev)?,
+        mom: Tensor::zeros(m * d, DType::F64, dev)?,
+        rows: Tensor::from_vec(scalars, m * ROW, dev)?,
+        acc_obj: Tensor::zeros(m, DType::F64, dev)?,
+        acc_probs: Tensor::zeros(m * k, DType::F64, dev)?,
+        acc_grad: Tensor::zeros(m * d, DType::F32, dev)?,
+        labels: Tensor::from_slice(&labels, m, dev)?,
+        mask: r.mask.map(|v| Tensor::from_slice(v, d, dev)).transpose()?,
+    };
+    let (criterion, target, tau) = match cfg.criterion {
+        Criterion::Misclassified => (0, 0, 0.0),
+        Criterion::Targeted(t) => (1, t, 0.0),
+        Criterion::ConfidentlyMisclassified(tau) => (2, 0, tau),
+        Criterion::Confident(tau) => (3, 0, tau),
+    };
+    let judge = Judge {
+        criterion,
+        target,
+        tau,
+        samples: cfg.eot.grad_samples,
+        first: true,
+        want_grad: true,
+        backtrack: cfg.backtrack.unwrap_or(0.0),
+    };
+    evaluate(exec, r, &mut s, true)?;
+    exec.judge(&mut s, judge)?;
+    let step = Step {
+        eps,
+        beta: cfg.momentum,
+        lo: batch.bounds.lo,
+        hi: batch.bounds.hi,
+    };
+    let mut ends_on_candidate = false;
+    for t in 0..cfg.steps {
+        exec.step(&mut s, step)?;
+        for &i in active {
+            record.count_step(i);
+        }
+        let last = t + 1 == cfg.steps;
+        if last && cfg.last_iterate && cfg.backtrack.is_none() {
+            // As the host loop: the last iterate is the result, not evaluated.
+            ends_on_candidate = true;
+            break;
+        }
+        let want_grad = !last;
+        evaluate(exec, r, &mut s, want_grad)?;
+        exec.judge(
+            &mut s,
+            Judge {
+                first: false,
+                want_grad,
+                ..judge
+            },
+        )?;
+    }
+    // The run's one read of its state.
+    let scalars = s.rows.to_vec1::<f64>()?;
+    if scalars.chunks(ROW).any(|row| row[NAN] != 0.0) {
+        return Err(crate::batch::nan_logits());
+    }
+    if cfg.last_iterate {
+        let last = if ends_on_candidate { &s.cand } else { &s.adv };
+        let points = last.to_vec1::<f32>()?;
+        for (j, &i) in active.iter().enumerate() {
+            record.set(i, &points[j * d..(j + 1) * d]);
+        }
+    } else {
+        let best = s.best.to_vec1::<f32>()?;
+        for ((j, &i), row) in active.iter().enumerate().zip(scalars.chunks(ROW)) {
+            record.offer(
+                i,
+                &best[j * d..(j + 1) * d],
+                row[BEST_SUCCESS] != 0.0,
+                row[BEST_OBJ],
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The model's passes at [`State::cand`], added into the EOT sums: as the host loop's
+/// evaluation, with nothing read back.
+fn evaluate(exec: Executor, r: &Run<'_>, s: &mut State, want_grad: bool) -> Result<()> {
+    let batch = r.batch;
+    let (m, k) = (s.m, s.k);
+    let mut dims = batch.dims.clone();
+    dims[0] = m;
+    // A view of the candidate: on a GPU it is updated in place only after this pass
+    // (one stream), and a gradient pass copies it into a variable.
+    let input = s.cand.reshape(dims.as_slice())?.to_dtype(batch.dtype)?;
+    let samples = r.cfg.eot.grad_samples;
+    let (objective, target) = (r.cfg.objective, r.cfg.criterion.target());
+    let labels = s.labels.clone();
+    for sample in 0..samples {
+        let p = probe_with(r.problem.model, &input, want_grad, |logits| {
+            if logits.dims() != [m, k] {
+                return Err(Error::Input(format!(
+                    "the model returned logits of shape {:?} for a batch of {m} \
+                     ({k} classes expected)",
+                    logits.dims()
+                )));
+            }
+            objective.values(logits, &labels, target)
+        })?;
+        let probs = candle_nn::ops::softmax(&p.logits, D::Minus1)?.flatten_all()?;
+        let values = p.values.to_dtype(DType::F64)?;
+        let grad = p
+            .grad
+            .map(|g| g.to_dtype(DType::F32)?.flatten_all())
+            .transpose()?;
+        exec.accumulate(s, &values, &probs, grad.as_ref(), samples, sample == 0)?;
+    }
+    Ok(())
+}
+
+/// The kernels' CPU twins: per element (or per row) what the CUDA kernels of
+/// `device_cuda.rs` do, in the same f64 and f32 operations.
+pub(crate) mod twin {
+    use super::{Judge, Step, BEST_OBJ, BEST_SUCCESS, CUR_OBJ, CUR_SUCCESS, LR, NAN, ROW};
+    use crate::engine::next_toward;
+
+    /// `atk_accumulate`: obj += v / n, probs += p, grad += g / n (f32), each sum
+    /// starting at 0 when `first`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accumulate(
+        obj: &mut [f64],
+        probs: &mut [f64],
+        grad: &mut [f32],
+        values: &[f64],
+        p: &[f32],
+        g: Option<&[f32]>,
+        samples: usize,
+        first: bool,
+    ) {
+        let (nd, nf) = (samples as f64, samples as f32);
+        for (o, v) in obj.iter_mut().zip(values) {
+            *o = if first { 0.0 } else { *o } + v / nd;
+        }
+        for (s, v) in probs.iter_mut().zip(p) {
+            *s = if first { 0.0 } else { *s } + *v as f64;
+        }
+        if let Some(g) = g {
+            for (a, v) in grad.iter_mut().zip(g) {
+                *a = if first { 0.0 } else { *a } + v / nf;
+            }
+        }
+    }
+
+    /// `atk_judge`, row by row: the mean probabilities' first arg-max and maximum
+    /// judge the point; it becomes the run's best if better (or first), the current
+    /// iterate if accepted (or first), else the row's step size is divided by the
+    /// backtracking factor.
+    #[allow(clippy::too_many_arguments)]
+    pub fn judge(
+        rows: &mut [f64],
+        best: &mut [f32],
+        adv: &mut [f32],
+        grad: &mut [f32],
+        cand: &[f32],
+        acc_grad: &[f32],
+        obj: &[f64],
+        probs: &[f64],
+        labels: &[u32],
+        (k, d): (usize, usize),
+        j: Judge,
+    ) {
+        let n = j.samples as f64;
+        for (row, r) in rows.chunks_mut(ROW).enumerate() {
+            let mut pred = 0u32;
+            let mut conf = f32::NEG_INFINITY;
+            let mut nan = false;
+            for (c, &sum) in probs[row * k..(row + 1) * k].iter().enumerate() {
+                let p = (sum / n) as f32;
+                nan |= p.is_nan();
+                if p > conf {
+                    pred = c as u32;
+                    conf = p;
+                }
+            }
+            let label = labels[row];
+            let success = match j.criterion {
+                0 => pred != label,
+                1 => pred == j.target,
+                2 => pred != label && conf >= j.tau,
+                _ => conf >= j.tau,
+            };
+            let o = if obj[row].is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                obj[row]
+            };
+            let best_success = r[BEST_SUCCESS] != 0.0;
+            let better = j.first
+                || (success && !best_success)
+                || (success == best_success && o > r[BEST_OBJ]);
+            if better {
+                r[BEST_OBJ] = o;
+                r[BEST_SUCCESS] = f64::from(u8::from(success));
+            }
+            let accept = j.first || j.backtrack == 0.0 || o >= r[CUR_OBJ];
+            if accept {
+                r[CUR_OBJ] = o;
+                r[CUR_SUCCESS] = f64::from(u8::from(success));
+            } else {
+                r[LR] /= j.backtrack;
+            }
+            if nan {
+                r[NAN] = 1.0;
+            }
+            let span = row * d..(row + 1) * d;
+            if better {
+                best[span.clone()].copy_from_slice(&cand[span.clone()]);
+            }
+            if accept {
+                adv[span.clone()].copy_from_slice(&cand[span.clone()]);
+                if j.want_grad {
+                    grad[span.clone()].copy_from_slice(&acc_grad[span]);
+                }
+            }
+        }
+    }
+
+    /// `atk_step_linf`, element by element: the gradient's sign (zero where not
+    /// finite, masked, or pushing a coordinate on a bound outwards), the momentum, the
+    /// step, the mask, the box, the ε-ball, the box, and x + δ rounded to f32 towards x.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_linf(
+        cand: &mut [f32],
+        mom: &mut [f64],
+        adv: &[f32],
+        x: &[f32],
+        grad: &[f32],
+        rows: &[f64],
+        mask: Option<&[f64]>,
+        d: usize,
+        p: Step,
+    ) {
+        let (lo, hi) = (p.lo as f64, p.hi as f64);
+        for i in 0..cand.len() {
+            let (row, c) = (i / d, i % d);
+            let (a, xc) = (adv[i], x[i]);
+            let mut v = grad[i] as f64;
+            if !v.is_finite() {
+                v = 0.0;
+            }
+            if let Some(mask) = mask {
+                v *= mask[c];
+            }
+            if (a >= p.hi && v > 0.0) || (a <= p.lo && v < 0.0) {
+                v = 0.0;
+            }
+            v = if v > 0.0 {
+                1.0
+            } else if v < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            let m = p.beta * mom[i] + (1.0 - p.beta) * v;
+            mom[i] = m;
+            let mut delta = (a as f64 - xc as f64) + rows[row * ROW + LR] * m;
+            if let Some(mask) = mask {
+                delta *= mask[c];
+            }
+            let (l, h) = (lo - xc as f64, hi - xc as f64);
+            delta = clamp(delta, l, h);
+            delta = clamp(delta, -p.eps, p.eps);
+            delta = clamp(delta, l, h);
+            let s = clamp_f32((xc as f64 + delta) as f32, p.lo, p.hi);
+            cand[i] = if (s as f64 - xc as f64).abs() > delta.abs() {
+                next_toward(s, xc)
+            } else {
+                s
+            };
+        }
+    }
+
+    fn clamp(v: f64, lo: f64, hi: f64) -> f64 {
+        if v < lo {
+            lo
+        } else if v > hi {
+            hi
+        } else {
+            v
+        }
+    }
+
+    fn clamp_f32(v: f32, lo: f32, hi: f32) -> f32 {
+        if v < lo {
+            lo
+        } else if v > hi {
+            hi
+        } else {
+            v
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The CUDA kernels of PGD's device-resident loop ([`super::device`]), one module
+//! compiled once per process by NVRTC. Each does its CPU twin's
+//! ([`super::device::twin`]) operations in the same order, with `__dadd_rn`,
+//! `__dmul_rn`, `__fadd_rn`, … so that nothing is contracted into a multiply-add.
+//! The kernels update the state's tensors in place through their device addresses,
+//! on the device's one stream, after every operation queued before them.
+#![allow(unsafe_code)]
+
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::{DType, Device, Result, Storage, Tensor};
+use rampart_models::cuda::{elementwise, launch_error, Module};
+
+use super::device::{Judge, State, Step, ROW};
+
+const SOURCE: &str = r#"
+__device__ __forceinline__ float step_toward(float a, float x) {
+    if (a == 0.0f) return x > a ? __uint_as_float(1u) : __uint_as_float(0x80000001u);
+    bool away_from_zero = (a > 0.0f) == (x > a);
+    unsigned int bits = __float_as_uint(a);
+    return __uint_as_float(away_from_zero ? bits + 1u : bits - 1u);
+}
+
+__device__ __forceinline__ double clampd(double v, double lo, double hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// obj[i] += values[i] / n, probs[i] += p[i], grad[i] += g[i] / n (f32); each sum
+// starts at 0 when first. One thread per element of the largest of the three.
+extern "C" __global__ void atk_accumulate(double* obj, double* probs, float* grad,
+                                          const double* values, const float* p,
+                                          const float* g, unsigned int m, unsigned int mk,
+                                          unsigned int md, unsigned int n, int first) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < m) obj[i] = __dadd_rn(first ? 0.0 : obj[i], __ddiv_rn(values[i], (double)n));
+    if (i < mk) probs[i] = __dadd_rn(first ? 0.0 : probs[i], (double)p[i]);
+    if (g != 0 && i < md) {
+        grad[i] = __fadd_rn(first ? 0.0f : grad[i], __fdiv_rn(g[i], (float)n));
+    }
+}
+
+// One block per row: thread 0 judges the candidate from the sums (first arg-max of
+// the mean probabilities), offers it to the row's best and accepts it (or divides the
+// step size by the backtracking factor); then the block copies the rows it took.
+// rows: per row [lr, cur_obj, cur_success, best_obj, best_success, nan].
+extern "C" __global__ void atk_judge(double* rows, float* best, float* adv, float* grad,
+                                     const float* cand, const float* acc_grad,
+                                     const double* obj, const double* probs,
+                                     const unsigned int* labels, unsigned int k,
+                                     unsigned int d, unsigned int n, int criterion,
+                                     unsigned int target, float tau, int first,
+                                     int want_grad, double backtrack) {
+    __shared__ int take_best, take_adv;
+    unsigned int j = blockIdx.x;
+    double* r = rows + 6ull * j;
+    if (threadIdx.x == 0) {
+        const double* pr = probs + (unsigned long long)j * k;
+        unsigned int pred = 0;
+        float conf = -INFINITY;
+        int nan = 0;
+        for (unsigned int c = 0; c < k; c++) {
+            float p = __double2float_rn(__ddiv_rn(pr[c], (double)n));
+            if (isnan(p)) nan = 1;
+            if (p > conf) { pred = c; conf = p; }
+        }
+        unsigned int label = labels[j];
+        int success;
+        if (criterion == 0) success = pred != label;
+        else if (criterion == 1) success = pred == target;
+        else if (criterion == 2) success = pred != label && conf >= tau;
+        else success = conf >= tau;
+        double o = obj[j];
+        if (isnan(o)) o = -INFINITY;
+        int best_success = r[4] != 0.0;
+        int better = first || (success && !best_success)
+                     || (success == best_success && o > r[3]);
+        if (better) { r[3] = o; r[4] = success ? 1.0 : 0.0; }
+        int accept = first || backtrack == 0.0 || o >= r[1];
+        if (accept) { r[1] = o; r[2] = success ? 1.0 : 0.0; }
+        else r[0] = __ddiv_rn(r[0], backtrack);
+        if (nan) r[5] = 1.0;
+        take_best = better;
+        take_adv = accept;
+    }
+    __syncthreads();
+    unsigned long long base = (unsigned long long)j * d;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = cand[base + c];
+        if (take_best) best[base + c] = v;
+        if (take_adv) {
+            adv[base + c] = v;
+            if (want_grad) grad[base + c] = acc_grad[base + c];
+        }
+    }
+}
+
+// One L-inf step per element: the gradient's sign (zero where not finite, masked, or
+// pushing a coordinate on a bound outwards), momentum, step, mask, box, eps-ball,
+// box, then x + delta rounded to f32 and, where that went past |delta|, the next f32
+// towards x.
+extern "C" __global__ void atk_step_linf(float* cand, double* mom, const float* adv,
+                                         const float* x, const float* grad,
+                                         const double* rows, const double* mask,
+                                         unsigned int d, unsigned int md, double eps,
+                                         double beta, float lo, float hi) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= md) return;
+    unsigned int row = i / d, c = i % d;
+    float a = adv[i], xc = x[i];
+    double v = (double)grad[i];
+    if (!isfinite(v)) v = 0.0;
+    if (mask != 0) v = __dmul_rn(v, mask[c]);
+    if ((a >= hi && v > 0.0) || (a <= lo && v < 0.0)) v = 0.0;
+    v = v > 0.0 ? 1.0 : (v < 0.0 ? -1.0 : 0.0);
+    double m = __dadd_rn(__dmul_rn(beta, mom[i]), __dmul_rn(__dsub_rn(1.0, beta), v));
+    mom[i] = m;
+    double delta = __dadd_rn(__dsub_rn((double)a, (double)xc), __dmul_rn(rows[6ull * row], m));
+    if (mask != 0) delta = __dmul_rn(delta, mask[c]);
+    double l = __dsub_rn((double)lo, (double)xc), h = __dsub_rn((double)hi, (double)xc);
+    delta = clampd(delta, l, h);
+    delta = clampd(delta, -eps, eps);
+    delta = clampd(delta, l, h);
+    float s = __double2float_rn(__dadd_rn((double)xc, delta));
+    s = s < lo ? lo : (s > hi ? hi : s);
+    if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(delta)) s = step_toward(s, xc);
+    cand[i] = s;
+}
+"#;
+
+static ATTACK: Module = Module::new("rampart_attack", SOURCE);
+
+/// The PTX of the loop's kernels, compiled by NVRTC (no GPU needed): a check that the
+/// source compiles.
+pub fn ptx() -> Result<&'static str> {
+    ATTACK.ptx()
+}
+
+const _: () = assert!(ROW == 6, "the kernels index 6 values per row");
+
+/// Threads per block of `atk_judge`.
+const JUDGE_THREADS: u32 = 256;
+
+/// Runs `launch` with the device addresses of `tensors` (contiguous, on one GPU; None
+/// gives 0), their storages held until the launch is queued.
+fn with_addresses<R>(
+    tensors: &[Option<&Tensor>],
+    launch: impl FnOnce(&candle_core::cuda_backend::CudaDevice, &[u64]) -> Result<R>,
+) -> Result<R> {
+    let Some(Device::Cuda(dev)) = tensors.iter().flatten().next().map(|t| t.device()) else {
+        candle_core::bail!("PGD on the device: the loop's state is not on a GPU")
+    };
+    let stream = dev.cuda_stream();
+    let guards: Vec<_> = tensors
+        .iter()
+        .map(|t| t.map(|t| (t, t.storage_and_layout())))
+        .collect();
+    let mut addresses = Vec::with_capacity(guards.len());
+    let mut syncs = Vec::new();
+    for g in &guards {
+        let Some((t, (storage, layout))) = g else {
+            addresses.push(0u64);
+            continue;
+        };
+        let Storage::Cuda(s) = &**storage else {
+            candle_core::bail!("PGD on the device: a tensor of the loop is not on the GPU")
+        };
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            candle_core::bail!("PGD on the device: a tensor of the loop is not contiguous")
+        };
+        let (ptr, size) = match t.dtype() {
+            DType::F32 => {
+                let (p, sync) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                syncs.push(sync);
+                (p, 4)
+            }
+            DType::F64 => {
+                let (p, sync) = s.as_cuda_slice::<f64>()?.device_ptr(&stream);
+                syncs.push(sync);
+                (p, 8)
+            }
+            DType::U32 => {
+                let (p, sync) = s.as_cuda_slice::<u32>()?.device_ptr(&stream);
+                syncs.push(sync);
+                (p, 4)
+            }
+            other => candle_core::bail!("PGD on the device: unexpected {other:?} state"),
+        };
+        addresses.push(ptr + (start * size) as u64);
+    }
+    launch(dev, &addresses)
+}
+
+fn count(n: usize) -> Result<u32> {
+    u32::try_from(n)
+        .map_err(|_| candle_core::Error::Msg(format!("PGD on the device: {n} values are too many")))
+}
+
+/// `atk_accumulate` (see [`super::device::twin::accumulate`]).
+pub(super) fn accumulate(
+    s: &mut State,
+    values: &Tensor,
+    probs: &Tensor,
+    grad: Option<&Tensor>,
+    samples: usize,
+    first: bool,
+) -> Result<()> {
+    let (m, mk, md) = (s.m, s.m * s.k, s.m * s.d);
+    let values = values.contiguous()?;
+    let probs = probs.contiguous()?;
+    let grad = grad.map(Tensor::contiguous).transpose()?;
+    let tensors = [
+        Some(&s.acc_obj),
+        Some(&s.acc_probs),
+        Some(&s.acc_grad),
+        Some(&values),
+        Some(&probs),
+        grad.as_ref(),
+    ];
+    with_addresses(&tensors, |dev, a| {
+        let func = ATTACK.func(dev, "atk_accumulate")?;
+        let (cfg, _) = elementwise(m.max(mk).max(md), "PGD on the device: accumulate")?;
+        let (m, mk, md, n) = (count(m)?, count(mk)?, count(md)?, count(samples)?);
+        let first = i32::from(first);
+        let mut b = func.builder();
+        for p in a {
+            b.arg(p);
+        }
+        b.arg(&m).arg(&mk).arg(&md).arg(&n).arg(&first);
+        // SAFETY: every address is a contiguous run of its tensor's dtype with the
+        // length the kernel indexes (M, M·K, M·D; the gradient's only when present).
+        unsafe { b.launch(cfg) }.map_err(|e| launch_error("PGD on the device: accumulate", e))?;
+        Ok(())
+    })
+}
+
+/// `atk_judge` (see [`super::device::twin::judge`]).
+pub(super) fn judge(s: &mut State, j: Judge) -> Result<()> {
+    let tensors = [
+        Some(&s.rows),
+        Some(&s.best),
+        Some(&s.adv),
+        Some(&s.grad),
+        Some(&s.cand),
+        Some(&s.acc_grad),
+        Some(&s.acc_obj),
+        Some(&s.acc_probs),
+        Some(&s.labels),
+    ];
+    let (m, k, d) = (count(s.m)?, count(s.k)?, count(s.d)?);
+    with_addresses(&tensors, |dev, a| {
+        let func = ATTACK.func(dev, "atk_judge")?;
+        let cfg = LaunchConfig {
+            grid_dim: (m, 1, 1),
+            block_dim: (JUDGE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = count(j.samples)?;
+        let (first, want_grad) = (i32::from(j.first), i32::from(j.want_grad));
+        let mut b = func.builder();
+        for p in a {
+            b.arg(p);
+        }
+        b.arg(&k)
+            .arg(&d)
+            .arg(&n)
+            .arg(&j.criterion)
+            .arg(&j.target)
+            .arg(&j.tau)
+            .arg(&first)
+            .arg(&want_grad)
+            .arg(&j.backtrack);
+        // SAFETY: block j reads and writes row j of each tensor: ROW values of the
+        // scalars, K of the probabilities, D of each (M·D) buffer, one label.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_error("PGD on the device: judge", e))?;
+        Ok(())
+    })
+}
+
+/// `atk_step_linf` (see [`super::device::twin::step_linf`]).
+pub(super) fn step_linf(s: &mut State, p: Step) -> Result<()> {
+    let tensors = [
+        Some(&s.cand),
+        Some(&s.mom),
+        Some(&s.adv),
+        Some(&s.x),
+        Some(&s.grad),
+        Some(&s.rows),
+        s.mask.as_ref(),
+    ];
+    let (d, md) = (count(s.d)?, s.m * s.d);
+    with_addresses(&tensors, |dev, a| {
+        let func = ATTACK.func(dev, "atk_step_linf")?;
+        let (cfg, md) = elementwise(md, "PGD on the device: step")?;
+        let mut b = func.builder();
+        for ptr in a {
+            b.arg(ptr);
+        }
+        b.arg(&d)
+            .arg(&md)
+            .arg(&p.eps)
+            .arg(&p.beta)
+            .arg(&p.lo)
+            .arg(&p.hi);
+        // SAFETY: element i of each (M·D) buffer, its row's scalars and its
+        // coordinate's mask entry (D values) are read; cand and mom are written.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_error("PGD on the device: step", e))?;
+        Ok(())
+    })
+}

@@ -1,0 +1,379 @@
+//! PGD's device-resident loop ([`super::device`]) against the host loop, on the CPU
+//! where the CUDA kernels' twins run: the same points, judgements and step counts,
+//! bit for bit, for every L∞ configuration the study runs.
+
+use std::cell::Cell;
+
+use candle_core::{DType, Device, Module, ModuleT, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::device::{twin, Step, LR, ROW, RUNS};
+use super::{Engine, Run};
+use crate::batch::Batch;
+use crate::problem::Problem;
+use crate::testutil::{
+    blobs, trained, InfiniteGradient, Mlp, NanGradient, Noisy, TinyConv, CLASSES, DIM, SHAPE,
+};
+use crate::{
+    with_device_resident_pgd, Attack, AttackResult, Bounds, Criterion, Distal, Eot, Error, Fgsm,
+    Frames, Init, Objective, Pgd, Restarts, Result, StepSize,
+};
+
+/// The attack's results by the host loop and by the device-resident loop (which must
+/// have run).
+fn both<'a>(
+    attack: &dyn Attack,
+    model: &dyn Fn() -> Box<dyn ModuleT + 'a>,
+    bounds: Bounds,
+    (xs, ys): (&Tensor, &Tensor),
+    eps: &[f64],
+) -> Result<(Vec<AttackResult>, Vec<AttackResult>)> {
+    let host = attack.run(&*model(), bounds, xs, ys, eps, 11)?;
+    let before = RUNS.with(Cell::get);
+    let device = with_device_resident_pgd(|| attack.run(&*model(), bounds, xs, ys, eps, 11))?;
+    assert!(
+        RUNS.with(Cell::get) > before,
+        "the device-resident loop did not run"
+    );
+    Ok((host, device))
+}
+
+/// A model by reference.
+struct By<'a>(&'a dyn Module);
+
+impl Module for By<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(xs)
+    }
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u64>> {
+    Ok(t.to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(f64::to_bits)
+        .collect())
+}
+
+fn assert_same(host: &[AttackResult], device: &[AttackResult], what: &str) -> Result<()> {
+    assert_eq!(host.len(), device.len());
+    for (h, d) in host.iter().zip(device) {
+        let eps = h.eps;
+        assert_eq!(
+            bits(&h.clipped)?,
+            bits(&d.clipped)?,
+            "{what}: points at ε = {eps}"
+        );
+        assert_eq!(h.success, d.success, "{what}: successes at ε = {eps}");
+        assert_eq!(h.iterations, d.iterations, "{what}: steps at ε = {eps}");
+        assert_eq!(h.predicted, d.predicted, "{what}: predictions at ε = {eps}");
+    }
+    Ok(())
+}
+
+/// A configuration of `steps` steps with `restarts` uniform starts.
+fn pgd(objective: Objective, steps: usize, restarts: usize) -> Pgd {
+    Pgd {
+        objective,
+        steps,
+        step_size: StepSize::Relative(0.25),
+        restarts: Restarts::same(restarts, Init::Uniform),
+        ..Pgd::madry_linf_cifar10()
+    }
+}
+
+/// Every L∞ configuration of the study's training and evaluation, on the trained MLP
+/// (half fooled at the larger ε, so that judgements, restarts and the best point all
+/// matter), in [0, 1] and in [−1, 2].
+#[test]
+fn device_resident_loop_equals_the_host_loop_for_every_configuration() -> Result<()> {
+    let t = trained();
+    let model = || Box::new(By(&t.model)) as Box<dyn ModuleT>;
+    let configs: Vec<(&str, Pgd)> = vec![
+        ("PGD-10 CE, 3 restarts", pgd(Objective::CrossEntropy, 10, 3)),
+        (
+            "CCAT's conf attack (momentum, backtracking, zero then uniform-norm starts)",
+            Pgd {
+                steps: 25,
+                step_size: StepSize::Absolute(0.01),
+                restarts: Restarts {
+                    count: 3,
+                    ..Pgd::ccat_conf_eval().restarts
+                },
+                ..Pgd::ccat_conf_eval()
+            },
+        ),
+        (
+            "CCAT's training attack, last iterate with backtracking",
+            Pgd {
+                steps: 12,
+                last_iterate: true,
+                ..Pgd::ccat_train()
+            },
+        ),
+        ("FGSM", Fgsm::goodfellow().as_pgd()),
+        (
+            "fast AT's FGSM, last iterate",
+            Fgsm {
+                last_iterate: true,
+                ..Fgsm::fast_at()
+            }
+            .as_pgd(),
+        ),
+        (
+            "PGD-7 last iterate (Madry et al.)",
+            Pgd {
+                last_iterate: true,
+                ..Pgd::madry_linf_cifar10()
+            },
+        ),
+        ("CW margin, momentum", {
+            let mut p = pgd(Objective::CwMargin, 8, 2);
+            p.momentum = 0.75;
+            p
+        }),
+        ("DLR", pgd(Objective::Dlr, 8, 1)),
+        ("targeted", {
+            let mut p = pgd(Objective::CrossEntropyTargeted, 10, 2);
+            p.criterion = Criterion::Targeted(2);
+            p
+        }),
+        ("confidently misclassified", {
+            let mut p = pgd(Objective::Conf, 10, 2);
+            p.criterion = Criterion::ConfidentlyMisclassified(0.8);
+            p
+        }),
+    ];
+    let eps = [0.0, 0.03, 0.1];
+    for (what, cfg) in &configs {
+        let (host, device) = both(cfg, &model, Bounds::UNIT, (&t.xs, &t.ys), &eps)?;
+        assert_same(&host, &device, what)?;
+    }
+    // Inputs on the bounds of a wider box.
+    let wide = Bounds { lo: -1.0, hi: 2.0 };
+    let xs = t.xs.affine(3.0, -1.0)?.clamp(-1f32, 2f32)?;
+    let (host, device) = both(
+        &pgd(Objective::CrossEntropy, 10, 2),
+        &model,
+        wide,
+        (&xs, &t.ys),
+        &[0.1, 0.5],
+    )?;
+    assert_same(&host, &device, "[−1, 2] box")
+}
+
+/// Gradients that are NaN or infinite (zeroed by the step), an f64 model, a
+/// convolutional model with frames (a mask), distal examples on noise and EOT over a
+/// stochastic model.
+#[test]
+fn device_resident_loop_equals_the_host_loop_on_unusual_models() -> Result<()> {
+    let t = trained();
+    let eps = [0.05, 0.2];
+    let cfg = pgd(Objective::CrossEntropy, 8, 2);
+    let nan = || Box::new(NanGradient(&t.model)) as Box<dyn ModuleT + '_>;
+    let (host, device) = both(&cfg, &nan, Bounds::UNIT, (&t.xs, &t.ys), &eps)?;
+    assert_same(&host, &device, "NaN gradients")?;
+    let inf = || Box::new(InfiniteGradient(&t.model)) as Box<dyn ModuleT + '_>;
+    let (host, device) = both(&cfg, &inf, Bounds::UNIT, (&t.xs, &t.ys), &eps)?;
+    assert_same(&host, &device, "infinite gradients")?;
+
+    let m64 = Mlp::random(&[DIM, 16, CLASSES], 4, DType::F64)?;
+    let f64_model = || Box::new(By(&m64)) as Box<dyn ModuleT + '_>;
+    let xs64 = t.xs.to_dtype(DType::F64)?;
+    let (host, device) = both(&cfg, &f64_model, Bounds::UNIT, (&xs64, &t.ys), &eps)?;
+    assert_same(&host, &device, "f64 model")?;
+
+    let conv = TinyConv::random(SHAPE[0], SHAPE[1], SHAPE[2], CLASSES, 5)?;
+    let conv_model = || Box::new(By(&conv)) as Box<dyn ModuleT + '_>;
+    let frames = Frames {
+        width: 1,
+        pgd: Pgd {
+            steps: 15,
+            restarts: Restarts {
+                count: 2,
+                ..Pgd::ccat_conf_eval().restarts
+            },
+            ..Pgd::ccat_conf_eval()
+        },
+    };
+    let (host, device) = both(&frames, &conv_model, Bounds::UNIT, (&t.xs, &t.ys), &[1.0])?;
+    assert_same(&host, &device, "frames")?;
+
+    let distal = Distal {
+        pgd: Pgd {
+            steps: 15,
+            restarts: Restarts {
+                count: 2,
+                ..Pgd::ccat_conf_eval().restarts
+            },
+            ..Distal::ccat(0.9).pgd
+        },
+    };
+    let noise = Distal::noise(
+        (16, SHAPE[0], SHAPE[1], SHAPE[2]),
+        Bounds::UNIT,
+        3,
+        &Device::Cpu,
+    )?;
+    let zeros = Tensor::zeros(16, DType::U32, &Device::Cpu)?;
+    let (host, device) = both(
+        &distal,
+        &conv_model,
+        Bounds::UNIT,
+        (&noise, &zeros),
+        &[0.05],
+    )?;
+    assert_same(&host, &device, "distal examples")?;
+
+    // EOT: each run gets a fresh noise source with the same seed, so both loops see
+    // the same draws in the same order.
+    let eot = Pgd {
+        eot: Eot {
+            grad_samples: 3,
+            eval_samples: 4,
+        },
+        ..pgd(Objective::CrossEntropy, 6, 2)
+    };
+    let noisy = || Box::new(Noisy::new(&t.model, 0.5, 9)) as Box<dyn ModuleT + '_>;
+    let (host, device) = both(&eot, &noisy, Bounds::UNIT, (&t.xs, &t.ys), &eps)?;
+    assert_same(&host, &device, "EOT")?;
+    // EOT judged on the mean probabilities' confidence, with backtracking.
+    let eot_conf = Pgd {
+        criterion: Criterion::ConfidentlyMisclassified(0.95),
+        momentum: 0.5,
+        backtrack: Some(1.5),
+        ..pgd(Objective::CrossEntropy, 6, 2)
+    };
+    let eot_conf = Pgd {
+        eot: eot.eot,
+        ..eot_conf
+    };
+    let (host, device) = both(&eot_conf, &noisy, Bounds::UNIT, (&t.xs, &t.ys), &eps)?;
+    assert!(host.iter().any(|r| r.success.iter().any(|s| *s)));
+    assert_same(&host, &device, "EOT, confidently misclassified")
+}
+
+/// NaN logits at an attacked point are refused with the host loop's error.
+#[test]
+fn device_resident_loop_refuses_nan_logits() -> Result<()> {
+    struct NanLogits;
+    impl Module for NanLogits {
+        fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+            let b = xs.dim(0)?;
+            Tensor::full(f32::NAN, (b, CLASSES), xs.device())
+        }
+    }
+    let t = trained();
+    let cfg = pgd(Objective::CrossEntropy, 3, 1);
+    let host = cfg.run(&NanLogits, Bounds::UNIT, &t.xs, &t.ys, &[0.1], 1);
+    let device =
+        with_device_resident_pgd(|| cfg.run(&NanLogits, Bounds::UNIT, &t.xs, &t.ys, &[0.1], 1));
+    let (Err(Error::Input(h)), Err(Error::Input(d))) = (host, device) else {
+        panic!("NaN logits were not refused by both loops")
+    };
+    assert_eq!(h, d);
+    assert!(d.contains("NaN logits"), "{d}");
+    Ok(())
+}
+
+/// The step kernel's twin equals the host loop's update (direction, momentum, the
+/// projections, the rounding) element for element, on gradients that are NaN,
+/// infinite, ±0, and on coordinates sitting on the bounds, with a mask.
+#[test]
+fn step_twin_equals_the_host_update() -> Result<()> {
+    let t = trained();
+    let (xs, ys) = blobs(8, 7)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // Clean inputs with coordinates on either bound.
+    let mut x = xs.flatten_all()?.to_vec1::<f32>()?;
+    for v in x.iter_mut() {
+        match rng.gen_range(0..6) {
+            0 => *v = 0.0,
+            1 => *v = 1.0,
+            _ => *v = v.clamp(0.0, 1.0),
+        }
+    }
+    let xs = Tensor::from_vec(x.clone(), xs.dims(), &Device::Cpu)?;
+    let batch = Batch::new(&t.model, Bounds::UNIT, &xs, &ys)?;
+    let (m, d) = (batch.len(), batch.d);
+    let mask: Vec<f64> = (0..d).map(|c| f64::from(u8::from(c % 3 != 0))).collect();
+    for (masked, beta) in [(false, 0.0), (true, 0.9), (false, 0.75)] {
+        let cfg = Pgd {
+            momentum: beta,
+            ..Pgd::madry_linf_cifar10()
+        };
+        let problem = Problem::from_batch(&t.model, batch.clone());
+        let run = Run {
+            cfg: &cfg,
+            mask: masked.then_some(mask.as_slice()),
+            problem: &problem,
+            batch: &batch,
+        };
+        let engine = Engine {
+            cfg: &cfg,
+            mask: run.mask,
+        };
+        assert!(engine.mask.is_some() == masked);
+        let eps = 0.05;
+        // Current iterates inside the box and the ball, some on the bounds.
+        let adv: Vec<f32> = x
+            .iter()
+            .map(|&xc| match rng.gen_range(0..5) {
+                0 => 0.0f32.max(xc - eps as f32 / 2.0),
+                1 => 1.0f32.min(xc + eps as f32 / 2.0),
+                2 => xc,
+                _ => (xc + rng.gen_range(-0.04f32..0.04)).clamp(0.0, 1.0),
+            })
+            .collect();
+        let grad: Vec<f32> = (0..m * d)
+            .map(|_| match rng.gen_range(0..10) {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => f32::NEG_INFINITY,
+                3 => 0.0,
+                4 => -0.0,
+                _ => rng.gen_range(-1.0f32..1.0),
+            })
+            .collect();
+        let mom0: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let lrs: Vec<f64> = (0..m).map(|j| 0.01 * (j + 1) as f64).collect();
+        let mut rows = vec![0f64; m * ROW];
+        for (r, lr) in rows.chunks_mut(ROW).zip(&lrs) {
+            r[LR] = *lr;
+        }
+        let mut cand = vec![0f32; m * d];
+        let mut mom = mom0.clone();
+        let step = Step {
+            eps,
+            beta,
+            lo: 0.0,
+            hi: 1.0,
+        };
+        twin::step_linf(
+            &mut cand, &mut mom, &adv, &x, &grad, &rows, run.mask, d, step,
+        );
+        // The host loop's arithmetic, example by example.
+        let update = run.update();
+        for j in 0..m {
+            let span = j * d..(j + 1) * d;
+            let mut g = vec![0f64; d];
+            update.direction(&grad[span.clone()], &adv[span.clone()], &mut g);
+            let mut m_ref = mom0[span.clone()].to_vec();
+            for (mc, gc) in m_ref.iter_mut().zip(&g) {
+                *mc = beta * *mc + (1.0 - beta) * gc;
+            }
+            let mut delta: Vec<f64> = (0..d)
+                .map(|c| (adv[j * d + c] as f64 - x[j * d + c] as f64) + lrs[j] * m_ref[c])
+                .collect();
+            let mut out = vec![0f32; d];
+            update.finish(j, &mut delta, eps, &mut out);
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&cand[span.clone()]), bits(&out), "points of row {j}");
+            let bits64 = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits64(&mom[span]), bits64(&m_ref), "momentum of row {j}");
+        }
+    }
+    Ok(())
+}
