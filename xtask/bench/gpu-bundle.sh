@@ -9,6 +9,7 @@
 # test-models-cuda     rampart-models' tests/cuda.rs (kernels, networks vs the CPU)
 # test-models-bf16     rampart-models' tests/cuda_bf16.rs (bf16 convolutions vs the CPU)
 # test-defenses-cuda   rampart-defenses' tests/cuda.rs (fused SGD vs the CPU)
+# test-attacks-cuda    rampart-attacks' tests/cuda.rs (PGD's device-resident loop vs the host loop)
 # test-defenses-nccl   rampart-defenses' tests/nccl.rs (NCCL with every visible GPU)
 set -eu
 BUNDLE=${1:?usage: gpu-bundle.sh BUNDLE}
@@ -37,6 +38,7 @@ print(exes[-1])')
 test_binary test-models-cuda -p rampart-models --features cudnn --test cuda
 test_binary test-models-bf16 -p rampart-models --features cudnn --test cuda_bf16
 test_binary test-defenses-cuda -p rampart-defenses --features cuda --test cuda
+test_binary test-attacks-cuda -p rampart-attacks --features cuda --test cuda
 if [[ "$FEATURES" == *nccl* ]]; then
   test_binary test-defenses-nccl -p rampart-defenses --features nccl --test nccl
 fi

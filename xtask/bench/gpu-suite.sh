@@ -17,7 +17,8 @@
 #   2. OUT/tests-*.txt: the CUDA test binaries (kernels against the CPU);
 #   2b. OUT/ab.jsonl and OUT/ab.md: `rampart bench` of AB_ARCHS (ARCH or
 #      ARCH:VARIANT) at batch 128 on $EPOCH_DEVICE under each setting of
-#      AB_SETTINGS (the fused eval and train programs), alternating, AB_ROUNDS rounds
+#      AB_SETTINGS (the fused eval and train programs, PGD's device-resident loop),
+#      alternating, AB_ROUNDS rounds
 #      (ratio = setting ÷ default);
 #   3. OUT/bench.jsonl: `rampart bench` and xtask/bench/pytorch_bench.py, alternating,
 #      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
@@ -26,8 +27,9 @@
 #      fast-at-preact-resnet18` (its epoch time is in history.jsonl); OUT/bf16.md:
 #      PGD-20 on that model's first 1,000 test images in full f32 and in bf16
 #      (`--device cuda+bf16`), on the same images; OUT/fast-at-epoch-fused/: the same
-#      epoch on the fused GPU programs; OUT/fast-at-epoch-bf16/: the same epoch in
-#      bf16; then Rampart's step times that only the estimates use
+#      epoch on the fused GPU programs and PGD's device-resident loop;
+#      OUT/fast-at-epoch-bf16/: the same epoch in bf16; then Rampart's step times
+#      that only the estimates use
 #      (ESTIMATE_ARCHS at batch 128 and EXTRA_BATCHES, student and OAT variants);
 #   5. OUT/bench.md: the table of step 3 (ratio = Rampart ÷ PyTorch images/s, > 1
 #      means Rampart is faster), from bench-table.py;
@@ -87,12 +89,13 @@ done
 # The host-overhead switches, A/B on whole steps (Rampart alone, settings alternating,
 # two rounds): the default; the fused eval program on the GPU
 # (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps); the fused train program
-# (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; both with cuDNN's measured
-# algorithms (RAMPART_CUDNN_BENCHMARK=1); and cudarc's per-buffer events
+# (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; PGD's device-resident loop
+# (RAMPART_CUDA_DEVICE_ATTACK=1: the attack-linf step, a whole PGD run); all three
+# with cuDNN's measured algorithms (RAMPART_CUDNN_BENCHMARK=1); and cudarc's per-buffer events
 # kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off; a
 # diagnostic, add it to AB_SETTINGS to measure it). A setting is one or more
 # VAR=value words (`+` between them).
-AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1+RAMPART_CUDNN_BENCHMARK=1"}
+AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDNN_BENCHMARK=1"}
 : > "$OUT/ab.jsonl"
 for spec in $AB_ARCHS; do
   arch=${spec%%:*}
@@ -104,7 +107,7 @@ for spec in $AB_ARCHS; do
         "${setting#RAMPART_AB=}" "$spec" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
       step "ab $spec $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
         --variant "$variant" --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
-        --steps forward,pgd-step,train-step --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
+        --steps forward,pgd-step,train-step,attack-linf --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
     done
   done
 done
@@ -145,8 +148,10 @@ if [ -n "$DATA" ]; then
       "$OUT/pgd20-bf16" > "$OUT/bf16.md"
   fi
   rm -f "$OUT"/fast-at-epoch/*.safetensors
-  # The same epoch on the fused GPU programs (attack and training step).
+  # The same epoch on the fused GPU programs (attack and training step) and PGD's
+  # device-resident loop.
   step "fast-at-epoch-fused" 200 env RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 \
+    RAMPART_CUDA_DEVICE_ATTACK=1 \
     "$RAMPART" train --preset fast-at-preact-resnet18 --epochs 1 --device "$EPOCH_DEVICE" \
     --data-dir "$DATA" --out "$OUT/fast-at-epoch-fused" --seed 0 \
     > "$OUT/fast-at-epoch-fused.log" 2>&1

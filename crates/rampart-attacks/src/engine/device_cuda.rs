@@ -55,7 +55,7 @@ extern "C" __global__ void atk_judge(double* rows, float* best, float* adv, floa
     if (threadIdx.x == 0) {
         const double* pr = probs + (unsigned long long)j * k;
         unsigned int pred = 0;
-        float conf = -INFINITY;
+        float conf = __int_as_float(0xff800000); // -inf
         int nan = 0;
         for (unsigned int c = 0; c < k; c++) {
             float p = __double2float_rn(__ddiv_rn(pr[c], (double)n));
@@ -69,7 +69,7 @@ extern "C" __global__ void atk_judge(double* rows, float* best, float* adv, floa
         else if (criterion == 2) success = pred != label && conf >= tau;
         else success = conf >= tau;
         double o = obj[j];
-        if (isnan(o)) o = -INFINITY;
+        if (isnan(o)) o = __longlong_as_double(0xfff0000000000000ll); // -inf
         int best_success = r[4] != 0.0;
         int better = first || (success && !best_success)
                      || (success == best_success && o > r[3]);

@@ -1,0 +1,127 @@
+//! PGD's device-resident loop on a GPU: its CUDA kernels compile (NVRTC, no GPU
+//! needed), and on a GPU the loop returns the host loop's points, judgements and step
+//! counts bit for bit (the kernels do the host's f64 and f32 operations in order; the
+//! model's passes are the same launches either way).
+//!
+//! Built only with `--features cuda`:
+//! `cargo test --release -p rampart-attacks --features cuda --test cuda`. With the
+//! feature on and no GPU the GPU test fails, on purpose: the build claims CUDA.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use rampart_attacks::{
+    with_device_resident_pgd, Attack, Bounds, Eot, Fgsm, Objective, Pgd, Restarts, StepSize,
+};
+use rampart_models::{Classifier, ModelSpec, NoiseSpec};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+#[test]
+fn attack_kernels_compile_with_nvrtc() -> TestResult {
+    let ptx = rampart_attacks::device_kernels_ptx()?;
+    for kernel in ["atk_accumulate", "atk_judge", "atk_step_linf"] {
+        assert!(ptx.contains(kernel), "{kernel} missing from the PTX");
+    }
+    Ok(())
+}
+
+fn gpu() -> Device {
+    std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+    let dev = Device::new_cuda(0)
+        .expect("a CUDA device (this test binary was built with --features cuda)");
+    rampart_models::cuda::prepare(&dev, rampart_models::Precision::F32).unwrap();
+    dev
+}
+
+/// Seeded uniform inputs in [0, 1] and labels.
+fn batch(n: usize, dev: &Device) -> Result<(Tensor, Tensor), Box<dyn std::error::Error>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let x: Vec<f32> = (0..n * 3 * 32 * 32).map(|_| rng.gen()).collect();
+    let y: Vec<u32> = (0..n).map(|_| rng.gen_range(0..10)).collect();
+    Ok((
+        Tensor::from_vec(x, (n, 3, 32, 32), dev)?,
+        Tensor::from_vec(y, n, dev)?,
+    ))
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u32>, candle_core::Error> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::to_bits)
+        .collect())
+}
+
+#[test]
+fn device_resident_pgd_on_the_gpu_equals_the_host_loop() -> TestResult {
+    let dev = gpu();
+    let mut student = ModelSpec::wrn(10, 2, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.1 });
+    let models = [
+        (
+            "WRN-10-2",
+            Classifier::new(ModelSpec::wrn(10, 2, 10), 3, &dev)?,
+        ),
+        ("student", Classifier::new(student, 3, &dev)?),
+    ];
+    let (xs, ys) = batch(24, &dev)?;
+    let pgd = Pgd {
+        steps: 10,
+        step_size: StepSize::Relative(0.25),
+        restarts: Restarts::same(2, rampart_attacks::Init::Uniform),
+        ..Pgd::madry_linf_cifar10()
+    };
+    let configs = [
+        ("PGD-10, 2 restarts", pgd),
+        (
+            "CCAT's conf attack",
+            Pgd {
+                steps: 20,
+                ..Pgd::ccat_train()
+            },
+        ),
+        (
+            "fast AT's FGSM",
+            Fgsm {
+                last_iterate: true,
+                ..Fgsm::fast_at()
+            }
+            .as_pgd(),
+        ),
+        (
+            "EOT-3 CW",
+            Pgd {
+                objective: Objective::CwMargin,
+                eot: Eot {
+                    grad_samples: 3,
+                    eval_samples: 3,
+                },
+                ..pgd
+            },
+        ),
+    ];
+    for (name, model) in &models {
+        for (what, cfg) in &configs {
+            let eps = [4.0 / 255.0, 8.0 / 255.0];
+            // A student's noise restarts from one seed for each loop, whose passes
+            // come in the same order.
+            model.reseed_noise(17);
+            let host = cfg.run(model, Bounds::UNIT, &xs, &ys, &eps, 5)?;
+            model.reseed_noise(17);
+            let device =
+                with_device_resident_pgd(|| cfg.run(model, Bounds::UNIT, &xs, &ys, &eps, 5))?;
+            for (h, d) in host.iter().zip(&device) {
+                assert_eq!(
+                    bits(&h.clipped)?,
+                    bits(&d.clipped)?,
+                    "{name}, {what}: points"
+                );
+                assert_eq!(h.success, d.success, "{name}, {what}: successes");
+                assert_eq!(h.iterations, d.iterations, "{name}, {what}: steps");
+            }
+        }
+    }
+    Ok(())
+}
