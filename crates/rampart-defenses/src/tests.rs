@@ -774,3 +774,33 @@ fn reading_the_loss_every_few_steps_changes_only_its_last_digits() -> TestResult
     assert!(err.to_string().contains("in batches 1–2"), "{err}");
     Ok(())
 }
+
+/// The training attacks on PGD's device-resident loop (its kernels' CPU twins here)
+/// train the same weights as on the host loop, bit for bit: FGSM-RS of fast AT, PGD
+/// of adversarial training and CCAT's conf attack with momentum and backtracking.
+#[test]
+fn training_attacks_on_the_device_loop_train_the_same_weights() -> TestResult {
+    let (train, test) = resume_data();
+    let dir = tempfile::tempdir()?;
+    let run = |method: &dyn TrainingMethod,
+               folder: &str|
+     -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+        Trainer::new(toy_config(1), dir.path().join(folder))?
+            .progress(Progress::Hidden)
+            .run(&mut model, method, Arc::clone(&train), &test)?;
+        Ok(())
+    };
+    let fast_at = FastAt::wong_cifar10();
+    let pgd = AdversarialTraining::madry_cifar10();
+    let ccat = Ccat::stutz_cifar10();
+    let methods: [(&str, &dyn TrainingMethod); 3] =
+        [("fast-at", &fast_at), ("at", &pgd), ("ccat", &ccat)];
+    for (name, method) in methods {
+        let (host, device) = (format!("{name}-host"), format!("{name}-device"));
+        run(method, &host)?;
+        rampart_attacks::with_device_resident_pgd(|| run(method, &device))?;
+        assert_same_weights(&dir.path().join(&host), &dir.path().join(&device))?;
+    }
+    Ok(())
+}
