@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use rampart_attacks::{
-    with_device_resident_pgd, Attack, Bounds, Eot, Fgsm, Objective, Pgd, Restarts, StepSize,
+    with_device_resident_pgd, Attack, Bounds, Eot, Fgsm, Norm, Objective, Pgd, Restarts, StepSize,
 };
 use rampart_models::{Classifier, ModelSpec, NoiseSpec};
 
@@ -19,7 +19,12 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 #[test]
 fn attack_kernels_compile_with_nvrtc() -> TestResult {
     let ptx = rampart_attacks::device_kernels_ptx()?;
-    for kernel in ["atk_accumulate", "atk_judge", "atk_step_linf"] {
+    for kernel in [
+        "atk_accumulate",
+        "atk_judge",
+        "atk_step_linf",
+        "atk_step_l2",
+    ] {
         assert!(ptx.contains(kernel), "{kernel} missing from the PTX");
     }
     Ok(())
@@ -91,6 +96,15 @@ fn device_resident_pgd_on_the_gpu_equals_the_host_loop() -> TestResult {
             .as_pgd(),
         ),
         (
+            "PGD-10 L2, momentum, backtracking",
+            Pgd {
+                norm: Norm::L2,
+                momentum: 0.9,
+                backtrack: Some(1.5),
+                ..pgd
+            },
+        ),
+        (
             "EOT-3 CW",
             Pgd {
                 objective: Objective::CwMargin,
@@ -104,7 +118,10 @@ fn device_resident_pgd_on_the_gpu_equals_the_host_loop() -> TestResult {
     ];
     for (name, model) in &models {
         for (what, cfg) in &configs {
-            let eps = [4.0 / 255.0, 8.0 / 255.0];
+            let eps = match cfg.norm {
+                Norm::L2 => [0.25, 0.5],
+                _ => [4.0 / 255.0, 8.0 / 255.0],
+            };
             // A student's noise restarts from one seed for each loop, whose passes
             // come in the same order.
             model.reseed_noise(17);

@@ -17,9 +17,10 @@
 //! flagged on the device and refused when the run ends (the host loop refuses them at
 //! once; the error is the same).
 //!
-//! **Where it runs.** L∞ configurations without early stopping (every training attack
-//! and the L∞ evaluations: PGD, FGSM, frames, CCAT's attack); the other norms need a
-//! sort or a reduction per example and stay on the host. On a GPU with the `cuda`
+//! **Where it runs.** L∞ and L2 configurations without early stopping (every training
+//! attack, and the L∞ and L2 evaluations: PGD, FGSM, frames, distal examples, CCAT's
+//! attacks); L1 and L0 need a sort per example and stay on the host. An L2 step's
+//! norms are summed in coordinate order by one thread per example, as on the host. On a GPU with the `cuda`
 //! feature it is taken when `RAMPART_CUDA_DEVICE_ATTACK` is set (off by default
 //! until verified on a GPU). [`with_device_resident_pgd`] takes it on any device, the
 //! CPU included, where the kernels' twins in this file run: the loop's tests hold it
@@ -59,7 +60,7 @@ thread_local! {
 }
 
 /// Runs `f` with PGD's device-resident loop taken on this thread wherever it applies
-/// (L∞, no early stopping), whatever the device and the environment: on the CPU the
+/// (L∞ or L2, no early stopping), whatever the device and the environment: on the CPU the
 /// kernels' twins run. For tests and benchmarks of the loop against the host loop;
 /// the results are the same bit for bit.
 pub fn with_device_resident_pgd<R>(f: impl FnOnce() -> R) -> R {
@@ -85,7 +86,7 @@ pub(super) enum Executor {
 
 /// The executor of `run`'s device-resident loop, if it takes one.
 pub(super) fn resident(run: &Run<'_>) -> Option<Executor> {
-    if !matches!(run.cfg.norm, Norm::Linf) || run.cfg.early_stop {
+    if !matches!(run.cfg.norm, Norm::Linf | Norm::L2) || run.cfg.early_stop {
         return None;
     }
     let on_gpu = matches!(run.batch.device, Device::Cuda(_));
@@ -145,6 +146,9 @@ pub(super) struct State {
     pub labels: Tensor,
     /// (D) f64 mask of the perturbed coordinates.
     pub mask: Option<Tensor>,
+    /// (M·D) f64 working rows of the L2 step on a GPU (made at its first step).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub scratch: Option<Tensor>,
 }
 
 /// How a judgement treats the point just evaluated ([`State::cand`]).
@@ -167,6 +171,8 @@ pub(super) struct Judge {
 /// The constants of a step.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Step {
+    /// L2 (else L∞).
+    pub l2: bool,
     pub eps: f64,
     pub beta: f64,
     pub lo: f32,
@@ -248,14 +254,15 @@ impl Executor {
         }
     }
 
-    /// One L∞ step from the current iterate into [`State::cand`].
+    /// One L∞ or L2 step from the current iterate into [`State::cand`].
     fn step(self, s: &mut State, p: Step) -> Result<()> {
         match self {
             Executor::Twin => {
                 let mut cand = s.cand.to_vec1::<f32>()?;
                 let mut mom = s.mom.to_vec1::<f64>()?;
                 let mask = s.mask.as_ref().map(|m| m.to_vec1::<f64>()).transpose()?;
-                twin::step_linf(
+                let step = if p.l2 { twin::step_l2 } else { twin::step_linf };
+                step(
                     &mut cand,
                     &mut mom,
                     &s.adv.to_vec1::<f32>()?,
@@ -272,7 +279,7 @@ impl Executor {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::step_linf(s, p)?),
+            Executor::Cuda => Ok(super::device_cuda::step(s, p)?),
         }
     }
 }
@@ -314,6 +321,7 @@ pub(super) fn run(exec: Executor, r: &Run<'_>, rows: &Rows, record: &mut Record)
         acc_grad: Tensor::zeros(m * d, DType::F32, dev)?,
         labels: Tensor::from_slice(&labels, m, dev)?,
         mask: r.mask.map(|v| Tensor::from_slice(v, d, dev)).transpose()?,
+        scratch: None,
     };
     let (criterion, target, tau) = match cfg.criterion {
         Criterion::Misclassified => (0, 0, 0.0),
@@ -333,6 +341,7 @@ pub(super) fn run(exec: Executor, r: &Run<'_>, rows: &Rows, record: &mut Record)
     evaluate(exec, r, &mut s, true)?;
     exec.judge(&mut s, judge)?;
     let step = Step {
+        l2: matches!(cfg.norm, Norm::L2),
         eps,
         beta: cfg.momentum,
         lo: batch.bounds.lo,
@@ -581,6 +590,84 @@ pub(crate) mod twin {
                 s
             };
         }
+    }
+
+    /// `atk_step_l2`, row by row: as [`step_linf`] with the L2 direction (the gradient
+    /// divided by its norm, when not zero) and the L2 projection (scaled onto the
+    /// sphere, then shrunk by ulps until its norm, summed in coordinate order, is at
+    /// most ε), each norm a sum in coordinate order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_l2(
+        cand: &mut [f32],
+        mom: &mut [f64],
+        adv: &[f32],
+        x: &[f32],
+        grad: &[f32],
+        rows: &[f64],
+        mask: Option<&[f64]>,
+        d: usize,
+        p: Step,
+    ) {
+        let (lo, hi) = (p.lo as f64, p.hi as f64);
+        let mut v = vec![0f64; d];
+        for row in 0..cand.len() / d {
+            let span = row * d..(row + 1) * d;
+            for (c, i) in span.clone().enumerate() {
+                let mut g = grad[i] as f64;
+                if !g.is_finite() {
+                    g = 0.0;
+                }
+                if let Some(mask) = mask {
+                    g *= mask[c];
+                }
+                let a = adv[i];
+                if (a >= p.hi && g > 0.0) || (a <= p.lo && g < 0.0) {
+                    g = 0.0;
+                }
+                v[c] = g;
+            }
+            let norm = norm2(&v);
+            for (c, i) in span.clone().enumerate() {
+                let g = if norm > 0.0 { v[c] / norm } else { v[c] };
+                let m = p.beta * mom[i] + (1.0 - p.beta) * g;
+                mom[i] = m;
+                let xc = x[i] as f64;
+                let mut delta = (adv[i] as f64 - xc) + rows[row * ROW + LR] * m;
+                if let Some(mask) = mask {
+                    delta *= mask[c];
+                }
+                v[c] = clamp(delta, lo - xc, hi - xc);
+            }
+            let norm = norm2(&v);
+            if norm > p.eps {
+                let scale = p.eps / norm;
+                v.iter_mut().for_each(|a| *a *= scale);
+                let mut factor = 1.0 - f64::EPSILON;
+                while norm2(&v) > p.eps {
+                    v.iter_mut().for_each(|a| *a *= factor);
+                    factor *= 1.0 - f64::EPSILON;
+                }
+            }
+            for (c, i) in span.enumerate() {
+                let xc = x[i];
+                let delta = clamp(v[c], lo - xc as f64, hi - xc as f64);
+                let s = clamp_f32((xc as f64 + delta) as f32, p.lo, p.hi);
+                cand[i] = if (s as f64 - xc as f64).abs() > delta.abs() {
+                    next_toward(s, xc)
+                } else {
+                    s
+                };
+            }
+        }
+    }
+
+    /// ‖v‖₂, the squares summed in coordinate order.
+    fn norm2(v: &[f64]) -> f64 {
+        let mut sum = 0.0;
+        for a in v {
+            sum += a * a;
+        }
+        sum.sqrt()
     }
 
     fn clamp(v: f64, lo: f64, hi: f64) -> f64 {

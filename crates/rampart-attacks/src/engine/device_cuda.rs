@@ -124,6 +124,80 @@ extern "C" __global__ void atk_step_linf(float* cand, double* mom, const float* 
     if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(delta)) s = step_toward(s, xc);
     cand[i] = s;
 }
+
+__device__ double norm2(const double* v, unsigned int d) {
+    double sum = 0.0;
+    for (unsigned int c = 0; c < d; c++) sum = __dadd_rn(sum, __dmul_rn(v[c], v[c]));
+    return __dsqrt_rn(sum);
+}
+
+// One block per row: as atk_step_linf with the L2 direction (the gradient over its
+// norm, when not zero) and the L2 projection (scaled onto the sphere, then shrunk by
+// ulps until its norm is at most eps). Each norm is summed by thread 0 in coordinate
+// order, as the host does; `scratch` holds the row's direction, then its delta.
+extern "C" __global__ void atk_step_l2(float* cand, double* mom, double* scratch,
+                                       const float* adv, const float* x, const float* grad,
+                                       const double* rows, const double* mask,
+                                       unsigned int d, double eps, double beta, float lo,
+                                       float hi) {
+    __shared__ double norm;
+    __shared__ int more;
+    unsigned int row = blockIdx.x;
+    unsigned long long base = (unsigned long long)row * d;
+    double* v = scratch + base;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        float a = adv[base + c];
+        double g = (double)grad[base + c];
+        if (!isfinite(g)) g = 0.0;
+        if (mask != 0) g = __dmul_rn(g, mask[c]);
+        if ((a >= hi && g > 0.0) || (a <= lo && g < 0.0)) g = 0.0;
+        v[c] = g;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) norm = norm2(v, d);
+    __syncthreads();
+    double n = norm, lr = rows[6ull * row];
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        unsigned long long i = base + c;
+        double g = n > 0.0 ? __ddiv_rn(v[c], n) : v[c];
+        double m = __dadd_rn(__dmul_rn(beta, mom[i]), __dmul_rn(__dsub_rn(1.0, beta), g));
+        mom[i] = m;
+        double xc = (double)x[i];
+        double delta = __dadd_rn(__dsub_rn((double)adv[i], xc), __dmul_rn(lr, m));
+        if (mask != 0) delta = __dmul_rn(delta, mask[c]);
+        v[c] = clampd(delta, __dsub_rn((double)lo, xc), __dsub_rn((double)hi, xc));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) norm = norm2(v, d);
+    __syncthreads();
+    if (norm > eps) {
+        double scale = __ddiv_rn(eps, norm);
+        for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], scale);
+        const double shrink = 1.0 - 2.220446049250313e-16;
+        double factor = shrink;
+        for (;;) {
+            __syncthreads();
+            if (threadIdx.x == 0) more = norm2(v, d) > eps;
+            __syncthreads();
+            if (!more) break;
+            for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+                v[c] = __dmul_rn(v[c], factor);
+            }
+            factor = __dmul_rn(factor, shrink);
+        }
+    }
+    __syncthreads();
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        unsigned long long i = base + c;
+        float xc = x[i];
+        double delta = clampd(v[c], __dsub_rn((double)lo, (double)xc),
+                              __dsub_rn((double)hi, (double)xc));
+        float s = __double2float_rn(__dadd_rn((double)xc, delta));
+        s = s < lo ? lo : (s > hi ? hi : s);
+        if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(delta)) s = step_toward(s, xc);
+        cand[i] = s;
+    }
+}
 "#;
 
 static ATTACK: Module = Module::new("rampart_attack", SOURCE);
@@ -136,8 +210,8 @@ pub fn ptx() -> Result<&'static str> {
 
 const _: () = assert!(ROW == 6, "the kernels index 6 values per row");
 
-/// Threads per block of `atk_judge`.
-const JUDGE_THREADS: u32 = 256;
+/// Threads per block of `atk_judge` and `atk_step_l2`.
+const ROW_THREADS: u32 = 256;
 
 /// Runs `launch` with the device addresses of `tensors` (contiguous, on one GPU; None
 /// gives 0), their storages held until the launch is queued.
@@ -250,7 +324,7 @@ pub(super) fn judge(s: &mut State, j: Judge) -> Result<()> {
         let func = ATTACK.func(dev, "atk_judge")?;
         let cfg = LaunchConfig {
             grid_dim: (m, 1, 1),
-            block_dim: (JUDGE_THREADS, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let n = count(j.samples)?;
@@ -275,8 +349,47 @@ pub(super) fn judge(s: &mut State, j: Judge) -> Result<()> {
     })
 }
 
+/// `atk_step_l2` (see [`super::device::twin::step_l2`]), one block per row, or
+/// `atk_step_linf`.
+pub(super) fn step(s: &mut State, p: Step) -> Result<()> {
+    if !p.l2 {
+        return step_linf(s, p);
+    }
+    if s.scratch.is_none() {
+        s.scratch = Some(Tensor::zeros(s.m * s.d, DType::F64, s.x.device())?);
+    }
+    let tensors = [
+        Some(&s.cand),
+        Some(&s.mom),
+        s.scratch.as_ref(),
+        Some(&s.adv),
+        Some(&s.x),
+        Some(&s.grad),
+        Some(&s.rows),
+        s.mask.as_ref(),
+    ];
+    let (m, d) = (count(s.m)?, count(s.d)?);
+    with_addresses(&tensors, |dev, a| {
+        let func = ATTACK.func(dev, "atk_step_l2")?;
+        let cfg = LaunchConfig {
+            grid_dim: (m, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = func.builder();
+        for ptr in a {
+            b.arg(ptr);
+        }
+        b.arg(&d).arg(&p.eps).arg(&p.beta).arg(&p.lo).arg(&p.hi);
+        // SAFETY: block j reads and writes row j (D values) of each (M·D) buffer and
+        // reads its row's scalars and the mask (D values).
+        unsafe { b.launch(cfg) }.map_err(|e| launch_error("PGD on the device: L2 step", e))?;
+        Ok(())
+    })
+}
+
 /// `atk_step_linf` (see [`super::device::twin::step_linf`]).
-pub(super) fn step_linf(s: &mut State, p: Step) -> Result<()> {
+fn step_linf(s: &mut State, p: Step) -> Result<()> {
     let tensors = [
         Some(&s.cand),
         Some(&s.mom),

@@ -17,7 +17,7 @@ use crate::testutil::{
 };
 use crate::{
     with_device_resident_pgd, Attack, AttackResult, Bounds, Criterion, Distal, Eot, Error, Fgsm,
-    Frames, Init, Objective, Pgd, Restarts, Result, StepSize,
+    Frames, Init, Norm, Objective, Pgd, Restarts, Result, StepSize,
 };
 
 /// The attack's results by the host loop and by the device-resident loop (which must
@@ -151,6 +151,16 @@ fn device_resident_loop_equals_the_host_loop_for_every_configuration() -> Result
         let (host, device) = both(cfg, &model, Bounds::UNIT, (&t.xs, &t.ys), &eps)?;
         assert_same(&host, &device, what)?;
     }
+    // The same configurations in L2 (the last-iterate ones too), at L2 budgets.
+    for (what, cfg) in &configs {
+        let cfg = Pgd {
+            norm: Norm::L2,
+            restarts: Restarts::same(cfg.restarts.count, Init::Uniform),
+            ..*cfg
+        };
+        let (host, device) = both(&cfg, &model, Bounds::UNIT, (&t.xs, &t.ys), &[0.25, 1.0])?;
+        assert_same(&host, &device, &format!("{what}, L2"))?;
+    }
     // Inputs on the bounds of a wider box.
     let wide = Bounds { lo: -1.0, hi: 2.0 };
     let xs = t.xs.affine(3.0, -1.0)?.clamp(-1f32, 2f32)?;
@@ -161,7 +171,13 @@ fn device_resident_loop_equals_the_host_loop_for_every_configuration() -> Result
         (&xs, &t.ys),
         &[0.1, 0.5],
     )?;
-    assert_same(&host, &device, "[−1, 2] box")
+    assert_same(&host, &device, "[−1, 2] box")?;
+    let l2 = Pgd {
+        norm: Norm::L2,
+        ..pgd(Objective::CrossEntropy, 10, 2)
+    };
+    let (host, device) = both(&l2, &model, wide, (&xs, &t.ys), &[0.5, 2.0])?;
+    assert_same(&host, &device, "[−1, 2] box, L2")
 }
 
 /// Gradients that are NaN or infinite (zeroed by the step), an f64 model, a
@@ -299,8 +315,16 @@ fn step_twin_equals_the_host_update() -> Result<()> {
     let batch = Batch::new(&t.model, Bounds::UNIT, &xs, &ys)?;
     let (m, d) = (batch.len(), batch.d);
     let mask: Vec<f64> = (0..d).map(|c| f64::from(u8::from(c % 3 != 0))).collect();
-    for (masked, beta) in [(false, 0.0), (true, 0.9), (false, 0.75)] {
+    let cases = [
+        (Norm::Linf, false, 0.0),
+        (Norm::Linf, true, 0.9),
+        (Norm::Linf, false, 0.75),
+        (Norm::L2, false, 0.0),
+        (Norm::L2, true, 0.9),
+    ];
+    for (norm, masked, beta) in cases {
         let cfg = Pgd {
+            norm,
             momentum: beta,
             ..Pgd::madry_linf_cifar10()
         };
@@ -346,12 +370,18 @@ fn step_twin_equals_the_host_update() -> Result<()> {
         let mut cand = vec![0f32; m * d];
         let mut mom = mom0.clone();
         let step = Step {
+            l2: norm == Norm::L2,
             eps,
             beta,
             lo: 0.0,
             hi: 1.0,
         };
-        twin::step_linf(
+        let twin_step = if step.l2 {
+            twin::step_l2
+        } else {
+            twin::step_linf
+        };
+        twin_step(
             &mut cand, &mut mom, &adv, &x, &grad, &rows, run.mask, d, step,
         );
         // The host loop's arithmetic, example by example.
@@ -370,9 +400,17 @@ fn step_twin_equals_the_host_update() -> Result<()> {
             let mut out = vec![0f32; d];
             update.finish(j, &mut delta, eps, &mut out);
             let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&cand[span.clone()]), bits(&out), "points of row {j}");
+            assert_eq!(
+                bits(&cand[span.clone()]),
+                bits(&out),
+                "{norm}: points of row {j}"
+            );
             let bits64 = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits64(&mom[span]), bits64(&m_ref), "momentum of row {j}");
+            assert_eq!(
+                bits64(&mom[span]),
+                bits64(&m_ref),
+                "{norm}: momentum of row {j}"
+            );
         }
     }
     Ok(())

@@ -78,7 +78,7 @@ pub const CUDNN_BENCHMARK_ENV: &str = "RAMPART_CUDNN_BENCHMARK";
 
 /// The environment variable that keeps the state of PGD's loop (iterates, momentum,
 /// best points, step sizes) on the GPU, updated by one kernel per step, for the
-/// L∞ configurations without early stopping (`rampart-attacks`, feature `cuda`; any
+/// L∞ and L2 configurations without early stopping (`rampart-attacks`, feature `cuda`; any
 /// value but `0`). Off by default until verified on a GPU.
 pub const DEVICE_ATTACK_ENV: &str = "RAMPART_CUDA_DEVICE_ATTACK";
 
