@@ -415,3 +415,271 @@ fn step_twin_equals_the_host_update() -> Result<()> {
     }
     Ok(())
 }
+
+/// Raw little-endian bytes of a slice, as `device_emulation.cpp` reads them.
+trait Raw {
+    fn raw(&self) -> Vec<u8>;
+}
+
+macro_rules! raw {
+    ($($t:ty),*) => {$(
+        impl Raw for [$t] {
+            fn raw(&self) -> Vec<u8> {
+                self.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+        }
+    )*};
+}
+raw!(f32, f64, u32);
+
+/// Builds `device_emulation.cpp` (which includes `device.cu`) with the C++ compiler
+/// of `CXX` (default `c++`) into `dir`.
+fn emulator(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/engine/device_emulation.cpp"
+    );
+    let exe = dir.join("emulate");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = std::process::Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", src, "-o"])
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("a C++20 compiler is needed to run the CUDA kernels on the CPU ({cxx}: {e}); install g++ or set CXX")
+        });
+    assert!(
+        out.status.success(),
+        "compiling the kernels' emulation failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// The CUDA kernels themselves (`device.cu`), compiled with the host's C++ compiler and
+/// run with one host thread per CUDA thread (`device_emulation.cpp`: blocks in turn,
+/// `__syncthreads` a barrier), give their CPU twins' results bit for bit: both steps
+/// (L∞ and L2, masked or not, with momentum, an ε that binds and one that does not) on
+/// gradients that are NaN, infinite and ±0 and on coordinates on the bounds; the
+/// judgement under every criterion, at the start, with and without backtracking, on a
+/// NaN objective, NaN probabilities, a tied objective and tied probabilities; the EOT
+/// sums, first and not, with and without a gradient. Sizes that are no multiple of a
+/// block. This checks the kernels' code, not the launches (argument order, grid): the
+/// GPU test of `tests/cuda.rs` does.
+#[test]
+fn cuda_kernels_run_on_the_cpu_equal_their_twins(
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    use super::device::{Judge, BEST_OBJ, BEST_SUCCESS, CUR_OBJ, CUR_SUCCESS};
+    let dir = tempfile::tempdir()?;
+    let exe = emulator(dir.path());
+    let write =
+        |name: &str, bytes: Vec<u8>| std::fs::write(dir.path().join(format!("{name}.bin")), bytes);
+    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+    let (m, d, k) = (7usize, 45usize, 5usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    write("dims", [m as u32, d as u32, k as u32].raw())?;
+
+    // The steps.
+    let x: Vec<f32> = (0..m * d)
+        .map(|_| match rng.gen_range(0..6) {
+            0 => 0.0,
+            1 => 1.0,
+            _ => rng.gen_range(0.0f32..1.0),
+        })
+        .collect();
+    let adv: Vec<f32> = x
+        .iter()
+        .map(|&xc| match rng.gen_range(0..5) {
+            0 => 0.0f32.max(xc - 0.02),
+            1 => 1.0f32.min(xc + 0.02),
+            2 => xc,
+            _ => (xc + rng.gen_range(-0.04f32..0.04)).clamp(0.0, 1.0),
+        })
+        .collect();
+    let grad: Vec<f32> = (0..m * d)
+        .map(|_| match rng.gen_range(0..10) {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::NEG_INFINITY,
+            3 => 0.0,
+            4 => -0.0,
+            _ => rng.gen_range(-1.0f32..1.0),
+        })
+        .collect();
+    let mom: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let mut rows = vec![0f64; m * ROW];
+    for (j, r) in rows.chunks_mut(ROW).enumerate() {
+        r[LR] = 0.01 * (j + 1) as f64;
+    }
+    let mask: Vec<f64> = (0..d).map(|c| f64::from(u8::from(c % 3 != 0))).collect();
+    write("x", x.raw())?;
+    write("adv", adv.raw())?;
+    write("grad", grad.raw())?;
+    write("mom", mom.raw())?;
+    write("rows", rows.raw())?;
+    write("mask", mask.raw())?;
+    let steps = [
+        (false, false, 0.0, 0.05),
+        (false, true, 0.9, 0.03),
+        (true, false, 0.0, 0.05),
+        (true, true, 0.75, 0.02),
+        (true, false, 0.5, 10.0),
+    ];
+    let mut params = Vec::new();
+    for (c, &(l2, masked, beta, eps)) in steps.iter().enumerate() {
+        params.extend([
+            f64::from(u8::from(l2)),
+            f64::from(u8::from(masked)),
+            beta,
+            eps,
+        ]);
+        let (mut cand, mut mo) = (vec![f32::NAN; m * d], mom.clone());
+        let step = Step {
+            l2,
+            eps,
+            beta,
+            lo: 0.0,
+            hi: 1.0,
+        };
+        let f = if l2 { twin::step_l2 } else { twin::step_linf };
+        f(
+            &mut cand,
+            &mut mo,
+            &adv,
+            &x,
+            &grad,
+            &rows,
+            masked.then_some(&mask[..]),
+            d,
+            step,
+        );
+        expected.push((format!("cand_{c}"), cand.raw()));
+        expected.push((format!("mom_{c}"), mo.raw()));
+    }
+    write("step_params", params.raw())?;
+
+    // The judgements.
+    let mut jrows = vec![0f64; m * ROW];
+    for r in jrows.chunks_mut(ROW) {
+        r[LR] = rng.gen_range(0.001..0.1);
+        r[CUR_OBJ] = rng.gen_range(-1.0..1.0);
+        r[BEST_OBJ] = rng.gen_range(-1.0..1.0);
+        r[BEST_SUCCESS] = f64::from(rng.gen_range(0..2u8));
+        r[CUR_SUCCESS] = f64::from(rng.gen_range(0..2u8));
+    }
+    let mut uniform =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(0.0f32..1.0)).collect() };
+    let buffers = [
+        ("j_best", uniform(m * d)),
+        ("j_adv", uniform(m * d)),
+        ("j_grad", uniform(m * d)),
+        ("j_cand", uniform(m * d)),
+        ("j_accg", uniform(m * d)),
+    ];
+    let mut obj: Vec<f64> = (0..m).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    obj[1] = f64::NAN;
+    obj[2] = jrows[2 * ROW + BEST_OBJ];
+    obj[3] = jrows[3 * ROW + CUR_OBJ];
+    let mut probs: Vec<f64> = (0..m * k).map(|_| rng.gen_range(0.0..3.0)).collect();
+    probs[4 * k + 1] = f64::NAN;
+    probs[5 * k] = probs[5 * k + 2];
+    let labels: Vec<u32> = (0..m).map(|_| rng.gen_range(0..k as u32)).collect();
+    for (name, b) in &buffers {
+        write(name, b.raw())?;
+    }
+    write("j_rows", jrows.raw())?;
+    write("j_obj", obj.raw())?;
+    write("j_probs", probs.raw())?;
+    write("j_labels", labels.raw())?;
+    let judges = [
+        (0, 0, 0.0f32, 3usize, false, true, 0.0),
+        (1, 2, 0.0, 3, false, false, 1.5),
+        (2, 0, 0.4, 3, true, true, 0.0),
+        (3, 0, 0.5, 1, false, true, 1.1),
+        (0, 0, 0.0, 2, false, true, 2.0),
+    ];
+    let mut params = Vec::new();
+    for (c, &(criterion, target, tau, samples, first, want_grad, backtrack)) in
+        judges.iter().enumerate()
+    {
+        params.extend([
+            f64::from(criterion),
+            f64::from(target),
+            f64::from(tau),
+            samples as f64,
+            f64::from(u8::from(first)),
+            f64::from(u8::from(want_grad)),
+            backtrack,
+        ]);
+        let mut r = jrows.clone();
+        let [mut b, mut a, mut g] = [0, 1, 2].map(|i| buffers[i].1.clone());
+        let judge = Judge {
+            criterion,
+            target,
+            tau,
+            samples,
+            first,
+            want_grad,
+            backtrack,
+        };
+        let (cand, acc) = (&buffers[3].1, &buffers[4].1);
+        twin::judge(
+            &mut r,
+            &mut b,
+            &mut a,
+            &mut g,
+            cand,
+            acc,
+            &obj,
+            &probs,
+            &labels,
+            (k, d),
+            judge,
+        );
+        expected.push((format!("jrows_{c}"), r.raw()));
+        expected.push((format!("jbest_{c}"), b.raw()));
+        expected.push((format!("jadv_{c}"), a.raw()));
+        expected.push((format!("jgrad_{c}"), g.raw()));
+    }
+    write("judge_params", params.raw())?;
+
+    // The EOT sums.
+    let aobj: Vec<f64> = (0..m).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let aprobs: Vec<f64> = (0..m * k).map(|_| rng.gen_range(0.0..2.0)).collect();
+    let agrad: Vec<f32> = (0..m * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let mut values: Vec<f64> = (0..m).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    values[0] = -0.0;
+    let p: Vec<f32> = (0..m * k).map(|_| rng.gen_range(0.0f32..1.0)).collect();
+    let g: Vec<f32> = (0..m * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    write("a_obj", aobj.raw())?;
+    write("a_probs", aprobs.raw())?;
+    write("a_grad", agrad.raw())?;
+    write("a_values", values.raw())?;
+    write("a_p", p.raw())?;
+    write("a_g", g.raw())?;
+    for c in 0..4 {
+        let (first, with_grad) = (c & 1 != 0, c & 2 != 0);
+        let (mut o, mut pr, mut gr) = (aobj.clone(), aprobs.clone(), agrad.clone());
+        let g = with_grad.then_some(&g[..]);
+        twin::accumulate(&mut o, &mut pr, &mut gr, &values, &p, g, 3, first);
+        expected.push((format!("aobj_{c}"), o.raw()));
+        expected.push((format!("aprobs_{c}"), pr.raw()));
+        expected.push((format!("agrad_{c}"), gr.raw()));
+    }
+
+    let run = std::process::Command::new(&exe).arg(dir.path()).output()?;
+    assert!(
+        run.status.success(),
+        "the kernels' emulation failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for (name, bytes) in &expected {
+        let got = std::fs::read(dir.path().join(format!("emu_{name}.bin")))?;
+        assert!(
+            got == *bytes,
+            "kernel output {name} differs from its twin's"
+        );
+    }
+    assert_eq!(expected.len(), 42);
+    Ok(())
+}

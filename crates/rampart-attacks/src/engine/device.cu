@@ -1,0 +1,191 @@
+// The CUDA kernels of PGD's device-resident loop (engine/device.rs), compiled by
+// NVRTC at first use (engine/device_cuda.rs). Each does its CPU twin's operations
+// (device.rs, `twin`) in the same order, with __dadd_rn, __dmul_rn, __fadd_rn, ... so
+// that nothing is contracted into a multiply-add. The tests also compile this file
+// with a C++ compiler, each CUDA thread a host thread (device_emulation.cpp), and hold
+// its results to the twins bit for bit.
+__device__ __forceinline__ float step_toward(float a, float x) {
+    if (a == 0.0f) return x > a ? __uint_as_float(1u) : __uint_as_float(0x80000001u);
+    bool away_from_zero = (a > 0.0f) == (x > a);
+    unsigned int bits = __float_as_uint(a);
+    return __uint_as_float(away_from_zero ? bits + 1u : bits - 1u);
+}
+
+__device__ __forceinline__ double clampd(double v, double lo, double hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// obj[i] += values[i] / n, probs[i] += p[i], grad[i] += g[i] / n (f32); each sum
+// starts at 0 when first. One thread per element of the largest of the three.
+extern "C" __global__ void atk_accumulate(double* obj, double* probs, float* grad,
+                                          const double* values, const float* p,
+                                          const float* g, unsigned int m, unsigned int mk,
+                                          unsigned int md, unsigned int n, int first) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < m) obj[i] = __dadd_rn(first ? 0.0 : obj[i], __ddiv_rn(values[i], (double)n));
+    if (i < mk) probs[i] = __dadd_rn(first ? 0.0 : probs[i], (double)p[i]);
+    if (g != 0 && i < md) {
+        grad[i] = __fadd_rn(first ? 0.0f : grad[i], __fdiv_rn(g[i], (float)n));
+    }
+}
+
+// One block per row: thread 0 judges the candidate from the sums (first arg-max of
+// the mean probabilities), offers it to the row's best and accepts it (or divides the
+// step size by the backtracking factor); then the block copies the rows it took.
+// rows: per row [lr, cur_obj, cur_success, best_obj, best_success, nan].
+extern "C" __global__ void atk_judge(double* rows, float* best, float* adv, float* grad,
+                                     const float* cand, const float* acc_grad,
+                                     const double* obj, const double* probs,
+                                     const unsigned int* labels, unsigned int k,
+                                     unsigned int d, unsigned int n, int criterion,
+                                     unsigned int target, float tau, int first,
+                                     int want_grad, double backtrack) {
+    __shared__ int take_best, take_adv;
+    unsigned int j = blockIdx.x;
+    double* r = rows + 6ull * j;
+    if (threadIdx.x == 0) {
+        const double* pr = probs + (unsigned long long)j * k;
+        unsigned int pred = 0;
+        float conf = __int_as_float(0xff800000); // -inf
+        int nan = 0;
+        for (unsigned int c = 0; c < k; c++) {
+            float p = __double2float_rn(__ddiv_rn(pr[c], (double)n));
+            if (isnan(p)) nan = 1;
+            if (p > conf) { pred = c; conf = p; }
+        }
+        unsigned int label = labels[j];
+        int success;
+        if (criterion == 0) success = pred != label;
+        else if (criterion == 1) success = pred == target;
+        else if (criterion == 2) success = pred != label && conf >= tau;
+        else success = conf >= tau;
+        double o = obj[j];
+        if (isnan(o)) o = __longlong_as_double(0xfff0000000000000ll); // -inf
+        int best_success = r[4] != 0.0;
+        int better = first || (success && !best_success)
+                     || (success == best_success && o > r[3]);
+        if (better) { r[3] = o; r[4] = success ? 1.0 : 0.0; }
+        int accept = first || backtrack == 0.0 || o >= r[1];
+        if (accept) { r[1] = o; r[2] = success ? 1.0 : 0.0; }
+        else r[0] = __ddiv_rn(r[0], backtrack);
+        if (nan) r[5] = 1.0;
+        take_best = better;
+        take_adv = accept;
+    }
+    __syncthreads();
+    unsigned long long base = (unsigned long long)j * d;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = cand[base + c];
+        if (take_best) best[base + c] = v;
+        if (take_adv) {
+            adv[base + c] = v;
+            if (want_grad) grad[base + c] = acc_grad[base + c];
+        }
+    }
+}
+
+// One L-inf step per element: the gradient's sign (zero where not finite, masked, or
+// pushing a coordinate on a bound outwards), momentum, step, mask, box, eps-ball,
+// box, then x + delta rounded to f32 and, where that went past |delta|, the next f32
+// towards x.
+extern "C" __global__ void atk_step_linf(float* cand, double* mom, const float* adv,
+                                         const float* x, const float* grad,
+                                         const double* rows, const double* mask,
+                                         unsigned int d, unsigned int md, double eps,
+                                         double beta, float lo, float hi) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= md) return;
+    unsigned int row = i / d, c = i % d;
+    float a = adv[i], xc = x[i];
+    double v = (double)grad[i];
+    if (!isfinite(v)) v = 0.0;
+    if (mask != 0) v = __dmul_rn(v, mask[c]);
+    if ((a >= hi && v > 0.0) || (a <= lo && v < 0.0)) v = 0.0;
+    v = v > 0.0 ? 1.0 : (v < 0.0 ? -1.0 : 0.0);
+    double m = __dadd_rn(__dmul_rn(beta, mom[i]), __dmul_rn(__dsub_rn(1.0, beta), v));
+    mom[i] = m;
+    double delta = __dadd_rn(__dsub_rn((double)a, (double)xc), __dmul_rn(rows[6ull * row], m));
+    if (mask != 0) delta = __dmul_rn(delta, mask[c]);
+    double l = __dsub_rn((double)lo, (double)xc), h = __dsub_rn((double)hi, (double)xc);
+    delta = clampd(delta, l, h);
+    delta = clampd(delta, -eps, eps);
+    delta = clampd(delta, l, h);
+    float s = __double2float_rn(__dadd_rn((double)xc, delta));
+    s = s < lo ? lo : (s > hi ? hi : s);
+    if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(delta)) s = step_toward(s, xc);
+    cand[i] = s;
+}
+
+__device__ double norm2(const double* v, unsigned int d) {
+    double sum = 0.0;
+    for (unsigned int c = 0; c < d; c++) sum = __dadd_rn(sum, __dmul_rn(v[c], v[c]));
+    return __dsqrt_rn(sum);
+}
+
+// One block per row: as atk_step_linf with the L2 direction (the gradient over its
+// norm, when not zero) and the L2 projection (scaled onto the sphere, then shrunk by
+// ulps until its norm is at most eps). Each norm is summed by thread 0 in coordinate
+// order, as the host does; `scratch` holds the row's direction, then its delta.
+extern "C" __global__ void atk_step_l2(float* cand, double* mom, double* scratch,
+                                       const float* adv, const float* x, const float* grad,
+                                       const double* rows, const double* mask,
+                                       unsigned int d, double eps, double beta, float lo,
+                                       float hi) {
+    __shared__ double norm;
+    __shared__ int more;
+    unsigned int row = blockIdx.x;
+    unsigned long long base = (unsigned long long)row * d;
+    double* v = scratch + base;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        float a = adv[base + c];
+        double g = (double)grad[base + c];
+        if (!isfinite(g)) g = 0.0;
+        if (mask != 0) g = __dmul_rn(g, mask[c]);
+        if ((a >= hi && g > 0.0) || (a <= lo && g < 0.0)) g = 0.0;
+        v[c] = g;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) norm = norm2(v, d);
+    __syncthreads();
+    double n = norm, lr = rows[6ull * row];
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        unsigned long long i = base + c;
+        double g = n > 0.0 ? __ddiv_rn(v[c], n) : v[c];
+        double m = __dadd_rn(__dmul_rn(beta, mom[i]), __dmul_rn(__dsub_rn(1.0, beta), g));
+        mom[i] = m;
+        double xc = (double)x[i];
+        double delta = __dadd_rn(__dsub_rn((double)adv[i], xc), __dmul_rn(lr, m));
+        if (mask != 0) delta = __dmul_rn(delta, mask[c]);
+        v[c] = clampd(delta, __dsub_rn((double)lo, xc), __dsub_rn((double)hi, xc));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) norm = norm2(v, d);
+    __syncthreads();
+    if (norm > eps) {
+        double scale = __ddiv_rn(eps, norm);
+        for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], scale);
+        const double shrink = 1.0 - 2.220446049250313e-16;
+        double factor = shrink;
+        for (;;) {
+            __syncthreads();
+            if (threadIdx.x == 0) more = norm2(v, d) > eps;
+            __syncthreads();
+            if (!more) break;
+            for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+                v[c] = __dmul_rn(v[c], factor);
+            }
+            factor = __dmul_rn(factor, shrink);
+        }
+    }
+    __syncthreads();
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        unsigned long long i = base + c;
+        float xc = x[i];
+        double delta = clampd(v[c], __dsub_rn((double)lo, (double)xc),
+                              __dsub_rn((double)hi, (double)xc));
+        float s = __double2float_rn(__dadd_rn((double)xc, delta));
+        s = s < lo ? lo : (s > hi ? hi : s);
+        if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(delta)) s = step_toward(s, xc);
+        cand[i] = s;
+    }
+}
