@@ -416,68 +416,26 @@ fn step_twin_equals_the_host_update() -> Result<()> {
     Ok(())
 }
 
-/// Raw little-endian bytes of a slice, as `device_emulation.cpp` reads them.
-trait Raw {
-    fn raw(&self) -> Vec<u8>;
-}
-
-macro_rules! raw {
-    ($($t:ty),*) => {$(
-        impl Raw for [$t] {
-            fn raw(&self) -> Vec<u8> {
-                self.iter().flat_map(|v| v.to_le_bytes()).collect()
-            }
-        }
-    )*};
-}
-raw!(f32, f64, u32);
-
-/// Builds `device_emulation.cpp` (which includes `device.cu`) with the C++ compiler
-/// of `CXX` (default `c++`) into `dir`.
-fn emulator(dir: &std::path::Path) -> std::path::PathBuf {
-    let src = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/src/engine/device_emulation.cpp"
-    );
-    let exe = dir.join("emulate");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let out = std::process::Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", src, "-o"])
-        .arg(&exe)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("a C++20 compiler is needed to run the CUDA kernels on the CPU ({cxx}: {e}); install g++ or set CXX")
-        });
-    assert!(
-        out.status.success(),
-        "compiling the kernels' emulation failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
-}
-
-/// The CUDA kernels themselves (`device.cu`), compiled with the host's C++ compiler and
-/// run with one host thread per CUDA thread (`device_emulation.cpp`: blocks in turn,
-/// `__syncthreads` a barrier), give their CPU twins' results bit for bit: both steps
-/// (L∞ and L2, masked or not, with momentum, an ε that binds and one that does not) on
-/// gradients that are NaN, infinite and ±0 and on coordinates on the bounds; the
-/// judgement under every criterion, at the start, with and without backtracking, on a
-/// NaN objective, NaN probabilities, a tied objective and tied probabilities; the EOT
-/// sums, first and not, with and without a gradient. Sizes that are no multiple of a
-/// block. This checks the kernels' code, not the launches (argument order, grid): the
-/// GPU test of `tests/cuda.rs` does.
+/// The CUDA kernels themselves (`device.cu`), compiled for the CPU and run with one
+/// host thread per CUDA thread (`rampart_models::kernels::emulate`), give their CPU
+/// twins' results bit for bit: both steps (L∞ and L2, masked or not, with momentum, an
+/// ε that binds and one that does not) on gradients that are NaN, infinite and ±0 and
+/// on coordinates on the bounds; the judgement under every criterion, at the start,
+/// with and without backtracking, on a NaN objective, NaN probabilities, a tied
+/// objective and tied probabilities; the EOT sums, first and not, with and without a
+/// gradient. Sizes that are no multiple of a block, the launches' block sizes. This
+/// checks the kernels' code, not the Rust side of their launches (argument order,
+/// grid): the GPU test of `tests/cuda.rs` does.
 #[test]
-fn cuda_kernels_run_on_the_cpu_equal_their_twins(
-) -> std::result::Result<(), Box<dyn std::error::Error>> {
+fn cuda_kernels_run_on_the_cpu_equal_their_twins() {
     use super::device::{Judge, BEST_OBJ, BEST_SUCCESS, CUR_OBJ, CUR_SUCCESS};
-    let dir = tempfile::tempdir()?;
-    let exe = emulator(dir.path());
-    let write =
-        |name: &str, bytes: Vec<u8>| std::fs::write(dir.path().join(format!("{name}.bin")), bytes);
-    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+    use rampart_models::kernels::emulate::{Arg, Emulator};
+    let mut s = Emulator::of(include_str!("device.cu")).session();
+    let mut expected_f32: Vec<(String, Vec<f32>)> = Vec::new();
+    let mut expected_f64: Vec<(String, Vec<f64>)> = Vec::new();
     let (m, d, k) = (7usize, 45usize, 5usize);
+    let (mu, du) = (m as u32, d as u32);
     let mut rng = ChaCha8Rng::seed_from_u64(42);
-    write("dims", [m as u32, d as u32, k as u32].raw())?;
 
     // The steps.
     let x: Vec<f32> = (0..m * d)
@@ -512,12 +470,11 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins(
         r[LR] = 0.01 * (j + 1) as f64;
     }
     let mask: Vec<f64> = (0..d).map(|c| f64::from(u8::from(c % 3 != 0))).collect();
-    write("x", x.raw())?;
-    write("adv", adv.raw())?;
-    write("grad", grad.raw())?;
-    write("mom", mom.raw())?;
-    write("rows", rows.raw())?;
-    write("mask", mask.raw())?;
+    s.put("x", &x)
+        .put("adv", &adv)
+        .put("grad", &grad)
+        .put("rows", &rows)
+        .put("mask", &mask);
     let steps = [
         (false, false, 0.0, 0.05),
         (false, true, 0.9, 0.03),
@@ -525,15 +482,44 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins(
         (true, true, 0.75, 0.02),
         (true, false, 0.5, 10.0),
     ];
-    let mut params = Vec::new();
+    let nan = vec![f32::NAN; m * d];
     for (c, &(l2, masked, beta, eps)) in steps.iter().enumerate() {
-        params.extend([
-            f64::from(u8::from(l2)),
-            f64::from(u8::from(masked)),
-            beta,
-            eps,
-        ]);
-        let (mut cand, mut mo) = (vec![f32::NAN; m * d], mom.clone());
+        let (cand, mo, scratch) = (format!("cand{c}"), format!("mom{c}"), format!("scratch{c}"));
+        s.put(&cand, &nan)
+            .put(&mo, &mom)
+            .put(&scratch, &vec![f64::NAN; m * d]);
+        let mask_arg = if masked { Arg::B("mask") } else { Arg::Null };
+        let tail = [Arg::F64(eps), Arg::F64(beta), Arg::F32(0.0), Arg::F32(1.0)];
+        if l2 {
+            let mut args = vec![
+                Arg::B(&cand),
+                Arg::B(&mo),
+                Arg::B(&scratch),
+                Arg::B("adv"),
+                Arg::B("x"),
+                Arg::B("grad"),
+                Arg::B("rows"),
+                mask_arg,
+                Arg::U32(du),
+            ];
+            args.extend(tail);
+            s.launch("atk_step_l2", [mu, 1, 1], [256, 1, 1], &args);
+        } else {
+            let mut args = vec![
+                Arg::B(&cand),
+                Arg::B(&mo),
+                Arg::B("adv"),
+                Arg::B("x"),
+                Arg::B("grad"),
+                Arg::B("rows"),
+                mask_arg,
+                Arg::U32(du),
+                Arg::U32(mu * du),
+            ];
+            args.extend(tail);
+            s.launch_n("atk_step_linf", m * d, 128, &args);
+        }
+        let (mut want_cand, mut want_mom) = (nan.clone(), mom.clone());
         let step = Step {
             l2,
             eps,
@@ -542,21 +528,21 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins(
             hi: 1.0,
         };
         let f = if l2 { twin::step_l2 } else { twin::step_linf };
+        let mask = masked.then_some(&mask[..]);
         f(
-            &mut cand,
-            &mut mo,
+            &mut want_cand,
+            &mut want_mom,
             &adv,
             &x,
             &grad,
             &rows,
-            masked.then_some(&mask[..]),
+            mask,
             d,
             step,
         );
-        expected.push((format!("cand_{c}"), cand.raw()));
-        expected.push((format!("mom_{c}"), mo.raw()));
+        expected_f32.push((cand, want_cand));
+        expected_f64.push((mo, want_mom));
     }
-    write("step_params", params.raw())?;
 
     // The judgements.
     let mut jrows = vec![0f64; m * ROW];
@@ -569,13 +555,7 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins(
     }
     let mut uniform =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(0.0f32..1.0)).collect() };
-    let buffers = [
-        ("j_best", uniform(m * d)),
-        ("j_adv", uniform(m * d)),
-        ("j_grad", uniform(m * d)),
-        ("j_cand", uniform(m * d)),
-        ("j_accg", uniform(m * d)),
-    ];
+    let [jbest, jadv, jgrad, jcand, jacc] = [0; 5].map(|_| uniform(m * d));
     let mut obj: Vec<f64> = (0..m).map(|_| rng.gen_range(-1.0..1.0)).collect();
     obj[1] = f64::NAN;
     obj[2] = jrows[2 * ROW + BEST_OBJ];
@@ -584,13 +564,11 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins(
     probs[4 * k + 1] = f64::NAN;
     probs[5 * k] = probs[5 * k + 2];
     let labels: Vec<u32> = (0..m).map(|_| rng.gen_range(0..k as u32)).collect();
-    for (name, b) in &buffers {
-        write(name, b.raw())?;
-    }
-    write("j_rows", jrows.raw())?;
-    write("j_obj", obj.raw())?;
-    write("j_probs", probs.raw())?;
-    write("j_labels", labels.raw())?;
+    s.put("jcand", &jcand)
+        .put("jacc", &jacc)
+        .put("obj", &obj)
+        .put("probs", &probs)
+        .put("labels", &labels);
     let judges = [
         (0, 0, 0.0f32, 3usize, false, true, 0.0),
         (1, 2, 0.0, 3, false, false, 1.5),
@@ -598,21 +576,41 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins(
         (3, 0, 0.5, 1, false, true, 1.1),
         (0, 0, 0.0, 2, false, true, 2.0),
     ];
-    let mut params = Vec::new();
     for (c, &(criterion, target, tau, samples, first, want_grad, backtrack)) in
         judges.iter().enumerate()
     {
-        params.extend([
-            f64::from(criterion),
-            f64::from(target),
-            f64::from(tau),
-            samples as f64,
-            f64::from(u8::from(first)),
-            f64::from(u8::from(want_grad)),
-            backtrack,
-        ]);
-        let mut r = jrows.clone();
-        let [mut b, mut a, mut g] = [0, 1, 2].map(|i| buffers[i].1.clone());
+        let names = ["jrows", "jbest", "jadv", "jgrad"].map(|n| format!("{n}{c}"));
+        s.put(&names[0], &jrows)
+            .put(&names[1], &jbest)
+            .put(&names[2], &jadv)
+            .put(&names[3], &jgrad);
+        s.launch(
+            "atk_judge",
+            [mu, 1, 1],
+            [256, 1, 1],
+            &[
+                Arg::B(&names[0]),
+                Arg::B(&names[1]),
+                Arg::B(&names[2]),
+                Arg::B(&names[3]),
+                Arg::B("jcand"),
+                Arg::B("jacc"),
+                Arg::B("obj"),
+                Arg::B("probs"),
+                Arg::B("labels"),
+                Arg::U32(k as u32),
+                Arg::U32(du),
+                Arg::U32(samples as u32),
+                Arg::I32(criterion),
+                Arg::U32(target),
+                Arg::F32(tau),
+                Arg::I32(i32::from(first)),
+                Arg::I32(i32::from(want_grad)),
+                Arg::F64(backtrack),
+            ],
+        );
+        let (mut r, mut b, mut a, mut g) =
+            (jrows.clone(), jbest.clone(), jadv.clone(), jgrad.clone());
         let judge = Judge {
             criterion,
             target,
@@ -622,26 +620,23 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins(
             want_grad,
             backtrack,
         };
-        let (cand, acc) = (&buffers[3].1, &buffers[4].1);
         twin::judge(
             &mut r,
             &mut b,
             &mut a,
             &mut g,
-            cand,
-            acc,
+            &jcand,
+            &jacc,
             &obj,
             &probs,
             &labels,
             (k, d),
             judge,
         );
-        expected.push((format!("jrows_{c}"), r.raw()));
-        expected.push((format!("jbest_{c}"), b.raw()));
-        expected.push((format!("jadv_{c}"), a.raw()));
-        expected.push((format!("jgrad_{c}"), g.raw()));
+        let [nr, nb, na, ng] = names;
+        expected_f64.push((nr, r));
+        expected_f32.extend([(nb, b), (na, a), (ng, g)]);
     }
-    write("judge_params", params.raw())?;
 
     // The EOT sums.
     let aobj: Vec<f64> = (0..m).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -651,35 +646,57 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins(
     values[0] = -0.0;
     let p: Vec<f32> = (0..m * k).map(|_| rng.gen_range(0.0f32..1.0)).collect();
     let g: Vec<f32> = (0..m * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-    write("a_obj", aobj.raw())?;
-    write("a_probs", aprobs.raw())?;
-    write("a_grad", agrad.raw())?;
-    write("a_values", values.raw())?;
-    write("a_p", p.raw())?;
-    write("a_g", g.raw())?;
+    s.put("values", &values).put("p", &p).put("g", &g);
     for c in 0..4 {
         let (first, with_grad) = (c & 1 != 0, c & 2 != 0);
+        let names = ["aobj", "aprobs", "agrad"].map(|n| format!("{n}{c}"));
+        s.put(&names[0], &aobj)
+            .put(&names[1], &aprobs)
+            .put(&names[2], &agrad);
+        s.launch_n(
+            "atk_accumulate",
+            m * d,
+            128,
+            &[
+                Arg::B(&names[0]),
+                Arg::B(&names[1]),
+                Arg::B(&names[2]),
+                Arg::B("values"),
+                Arg::B("p"),
+                if with_grad { Arg::B("g") } else { Arg::Null },
+                Arg::U32(mu),
+                Arg::U32((m * k) as u32),
+                Arg::U32(mu * du),
+                Arg::U32(3),
+                Arg::I32(i32::from(first)),
+            ],
+        );
         let (mut o, mut pr, mut gr) = (aobj.clone(), aprobs.clone(), agrad.clone());
         let g = with_grad.then_some(&g[..]);
         twin::accumulate(&mut o, &mut pr, &mut gr, &values, &p, g, 3, first);
-        expected.push((format!("aobj_{c}"), o.raw()));
-        expected.push((format!("aprobs_{c}"), pr.raw()));
-        expected.push((format!("agrad_{c}"), gr.raw()));
+        let [no, np, ng] = names;
+        expected_f64.extend([(no, o), (np, pr)]);
+        expected_f32.push((ng, gr));
     }
 
-    let run = std::process::Command::new(&exe).arg(dir.path()).output()?;
-    assert!(
-        run.status.success(),
-        "the kernels' emulation failed:\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    for (name, bytes) in &expected {
-        let got = std::fs::read(dir.path().join(format!("emu_{name}.bin")))?;
-        assert!(
-            got == *bytes,
+    let out = s.run();
+    for (name, want) in &expected_f32 {
+        let got: Vec<f32> = out.get(name);
+        let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&got),
+            bits(want),
             "kernel output {name} differs from its twin's"
         );
     }
-    assert_eq!(expected.len(), 42);
-    Ok(())
+    for (name, want) in &expected_f64 {
+        let got: Vec<f64> = out.get(name);
+        let bits = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&got),
+            bits(want),
+            "kernel output {name} differs from its twin's"
+        );
+    }
+    assert_eq!(expected_f32.len() + expected_f64.len(), 42);
 }

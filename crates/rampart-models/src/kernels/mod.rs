@@ -52,6 +52,7 @@ pub mod cuda;
 mod cudnn;
 pub mod device_eval;
 pub mod device_train;
+pub mod emulate;
 pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;
