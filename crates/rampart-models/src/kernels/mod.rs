@@ -57,6 +57,8 @@ pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;
 pub mod noise;
+#[cfg(test)]
+mod ops_emulated;
 pub mod pointwise;
 pub(crate) mod postact;
 pub(crate) mod preact;
