@@ -1774,3 +1774,7 @@ pub const KERNELS: [&str; 23] = [
 pub fn ptx() -> Result<&'static str> {
     cuda::KERNELS_MODULE.ptx()
 }
+
+#[cfg(test)]
+#[path = "device_eval_emulated.rs"]
+mod emulated;

@@ -2211,3 +2211,7 @@ mod cuda {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "device_train_emulated.rs"]
+mod emulated;

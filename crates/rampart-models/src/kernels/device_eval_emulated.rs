@@ -1,0 +1,338 @@
+//! The eval program's kernels (`device_eval.cu`) run on the CPU
+//! ([`crate::kernels::emulate`]) against the CPU executor's twins, bit for bit, with
+//! the arguments in the order of the CUDA executor's launches: every BatchNorm form
+//! (into and in place, with a student's noise or without), the post-activation
+//! block's end and its backward pass (identity and projected shortcut), the
+//! BatchNorm + ReLU backward pass (with and without a residual), the input
+//! normalisation both ways, the pooling, the linear layer and its input gradient.
+//! Odd sizes, NaN and ±0 in the activations.
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{avg_pool, denormalise, linear, linear_pool_input_grad, normalise};
+use super::{CpuExec, DNoise, DNorm, Exec};
+use crate::kernels::emulate::{Arg, Emulator, Session};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|a| a.to_bits()).collect()
+}
+
+fn values(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| match rng.gen_range(0..12) {
+            0 => f32::NAN,
+            1 => 0.0,
+            2 => -0.0,
+            _ => rng.gen_range(-2.0f32..2.0),
+        })
+        .collect()
+}
+
+/// A BatchNorm of `c` channels with non-trivial parameters and running statistics,
+/// and its buffers in the session under `name_*`.
+fn norm(
+    rng: &mut ChaCha8Rng,
+    s: &mut Session,
+    name: &str,
+    c: usize,
+) -> Result<DNorm, candle_core::Error> {
+    let dev = Device::Cpu;
+    let mut v = |lo: f32, hi: f32| -> Vec<f32> { (0..c).map(|_| rng.gen_range(lo..hi)).collect() };
+    let (g, b, m, var) = (v(-1.5, 1.5), v(-1.0, 1.0), v(-1.0, 1.0), v(0.0, 3.0));
+    s.put(&format!("{name}_g"), &g)
+        .put(&format!("{name}_b"), &b)
+        .put(&format!("{name}_m"), &m)
+        .put(&format!("{name}_v"), &var);
+    Ok(DNorm {
+        gamma: Tensor::new(g.as_slice(), &dev)?,
+        beta: Tensor::new(b.as_slice(), &dev)?,
+        mean: Tensor::new(m.as_slice(), &dev)?,
+        var: Tensor::new(var.as_slice(), &dev)?,
+        eps: 1e-5,
+        noise: None,
+        train_noise: None,
+        train_oat: None,
+    })
+}
+
+/// The arguments γ, β, mean, var, ε of BatchNorm `name`.
+fn bn_args(names: &[String; 4], eps: f32) -> Vec<Arg<'_>> {
+    let mut a: Vec<Arg<'_>> = names.iter().map(|n| Arg::B(n)).collect();
+    a.push(Arg::F32(eps));
+    a
+}
+
+fn names(name: &str) -> [String; 4] {
+    ["g", "b", "m", "v"].map(|p| format!("{name}_{p}"))
+}
+
+#[test]
+fn eval_program_kernels_equal_their_twins() -> TestResult {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let emu = Emulator::of(include_str!("device_eval.cu"));
+    let mut s = emu.session();
+    let (c, n) = (6usize, 6 * 41);
+    let (cu, nu) = (c as u32, n as u32);
+    let e = CpuExec;
+    let bn = norm(&mut rng, &mut s, "bn", c)?;
+    let sn = norm(&mut rng, &mut s, "sn", c)?;
+    let (bnn, snn) = (names("bn"), names("sn"));
+    let (x, y, d, r) = (
+        values(&mut rng, n),
+        values(&mut rng, n),
+        values(&mut rng, n),
+        values(&mut rng, n),
+    );
+    let z: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+    let (alpha, sigma) = (
+        [0.3f32],
+        (0..c)
+            .map(|_| rng.gen_range(0.1f32..2.0))
+            .collect::<Vec<_>>(),
+    );
+    let scale = 1.5f32;
+    s.put("x", &x)
+        .put("y", &y)
+        .put("r", &r)
+        .put("z", &z)
+        .put("alpha", &alpha)
+        .put("sigma", &sigma);
+    let mut student = norm(&mut rng, &mut s, "st", c)?;
+    student.noise = Some(DNoise {
+        seed: 3,
+        first: 0,
+        alpha: Tensor::new(&alpha, &Device::Cpu)?,
+        sigma: Tensor::new(sigma.as_slice(), &Device::Cpu)?,
+        scale,
+    });
+    let stn = names("st");
+    let nan = vec![f32::NAN; n];
+
+    // The BatchNorm + ReLU forms.
+    let lead = |out: &'static str, with_x: bool| -> Vec<Arg<'static>> {
+        if with_x {
+            vec![Arg::B(out), Arg::B("x")]
+        } else {
+            vec![Arg::B(out)]
+        }
+    };
+    s.put("into", &nan).put("inplace", &x);
+    s.put("noise_into", &nan).put("noise_inplace", &x);
+    let tail = [Arg::U32(cu), Arg::U32(nu)];
+    let mut a = lead("into", true);
+    a.extend(bn_args(&bnn, bn.eps));
+    a.extend(tail);
+    s.launch_n("de_bn_relu_into", n, 128, &a);
+    let mut a = lead("inplace", false);
+    a.extend(bn_args(&bnn, bn.eps));
+    a.extend(tail);
+    s.launch_n("de_bn_relu_inplace", n, 128, &a);
+    let noise = [
+        Arg::B("z"),
+        Arg::B("alpha"),
+        Arg::B("sigma"),
+        Arg::F32(scale),
+    ];
+    let mut a = lead("noise_into", true);
+    a.extend(noise);
+    a.extend(bn_args(&stn, student.eps));
+    a.extend(tail);
+    s.launch_n("de_bn_noise_relu_into", n, 128, &a);
+    let mut a = lead("noise_inplace", false);
+    a.extend(noise);
+    a.extend(bn_args(&stn, student.eps));
+    a.extend(tail);
+    s.launch_n("de_bn_noise_relu_inplace", n, 128, &a);
+
+    // The post-activation block's end and its backward pass, both shortcuts; the
+    // BatchNorm + ReLU backward pass with and without a residual.
+    for has_sn in [0, 1] {
+        let (out, d2, dd) = (
+            format!("add{has_sn}"),
+            format!("d2_{has_sn}"),
+            format!("dd{has_sn}"),
+        );
+        s.put(&out, &y).put(&d2, &nan).put(&dd, &d);
+        let mut a = vec![Arg::B(&out), Arg::B("x")];
+        a.extend(bn_args(&bnn, bn.eps));
+        if has_sn == 1 {
+            a.extend(bn_args(&snn, sn.eps));
+        } else {
+            a.extend([Arg::Null, Arg::Null, Arg::Null, Arg::Null, Arg::F32(0.0)]);
+        }
+        a.extend([Arg::I32(has_sn), Arg::U32(cu), Arg::U32(nu)]);
+        s.launch_n("de_bn_add_relu", n, 128, &a);
+        let mut a = vec![
+            Arg::B(&d2),
+            Arg::B(&dd),
+            Arg::B("y"),
+            Arg::B(&bnn[0]),
+            Arg::B(&bnn[3]),
+        ];
+        a.push(Arg::F32(bn.eps));
+        if has_sn == 1 {
+            a.extend([Arg::B(&snn[0]), Arg::B(&snn[3]), Arg::F32(sn.eps)]);
+        } else {
+            a.extend([Arg::Null, Arg::Null, Arg::F32(0.0)]);
+        }
+        a.extend([Arg::I32(has_sn), Arg::U32(cu), Arg::U32(nu)]);
+        s.launch_n("de_add_relu_backward", n, 128, &a);
+    }
+    for has_r in [0, 1] {
+        let dn = format!("bnd{has_r}");
+        s.put(&dn, &d);
+        let mut a = vec![
+            Arg::B(&dn),
+            Arg::B("y"),
+            Arg::B(&bnn[0]),
+            Arg::B(&bnn[3]),
+            Arg::F32(bn.eps),
+        ];
+        a.push(if has_r == 1 { Arg::B("r") } else { Arg::Null });
+        a.extend([Arg::I32(has_r), Arg::U32(cu), Arg::U32(nu)]);
+        s.launch_n("de_bn_relu_backward", n, 128, &a);
+    }
+
+    // Input normalisation both ways (3 channels of 5×7), pooling and the linear layer.
+    let (ci, h, w, b) = (3usize, 5usize, 7usize, 4usize);
+    let img: Vec<f32> = (0..b * ci * h * w)
+        .map(|_| rng.gen_range(0.0f32..1.0))
+        .collect();
+    let mean = [0.49f32, 0.48, 0.45];
+    let inv_std = [1.0f32 / 0.247, 1.0 / 0.243, 1.0 / 0.261];
+    let dn: Vec<f32> = (0..img.len())
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let ni = img.len() as u32;
+    s.put("img", &img)
+        .put("mean", &mean)
+        .put("inv_std", &inv_std)
+        .put("dn", &dn)
+        .put("normal", &vec![f32::NAN; img.len()])
+        .put("denormal", &vec![f32::NAN; img.len()])
+        .launch_n(
+            "de_normalise",
+            img.len(),
+            128,
+            &[
+                Arg::B("normal"),
+                Arg::B("img"),
+                Arg::B("mean"),
+                Arg::B("inv_std"),
+                Arg::U32(ci as u32),
+                Arg::U32((h * w) as u32),
+                Arg::U32(ni),
+            ],
+        )
+        .launch_n(
+            "de_denormalise",
+            img.len(),
+            128,
+            &[
+                Arg::B("denormal"),
+                Arg::B("dn"),
+                Arg::B("inv_std"),
+                Arg::U32(ci as u32),
+                Arg::U32((h * w) as u32),
+                Arg::U32(ni),
+            ],
+        );
+    let (hw, k) = (n / (b * c), 10usize);
+    let feats: Vec<f32> = (0..b * hw * c)
+        .map(|_| rng.gen_range(-1.0f32..2.0))
+        .collect();
+    let wt: Vec<f32> = (0..k * c).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let bias: Vec<f32> = (0..k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let dl: Vec<f32> = (0..b * k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let (hu, ku, bcu) = (hw as u32, k as u32, (b * c) as u32);
+    s.put("feats", &feats)
+        .put("w", &wt)
+        .put("bias", &bias)
+        .put("dl", &dl)
+        .put("pooled", &vec![f32::NAN; b * c])
+        .put("logits", &vec![f32::NAN; b * k])
+        .put("dfeats", &vec![f32::NAN; feats.len()])
+        .launch_n(
+            "de_avg_pool",
+            b * c,
+            128,
+            &[
+                Arg::B("pooled"),
+                Arg::B("feats"),
+                Arg::U32(hu),
+                Arg::U32(cu),
+                Arg::U32(bcu),
+            ],
+        )
+        .launch_n(
+            "de_linear",
+            b * k,
+            128,
+            &[
+                Arg::B("logits"),
+                Arg::B("pooled"),
+                Arg::B("w"),
+                Arg::B("bias"),
+                Arg::U32(cu),
+                Arg::U32(ku),
+                Arg::U32((b * k) as u32),
+            ],
+        )
+        .launch_n(
+            "de_linear_pool_backward",
+            feats.len(),
+            128,
+            &[
+                Arg::B("dfeats"),
+                Arg::B("dl"),
+                Arg::B("w"),
+                Arg::U32(cu),
+                Arg::U32(ku),
+                Arg::U32(hu),
+                Arg::U32(feats.len() as u32),
+            ],
+        );
+    let out = s.run();
+
+    let check = |name: &str, want: &[f32]| {
+        assert_eq!(bits(&out.get(name)), bits(want), "{name}");
+    };
+    let mut want = nan.clone();
+    e.bn_relu(&bn, &x, &mut want, c, None)?;
+    check("into", &want);
+    let mut want = x.clone();
+    e.bn_relu_in_place(&bn, &mut want, c, None)?;
+    check("inplace", &want);
+    let mut want = nan.clone();
+    e.bn_relu(&student, &x, &mut want, c, Some(&z))?;
+    check("noise_into", &want);
+    let mut want = x.clone();
+    e.bn_relu_in_place(&student, &mut want, c, Some(&z))?;
+    check("noise_inplace", &want);
+    for has_sn in [0, 1] {
+        let skip_norm = (has_sn == 1).then_some(&sn);
+        let mut want = y.clone();
+        e.bn_add_relu(&bn, &mut want, &x, skip_norm, c)?;
+        check(&format!("add{has_sn}"), &want);
+        let mut dd = d.clone();
+        let d2 = e.add_relu_backward(&bn, &mut dd, &y, skip_norm, c)?;
+        check(&format!("d2_{has_sn}"), &d2);
+        check(&format!("dd{has_sn}"), &dd);
+    }
+    for has_r in [0, 1] {
+        let mut want = d.clone();
+        e.bn_relu_backward(&bn, &mut want, &y, (has_r == 1).then_some(&r), c)?;
+        check(&format!("bnd{has_r}"), &want);
+    }
+    check("normal", &normalise(&img, &mean, &inv_std, [ci, h, w]));
+    check("denormal", &denormalise(&dn, &inv_std, [ci, h, w]));
+    let pooled = avg_pool(&feats, hw, c);
+    check("pooled", &pooled);
+    check("logits", &linear(&pooled, &wt, &bias, b, c, k));
+    check("dfeats", &linear_pool_input_grad(&dl, &wt, b, hw, c, k));
+    Ok(())
+}
