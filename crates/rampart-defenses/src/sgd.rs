@@ -12,6 +12,8 @@ use crate::error::{DefenseError, Result};
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(test)]
+mod emulated;
 mod fused;
 
 /// The PTX of the fused SGD kernels, compiled by NVRTC (no GPU needed).

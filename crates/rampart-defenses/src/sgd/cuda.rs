@@ -14,63 +14,7 @@ use super::fused::{Factors, Kernel};
 
 const MODULE: &str = "rampart_sgd";
 
-const SOURCE: &str = r#"
-extern "C" __global__ void sgd_momentum(float* b, const float* g, const float* w,
-                                        float mu, float wd, int decay, unsigned int n) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float gi = g[i];
-    if (decay) gi = __fadd_rn(gi, __fadd_rn(__fmul_rn(w[i], wd), 0.0f));
-    b[i] = __fadd_rn(__fadd_rn(__fmul_rn(b[i], mu), 0.0f), gi);
-}
-
-extern "C" __global__ void sgd_weight(float* w, const float* g, const float* b,
-                                      float mu, float wd, int decay, int nesterov,
-                                      float lr, unsigned int n) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float wi = w[i];
-    float gi = g[i];
-    if (decay) gi = __fadd_rn(gi, __fadd_rn(__fmul_rn(wi, wd), 0.0f));
-    float d;
-    if (mu == 0.0f) d = gi;
-    else if (nesterov) d = __fadd_rn(gi, __fadd_rn(__fmul_rn(b[i], mu), 0.0f));
-    else d = b[i];
-    w[i] = __fsub_rn(wi, __fadd_rn(__fmul_rn(d, lr), 0.0f));
-}
-
-// Every parameter's update in one launch (multi-tensor): meta holds, per tensor,
-// [weights, gradient, momentum buffer (device addresses), n, decayed], then per block
-// [tensor, first element]; block k updates elements first..first + chunk of its
-// tensor. Per element the momentum kernel's then the weight kernel's float operations,
-// as sgd_momentum and sgd_weight do them.
-extern "C" __global__ void sgd_multi(const unsigned long long* meta, unsigned int tensors,
-                                     float mu, float wd, int nesterov, float lr,
-                                     unsigned int chunk) {
-    const unsigned long long* blk = meta + 5ull * tensors + 2ull * blockIdx.x;
-    const unsigned long long* e = meta + 5ull * blk[0];
-    float* w = (float*)e[0];
-    const float* g = (const float*)e[1];
-    float* b = (float*)e[2];
-    unsigned long long n = e[3], start = blk[1];
-    int decay = (int)e[4];
-    unsigned long long end = start + chunk < n ? start + chunk : n;
-    for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-        float wi = w[i];
-        float gi = g[i];
-        if (decay) gi = __fadd_rn(gi, __fadd_rn(__fmul_rn(wi, wd), 0.0f));
-        float d;
-        if (mu == 0.0f) {
-            d = gi;
-        } else {
-            float bi = __fadd_rn(__fadd_rn(__fmul_rn(b[i], mu), 0.0f), gi);
-            b[i] = bi;
-            d = nesterov ? __fadd_rn(gi, __fadd_rn(__fmul_rn(bi, mu), 0.0f)) : bi;
-        }
-        w[i] = __fsub_rn(wi, __fadd_rn(__fmul_rn(d, lr), 0.0f));
-    }
-}
-"#;
+const SOURCE: &str = include_str!("sgd.cu");
 
 /// The module of both kernels.
 static SGD: Module = Module::new(MODULE, SOURCE);

@@ -14,8 +14,10 @@
 // each ARG `b NAME` (the buffer DIR/buf_NAME.bin, raw little-endian bytes, loaded at
 // its first use and passed as a pointer), `null 0` (a null pointer), or `u32 V`, `i32 V`, `u64 V` (decimal),
 // `f32 BITS`, `f64 BITS` (the value's bits in hexadecimal). After the last launch
-// every buffer used is written to DIR/out_NAME.bin. KERNEL_LIST (a -D definition)
-// names the kernels: K(name) K(name) ...
+// every buffer used is written to DIR/out_NAME.bin. A line `@address TABLE I BUF`
+// writes the address of buffer BUF's first byte as the I-th 64-bit value of buffer
+// TABLE (a table of device addresses, as a multi-tensor kernel takes). KERNEL_LIST
+// (a -D definition) names the kernels: K(name) K(name) ...
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -226,6 +228,19 @@ int main(int argc, char** argv) {
   while (std::getline(script, line)) {
     if (line.empty()) continue;
     std::istringstream in(line);
+    if (line.rfind("@address ", 0) == 0) {
+      std::string op, table, target;
+      size_t index = 0;
+      in >> op >> table >> index >> target;
+      auto& t = buffer(table);
+      uint64_t address = (uint64_t)(uintptr_t)buffer(target).data();
+      if ((index + 1) * 8 > t.size()) {
+        std::fprintf(stderr, "address %zu past the end of %s\n", index, table.c_str());
+        return 1;
+      }
+      std::memcpy(t.data() + index * 8, &address, 8);
+      continue;
+    }
     std::string name;
     dim3 grid, block;
     in >> name >> grid.x >> grid.y >> grid.z >> block.x >> block.y >> block.z;

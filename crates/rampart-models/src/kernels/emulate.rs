@@ -221,6 +221,15 @@ impl Session {
         self
     }
 
+    /// Writes, before the launches that follow, the address of buffer `target` as the
+    /// `index`-th 64-bit value of buffer `table` (both written already): a table of
+    /// device addresses, as a multi-tensor kernel reads.
+    pub fn address(&mut self, table: &str, index: usize, target: &str) -> &mut Self {
+        use std::fmt::Write;
+        let _ = writeln!(self.script, "@address {table} {index} {target}");
+        self
+    }
+
     /// A launch of `n` threads in blocks of `block` (one dimension).
     pub fn launch_n(&mut self, kernel: &str, n: usize, block: u32, args: &[Arg<'_>]) -> &mut Self {
         let grid = u32::try_from(n.div_ceil(block as usize).max(1)).expect("a grid that fits");

@@ -1,0 +1,174 @@
+//! The fused SGD kernels (`sgd.cu`) run on the CPU
+//! (`rampart_models::kernels::emulate`) against the CPU kernels, bit for bit, with
+//! the arguments in the order of `cuda.rs`'s launches: both per-parameter kernels for
+//! every kind of step (momentum or none, Nesterov or heavy ball, decayed or not), and
+//! the multi-tensor kernel on a table of three tensors, one shorter than a block and
+//! two spanning several 4,096-element blocks, decayed and not.
+
+use candle_core::{Device, Tensor};
+use rampart_models::kernels::emulate::{Arg, Emulator};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::fused::{Factors, Kernel, SgdUpdate};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|a| a.to_bits()).collect()
+}
+
+/// The CPU kernel `kernel` on `dst` with sources `a` and `b`.
+fn cpu(
+    kernel: Kernel,
+    f: Factors,
+    dst: &[f32],
+    a: &[f32],
+    b: &[f32],
+) -> candle_core::Result<Vec<f32>> {
+    let dev = Device::Cpu;
+    let d = Tensor::new(dst, &dev)?;
+    d.inplace_op3(
+        &Tensor::new(a, &dev)?,
+        &Tensor::new(b, &dev)?,
+        &SgdUpdate(kernel, f),
+    )?;
+    d.to_vec1::<f32>()
+}
+
+fn values(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+#[test]
+fn sgd_kernels_equal_the_cpu_kernels() -> TestResult {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let emu = Emulator::of(include_str!("sgd.cu"));
+    let mut s = emu.session();
+    let n = 300usize;
+    let (w, g, b) = (
+        values(&mut rng, n),
+        values(&mut rng, n),
+        values(&mut rng, n),
+    );
+    s.put("w", &w).put("g", &g).put("b", &b);
+    let mut expected = Vec::new();
+    let mut case = 0;
+    for mu in [0.0f32, 0.9] {
+        for decay in [None, Some(5e-4f32)] {
+            for nesterov in [false, true] {
+                let f = Factors {
+                    mu,
+                    decay,
+                    nesterov,
+                    lr: 0.05,
+                };
+                let (wd, dec) = (decay.unwrap_or(0.0), i32::from(decay.is_some()));
+                let (bn, wn) = (format!("b{case}"), format!("w{case}"));
+                s.put(&bn, &b).put(&wn, &w);
+                s.launch_n(
+                    "sgd_momentum",
+                    n,
+                    64,
+                    &[
+                        Arg::B(&bn),
+                        Arg::B("g"),
+                        Arg::B("w"),
+                        Arg::F32(mu),
+                        Arg::F32(wd),
+                        Arg::I32(dec),
+                        Arg::U32(n as u32),
+                    ],
+                );
+                s.launch_n(
+                    "sgd_weight",
+                    n,
+                    64,
+                    &[
+                        Arg::B(&wn),
+                        Arg::B("g"),
+                        Arg::B("b"),
+                        Arg::F32(mu),
+                        Arg::F32(wd),
+                        Arg::I32(dec),
+                        Arg::I32(i32::from(nesterov)),
+                        Arg::F32(f.lr),
+                        Arg::U32(n as u32),
+                    ],
+                );
+                expected.push((bn, cpu(Kernel::Momentum, f, &b, &g, &w)?));
+                expected.push((wn, cpu(Kernel::Weight, f, &w, &g, &b)?));
+                case += 1;
+            }
+        }
+    }
+
+    // The multi-tensor kernel: [w, g, b, n, decayed] per tensor, then [tensor, first]
+    // per block of CHUNK elements, as `launch_multi` writes the table.
+    const CHUNK: usize = 4096;
+    let sizes = [7usize, 5000, 9000];
+    let decayed = [true, false, true];
+    let (mu, wd, lr) = (0.9f32, 5e-4f32, 0.05f32);
+    for nesterov in [false, true] {
+        let mut table: Vec<u64> = Vec::new();
+        let mut blocks: Vec<u64> = Vec::new();
+        let mut names = Vec::new();
+        for (t, (&len, &dec)) in sizes.iter().zip(&decayed).enumerate() {
+            let tag = format!("m{}_{t}", u8::from(nesterov));
+            let (mw, mg, mb) = (
+                values(&mut rng, len),
+                values(&mut rng, len),
+                values(&mut rng, len),
+            );
+            let f = Factors {
+                mu,
+                decay: dec.then_some(wd),
+                nesterov,
+                lr,
+            };
+            let b_new = cpu(Kernel::Momentum, f, &mb, &mg, &mw)?;
+            let w_new = cpu(Kernel::Weight, f, &mw, &mg, &b_new)?;
+            let names_t = ["w", "g", "b"].map(|p| format!("{tag}_{p}"));
+            s.put(&names_t[0], &mw)
+                .put(&names_t[1], &mg)
+                .put(&names_t[2], &mb);
+            expected.push((names_t[0].clone(), w_new));
+            expected.push((names_t[2].clone(), b_new));
+            table.extend([0, 0, 0, len as u64, u64::from(dec)]);
+            blocks.extend(
+                (0..len)
+                    .step_by(CHUNK)
+                    .flat_map(|first| [t as u64, first as u64]),
+            );
+            names.push(names_t);
+        }
+        let n_blocks = blocks.len() / 2;
+        table.extend(blocks);
+        let meta = format!("meta{}", u8::from(nesterov));
+        s.put(&meta, &table);
+        for (t, names_t) in names.iter().enumerate() {
+            for (k, name) in names_t.iter().enumerate() {
+                s.address(&meta, 5 * t + k, name);
+            }
+        }
+        s.launch(
+            "sgd_multi",
+            [n_blocks as u32, 1, 1],
+            [256, 1, 1],
+            &[
+                Arg::B(&meta),
+                Arg::U32(sizes.len() as u32),
+                Arg::F32(mu),
+                Arg::F32(wd),
+                Arg::I32(i32::from(nesterov)),
+                Arg::F32(lr),
+                Arg::U32(CHUNK as u32),
+            ],
+        );
+    }
+    let out = s.run();
+    for (name, want) in &expected {
+        assert_eq!(bits(&out.get::<f32>(name)), bits(want), "{name}");
+    }
+    Ok(())
+}
