@@ -250,14 +250,7 @@ impl Run<'_> {
             // The labels are the checked problem's: checking them again would read them
             // back from the device, a wait in the middle of every step.
             let p = probe_with(self.problem.model, &input, want_grad, |logits| {
-                if logits.dims() != [m, k] {
-                    return Err(Error::Input(format!(
-                        "the model returned logits of shape {:?} for a batch of {m} \
-                         ({k} classes expected)",
-                        logits.dims()
-                    )));
-                }
-                objective_fn.values(logits, &ys, target)
+                objective_values(objective_fn, target, logits, &ys, (m, k))
             })?;
             accumulate(&mut probs, &crate::batch::probabilities(&p.logits)?);
             let values = p.values.to_dtype(DType::F64)?.to_vec1::<f64>()?;
@@ -336,6 +329,23 @@ impl Update<'_> {
         self.batch.clamp_box(i, delta);
         self.batch.store(i, delta, out);
     }
+}
+
+/// The objective's per-example values at `logits`, which must be (M, K) for `mk`.
+fn objective_values(
+    objective: crate::objective::Objective,
+    target: Option<u32>,
+    logits: &Tensor,
+    ys: &Tensor,
+    (m, k): (usize, usize),
+) -> Result<Tensor> {
+    if logits.dims() != [m, k] {
+        return Err(Error::Input(format!(
+            "the model returned logits of shape {:?} for a batch of {m} ({k} classes expected)",
+            logits.dims()
+        )));
+    }
+    objective.values(logits, ys, target)
 }
 
 /// Examples per parallel task: about 32,768 coordinates each, so that a small problem

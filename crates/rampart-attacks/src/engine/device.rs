@@ -32,7 +32,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::Run;
 use crate::base::Criterion;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::norm::Norm;
 use crate::objective::probe_with;
 use crate::repeated::{Record, Rows};
@@ -410,14 +410,7 @@ fn evaluate(exec: Executor, r: &Run<'_>, s: &mut State, want_grad: bool) -> Resu
     let labels = s.labels.clone();
     for sample in 0..samples {
         let p = probe_with(r.problem.model, &input, want_grad, |logits| {
-            if logits.dims() != [m, k] {
-                return Err(Error::Input(format!(
-                    "the model returned logits of shape {:?} for a batch of {m} \
-                     ({k} classes expected)",
-                    logits.dims()
-                )));
-            }
-            objective.values(logits, &labels, target)
+            super::objective_values(objective, target, logits, &labels, (m, k))
         })?;
         let probs = candle_nn::ops::softmax(&p.logits, D::Minus1)?.flatten_all()?;
         let values = p.values.to_dtype(DType::F64)?;
@@ -552,43 +545,27 @@ pub(crate) mod twin {
         d: usize,
         p: Step,
     ) {
-        let (lo, hi) = (p.lo as f64, p.hi as f64);
         for i in 0..cand.len() {
             let (row, c) = (i / d, i % d);
-            let (a, xc) = (adv[i], x[i]);
-            let mut v = grad[i] as f64;
-            if !v.is_finite() {
-                v = 0.0;
-            }
-            if let Some(mask) = mask {
-                v *= mask[c];
-            }
-            if (a >= p.hi && v > 0.0) || (a <= p.lo && v < 0.0) {
-                v = 0.0;
-            }
-            v = if v > 0.0 {
+            let v = raw_direction(grad[i], adv[i], mask.map(|m| m[c]), &p);
+            let v = if v > 0.0 {
                 1.0
             } else if v < 0.0 {
                 -1.0
             } else {
                 0.0
             };
-            let m = p.beta * mom[i] + (1.0 - p.beta) * v;
-            mom[i] = m;
-            let mut delta = (a as f64 - xc as f64) + rows[row * ROW + LR] * m;
-            if let Some(mask) = mask {
-                delta *= mask[c];
-            }
-            let (l, h) = (lo - xc as f64, hi - xc as f64);
-            delta = clamp(delta, l, h);
-            delta = clamp(delta, -p.eps, p.eps);
-            delta = clamp(delta, l, h);
-            let s = clamp_f32((xc as f64 + delta) as f32, p.lo, p.hi);
-            cand[i] = if (s as f64 - xc as f64).abs() > delta.abs() {
-                next_toward(s, xc)
-            } else {
-                s
-            };
+            let delta = momentum_step(
+                &mut mom[i],
+                v,
+                adv[i],
+                x[i],
+                rows[row * ROW + LR],
+                mask.map(|m| m[c]),
+                &p,
+            );
+            let delta = clamp(delta, -p.eps, p.eps);
+            cand[i] = stored(x[i], delta, &p);
         }
     }
 
@@ -608,35 +585,17 @@ pub(crate) mod twin {
         d: usize,
         p: Step,
     ) {
-        let (lo, hi) = (p.lo as f64, p.hi as f64);
         let mut v = vec![0f64; d];
         for row in 0..cand.len() / d {
             let span = row * d..(row + 1) * d;
             for (c, i) in span.clone().enumerate() {
-                let mut g = grad[i] as f64;
-                if !g.is_finite() {
-                    g = 0.0;
-                }
-                if let Some(mask) = mask {
-                    g *= mask[c];
-                }
-                let a = adv[i];
-                if (a >= p.hi && g > 0.0) || (a <= p.lo && g < 0.0) {
-                    g = 0.0;
-                }
-                v[c] = g;
+                v[c] = raw_direction(grad[i], adv[i], mask.map(|m| m[c]), &p);
             }
             let norm = norm2(&v);
             for (c, i) in span.clone().enumerate() {
                 let g = if norm > 0.0 { v[c] / norm } else { v[c] };
-                let m = p.beta * mom[i] + (1.0 - p.beta) * g;
-                mom[i] = m;
-                let xc = x[i] as f64;
-                let mut delta = (adv[i] as f64 - xc) + rows[row * ROW + LR] * m;
-                if let Some(mask) = mask {
-                    delta *= mask[c];
-                }
-                v[c] = clamp(delta, lo - xc, hi - xc);
+                let lr = rows[row * ROW + LR];
+                v[c] = momentum_step(&mut mom[i], g, adv[i], x[i], lr, mask.map(|m| m[c]), &p);
             }
             let norm = norm2(&v);
             if norm > p.eps {
@@ -649,15 +608,57 @@ pub(crate) mod twin {
                 }
             }
             for (c, i) in span.enumerate() {
-                let xc = x[i];
-                let delta = clamp(v[c], lo - xc as f64, hi - xc as f64);
-                let s = clamp_f32((xc as f64 + delta) as f32, p.lo, p.hi);
-                cand[i] = if (s as f64 - xc as f64).abs() > delta.abs() {
-                    next_toward(s, xc)
-                } else {
-                    s
-                };
+                cand[i] = stored(x[i], v[c], &p);
             }
+        }
+    }
+
+    /// One coordinate's raw ascent direction: the gradient `g` in f64, zero where not
+    /// finite, times the mask, zero where it pushes a coordinate `a` on a bound out.
+    fn raw_direction(g: f32, a: f32, mask: Option<f64>, p: &Step) -> f64 {
+        let mut v = g as f64;
+        if !v.is_finite() {
+            v = 0.0;
+        }
+        if let Some(m) = mask {
+            v *= m;
+        }
+        if (a >= p.hi && v > 0.0) || (a <= p.lo && v < 0.0) {
+            v = 0.0;
+        }
+        v
+    }
+
+    /// One coordinate's momentum update from the normalised direction `g` (written to
+    /// `m`) and its step from `a` by `lr`: δ = (a − x) + lr·m, masked, in the box.
+    fn momentum_step(
+        m: &mut f64,
+        g: f64,
+        a: f32,
+        x: f32,
+        lr: f64,
+        mask: Option<f64>,
+        p: &Step,
+    ) -> f64 {
+        *m = p.beta * *m + (1.0 - p.beta) * g;
+        let xc = x as f64;
+        let mut delta = (a as f64 - xc) + lr * *m;
+        if let Some(mask) = mask {
+            delta *= mask;
+        }
+        clamp(delta, p.lo as f64 - xc, p.hi as f64 - xc)
+    }
+
+    /// x + δ for δ inside the box after the norm's projection (clamped to it once
+    /// more), rounded to f32 and, where that went past |δ|, the next f32 towards x.
+    fn stored(x: f32, delta: f64, p: &Step) -> f32 {
+        let xc = x as f64;
+        let delta = clamp(delta, p.lo as f64 - xc, p.hi as f64 - xc);
+        let s = clamp_f32((xc + delta) as f32, p.lo, p.hi);
+        if (s as f64 - xc).abs() > delta.abs() {
+            next_toward(s, x)
+        } else {
+            s
         }
     }
 

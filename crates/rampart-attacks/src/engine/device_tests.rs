@@ -294,6 +294,42 @@ fn device_resident_loop_refuses_nan_logits() -> Result<()> {
     Ok(())
 }
 
+/// Current iterates near the clean inputs `x` in [0, 1], inside any ε ≥ 0.04: some on
+/// the bounds, some at x, the others within 0.04 of it.
+fn iterates(rng: &mut ChaCha8Rng, x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .map(|&xc| match rng.gen_range(0..5) {
+            0 => 0.0f32.max(xc - 0.02),
+            1 => 1.0f32.min(xc + 0.02),
+            2 => xc,
+            _ => (xc + rng.gen_range(-0.04f32..0.04)).clamp(0.0, 1.0),
+        })
+        .collect()
+}
+
+/// Input gradients as a model may return them: NaN, ±∞ and ±0 among values in [−1, 1).
+fn raw_gradients(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| match rng.gen_range(0..10) {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::NEG_INFINITY,
+            3 => 0.0,
+            4 => -0.0,
+            _ => rng.gen_range(-1.0f32..1.0),
+        })
+        .collect()
+}
+
+/// The per-row scalars of `m` rows, row j stepping by 0.01·(j + 1).
+fn step_rows(m: usize) -> Vec<f64> {
+    let mut rows = vec![0f64; m * ROW];
+    for (j, r) in rows.chunks_mut(ROW).enumerate() {
+        r[LR] = 0.01 * (j + 1) as f64;
+    }
+    rows
+}
+
 /// The step kernel's twin equals the host loop's update (direction, momentum, the
 /// projections, the rounding) element for element, on gradients that are NaN,
 /// infinite, ±0, and on coordinates sitting on the bounds, with a mask.
@@ -341,32 +377,10 @@ fn step_twin_equals_the_host_update() -> Result<()> {
         };
         assert!(engine.mask.is_some() == masked);
         let eps = 0.05;
-        // Current iterates inside the box and the ball, some on the bounds.
-        let adv: Vec<f32> = x
-            .iter()
-            .map(|&xc| match rng.gen_range(0..5) {
-                0 => 0.0f32.max(xc - eps as f32 / 2.0),
-                1 => 1.0f32.min(xc + eps as f32 / 2.0),
-                2 => xc,
-                _ => (xc + rng.gen_range(-0.04f32..0.04)).clamp(0.0, 1.0),
-            })
-            .collect();
-        let grad: Vec<f32> = (0..m * d)
-            .map(|_| match rng.gen_range(0..10) {
-                0 => f32::NAN,
-                1 => f32::INFINITY,
-                2 => f32::NEG_INFINITY,
-                3 => 0.0,
-                4 => -0.0,
-                _ => rng.gen_range(-1.0f32..1.0),
-            })
-            .collect();
+        let (adv, grad) = (iterates(&mut rng, &x), raw_gradients(&mut rng, m * d));
         let mom0: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        let lrs: Vec<f64> = (0..m).map(|j| 0.01 * (j + 1) as f64).collect();
-        let mut rows = vec![0f64; m * ROW];
-        for (r, lr) in rows.chunks_mut(ROW).zip(&lrs) {
-            r[LR] = *lr;
-        }
+        let rows = step_rows(m);
+        let lrs: Vec<f64> = rows.chunks(ROW).map(|r| r[LR]).collect();
         let mut cand = vec![0f32; m * d];
         let mut mom = mom0.clone();
         let step = Step {
@@ -445,30 +459,9 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins() {
             _ => rng.gen_range(0.0f32..1.0),
         })
         .collect();
-    let adv: Vec<f32> = x
-        .iter()
-        .map(|&xc| match rng.gen_range(0..5) {
-            0 => 0.0f32.max(xc - 0.02),
-            1 => 1.0f32.min(xc + 0.02),
-            2 => xc,
-            _ => (xc + rng.gen_range(-0.04f32..0.04)).clamp(0.0, 1.0),
-        })
-        .collect();
-    let grad: Vec<f32> = (0..m * d)
-        .map(|_| match rng.gen_range(0..10) {
-            0 => f32::NAN,
-            1 => f32::INFINITY,
-            2 => f32::NEG_INFINITY,
-            3 => 0.0,
-            4 => -0.0,
-            _ => rng.gen_range(-1.0f32..1.0),
-        })
-        .collect();
+    let (adv, grad) = (iterates(&mut rng, &x), raw_gradients(&mut rng, m * d));
     let mom: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    let mut rows = vec![0f64; m * ROW];
-    for (j, r) in rows.chunks_mut(ROW).enumerate() {
-        r[LR] = 0.01 * (j + 1) as f64;
-    }
+    let rows = step_rows(m);
     let mask: Vec<f64> = (0..d).map(|c| f64::from(u8::from(c % 3 != 0))).collect();
     s.put("x", &x)
         .put("adv", &adv)
@@ -490,32 +483,24 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins() {
             .put(&scratch, &vec![f64::NAN; m * d]);
         let mask_arg = if masked { Arg::B("mask") } else { Arg::Null };
         let tail = [Arg::F64(eps), Arg::F64(beta), Arg::F32(0.0), Arg::F32(1.0)];
+        // (cand, mom[, scratch], adv, x, grad, rows, mask, d[, m·d], ε, β, lo, hi)
+        let mut args = vec![Arg::B(&cand), Arg::B(&mo)];
         if l2 {
-            let mut args = vec![
-                Arg::B(&cand),
-                Arg::B(&mo),
-                Arg::B(&scratch),
-                Arg::B("adv"),
-                Arg::B("x"),
-                Arg::B("grad"),
-                Arg::B("rows"),
-                mask_arg,
-                Arg::U32(du),
-            ];
+            args.push(Arg::B(&scratch));
+        }
+        args.extend([
+            Arg::B("adv"),
+            Arg::B("x"),
+            Arg::B("grad"),
+            Arg::B("rows"),
+            mask_arg,
+        ]);
+        args.push(Arg::U32(du));
+        if l2 {
             args.extend(tail);
             s.launch("atk_step_l2", [mu, 1, 1], [256, 1, 1], &args);
         } else {
-            let mut args = vec![
-                Arg::B(&cand),
-                Arg::B(&mo),
-                Arg::B("adv"),
-                Arg::B("x"),
-                Arg::B("grad"),
-                Arg::B("rows"),
-                mask_arg,
-                Arg::U32(du),
-                Arg::U32(mu * du),
-            ];
+            args.push(Arg::U32(mu * du));
             args.extend(tail);
             s.launch_n("atk_step_linf", m * d, 128, &args);
         }

@@ -6,17 +6,13 @@
 //! two spanning several 4,096-element blocks, decayed and not.
 
 use candle_core::{Device, Tensor};
-use rampart_models::kernels::emulate::{Arg, Emulator};
+use rampart_models::kernels::emulate::{bits, Arg, Emulator};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::fused::{Factors, Kernel, SgdUpdate};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|a| a.to_bits()).collect()
-}
 
 /// The CPU kernel `kernel` on `dst` with sources `a` and `b`.
 fn cpu(

@@ -13,24 +13,9 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{avg_pool, denormalise, linear, linear_pool_input_grad, normalise};
 use super::{CpuExec, DNoise, DNorm, Exec};
-use crate::kernels::emulate::{Arg, Emulator, Session};
+use crate::kernels::emulate::{awkward, bits, Arg, Emulator, Session};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|a| a.to_bits()).collect()
-}
-
-fn values(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| match rng.gen_range(0..12) {
-            0 => f32::NAN,
-            1 => 0.0,
-            2 => -0.0,
-            _ => rng.gen_range(-2.0f32..2.0),
-        })
-        .collect()
-}
 
 /// A BatchNorm of `c` channels with non-trivial parameters and running statistics,
 /// and its buffers in the session under `name_*`.
@@ -82,10 +67,10 @@ fn eval_program_kernels_equal_their_twins() -> TestResult {
     let sn = norm(&mut rng, &mut s, "sn", c)?;
     let (bnn, snn) = (names("bn"), names("sn"));
     let (x, y, d, r) = (
-        values(&mut rng, n),
-        values(&mut rng, n),
-        values(&mut rng, n),
-        values(&mut rng, n),
+        awkward(&mut rng, n),
+        awkward(&mut rng, n),
+        awkward(&mut rng, n),
+        awkward(&mut rng, n),
     );
     let z: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
     let (alpha, sigma) = (

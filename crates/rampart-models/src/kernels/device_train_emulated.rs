@@ -10,29 +10,9 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{dot_blocks, noise_dot, noise_relu, noise_sigma, TFc, TrainExec, DOT_THREADS};
 use crate::kernels::device_eval::CpuExec;
-use crate::kernels::emulate::{Arg, Emulator};
+use crate::kernels::emulate::{awkward, bits, finite, Arg, Emulator};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|a| a.to_bits()).collect()
-}
-
-/// Finite values in [−2, 2), for the sums (a NaN would make them all NaN).
-fn finite(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect()
-}
-
-fn values(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| match rng.gen_range(0..12) {
-            0 => f32::NAN,
-            1 => 0.0,
-            2 => -0.0,
-            _ => rng.gen_range(-2.0f32..2.0),
-        })
-        .collect()
-}
 
 #[test]
 fn train_program_kernels_equal_their_twins() -> TestResult {
@@ -44,9 +24,9 @@ fn train_program_kernels_equal_their_twins() -> TestResult {
     let (per, n) = (hw * c, b * hw * c);
     let (nu, cu, peru) = (n as u32, c as u32, per as u32);
     let (d, y, r) = (
-        values(&mut rng, n),
-        values(&mut rng, n),
-        values(&mut rng, n),
+        awkward(&mut rng, n),
+        awkward(&mut rng, n),
+        awkward(&mut rng, n),
     );
     s.put("y", &y)
         .put("r", &r)

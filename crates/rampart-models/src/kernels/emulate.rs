@@ -176,6 +176,31 @@ macro_rules! element {
 }
 element!(f32, f64, u16, u32, u64);
 
+/// The bit patterns of `v`, for exact comparisons of kernel outputs (a NaN equals a
+/// NaN of the same bits).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|a| a.to_bits()).collect()
+}
+
+/// `n` values in [−2, 2) with NaN, +0 and −0 among them (one in twelve each): inputs
+/// of element-wise kernels.
+pub fn awkward(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| match rng.gen_range(0..12) {
+            0 => f32::NAN,
+            1 => 0.0,
+            2 => -0.0,
+            _ => rng.gen_range(-2.0f32..2.0),
+        })
+        .collect()
+}
+
+/// `n` finite values in [−2, 2): inputs of kernels that sum (one NaN would make every
+/// sum NaN, and the comparison empty).
+pub fn finite(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect()
+}
+
 /// Buffers and launches run together by [`Session::run`].
 #[derive(Debug)]
 pub struct Session {

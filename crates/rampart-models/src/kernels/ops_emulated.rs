@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::emulate::{Arg, Emulator};
+use super::emulate::{awkward, bits, Arg, Emulator};
 use super::pointwise::{BnEvalBackward, ReluMask, RunningUpdate, Stat};
 use super::xent::{cross_entropy, cross_entropy_rows, Targets};
 
@@ -17,27 +17,11 @@ fn emulator() -> &'static Emulator {
     Emulator::of(include_str!("ops.cu"))
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|a| a.to_bits()).collect()
-}
-
-/// Values in [−2, 2) with NaN, ±0 and exact zeros sprinkled in.
-fn values(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| match rng.gen_range(0..12) {
-            0 => f32::NAN,
-            1 => 0.0,
-            2 => -0.0,
-            _ => rng.gen_range(-2.0f32..2.0),
-        })
-        .collect()
-}
-
 #[test]
 fn pointwise_kernels_equal_their_twins() -> TestResult {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let (c, n) = (7usize, 7 * 37);
-    let (dy, y) = (values(&mut rng, n), values(&mut rng, n));
+    let (dy, y) = (awkward(&mut rng, n), awkward(&mut rng, n));
     let gamma: Vec<f32> = (0..c).map(|_| rng.gen_range(-1.5f32..1.5)).collect();
     let var: Vec<f32> = (0..c).map(|_| rng.gen_range(0.0f32..3.0)).collect();
     let stats: Vec<f32> = (0..2 * c).map(|_| rng.gen_range(0.1f32..2.0)).collect();
@@ -239,31 +223,21 @@ fn cross_entropy_kernels_equal_their_twins() -> TestResult {
                 &format!("xent_rows {what}"),
             );
             let v = Var::from_tensor(&logits)?;
-            let loss = (cross_entropy(v.as_tensor(), targets)? * 0.75)?;
-            let d = loss
-                .backward()?
-                .get(v.as_tensor())
-                .ok_or("no gradient")?
-                .clone();
-            let want = d.flatten_all()?.to_vec1::<f32>()?;
-            close(
-                &out.get(&format!("dmean_{name}")),
-                &want,
-                &format!("xent_backward mean {what}"),
-            );
             let gr = Tensor::new(g_rows.as_slice(), &dev)?;
-            let loss = (cross_entropy_rows(v.as_tensor(), targets)? * gr)?.sum_all()?;
-            let d = loss
-                .backward()?
-                .get(v.as_tensor())
-                .ok_or("no gradient")?
-                .clone();
-            let want = d.flatten_all()?.to_vec1::<f32>()?;
-            close(
-                &out.get(&format!("drows_{name}")),
-                &want,
-                &format!("xent_backward rows {what}"),
-            );
+            let losses = [
+                ("dmean", (cross_entropy(v.as_tensor(), targets)? * 0.75)?),
+                (
+                    "drows",
+                    (cross_entropy_rows(v.as_tensor(), targets)? * gr)?.sum_all()?,
+                ),
+            ];
+            for (grad, loss) in losses {
+                let d = loss.backward()?;
+                let d = d.get(v.as_tensor()).ok_or("no gradient")?;
+                let want = d.flatten_all()?.to_vec1::<f32>()?;
+                let got = out.get(&format!("{grad}_{name}"));
+                close(&got, &want, &format!("xent_backward {grad} {what}"));
+            }
         }
     }
     // A label out of range makes the kernels' results NaN (the GPU does not check).
