@@ -250,7 +250,7 @@ pub trait Attack {
         eps: &[f64],
         seed: u64,
     ) -> Result<Vec<AttackResult>> {
-        let problem = checked_problem(self, model, bounds, xs, ys, eps)?;
+        let problem = checked_problem(self, model, bounds, xs, ys, eps, None)?;
         eps.iter()
             .map(|&e| {
                 let outcome = self.attack_eps(&problem, e, seed)?;
@@ -274,7 +274,28 @@ pub trait Attack {
         eps: f64,
         seed: u64,
     ) -> Result<Perturbed> {
-        let problem = checked_problem(self, model, bounds, xs, ys, &[eps])?;
+        let problem = checked_problem(self, model, bounds, xs, ys, &[eps], None)?;
+        let outcome = self.attack_eps(&problem, eps, seed)?;
+        problem.points(self.norm(), outcome, eps)
+    }
+
+    /// [`Attack::perturb`] for a model known to return `classes` logits per example:
+    /// the one-image forward pass that otherwise learns K before the attack is skipped
+    /// (on a GPU it costs a whole network's kernel launches, once per training step
+    /// of an adversarial method). The attack's passes still check the logits' shape,
+    /// so a wrong `classes` is an error, not a wrong result.
+    #[allow(clippy::too_many_arguments)]
+    fn perturb_with_classes(
+        &self,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        eps: f64,
+        seed: u64,
+        classes: usize,
+    ) -> Result<Perturbed> {
+        let problem = checked_problem(self, model, bounds, xs, ys, &[eps], Some(classes))?;
         let outcome = self.attack_eps(&problem, eps, seed)?;
         problem.points(self.norm(), outcome, eps)
     }
@@ -290,6 +311,7 @@ fn checked_problem<'m, A: Attack + ?Sized>(
     xs: &Tensor,
     ys: &Tensor,
     eps: &[f64],
+    classes: Option<usize>,
 ) -> Result<Problem<'m>> {
     attack.validate()?;
     attack.criterion().validate()?;
@@ -300,7 +322,10 @@ fn checked_problem<'m, A: Attack + ?Sized>(
     for &e in eps {
         attack.norm().check_eps(e)?;
     }
-    let problem = Problem::new(model, bounds, xs, ys)?;
+    let problem = match classes {
+        Some(k) => Problem::with_classes(model, bounds, xs, ys, k)?,
+        None => Problem::new(model, bounds, xs, ys)?,
+    };
     attack.check(&problem)?;
     Ok(problem)
 }

@@ -61,6 +61,18 @@ pub(crate) struct Probed {
 impl Batch {
     /// Validates the inputs and learns K from one forward pass of the first example.
     pub fn new(model: &dyn ModuleT, bounds: Bounds, xs: &Tensor, ys: &Tensor) -> Result<Batch> {
+        Batch::with_classes(model, bounds, xs, ys, None)
+    }
+
+    /// As [`Batch::new`]; with `classes` given, K is taken from the caller instead of a
+    /// forward pass (every pass of the attack still checks the logits' shape).
+    pub fn with_classes(
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        classes: Option<usize>,
+    ) -> Result<Batch> {
         bounds.validate()?;
         let dims = xs.dims().to_vec();
         if dims.len() < 2 || dims.contains(&0) {
@@ -99,14 +111,21 @@ impl Batch {
                 labels.len()
             )));
         }
-        let logits = model.forward_t(&xs.narrow(0, 0, 1)?, false)?;
-        let classes = match logits.dims() {
-            [1, k] => *k,
-            other => {
-                return Err(Error::Input(format!(
-                    "the model must return (B, K) logits, got {other:?} for one input"
-                )))
+        let classes = match classes {
+            Some(0) => {
+                return Err(Error::Input(
+                    "a model of zero classes cannot be attacked".into(),
+                ))
             }
+            Some(k) => k,
+            None => match model.forward_t(&xs.narrow(0, 0, 1)?, false)?.dims() {
+                [1, k] => *k,
+                other => {
+                    return Err(Error::Input(format!(
+                        "the model must return (B, K) logits, got {other:?} for one input"
+                    )))
+                }
+            },
         };
         check_labels(ys, b, classes)?;
         Ok(Batch {

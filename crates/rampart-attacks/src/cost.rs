@@ -351,6 +351,24 @@ mod tests {
                 pgd.cost().forward - pgd.perturb_cost().forward,
                 pgd.eot.eval_samples.max(1) as f64
             );
+            // Given the classes, the same points without the one-image pass that
+            // learns them.
+            let known = PassCounter::new(&t.model);
+            let k = crate::testutil::CLASSES;
+            let given = pgd.perturb_with_classes(&known, bounds, &t.xs, &t.ys, eps, 3, k)?;
+            assert_eq!(flat(&given.clipped)?, flat(&points.clipped)?, "{name}");
+            assert_eq!(given.iterations, points.iterations, "{name}");
+            let fewer = known.passes();
+            assert_eq!(seen.forward - fewer.forward, 1.0, "{name}: {fewer:?}");
+            assert_eq!(seen.gradient, fewer.gradient, "{name}");
+        }
+        // Wrong classes are refused (by the labels' check or the first pass's shape).
+        for k in [0, 2, crate::testutil::CLASSES + 1] {
+            let r = pgd.perturb_with_classes(&t.model, bounds, &t.xs, &t.ys, 0.1, 0, k);
+            assert!(
+                matches!(r, Err(crate::Error::Input(_))),
+                "{k} classes: {r:?}"
+            );
         }
         // The same refusals as `run`.
         let bad = Pgd { steps: 0, ..pgd };

@@ -34,6 +34,21 @@ impl<'a> Problem<'a> {
         })
     }
 
+    /// As [`Problem::new`] for a model known to return `classes` logits per example:
+    /// no forward pass learns K (the attack's passes check the logits' shape).
+    pub fn with_classes(
+        model: &'a dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        classes: usize,
+    ) -> Result<Problem<'a>> {
+        Ok(Problem {
+            model,
+            batch: Batch::with_classes(model, bounds, xs, ys, Some(classes))?,
+        })
+    }
+
     /// A problem on an already validated batch (a subset keeps its RNG streams).
     pub(crate) fn from_batch(model: &'a dyn ModuleT, batch: Batch) -> Problem<'a> {
         Problem { model, batch }

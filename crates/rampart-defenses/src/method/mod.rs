@@ -258,9 +258,10 @@ pub fn adversarial_count(batch: usize, fraction: f64) -> usize {
 
 /// Runs `attack` at budget `eps` on the model (which the attack calls in eval mode),
 /// computing input gradients only (the weights' gradients are neither needed nor
-/// computed), and returns its points without judging them ([`Attack::perturb`]: a
-/// training step needs the points, not a last forward pass to classify them).
-/// images: (M, C, H, W) in the model's bounds; labels: (M,).
+/// computed), and returns its points without judging them
+/// ([`Attack::perturb_with_classes`]: a training step needs the points, not a last
+/// forward pass to classify them, nor one to learn the model's classes, which its
+/// spec gives). images: (M, C, H, W) in the model's bounds; labels: (M,).
 pub(crate) fn run_attack(
     attack: &dyn Attack,
     model: &Classifier,
@@ -271,7 +272,9 @@ pub(crate) fn run_attack(
 ) -> Result<Perturbed> {
     let (lo, hi) = model.bounds();
     let bounds = Bounds::new(lo, hi)?;
-    Ok(attack.perturb(&model.frozen(), bounds, images, labels, eps, seed)?)
+    let classes = model.spec().num_classes;
+    let frozen = model.frozen();
+    Ok(attack.perturb_with_classes(&frozen, bounds, images, labels, eps, seed, classes)?)
 }
 
 /// Runs `attack` at budget `eps` on the first `m` examples of the batch, with one seed
