@@ -11,7 +11,7 @@ use crate::base::{Bounds, Criterion};
 use crate::engine::next_toward;
 use crate::error::{Error, Result};
 use crate::norm::Norm;
-use crate::objective::{check_labels, labels_to_vec, probe_with, Objective};
+use crate::objective::{check_label_values, labels_to_vec, probe_with, Objective};
 
 /// Clean inputs (B, ...) and labels, checked once: float inputs without NaN inside the
 /// bounds, labels below K, a model that returns (B, K) logits.
@@ -127,7 +127,7 @@ impl Batch {
                 }
             },
         };
-        check_labels(ys, b, classes)?;
+        check_label_values(&labels, b, classes)?;
         Ok(Batch {
             x,
             ys: labels,

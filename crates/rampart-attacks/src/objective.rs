@@ -268,7 +268,12 @@ pub(crate) fn probe_with(
 
 /// Checks that `ys` holds `batch` labels in `[0, classes)`.
 pub(crate) fn check_labels(ys: &Tensor, batch: usize, classes: usize) -> Result<()> {
-    let labels = labels_to_vec(ys)?;
+    check_label_values(&labels_to_vec(ys)?, batch, classes)
+}
+
+/// Checks that `labels` (read from the device already) are `batch` labels in
+/// `[0, classes)`.
+pub(crate) fn check_label_values(labels: &[u32], batch: usize, classes: usize) -> Result<()> {
     if labels.len() != batch {
         return Err(Error::Input(format!(
             "{} labels for a batch of {batch}",
