@@ -274,9 +274,7 @@ pub trait Attack {
         eps: f64,
         seed: u64,
     ) -> Result<Perturbed> {
-        let problem = checked_problem(self, model, bounds, xs, ys, &[eps], None)?;
-        let outcome = self.attack_eps(&problem, eps, seed)?;
-        problem.points(self.norm(), outcome, eps)
+        perturbed(self, model, bounds, (xs, ys), eps, seed, None)
     }
 
     /// [`Attack::perturb`] for a model known to return `classes` logits per example:
@@ -295,10 +293,23 @@ pub trait Attack {
         seed: u64,
         classes: usize,
     ) -> Result<Perturbed> {
-        let problem = checked_problem(self, model, bounds, xs, ys, &[eps], Some(classes))?;
-        let outcome = self.attack_eps(&problem, eps, seed)?;
-        problem.points(self.norm(), outcome, eps)
+        perturbed(self, model, bounds, (xs, ys), eps, seed, Some(classes))
     }
+}
+
+/// [`Attack::perturb`], K learnt from a forward pass unless `classes` gives it.
+fn perturbed<A: Attack + ?Sized>(
+    attack: &A,
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    (xs, ys): (&Tensor, &Tensor),
+    eps: f64,
+    seed: u64,
+    classes: Option<usize>,
+) -> Result<Perturbed> {
+    let problem = checked_problem(attack, model, bounds, xs, ys, &[eps], classes)?;
+    let outcome = attack.attack_eps(&problem, eps, seed)?;
+    problem.points(attack.norm(), outcome, eps)
 }
 
 /// The checks [`Attack::run`] and [`Attack::perturb`] make before their first ε: the
