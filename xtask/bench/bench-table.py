@@ -11,7 +11,7 @@ over the rounds).
 
 ab.jsonl (`--ab`): Rampart alone under each setting (an environment variable, or
 `default`), alternating over the rounds: for each architecture, step and setting,
-the path the step took (`fused` or `layers`, from `rampart bench`), the median
+the path the step took (`fused` or `layers`; `device` or `host` for an attack step; from `rampart bench`), the median
 images/s and its ratio to the default's (setting ÷ default images/s: > 1 means the
 setting is faster), and the peak GPU memory.
 
@@ -25,7 +25,7 @@ from collections import defaultdict
 
 
 def measurements(path, label, keep=lambda run: True):
-    """Images/s, peak bytes and the GPU paths seen (`fused` or `layers`) per (arch,
+    """Images/s, peak bytes and the GPU paths seen (`fused`, `layers`, `device`, `host`) per (arch,
     batch, device, step, run[label]) of the measurement lines whose run passes
     `keep`."""
     speed = defaultdict(list)

@@ -405,7 +405,7 @@ mod device;
 #[cfg(feature = "cuda")]
 mod device_cuda;
 
-pub use device::with_device_resident_pgd;
+pub use device::{device_resident_pgd_runs, with_device_resident_pgd};
 #[cfg(feature = "cuda")]
 pub use device_cuda::ptx as device_kernels_ptx;
 #[cfg(test)]

@@ -112,7 +112,8 @@ pub struct BenchLine {
     pub peak_memory_bytes: Option<u64>,
     /// On a GPU, for the forward, PGD and training steps: `fused` when the step ran
     /// on a fused GPU program (`RAMPART_CUDA_FUSED_EVAL`, `RAMPART_CUDA_FUSED_TRAIN`),
-    /// else `layers`.
+    /// else `layers`; for the attack steps: `device` when PGD's device-resident loop
+    /// ran (`RAMPART_CUDA_DEVICE_ATTACK`), else `host`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
 }
@@ -200,6 +201,7 @@ impl BenchArgs {
         let mut lines = Vec::new();
         for step in &self.steps {
             reset_peak(&dev)?;
+            let mut attack_on_device = false;
             let seconds = match step.as_str() {
                 "forward" => median_seconds(self.reps, self.warmup, &dev, || {
                     // As predictions run: the frozen view (the fused path).
@@ -239,10 +241,13 @@ impl BenchArgs {
                         backtrack: Some(1.5),
                         ..Pgd::linf_pgd20()
                     };
-                    median_seconds(self.reps, self.warmup, &dev, || {
+                    let before = rampart_attacks::device_resident_pgd_runs();
+                    let seconds = median_seconds(self.reps, self.warmup, &dev, || {
                         pgd.run(&model.frozen(), Bounds::new(0.0, 1.0)?, &xs, &ys, &[eps], 0)?;
                         Ok(())
-                    })? / ATTACK_STEPS as f64
+                    })?;
+                    attack_on_device = rampart_attacks::device_resident_pgd_runs() > before;
+                    seconds / ATTACK_STEPS as f64
                 }
                 other => bail!(
                     "unknown step `{other}` (expected forward, pgd-step, train-step, attack-linf, attack-l2, attack-l1, attack-l0)"
@@ -263,6 +268,9 @@ impl BenchArgs {
                     "forward" | "pgd-step" | "train-step" if dev.is_cuda() => {
                         let fused = model.takes_fused_gpu_path(step == "train-step")?;
                         Some(if fused { "fused" } else { "layers" }.to_string())
+                    }
+                    attack if attack.starts_with("attack-") && dev.is_cuda() => {
+                        Some(if attack_on_device { "device" } else { "host" }.to_string())
                     }
                     _ => None,
                 },

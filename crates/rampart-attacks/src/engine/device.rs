@@ -54,9 +54,14 @@ pub(crate) const NAN: usize = 5;
 
 thread_local! {
     static FORCED: Cell<bool> = const { Cell::new(false) };
-    /// Device-resident runs on this thread (the tests check that the loop ran).
-    #[cfg(test)]
-    pub(super) static RUNS: Cell<usize> = const { Cell::new(0) };
+    static RUNS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many PGD runs took the device-resident loop on this thread so far: a caller
+/// that compares the count before and after an attack knows which loop ran (`rampart
+/// bench` reports it; the tests check that the loop they mean to test ran).
+pub fn device_resident_pgd_runs() -> usize {
+    RUNS.with(Cell::get)
 }
 
 /// Runs `f` with PGD's device-resident loop taken on this thread wherever it applies
@@ -286,7 +291,6 @@ impl Executor {
 
 /// The run of [`Run::run`] with its state on the device (see the module documentation).
 pub(super) fn run(exec: Executor, r: &Run<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
-    #[cfg(test)]
     RUNS.with(|c| c.set(c.get() + 1));
     let (cfg, batch) = (r.cfg, r.batch);
     let (m, d, k) = (rows.len(), batch.d, batch.classes);

@@ -2,13 +2,11 @@
 //! where the CUDA kernels' twins run: the same points, judgements and step counts,
 //! bit for bit, for every L∞ configuration the study runs.
 
-use std::cell::Cell;
-
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::device::{twin, Step, LR, ROW, RUNS};
+use super::device::{twin, Step, LR, ROW};
 use super::{Engine, Run};
 use crate::batch::Batch;
 use crate::problem::Problem;
@@ -16,8 +14,8 @@ use crate::testutil::{
     blobs, trained, InfiniteGradient, Mlp, NanGradient, Noisy, TinyConv, CLASSES, DIM, SHAPE,
 };
 use crate::{
-    with_device_resident_pgd, Attack, AttackResult, Bounds, Criterion, Distal, Eot, Error, Fgsm,
-    Frames, Init, Norm, Objective, Pgd, Restarts, Result, StepSize,
+    device_resident_pgd_runs, with_device_resident_pgd, Attack, AttackResult, Bounds, Criterion,
+    Distal, Eot, Error, Fgsm, Frames, Init, Norm, Objective, Pgd, Restarts, Result, StepSize,
 };
 
 /// The attack's results by the host loop and by the device-resident loop (which must
@@ -30,10 +28,10 @@ fn both<'a>(
     eps: &[f64],
 ) -> Result<(Vec<AttackResult>, Vec<AttackResult>)> {
     let host = attack.run(&*model(), bounds, xs, ys, eps, 11)?;
-    let before = RUNS.with(Cell::get);
+    let before = device_resident_pgd_runs();
     let device = with_device_resident_pgd(|| attack.run(&*model(), bounds, xs, ys, eps, 11))?;
     assert!(
-        RUNS.with(Cell::get) > before,
+        device_resident_pgd_runs() > before,
         "the device-resident loop did not run"
     );
     Ok((host, device))
