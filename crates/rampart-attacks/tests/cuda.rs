@@ -1,7 +1,9 @@
 //! PGD's device-resident loop on a GPU: its CUDA kernels compile (NVRTC, no GPU
 //! needed), and on a GPU the loop returns the host loop's points, judgements and step
 //! counts bit for bit (the kernels do the host's f64 and f32 operations in order; the
-//! model's passes are the same launches either way).
+//! model's passes are the same launches either way), wherever two runs of the host
+//! loop agree bit for bit (where they do not, the GPU's passes are not deterministic,
+//! and the device loop is held to the ε-ball and the host loop's success rate).
 //!
 //! Built only with `--features cuda`:
 //! `cargo test --release -p rampart-attacks --features cuda --test cuda`. With the
@@ -122,20 +124,45 @@ fn device_resident_pgd_on_the_gpu_equals_the_host_loop() -> TestResult {
                 Norm::L2 => [0.25, 0.5],
                 _ => [4.0 / 255.0, 8.0 / 255.0],
             };
-            // A student's noise restarts from one seed for each loop, whose passes
+            // A student's noise restarts from one seed for each run, whose passes
             // come in the same order.
-            model.reseed_noise(17);
-            let host = cfg.run(model, Bounds::UNIT, &xs, &ys, &eps, 5)?;
-            model.reseed_noise(17);
-            let device =
-                with_device_resident_pgd(|| cfg.run(model, Bounds::UNIT, &xs, &ys, &eps, 5))?;
+            let run = |device: bool| {
+                model.reseed_noise(17);
+                let attack = || cfg.run(model, Bounds::UNIT, &xs, &ys, &eps, 5);
+                if device {
+                    with_device_resident_pgd(attack)
+                } else {
+                    attack()
+                }
+            };
+            let (host, again, device) = (run(false)?, run(false)?, run(true)?);
+            // The host loop twice: if the GPU's passes are not deterministic here (a
+            // cuDNN algorithm with atomics), no run equals another, and the device
+            // loop can only be held to the invariants and the success rate.
+            let deterministic = host
+                .iter()
+                .zip(&again)
+                .all(|(h, a)| bits(&h.clipped).ok() == bits(&a.clipped).ok());
             for (h, d) in host.iter().zip(&device) {
-                assert_eq!(
-                    bits(&h.clipped)?,
-                    bits(&d.clipped)?,
-                    "{name}, {what}: points"
-                );
-                assert_eq!(h.success, d.success, "{name}, {what}: successes");
+                if deterministic {
+                    assert_eq!(
+                        bits(&h.clipped)?,
+                        bits(&d.clipped)?,
+                        "{name}, {what}: points"
+                    );
+                    assert_eq!(h.success, d.success, "{name}, {what}: successes");
+                } else {
+                    eprintln!("{name}, {what}: the GPU's passes are not deterministic");
+                    let count = |v: &[bool]| v.iter().filter(|s| **s).count() as i64;
+                    let (a, b) = (count(&h.success), count(&d.success));
+                    assert!((a - b).abs() <= 3, "{name}, {what}: {a} against {b} fooled");
+                    for n in &d.norm {
+                        assert!(
+                            f64::from(*n) <= d.eps * (1.0 + 1e-6),
+                            "{name}, {what}: ‖δ‖ {n}"
+                        );
+                    }
+                }
                 assert_eq!(h.iterations, d.iterations, "{name}, {what}: steps");
             }
         }
