@@ -20,11 +20,13 @@
 //! **Where it runs.** L∞ and L2 configurations without early stopping (every training
 //! attack, and the L∞ and L2 evaluations: PGD, FGSM, frames, distal examples, CCAT's
 //! attacks); L1 and L0 need a sort per example and stay on the host. An L2 step's
-//! norms are summed in coordinate order by one thread per example, as on the host. On a GPU with the `cuda`
-//! feature it is taken when `RAMPART_CUDA_DEVICE_ATTACK` is set (off by default
-//! until verified on a GPU). [`with_device_resident_pgd`] takes it on any device, the
-//! CPU included, where the kernels' twins in this file run: the loop's tests hold it
-//! to the host loop there, and `tests/cuda.rs` holds the CUDA kernels to the same.
+//! norms are summed in coordinate order by one thread per example, as on the host.
+//! On a GPU with the `cuda` feature it is taken when `RAMPART_CUDA_DEVICE_ATTACK` is
+//! set (off by default until verified on a GPU). [`with_device_resident_pgd`] takes
+//! it on any device, the CPU included, where the kernels' twins in this file run: the
+//! loop's tests hold it to the host loop there, the CUDA kernels (`device.cu`, run on
+//! the CPU by `rampart_models::kernels::emulate`) are held to the twins, and
+//! `tests/cuda.rs` holds the loop on a GPU to the host loop.
 
 use std::cell::Cell;
 
