@@ -268,18 +268,17 @@ impl Executor {
                 let mut cand = s.cand.to_vec1::<f32>()?;
                 let mut mom = s.mom.to_vec1::<f64>()?;
                 let mask = s.mask.as_ref().map(|m| m.to_vec1::<f64>()).transpose()?;
-                let step = if p.l2 { twin::step_l2 } else { twin::step_linf };
-                step(
-                    &mut cand,
-                    &mut mom,
-                    &s.adv.to_vec1::<f32>()?,
-                    &s.x.to_vec1::<f32>()?,
-                    &s.grad.to_vec1::<f32>()?,
-                    &s.rows.to_vec1::<f64>()?,
-                    mask.as_deref(),
-                    s.d,
-                    p,
-                );
+                let (adv, x) = (s.adv.to_vec1::<f32>()?, s.x.to_vec1::<f32>()?);
+                let (grad, rows) = (s.grad.to_vec1::<f32>()?, s.rows.to_vec1::<f64>()?);
+                let inputs = twin::StepInputs {
+                    adv: &adv,
+                    x: &x,
+                    grad: &grad,
+                    rows: &rows,
+                    mask: mask.as_deref(),
+                    d: s.d,
+                };
+                twin::step(&mut cand, &mut mom, &inputs, p);
                 let dev = s.x.device().clone();
                 s.cand = Tensor::from_vec(cand, s.m * s.d, &dev)?;
                 s.mom = Tensor::from_vec(mom, s.m * s.d, &dev)?;
@@ -536,21 +535,40 @@ pub(crate) mod twin {
         }
     }
 
+    /// What a step reads: the current iterates, clean inputs and gradients (M·D), the
+    /// rows' scalars (M·ROW), the mask (D) and D.
+    #[derive(Clone, Copy)]
+    pub struct StepInputs<'a> {
+        pub adv: &'a [f32],
+        pub x: &'a [f32],
+        pub grad: &'a [f32],
+        pub rows: &'a [f64],
+        pub mask: Option<&'a [f64]>,
+        pub d: usize,
+    }
+
+    /// The twin of the step kernel of `p`'s norm: new candidates into `cand`, the
+    /// momentum updated in `mom`.
+    pub fn step(cand: &mut [f32], mom: &mut [f64], inputs: &StepInputs<'_>, p: Step) {
+        if p.l2 {
+            step_l2(cand, mom, inputs, p)
+        } else {
+            step_linf(cand, mom, inputs, p)
+        }
+    }
+
     /// `atk_step_linf`, element by element: the gradient's sign (zero where not
     /// finite, masked, or pushing a coordinate on a bound outwards), the momentum, the
     /// step, the mask, the box, the ε-ball, the box, and x + δ rounded to f32 towards x.
-    #[allow(clippy::too_many_arguments)]
-    pub fn step_linf(
-        cand: &mut [f32],
-        mom: &mut [f64],
-        adv: &[f32],
-        x: &[f32],
-        grad: &[f32],
-        rows: &[f64],
-        mask: Option<&[f64]>,
-        d: usize,
-        p: Step,
-    ) {
+    fn step_linf(cand: &mut [f32], mom: &mut [f64], inputs: &StepInputs<'_>, p: Step) {
+        let StepInputs {
+            adv,
+            x,
+            grad,
+            rows,
+            mask,
+            d,
+        } = *inputs;
         for i in 0..cand.len() {
             let (row, c) = (i / d, i % d);
             let v = raw_direction(grad[i], adv[i], mask.map(|m| m[c]), &p);
@@ -579,18 +597,15 @@ pub(crate) mod twin {
     /// divided by its norm, when not zero) and the L2 projection (scaled onto the
     /// sphere, then shrunk by ulps until its norm, summed in coordinate order, is at
     /// most ε), each norm a sum in coordinate order.
-    #[allow(clippy::too_many_arguments)]
-    pub fn step_l2(
-        cand: &mut [f32],
-        mom: &mut [f64],
-        adv: &[f32],
-        x: &[f32],
-        grad: &[f32],
-        rows: &[f64],
-        mask: Option<&[f64]>,
-        d: usize,
-        p: Step,
-    ) {
+    fn step_l2(cand: &mut [f32], mom: &mut [f64], inputs: &StepInputs<'_>, p: Step) {
+        let StepInputs {
+            adv,
+            x,
+            grad,
+            rows,
+            mask,
+            d,
+        } = *inputs;
         let mut v = vec![0f64; d];
         for row in 0..cand.len() / d {
             let span = row * d..(row + 1) * d;

@@ -388,14 +388,15 @@ fn step_twin_equals_the_host_update() -> Result<()> {
             lo: 0.0,
             hi: 1.0,
         };
-        let twin_step = if step.l2 {
-            twin::step_l2
-        } else {
-            twin::step_linf
+        let inputs = twin::StepInputs {
+            adv: &adv,
+            x: &x,
+            grad: &grad,
+            rows: &rows,
+            mask: run.mask,
+            d,
         };
-        twin_step(
-            &mut cand, &mut mom, &adv, &x, &grad, &rows, run.mask, d, step,
-        );
+        twin::step(&mut cand, &mut mom, &inputs, step);
         // The host loop's arithmetic, example by example.
         let update = run.update();
         for j in 0..m {
@@ -510,19 +511,15 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins() {
             lo: 0.0,
             hi: 1.0,
         };
-        let f = if l2 { twin::step_l2 } else { twin::step_linf };
-        let mask = masked.then_some(&mask[..]);
-        f(
-            &mut want_cand,
-            &mut want_mom,
-            &adv,
-            &x,
-            &grad,
-            &rows,
-            mask,
+        let inputs = twin::StepInputs {
+            adv: &adv,
+            x: &x,
+            grad: &grad,
+            rows: &rows,
+            mask: masked.then_some(&mask[..]),
             d,
-            step,
-        );
+        };
+        twin::step(&mut want_cand, &mut want_mom, &inputs, step);
         expected_f32.push((cand, want_cand));
         expected_f64.push((mo, want_mom));
     }
