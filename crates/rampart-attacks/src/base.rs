@@ -297,8 +297,28 @@ pub trait Attack {
     }
 }
 
+/// The checks of the settings alone, which [`Attack::run`] and [`Attack::perturb`]
+/// make first: the configuration, the criterion, the bounds and every ε (at least
+/// one).
+pub(crate) fn check_settings<A: Attack + ?Sized>(
+    attack: &A,
+    bounds: Bounds,
+    eps: &[f64],
+) -> Result<()> {
+    attack.validate()?;
+    attack.criterion().validate()?;
+    bounds.validate()?;
+    if eps.is_empty() {
+        return Err(Error::Config("no ε given".into()));
+    }
+    for &e in eps {
+        attack.norm().check_eps(e)?;
+    }
+    Ok(())
+}
+
 /// [`Attack::perturb`], K learnt from a forward pass unless `classes` gives it.
-fn perturbed<A: Attack + ?Sized>(
+pub(crate) fn perturbed<A: Attack + ?Sized>(
     attack: &A,
     model: &dyn ModuleT,
     bounds: Bounds,
@@ -324,15 +344,7 @@ fn checked_problem<'m, A: Attack + ?Sized>(
     eps: &[f64],
     classes: Option<usize>,
 ) -> Result<Problem<'m>> {
-    attack.validate()?;
-    attack.criterion().validate()?;
-    bounds.validate()?;
-    if eps.is_empty() {
-        return Err(Error::Config("no ε given".into()));
-    }
-    for &e in eps {
-        attack.norm().check_eps(e)?;
-    }
+    check_settings(attack, bounds, eps)?;
     let problem = match classes {
         Some(k) => Problem::with_classes(model, bounds, xs, ys, k)?,
         None => Problem::new(model, bounds, xs, ys)?,

@@ -42,7 +42,11 @@ impl Engine<'_> {
     /// Refuses a problem the configuration cannot attack: a mask of another length,
     /// too few classes for the objective, a target class out of range.
     pub fn check(&self, problem: &Problem<'_>) -> Result<()> {
-        let (d, classes) = (problem.dim(), problem.classes());
+        self.check_shape(problem.dim(), problem.classes())
+    }
+
+    /// [`Engine::check`] for inputs of dimension `d` and `classes` classes.
+    pub fn check_shape(&self, d: usize, classes: usize) -> Result<()> {
         if let Some(m) = self.mask {
             if m.len() != d {
                 return Err(Error::Input(format!(
@@ -404,11 +408,16 @@ pub(crate) fn next_toward(a: f32, x: f32) -> f32 {
 mod device;
 #[cfg(feature = "cuda")]
 mod device_cuda;
+mod resident;
+
+pub(crate) use resident::perturb as perturb_resident;
 
 pub use device::{device_resident_pgd_runs, with_device_resident_pgd};
 #[cfg(feature = "cuda")]
 pub use device_cuda::ptx as device_kernels_ptx;
 #[cfg(test)]
 mod device_tests;
+#[cfg(test)]
+mod resident_tests;
 #[cfg(test)]
 mod tests;

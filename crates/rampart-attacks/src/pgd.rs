@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Attack, Criterion};
+use candle_core::{ModuleT, Tensor};
+
+use crate::base::{check_settings, perturbed, Attack, Bounds, Criterion, Perturbed};
+use crate::engine::perturb_resident;
 use crate::engine::Engine;
 use crate::eot::Eot;
 use crate::error::{Error, Result};
@@ -297,6 +300,27 @@ impl Attack for Pgd {
     /// Refuses too few classes for the objective and a target class out of range.
     fn check(&self, problem: &Problem<'_>) -> Result<()> {
         self.engine().check(problem)
+    }
+
+    /// As the provided method; where PGD's device-resident loop runs (an L∞
+    /// configuration, f32 inputs), the batch stays on the device: checked there, its
+    /// starts made there, nothing read before the result but a few values per example
+    /// (the same points and errors, bit for bit).
+    fn perturb_with_classes(
+        &self,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        eps: f64,
+        seed: u64,
+        classes: usize,
+    ) -> Result<Perturbed> {
+        check_settings(self, bounds, &[eps])?;
+        match perturb_resident(self, model, bounds, (xs, ys), eps, seed, classes)? {
+            Some(done) => Ok(done),
+            None => perturbed(self, model, bounds, (xs, ys), eps, seed, Some(classes)),
+        }
     }
 
     /// `restarts.count` runs of the loop ([`crate::Repeated`]'s restarts).

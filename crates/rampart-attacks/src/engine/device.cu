@@ -189,3 +189,99 @@ extern "C" __global__ void atk_step_l2(float* cand, double* mom, double* scratch
         cand[i] = s;
     }
 }
+
+// The kernels of a training attack whose batch stays on the device (engine/resident.rs).
+// verdict: per row [bad_input, bad_label, saw_nan, record_obj, record_success, distance].
+
+// One block per row (at most 256 threads): flags an input value that is NaN or
+// outside [lo, hi] and a label >= k, and starts the row's record (the clean input,
+// not a success, objective -inf).
+extern "C" __global__ void atk_check(double* verdict, const float* x,
+                                     const unsigned int* labels, unsigned int d,
+                                     unsigned int k, float lo, float hi) {
+    __shared__ int bad[256];
+    unsigned int j = blockIdx.x;
+    unsigned long long base = (unsigned long long)j * d;
+    int b = 0;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = x[base + c];
+        if (isnan(v) || v < lo || v > hi) b = 1;
+    }
+    bad[threadIdx.x] = b;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int any = 0;
+        for (unsigned int t = 0; t < blockDim.x; t++) any |= bad[t];
+        double* r = verdict + 6ull * j;
+        r[0] = any ? 1.0 : 0.0;
+        r[1] = labels[j] >= k ? 1.0 : 0.0;
+        r[2] = 0.0;
+        r[3] = __longlong_as_double(0xfff0000000000000ll); // -inf
+        r[4] = 0.0;
+        r[5] = 0.0;
+    }
+}
+
+// One L-inf start per element: x + delta (0 where delta is null) through the box, the
+// eps-ball and the box, rounded to f32 towards x (the host's `finish`).
+extern "C" __global__ void atk_start_linf(float* cand, const float* x, const double* delta,
+                                          unsigned int md, double eps, float lo, float hi) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= md) return;
+    float xc = x[i];
+    double v = delta != 0 ? delta[i] : 0.0;
+    double l = __dsub_rn((double)lo, (double)xc), h = __dsub_rn((double)hi, (double)xc);
+    v = clampd(v, l, h);
+    v = clampd(v, -eps, eps);
+    v = clampd(v, l, h);
+    float s = __double2float_rn(__dadd_rn((double)xc, v));
+    s = s < lo ? lo : (s > hi ? hi : s);
+    if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(v)) s = step_toward(s, xc);
+    cand[i] = s;
+}
+
+// One block per row: a run's result offered to the row's record. The run's best point
+// (success and objective from its rows) replaces the record when it is a success and
+// the record is not, or both agree and its objective is strictly higher; with `take`
+// the point replaces it whatever it is (a last iterate). A NaN seen by the run is kept.
+extern "C" __global__ void atk_offer(double* verdict, float* rec, const float* point,
+                                     const double* rows, unsigned int d, int take) {
+    __shared__ int better;
+    unsigned int j = blockIdx.x;
+    if (threadIdx.x == 0) {
+        double* v = verdict + 6ull * j;
+        const double* r = rows + 6ull * j;
+        if (r[5] != 0.0) v[2] = 1.0;
+        int success = r[4] != 0.0, rec_success = v[4] != 0.0;
+        int b = take || (success && !rec_success) || (success == rec_success && r[3] > v[3]);
+        if (b) {
+            v[3] = take ? __longlong_as_double(0xfff0000000000000ll) : r[3];
+            v[4] = (!take && success) ? 1.0 : 0.0;
+        }
+        better = b;
+    }
+    __syncthreads();
+    if (!better) return;
+    unsigned long long base = (unsigned long long)j * d;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) rec[base + c] = point[base + c];
+}
+
+// One block per row (at most 256 threads): the L-inf distance of the record from the
+// clean input, max |rec - x| in f64 (a maximum: the same in any order).
+extern "C" __global__ void atk_measure(double* verdict, const float* rec, const float* x,
+                                       unsigned int d) {
+    __shared__ double most[256];
+    unsigned int j = blockIdx.x;
+    unsigned long long base = (unsigned long long)j * d;
+    double m = 0.0;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        m = fmax(m, fabs(__dsub_rn((double)rec[base + c], (double)x[base + c])));
+    }
+    most[threadIdx.x] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double all = 0.0;
+        for (unsigned int t = 0; t < blockDim.x; t++) all = fmax(all, most[t]);
+        verdict[6ull * j + 5] = all;
+    }
+}

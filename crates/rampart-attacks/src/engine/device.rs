@@ -30,13 +30,14 @@
 
 use std::cell::Cell;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, ModuleT, Tensor, D};
 
 use super::Run;
-use crate::base::Criterion;
+use crate::base::{Bounds, Criterion};
 use crate::error::Result;
 use crate::norm::Norm;
 use crate::objective::probe_with;
+use crate::pgd::Pgd;
 use crate::repeated::{Record, Rows};
 
 /// Values per row of [`State::rows`].
@@ -93,10 +94,15 @@ pub(super) enum Executor {
 
 /// The executor of `run`'s device-resident loop, if it takes one.
 pub(super) fn resident(run: &Run<'_>) -> Option<Executor> {
-    if !matches!(run.cfg.norm, Norm::Linf | Norm::L2) || run.cfg.early_stop {
+    resident_on(run.cfg, &run.batch.device)
+}
+
+/// The executor of a run of `cfg` on `device`'s tensors, if it takes the loop.
+pub(super) fn resident_on(cfg: &Pgd, device: &Device) -> Option<Executor> {
+    if !matches!(cfg.norm, Norm::Linf | Norm::L2) || cfg.early_stop {
         return None;
     }
-    let on_gpu = matches!(run.batch.device, Device::Cuda(_));
+    let on_gpu = matches!(device, Device::Cuda(_));
     if FORCED.with(Cell::get) {
         return Some(if on_gpu { gpu() } else { Executor::Twin });
     }
@@ -156,6 +162,49 @@ pub(super) struct State {
     /// (M·D) f64 working rows of the L2 step on a GPU (made at its first step).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub scratch: Option<Tensor>,
+}
+
+impl State {
+    /// The state of a run from the start `cand` (M·D f32) of clean inputs `x`
+    /// (M·D f32) with `labels` (M u32) and K = `k`, every row at step size `lr`; the
+    /// other buffers zero (the start's judgement makes it the current iterate and the
+    /// best point).
+    pub fn new(
+        x: Tensor,
+        cand: Tensor,
+        labels: Tensor,
+        mask: Option<Tensor>,
+        k: usize,
+        lr: f64,
+    ) -> Result<State> {
+        let m = labels.elem_count();
+        let d = x.elem_count() / m.max(1);
+        let dev = x.device().clone();
+        let mut scalars = vec![0f64; m * ROW];
+        for row in scalars.chunks_mut(ROW) {
+            row[LR] = lr;
+            row[CUR_OBJ] = f64::NEG_INFINITY;
+            row[BEST_OBJ] = f64::NEG_INFINITY;
+        }
+        Ok(State {
+            m,
+            d,
+            k,
+            x,
+            cand,
+            adv: Tensor::zeros(m * d, DType::F32, &dev)?,
+            grad: Tensor::zeros(m * d, DType::F32, &dev)?,
+            best: Tensor::zeros(m * d, DType::F32, &dev)?,
+            mom: Tensor::zeros(m * d, DType::F64, &dev)?,
+            rows: Tensor::from_vec(scalars, m * ROW, &dev)?,
+            acc_obj: Tensor::zeros(m, DType::F64, &dev)?,
+            acc_probs: Tensor::zeros(m * k, DType::F64, &dev)?,
+            acc_grad: Tensor::zeros(m * d, DType::F32, &dev)?,
+            labels,
+            mask,
+            scratch: None,
+        })
+    }
 }
 
 /// How a judgement treats the point just evaluated ([`State::cand`]).
@@ -292,7 +341,6 @@ impl Executor {
 
 /// The run of [`Run::run`] with its state on the device (see the module documentation).
 pub(super) fn run(exec: Executor, r: &Run<'_>, rows: &Rows, record: &mut Record) -> Result<()> {
-    RUNS.with(|c| c.set(c.get() + 1));
     let (cfg, batch) = (r.cfg, r.batch);
     let (m, d, k) = (rows.len(), batch.d, batch.classes);
     let dev = &batch.device;
@@ -304,76 +352,25 @@ pub(super) fn run(exec: Executor, r: &Run<'_>, rows: &Rows, record: &mut Record)
         x.extend_from_slice(batch.row(i));
     }
     let labels: Vec<u32> = active.iter().map(|&i| batch.ys[i]).collect();
-    let mut scalars = vec![0f64; m * ROW];
-    for row in scalars.chunks_mut(ROW) {
-        row[LR] = cfg.step_size.at(eps);
-        row[CUR_OBJ] = f64::NEG_INFINITY;
-        row[BEST_OBJ] = f64::NEG_INFINITY;
-    }
-    let mut s = State {
-        m,
-        d,
+    let mut s = State::new(
+        Tensor::from_vec(x, m * d, dev)?,
+        Tensor::from_vec(start, m * d, dev)?,
+        Tensor::from_vec(labels, m, dev)?,
+        r.mask.map(|v| Tensor::from_slice(v, d, dev)).transpose()?,
         k,
-        x: Tensor::from_slice(&x, m * d, dev)?,
-        adv: Tensor::from_slice(&start, m * d, dev)?,
-        cand: Tensor::from_slice(&start, m * d, dev)?,
-        grad: Tensor::zeros(m * d, DType::F32, dev)?,
-        best: Tensor::zeros(m * d, DType::F32, dev)?,
-        mom: Tensor::zeros(m * d, DType::F64, dev)?,
-        rows: Tensor::from_vec(scalars, m * ROW, dev)?,
-        acc_obj: Tensor::zeros(m, DType::F64, dev)?,
-        acc_probs: Tensor::zeros(m * k, DType::F64, dev)?,
-        acc_grad: Tensor::zeros(m * d, DType::F32, dev)?,
-        labels: Tensor::from_slice(&labels, m, dev)?,
-        mask: r.mask.map(|v| Tensor::from_slice(v, d, dev)).transpose()?,
-        scratch: None,
+        cfg.step_size.at(eps),
+    )?;
+    let pass = Pass {
+        cfg,
+        model: r.problem.model,
+        dims: &batch.dims,
+        dtype: batch.dtype,
     };
-    let (criterion, target, tau) = match cfg.criterion {
-        Criterion::Misclassified => (0, 0, 0.0),
-        Criterion::Targeted(t) => (1, t, 0.0),
-        Criterion::ConfidentlyMisclassified(tau) => (2, 0, tau),
-        Criterion::Confident(tau) => (3, 0, tau),
-    };
-    let judge = Judge {
-        criterion,
-        target,
-        tau,
-        samples: cfg.eot.grad_samples,
-        first: true,
-        want_grad: true,
-        backtrack: cfg.backtrack.unwrap_or(0.0),
-    };
-    evaluate(exec, r, &mut s, true)?;
-    exec.judge(&mut s, judge)?;
-    let step = Step {
-        l2: matches!(cfg.norm, Norm::L2),
-        eps,
-        beta: cfg.momentum,
-        lo: batch.bounds.lo,
-        hi: batch.bounds.hi,
-    };
-    let mut ends_on_candidate = false;
-    for t in 0..cfg.steps {
-        exec.step(&mut s, step)?;
-        for &i in active {
+    let ends_on_candidate = drive(exec, &pass, &mut s, eps, batch.bounds)?;
+    for &i in active {
+        for _ in 0..cfg.steps {
             record.count_step(i);
         }
-        let last = t + 1 == cfg.steps;
-        if last && cfg.last_iterate && cfg.backtrack.is_none() {
-            // As the host loop: the last iterate is the result, not evaluated.
-            ends_on_candidate = true;
-            break;
-        }
-        let want_grad = !last;
-        evaluate(exec, r, &mut s, want_grad)?;
-        exec.judge(
-            &mut s,
-            Judge {
-                first: false,
-                want_grad,
-                ..judge
-            },
-        )?;
     }
     // The run's one read of its state.
     let scalars = s.rows.to_vec1::<f64>()?;
@@ -400,21 +397,86 @@ pub(super) fn run(exec: Executor, r: &Run<'_>, rows: &Rows, record: &mut Record)
     Ok(())
 }
 
+/// What a run's passes need: the configuration, the model, and the inputs' shape
+/// (B, ...) (its first entry is replaced by the run's rows) and dtype.
+pub(super) struct Pass<'a> {
+    pub cfg: &'a Pgd,
+    pub model: &'a dyn ModuleT,
+    pub dims: &'a [usize],
+    pub dtype: DType,
+}
+
+/// One run from the start in [`State::cand`]: the start's evaluation and judgement,
+/// then `steps` steps, nothing read back. Returns whether the run ended on its last
+/// candidate unevaluated (a last iterate without backtracking, as the host loop).
+pub(super) fn drive(
+    exec: Executor,
+    pass: &Pass<'_>,
+    s: &mut State,
+    eps: f64,
+    bounds: Bounds,
+) -> Result<bool> {
+    RUNS.with(|c| c.set(c.get() + 1));
+    let cfg = pass.cfg;
+    let (criterion, target, tau) = match cfg.criterion {
+        Criterion::Misclassified => (0, 0, 0.0),
+        Criterion::Targeted(t) => (1, t, 0.0),
+        Criterion::ConfidentlyMisclassified(tau) => (2, 0, tau),
+        Criterion::Confident(tau) => (3, 0, tau),
+    };
+    let judge = Judge {
+        criterion,
+        target,
+        tau,
+        samples: cfg.eot.grad_samples,
+        first: true,
+        want_grad: true,
+        backtrack: cfg.backtrack.unwrap_or(0.0),
+    };
+    evaluate(exec, pass, s, true)?;
+    exec.judge(s, judge)?;
+    let step = Step {
+        l2: matches!(cfg.norm, Norm::L2),
+        eps,
+        beta: cfg.momentum,
+        lo: bounds.lo,
+        hi: bounds.hi,
+    };
+    for t in 0..cfg.steps {
+        exec.step(s, step)?;
+        let last = t + 1 == cfg.steps;
+        if last && cfg.last_iterate && cfg.backtrack.is_none() {
+            // As the host loop: the last iterate is the result, not evaluated.
+            return Ok(true);
+        }
+        let want_grad = !last;
+        evaluate(exec, pass, s, want_grad)?;
+        exec.judge(
+            s,
+            Judge {
+                first: false,
+                want_grad,
+                ..judge
+            },
+        )?;
+    }
+    Ok(false)
+}
+
 /// The model's passes at [`State::cand`], added into the EOT sums: as the host loop's
 /// evaluation, with nothing read back.
-fn evaluate(exec: Executor, r: &Run<'_>, s: &mut State, want_grad: bool) -> Result<()> {
-    let batch = r.batch;
+fn evaluate(exec: Executor, pass: &Pass<'_>, s: &mut State, want_grad: bool) -> Result<()> {
     let (m, k) = (s.m, s.k);
-    let mut dims = batch.dims.clone();
+    let mut dims = pass.dims.to_vec();
     dims[0] = m;
     // A view of the candidate: on a GPU it is updated in place only after this pass
     // (one stream), and a gradient pass copies it into a variable.
-    let input = s.cand.reshape(dims.as_slice())?.to_dtype(batch.dtype)?;
-    let samples = r.cfg.eot.grad_samples;
-    let (objective, target) = (r.cfg.objective, r.cfg.criterion.target());
+    let input = s.cand.reshape(dims.as_slice())?.to_dtype(pass.dtype)?;
+    let samples = pass.cfg.eot.grad_samples;
+    let (objective, target) = (pass.cfg.objective, pass.cfg.criterion.target());
     let labels = s.labels.clone();
     for sample in 0..samples {
-        let p = probe_with(r.problem.model, &input, want_grad, |logits| {
+        let p = probe_with(pass.model, &input, want_grad, |logits| {
             super::objective_values(objective, target, logits, &labels, (m, k))
         })?;
         let probs = candle_nn::ops::softmax(&p.logits, D::Minus1)?.flatten_all()?;

@@ -23,6 +23,10 @@ pub fn ptx() -> Result<&'static str> {
 }
 
 const _: () = assert!(ROW == 6, "the kernels index 6 values per row");
+const _: () = assert!(
+    super::resident::VERDICT == 6,
+    "the kernels index 6 values per verdict row"
+);
 
 /// Threads per block of `atk_judge` and `atk_step_l2`.
 const ROW_THREADS: u32 = 256;
@@ -230,6 +234,113 @@ fn step_linf(s: &mut State, p: Step) -> Result<()> {
         // SAFETY: element i of each (M·D) buffer, its row's scalars and its
         // coordinate's mask entry (D values) are read; cand and mom are written.
         unsafe { b.launch(cfg) }.map_err(|e| launch_error("PGD on the device: step", e))?;
+        Ok(())
+    })
+}
+
+/// Threads per block of the per-row kernels of the resident batch (at most the 256
+/// their shared arrays hold).
+const CHECK_THREADS: u32 = 256;
+
+fn per_row(rows: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (count(rows)?, 1, 1),
+        block_dim: (CHECK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// `atk_check` (see [`super::resident::twin::check`]).
+pub(super) fn check(
+    verdict: &Tensor,
+    x: &Tensor,
+    labels: &Tensor,
+    (d, k): (usize, usize),
+    bounds: crate::base::Bounds,
+) -> Result<()> {
+    let m = labels.elem_count();
+    with_addresses(&[Some(verdict), Some(x), Some(labels)], |dev, a| {
+        let func = ATTACK.func(dev, "atk_check")?;
+        let (d, k) = (count(d)?, count(k)?);
+        let mut b = func.builder();
+        for p in a {
+            b.arg(p);
+        }
+        b.arg(&d).arg(&k).arg(&bounds.lo).arg(&bounds.hi);
+        // SAFETY: block j reads row j of x (D values) and label j, and writes the
+        // six values of its verdict row.
+        unsafe { b.launch(per_row(m)?) }
+            .map_err(|e| launch_error("PGD on the device: input checks", e))?;
+        Ok(())
+    })
+}
+
+/// `atk_start_linf` (see [`super::resident::twin::start_linf`]): a new (M·D) tensor.
+pub(super) fn start_linf(
+    x: &Tensor,
+    delta: Option<&Tensor>,
+    eps: f64,
+    bounds: crate::base::Bounds,
+) -> Result<Tensor> {
+    let md = x.elem_count();
+    let cand = Tensor::zeros(md, DType::F32, x.device())?;
+    with_addresses(&[Some(&cand), Some(x), delta], |dev, a| {
+        let func = ATTACK.func(dev, "atk_start_linf")?;
+        let (cfg, md) = elementwise(md, "PGD on the device: starts")?;
+        let mut b = func.builder();
+        for p in a {
+            b.arg(p);
+        }
+        b.arg(&md).arg(&eps).arg(&bounds.lo).arg(&bounds.hi);
+        // SAFETY: element i of cand, x and delta (all M·D long) is read or written.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_error("PGD on the device: starts", e))?;
+        Ok(())
+    })?;
+    Ok(cand)
+}
+
+/// `atk_offer` (see [`super::resident::twin::offer`]).
+pub(super) fn offer(
+    verdict: &Tensor,
+    record: &Tensor,
+    point: &Tensor,
+    rows: &Tensor,
+    d: usize,
+    take: bool,
+) -> Result<()> {
+    let m = verdict.elem_count() / super::resident::VERDICT;
+    let tensors = [Some(verdict), Some(record), Some(point), Some(rows)];
+    with_addresses(&tensors, |dev, a| {
+        let func = ATTACK.func(dev, "atk_offer")?;
+        let (d, take) = (count(d)?, i32::from(take));
+        let mut b = func.builder();
+        for p in a {
+            b.arg(p);
+        }
+        b.arg(&d).arg(&take);
+        // SAFETY: block j reads row j of the run's scalars (ROW values) and point (D
+        // values) and writes its verdict row and record row.
+        unsafe { b.launch(per_row(m)?) }
+            .map_err(|e| launch_error("PGD on the device: record", e))?;
+        Ok(())
+    })
+}
+
+/// `atk_measure` (see [`super::resident::twin::measure`]).
+pub(super) fn measure(verdict: &Tensor, record: &Tensor, x: &Tensor, d: usize) -> Result<()> {
+    let m = verdict.elem_count() / super::resident::VERDICT;
+    with_addresses(&[Some(verdict), Some(record), Some(x)], |dev, a| {
+        let func = ATTACK.func(dev, "atk_measure")?;
+        let d = count(d)?;
+        let mut b = func.builder();
+        for p in a {
+            b.arg(p);
+        }
+        b.arg(&d);
+        // SAFETY: block j reads row j of the record and x (D values each) and writes
+        // one value of its verdict row.
+        unsafe { b.launch(per_row(m)?) }
+            .map_err(|e| launch_error("PGD on the device: distances", e))?;
         Ok(())
     })
 }

@@ -1,0 +1,401 @@
+//! A training attack with its batch left on the device: [`crate::Attack::perturb_with_classes`]
+//! of an L∞ PGD (or FGSM) configuration on the device-resident loop
+//! ([`super::device`]) reads nothing from the device before its result is ready, and
+//! then only a few values per example.
+//!
+//! The host path validates the batch on the host (it reads the inputs and labels:
+//! on a GPU a wait for the device, which at that point is still running the previous
+//! training step), draws the random starts beside the clean inputs, and after the run
+//! reads the points back into its record and uploads them again. Here:
+//!
+//! - the checks run on the device (`atk_check`: NaN or out-of-bounds inputs, labels
+//!   of K or more) into a per-example verdict, read with the result;
+//! - the random starts' perturbations are drawn on the host's threads from the same
+//!   streams as the host path (they need no input) and uploaded; the start itself,
+//!   x + δ through the box, the ε-ball and the box, rounded towards x, is made on the
+//!   device (`atk_start_linf`);
+//! - each restart's result is offered to a record on the device (`atk_offer`, the
+//!   record's rule: a success beats a non-success, then a strictly higher objective,
+//!   ties keep the earlier point; a last iterate replaces it), and the L∞ distances
+//!   are measured there (`atk_measure`);
+//! - the one read is the verdict: M × 6 values. The points stay where they are and
+//!   are returned as they lie.
+//!
+//! **The same result as the host path, bit for bit,** and the same errors: when the
+//! verdict (or a pass) finds a fault, the host's checks run on the batch and their
+//! error is returned, so a bad input gives the host path's message, in its order. It
+//! is taken wherever the device-resident loop is (see [`super::device`]) for L∞
+//! configurations on f32 inputs with u8 or u32 labels of the expected shape; anything
+//! else takes the host path.
+
+use std::cell::Cell;
+
+use candle_core::{DType, ModuleT, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::device::{drive, resident_on, Executor, Pass, State};
+use super::{rows_per_task, Engine};
+use crate::base::{Bounds, Perturbed};
+use crate::error::{Error, Result};
+use crate::norm::{Init, Norm};
+use crate::pgd::Pgd;
+use crate::problem::Problem;
+
+/// Values per example of the verdict.
+pub(crate) const VERDICT: usize = 6;
+/// An input value of the example is NaN or outside the bounds.
+pub(crate) const BAD_INPUT: usize = 0;
+/// The example's label is K or more.
+pub(crate) const BAD_LABEL: usize = 1;
+/// A judged point of a run held NaN probabilities.
+pub(crate) const SAW_NAN: usize = 2;
+/// The record's objective (−∞ for the clean input and for a last iterate).
+pub(crate) const RECORD_OBJ: usize = 3;
+/// Whether the record is a success (0 or 1).
+pub(crate) const RECORD_SUCCESS: usize = 4;
+/// The record's L∞ distance from the clean input.
+pub(crate) const DISTANCE: usize = 5;
+
+thread_local! {
+    static PERTURBS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many attacks took this path on this thread so far (for the tests).
+#[cfg(test)]
+pub(crate) fn resident_perturbs() -> usize {
+    PERTURBS.with(Cell::get)
+}
+
+/// [`crate::Attack::perturb_with_classes`] of `pgd` with the batch on the device, or
+/// `None` where it does not apply (the caller then takes the host path). The
+/// settings (configuration, criterion, bounds, ε) are already checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn perturb(
+    pgd: &Pgd,
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    (xs, ys): (&Tensor, &Tensor),
+    eps: f64,
+    seed: u64,
+    classes: usize,
+) -> Result<Option<Perturbed>> {
+    let Some(exec) = resident_on(pgd, xs.device()) else {
+        return Ok(None);
+    };
+    let dims = xs.dims();
+    let shaped = dims.len() >= 2
+        && !dims.contains(&0)
+        && ys.dims() == [dims[0]]
+        && xs.dtype() == DType::F32
+        && matches!(ys.dtype(), DType::U32 | DType::U8)
+        && ys.device().same_device(xs.device());
+    if pgd.norm != Norm::Linf || !shaped || classes == 0 {
+        return Ok(None);
+    }
+    let d = dims[1..].iter().product();
+    let engine = Engine {
+        cfg: pgd,
+        mask: None,
+    };
+    if engine.check_shape(d, classes).is_err() {
+        return Ok(None);
+    }
+    PERTURBS.with(|c| c.set(c.get() + 1));
+    let host_error = |fault: Error| -> Error {
+        // The host path's checks, in its order: its error wins, as it would have
+        // been raised before the attack.
+        match Problem::with_classes(model, bounds, xs, ys, classes) {
+            Err(e) => e,
+            Ok(_) => fault,
+        }
+    };
+    let (points, verdict) = match attack(exec, pgd, model, bounds, (xs, ys), eps, seed, classes) {
+        Ok(done) => done,
+        Err(e) => return Err(host_error(e)),
+    };
+    let rows = verdict.chunks(VERDICT);
+    if rows
+        .clone()
+        .any(|r| r[BAD_INPUT] != 0.0 || r[BAD_LABEL] != 0.0)
+    {
+        return Err(host_error(Error::Input(
+            "the device found an input or label out of range that the host's checks accept".into(),
+        )));
+    }
+    if rows.clone().any(|r| r[SAW_NAN] != 0.0) {
+        return Err(crate::batch::nan_logits());
+    }
+    // Never taken: every start and step keeps |x_adv − x| ≤ |δ| ≤ ε exactly.
+    if let Some((i, r)) = rows.clone().enumerate().find(|(_, r)| r[DISTANCE] > eps) {
+        return Err(Error::Input(format!(
+            "example {i}'s point lies {} from its input, outside ε = {eps}",
+            r[DISTANCE]
+        )));
+    }
+    let norm: Vec<f32> = rows.map(|r| r[DISTANCE] as f32).collect();
+    let b = dims[0];
+    Ok(Some(Perturbed {
+        clipped: points.reshape(dims)?,
+        norm,
+        iterations: vec![pgd.steps * pgd.restarts.count; b],
+        eps,
+    }))
+}
+
+/// The restarts of `pgd` on the device: the record's points (B·D f32) and the
+/// verdict, read once.
+#[allow(clippy::too_many_arguments)]
+fn attack(
+    exec: Executor,
+    pgd: &Pgd,
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    (xs, ys): (&Tensor, &Tensor),
+    eps: f64,
+    seed: u64,
+    classes: usize,
+) -> Result<(Tensor, Vec<f64>)> {
+    let dev = xs.device();
+    let (b, d) = (xs.dim(0)?, xs.elem_count() / xs.dim(0)?);
+    let x = xs.flatten_all()?.contiguous()?;
+    let labels = ys.to_dtype(DType::U32)?.contiguous()?;
+    let mut verdict = Tensor::zeros(b * VERDICT, DType::F64, dev)?;
+    exec.check(&mut verdict, &x, &labels, (d, classes), bounds)?;
+    let mut record = x.copy()?;
+    let pass = Pass {
+        cfg: pgd,
+        model,
+        dims: xs.dims(),
+        dtype: DType::F32,
+    };
+    let width = bounds.width() as f64;
+    for restart in 0..pgd.restarts.count {
+        let init = pgd.restarts.init(restart);
+        let delta = match init {
+            Init::Zero => None,
+            _ => {
+                // The host path's draws: example i on stream i of ChaCha8 seeded with
+                // seed + restart (one pass per restart, every example a row).
+                let mut delta = vec![0f64; b * d];
+                let run_seed = seed.wrapping_add(restart as u64);
+                delta
+                    .par_chunks_mut(d)
+                    .enumerate()
+                    .with_min_len(rows_per_task(d))
+                    .for_each(|(i, out)| {
+                        let mut rng = ChaCha8Rng::seed_from_u64(run_seed);
+                        rng.set_stream(i as u64);
+                        pgd.norm.sample(init, eps, width, &mut rng, out);
+                    });
+                Some(Tensor::from_vec(delta, b * d, dev)?)
+            }
+        };
+        let start = exec.start_linf(&x, delta.as_ref(), eps, bounds)?;
+        let mut s = State::new(
+            x.clone(),
+            start,
+            labels.clone(),
+            None,
+            classes,
+            pgd.step_size.at(eps),
+        )?;
+        let ends_on_candidate = drive(exec, &pass, &mut s, eps, bounds)?;
+        let (point, take) = match (pgd.last_iterate, ends_on_candidate) {
+            (true, true) => (&s.cand, true),
+            (true, false) => (&s.adv, true),
+            (false, _) => (&s.best, false),
+        };
+        exec.offer(&mut verdict, &mut record, point, &s.rows, d, take)?;
+    }
+    exec.measure(&mut verdict, &record, &x, d)?;
+    // The attack's one read.
+    let read = verdict.to_vec1::<f64>()?;
+    Ok((record, read))
+}
+
+impl Executor {
+    /// `atk_check`: flags each example's bad inputs and label, and starts its record.
+    fn check(
+        self,
+        verdict: &mut Tensor,
+        x: &Tensor,
+        labels: &Tensor,
+        dk: (usize, usize),
+        bounds: Bounds,
+    ) -> Result<()> {
+        match self {
+            Executor::Twin => {
+                let mut v = verdict.to_vec1::<f64>()?;
+                let (xv, lv) = (x.to_vec1::<f32>()?, labels.to_vec1::<u32>()?);
+                twin::check(&mut v, &xv, &lv, dk, bounds);
+                *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Executor::Cuda => Ok(super::device_cuda::check(verdict, x, labels, dk, bounds)?),
+        }
+    }
+
+    /// `atk_start_linf`: the starts x + δ (δ = 0 where `delta` is `None`).
+    fn start_linf(
+        self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        eps: f64,
+        bounds: Bounds,
+    ) -> Result<Tensor> {
+        match self {
+            Executor::Twin => {
+                let xv = x.to_vec1::<f32>()?;
+                let dv = delta.map(|t| t.to_vec1::<f64>()).transpose()?;
+                let mut cand = vec![0f32; xv.len()];
+                twin::start_linf(&mut cand, &xv, dv.as_deref(), eps, bounds);
+                Ok(Tensor::from_vec(cand, xv.len(), x.device())?)
+            }
+            #[cfg(feature = "cuda")]
+            Executor::Cuda => Ok(super::device_cuda::start_linf(x, delta, eps, bounds)?),
+        }
+    }
+
+    /// `atk_offer`: a run's `point` (its best, or with `take` its last iterate)
+    /// offered to the record.
+    fn offer(
+        self,
+        verdict: &mut Tensor,
+        record: &mut Tensor,
+        point: &Tensor,
+        rows: &Tensor,
+        d: usize,
+        take: bool,
+    ) -> Result<()> {
+        match self {
+            Executor::Twin => {
+                let mut v = verdict.to_vec1::<f64>()?;
+                let mut r = record.to_vec1::<f32>()?;
+                let (p, s) = (point.to_vec1::<f32>()?, rows.to_vec1::<f64>()?);
+                twin::offer(&mut v, &mut r, &p, &s, d, take);
+                *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
+                *record = Tensor::from_vec(r, record.elem_count(), record.device())?;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Executor::Cuda => Ok(super::device_cuda::offer(
+                verdict, record, point, rows, d, take,
+            )?),
+        }
+    }
+
+    /// `atk_measure`: each record's L∞ distance from its clean input.
+    fn measure(self, verdict: &mut Tensor, record: &Tensor, x: &Tensor, d: usize) -> Result<()> {
+        match self {
+            Executor::Twin => {
+                let mut v = verdict.to_vec1::<f64>()?;
+                let (r, xv) = (record.to_vec1::<f32>()?, x.to_vec1::<f32>()?);
+                twin::measure(&mut v, &r, &xv, d);
+                *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Executor::Cuda => Ok(super::device_cuda::measure(verdict, record, x, d)?),
+        }
+    }
+}
+
+/// The CPU twins of the kernels, as their CUDA versions in `device.cu` compute them.
+pub(crate) mod twin {
+    use super::{BAD_INPUT, BAD_LABEL, DISTANCE, RECORD_OBJ, RECORD_SUCCESS, SAW_NAN, VERDICT};
+    use crate::base::Bounds;
+    use crate::engine::device::{BEST_OBJ, BEST_SUCCESS, NAN, ROW};
+    use crate::engine::next_toward;
+
+    /// `atk_check`, row by row.
+    pub fn check(
+        verdict: &mut [f64],
+        x: &[f32],
+        labels: &[u32],
+        (d, k): (usize, usize),
+        b: Bounds,
+    ) {
+        for (j, v) in verdict.chunks_mut(VERDICT).enumerate() {
+            let bad = x[j * d..(j + 1) * d]
+                .iter()
+                .any(|a| a.is_nan() || *a < b.lo || *a > b.hi);
+            v[BAD_INPUT] = f64::from(u8::from(bad));
+            v[BAD_LABEL] = f64::from(u8::from(labels[j] as usize >= k));
+            v[SAW_NAN] = 0.0;
+            v[RECORD_OBJ] = f64::NEG_INFINITY;
+            v[RECORD_SUCCESS] = 0.0;
+            v[DISTANCE] = 0.0;
+        }
+    }
+
+    /// `atk_start_linf`, element by element: the host's `finish` without a mask.
+    pub fn start_linf(cand: &mut [f32], x: &[f32], delta: Option<&[f64]>, eps: f64, b: Bounds) {
+        for (i, (c, &xc)) in cand.iter_mut().zip(x).enumerate() {
+            let xd = xc as f64;
+            let (l, h) = (b.lo as f64 - xd, b.hi as f64 - xd);
+            let v = delta.map_or(0.0, |dv| dv[i]);
+            let v = clamp(clamp(clamp(v, l, h), -eps, eps), l, h);
+            let s = ((xd + v) as f32).clamp(b.lo, b.hi);
+            *c = if (s as f64 - xd).abs() > v.abs() {
+                next_toward(s, xc)
+            } else {
+                s
+            };
+        }
+    }
+
+    /// `atk_offer`, row by row.
+    pub fn offer(
+        verdict: &mut [f64],
+        record: &mut [f32],
+        point: &[f32],
+        rows: &[f64],
+        d: usize,
+        take: bool,
+    ) {
+        for (j, (v, r)) in verdict
+            .chunks_mut(VERDICT)
+            .zip(rows.chunks(ROW))
+            .enumerate()
+        {
+            if r[NAN] != 0.0 {
+                v[SAW_NAN] = 1.0;
+            }
+            let success = r[BEST_SUCCESS] != 0.0;
+            let record_success = v[RECORD_SUCCESS] != 0.0;
+            let better = take
+                || (success && !record_success)
+                || (success == record_success && r[BEST_OBJ] > v[RECORD_OBJ]);
+            if better {
+                v[RECORD_OBJ] = if take { f64::NEG_INFINITY } else { r[BEST_OBJ] };
+                v[RECORD_SUCCESS] = f64::from(u8::from(!take && success));
+                let span = j * d..(j + 1) * d;
+                record[span.clone()].copy_from_slice(&point[span]);
+            }
+        }
+    }
+
+    /// `atk_measure`, row by row: max |record − x| in f64.
+    pub fn measure(verdict: &mut [f64], record: &[f32], x: &[f32], d: usize) {
+        for (j, v) in verdict.chunks_mut(VERDICT).enumerate() {
+            let span = j * d..(j + 1) * d;
+            v[DISTANCE] = record[span.clone()]
+                .iter()
+                .zip(&x[span])
+                .fold(0.0, |m: f64, (&a, &xc)| m.max((a as f64 - xc as f64).abs()));
+        }
+    }
+
+    fn clamp(v: f64, lo: f64, hi: f64) -> f64 {
+        if v < lo {
+            lo
+        } else if v > hi {
+            hi
+        } else {
+            v
+        }
+    }
+}

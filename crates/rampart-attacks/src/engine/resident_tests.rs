@@ -1,0 +1,510 @@
+//! The training attack with its batch on the device ([`super::resident`]) against the
+//! host path of [`Attack::perturb_with_classes`], on the CPU where the kernels' twins
+//! run: the same points, distances, step counts and errors, bit for bit; and its CUDA
+//! kernels, run on the CPU, against the twins.
+
+use candle_core::{DType, Device, Module, ModuleT, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::resident::{resident_perturbs, twin, VERDICT};
+use crate::testutil::{trained, Noisy, CLASSES};
+use crate::{
+    with_device_resident_pgd, Attack, Bounds, Criterion, Eot, Fgsm, Init, Norm, Objective,
+    Perturbed, Pgd, Restarts, Result, StepSize,
+};
+
+/// A model by reference.
+struct By<'a>(&'a dyn Module);
+
+impl Module for By<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(xs)
+    }
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::to_bits)
+        .collect())
+}
+
+type Outcome = std::result::Result<Perturbed, crate::Error>;
+
+/// The attack's `perturb_with_classes` by the host path and by the resident one, which
+/// must have run (`resident` = false: must not have run).
+fn both<'a>(
+    attack: &dyn Attack,
+    model: &dyn Fn() -> Box<dyn ModuleT + 'a>,
+    bounds: Bounds,
+    (xs, ys): (&Tensor, &Tensor),
+    (eps, classes): (f64, usize),
+    resident: bool,
+) -> (Outcome, Outcome) {
+    let host = attack.perturb_with_classes(&*model(), bounds, xs, ys, eps, 5, classes);
+    let before = resident_perturbs();
+    let device = with_device_resident_pgd(|| {
+        attack.perturb_with_classes(&*model(), bounds, xs, ys, eps, 5, classes)
+    });
+    assert_eq!(
+        resident_perturbs() > before,
+        resident,
+        "the resident path ran (or not) against expectation: {:?}",
+        device.as_ref().err()
+    );
+    (host, device)
+}
+
+fn assert_same(host: &Perturbed, device: &Perturbed, what: &str) -> Result<()> {
+    assert_eq!(host.clipped.dims(), device.clipped.dims(), "{what}: shape");
+    assert_eq!(
+        host.clipped.dtype(),
+        device.clipped.dtype(),
+        "{what}: dtype"
+    );
+    assert_eq!(
+        bits(&host.clipped)?,
+        bits(&device.clipped)?,
+        "{what}: points"
+    );
+    let nbits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+    assert_eq!(nbits(&host.norm), nbits(&device.norm), "{what}: distances");
+    assert_eq!(host.iterations, device.iterations, "{what}: steps");
+    assert_eq!(host.eps, device.eps);
+    Ok(())
+}
+
+fn pgd(objective: Objective, steps: usize, restarts: usize) -> Pgd {
+    Pgd {
+        objective,
+        steps,
+        step_size: StepSize::Relative(0.25),
+        restarts: Restarts::same(restarts, Init::Uniform),
+        ..Pgd::madry_linf_cifar10()
+    }
+}
+
+/// Every L∞ training attack of the study and the configurations around them, at a
+/// budget where about half the points are fooled, in [0, 1] and in [−1, 2].
+#[test]
+fn resident_perturb_equals_the_host_perturb_for_every_configuration() -> Result<()> {
+    let t = trained();
+    let model = || Box::new(By(&t.model)) as Box<dyn ModuleT>;
+    let attacks: Vec<(&str, Box<dyn Attack>)> = vec![
+        ("fast AT's FGSM-RS, best point", Box::new(Fgsm::fast_at())),
+        (
+            "fast AT's FGSM-RS, last iterate",
+            Box::new(Fgsm {
+                last_iterate: true,
+                ..Fgsm::fast_at()
+            }),
+        ),
+        ("FGSM from the input", Box::new(Fgsm::goodfellow())),
+        (
+            "PGD-7, last iterate (Madry et al.)",
+            Box::new(Pgd {
+                last_iterate: true,
+                ..Pgd::madry_linf_cifar10()
+            }),
+        ),
+        ("PGD-7, best point", Box::new(Pgd::madry_linf_cifar10())),
+        (
+            "PGD-10 CE, 3 restarts",
+            Box::new(pgd(Objective::CrossEntropy, 10, 3)),
+        ),
+        (
+            "CCAT's training attack (momentum, backtracking)",
+            Box::new(Pgd {
+                steps: 12,
+                ..Pgd::ccat_train()
+            }),
+        ),
+        (
+            "CCAT's training attack, last iterate with backtracking",
+            Box::new(Pgd {
+                steps: 12,
+                last_iterate: true,
+                ..Pgd::ccat_train()
+            }),
+        ),
+        (
+            "CCAT's conf attack (zero, then uniform-norm starts)",
+            Box::new(Pgd {
+                steps: 15,
+                step_size: StepSize::Absolute(0.01),
+                restarts: Restarts {
+                    count: 3,
+                    ..Pgd::ccat_conf_eval().restarts
+                },
+                ..Pgd::ccat_conf_eval()
+            }),
+        ),
+        ("CW margin, momentum", {
+            let mut p = pgd(Objective::CwMargin, 8, 2);
+            p.momentum = 0.75;
+            Box::new(p)
+        }),
+        ("targeted", {
+            let mut p = pgd(Objective::CrossEntropyTargeted, 10, 2);
+            p.criterion = Criterion::Targeted(2);
+            Box::new(p)
+        }),
+        (
+            "last iterate, backtracking from an oversized step (rejected candidates)",
+            Box::new(Pgd {
+                steps: 6,
+                step_size: StepSize::Relative(2.5),
+                momentum: 0.0,
+                backtrack: Some(2.0),
+                last_iterate: true,
+                ..pgd(Objective::CrossEntropy, 6, 1)
+            }),
+        ),
+        (
+            "uniform-norm starts, 2 restarts",
+            Box::new(Pgd {
+                restarts: Restarts::same(2, Init::UniformNorm),
+                ..pgd(Objective::CrossEntropy, 4, 2)
+            }),
+        ),
+    ];
+    let wide = Bounds { lo: -1.0, hi: 2.0 };
+    let wide_xs = t.xs.affine(3.0, -1.0)?.clamp(-1f32, 2f32)?;
+    for (what, attack) in &attacks {
+        for eps in [0.0, 0.03, 0.1] {
+            let (host, device) = both(
+                &**attack,
+                &model,
+                Bounds::UNIT,
+                (&t.xs, &t.ys),
+                (eps, CLASSES),
+                true,
+            );
+            assert_same(&host?, &device?, &format!("{what}, ε = {eps}"))?;
+        }
+        let (host, device) = both(
+            &**attack,
+            &model,
+            wide,
+            (&wide_xs, &t.ys),
+            (0.3, CLASSES),
+            true,
+        );
+        assert_same(&host?, &device?, &format!("{what}, [−1, 2] box"))?;
+    }
+    // u8 labels, and a slice of a batch (a view with an offset).
+    let (xs, ys) = (t.xs.narrow(0, 3, 20)?, t.ys.narrow(0, 3, 20)?);
+    let ys8 = ys.to_dtype(DType::U8)?;
+    let cfg = pgd(Objective::CrossEntropy, 5, 2);
+    let (host, device) = both(
+        &cfg,
+        &model,
+        Bounds::UNIT,
+        (&xs, &ys8),
+        (0.1, CLASSES),
+        true,
+    );
+    assert_same(&host?, &device?, "u8 labels, a slice")?;
+    // EOT over a stochastic model: a fresh noise source of the same seed for each.
+    let eot = Pgd {
+        eot: Eot {
+            grad_samples: 3,
+            eval_samples: 4,
+        },
+        momentum: 0.5,
+        backtrack: Some(1.5),
+        ..pgd(Objective::CrossEntropy, 6, 2)
+    };
+    let noisy = || Box::new(Noisy::new(&t.model, 0.5, 9)) as Box<dyn ModuleT + '_>;
+    let (host, device) = both(
+        &eot,
+        &noisy,
+        Bounds::UNIT,
+        (&t.xs, &t.ys),
+        (0.1, CLASSES),
+        true,
+    );
+    assert_same(&host?, &device?, "EOT")
+}
+
+/// Where it does not apply, the host path runs: L2, early stopping, an f64 batch, i64
+/// labels.
+#[test]
+fn resident_perturb_leaves_other_problems_to_the_host_path() -> Result<()> {
+    let t = trained();
+    let model = || Box::new(By(&t.model)) as Box<dyn ModuleT>;
+    let base = pgd(Objective::CrossEntropy, 5, 1);
+    let l2 = Pgd {
+        norm: Norm::L2,
+        ..base
+    };
+    let early = Pgd {
+        early_stop: true,
+        ..base
+    };
+    let batch = (&t.xs, &t.ys);
+    for (what, cfg) in [("L2", l2), ("early stopping", early)] {
+        let (host, device) = both(&cfg, &model, Bounds::UNIT, batch, (0.3, CLASSES), false);
+        assert_same(&host?, &device?, what)?;
+    }
+    let ys64 = t.ys.to_dtype(DType::I64)?;
+    let (host, device) = both(
+        &base,
+        &model,
+        Bounds::UNIT,
+        (&t.xs, &ys64),
+        (0.1, CLASSES),
+        false,
+    );
+    assert_same(&host?, &device?, "i64 labels")?;
+    Ok(())
+}
+
+/// Bad inputs, labels, class counts and NaN logits give the host path's errors, word
+/// for word.
+#[test]
+fn resident_perturb_refuses_what_the_host_path_refuses() -> Result<()> {
+    struct NanLogits;
+    impl Module for NanLogits {
+        fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+            Tensor::full(f32::NAN, (xs.dim(0)?, CLASSES), xs.device())
+        }
+    }
+    let t = trained();
+    let model = || Box::new(By(&t.model)) as Box<dyn ModuleT>;
+    let cfg = pgd(Objective::CrossEntropy, 3, 2);
+    let mut x = t.xs.flatten_all()?.to_vec1::<f32>()?;
+    let mut nan = x.clone();
+    nan[70] = f32::NAN;
+    x[45] = 1.5;
+    let nan = Tensor::from_vec(nan, t.xs.dims(), &Device::Cpu)?;
+    let outside = Tensor::from_vec(x, t.xs.dims(), &Device::Cpu)?;
+    let mut y = t.ys.to_vec1::<u32>()?;
+    y[7] = CLASSES as u32;
+    let bad_label = Tensor::new(y.as_slice(), &Device::Cpu)?;
+    let nan_model = || Box::new(NanLogits) as Box<dyn ModuleT>;
+    let cases: Vec<(&str, (&Tensor, &Tensor), usize, bool)> = vec![
+        ("a NaN input", (&nan, &t.ys), CLASSES, false),
+        (
+            "an input outside the bounds",
+            (&outside, &t.ys),
+            CLASSES,
+            false,
+        ),
+        ("a label of K", (&t.xs, &bad_label), CLASSES, false),
+        ("too few classes given", (&t.xs, &t.ys), CLASSES - 2, false),
+        ("too many classes given", (&t.xs, &t.ys), CLASSES + 1, false),
+        ("NaN logits", (&t.xs, &t.ys), CLASSES, true),
+    ];
+    for (what, batch, classes, nan_logits) in cases {
+        let m: &dyn Fn() -> Box<dyn ModuleT> = if nan_logits { &nan_model } else { &model };
+        let (host, device) = both(&cfg, m, Bounds::UNIT, batch, (0.1, classes), true);
+        let (Err(h), Err(d)) = (host, device) else {
+            panic!("{what}: not refused by both paths")
+        };
+        assert_eq!(h.to_string(), d.to_string(), "{what}");
+    }
+    Ok(())
+}
+
+/// The four kernels of the resident batch, run on the CPU (`rampart_models::kernels::
+/// emulate`), equal their twins bit for bit: the checks on NaN, out-of-bounds and
+/// on-bound inputs and labels of K; the starts with and without δ, with δ past the
+/// box and the ball; the record's rule on ties, successes, −∞ and `take`; the
+/// distances.
+#[test]
+fn resident_kernels_run_on_the_cpu_equal_their_twins() {
+    use super::device::{BEST_OBJ, BEST_SUCCESS, NAN, ROW};
+    use rampart_models::kernels::emulate::{Arg, Emulator};
+    let mut s = Emulator::of(include_str!("device.cu")).session();
+    let (m, d, k) = (9usize, 300usize, 5usize);
+    let (mu, du) = (m as u32, d as u32);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let bounds = Bounds { lo: -0.5, hi: 1.5 };
+    let mut x: Vec<f32> = (0..m * d)
+        .map(|_| match rng.gen_range(0..8) {
+            0 => bounds.lo,
+            1 => bounds.hi,
+            _ => rng.gen_range(-0.5f32..1.5),
+        })
+        .collect();
+    // Row 1: a NaN; row 2: above the box; row 3: below it, at its last value.
+    x[d + 17] = f32::NAN;
+    x[2 * d + 299] = 1.5001;
+    x[4 * d - 1] = -0.75;
+    let labels: Vec<u32> = (0..m as u32)
+        .map(|j| if j == 5 { k as u32 } else { j % 4 })
+        .collect();
+    let mut expected_f32: Vec<(String, Vec<f32>)> = Vec::new();
+    let mut expected_f64: Vec<(String, Vec<f64>)> = Vec::new();
+    s.put("x", &x).put("labels", &labels);
+
+    let unset = vec![f64::NAN; m * VERDICT];
+    s.put("checked", &unset);
+    s.launch(
+        "atk_check",
+        [mu, 1, 1],
+        [256, 1, 1],
+        &[
+            Arg::B("checked"),
+            Arg::B("x"),
+            Arg::B("labels"),
+            Arg::U32(du),
+            Arg::U32(k as u32),
+            Arg::F32(bounds.lo),
+            Arg::F32(bounds.hi),
+        ],
+    );
+    let mut checked = unset.clone();
+    twin::check(&mut checked, &x, &labels, (d, k), bounds);
+    assert_eq!(
+        checked
+            .chunks(VERDICT)
+            .map(|r| (r[0], r[1]))
+            .collect::<Vec<_>>()[..6],
+        [
+            (0.0, 0.0),
+            (1.0, 0.0),
+            (1.0, 0.0),
+            (1.0, 0.0),
+            (0.0, 0.0),
+            (0.0, 1.0)
+        ]
+    );
+    expected_f64.push(("checked".into(), checked));
+
+    // Starts from x without NaN.
+    let x: Vec<f32> = x
+        .iter()
+        .map(|v| if v.is_nan() { 0.25 } else { v.clamp(-0.5, 1.5) })
+        .collect();
+    s.put("xs", &x);
+    let mut delta: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-0.3..0.3)).collect();
+    delta[0] = 5.0;
+    delta[1] = -5.0;
+    delta[2] = -0.0;
+    delta[3] = 1e-9;
+    s.put("delta", &delta);
+    for (c, (with_delta, eps)) in [(true, 0.1), (true, 0.5), (false, 0.1), (true, 0.0)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("start{c}");
+        s.put(&name, &vec![f32::NAN; m * d]);
+        s.launch_n(
+            "atk_start_linf",
+            m * d,
+            128,
+            &[
+                Arg::B(&name),
+                Arg::B("xs"),
+                if with_delta {
+                    Arg::B("delta")
+                } else {
+                    Arg::Null
+                },
+                Arg::U32(mu * du),
+                Arg::F64(eps),
+                Arg::F32(bounds.lo),
+                Arg::F32(bounds.hi),
+            ],
+        );
+        let mut want = vec![f32::NAN; m * d];
+        twin::start_linf(&mut want, &x, with_delta.then_some(&delta[..]), eps, bounds);
+        expected_f32.push((name, want));
+    }
+
+    // The record's rule: per row a run's (success, objective) against the record's.
+    let mut rows = vec![0f64; m * ROW];
+    let mut verdict = vec![0f64; m * VERDICT];
+    let cases = [
+        // (run success, run obj, record success, record obj, nan)
+        (false, 0.5, false, 0.25, false),
+        (false, 0.25, false, 0.25, false),
+        (true, -1.0, false, 3.0, false),
+        (false, 3.0, true, -1.0, true),
+        (true, 0.5, true, 0.5, false),
+        (true, 0.75, true, 0.5, false),
+        (false, f64::NEG_INFINITY, false, f64::NEG_INFINITY, false),
+        (false, 0.0, false, f64::NEG_INFINITY, true),
+        (true, f64::NEG_INFINITY, false, f64::NEG_INFINITY, false),
+    ];
+    for (j, &(rs, ro, cs, co, n)) in cases.iter().enumerate() {
+        let r = &mut rows[j * ROW..(j + 1) * ROW];
+        r[BEST_SUCCESS] = f64::from(u8::from(rs));
+        r[BEST_OBJ] = ro;
+        r[NAN] = f64::from(u8::from(n));
+        let v = &mut verdict[j * VERDICT..(j + 1) * VERDICT];
+        v[super::resident::RECORD_SUCCESS] = f64::from(u8::from(cs));
+        v[super::resident::RECORD_OBJ] = co;
+        v[super::resident::DISTANCE] = 0.125;
+    }
+    let record: Vec<f32> = (0..m * d).map(|_| rng.gen_range(0.0f32..1.0)).collect();
+    let point: Vec<f32> = (0..m * d).map(|_| rng.gen_range(0.0f32..1.0)).collect();
+    s.put("rows", &rows).put("point", &point);
+    for take in [false, true] {
+        let (v, r) = (format!("verdict{take}"), format!("record{take}"));
+        s.put(&v, &verdict).put(&r, &record);
+        s.launch(
+            "atk_offer",
+            [mu, 1, 1],
+            [256, 1, 1],
+            &[
+                Arg::B(&v),
+                Arg::B(&r),
+                Arg::B("point"),
+                Arg::B("rows"),
+                Arg::U32(du),
+                Arg::I32(i32::from(take)),
+            ],
+        );
+        let (mut wv, mut wr) = (verdict.clone(), record.clone());
+        twin::offer(&mut wv, &mut wr, &point, &rows, d, take);
+        if !take {
+            let taken: Vec<bool> = (0..m).map(|j| wr[j * d] == point[j * d]).collect();
+            let want = [true, false, true, false, false, true, false, true, true];
+            assert_eq!(taken, want, "the record's rule");
+        }
+        expected_f64.push((v, wv));
+        expected_f32.push((r, wr));
+    }
+
+    // The distances, of the record taken.
+    s.put("measured", &verdict);
+    s.launch(
+        "atk_measure",
+        [mu, 1, 1],
+        [256, 1, 1],
+        &[
+            Arg::B("measured"),
+            Arg::B("point"),
+            Arg::B("xs"),
+            Arg::U32(du),
+        ],
+    );
+    let mut measured = verdict.clone();
+    twin::measure(&mut measured, &point, &x, d);
+    expected_f64.push(("measured".into(), measured));
+
+    let out = s.run();
+    for (name, want) in &expected_f32 {
+        let got: Vec<f32> = out.get(name);
+        let b = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            b(&got),
+            b(want),
+            "kernel output {name} differs from its twin's"
+        );
+    }
+    for (name, want) in &expected_f64 {
+        let got: Vec<f64> = out.get(name);
+        let b = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            b(&got),
+            b(want),
+            "kernel output {name} differs from its twin's"
+        );
+    }
+}
