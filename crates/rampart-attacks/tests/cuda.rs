@@ -5,6 +5,10 @@
 //! loop agree bit for bit (where they do not, the GPU's passes are not deterministic,
 //! and the device loop is held to the ε-ball and the host loop's success rate).
 //!
+//! A training attack with its batch left on the device (`perturb_with_classes` of an
+//! L∞ PGD or FGSM on the device loop) is held to the host path the same way, its
+//! refusals word for word.
+//!
 //! Built only with `--features cuda`:
 //! `cargo test --release -p rampart-attacks --features cuda --test cuda`. With the
 //! feature on and no GPU the GPU test fails, on purpose: the build claims CUDA.
@@ -26,6 +30,10 @@ fn attack_kernels_compile_with_nvrtc() -> TestResult {
         "atk_judge",
         "atk_step_linf",
         "atk_step_l2",
+        "atk_check",
+        "atk_start_linf",
+        "atk_offer",
+        "atk_measure",
     ] {
         assert!(ptx.contains(kernel), "{kernel} missing from the PTX");
     }
@@ -166,6 +174,97 @@ fn device_resident_pgd_on_the_gpu_equals_the_host_loop() -> TestResult {
                 assert_eq!(h.iterations, d.iterations, "{name}, {what}: steps");
             }
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn resident_training_attack_on_the_gpu_equals_the_host_path() -> TestResult {
+    let dev = gpu();
+    let model = Classifier::new(ModelSpec::wrn(10, 2, 10), 3, &dev)?;
+    let (xs, ys) = batch(24, &dev)?;
+    let eps = 8.0 / 255.0;
+    let attacks: Vec<(&str, Box<dyn Attack>)> = vec![
+        (
+            "fast AT's FGSM-RS, last iterate",
+            Box::new(Fgsm {
+                last_iterate: true,
+                ..Fgsm::fast_at()
+            }),
+        ),
+        ("fast AT's FGSM-RS, best point", Box::new(Fgsm::fast_at())),
+        (
+            "PGD-7, last iterate",
+            Box::new(Pgd {
+                last_iterate: true,
+                ..Pgd::madry_linf_cifar10()
+            }),
+        ),
+        (
+            "PGD-10, 2 restarts",
+            Box::new(Pgd {
+                steps: 10,
+                restarts: Restarts::same(2, rampart_attacks::Init::Uniform),
+                ..Pgd::madry_linf_cifar10()
+            }),
+        ),
+        (
+            "CCAT's training attack",
+            Box::new(Pgd {
+                steps: 20,
+                ..Pgd::ccat_train()
+            }),
+        ),
+    ];
+    let frozen = model.frozen();
+    for (what, attack) in &attacks {
+        let run = |device: bool| {
+            let go = || attack.perturb_with_classes(&frozen, Bounds::UNIT, &xs, &ys, eps, 5, 10);
+            if device {
+                with_device_resident_pgd(go)
+            } else {
+                go()
+            }
+        };
+        let (host, again, device) = (run(false)?, run(false)?, run(true)?);
+        assert!(
+            device.clipped.device().is_cuda(),
+            "{what}: points left the GPU"
+        );
+        assert_eq!(host.iterations, device.iterations, "{what}: steps");
+        // As above: two host runs that differ mean non-deterministic passes.
+        if bits(&host.clipped)? == bits(&again.clipped)? {
+            assert_eq!(
+                bits(&host.clipped)?,
+                bits(&device.clipped)?,
+                "{what}: points"
+            );
+            assert_eq!(host.norm, device.norm, "{what}: distances");
+        } else {
+            eprintln!("{what}: the GPU's passes are not deterministic");
+            for n in &device.norm {
+                assert!(f64::from(*n) <= eps, "{what}: ‖δ‖ {n}");
+            }
+            let delta = (device.clipped.to_dtype(DType::F64)? - xs.to_dtype(DType::F64)?)?;
+            let most = delta.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            assert!(most <= eps, "{what}: ‖δ‖ {most}");
+        }
+    }
+    // A NaN input and a label of K are refused as the host path refuses them.
+    let mut x = xs.flatten_all()?.to_vec1::<f32>()?;
+    x[5000] = f32::NAN;
+    let nan = Tensor::from_vec(x, xs.dims(), &dev)?;
+    let mut y = ys.to_vec1::<u32>()?;
+    y[3] = 10;
+    let bad = Tensor::from_vec(y, ys.dims(), &dev)?;
+    let fgsm = Fgsm::fast_at();
+    for (what, (x, y)) in [("NaN input", (&nan, &ys)), ("label of K", (&xs, &bad))] {
+        let go = || fgsm.perturb_with_classes(&frozen, Bounds::UNIT, x, y, eps, 5, 10);
+        let (host, device) = (go(), with_device_resident_pgd(go));
+        let (Err(h), Err(d)) = (host, device) else {
+            panic!("{what}: not refused by both paths")
+        };
+        assert_eq!(h.to_string(), d.to_string(), "{what}");
     }
     Ok(())
 }
