@@ -359,15 +359,23 @@ impl Run<'_> {
         let batch = self.batch;
         let d = batch.d;
         let idx: Vec<usize> = live.iter().map(|&j| self.idx[j]).collect();
-        let mut rows = Vec::with_capacity(live.len() * d);
-        for &j in live {
-            rows.extend_from_slice(&points[j * d..(j + 1) * d]);
-        }
+        // Every row live (`live` is increasing): the points as they are.
+        let gathered: Vec<f32>;
+        let rows = if live.len() == self.idx.len() {
+            points
+        } else {
+            gathered = live
+                .iter()
+                .flat_map(|&j| &points[j * d..(j + 1) * d])
+                .copied()
+                .collect();
+            &gathered
+        };
         let targets: Option<Vec<u32>> = self.targets.map(|t| live.iter().map(|&j| t[j]).collect());
         let p = batch.probe(
             self.model,
             &idx,
-            &rows,
+            rows,
             Loss::Objective(self.cfg.objective, targets.as_deref()),
             self.cfg.eot.grad_samples,
             want_grad,
@@ -445,6 +453,7 @@ impl Run<'_> {
             cfg,
             batch,
             idx: self.idx,
+            reference: false,
         };
         let mut next = vec![0f32; m * d];
         let mut is_live = vec![false; m];
@@ -473,13 +482,19 @@ impl Run<'_> {
                         }
                     },
                 );
-            for &j in &live {
-                let row = j * d..(j + 1) * d;
-                s.old[row.clone()].copy_from_slice(&s.adv[row.clone()]);
-                s.adv[row.clone()].copy_from_slice(&next[row]);
-            }
+            // The current points become the old ones and the proposals the current
+            // ones: the buffers change places. Rows of examples no longer live then
+            // hold stale values, which nothing reads again (an example stops for the
+            // rest of the phase).
+            std::mem::swap(&mut s.old, &mut s.adv);
+            std::mem::swap(&mut s.adv, &mut next);
             let want_grad = t + 1 < steps;
-            let (loss, success, grad) = self.evaluate(&live, &s.adv, want_grad)?;
+            let (loss, success, mut grad) = self.evaluate(&live, &s.adv, want_grad)?;
+            // With every row live the new gradients are the state's, moved in.
+            let moved = want_grad && live.len() == m;
+            if moved {
+                std::mem::swap(&mut s.grad, &mut grad);
+            }
             for (r, &j) in live.iter().enumerate() {
                 let row = j * d..(j + 1) * d;
                 let i = self.idx[j];
@@ -491,14 +506,15 @@ impl Run<'_> {
                     s.increases[j] += 1;
                 }
                 s.loss[j] = loss[r];
-                if want_grad {
+                if want_grad && !moved {
                     s.grad[row.clone()].copy_from_slice(&grad[r * d..(r + 1) * d]);
                 }
                 if loss[r] > s.best_loss[j] {
                     s.best_loss[j] = loss[r];
                     s.best_point[row.clone()].copy_from_slice(&s.adv[row.clone()]);
                     if want_grad {
-                        s.best_grad[row.clone()].copy_from_slice(&grad[r * d..(r + 1) * d]);
+                        // The row's new gradient, copied or moved in above.
+                        s.best_grad[row.clone()].copy_from_slice(&s.grad[row.clone()]);
                     }
                 }
             }
@@ -573,6 +589,9 @@ struct Proposer<'a> {
     batch: &'a Batch,
     /// Batch indices of the examples attacked.
     idx: &'a [usize],
+    /// L∞ steps by the general arm of [`Proposer::propose`] instead of the fused loop
+    /// (for the tests).
+    reference: bool,
 }
 
 impl Proposer<'_> {
@@ -582,11 +601,36 @@ impl Proposer<'_> {
         let d = batch.d;
         let i = self.idx[j];
         let row = j * d..(j + 1) * d;
+        let step = s.step[j];
+        if self.cfg.norm == Norm::Linf && !self.reference {
+            // Coordinate by coordinate, in one pass: the operations of the arm below
+            // (the reference, which the tests hold it to), whose L∞ sign step and
+            // projection need no norm of the row; written with selects rather than
+            // branches, so that the loop vectorises.
+            let (lo, hi) = (batch.bounds.lo as f64, batch.bounds.hi as f64);
+            let coordinates = out
+                .iter_mut()
+                .zip(batch.row(i))
+                .zip(s.adv[row.clone()].iter().zip(&s.old[row.clone()]))
+                .zip(&s.grad[row]);
+            for (((o, &x), (&adv, &old)), &g) in coordinates {
+                let xc = x as f64;
+                let (l, h) = (lo - xc, hi - xc);
+                let cur = adv as f64 - xc;
+                let g = if g.is_finite() { g as f64 } else { 0.0 };
+                let sign = if g > 0.0 { 1.0 } else { 0.0 };
+                let sign = if g < 0.0 { -1.0 } else { sign };
+                let z = clamp_to(clamp_to(cur + step * sign, -eps, eps), l, h);
+                let prev = old as f64 - xc;
+                let next = cur + a * (z - cur) + (1.0 - a) * (cur - prev);
+                *o = clamp_to(clamp_to(next, -eps, eps), l, h);
+            }
+            return;
+        }
         batch.delta(i, &s.adv[row.clone()], &mut sc.current);
         for (g, &v) in sc.grad.iter_mut().zip(&s.grad[row.clone()]) {
             *g = if v.is_finite() { v as f64 } else { 0.0 };
         }
-        let step = s.step[j];
         match self.cfg.norm {
             Norm::Linf | Norm::L2 => {
                 let norm = self.cfg.norm;
@@ -645,6 +689,17 @@ impl Proposer<'_> {
                 project_l1_box(out, eps, &sc.lower, &sc.upper);
             }
         }
+    }
+}
+
+/// v clamped to [lo, hi] as `Batch::clamp_box` and `f64::clamp` do (NaN stays NaN).
+#[inline(always)]
+fn clamp_to(v: f64, lo: f64, hi: f64) -> f64 {
+    let v = if v < lo { lo } else { v };
+    if v > hi {
+        hi
+    } else {
+        v
     }
 }
 

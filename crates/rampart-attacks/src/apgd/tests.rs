@@ -302,3 +302,88 @@ fn outcome_does_not_depend_on_the_threads() -> Result<()> {
     }
     Ok(())
 }
+
+/// The fused L∞ proposal equals the general arm it replaces, bit for bit: points on
+/// the bounds and at the clean input, NaN, infinite and signed-zero gradients, steps
+/// past the ball and the box, ε = 0, α = 1 and 0.75.
+#[test]
+fn fused_linf_proposal_equals_the_reference_arm() -> Result<()> {
+    use super::{Proposer, Scratch, State};
+    use crate::batch::Batch;
+    use rand::{Rng, SeedableRng};
+    let (m, d) = (6usize, 257usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    let bounds = Bounds { lo: -0.5, hi: 1.5 };
+    let x: Vec<f32> = (0..m * d)
+        .map(|_| match rng.gen_range(0..6) {
+            0 => -0.5,
+            1 => 1.5,
+            _ => rng.gen_range(-0.5f32..1.5),
+        })
+        .collect();
+    let near = |rng: &mut rand_chacha::ChaCha8Rng, x: &[f32]| -> Vec<f32> {
+        x.iter()
+            .map(|&v| match rng.gen_range(0..5) {
+                0 => v,
+                1 => -0.5,
+                2 => 1.5,
+                _ => (v + rng.gen_range(-0.2f32..0.2)).clamp(-0.5, 1.5),
+            })
+            .collect()
+    };
+    let (adv, old) = (near(&mut rng, &x), near(&mut rng, &x));
+    let grad: Vec<f32> = (0..m * d)
+        .map(|_| match rng.gen_range(0..10) {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::NEG_INFINITY,
+            3 => 0.0,
+            4 => -0.0,
+            _ => rng.gen_range(-1.0f32..1.0),
+        })
+        .collect();
+    let xs = Tensor::from_vec(x, (m, d), &Device::Cpu)?;
+    let ys = Tensor::zeros(m, DType::U32, &Device::Cpu)?;
+    let model = Mlp::random(&[d, CLASSES], 1, DType::F32)?;
+    let batch = Batch::with_classes(&model, bounds, &xs, &ys, Some(CLASSES))?;
+    let idx: Vec<usize> = (0..m).collect();
+    let state = State {
+        adv,
+        old,
+        grad,
+        loss: vec![0.0; m],
+        best_point: Vec::new(),
+        best_grad: Vec::new(),
+        best_loss: Vec::new(),
+        best_loss_last_check: Vec::new(),
+        reduced_last_check: vec![true; m],
+        increases: vec![0; m],
+        step: vec![0.0, 1e-3, 0.01, 0.1, 0.5, 4.0],
+        topk: vec![0.2; m],
+        sparsity_old: vec![d as f64; m],
+    };
+    let cfg = Apgd::ce(Norm::Linf);
+    for (eps, a) in [
+        (0.0, 1.0),
+        (0.03, 1.0),
+        (0.03, 0.75),
+        (0.3, 0.75),
+        (2.0, 0.5),
+    ] {
+        for j in 0..m {
+            let mut outs = [vec![f64::NAN; d], vec![f64::NAN; d]];
+            for (out, reference) in outs.iter_mut().zip([false, true]) {
+                let proposer = Proposer {
+                    cfg: &cfg,
+                    batch: &batch,
+                    idx: &idx,
+                    reference,
+                };
+                proposer.propose(j, &state, eps, a, &mut Scratch::new(d), out);
+            }
+            let bits = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&outs[0]), bits(&outs[1]), "ε {eps}, α {a}, row {j}");
+        }
+    }
+    Ok(())
+}
