@@ -284,6 +284,9 @@ struct State {
 
 impl Run<'_> {
     fn run(&self, eps: f64, seed: u64, record: &mut Record) -> Result<()> {
+        if let Some(exec) = device::resident(self) {
+            return device::run(exec, self, eps, seed, record);
+        }
         let (cfg, batch) = (self.cfg, self.batch);
         let (m, d) = (self.idx.len(), batch.d);
         let phases: Vec<(f64, usize)> = if cfg.large_eps_warmup {
@@ -726,5 +729,10 @@ impl Scratch {
     }
 }
 
+mod device;
+#[cfg(feature = "cuda")]
+mod device_cuda;
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 mod tests;

@@ -405,10 +405,10 @@ pub(crate) fn next_toward(a: f32, x: f32) -> f32 {
     f32::from_bits(if away_from_zero { bits + 1 } else { bits - 1 })
 }
 
-mod device;
+pub(crate) mod device;
 #[cfg(feature = "cuda")]
-mod device_cuda;
-mod resident;
+pub(crate) mod device_cuda;
+pub(crate) mod resident;
 
 pub(crate) use resident::perturb as perturb_resident;
 

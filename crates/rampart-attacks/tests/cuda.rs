@@ -9,14 +9,18 @@
 //! L∞ PGD or FGSM on the device loop) is held to the host path the same way, its
 //! refusals word for word.
 //!
+//! APGD's device-resident loop (CE and targeted DLR, L∞ and L2) is held to its host
+//! loop likewise.
+//!
 //! Built only with `--features cuda`:
 //! `cargo test --release -p rampart-attacks --features cuda --test cuda`. With the
 //! feature on and no GPU the GPU test fails, on purpose: the build claims CUDA.
 #![cfg(feature = "cuda")]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, ModuleT, Tensor};
 use rampart_attacks::{
-    with_device_resident_pgd, Attack, Bounds, Eot, Fgsm, Norm, Objective, Pgd, Restarts, StepSize,
+    with_device_resident_pgd, Apgd, Attack, Bounds, Eot, Fgsm, Norm, Objective, Pgd, Restarts,
+    StepSize,
 };
 use rampart_models::{Classifier, ModelSpec, NoiseSpec};
 
@@ -34,6 +38,11 @@ fn attack_kernels_compile_with_nvrtc() -> TestResult {
         "atk_start_linf",
         "atk_offer",
         "atk_measure",
+        "apgd_propose_linf",
+        "apgd_propose_l2",
+        "apgd_update",
+        "apgd_offer",
+        "apgd_check",
     ] {
         assert!(ptx.contains(kernel), "{kernel} missing from the PTX");
     }
@@ -265,6 +274,72 @@ fn resident_training_attack_on_the_gpu_equals_the_host_path() -> TestResult {
             panic!("{what}: not refused by both paths")
         };
         assert_eq!(h.to_string(), d.to_string(), "{what}");
+    }
+    Ok(())
+}
+
+#[test]
+fn device_resident_apgd_on_the_gpu_equals_the_host_loop() -> TestResult {
+    let dev = gpu();
+    let model = Classifier::new(ModelSpec::wrn(10, 2, 10), 3, &dev)?;
+    let (xs, ys) = batch(24, &dev)?;
+    // Labels the model's predictions, so that every example is attacked.
+    let ys = model
+        .forward_t(&xs, false)?
+        .argmax(1)?
+        .to_dtype(ys.dtype())?;
+    let frozen = model.frozen();
+    let configs = [
+        (
+            "APGD-CE L∞",
+            Apgd {
+                steps: 20,
+                ..Apgd::ce(Norm::Linf)
+            },
+            4.0 / 255.0,
+        ),
+        (
+            "APGD-T L∞, 3 targets",
+            Apgd {
+                steps: 20,
+                target_classes: 3,
+                ..Apgd::dlr_targeted(Norm::Linf)
+            },
+            4.0 / 255.0,
+        ),
+        (
+            "APGD-CE L2",
+            Apgd {
+                steps: 20,
+                ..Apgd::ce(Norm::L2)
+            },
+            0.25,
+        ),
+    ];
+    for (what, cfg, eps) in &configs {
+        let run = |device: bool| {
+            let go = || cfg.run(&frozen, Bounds::UNIT, &xs, &ys, &[*eps], 5);
+            if device {
+                with_device_resident_pgd(go)
+            } else {
+                go()
+            }
+        };
+        let (host, again, device) = (run(false)?, run(false)?, run(true)?);
+        let (h, a, d) = (&host[0], &again[0], &device[0]);
+        if bits(&h.clipped)? == bits(&a.clipped)? {
+            assert_eq!(bits(&h.clipped)?, bits(&d.clipped)?, "{what}: points");
+            assert_eq!(h.success, d.success, "{what}: successes");
+            assert_eq!(h.iterations, d.iterations, "{what}: steps");
+        } else {
+            eprintln!("{what}: the GPU's passes are not deterministic");
+            let count = |v: &[bool]| v.iter().filter(|s| **s).count() as i64;
+            let (a, b) = (count(&h.success), count(&d.success));
+            assert!((a - b).abs() <= 3, "{what}: {a} against {b} fooled");
+            for n in &d.norm {
+                assert!(f64::from(*n) <= eps * (1.0 + 1e-6), "{what}: ‖δ‖ {n}");
+            }
+        }
     }
     Ok(())
 }

@@ -285,3 +285,247 @@ extern "C" __global__ void atk_measure(double* verdict, const float* rec, const 
         verdict[6ull * j + 5] = all;
     }
 }
+
+// APGD's loop with its state on the device (apgd/device.rs). rows: per row [loss,
+// best_loss, best_loss_last_check, reduced_last_check, increases, step, success, nan];
+// pos[row]: the row's place among the rows evaluated this step, or 0xffffffff when the
+// row is no longer attacked (its example fooled). rec: per example [success, objective,
+// nan_seen] of the record.
+
+__device__ __forceinline__ float stored_toward(float xf, double delta, float lo, float hi) {
+    double xc = (double)xf;
+    float s = __double2float_rn(__dadd_rn(xc, delta));
+    s = s < lo ? lo : (s > hi ? hi : s);
+    if (fabs(__dsub_rn((double)s, xc)) > fabs(delta)) s = step_toward(s, xf);
+    return s;
+}
+
+// The L2 projection of a block's row v (D values) onto the eps-ball, as the host's
+// Norm::project: scaled onto the sphere, then shrunk by ulps until its norm is at most
+// eps; each norm summed by thread 0 in coordinate order. Every thread of the block calls it.
+__device__ void project_l2_row(double* v, unsigned int d, double eps) {
+    __shared__ double norm;
+    __shared__ int more;
+    __syncthreads();
+    if (threadIdx.x == 0) norm = norm2(v, d);
+    __syncthreads();
+    if (norm > eps) {
+        double scale = __ddiv_rn(eps, norm);
+        for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], scale);
+        const double shrink = 1.0 - 2.220446049250313e-16;
+        double factor = shrink;
+        for (;;) {
+            __syncthreads();
+            if (threadIdx.x == 0) more = norm2(v, d) > eps;
+            __syncthreads();
+            if (!more) break;
+            for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], factor);
+            factor = __dmul_rn(factor, shrink);
+        }
+    }
+    __syncthreads();
+}
+
+// One L-inf proposal per element of the attacked rows: z = P(cur + step*sign(g)), then
+// P(cur + a(z - cur) + (1 - a)(cur - prev)), P the eps-ball then the box; the current
+// point becomes the old one and the proposal, stored towards x, the current one.
+extern "C" __global__ void apgd_propose_linf(float* adv, float* old, const float* x,
+                                             const float* grad, const double* rows,
+                                             const unsigned int* pos, unsigned int d,
+                                             unsigned int md, double eps, double a,
+                                             float lo, float hi) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= md) return;
+    unsigned int row = i / d;
+    if (pos[row] == 0xffffffffu) return;
+    float xf = x[i];
+    double xc = (double)xf;
+    double l = __dsub_rn((double)lo, xc), h = __dsub_rn((double)hi, xc);
+    double cur = __dsub_rn((double)adv[i], xc);
+    float gf = grad[i];
+    double g = isfinite(gf) ? (double)gf : 0.0;
+    double sign = g > 0.0 ? 1.0 : (g < 0.0 ? -1.0 : 0.0);
+    double step = rows[8ull * row + 5];
+    double z = clampd(clampd(__dadd_rn(cur, __dmul_rn(step, sign)), -eps, eps), l, h);
+    double prev = __dsub_rn((double)old[i], xc);
+    double next = __dadd_rn(__dadd_rn(cur, __dmul_rn(a, __dsub_rn(z, cur))),
+                            __dmul_rn(__dsub_rn(1.0, a), __dsub_rn(cur, prev)));
+    next = clampd(clampd(next, -eps, eps), l, h);
+    old[i] = adv[i];
+    adv[i] = stored_toward(xf, next, lo, hi);
+}
+
+// One block per attacked row: the L2 proposal (the gradient over its norm + 1e-12, the
+// L2 projection and the box, twice), `scratch` holding the row's working values.
+extern "C" __global__ void apgd_propose_l2(float* adv, float* old, double* scratch,
+                                           const float* x, const float* grad,
+                                           const double* rows, const unsigned int* pos,
+                                           unsigned int d, double eps, double a, float lo,
+                                           float hi) {
+    __shared__ double gnorm;
+    unsigned int row = blockIdx.x;
+    if (pos[row] == 0xffffffffu) return;
+    unsigned long long base = (unsigned long long)row * d;
+    double* v = scratch + base;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        float gf = grad[base + c];
+        v[c] = isfinite(gf) ? (double)gf : 0.0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) gnorm = norm2(v, d);
+    __syncthreads();
+    double scale = __ddiv_rn(1.0, __dadd_rn(gnorm, 1e-12));
+    double step = rows[8ull * row + 5];
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        double cur = __dsub_rn((double)adv[base + c], (double)x[base + c]);
+        v[c] = __dadd_rn(cur, __dmul_rn(step, __dmul_rn(v[c], scale)));
+    }
+    project_l2_row(v, d, eps);
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        double xc = (double)x[base + c];
+        double z = clampd(v[c], __dsub_rn((double)lo, xc), __dsub_rn((double)hi, xc));
+        double cur = __dsub_rn((double)adv[base + c], xc);
+        double prev = __dsub_rn((double)old[base + c], xc);
+        v[c] = __dadd_rn(__dadd_rn(cur, __dmul_rn(a, __dsub_rn(z, cur))),
+                         __dmul_rn(__dsub_rn(1.0, a), __dsub_rn(cur, prev)));
+    }
+    project_l2_row(v, d, eps);
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        unsigned long long i = base + c;
+        float xf = x[i];
+        double xc = (double)xf;
+        double delta = clampd(v[c], __dsub_rn((double)lo, xc), __dsub_rn((double)hi, xc));
+        old[i] = adv[i];
+        adv[i] = stored_toward(xf, delta, lo, hi);
+    }
+}
+
+// One block per row: the evaluation of the attacked rows (EOT sums at their places)
+// taken into the state. With `first` (the start) every row is set up: the loss (-inf
+// where not attacked), the gradient (0 there), the best point and gradient, the
+// checkpoint state and the step size. Otherwise, for an attacked row: an increase of
+// the loss is counted, the loss and (with want_grad) the gradient replaced, and a
+// strictly higher loss becomes the best (the point, and the gradient with want_grad).
+// Each attacked row's success (first arg-max of the mean probabilities against its
+// label) and NaN flag are left for apgd_offer.
+extern "C" __global__ void apgd_update(double* rows, float* grad, float* best_point,
+                                       float* best_grad, const float* adv,
+                                       const double* obj, const double* probs,
+                                       const float* acc_grad, const unsigned int* labels,
+                                       const unsigned int* pos, unsigned int k,
+                                       unsigned int d, unsigned int n, int first,
+                                       int want_grad, double step0) {
+    __shared__ int copy_grad, take_best, copy_best_grad;
+    unsigned int j = blockIdx.x;
+    unsigned int r = pos[j];
+    int live = r != 0xffffffffu;
+    double* s = rows + 8ull * j;
+    if (threadIdx.x == 0) {
+        const double neg_inf = __longlong_as_double(0xfff0000000000000ll);
+        double o = neg_inf;
+        if (live) {
+            o = obj[r];
+            if (isnan(o)) o = neg_inf;
+            const double* pr = probs + (unsigned long long)r * k;
+            unsigned int pred = 0;
+            float conf = __int_as_float(0xff800000);
+            int nan = 0;
+            for (unsigned int c = 0; c < k; c++) {
+                float p = __double2float_rn(__ddiv_rn(pr[c], (double)n));
+                if (isnan(p)) nan = 1;
+                if (p > conf) { pred = c; conf = p; }
+            }
+            s[6] = pred != labels[j] ? 1.0 : 0.0;
+            s[7] = nan ? 1.0 : 0.0;
+        }
+        if (first) {
+            s[0] = o; s[1] = o; s[2] = o; s[3] = 1.0; s[4] = 0.0; s[5] = step0;
+            copy_grad = 1; take_best = 1; copy_best_grad = 1;
+        } else if (live) {
+            if (o > s[0]) s[4] = __dadd_rn(s[4], 1.0);
+            s[0] = o;
+            copy_grad = want_grad;
+            take_best = o > s[1];
+            if (take_best) s[1] = o;
+            copy_best_grad = take_best && want_grad;
+        } else {
+            copy_grad = 0; take_best = 0; copy_best_grad = 0;
+        }
+    }
+    __syncthreads();
+    unsigned long long base = (unsigned long long)j * d;
+    unsigned long long from = (unsigned long long)r * d;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        if (copy_grad) grad[base + c] = live ? acc_grad[from + c] : 0.0f;
+        if (take_best) best_point[base + c] = adv[base + c];
+        if (copy_best_grad) best_grad[base + c] = grad[base + c];
+    }
+}
+
+// One block per example: its attacked rows' points offered to its record in row order
+// (a success beats a non-success, then a strictly higher objective; ties keep the
+// earlier point); the last one taken is copied. A NaN seen is kept.
+extern "C" __global__ void apgd_offer(double* rec, float* rec_points, const double* rows,
+                                      const float* adv, const unsigned int* pos,
+                                      const unsigned int* row_start,
+                                      const unsigned int* row_list, unsigned int d) {
+    __shared__ long long winner;
+    unsigned int e = blockIdx.x;
+    if (threadIdx.x == 0) {
+        double* re = rec + 3ull * e;
+        int rs = re[0] != 0.0;
+        double ro = re[1];
+        long long w = -1;
+        for (unsigned int q = row_start[e]; q < row_start[e + 1]; q++) {
+            unsigned int j = row_list[q];
+            if (pos[j] == 0xffffffffu) continue;
+            const double* s = rows + 8ull * j;
+            int success = s[6] != 0.0;
+            double o = s[0];
+            if (s[7] != 0.0) re[2] = 1.0;
+            if ((success && !rs) || (success == rs && o > ro)) {
+                rs = success;
+                ro = o;
+                w = j;
+            }
+        }
+        re[0] = rs ? 1.0 : 0.0;
+        re[1] = ro;
+        winner = w;
+    }
+    __syncthreads();
+    if (winner < 0) return;
+    unsigned long long to = (unsigned long long)e * d, from = (unsigned long long)winner * d;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) rec_points[to + c] = adv[from + c];
+}
+
+// One block per attacked row at a checkpoint after `interval` steps: the step is halved
+// and the point and gradient reset to the best when at most rho of the interval's
+// steps increased the loss, or when the last checkpoint did not halve and the best loss
+// has not improved since; the increase count restarts.
+extern "C" __global__ void apgd_check(double* rows, float* adv, float* grad,
+                                      const float* best_point, const float* best_grad,
+                                      const unsigned int* pos, unsigned int d, double rho,
+                                      unsigned int interval) {
+    __shared__ int reset;
+    unsigned int j = blockIdx.x;
+    if (pos[j] == 0xffffffffu) return;
+    if (threadIdx.x == 0) {
+        double* s = rows + 8ull * j;
+        int oscillating = s[4] <= __dmul_rn(rho, (double)interval);
+        int stalled = s[3] == 0.0 && s[2] >= s[1];
+        int reduce = oscillating || stalled;
+        s[3] = reduce ? 1.0 : 0.0;
+        s[2] = s[1];
+        if (reduce) s[5] = __ddiv_rn(s[5], 2.0);
+        s[4] = 0.0;
+        reset = reduce;
+    }
+    __syncthreads();
+    if (!reset) return;
+    unsigned long long base = (unsigned long long)j * d;
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        adv[base + c] = best_point[base + c];
+        grad[base + c] = best_grad[base + c];
+    }
+}

@@ -84,7 +84,7 @@ pub fn with_device_resident_pgd<R>(f: impl FnOnce() -> R) -> R {
 
 /// Who runs the kernels of the device-resident loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Executor {
+pub(crate) enum Executor {
     /// The kernels' CPU twins (tensors read, updated on the host, written back).
     Twin,
     /// The CUDA kernels, in place on the GPU.
@@ -102,6 +102,13 @@ pub(super) fn resident_on(cfg: &Pgd, device: &Device) -> Option<Executor> {
     if !matches!(cfg.norm, Norm::Linf | Norm::L2) || cfg.early_stop {
         return None;
     }
+    executor_on(device)
+}
+
+/// Who runs a device-resident attack loop on `device`'s tensors: on a GPU with the
+/// switch on, the CUDA kernels; on any device under [`with_device_resident_pgd`], the
+/// CUDA kernels on a GPU and the twins elsewhere; otherwise nobody (the host loop).
+pub(crate) fn executor_on(device: &Device) -> Option<Executor> {
     let on_gpu = matches!(device, Device::Cuda(_));
     if FORCED.with(Cell::get) {
         return Some(if on_gpu { gpu() } else { Executor::Twin });
@@ -209,7 +216,7 @@ impl State {
 
 /// How a judgement treats the point just evaluated ([`State::cand`]).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Judge {
+pub(crate) struct Judge {
     /// 0 misclassified, 1 targeted, 2 confidently misclassified, 3 confident.
     pub criterion: i32,
     pub target: u32,
@@ -226,7 +233,7 @@ pub(super) struct Judge {
 
 /// The constants of a step.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Step {
+pub(crate) struct Step {
     /// L2 (else L∞).
     pub l2: bool,
     pub eps: f64,

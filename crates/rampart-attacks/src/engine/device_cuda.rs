@@ -14,7 +14,7 @@ use super::device::{Judge, State, Step, ROW};
 
 const SOURCE: &str = include_str!("device.cu");
 
-static ATTACK: Module = Module::new("rampart_attack", SOURCE);
+pub(crate) static ATTACK: Module = Module::new("rampart_attack", SOURCE);
 
 /// The PTX of the loop's kernels, compiled by NVRTC (no GPU needed): a check that the
 /// source compiles.
@@ -33,7 +33,7 @@ const ROW_THREADS: u32 = 256;
 
 /// Runs `launch` with the device addresses of `tensors` (contiguous, on one GPU; None
 /// gives 0), their storages held until the launch is queued.
-fn with_addresses<R>(
+pub(crate) fn with_addresses<R>(
     tensors: &[Option<&Tensor>],
     launch: impl FnOnce(&candle_core::cuda_backend::CudaDevice, &[u64]) -> Result<R>,
 ) -> Result<R> {
@@ -81,7 +81,7 @@ fn with_addresses<R>(
     launch(dev, &addresses)
 }
 
-fn count(n: usize) -> Result<u32> {
+pub(crate) fn count(n: usize) -> Result<u32> {
     u32::try_from(n)
         .map_err(|_| candle_core::Error::Msg(format!("PGD on the device: {n} values are too many")))
 }
@@ -95,14 +95,30 @@ pub(super) fn accumulate(
     samples: usize,
     first: bool,
 ) -> Result<()> {
-    let (m, mk, md) = (s.m, s.m * s.k, s.m * s.d);
+    let sums = [&s.acc_obj, &s.acc_probs, &s.acc_grad];
+    accumulate_into(sums, (s.m, s.k, s.d), values, probs, grad, samples, first)
+}
+
+/// `atk_accumulate` into the first M, M·K and M·D values of the sums `[objective,
+/// probabilities, gradient]` (f64, f64, f32; longer buffers keep their other values).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn accumulate_into(
+    sums: [&Tensor; 3],
+    (m, k, d): (usize, usize, usize),
+    values: &Tensor,
+    probs: &Tensor,
+    grad: Option<&Tensor>,
+    samples: usize,
+    first: bool,
+) -> Result<()> {
+    let (mk, md) = (m * k, m * d);
     let values = values.contiguous()?;
     let probs = probs.contiguous()?;
     let grad = grad.map(Tensor::contiguous).transpose()?;
     let tensors = [
-        Some(&s.acc_obj),
-        Some(&s.acc_probs),
-        Some(&s.acc_grad),
+        Some(sums[0]),
+        Some(sums[1]),
+        Some(sums[2]),
         Some(&values),
         Some(&probs),
         grad.as_ref(),
@@ -117,8 +133,8 @@ pub(super) fn accumulate(
             b.arg(p);
         }
         b.arg(&m).arg(&mk).arg(&md).arg(&n).arg(&first);
-        // SAFETY: every address is a contiguous run of its tensor's dtype with the
-        // length the kernel indexes (M, M·K, M·D; the gradient's only when present).
+        // SAFETY: every address is a contiguous run of its tensor's dtype at least as
+        // long as the kernel indexes (M, M·K, M·D; the gradient's only when present).
         unsafe { b.launch(cfg) }.map_err(|e| launch_error("PGD on the device: accumulate", e))?;
         Ok(())
     })
@@ -242,7 +258,7 @@ fn step_linf(s: &mut State, p: Step) -> Result<()> {
 /// their shared arrays hold).
 const CHECK_THREADS: u32 = 256;
 
-fn per_row(rows: usize) -> Result<LaunchConfig> {
+pub(crate) fn per_row(rows: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (count(rows)?, 1, 1),
         block_dim: (CHECK_THREADS, 1, 1),

@@ -239,7 +239,7 @@ impl Executor {
     }
 
     /// `atk_start_linf`: the starts x + δ (δ = 0 where `delta` is `None`).
-    fn start_linf(
+    pub(crate) fn start_linf(
         self,
         x: &Tensor,
         delta: Option<&Tensor>,
