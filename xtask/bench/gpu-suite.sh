@@ -90,7 +90,8 @@ done
 # two rounds): the default; the fused eval program on the GPU
 # (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps); the fused train program
 # (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; PGD's device-resident loop
-# (RAMPART_CUDA_DEVICE_ATTACK=1: the attack-linf step, a whole PGD run); all three
+# (RAMPART_CUDA_DEVICE_ATTACK=1: the attack-linf step, a whole PGD run, and the
+# apgd-linf step, a 10-step APGD-CE); all three
 # with cuDNN's measured algorithms (RAMPART_CUDNN_BENCHMARK=1); and cudarc's per-buffer events
 # kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off; a
 # diagnostic, add it to AB_SETTINGS to measure it). A setting is one or more
@@ -107,7 +108,7 @@ for spec in $AB_ARCHS; do
         "${setting#RAMPART_AB=}" "$spec" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
       step "ab $spec $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
         --variant "$variant" --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
-        --steps forward,pgd-step,train-step,attack-linf --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
+        --steps forward,pgd-step,train-step,attack-linf,apgd-linf --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
     done
   done
 done

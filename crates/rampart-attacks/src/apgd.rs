@@ -732,6 +732,8 @@ impl Scratch {
 mod device;
 #[cfg(feature = "cuda")]
 mod device_cuda;
+
+pub use device::device_resident_apgd_runs;
 #[cfg(test)]
 mod device_tests;
 #[cfg(test)]

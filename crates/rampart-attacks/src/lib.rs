@@ -82,7 +82,7 @@ mod table_tests;
 #[cfg(test)]
 mod testutil;
 
-pub use apgd::Apgd;
+pub use apgd::{device_resident_apgd_runs, Apgd};
 pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion, Perturbed};
 pub use checks::{check_model, check_model_cost, TrustReport, TrustWarning, BLACK_BOX_TOLERANCE};
 pub use cost::{EnsembleCost, PassCounter, Passes};

@@ -7,7 +7,10 @@
 //! * `train-step`: forward in train mode + backward + one SGD (Nesterov) update;
 //! * `attack-linf`, `attack-l2`, `attack-l1`, `attack-l0`: a 2-step PGD of
 //!   `rampart-attacks` (momentum 0.9, backtracking) at ε 8/255, 0.5, 12, 10, reported
-//!   in image·steps/s (the `images_per_second` field counts image·steps).
+//!   in image·steps/s (the `images_per_second` field counts image·steps);
+//! * `apgd-linf`, `apgd-l2`: a 10-step APGD-CE at ε 8/255 and 0.5 on labels that are
+//!   the network's own predictions (every example attacked until fooled), reported
+//!   per image·step taken (APGD stops attacking an example once it is fooled).
 //!
 //! Each is run `--warmup` times untimed, then `--reps` times; the median wall time
 //! gives images/s. Results are printed as a table and, with `--json`, as one JSON
@@ -18,7 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use clap::Args;
-use rampart_attacks::{input_gradient, Attack, Bounds, Norm, Objective, Pgd, StepSize};
+use rampart_attacks::{input_gradient, Apgd, Attack, Bounds, Norm, Objective, Pgd, StepSize};
 use rampart_defenses::{Sgd, SgdConfig};
 use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 
@@ -46,7 +49,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Which steps to time, comma-separated: forward, pgd-step, train-step,
-    /// attack-linf, attack-l2, attack-l1, attack-l0 (the attacks: image·steps/s).
+    /// attack-linf, attack-l2, attack-l1, attack-l0, apgd-linf, apgd-l2 (the attacks:
+    /// image·steps/s).
     #[arg(
         long,
         default_value = "forward,pgd-step,train-step",
@@ -84,6 +88,8 @@ impl std::fmt::Display for Variant {
 
 /// Gradient steps of the `attack-*` benchmarks (their time is reported per step).
 const ATTACK_STEPS: usize = 2;
+/// Steps of the `apgd-*` benchmarks (their time is reported per image·step taken).
+const APGD_STEPS: usize = 10;
 
 /// One measured step.
 #[derive(Debug, Serialize)]
@@ -249,8 +255,36 @@ impl BenchArgs {
                     attack_on_device = rampart_attacks::device_resident_pgd_runs() > before;
                     seconds / ATTACK_STEPS as f64
                 }
+                apgd if apgd.starts_with("apgd-") => {
+                    let (norm, eps) = match &apgd["apgd-".len()..] {
+                        "linf" => (Norm::Linf, 8.0 / 255.0),
+                        "l2" => (Norm::L2, 0.5),
+                        other => bail!("unknown APGD norm `{other}` (linf, l2)"),
+                    };
+                    let apgd = Apgd {
+                        steps: APGD_STEPS,
+                        ..Apgd::ce(norm)
+                    };
+                    // The network's own predictions as labels: no example starts fooled.
+                    let predicted = model
+                        .frozen()
+                        .forward_t(&xs, false)?
+                        .argmax(1)?
+                        .to_dtype(DType::U32)?;
+                    let before = rampart_attacks::device_resident_apgd_runs();
+                    let mut image_steps = 0usize;
+                    let seconds = median_seconds(self.reps, self.warmup, &dev, || {
+                        let bounds = Bounds::new(0.0, 1.0)?;
+                        let r = apgd.run(&model.frozen(), bounds, &xs, &predicted, &[eps], 0)?;
+                        image_steps = r[0].iterations.iter().sum();
+                        Ok(())
+                    })?;
+                    attack_on_device = rampart_attacks::device_resident_apgd_runs() > before;
+                    // The time of one batch-step: the run's over its image·steps, × B.
+                    seconds * self.batch_size as f64 / image_steps.max(1) as f64
+                }
                 other => bail!(
-                    "unknown step `{other}` (expected forward, pgd-step, train-step, attack-linf, attack-l2, attack-l1, attack-l0)"
+                    "unknown step `{other}` (expected forward, pgd-step, train-step, attack-linf, attack-l2, attack-l1, attack-l0, apgd-linf, apgd-l2)"
                 ),
             };
             lines.push(BenchLine {
@@ -269,7 +303,10 @@ impl BenchArgs {
                         let fused = model.takes_fused_gpu_path(step == "train-step")?;
                         Some(if fused { "fused" } else { "layers" }.to_string())
                     }
-                    attack if attack.starts_with("attack-") && dev.is_cuda() => {
+                    attack
+                        if (attack.starts_with("attack-") || attack.starts_with("apgd-"))
+                            && dev.is_cuda() =>
+                    {
                         Some(if attack_on_device { "device" } else { "host" }.to_string())
                     }
                     _ => None,

@@ -8,8 +8,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::device::{
-    device_apgd_runs, twin, Update, AROW, BEST_LOSS, EROW, INCREASES, LAST_CHECK, LOSS, NAN, NONE,
-    REDUCED, STEP, SUCCESS,
+    device_resident_apgd_runs, twin, Update, AROW, BEST_LOSS, EROW, INCREASES, LAST_CHECK, LOSS,
+    NAN, NONE, REDUCED, STEP, SUCCESS,
 };
 use super::Apgd;
 use crate::testutil::{trained, wide_batch, NanGradient, Noisy};
@@ -43,10 +43,10 @@ fn both<'a>(
     eps: &[f64],
 ) -> Result<(Vec<AttackResult>, Vec<AttackResult>)> {
     let host = attack.run(&*model(), bounds, xs, ys, eps, 7)?;
-    let before = device_apgd_runs();
+    let before = device_resident_apgd_runs();
     let device = with_device_resident_pgd(|| attack.run(&*model(), bounds, xs, ys, eps, 7))?;
     assert!(
-        device_apgd_runs() > before,
+        device_resident_apgd_runs() > before,
         "the device loop did not run: {:?}",
         attack.norm()
     );
@@ -169,7 +169,7 @@ fn device_apgd_refuses_nan_logits_and_leaves_l1_to_the_host() -> Result<()> {
         panic!("NaN logits were not refused by both loops")
     };
     assert_eq!(h.to_string(), d.to_string());
-    let before = device_apgd_runs();
+    let before = device_resident_apgd_runs();
     let l1 = Apgd {
         steps: 5,
         ..Apgd::ce(Norm::l1())
@@ -178,7 +178,11 @@ fn device_apgd_refuses_nan_logits_and_leaves_l1_to_the_host() -> Result<()> {
     let host = l1.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &eps, 1)?;
     let device =
         with_device_resident_pgd(|| l1.run(&t.model, Bounds::UNIT, &t.xs, &t.ys, &eps, 1))?;
-    assert_eq!(device_apgd_runs(), before, "L1 took the device loop");
+    assert_eq!(
+        device_resident_apgd_runs(),
+        before,
+        "L1 took the device loop"
+    );
     assert_same(&host, &device, "L1")
 }
 
