@@ -9,7 +9,7 @@
 # test-models-cuda     rampart-models' tests/cuda.rs (kernels, networks vs the CPU)
 # test-models-bf16     rampart-models' tests/cuda_bf16.rs (bf16 convolutions vs the CPU)
 # test-defenses-cuda   rampart-defenses' tests/cuda.rs (fused SGD vs the CPU)
-# test-attacks-cuda    rampart-attacks' tests/cuda.rs (PGD's device-resident loop vs the host loop)
+# test-attacks-cuda    rampart-attacks' tests/cuda.rs (PGD's and APGD's device loops vs the host loops)
 # test-defenses-nccl   rampart-defenses' tests/nccl.rs (NCCL with every visible GPU)
 set -eu
 BUNDLE=${1:?usage: gpu-bundle.sh BUNDLE}

@@ -67,10 +67,11 @@ pub fn device_resident_pgd_runs() -> usize {
     RUNS.with(Cell::get)
 }
 
-/// Runs `f` with PGD's device-resident loop taken on this thread wherever it applies
-/// (L∞ or L2, no early stopping), whatever the device and the environment: on the CPU the
-/// kernels' twins run. For tests and benchmarks of the loop against the host loop;
-/// the results are the same bit for bit.
+/// Runs `f` with the device-resident attack loops taken on this thread wherever they
+/// apply (PGD's: L∞ or L2, no early stopping, and a training attack's batch with it;
+/// APGD's: L∞ or L2), whatever the device and the environment: on the CPU the kernels'
+/// twins run. For tests and benchmarks of the loops against the host loops; the results
+/// are the same bit for bit.
 pub fn with_device_resident_pgd<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
