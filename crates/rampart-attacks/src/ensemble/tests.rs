@@ -242,3 +242,58 @@ fn the_ensemble_is_an_attack() -> Result<()> {
     assert!(count(&res[0].success) < count(&res[1].success));
     Ok(())
 }
+
+/// The ensemble with PGD's and APGD's device loops (their CPU twins here) gives the
+/// host loops' evaluation: the same worst-case points, successes and per-stage robust
+/// accuracies, in L∞ and L2, standard and `rand` versions.
+#[test]
+fn the_ensemble_on_the_device_loops_equals_the_host_loops() -> Result<()> {
+    let t = trained();
+    for (norm, eps) in [(Norm::Linf, 0.05), (Norm::L2, 0.5)] {
+        let mut rand = AutoAttack::rand(norm);
+        for stage in &mut rand.stages {
+            if let Stage::Apgd(a) = stage {
+                a.steps = 10;
+                a.eot = crate::Eot::new(3, 3)?;
+            }
+        }
+        rand.eot = crate::Eot::new(3, 3)?;
+        for aa in [small(norm), rand] {
+            let noisy = || Noisy::new(&t.model, 0.3, 4);
+            let run = || -> Result<_> {
+                if aa.version == "rand" {
+                    aa.evaluate(&noisy(), Bounds::UNIT, &t.xs, &t.ys, eps, 3)
+                } else {
+                    aa.evaluate(&t.model, Bounds::UNIT, &t.xs, &t.ys, eps, 3)
+                }
+            };
+            let host = run()?;
+            let before = crate::device_resident_apgd_runs();
+            let device = crate::with_device_resident_pgd(run)?;
+            assert!(crate::device_resident_apgd_runs() > before);
+            let what = format!("{} {norm}", aa.version);
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect())
+            };
+            assert_eq!(
+                bits(&host.result.clipped)?,
+                bits(&device.result.clipped)?,
+                "{what}: points"
+            );
+            assert_eq!(host.result.success, device.result.success, "{what}");
+            let robust = |e: &super::Evaluation| -> Vec<f64> {
+                e.report.stages.iter().map(|s| s.robust_accuracy).collect()
+            };
+            assert_eq!(robust(&host), robust(&device), "{what}: stages");
+            assert!(
+                host.report.robust_accuracy > 0.0 && host.report.robust_accuracy < 1.0,
+                "{what}: the budget must leave some points robust"
+            );
+        }
+    }
+    Ok(())
+}
