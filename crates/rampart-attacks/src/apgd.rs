@@ -729,9 +729,7 @@ impl Scratch {
     }
 }
 
-mod device;
-#[cfg(feature = "cuda")]
-mod device_cuda;
+pub(crate) mod device;
 
 pub use device::device_resident_apgd_runs;
 #[cfg(test)]

@@ -407,7 +407,8 @@ pub(crate) fn next_toward(a: f32, x: f32) -> f32 {
 
 pub(crate) mod device;
 #[cfg(feature = "cuda")]
-pub(crate) mod device_cuda;
+mod device_cuda;
+pub(crate) mod launch;
 pub(crate) mod resident;
 
 pub(crate) use resident::perturb as perturb_resident;
@@ -417,6 +418,8 @@ pub use device::{device_resident_pgd_runs, with_device_resident_pgd};
 pub use device_cuda::ptx as device_kernels_ptx;
 #[cfg(test)]
 mod device_tests;
+#[cfg(test)]
+mod emulated_tests;
 #[cfg(test)]
 mod resident_tests;
 #[cfg(test)]

@@ -32,7 +32,8 @@ use candle_core::{DType, Tensor, D};
 
 use super::{checkpoints, Run};
 use crate::batch::nan_logits;
-use crate::engine::device::Executor;
+use crate::engine::device::{accumulate_launch, Executor};
+use crate::engine::launch::{count, Launch, Val};
 use crate::error::{Error, Result};
 use crate::norm::{standard_normal, Norm};
 use crate::objective::probe_with;
@@ -107,7 +108,6 @@ pub(crate) struct State {
     pub row_start: Tensor,
     pub row_list: Tensor,
     /// (M·D) f64 working rows of the L2 proposal.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub scratch: Option<Tensor>,
 }
 
@@ -359,39 +359,39 @@ impl Executor {
         samples: usize,
         first: bool,
     ) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let (k, d) = (s.k, s.d);
-                let mut obj = s.acc_obj.to_vec1::<f64>()?;
-                let mut sum = s.acc_probs.to_vec1::<f64>()?;
-                let mut acc = s.acc_grad.to_vec1::<f32>()?;
-                let g = grad.map(|g| g.to_vec1::<f32>()).transpose()?;
-                crate::engine::device::twin::accumulate(
-                    &mut obj[..l],
-                    &mut sum[..l * k],
-                    &mut acc[..l * d],
-                    &values.to_vec1::<f64>()?,
-                    &probs.to_vec1::<f32>()?,
-                    g.as_deref(),
-                    samples,
-                    first,
-                );
-                let dev = s.x.device().clone();
-                s.acc_obj = Tensor::from_vec(obj, s.m, &dev)?;
-                s.acc_probs = Tensor::from_vec(sum, s.m * k, &dev)?;
-                s.acc_grad = Tensor::from_vec(acc, s.m * d, &dev)?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(crate::engine::device_cuda::accumulate_into(
-                [&s.acc_obj, &s.acc_probs, &s.acc_grad],
-                (l, s.k, s.d),
-                values,
-                probs,
-                grad,
+        if self == Executor::Twin {
+            let (k, d) = (s.k, s.d);
+            let mut obj = s.acc_obj.to_vec1::<f64>()?;
+            let mut sum = s.acc_probs.to_vec1::<f64>()?;
+            let mut acc = s.acc_grad.to_vec1::<f32>()?;
+            let g = grad.map(|g| g.to_vec1::<f32>()).transpose()?;
+            crate::engine::device::twin::accumulate(
+                &mut obj[..l],
+                &mut sum[..l * k],
+                &mut acc[..l * d],
+                &values.to_vec1::<f64>()?,
+                &probs.to_vec1::<f32>()?,
+                g.as_deref(),
                 samples,
                 first,
-            )?),
+            );
+            let dev = s.x.device().clone();
+            s.acc_obj = Tensor::from_vec(obj, s.m, &dev)?;
+            s.acc_probs = Tensor::from_vec(sum, s.m * k, &dev)?;
+            s.acc_grad = Tensor::from_vec(acc, s.m * d, &dev)?;
+            Ok(())
+        } else {
+            let (values, probs) = (values.contiguous()?, probs.contiguous()?);
+            let grad = grad.map(Tensor::contiguous).transpose()?;
+            let sums = [&s.acc_obj, &s.acc_probs, &s.acc_grad];
+            let inputs = (&values, &probs, grad.as_ref());
+            self.launch(&accumulate_launch(
+                sums,
+                (l, s.k, s.d),
+                inputs,
+                samples,
+                first,
+            )?)
         }
     }
 
@@ -404,130 +404,204 @@ impl Executor {
         a: f64,
         bounds: crate::Bounds,
     ) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut adv = s.adv.to_vec1::<f32>()?;
-                let mut old = s.old.to_vec1::<f32>()?;
-                let inputs = twin::ProposeInputs {
-                    x: &s.x.to_vec1::<f32>()?,
-                    grad: &s.grad.to_vec1::<f32>()?,
-                    rows: &s.rows.to_vec1::<f64>()?,
-                    pos: &s.pos.to_vec1::<u32>()?,
-                    d: s.d,
-                    eps,
-                    a,
-                    bounds,
-                };
-                twin::propose(&mut adv, &mut old, &inputs, norm == Norm::L2);
-                let dev = s.x.device().clone();
-                s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
-                s.old = Tensor::from_vec(old, s.m * s.d, &dev)?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::propose(
-                s,
-                norm == Norm::L2,
+        if self == Executor::Twin {
+            let mut adv = s.adv.to_vec1::<f32>()?;
+            let mut old = s.old.to_vec1::<f32>()?;
+            let inputs = twin::ProposeInputs {
+                x: &s.x.to_vec1::<f32>()?,
+                grad: &s.grad.to_vec1::<f32>()?,
+                rows: &s.rows.to_vec1::<f64>()?,
+                pos: &s.pos.to_vec1::<u32>()?,
+                d: s.d,
                 eps,
                 a,
                 bounds,
-            )?),
+            };
+            twin::propose(&mut adv, &mut old, &inputs, norm == Norm::L2);
+            let dev = s.x.device().clone();
+            s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
+            s.old = Tensor::from_vec(old, s.m * s.d, &dev)?;
+            Ok(())
+        } else {
+            let (d, md) = (s.d, s.m * s.d);
+            if norm == Norm::L2 {
+                let what = "APGD on the device: L2 proposal";
+                if s.scratch.is_none() {
+                    s.scratch = Some(Tensor::zeros(md, DType::F64, s.x.device())?);
+                }
+                // Block j reads and writes row j (D values) of each (M·D) buffer,
+                // its row's scalars and place.
+                let args = vec![
+                    Val::T(&s.adv),
+                    Val::T(&s.old),
+                    s.scratch.as_ref().into(),
+                    Val::T(&s.x),
+                    Val::T(&s.grad),
+                    Val::T(&s.rows),
+                    Val::T(&s.pos),
+                    Val::U32(count(d, what)?),
+                    Val::F64(eps),
+                    Val::F64(a),
+                    Val::F32(bounds.lo),
+                    Val::F32(bounds.hi),
+                ];
+                return self.launch(&Launch::per_row("apgd_propose_l2", what, s.m, args)?);
+            }
+            let what = "APGD on the device: proposal";
+            // Element i of each (M·D) buffer, its row's scalars and place.
+            let args = vec![
+                Val::T(&s.adv),
+                Val::T(&s.old),
+                Val::T(&s.x),
+                Val::T(&s.grad),
+                Val::T(&s.rows),
+                Val::T(&s.pos),
+                Val::U32(count(d, what)?),
+                Val::U32(count(md, what)?),
+                Val::F64(eps),
+                Val::F64(a),
+                Val::F32(bounds.lo),
+                Val::F32(bounds.hi),
+            ];
+            self.launch(&Launch::elementwise("apgd_propose_linf", what, md, args)?)
         }
     }
 
     /// `apgd_update`: the evaluation taken into the state.
     fn apgd_update(self, s: &mut State, u: Update) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut rows = s.rows.to_vec1::<f64>()?;
-                let mut grad = s.grad.to_vec1::<f32>()?;
-                let mut best_point = s.best_point.to_vec1::<f32>()?;
-                let mut best_grad = s.best_grad.to_vec1::<f32>()?;
-                let inputs = twin::UpdateInputs {
-                    adv: &s.adv.to_vec1::<f32>()?,
-                    obj: &s.acc_obj.to_vec1::<f64>()?,
-                    probs: &s.acc_probs.to_vec1::<f64>()?,
-                    acc_grad: &s.acc_grad.to_vec1::<f32>()?,
-                    labels: &s.labels.to_vec1::<u32>()?,
-                    pos: &s.pos.to_vec1::<u32>()?,
-                    k: s.k,
-                    d: s.d,
-                };
-                twin::update(
-                    &mut rows,
-                    &mut grad,
-                    &mut best_point,
-                    &mut best_grad,
-                    &inputs,
-                    u,
-                );
-                let dev = s.x.device().clone();
-                s.rows = Tensor::from_vec(rows, s.m * AROW, &dev)?;
-                s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
-                s.best_point = Tensor::from_vec(best_point, s.m * s.d, &dev)?;
-                s.best_grad = Tensor::from_vec(best_grad, s.m * s.d, &dev)?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::update(s, u)?),
+        if self == Executor::Twin {
+            let mut rows = s.rows.to_vec1::<f64>()?;
+            let mut grad = s.grad.to_vec1::<f32>()?;
+            let mut best_point = s.best_point.to_vec1::<f32>()?;
+            let mut best_grad = s.best_grad.to_vec1::<f32>()?;
+            let inputs = twin::UpdateInputs {
+                adv: &s.adv.to_vec1::<f32>()?,
+                obj: &s.acc_obj.to_vec1::<f64>()?,
+                probs: &s.acc_probs.to_vec1::<f64>()?,
+                acc_grad: &s.acc_grad.to_vec1::<f32>()?,
+                labels: &s.labels.to_vec1::<u32>()?,
+                pos: &s.pos.to_vec1::<u32>()?,
+                k: s.k,
+                d: s.d,
+            };
+            twin::update(
+                &mut rows,
+                &mut grad,
+                &mut best_point,
+                &mut best_grad,
+                &inputs,
+                u,
+            );
+            let dev = s.x.device().clone();
+            s.rows = Tensor::from_vec(rows, s.m * AROW, &dev)?;
+            s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
+            s.best_point = Tensor::from_vec(best_point, s.m * s.d, &dev)?;
+            s.best_grad = Tensor::from_vec(best_grad, s.m * s.d, &dev)?;
+            Ok(())
+        } else {
+            let what = "APGD on the device: update";
+            // Block j writes row j of the scalars and of each (M·D) buffer, and
+            // reads the sums at its place r < M (K and D values).
+            let args = vec![
+                Val::T(&s.rows),
+                Val::T(&s.grad),
+                Val::T(&s.best_point),
+                Val::T(&s.best_grad),
+                Val::T(&s.adv),
+                Val::T(&s.acc_obj),
+                Val::T(&s.acc_probs),
+                Val::T(&s.acc_grad),
+                Val::T(&s.labels),
+                Val::T(&s.pos),
+                Val::U32(count(s.k, what)?),
+                Val::U32(count(s.d, what)?),
+                Val::U32(count(u.samples, what)?),
+                Val::I32(i32::from(u.first)),
+                Val::I32(i32::from(u.want_grad)),
+                Val::F64(u.step0),
+            ];
+            self.launch(&Launch::per_row("apgd_update", what, s.m, args)?)
         }
     }
 
     /// `apgd_offer`: the attacked rows' points offered to their examples' records.
     fn apgd_offer(self, s: &mut State) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut rec = s.rec.to_vec1::<f64>()?;
-                let mut rec_points = s.rec_points.to_vec1::<f32>()?;
-                twin::offer(
-                    &mut rec,
-                    &mut rec_points,
-                    &s.rows.to_vec1::<f64>()?,
-                    &s.adv.to_vec1::<f32>()?,
-                    &s.pos.to_vec1::<u32>()?,
-                    (
-                        &s.row_start.to_vec1::<u32>()?,
-                        &s.row_list.to_vec1::<u32>()?,
-                    ),
-                    s.d,
-                );
-                let dev = s.x.device().clone();
-                s.rec = Tensor::from_vec(rec, s.rec.elem_count(), &dev)?;
-                s.rec_points = Tensor::from_vec(rec_points, s.rec_points.elem_count(), &dev)?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::offer(s)?),
+        if self == Executor::Twin {
+            let mut rec = s.rec.to_vec1::<f64>()?;
+            let mut rec_points = s.rec_points.to_vec1::<f32>()?;
+            twin::offer(
+                &mut rec,
+                &mut rec_points,
+                &s.rows.to_vec1::<f64>()?,
+                &s.adv.to_vec1::<f32>()?,
+                &s.pos.to_vec1::<u32>()?,
+                (
+                    &s.row_start.to_vec1::<u32>()?,
+                    &s.row_list.to_vec1::<u32>()?,
+                ),
+                s.d,
+            );
+            let dev = s.x.device().clone();
+            s.rec = Tensor::from_vec(rec, s.rec.elem_count(), &dev)?;
+            s.rec_points = Tensor::from_vec(rec_points, s.rec_points.elem_count(), &dev)?;
+            Ok(())
+        } else {
+            let what = "APGD on the device: record";
+            // Block e writes its record (EROW scalars, D values) and reads the rows
+            // its offsets list (each < M).
+            let args = vec![
+                Val::T(&s.rec),
+                Val::T(&s.rec_points),
+                Val::T(&s.rows),
+                Val::T(&s.adv),
+                Val::T(&s.pos),
+                Val::T(&s.row_start),
+                Val::T(&s.row_list),
+                Val::U32(count(s.d, what)?),
+            ];
+            let examples = s.rec.elem_count() / EROW;
+            self.launch(&Launch::per_row("apgd_offer", what, examples, args)?)
         }
     }
 
     /// `apgd_check`: the checkpoint rule after `interval` steps.
     fn apgd_check(self, s: &mut State, rho: f64, interval: usize) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut rows = s.rows.to_vec1::<f64>()?;
-                let mut adv = s.adv.to_vec1::<f32>()?;
-                let mut grad = s.grad.to_vec1::<f32>()?;
-                twin::check(
-                    &mut rows,
-                    &mut adv,
-                    &mut grad,
-                    (
-                        &s.best_point.to_vec1::<f32>()?,
-                        &s.best_grad.to_vec1::<f32>()?,
-                    ),
-                    &s.pos.to_vec1::<u32>()?,
-                    s.d,
-                    (rho, interval),
-                );
-                let dev = s.x.device().clone();
-                s.rows = Tensor::from_vec(rows, s.m * AROW, &dev)?;
-                s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
-                s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::check(s, rho, interval)?),
+        if self == Executor::Twin {
+            let mut rows = s.rows.to_vec1::<f64>()?;
+            let mut adv = s.adv.to_vec1::<f32>()?;
+            let mut grad = s.grad.to_vec1::<f32>()?;
+            twin::check(
+                &mut rows,
+                &mut adv,
+                &mut grad,
+                (
+                    &s.best_point.to_vec1::<f32>()?,
+                    &s.best_grad.to_vec1::<f32>()?,
+                ),
+                &s.pos.to_vec1::<u32>()?,
+                s.d,
+                (rho, interval),
+            );
+            let dev = s.x.device().clone();
+            s.rows = Tensor::from_vec(rows, s.m * AROW, &dev)?;
+            s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
+            s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
+            Ok(())
+        } else {
+            let what = "APGD on the device: checkpoint";
+            // Block j reads and writes row j of the scalars and (M·D) buffers.
+            let args = vec![
+                Val::T(&s.rows),
+                Val::T(&s.adv),
+                Val::T(&s.grad),
+                Val::T(&s.best_point),
+                Val::T(&s.best_grad),
+                Val::T(&s.pos),
+                Val::U32(count(s.d, what)?),
+                Val::F64(rho),
+                Val::U32(count(interval, what)?),
+            ];
+            self.launch(&Launch::per_row("apgd_check", what, s.m, args)?)
         }
     }
 }

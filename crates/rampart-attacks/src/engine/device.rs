@@ -32,6 +32,7 @@ use std::cell::Cell;
 
 use candle_core::{DType, Device, ModuleT, Tensor, D};
 
+use super::launch::{count, Launch, Val};
 use super::Run;
 use crate::base::{Bounds, Criterion};
 use crate::error::Result;
@@ -91,6 +92,9 @@ pub(crate) enum Executor {
     /// The CUDA kernels, in place on the GPU.
     #[cfg(feature = "cuda")]
     Cuda,
+    /// The CUDA kernels' launches run on the CPU, in place (the tests).
+    #[cfg(test)]
+    Emulated,
 }
 
 /// The executor of `run`'s device-resident loop, if it takes one.
@@ -110,6 +114,10 @@ pub(super) fn resident_on(cfg: &Pgd, device: &Device) -> Option<Executor> {
 /// switch on, the CUDA kernels; on any device under [`with_device_resident_pgd`], the
 /// CUDA kernels on a GPU and the twins elsewhere; otherwise nobody (the host loop).
 pub(crate) fn executor_on(device: &Device) -> Option<Executor> {
+    #[cfg(test)]
+    if super::launch::emulated::on() {
+        return Some(Executor::Emulated);
+    }
     let on_gpu = matches!(device, Device::Cuda(_));
     if FORCED.with(Cell::get) {
         return Some(if on_gpu { gpu() } else { Executor::Twin });
@@ -168,7 +176,6 @@ pub(super) struct State {
     /// (D) f64 mask of the perturbed coordinates.
     pub mask: Option<Tensor>,
     /// (M·D) f64 working rows of the L2 step on a GPU (made at its first step).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub scratch: Option<Tensor>,
 }
 
@@ -255,96 +262,207 @@ impl Executor {
         samples: usize,
         first: bool,
     ) -> Result<()> {
+        if self == Executor::Twin {
+            let mut obj = s.acc_obj.to_vec1::<f64>()?;
+            let mut sum = s.acc_probs.to_vec1::<f64>()?;
+            let mut acc = s.acc_grad.to_vec1::<f32>()?;
+            let g = grad.map(|g| g.to_vec1::<f32>()).transpose()?;
+            twin::accumulate(
+                &mut obj,
+                &mut sum,
+                &mut acc,
+                &values.to_vec1::<f64>()?,
+                &probs.to_vec1::<f32>()?,
+                g.as_deref(),
+                samples,
+                first,
+            );
+            let dev = s.x.device().clone();
+            s.acc_obj = Tensor::from_vec(obj, s.m, &dev)?;
+            s.acc_probs = Tensor::from_vec(sum, s.m * s.k, &dev)?;
+            s.acc_grad = Tensor::from_vec(acc, s.m * s.d, &dev)?;
+            Ok(())
+        } else {
+            let (values, probs) = (values.contiguous()?, probs.contiguous()?);
+            let grad = grad.map(Tensor::contiguous).transpose()?;
+            let sums = [&s.acc_obj, &s.acc_probs, &s.acc_grad];
+            let inputs = (&values, &probs, grad.as_ref());
+            self.launch(&accumulate_launch(
+                sums,
+                (s.m, s.k, s.d),
+                inputs,
+                samples,
+                first,
+            )?)
+        }
+    }
+
+    /// Queues (on a GPU) or runs (emulated) one launch.
+    pub(crate) fn launch(self, l: &Launch<'_>) -> Result<()> {
         match self {
-            Executor::Twin => {
-                let mut obj = s.acc_obj.to_vec1::<f64>()?;
-                let mut sum = s.acc_probs.to_vec1::<f64>()?;
-                let mut acc = s.acc_grad.to_vec1::<f32>()?;
-                let g = grad.map(|g| g.to_vec1::<f32>()).transpose()?;
-                twin::accumulate(
-                    &mut obj,
-                    &mut sum,
-                    &mut acc,
-                    &values.to_vec1::<f64>()?,
-                    &probs.to_vec1::<f32>()?,
-                    g.as_deref(),
-                    samples,
-                    first,
-                );
-                let dev = s.x.device().clone();
-                s.acc_obj = Tensor::from_vec(obj, s.m, &dev)?;
-                s.acc_probs = Tensor::from_vec(sum, s.m * s.k, &dev)?;
-                s.acc_grad = Tensor::from_vec(acc, s.m * s.d, &dev)?;
-                Ok(())
-            }
+            Executor::Twin => Err(crate::Error::Input(format!(
+                "{}: the kernels' twins queue no launch",
+                l.what
+            ))),
             #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::accumulate(
-                s, values, probs, grad, samples, first,
-            )?),
+            Executor::Cuda => Ok(super::device_cuda::run(l)?),
+            #[cfg(test)]
+            Executor::Emulated => super::launch::emulated::run(l),
         }
     }
 
     /// Judges the point [`State::cand`] from the sums: offers it to the run's best,
     /// accepts it as the current iterate (or shrinks the step size).
     fn judge(self, s: &mut State, j: Judge) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut rows = s.rows.to_vec1::<f64>()?;
-                let mut best = s.best.to_vec1::<f32>()?;
-                let mut adv = s.adv.to_vec1::<f32>()?;
-                let mut grad = s.grad.to_vec1::<f32>()?;
-                twin::judge(
-                    &mut rows,
-                    &mut best,
-                    &mut adv,
-                    &mut grad,
-                    &s.cand.to_vec1::<f32>()?,
-                    &s.acc_grad.to_vec1::<f32>()?,
-                    &s.acc_obj.to_vec1::<f64>()?,
-                    &s.acc_probs.to_vec1::<f64>()?,
-                    &s.labels.to_vec1::<u32>()?,
-                    (s.k, s.d),
-                    j,
-                );
-                let dev = s.x.device().clone();
-                s.rows = Tensor::from_vec(rows, s.m * ROW, &dev)?;
-                s.best = Tensor::from_vec(best, s.m * s.d, &dev)?;
-                s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
-                s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::judge(s, j)?),
+        if self == Executor::Twin {
+            let mut rows = s.rows.to_vec1::<f64>()?;
+            let mut best = s.best.to_vec1::<f32>()?;
+            let mut adv = s.adv.to_vec1::<f32>()?;
+            let mut grad = s.grad.to_vec1::<f32>()?;
+            twin::judge(
+                &mut rows,
+                &mut best,
+                &mut adv,
+                &mut grad,
+                &s.cand.to_vec1::<f32>()?,
+                &s.acc_grad.to_vec1::<f32>()?,
+                &s.acc_obj.to_vec1::<f64>()?,
+                &s.acc_probs.to_vec1::<f64>()?,
+                &s.labels.to_vec1::<u32>()?,
+                (s.k, s.d),
+                j,
+            );
+            let dev = s.x.device().clone();
+            s.rows = Tensor::from_vec(rows, s.m * ROW, &dev)?;
+            s.best = Tensor::from_vec(best, s.m * s.d, &dev)?;
+            s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
+            s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
+            Ok(())
+        } else {
+            let (k, d) = (s.k, s.d);
+            let what = "PGD on the device: judge";
+            // Block j reads and writes row j of each tensor: ROW scalars, K sums of
+            // the probabilities, D values of each (M·D) buffer, one label.
+            let args = vec![
+                Val::T(&s.rows),
+                Val::T(&s.best),
+                Val::T(&s.adv),
+                Val::T(&s.grad),
+                Val::T(&s.cand),
+                Val::T(&s.acc_grad),
+                Val::T(&s.acc_obj),
+                Val::T(&s.acc_probs),
+                Val::T(&s.labels),
+                Val::U32(count(k, what)?),
+                Val::U32(count(d, what)?),
+                Val::U32(count(j.samples, what)?),
+                Val::I32(j.criterion),
+                Val::U32(j.target),
+                Val::F32(j.tau),
+                Val::I32(i32::from(j.first)),
+                Val::I32(i32::from(j.want_grad)),
+                Val::F64(j.backtrack),
+            ];
+            self.launch(&Launch::per_row("atk_judge", what, s.m, args)?)
         }
     }
 
     /// One L∞ or L2 step from the current iterate into [`State::cand`].
     fn step(self, s: &mut State, p: Step) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut cand = s.cand.to_vec1::<f32>()?;
-                let mut mom = s.mom.to_vec1::<f64>()?;
-                let mask = s.mask.as_ref().map(|m| m.to_vec1::<f64>()).transpose()?;
-                let (adv, x) = (s.adv.to_vec1::<f32>()?, s.x.to_vec1::<f32>()?);
-                let (grad, rows) = (s.grad.to_vec1::<f32>()?, s.rows.to_vec1::<f64>()?);
-                let inputs = twin::StepInputs {
-                    adv: &adv,
-                    x: &x,
-                    grad: &grad,
-                    rows: &rows,
-                    mask: mask.as_deref(),
-                    d: s.d,
-                };
-                twin::step(&mut cand, &mut mom, &inputs, p);
-                let dev = s.x.device().clone();
-                s.cand = Tensor::from_vec(cand, s.m * s.d, &dev)?;
-                s.mom = Tensor::from_vec(mom, s.m * s.d, &dev)?;
-                Ok(())
+        if self == Executor::Twin {
+            let mut cand = s.cand.to_vec1::<f32>()?;
+            let mut mom = s.mom.to_vec1::<f64>()?;
+            let mask = s.mask.as_ref().map(|m| m.to_vec1::<f64>()).transpose()?;
+            let (adv, x) = (s.adv.to_vec1::<f32>()?, s.x.to_vec1::<f32>()?);
+            let (grad, rows) = (s.grad.to_vec1::<f32>()?, s.rows.to_vec1::<f64>()?);
+            let inputs = twin::StepInputs {
+                adv: &adv,
+                x: &x,
+                grad: &grad,
+                rows: &rows,
+                mask: mask.as_deref(),
+                d: s.d,
+            };
+            twin::step(&mut cand, &mut mom, &inputs, p);
+            let dev = s.x.device().clone();
+            s.cand = Tensor::from_vec(cand, s.m * s.d, &dev)?;
+            s.mom = Tensor::from_vec(mom, s.m * s.d, &dev)?;
+            Ok(())
+        } else {
+            let (d, md) = (s.d, s.m * s.d);
+            if p.l2 {
+                let what = "PGD on the device: L2 step";
+                if s.scratch.is_none() {
+                    s.scratch = Some(Tensor::zeros(md, DType::F64, s.x.device())?);
+                }
+                // Block j reads and writes row j (D values) of each (M·D) buffer
+                // and reads its row's scalars and the mask (D values).
+                let args = vec![
+                    Val::T(&s.cand),
+                    Val::T(&s.mom),
+                    s.scratch.as_ref().into(),
+                    Val::T(&s.adv),
+                    Val::T(&s.x),
+                    Val::T(&s.grad),
+                    Val::T(&s.rows),
+                    s.mask.as_ref().into(),
+                    Val::U32(count(d, what)?),
+                    Val::F64(p.eps),
+                    Val::F64(p.beta),
+                    Val::F32(p.lo),
+                    Val::F32(p.hi),
+                ];
+                return self.launch(&Launch::per_row("atk_step_l2", what, s.m, args)?);
             }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::step(s, p)?),
+            let what = "PGD on the device: step";
+            // Element i of each (M·D) buffer, its row's scalars and its coordinate's
+            // mask entry; cand and mom are written.
+            let args = vec![
+                Val::T(&s.cand),
+                Val::T(&s.mom),
+                Val::T(&s.adv),
+                Val::T(&s.x),
+                Val::T(&s.grad),
+                Val::T(&s.rows),
+                s.mask.as_ref().into(),
+                Val::U32(count(d, what)?),
+                Val::U32(count(md, what)?),
+                Val::F64(p.eps),
+                Val::F64(p.beta),
+                Val::F32(p.lo),
+                Val::F32(p.hi),
+            ];
+            self.launch(&Launch::elementwise("atk_step_linf", what, md, args)?)
         }
     }
+}
+
+/// `atk_accumulate` of one EOT draw (values (M) f64, probabilities (M·K) f32,
+/// gradient (M·D) f32 or none, each contiguous) into the first M, M·K and M·D values
+/// of the sums `[objective, probabilities, gradient]` (f64, f64, f32).
+pub(crate) fn accumulate_launch<'a>(
+    sums: [&'a Tensor; 3],
+    (m, k, d): (usize, usize, usize),
+    (values, probs, grad): (&'a Tensor, &'a Tensor, Option<&'a Tensor>),
+    samples: usize,
+    first: bool,
+) -> Result<Launch<'a>> {
+    let what = "PGD on the device: accumulate";
+    let (mk, md) = (m * k, m * d);
+    let args = vec![
+        Val::T(sums[0]),
+        Val::T(sums[1]),
+        Val::T(sums[2]),
+        Val::T(values),
+        Val::T(probs),
+        grad.into(),
+        Val::U32(count(m, what)?),
+        Val::U32(count(mk, what)?),
+        Val::U32(count(md, what)?),
+        Val::U32(count(samples, what)?),
+        Val::I32(i32::from(first)),
+    ];
+    Launch::elementwise("atk_accumulate", what, m.max(mk).max(md), args)
 }
 
 /// The run of [`Run::run`] with its state on the device (see the module documentation).

@@ -36,6 +36,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::device::{drive, resident_on, Executor, Pass, State};
+use super::launch::{count, Launch, Val};
 use super::{rows_per_task, Engine};
 use crate::base::{Bounds, Perturbed};
 use crate::error::{Error, Result};
@@ -225,16 +226,27 @@ impl Executor {
         dk: (usize, usize),
         bounds: Bounds,
     ) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut v = verdict.to_vec1::<f64>()?;
-                let (xv, lv) = (x.to_vec1::<f32>()?, labels.to_vec1::<u32>()?);
-                twin::check(&mut v, &xv, &lv, dk, bounds);
-                *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::check(verdict, x, labels, dk, bounds)?),
+        if self == Executor::Twin {
+            let mut v = verdict.to_vec1::<f64>()?;
+            let (xv, lv) = (x.to_vec1::<f32>()?, labels.to_vec1::<u32>()?);
+            twin::check(&mut v, &xv, &lv, dk, bounds);
+            *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
+            Ok(())
+        } else {
+            let what = "PGD on the device: input checks";
+            // Block j reads row j of x (D values) and label j, and writes the six
+            // values of its verdict row.
+            let args = vec![
+                Val::T(verdict),
+                Val::T(x),
+                Val::T(labels),
+                Val::U32(count(dk.0, what)?),
+                Val::U32(count(dk.1, what)?),
+                Val::F32(bounds.lo),
+                Val::F32(bounds.hi),
+            ];
+            let m = labels.elem_count();
+            self.launch(&Launch::per_row("atk_check", what, m, args)?)
         }
     }
 
@@ -246,16 +258,28 @@ impl Executor {
         eps: f64,
         bounds: Bounds,
     ) -> Result<Tensor> {
-        match self {
-            Executor::Twin => {
-                let xv = x.to_vec1::<f32>()?;
-                let dv = delta.map(|t| t.to_vec1::<f64>()).transpose()?;
-                let mut cand = vec![0f32; xv.len()];
-                twin::start_linf(&mut cand, &xv, dv.as_deref(), eps, bounds);
-                Ok(Tensor::from_vec(cand, xv.len(), x.device())?)
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::start_linf(x, delta, eps, bounds)?),
+        if self == Executor::Twin {
+            let xv = x.to_vec1::<f32>()?;
+            let dv = delta.map(|t| t.to_vec1::<f64>()).transpose()?;
+            let mut cand = vec![0f32; xv.len()];
+            twin::start_linf(&mut cand, &xv, dv.as_deref(), eps, bounds);
+            Ok(Tensor::from_vec(cand, xv.len(), x.device())?)
+        } else {
+            let what = "PGD on the device: starts";
+            let md = x.elem_count();
+            let cand = Tensor::zeros(md, DType::F32, x.device())?;
+            // Element i of cand, x and delta (all M·D long).
+            let args = vec![
+                Val::T(&cand),
+                Val::T(x),
+                delta.into(),
+                Val::U32(count(md, what)?),
+                Val::F64(eps),
+                Val::F32(bounds.lo),
+                Val::F32(bounds.hi),
+            ];
+            self.launch(&Launch::elementwise("atk_start_linf", what, md, args)?)?;
+            Ok(cand)
         }
     }
 
@@ -270,35 +294,51 @@ impl Executor {
         d: usize,
         take: bool,
     ) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut v = verdict.to_vec1::<f64>()?;
-                let mut r = record.to_vec1::<f32>()?;
-                let (p, s) = (point.to_vec1::<f32>()?, rows.to_vec1::<f64>()?);
-                twin::offer(&mut v, &mut r, &p, &s, d, take);
-                *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
-                *record = Tensor::from_vec(r, record.elem_count(), record.device())?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::offer(
-                verdict, record, point, rows, d, take,
-            )?),
+        if self == Executor::Twin {
+            let mut v = verdict.to_vec1::<f64>()?;
+            let mut r = record.to_vec1::<f32>()?;
+            let (p, s) = (point.to_vec1::<f32>()?, rows.to_vec1::<f64>()?);
+            twin::offer(&mut v, &mut r, &p, &s, d, take);
+            *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
+            *record = Tensor::from_vec(r, record.elem_count(), record.device())?;
+            Ok(())
+        } else {
+            let what = "PGD on the device: record";
+            // Block j reads row j of the run's scalars (ROW values) and point (D
+            // values), and writes its verdict row and record row.
+            let args = vec![
+                Val::T(verdict),
+                Val::T(record),
+                Val::T(point),
+                Val::T(rows),
+                Val::U32(count(d, what)?),
+                Val::I32(i32::from(take)),
+            ];
+            let m = verdict.elem_count() / VERDICT;
+            self.launch(&Launch::per_row("atk_offer", what, m, args)?)
         }
     }
 
     /// `atk_measure`: each record's L∞ distance from its clean input.
     fn measure(self, verdict: &mut Tensor, record: &Tensor, x: &Tensor, d: usize) -> Result<()> {
-        match self {
-            Executor::Twin => {
-                let mut v = verdict.to_vec1::<f64>()?;
-                let (r, xv) = (record.to_vec1::<f32>()?, x.to_vec1::<f32>()?);
-                twin::measure(&mut v, &r, &xv, d);
-                *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Executor::Cuda => Ok(super::device_cuda::measure(verdict, record, x, d)?),
+        if self == Executor::Twin {
+            let mut v = verdict.to_vec1::<f64>()?;
+            let (r, xv) = (record.to_vec1::<f32>()?, x.to_vec1::<f32>()?);
+            twin::measure(&mut v, &r, &xv, d);
+            *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
+            Ok(())
+        } else {
+            let what = "PGD on the device: distances";
+            // Block j reads row j of the record and x (D values each) and writes
+            // one value of its verdict row.
+            let args = vec![
+                Val::T(verdict),
+                Val::T(record),
+                Val::T(x),
+                Val::U32(count(d, what)?),
+            ];
+            let m = verdict.elem_count() / VERDICT;
+            self.launch(&Launch::per_row("atk_measure", what, m, args)?)
         }
     }
 }

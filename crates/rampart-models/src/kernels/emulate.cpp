@@ -1,8 +1,9 @@
 // CUDA kernels run on the CPU, for tests (kernels/emulate.rs). The kernel source
 // (kernels.cu beside this file, CUDA C without includes) is compiled as C++20 after
-// the definitions below: each CUDA thread is a host thread, the blocks of a launch
-// run one after the other, __syncthreads is a barrier of the block's threads and a
-// warp shuffle an exchange through a barrier of the warp's, __shared__ variables are
+// the definitions below: each CUDA thread is a host thread (created once per launch
+// and reused for every block), the blocks of a launch run one after the other,
+// __syncthreads is a barrier of the block's threads and a warp shuffle an exchange
+// through a barrier of the warp's, __shared__ variables are
 // statics (one block runs at a time), and the rounding intrinsics (__fadd_rn, ...)
 // are the host's IEEE operations (compiled with -ffp-contract=off, so nothing is
 // fused). A thread that returns early drops out of its barriers, as an exited CUDA
@@ -186,13 +187,39 @@ static std::function<void()> bind_args(void (*f)(A...), const std::vector<Arg>& 
 static const std::map<std::string, std::function<std::function<void()>(const std::vector<Arg>&)>>
     kernels = {KERNEL_LIST};
 
+// One host thread per CUDA thread of a block, created once per launch and reused for
+// every block in turn: the main thread sets up the block (its index, a fresh block
+// barrier and warp barriers), releases the workers, and waits until every one of them
+// has run the kernel for it.
 static void launch(const std::function<void()>& kernel, dim3 grid, dim3 block) {
   gridDim = grid;
   blockDim = block;
   unsigned int threads = block.x * block.y * block.z;
+  std::barrier<> start(threads + 1), done(threads + 1);
+  bool stop = false;
+  dim3 current;
+  std::vector<std::thread> ts;
+  ts.reserve(threads);
+  for (unsigned int t = 0; t < threads; t++) {
+    ts.emplace_back([&, t] {
+      threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      lane_id = t % 32;
+      warp_id = t / 32;
+      for (;;) {
+        start.arrive_and_wait();
+        if (stop) return;
+        blockIdx = current;
+        kernel();
+        block_barrier->arrive_and_drop();
+        warps[warp_id].barrier->arrive_and_drop();
+        done.arrive_and_wait();
+      }
+    });
+  }
   for (unsigned int bz = 0; bz < grid.z; bz++)
     for (unsigned int by = 0; by < grid.y; by++)
       for (unsigned int bx = 0; bx < grid.x; bx++) {
+        current = {bx, by, bz};
         block_barrier = std::make_unique<std::barrier<>>(threads);
         warps.clear();
         warps.resize((threads + 31) / 32);
@@ -200,21 +227,12 @@ static void launch(const std::function<void()>& kernel, dim3 grid, dim3 block) {
           unsigned int in_warp = std::min(32u, threads - 32 * w);
           warps[w].barrier = std::make_unique<std::barrier<>>(in_warp);
         }
-        std::vector<std::thread> ts;
-        ts.reserve(threads);
-        for (unsigned int t = 0; t < threads; t++) {
-          ts.emplace_back([&, t, bx, by, bz] {
-            blockIdx = {bx, by, bz};
-            threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-            lane_id = t % 32;
-            warp_id = t / 32;
-            kernel();
-            block_barrier->arrive_and_drop();
-            warps[warp_id].barrier->arrive_and_drop();
-          });
-        }
-        for (auto& t : ts) t.join();
+        start.arrive_and_wait();
+        done.arrive_and_wait();
       }
+  stop = true;
+  start.arrive_and_wait();
+  for (auto& t : ts) t.join();
 }
 
 int main(int argc, char** argv) {
