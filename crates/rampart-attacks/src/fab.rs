@@ -5,10 +5,12 @@
 
 use candle_core::ModuleT;
 use rand::Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::base::Attack;
 use crate::batch::{ranked, Batch, Loss};
+use crate::engine::rows_per_task;
 use crate::error::{Error, Result};
 use crate::norm::{standard_normal, Norm};
 use crate::problem::{Outcome, Problem};
@@ -133,10 +135,6 @@ impl Fab {
         let mut dg = vec![0f32; m * d];
         let mut valid = vec![false; m];
         let mut expect_adversarial = vec![false; m];
-        let mut w = vec![0f64; d];
-        let mut d1 = vec![0f64; d];
-        let mut d2 = vec![0f64; d];
-        let (mut lower, mut upper) = (vec![0f64; d], vec![0f64; d]);
         for step in 0..self.steps {
             let stale: Vec<usize> = (0..m).filter(|&j| !valid[j]).collect();
             if !stale.is_empty() {
@@ -147,36 +145,17 @@ impl Fab {
                     dg[j * d..(j + 1) * d].copy_from_slice(&grad[r * d..(r + 1) * d]);
                 }
             }
-            for (j, &i) in idx.iter().enumerate() {
-                let row = j * d..(j + 1) * d;
-                let x0 = batch.row(i);
-                for (wc, &g) in w.iter_mut().zip(&dg[row.clone()]) {
-                    *wc = if g.is_finite() { g as f64 } else { 0.0 };
-                }
-                let (lo, hi) = (batch.bounds.lo as f64, batch.bounds.hi as f64);
-                // From x_k: w·d₁ = −g(x_k).
-                for c in 0..d {
-                    lower[c] = lo - x1[j * d + c] as f64;
-                    upper[c] = hi - x1[j * d + c] as f64;
-                }
-                project_hyperplane_box(norm, &w, -df[j], &lower, &upper, &mut d1);
-                // From x₀: w·(x₀ + d₂ − x_k) = −g(x_k).
-                let mut shift = 0.0;
-                for c in 0..d {
-                    shift += w[c] * (x0[c] as f64 - x1[j * d + c] as f64);
-                }
-                batch.box_room(i, &mut lower, &mut upper);
-                project_hyperplane_box(norm, &w, -df[j] - shift, &lower, &upper, &mut d2);
-                let a1 = norm.measure(&d1).max(1e-8);
-                let a2 = norm.measure(&d2).max(1e-8);
-                let alpha = (a1 / (a1 + a2)).clamp(0.0, self.alpha_max);
-                for c in 0..d {
-                    let from_k = x1[j * d + c] as f64 + self.eta * d1[c];
-                    let from_0 = x0[c] as f64 + self.eta * d2[c];
-                    let next = ((1.0 - alpha) * from_k + alpha * from_0).clamp(lo, hi);
-                    delta[c] = next - x0[c] as f64;
-                }
-                batch.store(i, &delta, &mut x1[row]);
+            // Every example's step on its own rows, examples in parallel (the same
+            // arithmetic whatever the threads).
+            x1.par_chunks_mut(d)
+                .zip(dg.par_chunks(d).zip(df.par_iter()))
+                .zip(idx.par_iter())
+                .with_min_len(rows_per_task(d))
+                .for_each_init(
+                    || Scratch::new(d),
+                    |sc, ((x1, (dg, &df)), &i)| self.step(batch, i, (x1, dg, df), sc),
+                );
+            for &i in idx {
                 record.count_step(i);
             }
             // Misclassified yet? An example whose last step ended adversarial will likely
@@ -216,6 +195,49 @@ impl Fab {
         Ok(())
     }
 
+    /// One step of example `i` from its point `x1` (D values, rewritten) with the
+    /// linearisation g(x_k) = `df`, ∇g(x_k) = `dg`: the minimal steps onto the hyperplane
+    /// ∩ box from x_k and from x₀, their combination biased towards x₀, clipped to the
+    /// box and stored rounded towards x₀.
+    fn step(
+        &self,
+        batch: &Batch,
+        i: usize,
+        (x1, dg, df): (&mut [f32], &[f32], f64),
+        sc: &mut Scratch,
+    ) {
+        let d = batch.d;
+        let norm = self.norm;
+        let x0 = batch.row(i);
+        for (wc, &g) in sc.w.iter_mut().zip(dg) {
+            *wc = if g.is_finite() { g as f64 } else { 0.0 };
+        }
+        let (lo, hi) = (batch.bounds.lo as f64, batch.bounds.hi as f64);
+        // From x_k: w·d₁ = −g(x_k).
+        for c in 0..d {
+            sc.lower[c] = lo - x1[c] as f64;
+            sc.upper[c] = hi - x1[c] as f64;
+        }
+        project_hyperplane_box(norm, &sc.w, -df, &sc.lower, &sc.upper, &mut sc.d1);
+        // From x₀: w·(x₀ + d₂ − x_k) = −g(x_k).
+        let mut shift = 0.0;
+        for c in 0..d {
+            shift += sc.w[c] * (x0[c] as f64 - x1[c] as f64);
+        }
+        batch.box_room(i, &mut sc.lower, &mut sc.upper);
+        project_hyperplane_box(norm, &sc.w, -df - shift, &sc.lower, &sc.upper, &mut sc.d2);
+        let a1 = norm.measure(&sc.d1).max(1e-8);
+        let a2 = norm.measure(&sc.d2).max(1e-8);
+        let alpha = (a1 / (a1 + a2)).clamp(0.0, self.alpha_max);
+        for c in 0..d {
+            let from_k = x1[c] as f64 + self.eta * sc.d1[c];
+            let from_0 = x0[c] as f64 + self.eta * sc.d2[c];
+            let next = ((1.0 - alpha) * from_k + alpha * from_0).clamp(lo, hi);
+            sc.delta[c] = next - x0[c] as f64;
+        }
+        batch.store(i, &sc.delta, x1);
+    }
+
     /// g = f_t − f_y, its input gradient (if `want_grad`) and misclassification at the
     /// rows `points` of the attacked examples `which` (positions in `idx`).
     #[allow(clippy::too_many_arguments)]
@@ -239,6 +261,29 @@ impl Fab {
         let p = batch.probe(model, &sub, &rows, Loss::TargetMargin(&t), 1, want_grad)?;
         let adversarial = batch.fooled_each(&p.probs, sub.iter().copied());
         Ok((p.values, p.grad, adversarial))
+    }
+}
+
+/// Reused per-example buffers of [`Fab::step`].
+struct Scratch {
+    w: Vec<f64>,
+    d1: Vec<f64>,
+    d2: Vec<f64>,
+    lower: Vec<f64>,
+    upper: Vec<f64>,
+    delta: Vec<f64>,
+}
+
+impl Scratch {
+    fn new(d: usize) -> Scratch {
+        Scratch {
+            w: vec![0.0; d],
+            d1: vec![0.0; d],
+            d2: vec![0.0; d],
+            lower: vec![0.0; d],
+            upper: vec![0.0; d],
+            delta: vec![0.0; d],
+        }
     }
 }
 
