@@ -1,7 +1,7 @@
 //! The attack engine's own work per step, without a network's cost: PGD on a linear
 //! classifier of CIFAR-10-shaped inputs (batch 128, 10 steps, no example fooled), in
-//! image·steps per second for each norm, and APGD-CE and FAB-T (one target class; L∞,
-//! L2) with the same steps.
+//! image·steps per second for each norm, and APGD-CE, FAB-T (one target class) and
+//! Square (L∞, L2) with the same steps (queries).
 //! What remains is what the engine does on the host around the model's passes
 //! (starts, directions, momentum, projections, records, transfers), which on a GPU
 //! runs while the device waits.
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, ModuleT, Result, Tensor};
 use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
-use rampart_attacks::{Apgd, Attack, Bounds, Fab, Norm};
+use rampart_attacks::{Apgd, Attack, Bounds, Fab, Norm, Square};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -97,6 +97,25 @@ fn engine_throughput(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(
                 || match fab.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 0) {
+                    Ok(r) => r,
+                    Err(e) => panic!("attack failed: {e}"),
+                },
+            )
+        });
+    }
+    // Square (AutoAttack's last, black-box attack): `steps` queries, a proposal per
+    // example and query.
+    for (name, norm, eps) in [
+        ("square-linf", Norm::Linf, 8.0 / 255.0),
+        ("square-l2", Norm::L2, 0.5),
+    ] {
+        let square = Square {
+            queries: steps,
+            ..Square::autoattack(norm)
+        };
+        group.bench_function(name, |b| {
+            b.iter(
+                || match square.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 0) {
                     Ok(r) => r,
                     Err(e) => panic!("attack failed: {e}"),
                 },

@@ -6,10 +6,12 @@
 use candle_core::ModuleT;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::base::Attack;
 use crate::batch::Batch;
+use crate::engine::rows_per_task;
 use crate::error::{Error, Result};
 use crate::norm::Norm;
 use crate::problem::{Outcome, Problem};
@@ -187,6 +189,12 @@ impl Run<'_> {
     fn run(&self, seed: u64, record: &mut Record) -> Result<()> {
         let (batch, d) = (self.batch, self.batch.d);
         let m = self.idx.len();
+        let steps = Steps {
+            cfg: self.cfg,
+            batch,
+            shape: self.shape,
+            eps: self.eps,
+        };
         let mut rngs: Vec<ChaCha8Rng> = self
             .idx
             .iter()
@@ -195,7 +203,7 @@ impl Run<'_> {
             .collect();
         let mut current = vec![0f32; m * d];
         for (j, &i) in self.idx.iter().enumerate() {
-            self.start(i, &mut rngs[j], &mut current[j * d..(j + 1) * d]);
+            steps.start(i, &mut rngs[j], &mut current[j * d..(j + 1) * d]);
         }
         let all: Vec<usize> = (0..m).collect();
         let (mut margin, mut fooled) = self.query(&all, &current)?;
@@ -203,26 +211,37 @@ impl Run<'_> {
             record.count_step(i);
             record.offer(i, &current[j * d..(j + 1) * d], fooled[j], -margin[j]);
         }
-        let mut proposal = Vec::with_capacity(m * d);
-        let mut scratch = Scratch::default();
+        let mut proposal = vec![0f32; m * d];
         for it in 0..self.cfg.queries {
             let live: Vec<usize> = (0..m).filter(|&j| !fooled[j]).collect();
             if live.is_empty() {
                 break;
             }
             let p = self.cfg.p_at(it);
-            proposal.clear();
-            for &j in &live {
-                let start = proposal.len();
-                proposal.extend_from_slice(&current[j * d..(j + 1) * d]);
-                let i = self.idx[j];
-                let row = &mut proposal[start..];
-                match self.cfg.norm {
-                    Norm::Linf => self.step_linf(i, p, &mut rngs[j], row),
-                    _ => self.step_l2(i, p, &mut rngs[j], row, &mut scratch),
-                }
-            }
-            let (new_margin, new_fooled) = self.query(&live, &proposal)?;
+            // Each live example's proposal from its current point and its own stream,
+            // examples in parallel (the same draws and values whatever the threads).
+            let mut live_rngs: Vec<&mut ChaCha8Rng> = rngs
+                .iter_mut()
+                .zip(&fooled)
+                .filter(|(_, f)| !**f)
+                .map(|(r, _)| r)
+                .collect();
+            let (from, idx) = (&current, self.idx);
+            proposal[..live.len() * d]
+                .par_chunks_mut(d)
+                .zip(live_rngs.par_iter_mut())
+                .zip(live.par_iter())
+                .with_min_len(rows_per_task(d))
+                .for_each_init(Scratch::default, |scratch, ((row, rng), &j)| {
+                    row.copy_from_slice(&from[j * d..(j + 1) * d]);
+                    let i = idx[j];
+                    match steps.cfg.norm {
+                        Norm::Linf => steps.step_linf(i, p, rng, row),
+                        _ => steps.step_l2(i, p, rng, row, scratch),
+                    }
+                });
+            let proposal = &proposal[..live.len() * d];
+            let (new_margin, new_fooled) = self.query(&live, proposal)?;
             for (r, &j) in live.iter().enumerate() {
                 let i = self.idx[j];
                 record.count_step(i);
@@ -259,7 +278,19 @@ impl Run<'_> {
         }
         Ok((margin, fooled))
     }
+}
 
+/// What a start and a proposal need besides the example's stream: shared by the
+/// worker threads (the model is not).
+#[derive(Clone, Copy)]
+struct Steps<'a> {
+    cfg: &'a Square,
+    batch: &'a Batch,
+    shape: Shape,
+    eps: f64,
+}
+
+impl Steps<'_> {
     /// The starting point of example `i` into `out`.
     fn start(&self, i: usize, rng: &mut ChaCha8Rng, out: &mut [f32]) {
         let (batch, s, eps) = (self.batch, self.shape, self.eps);

@@ -127,3 +127,22 @@ fn square_needs_images_and_a_supported_norm() -> Result<()> {
     let _ = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu)?;
     Ok(())
 }
+
+/// The proposals run examples in parallel (tasks of about 32,768 coordinates): with
+/// inputs of 3,072 values and 40 examples, all classified as labelled, four tasks; the
+/// outcome is the same bits on one thread as on four, in L∞ and L2.
+#[test]
+fn outcome_does_not_depend_on_the_threads() -> Result<()> {
+    let (model, xs, _) = crate::testutil::wide_batch(40)?;
+    let ys = model.forward(&xs)?.argmax(1)?;
+    for (norm, eps) in [(Norm::Linf, 8.0 / 255.0), (Norm::L2, 0.5)] {
+        let square = Square {
+            queries: 40,
+            ..Square::autoattack(norm)
+        };
+        crate::testutil::assert_thread_independent(&format!("{norm:?}"), || {
+            square.run(&model, Bounds::UNIT, &xs, &ys, &[eps], 5)
+        })?;
+    }
+    Ok(())
+}
