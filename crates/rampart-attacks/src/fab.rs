@@ -206,7 +206,6 @@ impl Fab {
         (x1, dg, df): (&mut [f32], &[f32], f64),
         sc: &mut Scratch,
     ) {
-        let d = batch.d;
         let norm = self.norm;
         let x0 = batch.row(i);
         for (wc, &g) in sc.w.iter_mut().zip(dg) {
@@ -214,26 +213,27 @@ impl Fab {
         }
         let (lo, hi) = (batch.bounds.lo as f64, batch.bounds.hi as f64);
         // From x_k: w·d₁ = −g(x_k).
-        for c in 0..d {
-            sc.lower[c] = lo - x1[c] as f64;
-            sc.upper[c] = hi - x1[c] as f64;
+        for ((l, u), &xk) in sc.lower.iter_mut().zip(sc.upper.iter_mut()).zip(x1.iter()) {
+            *l = lo - xk as f64;
+            *u = hi - xk as f64;
         }
         project_hyperplane_box(norm, &sc.w, -df, &sc.lower, &sc.upper, &mut sc.d1);
         // From x₀: w·(x₀ + d₂ − x_k) = −g(x_k).
         let mut shift = 0.0;
-        for c in 0..d {
-            shift += sc.w[c] * (x0[c] as f64 - x1[c] as f64);
+        for ((&w, &a), &xk) in sc.w.iter().zip(x0).zip(x1.iter()) {
+            shift += w * (a as f64 - xk as f64);
         }
         batch.box_room(i, &mut sc.lower, &mut sc.upper);
         project_hyperplane_box(norm, &sc.w, -df - shift, &sc.lower, &sc.upper, &mut sc.d2);
         let a1 = norm.measure(&sc.d1).max(1e-8);
         let a2 = norm.measure(&sc.d2).max(1e-8);
         let alpha = (a1 / (a1 + a2)).clamp(0.0, self.alpha_max);
-        for c in 0..d {
-            let from_k = x1[c] as f64 + self.eta * sc.d1[c];
-            let from_0 = x0[c] as f64 + self.eta * sc.d2[c];
+        let steps = sc.d1.iter().zip(&sc.d2);
+        for ((dc, (&d1, &d2)), (&xk, &a)) in sc.delta.iter_mut().zip(steps).zip(x1.iter().zip(x0)) {
+            let from_k = xk as f64 + self.eta * d1;
+            let from_0 = a as f64 + self.eta * d2;
             let next = ((1.0 - alpha) * from_k + alpha * from_0).clamp(lo, hi);
-            sc.delta[c] = next - x0[c] as f64;
+            *dc = next - a as f64;
         }
         batch.store(i, &sc.delta, x1);
     }

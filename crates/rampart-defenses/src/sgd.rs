@@ -15,6 +15,8 @@ mod cuda;
 #[cfg(test)]
 mod emulated;
 mod fused;
+#[cfg(any(test, feature = "cuda"))]
+mod multi;
 
 /// The PTX of the fused SGD kernels, compiled by NVRTC (no GPU needed).
 #[cfg(feature = "cuda")]

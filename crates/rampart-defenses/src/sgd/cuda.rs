@@ -11,6 +11,7 @@ use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 use rampart_models::cuda::{contiguous, elementwise, f32_view, launch_error, Module};
 
 use super::fused::{Factors, Kernel};
+use super::multi::{self, Slot, MULTI_THREADS};
 
 const MODULE: &str = "rampart_sgd";
 
@@ -71,10 +72,6 @@ pub(crate) fn launch(
     Ok(())
 }
 
-/// Elements per block of `sgd_multi`, and its threads per block.
-const MULTI_CHUNK: usize = 4096;
-const MULTI_THREADS: u32 = 256;
-
 /// One parameter of a multi-tensor update: its weights, gradient and momentum buffer
 /// (f32, contiguous, one shape, on one GPU) and whether it is decayed.
 pub(crate) struct Entry<'a> {
@@ -110,10 +107,9 @@ pub(crate) fn launch_multi(
         .flat_map(|e| [e.w, e.g, e.b])
         .map(|t| t.storage_and_layout())
         .collect();
-    let mut table: Vec<u64> = Vec::with_capacity(5 * entries.len());
-    let mut blocks: Vec<u64> = Vec::new();
+    let mut operands: Vec<[u64; 3]> = Vec::with_capacity(entries.len());
     let mut syncs = Vec::with_capacity(guards.len());
-    for (t, (e, g)) in entries.iter().zip(guards.chunks_exact(3)).enumerate() {
+    for (e, g) in entries.iter().zip(guards.chunks_exact(3)) {
         let n = e.w.elem_count();
         let mut ptrs = [0u64; 3];
         for (k, (storage, layout)) in g.iter().enumerate() {
@@ -125,29 +121,37 @@ pub(crate) fn launch_multi(
             syncs.push(sync);
             ptrs[k] = ptr + (offset * std::mem::size_of::<f32>()) as u64;
         }
-        table.extend([ptrs[0], ptrs[1], ptrs[2], n as u64, u64::from(e.decay)]);
-        for start in (0..n).step_by(MULTI_CHUNK) {
-            blocks.extend([t as u64, start as u64]);
-        }
+        operands.push(ptrs);
     }
-    let n_blocks = blocks.len() / 2;
-    if n_blocks == 0 {
+    let params: Vec<(usize, bool)> = entries
+        .iter()
+        .map(|e| (e.w.elem_count(), e.decay))
+        .collect();
+    let plan = multi::plan(&params);
+    if plan.blocks == 0 {
         return Ok(());
     }
-    table.extend(blocks);
+    let table: Vec<u64> = plan
+        .table
+        .iter()
+        .map(|slot| match *slot {
+            Slot::Address { param, operand } => operands[param][operand],
+            Slot::Value(v) => v,
+        })
+        .collect();
     let meta = dev.clone_htod(&table)?;
     let func = SGD.func(dev, "sgd_multi")?;
     let cfg = LaunchConfig {
         grid_dim: (
-            u32::try_from(n_blocks).map_err(candle_core::Error::wrap)?,
+            u32::try_from(plan.blocks).map_err(candle_core::Error::wrap)?,
             1,
             1,
         ),
         block_dim: (MULTI_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let tensors = u32::try_from(entries.len()).map_err(candle_core::Error::wrap)?;
-    let (nest, chunk) = (i32::from(nesterov), MULTI_CHUNK as u32);
+    let params = u32::try_from(entries.len()).map_err(candle_core::Error::wrap)?;
+    let (tensors, mu, wd, nest, lr, chunk) = multi::scalars(params, mu, wd, nesterov, lr);
     let mut builder = func.builder();
     builder
         .arg(&meta)

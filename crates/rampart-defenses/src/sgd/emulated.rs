@@ -3,7 +3,8 @@
 //! the arguments in the order of `cuda.rs`'s launches: both per-parameter kernels for
 //! every kind of step (momentum or none, Nesterov or heavy ball, decayed or not), and
 //! the multi-tensor kernel on a table of three tensors, one shorter than a block and
-//! two spanning several 4,096-element blocks, decayed and not.
+//! two spanning several 4,096-element blocks, decayed and not, laid out and launched
+//! by the code the CUDA launch uses (`multi.rs`).
 
 use candle_core::{Device, Tensor};
 use rampart_models::kernels::emulate::{bits, Arg, Emulator};
@@ -11,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::fused::{Factors, Kernel, SgdUpdate};
+use super::multi::{self, Slot, MULTI_THREADS};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -99,15 +101,13 @@ fn sgd_kernels_equal_the_cpu_kernels() -> TestResult {
         }
     }
 
-    // The multi-tensor kernel: [w, g, b, n, decayed] per tensor, then [tensor, first]
-    // per block of CHUNK elements, as `launch_multi` writes the table.
-    const CHUNK: usize = 4096;
+    // The multi-tensor kernel, launched as `launch_multi` launches it: its table and
+    // grid from `multi::plan`, its scalars from `multi::scalars`, the addresses of the
+    // table's address slots written by the emulator.
     let sizes = [7usize, 5000, 9000];
     let decayed = [true, false, true];
     let (mu, wd, lr) = (0.9f32, 5e-4f32, 0.05f32);
     for nesterov in [false, true] {
-        let mut table: Vec<u64> = Vec::new();
-        let mut blocks: Vec<u64> = Vec::new();
         let mut names = Vec::new();
         for (t, (&len, &dec)) in sizes.iter().zip(&decayed).enumerate() {
             let tag = format!("m{}_{t}", u8::from(nesterov));
@@ -130,35 +130,39 @@ fn sgd_kernels_equal_the_cpu_kernels() -> TestResult {
                 .put(&names_t[2], &mb);
             expected.push((names_t[0].clone(), w_new));
             expected.push((names_t[2].clone(), b_new));
-            table.extend([0, 0, 0, len as u64, u64::from(dec)]);
-            blocks.extend(
-                (0..len)
-                    .step_by(CHUNK)
-                    .flat_map(|first| [t as u64, first as u64]),
-            );
             names.push(names_t);
         }
-        let n_blocks = blocks.len() / 2;
-        table.extend(blocks);
+        let params: Vec<(usize, bool)> = sizes.iter().copied().zip(decayed).collect();
+        let plan = multi::plan(&params);
+        let table: Vec<u64> = plan
+            .table
+            .iter()
+            .map(|slot| match *slot {
+                Slot::Address { .. } => 0,
+                Slot::Value(v) => v,
+            })
+            .collect();
         let meta = format!("meta{}", u8::from(nesterov));
         s.put(&meta, &table);
-        for (t, names_t) in names.iter().enumerate() {
-            for (k, name) in names_t.iter().enumerate() {
-                s.address(&meta, 5 * t + k, name);
+        for (index, slot) in plan.table.iter().enumerate() {
+            if let Slot::Address { param, operand } = *slot {
+                s.address(&meta, index, &names[param][operand]);
             }
         }
+        let (tensors, mu, wd, nest, lr, chunk) =
+            multi::scalars(sizes.len() as u32, mu, wd, nesterov, lr);
         s.launch(
             "sgd_multi",
-            [n_blocks as u32, 1, 1],
-            [256, 1, 1],
+            [plan.blocks as u32, 1, 1],
+            [MULTI_THREADS, 1, 1],
             &[
                 Arg::B(&meta),
-                Arg::U32(sizes.len() as u32),
+                Arg::U32(tensors),
                 Arg::F32(mu),
                 Arg::F32(wd),
-                Arg::I32(i32::from(nesterov)),
+                Arg::I32(nest),
                 Arg::F32(lr),
-                Arg::U32(CHUNK as u32),
+                Arg::U32(chunk),
             ],
         );
     }
