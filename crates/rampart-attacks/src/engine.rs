@@ -411,7 +411,7 @@ mod device_cuda;
 pub(crate) mod launch;
 pub(crate) mod resident;
 
-pub(crate) use resident::perturb as perturb_resident;
+pub(crate) use resident::perturb_on_device_or_host;
 
 pub use device::{device_resident_pgd_runs, with_device_resident_pgd};
 #[cfg(feature = "cuda")]

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use candle_core::{ModuleT, Tensor};
 
-use crate::base::{check_settings, perturbed, Attack, Bounds, Criterion, Perturbed};
-use crate::engine::perturb_resident;
+use crate::base::{Attack, Bounds, Criterion, Perturbed};
+use crate::engine::perturb_on_device_or_host;
 use crate::eot::Eot;
 use crate::error::Result;
 use crate::norm::{Init, Norm};
@@ -111,11 +111,14 @@ impl Attack for Fgsm {
         seed: u64,
         classes: usize,
     ) -> Result<Perturbed> {
-        check_settings(self, bounds, &[eps])?;
-        match perturb_resident(&self.as_pgd(), model, bounds, (xs, ys), eps, seed, classes)? {
-            Some(done) => Ok(done),
-            None => perturbed(self, model, bounds, (xs, ys), eps, seed, Some(classes)),
-        }
+        perturb_on_device_or_host(
+            self,
+            &self.as_pgd(),
+            model,
+            bounds,
+            (xs, ys),
+            (eps, seed, classes),
+        )
     }
 
     /// The single step (L∞).

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use candle_core::{ModuleT, Tensor};
 
-use crate::base::{check_settings, perturbed, Attack, Bounds, Criterion, Perturbed};
-use crate::engine::perturb_resident;
+use crate::base::{Attack, Bounds, Criterion, Perturbed};
+use crate::engine::perturb_on_device_or_host;
 use crate::engine::Engine;
 use crate::eot::Eot;
 use crate::error::{Error, Result};
@@ -316,11 +316,7 @@ impl Attack for Pgd {
         seed: u64,
         classes: usize,
     ) -> Result<Perturbed> {
-        check_settings(self, bounds, &[eps])?;
-        match perturb_resident(self, model, bounds, (xs, ys), eps, seed, classes)? {
-            Some(done) => Ok(done),
-            None => perturbed(self, model, bounds, (xs, ys), eps, seed, Some(classes)),
-        }
+        perturb_on_device_or_host(self, self, model, bounds, (xs, ys), (eps, seed, classes))
     }
 
     /// `restarts.count` runs of the loop ([`crate::Repeated`]'s restarts).

@@ -368,3 +368,49 @@ pub fn assert_thread_independent(
     );
     Ok(())
 }
+
+/// A model by reference, for tests that box a fresh model per run.
+pub struct By<'a>(pub &'a dyn Module);
+
+impl Module for By<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(xs)
+    }
+}
+
+/// The bits of a float tensor's values, each widened to f64 (exactly).
+pub fn value_bits(t: &Tensor) -> Result<Vec<u64>> {
+    Ok(t.to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(f64::to_bits)
+        .collect())
+}
+
+/// Asserts that the emulated kernels left each named buffer as its twin expects, bit
+/// for bit.
+pub fn assert_emulated(
+    out: &rampart_models::kernels::emulate::Buffers,
+    f32s: &[(String, Vec<f32>)],
+    f64s: &[(String, Vec<f64>)],
+) {
+    for (name, want) in f32s {
+        let got: Vec<f32> = out.get(name);
+        let b = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            b(&got),
+            b(want),
+            "kernel output {name} differs from its twin's"
+        );
+    }
+    for (name, want) in f64s {
+        let got: Vec<f64> = out.get(name);
+        let b = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            b(&got),
+            b(want),
+            "kernel output {name} differs from its twin's"
+        );
+    }
+}

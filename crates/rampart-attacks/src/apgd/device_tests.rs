@@ -3,7 +3,7 @@
 //! for bit, for AutoAttack's APGD configurations; and its kernels, run on the CPU,
 //! against the twins.
 
-use candle_core::{DType, Module, ModuleT, Tensor};
+use candle_core::{Module, ModuleT, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -12,26 +12,8 @@ use super::device::{
     NAN, NONE, REDUCED, STEP, SUCCESS,
 };
 use super::Apgd;
-use crate::testutil::{trained, wide_batch, NanGradient, Noisy};
+use crate::testutil::{trained, value_bits, wide_batch, By, NanGradient, Noisy};
 use crate::{with_device_resident_pgd, Attack, AttackResult, Bounds, Eot, Norm, Result};
-
-/// A model by reference.
-struct By<'a>(&'a dyn Module);
-
-impl Module for By<'_> {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.forward(xs)
-    }
-}
-
-fn bits(t: &Tensor) -> Result<Vec<u64>> {
-    Ok(t.to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?
-        .into_iter()
-        .map(f64::to_bits)
-        .collect())
-}
 
 /// The attack by the host loop and by the device loop (which must have run), each
 /// with a fresh model from `model`.
@@ -57,8 +39,8 @@ fn assert_same(host: &[AttackResult], device: &[AttackResult], what: &str) -> Re
     for (h, d) in host.iter().zip(device) {
         let eps = h.eps;
         assert_eq!(
-            bits(&h.clipped)?,
-            bits(&d.clipped)?,
+            value_bits(&h.clipped)?,
+            value_bits(&d.clipped)?,
             "{what}: points at ε = {eps}"
         );
         assert_eq!(h.success, d.success, "{what}: successes at ε = {eps}");
@@ -473,22 +455,5 @@ fn apgd_kernels_run_on_the_cpu_equal_their_twins() {
     }
 
     let out = s.run();
-    for (name, want) in &expected_f32 {
-        let got: Vec<f32> = out.get(name);
-        let b = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            b(&got),
-            b(want),
-            "kernel output {name} differs from its twin's"
-        );
-    }
-    for (name, want) in &expected_f64 {
-        let got: Vec<f64> = out.get(name);
-        let b = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            b(&got),
-            b(want),
-            "kernel output {name} differs from its twin's"
-        );
-    }
+    crate::testutil::assert_emulated(&out, &expected_f32, &expected_f64);
 }

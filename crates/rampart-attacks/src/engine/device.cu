@@ -11,6 +11,16 @@ __device__ __forceinline__ float step_toward(float a, float x) {
     return __uint_as_float(away_from_zero ? bits + 1u : bits - 1u);
 }
 
+// x + delta rounded to f32, clamped to [lo, hi], and where that went past |delta| the
+// next f32 towards x: the host's `Batch::store` of one coordinate.
+__device__ __forceinline__ float stored_toward(float xf, double delta, float lo, float hi) {
+    double xc = (double)xf;
+    float s = __double2float_rn(__dadd_rn(xc, delta));
+    s = s < lo ? lo : (s > hi ? hi : s);
+    if (fabs(__dsub_rn((double)s, xc)) > fabs(delta)) s = step_toward(s, xf);
+    return s;
+}
+
 __device__ __forceinline__ double clampd(double v, double lo, double hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
@@ -110,10 +120,7 @@ extern "C" __global__ void atk_step_linf(float* cand, double* mom, const float* 
     delta = clampd(delta, l, h);
     delta = clampd(delta, -eps, eps);
     delta = clampd(delta, l, h);
-    float s = __double2float_rn(__dadd_rn((double)xc, delta));
-    s = s < lo ? lo : (s > hi ? hi : s);
-    if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(delta)) s = step_toward(s, xc);
-    cand[i] = s;
+    cand[i] = stored_toward(xc, delta, lo, hi);
 }
 
 __device__ double norm2(const double* v, unsigned int d) {
@@ -183,10 +190,7 @@ extern "C" __global__ void atk_step_l2(float* cand, double* mom, double* scratch
         float xc = x[i];
         double delta = clampd(v[c], __dsub_rn((double)lo, (double)xc),
                               __dsub_rn((double)hi, (double)xc));
-        float s = __double2float_rn(__dadd_rn((double)xc, delta));
-        s = s < lo ? lo : (s > hi ? hi : s);
-        if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(delta)) s = step_toward(s, xc);
-        cand[i] = s;
+        cand[i] = stored_toward(xc, delta, lo, hi);
     }
 }
 
@@ -234,10 +238,7 @@ extern "C" __global__ void atk_start_linf(float* cand, const float* x, const dou
     v = clampd(v, l, h);
     v = clampd(v, -eps, eps);
     v = clampd(v, l, h);
-    float s = __double2float_rn(__dadd_rn((double)xc, v));
-    s = s < lo ? lo : (s > hi ? hi : s);
-    if (fabs(__dsub_rn((double)s, (double)xc)) > fabs(v)) s = step_toward(s, xc);
-    cand[i] = s;
+    cand[i] = stored_toward(xc, v, lo, hi);
 }
 
 // One block per row: a run's result offered to the row's record. The run's best point
@@ -291,14 +292,6 @@ extern "C" __global__ void atk_measure(double* verdict, const float* rec, const 
 // pos[row]: the row's place among the rows evaluated this step, or 0xffffffff when the
 // row is no longer attacked (its example fooled). rec: per example [success, objective,
 // nan_seen] of the record.
-
-__device__ __forceinline__ float stored_toward(float xf, double delta, float lo, float hi) {
-    double xc = (double)xf;
-    float s = __double2float_rn(__dadd_rn(xc, delta));
-    s = s < lo ? lo : (s > hi ? hi : s);
-    if (fabs(__dsub_rn((double)s, xc)) > fabs(delta)) s = step_toward(s, xf);
-    return s;
-}
 
 // The L2 projection of a block's row v (D values) onto the eps-ball, as the host's
 // Norm::project: scaled onto the sphere, then shrunk by ulps until its norm is at most

@@ -11,7 +11,8 @@ use super::{Engine, Run};
 use crate::batch::Batch;
 use crate::problem::Problem;
 use crate::testutil::{
-    blobs, trained, InfiniteGradient, Mlp, NanGradient, Noisy, TinyConv, CLASSES, DIM, SHAPE,
+    blobs, trained, value_bits, By, InfiniteGradient, Mlp, NanGradient, Noisy, TinyConv, CLASSES,
+    DIM, SHAPE,
 };
 use crate::{
     device_resident_pgd_runs, with_device_resident_pgd, Attack, AttackResult, Bounds, Criterion,
@@ -37,31 +38,13 @@ fn both<'a>(
     Ok((host, device))
 }
 
-/// A model by reference.
-struct By<'a>(&'a dyn Module);
-
-impl Module for By<'_> {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.forward(xs)
-    }
-}
-
-fn bits(t: &Tensor) -> Result<Vec<u64>> {
-    Ok(t.to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?
-        .into_iter()
-        .map(f64::to_bits)
-        .collect())
-}
-
 fn assert_same(host: &[AttackResult], device: &[AttackResult], what: &str) -> Result<()> {
     assert_eq!(host.len(), device.len());
     for (h, d) in host.iter().zip(device) {
         let eps = h.eps;
         assert_eq!(
-            bits(&h.clipped)?,
-            bits(&d.clipped)?,
+            value_bits(&h.clipped)?,
+            value_bits(&d.clipped)?,
             "{what}: points at ε = {eps}"
         );
         assert_eq!(h.success, d.success, "{what}: successes at ε = {eps}");
@@ -660,23 +643,6 @@ fn cuda_kernels_run_on_the_cpu_equal_their_twins() {
     }
 
     let out = s.run();
-    for (name, want) in &expected_f32 {
-        let got: Vec<f32> = out.get(name);
-        let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            bits(&got),
-            bits(want),
-            "kernel output {name} differs from its twin's"
-        );
-    }
-    for (name, want) in &expected_f64 {
-        let got: Vec<f64> = out.get(name);
-        let bits = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            bits(&got),
-            bits(want),
-            "kernel output {name} differs from its twin's"
-        );
-    }
+    crate::testutil::assert_emulated(&out, &expected_f32, &expected_f64);
     assert_eq!(expected_f32.len() + expected_f64.len(), 42);
 }

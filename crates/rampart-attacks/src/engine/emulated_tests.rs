@@ -6,31 +6,14 @@
 //! its batch on the device (and its refusals), and APGD (CE and targeted DLR, L∞ and
 //! L2).
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
 use super::launch::emulated::{launches, with_emulated_kernels};
-use crate::testutil::{trained, Noisy, TinyConv, CLASSES, SHAPE};
+use crate::testutil::{trained, value_bits, By, Noisy, TinyConv, CLASSES, SHAPE};
 use crate::{
     Apgd, Attack, AttackResult, Bounds, Eot, Fgsm, Frames, Init, Norm, Perturbed, Pgd, Restarts,
     Result, StepSize,
 };
-
-/// A model by reference.
-struct By<'a>(&'a dyn Module);
-
-impl Module for By<'_> {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.forward(xs)
-    }
-}
-
-fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(f32::to_bits)
-        .collect())
-}
 
 /// `f` on the host loops, then with the device loops' launches emulated (which must
 /// launch something).
@@ -44,7 +27,11 @@ fn both<T>(f: impl Fn() -> Result<T>) -> Result<(T, T)> {
 
 fn assert_same(host: &[AttackResult], device: &[AttackResult], what: &str) -> Result<()> {
     for (h, d) in host.iter().zip(device) {
-        assert_eq!(bits(&h.clipped)?, bits(&d.clipped)?, "{what}: points");
+        assert_eq!(
+            value_bits(&h.clipped)?,
+            value_bits(&d.clipped)?,
+            "{what}: points"
+        );
         assert_eq!(h.success, d.success, "{what}: successes");
         assert_eq!(h.iterations, d.iterations, "{what}: steps");
     }
@@ -137,7 +124,11 @@ fn resident_training_attack_launches_run_on_the_cpu_equal_the_host_path() -> Res
         ("CCAT's training attack", &Pgd::ccat_train()),
     ];
     let same = |h: &Perturbed, d: &Perturbed, what: &str| -> Result<()> {
-        assert_eq!(bits(&h.clipped)?, bits(&d.clipped)?, "{what}: points");
+        assert_eq!(
+            value_bits(&h.clipped)?,
+            value_bits(&d.clipped)?,
+            "{what}: points"
+        );
         assert_eq!(h.norm, d.norm, "{what}: distances");
         assert_eq!(h.iterations, d.iterations, "{what}: steps");
         Ok(())

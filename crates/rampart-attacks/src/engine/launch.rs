@@ -144,8 +144,8 @@ pub(crate) mod emulated {
     }
 
     /// Runs `l` on the CPU: each tensor argument written to a buffer (from its layout's
-    /// offset), the kernel run on the launch's grid, and every buffer that changed
-    /// written back into its tensor's storage in place.
+    /// offset), the kernel run on the launch's grid, and every buffer written back into
+    /// its tensor's storage in place (unchanged values included).
     pub fn run(l: &Launch<'_>) -> Result<()> {
         LAUNCHES.with(|c| c.set(c.get() + 1));
         let mut s = Emulator::of(include_str!("device.cu")).session();
@@ -187,40 +187,18 @@ pub(crate) mod emulated {
         s.launch(l.kernel, [l.grid, 1, 1], [l.block, 1, 1], &args);
         let out = s.run();
         for (name, t) in &names {
-            let flat = t.flatten_all()?;
-            let dev = t.device();
-            let written = match t.dtype() {
-                DType::F32 => {
-                    let (old, new) = (flat.to_vec1::<f32>()?, out.get::<f32>(name));
-                    let same = old
-                        .iter()
-                        .zip(&new)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    (!same)
-                        .then(|| Tensor::from_vec(new, t.shape(), dev))
-                        .transpose()?
-                }
-                DType::F64 => {
-                    let (old, new) = (flat.to_vec1::<f64>()?, out.get::<f64>(name));
-                    let same = old
-                        .iter()
-                        .zip(&new)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    (!same)
-                        .then(|| Tensor::from_vec(new, t.shape(), dev))
-                        .transpose()?
-                }
-                _ => {
-                    let (old, new) = (flat.to_vec1::<u32>()?, out.get::<u32>(name));
-                    (old != new)
-                        .then(|| Tensor::from_vec(new, t.shape(), dev))
-                        .transpose()?
-                }
-            };
-            if let Some(w) = written {
-                t.slice_set(&w, 0, 0)?;
+            match t.dtype() {
+                DType::F32 => write_back(t, out.get::<f32>(name))?,
+                DType::F64 => write_back(t, out.get::<f64>(name))?,
+                _ => write_back(t, out.get::<u32>(name))?,
             }
         }
         Ok(())
+    }
+
+    /// `values` into `t`'s storage, in place (as the GPU leaves its buffers).
+    fn write_back<T: candle_core::WithDType>(t: &Tensor, values: Vec<T>) -> Result<()> {
+        let w = Tensor::from_vec(values, t.shape(), t.device())?;
+        Ok(t.slice_set(&w, 0, 0)?)
     }
 }

@@ -69,6 +69,24 @@ pub(crate) fn resident_perturbs() -> usize {
     PERTURBS.with(Cell::get)
 }
 
+/// `attack`'s [`crate::Attack::perturb_with_classes`], where `pgd` is its configuration
+/// as a PGD: the settings checked, then the batch on the device where that applies,
+/// else the host path.
+pub(crate) fn perturb_on_device_or_host<A: crate::Attack + ?Sized>(
+    attack: &A,
+    pgd: &Pgd,
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    batch: (&Tensor, &Tensor),
+    (eps, seed, classes): (f64, u64, usize),
+) -> Result<Perturbed> {
+    crate::base::check_settings(attack, bounds, &[eps])?;
+    match perturb(pgd, model, bounds, batch, eps, seed, classes)? {
+        Some(done) => Ok(done),
+        None => crate::base::perturbed(attack, model, bounds, batch, eps, seed, Some(classes)),
+    }
+}
+
 /// [`crate::Attack::perturb_with_classes`] of `pgd` with the batch on the device, or
 /// `None` where it does not apply (the caller then takes the host path). The
 /// settings (configuration, criterion, bounds, ε) are already checked.

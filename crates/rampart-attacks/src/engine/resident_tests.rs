@@ -8,28 +8,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::resident::{resident_perturbs, twin, VERDICT};
-use crate::testutil::{trained, Noisy, CLASSES};
+use crate::testutil::{trained, value_bits, By, Noisy, CLASSES};
 use crate::{
     with_device_resident_pgd, Attack, Bounds, Criterion, Eot, Fgsm, Init, Norm, Objective,
     Perturbed, Pgd, Restarts, Result, StepSize,
 };
-
-/// A model by reference.
-struct By<'a>(&'a dyn Module);
-
-impl Module for By<'_> {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.forward(xs)
-    }
-}
-
-fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(f32::to_bits)
-        .collect())
-}
 
 type Outcome = std::result::Result<Perturbed, crate::Error>;
 
@@ -65,8 +48,8 @@ fn assert_same(host: &Perturbed, device: &Perturbed, what: &str) -> Result<()> {
         "{what}: dtype"
     );
     assert_eq!(
-        bits(&host.clipped)?,
-        bits(&device.clipped)?,
+        value_bits(&host.clipped)?,
+        value_bits(&device.clipped)?,
         "{what}: points"
     );
     let nbits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
@@ -489,22 +472,5 @@ fn resident_kernels_run_on_the_cpu_equal_their_twins() {
     expected_f64.push(("measured".into(), measured));
 
     let out = s.run();
-    for (name, want) in &expected_f32 {
-        let got: Vec<f32> = out.get(name);
-        let b = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            b(&got),
-            b(want),
-            "kernel output {name} differs from its twin's"
-        );
-    }
-    for (name, want) in &expected_f64 {
-        let got: Vec<f64> = out.get(name);
-        let b = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            b(&got),
-            b(want),
-            "kernel output {name} differs from its twin's"
-        );
-    }
+    crate::testutil::assert_emulated(&out, &expected_f32, &expected_f64);
 }
