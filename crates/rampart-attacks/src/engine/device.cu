@@ -129,6 +129,32 @@ __device__ double norm2(const double* v, unsigned int d) {
     return __dsqrt_rn(sum);
 }
 
+// The L2 projection of a block's row v (D values) onto the eps-ball, as the host's
+// Norm::project: scaled onto the sphere, then shrunk by ulps until its norm is at most
+// eps; each norm summed by thread 0 in coordinate order. Every thread of the block calls it.
+__device__ void project_l2_row(double* v, unsigned int d, double eps) {
+    __shared__ double norm;
+    __shared__ int more;
+    __syncthreads();
+    if (threadIdx.x == 0) norm = norm2(v, d);
+    __syncthreads();
+    if (norm > eps) {
+        double scale = __ddiv_rn(eps, norm);
+        for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], scale);
+        const double shrink = 1.0 - 2.220446049250313e-16;
+        double factor = shrink;
+        for (;;) {
+            __syncthreads();
+            if (threadIdx.x == 0) more = norm2(v, d) > eps;
+            __syncthreads();
+            if (!more) break;
+            for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], factor);
+            factor = __dmul_rn(factor, shrink);
+        }
+    }
+    __syncthreads();
+}
+
 // One block per row: as atk_step_linf with the L2 direction (the gradient over its
 // norm, when not zero) and the L2 projection (scaled onto the sphere, then shrunk by
 // ulps until its norm is at most eps). Each norm is summed by thread 0 in coordinate
@@ -139,7 +165,6 @@ extern "C" __global__ void atk_step_l2(float* cand, double* mom, double* scratch
                                        unsigned int d, double eps, double beta, float lo,
                                        float hi) {
     __shared__ double norm;
-    __shared__ int more;
     unsigned int row = blockIdx.x;
     unsigned long long base = (unsigned long long)row * d;
     double* v = scratch + base;
@@ -165,26 +190,7 @@ extern "C" __global__ void atk_step_l2(float* cand, double* mom, double* scratch
         if (mask != 0) delta = __dmul_rn(delta, mask[c]);
         v[c] = clampd(delta, __dsub_rn((double)lo, xc), __dsub_rn((double)hi, xc));
     }
-    __syncthreads();
-    if (threadIdx.x == 0) norm = norm2(v, d);
-    __syncthreads();
-    if (norm > eps) {
-        double scale = __ddiv_rn(eps, norm);
-        for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], scale);
-        const double shrink = 1.0 - 2.220446049250313e-16;
-        double factor = shrink;
-        for (;;) {
-            __syncthreads();
-            if (threadIdx.x == 0) more = norm2(v, d) > eps;
-            __syncthreads();
-            if (!more) break;
-            for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
-                v[c] = __dmul_rn(v[c], factor);
-            }
-            factor = __dmul_rn(factor, shrink);
-        }
-    }
-    __syncthreads();
+    project_l2_row(v, d, eps);
     for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
         unsigned long long i = base + c;
         float xc = x[i];
@@ -292,32 +298,6 @@ extern "C" __global__ void atk_measure(double* verdict, const float* rec, const 
 // pos[row]: the row's place among the rows evaluated this step, or 0xffffffff when the
 // row is no longer attacked (its example fooled). rec: per example [success, objective,
 // nan_seen] of the record.
-
-// The L2 projection of a block's row v (D values) onto the eps-ball, as the host's
-// Norm::project: scaled onto the sphere, then shrunk by ulps until its norm is at most
-// eps; each norm summed by thread 0 in coordinate order. Every thread of the block calls it.
-__device__ void project_l2_row(double* v, unsigned int d, double eps) {
-    __shared__ double norm;
-    __shared__ int more;
-    __syncthreads();
-    if (threadIdx.x == 0) norm = norm2(v, d);
-    __syncthreads();
-    if (norm > eps) {
-        double scale = __ddiv_rn(eps, norm);
-        for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], scale);
-        const double shrink = 1.0 - 2.220446049250313e-16;
-        double factor = shrink;
-        for (;;) {
-            __syncthreads();
-            if (threadIdx.x == 0) more = norm2(v, d) > eps;
-            __syncthreads();
-            if (!more) break;
-            for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) v[c] = __dmul_rn(v[c], factor);
-            factor = __dmul_rn(factor, shrink);
-        }
-    }
-    __syncthreads();
-}
 
 // One L-inf proposal per element of the attacked rows: z = P(cur + step*sign(g)), then
 // P(cur + a(z - cur) + (1 - a)(cur - prev)), P the eps-ball then the box; the current

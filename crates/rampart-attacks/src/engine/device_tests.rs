@@ -54,8 +54,9 @@ fn assert_same(host: &[AttackResult], device: &[AttackResult], what: &str) -> Re
     Ok(())
 }
 
-/// A configuration of `steps` steps with `restarts` uniform starts.
-fn pgd(objective: Objective, steps: usize, restarts: usize) -> Pgd {
+/// A configuration of `steps` steps with `restarts` uniform starts (shared with the
+/// resident batch's tests).
+pub(super) fn pgd(objective: Objective, steps: usize, restarts: usize) -> Pgd {
     Pgd {
         objective,
         steps,

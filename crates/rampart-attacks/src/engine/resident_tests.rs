@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::device_tests::pgd;
 use super::resident::{resident_perturbs, twin, VERDICT};
 use crate::testutil::{trained, value_bits, By, Noisy, CLASSES};
 use crate::{
@@ -57,16 +58,6 @@ fn assert_same(host: &Perturbed, device: &Perturbed, what: &str) -> Result<()> {
     assert_eq!(host.iterations, device.iterations, "{what}: steps");
     assert_eq!(host.eps, device.eps);
     Ok(())
-}
-
-fn pgd(objective: Objective, steps: usize, restarts: usize) -> Pgd {
-    Pgd {
-        objective,
-        steps,
-        step_size: StepSize::Relative(0.25),
-        restarts: Restarts::same(restarts, Init::Uniform),
-        ..Pgd::madry_linf_cifar10()
-    }
 }
 
 /// Every L∞ training attack of the study and the configurations around them, at a
