@@ -17,6 +17,29 @@ FEATURES=${FEATURES:-nccl}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 mkdir -p "$BUNDLE"
+
+# The `nccl` feature links libnccl.so. Where no folder of LIBRARY_PATH has it, it is
+# taken from NVIDIA's wheel (nvidia-nccl-cu13, from PyPI) into NCCL_DIR; at run time
+# the binaries load libnccl.so.2 from the GPU machine (gpu-common.sh puts PyTorch's
+# NVIDIA libraries on LD_LIBRARY_PATH).
+has_nccl() {
+  local d
+  IFS=: read -ra dirs <<< "${LIBRARY_PATH:-}"
+  for d in "${dirs[@]}" /usr/lib/x86_64-linux-gnu /usr/local/lib; do
+    [ -n "$d" ] && [ -e "$d/libnccl.so" ] && return 0
+  done
+  return 1
+}
+if [[ "$FEATURES" == *nccl* ]] && ! has_nccl; then
+  NCCL_DIR=${NCCL_DIR:-$HOME/.cache/rampart-nccl}
+  if ! ls "$NCCL_DIR"/wheel/nvidia/nccl/lib/libnccl.so.* > /dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --target "$NCCL_DIR/wheel" nvidia-nccl-cu13
+  fi
+  mkdir -p "$NCCL_DIR/lib"
+  ln -sfn "$(ls "$NCCL_DIR"/wheel/nvidia/nccl/lib/libnccl.so.* | head -1)" "$NCCL_DIR/lib/libnccl.so"
+  export LIBRARY_PATH="$NCCL_DIR/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  echo "NCCL for linking: $NCCL_DIR/lib"
+fi
 cargo build --release -p rampart-cli --features "$FEATURES"
 TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$TARGET/release/rampart" "$BUNDLE/rampart"
