@@ -1,9 +1,10 @@
-// The CUDA kernels of PGD's device-resident loop (engine/device.rs), compiled by
-// NVRTC at first use (engine/device_cuda.rs). Each does its CPU twin's operations
-// (device.rs, `twin`) in the same order, with __dadd_rn, __dmul_rn, __fadd_rn, ... so
+// The CUDA kernels of the attacks' device loops: PGD's (engine/device.rs), its
+// resident training batch (engine/resident.rs) and APGD's (apgd/device.rs), compiled
+// by NVRTC at first use (engine/device_cuda.rs). Each does its CPU twin's operations
+// (the `twin` modules) in the same order, with __dadd_rn, __dmul_rn, __fadd_rn, ... so
 // that nothing is contracted into a multiply-add. The tests also compile this file
-// with a C++ compiler, each CUDA thread a host thread (device_emulation.cpp), and hold
-// its results to the twins bit for bit.
+// with a C++ compiler, each CUDA thread a host thread (rampart_models::kernels::emulate),
+// and hold its results to the twins bit for bit.
 __device__ __forceinline__ float step_toward(float a, float x) {
     if (a == 0.0f) return x > a ? __uint_as_float(1u) : __uint_as_float(0x80000001u);
     bool away_from_zero = (a > 0.0f) == (x > a);
