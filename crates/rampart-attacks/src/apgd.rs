@@ -230,6 +230,20 @@ impl SingleRun for Apgd {
     }
 }
 
+/// An L∞ or L2 run's random start before the box: a uniform (L∞) or Gaussian (L2)
+/// draw from `rng`, scaled to norm `eps` and projected onto the ε-ball.
+pub(crate) fn start_delta(norm: Norm, eps: f64, rng: &mut impl Rng, delta: &mut [f64]) {
+    match norm {
+        Norm::Linf => delta
+            .iter_mut()
+            .for_each(|v| *v = rng.gen_range(-1.0..=1.0)),
+        _ => delta.iter_mut().for_each(|v| *v = standard_normal(rng)),
+    }
+    let scale = eps / (norm.measure(delta) + 1e-12);
+    delta.iter_mut().for_each(|v| *v *= scale);
+    norm.project(delta, eps);
+}
+
 /// Lengths of the checkpoint intervals of an `n`-step run (L∞, L2): the first
 /// interval, its decrement and its minimum (22 %, 3 %, 6 % of `n`, each at least one
 /// step), as in the official implementation.
@@ -306,22 +320,8 @@ impl Run<'_> {
             let mut rng = batch.rng(seed, self.runs[j], i);
             let e0 = phases[0].0;
             match cfg.norm {
-                Norm::Linf => {
-                    delta
-                        .iter_mut()
-                        .for_each(|v| *v = rng.gen_range(-1.0..=1.0));
-                    let scale = e0 / (Norm::Linf.measure(&delta) + 1e-12);
-                    delta.iter_mut().for_each(|v| *v *= scale);
-                    Norm::Linf.project(&mut delta, e0);
-                    batch.clamp_box(i, &mut delta);
-                }
-                Norm::L2 => {
-                    delta
-                        .iter_mut()
-                        .for_each(|v| *v = standard_normal(&mut rng));
-                    let scale = e0 / (Norm::L2.measure(&delta) + 1e-12);
-                    delta.iter_mut().for_each(|v| *v *= scale);
-                    Norm::L2.project(&mut delta, e0);
+                Norm::Linf | Norm::L2 => {
+                    start_delta(cfg.norm, e0, &mut rng, &mut delta);
                     batch.clamp_box(i, &mut delta);
                 }
                 _ => {

@@ -30,15 +30,14 @@ use std::cell::Cell;
 
 use candle_core::{DType, Tensor, D};
 
-use super::{checkpoints, Run};
+use super::{checkpoints, start_delta, Run};
 use crate::batch::nan_logits;
 use crate::engine::device::{accumulate_launch, Executor};
 use crate::engine::launch::{count, Launch, Val};
 use crate::error::{Error, Result};
-use crate::norm::{standard_normal, Norm};
+use crate::norm::Norm;
 use crate::objective::probe_with;
 use crate::repeated::Record;
-use rand::Rng;
 
 /// Values per row of the state's scalars.
 pub(crate) const AROW: usize = 8;
@@ -128,21 +127,7 @@ pub(super) fn run(
     let mut delta = vec![0f64; m * d];
     for (j, &i) in r.idx.iter().enumerate() {
         let mut rng = batch.rng(seed, r.runs[j], i);
-        let row = &mut delta[j * d..(j + 1) * d];
-        match cfg.norm {
-            Norm::Linf => {
-                row.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..=1.0));
-                let scale = eps / (Norm::Linf.measure(row) + 1e-12);
-                row.iter_mut().for_each(|v| *v *= scale);
-                Norm::Linf.project(row, eps);
-            }
-            _ => {
-                row.iter_mut().for_each(|v| *v = standard_normal(&mut rng));
-                let scale = eps / (Norm::L2.measure(row) + 1e-12);
-                row.iter_mut().for_each(|v| *v *= scale);
-                Norm::L2.project(row, eps);
-            }
-        }
+        start_delta(cfg.norm, eps, &mut rng, &mut delta[j * d..(j + 1) * d]);
     }
     let mut x = Vec::with_capacity(m * d);
     for &i in r.idx {
