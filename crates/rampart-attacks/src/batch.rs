@@ -175,9 +175,7 @@ impl Batch {
     /// The random number generator of example `i` for run `run` of an attack seeded
     /// with `seed`: ChaCha8 seeded with `seed + run`, on the example's stream.
     pub fn rng(&self, seed: u64, run: u64, i: usize) -> ChaCha8Rng {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(run));
-        rng.set_stream(self.streams[i]);
-        rng
+        example_rng(seed, run, self.streams[i])
     }
 
     /// (M, ...) tensor in the input dtype from M flattened rows.
@@ -369,6 +367,15 @@ impl Batch {
         self.delta(i, point, &mut delta);
         norm.measure(&delta)
     }
+}
+
+/// The random number generator of run `run` of an attack seeded with `seed`, on
+/// stream `stream` (an example's index in the caller's batch): ChaCha8 seeded with
+/// `seed + run`.
+pub(crate) fn example_rng(seed: u64, run: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(run));
+    rng.set_stream(stream);
+    rng
 }
 
 /// [`next_toward`] for a ≠ x and a not NaN (where [`Batch::store`] calls it), as

@@ -31,14 +31,13 @@
 use std::cell::Cell;
 
 use candle_core::{DType, ModuleT, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::device::{drive, resident_on, Executor, Pass, State};
 use super::launch::{count, Launch, Val};
 use super::{rows_per_task, Engine};
 use crate::base::{Bounds, Perturbed};
+use crate::batch::example_rng;
 use crate::error::{Error, Result};
 use crate::norm::{Init, Norm};
 use crate::pgd::Pgd;
@@ -198,14 +197,12 @@ fn attack(
                 // The host path's draws: example i on stream i of ChaCha8 seeded with
                 // seed + restart (one pass per restart, every example a row).
                 let mut delta = vec![0f64; b * d];
-                let run_seed = seed.wrapping_add(restart as u64);
                 delta
                     .par_chunks_mut(d)
                     .enumerate()
                     .with_min_len(rows_per_task(d))
                     .for_each(|(i, out)| {
-                        let mut rng = ChaCha8Rng::seed_from_u64(run_seed);
-                        rng.set_stream(i as u64);
+                        let mut rng = example_rng(seed, restart as u64, i as u64);
                         pgd.norm.sample(init, eps, width, &mut rng, out);
                     });
                 Some(Tensor::from_vec(delta, b * d, dev)?)
