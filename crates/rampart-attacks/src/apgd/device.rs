@@ -32,7 +32,7 @@ use candle_core::{DType, Tensor, D};
 
 use super::{checkpoints, start_delta, Run};
 use crate::batch::nan_logits;
-use crate::engine::device::{accumulate_launch, Executor};
+use crate::engine::device::{accumulate_launch, refilled, Executor};
 use crate::engine::launch::{count, Launch, Val};
 use crate::error::{Error, Result};
 use crate::norm::Norm;
@@ -264,7 +264,7 @@ fn set_pos(s: &mut State, live: &[usize]) -> Result<()> {
     for (r, &j) in live.iter().enumerate() {
         pos[j] = r as u32;
     }
-    s.pos = Tensor::from_vec(pos, s.m, s.x.device())?;
+    s.pos = refilled(&s.pos, pos)?;
     Ok(())
 }
 
@@ -360,10 +360,9 @@ impl Executor {
                 samples,
                 first,
             );
-            let dev = s.x.device().clone();
-            s.acc_obj = Tensor::from_vec(obj, s.m, &dev)?;
-            s.acc_probs = Tensor::from_vec(sum, s.m * k, &dev)?;
-            s.acc_grad = Tensor::from_vec(acc, s.m * d, &dev)?;
+            s.acc_obj = refilled(&s.acc_obj, obj)?;
+            s.acc_probs = refilled(&s.acc_probs, sum)?;
+            s.acc_grad = refilled(&s.acc_grad, acc)?;
             Ok(())
         } else {
             let (values, probs) = (values.contiguous()?, probs.contiguous()?);
@@ -403,9 +402,8 @@ impl Executor {
                 bounds,
             };
             twin::propose(&mut adv, &mut old, &inputs, norm == Norm::L2);
-            let dev = s.x.device().clone();
-            s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
-            s.old = Tensor::from_vec(old, s.m * s.d, &dev)?;
+            s.adv = refilled(&s.adv, adv)?;
+            s.old = refilled(&s.old, old)?;
             Ok(())
         } else {
             let (d, md) = (s.d, s.m * s.d);
@@ -477,11 +475,10 @@ impl Executor {
                 &inputs,
                 u,
             );
-            let dev = s.x.device().clone();
-            s.rows = Tensor::from_vec(rows, s.m * AROW, &dev)?;
-            s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
-            s.best_point = Tensor::from_vec(best_point, s.m * s.d, &dev)?;
-            s.best_grad = Tensor::from_vec(best_grad, s.m * s.d, &dev)?;
+            s.rows = refilled(&s.rows, rows)?;
+            s.grad = refilled(&s.grad, grad)?;
+            s.best_point = refilled(&s.best_point, best_point)?;
+            s.best_grad = refilled(&s.best_grad, best_grad)?;
             Ok(())
         } else {
             let what = "APGD on the device: update";
@@ -526,9 +523,8 @@ impl Executor {
                 ),
                 s.d,
             );
-            let dev = s.x.device().clone();
-            s.rec = Tensor::from_vec(rec, s.rec.elem_count(), &dev)?;
-            s.rec_points = Tensor::from_vec(rec_points, s.rec_points.elem_count(), &dev)?;
+            s.rec = refilled(&s.rec, rec)?;
+            s.rec_points = refilled(&s.rec_points, rec_points)?;
             Ok(())
         } else {
             let what = "APGD on the device: record";
@@ -567,10 +563,9 @@ impl Executor {
                 s.d,
                 (rho, interval),
             );
-            let dev = s.x.device().clone();
-            s.rows = Tensor::from_vec(rows, s.m * AROW, &dev)?;
-            s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
-            s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
+            s.rows = refilled(&s.rows, rows)?;
+            s.adv = refilled(&s.adv, adv)?;
+            s.grad = refilled(&s.grad, grad)?;
             Ok(())
         } else {
             let what = "APGD on the device: checkpoint";

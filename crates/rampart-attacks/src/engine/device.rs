@@ -277,10 +277,9 @@ impl Executor {
                 samples,
                 first,
             );
-            let dev = s.x.device().clone();
-            s.acc_obj = Tensor::from_vec(obj, s.m, &dev)?;
-            s.acc_probs = Tensor::from_vec(sum, s.m * s.k, &dev)?;
-            s.acc_grad = Tensor::from_vec(acc, s.m * s.d, &dev)?;
+            s.acc_obj = refilled(&s.acc_obj, obj)?;
+            s.acc_probs = refilled(&s.acc_probs, sum)?;
+            s.acc_grad = refilled(&s.acc_grad, acc)?;
             Ok(())
         } else {
             let (values, probs) = (values.contiguous()?, probs.contiguous()?);
@@ -332,11 +331,10 @@ impl Executor {
                 (s.k, s.d),
                 j,
             );
-            let dev = s.x.device().clone();
-            s.rows = Tensor::from_vec(rows, s.m * ROW, &dev)?;
-            s.best = Tensor::from_vec(best, s.m * s.d, &dev)?;
-            s.adv = Tensor::from_vec(adv, s.m * s.d, &dev)?;
-            s.grad = Tensor::from_vec(grad, s.m * s.d, &dev)?;
+            s.rows = refilled(&s.rows, rows)?;
+            s.best = refilled(&s.best, best)?;
+            s.adv = refilled(&s.adv, adv)?;
+            s.grad = refilled(&s.grad, grad)?;
             Ok(())
         } else {
             let (k, d) = (s.k, s.d);
@@ -384,9 +382,8 @@ impl Executor {
                 d: s.d,
             };
             twin::step(&mut cand, &mut mom, &inputs, p);
-            let dev = s.x.device().clone();
-            s.cand = Tensor::from_vec(cand, s.m * s.d, &dev)?;
-            s.mom = Tensor::from_vec(mom, s.m * s.d, &dev)?;
+            s.cand = refilled(&s.cand, cand)?;
+            s.mom = refilled(&s.mom, mom)?;
             Ok(())
         } else {
             let (d, md) = (s.d, s.m * s.d);
@@ -435,6 +432,12 @@ impl Executor {
             self.launch(&Launch::elementwise("atk_step_linf", what, md, args)?)
         }
     }
+}
+
+/// The values `v` (read from `t` by a twin and updated) as a tensor of `t`'s length on
+/// its device: what the twins write back.
+pub(crate) fn refilled<T: candle_core::WithDType>(t: &Tensor, v: Vec<T>) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, t.elem_count(), t.device())?)
 }
 
 /// `atk_accumulate` of one EOT draw (values (M) f64, probabilities (M·K) f32,

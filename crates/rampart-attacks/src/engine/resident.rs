@@ -33,7 +33,7 @@ use std::cell::Cell;
 use candle_core::{DType, ModuleT, Tensor};
 use rayon::prelude::*;
 
-use super::device::{drive, resident_on, Executor, Pass, State};
+use super::device::{drive, refilled, resident_on, Executor, Pass, State};
 use super::launch::{count, Launch, Val};
 use super::{rows_per_task, Engine};
 use crate::base::{Bounds, Perturbed};
@@ -245,7 +245,7 @@ impl Executor {
             let mut v = verdict.to_vec1::<f64>()?;
             let (xv, lv) = (x.to_vec1::<f32>()?, labels.to_vec1::<u32>()?);
             twin::check(&mut v, &xv, &lv, dk, bounds);
-            *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
+            *verdict = refilled(verdict, v)?;
             Ok(())
         } else {
             let what = "PGD on the device: input checks";
@@ -314,8 +314,8 @@ impl Executor {
             let mut r = record.to_vec1::<f32>()?;
             let (p, s) = (point.to_vec1::<f32>()?, rows.to_vec1::<f64>()?);
             twin::offer(&mut v, &mut r, &p, &s, d, take);
-            *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
-            *record = Tensor::from_vec(r, record.elem_count(), record.device())?;
+            *verdict = refilled(verdict, v)?;
+            *record = refilled(record, r)?;
             Ok(())
         } else {
             let what = "PGD on the device: record";
@@ -340,7 +340,7 @@ impl Executor {
             let mut v = verdict.to_vec1::<f64>()?;
             let (r, xv) = (record.to_vec1::<f32>()?, x.to_vec1::<f32>()?);
             twin::measure(&mut v, &r, &xv, d);
-            *verdict = Tensor::from_vec(v, verdict.elem_count(), verdict.device())?;
+            *verdict = refilled(verdict, v)?;
             Ok(())
         } else {
             let what = "PGD on the device: distances";
