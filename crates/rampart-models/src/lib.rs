@@ -548,13 +548,22 @@ impl Classifier {
         }
     }
 
-    /// The fused train program on `xs` (an OAT model's condition installed, its rows
-    /// with λ = 0, `clean` of them, first).
-    fn device_train_on(
+    /// The fused train program of this network for `b` images (an OAT model's
+    /// condition installed, its rows with λ = 0, `clean` of them, first), its
+    /// parameter tensors in layout order and the BatchNorms whose statistics it
+    /// reports; None when the network has no such form.
+    #[allow(clippy::type_complexity)]
+    fn device_train_program(
         &self,
-        xs: &Tensor,
+        b: usize,
         clean: Option<usize>,
-    ) -> candle_core::Result<Option<Tensor>> {
+    ) -> candle_core::Result<
+        Option<(
+            kernels::device_train::TrainProgram,
+            Vec<Tensor>,
+            Vec<&variant::Norm>,
+        )>,
+    > {
         // A student's noise seeds are drawn as the network is laid out; put back when
         // the program does not apply (the layer-by-layer pass then draws them).
         let net = self.ctx.drawing_only_if_some(|| {
@@ -566,18 +575,31 @@ impl Classifier {
         let Some((net, norms)) = net else {
             return Ok(None);
         };
-        let b = xs.dim(0)?;
         let (program, tensors) = kernels::device_train::TrainProgram::new(
             &net,
             self.spec.input_shape,
             self.mean.clone(),
             self.inv_std.clone(),
         )?;
-        let groups = clean.map(|c| (b, c));
-        let program = match groups {
-            Some((b, c)) => program.with_groups(b, c)?,
+        let program = match clean {
+            Some(c) => program.with_groups(b, c)?,
             None => program,
         };
+        Ok(Some((program, tensors, norms)))
+    }
+
+    /// The fused train program on `xs` (an OAT model's condition installed, its rows
+    /// with λ = 0, `clean` of them, first).
+    fn device_train_on(
+        &self,
+        xs: &Tensor,
+        clean: Option<usize>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let b = xs.dim(0)?;
+        let Some((program, tensors, norms)) = self.device_train_program(b, clean)? else {
+            return Ok(None);
+        };
+        let groups = clean.map(|c| (b, c));
         let rows = program.norm_rows(b)?;
         let flat = Tensor::cat(&tensors, 0)?;
         let op = kernels::device_train::DeviceTrain::new(

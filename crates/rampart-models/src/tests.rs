@@ -2,7 +2,7 @@ use super::*;
 use candle_core::{Device, ModuleT, Tensor, Var};
 use std::collections::HashMap;
 
-fn input(b: usize, seed: u64) -> Tensor {
+pub(crate) fn input(b: usize, seed: u64) -> Tensor {
     input_of(b, [3, 32, 32], seed)
 }
 
@@ -448,7 +448,7 @@ fn sorted_vars(m: &Classifier) -> Vec<(String, Var)> {
 }
 
 /// A model whose BatchNorms have non-trivial scale, shift and running statistics.
-fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
+pub(crate) fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
     let m = Classifier::new(spec, seed, &Device::Cpu).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
     let vars = sorted_vars(&m);
@@ -475,7 +475,7 @@ fn trained_looking(spec: ModelSpec, seed: u64) -> Classifier {
 /// Sets every variable whose name contains one of `parts` to uniform values in
 /// [centre − ½, centre + ½), so variant layers that start as the identity (FiLM's
 /// output layer, the second BatchNorm) do something.
-fn randomise(m: &Classifier, parts: &[&str], centre: f32, seed: u64) {
+pub(crate) fn randomise(m: &Classifier, parts: &[&str], centre: f32, seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let vars = sorted_vars(m);
     for (name, var) in vars
@@ -512,7 +512,7 @@ fn assert_eval_pass_close(name: &str, x: &Var, reference: &Tensor, fused: &Tenso
 /// PreAct ResNet-18 (identity and projected shortcuts, strides, uneven chunks), a
 /// stochastic student and OAT models at λ = 0 (first BatchNorm), λ = 0.25 (a code
 /// between two training values, the second BatchNorm) and λ = 1, with `batch` images.
-fn fused_cases() -> Vec<(String, Classifier, usize)> {
+pub(crate) fn fused_cases() -> Vec<(String, Classifier, usize)> {
     let mut cases = Vec::new();
     for (spec, batch) in [
         (ModelSpec::wrn(16, 1, 10), 5),

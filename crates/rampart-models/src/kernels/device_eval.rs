@@ -1237,9 +1237,11 @@ pub(crate) fn linear_pool_input_grad(
 #[allow(unsafe_code)]
 pub(crate) mod cuda {
     use super::super::conv::{ConvShape, Pass};
-    use super::super::cuda::{elementwise, f32_view, launch_error, uninit, Module};
-    use super::{noise_std, same_len, DNorm, DeviceProgram, Exec};
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+    use super::super::cuda::{f32_view, uninit, Module};
+    use super::super::launch::cuda::CudaArg;
+    use super::launches::{self, Fc};
+    use super::{same_len, DNorm, DeviceProgram, Exec};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 
@@ -1306,179 +1308,19 @@ pub(crate) mod cuda {
             mean: &Tensor,
             inv_std: &Tensor,
         ) -> Result<Slice> {
-            let [c, h, w] = input;
             let n = l.shape().elem_count();
             let x = f32_view(s, l, n, "fused eval path: input")?;
-            let (gm, gs) = (mean.storage_and_layout(), inv_std.storage_and_layout());
-            let (mean, inv_std) = (view(&gm, c, "mean")?, view(&gs, c, "1/std")?);
             let mut out = uninit(&self.dev, n)?;
-            let (cfg, count) = elementwise(n, "fused eval path: normalise")?;
-            let (c, hw) = (c as u32, (h * w) as u32);
-            let k = KERNELS_MODULE.func(&self.dev, "de_normalise")?;
-            let mut b = k.builder();
-            b.arg(&mut out)
-                .arg(&x)
-                .arg(&mean)
-                .arg(&inv_std)
-                .arg(&c)
-                .arg(&hw)
-                .arg(&count);
-            // SAFETY: n values in and out, c of the statistics; indices stay below n.
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error("de_normalise", e))?;
+            launches::normalise(self, &mut out, CudaArg::View(x), input, mean, inv_std)?;
             Ok(out)
         }
 
         /// The NCHW input gradient from that of the normalised NHWC input.
         pub(crate) fn denormalise(&self, dn: &Slice, p: &DeviceProgram) -> Result<Slice> {
-            let [c, h, w] = p.input;
-            let n = dn.len();
-            let gs = p.inv_std.storage_and_layout();
-            let inv_std = view(&gs, c, "1/std")?;
-            let mut out = uninit(&self.dev, n)?;
-            let (cfg, count) = elementwise(n, "fused eval path: denormalise")?;
-            let (c, hw) = (c as u32, (h * w) as u32);
-            let k = KERNELS_MODULE.func(&self.dev, "de_denormalise")?;
-            let mut b = k.builder();
-            b.arg(&mut out)
-                .arg(dn)
-                .arg(&inv_std)
-                .arg(&c)
-                .arg(&hw)
-                .arg(&count);
-            // SAFETY: n values in and out, c of 1/std; indices stay below n.
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error("de_denormalise", e))?;
+            let mut out = uninit(&self.dev, dn.len())?;
+            launches::denormalise(self, &mut out, dn, p.input, &p.inv_std)?;
             Ok(out)
         }
-    }
-
-    impl CudaExec {
-        /// Global average pooling of `x` (B, hw, C) and the linear layer (weight
-        /// (K, C), bias (K,)): (pooled (B, C), logits (B, K)).
-        pub(crate) fn pool_linear_views(
-            &self,
-            x: &Slice,
-            w: &CudaView<'_, f32>,
-            bias: &CudaView<'_, f32>,
-            hw: usize,
-            c: usize,
-            k: usize,
-        ) -> Result<(Slice, Slice)> {
-            let b = x.len() / (hw * c).max(1);
-            same_len(x.len(), b * hw * c, "pooling")?;
-            same_len(w.len(), k * c, "linear weight")?;
-            same_len(bias.len(), k, "linear bias")?;
-            let mut pooled = uninit(&self.dev, b * c)?;
-            let (cfg, count) = elementwise(b * c, "de_avg_pool")?;
-            let (hw32, c32, k32) = (hw as u32, c as u32, k as u32);
-            let f = KERNELS_MODULE.func(&self.dev, "de_avg_pool")?;
-            let mut a = f.builder();
-            a.arg(&mut pooled).arg(x).arg(&hw32).arg(&c32).arg(&count);
-            // SAFETY: b·hw·c values in, b·c out.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_avg_pool", e))?;
-            let mut logits = uninit(&self.dev, b * k)?;
-            let (cfg, count) = elementwise(b * k, "de_linear")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_linear")?;
-            let mut a = f.builder();
-            a.arg(&mut logits)
-                .arg(&pooled)
-                .arg(w)
-                .arg(bias)
-                .arg(&c32)
-                .arg(&k32)
-                .arg(&count);
-            // SAFETY: b·c pooled values, k·c weights, k biases, b·k logits.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear", e))?;
-            Ok((pooled, logits))
-        }
-
-        /// The gradient (B, hw, C) of the pooled activations from that of the logits
-        /// `dl` (B, K) through the linear layer's weight `w` (K, C).
-        pub(crate) fn linear_pool_backward_view(
-            &self,
-            dl: &Slice,
-            w: &CudaView<'_, f32>,
-            hw: usize,
-            c: usize,
-            k: usize,
-        ) -> Result<Slice> {
-            let b = dl.len() / k.max(1);
-            same_len(dl.len(), b * k, "logit gradient")?;
-            same_len(w.len(), k * c, "linear weight")?;
-            let n = b * hw * c;
-            let mut d = uninit(&self.dev, n)?;
-            let (cfg, count) = elementwise(n, "de_linear_pool_backward")?;
-            let (c32, k32, hw32) = (c as u32, k as u32, hw as u32);
-            let f = KERNELS_MODULE.func(&self.dev, "de_linear_pool_backward")?;
-            let mut a = f.builder();
-            a.arg(&mut d)
-                .arg(dl)
-                .arg(w)
-                .arg(&c32)
-                .arg(&k32)
-                .arg(&hw32)
-                .arg(&count);
-            // SAFETY: b·k logit gradients, k·c weights, b·hw·c outputs.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_pool_backward", e))?;
-            Ok(d)
-        }
-    }
-
-    /// Launches BatchNorm kernel `$name` over `$len` values: the leading buffer
-    /// arguments `$lead`, then BatchNorm `$bn`'s γ, β, running mean and variance
-    /// (`$c` each), ε, the channel count and the value count.
-    macro_rules! launch_bn {
-        ($exec:expr, $name:literal, $bn:expr, $c:expr, $len:expr, [$($lead:expr),+]) => {{
-            let bn: &DNorm = $bn;
-            let guards = [
-                bn.gamma.storage_and_layout(),
-                bn.beta.storage_and_layout(),
-                bn.mean.storage_and_layout(),
-                bn.var.storage_and_layout(),
-            ];
-            let g = view(&guards[0], $c, "BatchNorm scale")?;
-            let b = view(&guards[1], $c, "BatchNorm shift")?;
-            let m = view(&guards[2], $c, "running mean")?;
-            let v = view(&guards[3], $c, "running variance")?;
-            let (cfg, count) = elementwise($len, $name)?;
-            let channels = $c as u32;
-            let f = KERNELS_MODULE.func(&$exec.dev, $name)?;
-            let mut args = f.builder();
-            $(args.arg($lead);)+
-            args.arg(&g)
-                .arg(&b)
-                .arg(&m)
-                .arg(&v)
-                .arg(&bn.eps)
-                .arg(&channels)
-                .arg(&count);
-            // SAFETY: the leading buffers hold `$len` values (checked by the callers),
-            // the four vectors `$c`; the channel index i % c stays below c.
-            unsafe { args.launch(cfg) }.map_err(|e| launch_error($name, e))?;
-            Ok(())
-        }};
-    }
-
-    /// The read guards of a BatchNorm's γ, β, running mean and variance.
-    fn norm_guards(n: &DNorm) -> [(impl std::ops::Deref<Target = Storage> + '_, &Layout); 4] {
-        [
-            n.gamma.storage_and_layout(),
-            n.beta.storage_and_layout(),
-            n.mean.storage_and_layout(),
-            n.var.storage_and_layout(),
-        ]
-    }
-
-    /// The views (c values each) of [`norm_guards`].
-    fn norm_views<'a, G: std::ops::Deref<Target = Storage>>(
-        g: &'a [(G, &Layout); 4],
-        c: usize,
-    ) -> Result<[CudaView<'a, f32>; 4]> {
-        Ok([
-            view(&g[0], c, "BatchNorm scale")?,
-            view(&g[1], c, "BatchNorm shift")?,
-            view(&g[2], c, "running mean")?,
-            view(&g[3], c, "running variance")?,
-        ])
     }
 
     /// The classes K of a linear layer (K, C) on `c` features (checked).
@@ -1552,25 +1394,7 @@ pub(crate) mod cuda {
             c: usize,
             z: Option<&Slice>,
         ) -> Result<()> {
-            same_len(x.len(), y.len(), "BatchNorm")?;
-            let len = x.len();
-            match noise_std(n, z)? {
-                None => launch_bn!(self, "de_bn_relu_into", n, c, len, [y, x]),
-                Some((nz, z)) => {
-                    same_len(z.len().min(len), len, "BatchNorm noise")?;
-                    let (ga, gs) = (nz.alpha.storage_and_layout(), nz.sigma.storage_and_layout());
-                    let alpha = view(&ga, 1, "noise factor")?;
-                    let sigma = view(&gs, c, "running noise scale")?;
-                    launch_bn!(
-                        self,
-                        "de_bn_noise_relu_into",
-                        n,
-                        c,
-                        len,
-                        [y, x, z, &alpha, &sigma, &nz.scale]
-                    )
-                }
-            }
+            launches::bn_relu(self, n, x, y, c, z)
         }
 
         fn bn_relu_in_place(
@@ -1580,24 +1404,7 @@ pub(crate) mod cuda {
             c: usize,
             z: Option<&Slice>,
         ) -> Result<()> {
-            let len = y.len();
-            match noise_std(n, z)? {
-                None => launch_bn!(self, "de_bn_relu_inplace", n, c, len, [y]),
-                Some((nz, z)) => {
-                    same_len(z.len().min(len), len, "BatchNorm noise")?;
-                    let (ga, gs) = (nz.alpha.storage_and_layout(), nz.sigma.storage_and_layout());
-                    let alpha = view(&ga, 1, "noise factor")?;
-                    let sigma = view(&gs, c, "running noise scale")?;
-                    launch_bn!(
-                        self,
-                        "de_bn_noise_relu_inplace",
-                        n,
-                        c,
-                        len,
-                        [y, z, &alpha, &sigma, &nz.scale]
-                    )
-                }
-            }
+            launches::bn_relu_in_place(self, n, y, c, z)
         }
 
         fn bn_add_relu(
@@ -1608,36 +1415,7 @@ pub(crate) mod cuda {
             skip_norm: Option<&DNorm>,
             c: usize,
         ) -> Result<()> {
-            let len = out.len();
-            same_len(skip.len(), len, "shortcut")?;
-            let guards = norm_guards(n);
-            let [g, b, m, v] = norm_views(&guards, c)?;
-            let skip_guards = skip_norm.map(norm_guards);
-            let skip_views = skip_guards
-                .as_ref()
-                .map(|sg| norm_views(sg, c))
-                .transpose()?;
-            let (cfg, count) = elementwise(len, "de_bn_add_relu")?;
-            let (channels, has_sn, null) = (c as u32, i32::from(skip_norm.is_some()), 0u64);
-            let s_eps = skip_norm.map_or(0f32, |sn| sn.eps);
-            let k = KERNELS_MODULE.func(&self.dev, "de_bn_add_relu")?;
-            let mut a = k.builder();
-            a.arg(out)
-                .arg(skip)
-                .arg(&g)
-                .arg(&b)
-                .arg(&m)
-                .arg(&v)
-                .arg(&n.eps);
-            match &skip_views {
-                Some([sg, sb, sm, sv]) => a.arg(sg).arg(sb).arg(sm).arg(sv),
-                None => a.arg(&null).arg(&null).arg(&null).arg(&null),
-            };
-            a.arg(&s_eps).arg(&has_sn).arg(&channels).arg(&count);
-            // SAFETY: out and skip hold len values, the BatchNorm vectors c; the null
-            // shortcut vectors are never read (has_sn = 0).
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_bn_add_relu", e))?;
-            Ok(())
+            launches::bn_add_relu(self, n, out, skip, skip_norm, c)
         }
 
         fn add_relu_backward(
@@ -1648,30 +1426,8 @@ pub(crate) mod cuda {
             skip_norm: Option<&DNorm>,
             c: usize,
         ) -> Result<Slice> {
-            let len = d.len();
-            same_len(y.len(), len, "block gradient")?;
-            let guards = norm_guards(n);
-            let [g, _, _, v] = norm_views(&guards, c)?;
-            let skip_guards = skip_norm.map(norm_guards);
-            let skip_views = skip_guards
-                .as_ref()
-                .map(|sg| norm_views(sg, c))
-                .transpose()?;
-            let mut d2 = uninit(&self.dev, len.max(1))?;
-            let (cfg, count) = elementwise(len, "de_add_relu_backward")?;
-            let (channels, has_sn, null) = (c as u32, i32::from(skip_norm.is_some()), 0u64);
-            let s_eps = skip_norm.map_or(0f32, |sn| sn.eps);
-            let k = KERNELS_MODULE.func(&self.dev, "de_add_relu_backward")?;
-            let mut a = k.builder();
-            a.arg(&mut d2).arg(d).arg(y).arg(&g).arg(&v).arg(&n.eps);
-            match &skip_views {
-                Some([sg, _, _, sv]) => a.arg(sg).arg(sv),
-                None => a.arg(&null).arg(&null),
-            };
-            a.arg(&s_eps).arg(&has_sn).arg(&channels).arg(&count);
-            // SAFETY: d2, d and y hold len values, the BatchNorm vectors c; the null
-            // shortcut vectors are never read (has_sn = 0).
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_add_relu_backward", e))?;
+            let mut d2 = uninit(&self.dev, d.len().max(1))?;
+            launches::add_relu_backward(self, n, &mut d2, d, y, skip_norm, c)?;
             Ok(d2)
         }
 
@@ -1683,31 +1439,7 @@ pub(crate) mod cuda {
             residual: Option<&Slice>,
             c: usize,
         ) -> Result<()> {
-            let len = d.len();
-            same_len(y.len(), len, "BatchNorm gradient")?;
-            if let Some(r) = residual {
-                same_len(r.len(), len, "residual gradient")?;
-            }
-            let gg = n.gamma.storage_and_layout();
-            let gv = n.var.storage_and_layout();
-            let (g, v) = (
-                view(&gg, c, "BatchNorm scale")?,
-                view(&gv, c, "running variance")?,
-            );
-            let (cfg, count) = elementwise(len, "de_bn_relu_backward")?;
-            let (channels, has_r, null) = (c as u32, i32::from(residual.is_some()), 0u64);
-            let k = KERNELS_MODULE.func(&self.dev, "de_bn_relu_backward")?;
-            let mut b = k.builder();
-            b.arg(d).arg(y).arg(&g).arg(&v).arg(&n.eps);
-            match residual {
-                Some(r) => b.arg(r),
-                None => b.arg(&null),
-            };
-            b.arg(&has_r).arg(&channels).arg(&count);
-            // SAFETY: d, y (and the residual, when has_r) hold len values, γ and var
-            // c; the null residual is never read.
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error("de_bn_relu_backward", e))?;
-            Ok(())
+            launches::bn_relu_backward(self, n, d, y, residual, c)
         }
 
         fn pool_linear(
@@ -1718,12 +1450,7 @@ pub(crate) mod cuda {
             c: usize,
         ) -> Result<Slice> {
             let k = classes(fc, c)?;
-            let (gw, gb) = (fc.0.storage_and_layout(), fc.1.storage_and_layout());
-            let (w, bias) = (
-                view(&gw, k * c, "linear weight")?,
-                view(&gb, k, "linear bias")?,
-            );
-            Ok(self.pool_linear_views(x, &w, &bias, hw, c, k)?.1)
+            Ok(launches::pool_linear(self, x, Fc::Tensors(fc), hw, c, k)?.1)
         }
 
         fn linear_pool_backward(
@@ -1734,9 +1461,7 @@ pub(crate) mod cuda {
             c: usize,
         ) -> Result<Slice> {
             let k = classes(fc, c)?;
-            let gw = fc.0.storage_and_layout();
-            let w = view(&gw, k * c, "linear weight")?;
-            self.linear_pool_backward_view(dl, &w, hw, c, k)
+            launches::linear_pool_backward(self, dl, Fc::Tensors(fc), hw, c, k)
         }
     }
 }
@@ -1774,6 +1499,11 @@ pub const KERNELS: [&str; 23] = [
 pub fn ptx() -> Result<&'static str> {
     cuda::KERNELS_MODULE.ptx()
 }
+
+/// The eval program's launches, shared by the CUDA executor and the tests' emulated
+/// one.
+#[path = "device_eval_launch.rs"]
+pub(crate) mod launches;
 
 #[cfg(test)]
 #[path = "device_eval_emulated.rs"]

@@ -5,7 +5,8 @@
 //! block's end and its backward pass (identity and projected shortcut), the
 //! BatchNorm + ReLU backward pass (with and without a residual), the input
 //! normalisation both ways, the pooling, the linear layer and its input gradient.
-//! Odd sizes, NaN and ±0 in the activations.
+//! Odd sizes, NaN and ±0 in the activations. Then the whole program with its
+//! launches built by the CUDA executor's code and emulated, against the CPU executor.
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -319,5 +320,69 @@ fn eval_program_kernels_equal_their_twins() -> TestResult {
     check("pooled", &pooled);
     check("logits", &linear(&pooled, &wt, &bias, b, c, k));
     check("dfeats", &linear_pool_input_grad(&dl, &wt, b, hw, c, k));
+    Ok(())
+}
+
+/// The eval program with every launch of its own kernels built by the CUDA
+/// executor's launch code (`device_eval_launch.rs`) and run by the emulator equals
+/// the program on the CPU executor, bit for bit: the normalised input, the logits,
+/// the input gradient and its NCHW form, on every network form (pre- and
+/// post-activation, a student, OAT models at their λ).
+#[test]
+fn eval_program_launches_equal_the_cpu_executor() -> TestResult {
+    use super::{backward, forward, launches};
+    use crate::kernels::launch::emulated::{launches as emulated, same_bits, EmuExec};
+    use crate::kernels::launch::Launcher;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (e, emu) = (CpuExec, EmuExec);
+    let mut cases = 0;
+    let models = crate::tests::fused_cases();
+    for (name, m, _) in &models {
+        let b = 2;
+        m.reseed_noise(21);
+        let op = m.device_eval_op(true)?.ok_or("no program")?;
+        let p = &op.program;
+        let x = crate::tests::input(b, 7);
+        let n = x.elem_count();
+        let a = normalise(
+            &x.flatten_all()?.to_vec1::<f32>()?,
+            &e.values(&p.mean)?,
+            &e.values(&p.inv_std)?,
+            p.input,
+        );
+        let mut a_emu = emu.buffer(n)?;
+        launches::normalise(
+            &emu,
+            &mut a_emu,
+            emu.tensor(&x, n, "images")?,
+            p.input,
+            &p.mean,
+            &p.inv_std,
+        )?;
+        same_bits(&a, &a_emu, &format!("{name}: normalised input"));
+        let before = emulated();
+        let (logits, saved) = forward(&e, p, a, b, true)?;
+        let (logits_emu, saved_emu) = forward(&emu, p, a_emu, b, true)?;
+        same_bits(&logits, &logits_emu, &format!("{name}: logits"));
+        assert!(logits.iter().all(|v| v.is_finite()), "{name}");
+        let dl: Vec<f32> = (0..logits.len())
+            .map(|_| rng.gen_range(-1.0f32..1.0))
+            .collect();
+        let dn = backward(&e, p, &saved.ok_or("nothing kept")?, &dl)?;
+        let dn_emu = backward(&emu, p, &saved_emu.ok_or("nothing kept")?, &dl)?;
+        same_bits(&dn, &dn_emu, &format!("{name}: input gradient"));
+        let dx = denormalise(&dn, &e.values(&p.inv_std)?, p.input);
+        let mut dx_emu = emu.buffer(n)?;
+        launches::denormalise(&emu, &mut dx_emu, &dn_emu, p.input, &p.inv_std)?;
+        same_bits(&dx, &dx_emu, &format!("{name}: NCHW input gradient"));
+        // Every BatchNorm, the pooling and the linear layer each way were launches.
+        assert!(
+            emulated() - before >= 8,
+            "{name}: {} launches",
+            emulated() - before
+        );
+        cases += 1;
+    }
+    assert_eq!(cases, models.len());
     Ok(())
 }

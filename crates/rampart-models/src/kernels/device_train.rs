@@ -1764,11 +1764,11 @@ impl TrainExec for CpuExec {
 #[allow(unsafe_code)]
 mod cuda {
     use super::super::conv::ConvShape;
-    use super::super::cuda::{elementwise, launch_error, uninit};
-    use super::super::device_eval::cuda::{CudaExec, Slice, KERNELS_MODULE};
+    use super::super::cuda::uninit;
+    use super::super::device_eval::cuda::{CudaExec, Slice};
     use super::super::device_eval::same_len;
+    use super::launches;
     use super::{TConv, TFc, TNoise, TNorm, TrainExec, TrainProgram};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{Result, Storage, Tensor};
 
     /// The activations' (n, c, h, w) for cuDNN's BatchNorm from the rows (n·h·w) and
@@ -1795,14 +1795,7 @@ mod cuda {
         }
 
         fn add_in_place(&self, d: &mut Slice, r: &Slice) -> Result<()> {
-            same_len(d.len(), r.len(), "residual gradient")?;
-            let (cfg, count) = elementwise(d.len(), "de_add_inplace")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_add_inplace")?;
-            let mut a = f.builder();
-            a.arg(d).arg(r).arg(&count);
-            // SAFETY: n values each.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_add_inplace", e))?;
-            Ok(())
+            launches::add_in_place(self, d, r)
         }
 
         fn input(&self, x: &Tensor, p: &TrainProgram) -> Result<Slice> {
@@ -1862,14 +1855,7 @@ mod cuda {
             n: &TNorm,
             rows: usize,
         ) -> Result<(Slice, Slice)> {
-            let (mut y, stats) = self.bn_train(x, p, n, rows)?;
-            let (cfg, count) = elementwise(y.len(), "relu")?;
-            let f = super::super::pointwise::OPS.func(&self.dev, "relu_inplace")?;
-            let mut a = f.builder();
-            a.arg(&mut y).arg(&count);
-            // SAFETY: the n values of y.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("relu", e))?;
-            Ok((y, stats))
+            launches::bn_relu_train(self, x, p, n, rows)
         }
 
         fn bn_relu_train_backward(
@@ -1882,15 +1868,11 @@ mod cuda {
             stats: &Slice,
             rows: usize,
         ) -> Result<Slice> {
-            self.relu_mask(d, y)?;
-            self.bn_train_backward(x, d, p, n, stats, rows)
+            launches::bn_relu_train_backward(self, x, y, d, p, n, stats, rows)
         }
 
         fn bn_train(&self, x: &Slice, p: &Slice, n: &TNorm, rows: usize) -> Result<(Slice, Slice)> {
-            same_len(x.len(), rows * n.c, "BatchNorm input")?;
-            let mut y = uninit(&self.dev, x.len())?;
-            let stats = self.bn_train_part(x, &mut y, (0, rows), p, n, (n.gamma, n.beta))?;
-            Ok((y, stats))
+            launches::bn_train(self, x, p, n, rows)
         }
 
         fn bn_train_backward(
@@ -1902,23 +1884,11 @@ mod cuda {
             stats: &Slice,
             rows: usize,
         ) -> Result<Slice> {
-            same_len(x.len(), rows * n.c, "BatchNorm input")?;
-            let mut dx = uninit(&self.dev, x.len())?;
-            let at = (n.gamma, n.beta);
-            let dgb = self.bn_train_part_backward(x, d, &mut dx, (0, rows), p, n, at, stats)?;
-            *d = dx;
-            Ok(dgb)
+            launches::bn_train_backward(self, x, d, p, n, stats, rows)
         }
 
         fn relu_mask(&self, d: &mut Slice, y: &Slice) -> Result<()> {
-            same_len(d.len(), y.len(), "ReLU gradient")?;
-            let (cfg, count) = elementwise(d.len(), "de_relu_mask_inplace")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_relu_mask_inplace")?;
-            let mut a = f.builder();
-            a.arg(d).arg(y).arg(&count);
-            // SAFETY: n values each.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_relu_mask_inplace", e))?;
-            Ok(())
+            launches::relu_mask(self, d, y)
         }
 
         fn buffer_zeroed(&self, n: usize) -> Result<Slice> {
@@ -1992,25 +1962,7 @@ mod cuda {
             c: usize,
             per: usize,
         ) -> Result<Slice> {
-            let images = h.len() / per.max(1);
-            if film + images * 2 * c > p.len() {
-                candle_core::bail!("fused train path: FiLM outputs past the parameters")
-            }
-            let f = p.slice(film..film + images * 2 * c);
-            let mut y = uninit(&self.dev, h.len())?;
-            let (c32, per32) = (c as u32, per as u32);
-            let (cfg, count) = elementwise(h.len(), "dt_film_relu")?;
-            let k = KERNELS_MODULE.func(&self.dev, "dt_film_relu")?;
-            let mut a = k.builder();
-            a.arg(&mut y)
-                .arg(h)
-                .arg(&f)
-                .arg(&c32)
-                .arg(&per32)
-                .arg(&count);
-            // SAFETY: y and h hold count values, f 2C per image.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_film_relu", e))?;
-            Ok(y)
+            launches::film_relu(self, h, p, film, c, per)
         }
 
         fn film_backward(
@@ -2023,46 +1975,11 @@ mod cuda {
             per: usize,
             grad: &mut Slice,
         ) -> Result<()> {
-            same_len(d.len(), h.len(), "FiLM gradient")?;
-            let images = h.len() / per.max(1);
-            let len = images * 2 * c;
-            if film + len > p.len() || film + len > grad.len() {
-                candle_core::bail!("fused train path: FiLM outputs past the parameters")
-            }
-            let (c32, per32) = (c as u32, per as u32);
-            {
-                let mut df = grad.slice_mut(film..film + len);
-                let (cfg, count) = elementwise(len, "dt_film_grads")?;
-                let k = KERNELS_MODULE.func(&self.dev, "dt_film_grads")?;
-                let mut a = k.builder();
-                a.arg(&mut df)
-                    .arg(&*d)
-                    .arg(h)
-                    .arg(&c32)
-                    .arg(&per32)
-                    .arg(&count);
-                // SAFETY: 2C values per image written, d and h read within the images.
-                unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_film_grads", e))?;
-            }
-            let f = p.slice(film..film + len);
-            let (cfg, count) = elementwise(d.len(), "dt_film_scale")?;
-            let k = KERNELS_MODULE.func(&self.dev, "dt_film_scale")?;
-            let mut a = k.builder();
-            a.arg(d).arg(&f).arg(&c32).arg(&per32).arg(&count);
-            // SAFETY: d holds count values, f 2C per image.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_film_scale", e))?;
-            Ok(())
+            launches::film_backward(self, d, h, p, film, c, per, grad)
         }
 
         fn add_relu_in_place(&self, y: &mut Slice, r: &Slice) -> Result<()> {
-            same_len(y.len(), r.len(), "shortcut")?;
-            let (cfg, count) = elementwise(y.len(), "dt_add_relu_inplace")?;
-            let f = KERNELS_MODULE.func(&self.dev, "dt_add_relu_inplace")?;
-            let mut a = f.builder();
-            a.arg(y).arg(r).arg(&count);
-            // SAFETY: n values each.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_add_relu_inplace", e))?;
-            Ok(())
+            launches::add_relu_in_place(self, y, r)
         }
 
         fn bn_noise_relu_train(
@@ -2074,39 +1991,7 @@ mod cuda {
             rows: usize,
             z: &Slice,
         ) -> Result<(Slice, Slice, Slice)> {
-            let c = n.c;
-            same_len(z.len(), x.len(), "BatchNorm noise")?;
-            let (mut y, stats) = self.bn_train(x, p, n, rows)?;
-            let mut sigma = uninit(&self.dev, c)?;
-            let (eps, c32) = (n.eps as f32, c as u32);
-            let (cfg, _) = elementwise(c, "dt_noise_sigma")?;
-            let f = KERNELS_MODULE.func(&self.dev, "dt_noise_sigma")?;
-            let mut a = f.builder();
-            let gamma = p.slice(n.gamma..n.gamma + c);
-            a.arg(&mut sigma)
-                .arg(&gamma)
-                .arg(&stats)
-                .arg(&eps)
-                .arg(&c32);
-            // SAFETY: c values of σ and γ, 2c statistics.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_noise_sigma", e))?;
-            if noise.alpha >= p.len() {
-                candle_core::bail!("fused train path: a noise factor past the parameters")
-            }
-            let alpha = p.slice(noise.alpha..noise.alpha + 1);
-            let (cfg, count) = elementwise(y.len(), "dt_noise_relu_inplace")?;
-            let f = KERNELS_MODULE.func(&self.dev, "dt_noise_relu_inplace")?;
-            let mut a = f.builder();
-            a.arg(&mut y)
-                .arg(z)
-                .arg(&sigma)
-                .arg(&alpha)
-                .arg(&noise.scale)
-                .arg(&c32)
-                .arg(&count);
-            // SAFETY: y and z hold count values, σ c, α one.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("dt_noise_relu_inplace", e))?;
-            Ok((y, stats, sigma))
+            launches::bn_noise_relu_train(self, x, p, n, noise, rows, z)
         }
 
         fn bn_noise_relu_train_backward(
@@ -2121,47 +2006,18 @@ mod cuda {
             rows: usize,
             grad: &mut Slice,
         ) -> Result<Slice> {
-            same_len(z.len(), y.len(), "BatchNorm noise")?;
-            if noise.alpha >= grad.len() {
-                candle_core::bail!("fused train path: a noise factor past the parameters")
-            }
-            self.relu_mask(d, y)?;
-            let count = u32::try_from(d.len()).map_err(candle_core::Error::wrap)?;
-            let blocks = super::dot_blocks(d.len());
-            let mut partial = uninit(&self.dev, blocks)?;
-            let dot_cfg = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (super::DOT_THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let c32 = n.c as u32;
-            let f = KERNELS_MODULE.func(&self.dev, "dt_noise_dot")?;
-            let mut a = f.builder();
-            a.arg(&mut partial)
-                .arg(&*d)
-                .arg(z)
-                .arg(sigma)
-                .arg(&c32)
-                .arg(&count);
-            // SAFETY: d and z hold count values, σ c; `blocks` partial sums, one per
-            // block of 256 threads (the kernel's static shared array).
-            unsafe { a.launch(dot_cfg) }.map_err(|e| launch_error("dt_noise_dot", e))?;
-            let blocks32 = blocks as u32;
-            let mut slot = grad.slice_mut(noise.alpha..noise.alpha + 1);
-            let f = KERNELS_MODULE.func(&self.dev, "dt_noise_alpha_grad")?;
-            let mut a = f.builder();
-            a.arg(&mut slot)
-                .arg(&partial)
-                .arg(&blocks32)
-                .arg(&noise.scale);
-            let one = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (1, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: one value written, `blocks` partial sums read.
-            unsafe { a.launch(one) }.map_err(|e| launch_error("dt_noise_alpha_grad", e))?;
-            self.bn_train_backward(x, d, p, n, stats, rows)
+            launches::bn_noise_relu_train_backward(
+                self,
+                x,
+                y,
+                d,
+                p,
+                n,
+                noise,
+                (stats, z, sigma),
+                rows,
+                grad,
+            )
         }
 
         fn pool_linear_at(
@@ -2171,9 +2027,7 @@ mod cuda {
             fc: &TFc,
             hw: usize,
         ) -> Result<(Slice, Slice)> {
-            let (k, c) = (fc.k, fc.c);
-            let (w, bias) = (p.slice(fc.w..fc.w + k * c), p.slice(fc.b..fc.b + k));
-            self.pool_linear_views(x, &w, &bias, hw, c, k)
+            launches::pool_linear_at(self, x, p, fc, hw)
         }
 
         fn linear_pool_backward_at(
@@ -2185,32 +2039,15 @@ mod cuda {
             hw: usize,
             grad: &mut Slice,
         ) -> Result<Slice> {
-            let (k, c) = (fc.k, fc.c);
-            let b = dl.len() / k.max(1);
-            same_len(dl.len(), b * k, "logit gradient")?;
-            same_len(pooled.len(), b * c, "pooled activations")?;
-            if fc.b != fc.w + k * c {
-                candle_core::bail!("fused train path: the bias does not follow the weight")
-            }
-            let (b32, c32, k32) = (b as u32, c as u32, k as u32);
-            let mut dwb = uninit(&self.dev, k * c + k)?;
-            let (cfg, count) = elementwise(k * c + k, "de_linear_param_grads")?;
-            let f = KERNELS_MODULE.func(&self.dev, "de_linear_param_grads")?;
-            let mut a = f.builder();
-            a.arg(&mut dwb)
-                .arg(dl)
-                .arg(pooled)
-                .arg(&b32)
-                .arg(&c32)
-                .arg(&k32)
-                .arg(&count);
-            // SAFETY: b·k gradients, b·c inputs, k·c + k outputs.
-            unsafe { a.launch(cfg) }.map_err(|e| launch_error("de_linear_param_grads", e))?;
-            self.put(grad, fc.w, &dwb)?;
-            self.linear_pool_backward_view(dl, &p.slice(fc.w..fc.w + k * c), hw, c, k)
+            launches::linear_pool_backward_at(self, dl, pooled, p, fc, hw, grad)
         }
     }
 }
+
+/// The train program's launches, shared by the CUDA executor and the tests'
+/// emulated one.
+#[path = "device_train_launch.rs"]
+pub(crate) mod launches;
 
 #[cfg(test)]
 #[path = "device_train_emulated.rs"]

@@ -3,7 +3,8 @@
 //! the arguments in the order of the CUDA executor's launches: the ReLU mask, the
 //! block's sum and ReLU, the gradient sum, the linear layer's parameter gradients, a
 //! student's σ, noise and α gradient (the two-kernel sum over several blocks), and
-//! FiLM forward and backward.
+//! FiLM forward and backward. Then the whole program with its launches built by the
+//! CUDA executor's code and emulated, against the CPU executor.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -12,7 +13,17 @@ use super::{dot_blocks, noise_dot, noise_relu, noise_sigma, TFc, TrainExec, DOT_
 use crate::kernels::device_eval::CpuExec;
 use crate::kernels::emulate::{awkward, bits, finite, Arg, Emulator};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use super::launches;
+use super::{TConv, TNoise, TNorm, TrainProgram};
+use crate::kernels::conv::ConvShape;
+use crate::kernels::device_eval::launches as eval_launches;
+use crate::kernels::device_eval::Exec;
+use crate::kernels::launch::emulated::{launches as emulated, same_bits, EmuExec};
+use crate::kernels::launch::Launcher;
+use candle_core::Tensor;
+
+type Result<T> = candle_core::Result<T>;
+type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
 #[test]
 fn train_program_kernels_equal_their_twins() -> TestResult {
@@ -239,5 +250,273 @@ fn train_program_kernels_equal_their_twins() -> TestResult {
     assert!(g[film..].iter().all(|v| v.is_finite()));
     check("film_df", &g[film..]);
     check("film_d", &dfilm);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// The whole train program on the emulated executor.
+
+impl TrainExec for EmuExec {
+    fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        CpuExec.copy(x)
+    }
+
+    fn put(&self, dst: &mut Vec<f32>, at: usize, src: &Vec<f32>) -> Result<()> {
+        CpuExec.put(dst, at, src)
+    }
+
+    fn add_in_place(&self, d: &mut Vec<f32>, r: &Vec<f32>) -> Result<()> {
+        launches::add_in_place(self, d, r)
+    }
+
+    fn input(&self, x: &Tensor, p: &TrainProgram) -> Result<Vec<f32>> {
+        let n = x.elem_count();
+        let mut out = self.buffer(n)?;
+        eval_launches::normalise(
+            self,
+            &mut out,
+            self.tensor(x, n, "images")?,
+            p.input,
+            &p.mean,
+            &p.inv_std,
+        )?;
+        Ok(out)
+    }
+
+    fn kernel_at(&self, p: &Vec<f32>, conv: &TConv) -> Result<Vec<f32>> {
+        CpuExec.kernel_at(p, conv)
+    }
+
+    fn filter_into(
+        &self,
+        g: &ConvShape,
+        x: &Vec<f32>,
+        dy: &Vec<f32>,
+        grad: &mut Vec<f32>,
+        at: usize,
+    ) -> Result<()> {
+        CpuExec.filter_into(g, x, dy, grad, at)
+    }
+
+    fn bn_relu_train(
+        &self,
+        x: &Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        rows: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        launches::bn_relu_train(self, x, p, n, rows)
+    }
+
+    fn bn_relu_train_backward(
+        &self,
+        x: &Vec<f32>,
+        y: &Vec<f32>,
+        d: &mut Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        stats: &Vec<f32>,
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        launches::bn_relu_train_backward(self, x, y, d, p, n, stats, rows)
+    }
+
+    fn bn_train(
+        &self,
+        x: &Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        rows: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        launches::bn_train(self, x, p, n, rows)
+    }
+
+    fn bn_train_backward(
+        &self,
+        x: &Vec<f32>,
+        d: &mut Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        stats: &Vec<f32>,
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        launches::bn_train_backward(self, x, d, p, n, stats, rows)
+    }
+
+    fn relu_mask(&self, d: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+        launches::relu_mask(self, d, y)
+    }
+
+    fn buffer_zeroed(&self, n: usize) -> Result<Vec<f32>> {
+        CpuExec.buffer_zeroed(n)
+    }
+
+    fn bn_train_part(
+        &self,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        (first, rows): (usize, usize),
+        p: &Vec<f32>,
+        n: &TNorm,
+        (g, b): (usize, usize),
+    ) -> Result<Vec<f32>> {
+        CpuExec.bn_train_part(x, y, (first, rows), p, n, (g, b))
+    }
+
+    fn bn_train_part_backward(
+        &self,
+        x: &Vec<f32>,
+        d: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        (first, rows): (usize, usize),
+        p: &Vec<f32>,
+        n: &TNorm,
+        (g, b): (usize, usize),
+        stats: &Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        CpuExec.bn_train_part_backward(x, d, dx, (first, rows), p, n, (g, b), stats)
+    }
+
+    fn film_relu(
+        &self,
+        h: &Vec<f32>,
+        p: &Vec<f32>,
+        film: usize,
+        c: usize,
+        per: usize,
+    ) -> Result<Vec<f32>> {
+        launches::film_relu(self, h, p, film, c, per)
+    }
+
+    fn film_backward(
+        &self,
+        d: &mut Vec<f32>,
+        h: &Vec<f32>,
+        p: &Vec<f32>,
+        film: usize,
+        c: usize,
+        per: usize,
+        grad: &mut Vec<f32>,
+    ) -> Result<()> {
+        launches::film_backward(self, d, h, p, film, c, per, grad)
+    }
+
+    fn add_relu_in_place(&self, y: &mut Vec<f32>, r: &Vec<f32>) -> Result<()> {
+        launches::add_relu_in_place(self, y, r)
+    }
+
+    fn bn_noise_relu_train(
+        &self,
+        x: &Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        noise: &TNoise,
+        rows: usize,
+        z: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        launches::bn_noise_relu_train(self, x, p, n, noise, rows, z)
+    }
+
+    fn bn_noise_relu_train_backward(
+        &self,
+        x: &Vec<f32>,
+        y: &Vec<f32>,
+        d: &mut Vec<f32>,
+        p: &Vec<f32>,
+        n: &TNorm,
+        noise: &TNoise,
+        (stats, z, sigma): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
+        rows: usize,
+        grad: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        launches::bn_noise_relu_train_backward(
+            self,
+            x,
+            y,
+            d,
+            p,
+            n,
+            noise,
+            (stats, z, sigma),
+            rows,
+            grad,
+        )
+    }
+
+    fn pool_linear_at(
+        &self,
+        x: &Vec<f32>,
+        p: &Vec<f32>,
+        fc: &TFc,
+        hw: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        launches::pool_linear_at(self, x, p, fc, hw)
+    }
+
+    fn linear_pool_backward_at(
+        &self,
+        dl: &Vec<f32>,
+        pooled: &Vec<f32>,
+        p: &Vec<f32>,
+        fc: &TFc,
+        hw: usize,
+        grad: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        launches::linear_pool_backward_at(self, dl, pooled, p, fc, hw, grad)
+    }
+}
+
+/// The train program with every launch of its own kernels built by the CUDA
+/// executor's launch code (`device_train_launch.rs`, and `device_eval_launch.rs` for
+/// the input, the pooling and the linear layer) and run by the emulator equals the
+/// program on the CPU executor, bit for bit: the logits and batch statistics, and
+/// every parameter gradient; on a pre-activation WRN, ResNet-20 (post-activation,
+/// projection shortcuts), a stochastic student (σ, the noise, α's gradient over
+/// several blocks) and an OAT network at per-row λ (two BatchNorm groups, FiLM).
+#[test]
+fn train_program_launches_equal_the_cpu_executor() -> TestResult {
+    use crate::{Arch, ModelSpec, NoiseSpec, OatSpec};
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut student = ModelSpec::wrn(10, 1, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.3 });
+    let mut oat = ModelSpec::wrn(10, 1, 10);
+    oat.oat = Some(OatSpec::standard());
+    // The λ of each row of an OAT batch: the λ = 0 rows first (the program's groups).
+    let lambdas = [0.0f32, 0.0, 0.3, 1.0];
+    for (name, spec) in [
+        ("wrn-10-2", ModelSpec::wrn(10, 2, 7)),
+        ("resnet20", ModelSpec::cifar(Arch::Resnet20, 10)),
+        ("student", student),
+        ("oat", oat),
+    ] {
+        let is_oat = spec.oat.is_some();
+        let m = crate::tests::trained_looking(spec, 5);
+        crate::tests::randomise(&m, &["film.fc2", "adv.weight", "noise.alpha"], 0.2, 9);
+        crate::tests::randomise(&m, &["adv.running_var"], 1.0, 10);
+        let b = if is_oat { lambdas.len() } else { 3 };
+        let x = crate::tests::input(b, 13);
+        let parts = if is_oat {
+            m.with_condition(&lambdas, || m.device_train_program(b, Some(2)))?
+        } else {
+            m.device_train_program(b, None)?
+        };
+        let (program, tensors, _) = parts.ok_or("no program")?;
+        let params = Tensor::cat(&tensors, 0)?.to_vec1::<f32>()?;
+        let before = emulated();
+        let (out, st) = super::forward(&CpuExec, &program, params.clone(), &x)?;
+        let (out_emu, st_emu) = super::forward(&EmuExec, &program, params, &x)?;
+        same_bits(&out, &out_emu, &format!("{name}: logits and statistics"));
+        assert!(out.iter().all(|v| v.is_finite()), "{name}");
+        let k = program.net.fc().k;
+        let dl: Vec<f32> = (0..b * k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let grad = super::backward(&CpuExec, &program, &st, &dl)?;
+        let grad_emu = super::backward(&EmuExec, &program, &st_emu, &dl)?;
+        same_bits(&grad, &grad_emu, &format!("{name}: parameter gradients"));
+        assert!(
+            emulated() - before >= 10,
+            "{name}: {} launches",
+            emulated() - before
+        );
+    }
     Ok(())
 }

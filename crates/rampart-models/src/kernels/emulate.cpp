@@ -10,6 +10,13 @@
 // thread does. Transcendentals (expf, logf) are the host's, which may differ from
 // the GPU's in the last bits.
 //
+// A launch first runs its threads one after another on the main thread, which is
+// the same computation for a kernel whose threads do not wait for each other; the
+// first barrier or shuffle a thread reaches stops that run, the buffers are put back
+// as they were before the launch, and the launch runs again with a host thread per
+// CUDA thread. (Most kernels are element-wise: a host thread each made the tests
+// slow.)
+//
 // `emulate DIR` runs the launches of DIR/launches.txt, one per line:
 //   KERNEL GX GY GZ BX BY BZ ARG...
 // each ARG `b NAME` (the buffer DIR/buf_NAME.bin, raw little-endian bytes, loaded at
@@ -53,11 +60,20 @@ thread_local unsigned int lane_id, warp_id;
 #define __forceinline__ inline
 #define __shared__ static
 
-static inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+// Whether the launch runs its threads one after another (see the top), and what a
+// barrier or shuffle throws then.
+static bool serial = false;
+struct NeedsThreads {};
+
+static inline void __syncthreads() {
+  if (serial) throw NeedsThreads{};
+  block_barrier->arrive_and_wait();
+}
 
 template <class T>
 static T shuffle(T v, unsigned int source_lane) {
   static_assert(sizeof(T) <= 8);
+  if (serial) throw NeedsThreads{};
   Warp& w = warps[warp_id];
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
@@ -191,7 +207,7 @@ static const std::map<std::string, std::function<std::function<void()>(const std
 // every block in turn: the main thread sets up the block (its index, a fresh block
 // barrier and warp barriers), releases the workers, and waits until every one of them
 // has run the kernel for it.
-static void launch(const std::function<void()>& kernel, dim3 grid, dim3 block) {
+static void launch_threads(const std::function<void()>& kernel, dim3 grid, dim3 block) {
   gridDim = grid;
   blockDim = block;
   unsigned int threads = block.x * block.y * block.z;
@@ -233,6 +249,42 @@ static void launch(const std::function<void()>& kernel, dim3 grid, dim3 block) {
   stop = true;
   start.arrive_and_wait();
   for (auto& t : ts) t.join();
+}
+
+// The launch's threads one after another on this thread; false, with every buffer
+// as it was, when a thread reaches a barrier or a shuffle.
+static bool launch_serial(const std::function<void()>& kernel, dim3 grid, dim3 block) {
+  std::map<std::string, std::vector<unsigned char>> before = buffers;
+  gridDim = grid;
+  blockDim = block;
+  serial = true;
+  try {
+    for (unsigned int bz = 0; bz < grid.z; bz++)
+      for (unsigned int by = 0; by < grid.y; by++)
+        for (unsigned int bx = 0; bx < grid.x; bx++) {
+          blockIdx = {bx, by, bz};
+          for (unsigned int tz = 0; tz < block.z; tz++)
+            for (unsigned int ty = 0; ty < block.y; ty++)
+              for (unsigned int tx = 0; tx < block.x; tx++) {
+                threadIdx = {tx, ty, tz};
+                unsigned int t = tx + block.x * (ty + block.y * tz);
+                lane_id = t % 32;
+                warp_id = t / 32;
+                kernel();
+              }
+        }
+  } catch (const NeedsThreads&) {
+    serial = false;
+    // Back in place (the kernel's pointers point into these vectors).
+    for (auto& [name, bytes] : before) std::memcpy(buffers[name].data(), bytes.data(), bytes.size());
+    return false;
+  }
+  serial = false;
+  return true;
+}
+
+static void launch(const std::function<void()>& kernel, dim3 grid, dim3 block) {
+  if (!launch_serial(kernel, grid, block)) launch_threads(kernel, grid, block);
 }
 
 int main(int argc, char** argv) {

@@ -6,9 +6,13 @@
 //! rounding intrinsics the host's IEEE operations, nothing contracted into an FMA).
 //! A test writes buffers, lists launches (kernel, grid, block, arguments) and reads
 //! the buffers back, then holds them to the kernels' CPU twins: the kernels' code is
-//! checked without a GPU. What it cannot check is the Rust side of a launch (argument
-//! order, grid): the GPU tests do. Transcendentals (`expf`, `logf`) are the host's,
-//! which may differ from the GPU's in the last bits.
+//! checked without a GPU. The fused programs' launches themselves (kernel, argument
+//! order, grid) are built by the code the CUDA executor runs
+//! ([`super::launch`]) and run here by the tests' emulated executor. A launch runs
+//! its threads one after another until a thread reaches a barrier or a shuffle; it
+//! then starts again, the buffers put back, with a host thread per CUDA thread.
+//! Transcendentals (`expf`, `logf`) are the host's, which may differ from the GPU's
+//! in the last bits.
 //!
 //! The compiled emulator is kept in the system's temporary folder under a hash of its
 //! source, so a second test run does not compile it again.

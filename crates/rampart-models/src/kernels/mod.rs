@@ -21,6 +21,8 @@
 //! * [`device_eval`]: a whole pre-activation network as one op on a GPU in eval
 //!   mode (forward and input gradient), written once over an executor: cuDNN and
 //!   CUDA kernels (`device_eval.cu`), or those kernels' CPU twins, which test it.
+//!   `launch`: the programs' launches of their own kernels as data, built once for
+//!   the CUDA executor and the tests' emulated one (which runs them on the CPU).
 //! * `fused` and `fused_train`: a whole pre-activation network as one CPU op, in
 //!   eval mode (forward and input gradient: attacks) and in train mode (forward and
 //!   every parameter gradient: training); `train_norm`: the train-mode normalisation
@@ -56,6 +58,7 @@ pub mod emulate;
 pub(crate) mod fused;
 pub(crate) mod fused_train;
 mod gemm;
+pub(crate) mod launch;
 pub mod noise;
 #[cfg(test)]
 mod ops_emulated;

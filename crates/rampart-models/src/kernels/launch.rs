@@ -1,0 +1,284 @@
+//! The launches of the fused GPU programs' own kernels as data: which kernel of which
+//! source, on how many blocks of how many threads, with which arguments in the
+//! kernel's order. The launch code of the programs (`device_eval`, `device_train`)
+//! is written once over a [`Launcher`], the part of an executor that turns its
+//! buffers into arguments and queues a launch: the CUDA executor queues it on the
+//! GPU, and the tests' emulated executor runs the same launch on the CPU
+//! ([`super::emulate`]), so the argument order, the grid and the choice of kernel of
+//! every launch the programs make run in `cargo test` and are held there to the CPU
+//! executor (the kernels' twins). What only a GPU checks is the queueing itself.
+
+// Without CUDA the launches run only in the tests (the emulated executor).
+#![cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
+
+use std::ops::Range;
+
+use candle_core::{Result, Tensor};
+
+use super::device_eval::Exec;
+
+/// The CUDA C source a kernel is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// `device_eval.cu`: the fused programs' kernels.
+    Programs,
+    /// `ops.cu`: the pointwise kernels of the layer-by-layer path.
+    Ops,
+}
+
+impl Source {
+    /// The kernels' source.
+    // Read by the emulated executor of the tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Source::Programs => include_str!("device_eval.cu"),
+            Source::Ops => include_str!("ops.cu"),
+        }
+    }
+}
+
+/// One argument of a launch: an executor's handle to (part of) a buffer, or a scalar.
+#[derive(Debug)]
+pub(crate) enum KArg<A> {
+    /// A pointer to the first value of the handle's part.
+    B(A),
+    /// A null pointer (an optional buffer the kernel does not read).
+    Null,
+    U32(u32),
+    I32(i32),
+    F32(f32),
+}
+
+/// Threads per block of an element-wise launch (cudarc's
+/// `LaunchConfig::for_num_elems`).
+pub(crate) const ELEMENTWISE_THREADS: u32 = 1024;
+
+/// One launch of `kernel` of `source` on `grid` blocks of `block` threads (one
+/// dimension each).
+#[derive(Debug)]
+pub(crate) struct KLaunch<A> {
+    pub source: Source,
+    pub kernel: &'static str,
+    pub grid: u32,
+    pub block: u32,
+    pub args: Vec<KArg<A>>,
+}
+
+/// `n` as a kernel's `unsigned int`, or an error naming `what`.
+pub(crate) fn count(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n)
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: {n} values are too many")))
+}
+
+impl<A> KLaunch<A> {
+    /// One thread per value of `n` in blocks of [`ELEMENTWISE_THREADS`] (at least one
+    /// block).
+    pub fn elementwise(
+        source: Source,
+        kernel: &'static str,
+        n: usize,
+        args: Vec<KArg<A>>,
+    ) -> Result<Self> {
+        let n = count(n, kernel)?;
+        Ok(KLaunch {
+            source,
+            kernel,
+            grid: n.max(1).div_ceil(ELEMENTWISE_THREADS),
+            block: ELEMENTWISE_THREADS,
+            args,
+        })
+    }
+
+    /// `grid` blocks of `block` threads.
+    pub fn blocks(
+        source: Source,
+        kernel: &'static str,
+        grid: usize,
+        block: u32,
+        args: Vec<KArg<A>>,
+    ) -> Result<Self> {
+        Ok(KLaunch {
+            source,
+            kernel,
+            grid: count(grid, kernel)?,
+            block,
+            args,
+        })
+    }
+}
+
+/// What the programs' launch code needs of an executor beyond [`Exec`]: handles to
+/// its buffers (whole or a range, read or written) and to tensors' values, and the
+/// launch itself.
+pub(crate) trait Launcher: Exec {
+    /// A handle to (part of) a buffer or a tensor, alive for one launch.
+    type Arg<'a>
+    where
+        Self: 'a;
+
+    /// Values `r` of `b`, which the kernel reads.
+    fn read<'a>(&'a self, b: &'a Self::Buf, r: Range<usize>) -> Result<Self::Arg<'a>>;
+    /// Values `r` of `b`, which the kernel writes (and may read).
+    fn write<'a>(&'a self, b: &'a mut Self::Buf, r: Range<usize>) -> Result<Self::Arg<'a>>;
+    /// The first `n` values of the contiguous f32 tensor `t` (`what` names it in
+    /// errors), which the kernel reads.
+    fn tensor<'a>(&'a self, t: &'a Tensor, n: usize, what: &'static str) -> Result<Self::Arg<'a>>;
+    /// Queues (or runs) `l`.
+    fn run(&self, l: KLaunch<Self::Arg<'_>>) -> Result<()>;
+
+    /// All of `b`, read.
+    fn all<'a>(&'a self, b: &'a Self::Buf) -> Result<Self::Arg<'a>> {
+        self.read(b, 0..Self::len(b))
+    }
+
+    /// All of `b`, written.
+    fn all_mut<'a>(&'a self, b: &'a mut Self::Buf) -> Result<Self::Arg<'a>> {
+        let n = Self::len(b);
+        self.write(b, 0..n)
+    }
+}
+
+/// `r` checked to lie in a buffer of `len` values.
+pub(crate) fn within(r: &Range<usize>, len: usize, what: &str) -> Result<()> {
+    if r.start > r.end || r.end > len {
+        candle_core::bail!("{what}: values {}..{} of a buffer of {len}", r.start, r.end)
+    }
+    Ok(())
+}
+
+/// The CUDA executor's side: handles to device memory, launches queued on the
+/// device's stream.
+#[cfg(feature = "cudnn")]
+#[allow(unsafe_code)]
+pub(crate) mod cuda {
+    use std::ops::{Deref, Range};
+
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::{Layout, Result, Storage, Tensor};
+
+    use super::super::cuda::{f32_view, launch_error};
+    use super::super::device_eval::cuda::{CudaExec, Slice, KERNELS_MODULE};
+    use super::{within, KArg, KLaunch, Launcher, Source};
+
+    /// A CUDA launch argument.
+    pub(crate) enum CudaArg<'a> {
+        /// Device memory the kernel reads.
+        View(CudaView<'a, f32>),
+        /// Device memory the kernel writes.
+        Mut(CudaViewMut<'a, f32>),
+        /// A tensor's storage, held for reading until the launch is queued, and how
+        /// many of its values the kernel reads.
+        Tensor(Guard<'a>, &'a Layout, usize, &'static str),
+    }
+
+    /// A tensor storage's read guard.
+    type Guard<'a> = Box<dyn Deref<Target = Storage> + 'a>;
+
+    /// A launch argument with tensors' storage guards set aside.
+    enum Slot<'a> {
+        View(CudaView<'a, f32>),
+        Mut(CudaViewMut<'a, f32>),
+        /// The view of guard i.
+        Tensor(usize),
+        Null,
+        U32(u32),
+        I32(i32),
+        F32(f32),
+    }
+
+    impl Launcher for CudaExec {
+        type Arg<'a> = CudaArg<'a>;
+
+        fn read<'a>(&'a self, b: &'a Slice, r: Range<usize>) -> Result<CudaArg<'a>> {
+            within(&r, b.len(), "fused GPU program")?;
+            Ok(CudaArg::View(b.slice(r)))
+        }
+
+        fn write<'a>(&'a self, b: &'a mut Slice, r: Range<usize>) -> Result<CudaArg<'a>> {
+            within(&r, b.len(), "fused GPU program")?;
+            Ok(CudaArg::Mut(b.slice_mut(r)))
+        }
+
+        fn tensor<'a>(
+            &'a self,
+            t: &'a Tensor,
+            n: usize,
+            what: &'static str,
+        ) -> Result<CudaArg<'a>> {
+            let (g, l) = t.storage_and_layout();
+            Ok(CudaArg::Tensor(Box::new(g), l, n, what))
+        }
+
+        fn run(&self, l: KLaunch<CudaArg<'_>>) -> Result<()> {
+            let KLaunch {
+                source,
+                kernel,
+                grid,
+                block,
+                args,
+            } = l;
+            // The tensors' guards first, then their views (which borrow them), then
+            // the arguments in order.
+            let mut guards = Vec::new();
+            let mut slots: Vec<Slot<'_>> = args
+                .into_iter()
+                .map(|a| match a {
+                    KArg::B(CudaArg::View(v)) => Slot::View(v),
+                    KArg::B(CudaArg::Mut(v)) => Slot::Mut(v),
+                    KArg::B(CudaArg::Tensor(g, l, n, what)) => {
+                        guards.push(((g, l), n, what));
+                        Slot::Tensor(guards.len() - 1)
+                    }
+                    KArg::Null => Slot::Null,
+                    KArg::U32(x) => Slot::U32(x),
+                    KArg::I32(x) => Slot::I32(x),
+                    KArg::F32(x) => Slot::F32(x),
+                })
+                .collect();
+            let views = guards
+                .iter()
+                .map(|((g, l), n, what)| match &***g {
+                    Storage::Cuda(s) => f32_view(s, l, *n, what),
+                    _ => candle_core::bail!("fused GPU program: {what} is not on the GPU"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let module = match source {
+                Source::Programs => &KERNELS_MODULE,
+                Source::Ops => &super::super::pointwise::OPS,
+            };
+            let func = module.func(&self.dev, kernel)?;
+            let null = 0u64;
+            let mut b = func.builder();
+            for s in &mut slots {
+                match s {
+                    Slot::View(v) => b.arg(&*v),
+                    Slot::Mut(v) => b.arg(v),
+                    Slot::Tensor(i) => b.arg(&views[*i]),
+                    Slot::Null => b.arg(&null),
+                    Slot::U32(x) => b.arg(&*x),
+                    Slot::I32(x) => b.arg(&*x),
+                    Slot::F32(x) => b.arg(&*x),
+                };
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments are the kernel's, in its order (the emulated
+            // executor runs the same launches against the kernels' source in the
+            // tests); every pointer is a checked range of its buffer or the first
+            // values of a tensor's contiguous storage, as many as the kernel indexes
+            // on this grid (each launch's construction checks the lengths).
+            unsafe { b.launch(cfg) }.map_err(|e| launch_error(kernel, e))?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "launch_emulated.rs"]
+pub(crate) mod emulated;
