@@ -10,7 +10,7 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKer
 use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 use rampart_models::cuda::{contiguous, elementwise, f32_view, launch_error, Module};
 
-use super::fused::{Factors, Kernel};
+use super::fused::{Factors, Kernel, Scalar};
 use super::multi::{self, Slot, MULTI_THREADS};
 
 const MODULE: &str = "rampart_sgd";
@@ -45,27 +45,19 @@ pub(crate) fn launch(
     let b = f32_view(s2, l2, n, "fused SGD: second source")?;
     let d0 = contiguous(dst_l, n, "fused SGD: destination")?;
     let dev = dst.device.clone();
-    let name = match kernel {
-        Kernel::Momentum => "sgd_momentum",
-        Kernel::Weight => "sgd_weight",
-    };
-    let func = SGD.func(&dev, name)?;
+    let func = SGD.func(&dev, kernel.name())?;
     let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d0 + n);
-    let (decay, wd) = (i32::from(f.decay.is_some()), f.decay.unwrap_or(0.0));
     let (cfg, count) = elementwise(n, "fused SGD")?;
+    let scalars = kernel.scalars(&f, count);
     let mut builder = func.builder();
-    builder
-        .arg(&mut out)
-        .arg(&a)
-        .arg(&b)
-        .arg(&f.mu)
-        .arg(&wd)
-        .arg(&decay);
-    let nesterov = i32::from(f.nesterov);
-    if let Kernel::Weight = kernel {
-        builder.arg(&nesterov).arg(&f.lr);
+    builder.arg(&mut out).arg(&a).arg(&b);
+    for s in &scalars {
+        match s {
+            Scalar::F32(x) => builder.arg(x),
+            Scalar::I32(x) => builder.arg(x),
+            Scalar::U32(x) => builder.arg(x),
+        };
     }
-    builder.arg(&count);
     // SAFETY: the kernel reads `n` values of each source and writes `n` of the
     // destination, all checked above to be contiguous f32 runs of that length.
     unsafe { builder.launch(cfg) }.map_err(|e| launch_error("fused SGD", e))?;

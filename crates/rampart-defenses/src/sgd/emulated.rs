@@ -11,7 +11,7 @@ use rampart_models::kernels::emulate::{bits, Arg, Emulator};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::fused::{Factors, Kernel, SgdUpdate};
+use super::fused::{Factors, Kernel, Scalar, SgdUpdate};
 use super::multi::{self, Slot, MULTI_THREADS};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -43,7 +43,7 @@ fn sgd_kernels_equal_the_cpu_kernels() -> TestResult {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let emu = Emulator::of(include_str!("sgd.cu"));
     let mut s = emu.session();
-    let n = 300usize;
+    let n = 1300usize;
     let (w, g, b) = (
         values(&mut rng, n),
         values(&mut rng, n),
@@ -61,39 +61,20 @@ fn sgd_kernels_equal_the_cpu_kernels() -> TestResult {
                     nesterov,
                     lr: 0.05,
                 };
-                let (wd, dec) = (decay.unwrap_or(0.0), i32::from(decay.is_some()));
                 let (bn, wn) = (format!("b{case}"), format!("w{case}"));
                 s.put(&bn, &b).put(&wn, &w);
-                s.launch_n(
-                    "sgd_momentum",
-                    n,
-                    64,
-                    &[
-                        Arg::B(&bn),
-                        Arg::B("g"),
-                        Arg::B("w"),
-                        Arg::F32(mu),
-                        Arg::F32(wd),
-                        Arg::I32(dec),
-                        Arg::U32(n as u32),
-                    ],
-                );
-                s.launch_n(
-                    "sgd_weight",
-                    n,
-                    64,
-                    &[
-                        Arg::B(&wn),
-                        Arg::B("g"),
-                        Arg::B("b"),
-                        Arg::F32(mu),
-                        Arg::F32(wd),
-                        Arg::I32(dec),
-                        Arg::I32(i32::from(nesterov)),
-                        Arg::F32(f.lr),
-                        Arg::U32(n as u32),
-                    ],
-                );
+                for (kernel, dst, sources) in [
+                    (Kernel::Momentum, &bn, ["g", "w"]),
+                    (Kernel::Weight, &wn, ["g", "b"]),
+                ] {
+                    let mut args = vec![Arg::B(dst), Arg::B(sources[0]), Arg::B(sources[1])];
+                    args.extend(kernel.scalars(&f, n as u32).into_iter().map(|s| match s {
+                        Scalar::F32(x) => Arg::F32(x),
+                        Scalar::I32(x) => Arg::I32(x),
+                        Scalar::U32(x) => Arg::U32(x),
+                    }));
+                    s.launch_n(kernel.name(), n, 1024, &args);
+                }
                 expected.push((bn, cpu(Kernel::Momentum, f, &b, &g, &w)?));
                 expected.push((wn, cpu(Kernel::Weight, f, &w, &g, &b)?));
                 case += 1;

@@ -122,6 +122,43 @@ pub(crate) enum Kernel {
     Weight,
 }
 
+/// A scalar argument of the per-parameter kernels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Scalar {
+    F32(f32),
+    I32(i32),
+    U32(u32),
+}
+
+// Read by the CUDA launch and the emulated kernels of the tests.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+impl Kernel {
+    /// The kernel's name in `sgd.cu`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kernel::Momentum => "sgd_momentum",
+            Kernel::Weight => "sgd_weight",
+        }
+    }
+
+    /// The scalar arguments after the destination and the two sources, in the
+    /// kernel's order, for a step with factors `f` on `n` values: μ, λ, whether λ
+    /// applies, then (the weights' kernel) Nesterov and the learning rate, then `n`.
+    /// The CUDA launch and the tests' emulated kernels both take them from here.
+    pub(crate) fn scalars(self, f: &Factors, n: u32) -> Vec<Scalar> {
+        let mut v = vec![
+            Scalar::F32(f.mu),
+            Scalar::F32(f.decay.unwrap_or(0.0)),
+            Scalar::I32(i32::from(f.decay.is_some())),
+        ];
+        if let Kernel::Weight = self {
+            v.extend([Scalar::I32(i32::from(f.nesterov)), Scalar::F32(f.lr)]);
+        }
+        v.push(Scalar::U32(n));
+        v
+    }
+}
+
 /// One of the two updates with the factors of a step, as an in-place candle op on its
 /// destination with its two sources.
 pub(crate) struct SgdUpdate(pub Kernel, pub Factors);

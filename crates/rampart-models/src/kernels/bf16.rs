@@ -11,7 +11,9 @@
 //! GPU tests hold the kernels to the twins bit for bit.
 
 use super::common::f32_slice;
+use super::launch::{count, KArg, KLaunch, Source};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+use KArg::{B, I32, U32};
 
 /// The bf16 bits nearest to `x` (ties to even); a NaN stays a quiet NaN.
 pub fn to_bf16_bits(x: f32) -> u16 {
@@ -60,13 +62,49 @@ impl CustomOp1 for RoundBf16 {
     }
 }
 
-/// The two conversion kernels on a device.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// An element-wise launch of the conversion `kernel` of `ops.cu` over `n` values.
+fn each<A>(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<KLaunch<A>> {
+    KLaunch::elementwise(Source::Ops, kernel, n, args)
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The launch of `f32_to_bf16`: `out` (bf16) ← `x` (f32) rounded, `n` values. The
+/// CUDA functions below and the tests' emulated kernels are launched through these
+/// definitions.
+pub(crate) fn to_bf16_launch<A>(out: A, x: A, n: usize) -> Result<KLaunch<A>> {
+    let args = vec![B(out), B(x), U32(count(n, "f32-to-bf16")?)];
+    each("f32_to_bf16", n, args)
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The launch of `bf16_to_f32`: `out` (f32) ← `x` (bf16) widened, `n` values.
+pub(crate) fn to_f32_launch<A>(out: A, x: A, n: usize) -> Result<KLaunch<A>> {
+    let args = vec![B(out), B(x), U32(count(n, "bf16-to-f32")?)];
+    each("bf16_to_f32", n, args)
+}
+
+#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
+/// The launch of `bf16_widen_into`: `out` (f32) ← widen(`x`), or += with
+/// `accumulate`, `n` values.
+pub(crate) fn widen_into_launch<A>(out: A, x: A, accumulate: bool, n: usize) -> Result<KLaunch<A>> {
+    let args = vec![
+        B(out),
+        B(x),
+        I32(i32::from(accumulate)),
+        U32(count(n, "bf16-widen-into")?),
+    ];
+    each("bf16_widen_into", n, args)
+}
+
+/// The conversion kernels on a device.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub(crate) mod cuda {
-    use super::super::cuda::{elementwise, launch_error, uninit};
-    use super::super::pointwise::OPS;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+    use super::super::cuda::uninit;
+    use super::super::launch::cuda::{run, CudaArg};
+    use super::{to_bf16_launch, to_f32_launch};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::Result;
 
@@ -79,12 +117,12 @@ pub(crate) mod cuda {
         // SAFETY: the kernel writes all n values before anything reads them.
         let mut out = unsafe { dev.alloc::<half::bf16>(n.max(1))? };
         if n > 0 {
-            let (cfg, count) = elementwise(n, "f32-to-bf16")?;
-            let k = OPS.func(dev, "f32_to_bf16")?;
-            let mut b = k.builder();
-            b.arg(&mut out).arg(x).arg(&count);
-            // SAFETY: thread i < n reads x[i] and writes out[i].
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error("f32-to-bf16", e))?;
+            let launch = to_bf16_launch(
+                CudaArg::MutBf16(out.slice_mut(..)),
+                CudaArg::View(x.slice(..)),
+                n,
+            )?;
+            run(dev, launch)?;
         }
         Ok(out)
     }
@@ -106,13 +144,13 @@ pub(crate) mod cuda {
             candle_core::bail!("bf16 widening: {} values into {n}", x.len())
         }
         if n > 0 {
-            let (cfg, count) = elementwise(n, "bf16-widen-into")?;
-            let acc = i32::from(accumulate);
-            let k = OPS.func(dev, "bf16_widen_into")?;
-            let mut b = k.builder();
-            b.arg(out).arg(x).arg(&acc).arg(&count);
-            // SAFETY: n values written, n of x read (checked above).
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error("bf16-widen-into", e))?;
+            let launch = super::widen_into_launch(
+                CudaArg::Mut(out.slice_mut(..)),
+                CudaArg::ViewBf16(x.slice(..n)),
+                accumulate,
+                n,
+            )?;
+            run(dev, launch)?;
         }
         Ok(())
     }
@@ -122,12 +160,12 @@ pub(crate) mod cuda {
         let n = x.len();
         let mut out = uninit(dev, n.max(1))?;
         if n > 0 {
-            let (cfg, count) = elementwise(n, "bf16-to-f32")?;
-            let k = OPS.func(dev, "bf16_to_f32")?;
-            let mut b = k.builder();
-            b.arg(&mut out).arg(x).arg(&count);
-            // SAFETY: thread i < n reads x[i] and writes out[i].
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error("bf16-to-f32", e))?;
+            let launch = to_f32_launch(
+                CudaArg::Mut(out.slice_mut(..)),
+                CudaArg::ViewBf16(x.slice(..)),
+                n,
+            )?;
+            run(dev, launch)?;
         }
         Ok(out)
     }

@@ -9,7 +9,7 @@
 //! executor (the kernels' twins). What only a GPU checks is the queueing itself.
 
 // Without CUDA the launches run only in the tests (the emulated executor).
-#![cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
+#![cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 
 use std::ops::Range;
 
@@ -47,6 +47,7 @@ pub(crate) enum KArg<A> {
     Null,
     U32(u32),
     I32(i32),
+    U64(u64),
     F32(f32),
 }
 
@@ -140,6 +141,7 @@ pub(crate) trait Launcher: Exec {
 }
 
 /// `r` checked to lie in a buffer of `len` values.
+#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
 pub(crate) fn within(r: &Range<usize>, len: usize, what: &str) -> Result<()> {
     if r.start > r.end || r.end > len {
         candle_core::bail!("{what}: values {}..{} of a buffer of {len}", r.start, r.end)
@@ -147,134 +149,165 @@ pub(crate) fn within(r: &Range<usize>, len: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The CUDA executor's side: handles to device memory, launches queued on the
-/// device's stream.
-#[cfg(feature = "cudnn")]
+/// The CUDA side: handles to device memory, launches queued on the device's stream.
+#[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub(crate) mod cuda {
-    use std::ops::{Deref, Range};
+    use std::ops::Deref;
 
     use candle_core::cuda_backend::cudarc::driver::{
         CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
     };
-    use candle_core::{Layout, Result, Storage, Tensor};
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::{Layout, Result, Storage};
 
     use super::super::cuda::{f32_view, launch_error};
-    use super::super::device_eval::cuda::{CudaExec, Slice, KERNELS_MODULE};
-    use super::{within, KArg, KLaunch, Launcher, Source};
+    use super::{KArg, KLaunch, Source};
 
     /// A CUDA launch argument.
     pub(crate) enum CudaArg<'a> {
-        /// Device memory the kernel reads.
+        /// f32 device memory the kernel reads.
         View(CudaView<'a, f32>),
-        /// Device memory the kernel writes.
+        /// u32 device memory the kernel reads (labels).
+        ViewU32(CudaView<'a, u32>),
+        /// bf16 device memory the kernel reads.
+        ViewBf16(CudaView<'a, half::bf16>),
+        /// f32 device memory the kernel writes.
         Mut(CudaViewMut<'a, f32>),
+        /// bf16 device memory the kernel writes.
+        MutBf16(CudaViewMut<'a, half::bf16>),
         /// A tensor's storage, held for reading until the launch is queued, and how
-        /// many of its values the kernel reads.
+        /// many of its f32 values the kernel reads (the fused programs' operands).
+        #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
         Tensor(Guard<'a>, &'a Layout, usize, &'static str),
     }
 
     /// A tensor storage's read guard.
-    type Guard<'a> = Box<dyn Deref<Target = Storage> + 'a>;
+    pub(crate) type Guard<'a> = Box<dyn Deref<Target = Storage> + 'a>;
 
     /// A launch argument with tensors' storage guards set aside.
     enum Slot<'a> {
-        View(CudaView<'a, f32>),
-        Mut(CudaViewMut<'a, f32>),
+        Arg(CudaArg<'a>),
         /// The view of guard i.
         Tensor(usize),
         Null,
         U32(u32),
         I32(i32),
+        U64(u64),
         F32(f32),
     }
 
-    impl Launcher for CudaExec {
-        type Arg<'a> = CudaArg<'a>;
-
-        fn read<'a>(&'a self, b: &'a Slice, r: Range<usize>) -> Result<CudaArg<'a>> {
-            within(&r, b.len(), "fused GPU program")?;
-            Ok(CudaArg::View(b.slice(r)))
-        }
-
-        fn write<'a>(&'a self, b: &'a mut Slice, r: Range<usize>) -> Result<CudaArg<'a>> {
-            within(&r, b.len(), "fused GPU program")?;
-            Ok(CudaArg::Mut(b.slice_mut(r)))
-        }
-
-        fn tensor<'a>(
-            &'a self,
-            t: &'a Tensor,
-            n: usize,
-            what: &'static str,
-        ) -> Result<CudaArg<'a>> {
-            let (g, l) = t.storage_and_layout();
-            Ok(CudaArg::Tensor(Box::new(g), l, n, what))
-        }
-
-        fn run(&self, l: KLaunch<CudaArg<'_>>) -> Result<()> {
-            let KLaunch {
-                source,
-                kernel,
-                grid,
-                block,
-                args,
-            } = l;
-            // The tensors' guards first, then their views (which borrow them), then
-            // the arguments in order.
-            let mut guards = Vec::new();
-            let mut slots: Vec<Slot<'_>> = args
-                .into_iter()
-                .map(|a| match a {
-                    KArg::B(CudaArg::View(v)) => Slot::View(v),
-                    KArg::B(CudaArg::Mut(v)) => Slot::Mut(v),
-                    KArg::B(CudaArg::Tensor(g, l, n, what)) => {
-                        guards.push(((g, l), n, what));
-                        Slot::Tensor(guards.len() - 1)
-                    }
-                    KArg::Null => Slot::Null,
-                    KArg::U32(x) => Slot::U32(x),
-                    KArg::I32(x) => Slot::I32(x),
-                    KArg::F32(x) => Slot::F32(x),
-                })
-                .collect();
-            let views = guards
-                .iter()
-                .map(|((g, l), n, what)| match &***g {
-                    Storage::Cuda(s) => f32_view(s, l, *n, what),
-                    _ => candle_core::bail!("fused GPU program: {what} is not on the GPU"),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let module = match source {
-                Source::Programs => &KERNELS_MODULE,
-                Source::Ops => &super::super::pointwise::OPS,
+    /// Queues `l` on `dev`'s stream.
+    pub(crate) fn run(dev: &CudaDevice, l: KLaunch<CudaArg<'_>>) -> Result<()> {
+        let KLaunch {
+            source,
+            kernel,
+            grid,
+            block,
+            args,
+        } = l;
+        // The tensors' guards first, then their views (which borrow them), then the
+        // arguments in order.
+        let mut guards = Vec::new();
+        let mut slots: Vec<Slot<'_>> = args
+            .into_iter()
+            .map(|a| match a {
+                KArg::B(CudaArg::Tensor(g, l, n, what)) => {
+                    guards.push(((g, l), n, what));
+                    Slot::Tensor(guards.len() - 1)
+                }
+                KArg::B(a) => Slot::Arg(a),
+                KArg::Null => Slot::Null,
+                KArg::U32(x) => Slot::U32(x),
+                KArg::I32(x) => Slot::I32(x),
+                KArg::U64(x) => Slot::U64(x),
+                KArg::F32(x) => Slot::F32(x),
+            })
+            .collect();
+        let views = guards
+            .iter()
+            .map(|((g, l), n, what)| match &***g {
+                Storage::Cuda(s) => f32_view(s, l, *n, what),
+                _ => candle_core::bail!("{kernel}: {what} is not on the GPU"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let module = match source {
+            #[cfg(feature = "cudnn")]
+            Source::Programs => &super::super::device_eval::cuda::KERNELS_MODULE,
+            #[cfg(not(feature = "cudnn"))]
+            Source::Programs => candle_core::bail!("{kernel}: a build without cuDNN"),
+            Source::Ops => &super::super::pointwise::OPS,
+        };
+        let func = module.func(dev, kernel)?;
+        let null = 0u64;
+        let mut b = func.builder();
+        for s in &mut slots {
+            match s {
+                Slot::Arg(CudaArg::View(v)) => b.arg(&*v),
+                Slot::Arg(CudaArg::ViewU32(v)) => b.arg(&*v),
+                Slot::Arg(CudaArg::ViewBf16(v)) => b.arg(&*v),
+                Slot::Arg(CudaArg::Mut(v)) => b.arg(v),
+                Slot::Arg(CudaArg::MutBf16(v)) => b.arg(v),
+                Slot::Arg(CudaArg::Tensor(..)) => unreachable!("set aside above"),
+                Slot::Tensor(i) => b.arg(&views[*i]),
+                Slot::Null => b.arg(&null),
+                Slot::U32(x) => b.arg(&*x),
+                Slot::I32(x) => b.arg(&*x),
+                Slot::U64(x) => b.arg(&*x),
+                Slot::F32(x) => b.arg(&*x),
             };
-            let func = module.func(&self.dev, kernel)?;
-            let null = 0u64;
-            let mut b = func.builder();
-            for s in &mut slots {
-                match s {
-                    Slot::View(v) => b.arg(&*v),
-                    Slot::Mut(v) => b.arg(v),
-                    Slot::Tensor(i) => b.arg(&views[*i]),
-                    Slot::Null => b.arg(&null),
-                    Slot::U32(x) => b.arg(&*x),
-                    Slot::I32(x) => b.arg(&*x),
-                    Slot::F32(x) => b.arg(&*x),
-                };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are the kernel's, in its order (the tests' emulated
+        // executor runs the same launches against the kernels' source); every pointer
+        // is a checked range of its buffer or the first values of a tensor's
+        // contiguous storage, as many as the kernel indexes on this grid (each
+        // launch's construction checks the lengths).
+        unsafe { b.launch(cfg) }.map_err(|e| launch_error(kernel, e))?;
+        Ok(())
+    }
+
+    /// The fused programs' executor on a GPU.
+    #[cfg(feature = "cudnn")]
+    mod exec {
+        use std::ops::Range;
+
+        use candle_core::{Result, Tensor};
+
+        use super::super::super::device_eval::cuda::{CudaExec, Slice};
+        use super::super::{within, KLaunch, Launcher};
+        use super::CudaArg;
+
+        impl Launcher for CudaExec {
+            type Arg<'a> = CudaArg<'a>;
+
+            fn read<'a>(&'a self, b: &'a Slice, r: Range<usize>) -> Result<CudaArg<'a>> {
+                within(&r, b.len(), "fused GPU program")?;
+                Ok(CudaArg::View(b.slice(r)))
             }
-            let cfg = LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (block, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments are the kernel's, in its order (the emulated
-            // executor runs the same launches against the kernels' source in the
-            // tests); every pointer is a checked range of its buffer or the first
-            // values of a tensor's contiguous storage, as many as the kernel indexes
-            // on this grid (each launch's construction checks the lengths).
-            unsafe { b.launch(cfg) }.map_err(|e| launch_error(kernel, e))?;
-            Ok(())
+
+            fn write<'a>(&'a self, b: &'a mut Slice, r: Range<usize>) -> Result<CudaArg<'a>> {
+                within(&r, b.len(), "fused GPU program")?;
+                Ok(CudaArg::Mut(b.slice_mut(r)))
+            }
+
+            fn tensor<'a>(
+                &'a self,
+                t: &'a Tensor,
+                n: usize,
+                what: &'static str,
+            ) -> Result<CudaArg<'a>> {
+                let (g, l) = t.storage_and_layout();
+                Ok(CudaArg::Tensor(Box::new(g), l, n, what))
+            }
+
+            fn run(&self, l: KLaunch<CudaArg<'_>>) -> Result<()> {
+                super::run(&self.dev, l)
+            }
         }
     }
 }

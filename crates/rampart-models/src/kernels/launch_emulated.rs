@@ -15,7 +15,7 @@ use candle_core::{Result, Tensor};
 use super::{within, KArg, KLaunch, Launcher};
 use crate::kernels::conv::{ConvShape, Pass};
 use crate::kernels::device_eval::{launches, CpuExec, DNorm, Exec};
-use crate::kernels::emulate::{Arg, Emulator};
+use crate::kernels::emulate::{bits, Arg, Emulator};
 
 /// The emulated executor (f32 buffers on the host, like the CPU executor's).
 pub(crate) struct EmuExec;
@@ -26,6 +26,12 @@ pub(crate) enum EmuArg<'a> {
     Read(Vec<f32>),
     /// Values the kernel writes, written back after the launch.
     Write(&'a mut [f32]),
+    /// u32 values the kernel reads (labels).
+    ReadU32(Vec<u32>),
+    /// 16-bit values (bf16 bits) the kernel reads.
+    ReadU16(Vec<u16>),
+    /// 16-bit values (bf16 bits) the kernel writes.
+    WriteU16(&'a mut [u16]),
 }
 
 thread_local! {
@@ -68,39 +74,42 @@ impl Launcher for EmuExec {
         let mut args = Vec::with_capacity(l.args.len());
         for (a, name) in l.args.iter().zip(&names) {
             args.push(match a {
-                KArg::B(EmuArg::Read(v)) => {
-                    s.put(name, v);
-                    Arg::B(name)
-                }
-                KArg::B(EmuArg::Write(v)) => {
-                    s.put(name, v);
+                KArg::B(a) => {
+                    match a {
+                        EmuArg::Read(v) => s.put(name, v),
+                        EmuArg::Write(v) => s.put(name, v),
+                        EmuArg::ReadU32(v) => s.put(name, v),
+                        EmuArg::ReadU16(v) => s.put(name, v),
+                        EmuArg::WriteU16(v) => s.put(name, v),
+                    };
                     Arg::B(name)
                 }
                 KArg::Null => Arg::Null,
                 KArg::U32(x) => Arg::U32(*x),
                 KArg::I32(x) => Arg::I32(*x),
+                KArg::U64(x) => Arg::U64(*x),
                 KArg::F32(x) => Arg::F32(*x),
             });
         }
         s.launch(l.kernel, [l.grid, 1, 1], [l.block, 1, 1], &args);
         let out = s.run();
         for (i, (a, name)) in l.args.into_iter().zip(&names).enumerate() {
-            match a {
-                KArg::B(EmuArg::Write(dst)) => dst.copy_from_slice(&out.get::<f32>(name)),
-                KArg::B(EmuArg::Read(v)) => {
-                    let after = out.get::<f32>(name);
-                    if after
-                        .iter()
-                        .map(|x| x.to_bits())
-                        .ne(v.iter().map(|x| x.to_bits()))
-                    {
-                        candle_core::bail!(
-                            "{}: argument {i}, passed to be read, was written",
-                            l.kernel
-                        )
-                    }
+            let unchanged = match a {
+                KArg::B(EmuArg::Write(dst)) => {
+                    dst.copy_from_slice(&out.get::<f32>(name));
+                    true
                 }
-                _ => {}
+                KArg::B(EmuArg::WriteU16(dst)) => {
+                    dst.copy_from_slice(&out.get::<u16>(name));
+                    true
+                }
+                KArg::B(EmuArg::Read(v)) => bits(&out.get::<f32>(name)) == bits(&v),
+                KArg::B(EmuArg::ReadU32(v)) => out.get::<u32>(name) == v,
+                KArg::B(EmuArg::ReadU16(v)) => out.get::<u16>(name) == v,
+                _ => true,
+            };
+            if !unchanged {
+                candle_core::bail!("{}: argument {i}, passed to be read, was written", l.kernel)
             }
         }
         Ok(())

@@ -15,6 +15,7 @@
 //! with probability 8·10⁻⁹); the polynomials are accurate to about 1e-7 (tested
 //! against f64), and the draws pass a Kolmogorov–Smirnov test against the normal law.
 
+use super::launch::{count, KArg, KLaunch, Source};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 
@@ -206,11 +207,35 @@ impl CustomOp1 for LayerNoise {
     }
 }
 
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The launch of `layer_noise`: the noise of `images` images of `per` values each
+/// into `out` (image i's values those [`fill_image`] writes for (seed, first + i)),
+/// one thread per pair of values. The GPU's fill and the tests' emulated kernel are
+/// launched through this one definition.
+pub(crate) fn noise_launch<A>(
+    out: A,
+    seed: u64,
+    first: u64,
+    per: usize,
+    images: usize,
+) -> Result<KLaunch<A>> {
+    let pairs_per_image = per.div_ceil(2);
+    let pairs = pairs_per_image * images;
+    let args = vec![
+        KArg::B(out),
+        KArg::U64(seed),
+        KArg::U64(first),
+        KArg::U64(per as u64),
+        KArg::U64(pairs_per_image as u64),
+        KArg::U32(count(pairs, "layer-noise")?),
+    ];
+    KLaunch::elementwise(Source::Ops, "layer_noise", pairs, args)
+}
+
 /// Writes the noise of `images` images of `per` values each into `out` (at least
 /// `per`·`images` values) on a GPU: image i's values are those [`fill_image`] writes for
 /// (seed, first + i). One kernel (`layer_noise` in `ops.cu`).
 #[cfg(feature = "cuda")]
-#[allow(unsafe_code)]
 pub(crate) fn fill_cuda(
     dev: &candle_core::cuda_backend::CudaDevice,
     out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
@@ -219,9 +244,7 @@ pub(crate) fn fill_cuda(
     per: usize,
     images: usize,
 ) -> Result<()> {
-    use super::cuda::{elementwise, launch_error};
-    use super::pointwise::OPS;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use super::launch::cuda::{run, CudaArg};
     if per == 0 || images == 0 {
         return Ok(());
     }
@@ -231,22 +254,17 @@ pub(crate) fn fill_cuda(
             out.len()
         )
     }
-    let pairs_per_image = per.div_ceil(2);
-    let (cfg, count) = elementwise(pairs_per_image * images, "layer-noise")?;
-    let (per_image, half) = (per as u64, pairs_per_image as u64);
-    let k = OPS.func(dev, "layer_noise")?;
-    let mut b = k.builder();
-    b.arg(out)
-        .arg(&seed)
-        .arg(&first)
-        .arg(&per_image)
-        .arg(&half)
-        .arg(&count);
-    // SAFETY: thread p < count writes values 2k, 2k + 1 (k = p mod half, the second
-    // only below per_image) of image p / half: within the per·images values checked
-    // above (`first` only changes which values, not where they go).
-    unsafe { b.launch(cfg) }.map_err(|e| launch_error("layer-noise", e))?;
-    Ok(())
+    // Thread p writes values 2k, 2k + 1 (k = p mod half, the second only below per)
+    // of image p / half: within the per·images values checked above (`first` only
+    // changes which values, not where they go).
+    let launch = noise_launch(
+        CudaArg::Mut(out.slice_mut(..per * images)),
+        seed,
+        first,
+        per,
+        images,
+    )?;
+    run(dev, launch)
 }
 
 #[cfg(test)]

@@ -14,12 +14,16 @@
 //! (zeros, comparison, conversion, product) besides the gradient bookkeeping.
 
 use super::common::f32_slice;
+use super::launch::{count, KArg, KLaunch, Source};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, InplaceOp2, Layout, Result, Shape, Tensor};
+use KArg::{B, F32, I32, U32};
 
 #[cfg(feature = "cuda")]
-use super::cuda::{elementwise, f32_view, launch_error, uninit, Module};
+use super::cuda::{f32_view, uninit, Module};
 #[cfg(feature = "cuda")]
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+use super::launch::cuda::{run, CudaArg};
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
@@ -50,6 +54,106 @@ pub const KERNELS: [&str; 13] = [
 #[cfg(feature = "cuda")]
 pub fn ops_ptx() -> Result<&'static str> {
     OPS.ptx()
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// An element-wise launch of `kernel` of `ops.cu` over `n` values.
+fn each<A>(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<KLaunch<A>> {
+    KLaunch::elementwise(Source::Ops, kernel, n, args)
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The launch of `relu_mask`: `out` = dy·[y > 0] over `n` values. The CUDA op and the
+/// tests' emulated kernels are launched through this one definition (and those
+/// below), so the tests check the argument order and grid a GPU gets.
+pub(crate) fn relu_mask_launch<A>(out: A, dy: A, y: A, n: usize) -> Result<KLaunch<A>> {
+    let args = vec![B(out), B(dy), B(y), U32(count(n, "relu-mask")?)];
+    each("relu_mask", n, args)
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The launch of `bn_eval_backward` ([`BnEvalBackward`]) over `n` values of `c`
+/// channels.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_eval_backward_launch<A>(
+    dx: A,
+    dy: A,
+    y: A,
+    gamma: A,
+    var: A,
+    eps: f32,
+    relu: bool,
+    c: usize,
+    n: usize,
+) -> Result<KLaunch<A>> {
+    let args = vec![
+        B(dx),
+        B(dy),
+        B(y),
+        B(gamma),
+        B(var),
+        F32(eps),
+        I32(i32::from(relu)),
+        U32(count(c, "BatchNorm backward")?),
+        U32(count(n, "BatchNorm backward")?),
+    ];
+    each("bn_eval_backward", n, args)
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The launch of `bn_running` for `op` on the `c` running values `run`, from the
+/// statistic's `c` saved batch values `from`.
+pub(crate) fn running_launch<A>(
+    op: &RunningUpdate,
+    run: A,
+    from: A,
+    c: usize,
+) -> Result<KLaunch<A>> {
+    let args = vec![
+        B(run),
+        B(from),
+        F32(op.keep),
+        F32(op.take),
+        F32(op.neg_eps),
+        I32(i32::from(op.stat == Stat::Var)),
+        U32(count(c, "running statistics")?),
+    ];
+    each("bn_running", c, args)
+}
+
+#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
+/// The launch of `relu_inplace` on `n` values of `y`.
+pub(crate) fn relu_in_place_launch<A>(y: A, n: usize) -> Result<KLaunch<A>> {
+    each("relu_inplace", n, vec![B(y), U32(count(n, "relu")?)])
+}
+
+#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
+/// The launch of `oihw_to_ohwi` (`to_ohwi`) or `ohwi_to_oihw` on `n` kernel values of
+/// `c_in` input channels and `kk` taps each.
+pub(crate) fn permute_launch<A>(
+    out: A,
+    w: A,
+    c_in: usize,
+    kk: usize,
+    n: usize,
+    to_ohwi: bool,
+) -> Result<KLaunch<A>> {
+    if c_in == 0 || kk == 0 || !n.is_multiple_of(c_in * kk) {
+        candle_core::bail!("kernel order: {n} values are not kernels of {c_in}×{kk}")
+    }
+    let name = if to_ohwi {
+        "oihw_to_ohwi"
+    } else {
+        "ohwi_to_oihw"
+    };
+    let args = vec![
+        B(out),
+        B(w),
+        U32(count(c_in, name)?),
+        U32(count(kk, name)?),
+        U32(count(n, name)?),
+    ];
+    each(name, n, args)
 }
 
 #[inline(always)]
@@ -87,7 +191,6 @@ impl CustomOp2 for ReluMask {
     }
 
     #[cfg(feature = "cuda")]
-    #[allow(unsafe_code)]
     fn cuda_fwd(
         &self,
         s1: &CudaStorage,
@@ -108,7 +211,6 @@ impl CustomOp2 for ReluMask {
 
 /// dy·[y > 0] into a fresh buffer (one kernel); `dy` and `y` of equal length.
 #[cfg(feature = "cuda")]
-#[allow(unsafe_code)]
 pub(crate) fn relu_mask_cuda(
     dev: &candle_core::cuda_backend::CudaDevice,
     dy: &CudaView<'_, f32>,
@@ -119,12 +221,15 @@ pub(crate) fn relu_mask_cuda(
         candle_core::bail!("relu-mask: {n} gradients for {} outputs", y.len())
     }
     let mut out = uninit(dev, n)?;
-    let (cfg, count) = elementwise(n, "relu-mask")?;
-    let k = OPS.func(dev, "relu_mask")?;
-    let mut b = k.builder();
-    b.arg(&mut out).arg(dy).arg(y).arg(&count);
-    // SAFETY: n values read from each operand, n written.
-    unsafe { b.launch(cfg) }.map_err(|e| launch_error("relu-mask", e))?;
+    run(
+        dev,
+        relu_mask_launch(
+            CudaArg::Mut(out.slice_mut(..)),
+            CudaArg::View(dy.slice(..)),
+            CudaArg::View(y.slice(..)),
+            n,
+        )?,
+    )?;
     Ok(out)
 }
 
@@ -181,7 +286,6 @@ impl CustomOp3 for BnEvalBackward {
     }
 
     #[cfg(feature = "cuda")]
-    #[allow(unsafe_code)]
     fn cuda_fwd(
         &self,
         s1: &CudaStorage,
@@ -205,21 +309,18 @@ impl CustomOp3 for BnEvalBackward {
         let var = f32_view(vs, vl, c, "BatchNorm backward: running variance")?;
         let dev = &s1.device;
         let mut dx = uninit(dev, n)?;
-        let (cfg, count) = elementwise(n, self.name())?;
-        let (relu, channels) = (i32::from(self.relu), c as u32);
-        let k = OPS.func(dev, "bn_eval_backward")?;
-        let mut b = k.builder();
-        b.arg(&mut dx)
-            .arg(&dy)
-            .arg(&y)
-            .arg(&gamma)
-            .arg(&var)
-            .arg(&self.eps)
-            .arg(&relu)
-            .arg(&channels)
-            .arg(&count);
-        // SAFETY: n values of dy, y and dx, c of γ and var, all checked contiguous.
-        unsafe { b.launch(cfg) }.map_err(|e| launch_error(self.name(), e))?;
+        let launch = bn_eval_backward_launch(
+            CudaArg::Mut(dx.slice_mut(..)),
+            CudaArg::View(dy),
+            CudaArg::View(y),
+            CudaArg::View(gamma),
+            CudaArg::View(var),
+            self.eps,
+            self.relu,
+            c,
+            n,
+        )?;
+        run(dev, launch)?;
         Ok((
             CudaStorage::wrap_cuda_slice(dx, dev.clone()),
             l1.shape().clone(),
@@ -300,7 +401,6 @@ impl InplaceOp2 for RunningUpdate {
     }
 
     #[cfg(feature = "cuda")]
-    #[allow(unsafe_code)]
     fn cuda_fwd(
         &self,
         s1: &mut CudaStorage,
@@ -313,37 +413,20 @@ impl InplaceOp2 for RunningUpdate {
         let stats = f32_view(s2, l2, 2 * c, "saved BatchNorm statistics")?;
         let from = stats.slice(self.offset(c)..self.offset(c) + c);
         let dev = s1.device.clone();
-        let mut run = s1.as_cuda_slice_mut::<f32>()?.slice_mut(at..at + c);
-        let (cfg, count) = elementwise(c, self.name())?;
-        let var = i32::from(self.stat == Stat::Var);
-        let k = OPS.func(&dev, "bn_running")?;
-        let mut b = k.builder();
-        b.arg(&mut run)
-            .arg(&from)
-            .arg(&self.keep)
-            .arg(&self.take)
-            .arg(&self.neg_eps)
-            .arg(&var)
-            .arg(&count);
-        // SAFETY: c values read and written, checked contiguous.
-        unsafe { b.launch(cfg) }.map_err(|e| launch_error(self.name(), e))?;
-        Ok(())
+        let to = s1.as_cuda_slice_mut::<f32>()?.slice_mut(at..at + c);
+        run(
+            &dev,
+            running_launch(self, CudaArg::Mut(to), CudaArg::View(from), c)?,
+        )
     }
 }
 
 /// The ReLU of the first `n` values of `s`, in place (after cuDNN wrote them).
 #[cfg(feature = "cudnn")]
-#[allow(unsafe_code)]
 pub(crate) fn relu_in_place(s: &mut CudaStorage, n: usize) -> Result<()> {
     let dev = s.device.clone();
-    let mut y = s.as_cuda_slice_mut::<f32>()?.slice_mut(0..n);
-    let (cfg, count) = elementwise(n, "relu")?;
-    let k = OPS.func(&dev, "relu_inplace")?;
-    let mut b = k.builder();
-    b.arg(&mut y).arg(&count);
-    // SAFETY: the first n values of a buffer of at least n.
-    unsafe { b.launch(cfg) }.map_err(|e| launch_error("relu", e))?;
-    Ok(())
+    let y = s.as_cuda_slice_mut::<f32>()?.slice_mut(0..n);
+    run(&dev, relu_in_place_launch(CudaArg::Mut(y), n)?)
 }
 
 /// A convolution kernel of `c_in` input channels and `kk` = k·k taps per channel,
@@ -351,7 +434,6 @@ pub(crate) fn relu_in_place(s: &mut CudaStorage, n: usize) -> Result<()> {
 /// kernels `oihw_to_ohwi` and `ohwi_to_oihw`, whose CPU twins are
 /// [`super::conv::oihw_to_ohwi`] and [`super::conv::ohwi_to_oihw`].
 #[cfg(feature = "cudnn")]
-#[allow(unsafe_code)]
 pub(crate) fn permute_kernel(
     dev: &candle_core::cuda_backend::CudaDevice,
     w: &CudaView<'_, f32>,
@@ -360,22 +442,16 @@ pub(crate) fn permute_kernel(
     to_ohwi: bool,
 ) -> Result<CudaSlice<f32>> {
     let n = w.len();
-    if c_in == 0 || kk == 0 || n % (c_in * kk) != 0 {
-        candle_core::bail!("kernel order: {n} values are not kernels of {c_in}×{kk}")
-    }
-    let name = if to_ohwi {
-        "oihw_to_ohwi"
-    } else {
-        "ohwi_to_oihw"
-    };
     let mut out = uninit(dev, n)?;
-    let (cfg, count) = elementwise(n, name)?;
-    let (ci, kk) = (c_in as u32, kk as u32);
-    let k = OPS.func(dev, name)?;
-    let mut b = k.builder();
-    b.arg(&mut out).arg(w).arg(&ci).arg(&kk).arg(&count);
-    // SAFETY: n values in and out; every index computed stays below n.
-    unsafe { b.launch(cfg) }.map_err(|e| launch_error(name, e))?;
+    let launch = permute_launch(
+        CudaArg::Mut(out.slice_mut(..)),
+        CudaArg::View(w.slice(..)),
+        c_in,
+        kk,
+        n,
+        to_ohwi,
+    )?;
+    run(dev, launch)?;
     Ok(out)
 }
 

@@ -17,13 +17,10 @@ use super::common::f32_slice;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 #[cfg(feature = "cuda")]
-use super::cuda::{f32_view, launch_error, uninit};
+use super::cuda::{f32_view, uninit};
 #[cfg(feature = "cuda")]
-use super::pointwise::OPS;
-#[cfg(feature = "cuda")]
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
-};
+use super::launch::cuda::{run, CudaArg};
+use super::launch::{KArg, KLaunch, Source};
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
@@ -272,7 +269,6 @@ impl CustomOp2 for Xent {
     }
 
     #[cfg(feature = "cuda")]
-    #[allow(unsafe_code)]
     fn cuda_fwd(
         &self,
         s1: &CudaStorage,
@@ -283,32 +279,22 @@ impl CustomOp2 for Xent {
         let (b, k) = l1.shape().dims2()?;
         let x = f32_view(s1, l1, b * k, "cross-entropy: logits")?;
         let dev = &s1.device;
-        let (rows, classes) = (count(b)?, count(k)?);
-        // The mean: one block of eight warps; each row's loss: one warp per row.
-        let (outputs, blocks, name, shape) = match self.per_row {
-            false => (1, 1, "xent_forward", Shape::from(())),
-            true => (b, rows.div_ceil(8), "xent_rows", Shape::from(b)),
+        let (outputs, shape) = match self.per_row {
+            false => (1, Shape::from(())),
+            true => (b, Shape::from(b)),
         };
         let mut loss = uninit(dev, outputs)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let kernel = OPS.func(dev, name)?;
-        let targets = TargetView::new(self, s2, l2, b, k)?;
-        let null = 0u64;
-        let mut builder = kernel.builder();
-        builder.arg(&mut loss).arg(&x);
-        targets.push(&mut builder, &null);
-        builder
-            .arg(&self.on)
-            .arg(&self.off)
-            .arg(&rows)
-            .arg(&classes);
-        // SAFETY: b·k logits, b labels or b·k targets, all checked contiguous; one
-        // value written, or one per row.
-        unsafe { builder.launch(cfg) }.map_err(|e| launch_error(self.name(), e))?;
+        let launch = forward_launch(
+            self.per_row,
+            CudaArg::Mut(loss.slice_mut(..)),
+            CudaArg::View(x),
+            target_arg(self, s2, l2, b, k)?,
+            self.on,
+            self.off,
+            b,
+            k,
+        )?;
+        run(dev, launch)?;
         Ok((CudaStorage::wrap_cuda_slice(loss, dev.clone()), shape))
     }
 
@@ -371,7 +357,6 @@ impl CustomOp3 for XentBackward {
     }
 
     #[cfg(feature = "cuda")]
-    #[allow(unsafe_code)]
     fn cuda_fwd(
         &self,
         s1: &CudaStorage,
@@ -392,29 +377,18 @@ impl CustomOp3 for XentBackward {
         )?;
         let dev = &s1.device;
         let mut dx = uninit(dev, b * k)?;
-        let (rows, classes) = (count(b)?, count(k)?);
-        // One warp per row, eight rows per block.
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(8), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let kernel = OPS.func(dev, "xent_backward")?;
-        let targets = TargetView::new(op, s2, l2, b, k)?;
-        let null = 0u64;
-        let mut builder = kernel.builder();
-        builder.arg(&mut dx).arg(&x);
-        targets.push(&mut builder, &null);
-        let per_row = i32::from(op.per_row);
-        builder
-            .arg(&g)
-            .arg(&per_row)
-            .arg(&op.on)
-            .arg(&op.off)
-            .arg(&rows)
-            .arg(&classes);
-        // SAFETY: as the forward pass; b·k values written.
-        unsafe { builder.launch(cfg) }.map_err(|e| launch_error(self.name(), e))?;
+        let launch = backward_launch(
+            op.per_row,
+            CudaArg::Mut(dx.slice_mut(..)),
+            CudaArg::View(x),
+            target_arg(op, s2, l2, b, k)?,
+            CudaArg::View(g),
+            op.on,
+            op.off,
+            b,
+            k,
+        )?;
+        run(dev, launch)?;
         Ok((
             CudaStorage::wrap_cuda_slice(dx, dev.clone()),
             l1.shape().clone(),
@@ -422,45 +396,113 @@ impl CustomOp3 for XentBackward {
     }
 }
 
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The targets operand of the kernels: labels (u32) or soft targets (f32).
+pub(crate) enum TargetArg<A> {
+    Labels(A),
+    Soft(A),
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+impl<A> TargetArg<A> {
+    /// The kernels' (labels, soft) pair of arguments, the absent one null.
+    fn pair(self) -> [KArg<A>; 2] {
+        match self {
+            TargetArg::Labels(a) => [KArg::B(a), KArg::Null],
+            TargetArg::Soft(a) => [KArg::Null, KArg::B(a)],
+        }
+    }
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The forward launch: the mean loss (`xent_forward`, one block of eight warps) or
+/// each row's (`xent_rows`, one warp per row) of the `b`×`k` logits `x` into `loss`,
+/// a label weighing `on` beyond every class's `off`. The CUDA op and the tests'
+/// emulated kernels are launched through this one definition.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_launch<A>(
+    per_row: bool,
+    loss: A,
+    x: A,
+    targets: TargetArg<A>,
+    on: f32,
+    off: f32,
+    b: usize,
+    k: usize,
+) -> Result<KLaunch<A>> {
+    let (rows, classes) = (count(b)?, count(k)?);
+    let mut args = vec![KArg::B(loss), KArg::B(x)];
+    args.extend(targets.pair());
+    args.extend([
+        KArg::F32(on),
+        KArg::F32(off),
+        KArg::U32(rows),
+        KArg::U32(classes),
+    ]);
+    let (kernel, blocks) = match per_row {
+        false => ("xent_forward", 1),
+        true => ("xent_rows", rows.div_ceil(8) as usize),
+    };
+    KLaunch::blocks(Source::Ops, kernel, blocks, 256, args)
+}
+
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+/// The backward launch (`xent_backward`, one warp per row, eight rows per block):
+/// `dx` from the logits, the targets and `g`, the gradient of the mean (one value) or
+/// of each row's loss (`per_row`, b values).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_launch<A>(
+    per_row: bool,
+    dx: A,
+    x: A,
+    targets: TargetArg<A>,
+    g: A,
+    on: f32,
+    off: f32,
+    b: usize,
+    k: usize,
+) -> Result<KLaunch<A>> {
+    let (rows, classes) = (count(b)?, count(k)?);
+    let mut args = vec![KArg::B(dx), KArg::B(x)];
+    args.extend(targets.pair());
+    args.extend([
+        KArg::B(g),
+        KArg::I32(i32::from(per_row)),
+        KArg::F32(on),
+        KArg::F32(off),
+        KArg::U32(rows),
+        KArg::U32(classes),
+    ]);
+    KLaunch::blocks(
+        Source::Ops,
+        "xent_backward",
+        rows.div_ceil(8) as usize,
+        256,
+        args,
+    )
+}
+
 /// `n` as a kernel's `unsigned int`.
-#[cfg(feature = "cuda")]
 fn count(n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("cross-entropy: {n} is too many")))
 }
 
-/// The targets operand of a kernel: labels or soft targets.
+/// The `b` labels or `b`·`k` soft targets of `op` on the GPU, checked contiguous.
 #[cfg(feature = "cuda")]
-enum TargetView<'a> {
-    Labels(CudaView<'a, u32>),
-    Soft(CudaView<'a, f32>),
-}
-
-#[cfg(feature = "cuda")]
-impl<'a> TargetView<'a> {
-    /// The `b` labels or `b`·`k` soft targets of `op`, checked contiguous.
-    fn new(op: &Xent, s: &'a CudaStorage, l: &Layout, b: usize, k: usize) -> Result<Self> {
-        if op.soft {
-            return Ok(TargetView::Soft(f32_view(
-                s,
-                l,
-                b * k,
-                "cross-entropy: targets",
-            )?));
-        }
-        let a = super::cuda::contiguous(l, b, "cross-entropy: labels")?;
-        Ok(TargetView::Labels(
-            s.as_cuda_slice::<u32>()?.slice(a..a + b),
-        ))
+fn target_arg<'a>(
+    op: &Xent,
+    s: &'a CudaStorage,
+    l: &Layout,
+    b: usize,
+    k: usize,
+) -> Result<TargetArg<CudaArg<'a>>> {
+    if op.soft {
+        let v = f32_view(s, l, b * k, "cross-entropy: targets")?;
+        return Ok(TargetArg::Soft(CudaArg::View(v)));
     }
-
-    /// Pushes the kernels' (labels, soft) pair of arguments, the absent one as a null
-    /// pointer (`null` holds 0).
-    fn push<'b>(&'b self, builder: &mut LaunchArgs<'b>, null: &'b u64) {
-        match self {
-            TargetView::Labels(v) => builder.arg(v).arg(null),
-            TargetView::Soft(v) => builder.arg(null).arg(v),
-        };
-    }
+    let a = super::cuda::contiguous(l, b, "cross-entropy: labels")?;
+    let v = s.as_cuda_slice::<u32>()?.slice(a..a + b);
+    Ok(TargetArg::Labels(CudaArg::ViewU32(v)))
 }
 
 #[cfg(test)]
