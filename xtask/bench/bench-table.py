@@ -88,6 +88,19 @@ def main(path):
         rounds = min(len(speed.get(ours, [])), len(speed.get(theirs, [])))
         arch, batch, device, step = row
         print(f"| {arch} | {batch} | {device} | {step} | {fmt(a)} | {fmt(b)} | {ratio} | {mib(ours)} | {mib(theirs)} | {rounds} |")
+    # The opt-in GPU paths Rampart's runs took (gpu-suite.sh: those whose tests passed).
+    switches = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            run = value.get("run") if isinstance(value, dict) else None
+            if run and run.get("framework") == "rampart":
+                switches.setdefault(run["device"], set()).add(run.get("switches") or "none")
+    for device, taken in sorted(switches.items()):
+        print(f"\nRampart's runs on {device} took: {'; '.join(sorted(taken))}.")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@
 #   3. OUT/bench.jsonl: `rampart bench` and xtask/bench/pytorch_bench.py, alternating,
 #      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
 #      BATCHES (environment variables; defaults below);
+#      Rampart's runs take the opt-in GPU paths whose tests passed in step 2 (the
+#      fused programs after test-models-cuda, and test-models-bf16 for cuda+bf16;
+#      PGD's device-resident loop after test-attacks-cuda), so that one device run
+#      gives the table of the paths that become the default; FAST_IF_PASSED=0 keeps
+#      the defaults. The switches taken are in each run's line and under bench.md;
 #   4. OUT/fast-at-epoch/: one epoch of `rampart train --preset
 #      fast-at-preact-resnet18` (its epoch time is in history.jsonl); OUT/bf16.md:
 #      PGD-20 on that model's first 1,000 test images in full f32 and in bf16
@@ -114,18 +119,37 @@ for spec in $AB_ARCHS; do
 done
 DEADLINE= step "ab-table" 10 "$PYTHON" "$HERE/bench-table.py" --ab "$OUT/ab.jsonl" > "$OUT/ab.md"
 
+# The opt-in paths whose GPU tests passed above (every test of the binary), for the
+# comparison's Rampart runs on device $1.
+passed() {
+  grep -q "^test result: ok\." "$OUT/tests-$1.txt" 2>/dev/null \
+    && ! grep -q "^test result: FAILED" "$OUT/tests-$1.txt"
+}
+switches_for() {
+  local on=()
+  if [ "${FAST_IF_PASSED:-1}" = 1 ]; then
+    # bf16 programs also need the bf16 tests.
+    if passed test-models-cuda && { [ "$1" = "${1%+bf16}" ] || passed test-models-bf16; }; then
+      on+=(RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1)
+    fi
+    passed test-attacks-cuda && on+=(RAMPART_CUDA_DEVICE_ATTACK=1)
+  fi
+  echo "${on[*]:-}"
+}
+
 : > "$OUT/bench.jsonl"
 for arch in $ARCHS; do
   for batch in $BATCHES; do
     for dev in $DEVICES; do
       for round in $(seq "$ROUNDS"); do
         common=(--arch "$arch" --batch-size "$batch" --reps "$REPS" --device "$dev")
-        mark() { printf '{"run": {"framework": "%s", "arch": "%s", "batch_size": %s, "device": "%s", "round": %s}}\n' "$1" "$arch" "$batch" "$dev" "$round" >> "$OUT/bench.jsonl"; }
-        mark rampart
+        switches=$(switches_for "$dev")
+        mark() { printf '{"run": {"framework": "%s", "arch": "%s", "batch_size": %s, "device": "%s", "round": %s, "switches": "%s"}}\n' "$1" "$arch" "$batch" "$dev" "$round" "$2" >> "$OUT/bench.jsonl"; }
+        mark rampart "$switches"
         step "rampart-bench $arch $batch $dev round $round" 120 \
-          "$RAMPART" bench "${common[@]}" --steps forward,pgd-step,train-step --json \
+          env $switches "$RAMPART" bench "${common[@]}" --steps forward,pgd-step,train-step --json \
           >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log"
-        mark pytorch
+        mark pytorch ""
         step "pytorch-bench $arch $batch $dev round $round" 120 \
           "$PYTHON" "$HERE/pytorch_bench.py" "${common[@]}" \
           >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log"
