@@ -1234,7 +1234,6 @@ pub(crate) fn linear_pool_input_grad(
 // The CUDA executor.
 
 #[cfg(feature = "cudnn")]
-#[allow(unsafe_code)]
 pub(crate) mod cuda {
     use super::super::conv::{ConvShape, Pass};
     use super::super::cuda::{f32_view, uninit, Module};

@@ -1761,7 +1761,6 @@ impl TrainExec for CpuExec {
 // The CUDA executor's train operations.
 
 #[cfg(feature = "cudnn")]
-#[allow(unsafe_code)]
 mod cuda {
     use super::super::conv::ConvShape;
     use super::super::cuda::uninit;
