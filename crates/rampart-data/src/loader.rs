@@ -74,6 +74,9 @@ pub struct Batch {
     pub images: Tensor,
     /// (B,) u32 class labels.
     pub labels: Tensor,
+    /// The same labels on the host, for whoever needs them there: reading `labels`
+    /// back from a GPU would wait for every operation queued before it.
+    pub host_labels: Vec<u32>,
     /// Data-set index of each example, (B,).
     pub indices: Vec<usize>,
 }
@@ -290,13 +293,15 @@ impl Iterator for EpochIter {
         self.remaining -= 1;
         let (c, h, w) = self.shape;
         let b = prepared.indices.len();
+        let host_labels = prepared.labels;
         let batch = Tensor::from_vec(prepared.pixels, (b, c, h, w), &self.device)
             .and_then(|images| {
-                Tensor::from_vec(prepared.labels, b, &self.device).map(|labels| (images, labels))
+                Tensor::new(host_labels.as_slice(), &self.device).map(|labels| (images, labels))
             })
             .map(|(images, labels)| Batch {
                 images,
                 labels,
+                host_labels,
                 indices: prepared.indices,
             })
             .map_err(DataError::from);
@@ -346,11 +351,9 @@ mod tests {
             .epoch(epoch)
             .map(|b| {
                 let b = b?;
-                Ok((
-                    b.indices,
-                    b.images.flatten_all()?.to_vec1()?,
-                    b.labels.to_vec1()?,
-                ))
+                // The host's copy of the labels is the tensor's.
+                assert_eq!(b.host_labels, b.labels.to_vec1::<u32>()?);
+                Ok((b.indices, b.images.flatten_all()?.to_vec1()?, b.host_labels))
             })
             .collect()
     }

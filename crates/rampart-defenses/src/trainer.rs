@@ -342,7 +342,8 @@ impl Trainer {
                     parallel::broadcast_vars(group, &buffers)?;
                 }
                 let mut train_batch =
-                    TrainBatch::new(model, &batch.images, &batch.labels, &mut rng);
+                    TrainBatch::new(model, &batch.images, &batch.labels, &mut rng)
+                        .with_host_labels(&batch.host_labels);
                 if let Some(group) = group {
                     train_batch = train_batch.across(group);
                 }

@@ -348,7 +348,8 @@ impl TrainingMethod for ArAdaLs {
         )?;
         let smoothing = self.lock().smoothing;
         let k = model.spec().num_classes;
-        let targets = batch.targets(adals_targets(&labels_vec(labels)?, &groups, &smoothing, k))?;
+        let targets =
+            batch.targets(adals_targets(&batch.host_labels()?, &groups, &smoothing, k))?;
         let logits = model.forward_t(images, true)?;
         let loss = soft_cross_entropy(&logits, &targets)?;
         // Summed over data-parallel workers, so that every worker learns the state of

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    adversarial_count, attack_first, check_eps, check_fraction, labels_vec, mixed_batch, one_hot,
+    adversarial_count, attack_first, check_eps, check_fraction, mixed_batch, one_hot,
     soft_cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
 };
 use crate::error::{DefenseError, Result};
@@ -137,7 +137,7 @@ impl StatelessMethod for Ccat {
         let k = batch.model.spec().num_classes;
         let m = adversarial_count(batch.images.dim(0)?, self.fraction);
         let adv = attack_first(&self.attack, batch, m, self.eps)?;
-        let ys = labels_vec(batch.labels)?;
+        let ys = batch.host_labels()?;
         let mut targets = ccat_soft_targets(&ys[..m], &adv.norm, self.eps, self.rho, k);
         targets.extend(one_hot(&ys[m..], k));
         let inputs = mixed_batch(batch.images, &adv.clipped)?;

@@ -87,6 +87,8 @@ pub struct TrainBatch<'a> {
     pub rng: &'a mut ChaCha8Rng,
     /// The data-parallel workers this batch is one part of (`None`: a single process).
     workers: Option<&'a dyn Collective>,
+    /// The labels on the host, when the caller has them ([`TrainBatch::with_host_labels`]).
+    host_labels: Option<&'a [u32]>,
 }
 
 impl<'a> TrainBatch<'a> {
@@ -103,6 +105,33 @@ impl<'a> TrainBatch<'a> {
             labels,
             rng,
             workers: None,
+            host_labels: None,
+        }
+    }
+
+    /// The same batch with its labels' host copy (the values of `labels`; the data
+    /// loader has both), so that a method that needs the labels on the host does not
+    /// read them back from a GPU, a wait for everything queued before.
+    pub fn with_host_labels(mut self, labels: &'a [u32]) -> Self {
+        self.host_labels = Some(labels);
+        self
+    }
+
+    /// The labels (B,) on the host: the copy given with
+    /// [`TrainBatch::with_host_labels`], else read from the labels tensor.
+    pub fn host_labels(&self) -> Result<std::borrow::Cow<'a, [u32]>> {
+        match self.host_labels {
+            Some(l) => {
+                let b = self.labels.dim(0)?;
+                if l.len() != b {
+                    return Err(DefenseError::Config(format!(
+                        "{} host labels for a batch of {b}",
+                        l.len()
+                    )));
+                }
+                Ok(std::borrow::Cow::Borrowed(l))
+            }
+            None => Ok(std::borrow::Cow::Owned(labels_vec(self.labels)?)),
         }
     }
 
@@ -350,9 +379,17 @@ pub(crate) fn check_fraction(fraction: f64) -> Result<()> {
     Ok(())
 }
 
-/// Labels (B,) as a host vector of u32.
+/// Labels (B,) as a host vector of u32 (a read from the device).
 pub(crate) fn labels_vec(labels: &Tensor) -> Result<Vec<u32>> {
+    #[cfg(test)]
+    LABEL_READS.with(|c| c.set(c.get() + 1));
     Ok(labels.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// [`labels_vec`] calls on this thread (the tests count reads of labels).
+    pub(crate) static LABEL_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Settings of a serialisable method as JSON.
@@ -531,5 +568,64 @@ mod tests {
         assert!(check_eps(-0.1).is_err());
         assert!(check_eps(f64::INFINITY).is_err());
         assert!(check_eps(0.0).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod host_label_tests {
+    use super::testutil::tiny_problem;
+    use super::*;
+    use rand::SeedableRng;
+
+    /// The methods that need the labels on the host take the trainer's copy (no read
+    /// of the labels tensor, a wait on a GPU) and compute the same loss as from the
+    /// tensor; a copy of another length is refused.
+    #[test]
+    fn methods_take_the_host_labels_instead_of_reading_them() -> Result<()> {
+        let methods: Vec<(&str, Box<dyn TrainingMethod>)> = vec![
+            (
+                "ccat",
+                Box::new(Ccat {
+                    attack: rampart_attacks::Pgd {
+                        steps: 3,
+                        ..rampart_attacks::Pgd::ccat_train()
+                    },
+                    ..Ccat::stutz_cifar10()
+                }),
+            ),
+            ("regmixup", Box::new(RegMixup::pinto_cifar10())),
+        ];
+        for (name, method) in methods {
+            let loss = |host: bool| -> Result<(f32, usize)> {
+                let (model, x, y) = tiny_problem(4, 6, 3);
+                let labels = y.to_vec1::<u32>()?;
+                let mut rng = ChaCha8Rng::seed_from_u64(9);
+                let mut batch = TrainBatch::new(&model, &x, &y, &mut rng);
+                if host {
+                    batch = batch.with_host_labels(&labels);
+                }
+                let before = LABEL_READS.with(std::cell::Cell::get);
+                let out = method.loss(&mut batch)?;
+                let reads = LABEL_READS.with(std::cell::Cell::get) - before;
+                Ok((out.loss.to_scalar::<f32>()?, reads))
+            };
+            let (read, reads) = loss(false)?;
+            let (given, none) = loss(true)?;
+            assert_eq!(read.to_bits(), given.to_bits(), "{name}");
+            assert!(
+                reads > 0,
+                "{name}: the labels were read without a host copy"
+            );
+            assert_eq!(
+                none, 0,
+                "{name}: the labels were read despite the host copy"
+            );
+        }
+        let (model, x, y) = tiny_problem(4, 6, 3);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let short = [0u32; 5];
+        let batch = TrainBatch::new(&model, &x, &y, &mut rng).with_host_labels(&short);
+        assert!(batch.host_labels().is_err());
+        Ok(())
     }
 }

@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    cross_entropy, labels_vec, one_hot, soft_cross_entropy, BatchLoss, StatelessMethod, StepCost,
-    TrainBatch,
+    cross_entropy, one_hot, soft_cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
 };
 use crate::error::{DefenseError, Result};
 
@@ -114,7 +113,7 @@ impl StatelessMethod for RegMixup {
         let draw = self.draw(b, batch.rng)?;
         let mixed = mixup_images(images, &draw)?;
         let k = batch.model.spec().num_classes;
-        let targets = batch.targets(mixup_targets(&labels_vec(labels)?, &draw, k))?;
+        let targets = batch.targets(mixup_targets(&batch.host_labels()?, &draw, k))?;
         let logits = batch
             .model
             .forward_t(&Tensor::cat(&[images, &mixed], 0)?, true)?;
