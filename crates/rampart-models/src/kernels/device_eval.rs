@@ -33,6 +33,7 @@
 
 use super::common::f32_slice;
 use super::conv::{Conv2d, ConvShape, Pass};
+use super::launch::{Backend, Launcher};
 use super::postact::PostAct;
 use super::preact::PreAct;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -874,6 +875,126 @@ impl CustomOp1 for DeviceEvalBackward {
     }
 }
 
+/// The classes K of a linear layer (K, C) on `c` features (checked).
+fn classes(fc: &(Tensor, Tensor), c: usize) -> Result<usize> {
+    let (k, c_w) = fc.0.dims2()?;
+    same_len(c_w, c, "linear layer")?;
+    Ok(k)
+}
+
+/// The executors whose own kernels are launches (the CUDA one, the tests' emulated
+/// one): their backend's convolutions and noise, and the launch code of
+/// `device_eval_launch.rs`, written once.
+impl<T: Backend> Exec for T {
+    type Buf = <T as Launcher>::Buf;
+
+    fn buffer(&self, n: usize) -> Result<Self::Buf> {
+        self.alloc(n)
+    }
+
+    fn len(b: &Self::Buf) -> usize {
+        T::size(b)
+    }
+
+    fn kernel(&self, w: &Tensor) -> Result<Self::Buf> {
+        self.krsc(w)
+    }
+
+    fn conv(
+        &self,
+        pass: Pass,
+        g: &ConvShape,
+        a: &Self::Buf,
+        kernel: &Self::Buf,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.convolve(pass, g, a, kernel, out, accumulate)
+    }
+
+    fn draw_noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Self::Buf> {
+        self.noise(seed, first, images, len)
+    }
+
+    fn bn_relu(
+        &self,
+        n: &DNorm,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        c: usize,
+        z: Option<&Self::Buf>,
+    ) -> Result<()> {
+        launches::bn_relu(self, n, x, y, c, z)
+    }
+
+    fn bn_relu_in_place(
+        &self,
+        n: &DNorm,
+        y: &mut Self::Buf,
+        c: usize,
+        z: Option<&Self::Buf>,
+    ) -> Result<()> {
+        launches::bn_relu_in_place(self, n, y, c, z)
+    }
+
+    fn bn_add_relu(
+        &self,
+        n: &DNorm,
+        out: &mut Self::Buf,
+        skip: &Self::Buf,
+        skip_norm: Option<&DNorm>,
+        c: usize,
+    ) -> Result<()> {
+        launches::bn_add_relu(self, n, out, skip, skip_norm, c)
+    }
+
+    fn add_relu_backward(
+        &self,
+        n: &DNorm,
+        d: &mut Self::Buf,
+        y: &Self::Buf,
+        skip_norm: Option<&DNorm>,
+        c: usize,
+    ) -> Result<Self::Buf> {
+        let mut d2 = self.alloc(T::size(d).max(1))?;
+        launches::add_relu_backward(self, n, &mut d2, d, y, skip_norm, c)?;
+        Ok(d2)
+    }
+
+    fn bn_relu_backward(
+        &self,
+        n: &DNorm,
+        d: &mut Self::Buf,
+        y: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        c: usize,
+    ) -> Result<()> {
+        launches::bn_relu_backward(self, n, d, y, residual, c)
+    }
+
+    fn pool_linear(
+        &self,
+        x: &Self::Buf,
+        fc: &(Tensor, Tensor),
+        hw: usize,
+        c: usize,
+    ) -> Result<Self::Buf> {
+        let k = classes(fc, c)?;
+        Ok(launches::pool_linear(self, x, launches::Fc::Tensors(fc), hw, c, k)?.1)
+    }
+
+    fn linear_pool_backward(
+        &self,
+        dl: &Self::Buf,
+        fc: &(Tensor, Tensor),
+        hw: usize,
+        c: usize,
+    ) -> Result<Self::Buf> {
+        let k = classes(fc, c)?;
+        launches::linear_pool_backward(self, dl, launches::Fc::Tensors(fc), hw, c, k)
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // The CPU executor: the twins of the CUDA kernels (the same float operations, in the
 // same order) and the CPU convolution passes.
@@ -1235,11 +1356,10 @@ pub(crate) fn linear_pool_input_grad(
 
 #[cfg(feature = "cudnn")]
 pub(crate) mod cuda {
-    use super::super::conv::{ConvShape, Pass};
     use super::super::cuda::{f32_view, uninit, Module};
     use super::super::launch::cuda::CudaArg;
-    use super::launches::{self, Fc};
-    use super::{same_len, DNorm, DeviceProgram, Exec};
+    use super::launches;
+    use super::DeviceProgram;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
@@ -1319,148 +1439,6 @@ pub(crate) mod cuda {
             let mut out = uninit(&self.dev, dn.len())?;
             launches::denormalise(self, &mut out, dn, p.input, &p.inv_std)?;
             Ok(out)
-        }
-    }
-
-    /// The classes K of a linear layer (K, C) on `c` features (checked).
-    fn classes(fc: &(Tensor, Tensor), c: usize) -> Result<usize> {
-        let (k, c_w) = fc.0.dims2()?;
-        same_len(c_w, c, "linear layer")?;
-        Ok(k)
-    }
-
-    impl Exec for CudaExec {
-        type Buf = Slice;
-
-        fn buffer(&self, n: usize) -> Result<Slice> {
-            uninit(&self.dev, n)
-        }
-
-        fn len(b: &Slice) -> usize {
-            b.len()
-        }
-
-        fn kernel(&self, w: &Tensor) -> Result<Slice> {
-            let (_, ci, k, _) = w.dims4()?;
-            let gw = w.storage_and_layout();
-            let src = view(&gw, w.elem_count(), "convolution kernel")?;
-            super::super::pointwise::permute_kernel(&self.dev, &src, ci, k * k, true)
-        }
-
-        fn conv(
-            &self,
-            pass: Pass,
-            g: &ConvShape,
-            a: &Slice,
-            kernel: &Slice,
-            out: &mut Slice,
-            accumulate: bool,
-        ) -> Result<()> {
-            let (a_len, out_len) = match pass {
-                Pass::Forward => (g.input_len(), g.output_len()),
-                Pass::Data => (g.output_len(), g.input_len()),
-                Pass::Filter => candle_core::bail!("fused eval path: no kernel gradients"),
-            };
-            same_len(a.len(), a_len, "convolution operand")?;
-            same_len(kernel.len(), g.kernel_len(), "convolution kernel")?;
-            same_len(out.len(), out_len, "convolution result")?;
-            super::super::cudnn::conv_into(
-                &self.dev,
-                *g,
-                pass,
-                &a.slice(..),
-                &kernel.slice(..),
-                out,
-                accumulate,
-            )
-        }
-
-        fn draw_noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Slice> {
-            if images > 0 && !len.is_multiple_of(images) {
-                candle_core::bail!("fused eval path: {len} noise values for {images} images")
-            }
-            let mut z = uninit(&self.dev, len.max(1))?;
-            let per = len / images.max(1);
-            super::super::noise::fill_cuda(&self.dev, &mut z, seed, first, per, images)?;
-            Ok(z)
-        }
-
-        fn bn_relu(
-            &self,
-            n: &DNorm,
-            x: &Slice,
-            y: &mut Slice,
-            c: usize,
-            z: Option<&Slice>,
-        ) -> Result<()> {
-            launches::bn_relu(self, n, x, y, c, z)
-        }
-
-        fn bn_relu_in_place(
-            &self,
-            n: &DNorm,
-            y: &mut Slice,
-            c: usize,
-            z: Option<&Slice>,
-        ) -> Result<()> {
-            launches::bn_relu_in_place(self, n, y, c, z)
-        }
-
-        fn bn_add_relu(
-            &self,
-            n: &DNorm,
-            out: &mut Slice,
-            skip: &Slice,
-            skip_norm: Option<&DNorm>,
-            c: usize,
-        ) -> Result<()> {
-            launches::bn_add_relu(self, n, out, skip, skip_norm, c)
-        }
-
-        fn add_relu_backward(
-            &self,
-            n: &DNorm,
-            d: &mut Slice,
-            y: &Slice,
-            skip_norm: Option<&DNorm>,
-            c: usize,
-        ) -> Result<Slice> {
-            let mut d2 = uninit(&self.dev, d.len().max(1))?;
-            launches::add_relu_backward(self, n, &mut d2, d, y, skip_norm, c)?;
-            Ok(d2)
-        }
-
-        fn bn_relu_backward(
-            &self,
-            n: &DNorm,
-            d: &mut Slice,
-            y: &Slice,
-            residual: Option<&Slice>,
-            c: usize,
-        ) -> Result<()> {
-            launches::bn_relu_backward(self, n, d, y, residual, c)
-        }
-
-        fn pool_linear(
-            &self,
-            x: &Slice,
-            fc: &(Tensor, Tensor),
-            hw: usize,
-            c: usize,
-        ) -> Result<Slice> {
-            let k = classes(fc, c)?;
-            Ok(launches::pool_linear(self, x, Fc::Tensors(fc), hw, c, k)?.1)
-        }
-
-        fn linear_pool_backward(
-            &self,
-            dl: &Slice,
-            fc: &(Tensor, Tensor),
-            hw: usize,
-            c: usize,
-        ) -> Result<Slice> {
-            let k = classes(fc, c)?;
-            launches::linear_pool_backward(self, dl, Fc::Tensors(fc), hw, c, k)
         }
     }
 }

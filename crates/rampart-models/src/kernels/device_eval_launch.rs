@@ -57,7 +57,7 @@ pub(crate) fn normalise<'a, L: Launcher>(
     inv_std: &'a Tensor,
 ) -> Result<()> {
     let [c, h, w] = input;
-    let n = L::len(out);
+    let n = L::size(out);
     let args = vec![
         B(l.tensor(mean, c, "mean")?),
         B(l.tensor(inv_std, c, "1/std")?),
@@ -79,8 +79,8 @@ pub(crate) fn denormalise<L: Launcher>(
     inv_std: &Tensor,
 ) -> Result<()> {
     let [c, h, w] = input;
-    let n = L::len(dn);
-    same_len(L::len(out), n, "input gradient")?;
+    let n = L::size(dn);
+    same_len(L::size(out), n, "input gradient")?;
     let args = vec![
         B(l.all_mut(out)?),
         B(l.all(dn)?),
@@ -126,9 +126,9 @@ pub(crate) fn pool_linear<L: Launcher>(
     c: usize,
     k: usize,
 ) -> Result<(L::Buf, L::Buf)> {
-    let b = L::len(x) / (hw * c).max(1);
-    same_len(L::len(x), b * hw * c, "pooling")?;
-    let mut pooled = l.buffer(b * c)?;
+    let b = L::size(x) / (hw * c).max(1);
+    same_len(L::size(x), b * hw * c, "pooling")?;
+    let mut pooled = l.alloc(b * c)?;
     let args = vec![
         B(l.all_mut(&mut pooled)?),
         B(l.all(x)?),
@@ -137,7 +137,7 @@ pub(crate) fn pool_linear<L: Launcher>(
         U32(count(b * c, "pooling")?),
     ];
     l.run(each("de_avg_pool", b * c, args)?)?;
-    let mut logits = l.buffer(b * k)?;
+    let mut logits = l.alloc(b * k)?;
     let [w, bias] = fc_args(l, &fc, k, c)?;
     let args = vec![
         B(l.all_mut(&mut logits)?),
@@ -162,10 +162,10 @@ pub(crate) fn linear_pool_backward<L: Launcher>(
     c: usize,
     k: usize,
 ) -> Result<L::Buf> {
-    let b = L::len(dl) / k.max(1);
-    same_len(L::len(dl), b * k, "logit gradient")?;
+    let b = L::size(dl) / k.max(1);
+    same_len(L::size(dl), b * k, "logit gradient")?;
     let n = b * hw * c;
-    let mut d = l.buffer(n)?;
+    let mut d = l.alloc(n)?;
     let [w, _] = fc_args(l, &fc, k, c)?;
     let args = vec![
         B(l.all_mut(&mut d)?),
@@ -189,8 +189,8 @@ pub(crate) fn bn_relu<L: Launcher>(
     c: usize,
     z: Option<&L::Buf>,
 ) -> Result<()> {
-    let len = L::len(x);
-    same_len(len, L::len(y), "BatchNorm")?;
+    let len = L::size(x);
+    same_len(len, L::size(y), "BatchNorm")?;
     let launch = match noise_std(n, z)? {
         None => each(
             "de_bn_relu_into",
@@ -198,7 +198,7 @@ pub(crate) fn bn_relu<L: Launcher>(
             with_norm(l, vec![B(l.all_mut(y)?), B(l.all(x)?)], n, c, len)?,
         )?,
         Some((nz, z)) => {
-            same_len(L::len(z).min(len), len, "BatchNorm noise")?;
+            same_len(L::size(z).min(len), len, "BatchNorm noise")?;
             let lead = vec![
                 B(l.all_mut(y)?),
                 B(l.all(x)?),
@@ -221,7 +221,7 @@ pub(crate) fn bn_relu_in_place<L: Launcher>(
     c: usize,
     z: Option<&L::Buf>,
 ) -> Result<()> {
-    let len = L::len(y);
+    let len = L::size(y);
     let launch = match noise_std(n, z)? {
         None => each(
             "de_bn_relu_inplace",
@@ -229,7 +229,7 @@ pub(crate) fn bn_relu_in_place<L: Launcher>(
             with_norm(l, vec![B(l.all_mut(y)?)], n, c, len)?,
         )?,
         Some((nz, z)) => {
-            same_len(L::len(z).min(len), len, "BatchNorm noise")?;
+            same_len(L::size(z).min(len), len, "BatchNorm noise")?;
             let lead = vec![
                 B(l.all_mut(y)?),
                 B(l.read(z, 0..len)?),
@@ -256,8 +256,8 @@ pub(crate) fn bn_add_relu<L: Launcher>(
     skip_norm: Option<&DNorm>,
     c: usize,
 ) -> Result<()> {
-    let len = L::len(out);
-    same_len(L::len(skip), len, "shortcut")?;
+    let len = L::size(out);
+    same_len(L::size(skip), len, "shortcut")?;
     let mut args = vec![B(l.all_mut(out)?), B(l.all(skip)?)];
     args.extend(norm(l, n, c)?);
     args.push(F32(n.eps));
@@ -285,9 +285,9 @@ pub(crate) fn add_relu_backward<L: Launcher>(
     skip_norm: Option<&DNorm>,
     c: usize,
 ) -> Result<()> {
-    let len = L::len(d);
-    same_len(L::len(y), len, "block gradient")?;
-    same_len(L::len(d2), len, "block gradient")?;
+    let len = L::size(d);
+    same_len(L::size(y), len, "block gradient")?;
+    same_len(L::size(d2), len, "block gradient")?;
     let [g, _, _, v] = norm(l, n, c)?;
     let mut args = vec![
         B(l.all_mut(d2)?),
@@ -323,10 +323,10 @@ pub(crate) fn bn_relu_backward<L: Launcher>(
     residual: Option<&L::Buf>,
     c: usize,
 ) -> Result<()> {
-    let len = L::len(d);
-    same_len(L::len(y), len, "BatchNorm gradient")?;
+    let len = L::size(d);
+    same_len(L::size(y), len, "BatchNorm gradient")?;
     if let Some(r) = residual {
-        same_len(L::len(r), len, "residual gradient")?;
+        same_len(L::size(r), len, "residual gradient")?;
     }
     let args = vec![
         B(l.all_mut(d)?),

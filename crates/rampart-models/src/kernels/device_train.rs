@@ -33,6 +33,7 @@
 use super::common::f32_slice;
 use super::conv::{ohwi_to_oihw, oihw_to_ohwi, Conv2d, ConvShape, Pass};
 use super::device_eval::{CpuExec, Exec};
+use super::launch::Backend;
 use super::postact::PostAct;
 use super::preact::PreAct;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -1438,6 +1439,198 @@ fn cpu_bn_train_backward(
     Ok(sums.into_iter().map(|v| v as f32).collect())
 }
 
+/// The executors whose own kernels are launches (the CUDA one, the tests' emulated
+/// one): their backend's convolutions, BatchNorm and copies, and the launch code of
+/// `device_train_launch.rs`, written once.
+impl<T: Backend> TrainExec for T {
+    fn copy(&self, x: &T::Buf) -> Result<T::Buf> {
+        self.duplicate(x)
+    }
+
+    fn put(&self, dst: &mut T::Buf, at: usize, src: &T::Buf) -> Result<()> {
+        self.place(dst, at, src)
+    }
+
+    fn add_in_place(&self, d: &mut T::Buf, r: &T::Buf) -> Result<()> {
+        launches::add_in_place(self, d, r)
+    }
+
+    fn input(&self, x: &Tensor, p: &TrainProgram) -> Result<T::Buf> {
+        let n = x.elem_count();
+        let mut out = self.alloc(n)?;
+        let images = self.tensor(x, n, "images")?;
+        super::device_eval::launches::normalise(
+            self, &mut out, images, p.input, &p.mean, &p.inv_std,
+        )?;
+        Ok(out)
+    }
+
+    fn kernel_at(&self, p: &T::Buf, conv: &TConv) -> Result<T::Buf> {
+        self.krsc_at(p, conv)
+    }
+
+    fn filter_into(
+        &self,
+        g: &ConvShape,
+        x: &T::Buf,
+        dy: &T::Buf,
+        grad: &mut T::Buf,
+        at: usize,
+    ) -> Result<()> {
+        self.filter(g, x, dy, grad, at)
+    }
+
+    fn bn_relu_train(
+        &self,
+        x: &T::Buf,
+        p: &T::Buf,
+        n: &TNorm,
+        rows: usize,
+    ) -> Result<(T::Buf, T::Buf)> {
+        launches::bn_relu_train(self, x, p, n, rows)
+    }
+
+    fn bn_relu_train_backward(
+        &self,
+        x: &T::Buf,
+        y: &T::Buf,
+        d: &mut T::Buf,
+        p: &T::Buf,
+        n: &TNorm,
+        stats: &T::Buf,
+        rows: usize,
+    ) -> Result<T::Buf> {
+        launches::bn_relu_train_backward(self, x, y, d, p, n, stats, rows)
+    }
+
+    fn bn_train(&self, x: &T::Buf, p: &T::Buf, n: &TNorm, rows: usize) -> Result<(T::Buf, T::Buf)> {
+        launches::bn_train(self, x, p, n, rows)
+    }
+
+    fn bn_train_backward(
+        &self,
+        x: &T::Buf,
+        d: &mut T::Buf,
+        p: &T::Buf,
+        n: &TNorm,
+        stats: &T::Buf,
+        rows: usize,
+    ) -> Result<T::Buf> {
+        launches::bn_train_backward(self, x, d, p, n, stats, rows)
+    }
+
+    fn relu_mask(&self, d: &mut T::Buf, y: &T::Buf) -> Result<()> {
+        launches::relu_mask(self, d, y)
+    }
+
+    fn buffer_zeroed(&self, n: usize) -> Result<T::Buf> {
+        self.zeros(n)
+    }
+
+    fn bn_train_part(
+        &self,
+        x: &T::Buf,
+        y: &mut T::Buf,
+        rows: (usize, usize),
+        p: &T::Buf,
+        n: &TNorm,
+        at: (usize, usize),
+    ) -> Result<T::Buf> {
+        self.bn_part(x, y, rows, p, n, at)
+    }
+
+    fn bn_train_part_backward(
+        &self,
+        x: &T::Buf,
+        d: &T::Buf,
+        dx: &mut T::Buf,
+        rows: (usize, usize),
+        p: &T::Buf,
+        n: &TNorm,
+        at: (usize, usize),
+        stats: &T::Buf,
+    ) -> Result<T::Buf> {
+        self.bn_part_backward(x, d, dx, rows, p, n, at, stats)
+    }
+
+    fn film_relu(
+        &self,
+        h: &T::Buf,
+        p: &T::Buf,
+        film: usize,
+        c: usize,
+        per: usize,
+    ) -> Result<T::Buf> {
+        launches::film_relu(self, h, p, film, c, per)
+    }
+
+    fn film_backward(
+        &self,
+        d: &mut T::Buf,
+        h: &T::Buf,
+        p: &T::Buf,
+        film: usize,
+        c: usize,
+        per: usize,
+        grad: &mut T::Buf,
+    ) -> Result<()> {
+        launches::film_backward(self, d, h, p, film, c, per, grad)
+    }
+
+    fn add_relu_in_place(&self, y: &mut T::Buf, r: &T::Buf) -> Result<()> {
+        launches::add_relu_in_place(self, y, r)
+    }
+
+    fn bn_noise_relu_train(
+        &self,
+        x: &T::Buf,
+        p: &T::Buf,
+        n: &TNorm,
+        noise: &TNoise,
+        rows: usize,
+        z: &T::Buf,
+    ) -> Result<(T::Buf, T::Buf, T::Buf)> {
+        launches::bn_noise_relu_train(self, x, p, n, noise, rows, z)
+    }
+
+    fn bn_noise_relu_train_backward(
+        &self,
+        x: &T::Buf,
+        y: &T::Buf,
+        d: &mut T::Buf,
+        p: &T::Buf,
+        n: &TNorm,
+        noise: &TNoise,
+        saved: (&T::Buf, &T::Buf, &T::Buf),
+        rows: usize,
+        grad: &mut T::Buf,
+    ) -> Result<T::Buf> {
+        launches::bn_noise_relu_train_backward(self, x, y, d, p, n, noise, saved, rows, grad)
+    }
+
+    fn pool_linear_at(
+        &self,
+        x: &T::Buf,
+        p: &T::Buf,
+        fc: &TFc,
+        hw: usize,
+    ) -> Result<(T::Buf, T::Buf)> {
+        launches::pool_linear_at(self, x, p, fc, hw)
+    }
+
+    fn linear_pool_backward_at(
+        &self,
+        dl: &T::Buf,
+        pooled: &T::Buf,
+        p: &T::Buf,
+        fc: &TFc,
+        hw: usize,
+        grad: &mut T::Buf,
+    ) -> Result<T::Buf> {
+        launches::linear_pool_backward_at(self, dl, pooled, p, fc, hw, grad)
+    }
+}
+
 impl TrainExec for CpuExec {
     fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(x.clone())
@@ -1762,13 +1955,13 @@ impl TrainExec for CpuExec {
 
 #[cfg(feature = "cudnn")]
 mod cuda {
-    use super::super::conv::ConvShape;
+    use super::super::conv::{ConvShape, Pass};
     use super::super::cuda::uninit;
-    use super::super::device_eval::cuda::{CudaExec, Slice};
+    use super::super::device_eval::cuda::{view, CudaExec, Slice};
     use super::super::device_eval::same_len;
-    use super::launches;
-    use super::{TConv, TFc, TNoise, TNorm, TrainExec, TrainProgram};
-    use candle_core::{Result, Storage, Tensor};
+    use super::super::launch::Backend;
+    use super::{TConv, TNorm};
+    use candle_core::{Result, Tensor};
 
     /// The activations' (n, c, h, w) for cuDNN's BatchNorm from the rows (n·h·w) and
     /// channels: the rows as n, h = w = 1 (the same NHWC bytes, the same per-channel
@@ -1777,14 +1970,59 @@ mod cuda {
         [rows, c, 1, 1]
     }
 
-    impl TrainExec for CudaExec {
-        fn copy(&self, x: &Slice) -> Result<Slice> {
+    impl Backend for CudaExec {
+        fn krsc(&self, w: &Tensor) -> Result<Slice> {
+            let (_, ci, k, _) = w.dims4()?;
+            let gw = w.storage_and_layout();
+            let src = view(&gw, w.elem_count(), "convolution kernel")?;
+            super::super::pointwise::permute_kernel(&self.dev, &src, ci, k * k, true)
+        }
+
+        fn convolve(
+            &self,
+            pass: Pass,
+            g: &ConvShape,
+            a: &Slice,
+            kernel: &Slice,
+            out: &mut Slice,
+            accumulate: bool,
+        ) -> Result<()> {
+            let (a_len, out_len) = match pass {
+                Pass::Forward => (g.input_len(), g.output_len()),
+                Pass::Data => (g.output_len(), g.input_len()),
+                Pass::Filter => candle_core::bail!("fused eval path: no kernel gradients"),
+            };
+            same_len(a.len(), a_len, "convolution operand")?;
+            same_len(kernel.len(), g.kernel_len(), "convolution kernel")?;
+            same_len(out.len(), out_len, "convolution result")?;
+            super::super::cudnn::conv_into(
+                &self.dev,
+                *g,
+                pass,
+                &a.slice(..),
+                &kernel.slice(..),
+                out,
+                accumulate,
+            )
+        }
+
+        fn noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Slice> {
+            if images > 0 && !len.is_multiple_of(images) {
+                candle_core::bail!("fused eval path: {len} noise values for {images} images")
+            }
+            let mut z = uninit(&self.dev, len.max(1))?;
+            let per = len / images.max(1);
+            super::super::noise::fill_cuda(&self.dev, &mut z, seed, first, per, images)?;
+            Ok(z)
+        }
+
+        fn duplicate(&self, x: &Slice) -> Result<Slice> {
             let mut out = uninit(&self.dev, x.len())?;
             self.dev.memcpy_dtod(x, &mut out)?;
             Ok(out)
         }
 
-        fn put(&self, dst: &mut Slice, at: usize, src: &Slice) -> Result<()> {
+        fn place(&self, dst: &mut Slice, at: usize, src: &Slice) -> Result<()> {
             if at + src.len() > dst.len() {
                 candle_core::bail!("fused train path: a write past the end of a buffer")
             }
@@ -1793,19 +2031,7 @@ mod cuda {
             Ok(())
         }
 
-        fn add_in_place(&self, d: &mut Slice, r: &Slice) -> Result<()> {
-            launches::add_in_place(self, d, r)
-        }
-
-        fn input(&self, x: &Tensor, p: &TrainProgram) -> Result<Slice> {
-            let (s, l) = x.storage_and_layout();
-            let Storage::Cuda(s) = &*s else {
-                candle_core::bail!("fused train path: the images are not on the GPU")
-            };
-            self.normalise_with(s, l, p.input, &p.mean, &p.inv_std)
-        }
-
-        fn kernel_at(&self, p: &Slice, conv: &TConv) -> Result<Slice> {
+        fn krsc_at(&self, p: &Slice, conv: &TConv) -> Result<Slice> {
             let n = conv.c_out * conv.c_in * conv.k * conv.k;
             let src = p.slice(conv.at..conv.at + n);
             super::super::pointwise::permute_kernel(
@@ -1817,7 +2043,7 @@ mod cuda {
             )
         }
 
-        fn filter_into(
+        fn filter(
             &self,
             g: &ConvShape,
             x: &Slice,
@@ -1844,57 +2070,14 @@ mod cuda {
                 g.k * g.k,
                 false,
             )?;
-            self.put(grad, at, &oihw)
+            self.place(grad, at, &oihw)
         }
 
-        fn bn_relu_train(
-            &self,
-            x: &Slice,
-            p: &Slice,
-            n: &TNorm,
-            rows: usize,
-        ) -> Result<(Slice, Slice)> {
-            launches::bn_relu_train(self, x, p, n, rows)
-        }
-
-        fn bn_relu_train_backward(
-            &self,
-            x: &Slice,
-            y: &Slice,
-            d: &mut Slice,
-            p: &Slice,
-            n: &TNorm,
-            stats: &Slice,
-            rows: usize,
-        ) -> Result<Slice> {
-            launches::bn_relu_train_backward(self, x, y, d, p, n, stats, rows)
-        }
-
-        fn bn_train(&self, x: &Slice, p: &Slice, n: &TNorm, rows: usize) -> Result<(Slice, Slice)> {
-            launches::bn_train(self, x, p, n, rows)
-        }
-
-        fn bn_train_backward(
-            &self,
-            x: &Slice,
-            d: &mut Slice,
-            p: &Slice,
-            n: &TNorm,
-            stats: &Slice,
-            rows: usize,
-        ) -> Result<Slice> {
-            launches::bn_train_backward(self, x, d, p, n, stats, rows)
-        }
-
-        fn relu_mask(&self, d: &mut Slice, y: &Slice) -> Result<()> {
-            launches::relu_mask(self, d, y)
-        }
-
-        fn buffer_zeroed(&self, n: usize) -> Result<Slice> {
+        fn zeros(&self, n: usize) -> Result<Slice> {
             self.dev.alloc_zeros::<f32>(n)
         }
 
-        fn bn_train_part(
+        fn bn_part(
             &self,
             x: &Slice,
             y: &mut Slice,
@@ -1922,7 +2105,7 @@ mod cuda {
             Ok(stats)
         }
 
-        fn bn_train_part_backward(
+        fn bn_part_backward(
             &self,
             x: &Slice,
             d: &Slice,
@@ -1951,94 +2134,6 @@ mod cuda {
                 &mut dgb.slice_mut(..),
             )?;
             Ok(dgb)
-        }
-
-        fn film_relu(
-            &self,
-            h: &Slice,
-            p: &Slice,
-            film: usize,
-            c: usize,
-            per: usize,
-        ) -> Result<Slice> {
-            launches::film_relu(self, h, p, film, c, per)
-        }
-
-        fn film_backward(
-            &self,
-            d: &mut Slice,
-            h: &Slice,
-            p: &Slice,
-            film: usize,
-            c: usize,
-            per: usize,
-            grad: &mut Slice,
-        ) -> Result<()> {
-            launches::film_backward(self, d, h, p, film, c, per, grad)
-        }
-
-        fn add_relu_in_place(&self, y: &mut Slice, r: &Slice) -> Result<()> {
-            launches::add_relu_in_place(self, y, r)
-        }
-
-        fn bn_noise_relu_train(
-            &self,
-            x: &Slice,
-            p: &Slice,
-            n: &TNorm,
-            noise: &TNoise,
-            rows: usize,
-            z: &Slice,
-        ) -> Result<(Slice, Slice, Slice)> {
-            launches::bn_noise_relu_train(self, x, p, n, noise, rows, z)
-        }
-
-        fn bn_noise_relu_train_backward(
-            &self,
-            x: &Slice,
-            y: &Slice,
-            d: &mut Slice,
-            p: &Slice,
-            n: &TNorm,
-            noise: &TNoise,
-            (stats, z, sigma): (&Slice, &Slice, &Slice),
-            rows: usize,
-            grad: &mut Slice,
-        ) -> Result<Slice> {
-            launches::bn_noise_relu_train_backward(
-                self,
-                x,
-                y,
-                d,
-                p,
-                n,
-                noise,
-                (stats, z, sigma),
-                rows,
-                grad,
-            )
-        }
-
-        fn pool_linear_at(
-            &self,
-            x: &Slice,
-            p: &Slice,
-            fc: &TFc,
-            hw: usize,
-        ) -> Result<(Slice, Slice)> {
-            launches::pool_linear_at(self, x, p, fc, hw)
-        }
-
-        fn linear_pool_backward_at(
-            &self,
-            dl: &Slice,
-            pooled: &Slice,
-            p: &Slice,
-            fc: &TFc,
-            hw: usize,
-            grad: &mut Slice,
-        ) -> Result<Slice> {
-            launches::linear_pool_backward_at(self, dl, pooled, p, fc, hw, grad)
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The train program's kernel launches and the compositions around cuDNN's
-//! BatchNorm, written once over a [`Launcher`] that is also a [`TrainExec`]: the
-//! CUDA executor runs them on a GPU, the tests' emulated executor on the CPU
-//! (`device_train_emulated.rs`), where they are held to the CPU executor.
+//! BatchNorm, written once over a [`Backend`] (a [`Launcher`] with convolutions,
+//! BatchNorm and copies): the CUDA executor runs them on a GPU, the tests' emulated
+//! executor on the CPU (`device_train_emulated.rs`), where they are held to the CPU
+//! executor.
 
 // Without CUDA the launches run only in the tests (the emulated executor).
 #![cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
@@ -10,8 +11,8 @@ use candle_core::Result;
 
 use super::super::device_eval::launches::{self as eval, Fc};
 use super::super::device_eval::same_len;
-use super::super::launch::{count, KArg, KLaunch, Launcher, Source};
-use super::{dot_blocks, TFc, TNoise, TNorm, TrainExec, DOT_THREADS};
+use super::super::launch::{count, Backend, KArg, KLaunch, Launcher, Source};
+use super::{dot_blocks, TFc, TNoise, TNorm, DOT_THREADS};
 
 use KArg::{B, F32, U32};
 
@@ -22,16 +23,16 @@ fn each<A>(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<KLaunch
 
 /// `d += r`.
 pub(crate) fn add_in_place<L: Launcher>(l: &L, d: &mut L::Buf, r: &L::Buf) -> Result<()> {
-    let n = L::len(d);
-    same_len(n, L::len(r), "residual gradient")?;
+    let n = L::size(d);
+    same_len(n, L::size(r), "residual gradient")?;
     let args = vec![B(l.all_mut(d)?), B(l.all(r)?), U32(count(n, "residual")?)];
     l.run(each("de_add_inplace", n, args)?)
 }
 
 /// `d ← d·[y > 0]`.
 pub(crate) fn relu_mask<L: Launcher>(l: &L, d: &mut L::Buf, y: &L::Buf) -> Result<()> {
-    let n = L::len(d);
-    same_len(n, L::len(y), "ReLU gradient")?;
+    let n = L::size(d);
+    same_len(n, L::size(y), "ReLU gradient")?;
     let args = vec![
         B(l.all_mut(d)?),
         B(l.all(y)?),
@@ -42,8 +43,8 @@ pub(crate) fn relu_mask<L: Launcher>(l: &L, d: &mut L::Buf, y: &L::Buf) -> Resul
 
 /// `y ← relu(y + r)`.
 pub(crate) fn add_relu_in_place<L: Launcher>(l: &L, y: &mut L::Buf, r: &L::Buf) -> Result<()> {
-    let n = L::len(y);
-    same_len(n, L::len(r), "shortcut")?;
+    let n = L::size(y);
+    same_len(n, L::size(r), "shortcut")?;
     let args = vec![
         B(l.all_mut(y)?),
         B(l.all(r)?),
@@ -53,16 +54,16 @@ pub(crate) fn add_relu_in_place<L: Launcher>(l: &L, y: &mut L::Buf, r: &L::Buf) 
 }
 
 /// relu(bn(x)) with x's batch statistics, and those statistics
-/// ([`TrainExec::bn_relu_train`]).
-pub(crate) fn bn_relu_train<E: Launcher + TrainExec>(
+/// ([`super::TrainExec::bn_relu_train`]).
+pub(crate) fn bn_relu_train<E: Backend>(
     e: &E,
     x: &E::Buf,
     p: &E::Buf,
     n: &TNorm,
     rows: usize,
 ) -> Result<(E::Buf, E::Buf)> {
-    let (mut y, stats) = e.bn_train(x, p, n, rows)?;
-    let len = E::len(&y);
+    let (mut y, stats) = bn_train(e, x, p, n, rows)?;
+    let len = E::size(&y);
     let args = vec![B(e.all_mut(&mut y)?), U32(count(len, "ReLU")?)];
     e.run(KLaunch::elementwise(
         Source::Ops,
@@ -74,9 +75,9 @@ pub(crate) fn bn_relu_train<E: Launcher + TrainExec>(
 }
 
 /// The input gradient of relu(bn(x)) into `d`; [dγ | dβ] returned
-/// ([`TrainExec::bn_relu_train_backward`]).
+/// ([`super::TrainExec::bn_relu_train_backward`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn bn_relu_train_backward<E: Launcher + TrainExec>(
+pub(crate) fn bn_relu_train_backward<E: Backend>(
     e: &E,
     x: &E::Buf,
     y: &E::Buf,
@@ -87,26 +88,26 @@ pub(crate) fn bn_relu_train_backward<E: Launcher + TrainExec>(
     rows: usize,
 ) -> Result<E::Buf> {
     relu_mask(e, d, y)?;
-    e.bn_train_backward(x, d, p, n, stats, rows)
+    bn_train_backward(e, x, d, p, n, stats, rows)
 }
 
-/// bn(x) with x's batch statistics ([`TrainExec::bn_train`]), through
-/// [`TrainExec::bn_train_part`] on every row.
-pub(crate) fn bn_train<E: TrainExec>(
+/// bn(x) with x's batch statistics ([`super::TrainExec::bn_train`]), through
+/// [`super::TrainExec::bn_train_part`] on every row.
+pub(crate) fn bn_train<E: Backend>(
     e: &E,
     x: &E::Buf,
     p: &E::Buf,
     n: &TNorm,
     rows: usize,
 ) -> Result<(E::Buf, E::Buf)> {
-    same_len(E::len(x), rows * n.c, "BatchNorm input")?;
-    let mut y = e.buffer(E::len(x))?;
-    let stats = e.bn_train_part(x, &mut y, (0, rows), p, n, (n.gamma, n.beta))?;
+    same_len(E::size(x), rows * n.c, "BatchNorm input")?;
+    let mut y = e.alloc(E::size(x))?;
+    let stats = e.bn_part(x, &mut y, (0, rows), p, n, (n.gamma, n.beta))?;
     Ok((y, stats))
 }
 
 /// The input gradient of [`bn_train`] into `d`; [dγ | dβ] returned.
-pub(crate) fn bn_train_backward<E: TrainExec>(
+pub(crate) fn bn_train_backward<E: Backend>(
     e: &E,
     x: &E::Buf,
     d: &mut E::Buf,
@@ -115,15 +116,15 @@ pub(crate) fn bn_train_backward<E: TrainExec>(
     stats: &E::Buf,
     rows: usize,
 ) -> Result<E::Buf> {
-    same_len(E::len(x), rows * n.c, "BatchNorm input")?;
-    let mut dx = e.buffer(E::len(x))?;
+    same_len(E::size(x), rows * n.c, "BatchNorm input")?;
+    let mut dx = e.alloc(E::size(x))?;
     let at = (n.gamma, n.beta);
-    let dgb = e.bn_train_part_backward(x, d, &mut dx, (0, rows), p, n, at, stats)?;
+    let dgb = e.bn_part_backward(x, d, &mut dx, (0, rows), p, n, at, stats)?;
     *d = dx;
     Ok(dgb)
 }
 
-/// FiLM and ReLU ([`TrainExec::film_relu`]).
+/// FiLM and ReLU ([`super::TrainExec::film_relu`]).
 pub(crate) fn film_relu<L: Launcher>(
     l: &L,
     h: &L::Buf,
@@ -132,12 +133,12 @@ pub(crate) fn film_relu<L: Launcher>(
     c: usize,
     per: usize,
 ) -> Result<L::Buf> {
-    let len = L::len(h);
+    let len = L::size(h);
     let images = len / per.max(1);
-    if film + images * 2 * c > L::len(p) {
+    if film + images * 2 * c > L::size(p) {
         candle_core::bail!("fused train path: FiLM outputs past the parameters")
     }
-    let mut y = l.buffer(len)?;
+    let mut y = l.alloc(len)?;
     let args = vec![
         B(l.all_mut(&mut y)?),
         B(l.all(h)?),
@@ -150,7 +151,7 @@ pub(crate) fn film_relu<L: Launcher>(
     Ok(y)
 }
 
-/// The backward pass of FiLM ([`TrainExec::film_backward`]).
+/// The backward pass of FiLM ([`super::TrainExec::film_backward`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn film_backward<L: Launcher>(
     l: &L,
@@ -162,10 +163,10 @@ pub(crate) fn film_backward<L: Launcher>(
     per: usize,
     grad: &mut L::Buf,
 ) -> Result<()> {
-    same_len(L::len(d), L::len(h), "FiLM gradient")?;
-    let images = L::len(h) / per.max(1);
+    same_len(L::size(d), L::size(h), "FiLM gradient")?;
+    let images = L::size(h) / per.max(1);
     let len = images * 2 * c;
-    if film + len > L::len(p) || film + len > L::len(grad) {
+    if film + len > L::size(p) || film + len > L::size(grad) {
         candle_core::bail!("fused train path: FiLM outputs past the parameters")
     }
     let (c32, per32) = (count(c, "channels")?, count(per, "FiLM image")?);
@@ -178,7 +179,7 @@ pub(crate) fn film_backward<L: Launcher>(
         U32(count(len, "FiLM gradient")?),
     ];
     l.run(each("dt_film_grads", len, args)?)?;
-    let n = L::len(d);
+    let n = L::size(d);
     let args = vec![
         B(l.all_mut(d)?),
         B(l.read(p, film..film + len)?),
@@ -189,9 +190,9 @@ pub(crate) fn film_backward<L: Launcher>(
     l.run(each("dt_film_scale", n, args)?)
 }
 
-/// A student's noisy BatchNorm ([`TrainExec::bn_noise_relu_train`]): (y, the
+/// A student's noisy BatchNorm ([`super::TrainExec::bn_noise_relu_train`]): (y, the
 /// statistics, σ).
-pub(crate) fn bn_noise_relu_train<E: Launcher + TrainExec>(
+pub(crate) fn bn_noise_relu_train<E: Backend>(
     e: &E,
     x: &E::Buf,
     p: &E::Buf,
@@ -201,9 +202,9 @@ pub(crate) fn bn_noise_relu_train<E: Launcher + TrainExec>(
     z: &E::Buf,
 ) -> Result<(E::Buf, E::Buf, E::Buf)> {
     let c = n.c;
-    same_len(E::len(z), E::len(x), "BatchNorm noise")?;
-    let (mut y, stats) = e.bn_train(x, p, n, rows)?;
-    let mut sigma = e.buffer(c)?;
+    same_len(E::size(z), E::size(x), "BatchNorm noise")?;
+    let (mut y, stats) = bn_train(e, x, p, n, rows)?;
+    let mut sigma = e.alloc(c)?;
     let c32 = count(c, "channels")?;
     let args = vec![
         B(e.all_mut(&mut sigma)?),
@@ -213,10 +214,10 @@ pub(crate) fn bn_noise_relu_train<E: Launcher + TrainExec>(
         U32(c32),
     ];
     e.run(each("dt_noise_sigma", c, args)?)?;
-    if noise.alpha >= E::len(p) {
+    if noise.alpha >= E::size(p) {
         candle_core::bail!("fused train path: a noise factor past the parameters")
     }
-    let len = E::len(&y);
+    let len = E::size(&y);
     let args = vec![
         B(e.all_mut(&mut y)?),
         B(e.all(z)?),
@@ -231,9 +232,9 @@ pub(crate) fn bn_noise_relu_train<E: Launcher + TrainExec>(
 }
 
 /// The backward pass of [`bn_noise_relu_train`]
-/// ([`TrainExec::bn_noise_relu_train_backward`]).
+/// ([`super::TrainExec::bn_noise_relu_train_backward`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn bn_noise_relu_train_backward<E: Launcher + TrainExec>(
+pub(crate) fn bn_noise_relu_train_backward<E: Backend>(
     e: &E,
     x: &E::Buf,
     y: &E::Buf,
@@ -245,14 +246,14 @@ pub(crate) fn bn_noise_relu_train_backward<E: Launcher + TrainExec>(
     rows: usize,
     grad: &mut E::Buf,
 ) -> Result<E::Buf> {
-    same_len(E::len(z), E::len(y), "BatchNorm noise")?;
-    if noise.alpha >= E::len(grad) {
+    same_len(E::size(z), E::size(y), "BatchNorm noise")?;
+    if noise.alpha >= E::size(grad) {
         candle_core::bail!("fused train path: a noise factor past the parameters")
     }
     relu_mask(e, d, y)?;
-    let len = E::len(d);
+    let len = E::size(d);
     let blocks = dot_blocks(len);
-    let mut partial = e.buffer(blocks)?;
+    let mut partial = e.alloc(blocks)?;
     let args = vec![
         B(e.all_mut(&mut partial)?),
         B(e.all(d)?),
@@ -282,10 +283,10 @@ pub(crate) fn bn_noise_relu_train_backward<E: Launcher + TrainExec>(
         1,
         args,
     )?)?;
-    e.bn_train_backward(x, d, p, n, stats, rows)
+    bn_train_backward(e, x, d, p, n, stats, rows)
 }
 
-/// Pooling and the linear layer of `p` ([`TrainExec::pool_linear_at`]).
+/// Pooling and the linear layer of `p` ([`super::TrainExec::pool_linear_at`]).
 pub(crate) fn pool_linear_at<L: Launcher>(
     l: &L,
     x: &L::Buf,
@@ -297,8 +298,8 @@ pub(crate) fn pool_linear_at<L: Launcher>(
 }
 
 /// The linear layer's parameter gradients into `grad` and the pooled activations'
-/// gradient ([`TrainExec::linear_pool_backward_at`]).
-pub(crate) fn linear_pool_backward_at<E: Launcher + TrainExec>(
+/// gradient ([`super::TrainExec::linear_pool_backward_at`]).
+pub(crate) fn linear_pool_backward_at<E: Backend>(
     e: &E,
     dl: &E::Buf,
     pooled: &E::Buf,
@@ -308,13 +309,13 @@ pub(crate) fn linear_pool_backward_at<E: Launcher + TrainExec>(
     grad: &mut E::Buf,
 ) -> Result<E::Buf> {
     let (k, c) = (fc.k, fc.c);
-    let b = E::len(dl) / k.max(1);
-    same_len(E::len(dl), b * k, "logit gradient")?;
-    same_len(E::len(pooled), b * c, "pooled activations")?;
+    let b = E::size(dl) / k.max(1);
+    same_len(E::size(dl), b * k, "logit gradient")?;
+    same_len(E::size(pooled), b * c, "pooled activations")?;
     if fc.b != fc.w + k * c {
         candle_core::bail!("fused train path: the bias does not follow the weight")
     }
-    let mut dwb = e.buffer(k * c + k)?;
+    let mut dwb = e.alloc(k * c + k)?;
     let args = vec![
         B(e.all_mut(&mut dwb)?),
         B(e.all(dl)?),
@@ -325,6 +326,6 @@ pub(crate) fn linear_pool_backward_at<E: Launcher + TrainExec>(
         U32(count(k * c + k, "linear gradient")?),
     ];
     e.run(each("de_linear_param_grads", k * c + k, args)?)?;
-    e.put(grad, fc.w, &dwb)?;
+    e.place(grad, fc.w, &dwb)?;
     eval::linear_pool_backward(e, dl, Fc::Params(p, fc.w, fc.b), hw, c, k)
 }

@@ -15,7 +15,8 @@ use std::ops::Range;
 
 use candle_core::{Result, Tensor};
 
-use super::device_eval::Exec;
+use super::conv::{ConvShape, Pass};
+use super::device_train::{TConv, TNorm};
 
 /// The CUDA C source a kernel is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,15 +110,21 @@ impl<A> KLaunch<A> {
     }
 }
 
-/// What the programs' launch code needs of an executor beyond [`Exec`]: handles to
-/// its buffers (whole or a range, read or written) and to tensors' values, and the
-/// launch itself.
-pub(crate) trait Launcher: Exec {
+/// What the programs' launch code needs of an executor: its buffers, handles to them
+/// (whole or a range, read or written) and to tensors' values, and the launch
+/// itself.
+pub(crate) trait Launcher {
+    /// A buffer of f32 values on the executor's device.
+    type Buf;
     /// A handle to (part of) a buffer or a tensor, alive for one launch.
     type Arg<'a>
     where
         Self: 'a;
 
+    /// A buffer of `n` values, each written before it is read.
+    fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    /// Values in `b`.
+    fn size(b: &Self::Buf) -> usize;
     /// Values `r` of `b`, which the kernel reads.
     fn read<'a>(&'a self, b: &'a Self::Buf, r: Range<usize>) -> Result<Self::Arg<'a>>;
     /// Values `r` of `b`, which the kernel writes (and may read).
@@ -130,14 +137,77 @@ pub(crate) trait Launcher: Exec {
 
     /// All of `b`, read.
     fn all<'a>(&'a self, b: &'a Self::Buf) -> Result<Self::Arg<'a>> {
-        self.read(b, 0..Self::len(b))
+        self.read(b, 0..Self::size(b))
     }
 
     /// All of `b`, written.
     fn all_mut<'a>(&'a self, b: &'a mut Self::Buf) -> Result<Self::Arg<'a>> {
-        let n = Self::len(b);
+        let n = Self::size(b);
         self.write(b, 0..n)
     }
+}
+
+/// An executor of the fused programs whose own kernels are launches (the CUDA one and
+/// the tests' emulated one): what it does besides launching them, namely the
+/// convolutions, a kernel's reordering, a student's noise, cuDNN's train-mode
+/// BatchNorm and copies. Its [`super::device_eval::Exec`] and
+/// [`super::device_train::TrainExec`] are these and the shared launch code
+/// (`device_eval_launch.rs`, `device_train_launch.rs`), written once for both.
+pub(crate) trait Backend: Launcher {
+    /// [`super::device_eval::Exec::kernel`].
+    fn krsc(&self, w: &Tensor) -> Result<Self::Buf>;
+    /// [`super::device_eval::Exec::conv`].
+    fn convolve(
+        &self,
+        pass: Pass,
+        g: &ConvShape,
+        a: &Self::Buf,
+        kernel: &Self::Buf,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// [`super::device_eval::Exec::draw_noise`].
+    fn noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Self::Buf>;
+    /// [`super::device_train::TrainExec::copy`].
+    fn duplicate(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// [`super::device_train::TrainExec::put`].
+    fn place(&self, dst: &mut Self::Buf, at: usize, src: &Self::Buf) -> Result<()>;
+    /// [`super::device_train::TrainExec::buffer_zeroed`].
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// [`super::device_train::TrainExec::kernel_at`].
+    fn krsc_at(&self, p: &Self::Buf, conv: &TConv) -> Result<Self::Buf>;
+    /// [`super::device_train::TrainExec::filter_into`].
+    fn filter(
+        &self,
+        g: &ConvShape,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        grad: &mut Self::Buf,
+        at: usize,
+    ) -> Result<()>;
+    /// [`super::device_train::TrainExec::bn_train_part`].
+    fn bn_part(
+        &self,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        rows: (usize, usize),
+        p: &Self::Buf,
+        n: &TNorm,
+        at: (usize, usize),
+    ) -> Result<Self::Buf>;
+    /// [`super::device_train::TrainExec::bn_train_part_backward`].
+    #[allow(clippy::too_many_arguments)]
+    fn bn_part_backward(
+        &self,
+        x: &Self::Buf,
+        d: &Self::Buf,
+        dx: &mut Self::Buf,
+        rows: (usize, usize),
+        p: &Self::Buf,
+        n: &TNorm,
+        at: (usize, usize),
+        stats: &Self::Buf,
+    ) -> Result<Self::Buf>;
 }
 
 /// `r` checked to lie in a buffer of `len` values.
@@ -283,7 +353,16 @@ pub(crate) mod cuda {
         use super::CudaArg;
 
         impl Launcher for CudaExec {
+            type Buf = Slice;
             type Arg<'a> = CudaArg<'a>;
+
+            fn alloc(&self, n: usize) -> Result<Slice> {
+                super::super::super::cuda::uninit(&self.dev, n)
+            }
+
+            fn size(b: &Slice) -> usize {
+                b.len()
+            }
 
             fn read<'a>(&'a self, b: &'a Slice, r: Range<usize>) -> Result<CudaArg<'a>> {
                 within(&r, b.len(), "fused GPU program")?;

@@ -12,9 +12,10 @@ use std::ops::Range;
 
 use candle_core::{Result, Tensor};
 
-use super::{within, KArg, KLaunch, Launcher};
+use super::{within, Backend, KArg, KLaunch, Launcher};
 use crate::kernels::conv::{ConvShape, Pass};
-use crate::kernels::device_eval::{launches, CpuExec, DNorm, Exec};
+use crate::kernels::device_eval::{CpuExec, Exec};
+use crate::kernels::device_train::{TConv, TNorm, TrainExec};
 use crate::kernels::emulate::{bits, Arg, Emulator};
 
 /// The emulated executor (f32 buffers on the host, like the CPU executor's).
@@ -44,7 +45,16 @@ pub(crate) fn launches() -> usize {
 }
 
 impl Launcher for EmuExec {
+    type Buf = Vec<f32>;
     type Arg<'a> = EmuArg<'a>;
+
+    fn alloc(&self, n: usize) -> Result<Vec<f32>> {
+        CpuExec.buffer(n)
+    }
+
+    fn size(b: &Vec<f32>) -> usize {
+        b.len()
+    }
 
     fn read<'a>(&'a self, b: &'a Vec<f32>, r: Range<usize>) -> Result<EmuArg<'a>> {
         within(&r, b.len(), "emulated program")?;
@@ -116,22 +126,12 @@ impl Launcher for EmuExec {
     }
 }
 
-impl Exec for EmuExec {
-    type Buf = Vec<f32>;
-
-    fn buffer(&self, n: usize) -> Result<Vec<f32>> {
-        CpuExec.buffer(n)
-    }
-
-    fn len(b: &Vec<f32>) -> usize {
-        b.len()
-    }
-
-    fn kernel(&self, w: &Tensor) -> Result<Vec<f32>> {
+impl Backend for EmuExec {
+    fn krsc(&self, w: &Tensor) -> Result<Vec<f32>> {
         CpuExec.kernel(w)
     }
 
-    fn conv(
+    fn convolve(
         &self,
         pass: Pass,
         g: &ConvShape,
@@ -143,86 +143,61 @@ impl Exec for EmuExec {
         CpuExec.conv(pass, g, a, kernel, out, accumulate)
     }
 
-    fn draw_noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Vec<f32>> {
+    fn noise(&self, seed: u64, first: u64, images: usize, len: usize) -> Result<Vec<f32>> {
         CpuExec.draw_noise(seed, first, images, len)
     }
 
-    fn bn_relu(
+    fn duplicate(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        CpuExec.copy(x)
+    }
+
+    fn place(&self, dst: &mut Vec<f32>, at: usize, src: &Vec<f32>) -> Result<()> {
+        CpuExec.put(dst, at, src)
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        CpuExec.buffer_zeroed(n)
+    }
+
+    fn krsc_at(&self, p: &Vec<f32>, conv: &TConv) -> Result<Vec<f32>> {
+        CpuExec.kernel_at(p, conv)
+    }
+
+    fn filter(
         &self,
-        n: &DNorm,
+        g: &ConvShape,
+        x: &Vec<f32>,
+        dy: &Vec<f32>,
+        grad: &mut Vec<f32>,
+        at: usize,
+    ) -> Result<()> {
+        CpuExec.filter_into(g, x, dy, grad, at)
+    }
+
+    fn bn_part(
+        &self,
         x: &Vec<f32>,
         y: &mut Vec<f32>,
-        c: usize,
-        z: Option<&Vec<f32>>,
-    ) -> Result<()> {
-        launches::bn_relu(self, n, x, y, c, z)
-    }
-
-    fn bn_relu_in_place(
-        &self,
-        n: &DNorm,
-        y: &mut Vec<f32>,
-        c: usize,
-        z: Option<&Vec<f32>>,
-    ) -> Result<()> {
-        launches::bn_relu_in_place(self, n, y, c, z)
-    }
-
-    fn bn_add_relu(
-        &self,
-        n: &DNorm,
-        out: &mut Vec<f32>,
-        skip: &Vec<f32>,
-        skip_norm: Option<&DNorm>,
-        c: usize,
-    ) -> Result<()> {
-        launches::bn_add_relu(self, n, out, skip, skip_norm, c)
-    }
-
-    fn add_relu_backward(
-        &self,
-        n: &DNorm,
-        d: &mut Vec<f32>,
-        y: &Vec<f32>,
-        skip_norm: Option<&DNorm>,
-        c: usize,
+        rows: (usize, usize),
+        p: &Vec<f32>,
+        n: &TNorm,
+        at: (usize, usize),
     ) -> Result<Vec<f32>> {
-        let mut d2 = self.buffer(d.len().max(1))?;
-        launches::add_relu_backward(self, n, &mut d2, d, y, skip_norm, c)?;
-        Ok(d2)
+        CpuExec.bn_train_part(x, y, rows, p, n, at)
     }
 
-    fn bn_relu_backward(
-        &self,
-        n: &DNorm,
-        d: &mut Vec<f32>,
-        y: &Vec<f32>,
-        residual: Option<&Vec<f32>>,
-        c: usize,
-    ) -> Result<()> {
-        launches::bn_relu_backward(self, n, d, y, residual, c)
-    }
-
-    fn pool_linear(
+    fn bn_part_backward(
         &self,
         x: &Vec<f32>,
-        fc: &(Tensor, Tensor),
-        hw: usize,
-        c: usize,
+        d: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        rows: (usize, usize),
+        p: &Vec<f32>,
+        n: &TNorm,
+        at: (usize, usize),
+        stats: &Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let (k, _) = fc.0.dims2()?;
-        Ok(launches::pool_linear(self, x, launches::Fc::Tensors(fc), hw, c, k)?.1)
-    }
-
-    fn linear_pool_backward(
-        &self,
-        dl: &Vec<f32>,
-        fc: &(Tensor, Tensor),
-        hw: usize,
-        c: usize,
-    ) -> Result<Vec<f32>> {
-        let (k, _) = fc.0.dims2()?;
-        launches::linear_pool_backward(self, dl, launches::Fc::Tensors(fc), hw, c, k)
+        CpuExec.bn_train_part_backward(x, d, dx, rows, p, n, at, stats)
     }
 }
 
