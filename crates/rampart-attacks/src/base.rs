@@ -250,6 +250,10 @@ pub trait Attack {
         eps: &[f64],
         seed: u64,
     ) -> Result<Vec<AttackResult>> {
+        // The model's weights cannot change during an attack: the fused GPU program keeps
+        // its reordered kernels for the run (`rampart_models::frozen_weights`).
+        #[cfg(feature = "cuda")]
+        let _weights = rampart_models::frozen_weights();
         let problem = checked_problem(self, model, bounds, xs, ys, eps, None)?;
         eps.iter()
             .map(|&e| {
@@ -327,6 +331,10 @@ pub(crate) fn perturbed<A: Attack + ?Sized>(
     seed: u64,
     classes: Option<usize>,
 ) -> Result<Perturbed> {
+    // The model's weights cannot change during an attack: the fused GPU program keeps
+    // its reordered kernels for the run (`rampart_models::frozen_weights`).
+    #[cfg(feature = "cuda")]
+    let _weights = rampart_models::frozen_weights();
     let problem = checked_problem(attack, model, bounds, xs, ys, &[eps], classes)?;
     let outcome = attack.attack_eps(&problem, eps, seed)?;
     problem.points(attack.norm(), outcome, eps)

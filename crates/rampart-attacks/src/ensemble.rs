@@ -213,6 +213,10 @@ impl AutoAttack {
         eps: f64,
         seed: u64,
     ) -> Result<EnsembleState> {
+        // The model's weights cannot change during an attack: the fused GPU program keeps
+        // its reordered kernels for the run (`rampart_models::frozen_weights`).
+        #[cfg(feature = "cuda")]
+        let _weights = rampart_models::frozen_weights();
         self.validate()?;
         self.norm.check_eps(eps)?;
         let clock = Instant::now();
@@ -269,6 +273,10 @@ impl AutoAttack {
         ys: &Tensor,
         state: &mut EnsembleState,
     ) -> Result<Option<StageReport>> {
+        // The model's weights cannot change during an attack: the fused GPU program keeps
+        // its reordered kernels for the run (`rampart_models::frozen_weights`).
+        #[cfg(feature = "cuda")]
+        let _weights = rampart_models::frozen_weights();
         self.validate()?;
         self.check_state(xs, ys, state)?;
         let s = state.completed.len();
@@ -393,6 +401,10 @@ impl AutoAttack {
         eps: f64,
         seed: u64,
     ) -> Result<Evaluation> {
+        // The model's weights cannot change during an attack: the fused GPU program keeps
+        // its reordered kernels for the run (`rampart_models::frozen_weights`).
+        #[cfg(feature = "cuda")]
+        let _weights = rampart_models::frozen_weights();
         let mut state = self.start(model, bounds, xs, ys, eps, seed)?;
         while self.run_stage(model, bounds, xs, ys, &mut state)?.is_some() {}
         self.finish(xs, ys, &state)

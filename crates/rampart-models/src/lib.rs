@@ -46,6 +46,7 @@ pub mod wrn;
 #[cfg(feature = "cuda")]
 pub use kernels::cuda;
 pub use kernels::sync_bn::{ChannelSum, SyncScope};
+pub use kernels::weights::{frozen_weights, weights_frozen, FrozenWeights};
 
 pub use spec::{
     Arch, BatchNormSpec, ModelSpec, CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, SVHN_MEAN,

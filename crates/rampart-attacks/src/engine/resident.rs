@@ -102,6 +102,10 @@ pub(crate) fn perturb(
     let Some(exec) = resident_on(pgd, xs.device()) else {
         return Ok(None);
     };
+    // The model's weights cannot change during an attack: the fused GPU program keeps
+    // its reordered kernels for the run (`rampart_models::frozen_weights`).
+    #[cfg(feature = "cuda")]
+    let _weights = rampart_models::frozen_weights();
     let dims = xs.dims();
     let shaped = dims.len() >= 2
         && !dims.contains(&0)

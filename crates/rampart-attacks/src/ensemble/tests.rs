@@ -297,3 +297,64 @@ fn the_ensemble_on_the_device_loops_equals_the_host_loops() -> Result<()> {
     }
     Ok(())
 }
+
+/// A model that counts its passes, and those run outside a scope of frozen weights
+/// (`rampart_models::frozen_weights`, in which the fused GPU program keeps its
+/// reordered kernels; the attacks open it in builds with the `cuda` feature, where
+/// the GPU programs are).
+#[cfg(feature = "cuda")]
+struct Watch<'a> {
+    base: &'a dyn candle_core::Module,
+    passes: std::sync::atomic::AtomicUsize,
+    outside: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::Module for Watch<'_> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.passes.fetch_add(1, Relaxed);
+        if !rampart_models::weights_frozen() {
+            self.outside.fetch_add(1, Relaxed);
+        }
+        self.base.forward(xs)
+    }
+}
+
+/// Every pass of an attack run (run, perturb, the training attacks' perturb with
+/// classes, the ensemble whole or started and run stage by stage) happens with the weights frozen, and
+/// the scope closes with the run.
+#[cfg(feature = "cuda")]
+#[test]
+fn attacks_run_with_the_weights_frozen() -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t = trained();
+    let watch = Watch {
+        base: &t.model,
+        passes: 0.into(),
+        outside: 0.into(),
+    };
+    let pgd = Pgd {
+        steps: 5,
+        ..Pgd::madry_linf_cifar10()
+    };
+    let (xs, ys) = (t.xs.narrow(0, 0, 8)?, t.ys.narrow(0, 0, 8)?);
+    pgd.run(&watch, Bounds::UNIT, &xs, &ys, &[0.05], 0)?;
+    pgd.perturb(&watch, Bounds::UNIT, &xs, &ys, 0.05, 0)?;
+    pgd.perturb_with_classes(&watch, Bounds::UNIT, &xs, &ys, 0.05, 0, 4)?;
+    crate::Fgsm::fast_at().perturb_with_classes(&watch, Bounds::UNIT, &xs, &ys, 0.05, 0, 4)?;
+    small(Norm::Linf).evaluate(&watch, Bounds::UNIT, &xs, &ys, 0.05, 0)?;
+    let aa = small(Norm::L2);
+    let mut state = aa.start(&watch, Bounds::UNIT, &xs, &ys, 0.5, 0)?;
+    while aa
+        .run_stage(&watch, Bounds::UNIT, &xs, &ys, &mut state)?
+        .is_some()
+    {}
+    assert!(watch.passes.load(Relaxed) > 20);
+    assert_eq!(watch.outside.load(Relaxed), 0, "passes outside the scope");
+    assert!(
+        !rampart_models::weights_frozen(),
+        "the scope outlived the runs"
+    );
+    Ok(())
+}

@@ -274,7 +274,7 @@ pub(crate) trait Exec {
     /// Values in `b`.
     fn len(b: &Self::Buf) -> usize;
     /// An OIHW kernel in OHWI (KRSC) order, the order of the convolution passes.
-    fn kernel(&self, w: &Tensor) -> Result<Self::Buf>;
+    fn kernel(&self, w: &Tensor) -> Result<Arc<Self::Buf>>;
     /// The forward pass (x, kernel) → y, or the input-gradient pass (dy, kernel) → dx,
     /// of the convolution `g` into `out`, added to it when `accumulate`.
     fn conv(
@@ -399,9 +399,9 @@ struct SavedBlock<B> {
     side: (usize, usize),
     pre: B,
     mid: B,
-    k1: B,
-    k2: B,
-    shortcut: Option<B>,
+    k1: Arc<B>,
+    k2: Arc<B>,
+    shortcut: Option<Arc<B>>,
 }
 
 /// What the backward pass of a pre-activation network reads: per block
@@ -412,7 +412,7 @@ pub(crate) struct SavedPre<B> {
     fin: B,
     side: (usize, usize),
     c: usize,
-    stem: B,
+    stem: Arc<B>,
 }
 
 /// What the backward pass of a post-activation network reads: the stem's kernel,
@@ -420,7 +420,7 @@ pub(crate) struct SavedPre<B> {
 /// input) and per block [`SavedPostBlock`].
 pub(crate) struct SavedPost<B> {
     b: usize,
-    stem: B,
+    stem: Arc<B>,
     acts: Vec<B>,
     blocks: Vec<SavedPostBlock<B>>,
     side: (usize, usize),
@@ -432,9 +432,9 @@ pub(crate) struct SavedPost<B> {
 struct SavedPostBlock<B> {
     side: (usize, usize),
     h1: B,
-    k1: B,
-    k2: B,
-    shortcut: Option<B>,
+    k1: Arc<B>,
+    k2: Arc<B>,
+    shortcut: Option<Arc<B>>,
 }
 
 /// What the backward pass reads, per architecture.
@@ -896,8 +896,8 @@ impl<T: Backend> Exec for T {
         T::size(b)
     }
 
-    fn kernel(&self, w: &Tensor) -> Result<Self::Buf> {
-        self.krsc(w)
+    fn kernel(&self, w: &Tensor) -> Result<Arc<Self::Buf>> {
+        super::weights::reordered(w, || self.krsc(w))
     }
 
     fn conv(
@@ -1130,9 +1130,13 @@ impl Exec for CpuExec {
         b.len()
     }
 
-    fn kernel(&self, w: &Tensor) -> Result<Vec<f32>> {
+    fn kernel(&self, w: &Tensor) -> Result<Arc<Vec<f32>>> {
         let (_, ci, k, _) = w.dims4()?;
-        Ok(super::conv::oihw_to_ohwi(&self.values(w)?, ci, k * k))
+        Ok(Arc::new(super::conv::oihw_to_ohwi(
+            &self.values(w)?,
+            ci,
+            k * k,
+        )))
     }
 
     fn conv(

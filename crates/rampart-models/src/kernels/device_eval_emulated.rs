@@ -386,3 +386,57 @@ fn eval_program_launches_equal_the_cpu_executor() -> TestResult {
     assert_eq!(cases, models.len());
     Ok(())
 }
+
+/// Within a scope of frozen weights the eval program puts each kernel in KRSC order
+/// once for all its passes, with the same logits; outside one, every pass does; the
+/// scope's end forgets the kernels, so a weight changed afterwards is seen.
+#[test]
+fn kernels_are_reordered_once_per_scope_of_frozen_weights() -> TestResult {
+    use super::{forward, launches};
+    use crate::kernels::launch::emulated::{reorders, same_bits, EmuExec};
+    use crate::kernels::launch::Launcher;
+    use crate::kernels::weights::{frozen_weights, weights_frozen};
+    let m = crate::tests::trained_looking(crate::ModelSpec::wrn(10, 1, 10), 3);
+    let b = 2;
+    let x = crate::tests::input(b, 7);
+    let emu = EmuExec;
+    let logits = || -> candle_core::Result<(Vec<f32>, usize)> {
+        let op = m.device_eval_op(false)?.expect("a program");
+        let p = &op.program;
+        let n = x.elem_count();
+        let mut a = emu.alloc(n)?;
+        let images = emu.tensor(&x, n, "images")?;
+        launches::normalise(&emu, &mut a, images, p.input, &p.mean, &p.inv_std)?;
+        let before = reorders();
+        let (l, _) = forward(&emu, p, a, b, false)?;
+        Ok((l, reorders() - before))
+    };
+    assert!(!weights_frozen());
+    let (plain, per_pass) = logits()?;
+    assert!(per_pass >= 7, "{per_pass} kernels reordered in a pass");
+    assert_eq!(logits()?.1, per_pass, "outside a scope every pass reorders");
+    {
+        let _outer = frozen_weights();
+        let (first, n1) = logits()?;
+        same_bits(&first, &plain, "the first pass in a scope");
+        assert_eq!(n1, per_pass);
+        {
+            let _inner = frozen_weights();
+            assert_eq!(logits()?.1, 0, "a nested scope keeps the kernels");
+        }
+        assert!(weights_frozen());
+        let (again, n2) = logits()?;
+        same_bits(&again, &plain, "a later pass in the scope");
+        assert_eq!(n2, 0, "the kernels are kept in the scope");
+    }
+    assert!(!weights_frozen());
+    crate::tests::randomise(&m, &["conv1.weight"], 0.0, 99);
+    let _scope = frozen_weights();
+    let (changed, n3) = logits()?;
+    assert_eq!(n3, per_pass, "a new scope reorders again");
+    assert!(
+        changed.iter().zip(&plain).any(|(a, b)| a != b),
+        "the changed weights are seen"
+    );
+    Ok(())
+}

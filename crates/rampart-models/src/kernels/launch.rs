@@ -115,7 +115,7 @@ impl<A> KLaunch<A> {
 /// itself.
 pub(crate) trait Launcher {
     /// A buffer of f32 values on the executor's device.
-    type Buf;
+    type Buf: Send + Sync + 'static;
     /// A handle to (part of) a buffer or a tensor, alive for one launch.
     type Arg<'a>
     where

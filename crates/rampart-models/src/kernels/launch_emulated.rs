@@ -37,6 +37,12 @@ pub(crate) enum EmuArg<'a> {
 
 thread_local! {
     static LAUNCHES: Cell<usize> = const { Cell::new(0) };
+    static REORDERS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Kernels this thread's emulated executor put in KRSC order so far.
+pub(crate) fn reorders() -> usize {
+    REORDERS.with(Cell::get)
 }
 
 /// Launches emulated on this thread so far.
@@ -128,7 +134,8 @@ impl Launcher for EmuExec {
 
 impl Backend for EmuExec {
     fn krsc(&self, w: &Tensor) -> Result<Vec<f32>> {
-        CpuExec.kernel(w)
+        REORDERS.with(|c| c.set(c.get() + 1));
+        Ok(std::sync::Arc::unwrap_or_clone(CpuExec.kernel(w)?))
     }
 
     fn convolve(

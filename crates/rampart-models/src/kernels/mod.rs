@@ -67,6 +67,7 @@ pub(crate) mod postact;
 pub(crate) mod preact;
 pub mod sync_bn;
 mod train_norm;
+pub mod weights;
 mod winograd;
 pub mod xent;
 
