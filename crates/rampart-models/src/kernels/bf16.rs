@@ -11,7 +11,7 @@
 //! GPU tests hold the kernels to the twins bit for bit.
 
 use super::common::f32_slice;
-use super::launch::{count, KArg, KLaunch, Source};
+use super::launch::{count, KArg, KLaunch};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use KArg::{B, I32, U32};
 
@@ -62,31 +62,25 @@ impl CustomOp1 for RoundBf16 {
     }
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
-/// An element-wise launch of the conversion `kernel` of `ops.cu` over `n` values.
-fn each<A>(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<KLaunch<A>> {
-    KLaunch::elementwise(Source::Ops, kernel, n, args)
-}
-
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The launch of `f32_to_bf16`: `out` (bf16) ← `x` (f32) rounded, `n` values. The
 /// CUDA functions below and the tests' emulated kernels are launched through these
 /// definitions.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) fn to_bf16_launch<A>(out: A, x: A, n: usize) -> Result<KLaunch<A>> {
     let args = vec![B(out), B(x), U32(count(n, "f32-to-bf16")?)];
-    each("f32_to_bf16", n, args)
+    KLaunch::ops("f32_to_bf16", n, args)
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The launch of `bf16_to_f32`: `out` (f32) ← `x` (bf16) widened, `n` values.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) fn to_f32_launch<A>(out: A, x: A, n: usize) -> Result<KLaunch<A>> {
     let args = vec![B(out), B(x), U32(count(n, "bf16-to-f32")?)];
-    each("bf16_to_f32", n, args)
+    KLaunch::ops("bf16_to_f32", n, args)
 }
 
-#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
 /// The launch of `bf16_widen_into`: `out` (f32) ← widen(`x`), or += with
 /// `accumulate`, `n` values.
+#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
 pub(crate) fn widen_into_launch<A>(out: A, x: A, accumulate: bool, n: usize) -> Result<KLaunch<A>> {
     let args = vec![
         B(out),
@@ -94,7 +88,7 @@ pub(crate) fn widen_into_launch<A>(out: A, x: A, accumulate: bool, n: usize) -> 
         I32(i32::from(accumulate)),
         U32(count(n, "bf16-widen-into")?),
     ];
-    each("bf16_widen_into", n, args)
+    KLaunch::ops("bf16_widen_into", n, args)
 }
 
 /// The conversion kernels on a device.

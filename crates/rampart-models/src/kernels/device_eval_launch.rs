@@ -8,15 +8,10 @@
 
 use candle_core::{Result, Tensor};
 
-use super::super::launch::{count, KArg, KLaunch, Launcher, Source};
+use super::super::launch::{count, KArg, KLaunch, Launcher};
 use super::{noise_std, same_len, DNorm};
 
 use KArg::{Null, B, F32, I32, U32};
-
-/// An element-wise launch of `kernel` of `device_eval.cu` over `n` values.
-fn each<A>(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<KLaunch<A>> {
-    KLaunch::elementwise(Source::Programs, kernel, n, args)
-}
 
 /// γ, β, running mean and running variance of `n` (`c` values each), read.
 fn norm<'a, L: Launcher>(l: &'a L, n: &'a DNorm, c: usize) -> Result<[KArg<L::Arg<'a>>; 4]> {
@@ -67,7 +62,7 @@ pub(crate) fn normalise<'a, L: Launcher>(
     ];
     let mut all = vec![B(l.all_mut(out)?), B(x)];
     all.extend(args);
-    l.run(each("de_normalise", n, all)?)
+    l.run(KLaunch::programs("de_normalise", n, all)?)
 }
 
 /// `out` ← the NCHW input gradient from `dn`, that of the normalised NHWC input.
@@ -89,7 +84,7 @@ pub(crate) fn denormalise<L: Launcher>(
         U32(count(h * w, "pixels")?),
         U32(count(n, "input gradient")?),
     ];
-    l.run(each("de_denormalise", n, args)?)
+    l.run(KLaunch::programs("de_denormalise", n, args)?)
 }
 
 /// Where a linear layer's weight (K, C) and bias (K,) are: two tensors (the eval
@@ -136,7 +131,7 @@ pub(crate) fn pool_linear<L: Launcher>(
         U32(count(c, "channels")?),
         U32(count(b * c, "pooling")?),
     ];
-    l.run(each("de_avg_pool", b * c, args)?)?;
+    l.run(KLaunch::programs("de_avg_pool", b * c, args)?)?;
     let mut logits = l.alloc(b * k)?;
     let [w, bias] = fc_args(l, &fc, k, c)?;
     let args = vec![
@@ -148,7 +143,7 @@ pub(crate) fn pool_linear<L: Launcher>(
         U32(count(k, "classes")?),
         U32(count(b * k, "logits")?),
     ];
-    l.run(each("de_linear", b * k, args)?)?;
+    l.run(KLaunch::programs("de_linear", b * k, args)?)?;
     Ok((pooled, logits))
 }
 
@@ -176,7 +171,7 @@ pub(crate) fn linear_pool_backward<L: Launcher>(
         U32(count(hw, "pixels")?),
         U32(count(n, "pooled activations' gradient")?),
     ];
-    l.run(each("de_linear_pool_backward", n, args)?)?;
+    l.run(KLaunch::programs("de_linear_pool_backward", n, args)?)?;
     Ok(d)
 }
 
@@ -192,7 +187,7 @@ pub(crate) fn bn_relu<L: Launcher>(
     let len = L::size(x);
     same_len(len, L::size(y), "BatchNorm")?;
     let launch = match noise_std(n, z)? {
-        None => each(
+        None => KLaunch::programs(
             "de_bn_relu_into",
             len,
             with_norm(l, vec![B(l.all_mut(y)?), B(l.all(x)?)], n, c, len)?,
@@ -207,7 +202,7 @@ pub(crate) fn bn_relu<L: Launcher>(
                 B(l.tensor(&nz.sigma, c, "running noise scale")?),
                 F32(nz.scale),
             ];
-            each("de_bn_noise_relu_into", len, with_norm(l, lead, n, c, len)?)?
+            KLaunch::programs("de_bn_noise_relu_into", len, with_norm(l, lead, n, c, len)?)?
         }
     };
     l.run(launch)
@@ -223,7 +218,7 @@ pub(crate) fn bn_relu_in_place<L: Launcher>(
 ) -> Result<()> {
     let len = L::size(y);
     let launch = match noise_std(n, z)? {
-        None => each(
+        None => KLaunch::programs(
             "de_bn_relu_inplace",
             len,
             with_norm(l, vec![B(l.all_mut(y)?)], n, c, len)?,
@@ -237,7 +232,7 @@ pub(crate) fn bn_relu_in_place<L: Launcher>(
                 B(l.tensor(&nz.sigma, c, "running noise scale")?),
                 F32(nz.scale),
             ];
-            each(
+            KLaunch::programs(
                 "de_bn_noise_relu_inplace",
                 len,
                 with_norm(l, lead, n, c, len)?,
@@ -271,7 +266,7 @@ pub(crate) fn bn_add_relu<L: Launcher>(
         U32(count(c, "channels")?),
         U32(count(len, "block output")?),
     ]);
-    l.run(each("de_bn_add_relu", len, args)?)
+    l.run(KLaunch::programs("de_bn_add_relu", len, args)?)
 }
 
 /// d2 ← the second convolution's output gradient, d ← the shortcut's
@@ -310,7 +305,7 @@ pub(crate) fn add_relu_backward<L: Launcher>(
         U32(count(c, "channels")?),
         U32(count(len, "block gradient")?),
     ]);
-    l.run(each("de_add_relu_backward", len, args)?)
+    l.run(KLaunch::programs("de_add_relu_backward", len, args)?)
 }
 
 /// d ← the input gradient of relu(bn(·)) plus `residual`
@@ -342,5 +337,5 @@ pub(crate) fn bn_relu_backward<L: Launcher>(
         U32(count(c, "channels")?),
         U32(count(len, "BatchNorm gradient")?),
     ];
-    l.run(each("de_bn_relu_backward", len, args)?)
+    l.run(KLaunch::programs("de_bn_relu_backward", len, args)?)
 }

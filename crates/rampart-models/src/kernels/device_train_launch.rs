@@ -16,17 +16,12 @@ use super::{dot_blocks, TFc, TNoise, TNorm, DOT_THREADS};
 
 use KArg::{B, F32, U32};
 
-/// An element-wise launch of `kernel` of `device_eval.cu` over `n` values.
-fn each<A>(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<KLaunch<A>> {
-    KLaunch::elementwise(Source::Programs, kernel, n, args)
-}
-
 /// `d += r`.
 pub(crate) fn add_in_place<L: Launcher>(l: &L, d: &mut L::Buf, r: &L::Buf) -> Result<()> {
     let n = L::size(d);
     same_len(n, L::size(r), "residual gradient")?;
     let args = vec![B(l.all_mut(d)?), B(l.all(r)?), U32(count(n, "residual")?)];
-    l.run(each("de_add_inplace", n, args)?)
+    l.run(KLaunch::programs("de_add_inplace", n, args)?)
 }
 
 /// `d ← d·[y > 0]`.
@@ -38,7 +33,7 @@ pub(crate) fn relu_mask<L: Launcher>(l: &L, d: &mut L::Buf, y: &L::Buf) -> Resul
         B(l.all(y)?),
         U32(count(n, "ReLU gradient")?),
     ];
-    l.run(each("de_relu_mask_inplace", n, args)?)
+    l.run(KLaunch::programs("de_relu_mask_inplace", n, args)?)
 }
 
 /// `y ← relu(y + r)`.
@@ -50,7 +45,7 @@ pub(crate) fn add_relu_in_place<L: Launcher>(l: &L, y: &mut L::Buf, r: &L::Buf) 
         B(l.all(r)?),
         U32(count(n, "block output")?),
     ];
-    l.run(each("dt_add_relu_inplace", n, args)?)
+    l.run(KLaunch::programs("dt_add_relu_inplace", n, args)?)
 }
 
 /// relu(bn(x)) with x's batch statistics, and those statistics
@@ -147,7 +142,7 @@ pub(crate) fn film_relu<L: Launcher>(
         U32(count(per, "FiLM image")?),
         U32(count(len, "FiLM")?),
     ];
-    l.run(each("dt_film_relu", len, args)?)?;
+    l.run(KLaunch::programs("dt_film_relu", len, args)?)?;
     Ok(y)
 }
 
@@ -178,7 +173,7 @@ pub(crate) fn film_backward<L: Launcher>(
         U32(per32),
         U32(count(len, "FiLM gradient")?),
     ];
-    l.run(each("dt_film_grads", len, args)?)?;
+    l.run(KLaunch::programs("dt_film_grads", len, args)?)?;
     let n = L::size(d);
     let args = vec![
         B(l.all_mut(d)?),
@@ -187,7 +182,7 @@ pub(crate) fn film_backward<L: Launcher>(
         U32(per32),
         U32(count(n, "FiLM gradient")?),
     ];
-    l.run(each("dt_film_scale", n, args)?)
+    l.run(KLaunch::programs("dt_film_scale", n, args)?)
 }
 
 /// A student's noisy BatchNorm ([`super::TrainExec::bn_noise_relu_train`]): (y, the
@@ -213,7 +208,7 @@ pub(crate) fn bn_noise_relu_train<E: Backend>(
         F32(n.eps as f32),
         U32(c32),
     ];
-    e.run(each("dt_noise_sigma", c, args)?)?;
+    e.run(KLaunch::programs("dt_noise_sigma", c, args)?)?;
     if noise.alpha >= E::size(p) {
         candle_core::bail!("fused train path: a noise factor past the parameters")
     }
@@ -227,7 +222,7 @@ pub(crate) fn bn_noise_relu_train<E: Backend>(
         U32(c32),
         U32(count(len, "noisy BatchNorm")?),
     ];
-    e.run(each("dt_noise_relu_inplace", len, args)?)?;
+    e.run(KLaunch::programs("dt_noise_relu_inplace", len, args)?)?;
     Ok((y, stats, sigma))
 }
 
@@ -325,7 +320,7 @@ pub(crate) fn linear_pool_backward_at<E: Backend>(
         U32(count(k, "classes")?),
         U32(count(k * c + k, "linear gradient")?),
     ];
-    e.run(each("de_linear_param_grads", k * c + k, args)?)?;
+    e.run(KLaunch::programs("de_linear_param_grads", k * c + k, args)?)?;
     e.place(grad, fc.w, &dwb)?;
     eval::linear_pool_backward(e, dl, Fc::Params(p, fc.w, fc.b), hw, c, k)
 }

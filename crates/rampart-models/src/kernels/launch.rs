@@ -92,6 +92,16 @@ impl<A> KLaunch<A> {
         })
     }
 
+    /// [`KLaunch::elementwise`] of a kernel of the fused programs' `device_eval.cu`.
+    pub fn programs(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<Self> {
+        Self::elementwise(Source::Programs, kernel, n, args)
+    }
+
+    /// [`KLaunch::elementwise`] of a kernel of `ops.cu`.
+    pub fn ops(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<Self> {
+        Self::elementwise(Source::Ops, kernel, n, args)
+    }
+
     /// `grid` blocks of `block` threads.
     pub fn blocks(
         source: Source,

@@ -15,7 +15,7 @@
 //! with probability 8·10⁻⁹); the polynomials are accurate to about 1e-7 (tested
 //! against f64), and the draws pass a Kolmogorov–Smirnov test against the normal law.
 
-use super::launch::{count, KArg, KLaunch, Source};
+use super::launch::{count, KArg, KLaunch};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 
@@ -207,11 +207,11 @@ impl CustomOp1 for LayerNoise {
     }
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The launch of `layer_noise`: the noise of `images` images of `per` values each
 /// into `out` (image i's values those [`fill_image`] writes for (seed, first + i)),
 /// one thread per pair of values. The GPU's fill and the tests' emulated kernel are
 /// launched through this one definition.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) fn noise_launch<A>(
     out: A,
     seed: u64,
@@ -229,7 +229,7 @@ pub(crate) fn noise_launch<A>(
         KArg::U64(pairs_per_image as u64),
         KArg::U32(count(pairs, "layer-noise")?),
     ];
-    KLaunch::elementwise(Source::Ops, "layer_noise", pairs, args)
+    KLaunch::ops("layer_noise", pairs, args)
 }
 
 /// Writes the noise of `images` images of `per` values each into `out` (at least

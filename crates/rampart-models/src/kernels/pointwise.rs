@@ -14,7 +14,7 @@
 //! (zeros, comparison, conversion, product) besides the gradient bookkeeping.
 
 use super::common::f32_slice;
-use super::launch::{count, KArg, KLaunch, Source};
+use super::launch::{count, KArg, KLaunch};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, InplaceOp2, Layout, Result, Shape, Tensor};
 use KArg::{B, F32, I32, U32};
 
@@ -56,24 +56,18 @@ pub fn ops_ptx() -> Result<&'static str> {
     OPS.ptx()
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
-/// An element-wise launch of `kernel` of `ops.cu` over `n` values.
-fn each<A>(kernel: &'static str, n: usize, args: Vec<KArg<A>>) -> Result<KLaunch<A>> {
-    KLaunch::elementwise(Source::Ops, kernel, n, args)
-}
-
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The launch of `relu_mask`: `out` = dy·[y > 0] over `n` values. The CUDA op and the
 /// tests' emulated kernels are launched through this one definition (and those
 /// below), so the tests check the argument order and grid a GPU gets.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) fn relu_mask_launch<A>(out: A, dy: A, y: A, n: usize) -> Result<KLaunch<A>> {
     let args = vec![B(out), B(dy), B(y), U32(count(n, "relu-mask")?)];
-    each("relu_mask", n, args)
+    KLaunch::ops("relu_mask", n, args)
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The launch of `bn_eval_backward` ([`BnEvalBackward`]) over `n` values of `c`
 /// channels.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn bn_eval_backward_launch<A>(
     dx: A,
@@ -97,12 +91,12 @@ pub(crate) fn bn_eval_backward_launch<A>(
         U32(count(c, "BatchNorm backward")?),
         U32(count(n, "BatchNorm backward")?),
     ];
-    each("bn_eval_backward", n, args)
+    KLaunch::ops("bn_eval_backward", n, args)
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The launch of `bn_running` for `op` on the `c` running values `run`, from the
 /// statistic's `c` saved batch values `from`.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) fn running_launch<A>(
     op: &RunningUpdate,
     run: A,
@@ -118,18 +112,18 @@ pub(crate) fn running_launch<A>(
         I32(i32::from(op.stat == Stat::Var)),
         U32(count(c, "running statistics")?),
     ];
-    each("bn_running", c, args)
+    KLaunch::ops("bn_running", c, args)
 }
 
-#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
 /// The launch of `relu_inplace` on `n` values of `y`.
+#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
 pub(crate) fn relu_in_place_launch<A>(y: A, n: usize) -> Result<KLaunch<A>> {
-    each("relu_inplace", n, vec![B(y), U32(count(n, "relu")?)])
+    KLaunch::ops("relu_inplace", n, vec![B(y), U32(count(n, "relu")?)])
 }
 
-#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
 /// The launch of `oihw_to_ohwi` (`to_ohwi`) or `ohwi_to_oihw` on `n` kernel values of
 /// `c_in` input channels and `kk` taps each.
+#[cfg_attr(not(any(test, feature = "cudnn")), allow(dead_code))]
 pub(crate) fn permute_launch<A>(
     out: A,
     w: A,
@@ -153,7 +147,7 @@ pub(crate) fn permute_launch<A>(
         U32(count(kk, name)?),
         U32(count(n, name)?),
     ];
-    each(name, n, args)
+    KLaunch::ops(name, n, args)
 }
 
 #[inline(always)]

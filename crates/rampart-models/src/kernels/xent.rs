@@ -396,8 +396,8 @@ impl CustomOp3 for XentBackward {
     }
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The targets operand of the kernels: labels (u32) or soft targets (f32).
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) enum TargetArg<A> {
     Labels(A),
     Soft(A),
@@ -414,11 +414,11 @@ impl<A> TargetArg<A> {
     }
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The forward launch: the mean loss (`xent_forward`, one block of eight warps) or
 /// each row's (`xent_rows`, one warp per row) of the `b`×`k` logits `x` into `loss`,
 /// a label weighing `on` beyond every class's `off`. The CUDA op and the tests'
 /// emulated kernels are launched through this one definition.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_launch<A>(
     per_row: bool,
@@ -446,10 +446,10 @@ pub(crate) fn forward_launch<A>(
     KLaunch::blocks(Source::Ops, kernel, blocks, 256, args)
 }
 
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 /// The backward launch (`xent_backward`, one warp per row, eight rows per block):
 /// `dx` from the logits, the targets and `g`, the gradient of the mean (one value) or
 /// of each row's loss (`per_row`, b values).
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_launch<A>(
     per_row: bool,
