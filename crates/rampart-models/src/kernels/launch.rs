@@ -233,8 +233,6 @@ pub(crate) fn within(r: &Range<usize>, len: usize, what: &str) -> Result<()> {
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 pub(crate) mod cuda {
-    use std::ops::Deref;
-
     use candle_core::cuda_backend::cudarc::driver::{
         CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
     };
@@ -263,7 +261,7 @@ pub(crate) mod cuda {
     }
 
     /// A tensor storage's read guard.
-    pub(crate) type Guard<'a> = Box<dyn Deref<Target = Storage> + 'a>;
+    pub(crate) type Guard<'a> = candle_core::StorageRef<'a>;
 
     /// A launch argument with tensors' storage guards set aside.
     enum Slot<'a> {
@@ -306,7 +304,7 @@ pub(crate) mod cuda {
             .collect();
         let views = guards
             .iter()
-            .map(|((g, l), n, what)| match &***g {
+            .map(|((g, l), n, what)| match &**g {
                 Storage::Cuda(s) => f32_view(s, l, *n, what),
                 _ => candle_core::bail!("{kernel}: {what} is not on the GPU"),
             })
@@ -391,7 +389,7 @@ pub(crate) mod cuda {
                 what: &'static str,
             ) -> Result<CudaArg<'a>> {
                 let (g, l) = t.storage_and_layout();
-                Ok(CudaArg::Tensor(Box::new(g), l, n, what))
+                Ok(CudaArg::Tensor(g, l, n, what))
             }
 
             fn run(&self, l: KLaunch<CudaArg<'_>>) -> Result<()> {
