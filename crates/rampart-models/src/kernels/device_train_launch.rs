@@ -16,36 +16,34 @@ use super::{dot_blocks, TFc, TNoise, TNorm, DOT_THREADS};
 
 use KArg::{B, F32, U32};
 
+/// The element-wise `kernel` that updates `d` in place from `r` (as many values;
+/// `what` names them in errors).
+fn in_place<L: Launcher>(
+    l: &L,
+    kernel: &'static str,
+    d: &mut L::Buf,
+    r: &L::Buf,
+    what: &str,
+) -> Result<()> {
+    let n = L::size(d);
+    same_len(n, L::size(r), what)?;
+    let args = vec![B(l.all_mut(d)?), B(l.all(r)?), U32(count(n, what)?)];
+    l.run(KLaunch::programs(kernel, n, args)?)
+}
+
 /// `d += r`.
 pub(crate) fn add_in_place<L: Launcher>(l: &L, d: &mut L::Buf, r: &L::Buf) -> Result<()> {
-    let n = L::size(d);
-    same_len(n, L::size(r), "residual gradient")?;
-    let args = vec![B(l.all_mut(d)?), B(l.all(r)?), U32(count(n, "residual")?)];
-    l.run(KLaunch::programs("de_add_inplace", n, args)?)
+    in_place(l, "de_add_inplace", d, r, "residual gradient")
 }
 
 /// `d ← d·[y > 0]`.
 pub(crate) fn relu_mask<L: Launcher>(l: &L, d: &mut L::Buf, y: &L::Buf) -> Result<()> {
-    let n = L::size(d);
-    same_len(n, L::size(y), "ReLU gradient")?;
-    let args = vec![
-        B(l.all_mut(d)?),
-        B(l.all(y)?),
-        U32(count(n, "ReLU gradient")?),
-    ];
-    l.run(KLaunch::programs("de_relu_mask_inplace", n, args)?)
+    in_place(l, "de_relu_mask_inplace", d, y, "ReLU gradient")
 }
 
 /// `y ← relu(y + r)`.
 pub(crate) fn add_relu_in_place<L: Launcher>(l: &L, y: &mut L::Buf, r: &L::Buf) -> Result<()> {
-    let n = L::size(y);
-    same_len(n, L::size(r), "shortcut")?;
-    let args = vec![
-        B(l.all_mut(y)?),
-        B(l.all(r)?),
-        U32(count(n, "block output")?),
-    ];
-    l.run(KLaunch::programs("dt_add_relu_inplace", n, args)?)
+    in_place(l, "dt_add_relu_inplace", y, r, "shortcut")
 }
 
 /// relu(bn(x)) with x's batch statistics, and those statistics
