@@ -1,12 +1,15 @@
-//! The launches of the fused GPU programs' own kernels as data: which kernel of which
+//! The launches of this crate's own CUDA kernels as data: which kernel of which
 //! source, on how many blocks of how many threads, with which arguments in the
-//! kernel's order. The launch code of the programs (`device_eval`, `device_train`)
-//! is written once over a [`Launcher`], the part of an executor that turns its
-//! buffers into arguments and queues a launch: the CUDA executor queues it on the
-//! GPU, and the tests' emulated executor runs the same launch on the CPU
+//! kernel's order. The launch code of the fused programs (`device_eval`,
+//! `device_train`) is written once over a [`Launcher`], the part of an executor that
+//! turns its buffers into arguments and queues a launch: the CUDA executor queues it
+//! on the GPU, and the tests' emulated executor runs the same launch on the CPU
 //! ([`super::emulate`]), so the argument order, the grid and the choice of kernel of
 //! every launch the programs make run in `cargo test` and are held there to the CPU
-//! executor (the kernels' twins). What only a GPU checks is the queueing itself.
+//! executor (the kernels' twins). The ops of the layer-by-layer path build theirs
+//! with one function each (`relu_mask_launch`, …), which their CUDA code queues
+//! ([`cuda::run`]) and their emulated tests run. What only a GPU checks is the
+//! queueing itself.
 
 // Without CUDA the launches run only in the tests (the emulated executor).
 #![cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
