@@ -754,9 +754,9 @@ impl Classifier {
         let (Some(oat), Some(codes)) = (&self.spec.oat, &self.lambda_codes) else {
             candle_core::bail!("model {} is not λ-conditioned", self.spec.arch)
         };
-        let codes = codes.as_tensor().to_vec2::<f32>()?;
-        let encoded = oat.encode(&codes, lambdas);
-        let codes = Tensor::from_vec(encoded, (lambdas.len(), oat.code_dim), &self.device)?;
+        // Encoded on the codes' device: reading the table back would wait, on a GPU,
+        // for everything queued before this pass.
+        let codes = oat.encode_on_device(codes.as_tensor(), lambdas)?;
         let condition = variant::Condition::new(lambdas, codes)?;
         let _guard = self.forward_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.ctx.set_condition(Some(condition));

@@ -99,22 +99,65 @@ impl OatSpec {
         let d = self.code_dim;
         let mut out = Vec::with_capacity(lambdas.len() * d);
         for &lam in lambdas {
-            let ls = &self.lambdas;
-            let lam = lam.clamp(ls[0], ls[ls.len() - 1]);
-            let i = ls.iter().rposition(|&l| l <= lam).unwrap_or(0);
-            if i + 1 >= ls.len() || ls[i] == lam {
-                out.extend_from_slice(&codes[i]);
-            } else {
-                let w = (lam - ls[i]) / (ls[i + 1] - ls[i]);
-                out.extend(
+            match self.between(lam) {
+                (i, None) => out.extend_from_slice(&codes[i]),
+                (i, Some(w)) => out.extend(
                     codes[i]
                         .iter()
                         .zip(&codes[i + 1])
                         .map(|(a, b)| (1.0 - w) * a + w * b),
-                );
+                ),
             }
         }
         out
+    }
+
+    /// Where λ falls among the training values (clamped to their range): the row i
+    /// of its code, and the weight w of row i + 1 when it lies strictly between
+    /// rows i and i + 1 (its code is (1 − w)·row i + w·row i + 1).
+    fn between(&self, lam: f32) -> (usize, Option<f32>) {
+        let ls = &self.lambdas;
+        let lam = lam.clamp(ls[0], ls[ls.len() - 1]);
+        let i = ls.iter().rposition(|&l| l <= lam).unwrap_or(0);
+        if i + 1 >= ls.len() || ls[i] == lam {
+            (i, None)
+        } else {
+            (i, Some((lam - ls[i]) / (ls[i + 1] - ls[i])))
+        }
+    }
+
+    /// [`OatSpec::encode`] on the codes' device, (B, D), the same values: each
+    /// distinct λ's row from the table's rows by tensor operations (the same f32
+    /// operations), so that nothing is read back from a GPU.
+    pub(crate) fn encode_on_device(&self, codes: &Tensor, lambdas: &[f32]) -> Result<Tensor> {
+        let mut distinct: Vec<u32> = Vec::new();
+        let mut rows = Vec::new();
+        let mut index = Vec::with_capacity(lambdas.len());
+        for &lam in lambdas {
+            let bits = lam.to_bits();
+            let at = match distinct.iter().position(|&b| b == bits) {
+                Some(at) => at,
+                None => {
+                    rows.push(match self.between(lam) {
+                        (i, None) => codes.narrow(0, i, 1)?,
+                        (i, Some(w)) => {
+                            (codes.narrow(0, i, 1)?.affine(f64::from(1.0 - w), 0.0)?
+                                + codes.narrow(0, i + 1, 1)?.affine(f64::from(w), 0.0)?)?
+                        }
+                    });
+                    distinct.push(bits);
+                    rows.len() - 1
+                }
+            };
+            index.push(at as u32);
+        }
+        let table = Tensor::cat(&rows, 0)?;
+        if rows.len() == 1 {
+            return table
+                .broadcast_as((lambdas.len(), codes.dim(1)?))?
+                .contiguous();
+        }
+        table.index_select(&Tensor::new(index.as_slice(), codes.device())?, 0)
     }
 }
 

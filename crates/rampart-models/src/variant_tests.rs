@@ -155,6 +155,31 @@ fn lambda_codes_are_orthonormal_and_interpolate() -> TestResult {
     Ok(())
 }
 
+/// The codes encoded on the device (what every pass of an OAT model uses, so that
+/// nothing is read back from a GPU) are the host encoding's values: one λ for the
+/// batch, λ on and between training values, clamped below and above, and mixed rows.
+#[test]
+fn lambda_codes_encoded_on_the_device_equal_the_host_encoding() -> TestResult {
+    let model = Classifier::new(tiny(None, true), 0, &Device::Cpu)?;
+    let table = var(&model, LAMBDA_CODES).as_tensor().clone();
+    let codes = table.to_vec2::<f32>()?;
+    let oat = OatSpec::standard();
+    for lambdas in [
+        vec![0.15f32; 3],
+        vec![0.0],
+        vec![1.0, 1.0],
+        vec![0.37],
+        vec![-0.5, 2.0],
+        vec![0.0, 0.25, 0.0, 1.0, 0.25, 0.333],
+    ] {
+        let want = oat.encode(&codes, &lambdas);
+        let got = oat.encode_on_device(&table, &lambdas)?;
+        assert_eq!(got.dims(), &[lambdas.len(), oat.code_dim]);
+        assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want, "{lambdas:?}");
+    }
+    Ok(())
+}
+
 #[test]
 fn oat_routes_each_example_by_its_lambda() -> TestResult {
     let dev = Device::Cpu;
