@@ -130,6 +130,10 @@ impl OatSpec {
     /// distinct λ's row from the table's rows by tensor operations (the same f32
     /// operations), so that nothing is read back from a GPU.
     pub(crate) fn encode_on_device(&self, codes: &Tensor, lambdas: &[f32]) -> Result<Tensor> {
+        if lambdas.is_empty() {
+            // A data-parallel worker without rows of the batch.
+            return Tensor::zeros((0, codes.dim(1)?), codes.dtype(), codes.device());
+        }
         let mut distinct: Vec<u32> = Vec::new();
         let mut rows = Vec::new();
         let mut index = Vec::with_capacity(lambdas.len());

@@ -157,7 +157,8 @@ fn lambda_codes_are_orthonormal_and_interpolate() -> TestResult {
 
 /// The codes encoded on the device (what every pass of an OAT model uses, so that
 /// nothing is read back from a GPU) are the host encoding's values: one λ for the
-/// batch, λ on and between training values, clamped below and above, and mixed rows.
+/// batch, λ on and between training values, clamped below and above, mixed rows, and
+/// no rows (a data-parallel worker's empty part of a batch).
 #[test]
 fn lambda_codes_encoded_on_the_device_equal_the_host_encoding() -> TestResult {
     let model = Classifier::new(tiny(None, true), 0, &Device::Cpu)?;
@@ -171,6 +172,7 @@ fn lambda_codes_encoded_on_the_device_equal_the_host_encoding() -> TestResult {
         vec![0.37],
         vec![-0.5, 2.0],
         vec![0.0, 0.25, 0.0, 1.0, 0.25, 0.333],
+        vec![],
     ] {
         let want = oat.encode(&codes, &lambdas);
         let got = oat.encode_on_device(&table, &lambdas)?;
