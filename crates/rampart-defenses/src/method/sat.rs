@@ -133,25 +133,56 @@ fn soft_min(cost: &Tensor, pot: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn entropic_ot(a: &Tensor, b: &Tensor, eps: f64, iters: usize) -> Result<Tensor> {
     check_sinkhorn(eps, iters)?;
     check_logit_batches(a, b)?;
-    let (a_det, b_det) = (a.detach(), b.detach());
-    let cost = squared_distances(&a_det, &b_det)?;
-    let cost_t = cost.t()?.contiguous()?;
-    let largest = cost
-        .max_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .max(eps);
-    let mut f = Tensor::zeros(a.dim(0)?, a.dtype(), a.device())?;
-    let mut g = Tensor::zeros(b.dim(0)?, a.dtype(), a.device())?;
-    for e in annealing(eps, largest, iters) {
-        let f_next = soft_min(&cost, &g, e)?;
-        let g_next = soft_min(&cost_t, &f, e)?;
-        f = ((f + f_next)? * 0.5)?;
-        g = ((g + g_next)? * 0.5)?;
+    let cost = Costs::of(a, b)?;
+    let largest = cost.largest()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    cost.transport(largest, eps, iters)
+}
+
+/// One transport problem's detached batches and cost matrix (both ways).
+struct Costs<'a> {
+    a: &'a Tensor,
+    b: &'a Tensor,
+    a_det: Tensor,
+    b_det: Tensor,
+    cost: Tensor,
+    cost_t: Tensor,
+}
+
+impl<'a> Costs<'a> {
+    fn of(a: &'a Tensor, b: &'a Tensor) -> Result<Self> {
+        let (a_det, b_det) = (a.detach(), b.detach());
+        let cost = squared_distances(&a_det, &b_det)?;
+        let cost_t = cost.t()?.contiguous()?;
+        Ok(Costs {
+            a,
+            b,
+            a_det,
+            b_det,
+            cost,
+            cost_t,
+        })
     }
-    let f_final = soft_min(&squared_distances(a, &b_det)?, &g, eps)?;
-    let g_final = soft_min(&squared_distances(b, &a_det)?, &f, eps)?;
-    Ok((f_final.mean_all()? + g_final.mean_all()?)?)
+
+    /// The largest cost, on the device (the annealing starts from it).
+    fn largest(&self) -> Result<Tensor> {
+        Ok(self.cost.max_all()?)
+    }
+
+    /// [`entropic_ot`] given the largest cost.
+    fn transport(&self, largest: f64, eps: f64, iters: usize) -> Result<Tensor> {
+        let (a, b) = (self.a, self.b);
+        let mut f = Tensor::zeros(a.dim(0)?, a.dtype(), a.device())?;
+        let mut g = Tensor::zeros(b.dim(0)?, a.dtype(), a.device())?;
+        for e in annealing(eps, largest.max(eps), iters) {
+            let f_next = soft_min(&self.cost, &g, e)?;
+            let g_next = soft_min(&self.cost_t, &f, e)?;
+            f = ((f + f_next)? * 0.5)?;
+            g = ((g + g_next)? * 0.5)?;
+        }
+        let f_final = soft_min(&squared_distances(a, &self.b_det)?, &g, eps)?;
+        let g_final = soft_min(&squared_distances(b, &self.a_det)?, &f, eps)?;
+        Ok((f_final.mean_all()? + g_final.mean_all()?)?)
+    }
 }
 
 /// The regularisation of each of `iters` iterations: ⌊iters/2⌋ values falling
@@ -187,10 +218,22 @@ fn check_logit_batches(a: &Tensor, b: &Tensor) -> Result<()> {
 /// identical batches and ≥ 0 once the iterations have converged (Feydy et al. 2019);
 /// differentiable with respect to both batches. Returns a scalar.
 pub fn sinkhorn_divergence(a: &Tensor, b: &Tensor, eps: f64, iters: usize) -> Result<Tensor> {
-    let ab = entropic_ot(a, b, eps, iters)?;
-    let aa = entropic_ot(a, a, eps, iters)?;
-    let bb = entropic_ot(b, b, eps, iters)?;
-    Ok((ab - ((aa + bb)? * 0.5)?)?)
+    check_sinkhorn(eps, iters)?;
+    check_logit_batches(a, b)?;
+    let problems = [Costs::of(a, b)?, Costs::of(a, a)?, Costs::of(b, b)?];
+    // The three problems' largest costs in one read (on a GPU, one wait for the
+    // device where a read each made three).
+    let largest = Tensor::stack(
+        &problems
+            .iter()
+            .map(Costs::largest)
+            .collect::<Result<Vec<_>>>()?,
+        0,
+    )?
+    .to_dtype(DType::F64)?
+    .to_vec1::<f64>()?;
+    let [ab, aa, bb] = [0, 1, 2].map(|i| problems[i].transport(largest[i], eps, iters));
+    Ok((ab? - ((aa? + bb?)? * 0.5)?)?)
 }
 
 impl MethodSettings for Sat {
@@ -265,6 +308,26 @@ mod tests {
             .map(|_| s * (2.0 * rng.gen::<f64>() - 1.0))
             .collect();
         Tensor::from_vec(v, (n, k), &Device::Cpu)
+    }
+
+    /// The divergence is its three transport problems' values combined, bit for bit
+    /// (their largest costs read together), in f32 and f64, batches of other sizes.
+    #[test]
+    fn the_divergence_is_its_three_transport_problems() -> TestResult {
+        for (dtype, n, m) in [(DType::F64, 5, 7), (DType::F32, 8, 3)] {
+            let a = random_logits(n, 4, 3.0, 1)?.to_dtype(dtype)?;
+            let b = random_logits(m, 4, 2.0, 2)?.to_dtype(dtype)?;
+            // Few iterations: the values are not yet those of the fixed point.
+            let got = sinkhorn_divergence(&a, &b, 0.1, 4)?;
+            let want = (entropic_ot(&a, &b, 0.1, 4)?
+                - ((entropic_ot(&a, &a, 0.1, 4)? + entropic_ot(&b, &b, 0.1, 4)?)? * 0.5)?)?;
+            assert_eq!(
+                got.to_dtype(DType::F64)?.to_scalar::<f64>()?.to_bits(),
+                want.to_dtype(DType::F64)?.to_scalar::<f64>()?.to_bits(),
+                "{dtype:?}"
+            );
+        }
+        Ok(())
     }
 
     /// OT_ε between two uniform 2-point measures by the plain (non-log) Sinkhorn
