@@ -408,6 +408,7 @@ pub(crate) fn next_toward(a: f32, x: f32) -> f32 {
 pub(crate) mod device;
 #[cfg(feature = "cuda")]
 mod device_cuda;
+pub(crate) mod graph;
 pub(crate) mod launch;
 pub(crate) mod resident;
 
@@ -416,6 +417,7 @@ pub(crate) use resident::perturb_on_device_or_host;
 pub use device::{device_resident_pgd_runs, with_device_resident_pgd};
 #[cfg(feature = "cuda")]
 pub use device_cuda::ptx as device_kernels_ptx;
+pub use graph::{cuda_graph_failure, cuda_graph_steps, with_cuda_graphs};
 #[cfg(test)]
 mod device_tests;
 #[cfg(test)]

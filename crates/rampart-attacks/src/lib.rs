@@ -89,7 +89,10 @@ pub use cost::{EnsembleCost, PassCounter, Passes};
 pub use distal::Distal;
 #[cfg(feature = "cuda")]
 pub use engine::device_kernels_ptx;
-pub use engine::{device_resident_pgd_runs, with_device_resident_pgd};
+pub use engine::{
+    cuda_graph_failure, cuda_graph_steps, device_resident_pgd_runs, with_cuda_graphs,
+    with_device_resident_pgd,
+};
 pub use ensemble::{AutoAttack, EnsembleState, Evaluation, EvaluationReport, Stage, StageReport};
 pub use eot::Eot;
 pub use error::{Error, Result};

@@ -12,6 +12,10 @@
 //! APGD's device-resident loop (CE and targeted DLR, L∞ and L2) is held to its host
 //! loop likewise.
 //!
+//! PGD's device-resident runs with their middle steps replayed from CUDA graphs are
+//! held to eager runs of the same loop (layer by layer and on the fused eval program),
+//! and a stochastic student's runs are not replayed.
+//!
 //! Built only with `--features cuda`:
 //! `cargo test --release -p rampart-attacks --features cuda --test cuda`. With the
 //! feature on and no GPU the GPU test fails, on purpose: the build claims CUDA.
@@ -19,10 +23,10 @@
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use rampart_attacks::{
-    with_device_resident_pgd, Apgd, Attack, Bounds, Eot, Fgsm, Norm, Objective, Pgd, Restarts,
-    StepSize,
+    cuda_graph_failure, cuda_graph_steps, with_cuda_graphs, with_device_resident_pgd, Apgd, Attack,
+    Bounds, Eot, Fgsm, Norm, Objective, Pgd, Restarts, StepSize,
 };
-use rampart_models::{Classifier, ModelSpec, NoiseSpec};
+use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -49,12 +53,16 @@ fn attack_kernels_compile_with_nvrtc() -> TestResult {
     Ok(())
 }
 
-fn gpu() -> Device {
+/// The GPU, and a lock that runs this binary's tests one at a time (one of them
+/// switches the fused eval program on for a while).
+fn gpu() -> (Device, std::sync::MutexGuard<'static, ()>) {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
     let dev = Device::new_cuda(0)
         .expect("a CUDA device (this test binary was built with --features cuda)");
     rampart_models::cuda::prepare(&dev, rampart_models::Precision::F32).unwrap();
-    dev
+    (dev, serial)
 }
 
 /// Seeded uniform inputs in [0, 1] and labels.
@@ -80,7 +88,7 @@ fn bits(t: &Tensor) -> Result<Vec<u32>, candle_core::Error> {
 
 #[test]
 fn device_resident_pgd_on_the_gpu_equals_the_host_loop() -> TestResult {
-    let dev = gpu();
+    let (dev, _serial) = gpu();
     let mut student = ModelSpec::wrn(10, 2, 10);
     student.noise = Some(NoiseSpec { alpha: 0.1 });
     let models = [
@@ -189,7 +197,7 @@ fn device_resident_pgd_on_the_gpu_equals_the_host_loop() -> TestResult {
 
 #[test]
 fn resident_training_attack_on_the_gpu_equals_the_host_path() -> TestResult {
-    let dev = gpu();
+    let (dev, _serial) = gpu();
     let model = Classifier::new(ModelSpec::wrn(10, 2, 10), 3, &dev)?;
     let (xs, ys) = batch(24, &dev)?;
     let eps = 8.0 / 255.0;
@@ -280,7 +288,7 @@ fn resident_training_attack_on_the_gpu_equals_the_host_path() -> TestResult {
 
 #[test]
 fn device_resident_apgd_on_the_gpu_equals_the_host_loop() -> TestResult {
-    let dev = gpu();
+    let (dev, _serial) = gpu();
     let model = Classifier::new(ModelSpec::wrn(10, 2, 10), 3, &dev)?;
     let (xs, ys) = batch(24, &dev)?;
     // Labels the model's predictions, so that every example is attacked.
@@ -338,6 +346,137 @@ fn device_resident_apgd_on_the_gpu_equals_the_host_loop() -> TestResult {
             assert!((a - b).abs() <= 3, "{what}: {a} against {b} fooled");
             for n in &d.norm {
                 assert!(f64::from(*n) <= eps * (1.0 + 1e-6), "{what}: ‖δ‖ {n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn pgd_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
+    let (dev, _serial) = gpu();
+    let mut student = ModelSpec::wrn(10, 2, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.1 });
+    let models = [
+        (
+            "WRN-10-2",
+            Classifier::new(ModelSpec::wrn(10, 2, 10), 3, &dev)?,
+        ),
+        (
+            "PreActResNet-18",
+            Classifier::new(ModelSpec::cifar(Arch::PreactResnet18, 10), 3, &dev)?,
+        ),
+        ("student", Classifier::new(student, 3, &dev)?),
+    ];
+    let (xs, ys) = batch(24, &dev)?;
+    let pgd = Pgd {
+        steps: 10,
+        step_size: StepSize::Relative(0.25),
+        restarts: Restarts::same(2, rampart_attacks::Init::Uniform),
+        ..Pgd::madry_linf_cifar10()
+    };
+    let configs = [
+        ("PGD-10, 2 restarts", pgd),
+        (
+            "CCAT's conf attack",
+            Pgd {
+                steps: 20,
+                ..Pgd::ccat_train()
+            },
+        ),
+        (
+            "PGD-10 L2, momentum, backtracking",
+            Pgd {
+                norm: Norm::L2,
+                momentum: 0.9,
+                backtrack: Some(1.5),
+                ..pgd
+            },
+        ),
+        (
+            "EOT-3 CW",
+            Pgd {
+                objective: Objective::CwMargin,
+                eot: Eot {
+                    grad_samples: 3,
+                    eval_samples: 3,
+                },
+                ..pgd
+            },
+        ),
+    ];
+    let fused = rampart_models::kernels::device_eval::ENABLE_ENV;
+    // The switch as it was, put back however the test ends (the next tests of the
+    // binary run with it).
+    struct Restore(&'static str, Option<std::ffi::OsString>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            match &self.1 {
+                Some(v) => std::env::set_var(self.0, v),
+                None => std::env::remove_var(self.0),
+            }
+        }
+    }
+    let _restore = Restore(fused, std::env::var_os(fused));
+    for program in ["layer by layer", "fused eval program"] {
+        match program {
+            "layer by layer" => std::env::remove_var(fused),
+            _ => std::env::set_var(fused, "1"),
+        }
+        for (name, model) in &models {
+            for (what, cfg) in &configs {
+                let eps = match cfg.norm {
+                    Norm::L2 => [0.25, 0.5],
+                    _ => [4.0 / 255.0, 8.0 / 255.0],
+                };
+                let run = |graphs: bool| {
+                    model.reseed_noise(17);
+                    let attack = || {
+                        with_device_resident_pgd(|| cfg.run(model, Bounds::UNIT, &xs, &ys, &eps, 5))
+                    };
+                    if graphs {
+                        with_cuda_graphs(attack)
+                    } else {
+                        attack()
+                    }
+                };
+                let (eager, again) = (run(false)?, run(false)?);
+                let (captures, launches) = cuda_graph_steps();
+                let graphed = run(true)?;
+                let (captures, launches) = (
+                    cuda_graph_steps().0 - captures,
+                    cuda_graph_steps().1 - launches,
+                );
+                let at = format!("{name}, {what}, {program}");
+                if *name == "student" {
+                    // Its passes draw noise: no step is replayed.
+                    assert_eq!((captures, launches), (0, 0), "{at}");
+                } else {
+                    assert!(
+                        captures > 0 && launches >= captures * (cfg.steps - 2),
+                        "{at}: {captures} captures, {launches} launches; last failure: {:?}",
+                        cuda_graph_failure()
+                    );
+                }
+                let deterministic = eager
+                    .iter()
+                    .zip(&again)
+                    .all(|(e, a)| bits(&e.clipped).ok() == bits(&a.clipped).ok());
+                for (e, g) in eager.iter().zip(&graphed) {
+                    assert_eq!(e.iterations, g.iterations, "{at}: steps");
+                    if deterministic {
+                        assert_eq!(bits(&e.clipped)?, bits(&g.clipped)?, "{at}: points");
+                        assert_eq!(e.success, g.success, "{at}: successes");
+                    } else {
+                        eprintln!("{at}: the GPU's passes are not deterministic");
+                        let count = |v: &[bool]| v.iter().filter(|s| **s).count() as i64;
+                        let (a, b) = (count(&e.success), count(&g.success));
+                        assert!((a - b).abs() <= 3, "{at}: {a} against {b} fooled");
+                        for n in &g.norm {
+                            assert!(f64::from(*n) <= g.eps * (1.0 + 1e-6), "{at}: ‖δ‖ {n}");
+                        }
+                    }
+                }
             }
         }
     }

@@ -119,7 +119,8 @@ pub struct BenchLine {
     /// On a GPU, for the forward, PGD and training steps: `fused` when the step ran
     /// on a fused GPU program (`RAMPART_CUDA_FUSED_EVAL`, `RAMPART_CUDA_FUSED_TRAIN`),
     /// else `layers`; for the attack steps: `device` when PGD's device-resident loop
-    /// ran (`RAMPART_CUDA_DEVICE_ATTACK`), else `host`.
+    /// ran (`RAMPART_CUDA_DEVICE_ATTACK`), `device+graphs` when its middle steps were
+    /// replayed from CUDA graphs (`RAMPART_CUDA_GRAPHS`), else `host`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
 }
@@ -208,6 +209,7 @@ impl BenchArgs {
         for step in &self.steps {
             reset_peak(&dev)?;
             let mut attack_on_device = false;
+            let graph_launches = rampart_attacks::cuda_graph_steps().1;
             let seconds = match step.as_str() {
                 "forward" => median_seconds(self.reps, self.warmup, &dev, || {
                     // As predictions run: the frozen view (the fused path).
@@ -307,7 +309,15 @@ impl BenchArgs {
                         if (attack.starts_with("attack-") || attack.starts_with("apgd-"))
                             && dev.is_cuda() =>
                     {
-                        Some(if attack_on_device { "device" } else { "host" }.to_string())
+                        let graphs = rampart_attacks::cuda_graph_steps().1 > graph_launches;
+                        Some(
+                            match (attack_on_device, graphs) {
+                                (true, true) => "device+graphs",
+                                (true, false) => "device",
+                                _ => "host",
+                            }
+                            .to_string(),
+                        )
                     }
                     _ => None,
                 },

@@ -53,7 +53,7 @@ pub use spec::{
     SVHN_STD,
 };
 pub use store::METADATA_SPEC_KEY;
-pub use variant::{NoiseSpec, OatSpec};
+pub use variant::{noise_seeds_drawn, NoiseSpec, OatSpec};
 
 /// The arithmetic of a GPU's convolutions (`--device cuda`, `cuda+tf32`,
 /// `cuda+bf16`; set by [`cuda::prepare`]). The CPU always computes in f32.

@@ -201,6 +201,20 @@ pub(crate) struct Split {
     inverse: Tensor,
 }
 
+thread_local! {
+    /// Noise seeds drawn so far on this thread (see [`noise_seeds_drawn`]).
+    static NOISE_SEEDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many layer noise seeds models have drawn on this thread so far: one per noisy
+/// layer of a stochastic student in each forward pass, whichever path runs it. A pass
+/// that leaves it unchanged drew no noise, so that replaying its launches (a CUDA
+/// graph of an attack step, `rampart-attacks`) gives what running it again would; a
+/// pass that draws noise would replay its first draw.
+pub fn noise_seeds_drawn() -> usize {
+    NOISE_SEEDS.with(std::cell::Cell::get)
+}
+
 impl Context {
     pub(crate) fn new(seed: u64) -> Self {
         Context {
@@ -264,6 +278,7 @@ impl Context {
     /// A fresh seed for one layer's noise, from the model's generator, with the scale
     /// and the batch's place in the global batch.
     fn next_noise_seed(&self) -> NoiseSeed {
+        NOISE_SEEDS.with(|n| n.set(n.get() + 1));
         let mut st = self.noise_state();
         let seed = st.rng.gen();
         NoiseSeed {

@@ -101,8 +101,16 @@ fn student_starts_from_its_teacher_and_is_random_but_reseedable() -> TestResult 
     assert!(alphas.iter().all(|(_, a)| (*a - 0.3).abs() < 1e-7));
     let x = images(4, 0)?;
     let want = teacher.forward_t(&x, false)?;
+    let drawn = noise_seeds_drawn();
     let a = student.forward_t(&x, false)?;
+    // One seed per noisy layer and pass (what tells an attack's CUDA graphs that a
+    // pass cannot be replayed); a teacher draws none.
+    assert_eq!(noise_seeds_drawn() - drawn, 7);
+    teacher.forward_t(&x, false)?;
+    teacher.forward_t(&x, true)?;
+    assert_eq!(noise_seeds_drawn() - drawn, 7);
     let b = student.forward_t(&x, false)?;
+    assert_eq!(noise_seeds_drawn() - drawn, 14);
     assert!(max_diff(&a, &b)? > 1e-3, "two draws must differ");
     student.reseed_noise(5);
     let c = student.forward_t(&x, false)?;

@@ -545,6 +545,40 @@ pub(super) fn drive(
     eps: f64,
     bounds: Bounds,
 ) -> Result<bool> {
+    #[cfg(test)]
+    if let Some(fake) = super::graph::tests::fake() {
+        return drive_with(exec, pass, s, eps, bounds, Some(fake));
+    }
+    let rec = recorder(exec, s.x.device());
+    drive_with(exec, pass, s, eps, bounds, rec)
+}
+
+/// The recorder of a run's steps as CUDA graphs: on a GPU with graphs asked for.
+#[cfg(feature = "cuda")]
+fn recorder(exec: Executor, device: &Device) -> Option<super::graph::cuda::Stream> {
+    match (exec, device) {
+        (Executor::Cuda, Device::Cuda(d)) if super::graph::wanted() => {
+            Some(super::graph::cuda::Stream(d.clone()))
+        }
+        _ => None,
+    }
+}
+
+/// Without CUDA, no graphs.
+#[cfg(not(feature = "cuda"))]
+fn recorder(_: Executor, _: &Device) -> Option<super::graph::Never> {
+    None
+}
+
+/// [`drive`], its middle steps through `rec` (see [`super::graph`]).
+fn drive_with<R: super::graph::Recorder>(
+    exec: Executor,
+    pass: &Pass<'_>,
+    s: &mut State,
+    eps: f64,
+    bounds: Bounds,
+    rec: Option<R>,
+) -> Result<bool> {
     RUNS.with(|c| c.set(c.get() + 1));
     let cfg = pass.cfg;
     let (criterion, target, tau) = match cfg.criterion {
@@ -562,8 +596,11 @@ pub(super) fn drive(
         want_grad: true,
         backtrack: cfg.backtrack.unwrap_or(0.0),
     };
-    evaluate(exec, pass, s, true)?;
-    exec.judge(s, judge)?;
+    let mut steps = super::graph::Steps::new(rec, cfg.steps);
+    steps.start(&mut || {
+        evaluate(exec, pass, s, true)?;
+        exec.judge(s, judge)
+    })?;
     let step = Step {
         l2: matches!(cfg.norm, Norm::L2),
         eps,
@@ -571,24 +608,35 @@ pub(super) fn drive(
         lo: bounds.lo,
         hi: bounds.hi,
     };
-    for t in 0..cfg.steps {
-        exec.step(s, step)?;
-        let last = t + 1 == cfg.steps;
-        if last && cfg.last_iterate && cfg.backtrack.is_none() {
-            // As the host loop: the last iterate is the result, not evaluated.
-            return Ok(true);
-        }
-        let want_grad = !last;
-        evaluate(exec, pass, s, want_grad)?;
-        exec.judge(
-            s,
-            Judge {
-                first: false,
-                want_grad,
-                ..judge
-            },
-        )?;
+    // Every step but the last: the same work on the same buffers (a graph's replay).
+    let middle = Judge {
+        first: false,
+        ..judge
+    };
+    for t in 0..cfg.steps.saturating_sub(1) {
+        steps.step(t, &mut || {
+            exec.step(s, step)?;
+            evaluate(exec, pass, s, true)?;
+            exec.judge(s, middle)
+        })?;
     }
+    if cfg.steps == 0 {
+        return Ok(false);
+    }
+    exec.step(s, step)?;
+    if cfg.last_iterate && cfg.backtrack.is_none() {
+        // As the host loop: the last iterate is the result, not evaluated.
+        return Ok(true);
+    }
+    evaluate(exec, pass, s, false)?;
+    exec.judge(
+        s,
+        Judge {
+            first: false,
+            want_grad: false,
+            ..judge
+        },
+    )?;
     Ok(false)
 }
 

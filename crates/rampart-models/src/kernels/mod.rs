@@ -89,13 +89,20 @@ pub const CUDNN_BENCHMARK_ENV: &str = "RAMPART_CUDNN_BENCHMARK";
 /// value but `0`). Off by default until verified on a GPU.
 pub const DEVICE_ATTACK_ENV: &str = "RAMPART_CUDA_DEVICE_ATTACK";
 
+/// The environment variable that replays the middle steps of PGD's device-resident
+/// runs from a CUDA graph captured once per run (`rampart-attacks`, feature `cuda`;
+/// any value but `0`; with [`DEVICE_ATTACK_ENV`]). Off by default until verified on a
+/// GPU.
+pub const CUDA_GRAPHS_ENV: &str = "RAMPART_CUDA_GRAPHS";
+
 /// The environment switches of the GPU paths (the fused eval and train programs,
-/// PGD's device-resident loop, cudarc's per-buffer events, cuDNN's measured
-/// algorithms), which a run on a GPU records in its `config.json`.
-pub const GPU_SWITCHES: [&str; 5] = [
+/// PGD's device-resident loop and its CUDA graphs, cudarc's per-buffer events,
+/// cuDNN's measured algorithms), which a run on a GPU records in its `config.json`.
+pub const GPU_SWITCHES: [&str; 6] = [
     device_eval::ENABLE_ENV,
     device_train::ENABLE_ENV,
     DEVICE_ATTACK_ENV,
+    CUDA_GRAPHS_ENV,
     CUDA_EVENTS_ENV,
     CUDNN_BENCHMARK_ENV,
 ];
