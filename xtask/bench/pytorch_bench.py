@@ -169,6 +169,9 @@ class ResNet20(nn.Module):
 
 
 def median_seconds(fn, reps, warmup, sync, gpu):
+    """The median seconds per call of `fn` until the device finished it, and the
+    host's share of it (the median time until `fn` returned, having queued its work,
+    over that median; as `rampart bench`'s `host_share`)."""
     # At least `warmup` calls, and on a GPU at least half a second of them (as
     # `rampart bench`): a GPU leaves its idle clocks only under sustained load.
     start, done = time.perf_counter(), 0
@@ -176,13 +179,16 @@ def median_seconds(fn, reps, warmup, sync, gpu):
         fn()
         sync()
         done += 1
-    times = []
+    times, hosts = [], []
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         fn()
+        hosts.append(time.perf_counter() - t)
         sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    wall = statistics.median(times)
+    return wall, min(statistics.median(hosts) / wall, 1.0) if wall > 0 else 1.0
 
 
 def main():
@@ -263,7 +269,7 @@ def main():
     for step in args.steps.split(","):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        s = median_seconds(fns[step], args.reps, args.warmup, sync, dev.type == "cuda")
+        s, host_share = median_seconds(fns[step], args.reps, args.warmup, sync, dev.type == "cuda")
         # The most memory the step's tensors held at once, as `rampart bench` reports it.
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         print(json.dumps({
@@ -275,6 +281,7 @@ def main():
             "tf32_matmul": dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
             "autocast": "bf16" if precision == "bf16" else None,
             **({"peak_memory_bytes": peak} if peak is not None else {}),
+            **({"host_share": host_share} if dev.type == "cuda" else {}),
         }), flush=True)
 
 

@@ -116,6 +116,13 @@ pub struct BenchLine {
     /// high-water mark over warm-up and timed repetitions), in bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
+    /// On a GPU: the host's share of the step's time, the median time until the
+    /// step's code returned (having queued its work, before waiting for the device)
+    /// ÷ the median time until the device finished it, in (0, 1]. Near 1: the host is
+    /// the bottleneck (launches, host work or reads inside the step, where the host
+    /// waits); well below 1: the device is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_share: Option<f64>,
     /// On a GPU, for the forward, PGD and training steps: `fused` when the step ran
     /// on a fused GPU program (`RAMPART_CUDA_FUSED_EVAL`, `RAMPART_CUDA_FUSED_TRAIN`),
     /// else `layers`; for the attack steps: `device` when PGD's device-resident loop
@@ -144,12 +151,34 @@ fn peak(dev: &Device) -> Result<Option<u64>> {
     }
 }
 
-fn median_seconds(
+/// A step's median times over the timed repetitions.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    /// Seconds from the start of a repetition until the device finished it.
+    wall: f64,
+    /// Seconds until the step's code returned (before waiting for the device): the
+    /// host's time to queue the step.
+    host: f64,
+}
+
+impl Timing {
+    /// The host's share of the step's time: [`Timing::host`] ÷ [`Timing::wall`].
+    fn host_share(&self) -> f64 {
+        if self.wall > 0.0 {
+            (self.host / self.wall).min(1.0)
+        } else {
+            1.0
+        }
+    }
+}
+
+/// The median times of `reps` calls of `f` after at least `warmup` untimed ones.
+fn timed(
     reps: usize,
     warmup: usize,
     dev: &Device,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
+    f: &mut dyn FnMut() -> Result<()>,
+) -> Result<Timing> {
     // At least `warmup` calls, and on a GPU at least half a second of them: a GPU
     // leaves its idle clocks only under sustained load.
     let start = Instant::now();
@@ -159,16 +188,24 @@ fn median_seconds(
         dev.synchronize()?;
         done += 1;
     }
-    let mut times = Vec::with_capacity(reps);
+    let mut walls = Vec::with_capacity(reps);
+    let mut hosts = Vec::with_capacity(reps);
     for _ in 0..reps {
         dev.synchronize()?;
         let t = Instant::now();
         f()?;
+        hosts.push(t.elapsed().as_secs_f64());
         dev.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
+        walls.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(Timing {
+        wall: median(walls),
+        host: median(hosts),
+    })
 }
 
 impl BenchArgs {
@@ -210,19 +247,25 @@ impl BenchArgs {
             reset_peak(&dev)?;
             let mut attack_on_device = false;
             let graph_launches = rampart_attacks::cuda_graph_steps().1;
+            let mut host_share = None;
+            let mut time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+                let t = timed(self.reps, self.warmup, &dev, f)?;
+                host_share = Some(t.host_share());
+                Ok(t.wall)
+            };
             let seconds = match step.as_str() {
-                "forward" => median_seconds(self.reps, self.warmup, &dev, || {
+                "forward" => time(&mut || {
                     // As predictions run: the frozen view (the fused path).
                     model.frozen().forward_t(&xs, false)?.to_dtype(DType::F32)?;
                     Ok(())
                 })?,
-                "pgd-step" => median_seconds(self.reps, self.warmup, &dev, || {
+                "pgd-step" => time(&mut || {
                     input_gradient(&model.frozen(), Objective::CrossEntropy, &xs, &ys, None)?;
                     Ok(())
                 })?,
                 "train-step" => {
                     let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::cifar())?;
-                    median_seconds(self.reps, self.warmup, &dev, || {
+                    time(&mut || {
                         let logits = match self.variant {
                             Variant::Oat => model.forward_lambdas(&xs, &train_lambdas, true)?,
                             _ => model.forward_t(&xs, true)?,
@@ -250,7 +293,7 @@ impl BenchArgs {
                         ..Pgd::linf_pgd20()
                     };
                     let before = rampart_attacks::device_resident_pgd_runs();
-                    let seconds = median_seconds(self.reps, self.warmup, &dev, || {
+                    let seconds = time(&mut || {
                         pgd.run(&model.frozen(), Bounds::new(0.0, 1.0)?, &xs, &ys, &[eps], 0)?;
                         Ok(())
                     })?;
@@ -275,7 +318,7 @@ impl BenchArgs {
                         .to_dtype(DType::U32)?;
                     let before = rampart_attacks::device_resident_apgd_runs();
                     let mut image_steps = 0usize;
-                    let seconds = median_seconds(self.reps, self.warmup, &dev, || {
+                    let seconds = time(&mut || {
                         let bounds = Bounds::new(0.0, 1.0)?;
                         let r = apgd.run(&model.frozen(), bounds, &xs, &predicted, &[eps], 0)?;
                         image_steps = r[0].iterations.iter().sum();
@@ -300,6 +343,7 @@ impl BenchArgs {
                 reps: self.reps,
                 threads,
                 peak_memory_bytes: peak(&dev)?,
+                host_share: host_share.filter(|_| dev.is_cuda()),
                 path: match step.as_str() {
                     "forward" | "pgd-step" | "train-step" if dev.is_cuda() => {
                         let fused = model.takes_fused_gpu_path(step == "train-step")?;
@@ -345,5 +389,58 @@ impl BenchArgs {
             }
         }
         Ok(lines)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timing_is_the_median_of_the_repetitions_and_the_host_share_a_fraction() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut calls = 0;
+        let mut f = || {
+            calls += 1;
+            std::thread::sleep(std::time::Duration::from_millis(if calls % 2 == 0 {
+                20
+            } else {
+                1
+            }));
+            Ok(())
+        };
+        let t = timed(5, 1, &dev, &mut f)?;
+        assert_eq!(calls, 6, "one warm-up call, five timed");
+        // Timed calls 2..=6: three sleep 20 ms (calls 2, 4, 6), two 1 ms: the median
+        // is a 20 ms one.
+        assert!(t.wall >= 0.02, "{t:?}");
+        assert!(t.host <= t.wall, "{t:?}");
+        // On the CPU the step is done when its code returns.
+        assert!(t.host_share() > 0.5 && t.host_share() <= 1.0, "{t:?}");
+        assert_eq!(
+            Timing {
+                wall: 0.0,
+                host: 0.0
+            }
+            .host_share(),
+            1.0
+        );
+        assert_eq!(
+            Timing {
+                wall: 1.0,
+                host: 2.0
+            }
+            .host_share(),
+            1.0
+        );
+        assert_eq!(
+            Timing {
+                wall: 2.0,
+                host: 0.5
+            }
+            .host_share(),
+            0.25
+        );
+        Ok(())
     }
 }
