@@ -99,8 +99,8 @@ done
 # apgd-linf step, a 10-step APGD-CE); all three
 # with cuDNN's measured algorithms (RAMPART_CUDNN_BENCHMARK=1); the fused eval program
 # and the device-resident loop with its middle steps replayed from CUDA graphs
-# (RAMPART_CUDA_GRAPHS=1: the attack-linf step; its path reads device+graphs when
-# they replayed); and cudarc's per-buffer events
+# (RAMPART_CUDA_GRAPHS=1: the pgd20 step, a PGD-20 run, whose path reads
+# device+graphs when they replayed; attack-linf's 2 steps are too few to capture); and cudarc's per-buffer events
 # kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off; a
 # diagnostic, add it to AB_SETTINGS to measure it). A setting is one or more
 # VAR=value words (`+` between them).
@@ -116,7 +116,7 @@ for spec in $AB_ARCHS; do
         "${setting#RAMPART_AB=}" "$spec" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
       step "ab $spec $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
         --variant "$variant" --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
-        --steps forward,pgd-step,train-step,attack-linf,apgd-linf --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
+        --steps forward,pgd-step,train-step,attack-linf,pgd20,apgd-linf --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
     done
   done
 done

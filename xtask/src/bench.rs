@@ -34,8 +34,8 @@ pub struct BenchArgs {
     /// bf16 convolutions (PyTorch then runs under bf16 autocast).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Also time one PGD step per threat model with the attack engine, and APGD-CE in
-    /// L∞ and L2 (image·steps/s).
+    /// Also time one PGD step per threat model with the attack engine, the
+    /// evaluation's PGD-20, and APGD-CE in L∞ and L2 (image·steps/s).
     #[arg(long)]
     attacks: bool,
     /// Also time the identical network in PyTorch (on the same device) and print the ratios.
@@ -86,7 +86,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.reps.to_string(),
     ];
     let steps = if args.attacks {
-        "forward,pgd-step,train-step,attack-linf,attack-l2,attack-l1,attack-l0,apgd-linf,apgd-l2"
+        "forward,pgd-step,train-step,attack-linf,attack-l2,attack-l1,attack-l0,pgd20,apgd-linf,apgd-l2"
     } else {
         "forward,pgd-step,train-step"
     };
