@@ -2063,14 +2063,19 @@ mod cuda {
                 &mut krsc,
                 false,
             )?;
-            let oihw = super::super::pointwise::permute_kernel(
+            // Back to OIHW, straight into the kernel's place among the gradients.
+            let n = krsc.len();
+            if at + n > grad.len() {
+                candle_core::bail!("fused train path: a write past the end of a buffer")
+            }
+            super::super::pointwise::permute_kernel_into(
                 &self.dev,
                 &krsc.slice(..),
+                &mut grad.slice_mut(at..at + n),
                 g.c_in,
                 g.k * g.k,
                 false,
-            )?;
-            self.place(grad, at, &oihw)
+            )
         }
 
         fn zeros(&self, n: usize) -> Result<Slice> {

@@ -435,8 +435,25 @@ pub(crate) fn permute_kernel(
     kk: usize,
     to_ohwi: bool,
 ) -> Result<CudaSlice<f32>> {
+    let mut out = uninit(dev, w.len())?;
+    permute_kernel_into(dev, w, &mut out.slice_mut(..), c_in, kk, to_ohwi)?;
+    Ok(out)
+}
+
+/// [`permute_kernel`] into `out` (as many values as `w`), a part of a larger buffer.
+#[cfg(feature = "cudnn")]
+pub(crate) fn permute_kernel_into(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    w: &CudaView<'_, f32>,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
+    c_in: usize,
+    kk: usize,
+    to_ohwi: bool,
+) -> Result<()> {
     let n = w.len();
-    let mut out = uninit(dev, n)?;
+    if out.len() != n {
+        candle_core::bail!("kernel order: {n} values into {}", out.len())
+    }
     let launch = permute_launch(
         CudaArg::Mut(out.slice_mut(..)),
         CudaArg::View(w.slice(..)),
@@ -445,8 +462,7 @@ pub(crate) fn permute_kernel(
         n,
         to_ohwi,
     )?;
-    run(dev, launch)?;
-    Ok(out)
+    run(dev, launch)
 }
 
 /// `dy·[y > 0]` as a tensor, without a backward pass (see [`ReluMask`]).
