@@ -406,6 +406,23 @@ pub(crate) fn next_toward(a: f32, x: f32) -> f32 {
 }
 
 pub(crate) mod device;
+
+/// Runs `f` with the thread-local switch `flag` on, and puts it back as it was however
+/// `f` ends (the `with_…` functions of the loops and of the tests).
+pub(crate) fn with_switch<R>(
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.with(|c| c.set(self.1));
+        }
+    }
+    let _restore = Restore(flag, flag.with(|c| c.replace(true)));
+    f()
+}
+
 #[cfg(feature = "cuda")]
 mod device_cuda;
 pub(crate) mod graph;

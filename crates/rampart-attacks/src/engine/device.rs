@@ -74,14 +74,7 @@ pub fn device_resident_pgd_runs() -> usize {
 /// twins run. For tests and benchmarks of the loops against the host loops; the results
 /// are the same bit for bit.
 pub fn with_device_resident_pgd<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(FORCED.with(|c| c.replace(true)));
-    f()
+    crate::engine::with_switch(&FORCED, f)
 }
 
 /// Who runs the kernels of the device-resident loop.

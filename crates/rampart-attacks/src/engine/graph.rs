@@ -58,14 +58,7 @@ pub fn cuda_graph_steps() -> (usize, usize) {
 /// Runs `f` with CUDA graphs of PGD's device-resident steps taken on this thread
 /// wherever the loop runs on a GPU, whatever the environment (tests and benchmarks).
 pub fn with_cuda_graphs<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(FORCED.with(|c| c.replace(true)));
-    f()
+    crate::engine::with_switch(&FORCED, f)
 }
 
 /// Whether graphs are asked for on this thread: [`with_cuda_graphs`] or the

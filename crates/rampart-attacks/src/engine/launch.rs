@@ -123,14 +123,7 @@ pub(crate) mod emulated {
     /// Runs `f` with the device loops taken on this thread and their launches
     /// emulated (the CUDA kernels compiled for the CPU) instead of the twins.
     pub fn with_emulated_kernels<R>(f: impl FnOnce() -> R) -> R {
-        struct Restore(bool);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                ON.with(|c| c.set(self.0));
-            }
-        }
-        let _restore = Restore(ON.with(|c| c.replace(true)));
-        f()
+        crate::engine::with_switch(&ON, f)
     }
 
     /// Whether launches are emulated on this thread.
