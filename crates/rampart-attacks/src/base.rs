@@ -195,6 +195,83 @@ pub struct Perturbed {
     pub eps: f64,
 }
 
+/// The points of a training attack whose checks of the batch are left on the device
+/// ([`Attack::perturb_unchecked`]).
+#[derive(Debug)]
+pub struct Unchecked {
+    /// (B, ...) the points: [`Perturbed::clipped`] of the same call, bit for bit.
+    pub clipped: Tensor,
+    /// The checks not read yet (the device-resident loop's), or None where they were
+    /// made already.
+    pub faults: Option<Faults>,
+}
+
+/// A training attack's checks of its batch, still on the device: the largest over the
+/// batch's examples of [an input NaN or out of bounds, a label of K or more, NaN
+/// probabilities at a judged point, the distance of a point from its input beyond ε],
+/// four f64 values, each > 0 for a fault. Several batches' faults merge into one
+/// tensor (their maximum), which a trainer reads with its loss once per logging
+/// interval: no wait for the device inside a training step.
+#[derive(Clone, Debug)]
+pub struct Faults(Tensor);
+
+impl Faults {
+    /// Values of [`Faults::tensor`].
+    pub const LEN: usize = 4;
+
+    /// The faults of a verdict reduced on the device (see `engine/resident.rs`).
+    pub(crate) fn new(values: Tensor) -> Faults {
+        Faults(values)
+    }
+
+    /// The (4) f64 tensor of the faults, on the batch's device.
+    pub fn tensor(&self) -> &Tensor {
+        &self.0
+    }
+
+    /// The faults of this batch and of `other`: their maximum (one launch).
+    pub fn merge(&self, other: &Faults) -> Result<Faults> {
+        Ok(Faults(self.0.maximum(&other.0)?))
+    }
+
+    /// The error that the values of [`Faults::tensor`], read, stand for (in the
+    /// order the attack checks: inputs, labels, logits, distances), or None.
+    pub fn error(values: &[f64]) -> Option<Error> {
+        if values.len() != Self::LEN {
+            return Some(Error::Input(format!(
+                "{} values of a training attack's checks, expected {}",
+                values.len(),
+                Self::LEN
+            )));
+        }
+        let fault = |v: f64| v > 0.0 || v.is_nan();
+        if fault(values[0]) {
+            return Some(Error::Input(
+                "an input of a training batch is NaN or outside the model's bounds (found by \
+                 the training attack's checks on the device)"
+                    .into(),
+            ));
+        }
+        if fault(values[1]) {
+            return Some(Error::Input(
+                "a label of a training batch is not below the model's number of classes \
+                 (found by the training attack's checks on the device)"
+                    .into(),
+            ));
+        }
+        if fault(values[2]) {
+            return Some(crate::batch::nan_logits());
+        }
+        if fault(values[3]) {
+            return Some(Error::Input(format!(
+                "a training attack's point lies {} beyond its ε-ball",
+                values[3]
+            )));
+        }
+        None
+    }
+}
+
 /// An attack: a configuration that, given a model and a batch, returns one
 /// [`AttackResult`] per ε, in the order of `eps` (foolbox's `FixedEpsilonAttack`).
 ///
@@ -298,6 +375,32 @@ pub trait Attack {
         classes: usize,
     ) -> Result<Perturbed> {
         perturbed(self, model, bounds, (xs, ys), eps, seed, Some(classes))
+    }
+
+    /// [`Attack::perturb_with_classes`] without waiting for its checks: where the
+    /// batch stays on the device (PGD's device-resident loop, L∞, f32 inputs), the
+    /// checks of its inputs, labels and logits come back unread in
+    /// [`Unchecked::faults`], for the caller to read later with other values (the
+    /// trainer reads them with its loss, once per logging interval) and so nothing
+    /// waits for the device; elsewhere the checks are made as `perturb_with_classes`
+    /// makes them and `faults` is None. The same points, bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn perturb_unchecked(
+        &self,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        eps: f64,
+        seed: u64,
+        classes: usize,
+    ) -> Result<Unchecked> {
+        Ok(Unchecked {
+            clipped: self
+                .perturb_with_classes(model, bounds, xs, ys, eps, seed, classes)?
+                .clipped,
+            faults: None,
+        })
     }
 }
 

@@ -429,7 +429,7 @@ pub(crate) mod graph;
 pub(crate) mod launch;
 pub(crate) mod resident;
 
-pub(crate) use resident::perturb_on_device_or_host;
+pub(crate) use resident::{perturb_on_device_or_host, unchecked_on_device_or_host};
 
 pub use device::{device_resident_pgd_runs, with_device_resident_pgd};
 #[cfg(feature = "cuda")]

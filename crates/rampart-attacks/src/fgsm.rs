@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use candle_core::{ModuleT, Tensor};
 
 use crate::base::{Attack, Bounds, Criterion, Perturbed};
-use crate::engine::perturb_on_device_or_host;
+use crate::engine::{perturb_on_device_or_host, unchecked_on_device_or_host};
 use crate::eot::Eot;
 use crate::error::Result;
 use crate::norm::{Init, Norm};
@@ -112,6 +112,28 @@ impl Attack for Fgsm {
         classes: usize,
     ) -> Result<Perturbed> {
         perturb_on_device_or_host(
+            self,
+            &self.as_pgd(),
+            model,
+            bounds,
+            (xs, ys),
+            (eps, seed, classes),
+        )
+    }
+
+    /// As the provided method; where PGD's device-resident loop runs, the checks stay
+    /// on the device ([`crate::Unchecked::faults`]).
+    fn perturb_unchecked(
+        &self,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        xs: &Tensor,
+        ys: &Tensor,
+        eps: f64,
+        seed: u64,
+        classes: usize,
+    ) -> Result<crate::Unchecked> {
+        unchecked_on_device_or_host(
             self,
             &self.as_pgd(),
             model,

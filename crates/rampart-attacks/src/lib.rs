@@ -83,7 +83,7 @@ mod table_tests;
 mod testutil;
 
 pub use apgd::{device_resident_apgd_runs, Apgd};
-pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion, Perturbed};
+pub use base::{parse_eps, Attack, AttackResult, Bounds, Criterion, Faults, Perturbed, Unchecked};
 pub use checks::{check_model, check_model_cost, TrustReport, TrustWarning, BLACK_BOX_TOLERANCE};
 pub use cost::{EnsembleCost, PassCounter, Passes};
 pub use distal::Distal;

@@ -7,7 +7,8 @@
 //!
 //! A training attack with its batch left on the device (`perturb_with_classes` of an
 //! L∞ PGD or FGSM on the device loop) is held to the host path the same way, its
-//! refusals word for word.
+//! refusals word for word, and `perturb_unchecked` to it (the same points, its checks
+//! on the device finding no fault).
 //!
 //! APGD's device-resident loop (CE and targeted DLR, L∞ and L2) is held to its host
 //! loop likewise.
@@ -24,7 +25,7 @@
 use candle_core::{DType, Device, ModuleT, Tensor};
 use rampart_attacks::{
     cuda_graph_failure, cuda_graph_steps, with_cuda_graphs, with_device_resident_pgd, Apgd, Attack,
-    AttackResult, Bounds, Eot, Fgsm, Norm, Objective, Pgd, Restarts, StepSize,
+    AttackResult, Bounds, Eot, Faults, Fgsm, Norm, Objective, Pgd, Restarts, StepSize,
 };
 use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec};
 
@@ -271,6 +272,20 @@ fn resident_training_attack_on_the_gpu_equals_the_host_path() -> TestResult {
             device.clipped.device().is_cuda(),
             "{what}: points left the GPU"
         );
+        // With its checks left on the device: the same points, no fault.
+        let unchecked = with_device_resident_pgd(|| {
+            attack.perturb_unchecked(&frozen, Bounds::UNIT, &xs, &ys, eps, 5, 10)
+        })?;
+        if bits(&device.clipped)? == bits(&run(true)?.clipped)? {
+            assert_eq!(
+                bits(&device.clipped)?,
+                bits(&unchecked.clipped)?,
+                "{what}: unchecked points"
+            );
+        }
+        let faults = unchecked.faults.ok_or("no faults from the device path")?;
+        let values = faults.tensor().to_vec1::<f64>()?;
+        assert!(Faults::error(&values).is_none(), "{what}: {values:?}");
         assert_eq!(host.iterations, device.iterations, "{what}: steps");
         // As above: two host runs that differ mean non-deterministic passes.
         if bits(&host.clipped)? == bits(&again.clipped)? {

@@ -79,6 +79,28 @@ pub enum DefenseError {
         checkpoint: Option<PathBuf>,
     },
 
+    /// A training attack's checks of its batch, left on the device and read with the
+    /// loss (on a GPU's device-resident loop), found a fault.
+    #[error(
+        "a training attack refused epoch {epoch}, {}: {source}",
+        if .first_batch == .batch {
+            format!("batch {batch}")
+        } else {
+            format!("one of batches {first_batch}–{batch} (its checks are read with the loss)")
+        }
+    )]
+    AttackChecks {
+        /// Epoch (1-based).
+        epoch: usize,
+        /// The last batch of the steps whose checks were read together (1-based).
+        batch: usize,
+        /// The first of them.
+        first_batch: usize,
+        /// What the checks found.
+        #[source]
+        source: rampart_attacks::Error,
+    },
+
     /// A stop was requested (Ctrl-C, SIGTERM): training ended after a finished batch.
     #[error(
         "interrupted at epoch {epoch}, batch {batch}; {}",

@@ -804,3 +804,107 @@ fn training_attacks_on_the_device_loop_train_the_same_weights() -> TestResult {
     }
     Ok(())
 }
+
+/// Fast AT whose training attack meets a NaN input at its `bad_at`-th batch (a pixel
+/// of the batch's first image made NaN).
+struct NanInput {
+    inner: FastAt,
+    calls: Cell<usize>,
+    bad_at: usize,
+}
+
+impl TrainingMethod for NanInput {
+    fn name(&self) -> &'static str {
+        "nan-input"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        self.inner.settings()
+    }
+
+    fn loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
+        let n = self.calls.get() + 1;
+        self.calls.set(n);
+        if n != self.bad_at {
+            return self.inner.loss(batch);
+        }
+        let mut x = batch.images.flatten_all()?.to_vec1::<f32>()?;
+        x[3] = f32::NAN;
+        let images = candle_core::Tensor::from_vec(x, batch.images.dims(), batch.images.device())?;
+        self.inner.loss(&mut TrainBatch::new(
+            batch.model,
+            &images,
+            batch.labels,
+            &mut *batch.rng,
+        ))
+    }
+}
+
+/// On the device-resident loop a training attack's checks are read with the loss: a
+/// NaN input is refused at the end of the interval that holds it, with its batches,
+/// before the NaN loss it causes; off that loop the attack refuses it at once.
+#[test]
+fn a_training_attacks_checks_are_read_with_the_loss() -> TestResult {
+    let train = Arc::new(toy_dataset(64, 1));
+    let test = toy_dataset(8, 2);
+    let dir = tempfile::tempdir()?;
+    let run = |folder: &str, every: usize, device: bool| -> DefenseError {
+        let go = || {
+            let mut model = Classifier::new(toy_spec(), 3, &Device::Cpu)?;
+            let method = NanInput {
+                inner: FastAt::wong_cifar10(),
+                calls: Cell::new(0),
+                bad_at: 3,
+            };
+            Trainer::new(toy_config(1), dir.path().join(folder))?
+                .progress(Progress::Hidden)
+                .sync_every(every)
+                .run(&mut model, &method, Arc::clone(&train), &test)
+        };
+        let out = if device {
+            rampart_attacks::with_device_resident_pgd(go)
+        } else {
+            go()
+        };
+        match out {
+            Err(e) => e,
+            Ok(_) => panic!("{folder}: a NaN input was not refused"),
+        }
+    };
+    let err = run("pairs", 2, true);
+    assert!(
+        matches!(
+            &err,
+            DefenseError::AttackChecks {
+                epoch: 1,
+                batch: 4,
+                first_batch: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("batches 3–4") && msg.contains("NaN or outside"),
+        "{msg}"
+    );
+    let err = run("each", 1, true);
+    assert!(
+        matches!(
+            &err,
+            DefenseError::AttackChecks {
+                epoch: 1,
+                batch: 3,
+                first_batch: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("epoch 1, batch 3:"), "{err}");
+    // The host path's checks refuse the batch at once.
+    let err = run("host", 2, false);
+    assert!(matches!(err, DefenseError::Attack(_)), "{err:?}");
+    Ok(())
+}

@@ -332,8 +332,10 @@ impl Trainer {
             let started = Instant::now();
             bars.start_epoch(epoch, batches);
             let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0f64, 0usize, 0usize, 0.0);
-            // (loss sum, correct count) of the steps since the last read, on the device.
+            // (loss sum, correct count) of the steps since the last read, on the device,
+            // and their training attacks' checks left there.
             let mut pending: Option<Tensor> = None;
+            let mut faults: Option<rampart_attacks::Faults> = None;
             let mut window_start = 0;
             for (i, batch) in loader.epoch(epoch).enumerate() {
                 let batch = batch?;
@@ -359,6 +361,12 @@ impl Trainer {
                     Some(p) => (p + stats)?,
                     None => stats,
                 });
+                if let Some(f) = &out.faults {
+                    faults = Some(match faults.take() {
+                        Some(all) => all.merge(f)?,
+                        None => f.clone(),
+                    });
+                }
                 let mut grads = out.loss.backward()?;
                 if let Some(group) = group {
                     parallel::average_gradients(group, &trainable, &mut grads)?;
@@ -380,10 +388,26 @@ impl Trainer {
                     continue;
                 }
                 // The one wait for the device in `sync_every` steps.
-                let read = match pending.take() {
-                    Some(p) => p.to_vec1::<f64>()?,
-                    None => vec![0.0, 0.0],
+                let (read, checks) = match (pending.take(), faults.take()) {
+                    (Some(p), Some(f)) => {
+                        let read = Tensor::cat(&[&p, f.tensor()], 0)?.to_vec1::<f64>()?;
+                        (read, true)
+                    }
+                    (Some(p), None) => (p.to_vec1::<f64>()?, false),
+                    (None, _) => (vec![0.0, 0.0], false),
                 };
+                // The attacks' checks first: a bad batch explains a bad loss.
+                if let Some(source) = checks
+                    .then(|| rampart_attacks::Faults::error(&read[2..]))
+                    .flatten()
+                {
+                    return Err(DefenseError::AttackChecks {
+                        epoch: epoch + 1,
+                        batch: i + 1,
+                        first_batch: window_start + 1,
+                        source,
+                    });
+                }
                 if !read[0].is_finite() {
                     return Err(DefenseError::Diverged {
                         epoch: epoch + 1,

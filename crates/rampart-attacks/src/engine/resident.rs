@@ -36,7 +36,7 @@ use rayon::prelude::*;
 use super::device::{drive, refilled, resident_on, Executor, Pass, State};
 use super::launch::{count, Launch, Val};
 use super::{rows_per_task, Engine};
-use crate::base::{Bounds, Perturbed};
+use crate::base::{Bounds, Faults, Perturbed, Unchecked};
 use crate::batch::example_rng;
 use crate::error::{Error, Result};
 use crate::norm::{Init, Norm};
@@ -86,6 +86,61 @@ pub(crate) fn perturb_on_device_or_host<A: crate::Attack + ?Sized>(
     }
 }
 
+/// `attack`'s [`crate::Attack::perturb_unchecked`] ([`perturb_on_device_or_host`]
+/// with the device's checks left unread).
+pub(crate) fn unchecked_on_device_or_host<A: crate::Attack + ?Sized>(
+    attack: &A,
+    pgd: &Pgd,
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    batch: (&Tensor, &Tensor),
+    (eps, seed, classes): (f64, u64, usize),
+) -> Result<Unchecked> {
+    crate::base::check_settings(attack, bounds, &[eps])?;
+    match resident(pgd, model, bounds, batch, eps, seed, classes)? {
+        Some(run) => {
+            let faults = run.faults(eps)?;
+            Ok(Unchecked {
+                clipped: run.points,
+                faults: Some(faults),
+            })
+        }
+        None => Ok(Unchecked {
+            clipped: crate::base::perturbed(
+                attack,
+                model,
+                bounds,
+                batch,
+                eps,
+                seed,
+                Some(classes),
+            )?
+            .clipped,
+            faults: None,
+        }),
+    }
+}
+
+/// A training attack run on the device, its verdict not read.
+struct Resident {
+    /// (B, ...) the record's points.
+    points: Tensor,
+    /// (B·VERDICT) f64 the verdict.
+    verdict: Tensor,
+}
+
+impl Resident {
+    /// The verdict reduced on the device to the batch's [`Faults`]: the largest of each
+    /// check over the examples, the distance as its excess over ε.
+    fn faults(&self, eps: f64) -> Result<Faults> {
+        let rows = self.verdict.elem_count() / VERDICT;
+        let most = self.verdict.reshape((rows, VERDICT))?.max(0)?;
+        let checks = most.narrow(0, BAD_INPUT, SAW_NAN + 1 - BAD_INPUT)?;
+        let excess = most.narrow(0, DISTANCE, 1)?.affine(1.0, -eps)?;
+        Ok(Faults::new(Tensor::cat(&[&checks, &excess], 0)?))
+    }
+}
+
 /// [`crate::Attack::perturb_with_classes`] of `pgd` with the batch on the device, or
 /// `None` where it does not apply (the caller then takes the host path). The
 /// settings (configuration, criterion, bounds, ε) are already checked.
@@ -99,6 +154,74 @@ pub(crate) fn perturb(
     seed: u64,
     classes: usize,
 ) -> Result<Option<Perturbed>> {
+    let Some(run) = resident(pgd, model, bounds, (xs, ys), eps, seed, classes)? else {
+        return Ok(None);
+    };
+    // The attack's one read.
+    let verdict = run.verdict.to_vec1::<f64>()?;
+    let rows = verdict.chunks(VERDICT);
+    if rows
+        .clone()
+        .any(|r| r[BAD_INPUT] != 0.0 || r[BAD_LABEL] != 0.0)
+    {
+        return Err(host_error(
+            model,
+            bounds,
+            (xs, ys),
+            classes,
+            Error::Input(
+                "the device found an input or label out of range that the host's checks accept"
+                    .into(),
+            ),
+        ));
+    }
+    if rows.clone().any(|r| r[SAW_NAN] != 0.0) {
+        return Err(crate::batch::nan_logits());
+    }
+    // Never taken: every start and step keeps |x_adv − x| ≤ |δ| ≤ ε exactly.
+    if let Some((i, r)) = rows.clone().enumerate().find(|(_, r)| r[DISTANCE] > eps) {
+        return Err(Error::Input(format!(
+            "example {i}'s point lies {} from its input, outside ε = {eps}",
+            r[DISTANCE]
+        )));
+    }
+    let norm: Vec<f32> = rows.map(|r| r[DISTANCE] as f32).collect();
+    let b = xs.dim(0)?;
+    Ok(Some(Perturbed {
+        clipped: run.points,
+        norm,
+        iterations: vec![pgd.steps * pgd.restarts.count; b],
+        eps,
+    }))
+}
+
+/// The host path's checks, in its order, for a fault the device found: their error
+/// wins, as it would have been raised before the attack.
+fn host_error(
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    (xs, ys): (&Tensor, &Tensor),
+    classes: usize,
+    fault: Error,
+) -> Error {
+    match Problem::with_classes(model, bounds, xs, ys, classes) {
+        Err(e) => e,
+        Ok(_) => fault,
+    }
+}
+
+/// `pgd`'s restarts with the batch on the device, the verdict unread, or `None` where
+/// the path does not apply.
+#[allow(clippy::too_many_arguments)]
+fn resident(
+    pgd: &Pgd,
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    (xs, ys): (&Tensor, &Tensor),
+    eps: f64,
+    seed: u64,
+    classes: usize,
+) -> Result<Option<Resident>> {
     let Some(exec) = resident_on(pgd, xs.device()) else {
         return Ok(None);
     };
@@ -125,49 +248,17 @@ pub(crate) fn perturb(
         return Ok(None);
     }
     PERTURBS.with(|c| c.set(c.get() + 1));
-    let host_error = |fault: Error| -> Error {
-        // The host path's checks, in its order: its error wins, as it would have
-        // been raised before the attack.
-        match Problem::with_classes(model, bounds, xs, ys, classes) {
-            Err(e) => e,
-            Ok(_) => fault,
-        }
-    };
-    let (points, verdict) = match attack(exec, pgd, model, bounds, (xs, ys), eps, seed, classes) {
-        Ok(done) => done,
-        Err(e) => return Err(host_error(e)),
-    };
-    let rows = verdict.chunks(VERDICT);
-    if rows
-        .clone()
-        .any(|r| r[BAD_INPUT] != 0.0 || r[BAD_LABEL] != 0.0)
-    {
-        return Err(host_error(Error::Input(
-            "the device found an input or label out of range that the host's checks accept".into(),
-        )));
+    match attack(exec, pgd, model, bounds, (xs, ys), eps, seed, classes) {
+        Ok((points, verdict)) => Ok(Some(Resident {
+            points: points.reshape(dims)?,
+            verdict,
+        })),
+        Err(e) => Err(host_error(model, bounds, (xs, ys), classes, e)),
     }
-    if rows.clone().any(|r| r[SAW_NAN] != 0.0) {
-        return Err(crate::batch::nan_logits());
-    }
-    // Never taken: every start and step keeps |x_adv − x| ≤ |δ| ≤ ε exactly.
-    if let Some((i, r)) = rows.clone().enumerate().find(|(_, r)| r[DISTANCE] > eps) {
-        return Err(Error::Input(format!(
-            "example {i}'s point lies {} from its input, outside ε = {eps}",
-            r[DISTANCE]
-        )));
-    }
-    let norm: Vec<f32> = rows.map(|r| r[DISTANCE] as f32).collect();
-    let b = dims[0];
-    Ok(Some(Perturbed {
-        clipped: points.reshape(dims)?,
-        norm,
-        iterations: vec![pgd.steps * pgd.restarts.count; b],
-        eps,
-    }))
 }
 
 /// The restarts of `pgd` on the device: the record's points (B·D f32) and the
-/// verdict, read once.
+/// verdict (B·VERDICT f64), on the device.
 #[allow(clippy::too_many_arguments)]
 fn attack(
     exec: Executor,
@@ -178,7 +269,7 @@ fn attack(
     eps: f64,
     seed: u64,
     classes: usize,
-) -> Result<(Tensor, Vec<f64>)> {
+) -> Result<(Tensor, Tensor)> {
     let dev = xs.device();
     let (b, d) = (xs.dim(0)?, xs.elem_count() / xs.dim(0)?);
     let x = xs.flatten_all()?.contiguous()?;
@@ -230,9 +321,7 @@ fn attack(
         exec.offer(&mut verdict, &mut record, point, &s.rows, d, take)?;
     }
     exec.measure(&mut verdict, &record, &x, d)?;
-    // The attack's one read.
-    let read = verdict.to_vec1::<f64>()?;
-    Ok((record, read))
+    Ok((record, verdict))
 }
 
 impl Executor {

@@ -11,7 +11,7 @@ use super::device_tests::pgd;
 use super::resident::{resident_perturbs, twin, VERDICT};
 use crate::testutil::{trained, value_bits, By, Noisy, CLASSES};
 use crate::{
-    with_device_resident_pgd, Attack, Bounds, Criterion, Eot, Fgsm, Init, Norm, Objective,
+    with_device_resident_pgd, Attack, Bounds, Criterion, Eot, Faults, Fgsm, Init, Norm, Objective,
     Perturbed, Pgd, Restarts, Result, StepSize,
 };
 
@@ -280,6 +280,166 @@ fn resident_perturb_refuses_what_the_host_path_refuses() -> Result<()> {
         };
         assert_eq!(h.to_string(), d.to_string(), "{what}");
     }
+    Ok(())
+}
+
+/// `perturb_unchecked` on the device-resident path: the points of
+/// `perturb_with_classes` bit for bit, the checks left in a tensor whose values stand
+/// for the host path's refusals (NaN or out-of-bounds inputs, labels of K, NaN logits),
+/// merged over batches by their maximum; off the path, no faults and the same points.
+#[test]
+fn unchecked_perturb_leaves_the_checks_on_the_device() -> Result<()> {
+    struct NanLogits;
+    impl Module for NanLogits {
+        fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+            Tensor::full(f32::NAN, (xs.dim(0)?, CLASSES), xs.device())
+        }
+    }
+    let t = trained();
+    let model = By(&t.model);
+    let attacks: Vec<(&str, Box<dyn Attack>)> = vec![
+        (
+            "fast AT's FGSM-RS",
+            Box::new(Fgsm {
+                last_iterate: true,
+                ..Fgsm::fast_at()
+            }),
+        ),
+        (
+            "PGD-7, 2 restarts",
+            Box::new(pgd(Objective::CrossEntropy, 7, 2)),
+        ),
+    ];
+    let read = |f: &Faults| f.tensor().to_vec1::<f64>();
+    for (what, attack) in &attacks {
+        let checked =
+            attack.perturb_with_classes(&model, Bounds::UNIT, &t.xs, &t.ys, 0.1, 5, CLASSES)?;
+        let before = resident_perturbs();
+        let device = with_device_resident_pgd(|| {
+            attack.perturb_unchecked(&model, Bounds::UNIT, &t.xs, &t.ys, 0.1, 5, CLASSES)
+        })?;
+        assert!(
+            resident_perturbs() > before,
+            "{what}: the resident path did not run"
+        );
+        assert_eq!(
+            value_bits(&checked.clipped)?,
+            value_bits(&device.clipped)?,
+            "{what}"
+        );
+        let faults = device.faults.expect("the device path's checks");
+        let values = read(&faults)?;
+        assert_eq!(values.len(), Faults::LEN);
+        assert_eq!(&values[..3], &[0.0, 0.0, 0.0], "{what}");
+        assert!(values[3] <= 0.0, "{what}: {values:?}");
+        assert!(Faults::error(&values).is_none(), "{what}");
+        // Off the device path: the host's checks, no faults.
+        let host = attack.perturb_unchecked(&model, Bounds::UNIT, &t.xs, &t.ys, 0.1, 5, CLASSES)?;
+        assert!(host.faults.is_none());
+        assert_eq!(
+            value_bits(&checked.clipped)?,
+            value_bits(&host.clipped)?,
+            "{what}"
+        );
+    }
+    let cfg = pgd(Objective::CrossEntropy, 3, 2);
+    let mut x = t.xs.flatten_all()?.to_vec1::<f32>()?;
+    let mut nan = x.clone();
+    nan[70] = f32::NAN;
+    x[45] = 1.5;
+    let nan = Tensor::from_vec(nan, t.xs.dims(), &Device::Cpu)?;
+    let outside = Tensor::from_vec(x, t.xs.dims(), &Device::Cpu)?;
+    let mut y = t.ys.to_vec1::<u32>()?;
+    y[7] = CLASSES as u32;
+    let bad_label = Tensor::new(y.as_slice(), &Device::Cpu)?;
+    let good = with_device_resident_pgd(|| {
+        cfg.perturb_unchecked(&model, Bounds::UNIT, &t.xs, &t.ys, 0.1, 5, CLASSES)
+    })?
+    .faults
+    .expect("faults");
+    // (what, model, batch, the fault's flag, its message, whether a pass may refuse
+    // it at once: a label of K fails the objective's gather on the CPU, where the
+    // host path's error is returned, while a GPU's kernels only flag it).
+    type Case<'a> = (
+        &'a str,
+        &'a dyn ModuleT,
+        (&'a Tensor, &'a Tensor),
+        usize,
+        &'a str,
+        bool,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "a NaN input",
+            &model,
+            (&nan, &t.ys),
+            0,
+            "NaN or outside",
+            false,
+        ),
+        (
+            "an input outside the bounds",
+            &model,
+            (&outside, &t.ys),
+            0,
+            "NaN or outside",
+            false,
+        ),
+        (
+            "a label of K",
+            &model,
+            (&t.xs, &bad_label),
+            1,
+            "label",
+            true,
+        ),
+        (
+            "NaN logits",
+            &NanLogits,
+            (&t.xs, &t.ys),
+            2,
+            "NaN logits",
+            false,
+        ),
+    ];
+    for (what, m, (xs, ys), flag, says, at_once) in cases {
+        let out = with_device_resident_pgd(|| {
+            cfg.perturb_unchecked(m, Bounds::UNIT, xs, ys, 0.1, 5, CLASSES)
+        });
+        let out = match out {
+            Err(e) if at_once => {
+                let checked = cfg.perturb_with_classes(m, Bounds::UNIT, xs, ys, 0.1, 5, CLASSES);
+                let checked = checked.err().map(|e| e.to_string());
+                assert_eq!(Some(e.to_string()), checked, "{what}");
+                continue;
+            }
+            out => out?,
+        };
+        let faults = out.faults.expect("faults");
+        let values = read(&faults)?;
+        assert!(values[flag] > 0.0, "{what}: {values:?}");
+        let e = Faults::error(&values).expect("a fault").to_string();
+        assert!(e.contains(says), "{what}: {e}");
+        // Merged with a good batch's checks (either order), the fault remains.
+        for merged in [good.merge(&faults)?, faults.merge(&good)?] {
+            let e = Faults::error(&read(&merged)?).expect("a fault").to_string();
+            assert!(e.contains(says), "{what}, merged: {e}");
+        }
+    }
+    // The host's check of the logits' shape is made at once, as the checked path makes it.
+    let few = with_device_resident_pgd(|| {
+        cfg.perturb_unchecked(&model, Bounds::UNIT, &t.xs, &t.ys, 0.1, 5, CLASSES - 2)
+    });
+    let checked = cfg.perturb_with_classes(&model, Bounds::UNIT, &t.xs, &t.ys, 0.1, 5, CLASSES - 2);
+    assert_eq!(
+        few.err().map(|e| e.to_string()),
+        checked.err().map(|e| e.to_string())
+    );
+    assert!(
+        Faults::error(&[0.0; 3]).is_some(),
+        "a short read is an error"
+    );
+    assert!(Faults::error(&[0.0, 0.0, 0.0, f64::NAN]).is_some());
     Ok(())
 }
 

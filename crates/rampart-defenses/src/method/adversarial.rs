@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    adversarial_count, attack_first, check_eps, check_fraction, cross_entropy, mixed_batch,
-    BatchLoss, StatelessMethod, StepCost, TrainBatch,
+    adversarial_count, attack_first_unchecked, check_eps, check_fraction, cross_entropy,
+    mixed_batch, BatchLoss, StatelessMethod, StepCost, TrainBatch,
 };
 use crate::error::Result;
 
@@ -111,16 +111,19 @@ pub(crate) fn adversarial_cross_entropy(
     batch: &mut TrainBatch<'_>,
 ) -> Result<BatchLoss> {
     let m = adversarial_count(batch.images.dim(0)?, fraction);
-    let adv = attack_first(attack, batch, m, eps)?;
+    // The points alone are needed: the attack's checks stay on the device (where it
+    // runs there) for the trainer to read with the loss.
+    let adv = attack_first_unchecked(attack, batch, m, eps)?;
     let inputs = mixed_batch(batch.images, &adv.clipped)?;
     let logits = batch.model.forward_t(&inputs, true)?;
     let loss = cross_entropy(&logits, batch.labels, 0.0)?;
-    Ok(BatchLoss::of_batch(loss, logits, batch.labels))
+    Ok(BatchLoss::of_batch(loss, logits, batch.labels).with_faults(adv.faults))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::method::attack_first;
     use crate::method::testutil::{neg_log_softmax, rows, tiny_problem};
     use crate::method::TrainingMethod;
     use crate::TestResult;

@@ -60,6 +60,10 @@ pub struct BatchLoss {
     pub logits: Tensor,
     /// Labels (M,) u32 matching `logits`.
     pub labels: Tensor,
+    /// The checks of the batch's training attack left on the device, for the trainer
+    /// to read with the loss (PGD's device-resident loop, [`rampart_attacks::Faults`]);
+    /// None where they were made already.
+    pub faults: Option<rampart_attacks::Faults>,
 }
 
 impl BatchLoss {
@@ -70,7 +74,13 @@ impl BatchLoss {
             loss,
             logits,
             labels: labels.clone(),
+            faults: None,
         }
+    }
+
+    /// This loss with the checks `faults` of its training attack left to the trainer.
+    pub(crate) fn with_faults(self, faults: Option<rampart_attacks::Faults>) -> BatchLoss {
+        BatchLoss { faults, ..self }
     }
 }
 
@@ -304,6 +314,41 @@ pub(crate) fn run_attack(
     let classes = model.spec().num_classes;
     let frozen = model.frozen();
     Ok(attack.perturb_with_classes(&frozen, bounds, images, labels, eps, seed, classes)?)
+}
+
+/// [`run_attack`] with its checks of the batch left on the device where the attack
+/// runs on PGD's device-resident loop ([`Attack::perturb_unchecked`]): the same points.
+pub(crate) fn run_attack_unchecked(
+    attack: &dyn Attack,
+    model: &Classifier,
+    images: &Tensor,
+    labels: &Tensor,
+    eps: f64,
+    seed: u64,
+) -> Result<rampart_attacks::Unchecked> {
+    let (lo, hi) = model.bounds();
+    let bounds = Bounds::new(lo, hi)?;
+    let classes = model.spec().num_classes;
+    let frozen = model.frozen();
+    Ok(attack.perturb_unchecked(&frozen, bounds, images, labels, eps, seed, classes)?)
+}
+
+/// [`attack_first`] with the checks left on the device ([`run_attack_unchecked`]).
+pub(crate) fn attack_first_unchecked(
+    attack: &dyn Attack,
+    batch: &mut TrainBatch<'_>,
+    m: usize,
+    eps: f64,
+) -> Result<rampart_attacks::Unchecked> {
+    let seed = attack_seed(batch.rng);
+    run_attack_unchecked(
+        attack,
+        batch.model,
+        &batch.images.narrow(0, 0, m)?,
+        &batch.labels.narrow(0, 0, m)?,
+        eps,
+        seed,
+    )
 }
 
 /// Runs `attack` at budget `eps` on the first `m` examples of the batch, with one seed

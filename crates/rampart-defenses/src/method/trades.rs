@@ -186,6 +186,7 @@ impl StatelessMethod for Trades {
             loss,
             logits: Tensor::cat(&[&clean_logits, &adv_logits], 0)?,
             labels: Tensor::cat(&[labels, labels], 0)?,
+            faults: None,
         })
     }
 }
