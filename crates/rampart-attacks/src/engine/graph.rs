@@ -232,7 +232,7 @@ impl Recorder for Never {
 /// The GPU's recorder: stream capture on the device's stream.
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, CudaStream};
     use candle_core::cuda_backend::CudaDevice;
 
     use crate::error::Result;
@@ -262,8 +262,19 @@ pub(crate) mod cuda {
             stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(|e| driver("capture", e))?;
+            // The capture ends whatever the body does, a panic included, so that the
+            // stream stays usable.
+            struct Ending<'a>(Option<&'a std::sync::Arc<CudaStream>>);
+            impl Drop for Ending<'_> {
+                fn drop(&mut self) {
+                    if let Some(stream) = self.0.take() {
+                        let _ = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                    }
+                }
+            }
+            let mut ending = Ending(Some(&stream));
             let run = body();
-            // The capture ends whatever the body did, so that the stream is usable.
+            ending.0 = None;
             let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
             run?;
             let graph = graph
