@@ -15,11 +15,6 @@
 # cannot starve the rest:
 #   1. OUT/gpu.txt: the GPU, its driver, the CUDA and PyTorch versions;
 #   2. OUT/tests-*.txt: the CUDA test binaries (kernels against the CPU);
-#   2b. OUT/ab.jsonl and OUT/ab.md: `rampart bench` of AB_ARCHS (ARCH or
-#      ARCH:VARIANT) at batch 128 on $EPOCH_DEVICE under each setting of
-#      AB_SETTINGS (the fused eval and train programs, PGD's device-resident loop),
-#      alternating, AB_ROUNDS rounds
-#      (ratio = setting ÷ default);
 #   3. OUT/bench.jsonl: `rampart bench` and xtask/bench/pytorch_bench.py, alternating,
 #      two rounds, for each architecture × precision × batch size in ARCHS, DEVICES,
 #      BATCHES (environment variables; defaults below);
@@ -33,9 +28,14 @@
 #      PGD-20 on that model's first 1,000 test images in full f32 and in bf16
 #      (`--device cuda+bf16`), on the same images; OUT/fast-at-epoch-fused/: the same
 #      epoch on the fused GPU programs and PGD's device-resident loop;
-#      OUT/fast-at-epoch-bf16/: the same epoch in bf16; then Rampart's step times
-#      that only the estimates use
-#      (ESTIMATE_ARCHS at batch 128 and EXTRA_BATCHES, student and OAT variants);
+#      OUT/fast-at-epoch-bf16/: the same epoch in bf16;
+#   4b. OUT/ab.jsonl and OUT/ab.md: `rampart bench` of AB_ARCHS (ARCH or
+#      ARCH:VARIANT) at batch 128 on $EPOCH_DEVICE under each setting of
+#      AB_SETTINGS (the fused eval and train programs, PGD's device-resident loop
+#      and its CUDA graphs), alternating, AB_ROUNDS rounds (ratio = setting ÷
+#      default; each step's host share beside it); then Rampart's step times that
+#      only the estimates use (ESTIMATE_ARCHS at batch 128 and EXTRA_BATCHES, student
+#      and OAT variants);
 #   5. OUT/bench.md: the table of step 3 (ratio = Rampart ÷ PyTorch images/s, > 1
 #      means Rampart is faster), from bench-table.py;
 #   6. OUT/estimate-fast.md and OUT/estimate-paper.md (and .json): the wall time of
@@ -90,37 +90,6 @@ for t in "$BUNDLE"/test-*; do
   n=$(basename "$t")
   step "$n" 240 "$t" --test-threads=1 > "$OUT/tests-$n.txt" 2>&1
 done
-
-# The host-overhead switches, A/B on whole steps (Rampart alone, settings alternating,
-# two rounds): the default; the fused eval program on the GPU
-# (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps); the fused train program
-# (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; PGD's device-resident loop
-# (RAMPART_CUDA_DEVICE_ATTACK=1: the attack-linf step, a whole PGD run, and the
-# apgd-linf step, a 10-step APGD-CE); all three
-# with cuDNN's measured algorithms (RAMPART_CUDNN_BENCHMARK=1); the fused eval program
-# and the device-resident loop with its middle steps replayed from CUDA graphs
-# (RAMPART_CUDA_GRAPHS=1: the pgd20 step, a PGD-20 run, whose path reads
-# device+graphs when they replayed; attack-linf's 2 steps are too few to capture); and cudarc's per-buffer events
-# kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off; a
-# diagnostic, add it to AB_SETTINGS to measure it). A setting is one or more
-# VAR=value words (`+` between them).
-AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDNN_BENCHMARK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDA_GRAPHS=1"}
-: > "$OUT/ab.jsonl"
-for spec in $AB_ARCHS; do
-  arch=${spec%%:*}
-  variant=plain
-  [ "$spec" != "$arch" ] && variant=${spec#*:}
-  for round in $(seq "$AB_ROUNDS"); do
-    for setting in $AB_SETTINGS; do
-      printf '{"run": {"setting": "%s", "arch": "%s", "batch_size": 128, "device": "%s", "round": %s}}\n' \
-        "${setting#RAMPART_AB=}" "$spec" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
-      step "ab $spec $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
-        --variant "$variant" --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
-        --steps forward,pgd-step,train-step,attack-linf,pgd20,apgd-linf --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
-    done
-  done
-done
-DEADLINE= step "ab-table" 10 "$PYTHON" "$HERE/bench-table.py" --ab "$OUT/ab.jsonl" > "$OUT/ab.md"
 
 # The opt-in paths whose GPU tests passed above, for the comparison's Rampart runs on
 # device $1. A path needs every test of its binary to pass, except those named after
@@ -206,6 +175,37 @@ if [ -n "$DATA" ]; then
     --seed 0 > "$OUT/fast-at-epoch-bf16.log" 2>&1
   rm -f "$OUT"/fast-at-epoch-bf16/*.safetensors
 fi
+
+# The host-overhead switches, A/B on whole steps (Rampart alone, settings alternating,
+# two rounds): the default; the fused eval program on the GPU
+# (RAMPART_CUDA_FUSED_EVAL=1: forward and PGD steps); the fused train program
+# (RAMPART_CUDA_FUSED_TRAIN=1: training steps); both; PGD's device-resident loop
+# (RAMPART_CUDA_DEVICE_ATTACK=1: the attack-linf step, a whole PGD run, and the
+# apgd-linf step, a 10-step APGD-CE); all three
+# with cuDNN's measured algorithms (RAMPART_CUDNN_BENCHMARK=1); the fused eval program
+# and the device-resident loop with its middle steps replayed from CUDA graphs
+# (RAMPART_CUDA_GRAPHS=1: the pgd20 step, a PGD-20 run, whose path reads
+# device+graphs when they replayed; attack-linf's 2 steps are too few to capture); and cudarc's per-buffer events
+# kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off; a
+# diagnostic, add it to AB_SETTINGS to measure it). A setting is one or more
+# VAR=value words (`+` between them).
+AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDNN_BENCHMARK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDA_GRAPHS=1"}
+: > "$OUT/ab.jsonl"
+for spec in $AB_ARCHS; do
+  arch=${spec%%:*}
+  variant=plain
+  [ "$spec" != "$arch" ] && variant=${spec#*:}
+  for round in $(seq "$AB_ROUNDS"); do
+    for setting in $AB_SETTINGS; do
+      printf '{"run": {"setting": "%s", "arch": "%s", "batch_size": 128, "device": "%s", "round": %s}}\n' \
+        "${setting#RAMPART_AB=}" "$spec" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
+      step "ab $spec $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
+        --variant "$variant" --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
+        --steps forward,pgd-step,train-step,attack-linf,pgd20,apgd-linf --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
+    done
+  done
+done
+DEADLINE= step "ab-table" 10 "$PYTHON" "$HERE/bench-table.py" --ab "$OUT/ab.jsonl" > "$OUT/ab.md"
 
 # Step times for the estimates only (Rampart alone).
 for arch in $ESTIMATE_ARCHS; do
