@@ -374,7 +374,17 @@ pub trait Attack {
         seed: u64,
         classes: usize,
     ) -> Result<Perturbed> {
-        perturbed(self, model, bounds, (xs, ys), eps, seed, Some(classes))
+        match self.resident_pgd() {
+            Some(pgd) => crate::engine::perturb_on_device_or_host(
+                self,
+                &pgd,
+                model,
+                bounds,
+                (xs, ys),
+                (eps, seed, classes),
+            ),
+            None => perturbed(self, model, bounds, (xs, ys), eps, seed, Some(classes)),
+        }
     }
 
     /// [`Attack::perturb_with_classes`] without waiting for its checks: where the
@@ -395,12 +405,29 @@ pub trait Attack {
         seed: u64,
         classes: usize,
     ) -> Result<Unchecked> {
-        Ok(Unchecked {
-            clipped: self
-                .perturb_with_classes(model, bounds, xs, ys, eps, seed, classes)?
-                .clipped,
-            faults: None,
-        })
+        match self.resident_pgd() {
+            Some(pgd) => crate::engine::unchecked_on_device_or_host(
+                self,
+                &pgd,
+                model,
+                bounds,
+                (xs, ys),
+                (eps, seed, classes),
+            ),
+            None => Ok(Unchecked {
+                clipped: perturbed(self, model, bounds, (xs, ys), eps, seed, Some(classes))?
+                    .clipped,
+                faults: None,
+            }),
+        }
+    }
+
+    /// This attack as the PGD configuration that PGD's device-resident loop runs for
+    /// [`Attack::perturb_with_classes`] and [`Attack::perturb_unchecked`] (PGD itself,
+    /// FGSM as one step), where the loop applies (an L∞ configuration, f32 inputs;
+    /// see `engine/resident.rs`); None (the default): always the host path.
+    fn resident_pgd(&self) -> Option<crate::Pgd> {
+        None
     }
 }
 

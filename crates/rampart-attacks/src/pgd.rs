@@ -4,11 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use candle_core::{ModuleT, Tensor};
-
-use crate::base::{Attack, Bounds, Criterion, Perturbed};
+use crate::base::{Attack, Criterion};
 use crate::engine::Engine;
-use crate::engine::{perturb_on_device_or_host, unchecked_on_device_or_host};
 use crate::eot::Eot;
 use crate::error::{Error, Result};
 use crate::norm::{Init, Norm};
@@ -302,36 +299,12 @@ impl Attack for Pgd {
         self.engine().check(problem)
     }
 
-    /// As the provided method; where PGD's device-resident loop runs (an L∞
-    /// configuration, f32 inputs), the batch stays on the device: checked there, its
-    /// starts made there, nothing read before the result but a few values per example
-    /// (the same points and errors, bit for bit).
-    fn perturb_with_classes(
-        &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: f64,
-        seed: u64,
-        classes: usize,
-    ) -> Result<Perturbed> {
-        perturb_on_device_or_host(self, self, model, bounds, (xs, ys), (eps, seed, classes))
-    }
-
-    /// As the provided method; where PGD's device-resident loop runs, the checks stay
-    /// on the device ([`crate::Unchecked::faults`]).
-    fn perturb_unchecked(
-        &self,
-        model: &dyn ModuleT,
-        bounds: Bounds,
-        xs: &Tensor,
-        ys: &Tensor,
-        eps: f64,
-        seed: u64,
-        classes: usize,
-    ) -> Result<crate::Unchecked> {
-        unchecked_on_device_or_host(self, self, model, bounds, (xs, ys), (eps, seed, classes))
+    /// PGD's device-resident loop takes it where it applies (an L∞ configuration,
+    /// f32 inputs): the batch checked there, its starts made there, nothing read before
+    /// the result but a few values per example, or nothing with
+    /// [`Attack::perturb_unchecked`] (the same points and errors, bit for bit).
+    fn resident_pgd(&self) -> Option<Pgd> {
+        Some(*self)
     }
 
     /// `restarts.count` runs of the loop ([`crate::Repeated`]'s restarts).

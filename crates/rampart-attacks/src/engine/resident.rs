@@ -68,9 +68,41 @@ pub(crate) fn resident_perturbs() -> usize {
     PERTURBS.with(Cell::get)
 }
 
-/// `attack`'s [`crate::Attack::perturb_with_classes`], where `pgd` is its configuration
-/// as a PGD: the settings checked, then the batch on the device where that applies,
-/// else the host path.
+/// Where a training attack ran: on the device (its verdict unread) or the host.
+enum Path {
+    Device(Resident),
+    Host(Perturbed),
+}
+
+/// `attack`'s points, where `pgd` is its configuration as a PGD: the settings checked,
+/// then the batch on the device where that applies, else the host path.
+fn on_device_or_host<A: crate::Attack + ?Sized>(
+    attack: &A,
+    pgd: &Pgd,
+    model: &dyn ModuleT,
+    bounds: Bounds,
+    batch: (&Tensor, &Tensor),
+    (eps, seed, classes): (f64, u64, usize),
+) -> Result<Path> {
+    crate::base::check_settings(attack, bounds, &[eps])?;
+    Ok(
+        match resident(pgd, model, bounds, batch, eps, seed, classes)? {
+            Some(run) => Path::Device(run),
+            None => Path::Host(crate::base::perturbed(
+                attack,
+                model,
+                bounds,
+                batch,
+                eps,
+                seed,
+                Some(classes),
+            )?),
+        },
+    )
+}
+
+/// `attack`'s [`crate::Attack::perturb_with_classes`] ([`on_device_or_host`], the
+/// device's verdict read).
 pub(crate) fn perturb_on_device_or_host<A: crate::Attack + ?Sized>(
     attack: &A,
     pgd: &Pgd,
@@ -79,15 +111,14 @@ pub(crate) fn perturb_on_device_or_host<A: crate::Attack + ?Sized>(
     batch: (&Tensor, &Tensor),
     (eps, seed, classes): (f64, u64, usize),
 ) -> Result<Perturbed> {
-    crate::base::check_settings(attack, bounds, &[eps])?;
-    match perturb(pgd, model, bounds, batch, eps, seed, classes)? {
-        Some(done) => Ok(done),
-        None => crate::base::perturbed(attack, model, bounds, batch, eps, seed, Some(classes)),
+    match on_device_or_host(attack, pgd, model, bounds, batch, (eps, seed, classes))? {
+        Path::Device(run) => run.read(pgd, model, bounds, batch, eps, classes),
+        Path::Host(done) => Ok(done),
     }
 }
 
-/// `attack`'s [`crate::Attack::perturb_unchecked`] ([`perturb_on_device_or_host`]
-/// with the device's checks left unread).
+/// `attack`'s [`crate::Attack::perturb_unchecked`] ([`on_device_or_host`], the
+/// device's checks left unread).
 pub(crate) fn unchecked_on_device_or_host<A: crate::Attack + ?Sized>(
     attack: &A,
     pgd: &Pgd,
@@ -96,29 +127,18 @@ pub(crate) fn unchecked_on_device_or_host<A: crate::Attack + ?Sized>(
     batch: (&Tensor, &Tensor),
     (eps, seed, classes): (f64, u64, usize),
 ) -> Result<Unchecked> {
-    crate::base::check_settings(attack, bounds, &[eps])?;
-    match resident(pgd, model, bounds, batch, eps, seed, classes)? {
-        Some(run) => {
-            let faults = run.faults(eps)?;
-            Ok(Unchecked {
+    Ok(
+        match on_device_or_host(attack, pgd, model, bounds, batch, (eps, seed, classes))? {
+            Path::Device(run) => Unchecked {
+                faults: Some(run.faults(eps)?),
                 clipped: run.points,
-                faults: Some(faults),
-            })
-        }
-        None => Ok(Unchecked {
-            clipped: crate::base::perturbed(
-                attack,
-                model,
-                bounds,
-                batch,
-                eps,
-                seed,
-                Some(classes),
-            )?
-            .clipped,
-            faults: None,
-        }),
-    }
+            },
+            Path::Host(done) => Unchecked {
+                clipped: done.clipped,
+                faults: None,
+            },
+        },
+    )
 }
 
 /// A training attack run on the device, its verdict not read.
@@ -141,58 +161,55 @@ impl Resident {
     }
 }
 
-/// [`crate::Attack::perturb_with_classes`] of `pgd` with the batch on the device, or
-/// `None` where it does not apply (the caller then takes the host path). The
-/// settings (configuration, criterion, bounds, ε) are already checked.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn perturb(
-    pgd: &Pgd,
-    model: &dyn ModuleT,
-    bounds: Bounds,
-    (xs, ys): (&Tensor, &Tensor),
-    eps: f64,
-    seed: u64,
-    classes: usize,
-) -> Result<Option<Perturbed>> {
-    let Some(run) = resident(pgd, model, bounds, (xs, ys), eps, seed, classes)? else {
-        return Ok(None);
-    };
-    // The attack's one read.
-    let verdict = run.verdict.to_vec1::<f64>()?;
-    let rows = verdict.chunks(VERDICT);
-    if rows
-        .clone()
-        .any(|r| r[BAD_INPUT] != 0.0 || r[BAD_LABEL] != 0.0)
-    {
-        return Err(host_error(
-            model,
-            bounds,
-            (xs, ys),
-            classes,
-            Error::Input(
-                "the device found an input or label out of range that the host's checks accept"
-                    .into(),
-            ),
-        ));
+impl Resident {
+    /// [`crate::Attack::perturb_with_classes`]'s result from this run of `pgd` on the
+    /// batch: the verdict read (the attack's one read) and its faults refused with the
+    /// host path's errors.
+    fn read(
+        self,
+        pgd: &Pgd,
+        model: &dyn ModuleT,
+        bounds: Bounds,
+        (xs, ys): (&Tensor, &Tensor),
+        eps: f64,
+        classes: usize,
+    ) -> Result<Perturbed> {
+        let verdict = self.verdict.to_vec1::<f64>()?;
+        let rows = verdict.chunks(VERDICT);
+        if rows
+            .clone()
+            .any(|r| r[BAD_INPUT] != 0.0 || r[BAD_LABEL] != 0.0)
+        {
+            return Err(host_error(
+                model,
+                bounds,
+                (xs, ys),
+                classes,
+                Error::Input(
+                    "the device found an input or label out of range that the host's checks accept"
+                        .into(),
+                ),
+            ));
+        }
+        if rows.clone().any(|r| r[SAW_NAN] != 0.0) {
+            return Err(crate::batch::nan_logits());
+        }
+        // Never taken: every start and step keeps |x_adv − x| ≤ |δ| ≤ ε exactly.
+        if let Some((i, r)) = rows.clone().enumerate().find(|(_, r)| r[DISTANCE] > eps) {
+            return Err(Error::Input(format!(
+                "example {i}'s point lies {} from its input, outside ε = {eps}",
+                r[DISTANCE]
+            )));
+        }
+        let norm: Vec<f32> = rows.map(|r| r[DISTANCE] as f32).collect();
+        let b = xs.dim(0)?;
+        Ok(Perturbed {
+            clipped: self.points,
+            norm,
+            iterations: vec![pgd.steps * pgd.restarts.count; b],
+            eps,
+        })
     }
-    if rows.clone().any(|r| r[SAW_NAN] != 0.0) {
-        return Err(crate::batch::nan_logits());
-    }
-    // Never taken: every start and step keeps |x_adv − x| ≤ |δ| ≤ ε exactly.
-    if let Some((i, r)) = rows.clone().enumerate().find(|(_, r)| r[DISTANCE] > eps) {
-        return Err(Error::Input(format!(
-            "example {i}'s point lies {} from its input, outside ε = {eps}",
-            r[DISTANCE]
-        )));
-    }
-    let norm: Vec<f32> = rows.map(|r| r[DISTANCE] as f32).collect();
-    let b = xs.dim(0)?;
-    Ok(Some(Perturbed {
-        clipped: run.points,
-        norm,
-        iterations: vec![pgd.steps * pgd.restarts.count; b],
-        eps,
-    }))
 }
 
 /// The host path's checks, in its order, for a fault the device found: their error

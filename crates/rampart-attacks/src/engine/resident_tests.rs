@@ -17,6 +17,36 @@ use crate::{
 
 type Outcome = std::result::Result<Perturbed, crate::Error>;
 
+/// A model whose logits are all NaN.
+struct NanLogits;
+
+impl Module for NanLogits {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        Tensor::full(f32::NAN, (xs.dim(0)?, CLASSES), xs.device())
+    }
+}
+
+/// Batches the checks refuse: a NaN input, an input outside [0, 1], a label of K.
+struct Refused {
+    nan: Tensor,
+    outside: Tensor,
+    bad_label: Tensor,
+}
+
+fn refused(xs: &Tensor, ys: &Tensor) -> Result<Refused> {
+    let mut x = xs.flatten_all()?.to_vec1::<f32>()?;
+    let mut nan = x.clone();
+    nan[70] = f32::NAN;
+    x[45] = 1.5;
+    let mut y = ys.to_vec1::<u32>()?;
+    y[7] = CLASSES as u32;
+    Ok(Refused {
+        nan: Tensor::from_vec(nan, xs.dims(), &Device::Cpu)?,
+        outside: Tensor::from_vec(x, xs.dims(), &Device::Cpu)?,
+        bad_label: Tensor::new(y.as_slice(), &Device::Cpu)?,
+    })
+}
+
 /// The attack's `perturb_with_classes` by the host path and by the resident one, which
 /// must have run (`resident` = false: must not have run).
 fn both<'a>(
@@ -240,24 +270,14 @@ fn resident_perturb_leaves_other_problems_to_the_host_path() -> Result<()> {
 /// for word.
 #[test]
 fn resident_perturb_refuses_what_the_host_path_refuses() -> Result<()> {
-    struct NanLogits;
-    impl Module for NanLogits {
-        fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-            Tensor::full(f32::NAN, (xs.dim(0)?, CLASSES), xs.device())
-        }
-    }
     let t = trained();
     let model = || Box::new(By(&t.model)) as Box<dyn ModuleT>;
     let cfg = pgd(Objective::CrossEntropy, 3, 2);
-    let mut x = t.xs.flatten_all()?.to_vec1::<f32>()?;
-    let mut nan = x.clone();
-    nan[70] = f32::NAN;
-    x[45] = 1.5;
-    let nan = Tensor::from_vec(nan, t.xs.dims(), &Device::Cpu)?;
-    let outside = Tensor::from_vec(x, t.xs.dims(), &Device::Cpu)?;
-    let mut y = t.ys.to_vec1::<u32>()?;
-    y[7] = CLASSES as u32;
-    let bad_label = Tensor::new(y.as_slice(), &Device::Cpu)?;
+    let Refused {
+        nan,
+        outside,
+        bad_label,
+    } = refused(&t.xs, &t.ys)?;
     let nan_model = || Box::new(NanLogits) as Box<dyn ModuleT>;
     let cases: Vec<(&str, (&Tensor, &Tensor), usize, bool)> = vec![
         ("a NaN input", (&nan, &t.ys), CLASSES, false),
@@ -289,12 +309,6 @@ fn resident_perturb_refuses_what_the_host_path_refuses() -> Result<()> {
 /// merged over batches by their maximum; off the path, no faults and the same points.
 #[test]
 fn unchecked_perturb_leaves_the_checks_on_the_device() -> Result<()> {
-    struct NanLogits;
-    impl Module for NanLogits {
-        fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-            Tensor::full(f32::NAN, (xs.dim(0)?, CLASSES), xs.device())
-        }
-    }
     let t = trained();
     let model = By(&t.model);
     let attacks: Vec<(&str, Box<dyn Attack>)> = vec![
@@ -343,15 +357,11 @@ fn unchecked_perturb_leaves_the_checks_on_the_device() -> Result<()> {
         );
     }
     let cfg = pgd(Objective::CrossEntropy, 3, 2);
-    let mut x = t.xs.flatten_all()?.to_vec1::<f32>()?;
-    let mut nan = x.clone();
-    nan[70] = f32::NAN;
-    x[45] = 1.5;
-    let nan = Tensor::from_vec(nan, t.xs.dims(), &Device::Cpu)?;
-    let outside = Tensor::from_vec(x, t.xs.dims(), &Device::Cpu)?;
-    let mut y = t.ys.to_vec1::<u32>()?;
-    y[7] = CLASSES as u32;
-    let bad_label = Tensor::new(y.as_slice(), &Device::Cpu)?;
+    let Refused {
+        nan,
+        outside,
+        bad_label,
+    } = refused(&t.xs, &t.ys)?;
     let good = with_device_resident_pgd(|| {
         cfg.perturb_unchecked(&model, Bounds::UNIT, &t.xs, &t.ys, 0.1, 5, CLASSES)
     })?

@@ -309,11 +309,9 @@ pub(crate) fn run_attack(
     eps: f64,
     seed: u64,
 ) -> Result<Perturbed> {
-    let (lo, hi) = model.bounds();
-    let bounds = Bounds::new(lo, hi)?;
-    let classes = model.spec().num_classes;
-    let frozen = model.frozen();
-    Ok(attack.perturb_with_classes(&frozen, bounds, images, labels, eps, seed, classes)?)
+    on_model(model, |frozen, bounds, classes| {
+        attack.perturb_with_classes(frozen, bounds, images, labels, eps, seed, classes)
+    })
 }
 
 /// [`run_attack`] with its checks of the batch left on the device where the attack
@@ -326,29 +324,19 @@ pub(crate) fn run_attack_unchecked(
     eps: f64,
     seed: u64,
 ) -> Result<rampart_attacks::Unchecked> {
-    let (lo, hi) = model.bounds();
-    let bounds = Bounds::new(lo, hi)?;
-    let classes = model.spec().num_classes;
-    let frozen = model.frozen();
-    Ok(attack.perturb_unchecked(&frozen, bounds, images, labels, eps, seed, classes)?)
+    on_model(model, |frozen, bounds, classes| {
+        attack.perturb_unchecked(frozen, bounds, images, labels, eps, seed, classes)
+    })
 }
 
-/// [`attack_first`] with the checks left on the device ([`run_attack_unchecked`]).
-pub(crate) fn attack_first_unchecked(
-    attack: &dyn Attack,
-    batch: &mut TrainBatch<'_>,
-    m: usize,
-    eps: f64,
-) -> Result<rampart_attacks::Unchecked> {
-    let seed = attack_seed(batch.rng);
-    run_attack_unchecked(
-        attack,
-        batch.model,
-        &batch.images.narrow(0, 0, m)?,
-        &batch.labels.narrow(0, 0, m)?,
-        eps,
-        seed,
-    )
+/// `run` on the model's frozen view, its bounds and its number of classes.
+fn on_model<R>(
+    model: &Classifier,
+    run: impl FnOnce(&dyn candle_core::ModuleT, Bounds, usize) -> rampart_attacks::Result<R>,
+) -> Result<R> {
+    let (lo, hi) = model.bounds();
+    let bounds = Bounds::new(lo, hi)?;
+    Ok(run(&model.frozen(), bounds, model.spec().num_classes)?)
 }
 
 /// Runs `attack` at budget `eps` on the first `m` examples of the batch, with one seed
@@ -359,13 +347,35 @@ pub(crate) fn attack_first(
     m: usize,
     eps: f64,
 ) -> Result<Perturbed> {
+    on_first(batch, m, |model, images, labels, seed| {
+        run_attack(attack, model, images, labels, eps, seed)
+    })
+}
+
+/// [`attack_first`] with the checks left on the device ([`run_attack_unchecked`]).
+pub(crate) fn attack_first_unchecked(
+    attack: &dyn Attack,
+    batch: &mut TrainBatch<'_>,
+    m: usize,
+    eps: f64,
+) -> Result<rampart_attacks::Unchecked> {
+    on_first(batch, m, |model, images, labels, seed| {
+        run_attack_unchecked(attack, model, images, labels, eps, seed)
+    })
+}
+
+/// `run` on the model, the first `m` images and labels of the batch and one seed
+/// drawn from the batch's RNG ([`attack_seed`]).
+fn on_first<R>(
+    batch: &mut TrainBatch<'_>,
+    m: usize,
+    run: impl FnOnce(&Classifier, &Tensor, &Tensor, u64) -> Result<R>,
+) -> Result<R> {
     let seed = attack_seed(batch.rng);
-    run_attack(
-        attack,
+    run(
         batch.model,
         &batch.images.narrow(0, 0, m)?,
         &batch.labels.narrow(0, 0, m)?,
-        eps,
         seed,
     )
 }
