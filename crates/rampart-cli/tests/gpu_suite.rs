@@ -1,0 +1,121 @@
+//! The GPU suite (`xtask/bench/gpu-suite.sh`), the one script a machine with a GPU runs,
+//! rehearsed on the CPU so that a change to the CLI or to the script cannot break it
+//! unseen: a bundle holding this build's `rampart` and two stand-in CUDA test
+//! binaries (one whose tests pass, graphs included, one that fails) runs the whole
+//! suite on the CPU with the smallest settings. Every step of the comparison and of
+//! the A/B runs exits cleanly, the tables are written, and the comparison's Rampart
+//! runs take exactly the opt-in paths whose tests passed.
+
+use std::path::Path;
+use std::process::Command;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// An executable shell script `name` in `dir` printing `out`.
+fn stand_in(dir: &Path, name: &str, out: &str) -> TestResult {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("#!/usr/bin/env bash\ncat <<'EOF'\n{out}\nEOF\n"),
+    )?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = root.join("xtask/bench/gpu-suite.sh");
+    let dir = tempfile::tempdir()?;
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle)?;
+    std::fs::copy(env!("CARGO_BIN_EXE_rampart"), bundle.join("rampart"))?;
+    stand_in(
+        &bundle,
+        "test-attacks-cuda",
+        "running 2 tests\n\
+         test device_resident_pgd_on_the_gpu_equals_the_host_loop ... ok\n\
+         test pgd_steps_replayed_from_cuda_graphs_equal_eager_steps ... ok\n\n\
+         test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+    )?;
+    stand_in(
+        &bundle,
+        "test-models-cuda",
+        "running 1 test\n\
+         test fused_eval_program_matches_cpu ... FAILED\n\n\
+         test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+    )?;
+    let out = dir.path().join("out");
+    let run = Command::new("bash")
+        .arg(&script)
+        .arg(&bundle)
+        .arg(&out)
+        .envs([
+            ("ARCHS", "wrn-10-1"),
+            ("BATCHES", "8"),
+            ("DEVICES", "cpu"),
+            ("ROUNDS", "1"),
+            ("REPS", "1"),
+            ("EPOCH_DEVICE", "cpu"),
+            ("AB_ARCHS", "wrn-10-1"),
+            ("AB_ROUNDS", "1"),
+            (
+                "AB_SETTINGS",
+                "RAMPART_AB=default RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDA_GRAPHS=1",
+            ),
+            ("ESTIMATE_ARCHS", "wrn-10-1"),
+            ("EXTRA_BATCHES", "8"),
+            ("BUDGET", "600"),
+        ])
+        .output()?;
+    let log =
+        String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "the suite failed:\n{log}");
+    let read = |name: &str| {
+        std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}\n{log}"))
+    };
+    let steps = read("steps.txt");
+    for step in [
+        "test-attacks-cuda rc=0",
+        "rampart-bench wrn-10-1 8 cpu round 1 rc=0",
+        "ab wrn-10-1 RAMPART_AB=default round 1 rc=0",
+        "ab wrn-10-1 RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDA_GRAPHS=1 round 1 rc=0",
+        "ab-table rc=0",
+        "rampart-bench wrn-10-1 student 128 cpu (estimates) rc=0",
+        "bench-table rc=0",
+    ] {
+        assert!(
+            steps.lines().any(|l| l.starts_with(step)),
+            "{step} missing from steps.txt:\n{steps}"
+        );
+    }
+    assert!(!steps.contains("skipped"), "{steps}");
+    // The attacks' tests passed (graphs included), the models' did not: the comparison
+    // takes the device-resident loop and its graphs, not the fused programs.
+    let bench = read("bench.md");
+    assert!(
+        bench.contains("| wrn-10-1 | 8 | cpu | forward |"),
+        "{bench}"
+    );
+    assert!(
+        bench.contains("took: RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_GRAPHS=1."),
+        "{bench}"
+    );
+    assert!(bench.contains("ratio (Rampart ÷ PyTorch)"), "{bench}");
+    let ab = read("ab.md");
+    for setting in [
+        "default",
+        "RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDA_GRAPHS=1",
+    ] {
+        assert!(
+            ab.contains(&format!("| wrn-10-1 | 128 | cpu | pgd20 | {setting} |")),
+            "{setting}:\n{ab}"
+        );
+    }
+    assert!(ab.contains("| host share |"), "{ab}");
+    Ok(())
+}
