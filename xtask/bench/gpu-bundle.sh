@@ -11,6 +11,7 @@
 # test-defenses-cuda   rampart-defenses' tests/cuda.rs (fused SGD vs the CPU)
 # test-attacks-cuda    rampart-attacks' tests/cuda.rs (PGD's and APGD's device loops vs the host loops)
 # test-defenses-nccl   rampart-defenses' tests/nccl.rs (NCCL with every visible GPU)
+# test-data-cuda       rampart-data's tests/cuda.rs (staged uploads vs ordinary copies)
 set -eu
 BUNDLE=${1:?usage: gpu-bundle.sh BUNDLE}
 FEATURES=${FEATURES:-nccl}
@@ -62,6 +63,7 @@ test_binary test-models-cuda -p rampart-models --features cudnn --test cuda
 test_binary test-models-bf16 -p rampart-models --features cudnn --test cuda_bf16
 test_binary test-defenses-cuda -p rampart-defenses --features cuda --test cuda
 test_binary test-attacks-cuda -p rampart-attacks --features cuda --test cuda
+test_binary test-data-cuda -p rampart-data --features cuda --test cuda
 if [[ "$FEATURES" == *nccl* ]]; then
   test_binary test-defenses-nccl -p rampart-defenses --features nccl --test nccl
 fi

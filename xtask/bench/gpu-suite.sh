@@ -20,15 +20,20 @@
 #      BATCHES (environment variables; defaults below);
 #      Rampart's runs take the opt-in GPU paths whose tests passed in step 2 (the
 #      fused programs after test-models-cuda, and test-models-bf16 for cuda+bf16;
-#      PGD's device-resident loop after test-attacks-cuda), so that one device run
+#      PGD's device-resident loop after test-attacks-cuda, staged uploads after
+#      test-data-cuda), so that one device run
 #      gives the table of the paths that become the default; FAST_IF_PASSED=0 keeps
 #      the defaults. The switches taken are in each run's line and under bench.md;
-#   4. OUT/fast-at-epoch/: one epoch of `rampart train --preset
-#      fast-at-preact-resnet18` (its epoch time is in history.jsonl); OUT/bf16.md:
+#   4. OUT/fast-at-epoch/: EPOCHS (default 2) epochs of `rampart train --preset
+#      fast-at-preact-resnet18` (their epoch times are in history.jsonl); OUT/bf16.md:
 #      PGD-20 on that model's first 1,000 test images in full f32 and in bf16
 #      (`--device cuda+bf16`), on the same images; OUT/fast-at-epoch-fused/: the same
-#      epoch on the fused GPU programs and PGD's device-resident loop;
-#      OUT/fast-at-epoch-bf16/: the same epoch in bf16;
+#      epoch on the fused GPU programs and PGD's device-resident loop (and staged
+#      uploads where test-data-cuda passed);
+#      OUT/fast-at-epoch-bf16/: the same epochs in bf16; after each run, `rampart
+#      bench --steps fast-at-step` with its device and switches, and OUT/epoch.md:
+#      each epoch's wall time ÷ (its steps × that step time), what the input
+#      pipeline adds (epoch-table.py);
 #   4b. OUT/ab.jsonl and OUT/ab.md: `rampart bench` of AB_ARCHS (ARCH or
 #      ARCH:VARIANT) at batch 128 on $EPOCH_DEVICE under each setting of
 #      AB_SETTINGS (the fused eval and train programs, PGD's device-resident loop
@@ -56,6 +61,9 @@ BATCHES=${BATCHES:-"128 512"}
 REPS=${REPS:-20}
 ROUNDS=${ROUNDS:-2}
 EPOCH_DEVICE=${EPOCH_DEVICE:-cuda+tf32}
+# Epochs of each fast-AT run (the last is the steady state; the first also compiles
+# kernels and chooses cuDNN's plans).
+EPOCHS=${EPOCHS:-2}
 # The two devices the bf16 check compares (full f32 and bf16).
 F32_DEVICE=${F32_DEVICE:-cuda}
 BF16_DEVICE=${BF16_DEVICE:-cuda+bf16}
@@ -122,6 +130,7 @@ switches_for() {
       on+=(RAMPART_CUDA_DEVICE_ATTACK=1)
       test_passed test-attacks-cuda "$GRAPH_TEST" && on+=(RAMPART_CUDA_GRAPHS=1)
     fi
+    passed test-data-cuda && on+=(RAMPART_CUDA_PINNED_UPLOADS=1)
   fi
   echo "${on[*]:-}"
 }
@@ -146,8 +155,21 @@ for arch in $ARCHS; do
     done
   done
 done
+# epoch_steps DIR DEVICE [VAR=value…]: the fast-AT step time with the switches of the
+# epoch run in OUT/DIR (for OUT/epoch.md).
+: > "$OUT/epoch-steps.jsonl"
+epoch_steps() {
+  local dir=$1 dev=$2
+  shift 2
+  [ -f "$OUT/$dir/history.jsonl" ] || return 0
+  printf '{"run": {"epoch_dir": "%s", "device": "%s", "switches": "%s"}}\n' "$dir" "$dev" "$*" \
+    >> "$OUT/epoch-steps.jsonl"
+  step "fast-at-step $dir" 60 env "$@" "$RAMPART" bench --arch preact-resnet18 --batch-size 128 \
+    --reps "$REPS" --device "$dev" --steps fast-at-step --json >> "$OUT/epoch-steps.jsonl" \
+    2>> "$OUT/bench.log"
+}
 if [ -n "$DATA" ]; then
-  step "fast-at-epoch" 300 "$RAMPART" train --preset fast-at-preact-resnet18 --epochs 1 \
+  step "fast-at-epoch" 300 "$RAMPART" train --preset fast-at-preact-resnet18 --epochs "$EPOCHS" \
     --device "$EPOCH_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch" --seed 0 \
     > "$OUT/fast-at-epoch.log" 2>&1
   # bf16 against f32 on a trained model: PGD-20 on the same 1,000 test images.
@@ -162,19 +184,27 @@ if [ -n "$DATA" ]; then
       "$OUT/pgd20-bf16" > "$OUT/bf16.md"
   fi
   rm -f "$OUT"/fast-at-epoch/*.safetensors
-  # The same epoch on the fused GPU programs (attack and training step) and PGD's
-  # device-resident loop.
+  epoch_steps fast-at-epoch "$EPOCH_DEVICE"
+  # The same epochs on the fused GPU programs (attack and training step) and PGD's
+  # device-resident loop, its batches and random starts staged through page-locked
+  # memory where that test passed.
+  pinned=()
+  passed test-data-cuda && pinned=(RAMPART_CUDA_PINNED_UPLOADS=1)
   step "fast-at-epoch-fused" 200 env RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 \
-    RAMPART_CUDA_DEVICE_ATTACK=1 \
-    "$RAMPART" train --preset fast-at-preact-resnet18 --epochs 1 --device "$EPOCH_DEVICE" \
+    RAMPART_CUDA_DEVICE_ATTACK=1 "${pinned[@]}" \
+    "$RAMPART" train --preset fast-at-preact-resnet18 --epochs "$EPOCHS" --device "$EPOCH_DEVICE" \
     --data-dir "$DATA" --out "$OUT/fast-at-epoch-fused" --seed 0 \
     > "$OUT/fast-at-epoch-fused.log" 2>&1
   rm -f "$OUT"/fast-at-epoch-fused/*.safetensors
+  epoch_steps fast-at-epoch-fused "$EPOCH_DEVICE" RAMPART_CUDA_FUSED_EVAL=1 \
+    RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_DEVICE_ATTACK=1 "${pinned[@]}"
   step "fast-at-epoch-bf16" 200 "$RAMPART" train --preset fast-at-preact-resnet18 \
-    --epochs 1 --device "$BF16_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch-bf16" \
+    --epochs "$EPOCHS" --device "$BF16_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch-bf16" \
     --seed 0 > "$OUT/fast-at-epoch-bf16.log" 2>&1
   rm -f "$OUT"/fast-at-epoch-bf16/*.safetensors
+  epoch_steps fast-at-epoch-bf16 "$BF16_DEVICE"
 fi
+DEADLINE= step "epoch-table" 10 "$PYTHON" "$HERE/epoch-table.py" "$OUT" > "$OUT/epoch.md"
 
 # The host-overhead switches, A/B on whole steps (Rampart alone, settings alternating,
 # two rounds): the default; the fused eval program on the GPU

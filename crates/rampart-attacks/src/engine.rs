@@ -423,6 +423,28 @@ pub(crate) fn with_switch<R>(
     f()
 }
 
+/// `values` (row-major) as a tensor of `shape` on `dev`: the random starts and rows
+/// the device loops upload, through page-locked staging on a GPU where it is switched
+/// on (`rampart_data::upload`), which does not wait for the device's earlier work.
+#[cfg(feature = "cuda")]
+pub(crate) fn upload<T: rampart_data::upload::Element>(
+    values: Vec<T>,
+    shape: impl Into<candle_core::Shape>,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    Ok(rampart_data::upload::tensor(values, shape, dev)?)
+}
+
+/// `values` (row-major) as a tensor of `shape` on `dev` (a build without CUDA).
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn upload<T: candle_core::WithDType>(
+    values: Vec<T>,
+    shape: impl Into<candle_core::Shape>,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    Ok(Tensor::from_vec(values, shape, dev)?)
+}
+
 #[cfg(feature = "cuda")]
 mod device_cuda;
 pub(crate) mod graph;

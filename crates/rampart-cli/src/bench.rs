@@ -10,7 +10,14 @@
 //!   in image·steps/s (the `images_per_second` field counts image·steps);
 //! * `apgd-linf`, `apgd-l2`: a 10-step APGD-CE at ε 8/255 and 0.5 on labels that are
 //!   the network's own predictions (every example attacked until fooled), reported
-//!   per image·step taken (APGD stops attacking an example once it is fooled).
+//!   per image·step taken (APGD stops attacking an example once it is fooled);
+//! * `fast-at-step`, `pgd-at-step`: a whole training step of a method, the trainer's
+//!   own (`rampart_defenses::train_step`: the training attack, the loss, its sums
+//!   left on the device, backward, SGD), with the method and SGD settings of a preset:
+//!   fast AT as `fast-at-preact-resnet18` trains (FGSM from a uniform start, ε 8/255,
+//!   step 10/255, the stepped point) and PGD-10 AT as `at-wrn28-10` does. An epoch's
+//!   wall time (`history.jsonl`) over its steps × this step time says how much the
+//!   input pipeline and the reads between steps add.
 //!
 //! Each is run `--warmup` times untimed, then `--reps` times; the median wall time
 //! gives images/s. Results are printed as a table and, with `--json`, as one JSON
@@ -22,10 +29,14 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use clap::Args;
 use rampart_attacks::{input_gradient, Apgd, Attack, Bounds, Norm, Objective, Pgd, StepSize};
-use rampart_defenses::{Sgd, SgdConfig};
+use rampart_defenses::{
+    method_rng, train_step, MethodConfig, Overrides, Sgd, SgdConfig, StepSums, TrainBatch,
+    TrainingMethod,
+};
 use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 
 use crate::common::DeviceArg;
+use crate::preset::PresetName;
 use serde::Serialize;
 
 /// Flags of `rampart bench`.
@@ -51,7 +62,9 @@ pub struct BenchArgs {
     /// Which steps to time, comma-separated: forward, pgd-step, train-step,
     /// attack-linf, attack-l2, attack-l1, attack-l0 (a 2-step PGD with momentum and
     /// backtracking), pgd20 (the evaluation's PGD-20, L∞ 8/255), apgd-linf, apgd-l2
-    /// (the attacks: image·steps/s).
+    /// (the attacks: image·steps/s), fast-at-step, pgd-at-step (a whole training
+    /// step of fast AT as `fast-at-preact-resnet18` trains, or of PGD-10 AT as
+    /// `at-wrn28-10` does; plain and student models).
     #[arg(
         long,
         default_value = "forward,pgd-step,train-step",
@@ -150,6 +163,30 @@ fn peak(dev: &Device) -> Result<Option<u64>> {
         let _ = dev;
         Ok(None)
     }
+}
+
+/// The training method a method step times, and its SGD settings, as the preset
+/// trains: `fast-at-preact-resnet18` (FGSM from a uniform start, training on the
+/// stepped point) or `at-wrn28-10` (PGD-10 AT, the last iterate).
+fn method_of_step(step: &str) -> Result<(Box<dyn TrainingMethod>, SgdConfig)> {
+    let preset = match step {
+        "fast-at-step" => PresetName::FastAtPreactResnet18,
+        "pgd-at-step" => PresetName::AtWrn28_10,
+        other => bail!("`{other}` is no method step"),
+    }
+    .preset();
+    let config = MethodConfig::merge(
+        preset.method.kind(),
+        &Overrides::default(),
+        &preset.attack.overrides(),
+    )?;
+    let sgd = SgdConfig {
+        momentum: preset.momentum,
+        nesterov: preset.nesterov,
+        weight_decay: preset.weight_decay,
+        ..SgdConfig::cifar()
+    };
+    Ok((config.method()?, sgd))
 }
 
 /// A step's median times over the timed repetitions.
@@ -342,8 +379,35 @@ impl BenchArgs {
                     // The time of one batch-step: the run's over its image·steps, × B.
                     seconds * self.batch_size as f64 / image_steps.max(1) as f64
                 }
+                "fast-at-step" | "pgd-at-step" => {
+                    if self.variant == Variant::Oat {
+                        bail!("{step} times plain and student models (OAT trains with its own method)");
+                    }
+                    let (method, sgd_config) = method_of_step(step)?;
+                    let mut sgd = Sgd::new(model.trainable_vars(), sgd_config)?;
+                    let mut rng = method_rng(0, 0);
+                    let mut sums = StepSums::default();
+                    let before = rampart_attacks::device_resident_pgd_runs();
+                    let seconds = time(&mut || {
+                        let mut batch =
+                            TrainBatch::new(&model, &xs, &ys, &mut rng).with_host_labels(&labels);
+                        train_step(method.as_ref(), &mut batch, &mut sgd, 0.01, None, &mut sums)?;
+                        Ok(())
+                    })?;
+                    attack_on_device = rampart_attacks::device_resident_pgd_runs() > before;
+                    // The steps' own checks: a step that went wrong is no timing.
+                    let read = sums.read()?;
+                    if let Some(e) = read.checks.as_deref().and_then(rampart_attacks::Faults::error)
+                    {
+                        bail!("{step}: the training attack's checks failed: {e}");
+                    }
+                    if !read.loss_sum.is_finite() {
+                        bail!("{step}: the loss is not finite ({})", read.loss_sum);
+                    }
+                    seconds
+                }
                 other => bail!(
-                    "unknown step `{other}` (expected forward, pgd-step, train-step, attack-linf, attack-l2, attack-l1, attack-l0, pgd20, apgd-linf, apgd-l2)"
+                    "unknown step `{other}` (expected forward, pgd-step, train-step, attack-linf, attack-l2, attack-l1, attack-l0, pgd20, apgd-linf, apgd-l2, fast-at-step, pgd-at-step)"
                 ),
             };
             lines.push(BenchLine {
@@ -362,6 +426,15 @@ impl BenchArgs {
                     "forward" | "pgd-step" | "train-step" if dev.is_cuda() => {
                         let fused = model.takes_fused_gpu_path(step == "train-step")?;
                         Some(if fused { "fused" } else { "layers" }.to_string())
+                    }
+                    "fast-at-step" | "pgd-at-step" if dev.is_cuda() => {
+                        // The training pass's path, then the attack's loop.
+                        let fused = model.takes_fused_gpu_path(true)?;
+                        Some(format!(
+                            "{}+{}",
+                            if fused { "fused" } else { "layers" },
+                            if attack_on_device { "device" } else { "host" }
+                        ))
                     }
                     attack
                         if (attack.starts_with("attack-")
@@ -411,6 +484,53 @@ impl BenchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The method steps run the preset's method and SGD settings, time a whole step on
+    /// a small network, and refuse an OAT model.
+    #[test]
+    fn method_steps_time_the_presets_training_steps() -> Result<()> {
+        let (fast, sgd) = method_of_step("fast-at-step")?;
+        assert_eq!(fast.name(), "fast-at");
+        assert_eq!(
+            fast.settings()["attack"]["last_iterate"],
+            true,
+            "{}",
+            fast.settings()
+        );
+        assert!(!sgd.nesterov);
+        assert_eq!((sgd.momentum, sgd.weight_decay), (0.9, 5e-4));
+        let (at, _) = method_of_step("pgd-at-step")?;
+        assert_eq!(at.name(), "at");
+        assert_eq!(at.settings()["attack"]["steps"], 10, "{}", at.settings());
+        assert!(method_of_step("train-step").is_err());
+        let args = |variant: Variant| BenchArgs {
+            arch: "wrn-10-1".into(),
+            variant,
+            batch_size: 4,
+            reps: 1,
+            warmup: 1,
+            steps: vec!["fast-at-step".into(), "pgd-at-step".into()],
+            device: "cpu".into(),
+            json: false,
+        };
+        let lines = args(Variant::Plain).run()?;
+        assert_eq!(lines.len(), 2);
+        for l in &lines {
+            assert!(
+                l.seconds_per_batch > 0.0 && l.seconds_per_batch.is_finite(),
+                "{l:?}"
+            );
+            assert_eq!(l.path, None, "no GPU path on the CPU");
+        }
+        assert_eq!(args(Variant::Student).run()?.len(), 2);
+        let oat = args(Variant::Oat)
+            .run()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(oat.contains("plain and student"), "{oat}");
+        Ok(())
+    }
 
     #[test]
     fn timing_is_the_median_of_the_repetitions_and_the_host_share_a_fraction() -> Result<()> {

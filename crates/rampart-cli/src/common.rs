@@ -100,13 +100,22 @@ impl DeviceArg {
     }
 }
 
+/// Every GPU path's environment switch: the models' and attacks'
+/// ([`rampart_models::kernels::GPU_SWITCHES`]) and the staged uploads of batches
+/// ([`rampart_data::upload::PINNED_UPLOADS_ENV`]).
+pub fn gpu_switch_names() -> impl Iterator<Item = &'static str> {
+    rampart_models::kernels::GPU_SWITCHES
+        .into_iter()
+        .chain([rampart_data::upload::PINNED_UPLOADS_ENV])
+}
+
 /// The GPU paths' environment switches that are set, name → value (`config.json`'s
-/// `gpu_switches`, [`rampart_models::kernels::GPU_SWITCHES`]): on a GPU they decide
-/// which paths a run takes; empty on the CPU, where they change nothing.
+/// `gpu_switches`, [`gpu_switch_names`]): on a GPU they decide which paths a run
+/// takes; empty on the CPU, where they change nothing.
 pub fn gpu_switches(device: &DeviceArg) -> serde_json::Value {
     let mut set = serde_json::Map::new();
     if let DeviceArg::Cuda { .. } = device {
-        for name in rampart_models::kernels::GPU_SWITCHES {
+        for name in gpu_switch_names() {
             if let Some(v) = std::env::var_os(name) {
                 set.insert(name.into(), v.to_string_lossy().into());
             }
@@ -564,7 +573,8 @@ mod tests {
         };
         let set = gpu_switches(&gpu);
         assert_eq!(set[rampart_models::kernels::CUDNN_BENCHMARK_ENV], "1");
-        for name in rampart_models::kernels::GPU_SWITCHES {
+        assert_eq!(gpu_switch_names().count(), 7);
+        for name in gpu_switch_names() {
             assert_eq!(
                 set.get(name).is_some(),
                 std::env::var_os(name).is_some(),

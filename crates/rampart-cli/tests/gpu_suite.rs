@@ -1,7 +1,7 @@
 //! The GPU suite (`xtask/bench/gpu-suite.sh`), the one script a machine with a GPU runs,
 //! rehearsed on the CPU so that a change to the CLI or to the script cannot break it
-//! unseen: a bundle holding this build's `rampart` and two stand-in CUDA test
-//! binaries (one whose tests pass, graphs included, one that fails) runs the whole
+//! unseen: a bundle holding this build's `rampart` and three stand-in CUDA test
+//! binaries (two whose tests pass, graphs included, one that fails) runs the whole
 //! suite on the CPU with the smallest settings. Every step of the comparison and of
 //! the A/B runs exits cleanly, the tables are written, and the comparison's Rampart
 //! runs take exactly the opt-in paths whose tests passed.
@@ -41,6 +41,13 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
          test device_resident_pgd_on_the_gpu_equals_the_host_loop ... ok\n\
          test pgd_steps_replayed_from_cuda_graphs_equal_eager_steps ... ok\n\n\
          test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+    )?;
+    stand_in(
+        &bundle,
+        "test-data-cuda",
+        "running 1 test\n\
+         test staged_uploads_behind_a_busy_stream_deliver_their_own_values ... ok\n\n\
+         test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
     )?;
     stand_in(
         &bundle,
@@ -94,15 +101,19 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
         );
     }
     assert!(!steps.contains("skipped"), "{steps}");
-    // The attacks' tests passed (graphs included), the models' did not: the comparison
-    // takes the device-resident loop and its graphs, not the fused programs.
+    // The attacks' tests passed (graphs included) and the data's, the models' did not:
+    // the comparison takes the device-resident loop, its graphs and staged uploads,
+    // not the fused programs.
     let bench = read("bench.md");
     assert!(
         bench.contains("| wrn-10-1 | 8 | cpu | forward |"),
         "{bench}"
     );
     assert!(
-        bench.contains("took: RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_GRAPHS=1."),
+        bench.contains(
+            "took: RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_GRAPHS=1 \
+             RAMPART_CUDA_PINNED_UPLOADS=1."
+        ),
         "{bench}"
     );
     assert!(bench.contains("ratio (Rampart ÷ PyTorch)"), "{bench}");
@@ -117,5 +128,65 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
         );
     }
     assert!(ab.contains("| host share |"), "{ab}");
+    // No data folder: no epochs, and the epoch table says so.
+    assert!(
+        read("epoch.md").starts_with("No fast-AT epoch"),
+        "{}",
+        read("epoch.md")
+    );
+    Ok(())
+}
+
+/// The epoch table divides each epoch's wall time by its steps × the step time the
+/// bench measured after that run (the run's own step time, not another run's).
+#[test]
+fn the_epoch_table_compares_each_epoch_with_its_steps() -> TestResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir()?;
+    let out = dir.path();
+    // 390 steps of 128 images per epoch: 40 s (start-up included), then 22 s.
+    for (run, seconds) in [
+        ("fast-at-epoch", [40.0, 22.0]),
+        ("fast-at-epoch-fused", [30.0, 10.0]),
+    ] {
+        std::fs::create_dir(out.join(run))?;
+        let lines: Vec<String> = seconds
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                format!(
+                    r#"{{"epoch": {}, "epoch_seconds": {s}, "images_per_second": {}}}"#,
+                    i + 1,
+                    390.0 * 128.0 / s
+                )
+            })
+            .collect();
+        std::fs::write(out.join(run).join("history.jsonl"), lines.join("\n") + "\n")?;
+    }
+    std::fs::write(
+        out.join("epoch-steps.jsonl"),
+        r#"{"run": {"epoch_dir": "fast-at-epoch", "device": "cuda+tf32", "switches": ""}}
+{"step": "fast-at-step", "batch_size": 128, "seconds_per_batch": 0.05, "path": "layers+host"}
+{"run": {"epoch_dir": "fast-at-epoch-fused", "device": "cuda+tf32", "switches": "RAMPART_CUDA_FUSED_TRAIN=1"}}
+{"step": "fast-at-step", "batch_size": 128, "seconds_per_batch": 0.025, "path": "fused+device"}
+"#,
+    )?;
+    let run = Command::new("python3")
+        .arg(root.join("xtask/bench/epoch-table.py"))
+        .arg(out)
+        .output()?;
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for row in [
+        "| fast-at-epoch | cuda+tf32 | default | layers+host | 1 | 40.00 | 390 | 50.00 | 19.50 | **2.051** |",
+        "| fast-at-epoch | cuda+tf32 | default | layers+host | 2 | 22.00 | 390 | 50.00 | 19.50 | **1.128** |",
+        "| fast-at-epoch-fused | cuda+tf32 | RAMPART_CUDA_FUSED_TRAIN=1 | fused+device | 2 | 10.00 | 390 | 25.00 | 9.75 | **1.026** |",
+    ] {
+        assert!(table.contains(row), "{row} missing:\n{table}");
+    }
     Ok(())
 }

@@ -174,7 +174,7 @@ impl ImageDataset {
         }
         let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i]).collect();
         let (c, h, w) = self.shape;
-        let images = Tensor::from_vec(pixels, (indices.len(), c, h, w), device)?;
+        let images = crate::upload::tensor(pixels, (indices.len(), c, h, w), device)?;
         let labels = Tensor::from_vec(labels, indices.len(), device)?;
         Ok((images, labels))
     }

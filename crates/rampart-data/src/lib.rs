@@ -20,7 +20,8 @@
 //! - **Holding data.** [`ImageDataset`] keeps uint8 images C×H×W in memory with their
 //!   labels and class names; [`ImageDataset::batch_tensors`] makes f32 tensors in [0, 1].
 //! - **Feeding training.** [`Loader`] yields seeded, augmented ([`Augmentation`])
-//!   mini-batches prepared ahead on a background thread.
+//!   mini-batches prepared ahead on a background thread, and copies them to a GPU
+//!   without waiting for it ([`upload`]: page-locked staging buffers).
 //!
 //! **Invariants.** Binary data (CIFAR, MNIST, SVHN) keep the official example order;
 //! MNIST and SVHN labels are the digits 0–9 (SVHN's label 10 is read as 0); image
@@ -69,6 +70,7 @@ mod mnist;
 mod svhn;
 #[cfg(test)]
 mod testutil;
+pub mod upload;
 
 pub use augment::{AugmentDraw, Augmentation, Cutout};
 pub use cache::{user_data_dir, user_data_dir_from};

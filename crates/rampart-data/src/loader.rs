@@ -9,7 +9,9 @@
 //! **Prefetch.** [`Loader::epoch`] starts a background thread that gathers, augments
 //! and converts batches (u8 → f32 in [0, 1], examples in parallel with rayon) into a
 //! bounded queue of [`PREFETCH`] batches. The consumer only wraps the ready buffer in
-//! a tensor on its device, so CUDA tensors are created on the consumer's thread.
+//! a tensor on its device, so CUDA tensors are created on the consumer's thread; a
+//! copy to a GPU goes through [`crate::upload::tensor`] (page-locked staging, which
+//! does not wait for the device's earlier work, where switched on).
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -294,7 +296,7 @@ impl Iterator for EpochIter {
         let (c, h, w) = self.shape;
         let b = prepared.indices.len();
         let host_labels = prepared.labels;
-        let batch = Tensor::from_vec(prepared.pixels, (b, c, h, w), &self.device)
+        let batch = crate::upload::tensor(prepared.pixels, (b, c, h, w), &self.device)
             .and_then(|images| {
                 Tensor::new(host_labels.as_slice(), &self.device).map(|labels| (images, labels))
             })

@@ -63,8 +63,8 @@ pub use sgd::sgd_kernels_ptx;
 pub use sgd::{DecayScope, Sgd, SgdConfig};
 pub use threshold::{ConfidenceThreshold, Decision, CONFIDENCE_THRESHOLD_KEY};
 pub use trainer::{
-    method_rng, read_history, EpochRecord, Progress, TrainOutcome, Trainer, CHECKPOINT_FILE,
-    HISTORY_FILE, MODEL_FILE,
+    method_rng, read_history, train_step, EpochRecord, Progress, StepRead, StepSums, TrainOutcome,
+    Trainer, CHECKPOINT_FILE, HISTORY_FILE, MODEL_FILE,
 };
 
 /// What a test returns, so that `?` works on every error.

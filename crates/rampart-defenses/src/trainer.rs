@@ -332,10 +332,8 @@ impl Trainer {
             let started = Instant::now();
             bars.start_epoch(epoch, batches);
             let (mut loss_sum, mut correct, mut seen, mut lr) = (0.0f64, 0usize, 0usize, 0.0);
-            // (loss sum, correct count) of the steps since the last read, on the device,
-            // and their training attacks' checks left there.
-            let mut pending: Option<Tensor> = None;
-            let mut faults: Option<rampart_attacks::Faults> = None;
+            // What the steps since the last read left on the device.
+            let mut sums = StepSums::default();
             let mut window_start = 0;
             for (i, batch) in loader.epoch(epoch).enumerate() {
                 let batch = batch?;
@@ -349,29 +347,15 @@ impl Trainer {
                 if let Some(group) = group {
                     train_batch = train_batch.across(group);
                 }
-                let out = method.loss(&mut train_batch)?;
-                let stats = Tensor::stack(
-                    &[
-                        out.loss.detach().to_dtype(DType::F64)?,
-                        correct_of(&out.logits, &out.labels)?,
-                    ],
-                    0,
+                let workers_vars = group.map(|g| (g, trainable.as_slice()));
+                let examples = train_step(
+                    method,
+                    &mut train_batch,
+                    &mut sgd,
+                    lr,
+                    workers_vars,
+                    &mut sums,
                 )?;
-                pending = Some(match pending.take() {
-                    Some(p) => (p + stats)?,
-                    None => stats,
-                });
-                if let Some(f) = &out.faults {
-                    faults = Some(match faults.take() {
-                        Some(all) => all.merge(f)?,
-                        None => f.clone(),
-                    });
-                }
-                let mut grads = out.loss.backward()?;
-                if let Some(group) = group {
-                    parallel::average_gradients(group, &trainable, &mut grads)?;
-                }
-                sgd.step(&grads, lr)?;
                 if let Some(ema) = &ema {
                     ema.update(model)?;
                 }
@@ -382,24 +366,18 @@ impl Trainer {
                         checkpoint: ckpt_path.is_file().then(|| ckpt_path.clone()),
                     });
                 }
-                seen += out.labels.dim(0)?;
+                seen += examples;
                 bars.step();
                 if (i + 1) % sync_every != 0 && i + 1 != batches {
                     continue;
                 }
                 // The one wait for the device in `sync_every` steps.
-                let (read, checks) = match (pending.take(), faults.take()) {
-                    (Some(p), Some(f)) => {
-                        let read = Tensor::cat(&[&p, f.tensor()], 0)?.to_vec1::<f64>()?;
-                        (read, true)
-                    }
-                    (Some(p), None) => (p.to_vec1::<f64>()?, false),
-                    (None, _) => (vec![0.0, 0.0], false),
-                };
+                let read = sums.read()?;
                 // The attacks' checks first: a bad batch explains a bad loss.
-                if let Some(source) = checks
-                    .then(|| rampart_attacks::Faults::error(&read[2..]))
-                    .flatten()
+                if let Some(source) = read
+                    .checks
+                    .as_deref()
+                    .and_then(rampart_attacks::Faults::error)
                 {
                     return Err(DefenseError::AttackChecks {
                         epoch: epoch + 1,
@@ -408,17 +386,17 @@ impl Trainer {
                         source,
                     });
                 }
-                if !read[0].is_finite() {
+                if !read.loss_sum.is_finite() {
                     return Err(DefenseError::Diverged {
                         epoch: epoch + 1,
                         batch: i + 1,
                         first_batch: window_start + 1,
-                        value: read[0] as f32,
+                        value: read.loss_sum as f32,
                         checkpoint: ckpt_path.is_file().then(|| ckpt_path.clone()),
                     });
                 }
-                loss_sum += read[0];
-                correct += read[1] as usize;
+                loss_sum += read.loss_sum;
+                correct += read.correct as usize;
                 window_start = i + 1;
                 let rate = (batch.indices.len() * workers) as f64 * (i + 1) as f64
                     / started.elapsed().as_secs_f64();
@@ -516,6 +494,82 @@ impl Trainer {
             model_path,
         })
     }
+}
+
+/// What a run's training steps leave on the device between two reads: the sum of
+/// their (loss, correct count) pairs and their training attacks' merged checks.
+#[derive(Debug, Default)]
+pub struct StepSums {
+    sums: Option<Tensor>,
+    faults: Option<rampart_attacks::Faults>,
+}
+
+/// [`StepSums`] read back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRead {
+    /// The sum of the steps' mean batch losses.
+    pub loss_sum: f64,
+    /// Examples the steps' models classified correctly.
+    pub correct: f64,
+    /// The training attacks' checks ([`rampart_attacks::Faults::error`] names a
+    /// fault), where a step's attack left them on the device.
+    pub checks: Option<Vec<f64>>,
+}
+
+impl StepSums {
+    /// Reads the sums and clears them: one wait for the device (zeros after no step).
+    pub fn read(&mut self) -> Result<StepRead> {
+        let (values, checks) = match (self.sums.take(), self.faults.take()) {
+            (Some(p), Some(f)) => (Tensor::cat(&[&p, f.tensor()], 0)?.to_vec1::<f64>()?, true),
+            (Some(p), None) => (p.to_vec1::<f64>()?, false),
+            (None, _) => (vec![0.0, 0.0], false),
+        };
+        Ok(StepRead {
+            loss_sum: values[0],
+            correct: values[1],
+            checks: checks.then(|| values[2..].to_vec()),
+        })
+    }
+}
+
+/// One training step as [`Trainer::run`] takes it (and `rampart bench`'s method steps
+/// time it): the method's loss on `batch`; its loss and correct count added into
+/// `sums` on the device, with its training attack's checks; the gradients, averaged
+/// over the data-parallel workers of `workers` (the collective and the trainable
+/// variables); one SGD step at `lr`. Nothing is read from the device. Returns the
+/// number of examples the method trained on.
+pub fn train_step(
+    method: &dyn TrainingMethod,
+    batch: &mut TrainBatch<'_>,
+    sgd: &mut Sgd,
+    lr: f64,
+    workers: Option<(&dyn Collective, &[(String, candle_core::Var)])>,
+    sums: &mut StepSums,
+) -> Result<usize> {
+    let out = method.loss(batch)?;
+    let stats = Tensor::stack(
+        &[
+            out.loss.detach().to_dtype(DType::F64)?,
+            correct_of(&out.logits, &out.labels)?,
+        ],
+        0,
+    )?;
+    sums.sums = Some(match sums.sums.take() {
+        Some(p) => (p + stats)?,
+        None => stats,
+    });
+    if let Some(f) = &out.faults {
+        sums.faults = Some(match sums.faults.take() {
+            Some(all) => all.merge(f)?,
+            None => f.clone(),
+        });
+    }
+    let mut grads = out.loss.backward()?;
+    if let Some((group, vars)) = workers {
+        parallel::average_gradients(group, vars, &mut grads)?;
+    }
+    sgd.step(&grads, lr)?;
+    Ok(out.labels.dim(0)?)
 }
 
 /// Refuses data whose images or labels the model cannot take.

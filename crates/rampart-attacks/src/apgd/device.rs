@@ -133,8 +133,8 @@ pub(super) fn run(
     for &i in r.idx {
         x.extend_from_slice(batch.row(i));
     }
-    let x = Tensor::from_vec(x, m * d, dev)?;
-    let delta = Tensor::from_vec(delta, m * d, dev)?;
+    let x = crate::engine::upload(x, m * d, dev)?;
+    let delta = crate::engine::upload(delta, m * d, dev)?;
     let start = exec.start_linf(&x, Some(&delta), f64::INFINITY, batch.bounds)?;
     // The run's examples in order of first appearance, and each one's rows in order.
     let mut examples: Vec<usize> = Vec::new();

@@ -475,8 +475,8 @@ pub(super) fn run(exec: Executor, r: &Run<'_>, rows: &Rows, record: &mut Record)
     }
     let labels: Vec<u32> = active.iter().map(|&i| batch.ys[i]).collect();
     let mut s = State::new(
-        Tensor::from_vec(x, m * d, dev)?,
-        Tensor::from_vec(start, m * d, dev)?,
+        super::upload(x, m * d, dev)?,
+        super::upload(start, m * d, dev)?,
         Tensor::from_vec(labels, m, dev)?,
         r.mask.map(|v| Tensor::from_slice(v, d, dev)).transpose()?,
         k,

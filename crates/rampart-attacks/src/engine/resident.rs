@@ -317,7 +317,7 @@ fn attack(
                         let mut rng = example_rng(seed, restart as u64, i as u64);
                         pgd.norm.sample(init, eps, width, &mut rng, out);
                     });
-                Some(Tensor::from_vec(delta, b * d, dev)?)
+                Some(super::upload(delta, b * d, dev)?)
             }
         };
         let start = exec.start_linf(&x, delta.as_ref(), eps, bounds)?;

@@ -97,7 +97,8 @@ pub const CUDA_GRAPHS_ENV: &str = "RAMPART_CUDA_GRAPHS";
 
 /// The environment switches of the GPU paths (the fused eval and train programs,
 /// PGD's device-resident loop and its CUDA graphs, cudarc's per-buffer events,
-/// cuDNN's measured algorithms), which a run on a GPU records in its `config.json`.
+/// cuDNN's measured algorithms), which a run on a GPU records in its `config.json`
+/// (with rampart-data's staged uploads, `RAMPART_CUDA_PINNED_UPLOADS`).
 pub const GPU_SWITCHES: [&str; 6] = [
     device_eval::ENABLE_ENV,
     device_train::ENABLE_ENV,
