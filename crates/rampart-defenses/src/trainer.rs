@@ -532,6 +532,10 @@ impl StepSums {
     }
 }
 
+/// The data-parallel workers of a step and the trainable variables whose gradients
+/// they average.
+pub type Workers<'a> = (&'a dyn Collective, &'a [(String, candle_core::Var)]);
+
 /// One training step as [`Trainer::run`] takes it (and `rampart bench`'s method steps
 /// time it): the method's loss on `batch`; its loss and correct count added into
 /// `sums` on the device, with its training attack's checks; the gradients, averaged
@@ -543,7 +547,7 @@ pub fn train_step(
     batch: &mut TrainBatch<'_>,
     sgd: &mut Sgd,
     lr: f64,
-    workers: Option<(&dyn Collective, &[(String, candle_core::Var)])>,
+    workers: Option<Workers<'_>>,
     sums: &mut StepSums,
 ) -> Result<usize> {
     let out = method.loss(batch)?;
