@@ -59,6 +59,9 @@ ARCHS=${ARCHS:-"wrn-16-4 preact-resnet18 wrn-28-10"}
 DEVICES=${DEVICES:-"cuda cuda+tf32 cuda+bf16"}
 BATCHES=${BATCHES:-"128 512"}
 REPS=${REPS:-20}
+# The steps of the comparison with PyTorch: the three of the table, and fast
+# AT's whole training step (the fast-AT preset's step, attack included).
+COMPARED_STEPS=${COMPARED_STEPS:-forward,pgd-step,train-step,fast-at-step}
 ROUNDS=${ROUNDS:-2}
 EPOCH_DEVICE=${EPOCH_DEVICE:-cuda+tf32}
 # Epochs of each fast-AT run (the last is the steady state; the first also compiles
@@ -145,11 +148,11 @@ for arch in $ARCHS; do
         mark() { printf '{"run": {"framework": "%s", "arch": "%s", "batch_size": %s, "device": "%s", "round": %s, "switches": "%s"}}\n' "$1" "$arch" "$batch" "$dev" "$round" "$2" >> "$OUT/bench.jsonl"; }
         mark rampart "$switches"
         step "rampart-bench $arch $batch $dev round $round" 120 \
-          env $switches "$RAMPART" bench "${common[@]}" --steps forward,pgd-step,train-step --json \
+          env $switches "$RAMPART" bench "${common[@]}" --steps "$COMPARED_STEPS" --json \
           >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log"
         mark pytorch ""
         step "pytorch-bench $arch $batch $dev round $round" 120 \
-          "$PYTHON" "$HERE/pytorch_bench.py" "${common[@]}" \
+          "$PYTHON" "$HERE/pytorch_bench.py" "${common[@]}" --steps "$COMPARED_STEPS" \
           >> "$OUT/bench.jsonl" 2>> "$OUT/bench.log"
       done
     done

@@ -9,8 +9,9 @@ gives the seeds' variants of the WRN: `student` (after every BatchNorm, noise
 running estimate in evaluation, α = 0.1 learnable) and `oat` (dual BatchNorm routed
 per example by λ = 0 / λ > 0, FiLM from a 128-d λ code through a 2C-2C MLP;
 evaluated at λ = 1, trained on a batch cycling through the six published λ values).
-Same batch, same three steps, same timing rule (warm-up, then the median of the
-timed repetitions). Prints one JSON object per line with the fields of `rampart
+Same batch, same steps (forward, pgd-step, train-step, and the methods' whole
+training steps fast-at-step and pgd-at-step), same timing rule (warm-up, then the
+median of the timed repetitions). Prints one JSON object per line with the fields of `rampart
 bench --json` plus "framework": "pytorch". Optional tooling: Rampart itself never
 needs Python.
 """
@@ -265,8 +266,45 @@ def main():
         loss.backward()
         opt.step()
 
-    fns = {"forward": forward, "pgd-step": pgd_step, "train-step": train_step}
+    # The methods' whole training steps, as `rampart bench --steps fast-at-step,pgd-at-step`
+    # takes them from its presets: the attack in eval mode on the frozen network from a
+    # uniform start in the ε-ball (through the box), the last iterate; then the training
+    # pass on it, SGD with momentum 0.9 (no Nesterov), weight decay 5e-4.
+    method_opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def adversarial_step(eps, alpha, steps):
+        model.eval()
+        for q in model.parameters():
+            q.requires_grad_(False)
+        xa = (x + (torch.rand_like(x) * 2 - 1) * eps).clamp(0, 1)
+        for _ in range(steps):
+            xa.requires_grad_(True)
+            with autocast():
+                loss = F.cross_entropy(model(xa), y, reduction="sum")
+            g, = torch.autograd.grad(loss, xa)
+            xa = torch.min(torch.max(xa.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+        for q in model.parameters():
+            q.requires_grad_(True)
+        model.train()
+        method_opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(model(xa), y)
+        loss.backward()
+        method_opt.step()
+
+    def fast_at_step():
+        # Wong et al.: FGSM with step 10/255 at ε = 8/255.
+        adversarial_step(8 / 255, 10 / 255, 1)
+
+    def pgd_at_step():
+        # PGD-10 with step 0.007 at ε = 0.03 (the `at-wrn28-10` preset).
+        adversarial_step(0.03, 0.007, 10)
+
+    fns = {"forward": forward, "pgd-step": pgd_step, "train-step": train_step,
+           "fast-at-step": fast_at_step, "pgd-at-step": pgd_at_step}
     for step in args.steps.split(","):
+        if step in ("fast-at-step", "pgd-at-step") and oat:
+            raise SystemExit(f"{step} times plain and student models (as `rampart bench`)")
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         s, host_share = median_seconds(fns[step], args.reps, args.warmup, sync, dev.type == "cuda")

@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: throughput of forward, attack step and training step.
+//! `cargo xtask bench`: throughput of forward, attack step and training step (and,
+//! with `--methods`, of fast AT's and PGD-10 AT's whole training steps).
 //!
 //! Builds `rampart` (with `--features cudnn` when `--device cuda…`), runs
 //! `rampart bench --json` and prints its table and JSON lines. With
@@ -38,6 +39,11 @@ pub struct BenchArgs {
     /// evaluation's PGD-20, and APGD-CE in L∞ and L2 (image·steps/s).
     #[arg(long)]
     attacks: bool,
+    /// Also time the methods' whole training steps, fast AT's and PGD-10 AT's, with
+    /// their presets' settings (`rampart bench --steps fast-at-step,pgd-at-step`; in
+    /// PyTorch too with --compare-pytorch).
+    #[arg(long)]
+    methods: bool,
     /// Also time the identical network in PyTorch (on the same device) and print the ratios.
     #[arg(long)]
     compare_pytorch: bool,
@@ -85,15 +91,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "--reps".into(),
         args.reps.to_string(),
     ];
-    let steps = if args.attacks {
-        "forward,pgd-step,train-step,attack-linf,attack-l2,attack-l1,attack-l0,pgd20,apgd-linf,apgd-l2"
-    } else {
-        "forward,pgd-step,train-step"
-    };
+    let mut steps = String::from("forward,pgd-step,train-step");
+    if args.attacks {
+        steps += ",attack-linf,attack-l2,attack-l1,attack-l0,pgd20,apgd-linf,apgd-l2";
+    }
+    // The steps PyTorch also times.
+    let mut compared = vec!["forward", "pgd-step", "train-step"];
+    if args.methods {
+        steps += ",fast-at-step,pgd-at-step";
+        compared.extend(["fast-at-step", "pgd-at-step"]);
+    }
     let out = Command::new(&bin)
         .arg("bench")
         .args(&common)
-        .args(["--steps", steps])
+        .args(["--steps", &steps])
         .args(["--device", &args.device, "--json"])
         .output()
         .with_context(|| format!("cannot run {}", bin.display()))?;
@@ -112,6 +123,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let torch = Command::new(&args.python)
         .arg(&script)
         .args(&common)
+        .args(["--steps", &compared.join(",")])
         .args(["--device", &args.device])
         .output()
         .with_context(|| format!("cannot run {} (set --python)", args.python))?;
@@ -128,7 +140,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "\n| step | rampart images/s | pytorch images/s | ratio (rampart ÷ pytorch) | rampart peak MiB | pytorch peak MiB |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
-    for step in ["forward", "pgd-step", "train-step"] {
+    for step in compared {
         if let (Some(a), Some(b)) = (
             images_per_second(&ours, step),
             images_per_second(&theirs, step),

@@ -105,10 +105,12 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
     // the comparison takes the device-resident loop, its graphs and staged uploads,
     // not the fused programs.
     let bench = read("bench.md");
-    assert!(
-        bench.contains("| wrn-10-1 | 8 | cpu | forward |"),
-        "{bench}"
-    );
+    for step in ["forward", "train-step", "fast-at-step"] {
+        assert!(
+            bench.contains(&format!("| wrn-10-1 | 8 | cpu | {step} |")),
+            "{step}:\n{bench}"
+        );
+    }
     assert!(
         bench.contains(
             "took: RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_GRAPHS=1 \
