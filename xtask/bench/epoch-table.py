@@ -64,24 +64,27 @@ def main(argv):
         for r in history(out, folder):
             steps = round(r["images_per_second"] * r["epoch_seconds"] / batch)
             expected = steps * step
+            wait = r.get("data_wait_seconds")
             rows.append(
                 f"| {folder} | {device} | {switches or 'default'} | {path or '-'} | "
                 f"{r['epoch']} | {r['epoch_seconds']:.2f} | {steps} | {step * 1000:.2f} | "
-                f"{expected:.2f} | **{r['epoch_seconds'] / expected:.3f}** |"
+                f"{expected:.2f} | **{r['epoch_seconds'] / expected:.3f}** | "
+                f"{'-' if wait is None else f'{wait:.2f}'} |"
             )
     if not rows:
         print("No fast-AT epoch with a measured step time (no data folder, or the runs failed).")
         return
     print("| run | device | switches | step's path | epoch | epoch s | steps | "
-          "step ms (bench) | steps × step s | epoch ÷ (steps × step) |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "step ms (bench) | steps × step s | epoch ÷ (steps × step) | loader wait s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(row)
     print("\nepoch ÷ (steps × step): the epoch's wall time (history.jsonl, training steps "
           "only) over its steps × the median step time of `rampart bench --steps "
           "fast-at-step` with the same device and switches; 1 means no time outside the "
           "steps, the target is at most 1.10. The first epoch also compiles kernels and "
-          "chooses cuDNN's plans.")
+          "chooses cuDNN's plans. Loader wait: of the epoch's time, how long the loop "
+          "waited for the loader's next batch (history.jsonl's data_wait_seconds).")
 
 
 if __name__ == "__main__":

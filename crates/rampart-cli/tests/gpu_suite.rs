@@ -174,8 +174,14 @@ fn the_epoch_table_compares_each_epoch_with_its_steps() -> TestResult {
             .iter()
             .enumerate()
             .map(|(i, s)| {
+                // The default run's second epoch has its loader's waits recorded.
+                let wait = if run == "fast-at-epoch" && i == 1 {
+                    r#", "data_wait_seconds": 0.4"#
+                } else {
+                    ""
+                };
                 format!(
-                    r#"{{"epoch": {}, "epoch_seconds": {s}, "images_per_second": {}}}"#,
+                    r#"{{"epoch": {}, "epoch_seconds": {s}, "images_per_second": {}{wait}}}"#,
                     i + 1,
                     390.0 * 128.0 / s
                 )
@@ -202,9 +208,9 @@ fn the_epoch_table_compares_each_epoch_with_its_steps() -> TestResult {
         String::from_utf8_lossy(&run.stderr)
     );
     for row in [
-        "| fast-at-epoch | cuda+tf32 | default | layers+host | 1 | 40.00 | 390 | 50.00 | 19.50 | **2.051** |",
-        "| fast-at-epoch | cuda+tf32 | default | layers+host | 2 | 22.00 | 390 | 50.00 | 19.50 | **1.128** |",
-        "| fast-at-epoch-fused | cuda+tf32 | RAMPART_CUDA_FUSED_TRAIN=1 | fused+device | 2 | 10.00 | 390 | 25.00 | 9.75 | **1.026** |",
+        "| fast-at-epoch | cuda+tf32 | default | layers+host | 1 | 40.00 | 390 | 50.00 | 19.50 | **2.051** | - |",
+        "| fast-at-epoch | cuda+tf32 | default | layers+host | 2 | 22.00 | 390 | 50.00 | 19.50 | **1.128** | 0.40 |",
+        "| fast-at-epoch-fused | cuda+tf32 | RAMPART_CUDA_FUSED_TRAIN=1 | fused+device | 2 | 10.00 | 390 | 25.00 | 9.75 | **1.026** | - |",
     ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }

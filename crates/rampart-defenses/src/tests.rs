@@ -156,6 +156,16 @@ fn training_lowers_the_loss_and_writes_its_files() -> TestResult {
     assert!(h
         .windows(2)
         .all(|w| w[1].elapsed_seconds > w[0].elapsed_seconds));
+    // The loader's waits are part of each epoch's time.
+    for r in h {
+        let waited = r.data_wait_seconds.unwrap_or(-1.0);
+        assert!((0.0..=r.epoch_seconds).contains(&waited), "{r:?}");
+    }
+    // A history written before the waits were recorded still reads.
+    let mut old = serde_json::to_value(&h[0])?;
+    old.as_object_mut().map(|o| o.remove("data_wait_seconds"));
+    let old: EpochRecord = serde_json::from_value(old)?;
+    assert_eq!(old.data_wait_seconds, None);
     // The cosine schedule ends at 0 on the last iteration.
     assert!(h[3].lr.abs() < 1e-12);
 

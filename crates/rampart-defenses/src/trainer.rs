@@ -54,6 +54,11 @@ pub struct EpochRecord {
     pub test_examples: usize,
     /// Wall time of the epoch's training steps.
     pub epoch_seconds: f64,
+    /// Of that, the time the loop waited for the loader's next batch (its first batch
+    /// included): what the input pipeline cost the epoch beyond overlapping with the
+    /// steps. Absent in histories written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_wait_seconds: Option<f64>,
     /// Wall time of the evaluation after the epoch.
     pub eval_seconds: f64,
     /// Training examples per second.
@@ -335,7 +340,16 @@ impl Trainer {
             // What the steps since the last read left on the device.
             let mut sums = StepSums::default();
             let mut window_start = 0;
-            for (i, batch) in loader.epoch(epoch).enumerate() {
+            // The time spent waiting for the loader's batches.
+            let waited = std::cell::Cell::new(0.0f64);
+            let mut epoch_batches = loader.epoch(epoch);
+            let timed_batches = std::iter::from_fn(|| {
+                let asked = Instant::now();
+                let next = epoch_batches.next();
+                waited.set(waited.get() + asked.elapsed().as_secs_f64());
+                next
+            });
+            for (i, batch) in timed_batches.enumerate() {
                 let batch = batch?;
                 lr = schedule.lr(progress(epoch, i, batches));
                 if let Some(group) = group {
@@ -447,6 +461,7 @@ impl Trainer {
                 test_accuracy,
                 test_examples: eval.len(),
                 epoch_seconds,
+                data_wait_seconds: Some(waited.get()),
                 eval_seconds,
                 images_per_second: (batches * cfg.batch_size) as f64 / epoch_seconds,
                 elapsed_seconds: previous + epoch_seconds + eval_seconds,
