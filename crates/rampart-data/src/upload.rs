@@ -230,6 +230,14 @@ mod cuda {
         done: CudaEvent,
     }
 
+    impl<T> Drop for Pinned<T> {
+        fn drop(&mut self) {
+            // Freed only after its last copy has read it (cudarc's own drop waits on
+            // an event it never recorded here).
+            let _ = self.done.synchronize();
+        }
+    }
+
     /// Copies on one device's stream.
     pub(crate) struct Stream<T> {
         dev: CudaDevice,
