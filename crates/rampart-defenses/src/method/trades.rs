@@ -103,7 +103,10 @@ impl Trades {
             candle_nn::ops::log_softmax(&frozen.forward_t(&x, false)?, D::Minus1)?.detach();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let noise = gaussian(&mut rng, x.elem_count());
-        let noise = Tensor::from_vec(noise, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        // Staged through page-locked memory on a GPU where switched on (no wait for the
+        // previous step at the copy).
+        let noise =
+            rampart_data::upload::tensor(noise, x.dims(), x.device())?.to_dtype(x.dtype())?;
         let mut adv = project(&(&x + (noise * self.init_std)?)?)?;
         for _ in 0..self.steps {
             let var = Var::from_tensor(&adv)?;
