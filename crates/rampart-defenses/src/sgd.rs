@@ -108,6 +108,9 @@ pub struct Sgd {
     /// Whether the fused kernels run on the parameters' device; checked at the first
     /// step (on a GPU: their NVRTC compilation and loading).
     fused: Option<bool>,
+    /// The last multi-tensor update's table on the GPU.
+    #[cfg(feature = "cuda")]
+    table: cuda::TableCache,
 }
 
 impl std::fmt::Debug for Sgd {
@@ -149,6 +152,8 @@ impl Sgd {
             params,
             config,
             fused: None,
+            #[cfg(feature = "cuda")]
+            table: None,
         })
     }
 
@@ -218,6 +223,7 @@ impl Sgd {
                 })
                 .collect();
             cuda::launch_multi(
+                &mut self.table,
                 &entries,
                 config.momentum as f32,
                 config.weight_decay as f32,

@@ -248,6 +248,71 @@ extern "C" __global__ void atk_start_linf(float* cand, const float* x, const dou
     cand[i] = stored_toward(xc, v, lo, hi);
 }
 
+// rand_chacha 0.3's ChaCha8Rng, seeded as rand_core 0.6's `seed_from_u64` seeds it:
+// PCG32 steps from `state` give the eight key words (each output rotated right by the
+// state's top five bits).
+__device__ __forceinline__ void chacha8_key(unsigned long long state, unsigned int key[8]) {
+    for (int k = 0; k < 8; k++) {
+        state = state * 6364136223846793005ull + 11634580027462260723ull;
+        unsigned int xorshifted = (unsigned int)(((state >> 18) ^ state) >> 27);
+        unsigned int rot = (unsigned int)(state >> 59);
+        key[k] = (xorshifted >> rot) | (xorshifted << ((32u - rot) & 31u));
+    }
+}
+
+__device__ __forceinline__ unsigned int rotl32(unsigned int v, int r) {
+    return (v << r) | (v >> (32 - r));
+}
+
+#define CHACHA_QR(a, b, c, d)                 \
+    x[a] += x[b]; x[d] = rotl32(x[d] ^ x[a], 16); \
+    x[c] += x[d]; x[b] = rotl32(x[b] ^ x[c], 12); \
+    x[a] += x[b]; x[d] = rotl32(x[d] ^ x[a], 8);  \
+    x[c] += x[d]; x[b] = rotl32(x[b] ^ x[c], 7);
+
+// Block `counter` of the ChaCha8 stream `nonce` under `key`: 16 words, the 64-bit
+// block counter in words 12-13 and the stream in words 14-15 (low word first).
+__device__ void chacha8_block(const unsigned int key[8], unsigned long long counter,
+                              unsigned long long nonce, unsigned int out[16]) {
+    unsigned int s[16] = {0x61707865u, 0x3320646eu, 0x79622d32u, 0x6b206574u,
+                          key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+                          (unsigned int)counter, (unsigned int)(counter >> 32),
+                          (unsigned int)nonce, (unsigned int)(nonce >> 32)};
+    unsigned int x[16];
+    for (int k = 0; k < 16; k++) x[k] = s[k];
+    for (int r = 0; r < 4; r++) {
+        CHACHA_QR(0, 4, 8, 12) CHACHA_QR(1, 5, 9, 13) CHACHA_QR(2, 6, 10, 14) CHACHA_QR(3, 7, 11, 15)
+        CHACHA_QR(0, 5, 10, 15) CHACHA_QR(1, 6, 11, 12) CHACHA_QR(2, 7, 8, 13) CHACHA_QR(3, 4, 9, 14)
+    }
+    for (int k = 0; k < 16; k++) out[k] = x[k] + s[k];
+}
+
+// The L-inf uniform starts' perturbations drawn on the device, the values the host
+// draws (`Norm::sample` with `Init::Uniform` on `example_rng`): row i (of `rows`, D
+// values each) is ChaCha8 seeded with `seed_from_u64(seed)` on stream i, its value j
+// eps * (v * scale + low), v from the stream's u64 draw j (words 2j and 2j + 1, low
+// first) as rand's `gen_range(-1.0..=1.0)` makes it: the top 52 bits as a float in
+// [1, 2), minus 1. One thread per block of 16 words (8 values).
+extern "C" __global__ void atk_draw_linf(double* delta, unsigned long long seed,
+                                         unsigned int rows, unsigned int d, double eps,
+                                         double scale, double low) {
+    unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned long long per_row = (d + 7ull) / 8ull;
+    if (t >= (unsigned long long)rows * per_row) return;
+    unsigned long long i = t / per_row, blk = t % per_row;
+    unsigned int key[8], words[16];
+    chacha8_key(seed, key);
+    chacha8_block(key, blk, i, words);
+    for (int k = 0; k < 8; k++) {
+        unsigned long long j = blk * 8ull + k;
+        if (j >= d) break;
+        unsigned long long bits = ((unsigned long long)words[2 * k + 1] << 32) | words[2 * k];
+        double v = __longlong_as_double((long long)((bits >> 12) | 0x3FF0000000000000ull));
+        double u = __dadd_rn(__dmul_rn(__dsub_rn(v, 1.0), scale), low);
+        delta[i * d + j] = __dmul_rn(eps, u);
+    }
+}
+
 // One block per row: a run's result offered to the row's record. The run's best point
 // (success and objective from its rows) replaces the record when it is a success and
 // the record is not, or both agree and its objective is strictly higher; with `take`

@@ -104,6 +104,9 @@ pub(crate) fn run(l: &Launch<'_>) -> Result<()> {
                 Val::I32(x) => {
                     b.arg(x);
                 }
+                Val::U64(x) => {
+                    b.arg(x);
+                }
                 Val::F32(x) => {
                     b.arg(x);
                 }

@@ -22,6 +22,7 @@ pub(crate) enum Val<'a> {
     Null,
     U32(u32),
     I32(i32),
+    U64(u64),
     F32(f32),
     F64(f64),
 }
@@ -173,6 +174,7 @@ pub(crate) mod emulated {
                 Val::Null => Arg::Null,
                 Val::U32(x) => Arg::U32(x),
                 Val::I32(x) => Arg::I32(x),
+                Val::U64(x) => Arg::U64(x),
                 Val::F32(x) => Arg::F32(x),
                 Val::F64(x) => Arg::F64(x),
             });

@@ -10,10 +10,11 @@
 //!
 //! - the checks run on the device (`atk_check`: NaN or out-of-bounds inputs, labels
 //!   of K or more) into a per-example verdict, read with the result;
-//! - the random starts' perturbations are drawn on the host's threads from the same
-//!   streams as the host path (they need no input) and uploaded; the start itself,
-//!   x + δ through the box, the ε-ball and the box, rounded towards x, is made on the
-//!   device (`atk_start_linf`);
+//! - the random starts' perturbations are drawn on the device (`atk_draw_linf`: the
+//!   host path's ChaCha8 streams, one per example, and its uniform draws, bit for bit;
+//!   the kernels' twins draw them on the host's threads); the start itself, x + δ
+//!   through the box, the ε-ball and the box, rounded towards x, is made on the device
+//!   too (`atk_start_linf`): nothing is copied to the device for a start;
 //! - each restart's result is offered to a record on the device (`atk_offer`, the
 //!   record's rule: a success beats a non-success, then a strictly higher objective,
 //!   ties keep the earlier point; a last iterate replaces it), and the L∞ distances
@@ -305,6 +306,10 @@ fn attack(
         let init = pgd.restarts.init(restart);
         let delta = match init {
             Init::Zero => None,
+            // The same draws made on the device by its kernel: no host work, no copy.
+            Init::Uniform if exec != Executor::Twin => {
+                Some(exec.draw_linf((b, d), seed.wrapping_add(restart as u64), eps, dev)?)
+            }
             _ => {
                 // The host path's draws: example i on stream i of ChaCha8 seeded with
                 // seed + restart (one pass per restart, every example a row).
@@ -373,6 +378,37 @@ impl Executor {
             let m = labels.elem_count();
             self.launch(&Launch::per_row("atk_check", what, m, args)?)
         }
+    }
+
+    /// `atk_draw_linf`: the perturbations of L∞ uniform starts of `rows` rows of `d`
+    /// values drawn on the device, those the host draws for restart r with
+    /// `example_rng(seed, r, i)` when `run_seed` is seed + r (`Norm::sample`, `Init::Uniform`),
+    /// bit for bit: ChaCha8 on the GPU's threads, eight values per thread.
+    pub(super) fn draw_linf(
+        self,
+        (rows, d): (usize, usize),
+        run_seed: u64,
+        eps: f64,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let what = "PGD on the device: random starts";
+        let delta = Tensor::zeros(rows * d, DType::F64, dev)?;
+        let (low, scale) = unit_uniform();
+        let threads = rows
+            .checked_mul(d.div_ceil(8))
+            .ok_or_else(|| Error::Input(format!("{what}: too many values")))?;
+        // Thread t draws values 8·(t mod ⌈D/8⌉)… of row ⌊t / ⌈D/8⌉⌋.
+        let args = vec![
+            Val::T(&delta),
+            Val::U64(run_seed),
+            Val::U32(count(rows, what)?),
+            Val::U32(count(d, what)?),
+            Val::F64(eps),
+            Val::F64(scale),
+            Val::F64(low),
+        ];
+        self.launch(&Launch::elementwise("atk_draw_linf", what, threads, args)?)?;
+        Ok(delta)
     }
 
     /// `atk_start_linf`: the starts x + δ (δ = 0 where `delta` is `None`).
@@ -563,4 +599,18 @@ pub(crate) mod twin {
             v
         }
     }
+}
+
+/// The `low` and `scale` of rand 0.8's `Uniform::new_inclusive(-1.0, 1.0)` for f64,
+/// computed as it computes them: a draw is `(v − 1)·scale + low` for v in [1, 2) from
+/// the top 52 bits of a u64, and `scale` is the largest with `(1 − 2⁻⁵²)·scale + low ≤ 1`.
+/// (`atk_draw_linf` makes `rng.gen_range(-1.0..=1.0)` from them.)
+pub(crate) fn unit_uniform() -> (f64, f64) {
+    let (low, high) = (-1.0f64, 1.0f64);
+    let max_rand = f64::from_bits((u64::MAX >> 12) | 0x3FF0_0000_0000_0000) - 1.0;
+    let mut scale = (high - low) / max_rand;
+    while scale * max_rand + low > high {
+        scale = f64::from_bits(scale.to_bits() - 1);
+    }
+    (low, scale)
 }

@@ -635,3 +635,56 @@ fn resident_kernels_run_on_the_cpu_equal_their_twins() {
     let out = s.run();
     crate::testutil::assert_emulated(&out, &expected_f32, &expected_f64);
 }
+
+/// The L∞ uniform starts drawn by `atk_draw_linf` (run on the CPU) are the host's
+/// draws bit for bit: row i of restart r is `Norm::sample(Init::Uniform)` on
+/// `example_rng(seed, r, i)`, for rows of 1 to 3072 values (a block of eight values
+/// cut short, several blocks, a CIFAR-10 image), seeds whose sum with r wraps, and
+/// radii of 8/255 and 1.
+#[test]
+fn starts_drawn_on_the_device_are_the_hosts_draws() -> Result<()> {
+    use super::device::Executor;
+    use crate::batch::example_rng;
+    let dev = Device::Cpu;
+    for (rows, d) in [(1usize, 1usize), (3, 7), (2, 8), (5, 9), (4, 61), (2, 3072)] {
+        for (seed, restart, eps) in [(0u64, 0u64, 8.0 / 255.0), (17, 3, 1.0), (u64::MAX, 2, 0.03)] {
+            let run_seed = seed.wrapping_add(restart);
+            let drawn = Executor::Emulated
+                .draw_linf((rows, d), run_seed, eps, &dev)?
+                .to_vec1::<f64>()?;
+            let mut host = vec![0f64; rows * d];
+            for (i, out) in host.chunks_mut(d).enumerate() {
+                let mut rng = example_rng(seed, restart, i as u64);
+                Norm::Linf.sample(Init::Uniform, eps, 1.0, &mut rng, out);
+            }
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&drawn),
+                bits(&host),
+                "{rows}×{d}, seed {seed}, restart {restart}, ε {eps}"
+            );
+            assert!(drawn.iter().all(|v| v.abs() <= eps));
+        }
+    }
+    Ok(())
+}
+
+/// `unit_uniform` is rand's `Uniform::new_inclusive(-1.0, 1.0)`: the draws it makes
+/// from a generator's u64s are the ones `gen_range(-1.0..=1.0)` makes, at the ends of
+/// the interval too (the u64s 0 and u64::MAX give −1 and a value ≤ 1).
+#[test]
+fn the_unit_interval_of_the_device_draws_is_rands() {
+    use rand::distributions::{Distribution, Uniform};
+    let (low, scale) = super::resident::unit_uniform();
+    let uniform = Uniform::new_inclusive(-1.0f64, 1.0);
+    let draw =
+        |bits: u64| (f64::from_bits((bits >> 12) | 0x3FF0_0000_0000_0000) - 1.0) * scale + low;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for _ in 0..1000 {
+        let mut a = rng.clone();
+        let bits = a.gen::<u64>();
+        assert_eq!(draw(bits).to_bits(), uniform.sample(&mut rng).to_bits());
+    }
+    assert_eq!(draw(0), -1.0);
+    assert!(draw(u64::MAX) <= 1.0 && draw(u64::MAX) > 1.0 - 1e-15);
+}

@@ -6,7 +6,9 @@
 //! CPU kernel's float operations exactly.
 #![allow(unsafe_code)]
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 use rampart_models::cuda::{contiguous, elementwise, f32_view, launch_error, Module};
 
@@ -73,11 +75,19 @@ pub(crate) struct Entry<'a> {
     pub decay: bool,
 }
 
+/// The table of the last multi-tensor update and its copy on the GPU: a step whose
+/// table is the same (the same gradient addresses, which the stream-ordered allocator
+/// tends to hand out again step after step) launches on it without copying it again.
+/// The kernel only reads it.
+pub(crate) type TableCache = Option<(Vec<u64>, CudaSlice<u64>)>;
+
 /// Every parameter of `entries` updated in one launch (`sgd_multi`): the factors of
 /// the step (momentum μ, weight decay λ, Nesterov, learning rate) and a table of the
-/// tensors' device addresses, copied to the GPU (one small copy). The same float
-/// operations as [`launch`]'s two kernels per parameter.
+/// tensors' device addresses (six values per parameter, `multi.rs`), copied to the
+/// GPU unless `cache` holds the same table. The same float operations as
+/// [`launch`]'s two kernels per parameter.
 pub(crate) fn launch_multi(
+    cache: &mut TableCache,
     entries: &[Entry<'_>],
     mu: f32,
     wd: f32,
@@ -131,7 +141,13 @@ pub(crate) fn launch_multi(
             Slot::Value(v) => v,
         })
         .collect();
-    let meta = dev.clone_htod(&table)?;
+    if cache.as_ref().is_none_or(|(last, _)| *last != table) {
+        let copied = dev.clone_htod(&table)?;
+        *cache = Some((table, copied));
+    }
+    let Some((_, meta)) = cache.as_ref() else {
+        candle_core::bail!("fused SGD: the multi-tensor table was not copied")
+    };
     let func = SGD.func(dev, "sgd_multi")?;
     let cfg = LaunchConfig {
         grid_dim: (
@@ -153,10 +169,11 @@ pub(crate) fn launch_multi(
         .arg(&nest)
         .arg(&lr)
         .arg(&chunk);
-    // SAFETY: the table holds 5 values per tensor then 2 per block, as the kernel
-    // reads them; each address is that of a live, contiguous f32 run of n values
-    // (checked above), and block k touches elements first..min(first + chunk, n) of
-    // its tensor only.
+    // SAFETY: the table holds 6 values per tensor, as the kernel reads them, and is
+    // this step's (copied now or equal to the cached copy); each address is that of a
+    // live, contiguous f32 run of n values (checked above), and block k touches
+    // elements (k − first)·chunk … min(that + chunk, n) of its tensor only (one block
+    // per chunk of each tensor, `multi::plan`).
     unsafe { builder.launch(cfg) }.map_err(|e| launch_error("fused SGD (multi-tensor)", e))?;
     drop(syncs);
     drop(guards);

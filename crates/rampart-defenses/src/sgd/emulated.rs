@@ -3,8 +3,9 @@
 //! the arguments in the order of `cuda.rs`'s launches: both per-parameter kernels for
 //! every kind of step (momentum or none, Nesterov or heavy ball, decayed or not), and
 //! the multi-tensor kernel on a table of three tensors, one shorter than a block and
-//! two spanning several 4,096-element blocks, decayed and not, laid out and launched
-//! by the code the CUDA launch uses (`multi.rs`).
+//! two spanning several 4,096-element blocks (one of whole blocks), decayed and not,
+//! laid out and launched by the code the CUDA launch uses (`multi.rs`), each block
+//! finding its tensor in the table.
 
 use candle_core::{Device, Tensor};
 use rampart_models::kernels::emulate::{bits, Arg, Emulator};
@@ -85,8 +86,8 @@ fn sgd_kernels_equal_the_cpu_kernels() -> TestResult {
     // The multi-tensor kernel, launched as `launch_multi` launches it: its table and
     // grid from `multi::plan`, its scalars from `multi::scalars`, the addresses of the
     // table's address slots written by the emulator.
-    let sizes = [7usize, 5000, 9000];
-    let decayed = [true, false, true];
+    let sizes = [7usize, 5000, 8192, 9000];
+    let decayed = [true, false, false, true];
     let (mu, wd, lr) = (0.9f32, 5e-4f32, 0.05f32);
     for nesterov in [false, true] {
         let mut names = Vec::new();

@@ -27,19 +27,26 @@ extern "C" __global__ void sgd_weight(float* w, const float* g, const float* b,
 }
 
 // Every parameter's update in one launch (multi-tensor): meta holds, per tensor,
-// [weights, gradient, momentum buffer (device addresses), n, decayed], then per block
-// [tensor, first element]; block k updates elements first..first + chunk of its
-// tensor. Per element the momentum kernel's then the weight kernel's float operations,
-// as sgd_momentum and sgd_weight do them.
+// [weights, gradient, momentum buffer (device addresses), n, decayed, first block];
+// block k updates elements (k - first) * chunk ... + chunk of the last tensor whose
+// first block is at most k (found by bisection; an empty tensor shares its first
+// block with the next and is passed over). Per element the momentum kernel's then
+// the weight kernel's float operations, as sgd_momentum and sgd_weight do them.
 extern "C" __global__ void sgd_multi(const unsigned long long* meta, unsigned int tensors,
                                      float mu, float wd, int nesterov, float lr,
                                      unsigned int chunk) {
-    const unsigned long long* blk = meta + 5ull * tensors + 2ull * blockIdx.x;
-    const unsigned long long* e = meta + 5ull * blk[0];
+    unsigned long long k = blockIdx.x;
+    unsigned int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        unsigned int mid = lo + (hi - lo + 1) / 2;
+        if (meta[6ull * mid + 5] <= k) lo = mid;
+        else hi = mid - 1;
+    }
+    const unsigned long long* e = meta + 6ull * lo;
     float* w = (float*)e[0];
     const float* g = (const float*)e[1];
     float* b = (float*)e[2];
-    unsigned long long n = e[3], start = blk[1];
+    unsigned long long n = e[3], start = (k - e[5]) * chunk;
     int decay = (int)e[4];
     unsigned long long end = start + chunk < n ? start + chunk : n;
     for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
