@@ -162,7 +162,7 @@ pub(crate) fn launch_multi(
     let (tensors, mu, wd, nest, lr, chunk) = multi::scalars(params, mu, wd, nesterov, lr);
     let mut builder = func.builder();
     builder
-        .arg(&meta)
+        .arg(meta)
         .arg(&tensors)
         .arg(&mu)
         .arg(&wd)

@@ -108,9 +108,8 @@ mod tests {
                     start < sizes[p],
                     "{sizes:?}: block {k} starts past parameter {p}"
                 );
-                for i in start..(start + MULTI_CHUNK).min(sizes[p]) {
-                    seen[p][i] += 1;
-                }
+                let end = (start + MULTI_CHUNK).min(sizes[p]);
+                seen[p][start..end].iter_mut().for_each(|c| *c += 1);
             }
             assert!(
                 seen.iter().flatten().all(|&c| c == 1),
