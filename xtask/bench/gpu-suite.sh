@@ -29,7 +29,8 @@
 #      PGD-20 on that model's first 1,000 test images in full f32 and in bf16
 #      (`--device cuda+bf16`), on the same images; OUT/fast-at-epoch-fused/: the same
 #      epoch on the fused GPU programs and PGD's device-resident loop (and staged
-#      uploads where test-data-cuda passed);
+#      uploads where test-data-cuda passed, the trainer's CUDA graphs where
+#      training_steps_replayed_from_cuda_graphs_equal_eager_steps passed);
 #      OUT/fast-at-epoch-bf16/: the same epochs in bf16; after each run, `rampart
 #      bench --steps fast-at-step` with its device and switches, and OUT/epoch.md:
 #      each epoch's wall time ÷ (its steps × that step time), what the input
@@ -189,10 +190,13 @@ if [ -n "$DATA" ]; then
   rm -f "$OUT"/fast-at-epoch/*.safetensors
   epoch_steps fast-at-epoch "$EPOCH_DEVICE"
   # The same epochs on the fused GPU programs (attack and training step) and PGD's
-  # device-resident loop, its batches and random starts staged through page-locked
-  # memory where that test passed.
+  # device-resident loop, its batches staged through page-locked memory where that
+  # test passed, and its full-batch steps replayed from CUDA graphs where theirs did
+  # (the step bench after it times eager steps: the ratio shows what graphs save).
   pinned=()
   passed test-data-cuda && pinned=(RAMPART_CUDA_PINNED_UPLOADS=1)
+  test_passed test-defenses-cuda training_steps_replayed_from_cuda_graphs_equal_eager_steps &&
+    pinned+=(RAMPART_CUDA_TRAIN_GRAPHS=1)
   step "fast-at-epoch-fused" 200 env RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 \
     RAMPART_CUDA_DEVICE_ATTACK=1 "${pinned[@]}" \
     "$RAMPART" train --preset fast-at-preact-resnet18 --epochs "$EPOCHS" --device "$EPOCH_DEVICE" \

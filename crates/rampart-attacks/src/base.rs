@@ -224,6 +224,20 @@ impl Faults {
         Faults(values)
     }
 
+    /// The faults whose [`Faults::tensor`] is `values` (a (4) f64 tensor, e.g. a copy
+    /// of faults kept in a buffer a CUDA graph writes).
+    pub fn from_tensor(values: Tensor) -> Result<Faults> {
+        if values.dims() != [Self::LEN] || values.dtype() != candle_core::DType::F64 {
+            return Err(Error::Input(format!(
+                "a training attack's checks are a ({}) f64 tensor, not {:?} {:?}",
+                Self::LEN,
+                values.dims(),
+                values.dtype()
+            )));
+        }
+        Ok(Faults(values))
+    }
+
     /// The (4) f64 tensor of the faults, on the batch's device.
     pub fn tensor(&self) -> &Tensor {
         &self.0

@@ -451,6 +451,7 @@ pub(crate) mod graph;
 pub(crate) mod launch;
 pub(crate) mod resident;
 
+pub use resident::with_seed_on_device;
 pub(crate) use resident::{perturb_on_device_or_host, unchecked_on_device_or_host};
 
 pub use device::{device_resident_pgd_runs, with_device_resident_pgd};

@@ -89,9 +89,12 @@ pub use cost::{EnsembleCost, PassCounter, Passes};
 pub use distal::Distal;
 #[cfg(feature = "cuda")]
 pub use engine::device_kernels_ptx;
+#[cfg(feature = "cuda")]
+pub use engine::graph::cuda::Stream as CudaGraphRecorder;
+pub use engine::graph::Recorder as GraphRecorder;
 pub use engine::{
     cuda_graph_failure, cuda_graph_steps, device_resident_pgd_runs, with_cuda_graphs,
-    with_device_resident_pgd,
+    with_device_resident_pgd, with_seed_on_device,
 };
 pub use ensemble::{AutoAttack, EnsembleState, Evaluation, EvaluationReport, Stage, StageReport};
 pub use eot::Eot;

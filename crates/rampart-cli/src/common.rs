@@ -573,7 +573,7 @@ mod tests {
         };
         let set = gpu_switches(&gpu);
         assert_eq!(set[rampart_models::kernels::CUDNN_BENCHMARK_ENV], "1");
-        assert_eq!(gpu_switch_names().count(), 7);
+        assert_eq!(gpu_switch_names().count(), 8);
         for name in gpu_switch_names() {
             assert_eq!(
                 set.get(name).is_some(),

@@ -38,6 +38,7 @@ pub mod parallel;
 mod predict;
 mod schedule;
 mod sgd;
+mod step_graph;
 mod threshold;
 mod trainer;
 
@@ -54,13 +55,14 @@ pub use method::{
     mixup_targets, robustness_group, robustness_groups, sinkhorn_divergence, soft_cross_entropy,
     AdaLsState, AdversarialTraining, ArAdaLs, ArAdaLsConfig, BatchLoss, Ccat, FastAt, MethodConfig,
     MethodKind, MethodSettings, MixupDraw, Normal, Oat, Overrides, RegMixup, Sat, Setting,
-    StatelessMethod, StepCost, Trades, TrainBatch, TrainingMethod, ADALS_GROUPS,
+    StatelessMethod, StepCost, StepDraws, Trades, TrainBatch, TrainingMethod, ADALS_GROUPS,
 };
 pub use predict::{predict, Predictions};
 pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};
 #[cfg(feature = "cuda")]
 pub use sgd::sgd_kernels_ptx;
 pub use sgd::{DecayScope, Sgd, SgdConfig};
+pub use step_graph::{train_graph_failure, train_graph_steps, with_train_graphs};
 pub use threshold::{ConfidenceThreshold, Decision, CONFIDENCE_THRESHOLD_KEY};
 pub use trainer::{
     method_rng, read_history, train_step, EpochRecord, Progress, StepRead, StepSums, TrainOutcome,

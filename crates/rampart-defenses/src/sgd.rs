@@ -111,6 +111,9 @@ pub struct Sgd {
     /// The last multi-tensor update's table on the GPU.
     #[cfg(feature = "cuda")]
     table: cuda::TableCache,
+    /// Gradients kept by [`Sgd::keep_gradients`], one buffer per parameter that had one.
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    kept: Vec<Option<Tensor>>,
 }
 
 impl std::fmt::Debug for Sgd {
@@ -154,6 +157,7 @@ impl Sgd {
             fused: None,
             #[cfg(feature = "cuda")]
             table: None,
+            kept: Vec::new(),
         })
     }
 
@@ -232,6 +236,43 @@ impl Sgd {
             )?;
         }
         Ok(())
+    }
+
+    /// Copies the gradients of a backward pass into buffers of this optimiser, in
+    /// place after the first call (which makes them), for [`Sgd::step_kept`]: a CUDA
+    /// graph of a training step ends with its gradients there, at addresses that
+    /// outlive the graph. A parameter must have a gradient at every call or at none.
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    pub(crate) fn keep_gradients(&mut self, grads: &GradStore) -> Result<()> {
+        if self.kept.len() != self.params.len() {
+            self.kept = vec![None; self.params.len()];
+        }
+        for (p, kept) in self.params.iter().zip(&mut self.kept) {
+            match (grads.get(p.var.as_tensor()), kept.as_ref()) {
+                (Some(g), Some(k)) => k.slice_set(&g.detach().contiguous()?, 0, 0)?,
+                (Some(g), None) => *kept = Some(g.detach().copy()?),
+                (None, Some(_)) => {
+                    return Err(DefenseError::Config(format!(
+                        "`{}` had a gradient in an earlier step and has none now",
+                        p.name
+                    )))
+                }
+                (None, None) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Sgd::step`] with the gradients kept by the last [`Sgd::keep_gradients`].
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    pub(crate) fn step_kept(&mut self, lr: f64) -> Result<()> {
+        let mut grads = GradStore::default();
+        for (p, kept) in self.params.iter().zip(&self.kept) {
+            if let Some(k) = kept {
+                grads.insert(p.var.as_tensor(), k.clone());
+            }
+        }
+        self.step(&grads, lr)
     }
 
     /// [`Sgd::step`] as plain tensor operations, parameter by parameter: the reference

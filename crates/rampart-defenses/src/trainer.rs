@@ -324,6 +324,8 @@ impl Trainer {
         } else {
             1
         });
+        // Full batches replayed from a CUDA graph where that applies (`step_graph`).
+        let mut graph = crate::step_graph::for_run(model, method, workers);
         for epoch in history.len()..cfg.epochs {
             // Train-mode BatchNorm on this thread synchronised for the epoch's steps
             // (the evaluation after it runs in eval mode, untouched).
@@ -355,21 +357,38 @@ impl Trainer {
                 if let Some(group) = group {
                     parallel::broadcast_vars(group, &buffers)?;
                 }
-                let mut train_batch =
-                    TrainBatch::new(model, &batch.images, &batch.labels, &mut rng)
-                        .with_host_labels(&batch.host_labels);
-                if let Some(group) = group {
-                    train_batch = train_batch.across(group);
-                }
-                let workers_vars = group.map(|g| (g, trainable.as_slice()));
-                let examples = train_step(
-                    method,
-                    &mut train_batch,
-                    &mut sgd,
-                    lr,
-                    workers_vars,
-                    &mut sums,
-                )?;
+                let replayed = match graph.as_mut() {
+                    Some(g) if batch.labels.dim(0)? == cfg.batch_size => g.step(
+                        method,
+                        model,
+                        (&batch.images, &batch.labels),
+                        &mut rng,
+                        &mut sgd,
+                        lr,
+                        &mut sums,
+                    )?,
+                    _ => None,
+                };
+                let examples = match replayed {
+                    Some(examples) => examples,
+                    None => {
+                        let mut train_batch =
+                            TrainBatch::new(model, &batch.images, &batch.labels, &mut rng)
+                                .with_host_labels(&batch.host_labels);
+                        if let Some(group) = group {
+                            train_batch = train_batch.across(group);
+                        }
+                        let workers_vars = group.map(|g| (g, trainable.as_slice()));
+                        train_step(
+                            method,
+                            &mut train_batch,
+                            &mut sgd,
+                            lr,
+                            workers_vars,
+                            &mut sums,
+                        )?
+                    }
+                };
                 if let Some(ema) = &ema {
                     ema.update(model)?;
                 }
@@ -532,6 +551,22 @@ pub struct StepRead {
 }
 
 impl StepSums {
+    /// Adds one step's (loss, correct count) (2, f64) and its training attack's
+    /// checks, on the device.
+    pub fn add(&mut self, stats: Tensor, faults: Option<&rampart_attacks::Faults>) -> Result<()> {
+        self.sums = Some(match self.sums.take() {
+            Some(p) => (p + stats)?,
+            None => stats,
+        });
+        if let Some(f) = faults {
+            self.faults = Some(match self.faults.take() {
+                Some(all) => all.merge(f)?,
+                None => f.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Reads the sums and clears them: one wait for the device (zeros after no step).
     pub fn read(&mut self) -> Result<StepRead> {
         let (values, checks) = match (self.sums.take(), self.faults.take()) {
@@ -566,29 +601,24 @@ pub fn train_step(
     sums: &mut StepSums,
 ) -> Result<usize> {
     let out = method.loss(batch)?;
-    let stats = Tensor::stack(
-        &[
-            out.loss.detach().to_dtype(DType::F64)?,
-            correct_of(&out.logits, &out.labels)?,
-        ],
-        0,
-    )?;
-    sums.sums = Some(match sums.sums.take() {
-        Some(p) => (p + stats)?,
-        None => stats,
-    });
-    if let Some(f) = &out.faults {
-        sums.faults = Some(match sums.faults.take() {
-            Some(all) => all.merge(f)?,
-            None => f.clone(),
-        });
-    }
+    sums.add(step_stats(&out)?, out.faults.as_ref())?;
     let mut grads = out.loss.backward()?;
     if let Some((group, vars)) = workers {
         parallel::average_gradients(group, vars, &mut grads)?;
     }
     sgd.step(&grads, lr)?;
     Ok(out.labels.dim(0)?)
+}
+
+/// A step's (loss, correct count), f64 on the device.
+pub(crate) fn step_stats(out: &crate::method::BatchLoss) -> Result<Tensor> {
+    Ok(Tensor::stack(
+        &[
+            out.loss.detach().to_dtype(DType::F64)?,
+            correct_of(&out.logits, &out.labels)?,
+        ],
+        0,
+    )?)
 }
 
 /// Refuses data whose images or labels the model cannot take.

@@ -114,3 +114,99 @@ fn sgd_kernels_compile_with_nvrtc() {
         );
     }
 }
+
+/// Two epochs of fast AT (FGSM-RS on the device-resident loop, its starts drawn on the
+/// GPU from the seed the step writes there) on WRN-10-1 and 96 random 32×32 images,
+/// batch 32 (3 full batches per epoch): with the trainer's CUDA graphs, one capture
+/// and a launch for every later full batch (5), and the weights of the eager run to
+/// within what the GPU's own run-to-run differences allow (cuDNN's kernels may add in
+/// another order; the bound is far below what a wrong batch, seed or update gives).
+#[test]
+fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
+    use rampart_defenses::{
+        train_graph_failure, train_graph_steps, with_train_graphs, FastAt, Progress, TrainConfig,
+        Trainer,
+    };
+    use rampart_models::{Arch, Classifier, ModelSpec};
+    use std::sync::Arc;
+    let dev = Device::new_cuda(0)?;
+    let pixels: Vec<u8> = values(96 * 3072, 7)
+        .iter()
+        .map(|v| ((v + 1.0) * 127.0) as u8)
+        .collect();
+    let labels: Vec<u32> = (0..96).map(|i| i % 10).collect();
+    let names = (0..10).map(|c| format!("c{c}")).collect();
+    let train = Arc::new(rampart_data::ImageDataset::new(
+        pixels,
+        labels,
+        (3, 32, 32),
+        names,
+    )?);
+    let test = train.take(32);
+    let config = TrainConfig {
+        batch_size: 32,
+        ..TrainConfig::tiny(2)
+    };
+    let run = |graphs: bool| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut model = Classifier::new(
+            ModelSpec::cifar(
+                Arch::Wrn {
+                    depth: 10,
+                    widen: 1,
+                },
+                10,
+            ),
+            3,
+            &dev,
+        )?;
+        let mut go = || {
+            Trainer::new(config.clone(), dir.path())?
+                .progress(Progress::Hidden)
+                .run(
+                    &mut model,
+                    &FastAt::wong_cifar10(),
+                    Arc::clone(&train),
+                    &test,
+                )
+        };
+        rampart_attacks::with_device_resident_pgd(|| {
+            if graphs {
+                with_train_graphs(go)
+            } else {
+                go()
+            }
+        })?;
+        let mut all = Vec::new();
+        for (_, v) in model.named_vars() {
+            all.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(all)
+    };
+    let eager = run(false)?;
+    let again = run(false)?;
+    let before = train_graph_steps();
+    let graphed = run(true)?;
+    let after = train_graph_steps();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 5),
+        "captures and launches (last failure: {:?})",
+        train_graph_failure()
+    );
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let (noise, diff) = (worst(&eager, &again), worst(&eager, &graphed));
+    eprintln!(
+        "fast AT, 6 steps: eager runs differ by {noise:.1e}, graphed and eager by {diff:.1e}"
+    );
+    assert!(
+        diff <= 1e-4f32.max(10.0 * noise),
+        "graphed weights differ by {diff}"
+    );
+    Ok(())
+}

@@ -289,17 +289,21 @@ __device__ void chacha8_block(const unsigned int key[8], unsigned long long coun
 
 // The L-inf uniform starts' perturbations drawn on the device, the values the host
 // draws (`Norm::sample` with `Init::Uniform` on `example_rng`): row i (of `rows`, D
-// values each) is ChaCha8 seeded with `seed_from_u64(seed)` on stream i, its value j
+// values each) is ChaCha8 seeded with `seed_from_u64(s)` on stream i, s = `seed`, or
+// with `seed_at` (two words, low first, on the device: a training step's seed written
+// before a CUDA graph of the step replays) its value plus `seed` (the restart); value j
 // eps * (v * scale + low), v from the stream's u64 draw j (words 2j and 2j + 1, low
 // first) as rand's `gen_range(-1.0..=1.0)` makes it: the top 52 bits as a float in
 // [1, 2), minus 1. One thread per block of 16 words (8 values).
-extern "C" __global__ void atk_draw_linf(double* delta, unsigned long long seed,
-                                         unsigned int rows, unsigned int d, double eps,
-                                         double scale, double low) {
+extern "C" __global__ void atk_draw_linf(double* delta, const unsigned int* seed_at,
+                                         unsigned long long seed, unsigned int rows,
+                                         unsigned int d, double eps, double scale,
+                                         double low) {
     unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     unsigned long long per_row = (d + 7ull) / 8ull;
     if (t >= (unsigned long long)rows * per_row) return;
     unsigned long long i = t / per_row, blk = t % per_row;
+    if (seed_at != 0) seed += ((unsigned long long)seed_at[1] << 32) | seed_at[0];
     unsigned int key[8], words[16];
     chacha8_key(seed, key);
     chacha8_block(key, blk, i, words);

@@ -550,11 +550,22 @@ pub(super) fn drive(
 #[cfg(feature = "cuda")]
 fn recorder(exec: Executor, device: &Device) -> Option<super::graph::cuda::Stream> {
     match (exec, device) {
-        (Executor::Cuda, Device::Cuda(d)) if super::graph::wanted() => {
+        // Not inside another capture (a training step's): captures do not nest.
+        (Executor::Cuda, Device::Cuda(d)) if super::graph::wanted() && !capturing(d) => {
             Some(super::graph::cuda::Stream(d.clone()))
         }
         _ => None,
     }
+}
+
+/// Whether `d`'s stream is being captured into a CUDA graph.
+#[cfg(feature = "cuda")]
+pub(crate) fn capturing(d: &candle_core::cuda_backend::CudaDevice) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+    !matches!(
+        d.cuda_stream().capture_status(),
+        Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    )
 }
 
 /// Without CUDA, no graphs.

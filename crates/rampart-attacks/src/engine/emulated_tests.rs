@@ -139,6 +139,25 @@ fn resident_training_attack_launches_run_on_the_cpu_equal_the_host_path() -> Res
         })?;
         same(&host, &device, what)?;
     }
+    // The seed read from the device (a training step's graph): the same points; an
+    // attack given another seed than the step's is refused.
+    let seed = 4u64;
+    let slot = Tensor::new(&[seed as u32, (seed >> 32) as u32], xs.device())?;
+    let go = |s: u64| {
+        with_emulated_kernels(|| {
+            crate::with_seed_on_device(&slot, s, || {
+                pgd.perturb_with_classes(&model, Bounds::UNIT, &xs, &ys, 8.0 / 255.0, seed, CLASSES)
+            })
+        })
+    };
+    let plain = with_emulated_kernels(|| {
+        pgd.perturb_with_classes(&model, Bounds::UNIT, &xs, &ys, 8.0 / 255.0, seed, CLASSES)
+    })?;
+    same(&plain, &go(seed)?, "PGD-5 with the seed on the device")?;
+    let Err(e) = go(seed + 1) else {
+        panic!("an attack given another seed than the step's was not refused")
+    };
+    assert!(e.to_string().contains("seed"), "{e}");
     // A label of K: refused with the host path's words.
     let mut y = ys.to_vec1::<u32>()?;
     y[5] = CLASSES as u32;

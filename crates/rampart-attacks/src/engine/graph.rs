@@ -79,8 +79,10 @@ pub(crate) fn wanted() -> bool {
 }
 
 /// What runs a step's device work as a graph: the CUDA stream in the GPU build, a
-/// recording stand-in in the tests.
-pub(crate) trait Recorder {
+/// recording stand-in in the tests (PGD's steps here, the trainer's steps in
+/// `rampart-defenses`).
+pub trait Recorder {
+    /// A captured graph.
     type Graph;
     /// Runs `body` eagerly, caching whatever a later capture of it needs.
     fn warm(&mut self, body: &mut dyn FnMut() -> Result<()>) -> Result<()>;
@@ -231,14 +233,14 @@ impl Recorder for Never {
 
 /// The GPU's recorder: stream capture on the device's stream.
 #[cfg(feature = "cuda")]
-pub(crate) mod cuda {
+pub mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, CudaStream};
     use candle_core::cuda_backend::CudaDevice;
 
     use crate::error::Result;
 
     /// Stream capture of a step on `0`'s stream.
-    pub(crate) struct Stream(pub CudaDevice);
+    pub struct Stream(pub CudaDevice);
 
     fn driver(what: &str, e: impl std::fmt::Debug) -> crate::Error {
         crate::Error::Candle(candle_core::Error::Msg(format!("CUDA graph {what}: {e:?}")))

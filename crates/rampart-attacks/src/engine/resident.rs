@@ -29,7 +29,7 @@
 //! configurations on f32 inputs with u8 or u32 labels of the expected shape; anything
 //! else takes the host path.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use candle_core::{DType, ModuleT, Tensor};
 use rayon::prelude::*;
@@ -61,6 +61,27 @@ pub(crate) const DISTANCE: usize = 5;
 
 thread_local! {
     static PERTURBS: Cell<usize> = const { Cell::new(0) };
+    /// The training step's seed on the device and its value on the host.
+    static SEED_SLOT: RefCell<Option<(Tensor, u64)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with the random starts of training attacks on the device-resident path
+/// drawn from the seed in `slot` (two u32 words on the device, low first) instead of
+/// the seed they are given, which must be `seed`, the slot's value (an attack given
+/// another fails): a CUDA graph of a training step captured under it draws the
+/// starts of whatever seed the step writes into the slot before each replay. The
+/// twins of the kernels (off a GPU) draw from the seed they are given.
+pub fn with_seed_on_device<R>(slot: &Tensor, seed: u64, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<(Tensor, u64)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            SEED_SLOT.with(|s| *s.borrow_mut() = previous);
+        }
+    }
+    let previous = SEED_SLOT.with(|s| s.borrow_mut().replace((slot.clone(), seed)));
+    let _restore = Restore(previous);
+    f()
 }
 
 /// How many attacks took this path on this thread so far (for the tests).
@@ -306,9 +327,23 @@ fn attack(
         let init = pgd.restarts.init(restart);
         let delta = match init {
             Init::Zero => None,
-            // The same draws made on the device by its kernel: no host work, no copy.
+            // The same draws made on the device by its kernel: no host work, no copy;
+            // the seed read there where a training step put it (`with_seed_on_device`).
             Init::Uniform if exec != Executor::Twin => {
-                Some(exec.draw_linf((b, d), seed.wrapping_add(restart as u64), eps, dev)?)
+                let slot = SEED_SLOT.with(|s| s.borrow().clone());
+                if let Some((_, host)) = &slot {
+                    if *host != seed {
+                        return Err(Error::Input(format!(
+                            "a training attack drew its start from seed {seed}, but the \
+                             step put seed {host} on the device"
+                        )));
+                    }
+                }
+                let (at, offset) = match &slot {
+                    Some((t, _)) => (Some(t), restart as u64),
+                    None => (None, seed.wrapping_add(restart as u64)),
+                };
+                Some(exec.draw_linf((b, d), at, offset, eps, dev)?)
             }
             _ => {
                 // The host path's draws: example i on stream i of ChaCha8 seeded with
@@ -382,12 +417,15 @@ impl Executor {
 
     /// `atk_draw_linf`: the perturbations of L∞ uniform starts of `rows` rows of `d`
     /// values drawn on the device, those the host draws for restart r with
-    /// `example_rng(seed, r, i)` when `run_seed` is seed + r (`Norm::sample`, `Init::Uniform`),
-    /// bit for bit: ChaCha8 on the GPU's threads, eight values per thread.
+    /// `example_rng(seed, r, i)` when the run's seed, `offset` plus the seed in
+    /// `seed_at` (two u32 words on the device, low first) if given, is seed + r
+    /// (`Norm::sample`, `Init::Uniform`), bit for bit: ChaCha8 on the GPU's threads,
+    /// eight values per thread.
     pub(super) fn draw_linf(
         self,
         (rows, d): (usize, usize),
-        run_seed: u64,
+        seed_at: Option<&Tensor>,
+        offset: u64,
         eps: f64,
         dev: &candle_core::Device,
     ) -> Result<Tensor> {
@@ -400,7 +438,8 @@ impl Executor {
         // Thread t draws values 8·(t mod ⌈D/8⌉)… of row ⌊t / ⌈D/8⌉⌋.
         let args = vec![
             Val::T(&delta),
-            Val::U64(run_seed),
+            seed_at.into(),
+            Val::U64(offset),
             Val::U32(count(rows, what)?),
             Val::U32(count(d, what)?),
             Val::F64(eps),

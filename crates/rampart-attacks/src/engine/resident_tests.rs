@@ -650,8 +650,18 @@ fn starts_drawn_on_the_device_are_the_hosts_draws() -> Result<()> {
         for (seed, restart, eps) in [(0u64, 0u64, 8.0 / 255.0), (17, 3, 1.0), (u64::MAX, 2, 0.03)] {
             let run_seed = seed.wrapping_add(restart);
             let drawn = Executor::Emulated
-                .draw_linf((rows, d), run_seed, eps, &dev)?
+                .draw_linf((rows, d), None, run_seed, eps, &dev)?
                 .to_vec1::<f64>()?;
+            // The seed read from the device, the restart added there.
+            let slot = Tensor::new(&[seed as u32, (seed >> 32) as u32], &dev)?;
+            let from_slot = Executor::Emulated
+                .draw_linf((rows, d), Some(&slot), restart, eps, &dev)?
+                .to_vec1::<f64>()?;
+            assert_eq!(
+                from_slot.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                drawn.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{rows}×{d}, seed {seed} from the device"
+            );
             let mut host = vec![0f64; rows * d];
             for (i, out) in host.chunks_mut(d).enumerate() {
                 let mut rng = example_rng(seed, restart, i as u64);

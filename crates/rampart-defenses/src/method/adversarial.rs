@@ -92,6 +92,11 @@ impl MethodSettings for AdversarialTraining {
 }
 
 impl StatelessMethod for AdversarialTraining {
+    /// The training attack's seed.
+    fn draws(&self) -> super::StepDraws {
+        super::StepDraws::OneSeed
+    }
+
     /// The PGD attack on the adversarial fraction, then one train-mode pass.
     fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
         StepCost::adversarial(self.attack.perturb_cost(), self.fraction)

@@ -84,6 +84,11 @@ impl MethodSettings for FastAt {
 }
 
 impl StatelessMethod for FastAt {
+    /// The FGSM-RS start's seed.
+    fn draws(&self) -> super::StepDraws {
+        super::StepDraws::OneSeed
+    }
+
     /// The FGSM step on the adversarial fraction, then one train-mode pass.
     fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
         StepCost::adversarial(self.attack.as_pgd().perturb_cost(), self.fraction)

@@ -204,6 +204,13 @@ pub trait TrainingMethod {
         StepCost::CLEAN
     }
 
+    /// What a step of the method draws from the batch's RNG ([`StepDraws`]): a
+    /// training step captured into a CUDA graph replays only for a method that says
+    /// ([`StepDraws::Other`], the default, runs eagerly).
+    fn step_draws(&self) -> StepDraws {
+        StepDraws::Other
+    }
+
     /// Whether the state stays the same on every data-parallel worker: the method
     /// learns it from sums over the workers ([`TrainBatch::sum_over_workers`]), so that
     /// it is the state of the global batch. Data-parallel training refuses a stateful
@@ -220,6 +227,20 @@ pub trait TrainingMethod {
             self.name()
         )))
     }
+}
+
+/// What one step of a [`TrainingMethod`] draws on the host, beyond its batch: what a
+/// CUDA graph of the step must be given before each replay (the trainer's graphs,
+/// `step_graph`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepDraws {
+    /// Nothing: the step is a function of its batch and the model.
+    Nothing,
+    /// One [`attack_seed`] from the batch's RNG, first and only, for a training attack
+    /// whose random starts come from it alone.
+    OneSeed,
+    /// Anything else (or not declared): the step runs eagerly.
+    Other,
 }
 
 /// What one training example costs a method in one step, in network passes of that
@@ -264,6 +285,11 @@ pub trait StatelessMethod: MethodSettings + serde::Serialize {
     fn cost(&self, _spec: &rampart_models::ModelSpec) -> StepCost {
         StepCost::CLEAN
     }
+
+    /// What a step draws ([`TrainingMethod::step_draws`]).
+    fn draws(&self) -> StepDraws {
+        StepDraws::Other
+    }
 }
 
 impl<M: StatelessMethod> TrainingMethod for M {
@@ -281,6 +307,10 @@ impl<M: StatelessMethod> TrainingMethod for M {
 
     fn step_cost(&self, spec: &rampart_models::ModelSpec) -> StepCost {
         self.cost(spec)
+    }
+
+    fn step_draws(&self) -> StepDraws {
+        self.draws()
     }
 }
 

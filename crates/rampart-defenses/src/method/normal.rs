@@ -69,6 +69,11 @@ impl MethodSettings for Normal {
 }
 
 impl StatelessMethod for Normal {
+    /// Nothing: the loss of the batch as it is.
+    fn draws(&self) -> super::StepDraws {
+        super::StepDraws::Nothing
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let logits = batch.model.forward_t(batch.images, true)?;
         let loss = cross_entropy(&logits, batch.labels, self.label_smoothing)?;

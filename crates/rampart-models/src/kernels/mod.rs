@@ -95,15 +95,21 @@ pub const DEVICE_ATTACK_ENV: &str = "RAMPART_CUDA_DEVICE_ATTACK";
 /// GPU.
 pub const CUDA_GRAPHS_ENV: &str = "RAMPART_CUDA_GRAPHS";
 
+/// The switch of the trainer's CUDA graphs: full-batch training steps of normal
+/// training, fast AT and PGD-AT captured once per run and replayed
+/// (`rampart-defenses`, `step_graph`; any value but `0`).
+pub const TRAIN_GRAPHS_ENV: &str = "RAMPART_CUDA_TRAIN_GRAPHS";
+
 /// The environment switches of the GPU paths (the fused eval and train programs,
 /// PGD's device-resident loop and its CUDA graphs, cudarc's per-buffer events,
 /// cuDNN's measured algorithms), which a run on a GPU records in its `config.json`
 /// (with rampart-data's staged uploads, `RAMPART_CUDA_PINNED_UPLOADS`).
-pub const GPU_SWITCHES: [&str; 6] = [
+pub const GPU_SWITCHES: [&str; 7] = [
     device_eval::ENABLE_ENV,
     device_train::ENABLE_ENV,
     DEVICE_ATTACK_ENV,
     CUDA_GRAPHS_ENV,
+    TRAIN_GRAPHS_ENV,
     CUDA_EVENTS_ENV,
     CUDNN_BENCHMARK_ENV,
 ];
