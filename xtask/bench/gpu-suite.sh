@@ -224,21 +224,26 @@ DEADLINE= step "epoch-table" 10 "$PYTHON" "$HERE/epoch-table.py" "$OUT" > "$OUT/
 # (RAMPART_CUDA_GRAPHS=1: the pgd20 step, a PGD-20 run, whose path reads
 # device+graphs when they replayed; attack-linf's 2 steps are too few to capture); and cudarc's per-buffer events
 # kept (RAMPART_CUDA_EVENTS=1, the behaviour before they were turned off; a
-# diagnostic, add it to AB_SETTINGS to measure it). A setting is one or more
-# VAR=value words (`+` between them).
-AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDNN_BENCHMARK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDA_GRAPHS=1"}
+# diagnostic, add it to AB_SETTINGS to measure it); the fused programs and the
+# device-resident loop with the trainer's full-batch steps replayed from a CUDA graph
+# (RAMPART_CUDA_TRAIN_GRAPHS=1: the fast-at-step step, whose path ends in +graphs when
+# it replayed). A setting is one or more VAR=value words (`+` between them).
+AB_SETTINGS=${AB_SETTINGS:-"RAMPART_AB=default RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDNN_BENCHMARK=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDA_GRAPHS=1 RAMPART_CUDA_FUSED_EVAL=1+RAMPART_CUDA_FUSED_TRAIN=1+RAMPART_CUDA_DEVICE_ATTACK=1+RAMPART_CUDA_TRAIN_GRAPHS=1"}
 : > "$OUT/ab.jsonl"
 for spec in $AB_ARCHS; do
   arch=${spec%%:*}
   variant=plain
   [ "$spec" != "$arch" ] && variant=${spec#*:}
+  # A method's whole step (fast AT) for plain and student models (OAT trains with its own).
+  ab_steps=forward,pgd-step,train-step,attack-linf,pgd20,apgd-linf
+  [ "$variant" = oat ] || ab_steps+=,fast-at-step
   for round in $(seq "$AB_ROUNDS"); do
     for setting in $AB_SETTINGS; do
       printf '{"run": {"setting": "%s", "arch": "%s", "batch_size": 128, "device": "%s", "round": %s}}\n' \
         "${setting#RAMPART_AB=}" "$spec" "$EPOCH_DEVICE" "$round" >> "$OUT/ab.jsonl"
       step "ab $spec $setting round $round" 60 env ${setting//+/ } "$RAMPART" bench --arch "$arch" \
         --variant "$variant" --batch-size 128 --reps "$REPS" --device "$EPOCH_DEVICE" \
-        --steps forward,pgd-step,train-step,attack-linf,pgd20,apgd-linf --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
+        --steps "$ab_steps" --json >> "$OUT/ab.jsonl" 2>> "$OUT/bench.log"
     done
   done
 done

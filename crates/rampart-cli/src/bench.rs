@@ -17,7 +17,10 @@
 //!   fast AT as `fast-at-preact-resnet18` trains (FGSM from a uniform start, ε 8/255,
 //!   step 10/255, the stepped point) and PGD-10 AT as `at-wrn28-10` does. An epoch's
 //!   wall time (`history.jsonl`) over its steps × this step time says how much the
-//!   input pipeline and the reads between steps add.
+//!   input pipeline and the reads between steps add. On a GPU with the trainer's CUDA
+//!   graphs asked for (`RAMPART_CUDA_TRAIN_GRAPHS`), the step replays its graph as the
+//!   trainer would (the warm-up steps warm and capture it) and `path` ends in
+//!   `+graphs`.
 //!
 //! Each is run `--warmup` times untimed, then `--reps` times; the median wall time
 //! gives images/s. Results are printed as a table and, with `--json`, as one JSON
@@ -31,7 +34,7 @@ use clap::Args;
 use rampart_attacks::{input_gradient, Apgd, Attack, Bounds, Norm, Objective, Pgd, StepSize};
 use rampart_defenses::{
     method_rng, train_step, MethodConfig, Overrides, Sgd, SgdConfig, StepSums, TrainBatch,
-    TrainingMethod,
+    TrainGraph, TrainingMethod,
 };
 use rampart_models::{Arch, Classifier, ModelSpec, NoiseSpec, OatSpec};
 
@@ -284,6 +287,8 @@ impl BenchArgs {
         for step in &self.steps {
             reset_peak(&dev)?;
             let mut attack_on_device = false;
+            // Whether a method step replayed the trainer's CUDA graph.
+            let mut step_graphs = false;
             let graph_launches = rampart_attacks::cuda_graph_steps().1;
             let mut host_share = None;
             let mut time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
@@ -388,12 +393,31 @@ impl BenchArgs {
                     let mut rng = method_rng(0, 0);
                     let mut sums = StepSums::default();
                     let before = rampart_attacks::device_resident_pgd_runs();
+                    // The trainer's CUDA graph of the step where it applies (asked for,
+                    // on a GPU): the warm-up steps warm and capture it.
+                    let mut graph = TrainGraph::for_run(&model, method.as_ref());
+                    let launches = rampart_defenses::train_graph_steps().1;
                     let seconds = time(&mut || {
-                        let mut batch =
-                            TrainBatch::new(&model, &xs, &ys, &mut rng).with_host_labels(&labels);
-                        train_step(method.as_ref(), &mut batch, &mut sgd, 0.01, None, &mut sums)?;
+                        let replayed = match graph.as_mut() {
+                            Some(g) => g.step(
+                                method.as_ref(),
+                                &model,
+                                (&xs, &ys),
+                                &mut rng,
+                                &mut sgd,
+                                0.01,
+                                &mut sums,
+                            )?,
+                            None => None,
+                        };
+                        if replayed.is_none() {
+                            let mut batch = TrainBatch::new(&model, &xs, &ys, &mut rng)
+                                .with_host_labels(&labels);
+                            train_step(method.as_ref(), &mut batch, &mut sgd, 0.01, None, &mut sums)?;
+                        }
                         Ok(())
                     })?;
+                    step_graphs = rampart_defenses::train_graph_steps().1 > launches;
                     attack_on_device = rampart_attacks::device_resident_pgd_runs() > before;
                     // The steps' own checks: a step that went wrong is no timing.
                     let read = sums.read()?;
@@ -431,9 +455,10 @@ impl BenchArgs {
                         // The training pass's path, then the attack's loop.
                         let fused = model.takes_fused_gpu_path(true)?;
                         Some(format!(
-                            "{}+{}",
+                            "{}+{}{}",
                             if fused { "fused" } else { "layers" },
-                            if attack_on_device { "device" } else { "host" }
+                            if attack_on_device { "device" } else { "host" },
+                            if step_graphs { "+graphs" } else { "" }
                         ))
                     }
                     attack

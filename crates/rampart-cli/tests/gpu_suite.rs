@@ -147,6 +147,10 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
             "{setting}:\n{ab}"
         );
     }
+    assert!(
+        ab.contains("| wrn-10-1 | 128 | cpu | fast-at-step | default |"),
+        "fast AT's whole step in the A/B table:\n{ab}"
+    );
     assert!(ab.contains("| host share |"), "{ab}");
     // No data folder: no epochs, and the epoch table says so.
     assert!(

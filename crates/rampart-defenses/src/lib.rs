@@ -62,7 +62,7 @@ pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};
 #[cfg(feature = "cuda")]
 pub use sgd::sgd_kernels_ptx;
 pub use sgd::{DecayScope, Sgd, SgdConfig};
-pub use step_graph::{train_graph_failure, train_graph_steps, with_train_graphs};
+pub use step_graph::{train_graph_failure, train_graph_steps, with_train_graphs, TrainGraph};
 pub use threshold::{ConfidenceThreshold, Decision, CONFIDENCE_THRESHOLD_KEY};
 pub use trainer::{
     method_rng, read_history, train_step, EpochRecord, Progress, StepRead, StepSums, TrainOutcome,

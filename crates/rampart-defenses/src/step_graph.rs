@@ -131,6 +131,47 @@ pub(crate) fn for_run(
     None
 }
 
+/// The trainer's graph of full-batch training steps, for a caller that runs the steps
+/// itself (`rampart bench`'s method steps): [`TrainGraph::step`] is what
+/// [`crate::Trainer::run`] runs for each full batch where graphs apply.
+pub struct TrainGraph(Box<dyn StepRunner>);
+
+impl std::fmt::Debug for TrainGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrainGraph")
+    }
+}
+
+impl TrainGraph {
+    /// The graph of steps of `method` on `model` in one process, where graphs apply:
+    /// asked for (`RAMPART_CUDA_TRAIN_GRAPHS`, [`with_train_graphs`]), on a GPU, a
+    /// method whose draws a replay can be given ([`TrainingMethod::step_draws`]).
+    pub fn for_run(model: &Classifier, method: &dyn TrainingMethod) -> Option<TrainGraph> {
+        for_run(model, method, 1).map(TrainGraph)
+    }
+
+    /// One step on the full batch `(images, labels)`: the batch (and the attack's seed,
+    /// drawn from `rng` as the method's step draws it) written into the graph's
+    /// buffers, the step run (eagerly the first time, captured the second, replayed
+    /// after), its loss, correct count and checks added to `sums`, and SGD at `lr`.
+    /// `None` (nothing done) when graphs are off for the run, after a failed capture
+    /// or replay, or for a batch of another shape than the first: the caller then runs
+    /// [`crate::train_step`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        method: &dyn TrainingMethod,
+        model: &Classifier,
+        batch: (&Tensor, &Tensor),
+        rng: &mut ChaCha8Rng,
+        sgd: &mut Sgd,
+        lr: f64,
+        sums: &mut StepSums,
+    ) -> Result<Option<usize>> {
+        self.0.step(method, model, batch, rng, sgd, lr, sums)
+    }
+}
+
 /// The buffers a step's graph reads and writes, made by the first step.
 struct Fixed {
     images: Tensor,
