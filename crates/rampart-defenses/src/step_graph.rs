@@ -322,61 +322,48 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
         let eager = |body: &mut dyn FnMut() -> rampart_attacks::Result<()>| -> Result<()> {
             body().map_err(|e| failed.borrow_mut().take().unwrap_or_else(|| e.into()))
         };
-        let phase = std::mem::replace(&mut self.phase, Phase::Off);
-        self.phase = match phase {
+        // Off until the step says otherwise: a failure below leaves the run eager.
+        let graph = match std::mem::replace(&mut self.phase, Phase::Off) {
             Phase::Warm => {
-                let warmed = self.rec.warm(&mut body);
-                if let Err(e) = warmed {
+                if let Err(e) = self.rec.warm(&mut body) {
                     return Err(failed.borrow_mut().take().unwrap_or_else(|| e.into()));
                 }
-                if self.rec.noise() != self.noise {
-                    // The passes draw noise on the host: a replay would repeat this draw.
-                    Phase::Off
-                } else {
-                    Phase::Capture
+                // Passes that draw noise on the host: a replay would repeat this draw.
+                if self.rec.noise() == self.noise {
+                    self.phase = Phase::Capture;
                 }
+                None
             }
             Phase::Capture => match self.rec.capture(&mut body) {
                 Ok(g) => {
                     CAPTURES.with(|c| c.set(c.get() + 1));
-                    match self.rec.launch(&g) {
-                        Ok(()) => {
-                            LAUNCHES.with(|c| c.set(c.get() + 1));
-                            if R::RUNS_BODY {
-                                eager(&mut body)?;
-                            }
-                            Phase::Ready(g)
-                        }
-                        Err(e) => {
-                            give_up(&mut self.rec, "replay", &e);
-                            eager(&mut body)?;
-                            Phase::Off
-                        }
-                    }
+                    Some(g)
                 }
                 Err(e) => {
                     failed.borrow_mut().take();
                     give_up(&mut self.rec, "capture", &e);
                     eager(&mut body)?;
-                    Phase::Off
+                    None
                 }
             },
-            Phase::Ready(g) => match self.rec.launch(&g) {
+            Phase::Ready(g) => Some(g),
+            Phase::Off => None,
+        };
+        if let Some(g) = graph {
+            match self.rec.launch(&g) {
                 Ok(()) => {
                     LAUNCHES.with(|c| c.set(c.get() + 1));
                     if R::RUNS_BODY {
                         eager(&mut body)?;
                     }
-                    Phase::Ready(g)
+                    self.phase = Phase::Ready(g);
                 }
                 Err(e) => {
                     give_up(&mut self.rec, "replay", &e);
                     eager(&mut body)?;
-                    Phase::Off
                 }
-            },
-            Phase::Off => Phase::Off,
-        };
+            }
+        }
         let faults = fixed
             .faults
             .borrow()
