@@ -21,7 +21,8 @@
 #      Rampart's runs take the opt-in GPU paths whose tests passed in step 2 (the
 #      fused programs after test-models-cuda, and test-models-bf16 for cuda+bf16;
 #      PGD's device-resident loop after test-attacks-cuda, staged uploads after
-#      test-data-cuda), so that one device run
+#      test-data-cuda, the trainer's CUDA graphs after their test in
+#      test-defenses-cuda), so that one device run
 #      gives the table of the paths that become the default; FAST_IF_PASSED=0 keeps
 #      the defaults. The switches taken are in each run's line and under bench.md;
 #   4. OUT/fast-at-epoch/: EPOCHS (default 2) epochs of `rampart train --preset
@@ -108,6 +109,7 @@ done
 # the binary (the graph test's failure does not hold back the device-resident loop;
 # the graphs need their own test).
 GRAPH_TEST=pgd_steps_replayed_from_cuda_graphs_equal_eager_steps
+TRAIN_GRAPH_TEST=training_steps_replayed_from_cuda_graphs_equal_eager_steps
 passed() {
   local file="$OUT/tests-$1.txt" name
   shift
@@ -135,6 +137,7 @@ switches_for() {
       test_passed test-attacks-cuda "$GRAPH_TEST" && on+=(RAMPART_CUDA_GRAPHS=1)
     fi
     passed test-data-cuda && on+=(RAMPART_CUDA_PINNED_UPLOADS=1)
+    test_passed test-defenses-cuda "$TRAIN_GRAPH_TEST" && on+=(RAMPART_CUDA_TRAIN_GRAPHS=1)
   fi
   echo "${on[*]:-}"
 }
@@ -195,8 +198,7 @@ if [ -n "$DATA" ]; then
   # (the step bench after it times eager steps: the ratio shows what graphs save).
   pinned=()
   passed test-data-cuda && pinned=(RAMPART_CUDA_PINNED_UPLOADS=1)
-  test_passed test-defenses-cuda training_steps_replayed_from_cuda_graphs_equal_eager_steps &&
-    pinned+=(RAMPART_CUDA_TRAIN_GRAPHS=1)
+  test_passed test-defenses-cuda "$TRAIN_GRAPH_TEST" && pinned+=(RAMPART_CUDA_TRAIN_GRAPHS=1)
   step "fast-at-epoch-fused" 200 env RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 \
     RAMPART_CUDA_DEVICE_ATTACK=1 "${pinned[@]}" \
     "$RAMPART" train --preset fast-at-preact-resnet18 --epochs "$EPOCHS" --device "$EPOCH_DEVICE" \

@@ -20,7 +20,9 @@
 //!   input pipeline and the reads between steps add. On a GPU with the trainer's CUDA
 //!   graphs asked for (`RAMPART_CUDA_TRAIN_GRAPHS`), the step replays its graph as the
 //!   trainer would (the warm-up steps warm and capture it) and `path` ends in
-//!   `+graphs`.
+//!   `+graphs`; so does `train-step`, as normal training's step (its batch copied
+//!   into the graph's buffers and its loss summed on the device, as the trainer
+//!   does), for plain and student models.
 //!
 //! Each is run `--warmup` times untimed, then `--reps` times; the median wall time
 //! gives images/s. Results are printed as a table and, with `--json`, as one JSON
@@ -308,7 +310,25 @@ impl BenchArgs {
                 })?,
                 "train-step" => {
                     let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::cifar())?;
-                    time(&mut || {
+                    // Under the trainer's CUDA graphs, normal training's step replayed
+                    // as the trainer replays it (plain and student models).
+                    let normal = rampart_defenses::Normal::new();
+                    let mut graph = match self.variant {
+                        Variant::Oat => None,
+                        _ => TrainGraph::for_run(&model, &normal),
+                    };
+                    let mut rng = method_rng(0, 0);
+                    let mut sums = StepSums::default();
+                    let launches = rampart_defenses::train_graph_steps().1;
+                    let seconds = time(&mut || {
+                        if let Some(g) = graph.as_mut() {
+                            let batch = (&xs, &ys);
+                            if g.step(&normal, &model, batch, &mut rng, &mut sgd, 0.01, &mut sums)?
+                                .is_some()
+                            {
+                                return Ok(());
+                            }
+                        }
                         let logits = match self.variant {
                             Variant::Oat => model.forward_lambdas(&xs, &train_lambdas, true)?,
                             _ => model.forward_t(&xs, true)?,
@@ -317,7 +337,12 @@ impl BenchArgs {
                         let loss = rampart_defenses::cross_entropy(&logits, &ys, 0.0)?;
                         sgd.step(&loss.backward()?, 0.01)?;
                         Ok(())
-                    })?
+                    })?;
+                    step_graphs = rampart_defenses::train_graph_steps().1 > launches;
+                    if step_graphs && !sums.read()?.loss_sum.is_finite() {
+                        bail!("train-step: the loss is not finite");
+                    }
+                    seconds
                 }
                 "pgd20" => {
                     // The evaluation suite's PGD-20 (`rampart eval --suite pgd20`): a
@@ -449,7 +474,11 @@ impl BenchArgs {
                 path: match step.as_str() {
                     "forward" | "pgd-step" | "train-step" if dev.is_cuda() => {
                         let fused = model.takes_fused_gpu_path(step == "train-step")?;
-                        Some(if fused { "fused" } else { "layers" }.to_string())
+                        let fused = if fused { "fused" } else { "layers" };
+                        Some(format!(
+                            "{fused}{}",
+                            if step_graphs { "+graphs" } else { "" }
+                        ))
                     }
                     "fast-at-step" | "pgd-at-step" if dev.is_cuda() => {
                         // The training pass's path, then the attack's loop.

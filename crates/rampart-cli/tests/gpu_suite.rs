@@ -1,7 +1,7 @@
 //! The GPU suite (`xtask/bench/gpu-suite.sh`), the one script a machine with a GPU runs,
 //! rehearsed on the CPU so that a change to the CLI or to the script cannot break it
-//! unseen: a bundle holding this build's `rampart` and three stand-in CUDA test
-//! binaries (two whose tests pass, graphs included, one that fails) runs the whole
+//! unseen: a bundle holding this build's `rampart` and four stand-in CUDA test
+//! binaries (three whose tests pass, graphs included, one that fails) runs the whole
 //! suite on the CPU with the smallest settings. Every step of the comparison and of
 //! the A/B runs exits cleanly, the tables are written, and the comparison's Rampart
 //! runs take exactly the opt-in paths whose tests passed.
@@ -71,6 +71,16 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
             "test-models-cuda",
             &[("fused_eval_program_matches_cpu", false)],
         ),
+        (
+            "test-defenses-cuda",
+            &[
+                ("fused_sgd_on_the_gpu_equals_the_cpu", true),
+                (
+                    "training_steps_replayed_from_cuda_graphs_equal_eager_steps",
+                    true,
+                ),
+            ],
+        ),
     ] {
         stand_in(&bundle, name, &harness_output(tests))?;
     }
@@ -132,7 +142,7 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
     assert!(
         bench.contains(
             "took: RAMPART_CUDA_DEVICE_ATTACK=1 RAMPART_CUDA_GRAPHS=1 \
-             RAMPART_CUDA_PINNED_UPLOADS=1."
+             RAMPART_CUDA_PINNED_UPLOADS=1 RAMPART_CUDA_TRAIN_GRAPHS=1."
         ),
         "{bench}"
     );
