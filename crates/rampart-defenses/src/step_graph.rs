@@ -337,6 +337,10 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
             Phase::Capture => match self.rec.capture(&mut body) {
                 Ok(g) => {
                     CAPTURES.with(|c| c.set(c.get() + 1));
+                    tracing::info!(
+                        "training step captured into a CUDA graph: every later full batch \
+                         of the run replays it"
+                    );
                     Some(g)
                 }
                 Err(e) => {
