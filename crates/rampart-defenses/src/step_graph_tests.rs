@@ -12,7 +12,7 @@ use rampart_attacks::{Pgd, Restarts, StepSize};
 use rampart_models::Classifier;
 
 use super::{train_graph_failure, train_graph_steps};
-use crate::tests::{assert_same_weights, toy_config, toy_dataset, toy_spec, Crashing};
+use crate::tests::{assert_same_weights, short_ccat, toy_config, toy_dataset, toy_spec, Crashing};
 use crate::*;
 
 /// What the stand-in refuses.
@@ -131,7 +131,7 @@ fn short_pgd_at() -> AdversarialTraining {
     }
 }
 
-/// Normal training (with label smoothing), fast AT and PGD-AT (two restarts): the
+/// Normal training (with label smoothing), fast AT, PGD-AT (two restarts) and CCAT: the
 /// graph's run equals the eager run bit for bit (weights, losses, accuracies), with one
 /// capture at the second full batch and a launch for it and every later full batch of
 /// both epochs (4 full batches each: 7 launches), the last small batch eagerly.
@@ -145,6 +145,7 @@ fn runs_replayed_from_step_graphs_equal_eager_runs() -> TestResult {
         ),
         ("fast AT", Box::new(FastAt::wong_cifar10())),
         ("PGD-AT", Box::new(short_pgd_at())),
+        ("CCAT", Box::new(short_ccat())),
     ];
     for (what, method) in &methods {
         let eager = tempfile::tempdir()?;

@@ -353,7 +353,7 @@ fn predictions_are_deterministic_and_consistent() -> TestResult {
 }
 
 /// A method with a short attack, for the tests of adversarial methods.
-fn short_ccat() -> Ccat {
+pub(crate) fn short_ccat() -> Ccat {
     Ccat {
         attack: rampart_attacks::Pgd {
             steps: 3,

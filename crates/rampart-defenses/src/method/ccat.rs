@@ -1,13 +1,14 @@
 //! Confidence-calibrated adversarial training (Stutz, Hein & Schiele, ICML 2020).
 
-use candle_core::ModuleT;
-use rampart_attacks::Pgd;
+use candle_core::{DType, ModuleT, Tensor};
+use rampart_attacks::{Norm, Pgd};
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    adversarial_count, attack_first, check_eps, check_fraction, mixed_batch, one_hot,
-    soft_cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
+    adversarial_count, attack_first, attack_first_unchecked, check_eps, check_fraction,
+    mixed_batch, one_hot, soft_cross_entropy, BatchLoss, StatelessMethod, StepCost, StepDraws,
+    TrainBatch,
 };
 use crate::error::{DefenseError, Result};
 
@@ -80,6 +81,35 @@ pub fn ccat_lambda(norm: f64, eps: f64, rho: f64) -> f64 {
     1.0 - (1.0 - r).powf(rho)
 }
 
+/// [`ccat_soft_targets`] on the device: (B, K) f32 for labels (B,) u32 and
+/// perturbation norms (B,) f32, by tensor operations that do the host's f64
+/// arithmetic in its order (a division, not a product with 1/ε; `powf`; the targets
+/// rounded to f32 last), so that on the CPU they are its values bit for bit. A label
+/// of K or more has a row of λ/K alone, as its one-hot row on the host is zero.
+pub fn ccat_soft_targets_on_device(
+    labels: &Tensor,
+    norms: &Tensor,
+    eps: f64,
+    rho: f64,
+    classes: usize,
+) -> Result<Tensor> {
+    let dev = norms.device();
+    let b = norms.dim(0)?;
+    let column = |v: f64| Tensor::full(v, (b, 1), dev);
+    let n = norms.to_dtype(DType::F64)?.reshape((b, 1))?;
+    let r = n.div(&column(eps)?)?.maximum(0.0)?.minimum(1.0)?;
+    // λ = 1 − (1 − r)^ρ; x·(−1) + 1 is 1 − x, rounded once.
+    let lambda = r.affine(-1.0, 1.0)?.powf(rho)?.affine(-1.0, 1.0)?;
+    let uniform = lambda.div(&column(classes as f64)?)?;
+    let hot = labels
+        .to_dtype(DType::U32)?
+        .reshape((b, 1))?
+        .broadcast_eq(&Tensor::arange(0u32, classes as u32, dev)?.reshape((1, classes))?)?
+        .to_dtype(DType::F64)?
+        .broadcast_mul(&lambda.affine(-1.0, 1.0)?)?;
+    Ok(hot.broadcast_add(&uniform)?.to_dtype(DType::F32)?)
+}
+
 /// Soft targets (1 − λ_i)·onehot(y_i) + λ_i/K, row-major (B·K), for labels y (B,),
 /// perturbation norms ‖δ_i‖∞ (B,), ε and ρ.
 pub fn ccat_soft_targets(
@@ -133,9 +163,39 @@ impl StatelessMethod for Ccat {
         StepCost::adversarial(self.attack.perturb_cost(), self.fraction)
     }
 
+    /// The attack's seed (one draw), when its L∞ distances are measured on the device.
+    fn draws(&self) -> StepDraws {
+        if self.attack.norm == Norm::Linf {
+            StepDraws::OneSeed
+        } else {
+            StepDraws::Other
+        }
+    }
+
+    /// For an L∞ attack nothing is read from the device: the points' distances and the
+    /// soft targets are computed there (the host's values; the attack's checks are
+    /// left for the trainer); otherwise the host computes them from the attack's
+    /// distances.
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let k = batch.model.spec().num_classes;
-        let m = adversarial_count(batch.images.dim(0)?, self.fraction);
+        let b = batch.images.dim(0)?;
+        let m = adversarial_count(b, self.fraction);
+        if self.attack.norm == Norm::Linf {
+            let adv = attack_first_unchecked(&self.attack, batch, m, self.eps)?;
+            // ‖δ‖∞ of each point in f32: the f32 difference is the exact one rounded,
+            // so its largest magnitude is the host's f64 distance rounded to f32.
+            let x = batch.images.narrow(0, 0, m)?;
+            let mut norms = (&adv.clipped - &x)?.abs()?.flatten_from(1)?.max(1)?;
+            if m < b {
+                let clean = Tensor::zeros(b - m, DType::F32, norms.device())?;
+                norms = Tensor::cat(&[&norms, &clean], 0)?;
+            }
+            let targets = ccat_soft_targets_on_device(batch.labels, &norms, self.eps, self.rho, k)?;
+            let inputs = mixed_batch(batch.images, &adv.clipped)?;
+            let logits = batch.model.forward_t(&inputs, true)?;
+            let loss = soft_cross_entropy(&logits, &targets)?;
+            return Ok(BatchLoss::of_batch(loss, logits, batch.labels).with_faults(adv.faults));
+        }
         let adv = attack_first(&self.attack, batch, m, self.eps)?;
         let ys = batch.host_labels()?;
         let mut targets = ccat_soft_targets(&ys[..m], &adv.norm, self.eps, self.rho, k);
@@ -172,6 +232,40 @@ mod tests {
         for (a, b) in t.iter().zip(want) {
             assert!((f64::from(*a) - b).abs() < 1e-7, "{t:?}");
         }
+    }
+
+    /// The soft targets made on the device are the host's bit for bit: distances of 0,
+    /// tiny, ε/3, just under ε, ε and beyond, ρ of 1, 2.5 and 10, labels in range and
+    /// one of K (a row of λ/K alone on both sides).
+    #[test]
+    fn soft_targets_on_the_device_are_the_hosts() -> TestResult {
+        let dev = candle_core::Device::Cpu;
+        let eps = 8.0f64 / 255.0;
+        let norms: Vec<f32> = vec![
+            0.0,
+            1e-9,
+            (eps / 3.0) as f32,
+            (eps * 0.999) as f32,
+            eps as f32,
+            0.2,
+            0.0313,
+        ];
+        let labels: Vec<u32> = vec![0, 3, 9, 10, 5, 1, 7];
+        for rho in [1.0, 2.5, 10.0] {
+            let host = ccat_soft_targets(&labels, &norms, eps, rho, 10);
+            let device = ccat_soft_targets_on_device(
+                &Tensor::new(labels.as_slice(), &dev)?,
+                &Tensor::new(norms.as_slice(), &dev)?,
+                eps,
+                rho,
+                10,
+            )?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&device), bits(&host), "ρ {rho}");
+        }
+        Ok(())
     }
 
     /// loss = (1 − m/B)·CE(clean) + (m/B)·CE(adversarial, p̃), p̃ from the returned

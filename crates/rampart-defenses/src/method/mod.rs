@@ -31,7 +31,7 @@ pub use ar_adals::{
     adals_targets, calibration_gaps, robustness_group, robustness_groups, AdaLsState, ArAdaLs,
     ArAdaLsConfig, ADALS_GROUPS,
 };
-pub use ccat::{ccat_lambda, ccat_soft_targets, Ccat};
+pub use ccat::{ccat_lambda, ccat_soft_targets, ccat_soft_targets_on_device, Ccat};
 pub use fast_at::FastAt;
 pub use normal::{cross_entropy, Normal};
 pub use oat::Oat;
@@ -664,22 +664,28 @@ mod host_label_tests {
 
     /// The methods that need the labels on the host take the trainer's copy (no read
     /// of the labels tensor, a wait on a GPU) and compute the same loss as from the
-    /// tensor; a copy of another length is refused.
+    /// tensor; a copy of another length is refused. CCAT (L∞) needs none: its soft
+    /// targets are made on the device.
     #[test]
     fn methods_take_the_host_labels_instead_of_reading_them() -> Result<()> {
-        let methods: Vec<(&str, Box<dyn TrainingMethod>)> = vec![
-            (
-                "ccat",
-                Box::new(Ccat {
-                    attack: rampart_attacks::Pgd {
-                        steps: 3,
-                        ..rampart_attacks::Pgd::ccat_train()
-                    },
-                    ..Ccat::stutz_cifar10()
-                }),
-            ),
-            ("regmixup", Box::new(RegMixup::pinto_cifar10())),
-        ];
+        let ccat = Ccat {
+            attack: rampart_attacks::Pgd {
+                steps: 3,
+                ..rampart_attacks::Pgd::ccat_train()
+            },
+            ..Ccat::stutz_cifar10()
+        };
+        let (model, x, y) = tiny_problem(4, 6, 3);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let before = LABEL_READS.with(std::cell::Cell::get);
+        ccat.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng))?;
+        assert_eq!(
+            LABEL_READS.with(std::cell::Cell::get),
+            before,
+            "ccat read the labels"
+        );
+        let methods: Vec<(&str, Box<dyn TrainingMethod>)> =
+            vec![("regmixup", Box::new(RegMixup::pinto_cifar10()))];
         for (name, method) in methods {
             let loss = |host: bool| -> Result<(f32, usize)> {
                 let (model, x, y) = tiny_problem(4, 6, 3);
