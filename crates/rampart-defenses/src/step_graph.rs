@@ -1,5 +1,5 @@
 //! CUDA graphs of the trainer's steps: a full-batch training step of normal training,
-//! fast AT, PGD-AT or CCAT (L∞) is the same device work on the same buffers every time (the
+//! fast AT, PGD-AT, CCAT (L∞) or TRADES is the same device work on the same buffers every time (the
 //! training attack, the method's loss, the backward pass), so it is captured once per
 //! run and replayed: one launch where the host queued some thousands, each with its
 //! host-side cost.
@@ -9,7 +9,10 @@
 //! the attack's seed, which the trainer draws from the method's RNG exactly as the
 //! method would ([`StepDraws::OneSeed`]: the method's step draws that one value and
 //! nothing else), and which the attack's start kernel reads on the device
-//! ([`rampart_attacks::with_seed_on_device`]; the starts themselves are drawn there).
+//! ([`rampart_attacks::with_seed_on_device`]; the starts themselves are drawn there);
+//! for TRADES, whose Gaussian start is drawn on the host from the seed, the trainer
+//! draws those values and copies them into a buffer the step reads
+//! ([`TrainingMethod::step_noise`], [`crate::with_step_noise`]).
 //! The graph leaves the step's loss, correct count and attack checks, and its
 //! gradients, in buffers that outlive it; the trainer adds the first to its sums and
 //! runs SGD on the second outside the graph (one launch), at the step's learning rate.
@@ -21,8 +24,7 @@
 //! across epochs. A last, smaller batch runs eagerly (`train_step`).
 //!
 //! **When not.** A method that draws anything else on the host per step
-//! ([`StepDraws::Other`]: OAT's λ, RegMixup's mixing, TRADES's Gaussian start, SAT's
-//! and AR-AdaLS's reads), data-parallel training, and a model whose passes draw noise (a
+//! ([`StepDraws::Other`]: OAT's λ, RegMixup's mixing, SAT's and AR-AdaLS's reads), data-parallel training, and a model whose passes draw noise (a
 //! stochastic student, seen in the first step) train eagerly. A capture that fails (a
 //! read back to the host, an upload the first step did not cache, a training attack
 //! on the host path, an operation the driver cannot capture) or a replay the driver
@@ -182,6 +184,12 @@ struct Fixed {
     stats: Tensor,
     /// The step's attack checks, where its attack leaves them.
     faults: RefCell<Option<Tensor>>,
+    /// The values the step draws on the host from its seed, where it draws any
+    /// ([`TrainingMethod::step_noise`]).
+    noise: RefCell<Option<Tensor>>,
+    /// The examples the method trained on (TRADES: the clean and the adversarial
+    /// batch), as the step's eager run counted them.
+    examples: Cell<usize>,
 }
 
 enum Phase<G> {
@@ -257,6 +265,8 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
                     seed: Tensor::zeros(2, DType::U32, dev)?,
                     stats: Tensor::zeros(2, DType::F64, dev)?,
                     faults: RefCell::new(None),
+                    noise: RefCell::new(None),
+                    examples: Cell::new(0),
                 });
             }
             Some(f) => {
@@ -280,8 +290,19 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
         let seed = match self.draws {
             StepDraws::OneSeed => {
                 let s = attack_seed(rng);
-                let words = Tensor::new(&[s as u32, (s >> 32) as u32], fixed.images.device())?;
+                let dev = fixed.images.device();
+                let words = Tensor::new(&[s as u32, (s >> 32) as u32], dev)?;
                 fixed.seed.slice_set(&words, 0, 0)?;
+                // What the step would draw from the seed on the host, drawn here.
+                let elems = fixed.images.elem_count();
+                if let Some(values) = method.step_noise(s, elems) {
+                    let drawn = rampart_data::upload::tensor(values, elems, dev)?;
+                    let mut noise = fixed.noise.borrow_mut();
+                    match noise.as_ref() {
+                        Some(buffer) => buffer.slice_set(&drawn, 0, 0)?,
+                        None => *noise = Some(drawn),
+                    }
+                }
                 Some(s)
             }
             StepDraws::Nothing | StepDraws::Other => None,
@@ -290,13 +311,18 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
         let mut run = || -> Result<()> {
             let mut r = body_rng.clone();
             let mut batch = TrainBatch::new(model, &fixed.images, &fixed.labels, &mut r);
-            let out = match seed {
-                Some(s) => rampart_attacks::with_seed_on_device(&fixed.seed, s, || {
+            let noise = fixed.noise.borrow().clone();
+            let out = match (seed, noise) {
+                (Some(s), Some(n)) => crate::method::with_step_noise(&n, s, || {
+                    rampart_attacks::with_seed_on_device(&fixed.seed, s, || method.loss(&mut batch))
+                })?,
+                (Some(s), None) => rampart_attacks::with_seed_on_device(&fixed.seed, s, || {
                     method.loss(&mut batch)
                 })?,
-                None => method.loss(&mut batch)?,
+                (None, _) => method.loss(&mut batch)?,
             };
             fixed.stats.slice_set(&step_stats(&out)?, 0, 0)?;
+            fixed.examples.set(out.labels.dim(0)?);
             let mut kept = fixed.faults.borrow_mut();
             match (&out.faults, kept.as_ref()) {
                 (Some(f), Some(k)) => k.slice_set(f.tensor(), 0, 0)?,
@@ -376,7 +402,7 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
             .transpose()?;
         sums.add(fixed.stats.copy()?, faults.as_ref())?;
         sgd.step_kept(lr)?;
-        Ok(Some(fixed.labels.dim(0)?))
+        Ok(Some(fixed.examples.get()))
     }
 }
 

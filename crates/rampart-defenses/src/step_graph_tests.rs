@@ -119,6 +119,13 @@ fn assert_same_history(a: &[EpochRecord], b: &[EpochRecord], what: &str) {
     }
 }
 
+fn short_trades() -> Trades {
+    Trades {
+        steps: 2,
+        ..Trades::zhang_cifar10()
+    }
+}
+
 fn short_pgd_at() -> AdversarialTraining {
     AdversarialTraining {
         attack: Pgd {
@@ -131,7 +138,8 @@ fn short_pgd_at() -> AdversarialTraining {
     }
 }
 
-/// Normal training (with label smoothing), fast AT, PGD-AT (two restarts) and CCAT: the
+/// Normal training (with label smoothing), fast AT, PGD-AT (two restarts), CCAT and
+/// TRADES (its Gaussian start drawn by the trainer before each step): the
 /// graph's run equals the eager run bit for bit (weights, losses, accuracies), with one
 /// capture at the second full batch and a launch for it and every later full batch of
 /// both epochs (4 full batches each: 7 launches), the last small batch eagerly.
@@ -146,6 +154,7 @@ fn runs_replayed_from_step_graphs_equal_eager_runs() -> TestResult {
         ("fast AT", Box::new(FastAt::wong_cifar10())),
         ("PGD-AT", Box::new(short_pgd_at())),
         ("CCAT", Box::new(short_ccat())),
+        ("TRADES", Box::new(short_trades())),
     ];
     for (what, method) in &methods {
         let eager = tempfile::tempdir()?;

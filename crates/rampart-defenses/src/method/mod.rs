@@ -211,6 +211,15 @@ pub trait TrainingMethod {
         StepDraws::Other
     }
 
+    /// The values a [`StepDraws::OneSeed`] step of `elems` input values draws on the
+    /// host from its seed and copies to the device (TRADES's Gaussian start), if any:
+    /// a CUDA graph of the step is given them in a device buffer before each replay
+    /// ([`with_step_noise`]). None (the default): the step draws nothing from the seed
+    /// on the host.
+    fn step_noise(&self, _seed: u64, _elems: usize) -> Option<Vec<f32>> {
+        None
+    }
+
     /// Whether the state stays the same on every data-parallel worker: the method
     /// learns it from sums over the workers ([`TrainBatch::sum_over_workers`]), so that
     /// it is the state of the global batch. Data-parallel training refuses a stateful
@@ -290,6 +299,11 @@ pub trait StatelessMethod: MethodSettings + serde::Serialize {
     fn draws(&self) -> StepDraws {
         StepDraws::Other
     }
+
+    /// What a step draws on the host from its seed ([`TrainingMethod::step_noise`]).
+    fn noise(&self, _seed: u64, _elems: usize) -> Option<Vec<f32>> {
+        None
+    }
 }
 
 impl<M: StatelessMethod> TrainingMethod for M {
@@ -312,6 +326,43 @@ impl<M: StatelessMethod> TrainingMethod for M {
     fn step_draws(&self) -> StepDraws {
         self.draws()
     }
+
+    fn step_noise(&self, seed: u64, elems: usize) -> Option<Vec<f32>> {
+        self.noise(seed, elems)
+    }
+}
+
+thread_local! {
+    /// A training step's host-drawn values on the device and the seed they are of.
+    static STEP_NOISE: std::cell::RefCell<Option<(Tensor, u64)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the values [`TrainingMethod::step_noise`] gives for `seed` already on
+/// the device in `noise`: a method's step of that seed takes them from there instead
+/// of drawing and copying them (what a CUDA graph of the step replays with the values
+/// written before each replay).
+pub fn with_step_noise<R>(noise: &Tensor, seed: u64, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<(Tensor, u64)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            STEP_NOISE.with(|s| *s.borrow_mut() = previous);
+        }
+    }
+    let previous = STEP_NOISE.with(|s| s.borrow_mut().replace((noise.clone(), seed)));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// The values [`with_step_noise`] put on the device for `seed`, if any.
+pub(crate) fn step_noise_of(seed: u64) -> Option<Tensor> {
+    STEP_NOISE.with(|s| {
+        s.borrow()
+            .as_ref()
+            .filter(|(_, of)| *of == seed)
+            .map(|(t, _)| t.clone())
+    })
 }
 
 /// The seed of one batch's attack, drawn from the method's RNG.

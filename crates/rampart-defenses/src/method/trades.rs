@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting, ATTACK_AND_BETA};
 use super::{
-    attack_seed, check_eps, cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
+    attack_seed, check_eps, cross_entropy, BatchLoss, StatelessMethod, StepCost, StepDraws,
+    TrainBatch,
 };
 use crate::error::{DefenseError, Result};
 
@@ -101,12 +102,18 @@ impl Trades {
         let frozen = model.frozen();
         let log_p_clean =
             candle_nn::ops::log_softmax(&frozen.forward_t(&x, false)?, D::Minus1)?.detach();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let noise = gaussian(&mut rng, x.elem_count());
-        // Staged through page-locked memory on a GPU where switched on (no wait for the
-        // previous step at the copy).
-        let noise =
-            rampart_data::upload::tensor(noise, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        let noise = match super::step_noise_of(seed) {
+            // Drawn by the trainer before the step (a replayed CUDA graph's buffer).
+            Some(t) => t.reshape(x.dims())?.to_dtype(x.dtype())?,
+            // Staged through page-locked memory on a GPU where switched on (no wait
+            // for the previous step at the copy).
+            None => rampart_data::upload::tensor(
+                start_noise(seed, x.elem_count()),
+                x.dims(),
+                x.device(),
+            )?
+            .to_dtype(x.dtype())?,
+        };
         let mut adv = project(&(&x + (noise * self.init_std)?)?)?;
         for _ in 0..self.steps {
             let var = Var::from_tensor(&adv)?;
@@ -139,6 +146,11 @@ pub fn kl_divergence(logits_p: &Tensor, logits_q: &Tensor) -> Result<Tensor> {
 }
 
 /// `n` standard normal draws ([`rampart_attacks::standard_normal`]).
+/// The standard-normal values of the attack's start for `seed`, `n` of them.
+fn start_noise(seed: u64, n: usize) -> Vec<f32> {
+    gaussian(&mut ChaCha8Rng::seed_from_u64(seed), n)
+}
+
 fn gaussian(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| rampart_attacks::standard_normal(rng) as f32)
@@ -175,6 +187,16 @@ impl StatelessMethod for Trades {
                 forward: 1.0,
             },
         }
+    }
+
+    /// The attack's seed, from which its Gaussian start is drawn on the host.
+    fn draws(&self) -> StepDraws {
+        StepDraws::OneSeed
+    }
+
+    /// The Gaussian start's standard-normal values of `seed` ([`start_noise`]).
+    fn noise(&self, seed: u64, elems: usize) -> Option<Vec<f32>> {
+        Some(start_noise(seed, elems))
     }
 
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {

@@ -96,7 +96,7 @@ pub const DEVICE_ATTACK_ENV: &str = "RAMPART_CUDA_DEVICE_ATTACK";
 pub const CUDA_GRAPHS_ENV: &str = "RAMPART_CUDA_GRAPHS";
 
 /// The switch of the trainer's CUDA graphs: full-batch training steps of normal
-/// training, fast AT, PGD-AT and CCAT captured once per run and replayed
+/// training, fast AT, PGD-AT, CCAT and TRADES captured once per run and replayed
 /// (`rampart-defenses`, `step_graph`; any value but `0`).
 pub const TRAIN_GRAPHS_ENV: &str = "RAMPART_CUDA_TRAIN_GRAPHS";
 
