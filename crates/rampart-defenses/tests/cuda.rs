@@ -115,17 +115,20 @@ fn sgd_kernels_compile_with_nvrtc() {
     }
 }
 
-/// Two epochs of fast AT (FGSM-RS on the device-resident loop, its starts drawn on the
-/// GPU from the seed the step writes there) on WRN-10-1 and 96 random 32×32 images,
-/// batch 32 (3 full batches per epoch): with the trainer's CUDA graphs, one capture
-/// and a launch for every later full batch (5), and the weights of the eager run to
-/// within what the GPU's own run-to-run differences allow (cuDNN's kernels may add in
-/// another order; the bound is far below what a wrong batch, seed or update gives).
+/// Two epochs of normal training, fast AT (FGSM-RS on the device-resident loop, its
+/// starts drawn on the GPU from the seed the step writes there), CCAT (its soft targets
+/// made on the GPU) and TRADES (its Gaussian start drawn by the trainer) on WRN-10-1 and
+/// 96 random 32×32 images, batch 32 (3 full batches per epoch): with the trainer's CUDA
+/// graphs, one capture and a launch for every later full batch (5) per run, and the
+/// weights of the eager run to within what the GPU's own run-to-run differences allow
+/// (cuDNN's kernels may add in another order; the bound is far below what a wrong
+/// batch, seed or update gives). Prints the last capture failure when graphs did not
+/// replay.
 #[test]
 fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
     use rampart_defenses::{
-        train_graph_failure, train_graph_steps, with_train_graphs, FastAt, Progress, TrainConfig,
-        Trainer,
+        train_graph_failure, train_graph_steps, with_train_graphs, Ccat, FastAt, Normal, Progress,
+        Trades, TrainConfig, Trainer, TrainingMethod,
     };
     use rampart_models::{Arch, Classifier, ModelSpec};
     use std::sync::Arc;
@@ -147,7 +150,26 @@ fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
         batch_size: 32,
         ..TrainConfig::tiny(2)
     };
-    let run = |graphs: bool| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+    let ccat = Ccat {
+        attack: rampart_attacks::Pgd {
+            steps: 5,
+            ..rampart_attacks::Pgd::ccat_train()
+        },
+        ..Ccat::stutz_cifar10()
+    };
+    let trades = Trades {
+        steps: 3,
+        ..Trades::zhang_cifar10()
+    };
+    let methods: [(&str, &dyn TrainingMethod); 4] = [
+        ("normal", &Normal::new()),
+        ("fast AT", &FastAt::wong_cifar10()),
+        ("CCAT", &ccat),
+        ("TRADES", &trades),
+    ];
+    let run = |method: &dyn TrainingMethod,
+               graphs: bool|
+     -> Result<Vec<f32>, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let mut model = Classifier::new(
             ModelSpec::cifar(
@@ -163,12 +185,7 @@ fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
         let mut go = || {
             Trainer::new(config.clone(), dir.path())?
                 .progress(Progress::Hidden)
-                .run(
-                    &mut model,
-                    &FastAt::wong_cifar10(),
-                    Arc::clone(&train),
-                    &test,
-                )
+                .run(&mut model, method, Arc::clone(&train), &test)
         };
         rampart_attacks::with_device_resident_pgd(|| {
             if graphs {
@@ -183,30 +200,32 @@ fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
         }
         Ok(all)
     };
-    let eager = run(false)?;
-    let again = run(false)?;
-    let before = train_graph_steps();
-    let graphed = run(true)?;
-    let after = train_graph_steps();
-    assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (1, 5),
-        "captures and launches (last failure: {:?})",
-        train_graph_failure()
-    );
     let worst = |a: &[f32], b: &[f32]| {
         a.iter()
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max)
     };
-    let (noise, diff) = (worst(&eager, &again), worst(&eager, &graphed));
-    eprintln!(
-        "fast AT, 6 steps: eager runs differ by {noise:.1e}, graphed and eager by {diff:.1e}"
-    );
-    assert!(
-        diff <= 1e-4f32.max(10.0 * noise),
-        "graphed weights differ by {diff}"
-    );
+    for (what, method) in methods {
+        let eager = run(method, false)?;
+        let again = run(method, false)?;
+        let before = train_graph_steps();
+        let graphed = run(method, true)?;
+        let after = train_graph_steps();
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (1, 5),
+            "{what}: captures and launches (last failure: {:?})",
+            train_graph_failure()
+        );
+        let (noise, diff) = (worst(&eager, &again), worst(&eager, &graphed));
+        eprintln!(
+            "{what}, 6 steps: eager runs differ by {noise:.1e}, graphed and eager by {diff:.1e}"
+        );
+        assert!(
+            diff <= 1e-4f32.max(10.0 * noise),
+            "{what}: graphed weights differ by {diff}"
+        );
+    }
     Ok(())
 }
