@@ -335,7 +335,7 @@ impl BenchArgs {
                         };
                         // The training methods' loss (one fused op each way).
                         let loss = rampart_defenses::cross_entropy(&logits, &ys, 0.0)?;
-                        sgd.step(&loss.backward()?, 0.01)?;
+                        sgd.step(&rampart_models::backward(&loss)?, 0.01)?;
                         Ok(())
                     })?;
                     step_graphs = rampart_defenses::train_graph_steps().1 > launches;

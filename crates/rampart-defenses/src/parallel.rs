@@ -91,6 +91,7 @@ pub fn average_gradients(
     vars: &[(String, Var)],
     grads: &mut GradStore,
 ) -> Result<()> {
+    crate::sgd::check_handed_out(grads)?;
     let workers = collective.workers();
     let mut parts = Vec::with_capacity(vars.len() + 1);
     let mut present = Vec::with_capacity(vars.len());

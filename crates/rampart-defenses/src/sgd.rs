@@ -172,6 +172,7 @@ impl Sgd {
     /// parameters take the reference path, and so does every parameter when the GPU
     /// kernels cannot be compiled or loaded (logged once).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        check_handed_out(grads)?;
         let config = self.config;
         let fused = *self.fused.get_or_insert_with(|| {
             self.params
@@ -244,6 +245,7 @@ impl Sgd {
     /// outlive the graph. A parameter must have a gradient at every call or at none.
     #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
     pub(crate) fn keep_gradients(&mut self, grads: &GradStore) -> Result<()> {
+        check_handed_out(grads)?;
         if self.kept.len() != self.params.len() {
             self.kept = vec![None; self.params.len()];
         }
@@ -278,6 +280,7 @@ impl Sgd {
     /// [`Sgd::step`] as plain tensor operations, parameter by parameter: the reference
     /// the fused kernels are tested against.
     pub fn step_reference(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        check_handed_out(grads)?;
         let config = self.config;
         for p in &mut self.params {
             if let Some(grad) = grads.get(p.var.as_tensor()) {
@@ -353,6 +356,20 @@ fn reference_update(p: &mut Param, grad: &Tensor, config: &SgdConfig, lr: f64) -
         g
     };
     p.var.set(&(w - direction.affine(lr, 0.0)?)?)?;
+    Ok(())
+}
+
+/// Refuses gradients of which a fused train pass's parameter buffer still holds some
+/// (`rampart_models::flat_gradients_pending`): the parameters would have none, and
+/// an update would silently skip them.
+pub(crate) fn check_handed_out(grads: &GradStore) -> Result<()> {
+    if rampart_models::flat_gradients_pending(grads) {
+        return Err(DefenseError::Config(
+            "the gradients of a fused train pass were not handed to the parameters: \
+             take a training loss's gradients with `rampart_models::backward`"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
@@ -563,6 +580,97 @@ mod tests {
         let steps = two_steps(config)?;
         assert!(close(steps[1].0, 0.725566), "{steps:?}");
         assert_eq!(steps[1].1, 1.0);
+        Ok(())
+    }
+
+    /// Gradients of a GPU fused train pass (here on its kernels' twins) left in the
+    /// model's parameter buffer by a plain `backward` are refused by every update and
+    /// by the all-reduce, with a message that says what to do; handed out
+    /// (`rampart_models::backward`), they are views into that buffer, and two steps
+    /// (the fused kernels read each at its offset) move the weights as two steps on
+    /// the layer-by-layer pass's gradients do.
+    #[test]
+    fn fused_pass_gradients_must_be_handed_out_and_then_update_like_the_reference() -> TestResult {
+        use candle_core::ModuleT;
+        use rampart_models::{Classifier, ModelSpec};
+        use rand::{Rng, SeedableRng};
+        let spec = ModelSpec::wrn(10, 1, 10);
+        let (fused, reference) = (
+            Classifier::new(spec.clone(), 4, &Device::Cpu)?,
+            Classifier::new(spec, 4, &Device::Cpu)?,
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let pixels: Vec<f32> = (0..2 * 3 * 32 * 32).map(|_| rng.gen()).collect();
+        let x = Tensor::from_vec(pixels, (2, 3, 32, 32), &Device::Cpu)?;
+        let config = SgdConfig::cifar();
+        let mut sgd = Sgd::new(fused.trainable_vars(), config)?;
+        let mut sgd_ref = Sgd::new(reference.trainable_vars(), config)?;
+
+        let loss = fused
+            .fused_gpu_train(&x)?
+            .ok_or("no program")?
+            .sqr()?
+            .mean_all()?;
+        let pending = loss.backward()?;
+        for err in [
+            sgd.step(&pending, 0.1).err(),
+            sgd.step_reference(&pending, 0.1).err(),
+            sgd.keep_gradients(&pending).err(),
+        ] {
+            let err = err.ok_or("a store with pending gradients was taken")?;
+            assert!(
+                err.to_string().contains("rampart_models::backward"),
+                "{err}"
+            );
+        }
+        /// One worker, its own sums.
+        #[derive(Debug)]
+        struct Alone;
+        impl crate::parallel::Collective for Alone {
+            fn place(&self) -> (usize, usize) {
+                (0, 1)
+            }
+            fn backend(&self) -> &'static str {
+                "alone"
+            }
+            fn all_reduce_sum(&self, values: &Tensor) -> Result<Tensor> {
+                Ok(values.clone())
+            }
+            fn broadcast(&self, values: &Tensor) -> Result<Tensor> {
+                Ok(values.clone())
+            }
+        }
+        let one = Alone;
+        let mut store = pending;
+        let err = crate::parallel::average_gradients(&one, &fused.trainable_vars(), &mut store)
+            .err()
+            .ok_or("the all-reduce took pending gradients")?;
+        assert!(
+            err.to_string().contains("rampart_models::backward"),
+            "{err}"
+        );
+
+        for step in 0..2 {
+            let loss = fused
+                .fused_gpu_train(&x)?
+                .ok_or("no program")?
+                .sqr()?
+                .mean_all()?;
+            sgd.step(&rampart_models::backward(&loss)?, 0.1)?;
+            let loss = reference.forward_t(&x, true)?.sqr()?.mean_all()?;
+            sgd_ref.step(&loss.backward()?, 0.1)?;
+            for ((name, a), (_, b)) in fused
+                .trainable_vars()
+                .iter()
+                .zip(reference.trainable_vars())
+            {
+                let d = (a.as_tensor() - b.as_tensor())?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert!(d < 1e-5, "step {step}, {name}: weights differ by {d}");
+            }
+        }
         Ok(())
     }
 

@@ -334,7 +334,7 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
                 }
                 (None, None) => {}
             }
-            let grads = out.loss.backward()?;
+            let grads = rampart_models::backward(&out.loss)?;
             sgd.keep_gradients(&grads)
         };
         let mut body = || -> rampart_attacks::Result<()> {

@@ -602,7 +602,7 @@ pub fn train_step(
 ) -> Result<usize> {
     let out = method.loss(batch)?;
     sums.add(step_stats(&out)?, out.faults.as_ref())?;
-    let mut grads = out.loss.backward()?;
+    let mut grads = rampart_models::backward(&out.loss)?;
     if let Some((group, vars)) = workers {
         parallel::average_gradients(group, vars, &mut grads)?;
     }

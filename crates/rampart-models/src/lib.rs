@@ -35,6 +35,7 @@ macro_rules! test_device {
     };
 }
 
+mod flat;
 pub mod kernels;
 pub mod layers;
 pub mod resnet;
@@ -43,6 +44,7 @@ mod store;
 pub mod variant;
 pub mod wrn;
 
+pub use flat::{backward, flat_gradients_pending, hand_out_flat_gradients};
 #[cfg(feature = "cuda")]
 pub use kernels::cuda;
 pub use kernels::sync_bn::{ChannelSum, SyncScope};
@@ -185,6 +187,9 @@ pub struct Classifier {
     forward_lock: Mutex<()>,
     /// The λ codes buffer of an OAT model (shares storage with the varmap's entry).
     lambda_codes: Option<Var>,
+    /// The parameters of the GPU's fused train program in one buffer, made by its
+    /// first pass ([`flat`]).
+    flat: Mutex<Option<Arc<flat::FlatParams>>>,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -238,6 +243,7 @@ impl Classifier {
             lambda: Mutex::new(lambda),
             forward_lock: Mutex::new(()),
             lambda_codes,
+            flat: Mutex::new(None),
         };
         model.initialise(seed)?;
         Ok(model)
@@ -272,6 +278,7 @@ impl Classifier {
             lambda: Mutex::new(0.0),
             forward_lock: Mutex::new(()),
             lambda_codes: None,
+            flat: Mutex::new(None),
         })
     }
 
@@ -602,7 +609,7 @@ impl Classifier {
         };
         let groups = clean.map(|c| (b, c));
         let rows = program.norm_rows(b)?;
-        let flat = Tensor::cat(&tensors, 0)?;
+        let flat = self.train_params(&tensors)?;
         let op = kernels::device_train::DeviceTrain::new(
             program,
             xs.to_dtype(DType::F32)?.contiguous()?,
@@ -617,6 +624,28 @@ impl Classifier {
             norm.update_running_device(st, r, groups)?;
         }
         Ok(Some(logits))
+    }
+
+    /// The parameters `tensors` of a fused train program as the one tensor its op
+    /// takes: this model's buffer of them with their current values ([`flat`]; the
+    /// caller hands its gradient out to them after the backward pass), or, where one
+    /// of them is computed (an OAT model's FiLM outputs), their concatenation, whose
+    /// gradient autograd hands out.
+    fn train_params(&self, tensors: &[Tensor]) -> candle_core::Result<Tensor> {
+        let mut cached = self.flat.lock().unwrap_or_else(|p| p.into_inner());
+        if !cached.as_ref().is_some_and(|f| f.holds(tensors)) {
+            *cached = flat::FlatParams::new(tensors)?;
+        }
+        match cached.as_ref() {
+            Some(f) => f.gathered(),
+            None => {
+                let flat = tensors
+                    .iter()
+                    .map(Tensor::flatten_all)
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&flat, 0)
+            }
+        }
     }
 
     /// The fused eval op of the GPU's program for this model's frozen network on its

@@ -430,7 +430,7 @@ fn probe_grads(t: &Tensor, seed: u64) -> candle_core::backprop::GradStore {
         .map(|_| rng.gen::<f32>() - 0.5)
         .collect();
     let probe = Tensor::from_vec(pv, t.dims(), &Device::Cpu).unwrap();
-    (t * &probe).unwrap().sum_all().unwrap().backward().unwrap()
+    crate::backward(&(t * &probe).unwrap().sum_all().unwrap()).unwrap()
 }
 
 /// The variables of `m` with their names, sorted by name.
@@ -820,6 +820,131 @@ fn gpu_fused_train_program_matches_layer_by_layer_on_the_cpu() {
             .unwrap()
             .is_none());
     }
+}
+
+/// The GPU's fused train program (here on its kernels' twins) takes the parameters
+/// from the model's one buffer of them (`flat`): a plain `backward` leaves their
+/// gradient there, pending, the parameters without one, and the optimisers refuse
+/// such a store; handed out, each parameter's gradient is the layer-by-layer pass's,
+/// summed over two passes of one loss and added to a gradient from another use of
+/// the parameter; a pass after the weights changed in place takes the new values; an
+/// OAT model (whose FiLM outputs are computed) concatenates instead and leaves
+/// nothing pending.
+#[test]
+fn fused_train_parameters_come_from_one_buffer_and_their_gradients_are_handed_out() {
+    let spec = ModelSpec::wrn(10, 1, 10);
+    let (reference, fused) = (trained_looking(spec.clone(), 5), trained_looking(spec, 5));
+    let x = input(3, 13);
+    let params = |m: &Classifier| -> Vec<(String, Var)> {
+        sorted_vars(m)
+            .into_iter()
+            .filter(|(n, _)| !is_buffer(n))
+            .collect()
+    };
+
+    // One pass, a plain backward: the gradient waits in the buffer.
+    let logits = fused.fused_gpu_train(&x).unwrap().unwrap();
+    let mut grads = logits.sum_all().unwrap().backward().unwrap();
+    assert!(crate::flat_gradients_pending(&grads));
+    assert!(params(&fused)
+        .iter()
+        .all(|(_, v)| grads.get(v.as_tensor()).is_none()));
+    crate::hand_out_flat_gradients(&mut grads).unwrap();
+    assert!(!crate::flat_gradients_pending(&grads));
+    let want = grads_of_sum(
+        &reference
+            .forward_network(reference.net.as_ref(), &x, true)
+            .unwrap(),
+    );
+    let compare = |what: &str,
+                   got: &candle_core::backprop::GradStore,
+                   want: &candle_core::backprop::GradStore| {
+        let (ps, rs) = (params(&fused), params(&reference));
+        for ((name, v), (_, r)) in ps.iter().zip(&rs) {
+            let gr = want
+                .get(r.as_tensor())
+                .unwrap_or_else(|| panic!("{what} {name}: no reference gradient"));
+            let gf = got
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{what} {name}: no gradient"));
+            assert_eq!(gf.dims(), v.dims(), "{what} {name}");
+            close_in_max(what, name, gr, gf);
+        }
+        ps.len()
+    };
+    assert!(compare("one pass", &grads, &want) > 10);
+
+    // The weights change in place (as SGD changes them): the next pass sees them.
+    let (_, w) = params(&fused)
+        .into_iter()
+        .find(|(n, _)| n == "fc.weight")
+        .expect("fc.weight");
+    let (_, w_ref) = params(&reference)
+        .into_iter()
+        .find(|(n, _)| n == "fc.weight")
+        .expect("fc.weight");
+    let moved = (w.as_tensor() * 1.5).unwrap();
+    w.set(&moved).unwrap();
+    w_ref.set(&moved).unwrap();
+
+    // Two passes and another use of fc.weight in one loss, through `backward`.
+    let x2 = input(3, 14);
+    let loss_of = |a: &Tensor, b: &Tensor, w: &Tensor| {
+        (a.sum_all().unwrap()
+            + (b.sqr().unwrap().sum_all().unwrap() * 0.1).unwrap()
+            + w.sqr().unwrap().sum_all().unwrap())
+        .unwrap()
+    };
+    let (a, b) = (
+        fused.fused_gpu_train(&x).unwrap().unwrap(),
+        fused.fused_gpu_train(&x2).unwrap().unwrap(),
+    );
+    let got = crate::backward(&loss_of(&a, &b, w.as_tensor())).unwrap();
+    let net = reference.net.as_ref();
+    let (ra, rb) = (
+        reference.forward_network(net, &x, true).unwrap(),
+        reference.forward_network(net, &x2, true).unwrap(),
+    );
+    let scale = max_abs(&ra).max(1.0);
+    assert!(max_abs_diff(&a, &ra) < 1e-4 * scale, "the moved weights");
+    let want = loss_of(&ra, &rb, w_ref.as_tensor()).backward().unwrap();
+    assert!(!crate::flat_gradients_pending(&got));
+    compare("two passes and fc.weight²", &got, &want);
+
+    // PreActResNet-18 and a student take the buffer too (a pending gradient says so).
+    let mut student = ModelSpec::wrn(10, 1, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.3 });
+    for spec in [ModelSpec::cifar(Arch::PreactResnet18, 10), student] {
+        let m = Classifier::new(spec, 2, &Device::Cpu).unwrap();
+        let logits = m.fused_gpu_train(&input(2, 15)).unwrap().unwrap();
+        let mut grads = logits.sum_all().unwrap().backward().unwrap();
+        assert!(crate::flat_gradients_pending(&grads), "{}", m.spec().arch);
+        crate::hand_out_flat_gradients(&mut grads).unwrap();
+        let missing: Vec<String> = params(&m)
+            .into_iter()
+            .filter(|(_, v)| grads.get(v.as_tensor()).is_none())
+            .map(|(n, _)| n)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{}: no gradient for {missing:?}",
+            m.spec().arch
+        );
+    }
+
+    // An OAT model's program concatenates: nothing pending after a plain backward.
+    let mut oat = ModelSpec::wrn(10, 1, 10);
+    oat.oat = Some(OatSpec::standard());
+    let m = trained_looking(oat, 5);
+    let logits = m
+        .fused_gpu_train_at(&x, Some(&[0.0, 0.3, 1.0]))
+        .unwrap()
+        .unwrap();
+    let grads = logits.sum_all().unwrap().backward().unwrap();
+    assert!(!crate::flat_gradients_pending(&grads));
+    assert!(params(&m)
+        .iter()
+        .any(|(n, v)| n == "fc.weight" && grads.get(v.as_tensor()).is_some()));
 }
 
 /// The classifier itself, in eval and in train mode, gives parameters gradients; its

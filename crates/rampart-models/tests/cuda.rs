@@ -42,12 +42,12 @@ fn convolution_matches_cpu() {
         let x_cpu = Var::from_tensor(&tensor(&[b, hw, hw, ci], 1)).unwrap();
         let w_cpu = Var::from_tensor(&tensor(&[co, ci, k, k], 2)).unwrap();
         let y_cpu = conv2d_nhwc(x_cpu.as_tensor(), w_cpu.as_tensor(), s, p).unwrap();
-        let g_cpu = probe(&y_cpu, 3).backward().unwrap();
+        let g_cpu = rampart_models::backward(&probe(&y_cpu, 3)).unwrap();
 
         let x_gpu = Var::from_tensor(&x_cpu.as_tensor().to_device(&dev).unwrap()).unwrap();
         let w_gpu = Var::from_tensor(&w_cpu.as_tensor().to_device(&dev).unwrap()).unwrap();
         let y_gpu = conv2d_nhwc(x_gpu.as_tensor(), w_gpu.as_tensor(), s, p).unwrap();
-        let g_gpu = probe(&y_gpu, 3).backward().unwrap();
+        let g_gpu = rampart_models::backward(&probe(&y_gpu, 3)).unwrap();
 
         let tol = 1e-4;
         let d = rel_diff(&y_cpu, &y_gpu, 1e-3);
@@ -64,7 +64,7 @@ fn convolution_matches_cpu() {
         // alone, the same as before, and none for the kernel.
         let g_in = {
             let y = conv2d_nhwc(x_gpu.as_tensor(), &w_gpu.as_tensor().detach(), s, p).unwrap();
-            probe(&y, 3).backward().unwrap()
+            rampart_models::backward(&probe(&y, 3)).unwrap()
         };
         assert!(
             g_in.get(w_gpu.as_tensor()).is_none(),
@@ -219,8 +219,8 @@ fn networks_match_cpu_in_eval_and_attack_mode() {
         assert!(d < 2e-3, "{name}: input gradients differ by {d}");
 
         // The classifier itself in eval mode gives parameter gradients too.
-        let gc = probe(&fwd(&cpu, &x, false), 6).backward().unwrap();
-        let gg = probe(&logits_gpu, 6).backward().unwrap();
+        let gc = rampart_models::backward(&probe(&fwd(&cpu, &x, false), 6)).unwrap();
+        let gg = rampart_models::backward(&probe(&logits_gpu, 6)).unwrap();
         let gpu_vars: std::collections::HashMap<String, Var> =
             gpu.named_vars().into_iter().collect();
         for (var_name, vc) in cpu.named_vars() {
@@ -284,8 +284,8 @@ fn fused_eval_program_matches_cpu() {
             d < 1e-4,
             "{name}: fused and layer-by-layer GPU logits differ by {d}"
         );
-        let gc = probe(&lc, 5).backward().unwrap();
-        let gg = probe(&lg, 5).backward().unwrap();
+        let gc = rampart_models::backward(&probe(&lc, 5)).unwrap();
+        let gg = rampart_models::backward(&probe(&lg, 5)).unwrap();
         let (a, b) = (
             gc.get(xc.as_tensor()).unwrap(),
             gg.get(xg.as_tensor()).unwrap(),
@@ -389,8 +389,8 @@ fn train_step_agrees(
     [cpu, gpu]: [&Classifier; 2],
     [logits_cpu, logits_gpu]: [&Tensor; 2],
 ) {
-    let gc = probe(logits_cpu, 9).backward().unwrap();
-    let gg = probe(logits_gpu, 9).backward().unwrap();
+    let gc = rampart_models::backward(&probe(logits_cpu, 9)).unwrap();
+    let gg = rampart_models::backward(&probe(logits_gpu, 9)).unwrap();
     let gpu_vars: std::collections::HashMap<String, Var> = gpu.named_vars().into_iter().collect();
     let mut checked = 0;
     for (var_name, vc) in cpu.named_vars() {

@@ -152,8 +152,8 @@ fn networks_in_bf16_stay_close_to_f32() {
     eprintln!("WRN-16-2 bf16: eval logits {d:.1e}");
     assert!(d < 3e-2, "eval logits differ by {d}");
     let (gc, gg) = (
-        probe(&lc, 5).backward().unwrap(),
-        probe(&lg, 5).backward().unwrap(),
+        rampart_models::backward(&probe(&lc, 5)).unwrap(),
+        rampart_models::backward(&probe(&lg, 5)).unwrap(),
     );
     let d = rel_l2(
         gc.get(xc.as_tensor()).unwrap(),
@@ -168,8 +168,8 @@ fn networks_in_bf16_stay_close_to_f32() {
         .forward_t(&x.to_device(&dev).unwrap(), true)
         .unwrap();
     let (gc, gg) = (
-        probe(&lc, 6).backward().unwrap(),
-        probe(&lg, 6).backward().unwrap(),
+        rampart_models::backward(&probe(&lc, 6)).unwrap(),
+        rampart_models::backward(&probe(&lg, 6)).unwrap(),
     );
     let (vc, vg) = (cpu_model.trainable_vars(), gpu_model.trainable_vars());
     let mut worst = 0f32;
@@ -229,8 +229,8 @@ fn fused_programs_in_bf16_match_the_layer_by_layer_path() {
         eprintln!("{name} bf16: fused eval logits {d:.1e} from the layer-by-layer path");
         assert!(d < 1e-2, "{name}: eval logits differ by {d}");
         let (gl, gf) = (
-            probe(&ll, 5).backward().unwrap(),
-            probe(&lf, 5).backward().unwrap(),
+            rampart_models::backward(&probe(&ll, 5)).unwrap(),
+            rampart_models::backward(&probe(&lf, 5)).unwrap(),
         );
         let d = rel_l2(
             gl.get(xl.as_tensor()).unwrap(),
@@ -248,8 +248,8 @@ fn fused_programs_in_bf16_match_the_layer_by_layer_path() {
         let d = rel_l2(&ll, &lf, 1e-6);
         assert!(d < 1e-2, "{name}: train logits differ by {d}");
         let (gl, gf) = (
-            probe(&ll, 6).backward().unwrap(),
-            probe(&lf, 6).backward().unwrap(),
+            rampart_models::backward(&probe(&ll, 6)).unwrap(),
+            rampart_models::backward(&probe(&lf, 6)).unwrap(),
         );
         let mut worst = 0f32;
         for ((var, a), (_, b)) in layers.trainable_vars().iter().zip(&fused.trainable_vars()) {

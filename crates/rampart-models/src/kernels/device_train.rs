@@ -173,7 +173,7 @@ impl TrainProgram {
             let mut p = placed.borrow_mut();
             let start = p.1;
             p.1 += t.elem_count();
-            p.0.push(t.flatten_all()?);
+            p.0.push(t.clone());
             Ok(start)
         };
         let conv = |c: &super::device_eval::DConv| {

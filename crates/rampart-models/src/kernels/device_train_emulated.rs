@@ -284,7 +284,11 @@ fn train_program_launches_equal_the_cpu_executor() -> TestResult {
             m.device_train_program(b, None)?
         };
         let (program, tensors, _) = parts.ok_or("no program")?;
-        let params = Tensor::cat(&tensors, 0)?.to_vec1::<f32>()?;
+        let flat = tensors
+            .iter()
+            .map(Tensor::flatten_all)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let params = Tensor::cat(&flat, 0)?.to_vec1::<f32>()?;
         let before = emulated();
         let (out, st) = super::forward(&CpuExec, &program, params.clone(), &x)?;
         let (out_emu, st_emu) = super::forward(&EmuExec, &program, params, &x)?;
