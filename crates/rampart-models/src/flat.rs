@@ -7,10 +7,11 @@
 //! dimension (its flattening is an operation too): 210 small GPU launches for
 //! PreActResNet-18's 56 parameters on each training pass, each with its host-side
 //! cost, where the program itself launches a few hundred. Here the parameters are
-//! copied into one variable kept by the model ([`FlatParams`]), whose gradient the
-//! op gives directly, and after the backward pass each parameter is handed its slice
-//! of that gradient, a view of it with no copy ([`backward`],
-//! [`hand_out_flat_gradients`]): one copy per parameter, and the buffer's own gradient.
+//! copied into one variable kept by the model ([`FlatParams`]; one launch for all of
+//! them, `kernels::gather`), whose gradient the op gives directly, and after the
+//! backward pass each parameter is handed its slice of that gradient, a view of it
+//! with no copy ([`backward`], [`hand_out_flat_gradients`]): one launch forward, and
+//! the buffer's own gradient.
 //!
 //! A caller that runs the backward pass of a loss computed through such a pass must
 //! hand the gradients out (or call [`backward`]); an optimiser given a store where
@@ -27,6 +28,9 @@ pub(crate) struct FlatParams {
     flat: Var,
     /// Each parameter (a variable) and where it starts in `flat`.
     params: Vec<(Tensor, usize)>,
+    /// The GPU's copy of the gather's table.
+    #[cfg(feature = "cuda")]
+    table: Mutex<crate::kernels::gather::TableCache>,
 }
 
 /// Every buffer made so far whose model may still be alive: what
@@ -61,6 +65,8 @@ impl FlatParams {
         let made = Arc::new(FlatParams {
             flat: Var::zeros(at, DType::F32, first.device())?,
             params: placed,
+            #[cfg(feature = "cuda")]
+            table: Mutex::new(None),
         });
         let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
         live.retain(|w| w.strong_count() > 0);
@@ -78,14 +84,17 @@ impl FlatParams {
                 .all(|((p, _), q)| p.id() == q.id())
     }
 
-    /// The buffer with the parameters' current values copied in (one copy each): the
-    /// tensor the program takes in place of their concatenation. Its gradient reaches
-    /// the parameters through [`hand_out_flat_gradients`].
+    /// The buffer with the parameters' current values copied in (one launch on a GPU,
+    /// `kernels::gather`): the tensor the program takes in place of their
+    /// concatenation. Its gradient reaches the parameters through
+    /// [`hand_out_flat_gradients`].
     pub(crate) fn gathered(&self) -> Result<Tensor> {
         let flat = self.flat.as_tensor();
-        for (p, at) in &self.params {
-            flat.slice_set(&p.detach().flatten_all()?.contiguous()?, 0, *at)?;
-        }
+        flat.inplace_op1(&crate::kernels::gather::Gather {
+            params: &self.params,
+            #[cfg(feature = "cuda")]
+            table: &self.table,
+        })?;
         Ok(flat.clone())
     }
 }

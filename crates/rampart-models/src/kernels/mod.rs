@@ -27,6 +27,8 @@
 //!   eval mode (forward and input gradient: attacks) and in train mode (forward and
 //!   every parameter gradient: training); `train_norm`: the train-mode normalisation
 //!   layers of the latter (plain, a student's noise, OAT's dual BatchNorm and FiLM).
+//! * `gather`: a model's parameters copied into its one buffer of them for the
+//!   GPU's fused train program (`crate::flat`), one launch for all of them.
 //! * `winograd`, `gemm` and `common`: Winograd F(2×2, 3×3) convolutions, the GEMM
 //!   entry point and the small pieces the kernels share.
 //! * [`xent`]: softmax cross-entropy (labels with smoothing, or soft targets) as one
@@ -57,6 +59,7 @@ pub mod device_train;
 pub mod emulate;
 pub(crate) mod fused;
 pub(crate) mod fused_train;
+pub(crate) mod gather;
 mod gemm;
 pub(crate) mod launch;
 pub mod noise;

@@ -280,3 +280,26 @@ extern "C" __global__ void ohwi_to_oihw(float* out, const float* w, unsigned int
     unsigned int i = rest % ci, o = rest / ci;
     out[j] = w[(o * kk + q) * ci + i];
 }
+
+// A model's parameters copied into its one buffer (kernels/gather.rs holds the CPU
+// twin and the launch): meta holds four values per tensor [source address, n, offset
+// in dst, first block]; block k copies elements (k - first) * chunk ... + chunk of
+// the last tensor whose first block is at most k (found by bisection; an empty tensor
+// shares its first block with the next and is passed over).
+extern "C" __global__ void gather_params(float* dst, const unsigned long long* meta,
+                                         unsigned int tensors, unsigned int chunk) {
+    unsigned long long k = blockIdx.x;
+    unsigned int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        unsigned int mid = lo + (hi - lo + 1) / 2;
+        if (meta[4ull * mid + 3] <= k) lo = mid;
+        else hi = mid - 1;
+    }
+    const unsigned long long* e = meta + 4ull * lo;
+    const float* src = (const float*)e[0];
+    unsigned long long n = e[1], at = e[2], start = (k - e[3]) * chunk;
+    unsigned long long end = start + chunk < n ? start + chunk : n;
+    for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        dst[at + i] = src[i];
+    }
+}

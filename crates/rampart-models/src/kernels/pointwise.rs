@@ -33,7 +33,7 @@ pub(crate) static OPS: Module = Module::new("rampart_ops", include_str!("ops.cu"
 
 /// Every kernel of [`OPS`] (for [`Module::ready`] and the compile check).
 #[cfg(feature = "cuda")]
-pub const KERNELS: [&str; 13] = [
+pub const KERNELS: [&str; 14] = [
     "bf16_widen_into",
     "relu_inplace",
     "relu_mask",
@@ -47,6 +47,7 @@ pub const KERNELS: [&str; 13] = [
     "bf16_to_f32",
     "oihw_to_ohwi",
     "ohwi_to_oihw",
+    "gather_params",
 ];
 
 /// The PTX of Rampart's CUDA kernels between the convolutions, compiled by NVRTC
