@@ -24,12 +24,15 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 const SHAPES: [&[usize]; 3] = [&[7], &[16, 3, 3, 3], &[3, 50_000]];
 
-/// Three steps of SGD with `config` on `dev` (fused, or the reference operations);
-/// the weights and momentum buffers, flattened.
+/// Three steps of SGD with `config` on `dev` (fused, or the reference operations),
+/// the gradients as candle gives them or (`views`) as views into one buffer at their
+/// offsets, as a fused train pass hands them out (`rampart_models::backward`); the
+/// weights and momentum buffers, flattened.
 fn train(
     dev: &Device,
     config: SgdConfig,
     fused: bool,
+    views: bool,
 ) -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
     let vars: Vec<(String, Var)> = SHAPES
         .iter()
@@ -51,7 +54,26 @@ fn train(
             let w = v.as_tensor();
             loss = (loss + ((w * t)? + (w.sqr()? * 0.5)?)?.sum_all()?)?;
         }
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        if views {
+            let parts = vars
+                .iter()
+                .map(|(_, v)| {
+                    grads
+                        .get(v.as_tensor())
+                        .ok_or("no gradient")?
+                        .flatten_all()
+                        .map_err(Into::into)
+                })
+                .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+            let flat = Tensor::cat(&parts, 0)?;
+            let mut at = 0;
+            for (_, v) in &vars {
+                let n = v.elem_count();
+                grads.insert(v.as_tensor(), flat.narrow(0, at, n)?.reshape(v.dims())?);
+                at += n;
+            }
+        }
         let lr = 0.1 / (step + 1) as f64;
         if fused {
             sgd.step(&grads, lr)?;
@@ -80,9 +102,18 @@ fn fused_sgd_on_the_gpu_equals_the_cpu() -> TestResult {
             weight_decay: 5e-4,
             decay_scope: DecayScope::WeightsOnly,
         };
-        let cpu = train(&Device::Cpu, config, true)?;
-        let on_gpu = train(&gpu, config, true)?;
-        let reference = train(&gpu, config, false)?;
+        let cpu = train(&Device::Cpu, config, true, false)?;
+        let on_gpu = train(&gpu, config, true, false)?;
+        let reference = train(&gpu, config, false, false)?;
+        // Gradients as views into one buffer: the same update, bit for bit.
+        let viewed = train(&gpu, config, true, true)?;
+        for (k, (a, b)) in on_gpu.iter().zip(&viewed).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "tensor {k}: gradients as views update differently ({config:?})"
+            );
+        }
         for (k, ((a, b), r)) in cpu.iter().zip(&on_gpu).zip(&reference).enumerate() {
             // The gradients themselves come from candle's kernels on each device.
             let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));

@@ -160,6 +160,43 @@ impl BatchNorm {
         )
     }
 
+    /// The updates [`BatchNorm::update_running_saved`] makes from saved statistics at
+    /// `at` of a pass's output over `rows` rows, as entries of one multi-statistic
+    /// update (the same float operations), or None when the running statistics are
+    /// not f32.
+    pub(crate) fn running_entries(
+        &self,
+        at: usize,
+        rows: usize,
+    ) -> Result<Option<[crate::kernels::running::RunningEntry; 2]>> {
+        use crate::kernels::pointwise::{RunningUpdate, Stat};
+        use crate::kernels::running::RunningEntry;
+        let (mean, var) = self.running();
+        if mean.dtype() != DType::F32 || var.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let n = rows as f64;
+        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let update = |stat, take: f64| RunningUpdate {
+            stat,
+            keep: (1.0 - self.momentum) as f32,
+            take: take as f32,
+            neg_eps: (-self.eps) as f32,
+        };
+        Ok(Some([
+            RunningEntry {
+                run: mean.clone(),
+                at,
+                update: update(Stat::Mean, self.momentum),
+            },
+            RunningEntry {
+                run: var.clone(),
+                at: at + self.channels()?,
+                update: update(Stat::Var, self.momentum * unbiased),
+            },
+        ]))
+    }
+
     /// The channels C.
     pub(crate) fn channels(&self) -> Result<usize> {
         self.weight.dim(0)

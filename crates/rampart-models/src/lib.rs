@@ -617,12 +617,29 @@ impl Classifier {
         let layout = op.output_layout()?;
         let out = flat.apply_op1(op)?;
         let (logits, stats) = layout.split(&out)?;
-        if stats.len() != norms.len() || rows.len() != norms.len() {
+        let places = layout.stat_places();
+        if stats.len() != norms.len() || rows.len() != norms.len() || places.len() != norms.len() {
             candle_core::bail!("fused train path: statistics of another network")
         }
-        for ((norm, st), r) in norms.iter().zip(&stats).zip(rows) {
-            norm.update_running_device(st, r, groups)?;
+        // Every running statistic in one update (one launch on a GPU); a layer whose
+        // running tensors are not f32 updates its own, as the layer-by-layer path does.
+        let mut entries = Vec::new();
+        #[cfg(test)]
+        let per_layer = tests::RUNNING_PER_LAYER.with(std::cell::Cell::get);
+        #[cfg(not(test))]
+        let per_layer = false;
+        for (((norm, st), r), (at, len)) in norms.iter().zip(&stats).zip(rows).zip(places) {
+            let one = if per_layer {
+                None
+            } else {
+                norm.running_entries(at, len, r, groups)?
+            };
+            match one {
+                Some(e) => entries.extend(e),
+                None => norm.update_running_device(st, r, groups)?,
+            }
         }
+        kernels::running::update_all(&out.detach(), &entries)?;
         Ok(Some(logits))
     }
 

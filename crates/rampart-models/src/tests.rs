@@ -822,6 +822,68 @@ fn gpu_fused_train_program_matches_layer_by_layer_on_the_cpu() {
     }
 }
 
+thread_local! {
+    /// The fused train program updates each layer's running statistics on its own
+    /// (`update_running_device`), the reference of the one multi-statistic update.
+    pub(crate) static RUNNING_PER_LAYER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The fused train program's running statistics, all updated at once
+/// (`kernels::running`), equal bit for bit those of each layer's own update: a WRN, a
+/// student (its running noise scale), an OAT model at mixed λ (both BatchNorms'
+/// groups), all clean and all adversarial, over two passes.
+#[test]
+fn running_statistics_updated_at_once_equal_each_layers_own_update() {
+    let mut student = ModelSpec::wrn(10, 1, 10);
+    student.noise = Some(NoiseSpec { alpha: 0.3 });
+    let mut oat = ModelSpec::wrn(10, 1, 10);
+    oat.oat = Some(OatSpec::standard());
+    let cases: [(ModelSpec, Option<Vec<f32>>); 5] = [
+        (ModelSpec::wrn(10, 2, 10), None),
+        (student, None),
+        (oat.clone(), Some(vec![0.3, 0.0, 1.0, 0.0])),
+        (oat.clone(), Some(vec![0.0; 4])),
+        (oat, Some(vec![1.0, 0.4, 0.1, 1.0])),
+    ];
+    for (spec, lambdas) in cases {
+        let name = format!("{} {lambdas:?}", spec.arch);
+        let models = [trained_looking(spec.clone(), 5), trained_looking(spec, 5)];
+        for (m, per_layer) in models.iter().zip([false, true]) {
+            randomise(m, &["adv.running_var"], 1.0, 10);
+            m.reseed_noise(7);
+            RUNNING_PER_LAYER.with(|c| c.set(per_layer));
+            for seed in [13, 14] {
+                let x = input(4, seed);
+                let out = match &lambdas {
+                    Some(l) => m.fused_gpu_train_at(&x, Some(l)),
+                    None => m.fused_gpu_train(&x),
+                };
+                out.unwrap().unwrap_or_else(|| panic!("{name}: no program"));
+            }
+            RUNNING_PER_LAYER.with(|c| c.set(false));
+        }
+        let (a, b) = (sorted_vars(&models[0]), sorted_vars(&models[1]));
+        let mut buffers = 0;
+        for ((n, va), (_, vb)) in a.iter().zip(&b) {
+            if is_buffer(n) || n.contains("running_std") {
+                let bits = |v: &Var| -> Vec<u32> {
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect()
+                };
+                assert_eq!(bits(va), bits(vb), "{name} {n}");
+                buffers += 1;
+            }
+        }
+        assert!(buffers > 10, "{name}: {buffers} running tensors compared");
+    }
+}
+
 /// The GPU's fused train program (here on its kernels' twins) takes the parameters
 /// from the model's one buffer of them (`flat`): a plain `backward` leaves their
 /// gradient there, pending, the parameters without one, and the optimisers refuse

@@ -564,6 +564,66 @@ impl Norm {
         }
     }
 
+    /// The updates [`Norm::update_running_device`] makes from this layer's statistics
+    /// at `at` of a pass's output, as entries of one multi-statistic update (the same
+    /// float operations: a student's running noise scale too), or None when a running
+    /// tensor is not f32.
+    pub(crate) fn running_entries(
+        &self,
+        at: usize,
+        len: usize,
+        rows: usize,
+        groups: Option<(usize, usize)>,
+    ) -> Result<Option<Vec<crate::kernels::running::RunningEntry>>> {
+        use crate::kernels::pointwise::{RunningUpdate, Stat};
+        use crate::kernels::running::RunningEntry;
+        let c = self.channels()?;
+        let mut entries = Vec::new();
+        match (&self.bn_adv, groups) {
+            (Some(adv), Some((b, clean))) => {
+                let per = rows / b.max(1);
+                let mut at = at;
+                if clean > 0 {
+                    let Some(e) = self.bn.running_entries(at, clean * per)? else {
+                        return Ok(None);
+                    };
+                    entries.extend(e);
+                    at += 2 * c;
+                }
+                if b > clean {
+                    let Some(e) = adv.running_entries(at, (b - clean) * per)? else {
+                        return Ok(None);
+                    };
+                    entries.extend(e);
+                }
+            }
+            _ => {
+                let Some(e) = self.bn.running_entries(at, rows)? else {
+                    return Ok(None);
+                };
+                entries.extend(e);
+                if len == 3 * c {
+                    if let Some(n) = &self.noise {
+                        if n.running_std.dtype() != DType::F32 {
+                            return Ok(None);
+                        }
+                        entries.push(RunningEntry {
+                            run: n.running_std.as_tensor().clone(),
+                            at: at + 2 * c,
+                            update: RunningUpdate {
+                                stat: Stat::Mean,
+                                keep: (1.0 - NOISE_MOMENTUM) as f32,
+                                take: NOISE_MOMENTUM as f32,
+                                neg_eps: 0.0,
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Some(entries))
+    }
+
     /// Updates a student's running noise scale from a fused train-mode pass's batch
     /// σ (C); nothing for a layer without noise.
     pub(crate) fn update_noise_running(&self, sigma: &Tensor) -> Result<()> {

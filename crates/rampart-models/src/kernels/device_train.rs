@@ -384,6 +384,20 @@ impl OutputLayout {
         }
         Ok((logits, stats))
     }
+
+    /// Where each BatchNorm's statistics start in the op's output and how many
+    /// values they take, in [`OutputLayout::split`]'s order.
+    pub(crate) fn stat_places(&self) -> Vec<(usize, usize)> {
+        let mut at = self.b * self.k;
+        self.lens
+            .iter()
+            .map(|&len| {
+                let place = (at, len);
+                at += len;
+                place
+            })
+            .collect()
+    }
 }
 
 /// The operations the train program adds to [`Exec`]'s. `p` is the flat parameter

@@ -68,6 +68,7 @@ mod ops_emulated;
 pub mod pointwise;
 pub(crate) mod postact;
 pub(crate) mod preact;
+pub(crate) mod running;
 pub mod sync_bn;
 mod train_norm;
 pub mod weights;

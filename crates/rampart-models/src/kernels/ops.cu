@@ -50,6 +50,29 @@ extern "C" __global__ void bn_running(float* run, const float* stat, float keep,
                        __fadd_rn(__fmul_rn(b, take), 0.0f));
 }
 
+// Every running statistic of a fused train pass (kernels/running.rs holds the launch
+// and the CPU twins, RunningUpdate's arithmetic): block k updates statistic k, whose
+// seven values in meta are [running tensor's address, where its batch values start
+// in stats, C, keep, take and neg_eps as f32 bits, whether it is a variance]; the
+// update is bn_running's.
+extern "C" __global__ void bn_running_multi(const float* stats,
+                                            const unsigned long long* meta) {
+    const unsigned long long* e = meta + 7ull * blockIdx.x;
+    float* run = (float*)e[0];
+    const float* stat = stats + e[1];
+    unsigned int c = (unsigned int)e[2];
+    float keep = __uint_as_float((unsigned int)e[3]);
+    float take = __uint_as_float((unsigned int)e[4]);
+    float neg_eps = __uint_as_float((unsigned int)e[5]);
+    int var = (int)e[6];
+    for (unsigned int i = threadIdx.x; i < c; i += blockDim.x) {
+        float b = stat[i];
+        if (var) b = __fadd_rn(__fmul_rn(__frcp_rn(__fmul_rn(b, b)), 1.0f), neg_eps);
+        run[i] = __fadd_rn(__fadd_rn(__fmul_rn(run[i], keep), 0.0f),
+                           __fadd_rn(__fmul_rn(b, take), 0.0f));
+    }
+}
+
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
     return v;

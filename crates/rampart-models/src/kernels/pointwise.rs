@@ -33,7 +33,7 @@ pub(crate) static OPS: Module = Module::new("rampart_ops", include_str!("ops.cu"
 
 /// Every kernel of [`OPS`] (for [`Module::ready`] and the compile check).
 #[cfg(feature = "cuda")]
-pub const KERNELS: [&str; 14] = [
+pub const KERNELS: [&str; 15] = [
     "bf16_widen_into",
     "relu_inplace",
     "relu_mask",
@@ -48,6 +48,7 @@ pub const KERNELS: [&str; 14] = [
     "oihw_to_ohwi",
     "ohwi_to_oihw",
     "gather_params",
+    "bn_running_multi",
 ];
 
 /// The PTX of Rampart's CUDA kernels between the convolutions, compiled by NVRTC
@@ -350,8 +351,10 @@ pub struct RunningUpdate {
 }
 
 impl RunningUpdate {
+    /// The batch's value from a saved one (`s` itself, or the variance from
+    /// 1/√(var + ε)).
     #[inline(always)]
-    fn batch_value(&self, s: f32) -> f32 {
+    pub(crate) fn batch_value(&self, s: f32) -> f32 {
         match self.stat {
             Stat::Mean => s,
             Stat::Var => (s * s).recip() * 1.0 + self.neg_eps,
