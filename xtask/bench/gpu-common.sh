@@ -29,11 +29,19 @@ step() {
   return 0
 }
 
-# Every *.xz of the bundle decompressed beside it (xz, else Python's lzma), and the
-# binaries made executable.
+# The bundle's archive (bundle.tar.xz, gpu-bundle.sh) unpacked into it once (tar and
+# xz, else Python's tarfile), every other *.xz decompressed beside it (xz, else
+# Python's lzma), and the binaries made executable.
 unpack_bundle() {
   local f
+  if [ -e "$BUNDLE/bundle.tar.xz" ] && [ ! -e "$BUNDLE/.unpacked" ]; then
+    { xz -dc "$BUNDLE/bundle.tar.xz" 2>/dev/null | tar -xf - -C "$BUNDLE" 2>/dev/null; } \
+      || "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+        "$BUNDLE/bundle.tar.xz" "$BUNDLE"
+    touch "$BUNDLE/.unpacked"
+  fi
   for f in "$BUNDLE"/*.xz; do
+    [[ "$f" == */bundle.tar.xz ]] && continue
     [ -e "$f" ] || continue
     [ -e "${f%.xz}" ] || xz -dk "$f" 2>/dev/null \
       || "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], "wb"))' "$f"

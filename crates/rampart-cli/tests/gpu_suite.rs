@@ -1,7 +1,8 @@
 //! The GPU suite (`xtask/bench/gpu-suite.sh`), the one script a machine with a GPU runs,
 //! rehearsed on the CPU so that a change to the CLI or to the script cannot break it
 //! unseen: a bundle holding this build's `rampart` and four stand-in CUDA test
-//! binaries (three whose tests pass, graphs included, one that fails) runs the whole
+//! binaries (three whose tests pass, graphs included, one that fails; packed in the
+//! bundle's archive, as `gpu-bundle.sh` packs the real ones) runs the whole
 //! suite on the CPU with the smallest settings. Every step of the comparison and of
 //! the A/B runs exits cleanly, the tables are written, and the comparison's Rampart
 //! runs take exactly the opt-in paths whose tests passed.
@@ -49,6 +50,7 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
     let bundle = dir.path().join("bundle");
     std::fs::create_dir(&bundle)?;
     std::fs::copy(env!("CARGO_BIN_EXE_rampart"), bundle.join("rampart"))?;
+    let mut names = Vec::new();
     for (name, tests) in [
         (
             "test-attacks-cuda",
@@ -83,6 +85,20 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
         ),
     ] {
         stand_in(&bundle, name, &harness_output(tests))?;
+        names.push(name);
+    }
+    // The stand-ins travel in the bundle's archive, as `gpu-bundle.sh` packs the real
+    // binaries; the suite unpacks it.
+    let packed = Command::new("tar")
+        .arg("-C")
+        .arg(&bundle)
+        .arg("-cJf")
+        .arg(bundle.join("bundle.tar.xz"))
+        .args(&names)
+        .status()?;
+    assert!(packed.success(), "tar -cJf: {packed}");
+    for name in &names {
+        std::fs::remove_file(bundle.join(name))?;
     }
     let out = dir.path().join("out");
     let run = Command::new("bash")
