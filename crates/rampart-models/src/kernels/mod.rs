@@ -28,7 +28,9 @@
 //!   every parameter gradient: training); `train_norm`: the train-mode normalisation
 //!   layers of the latter (plain, a student's noise, OAT's dual BatchNorm and FiLM).
 //! * `gather`: a model's parameters copied into its one buffer of them for the
-//!   GPU's fused train program (`crate::flat`), one launch for all of them.
+//!   GPU's fused train program (`crate::flat`), one launch for all of them;
+//!   `running`: every running statistic of that program's pass updated in one
+//!   launch.
 //! * `winograd`, `gemm` and `common`: Winograd F(2×2, 3×3) convolutions, the GEMM
 //!   entry point and the small pieces the kernels share.
 //! * [`xent`]: softmax cross-entropy (labels with smoothing, or soft targets) as one
