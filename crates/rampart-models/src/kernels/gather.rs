@@ -11,15 +11,18 @@
 use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Storage, Tensor};
 
 /// Elements per block of `gather_params`, and its threads per block.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) const CHUNK: usize = 4096;
 #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) const THREADS: u32 = 256;
 /// Values of the table per parameter.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) const SLOTS: usize = 4;
 
 /// The table of a gather of tensors of `lens` elements placed one after the other,
 /// each one's address (slot 0) left 0 for the launch to fill, and the blocks of the
 /// launch: tensor p's blocks are `first_p … first_p + ⌈n_p / CHUNK⌉ − 1`.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) fn plan(lens: &[usize]) -> (Vec<u64>, usize) {
     let mut table = Vec::with_capacity(SLOTS * lens.len());
     let (mut blocks, mut at) = (0usize, 0usize);

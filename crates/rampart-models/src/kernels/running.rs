@@ -18,6 +18,7 @@ use super::common::f32_slice;
 use super::pointwise::{RunningUpdate, Stat};
 
 /// Values of the table per statistic.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) const SLOTS: usize = 7;
 /// Threads per block of `bn_running_multi`.
 #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
@@ -35,6 +36,7 @@ pub(crate) struct RunningEntry {
 
 /// The table of `entries` (each running tensor's address, slot 0, left 0 for the
 /// launch to fill).
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 pub(crate) fn table(entries: &[RunningEntry]) -> Vec<u64> {
     let mut t = Vec::with_capacity(SLOTS * entries.len());
     for e in entries {
