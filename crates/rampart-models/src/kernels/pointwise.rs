@@ -354,11 +354,40 @@ impl RunningUpdate {
     /// The batch's value from a saved one (`s` itself, or the variance from
     /// 1/√(var + ε)).
     #[inline(always)]
-    pub(crate) fn batch_value(&self, s: f32) -> f32 {
+    fn batch_value(&self, s: f32) -> f32 {
         match self.stat {
             Stat::Mean => s,
             Stat::Var => (s * s).recip() * 1.0 + self.neg_eps,
         }
+    }
+
+    /// The update of the C running values of `s1` on the CPU from `stats`: the saved
+    /// 2C (`saved`, this statistic's half taken), or exactly this statistic's C.
+    pub(crate) fn cpu_update(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        stats: &[f32],
+        saved: bool,
+    ) -> Result<()> {
+        const NAME: &str = "batch-norm-running-update";
+        let CpuStorage::F32(run) = s1 else {
+            candle_core::bail!("{NAME}: running statistics must be f32")
+        };
+        let c = l1.shape().elem_count();
+        let (len, at) = if saved {
+            (2 * c, self.offset(c))
+        } else {
+            (c, 0)
+        };
+        let start = match l1.contiguous_offsets() {
+            Some((a, b)) if b - a == c && stats.len() == len => a,
+            _ => candle_core::bail!("{NAME}: {c} statistics from {} values", stats.len()),
+        };
+        for (r, &s) in run[start..start + c].iter_mut().zip(&stats[at..at + c]) {
+            *r = (*r * self.keep + 0.0) + (self.batch_value(s) * self.take + 0.0);
+        }
+        Ok(())
     }
 
     /// Where this statistic's C values start in the saved 2C.
@@ -382,20 +411,7 @@ impl InplaceOp2 for RunningUpdate {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let stats = f32_slice(s2, l2, self.name())?;
-        let CpuStorage::F32(run) = s1 else {
-            candle_core::bail!("{}: running statistics must be f32", self.name())
-        };
-        let c = l1.shape().elem_count();
-        let start = match l1.contiguous_offsets() {
-            Some((a, b)) if b - a == c && stats.len() == 2 * c => a,
-            _ => candle_core::bail!("{}: {c} statistics from {} saved", self.name(), stats.len()),
-        };
-        let from = &stats[self.offset(c)..][..c];
-        for (r, &s) in run[start..start + c].iter_mut().zip(from) {
-            *r = (*r * self.keep + 0.0) + (self.batch_value(s) * self.take + 0.0);
-        }
-        Ok(())
+        self.cpu_update(s1, l1, f32_slice(s2, l2, self.name())?, true)
     }
 
     #[cfg(feature = "cuda")]

@@ -69,20 +69,8 @@ impl InplaceOp2 for FromValues {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let from = f32_slice(s2, l2, self.name())?;
-        let CpuStorage::F32(run) = s1 else {
-            candle_core::bail!("{}: running statistics must be f32", self.name())
-        };
-        let c = l1.shape().elem_count();
-        let start = match l1.contiguous_offsets() {
-            Some((a, b)) if b - a == c && from.len() == c => a,
-            _ => candle_core::bail!("{}: {c} statistics from {}", self.name(), from.len()),
-        };
-        let u = &self.0;
-        for (r, &s) in run[start..start + c].iter_mut().zip(from) {
-            *r = (*r * u.keep + 0.0) + (u.batch_value(s) * u.take + 0.0);
-        }
-        Ok(())
+        self.0
+            .cpu_update(s1, l1, f32_slice(s2, l2, self.name())?, false)
     }
 }
 
