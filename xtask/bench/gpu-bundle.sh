@@ -5,9 +5,9 @@
 # binaries, stripped, in one xz-compressed archive, BUNDLE/bundle.tar.xz, which
 # gpu-suite.sh and gpu-rows.sh unpack. The binaries share most of their code
 # (candle, its CUDA kernels, Rampart's crates), which one xz stream whose dictionary
-# ($XZ_DICT, default 384MiB) spans them all stores once: the eight binaries of
-# 5edd52c (368 MB stripped) took 12.6 MB in one stream against 44.8 MB compressed one
-# by one (5.6 min of one core to pack, 2 s to unpack).
+# ($XZ_DICT, default 384MiB) spans them all stores once: the eight binaries
+# (389 MB stripped) take 12.6 MB in one stream against 44.8 MB compressed one by one
+# (measured at e163b7a; 3 to 6 minutes of one core to pack, 2 s to unpack).
 #
 #   xtask/bench/gpu-bundle.sh BUNDLE
 #
