@@ -1,7 +1,8 @@
 # Shared by gpu-suite.sh and gpu-rows.sh (sourced, not run): the bundle's binaries
-# unpacked, the CUDA libraries PyTorch brings on the library path, the machine's facts
-# and a step runner that records each step's exit status and seconds in $STEPS.
-# Expects BUNDLE (absolute), OUT (absolute, created), STEPS and PYTHON.
+# unpacked, the CUDA libraries PyTorch brings on the library path, the machine's facts,
+# a step runner that records each step's exit status and seconds in $STEPS, and the
+# output folder packed for the way back.
+# Expects BUNDLE (absolute), OUT (absolute, created), STEPS, PYTHON and HERE.
 
 # The CUDA libraries PyTorch brings (cuBLAS, cuRAND, NVRTC, cuDNN, NCCL), for the
 # binaries' dynamic linking.
@@ -59,4 +60,15 @@ machine_facts() {
   "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
   nproc
   "$BUNDLE/rampart" --version
+}
+
+# deliver SUMMARY...: OUT packed for the way back from the GPU machine (deliver.py):
+# every file under it in OUT/results.tar.xz (cut into results.tar.xz.000, .001, … of
+# DELIVER_PART_BYTES, default 16,000,000, where larger), beside the SUMMARY files that
+# fit DELIVER_MAX_FILES files in all (default 8); `deliver.py unpack OUT DEST` rebuilds
+# the folder. DELIVER=folder leaves OUT as it is (a GPU machine of one's own).
+deliver() {
+  [ "${DELIVER:-pack}" = folder ] && return 0
+  "$PYTHON" "$HERE/deliver.py" pack "$OUT" "$@" \
+    --part-bytes "${DELIVER_PART_BYTES:-16000000}" --max-files "${DELIVER_MAX_FILES:-8}"
 }

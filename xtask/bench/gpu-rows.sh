@@ -22,9 +22,17 @@
 # made again elsewhere). The GPU switches (RAMPART_CUDA_FUSED_EVAL,
 # RAMPART_CUDA_FUSED_TRAIN, RAMPART_CUDNN_BENCHMARK, …) pass through to every run,
 # whose config.json records them (`gpu_switches`).
+# PREVIOUS (optional): what an earlier invocation brought back (its OUT, packed or
+# not): its study folder is where this one continues (--resume), so that rows run on
+# one GPU machine after another, each bringing back only its results, end in one
+# report. A row whose teacher ran earlier needs the teacher's model: run the two in
+# one invocation (`at,student`), since models stay on the machine that trained them.
 # Writes OUT/gpu.txt (the machine), OUT/reproduce.log (the run's output),
 # OUT/steps.txt (exit status and seconds) and OUT/study (report.md, results.json,
-# every row's history, logs and plots).
+# every row's history, logs and plots), then packs OUT for the way back
+# (gpu-common.sh's `deliver`): everything in OUT/results.tar.xz, beside steps.txt,
+# report.md (a copy of the study's), gpu.txt and reproduce.log; DELIVER=folder leaves
+# OUT as it is. `xtask/bench/deliver.py unpack OUT DEST` gives the folder back.
 set -u
 usage="usage: gpu-rows.sh BUNDLE OUT DATA ROWS [REPRODUCE FLAGS...]"
 BUNDLE=$(cd "${1:?$usage}" && pwd)
@@ -47,6 +55,22 @@ touch "$STEPS"
 unpack_bundle
 machine_facts > "$OUT/gpu.txt" 2>&1
 
+# An earlier invocation's study, where this one continues.
+if [ -n "${PREVIOUS:-}" ]; then
+  PREVIOUS=$(cd "$PREVIOUS" && pwd)
+  if ls "$PREVIOUS"/results.tar.xz* > /dev/null 2>&1; then
+    "$PYTHON" "$HERE/deliver.py" unpack "$PREVIOUS" "$OUT/.previous" || exit 1
+    from="$OUT/.previous/study"
+  else
+    from="$PREVIOUS/study"
+  fi
+  [ -d "$from" ] || { echo "PREVIOUS holds no study folder: $PREVIOUS" >&2; exit 1; }
+  mkdir -p "$OUT/study"
+  cp -a "$from/." "$OUT/study/"
+  rm -rf "$OUT/.previous"
+  echo "continued from $PREVIOUS" >> "$STEPS"
+fi
+
 step "reproduce $PRESET $ROWS" "$LIMIT" "$BUNDLE/xtask" reproduce cifar10 \
   --preset "$PRESET" --device "$DEVICE" --rampart-bin "$BUNDLE/rampart" \
   --data-dir "$DATA" --rows "$ROWS" --out "$OUT/study" --resume "$@" \
@@ -59,4 +83,6 @@ find "$OUT/study" -type f -size +16383k -print0 | while IFS= read -r -d '' f; do
   mv -f "$f" "$KEEP/$rel"
   echo "kept on this machine: $rel ($KEEP)" >> "$STEPS"
 done
+[ -f "$OUT/study/report.md" ] && cp "$OUT/study/report.md" "$OUT/report.md"
 cat "$STEPS"
+deliver steps.txt report.md gpu.txt reproduce.log

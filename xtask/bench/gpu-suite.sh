@@ -51,6 +51,10 @@
 # A step that fails or runs out of time is recorded in OUT/steps.txt and the suite
 # goes on. BUDGET (seconds, default 570) bounds the whole suite: later steps are cut
 # or skipped to fit it, and the tables and estimates always run at the end.
+# Last, OUT is packed for the way back (gpu-common.sh's `deliver`): everything in
+# OUT/results.tar.xz, beside steps.txt, bench.md, epoch.md, ab.md, bf16.md, gpu.txt
+# and estimate-fast.md, eight files in all; `xtask/bench/deliver.py unpack OUT DEST`
+# gives the folder back (DELIVER=folder leaves it unpacked).
 set -u
 BUNDLE=$(cd "${1:?usage: gpu-suite.sh BUNDLE OUT [DATA]}" && pwd)
 OUT=${2:?usage: gpu-suite.sh BUNDLE OUT [DATA]}
@@ -282,3 +286,4 @@ if [ -x "$BUNDLE/xtask" ]; then
   done
 fi
 cat "$STEPS"
+deliver steps.txt bench.md epoch.md ab.md bf16.md gpu.txt estimate-fast.md

@@ -269,3 +269,105 @@ fn a_killed_study_resumes_to_the_same_results() -> TestResult {
     assert_eq!(comparable(&out)?, comparable(&whole_dir)?);
     Ok(())
 }
+
+/// A preset's rows run on one GPU machine after another with `xtask/bench/gpu-rows.sh`
+/// (here a CPU stand-in bundle: this build's `xtask` and `rampart`): each invocation
+/// brings back only its packed folder (a few plain files, the archive cut into parts),
+/// the next continues from what the last brought back (`PREVIOUS`), and the study ends
+/// with both rows in one report and one `results.json`, naming neither machine's
+/// folders.
+#[cfg(unix)]
+#[test]
+fn rows_run_on_one_machine_after_another_merge_from_what_each_brought_back() -> TestResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_tiny_cifar10(&data, 4, 1010)?;
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle)?;
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_xtask"), bundle.join("xtask"))?;
+    std::os::unix::fs::symlink(rampart_bin()?, bundle.join("rampart"))?;
+    let rows = |row: &str,
+                out: &Path,
+                previous: Option<&Path>,
+                part_bytes: &str|
+     -> Result<Output, std::io::Error> {
+        let mut cmd = Command::new("bash");
+        cmd.arg(root.join("xtask/bench/gpu-rows.sh"))
+            .arg(&bundle)
+            .arg(out)
+            .arg(&data)
+            .arg(row)
+            .args(["--threads", "2"])
+            .envs([("PRESET", "tiny"), ("DEVICE", "cpu")])
+            .env("DELIVER_PART_BYTES", part_bytes)
+            .env("KEEP", dir.path().join("kept"))
+            .env_remove("PREVIOUS")
+            .env_remove("DELIVER");
+        if let Some(p) = previous {
+            cmd.env("PREVIOUS", p);
+        }
+        cmd.output()
+    };
+    let delivered = |out: &Path| -> Result<Vec<String>, Box<dyn std::error::Error>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(out)? {
+            let entry = entry?;
+            assert!(entry.file_type()?.is_file(), "{:?}", entry.path());
+            assert!(entry.metadata()?.len() <= 1_000_000, "{:?}", entry.path());
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    };
+    let first = dir.path().join("first");
+    // Parts of 200,000 bytes here, to cut the archive.
+    let run = rows("normal", &first, None, "200000")?;
+    assert!(run.status.success(), "{}", text(&run));
+    let names = delivered(&first)?;
+    assert!(names.len() <= 8, "{names:?}");
+    assert!(
+        names.iter().any(|n| n == "results.tar.xz.001"),
+        "the archive was cut into parts: {names:?}"
+    );
+    for name in ["steps.txt", "report.md", "gpu.txt"] {
+        assert!(names.iter().any(|n| n == name), "{name}: {names:?}");
+    }
+
+    let second = dir.path().join("second");
+    let run = rows("at", &second, Some(&first), "1000000")?;
+    assert!(run.status.success(), "{}", text(&run));
+    let names = delivered(&second)?;
+    assert!(
+        names.len() <= 8 && names.iter().any(|n| n == "report.md"),
+        "{names:?}"
+    );
+    let steps = std::fs::read_to_string(second.join("steps.txt"))?;
+    assert!(steps.contains("continued from"), "{steps}");
+    let back = dir.path().join("back");
+    let unpacked = Command::new("python3")
+        .arg(root.join("xtask/bench/deliver.py"))
+        .arg("unpack")
+        .arg(&second)
+        .arg(&back)
+        .output()?;
+    assert!(unpacked.status.success(), "{}", text(&unpacked));
+    let study = back.join("study");
+    let log = std::fs::read_to_string(back.join("reproduce.log"))?;
+    assert!(
+        log.contains("normal: finished by an earlier invocation"),
+        "{log}"
+    );
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(study.join("results.json"))?)?;
+    for row in ["normal", "at"] {
+        assert_eq!(results["models"][row]["pgd50_10"]["examples"], 8, "{row}");
+    }
+    let report = std::fs::read_to_string(study.join("report.md"))?;
+    assert_eq!(report, std::fs::read_to_string(second.join("report.md"))?);
+    assert_eq!(
+        names_of(&study, &[&first, &second, dir.path()])?,
+        Vec::<String>::new()
+    );
+    Ok(())
+}

@@ -126,9 +126,42 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
     let log =
         String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "the suite failed:\n{log}");
+    // What comes back from the GPU machine: the archive and summaries, eight plain
+    // files at most, none larger than a part, with plain names; the archive is the
+    // whole folder.
+    let delivered = delivered_files(&out)?;
+    assert!(
+        delivered.len() <= 8 && delivered.iter().any(|(n, _)| n == "results.tar.xz"),
+        "{delivered:?}\n{log}"
+    );
+    for name in ["steps.txt", "bench.md", "ab.md", "epoch.md"] {
+        assert!(
+            delivered.iter().any(|(n, _)| n == name),
+            "{name}: {delivered:?}"
+        );
+    }
+    let back = dir.path().join("back");
+    unpack(&root, &out, &back)?;
+    for name in ["steps.txt", "bench.md", "ab.md"] {
+        assert_eq!(
+            std::fs::read(out.join(name))?,
+            std::fs::read(back.join(name))?,
+            "{name}"
+        );
+    }
+    let out = back;
     let read = |name: &str| {
         std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}\n{log}"))
     };
+    for name in [
+        "gpu.txt",
+        "tests-test-attacks-cuda.txt",
+        "tests-test-models-cuda.txt",
+        "bench.jsonl",
+        "ab.jsonl",
+    ] {
+        assert!(out.join(name).is_file(), "{name} is not in the archive");
+    }
     let steps = read("steps.txt");
     for step in [
         "test-attacks-cuda rc=0",
@@ -184,6 +217,170 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
         "{}",
         read("epoch.md")
     );
+    Ok(())
+}
+
+/// The files a packed output folder holds (`xtask/bench/deliver.py pack`), with their
+/// sizes, after checking that it holds nothing else: no folder, no link, and names of
+/// letters, digits, '.', '_' and '-', each file no larger than a part (16,000,000
+/// bytes).
+fn delivered_files(out: &Path) -> Result<Vec<(String, u64)>, Box<dyn std::error::Error>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(out)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let meta = std::fs::symlink_metadata(entry.path())?;
+        assert!(meta.is_file(), "{name} is not a plain file");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            "{name}"
+        );
+        assert!(meta.len() <= 16_000_000, "{name}: {} bytes", meta.len());
+        files.push((name, meta.len()));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// `deliver.py unpack SRC DEST`.
+fn unpack(root: &Path, src: &Path, dest: &Path) -> TestResult {
+    let run = Command::new("python3")
+        .arg(root.join("xtask/bench/deliver.py"))
+        .arg("unpack")
+        .arg(src)
+        .arg(dest)
+        .output()?;
+    assert!(
+        run.status.success(),
+        "deliver.py unpack: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    Ok(())
+}
+
+/// Every file under `dir` (relative path → bytes).
+fn snapshot(
+    dir: &Path,
+) -> Result<std::collections::BTreeMap<String, Vec<u8>>, Box<dyn std::error::Error>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir)?.to_string_lossy().into_owned();
+                files.insert(rel, std::fs::read(&path)?);
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// `deliver.py pack` turns a folder into numbered parts of at most --part-bytes and the
+/// summaries that fit --max-files beside them; `unpack` gives back every file exactly,
+/// and refuses a missing part; parts that alone exceed --max-files fail the packing.
+#[test]
+fn a_packed_folder_travels_in_parts_and_unpacks_to_itself() -> TestResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = root.join("xtask/bench/deliver.py");
+    let dir = tempfile::tempdir()?;
+    let make = |out: &Path| -> TestResult {
+        std::fs::create_dir_all(out.join("run/eval/plots"))?;
+        // 2.5 MB that xz cannot shrink (xorshift), three folders down.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let noise: Vec<u8> = (0..2_500_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        std::fs::write(out.join("run/eval/plots/noise.bin"), noise)?;
+        std::fs::write(out.join("steps.txt"), "suite rc=0 seconds=1\n")?;
+        std::fs::write(out.join("bench.md"), "| a | b |\n")?;
+        std::fs::write(out.join("huge.md"), "x".repeat(1_200_000))?;
+        for i in 0..12 {
+            std::fs::write(
+                out.join(format!("tests-{i}.txt")),
+                format!("test {i} ... ok\n"),
+            )?;
+        }
+        std::fs::write(out.join("x.md"), "x\n")?;
+        std::fs::write(out.join("y.md"), "y\n")?;
+        Ok(())
+    };
+    let pack = |out: &Path, max_files: &str| {
+        Command::new("python3")
+            .arg(&script)
+            .args(["pack"])
+            .arg(out)
+            .args([
+                "steps.txt",
+                "huge.md",
+                "missing.md",
+                "bench.md",
+                "x.md",
+                "y.md",
+            ])
+            .args(["--part-bytes", "1000000", "--max-files", max_files])
+            .output()
+    };
+    let out = dir.path().join("out");
+    make(&out)?;
+    let before = snapshot(&out)?;
+    let run = pack(&out, "6")?;
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // 2.5 MB of noise make three parts; three summaries fit beside them: the first
+    // three given that exist and are no larger than a part.
+    let names: Vec<String> = delivered_files(&out)?.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "bench.md",
+            "results.tar.xz.000",
+            "results.tar.xz.001",
+            "results.tar.xz.002",
+            "steps.txt",
+            "x.md"
+        ]
+    );
+    let back = dir.path().join("back");
+    unpack(&root, &out, &back)?;
+    assert!(snapshot(&back)? == before, "the unpacked folder differs");
+    // Packing twice is refused; a missing part is refused.
+    assert!(!pack(&out, "6")?.status.success());
+    std::fs::remove_file(out.join("results.tar.xz.001"))?;
+    let run = Command::new("python3")
+        .arg(&script)
+        .arg("unpack")
+        .arg(&out)
+        .arg(dir.path().join("again"))
+        .output()?;
+    assert!(!run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("part 001 is missing"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // More parts than files that travel: an error, not a silent loss.
+    let small = dir.path().join("small");
+    make(&small)?;
+    let run = pack(&small, "2")?;
+    assert_eq!(
+        run.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stderr).contains("3 parts exceed the 2 files"));
     Ok(())
 }
 
