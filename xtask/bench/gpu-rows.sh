@@ -12,8 +12,10 @@
 # DATA    the folder holding CIFAR-10 as `rampart --data-dir` takes it (cifar10-jpeg/,
 #         or the archive cifar10-jpeg.tar.gz);
 # ROWS    the rows, as `cargo xtask reproduce --rows` takes them (at, normal,at, …);
-# FLAGS   further flags of `xtask reproduce` (e.g. --epochs 10 for a shortened
-#         schedule, which the rows record).
+# FLAGS   further flags of `xtask reproduce`: --fit-minutes 8 times this machine
+#         first and trains the rows for the share of their schedules that fits 8
+#         minutes with their evaluation (OUT/study/fit.json); --epochs 10 a shortened
+#         schedule of one's own; the rows record either.
 #
 # Environment: PRESET (default fast), DEVICE (default cuda), LIMIT (seconds the
 # reproduce run may take, default 570; timeout stops the driver and its runs), KEEP (where model files of 16 MiB or more

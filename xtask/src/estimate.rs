@@ -375,14 +375,29 @@ pub fn estimate(
     times: &StepTimes,
     assume: Assumptions,
 ) -> Result<(Vec<JobEstimate>, Vec<String>)> {
+    estimate_works(works(jobs)?, device, gpus, times, assume)
+}
+
+/// A run of the study, its work and the network its passes run on.
+pub struct RunWork<'a> {
+    pub job: &'a Job,
+    pub work: Work,
+    /// Its row (the method's key).
+    pub row: String,
+    pub arch: String,
+    pub variant: String,
+}
+
+/// The work of every training, evaluation and sweep among `jobs` (`--dry-run`), each
+/// with its network: a run on a model that does not exist yet takes the architecture
+/// of its row's training.
+pub fn works(jobs: &[Job]) -> Result<Vec<RunWork<'_>>> {
     let mut works = Vec::new();
     for job in jobs {
         if let Some(work) = dry_run(job)? {
             works.push((job, work));
         }
     }
-    // A run on a model that does not exist yet takes its architecture from the row's
-    // training.
     let trained: BTreeMap<String, (String, String)> = works
         .iter()
         .filter(|(_, w)| w.command == "train")
@@ -393,15 +408,46 @@ pub fn estimate(
             ))
         })
         .collect();
+    works
+        .into_iter()
+        .map(|(job, work)| {
+            let row = row_of(job);
+            let (arch, variant) = match (&work.arch, trained.get(&row)) {
+                (Some(a), _) => (a.clone(), work.variant.clone().unwrap_or("plain".into())),
+                (None, Some((a, v))) => (a.clone(), v.clone()),
+                (None, None) => {
+                    bail!("`{}`: the architecture of its model is unknown", job.name)
+                }
+            };
+            Ok(RunWork {
+                job,
+                work,
+                row,
+                arch,
+                variant,
+            })
+        })
+        .collect()
+}
+
+/// [`estimate`] of runs whose work is known.
+pub fn estimate_works(
+    works: Vec<RunWork<'_>>,
+    device: &str,
+    gpus: &[usize],
+    times: &StepTimes,
+    assume: Assumptions,
+) -> Result<(Vec<JobEstimate>, Vec<String>)> {
     let mut notes = Vec::new();
     let mut out = Vec::new();
-    for (job, work) in works {
-        let row = row_of(job);
-        let (arch, variant) = match (&work.arch, trained.get(&row)) {
-            (Some(a), _) => (a.clone(), work.variant.clone().unwrap_or("plain".into())),
-            (None, Some((a, v))) => (a.clone(), v.clone()),
-            (None, None) => bail!("`{}`: the architecture of its model is unknown", job.name),
-        };
+    for RunWork {
+        job,
+        work,
+        row,
+        arch,
+        variant,
+    } in works
+    {
         let mut seconds_by = BTreeMap::new();
         for &g in gpus {
             let on = Network {

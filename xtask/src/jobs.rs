@@ -96,6 +96,10 @@ impl Jobs {
     }
 
     /// The jobs added, in order.
+    pub fn as_slice(&self) -> &[Job] {
+        &self.jobs
+    }
+
     pub fn into_vec(self) -> Vec<Job> {
         self.jobs
     }

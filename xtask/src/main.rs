@@ -10,6 +10,7 @@
 mod bench;
 mod claims;
 mod estimate;
+mod fit;
 mod jobs;
 mod portable;
 mod presets;

@@ -511,9 +511,10 @@ pub fn report_markdown(study: &Study, models: &[ModelOutcome]) -> String {
     }
     if models.iter().any(|m| m.schedule_epochs.is_some()) {
         md.push_str(
-            "\nRows trained on another schedule than the preset's (`--epochs`): the preset's \
-             training time, projected from the row's measured time per epoch (per-epoch \
-             evaluation included).\n\n\
+            "\nRows trained on another schedule than the preset's (`--epochs`, or fitted to a \
+             time limit with `--fit-minutes`: `fit.json` holds the fit and `fit/` the step \
+             times it was made from): the preset's training time, projected from the row's \
+             measured time per epoch (per-epoch evaluation included).\n\n\
              | model | epochs trained | train time | the preset's epochs | its train time, projected |\n\
              |---|---:|---:|---:|---:|\n",
         );

@@ -78,11 +78,28 @@ pub struct ReproduceArgs {
     #[arg(long, value_name = "CLEAN,ROBUST", value_delimiter = ',')]
     pub assume_accuracy: Option<Vec<f64>>,
 
-    /// With --estimate: also give, per row, the most epochs of its schedule that fit
-    /// this many minutes on one GPU with its evaluation (to run a row within a time
-    /// limit with --epochs).
+    /// Fit this invocation into MINUTES: time this machine's steps first (`rampart
+    /// bench`, a minute or so), then train every row of the invocation for the same
+    /// share of its schedule, the most that fits with the rows' whole evaluation
+    /// (--fit-share of the minutes, less the timing; the minutes count from after
+    /// building `rampart`); recorded in OUT/fit.json, and the
+    /// report gives the whole schedule's projected time. Refused when the evaluation
+    /// alone does not fit. With --estimate: only print, per row, the most epochs of its
+    /// schedule that fit MINUTES on one GPU with its evaluation.
     #[arg(long, value_name = "MINUTES")]
     pub fit_minutes: Option<f64>,
+
+    /// With --fit-minutes (without --estimate): the share of the minutes the estimated
+    /// runs may fill; the rest is for what the estimate leaves out (loading data and
+    /// models, the host's work between passes, each run's start).
+    #[arg(long, default_value_t = 0.85)]
+    pub fit_share: f64,
+
+    /// With --fit-minutes (without --estimate): fit from the step times in this file
+    /// (the JSON lines of `rampart bench --json`, e.g. the GPU suite's bench.jsonl,
+    /// measured on --device) instead of timing this machine first.
+    #[arg(long, value_name = "STEP_TIMES")]
+    pub fit_step_times: Option<PathBuf>,
 
     /// With --estimate: also write the estimate as JSON to this file.
     #[arg(long)]
@@ -380,6 +397,21 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     if args.epochs == Some(0) {
         bail!("--epochs must be at least 1");
     }
+    // Fitted to a time limit here (not an estimate's table of fits).
+    let fit_minutes = args.fit_minutes.filter(|_| scratch.is_none());
+    if let Some(m) = fit_minutes {
+        if !(m.is_finite() && m > 0.0) {
+            bail!("--fit-minutes must be a positive number of minutes");
+        }
+        if !(args.fit_share > 0.0 && args.fit_share <= 1.0) {
+            bail!("--fit-share must be in (0, 1]");
+        }
+        if args.epochs.is_some() {
+            bail!("--fit-minutes chooses the epochs: leave out --epochs");
+        }
+    } else if args.fit_step_times.is_some() {
+        bail!("--fit-step-times goes with --fit-minutes (and without --estimate)");
+    }
     // Slot k runs on devices[k mod len].
     let slots: Vec<String> = (0..parallel)
         .map(|k| devices[k % devices.len()].clone())
@@ -396,63 +428,80 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         data_dir,
     };
     let log = |row: &str, what: &str| out.join("logs").join(format!("{row}.{what}.log"));
-    let mut jobs = Jobs::in_folder(&out);
-    // Each row: training, then its evaluation (both skipped when finished and resumed).
-    let mut trained: Vec<Option<usize>> = vec![None; rows.len()];
-    let mut evaluated: Vec<Option<usize>> = vec![None; rows.len()];
-    for (i, row) in rows.iter().enumerate() {
-        let step = format!("[{}/{}] {}", i + 1, rows.len(), row.method);
-        if !is_selected(row.method) {
-            eprintln!("==> {step}: finished by an earlier invocation, kept in the study");
-            continue;
-        }
-        if args.resume && is_finished(&out, row.method) {
-            eprintln!("==> {step}: already trained and evaluated, skipped (--resume)");
-            continue;
-        }
-        let dir = model_dir(&out, row.method);
-        let mut train = rampart_command(&rampart, threads);
-        train
-            .arg("train")
-            .args(with_epochs(row.train_flags(), args.epochs))
-            .args(["--dataset", dataset, "--seed", "0"]);
-        data_dir_args(&mut train, data_dir);
-        train.arg("--out").arg(&dir);
-        let mut after = Vec::new();
-        if let Some(teacher) = row.teacher {
-            train
-                .arg("--init-from")
-                .arg(model_dir(&out, teacher).join("model.safetensors"));
-            after.extend(job_of(rows, &trained, teacher));
-        }
-        if args.resume {
-            train.arg("--resume");
-        }
-        train.args(worker_flags(args.train_workers, args.sync_bn));
-        let t = jobs.add(
-            format!("{step}: training ({})", describe(row)),
-            train,
-            after,
-            log(row.method, "train"),
-        );
-        jobs.wide(t, args.train_workers);
-        trained[i] = Some(t);
-
-        let mut eval = setup.command(&dir.join("model.safetensors"), &eval_dir(&out, row.method));
-        eval.args(row.eval_flags(&budgets));
-        let robust = if row.robust_from_protocol(&budgets) {
-            "in the protocol".to_string()
-        } else {
-            if row.stochastic {
-                budgets.stochastic_robust_examples
-            } else {
-                budgets.robust_examples
-            }
-            .map_or("the whole test set".to_string(), |n| {
-                format!("the first {n} images")
-            })
+    // The study's runs, planned once, or, fitted to --fit-minutes, planned with the
+    // schedules' epochs, timed, and planned again with the fitted ones.
+    // A row fitted by an earlier invocation keeps its epochs when the study resumes.
+    let recorded = if args.resume && scratch.is_none() {
+        crate::fit::read_record(&out)?
+    } else {
+        crate::fit::FitRecord::default()
+    };
+    let trained_here = |m: &str| is_selected(m) && !(args.resume && is_finished(&out, m));
+    let mut fitted: Option<std::collections::BTreeMap<String, usize>> = None;
+    let (jobs, suite, sweeps, autoattacked) = loop {
+        let epochs_of = |method: &str| {
+            args.epochs
+                .or_else(|| fitted.as_ref().and_then(|f| f.get(method).copied()))
+                .or_else(|| recorded.shortened(method))
         };
-        evaluated[i] = Some(jobs.add(
+        let mut jobs = Jobs::in_folder(&out);
+        // Each row: training, then its evaluation (both skipped when finished and resumed).
+        let mut trained: Vec<Option<usize>> = vec![None; rows.len()];
+        let mut evaluated: Vec<Option<usize>> = vec![None; rows.len()];
+        for (i, row) in rows.iter().enumerate() {
+            let step = format!("[{}/{}] {}", i + 1, rows.len(), row.method);
+            if !is_selected(row.method) {
+                eprintln!("==> {step}: finished by an earlier invocation, kept in the study");
+                continue;
+            }
+            if args.resume && is_finished(&out, row.method) {
+                eprintln!("==> {step}: already trained and evaluated, skipped (--resume)");
+                continue;
+            }
+            let dir = model_dir(&out, row.method);
+            let mut train = rampart_command(&rampart, threads);
+            train
+                .arg("train")
+                .args(with_epochs(row.train_flags(), epochs_of(row.method)))
+                .args(["--dataset", dataset, "--seed", "0"]);
+            data_dir_args(&mut train, data_dir);
+            train.arg("--out").arg(&dir);
+            let mut after = Vec::new();
+            if let Some(teacher) = row.teacher {
+                train
+                    .arg("--init-from")
+                    .arg(model_dir(&out, teacher).join("model.safetensors"));
+                after.extend(job_of(rows, &trained, teacher));
+            }
+            if args.resume {
+                train.arg("--resume");
+            }
+            train.args(worker_flags(args.train_workers, args.sync_bn));
+            let t = jobs.add(
+                format!("{step}: training ({})", describe(row)),
+                train,
+                after,
+                log(row.method, "train"),
+            );
+            jobs.wide(t, args.train_workers);
+            trained[i] = Some(t);
+
+            let mut eval =
+                setup.command(&dir.join("model.safetensors"), &eval_dir(&out, row.method));
+            eval.args(row.eval_flags(&budgets));
+            let robust = if row.robust_from_protocol(&budgets) {
+                "in the protocol".to_string()
+            } else {
+                if row.stochastic {
+                    budgets.stochastic_robust_examples
+                } else {
+                    budgets.robust_examples
+                }
+                .map_or("the whole test set".to_string(), |n| {
+                    format!("the first {n} images")
+                })
+            };
+            evaluated[i] = Some(jobs.add(
             format!(
                 "{step}: evaluation (clean: the whole test set; PGD-20 worst case L∞ 8/255: {robust})"
             ),
@@ -460,233 +509,257 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             [t],
             log(row.method, "eval"),
         ));
-    }
-
-    // AutoAttack on the preset's robust rows, with PGD-20 on the very same images:
-    // listed before the protocols, so that this long run starts early rather than
-    // ending the study alone.
-    let (aa_rows, aa_limit) = preset.autoattack();
-    let mut autoattacked = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        if !aa_rows.contains(&row.method) {
-            continue;
         }
-        let model = model_dir(&out, row.method).join("model.safetensors");
-        for (suite, dir) in [
-            ("autoattack", report::autoattack_dir(&out, row.method)),
-            ("pgd20", report::autoattack_pgd_dir(&out, row.method)),
-        ] {
+
+        // AutoAttack on the preset's robust rows, with PGD-20 on the very same images:
+        // listed before the protocols, so that this long run starts early rather than
+        // ending the study alone.
+        let (aa_rows, aa_limit) = preset.autoattack();
+        let mut autoattacked = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            if !aa_rows.contains(&row.method) {
+                continue;
+            }
+            let model = model_dir(&out, row.method).join("model.safetensors");
+            for (suite, dir) in [
+                ("autoattack", report::autoattack_dir(&out, row.method)),
+                ("pgd20", report::autoattack_pgd_dir(&out, row.method)),
+            ] {
+                if dir.join("results.json").exists() {
+                    continue;
+                }
+                let mut eval = setup.command(&model, &dir);
+                eval.args(["--suite", suite]);
+                if let Some(n) = aa_limit {
+                    let n = n.to_string();
+                    eval.args(["--attack-limit", &n]);
+                    if suite == "pgd20" {
+                        eval.args(["--test-limit", &n]);
+                    }
+                }
+                let name = format!(
+                    "{}: {suite} on {}",
+                    row.method,
+                    aa_limit.map_or("the whole test set".into(), |n| format!(
+                        "the first {n} test images"
+                    ))
+                );
+                // AutoAttack, the longest run of a study, and PGD-20 on its images, in
+                // shards of whole batches: at most one per batch.
+                eval.args(["--batch-size", &AUTOATTACK_BATCH.to_string()]);
+                let shards = aa_limit.map_or(args.shards, |n| {
+                    args.shards.min(n.div_ceil(AUTOATTACK_BATCH))
+                });
+                add_sharded(
+                    &mut jobs,
+                    Sharded {
+                        name,
+                        eval,
+                        dir: &dir,
+                        shards,
+                        after: trained[i],
+                        merge: (suite == "autoattack").then(|| rampart_command(&rampart, threads)),
+                    },
+                    |part| log(row.method, &format!("{suite}{part}")),
+                );
+            }
+            autoattacked.push(row.method);
+        }
+        // Wong et al.'s PGD-50-10 on every deterministic row.
+        if let Some(n) = budgets.pgd50_10 {
+            for (i, row) in rows.iter().enumerate() {
+                let dir = report::pgd50_10_dir(&out, row.method);
+                if row.stochastic || dir.join("results.json").exists() {
+                    continue;
+                }
+                let model = model_dir(&out, row.method).join("model.safetensors");
+                let mut eval = setup.command(&model, &dir);
+                let n = n.to_string();
+                eval.args(["--suite", "pgd20", "--objectives", "ce"])
+                    .args(["--attack-steps", "50", "--restarts", "10"])
+                    .args(["--attack-limit", &n, "--test-limit", &n])
+                    .args(["--batch-size", &AUTOATTACK_BATCH.to_string()]);
+                let shards = args
+                    .shards
+                    .min(n.parse::<usize>().unwrap_or(1).div_ceil(AUTOATTACK_BATCH));
+                add_sharded(
+                    &mut jobs,
+                    Sharded {
+                        name: format!("{}: PGD-50-10 on the first {n} test images", row.method),
+                        eval,
+                        dir: &dir,
+                        shards,
+                        after: trained[i],
+                        merge: None,
+                    },
+                    |part| log(row.method, &format!("pgd50-10{part}")),
+                );
+            }
+        }
+        // The evaluation protocol on every model, then one comparison (tables + plots).
+        let (suite, limit) = preset.protocol();
+        let mut compare = rampart_command(&rampart, threads);
+        compare.arg("compare").arg("--out").arg(&out);
+        let mut protocols: Vec<Option<usize>> = vec![None; rows.len()];
+        for (i, row) in rows.iter().enumerate() {
+            let dir = protocol_dir(&out, row.method);
+            compare.arg(format!(
+                "{}={}",
+                row.method,
+                dir.join("results.json").display()
+            ));
             if dir.join("results.json").exists() {
                 continue;
             }
+            let model = model_dir(&out, row.method).join("model.safetensors");
             let mut eval = setup.command(&model, &dir);
             eval.args(["--suite", suite]);
-            if let Some(n) = aa_limit {
-                let n = n.to_string();
-                eval.args(["--attack-limit", &n]);
-                if suite == "pgd20" {
-                    eval.args(["--test-limit", &n]);
-                }
+            eval.args(row.stochastic_protocol_flags(&budgets));
+            let limit = if row.stochastic {
+                budgets.stochastic_protocol.1
+            } else {
+                eval.args(["--trust-examples", &budgets.trust_examples.to_string()]);
+                limit
+            };
+            if let Some(n) = limit {
+                eval.args(["--attack-limit", &n.to_string()]);
+            }
+            if let Some(b) = budgets.protocol_batch_size {
+                eval.args(["--batch-size", &b.to_string()]);
             }
             let name = format!(
-                "{}: {suite} on {}",
-                row.method,
-                aa_limit.map_or("the whole test set".into(), |n| format!(
-                    "the first {n} test images"
-                ))
+                "[{}/{}] {}: evaluation protocol (--suite {suite})",
+                i + 1,
+                rows.len(),
+                row.method
             );
-            // AutoAttack, the longest run of a study, and PGD-20 on its images, in
-            // shards of whole batches: at most one per batch.
-            eval.args(["--batch-size", &AUTOATTACK_BATCH.to_string()]);
-            let shards = aa_limit.map_or(args.shards, |n| {
-                args.shards.min(n.div_ceil(AUTOATTACK_BATCH))
-            });
-            add_sharded(
+            protocols[i] = Some(add_sharded(
                 &mut jobs,
                 Sharded {
                     name,
                     eval,
                     dir: &dir,
-                    shards,
+                    shards: args.shards,
                     after: trained[i],
-                    merge: (suite == "autoattack").then(|| rampart_command(&rampart, threads)),
+                    merge: Some(rampart_command(&rampart, threads)),
                 },
-                |part| log(row.method, &format!("{suite}{part}")),
-            );
+                |part| log(row.method, &format!("protocol{part}")),
+            ));
         }
-        autoattacked.push(row.method);
-    }
-    // Wong et al.'s PGD-50-10 on every deterministic row.
-    if let Some(n) = budgets.pgd50_10 {
+        let compared = jobs.add(
+            "comparing the models",
+            compare,
+            protocols.iter().flatten().copied().collect::<Vec<_>>(),
+            out.join("logs").join("compare.log"),
+        );
+        jobs.on_host(compared);
+
+        // The test-time trade-offs: OAT over λ beside the dedicated λ = 0 (normal) and
+        // λ = 1 (at) models, and the student over noise levels.
+        let mut sweeps = Vec::new();
+        let sweep_limits = preset.sweep_limits();
         for (i, row) in rows.iter().enumerate() {
-            let dir = report::pgd50_10_dir(&out, row.method);
-            if row.stochastic || dir.join("results.json").exists() {
+            let mut after: Vec<usize> = trained[i].into_iter().collect();
+            let (over, extra): (&str, Vec<String>) = match row.method {
+                "oat" => {
+                    let mut refs = Vec::new();
+                    for (name, key) in [
+                        ("normal (lambda 0)", "normal"),
+                        ("oat-fixed (lambda 0.3)", "oat-fixed"),
+                        ("at (lambda 1)", "at"),
+                    ] {
+                        if let Some(r) = rows.iter().position(|r| r.method == key) {
+                            // The robust figure is where the row's PGD-20 ran.
+                            let dir = if rows[r].robust_from_protocol(&budgets) {
+                                after.extend(protocols[r]);
+                                protocol_dir(&out, key)
+                            } else {
+                                after.extend(evaluated[r]);
+                                eval_dir(&out, key)
+                            };
+                            refs.push("--reference".to_string());
+                            refs.push(format!("{name}={}", dir.join("results.json").display()));
+                        }
+                    }
+                    ("lambda", refs)
+                }
+                _ if row.stochastic => (
+                    "noise-scale",
+                    ["--values", budgets.noise_values]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .chain(row.stochastic_protocol_flags(&budgets))
+                        .collect(),
+                ),
+                _ => continue,
+            };
+            let extra = if row.stochastic {
+                extra
+            } else {
+                let trust = budgets.sweep_trust_examples.to_string();
+                extra
+                    .into_iter()
+                    .chain(["--trust-examples".to_string(), trust])
+                    .collect()
+            };
+            let dir = report::sweep_dir(&out, row.method);
+            sweeps.push((row.method, over, dir.clone()));
+            if dir.join("sweep.json").exists() {
                 continue;
             }
-            let model = model_dir(&out, row.method).join("model.safetensors");
-            let mut eval = setup.command(&model, &dir);
-            let n = n.to_string();
-            eval.args(["--suite", "pgd20", "--objectives", "ce"])
-                .args(["--attack-steps", "50", "--restarts", "10"])
-                .args(["--attack-limit", &n, "--test-limit", &n])
-                .args(["--batch-size", &AUTOATTACK_BATCH.to_string()]);
-            let shards = args
-                .shards
-                .min(n.parse::<usize>().unwrap_or(1).div_ceil(AUTOATTACK_BATCH));
-            add_sharded(
-                &mut jobs,
-                Sharded {
-                    name: format!("{}: PGD-50-10 on the first {n} test images", row.method),
-                    eval,
-                    dir: &dir,
-                    shards,
-                    after: trained[i],
-                    merge: None,
-                },
-                |part| log(row.method, &format!("pgd50-10{part}")),
+            let mut sweep = rampart_command(&rampart, threads);
+            sweep
+                .arg("sweep")
+                .args(["--over", over])
+                .arg("--model")
+                .arg(model_dir(&out, row.method).join("model.safetensors"))
+                .args(["--dataset", dataset, "--suite", "pgd20"])
+                .args(extra);
+            if let Some((test, attacked)) = sweep_limits {
+                let attacked = match (row.stochastic, budgets.stochastic_sweep_examples) {
+                    (true, Some(n)) => n,
+                    _ => attacked,
+                };
+                sweep.args([
+                    "--test-limit",
+                    &test.to_string(),
+                    "--attack-limit",
+                    &attacked.to_string(),
+                ]);
+            }
+            data_dir_args(&mut sweep, data_dir);
+            sweep.arg("--out").arg(&dir);
+            jobs.add(
+                format!("{}: sweep over {over}", row.method),
+                sweep,
+                after,
+                log(row.method, "sweep"),
             );
         }
-    }
-    // The evaluation protocol on every model, then one comparison (tables + plots).
-    let (suite, limit) = preset.protocol();
-    let mut compare = rampart_command(&rampart, threads);
-    compare.arg("compare").arg("--out").arg(&out);
-    let mut protocols: Vec<Option<usize>> = vec![None; rows.len()];
-    for (i, row) in rows.iter().enumerate() {
-        let dir = protocol_dir(&out, row.method);
-        compare.arg(format!(
-            "{}={}",
-            row.method,
-            dir.join("results.json").display()
-        ));
-        if dir.join("results.json").exists() {
-            continue;
-        }
-        let model = model_dir(&out, row.method).join("model.safetensors");
-        let mut eval = setup.command(&model, &dir);
-        eval.args(["--suite", suite]);
-        eval.args(row.stochastic_protocol_flags(&budgets));
-        let limit = if row.stochastic {
-            budgets.stochastic_protocol.1
-        } else {
-            eval.args(["--trust-examples", &budgets.trust_examples.to_string()]);
-            limit
-        };
-        if let Some(n) = limit {
-            eval.args(["--attack-limit", &n.to_string()]);
-        }
-        if let Some(b) = budgets.protocol_batch_size {
-            eval.args(["--batch-size", &b.to_string()]);
-        }
-        let name = format!(
-            "[{}/{}] {}: evaluation protocol (--suite {suite})",
-            i + 1,
-            rows.len(),
-            row.method
-        );
-        protocols[i] = Some(add_sharded(
-            &mut jobs,
-            Sharded {
-                name,
-                eval,
-                dir: &dir,
-                shards: args.shards,
-                after: trained[i],
-                merge: Some(rampart_command(&rampart, threads)),
-            },
-            |part| log(row.method, &format!("protocol{part}")),
-        ));
-    }
-    let compared = jobs.add(
-        "comparing the models",
-        compare,
-        protocols.iter().flatten().copied().collect::<Vec<_>>(),
-        out.join("logs").join("compare.log"),
-    );
-    jobs.on_host(compared);
 
-    // The test-time trade-offs: OAT over λ beside the dedicated λ = 0 (normal) and
-    // λ = 1 (at) models, and the student over noise levels.
-    let mut sweeps = Vec::new();
-    let sweep_limits = preset.sweep_limits();
-    for (i, row) in rows.iter().enumerate() {
-        let mut after: Vec<usize> = trained[i].into_iter().collect();
-        let (over, extra): (&str, Vec<String>) = match row.method {
-            "oat" => {
-                let mut refs = Vec::new();
-                for (name, key) in [
-                    ("normal (lambda 0)", "normal"),
-                    ("oat-fixed (lambda 0.3)", "oat-fixed"),
-                    ("at (lambda 1)", "at"),
-                ] {
-                    if let Some(r) = rows.iter().position(|r| r.method == key) {
-                        // The robust figure is where the row's PGD-20 ran.
-                        let dir = if rows[r].robust_from_protocol(&budgets) {
-                            after.extend(protocols[r]);
-                            protocol_dir(&out, key)
-                        } else {
-                            after.extend(evaluated[r]);
-                            eval_dir(&out, key)
-                        };
-                        refs.push("--reference".to_string());
-                        refs.push(format!("{name}={}", dir.join("results.json").display()));
-                    }
-                }
-                ("lambda", refs)
+        if let (Some(minutes), None) = (fit_minutes, &fitted) {
+            // The rows trained here, with their schedules' epochs.
+            let mut here = Vec::new();
+            for row in rows.iter().filter(|r| trained_here(r.method)) {
+                here.push((row.method, preset_epochs(&rampart, row, dataset)?));
             }
-            _ if row.stochastic => (
-                "noise-scale",
-                ["--values", budgets.noise_values]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .chain(row.stochastic_protocol_flags(&budgets))
-                    .collect(),
-            ),
-            _ => continue,
-        };
-        let extra = if row.stochastic {
-            extra
-        } else {
-            let trust = budgets.sweep_trust_examples.to_string();
-            extra
-                .into_iter()
-                .chain(["--trust-examples".to_string(), trust])
-                .collect()
-        };
-        let dir = report::sweep_dir(&out, row.method);
-        sweeps.push((row.method, over, dir.clone()));
-        if dir.join("sweep.json").exists() {
+            let setup = crate::fit::FitSetup {
+                out: &out,
+                rampart: &rampart,
+                threads,
+                bench_device: &slots[0],
+                device: &device,
+                minutes,
+                share: args.fit_share,
+                started: clock,
+                rows: &here,
+                step_times: args.fit_step_times.as_deref(),
+            };
+            fitted = Some(crate::fit::fit(&setup, jobs.as_slice())?);
             continue;
         }
-        let mut sweep = rampart_command(&rampart, threads);
-        sweep
-            .arg("sweep")
-            .args(["--over", over])
-            .arg("--model")
-            .arg(model_dir(&out, row.method).join("model.safetensors"))
-            .args(["--dataset", dataset, "--suite", "pgd20"])
-            .args(extra);
-        if let Some((test, attacked)) = sweep_limits {
-            let attacked = match (row.stochastic, budgets.stochastic_sweep_examples) {
-                (true, Some(n)) => n,
-                _ => attacked,
-            };
-            sweep.args([
-                "--test-limit",
-                &test.to_string(),
-                "--attack-limit",
-                &attacked.to_string(),
-            ]);
-        }
-        data_dir_args(&mut sweep, data_dir);
-        sweep.arg("--out").arg(&dir);
-        jobs.add(
-            format!("{}: sweep over {over}", row.method),
-            sweep,
-            after,
-            log(row.method, "sweep"),
-        );
-    }
+        break (jobs, suite, sweeps, autoattacked);
+    };
 
     if parallel > 1 && scratch.is_none() {
         eprintln!(

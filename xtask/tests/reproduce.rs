@@ -371,3 +371,99 @@ fn rows_run_on_one_machine_after_another_merge_from_what_each_brought_back() -> 
     );
     Ok(())
 }
+
+/// `--fit-minutes`: the rows of an invocation trained for the share of their
+/// schedules that fits the minutes with their whole evaluation. With step times given
+/// (`--fit-step-times`, so that the estimate is exact here): a budget that fits half
+/// of the two-epoch trainings trains each row one epoch and records it; one that fits
+/// the evaluations but not one epoch, or not even the evaluations, is refused before
+/// anything trains. Without them, this machine is timed first (`fit/step-times.jsonl`)
+/// and ample minutes keep the whole schedules.
+#[test]
+fn rows_fitted_to_a_time_limit_train_the_share_of_their_schedules_that_fits() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_tiny_cifar10(dir.path(), 4, 1010)?;
+    // One second per image of a training step; evaluation passes a thousand times
+    // cheaper: the two trainings take about 65 s, the evaluations about 30 s.
+    let times = dir.path().join("times.jsonl");
+    let mut lines = String::new();
+    for (step, per_image) in [
+        ("train-step", 1.0),
+        ("pgd-step", 0.001),
+        ("forward", 0.0005),
+    ] {
+        for batch in [4, 256] {
+            lines += &format!(
+                "{{\"step\":\"{step}\",\"arch\":\"wrn-10-1\",\"variant\":\"plain\",\"device\":\"cpu\",\
+                 \"batch_size\":{batch},\"seconds_per_batch\":{}}}\n",
+                per_image * batch as f64
+            );
+        }
+    }
+    std::fs::write(&times, lines)?;
+    let fitted =
+        |name: &str, minutes: &str| -> Result<(PathBuf, Output), Box<dyn std::error::Error>> {
+            let out = dir.path().join(name);
+            let run = reproduce(dir.path(), &out, false)?
+                .args(["--fit-minutes", minutes, "--fit-share", "1"])
+                .arg("--fit-step-times")
+                .arg(&times)
+                .output()?;
+            Ok((out, run))
+        };
+    // 20 s: not even the evaluations.
+    let (out, run) = fitted("no-eval", "0.333")?;
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("the evaluations alone take an estimated 30 s"),
+        "{}",
+        text(&run)
+    );
+    assert!(!out.join("normal/model.safetensors").exists());
+    // 45 s: the evaluations, but not one epoch of each training.
+    let (out, run) = fitted("no-epoch", "0.75")?;
+    assert!(
+        !run.status.success() && text(&run).contains("even one epoch"),
+        "{}",
+        text(&run)
+    );
+    assert!(!out.join("normal/model.safetensors").exists());
+    // 80 s: the evaluations and 0.77 of the trainings: one epoch of two each.
+    let (out, run) = fitted("half", "1.333")?;
+    assert!(run.status.success(), "{}", text(&run));
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("fit.json"))?)?;
+    for row in ["normal", "at"] {
+        let fit = &record["rows"][row];
+        assert_eq!(
+            (fit["epochs"].as_u64(), fit["schedule_epochs"].as_u64()),
+            (Some(1), Some(2)),
+            "{row}"
+        );
+        let history = std::fs::read_to_string(out.join(row).join("history.jsonl"))?;
+        assert_eq!(history.lines().count(), 1, "{row}: {history}");
+    }
+    let share = record["fits"][0]["schedule_share"]
+        .as_f64()
+        .ok_or("share")?;
+    assert!(share > 0.5 && share < 1.0, "{share}");
+    let report = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(report.contains("`fit.json` holds the fit"), "{report}");
+    assert!(report.contains("--epochs 1"), "{report}");
+    // This machine timed first; an hour keeps the whole schedules.
+    let out = dir.path().join("timed");
+    let run = reproduce(dir.path(), &out, false)?
+        .args(["--fit-minutes", "60"])
+        .output()?;
+    assert!(run.status.success(), "{}", text(&run));
+    let measured = std::fs::read_to_string(out.join("fit/step-times.jsonl"))?;
+    assert!(measured.contains("\"step\":\"train-step\""), "{measured}");
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("fit.json"))?)?;
+    assert_eq!(record["rows"]["at"]["epochs"], 2);
+    assert_eq!(
+        std::fs::read_to_string(out.join("at/history.jsonl"))?
+            .lines()
+            .count(),
+        2
+    );
+    Ok(())
+}
