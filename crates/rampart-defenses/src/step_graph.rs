@@ -1,5 +1,5 @@
 //! CUDA graphs of the trainer's steps: a full-batch training step of normal training,
-//! fast AT, PGD-AT, CCAT (L∞) or TRADES is the same device work on the same buffers every time (the
+//! fast AT, PGD-AT, CCAT (L∞), TRADES or RegMixup is the same device work on the same buffers every time (the
 //! training attack, the method's loss, the backward pass), so it is captured once per
 //! run and replayed: one launch where the host queued some thousands, each with its
 //! host-side cost.
@@ -12,7 +12,11 @@
 //! ([`rampart_attacks::with_seed_on_device`]; the starts themselves are drawn there);
 //! for TRADES, whose Gaussian start is drawn on the host from the seed, the trainer
 //! draws those values and copies them into a buffer the step reads
-//! ([`TrainingMethod::step_noise`], [`crate::with_step_noise`]).
+//! ([`TrainingMethod::step_noise`], [`crate::with_step_noise`]); for RegMixup, whose
+//! mixing weight and partners come from the method's RNG ([`StepDraws::Values`]), the
+//! trainer draws them as the step would and copies them into buffers the step reads
+//! ([`TrainingMethod::step_values`], [`crate::with_step_values`]), from which its
+//! mixed batch and soft targets are made on the device.
 //! The graph leaves the step's loss, correct count and attack checks, and its
 //! gradients, in buffers that outlive it; the trainer adds the first to its sums and
 //! runs SGD on the second outside the graph (one launch), at the step's learning rate.
@@ -24,7 +28,7 @@
 //! across epochs. A last, smaller batch runs eagerly (`train_step`).
 //!
 //! **When not.** A method that draws anything else on the host per step
-//! ([`StepDraws::Other`]: OAT's λ, RegMixup's mixing, SAT's and AR-AdaLS's reads), data-parallel training, and a model whose passes draw noise (a
+//! ([`StepDraws::Other`]: OAT's λ, SAT's and AR-AdaLS's reads), data-parallel training, and a model whose passes draw noise (a
 //! stochastic student, seen in the first step) train eagerly. A capture that fails (a
 //! read back to the host, an upload the first step did not cache, a training attack
 //! on the host path, an operation the driver cannot capture) or a replay the driver
@@ -187,6 +191,9 @@ struct Fixed {
     /// The values the step draws on the host from its seed, where it draws any
     /// ([`TrainingMethod::step_noise`]).
     noise: RefCell<Option<Tensor>>,
+    /// The values the step draws from the batch's RNG, where it draws any
+    /// ([`TrainingMethod::step_values`]): reals (f64) and indices (u32).
+    values: RefCell<Option<(Tensor, Tensor)>>,
     /// The examples the method trained on (TRADES: the clean and the adversarial
     /// batch), as the step's eager run counted them.
     examples: Cell<usize>,
@@ -266,6 +273,7 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
                     stats: Tensor::zeros(2, DType::F64, dev)?,
                     faults: RefCell::new(None),
                     noise: RefCell::new(None),
+                    values: RefCell::new(None),
                     examples: Cell::new(0),
                 });
             }
@@ -305,6 +313,34 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
                 }
                 Some(s)
             }
+            StepDraws::Values => {
+                // Drawn from the run's RNG as the step draws them, into the buffers the
+                // graph reads.
+                let b = fixed.images.dim(0)?;
+                let values = method.step_values(rng, b)?.ok_or_else(|| {
+                    DefenseError::Config(format!(
+                        "method {} declares values for its steps but draws none",
+                        method.name()
+                    ))
+                })?;
+                let dev = fixed.images.device();
+                let reals = Tensor::new(values.reals.as_slice(), dev)?;
+                let indices = Tensor::new(values.indices.as_slice(), dev)?;
+                let mut kept = fixed.values.borrow_mut();
+                match kept.as_ref() {
+                    Some((r, i)) if r.dims() == reals.dims() && i.dims() == indices.dims() => {
+                        r.slice_set(&reals, 0, 0)?;
+                        i.slice_set(&indices, 0, 0)?;
+                    }
+                    Some(_) => {
+                        return Err(DefenseError::Config(
+                            "a step drew values of another shape than the first step".into(),
+                        ))
+                    }
+                    None => *kept = Some((reals, indices)),
+                }
+                None
+            }
             StepDraws::Nothing | StepDraws::Other => None,
         };
         let failed: RefCell<Option<DefenseError>> = RefCell::new(None);
@@ -312,14 +348,18 @@ impl<R: GraphRecorder> StepRunner for StepGraph<R> {
             let mut r = body_rng.clone();
             let mut batch = TrainBatch::new(model, &fixed.images, &fixed.labels, &mut r);
             let noise = fixed.noise.borrow().clone();
-            let out = match (seed, noise) {
-                (Some(s), Some(n)) => crate::method::with_step_noise(&n, s, || {
+            let values = fixed.values.borrow().clone();
+            let out = match (seed, noise, values) {
+                (Some(s), Some(n), _) => crate::method::with_step_noise(&n, s, || {
                     rampart_attacks::with_seed_on_device(&fixed.seed, s, || method.loss(&mut batch))
                 })?,
-                (Some(s), None) => rampart_attacks::with_seed_on_device(&fixed.seed, s, || {
+                (Some(s), None, _) => rampart_attacks::with_seed_on_device(&fixed.seed, s, || {
                     method.loss(&mut batch)
                 })?,
-                (None, _) => method.loss(&mut batch)?,
+                (None, _, Some((r, i))) => {
+                    crate::method::with_step_values(&r, &i, || method.loss(&mut batch))?
+                }
+                (None, _, None) => method.loss(&mut batch)?,
             };
             fixed.stats.slice_set(&step_stats(&out)?, 0, 0)?;
             fixed.examples.set(out.labels.dim(0)?);

@@ -138,8 +138,9 @@ fn short_pgd_at() -> AdversarialTraining {
     }
 }
 
-/// Normal training (with label smoothing), fast AT, PGD-AT (two restarts), CCAT and
-/// TRADES (its Gaussian start drawn by the trainer before each step): the
+/// Normal training (with label smoothing), fast AT, PGD-AT (two restarts), CCAT,
+/// TRADES (its Gaussian start drawn by the trainer before each step) and RegMixup (its
+/// mixing weight and partners drawn by the trainer into device buffers): the
 /// graph's run equals the eager run bit for bit (weights, losses, accuracies), with one
 /// capture at the second full batch and a launch for it and every later full batch of
 /// both epochs (4 full batches each: 7 launches), the last small batch eagerly.
@@ -155,6 +156,7 @@ fn runs_replayed_from_step_graphs_equal_eager_runs() -> TestResult {
         ("PGD-AT", Box::new(short_pgd_at())),
         ("CCAT", Box::new(short_ccat())),
         ("TRADES", Box::new(short_trades())),
+        ("RegMixup", Box::new(RegMixup::pinto_cifar10())),
     ];
     for (what, method) in &methods {
         let eager = tempfile::tempdir()?;

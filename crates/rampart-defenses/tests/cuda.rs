@@ -148,7 +148,8 @@ fn sgd_kernels_compile_with_nvrtc() {
 
 /// Two epochs of normal training, fast AT (FGSM-RS on the device-resident loop, its
 /// starts drawn on the GPU from the seed the step writes there), CCAT (its soft targets
-/// made on the GPU) and TRADES (its Gaussian start drawn by the trainer) on WRN-10-1 and
+/// made on the GPU), TRADES (its Gaussian start drawn by the trainer) and RegMixup (its
+/// mixing weight and partners drawn by the trainer, the mixing made on the GPU) on WRN-10-1 and
 /// 96 random 32×32 images, batch 32 (3 full batches per epoch): with the trainer's CUDA
 /// graphs, one capture and a launch for every later full batch (5) per run, and the
 /// weights of the eager run to within what the GPU's own run-to-run differences allow
@@ -159,7 +160,7 @@ fn sgd_kernels_compile_with_nvrtc() {
 fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
     use rampart_defenses::{
         train_graph_failure, train_graph_steps, with_train_graphs, Ccat, FastAt, Normal, Progress,
-        Trades, TrainConfig, Trainer, TrainingMethod,
+        RegMixup, Trades, TrainConfig, Trainer, TrainingMethod,
     };
     use rampart_models::{Arch, Classifier, ModelSpec};
     use std::sync::Arc;
@@ -192,11 +193,12 @@ fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
         steps: 3,
         ..Trades::zhang_cifar10()
     };
-    let methods: [(&str, &dyn TrainingMethod); 4] = [
+    let methods: [(&str, &dyn TrainingMethod); 5] = [
         ("normal", &Normal::new()),
         ("fast AT", &FastAt::wong_cifar10()),
         ("CCAT", &ccat),
         ("TRADES", &trades),
+        ("RegMixup", &RegMixup::pinto_cifar10()),
     ];
     let run = |method: &dyn TrainingMethod,
                graphs: bool|

@@ -95,7 +95,8 @@ pub fn ccat_soft_targets_on_device(
 ) -> Result<Tensor> {
     let dev = norms.device();
     let b = norms.dim(0)?;
-    let column = |v: f64| Tensor::full(v, (b, 1), dev);
+    // Constants kept per device: nothing is copied from the host in a step.
+    let column = |v: f64| super::constants::column(v, b, dev);
     let n = norms.to_dtype(DType::F64)?.reshape((b, 1))?;
     let r = n.div(&column(eps)?)?.maximum(0.0)?.minimum(1.0)?;
     // λ = 1 − (1 − r)^ρ; x·(−1) + 1 is 1 − x, rounded once.
@@ -104,7 +105,7 @@ pub fn ccat_soft_targets_on_device(
     let hot = labels
         .to_dtype(DType::U32)?
         .reshape((b, 1))?
-        .broadcast_eq(&Tensor::arange(0u32, classes as u32, dev)?.reshape((1, classes))?)?
+        .broadcast_eq(&super::constants::class_row(classes, dev)?)?
         .to_dtype(DType::F64)?
         .broadcast_mul(&lambda.affine(-1.0, 1.0)?)?;
     Ok(hot.broadcast_add(&uniform)?.to_dtype(DType::F32)?)

@@ -18,6 +18,7 @@
 mod adversarial;
 mod ar_adals;
 mod ccat;
+mod constants;
 mod fast_at;
 mod normal;
 mod oat;
@@ -36,7 +37,10 @@ pub use fast_at::FastAt;
 pub use normal::{cross_entropy, Normal};
 pub use oat::Oat;
 pub use overrides::{merge, MethodConfig, MethodKind, MethodSettings, Overrides, Setting};
-pub use regmixup::{mixup_images, mixup_targets, MixupDraw, RegMixup};
+pub use regmixup::{
+    mixup_images, mixup_images_on_device, mixup_targets, mixup_targets_on_device, MixupDraw,
+    RegMixup,
+};
 pub use sat::{entropic_ot, sinkhorn_divergence, Sat};
 pub use trades::{kl_divergence, Trades};
 
@@ -220,6 +224,14 @@ pub trait TrainingMethod {
         None
     }
 
+    /// What a [`StepDraws::Values`] step of a batch of `batch` draws from the batch's
+    /// RNG, drawn here exactly as the step draws it (advancing `rng` as the step
+    /// would): a CUDA graph of the step is given them in device buffers before each
+    /// replay ([`with_step_values`]). None (the default): the step draws no such values.
+    fn step_values(&self, _rng: &mut ChaCha8Rng, _batch: usize) -> Result<Option<StepValues>> {
+        Ok(None)
+    }
+
     /// Whether the state stays the same on every data-parallel worker: the method
     /// learns it from sums over the workers ([`TrainBatch::sum_over_workers`]), so that
     /// it is the state of the global batch. Data-parallel training refuses a stateful
@@ -248,6 +260,11 @@ pub enum StepDraws {
     /// One [`attack_seed`] from the batch's RNG, first and only, for a training attack
     /// whose random starts come from it alone.
     OneSeed,
+    /// Values drawn from the batch's RNG on the host that the step takes from the
+    /// device ([`TrainingMethod::step_values`], e.g. RegMixup's mixing weight and
+    /// partners): a graph of the step reads them from buffers written before each
+    /// replay.
+    Values,
     /// Anything else (or not declared): the step runs eagerly.
     Other,
 }
@@ -304,6 +321,19 @@ pub trait StatelessMethod: MethodSettings + serde::Serialize {
     fn noise(&self, _seed: u64, _elems: usize) -> Option<Vec<f32>> {
         None
     }
+
+    /// What a step draws from the batch's RNG ([`TrainingMethod::step_values`]).
+    fn values(&self, _rng: &mut ChaCha8Rng, _batch: usize) -> Result<Option<StepValues>> {
+        Ok(None)
+    }
+}
+
+/// What a [`StepDraws::Values`] step draws on the host, as its graph's device buffers
+/// hold them: real numbers (f64) and indices (u32).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepValues {
+    pub reals: Vec<f64>,
+    pub indices: Vec<u32>,
 }
 
 impl<M: StatelessMethod> TrainingMethod for M {
@@ -329,6 +359,10 @@ impl<M: StatelessMethod> TrainingMethod for M {
 
     fn step_noise(&self, seed: u64, elems: usize) -> Option<Vec<f32>> {
         self.noise(seed, elems)
+    }
+
+    fn step_values(&self, rng: &mut ChaCha8Rng, batch: usize) -> Result<Option<StepValues>> {
+        self.values(rng, batch)
     }
 }
 
@@ -363,6 +397,55 @@ pub(crate) fn step_noise_of(seed: u64) -> Option<Tensor> {
             .filter(|(_, of)| *of == seed)
             .map(|(t, _)| t.clone())
     })
+}
+
+thread_local! {
+    /// A training step's [`StepValues`] on the device: (reals f64, indices u32).
+    static STEP_VALUES: std::cell::RefCell<Option<(Tensor, Tensor)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the values of the step's [`TrainingMethod::step_values`] already on
+/// the device (`reals` f64, `indices` u32): the method's step takes them from there
+/// instead of copying its own draws (what a CUDA graph of the step replays with the
+/// values written before each replay).
+pub fn with_step_values<R>(reals: &Tensor, indices: &Tensor, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<(Tensor, Tensor)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            STEP_VALUES.with(|s| *s.borrow_mut() = previous);
+        }
+    }
+    let previous = STEP_VALUES.with(|s| s.borrow_mut().replace((reals.clone(), indices.clone())));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// The step's values on the device: those [`with_step_values`] put there, checked
+/// against the step's own draws' lengths, else `values` copied to `device`.
+pub(crate) fn step_values_on(
+    values: &StepValues,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    match STEP_VALUES.with(|s| s.borrow().clone()) {
+        Some((reals, indices)) => {
+            if reals.dims() != [values.reals.len()] || indices.dims() != [values.indices.len()] {
+                return Err(DefenseError::Config(format!(
+                    "the step's values on the device have shapes {:?} and {:?}, its draws                      {} and {} values",
+                    reals.dims(),
+                    indices.dims(),
+                    values.reals.len(),
+                    values.indices.len()
+                )));
+            }
+            Ok((reals, indices))
+        }
+        None => Ok((
+            Tensor::new(values.reals.as_slice(), device)?,
+            Tensor::new(values.indices.as_slice(), device)?,
+        )),
+    }
 }
 
 /// The seed of one batch's attack, drawn from the method's RNG.
@@ -713,10 +796,10 @@ mod host_label_tests {
     use super::*;
     use rand::SeedableRng;
 
-    /// The methods that need the labels on the host take the trainer's copy (no read
-    /// of the labels tensor, a wait on a GPU) and compute the same loss as from the
-    /// tensor; a copy of another length is refused. CCAT (L∞) needs none: its soft
-    /// targets are made on the device.
+    /// The methods that need the labels on the host (AR-AdaLS's soft targets) take the
+    /// trainer's copy (no read of the labels tensor, a wait on a GPU) and compute the
+    /// same loss as from the tensor; a copy of another length is refused. CCAT (L∞) and RegMixup
+    /// need none: their soft targets are made on the device.
     #[test]
     fn methods_take_the_host_labels_instead_of_reading_them() -> Result<()> {
         let ccat = Ccat {
@@ -726,19 +809,29 @@ mod host_label_tests {
             },
             ..Ccat::stutz_cifar10()
         };
-        let (model, x, y) = tiny_problem(4, 6, 3);
-        let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let before = LABEL_READS.with(std::cell::Cell::get);
-        ccat.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng))?;
-        assert_eq!(
-            LABEL_READS.with(std::cell::Cell::get),
-            before,
-            "ccat read the labels"
-        );
-        let methods: Vec<(&str, Box<dyn TrainingMethod>)> =
-            vec![("regmixup", Box::new(RegMixup::pinto_cifar10()))];
-        for (name, method) in methods {
+        let none: Vec<(&str, Box<dyn TrainingMethod>)> = vec![
+            ("ccat", Box::new(ccat)),
+            ("regmixup", Box::new(RegMixup::pinto_cifar10())),
+        ];
+        for (name, method) in none {
+            let (model, x, y) = tiny_problem(4, 6, 3);
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let before = LABEL_READS.with(std::cell::Cell::get);
+            method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng))?;
+            assert_eq!(
+                LABEL_READS.with(std::cell::Cell::get),
+                before,
+                "{name} read the labels"
+            );
+        }
+        // A new method for each loss: AR-AdaLS learns from its batches.
+        type Make = fn() -> Result<Box<dyn TrainingMethod>>;
+        let methods: Vec<(&str, Make)> = vec![("ar-adals", || {
+            Ok(Box::new(ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?))
+        })];
+        for (name, make) in methods {
             let loss = |host: bool| -> Result<(f32, usize)> {
+                let method = make()?;
                 let (model, x, y) = tiny_problem(4, 6, 3);
                 let labels = y.to_vec1::<u32>()?;
                 let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -758,9 +851,11 @@ mod host_label_tests {
                 reads > 0,
                 "{name}: the labels were read without a host copy"
             );
-            assert_eq!(
-                none, 0,
-                "{name}: the labels were read despite the host copy"
+            // AR-AdaLS's robustness groups still read them (its attacks judge on the
+            // host); its soft targets take the copy.
+            assert!(
+                none < reads,
+                "{name}: the host copy saved no read ({none} against {reads})"
             );
         }
         let (model, x, y) = tiny_problem(4, 6, 3);

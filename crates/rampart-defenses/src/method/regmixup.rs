@@ -2,7 +2,7 @@
 //! cross-entropy on its mixup, mixup acting as a regulariser rather than replacing the
 //! clean data.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::{DType, ModuleT, Tensor};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution};
@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    cross_entropy, one_hot, soft_cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
+    cross_entropy, one_hot, soft_cross_entropy, step_values_on, BatchLoss, StatelessMethod,
+    StepCost, StepDraws, StepValues, TrainBatch,
 };
 use crate::error::{DefenseError, Result};
 
@@ -77,6 +78,33 @@ pub fn mixup_targets(labels: &[u32], draw: &MixupDraw, classes: usize) -> Vec<f3
     out
 }
 
+/// [`mixup_targets`] on the device, from the labels (B,) u32, the weights `reals`
+/// = [λ, 1 − λ] (f64) and the partners π (B,) u32 there: (B, K) f32, bit for bit the
+/// host's (the same f64 products and sum, rounded to f32), with nothing read back.
+pub fn mixup_targets_on_device(
+    labels: &Tensor,
+    reals: &Tensor,
+    partner: &Tensor,
+    classes: usize,
+) -> Result<Tensor> {
+    let ks = super::constants::class_row(classes, labels.device())?;
+    let hot = |l: &Tensor| -> Result<Tensor> {
+        Ok(l.unsqueeze(1)?.broadcast_eq(&ks)?.to_dtype(DType::F64)?)
+    };
+    let own = hot(labels)?.broadcast_mul(&reals.narrow(0, 0, 1)?)?;
+    let other = hot(&labels.index_select(partner, 0)?)?.broadcast_mul(&reals.narrow(0, 1, 1)?)?;
+    Ok((own + other)?.to_dtype(DType::F32)?)
+}
+
+/// [`mixup_images`] with the weights `reals` = [λ, 1 − λ] (f64) and the partners π
+/// (B,) u32 on the device: each weight rounded to the images' type, as the host's
+/// `images * λ` rounds it.
+pub fn mixup_images_on_device(images: &Tensor, reals: &Tensor, partner: &Tensor) -> Result<Tensor> {
+    let weight = |i: usize| reals.narrow(0, i, 1)?.to_dtype(images.dtype());
+    let partners = images.index_select(partner, 0)?;
+    Ok((images.broadcast_mul(&weight(0)?)? + partners.broadcast_mul(&weight(1)?)?)?)
+}
+
 /// The mixed batch λ·x + (1 − λ)·x[π]; images (B, C, H, W).
 pub fn mixup_images(images: &Tensor, draw: &MixupDraw) -> Result<Tensor> {
     let index = Tensor::new(draw.partner.as_slice(), images.device())?;
@@ -107,13 +135,33 @@ impl StatelessMethod for RegMixup {
         }
     }
 
+    /// λ and π from the batch's RNG, which a graph of the step is given on the device.
+    fn draws(&self) -> StepDraws {
+        StepDraws::Values
+    }
+
+    /// [λ, 1 − λ] and π, drawn as the step draws them.
+    fn values(&self, rng: &mut ChaCha8Rng, batch: usize) -> Result<Option<StepValues>> {
+        let draw = self.draw(batch, rng)?;
+        Ok(Some(StepValues {
+            reals: vec![draw.lambda, 1.0 - draw.lambda],
+            indices: draw.partner,
+        }))
+    }
+
+    /// The mixing and the soft targets are made on the device from the weights and
+    /// partners (drawn here, or already there under a replayed graph): the step reads
+    /// nothing back.
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let (images, labels) = (batch.images, batch.labels);
         let b = images.dim(0)?;
-        let draw = self.draw(b, batch.rng)?;
-        let mixed = mixup_images(images, &draw)?;
+        let values = self
+            .values(batch.rng, b)?
+            .ok_or_else(|| DefenseError::Config("RegMixup drew no values".into()))?;
+        let (reals, partner) = step_values_on(&values, images.device())?;
+        let mixed = mixup_images_on_device(images, &reals, &partner)?;
         let k = batch.model.spec().num_classes;
-        let targets = batch.targets(mixup_targets(&batch.host_labels()?, &draw, k))?;
+        let targets = mixup_targets_on_device(labels, &reals, &partner, k)?;
         let logits = batch
             .model
             .forward_t(&Tensor::cat(&[images, &mixed], 0)?, true)?;
@@ -197,6 +245,100 @@ mod tests {
         let got = f64::from(out.loss.to_scalar::<f32>()?);
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         assert_eq!(out.logits.dims(), &[6, 4]);
+        Ok(())
+    }
+
+    /// The device's targets and mixed images equal the host's bit for bit, for random
+    /// draws and labels.
+    #[test]
+    fn the_mixing_on_the_device_is_the_hosts() -> TestResult {
+        let method = RegMixup::new(0.4)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let dev = candle_core::Device::Cpu;
+        for b in [1usize, 5, 32] {
+            let draw = method.draw(b, &mut rng)?;
+            let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % 10).collect();
+            let reals = Tensor::new(&[draw.lambda, 1.0 - draw.lambda], &dev)?;
+            let partner = Tensor::new(draw.partner.as_slice(), &dev)?;
+            let y = Tensor::new(labels.as_slice(), &dev)?;
+            let got = mixup_targets_on_device(&y, &reals, &partner, 10)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let want = mixup_targets(&labels, &draw, 10);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "targets, batch {b}"
+            );
+            let x = Tensor::rand(0f32, 1f32, (b, 3, 4, 4), &dev)?;
+            let got = mixup_images_on_device(&x, &reals, &partner)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let want = mixup_images(&x, &draw)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "images, batch {b}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The step's values drawn by `step_values` advance the RNG as the step does, and
+    /// under `with_step_values` the step mixes with the values on the device, not
+    /// with its own draws (what a replayed graph relies on).
+    #[test]
+    fn the_step_takes_its_values_from_the_device_when_given() -> TestResult {
+        let (model, x, y) = tiny_problem(4, 6, 2);
+        let method = RegMixup::pinto_cifar10();
+        let mut drawn = ChaCha8Rng::seed_from_u64(5);
+        let values = method.step_values(&mut drawn, 6)?.ok_or("no values")?;
+        let mut stepped = ChaCha8Rng::seed_from_u64(5);
+        let own = method.loss(&mut TrainBatch::new(&model, &x, &y, &mut stepped))?;
+        assert_eq!(
+            rand::Rng::gen::<u64>(&mut drawn),
+            rand::Rng::gen::<u64>(&mut stepped)
+        );
+        assert_eq!(values.indices.len(), 6);
+        // Other values on the device: λ = 0.25 and the batch reversed.
+        let draw = MixupDraw {
+            lambda: 0.25,
+            partner: vec![5, 4, 3, 2, 1, 0],
+        };
+        let reals = Tensor::new(&[0.25f64, 0.75], x.device())?;
+        let partner = Tensor::new(draw.partner.as_slice(), x.device())?;
+        let given = crate::method::with_step_values(&reals, &partner, || {
+            method.loss(&mut TrainBatch::new(
+                &model,
+                &x,
+                &y,
+                &mut ChaCha8Rng::seed_from_u64(5),
+            ))
+        })?;
+        let mixed = mixup_images(&x, &draw)?;
+        let logits = model.forward_t(&Tensor::cat(&[&x, &mixed], 0)?, true)?;
+        let targets = Tensor::from_vec(
+            mixup_targets(&y.to_vec1::<u32>()?, &draw, 4),
+            (6, 4),
+            x.device(),
+        )?;
+        let want = (cross_entropy(&logits.narrow(0, 0, 6)?, &y, 0.0)?
+            + soft_cross_entropy(&logits.narrow(0, 6, 6)?, &targets)?)?
+        .to_scalar::<f32>()?;
+        let given = given.loss.to_scalar::<f32>()?;
+        assert_eq!(given.to_bits(), want.to_bits());
+        assert_ne!(given.to_bits(), own.loss.to_scalar::<f32>()?.to_bits());
+        // Values of another shape are refused.
+        let short = Tensor::new(&[0u32, 1], x.device())?;
+        let refused = crate::method::with_step_values(&reals, &short, || {
+            method.loss(&mut TrainBatch::new(
+                &model,
+                &x,
+                &y,
+                &mut ChaCha8Rng::seed_from_u64(5),
+            ))
+        });
+        assert!(refused.is_err());
         Ok(())
     }
 
