@@ -254,11 +254,24 @@ pub fn fit(setup: &FitSetup<'_>, jobs: &[Job]) -> Result<BTreeMap<String, usize>
         .iter()
         .map(|&(row, epochs)| {
             let (eval_seconds, train_seconds) = costs.get(row).copied().unwrap_or_default();
+            let fixed = record.rows.get(row).map(|f| f.epochs);
+            // A training finished by an earlier invocation costs nothing more.
+            if crate::reproduce::model_dir(setup.out, row)
+                .join("summary.json")
+                .is_file()
+            {
+                return RowCost {
+                    eval_seconds,
+                    train_seconds: 0.0,
+                    epochs,
+                    fixed: Some(fixed.unwrap_or(epochs)),
+                };
+            }
             RowCost {
                 eval_seconds,
                 train_seconds,
                 epochs,
-                fixed: record.rows.get(row).map(|f| f.epochs),
+                fixed,
             }
         })
         .collect();

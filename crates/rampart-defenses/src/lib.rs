@@ -52,11 +52,12 @@ pub use error::{DefenseError, Result};
 pub use method::{
     adals_targets, adversarial_count, attack_seed, calibration_gaps, ccat_lambda,
     ccat_soft_targets, ccat_soft_targets_on_device, cross_entropy, entropic_ot, kl_divergence,
-    merge, mixup_images, mixup_targets, robustness_group, robustness_groups, sinkhorn_divergence,
-    soft_cross_entropy, with_step_noise, with_step_values, AdaLsState, AdversarialTraining,
-    ArAdaLs, ArAdaLsConfig, BatchLoss, Ccat, FastAt, MethodConfig, MethodKind, MethodSettings,
-    MixupDraw, Normal, Oat, Overrides, RegMixup, Sat, Setting, StatelessMethod, StepCost,
-    StepDraws, StepValues, Trades, TrainBatch, TrainingMethod, ADALS_GROUPS,
+    merge, mixup_images, mixup_images_on_device, mixup_targets, mixup_targets_on_device,
+    robustness_group, robustness_groups, sinkhorn_divergence, soft_cross_entropy, with_step_noise,
+    with_step_values, AdaLsState, AdversarialTraining, ArAdaLs, ArAdaLsConfig, BatchLoss, Ccat,
+    FastAt, MethodConfig, MethodKind, MethodSettings, MixupDraw, Normal, Oat, Overrides, RegMixup,
+    Sat, Setting, StatelessMethod, StepCost, StepDraws, StepValues, Trades, TrainBatch,
+    TrainingMethod, ADALS_GROUPS,
 };
 pub use predict::{predict, Predictions};
 pub use schedule::{progress, LrSchedule, Milestone, ScheduleKind};

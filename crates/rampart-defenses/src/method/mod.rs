@@ -332,7 +332,9 @@ pub trait StatelessMethod: MethodSettings + serde::Serialize {
 /// hold them: real numbers (f64) and indices (u32).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepValues {
+    /// Real numbers, kept in f64 on the device.
     pub reals: Vec<f64>,
+    /// Indices, kept in u32 on the device.
     pub indices: Vec<u32>,
 }
 
