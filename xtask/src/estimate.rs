@@ -261,16 +261,6 @@ pub struct JobEstimate {
     pub seconds: BTreeMap<usize, f64>,
 }
 
-/// The row of a run: its log file is `<row>.<what>.log`.
-fn row_of(job: &Job) -> String {
-    let stem = job
-        .log
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    stem.split('.').next().unwrap_or_default().to_string()
-}
-
 /// `job`'s command with `--dry-run`: its work, or `None` for a run that is not a
 /// training, evaluation or sweep (comparisons, merges).
 fn dry_run(job: &Job) -> Result<Option<Work>> {
@@ -403,7 +393,7 @@ pub fn works(jobs: &[Job]) -> Result<Vec<RunWork<'_>>> {
         .filter(|(_, w)| w.command == "train")
         .filter_map(|(j, w)| {
             Some((
-                row_of(j),
+                j.row(),
                 (w.arch.clone()?, w.variant.clone().unwrap_or("plain".into())),
             ))
         })
@@ -411,7 +401,7 @@ pub fn works(jobs: &[Job]) -> Result<Vec<RunWork<'_>>> {
     works
         .into_iter()
         .map(|(job, work)| {
-            let row = row_of(job);
+            let row = job.row();
             let (arch, variant) = match (&work.arch, trained.get(&row)) {
                 (Some(a), _) => (a.clone(), work.variant.clone().unwrap_or("plain".into())),
                 (None, Some((a, v))) => (a.clone(), v.clone()),

@@ -9,6 +9,7 @@
 //! runs in row order keeps the rows in order.
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +34,49 @@ pub struct Job {
     /// data-parallel training (`rampart train --workers N`), which is then given the
     /// devices' kind (`--device cuda`) and, on GPUs, `CUDA_VISIBLE_DEVICES`.
     pub width: usize,
+}
+
+impl Job {
+    /// The row the run belongs to: its log file is `<row>.<what>.log` (`compare` for
+    /// the study's comparison).
+    pub fn row(&self) -> String {
+        let stem = self
+            .log
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        stem.split('.').next().unwrap_or_default().to_string()
+    }
+}
+
+/// Where [`run_timed`] records each run's wall time: `OUT/runs.jsonl`, one JSON line
+/// per run that ended (`{"run", "row", "seconds", "ok", "finished"}`), appended by
+/// every invocation of the study.
+pub const RUN_TIMES: &str = "runs.jsonl";
+
+/// Appends `job`'s line to the record `times`, if any (a failed write is reported, not
+/// fatal: the study's results do not depend on it).
+fn record(times: Option<&Path>, job: &Job, seconds: f64, ok: bool) {
+    let Some(path) = times else { return };
+    let line = serde_json::json!({
+        "run": job.name,
+        "row": job.row(),
+        "seconds": seconds,
+        "ok": ok,
+        "finished": crate::timestamp::now_utc(),
+    });
+    let written = File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = written {
+        eprintln!(
+            "==> cannot record the time of {} in {}: {e}",
+            job.name,
+            path.display()
+        );
+    }
 }
 
 /// Adds jobs to a list and hands out their indices.
@@ -111,7 +155,13 @@ impl Jobs {
 /// terminal, so its progress bars show; otherwise its output goes to its log and a
 /// line marks its start and end. After a failure no job starts, the running ones
 /// finish, and the error names the failed job and its log.
+#[cfg(test)]
 pub fn run(jobs: Vec<Job>, slots: &[String]) -> Result<()> {
+    run_timed(jobs, slots, None)
+}
+
+/// [`run`], each run's wall time appended to `times` ([`RUN_TIMES`]) as it ends.
+pub fn run_timed(jobs: Vec<Job>, slots: &[String], times: Option<&Path>) -> Result<()> {
     if slots.is_empty() {
         bail!("no slot to run the study's runs in");
     }
@@ -142,7 +192,7 @@ pub fn run(jobs: Vec<Job>, slots: &[String]) -> Result<()> {
         }
     }
     if parallel == 1 {
-        return run_in_order(jobs, &slots[0]);
+        return run_in_order(jobs, &slots[0], times);
     }
     let free_slots = |running: &[(usize, Child, Instant, Vec<usize>)], width: usize| {
         let mut picked: Vec<usize> = Vec::new();
@@ -206,6 +256,7 @@ pub fn run(jobs: Vec<Job>, slots: &[String]) -> Result<()> {
             let (i, _, since, _) = running.swap_remove(k);
             let (name, log) = (&jobs[i].name, &jobs[i].log);
             let seconds = since.elapsed().as_secs_f64();
+            record(times, &jobs[i], seconds, status.success());
             if status.success() {
                 done[i] = true;
                 eprintln!("==> finished {name} in {seconds:.0} s");
@@ -266,12 +317,13 @@ fn give_devices(command: &mut Command, devices: &[&str]) {
 }
 
 /// One job after the other, each with the terminal, on `device`.
-fn run_in_order(jobs: Vec<Job>, device: &str) -> Result<()> {
+fn run_in_order(jobs: Vec<Job>, device: &str, times: Option<&Path>) -> Result<()> {
     for mut job in jobs {
         if job.on_device {
             job.command.args(["--device", device]);
         }
         eprintln!("==> {}", job.name);
+        let since = Instant::now();
         let status = job.command.status().with_context(|| {
             format!(
                 "cannot start {} ({:?})",
@@ -279,6 +331,7 @@ fn run_in_order(jobs: Vec<Job>, device: &str) -> Result<()> {
                 job.command.get_program()
             )
         })?;
+        record(times, &job, since.elapsed().as_secs_f64(), status.success());
         if !status.success() {
             bail!("{} failed ({status}); its message is above", job.name);
         }

@@ -932,6 +932,91 @@ fn amend_study(
 /// Checks the seed papers' claims against `OUT/results.json` ([`crate::claims`]):
 /// adds `claims` to it and the claims table to `OUT/report.md`, replacing those of an
 /// earlier invocation.
+/// Each row's wall time from the study's record of its runs (`OUT/runs.jsonl`, every
+/// invocation's): a section of the report and, per model of results.json,
+/// `row_seconds` (its runs that finished, one after the other), `row_train_seconds`
+/// (its training runs) and `row_runs`. Nothing when the study has no record.
+pub fn add_row_times(out: &Path, rows: &[ModelRow]) -> Result<()> {
+    let times = row_times(&out.join(crate::jobs::RUN_TIMES))?;
+    if times.is_empty() {
+        return Ok(());
+    }
+    amend_study(out, |results, report| {
+        report.push_str(
+            "
+## Time per row
+
+The wall time of each row's runs (training, evaluation,              protocol, PGD-50-10, AutoAttack, sweeps) that finished, summed over the              invocations that ran them (`runs.jsonl`): what the row takes one run after the              other on the study's device; runs side by side (`--jobs`) overlap. A run              stopped before its end is not counted (a resumed training's earlier part is in              its train time).
+
+             | model | runs | training | the rest | row |
+|---|---:|---:|---:|---:|
+",
+        );
+        for row in rows {
+            let Some(t) = times.get(row.method) else {
+                continue;
+            };
+            report.push_str(&format!(
+                "| {} | {} | {} | {} | {} |
+",
+                row.method,
+                t.runs,
+                duration(t.train_seconds),
+                duration(t.seconds - t.train_seconds),
+                duration(t.seconds)
+            ));
+            if let Some(entry) = results["models"]
+                .get_mut(row.method)
+                .and_then(|e| e.as_object_mut())
+            {
+                entry.insert("row_seconds".into(), t.seconds.into());
+                entry.insert("row_train_seconds".into(), t.train_seconds.into());
+                entry.insert("row_runs".into(), t.runs.into());
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A row's finished runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowTime {
+    pub runs: usize,
+    pub seconds: f64,
+    pub train_seconds: f64,
+}
+
+/// The finished runs of each row in the record `path` (none when it is missing);
+/// lines that are not a run's are skipped.
+pub fn row_times(path: &Path) -> Result<std::collections::BTreeMap<String, RowTime>> {
+    let mut times = std::collections::BTreeMap::<String, RowTime>::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(times),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(row), Some(name), Some(seconds), Some(true)) = (
+            v["row"].as_str(),
+            v["run"].as_str(),
+            v["seconds"].as_f64(),
+            v["ok"].as_bool(),
+        ) else {
+            continue;
+        };
+        let t = times.entry(row.to_string()).or_default();
+        t.runs += 1;
+        t.seconds += seconds;
+        if name.contains(": training") {
+            t.train_seconds += seconds;
+        }
+    }
+    Ok(times)
+}
+
 pub fn add_claims(out: &Path) -> Result<()> {
     amend_study(out, |results, report| {
         let claims = crate::claims::evaluate(results, out);

@@ -775,7 +775,11 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(dir);
         return result;
     }
-    crate::jobs::run(jobs.into_vec(), &slots)?;
+    crate::jobs::run_timed(
+        jobs.into_vec(),
+        &slots,
+        Some(&out.join(crate::jobs::RUN_TIMES)),
+    )?;
 
     let study = Study {
         dataset: dataset.to_string(),
@@ -802,6 +806,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     report::add_protocol(&out, rows, suite)?;
     report::add_sweeps(&out, &sweeps)?;
     report::add_autoattack(&out, &autoattacked)?;
+    report::add_row_times(&out, rows)?;
     report::add_claims(&out)?;
     eprintln!("==> report: {}", out.join("report.md").display());
     for m in &models {

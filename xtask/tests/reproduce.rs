@@ -97,6 +97,7 @@ fn comparable(out: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error
             serde_json::Value::Object(map) => {
                 map.retain(|k, _| {
                     !k.contains("seconds")
+                        && k != "row_runs"
                         && !k.contains("command")
                         && k != "created"
                         && k != "model_sha256"
@@ -442,6 +443,19 @@ fn rows_fitted_to_a_time_limit_train_the_share_of_their_schedules_that_fits() ->
         let history = std::fs::read_to_string(out.join(row).join("history.jsonl"))?;
         assert_eq!(history.lines().count(), 1, "{row}: {history}");
     }
+    // Each row's runs timed (training, evaluation, PGD-50-10, protocol), in the report
+    // and results.json.
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json"))?)?;
+    for row in ["normal", "at"] {
+        let m = &results["models"][row];
+        assert!(m["row_runs"].as_u64().is_some_and(|n| n >= 4), "{row}: {m}");
+        let (all, train) = (m["row_seconds"].as_f64(), m["row_train_seconds"].as_f64());
+        assert!(
+            matches!((all, train), (Some(a), Some(t)) if a > t && t > 0.0),
+            "{row}: {m}"
+        );
+    }
     let share = record["fits"][0]["schedule_share"]
         .as_f64()
         .ok_or("share")?;
@@ -449,6 +463,7 @@ fn rows_fitted_to_a_time_limit_train_the_share_of_their_schedules_that_fits() ->
     let report = std::fs::read_to_string(out.join("report.md"))?;
     assert!(report.contains("`fit.json` holds the fit"), "{report}");
     assert!(report.contains("--epochs 1"), "{report}");
+    assert!(report.contains("## Time per row"), "{report}");
     // This machine timed first; an hour keeps the whole schedules.
     let out = dir.path().join("timed");
     let run = reproduce(dir.path(), &out, false)?

@@ -401,3 +401,35 @@ fn fast_at_meets_its_published_figure_under_pgd50_10() -> Result<()> {
     );
     Ok(())
 }
+
+/// Each row's time is the sum of its finished runs, the training runs apart; failed
+/// runs and lines that are not a run's are left out; no record, no times.
+#[test]
+fn row_times_sum_each_rows_finished_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("runs.jsonl");
+    assert!(row_times(&path)?.is_empty());
+    std::fs::write(
+        &path,
+        r#"{"run":"[1/2] at: training (preset x)","row":"at","seconds":100.0,"ok":true}
+{"run":"[1/2] at: evaluation (clean)","row":"at","seconds":20.5,"ok":true}
+{"run":"at: autoattack on the first 1000 test images","row":"at","seconds":60.0,"ok":false}
+not a run
+{"run":"[2/2] normal: training (preset y)","row":"normal","seconds":30.0,"ok":true}
+{"run":"[1/2] at: training (preset x)","row":"at","seconds":5.0,"ok":true}
+{"run":"comparing the models","row":"compare","seconds":1.0,"ok":true}
+"#,
+    )?;
+    let times = row_times(&path)?;
+    assert_eq!(
+        times["at"],
+        RowTime {
+            runs: 3,
+            seconds: 125.5,
+            train_seconds: 105.0
+        }
+    );
+    assert_eq!(times["normal"].runs, 1);
+    assert_eq!(times["compare"].seconds, 1.0);
+    Ok(())
+}
