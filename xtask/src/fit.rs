@@ -4,8 +4,9 @@
 //! of a borrowed GPU runs a row to the end without a speed measured beforehand.
 //!
 //! 1. Every run of the invocation says what it would do (`rampart … --dry-run`).
-//! 2. `rampart bench` times the steps those runs are made of (train-step, pgd-step,
-//!    forward) for each architecture, variant and batch size among them, on the
+//! 2. `rampart bench` times the steps those runs are made of for each architecture,
+//!    variant and batch size among them (a training's train-step, pgd-step and
+//!    forward at its batch size; pgd-step and forward at an evaluation's), on the
 //!    study's device with its environment (`OUT/fit/step-times.jsonl`).
 //! 3. Each run's time is estimated as `--estimate` does for one GPU
 //!    ([`crate::estimate`]): the evaluations', sweeps' and protocols' time is fixed;
@@ -184,15 +185,30 @@ pub struct FitSetup<'a> {
 pub fn fit(setup: &FitSetup<'_>, jobs: &[Job]) -> Result<BTreeMap<String, usize>> {
     let mut record = read_record(setup.out)?;
     let works = estimate::works(jobs)?;
-    // The networks and batch sizes to time.
-    let mut keys: Vec<(String, String, usize)> = Vec::new();
-    for w in &works {
-        for b in [w.work.batch_size, w.work.eval_batch_size] {
-            let key = (w.arch.clone(), w.variant.clone(), b.max(1));
-            if !keys.contains(&key) {
-                keys.push(key);
+    // The networks and batch sizes to time, each with the steps the estimate takes
+    // there: a training's steps (and its attack's passes) at its batch size, every
+    // evaluation pass at the evaluation batch size.
+    let mut keys: Vec<((String, String, usize), Vec<&str>)> = Vec::new();
+    let mut need = |w: &estimate::RunWork<'_>, batch: usize, steps: &[&'static str]| {
+        let key = (w.arch.clone(), w.variant.clone(), batch.max(1));
+        let at = match keys.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                keys.push((key, Vec::new()));
+                keys.len() - 1
+            }
+        };
+        for s in steps {
+            if !keys[at].1.contains(s) {
+                keys[at].1.push(s);
             }
         }
+    };
+    for w in &works {
+        if w.work.command == "train" {
+            need(w, w.work.batch_size, &["train-step", "pgd-step", "forward"]);
+        }
+        need(w, w.work.eval_batch_size, &["pgd-step", "forward"]);
     }
     let dir = setup.out.join("fit");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -203,7 +219,7 @@ pub fn fit(setup: &FitSetup<'_>, jobs: &[Job]) -> Result<BTreeMap<String, usize>
             .with_context(|| format!("cannot read the step times {}", path.display()))?;
         keys.clear();
     }
-    for (arch, variant, batch) in &keys {
+    for ((arch, variant, batch), steps) in &keys {
         eprintln!(
             "==> fit: timing {arch} ({variant}) at batch {batch} on {}",
             setup.bench_device
@@ -216,7 +232,7 @@ pub fn fit(setup: &FitSetup<'_>, jobs: &[Job]) -> Result<BTreeMap<String, usize>
             .args(["--batch-size", &batch.to_string()])
             .args(["--reps", &BENCH_REPS.to_string()])
             .args(["--device", setup.bench_device])
-            .args(["--steps", "forward,pgd-step,train-step", "--json"]);
+            .args(["--steps", &steps.join(","), "--json"]);
         let run = cmd
             .output()
             .with_context(|| format!("cannot start {}", setup.rampart.display()))?;
