@@ -139,30 +139,36 @@ fn short_pgd_at() -> AdversarialTraining {
 }
 
 /// Normal training (with label smoothing), fast AT, PGD-AT (two restarts), CCAT,
-/// TRADES (its Gaussian start drawn by the trainer before each step) and RegMixup (its
-/// mixing weight and partners drawn by the trainer into device buffers): the
+/// TRADES (its Gaussian start drawn by the trainer before each step), RegMixup (its
+/// mixing weight and partners drawn by the trainer into device buffers) and AR-AdaLS
+/// (its state in device buffers updated in place): the
 /// graph's run equals the eager run bit for bit (weights, losses, accuracies), with one
 /// capture at the second full batch and a launch for it and every later full batch of
 /// both epochs (4 full batches each: 7 launches), the last small batch eagerly.
 #[test]
 fn runs_replayed_from_step_graphs_equal_eager_runs() -> TestResult {
-    let methods: Vec<(&str, Box<dyn TrainingMethod>)> = vec![
-        ("normal", Box::new(Normal::new())),
-        (
-            "label smoothing",
-            Box::new(Normal::with_label_smoothing(0.1)?),
-        ),
-        ("fast AT", Box::new(FastAt::wong_cifar10())),
-        ("PGD-AT", Box::new(short_pgd_at())),
-        ("CCAT", Box::new(short_ccat())),
-        ("TRADES", Box::new(short_trades())),
-        ("RegMixup", Box::new(RegMixup::pinto_cifar10())),
+    // A new method for each run: AR-AdaLS learns its state from the run's batches.
+    type Make = fn() -> Result<Box<dyn TrainingMethod>>;
+    let methods: Vec<(&str, Make)> = vec![
+        ("normal", || Ok(Box::new(Normal::new()))),
+        ("label smoothing", || {
+            Ok(Box::new(Normal::with_label_smoothing(0.1)?))
+        }),
+        ("fast AT", || Ok(Box::new(FastAt::wong_cifar10()))),
+        ("PGD-AT", || Ok(Box::new(short_pgd_at()))),
+        ("CCAT", || Ok(Box::new(short_ccat()))),
+        ("TRADES", || Ok(Box::new(short_trades()))),
+        ("RegMixup", || Ok(Box::new(RegMixup::pinto_cifar10()))),
+        ("AR-AdaLS", || {
+            Ok(Box::new(ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?))
+        }),
     ];
-    for (what, method) in &methods {
+    for (what, make) in &methods {
         let eager = tempfile::tempdir()?;
         let graphed = tempfile::tempdir()?;
-        let h_eager = run(method.as_ref(), eager.path())?;
+        let h_eager = run(make()?.as_ref(), eager.path())?;
         let before = train_graph_steps();
+        let method = make()?;
         let h_graph = with_fake_graphs(Refuse::Nothing, || run(method.as_ref(), graphed.path()))?;
         let after = train_graph_steps();
         assert_eq!(

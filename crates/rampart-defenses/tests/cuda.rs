@@ -148,8 +148,9 @@ fn sgd_kernels_compile_with_nvrtc() {
 
 /// Two epochs of normal training, fast AT (FGSM-RS on the device-resident loop, its
 /// starts drawn on the GPU from the seed the step writes there), CCAT (its soft targets
-/// made on the GPU), TRADES (its Gaussian start drawn by the trainer) and RegMixup (its
-/// mixing weight and partners drawn by the trainer, the mixing made on the GPU) on WRN-10-1 and
+/// made on the GPU), TRADES (its Gaussian start drawn by the trainer), RegMixup (its
+/// mixing weight and partners drawn by the trainer, the mixing made on the GPU) and
+/// AR-AdaLS (its state kept and updated on the GPU) on WRN-10-1 and
 /// 96 random 32×32 images, batch 32 (3 full batches per epoch): with the trainer's CUDA
 /// graphs, one capture and a launch for every later full batch (5) per run, and the
 /// weights of the eager run to within what the GPU's own run-to-run differences allow
@@ -159,8 +160,8 @@ fn sgd_kernels_compile_with_nvrtc() {
 #[test]
 fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
     use rampart_defenses::{
-        train_graph_failure, train_graph_steps, with_train_graphs, Ccat, FastAt, Normal, Progress,
-        RegMixup, Trades, TrainConfig, Trainer, TrainingMethod,
+        train_graph_failure, train_graph_steps, with_train_graphs, ArAdaLs, ArAdaLsConfig, Ccat,
+        FastAt, Normal, Progress, RegMixup, Trades, TrainConfig, Trainer, TrainingMethod,
     };
     use rampart_models::{Arch, Classifier, ModelSpec};
     use std::sync::Arc;
@@ -182,23 +183,30 @@ fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
         batch_size: 32,
         ..TrainConfig::tiny(2)
     };
-    let ccat = Ccat {
-        attack: rampart_attacks::Pgd {
-            steps: 5,
-            ..rampart_attacks::Pgd::ccat_train()
-        },
-        ..Ccat::stutz_cifar10()
-    };
-    let trades = Trades {
-        steps: 3,
-        ..Trades::zhang_cifar10()
-    };
-    let methods: [(&str, &dyn TrainingMethod); 5] = [
-        ("normal", &Normal::new()),
-        ("fast AT", &FastAt::wong_cifar10()),
-        ("CCAT", &ccat),
-        ("TRADES", &trades),
-        ("RegMixup", &RegMixup::pinto_cifar10()),
+    // A new method for each run: AR-AdaLS learns its state from the run's batches.
+    type Make = fn() -> Box<dyn TrainingMethod>;
+    let methods: [(&str, Make); 6] = [
+        ("normal", || Box::new(Normal::new())),
+        ("fast AT", || Box::new(FastAt::wong_cifar10())),
+        ("CCAT", || {
+            Box::new(Ccat {
+                attack: rampart_attacks::Pgd {
+                    steps: 5,
+                    ..rampart_attacks::Pgd::ccat_train()
+                },
+                ..Ccat::stutz_cifar10()
+            })
+        }),
+        ("TRADES", || {
+            Box::new(Trades {
+                steps: 3,
+                ..Trades::zhang_cifar10()
+            })
+        }),
+        ("RegMixup", || Box::new(RegMixup::pinto_cifar10())),
+        ("AR-AdaLS", || {
+            Box::new(ArAdaLs::new(ArAdaLsConfig::qin_cifar10()).expect("AR-AdaLS's settings"))
+        }),
     ];
     let run = |method: &dyn TrainingMethod,
                graphs: bool|
@@ -239,11 +247,11 @@ fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max)
     };
-    for (what, method) in methods {
-        let eager = run(method, false)?;
-        let again = run(method, false)?;
+    for (what, make) in methods {
+        let eager = run(make().as_ref(), false)?;
+        let again = run(make().as_ref(), false)?;
         let before = train_graph_steps();
-        let graphed = run(method, true)?;
+        let graphed = run(make().as_ref(), true)?;
         let after = train_graph_steps();
         assert_eq!(
             (after.0 - before.0, after.1 - before.1),

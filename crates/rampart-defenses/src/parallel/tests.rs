@@ -320,7 +320,7 @@ fn ar_adals_trains_on_several_workers_and_unsynchronised_state_is_refused() -> T
         let out = dir.path().join(format!("adals{}", g.rank()));
         let method = adals()?;
         let (weights, outcome) = train_toy(Some(g), &out, 2, &method, false)?;
-        Ok((weights, outcome, method.snapshot()))
+        Ok((weights, outcome, method.snapshot()?))
     })?)?;
     assert_eq!(out[0].0, out[1].0, "the workers' weights drifted apart");
     assert_eq!(
@@ -366,7 +366,7 @@ fn adals_step(
         batch = batch.across(g.as_ref());
     }
     crate::TrainingMethod::loss(&method, &mut batch)?;
-    Ok(method.snapshot())
+    Ok(method.snapshot()?)
 }
 
 /// With synchronised BatchNorm, the workers' AR-AdaLS update is the single process's
