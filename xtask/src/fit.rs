@@ -42,6 +42,9 @@ pub const RECORD: &str = "fit.json";
 /// Repetitions per step of the calibration's benches (their median is taken).
 const BENCH_REPS: usize = 5;
 
+/// A network to time: architecture, variant and batch size.
+type Network = (String, String, usize);
+
 /// One row's fit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RowFit {
@@ -188,7 +191,7 @@ pub fn fit(setup: &FitSetup<'_>, jobs: &[Job]) -> Result<BTreeMap<String, usize>
     // The networks and batch sizes to time, each with the steps the estimate takes
     // there: a training's steps (and its attack's passes) at its batch size, every
     // evaluation pass at the evaluation batch size.
-    let mut keys: Vec<((String, String, usize), Vec<&str>)> = Vec::new();
+    let mut keys: Vec<(Network, Vec<&str>)> = Vec::new();
     let mut need = |w: &estimate::RunWork<'_>, batch: usize, steps: &[&'static str]| {
         let key = (w.arch.clone(), w.variant.clone(), batch.max(1));
         let at = match keys.iter().position(|(k, _)| *k == key) {

@@ -366,7 +366,7 @@ fn adals_step(
         batch = batch.across(g.as_ref());
     }
     crate::TrainingMethod::loss(&method, &mut batch)?;
-    Ok(method.snapshot()?)
+    method.snapshot()
 }
 
 /// With synchronised BatchNorm, the workers' AR-AdaLS update is the single process's
