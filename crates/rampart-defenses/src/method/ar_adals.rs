@@ -190,12 +190,15 @@ impl DeviceState {
     /// `n` and sums of confidence − correctness `sum` (4,) f64: the same operations in
     /// the same order, each group absent from the batch (n = 0) kept.
     fn update(&self, config: &ArAdaLsConfig, n: &Tensor, sum: &Tensor) -> Result<()> {
-        let present = n.gt(0.0)?;
+        let present = n.broadcast_gt(&super::constants::scalar(0.0, DType::F64, n.device())?)?;
         let batch_gap = sum.div(n)?;
         let gap = (self.gap.affine(config.momentum, 0.0)?
             + batch_gap.affine(1.0 - config.momentum, 0.0)?)?;
-        let smoothing =
-            (&self.smoothing + gap.affine(config.rate, 0.0)?)?.clamp(0.0, config.max_smoothing)?;
+        let smoothing = super::constants::clamp(
+            &(&self.smoothing + gap.affine(config.rate, 0.0)?)?,
+            0.0,
+            config.max_smoothing,
+        )?;
         let examples = (&self.examples + n)?;
         for (kept, new) in [
             (&self.gap, gap),
@@ -389,7 +392,7 @@ pub fn robustness_groups_on_device<M: ModuleT>(
     };
     let probes = [eps / 4.0, eps / 2.0, eps]
         .iter()
-        .map(|&t| Ok((&x + (&direction * t)?)?.clamp(lo, hi)?))
+        .map(|&t| super::constants::clamp(&(&x + (&direction * t)?)?, lo, hi))
         .collect::<Result<Vec<Tensor>>>()?;
     let probe_logits = model.forward_t(&Tensor::cat(&probes, 0)?, false)?;
     let ys = labels.to_dtype(DType::U32)?;

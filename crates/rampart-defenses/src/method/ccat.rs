@@ -98,7 +98,7 @@ pub fn ccat_soft_targets_on_device(
     // Constants kept per device: nothing is copied from the host in a step.
     let column = |v: f64| super::constants::column(v, b, dev);
     let n = norms.to_dtype(DType::F64)?.reshape((b, 1))?;
-    let r = n.div(&column(eps)?)?.maximum(0.0)?.minimum(1.0)?;
+    let r = super::constants::clamp(&n.div(&column(eps)?)?, 0.0, 1.0)?;
     // λ = 1 − (1 − r)^ρ; x·(−1) + 1 is 1 − x, rounded once.
     let lambda = r.affine(-1.0, 1.0)?.powf(rho)?.affine(-1.0, 1.0)?;
     let uniform = lambda.div(&column(classes as f64)?)?;

@@ -22,6 +22,10 @@ enum Key {
     ClassRow(usize),
     /// (rows, 1) f64 of the value with these bits.
     Column(usize, u64),
+    /// (1,) of the value with these bits, in this type.
+    Scalar(DType, u64),
+    /// (steps,) f64: t/(steps − 1) for t = 0..steps.
+    Powers(usize),
 }
 
 thread_local! {
@@ -63,6 +67,37 @@ pub(crate) fn column(value: f64, rows: usize, device: &Device) -> Result<Tensor>
     })
 }
 
+/// `value` as a (1,) tensor of `dtype` on `device` (rounded to the type as candle's
+/// scalar operations round it): what `x.maximum(v)`, `x.clamp(lo, hi)` or `x.gt(v)`
+/// would copy from the host at every call, for the `broadcast_` forms
+/// ([`clamp`], [`maximum`]).
+pub(crate) fn scalar(value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    kept(device, Key::Scalar(dtype, value.to_bits()), || {
+        Ok(Tensor::new(&[value], device)?.to_dtype(dtype)?)
+    })
+}
+
+/// `x.clamp(lo, hi)` with the bounds kept on the device.
+pub(crate) fn clamp(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
+    let (dt, dev) = (x.dtype(), x.device());
+    Ok(x.broadcast_maximum(&scalar(lo, dt, dev)?)?
+        .broadcast_minimum(&scalar(hi, dt, dev)?)?)
+}
+
+/// `x.maximum(v)` with `v` kept on the device.
+pub(crate) fn maximum(x: &Tensor, v: f64) -> Result<Tensor> {
+    Ok(x.broadcast_maximum(&scalar(v, x.dtype(), x.device())?)?)
+}
+
+/// t/(steps − 1) for t = 0..steps, f64 (steps ≥ 2).
+pub(crate) fn powers(steps: usize, device: &Device) -> Result<Tensor> {
+    kept(device, Key::Powers(steps), || {
+        let last = steps.saturating_sub(1).max(1) as f64;
+        let v: Vec<f64> = (0..steps).map(|t| t as f64 / last).collect();
+        Ok(Tensor::new(v.as_slice(), device)?)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +122,27 @@ mod tests {
             assert_eq!(class_row(k, &dev)?.dims(), [1, k]);
         }
         assert_eq!(class_row(5, &dev)?.to_vec2::<u32>()?, [[0, 1, 2, 3, 4]]);
+        Ok(())
+    }
+
+    /// The kept-bound forms give candle's scalar forms bit for bit.
+    #[test]
+    fn kept_bounds_clamp_as_scalar_bounds_do() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[-1.5f32, 0.1, 0.7, 2.0, f32::MIN_POSITIVE], &dev)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+        };
+        assert_eq!(bits(&clamp(&x, 0.1, 0.7)?)?, bits(&x.clamp(0.1, 0.7)?)?);
+        assert_eq!(bits(&maximum(&x, 0.3)?)?, bits(&x.maximum(0.3)?)?);
+        let s = scalar(0.1, DType::F32, &dev)?;
+        assert_eq!((s.dims(), s.dtype()), (&[1][..], DType::F32));
+        assert_eq!(s.id(), scalar(0.1, DType::F32, &dev)?.id());
+        assert_ne!(s.id(), scalar(0.1, DType::F64, &dev)?.id());
+        assert_eq!(
+            powers(5, &dev)?.to_vec1::<f64>()?,
+            [0.0, 0.25, 0.5, 0.75, 1.0]
+        );
         Ok(())
     }
 }

@@ -95,8 +95,9 @@ impl Trades {
         let (lo, hi) = model.bounds();
         let (lo, hi) = (f64::from(lo), f64::from(hi));
         let x = images.detach();
-        let lower = (&x - self.eps)?.clamp(lo, hi)?;
-        let upper = (&x + self.eps)?.clamp(lo, hi)?;
+        // The bounds kept on the device: nothing copied from the host in a step.
+        let lower = super::constants::clamp(&(&x - self.eps)?, lo, hi)?;
+        let upper = super::constants::clamp(&(&x + self.eps)?, lo, hi)?;
         let project = |t: &Tensor| -> Result<Tensor> { Ok(t.maximum(&lower)?.minimum(&upper)?) };
         // Input gradients only: the frozen view tracks no parameter.
         let frozen = model.frozen();
