@@ -1,13 +1,13 @@
 //! CUDA graphs of the trainer's steps: a full-batch training step of normal training,
-//! fast AT, PGD-AT, CCAT (L∞), TRADES, RegMixup or AR-AdaLS (its state kept on the
-//! device and updated in place) is the same device work on the same buffers every time (the
+//! fast AT, PGD-AT, CCAT (L∞), TRADES, RegMixup, SAT or AR-AdaLS (its state kept on
+//! the device and updated in place) is the same device work on the same buffers every time (the
 //! training attack, the method's loss, the backward pass), so it is captured once per
 //! run and replayed: one launch where the host queued some thousands, each with its
 //! host-side cost.
 //!
 //! **What a replay is given.** Before each step the trainer writes what changes into
-//! buffers the graph reads: the batch's images and labels, and for fast AT, PGD-AT and CCAT
-//! the attack's seed, which the trainer draws from the method's RNG exactly as the
+//! buffers the graph reads: the batch's images and labels, and for fast AT, PGD-AT, CCAT
+//! and SAT the attack's seed, which the trainer draws from the method's RNG exactly as the
 //! method would ([`StepDraws::OneSeed`]: the method's step draws that one value and
 //! nothing else), and which the attack's start kernel reads on the device
 //! ([`rampart_attacks::with_seed_on_device`]; the starts themselves are drawn there);
@@ -29,7 +29,7 @@
 //! across epochs. A last, smaller batch runs eagerly (`train_step`).
 //!
 //! **When not.** A method that draws anything else on the host per step
-//! ([`StepDraws::Other`]: OAT's λ, SAT's reads), data-parallel training, and a model whose passes draw noise (a
+//! ([`StepDraws::Other`]: OAT's λ), data-parallel training, and a model whose passes draw noise (a
 //! stochastic student, seen in the first step) train eagerly. A capture that fails (a
 //! read back to the host, an upload the first step did not cache, a training attack
 //! on the host path, an operation the driver cannot capture) or a replay the driver

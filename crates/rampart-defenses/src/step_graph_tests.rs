@@ -126,6 +126,17 @@ fn short_trades() -> Trades {
     }
 }
 
+fn short_sat() -> Sat {
+    Sat {
+        attack: Pgd {
+            steps: 2,
+            ..Pgd::linf_pgd10()
+        },
+        sinkhorn_iters: 10,
+        ..Sat::cifar10()
+    }
+}
+
 fn short_pgd_at() -> AdversarialTraining {
     AdversarialTraining {
         attack: Pgd {
@@ -140,8 +151,9 @@ fn short_pgd_at() -> AdversarialTraining {
 
 /// Normal training (with label smoothing), fast AT, PGD-AT (two restarts), CCAT,
 /// TRADES (its Gaussian start drawn by the trainer before each step), RegMixup (its
-/// mixing weight and partners drawn by the trainer into device buffers) and AR-AdaLS
-/// (its state in device buffers updated in place): the
+/// mixing weight and partners drawn by the trainer into device buffers), SAT (its
+/// Sinkhorn annealing made on the device) and AR-AdaLS (its state in device buffers
+/// updated in place): the
 /// graph's run equals the eager run bit for bit (weights, losses, accuracies), with one
 /// capture at the second full batch and a launch for it and every later full batch of
 /// both epochs (4 full batches each: 7 launches), the last small batch eagerly.
@@ -159,6 +171,7 @@ fn runs_replayed_from_step_graphs_equal_eager_runs() -> TestResult {
         ("CCAT", || Ok(Box::new(short_ccat()))),
         ("TRADES", || Ok(Box::new(short_trades()))),
         ("RegMixup", || Ok(Box::new(RegMixup::pinto_cifar10()))),
+        ("SAT", || Ok(Box::new(short_sat()))),
         ("AR-AdaLS", || {
             Ok(Box::new(ArAdaLs::new(ArAdaLsConfig::qin_cifar10())?))
         }),

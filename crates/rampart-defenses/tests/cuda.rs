@@ -149,8 +149,9 @@ fn sgd_kernels_compile_with_nvrtc() {
 /// Two epochs of normal training, fast AT (FGSM-RS on the device-resident loop, its
 /// starts drawn on the GPU from the seed the step writes there), CCAT (its soft targets
 /// made on the GPU), TRADES (its Gaussian start drawn by the trainer), RegMixup (its
-/// mixing weight and partners drawn by the trainer, the mixing made on the GPU) and
-/// AR-AdaLS (its state kept and updated on the GPU) on WRN-10-1 and
+/// mixing weight and partners drawn by the trainer, the mixing made on the GPU), SAT (its
+/// Sinkhorn annealing made on the GPU) and AR-AdaLS (its state kept and updated on the
+/// GPU) on WRN-10-1 and
 /// 96 random 32×32 images, batch 32 (3 full batches per epoch): with the trainer's CUDA
 /// graphs, one capture and a launch for every later full batch (5) per run, and the
 /// weights of the eager run to within what the GPU's own run-to-run differences allow
@@ -161,7 +162,7 @@ fn sgd_kernels_compile_with_nvrtc() {
 fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
     use rampart_defenses::{
         train_graph_failure, train_graph_steps, with_train_graphs, ArAdaLs, ArAdaLsConfig, Ccat,
-        FastAt, Normal, Progress, RegMixup, Trades, TrainConfig, Trainer, TrainingMethod,
+        FastAt, Normal, Progress, RegMixup, Sat, Trades, TrainConfig, Trainer, TrainingMethod,
     };
     use rampart_models::{Arch, Classifier, ModelSpec};
     use std::sync::Arc;
@@ -185,7 +186,7 @@ fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
     };
     // A new method for each run: AR-AdaLS learns its state from the run's batches.
     type Make = fn() -> Box<dyn TrainingMethod>;
-    let methods: [(&str, Make); 6] = [
+    let methods: [(&str, Make); 7] = [
         ("normal", || Box::new(Normal::new())),
         ("fast AT", || Box::new(FastAt::wong_cifar10())),
         ("CCAT", || {
@@ -204,6 +205,16 @@ fn training_steps_replayed_from_cuda_graphs_equal_eager_steps() -> TestResult {
             })
         }),
         ("RegMixup", || Box::new(RegMixup::pinto_cifar10())),
+        ("SAT", || {
+            Box::new(Sat {
+                attack: rampart_attacks::Pgd {
+                    steps: 3,
+                    ..rampart_attacks::Pgd::linf_pgd10()
+                },
+                sinkhorn_iters: 10,
+                ..Sat::cifar10()
+            })
+        }),
         ("AR-AdaLS", || {
             Box::new(ArAdaLs::new(ArAdaLsConfig::qin_cifar10()).expect("AR-AdaLS's settings"))
         }),

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
 use super::{
-    attack_first, check_eps, cross_entropy, BatchLoss, StatelessMethod, StepCost, TrainBatch,
+    attack_first_unchecked, check_eps, constants, cross_entropy, BatchLoss, StatelessMethod,
+    StepCost, StepDraws, TrainBatch,
 };
 use crate::error::{DefenseError, Result};
 
@@ -110,6 +111,14 @@ fn soft_min(cost: &Tensor, pot: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(((log_sum_exp(&inner, 1)? - m.ln())? * (-eps))?)
 }
 
+/// [`soft_min`] with ε given on the device as 1/ε and −ε, (1,) tensors of the cost's
+/// type: the same operations (a product by 1/ε, as `x / ε` is in candle).
+fn soft_min_at(cost: &Tensor, pot: &Tensor, inv: &Tensor, neg: &Tensor) -> Result<Tensor> {
+    let m = cost.dim(1)? as f64;
+    let inner = pot.unsqueeze(0)?.broadcast_sub(cost)?.broadcast_mul(inv)?;
+    Ok((log_sum_exp(&inner, 1)? - m.ln())?.broadcast_mul(neg)?)
+}
+
 /// Entropic optimal transport OT_ε(a, b) between the uniform measures on the rows of
 /// a (N, K) and b (M, K) with the squared-L2 cost:
 /// min_P ⟨P, C⟩ + ε·KL(P ‖ μ⊗ν) over couplings P of μ = 1/N and ν = 1/M, computed as
@@ -134,8 +143,7 @@ pub fn entropic_ot(a: &Tensor, b: &Tensor, eps: f64, iters: usize) -> Result<Ten
     check_sinkhorn(eps, iters)?;
     check_logit_batches(a, b)?;
     let cost = Costs::of(a, b)?;
-    let largest = cost.largest()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    cost.transport(largest, eps, iters)
+    cost.transport(&cost.largest()?, eps, iters)
 }
 
 /// One transport problem's detached batches and cost matrix (both ways).
@@ -168,14 +176,20 @@ impl<'a> Costs<'a> {
         Ok(self.cost.max_all()?)
     }
 
-    /// [`entropic_ot`] given the largest cost.
-    fn transport(&self, largest: f64, eps: f64, iters: usize) -> Result<Tensor> {
+    /// [`entropic_ot`] given the largest cost (a scalar on the device): the annealing
+    /// is made there from it ([`annealing_on_device`]), so nothing is read back.
+    fn transport(&self, largest: &Tensor, eps: f64, iters: usize) -> Result<Tensor> {
         let (a, b) = (self.a, self.b);
         let mut f = Tensor::zeros(a.dim(0)?, a.dtype(), a.device())?;
         let mut g = Tensor::zeros(b.dim(0)?, a.dtype(), a.device())?;
-        for e in annealing(eps, largest.max(eps), iters) {
-            let f_next = soft_min(&self.cost, &g, e)?;
-            let g_next = soft_min(&self.cost_t, &f, e)?;
+        let schedule = annealing_on_device(eps, largest, iters)?;
+        // 1/ε and −ε of every iteration in the cost's type, once.
+        let inv = schedule.recip()?.to_dtype(a.dtype())?;
+        let neg = schedule.neg()?.to_dtype(a.dtype())?;
+        for t in 0..iters {
+            let (inv, neg) = (inv.narrow(0, t, 1)?, neg.narrow(0, t, 1)?);
+            let f_next = soft_min_at(&self.cost, &g, &inv, &neg)?;
+            let g_next = soft_min_at(&self.cost_t, &f, &inv, &neg)?;
             f = ((f + f_next)? * 0.5)?;
             g = ((g + g_next)? * 0.5)?;
         }
@@ -185,8 +199,32 @@ impl<'a> Costs<'a> {
     }
 }
 
+/// [`annealing`] on the device from the largest cost there (a scalar, any float
+/// type): max(L·(ε/L)^p, ε) for the powers p = t/(s − 1), L = max(largest, ε), the
+/// power taken as exp(p·ln(ε/L)) (within a few ulps of `powf`), then ε. (iters,) f64.
+fn annealing_on_device(eps: f64, largest: &Tensor, iters: usize) -> Result<Tensor> {
+    let dev = largest.device();
+    let steps = iters / 2;
+    let falling = if steps >= 2 { steps } else { 0 };
+    let rest = constants::column(eps, iters - falling, dev)?.flatten_all()?;
+    if falling == 0 {
+        return Ok(rest);
+    }
+    let l = constants::maximum(&largest.to_dtype(DType::F64)?.reshape(1)?, eps)?;
+    let ratio = constants::column(eps, 1, dev)?.flatten_all()?.div(&l)?;
+    let values = constants::powers(steps, dev)?
+        .broadcast_mul(&ratio.log()?)?
+        .exp()?
+        .broadcast_mul(&l)?;
+    Ok(Tensor::cat(
+        &[&constants::maximum(&values, eps)?, &rest],
+        0,
+    )?)
+}
+
 /// The regularisation of each of `iters` iterations: ⌊iters/2⌋ values falling
 /// geometrically from `largest` to `eps` (both included), then `eps`.
+#[cfg(test)]
 fn annealing(eps: f64, largest: f64, iters: usize) -> Vec<f64> {
     let steps = iters / 2;
     let mut out: Vec<f64> = if steps >= 2 {
@@ -221,18 +259,12 @@ pub fn sinkhorn_divergence(a: &Tensor, b: &Tensor, eps: f64, iters: usize) -> Re
     check_sinkhorn(eps, iters)?;
     check_logit_batches(a, b)?;
     let problems = [Costs::of(a, b)?, Costs::of(a, a)?, Costs::of(b, b)?];
-    // The three problems' largest costs in one read (on a GPU, one wait for the
-    // device where a read each made three).
-    let largest = Tensor::stack(
-        &problems
-            .iter()
-            .map(Costs::largest)
-            .collect::<Result<Vec<_>>>()?,
-        0,
-    )?
-    .to_dtype(DType::F64)?
-    .to_vec1::<f64>()?;
-    let [ab, aa, bb] = [0, 1, 2].map(|i| problems[i].transport(largest[i], eps, iters));
+    // Each problem's annealing starts from its largest cost, which stays on the
+    // device: nothing is read back (on a GPU, no wait for the step).
+    let [ab, aa, bb] = [0, 1, 2].map(|i| {
+        let p = &problems[i];
+        p.transport(&p.largest()?, eps, iters)
+    });
     Ok((ab? - ((aa? + bb?)? * 0.5)?)?)
 }
 
@@ -270,9 +302,15 @@ impl StatelessMethod for Sat {
         }
     }
 
+    /// The training attack's seed; nothing else is drawn or read back.
+    fn draws(&self) -> StepDraws {
+        StepDraws::OneSeed
+    }
+
     fn batch_loss(&self, batch: &mut TrainBatch<'_>) -> Result<BatchLoss> {
         let b = batch.images.dim(0)?;
-        let adv = attack_first(&self.attack, batch, b, self.eps)?;
+        // The points alone: the attack's checks go to the trainer with the loss.
+        let adv = attack_first_unchecked(&self.attack, batch, b, self.eps)?;
         let clean_logits = batch.model.forward_t(batch.images, true)?;
         let adv_logits = batch.model.forward_t(&adv.clipped, true)?;
         let robust = cross_entropy(&adv_logits, batch.labels, 0.0)?;
@@ -283,13 +321,14 @@ impl StatelessMethod for Sat {
             self.sinkhorn_iters,
         )?;
         let loss = (robust + (divergence * self.beta)?)?;
-        Ok(BatchLoss::of_batch(loss, adv_logits, batch.labels))
+        Ok(BatchLoss::of_batch(loss, adv_logits, batch.labels).with_faults(adv.faults))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::method::attack_first;
     use crate::method::testutil::{neg_log_softmax, rows, tiny_problem};
     use crate::method::TrainingMethod;
     use crate::TestResult;
@@ -435,6 +474,35 @@ mod tests {
         let var_b = Var::from_tensor(&b)?;
         let s = sinkhorn_divergence(&a, var_b.as_tensor(), 1.0, 50)?;
         assert!(s.backward()?.get(var_b.as_tensor()).is_some());
+        Ok(())
+    }
+
+    /// The device's annealing is the host's to within a few ulps, from a largest cost
+    /// on the device in f32 or f64, and ε alone when the cost is below ε or the
+    /// iterations are too few.
+    #[test]
+    fn the_annealing_on_the_device_is_the_hosts() -> TestResult {
+        for (eps, largest, iters) in [
+            (1.0, 100.0, 50),
+            (0.5, 37.25, 7),
+            (1.0, 100.0, 3),
+            (2.0, 1.0, 4),
+            (0.1, 3.0e4, 200),
+        ] {
+            let want = annealing(eps, largest, iters);
+            for dt in [DType::F32, DType::F64] {
+                let l = Tensor::new(largest, &Device::Cpu)?.to_dtype(dt)?;
+                let got = annealing_on_device(eps, &l, iters)?.to_vec1::<f64>()?;
+                assert_eq!(got.len(), iters);
+                for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-13 * w.abs(),
+                        "ε {eps}, L {largest}, t {t}: {g} vs {w}"
+                    );
+                    assert!(*g >= eps);
+                }
+            }
+        }
         Ok(())
     }
 
