@@ -464,6 +464,40 @@ fn rows_fitted_to_a_time_limit_train_the_share_of_their_schedules_that_fits() ->
     assert!(report.contains("`fit.json` holds the fit"), "{report}");
     assert!(report.contains("--epochs 1"), "{report}");
     assert!(report.contains("## Time per row"), "{report}");
+    // A `rampart` whose timing fails: the fit stops before training and says why.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let stand_in = dir.path().join("rampart-no-bench");
+        std::fs::write(
+            &stand_in,
+            format!(
+                "#!/usr/bin/env bash\nfor a in \"$@\"; do [ \"$a\" = bench ] && {{ echo 'no timer here' >&2; exit 1; }}; done\nexec {} \"$@\"\n",
+                rampart_bin()?.display()
+            ),
+        )?;
+        std::fs::set_permissions(&stand_in, std::fs::Permissions::from_mode(0o755))?;
+        let out = dir.path().join("untimed");
+        let run = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["reproduce", "cifar10", "--preset", "tiny", "--threads", "2"])
+            .args(["--jobs", "1", "--fit-minutes", "60"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("--out")
+            .arg(&out)
+            .arg("--rampart-bin")
+            .arg(&stand_in)
+            .env_remove("RAMPART_DATA_DIR")
+            .output()?;
+        assert!(!run.status.success());
+        assert!(
+            text(&run).contains("timing wrn-10-1 (plain) at batch")
+                && text(&run).contains("no timer here"),
+            "{}",
+            text(&run)
+        );
+        assert!(!out.join("normal/model.safetensors").exists());
+    }
     // This machine timed first; an hour keeps the whole schedules.
     let out = dir.path().join("timed");
     let run = reproduce(dir.path(), &out, false)?
