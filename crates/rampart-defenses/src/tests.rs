@@ -787,7 +787,8 @@ fn reading_the_loss_every_few_steps_changes_only_its_last_digits() -> TestResult
 
 /// The training attacks on PGD's device-resident loop (its kernels' CPU twins here)
 /// train the same weights as on the host loop, bit for bit: FGSM-RS of fast AT, PGD
-/// of adversarial training and CCAT's conf attack with momentum and backtracking.
+/// of adversarial training, CCAT's conf attack with momentum and backtracking, and
+/// SAT's PGD-10 (its checks left for the trainer).
 #[test]
 fn training_attacks_on_the_device_loop_train_the_same_weights() -> TestResult {
     let (train, test) = resume_data();
@@ -804,8 +805,20 @@ fn training_attacks_on_the_device_loop_train_the_same_weights() -> TestResult {
     let fast_at = FastAt::wong_cifar10();
     let pgd = AdversarialTraining::madry_cifar10();
     let ccat = Ccat::stutz_cifar10();
-    let methods: [(&str, &dyn TrainingMethod); 3] =
-        [("fast-at", &fast_at), ("at", &pgd), ("ccat", &ccat)];
+    let sat = Sat {
+        attack: rampart_attacks::Pgd {
+            steps: 3,
+            ..rampart_attacks::Pgd::linf_pgd10()
+        },
+        sinkhorn_iters: 10,
+        ..Sat::cifar10()
+    };
+    let methods: [(&str, &dyn TrainingMethod); 4] = [
+        ("fast-at", &fast_at),
+        ("at", &pgd),
+        ("ccat", &ccat),
+        ("sat", &sat),
+    ];
     for (name, method) in methods {
         let (host, device) = (format!("{name}-host"), format!("{name}-device"));
         run(method, &host)?;

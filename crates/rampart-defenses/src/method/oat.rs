@@ -8,7 +8,9 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::overrides::{MethodSettings, Overrides, Setting};
-use super::{attack_seed, check_eps, run_attack, BatchLoss, StatelessMethod, StepCost, TrainBatch};
+use super::{
+    attack_seed, check_eps, run_attack_unchecked, BatchLoss, StatelessMethod, StepCost, TrainBatch,
+};
 use crate::error::{DefenseError, Result};
 
 /// OAT: every example i of a batch draws λᵢ uniformly from the model's training λ
@@ -120,6 +122,7 @@ impl StatelessMethod for Oat {
         // seeds drawn from `rng` do not depend on anything but the batch's λ draws.
         let mut adv_parts = Vec::new();
         let mut adv_rows: Vec<u32> = Vec::new();
+        let mut faults: Option<rampart_attacks::Faults> = None;
         for &lam in choices.iter().filter(|&&l| l > 0.0) {
             let rows: Vec<u32> = (0..b as u32)
                 .filter(|&i| lambdas[i as usize] == lam)
@@ -130,7 +133,9 @@ impl StatelessMethod for Oat {
             let idx = Tensor::new(rows.as_slice(), device)?;
             model.set_lambda(lam)?;
             let seed = attack_seed(batch.rng);
-            let adv = run_attack(
+            // The points alone: each attack's checks stay on the device (where it runs
+            // there), merged, for the trainer to read with the loss.
+            let adv = run_attack_unchecked(
                 &self.attack,
                 model,
                 &images.index_select(&idx, 0)?,
@@ -138,6 +143,10 @@ impl StatelessMethod for Oat {
                 self.eps,
                 seed,
             )?;
+            faults = match (faults, adv.faults) {
+                (Some(a), Some(b)) => Some(a.merge(&b)?),
+                (a, b) => a.or(b),
+            };
             adv_parts.push(adv.clipped);
             adv_rows.extend(rows);
         }
@@ -170,7 +179,7 @@ impl StatelessMethod for Oat {
             total = (total + adv_term)?;
         }
         let loss = (total / b as f64)?;
-        Ok(BatchLoss::of_batch(loss, clean_logits, labels))
+        Ok(BatchLoss::of_batch(loss, clean_logits, labels).with_faults(faults))
     }
 }
 
@@ -178,7 +187,7 @@ impl StatelessMethod for Oat {
 mod tests {
     use super::*;
     use crate::method::testutil::{batch, neg_log_softmax, rows};
-    use crate::method::TrainingMethod;
+    use crate::method::{run_attack, TrainingMethod};
     use crate::TestResult;
     use candle_core::Device;
     use rampart_models::{Arch, ModelSpec, OatSpec};
@@ -198,6 +207,40 @@ mod tests {
             )
         };
         Classifier::new(spec, seed, &Device::Cpu).unwrap_or_else(|e| panic!("model: {e}"))
+    }
+
+    /// On PGD's device-resident loop (its kernels' CPU twins here) the attacks of the
+    /// λ groups leave their checks, merged, with the loss, and the loss is the host
+    /// loop's bit for bit; on the host loop the attacks check at once.
+    #[test]
+    fn on_the_device_loop_the_attacks_checks_come_with_the_loss() -> TestResult {
+        let method = Oat::new(
+            Pgd {
+                steps: 3,
+                ..Pgd::madry_linf_cifar10()
+            },
+            0.03,
+        )?;
+        let (x, y) = batch(12, 3, 2);
+        let loss = || -> Result<BatchLoss> {
+            let model = oat_model(1);
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            method.loss(&mut TrainBatch::new(&model, &x, &y, &mut rng))
+        };
+        let host = loss()?;
+        let device = rampart_attacks::with_device_resident_pgd(loss)?;
+        assert_eq!(
+            host.loss.to_scalar::<f32>()?.to_bits(),
+            device.loss.to_scalar::<f32>()?.to_bits()
+        );
+        assert!(host.faults.is_none());
+        let faults = device.faults.ok_or("no checks on the device loop")?;
+        let values = faults.tensor().to_vec1::<f64>()?;
+        assert!(
+            rampart_attacks::Faults::error(&values).is_none(),
+            "{values:?}"
+        );
+        Ok(())
     }
 
     /// The loss equals the λ-weighted sum worked out from the model's own outputs,
