@@ -73,6 +73,8 @@ EPOCH_DEVICE=${EPOCH_DEVICE:-cuda+tf32}
 # Epochs of each fast-AT run (the last is the steady state; the first also compiles
 # kernels and chooses cuDNN's plans).
 EPOCHS=${EPOCHS:-2}
+# The fast-AT runs' architecture (the preset's; the CPU rehearsal takes a smaller one).
+EPOCH_ARCH=${EPOCH_ARCH:-preact-resnet18}
 # The two devices the bf16 check compares (full f32 and bf16).
 F32_DEVICE=${F32_DEVICE:-cuda}
 BF16_DEVICE=${BF16_DEVICE:-cuda+bf16}
@@ -175,12 +177,12 @@ epoch_steps() {
   [ -f "$OUT/$dir/history.jsonl" ] || return 0
   printf '{"run": {"epoch_dir": "%s", "device": "%s", "switches": "%s"}}\n' "$dir" "$dev" "$*" \
     >> "$OUT/epoch-steps.jsonl"
-  step "fast-at-step $dir" 60 env "$@" "$RAMPART" bench --arch preact-resnet18 --batch-size 128 \
+  step "fast-at-step $dir" 60 env "$@" "$RAMPART" bench --arch "$EPOCH_ARCH" --batch-size 128 \
     --reps "$REPS" --device "$dev" --steps fast-at-step --json >> "$OUT/epoch-steps.jsonl" \
     2>> "$OUT/bench.log"
 }
 if [ -n "$DATA" ]; then
-  step "fast-at-epoch" 300 "$RAMPART" train --preset fast-at-preact-resnet18 --epochs "$EPOCHS" \
+  step "fast-at-epoch" 300 "$RAMPART" train --preset fast-at-preact-resnet18 --arch "$EPOCH_ARCH" --epochs "$EPOCHS" \
     --device "$EPOCH_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch" --seed 0 \
     > "$OUT/fast-at-epoch.log" 2>&1
   # bf16 against f32 on a trained model: PGD-20 on the same 1,000 test images.
@@ -205,13 +207,13 @@ if [ -n "$DATA" ]; then
   test_passed test-defenses-cuda "$TRAIN_GRAPH_TEST" && pinned+=(RAMPART_CUDA_TRAIN_GRAPHS=1)
   step "fast-at-epoch-fused" 200 env RAMPART_CUDA_FUSED_EVAL=1 RAMPART_CUDA_FUSED_TRAIN=1 \
     RAMPART_CUDA_DEVICE_ATTACK=1 "${pinned[@]}" \
-    "$RAMPART" train --preset fast-at-preact-resnet18 --epochs "$EPOCHS" --device "$EPOCH_DEVICE" \
+    "$RAMPART" train --preset fast-at-preact-resnet18 --arch "$EPOCH_ARCH" --epochs "$EPOCHS" --device "$EPOCH_DEVICE" \
     --data-dir "$DATA" --out "$OUT/fast-at-epoch-fused" --seed 0 \
     > "$OUT/fast-at-epoch-fused.log" 2>&1
   rm -f "$OUT"/fast-at-epoch-fused/*.safetensors
   epoch_steps fast-at-epoch-fused "$EPOCH_DEVICE" RAMPART_CUDA_FUSED_EVAL=1 \
     RAMPART_CUDA_FUSED_TRAIN=1 RAMPART_CUDA_DEVICE_ATTACK=1 "${pinned[@]}"
-  step "fast-at-epoch-bf16" 200 "$RAMPART" train --preset fast-at-preact-resnet18 \
+  step "fast-at-epoch-bf16" 200 "$RAMPART" train --preset fast-at-preact-resnet18 --arch "$EPOCH_ARCH" \
     --epochs "$EPOCHS" --device "$BF16_DEVICE" --data-dir "$DATA" --out "$OUT/fast-at-epoch-bf16" \
     --seed 0 > "$OUT/fast-at-epoch-bf16.log" 2>&1
   rm -f "$OUT"/fast-at-epoch-bf16/*.safetensors

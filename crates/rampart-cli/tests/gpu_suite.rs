@@ -10,6 +10,8 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// An executable shell script `name` in `dir` printing `out`.
@@ -101,11 +103,20 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
         std::fs::remove_file(bundle.join(name))?;
     }
     let out = dir.path().join("out");
+    // A tiny CIFAR-10 for the fast-AT epochs (160 training and 32 test images), trained
+    // with WRN-10-1 instead of the preset's PreActResNet-18.
+    let data = dir.path().join("data");
+    common::write_tiny_cifar10(&data, 32, 0)?;
     let run = Command::new("bash")
         .arg(&script)
         .arg(&bundle)
         .arg(&out)
+        .arg(&data)
         .envs([
+            ("EPOCH_ARCH", "wrn-10-1"),
+            ("EPOCHS", "1"),
+            ("F32_DEVICE", "cpu"),
+            ("BF16_DEVICE", "cpu"),
             ("ARCHS", "wrn-10-1"),
             ("BATCHES", "8"),
             ("DEVICES", "cpu"),
@@ -171,6 +182,13 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
         "ab-table rc=0",
         "rampart-bench wrn-10-1 student 128 cpu (estimates) rc=0",
         "bench-table rc=0",
+        "fast-at-epoch rc=0",
+        "pgd20 cpu rc=0",
+        "bf16-table rc=0",
+        "fast-at-step fast-at-epoch rc=0",
+        "fast-at-epoch-fused rc=0",
+        "fast-at-epoch-bf16 rc=0",
+        "epoch-table rc=0",
     ] {
         assert!(
             steps.lines().any(|l| l.starts_with(step)),
@@ -211,12 +229,19 @@ fn the_gpu_suite_runs_end_to_end_on_a_cpu_bundle() -> TestResult {
         "fast AT's whole step in the A/B table:\n{ab}"
     );
     assert!(ab.contains("| host share |"), "{ab}");
-    // No data folder: no epochs, and the epoch table says so.
-    assert!(
-        read("epoch.md").starts_with("No fast-AT epoch"),
-        "{}",
-        read("epoch.md")
-    );
+    // The fast-AT epochs, each against its step time; PGD-20 in f32 and "bf16" (the
+    // CPU twice here) on the same images.
+    let epochs = read("epoch.md");
+    for run in ["fast-at-epoch", "fast-at-epoch-fused", "fast-at-epoch-bf16"] {
+        assert!(
+            epochs.contains(&format!("| {run} | cpu |")),
+            "{run}:\n{epochs}"
+        );
+    }
+    let bf16 = read("bf16.md");
+    assert!(bf16.contains('|'), "{bf16}");
+    // The models were not kept in what comes back.
+    assert!(!out.join("fast-at-epoch/model.safetensors").exists());
     Ok(())
 }
 
