@@ -299,7 +299,8 @@ fn rows_run_on_one_machine_after_another_merge_from_what_each_brought_back() -> 
             .arg(out)
             .arg(&data)
             .arg(row)
-            .args(["--threads", "2"])
+            // The rows fitted to a time limit, as a device command runs them.
+            .args(["--threads", "2", "--fit-minutes", "30"])
             .envs([("PRESET", "tiny"), ("DEVICE", "cpu")])
             .env("DELIVER_PART_BYTES", part_bytes)
             .env("KEEP", dir.path().join("kept"))
@@ -366,6 +367,10 @@ fn rows_run_on_one_machine_after_another_merge_from_what_each_brought_back() -> 
     }
     let report = std::fs::read_to_string(study.join("report.md"))?;
     assert_eq!(report, std::fs::read_to_string(second.join("report.md"))?);
+    // Both invocations fitted their row, on this machine's measured steps.
+    let fit: serde_json::Value = serde_json::from_slice(&std::fs::read(study.join("fit.json"))?)?;
+    assert_eq!(fit["fits"].as_array().map(Vec::len), Some(2), "{fit}");
+    assert!(study.join("fit/step-times.jsonl").is_file());
     assert_eq!(
         names_of(&study, &[&first, &second, dir.path()])?,
         Vec::<String>::new()
