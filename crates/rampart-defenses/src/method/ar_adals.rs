@@ -327,6 +327,35 @@ pub fn robustness_group(clean_correct: bool, correct_at: [bool; 3]) -> usize {
     correct_at.iter().position(|c| !c).unwrap_or(3)
 }
 
+/// The logits (B, K) of the clean batch and (3B, K) of its three probes, the model in
+/// eval mode: one FGSM direction sign(∇_x CE(f(x), y)), then clip(x + t·direction, lo,
+/// hi) for t ∈ {ε/4, ε/2, ε} (the bounds kept on the device).
+fn probe<M: ModuleT>(
+    model: &M,
+    bounds: (f32, f32),
+    images: &Tensor,
+    labels: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    check_eps(eps)?;
+    let (lo, hi) = (f64::from(bounds.0), f64::from(bounds.1));
+    let x = images.detach();
+    let var = Var::from_tensor(&x)?;
+    let logits = model.forward_t(var.as_tensor(), false)?;
+    let loss = super::normal::cross_entropy(&logits, labels, 0.0)?;
+    let grads = loss.backward()?;
+    let direction = match grads.get(var.as_tensor()) {
+        Some(g) => g.sign()?,
+        None => x.zeros_like()?,
+    };
+    let probes = [eps / 4.0, eps / 2.0, eps]
+        .iter()
+        .map(|&t| super::constants::clamp(&(&x + (&direction * t)?)?, lo, hi))
+        .collect::<Result<Vec<Tensor>>>()?;
+    let probe_logits = model.forward_t(&Tensor::cat(&probes, 0)?, false)?;
+    Ok((logits, probe_logits))
+}
+
 /// Robustness groups of a batch: one FGSM direction sign(∇_x CE(f(x), y)) with the
 /// model in eval mode (pass a frozen view, `Classifier::frozen`, for input gradients
 /// only), then eval-mode predictions at
@@ -339,23 +368,8 @@ pub fn robustness_groups<M: ModuleT>(
     labels: &Tensor,
     eps: f64,
 ) -> Result<Vec<usize>> {
-    check_eps(eps)?;
-    let (lo, hi) = (f64::from(bounds.0), f64::from(bounds.1));
     let b = images.dim(0)?;
-    let x = images.detach();
-    let var = Var::from_tensor(&x)?;
-    let logits = model.forward_t(var.as_tensor(), false)?;
-    let loss = super::normal::cross_entropy(&logits, labels, 0.0)?;
-    let grads = loss.backward()?;
-    let direction = match grads.get(var.as_tensor()) {
-        Some(g) => g.sign()?,
-        None => x.zeros_like()?,
-    };
-    let probes = [eps / 4.0, eps / 2.0, eps]
-        .iter()
-        .map(|&t| Ok((&x + (&direction * t)?)?.clamp(lo, hi)?))
-        .collect::<Result<Vec<Tensor>>>()?;
-    let probe_logits = model.forward_t(&Tensor::cat(&probes, 0)?, false)?;
+    let (logits, probe_logits) = probe(model, bounds, images, labels, eps)?;
     let ys = labels_vec(labels)?;
     let clean = labels_vec(&logits.argmax(D::Minus1)?)?;
     let probed = labels_vec(&probe_logits.argmax(D::Minus1)?)?;
@@ -378,23 +392,8 @@ pub fn robustness_groups_on_device<M: ModuleT>(
     labels: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    check_eps(eps)?;
-    let (lo, hi) = (f64::from(bounds.0), f64::from(bounds.1));
     let b = images.dim(0)?;
-    let x = images.detach();
-    let var = Var::from_tensor(&x)?;
-    let logits = model.forward_t(var.as_tensor(), false)?;
-    let loss = super::normal::cross_entropy(&logits, labels, 0.0)?;
-    let grads = loss.backward()?;
-    let direction = match grads.get(var.as_tensor()) {
-        Some(g) => g.sign()?,
-        None => x.zeros_like()?,
-    };
-    let probes = [eps / 4.0, eps / 2.0, eps]
-        .iter()
-        .map(|&t| super::constants::clamp(&(&x + (&direction * t)?)?, lo, hi))
-        .collect::<Result<Vec<Tensor>>>()?;
-    let probe_logits = model.forward_t(&Tensor::cat(&probes, 0)?, false)?;
+    let (logits, probe_logits) = probe(model, bounds, images, labels, eps)?;
     let ys = labels.to_dtype(DType::U32)?;
     let correct = |logits: &Tensor| -> Result<Tensor> {
         Ok(logits.argmax(D::Minus1)?.eq(&ys)?.to_dtype(DType::F64)?)
