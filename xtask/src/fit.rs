@@ -223,7 +223,7 @@ pub fn fit(setup: &FitSetup<'_>, jobs: &[Job]) -> Result<BTreeMap<String, usize>
             .with_context(|| format!("cannot read the step times {}", path.display()))?;
         keys.clear();
     }
-    for ((arch, variant, batch), steps) in &keys {
+    let (timed, failures) = time_networks(keys, |(arch, variant, batch), steps| {
         eprintln!(
             "==> fit: timing {arch} ({variant}) at batch {batch} on {}",
             setup.bench_device
@@ -240,18 +240,16 @@ pub fn fit(setup: &FitSetup<'_>, jobs: &[Job]) -> Result<BTreeMap<String, usize>
         let run = cmd
             .output()
             .with_context(|| format!("cannot start {}", setup.rampart.display()))?;
-        if !run.status.success() {
-            // A variant's timing that fails is estimated from the plain network's
-            // (noted by the estimate); a failure there stops the fit below.
+        Ok(if run.status.success() {
+            Ok(String::from_utf8_lossy(&run.stdout).into_owned())
+        } else {
             let why = String::from_utf8_lossy(&run.stderr).trim().to_string();
             eprintln!("==> fit: timing {arch} ({variant}) at batch {batch} failed: {why}");
-            failed.push(format!(
-                "timing {arch} ({variant}) at batch {batch} failed: {why}"
-            ));
-            continue;
-        }
-        lines.push_str(&String::from_utf8_lossy(&run.stdout));
-    }
+            Err(why)
+        })
+    })?;
+    lines.push_str(&timed);
+    failed.extend(failures);
     rampart_fs::write_atomic(&times_path, lines.as_bytes())?;
     let times = StepTimes::parse(&lines);
     let assume = Assumptions {
@@ -372,6 +370,36 @@ pub fn fit(setup: &FitSetup<'_>, jobs: &[Job]) -> Result<BTreeMap<String, usize>
         .collect())
 }
 
+/// Runs `bench` for each network and its steps, in order: the JSON lines of those
+/// that succeeded, and a message for each that failed. A variant whose timing fails
+/// is estimated from the plain network's (the estimate notes it), so the plain network
+/// is then timed too where nothing else times it.
+fn time_networks(
+    mut keys: Vec<(Network, Vec<&str>)>,
+    mut bench: impl FnMut(&Network, &[&str]) -> Result<std::result::Result<String, String>>,
+) -> Result<(String, Vec<String>)> {
+    let (mut lines, mut failed) = (String::new(), Vec::new());
+    let mut i = 0;
+    while i < keys.len() {
+        let (key, steps) = keys[i].clone();
+        i += 1;
+        match bench(&key, &steps)? {
+            Ok(out) => lines.push_str(&out),
+            Err(why) => {
+                let (arch, variant, batch) = &key;
+                failed.push(format!(
+                    "timing {arch} ({variant}) at batch {batch} failed: {why}"
+                ));
+                let plain = (arch.clone(), "plain".to_string(), *batch);
+                if variant != "plain" && !keys.iter().any(|(k, _)| *k == plain) {
+                    keys.push((plain, steps));
+                }
+            }
+        }
+    }
+    Ok((lines, failed))
+}
+
 /// The study's fit record (empty when it has none).
 pub fn read_record(out: &Path) -> Result<FitRecord> {
     let path = out.join(RECORD);
@@ -423,6 +451,43 @@ mod tests {
         let (_, epochs, total) = share_of_schedules(&[fixed, row(0.0, 200.0, 6)], 160.0)?;
         assert_eq!(epochs, [4, 3]);
         assert!((total - 160.0).abs() < 1e-9);
+        Ok(())
+    }
+
+    /// A variant whose timing fails brings the plain network's timing in, once, and
+    /// every failure is reported.
+    #[test]
+    fn a_failed_variant_is_timed_as_the_plain_network() -> Result<()> {
+        let net = |v: &str, b: usize| ("preact-resnet18".to_string(), v.to_string(), b);
+        let keys = vec![
+            (net("student", 128), vec!["train-step"]),
+            (net("student", 256), vec!["forward"]),
+            (net("plain", 256), vec!["forward"]),
+        ];
+        let mut asked = Vec::new();
+        let (lines, failed) = time_networks(keys, |k, steps| {
+            asked.push((k.clone(), steps.join(",")));
+            Ok(if k.1 == "student" {
+                Err("no noise here".to_string())
+            } else {
+                Ok(format!("{} {}\n", k.1, k.2))
+            })
+        })?;
+        assert_eq!(
+            asked
+                .iter()
+                .map(|(k, s)| format!("{} {} {s}", k.1, k.2))
+                .collect::<Vec<_>>(),
+            [
+                "student 128 train-step",
+                "student 256 forward",
+                "plain 256 forward",
+                "plain 128 train-step"
+            ]
+        );
+        assert_eq!(lines, "plain 256\nplain 128\n");
+        assert_eq!(failed.len(), 2);
+        assert!(failed[0].contains("student) at batch 128 failed: no noise here"));
         Ok(())
     }
 
